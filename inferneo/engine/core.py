@@ -1,0 +1,119 @@
+"""The engine core: ``step() = schedule -> run the model -> update requests``. Token ids in, token ids out.
+
+It owns no tokenizer and no HTTP; the front end (``LLMEngine``) talks to it through ``add_request``,
+``abort_requests`` and the outputs of ``step``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.request import Request, RequestStatus
+from inferneo.engine.scheduler import Scheduler
+from inferneo.worker.model_runner import ModelRunner
+
+
+@dataclass(slots=True)
+class CoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # For each new token: the sampled id first, then the top-k ids, with their log-probabilities and the
+    # sampled token's rank.
+    logprob_token_ids: list[list[int]] | None = None
+    logprobs: list[list[float]] | None = None
+    ranks: list[int] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters the server exposes as metrics and tests read."""
+
+    num_steps: int = 0
+    num_batched_tokens_total: int = 0
+    max_batch_size: int = 0
+    last_batch_size: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    step_time_total: float = 0.0
+    batch_size_histogram: dict[int, int] = field(default_factory=dict)
+
+
+class EngineCore:
+    """Continuous batching over a paged KV cache."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, kv_cache: KVCacheManager, max_model_len: int):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.stats = EngineStats()
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self.stats.num_prompt_tokens += request.num_prompt_tokens
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[CoreOutput]:
+        """Run one engine step; returns outputs for requests that produced a token."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        start = time.perf_counter()
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_batched_tokens_total += sched.num_batched_tokens
+        batch = len(sched.scheduled)
+        stats.last_batch_size = batch
+        stats.max_batch_size = max(stats.max_batch_size, batch)
+        stats.batch_size_histogram[batch] = stats.batch_size_histogram.get(batch, 0) + 1
+        stats.num_preemptions = self.scheduler.num_preemptions
+
+        outputs: list[CoreOutput] = []
+        for i, (request, token_id) in enumerate(zip(result.requests, result.sampled_token_ids, strict=True)):
+            request.append_output_token(token_id)
+            stats.num_generation_tokens += 1
+            status, stop_reason = self._check_stop(request, token_id)
+            out = CoreOutput(request.request_id, [token_id], num_cached_tokens=max(request.num_cached_tokens, 0))
+            if result.logprobs is not None:
+                out.logprob_token_ids = [result.logprob_token_ids[i]]
+                out.logprobs = [result.logprobs[i]]
+                out.ranks = [result.sampled_token_ranks[i]]
+            if status is not None:
+                request.stop_reason = stop_reason
+                self.scheduler.finish_request(request, status)
+                out.finished = True
+                out.finish_reason = status.finish_reason
+                out.stop_reason = stop_reason
+            outputs.append(out)
+        stats.step_time_total += time.perf_counter() - start
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token_id in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token_id
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None

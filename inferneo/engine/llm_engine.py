@@ -1,0 +1,327 @@
+"""The front end of the engine: text in, text out, around the token-level core.
+
+It loads the model and tokenizer, turns prompts into token ids, checks them, fans ``n > 1`` out into sibling
+sequences, and after each core step detokenizes, applies stop strings and assembles ``RequestOutput`` objects.
+The offline ``LLM``, the HTTP server and the batch runner all sit on this one class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from inferneo.config import EngineConfig
+from inferneo.engine.core import CoreOutput, EngineCore
+from inferneo.engine.detokenizer import IncrementalDetokenizer
+from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.request import Request
+from inferneo.engine.scheduler import Scheduler
+from inferneo.model_loader import (
+    iter_weights,
+    load_generation_config,
+    load_hf_config,
+    load_tokenizer,
+    resolve_model,
+)
+from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
+from inferneo.sampling_params import SamplingParams
+from inferneo.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_DEFAULT = 4 * 2**30
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """Front-end state of one generated sequence."""
+
+    index: int
+    core_id: str
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class LLMEngine:
+    """Loads a model and serves generation requests through continuous batching."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.source = resolve_model(config.model)
+        self.hf_config = load_hf_config(self.source)
+        self.generation_config = load_generation_config(self.source)
+        self.tokenizer = load_tokenizer(self.source, config.tokenizer)
+        self.device = config.torch_device
+        checkpoint_dtype = _checkpoint_dtype(self.hf_config)
+        self.dtype = config.torch_dtype(checkpoint_dtype)
+        self.max_model_len = self._resolve_max_model_len()
+
+        self.runner = ModelRunner(self.hf_config, self.dtype, self.device, self.max_model_len, config.block_size)
+        self.vocab_size = self.runner.model_config.vocab_size
+        if config.load_format == "dummy":
+            self.runner.init_dummy_weights(config.seed)
+        else:
+            self.runner.load_weights(iter_weights(self.source))
+
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else self.max_model_len)
+        if not config.enable_chunked_prefill and max_batched < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({self.max_model_len}) "
+                "when chunked prefill is off"
+            )
+        self.scheduler = Scheduler(
+            self.kv_cache,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            policy=config.scheduling_policy,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            max_model_len=self.max_model_len,
+        )
+        self.core = EngineCore(self.runner, self.scheduler, self.kv_cache, self.max_model_len)
+        self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
+        self._parents: dict[str, _Parent] = {}
+        self._core_to_parent: dict[str, tuple[_Parent, _Sequence]] = {}
+        self._counter = itertools.count()
+        logger.info(
+            "model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
+            self.source.name, self.hf_config.get("architectures"), self.dtype, self.device, self.max_model_len,
+            num_blocks, config.block_size, num_blocks * self.runner.kv_bytes_per_block / 2**30,
+        )
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    def _resolve_max_model_len(self) -> int:
+        cfg = self.hf_config
+        limit = cfg.get("max_position_embeddings") or 2048
+        if cfg.get("sliding_window") and (cfg.get("use_sliding_window", True)) and cfg["sliding_window"] < limit:
+            limit = cfg["sliding_window"]  # sliding-window attention is not implemented: stay within the window
+        asked = self.config.max_model_len
+        if asked is None:
+            return limit
+        if asked > limit:
+            raise ValueError(f"max_model_len ({asked}) is larger than the model's context length ({limit})")
+        return asked
+
+    def _num_kv_blocks(self) -> int:
+        per_block = self.runner.kv_bytes_per_block
+        memory = self.config.kv_cache_memory
+        if memory is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                memory = int(free * self.config.gpu_memory_utilization)
+            else:
+                memory = min(_CPU_KV_CACHE_DEFAULT, psutil.virtual_memory().available // 4)
+        blocks_per_seq = math.ceil(self.max_model_len / self.config.block_size)
+        num_blocks = min(memory // per_block, blocks_per_seq * self.config.max_num_seqs)
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory of {memory} bytes holds {memory // per_block} blocks; "
+                f"one block of {self.config.block_size} tokens needs {per_block} bytes"
+            )
+        return int(num_blocks)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_cache.num_blocks * self.config.block_size
+
+    def default_sampling_params(self) -> SamplingParams:
+        """Sampling defaults from the model's ``generation_config.json`` (as vLLM does), else the usual ones."""
+        values = {k: self.generation_config[k] for k in _SAMPLING_DEFAULT_KEYS if k in self.generation_config}
+        if "temperature" in values and not self.generation_config.get("do_sample", True):
+            values["temperature"] = 0.0
+        try:
+            return SamplingParams(**values)
+        except ValueError:
+            return SamplingParams()
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError for a prompt the model cannot take."""
+        params = params or self.default_sampling_params()
+        request_id = request_id if request_id is not None else str(next(self._counter))
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenize(prompt)
+        else:
+            text, prompt_ids = None, list(prompt)
+            bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context length is {self.max_model_len}: "
+                "shorten the prompt"
+            )
+        max_tokens = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        if len(prompt_ids) + max_tokens > self.kv_capacity_tokens:
+            raise ValueError(
+                f"the request needs up to {len(prompt_ids) + max_tokens} tokens of KV cache but the cache holds "
+                f"{self.kv_capacity_tokens}: lower max_tokens or give the cache more memory"
+            )
+        if params.logprobs is not None and params.logprobs > 20:
+            raise ValueError(f"logprobs must be at most 20, got {params.logprobs}")
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        sequences = []
+        for j in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                child_params.n = 1
+                if params.seed is not None:
+                    child_params.seed = params.seed + j
+            core_id = request_id if params.n == 1 else f"{request_id}#{j}"
+            seq = _Sequence(j, core_id, IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params))
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            sequences.append(seq)
+            self.core.add_request(
+                Request(core_id, prompt_ids, child_params, max_tokens, eos, priority=priority, arrival_time=arrival)
+            )
+        parent = _Parent(request_id, text, prompt_ids, params, sequences)
+        self._parents[request_id] = parent
+        for seq in sequences:
+            self._core_to_parent[seq.core_id] = (parent, seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        ids = [s.core_id for s in parent.sequences]
+        self.core.abort_requests(ids)
+        for core_id in ids:
+            self._core_to_parent.pop(core_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- stepping ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step and return the state of every request that advanced in it."""
+        touched: dict[str, _Parent] = {}
+        for out in self.core.step():
+            entry = self._core_to_parent.get(out.request_id)
+            if entry is None:
+                continue
+            parent, seq = entry
+            self._apply(parent, seq, out)
+            touched[parent.request_id] = parent
+        results = []
+        for parent in touched.values():
+            results.append(self._make_output(parent))
+            if parent.finished:
+                del self._parents[parent.request_id]
+                for seq in parent.sequences:
+                    self._core_to_parent.pop(seq.core_id, None)
+        return results
+
+    def _apply(self, parent: _Parent, seq: _Sequence, out: CoreOutput) -> None:
+        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        seq.token_ids.extend(out.new_token_ids)
+        if seq.logprobs is not None and out.logprobs is not None:
+            for ids, lps, rank in zip(out.logprob_token_ids, out.logprobs, out.ranks, strict=True):
+                entry = {ids[0]: Logprob(lps[0], rank, seq.detokenizer.decode_token(ids[0]))}
+                for k, (tid, lp) in enumerate(zip(ids[1:], lps[1:], strict=True)):
+                    if k >= parent.params.logprobs:
+                        break
+                    entry.setdefault(tid, Logprob(lp, k + 1, seq.detokenizer.decode_token(tid)))
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += lps[0]
+        stop_string = seq.detokenizer.update(out.new_token_ids)
+        if stop_string is not None and not out.finished:
+            self.core.abort_requests([seq.core_id])
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+        elif stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+        elif out.finished:
+            seq.detokenizer.finish()
+            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.detokenizer.output_text,
+                token_ids=list(s.token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in parent.sequences
+        ]
+        return RequestOutput(
+            parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, parent.finished,
+            parent.num_cached_tokens,
+        )
+
+
+def _checkpoint_dtype(hf_config: dict) -> torch.dtype | None:
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def _eos_ids(generation_config: dict, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = generation_config.get("eos_token_id")
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(e for e in eos if isinstance(e, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+

@@ -1,0 +1,210 @@
+"""The token-budget scheduler: there is no prefill phase and no decode phase.
+
+Each step hands out at most ``max_num_batched_tokens`` tokens. Running requests are served first (one token
+for a decoding request, the next chunk for one still prefilling), then waiting requests are admitted in policy
+order while budget, sequence slots and KV blocks last. When blocks run out, the lowest-ranked running request
+is preempted: its blocks are freed and it goes back to the waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class WaitingQueue:
+    """Requests waiting for admission: first-come-first-served or by (priority, arrival)."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._fifo) if self.policy == "fcfs" else len(self._heap)
+
+    def __iter__(self):
+        if self.policy == "fcfs":
+            return iter(self._fifo)
+        return (entry[-1] for entry in sorted(self._heap))
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self.policy == "fcfs":
+            (self._fifo.appendleft if front else self._fifo.append)(request)
+        else:
+            heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
+
+    def peek(self) -> Request:
+        return self._fifo[0] if self.policy == "fcfs" else self._heap[0][-1]
+
+    def pop(self) -> Request:
+        return self._fifo.popleft() if self.policy == "fcfs" else heapq.heappop(self._heap)[-1]
+
+    def remove(self, request: Request) -> None:
+        if self.policy == "fcfs":
+            self._fifo.remove(request)
+        else:
+            self._heap = [entry for entry in self._heap if entry[-1] is not request]
+            heapq.heapify(self._heap)
+
+
+class Scheduler:
+    """Decides which requests run in the next step and how many of their tokens."""
+
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_model_len = max_model_len
+        self.waiting = WaitingQueue(policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- request lifecycle -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request from whichever queue holds it and free its blocks."""
+        if request.is_finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- scheduling --------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_running: list[Request] = []
+
+        # 1. Running requests, in order; preempt from the back when the cache is full.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute (should not happen for a live request)
+                index += 1
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self._pick_victim(exclude=scheduled_running)
+                if victim is None:  # only requests already scheduled this step remain: wait for the next step
+                    victim = request
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled_running.append(request)
+                budget -= num_new
+                index += 1
+                continue
+            # The request itself was preempted; ``self.running`` shrank, so ``index`` already points at the next.
+
+        # 2. Waiting requests, unless this step had to preempt (no point admitting more).
+        if not out.preempted:
+            while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting.peek()
+                cached_blocks: list[int] = []
+                if request.num_computed_tokens == 0 and not request.block_ids:
+                    cached_blocks, num_cached = self.kv_cache.find_cached_prefix(request)
+                else:
+                    num_cached = request.num_computed_tokens
+                num_new = request.num_tokens - num_cached
+                if num_new > budget:
+                    if not self.enable_chunked_prefill:
+                        break
+                    num_new = budget
+                if request.num_computed_tokens == 0 and not request.block_ids:
+                    request.num_computed_tokens = num_cached
+                if not self.kv_cache.allocate_slots(request, num_new, cached_blocks):
+                    request.num_computed_tokens = 0
+                    break
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = num_cached
+                self.waiting.pop()
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _pick_victim(self, exclude: list[Request]) -> Request | None:
+        candidates = [r for r in self.running if not any(r is e for e in exclude)]
+        if not candidates:
+            return None
+        if self.policy == "priority":
+            return max(candidates, key=Request.sort_key)
+        return candidates[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add(request, front=True)
+
+    # ---- after the model ran -----------------------------------------------------------------------------
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counts and register newly full blocks in the prefix cache."""
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_full_blocks(request)

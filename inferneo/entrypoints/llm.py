@@ -1,0 +1,144 @@
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))`` and ``LLM.chat(conversations)``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from inferneo.config import EngineConfig, parse_memory_size
+from inferneo.engine.llm_engine import LLMEngine
+from inferneo.outputs import RequestOutput
+from inferneo.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Runs a model in this process and generates for many prompts at once.
+
+    ``LLM()`` loads the bundled default model. ``model`` may be a local Hugging Face folder, a hub id found in the
+    local Hugging Face cache, or a ``.gguf`` file. Other keyword arguments are ``EngineConfig`` fields, e.g.
+    ``dtype="bfloat16"``, ``max_model_len=4096``, ``kv_cache_memory="2GiB"``, ``max_num_seqs=128``.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if "kv_cache_memory" in kwargs:
+            kwargs["kv_cache_memory"] = parse_memory_size(kwargs["kv_cache_memory"])
+        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or many; returns one ``RequestOutput`` per prompt, in input order.
+
+        A prompt is a string or a list of token ids. ``sampling_params`` is one for all prompts or one each;
+        ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        return self._run(prompt_list, sampling_params, priority, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation or a list of them with the model's chat template."""
+        conversations = [messages] if _is_conversation(messages) else list(messages)
+        if not conversations:
+            raise ValueError("messages is empty: give a conversation or a list of conversations")
+        prompt_ids = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        return self._run(prompt_ids, sampling_params, priority, use_tqdm)
+
+    def apply_chat_template(
+        self, conversation: Conversation, add_generation_prompt: bool = True, chat_template: str | None = None
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template."""
+        tokenizer = self.engine.tokenizer
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict) or "role" not in message:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        )
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def _run(self, prompts, sampling_params, priority, use_tqdm) -> list[RequestOutput]:
+        n = len(prompts)
+        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
+            params_list = list(sampling_params)
+            if len(params_list) != n:
+                raise ValueError(f"got {len(params_list)} sampling_params for {n} prompts")
+        else:
+            params_list = [sampling_params or self.engine.default_sampling_params()] * n
+        if priority is not None and len(priority) != n:
+            raise ValueError(f"got {len(priority)} priorities for {n} prompts")
+        engine = self.engine
+        base = f"llm-{time.monotonic_ns()}-"
+        ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+                ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0))
+        except Exception:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=n, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start = time.perf_counter()
+        out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        out_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [results[request_id] for request_id in ids]
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and (not value or isinstance(value[0], dict))
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list)):
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+    return prompts

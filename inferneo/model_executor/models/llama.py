@@ -1,0 +1,236 @@
+"""Llama-family decoder (Llama 2, Llama 3, Mistral), written as plain modules over flat token batches.
+
+The Qwen2 and Qwen3 files reuse these modules with their own switches (bias on q/k/v, per-head q/k norms).
+Inputs are flat: ``input_ids`` and ``positions`` are ``[num_tokens]``, the attention metadata says which tokens
+belong to which request. The q/k/v and gate/up projections are fused into one matmul each; ``load_weights``
+maps checkpoint names onto the fused parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inferneo.attention import AttentionBackend, AttentionMetadata
+from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
+from inferneo.model_executor.layers.rotary import RotaryEmbedding
+
+
+@dataclass(slots=True)
+class DecoderConfig:
+    """The architecture values a Llama-like decoder needs, read from a Hugging Face ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict, **overrides) -> DecoderConfig:
+        num_heads = cfg["num_attention_heads"]
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
+            # transformers 5 keeps rope values under ``rope_parameters``.
+            params = cfg["rope_parameters"]
+            rope_theta = params.get("rope_theta")
+            if params.get("rope_type", "default") != "default":
+                rope_scaling = params
+        values = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", False)),
+            o_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=cfg.get("sliding_window"),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.rotary = RotaryEmbedding(self.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.backend = backend
+
+    def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, backend, max_position)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-like causal LM over flat token batches and a paged KV cache."""
+
+    # checkpoint name fragment -> (fused parameter fragment, shard index)
+    stacked_params = (
+        ("q_proj", "qkv_proj", 0),
+        ("k_proj", "qkv_proj", 1),
+        ("v_proj", "qkv_proj", 2),
+        ("gate_proj", "gate_up_proj", 0),
+        ("up_proj", "gate_up_proj", 1),
+    )
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> DecoderConfig:
+        return DecoderConfig.from_hf(cfg)
+
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        max_position = max_position or config.max_position_embeddings
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, max_position) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
+        """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    # ---- weights -----------------------------------------------------------------------------------------
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        c = self.config
+        if fused == "qkv_proj":
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
+
+        Raises ValueError for a missing parameter or a shape that does not match the config.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (name.startswith("lm_head") and self.lm_head is None):
+                continue
+            for shard_name, fused, index in self.stacked_params:
+                if f".{shard_name}." in name:
+                    target = name.replace(shard_name, fused)
+                    sizes = self._shard_sizes(fused)
+                    offset = sum(sizes[:index])
+                    param = _lookup(params, target, name)
+                    _copy(param.data.narrow(0, offset, sizes[index]), tensor, name)
+                    loaded.add(f"{target}#{index}")
+                    break
+            else:
+                _copy(_lookup(params, name, name).data, tensor, name)
+                loaded.add(name)
+        expected = set()
+        for pname in params:
+            fused = next((f for _, f, _ in self.stacked_params if f".{f}." in pname), None)
+            if fused is None:
+                expected.add(pname)
+            else:
+                expected.update(f"{pname}#{i}" for i in range(len(self._shard_sizes(fused))))
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:8])}")
+        return loaded
+
+
+def _lookup(params: dict[str, nn.Parameter], name: str, original: str) -> nn.Parameter:
+    try:
+        return params[name]
+    except KeyError:
+        raise ValueError(f"checkpoint weight {original!r} does not belong to this model") from None
+
+
+def _copy(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dest.shape) != tuple(src.shape):
+        raise ValueError(f"weight {name!r} has shape {tuple(src.shape)}, the config expects {tuple(dest.shape)}")
+    dest.copy_(src)

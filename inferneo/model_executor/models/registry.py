@@ -1,0 +1,23 @@
+"""Which model class serves which Hugging Face architecture name."""
+
+from __future__ import annotations
+
+from inferneo.model_executor.models.llama import LlamaForCausalLM
+from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(hf_config: dict) -> type[LlamaForCausalLM]:
+    """The model class for a config's ``architectures``; ValueError naming the supported ones otherwise."""
+    names = hf_config.get("architectures") or []
+    for name in names:
+        if name in MODEL_REGISTRY:
+            return MODEL_REGISTRY[name]
+    asked = ", ".join(names) if names else f"(none listed; model_type {hf_config.get('model_type')!r})"
+    raise ValueError(f"unsupported architecture {asked}; supported: {', '.join(MODEL_REGISTRY)}")

@@ -1,0 +1,6 @@
+"""Batched token sampling: per-step metadata and the sampler."""
+
+from inferneo.sampling.metadata import SamplingMetadata
+from inferneo.sampling.sampler import Sampler, SamplerOutput
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]

@@ -1,0 +1,99 @@
+"""Batched logits transforms used by the sampler. Each works on a [B, V] float32 tensor with per-row params."""
+
+from __future__ import annotations
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,
+                    repetition_penalty: torch.Tensor | None, frequency_penalty: torch.Tensor | None,
+                    presence_penalty: torch.Tensor | None) -> torch.Tensor:
+    """Apply the three penalties in place and return ``logits``.
+
+    - repetition (HF / CTRL): for each token seen in the prompt or the output, a positive logit is divided by
+      the penalty and a negative one multiplied by it;
+    - frequency (OpenAI): minus ``penalty * count`` of the token in the output;
+    - presence (OpenAI): minus ``penalty`` when the token occurs in the output at all.
+    """
+    output_mask = output_counts > 0
+    if repetition_penalty is not None:
+        seen = output_mask if prompt_mask is None else output_mask | prompt_mask
+        p = repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / p, logits * p)
+        logits.copy_(torch.where(seen, penalized, logits))
+    if frequency_penalty is not None:
+        logits.sub_(frequency_penalty.unsqueeze(1) * output_counts)
+    if presence_penalty is not None:
+        logits.sub_(presence_penalty.unsqueeze(1) * output_mask)
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside each row's top-k, then outside its top-p nucleus; in place.
+
+    ``top_k`` is [B] int64 with ``V`` meaning off; ``top_p`` is [B] float32 with 1.0 meaning off. Tokens tied
+    with the k-th largest logit are kept. The nucleus is the smallest set of most likely tokens whose mass
+    reaches ``p`` (at least one token). One sort serves both filters; with top-k alone a ``topk`` of the
+    largest k in the batch replaces the sort.
+    """
+    vocab_size = logits.shape[-1]
+    if top_p is None:
+        if top_k is None:
+            return logits
+        top_vals = logits.topk(max_top_k, dim=-1).values
+        threshold = top_vals.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))
+        threshold.masked_fill_((top_k >= vocab_size).unsqueeze(1), _NEG_INF)
+        return logits.masked_fill_(logits < threshold, _NEG_INF)
+
+    sorted_logits, order = logits.sort(dim=-1)  # ascending: the most likely token is last
+    if top_k is not None:
+        threshold = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < threshold, _NEG_INF)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
+    # A token goes when the mass of the tokens strictly more likely than it already reaches p.
+    drop = cum_probs <= (1.0 - top_p).unsqueeze(1)
+    drop[:, -1] = False
+    sorted_logits.masked_fill_(drop, _NEG_INF)
+    return logits.scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` times the row's top probability; in place.
+
+    Done in logit space (``logit < max_logit + log(min_p)``), so no softmax is needed; ``min_p = 0`` keeps all.
+    """
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, _NEG_INF)
+
+
+def exponential_race(probs: torch.Tensor, seeded_rows: list[int], generators: list[torch.Generator],
+                     draw_unseeded: bool = True) -> torch.Tensor:
+    """Sample one token per row: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d., which picks token ``i``
+    with probability ``probs[i]``.
+
+    Rows in ``seeded_rows`` draw their noise (uniforms of shape [V], on CPU) from their own generator only, so
+    what they sample never depends on the rest of the batch, nor on the device; the other rows draw from the
+    device's global RNG. ``probs`` is overwritten.
+    """
+    q = torch.empty_like(probs)
+    if draw_unseeded:
+        q.exponential_()
+    else:
+        q.fill_(1.0)
+    if seeded_rows:
+        # CPU uniforms are several times cheaper to draw than CPU exponentials; -log(u) is taken on the device.
+        # u == 0 (probability 2**-24 per token) gives q = inf: that token merely sits out this one draw.
+        vocab_size = probs.shape[-1]
+        on_cuda = probs.device.type == "cuda"
+        u = torch.empty(len(seeded_rows), vocab_size, dtype=torch.float32, pin_memory=on_cuda)
+        for i, g in enumerate(generators):
+            torch.rand(vocab_size, generator=g, out=u[i])
+        rows = torch.tensor(seeded_rows, dtype=torch.int64, pin_memory=on_cuda)
+        u = u.to(probs.device, non_blocking=True)
+        q[rows.to(probs.device, non_blocking=True)] = u.log_().neg_().to(q.dtype)
+    # q == 0 would turn a zero probability into 0/0 = NaN, which argmax would pick.
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
