@@ -1,0 +1,213 @@
+"""GGUF models: an HF-style config from the metadata, and the weights under Hugging Face names."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inferneo.model_loader.gguf_file import GGUFHeader, iter_gguf_tensors, read_gguf_header
+
+logger = logging.getLogger(__name__)
+
+# general.architecture -> (HF architecture, model_type)
+GGUF_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+# llama.cpp's converter interleaves the rotary halves of q/k for these architectures
+_PERMUTED_ARCHITECTURES = {"llama"}
+_SKIPPED_TENSORS = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
+
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_hf_name(name: str) -> str:
+    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)."""
+    if match := _BLOCK_RE.fullmatch(name):
+        layer, part, kind = match.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    else:
+        stem, _, kind = name.rpartition(".")
+        if stem in _TOP_LEVEL_NAMES and kind in ("weight", "bias"):
+            return f"{_TOP_LEVEL_NAMES[stem]}.{kind}"
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent known to inferneo")
+
+
+def _header(path: Path) -> tuple[GGUFHeader, str]:
+    header = read_gguf_header(path)
+    arch = header.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+    return header, arch
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """A ``config.json``-style dict (HF keys) built from the GGUF metadata."""
+    header, arch = _header(path)
+    meta = header.metadata
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata key {arch}.{key} is missing")
+        return value
+
+    embed = header.tensor("token_embd.weight")
+    if embed is None:
+        raise ValueError(f"{path}: the file has no token_embd.weight tensor")
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    rope_theta = float(get("rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch][0]],
+        "model_type": GGUF_ARCHITECTURES[arch][1],
+        "vocab_size": embed.shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(header, arch, head_dim, rope_theta),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": header.tensor("output.weight") is None,
+        "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
+        "torch_dtype": "float32",
+    }
+    for key in ("bos", "eos", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config[f"{key.replace('padding', 'pad')}_token_id"] = int(token_id)
+    return config
+
+
+def gguf_generation_config(path: Path) -> dict[str, Any]:
+    """``{"eos_token_id": ...}`` from the metadata: the EOS id, plus end-of-turn ids when the file has them."""
+    meta = read_gguf_header(path).metadata
+    ids: list[int] = []
+    for key in ("eos", "eot", "eom"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    config: dict[str, Any] = {}
+    if ids:
+        config["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    if (bos := meta.get("tokenizer.ggml.bos_token_id")) is not None:
+        config["bos_token_id"] = int(bos)
+    return config
+
+
+def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor as float32 under its HF name, with llama.cpp's q/k rotary permutation undone."""
+    header, arch = _header(path)
+    meta = header.metadata
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    for info, array in iter_gguf_tensors(header):
+        if info.name in _SKIPPED_TENSORS:
+            continue
+        name = gguf_hf_name(info.name)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if arch in _PERMUTED_ARCHITECTURES:
+            if ".q_proj." in name:
+                tensor = unpermute_rotary(tensor, heads)
+            elif ".k_proj." in name:
+                tensor = unpermute_rotary(tensor, kv_heads)
+        yield name, tensor
+
+
+def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's q/k permutation: per head, rows ``[x0..x(d/2-1), y0..]`` become ``[x0, y0, x1, y1, ...]``."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape).contiguous())
+
+
+def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rotary`: back to the Hugging Face (half-split rotary) row order."""
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot undo the rotary permutation: {rows} rows do not split into {n_heads} heads")
+    return (weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape).contiguous())
+
+
+def _rope_scaling(header: GGUFHeader, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
+    meta = header.metadata
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if kind in ("linear", "yarn") and factor:
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    freqs = header.tensor("rope_freqs.weight")
+    if freqs is None:
+        return None
+    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=freqs.offset, shape=(freqs.nbytes,))
+    if freqs.type_name != "F32":
+        raise ValueError(f"{header.path}: rope_freqs.weight is {freqs.type_name}; F32 was expected")
+    factors = np.array(raw.view(np.float32), dtype=np.float64)
+    return llama3_rope_scaling(factors, head_dim, theta, int(original) if original else None)
+
+
+def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, original: int | None) -> dict[str, Any]:
+    """Recover Llama 3's ``rope_scaling`` from the per-frequency divisors llama.cpp stores in ``rope_freqs``.
+
+    Between the two wavelength limits, ``smooth = (original / wavelength - low) / (high - low)`` is linear in
+    ``1 / wavelength``. Its slope and intercept fix the rotary frequencies; they pin down ``low``, ``high`` and
+    ``original`` only up to a common scale, so ``low_freq_factor`` is taken as 1 (as in every Llama 3 release)
+    unless the file states the original context length.
+    """
+    factor = float(factors.max())
+    scaling: dict[str, Any] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": original or 8192}
+    inv_wavelen = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)
+    medium = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if factor <= 1 or medium.sum() < 2:
+        if factor > 1:
+            logger.warning("rope_freqs has too few smoothed frequencies; assuming Llama 3.1's rope_scaling")
+        return scaling
+    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv_wavelen[medium], smooth, 1)  # slope = original/(high-low)
+    if original:
+        span = original / slope
+        low = -intercept * span
+    else:
+        low, span = 1.0, -1 / intercept
+        original = round(slope * span)
+    scaling.update(low_freq_factor=round(float(low), 4), high_freq_factor=round(float(low + span), 4),
+                   original_max_position_embeddings=int(original))
+    return scaling

@@ -1,0 +1,114 @@
+"""A fast tokenizer rebuilt from the vocabulary a GGUF file carries in its metadata.
+
+Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, ...) are rebuilt here
+directly with the ``tokenizers`` library, in well under a second. Anything else (SentencePiece vocabularies,
+unknown pre-tokenizers) goes through transformers' own GGUF conversion, which is slower but knows more kinds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from inferneo.model_loader.gguf_file import read_gguf_header
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer | None:
+    """How text is cut before BPE, by llama.cpp's ``tokenizer.ggml.pre`` name (None: not known here)."""
+    if pre in ("default", "gpt-2", "gpt2"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact", "codeshell"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3"):
+        return _split_then_bytes(_LLAMA3_SPLIT)
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        return _split_then_bytes(_QWEN2_SPLIT)
+    return None
+
+
+def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer described by a GGUF file's metadata, with its special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    meta = read_gguf_header(path).metadata
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError(f"{path} carries no tokenizer; pass --tokenizer with a Hugging Face tokenizer folder")
+    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    pre_tokenizer = _pre_tokenizer(pre)
+    if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
+        return _transformers_gguf_tokenizer(path)
+    backend = _byte_level_bpe(meta, pre, pre_tokenizer)
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def special(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    bos = special("bos")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                          special_tokens=[(bos, bos_id)]),
+        ])
+    kwargs: dict[str, Any] = {
+        "bos_token": bos, "eos_token": special("eos"), "unk_token": special("unknown"),
+        "pad_token": special("padding"), "clean_up_tokenization_spaces": False,
+    }
+    arch = meta.get("general.architecture")
+    if (context := meta.get(f"{arch}.context_length")) is not None:
+        kwargs["model_max_length"] = int(context)
+    if (template := meta.get("tokenizer.chat_template")) is not None:
+        kwargs["chat_template"] = template
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _byte_level_bpe(meta: Any, pre: str, pre_tokenizer: pre_tokenizers.PreTokenizer) -> Tokenizer:
+    tokens: tuple[str, ...] = meta["tokenizer.ggml.tokens"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", ())]
+    llama3 = pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                                   ignore_merges=llama3))
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    token_types = meta.get("tokenizer.ggml.token_type") or ()
+    control = [AddedToken(tok, special=True, normalized=False)
+               for tok, kind in zip(tokens, token_types, strict=False) if kind == _CONTROL]
+    user = [AddedToken(tok, special=False, normalized=False)
+            for tok, kind in zip(tokens, token_types, strict=False) if kind == _USER_DEFINED]
+    backend.add_special_tokens(control)
+    backend.add_tokens(user)
+    return backend
+
+
+def _transformers_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

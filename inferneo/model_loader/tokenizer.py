@@ -1,0 +1,60 @@
+"""The tokenizer that goes with a model: from a Hugging Face folder or from a GGUF file's metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from inferneo.model_loader.gguf_tokenizer import load_gguf_tokenizer
+from inferneo.model_loader.hf_files import hf_config, hf_generation_config, read_json
+from inferneo.model_loader.source import ModelSource, resolve_model
+
+if TYPE_CHECKING:  # transformers takes seconds to import; only the tokenizer needs it
+    from transformers import PreTrainedTokenizerBase
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, or the one at ``tokenizer`` (a folder, .gguf file or hub id) when given.
+
+    When the tokenizer files name no EOS token, it is taken from the model's generation_config.json or
+    config.json. The checkpoint's ``chat_template`` (tokenizer_config.json, chat_template.jinja or GGUF
+    metadata) is set when there is one.
+    """
+    tok_source = resolve_model(tokenizer) if tokenizer is not None else source
+    path = tok_source.path
+    tok = load_gguf_tokenizer(path) if tok_source.kind == "gguf" else _load_hf_tokenizer(path)
+    if tok.eos_token_id is None:
+        _set_eos_from_configs(tok, source)
+    return tok
+
+
+def _load_hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                       "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                                "pass --tokenizer with a folder that has them")
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tok.chat_template is None:
+        template_file = folder / CHAT_TEMPLATE_FILE
+        config_file = folder / "tokenizer_config.json"
+        if template_file.is_file():
+            tok.chat_template = template_file.read_text(encoding="utf-8")
+        elif config_file.is_file() and isinstance(template := read_json(config_file).get("chat_template"), str):
+            tok.chat_template = template
+    return tok
+
+
+def _set_eos_from_configs(tok: PreTrainedTokenizerBase, source: ModelSource) -> None:
+    if source.kind != "hf_dir":
+        return
+    for config in (hf_generation_config(source.path), hf_config(source.path)):
+        eos = config.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if isinstance(eos, int):
+            tok.eos_token = tok.convert_ids_to_tokens(eos)
+            return

@@ -1,0 +1,258 @@
+"""Tiny random-weight checkpoints in real Hugging Face (and GGUF) format, built offline in well under a second.
+
+Each checkpoint is a folder ``save_pretrained`` wrote (config.json, safetensors, generation_config.json) plus a
+real byte-level BPE tokenizer trained on a small built-in corpus, with a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from inferneo.model_loader.gguf_loader import permute_rotary
+from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
+_MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 8
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun.
+Once upon a time there was a little village near the sea, and the people there were fishermen.
+Every morning they went out in their boats, and every evening they came home with their catch.
+The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid.
+Water boils at one hundred degrees and freezes at zero degrees on the Celsius scale.
+A language model predicts the next token given the tokens that came before it in the text.
+Inference engines schedule requests, manage a cache of keys and values, and sample new tokens.
+Hello! How are you today? I am fine, thank you. What would you like to talk about?
+Numbers like 1, 2, 3, 42, 100 and 2024 appear in text, as do dates such as 12/05/2023.
+She sells sea shells by the sea shore; the shells she sells are surely sea shells.
+In the beginning the universe was created, which made a lot of people very angry.
+Please write a short poem about the ocean, the wind, the stars and the quiet night.
+The teacher asked the students to read the chapter and answer the questions at the end.
+Python is a programming language; def main(): print("hello world") returns None.
+Rain falls softly on the roof, and the children listen to the rhythm of the storm.
+"""
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_CORPUS.splitlines(), trainer)
+    missing = vocab_size - backend.get_vocab_size()
+    backend.add_tokens([f"<|extra_{i}|>" for i in range(missing)])  # corpus ran out of merges
+    return backend.to_str()
+
+
+def make_tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens with ``<s>``/``</s>`` and ChatML tokens."""
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB}; got {vocab_size}")
+    backend = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    steps: list[processors.PostProcessor] = [processors.ByteLevel(trim_offsets=False)]
+    if add_bos:
+        steps.append(processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
+                                                   special_tokens=[("<s>", BOS_ID)]))
+    backend.post_processor = processors.Sequence(steps)
+    template = ("{{ bos_token }}" if add_bos else "") + CHATML_TEMPLATE
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=template, clean_up_tokenization_spaces=False,
+                                   model_max_length=2048)
+
+
+def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, **common: Any) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if arch == "llama":
+        return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    return Qwen3Config(use_sliding_window=False, **common)
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
+                         num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                         tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
+                         torch_dtype: torch.dtype = torch.float32,
+                         rope_scaling: dict[str, Any] | None = None) -> Path:
+    """Write a random-weight HF checkpoint of ``arch`` (llama, mistral, qwen2, qwen3) into ``path``.
+
+    Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
+    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
+    Returns ``path``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
+    if min(hidden_size, num_layers, num_heads, num_kv_heads) <= 0:
+        raise ValueError("hidden_size, num_layers, num_heads and num_kv_heads must be positive")
+    if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
+        raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
+                         "num_kv_heads groups")
+    if rope_scaling is not None and arch != "llama":
+        raise ValueError("rope_scaling is only supported for arch='llama'")
+    config = _hf_config(
+        arch, rope_scaling, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=2048, initializer_range=0.2,
+        rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    model = model.to(torch_dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral")).save_pretrained(path)
+    return path
+
+
+def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
+    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, tokenizer in metadata).
+
+    ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
+    1-D tensors (norms, biases) stay F32 as in llama.cpp. Returns ``out_file``.
+    """
+    try:
+        qtype = gguf.GGMLQuantizationType[dtype.upper()]
+    except KeyError:
+        raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    config = hf_config(hf_dir)
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(config["model_type"])
+    if arch is None:
+        raise ValueError(f"cannot convert model_type {config['model_type']!r}")
+    writer = gguf.GGUFWriter(out_file, arch)
+    head_dim = _write_hparams(writer, config)
+    _write_tokenizer(writer, hf_dir, config)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
+    for name, tensor in iter_hf_weights(hf_dir):
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
+        array = tensor.float().numpy()
+        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(_gguf_name(name), array)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(_gguf_name(name), array.astype(np.float16))
+        else:
+            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_name("tiny-" + config["model_type"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        if "original_max_position_embeddings" in scaling:
+            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    return head_dim
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any]) -> None:
+    spec = read_json(hf_dir / "tokenizer.json")
+    by_id = {index: token for token, index in spec["model"]["vocab"].items()}
+    types = dict.fromkeys(by_id, int(gguf.TokenType.NORMAL))
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"{hf_dir}/tokenizer.json token ids are not contiguous")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([by_id[i] for i in range(len(by_id))])
+    writer.add_token_types([types[i] for i in range(len(by_id))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    if config.get("pad_token_id") is not None:
+        writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_add_bos_token("TemplateProcessing" in json.dumps(spec.get("post_processor")))
+    template_file = hf_dir / "chat_template.jinja"
+    tok_config = read_json(hf_dir / "tokenizer_config.json")
+    template = template_file.read_text() if template_file.is_file() else tok_config.get("chat_template")
+    if template:
+        writer.add_chat_template(template)
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    stem, _, kind = hf_name.rpartition(".")
+    if stem.startswith("model.layers."):
+        layer, _, part = stem.removeprefix("model.layers.").partition(".")
+        return f"blk.{layer}.{_GGUF_NAMES[part]}.{kind}"
+    return f"{_GGUF_NAMES[stem]}.{kind}"
+
+
+def _llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """Per-frequency divisors, computed the way llama.cpp's converter writes ``rope_freqs.weight``."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (original / wavelen - low) / (high - low)
+    factors = np.where(wavelen < original / high, 1.0,
+                       np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints built once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inferneo.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``factory(arch="llama", **kwargs) -> folder``; each distinct call is built once per session."""
+    cache: dict[str, Path] = {}
+
+    def factory(arch: str = "llama", **kwargs: Any) -> Path:
+        key = repr((arch, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **kwargs)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_checkpoint_factory: Callable[..., Path]) -> Path:
+    """A tiny random Llama checkpoint (HF format, with tokenizer and chat template)."""
+    return tiny_checkpoint_factory("llama")

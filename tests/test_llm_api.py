@@ -1,0 +1,233 @@
+"""The offline API: input forms, sampling features, stop conditions, chat, and errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferneo import LLM, RequestOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint_factory):
+    return LLM(str(tiny_checkpoint_factory("llama")), dtype="float32")
+
+
+def greedy(max_tokens=8, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+def assert_clean(llm: LLM) -> None:
+    kv = llm.engine.kv_cache
+    kv.check_integrity([])
+    assert kv.num_free_blocks == kv.num_blocks
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_accepts_a_string_a_list_of_strings_and_token_ids(llm):
+    one = llm.generate("hello world", greedy(), use_tqdm=False)
+    assert len(one) == 1 and isinstance(one[0], RequestOutput)
+    assert one[0].prompt == "hello world"
+    ids = one[0].prompt_token_ids
+    many = llm.generate(["hello world", "the cat sat"], greedy(), use_tqdm=False)
+    assert [o.prompt for o in many] == ["hello world", "the cat sat"]
+    assert many[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    by_ids = llm.generate(ids, greedy(), use_tqdm=False)  # one prompt as token ids
+    assert by_ids[0].prompt is None and by_ids[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    lists = llm.generate([ids, ids[:3]], greedy(), use_tqdm=False)
+    assert lists[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    assert_clean(llm)
+
+
+def test_outputs_come_back_in_input_order_with_per_prompt_params(llm):
+    prompts = ["a b c d e f g h i j k l m n o p", "x", "the quick brown fox", "y z"]
+    params = [greedy(max_tokens=m, ignore_eos=True) for m in (3, 9, 1, 5)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 9, 1, 5]
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert all(o.finished for o in outs)
+
+
+def test_text_is_the_decoded_tokens(llm):
+    out = llm.generate("the cat", greedy(max_tokens=10), use_tqdm=False)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    full = tok.decode(llm.engine.tokenize("the cat") + out.token_ids, skip_special_tokens=True)
+    assert full.endswith(out.text) and out.text
+
+
+def test_n_gives_n_sequences_and_seeds_make_them_differ_but_repeat(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12)
+    first = llm.generate("once upon a time", params, use_tqdm=False)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+    again = llm.generate("once upon a time", params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in first.outputs]
+    assert_clean(llm)
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_batch_of_32(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate("seeded prompt here", params, use_tqdm=False)[0].outputs[0]
+    others = [SamplingParams(temperature=1.0, max_tokens=int(8 + i % 9), ignore_eos=True) for i in range(31)]
+    prompts = [f"other prompt number {i} " * (1 + i % 4) for i in range(31)]
+    batch = llm.generate(prompts[:13] + ["seeded prompt here"] + prompts[13:], others[:13] + [params] + others[13:],
+                         use_tqdm=False)
+    assert batch[13].outputs[0].token_ids == alone.token_ids
+    assert batch[13].outputs[0].text == alone.text
+    assert llm.engine.core.stats.max_batch_size >= 32
+
+
+def test_stop_string_is_excluded_and_finishes_with_stop(llm):
+    base = llm.generate("the quick brown fox", greedy(max_tokens=16, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(base.text) > 6
+    stop = base.text[3:6]
+    out = llm.generate("the quick brown fox", greedy(max_tokens=16, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == base.text[: base.text.index(stop)]
+    assert_clean(llm)
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    base = llm.generate("hello there", greedy(max_tokens=10, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate("hello there", greedy(max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    assert out.token_ids == base.token_ids[: first + 1]
+    # min_tokens forbids the stop token until reached, so the output is at least that long.
+    out = llm.generate("hello there", greedy(max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id],
+                                             min_tokens=first + 3), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= first + 3
+    assert stop_id not in out.token_ids[: first + 3]
+
+
+def test_eos_stops_unless_ignored(llm):
+    eos = llm.get_tokenizer().eos_token_id
+    assert eos in llm.engine.eos_token_ids
+    prompts = [[5 + i, 40 + 3 * i, 7 + i] for i in range(60)]
+    runs = llm.generate(prompts, greedy(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    hit = next((p, r.outputs[0].token_ids) for p, r in zip(prompts, runs, strict=True) if eos in r.outputs[0].token_ids)
+    prompt, ignored = hit
+    assert len(ignored) == 20
+    out = llm.generate([prompt], greedy(max_tokens=20), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason is None
+    assert out.token_ids == ignored[: ignored.index(eos) + 1]
+
+
+def test_logprobs_are_returned_and_consistent(llm):
+    out = llm.generate("the cat", greedy(max_tokens=5, logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert out.logprobs is not None and len(out.logprobs) == 5
+    total = 0.0
+    for token_id, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert token_id in entry
+        assert entry[token_id].rank == 1  # greedy picks the top token
+        assert 3 <= len(entry) <= 4
+        ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+        assert all(a.logprob >= b.logprob for a, b in zip(ranked, ranked[1:], strict=False))
+        assert all(lp.logprob <= 0 for lp in entry.values())
+        total += entry[token_id].logprob
+    assert out.cumulative_logprob == pytest.approx(total)
+
+
+def test_chat_one_conversation_and_a_list(llm):
+    conv = [{"role": "user", "content": "hi"}]
+    one = llm.chat(conv, greedy(), use_tqdm=False)
+    two = llm.chat([conv, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]],
+                   greedy(), use_tqdm=False)
+    assert len(one) == 1 and len(two) == 2
+    assert two[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    tok = llm.get_tokenizer()
+    rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert one[0].prompt_token_ids == tok(rendered, add_special_tokens=False).input_ids
+
+
+def test_priority_runs_urgent_requests_first(tiny_checkpoint_factory):
+    llm = LLM(str(tiny_checkpoint_factory("llama")), scheduling_policy="priority", max_num_seqs=1)
+    order = []
+    engine = llm.engine
+    for i, prio in enumerate([5, 0, 3]):
+        engine.add_request(f"r{i}", f"prompt {i}", greedy(max_tokens=2), priority=prio)
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["r1", "r2", "r0"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"seed": "x"}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_clear_errors_and_leave_nothing_behind(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        llm.generate([[1, 2, 10**9]], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="context length"):
+        llm.generate([[5] * 5000], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
+        llm.generate(["a", "b", "c"], [greedy(), greedy()], use_tqdm=False)
+    # A bad prompt in the middle of a list aborts the ones already queued.
+    with pytest.raises(ValueError):
+        llm.generate(["fine", [], "fine too"], greedy(), use_tqdm=False)
+    assert_clean(llm)
+
+
+def test_engine_config_errors(tiny_checkpoint_factory, tmp_path):
+    path = str(tiny_checkpoint_factory("llama"))
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(path, dtype="float8")
+    with pytest.raises(ValueError, match="device"):
+        LLM(path, device="tpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        LLM(path, device="cuda")
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(path, max_model_len=10**6)
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(path, scheduling_policy="random")
+    with pytest.raises(TypeError, match="unknown LLM argument"):
+        LLM(path, not_an_option=1)
+    with pytest.raises(FileNotFoundError):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tiny_checkpoint_factory, tmp_path):
+    import json
+    import shutil
+
+    src = tiny_checkpoint_factory("llama")
+    dst = tmp_path / "gpt2ish"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM"):
+        LLM(str(dst))
+
+
+def test_dummy_weights_run_from_config_alone(tiny_checkpoint_factory):
+    llm = LLM(str(tiny_checkpoint_factory("qwen3")), load_format="dummy")
+    out = llm.generate("hi", greedy(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4
