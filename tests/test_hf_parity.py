@@ -117,3 +117,13 @@ def test_engine_mechanisms_keep_hf_parity(tiny_checkpoint_factory, variant):
         assert kv.prefix_cache_hits > 0
     if variant == "prefix-cache-off":
         assert kv.prefix_cache_hits == 0
+
+
+def test_reference_matmul_path_also_matches_hf(tiny_checkpoint_factory, monkeypatch):
+    """With oneDNN packing off, the plain PyTorch matmuls (the reference path) give the same tokens."""
+    monkeypatch.setenv("INFERNEO_CPU_ONEDNN", "0")
+    path = tiny_checkpoint_factory("qwen2")
+    llm = LLM(str(path), dtype="float32")
+    assert not any(type(m).__name__ == "PackedLinear" for m in llm.engine.runner.model.modules())
+    prompts = mixed_prompts(8, 300, seed=5)
+    assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]

@@ -40,14 +40,7 @@ class TorchReferenceBackend(AttentionBackend):
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         gqa = num_heads != num_kv_heads
         if nd:
-            tables = metadata.decode_block_tables
-            keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-            values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, values, attn_mask=metadata.extra["decode_mask"], scale=scale,
-                enable_gqa=gqa,
-            )
-            out[:nd] = attn.squeeze(2)
+            out[:nd] = _decode_attention(q[:nd], kv_cache, metadata, scale)
         for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
             s, e = span.start, span.start + span.num_tokens
             qs = q[s:e].transpose(0, 1)
@@ -55,10 +48,41 @@ class TorchReferenceBackend(AttentionBackend):
                 ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
             else:
                 total = span.context_len + span.num_tokens
-                ks = kv_cache[0][span.block_table].reshape(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
-                vs = kv_cache[1][span.block_table].reshape(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                ks = _gather(kv_cache[0], span.block_table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                vs = _gather(kv_cache[1], span.block_table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
             attn = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
             )
             out[s:e] = attn.transpose(0, 1)
         return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks of one cache half, in table order: ``[len(block_ids), block_size, Hkv, D]``.
+
+    ``index_select`` on the flat table is several times faster on CPU than advanced indexing.
+    """
+    return cache.index_select(0, block_ids.reshape(-1))
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float):
+    """One query token per request against its cached keys, batched over requests with a length mask."""
+    tables = metadata.decode_block_tables
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    keys = _gather(kv_cache[0], tables).view(batch, -1, num_kv_heads, head_dim)  # [B, L, Hkv, D]
+    values = _gather(kv_cache[1], tables).view(batch, -1, num_kv_heads, head_dim)
+    mask = metadata.extra["decode_mask"]  # [B, 1, 1, L]
+    if q.dtype == torch.float32:
+        attn = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        return attn.squeeze(2)
+    # CPU SDPA kernels are slow in half precision for this shape: matmuls in the cache dtype, softmax in fp32.
+    group = num_heads // num_kv_heads
+    qg = q.view(batch, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G, L]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values.transpose(1, 2)).view(batch, num_heads, head_dim)

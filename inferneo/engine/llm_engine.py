@@ -89,6 +89,7 @@ class LLMEngine:
             self.runner.init_dummy_weights(config.seed)
         else:
             self.runner.load_weights(iter_weights(self.source))
+        self.runner.finalize_weights()
 
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
@@ -246,6 +247,15 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._parents)
+
+    def running_request_ids(self) -> list[str]:
+        """Ids of the requests with a sequence in the running batch (those a failed step may have touched)."""
+        ids: dict[str, None] = {}
+        for request in self.scheduler.running:
+            entry = self._core_to_parent.get(request.request_id)
+            if entry is not None:
+                ids[entry[0].request_id] = None
+        return list(ids)
 
     # ---- stepping ----------------------------------------------------------------------------------------
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inferneo import envs
 from inferneo.attention import AttentionMetadata, PrefillSpan, get_attention_backend
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import SchedulerOutput
+from inferneo.model_executor.layers.cpu_linear import pack_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.sampling import Sampler, SamplingMetadata
@@ -80,6 +82,12 @@ class ModelRunner:
                 param.data.fill_(1.0)
             else:
                 param.data.uniform_(-0.02, 0.02, generator=gen)
+
+    def finalize_weights(self) -> None:
+        """Transforms that need the final weights: on CPU, pack linear layers for oneDNN."""
+        if self.device.type == "cpu" and envs.cpu_onednn_linear():
+            count = pack_linears(self.model)
+            logger.info("packed %d linear layers for oneDNN", count)
 
     @property
     def kv_bytes_per_block(self) -> int:

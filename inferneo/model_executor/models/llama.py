@@ -161,10 +161,9 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, backend, max_position) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
@@ -176,8 +175,7 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        return self.lm_head(hidden).float()
 
     # ---- weights -----------------------------------------------------------------------------------------
 
@@ -196,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name or (name.startswith("lm_head") and self.lm_head is None):
+            if "rotary_emb" in name or (name.startswith("lm_head") and self.config.tie_word_embeddings):
                 continue
             for shard_name, fused, index in self.stacked_params:
                 if f".{shard_name}." in name:

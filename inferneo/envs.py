@@ -1,0 +1,17 @@
+"""Environment variables Inferneo reads, in one typed place."""
+
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_onednn_linear() -> bool:
+    """INFERNEO_CPU_ONEDNN (default on): run CPU linear layers through prepacked oneDNN matmuls."""
+    return _flag("INFERNEO_CPU_ONEDNN", True)
