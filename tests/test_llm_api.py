@@ -231,3 +231,21 @@ def test_dummy_weights_run_from_config_alone(tiny_checkpoint_factory):
     llm = LLM(str(tiny_checkpoint_factory("qwen3")), load_format="dummy")
     out = llm.generate("hi", greedy(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 4
+
+
+def test_generation_config_sampling_defaults_are_honoured(tiny_checkpoint_factory, tmp_path):
+    import json
+    import shutil
+
+    dst = tmp_path / "with-defaults"
+    shutil.copytree(tiny_checkpoint_factory("llama"), dst)
+    gen = json.loads((dst / "generation_config.json").read_text())
+    gen.update({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "eos_token_id": [2, 7]})
+    (dst / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(dst))
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (0.6, 0.9, 20, 1.1)
+    assert {2, 7} <= llm.engine.eos_token_ids
+    gen["do_sample"] = False
+    (dst / "generation_config.json").write_text(json.dumps(gen))
+    assert LLM(str(dst)).get_default_sampling_params().temperature == 0.0
