@@ -1,9 +1,11 @@
-"""The ``inferneo`` command line: ``inferneo generate`` and ``inferneo chat`` (offline, in this process)."""
+"""The ``inferneo`` command line: ``inferneo generate`` and ``inferneo chat`` (offline, in this process) and
+``inferneo serve`` (the OpenAI-compatible HTTP server)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -98,9 +100,40 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(answer, flush=True)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from inferneo.entrypoints.openai.api_server import serve
+
+    api_keys = list(args.api_key or [])
+    if not api_keys and os.environ.get("INFERNEO_API_KEY"):
+        api_keys = [os.environ["INFERNEO_API_KEY"]]
+    return serve(
+        engine_kwargs(args), args.model or args.model_tag, args.served_model_name, args.host, args.port, api_keys,
+        args.max_queued_requests, log_level=args.log_level, access_log=not args.disable_access_log,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 serves other hosts)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use; the first is the main one (default: the model argument)")
+    g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (any of these keys; default $INFERNEO_API_KEY)")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse new requests (429 + Retry-After) while this many wait for a batch slot")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferneo", description="Fast LLM inference and serving")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error (default: info for "
+                        "serve, warning otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one or more prompts offline")
@@ -116,12 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_serve_args(srv)
+    add_engine_args(srv)
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "info" if args.command == "serve" else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

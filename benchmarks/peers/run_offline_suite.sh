@@ -28,6 +28,7 @@ run() {  # run PYTHON ARGS...: one engine; a failure is reported and the suite g
 run python3 --engine hf --dtype float32 --hf-batch-size 8
 run python3 --engine hf --dtype float32 --hf-batch-size 16
 run python3 --engine hf --dtype float32 --hf-batch-size 32
+run python3 --engine hf --dtype bfloat16 --hf-batch-size 32
 run "$VENV/bin/python" --engine vllm --dtype float32
 run "$VENV/bin/python" --engine vllm --dtype bfloat16
 run python3 --engine inferneo --dtype float32

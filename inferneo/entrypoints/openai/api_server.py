@@ -1,0 +1,182 @@
+"""The FastAPI app (``build_app``) and ``serve``, which loads a model and runs it under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import inferneo
+from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
+from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from inferneo.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from inferneo.entrypoints.openai.serving_chat import create_chat_completion
+from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
+from inferneo.entrypoints.openai.serving_completion import create_completion
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None) -> FastAPI:
+    """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down."""
+    metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0])
+    if ctx.engine.observer is None:
+        ctx.engine.observer = metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            ctx.engine.shutdown()
+
+    app = FastAPI(title="Inferneo", version=inferneo.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    keys = [k.encode() for k in ctx.api_keys]
+
+    async def require_key(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for key in keys:  # compare with every key, in constant time each
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(require_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if ctx.engine.is_healthy:
+            return Response(status_code=200)
+        message = "the engine is not serving requests"
+        if ctx.engine.dead_error is not None:
+            message += f": {ctx.engine.dead_error!r}"
+        return JSONResponse(error_body(503, message, code="engine_unavailable"), status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": inferneo.__version__}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(ctx, name) for name in ctx.served_model_names]}
+
+    @app.get("/v1/models/{name:path}", dependencies=guarded)
+    async def model(name: str) -> dict[str, Any]:
+        return _model_card(ctx, ctx.model_name(name))
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            ctx.model_name(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        tokenizer = ctx.tokenizer
+        if body.messages is not None:
+            ids = render_chat(tokenizer, body.messages, body.add_generation_prompt, None,
+                              bool(body.add_special_tokens))
+        else:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = tokenizer(body.prompt, add_special_tokens=add_special).input_ids
+        result: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.engine.max_model_len, "tokens": ids,
+                                  "token_strs": None}
+        if body.return_token_strs:
+            result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return result
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            ctx.model_name(body.model)
+        vocab = ctx.engine.engine.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {vocab}); got {bad[:5]}", "tokens")
+        return {"prompt": ctx.tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def _model_card(ctx: ServerContext, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "inferneo", "root": ctx.model_path,
+            "parent": None, "max_model_len": ctx.engine.max_model_len}
+
+
+def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: list[str] | None, host: str,
+          port: int, api_keys: list[str], max_queued_requests: int | None, log_level: str = "info",
+          access_log: bool = True, shutdown_timeout: float = 30.0) -> int:
+    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns 0."""
+    import uvicorn
+
+    from inferneo.config import EngineConfig
+    from inferneo.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=model, max_queued_requests=max_queued_requests, **engine_kwargs)
+    llm_engine = LLMEngine(config)
+    engine = AsyncLLMEngine(llm_engine, max_queued_requests=max_queued_requests)
+    names = served_model_names or [model or llm_engine.source.name]
+    ctx = ServerContext(engine, names, str(llm_engine.source.path), api_keys)
+    app = build_app(ctx)
+    kv = llm_engine.kv_cache
+    gib = kv.num_blocks * llm_engine.runner.kv_bytes_per_block / 2**30
+    shown_host = f"[{host}]" if ":" in host else host
+    logger.info("loaded %s (%s) as %s: dtype %s on %s, max_model_len %d", llm_engine.source.name,
+                ", ".join(llm_engine.hf_config.get("architectures") or []), ", ".join(names), llm_engine.dtype,
+                llm_engine.device, llm_engine.max_model_len)
+    logger.info("KV cache: %.3f GiB in %d blocks of %d tokens (%d tokens)", gib, kv.num_blocks, kv.block_size,
+                llm_engine.kv_capacity_tokens)
+    logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
+                " (API key required)" if api_keys else "")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                                           access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
+                                           lifespan="on"))
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, let in-flight requests end, run the lifespan shut-down) and
+    # then re-raises the signal into the handlers found before it started: make those harmless, so a requested
+    # shut-down ends with exit status 0.
+    previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.shutdown()
+    if not server.started:
+        logger.error("the server did not start (is port %d free?)", port)
+        return 1
+    return 0
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    logger.debug("signal %d after shut-down ignored", signum)

@@ -1,0 +1,143 @@
+"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``, and the handlers that send them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferneo.engine.async_engine import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+)
+from inferneo.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error to send to the client as-is."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The client-facing error for anything raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        message = str(exc)
+        if exc.param and exc.param not in message:
+            message = f"{exc.param}: {message}"
+        return APIError(400, message, exc.param)
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="engine_error")
+    if isinstance(exc, ValueError):  # SamplingParams and the engine name the field first: "top_p must be ..."
+        message = str(exc)
+        first = message.split(" ", 1)[0]
+        return APIError(400, message, first if first in SamplingParams.__dataclass_fields__ else None)
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, f"internal server error: {exc!r}", code="internal_error")
+
+
+def _param_from_loc(loc: tuple) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif text:
+            text += f".{part}"
+        else:
+            text = str(part)
+    return text
+
+
+def _validation_message(error: dict) -> tuple[str, str | None]:
+    param = _param_from_loc(tuple(error.get("loc", ())))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON: {error.get('msg')}", None
+    if kind == "missing" and param is None:
+        return "the request body is missing; send a JSON object", None
+    if param is None:
+        return str(error.get("msg", "invalid request")), None
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{param}: {message}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the server in the OpenAI shape (validation errors as 400, not FastAPI's 422)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()

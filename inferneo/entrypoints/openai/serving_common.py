@@ -1,0 +1,155 @@
+"""What the completion and chat handlers share: the server context, sampling parameters, chat templates,
+server-sent events, and cancelling work when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
+from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
+from inferneo.outputs import RequestOutput
+from inferneo.sampling_params import SamplingParams
+
+# Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict",
+                             "return_tensors", "padding", "truncation", "max_length", "tools", "documents"}
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """The engine and the server-wide settings every handler needs."""
+
+    engine: AsyncLLMEngine
+    served_model_names: list[str]
+    model_path: str
+    api_keys: list[str] = field(default_factory=list)
+    created: int = field(default_factory=now)
+    defaults: SamplingParams = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.defaults = self.engine.engine.default_sampling_params()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def model_name(self, requested: str | None) -> str:
+        """The served name a request addressed (the first one when it named none); 404 for an unknown one."""
+        if requested is None:
+            return self.served_model_names[0]
+        if requested not in self.served_model_names:
+            raise APIError(404, f"The model '{requested}' does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in self.served_model_names)}",
+                           param="model", code="model_not_found")
+        return requested
+
+
+def check_common(req: _SamplingBody) -> None:
+    """400 for OpenAI fields this server cannot honour."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    """Request fields, else the model's generation-config defaults, else the OpenAI defaults."""
+
+    def pick(name: str) -> Any:
+        value = getattr(req, name)
+        return getattr(defaults, name) if value is None else value
+
+    try:
+        return SamplingParams(
+            n=req.n, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+            min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
+            stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except ValueError as exc:
+        raise to_api_error(exc) from None
+
+
+def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a conversation under the model's chat template (as ``LLM.chat`` renders it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model has no chat template; use /v1/completions", "messages")
+    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
+    except Exception as exc:  # jinja raises its own errors for conversations a template refuses
+        raise bad_request(f"the chat template cannot render these messages: {exc}", "messages") from None
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def usage_of(outputs: Iterable[RequestOutput]) -> dict[str, Any]:
+    """Token usage of finished requests (a prompt counts once however many choices it has)."""
+    outputs = list(outputs)
+    return usage(sum(len(o.prompt_token_ids) for o in outputs),
+                 sum(len(c.token_ids) for o in outputs for c in o.outputs),
+                 sum(o.num_cached_tokens for o in outputs))
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def event_stream(events: AsyncIterator[str], on_close: Callable[[], None]) -> StreamingResponse:
+    """An SSE response; an error mid-stream becomes an error event, and closing it always runs ``on_close``."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except Exception as exc:
+            yield sse(to_api_error(exc).body())
+            yield SSE_DONE
+        finally:
+            on_close()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``; if the client disconnects first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task  # let its clean-up (the abort) run before we answer
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening; the status is for the logs
+    return task.result()

@@ -1,0 +1,162 @@
+"""``POST /v1/completions``: one or many prompts, each fanned out to ``n`` choices, whole or streamed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from inferneo.engine.async_engine import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.errors import bad_request, to_api_error
+from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id
+from inferneo.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ServerContext,
+    cancel_on_disconnect,
+    check_common,
+    event_stream,
+    sampling_params,
+    sse,
+    usage_of,
+)
+from inferneo.outputs import Logprob, RequestOutput
+
+DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
+
+
+def finite(value: float) -> float:
+    """JSON has no infinities: a token the sampler ruled out gets a very low, finite log-probability."""
+    return value if math.isfinite(value) else -9999.0
+
+
+async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
+    model = ctx.model_name(req.model)
+    check_common(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request(f"best_of must equal n ({req.n}) or be left out: ranking candidates is not supported",
+                          "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported (prompt log-probabilities are not "
+                          "computed)", "echo")
+    engine = ctx.engine
+    max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
+    params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs)
+    prompts = req.prompt_list()
+    prompt_ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    request_id = random_id("cmpl")
+    try:
+        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority)
+                               for i, ids in enumerate(prompt_ids)])
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    echo_texts: list[str] | None = None
+    if req.echo:
+        echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids)
+                      for p, ids in zip(prompts, prompt_ids, strict=True)]
+    job = _Completion(request_id, model, req, group, echo_texts)
+    if req.stream:
+        return event_stream(job.events(), group.abort)
+    return await cancel_on_disconnect(raw, job.response())
+
+
+class _Completion:
+    """One completion call in flight."""
+
+    def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup,
+                 echo_texts: list[str] | None) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.req = req
+        self.group = group
+        self.echo_texts = echo_texts
+        self.created = now()
+
+    async def response(self) -> Response:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, output in self.group:
+                if output.finished:
+                    finals[index] = output
+        except Exception as exc:
+            raise to_api_error(exc) from None
+        finally:
+            self.group.abort()
+        n = self.req.n
+        choices = []
+        for i in sorted(finals):
+            prefix = self.echo_texts[i] if self.echo_texts else ""
+            for choice in finals[i].outputs:
+                logprobs = None
+                if self.req.logprobs is not None:
+                    logprobs = completion_logprobs(choice.token_ids, choice.logprobs or [], len(prefix))
+                choices.append({"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                                "finish_reason": choice.finish_reason})
+        return JSONResponse({
+            "id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": choices, "usage": usage_of(finals.values()),
+        })
+
+    async def events(self) -> AsyncIterator[str]:
+        req, n = self.req, self.req.n
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
+                                "model": self.model}
+        sent_chars: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        done: set[int] = set()
+        finals: list[RequestOutput] = []
+        async for i, output in self.group:
+            for choice in output.outputs:
+                key = i * n + choice.index
+                if key in done:
+                    continue
+                first = key not in sent_chars
+                text = choice.text[sent_chars.get(key, 0):]
+                if first and self.echo_texts:
+                    text = self.echo_texts[i] + text
+                start = sent_tokens.get(key, 0)
+                logprobs = None
+                if req.logprobs is not None and len(choice.token_ids) > start:
+                    logprobs = completion_logprobs(choice.token_ids[start:], (choice.logprobs or [])[start:],
+                                                   offsets.get(key, 0))
+                    offsets[key] = offsets.get(key, 0) + sum(len(t) for t in logprobs["tokens"])
+                if not text and logprobs is None and choice.finish_reason is None:
+                    continue
+                sent_chars[key] = len(choice.text)
+                sent_tokens[key] = len(choice.token_ids)
+                if choice.finish_reason is not None:
+                    done.add(key)
+                chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
+                                              "finish_reason": choice.finish_reason}]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            if output.finished:
+                finals.append(output)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage_of(finals)})
+        yield SSE_DONE
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], offset: int) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (sampled + top-k), text_offset."""
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top: list[dict[str, float]] = []
+    text_offset: list[int] = []
+    for token_id, entry in zip(token_ids, logprobs, strict=False):
+        sampled = entry.get(token_id)
+        text = (sampled.decoded_token if sampled else None) or ""
+        tokens.append(text)
+        token_logprobs.append(finite(sampled.logprob) if sampled else -9999.0)
+        top.append({(lp.decoded_token or ""): finite(lp.logprob) for lp in entry.values()})
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+

@@ -1,0 +1,81 @@
+"""A real ``inferneo serve`` in a subprocess, for tests that talk to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RemoteServer:
+    """Starts ``python -m inferneo.cli serve --model MODEL --port P ARGS...`` and waits for ``/health``.
+
+    Use as a context manager, or call ``close()``; ``stop()`` stops it and keeps ``log()``, what it printed.
+    """
+
+    def __init__(self, model: str | Path, *args: str, startup_timeout: float = 120.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="inferneo-serve-", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(self.port),
+               *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_ready(startup_timeout)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop(signal.SIGKILL)
+        raise TimeoutError(f"the server did not become healthy in {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send ``sig`` and wait for the exit status (killing the process if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def close(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (if it still runs) and delete its log."""
+        self.stop(sig)
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

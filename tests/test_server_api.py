@@ -1,0 +1,389 @@
+"""The OpenAI-compatible server, over real HTTP, on a tiny model: the official ``openai`` client, the wire
+format, the guide's examples, parity with ``LLM.generate``, shared batching, disconnects and error replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from inferneo import LLM, SamplingParams
+from inferneo.testing.server import RemoteServer
+
+GUIDE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+PROMPTS = ["hello world", "the quick brown fox", "Once upon a time", "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, "--served-model-name", GUIDE_MODEL, "tiny", "--kv-cache-memory", "32MiB",
+                      "--num-threads", "1", "--disable-access-log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", num_threads=1)
+
+
+def post(server, path, body, **kw):
+    return httpx.post(server.url(path), json=body, timeout=60, **kw)
+
+
+def metrics(server) -> dict[str, float]:
+    """The server's metrics as {'name{labels}': value} (labels kept, model_name dropped)."""
+    values = {}
+    for line in httpx.get(server.url("/metrics"), timeout=10).text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        name = re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "").replace(",}", "}")
+        values[name] = float(value)
+    return values
+
+
+def wait_idle(server, timeout=10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if m["inferneo:num_requests_running"] == 0 and m["inferneo:kv_cache_usage_perc"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server did not go idle: {m}")
+        time.sleep(0.05)
+
+
+def sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---- the official openai client -------------------------------------------------------------------------------
+
+
+def test_models_list_names_every_served_name(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [GUIDE_MODEL, "tiny"]
+    assert all(m.object == "model" and m.owned_by == "inferneo" for m in models.data)
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_sync_completion(client):
+    out = client.completions.create(model="tiny", prompt="hello world", max_tokens=5, temperature=0)
+    assert out.id.startswith("cmpl-") and out.object == "text_completion" and out.model == "tiny"
+    assert isinstance(out.created, int) and abs(out.created - time.time()) < 60
+    assert len(out.choices) == 1 and out.choices[0].index == 0 and isinstance(out.choices[0].text, str)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 5 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_sync_chat_and_stream_agree(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert whole.id.startswith("chatcmpl-") and whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_async_client_completion_and_chat_streams(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+        whole = await client.completions.create(model="tiny", prompt="the cat", max_tokens=10, temperature=0)
+        stream = await client.completions.create(model="tiny", prompt="the cat", max_tokens=10, temperature=0,
+                                                 stream=True)
+        pieces = [c.choices[0].text async for c in stream]
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+        chat_stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True)
+        chat_text = "".join([c.choices[0].delta.content or "" async for c in chat_stream])
+        models = await client.models.list()
+        await client.close()
+        return whole, pieces, chat, chat_text, models
+
+    whole, pieces, chat, chat_text, models = asyncio.run(main())
+    assert "".join(pieces) == whole.choices[0].text
+    assert chat_text == chat.choices[0].message.content
+    assert models.data[0].id == GUIDE_MODEL
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="x", top_p=3)
+    assert info.value.body["param"] == "top_p"
+
+
+# ---- parity with the offline API ---------------------------------------------------------------------------
+
+
+def test_greedy_http_equals_llm_generate(server, llm):
+    expected = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    body = post(server, "/v1/completions", {"model": "tiny", "prompt": PROMPTS, "max_tokens": 12,
+                                            "temperature": 0}).json()
+    assert [c["text"] for c in body["choices"]] == [o.outputs[0].text for o in expected]
+    assert [c["finish_reason"] for c in body["choices"]] == [o.outputs[0].finish_reason for o in expected]
+    for prompt, out in zip(PROMPTS, expected, strict=True):  # one at a time, and streamed
+        r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in sse_events(r.text)) == out.outputs[0].text
+
+
+def test_greedy_chat_equals_llm_chat(server, llm):
+    conversations = [[{"role": "user", "content": "What is AI?"}],
+                     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                      {"role": "user", "content": "how are you"}]]
+    expected = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    body = post(server, "/v1/chat/completions", {"messages": conversations, "max_tokens": 10,
+                                                 "temperature": 0}).json()
+    assert [c["message"]["content"] for c in body["choices"]] == [o.outputs[0].text for o in expected]
+    assert body["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in expected)
+
+
+# ---- the guide's two basic examples, as raw HTTP and through the openai client ----------------------------------
+
+GUIDE_PROMPTS = ["Explain machine learning", "What is deep learning?", "Describe neural networks",
+                 "How does backpropagation work?"]
+GUIDE_CONVERSATIONS = [
+    [{"role": "user", "content": "What is AI?"},
+     {"role": "assistant", "content": "AI stands for Artificial Intelligence..."},
+     {"role": "user", "content": "Give me an example"}],
+    [{"role": "user", "content": "Explain machine learning"}, {"role": "user", "content": "What are the types?"}],
+    [{"role": "user", "content": "How do neural networks work?"}],
+]
+
+
+def test_guide_prompt_batch_over_raw_http(server):
+    r = post(server, "/v1/completions", {"model": GUIDE_MODEL, "prompt": GUIDE_PROMPTS, "max_tokens": 100,
+                                         "temperature": 0.7})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == GUIDE_MODEL and len(body["choices"]) == 4
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(isinstance(c["text"], str) and c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert body["usage"]["completion_tokens"] <= 400
+
+
+def test_guide_conversation_batch_over_raw_http(server):
+    r = post(server, "/v1/chat/completions", {"model": GUIDE_MODEL, "messages": GUIDE_CONVERSATIONS,
+                                              "max_tokens": 150, "temperature": 0.7})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["choices"]) == 3 and [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str)
+               for c in body["choices"])
+
+
+def test_guide_examples_through_the_openai_client(client):
+    responses = client.completions.create(model=GUIDE_MODEL, prompt=GUIDE_PROMPTS, max_tokens=100, temperature=0.7)
+    assert len(responses.choices) == 4
+    chats = client.chat.completions.create(model=GUIDE_MODEL, messages=GUIDE_CONVERSATIONS, max_tokens=150,
+                                           temperature=0.7)
+    assert [type(c.message.content) for c in chats.choices] == [str, str, str]
+
+
+# ---- wire format details -------------------------------------------------------------------------------------
+
+
+def test_choice_index_is_prompt_position_times_n_plus_j(server):
+    body = post(server, "/v1/completions", {"prompt": ["a b", "c d", "e f"], "n": 2, "max_tokens": 3,
+                                            "seed": 1}).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    r = post(server, "/v1/completions", {"prompt": [[1, 300, 301], [1, 302]], "n": 2, "max_tokens": 3,
+                                         "stream": True, "seed": 1})
+    finished = sorted(e["choices"][0]["index"] for e in sse_events(r.text) if e["choices"][0]["finish_reason"])
+    assert finished == [0, 1, 2, 3]
+
+
+def test_completion_logprobs_shape(server):
+    body = post(server, "/v1/completions", {"prompt": "hello", "max_tokens": 4, "logprobs": 3,
+                                            "temperature": 0, "ignore_eos": True}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert all(1 <= len(top) <= 4 for top in lp["top_logprobs"])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(v <= 0 for v in lp["token_logprobs"])
+
+
+def test_chat_logprobs_shape(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy picks the top token
+
+
+def test_extensions_and_echo(server, llm):
+    tokenizer = llm.get_tokenizer()
+    stop_id = tokenizer("the", add_special_tokens=False).input_ids[0]
+    body = post(server, "/v1/completions", {"prompt": "hello", "max_tokens": 7, "min_tokens": 7,
+                                            "ignore_eos": True, "temperature": 0, "top_k": 5, "min_p": 0.01,
+                                            "repetition_penalty": 1.1, "priority": 3, "echo": True}).json()
+    assert body["choices"][0]["text"].startswith("hello") and body["usage"]["completion_tokens"] == 7
+    body = post(server, "/v1/completions", {"prompt": "the cat the cat the", "max_tokens": 30, "temperature": 0,
+                                            "stop_token_ids": [stop_id], "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] <= 30
+
+
+def test_stop_string_is_cut_and_never_streamed(server, llm):
+    text = llm.generate("once upon", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    stop = text[8:10]
+    expected = text[: text.index(stop)]
+    body = {"prompt": "once upon", "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stop": [stop]}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]
+    assert whole["text"] == expected and whole["finish_reason"] == "stop"
+    events = sse_events(post(server, "/v1/completions", {**body, "stream": True}).text)
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tokenize_detokenize_health_version(server, llm):
+    tok = post(server, "/tokenize", {"prompt": "hello world"}).json()
+    assert tok["tokens"] == llm.engine.tokenize("hello world") and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == llm.engine.max_model_len
+    assert post(server, "/detokenize", {"tokens": tok["tokens"][1:]}).json() == {"prompt": "hello world"}
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == llm.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert httpx.get(server.url("/health")).status_code == 200
+    assert httpx.get(server.url("/version")).json()["version"]
+
+
+# ---- continuous batching, disconnects ------------------------------------------------------------------------
+
+
+def test_64_concurrent_requests_share_engine_steps(server):
+    before = wait_idle(server)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
+            async def one(i):
+                r = await http.post(server.url("/v1/completions"), json={
+                    "prompt": f"request number {i}", "max_tokens": 16, "ignore_eos": True, "temperature": 0})
+                return r.status_code, r.json()
+
+            return await asyncio.gather(*(one(i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert all(status == 200 for status, _ in results)
+    assert all(body["usage"]["completion_tokens"] == 16 for _, body in results)
+    after = wait_idle(server)
+    steps = after["inferneo:engine_steps_total"] - before["inferneo:engine_steps_total"]
+    tokens = after["inferneo:generation_tokens_total"] - before["inferneo:generation_tokens_total"]
+    assert tokens == 64 * 16
+    assert steps < tokens / 4  # on average well over 4 sequences per step
+    assert after["inferneo:max_batch_size"] > 1
+    single = after['inferneo:iteration_batch_size_bucket{le="1.0"}']
+    assert after["inferneo:iteration_batch_size_count"] - single > 0
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    before = wait_idle(server)
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", server.url("/v1/completions"),
+            json={"prompt": "a long story", "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # (breaking out of a loop over it would close the connection already)
+        for _ in range(6):
+            next(lines)
+        during = metrics(server)
+        assert during["inferneo:num_requests_running"] == 1 and during["inferneo:kv_cache_usage_perc"] > 0
+    after = wait_idle(server, timeout=5)
+    aborted = 'inferneo:request_success_total{finished_reason="abort"}'
+    assert after.get(aborted, 0) == before.get(aborted, 0) + 1
+    assert after["inferneo:generation_tokens_total"] - before["inferneo:generation_tokens_total"] < 2000
+
+
+def test_disconnect_before_a_non_streamed_answer_aborts_it(server):
+    before = wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url("/v1/completions"), timeout=0.5,
+                   json={"prompt": "x", "max_tokens": 2000, "ignore_eos": True})
+    after = wait_idle(server, timeout=5)
+    aborted = 'inferneo:request_success_total{finished_reason="abort"}'
+    assert after.get(aborted, 0) == before.get(aborted, 0) + 1
+    assert after["inferneo:generation_tokens_total"] - before["inferneo:generation_tokens_total"] < 2000
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param and param in error["message"]
+    return error
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "x", "max_tokenz": 3}, "max_tokenz"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, "min_tokens"),
+    ({"prompt": "x", "stop": ["", "a"]}, "stop"),
+])
+def test_bad_completion_params_give_400_naming_the_field(server, body, param):
+    assert_error(post(server, "/v1/completions", body), 400, param)
+
+
+def test_bad_chat_params_give_400(server):
+    assert_error(post(server, "/v1/chat/completions", {"messages": []}), 400, "messages")
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"content": "no role"}]}), 400, "messages")
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                       "top_logprobs": 2}), 400, "top_logprobs")
+    r = httpx.post(server.url("/v1/chat/completions"), content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert_error(r, 400)
+
+
+def test_unknown_model_and_route_give_404(server):
+    error = assert_error(post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "model")
+    assert error["code"] == "model_not_found"
+    assert_error(post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": [
+        {"role": "user", "content": "x"}]}), 404, "model")
+    assert_error(httpx.get(server.url("/v1/nothing-here")), 404)
+    assert_error(httpx.get(server.url("/v1/completions")), 405)
+
+
+def test_too_long_prompt_gives_400_with_both_lengths(server, llm):
+    limit = llm.engine.max_model_len
+    prompt = "hello " * (limit + 10)
+    n = len(llm.engine.tokenize(prompt))
+    error = assert_error(post(server, "/v1/completions", {"prompt": prompt}), 400, "prompt")
+    assert str(n) in error["message"] and str(limit) in error["message"]
+    error = assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}),
+                         400, "messages")
+    assert str(limit) in error["message"]
+    assert httpx.get(server.url("/health")).status_code == 200  # and the server goes on
