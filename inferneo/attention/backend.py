@@ -1,9 +1,9 @@
 """The attention-backend interface and the per-step metadata every backend reads.
 
 A step's tokens are packed flat. Requests that compute exactly one token (decoding) come first, one token each;
-requests computing several tokens (a prompt, or a chunk of one) follow, each as a contiguous span. The KV cache
-of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``; ``slot_mapping`` says where
-each new token's key and value go (``block_id * block_size + offset``).
+requests computing several tokens (a prompt, or a chunk of one) follow, each as a contiguous span. Each backend
+chooses the layout of one layer's KV cache tensor (``kv_cache_shape``); ``slot_mapping`` says where each new
+token's key and value go (``block_id * block_size + offset``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class AttentionBackend(ABC):
 
     name: str = "abstract"
 
+    @abstractmethod
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor (keys and values together)."""
+
     def prepare(self, metadata: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Build per-step tensors (masks, indices) once, before the layers run."""
 
@@ -56,9 +60,3 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """``q``: [T, H, D], ``k``/``v``: [T, Hkv, D]. Writes k/v into the cache and returns [T, H, D]."""
 
-
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the new keys and values in their cache slots."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

@@ -97,7 +97,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_config
-        shape = (2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks = num_blocks
