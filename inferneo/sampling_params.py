@@ -62,7 +62,8 @@ class SamplingParams:
         check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
         check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None")
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63 - 2**16), "seed",
+              "must be a 64-bit integer or None")
         check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
               "must be an integer >= 1 or None")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")

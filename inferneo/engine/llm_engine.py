@@ -209,7 +209,7 @@ class LLMEngine:
             raise ValueError(f"logprobs must be at most 20, got {params.logprobs}")
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        sequences = []
+        sequences, core_requests = [], []
         for j in range(params.n):
             child_params = params
             if params.n > 1:
@@ -222,9 +222,12 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             sequences.append(seq)
-            self.core.add_request(
+            core_requests.append(
                 Request(core_id, prompt_ids, child_params, max_tokens, eos, priority=priority, arrival_time=arrival)
             )
+        # Every sequence was built (building is what can fail); only now do they enter the engine, all together.
+        for core_request in core_requests:
+            self.core.add_request(core_request)
         parent = _Parent(request_id, text, prompt_ids, params, sequences)
         self._parents[request_id] = parent
         for seq in sequences:
