@@ -15,3 +15,8 @@ def _flag(name: str, default: bool) -> bool:
 def cpu_onednn_linear() -> bool:
     """INFERNEO_CPU_ONEDNN (default on): run CPU linear layers through prepacked oneDNN matmuls."""
     return _flag("INFERNEO_CPU_ONEDNN", True)
+
+
+def cpu_native_kernels() -> bool:
+    """INFERNEO_CPU_KERNELS (default on): build and use the C++ paged-attention kernel on CPU."""
+    return _flag("INFERNEO_CPU_KERNELS", True)

@@ -127,3 +127,19 @@ def test_reference_matmul_path_also_matches_hf(tiny_checkpoint_factory, monkeypa
     assert not any(type(m).__name__ == "PackedLinear" for m in llm.engine.runner.model.modules())
     prompts = mixed_prompts(8, 300, seed=5)
     assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
+
+
+def test_pure_pytorch_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch):
+    """With the native CPU kernels off (reference attention, norms and rotary), the tokens are the same."""
+    monkeypatch.setenv("INFERNEO_CPU_KERNELS", "0")
+    from inferneo.kernels.cpu import load_cpu_kernels
+
+    load_cpu_kernels.cache_clear()
+    try:
+        path = tiny_checkpoint_factory("llama")
+        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
+        assert llm.engine.runner.backend.name == "torch"
+        prompts = mixed_prompts(8, 300, seed=6, shared_prefix=20)
+        assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
+    finally:
+        load_cpu_kernels.cache_clear()

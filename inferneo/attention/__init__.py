@@ -1,17 +1,50 @@
 """Attention backends: a registry from name to implementation."""
 
+from __future__ import annotations
+
+import logging
+
+import torch
+
 from inferneo.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
 from inferneo.attention.torch_ref import TorchReferenceBackend
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchReferenceBackend}
+logger = logging.getLogger(__name__)
+
+
+def _cpu_native() -> type[AttentionBackend]:
+    from inferneo.attention.cpu_native import CpuNativeBackend
+
+    return CpuNativeBackend
+
+
+_BACKENDS = {"torch": lambda: TorchReferenceBackend, "cpu": _cpu_native}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
     """An attention backend by name."""
     try:
-        return _BACKENDS[name]()
+        factory = _BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}") from None
+    return factory()()
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "PrefillSpan", "TorchReferenceBackend", "get_attention_backend"]
+def default_attention_backend(device: torch.device) -> AttentionBackend:
+    """The fastest backend that works on this device: the native kernel on CPU when it builds, else PyTorch."""
+    if device.type == "cpu":
+        try:
+            return get_attention_backend("cpu")
+        except RuntimeError as exc:
+            logger.info("using the PyTorch attention backend: %s", exc)
+    return TorchReferenceBackend()
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "PrefillSpan",
+    "TorchReferenceBackend",
+    "default_attention_backend",
+    "get_attention_backend",
+]

@@ -16,12 +16,13 @@ from inferneo.attention.backend import AttentionBackend, AttentionMetadata
 
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
+    needs_decode_mask = True
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        if metadata.num_decode_tokens:
+        if metadata.num_decode_tokens and self.needs_decode_mask:
             assert metadata.decode_seq_lens is not None
             max_len = metadata.decode_block_tables.shape[1] * metadata.block_size
             positions = torch.arange(max_len, device=metadata.decode_seq_lens.device)
@@ -45,7 +46,7 @@ class TorchReferenceBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = metadata.num_decode_tokens
         if nd:
-            out[:nd] = _decode_attention(q[:nd], kv_cache, metadata, scale)
+            out[:nd] = self.decode_attention(q[:nd], kv_cache, metadata, scale)
         gqa = q.shape[1] != num_kv_heads
         for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
             s, e = span.start, span.start + span.num_tokens
@@ -61,6 +62,9 @@ class TorchReferenceBackend(AttentionBackend):
             )
             out[s:e] = attn.transpose(0, 1)
         return out
+
+    def decode_attention(self, q, kv_cache, metadata, scale):
+        return _decode_attention(q, kv_cache, metadata, scale)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,19 @@ import numpy as np
 import torch
 
 from inferneo import envs
-from inferneo.attention import AttentionMetadata, PrefillSpan, get_attention_backend
+from inferneo.attention import (
+    AttentionMetadata,
+    PrefillSpan,
+    default_attention_backend,
+    get_attention_backend,
+)
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.sampling import Sampler, SamplingMetadata
+from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +52,20 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         block_size: int,
-        attention_backend: str = "torch",
+        attention_backend: str | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
+        if device.type == "cpu":
+            keep_freed_memory_mapped()
         self.block_size = block_size
         self.max_model_len = max_model_len
         model_cls = get_model_class(hf_config)
         self.model_config = model_cls.config_from_hf(hf_config)
-        self.backend = get_attention_backend(attention_backend)
+        if attention_backend is None:
+            self.backend = default_attention_backend(device)
+        else:
+            self.backend = get_attention_backend(attention_backend)
         with torch.device(device):
             self.model: LlamaForCausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
         self.model.to(dtype=dtype)
@@ -100,6 +111,9 @@ class ModelRunner:
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        if self.device.type == "cpu":
+            for cache in self.kv_caches:
+                cache.fill_(0)  # touch every page now, not on the first requests (calloc maps them lazily)
         self.num_blocks = num_blocks
 
     # ---- one step ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
+from inferneo.kernels.cpu import native_ops_for
 from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
@@ -96,13 +97,18 @@ class Attention(nn.Module):
 
     def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
+        native = native_ops_for(qkv) if self.q_norm is None else None
+        if native is not None:  # rotate q and k in place inside the fused projection output
+            native.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                                  self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if native is None:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 

@@ -1,0 +1,44 @@
+"""Native CPU kernels, compiled on first use with PyTorch's C++ extension tooling.
+
+The build needs a C++ compiler and the Python headers (present wherever ``pip install`` can build wheels). It is
+cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so only the first start pays for it.
+If the build fails, callers fall back to the pure-PyTorch path and a warning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from inferneo import envs
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent.parent / "csrc" / "cpu_kernels.cpp"
+
+
+def native_ops_for(x):
+    """The native module when ``x`` lives on the CPU and the kernels are available, else None."""
+    return load_cpu_kernels() if x.device.type == "cpu" else None
+
+
+@functools.cache
+def load_cpu_kernels():
+    """The compiled module, or None when native kernels are switched off or cannot be built."""
+    if not envs.cpu_native_kernels():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="inferneo_cpu_kernels",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                          "-fassociative-math", "-fno-signed-zeros"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a missing compiler, headers, or an unsupported platform
+        logger.warning("native CPU kernels unavailable, using the PyTorch path: %s", exc)
+        return None
