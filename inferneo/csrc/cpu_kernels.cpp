@@ -11,13 +11,50 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
+// Storage types: float, c10::Half, and bfloat16 handled as raw uint16_t bits so that conversions are plain
+// shifts the compiler vectorizes (round to nearest even on the way down; NaN payloads are not preserved).
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+inline float to_f(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+template <typename T>
+inline T from_f(float v);
+template <>
+inline float from_f<float>(float v) { return v; }
+template <>
+inline c10::Half from_f<c10::Half>(float v) { return static_cast<c10::Half>(v); }
+template <>
+inline uint16_t from_f<uint16_t>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Calls fn with the storage type for a tensor's dtype (bfloat16 -> uint16_t).
+template <typename Fn>
+void dispatch_storage(at::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(uint16_t{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
 template <typename scalar_t>
-void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* tables,
+void decode_kernel(const scalar_t* __restrict q, const scalar_t* __restrict k_cache, const scalar_t* __restrict v_cache, const int64_t* tables,
                    const int64_t* seq_lens, scalar_t* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
                    int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
@@ -30,7 +67,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v
       const int64_t len = seq_lens[b];
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* qp = q + (b * num_heads + kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = static_cast<float>(qp[d]) * scale;
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_f(qp[d]) * scale;
         row_max[g] = -std::numeric_limits<float>::infinity();
         row_sum[g] = 0.f;
       }
@@ -46,7 +83,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v
           for (int64_t t = 0; t < n; ++t) {
             const scalar_t* kp = k_cache + base + t * head_dim;
             float s = 0.f;
-            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * static_cast<float>(kp[d]);
+            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * to_f(kp[d]);
             scores[g * block_size + t] = s;
             block_max = std::max(block_max, s);
           }
@@ -61,7 +98,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v
             const float p = std::exp(scores[g * block_size + t] - new_max);
             sum += p;
             const scalar_t* vp = v_cache + base + t * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * static_cast<float>(vp[d]);
+            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * to_f(vp[d]);
           }
           row_max[g] = new_max;
           row_sum[g] = sum;
@@ -70,7 +107,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v
       for (int64_t g = 0; g < group; ++g) {
         scalar_t* op = out + (b * num_heads + kvh * group + g) * head_dim;
         const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        for (int64_t d = 0; d < head_dim; ++d) op[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
+        for (int64_t d = 0; d < head_dim; ++d) op[d] = from_f<scalar_t>(acc[g * head_dim + d] * inv);
       }
     }
   });
@@ -89,11 +126,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(0), num_blocks = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "shape mismatch");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch,
-                            num_heads, num_kv_heads, head_dim, num_blocks, block_size, tables.size(1),
-                            static_cast<float>(scale));
+  dispatch_storage(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    decode_kernel<scalar_t>(static_cast<const scalar_t*>(q.data_ptr()), static_cast<const scalar_t*>(k_cache.data_ptr()),
+                            static_cast<const scalar_t*>(v_cache.data_ptr()), tables.data_ptr<int64_t>(),
+                            lens.data_ptr<int64_t>(), static_cast<scalar_t*>(out.data_ptr()), batch, num_heads,
+                            num_kv_heads, head_dim, num_blocks, block_size, tables.size(1), static_cast<float>(scale));
   });
   return out;
 }
@@ -103,7 +141,8 @@ namespace {
 // out = weight * (x * rsqrt(mean(x^2) + eps)), computed in float32 per row; with residual: x += residual first
 // and the sum is written back to residual (the layer's running hidden state).
 template <typename scalar_t>
-void rms_norm_kernel(const scalar_t* x, scalar_t* residual, const scalar_t* weight, scalar_t* out, int64_t rows,
+void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual, const scalar_t* __restrict weight,
+                     scalar_t* __restrict out, int64_t rows,
                      int64_t dim, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(dim);
@@ -113,19 +152,19 @@ void rms_norm_kernel(const scalar_t* x, scalar_t* residual, const scalar_t* weig
       if (residual != nullptr) {
         scalar_t* rr = residual + r * dim;
         for (int64_t d = 0; d < dim; ++d) {
-          const scalar_t added = static_cast<scalar_t>(static_cast<float>(xr[d]) + static_cast<float>(rr[d]));
+          const scalar_t added = from_f<scalar_t>(to_f(xr[d]) + to_f(rr[d]));
           rr[d] = added;
-          buf[d] = static_cast<float>(added);
+          buf[d] = to_f(added);
         }
       } else {
-        for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(xr[d]);
+        for (int64_t d = 0; d < dim; ++d) buf[d] = to_f(xr[d]);
       }
       for (int64_t d = 0; d < dim; ++d) sum += buf[d] * buf[d];
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
       scalar_t* o = out + r * dim;
       for (int64_t d = 0; d < dim; ++d) {
-        const scalar_t normed = static_cast<scalar_t>(buf[d] * inv);
-        o[d] = static_cast<scalar_t>(static_cast<float>(weight[d]) * static_cast<float>(normed));
+        const scalar_t normed = from_f<scalar_t>(buf[d] * inv);
+        o[d] = from_f<scalar_t>(to_f(weight[d]) * to_f(normed));
       }
     }
   });
@@ -143,10 +182,10 @@ void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache
       for (int64_t h = 0; h < num_heads; ++h) {
         scalar_t* v = x + t * row_stride + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
-          const float x1 = static_cast<float>(v[i]);
-          const float x2 = static_cast<float>(v[i + half]);
-          v[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
-          v[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
+          const float x1 = to_f(v[i]);
+          const float x2 = to_f(v[i + half]);
+          v[i] = from_f<scalar_t>(x1 * c[i] - x2 * s[i]);
+          v[i + half] = from_f<scalar_t>(x2 * c[i] + x1 * s[i]);
         }
       }
     }
@@ -160,13 +199,15 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
   auto out = torch::empty_like(x);
   const int64_t dim = x.size(-1);
   const int64_t rows = x.numel() / dim;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+  dispatch_storage(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using scalar_t = decltype(tag);
     scalar_t* res = nullptr;
     if (residual.has_value()) {
       TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual must match x");
-      res = residual->data_ptr<scalar_t>();
+      res = static_cast<scalar_t*>(residual->data_ptr());
     }
-    rms_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(), res, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    rms_norm_kernel<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), res,
+                              static_cast<const scalar_t*>(weight.data_ptr()), static_cast<scalar_t*>(out.data_ptr()),
                               rows, dim, static_cast<float>(eps));
   });
   return out;
@@ -178,8 +219,9 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   TORCH_CHECK(cos_cache.scalar_type() == torch::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous(),
               "rotary: float32 contiguous tables");
   auto pos = positions.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {
-    rotary_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos_cache.data_ptr<float>(),
+  dispatch_storage(x.scalar_type(), "rotary", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    rotary_kernel<scalar_t>(static_cast<scalar_t*>(x.data_ptr()), pos.data_ptr<int64_t>(), cos_cache.data_ptr<float>(),
                             sin_cache.data_ptr<float>(), x.size(0), x.stride(0), num_heads, head_dim);
   });
 }

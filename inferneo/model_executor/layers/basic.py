@@ -19,8 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
-        # The native kernel wins in float32; in half precision PyTorch's vectorized ops are as fast.
-        native = native_ops_for(x) if x.dtype == torch.float32 else None
+        native = native_ops_for(x)
         if native is not None and x.is_contiguous():
             if residual is None:
                 return native.rms_norm(x, None, self.weight, self.eps)
