@@ -31,6 +31,7 @@ def load_cpu_kernels():
     try:
         from torch.utils.cpp_extension import load
 
+        logger.info("loading native CPU kernels (the first run on a machine compiles them: about half a minute)")
         return load(
             name="inferneo_cpu_kernels",
             sources=[str(_SOURCE)],
