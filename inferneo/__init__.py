@@ -1,11 +1,23 @@
-"""Inferneo: continuous-batching LLM inference, offline and behind an OpenAI-compatible server."""
+"""Inferneo: continuous-batching LLM inference, offline and behind an OpenAI-compatible server.
+
+``LLM`` (the offline engine, which needs the ``engine`` extra) and the HTTP client (``InferneoClient``,
+``AsyncInferneoClient`` and its exceptions, which need only httpx and pydantic) are imported on first use, so
+``import inferneo`` stays light.
+"""
 
 from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+_CLIENT_NAMES = frozenset({
+    "InferneoClient", "AsyncInferneoClient", "InferneoError", "APIError", "APIStatusError", "APIConnectionError",
+    "APITimeoutError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
+    "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+})
+
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
+           *sorted(_CLIENT_NAMES)]
 
 
 def __getattr__(name: str):
@@ -14,4 +26,8 @@ def __getattr__(name: str):
         from inferneo.entrypoints.llm import LLM
 
         return LLM
+    if name in _CLIENT_NAMES:
+        import inferneo.client
+
+        return getattr(inferneo.client, name)
     raise AttributeError(f"module 'inferneo' has no attribute {name!r}")

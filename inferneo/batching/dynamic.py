@@ -1,0 +1,184 @@
+"""``DynamicBatcher``: single prompts in, batched calls out, each answer back to its own future."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from inferneo.batching._core import BatchResult, Prompt, complete_batch, to_result
+from inferneo.client import AsyncInferneoClient, InferneoClient
+
+
+@dataclass(slots=True)
+class _Item:
+    index: int
+    prompt: Prompt
+    future: Future[BatchResult]
+    arrival: float
+
+
+@dataclass(slots=True)
+class _Group:
+    """Pending prompts that share their parameters (and so may share a call)."""
+
+    params: dict[str, Any]
+    items: list[_Item] = field(default_factory=list)
+
+
+class DynamicBatcher:
+    """Collects prompts submitted one at a time (from any number of threads or coroutines) into batched calls.
+
+    A background thread sends a batch as soon as ``max_batch_size`` prompts with the same parameters wait, or
+    when the oldest of them has waited ``max_wait_time`` seconds, whether or not more requests come. Prompts
+    with different parameters go in different calls. Up to ``max_concurrency`` calls are in flight at once (the
+    server batches them together again). Each submitted prompt gets a future that resolves to its own
+    :class:`BatchResult`, or fails with the error its call (or, for a prompt the server refused, that prompt
+    alone) got. ``flush()`` sends everything now and waits; ``close()`` (or leaving a ``with`` block) does that
+    and stops the thread: nothing submitted is lost.
+
+    ``default_params`` (``max_tokens=64``, ``temperature=0``, ``priority=...``) apply to every prompt; those
+    given to ``submit`` override them.
+    """
+
+    def __init__(self, client: InferneoClient, model: str | None = None, max_batch_size: int = 32,
+                 max_wait_time: float = 0.1, *, max_concurrency: int = 4, **default_params: Any) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
+        if max_wait_time < 0:
+            raise ValueError(f"max_wait_time must be >= 0; got {max_wait_time}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1; got {max_concurrency}")
+        if isinstance(client, AsyncInferneoClient):
+            raise TypeError("DynamicBatcher sends from worker threads and needs an InferneoClient; its asubmit() "
+                            "serves asyncio code")
+        self.client = client
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait_time = max_wait_time
+        self.default_params = default_params
+        self._cond = threading.Condition()
+        self._groups: dict[str, _Group] = {}
+        self._unresolved: set[Future[BatchResult]] = set()
+        self._counter = itertools.count()
+        self._flush_requested = False
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="inferneo-batch")
+        self._thread = threading.Thread(target=self._run, name="inferneo-batcher", daemon=True)
+        self._thread.start()
+
+    # ---- submitting ----------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, **params: Any) -> Future[BatchResult]:
+        """Queue one prompt (a string or a list of token ids); the future resolves to its :class:`BatchResult`.
+        Cancelling the future before its batch is sent leaves the prompt out."""
+        merged = {**self.default_params, **params}
+        key = json.dumps([isinstance(prompt, str), merged], sort_keys=True, default=repr)
+        future: Future[BatchResult] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this DynamicBatcher is closed")
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(merged)
+            group.items.append(_Item(next(self._counter), prompt, future, time.monotonic()))
+            self._unresolved.add(future)
+            if len(group.items) == 1 or len(group.items) >= self.max_batch_size:
+                self._cond.notify()  # a new deadline, or a full batch
+        future.add_done_callback(self._forget)
+        return future
+
+    async def asubmit(self, prompt: Prompt, **params: Any) -> BatchResult:
+        """``await batcher.asubmit(prompt)``: :meth:`submit` for asyncio code."""
+        return await asyncio.wrap_future(self.submit(prompt, **params))
+
+    def _forget(self, future: Future[BatchResult]) -> None:
+        with self._cond:
+            self._unresolved.discard(future)
+
+    # ---- flushing ------------------------------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send every pending prompt now and wait until all prompts submitted so far are answered."""
+        with self._cond:
+            waiting = list(self._unresolved)
+            self._flush_requested = True
+            self._cond.notify()
+        wait_futures(waiting, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new prompts, send the pending ones, wait for every answer and stop the threads (idempotent)."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._unresolved)
+            self._cond.notify()
+        self._thread.join(timeout)
+        wait_futures(waiting, timeout)
+        self._pool.shutdown(wait=timeout is None)
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """Prompts submitted and not yet answered (waiting for a batch, or in a call)."""
+        with self._cond:
+            return len(self._unresolved)
+
+    # ---- the background thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                flush_all = self._flush_requested or self._closed
+                self._flush_requested = False
+                next_deadline: float | None = None
+                for key in list(self._groups):
+                    group = self._groups[key]
+                    while len(group.items) >= self.max_batch_size:
+                        self._send(group.params, group.items[:self.max_batch_size])
+                        del group.items[:self.max_batch_size]
+                    if group.items and (flush_all or now - group.items[0].arrival >= self.max_wait_time):
+                        self._send(group.params, group.items)
+                        group.items = []
+                    if group.items:
+                        deadline = group.items[0].arrival + self.max_wait_time
+                        next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
+                    else:
+                        del self._groups[key]
+                if self._closed and not self._groups:
+                    return
+                self._cond.wait(None if next_deadline is None else max(next_deadline - time.monotonic(), 0))
+
+    def _send(self, params: dict[str, Any], items: Sequence[_Item]) -> None:
+        live = [item for item in items if item.future.set_running_or_notify_cancel()]
+        if live:
+            self._pool.submit(self._call, params, live)
+
+    def _call(self, params: dict[str, Any], items: Sequence[_Item]) -> None:
+        try:
+            outcomes = complete_batch(self.client, self.model, [item.prompt for item in items], params)
+            for item, outcome in zip(items, outcomes, strict=True):
+                result = to_result(item.index, item.prompt, outcome)
+                if result.error is None:
+                    item.future.set_result(result)
+                else:
+                    item.future.set_exception(result.error)
+        except BaseException as exc:  # a bug must not leave a future pending forever
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            raise

@@ -1,0 +1,119 @@
+"""``stream_batches``: complete an iterable of prompts of any length in batches, with bounded memory, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from typing import Any
+
+from inferneo.batching._core import BatchResult, Outcome, Prompt, acomplete_batch, complete_batch, to_result
+from inferneo.client import AsyncInferneoClient, InferneoClient
+
+
+def _check(batch_size: int, max_in_flight: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
+
+
+def stream_batches(client: InferneoClient, model: str | None, prompts: Iterable[Prompt], batch_size: int = 16,
+                   max_in_flight: int = 4, **params: Any) -> Iterator[BatchResult]:
+    """Yield a :class:`BatchResult` for each prompt of ``prompts``, in input order.
+
+    ``prompts`` is read lazily, ``batch_size`` at a time: at most ``max_in_flight`` batches are in flight (and in
+    memory) at once, so a generator over a file of any size works. Each batch is one call, retried by the client
+    on transient failures; a prompt whose batch still failed carries the ``error`` (never a silent ``None``), and
+    a prompt the server refused on its own fails alone. ``params`` (``max_tokens``, ``temperature``, ...) go with
+    every call. Leaving the loop early cancels the batches not yet sent.
+    """
+    _check(batch_size, max_in_flight)
+    return _stream(client, model, iter(prompts), batch_size, max_in_flight, params)
+
+
+def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt], batch_size: int,
+            max_in_flight: int, params: dict[str, Any]) -> Iterator[BatchResult]:
+    window: deque[tuple[int, list[Prompt], Future[list[Outcome]]]] = deque()
+    pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="inferneo-stream")
+    next_index = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(window) < max_in_flight:
+                batch = list(islice(source, batch_size))
+                if not batch:
+                    exhausted = True
+                    break
+                window.append((next_index, batch, pool.submit(complete_batch, client, model, batch, params)))
+                next_index += len(batch)
+            if not window:
+                return
+            start, batch, future = window.popleft()
+            outcomes = future.result()
+            for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                yield to_result(start + k, prompt, outcome)
+    finally:
+        for *_, future in window:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def astream_batches(client: AsyncInferneoClient, model: str | None,
+                    prompts: Iterable[Prompt] | AsyncIterable[Prompt], batch_size: int = 16,
+                    max_in_flight: int = 4, **params: Any) -> AsyncIterator[BatchResult]:
+    """The async twin of :func:`stream_batches`: ``async for result in astream_batches(client, model, prompts)``.
+    ``prompts`` may be a plain or an async iterable."""
+    _check(batch_size, max_in_flight)
+    return _astream(client, model, prompts, batch_size, max_in_flight, params)
+
+
+async def _astream(client: AsyncInferneoClient, model: str | None, prompts: Iterable[Prompt] | AsyncIterable[Prompt],
+                   batch_size: int, max_in_flight: int, params: dict[str, Any]) -> AsyncIterator[BatchResult]:
+    take = _async_taker(prompts)
+    window: deque[tuple[int, list[Prompt], asyncio.Task[list[Outcome]]]] = deque()
+    next_index = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(window) < max_in_flight:
+                batch = await take(batch_size)
+                if not batch:
+                    exhausted = True
+                    break
+                task = asyncio.ensure_future(acomplete_batch(client, model, batch, params))
+                window.append((next_index, batch, task))
+                next_index += len(batch)
+            if not window:
+                return
+            start, batch, task = window.popleft()
+            outcomes = await task
+            for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                yield to_result(start + k, prompt, outcome)
+    finally:
+        for *_, task in window:
+            task.cancel()
+
+
+def _async_taker(prompts: Iterable[Prompt] | AsyncIterable[Prompt]):
+    """``await take(k)``: the next (up to) ``k`` prompts of a plain or async iterable."""
+    if isinstance(prompts, AsyncIterable):
+        source = prompts.__aiter__()
+
+        async def take(k: int) -> list[Prompt]:
+            batch: list[Prompt] = []
+            for _ in range(k):
+                try:
+                    batch.append(await source.__anext__())
+                except StopAsyncIteration:
+                    break
+            return batch
+    else:
+        sync_source = iter(prompts)
+
+        async def take(k: int) -> list[Prompt]:
+            return list(islice(sync_source, k))
+
+    return take

@@ -1,0 +1,248 @@
+"""The request core shared by :class:`InferneoClient` and :class:`AsyncInferneoClient`.
+
+``_BaseClient`` decides everything that does not wait (URLs, headers, bodies, whether and how long to back off,
+which exception a failure becomes); ``SyncAPIClient`` and ``AsyncAPIClient`` only send, sleep and read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from inferneo import __version__
+from inferneo.client.errors import APIConnectionError, APIError, APITimeoutError, status_error
+from inferneo.client.streaming import AsyncStream, Stream
+
+T = TypeVar("T", bound=BaseModel)
+
+DEFAULT_BASE_URL = "http://localhost:8000"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_MAX_RETRIES = 2
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+MAX_RETRY_AFTER = 60.0
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+Timeout = float | httpx.Timeout | None
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:8000``, ``http://host:8000/`` and ``http://host:8000/v1`` all become ``http://host:8000/v1``."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait a response asks for (``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date), capped
+    at ``MAX_RETRY_AFTER``; ``None`` when it asks for none."""
+    seconds: float | None = None
+    if "retry-after-ms" in headers:
+        try:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            seconds = None
+    if seconds is None and "retry-after" in headers:
+        value = headers["retry-after"].strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds is None or seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def backoff_seconds(retries_done: int) -> float:
+    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s, each shortened by up to 25 %."""
+    delay = min(INITIAL_RETRY_DELAY * 2.0**retries_done, MAX_RETRY_DELAY)
+    return delay * (1 - 0.25 * random.random())
+
+
+def _to_timeout(timeout: Timeout) -> httpx.Timeout:
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if timeout is None:
+        return httpx.Timeout(None, connect=DEFAULT_CONNECT_TIMEOUT)
+    return httpx.Timeout(timeout, connect=min(float(timeout), DEFAULT_CONNECT_TIMEOUT))
+
+
+class _BaseClient:
+    def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
+                 default_headers: Mapping[str, str] | None) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0; got {max_retries}")
+        self.base_url = normalize_base_url(base_url or os.environ.get("INFERNEO_BASE_URL") or DEFAULT_BASE_URL)
+        self.api_key = api_key if api_key is not None else os.environ.get("INFERNEO_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._default_headers = dict(default_headers or {})
+
+    def _options(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "api_key": self.api_key, "timeout": self.timeout,
+                "max_retries": self.max_retries, "default_headers": self._default_headers}
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"inferneo-python/{__version__}"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return {**headers, **self._default_headers}
+
+    def _build_request(self, http: httpx.Client | httpx.AsyncClient, method: str, path: str, *,
+                       body: Mapping[str, Any] | None = None, query: Mapping[str, Any] | None = None,
+                       headers: Mapping[str, str] | None = None, timeout: Timeout | None = None,
+                       stream: bool = False) -> httpx.Request:
+        hdrs = {**self._headers, **(headers or {})}
+        if stream:
+            hdrs["Accept"] = "text/event-stream"
+        return http.build_request(method, self.base_url + path, json=body, params=query, headers=hdrs,
+                                  timeout=_to_timeout(self.timeout if timeout is None else timeout))
+
+    @staticmethod
+    def _retryable_status(status: int) -> bool:
+        return status in RETRY_STATUSES or status >= 500
+
+    @staticmethod
+    def _wait_before_retry(retries_done: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            asked = retry_after_seconds(response.headers)
+            if asked is not None:
+                return asked
+        return backoff_seconds(retries_done)
+
+    @staticmethod
+    def _transport_error(exc: httpx.TransportError, request: httpx.Request) -> APIConnectionError:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(request)
+        return APIConnectionError(f"Connection error: {exc!r}", request)
+
+    @staticmethod
+    def _parse(cast_to: type[T], response: httpx.Response) -> T:
+        try:
+            return cast_to.model_validate(response.json())
+        except ValueError as exc:
+            raise APIError(f"the server sent an answer that is not a {cast_to.__name__}: {exc}",
+                           response.request) from exc
+
+
+class SyncAPIClient(_BaseClient):
+    """Sends requests with retries over one ``httpx.Client`` (a connection pool; safe to share between threads)."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
+                 default_headers: Mapping[str, str] | None, http_client: httpx.Client | None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(limits=httpx.Limits(max_connections=1000,
+                                                                     max_keepalive_connections=100))
+
+    def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
+                query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+                timeout: Timeout | None = None, stream: bool = False) -> T | Stream[T]:
+        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx; parse the answer as ``cast_to``."""
+        request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
+                                      timeout=timeout, stream=stream)
+        retries_done = 0
+        while True:
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if retries_done >= self.max_retries:
+                    raise self._transport_error(exc, request) from exc
+                time.sleep(self._wait_before_retry(retries_done, None))
+                retries_done += 1
+                continue
+            if response.is_success:
+                if stream:
+                    return Stream(cast_to, response)
+                try:
+                    response.read()
+                except httpx.TransportError as exc:
+                    raise self._transport_error(exc, request) from exc
+                finally:
+                    response.close()
+                return self._parse(cast_to, response)
+            try:
+                response.read()
+            except httpx.TransportError:
+                pass
+            finally:
+                response.close()
+            if retries_done < self.max_retries and self._retryable_status(response.status_code):
+                time.sleep(self._wait_before_retry(retries_done, response))
+                retries_done += 1
+                continue
+            raise status_error(response)
+
+    def close(self) -> None:
+        """Close the connection pool (when the client created it)."""
+        if self._owns_http:
+            self._http.close()
+
+
+class AsyncAPIClient(_BaseClient):
+    """The async twin of :class:`SyncAPIClient`, over one ``httpx.AsyncClient``."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
+                 default_headers: Mapping[str, str] | None, http_client: httpx.AsyncClient | None) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(limits=httpx.Limits(max_connections=1000,
+                                                                          max_keepalive_connections=100))
+
+    async def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
+                      query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+                      timeout: Timeout | None = None, stream: bool = False) -> T | AsyncStream[T]:
+        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx; parse the answer as ``cast_to``."""
+        request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
+                                      timeout=timeout, stream=stream)
+        retries_done = 0
+        while True:
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if retries_done >= self.max_retries:
+                    raise self._transport_error(exc, request) from exc
+                await asyncio.sleep(self._wait_before_retry(retries_done, None))
+                retries_done += 1
+                continue
+            if response.is_success:
+                if stream:
+                    return AsyncStream(cast_to, response)
+                try:
+                    await response.aread()
+                except httpx.TransportError as exc:
+                    raise self._transport_error(exc, request) from exc
+                finally:
+                    await response.aclose()
+                return self._parse(cast_to, response)
+            try:
+                await response.aread()
+            except httpx.TransportError:
+                pass
+            finally:
+                await response.aclose()
+            if retries_done < self.max_retries and self._retryable_status(response.status_code):
+                await asyncio.sleep(self._wait_before_retry(retries_done, response))
+                retries_done += 1
+                continue
+            raise status_error(response)
+
+    async def close(self) -> None:
+        """Close the connection pool (when the client created it)."""
+        if self._owns_http:
+            await self._http.aclose()

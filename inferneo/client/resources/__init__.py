@@ -1,0 +1,8 @@
+"""One module per endpoint; each has a sync resource and its async twin."""
+
+from inferneo.client.resources.chat import AsyncChat, AsyncChatCompletions, Chat, ChatCompletions
+from inferneo.client.resources.completions import AsyncCompletions, Completions
+from inferneo.client.resources.models import AsyncModels, Models
+
+__all__ = ["AsyncChat", "AsyncChatCompletions", "AsyncCompletions", "AsyncModels", "Chat", "ChatCompletions",
+           "Completions", "Models"]

@@ -1,0 +1,80 @@
+"""The keyword arguments of ``create`` on each endpoint, and the request bodies built from them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+Message = dict[str, Any]
+Prompt = str | list[str] | list[int] | list[list[int]]
+Messages = list[Message] | list[list[Message]]
+
+
+class SamplingArgs(TypedDict, total=False):
+    """Fields both endpoints take: OpenAI's, then Inferneo's extensions (named as vLLM names them)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    n: int
+    stop: str | list[str] | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: dict[str, float] | None
+    stream_options: dict[str, Any] | None
+    user: str | None
+    # Inferneo extensions
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    min_tokens: int
+    ignore_eos: bool
+    stop_token_ids: list[int] | None
+    skip_special_tokens: bool
+    spaces_between_special_tokens: bool
+    include_stop_str_in_output: bool
+    priority: int
+
+
+class CompletionArgs(SamplingArgs, total=False):
+    """``/v1/completions`` fields besides ``model``, ``prompt`` and ``stream``."""
+
+    echo: bool | None
+    logprobs: int | None
+    best_of: int | None
+    suffix: str | None
+
+
+class ChatCompletionArgs(SamplingArgs, total=False):
+    """``/v1/chat/completions`` fields besides ``model``, ``messages`` and ``stream``."""
+
+    max_completion_tokens: int | None
+    logprobs: bool | None
+    top_logprobs: int | None
+    response_format: dict[str, Any] | None
+    tools: list[Any] | None
+    tool_choice: Any
+    parallel_tool_calls: bool | None
+    metadata: dict[str, Any] | None
+    store: bool | None
+    service_tier: str | None
+    # Inferneo extensions
+    add_generation_prompt: bool
+    chat_template_kwargs: dict[str, Any] | None
+
+
+def build_body(kind: type, where: str, fixed: Mapping[str, Any], args: Mapping[str, Any],
+               extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The JSON body: ``fixed`` fields, the keyword ``args`` that ``kind`` declares (``None`` values left out, so
+    the server's defaults apply), then ``extra_body`` on top. An undeclared argument is a ``TypeError``, as for
+    any Python function; fields this client does not know go in ``extra_body``."""
+    known = kind.__required_keys__ | kind.__optional_keys__
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(send fields this client does not know with extra_body={{...}})")
+    body = {k: v for k, v in fixed.items() if v is not None}
+    body.update((k, v) for k, v in args.items() if v is not None)
+    body.update(extra_body or {})
+    return body
