@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from inferneo import cli_batch, cli_bench
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them where the concept is the same."""
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
+    cli_batch.add_parser(sub)
+    cli_bench.add_parser(sub)
     return parser
 
 

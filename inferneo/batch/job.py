@@ -1,0 +1,165 @@
+"""One batch job: an input file of requests, an output file of records, and the loop that fills it.
+
+The input is streamed twice and never held in memory: once at start-up for its digest and line count, once
+to send. At most ``concurrency`` requests are in flight; each record is appended the moment its answer arrives
+(so the output is in completion order; match records to requests by ``custom_id``). A rerun with the same
+input and output skips the lines already answered, so every input line gets exactly one record in total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from inferneo.batch.output import OutputFile, OutputFileError
+from inferneo.batch.records import BatchRequest, InvalidLine, error_record, parse_line, response_record
+from inferneo.batch.sender import Sender
+
+
+@dataclass(slots=True)
+class BatchSummary:
+    """What a run did: records written this run by kind, and how many were there before it."""
+
+    total: int
+    already_done: int
+    succeeded: int = 0
+    failed: int = 0
+    invalid: int = 0
+    retries: int = 0
+
+    @property
+    def written(self) -> int:
+        """Records written by this run."""
+        return self.succeeded + self.failed + self.invalid
+
+    @property
+    def complete(self) -> bool:
+        """Whether every input line now has its record."""
+        return self.already_done + self.written == self.total
+
+
+def scan_input(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """The SHA-256 of the input file and its number of non-blank lines (streamed)."""
+    digest = hashlib.sha256()
+    lines = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            digest.update(raw)
+            if raw.strip():
+                lines += 1
+    return digest.hexdigest(), lines
+
+
+class BatchJob:
+    """Opens (and locks) the output for an input file, ready to :meth:`run`; close it when done.
+
+    Opening repairs a torn last line and reads the records already written. It raises OutputFileError if the
+    output holds another input's results (``overwrite=True`` discards them) or another run is writing it.
+    """
+
+    def __init__(self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
+                 overwrite: bool = False, fsync_interval: float = 1.0) -> None:
+        self.input_path = Path(input_path)
+        self.output_path = Path(output_path)
+        if not self.input_path.is_file():
+            raise FileNotFoundError(f"no input file {self.input_path}")
+        if self.output_path.exists() and self.output_path.samefile(self.input_path):
+            raise OutputFileError("the output file must not be the input file")
+        self.digest, self.total = scan_input(self.input_path)
+        self.output = OutputFile(self.output_path, self.digest, overwrite=overwrite, fsync_interval=fsync_interval)
+
+    @property
+    def num_done(self) -> int:
+        """Input lines that have their record in the output so far."""
+        return len(self.output.done)
+
+    @property
+    def repaired_bytes(self) -> int:
+        """Bytes of a torn last line cut off the output at start-up (0 if there was none)."""
+        return self.output.repaired_bytes
+
+    async def run(self, sender: Sender, concurrency: int = 64, progress: bool = True) -> BatchSummary:
+        """Send every line not yet answered and write its record. Raises (after cancelling what is in flight)
+        if the server cannot be reached; the lines not written then are sent by the next run."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        done = self.output.done
+        summary = BatchSummary(self.total, len(done))
+        retries_before = sender.num_retries
+        bar = tqdm(total=self.total, initial=len(done), desc="batch", unit="req", dynamic_ncols=True,
+                   disable=not progress)
+        gate = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task] = set()
+        fatal: list[BaseException] = []
+
+        def write(record: dict, kind: str) -> None:
+            self.output.append(record)
+            setattr(summary, kind, getattr(summary, kind) + 1)
+            bar.update(1)
+            if kind != "succeeded":
+                bar.set_postfix(failed=summary.failed + summary.invalid, refresh=False)
+
+        async def send(item: BatchRequest) -> None:
+            try:
+                reply = await sender.post(item.url, item.body)
+                record = response_record(self.digest, item.line, item.custom_id, reply.status_code,
+                                         reply.request_id, reply.body)
+                write(record, "failed" if record["error"] else "succeeded")
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the server is gone (or a bug): stop the run, keep what is written
+                fatal.append(exc)
+            finally:
+                gate.release()
+
+        try:
+            with open(self.input_path, "rb") as f:
+                seen: set[str] = set()
+                for number, raw in enumerate(f, start=1):
+                    if fatal:
+                        break
+                    if not raw.strip():
+                        continue
+                    item = parse_line(number, raw, seen)
+                    if number in done:
+                        if done[number] != item.custom_id:
+                            raise OutputFileError(
+                                f"{self.output_path} has a record for line {number} with custom_id "
+                                f"{done[number]!r}, but that line's custom_id is {item.custom_id!r}")
+                        continue
+                    if isinstance(item, InvalidLine):
+                        write(error_record(self.digest, number, item.custom_id, item.code, item.message), "invalid")
+                        continue
+                    await gate.acquire()
+                    task = asyncio.create_task(send(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks and not fatal:
+                    await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+            if fatal:
+                raise fatal[0]
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            bar.close()
+            self.output.sync()
+            summary.retries = sender.num_retries - retries_before
+        return summary
+
+    def close(self) -> None:
+        """Sync and unlock the output file."""
+        self.output.close()
+
+    def __enter__(self) -> BatchJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""``inferneo batch``: run an OpenAI batch file (JSON lines) against a server, or a model in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+DEFAULT_CONCURRENCY = 64
+
+
+def add_parser(subparsers) -> None:
+    """Register ``inferneo batch``."""
+    from inferneo.cli import add_engine_args
+
+    parser = subparsers.add_parser(
+        "batch", help="run a file of OpenAI batch requests (resumable)",
+        description="Run each line of an OpenAI batch file ({custom_id, method, url, body}; url /v1/completions "
+        "or /v1/chat/completions) and write one OpenAI batch output record per line. Against --url it talks "
+        "to a running server; otherwise it loads --model (default: the bundled model) into this process and "
+        "answers through the server's own code. Interrupted (Ctrl-C, kill -9) and rerun with the same "
+        "arguments, it resumes where it stopped: each input line is written exactly once in total.")
+    parser.add_argument("-i", "--input", required=True, help="the requests, one JSON object a line")
+    parser.add_argument("-o", "--output", required=True, help="where the records go (appended; resumed if present)")
+    parser.add_argument("--url", default=None, help="a running server, e.g. http://localhost:8000 "
+                        "(default: run --model in this process)")
+    parser.add_argument("--api-key", default=os.environ.get("INFERNEO_API_KEY"),
+                        help="bearer key for --url (default $INFERNEO_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"requests in flight (default {DEFAULT_CONCURRENCY} for --url, the engine's "
+                        "--max-num-seqs in-process)")
+    parser.add_argument("--max-retries", type=int, default=5,
+                        help="retries of a request on connection errors, timeouts, 408, 429 and 5xx (default 5)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer (default 600)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard what the output file holds instead of resuming into it")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="in-process: the model name(s) request bodies may use (default: the --model value)")
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``inferneo batch``; returns the exit status (0: every line has its record)."""
+    from inferneo.batch.job import BatchJob
+    from inferneo.batch.output import OutputFileError
+    from inferneo.batch.sender import ServerUnreachableError
+
+    if args.url and args.model:
+        print("inferneo batch: error: give --url (a running server) or --model (run it here), not both",
+              file=sys.stderr)
+        return 2
+    if args.concurrency is not None and args.concurrency < 1:
+        print("inferneo batch: error: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        job = BatchJob(args.input, args.output, overwrite=args.overwrite)
+    except OutputFileError as exc:
+        print(f"inferneo batch: error: {exc}", file=sys.stderr)
+        return 2
+    with job:
+        if job.repaired_bytes:
+            print(f"inferneo batch: cut {job.repaired_bytes} bytes of an unfinished last line off {args.output}",
+                  file=sys.stderr)
+        if job.num_done:
+            print(f"inferneo batch: resuming: {job.num_done} of {job.total} lines already done", file=sys.stderr)
+        if job.num_done == job.total:
+            print(f"inferneo batch: nothing to do: {args.output} has a record for every line", file=sys.stderr)
+            return 0
+        server = None
+        try:
+            if not args.url:
+                from inferneo.batch.in_process import InProcessServer
+                from inferneo.cli import engine_kwargs
+
+                server = InProcessServer(args.model, args.served_model_name, **engine_kwargs(args))
+            try:
+                summary = asyncio.run(_run(job, args, server))
+            except KeyboardInterrupt:
+                print(f"\ninferneo batch: interrupted; {job.num_done} of {job.total} lines are in {args.output}. "
+                      "Run the same command again to resume.", file=sys.stderr)
+                return 130
+            except OutputFileError as exc:
+                print(f"inferneo batch: error: {exc}", file=sys.stderr)
+                return 2
+            except (ServerUnreachableError, OSError) as exc:
+                print(f"inferneo batch: error: {exc}\n{job.num_done} of {job.total} lines are in {args.output}; "
+                      "run the same command again to resume.", file=sys.stderr)
+                return 1
+        finally:
+            if server is not None:
+                server.shutdown()
+    failed = summary.failed + summary.invalid
+    print(f"inferneo batch: {job.total} lines, {summary.already_done + summary.written} records in {args.output} "
+          f"({summary.succeeded} ok, {failed} failed this run{', see their error field' if failed else ''})",
+          file=sys.stderr)
+    return 0 if summary.complete else 1
+
+
+async def _run(job, args: argparse.Namespace, server):
+    from inferneo.batch.sender import Sender, remote_client
+
+    if server is None:
+        concurrency = args.concurrency or DEFAULT_CONCURRENCY
+        client = remote_client(args.url, args.api_key, args.timeout, concurrency)
+    else:
+        concurrency = args.concurrency or server.max_num_seqs
+        client = server.client(args.timeout)
+    async with client as http:
+        return await job.run(Sender(http, args.max_retries), concurrency, args.progress)

@@ -1,0 +1,296 @@
+"""``inferneo batch``: OpenAI batch files against a real server over HTTP and in-process, error records for bad
+lines, resume, torn-line repair, refusing another input's output, and the sender's retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inferneo.batch import BatchJob, OutputFileError, Sender, ServerUnreachableError
+from inferneo.batch.sender import parse_retry_after
+from inferneo.cli import main
+from inferneo.testing.server import RemoteServer
+
+# No prefix caching, so that a request computes the same numbers whatever ran before it on the server.
+ENGINE = ["--kv-cache-memory", "32MiB", "--num-threads", "1", "--no-enable-prefix-caching"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", *ENGINE, "--disable-access-log") as srv:
+        yield srv
+
+
+def request_line(custom_id: str, i: int, chat: bool = False, **body) -> str:
+    if chat:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"say {i}"}], "max_tokens": 4,
+                "temperature": 0, **body}
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+    body = {"model": "tiny", "prompt": f"hello number {i}", "max_tokens": 4, "temperature": 0, **body}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body})
+
+
+def mixed_input(path: Path) -> Path:
+    """Good completions and chats, a 400 from the server, and every kind of invalid line."""
+    lines = [request_line(f"cmpl-{i}", i) for i in range(4)]
+    lines += [request_line(f"chat-{i}", i, chat=True) for i in range(3)]
+    lines += [
+        request_line("bad-param", 0, max_tokens=-1),                       # the server answers 400
+        request_line("bad-model", 0, model="no-such-model"),               # the server answers 404
+        '{"custom_id": "broken", "method": "POST", ',                     # not JSON
+        json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),  # no custom_id
+        json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}),
+        json.dumps({"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}),
+        request_line("cmpl-0", 9),                                         # duplicate custom_id
+        json.dumps({"custom_id": "streamed", "method": "POST", "url": "/v1/completions",
+                    "body": {"prompt": "x", "stream": True}}),
+        "",                                                                # blank lines are not requests
+        json.dumps([1, 2, 3]),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_records(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def check_mixed_output(records: list[dict]) -> dict[int, dict]:
+    by_line = {int(r["id"].rsplit("_", 1)[1]): r for r in records}
+    assert len(by_line) == len(records) == 16  # every non-blank input line exactly once
+    assert sorted(by_line) == [*range(1, 16), 17]
+    good = [r for r in records if r["error"] is None]
+    assert sorted(r["custom_id"] for r in good) == sorted([f"cmpl-{i}" for i in range(4)]
+                                                          + [f"chat-{i}" for i in range(3)])
+    for r in good:
+        assert r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        assert r["response"]["request_id"] == body["id"]
+        assert body["object"] in ("text_completion", "chat.completion") and body["usage"]["completion_tokens"] <= 4
+    bad_param = next(r for r in records if r["custom_id"] == "bad-param")
+    assert bad_param["response"]["status_code"] == 400
+    assert bad_param["response"]["body"]["error"]["param"] == "max_tokens"
+    assert "max_tokens" in bad_param["error"]["message"]
+    bad_model = next(r for r in records if r["custom_id"] == "bad-model")
+    assert bad_model["response"]["status_code"] == 404 and bad_model["error"]["code"] == "model_not_found"
+    codes = {line: by_line[line]["error"]["code"] for line in (10, 11, 12, 13, 14, 15, 17)}
+    assert codes == {10: "invalid_json", 11: "missing_custom_id", 12: "invalid_url", 13: "invalid_method",
+                     14: "duplicate_custom_id", 15: "invalid_body", 17: "invalid_request"}
+    assert by_line[14]["custom_id"] == "cmpl-0" and by_line[10]["custom_id"] is None
+    for line in codes:
+        assert by_line[line]["response"] is None and by_line[line]["error"]["message"]
+    return by_line
+
+
+def test_batch_against_a_server(server, tmp_path, capsys):
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--concurrency", "4",
+                 "--no-progress"]) == 0
+    check_mixed_output(read_records(out))
+    assert "16 lines, 16 records" in capsys.readouterr().err
+    # Rerun: nothing left to do, nothing written twice.
+    before = out.read_bytes()
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    assert out.read_bytes() == before
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_batch_in_process_answers_as_the_server_does(server, tiny_llama_dir, tmp_path):
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    remote, local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
+    # One request at a time on both sides: the same batch shapes, so the same greedy tokens.
+    assert main(["batch", "-i", str(requests), "-o", str(remote), "--url", server.base_url, "--no-progress",
+                 "--concurrency", "1"]) == 0
+    assert main(["batch", "-i", str(requests), "-o", str(local), "--model", str(tiny_llama_dir),
+                 "--served-model-name", "tiny", *ENGINE, "--no-progress", "--concurrency", "1"]) == 0
+    remote_lines = check_mixed_output(read_records(remote))
+    local_lines = check_mixed_output(read_records(local))
+
+    def comparable(record: dict) -> dict:
+        record = json.loads(json.dumps(record))
+        if record["response"] is not None:
+            record["response"]["request_id"] = None
+            body = record["response"]["body"]
+            body.pop("id", None)
+            body.pop("created", None)
+        return record
+
+    for line, record in remote_lines.items():  # same greedy text, same usage, same errors, same ids
+        assert comparable(local_lines[line]) == comparable(record)
+
+
+def test_resume_after_partial_output_and_torn_last_line(server, tmp_path, capsys):
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    # Keep 9 records, then half of the 10th without its newline, as a kill in the middle of a write leaves it.
+    out.write_text("".join(lines[:9]) + lines[9][: len(lines[9]) // 2])
+    capsys.readouterr()
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "unfinished last line" in err and "9 of 16 lines already done" in err
+    records = read_records(out)
+    check_mixed_output(records)
+    assert [r["id"] for r in records[:9]] == [json.loads(x)["id"] for x in lines[:9]]
+
+
+def test_output_of_another_input_is_refused(server, tmp_path, capsys):
+    first = tmp_path / "first.jsonl"
+    first.write_text(request_line("a", 1) + "\n")
+    second = tmp_path / "second.jsonl"
+    second.write_text(request_line("b", 2) + "\n")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(first), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    before = out.read_bytes()
+    assert main(["batch", "-i", str(second), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 2
+    assert "different input file" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["batch", "-i", str(second), "-o", str(out), "--url", server.base_url, "--no-progress",
+                 "--overwrite"]) == 0
+    assert [r["custom_id"] for r in read_records(out)] == ["b"]
+
+
+def test_foreign_or_damaged_output_is_refused_and_left_alone(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(request_line("a", 1) + "\n")
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my precious notes, no newline at the end")
+    with pytest.raises(OutputFileError, match="does not look like"):
+        BatchJob(requests, foreign)
+    assert foreign.read_text() == "my precious notes, no newline at the end"
+    other_json = tmp_path / "other.jsonl"
+    other_json.write_text('{"id": 1}\n')
+    with pytest.raises(OutputFileError, match="not written by 'inferneo batch'"):
+        BatchJob(requests, other_json)
+    with pytest.raises(OutputFileError, match="must not be the input"):
+        BatchJob(requests, requests)
+    with BatchJob(requests, tmp_path / "out.jsonl") as job:
+        digest = job.digest
+    damaged = tmp_path / "damaged.jsonl"
+    good = json.dumps({"id": f"batch_req_{digest[:16]}_1", "custom_id": "a", "response": None, "error": None},
+                      separators=(",", ":"))
+    damaged.write_text("garbage\n" + good + "\n")
+    with pytest.raises(OutputFileError, match="line 1 is not a batch record"):
+        BatchJob(requests, damaged)
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(request_line("a", 1) + "\n")
+    with BatchJob(requests, tmp_path / "out.jsonl"), pytest.raises(OutputFileError, match="in use"):
+        BatchJob(requests, tmp_path / "out.jsonl")
+
+
+def test_unreachable_server_stops_the_run_and_the_rerun_finishes(server, tmp_path, capsys):
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    out = tmp_path / "results.jsonl"
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", dead, "--max-retries", "1",
+                 "--no-progress"]) == 1
+    assert "run the same command again" in capsys.readouterr().err
+    partial = read_records(out)
+    assert all(r["response"] is None for r in partial)  # only the invalid lines: nothing was answered
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    check_mixed_output(read_records(out))
+
+
+def test_url_and_model_together_are_refused(tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(request_line("a", 1) + "\n")
+    assert main(["batch", "-i", str(requests), "-o", str(tmp_path / "o.jsonl"), "--url", "http://x",
+                 "--model", "m"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+# ---- the sender's retries, against scripted replies -------------------------------------------------------
+
+
+def scripted(replies: list) -> tuple[httpx.AsyncClient, list[float]]:
+    """A client whose answers are ``replies`` in turn (an exception is raised); records when each came."""
+    seen: list[float] = []
+    loop_time = asyncio.get_running_loop().time
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(loop_time())
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test"), seen
+
+
+def test_sender_retries_429_and_5xx_honouring_retry_after():
+    async def go():
+        client, seen = scripted([httpx.Response(429, headers={"Retry-After": "0.3"}, json={"error": {}}),
+                                 httpx.Response(503, json={"error": {}}),
+                                 httpx.Response(200, json={"id": "cmpl-1", "choices": []})])
+        sender = Sender(client, max_retries=3, backoff=0.01)
+        reply = await sender.post("/v1/completions", {"prompt": "x"})
+        assert reply.status_code == 200 and reply.request_id == "cmpl-1" and sender.num_retries == 2
+        assert seen[1] - seen[0] >= 0.29  # waited as Retry-After asked
+
+    asyncio.run(go())
+
+
+def test_sender_does_not_retry_4xx_and_gives_up_on_5xx():
+    async def go():
+        client, seen = scripted([httpx.Response(400, json={"error": {"message": "bad", "code": None}})])
+        reply = await Sender(client, max_retries=3, backoff=0.01).post("/v1/completions", {})
+        assert reply.status_code == 400 and len(seen) == 1
+        client, seen = scripted([httpx.Response(500, text="oops")] * 3)
+        reply = await Sender(client, max_retries=2, backoff=0.01).post("/v1/completions", {})
+        assert reply.status_code == 500 and reply.body == "oops" and len(seen) == 3
+
+    asyncio.run(go())
+
+
+def test_sender_connection_errors_then_unreachable():
+    async def go():
+        refused = httpx.ConnectError("refused")
+        client, _ = scripted([refused, httpx.Response(200, json={})])
+        assert (await Sender(client, max_retries=2, backoff=0.01).post("/x", {})).status_code == 200
+        client, seen = scripted([refused, refused, refused])
+        with pytest.raises(ServerUnreachableError):
+            await Sender(client, max_retries=2, backoff=0.01).post("/x", {})
+        assert len(seen) == 3
+        client, _ = scripted([httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow")])
+        reply = await Sender(client, max_retries=1, backoff=0.01).post("/x", {})
+        assert reply.status_code == 408 and reply.body["error"]["code"] == "timeout"
+
+    asyncio.run(go())
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("100000") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+
+
+def test_parse_line_edge_cases():
+    from inferneo.batch import BatchRequest, InvalidLine, parse_line
+
+    good = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}'
+    assert isinstance(parse_line(1, b"\xef\xbb\xbf" + good + b"\r\n", set()), BatchRequest)  # BOM, CRLF
+    assert isinstance(parse_line(1, good.replace(b'"method": "POST", ', b""), set()), BatchRequest)  # POST implied
+    cases = {
+        b'{"custom_id": "a", "url": "/v1/completions", "body": {}, "extra": 1}': "invalid_request",
+        b'{"custom_id": 7, "url": "/v1/completions", "body": {}}': "missing_custom_id",
+        b'{"custom_id": "", "url": "/v1/completions", "body": {}}': "missing_custom_id",
+        b'{"custom_id": "a", "url": "/v1/completions", "body": "x"}': "invalid_body",
+        b'{"custom_id": "a", "url": "/v1/completions"}': "invalid_body",
+        b'{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "\xff"}}': "invalid_json",
+        b'"just a string"': "invalid_request",
+    }
+    for raw, code in cases.items():
+        result = parse_line(3, raw, set())
+        assert isinstance(result, InvalidLine) and result.code == code and "line 3" in result.message, raw
