@@ -40,7 +40,7 @@ def make_input(path: Path) -> list[str]:
             url, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"count to {i}"}]}
         else:
             url, body = "/v1/completions", {"prompt": f"story number {i}: once upon a time"}
-        body.update(model="tiny", max_tokens=64 + i % 17, ignore_eos=True, temperature=0)
+        body.update(model="tiny", max_tokens=192 + i % 17, ignore_eos=True, temperature=0)
         if i in (7, 29):
             body["top_p"] = 5.0  # out of range: the server answers 400
         lines.append(json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}))

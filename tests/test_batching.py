@@ -160,7 +160,8 @@ def test_an_urgent_request_overtakes_queued_bulk_work(priority_server, urgent_pr
         finished: list[str] = []
         async with AsyncInferneoClient(priority_server.base_url, max_retries=0) as client:
             async def one(name: str, priority: int) -> None:
-                await client.completions.create(model=MODEL, prompt=name, max_tokens=48, min_tokens=48,
+                # Long enough that the urgent request arrives while the queue is still full, even on a busy machine.
+                await client.completions.create(model=MODEL, prompt=name, max_tokens=160, min_tokens=160,
                                                 ignore_eos=True, priority=priority)
                 finished.append(name)
 
@@ -176,6 +177,6 @@ def test_an_urgent_request_overtakes_queued_bulk_work(priority_server, urgent_pr
     finished = asyncio.run(main())
     overtaken = bulk - finished.index("urgent")
     if urgent_priority < 0:
-        assert overtaken >= bulk - 2, finished  # only the one running (and at most one more) finished first
+        assert overtaken >= bulk - 3, finished  # only the one running (and at most two more) finished first
     else:
         assert overtaken <= 1, finished  # the same request without priority waits its turn

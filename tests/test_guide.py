@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
 import inferneo.testing.server as server_module
-from inferneo.testing.server import RemoteServer
+from inferneo.testing.server import RemoteServer, port_in_use
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO.parent / "shared" / "spec" / "batching-guide.md"
@@ -29,19 +28,6 @@ DATASET_LINES = 40
 
 def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.DOTALL | re.MULTILINE)
-
-
-def port_in_use(port: int) -> str | None:
-    """Why ``port`` cannot be ours, or ``None`` when it is free on both loopback addresses the guide may reach."""
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            try:
-                if sock.connect_ex((host, port)) == 0:
-                    return f"something already listens on {host}:{port}"
-            except OSError:
-                continue  # no IPv6 here
-    return None
 
 
 @pytest.fixture(scope="module")

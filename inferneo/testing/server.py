@@ -14,6 +14,19 @@ from pathlib import Path
 import httpx
 
 
+def port_in_use(port: int) -> str | None:
+    """Why ``port`` cannot be ours, or ``None`` when it is free on both loopback addresses."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                if sock.connect_ex((host, port)) == 0:
+                    return f"something already listens on {host}:{port}"
+            except OSError:
+                continue  # no IPv6 here
+    return None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,84 @@
+"""The Python examples of the README, the offline-inference page and the online-serving page, run as written.
+
+Offline examples run on the bundled default model. Examples that talk to a server run against a real
+``inferneo serve --served-model-name meta-llama/Llama-2-7b-chat-hf`` on a tiny model at the address the pages
+use (port 8000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+import inferneo.testing.server as server_module
+from inferneo.testing.server import RemoteServer, port_in_use
+
+REPO = Path(__file__).resolve().parents[1]
+PORT = 8000
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+def run_block(block: str, namespace: dict) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "<doc example>", "exec"), namespace)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def docs_server(tiny_llama_dir):
+    busy = port_in_use(PORT)
+    if busy:
+        pytest.skip(f"the examples talk to port {PORT}, but {busy}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("INFERNEO_API_KEY", raising=False)
+        mp.setattr(server_module, "free_port", lambda: PORT)
+        server = RemoteServer(tiny_llama_dir, "--served-model-name", "meta-llama/Llama-2-7b-chat-hf",
+                              "--max-model-len", "512", "--kv-cache-memory", "64MiB", "--disable-access-log")
+    with server:
+        yield server
+
+
+def test_readme_offline_example_runs_on_the_default_model():
+    block = next(b for b in python_blocks(REPO / "README.md") if "LLM()" in b)
+    ns: dict = {}
+    out = run_block(block, ns)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.endswith(("stop", "length")) for line in lines), out
+    assert len(ns["answers"]) == 2 and all(a.outputs[0].text for a in ns["answers"])
+
+
+def test_offline_inference_page_example_runs():
+    (block,) = python_blocks(REPO / "docs" / "offline-inference.md")
+    ns: dict = {}
+    out = run_block(block, ns)
+    assert out.strip(), "the example prints the second completion"
+    assert len(ns["outputs"]) == 2
+
+
+def test_readme_client_example(docs_server):
+    block = next(b for b in python_blocks(REPO / "README.md") if "InferneoClient" in b)
+    ns: dict = {}
+    out = run_block(block, ns)
+    assert len(ns["responses"].choices) == 2
+    assert out.startswith("[")
+
+
+def test_online_serving_page_examples(docs_server):
+    blocks = python_blocks(REPO / "docs" / "online-serving.md")
+    ns: dict = {}
+    openai_block, conversations_block, in_process_block = blocks
+    out = run_block(openai_block, ns)
+    assert out.startswith("0 ") and "\n1 " in out
+    out = run_block(conversations_block, ns)
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("Conversation")] == [
+        "Conversation 1", "Conversation 2"]
+    out = run_block(in_process_block, {})
+    assert "Paris" in out
