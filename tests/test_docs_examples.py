@@ -82,3 +82,38 @@ def test_online_serving_page_examples(docs_server):
         "Conversation 1", "Conversation 2"]
     out = run_block(in_process_block, {})
     assert "Paris" in out
+
+
+def shell_commands(path: Path, program: str) -> list[str]:
+    """Commands of the ```bash blocks that start with ``program``, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE):
+        current = ""
+        for line in block.splitlines():
+            if current:
+                current += "\n" + line
+            elif line.startswith(program + " "):
+                current = line
+            if current and not line.endswith("\\") and current.count("'") % 2 == 0:
+                commands.append(current)
+                current = ""
+    return commands
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/online-serving.md"])
+def test_curl_examples_get_answers(docs_server, page):
+    import json
+    import subprocess
+
+    commands = shell_commands(REPO / page, "curl")
+    assert commands, f"{page} has curl examples"
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                                env={"PATH": "/usr/bin:/bin", "MY_KEY": "unused"})
+        assert result.returncode == 0, (command, result.stderr)
+        body = result.stdout.strip()
+        if body.startswith("data:"):
+            assert body.endswith("data: [DONE]"), body[-200:]
+        else:
+            reply = json.loads(body)
+            assert "error" not in reply, reply
