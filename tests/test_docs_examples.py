@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import inferneo.testing.server as server_module
-from inferneo.testing.server import RemoteServer, port_in_use
+from inferneo.testing.server import docs_server
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 8000
@@ -33,15 +32,8 @@ def run_block(block: str, namespace: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def docs_server(tiny_llama_dir):
-    busy = port_in_use(PORT)
-    if busy:
-        pytest.skip(f"the examples talk to port {PORT}, but {busy}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("INFERNEO_API_KEY", raising=False)
-        mp.setattr(server_module, "free_port", lambda: PORT)
-        server = RemoteServer(tiny_llama_dir, "--served-model-name", "meta-llama/Llama-2-7b-chat-hf",
-                              "--max-model-len", "512", "--kv-cache-memory", "64MiB", "--disable-access-log")
+def docs_example_server(tiny_llama_dir):
+    server = docs_server(tiny_llama_dir, PORT, "meta-llama/Llama-2-7b-chat-hf")
     with server:
         yield server
 
@@ -63,7 +55,7 @@ def test_offline_inference_page_example_runs():
     assert len(ns["outputs"]) == 2
 
 
-def test_readme_client_example(docs_server):
+def test_readme_client_example(docs_example_server):
     block = next(b for b in python_blocks(REPO / "README.md") if "InferneoClient" in b)
     ns: dict = {}
     out = run_block(block, ns)
@@ -71,7 +63,7 @@ def test_readme_client_example(docs_server):
     assert out.startswith("[")
 
 
-def test_online_serving_page_examples(docs_server):
+def test_online_serving_page_examples(docs_example_server):
     blocks = python_blocks(REPO / "docs" / "online-serving.md")
     ns: dict = {}
     openai_block, conversations_block, in_process_block = blocks
@@ -101,7 +93,7 @@ def shell_commands(path: Path, program: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/online-serving.md"])
-def test_curl_examples_get_answers(docs_server, page):
+def test_curl_examples_get_answers(docs_example_server, page):
     import json
     import subprocess
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import inferneo.testing.server as server_module
-from inferneo.testing.server import RemoteServer, port_in_use
+from inferneo.testing.server import docs_server
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO.parent / "shared" / "spec" / "batching-guide.md"
@@ -34,14 +33,7 @@ def python_blocks(markdown: str) -> list[str]:
 def guide_server(tiny_llama_dir):
     if not GUIDE.exists():
         pytest.skip(f"the batching guide is not at {GUIDE} (shared/ is not beside the repository)")
-    busy = port_in_use(PORT)
-    if busy:
-        pytest.skip(f"the guide's examples talk to http://localhost:{PORT}, but {busy}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("INFERNEO_API_KEY", raising=False)
-        mp.setattr(server_module, "free_port", lambda: PORT)
-        server = RemoteServer(tiny_llama_dir, "--served-model-name", GUIDE_MODEL, "--max-model-len", "512",
-                              "--kv-cache-memory", "64MiB", "--num-threads", "1", "--disable-access-log")
+    server = docs_server(tiny_llama_dir, PORT, GUIDE_MODEL, "--num-threads", "1")
     with server:
         yield server
 

@@ -40,14 +40,15 @@ class RemoteServer:
     """
 
     def __init__(self, model: str | Path, *args: str, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="inferneo-serve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(self.port),
                *args]
+        child_env = {k: v for k, v in os.environ.items() if k != "INFERNEO_API_KEY"} if port else dict(os.environ)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**child_env, **(env or {})})
         self._wait_ready(startup_timeout)
 
     def url(self, path: str) -> str:
@@ -92,3 +93,14 @@ class RemoteServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def docs_server(model: str | Path, port: int, served_model_name: str, *args: str) -> RemoteServer:
+    """A keyless server on the fixed port that documentation examples hard-code; skips the test if it is taken."""
+    import pytest
+
+    busy = port_in_use(port)
+    if busy:
+        pytest.skip(f"the examples talk to port {port}, but {busy}")
+    return RemoteServer(model, "--served-model-name", served_model_name, "--max-model-len", "512",
+                        "--kv-cache-memory", "64MiB", "--disable-access-log", *args, port=port)

@@ -16,6 +16,7 @@ from inferneo.entrypoints.openai.serving_common import (
     ServerContext,
     cancel_on_disconnect,
     check_common,
+    collect_finals,
     event_stream,
     render_chat,
     sampling_params,
@@ -80,15 +81,7 @@ class _Chat:
         self.top_k = (req.top_logprobs or 0) if req.logprobs else None
 
     async def response(self) -> Response:
-        finals: dict[int, RequestOutput] = {}
-        try:
-            async for index, output in self.group:
-                if output.finished:
-                    finals[index] = output
-        except Exception as exc:
-            raise to_api_error(exc) from None
-        finally:
-            self.group.abort()
+        finals = await collect_finals(self.group)
         choices = []
         for i in sorted(finals):
             for choice in finals[i].outputs:

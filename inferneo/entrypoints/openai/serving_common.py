@@ -98,6 +98,20 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
 
+async def collect_finals(group) -> dict[int, RequestOutput]:
+    """The finished output of every prompt of a request group, by prompt index; engine errors become API errors."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for index, output in group:
+            if output.finished:
+                finals[index] = output
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    finally:
+        group.abort()
+    return finals
+
+
 def usage_of(outputs: Iterable[RequestOutput]) -> dict[str, Any]:
     """Token usage of finished requests (a prompt counts once however many choices it has)."""
     outputs = list(outputs)

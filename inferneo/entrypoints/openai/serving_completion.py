@@ -17,6 +17,7 @@ from inferneo.entrypoints.openai.serving_common import (
     ServerContext,
     cancel_on_disconnect,
     check_common,
+    collect_finals,
     event_stream,
     sampling_params,
     sse,
@@ -77,15 +78,7 @@ class _Completion:
         self.created = now()
 
     async def response(self) -> Response:
-        finals: dict[int, RequestOutput] = {}
-        try:
-            async for index, output in self.group:
-                if output.finished:
-                    finals[index] = output
-        except Exception as exc:
-            raise to_api_error(exc) from None
-        finally:
-            self.group.abort()
+        finals = await collect_finals(self.group)
         n = self.req.n
         choices = []
         for i in sorted(finals):
