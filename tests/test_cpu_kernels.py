@@ -18,7 +18,7 @@ def _decode_case(dtype, batch=7, heads=8, kv_heads=2, head_dim=32, block_size=4,
     lens = torch.tensor([1, 5, 36, 17, 4, 33, 8][:batch])
     q = torch.randn(batch, heads, head_dim, dtype=dtype)
     meta = AttentionMetadata(block_size=block_size, num_decode_tokens=batch, slot_mapping=torch.empty(0, dtype=torch.long),
-                             decode_block_tables=tables, decode_seq_lens=lens, decode_max_seq_len=int(lens.max()))
+                             decode_block_tables=tables, decode_seq_lens=lens)
     return q, kv, meta
 
 

@@ -31,7 +31,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_seq_lens: torch.Tensor | None  # [num_decode] int64, lengths including the new token
-    decode_max_seq_len: int
     prefills: list[PrefillSpan] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # backend-specific tensors built once per step by ``prepare``
 

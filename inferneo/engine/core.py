@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler
 from inferneo.worker.model_runner import ModelRunner
@@ -50,10 +49,9 @@ class EngineStats:
 class EngineCore:
     """Continuous batching over a paged KV cache."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, kv_cache: KVCacheManager, max_model_len: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int):
         self.runner = runner
         self.scheduler = scheduler
-        self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.stats = EngineStats()
 

@@ -145,14 +145,6 @@ class KVCacheManager:
                 self._free[block_id] = None
         request.block_ids = []
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block that no request holds."""
-        for block_id in self._free:
-            block = self.blocks[block_id]
-            block.block_hash = None
-            block.token_ids = ()
-        self._cached = {h: b for h, b in self._cached.items() if self.blocks[b].ref_count > 0}
-
     # ---- checks ------------------------------------------------------------------------------------------
 
     def check_integrity(self, live_requests: list[Request] | None = None) -> None:

@@ -106,9 +106,8 @@ class LLMEngine:
             max_num_batched_tokens=max_batched,
             policy=config.scheduling_policy,
             enable_chunked_prefill=config.enable_chunked_prefill,
-            max_model_len=self.max_model_len,
         )
-        self.core = EngineCore(self.runner, self.scheduler, self.kv_cache, self.max_model_len)
+        self.core = EngineCore(self.runner, self.scheduler, self.max_model_len)
         self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
         self._parents: dict[str, _Parent] = {}
         self._core_to_parent: dict[str, tuple[_Parent, _Sequence]] = {}

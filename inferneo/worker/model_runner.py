@@ -59,7 +59,6 @@ class ModelRunner:
         if device.type == "cpu":
             keep_freed_memory_mapped()
         self.block_size = block_size
-        self.max_model_len = max_model_len
         model_cls = get_model_class(hf_config)
         self.model_config = model_cls.config_from_hf(hf_config)
         if attention_backend is None:
@@ -111,9 +110,6 @@ class ModelRunner:
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        if self.device.type == "cpu":
-            for cache in self.kv_caches:
-                cache.fill_(0)  # touch every page now, not on the first requests (calloc maps them lazily)
         self.num_blocks = num_blocks
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -165,7 +161,6 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             decode_block_tables=tables,
             decode_seq_lens=lens,
-            decode_max_seq_len=max(decode_lens, default=0),
             prefills=prefills,
         )
         self.backend.prepare(metadata)
