@@ -11,25 +11,119 @@ kernels = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="native CPU kernels could not be built here")
 
 
-def _decode_case(dtype, batch=7, heads=8, kv_heads=2, head_dim=32, block_size=4, num_blocks=64, max_blocks=9):
+def _to_native_layout(kv: torch.Tensor) -> torch.Tensor:
+    """The reference cache ``[2, Hkv, blocks, bs, D]`` in the native layout (key blocks dimension-major)."""
+    two, kv_heads, num_blocks, block_size, head_dim = kv.shape
+    keys = kv[0].transpose(2, 3).reshape(kv_heads, num_blocks, block_size * head_dim)
+    values = kv[1].reshape(kv_heads, num_blocks, block_size * head_dim)
+    return torch.stack([keys, values]).contiguous()
+
+
+def _decode_case(dtype, batch=7, heads=8, kv_heads=2, head_dim=32, block_size=4, num_blocks=64, max_blocks=9,
+                 lens=(1, 5, 36, 17, 4, 33, 8)):
     torch.manual_seed(0)
     kv = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
     tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in range(batch)])
-    lens = torch.tensor([1, 5, 36, 17, 4, 33, 8][:batch])
+    lens = torch.tensor(lens[:batch])
     q = torch.randn(batch, heads, head_dim, dtype=dtype)
     meta = AttentionMetadata(block_size=block_size, num_decode_tokens=batch, slot_mapping=torch.empty(0, dtype=torch.long),
                              decode_block_tables=tables, decode_seq_lens=lens)
     return q, kv, meta
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_decode_attention_matches_reference(dtype, tol):
-    q, kv, meta = _decode_case(dtype)
+# The first shape takes the portable loops (block size 4), the others the vector path where the CPU has AVX-512:
+# group sizes 1 (MHA), 3 (odd: one head of the last pair alone) and 4, head dims 64 and 128, block sizes 16 and 32.
+DECODE_SHAPES = [
+    dict(heads=8, kv_heads=2, head_dim=32, block_size=4, num_blocks=64, max_blocks=9),
+    dict(heads=9, kv_heads=3, head_dim=64, block_size=16, num_blocks=40, max_blocks=3),
+    dict(heads=4, kv_heads=4, head_dim=128, block_size=16, num_blocks=40, max_blocks=3),
+    dict(heads=8, kv_heads=2, head_dim=64, block_size=32, num_blocks=40, max_blocks=2),
+]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_paged_decode_attention_matches_reference(shape, dtype, tol):
+    q, kv, meta = _decode_case(dtype, **shape)
     ref_backend = TorchReferenceBackend()
     ref_backend.prepare(meta)
-    expected = ref_backend.decode_attention(q, kv, meta, 0.3)
-    got = kernels.paged_decode_attention(q, kv[0], kv[1], meta.decode_block_tables, meta.decode_seq_lens, 0.3)
+    expected = ref_backend.decode_attention(q.float(), kv.float(), meta, 0.3)  # float32 math on the same inputs
+    got = torch.full_like(q, float("nan"))
+    kernels.paged_decode_attention(q, _to_native_layout(kv), meta.decode_block_tables, meta.decode_seq_lens, 0.3, got)
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_paged_decode_attention_reads_strided_queries():
+    """Queries may be a view into the fused qkv output (a batch stride wider than heads x dim)."""
+    q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])
+    wide = torch.randn(q.shape[0], q.shape[1] * q.shape[2] + 40)
+    wide[:, : q.shape[1] * q.shape[2]] = q.reshape(q.shape[0], -1)
+    view = wide[:, : q.shape[1] * q.shape[2]].view(q.shape)
+    native = _to_native_layout(kv)
+    a, b = torch.empty_like(q), torch.empty_like(q)
+    kernels.paged_decode_attention(q, native, meta.decode_block_tables, meta.decode_seq_lens, 0.3, a)
+    kernels.paged_decode_attention(view, native, meta.decode_block_tables, meta.decode_seq_lens, 0.3, b)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_the_native_layout(dtype):
+    torch.manual_seed(0)
+    kv_heads, head_dim, block_size, num_blocks, tokens = 3, 64, 16, 8, 11
+    qkv = torch.randn(tokens, (3 + 2 * kv_heads) * head_dim, dtype=dtype)  # k/v as strided views, as in the model
+    k = qkv[:, 3 * head_dim : (3 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (3 + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    ref = torch.zeros(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
+    flat = ref.view(2, kv_heads, -1, head_dim)
+    flat[0].index_copy_(1, slots, k.transpose(0, 1))
+    flat[1].index_copy_(1, slots, v.transpose(0, 1))
+    native = torch.zeros(2, kv_heads, num_blocks, block_size * head_dim, dtype=dtype)
+    kernels.store_kv(k, v, native, slots)
+    assert torch.equal(native, _to_native_layout(ref))
+
+
+def test_native_backend_matches_reference_on_a_mixed_step():
+    """Decode rows, a prompt with no context and a chunk with cached context, through both backends' forward."""
+    from inferneo.attention import PrefillSpan
+    from inferneo.attention.cpu_native import CpuNativeBackend
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 32
+    ref_cache = torch.randn(2, kv_heads, num_blocks, block_size, head_dim)
+    native_cache = _to_native_layout(ref_cache)
+    # two decode rows (contexts of 20 and 33 tokens), a fresh prompt of 7 tokens, a chunk of 5 after 18 cached
+    tables = [torch.tensor([3, 9]), torch.tensor([4, 10, 11]), torch.tensor([12]), torch.tensor([5, 6])]
+    slots = torch.tensor([9 * 16 + 3, 11 * 16 + 0, *range(12 * 16, 12 * 16 + 7), *(6 * 16 + i for i in range(2, 7))])
+    q = torch.randn(14, heads, head_dim)
+    k, v = torch.randn(14, kv_heads, head_dim), torch.randn(14, kv_heads, head_dim)
+
+    def metadata():
+        width = 3
+        decode_tables = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables[:2]])
+        return AttentionMetadata(
+            block_size=block_size, num_decode_tokens=2, slot_mapping=slots, decode_block_tables=decode_tables,
+            decode_seq_lens=torch.tensor([20, 33]),
+            prefills=[PrefillSpan(2, 7, 0, tables[2]), PrefillSpan(9, 5, 18, tables[3])],
+        )
+
+    ref_backend, native_backend = TorchReferenceBackend(), CpuNativeBackend()
+    ref_meta, native_meta = metadata(), metadata()
+    ref_backend.prepare(ref_meta)
+    native_backend.prepare(native_meta)
+    expected = ref_backend.forward(q, k, v, ref_cache, ref_meta, 0.125)
+    got = native_backend.forward(q, k, v, native_cache, native_meta, 0.125)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(native_cache, _to_native_layout(ref_cache))  # the same slots were written
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_silu_and_mul_matches_reference(dtype, tol):
+    torch.manual_seed(0)
+    x = (torch.randn(5, 2 * 72) * 4).to(dtype)  # 72: vector lanes and a scalar tail
+    gate, up = x.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(kernels.silu_and_mul(x), expected, rtol=tol, atol=tol)
 
 
 def test_rms_norm_with_and_without_residual_matches_reference():

@@ -57,10 +57,12 @@ class TorchReferenceBackend(AttentionBackend):
                 total = span.context_len + span.num_tokens
                 ks = _gather(kv_cache[0], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
                 vs = _gather(kv_cache[1], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
+            # A leading batch dimension keeps SDPA on its fused CPU kernel (a 3-D call with GQA takes the slow path).
             attn = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+                qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa,
             )
-            out[s:e] = attn.transpose(0, 1)
+            out[s:e] = attn[0].transpose(0, 1)
         return out
 
     def decode_attention(self, q, kv_cache, metadata, scale):

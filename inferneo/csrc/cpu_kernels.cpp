@@ -1,11 +1,9 @@
-// Native CPU kernels: paged decode attention, RMSNorm with residual, and rotary embedding.
+// Native CPU kernels: paged KV store and decode attention, RMSNorm with residual, rotary embedding, SiLU-and-mul.
 //
-// Paged decode attention: one query token per request, read straight from the paged KV cache.
-//
-// Cache layout (one half, keys or values): [num_kv_heads, num_blocks, block_size, head_dim], the layout of the
-// torch reference backend. Work is split over (request, kv head) pairs; each pair walks its request's blocks once,
-// keeping a running max and sum (online softmax, rescaled once per block) for every query head of its group.
-// Scores and accumulators are float32 whatever the cache dtype.
+// Paged decode attention reads one query token per request straight from the paged KV cache (layout below).
+// Work is split over (request, kv head) pairs; each pair walks its request's tokens once, keeping a running max
+// and sum (online softmax) for every query head of its group. Scores and accumulators are float32 whatever the
+// cache dtype. The AVX-512 versions are used when the compiler targets it; portable loops otherwise.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,7 +12,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+#endif
 
 namespace {
 
@@ -53,90 +57,270 @@ void dispatch_storage(at::ScalarType dtype, const char* name, Fn&& fn) {
   }
 }
 
+// ---- paged KV cache: layout, store, decode attention -----------------------------------------------------
+//
+// One layer's cache is [2, num_kv_heads, num_blocks, block_size * head_dim]. A value block is token-major
+// ([block_size][head_dim], one row per token); a key block is dimension-major ([head_dim][block_size]), so that
+// one vector load reads the same dimension of 16 consecutive tokens and q.k for 16 tokens is a run of
+// broadcast-multiply-adds with no horizontal reductions.
+
+// Writes the new tokens' keys and values into their slots. k and v are [tokens, kv_heads, head_dim] views with a
+// unit inner stride and any token stride (slices of the fused qkv projection). Negative slots are skipped.
 template <typename scalar_t>
-void decode_kernel(const scalar_t* __restrict q, const scalar_t* __restrict k_cache, const scalar_t* __restrict v_cache, const int64_t* tables,
-                   const int64_t* seq_lens, scalar_t* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                   int64_t head_dim, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale) {
-  const int64_t group = num_heads / num_kv_heads;
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores(group * block_size);
-    std::vector<float> row_max(group), row_sum(group);
+void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, scalar_t* cache,
+                     const int64_t* slots, int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
+                     int64_t block_size) {
+  const int64_t block_elems = block_size * head_dim;
+  const int64_t half = num_kv_heads * num_blocks * block_elems;
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;
+      const int64_t block = slot / block_size, offset = slot % block_size;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t base = (h * num_blocks + block) * block_elems;
+        const scalar_t* kr = k + t * k_stride + h * head_dim;
+        const scalar_t* vr = v + t * v_stride + h * head_dim;
+        scalar_t* kd = cache + base + offset;
+        for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = kr[d];
+        std::memcpy(cache + half + base + offset * head_dim, vr, head_dim * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+struct DecodeShape {
+  int64_t batch, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, q_stride;
+  float scale;
+};
+
+// Portable version: one (request, kv head) pair at a time, online softmax rescaled once per block.
+template <typename scalar_t>
+void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
+                   const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
+  const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
+  const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
+  at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), scores(bs), row_max(group), row_sum(group);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads;
-      const int64_t kvh = item % num_kv_heads;
-      const int64_t len = seq_lens[b];
+      const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qp = q + (b * num_heads + kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_f(qp[d]) * scale;
+        const scalar_t* qp = q + b * s.q_stride + (kvh * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[d]) * s.scale;
         row_max[g] = -std::numeric_limits<float>::infinity();
         row_sum[g] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t num_used = (len + block_size - 1) / block_size;
-      for (int64_t blk = 0; blk < num_used; ++blk) {
-        const int64_t block_id = tables[b * max_blocks + blk];
-        const int64_t base = ((kvh * num_blocks + block_id) * block_size) * head_dim;
-        const int64_t n = std::min(block_size, len - blk * block_size);
+      for (int64_t blk = 0; blk * bs < len; ++blk) {
+        const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
+        const scalar_t* kb = cache + base;
+        const scalar_t* vb = cache + half + base;
+        const int64_t n = std::min(bs, len - blk * bs);
         for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * head_dim;
+          const float* qg = qf.data() + g * D;
           float block_max = -std::numeric_limits<float>::infinity();
           for (int64_t t = 0; t < n; ++t) {
-            const scalar_t* kp = k_cache + base + t * head_dim;
-            float s = 0.f;
-            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * to_f(kp[d]);
-            scores[g * block_size + t] = s;
-            block_max = std::max(block_max, s);
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_f(kb[d * bs + t]);
+            scores[t] = dot;
+            block_max = std::max(block_max, dot);
           }
           const float new_max = std::max(row_max[g], block_max);
           const float correction = std::exp(row_max[g] - new_max);
-          float* ag = acc.data() + g * head_dim;
-          if (correction != 1.f) {
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] *= correction;
-          }
+          float* ag = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) ag[d] *= correction;
           float sum = row_sum[g] * correction;
           for (int64_t t = 0; t < n; ++t) {
-            const float p = std::exp(scores[g * block_size + t] - new_max);
+            const float p = std::exp(scores[t] - new_max);
             sum += p;
-            const scalar_t* vp = v_cache + base + t * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * to_f(vp[d]);
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * to_f(vb[t * D + d]);
           }
           row_max[g] = new_max;
           row_sum[g] = sum;
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        scalar_t* op = out + (b * num_heads + kvh * group + g) * head_dim;
+        scalar_t* op = out + (b * s.num_heads + kvh * group + g) * D;
         const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        for (int64_t d = 0; d < head_dim; ++d) op[d] = from_f<scalar_t>(acc[g * head_dim + d] * inv);
+        for (int64_t d = 0; d < D; ++d) op[d] = from_f<scalar_t>(acc[g * D + d] * inv);
       }
     }
   });
 }
 
-}  // namespace
-
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong, "int64 indices");
-  auto tables = block_tables.contiguous();
-  auto lens = seq_lens.contiguous();
-  auto out = torch::empty_like(q);
-  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(0), num_blocks = k_cache.size(1), block_size = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "shape mismatch");
-  dispatch_storage(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    decode_kernel<scalar_t>(static_cast<const scalar_t*>(q.data_ptr()), static_cast<const scalar_t*>(k_cache.data_ptr()),
-                            static_cast<const scalar_t*>(v_cache.data_ptr()), tables.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), static_cast<scalar_t*>(out.data_ptr()), batch, num_heads,
-                            num_kv_heads, head_dim, num_blocks, block_size, tables.size(1), static_cast<float>(scale));
-  });
-  return out;
+#ifdef __AVX512F__
+// 16 lanes of float from storage.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-namespace {
+// exp on 16 lanes: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7).
+// Inputs below -87 give (nearly) zero, which is all the softmax needs.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Float lanes rounded to the storage type (round to nearest even for bfloat16), and stores of 16 lanes.
+inline __m512i bf16_rounded_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+template <typename scalar_t>
+inline __m512 round_to(__m512 v) {
+  if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rounded_bits(v), 16));
+  } else {
+    return v;
+  }
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_rounded_bits(v)));
+}
+
+// Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time; two query heads
+// of the group share each key and value load.
+template <typename scalar_t>
+void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
+                   const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
+  const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size, C = D / 16;
+  const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
+  at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), probs(group * 16), row_max(group), row_sum(group);
+    // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
+    // the hardware prefetcher alone leaves this loop waiting on memory.
+    const auto prefetch_chunk = [&](int64_t b, int64_t kvh, int64_t pos) {
+      const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + pos / bs]) * block_elems;
+      const char* kp = reinterpret_cast<const char*>(cache + base + pos % bs);
+      const char* vp = reinterpret_cast<const char*>(cache + half + base + (pos % bs) * D);
+      const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t d = 0; d < D; ++d) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
+      for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+        _mm_prefetch(vp + off, _MM_HINT_T0);
+      }
+    };
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* qp = q + b * s.q_stride + (kvh * group + g) * D;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[d]) * s.scale;
+        row_max[g] = -std::numeric_limits<float>::infinity();
+        row_sum[g] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (item + 1 < end) prefetch_chunk((item + 1) / s.num_kv_heads, (item + 1) % s.num_kv_heads, 0);
+      for (int64_t pos = 0; pos < len; pos += 16) {
+        const int64_t blk = pos / bs, within = pos % bs;
+        const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
+        const scalar_t* kb = cache + base + within;                // column `within` of the [D][bs] key block
+        const scalar_t* vb = cache + half + base + within * D;      // row `within` of the [bs][D] value block
+        const int64_t n = std::min<int64_t>(16, len - pos);
+        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+        if (pos + 16 < len) prefetch_chunk(b, kvh, pos + 16);  // overlap the next tokens' loads with this math
+        for (int64_t g0 = 0; g0 < group; g0 += 2) {
+          const bool pair = g0 + 1 < group;
+          const float* qa = qf.data() + g0 * D;
+          const float* qb = pair ? qa + D : qa;
+          // Scores of 16 tokens for heads g0 and g0 + 1, two accumulators each to hide FMA latency.
+          __m512 sa0 = _mm512_setzero_ps(), sa1 = _mm512_setzero_ps();
+          __m512 sb0 = _mm512_setzero_ps(), sb1 = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 2) {
+            const __m512 k0 = load16(kb + d * bs), k1 = load16(kb + (d + 1) * bs);
+            sa0 = _mm512_fmadd_ps(_mm512_set1_ps(qa[d]), k0, sa0);
+            sa1 = _mm512_fmadd_ps(_mm512_set1_ps(qa[d + 1]), k1, sa1);
+            sb0 = _mm512_fmadd_ps(_mm512_set1_ps(qb[d]), k0, sb0);
+            sb1 = _mm512_fmadd_ps(_mm512_set1_ps(qb[d + 1]), k1, sb1);
+          }
+          const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          const __m512 scores[2] = {_mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(sa0, sa1)),
+                                    _mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(sb0, sb1))};
+          for (int64_t j = 0; j < (pair ? 2 : 1); ++j) {
+            const int64_t g = g0 + j;
+            const float new_max = std::max(row_max[g], _mm512_reduce_max_ps(scores[j]));
+            const float correction = std::exp(row_max[g] - new_max);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores[j], _mm512_set1_ps(new_max))));
+            row_sum[g] = row_sum[g] * correction + _mm512_reduce_add_ps(p);
+            row_max[g] = new_max;
+            _mm512_storeu_ps(probs.data() + g * 16, p);
+            if (correction != 1.f) {
+              const __m512 c = _mm512_set1_ps(correction);
+              float* ag = acc.data() + g * D;
+              for (int64_t i = 0; i < C; ++i) _mm512_storeu_ps(ag + i * 16, _mm512_mul_ps(c, _mm512_loadu_ps(ag + i * 16)));
+            }
+          }
+          // acc[g] += sum_t p[g][t] * v[t], 16 dimensions at a time.
+          const float* pa = probs.data() + g0 * 16;
+          const float* pb = pair ? pa + 16 : pa;
+          float* aa = acc.data() + g0 * D;
+          for (int64_t i = 0; i < C; ++i) {
+            __m512 a0 = _mm512_loadu_ps(aa + i * 16);
+            __m512 a1 = pair ? _mm512_loadu_ps(aa + D + i * 16) : _mm512_setzero_ps();
+            for (int64_t t = 0; t < n; ++t) {
+              const __m512 vv = load16(vb + t * D + i * 16);
+              a0 = _mm512_fmadd_ps(_mm512_set1_ps(pa[t]), vv, a0);
+              a1 = _mm512_fmadd_ps(_mm512_set1_ps(pb[t]), vv, a1);
+            }
+            _mm512_storeu_ps(aa + i * 16, a0);
+            if (pair) _mm512_storeu_ps(aa + D + i * 16, a1);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* op = out + (b * s.num_heads + kvh * group + g) * D;
+        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
+        for (int64_t d = 0; d < D; ++d) op[d] = from_f<scalar_t>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+#endif
+
+// out[r, i] = silu(x[r, i]) * x[r, inter + i] for x = [rows, 2 * inter] (the fused gate and up projections).
+template <typename scalar_t>
+void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* gate = x + r * 2 * inter;
+      const scalar_t* up = gate + inter;
+      scalar_t* o = out + r * inter;
+      int64_t i = 0;
+#ifdef __AVX512F__
+      if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
+        for (; i + 16 <= inter; i += 16) {
+          const __m512 g = load16(gate + i);
+          const __m512 act = round_to<scalar_t>(
+              _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+          store16(o + i, _mm512_mul_ps(act, load16(up + i)));
+        }
+      }
+#endif
+      for (; i < inter; ++i) {
+        const float g = to_f(gate[i]);
+        // Round silu(g) to the storage type before the product, as the two-op PyTorch version does.
+        const float act = to_f(from_f<scalar_t>(g / (1.f + std::exp(-g))));
+        o[i] = from_f<scalar_t>(act * to_f(up[i]));
+      }
+    }
+  });
+}
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)), computed in float32 per row; with residual: x += residual first
 // and the sum is written back to residual (the layer's running hidden state).
@@ -194,6 +378,65 @@ void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache
 
 }  // namespace
 
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "store_kv: k and v must be [tokens, heads, dim]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "store_kv: k and v rows must be contiguous per token");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "store_kv: bad cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "store_kv: int64 slots");
+  const int64_t head_dim = k.size(2), num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2);
+  TORCH_CHECK(k.size(1) == num_kv_heads && kv_cache.size(3) % head_dim == 0, "store_kv: shape mismatch");
+  auto slots = slot_mapping.contiguous();
+  dispatch_storage(k.scalar_type(), "store_kv", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    store_kv_kernel<scalar_t>(static_cast<const scalar_t*>(k.data_ptr()), static_cast<const scalar_t*>(v.data_ptr()),
+                              k.stride(0), v.stride(0), static_cast<scalar_t*>(kv_cache.data_ptr()),
+                              slots.data_ptr<int64_t>(), k.size(0), num_kv_heads, head_dim, num_blocks,
+                              kv_cache.size(3) / head_dim);
+  });
+}
+
+// q: [batch, heads, head_dim] with contiguous heads (any batch stride); out: the same shape, contiguous.
+void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
+                            torch::Tensor seq_lens, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode: q must be [batch, heads, dim]");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "decode: out");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "decode: bad cache");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong, "int64 indices");
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  DecodeShape shape{q.size(0), q.size(1), kv_cache.size(1), q.size(2), kv_cache.size(2),
+                    kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale)};
+  TORCH_CHECK(shape.num_heads % shape.num_kv_heads == 0 && kv_cache.size(3) % shape.head_dim == 0, "shape mismatch");
+  dispatch_storage(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* qp = static_cast<const scalar_t*>(q.data_ptr());
+    const auto* cp = static_cast<const scalar_t*>(kv_cache.data_ptr());
+    auto* op = static_cast<scalar_t*>(out.data_ptr());
+#ifdef __AVX512F__
+    if (shape.block_size % 16 == 0 && shape.head_dim % 16 == 0) {
+      decode_avx512<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, shape);
+      return;
+    }
+#endif
+    decode_scalar<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, shape);
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "silu_and_mul: contiguous input with an even last dim");
+  const int64_t inter = x.size(-1) / 2;
+  auto sizes = x.sizes().vec();
+  sizes.back() = inter;
+  auto out = torch::empty(sizes, x.options());
+  dispatch_storage(x.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    silu_and_mul_kernel<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), static_cast<scalar_t*>(out.data_ptr()),
+                                  x.numel() / x.size(-1), inter);
+  });
+  return out;
+}
+
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type(), "rms_norm inputs");
   auto out = torch::empty_like(x);
@@ -227,7 +470,9 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)");
+  m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots");
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU), into out");
+  m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
 }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferneo.kernels.cpu import native_ops_for
+from inferneo.kernels.triton_ops import cuda_ops_for
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +20,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
+        cuda = cuda_ops_for(x)
+        if cuda is not None:  # one fused Triton kernel (residual += x in place, then the norm)
+            return cuda.rms_norm(x, residual, self.weight, self.eps)
         native = native_ops_for(x)
         if native is not None and x.is_contiguous():
             if residual is None:
@@ -36,5 +40,11 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU of the first half times the second half (the gate and up projections fused)."""
+    cuda = cuda_ops_for(x)
+    if cuda is not None:
+        return cuda.silu_and_mul(x)
+    native = native_ops_for(x)
+    if native is not None and x.is_contiguous():
+        return native.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
