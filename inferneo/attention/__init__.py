@@ -18,7 +18,13 @@ def _cpu_native() -> type[AttentionBackend]:
     return CpuNativeBackend
 
 
-_BACKENDS = {"torch": lambda: TorchReferenceBackend, "cpu": _cpu_native}
+def _triton() -> type[AttentionBackend]:
+    from inferneo.attention.triton_backend import TritonBackend  # imports triton: only when asked for
+
+    return TritonBackend
+
+
+_BACKENDS = {"torch": lambda: TorchReferenceBackend, "cpu": _cpu_native, "triton": _triton}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
@@ -31,12 +37,20 @@ def get_attention_backend(name: str) -> AttentionBackend:
 
 
 def default_attention_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend that works on this device: the native kernel on CPU when it builds, else PyTorch."""
+    """The fastest backend that works on this device.
+
+    On CPU the native kernel when it builds; on CUDA the Triton kernels when triton imports; else PyTorch.
+    """
     if device.type == "cpu":
         try:
             return get_attention_backend("cpu")
         except RuntimeError as exc:
             logger.info("using the PyTorch attention backend: %s", exc)
+    elif device.type == "cuda":
+        try:
+            return get_attention_backend("triton")
+        except ImportError as exc:
+            logger.info("using the PyTorch attention backend (triton unavailable): %s", exc)
     return TorchReferenceBackend()
 
 

@@ -42,7 +42,8 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for a ``PackedLinear``; returns how many.
 
-    Call after the weights are loaded. Linears that share their weight with another module (tied embeddings)
+    Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
+    more than the matmul) are left alone. Linears that share their weight with another module (tied embeddings)
     keep that weight alive; the others release their unpacked copy.
     """
     if not onednn_available():
@@ -50,7 +51,8 @@ def pack_linears(model: nn.Module) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE:
+            if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
+                    and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE):
                 setattr(parent, name, PackedLinear(child))
                 swapped += 1
     return swapped

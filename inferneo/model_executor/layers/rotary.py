@@ -38,9 +38,13 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = _inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
+        self.max_position, self.theta, self.scaling = max_position, theta, scaling
+        self.build_cache(None)
+
+    def build_cache(self, device: torch.device | None) -> None:
+        """(Re)compute the float32 cos/sin tables, on ``device`` or the default device."""
+        t = torch.arange(self.max_position, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, _inv_freq(self.head_dim, self.theta, self.scaling).to(t.device))
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 

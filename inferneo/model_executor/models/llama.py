@@ -180,8 +180,10 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits; None on tensor-parallel ranks other than the driver."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     # ---- weights -----------------------------------------------------------------------------------------
 
@@ -208,11 +210,20 @@ class LlamaForCausalLM(nn.Module):
                     sizes = self._shard_sizes(fused)
                     offset = sum(sizes[:index])
                     param = _lookup(params, target, name)
-                    _copy(param.data.narrow(0, offset, sizes[index]), tensor, name)
+                    loader = getattr(param, "weight_loader", None)  # a tensor-parallel shard takes its slice
+                    if loader is not None:
+                        loader(param, tensor, index)
+                    else:
+                        _copy(param.data.narrow(0, offset, sizes[index]), tensor, name)
                     loaded.add(f"{target}#{index}")
                     break
             else:
-                _copy(_lookup(params, name, name).data, tensor, name)
+                param = _lookup(params, name, name)
+                loader = getattr(param, "weight_loader", None)
+                if loader is not None:
+                    loader(param, tensor, None)
+                else:
+                    _copy(param.data, tensor, name)
                 loaded.add(name)
         expected = set()
         for pname in params:

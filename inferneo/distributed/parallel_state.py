@@ -1,0 +1,83 @@
+"""The tensor-parallel group of this process: rank, size and the collectives over it.
+
+One process runs one rank. Rank 0 is the driver (it also schedules and samples); the others are workers. The
+group is set up once per process with :func:`init_tensor_parallel`; until then every query answers "one rank",
+so single-process code never touches ``torch.distributed``.
+
+The backend is NCCL for CUDA devices and gloo for CPU. NCCL reads its settings from the environment (for
+example ``NCCL_NVLS_ENABLE=0``); spawned workers inherit the parent's environment, so those settings hold there
+too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(slots=True)
+class TensorParallelGroup:
+    """This process's place in the tensor-parallel group."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place; returns ``x``."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along ``dim``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def gather_to_driver(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Every rank's ``x`` concatenated along ``dim`` on rank 0; None on the other ranks."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+_TP = TensorParallelGroup()
+
+
+def get_tp_group() -> TensorParallelGroup:
+    """The tensor-parallel group of this process (size 1 unless :func:`init_tensor_parallel` ran)."""
+    return _TP
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> TensorParallelGroup:
+    """Join the group of ``world_size`` ranks rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+    global _TP
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        _TP = TensorParallelGroup(rank, world_size, dist.group.WORLD)
+    else:
+        _TP = TensorParallelGroup()
+    return _TP
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the group (safe to call when none was set up)."""
+    global _TP
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _TP = TensorParallelGroup()

@@ -1,0 +1,360 @@
+"""Triton kernels for paged attention, with thin launchers.
+
+The KV cache of one layer is ``[2, num_blocks, num_kv_heads, block_size, head_dim]`` (keys, then values): one
+KV head of one block is a contiguous ``block_size x head_dim`` tile, so a kernel reading a request's context
+touches whole contiguous pages. Three operations:
+
+* ``store_kv``: writes the step's new keys and values into their slots (one launch for both halves).
+* ``paged_decode``: one query token per request; each program serves every query head of one KV group, so a
+  KV tile is read once per group. Long contexts with few requests are split over several programs
+  (flash-decoding) and merged by a small reduction kernel; the split count depends only on tensor shapes.
+* ``paged_prefill``: causal attention of multi-token spans over their cached prefix plus their own tokens (which
+  ``store_kv`` has already written), flash-attention style, all spans in one launch driven by a tile schedule.
+
+All softmax arithmetic is in float32 (base-2 exponentials); float32 inputs use IEEE dot products, not TF32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a fixed 8 elsewhere, e.g. under Triton's interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---- store ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_half, stride_blk, stride_ch, stride_off,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM) & (slot >= 0)
+    key = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    value = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = cache_ptr + blk * stride_blk + h * stride_ch + off * stride_off + d
+    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_half, value.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``k``/``v`` ([T, Hkv, D], last dim contiguous) into ``kv_cache`` at ``slot_mapping`` ([T] int64).
+
+    A negative slot skips its token.
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _store_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *_cache_strides(kv_cache),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim),
+        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1,
+    )
+
+
+# ---- shared tile step -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale,
+                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step: ``q`` [M, D] against ``key``/``value`` [N, D] with ``valid`` [M, N]."""
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(key), input_precision=PRECISION)
+    else:
+        s = tl.sum(q[:, None, :].to(tl.float32) * key[None, :, :].to(tl.float32), axis=2)
+    s = tl.where(valid, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        pv = tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * value[None, :, :].to(tl.float32), axis=1)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+# ---- decode ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
+                   stride_half, stride_blk, stride_ch, stride_off, tokens_per_split,
+                   NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = table_ptr + b * stride_tb
+    head_base = cache_ptr + kvh * stride_ch
+    for kv0 in range(start, end, BLOCK_N):
+        tok = kv0 + tl.arange(0, BLOCK_N)
+        tmask = tok < end
+        blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
+        rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
+        lmask = tmask[:, None] & dmask[None, :]
+        key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
+        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, tmask[None, :], qk_scale, USE_DOT, PRECISION)
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=omask)
+        tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
+                          NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))
+    weight = weight / tl.sum(weight, axis=0)
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d < HEAD_DIM)[None, :],
+                   other=0.0)
+    out = tl.sum(part * weight[:, None], axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_block_n(max_len: int) -> int:
+    """Tokens per decode tile: 64, or the context width rounded up to a power of two when smaller (>= 16)."""
+    return max(16, min(64, triton.next_power_of_2(max_len)))
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, num_sms: int) -> int:
+    """Splits of the context for flash-decoding, from static shapes only.
+
+    No split once there are about as many (request, KV head) programs as SMs; otherwise enough splits to give
+    every SM two programs, each split at least one tile, at most 64 splits.
+    """
+    programs = batch * num_kv_heads
+    tiles = triton.cdiv(max_len, block_n)
+    if programs >= num_sms or tiles < 2:
+        return 1
+    want = min(triton.cdiv(2 * num_sms, programs), tiles, 64)
+    return triton.cdiv(tiles, triton.cdiv(tiles, want))
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None) -> None:
+    """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
+
+    ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
+    count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
+    16 rows; default only for groups > 1) override the heuristics, for benchmarks.
+    """
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return
+    q = _last_dim_contiguous(q)
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    max_len = block_tables.shape[1] * block_size
+    block_n = decode_block_n(max_len)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, device_sm_count(q.device))
+    num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
+    tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_len, tokens_per_split)
+    use_dot = group > 1 if use_dot is None else use_dot
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    block_d = _block_d(head_dim)
+    if num_splits > 1:
+        part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, out, part, lse, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *_cache_strides(kv_cache), tokens_per_split,
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part, lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if head_dim <= 64 else 2,
+        )
+
+
+# ---- prefill --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_half, stride_blk, stride_ch, stride_off,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    q_start = tl.load(sched_ptr + tile * 4)  # flat index of the tile's first query
+    q_end = tl.load(sched_ptr + tile * 4 + 1)  # flat end of its span
+    pos0 = tl.load(sched_ptr + tile * 4 + 2)  # position of the tile's first query in its sequence
+    table = table_ptr + tl.load(sched_ptr + tile * 4 + 3)
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    qmask = (q_start + m) < q_end
+    q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=qmask[:, None] & dmask[None, :], other=0.0)
+    q_pos = pos0 + m
+    kv_end = pos0 + tl.minimum(q_end - q_start, BLOCK_M)  # one past the tile's last query position
+    full_end = (pos0 // BLOCK_N) * BLOCK_N  # keys below every query of the tile: no mask needed
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    head_base = cache_ptr + kvh * stride_ch
+    n = tl.arange(0, BLOCK_N)
+    all_rows = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    for kv0 in range(0, full_end, BLOCK_N):
+        tok = kv0 + n
+        blk = tl.load(table + tok // BLOCK_SIZE)
+        rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
+        key = tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, True, PRECISION)
+    for kv0 in range(full_end, kv_end, BLOCK_N):
+        tok = kv0 + n
+        tmask = tok < kv_end
+        blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
+        rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
+        lmask = tmask[:, None] & dmask[None, :]
+        key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
+        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
+        valid = (tok[None, :] <= q_pos[:, None]) & tmask[None, :]
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, True, PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+
+
+def build_prefill_schedule(spans, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block tables of ``spans`` (PrefillSpan-like) concatenated, and one int32 row per query tile:
+    ``(first flat query, flat end of its span, position of its first query, offset of its block table)``."""
+    rows: list[int] = []
+    table_offset = 0
+    for span in spans:
+        for t0 in range(0, span.num_tokens, block_m):
+            rows += (span.start + t0, span.start + span.num_tokens, span.context_len + t0, table_offset)
+        table_offset += span.block_table.shape[0]
+    tables = torch.cat([span.block_table.reshape(-1) for span in spans]) if spans else None
+    schedule = torch.tensor(rows, dtype=torch.int32).view(-1, 4).to(device, non_blocking=True)
+    return tables, schedule
+
+
+def prefill_config(head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` of the prefill kernel for a head size (tuned for H100)."""
+    if head_dim <= 64:
+        return 64, 4, 3
+    if head_dim <= 128:
+        return 64, 8, 3
+    return 32, 8, 2
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, schedule: torch.Tensor,
+                  scale: float, out: torch.Tensor, block_m: int,
+                  config: tuple[int, int, int] | None = None) -> None:
+    """Causal attention of the scheduled query tiles (``q`` [T, H, D], flat) over their paged keys, into ``out``.
+
+    ``tables``/``schedule`` come from ``build_prefill_schedule`` with the same ``block_m``; ``config`` overrides
+    ``prefill_config`` (for benchmarks).
+    """
+    num_tiles = schedule.shape[0]
+    if num_tiles == 0:
+        return
+    q = _last_dim_contiguous(q)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    block_n, num_warps, num_stages = config or prefill_config(head_dim)
+    _prefill_kernel[(num_tiles, num_heads)](
+        q, kv_cache, tables, schedule, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *_cache_strides(kv_cache),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
+        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.stride(4) != 1:
+        raise ValueError(f"expected a [2, blocks, kv_heads, block_size, head_dim] cache; got {tuple(kv_cache.shape)}")
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

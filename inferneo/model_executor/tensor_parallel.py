@@ -1,0 +1,207 @@
+"""Tensor parallelism as a transform of a built model (Megatron-style sharding).
+
+``shard_model`` swaps the layers of a Llama-family model for sharded ones:
+
+- q/k/v and gate/up projections are split by output rows (column parallel): each rank computes its own heads and
+  its slice of the MLP, with no communication;
+- the attention output and MLP down projections are split by input columns (row parallel): each rank's partial
+  product is summed over the ranks (one all-reduce each), then the bias is added once;
+- the embedding and the LM head are split by vocabulary rows: lookups outside a rank's rows give zeros and the
+  all-reduce fills them in; the LM head's slices of the logits are gathered on the driver (rank 0), which samples.
+
+Key/value heads are divided between ranks when there are at least as many as ranks; with fewer (grouped-query
+attention on many ranks), each rank keeps the one kv head its query heads read, so heads are replicated.
+
+Every sharded parameter carries a ``weight_loader(param, full_tensor, shard)``: it copies this rank's slice of a
+full checkpoint tensor, so a rank never holds more than one full tensor at a time. Build the model on the
+``meta`` device, shard it, then :func:`materialize` it on the real device before loading weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo.distributed.parallel_state import TensorParallelGroup
+from inferneo.model_executor.layers.rotary import RotaryEmbedding
+
+
+def _attach_loader(param: nn.Parameter, loader) -> None:
+    param.weight_loader = loader
+
+
+def _check_shape(dest: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if tuple(dest.shape) != tuple(src.shape):
+        raise ValueError(f"{what}: checkpoint slice has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
+
+
+class QKVParallelLinear(nn.Linear):
+    """The fused q/k/v projection holding this rank's query heads and its key/value heads."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TensorParallelGroup, device=None, dtype=None) -> None:
+        if num_heads % tp.world_size:
+            raise ValueError(f"{num_heads} attention heads cannot be split over {tp.world_size} ranks")
+        if num_kv_heads % tp.world_size and tp.world_size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} key/value heads cannot be split or replicated over {tp.world_size} ranks")
+        self.head_dim = head_dim
+        self.local_heads = num_heads // tp.world_size
+        if num_kv_heads >= tp.world_size:
+            self.local_kv_heads = num_kv_heads // tp.world_size
+            self.kv_head_start = tp.rank * self.local_kv_heads
+        else:  # replicate: ranks sharing a kv head are consecutive
+            self.local_kv_heads = 1
+            self.kv_head_start = tp.rank // (tp.world_size // num_kv_heads)
+        self.q_head_start = tp.rank * self.local_heads
+        out = (self.local_heads + 2 * self.local_kv_heads) * head_dim
+        super().__init__(hidden, out, bias=bias, device=device, dtype=dtype)
+        _attach_loader(self.weight, self.load_shard)
+        if bias:
+            _attach_loader(self.bias, self.load_shard)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int) -> None:
+        """Copy this rank's heads of the full q (shard 0), k (1) or v (2) projection."""
+        d, q_rows, kv_rows = self.head_dim, self.local_heads * self.head_dim, self.local_kv_heads * self.head_dim
+        if shard == 0:
+            src, dest_start, rows = full.narrow(0, self.q_head_start * d, q_rows), 0, q_rows
+        else:
+            src = full.narrow(0, self.kv_head_start * d, kv_rows)
+            dest_start, rows = q_rows + (shard - 1) * kv_rows, kv_rows
+        dest = param.data.narrow(0, dest_start, rows)
+        _check_shape(dest, src, "qkv projection")
+        dest.copy_(src)
+
+
+class MergedColumnParallelLinear(nn.Linear):
+    """Several projections fused by output rows (gate and up), each split evenly over the ranks."""
+
+    def __init__(self, in_features: int, sizes: list[int], bias: bool, tp: TensorParallelGroup,
+                 device=None, dtype=None) -> None:
+        for size in sizes:
+            if size % tp.world_size:
+                raise ValueError(f"output size {size} cannot be split over {tp.world_size} ranks")
+        self.local_sizes = [size // tp.world_size for size in sizes]
+        self.rank = tp.rank
+        super().__init__(in_features, sum(self.local_sizes), bias=bias, device=device, dtype=dtype)
+        _attach_loader(self.weight, self.load_shard)
+        if bias:
+            _attach_loader(self.bias, self.load_shard)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int) -> None:
+        size = self.local_sizes[shard]
+        dest = param.data.narrow(0, sum(self.local_sizes[:shard]), size)
+        src = full.narrow(0, self.rank * size, size)
+        _check_shape(dest, src, "merged column-parallel projection")
+        dest.copy_(src)
+
+
+class RowParallelLinear(nn.Linear):
+    """``y = sum over ranks of (x_rank @ W_rank.T) + b``: the input is split by columns, the output all-reduced."""
+
+    packable = False  # the CPU oneDNN transform must leave this layer (and its all-reduce) in place
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup,
+                 device=None, dtype=None) -> None:
+        if in_features % tp.world_size:
+            raise ValueError(f"input size {in_features} cannot be split over {tp.world_size} ranks")
+        self.tp = tp
+        super().__init__(in_features // tp.world_size, out_features, bias=bias, device=device, dtype=dtype)
+        _attach_loader(self.weight, self.load_shard)
+        if bias:
+            _attach_loader(self.bias, self.load_replicated)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
+        cols = self.in_features
+        src = full.narrow(1, self.tp.rank * cols, cols)
+        _check_shape(param.data, src, "row-parallel projection")
+        param.data.copy_(src)
+
+    def load_replicated(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
+        _check_shape(param.data, full, "row-parallel bias")
+        param.data.copy_(full)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Embedding rows split over the ranks (the vocabulary padded to a multiple of the rank count)."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TensorParallelGroup, device=None, dtype=None) -> None:
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.world_size)
+        self.start = tp.rank * self.rows
+        self.tp = tp
+        super().__init__(self.rows, hidden, device=device, dtype=dtype)
+        _attach_loader(self.weight, self.load_shard)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
+        if full.shape[0] != self.vocab_size:
+            raise ValueError(f"vocabulary rows: checkpoint has {full.shape[0]}, the config says {self.vocab_size}")
+        end = min(self.start + self.rows, self.vocab_size)
+        param.data.zero_()
+        if end > self.start:
+            param.data.narrow(0, 0, end - self.start).copy_(full.narrow(0, self.start, end - self.start))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(nn.Linear):
+    """The LM head split by vocabulary rows; the driver receives the full logits, other ranks None."""
+
+    packable = False
+
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, device=None, dtype=None) -> None:
+        super().__init__(embedding.embedding_dim, embedding.rows, bias=False, device=device, dtype=dtype)
+        self.vocab_size = embedding.vocab_size
+        self.tp = embedding.tp
+        if tied:
+            self.weight = embedding.weight
+        else:
+            _attach_loader(self.weight, embedding.load_shard)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp.gather_to_driver(F.linear(hidden, self.weight), dim=-1)
+        return None if logits is None else logits[..., : self.vocab_size]
+
+
+def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place."""
+    c = model.config
+    kw = dict(device=device, dtype=dtype)
+    for layer in model.layers:
+        attn = layer.self_attn
+        qkv = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.qkv_bias, tp, **kw)
+        attn.qkv_proj = qkv
+        attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
+        attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
+        attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
+        layer.mlp.gate_up_proj = MergedColumnParallelLinear(
+            c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
+        layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
+    model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, **kw)
+    model.lm_head = ParallelLMHead(model.embed_tokens, c.tie_word_embeddings, **kw)
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every parameter and buffer still on ``meta`` real (uninitialized) storage, keeping tied weights tied;
+    rotary tables are recomputed."""
+    tied = getattr(model.lm_head, "weight", None) is getattr(model.embed_tokens, "weight", None)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device=device), requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.empty_like(buf, device=device), persistent=False)
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache(device)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight

@@ -1,0 +1,109 @@
+"""Sharded layers over gloo: two ranks reproduce the single-process model's logits.
+
+Each rank builds the model on the meta device, shards it, materializes only its shard and loads its slices from
+the checkpoint; rank 0 receives the gathered logits. Covers split kv heads, replicated kv heads (one kv head over
+two ranks), q/k/v bias (Qwen2), q/k norms (Qwen3) and tied embeddings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
+from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_loader.loader import iter_weights, load_hf_config
+from inferneo.model_loader.source import resolve_model
+from inferneo.testing.server import free_port
+from inferneo.testing.tiny_models import make_tiny_checkpoint
+
+PROMPTS = [[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]]
+BLOCK = 16
+
+CASES = {
+    "llama-split-kv": dict(arch="llama", num_heads=4, num_kv_heads=2),
+    "llama-replicated-kv-tied": dict(arch="llama", num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
+    "qwen2-bias": dict(arch="qwen2", num_heads=4, num_kv_heads=2),
+    "qwen3-qk-norm": dict(arch="qwen3", num_heads=4, num_kv_heads=2),
+}
+
+
+def _forward_logits(model, num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
+    """Logits at every position of PROMPTS, run as one packed prefill step."""
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])
+    spans, slots, start = [], [], 0
+    for i, p in enumerate(PROMPTS):
+        spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
+        slots.extend(i * BLOCK + j for j in range(len(p)))
+        start += len(p)
+    backend = model.layers[0].self_attn.backend
+    meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
+                             decode_block_tables=None, decode_seq_lens=None, prefills=spans)
+    backend.prepare(meta)
+    caches = [torch.zeros(backend.kv_cache_shape(len(PROMPTS), BLOCK, num_kv_heads, head_dim))
+              for _ in model.layers]
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, positions, caches, meta))
+
+
+def _build(path, tp=None):
+    from inferneo.model_executor.tensor_parallel import materialize, shard_model
+
+    hf_config = load_hf_config(resolve_model(str(path)))
+    cls = get_model_class(hf_config)
+    config = cls.config_from_hf(hf_config)
+    if tp is None:
+        model = cls(config, TorchReferenceBackend(), max_position=256)
+    else:
+        with torch.device("meta"):
+            model = cls(config, TorchReferenceBackend(), max_position=256)
+        shard_model(model, tp, torch.device("cpu"), torch.float32)
+        materialize(model, torch.device("cpu"))
+    model.load_weights(iter_weights(resolve_model(str(path))))
+    return model.eval(), config
+
+
+def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
+    from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
+
+    torch.set_num_threads(1)
+    tp = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"))
+    try:
+        model, config = _build(path, tp)
+        attn = model.layers[0].self_attn
+        logits = _forward_logits(model, attn.num_kv_heads, config.head_dim)
+        if rank == 0:
+            torch.save(logits, out)
+        else:
+            assert logits is None
+        # no rank holds a full projection: each has a fraction of the q heads
+        assert attn.num_heads == config.num_heads // world
+    finally:
+        destroy_tensor_parallel()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_one(tmp_path, case):
+    spec = dict(CASES[case])
+    path = make_tiny_checkpoint(tmp_path / "model", spec.pop("arch"), **spec)
+    model, config = _build(path)
+    expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
+    out = tmp_path / "logits.pt"
+    mp.start_processes(_rank_main, args=(2, free_port(), str(path), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    got = torch.load(out)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_uneven_heads_are_refused():
+    from inferneo.distributed import TensorParallelGroup
+    from inferneo.model_executor.tensor_parallel import QKVParallelLinear
+
+    with pytest.raises(ValueError, match="3 attention heads cannot be split over 2 ranks"):
+        QKVParallelLinear(64, 16, 3, 1, False, TensorParallelGroup(0, 2), device="meta")
+    with pytest.raises(ValueError, match="3 key/value heads"):
+        QKVParallelLinear(64, 16, 6, 3, False, TensorParallelGroup(0, 2), device="meta")

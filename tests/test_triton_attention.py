@@ -1,0 +1,184 @@
+"""The Triton attention backend equals the PyTorch reference, run on CPU through Triton's interpreter.
+
+``TRITON_INTERPRET`` is read when any ``@triton.jit`` function is decorated (triton's own library functions
+included, at ``import triton``) and when an interpreted kernel calls a helper. So this module sets it before
+importing triton and keeps it set while its tests run (restored in between). If triton was imported earlier
+without it, the module is skipped: run it on its own. Two shims fix interpreter gaps of triton 3.6 with numpy 2:
+loop bounds loaded from memory (1-element arrays) and ``tl.dot`` on bfloat16 (stored as raw uint16 bits).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+_ALREADY_IMPORTED = "triton" in sys.modules
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+finally:
+    if _PREVIOUS is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS
+if _ALREADY_IMPORTED and type(triton.language.standard.sum).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before this module without TRITON_INTERPRET=1; run this file on its own",
+                allow_module_level=True)
+
+
+def _patch_interpreter() -> None:
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_inferneo_patched", False):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.data.dtype != np.uint16:  # bfloat16 bits
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), interpreter.tl.float32)
+
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor = patched_tensor
+    interpreter.InterpreterBuilder.create_dot = patched_dot
+    interpreter._inferneo_patched = True
+
+
+def _interpreted_kernels():
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        name = "inferneo.kernels.triton_attention"
+        if name in sys.modules:
+            return importlib.reload(sys.modules[name])
+        return importlib.import_module(name)
+    finally:
+        if _PREVIOUS is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
+
+_patch_interpreter()
+ops = _interpreted_kernels()
+
+from inferneo.attention import get_attention_backend  # noqa: E402
+from inferneo.attention.check_cases import (  # noqa: E402
+    STANDARD_CASES,
+    AttentionCase,
+    build_step,
+    compare_backends,
+    relative_error,
+)
+from inferneo.attention.triton_backend import TritonBackend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _check(case: AttentionCase, dtype: torch.dtype, backend: TritonBackend | None = None, seed: int = 0):
+    step = build_step(case, dtype, "cpu", seed=seed)
+    out, ref, cache, ref_cache = compare_backends(backend or TritonBackend(prefill_block_m=16), step)
+    assert torch.equal(cache, ref_cache), "new keys/values went to the wrong slots"
+    assert torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err < TOLERANCE[dtype], f"{case.name} {dtype}: relative error {err:.2e}"
+    return out, ref
+
+
+@pytest.mark.parametrize("case", STANDARD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(case, dtype):
+    _check(case, dtype)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("group", [1, 4])
+def test_split_kv_decode_matches_reference(splits, group):
+    """Flash-decoding: contexts cut into splits (some empty for short requests), merged by the reduction."""
+    case = AttentionCase("split", 4 * group, 4, 64, 16, decode_lens=(1, 16, 70, 130, 200))
+    _check(case, torch.float32, TritonBackend(decode_splits=splits))
+
+
+def test_large_group_and_non_power_of_two_shapes():
+    """A group of 8 query heads per KV head, a head size (80) and a KV head count (3) padded in the kernels."""
+    _check(AttentionCase("gqa8", 16, 2, 64, 16, decode_lens=(3, 40), prefills=((5, 21),)), torch.float32)
+    _check(AttentionCase("d80", 4, 2, 80, 16, decode_lens=(3, 40), prefills=((17, 21),)), torch.float32)
+    _check(AttentionCase("kv3", 6, 3, 64, 16, decode_lens=(5, 20), prefills=((3, 18),)), torch.float32)
+
+
+def test_prefill_tiles_of_several_sizes_agree():
+    """Spans longer than one query tile, contexts off tile boundaries, and block size 32."""
+    case = AttentionCase("tiles", 4, 2, 64, 32, prefills=((0, 70), (50, 45), (64, 64)))
+    for block_m in (16, 32, 64):
+        _check(case, torch.float32, TritonBackend(prefill_block_m=block_m))
+
+
+def test_strided_qkv_views_like_the_model_passes():
+    """q/k/v as column slices of one fused projection output (row stride larger than the head block)."""
+    case = AttentionCase("strided", 4, 2, 64, 16, decode_lens=(9,), prefills=((3, 12),))
+    step = build_step(case, torch.float32, "cpu")
+    fused = torch.cat([step.q.flatten(1), step.k.flatten(1), step.v.flatten(1)], dim=1)
+    q, k, v = fused.split([4 * 64, 2 * 64, 2 * 64], dim=1)
+    step.q, step.k, step.v = q.view(-1, 4, 64), k.view(-1, 2, 64), v.view(-1, 2, 64)
+    assert not step.q.is_contiguous()
+    out, ref, cache, ref_cache = compare_backends(TritonBackend(prefill_block_m=16), step)
+    assert torch.equal(cache, ref_cache)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_split_count_depends_on_shapes_only():
+    assert ops.choose_num_splits(128, 32, 1024, 64, 132) == 1  # enough programs already
+    assert ops.choose_num_splits(1, 32, 1024, 64, 132) == 8  # about two programs per SM
+    assert ops.choose_num_splits(1, 8, 1024, 64, 132) == 16  # at most one split per tile
+    assert ops.choose_num_splits(1, 8, 16, 16, 132) == 1
+    assert ops.decode_block_n(16) == 16 and ops.decode_block_n(4096) == 64
+
+
+def test_registry_and_layout():
+    backend = get_attention_backend("triton")
+    assert isinstance(backend, TritonBackend) and backend.name == "triton"
+    assert backend.kv_cache_shape(10, 16, 2, 64) == (2, 10, 2, 16, 64)
+    with pytest.raises(ValueError):
+        backend.kv_cache_shape(10, 8, 2, 64)
+
+
+def test_tiny_model_greedy_tokens_equal_the_torch_backend(tiny_checkpoint_factory, monkeypatch):
+    """End to end (float32): the engine's greedy tokens with the Triton backend equal those with the reference,
+    over batched decodes, chunked prefill and prefix-cache hits."""
+    from inferneo import LLM, SamplingParams
+    from inferneo.worker import model_runner
+
+    path = tiny_checkpoint_factory("llama")
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(5, 300, 20).tolist()
+    prompts = [prefix + rng.integers(5, 300, int(n)).tolist() for n in (3, 11, 30)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    results = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setattr(model_runner, "default_attention_backend", lambda device, name=name:
+                            get_attention_backend(name))
+        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=24, enable_prefix_caching=True)
+        assert llm.engine.runner.backend.name == name
+        results[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.kv_cache.prefix_cache_hits > 0
+    assert results["triton"] == results["torch"]
