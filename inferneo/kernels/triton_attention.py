@@ -202,7 +202,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
-    16 rows; default only for groups > 1) override the heuristics, for benchmarks.
+    16 rows; default for groups > 1 and for half precision) override the heuristics, for benchmarks.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -217,7 +217,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_len, tokens_per_split)
-    use_dot = group > 1 if use_dot is None else use_dot
+    if use_dot is None:  # on the H100 the padded tensor-core path beat elementwise scores for MHA in half precision
+        use_dot = group > 1 or q.dtype != torch.float32
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
     block_d = _block_d(head_dim)
     if num_splits > 1:
