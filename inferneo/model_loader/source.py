@@ -29,7 +29,8 @@ class ModelSource:
 def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
     """Find the model the user asked for.
 
-    ``None`` is the bundled default (SmolLM2-135M-Instruct, Q4_1 GGUF). A string or path is tried as a local
+    ``None`` is the bundled default (SmolLM2-135M-Instruct, Q4_1 GGUF). ``preset:NAME`` is an architecture
+    preset (``arch_presets``; use with ``load_format="dummy"``). A string or path is tried as a local
     folder or ``.gguf`` file first, then as a hub id ``org/name[@revision]`` in the Hugging Face cache.
     Raises FileNotFoundError naming every place looked at when nothing is found.
     """
@@ -38,6 +39,10 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
     name = os.fspath(model)
     if not name.strip():
         raise ValueError("model must be a path or a hub id such as 'org/name'; got an empty string")
+    from inferneo.model_executor.arch_presets import materialize_preset, preset_name
+
+    if (preset := preset_name(name)) is not None:  # ``preset:llama-2-7b``: a real architecture, dummy weights
+        return ModelSource("hf_dir", materialize_preset(preset), name)
     path = Path(name).expanduser()
     if path.exists():
         return _local_source(path, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from inferneo.model_executor.arch_presets import TokenIdTokenizer, is_preset_folder
 from inferneo.model_loader.gguf_tokenizer import load_gguf_tokenizer
 from inferneo.model_loader.hf_files import hf_config, hf_generation_config, read_json
 from inferneo.model_loader.source import ModelSource, resolve_model
@@ -24,17 +25,25 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrai
     """
     tok_source = resolve_model(tokenizer) if tokenizer is not None else source
     path = tok_source.path
+    if tok_source.kind == "hf_dir" and is_preset_folder(path) and not _has_tokenizer_files(path):
+        config = hf_config(path)
+        return TokenIdTokenizer(config["vocab_size"], config.get("eos_token_id"), config.get("bos_token_id"),
+                                name=source.name)
     tok = load_gguf_tokenizer(path) if tok_source.kind == "gguf" else _load_hf_tokenizer(path)
     if tok.eos_token_id is None:
         _set_eos_from_configs(tok, source)
     return tok
 
 
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                      "tokenizer.model", "vocab.json"))
+
+
 def _load_hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
-                                                       "tokenizer.model", "vocab.json")):
+    if not _has_tokenizer_files(folder):
         raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
                                 "pass --tokenizer with a folder that has them")
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

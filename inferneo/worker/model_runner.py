@@ -2,31 +2,36 @@
 
 It knows nothing of queues or policies: it receives the scheduler's output (which requests, how many new
 tokens each) and returns one sampled token for every request whose known tokens are now all computed.
+
+A step's inputs are packed with numpy into one host buffer and reach the device in one copy
+(``step_inputs``, ``staging``); sampling is batched on the device and the sampled ids come back in the step's
+single device-to-host sync. On CUDA, decode-only steps replay captured graphs padded to a batch-size bucket
+(``cuda_graphs``); the padding logic is plain numpy and also runs on CPU when ``decode_buckets`` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from inferneo import envs
-from inferneo.attention import (
-    AttentionMetadata,
-    PrefillSpan,
-    default_attention_backend,
-    get_attention_backend,
-)
+from inferneo.attention import default_attention_backend, get_attention_backend
 from inferneo.engine.request import Request
-from inferneo.engine.scheduler import SchedulerOutput
+from inferneo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
+from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
+from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
+from inferneo.worker.staging import InputStager
+from inferneo.worker.step_inputs import pack_step, step_layout, step_views
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +47,23 @@ class RunnerOutput:
     sampled_token_ranks: list[int] | None = None
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build parameters directly in ``dtype`` (no float32 copy of a 7B model on the way)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class ModelRunner:
-    """Builds the model on its device and executes scheduled steps."""
+    """Builds the model on its device and executes scheduled steps.
+
+    ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. The KV
+    cache holds one block more than the scheduler is given: the spare block that padded decode rows use.
+    """
 
     def __init__(
         self,
@@ -53,19 +73,25 @@ class ModelRunner:
         max_model_len: int,
         block_size: int,
         attention_backend: str | None = None,
+        enforce_eager: bool = False,
+        max_num_seqs: int = 256,
     ) -> None:
         self.device = device
         self.dtype = dtype
         if device.type == "cpu":
             keep_freed_memory_mapped()
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.enforce_eager = enforce_eager
+        self.max_num_seqs = max_num_seqs
         model_cls = get_model_class(hf_config)
         self.model_config = model_cls.config_from_hf(hf_config)
         if attention_backend is None:
             self.backend = default_attention_backend(device)
         else:
             self.backend = get_attention_backend(attention_backend)
-        with torch.device(device):
+        with torch.device(device), _default_dtype(dtype):
             self.model: LlamaForCausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
         self.model.to(dtype=dtype)
         # Rotary tables stay in float32 whatever the model dtype.
@@ -76,16 +102,24 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.spare_block = 0
+        self._inputs = InputStager(device)
+        # Decode batches are padded to these sizes (set on CUDA when graphs are captured; tests set it on CPU).
+        self.decode_buckets: list[int] = []
+        self.graphs: DecodeGraphs | None = None
+        self.use_cuda_graphs = False
 
     # ---- weights and cache -------------------------------------------------------------------------------
 
     def load_weights(self, weights) -> None:
+        """Copy checkpoint weights (Hugging Face names) into the model."""
         start = time.perf_counter()
         self.model.load_weights(weights)
         logger.info("loaded weights in %.1f s", time.perf_counter() - start)
 
+    @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights from the config alone (for benchmarks of real architectures)."""
+        """Random weights from the config alone (for benchmarks of real architectures), drawn on the device."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for name, param in self.model.named_parameters():
             if "norm" in name:
@@ -101,78 +135,84 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
+        """Bytes of KV cache one block takes over all layers."""
         c = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
+    def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
+        """Bytes the KV cache may take on CUDA, measured with a worst-case forward pass (see ``memory``).
+
+        Call after the weights are loaded and before ``allocate_kv_cache``.
+        """
+        profile = profile_peak_memory(self, max_num_batched_tokens, self.max_num_seqs)
+        budget = kv_cache_budget(profile, gpu_memory_utilization, reserve=self.kv_bytes_per_block)
+        logger.info("GPU memory: %.2f GiB total, %.2f GiB in use, %.2f GiB activation peak -> %.2f GiB for KV",
+                    profile.total / 2**30, profile.in_use / 2**30, profile.peak_activation / 2**30,
+                    budget / 2**30)
+        return budget
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate ``num_blocks`` blocks for the scheduler plus the spare padding block; capture CUDA graphs."""
         c = self.model_config
-        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.spare_block = num_blocks
+        shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
         # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks = num_blocks
+        if self.device.type == "cuda" and not self.enforce_eager:
+            self.capture_cuda_graphs()
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs for every bucket up to ``max_num_seqs`` (at most 256)."""
+        self.decode_buckets = decode_buckets(self.max_num_seqs)
+        self.graphs = DecodeGraphs(
+            self.model, self.backend, self.kv_caches, self.decode_buckets, self.block_size,
+            self.max_blocks_per_seq, self.model_config.hidden_size, self.dtype, self.device, self.spare_block,
+        )
+        self.graphs.capture()
+        self.use_cuda_graphs = True
 
     # ---- one step ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step and sample the next token of every request whose tokens are all computed."""
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first, stable
-        bs = self.block_size
-        token_chunks, pos_chunks, slot_chunks = [], [], []
-        decode_tables, decode_lens = [], []
-        prefills: list[PrefillSpan] = []
-        sample_rows: list[int] = []
-        sample_requests: list[Request] = []
-        offset = 0
-        for item in items:
-            req, n = item.request, item.num_new_tokens
-            start = req.num_computed_tokens
-            positions = np.arange(start, start + n)
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            token_chunks.append(req.all_token_ids[start : start + n])
-            pos_chunks.append(positions)
-            slot_chunks.append(blocks[positions // bs] * bs + positions % bs)
-            if n == 1:
-                decode_tables.append(req.block_ids)
-                decode_lens.append(start + 1)
-            else:
-                num_blocks = -(-(start + n) // bs)
-                prefills.append(PrefillSpan(offset, n, start, torch.from_numpy(blocks[:num_blocks]).to(self.device)))
-            offset += n
-            if start + n == req.num_tokens:
-                sample_rows.append(offset - 1)
-                sample_requests.append(req)
-
-        dev = self.device
-        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_chunks)).to(dev)
-        slot_mapping = torch.from_numpy(np.concatenate(slot_chunks)).to(dev)
-        tables = lens = None
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            padded = np.zeros((len(decode_tables), width), dtype=np.int64)
-            for i, t in enumerate(decode_tables):
-                padded[i, : len(t)] = t
-            tables = torch.from_numpy(padded).to(dev)
-            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-        metadata = AttentionMetadata(
-            block_size=bs,
-            num_decode_tokens=len(decode_tables),
-            slot_mapping=slot_mapping,
-            decode_block_tables=tables,
-            decode_seq_lens=lens,
-            prefills=prefills,
-        )
-        self.backend.prepare(metadata)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        if not sample_rows:
+        bucket = self._decode_bucket(items)
+        graphs = self.graphs if bucket is not None and self.use_cuda_graphs else None
+        layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
+        host, host_tensor = self._inputs.host(layout.size)
+        packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
+        if graphs is not None:
+            dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
+            hidden = graphs.replay(bucket)
+        else:
+            dev = self._inputs.upload(host_tensor, layout.size)
+            input_ids, positions, metadata = step_views(dev, packed, self.block_size)
+            self.backend.prepare(metadata)
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        requests = packed.sample_requests
+        if not requests:
             return RunnerOutput([], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        sampling = SamplingMetadata.build(sample_requests, self.model_config.vocab_size, dev)
+        if packed.samples_are_prefix:
+            rows = hidden[: len(requests)]
+        else:
+            rows = hidden[dev[layout.sample_rows : layout.sample_rows + len(requests)]]
+        logits = self.model.compute_logits(rows)
+        sampling = SamplingMetadata.build(requests, self.model_config.vocab_size, self.device)
         result = self.sampler(logits, sampling)
-        out = RunnerOutput(sample_requests, result.sampled_token_ids.tolist())
+        out = RunnerOutput(requests, result.sampled_token_ids.tolist())  # the step's one device-to-host sync
         if result.logprobs is not None:
             out.logprob_token_ids = result.logprob_token_ids.tolist()
             out.logprobs = result.logprobs.tolist()
             out.sampled_token_ranks = result.sampled_token_ranks.tolist()
         return out
+
+    def _decode_bucket(self, items: list[ScheduledRequest]) -> int | None:
+        """The padded batch size of a decode-only step that fits a bucket, else None (run it as it is)."""
+        if not self.decode_buckets or (self.graphs is not None and not self.use_cuda_graphs):
+            return None
+        if any(it.num_new_tokens != 1 for it in items):
+            return None
+        return pick_bucket(self.decode_buckets, len(items))

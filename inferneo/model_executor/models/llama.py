@@ -17,6 +17,7 @@ from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.kernels.cpu import native_ops_for
+from inferneo.kernels.triton_ops import cuda_ops_for
 from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
@@ -97,7 +98,8 @@ class Attention(nn.Module):
 
     def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
         qkv = self.qkv_proj(hidden)
-        native = native_ops_for(qkv) if self.q_norm is None else None
+        # The CPU kernels and the CUDA Triton kernels share the in-place rotary signature.
+        native = (native_ops_for(qkv) or cuda_ops_for(qkv)) if self.q_norm is None else None
         if native is not None:  # rotate q and k in place inside the fused projection output
             native.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                                   self.num_heads + self.num_kv_heads, self.head_dim)

@@ -1,0 +1,107 @@
+"""The Triton kernels behind ``triton_ops`` and their launchers (imported only where Triton is installed)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """RMSNorm over the last dimension. With ``residual``: ``residual += x`` in place, then normalize the sum;
+    returns ``(normalized, residual)``. The normalized rows overwrite ``x`` when a residual is given."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows, n_cols = x2.shape
+    block = triton.next_power_of_2(n_cols)
+    warps = min(max(block // 256, 1), 8)
+    if residual is None:
+        out = torch.empty_like(x2)
+        _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,
+                                    HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+        return out.view(shape)
+    r2 = residual.view(-1, shape[-1])
+    assert r2.stride(-1) == 1, "the residual must be contiguous in its last dimension"
+    _rms_norm_kernel[(n_rows,)](x2, r2, weight, x2, x2.stride(0), r2.stride(0), x2.stride(0), n_cols, eps,
+                                HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+    return x2.view(shape), residual
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # rounded like F.silu's output
+    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of last dimension ``2d``."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows, d = x2.shape[0], x2.shape[1] // 2
+    out = torch.empty(n_rows, d, dtype=x.dtype, device=x.device)
+    block = min(triton.next_power_of_2(d), 1024)
+    _silu_and_mul_kernel[(n_rows, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
+                                                          BLOCK=block, num_warps=4)
+    return out.view(*shape[:-1], d)
+
+
+@triton.jit
+def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_heads, head_dim, half,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dmask = d < half
+    mask = (h < n_heads) & dmask
+    cos = tl.load(cos_ptr + pos * stride_c + d, mask=dmask, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_c + d, mask=dmask, other=0.0)
+    base = qkv_ptr + t * stride_t + h * head_dim
+    a = tl.load(base + d, mask=mask, other=0.0)
+    b = tl.load(base + half + d, mask=mask, other=0.0)
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    tl.store(base + d, (af * cos - bf * sin).to(a.dtype), mask=mask)
+    tl.store(base + half + d, (bf * cos + af * sin).to(a.dtype), mask=mask)
+
+
+def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                   num_heads: int, head_dim: int) -> None:
+    """Rotate (rotate-half layout) the first ``num_heads`` heads of each row of ``qkv`` in place: the query
+    and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``."""
+    assert qkv.dim() == 2 and qkv.stride(-1) == 1
+    assert cos_cache.stride(-1) == 1 and cos_cache.stride() == sin_cache.stride()
+    n_tokens = qkv.shape[0]
+    if n_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, qkv.stride(0), cos_cache.stride(0),
+                                num_heads, head_dim, half, BLOCK_H=triton.next_power_of_2(num_heads),
+                                BLOCK_D=triton.next_power_of_2(half), num_warps=4)

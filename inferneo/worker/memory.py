@@ -1,0 +1,82 @@
+"""Sizing the KV cache from what the device has left after the weights and a profiling forward pass."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from inferneo.attention import AttentionMetadata, PrefillSpan
+
+if TYPE_CHECKING:
+    from inferneo.worker.model_runner import ModelRunner
+
+
+@dataclass(slots=True, frozen=True)
+class MemoryProfile:
+    """Device memory readings, in bytes, taken after weights load and a worst-case forward pass ran.
+
+    ``in_use`` is everything the device reports as taken once the profiling pass's temporaries were released
+    (CUDA context, weights, other processes); ``peak_activation`` is how far the pass's allocations rose above
+    what stayed allocated afterwards.
+    """
+
+    total: int
+    in_use: int
+    peak_activation: int
+
+
+def kv_cache_budget(profile: MemoryProfile, utilization: float, reserve: int = 0) -> int:
+    """Bytes the KV cache may take: ``total * utilization - in_use - peak_activation - reserve`` (not below 0).
+
+    ``reserve`` covers what is allocated after the KV cache and not seen by the profiling pass (the spare
+    padding block, CUDA graph pools).
+    """
+    budget = int(profile.total * utilization) - profile.in_use - profile.peak_activation - reserve
+    return max(budget, 0)
+
+
+def profile_peak_memory(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int) -> MemoryProfile:
+    """Run a worst-case step (a full token budget of prefill, logits for ``max_num_seqs`` rows) and read memory."""
+    device = runner.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    dummy_prefill(runner, max_num_batched_tokens, max_num_seqs)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    allocated = torch.cuda.memory_allocated(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return MemoryProfile(total=total, in_use=total - free, peak_activation=max(peak - allocated, 0))
+
+
+@torch.inference_mode()
+def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.Tensor:
+    """One forward pass over ``num_tokens`` prompt tokens (in spans no longer than the context) plus logits and
+    a sort for ``num_seqs`` rows, writing K/V into a small scratch cache. Returns the logits."""
+    c, bs, device = runner.model_config, runner.block_size, runner.device
+    span_len = max(1, runner.max_model_len - 1)
+    lengths = [min(span_len, num_tokens - s) for s in range(0, num_tokens, span_len)]
+    spans, slots, positions = [], [], []
+    block = 0
+    for start, n in zip(itertools.accumulate([0, *lengths[:-1]]), lengths, strict=True):
+        num_blocks = -(-n // bs)
+        table = torch.arange(block, block + num_blocks, device=device)
+        spans.append(PrefillSpan(start, n, 0, table))
+        slots.append(torch.arange(n, device=device) + block * bs)
+        positions.append(torch.arange(n, device=device))
+        block += num_blocks
+    shape = runner.backend.kv_cache_shape(block, bs, c.num_kv_heads, c.head_dim)
+    scratch = torch.zeros(shape, dtype=runner.dtype, device=device)
+    metadata = AttentionMetadata(block_size=bs, num_decode_tokens=0, slot_mapping=torch.cat(slots),
+                                 decode_block_tables=None, decode_seq_lens=None, prefills=spans)
+    runner.backend.prepare(metadata)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = runner.model(ids, torch.cat(positions), [scratch] * c.num_layers, metadata)
+    rows = hidden[-min(num_seqs, num_tokens):]
+    logits = runner.model.compute_logits(rows)
+    logits.sort(dim=-1)[0].softmax(dim=-1).cumsum(dim=-1)  # the sampler's top-p path, the heaviest one
+    return logits

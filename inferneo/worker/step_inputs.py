@@ -1,0 +1,208 @@
+"""Packing one engine step's inputs into a single int64 host buffer, so they reach the device in one copy.
+
+The buffer holds, in this order: token ids, positions and KV slots (one per token), decode sequence lengths
+(one per decode row), the rows of the hidden states to sample, the decode block tables (``rows x width``) and
+the block tables of the multi-token spans. A :class:`Layout` fixes where each section starts. In eager mode the
+layout is sized to the step; for CUDA graphs it is sized to the largest bucket and never changes, so the graph's
+static input tensor is simply the device copy of this buffer.
+
+Decode rows are filled with vectorized numpy over all decoding requests; only multi-token spans (a few per
+step) are handled one by one. Rows added to pad a decode batch to its bucket hold token 0 at position 0, write
+their key and value into the spare KV block and attend to that one slot (sequence length 1), so an attention
+backend needs no notion of padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.engine.request import Request
+from inferneo.engine.scheduler import ScheduledRequest
+
+
+@dataclass(slots=True, frozen=True)
+class Layout:
+    """Section sizes of the packed buffer: tokens, decode rows, sampled rows, block-table width."""
+
+    tokens: int
+    rows: int
+    samples: int
+    width: int
+    prefill_table_len: int = 0
+
+    @property
+    def ids(self) -> int:
+        return 0
+
+    @property
+    def positions(self) -> int:
+        return self.tokens
+
+    @property
+    def slots(self) -> int:
+        return 2 * self.tokens
+
+    @property
+    def seq_lens(self) -> int:
+        return 3 * self.tokens
+
+    @property
+    def sample_rows(self) -> int:
+        return 3 * self.tokens + self.rows
+
+    @property
+    def tables(self) -> int:
+        return self.sample_rows + self.samples
+
+    @property
+    def prefill_tables(self) -> int:
+        return self.tables + self.rows * self.width
+
+    @property
+    def size(self) -> int:
+        return self.prefill_tables + self.prefill_table_len
+
+    def used(self, num_rows: int) -> int:
+        """Elements to copy when only the first ``num_rows`` decode rows are filled (graph layouts)."""
+        if self.prefill_table_len:
+            return self.size
+        return self.tables + num_rows * self.width
+
+
+@dataclass(slots=True)
+class SpanInfo:
+    """One multi-token span: where its tokens sit in the flat batch and where its block table is packed."""
+
+    start: int
+    num_tokens: int
+    context_len: int
+    table_offset: int
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class PackedStep:
+    """A packed step: the buffer (already filled) plus what is needed to slice device views out of it."""
+
+    layout: Layout
+    num_tokens: int  # including padded decode rows
+    num_decode: int  # decode rows including padding
+    num_real_decode: int
+    spans: list[SpanInfo] = field(default_factory=list)
+    sample_requests: list[Request] = field(default_factory=list)
+    # True when the rows to sample are exactly 0..len(sample_requests)-1 (then no index tensor is needed).
+    samples_are_prefix: bool = False
+
+
+def step_layout(items: list[ScheduledRequest], block_size: int, pad_rows: int | None = None,
+                width: int | None = None) -> Layout:
+    """The tightest layout for ``items`` (decodes first), with decode rows padded to ``pad_rows`` if given."""
+    num_decode = sum(1 for it in items if it.num_new_tokens == 1)
+    rows = max(pad_rows or 0, num_decode)
+    tokens = sum(it.num_new_tokens for it in items) + rows - num_decode
+    if width is None:
+        width = max((len(it.request.block_ids) for it in items[:num_decode]), default=0)
+    prefill_len = sum(-(-(it.request.num_computed_tokens + it.num_new_tokens) // block_size)
+                      for it in items[num_decode:])
+    return Layout(tokens, rows, len(items), width, prefill_len)
+
+
+def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], block_size: int,
+              pad_rows: int | None, spare_block: int) -> PackedStep:
+    """Fill ``buf`` (at least ``layout.size`` int64) with the step's inputs; ``items`` must list decodes first.
+
+    ``pad_rows`` pads the decode rows up to that many (only for decode-only steps).
+    """
+    num_decode = 0
+    while num_decode < len(items) and items[num_decode].num_new_tokens == 1:
+        num_decode += 1
+    rows = max(pad_rows or 0, num_decode)
+    assert pad_rows is None or num_decode == len(items), "only decode-only steps are padded"
+    assert layout.rows >= rows and layout.tokens >= rows
+    lo = layout
+    out = PackedStep(lo, 0, rows, num_decode)
+    sample_rows: list[int] = []
+
+    if rows:
+        reqs = [it.request for it in items[:num_decode]]
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_decode)
+        tables = buf[lo.tables : lo.tables + rows * lo.width].reshape(rows, lo.width)
+        tables.fill(0)
+        counts = np.fromiter((len(r.block_ids) for r in reqs), np.int64, num_decode)
+        total = int(counts.sum())
+        if total:
+            flat = np.fromiter(itertools.chain.from_iterable(r.block_ids for r in reqs), np.int64, total)
+            row_idx = np.repeat(np.arange(num_decode), counts)
+            col_idx = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            tables[row_idx, col_idx] = flat
+        ids = buf[lo.ids : lo.ids + rows]
+        ids[:num_decode] = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r in reqs), np.int64,
+                                       num_decode)
+        buf[lo.positions : lo.positions + num_decode] = starts
+        blocks = tables[np.arange(num_decode), starts // block_size]
+        buf[lo.slots : lo.slots + num_decode] = blocks * block_size + starts % block_size
+        buf[lo.seq_lens : lo.seq_lens + num_decode] = starts + 1
+        if rows > num_decode:  # padding rows: token 0 at position 0, into and from the spare block
+            ids[num_decode:] = 0
+            buf[lo.positions + num_decode : lo.positions + rows] = 0
+            buf[lo.slots + num_decode : lo.slots + rows] = spare_block * block_size
+            buf[lo.seq_lens + num_decode : lo.seq_lens + rows] = 1
+            tables[num_decode:, 0] = spare_block
+        for i, r in enumerate(reqs):
+            if r.num_computed_tokens + 1 == r.num_tokens:
+                sample_rows.append(i)
+                out.sample_requests.append(r)
+
+    offset = rows
+    table_offset = lo.prefill_tables
+    for it in items[num_decode:]:
+        req, n = it.request, it.num_new_tokens
+        start = req.num_computed_tokens
+        positions = np.arange(start, start + n, dtype=np.int64)
+        num_blocks = -(-(start + n) // block_size)
+        blocks = np.asarray(req.block_ids[:num_blocks], dtype=np.int64)
+        buf[lo.ids + offset : lo.ids + offset + n] = req.all_token_ids[start : start + n]
+        buf[lo.positions + offset : lo.positions + offset + n] = positions
+        buf[lo.slots + offset : lo.slots + offset + n] = blocks[positions // block_size] * block_size + (
+            positions % block_size)
+        buf[table_offset : table_offset + num_blocks] = blocks
+        out.spans.append(SpanInfo(offset, n, start, table_offset, num_blocks))
+        table_offset += num_blocks
+        offset += n
+        if start + n == req.num_tokens:
+            sample_rows.append(offset - 1)
+            out.sample_requests.append(req)
+
+    out.num_tokens = offset
+    num_samples = len(sample_rows)
+    buf[lo.sample_rows : lo.sample_rows + num_samples] = sample_rows
+    out.samples_are_prefix = sample_rows == list(range(num_samples))
+    return out
+
+
+def step_views(dev: torch.Tensor, packed: PackedStep, block_size: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               AttentionMetadata]:
+    """Input ids, positions and attention metadata as views of the step's packed tensor (no copies)."""
+    lo, t, rows = packed.layout, packed.num_tokens, packed.num_decode
+    tables = lens = None
+    if rows:
+        tables = dev[lo.tables : lo.tables + rows * lo.width].view(rows, lo.width)
+        lens = dev[lo.seq_lens : lo.seq_lens + rows]
+    prefills = [
+        PrefillSpan(s.start, s.num_tokens, s.context_len, dev[s.table_offset : s.table_offset + s.num_blocks])
+        for s in packed.spans
+    ]
+    metadata = AttentionMetadata(
+        block_size=block_size,
+        num_decode_tokens=rows,
+        slot_mapping=dev[lo.slots : lo.slots + t],
+        decode_block_tables=tables,
+        decode_seq_lens=lens,
+        prefills=prefills,
+    )
+    return dev[lo.ids : lo.ids + t], dev[lo.positions : lo.positions + t], metadata
