@@ -34,7 +34,7 @@ def build_hf_llama(config: dict, device: str, dtype: torch.dtype, seed: int = 0)
     return model
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy static-batch ``generate``, ``batch_size`` prompts at a time; prompts of one batch must have equal
     length (no padding). Every prompt gets exactly ``max_new_tokens`` tokens."""
@@ -68,6 +68,9 @@ def hf_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sett
             **{k: v for k, v in settings.items() if k in fields})
     if "progress_bar" in params:
         kwargs["progress_bar"] = False
-    with torch.inference_mode():
+    # Not under inference_mode: generate_batch runs its loop in a worker thread, which then may not update the
+    # inference tensors the caller's mode would create (transformers 5.17 fails with "Inplace update to inference
+    # tensor outside InferenceMode").
+    with torch.no_grad():
         results = model.generate_batch(inputs=prompts, **kwargs)
     return sum(len(r.generated_tokens) for r in results.values())
