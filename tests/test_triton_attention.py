@@ -148,7 +148,7 @@ def test_strided_qkv_views_like_the_model_passes():
 
 def test_split_count_depends_on_shapes_only():
     assert ops.choose_num_splits(128, 32, 1024, 64, 132) == 1  # enough programs already
-    assert ops.choose_num_splits(1, 32, 1024, 64, 132) == 8  # about two programs per SM
+    assert ops.choose_num_splits(1, 32, 1024, 64, 132) == 16  # about four programs per SM
     assert ops.choose_num_splits(1, 8, 1024, 64, 132) == 16  # at most one split per tile
     assert ops.choose_num_splits(1, 8, 16, 16, 132) == 1
     assert ops.decode_block_n(16) == 16 and ops.decode_block_n(4096) == 64
