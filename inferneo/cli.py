@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from inferneo import cli_batch, cli_bench
+from inferneo.entrypoints.openai.guards import add_guard_args
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 4GiB")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
+    g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (decode runs eagerly)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
@@ -43,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, scheduling_policy=args.scheduling_policy,
-        seed=args.seed, num_threads=args.num_threads,
+        seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager,
     )
 
 
@@ -104,14 +106,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from inferneo.entrypoints.openai.api_server import serve
+    from inferneo.entrypoints.openai.guards import api_keys_from_env, guards_from_args
 
-    api_keys = list(args.api_key or [])
-    if not api_keys and os.environ.get("INFERNEO_API_KEY"):
-        api_keys = [os.environ["INFERNEO_API_KEY"]]
+    api_keys = api_keys_from_env(args.api_key)
     return serve(
         engine_kwargs(args), args.model or args.model_tag, args.served_model_name, args.host, args.port, api_keys,
-        args.max_queued_requests, log_level=args.log_level, access_log=not args.disable_access_log,
-        shutdown_timeout=args.shutdown_timeout,
+        args.max_queued_requests or None, log_level=args.log_level, access_log=not args.disable_access_log,
+        shutdown_timeout=args.shutdown_timeout, engine_in_process=args.engine_in_process,
+        guards=guards_from_args(args),
     )
 
 
@@ -125,11 +127,16 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="model name(s) clients use; the first is the main one (default: the model argument)")
     g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (any of these keys; default $INFERNEO_API_KEY)")
-    g.add_argument("--max-queued-requests", type=int, default=None,
-                   help="refuse new requests (429 + Retry-After) while this many wait for a batch slot")
+    g.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="refuse new requests (429 + Retry-After) while this many sequences wait for a batch slot "
+                   "(default 1024; 0 for no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
+    g.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine core in a thread of the server process instead of a child process "
+                   "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
         # no rank holds a full projection: each has a fraction of the q heads
         assert attn.num_heads == config.num_heads // world
     finally:
-        destroy_tensor_parallel()
+        destroy_tensor_parallel(barrier=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))

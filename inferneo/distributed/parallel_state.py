@@ -11,6 +11,7 @@ too.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -61,23 +62,34 @@ def get_tp_group() -> TensorParallelGroup:
     return _TP
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> TensorParallelGroup:
-    """Join the group of ``world_size`` ranks rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``)."""
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
+                         timeout: datetime.timedelta | None = None) -> TensorParallelGroup:
+    """Join the group of ``world_size`` ranks rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``).
+
+    ``timeout`` bounds how long a collective waits for a missing rank before it fails.
+    """
     global _TP
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
         _TP = TensorParallelGroup(rank, world_size, dist.group.WORLD)
     else:
         _TP = TensorParallelGroup()
     return _TP
 
 
-def destroy_tensor_parallel() -> None:
-    """Leave the group (safe to call when none was set up)."""
+def destroy_tensor_parallel(barrier: bool = False) -> None:
+    """Leave the group (safe to call when none was set up).
+
+    With ``barrier``, first wait until every rank is leaving too: tearing gloo down while a peer is still inside
+    it can abort that peer. Only use it when every rank is known to be alive.
+    """
     global _TP
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _TP = TensorParallelGroup()

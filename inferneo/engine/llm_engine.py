@@ -11,15 +11,14 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 import psutil
 import torch
 
 from inferneo.config import EngineConfig
-from inferneo.engine.core import CoreOutput, EngineCore
-from inferneo.engine.detokenizer import IncrementalDetokenizer
+from inferneo.engine.core import EngineCore
 from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.output_processor import OutputProcessor
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_loader import (
@@ -29,7 +28,7 @@ from inferneo.model_loader import (
     load_tokenizer,
     resolve_model,
 )
-from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
+from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams
 from inferneo.worker.model_runner import ModelRunner
 
@@ -37,34 +36,6 @@ logger = logging.getLogger(__name__)
 
 _CPU_KV_CACHE_DEFAULT = 4 * 2**30
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-@dataclass(slots=True)
-class _Sequence:
-    """Front-end state of one generated sequence."""
-
-    index: int
-    core_id: str
-    detokenizer: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass(slots=True)
-class _Parent:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    sequences: list[_Sequence]
-    num_cached_tokens: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
 
 
 class LLMEngine:
@@ -83,7 +54,8 @@ class LLMEngine:
         self.dtype = config.torch_dtype(checkpoint_dtype)
         self.max_model_len = self._resolve_max_model_len()
 
-        self.runner = ModelRunner(self.hf_config, self.dtype, self.device, self.max_model_len, config.block_size)
+        self.runner = ModelRunner(self.hf_config, self.dtype, self.device, self.max_model_len, config.block_size,
+                                  enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs)
         self.vocab_size = self.runner.model_config.vocab_size
         if config.load_format == "dummy":
             self.runner.init_dummy_weights(config.seed)
@@ -108,9 +80,8 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.core = EngineCore(self.runner, self.scheduler, self.max_model_len)
-        self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
-        self._parents: dict[str, _Parent] = {}
-        self._core_to_parent: dict[str, tuple[_Parent, _Sequence]] = {}
+        self.eos_token_ids = eos_token_ids(self.generation_config, self.tokenizer)
+        self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
         logger.info(
             "model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
@@ -137,8 +108,9 @@ class LLMEngine:
         memory = self.config.kv_cache_memory
         if memory is None:
             if self.device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(self.device)
-                memory = int(free * self.config.gpu_memory_utilization)
+                max_batched = self.config.max_num_batched_tokens or (
+                    2048 if self.config.enable_chunked_prefill else self.max_model_len)
+                memory = self.runner.profile_kv_memory(max_batched, self.config.gpu_memory_utilization)
             else:
                 memory = min(_CPU_KV_CACHE_DEFAULT, psutil.virtual_memory().available // 4)
         blocks_per_seq = math.ceil(self.max_model_len / self.config.block_size)
@@ -156,13 +128,7 @@ class LLMEngine:
 
     def default_sampling_params(self) -> SamplingParams:
         """Sampling defaults from the model's ``generation_config.json`` (as vLLM does), else the usual ones."""
-        values = {k: self.generation_config[k] for k in _SAMPLING_DEFAULT_KEYS if k in self.generation_config}
-        if "temperature" in values and not self.generation_config.get("do_sample", True):
-            values["temperature"] = 0.0
-        try:
-            return SamplingParams(**values)
-        except ValueError:
-            return SamplingParams()
+        return default_sampling_params(self.generation_config)
 
     # ---- requests ----------------------------------------------------------------------------------------
 
@@ -180,7 +146,7 @@ class LLMEngine:
         """Queue a request; returns its id. Raises ValueError for a prompt the model cannot take."""
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
-        if request_id in self._parents:
+        if request_id in self.processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             text, prompt_ids = prompt, self.tokenize(prompt)
@@ -207,118 +173,56 @@ class LLMEngine:
         if params.logprobs is not None and params.logprobs > 20:
             raise ValueError(f"logprobs must be at most 20, got {params.logprobs}")
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        sequences, core_requests = [], []
-        for j in range(params.n):
-            child_params = params
-            if params.n > 1:
-                child_params = params.clone()
-                child_params.n = 1
-                if params.seed is not None:
-                    child_params.seed = params.seed + j
-            core_id = request_id if params.n == 1 else f"{request_id}#{j}"
-            seq = _Sequence(j, core_id, IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params))
-            if params.logprobs is not None:
-                seq.logprobs, seq.cumulative_logprob = [], 0.0
-            sequences.append(seq)
-            core_requests.append(
-                Request(core_id, prompt_ids, child_params, max_tokens, eos, priority=priority, arrival_time=arrival)
-            )
+        parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
+                                               self.eos_token_ids, priority, arrival)
+        core_requests = [Request(*spec) for spec in specs]
         # Every sequence was built (building is what can fail); only now do they enter the engine, all together.
         for core_request in core_requests:
             self.core.add_request(core_request)
-        parent = _Parent(request_id, text, prompt_ids, params, sequences)
-        self._parents[request_id] = parent
-        for seq in sequences:
-            self._core_to_parent[seq.core_id] = (parent, seq)
+        self.processor.register(parent)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
-        parent = self._parents.pop(request_id, None)
-        if parent is None:
-            return
-        ids = [s.core_id for s in parent.sequences]
-        self.core.abort_requests(ids)
-        for core_id in ids:
-            self._core_to_parent.pop(core_id, None)
+        ids = self.processor.abort(request_id)
+        if ids:
+            self.core.abort_requests(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return self.processor.has_unfinished()
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._parents)
+        return len(self.processor.parents)
 
     def running_request_ids(self) -> list[str]:
         """Ids of the requests with a sequence in the running batch (those a failed step may have touched)."""
         ids: dict[str, None] = {}
         for request in self.scheduler.running:
-            entry = self._core_to_parent.get(request.request_id)
-            if entry is not None:
-                ids[entry[0].request_id] = None
+            parent_id = self.processor.parent_id(request.request_id)
+            if parent_id is not None:
+                ids[parent_id] = None
         return list(ids)
 
     # ---- stepping ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return the state of every request that advanced in it."""
-        touched: dict[str, _Parent] = {}
-        for out in self.core.step():
-            entry = self._core_to_parent.get(out.request_id)
-            if entry is None:
-                continue
-            parent, seq = entry
-            self._apply(parent, seq, out)
-            touched[parent.request_id] = parent
-        results = []
-        for parent in touched.values():
-            results.append(self._make_output(parent))
-            if parent.finished:
-                del self._parents[parent.request_id]
-                for seq in parent.sequences:
-                    self._core_to_parent.pop(seq.core_id, None)
-        return results
+        outputs, to_abort = self.processor.process(self.core.step())
+        if to_abort:  # stop strings found by the front end
+            self.core.abort_requests(to_abort)
+        return outputs
 
-    def _apply(self, parent: _Parent, seq: _Sequence, out: CoreOutput) -> None:
-        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
-        seq.token_ids.extend(out.new_token_ids)
-        if seq.logprobs is not None and out.logprobs is not None:
-            for ids, lps, rank in zip(out.logprob_token_ids, out.logprobs, out.ranks, strict=True):
-                entry = {ids[0]: Logprob(lps[0], rank, seq.detokenizer.decode_token(ids[0]))}
-                for k, (tid, lp) in enumerate(zip(ids[1:], lps[1:], strict=True)):
-                    if k >= parent.params.logprobs:
-                        break
-                    entry.setdefault(tid, Logprob(lp, k + 1, seq.detokenizer.decode_token(tid)))
-                seq.logprobs.append(entry)
-                seq.cumulative_logprob += lps[0]
-        stop_string = seq.detokenizer.update(out.new_token_ids)
-        if stop_string is not None and not out.finished:
-            self.core.abort_requests([seq.core_id])
-            seq.finish_reason, seq.stop_reason = "stop", stop_string
-        elif stop_string is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop_string
-        elif out.finished:
-            seq.detokenizer.finish()
-            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
 
-    def _make_output(self, parent: _Parent) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.detokenizer.output_text,
-                token_ids=list(s.token_ids),
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in parent.sequences
-        ]
-        return RequestOutput(
-            parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, parent.finished,
-            parent.num_cached_tokens,
-        )
+def default_sampling_params(generation_config: dict) -> SamplingParams:
+    """Sampling defaults from a model's ``generation_config.json`` (as vLLM does), else the usual ones."""
+    values = {k: generation_config[k] for k in _SAMPLING_DEFAULT_KEYS if k in generation_config}
+    if "temperature" in values and not generation_config.get("do_sample", True):
+        values["temperature"] = 0.0
+    try:
+        return SamplingParams(**values)
+    except ValueError:
+        return SamplingParams()
 
 
 def _checkpoint_dtype(hf_config: dict) -> torch.dtype | None:
@@ -326,7 +230,7 @@ def _checkpoint_dtype(hf_config: dict) -> torch.dtype | None:
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
-def _eos_ids(generation_config: dict, tokenizer) -> frozenset[int]:
+def eos_token_ids(generation_config: dict, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     eos = generation_config.get("eos_token_id")
     if isinstance(eos, int):

@@ -17,23 +17,41 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferneo import envs
 from inferneo.attention import default_attention_backend, get_attention_backend
+from inferneo.distributed import get_tp_group
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_executor.tensor_parallel import materialize, shard_model
 from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
 from inferneo.worker.staging import InputStager
-from inferneo.worker.step_inputs import pack_step, step_layout, step_views
+from inferneo.worker.step_inputs import PackedStep, pack_step, step_layout, step_views
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RemoteStep:
+    """What a tensor-parallel worker needs to run a step: the packed input buffer and how to slice it."""
+
+    host: np.ndarray
+    packed: PackedStep  # without its requests
+    bucket: int | None
+    num_samples: int
+
+
+def _without_requests(packed: PackedStep) -> PackedStep:
+    return PackedStep(packed.layout, packed.num_tokens, packed.num_decode, packed.num_real_decode, packed.spans,
+                      [], packed.samples_are_prefix)
 
 
 @dataclass(slots=True)
@@ -91,9 +109,19 @@ class ModelRunner:
             self.backend = default_attention_backend(device)
         else:
             self.backend = get_attention_backend(attention_backend)
-        with torch.device(device), _default_dtype(dtype):
-            self.model: LlamaForCausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
+        self.tp = get_tp_group()
+        if self.tp.world_size > 1:
+            # Build on meta, keep only this rank's shards, then give them storage: no rank holds the whole model.
+            with torch.device("meta"), _default_dtype(dtype):
+                self.model = model_cls(self.model_config, self.backend, max_position=max_model_len)
+            shard_model(self.model, self.tp, device, dtype)
+            materialize(self.model, device)
+        else:
+            with torch.device(device), _default_dtype(dtype):
+                self.model: LlamaForCausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
         self.model.to(dtype=dtype)
+        # Key/value heads this rank holds (all of them without tensor parallelism).
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         # Rotary tables stay in float32 whatever the model dtype.
         for module in self.model.modules():
             if hasattr(module, "cos_cache"):
@@ -108,6 +136,9 @@ class ModelRunner:
         self.decode_buckets: list[int] = []
         self.graphs: DecodeGraphs | None = None
         self.use_cuda_graphs = False
+        # Tensor parallelism: the driver hands every packed step to this callback (which sends it to the workers)
+        # before running its own shard.
+        self.step_listener = None
 
     # ---- weights and cache -------------------------------------------------------------------------------
 
@@ -138,7 +169,7 @@ class ModelRunner:
         """Bytes of KV cache one block takes over all layers."""
         c = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * elem
 
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take on CUDA, measured with a worst-case forward pass (see ``memory``).
@@ -156,7 +187,7 @@ class ModelRunner:
         """Allocate ``num_blocks`` blocks for the scheduler plus the spare padding block; capture CUDA graphs."""
         c = self.model_config
         self.spare_block = num_blocks
-        shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, self.num_kv_heads, c.head_dim)
         # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks = num_blocks
@@ -184,21 +215,14 @@ class ModelRunner:
         layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
         host, host_tensor = self._inputs.host(layout.size)
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
-        if graphs is not None:
-            dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
-            hidden = graphs.replay(bucket)
-        else:
-            dev = self._inputs.upload(host_tensor, layout.size)
-            input_ids, positions, metadata = step_views(dev, packed, self.block_size)
-            self.backend.prepare(metadata)
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         requests = packed.sample_requests
+        if self.step_listener is not None:
+            self.step_listener(RemoteStep(host[: layout.size].copy(), _without_requests(packed), bucket,
+                                          len(requests)))
+        hidden, dev = self._forward(packed, host_tensor, bucket, graphs)
         if not requests:
             return RunnerOutput([], [])
-        if packed.samples_are_prefix:
-            rows = hidden[: len(requests)]
-        else:
-            rows = hidden[dev[layout.sample_rows : layout.sample_rows + len(requests)]]
+        rows = self._sample_rows(hidden, dev, packed, len(requests))
         logits = self.model.compute_logits(rows)
         sampling = SamplingMetadata.build(requests, self.model_config.vocab_size, self.device)
         result = self.sampler(logits, sampling)
@@ -208,6 +232,34 @@ class ModelRunner:
             out.logprobs = result.logprobs.tolist()
             out.sampled_token_ranks = result.sampled_token_ranks.tolist()
         return out
+
+    @torch.inference_mode()
+    def execute_remote(self, step: RemoteStep) -> None:
+        """A tensor-parallel worker's side of a step: the driver's packed inputs through this rank's shards."""
+        graphs = self.graphs if step.bucket is not None and self.use_cuda_graphs else None
+        host, host_tensor = self._inputs.host(step.packed.layout.size)
+        host[: step.packed.layout.size] = step.host
+        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs)
+        if step.num_samples:
+            self.model.compute_logits(self._sample_rows(hidden, dev, step.packed, step.num_samples))
+
+    def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
+                 graphs: DecodeGraphs | None) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = packed.layout
+        if graphs is not None:
+            dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
+            return graphs.replay(bucket), dev
+        dev = self._inputs.upload(host_tensor, layout.size)
+        input_ids, positions, metadata = step_views(dev, packed, self.block_size)
+        self.backend.prepare(metadata)
+        return self.model(input_ids, positions, self.kv_caches, metadata), dev
+
+    @staticmethod
+    def _sample_rows(hidden: torch.Tensor, dev: torch.Tensor, packed: PackedStep, count: int) -> torch.Tensor:
+        if packed.samples_are_prefix:
+            return hidden[:count]
+        start = packed.layout.sample_rows
+        return hidden[dev[start : start + count]]
 
     def _decode_bucket(self, items: list[ScheduledRequest]) -> int | None:
         """The padded batch size of a decode-only step that fits a bucket, else None (run it as it is)."""

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import inferneo
+from inferneo.engine.async_base import AsyncEngineBase
 from inferneo.engine.async_engine import AsyncLLMEngine
-from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
+from inferneo.entrypoints.openai.errors import bad_request, error_body, install_error_handlers
+from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -29,8 +30,10 @@ from inferneo.entrypoints.openai.serving_completion import create_completion
 logger = logging.getLogger(__name__)
 
 
-def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None) -> FastAPI:
-    """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down."""
+def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None) -> FastAPI:
+    """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
+
+    ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``."""
     metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0])
     if ctx.engine.observer is None:
         ctx.engine.observer = metrics
@@ -47,22 +50,7 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None) -> FastA
     app.state.ctx = ctx
     app.state.metrics = metrics
     install_error_handlers(app)
-    keys = [k.encode() for k in ctx.api_keys]
-
-    async def require_key(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        ok = False
-        for key in keys:  # compare with every key, in constant time each
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(require_key)]
+    install_guards(app, ctx, guards)  # API keys, limits, CORS, request logging: see guards.py
 
     @app.get("/health")
     async def health() -> Response:
@@ -77,27 +65,27 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None) -> FastA
     async def version() -> dict[str, str]:
         return {"version": inferneo.__version__}
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(ctx, name) for name in ctx.served_model_names]}
 
-    @app.get("/v1/models/{name:path}", dependencies=guarded)
+    @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         return _model_card(ctx, ctx.model_name(name))
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(ctx, body, raw)
 
-    @app.post("/tokenize", dependencies=guarded)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         if body.model is not None:
             ctx.model_name(body.model)
@@ -116,11 +104,11 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None) -> FastA
             result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
         return result
 
-    @app.post("/detokenize", dependencies=guarded)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         if body.model is not None:
             ctx.model_name(body.model)
-        vocab = ctx.engine.engine.vocab_size
+        vocab = ctx.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"token ids must be in [0, {vocab}); got {bad[:5]}", "tokens")
@@ -136,27 +124,29 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, Any]:
 
 def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: list[str] | None, host: str,
           port: int, api_keys: list[str], max_queued_requests: int | None, log_level: str = "info",
-          access_log: bool = True, shutdown_timeout: float = 30.0) -> int:
-    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns 0."""
+          access_log: bool = True, shutdown_timeout: float = 30.0, engine_in_process: bool = False,
+          guards: ServerGuards | None = None) -> int:
+    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns 0.
+
+    The engine core runs in a child process (so the model's Python and the HTTP server do not share a GIL);
+    ``engine_in_process`` runs it in a thread of this process instead.
+    """
     import uvicorn
 
     from inferneo.config import EngineConfig
-    from inferneo.engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=model, max_queued_requests=max_queued_requests, **engine_kwargs)
-    llm_engine = LLMEngine(config)
-    engine = AsyncLLMEngine(llm_engine, max_queued_requests=max_queued_requests)
-    names = served_model_names or [model or llm_engine.source.name]
-    ctx = ServerContext(engine, names, str(llm_engine.source.path), api_keys)
-    app = build_app(ctx)
-    kv = llm_engine.kv_cache
-    gib = kv.num_blocks * llm_engine.runner.kv_bytes_per_block / 2**30
+    engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
+    names = served_model_names or [model or facts["name"]]
+    ctx = ServerContext(engine, names, facts["path"], api_keys)
+    app = build_app(ctx, guards=guards)
     shown_host = f"[{host}]" if ":" in host else host
-    logger.info("loaded %s (%s) as %s: dtype %s on %s, max_model_len %d", llm_engine.source.name,
-                ", ".join(llm_engine.hf_config.get("architectures") or []), ", ".join(names), llm_engine.dtype,
-                llm_engine.device, llm_engine.max_model_len)
-    logger.info("KV cache: %.3f GiB in %d blocks of %d tokens (%d tokens)", gib, kv.num_blocks, kv.block_size,
-                llm_engine.kv_capacity_tokens)
+    logger.info("loaded %s (%s) as %s: dtype %s on %s, max_model_len %d, engine %s", facts["name"],
+                ", ".join(facts["architectures"] or []), ", ".join(names), facts["dtype"], facts["device"],
+                engine.max_model_len, "in this process" if engine_in_process else "in a child process")
+    logger.info("KV cache: %.3f GiB in %d blocks of %d tokens (%d tokens)",
+                facts["num_blocks"] * facts["kv_bytes_per_block"] / 2**30, facts["num_blocks"],
+                facts["block_size"], engine.kv_capacity_tokens)
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
                 " (API key required)" if api_keys else "")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
@@ -176,6 +166,26 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
         logger.error("the server did not start (is port %d free?)", port)
         return 1
     return 0
+
+
+def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> tuple[AsyncEngineBase, dict]:
+    """The server's engine (core in a child process, or in a thread here) and facts for the start-up log."""
+    if in_process:
+        from inferneo.engine.llm_engine import LLMEngine
+
+        llm_engine = LLMEngine(config)
+        kv = llm_engine.kv_cache
+        facts = {"name": llm_engine.source.name, "path": str(llm_engine.source.path),
+                 "architectures": llm_engine.hf_config.get("architectures"), "dtype": llm_engine.dtype,
+                 "device": llm_engine.device, "num_blocks": kv.num_blocks, "block_size": kv.block_size,
+                 "kv_bytes_per_block": llm_engine.runner.kv_bytes_per_block}
+        return AsyncLLMEngine(llm_engine, max_queued_requests=max_queued_requests), facts
+    from inferneo.engine.core_client import AsyncMPEngine
+
+    engine = AsyncMPEngine(config, max_queued_requests=max_queued_requests)
+    facts = {"name": engine.source.name, "path": str(engine.source.path),
+             "architectures": engine.hf_config.get("architectures"), **engine.info}
+    return engine, facts
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

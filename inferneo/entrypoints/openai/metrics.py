@@ -1,8 +1,8 @@
 """Prometheus metrics at ``/metrics``, all named ``inferneo:...``.
 
 Engine counters (requests running and waiting, KV usage, prefix cache, preemptions, tokens, batch sizes) are read
-from the snapshot the engine thread publishes after each step; request latencies (time to first token,
-inter-token, end-to-end) are observed by the engine thread as outputs come out. Each server has its own registry.
+from the snapshot the engine publishes after each step; request latencies (time to first token, inter-token,
+end-to-end) are observed by the front end as each step's outputs come out. Each server has its own registry.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.engine.async_base import AsyncEngineBase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,9 +24,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServerMetrics:
-    """The registry of one server and the request observer the engine thread reports to."""
+    """The registry of one server and the request observer the engine reports to."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngineBase, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         self.ttft = Histogram("inferneo:time_to_first_token_seconds", "Time from arrival to the first token.",
@@ -40,7 +40,7 @@ class ServerMetrics:
         self._model_name = model_name
         self.registry.register(_EngineCollector(engine, model_name))
 
-    # RequestObserver, called from the engine thread (prometheus_client metrics are thread-safe).
+    # RequestObserver, called from the engine's thread (prometheus_client metrics are thread-safe).
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
@@ -58,7 +58,7 @@ class ServerMetrics:
 class _EngineCollector:
     """Turns the engine's published snapshot into metric families at scrape time."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngineBase, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
 

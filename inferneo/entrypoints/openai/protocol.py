@@ -15,9 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Conversation = list[dict[str, Any]]
 
+# Roles a chat message may have: OpenAI's, plus "ipython" (the tool role of Llama 3.1 templates).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are valid Python JSON but no valid sampling setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -52,6 +58,23 @@ class _SamplingBody(_Body):
     include_stop_str_in_output: bool = False
     priority: int = 0
 
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if len(value) > MAX_STOP_TOKEN_IDS:
+                raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(value)}")
+            if any(t < 0 for t in value):
+                raise ValueError("token ids cannot be negative")
+        return value
+
 
 class CompletionRequest(_SamplingBody):
     """``POST /v1/completions``."""
@@ -66,9 +89,13 @@ class CompletionRequest(_SamplingBody):
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if not value:
+                raise ValueError("the prompt is an empty string")
             return value
         if isinstance(value, list) and value:
             if all(isinstance(p, str) for p in value):
+                if not all(value):
+                    raise ValueError(f"prompt {[bool(p) for p in value].index(False)} is an empty string")
                 return value
             if all(_is_token_id(t) for t in value):
                 return value
@@ -160,6 +187,8 @@ def _conversation(messages: Any, where: str) -> Conversation:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise ValueError(f"{where}message {i} needs a 'role' string")
+        if role not in ROLES:
+            raise ValueError(f"{where}message {i}: role {role[:40]!r} is not one of {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):
             texts = []

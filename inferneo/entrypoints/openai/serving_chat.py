@@ -50,7 +50,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).
-    room = min(engine.max_model_len, engine.engine.kv_capacity_tokens)
+    room = min(engine.max_model_len, engine.kv_capacity_tokens)
     request_id = random_id("chatcmpl")
     requests = []
     for i, ids in enumerate(prompt_ids):

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.engine.async_base import AsyncEngineBase
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
 from inferneo.outputs import RequestOutput
@@ -28,7 +28,7 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt"
 class ServerContext:
     """The engine and the server-wide settings every handler needs."""
 
-    engine: AsyncLLMEngine
+    engine: AsyncEngineBase
     served_model_names: list[str]
     model_path: str
     api_keys: list[str] = field(default_factory=list)
@@ -36,7 +36,7 @@ class ServerContext:
     defaults: SamplingParams = field(init=False)
 
     def __post_init__(self) -> None:
-        self.defaults = self.engine.engine.default_sampling_params()
+        self.defaults = self.engine.default_sampling_params()
 
     @property
     def tokenizer(self):

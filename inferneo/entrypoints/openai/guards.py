@@ -1,0 +1,358 @@
+"""The server's guards: request limits, API keys, CORS and request logging, as one ASGI middleware.
+
+``install_guards(app, ctx, guards)`` puts them in front of the routes. Each request is checked, in this order:
+
+1. the API key (``ctx.api_keys``): every path but ``/health``, ``/version``, ``/openapi.json`` (and ``/metrics``
+   with ``metrics_public``) needs ``Authorization: Bearer <key>``; keys are compared in constant time;
+2. the body size (``Content-Length`` first, then the bytes that actually arrive): 413 over ``max_body_bytes``;
+3. for the JSON endpoints, the body itself: valid UTF-8 and JSON, nested no deeper than ``max_json_depth``, at
+   most ``max_prompts`` prompts (or conversations), ``n`` up to ``max_n``, prompts × ``n`` up to ``max_seqs``
+   and ``max_tokens`` no larger than the context length;
+4. a deadline (``request_timeout``): past it the request is cancelled (its engine work aborted) and the client
+   gets 503 with ``Retry-After`` (or, mid-stream, a last error event).
+
+Everything refused gets the OpenAI error shape. The checks of step 3 look only at the fields they limit; the
+request models in ``protocol.py`` validate the rest. This module imports no web framework at import time, so the
+command line can add its flags cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MiB = 2**20
+PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
+JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+_LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
+
+
+@dataclass(slots=True)
+class ServerGuards:
+    """Limits and security settings of the HTTP server; the defaults suit a small server on one machine."""
+
+    max_body_bytes: int = 4 * MiB
+    max_prompts: int = 256
+    max_n: int = 128
+    max_seqs: int = 1024
+    max_json_depth: int = 32
+    request_timeout: float | None = 600.0
+    metrics_public: bool = False
+    allowed_origins: list[str] = field(default_factory=list)
+    log_requests: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompts", "max_n", "max_seqs", "max_json_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+
+
+def add_guard_args(group: argparse._ArgumentGroup) -> None:
+    """The ``inferneo serve`` flags for ``ServerGuards``."""
+    d = ServerGuards()
+    group.add_argument("--max-request-body-bytes", type=int, default=d.max_body_bytes,
+                       help=f"refuse larger request bodies with 413 (default {d.max_body_bytes})")
+    group.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts,
+                       help=f"prompts (or conversations) one request may carry (default {d.max_prompts})")
+    group.add_argument("--max-n", type=int, default=d.max_n,
+                       help=f"the largest n a request may ask (default {d.max_n}, also the API's ceiling)")
+    group.add_argument("--max-seqs-per-request", type=int, default=d.max_seqs,
+                       help=f"the most sequences (prompts x n) one request may start (default {d.max_seqs})")
+    group.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                       help=f"seconds a request may take before it is aborted with 503 (default {d.request_timeout:g};"
+                       " 0 for none)")
+    group.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    group.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="allow cross-origin (CORS) requests from these origins ('*' for any); default: none")
+    group.add_argument("--log-requests", action="store_true",
+                       help="log request and response bodies (prompts and outputs); off by default")
+
+
+def guards_from_args(args: argparse.Namespace) -> ServerGuards:
+    """``ServerGuards`` from the flags ``add_guard_args`` added."""
+    return ServerGuards(
+        max_body_bytes=args.max_request_body_bytes, max_prompts=args.max_prompts_per_request, max_n=args.max_n,
+        max_seqs=args.max_seqs_per_request, request_timeout=args.request_timeout or None,
+        metrics_public=args.metrics_public, allowed_origins=list(args.allowed_origins or []),
+        log_requests=args.log_requests,
+    )
+
+
+def api_keys_from_env(keys: list[str] | None) -> list[str]:
+    """The given keys, else those in ``$INFERNEO_API_KEY`` (several may be separated by commas)."""
+    if keys:
+        return list(keys)
+    return [k.strip() for k in os.environ.get("INFERNEO_API_KEY", "").split(",") if k.strip()]
+
+
+def install_guards(app: Any, ctx: Any, guards: ServerGuards | None = None) -> None:
+    """Put the guards (and, with ``allowed_origins``, CORS) in front of ``app``'s routes; call before it starts."""
+    guards = guards or ServerGuards()
+    app.add_middleware(GuardMiddleware, ctx=ctx, guards=guards)
+    if guards.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=guards.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+
+class Refusal(Exception):
+    """A request the guards turn away."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+class GuardMiddleware:
+    """The ASGI middleware ``install_guards`` adds (see the module docstring for what it checks)."""
+
+    def __init__(self, app: Any, ctx: Any, guards: ServerGuards) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.guards = guards
+        self.keys = [k.encode() for k in getattr(ctx, "api_keys", None) or []]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = _Exchange(send, self.guards.log_requests)
+        work = self._handle(scope, receive, state)
+        try:
+            if self.guards.request_timeout is None:
+                await work
+            else:
+                await asyncio.wait_for(work, self.guards.request_timeout)
+        except Refusal as refusal:
+            await state.refuse(refusal)
+        except asyncio.TimeoutError:
+            await state.time_out(self.guards.request_timeout)
+        if self.guards.log_requests:
+            state.log_response(scope)
+
+    async def _handle(self, scope: dict, receive: Any, state: _Exchange) -> None:
+        path = scope["path"]
+        if self.keys and not self._is_public(path):
+            self._check_key(scope)
+        body = None
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return  # the client left while sending
+            if path in JSON_PATHS and scope["method"] == "POST":
+                self._check_json(path, body)
+            if self.guards.log_requests:
+                logger.info("request %s %s: %s", scope["method"], path, _shorten(body.decode("utf-8", "replace")))
+            receive = _replay(body, receive)
+        await self.app(scope, receive, state.send)
+
+    def _is_public(self, path: str) -> bool:
+        return path in PUBLIC_PATHS or (path == "/metrics" and self.guards.metrics_public)
+
+    def _check_key(self, scope: dict) -> None:
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+                break
+        ok = False
+        for key in self.keys:  # every key is compared, each in constant time
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise Refusal(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
+        limit = self.guards.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise _too_large(int(value), limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit, at_least=True)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _check_json(self, path: str, body: bytes) -> None:
+        if not body.strip():
+            raise Refusal(400, "the request body is empty; send a JSON object")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Refusal(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise _too_deep(self.guards.max_json_depth) from None
+        except ValueError as exc:
+            raise Refusal(400, f"the request body is not valid JSON: {exc}") from None
+        if _depth(data, self.guards.max_json_depth) > self.guards.max_json_depth:
+            raise _too_deep(self.guards.max_json_depth)
+        if _SURROGATE_ESCAPE.search(body):
+            try:  # JSON may escape half of a surrogate pair alone; such a string is no Unicode text
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise Refusal(400, "the request body has a string with an unpaired surrogate escape "
+                                   "(\\ud800-\\udfff), which is not valid Unicode text") from None
+        if isinstance(data, dict) and path.startswith("/v1/"):
+            self._check_sizes(data, "prompt" if path == "/v1/completions" else "messages")
+
+    def _check_sizes(self, data: dict, field_name: str) -> None:
+        g = self.guards
+        count = _num_prompts(data.get(field_name), field_name)
+        what = "prompts" if field_name == "prompt" else "conversations"
+        if count > g.max_prompts:
+            raise Refusal(400, f"{field_name}: {count} {what} in one request; this server takes at most "
+                               f"{g.max_prompts} (send them in several requests)", field_name)
+        n = data.get("n")
+        if _is_int(n):
+            if n > g.max_n:
+                raise Refusal(400, f"n: {n} is more than this server allows ({g.max_n})", "n")
+            if n >= 1 and count * n > g.max_seqs:
+                raise Refusal(400, f"n: {count} {what} x n={n} would start {count * n} sequences; this server "
+                                   f"starts at most {g.max_seqs} for one request", "n")
+        context = getattr(getattr(self.ctx, "engine", None), "max_model_len", None)
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = data.get(name)
+            if _is_int(value) and context and value > context:
+                raise Refusal(400, f"{name}: {value} is more than the model's context length ({context} tokens, "
+                                   "prompt included)", name)
+
+
+class _Exchange:
+    """The response side of one request: what has been sent, so a refusal or a timeout can still answer well."""
+
+    def __init__(self, send: Any, keep_body: bool) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+        self.stream = False
+        self.status = 0
+        self.keep_body = keep_body
+        self.body = bytearray()
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            self.stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                              for k, v in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            if self.keep_body and len(self.body) < _LOGGED_CHARS:
+                self.body += message.get("body", b"")[:_LOGGED_CHARS]
+            if not message.get("more_body", False):
+                self.finished = True
+        await self._send(message)
+
+    async def refuse(self, refusal: Refusal) -> None:
+        if self.started:  # cannot happen for the checks above, which all run before the app answers
+            return
+        from inferneo.entrypoints.openai.errors import error_body
+
+        payload = json.dumps(error_body(refusal.status, refusal.message, refusal.param, refusal.code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in (refusal.headers or {}).items()]
+        if refusal.status == 413:
+            headers.append((b"connection", b"close"))
+        await self.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": payload})
+
+    async def time_out(self, seconds: float | None) -> None:
+        message = (f"the request did not finish within this server's limit of {seconds:g} s (--request-timeout) "
+                   "and was aborted; retry later, or ask for fewer tokens")
+        refusal = Refusal(503, message, code="request_timeout", headers={"Retry-After": "5"})
+        if not self.started:
+            await self.refuse(refusal)
+        elif not self.finished:
+            tail = b""
+            if self.stream:
+                from inferneo.entrypoints.openai.errors import error_body
+
+                event = json.dumps(error_body(503, message, code="request_timeout"))
+                tail = f"data: {event}\n\ndata: [DONE]\n\n".encode()
+            await self.send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def log_response(self, scope: dict) -> None:
+        logger.info("response %s %s: %d %s", scope["method"], scope["path"], self.status,
+                    _shorten(bytes(self.body).decode("utf-8", "replace")))
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands the app the body already read, then passes on to the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> Refusal:
+    amount = f"more than {limit}" if at_least else str(size)
+    return Refusal(413, f"the request body is too large: {amount} bytes; this server takes at most {limit} bytes "
+                        "(--max-request-body-bytes)", code="request_too_large")
+
+
+def _too_deep(limit: int) -> Refusal:
+    return Refusal(400, f"the request body is nested too deeply: JSON may nest at most {limit} levels")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests (stopping a little past ``limit``), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item if isinstance(v, (dict, list)))
+    return deepest
+
+
+def _num_prompts(value: Any, field_name: str) -> int:
+    """How many prompts (``prompt``) or conversations (``messages``) a body carries; 1 when it is one."""
+    if not isinstance(value, list) or not value:
+        return 1
+    if field_name == "prompt":
+        return 1 if all(_is_int(t) for t in value) else len(value)
+    return len(value) if all(isinstance(c, list) for c in value) else 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _LOGGED_CHARS else text[:_LOGGED_CHARS] + f"... ({len(text)} characters)"

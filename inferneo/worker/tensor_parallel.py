@@ -1,0 +1,196 @@
+"""Tensor-parallel execution: the driver's runner plus one worker process per other rank.
+
+:class:`TensorParallelRunner` stands where a :class:`ModelRunner` stands (the engine core cannot tell them apart).
+It spawns ranks ``1..N-1``, joins them in one ``torch.distributed`` group as rank 0, and forwards every set-up
+call (weights, KV cache) to the workers before doing the same itself. Each step the driver packs the inputs as
+usual, sends the packed buffer down a pipe to every worker, and runs its own shard; the collectives inside the
+sharded layers keep the ranks in lockstep, and the logits are gathered on the driver, which samples.
+
+Workers are daemon processes started with ``spawn`` (they inherit the environment, so NCCL settings such as
+``NCCL_NVLS_ENABLE=0`` hold there too). A worker that dies is noticed before the next step and turns into an
+error that stops the engine, rather than a hang; ``shutdown`` stops the workers and reaps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import multiprocessing as mp
+import socket
+from multiprocessing.connection import Connection
+
+import torch
+
+from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
+from inferneo.worker.model_runner import ModelRunner, RemoteStep
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUT = datetime.timedelta(seconds=120)  # a collective that waits this long means a rank is gone
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process exited."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
+    """A worker's life: join the group, build the shard, then obey the driver's messages until "stop"."""
+    device = _rank_device(runner_kwargs["device"], rank)
+    if device.type == "cpu":
+        torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
+    else:
+        runner_kwargs.pop("num_threads", None)
+    init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
+    runner = ModelRunner(**dict(runner_kwargs, device=device))
+    try:
+        while True:
+            kind, arg = conn.recv()
+            if kind == "step":
+                runner.execute_remote(arg)
+                continue
+            if kind == "stop":
+                destroy_tensor_parallel(barrier=True)  # the driver meets us there
+                break
+            result = None
+            if kind == "load":
+                from inferneo.model_loader import iter_weights, resolve_model
+
+                runner.load_weights(iter_weights(resolve_model(arg)))
+            elif kind == "dummy":
+                runner.init_dummy_weights(arg)
+            elif kind == "finalize":
+                runner.finalize_weights()
+            elif kind == "profile":
+                result = runner.profile_kv_memory(*arg)
+            elif kind == "allocate":
+                runner.allocate_kv_cache(arg)
+            conn.send(("ok", result))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        destroy_tensor_parallel()
+
+
+class TensorParallelRunner:
+    """A ModelRunner for rank 0 of ``world_size`` ranks, driving the other ranks' workers."""
+
+    def __init__(self, world_size: int, model: str, num_threads: int | None = None, **runner_kwargs) -> None:
+        device = runner_kwargs["device"]
+        if device.type == "cuda" and torch.cuda.device_count() < world_size:
+            raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")
+        self.world_size = world_size
+        self._model = model
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[mp.Process] = []
+        for rank in range(1, world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
+                               args=(rank, world_size, port, dict(runner_kwargs, num_threads=num_threads), child))
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        try:
+            init_tensor_parallel(0, world_size, f"tcp://127.0.0.1:{port}", _rank_device(device, 0),
+                                 timeout=_TIMEOUT)
+            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0)))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.driver.step_listener = self._send_step
+        logger.info("tensor parallel: %d ranks (driver + %d workers)", world_size, world_size - 1)
+
+    # ---- the ModelRunner surface -------------------------------------------------------------------------
+
+    def __getattr__(self, name):  # model_config, backend, device, num_blocks, ...: the driver's
+        if name == "driver":
+            raise AttributeError(name)
+        return getattr(self.driver, name)
+
+    def load_weights(self, weights) -> None:
+        self._broadcast("load", self._model)
+        self.driver.load_weights(weights)
+        self._gather()
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        self._broadcast("dummy", seed)
+        self.driver.init_dummy_weights(seed)
+        self._gather()
+
+    def finalize_weights(self) -> None:
+        self._broadcast("finalize", None)
+        self.driver.finalize_weights()
+        self._gather()
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.driver.kv_bytes_per_block
+
+    def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
+        self._broadcast("profile", (max_num_batched_tokens, gpu_memory_utilization))
+        own = self.driver.profile_kv_memory(max_num_batched_tokens, gpu_memory_utilization)
+        return min([own, *self._gather()])  # every rank holds the same number of blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._broadcast("allocate", num_blocks)
+        self.driver.allocate_kv_cache(num_blocks)
+        self._gather()
+
+    def execute(self, sched):
+        return self.driver.execute(sched)
+
+    def shutdown(self) -> None:
+        """Stop the workers (waiting briefly, then terminating) and leave the group."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop", None))
+        all_alive = all(proc.is_alive() for proc in self._procs)
+        destroy_tensor_parallel(barrier=all_alive and bool(self._procs))
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        self._conns, self._procs = [], []
+
+    # ---- messages ----------------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self._procs, start=1):
+            if not proc.is_alive():
+                raise WorkerDiedError(f"tensor-parallel worker {rank} exited with code {proc.exitcode}")
+
+    def _send_step(self, step: RemoteStep) -> None:
+        self._broadcast("step", step)
+
+    def _broadcast(self, kind: str, arg) -> None:
+        self._check_alive()
+        for conn in self._conns:
+            try:
+                conn.send((kind, arg))
+            except OSError as exc:
+                raise WorkerDiedError(f"lost a tensor-parallel worker: {exc}") from exc
+
+    def _gather(self) -> list:
+        results = []
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                status, value = conn.recv()
+            except EOFError as exc:
+                raise WorkerDiedError(f"tensor-parallel worker {rank} exited during set-up") from exc
+            results.append(value)
+        return results

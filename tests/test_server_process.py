@@ -1,0 +1,110 @@
+"""The engine core in its own process (``inferneo serve``'s default): what happens when either process dies, and
+the in-process switch (``--engine-in-process``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from inferneo.testing.server import RemoteServer
+
+ARGS = ("--kv-cache-memory", "16MiB", "--num-threads", "1", "--disable-access-log")
+
+
+def core_process(server: RemoteServer) -> psutil.Process:
+    """The server's engine core child (not multiprocessing's resource tracker, its other child)."""
+    children = [c for c in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def all_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    return all(gone(p, timeout) for p in procs)
+
+
+def gone(proc: psutil.Process, timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def test_killed_core_fails_requests_promptly_and_health_turns_503(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, *ARGS) as server:
+        core = core_process(server)
+        assert httpx.get(server.url("/health")).status_code == 200
+        results: dict[str, object] = {}
+
+        def long_request() -> None:
+            r = httpx.post(server.url("/v1/completions"), timeout=60,
+                           json={"prompt": "a long one", "max_tokens": 2000, "ignore_eos": True})
+            results["whole"] = (r.status_code, r.json())
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        with httpx.Client(timeout=60) as http, http.stream(
+                "POST", server.url("/v1/completions"),
+                json={"prompt": "streamed", "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+            core.send_signal(signal.SIGKILL)
+            started = time.monotonic()
+            rest = [line for line in lines if line]
+        worker.join(30)
+        assert time.monotonic() - started < 10
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert error["code"] == "engine_unavailable" and "exited unexpectedly" in error["message"]
+        status, body = results["whole"]
+        assert status == 503 and set(body["error"]) == {"message", "type", "param", "code"}
+        health = httpx.get(server.url("/health"))
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
+        after = httpx.post(server.url("/v1/completions"), json={"prompt": "x", "max_tokens": 2}, timeout=10)
+        assert after.status_code == 503
+        assert httpx.get(server.url("/metrics")).text.count("inferneo:engine_healthy") >= 1
+        assert server.stop() == 0
+
+
+def test_core_exits_when_the_server_is_killed(tiny_llama_dir):
+    server = RemoteServer(tiny_llama_dir, *ARGS)
+    children = psutil.Process(server.proc.pid).children()
+    core_process(server)
+    server.close(signal.SIGKILL)
+    assert all_gone(children, 15), "a child outlived its server"
+
+
+def test_core_exits_with_the_server_on_sigterm(tiny_llama_dir):
+    server = RemoteServer(tiny_llama_dir, *ARGS)
+    children = psutil.Process(server.proc.pid).children()
+    core_process(server)
+    assert httpx.post(server.url("/v1/completions"), json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+    assert server.stop(signal.SIGTERM) == 0
+    assert all_gone(children, 5)
+    server.close()
+
+
+@pytest.mark.parametrize("flag", ["--engine-in-process"])
+def test_engine_in_process_switch(tiny_llama_dir, flag):
+    with RemoteServer(tiny_llama_dir, *ARGS, flag) as server:
+        assert psutil.Process(server.proc.pid).children() == []
+        r = httpx.post(server.url("/v1/completions"), json={"prompt": "hi", "max_tokens": 3, "temperature": 0},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_a_core_that_cannot_start_raises_its_error(tiny_llama_dir):
+    from inferneo.config import EngineConfig
+    from inferneo.engine.core_client import AsyncMPEngine
+
+    before = set(psutil.Process().children())
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        AsyncMPEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=1, num_threads=1))
+    assert all_gone([c for c in psutil.Process().children() if c not in before and "spawn_main" in
+                     " ".join(c.cmdline())], 5)
