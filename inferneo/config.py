@@ -46,6 +46,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     num_threads: int | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -61,6 +62,7 @@ class EngineConfig:
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"
             )
         _positive("block_size", self.block_size)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)

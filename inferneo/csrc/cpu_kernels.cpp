@@ -196,15 +196,55 @@ inline void store16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_rounded_bits(v)));
 }
 
-// Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time; two query heads
-// of the group share each key and value load.
+// One 16-token chunk for NG query heads (NG <= 4) of one kv head: scores (two accumulators per head to hide FMA
+// latency), online-softmax update of row_max/row_sum/acc, then acc += p . V. Keys are read dimension-major
+// (``kb`` points at the chunk's first token in row 0 of the [D][bs] key block), values token-major.
+template <int NG, typename scalar_t>
+inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
+                         const scalar_t* kb, const scalar_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid) {
+  __m512 s0[NG], s1[NG];
+  for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    const __m512 k0 = load16(kb + d * bs), k1 = load16(kb + (d + 1) * bs);
+    for (int j = 0; j < NG; ++j) {
+      s0[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d]), k0, s0[j]);
+      s1[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d + 1]), k1, s1[j]);
+    }
+  }
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < NG; ++j) {
+    const __m512 scores = _mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(s0[j], s1[j]));
+    const float new_max = std::max(row_max[j], _mm512_reduce_max_ps(scores));
+    const float correction = std::exp(row_max[j] - new_max);
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+    row_sum[j] = row_sum[j] * correction + _mm512_reduce_add_ps(p);
+    row_max[j] = new_max;
+    _mm512_storeu_ps(probs + j * 16, p);
+    if (correction != 1.f) {
+      const __m512 c = _mm512_set1_ps(correction);
+      float* aj = acc + j * D;
+      for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(aj + i, _mm512_mul_ps(c, _mm512_loadu_ps(aj + i)));
+    }
+  }
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 a[NG];
+    for (int j = 0; j < NG; ++j) a[j] = _mm512_loadu_ps(acc + j * D + i);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 vv = load16(vb + t * D + i);
+      for (int j = 0; j < NG; ++j) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * 16 + t]), vv, a[j]);
+    }
+    for (int j = 0; j < NG; ++j) _mm512_storeu_ps(acc + j * D + i, a[j]);
+  }
+}
+
+// Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time.
 template <typename scalar_t>
 void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
                    const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
-  const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size, C = D / 16;
+  const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
   at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), probs(group * 16), row_max(group), row_sum(group);
+    std::vector<float> qf(group * D), acc(group * D), probs(4 * 16), row_max(group), row_sum(group);
     // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
     // the hardware prefetcher alone leaves this loop waiting on memory.
     const auto prefetch_chunk = [&](int64_t b, int64_t kvh, int64_t pos) {
@@ -226,6 +266,7 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
         row_sum[g] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+      if (len > 16) prefetch_chunk(b, kvh, 16);
       if (item + 1 < end) prefetch_chunk((item + 1) / s.num_kv_heads, (item + 1) % s.num_kv_heads, 0);
       for (int64_t pos = 0; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
@@ -234,52 +275,24 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
         const scalar_t* vb = cache + half + base + within * D;      // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
         const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-        if (pos + 16 < len) prefetch_chunk(b, kvh, pos + 16);  // overlap the next tokens' loads with this math
-        for (int64_t g0 = 0; g0 < group; g0 += 2) {
-          const bool pair = g0 + 1 < group;
-          const float* qa = qf.data() + g0 * D;
-          const float* qb = pair ? qa + D : qa;
-          // Scores of 16 tokens for heads g0 and g0 + 1, two accumulators each to hide FMA latency.
-          __m512 sa0 = _mm512_setzero_ps(), sa1 = _mm512_setzero_ps();
-          __m512 sb0 = _mm512_setzero_ps(), sb1 = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 2) {
-            const __m512 k0 = load16(kb + d * bs), k1 = load16(kb + (d + 1) * bs);
-            sa0 = _mm512_fmadd_ps(_mm512_set1_ps(qa[d]), k0, sa0);
-            sa1 = _mm512_fmadd_ps(_mm512_set1_ps(qa[d + 1]), k1, sa1);
-            sb0 = _mm512_fmadd_ps(_mm512_set1_ps(qb[d]), k0, sb0);
-            sb1 = _mm512_fmadd_ps(_mm512_set1_ps(qb[d + 1]), k1, sb1);
-          }
-          const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-          const __m512 scores[2] = {_mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(sa0, sa1)),
-                                    _mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(sb0, sb1))};
-          for (int64_t j = 0; j < (pair ? 2 : 1); ++j) {
-            const int64_t g = g0 + j;
-            const float new_max = std::max(row_max[g], _mm512_reduce_max_ps(scores[j]));
-            const float correction = std::exp(row_max[g] - new_max);
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores[j], _mm512_set1_ps(new_max))));
-            row_sum[g] = row_sum[g] * correction + _mm512_reduce_add_ps(p);
-            row_max[g] = new_max;
-            _mm512_storeu_ps(probs.data() + g * 16, p);
-            if (correction != 1.f) {
-              const __m512 c = _mm512_set1_ps(correction);
-              float* ag = acc.data() + g * D;
-              for (int64_t i = 0; i < C; ++i) _mm512_storeu_ps(ag + i * 16, _mm512_mul_ps(c, _mm512_loadu_ps(ag + i * 16)));
-            }
-          }
-          // acc[g] += sum_t p[g][t] * v[t], 16 dimensions at a time.
-          const float* pa = probs.data() + g0 * 16;
-          const float* pb = pair ? pa + 16 : pa;
-          float* aa = acc.data() + g0 * D;
-          for (int64_t i = 0; i < C; ++i) {
-            __m512 a0 = _mm512_loadu_ps(aa + i * 16);
-            __m512 a1 = pair ? _mm512_loadu_ps(aa + D + i * 16) : _mm512_setzero_ps();
-            for (int64_t t = 0; t < n; ++t) {
-              const __m512 vv = load16(vb + t * D + i * 16);
-              a0 = _mm512_fmadd_ps(_mm512_set1_ps(pa[t]), vv, a0);
-              a1 = _mm512_fmadd_ps(_mm512_set1_ps(pb[t]), vv, a1);
-            }
-            _mm512_storeu_ps(aa + i * 16, a0);
-            if (pair) _mm512_storeu_ps(aa + D + i * 16, a1);
+        if (pos + 32 < len) prefetch_chunk(b, kvh, pos + 32);  // overlap later tokens' loads with this math
+        // Up to four query heads of the group share each key and value load (and its conversion to float).
+        for (int64_t g0 = 0; g0 < group;) {
+          const int64_t left = group - g0;
+          float* const args_q = qf.data() + g0 * D;
+          float* const args_acc = acc.data() + g0 * D;
+          if (left >= 4) {
+            attend_chunk<4>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            g0 += 4;
+          } else if (left == 3) {
+            attend_chunk<3>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            g0 += 3;
+          } else if (left == 2) {
+            attend_chunk<2>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            g0 += 2;
+          } else {
+            attend_chunk<1>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            g0 += 1;
           }
         }
       }

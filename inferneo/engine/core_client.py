@@ -53,7 +53,9 @@ class CoreClient:
         commands_in, self._commands = context.Pipe(duplex=False)
         self._messages, messages_out = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=run_engine_core, name="inferneo-engine-core", daemon=True,
+            # Not a daemon: it may start tensor-parallel workers of its own. It exits when its pipes close or
+            # its parent disappears (it checks), so it never outlives the server.
+            target=run_engine_core, name="inferneo-engine-core", daemon=False,
             args=(config, commands_in, messages_out, max_consecutive_step_failures,
                   logging.getLogger().getEffectiveLevel()))
         self.process.start()

@@ -79,6 +79,8 @@ def run_engine_core(config: EngineConfig, commands: Connection, messages: Connec
         logger.exception("the engine core failed")
         with contextlib.suppress(OSError):
             messages.send(("dead", repr(exc)))
+    finally:
+        engine.shutdown()  # tensor-parallel workers, if any
 
 
 class _CoreLoop:

@@ -54,8 +54,16 @@ class LLMEngine:
         self.dtype = config.torch_dtype(checkpoint_dtype)
         self.max_model_len = self._resolve_max_model_len()
 
-        self.runner = ModelRunner(self.hf_config, self.dtype, self.device, self.max_model_len, config.block_size,
-                                  enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs)
+        runner_kwargs = dict(hf_config=self.hf_config, dtype=self.dtype, device=self.device,
+                             max_model_len=self.max_model_len, block_size=config.block_size,
+                             enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs)
+        if config.tensor_parallel_size > 1:
+            from inferneo.worker.tensor_parallel import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(config.tensor_parallel_size, config.model,
+                                               num_threads=config.num_threads, **runner_kwargs)
+        else:
+            self.runner = ModelRunner(**runner_kwargs)
         self.vocab_size = self.runner.model_config.vocab_size
         if config.load_format == "dummy":
             self.runner.init_dummy_weights(config.seed)
@@ -121,6 +129,12 @@ class LLMEngine:
                 f"one block of {self.config.block_size} tokens needs {per_block} bytes"
             )
         return int(num_blocks)
+
+    def shutdown(self) -> None:
+        """Stop helper processes (tensor-parallel workers); the engine cannot step afterwards."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -36,6 +36,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the engine's helper processes (tensor-parallel workers). Also happens at interpreter exit."""
+        self.engine.shutdown()
+
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 

@@ -1,0 +1,63 @@
+"""The whole engine at tensor-parallel size 2 (gloo on CPU) against size 1 on the same checkpoint.
+
+Greedy token ids must be identical, with chunked prefill and prefix-cache hits in the mix; a dead worker turns
+into a prompt error instead of a hang; shutdown leaves no worker process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from inferneo import LLM, SamplingParams
+from inferneo.testing.tiny_models import make_tiny_checkpoint
+from inferneo.worker.tensor_parallel import WorkerDiedError
+
+PROMPTS = [[5, 17, 33, 2, 9, 100, 250, 7] * 3, [40, 41, 42, 43, 44], list(range(60, 97)), [300, 301],
+           [5, 17, 33, 2, 9, 100, 250, 7] * 3 + [11, 12], list(range(3, 70, 2))]
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
+              num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "llama", "llama", num_heads=4, num_kv_heads=2)
+
+
+def _ids(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def test_tp2_greedy_equals_tp1(checkpoint):
+    expected = _ids(LLM(str(checkpoint), **ENGINE))
+    llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
+    try:
+        runner = llm.engine.runner
+        assert runner.world_size == 2
+        # the driver holds half of the query heads and one of the two kv heads
+        attn = runner.driver.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+        assert _ids(llm) == expected
+        assert _ids(llm) == expected  # again, now with the prompts' blocks in the prefix cache
+        workers = list(runner._procs)
+    finally:
+        llm.shutdown()
+    assert all(not p.is_alive() for p in workers)
+
+
+def test_a_dead_worker_fails_the_next_step_promptly(checkpoint):
+    llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
+    try:
+        worker = llm.engine.runner._procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="worker 1 exited"):
+            llm.generate(PROMPTS[:2], PARAMS, use_tqdm=False)
+        assert time.monotonic() - start < 10
+    finally:
+        llm.shutdown()
