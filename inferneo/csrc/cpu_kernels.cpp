@@ -243,7 +243,11 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
                    const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
-  at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Requests differ in length: hand (request, kv head) items out one at a time rather than in two halves.
+  const int64_t num_items = s.batch * s.num_kv_heads;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
+#pragma omp parallel num_threads(threads)
+  {
     std::vector<float> qf(group * D), acc(group * D), probs(4 * 16), row_max(group), row_sum(group);
     // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
     // the hardware prefetcher alone leaves this loop waiting on memory.
@@ -257,7 +261,8 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
         _mm_prefetch(vp + off, _MM_HINT_T0);
       }
     };
-    for (int64_t item = begin; item < end; ++item) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* qp = q + b * s.q_stride + (kvh * group + g) * D;
@@ -267,7 +272,6 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       if (len > 16) prefetch_chunk(b, kvh, 16);
-      if (item + 1 < end) prefetch_chunk((item + 1) / s.num_kv_heads, (item + 1) % s.num_kv_heads, 0);
       for (int64_t pos = 0; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
         const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
@@ -302,7 +306,7 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
         for (int64_t d = 0; d < D; ++d) op[d] = from_f<scalar_t>(acc[g * D + d] * inv);
       }
     }
-  });
+  }
 }
 #endif
 
