@@ -20,3 +20,11 @@ def cpu_onednn_linear() -> bool:
 def cpu_native_kernels() -> bool:
     """INFERNEO_CPU_KERNELS (default on): build and use the C++ paged-attention kernel on CPU."""
     return _flag("INFERNEO_CPU_KERNELS", True)
+
+
+def api_process_nice() -> int:
+    """INFERNEO_API_NICE (default 10): how much the server's front-end process lowers its own CPU priority once
+    the engine core runs in its own process on the CPU, so that HTTP work waits for the engine's compute threads
+    rather than stalling them (0 keeps the priority)."""
+    value = os.environ.get("INFERNEO_API_NICE", "").strip()
+    return int(value) if value else 10

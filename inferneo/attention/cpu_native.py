@@ -37,18 +37,25 @@ class CpuNativeBackend(TorchReferenceBackend):
                 q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale, out[:nd]
             )
         gqa = num_heads != k.shape[1]
+        fresh: dict[int, list[int]] = {}  # prompts with no cached context, by length: one SDPA call per length
         for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
-            s, e = span.start, span.start + span.num_tokens
             if mask is None:
-                ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
-            else:
-                ks, vs = self.gather_context(kv_cache, span.block_table, span.context_len + span.num_tokens, head_dim)
+                fresh.setdefault(span.num_tokens, []).append(span.start)
+                continue
+            s, e = span.start, span.start + span.num_tokens
+            ks, vs = self.gather_context(kv_cache, span.block_table, span.context_len + span.num_tokens, head_dim)
             # A leading batch dimension keeps SDPA on its fused CPU kernel (a 3-D call with GQA takes the slow path).
             attn = F.scaled_dot_product_attention(
                 q[s:e].transpose(0, 1).unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa,
+                attn_mask=mask, scale=scale, enable_gqa=gqa,
             )
             out[s:e] = attn[0].transpose(0, 1)
+        for length, starts in fresh.items():
+            # [spans, heads, length, head_dim] views or stacks of the spans' rows
+            qs, ks, vs = (_stack_spans(x, starts, length) for x in (q, k, v))
+            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            for i, start in enumerate(starts):
+                out[start : start + length] = attn[i].transpose(0, 1)
         return out
 
     @staticmethod
@@ -60,3 +67,11 @@ class CpuNativeBackend(TorchReferenceBackend):
         keys = blocks[0].view(num_kv_heads, -1, head_dim, block_size).transpose(2, 3).reshape(num_kv_heads, -1, head_dim)
         values = blocks[1].view(num_kv_heads, -1, head_dim)
         return keys[:, :length], values[:, :length]
+
+
+def _stack_spans(x: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """Rows ``start .. start + length`` of ``x`` ([tokens, heads, dim]) for each start, as [spans, heads, length,
+    dim]; a view when there is a single span."""
+    if len(starts) == 1:
+        return x[starts[0] : starts[0] + length].transpose(0, 1).unsqueeze(0)
+    return torch.stack([x[s : s + length] for s in starts]).transpose(1, 2)

@@ -258,6 +258,12 @@ class AsyncEngineBase:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the model's context length is {self.max_model_len} tokens "
                 "(at least one token must be left to generate): shorten the prompt", param)
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            # As OpenAI and vLLM do: refuse, rather than silently stopping at the context length.
+            raise InvalidRequestError(
+                f"the model's context length is {self.max_model_len} tokens, but {n + params.max_tokens} were asked "
+                f"for ({n} in the prompt, {params.max_tokens} in max_tokens): lower max_tokens or shorten the prompt",
+                "max_tokens")
         max_tokens = self.max_model_len - n
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
