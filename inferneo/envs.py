@@ -28,3 +28,10 @@ def api_process_nice() -> int:
     rather than stalling them (0 keeps the priority)."""
     value = os.environ.get("INFERNEO_API_NICE", "").strip()
     return int(value) if value else 10
+
+
+def test_fault() -> str:
+    """INFERNEO_TEST_FAULT (tests only; unset in use): make the engine core's model steps raise, to test fault
+    handling in the engine process. ``prompt:7,7,7,7`` fails every step that holds a request whose prompt starts
+    with those token ids; ``always`` fails every step."""
+    return os.environ.get("INFERNEO_TEST_FAULT", "").strip()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import httpx
 import openai
@@ -75,15 +76,22 @@ def test_full_queue_gives_429_with_retry_after(server):
                       headers=AUTH).status_code == 200
 
 
-def test_sigterm_finishes_the_stream_in_flight_and_exits_0(server):
+def test_sigterm_finishes_the_stream_in_flight_refuses_new_requests_and_exits_0(server):
     """Last in this module: it stops the server."""
     with httpx.Client(timeout=60, headers=AUTH) as http, http.stream(
             "POST", server.url("/v1/completions"),
-            json={"prompt": "last words", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            json={"prompt": "last words", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line)
         assert first.startswith("data: ")
         server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        # draining: new requests and /health get 503 with Retry-After while the stream goes on
+        refused = httpx.post(server.url("/v1/completions"), json={"prompt": "too late", "max_tokens": 2},
+                             headers=AUTH, timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(server.url("/health"), timeout=10).status_code == 503
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]

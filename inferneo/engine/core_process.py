@@ -28,6 +28,7 @@ import signal
 import time
 from multiprocessing.connection import Connection
 
+from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.core import CoreOutput
 
@@ -65,6 +66,7 @@ def run_engine_core(config: EngineConfig, commands: Connection, messages: Connec
         messages.send(("error", str(exc), isinstance(exc, ValueError)))
         return
     runner = engine.runner
+    _install_test_fault(engine)
     messages.send(("ready", {
         "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
         "kv_capacity_tokens": engine.kv_capacity_tokens, "num_blocks": engine.kv_cache.num_blocks,
@@ -170,3 +172,22 @@ class _CoreLoop:
         events, self.events = self.events, []
         message = ("out", pack_outputs(outputs), snapshot_tuple(self.engine), events, self.num_added)
         self.messages.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _install_test_fault(engine) -> None:
+    """The INFERNEO_TEST_FAULT hook (see ``envs.test_fault``): wrap the runner so that chosen steps raise."""
+    spec = envs.test_fault()
+    if not spec:
+        return
+    logger.warning("INFERNEO_TEST_FAULT=%s: model steps will fail on purpose", spec)
+    always = spec == "always"
+    poison = [] if always else [int(t) for t in spec.removeprefix("prompt:").split(",")]
+    runner = engine.runner
+    execute = runner.execute
+
+    def faulty(sched):
+        if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
+            raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
+        return execute(sched)
+
+    runner.execute = faulty

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 import inferneo
 from inferneo.engine.async_base import AsyncEngineBase
 from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -140,6 +141,8 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     names = served_model_names or [model or facts["name"]]
     ctx = ServerContext(engine, names, facts["path"], api_keys)
     app = build_app(ctx, guards=guards)
+    drain = DrainState()
+    app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host
     logger.info("loaded %s (%s) as %s: dtype %s on %s, max_model_len %d, engine %s", facts["name"],
                 ", ".join(facts["architectures"] or []), ", ".join(names), facts["dtype"], facts["device"],
@@ -149,12 +152,12 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
                 facts["block_size"], engine.kv_capacity_tokens)
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
                 " (API key required)" if api_keys else "")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
-                                           lifespan="on"))
-    # uvicorn handles SIGTERM/SIGINT (stop accepting, let in-flight requests end, run the lifespan shut-down) and
-    # then re-raises the signal into the handlers found before it started: make those harmless, so a requested
-    # shut-down ends with exit status 0.
+                                           lifespan="on"), drain, grace=shutdown_timeout)
+    # SIGTERM/SIGINT first drain (new requests get 503, in-flight ones finish; see ``draining``), then uvicorn
+    # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
+    # started: make those harmless, so a requested shut-down ends with exit status 0.
     previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
