@@ -11,6 +11,7 @@ Usage on the device: ``python3 benchmarks/gpu/tp_check.py`` (writes ``$OUT/tp_ch
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
@@ -49,8 +50,11 @@ def equality() -> dict:
     for tp in (1, 2):
         llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=tp, max_model_len=512,
                   kv_cache_memory=2**30, max_num_seqs=32)
+        log(f"  TP={tp}: engine built")
         out[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32), use_tqdm=False)]
+        log(f"  TP={tp}: generated; shutting down")
         llm.shutdown()
+        log(f"  TP={tp}: shut down")
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -86,6 +90,8 @@ def decode_step(tp: int) -> dict:
 
 
 def main() -> int:
+    # The first 2-GPU run stalled without a word: print every thread's stack if this one stalls too.
+    faulthandler.dump_traceback_later(int(os.environ.get("TP_CHECK_STALL_S", "240")), exit=True)
     log(torch.cuda.get_device_name(), "x", torch.cuda.device_count(), torch.__version__,
         "NCCL_NVLS_ENABLE=", os.environ.get("NCCL_NVLS_ENABLE"))
     for name, fn in (("equality", equality), ("tp1", lambda: decode_step(1)), ("tp2", lambda: decode_step(2))):
