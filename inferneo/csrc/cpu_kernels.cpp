@@ -94,6 +94,34 @@ struct DecodeShape {
   float scale;
 };
 
+// The per-thread running state of one (request, kv head) item, for all query heads of the kv head's group:
+// scaled queries, running max and sum of the online softmax, and the output accumulators.
+struct GroupState {
+  std::vector<float> q, acc, row_max, row_sum;
+  int64_t group, head_dim;
+
+  GroupState(int64_t group, int64_t head_dim)
+      : q(group * head_dim), acc(group * head_dim), row_max(group), row_sum(group), group(group), head_dim(head_dim) {}
+
+  // Start an item: ``qp`` points at the group's first query head (its heads are contiguous).
+  template <typename scalar_t>
+  void begin(const scalar_t* qp, float scale) {
+    for (int64_t i = 0; i < group * head_dim; ++i) q[i] = to_f(qp[i]) * scale;
+    std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(row_sum.begin(), row_sum.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+  }
+
+  // Finish an item: the normalized outputs of the group's heads, written contiguously from ``op``.
+  template <typename scalar_t>
+  void finish(scalar_t* op) const {
+    for (int64_t g = 0; g < group; ++g) {
+      const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) op[g * head_dim + d] = from_f<scalar_t>(acc[g * head_dim + d] * inv);
+    }
+  }
+};
+
 // Portable version: one (request, kv head) pair at a time, online softmax rescaled once per block.
 template <typename scalar_t>
 void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
@@ -101,16 +129,12 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
   at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), scores(bs), row_max(group), row_sum(group);
+    GroupState st(group, D);
+    std::vector<float> scores(bs);
+    std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qp = q + b * s.q_stride + (kvh * group + g) * D;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[d]) * s.scale;
-        row_max[g] = -std::numeric_limits<float>::infinity();
-        row_sum[g] = 0.f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
       for (int64_t blk = 0; blk * bs < len; ++blk) {
         const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
         const scalar_t* kb = cache + base;
@@ -139,11 +163,7 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
           row_sum[g] = sum;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* op = out + (b * s.num_heads + kvh * group + g) * D;
-        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) op[d] = from_f<scalar_t>(acc[g * D + d] * inv);
-      }
+      st.finish(out + (b * s.num_heads + kvh * group) * D);
     }
   });
 }
@@ -248,7 +268,9 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qf(group * D), acc(group * D), probs(4 * 16), row_max(group), row_sum(group);
+    GroupState st(group, D);
+    std::vector<float> probs(4 * 16);
+    std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
     // the hardware prefetcher alone leaves this loop waiting on memory.
     const auto prefetch_chunk = [&](int64_t b, int64_t kvh, int64_t pos) {
@@ -264,13 +286,7 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qp = q + b * s.q_stride + (kvh * group + g) * D;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[d]) * s.scale;
-        row_max[g] = -std::numeric_limits<float>::infinity();
-        row_sum[g] = 0.f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
       if (len > 16) prefetch_chunk(b, kvh, 16);
       for (int64_t pos = 0; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
@@ -300,11 +316,7 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* op = out + (b * s.num_heads + kvh * group + g) * D;
-        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) op[d] = from_f<scalar_t>(acc[g * D + d] * inv);
-      }
+      st.finish(out + (b * s.num_heads + kvh * group) * D);
     }
   }
 }
