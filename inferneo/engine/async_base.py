@@ -264,9 +264,7 @@ class AsyncEngineBase:
                 f"the model's context length is {self.max_model_len} tokens, but {n + params.max_tokens} were asked "
                 f"for ({n} in the prompt, {params.max_tokens} in max_tokens): lower max_tokens or shorten the prompt",
                 "max_tokens")
-        max_tokens = self.max_model_len - n
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         if n + max_tokens > self.kv_capacity_tokens:
             raise InvalidRequestError(
                 f"the request needs up to {n + max_tokens} tokens of KV cache ({n} in the prompt, {max_tokens} to "

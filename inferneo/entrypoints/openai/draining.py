@@ -15,6 +15,8 @@ import time
 
 import uvicorn
 
+from inferneo.entrypoints.openai.errors import error_body
+
 logger = logging.getLogger(__name__)
 
 _RETRY_AFTER = "5"
@@ -40,9 +42,8 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.state.draining:
-            body = json.dumps({"error": {
-                "message": "the server is shutting down; retry on another replica or later",
-                "type": "service_unavailable_error", "param": None, "code": "shutting_down"}}).encode()
+            body = json.dumps(error_body(503, "the server is shutting down; retry on another replica or later",
+                                         code="shutting_down")).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"retry-after", _RETRY_AFTER.encode()),
                 (b"content-length", str(len(body)).encode())]})
