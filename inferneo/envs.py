@@ -30,6 +30,18 @@ def api_process_nice() -> int:
     return int(value) if value else 10
 
 
+def engine_death_exit_s() -> float:
+    """INFERNEO_ENGINE_DEATH_EXIT_S (default 2): once the server's engine has died (its process was killed, a
+    tensor-parallel worker died, or too many steps failed in a row), how many seconds ``inferneo serve`` keeps
+    answering ``/health`` and new requests with 503 before it stops and exits with status 1, so that a supervisor
+    restarts it. 0 stops at once; a negative value keeps it up, answering 503, until it is told to stop."""
+    value = os.environ.get("INFERNEO_ENGINE_DEATH_EXIT_S", "").strip()
+    try:
+        return float(value) if value else 2.0
+    except ValueError:
+        raise ValueError(f"INFERNEO_ENGINE_DEATH_EXIT_S must be a number of seconds; got {value!r}") from None
+
+
 def test_fault() -> str:
     """INFERNEO_TEST_FAULT (tests only; unset in use): make the engine core's model steps raise, to test fault
     handling in the engine process. ``prompt:7,7,7,7`` fails every step that holds a request whose prompt starts

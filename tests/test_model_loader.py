@@ -349,6 +349,16 @@ def test_separate_tokenizer_argument(tiny_llama_dir: Path, default_source: Model
     assert len(tok) == 384
 
 
+def test_tokenizer_folder_without_a_model(tmp_path: Path, default_source: ModelSource) -> None:
+    """``--tokenizer`` may name a folder of tokenizer files alone (no config.json), as saved by save_pretrained."""
+    from inferneo.testing.tiny_models import make_tiny_tokenizer
+
+    make_tiny_tokenizer(400).save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
+    tok = load_tokenizer(default_source, tokenizer=str(tmp_path / "tok"))
+    assert len(tok) == 400 and tok.decode(tok("hello there").input_ids, skip_special_tokens=True) == "hello there"
+
+
 # --- the bundled default model -----------------------------------------------------------------------------
 
 

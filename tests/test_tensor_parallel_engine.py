@@ -1,7 +1,8 @@
-"""The whole engine at tensor-parallel size 2 (gloo on CPU) against size 1 on the same checkpoint.
+"""The whole engine at tensor-parallel sizes 2 and 4 (gloo on CPU) against size 1 on the same checkpoint.
 
-Greedy token ids must be identical, with chunked prefill and prefix-cache hits in the mix; a dead worker turns
-into a prompt error instead of a hang; shutdown leaves no worker process behind.
+Greedy token ids must be identical, with chunked prefill and prefix-cache hits in the mix, and at size 4, where
+the ranks outnumber the kv heads and keep replicas of them; a dead worker turns into a prompt error instead of a
+hang; shutdown leaves no worker process behind.
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ def test_tp2_greedy_equals_tp1(checkpoint):
     assert all(not p.is_alive() for p in workers)
 
 
+def test_tp4_greedy_equals_tp1_with_replicated_kv_heads(checkpoint):
+    # 4 query heads and 2 kv heads over 4 ranks: one query head per rank, and each kv head kept by the two ranks
+    # whose query head reads it (vocabulary 384, hidden 64 and MLP 128 all split by 4 as well).
+    prompts, params = PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(checkpoint), **ENGINE)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(checkpoint), tensor_parallel_size=4, **ENGINE)
+    try:
+        runner = llm.engine.runner
+        assert runner.world_size == 4
+        attn = runner.driver.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        workers = list(runner._procs)
+        assert len(workers) == 3
+    finally:
+        llm.shutdown()
+    assert all(not p.is_alive() for p in workers)
+
+
 def test_a_dead_worker_fails_the_next_step_promptly(checkpoint):
     llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
     try:
@@ -61,3 +82,20 @@ def test_a_dead_worker_fails_the_next_step_promptly(checkpoint):
         assert time.monotonic() - start < 10
     finally:
         llm.shutdown()
+
+
+def test_a_worker_set_up_error_reaches_the_driver_and_shutdown_is_clean(checkpoint):
+    """A worker whose set-up step raises reports the traceback to the driver (no silent exit, no half-torn group);
+    the ranks then stop in order."""
+    llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
+    runner = llm.engine.runner
+    workers = list(runner._procs)
+    try:
+        runner._broadcast("no-such-step", None)
+        with pytest.raises(RuntimeError, match="worker 1 failed during set-up(.|\n)*unknown message 'no-such-step'"):
+            runner._gather()
+        assert all(p.is_alive() for p in workers)  # still obeying the driver
+        assert _ids(llm)[0] == _ids(LLM(str(checkpoint), **ENGINE))[0]
+    finally:
+        llm.shutdown()
+    assert all(not p.is_alive() for p in workers)

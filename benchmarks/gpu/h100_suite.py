@@ -74,11 +74,12 @@ SMOKE = dict(
 class Suite:
     """Runs sections against a deadline, logs to stdout and a file, collects results."""
 
-    def __init__(self, out_dir: Path, cfg: dict) -> None:
+    def __init__(self, out_dir: Path, cfg: dict, name: str = "h100_suite") -> None:
         self.cfg = cfg
         self.out_dir = out_dir
+        self.name = name
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(out_dir / "h100_suite.log", "w", encoding="utf-8")  # noqa: SIM115
+        self.log_file = open(out_dir / f"{name}.log", "w", encoding="utf-8")  # noqa: SIM115
         self.t0 = time.perf_counter()
         self.results: dict = {"sections": {}}
         self.ceilings: Ceilings | None = None
@@ -120,7 +121,7 @@ class Suite:
 
     def write(self) -> Path:
         self.results["total_elapsed_s"] = round(time.perf_counter() - self.t0, 1)
-        path = self.out_dir / "h100_suite.json"
+        path = self.out_dir / f"{self.name}.json"
         path.write_text(json.dumps(self.results, indent=2, default=str), encoding="utf-8")
         return path
 

@@ -81,15 +81,21 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     return _TP
 
 
-def destroy_tensor_parallel(barrier: bool = False) -> None:
+def destroy_tensor_parallel(barrier: bool = False, abort: bool = False) -> None:
     """Leave the group (safe to call when none was set up).
 
     With ``barrier``, first wait until every rank is leaving too: tearing gloo down while a peer is still inside
-    it can abort that peer. Only use it when every rank is known to be alive.
+    it can abort that peer. Only use it when every rank is known to be alive. With ``abort`` (NCCL, a rank is
+    gone), the communicators are aborted instead of finalized, which would wait for the missing rank.
     """
     global _TP
     if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+        if abort and dist.get_backend() == "nccl":
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+        else:
+            if barrier:
+                dist.barrier()
+            dist.destroy_process_group()
     _TP = TensorParallelGroup()

@@ -99,6 +99,7 @@ class _CoreLoop:
         self.num_added = 0  # sequences taken into the core so far
         self.events: list[tuple] = []
         self.stop = False
+        self.check_workers = getattr(engine.runner, "check_workers", None)  # tensor-parallel runners only
 
     def run(self) -> None:
         core, commands = self.core, self.commands
@@ -107,6 +108,8 @@ class _CoreLoop:
                 while not commands.poll(_IDLE_POLL_S):
                     if os.getppid() != self.parent:
                         return
+                    if self.check_workers is not None:
+                        self.check_workers()  # a worker that died while idle stops the engine now (it raises)
             changed = False
             while commands.poll(0):
                 for command in pickle.loads(commands.recv_bytes()):
@@ -164,9 +167,26 @@ class _CoreLoop:
         self.core.abort_requests(running)
         self.events.append(("failed", running, f"the engine failed while running this request: {exc!r}"))
         engine.kv_cache.check_integrity(list(engine.scheduler.requests.values()))
-        if self.failures >= self.max_failures:
+        died = self._worker_death(exc)
+        if died is not None or self.failures >= self.max_failures:
             self._send([])  # the batch's own errors first
+            if died is not None:  # no later step can succeed without that rank
+                raise died
             raise RuntimeError(f"{self.failures} engine steps failed in a row") from exc
+
+    def _worker_death(self, exc: Exception) -> Exception | None:
+        """The WorkerDiedError behind a failed step, if a tensor-parallel worker has exited; else None."""
+        from inferneo.worker.tensor_parallel import WorkerDiedError
+
+        if isinstance(exc, WorkerDiedError):
+            return exc
+        if self.check_workers is None:
+            return None
+        try:
+            self.check_workers(timeout=1.0)  # returns at once if one has exited, else after the timeout
+        except WorkerDiedError as died:
+            return died
+        return None
 
     def _send(self, outputs: list[CoreOutput]) -> None:
         events, self.events = self.events, []

@@ -25,6 +25,8 @@ _LLAMA2_7B = {
     "rope_scaling": None, "vocab_size": 32000, "tie_word_embeddings": False, "attention_bias": False,
     "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
 }
+_LLAMA2_70B = dict(_LLAMA2_7B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64, num_key_value_heads=8)
 _LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -51,6 +53,7 @@ _QWEN3_06B = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _LLAMA2_7B,
+    "llama-2-70b": _LLAMA2_70B,
     "llama-3-8b": _LLAMA3_8B,
     "qwen2.5-7b": _QWEN25_7B,
     "qwen3-0.6b": _QWEN3_06B,

@@ -23,7 +23,10 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrai
     config.json. The checkpoint's ``chat_template`` (tokenizer_config.json, chat_template.jinja or GGUF
     metadata) is set when there is one.
     """
-    tok_source = resolve_model(tokenizer) if tokenizer is not None else source
+    if tokenizer is not None and _has_tokenizer_files(Path(tokenizer).expanduser()):
+        tok_source = ModelSource("hf_dir", Path(tokenizer).expanduser(), str(tokenizer))  # tokenizer files alone
+    else:
+        tok_source = resolve_model(tokenizer) if tokenizer is not None else source
     path = tok_source.path
     if tok_source.kind == "hf_dir" and is_preset_folder(path) and not _has_tokenizer_files(path):
         config = hf_config(path)

@@ -111,6 +111,18 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(self._graphs),
                     self.buckets[0], self.buckets[-1], time.perf_counter() - start)
 
+    def release(self) -> None:
+        """Destroy the graphs and drop their memory pool.
+
+        Needed before a tensor-parallel group is torn down: NCCL keeps a communicator alive while any graph that
+        captured one of its collectives exists, so destroying the group first waits forever.
+        """
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._views.clear()
+        self.pool = None
+
     def replay(self, batch: int) -> torch.Tensor:
         """Run the graph of bucket ``batch`` on the current static inputs; returns its hidden states."""
         self._graphs[batch].replay()

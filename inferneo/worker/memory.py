@@ -54,9 +54,10 @@ def profile_peak_memory(runner: ModelRunner, max_num_batched_tokens: int, max_nu
 
 
 @torch.inference_mode()
-def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.Tensor:
+def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.Tensor | None:
     """One forward pass over ``num_tokens`` prompt tokens (in spans no longer than the context) plus logits and
-    a sort for ``num_seqs`` rows, writing K/V into a small scratch cache. Returns the logits."""
+    a sort for ``num_seqs`` rows, writing K/V into a small scratch cache. Returns the logits (None on a
+    tensor-parallel worker, which sends its share to the driver)."""
     c, bs, device = runner.model_config, runner.block_size, runner.device
     span_len = max(1, runner.max_model_len - 1)
     lengths = [min(span_len, num_tokens - s) for s in range(0, num_tokens, span_len)]
@@ -69,7 +70,7 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
         slots.append(torch.arange(n, device=device) + block * bs)
         positions.append(torch.arange(n, device=device))
         block += num_blocks
-    shape = runner.backend.kv_cache_shape(block, bs, c.num_kv_heads, c.head_dim)
+    shape = runner.backend.kv_cache_shape(block, bs, runner.num_kv_heads, c.head_dim)  # this rank's heads
     scratch = torch.zeros(shape, dtype=runner.dtype, device=device)
     metadata = AttentionMetadata(block_size=bs, num_decode_tokens=0, slot_mapping=torch.cat(slots),
                                  decode_block_tables=None, decode_seq_lens=None, prefills=spans)
@@ -77,6 +78,7 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     hidden = runner.model(ids, torch.cat(positions), [scratch] * c.num_layers, metadata)
     rows = hidden[-min(num_seqs, num_tokens):]
-    logits = runner.model.compute_logits(rows)
-    logits.sort(dim=-1)[0].softmax(dim=-1).cumsum(dim=-1)  # the sampler's top-p path, the heaviest one
+    logits = runner.model.compute_logits(rows)  # None on a tensor-parallel worker: the driver samples
+    if logits is not None:
+        logits.sort(dim=-1)[0].softmax(dim=-1).cumsum(dim=-1)  # the sampler's top-p path, the heaviest one
     return logits

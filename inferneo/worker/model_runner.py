@@ -22,7 +22,7 @@ import torch
 
 from inferneo import envs
 from inferneo.attention import default_attention_backend, get_attention_backend
-from inferneo.distributed import get_tp_group
+from inferneo.distributed import TensorParallelGroup
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
@@ -79,7 +79,8 @@ def _default_dtype(dtype: torch.dtype):
 class ModelRunner:
     """Builds the model on its device and executes scheduled steps.
 
-    ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. The KV
+    ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. ``tp_group``
+    (set by the tensor-parallel runner) makes this runner one rank of a group, holding its shards only. The KV
     cache holds one block more than the scheduler is given: the spare block that padded decode rows use.
     """
 
@@ -93,6 +94,7 @@ class ModelRunner:
         attention_backend: str | None = None,
         enforce_eager: bool = False,
         max_num_seqs: int = 256,
+        tp_group: TensorParallelGroup | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -109,7 +111,7 @@ class ModelRunner:
             self.backend = default_attention_backend(device)
         else:
             self.backend = get_attention_backend(attention_backend)
-        self.tp = get_tp_group()
+        self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
         if self.tp.world_size > 1:
             # Build on meta, keep only this rank's shards, then give them storage: no rank holds the whole model.
             with torch.device("meta"), _default_dtype(dtype):
@@ -203,6 +205,14 @@ class ModelRunner:
         )
         self.graphs.capture()
         self.use_cuda_graphs = True
+
+    def release_cuda_graphs(self) -> None:
+        """Destroy the captured decode graphs (later decode steps run eagerly); see ``DecodeGraphs.release``."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs.release()
+            self.graphs = None
+        self.use_cuda_graphs = False
 
     # ---- one step ----------------------------------------------------------------------------------------
 

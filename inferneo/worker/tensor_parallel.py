@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import logging
 import multiprocessing as mp
+import signal
 import socket
-from multiprocessing.connection import Connection
+import traceback
+from multiprocessing.connection import Connection, wait
 
 import torch
 
@@ -46,40 +49,59 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
 
 def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
     """A worker's life: join the group, build the shard, then obey the driver's messages until "stop"."""
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker>` prints its threads' stacks: the tool for a stalled rank
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     device = _rank_device(runner_kwargs["device"], rank)
     if device.type == "cpu":
         torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
     else:
         runner_kwargs.pop("num_threads", None)
-    init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
-    runner = ModelRunner(**dict(runner_kwargs, device=device))
+    group = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
+    runner = None
     try:
+        runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
         while True:
             kind, arg = conn.recv()
             if kind == "step":
                 runner.execute_remote(arg)
                 continue
-            if kind == "stop":
-                destroy_tensor_parallel(barrier=device.type == "cpu")  # gloo: the driver meets us there
+            if kind == "stop":  # arg: whether every rank is alive to meet at the barrier
+                runner.release_cuda_graphs()  # before the group: NCCL waits for graphs that captured its kernels
+                destroy_tensor_parallel(barrier=device.type == "cpu" and arg)  # gloo: the driver meets us there
                 break
-            result = None
-            if kind == "load":
-                from inferneo.model_loader import iter_weights, resolve_model
-
-                runner.load_weights(iter_weights(resolve_model(arg)))
-            elif kind == "dummy":
-                runner.init_dummy_weights(arg)
-            elif kind == "finalize":
-                runner.finalize_weights()
-            elif kind == "profile":
-                result = runner.profile_kv_memory(*arg)
-            elif kind == "allocate":
-                runner.allocate_kv_cache(arg)
-            conn.send(("ok", result))
-    except (EOFError, KeyboardInterrupt):
-        pass
+            try:
+                conn.send(("ok", _set_up(runner, kind, arg)))
+            except Exception:  # reported to the driver, which raises it and then stops every rank in order
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, KeyboardInterrupt):  # the driver is gone: nobody to leave the group with gracefully
+        if runner is not None:
+            runner.release_cuda_graphs()
+        destroy_tensor_parallel(abort=True)
+    except BaseException:  # a failed step: leave at once (a graceful teardown would wait on the other ranks)
+        traceback.print_exc()
+        destroy_tensor_parallel(abort=True)
+        raise
     finally:
         destroy_tensor_parallel()
+
+
+def _set_up(runner: ModelRunner, kind: str, arg):
+    """One set-up message of the driver, run on this worker's runner; returns what the driver gathers."""
+    if kind == "load":
+        from inferneo.model_loader import iter_weights, resolve_model
+
+        runner.load_weights(iter_weights(resolve_model(arg)))
+    elif kind == "dummy":
+        runner.init_dummy_weights(arg)
+    elif kind == "finalize":
+        runner.finalize_weights()
+    elif kind == "profile":
+        return runner.profile_kv_memory(*arg)
+    elif kind == "allocate":
+        runner.allocate_kv_cache(arg)
+    else:
+        raise ValueError(f"unknown message {kind!r}")
+    return None
 
 
 class TensorParallelRunner:
@@ -92,6 +114,7 @@ class TensorParallelRunner:
                              f"{torch.cuda.device_count()} are visible")
         self.world_size = world_size
         self._model = model
+        self._device = device
         port = _free_port()
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
@@ -105,9 +128,9 @@ class TensorParallelRunner:
             self._conns.append(parent)
             self._procs.append(proc)
         try:
-            init_tensor_parallel(0, world_size, f"tcp://127.0.0.1:{port}", _rank_device(device, 0),
-                                 timeout=_TIMEOUT)
-            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0)))
+            group = init_tensor_parallel(0, world_size, f"tcp://127.0.0.1:{port}", _rank_device(device, 0),
+                                         timeout=_TIMEOUT)
+            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group))
         except BaseException:
             self.shutdown()
             raise
@@ -155,19 +178,28 @@ class TensorParallelRunner:
 
     def shutdown(self) -> None:
         """Stop the workers (waiting briefly, then terminating) and leave the group."""
+        all_alive = all(proc.is_alive() for proc in self._procs)
         for conn in self._conns:
             with contextlib.suppress(OSError):
-                conn.send(("stop", None))
-        all_alive = all(proc.is_alive() for proc in self._procs)
-        # The barrier keeps gloo from aborting a peer mid-teardown; it is skipped for NCCL, where the one GPU run
-        # so far (benchmarks/results/2026-11-27-h200x2-tp-check.log) stopped making progress at shut-down.
-        destroy_tensor_parallel(barrier=all_alive and bool(self._procs) and self.driver.device.type == "cpu")
+                conn.send(("stop", all_alive))  # with a rank gone, nobody waits at the barrier for it
+        # The barrier keeps gloo from aborting a peer mid-teardown; NCCL's finalize needs none.
+        if hasattr(self, "driver"):
+            self.driver.release_cuda_graphs()  # NCCL cannot tear the group down while graphs hold its kernels
+        destroy_tensor_parallel(barrier=all_alive and bool(self._procs) and self._device.type == "cpu",
+                                abort=not all_alive)
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
         self._conns, self._procs = [], []
+
+    def check_workers(self, timeout: float = 0.0) -> None:
+        """Raise WorkerDiedError if a worker has exited, after waiting up to ``timeout`` s for one to exit (a
+        collective fails as soon as a peer's sockets close, which can be a moment before that peer is reaped)."""
+        if timeout > 0 and self._procs:
+            wait([proc.sentinel for proc in self._procs], timeout)
+        self._check_alive()
 
     # ---- messages ----------------------------------------------------------------------------------------
 
@@ -194,5 +226,7 @@ class TensorParallelRunner:
                 status, value = conn.recv()
             except EOFError as exc:
                 raise WorkerDiedError(f"tensor-parallel worker {rank} exited during set-up") from exc
+            if status == "error":
+                raise RuntimeError(f"tensor-parallel worker {rank} failed during set-up:\n{value}")
             results.append(value)
         return results

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import inferneo
+from inferneo import envs
 from inferneo.engine.async_base import AsyncEngineBase
 from inferneo.engine.async_engine import AsyncLLMEngine
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
@@ -127,7 +128,12 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
           port: int, api_keys: list[str], max_queued_requests: int | None, log_level: str = "info",
           access_log: bool = True, shutdown_timeout: float = 30.0, engine_in_process: bool = False,
           guards: ServerGuards | None = None) -> int:
-    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns 0.
+    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the exit
+    status: 0 after a requested shut-down.
+
+    If the engine dies (its process is killed, a tensor-parallel worker dies, too many steps fail), ``/health``
+    and new requests answer 503 for ``INFERNEO_ENGINE_DEATH_EXIT_S`` seconds (default 2), then the server stops
+    by itself and this returns 1.
 
     The engine core runs in a child process (so the model's Python and the HTTP server do not share a GIL);
     ``engine_in_process`` runs it in a thread of this process instead.
@@ -137,6 +143,7 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     from inferneo.config import EngineConfig
 
     config = EngineConfig(model=model, max_queued_requests=max_queued_requests, **engine_kwargs)
+    engine_death_exit_s = envs.engine_death_exit_s()  # a bad value fails here, before the model loads
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
     names = served_model_names or [model or facts["name"]]
     ctx = ServerContext(engine, names, facts["path"], api_keys)
@@ -154,7 +161,8 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
-                                           lifespan="on"), drain, grace=shutdown_timeout)
+                                           lifespan="on"), drain, grace=shutdown_timeout,
+                            engine=engine, engine_death_exit_s=engine_death_exit_s)
     # SIGTERM/SIGINT first drain (new requests get 503, in-flight ones finish; see ``draining``), then uvicorn
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
     # started: make those harmless, so a requested shut-down ends with exit status 0.
@@ -168,7 +176,7 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     if not server.started:
         logger.error("the server did not start (is port %d free?)", port)
         return 1
-    return 0
+    return server.exit_code  # 1 when the engine died
 
 
 def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> tuple[AsyncEngineBase, dict]:

@@ -1,0 +1,92 @@
+"""``inferneo serve --tensor-parallel-size 2`` over real HTTP (gloo on CPU, the tiny model).
+
+Greedy completions equal the single-process offline engine's; a tensor-parallel worker killed mid-stream ends the
+stream with an error event at once, turns ``/health`` to 503 and makes the server exit with a failure status,
+leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from inferneo import LLM, SamplingParams
+from inferneo.testing.server import RemoteServer
+
+ARGS = ("--tensor-parallel-size", "2", "--kv-cache-memory", "16MiB", "--num-threads", "1", "--disable-access-log")
+PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at", "def main():"]
+MAX_TOKENS = 16
+
+
+def tp_workers(server: RemoteServer) -> list[psutil.Process]:
+    """The tensor-parallel workers: the spawned children of the server's engine core child."""
+    def spawned(proc: psutil.Process) -> list[psutil.Process]:
+        return [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())
+                and "resource_tracker" not in " ".join(c.cmdline())]
+
+    cores = spawned(psutil.Process(server.proc.pid))
+    assert len(cores) == 1, cores
+    return spawned(cores[0])
+
+
+def test_tp2_server_greedy_equals_offline_tp1(tiny_llama_dir):
+    # The tiny model's tokens are often partial UTF-8 (the text shows U+FFFD): besides the text, compare each
+    # token's own string and log-probability, which tell apart tokens that the text alone could not.
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    llm = LLM(str(tiny_llama_dir), num_threads=1)
+    try:
+        expected = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    with RemoteServer(tiny_llama_dir, *ARGS) as server:
+        assert len(tp_workers(server)) == 1
+        r = httpx.post(server.url("/v1/completions"), timeout=60,
+                       json={"prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                             "logprobs": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert server.stop() == 0
+    choices = sorted(body["choices"], key=lambda c: c["index"])
+    assert [c["text"] for c in choices] == [e.text for e in expected]
+    assert body["usage"]["completion_tokens"] == MAX_TOKENS * len(PROMPTS)
+    for choice, want in zip(choices, expected, strict=True):
+        sampled = [entry[token] for token, entry in zip(want.token_ids, want.logprobs, strict=True)]
+        assert choice["logprobs"]["tokens"] == [lp.decoded_token for lp in sampled]
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx([lp.logprob for lp in sampled], abs=1e-3)
+
+
+def test_a_killed_tp_worker_fails_the_stream_and_the_server_exits(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, *ARGS) as server:
+        [worker] = tp_workers(server)
+        descendants = psutil.Process(server.proc.pid).children(recursive=True)
+        assert worker in descendants
+        with httpx.Client(timeout=60) as http, http.stream(
+                "POST", server.url("/v1/completions"),
+                json={"prompt": "streamed", "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+            worker.send_signal(signal.SIGKILL)
+            started = time.monotonic()
+            rest = [line for line in lines if line]
+        assert time.monotonic() - started < 10  # failed, not hung
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: "):])["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        try:
+            health = httpx.get(server.url("/health"), timeout=5)
+            assert health.status_code == 503, health.text
+        except httpx.TransportError:
+            pass  # already gone
+        server.proc.wait(timeout=20)
+        assert server.proc.returncode != 0, server.log()
+        assert time.monotonic() - started < 20
+        for proc in descendants:
+            try:
+                proc.wait(5)
+            except psutil.TimeoutExpired:
+                raise AssertionError(f"{proc} outlived its server") from None
