@@ -6,7 +6,7 @@ Sections (each timed and in its own try/except; results written after every one)
   2. equality: a small random Llama (float32) through the whole engine, greedy tokens at TP=1 and each TP=N;
   3. for each TP size: build ``preset:MODEL`` (bf16, dummy weights), then
      - repeat: a greedy batch of 64 run twice must give equal tokens; 16 of its prompts alone are compared too
-     - W3: decode step at batch 1 and 32 with 1024 tokens of context (CUDA graphs);
+     - W3: decode step at batch 1, 32 and 128 with 1024 tokens of context (CUDA graphs);
      - W1: 256 prompts x 1024 random tokens -> 128 tokens, ``ignore_eos``;
   4. serve (``--serve``): ``inferneo serve`` on the model at the largest TP size, with a small text tokenizer
      (the preset has none), answering the guide's two basic examples through ``InferneoClient``.
@@ -41,7 +41,7 @@ from inferneo import LLM  # noqa: E402
 from inferneo.model_executor import arch_presets  # noqa: E402
 from inferneo.model_executor.arch_presets import preset_config  # noqa: E402
 
-FULL = dict(device="cuda", deadline=560.0, w1=(256, 1024, 128), w3_batches=(1, 32), w3_ctx=1024, w3_steps=32,
+FULL = dict(device="cuda", deadline=560.0, w1=(256, 1024, 128), w3_batches=(1, 32, 128), w3_ctx=1024, w3_steps=32,
             repeat=(16, 64, 32), repeat_lengths=(16, 200, 600), equality=(16, 32), stall_s=240, equality_stall_s=110,
             engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192,
                         gpu_memory_utilization=0.92),
@@ -197,7 +197,7 @@ def sec_w1(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     return {"tp": tp, "seconds": seconds, "output_tokens": produced, "output_tok_per_s": tps, **floor}
 
 
-def run_size(s: Suite, dog: Watchdog, model: str, tp: int) -> None:
+def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] = frozenset()) -> None:
     holder: dict = {}
     dog.arm(f"engine_tp{tp}")
     s.section(f"engine_tp{tp}", lambda: holder.update(llm=build(s, model, tp)), min_left=90)
@@ -206,6 +206,8 @@ def run_size(s: Suite, dog: Watchdog, model: str, tp: int) -> None:
     llm = holder.pop("llm")
     for name, fn in (("repeat", lambda: sec_repeat(s, llm)), ("w3", lambda: sec_w3(s, llm, model, tp)),
                      ("w1", lambda: sec_w1(s, llm, model, tp))):
+        if name in skip:
+            continue
         dog.arm(f"{name}_tp{tp}")
         s.section(f"{name}_tp{tp}", fn, min_left=40)
     dog.arm(f"shutdown_tp{tp}", 60)
@@ -306,6 +308,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU over gloo, to check the script")
     parser.add_argument("--deadline", type=float, help="seconds the whole run may take (sections skip past it)")
+    parser.add_argument("--skip", default="", help="per-size sections to leave out, comma-separated (repeat,w3,w1)")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.deadline:
@@ -336,7 +339,7 @@ def main() -> int:
         dog.arm(f"equality_{mode}", cfg["equality_stall_s"])
         s.section(f"equality_{mode}", lambda eager=mode == "eager": sec_equality(s, sizes, eager), min_left=60)
     for tp in sizes:
-        run_size(s, dog, model, tp)
+        run_size(s, dog, model, tp, frozenset(args.skip.split(",")))
     if args.serve:
         dog.arm("serve")
         s.section("serve", lambda: sec_serve(s, model, max(sizes)), min_left=120)
