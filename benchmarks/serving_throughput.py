@@ -118,7 +118,9 @@ def main() -> None:
     prompts, output_lens = make_workload(args.num_requests, args.prompt_len, args.output_len, args.seed,
                                          args.vocab_size)
     load_start = loadavg()
+    cpu_start = time.process_time()
     start, results = asyncio.run(run(args, prompts, output_lens))
+    client_cpu_s = time.process_time() - cpu_start  # on a small machine the client competes with the server
     ok = [r for r in results if not r.get("error")]
     elapsed = max(r["end"] for r in ok) - start if ok else float("nan")
     out_tokens = sum(r["tokens"] for r in ok)
@@ -136,6 +138,7 @@ def main() -> None:
         "ttft_s": summarize([r["ttft"] for r in ok]),
         "tpot_s": summarize([r["tpot"] for r in ok if r["tpot"] is not None]),
         "e2e_s": summarize([r["e2e"] for r in ok]),
+        "client_cpu_s": client_cpu_s,
         "label": args.label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {**host_info(), "loadavg_start": load_start, "loadavg_end": loadavg()},
         "command": " ".join(sys.argv),

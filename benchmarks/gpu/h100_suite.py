@@ -272,19 +272,21 @@ def sec_w3(s: Suite, llm: LLM) -> dict:
             use_ctx = capacity // batch - steps - 16
             s.log(f"batch {batch} x {ctx} context needs {batch * (ctx + steps)} KV tokens > {capacity}: "
                   f"measured at context {use_ctx}")
-        modes = [("graph", True)]
+        modes = [("graph", True, False), ("graph+async", True, True)]
         if batch in (1, 32) and runner.graphs is not None:
-            modes.append(("eager", False))
-        for mode, graphs_on in modes:
+            modes.append(("eager", False, False))
+        for mode, graphs_on, async_on in modes:
             runner.use_cuda_graphs = graphs_on and runner.graphs is not None
+            llm.engine.core.async_scheduling = async_on  # switched between workloads, with nothing in flight
             row = step_latency(llm, s, batch, use_ctx, steps)
             floor = decode_step_floor(shape, row["running"], row["context"], s.ceilings)
             row.update(mode=mode, floor_ms=floor * 1e3, ratio=row["step_ms"] / (floor * 1e3),
                        asked_context=ctx)
             rows.append(row)
-            s.log(f"W3 batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f} {mode:5s}: "
+            s.log(f"W3 batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f} {mode:11s}: "
                   f"{row['step_ms']:.2f} ms/step, floor {row['floor_ms']:.2f} ms, ratio {row['ratio']:.2f}")
         runner.use_cuda_graphs = runner.graphs is not None
+        llm.engine.core.async_scheduling = False
     return {"rows": rows}
 
 
@@ -292,8 +294,9 @@ def _concurrency(s: Suite, capacity: int, prompt_len: int, out_len: int, n: int)
     return max(1, min(n, s.cfg["engine"]["max_num_seqs"], capacity // (prompt_len + out_len)))
 
 
-def sec_inferneo_workload(s: Suite, llm: LLM, name: str) -> dict:
+def sec_inferneo_workload(s: Suite, llm: LLM, name: str, async_scheduling: bool = False) -> dict:
     n, plen, olen = s.cfg[name]
+    llm.engine.core.async_scheduling = async_scheduling
     shape = model_shape(preset_config(s.cfg["preset"]))
     prompts = s.prompts(n, plen, llm.engine.vocab_size)
     generate_ids(llm, s.prompts(2, plen, llm.engine.vocab_size), 4)  # warm-up at this prompt length
@@ -302,7 +305,9 @@ def sec_inferneo_workload(s: Suite, llm: LLM, name: str) -> dict:
     floor = workload_floor(shape, n, plen, olen, _concurrency(s, llm.engine.kv_capacity_tokens, plen, olen, n),
                            s.ceilings)
     tps = produced / seconds
-    s.log(f"{name.upper()} Inferneo: {n} prompts x {plen} -> {olen}: {seconds:.1f} s, {tps:.0f} output tok/s "
+    llm.engine.core.async_scheduling = False
+    s.log(f"{name.upper()} Inferneo{' (async scheduling)' if async_scheduling else ''}: {n} prompts x {plen} -> "
+          f"{olen}: {seconds:.1f} s, {tps:.0f} output tok/s "
           f"(floor {floor['floor_output_tok_per_s']:.0f} tok/s at concurrency {floor['concurrency']}; "
           f"{tps / floor['floor_output_tok_per_s']:.0%} of it)")
     return {"prompts": n, "prompt_len": plen, "output_len": olen, "seconds": seconds, "output_tokens": produced,
@@ -371,7 +376,9 @@ def summarize(s: Suite) -> None:
     hf = sec.get("hf", {})
     checks = {}
     for name, need_abs, need_x in (("w1", 2000, 2.4), ("w2", None, 5.0)):
-        ours = get(name, "output_tok_per_s")
+        # the better of the synchronous and the asynchronous-scheduling run, when both ran
+        ours = max([v for v in (get(name, "output_tok_per_s"), get(f"{name}_async", "output_tok_per_s")) if v],
+                   default=None)
         hf_best = max([v["output_tok_per_s"] for k, v in hf.items()
                        if k.startswith(name) and isinstance(v, dict) and "output_tok_per_s" in v], default=None)
         ratio = ours / hf_best if ours and hf_best else None
@@ -380,11 +387,14 @@ def summarize(s: Suite) -> None:
         rows.append((name.upper(), f"{ours or 0:.0f} tok/s", f"HF best {hf_best or 0:.0f}",
                      f"x{ratio or 0:.2f} (need x{need_x}" + (f", >= {need_abs})" if need_abs else ")"),
                      "PASS" if ok else "FAIL"))
+    best: dict[int, dict] = {}  # per batch size, the faster of the graph modes (with and without async scheduling)
     for row in get("w3", "rows") or []:
-        if row["mode"] != "graph":
-            continue
+        if row["mode"].startswith("graph") and (row["batch"] not in best
+                                                or row["step_ms"] < best[row["batch"]]["step_ms"]):
+            best[row["batch"]] = row
+    for row in best.values():
         ok = row["ratio"] <= 1.25 if row["batch"] in (1, 32) else None
-        rows.append((f"W3 b={row['batch']}", f"{row['step_ms']:.2f} ms", f"floor {row['floor_ms']:.2f} ms",
+        rows.append((f"W3 b={row['batch']} {row['mode']}", f"{row['step_ms']:.2f} ms", f"floor {row['floor_ms']:.2f} ms",
                      f"x{row['ratio']:.2f} (need <= 1.25)" if ok is not None else f"x{row['ratio']:.2f}",
                      "PASS" if ok else ("-" if ok is None else "FAIL")))
         checks[f"w3_b{row['batch']}"] = {"ratio": row["ratio"], "target_met": ok}
@@ -426,6 +436,7 @@ def main() -> int:
         llm = holder["llm"]
         s.section("w3", lambda: sec_w3(s, llm), min_left=100)
         s.section("w1", lambda: sec_inferneo_workload(s, llm, "w1"), min_left=80)
+        s.section("w1_async", lambda: sec_inferneo_workload(s, llm, "w1", async_scheduling=True), min_left=80)
         s.section("w2", lambda: sec_inferneo_workload(s, llm, "w2"), min_left=80)
         holder.clear()
         del llm

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 from inferneo.engine.request import Request, RequestStatus
-from inferneo.engine.scheduler import Scheduler
-from inferneo.worker.model_runner import ModelRunner
+from inferneo.engine.scheduler import Scheduler, SchedulerOutput
+from inferneo.sampling.metadata import min_tokens_banned
+from inferneo.worker.model_runner import InFlightStep, ModelRunner, RunnerOutput
 
 
 @dataclass(slots=True)
@@ -47,13 +48,26 @@ class EngineStats:
 
 
 class EngineCore:
-    """Continuous batching over a paged KV cache."""
+    """Continuous batching over a paged KV cache.
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int):
+    With ``async_scheduling`` the next step is scheduled and queued on the device before the current step's
+    sampled tokens reach the host: a decoding request is scheduled with its token still in flight (the device
+    feeds it to the next step), and the host updates requests, checks stops and builds outputs while the device
+    runs. ``step()`` then returns the outputs of the step before the one it launched. A request that finishes on
+    the token in flight has one wasted row in the next step, whose output is dropped. Steps with requests whose
+    sampling depends on their previous tokens (penalties, ``min_tokens`` still banning tokens) wait for the
+    step in flight first.
+    """
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int,
+                 async_scheduling: bool = False):
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.stats = EngineStats()
+        self.async_scheduling = async_scheduling
+        scheduler.max_model_len = max_model_len
+        self._in_flight: tuple[SchedulerOutput, InFlightStep, float] | None = None
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -66,16 +80,55 @@ class EngineCore:
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[CoreOutput]:
         """Run one engine step; returns outputs for requests that produced a token."""
+        if self.async_scheduling:
+            return self._step_async()
+        if self._in_flight is not None:  # async scheduling was just switched off: land the step in flight
+            previous, self._in_flight = self._in_flight, None
+            return self._finish(previous)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         start = time.perf_counter()
         result = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
+        return self._process(sched, result, start)
+
+    def _step_async(self) -> list[CoreOutput]:
+        previous = self._in_flight
+        self._in_flight = None
+        if previous is not None and self._must_wait(previous[1]):
+            return self._finish(previous)
+        sched = self.scheduler.schedule()
+        launched = None
+        if not sched.is_empty:
+            launched = (sched, self.runner.launch(sched, previous[1] if previous else None), time.perf_counter())
+        outputs = self._finish(previous) if previous is not None else []
+        if launched is not None:
+            # Only now, with the previous step's tokens appended, can blocks holding them join the prefix cache.
+            self.scheduler.update_after_step(sched)
+            for index, request in enumerate(launched[1].requests):
+                if not request.is_finished:
+                    request.pending_sample = index
+            self._in_flight = launched
+        return outputs
+
+    def _finish(self, in_flight: tuple[SchedulerOutput, InFlightStep, float]) -> list[CoreOutput]:
+        """Wait for a launched step's tokens and turn them into outputs."""
+        sched, step, start = in_flight
+        result = step.resolve()
+        for request in step.requests:
+            request.pending_sample = -1
+        return self._process(sched, result, start)
+
+    def _must_wait(self, step: InFlightStep) -> bool:
+        """True when a request sampling next needs the token still in flight on the host first."""
+        return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in step.requests)
+
+    def _process(self, sched: SchedulerOutput, result: RunnerOutput, start: float) -> list[CoreOutput]:
         stats = self.stats
         stats.num_steps += 1
         stats.num_batched_tokens_total += sched.num_batched_tokens
@@ -87,6 +140,8 @@ class EngineCore:
 
         outputs: list[CoreOutput] = []
         for i, (request, token_id) in enumerate(zip(result.requests, result.sampled_token_ids, strict=True)):
+            if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
+                continue
             request.append_output_token(token_id)
             stats.num_generation_tokens += 1
             status, stop_reason = self._check_stop(request, token_id)
@@ -115,3 +170,10 @@ class EngineCore:
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
+
+
+def _needs_previous_tokens(request: Request) -> bool:
+    """Whether sampling ``request``'s next token reads its generated tokens (penalties, min_tokens bans)."""
+    params = request.sampling_params
+    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+            or bool(min_tokens_banned(request)))

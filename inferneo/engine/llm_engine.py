@@ -87,7 +87,8 @@ class LLMEngine:
             policy=config.scheduling_policy,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
-        self.core = EngineCore(self.runner, self.scheduler, self.max_model_len)
+        self.core = EngineCore(self.runner, self.scheduler, self.max_model_len,
+                               async_scheduling=config.async_scheduling)
         self.eos_token_ids = eos_token_ids(self.generation_config, self.tokenizer)
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()

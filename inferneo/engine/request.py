@@ -60,6 +60,9 @@ class Request:
     generator: torch.Generator | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # With asynchronous scheduling: this request's row among the samples of the step still running on the
+    # device, whose token is not on the host yet (-1: none). The next step reads that token on the device.
+    pending_sample: int = -1
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -74,6 +77,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the scheduler counts: those on the host plus the one still being sampled, if any."""
+        return len(self.all_token_ids) + (self.pending_sample >= 0)
 
     @property
     def num_output_tokens(self) -> int:

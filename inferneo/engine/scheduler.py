@@ -91,6 +91,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.max_model_len: int | None = None  # set by the engine core; used with asynchronous scheduling
 
     # ---- request lifecycle -------------------------------------------------------------------------------
 
@@ -131,9 +132,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute (should not happen for a live request)
-                index += 1
+            num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0 or self._ends_with_pending_token(request):
+                index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self._pick_victim(exclude=scheduled_running)
@@ -181,6 +182,13 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
+    def _ends_with_pending_token(self, request: Request) -> bool:
+        """True when the token still being sampled for ``request`` reaches its max_tokens or the context limit."""
+        if request.pending_sample < 0:
+            return False
+        return (request.num_output_tokens + 1 >= request.max_tokens
+                or (self.max_model_len is not None and request.num_tokens + 1 >= self.max_model_len))
+
     def _pick_victim(self, exclude: list[Request]) -> Request | None:
         candidates = [r for r in self.running if not any(r is e for e in exclude)]
         if not candidates:
@@ -201,8 +209,13 @@ class Scheduler:
     # ---- after the model ran -----------------------------------------------------------------------------
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and register newly full blocks in the prefix cache."""
+        """Advance computed-token counts and register newly full blocks in the prefix cache.
+
+        Requests that finished (or were preempted) while the step ran are skipped.
+        """
         for item in out.scheduled:
             request = item.request
+            if request.status != RequestStatus.RUNNING:
+                continue
             request.num_computed_tokens += item.num_new_tokens
             self.kv_cache.cache_full_blocks(request)

@@ -93,7 +93,7 @@ class SamplingMetadata:
             if not g and req.generator is not None:
                 seeded_rows.append(i)
                 generators.append(req.generator)
-            for t in _min_tokens_banned(req):
+            for t in min_tokens_banned(req):
                 if t < vocab_size:
                     banned_rows.append(i)
                     banned_ids.append(t)
@@ -161,7 +161,7 @@ class SamplingMetadata:
         )
 
 
-def _min_tokens_banned(request: Request) -> list[int]:
+def min_tokens_banned(request: Request) -> list[int]:
     """Token ids that may not be sampled yet because the request has fewer than ``min_tokens`` outputs.
 
     As in vLLM, EOS is banned only when it would end the request (``ignore_eos`` is off); stop_token_ids always.

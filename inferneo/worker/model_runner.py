@@ -65,6 +65,41 @@ class RunnerOutput:
     sampled_token_ranks: list[int] | None = None
 
 
+class InFlightStep:
+    """A launched step. Its sampled ids stay on the device, where the next step can read them as inputs, while a
+    copy travels to the host; ``resolve`` waits for that copy alone (not for later work queued behind it)."""
+
+    def __init__(self, requests: list[Request], result=None) -> None:
+        self.requests = requests
+        self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids
+        self._tensors: list[torch.Tensor] = []
+        self._event = None
+        if result is None:
+            return
+        tensors = [result.sampled_token_ids]
+        if result.logprobs is not None:
+            tensors += [result.logprob_token_ids, result.logprobs, result.sampled_token_ranks]
+        if self.sampled.device.type == "cuda":
+            self._tensors = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._tensors = tensors
+
+    def resolve(self) -> RunnerOutput:
+        """The step's sampled tokens (and logprobs) on the host, in the order of ``requests``."""
+        if not self.requests:
+            return RunnerOutput([], [])
+        if self._event is not None:
+            self._event.synchronize()
+        out = RunnerOutput(self.requests, self._tensors[0].tolist())
+        if len(self._tensors) > 1:
+            out.logprob_token_ids = self._tensors[1].tolist()
+            out.logprobs = self._tensors[2].tolist()
+            out.sampled_token_ranks = self._tensors[3].tolist()
+        return out
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Build parameters directly in ``dtype`` (no float32 copy of a 7B model on the way)."""
@@ -134,6 +169,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.spare_block = 0
         self._inputs = InputStager(device)
+        self._pending_inputs = InputStager(device, initial=1024)  # row/sample indices of pending input tokens
         # Decode batches are padded to these sizes (set on CUDA when graphs are captured; tests set it on CPU).
         self.decode_buckets: list[int] = []
         self.graphs: DecodeGraphs | None = None
@@ -216,9 +252,17 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one scheduled step and sample the next token of every request whose tokens are all computed."""
+        return self.launch(sched).resolve()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, previous: InFlightStep | None = None) -> InFlightStep:
+        """Queue one step on the device and return without waiting for it (on CPU the work is done on return).
+
+        Decode rows whose input token ``previous`` (the step launched before) is still sampling read it from
+        ``previous``'s device output (asynchronous scheduling; see ``Request.pending_sample``).
+        """
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first, stable
         bucket = self._decode_bucket(items)
         graphs = self.graphs if bucket is not None and self.use_cuda_graphs else None
@@ -229,19 +273,13 @@ class ModelRunner:
         if self.step_listener is not None:
             self.step_listener(RemoteStep(host[: layout.size].copy(), _without_requests(packed), bucket,
                                           len(requests)))
-        hidden, dev = self._forward(packed, host_tensor, bucket, graphs)
+        hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous)
         if not requests:
-            return RunnerOutput([], [])
+            return InFlightStep([])
         rows = self._sample_rows(hidden, dev, packed, len(requests))
         logits = self.model.compute_logits(rows)
         sampling = SamplingMetadata.build(requests, self.model_config.vocab_size, self.device)
-        result = self.sampler(logits, sampling)
-        out = RunnerOutput(requests, result.sampled_token_ids.tolist())  # the step's one device-to-host sync
-        if result.logprobs is not None:
-            out.logprob_token_ids = result.logprob_token_ids.tolist()
-            out.logprobs = result.logprobs.tolist()
-            out.sampled_token_ranks = result.sampled_token_ranks.tolist()
-        return out
+        return InFlightStep(requests, self.sampler(logits, sampling))
 
     @torch.inference_mode()
     def execute_remote(self, step: RemoteStep) -> None:
@@ -254,15 +292,31 @@ class ModelRunner:
             self.model.compute_logits(self._sample_rows(hidden, dev, step.packed, step.num_samples))
 
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
-                 graphs: DecodeGraphs | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 graphs: DecodeGraphs | None, previous: InFlightStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
+            self._fill_pending_ids(packed, graphs.inputs, previous)
             return graphs.replay(bucket), dev
         dev = self._inputs.upload(host_tensor, layout.size)
+        self._fill_pending_ids(packed, dev, previous)
         input_ids, positions, metadata = step_views(dev, packed, self.block_size)
         self.backend.prepare(metadata)
         return self.model(input_ids, positions, self.kv_caches, metadata), dev
+
+    def _fill_pending_ids(self, packed: PackedStep, inputs: torch.Tensor, previous: InFlightStep | None) -> None:
+        """Copy the input tokens that ``previous`` is still sampling into the uploaded ids, on the device."""
+        count = len(packed.pending_rows)
+        if not count:
+            return
+        if previous is None or previous.sampled is None:
+            raise RuntimeError("a step reads tokens of a previous step that was not given")
+        host, host_tensor = self._pending_inputs.host(2 * count)
+        host[:count] = packed.pending_rows
+        host[:count] += packed.layout.ids
+        host[count : 2 * count] = packed.pending_samples
+        index = self._pending_inputs.upload(host_tensor, 2 * count)
+        inputs[index[:count]] = previous.sampled[index[count : 2 * count]]
 
     @staticmethod
     def _sample_rows(hidden: torch.Tensor, dev: torch.Tensor, packed: PackedStep, count: int) -> torch.Tensor:

@@ -97,6 +97,10 @@ class PackedStep:
     sample_requests: list[Request] = field(default_factory=list)
     # True when the rows to sample are exactly 0..len(sample_requests)-1 (then no index tensor is needed).
     samples_are_prefix: bool = False
+    # Decode rows whose input token is still being sampled by the step in flight, and that token's index
+    # among that step's samples (asynchronous scheduling).
+    pending_rows: list[int] = field(default_factory=list)
+    pending_samples: list[int] = field(default_factory=list)
 
 
 def step_layout(items: list[ScheduledRequest], block_size: int, pad_rows: int | None = None,
@@ -141,8 +145,14 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
             col_idx = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
             tables[row_idx, col_idx] = flat
         ids = buf[lo.ids : lo.ids + rows]
-        ids[:num_decode] = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r in reqs), np.int64,
-                                       num_decode)
+        # A token still being sampled by the step in flight is not on the host: 0 here, and the runner copies it
+        # from that step's device output (``pending_rows`` / ``pending_samples``).
+        ids[:num_decode] = np.fromiter((r.all_token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
+                                        for r in reqs), np.int64, num_decode)
+        for i, r in enumerate(reqs):
+            if r.pending_sample >= 0:
+                out.pending_rows.append(i)
+                out.pending_samples.append(r.pending_sample)
         buf[lo.positions : lo.positions + num_decode] = starts
         blocks = tables[np.arange(num_decode), starts // block_size]
         buf[lo.slots : lo.slots + num_decode] = blocks * block_size + starts % block_size
@@ -154,7 +164,7 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
             buf[lo.seq_lens + num_decode : lo.seq_lens + rows] = 1
             tables[num_decode:, 0] = spare_block
         for i, r in enumerate(reqs):
-            if r.num_computed_tokens + 1 == r.num_tokens:
+            if r.num_computed_tokens + 1 == r.num_scheduled_tokens:
                 sample_rows.append(i)
                 out.sample_requests.append(r)
 
