@@ -47,7 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False
     num_threads: int | None = None
     tensor_parallel_size: int = 1
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA at tensor-parallel size 1, off otherwise
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):

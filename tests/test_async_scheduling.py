@@ -111,11 +111,13 @@ def test_a_pending_token_is_counted_by_the_scheduler():
     assert request.num_scheduled_tokens == 4
 
 
-def test_refused_with_tensor_parallelism():
+def test_default_is_on_for_cuda_only_and_refused_with_tensor_parallelism(tiny_llama_dir):
     from inferneo.config import EngineConfig
 
+    assert not LLM(str(tiny_llama_dir), **ENGINE).engine.core.async_scheduling  # CPU: no gain measured
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling=True, tensor_parallel_size=2)
+    EngineConfig(tensor_parallel_size=2)  # the default simply stays off there
 
 
 def test_server_with_async_scheduling_matches_offline(tiny_llama_dir):

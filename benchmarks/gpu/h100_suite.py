@@ -415,7 +415,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script")
+    parser.add_argument("--only", default="", help="run only these sections, comma-separated (e.g. w3,w1,w1_async;"
+                        " ceilings and engine run whenever a later section needs them)")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
     cfg = SMOKE if args.smoke else FULL
     if args.smoke:
         arch_presets.PRESETS["smoke-llama"] = preset_config(
@@ -428,20 +435,28 @@ def main() -> int:
     if s.ceilings is None:
         s.ceilings = Ceilings(3.0e12, 7.0e14)
         s.log("ceilings unavailable: using nominal 3.0 TB/s, 700 TFLOP/s")
-    s.section("fp32", lambda: sec_fp32(s), min_left=60)
-    s.section("bf16_parity", lambda: sec_parity(s), min_left=60)
+    if wanted("fp32"):
+        s.section("fp32", lambda: sec_fp32(s), min_left=60)
+    if wanted("bf16_parity"):
+        s.section("bf16_parity", lambda: sec_parity(s), min_left=60)
     holder: dict = {}
-    s.section("engine", lambda: holder.update(llm=build_engine(s)), min_left=120)
+    engine_sections = ("w3", "w1", "w1_async", "w2")
+    if any(wanted(name) for name in engine_sections):
+        s.section("engine", lambda: holder.update(llm=build_engine(s)), min_left=120)
     if "llm" in holder:
         llm = holder["llm"]
-        s.section("w3", lambda: sec_w3(s, llm), min_left=100)
-        s.section("w1", lambda: sec_inferneo_workload(s, llm, "w1"), min_left=80)
-        s.section("w1_async", lambda: sec_inferneo_workload(s, llm, "w1", async_scheduling=True), min_left=80)
-        s.section("w2", lambda: sec_inferneo_workload(s, llm, "w2"), min_left=80)
+        runs = {"w3": lambda: sec_w3(s, llm), "w1": lambda: sec_inferneo_workload(s, llm, "w1"),
+                "w1_async": lambda: sec_inferneo_workload(s, llm, "w1", async_scheduling=True),
+                "w2": lambda: sec_inferneo_workload(s, llm, "w2")}
+        for name in engine_sections:
+            if wanted(name):
+                s.section(name, runs[name], min_left=100 if name == "w3" else 80)
         holder.clear()
-        del llm
+        runs.clear()
+        llm = None
         free_memory()
-    s.section("hf", lambda: sec_hf(s), min_left=40)
+    if wanted("hf"):
+        s.section("hf", lambda: sec_hf(s), min_left=40)
     summarize(s)
     path = s.write()
     s.log(f"results: {path}")
