@@ -64,9 +64,6 @@ class EngineConfig:
             )
         _positive("block_size", self.block_size)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1 yet (the workers would "
-                             "need the sampled tokens on their own GPUs)")
         _positive("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)

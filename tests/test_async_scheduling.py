@@ -10,7 +10,6 @@ make a step wait for the one in flight) and aborts, and check that no KV block l
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from inferneo import LLM, SamplingParams
 from inferneo.engine.request import Request
@@ -111,13 +110,22 @@ def test_a_pending_token_is_counted_by_the_scheduler():
     assert request.num_scheduled_tokens == 4
 
 
-def test_default_is_on_for_cuda_only_and_refused_with_tensor_parallelism(tiny_llama_dir):
-    from inferneo.config import EngineConfig
-
+def test_default_is_on_for_cuda_only(tiny_llama_dir):
     assert not LLM(str(tiny_llama_dir), **ENGINE).engine.core.async_scheduling  # CPU: no gain measured
-    with pytest.raises(ValueError, match="async_scheduling"):
-        EngineConfig(async_scheduling=True, tensor_parallel_size=2)
-    EngineConfig(tensor_parallel_size=2)  # the default simply stays off there
+
+
+def test_tensor_parallel_workers_get_the_tokens_in_flight(tiny_llama_dir):
+    """At TP=2 the driver broadcasts the previous step's samples to the workers, which read them on their side."""
+    items = prompts(8, seed=5, shared_prefix=20)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = outputs(LLM(str(tiny_llama_dir), **ENGINE), items, params)
+    llm = LLM(str(tiny_llama_dir), **ENGINE, tensor_parallel_size=2, async_scheduling=True,
+              max_num_batched_tokens=48)
+    try:
+        assert llm.engine.core.async_scheduling
+        assert outputs(llm, items, params) == expected
+    finally:
+        llm.shutdown()
 
 
 def test_server_with_async_scheduling_matches_offline(tiny_llama_dir):

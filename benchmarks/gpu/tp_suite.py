@@ -171,17 +171,35 @@ def sec_w3(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     ctx, steps = s.cfg["w3_ctx"], s.cfg["w3_steps"]
     step_latency(llm, s, 2, 32, 2)  # warm-up
     rows = []
+    core = llm.engine.core
+    default = core.async_scheduling
     for batch in s.cfg["w3_batches"]:
-        row = step_latency(llm, s, batch, ctx, steps)
-        floor = decode_step_floor(shape, row["running"], row["context"], scaled(s.ceilings, tp))
-        row.update(tp=tp, floor_ms=floor * 1e3, ratio=row["step_ms"] / (floor * 1e3))
-        rows.append(row)
-        s.log(f"W3 TP={tp} batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f}: "
-              f"{row['step_ms']:.2f} ms/step, floor {row['floor_ms']:.2f} ms, ratio {row['ratio']:.2f}")
+        for async_on in (False, True):
+            core.async_scheduling = async_on  # switched between measurements, with nothing in flight
+            row = step_latency(llm, s, batch, ctx, steps)
+            floor = decode_step_floor(shape, row["running"], row["context"], scaled(s.ceilings, tp))
+            row.update(tp=tp, mode="async" if async_on else "sync", floor_ms=floor * 1e3,
+                       ratio=row["step_ms"] / (floor * 1e3))
+            rows.append(row)
+            s.log(f"W3 TP={tp} batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f} {row['mode']:5s}: "
+                  f"{row['step_ms']:.2f} ms/step, floor {row['floor_ms']:.2f} ms, ratio {row['ratio']:.2f}")
+    core.async_scheduling = default
     return {"rows": rows}
 
 
 def sec_w1(s: Suite, llm: LLM, model: str, tp: int) -> dict:
+    """W1 with the engine's default scheduling and, at TP > 1, with asynchronous scheduling as well."""
+    core = llm.engine.core
+    default = core.async_scheduling
+    result = _w1_once(s, llm, model, tp)
+    if tp > 1 and not default:
+        core.async_scheduling = True
+        result["async"] = _w1_once(s, llm, model, tp)
+        core.async_scheduling = default
+    return result
+
+
+def _w1_once(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     n, plen, olen = s.cfg["w1"]
     vocab = llm.engine.vocab_size
     prompts = s.prompts(n, plen, vocab)
@@ -192,7 +210,8 @@ def sec_w1(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     concurrency = max(1, min(n, s.cfg["engine"]["max_num_seqs"], capacity // (plen + olen)))
     floor = workload_floor(model_shape(preset_config(model)), n, plen, olen, concurrency, scaled(s.ceilings, tp))
     tps = produced / seconds
-    s.log(f"W1 TP={tp}: {n} prompts x {plen} -> {olen}: {seconds:.1f} s, {tps:.0f} output tok/s "
+    mode = "async" if llm.engine.core.async_scheduling else "sync"
+    s.log(f"W1 TP={tp} {mode}: {n} prompts x {plen} -> {olen}: {seconds:.1f} s, {tps:.0f} output tok/s "
           f"(floor {floor['floor_output_tok_per_s']:.0f} tok/s at concurrency {concurrency})")
     return {"tp": tp, "seconds": seconds, "output_tokens": produced, "output_tok_per_s": tps, **floor}
 
@@ -281,8 +300,8 @@ def summarize(s: Suite, sizes: list[int]) -> None:
     s.log("\n== summary")
     step = {}
     for tp in sizes:
-        for row in sec.get(f"w3_tp{tp}", {}).get("rows", []):
-            step[(tp, row["batch"])] = row["step_ms"]
+        for row in sec.get(f"w3_tp{tp}", {}).get("rows", []):  # the faster mode of each batch size
+            step[(tp, row["batch"])] = min(row["step_ms"], step.get((tp, row["batch"]), float("inf")))
         w1 = sec.get(f"w1_tp{tp}", {})
         if "output_tok_per_s" in w1:
             s.log(f"  W1 TP={tp}: {w1['output_tok_per_s']:.0f} output tok/s")

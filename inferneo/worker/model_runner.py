@@ -47,11 +47,14 @@ class RemoteStep:
     packed: PackedStep  # without its requests
     bucket: int | None
     num_samples: int
+    # With asynchronous scheduling: how many tokens the previous step sampled, when this step reads some of them
+    # (the driver broadcasts them on the devices before the forward pass); 0 otherwise.
+    num_previous_samples: int = 0
 
 
 def _without_requests(packed: PackedStep) -> PackedStep:
     return PackedStep(packed.layout, packed.num_tokens, packed.num_decode, packed.num_real_decode, packed.spans,
-                      [], packed.samples_are_prefix)
+                      [], packed.samples_are_prefix, packed.pending_rows, packed.pending_samples)
 
 
 @dataclass(slots=True)
@@ -71,7 +74,7 @@ class InFlightStep:
 
     def __init__(self, requests: list[Request], result=None) -> None:
         self.requests = requests
-        self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids
+        self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids.contiguous()
         self._tensors: list[torch.Tensor] = []
         self._event = None
         if result is None:
@@ -271,8 +274,11 @@ class ModelRunner:
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
         requests = packed.sample_requests
         if self.step_listener is not None:
+            num_previous = len(previous.requests) if previous is not None and packed.pending_rows else 0
             self.step_listener(RemoteStep(host[: layout.size].copy(), _without_requests(packed), bucket,
-                                          len(requests)))
+                                          len(requests), num_previous))
+            if num_previous:  # the workers read the tokens still in flight too: send them device to device
+                self.tp.broadcast(previous.sampled)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous)
         if not requests:
             return InFlightStep([])
@@ -287,7 +293,12 @@ class ModelRunner:
         graphs = self.graphs if step.bucket is not None and self.use_cuda_graphs else None
         host, host_tensor = self._inputs.host(step.packed.layout.size)
         host[: step.packed.layout.size] = step.host
-        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs)
+        previous = None
+        if step.num_previous_samples:  # the driver's previous samples, which this step reads (async scheduling)
+            received = torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device)
+            previous = InFlightStep([])
+            previous.sampled = self.tp.broadcast(received)
+        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous)
         if step.num_samples:
             self.model.compute_logits(self._sample_rows(hidden, dev, step.packed, step.num_samples))
 
