@@ -10,10 +10,12 @@ import concurrent.futures
 import time
 
 import httpx
+import pytest
 
 from inferneo.testing.server import RemoteServer
 
 ARGS = ("--kv-cache-memory", "32MiB", "--num-threads", "1", "--disable-access-log")
+SCHEDULING = pytest.mark.parametrize("scheduling", ["--no-async-scheduling", "--async-scheduling"])
 POISON = [7, 7, 7, 7]
 
 
@@ -22,8 +24,9 @@ def _complete(server: RemoteServer, prompt, max_tokens: int = 4) -> httpx.Respon
                       json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 
 
-def test_a_failing_step_gives_500_and_the_engine_serves_on(tiny_llama_dir):
-    with RemoteServer(tiny_llama_dir, *ARGS, env={"INFERNEO_TEST_FAULT": "prompt:7,7,7,7"}) as server:
+@SCHEDULING
+def test_a_failing_step_gives_500_and_the_engine_serves_on(tiny_llama_dir, scheduling):
+    with RemoteServer(tiny_llama_dir, *ARGS, scheduling, env={"INFERNEO_TEST_FAULT": "prompt:7,7,7,7"}) as server:
         assert _complete(server, "before").status_code == 200
         r = _complete(server, [*POISON, 20, 21])
         assert r.status_code == 500, r.text
@@ -35,8 +38,9 @@ def test_a_failing_step_gives_500_and_the_engine_serves_on(tiny_llama_dir):
         assert httpx.get(server.url("/health"), timeout=10).status_code == 200
 
 
-def test_an_engine_that_cannot_go_on_turns_health_503_and_fails_requests_promptly(tiny_llama_dir):
-    with RemoteServer(tiny_llama_dir, *ARGS, env={"INFERNEO_TEST_FAULT": "always"}) as server:
+@SCHEDULING
+def test_an_engine_that_cannot_go_on_turns_health_503_and_fails_requests_promptly(tiny_llama_dir, scheduling):
+    with RemoteServer(tiny_llama_dir, *ARGS, scheduling, env={"INFERNEO_TEST_FAULT": "always"}) as server:
         # Every step fails; after three failures in a row the engine gives up.
         start = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:  # some requests share a step, some do not

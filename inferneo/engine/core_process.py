@@ -203,11 +203,18 @@ def _install_test_fault(engine) -> None:
     always = spec == "always"
     poison = [] if always else [int(t) for t in spec.removeprefix("prompt:").split(",")]
     runner = engine.runner
-    execute = runner.execute
+    execute, launch = runner.execute, runner.launch  # synchronous and asynchronous scheduling
 
-    def faulty(sched):
+    def check(sched) -> None:
         if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
             raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
+
+    def faulty_execute(sched):
+        check(sched)
         return execute(sched)
 
-    runner.execute = faulty
+    def faulty_launch(sched, previous=None):
+        check(sched)
+        return launch(sched, previous)
+
+    runner.execute, runner.launch = faulty_execute, faulty_launch
