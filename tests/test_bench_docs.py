@@ -12,10 +12,10 @@ import pytest
 
 from inferneo.batch.records import BatchRequest, parse_line
 from inferneo.cli import build_parser, main
+from inferneo.testing.guide import GUIDE_MODEL
 from inferneo.testing.server import RemoteServer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance-tuning.md"
-GUIDE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 ENGINE = ["--kv-cache-memory", "32MiB", "--num-threads", "1"]
 # Appended to each command (argparse keeps the last value): tiny sizes, so that the examples run in seconds.
 SHRINK = {

@@ -26,9 +26,9 @@ from inferneo.client import (
     NotFoundError,
     Stream,
 )
+from inferneo.testing.guide import GUIDE_MODEL
 from inferneo.testing.server import RemoteServer, free_port
 
-GUIDE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 KEY = "sk-client-test"
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from inferneo.testing.guide import GUIDE_MODEL
 from inferneo.testing.server import docs_server
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO.parent / "shared" / "spec" / "batching-guide.md"
-GUIDE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 PORT = 8000
 DATASET_LINES = 40
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from inferneo import LLM, SamplingParams
+from inferneo.testing.guide import GUIDE_CONVERSATIONS, GUIDE_MODEL, GUIDE_PROMPTS
 from inferneo.testing.server import RemoteServer
 
-GUIDE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 PROMPTS = ["hello world", "the quick brown fox", "Once upon a time", "The capital of France is"]
 
 
@@ -164,17 +164,6 @@ def test_greedy_chat_equals_llm_chat(server, llm):
 
 
 # ---- the guide's two basic examples, as raw HTTP and through the openai client ----------------------------------
-
-GUIDE_PROMPTS = ["Explain machine learning", "What is deep learning?", "Describe neural networks",
-                 "How does backpropagation work?"]
-GUIDE_CONVERSATIONS = [
-    [{"role": "user", "content": "What is AI?"},
-     {"role": "assistant", "content": "AI stands for Artificial Intelligence..."},
-     {"role": "user", "content": "Give me an example"}],
-    [{"role": "user", "content": "Explain machine learning"}, {"role": "user", "content": "What are the types?"}],
-    [{"role": "user", "content": "How do neural networks work?"}],
-]
-
 
 def test_guide_prompt_batch_over_raw_http(server):
     r = post(server, "/v1/completions", {"model": GUIDE_MODEL, "prompt": GUIDE_PROMPTS, "max_tokens": 100,

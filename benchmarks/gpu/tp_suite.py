@@ -237,20 +237,10 @@ def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] 
     free_memory()
 
 
-GUIDE_PROMPTS = ["Explain machine learning", "What is deep learning?", "Describe neural networks",
-                 "How does backpropagation work?"]
-GUIDE_CONVERSATIONS = [
-    [{"role": "user", "content": "What is AI?"},
-     {"role": "assistant", "content": "AI stands for Artificial Intelligence..."},
-     {"role": "user", "content": "Give me an example"}],
-    [{"role": "user", "content": "Explain machine learning"}, {"role": "user", "content": "What are the types?"}],
-    [{"role": "user", "content": "How do neural networks work?"}],
-]
-
-
 def sec_serve(s: Suite, model: str, tp: int) -> dict:
     """``inferneo serve`` at TP=``tp`` answering the guide's two basic examples (same calls as the guide)."""
     from inferneo import InferneoClient
+    from inferneo.testing.guide import GUIDE_CONVERSATIONS, GUIDE_MODEL, GUIDE_PROMPTS
     from inferneo.testing.server import RemoteServer
     from inferneo.testing.tiny_models import make_tiny_tokenizer
 
@@ -258,7 +248,7 @@ def sec_serve(s: Suite, model: str, tp: int) -> dict:
     make_tiny_tokenizer().save_pretrained(tokenizer_dir)
     args = ["--load-format", "dummy", "--dtype", "bfloat16", "--device", s.cfg["device"], "--tokenizer",
             str(tokenizer_dir), "--tensor-parallel-size", str(tp), "--served-model-name",
-            "meta-llama/Llama-2-7b-chat-hf", "--max-model-len", str(s.cfg["engine"]["max_model_len"])]
+            GUIDE_MODEL, "--max-model-len", str(s.cfg["engine"]["max_model_len"])]
     if s.cfg["device"] == "cpu":
         args += ["--kv-cache-memory", "64MiB"]
     started = time.perf_counter()
@@ -269,13 +259,13 @@ def sec_serve(s: Suite, model: str, tp: int) -> dict:
     try:
         client = InferneoClient(server.base_url)
         t = time.perf_counter()
-        completions = client.completions.create(model="meta-llama/Llama-2-7b-chat-hf", prompt=GUIDE_PROMPTS,
+        completions = client.completions.create(model=GUIDE_MODEL, prompt=GUIDE_PROMPTS,
                                                 max_tokens=100, temperature=0.7)
         completions_s = time.perf_counter() - t
         for i, choice in enumerate(completions.choices):
             s.log(f"  Prompt {i + 1}: {choice.text[:80]!r} ({choice.finish_reason})")
         t = time.perf_counter()
-        chats = client.chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=GUIDE_CONVERSATIONS,
+        chats = client.chat.completions.create(model=GUIDE_MODEL, messages=GUIDE_CONVERSATIONS,
                                                max_tokens=150, temperature=0.7)
         chat_s = time.perf_counter() - t
         for i, choice in enumerate(chats.choices):

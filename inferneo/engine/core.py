@@ -167,7 +167,7 @@ class EngineCore:
                 return RequestStatus.FINISHED_STOPPED, None
             if token_id in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token_id
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        if request.reaches_length_limit(self.max_model_len):
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 

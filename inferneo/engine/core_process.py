@@ -202,19 +202,12 @@ def _install_test_fault(engine) -> None:
     logger.warning("INFERNEO_TEST_FAULT=%s: model steps will fail on purpose", spec)
     always = spec == "always"
     poison = [] if always else [int(t) for t in spec.removeprefix("prompt:").split(",")]
-    runner = engine.runner
-    execute, launch = runner.execute, runner.launch  # synchronous and asynchronous scheduling
-
-    def check(sched) -> None:
-        if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
-            raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
-
-    def faulty_execute(sched):
-        check(sched)
-        return execute(sched)
+    runner = getattr(engine.runner, "driver", engine.runner)  # the rank-0 ModelRunner behind a TP runner
+    launch = runner.launch
 
     def faulty_launch(sched, previous=None):
-        check(sched)
+        if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
+            raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
         return launch(sched, previous)
 
-    runner.execute, runner.launch = faulty_execute, faulty_launch
+    runner.launch = faulty_launch  # ``execute`` (synchronous scheduling) goes through ``launch`` as well

@@ -87,6 +87,11 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def reaches_length_limit(self, max_model_len: int | None, extra: int = 0) -> bool:
+        """Whether ``extra`` more tokens bring the request to its max_tokens or to the context limit."""
+        return (self.num_output_tokens + extra >= self.max_tokens
+                or (max_model_len is not None and self.num_tokens + extra >= max_model_len))
+
     @property
     def is_finished(self) -> bool:
         return self.status.finished

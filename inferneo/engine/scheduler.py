@@ -184,10 +184,7 @@ class Scheduler:
 
     def _ends_with_pending_token(self, request: Request) -> bool:
         """True when the token still being sampled for ``request`` reaches its max_tokens or the context limit."""
-        if request.pending_sample < 0:
-            return False
-        return (request.num_output_tokens + 1 >= request.max_tokens
-                or (self.max_model_len is not None and request.num_tokens + 1 >= self.max_model_len))
+        return request.pending_sample >= 0 and request.reaches_length_limit(self.max_model_len, extra=1)
 
     def _pick_victim(self, exclude: list[Request]) -> Request | None:
         candidates = [r for r in self.running if not any(r is e for e in exclude)]

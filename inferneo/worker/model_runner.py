@@ -279,7 +279,7 @@ class ModelRunner:
                                           len(requests), num_previous))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
-        hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous)
+        hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
         if not requests:
             return InFlightStep([])
         rows = self._sample_rows(hidden, dev, packed, len(requests))
@@ -293,41 +293,43 @@ class ModelRunner:
         graphs = self.graphs if step.bucket is not None and self.use_cuda_graphs else None
         host, host_tensor = self._inputs.host(step.packed.layout.size)
         host[: step.packed.layout.size] = step.host
-        previous = None
+        previous_samples = None
         if step.num_previous_samples:  # the driver's previous samples, which this step reads (async scheduling)
-            received = torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device)
-            previous = InFlightStep([])
-            previous.sampled = self.tp.broadcast(received)
-        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous)
+            previous_samples = self.tp.broadcast(
+                torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device))
+        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples)
         if step.num_samples:
             self.model.compute_logits(self._sample_rows(hidden, dev, step.packed, step.num_samples))
 
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
-                 graphs: DecodeGraphs | None, previous: InFlightStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
-            self._fill_pending_ids(packed, graphs.inputs, previous)
+            self._fill_pending_ids(packed, graphs.inputs, previous_samples)
             return graphs.replay(bucket), dev
         dev = self._inputs.upload(host_tensor, layout.size)
-        self._fill_pending_ids(packed, dev, previous)
+        self._fill_pending_ids(packed, dev, previous_samples)
         input_ids, positions, metadata = step_views(dev, packed, self.block_size)
         self.backend.prepare(metadata)
         return self.model(input_ids, positions, self.kv_caches, metadata), dev
 
-    def _fill_pending_ids(self, packed: PackedStep, inputs: torch.Tensor, previous: InFlightStep | None) -> None:
-        """Copy the input tokens that ``previous`` is still sampling into the uploaded ids, on the device."""
+    def _fill_pending_ids(self, packed: PackedStep, inputs: torch.Tensor,
+                          previous_samples: torch.Tensor | None) -> None:
+        """Copy the input tokens still being sampled by the previous step (``previous_samples``, on the device)
+        into the uploaded ids."""
         count = len(packed.pending_rows)
         if not count:
             return
-        if previous is None or previous.sampled is None:
+        if previous_samples is None:
             raise RuntimeError("a step reads tokens of a previous step that was not given")
         host, host_tensor = self._pending_inputs.host(2 * count)
         host[:count] = packed.pending_rows
         host[:count] += packed.layout.ids
         host[count : 2 * count] = packed.pending_samples
         index = self._pending_inputs.upload(host_tensor, 2 * count)
-        inputs[index[:count]] = previous.sampled[index[count : 2 * count]]
+        inputs[index[:count]] = previous_samples[index[count : 2 * count]]
 
     @staticmethod
     def _sample_rows(hidden: torch.Tensor, dev: torch.Tensor, packed: PackedStep, count: int) -> torch.Tensor:

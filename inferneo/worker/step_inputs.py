@@ -149,10 +149,6 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
         # from that step's device output (``pending_rows`` / ``pending_samples``).
         ids[:num_decode] = np.fromiter((r.all_token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
                                         for r in reqs), np.int64, num_decode)
-        for i, r in enumerate(reqs):
-            if r.pending_sample >= 0:
-                out.pending_rows.append(i)
-                out.pending_samples.append(r.pending_sample)
         buf[lo.positions : lo.positions + num_decode] = starts
         blocks = tables[np.arange(num_decode), starts // block_size]
         buf[lo.slots : lo.slots + num_decode] = blocks * block_size + starts % block_size
@@ -164,6 +160,9 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
             buf[lo.seq_lens + num_decode : lo.seq_lens + rows] = 1
             tables[num_decode:, 0] = spare_block
         for i, r in enumerate(reqs):
+            if r.pending_sample >= 0:
+                out.pending_rows.append(i)
+                out.pending_samples.append(r.pending_sample)
             if r.num_computed_tokens + 1 == r.num_scheduled_tokens:
                 sample_rows.append(i)
                 out.sample_requests.append(r)

@@ -65,9 +65,9 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
             if kind == "step":
                 runner.execute_remote(arg)
                 continue
-            if kind == "stop":  # arg: whether every rank is alive to meet at the barrier
+            if kind == "stop":  # arg: whether to meet the driver at a barrier first (see ``shutdown``)
                 runner.release_cuda_graphs()  # before the group: NCCL waits for graphs that captured its kernels
-                destroy_tensor_parallel(barrier=device.type == "cpu" and arg)  # gloo: the driver meets us there
+                destroy_tensor_parallel(barrier=arg)
                 break
             try:
                 conn.send(("ok", _set_up(runner, kind, arg)))
@@ -179,14 +179,15 @@ class TensorParallelRunner:
     def shutdown(self) -> None:
         """Stop the workers (waiting briefly, then terminating) and leave the group."""
         all_alive = all(proc.is_alive() for proc in self._procs)
+        # The barrier keeps gloo from aborting a peer mid-teardown (NCCL's finalize needs none); with a rank gone,
+        # nobody would arrive at it.
+        barrier = all_alive and bool(self._procs) and self._device.type == "cpu"
         for conn in self._conns:
             with contextlib.suppress(OSError):
-                conn.send(("stop", all_alive))  # with a rank gone, nobody waits at the barrier for it
-        # The barrier keeps gloo from aborting a peer mid-teardown; NCCL's finalize needs none.
+                conn.send(("stop", barrier))
         if hasattr(self, "driver"):
             self.driver.release_cuda_graphs()  # NCCL cannot tear the group down while graphs hold its kernels
-        destroy_tensor_parallel(barrier=all_alive and bool(self._procs) and self._device.type == "cpu",
-                                abort=not all_alive)
+        destroy_tensor_parallel(barrier=barrier, abort=not all_alive)
         for proc in self._procs:
             proc.join(timeout=10)
             if proc.is_alive():
