@@ -141,8 +141,24 @@ def event_stream(events: AsyncIterator[str], on_close: Callable[[], None]) -> St
         finally:
             on_close()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStreamResponse(body(), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _EventStreamResponse(StreamingResponse):
+    """A streaming response that closes its body generator as soon as the exchange ends, however it ends.
+
+    When the client leaves, Starlette cancels the writer; if the writer was waiting in ``send`` rather than in the
+    generator, the generator is left suspended at a ``yield`` and would only run its clean-up (the abort) once the
+    garbage collector finds it, which a reference cycle through the cancellation's traceback can delay for a long
+    time. Closing it here aborts the engine requests at once.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _wait_for_disconnect(request: Request) -> None:
