@@ -47,3 +47,10 @@ def test_fault() -> str:
     handling in the engine process. ``prompt:7,7,7,7`` fails every step that holds a request whose prompt starts
     with those token ids; ``always`` fails every step."""
     return os.environ.get("INFERNEO_TEST_FAULT", "").strip()
+
+
+def peer_all_reduce() -> bool:
+    """INFERNEO_PEER_ALL_REDUCE (default on): at tensor-parallel size > 1 on GPUs that reach each other's memory,
+    all-reduce small messages with one peer-memory kernel instead of NCCL (``inferneo.distributed.peer_all_reduce``).
+    """
+    return _flag("INFERNEO_PEER_ALL_REDUCE", True)

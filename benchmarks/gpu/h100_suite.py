@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import numpy as np  # noqa: E402
+import parity_model  # noqa: E402
 import torch  # noqa: E402
 from floors import (  # noqa: E402
     Ceilings,
@@ -54,9 +56,10 @@ FULL = dict(
     gb_settings={"use_cuda_graph": True, "max_memory_percent": 0.9, "scheduler_type": "fifo"},
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.95),
     tiny=dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, vocab_size=512),
-    parity=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                num_key_value_heads=8, vocab_size=32000),
-    parity_lengths=(16, 24, 32, 48), parity_tokens=40,
+    parity=dict(steps=4000, batch=128, seq_len=128, lr=2e-3, target_loss=0.005, max_seconds=120, vocab_size=256,
+                hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2),
+    parity_lengths=(24, 32, 48, 64), parity_tokens=40,
 )
 SMOKE = dict(
     FULL, preset="smoke-llama", device="cpu", deadline=300.0,
@@ -65,9 +68,9 @@ SMOKE = dict(
     gb_settings={},  # on CPU max_memory_percent would size the cache from host RAM
     engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512, kv_cache_memory=64 * 2**20),
     tiny=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=384),
-    parity=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=512),
-    parity_lengths=(8, 12), parity_tokens=8,
+    parity=dict(steps=20, batch=8, seq_len=48, vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    parity_lengths=(24, 32), parity_tokens=8,
 )
 
 
@@ -190,35 +193,46 @@ def sec_fp32(s: Suite) -> dict:
 
 
 def sec_parity(s: Suite) -> dict:
-    dev, n_tok = s.cfg["device"], s.cfg["parity_tokens"]
-    config = dict(preset_config("llama-2-7b"), **s.cfg["parity"], max_position_embeddings=2048)
-    model = build_hf_llama(config, dev, torch.bfloat16, seed=0)
-    # Spread the output rows' norms (log-normal, sigma 4) so greedy picks have clearer margins: with sigma 1, 42
-    # of 64 prompts kept 32 matching tokens on the first runs, with sigma 4, 52 (benchmarks/results probe log).
-    with torch.no_grad():
-        g = torch.Generator(device=dev).manual_seed(1)
-        scale = torch.exp(4.0 * torch.randn(config["vocab_size"], 1, generator=g, device=dev))
-        model.lm_head.weight.mul_(scale.to(model.lm_head.weight.dtype))
+    """Inferneo vs HF ``generate`` in bf16 on a trained Llama whose greedy picks have margins (parity_model.py)."""
+    dev, n_tok, p = s.cfg["device"], s.cfg["parity_tokens"], s.cfg["parity"]
+    (model, loss), train_s = timed(lambda: parity_model.build(dev, log=s.log, **p))
+    model = model.to(torch.bfloat16)
     folder = Path(tempfile.mkdtemp()) / "parity"
     model.save_pretrained(folder)
     (folder / MARKER_FILE).write_text(json.dumps({"note": "token-id model for the parity check"}))
-    groups = [s.prompts(16 if dev == "cuda" else 2, n, config["vocab_size"]) for n in s.cfg["parity_lengths"]]
+    rng = np.random.default_rng(1)
+    groups = [parity_model.prompts(rng, 16 if dev == "cuda" else 2, n, model.config.vocab_size) for n in s.cfg["parity_lengths"]]
     hf_out: list[list[int]] = []
     for group in groups:
         hf_out.extend(hf_generate(model, group, n_tok, batch_size=len(group)))
+    prompts = [q for group in groups for q in group]
+    # How sure the model is along HF's greedy path, and whether it continues the patterns (it should).
+    period_ok = sum(_continues_pattern(q, o) for q, o in zip(prompts, hf_out, strict=True))
+    margins = np.concatenate([parity_model.greedy_margins(model, [q + o]) for q, o in zip(prompts, hf_out, strict=True)])
     del model
     free_memory()
-    prompts = [p for group in groups for p in group]
     llm = LLM(str(folder), dtype="bfloat16", device=dev, max_model_len=256, max_num_seqs=64,
               kv_cache_memory=2**30 if dev == "cuda" else 64 * 2**20)
     ours = generate_ids(llm, prompts, n_tok)
     matches = match_lengths(ours, hf_out)
     need = min(32, n_tok)
+    s.log(f"parity model trained in {train_s:.1f} s (final loss {loss:.4f}); HF continues the pattern on "
+          f"{period_ok}/{len(prompts)} prompts; bf16 top-1 minus top-2 logit along HF's path: min "
+          f"{margins.min():.2f}, 1st percentile {np.percentile(margins, 1):.2f}, median {np.median(margins):.2f}")
     s.log(f"bf16 vs HF generate, {len(prompts)} prompts: min match {min(matches)}, mean {np.mean(matches):.1f} "
           f"(of {n_tok}); all >= {need}: {min(matches) >= need}")
     s.log(f"per-prompt match lengths: {matches}")
     return {"num_prompts": len(prompts), "tokens_per_prompt": n_tok, "match_lengths": matches,
-            "all_at_least_32": min(matches) >= need}
+            "all_at_least_32": min(matches) >= need, "train_s": train_s, "final_loss": loss,
+            "hf_continues_pattern": period_ok, "margin_min": float(margins.min()),
+            "margin_p1": float(np.percentile(margins, 1)), "margin_median": float(np.median(margins))}
+
+
+def _continues_pattern(prompt: list[int], output: list[int]) -> bool:
+    """Whether ``output`` goes on repeating the pattern ``prompt`` starts with."""
+    period = next(n for n in range(1, len(prompt)) if prompt[n] == prompt[0])
+    seq = prompt + output
+    return all(seq[i] == seq[i - period] for i in range(len(prompt), len(seq)))
 
 
 def build_engine(s: Suite) -> LLM:
@@ -361,6 +375,75 @@ def sec_hf(s: Suite) -> dict:
     return out
 
 
+def _engine_flags(s: Suite) -> list[str]:
+    flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--device", s.cfg["device"]]
+    for key, value in s.cfg["engine"].items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _workload_flags(s: Suite, vocab: int) -> list[str]:
+    n, plen, olen = s.cfg["w1"]
+    return ["--num-prompts", str(n), "--input-len", str(plen), "--output-len", str(olen), "--seed", "0",
+            "--vocab-size", str(vocab)]  # bench throughput ignores EOS unless told not to; bench serve is told
+
+
+def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inferneo.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sec_serve(s: Suite) -> dict:
+    """W1's requests offline (``inferneo bench throughput``) and through ``inferneo serve`` under
+    ``inferneo bench serve``: all at once, then Poisson arrivals at 1.25x the offline request rate."""
+    from inferneo.testing.server import RemoteServer
+    from inferneo.testing.tiny_models import make_tiny_tokenizer
+
+    folder = arch_presets.materialize_preset(s.cfg["preset"])
+    vocab = preset_config(s.cfg["preset"])["vocab_size"]
+    work = Path(tempfile.mkdtemp())
+    offline_json = work / "offline.json"
+    proc = _cli("bench", "throughput", "--model", str(folder), *_engine_flags(s), *_workload_flags(s, vocab),
+                "--output-json", str(offline_json), timeout=max(60.0, s.left() - 120))
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench throughput failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    offline = json.loads(offline_json.read_text())
+    s.log("offline (inferneo bench throughput):\n  " + "\n  ".join(proc.stdout.strip().splitlines()[-12:]))
+    out: dict = {"offline": _figures(offline)}
+    tokenizer_dir = work / "tokenizer"
+    make_tiny_tokenizer().save_pretrained(tokenizer_dir)  # a preset has none; the prompts are token ids anyway
+    with RemoteServer(folder, *_engine_flags(s), "--tokenizer", str(tokenizer_dir), "--disable-access-log",
+                      startup_timeout=300) as server:
+        offline_rate = out["offline"]["request_throughput"]
+        for label, rate in (("all_at_once", "inf"), ("poisson_1.25x", f"{1.25 * offline_rate:.3f}")):
+            if s.left() < 60:
+                out[label] = {"status": f"skipped ({s.left():.0f} s left)"}
+                continue
+            result_json = work / f"{label}.json"
+            proc = _cli("bench", "serve", "--url", server.base_url, *_workload_flags(s, vocab), "--ignore-eos",
+                        "--request-rate", rate, "--result-json", str(result_json),
+                        timeout=max(30.0, s.left() - 20))
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            online = json.loads(result_json.read_text())
+            out[label] = dict(_figures(online), request_rate=rate)
+            ratio = out[label]["output_throughput"] / out["offline"]["output_throughput"]
+            out[label]["online_over_offline"] = ratio
+            s.log(f"online ({label}, rate {rate}):\n  " + "\n  ".join(proc.stdout.strip().splitlines()[-16:]))
+            s.log(f"online/offline output throughput ({label}): {ratio:.3f}")
+    return out
+
+
+def _figures(result: dict) -> dict:
+    """The headline numbers of a bench result (offline or served) under the serving benchmark's names."""
+    renamed = {"requests_per_s": "request_throughput", "output_tok_per_s": "output_throughput",
+               "total_tok_per_s": "total_token_throughput", "elapsed_s": "duration_s"}
+    figures = {renamed.get(k, k): v for k, v in result.items() if isinstance(v, (int, float))}
+    keep = ("duration_s", "completed", "failed", "request_throughput", "output_throughput", "total_token_throughput")
+    return {k: v for k, v in figures.items()
+            if k in keep or any(f"_{name}_ms" in k for name in ("ttft", "tpot", "itl", "e2el"))}
+
+
 def summarize(s: Suite) -> None:
     sec = s.results["sections"]
     rows = []
@@ -398,6 +481,15 @@ def summarize(s: Suite) -> None:
                      f"x{row['ratio']:.2f} (need <= 1.25)" if ok is not None else f"x{row['ratio']:.2f}",
                      "PASS" if ok else ("-" if ok is None else "FAIL")))
         checks[f"w3_b{row['batch']}"] = {"ratio": row["ratio"], "target_met": ok}
+    for label in ("all_at_once", "poisson_1.25x"):
+        ratio = get("serve", label, "online_over_offline")
+        if ratio is not None:
+            ok = ratio >= 0.9 if label.startswith("poisson") else None
+            rows.append((f"serve {label}", f"{get('serve', label, 'output_throughput'):.0f} tok/s",
+                         f"offline {get('serve', 'offline', 'output_throughput'):.0f}",
+                         f"x{ratio:.3f}" + (" (need >= 0.9)" if ok is not None else ""),
+                         "PASS" if ok else ("-" if ok is None else "FAIL")))
+            checks[f"serve_{label}"] = {"online_over_offline": ratio, "target_met": ok}
     fp = get("fp32", "equal")
     rows.append(("fp32 GPU==CPU", str(fp), "", "", "PASS" if fp else "FAIL"))
     par = get("bf16_parity", "all_at_least_32")
@@ -440,14 +532,15 @@ def main() -> int:
     if wanted("bf16_parity"):
         s.section("bf16_parity", lambda: sec_parity(s), min_left=60)
     holder: dict = {}
-    engine_sections = ("w3", "w1", "w1_async", "w2")
+    engine_sections = ("w3", "w1", "w1_async", "w2", "w2_async")
     if any(wanted(name) for name in engine_sections):
         s.section("engine", lambda: holder.update(llm=build_engine(s)), min_left=120)
     if "llm" in holder:
         llm = holder["llm"]
         runs = {"w3": lambda: sec_w3(s, llm), "w1": lambda: sec_inferneo_workload(s, llm, "w1"),
                 "w1_async": lambda: sec_inferneo_workload(s, llm, "w1", async_scheduling=True),
-                "w2": lambda: sec_inferneo_workload(s, llm, "w2")}
+                "w2": lambda: sec_inferneo_workload(s, llm, "w2"),
+                "w2_async": lambda: sec_inferneo_workload(s, llm, "w2", async_scheduling=True)}
         for name in engine_sections:
             if wanted(name):
                 s.section(name, runs[name], min_left=100 if name == "w3" else 80)
@@ -455,6 +548,8 @@ def main() -> int:
         runs.clear()
         llm = None
         free_memory()
+    if wanted("serve"):
+        s.section("serve", lambda: sec_serve(s), min_left=150)
     if wanted("hf"):
         s.section("hf", lambda: sec_hf(s), min_left=40)
     summarize(s)

@@ -216,10 +216,12 @@ def _w1_once(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     return {"tp": tp, "seconds": seconds, "output_tokens": produced, "output_tok_per_s": tps, **floor}
 
 
-def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] = frozenset()) -> None:
+def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] = frozenset(),
+             label: str = "") -> None:
+    """Build the engine at TP=``tp`` and run the per-size sections; ``label`` suffixes their names."""
     holder: dict = {}
-    dog.arm(f"engine_tp{tp}")
-    s.section(f"engine_tp{tp}", lambda: holder.update(llm=build(s, model, tp)), min_left=90)
+    dog.arm(f"engine_tp{tp}{label}")
+    s.section(f"engine_tp{tp}{label}", lambda: holder.update(llm=build(s, model, tp)), min_left=90)
     if "llm" not in holder:
         return
     llm = holder.pop("llm")
@@ -227,8 +229,8 @@ def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] 
                      ("w1", lambda: sec_w1(s, llm, model, tp))):
         if name in skip:
             continue
-        dog.arm(f"{name}_tp{tp}")
-        s.section(f"{name}_tp{tp}", fn, min_left=40)
+        dog.arm(f"{name}_tp{tp}{label}")
+        s.section(f"{name}_tp{tp}{label}", fn, min_left=40)
     dog.arm(f"shutdown_tp{tp}", 60)
     started = time.perf_counter()
     llm.shutdown()
@@ -292,6 +294,8 @@ def summarize(s: Suite, sizes: list[int]) -> None:
     for tp in sizes:
         for row in sec.get(f"w3_tp{tp}", {}).get("rows", []):  # the faster mode of each batch size
             step[(tp, row["batch"])] = min(row["step_ms"], step.get((tp, row["batch"]), float("inf")))
+        for row in sec.get(f"w3_tp{tp}_nccl", {}).get("rows", []):
+            s.log(f"  W3 TP={tp} batch {row['batch']} {row['mode']} with NCCL only: {row['step_ms']:.2f} ms")
         w1 = sec.get(f"w1_tp{tp}", {})
         if "output_tok_per_s" in w1:
             s.log(f"  W1 TP={tp}: {w1['output_tok_per_s']:.0f} output tok/s")
@@ -317,6 +321,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU over gloo, to check the script")
     parser.add_argument("--deadline", type=float, help="seconds the whole run may take (sections skip past it)")
+    parser.add_argument("--nccl-only-w3", action="store_true",
+                        help="also time W3 at the largest size with peer all-reduce off (NCCL only)")
     parser.add_argument("--skip", default="", help="per-size sections to leave out, comma-separated (repeat,w3,w1)")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
@@ -349,6 +355,11 @@ def main() -> int:
         s.section(f"equality_{mode}", lambda eager=mode == "eager": sec_equality(s, sizes, eager), min_left=60)
     for tp in sizes:
         run_size(s, dog, model, tp, frozenset(args.skip.split(",")))
+    if args.nccl_only_w3 and max(sizes) > 1:
+        # The same decode steps with every all-reduce through NCCL (spawned workers inherit the variable).
+        os.environ["INFERNEO_PEER_ALL_REDUCE"] = "0"
+        run_size(s, dog, model, max(sizes), frozenset({"repeat", "w1"}), label="_nccl")
+        del os.environ["INFERNEO_PEER_ALL_REDUCE"]
     if args.serve:
         dog.arm("serve")
         s.section("serve", lambda: sec_serve(s, model, max(sizes)), min_left=120)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from inferneo.distributed.peer_all_reduce import PeerAllReduce
+
 
 @dataclass(slots=True)
 class TensorParallelGroup:
@@ -25,14 +27,17 @@ class TensorParallelGroup:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    peer: PeerAllReduce | None = None  # small messages go through peer memory when the GPUs allow it
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns ``x``."""
+        """Sum ``x`` over the ranks; returns the sum (``x`` itself, summed in place, or a new tensor)."""
         if self.world_size > 1:
+            if self.peer is not None and self.peer.fits(x):
+                return self.peer(x)
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -81,7 +86,8 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
             torch.cuda.set_device(device)
         kwargs = {} if timeout is None else {"timeout": timeout}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
-        _TP = TensorParallelGroup(rank, world_size, dist.group.WORLD)
+        group = dist.group.WORLD
+        _TP = TensorParallelGroup(rank, world_size, group, PeerAllReduce.create(group, device, world_size))
     else:
         _TP = TensorParallelGroup()
     return _TP
@@ -95,6 +101,7 @@ def destroy_tensor_parallel(barrier: bool = False, abort: bool = False) -> None:
     gone), the communicators are aborted instead of finalized, which would wait for the missing rank.
     """
     global _TP
+    _TP.peer = None  # its buffer goes before the group it was shared over
     if dist.is_available() and dist.is_initialized():
         if abort and dist.get_backend() == "nccl":
             from torch.distributed.distributed_c10d import _abort_process_group
