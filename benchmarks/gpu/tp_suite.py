@@ -132,6 +132,8 @@ def build(s: Suite, model: str, tp: int) -> LLM:
     llm, seconds = timed(lambda: LLM(f"preset:{model}", load_format="dummy", dtype="bfloat16", device=s.cfg["device"],
                                      tensor_parallel_size=tp, **s.cfg["engine"]))
     eng = llm.engine
+    peer = getattr(getattr(getattr(eng.runner, "driver", None), "tp", None), "peer", None)
+    s.log(f"TP={tp}: small all-reduces through {'peer memory' if peer is not None else 'NCCL'}")
     s.log(f"TP={tp}: engine ready in {seconds:.1f} s: KV {eng.kv_cache.num_blocks} blocks "
           f"({eng.kv_capacity_tokens} tokens), backend {eng.runner.backend.name}, graph buckets "
           f"{eng.runner.decode_buckets[-1:] if eng.runner.decode_buckets else 'none'}")

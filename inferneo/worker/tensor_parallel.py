@@ -135,7 +135,8 @@ class TensorParallelRunner:
             self.shutdown()
             raise
         self.driver.step_listener = self._send_step
-        logger.info("tensor parallel: %d ranks (driver + %d workers)", world_size, world_size - 1)
+        logger.info("tensor parallel: %d ranks (driver + %d workers); small all-reduces through %s", world_size,
+                    world_size - 1, "peer memory" if group.peer is not None else "NCCL")
 
     # ---- the ModelRunner surface -------------------------------------------------------------------------
 
