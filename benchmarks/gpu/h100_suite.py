@@ -56,8 +56,10 @@ FULL = dict(
     gb_settings={"use_cuda_graph": True, "max_memory_percent": 0.9, "scheduler_type": "fifo"},
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.95),
     tiny=dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, vocab_size=512),
-    parity=dict(steps=4000, batch=128, seq_len=128, lr=2e-3, target_loss=0.005, max_seconds=120, vocab_size=256,
-                hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+    # The size that learned the task within 3,000 steps on CPU (loss 0.004; a 4-layer model of width 512 was still
+    # at 0.1 after 3,500 steps on the H100, and its unsure picks were where the parity check failed).
+    parity=dict(steps=4000, batch=64, seq_len=128, lr=3e-3, target_loss=0.005, max_seconds=150, vocab_size=256,
+                hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2),
     parity_lengths=(24, 32, 48, 64), parity_tokens=40,
 )

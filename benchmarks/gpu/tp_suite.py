@@ -109,7 +109,8 @@ def sec_equality(s: Suite, sizes: list[int], enforce_eager: bool) -> dict:
     for tp in sorted({1, *sizes}):
         llm = LLM(str(path), dtype="float32", device=s.cfg["device"], tensor_parallel_size=tp, max_model_len=512,
                   kv_cache_memory=2**28, max_num_seqs=32, enforce_eager=enforce_eager)
-        s.log(f"  equality TP={tp}: engine built (enforce_eager={enforce_eager})")
+        s.log(f"  equality TP={tp}: engine built (enforce_eager={enforce_eager}; small all-reduces through "
+              f"{all_reduce_path(llm)})")
         outputs[tp] = generate_ids(llm, prompts, tokens)
         llm.shutdown()
         s.log(f"  equality TP={tp}: generated and shut down")
@@ -128,12 +129,17 @@ def sec_equality(s: Suite, sizes: list[int], enforce_eager: bool) -> dict:
     return result
 
 
+def all_reduce_path(llm: LLM) -> str:
+    """How the engine's driver all-reduces small messages: "peer memory" or "NCCL"."""
+    peer = getattr(getattr(getattr(llm.engine.runner, "driver", None), "tp", None), "peer", None)
+    return "peer memory" if peer is not None else "NCCL"
+
+
 def build(s: Suite, model: str, tp: int) -> LLM:
     llm, seconds = timed(lambda: LLM(f"preset:{model}", load_format="dummy", dtype="bfloat16", device=s.cfg["device"],
                                      tensor_parallel_size=tp, **s.cfg["engine"]))
     eng = llm.engine
-    peer = getattr(getattr(getattr(eng.runner, "driver", None), "tp", None), "peer", None)
-    s.log(f"TP={tp}: small all-reduces through {'peer memory' if peer is not None else 'NCCL'}")
+    s.log(f"TP={tp}: small all-reduces through {all_reduce_path(llm)}")
     s.log(f"TP={tp}: engine ready in {seconds:.1f} s: KV {eng.kv_cache.num_blocks} blocks "
           f"({eng.kv_capacity_tokens} tokens), backend {eng.runner.backend.name}, graph buckets "
           f"{eng.runner.decode_buckets[-1:] if eng.runner.decode_buckets else 'none'}")
@@ -221,6 +227,8 @@ def _w1_once(s: Suite, llm: LLM, model: str, tp: int) -> dict:
 def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] = frozenset(),
              label: str = "") -> None:
     """Build the engine at TP=``tp`` and run the per-size sections; ``label`` suffixes their names."""
+    if "engine" in skip:
+        return
     holder: dict = {}
     dog.arm(f"engine_tp{tp}{label}")
     s.section(f"engine_tp{tp}{label}", lambda: holder.update(llm=build(s, model, tp)), min_left=90)
@@ -325,7 +333,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, help="seconds the whole run may take (sections skip past it)")
     parser.add_argument("--nccl-only-w3", action="store_true",
                         help="also time W3 at the largest size with peer all-reduce off (NCCL only)")
-    parser.add_argument("--skip", default="", help="per-size sections to leave out, comma-separated (repeat,w3,w1)")
+    parser.add_argument("--skip", default="",
+                        help="per-size sections to leave out, comma-separated (repeat,w3,w1; engine: build none)")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.deadline:

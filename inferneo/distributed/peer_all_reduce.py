@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 1 << 20  # a batch of 128 decode tokens of hidden size 4096 in bf16
 _DTYPES = (torch.float32, torch.bfloat16)
+_state = {"exchanged": False}  # whether this process has set up symmetric memory for a group before
 
 
 class PeerAllReduce:
@@ -60,6 +61,16 @@ class PeerAllReduce:
         except Exception as exc:
             logger.warning("peer all-reduce unavailable, using NCCL for every all-reduce: %s", exc)
             return None
+        # PyTorch numbers the symmetric-memory exchanges of a process from 0 and matches ranks by that number, so
+        # a process that already set up a group (an earlier engine in the same program) cannot meet freshly
+        # started workers: such groups agree to stay on NCCL before anyone tries.
+        fresh = torch.tensor([0 if _state["exchanged"] else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group)
+        if int(fresh.item()) != 1:
+            logger.info("peer all-reduce not set up: this process already used symmetric memory for an earlier "
+                        "group; using NCCL")
+            return None
+        _state["exchanged"] = True
         reducer, error = None, None
         try:
             reducer = cls(group, device)
