@@ -199,12 +199,14 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None) -> None:
+                 scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None,
+                 block_n: int | None = None, num_warps: int = 4) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
-    16 rows; default for groups > 1 and for half precision) override the heuristics, for benchmarks.
+    16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
+    override the heuristics, for benchmarks.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -213,7 +215,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     max_len = block_tables.shape[1] * block_size
-    block_n = decode_block_n(max_len)
+    block_n = block_n or decode_block_n(max_len)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, device_sm_count(q.device))
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
@@ -234,7 +236,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         *_cache_strides(kv_cache), tokens_per_split,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
