@@ -68,6 +68,9 @@ def graph_time_us(calls) -> float:
 GEMV_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
                "lm_head": (32000, 4096)}
 GEMV_CONFIGS = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+if os.environ.get("SWEEP_GEMV_FINE"):  # the second pass, around the best of the first (2026-11-27)
+    GEMV_CONFIGS = [(1, 1024, 4), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 256, 4), (4, 512, 2), (4, 512, 8),
+                    (4, 1024, 4), (4, 1024, 8), (8, 1024, 8)]
 
 
 def sweep_gemv(bw: float) -> list[dict]:
@@ -95,6 +98,10 @@ def sweep_gemv(bw: float) -> list[dict]:
 
 def main() -> int:
     torch.manual_seed(0)
+    if os.environ.get("SWEEP_GEMV_FINE"):
+        rows = sweep_gemv(copy_bandwidth())
+        (Path(os.environ.get("OUT", "/tmp")) / "decode_sweep_gemv.json").write_text(json.dumps(rows, indent=2))
+        return 0
     batch = int(os.environ.get("SWEEP_BATCH", "1"))
     caches = [torch.randn((2, WIDTH * batch, HEADS, BLOCK, DIM), dtype=torch.bfloat16, device="cuda")
               for _ in range(LAYERS)]
