@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferneo.distributed.parallel_state import TensorParallelGroup
+from inferneo.model_executor.layers.gpu_linear import linear
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -122,7 +123,7 @@ class RowParallelLinear(nn.Linear):
         param.data.copy_(full)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -168,7 +169,7 @@ class ParallelLMHead(nn.Linear):
             _attach_loader(self.weight, embedding.load_shard)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_to_driver(F.linear(hidden, self.weight), dim=-1)
+        logits = self.tp.gather_to_driver(linear(hidden, self.weight), dim=-1)
         return None if logits is None else logits[..., : self.vocab_size]
 
 

@@ -26,6 +26,7 @@ from inferneo.distributed import TensorParallelGroup
 from inferneo.engine.request import Request
 from inferneo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
+from inferneo.model_executor.layers.gpu_linear import use_decode_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
@@ -200,10 +201,14 @@ class ModelRunner:
                 param.data.uniform_(-0.02, 0.02, generator=gen)
 
     def finalize_weights(self) -> None:
-        """Transforms that need the final weights: on CPU, pack linear layers for oneDNN."""
+        """Transforms that need the final weights: on CPU, pack linear layers for oneDNN; on CUDA, send one-row
+        inputs of half-precision linear layers through the Triton GEMV."""
         if self.device.type == "cpu" and envs.cpu_onednn_linear():
             count = pack_linears(self.model)
             logger.info("packed %d linear layers for oneDNN", count)
+        elif self.device.type == "cuda":
+            count = use_decode_linears(self.model)
+            logger.info("%d linear layers take one-row inputs through the Triton GEMV", count)
 
     @property
     def kv_bytes_per_block(self) -> int:

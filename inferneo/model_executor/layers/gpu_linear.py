@@ -1,0 +1,63 @@
+"""Linear layers on the GPU: single-row inputs (batch-1 decode steps) through the Triton GEMV, the rest cuBLAS.
+
+Applied to a built model as a transform, like the CPU oneDNN one: every CUDA ``nn.Linear`` in half precision
+becomes a ``DecodeLinear`` that shares its weight and bias (nothing is copied). Tensor-parallel layers whose
+forward does more than the matmul call :func:`linear` themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def _gemv():
+    """The GEMV module, or None without Triton or with ``INFERNEO_TRITON_GEMV=0``."""
+    if os.environ.get("INFERNEO_TRITON_GEMV", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        from inferneo.kernels import triton_gemv
+    except ImportError:
+        return None
+    return triton_gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with one-row CUDA inputs in half precision through the Triton GEMV."""
+    gemv = _gemv() if x.is_cuda else None
+    if gemv is not None and gemv.gemv_applies(x, weight):
+        return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class DecodeLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`linear`; built from an existing layer, sharing its parameters."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = layer.weight
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(model: nn.Module) -> int:
+    """Swap every CUDA half-precision ``nn.Linear`` that has no forward of its own for a ``DecodeLinear``; returns
+    how many. A no-op without Triton. Call after the weights are loaded."""
+    if _gemv() is None:
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            plain = isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward  # no forward of its own
+            if plain and child.weight.is_cuda and child.weight.dtype in (torch.bfloat16, torch.float16):
+                setattr(parent, name, DecodeLinear(child))
+                swapped += 1
+    return swapped

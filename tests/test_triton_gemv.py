@@ -1,0 +1,59 @@
+"""The Triton GEMV for one-row decode steps against ``F.linear``, run on CPU under Triton's interpreter in a
+subprocess (the interpreter must be switched on before triton is imported), and the layer that dispatches to it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo.model_executor.layers.gpu_linear import DecodeLinear, linear, use_decode_linears
+
+_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from inferneo.kernels.triton_gemv import DEFAULT_CONFIG, gemv
+
+    torch.manual_seed(0)
+    for n, k in ((37, 300), (64, 1024), (5, 2500)):
+        for bias in (False, True):
+            for dtype in (torch.bfloat16, torch.float16):
+                w = torch.randn(n, k, dtype=dtype)
+                x = torch.randn(1, k, dtype=dtype)
+                b = torch.randn(n, dtype=dtype) if bias else None
+                ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+                for config in (DEFAULT_CONFIG, (4, 256, 4), (16, 128, 4)):
+                    got = gemv(x, w, b, config=config)
+                    assert got.shape == (1, n) and got.dtype == dtype
+                    # float32 accumulation, then one rounding to the output dtype (bf16 keeps 8 bits)
+                    err = ((got.float() - ref).norm() / ref.norm()).item()
+                    assert err < (6e-3 if dtype == torch.bfloat16 else 1e-3), (n, k, bias, dtype, config, err)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gemv_matches_linear_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_decode_linear_shares_parameters_and_falls_back_off_the_gpu():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 24, bias=True)
+    wrapped = DecodeLinear(layer)
+    assert wrapped.weight is layer.weight and wrapped.bias is layer.bias
+    for rows in (1, 3):
+        x = torch.randn(rows, 32)
+        assert torch.equal(wrapped(x), layer(x))
+        assert torch.equal(linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert use_decode_linears(model) == 0  # CPU weights: nothing swapped
+    assert all(type(m) is not DecodeLinear for m in model.modules())
