@@ -28,8 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (decode runs eagerly)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and queue the next step before the current one's tokens reach the host "
-                        "(hides the host's per-step work behind the GPU's; default: on for CUDA at tensor-parallel "
-                        "size 1, off otherwise)")
+                        "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")

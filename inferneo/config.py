@@ -47,7 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False
     num_threads: int | None = None
     tensor_parallel_size: int = 1
-    async_scheduling: bool | None = None  # None: on for CUDA at tensor-parallel size 1, off otherwise
+    async_scheduling: bool | None = None  # None: on for CUDA (any tensor-parallel size), off on CPU
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
