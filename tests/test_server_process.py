@@ -13,27 +13,16 @@ import psutil
 import pytest
 
 from inferneo.testing.server import RemoteServer
+from tests.process_helpers import all_gone, kill_during_stream, spawned_children
 
 ARGS = ("--kv-cache-memory", "16MiB", "--num-threads", "1", "--disable-access-log")
 
 
 def core_process(server: RemoteServer) -> psutil.Process:
     """The server's engine core child (not multiprocessing's resource tracker, its other child)."""
-    children = [c for c in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    children = spawned_children(psutil.Process(server.proc.pid))
     assert len(children) == 1, children
     return children[0]
-
-
-def all_gone(procs: list[psutil.Process], timeout: float) -> bool:
-    return all(gone(p, timeout) for p in procs)
-
-
-def gone(proc: psutil.Process, timeout: float) -> bool:
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
-        return False
-    return True
 
 
 def test_killed_core_fails_requests_promptly_health_turns_503_and_the_server_exits_1(tiny_llama_dir):
@@ -53,14 +42,7 @@ def test_killed_core_fails_requests_promptly_health_turns_503_and_the_server_exi
 
         worker = threading.Thread(target=long_request)
         worker.start()
-        with httpx.Client(timeout=60) as http, http.stream(
-                "POST", server.url("/v1/completions"),
-                json={"prompt": "streamed", "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line).startswith("data: ")
-            core.send_signal(signal.SIGKILL)
-            started = time.monotonic()
-            rest = [line for line in lines if line]
+        rest, started = kill_during_stream(server, core)
         worker.join(30)
         assert time.monotonic() - started < grace  # everything below runs inside the grace period
         assert rest[-1] == "data: [DONE]"

@@ -29,42 +29,28 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "llama", "llama", num_heads=4, num_kv_heads=2)
 
 
-def _ids(llm: LLM) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+def _ids(llm: LLM, prompts=PROMPTS, params=PARAMS) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def test_tp2_greedy_equals_tp1(checkpoint):
-    expected = _ids(LLM(str(checkpoint), **ENGINE))
-    llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
+# size 2: half of the query heads and one of the two kv heads per rank, all prompts, then again with the prompts'
+# blocks in the prefix cache; size 4: one query head per rank and each kv head kept by the two ranks whose query
+# head reads it (vocabulary 384, hidden 64 and MLP 128 all split by 4 as well), fewer prompts to keep it short.
+@pytest.mark.parametrize(("size", "heads_per_rank", "num_prompts", "max_tokens", "runs"),
+                         [(2, (2, 1), len(PROMPTS), 12, 2), (4, (1, 1), 3, 6, 1)])
+def test_greedy_equals_tp1(checkpoint, size, heads_per_rank, num_prompts, max_tokens, runs):
+    prompts, params = PROMPTS[:num_prompts], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    expected = _ids(LLM(str(checkpoint), **ENGINE), prompts, params)
+    llm = LLM(str(checkpoint), tensor_parallel_size=size, **ENGINE)
     try:
         runner = llm.engine.runner
-        assert runner.world_size == 2
-        # the driver holds half of the query heads and one of the two kv heads
+        assert runner.world_size == size
         attn = runner.driver.model.layers[0].self_attn
-        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
-        assert _ids(llm) == expected
-        assert _ids(llm) == expected  # again, now with the prompts' blocks in the prefix cache
+        assert (attn.num_heads, attn.num_kv_heads) == heads_per_rank
+        for _ in range(runs):
+            assert _ids(llm, prompts, params) == expected
         workers = list(runner._procs)
-    finally:
-        llm.shutdown()
-    assert all(not p.is_alive() for p in workers)
-
-
-def test_tp4_greedy_equals_tp1_with_replicated_kv_heads(checkpoint):
-    # 4 query heads and 2 kv heads over 4 ranks: one query head per rank, and each kv head kept by the two ranks
-    # whose query head reads it (vocabulary 384, hidden 64 and MLP 128 all split by 4 as well).
-    prompts, params = PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    llm = LLM(str(checkpoint), **ENGINE)
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    llm = LLM(str(checkpoint), tensor_parallel_size=4, **ENGINE)
-    try:
-        runner = llm.engine.runner
-        assert runner.world_size == 4
-        attn = runner.driver.model.layers[0].self_attn
-        assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
-        workers = list(runner._procs)
-        assert len(workers) == 3
+        assert len(workers) == size - 1
     finally:
         llm.shutdown()
     assert all(not p.is_alive() for p in workers)

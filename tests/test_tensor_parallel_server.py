@@ -8,7 +8,6 @@ leaving no process behind.
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 
 from inferneo import LLM, SamplingParams
 from inferneo.testing.server import RemoteServer
+from tests.process_helpers import all_gone, kill_during_stream, spawned_children
 
 ARGS = ("--tensor-parallel-size", "2", "--kv-cache-memory", "16MiB", "--num-threads", "1", "--disable-access-log")
 PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at", "def main():"]
@@ -25,13 +25,9 @@ MAX_TOKENS = 16
 
 def tp_workers(server: RemoteServer) -> list[psutil.Process]:
     """The tensor-parallel workers: the spawned children of the server's engine core child."""
-    def spawned(proc: psutil.Process) -> list[psutil.Process]:
-        return [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())
-                and "resource_tracker" not in " ".join(c.cmdline())]
-
-    cores = spawned(psutil.Process(server.proc.pid))
+    cores = spawned_children(psutil.Process(server.proc.pid))
     assert len(cores) == 1, cores
-    return spawned(cores[0])
+    return spawned_children(cores[0])
 
 
 def test_tp2_server_greedy_equals_offline_tp1(tiny_llama_dir):
@@ -65,14 +61,7 @@ def test_a_killed_tp_worker_fails_the_stream_and_the_server_exits(tiny_llama_dir
         [worker] = tp_workers(server)
         descendants = psutil.Process(server.proc.pid).children(recursive=True)
         assert worker in descendants
-        with httpx.Client(timeout=60) as http, http.stream(
-                "POST", server.url("/v1/completions"),
-                json={"prompt": "streamed", "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line).startswith("data: ")
-            worker.send_signal(signal.SIGKILL)
-            started = time.monotonic()
-            rest = [line for line in lines if line]
+        rest, started = kill_during_stream(server, worker)
         assert time.monotonic() - started < 10  # failed, not hung
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2][len("data: "):])["error"]
@@ -85,8 +74,4 @@ def test_a_killed_tp_worker_fails_the_stream_and_the_server_exits(tiny_llama_dir
         server.proc.wait(timeout=20)
         assert server.proc.returncode != 0, server.log()
         assert time.monotonic() - started < 20
-        for proc in descendants:
-            try:
-                proc.wait(5)
-            except psutil.TimeoutExpired:
-                raise AssertionError(f"{proc} outlived its server") from None
+        assert all_gone(descendants, 5), "a process outlived its server"

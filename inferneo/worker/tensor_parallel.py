@@ -79,6 +79,9 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         destroy_tensor_parallel(abort=True)
     except BaseException:  # a failed step: leave at once (a graceful teardown would wait on the other ranks)
         traceback.print_exc()
+        if runner is not None:
+            with contextlib.suppress(Exception):  # after a device fault this may fail too; leaving comes first
+                runner.release_cuda_graphs()
         destroy_tensor_parallel(abort=True)
         raise
     finally:
