@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Where a batch-1 decode step goes at TP=1 and TP=2 (Llama-2-7B, bf16, dummy weights, CUDA graphs, async
+scheduling): the kernels of rank 0's GPU over 20 steps from PyTorch's profiler, grouped by kind, against the
+wall time per step. An all-reduce that waits for a late peer shows up as a long all-reduce kernel.
+
+``python3 benchmarks/gpu/tp_profile.py --sizes 1,2``; writes ``$OUT/tp_profile.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from inferneo import LLM, SamplingParams  # noqa: E402
+
+KINDS = (("all_reduce", ("nccl", "all_reduce", "allreduce")), ("gemv", ("gemv",)),
+         ("cublas_gemm", ("nvjet", "gemm", "cutlass", "splitk")), ("attention", ("decode",)),
+         ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)), ("kv_store", ("store_kv",)),
+         ("silu_mul", ("silu",)), ("sampling", ("argmax", "sort", "topk", "softmax", "max")))
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, keys in KINDS:
+        if any(k in lowered for k in keys):
+            return kind
+    return "other"
+
+
+def profile_size(tp: int, steps: int) -> dict:
+    llm = LLM("preset:llama-2-7b", load_format="dummy", dtype="bfloat16", device="cuda", tensor_parallel_size=tp,
+              max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
+    eng = llm.engine
+    rng = np.random.default_rng(0)
+    eng.add_request("p", rng.integers(100, 31000, size=1023).tolist(),
+                    SamplingParams(temperature=0, max_tokens=4 * steps + 64, ignore_eos=True))
+    while any(r.num_output_tokens == 0 for r in eng.scheduler.running) or len(eng.scheduler.waiting):
+        eng.step()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if cuda_us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
+            continue
+        per_step = cuda_us / steps
+        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + per_step
+        kernels.append((per_step, event.count / steps, event.key[:90]))
+    kernels.sort(reverse=True)
+    device_ms = sum(by_kind.values()) / 1e3
+    print(f"\n== TP={tp}: wall {wall_ms:.2f} ms/step, rank-0 GPU busy {device_ms:.2f} ms/step", flush=True)
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:12s} {us / 1e3:6.3f} ms/step", flush=True)
+    for per_step, count, name in kernels[:14]:
+        print(f"    {per_step:8.1f} us/step  {count:5.1f}/step  {name}", flush=True)
+    eng.abort_request("p")
+    llm.shutdown()
+    return {"tp": tp, "wall_ms": wall_ms, "device_busy_ms": device_ms, "by_kind_us": by_kind,
+            "top_kernels": [{"us_per_step": k[0], "calls_per_step": k[1], "name": k[2]} for k in kernels[:30]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,2")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    results = [profile_size(int(tp), args.steps) for tp in args.sizes.split(",")]
+    out = Path(os.environ.get("OUT", "/tmp")) / "tp_profile.json"
+    out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
