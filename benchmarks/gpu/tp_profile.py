@@ -55,6 +55,7 @@ def profile_size(tp: int, steps: int) -> dict:
         eng.step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
+    host = _time_driver(eng, steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             eng.step()
@@ -70,15 +71,55 @@ def profile_size(tp: int, steps: int) -> dict:
         kernels.append((per_step, event.count / steps, event.key[:90]))
     kernels.sort(reverse=True)
     device_ms = sum(by_kind.values()) / 1e3
-    print(f"\n== TP={tp}: wall {wall_ms:.2f} ms/step, rank-0 GPU busy {device_ms:.2f} ms/step", flush=True)
+    print(f"\n== TP={tp}: wall {wall_ms:.2f} ms/step, rank-0 GPU busy {device_ms:.2f} ms/step; driver host: "
+          f"launch {host['launch_ms']:.3f} ms/step, waiting for tokens {host['resolve_ms']:.3f} ms/step, "
+          f"the rest of the step {host['other_ms']:.3f} ms/step", flush=True)
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {us / 1e3:6.3f} ms/step", flush=True)
     for per_step, count, name in kernels[:14]:
         print(f"    {per_step:8.1f} us/step  {count:5.1f}/step  {name}", flush=True)
     eng.abort_request("p")
     llm.shutdown()
-    return {"tp": tp, "wall_ms": wall_ms, "device_busy_ms": device_ms, "by_kind_us": by_kind,
+    return {"tp": tp, "wall_ms": wall_ms, "device_busy_ms": device_ms, "by_kind_us": by_kind, "driver_host": host,
             "top_kernels": [{"us_per_step": k[0], "calls_per_step": k[1], "name": k[2]} for k in kernels[:30]]}
+
+
+def _time_driver(eng, steps: int) -> dict:
+    """Host time per step on the driver: inside ``launch``, waiting in ``resolve``, and the rest of ``step``."""
+    from inferneo.worker import model_runner
+
+    driver = getattr(eng.runner, "driver", eng.runner)
+    totals = {"launch": 0.0, "resolve": 0.0}
+    launch, resolve = driver.launch, model_runner.InFlightStep.resolve
+
+    def timed_launch(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            totals["launch"] += time.perf_counter() - start
+
+    def timed_resolve(self):
+        start = time.perf_counter()
+        try:
+            return resolve(self)
+        finally:
+            totals["resolve"] += time.perf_counter() - start
+
+    driver.launch = timed_launch
+    model_runner.InFlightStep.resolve = timed_resolve
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        del driver.launch
+        model_runner.InFlightStep.resolve = resolve
+    return {"launch_ms": totals["launch"] / steps * 1e3, "resolve_ms": totals["resolve"] / steps * 1e3,
+            "other_ms": (total - totals["launch"] - totals["resolve"]) / steps * 1e3}
 
 
 def main() -> int:

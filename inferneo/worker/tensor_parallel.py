@@ -18,8 +18,10 @@ import datetime
 import faulthandler
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
+import time
 import traceback
 from multiprocessing.connection import Connection, wait
 
@@ -58,13 +60,20 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         runner_kwargs.pop("num_threads", None)
     group = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
     runner = None
+    timing = _StepTiming(rank) if os.environ.get("INFERNEO_TP_TIMING") else None
     try:
         runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
         while True:
+            waited = time.perf_counter()
             kind, arg = conn.recv()
             if kind == "step":
+                started = time.perf_counter()
                 runner.execute_remote(arg)
+                if timing is not None:
+                    timing.add(started - waited, time.perf_counter() - started)
                 continue
+            if timing is not None:
+                timing.report()
             if kind == "stop":  # arg: whether to meet the driver at a barrier first (see ``shutdown``)
                 runner.release_cuda_graphs()  # before the group: NCCL waits for graphs that captured its kernels
                 destroy_tensor_parallel(barrier=arg)
@@ -86,6 +95,23 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         raise
     finally:
         destroy_tensor_parallel()
+
+
+class _StepTiming:
+    """``INFERNEO_TP_TIMING=1``: a worker's host time per step, waiting for the driver vs launching its step,
+    printed when the next non-step message arrives (for profiling; off by default)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.steps, self.waiting, self.launching = rank, 0, 0.0, 0.0
+
+    def add(self, waiting: float, launching: float) -> None:
+        self.steps, self.waiting, self.launching = self.steps + 1, self.waiting + waiting, self.launching + launching
+
+    def report(self) -> None:
+        if self.steps:
+            print(f"tp worker {self.rank}: {self.steps} steps, waiting for the driver {self.waiting / self.steps * 1e3:.3f}"
+                  f" ms/step, launching {self.launching / self.steps * 1e3:.3f} ms/step", flush=True)
+        self.steps, self.waiting, self.launching = 0, 0.0, 0.0
 
 
 def _set_up(runner: ModelRunner, kind: str, arg):
