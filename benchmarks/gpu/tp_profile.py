@@ -38,7 +38,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_size(tp: int, steps: int) -> dict:
+def profile_size(tp: int, steps: int, use_profiler: bool = True) -> dict:
     llm = LLM("preset:llama-2-7b", load_format="dummy", dtype="bfloat16", device="cuda", tensor_parallel_size=tp,
               max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
     eng = llm.engine
@@ -56,13 +56,16 @@ def profile_size(tp: int, steps: int) -> dict:
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
     host = _time_driver(eng, steps)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
     by_kind: dict[str, float] = {}
     kernels = []
-    for event in prof.key_averages():
+    events = []
+    if use_profiler:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+    for event in events:
         cuda_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if cuda_us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
             continue
@@ -72,7 +75,8 @@ def profile_size(tp: int, steps: int) -> dict:
     kernels.sort(reverse=True)
     device_ms = sum(by_kind.values()) / 1e3
     print(f"\n== TP={tp}: wall {wall_ms:.2f} ms/step, rank-0 GPU busy {device_ms:.2f} ms/step; driver host: "
-          f"launch {host['launch_ms']:.3f} ms/step, waiting for tokens {host['resolve_ms']:.3f} ms/step, "
+          f"launch {host['launch_ms']:.3f} ms/step (input-buffer wait {host['staging_ms']:.3f}), "
+          f"waiting for tokens {host['resolve_ms']:.3f} ms/step, "
           f"the rest of the step {host['other_ms']:.3f} ms/step", flush=True)
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {us / 1e3:6.3f} ms/step", flush=True)
@@ -89,8 +93,15 @@ def _time_driver(eng, steps: int) -> dict:
     from inferneo.worker import model_runner
 
     driver = getattr(eng.runner, "driver", eng.runner)
-    totals = {"launch": 0.0, "resolve": 0.0}
-    launch, resolve = driver.launch, model_runner.InFlightStep.resolve
+    totals = {"launch": 0.0, "resolve": 0.0, "staging": 0.0}
+    launch, resolve, host = driver.launch, model_runner.InFlightStep.resolve, driver._inputs.host
+
+    def timed_host(size):
+        start = time.perf_counter()
+        try:
+            return host(size)
+        finally:
+            totals["staging"] += time.perf_counter() - start
 
     def timed_launch(*args, **kwargs):
         start = time.perf_counter()
@@ -107,6 +118,7 @@ def _time_driver(eng, steps: int) -> dict:
             totals["resolve"] += time.perf_counter() - start
 
     driver.launch = timed_launch
+    driver._inputs.host = timed_host
     model_runner.InFlightStep.resolve = timed_resolve
     try:
         torch.cuda.synchronize()
@@ -117,8 +129,10 @@ def _time_driver(eng, steps: int) -> dict:
         total = time.perf_counter() - start
     finally:
         del driver.launch
+        del driver._inputs.host
         model_runner.InFlightStep.resolve = resolve
     return {"launch_ms": totals["launch"] / steps * 1e3, "resolve_ms": totals["resolve"] / steps * 1e3,
+            "staging_ms": totals["staging"] / steps * 1e3,
             "other_ms": (total - totals["launch"] - totals["resolve"]) / steps * 1e3}
 
 
@@ -126,9 +140,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,2")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-profiler", action="store_true",
+                        help="time the host only (a worker's INFERNEO_TP_TIMING figures then cover no profiled step)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    results = [profile_size(int(tp), args.steps) for tp in args.sizes.split(",")]
+    results = [profile_size(int(tp), args.steps, not args.no_profiler) for tp in args.sizes.split(",")]
     out = Path(os.environ.get("OUT", "/tmp")) / "tp_profile.json"
     out.write_text(json.dumps(results, indent=2))
     return 0

@@ -63,6 +63,8 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
     timing = _StepTiming(rank) if os.environ.get("INFERNEO_TP_TIMING") else None
     try:
         runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
+        if timing is not None:
+            timing.watch_staging(runner)
         while True:
             waited = time.perf_counter()
             kind, arg = conn.recv()
@@ -102,16 +104,31 @@ class _StepTiming:
     printed when the next non-step message arrives (for profiling; off by default)."""
 
     def __init__(self, rank: int) -> None:
-        self.rank, self.steps, self.waiting, self.launching = rank, 0, 0.0, 0.0
+        self.rank, self.steps, self.waiting, self.launching, self.staging = rank, 0, 0.0, 0.0, 0.0
+
+    def watch_staging(self, runner: ModelRunner) -> None:
+        """Also count the time the runner's input buffers wait for their previous copy to finish."""
+        host = runner._inputs.host
+
+        def timed_host(size: int):
+            start = time.perf_counter()
+            try:
+                return host(size)
+            finally:
+                self.staging += time.perf_counter() - start
+
+        runner._inputs.host = timed_host
 
     def add(self, waiting: float, launching: float) -> None:
         self.steps, self.waiting, self.launching = self.steps + 1, self.waiting + waiting, self.launching + launching
 
     def report(self) -> None:
         if self.steps:
-            print(f"tp worker {self.rank}: {self.steps} steps, waiting for the driver {self.waiting / self.steps * 1e3:.3f}"
-                  f" ms/step, launching {self.launching / self.steps * 1e3:.3f} ms/step", flush=True)
-        self.steps, self.waiting, self.launching = 0, 0.0, 0.0
+            n = self.steps / 1e3
+            print(f"tp worker {self.rank}: {self.steps} steps, waiting for the driver {self.waiting / n:.3f} ms/step, "
+                  f"launching {self.launching / n:.3f} ms/step (of which waiting for an input buffer "
+                  f"{self.staging / n:.3f})", flush=True)
+        self.steps, self.waiting, self.launching, self.staging = 0, 0.0, 0.0, 0.0
 
 
 def _set_up(runner: ModelRunner, kind: str, arg):
