@@ -38,7 +38,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_size(tp: int, steps: int, use_profiler: bool = True) -> dict:
+def profile_size(tp: int, steps: int, use_profiler: bool = True, use_cprofile: bool = False) -> dict:
     llm = LLM("preset:llama-2-7b", load_format="dummy", dtype="bfloat16", device="cuda", tensor_parallel_size=tp,
               max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
     eng = llm.engine
@@ -55,7 +55,18 @@ def profile_size(tp: int, steps: int, use_profiler: bool = True) -> dict:
         eng.step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
-    host = _time_driver(eng, steps)
+    if use_cprofile:  # the driver's Python, by function, over the same steps
+        import cProfile
+        import pstats
+
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        host = _time_driver(eng, steps)
+        prof_py.disable()
+        print(f"\n== TP={tp}: driver Python over {steps} steps, by own time", flush=True)
+        pstats.Stats(prof_py).sort_stats("tottime").print_stats(22)
+    else:
+        host = _time_driver(eng, steps)
     by_kind: dict[str, float] = {}
     kernels = []
     events = []
@@ -140,11 +151,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,2")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cprofile", action="store_true", help="also profile the driver's Python (cProfile)")
     parser.add_argument("--no-profiler", action="store_true",
                         help="time the host only (a worker's INFERNEO_TP_TIMING figures then cover no profiled step)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    results = [profile_size(int(tp), args.steps, not args.no_profiler) for tp in args.sizes.split(",")]
+    results = [profile_size(int(tp), args.steps, not args.no_profiler, args.cprofile) for tp in args.sizes.split(",")]
     out = Path(os.environ.get("OUT", "/tmp")) / "tp_profile.json"
     out.write_text(json.dumps(results, indent=2))
     return 0
