@@ -50,7 +50,7 @@ def test_fault() -> str:
 
 
 def peer_all_reduce() -> bool:
-    """INFERNEO_PEER_ALL_REDUCE (default on): at tensor-parallel size > 1 on GPUs that reach each other's memory,
+    """INFERNEO_PEER_ALL_REDUCE (default off): at tensor-parallel size > 1 on GPUs that reach each other's memory,
     all-reduce small messages with one peer-memory kernel instead of NCCL (``inferneo.distributed.peer_all_reduce``).
     """
-    return _flag("INFERNEO_PEER_ALL_REDUCE", True)
+    return _flag("INFERNEO_PEER_ALL_REDUCE", False)

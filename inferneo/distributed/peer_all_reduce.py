@@ -1,15 +1,17 @@
 """A one-kernel all-reduce for small messages on GPUs that can read each other's memory (NVLink).
 
-Decode steps at small batch sizes all-reduce a few kilobytes twice per layer. NCCL's latency for such messages
-is several microseconds each, which at tensor-parallel size 2 adds up to a large part of a step. Here every rank
-copies its part into a buffer the others can read (PyTorch symmetric memory), meets them at a barrier of signal
-flags, and sums all the buffers itself: one kernel, launched like any other, so CUDA graphs capture it.
+Decode steps at small batch sizes all-reduce a few kilobytes twice per layer, and each costs several microseconds.
+Here every rank copies its part into a buffer the others can read (PyTorch symmetric memory), meets them at a
+barrier of signal flags, and sums all the buffers itself: one kernel, launched like any other, so CUDA graphs
+capture it. On two H100s it measured the same as NCCL (7 µs an all-reduce inside a Llama-2-7B decode step), so it
+is off by default; it is the set-up (buffers, rendezvous, the ranks' agreement) that a fused all-reduce with the
+RMSNorm after it would build on.
 
 Only the peer-to-peer path is used: NVLink multicast (``multimem``) stays off, as the shared hosts require.
 Messages above the buffer size, and every dtype but float32 and bfloat16, fall back to NCCL. Whether a message
 takes this path depends only on its size and dtype, the same on every rank.
 
-``INFERNEO_PEER_ALL_REDUCE=0`` turns it off.
+``INFERNEO_PEER_ALL_REDUCE=1`` turns it on.
 """
 
 from __future__ import annotations
