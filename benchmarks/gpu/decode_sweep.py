@@ -126,20 +126,8 @@ def main() -> int:
                     if ref is None:
                         ref = out.clone()
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        for cache in caches:
-                            paged_decode(q, cache, tables, lens, 0.088, out, **kw)
-                    for _ in range(3):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(20):
-                        graph.replay()
-                    end.record()
-                    torch.cuda.synchronize()
-                    us = start.elapsed_time(end) * 1e3 / 20 / LAYERS
+                    us = graph_time_us([lambda c=cache, kw=kw: paged_decode(q, c, tables, lens, 0.088, out, **kw)
+                                        for cache in caches])
                     rows.append(dict(kw, us_per_layer=us, x_floor=us / floor_us, rel_err_vs_first=err))
                     print(f"splits {splits:3d} block_n {block_n:3d} warps {warps}: {us:6.2f} us/layer "
                           f"({us / floor_us:.2f}x floor), rel err {err:.1e}", flush=True)
