@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The online-serving comparison (issue: server overhead), vLLM's CPU server and Inferneo's, one after the other on
-# this machine, same model weights (fp32), same requests; plus Inferneo offline on scenario (b)'s requests, for the
-# online/offline ratio. Run it on a quiet machine:
+# this machine, same model weights (fp32), same requests; plus each engine offline on scenario (b)'s requests, for
+# the online/offline ratios. Run it on a quiet machine:
 #
 #   bash benchmarks/peers/run_serving_suite.sh [OUT] [VLLM_VENV]
 set -uo pipefail
@@ -47,6 +47,10 @@ kill -TERM "$inf_pid" 2>/dev/null; wait "$inf_pid" 2>/dev/null
 # Inferneo offline on scenario (b)'s requests (same workload hash) for the online/offline ratio.
 python3 benchmarks/offline_throughput.py --engine inferneo --dtype float32 --num-requests 128 --prompt-len 64:64 \
     --output-len 64:64 --seed 0 --max-model-len 256 --out "$OUT" >>"$LOG" 2>&1 || failed=$((failed + 1))
+# And vLLM offline on the same requests, for vLLM's own online/offline ratio on this machine.
+"$VENV/bin/python" benchmarks/offline_throughput.py --engine vllm --dtype float32 --num-requests 128 \
+    --prompt-len 64:64 --output-len 64:64 --seed 0 --max-model-len 256 --out "$OUT" >>"$LOG" 2>&1 \
+    || failed=$((failed + 1))
 
 python3 - "$OUT" <<'PY'
 import json, sys
