@@ -49,6 +49,22 @@ def test_fault() -> str:
     return os.environ.get("INFERNEO_TEST_FAULT", "").strip()
 
 
+def triton_ops() -> bool:
+    """INFERNEO_TRITON_OPS (default on): on CUDA, fused Triton kernels for RMSNorm, SiLU-and-mul and rotary."""
+    return _flag("INFERNEO_TRITON_OPS", True)
+
+
+def triton_gemv() -> bool:
+    """INFERNEO_TRITON_GEMV (default on): on CUDA, one-row half-precision linear layers through the Triton GEMV."""
+    return _flag("INFERNEO_TRITON_GEMV", True)
+
+
+def tp_timing() -> bool:
+    """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
+    when they stop."""
+    return _flag("INFERNEO_TP_TIMING", False)
+
+
 def peer_all_reduce() -> bool:
     """INFERNEO_PEER_ALL_REDUCE (default off): at tensor-parallel size > 1 on GPUs that reach each other's memory,
     all-reduce small messages with one peer-memory kernel instead of NCCL (``inferneo.distributed.peer_all_reduce``).

@@ -107,30 +107,18 @@ def _time_driver(eng, steps: int) -> dict:
     totals = {"launch": 0.0, "resolve": 0.0, "staging": 0.0}
     launch, resolve, host = driver.launch, model_runner.InFlightStep.resolve, driver._inputs.host
 
-    def timed_host(size):
-        start = time.perf_counter()
-        try:
-            return host(size)
-        finally:
-            totals["staging"] += time.perf_counter() - start
+    def timed(key: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - start
+        return wrapper
 
-    def timed_launch(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return launch(*args, **kwargs)
-        finally:
-            totals["launch"] += time.perf_counter() - start
-
-    def timed_resolve(self):
-        start = time.perf_counter()
-        try:
-            return resolve(self)
-        finally:
-            totals["resolve"] += time.perf_counter() - start
-
-    driver.launch = timed_launch
-    driver._inputs.host = timed_host
-    model_runner.InFlightStep.resolve = timed_resolve
+    driver.launch = timed("launch", launch)
+    driver._inputs.host = timed("staging", host)
+    model_runner.InFlightStep.resolve = timed("resolve", resolve)  # a plain function: ``self`` passes through
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -9,15 +9,16 @@ tensors (``cuda_ops_for``); tests run them on CPU under Triton's interpreter (``
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from inferneo import envs
 
 
 @functools.cache
 def _load():
     """This module's kernels, or None when Triton is missing or switched off (``INFERNEO_TRITON_OPS=0``)."""
-    if os.environ.get("INFERNEO_TRITON_OPS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not envs.triton_ops():
         return None
     try:
         from inferneo.kernels import _triton_elementwise

@@ -18,7 +18,6 @@ import datetime
 import faulthandler
 import logging
 import multiprocessing as mp
-import os
 import signal
 import socket
 import time
@@ -27,6 +26,7 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
+from inferneo import envs
 from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
 from inferneo.worker.model_runner import ModelRunner, RemoteStep
 
@@ -60,7 +60,7 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         runner_kwargs.pop("num_threads", None)
     group = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
     runner = None
-    timing = _StepTiming(rank) if os.environ.get("INFERNEO_TP_TIMING") else None
+    timing = _StepTiming(rank) if envs.tp_timing() else None
     try:
         runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
         if timing is not None:

@@ -8,17 +8,18 @@ forward does more than the matmul call :func:`linear` themselves.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferneo import envs
+
 
 @functools.cache
 def _gemv():
     """The GEMV module, or None without Triton or with ``INFERNEO_TRITON_GEMV=0``."""
-    if os.environ.get("INFERNEO_TRITON_GEMV", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not envs.triton_gemv():
         return None
     try:
         from inferneo.kernels import triton_gemv
