@@ -13,8 +13,15 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def cpu_onednn_linear() -> bool:
-    """INFERNEO_CPU_ONEDNN (default on): run CPU linear layers through prepacked oneDNN matmuls."""
+    """INFERNEO_CPU_ONEDNN (default on): pack CPU linear layers once at load (oneDNN, or the native panel kernel
+    for float32, see ``cpu_native_linear``); off, they run as plain PyTorch matmuls (the reference path)."""
     return _flag("INFERNEO_CPU_ONEDNN", True)
+
+
+def cpu_native_linear() -> bool:
+    """INFERNEO_CPU_NATIVE_LINEAR (default on): run float32 CPU linear layers through the native panel kernel
+    (AVX-512 machines with the native kernels built); off, they go through oneDNN."""
+    return _flag("INFERNEO_CPU_NATIVE_LINEAR", True)
 
 
 def cpu_native_kernels() -> bool:

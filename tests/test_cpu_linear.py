@@ -1,14 +1,22 @@
-"""The oneDNN packed linear (the CPU fast path) against the reference ``nn.Linear``."""
+"""The packed CPU linears (oneDNN, and the native float32 panel kernel) against the reference ``nn.Linear``."""
 
 import pytest
 import torch
 from torch import nn
 
-from inferneo.model_executor.layers.cpu_linear import PackedLinear, onednn_available, pack_linears
+from inferneo.model_executor.layers.cpu_linear import (
+    PackedLinear,
+    PanelLinear,
+    onednn_available,
+    pack_linears,
+    panel_kernels,
+)
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
+needs_panel = pytest.mark.skipif(panel_kernels() is None, reason="the native panel kernel needs an AVX-512 build")
 
 
+@needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
@@ -23,12 +31,50 @@ def test_packed_linear_matches_reference(dtype, bias, rows):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@needs_panel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 5, 8, 9, 64, 130])
+@pytest.mark.parametrize("in_features,out_features", [(96, 200), (33, 5), (64, 48), (576, 960), (40, 97)])
+def test_panel_linear_matches_reference(bias, rows, in_features, out_features):
+    """Every row count (full and partial blocks of eight), panel remainders, and narrow layers split by rows."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(rows, in_features)
+    got = PanelLinear(linear, panel_kernels())(x)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_panel
+def test_panel_linear_takes_strided_rows_and_batched_shapes():
+    linear = nn.Linear(64, 100)
+    panel = PanelLinear(linear, panel_kernels())
+    wide = torch.randn(10, 128)
+    rows = wide[:, :64]  # a view whose rows are 128 apart
+    torch.testing.assert_close(panel(rows), linear(rows), rtol=1e-5, atol=1e-5)
+    batched = torch.randn(3, 4, 64)
+    torch.testing.assert_close(panel(batched), linear(batched), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_picks_the_panel_kernel_for_float32_only(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8).to(torch.bfloat16))
+    pack_linears(model)
+    expected_fp32 = PanelLinear if panel_kernels() is not None else PackedLinear
+    assert type(model[0]) is expected_fp32
+    assert type(model[1]) is (PackedLinear if onednn_available() else nn.Linear)
+    monkeypatch.setenv("INFERNEO_CPU_NATIVE_LINEAR", "0")
+    other = nn.Sequential(nn.Linear(16, 32))
+    pack_linears(other)
+    assert type(other[0]) is (PackedLinear if onednn_available() else nn.Linear)
+
+
+@needs_onednn
 def test_pack_linears_swaps_every_linear_and_keeps_tied_weights():
     model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 50, bias=False))
     model[3].weight = nn.Parameter(torch.randn(50, 32))
     x = torch.randn(3, 16)
     expected = model[3](torch.relu(model[1](x)))
     assert pack_linears(model) == 2
-    assert isinstance(model[1], PackedLinear) and isinstance(model[3], PackedLinear)
+    assert all(isinstance(model[i], (PackedLinear, PanelLinear)) for i in (1, 3))
     torch.testing.assert_close(model[3](torch.relu(model[1](x))), expected, rtol=1e-5, atol=1e-5)
     assert model[0].weight.shape == (50, 16)

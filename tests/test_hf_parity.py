@@ -119,12 +119,17 @@ def test_engine_mechanisms_keep_hf_parity(tiny_checkpoint_factory, variant):
         assert kv.prefix_cache_hits == 0
 
 
-def test_reference_matmul_path_also_matches_hf(tiny_checkpoint_factory, monkeypatch):
-    """With oneDNN packing off, the plain PyTorch matmuls (the reference path) give the same tokens."""
-    monkeypatch.setenv("INFERNEO_CPU_ONEDNN", "0")
+@pytest.mark.parametrize("switch,expected_linear", [
+    ("INFERNEO_CPU_ONEDNN", "Linear"),  # packing off: the plain PyTorch matmuls, the reference path
+    ("INFERNEO_CPU_NATIVE_LINEAR", "PackedLinear"),  # the native panel kernel off: oneDNN for float32
+])
+def test_other_matmul_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch, switch, expected_linear):
+    """The float32 linears that the default panel kernel replaces give the same tokens."""
+    monkeypatch.setenv(switch, "0")
     path = tiny_checkpoint_factory("qwen2")
     llm = LLM(str(path), dtype="float32")
-    assert not any(type(m).__name__ == "PackedLinear" for m in llm.engine.runner.model.modules())
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert expected_linear in kinds and not kinds & ({"Linear", "PackedLinear", "PanelLinear"} - {expected_linear})
     prompts = mixed_prompts(8, 300, seed=5)
     assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
 

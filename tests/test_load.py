@@ -21,20 +21,29 @@ from inferneo.testing.server import RemoteServer
 from tests.test_server_api import metrics, wait_idle
 
 NUM_REQUESTS, CONCURRENCY, MAX_TOKENS = 500, 100, 12
+# A client that hangs up has asked for far more tokens than the server could make before the hang-up reaches it,
+# even when this crowded client reads its first event seconds late (a 2,048-token context let a late reader's
+# request finish first, about once in a few hundred hang-ups, which then rightly counted as "length").
+CONTEXT, HANG_UP_MAX_TOKENS = 32768, 30000
 PROMPTS = [f"request number {i}: tell me about the number {i * 7}" for i in range(25)]
 ABORTED = 'inferneo:request_success_total{finished_reason="abort"}'
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    with RemoteServer(tiny_llama_dir, "--kv-cache-memory", "32MiB", "--num-threads", "1",
+def long_context_llama(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("llama", max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(long_context_llama):
+    with RemoteServer(long_context_llama, "--kv-cache-memory", "32MiB", "--num-threads", "1",
                       "--disable-access-log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_llama_dir) -> list[str]:
-    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", num_threads=1)
+def expected(long_context_llama) -> list[str]:
+    llm = LLM(str(long_context_llama), dtype="float32", kv_cache_memory="32MiB", num_threads=1)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     return [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
@@ -45,7 +54,7 @@ async def _one(http: httpx.AsyncClient, url: str, i: int) -> tuple[str, int, str
     hang_up = i % 5 == 0  # a fifth of the clients
     stream = hang_up or i % 2 == 0
     body = {"prompt": PROMPTS[p], "temperature": 0, "ignore_eos": True, "stream": stream,
-            "max_tokens": 1500 if hang_up else MAX_TOKENS}
+            "max_tokens": HANG_UP_MAX_TOKENS if hang_up else MAX_TOKENS}
     if not stream:
         r = await http.post(url, json=body)
         r.raise_for_status()

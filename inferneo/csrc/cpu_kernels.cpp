@@ -1,4 +1,5 @@
-// Native CPU kernels: paged KV store and decode attention, RMSNorm with residual, rotary embedding, SiLU-and-mul.
+// Native CPU kernels: paged KV store and decode attention, RMSNorm with residual, rotary embedding, SiLU-and-mul,
+// and a float32 linear layer over weights packed in column panels.
 //
 // Paged decode attention reads one query token per request straight from the paged KV cache (layout below).
 // Work is split over (request, kv head) pairs; each pair walks its request's tokens once, keeping a running max
@@ -17,7 +18,7 @@
 
 #ifdef __AVX512F__
 #include <immintrin.h>
-
+#include <omp.h>
 #endif
 
 namespace {
@@ -322,6 +323,77 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
 }
 #endif
 
+#ifdef __AVX512F__
+// ---- float32 linear layer: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) ----
+//
+// W is packed once into panels of kPanel output columns, [panels][K][kPanel], so that one panel row is three
+// vector loads. Each thread owns a run of panels and walks them in order; for each panel it sweeps all rows of x
+// in blocks of up to eight, holding 8 x 48 sums in registers. While it computes on one panel it prefetches the
+// next one into L2: at decode batch sizes the weights stream from memory once per step, and without the
+// prefetch that stream and the arithmetic take turns instead of overlapping (oneDNN runs about 1.4x slower on
+// these shapes here). Sums run over k in order, in float32.
+constexpr int64_t kPanel = 48;
+
+template <int MR>
+inline void panel_block(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t K,
+                        const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols,
+                        const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_k) {
+  __m512 acc[MR][3];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * kPanel;
+    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, w2, acc[r][2]);
+    }
+    for (int64_t i = 0; i < prefetch_per_k && prefetch < prefetch_end; ++i, prefetch += 64) {
+      _mm_prefetch(prefetch, _MM_HINT_T1);
+    }
+  }
+  for (int j = 0; j < 3; ++j) {
+    const int64_t left = cols - 16 * j;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, _mm512_add_ps(acc[r][j], b));
+  }
+}
+
+// Rows [m_begin, m_end) of y for panels [p_begin, p_end).
+void panel_linear_range(const float* x, int64_t ldx, const float* packed, const float* bias, float* y, int64_t N,
+                        int64_t K, int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
+  const int64_t panel_elems = K * kPanel, panel_lines = panel_elems * 4 / 64;
+  const int64_t row_blocks = (m_end - m_begin + 7) / 8;
+  const int64_t per_k = std::max<int64_t>(1, (panel_lines + row_blocks * K - 1) / (row_blocks * K));
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const float* w = packed + p * panel_elems;
+    const char* prefetch = p + 1 < p_end ? reinterpret_cast<const char*>(w + panel_elems) : nullptr;
+    const char* prefetch_end = prefetch ? prefetch + panel_elems * 4 : nullptr;
+    const int64_t col0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - col0);
+    const float* b = bias ? bias + col0 : nullptr;
+    for (int64_t m = m_begin; m < m_end; m += 8) {
+      const float* xr = x + m * ldx;
+      float* yr = y + m * N + col0;
+      switch (std::min<int64_t>(8, m_end - m)) {
+        case 8: panel_block<8>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 7: panel_block<7>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 6: panel_block<6>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 5: panel_block<5>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 4: panel_block<4>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 3: panel_block<3>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 2: panel_block<2>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        default: panel_block<1>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+      }
+    }
+  }
+}
+#endif
+
 // out[r, i] = silu(x[r, i]) * x[r, inter + i] for x = [rows, 2 * inter] (the fused gate and up projections).
 template <typename scalar_t>
 void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t rows, int64_t inter) {
@@ -498,10 +570,60 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   });
 }
 
+bool panel_linear_available() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x: [M, K] float32 with unit inner stride; packed: [panels, K, 48] from the Python side; bias: [N] or None.
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+#ifdef __AVX512F__
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat, "panel_linear: x [M, K] float32");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) == x.size(1) &&
+              packed.size(2) == kPanel && packed.size(0) * kPanel >= N, "panel_linear: packed weight shape");
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == torch::kFloat, "bias");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const int64_t M = x.size(0), K = x.size(1), panels = (N + kPanel - 1) / kPanel;
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const int threads = std::max(1, at::get_num_threads());
+  // Split panels between threads when there are enough of them (each thread streams its own weights); otherwise
+  // split rows (a narrow layer over a long prompt).
+  const bool by_panel = panels >= threads || M < 16 * threads;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    if (by_panel) {
+      panel_linear_range(xp, ldx, wp, bias_ptr, yp, N, K, 0, M, panels * t / T, panels * (t + 1) / T);
+    } else {
+      const int64_t blocks = (M + 7) / 8;
+      const int64_t m0 = std::min(M, 8 * (blocks * t / T)), m1 = std::min(M, 8 * (blocks * (t + 1) / T));
+      panel_linear_range(xp, ldx, wp, bias_ptr, yp, N, K, m0, m1, 0, panels);
+    }
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "panel_linear needs a build with AVX-512");
+  return x;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots");
   m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU), into out");
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
+  m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (needs AVX-512)");
+  m.def("panel_linear", &panel_linear, "float32 x @ W^T (+ bias) with W packed in 48-column panels");
 }

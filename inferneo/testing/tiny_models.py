@@ -95,7 +95,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
                          torch_dtype: torch.dtype = torch.float32,
-                         rope_scaling: dict[str, Any] | None = None) -> Path:
+                         rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (llama, mistral, qwen2, qwen3) into ``path``.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
@@ -116,7 +116,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     config = _hf_config(
         arch, rope_scaling, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=2048, initializer_range=0.2,
+        head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings, initializer_range=0.2,
         rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
