@@ -107,3 +107,40 @@ def test_uneven_heads_are_refused():
         QKVParallelLinear(64, 16, 3, 1, False, TensorParallelGroup(0, 2), device="meta")
     with pytest.raises(ValueError, match="3 key/value heads"):
         QKVParallelLinear(64, 16, 6, 3, False, TensorParallelGroup(0, 2), device="meta")
+
+
+class _LoopbackPeer:
+    """A stand-in for ``PeerAllReduce`` in a group of one rank: the sum over ranks is this rank's own share, so a
+    model run through it must match the plain model. It records which staging buffer every fused call used."""
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(1 << 20), torch.empty(1 << 20)]
+        self.calls: list[int] = []
+
+    def fits_norm(self, rows: int, cols: int, dtype: torch.dtype) -> bool:
+        return rows * cols <= self.buffers[0].numel()
+
+    def stage(self, buffer_index: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.buffers[buffer_index][: rows * cols].view(rows, cols)
+
+    def reduce_add_rms_norm(self, partial, residual, weight, eps):
+        self.calls.append(partial.buffer_index)
+        residual += partial.staged
+        x = residual.float()
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
+
+
+@pytest.mark.parametrize("case", ["llama-split-kv", "qwen3-qk-norm"])
+def test_row_parallel_outputs_fuse_into_the_next_norm(tmp_path, case):
+    """Row-parallel layers hand their partial sums to the RMSNorm after them, alternating staging buffers."""
+    from inferneo.distributed import TensorParallelGroup
+
+    spec = dict(CASES[case])
+    path = make_tiny_checkpoint(tmp_path / "model", spec.pop("arch"), **spec)
+    model, config = _build(path)
+    expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
+    peer = _LoopbackPeer()
+    fused, _ = _build(path, TensorParallelGroup(0, 1, None, peer))
+    got = _forward_logits(fused, config.num_kv_heads, config.head_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert peer.calls == [0, 1] * config.num_layers  # o_proj then down_proj in every layer, the last into the final norm

@@ -47,12 +47,15 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for ``x`` [1, K], ``weight`` [N, K] (rows contiguous); returns [1, N]."""
+         config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for ``x`` [1, K], ``weight`` [N, K] (rows contiguous); returns [1, N] (``out``
+    when given: a contiguous [1, N] tensor of ``x``'s dtype)."""
     n, k = weight.shape
     block_n, block_k, num_warps = config or DEFAULT_CONFIG
     x = x.contiguous()
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (1, n) and out.is_contiguous() and out.dtype == x.dtype, "gemv: out must be [1, N]"
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferneo.distributed.parallel_state import TensorParallelGroup
+from inferneo.distributed.peer_all_reduce import PartialSum
 from inferneo.model_executor.layers.gpu_linear import linear
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
@@ -101,6 +102,9 @@ class RowParallelLinear(nn.Linear):
     """``y = sum over ranks of (x_rank @ W_rank.T) + b``: the input is split by columns, the output all-reduced."""
 
     packable = False  # the CPU oneDNN transform must leave this layer (and its all-reduce) in place
+    # Set by ``shard_model`` where an RMSNorm with a residual reads this layer's output: which peer staging buffer
+    # (0 or 1, alternating along the model) its partial sum goes to when the fused all-reduce + norm is on.
+    stage_index: int | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup,
                  device=None, dtype=None) -> None:
@@ -122,7 +126,13 @@ class RowParallelLinear(nn.Linear):
         _check_shape(param.data, full, "row-parallel bias")
         param.data.copy_(full)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSum:
+        peer = self.tp.peer
+        if (self.stage_index is not None and peer is not None and self.bias is None and x.dim() == 2
+                and peer.fits_norm(x.shape[0], self.out_features, x.dtype)):
+            staged = peer.stage(self.stage_index, x.shape[0], self.out_features, x.dtype)
+            linear(x, self.weight, out=staged)
+            return PartialSum(staged, self.stage_index, peer)  # the RMSNorm after this layer sums it
         out = self.tp.all_reduce(linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
@@ -187,6 +197,9 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
         layer.mlp.gate_up_proj = MergedColumnParallelLinear(
             c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
         layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
+        # Both feed an RMSNorm with the residual (the post-attention norm; the next layer's input norm or the final
+        # norm), so their all-reduce may be fused into it; the two buffers alternate through the model.
+        attn.o_proj.stage_index, layer.mlp.down_proj.stage_index = 0, 1
     model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, **kw)
     model.lm_head = ParallelLMHead(model.embed_tokens, c.tie_word_embeddings, **kw)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferneo.distributed.peer_all_reduce import PartialSum
 from inferneo.kernels.cpu import native_ops_for
 from inferneo.kernels.triton_ops import cuda_ops_for
 
@@ -18,8 +19,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
+    def forward(self, x: torch.Tensor | PartialSum, residual: torch.Tensor | None = None):
+        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``.
+
+        ``x`` may be a row-parallel layer's :class:`PartialSum`: then the all-reduce, the add and the norm are one
+        fused kernel.
+        """
+        if isinstance(x, PartialSum):
+            assert residual is not None, "a partial sum is only fused into a norm with a residual"
+            return x.add_rms_norm(residual, self.weight, self.eps)
         cuda = cuda_ops_for(x)
         if cuda is not None:  # one fused Triton kernel (residual += x in place, then the norm)
             return cuda.rms_norm(x, residual, self.weight, self.eps)

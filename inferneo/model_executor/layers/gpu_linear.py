@@ -28,12 +28,17 @@ def _gemv():
     return triton_gemv
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with one-row CUDA inputs in half precision through the Triton GEMV."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with one-row CUDA inputs in half precision through the Triton GEMV. With ``out`` (2-D ``x``,
+    no bias), the product is written there."""
     gemv = _gemv() if x.is_cuda else None
     if gemv is not None and gemv.gemv_applies(x, weight):
-        return gemv.gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv.gemv(x, weight, bias, out=out)
+    if out is None:
+        return F.linear(x, weight, bias)
+    assert bias is None and x.dim() == 2, "linear(out=...) takes a 2-D input and no bias"
+    return torch.mm(x, weight.t(), out=out)
 
 
 class DecodeLinear(nn.Linear):
