@@ -8,21 +8,28 @@ import triton.language as tl
 
 
 @triton.jit
+def add_rms_norm_row(x, res_row_ptr, w_ptr, out_row_ptr, cols, mask, n_cols, eps, HAS_RESIDUAL: tl.constexpr):
+    """One row: with a residual, ``residual += x`` (stored back), then ``out = w * rmsnorm(residual or x)``."""
+    if HAS_RESIDUAL:
+        r = tl.load(res_row_ptr + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
+        tl.store(res_row_ptr + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_row_ptr + cols, (w * normed).to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(x, res_ptr + row * stride_r, w_ptr, out_ptr + row * stride_o, cols, mask, n_cols, eps,
+                     HAS_RESIDUAL)
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._triton_elementwise import add_rms_norm_row
+
 
 @triton.jit
 def _peer_reduce_add_rms_norm_kernel(stage_ptrs, flag_ptrs, res_ptr, w_ptr, out_ptr, n_cols, stride_r, stride_o,
@@ -38,24 +40,17 @@ def _peer_reduce_add_rms_norm_kernel(stage_ptrs, flag_ptrs, res_ptr, w_ptr, out_
             while tl.atomic_cas(mine + flag_base + pid * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
                 pass
     tl.debug_barrier()
-    # 2. Sum, add the residual, normalize.
+    # 2. Sum (rounded to the model dtype, as an all-reduce's result is), add the residual, normalize.
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     row = pid.to(tl.int64)  # one program per row
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         staged = tl.load(stage_ptrs + peer).to(out_ptr.dtype)
         part = tl.load(staged + row * n_cols + cols, mask=mask, other=0.0, volatile=True)
         total += part.to(tl.float32)
-    x = total.to(out_ptr.dtype.element_ty)
-    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-    x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
-    tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(total.to(out_ptr.dtype.element_ty), res_ptr + row * stride_r, w_ptr, out_ptr + row * stride_o,
+                     cols, mask, n_cols, eps, True)
 
 
 def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, flag_base: int, rank: int,
