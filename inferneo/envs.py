@@ -66,6 +66,12 @@ def triton_gemv() -> bool:
     return _flag("INFERNEO_TRITON_GEMV", True)
 
 
+def cuda_pdl() -> bool:
+    """INFERNEO_CUDA_PDL (default on): launch the decode-path Triton kernels with programmatic dependent launch on
+    Hopper and later GPUs, so each may start while the one before it finishes (``inferneo.kernels._pdl``)."""
+    return _flag("INFERNEO_CUDA_PDL", True)
+
+
 def tp_timing() -> bool:
     """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
     when they stop."""
@@ -73,7 +79,9 @@ def tp_timing() -> bool:
 
 
 def peer_all_reduce() -> bool:
-    """INFERNEO_PEER_ALL_REDUCE (default off): at tensor-parallel size > 1 on GPUs that reach each other's memory,
-    all-reduce small messages with one peer-memory kernel instead of NCCL (``inferneo.distributed.peer_all_reduce``).
+    """INFERNEO_PEER_ALL_REDUCE (default on): at tensor-parallel size > 1 on GPUs that reach each other's memory,
+    sum small partial results through peer memory: the all-reduce after each row-parallel layer is fused with the
+    residual add and RMSNorm that follow it (one kernel), other small all-reduces take one peer-memory kernel
+    (``inferneo.distributed.peer_all_reduce``). ``0`` sends every all-reduce through NCCL.
     """
-    return _flag("INFERNEO_PEER_ALL_REDUCE", False)
+    return _flag("INFERNEO_PEER_ALL_REDUCE", True)

@@ -67,10 +67,16 @@ def graph_time_us(calls) -> float:
 
 GEMV_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
                "lm_head": (32000, 4096)}
+_TP = int(os.environ.get("SWEEP_GEMV_TP", "1"))  # one rank's shapes at this tensor-parallel size
+if _TP > 1:
+    GEMV_SHAPES = {"qkv": (12288 // _TP, 4096), "o": (4096, 4096 // _TP), "gate_up": (22016 // _TP, 4096),
+                   "down": (4096, 11008 // _TP), "lm_head": (32000 // _TP, 4096)}
 GEMV_CONFIGS = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
 if os.environ.get("SWEEP_GEMV_FINE"):  # the second pass, around the best of the first (2026-11-27)
     GEMV_CONFIGS = [(1, 1024, 4), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 256, 4), (4, 512, 2), (4, 512, 8),
                     (4, 1024, 4), (4, 1024, 8), (8, 1024, 8)]
+    if _TP > 1:  # narrower layers: also fewer warps per row, and two rows per program with short rows
+        GEMV_CONFIGS += [(1, 512, 2), (1, 1024, 2), (1, 2048, 4), (1, 2048, 8), (2, 256, 2), (2, 2048, 8)]
 
 
 def sweep_gemv(bw: float) -> list[dict]:

@@ -304,8 +304,8 @@ def summarize(s: Suite, sizes: list[int]) -> None:
     for tp in sizes:
         for row in sec.get(f"w3_tp{tp}", {}).get("rows", []):  # the faster mode of each batch size
             step[(tp, row["batch"])] = min(row["step_ms"], step.get((tp, row["batch"]), float("inf")))
-        for row in sec.get(f"w3_tp{tp}_peer", {}).get("rows", []):
-            s.log(f"  W3 TP={tp} batch {row['batch']} {row['mode']} with peer all-reduce: {row['step_ms']:.2f} ms")
+        for row in sec.get(f"w3_tp{tp}_nccl", {}).get("rows", []):
+            s.log(f"  W3 TP={tp} batch {row['batch']} {row['mode']} with NCCL only: {row['step_ms']:.2f} ms")
         w1 = sec.get(f"w1_tp{tp}", {})
         if "output_tok_per_s" in w1:
             s.log(f"  W1 TP={tp}: {w1['output_tok_per_s']:.0f} output tok/s")
@@ -331,8 +331,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU over gloo, to check the script")
     parser.add_argument("--deadline", type=float, help="seconds the whole run may take (sections skip past it)")
-    parser.add_argument("--peer-w3", action="store_true",
-                        help="also time W3 at the largest size with the peer-memory all-reduce on (off by default)")
+    parser.add_argument("--nccl-w3", action="store_true",
+                        help="also time W3 at the largest size with NCCL only (the peer-memory paths off)")
     parser.add_argument("--skip", default="",
                         help="per-size sections to leave out, comma-separated (repeat,w3,w1; engine: build none)")
     args = parser.parse_args()
@@ -366,12 +366,11 @@ def main() -> int:
         s.section(f"equality_{mode}", lambda eager=mode == "eager": sec_equality(s, sizes, eager), min_left=60)
     for tp in sizes:
         run_size(s, dog, model, tp, frozenset(args.skip.split(",")))
-    if args.peer_w3 and max(sizes) > 1:
-        # The same decode steps with small all-reduces through peer memory (spawned workers inherit the variable).
-        # This must be the first engine of the process to set up symmetric memory: the equality check's engines
-        # run with the default (NCCL), so it is.
-        os.environ["INFERNEO_PEER_ALL_REDUCE"] = "1"
-        run_size(s, dog, model, max(sizes), frozenset({"repeat", "w1"}), label="_peer")
+    if args.nccl_w3 and max(sizes) > 1:
+        # The same decode steps with every all-reduce through NCCL (spawned workers inherit the variable): the
+        # baseline of the peer-memory paths, on the same machine in the same run.
+        os.environ["INFERNEO_PEER_ALL_REDUCE"] = "0"
+        run_size(s, dog, model, max(sizes), frozenset({"repeat", "w1"}), label="_nccl")
         del os.environ["INFERNEO_PEER_ALL_REDUCE"]
     if args.serve:
         dog.arm("serve")

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+
 
 @triton.jit
 def add_rms_norm_row(x, res_row_ptr, w_ptr, out_row_ptr, cols, mask, n_cols, eps, HAS_RESIDUAL: tl.constexpr):
@@ -23,7 +25,8 @@ def add_rms_norm_row(x, res_row_ptr, w_ptr, out_row_ptr, cols, mask, n_cols, eps
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -42,20 +45,22 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     n_rows, n_cols = x2.shape
     block = triton.next_power_of_2(n_cols)
     warps = min(max(block // 256, 1), 8)
+    pdl = pdl_for(x)
     if residual is None:
         out = torch.empty_like(x2)
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,
-                                    HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+                                    HAS_RESIDUAL=False, BLOCK=block, PDL=pdl, num_warps=warps, **launch_options(pdl))
         return out.view(shape)
     r2 = residual.view(-1, shape[-1])
     assert r2.stride(-1) == 1, "the residual must be contiguous in its last dimension"
     _rms_norm_kernel[(n_rows,)](x2, r2, weight, x2, x2.stride(0), r2.stride(0), x2.stride(0), n_cols, eps,
-                                HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+                                HAS_RESIDUAL=True, BLOCK=block, PDL=pdl, num_warps=warps, **launch_options(pdl))
     return x2.view(shape), residual
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -75,14 +80,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n_rows, d = x2.shape[0], x2.shape[1] // 2
     out = torch.empty(n_rows, d, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(d), 1024)
+    pdl = pdl_for(x)
     _silu_and_mul_kernel[(n_rows, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
-                                                          BLOCK=block, num_warps=4)
+                                                          BLOCK=block, PDL=pdl, num_warps=4, **launch_options(pdl))
     return out.view(*shape[:-1], d)
 
 
 @triton.jit
 def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_heads, head_dim, half,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -109,6 +116,7 @@ def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
     if n_tokens == 0:
         return
     half = head_dim // 2
+    pdl = pdl_for(qkv)
     _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, qkv.stride(0), cos_cache.stride(0),
                                 num_heads, head_dim, half, BLOCK_H=triton.next_power_of_2(num_heads),
-                                BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+                                BLOCK_D=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **launch_options(pdl))

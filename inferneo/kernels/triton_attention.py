@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+
 _LOG2E = 1.4426950408889634
 
 
@@ -49,7 +51,8 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_half, stride_blk, stride_ch, stride_off,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     blk = slot // BLOCK_SIZE
@@ -78,8 +81,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_cache_strides(kv_cache),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim),
-        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl_for(k),
+        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1, **launch_options(pdl_for(k)),
     )
 
 
@@ -117,7 +120,8 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -161,7 +165,8 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
 @triton.jit
 def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -225,6 +230,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         use_dot = group > 1 or q.dtype != torch.float32
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
     block_d = _block_d(head_dim)
+    pdl = pdl_for(q)
     if num_splits > 1:
         part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -236,13 +242,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         *_cache_strides(kv_cache), tokens_per_split,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        PDL=pdl, num_warps=num_warps, num_stages=2, **launch_options(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part, lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if head_dim <= 64 else 2,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, PDL=pdl,
+            num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
         )
 
 

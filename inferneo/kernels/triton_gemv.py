@@ -17,15 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    # The first weight tile is read before waiting for the kernel that writes x (weights never change).
+    w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    wait_for_previous_kernel(PDL)
+    x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
         x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
@@ -56,7 +64,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.is_contiguous() and out.dtype == x.dtype, "gemv: out must be [1, N]"
+    pdl = pdl_for(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
+        **launch_options(pdl))
     return out

@@ -21,12 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels._triton_elementwise import add_rms_norm_row
 
 
 @triton.jit
 def _peer_reduce_add_rms_norm_kernel(stage_ptrs, flag_ptrs, res_ptr, w_ptr, out_ptr, n_cols, stride_r, stride_o,
-                                     eps, flag_base, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                                     eps, flag_base, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                     PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     # 1. The barrier with this row's program on every other rank (scalar atomics: one thread each).
     mine = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
@@ -68,5 +71,6 @@ def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, 
     block = triton.next_power_of_2(n_cols)
     _peer_reduce_add_rms_norm_kernel[(rows,)](
         stage_ptrs, flag_ptrs, residual, weight, out, n_cols, residual.stride(0), out.stride(0), eps,
-        flag_base, RANK=rank, WORLD=world, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+        flag_base, RANK=rank, WORLD=world, BLOCK=block, PDL=pdl_for(residual),
+        num_warps=min(max(block // 256, 1), 8), **launch_options(pdl_for(residual)))
     return out
