@@ -160,8 +160,9 @@ def test_an_urgent_request_overtakes_queued_bulk_work(priority_server, urgent_pr
         finished: list[str] = []
         async with AsyncInferneoClient(priority_server.base_url, max_retries=0) as client:
             async def one(name: str, priority: int) -> None:
-                # Long enough that the urgent request arrives while the queue is still full, even on a busy machine.
-                await client.completions.create(model=MODEL, prompt=name, max_tokens=160, min_tokens=160,
+                # Long enough that the urgent request arrives while the queue is still full, even on a busy machine
+                # (the tiny model decodes a token in about 0.25 ms alone: 160 tokens left a 40 ms window).
+                await client.completions.create(model=MODEL, prompt=name, max_tokens=1200, min_tokens=1200,
                                                 ignore_eos=True, priority=priority)
                 finished.append(name)
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inferneo.model_executor.layers.cpu_linear import (
@@ -32,17 +33,24 @@ def test_packed_linear_matches_reference(dtype, bias, rows):
 
 
 @needs_panel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 5, 8, 9, 64, 130])
-@pytest.mark.parametrize("in_features,out_features", [(96, 200), (33, 5), (64, 48), (576, 960), (40, 97)])
-def test_panel_linear_matches_reference(bias, rows, in_features, out_features):
-    """Every row count (full and partial blocks of eight), panel remainders, and narrow layers split by rows."""
+@pytest.mark.parametrize("in_features,out_features", [(96, 200), (33, 5), (64, 48), (576, 960), (41, 97)])
+def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_features):
+    """Every row count (full and partial blocks of eight), panel remainders, an odd K (bfloat16 pairs along K),
+    and narrow layers split by rows. Bfloat16 against float32 math on the same values, rounded once."""
+    ops = panel_kernels(dtype)
+    if ops is None:
+        pytest.skip(f"no {dtype} panel kernel on this CPU")
     torch.manual_seed(rows)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    x = torch.randn(rows, in_features)
-    got = PanelLinear(linear, panel_kernels())(x)
-    assert got.shape == (rows, out_features) and got.dtype == torch.float32
-    torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    x = torch.randn(rows, in_features, dtype=dtype)
+    got = PanelLinear(linear, ops)(x)
+    assert got.shape == (rows, out_features) and got.dtype == dtype
+    expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bfloat16: one rounding of the float32 sum (2^-8 relative)
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
 
 
 @needs_panel
@@ -56,12 +64,12 @@ def test_panel_linear_takes_strided_rows_and_batched_shapes():
     torch.testing.assert_close(panel(batched), linear(batched), rtol=1e-5, atol=1e-5)
 
 
-def test_pack_linears_picks_the_panel_kernel_for_float32_only(monkeypatch):
+def test_pack_linears_picks_the_panel_kernel_where_it_runs(monkeypatch):
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8).to(torch.bfloat16))
     pack_linears(model)
-    expected_fp32 = PanelLinear if panel_kernels() is not None else PackedLinear
-    assert type(model[0]) is expected_fp32
-    assert type(model[1]) is (PackedLinear if onednn_available() else nn.Linear)
+    for layer, dtype in ((model[0], torch.float32), (model[1], torch.bfloat16)):
+        expected = PanelLinear if panel_kernels(dtype) is not None else PackedLinear
+        assert type(layer) is expected, dtype
     monkeypatch.setenv("INFERNEO_CPU_NATIVE_LINEAR", "0")
     other = nn.Sequential(nn.Linear(16, 32))
     pack_linears(other)

@@ -1,5 +1,5 @@
 // Native CPU kernels: paged KV store and decode attention, RMSNorm with residual, rotary embedding, SiLU-and-mul,
-// and a float32 linear layer over weights packed in column panels.
+// and a float32 / bfloat16 linear layer over weights packed in column panels.
 //
 // Paged decode attention reads one query token per request straight from the paged KV cache (layout below).
 // Work is split over (request, kv head) pairs; each pair walks its request's tokens once, keeping a running max
@@ -324,34 +324,74 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
 #endif
 
 #ifdef __AVX512F__
-// ---- float32 linear layer: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) ----
+// ---- linear layer: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), float32 or bfloat16 ----
 //
-// W is packed once into panels of kPanel output columns, [panels][K][kPanel], so that one panel row is three
-// vector loads. Each thread owns a run of panels and walks them in order; for each panel it sweeps all rows of x
-// in blocks of up to eight, holding 8 x 48 sums in registers. While it computes on one panel it prefetches the
-// next one into L2: at decode batch sizes the weights stream from memory once per step, and without the
-// prefetch that stream and the arithmetic take turns instead of overlapping (oneDNN runs about 1.4x slower on
-// these shapes here). Sums run over k in order, in float32.
+// W is packed once into panels of kPanel output columns so that one step along K is three vector loads: float32
+// as [panels][K][48]; bfloat16 as [panels][K/2][48][2], pairs of consecutive k per column, which is the operand
+// layout of the AVX512_BF16 dot product (two products summed into each float32 lane). Each thread owns a run of
+// panels and walks them in order; for each panel it sweeps all rows of x in blocks of up to eight, holding 8 x 48
+// float32 sums in registers. While it computes on one panel it prefetches the next one into L2: at decode batch
+// sizes the weights stream from memory once per step, and without the prefetch that stream and the arithmetic
+// take turns instead of overlapping (oneDNN runs about 1.3x slower on these shapes here). Sums run over k in
+// order; bfloat16 outputs are rounded to nearest even once, at the end.
 constexpr int64_t kPanel = 48;
 
-template <int MR>
-inline void panel_block(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t K,
-                        const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols,
-                        const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_k) {
+template <typename T>
+struct PanelStep;  // what one step along K reads and does, per storage type
+
+template <>
+struct PanelStep<float> {
+  static constexpr int64_t k_per_step = 1;
+  static __m512 weights(const float* w, int64_t step, int j) { return _mm512_loadu_ps(w + step * kPanel + 16 * j); }
+  static __m512 input(const float* x, int64_t step, int64_t /*K*/) { return _mm512_set1_ps(x[step]); }
+  static __m512 fma(__m512 acc, __m512 a, __m512 w) { return _mm512_fmadd_ps(a, w, acc); }
+  static __m512 bias(const float* b, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, b); }
+  static void store(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
+};
+
+#ifdef __AVX512BF16__
+template <>
+struct PanelStep<uint16_t> {
+  static constexpr int64_t k_per_step = 2;
+  static __m512 weights(const uint16_t* w, int64_t step, int j) {
+    return _mm512_castsi512_ps(_mm512_loadu_si512(w + step * 2 * kPanel + 32 * j));
+  }
+  static __m512 input(const uint16_t* x, int64_t step, int64_t K) {  // the pair (x[2s], x[2s + 1]) in every lane
+    const uint32_t lo = x[2 * step], hi = 2 * step + 1 < K ? x[2 * step + 1] : 0;
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(lo | (hi << 16))));
+  }
+  static __m512 fma(__m512 acc, __m512 a, __m512 w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(w));
+  }
+  static __m512 bias(const uint16_t* b, __mmask16 mask) {
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask, b);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static void store(uint16_t* y, __mmask16 mask, __m512 v) {
+    _mm256_mask_storeu_epi16(y, mask, _mm512_cvtepi32_epi16(bf16_rounded_bits(v)));
+  }
+};
+#endif
+
+template <typename T, int MR>
+inline void panel_block(const T* __restrict x, int64_t ldx, const T* __restrict w, int64_t K,
+                        const T* __restrict bias, T* __restrict y, int64_t ldy, int64_t cols,
+                        const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_step) {
+  using Step = PanelStep<T>;
   __m512 acc[MR][3];
   for (int r = 0; r < MR; ++r) {
     for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* wk = w + k * kPanel;
-    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32);
+  const int64_t steps = (K + Step::k_per_step - 1) / Step::k_per_step;
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m512 w0 = Step::weights(w, s, 0), w1 = Step::weights(w, s, 1), w2 = Step::weights(w, s, 2);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, w2, acc[r][2]);
+      const __m512 a = Step::input(x + r * ldx, s, K);
+      acc[r][0] = Step::fma(acc[r][0], a, w0);
+      acc[r][1] = Step::fma(acc[r][1], a, w1);
+      acc[r][2] = Step::fma(acc[r][2], a, w2);
     }
-    for (int64_t i = 0; i < prefetch_per_k && prefetch < prefetch_end; ++i, prefetch += 64) {
+    for (int64_t i = 0; i < prefetch_per_step && prefetch < prefetch_end; ++i, prefetch += 64) {
       _mm_prefetch(prefetch, _MM_HINT_T1);
     }
   }
@@ -359,35 +399,39 @@ inline void panel_block(const float* __restrict x, int64_t ldx, const float* __r
     const int64_t left = cols - 16 * j;
     if (left <= 0) break;
     const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, _mm512_add_ps(acc[r][j], b));
+    const __m512 b = bias ? Step::bias(bias + 16 * j, mask) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) Step::store(y + r * ldy + 16 * j, mask, _mm512_add_ps(acc[r][j], b));
   }
 }
 
 // Rows [m_begin, m_end) of y for panels [p_begin, p_end).
-void panel_linear_range(const float* x, int64_t ldx, const float* packed, const float* bias, float* y, int64_t N,
-                        int64_t K, int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
-  const int64_t panel_elems = K * kPanel, panel_lines = panel_elems * 4 / 64;
+template <typename T>
+void panel_linear_range(const T* x, int64_t ldx, const T* packed, const T* bias, T* y, int64_t N, int64_t K,
+                        int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
+  constexpr int64_t kps = PanelStep<T>::k_per_step;
+  const int64_t steps = (K + kps - 1) / kps;
+  const int64_t panel_elems = steps * kps * kPanel;
+  const int64_t panel_lines = panel_elems * static_cast<int64_t>(sizeof(T)) / 64;
   const int64_t row_blocks = (m_end - m_begin + 7) / 8;
-  const int64_t per_k = std::max<int64_t>(1, (panel_lines + row_blocks * K - 1) / (row_blocks * K));
+  const int64_t per_step = std::max<int64_t>(1, (panel_lines + row_blocks * steps - 1) / (row_blocks * steps));
   for (int64_t p = p_begin; p < p_end; ++p) {
-    const float* w = packed + p * panel_elems;
+    const T* w = packed + p * panel_elems;
     const char* prefetch = p + 1 < p_end ? reinterpret_cast<const char*>(w + panel_elems) : nullptr;
-    const char* prefetch_end = prefetch ? prefetch + panel_elems * 4 : nullptr;
+    const char* prefetch_end = prefetch ? prefetch + panel_elems * static_cast<int64_t>(sizeof(T)) : nullptr;
     const int64_t col0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - col0);
-    const float* b = bias ? bias + col0 : nullptr;
+    const T* b = bias ? bias + col0 : nullptr;
     for (int64_t m = m_begin; m < m_end; m += 8) {
-      const float* xr = x + m * ldx;
-      float* yr = y + m * N + col0;
+      const T* xr = x + m * ldx;
+      T* yr = y + m * N + col0;
       switch (std::min<int64_t>(8, m_end - m)) {
-        case 8: panel_block<8>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 7: panel_block<7>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 6: panel_block<6>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 5: panel_block<5>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 4: panel_block<4>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 3: panel_block<3>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        case 2: panel_block<2>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
-        default: panel_block<1>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_k); break;
+        case 8: panel_block<T, 8>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 7: panel_block<T, 7>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 6: panel_block<T, 6>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 5: panel_block<T, 5>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 4: panel_block<T, 4>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 3: panel_block<T, 3>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        case 2: panel_block<T, 2>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
+        default: panel_block<T, 1>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step); break;
       }
     }
   }
@@ -578,38 +622,65 @@ bool panel_linear_available() {
 #endif
 }
 
-// x: [M, K] float32 with unit inner stride; packed: [panels, K, 48] from the Python side; bias: [N] or None.
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+bool panel_linear_bf16_available() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 #ifdef __AVX512F__
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat, "panel_linear: x [M, K] float32");
-  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) == x.size(1) &&
-              packed.size(2) == kPanel && packed.size(0) * kPanel >= N, "panel_linear: packed weight shape");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == torch::kFloat, "bias");
-    bias_ptr = bias->data_ptr<float>();
-  }
-  const int64_t M = x.size(0), K = x.size(1), panels = (N + kPanel - 1) / kPanel;
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
+template <typename T>
+void run_panel_linear(const T* xp, int64_t ldx, const T* wp, const T* bias, T* yp, int64_t M, int64_t N, int64_t K) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
   const int threads = std::max(1, at::get_num_threads());
   // Split panels between threads when there are enough of them (each thread streams its own weights); otherwise
   // split rows (a narrow layer over a long prompt).
   const bool by_panel = panels >= threads || M < 16 * threads;
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t t = omp_get_thread_num(), T_ = omp_get_num_threads();
     if (by_panel) {
-      panel_linear_range(xp, ldx, wp, bias_ptr, yp, N, K, 0, M, panels * t / T, panels * (t + 1) / T);
+      panel_linear_range<T>(xp, ldx, wp, bias, yp, N, K, 0, M, panels * t / T_, panels * (t + 1) / T_);
     } else {
       const int64_t blocks = (M + 7) / 8;
-      const int64_t m0 = std::min(M, 8 * (blocks * t / T)), m1 = std::min(M, 8 * (blocks * (t + 1) / T));
-      panel_linear_range(xp, ldx, wp, bias_ptr, yp, N, K, m0, m1, 0, panels);
+      const int64_t m0 = std::min(M, 8 * (blocks * t / T_)), m1 = std::min(M, 8 * (blocks * (t + 1) / T_));
+      panel_linear_range<T>(xp, ldx, wp, bias, yp, N, K, m0, m1, 0, panels);
     }
+  }
+}
+#endif
+
+// x: [M, K] with unit inner stride, float32 or bfloat16; packed: the weight packed by the Python side
+// (float32 [panels, K, 48]; bfloat16 [panels, ceil(K/2), 48, 2]); bias: [N] of x's dtype, or None.
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+#ifdef __AVX512F__
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.scalar_type() == torch::kFloat || bf16),
+              "panel_linear: x [M, K], float32 or bfloat16, unit inner stride");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type() && packed.is_contiguous(), "panel_linear: packed weight dtype");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t kps = bf16 ? 2 : 1;
+  TORCH_CHECK(packed.numel() == packed.size(0) * ((K + kps - 1) / kps) * kps * kPanel &&
+              packed.size(0) * kPanel >= N, "panel_linear: packed weight shape");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(), "bias");
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  if (bf16) {
+#ifdef __AVX512BF16__
+    using T = uint16_t;
+    run_panel_linear<T>(static_cast<const T*>(x.data_ptr()), x.stride(0), static_cast<const T*>(packed.data_ptr()),
+                        bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+                        static_cast<T*>(y.data_ptr()), M, N, K);
+#else
+    TORCH_CHECK(false, "panel_linear in bfloat16 needs a build with AVX512_BF16");
+#endif
+  } else {
+    run_panel_linear<float>(x.data_ptr<float>(), x.stride(0), packed.data_ptr<float>(),
+                            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K);
   }
   return y;
 #else
@@ -625,5 +696,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
   m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (needs AVX-512)");
-  m.def("panel_linear", &panel_linear, "float32 x @ W^T (+ bias) with W packed in 48-column panels");
+  m.def("panel_linear_bf16_available", &panel_linear_bf16_available, "Whether panel_linear takes bfloat16 here");
+  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in 48-column panels");
 }

@@ -36,8 +36,9 @@ def _peer_reduce_add_rms_norm_kernel(stage_ptrs, flag_ptrs, res_ptr, w_ptr, out_
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             theirs = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(theirs + flag_base + pid * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
-                pass
+            # The flag is down: the peer took it two calls ago, before the signal this rank waited for last call.
+            # So a plain exchange (no read-back loop) raises it; its result is never waited for.
+            tl.atomic_xchg(theirs + flag_base + pid * WORLD + RANK, 1, sem="release", scope="sys")
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             while tl.atomic_cas(mine + flag_base + pid * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:

@@ -2,10 +2,10 @@
 
 PyTorch's CPU ``nn.Linear`` goes through MKL for float32, which runs far below the machine's peak on AMD
 processors. oneDNN with a weight packed once ahead of time runs the same float32 math about 2.4x faster here
-(and helps bfloat16 at small batch sizes). On AVX-512 machines float32 layers go one step further, through the
-native panel kernel (``inferneo/csrc/cpu_kernels.cpp``): it overlaps the stream of weights from memory with the
-arithmetic, which is what decode batches are bound by, and runs about 1.4x faster than oneDNN on them. The
-results differ from MKL's only in summation order.
+(and helps bfloat16 at small batch sizes). On AVX-512 machines layers go one step further, through the native
+panel kernel (``inferneo/csrc/cpu_kernels.cpp``; bfloat16 needs AVX512_BF16): it overlaps the stream of weights
+from memory with the arithmetic, which is what decode batches are bound by, and runs about 1.3x faster than
+oneDNN on them. The results differ from MKL's only in summation order.
 """
 
 from __future__ import annotations
@@ -51,16 +51,25 @@ class PackedLinear(nn.Module):
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
 
 
-def panel_kernels():
-    """The native module when its float32 panel linear can run here (AVX-512 build, switch on), else None."""
+def panel_kernels(dtype: torch.dtype = torch.float32):
+    """The native module when its panel linear can run here in ``dtype`` (float32: an AVX-512 build; bfloat16:
+    also AVX512_BF16) with the switch on, else None."""
     if not envs.cpu_native_linear():
         return None
     ops = load_cpu_kernels()
-    return ops if ops is not None and ops.panel_linear_available() else None
+    if ops is None or not ops.panel_linear_available():
+        return None
+    if dtype == torch.bfloat16:
+        return ops if ops.panel_linear_bf16_available() else None
+    return ops if dtype == torch.float32 else None
 
 
 class PanelLinear(nn.Module):
-    """Float32 ``y = x @ W.T + b`` through the native panel kernel; ``W`` is stored as [panels, K, 48]."""
+    """``y = x @ W.T + b`` through the native panel kernel, float32 or bfloat16.
+
+    ``W`` is stored in panels of 48 output columns: float32 as [panels, K, 48]; bfloat16 as [panels, K/2, 48, 2]
+    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product.
+    """
 
     def __init__(self, linear: nn.Linear, ops) -> None:
         super().__init__()
@@ -70,7 +79,12 @@ class PanelLinear(nn.Module):
         weight = linear.weight.detach()
         panels = -(-self.out_features // PANEL_WIDTH)
         padded = F.pad(weight, (0, 0, 0, panels * PANEL_WIDTH - self.out_features))
-        self.packed_weight = padded.view(panels, PANEL_WIDTH, self.in_features).transpose(1, 2).contiguous()
+        if weight.dtype == torch.bfloat16:
+            pairs = -(-self.in_features // 2)
+            padded = F.pad(padded, (0, 2 * pairs - self.in_features))
+            self.packed_weight = padded.view(panels, PANEL_WIDTH, pairs, 2).permute(0, 2, 1, 3).contiguous()
+        else:
+            self.packed_weight = padded.view(panels, PANEL_WIDTH, self.in_features).transpose(1, 2).contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,23 +99,21 @@ class PanelLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for a packed one; returns how many.
 
-    Float32 layers become ``PanelLinear`` where the native panel kernel runs, else ``PackedLinear`` (oneDNN);
-    bfloat16 layers become ``PackedLinear``.
+    Layers become ``PanelLinear`` where the native panel kernel runs in their dtype, else ``PackedLinear``
+    (oneDNN).
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
     more than the matmul) are left alone. Linears that share their weight with another module (tied embeddings)
     keep that weight alive; the others release their unpacked copy.
     """
-    panel_ops = panel_kernels()
-    if not onednn_available() and panel_ops is None:
-        return 0
+    panel_ops = {dtype: panel_kernels(dtype) for dtype in _PACKABLE}
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
                     and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE):
-                if child.weight.dtype == torch.float32 and panel_ops is not None:
-                    setattr(parent, name, PanelLinear(child, panel_ops))
+                if panel_ops[child.weight.dtype] is not None:
+                    setattr(parent, name, PanelLinear(child, panel_ops[child.weight.dtype]))
                 elif onednn_available():
                     setattr(parent, name, PackedLinear(child))
                 else:
