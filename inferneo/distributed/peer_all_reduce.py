@@ -32,13 +32,15 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 4 << 20  # per staging buffer: 512 decode tokens of hidden size 4096 in bf16
+DEFAULT_MAX_BYTES = 4 << 20  # per staging buffer: MAX_FUSED_ROWS rows of the widest fused row (16384 float32)
 _DTYPES = (torch.float32, torch.bfloat16)
 _NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_NORM_WIDTH = 16384  # one program holds a whole row
 MAX_FUSED_ROWS = 64  # the fused kernel runs one program per row (each owns one flag per rank); more rows: NCCL
 _MAX_WORLD = 8
 _FLAG_BYTES = 2 * MAX_FUSED_ROWS * _MAX_WORLD * 4  # int32 flags for both staging buffers
+_ONE_SHOT_MAX_BYTES = 1 << 20  # the plain one-shot all-reduce: 128 decode tokens of hidden size 4096 in bf16
+_state = {"exchanged": False}  # whether this process has set up symmetric memory for a group before
 
 
 @dataclass(slots=True)
@@ -57,7 +59,6 @@ class PartialSum:
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rmsnorm(sum + residual), sum + residual)``; ``residual`` is updated in place."""
         return self.reducer.reduce_add_rms_norm(self, residual, weight, eps), residual
-_state = {"exchanged": False}  # whether this process has set up symmetric memory for a group before
 
 
 class PeerAllReduce:
@@ -127,7 +128,8 @@ class PeerAllReduce:
         return reducer
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.dtype in _DTYPES and x.numel() * x.element_size() <= self.max_bytes and x.is_contiguous()
+        size = x.numel() * x.element_size()
+        return x.dtype in _DTYPES and size <= min(self.max_bytes, _ONE_SHOT_MAX_BYTES) and x.is_contiguous()
 
     def fits_norm(self, rows: int, cols: int, dtype: torch.dtype) -> bool:
         """Whether a [rows, cols] partial sum can be staged for the fused all-reduce + RMSNorm."""
