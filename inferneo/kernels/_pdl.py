@@ -31,13 +31,14 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
 
 
 @functools.cache
-def _device_supports_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+def _pdl_on(device_index: int) -> bool:
+    """Decided once per device: this is asked at every kernel launch."""
+    return envs.cuda_pdl() and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def pdl_for(x: torch.Tensor) -> bool:
     """Whether kernels on ``x``'s device launch with PDL (CUDA, compute capability 9.0+, switch on)."""
-    return x.is_cuda and envs.cuda_pdl() and _device_supports_pdl(x.device.index or 0)
+    return x.is_cuda and _pdl_on(x.device.index or 0)
 
 
 def launch_options(pdl: bool) -> dict:
