@@ -76,13 +76,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     if num_tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    pdl = pdl_for(k)
     _store_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_cache_strides(kv_cache),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl_for(k),
-        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1, **launch_options(pdl_for(k)),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl,
+        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1, **launch_options(pdl),
     )
 
 

@@ -70,8 +70,9 @@ def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, 
     assert residual.is_contiguous() and residual.shape[0] == rows, "the residual must be [rows, hidden], contiguous"
     out = torch.empty_like(residual)
     block = triton.next_power_of_2(n_cols)
+    pdl = pdl_for(residual)
     _peer_reduce_add_rms_norm_kernel[(rows,)](
         stage_ptrs, flag_ptrs, residual, weight, out, n_cols, residual.stride(0), out.stride(0), eps,
-        flag_base, RANK=rank, WORLD=world, BLOCK=block, PDL=pdl_for(residual),
-        num_warps=min(max(block // 256, 1), 8), **launch_options(pdl_for(residual)))
+        flag_base, RANK=rank, WORLD=world, BLOCK=block, PDL=pdl,
+        num_warps=min(max(block // 256, 1), 8), **launch_options(pdl))
     return out

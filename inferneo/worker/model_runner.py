@@ -205,7 +205,7 @@ class ModelRunner:
         inputs of half-precision linear layers through the Triton GEMV."""
         if self.device.type == "cpu" and envs.cpu_onednn_linear():
             count = pack_linears(self.model)
-            logger.info("packed %d linear layers (native panel kernel for float32 where it runs, else oneDNN)", count)
+            logger.info("packed %d linear layers (the native panel kernel where it runs, else oneDNN)", count)
         elif self.device.type == "cuda":
             count = use_decode_linears(self.model)
             logger.info("%d linear layers take one-row inputs through the Triton GEMV", count)
