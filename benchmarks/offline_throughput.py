@@ -222,6 +222,15 @@ def versions(engine: str) -> dict[str, str]:
     return found
 
 
+def emit_json(record: dict, out: str | None) -> None:
+    """Print ``record`` as one JSON line and, with ``out``, append the line to that file."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def host_info() -> dict:
     info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "loadavg_start": None}
     with contextlib.suppress(AttributeError):
@@ -367,16 +376,12 @@ def main() -> None:
         "host": host,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
-    line = json.dumps(result)
-    print(line, flush=True)
+    emit_json(result, args.out)
     if length_mismatches:
         print(
             f"WARNING: {length_mismatches} request(s) did not produce exactly their output length",
             file=sys.stderr,
         )
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
     if args.dump_tokens:
         with open(args.dump_tokens, "w") as f:
             json.dump(generated, f)

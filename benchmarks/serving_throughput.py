@@ -28,6 +28,7 @@ from offline_throughput import (
     DEFAULT_VOCAB_SIZE,
     WARMUP_OUTPUT_LEN,
     WARMUP_PROMPTS,
+    emit_json,
     host_info,
     loadavg,
     make_workload,
@@ -65,8 +66,8 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: lis
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     first = first or end
-    return {"ttft": first - start, "e2e": end - start, "tokens": tokens or 0, "end": end, "error": error,
-            "tpot": (end - first) / (tokens - 1) if tokens and tokens > 1 else None}
+    return {"ttft": first - start, "e2e": end - start, "tokens": tokens or 0, "start": start, "end": end,
+            "error": error, "tpot": (end - first) / (tokens - 1) if tokens and tokens > 1 else None}
 
 
 async def run(args, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, list[dict]]:
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--label", default=None, help="free text recorded with the result (e.g. the server)")
     parser.add_argument("--out", default=None, help="append the JSON result line to this file")
+    parser.add_argument("--per-request", default=None,
+                        help="write one JSON line per request (send time, TTFT, end, tokens; seconds from the start)")
     args = parser.parse_args()
     preset = SCENARIOS.get(args.scenario, SCENARIOS["b"])
     for key, value in preset.items():
@@ -143,11 +146,14 @@ def main() -> None:
         "host": {**host_info(), "loadavg_start": load_start, "loadavg_end": loadavg()},
         "command": " ".join(sys.argv),
     }
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    if args.per_request:
+        with open(args.per_request, "w") as f:
+            for i, r in enumerate(results):
+                row = {"index": i, "error": r.get("error")}
+                if not r.get("error"):
+                    row.update(sent=r["start"] - start, ttft=r["ttft"], end=r["end"] - start, tokens=r["tokens"])
+                f.write(json.dumps(row) + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

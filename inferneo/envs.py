@@ -37,6 +37,15 @@ def api_process_nice() -> int:
     return int(value) if value else 10
 
 
+def engine_omp_spin_count() -> str:
+    """INFERNEO_ENGINE_OMP_SPINCOUNT (default 2000): the ``GOMP_SPINCOUNT`` a CPU engine core process starts with
+    when the user set neither ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY`` (empty: OpenMP's own default, 300,000).
+
+    An OpenMP thread that finishes its share of a parallel region spins this many times before it sleeps; with
+    the server's front end and the engine on the same few cores, long spins take CPU the front end needs."""
+    return os.environ.get("INFERNEO_ENGINE_OMP_SPINCOUNT", "2000").strip()
+
+
 def engine_death_exit_s() -> float:
     """INFERNEO_ENGINE_DEATH_EXIT_S (default 2): once the server's engine has died (its process was killed, a
     tensor-parallel worker died, or too many steps failed in a row), how many seconds ``inferneo serve`` keeps

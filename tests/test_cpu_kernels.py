@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from inferneo.attention import AttentionMetadata, TorchReferenceBackend
+from inferneo.attention.check_cases import STANDARD_CASES, AttentionCase, build_step, relative_error
 from inferneo.kernels.cpu import load_cpu_kernels
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
@@ -115,6 +116,33 @@ def test_native_backend_matches_reference_on_a_mixed_step():
     got = native_backend.forward(q, k, v, native_cache, native_meta, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(native_cache, _to_native_layout(ref_cache))  # the same slots were written
+
+
+# The shared backend cases, plus spans the vector kernel does not take (head size 72, block size 8: SDPA path).
+_BACKEND_CASES = (
+    *STANDARD_CASES,
+    AttentionCase("long-prompts", 9, 3, 64, 16, decode_lens=(3, 100), prefills=((0, 300), (64, 130), (250, 1))),
+    AttentionCase("sdpa-d72", 4, 2, 72, 16, decode_lens=(3, 40), prefills=((0, 21), (17, 21))),
+    AttentionCase("sdpa-bs8", 4, 2, 64, 8, decode_lens=(9,), prefills=((0, 12), (13, 6))),
+)
+
+
+@pytest.mark.parametrize("case", _BACKEND_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1.5e-2)], ids=str)
+def test_native_backend_matches_reference_on_backend_cases(case, dtype, tol):
+    """Every token of a step (decodes, fresh prompts, chunks after cached context) through the native backend."""
+    from inferneo.attention.cpu_native import CpuNativeBackend
+
+    step = build_step(case, dtype, "cpu")
+    reference, native = TorchReferenceBackend(), CpuNativeBackend()
+    ref_cache, native_cache = step.ref_cache.float(), _to_native_layout(step.ref_cache)  # float32 reference math
+    ref_meta, native_meta = step.metadata(), step.metadata()
+    reference.prepare(ref_meta)
+    native.prepare(native_meta)
+    expected = reference.forward(step.q.float(), step.k.float(), step.v.float(), ref_cache, ref_meta, step.scale)
+    got = native.forward(step.q, step.k, step.v, native_cache, native_meta, step.scale)
+    assert torch.equal(native_cache, _to_native_layout(ref_cache.to(dtype)))
+    assert relative_error(got, expected) < tol
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -148,3 +148,44 @@ def test_pure_pytorch_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch):
         assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
     finally:
         load_cpu_kernels.cache_clear()
+
+
+def test_prompt_side_cpu_paths_match_hf(tiny_checkpoint_factory, monkeypatch):
+    """Long prompts on CPU: the MLP in passes of rows (forced down to 16 rows here) and every prompt token through
+    the paged attention kernel, alone, after a cached prefix and in chunks, give Hugging Face's tokens."""
+    from inferneo.model_executor.layers import cpu_linear
+    from inferneo.model_executor.models import llama
+
+    passes = []
+
+    def counted(x, gate_up, down):
+        rows = cpu_linear.mlp_row_chunk(x, gate_up, down)
+        passes.append(rows)
+        return rows
+
+    monkeypatch.setattr(cpu_linear, "MLP_PASS_BYTES", 16 * 256 * 4)  # tiny model: gate/up is 256 wide
+    monkeypatch.setattr(llama, "mlp_row_chunk", counted)
+    path = tiny_checkpoint_factory("llama")
+    prompts = mixed_prompts(6, 300, seed=7, shared_prefix=90)
+    expected = [hf_greedy(path, p) for p in prompts]
+    for kwargs in ({}, {"max_num_batched_tokens": 48}):
+        llm = LLM(str(path), dtype="float32", **kwargs)
+        assert run_engine(llm, prompts) == expected
+        assert run_engine(llm, prompts) == expected  # the second round starts from cached prefixes
+        assert llm.engine.kv_cache.prefix_cache_hits > 0
+    assert 16 in passes  # some steps did run the MLP in passes
+
+
+def test_sdpa_prompt_path_matches_hf(tiny_checkpoint_factory, monkeypatch):
+    """A head size the vector attention kernel does not take (12): prompt spans go through SDPA instead."""
+    from inferneo.attention import cpu_native
+
+    path = tiny_checkpoint_factory("llama", hidden_size=48, num_heads=4, num_kv_heads=2)
+    prompts = mixed_prompts(8, 300, seed=8, shared_prefix=20)
+    expected = [hf_greedy(path, p) for p in prompts]
+    calls = []
+    sdpa = cpu_native.F.scaled_dot_product_attention
+    monkeypatch.setattr(cpu_native.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
+    assert run_engine(llm, prompts) == expected
+    assert calls

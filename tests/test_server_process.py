@@ -4,6 +4,7 @@ the in-process switch (``--engine-in-process``)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -75,7 +76,9 @@ def test_core_exits_when_the_server_is_killed(tiny_llama_dir):
 def test_core_exits_with_the_server_on_sigterm(tiny_llama_dir):
     server = RemoteServer(tiny_llama_dir, *ARGS)
     children = psutil.Process(server.proc.pid).children()
-    core_process(server)
+    # The CPU engine core starts with a short OpenMP spin (engine_core_environment), the server without one.
+    assert core_process(server).environ().get("GOMP_SPINCOUNT") == "2000"
+    assert "GOMP_SPINCOUNT" not in psutil.Process(server.proc.pid).environ()
     assert httpx.post(server.url("/v1/completions"), json={"prompt": "hi", "max_tokens": 3}).status_code == 200
     assert server.stop(signal.SIGTERM) == 0
     assert all_gone(children, 5)
@@ -100,3 +103,19 @@ def test_a_core_that_cannot_start_raises_its_error(tiny_llama_dir):
         AsyncMPEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=1, num_threads=1))
     assert all_gone([c for c in psutil.Process().children() if c not in before and "spawn_main" in
                      " ".join(c.cmdline())], 5)
+
+
+def test_engine_core_environment_respects_the_users_openmp_choice(monkeypatch):
+    from inferneo.engine.core_client import _environment, engine_core_environment
+
+    assert engine_core_environment("cpu", {}) == {"GOMP_SPINCOUNT": "2000"}
+    assert engine_core_environment("cuda", {}) == {}
+    assert engine_core_environment("cpu", {"GOMP_SPINCOUNT": "300000"}) == {}
+    assert engine_core_environment("cpu", {"OMP_WAIT_POLICY": "active"}) == {}
+    monkeypatch.setenv("INFERNEO_ENGINE_OMP_SPINCOUNT", "")
+    assert engine_core_environment("cpu", {}) == {}
+    monkeypatch.setenv("INFERNEO_TEST_KEPT", "mine")
+    monkeypatch.delenv("INFERNEO_TEST_ADDED", raising=False)
+    with _environment({"INFERNEO_TEST_KEPT": "theirs", "INFERNEO_TEST_ADDED": "1"}):
+        assert os.environ["INFERNEO_TEST_KEPT"] == "theirs" and os.environ["INFERNEO_TEST_ADDED"] == "1"
+    assert os.environ["INFERNEO_TEST_KEPT"] == "mine" and "INFERNEO_TEST_ADDED" not in os.environ

@@ -126,7 +126,7 @@ struct GroupState {
 // Portable version: one (request, kv head) pair at a time, online softmax rescaled once per block.
 template <typename scalar_t>
 void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
-                   const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
+                   const int64_t* table_rows, const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
   at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -135,9 +135,10 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
     std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
+      const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
       st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
       for (int64_t blk = 0; blk * bs < len; ++blk) {
-        const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
+        const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
         const scalar_t* kb = cache + base;
         const scalar_t* vb = cache + half + base;
         const int64_t n = std::min(bs, len - blk * bs);
@@ -261,7 +262,7 @@ inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_
 // Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time.
 template <typename scalar_t>
 void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
-                   const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
+                   const int64_t* table_rows, const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
   // Requests differ in length: hand (request, kv head) items out one at a time rather than in two halves.
@@ -274,8 +275,8 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
     std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
     // the hardware prefetcher alone leaves this loop waiting on memory.
-    const auto prefetch_chunk = [&](int64_t b, int64_t kvh, int64_t pos) {
-      const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + pos / bs]) * block_elems;
+    const auto prefetch_chunk = [&](const int64_t* table, int64_t kvh, int64_t pos) {
+      const int64_t base = (kvh * s.num_blocks + table[pos / bs]) * block_elems;
       const char* kp = reinterpret_cast<const char*>(cache + base + pos % bs);
       const char* vp = reinterpret_cast<const char*>(cache + half + base + (pos % bs) * D);
       const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(scalar_t));
@@ -287,16 +288,17 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
+      const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
       st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
-      if (len > 16) prefetch_chunk(b, kvh, 16);
+      if (len > 16) prefetch_chunk(table, kvh, 16);
       for (int64_t pos = 0; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
-        const int64_t base = (kvh * s.num_blocks + tables[b * s.max_blocks + blk]) * block_elems;
+        const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
         const scalar_t* kb = cache + base + within;                // column `within` of the [D][bs] key block
         const scalar_t* vb = cache + half + base + within * D;      // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
         const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-        if (pos + 32 < len) prefetch_chunk(b, kvh, pos + 32);  // overlap later tokens' loads with this math
+        if (pos + 32 < len) prefetch_chunk(table, kvh, pos + 32);  // overlap later tokens' loads with this math
         // Up to four query heads of the group share each key and value load (and its conversion to float).
         for (int64_t g0 = 0; g0 < group;) {
           const int64_t left = group - g0;
@@ -542,14 +544,27 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::T
 }
 
 // q: [batch, heads, head_dim] with contiguous heads (any batch stride); out: the same shape, contiguous.
+// Query i attends to the first seq_lens[i] tokens of the blocks in row table_rows[i] of block_tables (row i when
+// table_rows is None). Prompt tokens use this too: token j of a prompt is a query over its first j + 1 tokens,
+// and all of a prompt's tokens share one table row.
 void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
-                            torch::Tensor seq_lens, double scale, torch::Tensor out) {
+                            torch::Tensor seq_lens, double scale, torch::Tensor out,
+                            c10::optional<torch::Tensor> table_rows) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode: q must be [batch, heads, dim]");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "decode: out");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "decode: bad cache");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && seq_lens.scalar_type() == torch::kLong, "int64 indices");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
+  TORCH_CHECK(lens.numel() == q.size(0), "decode: one sequence length per query");
+  torch::Tensor rows;
+  if (table_rows.has_value()) {
+    rows = table_rows->contiguous();
+    TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.numel() == q.size(0), "decode: one int64 table row per query");
+  } else {
+    TORCH_CHECK(tables.size(0) >= q.size(0), "decode: one block-table row per query");
+  }
+  const int64_t* rows_ptr = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   DecodeShape shape{q.size(0), q.size(1), kv_cache.size(1), q.size(2), kv_cache.size(2),
                     kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale)};
   TORCH_CHECK(shape.num_heads % shape.num_kv_heads == 0 && kv_cache.size(3) % shape.head_dim == 0, "shape mismatch");
@@ -560,11 +575,11 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
     auto* op = static_cast<scalar_t*>(out.data_ptr());
 #ifdef __AVX512F__
     if (shape.block_size % 16 == 0 && shape.head_dim % 16 == 0) {
-      decode_avx512<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, shape);
+      decode_avx512<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op, shape);
       return;
     }
 #endif
-    decode_scalar<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, shape);
+    decode_scalar<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op, shape);
   });
 }
 
@@ -654,7 +669,8 @@ void run_panel_linear(const T* xp, int64_t ldx, const T* wp, const T* bias, T* y
 
 // x: [M, K] with unit inner stride, float32 or bfloat16; packed: the weight packed by the Python side
 // (float32 [panels, K, 48]; bfloat16 [panels, ceil(K/2), 48, 2]); bias: [N] of x's dtype, or None.
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N,
+                           c10::optional<torch::Tensor> out) {
 #ifdef __AVX512F__
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.scalar_type() == torch::kFloat || bf16),
@@ -667,7 +683,14 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<
   if (bias.has_value()) {
     TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(), "bias");
   }
-  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor y;
+  if (out.has_value()) {
+    y = *out;
+    TORCH_CHECK(y.is_contiguous() && y.dim() == 2 && y.size(0) == M && y.size(1) == N &&
+                y.scalar_type() == x.scalar_type(), "panel_linear: out must be a contiguous [M, N] tensor of x's dtype");
+  } else {
+    y = torch::empty({M, N}, x.options());
+  }
   if (M == 0) return y;
   if (bf16) {
 #ifdef __AVX512BF16__
@@ -691,11 +714,14 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots");
-  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU), into out");
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged attention of one query per row (CPU), into out",
+        py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
+        py::arg("out"), py::arg("table_rows") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
   m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (needs AVX-512)");
   m.def("panel_linear_bf16_available", &panel_linear_bf16_available, "Whether panel_linear takes bfloat16 here");
-  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in 48-column panels");
+  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in 48-column panels",
+        py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"), py::arg("out") = py::none());
 }

@@ -19,6 +19,7 @@ from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.kernels.cpu import native_ops_for
 from inferneo.kernels.triton_ops import cuda_ops_for
 from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
+from inferneo.model_executor.layers.cpu_linear import mlp_row_chunk
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -122,7 +123,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        rows = mlp_row_chunk(x, self.gate_up_proj, self.down_proj)
+        if rows is None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = x.new_empty(x.shape[0], self.down_proj.out_features)
+        for start in range(0, x.shape[0], rows):  # a long prompt on CPU: keep the activations in cache
+            self.down_proj(silu_and_mul(self.gate_up_proj(x[start : start + rows])), out=out[start : start + rows])
+        return out
 
 
 class DecoderLayer(nn.Module):
