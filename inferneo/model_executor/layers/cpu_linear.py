@@ -103,7 +103,7 @@ class PanelLinear(nn.Module):
 # In one pass, a 2,048-token step's [rows, 2 x intermediate] activation is tens of MB and leaves the caches
 # between the gate/up matmul, SiLU and the down matmul; in passes it stays in L2. Measured on the 2-core test
 # machine with SmolLM2-135M's shapes (float32: passes of 128 rows): the MLP runs 1.08x faster at 2,048 rows and
-# 1.5x at 4,096; bfloat16 gains 2-5% (benchmarks/cpu_prefill_step.py, docs/benchmarks.md).
+# 1.5x at 4,096; bfloat16 (passes of 256 rows) is about even (benchmarks/cpu_prefill_step.py, docs/benchmarks.md).
 MLP_PASS_BYTES = 1536 * 1024
 
 
