@@ -28,7 +28,10 @@ def server(tiny_llama_dir):
 
 
 def make_input(path: Path) -> list[str]:
-    """40 lines: completions and chats of different lengths, two the server refuses, one that is not JSON."""
+    """40 lines: completions and chats of different lengths, two the server refuses, one that is not JSON.
+
+    Each answer is 600+ tokens so that the job lasts long enough for ten kills mid-run (at about 200 tokens a
+    line, the tiny model once finished fourteen lines inside the first random pause)."""
     custom_ids = []
     lines = []
     for i in range(NUM_LINES):
@@ -40,7 +43,7 @@ def make_input(path: Path) -> list[str]:
             url, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"count to {i}"}]}
         else:
             url, body = "/v1/completions", {"prompt": f"story number {i}: once upon a time"}
-        body.update(model="tiny", max_tokens=192 + i % 17, ignore_eos=True, temperature=0)
+        body.update(model="tiny", max_tokens=600 + i % 17, ignore_eos=True, temperature=0)
         if i in (7, 29):
             body["top_p"] = 5.0  # out of range: the server answers 400
         lines.append(json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}))
