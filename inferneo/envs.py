@@ -43,7 +43,10 @@ def engine_omp_spin_count() -> str:
 
     An OpenMP thread that finishes its share of a parallel region spins this many times before it sleeps; with
     the server's front end and the engine on the same few cores, long spins take CPU the front end needs."""
-    return os.environ.get("INFERNEO_ENGINE_OMP_SPINCOUNT", "2000").strip()
+    value = os.environ.get("INFERNEO_ENGINE_OMP_SPINCOUNT", "2000").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"INFERNEO_ENGINE_OMP_SPINCOUNT must be a whole number of spins or empty; got {value!r}")
+    return value
 
 
 def engine_death_exit_s() -> float:

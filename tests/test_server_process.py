@@ -114,6 +114,9 @@ def test_engine_core_environment_respects_the_users_openmp_choice(monkeypatch):
     assert engine_core_environment("cpu", {"OMP_WAIT_POLICY": "active"}) == {}
     monkeypatch.setenv("INFERNEO_ENGINE_OMP_SPINCOUNT", "")
     assert engine_core_environment("cpu", {}) == {}
+    monkeypatch.setenv("INFERNEO_ENGINE_OMP_SPINCOUNT", "lots")
+    with pytest.raises(ValueError, match="INFERNEO_ENGINE_OMP_SPINCOUNT must be a whole number"):
+        engine_core_environment("cpu", {})
     monkeypatch.setenv("INFERNEO_TEST_KEPT", "mine")
     monkeypatch.delenv("INFERNEO_TEST_ADDED", raising=False)
     with _environment({"INFERNEO_TEST_KEPT": "theirs", "INFERNEO_TEST_ADDED": "1"}):

@@ -66,7 +66,7 @@ class CpuNativeBackend(TorchReferenceBackend):
             tables, rows, lens = paged
             self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows)
             return out
-        if "prefill_masks" not in metadata.extra:
+        if metadata.prefills and "prefill_masks" not in metadata.extra:
             super().prepare(metadata)  # the SDPA path's masks for spans with cached context
         nd = metadata.num_decode_tokens
         if nd:
@@ -75,7 +75,7 @@ class CpuNativeBackend(TorchReferenceBackend):
             )
         gqa = num_heads != k.shape[1]
         fresh: dict[int, list[int]] = {}  # prompts with no cached context, by length: one SDPA call per length
-        for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
+        for span, mask in zip(metadata.prefills, metadata.extra.get("prefill_masks", ()), strict=True):
             if mask is None:
                 fresh.setdefault(span.num_tokens, []).append(span.start)
                 continue

@@ -1,8 +1,9 @@
 // Native CPU kernels: paged KV store and decode attention, RMSNorm with residual, rotary embedding, SiLU-and-mul,
 // and a float32 / bfloat16 linear layer over weights packed in column panels.
 //
-// Paged decode attention reads one query token per request straight from the paged KV cache (layout below).
-// Work is split over (request, kv head) pairs; each pair walks its request's tokens once, keeping a running max
+// Paged attention reads one query token per row straight from the paged KV cache (layout below): a decoding
+// request's new token, or one token of a prompt (each prompt token is its own row over the prompt's first tokens).
+// Work is split over (row, kv head) pairs; each pair walks its row's tokens once, keeping a running max
 // and sum (online softmax) for every query head of its group. Scores and accumulators are float32 whatever the
 // cache dtype. The AVX-512 versions are used when the compiler targets it; portable loops otherwise.
 

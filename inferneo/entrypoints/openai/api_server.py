@@ -143,7 +143,8 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     from inferneo.config import EngineConfig
 
     config = EngineConfig(model=model, max_queued_requests=max_queued_requests, **engine_kwargs)
-    engine_death_exit_s = envs.engine_death_exit_s()  # a bad value fails here, before the model loads
+    engine_death_exit_s = envs.engine_death_exit_s()  # bad values fail here, before the model loads
+    envs.engine_omp_spin_count()
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
     names = served_model_names or [model or facts["name"]]
     ctx = ServerContext(engine, names, facts["path"], api_keys)
