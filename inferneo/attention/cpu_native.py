@@ -7,7 +7,7 @@ kernel scores 16 tokens with one vector load per dimension.
 Every token of the step, decoding or not, goes through the same paged kernel as one query: token ``j`` of a span
 with ``c`` cached tokens attends to the first ``c + j + 1`` tokens of its request's blocks. Prompts, chunks of
 prompts and prefix-cache hits are then one call with no gather of cached blocks and no copies into SDPA's layout;
-on this project's 2-core test machine it runs 1.2-3x faster than SDPA for prompts of 16 to 2,048 tokens
+on this project's 2-core test machine it ran 1.1-4x faster than SDPA for prompts of 2,048 down to 16 tokens
 (``benchmarks/cpu_prefill_step.py``). Shapes the vector kernel does not cover (head or block sizes that are
 not multiples of 16) keep PyTorch's SDPA for multi-token spans.
 """
