@@ -184,3 +184,17 @@ def test_rotary_in_place_matches_reference(dtype):
     torch.testing.assert_close(qkv[:, heads * dim : (heads + kv_heads) * dim].view(6, kv_heads, dim), k_ref,
                                rtol=tol, atol=tol)
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # values untouched
+
+
+def test_paged_attention_refuses_rows_and_lengths_outside_the_table():
+    """A table row or a length past the block table is an error, not a read of foreign memory."""
+    q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])
+    native, out = _to_native_layout(kv), torch.empty_like(q)
+    tables, lens = meta.decode_block_tables, meta.decode_seq_lens
+    with pytest.raises(RuntimeError, match="names table row 7 of 7"):
+        kernels.paged_decode_attention(q, native, tables, lens, 0.3, out, torch.full((q.shape[0],), 7))
+    too_long = lens.clone()
+    too_long[2] = tables.shape[1] * 16 + 1
+    with pytest.raises(RuntimeError, match="query 2 has length 49, its table row holds 48 tokens"):
+        kernels.paged_decode_attention(q, native, tables, too_long, 0.3, out)
+    kernels.paged_decode_attention(q, native, tables, lens, 0.3, out, torch.arange(q.shape[0]))  # in range: fine

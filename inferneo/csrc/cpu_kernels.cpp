@@ -569,6 +569,15 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
   DecodeShape shape{q.size(0), q.size(1), kv_cache.size(1), q.size(2), kv_cache.size(2),
                     kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale)};
   TORCH_CHECK(shape.num_heads % shape.num_kv_heads == 0 && kv_cache.size(3) % shape.head_dim == 0, "shape mismatch");
+  // Every query must stay inside its table row and the row inside the table: a wrong index reads foreign memory.
+  const int64_t* lens_ptr = lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < shape.batch; ++i) {
+    TORCH_CHECK(lens_ptr[i] >= 0 && lens_ptr[i] <= shape.max_blocks * shape.block_size,
+                "decode: query ", i, " has length ", lens_ptr[i], ", its table row holds ",
+                shape.max_blocks * shape.block_size, " tokens");
+    TORCH_CHECK(!rows_ptr || (rows_ptr[i] >= 0 && rows_ptr[i] < tables.size(0)),
+                "decode: query ", i, " names table row ", rows_ptr ? rows_ptr[i] : i, " of ", tables.size(0));
+  }
   dispatch_storage(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto* qp = static_cast<const scalar_t*>(q.data_ptr());
