@@ -86,3 +86,19 @@ def test_pack_linears_swaps_every_linear_and_keeps_tied_weights():
     assert all(isinstance(model[i], (PackedLinear, PanelLinear)) for i in (1, 3))
     torch.testing.assert_close(model[3](torch.relu(model[1](x))), expected, rtol=1e-5, atol=1e-5)
     assert model[0].weight.shape == (50, 16)
+
+
+@pytest.mark.parametrize("kind", [
+    pytest.param(PackedLinear, marks=needs_onednn), pytest.param(PanelLinear, marks=needs_panel)])
+@pytest.mark.parametrize("shape", [(6, 96), (2, 3, 96)])
+def test_packed_linears_write_into_out(kind, shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200)
+    layer = kind(linear) if kind is PackedLinear else kind(linear, panel_kernels())
+    x = torch.randn(*shape)
+    expected = layer(x)
+    out = torch.full((x.numel() // 96, 200), float("nan"))
+    got = layer(x, out=out)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected.reshape(-1, 200), rtol=0, atol=0)
+    assert got.data_ptr() == out.data_ptr()  # the result lives in ``out``, not in a copy

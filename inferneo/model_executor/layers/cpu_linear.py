@@ -40,14 +40,12 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + b``; with ``out`` (2-D input only), the result is also copied there."""
-        if x.dim() == 2:  # the engine's flat token batches: no reshaping needed
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-            return y if out is None else out.copy_(y)
-        shape = x.shape
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed_weight, self.bias,
-                                                 "none", [], "")
-        return out.view(*shape[:-1], self.out_features)
+        """``x @ W.T + b``; with ``out`` (a ``[rows, out_features]`` tensor), the result is also copied there."""
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # the engine's token batches are flat
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
+        if out is not None:
+            y = out.copy_(y)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
