@@ -69,9 +69,11 @@ def check_block(block: str, out: str, ns: dict, shows: list) -> None:
         failed = {int(m) for m in re.findall(r"^Request (\d+) failed$", out, flags=re.MULTILINE)}
         assert answered | failed == set(range(1000)) and not answered & failed
         assert "Error processing" not in out, out
-        # The guide counts an empty completion (EOS drawn first, which a random tiny model sometimes does)
-        # as failed; real failures would print "Error processing batch".
-        assert len(failed) <= 20, sorted(failed)
+        # The guide counts an empty completion as failed: the tiny model's first sampled token is one of its two
+        # EOS ids (</s>, <|im_end|>) for about 1.2% of these prompts at temperature 0.7 (offline, 15 runs of the
+        # 1,000 prompts: 4 to 21 empties, mean 12). Real failures would print "Error processing batch" above;
+        # this bound (five times the mean) only catches a server that empties answers on its own.
+        assert len(failed) <= 60, sorted(failed)
     elif "def chunked_batch_process" in block:
         assert "Error" not in out, out
         assert len(ns["results"]) == DATASET_LINES and all(isinstance(r, str) for r in ns["results"])
