@@ -26,7 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from inferneo.kernels.triton_attention import choose_num_splits, device_sm_count, paged_decode  # noqa: E402
 from inferneo.kernels.triton_gemv import gemv  # noqa: E402
 
-LAYERS, HEADS, DIM, BLOCK, WIDTH, CONTEXT = 32, 32, 128, 16, 128, 1040
+LAYERS, DIM, BLOCK, WIDTH, CONTEXT = 32, 128, 16, 128, 1040
+HEADS = int(os.environ.get("SWEEP_HEADS", "32"))  # 16: one rank's heads at tensor-parallel size 2
 
 
 def copy_bandwidth() -> float:

@@ -70,12 +70,14 @@ def profile_size(tp: int, steps: int, use_profiler: bool = True, use_cprofile: b
     by_kind: dict[str, float] = {}
     kernels = []
     events = []
+    timeline: dict = {}
     if use_profiler:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 eng.step()
             torch.cuda.synchronize()
         events = prof.key_averages()
+        timeline = _timeline(prof, steps)
     for event in events:
         cuda_us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if cuda_us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
@@ -91,12 +93,47 @@ def profile_size(tp: int, steps: int, use_profiler: bool = True, use_cprofile: b
           f"the rest of the step {host['other_ms']:.3f} ms/step", flush=True)
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {us / 1e3:6.3f} ms/step", flush=True)
-    for per_step, count, name in kernels[:14]:
+    if timeline:
+        print(f"  timeline: {timeline['kernels_per_step']:.0f} kernels/step, union busy {timeline['busy_ms']:.3f} ms/step,"
+              f" idle {timeline['idle_ms']:.3f} ms/step (gaps >= 20 us: {timeline['long_idle_ms']:.3f} ms/step in "
+              f"{timeline['long_gaps_per_step']:.1f} gaps; shorter gaps {timeline['short_idle_ms']:.3f} ms/step)",
+              flush=True)
+    for per_step, count, name in kernels[:24]:
         print(f"    {per_step:8.1f} us/step  {count:5.1f}/step  {name}", flush=True)
     eng.abort_request("p")
     llm.shutdown()
     return {"tp": tp, "wall_ms": wall_ms, "device_busy_ms": device_ms, "by_kind_us": by_kind, "driver_host": host,
+            "timeline": timeline,
             "top_kernels": [{"us_per_step": k[0], "calls_per_step": k[1], "name": k[2]} for k in kernels[:30]]}
+
+
+def _timeline(prof, steps: int) -> dict:
+    """Rank 0's GPU timeline over the profiled steps: the union of kernel intervals and the idle gaps between them
+    (kernels overlap under programmatic dependent launch, so busy time is the union, not the sum)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy = idle = long_idle = 0.0
+    long_gaps = 0
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            gap = s - end
+            idle += gap
+            if gap >= 20:
+                long_idle += gap
+                long_gaps += 1
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return {"kernels_per_step": len(spans) / steps, "busy_ms": busy / steps / 1e3, "idle_ms": idle / steps / 1e3,
+            "long_idle_ms": long_idle / steps / 1e3, "short_idle_ms": (idle - long_idle) / steps / 1e3,
+            "long_gaps_per_step": long_gaps / steps}
 
 
 def _time_driver(eng, steps: int) -> dict:
