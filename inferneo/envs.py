@@ -97,3 +97,10 @@ def peer_all_reduce() -> bool:
     (``inferneo.distributed.peer_all_reduce``). ``0`` sends every all-reduce through NCCL.
     """
     return _flag("INFERNEO_PEER_ALL_REDUCE", True)
+
+
+def peer_push() -> bool:
+    """INFERNEO_PEER_PUSH (default on; takes effect with the peer all-reduce): in 16-bit precision, the fused
+    all-reduce + RMSNorm kernel writes this rank's partial rows into every peer's receive buffer and waits for
+    theirs in its own (no flags, no reads across GPUs). ``0`` keeps the flag barrier and the reads from the peers."""
+    return _flag("INFERNEO_PEER_PUSH", True)

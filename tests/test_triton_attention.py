@@ -148,8 +148,12 @@ def test_strided_qkv_views_like_the_model_passes():
 
 def test_split_count_depends_on_shapes_only():
     assert ops.choose_num_splits(128, 32, 1024, 64, 132) == 1  # enough programs already
-    assert ops.choose_num_splits(1, 32, 1024, 64, 132) == 16  # about four programs per SM
+    assert ops.choose_num_splits(1, 32, 2048, 64, 132) == 16  # about four programs per SM, two tiles each
+    assert ops.choose_num_splits(1, 16, 2048, 64, 132) == 16  # two tiles each: still two programs per SM
+    assert ops.choose_num_splits(1, 8, 2048, 64, 132) == 32  # two tiles each would leave SMs idle: one each
+    assert ops.choose_num_splits(1, 32, 1024, 64, 132) == 8
     assert ops.choose_num_splits(1, 8, 1024, 64, 132) == 16  # at most one split per tile
+    assert ops.choose_num_splits(1, 8, 192, 64, 132) == 3
     assert ops.choose_num_splits(1, 8, 16, 16, 132) == 1
     assert ops.decode_block_n(16) == 16 and ops.decode_block_n(4096) == 64
 

@@ -28,6 +28,7 @@ from inferneo.kernels.triton_gemv import gemv  # noqa: E402
 
 LAYERS, DIM, BLOCK, WIDTH, CONTEXT = 32, 128, 16, 128, 1040
 HEADS = int(os.environ.get("SWEEP_HEADS", "32"))  # 16: one rank's heads at tensor-parallel size 2
+KV_HEADS = int(os.environ.get("SWEEP_KV_HEADS", str(HEADS)))  # fewer: grouped-query attention (8: Llama-3-8B)
 
 
 def copy_bandwidth() -> float:
@@ -110,41 +111,41 @@ def main() -> int:
         (Path(os.environ.get("OUT", "/tmp")) / "decode_sweep_gemv.json").write_text(json.dumps(rows, indent=2))
         return 0
     batch = int(os.environ.get("SWEEP_BATCH", "1"))
-    caches = [torch.randn((2, WIDTH * batch, HEADS, BLOCK, DIM), dtype=torch.bfloat16, device="cuda")
+    caches = [torch.randn((2, WIDTH * batch, KV_HEADS, BLOCK, DIM), dtype=torch.bfloat16, device="cuda")
               for _ in range(LAYERS)]
     tables = torch.arange(WIDTH * batch, device="cuda", dtype=torch.int64).view(batch, WIDTH)
     lens = torch.full((batch,), CONTEXT, dtype=torch.int64, device="cuda")
     q = torch.randn((batch, HEADS, DIM), dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
     bw = copy_bandwidth()
-    floor_us = 2 * batch * CONTEXT * HEADS * DIM * 2 / bw * 1e6
-    default = choose_num_splits(batch, HEADS, WIDTH * BLOCK, 64, device_sm_count(q.device))
-    print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s, batch {batch}, floor {floor_us:.2f} us/layer, "
-          f"default splits {default}", flush=True)
+    floor_us = 2 * batch * CONTEXT * KV_HEADS * DIM * 2 / bw * 1e6
+    default = choose_num_splits(batch, KV_HEADS, WIDTH * BLOCK, 64, device_sm_count(q.device))
+    print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s, batch {batch}, heads {HEADS} (kv {KV_HEADS}), "
+          f"floor {floor_us:.2f} us/layer, default splits {default}", flush=True)
     rows = []
     ref = None
-    for splits in (default, 8, 16, 24, 32, 48, 64):
-        for block_n in (32, 64):
-            for warps in (2, 4, 8):
-                kw = dict(num_splits=splits, block_n=block_n, num_warps=warps)
-                try:
-                    paged_decode(q, caches[0], tables, lens, 0.088, out, **kw)
-                    torch.cuda.synchronize()
-                    if ref is None:
-                        ref = out.clone()
-                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                    us = graph_time_us([lambda c=cache, kw=kw: paged_decode(q, c, tables, lens, 0.088, out, **kw)
-                                        for cache in caches])
-                    rows.append(dict(kw, us_per_layer=us, x_floor=us / floor_us, rel_err_vs_first=err))
-                    print(f"splits {splits:3d} block_n {block_n:3d} warps {warps}: {us:6.2f} us/layer "
-                          f"({us / floor_us:.2f}x floor), rel err {err:.1e}", flush=True)
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    print(f"splits {splits} block_n {block_n} warps {warps}: {type(exc).__name__}: {exc}")
+    # The library's own choice first (splits, tile and warps all left to paged_decode), then the grid.
+    grid = [{}] + [dict(num_splits=splits, block_n=block_n, num_warps=warps)
+                   for splits in (8, 16, 24, 32, 48, 64) for block_n in (32, 64) for warps in (2, 4, 8)]
+    for kw in grid:
+        label = " ".join(f"{k} {kw[k]}" for k in ("num_splits", "block_n", "num_warps") if k in kw) or "library default"
+        try:
+            paged_decode(q, caches[0], tables, lens, 0.088, out, **kw)
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.clone()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            us = graph_time_us([lambda c=cache, kw=kw: paged_decode(q, c, tables, lens, 0.088, out, **kw)
+                                for cache in caches])
+            rows.append(dict(kw, us_per_layer=us, x_floor=us / floor_us, rel_err_vs_first=err))
+            print(f"{label:40s}: {us:6.2f} us/layer ({us / floor_us:.2f}x floor), rel err {err:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"{label}: {type(exc).__name__}: {exc}")
     best = min(rows, key=lambda r: r["us_per_layer"])
     print(f"best: {best}")
     del caches
     torch.cuda.empty_cache()
-    gemv_rows = sweep_gemv(bw)
+    gemv_rows = [] if os.environ.get("SWEEP_NO_GEMV") else sweep_gemv(bw)
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     (out_dir / "decode_sweep.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "copy_Bps": bw, "floor_us": floor_us, "batch": batch,

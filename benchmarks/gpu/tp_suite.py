@@ -6,6 +6,7 @@ Sections (each timed and in its own try/except; results written after every one)
   2. equality: a small random Llama (float32) through the whole engine, greedy tokens at TP=1 and each TP=N;
   3. for each TP size: build ``preset:MODEL`` (bf16, dummy weights), then
      - repeat: a greedy batch of 64 run twice must give equal tokens; 16 of its prompts alone are compared too
+     - single: greedy tokens of 4 prompts run one at a time (batch-1 steps), kept to compare runs;
      - W3: decode step at batch 1, 32 and 128 with 1024 tokens of context (CUDA graphs);
      - W1: 256 prompts x 1024 random tokens -> 128 tokens, ``ignore_eos``;
   4. serve (``--serve``): ``inferneo serve`` on the model at the largest TP size, with a small text tokenizer
@@ -33,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from floors import Ceilings, decode_step_floor, measure_ceilings, model_shape, timed, workload_floor  # noqa: E402
 from h100_suite import Suite, free_memory, generate_ids, match_lengths, step_latency  # noqa: E402
@@ -174,6 +176,23 @@ def sec_repeat(s: Suite, llm: LLM) -> dict:
             "alone_vs_batch_match_lengths": composition}
 
 
+def sec_single(s: Suite, llm: LLM) -> dict:
+    """Greedy tokens of a few prompts, each run alone (batch-1 decode steps, where the pushed all-reduce path
+    applies), kept in the results so two runs (e.g. ``INFERNEO_PEER_PUSH=0`` and the default) can be compared."""
+    vocab = llm.engine.vocab_size
+    rng = np.random.default_rng(7)  # the same prompts in every run
+    longest = min(600, s.cfg["engine"]["max_model_len"] - 40)
+    prompts = [rng.integers(100, vocab - 100, size=int(k)).tolist() for k in rng.integers(16, longest, size=4)]
+    kv = llm.engine.kv_cache
+    kv.enable_prefix_caching = False
+    try:
+        tokens = [generate_ids(llm, [p], 32)[0] for p in prompts]
+    finally:
+        kv.enable_prefix_caching = True
+    s.log(f"single: {len(prompts)} prompts alone x 32 tokens; first tokens {[t[:4] for t in tokens]}")
+    return {"tokens": tokens}
+
+
 def sec_w3(s: Suite, llm: LLM, model: str, tp: int) -> dict:
     shape = model_shape(preset_config(model))
     ctx, steps = s.cfg["w3_ctx"], s.cfg["w3_steps"]
@@ -235,7 +254,8 @@ def run_size(s: Suite, dog: Watchdog, model: str, tp: int, skip: frozenset[str] 
     if "llm" not in holder:
         return
     llm = holder.pop("llm")
-    for name, fn in (("repeat", lambda: sec_repeat(s, llm)), ("w3", lambda: sec_w3(s, llm, model, tp)),
+    for name, fn in (("repeat", lambda: sec_repeat(s, llm)), ("single", lambda: sec_single(s, llm)),
+                     ("w3", lambda: sec_w3(s, llm, model, tp)),
                      ("w1", lambda: sec_w1(s, llm, model, tp))):
         if name in skip:
             continue
@@ -334,9 +354,13 @@ def main() -> int:
     parser.add_argument("--nccl-w3", action="store_true",
                         help="also time W3 at the largest size with NCCL only (the peer-memory paths off)")
     parser.add_argument("--skip", default="",
-                        help="per-size sections to leave out, comma-separated (repeat,w3,w1; engine: build none)")
+                        help="per-size sections to leave out, comma-separated (repeat,single,w3,w1; engine: build "
+                             "none)")
+    parser.add_argument("--w3-batches", help="W3 batch sizes, comma-separated (default 1,32,128)")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
+    if args.w3_batches:
+        cfg["w3_batches"] = tuple(int(b) for b in args.w3_batches.split(","))
     if args.deadline:
         cfg["deadline"] = args.deadline
     sizes = [int(x) for x in args.sizes.split(",")]
