@@ -104,3 +104,9 @@ def peer_push() -> bool:
     all-reduce + RMSNorm kernel writes this rank's partial rows into every peer's receive buffer and waits for
     theirs in its own (no flags, no reads across GPUs). ``0`` keeps the flag barrier and the reads from the peers."""
     return _flag("INFERNEO_PEER_PUSH", True)
+
+
+def gemv_silu() -> bool:
+    """INFERNEO_GEMV_SILU (default on; with the Triton GEMV): at one-row decode steps in half precision, a gated
+    MLP's gate/up projection and its SiLU-and-multiply run as one kernel (``triton_gemv.gemv_silu_mul``)."""
+    return _flag("INFERNEO_GEMV_SILU", True)

@@ -34,6 +34,23 @@ _SCRIPT = textwrap.dedent("""
                     # float32 accumulation, then one rounding to the output dtype (bf16 keeps 8 bits)
                     err = ((got.float() - ref).norm() / ref.norm()).item()
                     assert err < (6e-3 if dtype == torch.bfloat16 else 1e-3), (n, k, bias, dtype, config, err)
+
+    # The gated MLP's gate/up projection with SiLU-and-multiply in one kernel: the same numbers, bit for bit, as
+    # the GEMV followed by the SiLU-and-mul kernel (it rounds at the same three places).
+    from inferneo.kernels._triton_elementwise import silu_and_mul
+    from inferneo.kernels.triton_gemv import gemv_silu_mul
+    for d, k in ((37, 300), (64, 1024), (3, 2500)):
+        for dtype in (torch.bfloat16, torch.float16):
+            w = torch.randn(2 * d, k, dtype=dtype) * 0.05
+            x = torch.randn(1, k, dtype=dtype)
+            for config in (DEFAULT_CONFIG, (4, 256, 4)):
+                fused = gemv_silu_mul(x, w, config=config)
+                unfused = silu_and_mul(gemv(x, w, config=config))
+                assert fused.shape == (1, d) and fused.dtype == dtype
+                assert torch.equal(fused, unfused), (d, k, dtype, config, (fused.float() - unfused.float()).abs().max())
+                g, u = F.linear(x.float(), w.float()).chunk(2, dim=-1)
+                ref = F.silu(g) * u
+                assert ((fused.float() - ref).norm() / ref.norm()).item() < 2e-2
     print("ok")
 """)
 

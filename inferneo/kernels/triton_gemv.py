@@ -45,6 +45,41 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, K: tl.constexpr,
     tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # Output j of the gated MLP: rows j (gate) and D + j (up) of the fused gate/up weight, then silu(gate) * up.
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < D
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    wmask = nmask[:, None] & kmask[None, :]
+    gate_rows = w_ptr + n[:, None] * stride_wn
+    up_rows = w_ptr + (n + D)[:, None] * stride_wn
+    wg = tl.load(gate_rows + k[None, :], mask=wmask, other=0.0)  # weights: read before the wait, as above
+    wu = tl.load(up_rows + k[None, :], mask=wmask, other=0.0)
+    wait_for_previous_kernel(PDL)
+    x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    acc_g = wg.to(tl.float32) * x[None, :]
+    acc_u = wu.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        wmask = nmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        wg = tl.load(gate_rows + k[None, :], mask=wmask, other=0.0)
+        wu = tl.load(up_rows + k[None, :], mask=wmask, other=0.0)
+        acc_g += wg.to(tl.float32) * x[None, :]
+        acc_u += wu.to(tl.float32) * x[None, :]
+    dtype = out_ptr.dtype.element_ty
+    # Rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
+    gate = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + n, (silu * up).to(dtype), mask=nmask)
+
+
 DEFAULT_CONFIG = (1, 1024, 4)  # BLOCK_N, BLOCK_K, num_warps: the best of the H100 sweep on every layer shape
 
 
@@ -68,5 +103,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
+        **launch_options(pdl))
+    return out
+
+
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``silu(g) * u`` where ``[g, u] = x @ weight.T``, in one kernel: the gated MLP's gate/up projection and its
+    activation for ``x`` [1, K] and the fused ``weight`` [2D, K] (gate rows first); returns [1, D], rounded as the
+    two separate steps round."""
+    n2, k = weight.shape
+    assert n2 % 2 == 0, "the fused gate/up weight has an even number of rows"
+    d = n2 // 2
+    block_n, block_k, num_warps = config or DEFAULT_CONFIG
+    x = x.contiguous()
+    out = torch.empty((1, d), dtype=x.dtype, device=x.device)
+    pdl = pdl_for(x)
+    _gemv_silu_mul_kernel[(triton.cdiv(d, block_n),)](
+        x, weight, out, d, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
         **launch_options(pdl))
     return out

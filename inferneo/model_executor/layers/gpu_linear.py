@@ -41,6 +41,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.mm(x, weight.t(), out=out)
 
 
+def gate_up_silu(x: torch.Tensor, gate_up: nn.Linear) -> torch.Tensor | None:
+    """``silu(gate) * up`` of a gated MLP's fused gate/up projection in one GEMV kernel, for a one-row CUDA input
+    in half precision (a batch-1 decode step); None where that does not apply (then project, then activate).
+    ``INFERNEO_GEMV_SILU=0`` turns it off."""
+    gemv = _gemv() if x.is_cuda else None
+    if gemv is None or gate_up.bias is not None or not envs.gemv_silu() or not gemv.gemv_applies(x, gate_up.weight):
+        return None
+    return gemv.gemv_silu_mul(x, gate_up.weight)
+
+
 class DecodeLinear(nn.Linear):
     """An ``nn.Linear`` whose forward is :func:`linear`; built from an existing layer, sharing its parameters."""
 

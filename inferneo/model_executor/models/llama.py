@@ -20,6 +20,7 @@ from inferneo.kernels.cpu import native_ops_for
 from inferneo.kernels.triton_ops import cuda_ops_for
 from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import mlp_row_chunk
+from inferneo.model_executor.layers.gpu_linear import gate_up_silu
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -123,6 +124,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
+        activated = gate_up_silu(x, self.gate_up_proj)  # one GPU kernel at batch-1 decode, else None
+        if activated is not None:
+            return self.down_proj(activated)
         rows = mlp_row_chunk(x, self.gate_up_proj, self.down_proj)
         if rows is None:
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
