@@ -12,7 +12,8 @@ Both paths here share one buffer that every rank can read (PyTorch symmetric mem
 - **The pushed variant** of the fused kernel, for 16-bit dtypes: each rank writes its partial rows into every
   peer's receive buffer and waits for theirs in its own, with no flags and no reads across GPUs
   (``INFERNEO_PEER_PUSH=0`` keeps the flags). Receive buffers start as negative zeros, the "empty" mark, and the
-  kernel marks them empty again after reading.
+  kernel marks them empty again after reading. On two H200s a Llama-2-7B step at TP=2 took 2.63-2.65 ms at batch 1
+  and 5.14-5.18 ms at batch 32 this way, against 2.73 and 5.58-5.60 ms with the flags.
 - **A plain one-shot all-reduce** (PyTorch's ``one_shot_all_reduce``) for the other small all-reduces. On two
   H100s it measured the same as NCCL (7 µs inside a Llama-2-7B decode step).
 
@@ -73,11 +74,12 @@ class PeerAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        from inferneo import envs
+        from inferneo.kernels.triton_peer_norm import DevicePointer
+
         self._group = group
         self.group_name = group.group_name
         self.max_bytes = max_bytes
-        from inferneo import envs
-
         # Layout: staging buffer 0 (also the plain all-reduce's buffer), staging buffer 1, the flags, then the two
         # receive buffers of the pushed path.
         recv_start = 2 * max_bytes + _FLAG_BYTES
@@ -88,8 +90,6 @@ class PeerAllReduce:
         self._stage_ptrs = [torch.tensor([b + i * max_bytes for b in bases], dtype=torch.int64, device=device)
                             for i in (0, 1)]
         self._flag_ptrs = torch.tensor([b + 2 * max_bytes for b in bases], dtype=torch.int64, device=device)
-        from inferneo.kernels.triton_peer_norm import DevicePointer
-
         self._recv_ptrs = [[DevicePointer(b + recv_start + i * _RECV_BYTES, torch.int16) for b in bases]
                            for i in (0, 1)]
         self._recv = [self.buffer[recv_start + i * _RECV_BYTES: recv_start + (i + 1) * _RECV_BYTES].view(torch.int16)

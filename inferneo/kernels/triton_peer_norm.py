@@ -87,8 +87,6 @@ def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, 
     return out
 
 
-
-
 @triton.jit
 def _nth(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
     """The ``i``-th of eight pointer arguments (``i`` known at compile time)."""
