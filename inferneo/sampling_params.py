@@ -34,6 +34,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias): -100 bans a token in practice,
+    # +100 all but forces it. Keys are token ids; values in [-100, 100].
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,6 +48,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias) or None
         self._validate()
 
     def _validate(self) -> None:
@@ -74,6 +79,9 @@ class SamplingParams:
               "must be non-negative integers")
         check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
               "must be an integer >= 0 or None")
+        check(self.logit_bias is None or all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100
+                                             for t, b in self.logit_bias.items()), "logit_bias",
+              "must map non-negative token ids to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -290,3 +290,35 @@ def test_out_of_range_token_ids_are_ignored() -> None:
     assert md.prompt_mask[0].nonzero().flatten().tolist() == [1]
     assert md.output_counts[0].nonzero().flatten().tolist() == [3, 7]
     assert md.min_tokens_ids is None
+
+
+def test_logit_bias_moves_greedy_and_random_rows_and_their_logprobs() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.5]] * 4)
+    requests = [make_request(temperature=0.0),  # no bias: the argmax, 2
+                make_request(temperature=0.0, logit_bias={2: -100.0}),  # the favourite banned: 3 next
+                make_request(temperature=0.0, logit_bias={0: 4.5, 4: 6.0}),  # 0.5 + 6 beats 5: token 4
+                make_request(temperature=1.0, logit_bias={1: 100.0}, logprobs=1)]  # all but forced
+    md = SamplingMetadata.build(requests, 5, CPU)
+    assert md.bias_rows.tolist() == [1, 2, 2, 3] and md.bias_ids.tolist() == [2, 0, 4, 1]
+    for _ in range(20):
+        out = sample(logits, requests)
+        assert out.sampled_token_ids.tolist() == [2, 3, 4, 1]
+    # Log-probabilities describe the biased distribution (as with penalties), and the caller's logits are kept.
+    assert out.logprob_token_ids[3, 0].item() == 1 and out.logprobs[3, 0].item() > -1e-3
+    assert torch.equal(logits, torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.5]] * 4))
+
+
+def test_logit_bias_only_greedy_batch_leaves_the_fast_path() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0]])
+    md = SamplingMetadata.build([make_request(temperature=0.0, logit_bias={0: 10.0})], 3, CPU)
+    assert md.all_greedy and md.bias_rows is not None
+    assert Sampler()(logits, md).sampled_token_ids.tolist() == [0]
+    # A bias on an id past the logits (a tokenizer larger than the model's head) is never applied out of range.
+    md = SamplingMetadata.build([make_request(temperature=0.0, logit_bias={7: 100.0})], 3, CPU)
+    assert md.bias_rows is None and Sampler()(logits, md).sampled_token_ids.tolist() == [2]
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {3: 100.5}, {3: float("nan")}, {"3": 1.0}, {3: True}])
+def test_logit_bias_values_are_checked(bias) -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)

@@ -241,6 +241,26 @@ def test_extensions_and_echo(server, llm):
     assert body["usage"]["completion_tokens"] <= 30
 
 
+def test_logit_bias_forces_and_bans_tokens(server, llm, client):
+    """OpenAI's logit_bias over HTTP (completions and chat) and offline, on the same weights."""
+    tok = llm.get_tokenizer()
+    forced = tok("x", add_special_tokens=False).input_ids[-1]
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "logit_bias": {str(forced): 100}}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == tok.decode([forced] * 4)
+    offline = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100}))
+    assert offline[0].outputs[0].token_ids == [forced] * 4
+    # Banning the greedy first token changes the first token, and only that token is banned.
+    plain = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids[0]
+    banned = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=1, temperature=0,
+                                       logit_bias={str(plain): -100}, logprobs=0)
+    assert banned.choices[0].logprobs.tokens[0] != tok.decode([plain])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == tok.decode([forced] * 3)
+
+
 def test_stop_string_is_cut_and_never_streamed(server, llm):
     text = llm.generate("once upon", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].text

@@ -44,6 +44,11 @@ class SamplingMetadata:
     prompt_mask: torch.Tensor | None
     # [B, V] float32: occurrences of each token in the output so far. Only built when a row sets a penalty.
     output_counts: torch.Tensor | None
+    # logit_bias of the rows that set it: (row, token) pairs as two [N] int64 tensors and their [N] float32
+    # biases, or None.
+    bias_rows: torch.Tensor | None
+    bias_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
     # (row, token) pairs banned by min_tokens this step: two [N] int64 tensors, or None.
     min_tokens_rows: torch.Tensor | None
     min_tokens_ids: torch.Tensor | None
@@ -77,6 +82,9 @@ class SamplingMetadata:
         generators: list[torch.Generator] = []
         banned_rows: list[int] = []
         banned_ids: list[int] = []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
         max_num_logprobs: int | None = None
         for i, req in enumerate(requests):
             p = req.sampling_params
@@ -93,6 +101,12 @@ class SamplingMetadata:
             if not g and req.generator is not None:
                 seeded_rows.append(i)
                 generators.append(req.generator)
+            if p.logit_bias:
+                for t, b in p.logit_bias.items():
+                    if t < vocab_size:  # the engine refuses larger ids up front; never index past the logits
+                        bias_rows.append(i)
+                        bias_ids.append(t)
+                        bias_values.append(float(b))
             for t in min_tokens_banned(req):
                 if t < vocab_size:
                     banned_rows.append(i)
@@ -131,6 +145,11 @@ class SamplingMetadata:
                 prompts = [r.prompt_token_ids if rep[i] != 1.0 else [] for i, r in enumerate(requests)]
                 prompt_mask = _scatter_rows(prompts, batch_size, vocab_size, device, torch.bool)
 
+        bias = (None, None, None)
+        if bias_ids:
+            bias = (_tensor(bias_rows, torch.int64, device), _tensor(bias_ids, torch.int64, device),
+                    _tensor(bias_values, torch.float32, device))
+
         min_tokens_rows = min_tokens_ids = None
         if banned_ids:
             min_tokens_rows = _tensor(banned_rows, torch.int64, device)
@@ -152,6 +171,9 @@ class SamplingMetadata:
             presence_penalty=_tensor(pres, torch.float32, device) if any_pres else None,
             prompt_mask=prompt_mask,
             output_counts=output_counts,
+            bias_rows=bias[0],
+            bias_ids=bias[1],
+            bias_values=bias[2],
             min_tokens_rows=min_tokens_rows,
             min_tokens_ids=min_tokens_ids,
             num_random=batch_size - sum(greedy),

@@ -28,13 +28,14 @@ class SamplerOutput:
 class Sampler:
     """Sample the next token for every row of a ``[B, V]`` logits tensor, on the logits' device.
 
-    Pipeline, per row: min_tokens mask (EOS / stop ids to -inf) → repetition, frequency, presence penalties →
+    Pipeline, per row: logit_bias added → min_tokens mask (EOS / stop ids to -inf) → repetition, frequency,
+    presence penalties →
     [log-probabilities taken here] → greedy rows: argmax; random rows: ÷ temperature → top-k → top-p → min-p →
     softmax → exponential race (seeded rows draw from their own generator).
 
-    Log-probabilities are the log-softmax of the logits after min_tokens masking and penalties but before
-    temperature and the top-k / top-p / min-p filters, so they describe the model's (penalized) distribution
-    whatever the sampling settings. The caller's logits tensor is never modified.
+    Log-probabilities are the log-softmax of the logits after logit_bias, min_tokens masking and penalties but
+    before temperature and the top-k / top-p / min-p filters, so they describe the model's (biased, penalized)
+    distribution whatever the sampling settings. The caller's logits tensor is never modified.
     """
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
@@ -42,14 +43,17 @@ class Sampler:
         md = metadata
         assert logits.dim() == 2 and tuple(logits.shape) == (md.batch_size, md.vocab_size), (
             f"logits {tuple(logits.shape)} do not match metadata ({md.batch_size}, {md.vocab_size})")
-        if md.all_greedy and md.min_tokens_rows is None and not md.has_penalties and md.max_num_logprobs is None:
+        edits = md.bias_rows is not None or md.min_tokens_rows is not None or md.has_penalties
+        if md.all_greedy and not edits and md.max_num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # no float32 copy needed
         x = logits.float()
         owned = x is not logits  # a dtype conversion already made a private copy
 
-        if md.min_tokens_rows is not None or md.has_penalties:
+        if edits:
             if not owned:
                 x, owned = x.clone(), True
+            if md.bias_rows is not None:
+                x.index_put_((md.bias_rows, md.bias_ids), md.bias_values, accumulate=True)
             if md.min_tokens_rows is not None:
                 x[md.min_tokens_rows, md.min_tokens_ids] = float("-inf")
             if md.has_penalties:

@@ -55,8 +55,6 @@ class ServerContext:
 
 def check_common(req: _SamplingBody) -> None:
     """400 for OpenAI fields this server cannot honour."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
@@ -79,9 +77,23 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=token_bias(req.logit_bias),
         )
     except ValueError as exc:
         raise to_api_error(exc) from None
+
+
+def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys, so strings) with integer keys; 400 for a key that is
+    not a token id."""
+    if not logit_bias:
+        return None
+    try:
+        return {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        bad = next(k for k in logit_bias if not k.strip().lstrip("-").isdigit())
+        raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {bad!r}",
+                          "logit_bias") from None
 
 
 def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool,
