@@ -83,6 +83,13 @@ class SamplingParams:
                                              for t, b in self.logit_bias.items()), "logit_bias",
               "must map non-negative token ids to biases in [-100, 100]")
 
+    def logit_bias_error(self, vocab_size: int) -> str | None:
+        """Why ``logit_bias`` cannot apply to a model of ``vocab_size`` tokens (an id past the vocabulary), or None."""
+        bad = sorted(t for t in self.logit_bias or () if t >= vocab_size)
+        if bad:
+            return f"logit_bias token ids must be below the vocabulary size {vocab_size}; got {bad[:5]}"
+        return None
+
     @property
     def greedy(self) -> bool:
         """True when the request picks the most likely token at every step."""

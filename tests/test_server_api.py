@@ -251,6 +251,8 @@ def test_logit_bias_forces_and_bans_tokens(server, llm, client):
     assert r.json()["choices"][0]["text"] == tok.decode([forced] * 4)
     offline = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100}))
     assert offline[0].outputs[0].token_ids == [forced] * 4
+    with pytest.raises(ValueError, match="logit_bias token ids must be below the vocabulary size"):
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=1, logit_bias={10**6: 1.0}))
     # Banning the greedy first token changes the first token, and only that token is banned.
     plain = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids[0]
     banned = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=1, temperature=0,

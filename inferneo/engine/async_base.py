@@ -269,10 +269,8 @@ class AsyncEngineBase:
             raise InvalidRequestError(
                 f"the request needs up to {n + max_tokens} tokens of KV cache ({n} in the prompt, {max_tokens} to "
                 f"generate) but the cache holds {self.kv_capacity_tokens}: lower max_tokens", "max_tokens")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            bad = sorted(t for t in params.logit_bias if t >= vocab)
-            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size {vocab}; got {bad[:5]}",
-                                      "logit_bias")
+        if (error := params.logit_bias_error(vocab)) is not None:
+            raise InvalidRequestError(error, "logit_bias")
         if params.logprobs is not None and params.logprobs > _MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be at most {_MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
 

@@ -174,9 +174,8 @@ class LLMEngine:
                 raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            bad = sorted(t for t in params.logit_bias if t >= self.vocab_size)
-            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}; got {bad[:5]}")
+        if (error := params.logit_bias_error(self.vocab_size)) is not None:
+            raise ValueError(error)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is {self.max_model_len}: "

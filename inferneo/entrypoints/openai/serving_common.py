@@ -88,12 +88,14 @@ def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     not a token id."""
     if not logit_bias:
         return None
-    try:
-        return {int(token): bias for token, bias in logit_bias.items()}
-    except ValueError:
-        bad = next(k for k in logit_bias if not k.strip().lstrip("-").isdigit())
-        raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {bad!r}",
-                          "logit_bias") from None
+    biases = {}
+    for token, bias in logit_bias.items():
+        try:
+            biases[int(token)] = bias
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {token!r}",
+                              "logit_bias") from None
+    return biases
 
 
 def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool,

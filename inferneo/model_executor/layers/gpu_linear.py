@@ -46,9 +46,15 @@ def gate_up_silu(x: torch.Tensor, gate_up: nn.Linear) -> torch.Tensor | None:
     in half precision (a batch-1 decode step); None where that does not apply (then project, then activate).
     ``INFERNEO_GEMV_SILU=0`` turns it off."""
     gemv = _gemv() if x.is_cuda else None
-    if gemv is None or gate_up.bias is not None or not envs.gemv_silu() or not gemv.gemv_applies(x, gate_up.weight):
+    if gemv is None or gate_up.bias is not None or not _gemv_silu_on() or not gemv.gemv_applies(x, gate_up.weight):
         return None
     return gemv.gemv_silu_mul(x, gate_up.weight)
+
+
+@functools.cache
+def _gemv_silu_on() -> bool:
+    """Read once: the check runs in every layer of every eager decode step."""
+    return envs.gemv_silu()
 
 
 class DecodeLinear(nn.Linear):
