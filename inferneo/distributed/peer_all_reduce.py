@@ -92,12 +92,9 @@ class PeerAllReduce:
         self._flag_ptrs = torch.tensor([b + 2 * max_bytes for b in bases], dtype=torch.int64, device=device)
         self._recv_ptrs = [[DevicePointer(b + recv_start + i * _RECV_BYTES, torch.int16) for b in bases]
                            for i in (0, 1)]
-        self._recv = [self.buffer[recv_start + i * _RECV_BYTES: recv_start + (i + 1) * _RECV_BYTES].view(torch.int16)
-                      for i in (0, 1)]
         # Before any peer can signal or push: the first collective after this (in ``check``) is queued behind it.
         self.buffer[2 * max_bytes: recv_start].zero_()
-        for recv in self._recv:
-            recv.fill_(-32768)  # the bits of a 16-bit -0: "empty"
+        self.buffer[recv_start:].view(torch.int16).fill_(-32768)  # both receive buffers: the bits of -0, "empty"
         self.push_enabled = envs.peer_push()
         self._op = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
