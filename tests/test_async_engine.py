@@ -1,4 +1,4 @@
-"""AsyncLLMEngine on a real tiny engine: streaming, shared steps, aborts that free blocks, admission control,
+"""AsyncEngine (core loop in a thread) on a real tiny engine: streaming, shared steps, aborts that free blocks, admission control,
 and fault handling (a failed step fails only its batch; repeated failures kill the engine and everything pending).
 
 The HTTP layer is exercised in-process here only for the 500 on an engine fault; the rest of the server is tested
@@ -15,13 +15,14 @@ import pytest
 
 from inferneo import LLM, SamplingParams
 from inferneo.engine.async_engine import (
-    AsyncLLMEngine,
+    AsyncEngine,
     EngineDeadError,
     EngineRequest,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
 )
+from inferneo.engine.core_client import ThreadCoreClient
 from inferneo.entrypoints.openai.api_server import build_app
 from inferneo.entrypoints.openai.serving_common import ServerContext
 
@@ -33,13 +34,21 @@ def llm(tiny_llama_dir):
     return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="8MiB", num_threads=1)
 
 
+def AsyncLLMEngine(llm_engine, max_queued_requests=None, max_consecutive_step_failures=3) -> AsyncEngine:
+    """An AsyncEngine whose core loop runs in a thread over the core ``llm_engine`` already loaded."""
+    client = ThreadCoreClient(llm_engine.core, llm_engine.info, max_consecutive_step_failures)
+    return AsyncEngine(client, llm_engine.tokenizer, llm_engine.input.generation_config,
+                       max_queued_requests=max_queued_requests,
+                       max_consecutive_step_failures=max_consecutive_step_failures)
+
+
 @pytest.fixture
 def engine(llm):
     aengine = AsyncLLMEngine(llm.engine)
     aengine.start()
     yield aengine
     aengine.shutdown()
-    assert not aengine._thread.is_alive()
+    assert not aengine.client.is_alive()
 
 
 def inject_fault(llm: LLM, always: list[bool] | None = None) -> None:
@@ -66,17 +75,22 @@ async def wait_until(cond, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def idle(engine: AsyncLLMEngine) -> bool:
+def idle(engine: AsyncEngine) -> bool:
     snap = engine.snapshot
     return snap.num_running == 0 and snap.num_waiting == 0 and snap.kv_usage == 0
 
 
-async def collect(engine: AsyncLLMEngine, prompt, params, request_id: str):
+async def collect(engine: AsyncEngine, prompt, params, request_id: str):
+    """The deltas of one request, as they came."""
     outputs = [out async for out in engine.generate(prompt, params, request_id)]
     return outputs
 
 
-def test_generate_streams_cumulative_outputs_equal_to_offline(llm):
+def token_ids(deltas) -> list[int]:
+    return [t for d in deltas for c in d.outputs for t in c.token_ids]
+
+
+def test_generate_streams_deltas_that_add_up_to_the_offline_output(llm):
     expected = llm.generate(["hello world", "the cat"], greedy(12), use_tqdm=False)
     engine = AsyncLLMEngine(llm.engine)
     engine.start()
@@ -88,12 +102,12 @@ def test_generate_streams_cumulative_outputs_equal_to_offline(llm):
         streams = asyncio.run(main())
     finally:
         engine.shutdown()
-    for outputs, exp in zip(streams, expected, strict=True):
-        texts = [o.outputs[0].text for o in outputs]
-        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
-        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
-        assert outputs[-1].outputs[0].token_ids == exp.outputs[0].token_ids
-        assert texts[-1] == exp.outputs[0].text
+    for deltas, exp in zip(streams, expected, strict=True):
+        assert len(deltas) > 1  # streamed, not delivered whole
+        assert all(len(d.outputs) == 1 and len(d.outputs[0].token_ids) >= 1 for d in deltas)
+        assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+        assert token_ids(deltas) == exp.outputs[0].token_ids
+        assert "".join(d.outputs[0].text for d in deltas) == exp.outputs[0].text
 
 
 def test_concurrent_requests_share_engine_steps(engine):
@@ -102,21 +116,23 @@ def test_concurrent_requests_share_engine_steps(engine):
         return await asyncio.gather(*(collect(engine, f"prompt {i}", params, str(i)) for i in range(16)))
 
     results = asyncio.run(main())
-    assert all(len(r[-1].outputs[0].token_ids) == 16 for r in results)
-    stats = engine.engine.core.stats
+    assert all(len(token_ids(r)) == 16 for r in results)
+    stats = engine.client.core.stats
     assert stats.max_batch_size > 1 and stats.num_steps < 16 * 16 / 4
 
 
 def test_leaving_the_stream_early_aborts_and_frees_blocks(engine):
     async def main():
+        received = 0
         async for out in engine.generate("a long one", greedy(1500, ignore_eos=True), "long"):
-            if len(out.outputs[0].token_ids) >= 3:
+            received += len(out.outputs[0].token_ids)
+            if received >= 3:
                 break
         await wait_until(lambda: idle(engine))
 
     asyncio.run(main())
-    assert engine.engine.core.stats.num_generation_tokens < 1500
-    kv = engine.engine.kv_cache
+    assert engine.client.core.stats.num_generation_tokens < 1500
+    kv = engine.client.core.scheduler.kv_cache
     assert kv.num_free_blocks == kv.num_blocks
 
 
@@ -130,7 +146,7 @@ def test_cancelling_the_consumer_task_aborts(engine):
         await wait_until(lambda: idle(engine))
 
     asyncio.run(main())
-    assert not engine.engine.has_unfinished_requests()
+    assert not engine.client.core.has_unfinished_requests()
 
 
 def test_invalid_request_is_refused_up_front(engine):
@@ -196,7 +212,7 @@ def test_failed_step_fails_only_its_batch_and_the_engine_goes_on(llm, engine):
         with pytest.raises(RequestFailedError, match="injected fault"):
             await collect(engine, POISON + [9, 10], greedy(4), "poison")
         good = await collect(engine, "fine", greedy(4, ignore_eos=True), "good")
-        assert len(good[-1].outputs[0].token_ids) == 4
+        assert len(token_ids(good)) == 4
         await wait_until(lambda: idle(engine))
 
     asyncio.run(main())
@@ -222,8 +238,8 @@ def test_repeated_failures_kill_the_engine_and_fail_everything_pending(llm, engi
             await collect(engine, "too late", greedy(4), "late")
 
     asyncio.run(main())
-    engine._thread.join(5)
-    assert not engine._thread.is_alive()
+    engine.client._thread.join(5)
+    assert not engine.client.is_alive()
 
 
 def test_shutdown_fails_requests_in_flight(engine):

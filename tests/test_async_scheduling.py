@@ -71,7 +71,7 @@ def test_stops_eos_stop_ids_and_the_context_limit(tiny_llama_dir):
         elif i % 3 == 1:
             params.append(SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[tokens[3]], min_tokens=2))
         else:
-            params.append(SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+            params.append(SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))  # up to the context
     expected, got, _ = both(tiny_llama_dir, items, params)
     assert got == expected
     assert {o[1] for o in got} == {"stop", "length"}

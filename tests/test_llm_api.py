@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inferneo import LLM, RequestOutput, SamplingParams
+from inferneo.engine.protocol import InvalidRequestError
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,14 @@ def test_bad_prompts_raise_clear_errors_and_leave_nothing_behind(llm):
         llm.generate([[5] * 5000], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
         llm.generate(["a", "b", "c"], [greedy(), greedy()], use_tqdm=False)
+    # Prompt + max_tokens past the context: refused (the server's rule too), never silently cut short.
+    room = llm.engine.max_model_len - 3
+    with pytest.raises(InvalidRequestError, match="context length") as refused:
+        llm.generate([[5, 6, 7]], greedy(room + 1), use_tqdm=False)
+    assert refused.value.param == "max_tokens"
+    (whole,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                            use_tqdm=False)
+    assert len(whole.outputs[0].token_ids) == room and whole.outputs[0].finish_reason == "length"
     # A bad prompt in the middle of a list aborts the ones already queued.
     with pytest.raises(ValueError):
         llm.generate(["fine", [], "fine too"], greedy(), use_tqdm=False)

@@ -96,11 +96,11 @@ def test_engine_in_process_switch(tiny_llama_dir, flag):
 
 def test_a_core_that_cannot_start_raises_its_error(tiny_llama_dir):
     from inferneo.config import EngineConfig
-    from inferneo.engine.core_client import AsyncMPEngine
+    from inferneo.engine.async_engine import AsyncEngine
 
     before = set(psutil.Process().children())
     with pytest.raises(ValueError, match="kv_cache_memory"):
-        AsyncMPEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=1, num_threads=1))
+        AsyncEngine.in_child_process(EngineConfig(model=str(tiny_llama_dir), dtype="float32", kv_cache_memory=1, num_threads=1))
     assert all_gone([c for c in psutil.Process().children() if c not in before and "spawn_main" in
                      " ".join(c.cmdline())], 5)
 

@@ -14,7 +14,7 @@ BASE_URL = "http://inferneo.in-process"
 
 
 class InProcessServer:
-    """Loads a model into an ``AsyncLLMEngine`` and wraps it in the server app (not listening on any port).
+    """Loads a model into an ``AsyncEngine`` (core loop in a thread) and wraps it in the server app (not listening on any port).
 
     ``engine_kwargs`` are ``EngineConfig`` fields; ``served_model_names`` are the names a request body's
     ``model`` may use (default: ``model``, or the default model's name).
@@ -23,17 +23,16 @@ class InProcessServer:
     def __init__(self, model: str | None = None, served_model_names: list[str] | None = None,
                  **engine_kwargs: Any) -> None:
         from inferneo.config import EngineConfig
-        from inferneo.engine.async_engine import AsyncLLMEngine
-        from inferneo.engine.llm_engine import LLMEngine
+        from inferneo.engine.async_engine import AsyncEngine
         from inferneo.entrypoints.openai.api_server import build_app
         from inferneo.entrypoints.openai.serving_common import ServerContext
 
-        llm_engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
-        self.engine = AsyncLLMEngine(llm_engine)
-        names = served_model_names or [model or llm_engine.source.name]
-        self.context = ServerContext(self.engine, names, str(llm_engine.source.path))
+        config = EngineConfig(model=model, **engine_kwargs)
+        self.engine = AsyncEngine.in_thread(config)
+        names = served_model_names or [model or self.engine.info.model_name]
+        self.context = ServerContext(self.engine, names, self.engine.info.model_path)
         self.app = build_app(self.context)
-        self.max_num_seqs = llm_engine.config.max_num_seqs
+        self.max_num_seqs = config.max_num_seqs
 
     def client(self, timeout: float = 600.0) -> httpx.AsyncClient:
         """An httpx client whose requests this process's server app answers; starts the engine thread."""

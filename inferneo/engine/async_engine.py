@@ -1,225 +1,327 @@
-"""The engine behind the server, as seen from asyncio: submit token ids, iterate outputs, abort.
+"""The engine behind the server, as seen from asyncio: submit token ids, iterate output deltas, abort.
 
-The server codes against ``AsyncEngineBase`` (``inferneo.engine.async_base``), which has two back ends:
-:class:`AsyncLLMEngine` here steps an in-process ``LLMEngine`` in a background thread (tests, ``inferneo batch``
-in-process, ``inferneo serve --engine-in-process``), and ``inferneo.engine.core_client.AsyncMPEngine`` runs the
-engine core in a child process (the default for ``inferneo serve``, so the model's Python does not share a GIL
-with the HTTP server).
+:class:`AsyncEngine` is the one async front end. It checks requests (``InputProcessor``), admits them (a bounded
+queue, ``QueueFullError`` past it), sends them to a core client (``inferneo.engine.core_client``: the core loop
+in a background thread, or in a child process), turns the core's outputs into per-request deltas
+(``OutputProcessor``), times them for the metrics observer and hands each step's outputs to the event loop(s)
+with one ``call_soon_threadsafe`` each.
 
-Here, requests and aborts go into a thread-safe inbox that the engine thread drains before every step, so the
-``LLMEngine`` is only ever touched by that thread. The thread steps while there is work and sleeps on an event
-otherwise; the heavy work runs in torch, which releases the GIL.
-
-A step that raises fails only the requests in the running batch; the others go on. Repeated failures, or
-bookkeeping found inconsistent after one, mark the engine dead: every pending request fails at once and new ones
-are refused with :class:`EngineDeadError`.
+A step that fails fails only the requests in its batch (``RequestFailedError``); when the core cannot go on
+(repeated failures, a dead worker, a child process that exited) every pending request fails with
+``EngineDeadError``, new ones are refused and ``is_healthy`` turns False.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import copy
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from inferneo.engine.async_base import (
-    AsyncEngineBase,
+from inferneo.config import EngineConfig
+from inferneo.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, RequestLimits
+from inferneo.engine.output_processor import OutputKind, OutputProcessor
+from inferneo.engine.protocol import (
+    AbortRequests,
+    AddRequests,
+    CoreDead,
     EngineDeadError,
-    EngineRequest,
     EngineSnapshot,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
-    RequestGroup,
-    RequestObserver,
-    Tracked,
-    snapshot_of,
+    RequestFailure,
+    StepOutputs,
 )
-from inferneo.engine.llm_engine import LLMEngine
+from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.outputs import RequestOutput
+from inferneo.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngineBase", "AsyncLLMEngine", "EngineDeadError", "EngineRequest", "EngineSnapshot",
-           "InvalidRequestError", "QueueFullError", "RequestFailedError", "RequestGroup", "RequestObserver"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineRequest", "EngineSnapshot", "InvalidRequestError",
+           "QueueFullError", "RequestFailedError", "RequestGroup", "RequestObserver"]
 
 logger = logging.getLogger(__name__)
 
 
+class RequestObserver(Protocol):
+    """Per-request timing hooks (the server's metrics); called from an engine thread, not the event loop."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_next_token(self, seconds: float) -> None: ...
+    def on_finished(self, seconds: float, finish_reason: str) -> None: ...
+
+
 @dataclass(slots=True)
-class _Add:
+class _Tracked:
+    """Where one request's outputs go, and its timing so far (for the metrics observer)."""
+
     group: RequestGroup
-    requests: list[EngineRequest]
+    index: int
     arrival: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
 
-class AsyncLLMEngine(AsyncEngineBase):
-    """Serves many concurrent asyncio callers from one ``LLMEngine`` stepped in one background thread."""
+class AsyncEngine(FrontEndFacts):
+    """Serves many concurrent asyncio callers from one engine core (see the module docstring).
 
-    def __init__(
-        self,
-        engine: LLMEngine,
-        max_queued_requests: int | None = None,
-        observer: RequestObserver | None = None,
-        max_consecutive_step_failures: int = 3,
-    ) -> None:
-        super().__init__(max_queued_requests, observer, max_consecutive_step_failures)
-        self.engine = engine
-        # The front end's own tokenizer: the engine thread decodes with the engine's at the same time.
+    Build it with :meth:`in_thread` or :meth:`in_child_process` (or over a core client of your own).
+    """
+
+    def __init__(self, client: CoreClient, tokenizer, generation_config: dict,
+                 max_queued_requests: int | None = None, observer: RequestObserver | None = None,
+                 max_consecutive_step_failures: int = 3) -> None:
+        self.client = client
+        self.info = client.info
+        self.input = InputProcessor(tokenizer, generation_config, RequestLimits.of(client.info))
+        self.max_queued_requests = max_queued_requests
+        self.observer = observer
+        self.max_consecutive_step_failures = max_consecutive_step_failures
+        self._decoding_tokenizer = self.input.decoding_tokenizer()
+        self._processor = OutputProcessor(self._decoding_tokenizer)
+        self._lock = threading.Lock()  # guards the processor, the tracked requests, the counts and the outbox
+        self._sent = 0  # sequences sent to the core
+        self._pending = 0  # sequences sent, not yet taken by the core
+        self._tracked: dict[str, _Tracked] = {}
+        self._outbox: list[tuple[RequestGroup, object]] = []
+        self._late_aborts: deque[list[str]] = deque()  # from garbage-collected groups (lock-free)
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self.snapshot = EngineSnapshot()
+
+    @classmethod
+    def in_thread(cls, config: EngineConfig, max_queued_requests: int | None = None,
+                  observer: RequestObserver | None = None, max_consecutive_step_failures: int = 3) -> AsyncEngine:
+        """Load the model here and run its core loop in a background thread of this process."""
+        client = ThreadCoreClient.from_config(config, max_consecutive_step_failures)
+        tokenizer, generation_config = InputProcessor.load_tokenizer(config)
+        return cls(client, tokenizer, generation_config, max_queued_requests, observer,
+                   max_consecutive_step_failures)
+
+    @classmethod
+    def in_child_process(cls, config: EngineConfig, max_queued_requests: int | None = None,
+                         observer: RequestObserver | None = None,
+                         max_consecutive_step_failures: int = 3) -> AsyncEngine:
+        """Start the core in a child process (the tokenizer loads here while the model loads there)."""
+        client = ProcessCoreClient(config, max_consecutive_step_failures)
         try:
-            self.tokenizer = copy.deepcopy(engine.tokenizer)
-        except Exception:
-            self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.vocab_size
-        self.generation_defaults = engine.default_sampling_params()
-        self._inbox: deque[_Add | list[str]] = deque()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._consecutive_failures = 0
-        self._publish()
+            tokenizer, generation_config = InputProcessor.load_tokenizer(config)
+            client.wait_ready()
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, tokenizer, generation_config, max_queued_requests, observer,
+                   max_consecutive_step_failures)
+
+    # ---- facts -------------------------------------------------------------------------------------------
 
     @property
-    def kv_capacity_tokens(self) -> int:  # the engine's own figure (tests may shrink its cache)
-        return self.engine.kv_capacity_tokens
+    def is_healthy(self) -> bool:
+        return self._dead is None and not self._stopping and self.client.is_alive()
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self._dead
 
     # ---- life cycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="inferneo-engine", daemon=True)
-            self._thread.start()
+        """Start the core (idempotent)."""
+        self.client.start(self._on_message)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort what is left, stop the engine thread and wait for it (idempotent)."""
+        """Fail what is left, stop the core and wait for it (idempotent)."""
         self._stopping = True
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _is_running(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
+        self.client.close(timeout)
+        self._die(None)
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    def _enqueue(self, group: RequestGroup, requests: list[EngineRequest], num_seqs: int) -> None:
-        self._pending += num_seqs
-        self._inbox.append(_Add(group, requests, time.monotonic()))
-        self._wake.set()
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> int:
+        """Raise InvalidRequestError for a request the engine would refuse; returns its token budget."""
+        return self.input.check(prompt_token_ids, params, param)
+
+    def submit(self, requests: list[EngineRequest], param: str = "prompt") -> RequestGroup:
+        """Queue requests to run together (call from the event loop). Raises at once, queueing nothing, with
+        InvalidRequestError (naming ``param`` for a bad prompt), QueueFullError or EngineDeadError."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequestError("request ids within one submission must differ")
+        budgets = [self.input.check(r.prompt_token_ids, r.params, param) for r in requests]
+        group = RequestGroup(self.abort, self._late_aborts.append, ids)
+        num_seqs = sum(r.params.n for r in requests)
+        arrival = time.monotonic()
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                raise EngineDeadError(self._dead_message())
+            if self.max_queued_requests is not None:
+                queued = self._pending + self.snapshot.num_waiting
+                if queued >= self.max_queued_requests:
+                    raise QueueFullError(
+                        f"the server is busy: {queued} requests are waiting (the limit is "
+                        f"{self.max_queued_requests}); retry later")
+            planned = []
+            for request, max_tokens in zip(requests, budgets, strict=True):
+                try:
+                    planned.append(self._processor.prepare(
+                        request.request_id, None, request.prompt_token_ids, request.params, max_tokens,
+                        self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA))
+                except ValueError as exc:
+                    raise InvalidRequestError(str(exc)) from None
+            specs = []
+            for index, (parent, parent_specs) in enumerate(planned):
+                self._processor.register(parent)
+                self._tracked[parent.request_id] = _Tracked(group, index, arrival)
+                specs.extend(parent_specs)
+            self._sent += num_seqs
+            self._pending += num_seqs
+            late = self._take_late_aborts()
+        if late:
+            self.client.send(AbortRequests(late))
+        self.client.send(AddRequests(specs))
+        return group
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream the output deltas of one request; leaving the loop early aborts it."""
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        group = self.submit([EngineRequest(request_id, prompt_ids, params, priority)])
+        try:
+            async for _, output in group:
+                yield output
+        finally:
+            group.abort()
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests by id (thread-safe; unknown or finished ids are ignored)."""
-        self._inbox.append(list(request_ids))
-        self._wake.set()
+        core_ids: list[str] = []
+        with self._lock:
+            for request_id in request_ids:
+                core_ids += self._processor.abort(request_id)
+                self._untrack(request_id)
+        if core_ids:
+            self.client.send(AbortRequests(core_ids))
 
-    def _abort_later(self, request_ids: list[str]) -> None:
-        # The inbox append is lock-free, so this is safe wherever the collector runs.
-        self._inbox.append(request_ids)
+    def _take_late_aborts(self) -> list[str]:
+        """Core ids of requests whose groups were dropped unclosed (call with ``_lock`` held)."""
+        core_ids: list[str] = []
+        while self._late_aborts:
+            for request_id in self._late_aborts.popleft():
+                core_ids += self._processor.abort(request_id)
+                self._untrack(request_id)
+        return core_ids
 
-    # ---- the engine thread -------------------------------------------------------------------------------
+    # ---- messages from the core (a client thread) --------------------------------------------------------
 
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while not self._stopping:
-                if not self._inbox and not engine.has_unfinished_requests():
-                    self._wake.wait()
-                self._wake.clear()
-                self._drain_inbox()
-                if engine.has_unfinished_requests() and not self._stopping:
-                    self._step()
-                self._publish()
-                self._flush()
-        except BaseException as exc:
-            logger.exception("the engine loop failed; the engine is now dead")
-            self._die(exc)
+    def _on_message(self, message: StepOutputs | CoreDead | None) -> None:
+        if message is None:
+            if self._stopping:
+                self._die(None)
+            else:
+                logger.error("the engine core stopped unexpectedly")
+                self._die(EngineDeadError("the engine core stopped unexpectedly (its process or thread exited)"))
             return
-        self._die(None)
-
-    def _drain_inbox(self) -> None:
-        engine = self.engine
-        added_any = False
-        while self._inbox:
-            command = self._inbox.popleft()
-            if isinstance(command, list):
-                for request_id in command:
-                    engine.abort_request(request_id)
-                    self._untrack(request_id)
-                continue
-            with self._lock:
-                self._pending -= sum(r.params.n for r in command.requests)
-            added: list[str] = []
-            for index, request in enumerate(command.requests):
-                try:
-                    engine.add_request(request.request_id, request.prompt_token_ids, request.params,
-                                       request.priority, command.arrival)
-                except Exception as exc:  # refuse this group only; the engine goes on
-                    for request_id in added:
-                        engine.abort_request(request_id)
-                        self._tracked.pop(request_id, None)
-                    error = (InvalidRequestError(str(exc)) if isinstance(exc, ValueError)
-                             else RequestFailedError(f"the engine could not take this request: {exc!r}"))
-                    self._outbox.append((command.group, error))
-                    break
-                added.append(request.request_id)
-                self._tracked[request.request_id] = Tracked(command.group, index, command.arrival)
-            added_any = True
-        if added_any:
-            self._publish()  # so admission control sees the new waiting requests before the step ends
-
-    def _step(self) -> None:
-        stats = self.engine.core.stats
-        steps_before = stats.num_steps
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            self._step_failed(exc)
+        if isinstance(message, CoreDead):
+            if not self._stopping:
+                logger.error("the engine core has stopped: %s", message.message)
+            self._die(EngineDeadError(message.message))
             return
-        self._consecutive_failures = 0
-        if stats.num_steps == steps_before:
-            # Nothing could be scheduled (should not happen with admitted requests): do not spin on the CPU.
-            self._wake.wait(0.001)
-        self._route(outputs)
+        with self._lock:
+            if message.snapshot is not None:
+                self.snapshot = message.snapshot
+            self._pending = self._sent - message.num_taken
+            to_abort = self._apply_failures(message.failures)
+            outputs, stopped = self._processor.process(message.outputs)
+            self._route(outputs)
+            to_abort += stopped + self._take_late_aborts()
+        if to_abort:
+            self.client.send(AbortRequests(to_abort))
+        self._flush()
 
-    def _step_failed(self, exc: Exception) -> None:
-        """Fail the requests of the running batch; die if this keeps happening or the books do not balance."""
-        logger.exception("an engine step failed; failing the requests in its batch")
-        self._consecutive_failures += 1
-        engine = self.engine
-        message = f"the engine failed while running this request: {exc!r}"
-        for request_id in engine.running_request_ids():
-            engine.abort_request(request_id)
-            self._untrack(request_id, RequestFailedError(message))
-        engine.kv_cache.check_integrity(list(engine.scheduler.requests.values()))
-        if self._consecutive_failures >= self.max_consecutive_step_failures:
-            raise EngineDeadError(f"{self._consecutive_failures} engine steps failed in a row") from exc
-
-    def _publish(self) -> None:
-        engine = self.engine
-        self.snapshot = snapshot_of(engine.scheduler, engine.kv_cache, engine.core.stats)
+    def _apply_failures(self, failures: list[RequestFailure]) -> list[str]:
+        """Fail the requests the core refused or lost in a failed step; returns sibling core ids to abort."""
+        to_abort: list[str] = []
+        for failure in failures:
+            error = failure.to_exception()
+            for core_id in failure.request_ids:
+                request_id = self._processor.parent_id(core_id)
+                if request_id is not None:
+                    to_abort += self._processor.abort(request_id)
+                    self._untrack(request_id, error)
+        return to_abort
 
     def _die(self, exc: BaseException | None) -> None:
         """Stop for good: fail everything pending (``exc`` None: an orderly shut-down)."""
         with self._lock:
-            if exc is not None:
+            if exc is not None and self._dead is None:
                 self._dead = exc
             self._stopping = True
-            leftovers = list(self._inbox)
-            self._inbox.clear()
-        message = self._dead_message()
-        for command in leftovers:
-            if isinstance(command, _Add):
-                self._outbox.append((command.group, EngineDeadError(message)))
-        for request_id, tracked in list(self._tracked.items()):
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:  # the engine may be broken; the requests fail regardless
-                logger.exception("could not abort %s", request_id)
-            self._outbox.append((tracked.group, EngineDeadError(message)))
-        self._tracked.clear()
-        with contextlib.suppress(Exception):  # the engine may be broken; the snapshot is only for metrics
-            self._publish()
+            message = self._dead_message()
+            for tracked in self._tracked.values():
+                self._outbox.append((tracked.group, EngineDeadError(message)))
+            self._tracked.clear()
+            self._processor = OutputProcessor(self._decoding_tokenizer)
         self._flush()
 
+    def _dead_message(self) -> str:
+        if self._stopping and self._dead is None:
+            return "the server is shutting down"
+        return f"the engine has stopped after a fatal error: {self._dead!r}"
 
+    # ---- outputs -----------------------------------------------------------------------------------------
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        """Queue one step's outputs for their groups, with per-request timing for the observer."""
+        now = time.monotonic()
+        observer = self.observer
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue
+            if observer is not None and any(c.token_ids for c in output.outputs):
+                if tracked.first_token_at is None:
+                    tracked.first_token_at = now
+                    observer.on_first_token(now - tracked.arrival)
+                else:
+                    observer.on_next_token(now - tracked.last_token_at)
+                tracked.last_token_at = now
+            self._outbox.append((tracked.group, (tracked.index, output)))
+            if output.finished:
+                del self._tracked[output.request_id]
+                if observer is not None:
+                    reasons = {c.finish_reason for c in output.outputs}
+                    observer.on_finished(now - tracked.arrival, "stop" if "stop" in reasons else reasons.pop())
+
+    def _untrack(self, request_id: str, error: BaseException | None = None) -> None:
+        """Stop following a request: an abort (``error`` None) is observed, an error is delivered."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return
+        if error is not None:
+            self._outbox.append((tracked.group, error))
+        elif self.observer is not None:
+            self.observer.on_finished(time.monotonic() - tracked.arrival, "abort")
+
+    def _flush(self) -> None:
+        """Hand the queued outputs to the event loop(s) in one call each."""
+        with self._lock:
+            if not self._outbox:
+                return
+            outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestGroup, object]]] = {}
+        for group, item in outbox:
+            by_loop.setdefault(group.loop, []).append((group, item))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[RequestGroup, object]]) -> None:
+    for group, item in items:
+        group.put(item)

@@ -1,7 +1,7 @@
 """The engine core: ``step() = schedule -> run the model -> update requests``. Token ids in, token ids out.
 
-It owns no tokenizer and no HTTP; the front end (``LLMEngine``) talks to it through ``add_request``,
-``abort_requests`` and the outputs of ``step``.
+It owns no tokenizer and no HTTP. ``inferneo.engine.core_loop.CoreLoop`` drives it (commands in, step outputs
+out, failures isolated); ``inferneo.engine.core_builder.build_engine_core`` makes one from an ``EngineConfig``.
 """
 
 from __future__ import annotations
@@ -9,27 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from inferneo.engine.protocol import CoreOutput, EngineSnapshot
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
 from inferneo.sampling.metadata import min_tokens_banned
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RunnerOutput
-
-
-@dataclass(slots=True)
-class CoreOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    # For each new token: the sampled id first, then the top-k ids, with their log-probabilities and the
-    # sampled token's rank.
-    logprob_token_ids: list[list[int]] | None = None
-    logprobs: list[list[float]] | None = None
-    ranks: list[int] | None = None
-    num_cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -81,6 +65,23 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+
+    def snapshot(self) -> EngineSnapshot:
+        """The counters right now (for metrics and admission control)."""
+        scheduler, kv_cache, stats = self.scheduler, self.scheduler.kv_cache, self.stats
+        return EngineSnapshot(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_usage=kv_cache.usage,
+            prefix_cache_queries=kv_cache.prefix_cache_queries,
+            prefix_cache_hits=kv_cache.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions,
+            num_prompt_tokens=stats.num_prompt_tokens,
+            num_generation_tokens=stats.num_generation_tokens,
+            num_steps=stats.num_steps,
+            max_batch_size=stats.max_batch_size,
+            batch_size_histogram=dict(stats.batch_size_histogram),
+        )
 
     def step(self) -> list[CoreOutput]:
         """Run one engine step; returns outputs for requests that produced a token."""
@@ -153,7 +154,6 @@ class EngineCore:
             if status is not None:
                 request.stop_reason = stop_reason
                 self.scheduler.finish_request(request, status)
-                out.finished = True
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
             outputs.append(out)

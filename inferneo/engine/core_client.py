@@ -1,14 +1,16 @@
-"""The front end of an engine core that runs in a child process (``inferneo serve``'s default).
+"""The three ways a front end hosts the engine core, behind one interface.
 
-:class:`CoreClient` owns the child (``inferneo.engine.core_process``) and its two pipes: a writer thread sends
-commands (everything queued since its last send goes as one message), a reader thread receives one message per
-engine step. :class:`AsyncMPEngine` is the server's engine on top of it: it tokenizes nothing itself (the
-server does) but keeps every other front-end duty here, in the API process: request ids, ``n > 1`` fan-out,
-incremental detokenization, stop strings (which abort the sequence in the core), per-request timing and the
-hand-off of each step's outputs to the event loop in one ``call_soon_threadsafe``.
+- :class:`InlineCoreClient`: the core in the caller's thread, one turn per call (the offline ``LLM``).
+- :class:`ThreadCoreClient`: the core loop in a background thread of this process (``inferneo serve
+  --engine-in-process``, in-process batch jobs, tests).
+- :class:`ProcessCoreClient`: the core loop in a child process (``inferneo serve``'s default), so the model's
+  Python does not share a GIL with the HTTP server. A writer thread sends commands (everything queued since its
+  last send goes as one message); a reader thread receives one message per turn.
 
-If the child dies, the reader thread sees the pipe close: every pending request fails at once with
-:class:`EngineDeadError`, new ones are refused and ``/health`` answers 503.
+The last two are the :class:`CoreClient` interface the async front end codes against: ``start(on_message)``,
+``send(command)``, ``close()``. ``on_message`` is called (from a thread of the client's) with each
+``StepOutputs``, with ``CoreDead`` when the core stopped after a fatal error, and with ``None`` when it is gone
+for any other reason (an orderly shut-down, or a child process that died).
 """
 
 from __future__ import annotations
@@ -17,33 +19,143 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import pickle
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from inferneo import envs
 from inferneo.config import EngineConfig
-from inferneo.engine.async_base import (
-    AsyncEngineBase,
-    EngineDeadError,
-    EngineRequest,
-    EngineSnapshot,
-    InvalidRequestError,
-    RequestFailedError,
-    RequestGroup,
-    RequestObserver,
-    Tracked,
-)
-from inferneo.engine.core import CoreOutput
+from inferneo.engine.core import EngineCore
+from inferneo.engine.core_builder import build_engine_core, shutdown_core
+from inferneo.engine.core_loop import CoreLoop
 from inferneo.engine.core_process import run_engine_core
-from inferneo.engine.llm_engine import default_sampling_params, eos_token_ids
-from inferneo.engine.output_processor import OutputProcessor
-from inferneo.model_loader import load_generation_config, load_hf_config, load_tokenizer, resolve_model
+from inferneo.engine.protocol import (
+    MESSAGE_DECODER,
+    CoreCommand,
+    CoreDead,
+    CoreInfo,
+    CoreStartFailed,
+    Shutdown,
+    StepOutputs,
+    encode,
+)
 
 logger = logging.getLogger(__name__)
+
+MessageHandler = Callable[[StepOutputs | CoreDead | None], None]
+
+
+class CoreClient(Protocol):
+    """What the async front end needs from a running core."""
+
+    info: CoreInfo
+
+    def start(self, on_message: MessageHandler) -> None:
+        """Start the core loop; ``on_message`` gets its output (see the module docstring). Idempotent."""
+
+    def send(self, command: CoreCommand) -> None:
+        """Queue a command for the core (thread-safe, never blocks)."""
+
+    def is_alive(self) -> bool:
+        """Whether the core can still take commands."""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the core and wait for it (idempotent)."""
+
+
+class InlineCoreClient:
+    """The core in the caller's thread: commands apply at once, ``turn()`` runs one step."""
+
+    def __init__(self, core: EngineCore, info: CoreInfo, max_consecutive_step_failures: int = 3) -> None:
+        self.core = core
+        self.info = info
+        self.loop = CoreLoop(core, max_consecutive_step_failures)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> InlineCoreClient:
+        return cls(*build_engine_core(config))
+
+    def send(self, command: CoreCommand) -> None:
+        self.loop.handle(command)
+
+    def turn(self) -> StepOutputs:
+        """One step (counters are not gathered: nobody reads them here)."""
+        return self.loop.turn(with_snapshot=False)
+
+    def has_work(self) -> bool:
+        return self.loop.has_work()
+
+    def close(self) -> None:
+        shutdown_core(self.core)
+
+
+class ThreadCoreClient:
+    """The core loop in a background thread; ``on_message`` runs in that thread."""
+
+    def __init__(self, core: EngineCore, info: CoreInfo, max_consecutive_step_failures: int = 3) -> None:
+        self.core = core
+        self.info = info
+        self.loop = CoreLoop(core, max_consecutive_step_failures)
+        self._inbox: deque[CoreCommand] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, max_consecutive_step_failures: int = 3) -> ThreadCoreClient:
+        return cls(*build_engine_core(config), max_consecutive_step_failures)
+
+    def start(self, on_message: MessageHandler) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(on_message,), name="inferneo-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self, on_message: MessageHandler) -> None:
+        try:
+            self.loop.run(self, on_message)
+        except BaseException as exc:
+            logger.exception("the engine loop failed; the engine is now dead")
+            on_message(CoreDead(repr(exc)))
+            return
+        on_message(None)
+
+    def send(self, command: CoreCommand) -> None:
+        self._inbox.append(command)  # deque appends are atomic: safe from any thread and the garbage collector
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.send(Shutdown())
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # The core loop's inbox.
+
+    def wait(self, timeout: float) -> bool:
+        if self._inbox:
+            return True
+        woken = self._wake.wait(timeout)
+        self._wake.clear()
+        return woken or bool(self._inbox)
+
+    def take(self) -> list[CoreCommand]:
+        self._wake.clear()
+        taken = []
+        while self._inbox:
+            taken.append(self._inbox.popleft())
+        return taken
+
+    def front_end_alive(self) -> bool:
+        return not self._closed
+
 
 _STOP = object()  # tells the writer thread to finish
 
@@ -76,8 +188,12 @@ def _environment(extra: dict[str, str]):
                 os.environ[name] = value
 
 
-class CoreClient:
-    """Starts the engine core process and carries commands to it and messages from it."""
+class ProcessCoreClient:
+    """Starts the engine core in a child process and carries commands to it and messages from it.
+
+    Building it starts the child; :meth:`wait_ready` blocks until the model is loaded (the caller can load the
+    tokenizer meanwhile).
+    """
 
     def __init__(self, config: EngineConfig, max_consecutive_step_failures: int = 3) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied threads or locks
@@ -104,27 +220,28 @@ class CoreClient:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self.info: CoreInfo | None = None
 
-    def wait_ready(self) -> dict:
-        """Block until the child has loaded the model; returns its figures, or raises why it could not."""
+    def wait_ready(self) -> CoreInfo:
+        """Block until the child has loaded the model; returns its facts, or raises why it could not."""
         while True:
             if self._messages.poll(0.2):
                 try:
-                    message = pickle.loads(self._messages.recv_bytes())
+                    message = MESSAGE_DECODER.decode(self._messages.recv_bytes())
                 except EOFError:
                     break
-                if message[0] == "ready":
-                    return message[1]
-                if message[0] == "error":
+                if isinstance(message, CoreInfo):
+                    self.info = message
+                    return message
+                if isinstance(message, CoreStartFailed):
                     self.close()
-                    raise (ValueError if message[2] else RuntimeError)(message[1])
+                    raise (ValueError if message.invalid_config else RuntimeError)(message.message)
             elif not self.process.is_alive():
                 break
         self.close()
         raise RuntimeError(f"the engine core process exited while starting (exit code {self.process.exitcode})")
 
-    def start(self, on_message: Callable[[tuple | None], None]) -> None:
-        """Start the reader and writer threads; ``on_message(None)`` means the child is gone."""
+    def start(self, on_message: MessageHandler) -> None:
         if self._threads:
             return
         self._threads = [threading.Thread(target=self._read_loop, args=(on_message,), name="inferneo-core-reader",
@@ -133,9 +250,11 @@ class CoreClient:
         for thread in self._threads:
             thread.start()
 
-    def send(self, command: tuple) -> None:
-        """Queue a command for the child (thread-safe, never blocks)."""
+    def send(self, command: CoreCommand) -> None:
         self._queue.put(command)
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
 
     def _write_loop(self) -> None:
         while True:
@@ -149,30 +268,33 @@ class CoreClient:
             batch = [item for item in batch if item is not _STOP]
             try:
                 if batch:
-                    self._commands.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+                    self._commands.send_bytes(encode(batch))
             except OSError:  # the child is gone; the reader reports it
                 return
             if done:
                 return
 
-    def _read_loop(self, on_message: Callable[[tuple | None], None]) -> None:
+    def _read_loop(self, on_message: MessageHandler) -> None:
         while True:
             try:
                 data = self._messages.recv_bytes()
             except (EOFError, OSError):
                 break
             try:
-                on_message(pickle.loads(data))
+                on_message(MESSAGE_DECODER.decode(data))
             except Exception:
                 logger.exception("could not handle a message from the engine core")
-        on_message(None)
+        if self._closed:
+            on_message(None)
+            return
+        self.process.join(1.0)
+        on_message(CoreDead(f"the engine core process exited unexpectedly (exit code {self.process.exitcode})"))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Ask the child to stop, wait for it (killing it if it does not stop in time) and for the threads."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(("shutdown",))
+        self._queue.put(Shutdown())
         self._queue.put(_STOP)
         if not self._threads:  # never started: write the shut-down ourselves
             self._write_loop()
@@ -185,164 +307,3 @@ class CoreClient:
             if thread is not threading.current_thread():
                 thread.join(5)
         self._commands.close()
-
-
-class AsyncMPEngine(AsyncEngineBase):
-    """The server's engine with the core in a child process; same API as ``AsyncLLMEngine``.
-
-    Building it starts the child and waits until the model is loaded (the tokenizer loads here meanwhile).
-    """
-
-    def __init__(
-        self,
-        config: EngineConfig,
-        max_queued_requests: int | None = None,
-        observer: RequestObserver | None = None,
-        max_consecutive_step_failures: int = 3,
-    ) -> None:
-        super().__init__(max_queued_requests, observer, max_consecutive_step_failures)
-        self.config = config
-        self._client = CoreClient(config, max_consecutive_step_failures)
-        try:
-            self.source = resolve_model(config.model)
-            self.hf_config = load_hf_config(self.source)
-            generation_config = load_generation_config(self.source)
-            self.tokenizer = load_tokenizer(self.source, config.tokenizer)
-            self.generation_defaults = default_sampling_params(generation_config)
-            self.eos_token_ids = eos_token_ids(generation_config, self.tokenizer)
-            self.info = self._client.wait_ready()
-        except BaseException:
-            self._client.close()
-            raise
-        self.max_model_len = self.info["max_model_len"]
-        self.vocab_size = self.info["vocab_size"]
-        self.kv_capacity_tokens = self.info["kv_capacity_tokens"]
-        self._processor = OutputProcessor(self.tokenizer)
-        self._sent = 0  # sequences sent to the core
-        self._late_aborts: deque[list[str]] = deque()  # from garbage-collected groups (lock-free)
-        self._shut = False
-
-    # ---- life cycle --------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start talking to the core (idempotent)."""
-        self._client.start(self._on_message)
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Fail what is left, stop the core process and wait for it (idempotent)."""
-        if self._shut:
-            return
-        self._shut = True
-        self._stopping = True
-        self._client.close(timeout)
-        self._die(None)
-
-    def _is_running(self) -> bool:
-        return self._client.process.is_alive()
-
-    # ---- requests ----------------------------------------------------------------------------------------
-
-    def _enqueue(self, group: RequestGroup, requests: list[EngineRequest], num_seqs: int) -> None:
-        ids = [r.request_id for r in requests]
-        if len(set(ids)) != len(ids):
-            raise InvalidRequestError("request ids within one submission must differ")
-        arrival = time.monotonic()
-        planned = []
-        for request in requests:
-            prompt_ids, params = request.prompt_token_ids, request.params
-            max_tokens = self.max_model_len - len(prompt_ids)
-            if params.max_tokens is not None:
-                max_tokens = min(max_tokens, params.max_tokens)
-            try:
-                planned.append(self._processor.prepare(request.request_id, None, prompt_ids, params, max_tokens,
-                                                       self.eos_token_ids, request.priority, arrival))
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc)) from None
-        specs = []
-        for index, (parent, parent_specs) in enumerate(planned):
-            self._processor.register(parent)
-            self._tracked[parent.request_id] = Tracked(group, index, arrival)
-            specs.extend(parent_specs)
-        self._sent += num_seqs
-        self._pending += num_seqs
-        late = self._take_late_aborts()
-        if late:
-            self._client.send(("abort", late))
-        self._client.send(("add", specs))
-
-    def abort(self, request_ids: list[str]) -> None:
-        """Abort requests by id (thread-safe; unknown or finished ids are ignored)."""
-        core_ids: list[str] = []
-        with self._lock:
-            for request_id in request_ids:
-                core_ids += self._processor.abort(request_id)
-                self._untrack(request_id)
-        if core_ids:
-            self._client.send(("abort", core_ids))
-
-    def _abort_later(self, request_ids: list[str]) -> None:
-        self._late_aborts.append(request_ids)
-
-    def _take_late_aborts(self) -> list[str]:
-        """Core ids of requests whose groups were dropped unclosed (call with ``_lock`` held)."""
-        core_ids: list[str] = []
-        while self._late_aborts:
-            for request_id in self._late_aborts.popleft():
-                core_ids += self._processor.abort(request_id)
-                self._untrack(request_id)
-        return core_ids
-
-    # ---- messages from the core (reader thread) ----------------------------------------------------------
-
-    def _on_message(self, message: tuple | None) -> None:
-        if message is None:
-            if not self._stopping:
-                code = self._client.process.exitcode
-                logger.error("the engine core process exited unexpectedly (exit code %s)", code)
-                self._die(EngineDeadError(f"the engine core process exited unexpectedly (exit code {code})"))
-            else:
-                self._die(None)
-            return
-        if message[0] == "dead":
-            self._die(EngineDeadError(message[1]))
-            return
-        _, packed, snapshot, events, num_added = message
-        with self._lock:
-            self.snapshot = EngineSnapshot(*snapshot)
-            self._pending = self._sent - num_added
-            to_abort = self._apply_events(events)
-            outputs, stopped = self._processor.process([CoreOutput(*fields) for fields in packed])
-            self._route(outputs)
-            to_abort += stopped + self._take_late_aborts()
-        if to_abort:
-            self._client.send(("abort", to_abort))
-        self._flush()
-
-    def _apply_events(self, events: list[tuple]) -> list[str]:
-        """Fail the requests the core refused or lost in a failed step; returns sibling core ids to abort."""
-        to_abort: list[str] = []
-        for kind, core_ids, message, *rest in events:
-            if kind == "refused":
-                error: Exception = (InvalidRequestError(message) if rest and rest[0]
-                                    else RequestFailedError(f"the engine could not take this request: {message}"))
-            else:
-                error = RequestFailedError(message)
-            for core_id in core_ids:
-                request_id = self._processor.parent_id(core_id)
-                if request_id is not None:
-                    to_abort += self._processor.abort(request_id)
-                    self._untrack(request_id, error)
-        return to_abort
-
-    def _die(self, exc: BaseException | None) -> None:
-        """Stop for good: fail everything pending (``exc`` None: an orderly shut-down)."""
-        with self._lock:
-            if exc is not None and self._dead is None:
-                self._dead = exc
-            self._stopping = True
-            message = self._dead_message()
-            for tracked in self._tracked.values():
-                self._outbox.append((tracked.group, EngineDeadError(message)))
-            self._tracked.clear()
-            self._processor = OutputProcessor(self.tokenizer)
-        self._flush()

@@ -53,6 +53,8 @@ class IncrementalDetokenizer:
     (tokenization-space clean-up is never applied). While the sequence runs, a trailing half-decoded
     multi-byte character and any suffix that is the beginning of a stop string are held back, so
     ``output_text`` and the ``get_delta()`` stream only ever grow and never show text that is later withdrawn.
+    A streaming consumer builds it with ``keep_text=False`` (then ``output_text`` stays empty and nothing but
+    the undrained delta is kept); one that reads ``output_text`` once at the end, with ``stream=False``.
 
     Stop strings are searched only in the new text plus ``len(longest stop) - 1`` characters before it, and a
     stop string counts only once more than ``params.min_tokens`` tokens were generated. When several stop
@@ -65,9 +67,12 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams
+        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams,
+        keep_text: bool = True, stream: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
+        self._keep_text = keep_text  # keep output_text (a consumer that only streams does not need it)
+        self._stream = stream  # collect text for get_delta() (a consumer that reads output_text at the end does not)
         self._decode = _make_decoder(tokenizer, params.skip_special_tokens)
         self._id_limit = _token_id_limit(tokenizer)
 
@@ -246,8 +251,10 @@ class IncrementalDetokenizer:
 
     def _release(self, text: str) -> None:
         if text:
-            self._released.append(text)
-            self._unstreamed.append(text)
+            if self._keep_text:
+                self._released.append(text)
+            if self._stream:
+                self._unstreamed.append(text)
             self._released_len += len(text)
 
     def _make_anchor(self) -> tuple[list[int], str, Callable[[list[int]], str]]:

@@ -4,32 +4,33 @@
 A request with ``n`` choices is one *parent* and ``n`` core sequences (ids ``req`` or ``req#j``). The processor
 plans the core requests of a parent, and after each core step applies the new token ids to each sequence:
 incremental detokenization, stop strings, log-probabilities, finish reasons. It never touches the core itself:
-it returns the core ids to abort (a stop string found here) and the caller sends them on, so the same code
-serves the in-process ``LLMEngine`` and the front end of a core that runs in another process.
+it returns the core ids to abort (a stop string found here) and the caller sends them on.
+
+Outputs come in two kinds (:class:`OutputKind`), chosen per request:
+
+- ``DELTA`` (streaming consumers): after every step that advanced it, the request's new text, token ids and
+  log-probabilities only. Nothing of the output is kept here, so a long stream costs the same per token at its
+  end as at its start.
+- ``FINAL`` (``LLM.generate``): one output when the request finishes, with the whole text and every token.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from inferneo.engine.core import CoreOutput
 from inferneo.engine.detokenizer import IncrementalDetokenizer
+from inferneo.engine.protocol import CoreOutput, CoreRequest
 from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 
-class CoreRequestSpec(NamedTuple):
-    """Everything the core needs to build one ``Request`` (picklable; sent as is to a core process)."""
+class OutputKind(enum.Enum):
+    """What a request's outputs hold (see the module docstring)."""
 
-    core_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    eos_token_ids: frozenset[int]
-    priority: int
-    arrival_time: float
+    DELTA = "delta"
+    FINAL = "final"
 
 
 @dataclass(slots=True)
@@ -39,11 +40,15 @@ class _Sequence:
     index: int
     core_id: str
     detokenizer: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
+    token_ids: list[int] | None  # every token so far (FINAL outputs only)
+    logprobs: list[dict[int, Logprob]] | None = None  # every position so far (FINAL outputs only)
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # This step's delta (DELTA outputs only).
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[dict[int, Logprob]] | None = None
+    final_delta_sent: bool = False
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    kind: OutputKind
     sequences: list[_Sequence]
     num_cached_tokens: int = 0
 
@@ -77,12 +83,13 @@ class OutputProcessor:
     # ---- requests ----------------------------------------------------------------------------------------
 
     def prepare(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                max_tokens: int, eos_token_ids: frozenset[int], priority: int,
-                arrival: float) -> tuple[ParentRequest, list[CoreRequestSpec]]:
+                max_tokens: int, eos_token_ids: frozenset[int], priority: int, arrival: float,
+                kind: OutputKind) -> tuple[ParentRequest, list[CoreRequest]]:
         """Plan a request (``n`` sibling sequences, seeds ``seed + j``) without registering it yet."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         eos = frozenset() if params.ignore_eos else eos_token_ids
+        final = kind is OutputKind.FINAL
         sequences, specs = [], []
         for j in range(params.n):
             child_params = params
@@ -92,12 +99,16 @@ class OutputProcessor:
                 if params.seed is not None:
                     child_params.seed = params.seed + j
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
-            seq = _Sequence(j, core_id, IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
+                                                 stream=not final)
+            seq = _Sequence(j, core_id, detokenizer, [] if final else None)
             if params.logprobs is not None:
-                seq.logprobs, seq.cumulative_logprob = [], 0.0
+                seq.cumulative_logprob = 0.0
+                if final:
+                    seq.logprobs = []
             sequences.append(seq)
-            specs.append(CoreRequestSpec(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival))
-        return ParentRequest(request_id, prompt, prompt_ids, params, sequences), specs
+            specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival))
+        return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
 
     def register(self, parent: ParentRequest) -> None:
         """Start routing core outputs to a prepared request."""
@@ -125,7 +136,7 @@ class OutputProcessor:
     # ---- outputs -----------------------------------------------------------------------------------------
 
     def process(self, outputs: Iterable[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's core outputs; returns the touched requests' outputs and core ids to abort."""
+        """Apply one step's core outputs; returns the requests' outputs (per their kind) and core ids to abort."""
         touched: dict[str, ParentRequest] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -133,13 +144,19 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, seq = entry
+            if seq.finish_reason is not None:  # ended by a stop string; the core had not heard yet
+                continue
             if self._apply(parent, seq, out):
                 to_abort.append(seq.core_id)
             touched[parent.request_id] = parent
         results = []
         for parent in touched.values():
-            results.append(self._make_output(parent))
-            if parent.finished:
+            finished = parent.finished
+            if parent.kind is OutputKind.DELTA:
+                results.append(self._delta_output(parent, finished))
+            elif finished:
+                results.append(self._final_output(parent))
+            if finished:
                 del self.parents[parent.request_id]
                 for seq in parent.sequences:
                     self._by_core_id.pop(seq.core_id, None)
@@ -148,18 +165,19 @@ class OutputProcessor:
     def _apply(self, parent: ParentRequest, seq: _Sequence, out: CoreOutput) -> bool:
         """Update one sequence; True when a stop string ended it while the core still runs it."""
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
-        seq.token_ids.extend(out.new_token_ids)
-        if seq.logprobs is not None and out.logprobs is not None:
-            top_n = parent.params.logprobs
-            decode = seq.detokenizer.decode_token
-            for ids, lps, rank in zip(out.logprob_token_ids, out.logprobs, out.ranks, strict=True):
-                entry = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
-                for k, (tid, lp) in enumerate(zip(ids[1:], lps[1:], strict=True)):
-                    if k >= top_n:
-                        break
-                    entry.setdefault(tid, Logprob(lp, k + 1, decode(tid)))
-                seq.logprobs.append(entry)
-                seq.cumulative_logprob += lps[0]
+        if seq.token_ids is not None:
+            seq.token_ids.extend(out.new_token_ids)
+        else:
+            seq.new_token_ids.extend(out.new_token_ids)
+        if seq.cumulative_logprob is not None and out.logprobs is not None:
+            entries = self._logprob_entries(parent.params.logprobs, seq.detokenizer, out)
+            seq.cumulative_logprob += sum(lps[0] for lps in out.logprobs)
+            if seq.logprobs is not None:
+                seq.logprobs.extend(entries)
+            elif seq.new_logprobs is None:
+                seq.new_logprobs = entries
+            else:
+                seq.new_logprobs.extend(entries)
         stop_string = seq.detokenizer.update(out.new_token_ids)
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
@@ -170,18 +188,45 @@ class OutputProcessor:
         return False
 
     @staticmethod
-    def _make_output(parent: ParentRequest) -> RequestOutput:
+    def _logprob_entries(top_n: int, detokenizer: IncrementalDetokenizer,
+                         out: CoreOutput) -> list[dict[int, Logprob]]:
+        decode = detokenizer.decode_token
+        entries = []
+        for ids, lps, rank in zip(out.logprob_token_ids, out.logprobs, out.ranks, strict=True):
+            entry = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
+            for k, (tid, lp) in enumerate(zip(ids[1:], lps[1:], strict=True)):
+                if k >= top_n:
+                    break
+                entry.setdefault(tid, Logprob(lp, k + 1, decode(tid)))
+            entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _delta_output(parent: ParentRequest, finished: bool) -> RequestOutput:
+        outputs = []
+        for s in parent.sequences:
+            if s.final_delta_sent:
+                continue
+            text = s.detokenizer.get_delta()
+            if not (text or s.new_token_ids or s.new_logprobs or s.finish_reason):
+                continue
+            outputs.append(CompletionOutput(index=s.index, text=text, token_ids=s.new_token_ids,
+                                            cumulative_logprob=s.cumulative_logprob, logprobs=s.new_logprobs,
+                                            finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            s.new_token_ids = []
+            s.new_logprobs = None
+            s.final_delta_sent = s.finish_reason is not None
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                             parent.num_cached_tokens)
+
+    @staticmethod
+    def _final_output(parent: ParentRequest) -> RequestOutput:
         outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.detokenizer.output_text,
-                token_ids=list(s.token_ids),
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
+            CompletionOutput(index=s.index, text=s.detokenizer.output_text, token_ids=s.token_ids,
+                             cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
             for s in parent.sequences
         ]
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, parent.finished,
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, True,
                              parent.num_cached_tokens)
+

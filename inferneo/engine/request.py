@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferneo.engine.protocol import CoreRequest
 from inferneo.sampling_params import SamplingParams
 
 
@@ -63,6 +64,12 @@ class Request:
     # With asynchronous scheduling: this request's row among the samples of the step still running on the
     # device, whose token is not on the host yet (-1: none). The next step reads that token on the device.
     pending_sample: int = -1
+
+    @classmethod
+    def from_core_request(cls, spec: CoreRequest) -> Request:
+        """The scheduler's record of a sequence the front end sent."""
+        return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
+                   spec.eos_token_ids, spec.priority, spec.arrival_time)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

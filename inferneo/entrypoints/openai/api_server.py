@@ -13,8 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 import inferneo
 from inferneo import envs
-from inferneo.engine.async_base import AsyncEngineBase
-from inferneo.engine.async_engine import AsyncLLMEngine
+from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
@@ -180,23 +179,14 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     return server.exit_code  # 1 when the engine died
 
 
-def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> tuple[AsyncEngineBase, dict]:
+def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> tuple[AsyncEngine, dict]:
     """The server's engine (core in a child process, or in a thread here) and facts for the start-up log."""
-    if in_process:
-        from inferneo.engine.llm_engine import LLMEngine
-
-        llm_engine = LLMEngine(config)
-        kv = llm_engine.kv_cache
-        facts = {"name": llm_engine.source.name, "path": str(llm_engine.source.path),
-                 "architectures": llm_engine.hf_config.get("architectures"), "dtype": llm_engine.dtype,
-                 "device": llm_engine.device, "num_blocks": kv.num_blocks, "block_size": kv.block_size,
-                 "kv_bytes_per_block": llm_engine.runner.kv_bytes_per_block}
-        return AsyncLLMEngine(llm_engine, max_queued_requests=max_queued_requests), facts
-    from inferneo.engine.core_client import AsyncMPEngine
-
-    engine = AsyncMPEngine(config, max_queued_requests=max_queued_requests)
-    facts = {"name": engine.source.name, "path": str(engine.source.path),
-             "architectures": engine.hf_config.get("architectures"), **engine.info}
+    build = AsyncEngine.in_thread if in_process else AsyncEngine.in_child_process
+    engine = build(config, max_queued_requests=max_queued_requests)
+    info = engine.info
+    facts = {"name": info.model_name, "path": info.model_path, "architectures": info.architectures,
+             "dtype": info.dtype, "device": info.device, "num_blocks": info.num_blocks,
+             "block_size": info.block_size, "kv_bytes_per_block": info.kv_bytes_per_block}
     return engine, facts
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from inferneo.engine.async_base import AsyncEngineBase
+from inferneo.engine.async_engine import AsyncEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,7 +26,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class ServerMetrics:
     """The registry of one server and the request observer the engine reports to."""
 
-    def __init__(self, engine: AsyncEngineBase, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         self.ttft = Histogram("inferneo:time_to_first_token_seconds", "Time from arrival to the first token.",
@@ -58,7 +58,7 @@ class ServerMetrics:
 class _EngineCollector:
     """Turns the engine's published snapshot into metric families at scrape time."""
 
-    def __init__(self, engine: AsyncEngineBase, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
 

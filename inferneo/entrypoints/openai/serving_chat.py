@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from inferneo.engine.async_engine import EngineRequest, RequestGroup
+from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id
+from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
@@ -24,7 +24,7 @@ from inferneo.entrypoints.openai.serving_common import (
     usage_of,
 )
 from inferneo.entrypoints.openai.serving_completion import finite
-from inferneo.outputs import Logprob, RequestOutput
+from inferneo.outputs import Logprob
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
@@ -114,32 +114,24 @@ class _Chat:
 
         for key in range(self.num_conversations * n):
             yield chunk(key, {"role": "assistant", "content": ""})
-        sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        done: set[int] = set()
-        finals: list[RequestOutput] = []
-        async for i, output in self.group:
-            for choice in output.outputs:
+        num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
+        async for i, delta in self.group:
+            for choice in delta.outputs:
                 key = i * n + choice.index
-                if key in done:
-                    continue
-                text = choice.text[sent_chars.get(key, 0):]
-                start = sent_tokens.get(key, 0)
+                text = choice.text
+                num_completion_tokens += len(choice.token_ids)
                 logprobs = None
-                if self.top_k is not None and len(choice.token_ids) > start:
-                    logprobs = {"content": chat_logprobs(choice.token_ids[start:], (choice.logprobs or [])[start:],
-                                                         self.top_k)}
+                if self.top_k is not None and choice.token_ids:
+                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k)}
                 if not text and logprobs is None and choice.finish_reason is None:
                     continue
-                sent_chars[key] = len(choice.text)
-                sent_tokens[key] = len(choice.token_ids)
-                if choice.finish_reason is not None:
-                    done.add(key)
                 yield chunk(key, {"content": text} if text else {}, logprobs, choice.finish_reason)
-            if output.finished:
-                finals.append(output)
+            if delta.finished:
+                num_prompt_tokens += len(delta.prompt_token_ids)
+                num_cached_tokens += delta.num_cached_tokens
         if include_usage:
-            yield sse({**base, "choices": [], "usage": usage_of(finals)})
+            yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
+                                                             num_cached_tokens)})
         yield SSE_DONE
 
 

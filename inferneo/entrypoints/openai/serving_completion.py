@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from inferneo.engine.async_engine import EngineRequest, RequestGroup
+from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id
+from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id, usage
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
@@ -23,7 +23,7 @@ from inferneo.entrypoints.openai.serving_common import (
     sse,
     usage_of,
 )
-from inferneo.outputs import Logprob, RequestOutput
+from inferneo.outputs import Logprob
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
 
@@ -99,41 +99,35 @@ class _Completion:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
                                 "model": self.model}
-        sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        offsets: dict[int, int] = {}
-        done: set[int] = set()
-        finals: list[RequestOutput] = []
-        async for i, output in self.group:
-            for choice in output.outputs:
+        started: set[int] = set()
+        offsets: dict[int, int] = {}  # text_offset of each choice's next token
+        num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
+        async for i, delta in self.group:
+            for choice in delta.outputs:
                 key = i * n + choice.index
-                if key in done:
-                    continue
-                first = key not in sent_chars
-                text = choice.text[sent_chars.get(key, 0):]
-                if first and self.echo_texts:
-                    text = self.echo_texts[i] + text
-                start = sent_tokens.get(key, 0)
+                text = choice.text
+                if key not in started:
+                    started.add(key)
+                    if self.echo_texts:
+                        text = self.echo_texts[i] + text
+                num_completion_tokens += len(choice.token_ids)
                 logprobs = None
-                if req.logprobs is not None and len(choice.token_ids) > start:
-                    logprobs = completion_logprobs(choice.token_ids[start:], (choice.logprobs or [])[start:],
-                                                   offsets.get(key, 0))
+                if req.logprobs is not None and choice.token_ids:
+                    logprobs = completion_logprobs(choice.token_ids, choice.logprobs or [], offsets.get(key, 0))
                     offsets[key] = offsets.get(key, 0) + sum(len(t) for t in logprobs["tokens"])
                 if not text and logprobs is None and choice.finish_reason is None:
                     continue
-                sent_chars[key] = len(choice.text)
-                sent_tokens[key] = len(choice.token_ids)
-                if choice.finish_reason is not None:
-                    done.add(key)
                 chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
                                               "finish_reason": choice.finish_reason}]}
                 if include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)
-            if output.finished:
-                finals.append(output)
+            if delta.finished:
+                num_prompt_tokens += len(delta.prompt_token_ids)
+                num_cached_tokens += delta.num_cached_tokens
         if include_usage:
-            yield sse({**base, "choices": [], "usage": usage_of(finals)})
+            yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
+                                                             num_cached_tokens)})
         yield SSE_DONE
 
 

@@ -1,0 +1,147 @@
+"""Builds an engine core from an ``EngineConfig``: the model and its weights, the KV cache, the scheduler.
+
+No tokenizer is loaded here: the core sees token ids only. The same function builds the core whichever client
+drives it (in this thread, a background thread, or a child process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import psutil
+import torch
+
+from inferneo import envs
+from inferneo.config import EngineConfig
+from inferneo.engine.core import EngineCore
+from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.protocol import CoreInfo
+from inferneo.engine.scheduler import Scheduler
+from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
+from inferneo.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_DEFAULT = 4 * 2**30
+
+
+def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
+    """Load the model named by ``config`` and build a core around it; returns the core and its facts."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    source = resolve_model(config.model)
+    hf_config = load_hf_config(source)
+    device = config.torch_device
+    dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
+    max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
+
+    runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
+                         block_size=config.block_size, enforce_eager=config.enforce_eager,
+                         max_num_seqs=config.max_num_seqs)
+    if config.tensor_parallel_size > 1:
+        from inferneo.worker.tensor_parallel import TensorParallelRunner
+
+        runner = TensorParallelRunner(config.tensor_parallel_size, config.model, num_threads=config.num_threads,
+                                      **runner_kwargs)
+    else:
+        runner = ModelRunner(**runner_kwargs)
+    try:
+        if config.load_format == "dummy":
+            runner.init_dummy_weights(config.seed)
+        else:
+            runner.load_weights(iter_weights(source))
+        runner.finalize_weights()
+
+        max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
+        if not config.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
+                             "when chunked prefill is off")
+        num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
+        runner.allocate_kv_cache(num_blocks)
+    except BaseException:
+        _shutdown(runner)
+        raise
+    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(kv_cache, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+                          policy=config.scheduling_policy, enable_chunked_prefill=config.enable_chunked_prefill)
+    async_scheduling = config.async_scheduling
+    if async_scheduling is None:  # measured faster on H100s at TP 1 and 2 (docs/benchmarks.md); no gain on CPU
+        async_scheduling = device.type == "cuda"
+    core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling)
+    _install_test_fault(core)
+    info = CoreInfo(model_name=source.name, model_path=str(source.path),
+                    architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
+                    vocab_size=runner.model_config.vocab_size, num_blocks=num_blocks, block_size=config.block_size,
+                    kv_bytes_per_block=runner.kv_bytes_per_block, dtype=str(dtype).removeprefix("torch."),
+                    device=str(device), pid=os.getpid())
+    logger.info("model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
+                source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
+                num_blocks * runner.kv_bytes_per_block / 2**30)
+    return core, info
+
+
+def shutdown_core(core: EngineCore) -> None:
+    """Stop the core's helper processes (tensor-parallel workers); it cannot step afterwards."""
+    _shutdown(core.runner)
+
+
+def _shutdown(runner) -> None:
+    stop = getattr(runner, "shutdown", None)
+    if stop is not None:
+        stop()
+
+
+def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:
+    """The context length: the one asked for, checked against the model's, else the model's."""
+    limit = hf_config.get("max_position_embeddings") or 2048
+    window = hf_config.get("sliding_window")
+    if window and hf_config.get("use_sliding_window", True) and window < limit:
+        limit = window  # sliding-window attention is not implemented: stay within the window
+    if asked is None:
+        return limit
+    if asked > limit:
+        raise ValueError(f"max_model_len ({asked}) is larger than the model's context length ({limit})")
+    return asked
+
+
+def _num_kv_blocks(config: EngineConfig, runner, device: torch.device, max_model_len: int,
+                   max_batched: int) -> int:
+    per_block = runner.kv_bytes_per_block
+    memory = config.kv_cache_memory
+    if memory is None:
+        if device.type == "cuda":
+            memory = runner.profile_kv_memory(max_batched, config.gpu_memory_utilization)
+        else:
+            memory = min(_CPU_KV_CACHE_DEFAULT, psutil.virtual_memory().available // 4)
+    blocks_per_seq = math.ceil(max_model_len / config.block_size)
+    num_blocks = min(memory // per_block, blocks_per_seq * config.max_num_seqs)
+    if num_blocks < 2:
+        raise ValueError(f"kv_cache_memory of {memory} bytes holds {memory // per_block} blocks; "
+                         f"one block of {config.block_size} tokens needs {per_block} bytes")
+    return int(num_blocks)
+
+
+def _checkpoint_dtype(hf_config: dict) -> torch.dtype | None:
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def _install_test_fault(core: EngineCore) -> None:
+    """The INFERNEO_TEST_FAULT hook (see ``envs.test_fault``): wrap the runner so that chosen steps raise."""
+    spec = envs.test_fault()
+    if not spec:
+        return
+    logger.warning("INFERNEO_TEST_FAULT=%s: model steps will fail on purpose", spec)
+    always = spec == "always"
+    poison = [] if always else [int(t) for t in spec.removeprefix("prompt:").split(",")]
+    runner = getattr(core.runner, "driver", core.runner)  # the rank-0 ModelRunner behind a TP runner
+    launch = runner.launch
+
+    def faulty_launch(sched, previous=None):
+        if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
+            raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
+        return launch(sched, previous)
+
+    runner.launch = faulty_launch  # ``execute`` (synchronous scheduling) goes through ``launch`` as well

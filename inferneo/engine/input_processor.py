@@ -1,0 +1,163 @@
+"""The front end's input side: the tokenizer, the model's sampling defaults, and the one set of request rules.
+
+Every request, from ``LLM.generate``, the HTTP server or a batch job, is checked here and nowhere else; the core
+trusts what it is sent. The rules, with the limits of the loaded core (:class:`RequestLimits`):
+
+- the prompt has at least one token, every id is in the vocabulary, and it leaves room for one token to generate;
+- prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
+  short (as OpenAI and vLLM's server do); ``max_tokens=None`` means "up to the context length";
+- prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
+- ``logprobs`` is at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from inferneo.config import EngineConfig
+from inferneo.engine.protocol import CoreInfo, InvalidRequestError
+from inferneo.model_loader import load_generation_config, load_tokenizer, resolve_model
+from inferneo.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit)
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass(slots=True, frozen=True)
+class RequestLimits:
+    """What a loaded core can take."""
+
+    max_model_len: int
+    vocab_size: int
+    kv_capacity_tokens: int
+
+    @classmethod
+    def of(cls, info: CoreInfo) -> RequestLimits:
+        return cls(info.max_model_len, info.vocab_size, info.kv_capacity_tokens)
+
+
+class InputProcessor:
+    """Tokenizes prompts and checks requests against one set of rules (see the module docstring)."""
+
+    def __init__(self, tokenizer, generation_config: dict, limits: RequestLimits) -> None:
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.limits = limits
+        self.generation_defaults = default_sampling_params(generation_config)
+        self.eos_token_ids = eos_token_ids(generation_config, tokenizer)
+
+    @classmethod
+    def load_tokenizer(cls, config: EngineConfig) -> tuple[object, dict]:
+        """The tokenizer and generation config of ``config``'s model (the front end's half of loading it)."""
+        source = resolve_model(config.model)
+        return load_tokenizer(source, config.tokenizer), load_generation_config(source)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The model's sampling defaults (a fresh copy each call)."""
+        return self.generation_defaults.clone()
+
+    def decoding_tokenizer(self):
+        """A tokenizer of its own for detokenizing in another thread than the one tokenizing prompts."""
+        try:
+            return copy.deepcopy(self.tokenizer)
+        except Exception:
+            return self.tokenizer
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> int:
+        """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
+        tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
+        limits = self.limits
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token", param)
+        vocab = limits.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
+        if n >= limits.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the model's context length is {limits.max_model_len} tokens "
+                "(at least one token must be left to generate): shorten the prompt", param)
+        if params.max_tokens is None:
+            max_tokens = limits.max_model_len - n
+        elif n + params.max_tokens > limits.max_model_len:
+            raise InvalidRequestError(
+                f"the model's context length is {limits.max_model_len} tokens, but {n + params.max_tokens} were "
+                f"asked for ({n} in the prompt, {params.max_tokens} in max_tokens): lower max_tokens or shorten "
+                "the prompt", "max_tokens")
+        else:
+            max_tokens = params.max_tokens
+        if n + max_tokens > limits.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the request needs up to {n + max_tokens} tokens of KV cache ({n} in the prompt, {max_tokens} to "
+                f"generate) but the cache holds {limits.kv_capacity_tokens}: lower max_tokens or give the cache "
+                "more memory", "max_tokens")
+        if (error := params.logit_bias_error(vocab)) is not None:
+            raise InvalidRequestError(error, "logit_bias")
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
+        return max_tokens
+
+
+class FrontEndFacts:
+    """The facts both front ends (``LLMEngine``, ``AsyncEngine``) expose, read from their ``info`` (the core's
+    ``CoreInfo``) and ``input`` (their ``InputProcessor``)."""
+
+    info: CoreInfo
+    input: InputProcessor
+
+    @property
+    def tokenizer(self):
+        return self.input.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.info.kv_capacity_tokens
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.input.eos_token_ids
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The model's sampling defaults (from its ``generation_config.json``, as vLLM does), else the usual
+        ones; a fresh copy each call."""
+        return self.input.default_sampling_params()
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.input.tokenize(text, add_special_tokens)
+
+
+def default_sampling_params(generation_config: dict) -> SamplingParams:
+    """Sampling defaults from a model's ``generation_config.json`` (as vLLM does), else the usual ones."""
+    values = {k: generation_config[k] for k in _SAMPLING_DEFAULT_KEYS if k in generation_config}
+    if "temperature" in values and not generation_config.get("do_sample", True):
+        values["temperature"] = 0.0
+    try:
+        return SamplingParams(**values)
+    except ValueError:
+        return SamplingParams()
+
+
+def eos_token_ids(generation_config: dict, tokenizer) -> frozenset[int]:
+    """The ids that end a sequence: the generation config's ``eos_token_id`` (one or a list) and the tokenizer's."""
+    ids: set[int] = set()
+    eos = generation_config.get("eos_token_id")
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(e for e in eos if isinstance(e, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,191 @@
+"""The contract between the front end and the engine core: every record that crosses between them.
+
+The front end (tokenizer, detokenizer, stop strings, request ids) sends :data:`CoreCommand` records to the core;
+the core answers with :data:`CoreMessage` records. They are msgspec structs, so the same objects are handed
+over directly when the core runs in a thread of this process and encoded with msgpack when it runs in a child
+process (:func:`encode` / :data:`COMMAND_DECODER` / :data:`MESSAGE_DECODER`): a field added on one side is a
+field on both, never a shifted position in a tuple.
+
+Errors cross as data too: a :class:`RequestFailure` says which requests failed and whether it was the request's
+fault (``INVALID``, a 400 for the server) or the engine's (``FAILED``, a 500); :class:`CoreDead` says the core
+has stopped for good. :func:`RequestFailure.to_exception` and the exception classes here are what the front end
+raises to its callers.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from inferneo.sampling_params import SamplingParams
+
+# ---- front end -> core ----------------------------------------------------------------------------------------
+
+
+class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
+    """One sequence for the core to generate: token ids in, checked by the front end already."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # the sequence's own output limit (the front end resolved ``None`` to the context)
+    eos_token_ids: frozenset[int]
+    priority: int = 0
+    arrival_time: float = 0.0
+
+
+class AddRequests(msgspec.Struct, tag="add", array_like=True, frozen=True):
+    """Sequences that enter the core together: all of them, or (if one cannot be built) none."""
+
+    requests: list[CoreRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True, frozen=True):
+    """Stop these sequences and free their KV blocks; unknown or finished ids are ignored."""
+
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, frozen=True):
+    """Abort everything and stop the core loop."""
+
+
+CoreCommand = AddRequests | AbortRequests | Shutdown
+
+# ---- core -> front end ----------------------------------------------------------------------------------------
+
+
+class CoreOutput(msgspec.Struct, array_like=True, gc=False):
+    """What one step produced for one sequence: its new token(s), and how it ended if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while it runs
+    stop_reason: int | str | None = None  # the stop token id that ended it
+    # For each new token: the sampled id first, then the top-k ids, with their log-probabilities, and the
+    # sampled token's rank. None unless the request asked for log-probabilities.
+    logprob_token_ids: list[list[int]] | None = None
+    logprobs: list[list[float]] | None = None
+    ranks: list[int] | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class FailureKind(enum.Enum):
+    """Whose fault a failed request was."""
+
+    INVALID = "invalid"  # the request breaks a rule of the engine (the caller's error: HTTP 400)
+    FAILED = "failed"  # the engine failed while running it (HTTP 500); the engine goes on
+
+
+class RequestFailure(msgspec.Struct, array_like=True, frozen=True):
+    """Requests the core refused or lost in a failed step."""
+
+    request_ids: list[str]
+    kind: FailureKind
+    message: str
+
+    def to_exception(self) -> Exception:
+        if self.kind is FailureKind.INVALID:
+            return InvalidRequestError(self.message)
+        return RequestFailedError(self.message)
+
+
+class EngineSnapshot(msgspec.Struct, frozen=True):
+    """Engine counters as of the last step, for metrics and admission control."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+    max_batch_size: int = 0
+    batch_size_histogram: dict[int, int] = {}
+
+
+class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
+    """What the front end needs to know about a loaded core (sent once, when the model is ready)."""
+
+    model_name: str
+    model_path: str
+    architectures: list[str]
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    kv_bytes_per_block: int
+    dtype: str
+    device: str
+    pid: int
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class StepOutputs(msgspec.Struct, tag="step", array_like=True):
+    """One turn of the core loop: the outputs of a step, refused or failed requests, and the counters.
+
+    ``num_taken`` counts the sequences the core has taken in since it started, so the front end knows how many
+    it sent are still on their way (admission control counts them as waiting).
+    """
+
+    outputs: list[CoreOutput]
+    failures: list[RequestFailure]
+    num_taken: int
+    snapshot: EngineSnapshot | None = None
+
+
+class CoreStartFailed(msgspec.Struct, tag="start_failed", array_like=True, frozen=True):
+    """The core could not start (``invalid_config``: the configuration was at fault, not the machine)."""
+
+    message: str
+    invalid_config: bool
+
+
+class CoreDead(msgspec.Struct, tag="dead", array_like=True, frozen=True):
+    """The core has stopped after a fatal error and takes no more requests."""
+
+    message: str
+
+
+CoreMessage = CoreInfo | StepOutputs | CoreStartFailed | CoreDead
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+COMMAND_DECODER = msgspec.msgpack.Decoder(list[CoreCommand])
+MESSAGE_DECODER = msgspec.msgpack.Decoder(CoreMessage)
+
+# ---- what the front end raises ---------------------------------------------------------------------------------
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped (a fatal fault or shut-down) and serves no more requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step holding this request failed; the engine itself goes on."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are already waiting; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidRequestError(ValueError):
+    """A request the model cannot take; ``param`` names the offending field when one does."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
