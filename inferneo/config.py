@@ -1,95 +1,45 @@
-"""Engine configuration: one validated record built from user arguments."""
+"""Engine configuration: the one declaration of the engine's options, and one validated record built from them.
+
+Each ``EngineConfig`` field is declared once, with its default, help text and how the command line spells it
+(``option(...)``), or as no flag at all (``not_a_flag(...)``). From that declaration come
+
+- the command-line flags: ``add_engine_args(parser)`` adds ``--max-num-seqs``, ``--kv-cache-memory``, ... to
+  ``inferneo generate``, ``chat``, ``serve``, ``batch`` and ``bench throughput``, and
+  ``EngineConfig.from_cli_args(args)`` (or ``engine_config_kwargs(args)``) reads them back;
+- the keyword arguments of ``LLM(...)``, which are the field names;
+- the defaults, which are the fields' defaults (parsing no flags gives ``EngineConfig()``).
+
+The flags are named as vLLM's ``EngineArgs`` names them: ``--`` and the field name with ``-`` for ``_``; a bool
+field gets both ``--name`` and ``--no-name``.
+
+This module imports no PyTorch at import time, so the command line (and a client-only install) can build its
+parser cheaply.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# Spellings ``dtype`` accepts, and the torch dtype each names.
 _DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
 }
 SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Everything the engine core needs to know, checked once at start-up.
-
-    ``kv_cache_memory`` is the number of bytes given to the paged KV cache; on CUDA, when it is None, the cache
-    takes ``gpu_memory_utilization`` of the device memory minus what the model needs.
-    """
-
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    max_queued_requests: int | None = None
-    seed: int = 0
-    enforce_eager: bool = False
-    num_threads: int | None = None
-    tensor_parallel_size: int = 1
-    async_scheduling: bool | None = None  # None: on for CUDA (any tensor-parallel size), off on CPU
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available on this machine")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(
-                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"
-            )
-        _positive("block_size", self.block_size)
-        _positive("tensor_parallel_size", self.tensor_parallel_size)
-        _positive("max_num_seqs", self.max_num_seqs)
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
-        if self.max_num_batched_tokens is not None:
-            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        if self.kv_cache_memory is not None:
-            _positive("kv_cache_memory", self.kv_cache_memory)
-        if self.max_queued_requests is not None:
-            _positive("max_queued_requests", self.max_queued_requests)
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        """The compute dtype: the one asked for, or for ``auto`` the checkpoint's (fp32 on CPU for fp16)."""
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        dtype = checkpoint_dtype or torch.float32
-        if self.torch_device.type == "cpu" and dtype == torch.float16:
-            return torch.float32
-        return dtype
 
 
 def parse_memory_size(value: str | int | None) -> int | None:
@@ -108,6 +58,184 @@ def parse_memory_size(value: str | int | None) -> int | None:
     if size <= 0:
         raise ValueError(f"memory size must be positive, got {value!r}")
     return size
+
+
+# ---- the declaration helpers ---------------------------------------------------------------------------------
+
+_CLI = "cli"  # the metadata key: a CliOption, or None for a field that is deliberately no flag
+
+
+@dataclass(frozen=True, slots=True)
+class CliOption:
+    """How one ``EngineConfig`` field appears on the command line."""
+
+    help: str
+    type: Callable[[str], Any] | None = None  # bool: --name/--no-name; None: the string as given
+    choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()  # more spellings, e.g. ("-tp",)
+    metavar: str | None = None
+    convert: Callable[[Any], Any] | None = None  # applied to the value however it arrives (flag or keyword)
+
+
+def option(default: Any, type: Callable[[str], Any] | None, help: str, *,
+           choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (), metavar: str | None = None,
+           convert: Callable[[Any], Any] | None = None) -> Any:
+    """An ``EngineConfig`` field that is also the flag ``--field-name`` (and an ``LLM`` keyword)."""
+    cli = CliOption(help, type, choices, aliases, metavar, convert)
+    return dataclasses.field(default=default, metadata={_CLI: cli})
+
+
+def not_a_flag(*, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
+               help: str = "") -> Any:
+    """An ``EngineConfig`` field with no command-line flag (still an ``LLM`` keyword), e.g. a nested config."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={_CLI: None, "help": help})
+
+
+def _memory_size_arg(text: str) -> int:
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---- the configuration ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine core needs to know, checked once at start-up.
+
+    ``kv_cache_memory`` is the number of bytes given to the paged KV cache (a string such as ``"4GiB"`` is read
+    as a size); on CUDA, when it is None, the cache takes ``gpu_memory_utilization`` of the device memory minus
+    what the model needs.
+    """
+
+    model: str | None = option(
+        None, str, "HF folder, hub id in the local HF cache, or .gguf file "
+        "(default: the bundled SmolLM2-135M-Instruct)")
+    tokenizer: str | None = option(None, str, "tokenizer folder, if not the model's")
+    dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (fp16 becomes fp32 on CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = option("auto", str, "auto, cpu or cuda[:N]")
+    load_format: str = option("auto", str, "how to read the weights; dummy: random weights from the config",
+                              choices=LOAD_FORMATS)
+    max_model_len: int | None = option(None, int, "context length (default: the model's)")
+    block_size: int = option(16, int, "tokens per KV cache block")
+    kv_cache_memory: int | None = option(
+        None, _memory_size_arg, "bytes for the KV cache, e.g. 4GiB (default: 4 GiB on CPU, at most a quarter of "
+        "free RAM; on CUDA, what --gpu-memory-utilization leaves)", metavar="SIZE", convert=parse_memory_size)
+    gpu_memory_utilization: float = option(
+        0.9, float, "fraction of GPU memory for weights, activations and KV cache")
+    max_num_seqs: int = option(256, int, "requests in the running batch at most")
+    max_num_batched_tokens: int | None = option(
+        None, int, "tokens computed per engine step (default: 2048; without chunked prefill, max_model_len)")
+    enable_prefix_caching: bool = option(
+        True, bool, "reuse the KV blocks of earlier requests that share a prompt prefix")
+    enable_chunked_prefill: bool = option(True, bool, "split long prompts across engine steps")
+    scheduling_policy: str = option(
+        "fcfs", str, "fcfs, or priority: lower priority values run first", choices=SCHEDULING_POLICIES)
+    seed: int = option(0, int, "the engine's random seed")
+    enforce_eager: bool = option(False, bool, "never use CUDA graphs (decode runs eagerly)")
+    num_threads: int | None = option(None, int, "CPU threads for torch (default: torch's)")
+    tensor_parallel_size: int = option(
+        1, int, "shard the model over this many ranks (one process each; GPUs, or CPU over gloo)",
+        aliases=("-tp",))
+    async_scheduling: bool | None = option(
+        None, bool, "schedule and queue the next step before the current one's tokens reach the host "
+        "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            cli = f.metadata.get(_CLI)
+            if cli is not None and cli.convert is not None:
+                setattr(self, f.name, cli.convert(getattr(self, f.name)))
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} was asked for but CUDA is not available on this machine")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"
+            )
+        _positive("block_size", self.block_size)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        """The config the flags of ``add_engine_args`` gave, with ``overrides`` (field values) on top."""
+        return cls(**{**engine_config_kwargs(args), **overrides})
+
+    @property
+    def torch_device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """The compute dtype: the one asked for, or for ``auto`` the checkpoint's (fp32 on CPU for fp16)."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, _DTYPES[self.dtype])
+        dtype = checkpoint_dtype or torch.float32
+        if self.torch_device.type == "cpu" and dtype == torch.float16:
+            return torch.float32
+        return dtype
+
+
+# ---- from the declaration to the command line and back -------------------------------------------------------
+
+
+def engine_flag_fields() -> list[dataclasses.Field]:
+    """The ``EngineConfig`` fields that are command-line flags, in declaration order."""
+    return [f for f in dataclasses.fields(EngineConfig) if f.metadata.get(_CLI) is not None]
+
+
+def flag_name(field_name: str) -> str:
+    """``max_num_seqs`` -> ``--max-num-seqs``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every ``EngineConfig`` field declared with ``option(...)``, in an ``engine`` group."""
+    group = parser.add_argument_group("engine", "engine options (the same as LLM(...) keyword arguments)")
+    for f in engine_flag_fields():
+        cli: CliOption = f.metadata[_CLI]
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"EngineConfig.{f.name}: a command-line option needs a plain default")
+        names = [flag_name(f.name), *cli.aliases]
+        if cli.type is bool:
+            shown = "" if f.default is None else f" (default: {'on' if f.default else 'off'})"
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=cli.help + shown)
+            continue
+        shown = "" if f.default is None else " (default: %(default)s)"
+        group.add_argument(*names, dest=f.name, type=cli.type, default=f.default, choices=cli.choices,
+                           metavar=cli.metavar, help=cli.help + shown)
+
+
+def engine_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` (and ``LLM``) keyword arguments the flags of ``add_engine_args`` gave."""
+    return {f.name: getattr(args, f.name) for f in engine_flag_fields()}
 
 
 def _positive(name: str, value: object) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from inferneo.batch import BatchJob, OutputFileError, Sender, ServerUnreachableError
 from inferneo.batch.sender import parse_retry_after
-from inferneo.cli import main
+from inferneo.cli.main import main
 from inferneo.testing.server import RemoteServer
 
 # No prefix caching, so that a request computes the same numbers whatever ran before it on the server.

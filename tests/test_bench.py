@@ -14,7 +14,7 @@ import pytest
 from inferneo.bench.serve import probe_vocab_size
 from inferneo.bench.stats import format_table, percentile, summarize
 from inferneo.bench.workload import load_dataset, make_workload, parse_range, random_workload
-from inferneo.cli import main
+from inferneo.cli.main import main
 from inferneo.testing.server import RemoteServer
 
 ENGINE = ["--kv-cache-memory", "32MiB", "--num-threads", "1"]

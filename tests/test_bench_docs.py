@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from inferneo.batch.records import BatchRequest, parse_line
-from inferneo.cli import build_parser, main
+from inferneo.cli.main import build_parser, main
 from inferneo.testing.guide import GUIDE_MODEL
 from inferneo.testing.server import RemoteServer
 

@@ -273,7 +273,7 @@ def test_engine_commands_explain_a_missing_engine_extra(tmp_path):
             "        if name.partition('.')[0] == 'torch':\n"
             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
             "sys.meta_path.insert(0, HideTorch())\n"
-            "from inferneo.extras import main\n"
+            "from inferneo.cli.main import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     for argv in (["generate", "hello"], ["serve", "--port", "1"]):
         proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from inferneo.cli import build_parser
+from inferneo.cli.main import build_parser
 from inferneo.entrypoints.openai import guards as guards_module
 from inferneo.entrypoints.openai.guards import GuardMiddleware, ServerGuards, api_keys_from_env
 from inferneo.testing.server import RemoteServer

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from inferneo.config import EngineConfig, parse_memory_size
+from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams
@@ -21,16 +22,16 @@ class LLM:
     """Runs a model in this process and generates for many prompts at once.
 
     ``LLM()`` loads the bundled default model. ``model`` may be a local Hugging Face folder, a hub id found in the
-    local Hugging Face cache, or a ``.gguf`` file. Other keyword arguments are ``EngineConfig`` fields, e.g.
-    ``dtype="bfloat16"``, ``max_model_len=4096``, ``kv_cache_memory="2GiB"``, ``max_num_seqs=128``.
+    local Hugging Face cache, or a ``.gguf`` file. Other keyword arguments are ``EngineConfig`` fields (the same
+    options as the command line's engine flags), e.g. ``dtype="bfloat16"``, ``max_model_len=4096``,
+    ``kv_cache_memory="2GiB"``, ``max_num_seqs=128``.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        if "kv_cache_memory" in kwargs:
-            kwargs["kv_cache_memory"] = parse_memory_size(kwargs["kv_cache_memory"])
-        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        unknown = set(kwargs) - {f.name for f in fields(EngineConfig)}
         if unknown:
-            raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
+            raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))} (the engine options are "
+                            "EngineConfig's fields)")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self):

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 import inferneo
 from inferneo import envs
+from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import bad_request, error_body, install_error_handlers
@@ -123,12 +124,16 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, Any]:
             "parent": None, "max_model_len": ctx.engine.max_model_len}
 
 
-def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: list[str] | None, host: str,
-          port: int, api_keys: list[str], max_queued_requests: int | None, log_level: str = "info",
-          access_log: bool = True, shutdown_timeout: float = 30.0, engine_in_process: bool = False,
+def serve(config: EngineConfig, served_model_names: list[str] | None, host: str, port: int, api_keys: list[str],
+          max_queued_requests: int | None = None, log_level: str = "info", access_log: bool = True,
+          shutdown_timeout: float = 30.0, engine_in_process: bool = False,
           guards: ServerGuards | None = None) -> int:
-    """Load the model, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the exit
-    status: 0 after a requested shut-down.
+    """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
+    exit status: 0 after a requested shut-down.
+
+    ``max_queued_requests`` is the server's admission limit (None: no limit): while that many sequences wait for
+    a batch slot, new requests get 429. It is a server setting, not an engine option, so it is no
+    ``EngineConfig`` field; the async engine front is the one place that reads it.
 
     If the engine dies (its process is killed, a tensor-parallel worker dies, too many steps fail), ``/health``
     and new requests answer 503 for ``INFERNEO_ENGINE_DEATH_EXIT_S`` seconds (default 2), then the server stops
@@ -139,13 +144,12 @@ def serve(engine_kwargs: dict[str, Any], model: str | None, served_model_names: 
     """
     import uvicorn
 
-    from inferneo.config import EngineConfig
-
-    config = EngineConfig(model=model, max_queued_requests=max_queued_requests, **engine_kwargs)
+    if max_queued_requests is not None and (not isinstance(max_queued_requests, int) or max_queued_requests < 1):
+        raise ValueError(f"max_queued_requests must be a positive integer or None; got {max_queued_requests!r}")
     engine_death_exit_s = envs.engine_death_exit_s()  # bad values fail here, before the model loads
     envs.engine_omp_spin_count()
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
-    names = served_model_names or [model or facts["name"]]
+    names = served_model_names or [config.model or facts["name"]]
     ctx = ServerContext(engine, names, facts["path"], api_keys)
     app = build_app(ctx, guards=guards)
     drain = DrainState()

@@ -7,13 +7,13 @@ import asyncio
 import os
 import sys
 
+from inferneo.config import add_engine_args, engine_config_kwargs
+
 DEFAULT_CONCURRENCY = 64
 
 
 def add_parser(subparsers) -> None:
     """Register ``inferneo batch``."""
-    from inferneo.cli import add_engine_args
-
     parser = subparsers.add_parser(
         "batch", help="run a file of OpenAI batch requests (resumable)",
         description="Run each line of an OpenAI batch file ({custom_id, method, url, body}; url /v1/completions "
@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             if not args.url:
                 from inferneo.batch.in_process import InProcessServer
-                from inferneo.cli import engine_kwargs
 
-                server = InProcessServer(args.model, args.served_model_name, **engine_kwargs(args))
+                engine_kwargs = engine_config_kwargs(args)
+                model = engine_kwargs.pop("model")
+                server = InProcessServer(model, args.served_model_name, **engine_kwargs)
             try:
                 summary = asyncio.run(_run(job, args, server))
             except KeyboardInterrupt:

@@ -10,11 +10,12 @@ import os
 import sys
 from typing import Any
 
+from inferneo.config import add_engine_args, engine_config_kwargs
+
 
 def add_parser(subparsers) -> None:
     """Register ``inferneo bench`` and its three benchmarks."""
     from inferneo.bench.workload import parse_range
-    from inferneo.cli import add_engine_args
 
     bench = subparsers.add_parser("bench", help="benchmark a server or the engine")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -209,15 +210,15 @@ def _cmd_batch_sizes(args: argparse.Namespace) -> int:
 def _cmd_throughput(args: argparse.Namespace) -> int:
     from inferneo.bench.stats import environment, write_json
     from inferneo.bench.throughput import format_report, run_throughput
-    from inferneo.cli import engine_kwargs
     from inferneo.entrypoints.llm import LLM
 
     _check_positive(num_prompts=args.num_prompts)
-    kwargs = engine_kwargs(args)
+    kwargs = engine_config_kwargs(args)
     if kwargs["max_model_len"] is None and not args.dataset:
         # As benchmarks/offline_throughput.py does: room for the longest prompt and output, to a multiple of 64.
         kwargs["max_model_len"] = -(-(args.input_len[1] + args.output_len[1]) // 64) * 64
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(**kwargs)
+    engine = {k: v for k, v in kwargs.items() if v is not None and k != "model"}
     vocab_size = args.vocab_size or llm.engine.vocab_size
     workload = _workload(args, vocab_size)
     result = run_throughput(llm, workload, args.ignore_eos, args.temperature)
@@ -225,7 +226,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         "benchmark": "throughput",
         "config": {"model": args.model, "dtype": str(llm.engine.dtype).removeprefix("torch."),
                    "device": str(llm.engine.device), "ignore_eos": args.ignore_eos,
-                   "temperature": args.temperature, "engine": {k: v for k, v in kwargs.items() if v is not None},
+                   "temperature": args.temperature, "engine": engine,
                    **_workload_config(args, workload, vocab_size)},
         **result,
         "environment": environment(),

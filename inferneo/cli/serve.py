@@ -1,0 +1,48 @@
+"""``inferneo serve``: the OpenAI-compatible HTTP server over a model loaded here."""
+
+from __future__ import annotations
+
+import argparse
+
+from inferneo.config import EngineConfig, add_engine_args
+from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
+
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
+
+
+def add_parser(subparsers) -> None:
+    """Register ``inferneo serve``: server flags, the guards' flags, then the engine flags."""
+    parser = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    parser.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 serves other hosts)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use; the first is the main one (default: the model argument)")
+    g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (any of these keys; default $INFERNEO_API_KEY)")
+    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="refuse new requests (429 + Retry-After) while this many sequences wait for a batch slot "
+                   f"(default {DEFAULT_MAX_QUEUED_REQUESTS}; 0 for no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
+    g.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine core in a thread of the server process instead of a child process "
+                   "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inferneo.entrypoints.openai.api_server import serve
+
+    config = EngineConfig.from_cli_args(args, model=args.model or args.model_tag)
+    return serve(
+        config, args.served_model_name, args.host, args.port, api_keys_from_env(args.api_key),
+        max_queued_requests=args.max_queued_requests or None, log_level=args.log_level,
+        access_log=not args.disable_access_log, shutdown_timeout=args.shutdown_timeout,
+        engine_in_process=args.engine_in_process, guards=guards_from_args(args),
+    )
