@@ -117,19 +117,15 @@ class _SamplingBody(_Body):
         strings = [value] if isinstance(value, str) else value
         if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
             raise ValueError("must be a string or a list of strings")
-        if len(strings) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
-        longest = max((len(s) for s in strings), default=0)
-        if longest > MAX_STOP_CHARS:
-            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got {longest}")
+        _cap(len(strings), MAX_STOP_STRINGS, "stop strings")
+        _cap(max((len(s) for s in strings), default=0), MAX_STOP_CHARS, "characters in a stop string")
         return value
 
     @field_validator("stop_token_ids")
     @classmethod
     def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
         if value is not None:
-            if len(value) > MAX_STOP_TOKEN_IDS:
-                raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(value)}")
+            _cap(len(value), MAX_STOP_TOKEN_IDS, "stop token ids")
             if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
                 raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
         return value
@@ -138,8 +134,7 @@ class _SamplingBody(_Body):
     @classmethod
     def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None:
-            if len(value) > MAX_LOGIT_BIAS:
-                raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+            _cap(len(value), MAX_LOGIT_BIAS, "entries")
             for key in value:
                 if not _TOKEN_ID_KEY.fullmatch(key):
                     raise ValueError(f"keys must be token ids written in decimal digits, got {key[:40]!r}")
@@ -226,8 +221,7 @@ class ChatCompletionRequest(_SamplingBody):
             return value
         if not isinstance(value, str):
             raise ValueError("must be a string or an object")
-        if len(value) > MAX_ID_CHARS:
-            raise ValueError(f"at most {MAX_ID_CHARS} characters, got {len(value)}")
+        _cap(len(value), MAX_ID_CHARS, "characters")
         return value
 
     @field_validator("response_format")
@@ -248,25 +242,18 @@ class ChatCompletionRequest(_SamplingBody):
     @classmethod
     def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value is not None:
-            if len(value) > MAX_METADATA_PAIRS:
-                raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs, got {len(value)}")
+            _cap(len(value), MAX_METADATA_PAIRS, "key-value pairs")
             for key, text in value.items():
-                if len(key) > MAX_METADATA_KEY_CHARS:
-                    raise ValueError(f"keys may have at most {MAX_METADATA_KEY_CHARS} characters, got {len(key)}")
-                if len(text) > MAX_METADATA_VALUE_CHARS:
-                    raise ValueError(f"values may have at most {MAX_METADATA_VALUE_CHARS} characters, "
-                                     f"got {len(text)}")
+                _cap(len(key), MAX_METADATA_KEY_CHARS, "characters in a key")
+                _cap(len(text), MAX_METADATA_VALUE_CHARS, "characters in a value")
         return value
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _check_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            if len(value) > MAX_TEMPLATE_KWARGS:
-                raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} entries, got {len(value)}")
-            longest = max((len(k) for k in value), default=0)
-            if longest > MAX_ID_CHARS:
-                raise ValueError(f"keys may have at most {MAX_ID_CHARS} characters, got {longest}")
+            _cap(len(value), MAX_TEMPLATE_KWARGS, "entries")
+            _cap(max((len(k) for k in value), default=0), MAX_ID_CHARS, "characters in a key")
         return value
 
     def conversations(self) -> list[Conversation]:
@@ -302,6 +289,11 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _cap(count: int, limit: int, what: str, where: str = "") -> None:
+    if count > limit:
+        raise ValueError(f"{where}at most {limit} {what}, got {count}")
+
+
 def _check_text(text: str, what: str) -> None:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"{what} has {len(text)} characters; at most {MAX_TEXT_CHARS} are allowed")
@@ -322,8 +314,8 @@ def _optional(message: dict, key: str, kind: type, limit: int | None, at: str) -
         return
     if not isinstance(value, kind):
         raise ValueError(f"{at}: '{key}' must be {_KIND_NAMES[kind]}")
-    if limit is not None and len(value) > limit:
-        raise ValueError(f"{at}: '{key}' may have at most {limit} characters, got {len(value)}")
+    if limit is not None:
+        _cap(len(value), limit, f"characters in '{key}'", f"{at}: ")
 
 
 def _content(content: Any, role: str, at: str) -> str:
@@ -334,8 +326,7 @@ def _content(content: Any, role: str, at: str) -> str:
     if isinstance(content, list):
         if not content:
             raise ValueError(f"{at}: 'content' is an empty list; give a string or at least one text part")
-        if len(content) > MAX_CONTENT_PARTS:
-            raise ValueError(f"{at}: at most {MAX_CONTENT_PARTS} content parts, got {len(content)}")
+        _cap(len(content), MAX_CONTENT_PARTS, "content parts", f"{at}: ")
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -355,8 +346,7 @@ def _conversation(messages: Any, where: str) -> Conversation:
     """Check one conversation and flatten OpenAI content parts into text."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}a conversation must be a non-empty list of messages")
-    if len(messages) > MAX_MESSAGES:
-        raise ValueError(f"{where}a conversation may have at most {MAX_MESSAGES} messages, got {len(messages)}")
+    _cap(len(messages), MAX_MESSAGES, "messages in a conversation", where)
     result = []
     for i, message in enumerate(messages):
         at = f"{where}message {i}"
