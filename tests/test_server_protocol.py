@@ -39,10 +39,11 @@ def test_messages_one_conversation_or_many_and_text_parts():
                                                                       {"type": "text", "text": "b"}]}])
     assert one.conversations() == [[{"role": "user", "content": "a\nb"}]]
     many = ChatCompletionRequest(messages=[[{"role": "user", "content": "x"}],
-                                           [{"role": "system", "content": None}, {"role": "user", "content": "y"}]])
+                                           [{"role": "system", "content": ""}, {"role": "user", "content": "y"}]])
     assert many.conversations() == [[{"role": "user", "content": "x"}],
                                     [{"role": "system", "content": ""}, {"role": "user", "content": "y"}]]
-    for bad in ([], [[]], [{"role": "user", "content": 3}], [{"role": "user", "content": [{"type": "image_url"}]}]):
+    for bad in ([], [[]], [{"role": "user", "content": 3}], [{"role": "user", "content": [{"type": "image_url"}]}],
+                [{"role": "system", "content": None}], [{"role": "user"}]):
         with pytest.raises(ValidationError, match="messages"):
             ChatCompletionRequest(messages=bad)
 

@@ -97,9 +97,41 @@ def _param_from_loc(loc: tuple) -> str | None:
     return text
 
 
+# The strict request models (protocol.py) refuse a value of the wrong JSON type with these pydantic error types.
+_EXPECTED = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in the words of the OpenAI API's type errors."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
 def _validation_message(error: dict) -> tuple[str, str | None]:
     param = _param_from_loc(tuple(error.get("loc", ())))
     kind = error.get("type", "")
+    if kind in _EXPECTED and param is not None:
+        return f"{param}: expected {_EXPECTED[kind]}, but got {_json_kind(error.get('input'))} instead", param
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "json_invalid":

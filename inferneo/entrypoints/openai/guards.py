@@ -4,7 +4,12 @@
 
 1. the API key (``ctx.api_keys``): every path but ``/health``, ``/version``, ``/openapi.json`` (and ``/metrics``
    with ``metrics_public``) needs ``Authorization: Bearer <key>``; keys are compared in constant time;
-2. the body size (``Content-Length`` first, then the bytes that actually arrive): 413 over ``max_body_bytes``;
+2. the body size (``Content-Length`` first, then the bytes that actually arrive): 413 over ``max_body_bytes``.
+   So that a client that sends its whole body before it reads the answer (most HTTP clients) reads the 413
+   rather than a connection reset, the answer is sent first and the rest of the body is then read and thrown
+   away (up to ``DISCARD_MAX_BYTES`` more, within ``DISCARD_MAX_SECONDS``) before the connection is closed. A
+   request with ``Expect: 100-continue`` whose ``Content-Length`` is over the limit is answered at once: the
+   server says ``100 Continue`` only when the body is first read, so such a client never sends the body;
 3. for the JSON endpoints, the body itself: valid UTF-8 and JSON, nested no deeper than ``max_json_depth``, at
    most ``max_prompts`` prompts (or conversations), ``n`` up to ``max_n``, prompts × ``n`` up to ``max_seqs``
    and ``max_tokens`` no larger than the context length;
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -35,6 +41,14 @@ PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 _LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
+
+DISCARD_MAX_BYTES = 64 * MiB
+"""How much more of an oversized body the server reads and throws away after its 413, so that a client that sends
+the whole body before reading the answer can read it. A body declared (``Content-Length``) larger than this past
+what was read is not read: the connection is closed after the answer (a client reading as it sends still sees
+it)."""
+DISCARD_MAX_SECONDS = 30.0
+"""How long the server keeps reading and throwing away an oversized body after its 413."""
 
 
 @dataclass(slots=True)
@@ -112,9 +126,12 @@ class Refusal(Exception):
     """A request the guards turn away."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, unread: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        # Bytes of the body still to come when the request is refused (-1: unknown), if the server should read and
+        # throw them away after answering; None when nothing is to be read.
+        self.unread = unread
 
 
 class GuardMiddleware:
@@ -138,7 +155,7 @@ class GuardMiddleware:
             else:
                 await asyncio.wait_for(work, self.guards.request_timeout)
         except Refusal as refusal:
-            await state.refuse(refusal)
+            await state.refuse(refusal, receive)
         except asyncio.TimeoutError:
             await state.time_out(self.guards.request_timeout)
         if self.guards.log_requests:
@@ -180,9 +197,16 @@ class GuardMiddleware:
 
     async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
         limit = self.guards.max_body_bytes
+        declared, expects_continue = None, False
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise _too_large(int(value), limit)
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expects_continue = True
+        if declared is not None and declared > limit:
+            # With Expect: 100-continue nothing has been sent yet (the server has not read, so it has not said
+            # "100 Continue"): answer now and read nothing. Otherwise the body is on its way: read and drop it.
+            raise _too_large(declared, limit, unread=None if expects_continue else declared)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -191,7 +215,8 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _too_large(size, limit, at_least=True)
+                more = message.get("more_body", False)
+                raise _too_large(size, limit, at_least=True, unread=-1 if more else None)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -267,7 +292,9 @@ class _Exchange:
                 self.finished = True
         await self._send(message)
 
-    async def refuse(self, refusal: Refusal) -> None:
+    async def refuse(self, refusal: Refusal, receive: Any = None) -> None:
+        """Answer ``refusal``; with its ``unread`` set (and ``receive`` given), send the answer, then read and throw
+        away the rest of the body (within the ``DISCARD_*`` bounds), then end the response."""
         if self.started:  # cannot happen for the checks above, which all run before the app answers
             return
         from inferneo.entrypoints.openai.errors import error_body
@@ -278,7 +305,14 @@ class _Exchange:
         if refusal.status == 413:
             headers.append((b"connection", b"close"))
         await self.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": payload})
+        discard = refusal.unread is not None and receive is not None and refusal.unread <= DISCARD_MAX_BYTES
+        await self.send({"type": "http.response.body", "body": payload, "more_body": discard})
+        if discard:
+            # The answer is out (a client that reads while it sends stops here); now let a client that sends all
+            # first finish, so that closing the connection does not reset it before the answer is read.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_discard(receive, DISCARD_MAX_BYTES), DISCARD_MAX_SECONDS)
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def time_out(self, seconds: float | None) -> None:
         message = (f"the request did not finish within this server's limit of {seconds:g} s (--request-timeout) "
@@ -300,6 +334,15 @@ class _Exchange:
                     _shorten(bytes(self.body).decode("utf-8", "replace")))
 
 
+async def _discard(receive: Any, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes, until it ends or the client leaves."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        budget -= len(message.get("body", b""))
+
+
 def _replay(body: bytes, receive: Any) -> Any:
     """A ``receive`` that hands the app the body already read, then passes on to the real one (disconnects)."""
     sent = False
@@ -314,10 +357,10 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
-def _too_large(size: int, limit: int, at_least: bool = False) -> Refusal:
+def _too_large(size: int, limit: int, at_least: bool = False, unread: int | None = None) -> Refusal:
     amount = f"more than {limit}" if at_least else str(size)
     return Refusal(413, f"the request body is too large: {amount} bytes; this server takes at most {limit} bytes "
-                        "(--max-request-body-bytes)", code="request_too_large")
+                        "(--max-request-body-bytes)", code="request_too_large", unread=unread)
 
 
 def _too_deep(limit: int) -> Refusal:
