@@ -56,10 +56,10 @@ def inject_fault(llm: LLM, always: list[bool] | None = None) -> None:
     runner = llm.engine.runner
     execute = runner.execute
 
-    def faulty(sched):
-        if (always and always[0]) or any(item.request.prompt_token_ids[:4] == POISON for item in sched.scheduled):
+    def faulty(step):
+        if (always and always[0]) or any(seq.token_ids[:4] == POISON for seq in step.sequences):
             raise RuntimeError("injected fault")
-        return execute(sched)
+        return execute(step)
 
     runner.execute = faulty
 

@@ -9,13 +9,12 @@ import torch
 
 from inferneo import LLM, SamplingParams
 from inferneo.engine.request import Request
-from inferneo.engine.scheduler import ScheduledRequest
 from inferneo.model_executor import arch_presets
 from inferneo.model_executor.arch_presets import PRESETS, preset_config, preset_name
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.worker.cuda_graphs import decode_buckets, graph_layout, pick_bucket
 from inferneo.worker.memory import MemoryProfile, kv_cache_budget
-from inferneo.worker.step_inputs import pack_step, step_layout
+from inferneo.worker.step_inputs import ScheduledSequence, pack_step, step_layout
 
 
 def test_buckets_cover_every_batch_up_to_max_num_seqs():
@@ -37,11 +36,18 @@ def _request(tokens: list[int], computed: int, blocks: list[int]) -> Request:
     return req
 
 
+def scheduled(req: Request, num_new_tokens: int) -> ScheduledSequence:
+    """The runner's record of ``req`` running ``num_new_tokens`` tokens (nothing in flight)."""
+    samples = req.num_computed_tokens + num_new_tokens == req.num_tokens
+    return ScheduledSequence(req.all_token_ids, req.num_computed_tokens, num_new_tokens, req.block_ids, -1, samples,
+                             req.sampling_row)
+
+
 def test_pack_pads_decode_rows_into_the_spare_block():
     bs, spare = 4, 99
     a = _request(list(range(10, 19)), 8, [5, 6, 7])  # position 8 -> block 7, offset 0
     b = _request(list(range(20, 25)), 4, [1, 2])  # position 4 -> block 2, offset 0
-    items = [ScheduledRequest(a, 1), ScheduledRequest(b, 1)]
+    items = [scheduled(a, 1), scheduled(b, 1)]
     layout = graph_layout(decode_buckets(8), max_blocks_per_seq=6)
     buf = np.full(layout.size, -7, dtype=np.int64)  # stale garbage must not leak into the tables
     packed = pack_step(buf, layout, items, bs, pad_rows=4, spare_block=spare)
@@ -61,7 +67,7 @@ def test_pack_mixed_step_lays_out_spans_after_decodes():
     dec = _request([1, 2, 3, 4, 5], 4, [3, 8])
     pre = _request(list(range(100, 110)), 4, [0, 9, 4])  # chunk of tokens 4..9 (not the last: 10 tokens total)
     pre.all_token_ids.append(7)  # pretend one more token exists, so this chunk samples nothing
-    items = [ScheduledRequest(dec, 1), ScheduledRequest(pre, 6)]
+    items = [scheduled(dec, 1), scheduled(pre, 6)]
     layout = step_layout(items, bs)
     buf = np.zeros(layout.size, dtype=np.int64)
     packed = pack_step(buf, layout, items, bs, pad_rows=None, spare_block=0)
@@ -73,7 +79,7 @@ def test_pack_mixed_step_lays_out_spans_after_decodes():
     (span,) = packed.spans
     assert (span.start, span.num_tokens, span.context_len, span.num_blocks) == (1, 6, 4, 3)
     assert list(buf[span.table_offset : span.table_offset + 3]) == [0, 9, 4]
-    assert [r is dec for r in packed.sample_requests] == [True]
+    assert packed.num_samples == 1 and buf[lo.sample_rows] == 0  # only the decode row (dec) samples
 
 
 def _generate(llm: LLM, prompts, max_tokens=12):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inferneo.engine.request import Request
-from inferneo.sampling import Sampler, SamplerOutput, SamplingMetadata
+from inferneo.sampling import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
 from inferneo.sampling.ops import apply_penalties
 from inferneo.sampling_params import SamplingParams
 
@@ -22,8 +22,13 @@ def make_request(prompt: list[int] | None = None, output: list[int] | None = Non
                    sampling_params=SamplingParams(**params), max_tokens=16, eos_token_ids=eos)
 
 
+def rows(requests: list[Request]) -> list[SamplingRow]:
+    """The sampler's view of these requests (what the engine core hands the runner)."""
+    return [r.sampling_row for r in requests]
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-    metadata = SamplingMetadata.build(requests, logits.shape[1], CPU)
+    metadata = SamplingMetadata.build(rows(requests), logits.shape[1], CPU)
     return Sampler()(logits, metadata)
 
 
@@ -35,7 +40,7 @@ def _seed() -> None:
 def test_greedy_is_argmax_and_fast_path() -> None:
     logits = torch.randn(6, 50)
     requests = [make_request(temperature=0.0) for _ in range(6)]
-    md = SamplingMetadata.build(requests, 50, CPU)
+    md = SamplingMetadata.build(rows(requests), 50, CPU)
     assert md.all_greedy and md.temperature is None and md.top_k is None and md.top_p is None
     assert md.output_counts is None and md.prompt_mask is None and md.max_num_logprobs is None
     out = Sampler()(logits, md)
@@ -52,7 +57,7 @@ def test_mixed_greedy_and_random_rows() -> None:
     logits = torch.randn(6, vocab)
     logits[1::2] = 0.0  # random rows: uniform, so they must spread out
     requests = [make_request(temperature=0.0 if i % 2 == 0 else 1.0, top_p=0.99) for i in range(6)]
-    md = SamplingMetadata.build(requests, vocab, CPU)
+    md = SamplingMetadata.build(rows(requests), vocab, CPU)
     assert not md.all_greedy and not md.all_random
     assert md.greedy_mask.tolist() == [True, False] * 3
     before = logits.clone()
@@ -99,7 +104,7 @@ def test_per_row_filters_restrict_the_support() -> None:
 def test_top_k_alone_uses_topk_path_with_mixed_rows() -> None:
     logits = torch.randn(3, 30)
     requests = [make_request(top_k=5), make_request(), make_request(temperature=0.0)]
-    md = SamplingMetadata.build(requests, 30, CPU)
+    md = SamplingMetadata.build(rows(requests), 30, CPU)
     assert md.top_p is None and md.max_top_k == 5 and md.top_k.tolist() == [5, 30, 30]
     top5 = set(logits[0].topk(5).indices.tolist())
     row1: set[int] = set()
@@ -126,7 +131,7 @@ def test_empirical_distribution_matches_softmax(temperature: float) -> None:
     row = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0])
     draws = 20000
     requests = [make_request(temperature=temperature)]
-    md = SamplingMetadata.build(requests * draws, 5, CPU)
+    md = SamplingMetadata.build(rows(requests * draws), 5, CPU)
     tokens = Sampler()(row.repeat(draws, 1), md).sampled_token_ids
     assert _chi_square(tokens, torch.softmax(row / temperature, -1)) < _CHI2_4DOF_999
 
@@ -178,7 +183,7 @@ def test_penalties_match_hand_computed_values() -> None:
     # and presence: token 2: -2.0 - 0.5 - 0.25 = -2.75; token 3: 0.25 - 1.0 - 0.25 = -1.0.
     expected = torch.tensor([1.0, 1.0, -2.75, -1.0, -2.0, 3.0])
 
-    md = SamplingMetadata.build([penalized, plain], 6, CPU)
+    md = SamplingMetadata.build(rows([penalized, plain]), 6, CPU)
     assert md.output_counts.tolist()[0] == [0, 0, 1, 2, 0, 0]
     assert md.output_counts.tolist()[1] == [0] * 6  # rows without penalties ship no tokens
     assert md.prompt_mask.tolist()[0] == [False, True, True, False, False, False]
@@ -204,7 +209,7 @@ def test_each_penalty_alone() -> None:
     ]
     for params, want in cases:
         req = make_request(prompt=[1], output=[2, 2], **params)
-        md = SamplingMetadata.build([req], 4, CPU)
+        md = SamplingMetadata.build(rows([req]), 4, CPU)
         got = apply_penalties(logits.clone(), md.output_counts, md.prompt_mask, md.repetition_penalty,
                               md.frequency_penalty, md.presence_penalty)
         torch.testing.assert_close(got[0], torch.tensor(want), msg=str(params))
@@ -214,13 +219,13 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     logits = torch.tensor([[0.0, 0.0, 9.0, 0.0, 8.0, 1.0]])  # EOS 2 then stop id 4 are the favourites
     req = make_request(temperature=0.0, min_tokens=3, stop_token_ids=[4], eos=frozenset({2}), logprobs=1)
     for step in range(3):
-        md = SamplingMetadata.build([req], 6, CPU)
+        md = SamplingMetadata.build(rows([req]), 6, CPU)
         assert md.min_tokens_ids is not None and sorted(md.min_tokens_ids.tolist()) == [2, 4]
         out = Sampler()(logits, md)
         assert out.sampled_token_ids.item() == 5, step
         assert out.logprob_token_ids[0, 1].item() == 5  # the masked tokens drop out of the top-k too
         req.append_output_token(5)
-    md = SamplingMetadata.build([req], 6, CPU)
+    md = SamplingMetadata.build(rows([req]), 6, CPU)
     assert md.min_tokens_ids is None
     assert Sampler()(logits, md).sampled_token_ids.item() == 2
 
@@ -228,7 +233,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
 def test_min_tokens_with_ignore_eos_still_masks_stop_ids() -> None:
     logits = torch.tensor([[0.0, 0.0, 9.0, 0.0, 8.0, 1.0]])
     req = make_request(temperature=0.0, min_tokens=2, stop_token_ids=[4], ignore_eos=True)
-    md = SamplingMetadata.build([req], 6, CPU)
+    md = SamplingMetadata.build(rows([req]), 6, CPU)
     assert md.min_tokens_ids.tolist() == [4]
     assert Sampler()(logits, md).sampled_token_ids.item() == 2  # EOS does not end an ignore_eos request
 
@@ -245,7 +250,7 @@ def test_logprobs_values_ranks_and_order() -> None:
     logits = torch.randn(4, vocab)
     requests = [make_request(temperature=0.0), make_request(temperature=0.0, logprobs=0),
                 make_request(temperature=5.0, logprobs=5), make_request(temperature=0.3, top_k=3, logprobs=2)]
-    md = SamplingMetadata.build(requests, vocab, CPU)
+    md = SamplingMetadata.build(rows(requests), vocab, CPU)
     assert md.max_num_logprobs == 5
     ref = torch.log_softmax(logits, -1)  # before temperature and filters
     for _ in range(10):
@@ -274,7 +279,7 @@ def test_logprobs_zero_returns_only_the_sampled_token() -> None:
 def test_metadata_skips_unused_features() -> None:
     requests = [make_request(temperature=0.8), make_request(temperature=0.0, seed=3),
                 make_request(temperature=1.0, seed=5, frequency_penalty=0.1)]
-    md = SamplingMetadata.build(requests, 10, CPU)
+    md = SamplingMetadata.build(rows(requests), 10, CPU)
     assert md.all_random is False and md.num_random == 2
     assert md.top_k is None and md.top_p is None and md.min_p is None
     assert md.seeded_rows == [2] and md.generators == [requests[2].generator]  # greedy seeds draw nothing
@@ -286,7 +291,7 @@ def test_metadata_skips_unused_features() -> None:
 def test_out_of_range_token_ids_are_ignored() -> None:
     req = make_request(prompt=[1, 99], output=[7, 3], repetition_penalty=2.0, min_tokens=1,
                        stop_token_ids=[50], eos=frozenset({8}))
-    md = SamplingMetadata.build([req], 8, CPU)
+    md = SamplingMetadata.build(rows([req]), 8, CPU)
     assert md.prompt_mask[0].nonzero().flatten().tolist() == [1]
     assert md.output_counts[0].nonzero().flatten().tolist() == [3, 7]
     assert md.min_tokens_ids is None
@@ -298,7 +303,7 @@ def test_logit_bias_moves_greedy_and_random_rows_and_their_logprobs() -> None:
                 make_request(temperature=0.0, logit_bias={2: -100.0}),  # the favourite banned: 3 next
                 make_request(temperature=0.0, logit_bias={0: 4.5, 4: 6.0}),  # 0.5 + 6 beats 5: token 4
                 make_request(temperature=1.0, logit_bias={1: 100.0}, logprobs=1)]  # all but forced
-    md = SamplingMetadata.build(requests, 5, CPU)
+    md = SamplingMetadata.build(rows(requests), 5, CPU)
     assert md.bias_rows.tolist() == [1, 2, 2, 3] and md.bias_ids.tolist() == [2, 0, 4, 1]
     for _ in range(20):
         out = sample(logits, requests)
@@ -310,11 +315,11 @@ def test_logit_bias_moves_greedy_and_random_rows_and_their_logprobs() -> None:
 
 def test_logit_bias_only_greedy_batch_leaves_the_fast_path() -> None:
     logits = torch.tensor([[0.0, 1.0, 5.0]])
-    md = SamplingMetadata.build([make_request(temperature=0.0, logit_bias={0: 10.0})], 3, CPU)
+    md = SamplingMetadata.build(rows([make_request(temperature=0.0, logit_bias={0: 10.0})]), 3, CPU)
     assert md.all_greedy and md.bias_rows is not None
     assert Sampler()(logits, md).sampled_token_ids.tolist() == [0]
     # A bias on an id past the logits (a tokenizer larger than the model's head) is never applied out of range.
-    md = SamplingMetadata.build([make_request(temperature=0.0, logit_bias={7: 100.0})], 3, CPU)
+    md = SamplingMetadata.build(rows([make_request(temperature=0.0, logit_bias={7: 100.0})]), 3, CPU)
     assert md.bias_rows is None and Sampler()(logits, md).sampled_token_ids.tolist() == [2]
 
 

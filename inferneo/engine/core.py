@@ -14,6 +14,7 @@ from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
 from inferneo.sampling.metadata import min_tokens_banned
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RunnerOutput
+from inferneo.worker.step_inputs import ScheduledSequence, StepRecord
 
 
 @dataclass(slots=True)
@@ -51,7 +52,7 @@ class EngineCore:
         self.stats = EngineStats()
         self.async_scheduling = async_scheduling
         scheduler.max_model_len = max_model_len
-        self._in_flight: tuple[SchedulerOutput, InFlightStep, float] | None = None
+        self._in_flight: _Launched | None = None
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -94,42 +95,45 @@ class EngineCore:
         if sched.is_empty:
             return []
         start = time.perf_counter()
-        result = self.runner.execute(sched)
+        record, sampled = _step_record(sched)
+        result = self.runner.execute(record)
         self.scheduler.update_after_step(sched)
-        return self._process(sched, result, start)
+        return self._process(sched, sampled, result, start)
 
     def _step_async(self) -> list[CoreOutput]:
         previous = self._in_flight
         self._in_flight = None
-        if previous is not None and self._must_wait(previous[1]):
+        if previous is not None and self._must_wait(previous):
             return self._finish(previous)
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty:
-            launched = (sched, self.runner.launch(sched, previous[1] if previous else None), time.perf_counter())
+            record, sampled = _step_record(sched)
+            step = self.runner.launch(record, previous.step if previous else None)
+            launched = _Launched(sched, sampled, step, time.perf_counter())
         outputs = self._finish(previous) if previous is not None else []
         if launched is not None:
             # Only now, with the previous step's tokens appended, can blocks holding them join the prefix cache.
             self.scheduler.update_after_step(sched)
-            for index, request in enumerate(launched[1].requests):
+            for index, request in enumerate(launched.sampled):
                 if not request.is_finished:
                     request.pending_sample = index
             self._in_flight = launched
         return outputs
 
-    def _finish(self, in_flight: tuple[SchedulerOutput, InFlightStep, float]) -> list[CoreOutput]:
+    def _finish(self, launched: _Launched) -> list[CoreOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
-        sched, step, start = in_flight
-        result = step.resolve()
-        for request in step.requests:
+        result = launched.step.resolve()
+        for request in launched.sampled:
             request.pending_sample = -1
-        return self._process(sched, result, start)
+        return self._process(launched.sched, launched.sampled, result, launched.start)
 
-    def _must_wait(self, step: InFlightStep) -> bool:
+    def _must_wait(self, launched: _Launched) -> bool:
         """True when a request sampling next needs the token still in flight on the host first."""
-        return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in step.requests)
+        return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in launched.sampled)
 
-    def _process(self, sched: SchedulerOutput, result: RunnerOutput, start: float) -> list[CoreOutput]:
+    def _process(self, sched: SchedulerOutput, sampled: list[Request], result: RunnerOutput,
+                 start: float) -> list[CoreOutput]:
         stats = self.stats
         stats.num_steps += 1
         stats.num_batched_tokens_total += sched.num_batched_tokens
@@ -140,7 +144,7 @@ class EngineCore:
         stats.num_preemptions = self.scheduler.num_preemptions
 
         outputs: list[CoreOutput] = []
-        for i, (request, token_id) in enumerate(zip(result.requests, result.sampled_token_ids, strict=True)):
+        for i, (request, token_id) in enumerate(zip(sampled, result.sampled_token_ids, strict=True)):
             if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
                 continue
             request.append_output_token(token_id)
@@ -176,4 +180,31 @@ def _needs_previous_tokens(request: Request) -> bool:
     """Whether sampling ``request``'s next token reads its generated tokens (penalties, min_tokens bans)."""
     params = request.sampling_params
     return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-            or bool(min_tokens_banned(request)))
+            or bool(min_tokens_banned(request.sampling_row)))
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step on its way: what was scheduled, the requests it samples (in order), the runner's handle."""
+
+    sched: SchedulerOutput
+    sampled: list[Request]
+    step: InFlightStep
+    start: float
+
+
+def _step_record(sched: SchedulerOutput) -> tuple[StepRecord, list[Request]]:
+    """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples."""
+    sequences: list[ScheduledSequence] = []
+    sampled: list[Request] = []
+    for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
+        request, num_new = item.request, item.num_new_tokens
+        computed = request.num_computed_tokens
+        # A token is sampled once every known token (and the one still being sampled, if any) is computed.
+        samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
+                   else computed + num_new == request.num_tokens)
+        sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
+                                           request.pending_sample, samples, request.sampling_row))
+        if samples:
+            sampled.append(request)
+    return StepRecord(sequences, sched.num_batched_tokens), sampled

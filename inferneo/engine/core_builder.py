@@ -139,9 +139,9 @@ def _install_test_fault(core: EngineCore) -> None:
     runner = getattr(core.runner, "driver", core.runner)  # the rank-0 ModelRunner behind a TP runner
     launch = runner.launch
 
-    def faulty_launch(sched, previous=None):
-        if always or any(item.request.prompt_token_ids[: len(poison)] == poison for item in sched.scheduled):
+    def faulty_launch(step, previous=None):
+        if always or any(seq.token_ids[: len(poison)] == poison for seq in step.sequences):
             raise RuntimeError("injected fault (INFERNEO_TEST_FAULT)")
-        return launch(sched, previous)
+        return launch(step, previous)
 
     runner.launch = faulty_launch  # ``execute`` (synchronous scheduling) goes through ``launch`` as well

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferneo.engine.protocol import CoreRequest
+from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 
 
@@ -64,6 +65,8 @@ class Request:
     # With asynchronous scheduling: this request's row among the samples of the step still running on the
     # device, whose token is not on the host yet (-1: none). The next step reads that token on the device.
     pending_sample: int = -1
+    # What the sampler reads of this sequence (shares the token lists above; built once).
+    sampling_row: SamplingRow = field(init=False, repr=False)
 
     @classmethod
     def from_core_request(cls, spec: CoreRequest) -> Request:
@@ -76,6 +79,8 @@ class Request:
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(self.sampling_params.seed)
+        self.sampling_row = SamplingRow(self.sampling_params, self.prompt_token_ids, self.output_token_ids,
+                                        self.eos_token_ids, self.generator)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """Batched token sampling: per-step metadata and the sampler."""
 
-from inferneo.sampling.metadata import SamplingMetadata
+from inferneo.sampling.metadata import SamplingMetadata, SamplingRow
 from inferneo.sampling.sampler import Sampler, SamplerOutput
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "SamplingRow"]

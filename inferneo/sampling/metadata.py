@@ -1,4 +1,4 @@
-"""Per-step sampling tensors, built once from the batch's requests and consumed by the ``Sampler``."""
+"""Per-step sampling tensors, built once from the batch's sampling rows and consumed by the ``Sampler``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,29 @@ from dataclasses import dataclass
 
 import torch
 
-from inferneo.engine.request import Request
+from inferneo.sampling_params import SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingRow:
+    """What the sampler reads of one sequence: its parameters and its tokens so far.
+
+    The token lists are the core's own (shared, not copied): ``output_token_ids`` grows as the core appends
+    tokens, so one row serves a sequence for its whole life.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None
 
 
 @dataclass(slots=True)
 class SamplingMetadata:
     """Everything the sampler needs for one engine step, as tensors on the logits' device.
 
-    Row ``i`` of every ``[B]`` / ``[B, V]`` tensor belongs to ``requests[i]``, i.e. to row ``i`` of the logits.
+    Row ``i`` of every ``[B]`` / ``[B, V]`` tensor belongs to ``rows[i]``, i.e. to row ``i`` of the logits.
     A field is ``None`` when no request of the batch uses the feature, so the sampler skips that work entirely:
     an all-greedy batch carries no temperature or top-k/top-p/min-p tensors, and a batch without penalties
     carries no token-count tensors.
@@ -66,10 +81,10 @@ class SamplingMetadata:
         return self.output_counts is not None
 
     @classmethod
-    def build(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:
-        """Build the step's tensors. ``requests[i]`` corresponds to row ``i`` of the logits."""
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingMetadata:
+        """Build the step's tensors. ``rows[i]`` corresponds to row ``i`` of the logits."""
         device = torch.device(device)
-        batch_size = len(requests)
+        batch_size = len(rows)
         greedy: list[bool] = []
         temps: list[float] = []
         ks: list[int] = []
@@ -86,8 +101,8 @@ class SamplingMetadata:
         bias_ids: list[int] = []
         bias_values: list[float] = []
         max_num_logprobs: int | None = None
-        for i, req in enumerate(requests):
-            p = req.sampling_params
+        for i, row in enumerate(rows):
+            p = row.params
             g = p.greedy
             greedy.append(g)
             # Filters on greedy rows would not change their argmax; they stay off there.
@@ -98,16 +113,16 @@ class SamplingMetadata:
             rep.append(p.repetition_penalty)
             freq.append(p.frequency_penalty)
             pres.append(p.presence_penalty)
-            if not g and req.generator is not None:
+            if not g and row.generator is not None:
                 seeded_rows.append(i)
-                generators.append(req.generator)
+                generators.append(row.generator)
             if p.logit_bias:
                 for t, b in p.logit_bias.items():
                     if t < vocab_size:  # the engine refuses larger ids up front; never index past the logits
                         bias_rows.append(i)
                         bias_ids.append(t)
                         bias_values.append(float(b))
-            for t in min_tokens_banned(req):
+            for t in min_tokens_banned(row):
                 if t < vocab_size:
                     banned_rows.append(i)
                     banned_ids.append(t)
@@ -139,10 +154,10 @@ class SamplingMetadata:
         if any_rep or any_freq or any_pres:
             # Only rows with a penalty ship their tokens; the others get all-zero rows (penalties are neutral).
             outputs = [r.output_token_ids if rep[i] != 1.0 or freq[i] != 0.0 or pres[i] != 0.0 else []
-                       for i, r in enumerate(requests)]
+                       for i, r in enumerate(rows)]
             output_counts = _scatter_rows(outputs, batch_size, vocab_size, device, torch.float32)
             if any_rep:
-                prompts = [r.prompt_token_ids if rep[i] != 1.0 else [] for i, r in enumerate(requests)]
+                prompts = [r.prompt_token_ids if rep[i] != 1.0 else [] for i, r in enumerate(rows)]
                 prompt_mask = _scatter_rows(prompts, batch_size, vocab_size, device, torch.bool)
 
         bias = (None, None, None)
@@ -183,17 +198,17 @@ class SamplingMetadata:
         )
 
 
-def min_tokens_banned(request: Request) -> list[int]:
-    """Token ids that may not be sampled yet because the request has fewer than ``min_tokens`` outputs.
+def min_tokens_banned(row: SamplingRow) -> list[int]:
+    """Token ids that may not be sampled yet because the sequence has fewer than ``min_tokens`` outputs.
 
     As in vLLM, EOS is banned only when it would end the request (``ignore_eos`` is off); stop_token_ids always.
     """
-    params = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
+    params = row.params
+    if len(row.output_token_ids) >= params.min_tokens:
         return []
     banned = set(params.stop_token_ids)
     if not params.ignore_eos:
-        banned |= request.eos_token_ids
+        banned |= row.eos_token_ids
     return sorted(banned)
 
 

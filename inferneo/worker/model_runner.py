@@ -1,7 +1,8 @@
 """The model runner: owns the model and the KV tensors, packs a step into one forward pass, samples.
 
-It knows nothing of queues or policies: it receives the scheduler's output (which requests, how many new
-tokens each) and returns one sampled token for every request whose known tokens are now all computed.
+It knows nothing of queues, policies or requests: it receives a plain ``StepRecord`` (per sequence: its token
+ids, how many are computed and how many run now, its KV blocks, its sampling row) and returns one sampled token
+for every sequence the step samples.
 
 A step's inputs are packed with numpy into one host buffer and reach the device in one copy
 (``step_inputs``, ``staging``); sampling is batched on the device and the sampled ids come back in the step's
@@ -23,8 +24,6 @@ import torch
 from inferneo import envs
 from inferneo.attention import default_attention_backend, get_attention_backend
 from inferneo.distributed import TensorParallelGroup
-from inferneo.engine.request import Request
-from inferneo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from inferneo.model_executor.layers.cpu_linear import pack_linears
 from inferneo.model_executor.layers.gpu_linear import use_decode_linears
 from inferneo.model_executor.models.llama import LlamaForCausalLM
@@ -35,7 +34,14 @@ from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
 from inferneo.worker.staging import InputStager
-from inferneo.worker.step_inputs import PackedStep, pack_step, step_layout, step_views
+from inferneo.worker.step_inputs import (
+    PackedStep,
+    ScheduledSequence,
+    StepRecord,
+    pack_step,
+    step_layout,
+    step_views,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ class RemoteStep:
     """What a tensor-parallel worker needs to run a step: the packed input buffer and how to slice it."""
 
     host: np.ndarray
-    packed: PackedStep  # without its requests
+    packed: PackedStep
     bucket: int | None
     num_samples: int
     # With asynchronous scheduling: how many tokens the previous step sampled, when this step reads some of them
@@ -53,16 +59,10 @@ class RemoteStep:
     num_previous_samples: int = 0
 
 
-def _without_requests(packed: PackedStep) -> PackedStep:
-    return PackedStep(packed.layout, packed.num_tokens, packed.num_decode, packed.num_real_decode, packed.spans,
-                      [], packed.samples_are_prefix, packed.pending_rows, packed.pending_samples)
-
-
 @dataclass(slots=True)
 class RunnerOutput:
-    """Tokens sampled this step, in the order of ``requests``."""
+    """Tokens sampled this step, in the order of the step's sampled sequences (``StepRecord.sampling_rows``)."""
 
-    requests: list[Request]
     sampled_token_ids: list[int]
     logprob_token_ids: list[list[int]] | None = None
     logprobs: list[list[float]] | None = None
@@ -73,8 +73,8 @@ class InFlightStep:
     """A launched step. Its sampled ids stay on the device, where the next step can read them as inputs, while a
     copy travels to the host; ``resolve`` waits for that copy alone (not for later work queued behind it)."""
 
-    def __init__(self, requests: list[Request], result=None) -> None:
-        self.requests = requests
+    def __init__(self, num_samples: int, result=None) -> None:
+        self.num_samples = num_samples
         self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids.contiguous()
         self._tensors: list[torch.Tensor] = []
         self._event = None
@@ -91,12 +91,12 @@ class InFlightStep:
             self._tensors = tensors
 
     def resolve(self) -> RunnerOutput:
-        """The step's sampled tokens (and logprobs) on the host, in the order of ``requests``."""
-        if not self.requests:
-            return RunnerOutput([], [])
+        """The step's sampled tokens (and logprobs) on the host, in the order of its sampled sequences."""
+        if not self.num_samples:
+            return RunnerOutput([])
         if self._event is not None:
             self._event.synchronize()
-        out = RunnerOutput(self.requests, self._tensors[0].tolist())
+        out = RunnerOutput(self._tensors[0].tolist())
         if len(self._tensors) > 1:
             out.logprob_token_ids = self._tensors[1].tolist()
             out.logprobs = self._tensors[2].tolist()
@@ -260,37 +260,36 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one scheduled step and sample the next token of every request whose tokens are all computed."""
-        return self.launch(sched).resolve()
+    def execute(self, step: StepRecord) -> RunnerOutput:
+        """Run one scheduled step and sample the next token of every sequence the step samples."""
+        return self.launch(step).resolve()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, previous: InFlightStep | None = None) -> InFlightStep:
+    def launch(self, step: StepRecord, previous: InFlightStep | None = None) -> InFlightStep:
         """Queue one step on the device and return without waiting for it (on CPU the work is done on return).
 
         Decode rows whose input token ``previous`` (the step launched before) is still sampling read it from
-        ``previous``'s device output (asynchronous scheduling; see ``Request.pending_sample``).
+        ``previous``'s device output (asynchronous scheduling; see ``ScheduledSequence.pending_sample``).
         """
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first, stable
+        items = step.sequences  # decodes first
         bucket = self._decode_bucket(items)
         graphs = self.graphs if bucket is not None and self.use_cuda_graphs else None
         layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
         host, host_tensor = self._inputs.host(layout.size)
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
-        requests = packed.sample_requests
+        num_samples = packed.num_samples
         if self.step_listener is not None:
-            num_previous = len(previous.requests) if previous is not None and packed.pending_rows else 0
-            self.step_listener(RemoteStep(host[: layout.size].copy(), _without_requests(packed), bucket,
-                                          len(requests), num_previous))
+            num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
+            self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
-        if not requests:
-            return InFlightStep([])
-        rows = self._sample_rows(hidden, dev, packed, len(requests))
+        if not num_samples:
+            return InFlightStep(0)
+        rows = self._sample_rows(hidden, dev, packed, num_samples)
         logits = self.model.compute_logits(rows)
-        sampling = SamplingMetadata.build(requests, self.model_config.vocab_size, self.device)
-        return InFlightStep(requests, self.sampler(logits, sampling))
+        sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device)
+        return InFlightStep(num_samples, self.sampler(logits, sampling))
 
     @torch.inference_mode()
     def execute_remote(self, step: RemoteStep) -> None:
@@ -343,7 +342,7 @@ class ModelRunner:
         start = packed.layout.sample_rows
         return hidden[dev[start : start + count]]
 
-    def _decode_bucket(self, items: list[ScheduledRequest]) -> int | None:
+    def _decode_bucket(self, items: list[ScheduledSequence]) -> int | None:
         """The padded batch size of a decode-only step that fits a bucket, else None (run it as it is)."""
         if not self.decode_buckets or (self.graphs is not None and not self.use_cuda_graphs):
             return None

@@ -21,8 +21,36 @@ import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
-from inferneo.engine.request import Request
-from inferneo.engine.scheduler import ScheduledRequest
+from inferneo.sampling.metadata import SamplingRow
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence of a step, as the worker sees it: plain values and the core's token and block lists (shared,
+    read only here)."""
+
+    token_ids: list[int]  # the prompt and the tokens generated so far that are on the host
+    num_computed_tokens: int  # tokens whose keys and values are in the KV cache already
+    num_new_tokens: int  # tokens to run this step
+    block_ids: list[int]  # the sequence's KV blocks
+    # With asynchronous scheduling: the row, among the samples of the step still in flight, of this sequence's
+    # input token (not on the host yet); -1 when there is none.
+    pending_sample: int
+    samples: bool  # whether this step samples the sequence's next token
+    sampling: SamplingRow
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One scheduled step: its sequences, those running one token (decodes) first."""
+
+    sequences: list[ScheduledSequence]
+    num_batched_tokens: int
+
+    @property
+    def sampling_rows(self) -> list[SamplingRow]:
+        """The sampling rows of the sequences sampled this step, in the order of the sampled tokens."""
+        return [s.sampling for s in self.sequences if s.samples]
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,8 +122,8 @@ class PackedStep:
     num_decode: int  # decode rows including padding
     num_real_decode: int
     spans: list[SpanInfo] = field(default_factory=list)
-    sample_requests: list[Request] = field(default_factory=list)
-    # True when the rows to sample are exactly 0..len(sample_requests)-1 (then no index tensor is needed).
+    num_samples: int = 0
+    # True when the rows to sample are exactly 0..num_samples-1 (then no index tensor is needed).
     samples_are_prefix: bool = False
     # Decode rows whose input token is still being sampled by the step in flight, and that token's index
     # among that step's samples (asynchronous scheduling).
@@ -103,20 +131,20 @@ class PackedStep:
     pending_samples: list[int] = field(default_factory=list)
 
 
-def step_layout(items: list[ScheduledRequest], block_size: int, pad_rows: int | None = None,
+def step_layout(items: list[ScheduledSequence], block_size: int, pad_rows: int | None = None,
                 width: int | None = None) -> Layout:
     """The tightest layout for ``items`` (decodes first), with decode rows padded to ``pad_rows`` if given."""
     num_decode = sum(1 for it in items if it.num_new_tokens == 1)
     rows = max(pad_rows or 0, num_decode)
     tokens = sum(it.num_new_tokens for it in items) + rows - num_decode
     if width is None:
-        width = max((len(it.request.block_ids) for it in items[:num_decode]), default=0)
-    prefill_len = sum(-(-(it.request.num_computed_tokens + it.num_new_tokens) // block_size)
+        width = max((len(it.block_ids) for it in items[:num_decode]), default=0)
+    prefill_len = sum(-(-(it.num_computed_tokens + it.num_new_tokens) // block_size)
                       for it in items[num_decode:])
     return Layout(tokens, rows, len(items), width, prefill_len)
 
 
-def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], block_size: int,
+def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], block_size: int,
               pad_rows: int | None, spare_block: int) -> PackedStep:
     """Fill ``buf`` (at least ``layout.size`` int64) with the step's inputs; ``items`` must list decodes first.
 
@@ -133,7 +161,7 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
     sample_rows: list[int] = []
 
     if rows:
-        reqs = [it.request for it in items[:num_decode]]
+        reqs = items[:num_decode]
         starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_decode)
         tables = buf[lo.tables : lo.tables + rows * lo.width].reshape(rows, lo.width)
         tables.fill(0)
@@ -147,7 +175,7 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
         ids = buf[lo.ids : lo.ids + rows]
         # A token still being sampled by the step in flight is not on the host: 0 here, and the runner copies it
         # from that step's device output (``pending_rows`` / ``pending_samples``).
-        ids[:num_decode] = np.fromiter((r.all_token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
+        ids[:num_decode] = np.fromiter((r.token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
                                         for r in reqs), np.int64, num_decode)
         buf[lo.positions : lo.positions + num_decode] = starts
         blocks = tables[np.arange(num_decode), starts // block_size]
@@ -163,19 +191,18 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
             if r.pending_sample >= 0:
                 out.pending_rows.append(i)
                 out.pending_samples.append(r.pending_sample)
-            if r.num_computed_tokens + 1 == r.num_scheduled_tokens:
+            if r.samples:
                 sample_rows.append(i)
-                out.sample_requests.append(r)
 
     offset = rows
     table_offset = lo.prefill_tables
     for it in items[num_decode:]:
-        req, n = it.request, it.num_new_tokens
+        req, n = it, it.num_new_tokens
         start = req.num_computed_tokens
         positions = np.arange(start, start + n, dtype=np.int64)
         num_blocks = -(-(start + n) // block_size)
         blocks = np.asarray(req.block_ids[:num_blocks], dtype=np.int64)
-        buf[lo.ids + offset : lo.ids + offset + n] = req.all_token_ids[start : start + n]
+        buf[lo.ids + offset : lo.ids + offset + n] = req.token_ids[start : start + n]
         buf[lo.positions + offset : lo.positions + offset + n] = positions
         buf[lo.slots + offset : lo.slots + offset + n] = blocks[positions // block_size] * block_size + (
             positions % block_size)
@@ -183,12 +210,11 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledRequest], bl
         out.spans.append(SpanInfo(offset, n, start, table_offset, num_blocks))
         table_offset += num_blocks
         offset += n
-        if start + n == req.num_tokens:
+        if req.samples:
             sample_rows.append(offset - 1)
-            out.sample_requests.append(req)
 
     out.num_tokens = offset
-    num_samples = len(sample_rows)
+    num_samples = out.num_samples = len(sample_rows)
     buf[lo.sample_rows : lo.sample_rows + num_samples] = sample_rows
     out.samples_are_prefix = sample_rows == list(range(num_samples))
     return out
