@@ -28,13 +28,15 @@ import httpx
 import psutil
 
 
-def start_server(tree: Path, model: Path, port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
+def start_server(name: str, tree: Path, model: Path, port: int, log: Path) -> subprocess.Popen:
+    # Each tree builds its native kernels in a folder of its own (one shared folder would rebuild per tree).
+    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    env = dict(os.environ, PYTHONPATH=str(tree.resolve()), TORCH_EXTENSIONS_DIR=str(extensions / f"bench-{name}"))
     cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(port),
            "--dtype", "float32", "--max-model-len", "40000", "--kv-cache-memory", "512MiB",
            "--disable-access-log", "--request-timeout", "0"]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -61,8 +63,8 @@ def stream(port: int, num_tokens: int) -> tuple[int, int]:
     return chunks, chars
 
 
-def measure(tree: Path, model: Path, sizes: list[int], port: int, workdir: Path) -> list[dict]:
-    proc = start_server(tree, model, port, workdir / f"server-{port}.log")
+def measure(name: str, tree: Path, model: Path, sizes: list[int], port: int, workdir: Path) -> list[dict]:
+    proc = start_server(name, tree, model, port, workdir / f"server-{port}.log")
     front = psutil.Process(proc.pid)
     results = []
     try:
@@ -106,7 +108,7 @@ def main() -> None:
         for index, spec in enumerate(args.tree):
             name, _, path = spec.partition("=")
             print(f"{name} ({path}):", flush=True)
-            report["trees"][name] = measure(Path(path), model, args.tokens, args.port + index, workdir)
+            report["trees"][name] = measure(name, Path(path), model, args.tokens, args.port + index, workdir)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 
 _SAMPLING_EPS = 1e-5
+MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit); checked by the engine
 
 
 @dataclass(slots=True)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError
 from inferneo.model_loader import load_generation_config, load_tokenizer, resolve_model
-from inferneo.sampling_params import SamplingParams
+from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 
-MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit)
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 

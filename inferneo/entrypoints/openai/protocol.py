@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferneo.sampling_params import MAX_LOGPROBS
+
 Conversation = list[dict[str, Any]]
 
 # Roles a chat message may have: OpenAI's, plus "ipython" (the tool role of Llama 3.1 templates).
@@ -146,7 +148,7 @@ class CompletionRequest(_SamplingBody):
 
     prompt: Any
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
@@ -191,7 +193,7 @@ class ChatCompletionRequest(_SamplingBody):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
