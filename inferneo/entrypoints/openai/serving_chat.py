@@ -99,13 +99,13 @@ class _Chat:
             "choices": choices, "usage": usage_of(finals.values()), "system_fingerprint": None,
         })
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base: dict[str, Any] = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "system_fingerprint": None}
 
-        def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> str:
+        def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": key, "delta": delta, "logprobs": logprobs,
                                             "finish_reason": finish_reason}]}
             if include_usage:

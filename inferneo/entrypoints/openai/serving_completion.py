@@ -94,7 +94,7 @@ class _Completion:
             "choices": choices, "usage": usage_of(finals.values()),
         })
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
