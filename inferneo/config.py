@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from inferneo.kernel_config import KernelConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -48,6 +50,7 @@ class EngineConfig:
     num_threads: int | None = None
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None  # None: on for CUDA (any tensor-parallel size), off on CPU
+    kernels: KernelConfig = field(default_factory=KernelConfig.from_env)  # kernel switches; default: INFERNEO_*
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):

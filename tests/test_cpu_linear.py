@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.layers.cpu_linear import (
     PackedLinear,
     PanelLinear,
@@ -64,15 +65,14 @@ def test_panel_linear_takes_strided_rows_and_batched_shapes():
     torch.testing.assert_close(panel(batched), linear(batched), rtol=1e-5, atol=1e-5)
 
 
-def test_pack_linears_picks_the_panel_kernel_where_it_runs(monkeypatch):
+def test_pack_linears_picks_the_panel_kernel_where_it_runs():
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8).to(torch.bfloat16))
     pack_linears(model)
     for layer, dtype in ((model[0], torch.float32), (model[1], torch.bfloat16)):
         expected = PanelLinear if panel_kernels(dtype) is not None else PackedLinear
         assert type(layer) is expected, dtype
-    monkeypatch.setenv("INFERNEO_CPU_NATIVE_LINEAR", "0")
     other = nn.Sequential(nn.Linear(16, 32))
-    pack_linears(other)
+    pack_linears(other, KernelConfig(cpu_native_linear=False))
     assert type(other[0]) is (PackedLinear if onednn_available() else nn.Linear)
 
 

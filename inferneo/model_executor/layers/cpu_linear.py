@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferneo import envs
-from inferneo.kernels.cpu import load_cpu_kernels
+from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import cpu_kernels
 
 _PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -51,12 +51,14 @@ class PackedLinear(nn.Module):
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
 
 
-def panel_kernels(dtype: torch.dtype = torch.float32):
+def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None):
     """The native module when its panel linear can run here in ``dtype`` (float32: an AVX-512 build; bfloat16:
-    also AVX512_BF16) with the switch on, else None."""
-    if not envs.cpu_native_linear():
+    also AVX512_BF16) with the ``cpu_native_linear`` and ``cpu_native_kernels`` switches on (``kernels``; None:
+    the environment's), else None."""
+    kernels = kernels or KernelConfig.from_env()
+    if not kernels.cpu_native_linear:
         return None
-    ops = load_cpu_kernels()
+    ops = cpu_kernels(kernels)
     if ops is None or not ops.panel_linear_available():
         return None
     if dtype == torch.bfloat16:
@@ -116,17 +118,17 @@ def mlp_row_chunk(x: torch.Tensor, gate_up: nn.Module, down: nn.Module) -> int |
     return rows if x.shape[0] >= 2 * rows else None
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
     """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for a packed one; returns how many.
 
     Layers become ``PanelLinear`` where the native panel kernel runs in their dtype, else ``PackedLinear``
-    (oneDNN).
+    (oneDNN); ``kernels`` (None: the environment's) says whether the panel kernel may be used.
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
     more than the matmul) are left alone. Linears that share their weight with another module (tied embeddings)
     keep that weight alive; the others release their unpacked copy.
     """
-    panel_ops = {dtype: panel_kernels(dtype) for dtype in _PACKABLE}
+    panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
