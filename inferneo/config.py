@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from inferneo.kernel_config import KernelConfig
+
 # Spellings ``dtype`` accepts, and the torch dtype each names.
 _DTYPES = {
     "float32": "float32",
@@ -92,6 +94,12 @@ def not_a_flag(*, default: Any = dataclasses.MISSING, default_factory: Any = dat
                              metadata={_CLI: None, "help": help})
 
 
+def _kernels_from_env() -> KernelConfig:
+    from inferneo.kernel_config import KernelConfig  # imports torch: only when an engine is configured
+
+    return KernelConfig.from_env()
+
+
 def _memory_size_arg(text: str) -> int:
     try:
         return parse_memory_size(text)
@@ -144,6 +152,9 @@ class EngineConfig:
     async_scheduling: bool | None = option(
         None, bool, "schedule and queue the next step before the current one's tokens reach the host "
         "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
+    kernels: KernelConfig = not_a_flag(
+        default_factory=_kernels_from_env,
+        help="which kernels the engine uses (KernelConfig); each switch defaults to its INFERNEO_* variable")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

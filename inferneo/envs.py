@@ -1,4 +1,9 @@
-"""Environment variables Inferneo reads, in one typed place."""
+"""Environment variables Inferneo reads, in one typed place.
+
+The kernel switches here (``cpu_onednn_linear`` ... ``gemv_silu``) are only the defaults of the fields of
+``inferneo.kernel_config.KernelConfig``, read when one is built: an engine takes its kernels from its own
+``KernelConfig`` (``LLM(kernels=KernelConfig(...))``), never from these functions directly.
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inferneo import LLM, SamplingParams
+from inferneo.kernel_config import KernelConfig
 
 ARCHS = {
     "llama": {},
@@ -136,25 +137,56 @@ def test_other_matmul_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch, 
 
 def test_pure_pytorch_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch):
     """With the native CPU kernels off (reference attention, norms and rotary), the tokens are the same."""
-    monkeypatch.setenv("INFERNEO_CPU_KERNELS", "0")
-    from inferneo.kernels.cpu import load_cpu_kernels
+    monkeypatch.setenv("INFERNEO_CPU_KERNELS", "0")  # read when the engine's KernelConfig is built: no cache to clear
+    path = tiny_checkpoint_factory("llama")
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
+    assert llm.engine.runner.backend.name == "torch"
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert {"RMSNorm", "Attention", "SiluAndMul"} <= kinds and not {"NativeRMSNorm", "NativeSiluAndMul"} & kinds
+    prompts = mixed_prompts(8, 300, seed=6, shared_prefix=20)
+    assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
 
-    load_cpu_kernels.cache_clear()
-    try:
-        path = tiny_checkpoint_factory("llama")
-        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
-        assert llm.engine.runner.backend.name == "torch"
-        prompts = mixed_prompts(8, 300, seed=6, shared_prefix=20)
-        assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
-    finally:
-        load_cpu_kernels.cache_clear()
+
+def llm_with_kernels(path, kernels: KernelConfig, **kwargs) -> LLM:
+    """An LLM whose engine uses ``kernels`` (``EngineConfig.kernels``, handed down to where the model is built)."""
+    llm = LLM(str(path), dtype="float32", kernels=kernels, **kwargs)
+    assert llm.engine.runner.kernels == kernels
+    return llm
+
+
+def test_two_engines_in_one_process_use_their_own_kernels(tiny_checkpoint_factory, monkeypatch):
+    """Two LLMs side by side, one with the native CPU kernels and packed linears, one on the plain PyTorch path:
+    each builds its own module types (whatever the environment says), and both give Hugging Face's tokens."""
+    monkeypatch.setenv("INFERNEO_CPU_KERNELS", "0")  # the environment only sets the defaults
+    monkeypatch.setenv("INFERNEO_CPU_ONEDNN", "0")
+    path = tiny_checkpoint_factory("llama")
+    fast = llm_with_kernels(path, KernelConfig(cpu_native_kernels=True, cpu_onednn_linear=True),
+                            max_num_batched_tokens=32)
+    plain = llm_with_kernels(path, KernelConfig(), max_num_batched_tokens=32)  # from the environment: all off
+    assert not plain.engine.runner.kernels.cpu_native_kernels and not plain.engine.runner.kernels.cpu_onednn_linear
+    kinds = {name: {type(m).__name__ for m in llm.engine.runner.model.modules()}
+             for name, llm in (("fast", fast), ("plain", plain))}
+    if fast.engine.runner.backend.name == "cpu":  # the native kernels built here
+        assert {"NativeRMSNorm", "NativeSiluAndMul", "InplaceRotaryAttention"} <= kinds["fast"]
+        assert not {"RMSNorm", "SiluAndMul", "Attention"} & kinds["fast"]
+    assert kinds["fast"] & {"PackedLinear", "PanelLinear"} and "Linear" not in kinds["fast"]
+    assert "RowPassMLP" in kinds["fast"]
+    assert plain.engine.runner.backend.name == "torch"
+    assert kinds["plain"] >= {"RMSNorm", "SiluAndMul", "Attention", "MLP", "Linear"}
+    assert not kinds["plain"] & {"NativeRMSNorm", "NativeSiluAndMul", "InplaceRotaryAttention", "RowPassMLP",
+                                 "PackedLinear", "PanelLinear"}
+    prompts = mixed_prompts(8, 300, seed=9, shared_prefix=20)
+    expected = [hf_greedy(path, p) for p in prompts]
+    assert run_engine(fast, prompts) == expected
+    assert run_engine(plain, prompts) == expected
+    assert run_engine(fast, prompts) == expected  # the first engine is unchanged by the second
 
 
 def test_prompt_side_cpu_paths_match_hf(tiny_checkpoint_factory, monkeypatch):
     """Long prompts on CPU: the MLP in passes of rows (forced down to 16 rows here) and every prompt token through
     the paged attention kernel, alone, after a cached prefix and in chunks, give Hugging Face's tokens."""
+    from inferneo.model_executor import device_kernels
     from inferneo.model_executor.layers import cpu_linear
-    from inferneo.model_executor.models import llama
 
     passes = []
 
@@ -164,7 +196,7 @@ def test_prompt_side_cpu_paths_match_hf(tiny_checkpoint_factory, monkeypatch):
         return rows
 
     monkeypatch.setattr(cpu_linear, "MLP_PASS_BYTES", 16 * 256 * 4)  # tiny model: gate/up is 256 wide
-    monkeypatch.setattr(llama, "mlp_row_chunk", counted)
+    monkeypatch.setattr(device_kernels, "mlp_row_chunk", counted)
     path = tiny_checkpoint_factory("llama")
     prompts = mixed_prompts(6, 300, seed=7, shared_prefix=90)
     expected = [hf_greedy(path, p) for p in prompts]

@@ -15,7 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
+from inferneo.kernel_config import KernelConfig
+from inferneo.model_executor.device_kernels import NativeRMSNorm, use_device_kernels
+from inferneo.model_executor.layers.basic import RMSNorm
 from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_executor.tensor_parallel import PeerFusedRMSNorm
 from inferneo.model_loader.loader import iter_weights, load_hf_config
 from inferneo.model_loader.source import resolve_model
 from inferneo.testing.server import free_port
@@ -140,17 +144,29 @@ class _LoopbackPeer:
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
 
 
-@pytest.mark.parametrize("case", ["llama-split-kv", "qwen3-qk-norm"])
-def test_row_parallel_outputs_fuse_into_the_next_norm(tmp_path, case):
-    """Row-parallel layers hand their partial sums to the RMSNorm after them, alternating staging buffers."""
+@pytest.mark.parametrize(("case", "native"), [("llama-split-kv", False), ("qwen3-qk-norm", False),
+                                              ("llama-split-kv", True)])
+def test_row_parallel_outputs_fuse_into_the_next_norm(tmp_path, case, native):
+    """Row-parallel layers hand their partial sums to the RMSNorm after them, alternating staging buffers. The
+    fusion is a transform of the loaded model, after the device's kernels: with the native CPU kernels, the fused
+    norms hand other inputs to the native norm they replaced."""
     from inferneo.distributed import TensorParallelGroup
+    from inferneo.kernels.cpu import cpu_kernels
 
+    kernels = KernelConfig(cpu_native_kernels=native, cpu_onednn_linear=False)
+    if native and cpu_kernels(kernels) is None:
+        pytest.skip("the native CPU kernels do not build here")
     spec = dict(CASES[case])
     path = make_tiny_checkpoint(tmp_path / "model", spec.pop("arch"), **spec)
     model, config = _build(path)
     expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
     peer = _LoopbackPeer()
-    fused, _ = _build(path, TensorParallelGroup(0, 1, None, peer))
+    tp = TensorParallelGroup(0, 1, None, peer)
+    fused, _ = _build(path, tp)
+    counts = use_device_kernels(fused, torch.device("cpu"), kernels, tp)
+    assert counts["PeerFusedRMSNorm"] == 2 * config.num_layers  # all but the first layer's input norm, + the final
+    unfused = {type(m.unfused.__self__) for m in fused.modules() if isinstance(m, PeerFusedRMSNorm)}
+    assert unfused == {NativeRMSNorm if native else RMSNorm}
     got = _forward_logits(fused, config.num_kv_heads, config.head_dim)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4 if native else 1e-5, atol=1e-4 if native else 1e-5)
     assert peer.calls == [0, 1] * config.num_layers  # o_proj then down_proj in every layer, the last into the final norm

@@ -179,8 +179,8 @@ def test_tiny_model_greedy_tokens_equal_the_torch_backend(tiny_checkpoint_factor
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     results = {}
     for name in ("torch", "triton"):
-        monkeypatch.setattr(model_runner, "default_attention_backend", lambda device, name=name:
-                            get_attention_backend(name))
+        monkeypatch.setattr(model_runner, "default_attention_backend", lambda device, kernels, name=name:
+                            get_attention_backend(name, device, kernels))
         llm = LLM(str(path), dtype="float32", max_num_batched_tokens=24, enable_prefix_caching=True)
         assert llm.engine.runner.backend.name == name
         results[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

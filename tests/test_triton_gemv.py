@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferneo.model_executor.layers.gpu_linear import DecodeLinear, linear, use_decode_linears
+from inferneo.kernel_config import KernelConfig
+from inferneo.model_executor.layers.gpu_linear import (
+    DecodeGemv,
+    DecodeLinear,
+    decode_gemv,
+    linear,
+    use_decode_linears,
+)
 
 _SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F
@@ -72,5 +79,20 @@ def test_decode_linear_shares_parameters_and_falls_back_off_the_gpu():
         assert torch.equal(wrapped(x), layer(x))
         assert torch.equal(linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    assert use_decode_linears(model) == 0  # CPU weights: nothing swapped
+    assert decode_gemv(torch.device("cpu"), KernelConfig()) is None  # no GEMV for a CPU model
+    assert use_decode_linears(model, None) == 0
+    gemv = DecodeGemv(object(), pdl=False, silu=True)  # even with a GEMV: CPU weights, nothing swapped
+    assert use_decode_linears(model, gemv) == 0
     assert all(type(m) is not DecodeLinear for m in model.modules())
+
+
+def test_decode_gemv_follows_the_kernel_switches(monkeypatch):
+    """The GEMV, its fused SiLU and PDL come from the engine's KernelConfig, not from the process environment."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("INFERNEO_TRITON_GEMV", "0")  # the environment's default only
+    cuda = torch.device("cuda", 0)
+    on = decode_gemv(cuda, KernelConfig(triton_gemv=True, gemv_silu=False, cuda_pdl=False))
+    assert on is not None and (on.silu, on.pdl) == (False, False)
+    assert decode_gemv(cuda, KernelConfig(triton_gemv=False)) is None
+    assert decode_gemv(cuda) is None  # no switches given: the environment's

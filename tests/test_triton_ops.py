@@ -59,9 +59,58 @@ def test_fused_kernels_match_the_pytorch_path():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_cuda_ops_are_only_used_for_cuda_tensors():
+def test_triton_ops_only_for_cuda_models_with_the_switch_on(monkeypatch):
     import torch
 
-    from inferneo.kernels.triton_ops import cuda_ops_for
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels.triton_ops import triton_ops_for
 
-    assert cuda_ops_for(torch.zeros(2)) is None
+    monkeypatch.setenv("INFERNEO_TRITON_OPS", "0")  # the default only: the engine's KernelConfig decides
+    assert triton_ops_for(torch.device("cpu"), KernelConfig(triton_ops=True)) is None
+    assert triton_ops_for(torch.device("cuda"), KernelConfig(triton_ops=True)) is not None
+    assert triton_ops_for(torch.device("cuda"), KernelConfig(triton_ops=False)) is None
+    assert triton_ops_for(torch.device("cuda")) is None
+
+
+# The device transform for a CUDA model, run on CPU tensors under the interpreter: the Triton modules are chosen
+# as on a GPU, and the model's logits stay those of the plain PyTorch modules.
+_TRANSFORM_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from inferneo.attention import TorchReferenceBackend
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.model_executor.device_kernels import use_device_kernels
+    from inferneo.model_executor.models.registry import get_model_class
+    from inferneo.model_loader.loader import iter_weights, load_hf_config
+    from inferneo.model_loader.source import resolve_model
+    from inferneo.testing.tiny_models import make_tiny_checkpoint
+    sys.path.insert(0, sys.argv[2])  # the tests folder
+    from test_tensor_parallel_layers import _forward_logits
+
+    for arch in ("llama", "qwen3"):
+        path = make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2)
+        source = resolve_model(str(path))
+        cls = get_model_class(load_hf_config(source))
+        config = cls.config_from_hf(load_hf_config(source))
+        model = cls(config, TorchReferenceBackend(), max_position=256)
+        model.load_weights(iter_weights(source))
+        model.eval()
+        expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
+        counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False, gemv_silu=True))
+        layers = config.num_layers
+        norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
+        assert counts["TritonRMSNorm"] == norms and counts["RMSNorm"] == 0, counts
+        assert counts["TritonSiluAndMul"] == layers and counts["GemvSiluMLP"] == layers, counts
+        # rotary in place on the fused projection, except where q/k norms come between the projection and rotary
+        assert counts["InplaceRotaryAttention"] == (0 if arch == "qwen3" else layers), counts
+        got = _forward_logits(model, config.num_kv_heads, config.head_dim)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    print("ok")
+""")
+
+
+def test_cuda_transform_chooses_triton_modules_and_keeps_the_logits(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _TRANSFORM_SCRIPT, str(tmp_path), os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -8,47 +8,53 @@ import torch
 
 from inferneo.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
 from inferneo.attention.torch_ref import TorchReferenceBackend
+from inferneo.kernel_config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
 
-def _cpu_native() -> type[AttentionBackend]:
+def _cpu_native(device: torch.device | None, kernels: KernelConfig | None) -> AttentionBackend:
     from inferneo.attention.cpu_native import CpuNativeBackend
 
-    return CpuNativeBackend
+    return CpuNativeBackend(kernels)
 
 
-def _triton() -> type[AttentionBackend]:
+def _triton(device: torch.device | None, kernels: KernelConfig | None) -> AttentionBackend:
     from inferneo.attention.triton_backend import TritonBackend  # imports triton: only when asked for
 
-    return TritonBackend
+    # With a device and switches the PDL choice is made once here; without, per launch (see ``_pdl.pdl_for``).
+    pdl = None if device is None or kernels is None else kernels.pdl_on(device)
+    return TritonBackend(pdl=pdl)
 
 
-_BACKENDS = {"torch": lambda: TorchReferenceBackend, "cpu": _cpu_native, "triton": _triton}
+_BACKENDS = {"torch": lambda device, kernels: TorchReferenceBackend(), "cpu": _cpu_native, "triton": _triton}
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """An attention backend by name."""
+def get_attention_backend(name: str, device: torch.device | None = None,
+                          kernels: KernelConfig | None = None) -> AttentionBackend:
+    """An attention backend by name, for a model on ``device`` with the engine's kernel switches ``kernels``
+    (None: the environment's)."""
     try:
         factory = _BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}") from None
-    return factory()()
+    return factory(device, kernels)
 
 
-def default_attention_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend that works on this device.
+def default_attention_backend(device: torch.device, kernels: KernelConfig | None = None) -> AttentionBackend:
+    """The fastest backend that works on this device with the switches ``kernels`` (None: the environment's).
 
-    On CPU the native kernel when it builds; on CUDA the Triton kernels when triton imports; else PyTorch.
+    On CPU the native kernel when it builds and ``cpu_native_kernels`` is on; on CUDA the Triton kernels when
+    triton imports; else PyTorch.
     """
     if device.type == "cpu":
         try:
-            return get_attention_backend("cpu")
+            return get_attention_backend("cpu", device, kernels)
         except RuntimeError as exc:
             logger.info("using the PyTorch attention backend: %s", exc)
     elif device.type == "cuda":
         try:
-            return get_attention_backend("triton")
+            return get_attention_backend("triton", device, kernels)
         except ImportError as exc:
             logger.info("using the PyTorch attention backend (triton unavailable): %s", exc)
     return TorchReferenceBackend()

@@ -19,17 +19,20 @@ import torch.nn.functional as F
 
 from inferneo.attention.backend import AttentionMetadata
 from inferneo.attention.torch_ref import TorchReferenceBackend
-from inferneo.kernels.cpu import load_cpu_kernels
+from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import cpu_kernels
 
 
 class CpuNativeBackend(TorchReferenceBackend):
     name = "cpu"
     needs_decode_mask = False
 
-    def __init__(self) -> None:
-        self.kernels = load_cpu_kernels()
+    def __init__(self, kernels: KernelConfig | None = None) -> None:
+        """``kernels``: the engine's switches (None: the environment's); RuntimeError when ``cpu_native_kernels``
+        is off or the kernels do not build here."""
+        self.kernels = cpu_kernels(kernels)
         if self.kernels is None:
-            raise RuntimeError("the native CPU kernels could not be loaded")
+            raise RuntimeError("the native CPU kernels are switched off or could not be loaded")
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_kv_heads, num_blocks, block_size * head_dim)

@@ -25,15 +25,19 @@ class TritonBackend(AttentionBackend):
 
     ``prefill_block_m``: query tokens per prefill tile (default 128 on CUDA, 32 elsewhere, i.e. under Triton's
     interpreter). ``decode_splits``: force the flash-decoding split count (default: chosen from shapes).
+    ``pdl``: whether the decode-path kernels launch with programmatic dependent launch (the runner decides it once
+    from its ``KernelConfig`` and GPU; None decides per launch from the tensor and ``INFERNEO_CUDA_PDL``).
     """
 
     name = "triton"
 
-    def __init__(self, prefill_block_m: int | None = None, decode_splits: int | None = None) -> None:
+    def __init__(self, prefill_block_m: int | None = None, decode_splits: int | None = None,
+                 pdl: bool | None = None) -> None:
         if prefill_block_m is not None and (prefill_block_m < 16 or prefill_block_m & (prefill_block_m - 1)):
             raise ValueError(f"prefill_block_m must be a power of two >= 16; got {prefill_block_m}")
         self.prefill_block_m = prefill_block_m
         self.decode_splits = decode_splits
+        self.pdl = pdl
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         """``(2, num_blocks, num_kv_heads, block_size, head_dim)``; ``block_size`` a power of two >= 16."""
@@ -57,12 +61,12 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata, scale):
         """Stores ``k``/``v`` at ``metadata.slot_mapping``, then decode and prefill attention; returns [T, H, D]."""
-        ops.store_kv(k, v, kv_cache, metadata.slot_mapping)
+        ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = metadata.num_decode_tokens
         if nd:
             ops.paged_decode(q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale,
-                             out[:nd], num_splits=self.decode_splits)
+                             out[:nd], num_splits=self.decode_splits, pdl=self.pdl)
         if metadata.prefills:
             prepared = metadata.extra.get("triton_prefill")
             if prepared is None:

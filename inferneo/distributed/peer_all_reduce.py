@@ -24,7 +24,8 @@ only on its shape and dtype, the same on every rank.
 Measured on two H200s in one run (``benchmarks/gpu/tp_fused_ab.sh``, docs/benchmarks.md): a Llama-2-7B decode
 step at batch 1 takes 2.88 ms with the fused path against 3.22 ms with NCCL; equal at batch 32; at batch 128 the
 fused path was slower (12.5 against 11.9 ms), so steps of more than ``MAX_FUSED_ROWS`` tokens keep NCCL.
-``INFERNEO_PEER_ALL_REDUCE=0`` turns both paths off.
+``INFERNEO_PEER_ALL_REDUCE=0`` (``KernelConfig.peer_all_reduce``) turns both paths off; ``KernelConfig.peer_push``
+and ``cuda_pdl`` choose the fused kernel's variant and launch (:meth:`PeerAllReduce.use_kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from inferneo.kernel_config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +74,10 @@ class PartialSum:
 class PeerAllReduce:
     """Sums small tensors over the ranks of ``group`` through peer memory; see the module docstring."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES,
+                 kernels: KernelConfig | None = None) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        from inferneo import envs
         from inferneo.kernels.triton_peer_norm import DevicePointer
 
         self._group = group
@@ -95,18 +98,25 @@ class PeerAllReduce:
         # Before any peer can signal or push: the first collective after this (in ``check``) is queued behind it.
         self.buffer[2 * max_bytes: recv_start].zero_()
         self.buffer[recv_start:].view(torch.int16).fill_(-32768)  # both receive buffers: the bits of -0, "empty"
-        self.push_enabled = envs.peer_push()
         self._op = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+        self.use_kernels(kernels or KernelConfig.from_env(), device)
+
+    def use_kernels(self, kernels: KernelConfig, device: torch.device) -> None:
+        """Take the fused kernel's switches from ``kernels``: the pushed variant (``peer_push``) and programmatic
+        dependent launch (``cuda_pdl``). Every rank must be given the same switches."""
+        self.push_enabled = kernels.peer_push
+        self.pdl = kernels.pdl_on(device)
 
     @classmethod
-    def create(cls, group: dist.ProcessGroup, device: torch.device, world_size: int) -> PeerAllReduce | None:
-        """A reducer for ``group`` when its GPUs can reach each other's memory; None (use NCCL) otherwise.
+    def create(cls, group: dist.ProcessGroup, device: torch.device, world_size: int,
+               kernels: KernelConfig | None = None) -> PeerAllReduce | None:
+        """A reducer for ``group`` when its GPUs can reach each other's memory and ``kernels.peer_all_reduce`` is on
+        (``kernels``; None: the environment's); None (use NCCL) otherwise.
 
-        Every rank must call this at the same point: setting up the buffer is a collective.
+        Every rank must call this at the same point, with the same switches: setting up the buffer is a collective.
         """
-        from inferneo import envs
-
-        if device.type != "cuda" or world_size < 2 or not envs.peer_all_reduce():
+        kernels = kernels or KernelConfig.from_env()
+        if device.type != "cuda" or world_size < 2 or not kernels.peer_all_reduce:
             return None
         try:  # the same answers on every rank of one host
             import torch.distributed._symmetric_memory  # noqa: F401
@@ -132,7 +142,7 @@ class PeerAllReduce:
         _state["exchanged"] = True
         reducer, error = None, None
         try:
-            reducer = cls(group, device)
+            reducer = cls(group, device, kernels=kernels)
             reducer.check()
         except Exception as exc:
             reducer, error = None, exc
@@ -173,10 +183,11 @@ class PeerAllReduce:
         rows, cols = partial.staged.shape
         if self.pushes(rows, cols, partial.staged.dtype):
             return pushed_reduce_add_rms_norm(partial.staged, self._recv_ptrs[partial.buffer_index], self.rank,
-                                              residual.view(rows, cols), weight, eps)
+                                              residual.view(rows, cols), weight, eps, pdl=self.pdl)
         flag_base = partial.buffer_index * MAX_FUSED_ROWS * self.world_size
         return peer_reduce_add_rms_norm(self._stage_ptrs[partial.buffer_index], self._flag_ptrs, flag_base,
-                                        self.rank, self.world_size, rows, residual.view(rows, -1), weight, eps)
+                                        self.rank, self.world_size, rows, residual.view(rows, -1), weight, eps,
+                                        pdl=self.pdl)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks, as a new tensor (``x`` must pass :meth:`fits`)."""

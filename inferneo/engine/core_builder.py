@@ -39,7 +39,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
 
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager,
-                         max_num_seqs=config.max_num_seqs)
+                         max_num_seqs=config.max_num_seqs, kernels=config.kernels)
     if config.tensor_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
 

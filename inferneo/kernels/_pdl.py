@@ -7,12 +7,12 @@ then lets the kernel after it launch (``griddepcontrol.launch_dependents``), so 
 before the wait may only read what no kernel writes during inference: the GEMV starts streaming its first weight
 tile there. CUDA graphs capture the launches with their programmatic edges.
 
-``INFERNEO_CUDA_PDL=0`` turns it off.
+Whether a launch uses PDL is decided where the model is built (``KernelConfig.pdl_on``, from the engine's
+``cuda_pdl`` switch and the GPU) and handed to each launcher as ``pdl``; a launcher called without it (a benchmark,
+a test) decides from the tensor and ``INFERNEO_CUDA_PDL``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from inferneo import envs
+from inferneo.kernel_config import pdl_capable
 
 
 @triton.jit
@@ -30,15 +31,12 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@functools.cache
-def _pdl_on(device_index: int) -> bool:
-    """Decided once per device: this is asked at every kernel launch."""
-    return envs.cuda_pdl() and torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-def pdl_for(x: torch.Tensor) -> bool:
-    """Whether kernels on ``x``'s device launch with PDL (CUDA, compute capability 9.0+, switch on)."""
-    return x.is_cuda and _pdl_on(x.device.index or 0)
+def pdl_for(x: torch.Tensor, pdl: bool | None = None) -> bool:
+    """``pdl`` when the caller decided it (the engine's modules do, once); else whether kernels on ``x``'s device
+    launch with PDL by default (CUDA, compute capability 9.0+, ``INFERNEO_CUDA_PDL`` on)."""
+    if pdl is not None:
+        return pdl
+    return x.is_cuda and envs.cuda_pdl() and pdl_capable(x.device)
 
 
 def launch_options(pdl: bool) -> dict:

@@ -35,9 +35,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
                      HAS_RESIDUAL)
 
 
-def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+             pdl: bool | None = None):
     """RMSNorm over the last dimension. With ``residual``: ``residual += x`` in place, then normalize the sum;
-    returns ``(normalized, residual)``. The normalized rows overwrite ``x`` when a residual is given."""
+    returns ``(normalized, residual)``. The normalized rows overwrite ``x`` when a residual is given.
+    ``pdl``: launch with programmatic dependent launch (None: decided from ``x``, see ``_pdl.pdl_for``)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -45,7 +47,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     n_rows, n_cols = x2.shape
     block = triton.next_power_of_2(n_cols)
     warps = min(max(block // 256, 1), 8)
-    pdl = pdl_for(x)
+    pdl = pdl_for(x, pdl)
     if residual is None:
         out = torch.empty_like(x2)
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,
@@ -71,7 +73,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of last dimension ``2d``."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -80,7 +82,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n_rows, d = x2.shape[0], x2.shape[1] // 2
     out = torch.empty(n_rows, d, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(d), 1024)
-    pdl = pdl_for(x)
+    pdl = pdl_for(x, pdl)
     _silu_and_mul_kernel[(n_rows, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
                                                           BLOCK=block, PDL=pdl, num_warps=4, **launch_options(pdl))
     return out.view(*shape[:-1], d)
@@ -107,7 +109,7 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_hea
 
 
 def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-                   num_heads: int, head_dim: int) -> None:
+                   num_heads: int, head_dim: int, pdl: bool | None = None) -> None:
     """Rotate (rotate-half layout) the first ``num_heads`` heads of each row of ``qkv`` in place: the query
     and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``."""
     assert qkv.dim() == 2 and qkv.stride(-1) == 1
@@ -116,7 +118,7 @@ def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
     if n_tokens == 0:
         return
     half = head_dim // 2
-    pdl = pdl_for(qkv)
+    pdl = pdl_for(qkv, pdl)
     _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, qkv.stride(0), cos_cache.stride(0),
                                 num_heads, head_dim, half, BLOCK_H=triton.next_power_of_2(num_heads),
                                 BLOCK_D=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **launch_options(pdl))

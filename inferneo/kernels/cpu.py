@@ -11,23 +11,24 @@ import functools
 import logging
 from pathlib import Path
 
-from inferneo import envs
+from inferneo.kernel_config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent.parent / "csrc" / "cpu_kernels.cpp"
 
 
-def native_ops_for(x):
-    """The native module when ``x`` lives on the CPU and the kernels are available, else None."""
-    return load_cpu_kernels() if x.device.type == "cpu" else None
+def cpu_kernels(kernels: KernelConfig | None = None):
+    """The native module when the engine's ``cpu_native_kernels`` switch is on (``kernels``; None: the
+    environment's) and the kernels build here, else None."""
+    kernels = kernels or KernelConfig.from_env()
+    return load_cpu_kernels() if kernels.cpu_native_kernels else None
 
 
 @functools.cache
 def load_cpu_kernels():
-    """The compiled module, or None when native kernels are switched off or cannot be built."""
-    if not envs.cpu_native_kernels():
-        return None
+    """The compiled module, or None when it cannot be built here (built once per process, whatever any engine's
+    switches say: callers ask :func:`cpu_kernels`, which applies the switch)."""
     try:
         from torch.utils.cpp_extension import load
 

@@ -67,16 +67,18 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
     tl.store(dst + stride_half, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             pdl: bool | None = None) -> None:
     """Write ``k``/``v`` ([T, Hkv, D], last dim contiguous) into ``kv_cache`` at ``slot_mapping`` ([T] int64).
 
-    A negative slot skips its token.
+    A negative slot skips its token. ``pdl``: launch with programmatic dependent launch (None: decided from ``k``,
+    see ``_pdl.pdl_for``).
     """
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    pdl = pdl_for(k)
+    pdl = pdl_for(k, pdl)
     _store_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -211,13 +213,14 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None,
-                 block_n: int | None = None, num_warps: int | None = None) -> None:
+                 block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
     16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
-    override the heuristics, for benchmarks.
+    override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
+    from ``q``, see ``_pdl.pdl_for``).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -238,7 +241,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         num_warps = 2 if use_dot and q.dtype != torch.float32 and num_splits > 1 else 4  # (H200, batch 1)
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
     block_d = _block_d(head_dim)
-    pdl = pdl_for(q)
+    pdl = pdl_for(q, pdl)
     if num_splits > 1:
         part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)

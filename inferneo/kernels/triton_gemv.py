@@ -90,16 +90,18 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None,
+         pdl: bool | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for ``x`` [1, K], ``weight`` [N, K] (rows contiguous); returns [1, N] (``out``
-    when given: a contiguous [1, N] tensor of ``x``'s dtype)."""
+    when given: a contiguous [1, N] tensor of ``x``'s dtype). ``pdl``: launch with programmatic dependent launch
+    (None: decided from ``x``, see ``_pdl.pdl_for``)."""
     n, k = weight.shape
     block_n, block_k, num_warps = config or DEFAULT_CONFIG
     x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.is_contiguous() and out.dtype == x.dtype, "gemv: out must be [1, N]"
-    pdl = pdl_for(x)
+    pdl = pdl_for(x, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
@@ -107,7 +109,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None,
+                  pdl: bool | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ weight.T``, in one kernel: the gated MLP's gate/up projection and its
     activation for ``x`` [1, K] and the fused ``weight`` [2D, K] (gate rows first); returns [1, D], rounded as the
     two separate steps round."""
@@ -117,7 +120,7 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
     block_n, block_k, num_warps = config or DEFAULT_CONFIG
     x = x.contiguous()
     out = torch.empty((1, d), dtype=x.dtype, device=x.device)
-    pdl = pdl_for(x)
+    pdl = pdl_for(x, pdl)
     _gemv_silu_mul_kernel[(triton.cdiv(d, block_n),)](
         x, weight, out, d, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
         **launch_options(pdl))

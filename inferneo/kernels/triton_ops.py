@@ -2,8 +2,9 @@
 
 Each replaces several PyTorch kernels (and their round trips through memory) with one. They follow the
 arithmetic of the PyTorch path: RMSNorm and rotary compute in float32, the residual sum and the normalized value
-are rounded to the model dtype where the reference rounds them. The model code calls them only for CUDA
-tensors (``cuda_ops_for``); tests run them on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
+are rounded to the model dtype where the reference rounds them. The model's modules call them on CUDA only: the
+device transform (``inferneo.model_executor.device_kernels``) swaps them in when the model is built; tests run
+them on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ import functools
 
 import torch
 
-from inferneo import envs
+from inferneo.kernel_config import KernelConfig
 
 
 @functools.cache
-def _load():
-    """This module's kernels, or None when Triton is missing or switched off (``INFERNEO_TRITON_OPS=0``)."""
-    if not envs.triton_ops():
-        return None
+def load_triton_ops():
+    """This module's kernels, or None when Triton is missing (asked once per process)."""
     try:
         from inferneo.kernels import _triton_elementwise
     except ImportError:
@@ -27,13 +26,15 @@ def _load():
     return _triton_elementwise
 
 
-def cuda_ops_for(x: torch.Tensor):
-    """The fused-kernel module when ``x`` is a CUDA tensor and Triton is usable, else None."""
-    if not x.is_cuda:
+def triton_ops_for(device: torch.device, kernels: KernelConfig | None = None):
+    """The fused-kernel module for a model on ``device``: CUDA, Triton importable and the ``triton_ops`` switch
+    on (``kernels``; None: the environment's); else None."""
+    kernels = kernels or KernelConfig.from_env()
+    if device.type != "cuda" or not kernels.triton_ops:
         return None
-    return _load()
+    return load_triton_ops()
 
 
 def available() -> bool:
     """True when the Triton kernels can be loaded (on any device, e.g. under the interpreter)."""
-    return _load() is not None
+    return load_triton_ops() is not None

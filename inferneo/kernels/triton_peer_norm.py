@@ -68,7 +68,7 @@ def _peer_reduce_add_rms_norm_kernel(stage_ptrs, flag_ptrs, res_ptr, w_ptr, out_
 
 def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, flag_base: int, rank: int,
                              world: int, rows: int, residual: torch.Tensor, weight: torch.Tensor,
-                             eps: float) -> torch.Tensor:
+                             eps: float, pdl: bool | None = None) -> torch.Tensor:
     """Launch the fused kernel, one program per row; returns the normalized rows (``residual`` is updated in place).
 
     ``stage_ptrs`` / ``flag_ptrs``: int64 tensors on the device holding every rank's staging-buffer and flag-array
@@ -79,7 +79,7 @@ def peer_reduce_add_rms_norm(stage_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, 
     assert residual.is_contiguous() and residual.shape[0] == rows, "the residual must be [rows, hidden], contiguous"
     out = torch.empty_like(residual)
     block = triton.next_power_of_2(n_cols)
-    pdl = pdl_for(residual)
+    pdl = pdl_for(residual, pdl)
     _peer_reduce_add_rms_norm_kernel[(rows,)](
         stage_ptrs, flag_ptrs, residual, weight, out, n_cols, residual.stride(0), out.stride(0), eps,
         flag_base, RANK=rank, WORLD=world, BLOCK=block, PDL=pdl,
@@ -161,7 +161,7 @@ class DevicePointer:
 
 
 def pushed_reduce_add_rms_norm(staged: torch.Tensor, recv: list, rank: int, residual: torch.Tensor,
-                               weight: torch.Tensor, eps: float) -> torch.Tensor:
+                               weight: torch.Tensor, eps: float, pdl: bool | None = None) -> torch.Tensor:
     """The pushed variant, one program per row: send this rank's ``staged`` rows ([rows, cols], 16-bit, local) to
     every peer's receive buffer, wait for theirs in this rank's own buffer, mark those slots empty again, add the
     sum to ``residual`` (in place) and return its RMSNorm.
@@ -176,7 +176,7 @@ def pushed_reduce_add_rms_norm(staged: torch.Tensor, recv: list, rank: int, resi
     assert residual.is_contiguous() and residual.shape == (rows, n_cols), "the residual must be [rows, cols]"
     out = torch.empty_like(residual)
     block = triton.next_power_of_2(n_cols)
-    pdl = pdl_for(residual)
+    pdl = pdl_for(residual, pdl)
     ptrs = list(recv) + [recv[rank]] * (8 - world)
     _pushed_reduce_add_rms_norm_kernel[(rows,)](
         staged, *ptrs, residual, weight, out, n_cols, rows, residual.stride(0), out.stride(0), eps,

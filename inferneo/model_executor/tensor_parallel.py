@@ -15,6 +15,10 @@ attention on many ranks), each rank keeps the one kv head its query heads read, 
 Every sharded parameter carries a ``weight_loader(param, full_tensor, shard)``: it copies this rank's slice of a
 full checkpoint tensor, so a rank never holds more than one full tensor at a time. Build the model on the
 ``meta`` device, shard it, then :func:`materialize` it on the real device before loading weights.
+
+Once the weights are loaded, :func:`fuse_peer_norms` (part of the device transform, with peer memory only) makes
+the row-parallel layers hand their partial sums to the RMSNorm after them, which all-reduces, adds the residual
+and normalizes in one kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 
 from inferneo.distributed.parallel_state import TensorParallelGroup
 from inferneo.distributed.peer_all_reduce import PartialSum
-from inferneo.model_executor.layers.gpu_linear import linear
+from inferneo.model_executor.layers.basic import RMSNorm
+from inferneo.model_executor.layers.gpu_linear import DecodeGemv, linear
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -102,9 +107,10 @@ class RowParallelLinear(nn.Linear):
     """``y = sum over ranks of (x_rank @ W_rank.T) + b``: the input is split by columns, the output all-reduced."""
 
     packable = False  # the CPU oneDNN transform must leave this layer (and its all-reduce) in place
-    # Set by ``shard_model`` where an RMSNorm with a residual reads this layer's output: which peer staging buffer
-    # (0 or 1, alternating along the model) its partial sum goes to when the fused all-reduce + norm is on.
+    # Set by ``fuse_peer_norms`` where an RMSNorm with a residual reads this layer's output: which peer staging
+    # buffer (0 or 1, alternating along the model) its partial sum goes to for the fused all-reduce + norm.
     stage_index: int | None = None
+    gemv: DecodeGemv | None = None  # one-row inputs through the Triton GEMV (set by ``use_decode_linears``)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup,
                  device=None, dtype=None) -> None:
@@ -131,9 +137,9 @@ class RowParallelLinear(nn.Linear):
         if (self.stage_index is not None and peer is not None and self.bias is None and x.dim() == 2
                 and peer.fits_norm(x.shape[0], self.out_features, x.dtype)):
             staged = peer.stage(self.stage_index, x.shape[0], self.out_features, x.dtype)
-            linear(x, self.weight, out=staged)
+            linear(x, self.weight, out=staged, gemv=self.gemv)
             return PartialSum(staged, self.stage_index, peer)  # the RMSNorm after this layer sums it
-        out = self.tp.all_reduce(linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight, gemv=self.gemv))
         return out if self.bias is None else out + self.bias
 
 
@@ -168,6 +174,7 @@ class ParallelLMHead(nn.Linear):
     """The LM head split by vocabulary rows; the driver receives the full logits, other ranks None."""
 
     packable = False
+    gemv: DecodeGemv | None = None  # one-row inputs through the Triton GEMV (set by ``use_decode_linears``)
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool, device=None, dtype=None) -> None:
         super().__init__(embedding.embedding_dim, embedding.rows, bias=False, device=device, dtype=dtype)
@@ -179,7 +186,7 @@ class ParallelLMHead(nn.Linear):
             _attach_loader(self.weight, embedding.load_shard)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_to_driver(linear(hidden, self.weight), dim=-1)
+        logits = self.tp.gather_to_driver(linear(hidden, self.weight, gemv=self.gemv), dim=-1)
         return None if logits is None else logits[..., : self.vocab_size]
 
 
@@ -197,11 +204,45 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
         layer.mlp.gate_up_proj = MergedColumnParallelLinear(
             c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
         layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
-        # Both feed an RMSNorm with the residual (the post-attention norm; the next layer's input norm or the final
-        # norm), so their all-reduce may be fused into it; the two buffers alternate through the model.
-        attn.o_proj.stage_index, layer.mlp.down_proj.stage_index = 0, 1
     model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, **kw)
     model.lm_head = ParallelLMHead(model.embed_tokens, c.tie_word_embeddings, **kw)
+
+
+class PeerFusedRMSNorm(RMSNorm):
+    """The RMSNorm after a row-parallel layer, with peer memory: a :class:`PartialSum` input is summed over the
+    ranks, added to the residual and normalized in one kernel; any other input goes to the norm this one replaced
+    (the device's). Shares that norm's weight."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight, norm.eps
+        self.unfused = norm.forward  # a bound method, not a child module: the parameters keep their names
+
+    def forward(self, x: torch.Tensor | PartialSum, residual: torch.Tensor | None = None):
+        if isinstance(x, PartialSum):
+            assert residual is not None, "a partial sum is only fused into a norm with a residual"
+            return x.add_rms_norm(residual, self.weight, self.eps)
+        return self.unfused(x, residual)
+
+
+def fuse_peer_norms(model: nn.Module, tp: TensorParallelGroup) -> int:
+    """With peer memory (``tp.peer``), fuse the all-reduce of every row-parallel layer of a sharded model into the
+    RMSNorm that reads it: the attention output projection feeds the post-attention norm, the MLP down projection
+    the next layer's input norm or the final norm; the two staging buffers alternate through the model. Returns
+    how many norms were fused (none without peer memory). Call after the weights are loaded and the device's
+    kernels are in place."""
+    if tp.peer is None:
+        return 0
+    fused = 0
+    for i, layer in enumerate(model.layers):
+        layer.self_attn.o_proj.stage_index, layer.mlp.down_proj.stage_index = 0, 1
+        layer.post_attention_layernorm = PeerFusedRMSNorm(layer.post_attention_layernorm)
+        fused += 1
+        if i > 0:  # the first layer's input norm reads the embeddings
+            layer.input_layernorm = PeerFusedRMSNorm(layer.input_layernorm)
+            fused += 1
+    model.norm = PeerFusedRMSNorm(model.norm)
+    return fused + 1
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inferneo import envs
 from inferneo.attention import default_attention_backend, get_attention_backend
 from inferneo.distributed import TensorParallelGroup
-from inferneo.model_executor.layers.cpu_linear import pack_linears
-from inferneo.model_executor.layers.gpu_linear import use_decode_linears
-from inferneo.model_executor.models.llama import LlamaForCausalLM
+from inferneo.kernel_config import KernelConfig
+from inferneo.model_executor.device_kernels import use_device_kernels
+from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
 from inferneo.sampling import Sampler, SamplingMetadata
@@ -121,6 +120,8 @@ class ModelRunner:
     ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. ``tp_group``
     (set by the tensor-parallel runner) makes this runner one rank of a group, holding its shards only. The KV
     cache holds one block more than the scheduler is given: the spare block that padded decode rows use.
+    ``kernels`` chooses the kernels (None: ``KernelConfig.from_env()``); they are put in place once, by
+    ``finalize_weights``.
     """
 
     def __init__(
@@ -134,8 +135,10 @@ class ModelRunner:
         enforce_eager: bool = False,
         max_num_seqs: int = 256,
         tp_group: TensorParallelGroup | None = None,
+        kernels: KernelConfig | None = None,
     ) -> None:
         self.device = device
+        self.kernels = kernels or KernelConfig.from_env()
         self.dtype = dtype
         if device.type == "cpu":
             keep_freed_memory_mapped()
@@ -147,10 +150,15 @@ class ModelRunner:
         model_cls = get_model_class(hf_config)
         self.model_config = model_cls.config_from_hf(hf_config)
         if attention_backend is None:
-            self.backend = default_attention_backend(device)
+            self.backend = default_attention_backend(device, self.kernels)
         else:
-            self.backend = get_attention_backend(attention_backend)
+            self.backend = get_attention_backend(attention_backend, device, self.kernels)
         self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
+        if self.tp.peer is not None:  # every rank holds the same switches, so all take the same path
+            if self.kernels.peer_all_reduce:
+                self.tp.peer.use_kernels(self.kernels, device)
+            else:
+                self.tp.peer = None  # every all-reduce through NCCL
         if self.tp.world_size > 1:
             # Build on meta, keep only this rank's shards, then give them storage: no rank holds the whole model.
             with torch.device("meta"), _default_dtype(dtype):
@@ -159,14 +167,10 @@ class ModelRunner:
             materialize(self.model, device)
         else:
             with torch.device(device), _default_dtype(dtype):
-                self.model: LlamaForCausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
-        self.model.to(dtype=dtype)
+                self.model: CausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
+        self.model.cast(dtype)
         # Key/value heads this rank holds (all of them without tensor parallelism).
-        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
-        # Rotary tables stay in float32 whatever the model dtype.
-        for module in self.model.modules():
-            if hasattr(module, "cos_cache"):
-                module.float()
+        self.num_kv_heads = self.model.num_kv_heads
         self.model.eval()
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -201,14 +205,10 @@ class ModelRunner:
                 param.data.uniform_(-0.02, 0.02, generator=gen)
 
     def finalize_weights(self) -> None:
-        """Transforms that need the final weights: on CPU, pack linear layers for oneDNN; on CUDA, send one-row
-        inputs of half-precision linear layers through the Triton GEMV."""
-        if self.device.type == "cpu" and envs.cpu_onednn_linear():
-            count = pack_linears(self.model)
-            logger.info("packed %d linear layers (the native panel kernel where it runs, else oneDNN)", count)
-        elif self.device.type == "cuda":
-            count = use_decode_linears(self.model)
-            logger.info("%d linear layers take one-row inputs through the Triton GEMV", count)
+        """Put the device's kernels in place once the weights are final (``device_kernels.use_device_kernels``):
+        native CPU kernels and packed linears on CPU, Triton kernels and the GEMV on CUDA, the fused all-reduce +
+        norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once."""
+        use_device_kernels(self.model, self.device, self.kernels, self.tp)
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -28,6 +28,7 @@ import torch
 
 from inferneo import envs
 from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
+from inferneo.kernel_config import KernelConfig
 from inferneo.worker.model_runner import ModelRunner, RemoteStep
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,8 @@ class TensorParallelRunner:
         self.world_size = world_size
         self._model = model
         self._device = device
+        # One set of kernel switches for every rank, read here when the engine gave none.
+        runner_kwargs["kernels"] = runner_kwargs.get("kernels") or KernelConfig.from_env()
         port = _free_port()
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []

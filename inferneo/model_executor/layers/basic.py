@@ -1,14 +1,14 @@
-"""Small building blocks shared by the model files: RMSNorm and the gated MLP activation."""
+"""Small building blocks shared by the model files: RMSNorm and the gated MLP activation, in plain PyTorch.
+
+Faster versions for a device (native CPU kernels, Triton on CUDA, the tensor-parallel fused all-reduce + norm)
+replace these modules once the model is built: ``inferneo.model_executor.device_kernels``.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from inferneo.distributed.peer_all_reduce import PartialSum
-from inferneo.kernels.cpu import native_ops_for
-from inferneo.kernels.triton_ops import cuda_ops_for
 
 
 class RMSNorm(nn.Module):
@@ -19,24 +19,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor | PartialSum, residual: torch.Tensor | None = None):
-        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``.
-
-        ``x`` may be a row-parallel layer's :class:`PartialSum`: then the all-reduce, the add and the norm are one
-        fused kernel.
-        """
-        if isinstance(x, PartialSum):
-            assert residual is not None, "a partial sum is only fused into a norm with a residual"
-            return x.add_rms_norm(residual, self.weight, self.eps)
-        cuda = cuda_ops_for(x)
-        if cuda is not None:  # one fused Triton kernel (residual += x in place, then the norm)
-            return cuda.rms_norm(x, residual, self.weight, self.eps)
-        native = native_ops_for(x)
-        if native is not None and x.is_contiguous():
-            if residual is None:
-                return native.rms_norm(x, None, self.weight, self.eps)
-            residual = residual.contiguous()
-            return native.rms_norm(x, residual, self.weight, self.eps), residual  # residual += x in place
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
         if residual is not None:
             x = x + residual
             residual = x
@@ -48,11 +32,12 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU of the first half times the second half (the gate and up projections fused)."""
-    cuda = cuda_ops_for(x)
-    if cuda is not None:
-        return cuda.silu_and_mul(x)
-    native = native_ops_for(x)
-    if native is not None and x.is_contiguous():
-        return native.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class SiluAndMul(nn.Module):
+    """:func:`silu_and_mul` as a module, so that a device's kernel can take its place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)

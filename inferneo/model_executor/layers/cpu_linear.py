@@ -10,23 +10,35 @@ oneDNN on them. The results differ from MKL's only in summation order.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferneo import envs
-from inferneo.kernels.cpu import load_cpu_kernels
+from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import cpu_kernels
 
 _PACKABLE = (torch.float32, torch.bfloat16)
 
 
-def onednn_available() -> bool:
-    """True when this PyTorch build can run prepacked oneDNN linears."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this PyTorch build can run prepacked oneDNN linears in ``dtype`` on this CPU (oneDNN packs
+    bfloat16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT; tried once per dtype)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return _onednn_packs(dtype)
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs a weight of ``dtype`` on this CPU (a hardware fact, so cached per process)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -51,12 +63,14 @@ class PackedLinear(nn.Module):
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
 
 
-def panel_kernels(dtype: torch.dtype = torch.float32):
+def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None):
     """The native module when its panel linear can run here in ``dtype`` (float32: an AVX-512 build; bfloat16:
-    also AVX512_BF16) with the switch on, else None."""
-    if not envs.cpu_native_linear():
+    also AVX512_BF16) with the ``cpu_native_linear`` and ``cpu_native_kernels`` switches on (``kernels``; None:
+    the environment's), else None."""
+    kernels = kernels or KernelConfig.from_env()
+    if not kernels.cpu_native_linear:
         return None
-    ops = load_cpu_kernels()
+    ops = cpu_kernels(kernels)
     if ops is None or not ops.panel_linear_available():
         return None
     if dtype == torch.bfloat16:
@@ -116,17 +130,17 @@ def mlp_row_chunk(x: torch.Tensor, gate_up: nn.Module, down: nn.Module) -> int |
     return rows if x.shape[0] >= 2 * rows else None
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
     """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for a packed one; returns how many.
 
     Layers become ``PanelLinear`` where the native panel kernel runs in their dtype, else ``PackedLinear``
-    (oneDNN).
+    (oneDNN); ``kernels`` (None: the environment's) says whether the panel kernel may be used.
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
     more than the matmul) are left alone. Linears that share their weight with another module (tied embeddings)
     keep that weight alive; the others release their unpacked copy.
     """
-    panel_ops = {dtype: panel_kernels(dtype) for dtype in _PACKABLE}
+    panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -134,7 +148,7 @@ def pack_linears(model: nn.Module) -> int:
                     and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE):
                 if panel_ops[child.weight.dtype] is not None:
                     setattr(parent, name, PanelLinear(child, panel_ops[child.weight.dtype]))
-                elif onednn_available():
+                elif onednn_available(child.weight.dtype):
                     setattr(parent, name, PackedLinear(child))
                 else:
                     continue

@@ -4,6 +4,10 @@ The Qwen2 and Qwen3 files reuse these modules with their own switches (bias on q
 Inputs are flat: ``input_ids`` and ``positions`` are ``[num_tokens]``, the attention metadata says which tokens
 belong to which request. The q/k/v and gate/up projections are fused into one matmul each; ``load_weights``
 maps checkpoint names onto the fused parameters.
+
+The code here is plain PyTorch, the same on every device. Kernels for a device (native CPU kernels, Triton on
+CUDA, packed matmuls, the tensor-parallel fused all-reduce + norm) take the place of these modules once, after the
+weights are loaded (``inferneo.model_executor.device_kernels``), not by checks inside ``forward``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,7 @@ import torch
 from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
-from inferneo.kernels.cpu import native_ops_for
-from inferneo.kernels.triton_ops import cuda_ops_for
-from inferneo.model_executor.layers.basic import RMSNorm, silu_and_mul
-from inferneo.model_executor.layers.cpu_linear import mlp_row_chunk
-from inferneo.model_executor.layers.gpu_linear import gate_up_silu
+from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -99,20 +99,20 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
-        qkv = self.qkv_proj(hidden)
-        # The CPU kernels and the CUDA Triton kernels share the in-place rotary signature.
-        native = (native_ops_for(qkv) or cuda_ops_for(qkv)) if self.q_norm is None else None
-        if native is not None:  # rotate q and k in place inside the fused projection output
-            native.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
-                                  self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = self.split_heads(self.qkv_proj(hidden))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.attend(q, k, v, kv_cache, metadata)
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``[T, heads, head_dim]`` of the queries, keys and values in the fused projection output."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if native is None:
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
+        return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+    def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
+        """Attention over the paged cache (which takes the new keys and values), then the output projection."""
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -122,18 +122,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x):
-        activated = gate_up_silu(x, self.gate_up_proj)  # one GPU kernel at batch-1 decode, else None
-        if activated is not None:
-            return self.down_proj(activated)
-        rows = mlp_row_chunk(x, self.gate_up_proj, self.down_proj)
-        if rows is None:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        out = x.new_empty(x.shape[0], self.down_proj.out_features)
-        for start in range(0, x.shape[0], rows):  # a long prompt on CPU: keep the activations in cache
-            self.down_proj(silu_and_mul(self.gate_up_proj(x[start : start + rows])), out=out[start : start + rows])
-        return out
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -156,7 +148,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """A Llama-like causal LM over flat token batches and a paged KV cache."""
+    """A Llama-like causal LM over flat token batches and a paged KV cache.
+
+    What the runner reads of it is :class:`~inferneo.model_executor.models.interface.CausalLM`: ``config``,
+    ``num_kv_heads``, ``cast``, ``forward``, ``compute_logits`` and ``load_weights``.
+    """
 
     # checkpoint name fragment -> (fused parameter fragment, shard index)
     stacked_params = (
@@ -183,6 +179,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads each layer holds: all of them, or this rank's once the model is sharded."""
+        return self.layers[0].self_attn.num_kv_heads
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Parameters to ``dtype``; the rotary tables stay in float32 whatever the model dtype."""
+        self.to(dtype=dtype)
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.float()
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""

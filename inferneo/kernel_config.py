@@ -1,0 +1,77 @@
+"""Which kernels an engine uses: one frozen record per engine, its defaults read from the environment.
+
+Every field is one of the ``INFERNEO_*`` kernel switches (``inferneo.envs``). ``KernelConfig()`` (the same as
+:meth:`KernelConfig.from_env`) takes each field from its environment variable at the moment it is built, so a
+setting exported before the engine starts still works; a field given by name overrides the environment. The
+record travels with the engine (``EngineConfig.kernels``, ``LLM(kernels=KernelConfig(...))``) down to where the
+model is built, so two engines in one process can use different kernels. Only whether the hardware and libraries
+*can* run a kernel is cached per process (the native CPU build, Triton's import, a GPU's compute capability).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from inferneo import envs
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The kernel switches of one engine; each defaults to its ``INFERNEO_*`` environment variable."""
+
+    #: ``INFERNEO_CPU_ONEDNN`` (on): pack CPU linear layers once at load (the native panel kernel where it runs,
+    #: else oneDNN); off, they run as plain PyTorch matmuls (the reference path).
+    cpu_onednn_linear: bool = field(default_factory=envs.cpu_onednn_linear)
+    #: ``INFERNEO_CPU_NATIVE_LINEAR`` (on): packed float32/bfloat16 CPU linears go through the native panel
+    #: kernel where it runs (AVX-512 builds); off, through oneDNN.
+    cpu_native_linear: bool = field(default_factory=envs.cpu_native_linear)
+    #: ``INFERNEO_CPU_KERNELS`` (on): on CPU, the native C++ kernels for paged attention, RMSNorm, rotary and
+    #: SiLU-and-mul; off, PyTorch code (the reference path).
+    cpu_native_kernels: bool = field(default_factory=envs.cpu_native_kernels)
+    #: ``INFERNEO_TRITON_OPS`` (on): on CUDA, fused Triton kernels for RMSNorm, SiLU-and-mul and rotary.
+    triton_ops: bool = field(default_factory=envs.triton_ops)
+    #: ``INFERNEO_TRITON_GEMV`` (on): on CUDA, one-row half-precision linear layers through the Triton GEMV.
+    triton_gemv: bool = field(default_factory=envs.triton_gemv)
+    #: ``INFERNEO_GEMV_SILU`` (on; with the Triton GEMV): a gated MLP's gate/up projection and its SiLU-and-mul
+    #: in one GEMV kernel at one-row decode steps in half precision.
+    gemv_silu: bool = field(default_factory=envs.gemv_silu)
+    #: ``INFERNEO_CUDA_PDL`` (on): the decode-path Triton kernels launch with programmatic dependent launch on
+    #: compute capability 9.0 and later.
+    cuda_pdl: bool = field(default_factory=envs.cuda_pdl)
+    #: ``INFERNEO_PEER_ALL_REDUCE`` (on): at tensor-parallel size > 1 on GPUs that reach each other's memory,
+    #: small all-reduces through peer memory, the one after each row-parallel layer fused with the RMSNorm after it.
+    peer_all_reduce: bool = field(default_factory=envs.peer_all_reduce)
+    #: ``INFERNEO_PEER_PUSH`` (on; with the peer all-reduce): in 16-bit precision the fused all-reduce + RMSNorm
+    #: pushes this rank's rows into the peers' receive buffers instead of a flag barrier and reads.
+    peer_push: bool = field(default_factory=envs.peer_push)
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KernelConfig.{name} must be True or False; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls) -> KernelConfig:
+        """Every switch from its environment variable (read now)."""
+        return cls()
+
+    def pdl_on(self, device: torch.device) -> bool:
+        """Whether decode-path Triton kernels on ``device`` launch with programmatic dependent launch: the switch
+        is on and the device is a CUDA GPU of compute capability 9.0 or later."""
+        return self.cuda_pdl and pdl_capable(device)
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def pdl_capable(device: torch.device) -> bool:
+    """Whether ``device`` can launch kernels with programmatic dependent launch (a CUDA GPU of compute
+    capability 9.0 or later); the capability is asked once per GPU (the hardware does not change)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index] >= (9, 0)

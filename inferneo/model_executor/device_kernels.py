@@ -1,0 +1,209 @@
+"""The device transform: once the model is built and its weights loaded, put the device's kernels in place.
+
+The model files are plain PyTorch (``RMSNorm``, ``SiluAndMul``, an ``Attention`` that rotates q and k with
+``RotaryEmbedding``, an ``MLP`` of two linears). :func:`use_device_kernels` swaps modules for versions that run
+the kernels chosen from the device and the engine's :class:`~inferneo.kernel_config.KernelConfig`, once, so that
+no ``forward`` asks on every call which device its tensors are on:
+
+============================  =========================================  =========================================
+plain module                  CPU (``cpu_native_kernels``)               CUDA (``triton_ops``)
+============================  =========================================  =========================================
+``RMSNorm``                   :class:`NativeRMSNorm`                     :class:`TritonRMSNorm`
+``SiluAndMul``                :class:`NativeSiluAndMul`                  :class:`TritonSiluAndMul`
+``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
+``nn.Linear``                 packed (``cpu_onednn_linear``:             ``DecodeLinear`` (``triton_gemv``):
+                              panel kernel or oneDNN)                    one-row inputs through the Triton GEMV
+``MLP``                       :class:`RowPassMLP` when both linears      :class:`GemvSiluMLP` (``gemv_silu``):
+                              are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row
+============================  =========================================  =========================================
+
+With tensor parallelism and peer memory, the norms after row-parallel layers then become
+``PeerFusedRMSNorm`` (``tensor_parallel.fuse_peer_norms``). Replacements share the parameters of the modules
+they replace (nothing is copied; parameter names do not change).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+
+import torch
+from torch import nn
+
+from inferneo.distributed import TensorParallelGroup
+from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import cpu_kernels
+from inferneo.kernels.triton_ops import triton_ops_for
+from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul, silu_and_mul
+from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
+from inferneo.model_executor.layers.gpu_linear import DecodeGemv, decode_gemv, use_decode_linears
+from inferneo.model_executor.models.llama import MLP, Attention
+from inferneo.model_executor.tensor_parallel import fuse_peer_norms
+
+logger = logging.getLogger(__name__)
+
+
+# ---- norms and the activation ----------------------------------------------------------------------------------
+
+
+class NativeRMSNorm(RMSNorm):
+    """RMSNorm through the native CPU kernel (``residual += x`` in place, then the norm); inputs that are not
+    contiguous take the PyTorch path."""
+
+    def __init__(self, norm: RMSNorm, ops) -> None:
+        nn.Module.__init__(self)
+        self.weight, self.eps, self.ops = norm.weight, norm.eps, ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if not x.is_contiguous():
+            return super().forward(x, residual)
+        if residual is None:
+            return self.ops.rms_norm(x, None, self.weight, self.eps)
+        residual = residual.contiguous()
+        return self.ops.rms_norm(x, residual, self.weight, self.eps), residual  # residual += x in place
+
+
+class TritonRMSNorm(RMSNorm):
+    """RMSNorm as one fused Triton kernel (``residual += x`` in place, then the norm)."""
+
+    def __init__(self, norm: RMSNorm, ops, pdl: bool) -> None:
+        nn.Module.__init__(self)
+        self.weight, self.eps, self.ops, self.pdl = norm.weight, norm.eps, ops, pdl
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.ops.rms_norm(x, residual, self.weight, self.eps, pdl=self.pdl)
+
+
+class NativeSiluAndMul(SiluAndMul):
+    """SiLU-and-mul through the native CPU kernel (contiguous inputs; others take the PyTorch path)."""
+
+    def __init__(self, ops) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.silu_and_mul(x) if x.is_contiguous() else silu_and_mul(x)
+
+
+class TritonSiluAndMul(SiluAndMul):
+    """SiLU-and-mul as one Triton kernel."""
+
+    def __init__(self, ops, pdl: bool) -> None:
+        super().__init__()
+        self.ops, self.pdl = ops, pdl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.silu_and_mul(x, pdl=self.pdl)
+
+
+# ---- attention and the MLP ---------------------------------------------------------------------------------------
+
+
+def _adopt(cls: type[nn.Module], module: nn.Module, **extra) -> nn.Module:
+    """A ``cls`` (a subclass of ``module``'s class) holding ``module``'s state: the same parameters, children and
+    settings, plus ``extra`` plain attributes."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new.__dict__.update(extra)
+    return new
+
+
+class InplaceRotaryAttention(Attention):
+    """Attention whose rotary embedding runs as one kernel, in place on the fused q/k/v projection output (the CPU
+    kernel and the Triton kernel share this signature). Only for layers without q/k norms."""
+
+    rotary_inplace = None  # set by ``use_device_kernels``: ``ops.rotary_inplace`` with its launch options
+
+    def forward(self, positions, hidden, kv_cache, metadata):
+        qkv = self.qkv_proj(hidden)
+        self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                            self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = self.split_heads(qkv)
+        return self.attend(q, k, v, kv_cache, metadata)
+
+
+class RowPassMLP(MLP):
+    """A CPU MLP over packed linears: long prompts run in passes of rows whose gate/up activation stays in cache
+    (``cpu_linear.mlp_row_chunk``); shorter inputs run in one pass."""
+
+    def forward(self, x):
+        rows = mlp_row_chunk(x, self.gate_up_proj, self.down_proj)
+        if rows is None:
+            return super().forward(x)
+        out = x.new_empty(x.shape[0], self.down_proj.out_features)
+        for start in range(0, x.shape[0], rows):
+            self.down_proj(self.act_fn(self.gate_up_proj(x[start : start + rows])), out=out[start : start + rows])
+        return out
+
+
+class GemvSiluMLP(MLP):
+    """A GPU MLP whose gate/up projection and SiLU-and-mul run as one GEMV kernel for a one-row input in half
+    precision (a batch-1 decode step); other inputs project, then activate."""
+
+    gemv: DecodeGemv | None = None  # set by ``use_device_kernels``
+
+    def forward(self, x):
+        if self.gemv.applies(x, self.gate_up_proj.weight):
+            return self.down_proj(self.gemv.silu_mul(x, self.gate_up_proj.weight))
+        return super().forward(x)
+
+
+# ---- the transform -----------------------------------------------------------------------------------------------
+
+
+def _swap_children(model: nn.Module, replace) -> None:
+    """``setattr(parent, name, replace(child))`` for every child where ``replace`` returns a module."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = replace(child)
+            if new is not None:
+                setattr(parent, name, new)
+
+
+def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelConfig,
+                       tp: TensorParallelGroup | None = None) -> Counter:
+    """Swap the plain modules of a built model with loaded weights for the kernels of ``device`` that ``kernels``
+    allows (see the module doc), then fuse the tensor-parallel all-reduces into the norms where ``tp`` has peer
+    memory. Call once. Returns how many modules of each class the model holds afterwards."""
+    ops = norm = act = rotary = None
+    if device.type == "cpu":
+        ops = cpu_kernels(kernels)
+        if ops is not None:
+            norm = functools.partial(NativeRMSNorm, ops=ops)
+            act, rotary = functools.partial(NativeSiluAndMul, ops), ops.rotary_inplace
+    elif device.type == "cuda":
+        pdl = kernels.pdl_on(device)
+        ops = triton_ops_for(device, kernels)
+        if ops is not None:
+            norm = functools.partial(TritonRMSNorm, ops=ops, pdl=pdl)
+            act = functools.partial(TritonSiluAndMul, ops, pdl)
+            rotary = functools.partial(ops.rotary_inplace, pdl=pdl)
+    if ops is not None:
+        _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
+        _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
+                       if type(m) is Attention and m.q_norm is None else None)
+
+    # Linear layers, then the MLPs whose path depends on them.
+    if device.type == "cpu" and kernels.cpu_onednn_linear:
+        pack_linears(model, kernels)
+        packed = (PanelLinear, PackedLinear)
+        _swap_children(model, lambda m: _adopt(RowPassMLP, m) if type(m) is MLP and isinstance(m.gate_up_proj, packed)
+                       and isinstance(m.down_proj, packed) else None)
+    elif device.type == "cuda":
+        gemv = decode_gemv(device, kernels)
+        use_decode_linears(model, gemv)
+        if gemv is not None and gemv.silu:
+            _swap_children(model, lambda m: _adopt(GemvSiluMLP, m, gemv=gemv)
+                           if type(m) is MLP and m.gate_up_proj.bias is None else None)
+
+    if tp is not None:
+        fuse_peer_norms(model, tp)
+    counts = Counter(type(module).__name__ for module in model.modules())
+    logger.info("kernels on %s: %s", device, ", ".join(f"{counts[name]} {name}" for name in sorted(counts)
+                                                      if name in _REPORTED) or "PyTorch modules only")
+    return counts
+
+
+_REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
+             "RowPassMLP", "GemvSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

@@ -1,0 +1,38 @@
+"""What the model runner asks of a model: a small, explicit interface instead of reaching into its layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from inferneo.attention import AttentionMetadata
+from inferneo.model_executor.models.llama import DecoderConfig
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A causal LM the runner can drive (``LlamaForCausalLM`` and its subclasses are one).
+
+    ``config`` gives the architecture (layers, head size, hidden size, vocabulary); ``num_kv_heads`` the key/value
+    heads each layer's cache holds on this rank.
+    """
+
+    config: DecoderConfig
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Move the parameters to the compute dtype (buffers that must stay float32 stay so)."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` for a flat batch; writes the new tokens' keys and values."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of ``hidden``; None on tensor-parallel ranks other than the driver."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded."""

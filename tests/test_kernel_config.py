@@ -1,0 +1,78 @@
+"""KernelConfig: the kernel switches of one engine, defaulting to the environment when built."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+
+from inferneo import envs
+from inferneo.config import EngineConfig
+from inferneo.kernel_config import KernelConfig
+
+SWITCHES = {
+    "cpu_onednn_linear": "INFERNEO_CPU_ONEDNN",
+    "cpu_native_linear": "INFERNEO_CPU_NATIVE_LINEAR",
+    "cpu_native_kernels": "INFERNEO_CPU_KERNELS",
+    "triton_ops": "INFERNEO_TRITON_OPS",
+    "triton_gemv": "INFERNEO_TRITON_GEMV",
+    "gemv_silu": "INFERNEO_GEMV_SILU",
+    "cuda_pdl": "INFERNEO_CUDA_PDL",
+    "peer_all_reduce": "INFERNEO_PEER_ALL_REDUCE",
+    "peer_push": "INFERNEO_PEER_PUSH",
+}
+
+
+def test_one_field_per_environment_switch():
+    assert [f.name for f in dataclasses.fields(KernelConfig)] == list(SWITCHES)
+    for name in SWITCHES:
+        assert callable(getattr(envs, name))  # each field's default is the envs function of the same name
+
+
+@pytest.mark.parametrize("field", list(SWITCHES))
+def test_each_field_defaults_to_its_variable_read_when_built(monkeypatch, field):
+    monkeypatch.delenv(SWITCHES[field], raising=False)
+    before = KernelConfig()
+    assert getattr(before, field) is True
+    monkeypatch.setenv(SWITCHES[field], "0")
+    after = KernelConfig.from_env()
+    assert getattr(after, field) is False and getattr(before, field) is True  # built earlier: unchanged
+    assert getattr(KernelConfig(**{field: True}), field) is True  # a field given by name wins over the environment
+    others = {name for name in SWITCHES if name != field}
+    assert all(getattr(after, name) == getattr(before, name) for name in others)
+
+
+def test_frozen_checked_and_picklable():
+    kernels = KernelConfig(triton_ops=False, cuda_pdl=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kernels.triton_ops = True
+    with pytest.raises(TypeError, match="triton_gemv must be True or False"):
+        KernelConfig(triton_gemv="no")
+    assert pickle.loads(pickle.dumps(kernels)) == kernels  # it travels to engine and tensor-parallel processes
+
+
+def test_engine_config_carries_the_kernels(monkeypatch):
+    monkeypatch.setenv("INFERNEO_CPU_KERNELS", "0")
+    assert EngineConfig().kernels.cpu_native_kernels is False
+    assert EngineConfig(kernels=KernelConfig(cpu_native_kernels=True)).kernels.cpu_native_kernels is True
+
+
+def test_pdl_only_on_cuda_with_the_switch_on():
+    assert not KernelConfig(cuda_pdl=True).pdl_on(torch.device("cpu"))
+    assert not KernelConfig(cuda_pdl=False).pdl_on(torch.device("cuda", 0))  # asks no GPU when switched off
+
+
+def test_model_files_are_plain_pytorch():
+    """Device kernels are swapped in by ``device_kernels`` once; the model files neither import kernels nor know
+    of the tensor-parallel partial sums."""
+    import inspect
+
+    from inferneo.model_executor.layers import basic, rotary
+    from inferneo.model_executor.models import llama, qwen
+
+    for module in (llama, qwen, basic, rotary):
+        source = inspect.getsource(module)
+        for word in ("inferneo.kernels", "PartialSum", "is_cuda", "device.type", "envs"):
+            assert word not in source, (module.__name__, word)
