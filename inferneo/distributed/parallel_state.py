@@ -73,9 +73,11 @@ def get_tp_group() -> TensorParallelGroup:
     return _TP
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
-                         timeout: datetime.timedelta | None = None) -> TensorParallelGroup:
-    """Join the group of ``world_size`` ranks rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``).
+def init_tensor_parallel(rank: int, world_size: int, init_method: str | None, device: torch.device,
+                         timeout: datetime.timedelta | None = None,
+                         store: dist.Store | None = None) -> TensorParallelGroup:
+    """Join the group of ``world_size`` ranks rendezvousing at ``init_method`` (e.g. ``tcp://127.0.0.1:PORT``),
+    or through ``store``, a store every rank already reaches (then ``init_method`` is None).
 
     ``timeout`` bounds how long a collective waits for a missing rank before it fails.
     """
@@ -85,7 +87,11 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
         if device.type == "cuda":
             torch.cuda.set_device(device)
         kwargs = {} if timeout is None else {"timeout": timeout}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        if store is not None:
+            kwargs["store"] = store
+        else:
+            kwargs["init_method"] = init_method
+        dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
         group = dist.group.WORLD
         _TP = TensorParallelGroup(rank, world_size, group, PeerAllReduce.create(group, device, world_size))
     else:

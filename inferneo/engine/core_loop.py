@@ -95,8 +95,8 @@ class CoreLoop:
     def turn(self, with_snapshot: bool = True) -> StepOutputs:
         """One step if there is work (a failed step fails its batch); what it produced and what failed.
 
-        Raises ``EngineDeadError`` (after recording the batch's failures) when steps keep failing or a
-        tensor-parallel worker has died: no later step could succeed.
+        Raises (after recording the batch's failures) ``EngineDeadError`` when steps keep failing, or the
+        ``WorkerDiedError`` of a tensor-parallel worker that has died: no later step could succeed.
         """
         outputs: list[CoreOutput] = []
         if self.core.has_unfinished_requests():
@@ -134,7 +134,7 @@ class CoreLoop:
         core.scheduler.kv_cache.check_integrity(list(core.scheduler.requests.values()))
         died = self._worker_death(exc)
         if died is not None:  # no later step can succeed without that rank
-            raise EngineDeadError(f"a tensor-parallel worker died: {died}") from died
+            raise died
         if self._consecutive_failures >= self.max_consecutive_step_failures:
             raise EngineDeadError(f"{self._consecutive_failures} engine steps failed in a row") from exc
 
@@ -158,8 +158,8 @@ class CoreLoop:
         """Serve commands until a shut-down command or until the front end is gone.
 
         Steps while there is work, taking every command that arrived before each step; idles on the inbox
-        otherwise. ``emit`` gets every turn that produced outputs, failures or took commands. Raises
-        ``EngineDeadError`` (and the failures of the last turn are emitted first) when the core cannot go on.
+        otherwise. ``emit`` gets every turn that produced outputs, failures or took commands. Raises what
+        stopped the core (after emitting the failures of the last turn) when it cannot go on.
         """
         try:
             while not self.stopped:
@@ -177,7 +177,7 @@ class CoreLoop:
                 step = self.turn()
                 if step.outputs or step.failures or commands:
                     emit(step)
-        except EngineDeadError:
+        except Exception:  # the core cannot go on: the last turn's failures go out first
             failures = self.take_failures()
             if failures:
                 emit(StepOutputs([], failures, self._num_taken, self.core.snapshot()))

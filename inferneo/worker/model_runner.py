@@ -32,6 +32,7 @@ from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
+from inferneo.worker.runner_api import Runner
 from inferneo.worker.staging import InputStager
 from inferneo.worker.step_inputs import (
     PackedStep,
@@ -114,7 +115,7 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-class ModelRunner:
+class ModelRunner(Runner):
     """Builds the model on its device and executes scheduled steps.
 
     ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. ``tp_group``

@@ -7,8 +7,16 @@ usual, sends the packed buffer down a pipe to every worker, and runs its own sha
 sharded layers keep the ranks in lockstep, and the logits are gathered on the driver, which samples.
 
 Workers are daemon processes started with ``spawn`` (they inherit the environment, so NCCL settings such as
-``NCCL_NVLS_ENABLE=0`` hold there too). A worker that dies is noticed before the next step and turns into an
-error that stops the engine, rather than a hang; ``shutdown`` stops the workers and reaps them.
+``NCCL_NVLS_ENABLE=0`` hold there too). Start-up runs in steps the driver watches: the driver owns the
+rendezvous store; each worker checks in there, then all ranks form the group, then each worker builds its shard
+and reports "ready" down its pipe. While it waits for the check-ins and the reports, the driver also watches
+the worker processes, so a worker that dies while starting (``spawn`` could not re-import the main module, its
+shard did not fit, ...) becomes a ``WorkerDiedError`` within a fraction of a second instead of a store timeout.
+A worker that dies later is noticed before the next step and turns into an error that stops the engine, rather
+than a hang; ``shutdown`` stops the workers and reaps them.
+
+:class:`TensorParallelRunner` implements :class:`~inferneo.worker.runner_api.Runner` member by member; each
+member says whether it runs on every rank or only the driver.
 """
 
 from __future__ import annotations
@@ -19,31 +27,48 @@ import faulthandler
 import logging
 import multiprocessing as mp
 import signal
-import socket
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
 
 import torch
+import torch.distributed as dist
 
 from inferneo import envs
 from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
 from inferneo.kernel_config import KernelConfig
-from inferneo.worker.model_runner import ModelRunner, RemoteStep
+from inferneo.worker.model_runner import InFlightStep, ModelRunner, RemoteStep, RunnerOutput
+from inferneo.worker.runner_api import Runner, driver_only, every_rank
+from inferneo.worker.step_inputs import StepRecord
 
 logger = logging.getLogger(__name__)
 
 _TIMEOUT = datetime.timedelta(seconds=120)  # a collective that waits this long means a rank is gone
+_POLL_S = 0.05  # while starting, how often the driver looks at the store between exits of worker processes
+
+_SPAWN_HINT = (
+    "Workers are started with multiprocessing's 'spawn' method, which imports the program's main module again "
+    "in every worker: run the program from a file (not from standard input) and put the code that builds the "
+    "engine under `if __name__ == \"__main__\":`. The worker's own error, if any, was printed above."
+)
 
 
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process exited."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _joined_key(rank: int) -> str:
+    return f"inferneo/tp/joined/{rank}"
+
+
+def _exited(proc: mp.Process) -> str:
+    """How ``proc`` ended, for a message: "exited with code 1", "exited with code -9 (killed by SIGKILL)"."""
+    proc.join(timeout=1)  # its pipes close a moment before its exit status can be read
+    code = proc.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"exited with code {code} (killed by {signal.Signals(-code).name})"
+    return f"exited with code {code}"
 
 
 def _rank_device(device: torch.device, rank: int) -> torch.device:
@@ -51,7 +76,8 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
-    """A worker's life: join the group, build the shard, then obey the driver's messages until "stop"."""
+    """A worker's life: check in at the driver's store, join the group, build the shard, report "ready", then
+    obey the driver's messages until "stop"."""
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker>` prints its threads' stacks: the tool for a stalled rank
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     device = _rank_device(runner_kwargs["device"], rank)
@@ -59,11 +85,19 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
     else:
         runner_kwargs.pop("num_threads", None)
-    group = init_tensor_parallel(rank, world, f"tcp://127.0.0.1:{port}", device, timeout=_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_TIMEOUT)
+    store.set(_joined_key(rank), "1")  # the driver waits for every rank's check-in before it forms the group
+    group = init_tensor_parallel(rank, world, None, device, timeout=_TIMEOUT, store=store)
     runner = None
     timing = _StepTiming(rank) if envs.tp_timing() else None
     try:
-        runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
+        try:
+            runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
+        except Exception:  # the driver raises it; this rank just leaves (the driver stops the others)
+            conn.send(("error", traceback.format_exc()))
+            destroy_tensor_parallel(abort=True)
+            return
+        conn.send(("ok", None))  # ready
         if timing is not None:
             timing.watch_staging(runner)
         while True:
@@ -151,8 +185,13 @@ def _set_up(runner: ModelRunner, kind: str, arg):
     return None
 
 
-class TensorParallelRunner:
-    """A ModelRunner for rank 0 of ``world_size`` ranks, driving the other ranks' workers."""
+class TensorParallelRunner(Runner):
+    """The :class:`Runner` for rank 0 of ``world_size`` ranks, driving the other ranks' workers.
+
+    Every interface member is defined here, none is forwarded implicitly, and each is marked: ``every_rank``
+    (the workers are told first, then the driver does the same on its shard) or ``driver_only`` (rank 0 alone
+    answers; the ranks agree on it).
+    """
 
     def __init__(self, world_size: int, model: str, num_threads: int | None = None, **runner_kwargs) -> None:
         device = runner_kwargs["device"]
@@ -164,68 +203,105 @@ class TensorParallelRunner:
         self._device = device
         # One set of kernel switches for every rank, read here when the engine gave none.
         runner_kwargs["kernels"] = runner_kwargs.get("kernels") or KernelConfig.from_env()
-        port = _free_port()
-        ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []
-        for rank in range(1, world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
-                               args=(rank, world_size, port, dict(runner_kwargs, num_threads=num_threads), child))
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        self._joined = False
+        # The driver owns the rendezvous store (port 0: the system picks a free one), so that it can watch the
+        # workers check in instead of blocking inside ``init_process_group`` until a timeout.
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
         try:
-            group = init_tensor_parallel(0, world_size, f"tcp://127.0.0.1:{port}", _rank_device(device, 0),
-                                         timeout=_TIMEOUT)
+            for rank in range(1, world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
+                                   args=(rank, world_size, store.port, dict(runner_kwargs, num_threads=num_threads),
+                                         child))
+                proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+            self._wait_for_check_ins(store)
+            group = init_tensor_parallel(0, world_size, None, _rank_device(device, 0), timeout=_TIMEOUT, store=store)
+            self._joined = True
             self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group))
+            self._gather(starting=True)  # every worker built its shard: "ready"
         except BaseException:
-            self.shutdown()
+            self._abandon_start()
             raise
         self.driver.step_listener = self._send_step
         logger.info("tensor parallel: %d ranks (driver + %d workers); small all-reduces through %s", world_size,
                     world_size - 1, "peer memory" if group.peer is not None else "NCCL")
 
-    # ---- the ModelRunner surface -------------------------------------------------------------------------
+    # ---- the Runner interface ----------------------------------------------------------------------------
 
-    def __getattr__(self, name):  # model_config, backend, device, num_blocks, ...: the driver's
-        if name == "driver":
-            raise AttributeError(name)
-        return getattr(self.driver, name)
+    @property
+    @driver_only
+    def model_config(self):
+        """The model's shape (the same on every rank)."""
+        return self.driver.model_config
 
+    @property
+    @driver_only
+    def backend(self):
+        """The attention backend (every rank uses the same)."""
+        return self.driver.backend
+
+    @property
+    @driver_only
+    def decode_buckets(self) -> list[int]:
+        """The decode batch sizes the driver pads to; the workers follow the bucket the driver sends."""
+        return self.driver.decode_buckets
+
+    @property
+    @driver_only
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of one KV block on each rank (every rank holds the same number of heads)."""
+        return self.driver.kv_bytes_per_block
+
+    @every_rank
     def load_weights(self, weights) -> None:
+        """Each worker reads its own slices from the checkpoint; the driver loads from ``weights``."""
         self._broadcast("load", self._model)
         self.driver.load_weights(weights)
         self._gather()
 
+    @every_rank
     def init_dummy_weights(self, seed: int = 0) -> None:
         self._broadcast("dummy", seed)
         self.driver.init_dummy_weights(seed)
         self._gather()
 
+    @every_rank
     def finalize_weights(self) -> None:
         self._broadcast("finalize", None)
         self.driver.finalize_weights()
         self._gather()
 
-    @property
-    def kv_bytes_per_block(self) -> int:
-        return self.driver.kv_bytes_per_block
-
+    @every_rank
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
+        """The smallest budget of all ranks: every rank holds the same number of blocks."""
         self._broadcast("profile", (max_num_batched_tokens, gpu_memory_utilization))
         own = self.driver.profile_kv_memory(max_num_batched_tokens, gpu_memory_utilization)
-        return min([own, *self._gather()])  # every rank holds the same number of blocks
+        return min([own, *self._gather()])
 
+    @every_rank
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._broadcast("allocate", num_blocks)
         self.driver.allocate_kv_cache(num_blocks)
         self._gather()
 
-    def execute(self, sched):
-        return self.driver.execute(sched)
+    @every_rank
+    def execute(self, step: StepRecord) -> RunnerOutput:
+        """The driver packs the step and sends it to the workers (its ``step_listener``) before running its own
+        shard; the tokens are sampled on the driver."""
+        return self.driver.execute(step)
 
+    @every_rank
+    def launch(self, step: StepRecord, previous: InFlightStep | None = None) -> InFlightStep:
+        """As ``execute``, without waiting for the sampled tokens."""
+        return self.driver.launch(step, previous)
+
+    @every_rank
     def shutdown(self) -> None:
         """Stop the workers (waiting briefly, then terminating) and leave the group."""
         all_alive = all(proc.is_alive() for proc in self._procs)
@@ -245,6 +321,7 @@ class TensorParallelRunner:
                 proc.join(timeout=5)
         self._conns, self._procs = [], []
 
+    @driver_only
     def check_workers(self, timeout: float = 0.0) -> None:
         """Raise WorkerDiedError if a worker has exited, after waiting up to ``timeout`` s for one to exit (a
         collective fails as soon as a peer's sockets close, which can be a moment before that peer is reaped)."""
@@ -252,12 +329,44 @@ class TensorParallelRunner:
             wait([proc.sentinel for proc in self._procs], timeout)
         self._check_alive()
 
+    # ---- start-up ----------------------------------------------------------------------------------------
+
+    def _wait_for_check_ins(self, store: dist.TCPStore) -> None:
+        """Wait until every worker has reached the store, raising as soon as one of them exits instead."""
+        keys = [_joined_key(rank) for rank in range(1, self.world_size)]
+        exits = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)}
+        deadline = time.monotonic() + _TIMEOUT.total_seconds()
+        while not store.check(keys):
+            exited = wait(list(exits), _POLL_S)
+            if exited:
+                rank = min(exits[sentinel] for sentinel in exited)
+                raise WorkerDiedError(f"tensor-parallel worker {rank} {_exited(self._procs[rank - 1])} while "
+                                      f"starting, before it joined the group. {_SPAWN_HINT}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel workers did not start within {_TIMEOUT.total_seconds():.0f} s")
+
+    def _abandon_start(self) -> None:
+        """Start-up failed: stop every worker at once (none has anything to save) and leave the group."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        if self._joined:  # leave only a group this runner joined (not another engine's)
+            destroy_tensor_parallel(abort=True)
+        self._conns, self._procs = [], []
+
     # ---- messages ----------------------------------------------------------------------------------------
 
     def _check_alive(self) -> None:
         for rank, proc in enumerate(self._procs, start=1):
             if not proc.is_alive():
-                raise WorkerDiedError(f"tensor-parallel worker {rank} exited with code {proc.exitcode}")
+                raise WorkerDiedError(f"tensor-parallel worker {rank} {_exited(proc)}")
 
     def _send_step(self, step: RemoteStep) -> None:
         self._broadcast("step", step)
@@ -270,14 +379,29 @@ class TensorParallelRunner:
             except OSError as exc:
                 raise WorkerDiedError(f"lost a tensor-parallel worker: {exc}") from exc
 
-    def _gather(self) -> list:
-        results = []
-        for rank, conn in enumerate(self._conns, start=1):
-            try:
-                status, value = conn.recv()
-            except EOFError as exc:
-                raise WorkerDiedError(f"tensor-parallel worker {rank} exited during set-up") from exc
-            if status == "error":
-                raise RuntimeError(f"tensor-parallel worker {rank} failed during set-up:\n{value}")
-            results.append(value)
-        return results
+    def _gather(self, starting: bool = False) -> list:
+        """Every worker's answer to the last message, in rank order. The worker processes are watched meanwhile:
+        one that exits instead of answering raises WorkerDiedError at once."""
+        when = "while starting (building its shard of the model)" if starting else "during set-up"
+        ranks = {conn: rank for rank, conn in enumerate(self._conns, start=1)}
+        exits = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)}
+        results: dict[int, object] = {}
+        while len(results) < len(ranks):
+            ready = wait([conn for conn, rank in ranks.items() if rank not in results] + list(exits))
+            for conn in ready:
+                if conn not in ranks:
+                    continue
+                rank = ranks[conn]
+                try:
+                    status, value = conn.recv()
+                except EOFError:
+                    raise WorkerDiedError(f"tensor-parallel worker {rank} {_exited(self._procs[rank - 1])} "
+                                          f"{when}") from None
+                if status == "error":
+                    raise RuntimeError(f"tensor-parallel worker {rank} failed {when}:\n{value}")
+                results[rank] = value
+            for sentinel in ready:
+                if sentinel in exits:  # answers it sent before exiting were read above
+                    rank = exits[sentinel]
+                    raise WorkerDiedError(f"tensor-parallel worker {rank} {_exited(self._procs[rank - 1])} {when}")
+        return [results[rank] for rank in sorted(results)]
