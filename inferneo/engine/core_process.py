@@ -2,7 +2,9 @@
 
 Commands arrive as msgpack-encoded lists of :data:`~inferneo.engine.protocol.CoreCommand`; every message back is
 one encoded :data:`~inferneo.engine.protocol.CoreMessage`: ``CoreInfo`` once the model is loaded (or
-``CoreStartFailed``), then a ``StepOutputs`` per turn, and ``CoreDead`` if the loop fails for good. The child
+``CoreStartFailed``), then a ``StepOutputs`` per turn, and ``CoreDead`` if the loop fails for good. Messages
+are encoded and written by a thread of their own (:class:`PipeWriter`), so the loop never waits for a busy front
+end to drain the pipe: it goes on stepping while the front end catches up. The child
 exits on a ``Shutdown`` command, when the parent's end of the pipe closes, or when the parent disappears, so it
 never outlives the server.
 """
@@ -12,13 +14,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
+import threading
 from multiprocessing.connection import Connection
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_builder import build_engine_core, shutdown_core
 from inferneo.engine.core_loop import CoreLoop
-from inferneo.engine.protocol import COMMAND_DECODER, CoreCommand, CoreDead, CoreStartFailed, encode
+from inferneo.engine.protocol import (
+    COMMAND_DECODER,
+    CoreCommand,
+    CoreDead,
+    CoreMessage,
+    CoreStartFailed,
+    encode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +54,31 @@ class PipeInbox:
         return os.getppid() == self._parent_pid
 
 
+class PipeWriter:
+    """Encodes and sends messages to the parent from a thread of its own, in order."""
+
+    def __init__(self, messages: Connection) -> None:
+        self._messages = messages
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inferneo-core-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, message: CoreMessage) -> None:
+        self._queue.put(message)
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                self._messages.send_bytes(encode(message))
+            except OSError:  # the parent is gone; the loop notices on its side
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
 def run_engine_core(config: EngineConfig, commands: Connection, messages: Connection,
                     max_consecutive_step_failures: int = 3, log_level: int = logging.INFO) -> None:
     """The child process's entry point (spawned by ``ProcessCoreClient``)."""
@@ -57,13 +93,15 @@ def run_engine_core(config: EngineConfig, commands: Connection, messages: Connec
         return
     messages.send_bytes(encode(info))
     loop = CoreLoop(core, max_consecutive_step_failures)
+    writer = PipeWriter(messages)
     try:
-        loop.run(PipeInbox(commands, parent), lambda step: messages.send_bytes(encode(step)))
+        loop.run(PipeInbox(commands, parent), writer.put)
     except (EOFError, OSError):
         logger.info("the front end went away; the engine core stops")
     except BaseException as exc:
         logger.exception("the engine core failed")
-        with contextlib.suppress(OSError):
-            messages.send_bytes(encode(CoreDead(repr(exc))))
+        writer.put(CoreDead(repr(exc)))
     finally:
+        with contextlib.suppress(Exception):
+            writer.close()
         shutdown_core(core)  # tensor-parallel workers, if any
