@@ -24,7 +24,8 @@ from offline_throughput import emit_json
 from torch import nn
 
 from inferneo.kernels.cpu import load_cpu_kernels
-from inferneo.model_executor.layers.basic import silu_and_mul
+from inferneo.model_executor.device_kernels import NativeSiluAndMul
+from inferneo.model_executor.layers.basic import SiluAndMul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, panel_kernels
 
 
@@ -77,6 +78,8 @@ def mlp_rows(args, dtype: torch.dtype) -> list[dict]:
         layer = layer.to(dtype)
         return PanelLinear(layer, ops) if ops is not None else PackedLinear(layer)
 
+    native = load_cpu_kernels()
+    silu_and_mul = NativeSiluAndMul(native) if native is not None else SiluAndMul()  # as the engine puts in place
     hidden, inter = args.hidden, args.intermediate
     layers = [(pack(nn.Linear(hidden, 2 * inter, bias=False)), pack(nn.Linear(inter, hidden, bias=False)))
               for _ in range(args.layers)]
