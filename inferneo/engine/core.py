@@ -13,7 +13,8 @@ from inferneo.engine.protocol import CoreOutput, EngineSnapshot
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
 from inferneo.sampling.metadata import min_tokens_banned
-from inferneo.worker.model_runner import InFlightStep, ModelRunner, RunnerOutput
+from inferneo.worker.model_runner import InFlightStep, RunnerOutput
+from inferneo.worker.runner_api import Runner
 from inferneo.worker.step_inputs import ScheduledSequence, StepRecord
 
 
@@ -44,7 +45,7 @@ class EngineCore:
     step in flight first.
     """
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, max_model_len: int,
+    def __init__(self, runner: Runner, scheduler: Scheduler, max_model_len: int,
                  async_scheduling: bool = False):
         self.runner = runner
         self.scheduler = scheduler

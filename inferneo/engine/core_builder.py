@@ -21,6 +21,7 @@ from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
 from inferneo.worker.model_runner import ModelRunner
+from inferneo.worker.runner_api import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager,
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels)
+    runner: Runner
     if config.tensor_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
 
@@ -87,10 +89,8 @@ def shutdown_core(core: EngineCore) -> None:
     _shutdown(core.runner)
 
 
-def _shutdown(runner) -> None:
-    stop = getattr(runner, "shutdown", None)
-    if stop is not None:
-        stop()
+def _shutdown(runner: Runner) -> None:
+    runner.shutdown()
 
 
 def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:

@@ -59,8 +59,8 @@ class CoreLoop:
         self._consecutive_failures = 0
         self._num_taken = 0  # sequences taken in so far
         self._failures: list[RequestFailure] = []
-        # Tensor-parallel runners can tell whether a worker process died; others have nothing to check.
-        self._check_workers: Callable[..., None] | None = getattr(core.runner, "check_workers", None)
+        # Tensor-parallel runners can tell whether a worker process died; for others this is a no-op.
+        self._check_workers: Callable[..., None] = core.runner.check_workers
 
     # ---- commands ------------------------------------------------------------------------------------------
 
@@ -144,8 +144,6 @@ class CoreLoop:
 
         if isinstance(exc, WorkerDiedError):
             return exc
-        if self._check_workers is None:
-            return None
         try:
             self._check_workers(timeout=1.0)  # returns at once if one has exited, else after the timeout
         except WorkerDiedError as died:
@@ -167,8 +165,7 @@ class CoreLoop:
                     while not inbox.wait(IDLE_POLL_S):
                         if not inbox.front_end_alive():
                             return
-                        if self._check_workers is not None:
-                            self._check_workers()  # a worker that died while idle stops the engine now
+                        self._check_workers()  # a worker that died while idle stops the engine now
                 commands = inbox.take()
                 for command in commands:
                     self.handle(command)
