@@ -16,7 +16,7 @@ _CLIENT_NAMES = frozenset({
     "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
 })
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
+__all__ = ["LLM", "KernelConfig", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
            *sorted(_CLIENT_NAMES)]
 
 
@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from inferneo.entrypoints.llm import LLM
 
         return LLM
+    if name == "KernelConfig":
+        from inferneo.kernel_config import KernelConfig
+
+        return KernelConfig
     if name in _CLIENT_NAMES:
         import inferneo.client
 
