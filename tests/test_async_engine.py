@@ -296,3 +296,25 @@ def test_http_503_once_the_engine_is_dead(llm):
     assert first.status_code == 500
     assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
     assert after.status_code == 503 and after.headers["Retry-After"]
+
+
+def test_deltas_that_pile_up_are_gathered_into_one():
+    """What a slow reader of a group gets: consecutive deltas as one (text joined, tokens and logprobs appended,
+    the finish of the last), and the server's non-streaming answer is assembled the same way."""
+    from inferneo.engine.request_group import gather_deltas
+    from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
+
+    def delta(choices, finished=False):
+        return RequestOutput("r", None, [1, 2], [CompletionOutput(i, t, ids, -1.0 * len(ids), lps, reason)
+                                                 for i, t, ids, lps, reason in choices], finished, 3)
+
+    first = delta([(0, "he", [5], [{5: Logprob(-0.5)}], None), (1, "x", [9], None, None)])
+    second = delta([(0, "llo", [6, 7], [{6: Logprob(-0.1)}, {7: Logprob(-0.2)}], "stop")])
+    third = delta([(1, "y", [8], None, "length")], finished=True)
+    whole = gather_deltas([first, second, third])
+    assert whole.finished and whole.num_cached_tokens == 3 and [c.index for c in whole.outputs] == [0, 1]
+    zero, one = whole.outputs
+    assert (zero.text, zero.token_ids, zero.finish_reason) == ("hello", [5, 6, 7], "stop")
+    assert [next(iter(e)) for e in zero.logprobs] == [5, 6, 7] and zero.cumulative_logprob == -2.0
+    assert (one.text, one.token_ids, one.logprobs, one.finish_reason) == ("xy", [9, 8], None, "length")
+    assert first.outputs[0].token_ids == [5]  # the deltas themselves are left as they were

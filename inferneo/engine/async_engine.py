@@ -25,7 +25,7 @@ from typing import Protocol
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
-from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, RequestLimits
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import (
     AbortRequests,
@@ -79,7 +79,7 @@ class AsyncEngine(FrontEndFacts):
                  max_consecutive_step_failures: int = 3) -> None:
         self.client = client
         self.info = client.info
-        self.input = InputProcessor(tokenizer, generation_config, RequestLimits.of(client.info))
+        self.input = InputProcessor(tokenizer, generation_config, client.info)
         self.max_queued_requests = max_queued_requests
         self.observer = observer
         self.max_consecutive_step_failures = max_consecutive_step_failures
@@ -142,10 +142,6 @@ class AsyncEngine(FrontEndFacts):
         self._die(None)
 
     # ---- requests ----------------------------------------------------------------------------------------
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> int:
-        """Raise InvalidRequestError for a request the engine would refuse; returns its token budget."""
-        return self.input.check(prompt_token_ids, params, param)
 
     def submit(self, requests: list[EngineRequest], param: str = "prompt") -> RequestGroup:
         """Queue requests to run together (call from the event loop). Raises at once, queueing nothing, with

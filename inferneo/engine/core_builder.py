@@ -63,7 +63,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
         runner.allocate_kv_cache(num_blocks)
     except BaseException:
-        _shutdown(runner)
+        runner.shutdown()
         raise
     kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(kv_cache, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
@@ -86,11 +86,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
 
 def shutdown_core(core: EngineCore) -> None:
     """Stop the core's helper processes (tensor-parallel workers); it cannot step afterwards."""
-    _shutdown(core.runner)
-
-
-def _shutdown(runner: Runner) -> None:
-    runner.shutdown()
+    core.runner.shutdown()
 
 
 def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:

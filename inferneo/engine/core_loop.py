@@ -59,8 +59,6 @@ class CoreLoop:
         self._consecutive_failures = 0
         self._num_taken = 0  # sequences taken in so far
         self._failures: list[RequestFailure] = []
-        # Tensor-parallel runners can tell whether a worker process died; for others this is a no-op.
-        self._check_workers: Callable[..., None] = core.runner.check_workers
 
     # ---- commands ------------------------------------------------------------------------------------------
 
@@ -101,8 +99,8 @@ class CoreLoop:
         outputs: list[CoreOutput] = []
         if self.core.has_unfinished_requests():
             outputs = self._step()
-        failures, self._failures = self._failures, []
-        return StepOutputs(outputs, failures, self._num_taken, self.core.snapshot() if with_snapshot else None)
+        return StepOutputs(outputs, self.take_failures(), self._num_taken,
+                           self.core.snapshot() if with_snapshot else None)
 
     def take_failures(self) -> list[RequestFailure]:
         """Failures recorded but not yet handed out (those of a turn that ended the loop)."""
@@ -145,7 +143,8 @@ class CoreLoop:
         if isinstance(exc, WorkerDiedError):
             return exc
         try:
-            self._check_workers(timeout=1.0)  # returns at once if one has exited, else after the timeout
+            # Returns at once if one has exited, else after the timeout (at once for a one-process runner).
+            self.core.runner.check_workers(timeout=1.0)
         except WorkerDiedError as died:
             return died
         return None
@@ -165,7 +164,7 @@ class CoreLoop:
                     while not inbox.wait(IDLE_POLL_S):
                         if not inbox.front_end_alive():
                             return
-                        self._check_workers()  # a worker that died while idle stops the engine now
+                        self.core.runner.check_workers()  # a worker that died while idle stops the engine now
                 commands = inbox.take()
                 for command in commands:
                     self.handle(command)

@@ -1,7 +1,7 @@
 """The front end's input side: the tokenizer, the model's sampling defaults, and the one set of request rules.
 
 Every request, from ``LLM.generate``, the HTTP server or a batch job, is checked here and nowhere else; the core
-trusts what it is sent. The rules, with the limits of the loaded core (:class:`RequestLimits`):
+trusts what it is sent. The rules, with the limits of the loaded core (its ``CoreInfo``):
 
 - the prompt has at least one token, every id is in the vocabulary, and it leaves room for one token to generate;
 - prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
@@ -13,7 +13,6 @@ trusts what it is sent. The rules, with the limits of the loaded core (:class:`R
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError
@@ -23,23 +22,10 @@ from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-@dataclass(slots=True, frozen=True)
-class RequestLimits:
-    """What a loaded core can take."""
-
-    max_model_len: int
-    vocab_size: int
-    kv_capacity_tokens: int
-
-    @classmethod
-    def of(cls, info: CoreInfo) -> RequestLimits:
-        return cls(info.max_model_len, info.vocab_size, info.kv_capacity_tokens)
-
-
 class InputProcessor:
     """Tokenizes prompts and checks requests against one set of rules (see the module docstring)."""
 
-    def __init__(self, tokenizer, generation_config: dict, limits: RequestLimits) -> None:
+    def __init__(self, tokenizer, generation_config: dict, limits: CoreInfo) -> None:
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.limits = limits

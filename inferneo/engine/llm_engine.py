@@ -13,7 +13,7 @@ import time
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
-from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, RequestLimits
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError
 from inferneo.outputs import RequestOutput
@@ -28,7 +28,7 @@ class LLMEngine(FrontEndFacts):
         self.core_client = InlineCoreClient.from_config(config)
         self.info = self.core_client.info
         tokenizer, generation_config = InputProcessor.load_tokenizer(config)
-        self.input = InputProcessor(tokenizer, generation_config, RequestLimits.of(self.info))
+        self.input = InputProcessor(tokenizer, generation_config, self.info)
         self.processor = OutputProcessor(tokenizer)
         self._counter = itertools.count()
 

@@ -55,14 +55,15 @@ class RequestGroup:
             raise
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
-        merged: dict[int, RequestOutput] = {}
+        by_index: dict[int, list[RequestOutput]] = {}
         for item in items:
             if isinstance(item, BaseException):
                 self.abort()
                 raise item
             index, output = item
-            earlier = merged.get(index)
-            merged[index] = output if earlier is None else merge_deltas(earlier, output)
+            by_index.setdefault(index, []).append(output)
+        merged = {index: deltas[0] if len(deltas) == 1 else gather_deltas(deltas)
+                  for index, deltas in by_index.items()}
         for index, output in merged.items():
             if output.finished:
                 self._open.discard(index)
@@ -91,20 +92,58 @@ class RequestGroup:
             self._abort_later([self.request_ids[i] for i in self._open])
 
 
-def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One delta saying what two consecutive deltas of a request say."""
-    by_index = {c.index: c for c in earlier.outputs}
-    for c in later.outputs:
-        before = by_index.get(c.index)
-        if before is None:
-            by_index[c.index] = c
-            continue
-        logprobs = before.logprobs
-        if c.logprobs is not None:
-            logprobs = c.logprobs if logprobs is None else logprobs + c.logprobs
-        by_index[c.index] = CompletionOutput(
-            index=c.index, text=before.text + c.text, token_ids=before.token_ids + c.token_ids,
-            cumulative_logprob=c.cumulative_logprob, logprobs=logprobs, finish_reason=c.finish_reason,
-            stop_reason=c.stop_reason)
-    return RequestOutput(later.request_id, later.prompt, later.prompt_token_ids,
-                         [by_index[i] for i in sorted(by_index)], later.finished, later.num_cached_tokens)
+def gather_deltas(deltas: list[RequestOutput]) -> RequestOutput:
+    """One delta saying what consecutive deltas of a request say."""
+    gathered = DeltaAccumulator()
+    for delta in deltas:
+        gathered.add(delta)
+    return gathered.result()
+
+
+class DeltaAccumulator:
+    """The deltas of one request gathered into one output: each choice's text pieces joined once (at the end),
+    its tokens and log-probabilities appended, its finish taken from the last delta."""
+
+    __slots__ = ("_last", "_choices")
+
+    def __init__(self) -> None:
+        self._last: RequestOutput | None = None
+        self._choices: dict[int, _ChoicePieces] = {}
+
+    def add(self, delta: RequestOutput) -> None:
+        for choice in delta.outputs:
+            self._choices.setdefault(choice.index, _ChoicePieces()).add(choice)
+        self._last = delta
+
+    def result(self) -> RequestOutput:
+        last = self._last
+        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids,
+                             [self._choices[i].whole() for i in sorted(self._choices)], last.finished,
+                             last.num_cached_tokens)
+
+
+class _ChoicePieces:
+    """One choice's deltas, gathered."""
+
+    __slots__ = ("texts", "token_ids", "logprobs", "last")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.last: CompletionOutput | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.texts.append(delta.text)
+        self.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.last = delta
+
+    def whole(self) -> CompletionOutput:
+        last = self.last
+        return CompletionOutput(index=last.index, text="".join(self.texts), token_ids=self.token_ids,
+                                cumulative_logprob=last.cumulative_logprob, logprobs=self.logprobs,
+                                finish_reason=last.finish_reason, stop_reason=last.stop_reason)

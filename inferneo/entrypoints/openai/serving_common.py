@@ -14,9 +14,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
-from inferneo.outputs import CompletionOutput, RequestOutput
+from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 # Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
@@ -115,49 +116,19 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
 async def collect_finals(group) -> dict[int, RequestOutput]:
     """The whole output of every prompt of a request group, by prompt index, assembled from its deltas once all
     have finished; engine errors become API errors."""
-    pieces: dict[int, dict[int, _ChoicePieces]] = {}
+    gathered: dict[int, DeltaAccumulator] = {}
     finals: dict[int, RequestOutput] = {}
     try:
         async for index, delta in group:
-            choices = pieces.setdefault(index, {})
-            for choice in delta.outputs:
-                choices.setdefault(choice.index, _ChoicePieces()).add(choice)
+            accumulator = gathered.setdefault(index, DeltaAccumulator())
+            accumulator.add(delta)
             if delta.finished:
-                finals[index] = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
-                                              [choices[i].whole(i) for i in sorted(choices)], True,
-                                              delta.num_cached_tokens)
+                finals[index] = accumulator.result()
     except Exception as exc:
         raise to_api_error(exc) from None
     finally:
         group.abort()
     return finals
-
-
-class _ChoicePieces:
-    """One choice's deltas, gathered (text pieces joined once, at the end)."""
-
-    __slots__ = ("texts", "token_ids", "logprobs", "last")
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list | None = None
-        self.last: CompletionOutput | None = None
-
-    def add(self, delta: CompletionOutput) -> None:
-        self.texts.append(delta.text)
-        self.token_ids += delta.token_ids
-        if delta.logprobs is not None:
-            if self.logprobs is None:
-                self.logprobs = []
-            self.logprobs.extend(delta.logprobs)
-        self.last = delta
-
-    def whole(self, index: int) -> CompletionOutput:
-        last = self.last
-        return CompletionOutput(index=index, text="".join(self.texts), token_ids=self.token_ids,
-                                cumulative_logprob=last.cumulative_logprob, logprobs=self.logprobs,
-                                finish_reason=last.finish_reason, stop_reason=last.stop_reason)
 
 
 def usage_of(outputs: Iterable[RequestOutput]) -> dict[str, Any]:
