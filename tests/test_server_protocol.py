@@ -79,3 +79,19 @@ def test_errors_map_to_statuses():
     bad = to_api_error(ValueError("top_p must be in (0, 1], got 2"))
     assert bad.status == 400 and bad.param == "top_p"
     assert to_api_error(KeyError("x")).status == 500
+
+
+def test_an_event_is_one_line_whatever_the_text_holds():
+    """Text with U+0085, U+2028 or U+2029 (which httpx's iter_lines, like str.splitlines, takes for line
+    breaks) still streams as one ``data:`` line per event, and decodes to the same text."""
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from inferneo.entrypoints.openai.serving_common import sse
+
+    text = "a\x85b\u2028c\u2029d\ne\x1cé"
+    event = sse({"choices": [{"text": text}]})
+    lines = [line for line in LineDecoder().decode(event.decode()) if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][len("data: "):]) == {"choices": [{"text": text}]}

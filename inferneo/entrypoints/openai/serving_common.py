@@ -140,12 +140,19 @@ def usage_of(outputs: Iterable[RequestOutput]) -> dict[str, Any]:
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    """One server-sent event: compact UTF-8 JSON (byte for byte what ``json.dumps(payload, ensure_ascii=False,
-    separators=(",", ":"))`` writes, in about a third of the time)."""
-    return b"data: " + _json_encode(payload) + b"\n\n"
+    """One server-sent event: compact UTF-8 JSON (what ``json.dumps(payload, ensure_ascii=False,
+    separators=(",", ":"))`` writes, in about a third of the time), with the three characters that clients
+    splitting lines like ``str.splitlines`` (httpx's ``iter_lines`` among them) take for line breaks written as
+    JSON escapes, so an event is always one line. (JSON already escapes the ASCII ones.)"""
+    data = _json_encode(payload)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 _json_encode = msgspec.json.Encoder().encode
+_LINE_BREAKS = tuple((chr(c).encode(), f"\\u{c:04x}".encode()) for c in (0x85, 0x2028, 0x2029))
 SSE_DONE = b"data: [DONE]\n\n"
 
 
