@@ -3,10 +3,91 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit); checked by the engine
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A shape the output must take, enforced token by token while decoding (vLLM's ``structured_outputs``).
+
+    Exactly one of ``json`` (a JSON schema, as a dict or a JSON string), ``regex``, ``choice`` (the output is one
+    of these strings), ``grammar`` (EBNF / GBNF), ``json_object`` (any JSON object) or ``structural_tag``
+    (xgrammar's structural tag, as a dict or a JSON string) must be set. ``disable_any_whitespace`` keeps JSON
+    compact (no whitespace beyond the separators); by default whitespace is allowed between JSON tokens, in runs
+    of at most ``MAX_WHITESPACE_RUN`` characters so that a model cannot stall in whitespace.
+
+    Values are checked for shape here (a ``ValueError`` names the field); whether a schema, regex or grammar
+    compiles is checked by the engine, which refuses a request it cannot compile (a 400 on the server).
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_any_whitespace: bool = False
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        if self.json_object is False:
+            self.json_object = None
+        if self.choice is not None and isinstance(self.choice, (list, tuple)):
+            self.choice = list(self.choice)
+        given = [k for k in self.KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, "
+                             f"json_object, structural_tag; got {given or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("json", "structural_tag"):
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.{kind} is not valid JSON: {e}") from None
+            else:
+                parsed = value
+            if not isinstance(parsed, (dict, bool)) or (kind == "structural_tag" and not isinstance(parsed, dict)):
+                raise ValueError(f"structured_outputs.{kind} must be a JSON object, got {type(parsed).__name__}")
+        elif kind in ("regex", "grammar"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"structured_outputs.{kind} must be a non-empty string")
+        elif kind == "choice":
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(c, str) and c for c in value)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+        elif value is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.disable_any_whitespace must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of ``KINDS``."""
+        return next(k for k in self.KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> str:
+        """The constraint as one canonical string (a JSON schema with sorted keys, the regex, the grammar...)."""
+        value = getattr(self, self.kind)
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What identifies the compiled grammar (kind, spec, whitespace rule): the compile cache's key."""
+        return (self.kind, self.spec, self.disable_any_whitespace)
+
+
+MAX_WHITESPACE_RUN = 16  # the longest run of whitespace a JSON constraint allows between tokens (by default)
 
 
 @dataclass(slots=True)
@@ -38,6 +119,9 @@ class SamplingParams:
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias): -100 bans a token in practice,
     # +100 all but forces it. Keys are token ids; values in [-100, 100].
     logit_bias: dict[int, float] | None = None
+    # Constrain the output to a JSON schema, regex, choice or grammar (see ``StructuredOutputsParams``); a dict
+    # with the same keys is accepted.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +135,12 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = dict(self.logit_bias) or None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict, "
+                             f"got {type(self.structured_outputs).__name__}")
         self._validate()
 
     def _validate(self) -> None:

