@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _CLIENT_NAMES = frozenset({
     "InferneoClient", "AsyncInferneoClient", "InferneoError", "APIError", "APIStatusError", "APIConnectionError",
     "APITimeoutError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
-    "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError", "StructuredOutputError",
+    "LengthFinishReasonError",
 })
 
 __all__ = ["LLM", "KernelConfig", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",

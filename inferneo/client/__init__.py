@@ -5,6 +5,13 @@
     client = InferneoClient("http://localhost:8000")
     out = client.completions.create(model="my-model", prompt=["Hello", "Bonjour"], max_tokens=16)
     print([choice.text for choice in out.choices])
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    answer = client.chat.completions.parse(messages=[{"role": "user", "content": "A city?"}], response_format=City)
+    print(answer.choices[0].message.parsed)   # City(name=..., country=...)
 """
 
 from inferneo.client._client import AsyncInferneoClient, InferneoClient
@@ -18,12 +25,15 @@ from inferneo.client.errors import (
     ConflictError,
     InferneoError,
     InternalServerError,
+    LengthFinishReasonError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    StructuredOutputError,
     UnprocessableEntityError,
 )
 from inferneo.client.streaming import AsyncStream, Stream
+from inferneo.client.structured import OutputFormat, function_tool
 from inferneo.client.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -32,6 +42,8 @@ from inferneo.client.types import (
     CompletionUsage,
     Model,
     ModelList,
+    ParsedChatCompletion,
+    ParsedCompletion,
 )
 
 __all__ = [
@@ -52,11 +64,17 @@ __all__ = [
     "InferneoClient",
     "InferneoError",
     "InternalServerError",
+    "LengthFinishReasonError",
     "Model",
     "ModelList",
     "NotFoundError",
+    "OutputFormat",
+    "ParsedChatCompletion",
+    "ParsedCompletion",
     "PermissionDeniedError",
     "RateLimitError",
     "Stream",
+    "StructuredOutputError",
     "UnprocessableEntityError",
+    "function_tool",
 ]

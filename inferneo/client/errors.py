@@ -15,6 +15,8 @@
             ├── UnprocessableEntityError  422
             ├── RateLimitError            429
             └── InternalServerError       >= 500
+    └── StructuredOutputError         an answer that does not parse or validate as the format asked for
+        └── LengthFinishReasonError   ... because it was cut off at max_tokens
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ __all__ = [
     "ConflictError",
     "InferneoError",
     "InternalServerError",
+    "LengthFinishReasonError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "StructuredOutputError",
     "UnprocessableEntityError",
 ]
 
@@ -117,6 +121,24 @@ class RateLimitError(APIStatusError):
 
 class InternalServerError(APIStatusError):
     """5xx: the server or its engine failed."""
+
+
+class StructuredOutputError(InferneoError):
+    """An answer asked for in a structured format (a pydantic model, a JSON schema) that does not parse or
+    validate as one: ``content`` is what the model wrote, ``finish_reason`` why it stopped, ``index`` the
+    choice's index, and ``__cause__`` the JSON or validation error when there is one."""
+
+    def __init__(self, message: str, *, content: str | None, finish_reason: str | None, index: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.content = content
+        self.finish_reason = finish_reason
+        self.index = index
+
+
+class LengthFinishReasonError(StructuredOutputError):
+    """The structured answer was cut off by ``max_tokens`` (or the context length) before it was complete:
+    raise ``max_tokens``, or bound the schema's strings and arrays (``maxLength``, ``maxItems``)."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -7,6 +7,7 @@ client; declared fields are typed and documented.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,17 +17,30 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionChunkChoice",
     "ChatCompletionMessage",
+    "ChatCompletionMessageToolCall",
     "ChatCompletionTokenLogprob",
     "ChoiceDelta",
+    "ChoiceDeltaToolCall",
+    "ChoiceDeltaToolCallFunction",
     "ChoiceLogprobs",
     "Completion",
     "CompletionChoice",
     "CompletionLogprobs",
     "CompletionUsage",
+    "Function",
     "Model",
     "ModelList",
+    "ParsedChatCompletion",
+    "ParsedChatCompletionMessage",
+    "ParsedChoice",
+    "ParsedCompletion",
+    "ParsedCompletionChoice",
+    "ParsedFunction",
+    "ParsedFunctionToolCall",
     "TopLogprob",
 ]
+
+ContentT = TypeVar("ContentT")
 
 
 class _Model(BaseModel):
@@ -99,11 +113,31 @@ class ChoiceLogprobs(_Model):
     content: list[ChatCompletionTokenLogprob] | None = None
 
 
+class Function(_Model):
+    """The function a tool call invokes: its ``name`` and its ``arguments`` as a JSON string (parse them with
+    ``json.loads``; the model wrote them, so check them before acting on them)."""
+
+    name: str
+    arguments: str
+
+
+class ChatCompletionMessageToolCall(_Model):
+    """One call of a tool the request offered (``type`` is ``"function"``)."""
+
+    id: str
+    type: str = "function"
+    function: Function
+
+
 class ChatCompletionMessage(_Model):
-    """The assistant's answer."""
+    """The assistant's answer: its ``content``, or the ``tool_calls`` it makes (then ``finish_reason`` is
+    ``"tool_calls"`` and ``content`` is usually ``None``). ``refusal`` is OpenAI's field for a declined
+    structured answer; Inferneo never sets it."""
 
     role: str = "assistant"
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCall] | None = None
 
 
 class ChatCompletionChoice(_Model):
@@ -127,11 +161,32 @@ class ChatCompletion(_Model):
     system_fingerprint: str | None = None
 
 
+class ChoiceDeltaToolCallFunction(_Model):
+    """A piece of a streamed tool call's function: the ``name`` comes whole in the call's first delta, the
+    ``arguments`` string in pieces to be joined."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(_Model):
+    """A piece of one streamed tool call; pieces with the same ``index`` belong to the same call (``id`` and
+    ``type`` come in its first piece)."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: ChoiceDeltaToolCallFunction | None = None
+
+
 class ChoiceDelta(_Model):
-    """What one chunk adds to a streamed answer: the role first, then pieces of ``content``."""
+    """What one chunk adds to a streamed answer: the role first, then pieces of ``content`` or of
+    ``tool_calls``."""
 
     role: str | None = None
     content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(_Model):
@@ -151,6 +206,55 @@ class ChatCompletionChunk(_Model):
     choices: list[ChatCompletionChunkChoice]
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = None
+
+
+# ---- parsed answers (``parse``) ---------------------------------------------------------------------------------
+
+
+class ParsedFunction(Function):
+    """A tool call's function whose arguments were parsed: ``parsed_arguments`` is an instance of the pydantic
+    model the tool was given as (``None`` for tools given as plain dicts)."""
+
+    parsed_arguments: Any = None
+
+
+class ParsedFunctionToolCall(ChatCompletionMessageToolCall):
+    """A tool call of a parsed answer."""
+
+    function: ParsedFunction
+
+
+class ParsedChatCompletionMessage(ChatCompletionMessage, Generic[ContentT]):
+    """The assistant's answer with ``parsed``, its content as the requested type (``None`` when it called a
+    tool instead)."""
+
+    parsed: ContentT | None = None
+    tool_calls: list[ParsedFunctionToolCall] | None = None  # type: ignore[assignment]
+
+
+class ParsedChoice(ChatCompletionChoice, Generic[ContentT]):
+    """One parsed answer."""
+
+    message: ParsedChatCompletionMessage[ContentT]
+
+
+class ParsedChatCompletion(ChatCompletion, Generic[ContentT]):
+    """What ``client.chat.completions.parse`` returns: a chat completion whose choices' messages carry
+    ``parsed``."""
+
+    choices: list[ParsedChoice[ContentT]]  # type: ignore[assignment]
+
+
+class ParsedCompletionChoice(CompletionChoice, Generic[ContentT]):
+    """One completion with ``parsed``, its text as the requested type."""
+
+    parsed: ContentT | None = None
+
+
+class ParsedCompletion(Completion, Generic[ContentT]):
+    """What ``client.completions.parse`` returns: a completion whose choices carry ``parsed``."""
+
+    choices: list[ParsedCompletionChoice[ContentT]]  # type: ignore[assignment]
 
 
 # ---- models ------------------------------------------------------------------------------------------------------

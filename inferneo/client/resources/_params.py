@@ -24,6 +24,9 @@ class SamplingArgs(TypedDict, total=False):
     logit_bias: dict[str, float] | None
     stream_options: dict[str, Any] | None
     user: str | None
+    # vLLM's constraint on the output: {"json" | "regex" | "choice" | "grammar" | "json_object" |
+    # "structural_tag": ...}
+    structured_outputs: dict[str, Any] | None
     # Inferneo extensions
     top_k: int | None
     min_p: float | None
@@ -37,8 +40,8 @@ class SamplingArgs(TypedDict, total=False):
     priority: int
 
 
-class CompletionArgs(SamplingArgs, total=False):
-    """``/v1/completions`` fields besides ``model``, ``prompt`` and ``stream``."""
+class CompletionParseArgs(SamplingArgs, total=False):
+    """``/v1/completions`` fields that ``parse`` takes as keyword arguments (all but ``response_format``)."""
 
     echo: bool | None
     logprobs: int | None
@@ -46,15 +49,22 @@ class CompletionArgs(SamplingArgs, total=False):
     suffix: str | None
 
 
-class ChatCompletionArgs(SamplingArgs, total=False):
-    """``/v1/chat/completions`` fields besides ``model``, ``messages`` and ``stream``."""
+class CompletionArgs(CompletionParseArgs, total=False):
+    """``/v1/completions`` fields besides ``model``, ``prompt`` and ``stream``."""
+
+    # OpenAI's output format ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}} or
+    # {"type": "json_object"}), which Inferneo takes on completions too
+    response_format: dict[str, Any] | None
+
+
+class ChatParseArgs(SamplingArgs, total=False):
+    """``/v1/chat/completions`` fields that ``parse`` takes as keyword arguments (all but ``response_format``
+    and ``tools``, which it takes in richer forms)."""
 
     max_completion_tokens: int | None
     logprobs: bool | None
     top_logprobs: int | None
-    response_format: dict[str, Any] | None
-    tools: list[Any] | None
-    tool_choice: Any
+    tool_choice: str | dict[str, Any] | None  # "none" | "auto" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool | None
     metadata: dict[str, Any] | None
     store: bool | None
@@ -62,6 +72,13 @@ class ChatCompletionArgs(SamplingArgs, total=False):
     # Inferneo extensions
     add_generation_prompt: bool
     chat_template_kwargs: dict[str, Any] | None
+
+
+class ChatCompletionArgs(ChatParseArgs, total=False):
+    """``/v1/chat/completions`` fields besides ``model``, ``messages`` and ``stream``."""
+
+    response_format: dict[str, Any] | None
+    tools: list[dict[str, Any]] | None
 
 
 def build_body(kind: type, where: str, fixed: Mapping[str, Any], args: Mapping[str, Any],

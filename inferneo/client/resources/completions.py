@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from typing_extensions import Unpack
 
-from inferneo.client.resources._params import CompletionArgs, Prompt, build_body
+from inferneo.client.resources._params import CompletionArgs, CompletionParseArgs, Prompt, build_body
 from inferneo.client.streaming import AsyncStream, Stream
-from inferneo.client.types import Completion
+from inferneo.client.structured import OutputFormat, ResponseFormatInput, parse_completion
+from inferneo.client.types import Completion, ParsedCompletion
 
 if TYPE_CHECKING:
     from inferneo.client._base import AsyncAPIClient, SyncAPIClient, Timeout
@@ -54,6 +55,20 @@ class Completions:
                                     body=_body(model, prompt, stream, args, extra_body), query=extra_query,
                                     headers=extra_headers, timeout=timeout, stream=stream)
 
+    def parse(self, *, prompt: Prompt, response_format: ResponseFormatInput, model: str | None = None,
+              extra_headers: Mapping[str, str] | None = None, extra_query: Mapping[str, Any] | None = None,
+              extra_body: Mapping[str, Any] | None = None, timeout: Timeout | None = None,
+              **args: Unpack[CompletionParseArgs]) -> ParsedCompletion[Any]:
+        """Like ``create``, with each choice's ``parsed``: its text read into ``response_format``'s type (a
+        pydantic model class, another type pydantic can describe, or a JSON schema dict), whose JSON schema is
+        sent as the request's ``response_format``. Errors as for :meth:`ChatCompletions.parse
+        <inferneo.client.resources.chat.ChatCompletions.parse>`."""
+        fmt = OutputFormat.of(response_format)
+        completion = self.create(prompt=prompt, model=model, response_format=fmt.response_format,
+                                 extra_headers=extra_headers, extra_query=extra_query, extra_body=extra_body,
+                                 timeout=timeout, **args)
+        return parse_completion(completion, fmt)
+
 
 class AsyncCompletions:
     """The async twin of :class:`Completions`."""
@@ -81,3 +96,14 @@ class AsyncCompletions:
         return await self._client.request("POST", "/completions", Completion,
                                           body=_body(model, prompt, stream, args, extra_body), query=extra_query,
                                           headers=extra_headers, timeout=timeout, stream=stream)
+
+    async def parse(self, *, prompt: Prompt, response_format: ResponseFormatInput, model: str | None = None,
+                    extra_headers: Mapping[str, str] | None = None, extra_query: Mapping[str, Any] | None = None,
+                    extra_body: Mapping[str, Any] | None = None, timeout: Timeout | None = None,
+                    **args: Unpack[CompletionParseArgs]) -> ParsedCompletion[Any]:
+        """Each choice's text read into ``response_format``'s type; see :meth:`Completions.parse`."""
+        fmt = OutputFormat.of(response_format)
+        completion = await self.create(prompt=prompt, model=model, response_format=fmt.response_format,
+                                       extra_headers=extra_headers, extra_query=extra_query,
+                                       extra_body=extra_body, timeout=timeout, **args)
+        return parse_completion(completion, fmt)
