@@ -1,35 +1,49 @@
 """What every batching tool shares: the per-prompt result, and one batched call that gives each prompt its own
-choices or its own error."""
+choices or its own error.
+
+A prompt is a string, a list of token ids, or a conversation (a list of ``{"role", "content"}`` messages).
+Strings and token ids go to ``/v1/completions``, conversations to ``/v1/chat/completions`` (as one list of
+conversations), one call per kind. With ``response_format`` (a pydantic model, a JSON schema, ...), each
+answer is also parsed: :attr:`BatchResult.parsed`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from inferneo.client import AsyncInferneoClient, InferneoClient
-from inferneo.client.errors import APIError, APIStatusError, InferneoError
-from inferneo.client.types import Completion, CompletionChoice
+from inferneo.client.errors import APIError, APIStatusError, InferneoError, StructuredOutputError
+from inferneo.client.structured import OutputFormat
+from inferneo.client.types import ChatCompletion, ChatCompletionChoice, Completion, CompletionChoice
 
-Prompt = str | list[int]
-Outcome = list[CompletionChoice] | InferneoError
+Conversation = list[dict[str, Any]]
+Prompt = str | list[int] | Conversation
+Choice = CompletionChoice | ChatCompletionChoice
+Outcome = list[Choice] | InferneoError
 
 # A 400 that names one of these (or nothing) may come from a single prompt of the batch: bisect to find it.
 # A 400 naming another field (temperature, an unknown field, ...) is the whole call's fault: no bisecting.
-_PROMPT_PARAMS = frozenset({None, "prompt", "max_tokens"})
+_PROMPT_PARAMS = frozenset({None, "prompt", "messages", "max_tokens"})
 
 
 @dataclass(slots=True)
 class BatchResult:
     """The answer to one prompt of a batch: its ``choices`` (``n`` of them, usually one) or its ``error``.
 
-    ``text``, ``choice`` and ``finish_reason`` raise ``error`` for a failed prompt instead of returning ``None``.
+    ``text``, ``choice``, ``finish_reason`` and ``parsed`` raise ``error`` for a failed prompt instead of
+    returning ``None``. With a ``response_format``, ``parsed_choices`` holds each choice read into its type; an
+    answer that does not validate makes the prompt fail with a
+    :class:`~inferneo.client.errors.StructuredOutputError` (its ``choices`` are kept, to see what was written).
     """
 
     index: int
     prompt: Prompt
-    choices: list[CompletionChoice] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
     error: InferneoError | None = None
+    parsed_choices: list[Any] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -37,16 +51,24 @@ class BatchResult:
         return self.error is None
 
     @property
-    def choice(self) -> CompletionChoice:
-        """The first (usually the only) choice."""
+    def choice(self) -> Choice:
+        """The first (usually the only) choice: a ``CompletionChoice`` for a text prompt, a
+        ``ChatCompletionChoice`` for a conversation."""
         if self.error is not None:
             raise self.error
         return self.choices[0]
 
     @property
     def text(self) -> str:
-        """The completion text of the first choice."""
-        return self.choice.text
+        """The text of the first choice (a chat answer's ``message.content``; ``""`` when it only calls tools)."""
+        return choice_text(self.choice) or ""
+
+    @property
+    def parsed(self) -> Any:
+        """The first choice read into the ``response_format`` type (``None`` without a ``response_format``)."""
+        if self.error is not None:
+            raise self.error
+        return self.parsed_choices[0] if self.parsed_choices else None
 
     @property
     def finish_reason(self) -> str | None:
@@ -68,9 +90,33 @@ def is_capacity_error(exc: BaseException) -> bool:
     return isinstance(exc, APIError)
 
 
-def split_choices(out: Completion, count: int, n: int, request: Any = None) -> list[Outcome]:
+def choice_text(choice: Choice) -> str | None:
+    """A choice's text: a completion's ``text``, a chat answer's ``message.content``."""
+    return choice.message.content if isinstance(choice, ChatCompletionChoice) else choice.text
+
+
+def prepare_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], OutputFormat | None]:
+    """The parameters to send (a ``response_format`` given as a pydantic model, a type or a JSON schema becomes
+    its wire form), and the format answers are parsed with (``None`` without a ``response_format``)."""
+    wire = dict(params)
+    spec = wire.get("response_format")
+    if spec is None:
+        return wire, None
+    fmt = OutputFormat.of(spec)
+    wire["response_format"] = fmt.response_format
+    return wire, fmt
+
+
+def prompt_kind(prompt: Prompt) -> str:
+    """``"text"``, ``"tokens"`` or ``"chat"``: prompts of one kind may share a call."""
+    if isinstance(prompt, str):
+        return "text"
+    return "chat" if prompt and isinstance(prompt[0], dict) else "tokens"
+
+
+def split_choices(out: Completion | ChatCompletion, count: int, n: int, request: Any = None) -> list[Outcome]:
     """Each prompt's choices from a batched answer (``index = prompt_position * n + j``)."""
-    per_prompt: list[list[CompletionChoice]] = [[] for _ in range(count)]
+    per_prompt: list[list[Choice]] = [[] for _ in range(count)]
     for choice in sorted(out.choices, key=lambda c: c.index):
         position = choice.index // n
         if 0 <= position < count:
@@ -79,38 +125,91 @@ def split_choices(out: Completion, count: int, n: int, request: Any = None) -> l
             for i, choices in enumerate(per_prompt)]
 
 
+def _by_kind(prompts: Sequence[Prompt]) -> dict[str, list[int]]:
+    positions: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        positions.setdefault(prompt_kind(prompt), []).append(i)
+    return positions
+
+
+def _merge(count: int, parts: list[tuple[list[int], list[Outcome]]]) -> list[Outcome]:
+    merged: list[Outcome | None] = [None] * count
+    for positions, outcomes in parts:
+        for position, outcome in zip(positions, outcomes, strict=True):
+            merged[position] = outcome
+    return merged  # type: ignore[return-value]  # every position is in exactly one part
+
+
 def complete_batch(client: InferneoClient, model: str | None, prompts: Sequence[Prompt],
                    params: Mapping[str, Any]) -> list[Outcome]:
-    """Complete ``prompts`` in one call (the client retries transient failures); return, for each prompt, its
-    choices or the error it got. When the server refuses the batch because of some prompt (a 400 about the
-    prompt), the batch is bisected so that only the offending prompts carry the error."""
+    """Complete ``prompts`` (one call per kind of prompt; the client retries transient failures); return, for each
+    prompt, its choices or the error it got. When the server refuses a call because of some prompt (a 400
+    about the prompt), the call is bisected so that only the offending prompts carry the error. ``params`` are
+    sent as they are (see :func:`prepare_params`)."""
+    kinds = _by_kind(prompts)
+    return _merge(len(prompts), [(positions, _complete_same_kind(client, model, [prompts[i] for i in positions],
+                                                                 kind == "chat", params))
+                                 for kind, positions in kinds.items()])
+
+
+def _complete_same_kind(client: InferneoClient, model: str | None, prompts: list[Prompt], chat: bool,
+                        params: Mapping[str, Any]) -> list[Outcome]:
     try:
-        out = client.completions.create(model=model, prompt=list(prompts), **params)
+        if chat:
+            out: Completion | ChatCompletion = client.chat.completions.create(model=model, messages=prompts,
+                                                                              **params)
+        else:
+            out = client.completions.create(model=model, prompt=prompts, **params)
     except InferneoError as exc:
         if len(prompts) > 1 and is_prompt_error(exc):
             mid = len(prompts) // 2
-            return (complete_batch(client, model, prompts[:mid], params)
-                    + complete_batch(client, model, prompts[mid:], params))
+            return (_complete_same_kind(client, model, prompts[:mid], chat, params)
+                    + _complete_same_kind(client, model, prompts[mid:], chat, params))
         return [exc] * len(prompts)
     return split_choices(out, len(prompts), int(params.get("n") or 1))
 
 
 async def acomplete_batch(client: AsyncInferneoClient, model: str | None, prompts: Sequence[Prompt],
                           params: Mapping[str, Any]) -> list[Outcome]:
-    """The async twin of :func:`complete_batch`."""
+    """The async twin of :func:`complete_batch` (the kinds of prompt are sent concurrently)."""
+    kinds = _by_kind(prompts)
+    results = await asyncio.gather(*(_acomplete_same_kind(client, model, [prompts[i] for i in positions],
+                                                          kind == "chat", params)
+                                     for kind, positions in kinds.items()))
+    return _merge(len(prompts), list(zip(kinds.values(), results, strict=True)))
+
+
+async def _acomplete_same_kind(client: AsyncInferneoClient, model: str | None, prompts: list[Prompt], chat: bool,
+                               params: Mapping[str, Any]) -> list[Outcome]:
     try:
-        out = await client.completions.create(model=model, prompt=list(prompts), **params)
+        if chat:
+            out: Completion | ChatCompletion = await client.chat.completions.create(model=model, messages=prompts,
+                                                                                    **params)
+        else:
+            out = await client.completions.create(model=model, prompt=prompts, **params)
     except InferneoError as exc:
         if len(prompts) > 1 and is_prompt_error(exc):
             mid = len(prompts) // 2
-            return (await acomplete_batch(client, model, prompts[:mid], params)
-                    + await acomplete_batch(client, model, prompts[mid:], params))
+            return (await _acomplete_same_kind(client, model, prompts[:mid], chat, params)
+                    + await _acomplete_same_kind(client, model, prompts[mid:], chat, params))
         return [exc] * len(prompts)
     return split_choices(out, len(prompts), int(params.get("n") or 1))
 
 
-def to_result(index: int, prompt: Prompt, outcome: Outcome) -> BatchResult:
-    """A :class:`BatchResult` from one prompt's outcome."""
+def _parse_choice(fmt: OutputFormat, choice: Choice) -> Any:
+    if isinstance(choice, ChatCompletionChoice) and choice.message.tool_calls and choice.message.content is None:
+        return None  # the model called a tool instead of answering
+    return fmt.parse(choice_text(choice), choice.finish_reason, choice.index)
+
+
+def to_result(index: int, prompt: Prompt, outcome: Outcome, fmt: OutputFormat | None = None) -> BatchResult:
+    """A :class:`BatchResult` from one prompt's outcome, its choices parsed with ``fmt`` when given."""
     if isinstance(outcome, InferneoError):
         return BatchResult(index, prompt, error=outcome)
-    return BatchResult(index, prompt, outcome)
+    if fmt is None:
+        return BatchResult(index, prompt, outcome)
+    try:
+        parsed = [_parse_choice(fmt, choice) for choice in outcome]
+    except StructuredOutputError as exc:
+        return BatchResult(index, prompt, outcome, error=exc)
+    return BatchResult(index, prompt, outcome, parsed_choices=parsed)

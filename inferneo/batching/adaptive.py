@@ -8,7 +8,14 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from inferneo.batching._core import BatchResult, Prompt, complete_batch, is_capacity_error, to_result
+from inferneo.batching._core import (
+    BatchResult,
+    Prompt,
+    complete_batch,
+    is_capacity_error,
+    prepare_params,
+    to_result,
+)
 from inferneo.client import InferneoClient
 
 
@@ -109,7 +116,8 @@ class AdaptiveBatcher:
 
     The input is read lazily (a generator of any length works) and results come in input order, one
     :class:`BatchResult` per prompt, with its ``error`` when it failed. Failures that suggest overload (timeouts,
-    429, 5xx, lost connections, once the client's own retries are spent) shrink the batches.
+    429, 5xx, lost connections, once the client's own retries are spent) shrink the batches. ``params`` go with
+    every call; ``response_format=`` a pydantic model or JSON schema fills each result's ``parsed``.
     """
 
     def __init__(self, client: InferneoClient, model: str | None = None, sizer: AdaptiveBatchSizer | None = None,
@@ -117,7 +125,7 @@ class AdaptiveBatcher:
         self.client = client
         self.model = model
         self.sizer = sizer or AdaptiveBatchSizer()
-        self.params = params
+        self.params, self.output_format = prepare_params(params)
 
     def process(self, prompts: Iterable[Prompt]) -> Iterator[BatchResult]:
         """Yield one result per prompt, in order, sending one batch at a time."""
@@ -137,7 +145,7 @@ class AdaptiveBatcher:
             if overload is not None or (len(batch) == size and len(errors) < len(batch)):
                 self.sizer.record(len(batch), elapsed, len(batch) - len(errors), overload)
             for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-                yield to_result(index + k, prompt, outcome)
+                yield to_result(index + k, prompt, outcome, self.output_format)
             index += len(batch)
 
     def run(self, prompts: Iterable[Prompt]) -> list[BatchResult]:

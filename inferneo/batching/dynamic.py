@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from inferneo.batching._core import BatchResult, Prompt, complete_batch, to_result
+from inferneo.batching._core import (
+    BatchResult,
+    Prompt,
+    complete_batch,
+    prepare_params,
+    prompt_kind,
+    to_result,
+)
 from inferneo.client import AsyncInferneoClient, InferneoClient
+from inferneo.client.structured import OutputFormat
 
 
 @dataclass(slots=True)
@@ -28,9 +36,10 @@ class _Item:
 
 @dataclass(slots=True)
 class _Group:
-    """Pending prompts that share their parameters (and so may share a call)."""
+    """Pending prompts that share their parameters and output format (and so may share a call)."""
 
     params: dict[str, Any]
+    fmt: OutputFormat | None
     items: list[_Item] = field(default_factory=list)
 
 
@@ -46,7 +55,9 @@ class DynamicBatcher:
     and stops the thread: nothing submitted is lost.
 
     ``default_params`` (``max_tokens=64``, ``temperature=0``, ``priority=...``) apply to every prompt; those
-    given to ``submit`` override them.
+    given to ``submit`` override them. A prompt is a string, a list of token ids or a conversation (a list of
+    messages, answered by the chat endpoint). ``response_format=`` a pydantic model or JSON schema, for all
+    prompts or for one ``submit``, constrains the answers to it and fills each result's ``parsed``.
     """
 
     def __init__(self, client: InferneoClient, model: str | None = None, max_batch_size: int = 32,
@@ -67,6 +78,7 @@ class DynamicBatcher:
         self.default_params = default_params
         self._cond = threading.Condition()
         self._groups: dict[str, _Group] = {}
+        self._formats: dict[int, tuple[Any, dict[str, Any], OutputFormat | None]] = {}
         self._unresolved: set[Future[BatchResult]] = set()
         self._counter = itertools.count()
         self._flush_requested = False
@@ -78,23 +90,38 @@ class DynamicBatcher:
     # ---- submitting ----------------------------------------------------------------------------------------------
 
     def submit(self, prompt: Prompt, **params: Any) -> Future[BatchResult]:
-        """Queue one prompt (a string or a list of token ids); the future resolves to its :class:`BatchResult`.
-        Cancelling the future before its batch is sent leaves the prompt out."""
-        merged = {**self.default_params, **params}
-        key = json.dumps([isinstance(prompt, str), merged], sort_keys=True, default=repr)
+        """Queue one prompt (a string, a list of token ids or a conversation); the future resolves to its
+        :class:`BatchResult`. Cancelling the future before its batch is sent leaves the prompt out."""
+        merged, fmt = self._prepare({**self.default_params, **params})
+        key = json.dumps([prompt_kind(prompt), merged, id(fmt)], sort_keys=True, default=repr)
         future: Future[BatchResult] = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("this DynamicBatcher is closed")
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(merged)
+                group = self._groups[key] = _Group(merged, fmt)
             group.items.append(_Item(next(self._counter), prompt, future, time.monotonic()))
             self._unresolved.add(future)
             if len(group.items) == 1 or len(group.items) >= self.max_batch_size:
                 self._cond.notify()  # a new deadline, or a full batch
         future.add_done_callback(self._forget)
         return future
+
+    def _prepare(self, params: dict[str, Any]) -> tuple[dict[str, Any], OutputFormat | None]:
+        """:func:`prepare_params`, with one format per ``response_format`` object, so that prompts with the same
+        model share their calls."""
+        spec = params.get("response_format")
+        if spec is None:
+            return params, None
+        with self._cond:
+            known = self._formats.get(id(spec))
+        if known is None or known[0] is not spec:
+            wire, fmt = prepare_params({"response_format": spec})
+            known = (spec, wire["response_format"], fmt)  # holding ``spec`` keeps its id from being reused
+            with self._cond:
+                self._formats[id(spec)] = known
+        return {**params, "response_format": known[1]}, known[2]
 
     async def asubmit(self, prompt: Prompt, **params: Any) -> BatchResult:
         """``await batcher.asubmit(prompt)``: :meth:`submit` for asyncio code."""
@@ -149,10 +176,10 @@ class DynamicBatcher:
                 for key in list(self._groups):
                     group = self._groups[key]
                     while len(group.items) >= self.max_batch_size:
-                        self._send(group.params, group.items[:self.max_batch_size])
+                        self._send(group, group.items[:self.max_batch_size])
                         del group.items[:self.max_batch_size]
                     if group.items and (flush_all or now - group.items[0].arrival >= self.max_wait_time):
-                        self._send(group.params, group.items)
+                        self._send(group, group.items)
                         group.items = []
                     if group.items:
                         deadline = group.items[0].arrival + self.max_wait_time
@@ -163,16 +190,16 @@ class DynamicBatcher:
                     return
                 self._cond.wait(None if next_deadline is None else max(next_deadline - time.monotonic(), 0))
 
-    def _send(self, params: dict[str, Any], items: Sequence[_Item]) -> None:
+    def _send(self, group: _Group, items: Sequence[_Item]) -> None:
         live = [item for item in items if item.future.set_running_or_notify_cancel()]
         if live:
-            self._pool.submit(self._call, params, live)
+            self._pool.submit(self._call, group.params, group.fmt, live)
 
-    def _call(self, params: dict[str, Any], items: Sequence[_Item]) -> None:
+    def _call(self, params: dict[str, Any], fmt: OutputFormat | None, items: Sequence[_Item]) -> None:
         try:
             outcomes = complete_batch(self.client, self.model, [item.prompt for item in items], params)
             for item, outcome in zip(items, outcomes, strict=True):
-                result = to_result(item.index, item.prompt, outcome)
+                result = to_result(item.index, item.prompt, outcome, fmt)
                 if result.error is None:
                     item.future.set_result(result)
                 else:

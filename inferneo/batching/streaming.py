@@ -9,8 +9,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
-from inferneo.batching._core import BatchResult, Outcome, Prompt, acomplete_batch, complete_batch, to_result
+from inferneo.batching._core import (
+    BatchResult,
+    Outcome,
+    Prompt,
+    acomplete_batch,
+    complete_batch,
+    prepare_params,
+    to_result,
+)
 from inferneo.client import AsyncInferneoClient, InferneoClient
+from inferneo.client.structured import OutputFormat
 
 
 def _check(batch_size: int, max_in_flight: int) -> None:
@@ -22,20 +31,23 @@ def _check(batch_size: int, max_in_flight: int) -> None:
 
 def stream_batches(client: InferneoClient, model: str | None, prompts: Iterable[Prompt], batch_size: int = 16,
                    max_in_flight: int = 4, **params: Any) -> Iterator[BatchResult]:
-    """Yield a :class:`BatchResult` for each prompt of ``prompts``, in input order.
+    """Yield a :class:`BatchResult` for each prompt of ``prompts`` (strings, token ids or conversations), in input
+    order.
 
     ``prompts`` is read lazily, ``batch_size`` at a time: at most ``max_in_flight`` batches are in flight (and in
     memory) at once, so a generator over a file of any size works. Each batch is one call, retried by the client
     on transient failures; a prompt whose batch still failed carries the ``error`` (never a silent ``None``), and
     a prompt the server refused on its own fails alone. ``params`` (``max_tokens``, ``temperature``, ...) go with
-    every call. Leaving the loop early cancels the batches not yet sent.
+    every call; ``response_format=`` a pydantic model (or a JSON schema) constrains every answer to it and fills
+    each result's ``parsed``. Leaving the loop early cancels the batches not yet sent.
     """
     _check(batch_size, max_in_flight)
-    return _stream(client, model, iter(prompts), batch_size, max_in_flight, params)
+    wire, fmt = prepare_params(params)
+    return _stream(client, model, iter(prompts), batch_size, max_in_flight, wire, fmt)
 
 
 def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt], batch_size: int,
-            max_in_flight: int, params: dict[str, Any]) -> Iterator[BatchResult]:
+            max_in_flight: int, params: dict[str, Any], fmt: OutputFormat | None) -> Iterator[BatchResult]:
     window: deque[tuple[int, list[Prompt], Future[list[Outcome]]]] = deque()
     pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="inferneo-stream")
     next_index = 0
@@ -54,7 +66,7 @@ def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt],
             start, batch, future = window.popleft()
             outcomes = future.result()
             for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-                yield to_result(start + k, prompt, outcome)
+                yield to_result(start + k, prompt, outcome, fmt)
     finally:
         for *_, future in window:
             future.cancel()
@@ -67,11 +79,13 @@ def astream_batches(client: AsyncInferneoClient, model: str | None,
     """The async twin of :func:`stream_batches`: ``async for result in astream_batches(client, model, prompts)``.
     ``prompts`` may be a plain or an async iterable."""
     _check(batch_size, max_in_flight)
-    return _astream(client, model, prompts, batch_size, max_in_flight, params)
+    wire, fmt = prepare_params(params)
+    return _astream(client, model, prompts, batch_size, max_in_flight, wire, fmt)
 
 
 async def _astream(client: AsyncInferneoClient, model: str | None, prompts: Iterable[Prompt] | AsyncIterable[Prompt],
-                   batch_size: int, max_in_flight: int, params: dict[str, Any]) -> AsyncIterator[BatchResult]:
+                   batch_size: int, max_in_flight: int, params: dict[str, Any],
+                   fmt: OutputFormat | None) -> AsyncIterator[BatchResult]:
     take = _async_taker(prompts)
     window: deque[tuple[int, list[Prompt], asyncio.Task[list[Outcome]]]] = deque()
     next_index = 0
@@ -91,7 +105,7 @@ async def _astream(client: AsyncInferneoClient, model: str | None, prompts: Iter
             start, batch, task = window.popleft()
             outcomes = await task
             for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-                yield to_result(start + k, prompt, outcome)
+                yield to_result(start + k, prompt, outcome, fmt)
     finally:
         for *_, task in window:
             task.cancel()
