@@ -11,14 +11,19 @@ From Python::
         print(summary.succeeded, "ok,", summary.failed + summary.invalid, "failed")
 
 Interrupted and rerun with the same files, a job resumes: every input line gets exactly one record in total.
+Each line's body is sent unchanged (``response_format``, ``structured_outputs``, ``tools``, ``tool_choice``
+included); :func:`request_line` and :func:`read_results` write such lines from a pydantic model and read the
+answers back as instances of it.
 """
 
 from inferneo.batch.job import BatchJob, BatchSummary, scan_input
 from inferneo.batch.output import OutputFile, OutputFileError
 from inferneo.batch.records import SUPPORTED_URLS, BatchRequest, InvalidLine, parse_line
 from inferneo.batch.sender import Reply, Sender, ServerUnreachableError, remote_client
+from inferneo.batch.structured import ParsedRecord, read_results, request_line
 
 __all__ = [
     "SUPPORTED_URLS", "BatchJob", "BatchRequest", "BatchSummary", "InvalidLine", "OutputFile", "OutputFileError",
-    "Reply", "Sender", "ServerUnreachableError", "parse_line", "remote_client", "scan_input",
+    "ParsedRecord", "Reply", "Sender", "ServerUnreachableError", "parse_line", "read_results", "remote_client",
+    "request_line", "scan_input",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from inferneo.client import AsyncInferneoClient, InferneoClient
 from inferneo.client.errors import APIError, APIStatusError, InferneoError, StructuredOutputError
-from inferneo.client.structured import OutputFormat
+from inferneo.client.structured import OutputFormat, parse_choice
 from inferneo.client.types import ChatCompletion, ChatCompletionChoice, Completion, CompletionChoice
 
 Conversation = list[dict[str, Any]]
@@ -196,12 +196,6 @@ async def _acomplete_same_kind(client: AsyncInferneoClient, model: str | None, p
     return split_choices(out, len(prompts), int(params.get("n") or 1))
 
 
-def _parse_choice(fmt: OutputFormat, choice: Choice) -> Any:
-    if isinstance(choice, ChatCompletionChoice) and choice.message.tool_calls and choice.message.content is None:
-        return None  # the model called a tool instead of answering
-    return fmt.parse(choice_text(choice), choice.finish_reason, choice.index)
-
-
 def to_result(index: int, prompt: Prompt, outcome: Outcome, fmt: OutputFormat | None = None) -> BatchResult:
     """A :class:`BatchResult` from one prompt's outcome, its choices parsed with ``fmt`` when given."""
     if isinstance(outcome, InferneoError):
@@ -209,7 +203,7 @@ def to_result(index: int, prompt: Prompt, outcome: Outcome, fmt: OutputFormat | 
     if fmt is None:
         return BatchResult(index, prompt, outcome)
     try:
-        parsed = [_parse_choice(fmt, choice) for choice in outcome]
+        parsed = [parse_choice(fmt, choice) for choice in outcome]
     except StructuredOutputError as exc:
         return BatchResult(index, prompt, outcome, error=exc)
     return BatchResult(index, prompt, outcome, parsed_choices=parsed)

@@ -27,10 +27,17 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from inferneo.client.errors import LengthFinishReasonError, StructuredOutputError
-from inferneo.client.types import ChatCompletion, Completion, ParsedChatCompletion, ParsedCompletion
+from inferneo.client.types import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    Completion,
+    CompletionChoice,
+    ParsedChatCompletion,
+    ParsedCompletion,
+)
 
-__all__ = ["OutputFormat", "ResponseFormatInput", "function_tool", "parse_chat_completion", "parse_completion",
-           "split_tools"]
+__all__ = ["OutputFormat", "ResponseFormatInput", "function_tool", "parse_chat_completion", "parse_choice",
+           "parse_completion", "split_tools"]
 
 # What ``response_format=`` takes: a pydantic model class (or another type pydantic can describe: a dataclass,
 # a TypedDict, ``list[Model]``, ...), a JSON schema, or a wire ``response_format`` dict.
@@ -200,8 +207,8 @@ def parse_chat_completion(completion: ChatCompletion, fmt: OutputFormat | None,
             call_format = (tool_formats or {}).get(call.function.name)
             if call_format is not None:
                 call.function.parsed_arguments = call_format.parse(call.function.arguments, None, choice.index)
-        if fmt is not None and not (message.tool_calls and message.content is None):
-            message.parsed = fmt.parse(message.content, choice.finish_reason, choice.index)
+        if fmt is not None:
+            message.parsed = parse_choice(fmt, choice)
     return parsed
 
 
@@ -210,5 +217,15 @@ def parse_completion(completion: Completion, fmt: OutputFormat) -> ParsedComplet
     :class:`StructuredOutputError` for the first choice that does not parse."""
     parsed = ParsedCompletion[Any].model_validate(completion.model_dump())
     for choice in parsed.choices:
-        choice.parsed = fmt.parse(choice.text, choice.finish_reason, choice.index)
+        choice.parsed = parse_choice(fmt, choice)
     return parsed
+
+
+def parse_choice(fmt: OutputFormat, choice: CompletionChoice | ChatCompletionChoice) -> Any:
+    """One choice's answer (a completion's ``text``, a chat message's ``content``) read with ``fmt``; ``None``
+    for a chat message that calls tools instead of answering."""
+    if isinstance(choice, ChatCompletionChoice):
+        if choice.message.tool_calls and choice.message.content is None:
+            return None
+        return fmt.parse(choice.message.content, choice.finish_reason, choice.index)
+    return fmt.parse(choice.text, choice.finish_reason, choice.index)

@@ -1,0 +1,72 @@
+"""The offline API's structured output: ``SamplingParams(structured_outputs=...)`` with ``LLM.generate`` and
+``LLM.chat``, as ``StructuredOutputsParams`` or as a dict, on a tiny random-weight model whose free-running
+output is gibberish: every constrained answer must still parse and validate, and unconstrained prompts in the
+same call are unaffected."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from inferneo import LLM, SamplingParams
+from inferneo.sampling_params import StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Describe a person:", "hello", "the cat sat on the", "JSON please"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint_factory):
+    return LLM(str(tiny_checkpoint_factory("llama")), dtype="float32")
+
+
+def constrained(max_tokens: int = 200, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.8, seed=1, max_tokens=max_tokens, **kw)
+
+
+def test_generate_with_a_json_schema_regex_and_choice(llm):
+    params = [
+        constrained(structured_outputs=StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)),
+        constrained(structured_outputs={"regex": r"[A-Z][a-z]{1,8} [0-9]{2}"}),
+        constrained(structured_outputs={"choice": ["positive", "negative", "neutral"]}),
+        constrained(structured_outputs={"json": json.dumps(SCHEMA)}),
+    ]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    person, code, label, person_again = (o.outputs[0] for o in outs)
+    for answer in (person, person_again):
+        assert answer.finish_reason == "stop", answer.text
+        jsonschema.validate(json.loads(answer.text), SCHEMA)
+    assert re.fullmatch(r"[A-Z][a-z]{1,8} [0-9]{2}", code.text), code.text
+    assert label.text in ("positive", "negative", "neutral")
+
+
+def test_constrained_requests_leave_unconstrained_ones_unchanged(llm):
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS, free, use_tqdm=False)
+    mixed = llm.generate(PROMPTS * 2, [free] * 4 + [constrained(structured_outputs={"json": SCHEMA})] * 4,
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed[:4]] == [o.outputs[0].token_ids for o in alone]
+    for out in mixed[4:]:
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
+
+
+def test_chat_with_structured_outputs_and_n(llm):
+    conversation = [{"role": "user", "content": "Who are you? Answer in JSON."}]
+    outs = llm.chat([conversation, conversation], constrained(n=2, structured_outputs={"json": SCHEMA}),
+                    use_tqdm=False)
+    answers = [c for o in outs for c in o.outputs]
+    assert len(answers) == 4
+    for answer in answers:
+        jsonschema.validate(json.loads(answer.text), SCHEMA)
