@@ -75,11 +75,12 @@ class StructuredOutputsParams:
 
     @property
     def spec(self) -> str:
-        """The constraint as one canonical string (a JSON schema with sorted keys, the regex, the grammar...)."""
+        """The constraint as one string: the JSON schema as compact JSON (its properties in the order given, which
+        is the order the output takes), the regex, the grammar, the choices as a JSON list..."""
         value = getattr(self, self.kind)
         if isinstance(value, str):
             return value
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
     @property
     def key(self) -> tuple[str, str, bool]:

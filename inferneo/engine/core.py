@@ -7,12 +7,15 @@ out, failures isolated); ``inferneo.engine.core_builder.build_engine_core`` make
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
-from inferneo.engine.protocol import CoreOutput, EngineSnapshot
+from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
 from inferneo.sampling.metadata import min_tokens_banned
+from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
+from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
 from inferneo.worker.runner_api import Runner
 from inferneo.worker.step_inputs import ScheduledSequence, StepRecord
@@ -31,6 +34,8 @@ class EngineStats:
     num_preemptions: int = 0
     step_time_total: float = 0.0
     batch_size_histogram: dict[int, int] = field(default_factory=dict)
+    # Structured output: time spent in matchers (taking tokens, filling bitmasks) and the bitmask rows filled.
+    grammar: GrammarStats = field(default_factory=GrammarStats)
 
 
 class EngineCore:
@@ -43,30 +48,76 @@ class EngineCore:
     the token in flight has one wasted row in the next step, whose output is dropped. Steps with requests whose
     sampling depends on their previous tokens (penalties, ``min_tokens`` still banning tokens) wait for the
     step in flight first.
+
+    Structured output: a constrained request waits outside the scheduler while its grammar compiles (on the
+    ``grammars`` compiler's thread; other requests run meanwhile), and then carries a matcher. Each step's
+    bitmask is filled by ``StepBitmask`` when the runner asks for it, after the forward pass is queued; with
+    asynchronous scheduling it reads the token still in flight from the previous step itself, so constrained
+    requests do not make the step wait.
     """
 
     def __init__(self, runner: Runner, scheduler: Scheduler, max_model_len: int,
-                 async_scheduling: bool = False):
+                 async_scheduling: bool = False, grammars: GrammarCompiler | None = None,
+                 vocab_size: int | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.stats = EngineStats()
         self.async_scheduling = async_scheduling
+        self.grammars = grammars
+        self.vocab_size = vocab_size if vocab_size is not None else (grammars.vocab_size if grammars else 0)
         scheduler.max_model_len = max_model_len
         self._in_flight: _Launched | None = None
+        self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
+        self._failures: list[RequestFailure] = []
 
     def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+        constraint = request.sampling_params.structured_outputs
+        if constraint is not None:
+            if self.grammars is None:
+                raise ValueError("this engine core was built without a grammar compiler: structured output is off")
+            if request.request_id in self._compiling or request.request_id in self.scheduler.requests:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            self._compiling[request.request_id] = (request, self.grammars.submit(constraint))
+        else:
+            self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += request.num_prompt_tokens
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
+            if self._compiling.pop(request_id, None) is not None:
+                continue
             request = self.scheduler.requests.get(request_id)
             if request is not None:
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or bool(self._compiling))
+
+    def take_failures(self) -> list[RequestFailure]:
+        """Requests the core refused after taking them (a grammar that would not compile), since the last call."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar has compiled to the scheduler; refuse those whose grammar failed. When
+        nothing else can run, wait a moment for a compile rather than spin."""
+        if not self._compiling:
+            return
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+            wait([future for _, future in self._compiling.values()], timeout=0.01, return_when=FIRST_COMPLETED)
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is not None:
+                kind = FailureKind.INVALID if isinstance(error, ValueError) else FailureKind.FAILED
+                self._failures.append(RequestFailure([request_id], kind, str(error)))
+                continue
+            request.grammar = SequenceGrammar(future.result(), request.eos_token_ids)
+            self.scheduler.add_request(request)
 
     def snapshot(self) -> EngineSnapshot:
         """The counters right now (for metrics and admission control)."""
@@ -87,6 +138,7 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         """Run one engine step; returns outputs for requests that produced a token."""
+        self._admit_compiled()
         if self.async_scheduling:
             return self._step_async()
         if self._in_flight is not None:  # async scheduling was just switched off: land the step in flight
@@ -96,7 +148,7 @@ class EngineCore:
         if sched.is_empty:
             return []
         start = time.perf_counter()
-        record, sampled = _step_record(sched)
+        record, sampled = self._step_record(sched, None)
         result = self.runner.execute(record)
         self.scheduler.update_after_step(sched)
         return self._process(sched, sampled, result, start)
@@ -109,7 +161,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty:
-            record, sampled = _step_record(sched)
+            record, sampled = self._step_record(sched, previous.step if previous else None)
             step = self.runner.launch(record, previous.step if previous else None)
             launched = _Launched(sched, sampled, step, time.perf_counter())
         outputs = self._finish(previous) if previous is not None else []
@@ -176,6 +228,34 @@ class EngineCore:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
+    def _step_record(self, sched: SchedulerOutput,
+                     previous: InFlightStep | None) -> tuple[StepRecord, list[Request]]:
+        """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples.
+
+        ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read.
+        """
+        sequences: list[ScheduledSequence] = []
+        sampled: list[Request] = []
+        constrained: list[ConstrainedRow] = []
+        for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
+            request, num_new = item.request, item.num_new_tokens
+            computed = request.num_computed_tokens
+            # A token is sampled once every known token (and the one still being sampled, if any) is computed.
+            samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
+                       else computed + num_new == request.num_tokens)
+            sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
+                                               request.pending_sample, samples, request.sampling_row))
+            if samples:
+                if request.grammar is not None:
+                    constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,
+                                                      request.pending_sample))
+                sampled.append(request)
+        record = StepRecord(sequences, sched.num_batched_tokens)
+        if constrained:
+            previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
+            record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar)
+        return record, sampled
+
 
 def _needs_previous_tokens(request: Request) -> bool:
     """Whether sampling ``request``'s next token reads its generated tokens (penalties, min_tokens bans)."""
@@ -192,20 +272,3 @@ class _Launched:
     sampled: list[Request]
     step: InFlightStep
     start: float
-
-
-def _step_record(sched: SchedulerOutput) -> tuple[StepRecord, list[Request]]:
-    """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples."""
-    sequences: list[ScheduledSequence] = []
-    sampled: list[Request] = []
-    for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
-        request, num_new = item.request, item.num_new_tokens
-        computed = request.num_computed_tokens
-        # A token is sampled once every known token (and the one still being sampled, if any) is computed.
-        samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
-                   else computed + num_new == request.num_tokens)
-        sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
-                                           request.pending_sample, samples, request.sampling_row))
-        if samples:
-            sampled.append(request)
-    return StepRecord(sequences, sched.num_batched_tokens), sampled

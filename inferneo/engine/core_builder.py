@@ -1,6 +1,7 @@
 """Builds an engine core from an ``EngineConfig``: the model and its weights, the KV cache, the scheduler.
 
-No tokenizer is loaded here: the core sees token ids only. The same function builds the core whichever client
+No tokenizer is loaded here: the core sees token ids only (the grammar compiler loads one on its own thread the
+first time a request asks for structured output). The same function builds the core whichever client
 drives it (in this thread, a background thread, or a child process).
 """
 
@@ -19,7 +20,8 @@ from inferneo.engine.core import EngineCore
 from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
-from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
+from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.worker.model_runner import ModelRunner
 from inferneo.worker.runner_api import Runner
 
@@ -71,7 +73,10 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     async_scheduling = config.async_scheduling
     if async_scheduling is None:  # measured faster on H100s at TP 1 and 2 (docs/benchmarks.md); no gain on CPU
         async_scheduling = device.type == "cuda"
-    core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling)
+    vocab_size = runner.model_config.vocab_size
+    grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
+    core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
+                      vocab_size=vocab_size)
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
@@ -85,7 +90,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
 
 
 def shutdown_core(core: EngineCore) -> None:
-    """Stop the core's helper processes (tensor-parallel workers); it cannot step afterwards."""
+    """Stop the core's helper processes (tensor-parallel workers) and threads; it cannot step afterwards."""
+    if core.grammars is not None:
+        core.grammars.shutdown()
     core.runner.shutdown()
 
 

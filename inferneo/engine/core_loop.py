@@ -103,9 +103,10 @@ class CoreLoop:
                            self.core.snapshot() if with_snapshot else None)
 
     def take_failures(self) -> list[RequestFailure]:
-        """Failures recorded but not yet handed out (those of a turn that ended the loop)."""
+        """Failures recorded but not yet handed out (those of a turn that ended the loop), the core's own
+        (requests it refused after taking them) included."""
         failures, self._failures = self._failures, []
-        return failures
+        return failures + self.core.take_failures()
 
     def _step(self) -> list[CoreOutput]:
         core = self.core
@@ -117,7 +118,7 @@ class CoreLoop:
             return []
         self._consecutive_failures = 0
         if core.stats.num_steps == steps_before:
-            time.sleep(0.001)  # nothing could be scheduled (should not happen): do not spin
+            time.sleep(0.001)  # nothing could be scheduled (grammars still compiling): do not spin
         return outputs
 
     def _step_failed(self, exc: Exception) -> None:

@@ -7,7 +7,9 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
   short (as OpenAI and vLLM's server do); ``max_tokens=None`` means "up to the context length";
 - prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
-- ``logprobs`` is at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary.
+- ``logprobs`` is at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
+- a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
+  against the vocabulary later).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError
 from inferneo.model_loader import load_generation_config, load_tokenizer, resolve_model
 from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
+from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -85,6 +88,11 @@ class InputProcessor:
             raise InvalidRequestError(error, "logit_bias")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
+        if params.structured_outputs is not None:
+            try:
+                check_structured_outputs(params.structured_outputs)
+            except StructuredOutputError as e:
+                raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
 
 

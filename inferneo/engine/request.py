@@ -11,6 +11,7 @@ import torch
 from inferneo.engine.protocol import CoreRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
+from inferneo.structured_output.compiler import SequenceGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -65,6 +66,8 @@ class Request:
     # With asynchronous scheduling: this request's row among the samples of the step still running on the
     # device, whose token is not on the host yet (-1: none). The next step reads that token on the device.
     pending_sample: int = -1
+    # Structured output: the matcher that limits this sequence's next token (set once its grammar is compiled).
+    grammar: SequenceGrammar | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 

@@ -1,6 +1,6 @@
 """Batched token sampling: per-step metadata and the sampler."""
 
-from inferneo.sampling.metadata import SamplingMetadata, SamplingRow
+from inferneo.sampling.metadata import SamplingMetadata, SamplingRow, TokenBitmask
 from inferneo.sampling.sampler import Sampler, SamplerOutput
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "SamplingRow"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "SamplingRow", "TokenBitmask"]

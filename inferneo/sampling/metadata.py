@@ -25,6 +25,15 @@ class SamplingRow:
     generator: torch.Generator | None
 
 
+@dataclass(slots=True, frozen=True)
+class TokenBitmask:
+    """The tokens some rows of a step may sample (structured output): bit ``t % 32`` of ``words[i, t // 32]`` is
+    set when token ``t`` is allowed in row ``rows[i]`` of the logits. Rows not listed are unconstrained."""
+
+    rows: list[int]
+    words: torch.Tensor  # [len(rows), ceil(V / 32)] int32, on the host
+
+
 @dataclass(slots=True)
 class SamplingMetadata:
     """Everything the sampler needs for one engine step, as tensors on the logits' device.
@@ -74,6 +83,10 @@ class SamplingMetadata:
     generators: list[torch.Generator]
     # The largest ``logprobs`` asked for in the batch (clamped to V); None when no row asks for logprobs.
     max_num_logprobs: int | None
+    # Structured output: the constrained rows ([R] int64) and their allowed-token bitmask ([R, ceil(V/32)] int32);
+    # None when no row of the step is constrained.
+    bitmask_rows: torch.Tensor | None = None
+    bitmask_words: torch.Tensor | None = None
 
     @property
     def has_penalties(self) -> bool:
@@ -81,8 +94,10 @@ class SamplingMetadata:
         return self.output_counts is not None
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingMetadata:
-        """Build the step's tensors. ``rows[i]`` corresponds to row ``i`` of the logits."""
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
+              bitmask: TokenBitmask | None = None) -> SamplingMetadata:
+        """Build the step's tensors. ``rows[i]`` corresponds to row ``i`` of the logits; ``bitmask`` limits the
+        tokens of the rows it lists."""
         device = torch.device(device)
         batch_size = len(rows)
         greedy: list[bool] = []
@@ -195,6 +210,8 @@ class SamplingMetadata:
             seeded_rows=seeded_rows,
             generators=generators,
             max_num_logprobs=max_num_logprobs,
+            bitmask_rows=_tensor(bitmask.rows, torch.int64, device) if bitmask is not None and bitmask.rows else None,
+            bitmask_words=_to_device(bitmask.words, device) if bitmask is not None and bitmask.rows else None,
         )
 
 
@@ -217,6 +234,13 @@ def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if device.type == "cpu":
         return torch.tensor(data, dtype=dtype)
     return torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` (through pinned memory and an async copy on CUDA)."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def _scatter_rows(token_lists: list[list[int]], batch_size: int, vocab_size: int, device: torch.device,

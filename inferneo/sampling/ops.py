@@ -7,6 +7,19 @@ import torch
 _NEG_INF = float("-inf")
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in rows ``rows`` of ``logits``, every token whose bit is clear in ``words`` (in place).
+
+    ``words`` is ``[R, ceil(V / 32)]`` int32: bit ``t % 32`` of word ``t // 32`` allows token ``t`` (the layout
+    xgrammar fills). Rows not listed in ``rows`` are not touched.
+    """
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill_(~allowed, _NEG_INF)
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,
                     repetition_penalty: torch.Tensor | None, frequency_penalty: torch.Tensor | None,
                     presence_penalty: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from inferneo.sampling.metadata import SamplingMetadata
-from inferneo.sampling.ops import apply_min_p, apply_penalties, apply_top_k_top_p, exponential_race
+from inferneo.sampling.ops import (
+    apply_min_p,
+    apply_penalties,
+    apply_token_bitmask,
+    apply_top_k_top_p,
+    exponential_race,
+)
 
 
 @dataclass(slots=True)
@@ -28,7 +34,7 @@ class SamplerOutput:
 class Sampler:
     """Sample the next token for every row of a ``[B, V]`` logits tensor, on the logits' device.
 
-    Pipeline, per row: logit_bias added → min_tokens mask (EOS / stop ids to -inf) → repetition, frequency,
+    Pipeline, per row: structured output's bitmask (disallowed tokens to -inf) → logit_bias added → min_tokens mask (EOS / stop ids to -inf) → repetition, frequency,
     presence penalties →
     [log-probabilities taken here] → greedy rows: argmax; random rows: ÷ temperature → top-k → top-p → min-p →
     softmax → exponential race (seeded rows draw from their own generator).
@@ -43,7 +49,8 @@ class Sampler:
         md = metadata
         assert logits.dim() == 2 and tuple(logits.shape) == (md.batch_size, md.vocab_size), (
             f"logits {tuple(logits.shape)} do not match metadata ({md.batch_size}, {md.vocab_size})")
-        edits = md.bias_rows is not None or md.min_tokens_rows is not None or md.has_penalties
+        edits = (md.bias_rows is not None or md.min_tokens_rows is not None or md.has_penalties
+                 or md.bitmask_rows is not None)
         if md.all_greedy and not edits and md.max_num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # no float32 copy needed
         x = logits.float()
@@ -52,6 +59,8 @@ class Sampler:
         if edits:
             if not owned:
                 x, owned = x.clone(), True
+            if md.bitmask_rows is not None:
+                apply_token_bitmask(x, md.bitmask_rows, md.bitmask_words)
             if md.bias_rows is not None:
                 x.index_put_((md.bias_rows, md.bias_ids), md.bias_values, accumulate=True)
             if md.min_tokens_rows is not None:

@@ -33,7 +33,7 @@ def build_grammar(params: StructuredOutputsParams):
     field = f"structured_outputs.{kind}"
     try:
         if kind == "json":
-            return xgr.Grammar.from_json_schema(params.spec, **_json_options(params))
+            return _strict_json_strings(xgr.Grammar.from_json_schema(params.spec, **_json_options(params)))
         if kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params))
         if kind == "regex":
@@ -71,6 +71,21 @@ def _ebnf_literal(text: str) -> str:
         else:
             out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
     return '"' + "".join(out) + '"'
+
+
+# xgrammar (0.2.x) writes the characters of a length-bounded JSON string (minLength / maxLength) as "anything
+# but a quote, a backslash, CR or LF", which lets other control characters through: JSON forbids them raw, and
+# strict parsers (Python's json, jsonschema users) refuse the output. They are refused here as JSON does.
+_LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
+
+
+def _strict_json_strings(grammar):
+    """``grammar`` with every JSON string character class refusing raw control characters."""
+    text = str(grammar)
+    if _LOOSE_STRING_CHARACTER not in text:
+        return grammar
+    return xgrammar().Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER))
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class InFlightStep:
         self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids.contiguous()
         self._tensors: list[torch.Tensor] = []
         self._event = None
+        self._resolved: RunnerOutput | None = None
         if result is None:
             return
         tensors = [result.sampled_token_ids]
@@ -91,7 +92,10 @@ class InFlightStep:
             self._tensors = tensors
 
     def resolve(self) -> RunnerOutput:
-        """The step's sampled tokens (and logprobs) on the host, in the order of its sampled sequences."""
+        """The step's sampled tokens (and logprobs) on the host, in the order of its sampled sequences (read
+        once; later calls return the same object)."""
+        if self._resolved is not None:
+            return self._resolved
         if not self.num_samples:
             return RunnerOutput([])
         if self._event is not None:
@@ -101,6 +105,7 @@ class InFlightStep:
             out.logprob_token_ids = self._tensors[1].tolist()
             out.logprobs = self._tensors[2].tolist()
             out.sampled_token_ranks = self._tensors[3].tolist()
+        self._resolved = out
         return out
 
 
@@ -289,7 +294,8 @@ class ModelRunner(Runner):
             return InFlightStep(0)
         rows = self._sample_rows(hidden, dev, packed, num_samples)
         logits = self.model.compute_logits(rows)
-        sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device)
+        bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
+        sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device, bitmask)
         return InFlightStep(num_samples, self.sampler(logits, sampling))
 
     @torch.inference_mode()

@@ -15,13 +15,14 @@ backend needs no notion of padding.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
-from inferneo.sampling.metadata import SamplingRow
+from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 
 
 @dataclass(slots=True)
@@ -46,6 +47,9 @@ class StepRecord:
 
     sequences: list[ScheduledSequence]
     num_batched_tokens: int
+    # Structured output: called once the step's forward pass is queued (so on a GPU it runs while the device
+    # computes), it returns the allowed tokens of the constrained sampled rows; None when no row is constrained.
+    bitmask: Callable[[], TokenBitmask | None] | None = None
 
     @property
     def sampling_rows(self) -> list[SamplingRow]:

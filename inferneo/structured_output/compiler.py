@@ -1,0 +1,115 @@
+"""The core's side of structured output: grammars compiled off the step loop, one matcher per sequence.
+
+:class:`GrammarCompiler` compiles each constraint against the model's vocabulary on a worker thread and keeps
+the result by constraint (``StructuredOutputsParams.key``), so a batch that shares one schema compiles it once.
+The tokenizer is loaded on that thread the first time a constrained request arrives; a core that never sees one
+never loads it. :class:`SequenceGrammar` follows one sequence: it accepts the sequence's tokens as they are
+sampled and fills that sequence's row of the step's token bitmask.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from inferneo.sampling_params import StructuredOutputsParams
+from inferneo.structured_output.grammars import StructuredOutputError, build_grammar, xgrammar
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_GRAMMARS = 512  # compiled grammars kept by constraint (least recently used dropped first)
+
+
+class GrammarCompiler:
+    """Compiles constraints against one vocabulary on a background thread; ``submit`` never blocks.
+
+    ``load_tokenizer`` returns the model's Hugging Face tokenizer (called once, on the compile thread);
+    ``vocab_size`` is the width of the model's logits, which may exceed the tokenizer's vocabulary.
+    """
+
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_threads: int = 2) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self._max_threads = max_threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-grammar")
+        self._compiler = None
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def submit(self, params: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar (shared by every request with the same constraint)."""
+        key = params.key
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None and not (future.done() and future.exception() is not None):
+                self._cache.move_to_end(key)
+                return future
+            future = self._executor.submit(self._compile, params)
+            self._cache[key] = future
+            while len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+            return future
+
+    @property
+    def bitmask_width(self) -> int:
+        """32-bit words per bitmask row."""
+        return (self.vocab_size + 31) // 32
+
+    def _compile(self, params: StructuredOutputsParams):
+        if self._compiler is None:
+            xgr = xgrammar()
+            tokenizer = self._load_tokenizer()
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
+        grammar = build_grammar(params)
+        try:
+            return self._compiler.compile_grammar(grammar)
+        except (RuntimeError, ValueError) as e:
+            field = f"structured_outputs.{params.kind}"
+            raise StructuredOutputError(f"{field} cannot be compiled: {e}", field) from None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class SequenceGrammar:
+    """One sequence's matcher: which tokens may come next, given the tokens it has generated.
+
+    ``stop_token_ids`` are the ids that end the sequence (its EOS ids): once the constraint is complete, only
+    they are allowed.
+    """
+
+    def __init__(self, compiled, stop_token_ids: frozenset[int]) -> None:
+        xgr = xgrammar()
+        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids) or None)
+        self.num_accepted = 0  # output tokens the matcher has taken
+        self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
+
+    def catch_up(self, output_token_ids: list[int]) -> None:
+        """Take the sequence's output tokens that the matcher has not seen yet."""
+        for token in output_token_ids[self.num_accepted:]:
+            self.accept_token(token)
+
+    def accept_token(self, token_id: int) -> None:
+        """Take the sequence's next output token."""
+        self.num_accepted += 1
+        if self.broken or self._matcher.is_terminated():
+            return
+        if not self._matcher.accept_token(token_id):
+            logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint "
+                           "is off for the rest of it", token_id)
+            self.broken = True
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is constrained (False once the sequence ended its grammar or broke it)."""
+        return not (self.broken or self._matcher.is_terminated())
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 words, bit ``t`` for token ``t``)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
