@@ -6,6 +6,7 @@ import argparse
 
 from inferneo.config import EngineConfig, add_engine_args
 from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
+from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 
@@ -25,6 +26,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                    help="refuse new requests (429 + Retry-After) while this many sequences wait for a batch slot "
                    f"(default {DEFAULT_MAX_QUEUED_REQUESTS}; 0 for no limit)")
+    g.add_argument("--tool-call-parser", choices=[*TOOL_CALL_PARSERS, "none"], default=None,
+                   help="how tool calls are read from answers to tool_choice 'auto': hermes (<tool_call> blocks: "
+                   "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), none (they stay in content); default: "
+                   "chosen from the model's chat template")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
@@ -45,4 +50,5 @@ def run(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests or None, log_level=args.log_level,
         access_log=not args.disable_access_log, shutdown_timeout=args.shutdown_timeout,
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
+        tool_call_parser=args.tool_call_parser,
     )

@@ -127,7 +127,7 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, Any]:
 def serve(config: EngineConfig, served_model_names: list[str] | None, host: str, port: int, api_keys: list[str],
           max_queued_requests: int | None = None, log_level: str = "info", access_log: bool = True,
           shutdown_timeout: float = 30.0, engine_in_process: bool = False,
-          guards: ServerGuards | None = None) -> int:
+          guards: ServerGuards | None = None, tool_call_parser: str | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -141,6 +141,9 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
 
     The engine core runs in a child process (so the model's Python and the HTTP server do not share a GIL);
     ``engine_in_process`` runs it in a thread of this process instead.
+
+    ``tool_call_parser`` names the format of tool calls in answers to ``tool_choice: "auto"`` (see
+    ``ServerContext``); None lets the chat template decide.
     """
     import uvicorn
 
@@ -150,7 +153,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     envs.engine_omp_spin_count()
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
     names = served_model_names or [config.model or facts["name"]]
-    ctx = ServerContext(engine, names, facts["path"], api_keys)
+    ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser)
     app = build_app(ctx, guards=guards)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
@@ -161,6 +164,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     logger.info("KV cache: %.3f GiB in %d blocks of %d tokens (%d tokens)",
                 facts["num_blocks"] * facts["kv_bytes_per_block"] / 2**30, facts["num_blocks"],
                 facts["block_size"], engine.kv_capacity_tokens)
+    logger.info("tool calls of tool_choice 'auto' answers: %s", ctx.tool_parser.__name__ if ctx.tool_parser
+                else "not parsed (left in content)")
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),

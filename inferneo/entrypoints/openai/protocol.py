@@ -15,12 +15,21 @@ the hot streaming path serializes them directly.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from inferneo.sampling_params import MAX_LOGPROBS
 
@@ -60,8 +69,15 @@ MAX_ID_CHARS = 256
 """Characters in the short identifiers: ``user``, a message's ``name`` and ``tool_call_id``, ``service_tier``,
 ``tool_choice`` and ``function_call`` given as strings, and the keys of ``chat_template_kwargs``."""
 MAX_TOOLS = 128
-"""Entries in ``tools`` and in ``functions`` (OpenAI's own bound); tool calling is not supported, so any entry is
-refused later, but the list is checked first."""
+"""Entries in ``tools`` and in ``functions`` (OpenAI's own bound; ``functions``, the deprecated form, is refused
+once checked: use ``tools``), and tool calls in one assistant message."""
+MAX_FUNCTION_NAME_CHARS = 64
+"""Characters in a function's name (OpenAI's rule: letters, digits, ``_`` and ``-``; Inferneo also takes ``.``)."""
+MAX_GRAMMAR_CHARS = 2**20
+"""Characters in a regular expression or a grammar (``structured_outputs.regex`` / ``.grammar`` and their
+``guided_*`` twins): 1,048,576."""
+MAX_CHOICES = 4096
+"""Strings in ``structured_outputs.choice`` (``guided_choice``), each at most ``MAX_STOP_CHARS`` characters."""
 MAX_METADATA_PAIRS = 16
 """Pairs in ``metadata``, whose keys are strings of at most ``MAX_METADATA_KEY_CHARS`` characters and values
 strings of at most ``MAX_METADATA_VALUE_CHARS``: OpenAI's rules."""
@@ -81,6 +97,74 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = False
+
+
+SchemaValue = Annotated[str | dict[str, Any] | None, BeforeValidator(lambda v: _schema_value(v))]
+"""A JSON schema field: an object, or a string holding one (vLLM takes both)."""
+Choices = Annotated[list[str] | None, AfterValidator(lambda v: _check_choices(v))]
+"""A list of choices: non-empty strings, at most ``MAX_CHOICES`` of them."""
+
+
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``: the schema the answer must follow, with OpenAI's name for it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (the object ``json_schema`` describes; its ``schema`` is required)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_goes_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'type' 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"'json_schema' goes only with 'type' 'json_schema', not {self.type!r}")
+        return self
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` request field: exactly one of ``json`` (a schema, as an object or a JSON
+    string), ``regex``, ``choice``, ``grammar`` (EBNF / GBNF), ``json_object`` or ``structural_tag``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_: SchemaValue = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    choice: Choices = None
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    json_object: bool | None = None
+    structural_tag: SchemaValue = None
+    disable_any_whitespace: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        """The constraint as ``StructuredOutputsParams`` keyword arguments (only those given)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class FunctionDefinition(_Body):
+    """A function the model may call: ``tools[i].function``."""
+
+    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    """One entry of ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class _SamplingBody(_Body):
@@ -110,6 +194,13 @@ class _SamplingBody(_Body):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: SchemaValue = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: Choices = None
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -194,8 +285,7 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
@@ -226,19 +316,41 @@ class ChatCompletionRequest(_SamplingBody):
         _cap(len(value), MAX_ID_CHARS, "characters")
         return value
 
-    @field_validator("response_format")
+    @field_validator("tool_choice")
     @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            extra = sorted(set(value) - {"type", "json_schema"})
-            if extra:
-                raise ValueError(f"unrecognized key {extra[0][:40]!r}; the keys are 'type' and 'json_schema'")
-            kind = value.get("type")
-            if kind not in ("text", "json_object", "json_schema"):
-                raise ValueError("'type' must be 'text', 'json_object' or 'json_schema'")
-            if not isinstance(value.get("json_schema", {}), dict):
-                raise ValueError("'json_schema' must be an object")
+    def _check_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in TOOL_CHOICES:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in TOOL_CHOICES)} or "
+                             "{'type': 'function', 'function': {'name': ...}}")
+        if isinstance(value, dict):
+            function = value.get("function")
+            if (value.get("type") != "function" or set(value) != {"type", "function"}
+                    or not isinstance(function, dict) or set(function) != {"name"}
+                    or not isinstance(function["name"], str) or not function["name"]):
+                raise ValueError("an object must be {'type': 'function', 'function': {'name': ...}}")
+            _cap(len(function["name"]), MAX_FUNCTION_NAME_CHARS, "characters in the function name")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tool_names(cls, value: list[ChatTool] | None) -> list[ChatTool] | None:
+        seen: set[str] = set()
+        for tool in value or ():
+            if tool.function.name in seen:
+                raise ValueError(f"two tools are named {tool.function.name!r}; names must be unique")
+            seen.add(tool.function.name)
+        return value
+
+    def named_tool(self) -> str | None:
+        """The function ``tool_choice`` names, or None when it is a string (or absent)."""
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``: what ``tool_choice`` asks for (OpenAI's default is
+        ``auto`` when tools are given, ``none`` otherwise)."""
+        if isinstance(self.tool_choice, dict):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @field_validator("metadata")
     @classmethod
@@ -306,6 +418,29 @@ def _check_ids(ids: list[int], what: str) -> None:
         raise ValueError(f"{what} has {len(ids)} token ids; at most {MAX_TOKEN_IDS} are allowed")
 
 
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _schema_value(value: Any) -> Any:
+    """A JSON schema field: an object, or a string holding one (vLLM takes both); the string is parsed later."""
+    if value is not None and not isinstance(value, (str, dict)):
+        raise ValueError("must be a JSON schema: an object, or a string holding one")
+    if isinstance(value, str):
+        _cap(len(value), MAX_GRAMMAR_CHARS, "characters")
+    return value
+
+
+def _check_choices(value: list[str] | None) -> list[str] | None:
+    if value is not None:
+        if not value:
+            raise ValueError("must be a non-empty list of strings")
+        _cap(len(value), MAX_CHOICES, "choices")
+        _cap(max(len(c) for c in value), MAX_STOP_CHARS, "characters in a choice")
+        if not all(value):
+            raise ValueError(f"choice {value.index('')} is an empty string")
+    return value
+
+
 _KIND_NAMES = {str: "a string", list: "a list", dict: "an object"}
 
 
@@ -320,11 +455,14 @@ def _optional(message: dict, key: str, kind: type, limit: int | None, at: str) -
         _cap(len(value), limit, f"characters in '{key}'", f"{at}: ")
 
 
-def _content(content: Any, role: str, at: str) -> str:
-    """A message's content as text: a string, or text parts joined by newlines."""
+def _content(content: Any, role: str, at: str, has_tool_calls: bool = False) -> str:
+    """A message's content as text: a string, or text parts joined by newlines; an assistant message that carries
+    tool calls may have none (null), which becomes the empty string, as vLLM renders it."""
     if content is None:
+        if has_tool_calls:
+            return ""
         raise ValueError(f"{at}: a {role!r} message needs 'content' (a string or a list of text parts); "
-                         "null content goes only with tool_calls, which this server does not support")
+                         "null content goes only with an assistant message's tool_calls")
     if isinstance(content, list):
         if not content:
             raise ValueError(f"{at}: 'content' is an empty list; give a string or at least one text part")
@@ -362,9 +500,9 @@ def _conversation(messages: Any, where: str) -> Conversation:
             raise ValueError(f"{at} needs a 'role' string")
         if role not in ROLES:
             raise ValueError(f"{at}: role {role[:40]!r} is not one of {', '.join(ROLES)}")
-        for key in ("tool_calls", "function_call"):
-            if message.get(key):  # null or an empty list mean none
-                raise ValueError(f"{at}: '{key}' is not supported (this server does not implement tool calling)")
+        if message.get("function_call"):
+            raise ValueError(f"{at}: 'function_call' (the deprecated form of tool calling) is not supported; "
+                             "send 'tool_calls'")
         _optional(message, "tool_calls", list, None, at)
         _optional(message, "function_call", dict, None, at)
         _optional(message, "name", str, MAX_ID_CHARS, at)
@@ -373,10 +511,52 @@ def _conversation(messages: Any, where: str) -> Conversation:
         _optional(message, "reasoning_content", str, MAX_TEXT_CHARS, at)
         _optional(message, "annotations", list, None, at)
         _optional(message, "audio", dict, None, at)
-        entry = {"role": role, "content": _content(message.get("content"), role, at)}
+        tool_calls = message.get("tool_calls") or None  # an empty list means none
+        if tool_calls is not None and role != "assistant":
+            raise ValueError(f"{at}: only an 'assistant' message may carry 'tool_calls'")
+        if role == "tool" and not message.get("tool_call_id"):
+            raise ValueError(f"{at}: a 'tool' message needs 'tool_call_id', the id of the call it answers")
+        entry: dict[str, Any] = {"role": role,
+                                 "content": _content(message.get("content"), role, at, tool_calls is not None)}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
+        if tool_calls is not None:
+            entry["tool_calls"] = _tool_calls(tool_calls, at)
+        if role == "tool":
+            entry["tool_call_id"] = message["tool_call_id"]
         result.append(entry)
+    return result
+
+
+def _tool_calls(calls: list[Any], at: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked, for the chat template: each
+    ``{"id", "type": "function", "function": {"name", "arguments"}}`` with ``arguments`` (a JSON string on the
+    wire) decoded into an object, which is what chat templates expect (a string that is no JSON object stays a
+    string: the model wrote it, the client sends it back)."""
+    _cap(len(calls), MAX_TOOLS, "tool calls", f"{at}: ")
+    shape = "each tool call must be {'id': str, 'type': 'function', 'function': {'name': str, 'arguments': str}}"
+    result = []
+    for j, call in enumerate(calls):
+        where = f"{at}: tool call {j}"
+        if not isinstance(call, dict) or not set(call) <= {"id", "type", "function"}:
+            raise ValueError(f"{where}: {shape}")
+        function = call.get("function")
+        if (not isinstance(call.get("id"), str) or call.get("type") != "function" or not isinstance(function, dict)
+                or set(function) != {"name", "arguments"} or not isinstance(function["name"], str)
+                or not function["name"] or not isinstance(function["arguments"], str)):
+            raise ValueError(f"{where}: {shape}")
+        _cap(len(call["id"]), MAX_ID_CHARS, "characters in 'id'", f"{where}: ")
+        _cap(len(function["name"]), MAX_FUNCTION_NAME_CHARS, "characters in the function name", f"{where}: ")
+        _check_text(function["arguments"], f"{where}: 'arguments'")
+        arguments: Any = function["arguments"]
+        try:
+            decoded = json.loads(arguments)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict):
+            arguments = decoded
+        result.append({"id": call["id"], "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})
     return result
 
 

@@ -1,14 +1,21 @@
-"""``POST /v1/chat/completions``: one conversation, or (an extension) a list of them, whole or streamed."""
+"""``POST /v1/chat/completions``: one conversation, or (an extension) a list of them, whole or streamed.
+
+With ``tools``, an answer may hold tool calls: read from the model's own format by the server's tool-call parser
+for ``tool_choice: "auto"``, or forced by a grammar for ``"required"`` and a named function (``constraints``).
+They leave as OpenAI's ``message.tool_calls`` (streamed: ``delta.tool_calls`` pieces, the name in a call's first
+piece), with ``finish_reason`` ``"tool_calls"`` when the model stopped after calling."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
 from inferneo.entrypoints.openai.serving_common import (
@@ -24,28 +31,49 @@ from inferneo.entrypoints.openai.serving_common import (
     usage_of,
 )
 from inferneo.entrypoints.openai.serving_completion import finite
+from inferneo.entrypoints.openai.tool_parsers import (
+    NamedFunctionParser,
+    ParsedPiece,
+    RequiredCallsParser,
+    ToolCallParser,
+    parse_all,
+)
 from inferneo.outputs import Logprob
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise bad_request("tools are not supported", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported", "tool_choice")
     if req.functions or req.function_call not in (None, "none"):
-        raise bad_request("functions are not supported", "functions")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        raise bad_request("functions and function_call (the deprecated form of tool calling) are not supported; "
+                          "send tools and tool_choice", "functions" if req.functions else "function_call")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+
+
+def _tool_parser(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallParser | None:
+    """A fresh parser for one choice's answer, or None when its text is all content."""
+    mode = req.tool_mode()
+    if mode == "named":
+        return NamedFunctionParser(req.named_tool())
+    if mode == "required":
+        return RequiredCallsParser()
+    if mode == "auto" and ctx.tool_parser is not None:
+        return ctx.tool_parser()
+    return None
+
+
+def tool_call_id() -> str:
+    """A fresh id for a tool call, in OpenAI's shape: ``call_`` and 24 random characters."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
     model = ctx.model_name(req.model)
     check_common(req)
     _check_unsupported(req)
+    constraint = structured_outputs_of(req)
     engine = ctx.engine
-    prompt_ids = [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.chat_template_kwargs)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    prompt_ids = [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.chat_template_kwargs, tools=tools)
                   for c in req.conversations()]
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -55,13 +83,13 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     requests = []
     for i, ids in enumerate(prompt_ids):
         limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
-        requests.append(EngineRequest(f"{request_id}-{i}", ids, sampling_params(req, ctx.defaults, limit, logprobs),
-                                      req.priority))
+        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint)
+        requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority))
     try:
         group = engine.submit(requests, param="messages")
     except Exception as exc:
         raise to_api_error(exc) from None
-    job = _Chat(request_id, model, req, group, len(requests))
+    job = _Chat(request_id, model, req, group, len(requests), lambda: _tool_parser(ctx, req))
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -71,7 +99,9 @@ class _Chat:
     """One chat call in flight."""
 
     def __init__(self, request_id: str, model: str, req: ChatCompletionRequest, group: RequestGroup,
-                 num_conversations: int) -> None:
+                 num_conversations: int, new_parser: Callable[[], ToolCallParser | None]) -> None:
+        self.new_parser = new_parser
+        self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
         self.request_id = request_id
         self.model = model
         self.req = req
@@ -88,16 +118,32 @@ class _Chat:
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k)}
+                message, finish_reason = self._message(choice.text, choice.finish_reason)
                 choices.append({
                     "index": i * self.req.n + choice.index,
-                    "message": {"role": "assistant", "content": choice.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason,
+                    "finish_reason": finish_reason,
                 })
         return JSONResponse({
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": choices, "usage": usage_of(finals.values()), "system_fingerprint": None,
         })
+
+    def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A whole answer as an assistant message (its tool calls split out), and its finish reason."""
+        parser = self.new_parser()
+        if parser is None:
+            return {"role": "assistant", "content": text}, finish_reason
+        content, calls = parse_all(parser, text)
+        if self.single_call:
+            calls = calls[:1]
+        if not calls:
+            return {"role": "assistant", "content": content}, finish_reason
+        tool_calls = [{"id": tool_call_id(), "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+        return ({"role": "assistant", "content": content or None, "tool_calls": tool_calls},
+                _calls_finish_reason(finish_reason))
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
@@ -112,20 +158,22 @@ class _Chat:
                 payload["usage"] = None
             return sse(payload)
 
+        streams = {}
         for key in range(self.num_conversations * n):
+            streams[key] = _ToolCallStream(self.new_parser(), self.single_call)
             yield chunk(key, {"role": "assistant", "content": ""})
         num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
             for choice in delta.outputs:
                 key = i * n + choice.index
-                text = choice.text
                 num_completion_tokens += len(choice.token_ids)
+                message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
                 if self.top_k is not None and choice.token_ids:
                     logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k)}
-                if not text and logprobs is None and choice.finish_reason is None:
+                if not message and logprobs is None and finish_reason is None:
                     continue
-                yield chunk(key, {"content": text} if text else {}, logprobs, choice.finish_reason)
+                yield chunk(key, message, logprobs, finish_reason)
             if delta.finished:
                 num_prompt_tokens += len(delta.prompt_token_ids)
                 num_cached_tokens += delta.num_cached_tokens
@@ -133,6 +181,49 @@ class _Chat:
             yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
                                                              num_cached_tokens)})
         yield SSE_DONE
+
+
+class _ToolCallStream:
+    """One streamed choice's text as OpenAI deltas: ``content``, and ``tool_calls`` pieces whose first piece
+    carries the call's id, type and name."""
+
+    def __init__(self, parser: ToolCallParser | None, single_call: bool) -> None:
+        self.parser = parser
+        self.single_call = single_call
+        self.ids: list[str] = []  # one per call started
+
+    def delta(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The delta for the next piece of text (the last piece when ``finish_reason`` is set)."""
+        if self.parser is None:
+            return ({"content": text} if text else {}), finish_reason
+        parsed = self.parser.feed(text) if text else ParsedPiece()
+        if finish_reason is not None:
+            parsed.add(self.parser.finish())
+        message: dict[str, Any] = {}
+        if parsed.content:
+            message["content"] = parsed.content
+        pieces = []
+        for piece in parsed.calls:
+            if self.single_call and piece.index > 0:
+                continue
+            entry: dict[str, Any] = {"index": piece.index}
+            if piece.index == len(self.ids):
+                self.ids.append(tool_call_id())
+                entry.update(id=self.ids[-1], type="function",
+                             function={"name": piece.name, "arguments": piece.arguments})
+            else:
+                entry["function"] = {"arguments": piece.arguments}
+            pieces.append(entry)
+        if pieces:
+            message["tool_calls"] = pieces
+        if self.ids and finish_reason is not None:
+            finish_reason = _calls_finish_reason(finish_reason)
+        return message, finish_reason
+
+
+def _calls_finish_reason(finish_reason: str | None) -> str | None:
+    """An answer that called tools and then stopped finished with ``tool_calls``; one cut short keeps ``length``."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_k: int) -> list[dict[str, Any]]:

@@ -17,8 +17,9 @@ from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
+from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
 from inferneo.outputs import RequestOutput
-from inferneo.sampling_params import SamplingParams
+from inferneo.sampling_params import SamplingParams, StructuredOutputsParams
 
 # Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict",
@@ -27,17 +28,31 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt"
 
 @dataclass(slots=True)
 class ServerContext:
-    """The engine and the server-wide settings every handler needs."""
+    """The engine and the server-wide settings every handler needs.
+
+    ``tool_call_parser`` is the ``--tool-call-parser`` flag: a name in ``TOOL_CALL_PARSERS``, ``"none"`` (tool
+    calls of ``tool_choice: "auto"`` answers stay in ``content``), or None: the chat template decides
+    (``default_parser_name``). ``tool_parser`` is the parser class that results, or None."""
 
     engine: AsyncEngine
     served_model_names: list[str]
     model_path: str
     api_keys: list[str] = field(default_factory=list)
+    tool_call_parser: str | None = None
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
+    tool_parser: type[ToolCallParser] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.defaults = self.engine.default_sampling_params()
+        name = self.tool_call_parser
+        if name is None:
+            template = getattr(self.tokenizer, "chat_template", None)
+            name = default_parser_name(template if isinstance(template, str) else str(template or ""))
+        if name not in (None, "none", *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or 'none'; "
+                             f"got {name!r}")
+        self.tool_parser = TOOL_CALL_PARSERS.get(name) if name else None
 
     @property
     def tokenizer(self):
@@ -61,8 +76,10 @@ def check_common(req: _SamplingBody) -> None:
 
 
 def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
-    """Request fields, else the model's generation-config defaults, else the OpenAI defaults."""
+                    logprobs: int | None, structured_outputs: StructuredOutputsParams | None = None
+                    ) -> SamplingParams:
+    """Request fields, else the model's generation-config defaults, else the OpenAI defaults; the answer's
+    constraint (``constraints.structured_outputs_of``) is given as ``structured_outputs``."""
 
     def pick(name: str) -> Any:
         value = getattr(req, name)
@@ -78,7 +95,7 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            logit_bias=token_bias(req.logit_bias),
+            logit_bias=token_bias(req.logit_bias), structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         raise to_api_error(exc) from None
@@ -100,13 +117,15 @@ def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool,
-                template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of a conversation under the model's chat template (as ``LLM.chat`` renders it)."""
+                template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a conversation under the model's chat template (as ``LLM.chat`` renders it); ``tools`` (the
+    request's, as ``{"type": "function", "function": {...}}``) go to the template's ``tools`` variable."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja raises its own errors for conversations a template refuses
         raise bad_request(f"the chat template cannot render these messages: {exc}", "messages") from None

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id, usage
 from inferneo.entrypoints.openai.serving_common import (
@@ -46,7 +47,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
                           "computed)", "echo")
     engine = ctx.engine
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-    params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs)
+    params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req))
     prompts = req.prompt_list()
     prompt_ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
     request_id = random_id("cmpl")

@@ -1,0 +1,126 @@
+"""The shape a request asks its answer to take, as the engine's ``StructuredOutputsParams``.
+
+Four request fields can ask for one: OpenAI's ``response_format`` (``json_schema`` or ``json_object``), vLLM's
+``structured_outputs``, vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``,
+and, on chat, ``tool_choice`` ``required`` or a named function (the grammar of a call). A request may use one
+of them: two are refused with 400. Every constraint is checked up front (xgrammar parses it, in milliseconds, with
+no tokenizer), so a schema, regex or grammar the engine cannot use is a 400 naming the field the client sent
+(``response_format.json_schema.schema``, ``tools[2].function.parameters``, ``structured_outputs.regex``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from inferneo.entrypoints.openai.errors import APIError, bad_request
+from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, _SamplingBody
+from inferneo.entrypoints.openai.tool_parsers import function_parameters, required_calls_schema
+from inferneo.sampling_params import StructuredOutputsParams
+from inferneo.structured_output import StructuredOutputError, check_structured_outputs
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+@dataclass(slots=True, frozen=True)
+class _Asked:
+    """One request field's constraint: the field, the constraint's fields, and the name errors give its value."""
+
+    field: str
+    values: dict[str, Any]
+    param: str
+
+
+def structured_outputs_of(req: _SamplingBody) -> StructuredOutputsParams | None:
+    """The constraint ``req`` asks for (None: none), checked; an ``APIError`` (400 naming the field) when two
+    fields ask for one, or when the engine could not use it."""
+    asked = _asked(req)
+    if isinstance(req, ChatCompletionRequest):
+        _check_tools(req)
+        tool = _tool_constraint(req)
+        if tool is not None:
+            asked.append(tool)
+    if not asked:
+        return None
+    if len(asked) > 1:
+        first, second = asked[0].field, asked[1].field
+        raise bad_request(f"{second} and {first} both constrain the answer; a request may use only one of "
+                          "response_format, structured_outputs, guided_*, and tool_choice 'required' or a named "
+                          "function", second)
+    return _checked(asked[0])
+
+
+def _asked(req: _SamplingBody) -> list[_Asked]:
+    asked = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        asked.append(_Asked("response_format", {"json": fmt.json_schema.schema_}, "response_format.json_schema.schema"))
+    elif fmt is not None and fmt.type == "json_object":
+        asked.append(_Asked("response_format", {"json_object": True}, "response_format"))
+    if req.structured_outputs is not None:
+        asked.append(_Asked("structured_outputs", req.structured_outputs.fields(), ""))
+    for name, kind in _GUIDED.items():
+        value = getattr(req, name)
+        if value is not None:
+            asked.append(_Asked(name, {kind: value}, name))
+    return asked
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """400 for a ``tool_choice`` that does not fit ``tools``, and for a function whose ``parameters`` the engine
+    could not turn into a grammar (checked for every tool: ``auto`` answers may be constrained later)."""
+    names = [tool.function.name for tool in req.tools or ()]
+    mode = req.tool_mode()
+    if mode != "none" and not names:
+        raise bad_request(f"tool_choice {req.tool_choice!r} needs 'tools', a non-empty list of functions",
+                          "tool_choice")
+    named = req.named_tool()
+    if named is not None and named not in names:
+        raise bad_request(f"tool_choice names the function {named!r}, which is not among the tools "
+                          f"({', '.join(repr(n) for n in names)})", "tool_choice")
+    for i, tool in enumerate(req.tools or ()):
+        if tool.function.parameters is not None:
+            if tool.function.parameters.get("type", "object") != "object":
+                raise bad_request("a function's parameters must be a JSON schema of an object "
+                                  "({'type': 'object', ...})", f"tools[{i}].function.parameters")
+            _checked(_Asked("tools", {"json": tool.function.parameters}, f"tools[{i}].function.parameters"))
+
+
+def _tool_constraint(req: ChatCompletionRequest) -> _Asked | None:
+    """The grammar of a call for ``tool_choice`` ``required`` (an array of calls) or a named function (its
+    arguments); None for ``auto`` and ``none``, which leave the answer free."""
+    mode = req.tool_mode()
+    tools = req.tools or []
+    if mode == "named":
+        index = next(i for i, t in enumerate(tools) if t.function.name == req.named_tool())
+        return _Asked("tool_choice", {"json": function_parameters(tools[index].function.parameters)},
+                      f"tools[{index}].function.parameters")
+    if mode == "required":
+        functions = [{"name": t.function.name, "parameters": t.function.parameters} for t in tools]
+        parallel = req.parallel_tool_calls is not False
+        return _Asked("tool_choice", {"json": required_calls_schema(functions, parallel)}, "tools")
+    return None
+
+
+def _checked(asked: _Asked) -> StructuredOutputsParams:
+    try:
+        params = StructuredOutputsParams(**asked.values)
+        check_structured_outputs(params)
+    except StructuredOutputError as exc:
+        raise _renamed(exc, exc.param, asked) from None
+    except ValueError as exc:  # the shape checks of StructuredOutputsParams: "structured_outputs.json is not ..."
+        first = str(exc).split(" ", 1)[0]
+        raise _renamed(exc, first if first.startswith("structured_outputs.") else "structured_outputs",
+                       asked) from None
+    return params
+
+
+def _renamed(exc: ValueError, engine_param: str, asked: _Asked) -> APIError:
+    """The error with the field named as the client sent it (``structured_outputs.*`` kept as it is)."""
+    param = asked.param or engine_param
+    message = str(exc)
+    if asked.param:
+        message = message.replace(engine_param, param, 1)
+    if param not in message:
+        message = f"{param}: {message}"
+    return bad_request(message, param)

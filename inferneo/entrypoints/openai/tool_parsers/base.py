@@ -1,0 +1,97 @@
+"""What every tool-call parser shares: the pieces it hands out, and the parser interface.
+
+A parser reads a choice's generated text as it streams in and splits it into plain ``content`` and tool calls.
+It is incremental (``feed`` each new piece, ``finish`` at the end); a whole answer is parsed by feeding it in one
+piece (``parse_all``), so streamed and non-streamed answers are split the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ToolCallPiece:
+    """A piece of tool call number ``index`` (0, 1, ... within one choice): its first piece has the ``name``;
+    the ``arguments`` pieces, joined in order, are the call's arguments as a JSON string."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class ParsedPiece:
+    """What a piece of generated text turned into: text for ``content``, and pieces of tool calls."""
+
+    content: str = ""
+    calls: list[ToolCallPiece] = field(default_factory=list)
+
+    def add(self, other: ParsedPiece) -> None:
+        self.content += other.content
+        self.calls.extend(other.calls)
+
+
+@dataclass(slots=True)
+class ParsedCall:
+    """One whole tool call: the function's name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallParser(ABC):
+    """Splits one choice's text into content and tool calls, piece by piece."""
+
+    def __init__(self) -> None:
+        self.num_calls = 0  # calls started so far
+
+    @abstractmethod
+    def feed(self, text: str) -> ParsedPiece:
+        """The content and tool-call pieces that ``text`` (the next piece of the answer) completes."""
+
+    @abstractmethod
+    def finish(self) -> ParsedPiece:
+        """Whatever is still held back once the answer has ended."""
+
+    def whole_call(self, name: str, arguments: Any) -> ToolCallPiece:
+        """A call given whole (name and arguments at once), numbered next."""
+        piece = ToolCallPiece(self.num_calls, name, arguments_json(arguments))
+        self.num_calls += 1
+        return piece
+
+
+def arguments_json(arguments: Any) -> str:
+    """A call's arguments as the JSON string OpenAI sends (compact, non-ASCII kept)."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def call_of(text: str, arguments_keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """``(name, arguments)`` when ``text`` is a JSON object ``{"name": str, <key>: object}`` for one of
+    ``arguments_keys`` (a missing arguments key means no arguments), else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    for key in arguments_keys:
+        if key in value:
+            return (value["name"], value[key]) if isinstance(value[key], dict) else None
+    return value["name"], {}
+
+
+def parse_all(parser: ToolCallParser, text: str) -> tuple[str, list[ParsedCall]]:
+    """A whole answer split into its content and its tool calls."""
+    result = parser.feed(text)
+    result.add(parser.finish())
+    calls: list[ParsedCall] = []
+    for piece in result.calls:
+        if piece.index == len(calls):
+            calls.append(ParsedCall(piece.name or "", piece.arguments))
+        else:
+            calls[piece.index].arguments += piece.arguments
+    return result.content, calls

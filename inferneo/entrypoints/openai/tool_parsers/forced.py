@@ -1,0 +1,78 @@
+"""The answers a grammar forces when ``tool_choice`` is ``required`` or names a function.
+
+- a named function: the answer is the function's arguments, a JSON object (the grammar is the function's
+  ``parameters`` schema); every piece of text is a piece of one call's arguments, streamed as it comes;
+- ``required``: the answer is a JSON array of ``{"name": ..., "parameters": {...}}`` objects (the grammar is
+  ``required_calls_schema``); each call goes out whole once its object is complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, ToolCallPiece
+from inferneo.entrypoints.openai.tool_parsers.json_sequence import JsonObjectSequence
+
+
+class NamedFunctionParser(ToolCallParser):
+    """The whole answer is the arguments of a call to ``name``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    def feed(self, text: str) -> ParsedPiece:
+        if not text:
+            return ParsedPiece()
+        if self.num_calls == 0:
+            self.num_calls = 1
+            return ParsedPiece(calls=[ToolCallPiece(0, self._name, text)])
+        return ParsedPiece(calls=[ToolCallPiece(0, None, text)])
+
+    def finish(self) -> ParsedPiece:
+        if self.num_calls:
+            return ParsedPiece()
+        self.num_calls = 1  # an empty answer is still the one call, with empty arguments
+        return ParsedPiece(calls=[ToolCallPiece(0, self._name, "")])
+
+
+class RequiredCallsParser(ToolCallParser):
+    """The answer is ``[{"name": ..., "parameters": {...}}, ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls = JsonObjectSequence(self, opener="[", separator=",", closer="]",
+                                         arguments_keys=("parameters",))
+
+    def feed(self, text: str) -> ParsedPiece:
+        return self._calls.feed(text)
+
+    def finish(self) -> ParsedPiece:
+        return self._calls.finish()
+
+
+def required_calls_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """The JSON schema of an answer to ``tool_choice: "required"``: an array of at least one call (at most one
+    unless ``parallel``), each ``{"name": <a tool's name>, "parameters": <that tool's parameters>}``.
+
+    ``tools`` are the request's function definitions (``{"name", "parameters"}``); a function without
+    ``parameters`` takes an empty object."""
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [tool["name"]]},
+                       "parameters": function_parameters(tool.get("parameters"))},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    } for tool in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def function_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function's ``parameters`` schema; none means it takes no arguments: an empty object."""
+    if parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return parameters

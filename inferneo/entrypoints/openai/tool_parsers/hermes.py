@@ -1,0 +1,70 @@
+"""The Hermes / Qwen tool-call format: each call a JSON object in its own block,
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+Text before the first block is the answer's ``content``. A block whose JSON is not ``{"name", "arguments"}``, and a
+block the answer leaves unclosed, stay in ``content`` as the model wrote them, tags included. While streaming, text
+that may be the start of ``<tool_call>`` is held back until it is decided, and so is trailing whitespace (the
+newline a model writes before a block is not content); a call goes out whole when its block closes.
+"""
+
+from __future__ import annotations
+
+from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+class HermesToolParser(ToolCallParser):
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = ""  # text not handed out yet
+        self._in_block = False
+
+    def feed(self, text: str) -> ParsedPiece:
+        self._held += text
+        out = ParsedPiece()
+        while True:
+            if self._in_block:
+                end = self._held.find(CLOSE)
+                if end < 0:
+                    return out
+                body, self._held = self._held[:end], self._held[end + len(CLOSE):]
+                self._in_block = False
+                call = call_of(body.strip(), ("arguments", "parameters"))
+                if call is None:
+                    out.content += OPEN + body + CLOSE
+                else:
+                    out.calls.append(self.whole_call(*call))
+                continue
+            start = self._held.find(OPEN)
+            if start < 0:
+                keep = _undecided_tail(self._held)
+                out.content += self._held[:len(self._held) - keep]
+                self._held = self._held[len(self._held) - keep:]
+                return out
+            out.content += self._held[:start].rstrip()
+            self._held = self._held[start + len(OPEN):]
+            self._in_block = True
+
+    def finish(self) -> ParsedPiece:
+        held, self._held = self._held, ""
+        if self._in_block:
+            return ParsedPiece(OPEN + held)
+        return ParsedPiece(held if self.num_calls == 0 or held.strip() else "")
+
+
+def _undecided_tail(text: str) -> int:
+    """How many characters at the end of ``text`` cannot go out yet: a possible start of ``<tool_call>`` and the
+    whitespace before it."""
+    keep = 0
+    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-size:]):
+            keep = size
+            break
+    rest = text[:len(text) - keep]
+    return keep + len(rest) - len(rest.rstrip())
