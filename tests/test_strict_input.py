@@ -87,11 +87,13 @@ SAMPLING = {
     "stream_options": "object", "user": "str", "top_k": "int", "min_p": "float", "repetition_penalty": "float",
     "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "list", "skip_special_tokens": "bool",
     "spaces_between_special_tokens": "bool", "include_stop_str_in_output": "bool", "priority": "int",
+    "response_format": "object", "structured_outputs": "object", "guided_json": "str|dict", "guided_regex": "str",
+    "guided_choice": "list", "guided_grammar": "str",
 }
 FIELDS = {
     CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "best_of": "int", "suffix": "str"},
     CHAT: {**SAMPLING, "messages": "messages", "max_completion_tokens": "int", "logprobs": "bool",
-           "top_logprobs": "int", "response_format": "dict", "tools": "list", "tool_choice": "str|dict",
+           "top_logprobs": "int", "tools": "list", "tool_choice": "str|dict",
            "parallel_tool_calls": "bool", "functions": "list", "function_call": "str|dict", "metadata": "dict",
            "store": "bool", "service_tier": "str", "add_generation_prompt": "bool", "chat_template_kwargs": "dict"},
     TOK: {"model": "str", "prompt": "str", "messages": "messages", "add_special_tokens": "bool",
@@ -181,8 +183,11 @@ NO_CONTENT = [
     ("parts-empty", msg(content=[]), "empty list"),
 ]
 BAD_MESSAGES = [
-    ("tool-calls", {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "tool calling"),
+    ("tool-calls-no-function", {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+     "tool call 0: each tool call must be"),
+    ("tool-calls-on-user", {"role": "user", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "only an 'assistant'"),
+    ("tool-without-id", {"role": "tool", "content": "x"}, "needs 'tool_call_id'"),
     ("function-call", {"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}},
      "tool calling"),
     ("unknown-key", msg(colour="red"), "unrecognized key 'colour'"),
@@ -279,8 +284,15 @@ CAPS = [
      chat(chat_template_kwargs={f"k{i}": 1 for i in range(MAX_TEMPLATE_KWARGS)}), {200}),
     ("template-kwargs-key", CHAT, chat(chat_template_kwargs={"k" * (MAX_ID_CHARS + 1): 1}), "chat_template_kwargs",
      "at most 256", chat(chat_template_kwargs={"k" * MAX_ID_CHARS: 1}), {200}),
-    ("response-format-key", CHAT, chat(response_format={"type": "text", "schema": {}}), "response_format",
-     "unrecognized key 'schema'", chat(response_format={"type": "text"}), {200}),
+    ("response-format-key", CHAT, chat(response_format={"type": "text", "schema": {}}), "response_format.schema",
+     "Unrecognized request argument supplied: response_format.schema", chat(response_format={"type": "text"}),
+     {200}),
+    ("function-name", CHAT, chat(tools=[{"type": "function", "function": {"name": "f" * 65}}]),
+     "tools[0].function.name", "at most 64", chat(tools=[{"type": "function", "function": {"name": "f" * 64}}]),
+     {200}),
+    ("choices", CMPL, cmpl(structured_outputs={"choice": ["c"] * 4097}), "structured_outputs.choice",
+     "at most 4096 choices", cmpl(structured_outputs={"choice": ["c"] * 4096}), {200}),
+    ("regex-chars", CMPL, cmpl(guided_regex="a" * (2**20 + 1)), "guided_regex", "at most 1048576", None, None),
     ("messages", CHAT, chat(messages=many_messages(MAX_MESSAGES + 1)), "messages", "at most 16384 messages",
      None, None),
     ("content-parts", CHAT, chat(messages=[msg(content=[{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1))]),

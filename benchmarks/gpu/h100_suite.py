@@ -408,7 +408,10 @@ def sec_serve(s: Suite) -> dict:
     vocab = preset_config(s.cfg["preset"])["vocab_size"]
     work = Path(tempfile.mkdtemp())
     offline_json = work / "offline.json"
-    proc = _cli("bench", "throughput", "--model", str(folder), *_engine_flags(s), *_workload_flags(s, vocab),
+    # Both online runs send the same prompts: with the prefix cache on, the second would reuse the KV blocks of
+    # the first and beat the offline run, which sees each prompt once. The cache is off on both sides.
+    engine_flags = [*_engine_flags(s), "--no-enable-prefix-caching"]
+    proc = _cli("bench", "throughput", "--model", str(folder), *engine_flags, *_workload_flags(s, vocab),
                 "--output-json", str(offline_json), timeout=max(60.0, s.left() - 120))
     if proc.returncode != 0:
         raise RuntimeError(f"bench throughput failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -417,7 +420,7 @@ def sec_serve(s: Suite) -> dict:
     out: dict = {"offline": _figures(offline)}
     tokenizer_dir = work / "tokenizer"
     make_tiny_tokenizer().save_pretrained(tokenizer_dir)  # a preset has none; the prompts are token ids anyway
-    with RemoteServer(folder, *_engine_flags(s), "--tokenizer", str(tokenizer_dir), "--disable-access-log",
+    with RemoteServer(folder, *engine_flags, "--tokenizer", str(tokenizer_dir), "--disable-access-log",
                       startup_timeout=300) as server:
         offline_rate = out["offline"]["request_throughput"]
         for label, rate in (("all_at_once", "inf"), ("poisson_1.25x", f"{1.25 * offline_rate:.3f}")):

@@ -19,9 +19,17 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from inferneo.sampling_params import MAX_LOGPROBS
 
@@ -91,6 +99,12 @@ class StreamOptions(_Body):
     include_usage: bool | None = False
 
 
+SchemaValue = Annotated[str | dict[str, Any] | None, BeforeValidator(lambda v: _schema_value(v))]
+"""A JSON schema field: an object, or a string holding one (vLLM takes both)."""
+Choices = Annotated[list[str] | None, AfterValidator(lambda v: _check_choices(v))]
+"""A list of choices: non-empty strings, at most ``MAX_CHOICES`` of them."""
+
+
 class JsonSchemaFormat(_Body):
     """``response_format.json_schema``: the schema the answer must follow, with OpenAI's name for it."""
 
@@ -124,23 +138,13 @@ class StructuredOutputsBody(_Body):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    json_: SchemaValue = Field(None, alias="json")
     regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
-    choice: list[str] | None = None
+    choice: Choices = None
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     json_object: bool | None = None
-    structural_tag: str | dict[str, Any] | None = None
+    structural_tag: SchemaValue = None
     disable_any_whitespace: bool = False
-
-    @field_validator("json_", "structural_tag", mode="before")
-    @classmethod
-    def _check_schema(cls, value: Any) -> Any:
-        return _schema_value(value)
-
-    @field_validator("choice")
-    @classmethod
-    def _check_choice(cls, value: list[str] | None) -> list[str] | None:
-        return _check_choices(value)
 
     def fields(self) -> dict[str, Any]:
         """The constraint as ``StructuredOutputsParams`` keyword arguments (only those given)."""
@@ -193,20 +197,10 @@ class _SamplingBody(_Body):
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
-    guided_json: str | dict[str, Any] | None = None
+    guided_json: SchemaValue = None
     guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
-    guided_choice: list[str] | None = None
+    guided_choice: Choices = None
     guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
-
-    @field_validator("guided_json", mode="before")
-    @classmethod
-    def _check_guided_json(cls, value: Any) -> Any:
-        return _schema_value(value)
-
-    @field_validator("guided_choice")
-    @classmethod
-    def _check_guided_choice(cls, value: list[str] | None) -> list[str] | None:
-        return _check_choices(value)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,0 +1,361 @@
+"""Structured output and tool calling over real HTTP: a real ``inferneo serve`` on a tiny random model whose chat
+template is Hermes-style (so ``tool_choice: "auto"`` reads ``<tool_call>`` blocks), driven by unmodified clients
+(the ``openai`` package, LangChain's ``ChatOpenAI``) and by raw requests for the 400 table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from inferneo.testing.server import RemoteServer
+
+# A ChatML template that renders tools and tool calls as Hermes / Qwen models see them; it refuses arguments given
+# as a string, so a test passes only if the server hands the template decoded arguments, as vLLM does.
+HERMES_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}{% if c.function.arguments is string %}"
+    "{{ raise_exception('arguments must be a mapping') }}{% endif %}"
+    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n"
+    "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER, TIME]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class City(BaseModel):
+    name: str = Field(pattern="^[a-z]{1,12}$")  # xgrammar ignores maxLength next to a pattern
+    population: int = Field(ge=0, le=10**8)
+    kind: Literal["town", "city"]
+    tags: list[Literal["coast", "hills", "river"]] = Field(max_length=3)
+
+
+@pytest.fixture(scope="module")
+def hermes_model_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with the Hermes-style template."""
+    folder = tmp_path_factory.mktemp("tiny-hermes")
+    for item in Path(tiny_llama_dir).iterdir():
+        if item.is_file():
+            (folder / item.name).write_bytes(item.read_bytes())
+    if (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = HERMES_TEMPLATE
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(hermes_model_dir):
+    with RemoteServer(hermes_model_dir, "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
+                      "--num-threads", "1", "--disable-access-log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+
+
+def post(server, path, body):
+    return httpx.post(server.url(path), json=body, timeout=120)
+
+
+def chat(**fields):
+    return {"model": "tiny", "messages": USER, "max_tokens": 64, "temperature": 0, **fields}
+
+
+def cmpl(**fields):
+    return {"model": "tiny", "prompt": "The city is", "max_tokens": 64, "temperature": 0, **fields}
+
+
+def test_the_server_reads_hermes_calls_by_default(server):
+    assert "HermesToolParser" in server.log()
+
+
+# ---- OpenAI's response_format, vLLM's structured_outputs --------------------------------------------------------
+
+
+def test_openai_parse_returns_a_valid_pydantic_object(client):
+    for seed in range(3):
+        completion = client.chat.completions.parse(model="tiny", messages=USER, response_format=City,
+                                                   max_tokens=200, temperature=1.0, seed=seed)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, City)
+
+
+def test_langchain_with_structured_output_returns_a_valid_object(server):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(base_url=server.url("/v1"), api_key="unused", model="tiny", max_tokens=200,
+                                      temperature=0, max_retries=0)
+    city = llm.with_structured_output(City).invoke("Describe a city.")
+    assert isinstance(city, City)
+    call = llm.with_structured_output(City, method="function_calling").invoke("Describe a city.")
+    assert isinstance(call, City)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_each_kind_of_constraint_holds_on_both_endpoints(server, path, stream):
+    schema = City.model_json_schema()
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}},
+         lambda text: jsonschema.validate(json.loads(text), schema)),
+        ({"structured_outputs": {"json": schema}}, lambda text: jsonschema.validate(json.loads(text), schema)),
+        ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}},
+         lambda text: __import__("re").fullmatch("[0-9]{3}-[a-z]{2}", text) or 1 / 0),
+        ({"structured_outputs": {"choice": ["yes", "no", "maybe"]}},
+         lambda text: text in ("yes", "no", "maybe") or 1 / 0),
+        ({"structured_outputs": {"grammar": 'root ::= "a" ("b" | "c")*  "d"'}},
+         lambda text: __import__("re").fullmatch("a[bc]*d", text) or 1 / 0),
+        ({"guided_choice": ["left", "right"]}, lambda text: text in ("left", "right") or 1 / 0),
+    ]
+    base = chat if path.endswith("chat/completions") else cmpl
+    for fields, valid in cases:
+        body = base(**fields, max_tokens=200, temperature=1.0, seed=7, n=2, stream=stream)
+        r = post(server, path, body)
+        assert r.status_code == 200, (fields, r.text[:400])
+        for text, finish in answers(r, chat_path=path.endswith("chat/completions"), stream=stream):
+            assert finish == "stop", (fields, text)
+            valid(text)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_json_object_answers_are_objects(server, path):
+    """Any object: a random model need not close one, so only what it wrote is checked (it starts one, and an
+    answer that stopped parses)."""
+    base = chat if path.endswith("chat/completions") else cmpl
+    r = post(server, path, base(response_format={"type": "json_object"}, max_tokens=60, temperature=1.0, seed=1,
+                                n=4))
+    assert r.status_code == 200, r.text[:400]
+    for text, finish in answers(r, chat_path=path.endswith("chat/completions"), stream=False):
+        assert text.lstrip().startswith("{")
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def answers(r, chat_path: bool, stream: bool) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice of a response, streamed or not."""
+    if not stream:
+        return [(c["message"]["content"] if chat_path else c["text"], c["finish_reason"])
+                for c in r.json()["choices"]]
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for event in r.text.split("\n\n"):
+        if not event.startswith("data: {"):
+            continue
+        for c in json.loads(event[len("data: "):])["choices"]:
+            piece = c["delta"].get("content") if chat_path else c["text"]
+            texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+            if c["finish_reason"]:
+                finishes[c["index"]] = c["finish_reason"]
+    return [(texts[i], finishes[i]) for i in sorted(texts)]
+
+
+# ---- tools ------------------------------------------------------------------------------------------------------
+
+
+def check_call(call, tools=TOOLS) -> dict:
+    assert call.id.startswith("call_") and call.type == "function"
+    tool = next(t for t in tools if t["function"]["name"] == call.function.name)
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    return arguments
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_tool_call_round_trip(client, tool_choice):
+    """(With parallel calls the array of a random model's calls need not end: one call is asked for.)"""
+    messages: list = list(USER)
+    answer = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=tool_choice,
+                                            parallel_tool_calls=False, max_tokens=200, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and len(choice.message.tool_calls) >= 1
+    if isinstance(tool_choice, dict):
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    for call in choice.message.tool_calls:
+        check_call(call)
+    messages.append(choice.message)  # the SDK's own object, sent back as it is
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+                 for call in choice.message.tool_calls]
+    final = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=8,
+                                           temperature=0)
+    assert final.choices[0].message.role == "assistant"
+
+
+def test_required_with_parallel_tool_calls_off_makes_one_call(client):
+    for seed in range(3):
+        answer = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, tool_choice="required",
+                                                parallel_tool_calls=False, max_tokens=200, temperature=1.0,
+                                                seed=seed)
+        assert len(answer.choices[0].message.tool_calls) == 1
+        check_call(answer.choices[0].message.tool_calls[0])
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_streamed_tool_calls_are_assembled_by_the_openai_sdk(client, tool_choice):
+    kwargs = dict(model="tiny", messages=USER, tools=TOOLS, tool_choice=tool_choice, max_tokens=200, temperature=0,
+                  parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    with client.chat.completions.stream(**kwargs) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == whole.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    for call in streamed.message.tool_calls:
+        check_call(call)
+
+
+def test_auto_reads_the_models_own_tool_call_format(server, client):
+    """A random model rarely writes a call by itself: a grammar makes it write the Hermes format, and the server's
+    parser turns that into tool_calls, whole and streamed."""
+    grammar = ('root ::= "I will check.\\n<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": '
+               '{\\"city\\": \\"" ("Paris" | "Rome") "\\", \\"days\\": " [1-7] "}}\\n</tool_call>"')
+    kwargs = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=200, temperature=1.0, seed=3,
+                  extra_body={"structured_outputs": {"grammar": grammar}})
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    assert whole.message.content == "I will check."
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_weather"]
+    assert check_call(whole.message.tool_calls[0])["city"] in ("Paris", "Rome")
+    with client.chat.completions.stream(**kwargs) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.message.content == "I will check."
+    assert streamed.message.tool_calls[0].function.arguments == whole.message.tool_calls[0].function.arguments
+    # tool_choice "none": the same text is all content
+    none = client.chat.completions.create(**kwargs, tool_choice="none").choices[0]
+    assert none.finish_reason == "stop" and not none.message.tool_calls and "<tool_call>" in none.message.content
+
+
+def test_the_template_gets_tools_and_decoded_arguments(server):
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]
+    r = post(server, "/v1/chat/completions", chat(messages=messages, tools=TOOLS, max_tokens=4, logprobs=True))
+    assert r.status_code == 200, r.text[:400]
+    prompt = post(server, "/tokenize", {"messages": messages})
+    text = post(server, "/detokenize", {"tokens": prompt.json()["tokens"]}).json()["prompt"]
+    assert '"arguments": {"city": "Oslo"}' in text and "<|im_start|>tool\ncold" in text
+
+
+# ---- 400s naming the field ----------------------------------------------------------------------------------------
+
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+ASSISTANT_CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+
+BAD = [
+    ("schema-bad-ref", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": BAD_SCHEMA}}), "response_format.json_schema.schema"),
+    ("schema-missing", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format.json_schema.schema"),
+    ("schema-name-missing", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+     "response_format.json_schema.name"),
+    ("json-schema-object-missing", CHAT, chat(response_format={"type": "json_schema"}), "response_format"),
+    ("response-format-unknown-type", CHAT, chat(response_format={"type": "xml"}), "response_format.type"),
+    ("response-format-not-object", CMPL, cmpl(response_format="json"), "response_format"),
+    ("completions-bad-schema", CMPL, cmpl(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": BAD_SCHEMA}}), "response_format.json_schema.schema"),
+    ("regex-unclosed", CHAT, chat(structured_outputs={"regex": "(ab"}), "structured_outputs.regex"),
+    ("regex-empty", CMPL, cmpl(structured_outputs={"regex": ""}), "structured_outputs.regex"),
+    ("grammar-undefined-rule", CMPL, cmpl(structured_outputs={"grammar": "root ::= missing_rule"}),
+     "structured_outputs.grammar"),
+    ("grammar-no-root", CHAT, chat(structured_outputs={"grammar": 'start ::= "a"'}), "structured_outputs.grammar"),
+    ("choice-empty", CHAT, chat(structured_outputs={"choice": []}), "structured_outputs.choice"),
+    ("choice-number", CHAT, chat(structured_outputs={"choice": ["a", 1]}), "structured_outputs.choice[1]"),
+    ("json-string-invalid", CMPL, cmpl(structured_outputs={"json": "{not json"}), "structured_outputs.json"),
+    ("json-not-schema", CMPL, cmpl(structured_outputs={"json": {"type": "strng"}}), "structured_outputs.json"),
+    ("structural-tag-bad", CHAT, chat(structured_outputs={"structural_tag": {"format": 5}}),
+     "structured_outputs.structural_tag"),
+    ("two-in-structured-outputs", CHAT, chat(structured_outputs={"regex": "a", "choice": ["a"]}),
+     "structured_outputs"),
+    ("none-in-structured-outputs", CHAT, chat(structured_outputs={}), "structured_outputs"),
+    ("structured-outputs-unknown-key", CMPL, cmpl(structured_outputs={"pattern": "a"}),
+     "structured_outputs.pattern"),
+    ("response-format-and-structured-outputs", CHAT, chat(response_format={"type": "json_object"},
+                                                           structured_outputs={"regex": "a"}), "structured_outputs"),
+    ("guided-and-structured-outputs", CMPL, cmpl(structured_outputs={"regex": "a"}, guided_choice=["a"]),
+     "guided_choice"),
+    ("guided-regex-bad", CMPL, cmpl(guided_regex="[z-a]"), "guided_regex"),
+    ("guided-json-bad", CHAT, chat(guided_json={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}),
+     "guided_json"),
+    ("tool-choice-missing-function", CHAT, chat(tools=TOOLS, tool_choice={
+        "type": "function", "function": {"name": "get_stock"}}), "tool_choice"),
+    ("tool-choice-required-no-tools", CHAT, chat(tool_choice="required"), "tool_choice"),
+    ("tool-choice-named-no-tools", CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}),
+     "tool_choice"),
+    ("tool-choice-unknown-string", CHAT, chat(tools=TOOLS, tool_choice="sometimes"), "tool_choice"),
+    ("tool-choice-bad-object", CHAT, chat(tools=TOOLS, tool_choice={"type": "function", "name": "get_time"}),
+     "tool_choice"),
+    ("tool-choice-and-response-format", CHAT, chat(tools=TOOLS, tool_choice="required",
+                                                    response_format={"type": "json_object"}), "tool_choice"),
+    ("tool-no-name", CHAT, chat(tools=[{"type": "function", "function": {"parameters": {}}}]),
+     "tools[0].function.name"),
+    ("tool-bad-name", CHAT, chat(tools=[{"type": "function", "function": {"name": "get weather"}}]),
+     "tools[0].function.name"),
+    ("tool-wrong-type", CHAT, chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]), "tools[0].type"),
+    ("tool-bad-parameters", CHAT, chat(tools=[WEATHER, {"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]),
+     "tools[1].function.parameters"),
+    ("tool-parameters-not-object-schema", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]), "tools[0].function.parameters"),
+    ("tool-parameters-not-object", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": "x"}}]), "tools[0].function.parameters"),
+    ("tools-same-name", CHAT, chat(tools=[WEATHER, WEATHER]), "tools"),
+    ("tool-message-no-id", CHAT, chat(messages=[*USER, ASSISTANT_CALL, {"role": "tool", "content": "x"}]),
+     "messages"),
+    ("assistant-tool-calls-bad-shape", CHAT, chat(messages=[*USER, {"role": "assistant", "content": None,
+                                                                      "tool_calls": [{"id": "1"}]}]), "messages"),
+    ("assistant-tool-call-arguments-object", CHAT, chat(messages=[*USER, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+            "name": "f", "arguments": {"a": 1}}}]}]), "messages"),
+    ("user-tool-calls", CHAT, chat(messages=[{**USER[0], "tool_calls": ASSISTANT_CALL["tool_calls"]}]),
+     "messages"),
+    ("functions-deprecated", CHAT, chat(functions=[{"name": "f"}]), "functions"),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "param"), BAD, ids=[c[0] for c in BAD])
+def test_a_bad_constraint_or_tool_is_a_400_naming_the_field(server, case, path, body, param):
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text[:400]
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert error["message"]
+
+
+def test_the_server_keeps_serving_after_bad_constraints(server, client):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        bad = [pool.submit(post, server, path, body) for _, path, body, _ in BAD]
+        good = [pool.submit(post, server, CHAT, chat(structured_outputs={"choice": ["a", "b"]}, seed=i,
+                                                     temperature=1.0)) for i in range(8)]
+        assert all(f.result().status_code == 400 for f in bad)
+        assert all(f.result().json()["choices"][0]["message"]["content"] in ("a", "b") for f in good)
+    assert httpx.get(server.url("/health"), timeout=10).status_code == 200
