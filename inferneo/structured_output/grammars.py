@@ -35,7 +35,7 @@ def build_grammar(params: StructuredOutputsParams):
         if kind == "json":
             return _strict_json_strings(xgr.Grammar.from_json_schema(params.spec, **_json_options(params)))
         if kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params))
+            return _strict_json_strings(xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params)))
         if kind == "regex":
             return xgr.Grammar.from_regex(params.regex)
         if kind == "choice":
@@ -73,19 +73,23 @@ def _ebnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-# xgrammar (0.2.x) writes the characters of a length-bounded JSON string (minLength / maxLength) as "anything
-# but a quote, a backslash, CR or LF", which lets other control characters through: JSON forbids them raw, and
-# strict parsers (Python's json, jsonschema users) refuse the output. They are refused here as JSON does.
-_LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
-_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\]"
+# xgrammar (0.2.x) writes the characters of a JSON string as character classes that let through what JSON
+# text may not hold: a length-bounded string (minLength / maxLength) takes "anything but a quote, a backslash, CR
+# or LF", so raw control characters, which JSON forbids and strict parsers refuse; and every string takes the
+# UTF-8 encodings of UTF-16 surrogates (U+D800-U+DFFF, not characters: they decode to three U+FFFD each, so a
+# string can come out longer than its maxLength). Both classes are rewritten to refuse them.
+_LOOSE_STRING_CHARACTERS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
 
 
 def _strict_json_strings(grammar):
-    """``grammar`` with every JSON string character class refusing raw control characters."""
+    """``grammar`` with every JSON string character class refusing raw control characters and surrogates."""
     text = str(grammar)
-    if _LOOSE_STRING_CHARACTER not in text:
+    if not any(loose in text for loose in _LOOSE_STRING_CHARACTERS):
         return grammar
-    return xgrammar().Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+    for loose in _LOOSE_STRING_CHARACTERS:
+        text = text.replace(loose, _JSON_STRING_CHARACTER)
+    return xgrammar().Grammar.from_ebnf(text)
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
