@@ -26,7 +26,9 @@ import pytest
 from inferneo import LLM, SamplingParams
 from inferneo.engine.protocol import FailureKind, InvalidRequestError
 from inferneo.engine.request import Request
+from inferneo.model_executor.arch_presets import TokenIdTokenizer
 from inferneo.sampling_params import StructuredOutputsParams
+from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.testing.schema_suite import CHOICES, EBNF_GRAMMAR, EBNF_GRAMMAR_REGEX, REGEXES, SCHEMAS
 
 ENGINE = dict(dtype="float32", max_model_len=1024, num_threads=1)
@@ -396,3 +398,17 @@ def test_a_grammar_that_fails_to_compile_fails_its_request_only(llm):
     assert "structured_outputs.regex" in failures[0].message
     assert [o.request_id for o in outputs if o.finish_reason] == ["good"]
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def test_a_model_without_a_tokenizer_refuses_constraints_naming_the_field():
+    """An architecture preset (dummy weights) has no vocabulary to compile against: the compile fails with an
+    invalid-request error that says so, each time it is asked (it used to be xgrammar's "Cannot get the
+    vocabulary of the tokenizer <class ...TokenIdTokenizer>")."""
+    compiler = GrammarCompiler(lambda: TokenIdTokenizer(384, 2), 384)
+    try:
+        for _ in range(2):
+            with pytest.raises(ValueError, match="has no tokenizer") as raised:
+                compiler.submit(StructuredOutputsParams(regex="a+")).result(timeout=30)
+            assert raised.value.param == "structured_outputs"
+    finally:
+        compiler.shutdown()

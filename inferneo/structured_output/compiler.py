@@ -64,6 +64,9 @@ class GrammarCompiler:
         if self._compiler is None:
             xgr = xgrammar()
             tokenizer = self._load_tokenizer()
+            if not callable(getattr(tokenizer, "get_vocab", None)):  # an architecture preset's stand-in
+                raise StructuredOutputError("structured output needs the model's vocabulary, and this model has no "
+                                            "tokenizer: give one (the tokenizer option)", "structured_outputs")
             info = _tokenizer_info(xgr, tokenizer, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
         grammar = build_grammar(params)
