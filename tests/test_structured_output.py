@@ -22,11 +22,13 @@ from dataclasses import replace
 
 import jsonschema
 import pytest
+import torch
 
 from inferneo import LLM, SamplingParams
 from inferneo.engine.protocol import FailureKind, InvalidRequestError
 from inferneo.engine.request import Request
 from inferneo.model_executor.arch_presets import TokenIdTokenizer
+from inferneo.sampling.ops import apply_token_bitmask
 from inferneo.sampling_params import StructuredOutputsParams
 from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.testing.schema_suite import CHOICES, EBNF_GRAMMAR, EBNF_GRAMMAR_REGEX, REGEXES, SCHEMAS
@@ -412,3 +414,21 @@ def test_a_model_without_a_tokenizer_refuses_constraints_naming_the_field():
             assert raised.value.param == "structured_outputs"
     finally:
         compiler.shutdown()
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 384])
+def test_apply_token_bitmask_matches_the_bits(vocab):
+    """The sampler's mask op against a token-by-token reading of the words, for all rows and for some rows, with
+    a vocabulary that is and is not a multiple of 32."""
+    gen = torch.Generator().manual_seed(vocab)
+    width = (vocab + 31) // 32
+    logits = torch.randn(6, vocab, generator=gen)
+    words = torch.randint(-2**31, 2**31 - 1, (6, width), dtype=torch.int32, generator=gen)
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 4], [5]):
+        expected = logits.clone()
+        for i, row in enumerate(rows):
+            for t in range(vocab):
+                if not (int(words[i, t // 32]) >> (t % 32)) & 1:
+                    expected[row, t] = float("-inf")
+        got = apply_token_bitmask(logits.clone(), torch.tensor(rows), words[:len(rows)].contiguous())
+        assert torch.equal(got, expected)
