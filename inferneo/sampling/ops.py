@@ -11,13 +11,28 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.T
     """Set to -inf, in rows ``rows`` of ``logits``, every token whose bit is clear in ``words`` (in place).
 
     ``words`` is ``[R, ceil(V / 32)]`` int32: bit ``t % 32`` of word ``t // 32`` allows token ``t`` (the layout
-    xgrammar fills). Rows not listed in ``rows`` are not touched.
+    xgrammar fills). ``rows`` are distinct and ascending; rows not listed are not touched. Each byte of the words
+    is looked up in a table of its eight bits (bytes in little-endian order, as on every device torch runs on),
+    one pass over the mask; when every row is listed the logits are filled in place, without a gather.
     """
     vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(words.shape[0], -1)[:, :vocab].bool()
-    logits[rows] = logits[rows].masked_fill_(~allowed, _NEG_INF)
-    return logits
+    banned = _banned_bits(words.device)[words.view(torch.uint8).long()].view(words.shape[0], -1)[:, :vocab]
+    if rows.numel() == logits.shape[0]:  # all rows, hence 0..B-1 in order
+        return logits.masked_fill_(banned, _NEG_INF)
+    return logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(banned, _NEG_INF))
+
+
+_BANNED_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _banned_bits(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` bool: ``[b, k]`` is True when bit ``k`` of byte ``b`` is clear (the token is not allowed)."""
+    table = _BANNED_BITS.get(device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        table = ((byte >> torch.arange(8, dtype=torch.int32)) & 1 == 0).to(device)
+        _BANNED_BITS[device] = table
+    return table
 
 
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,

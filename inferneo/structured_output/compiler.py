@@ -64,7 +64,10 @@ class GrammarCompiler:
         if self._compiler is None:
             xgr = xgrammar()
             tokenizer = self._load_tokenizer()
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+            if not callable(getattr(tokenizer, "get_vocab", None)):  # an architecture preset's stand-in
+                raise StructuredOutputError("structured output needs the model's vocabulary, and this model has no "
+                                            "tokenizer: give one (the tokenizer option)", "structured_outputs")
+            info = _tokenizer_info(xgr, tokenizer, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
         grammar = build_grammar(params)
         try:
@@ -75,6 +78,26 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _tokenizer_info(xgr, tokenizer, vocab_size: int):
+    """xgrammar's view of the vocabulary, with the tokenizer's special tokens (BOS, ChatML markers, padding...)
+    made special for xgrammar too, so no grammar allows them (the stop tokens stay allowed where the grammar ends).
+
+    xgrammar reads a special token as its literal text ("<s>" is three characters to it), so a string or a free
+    pattern could take one; the detokenizer then drops it (``skip_special_tokens``) and the text breaks its
+    constraint: "E<s>㢲" came out as "E㢲" under ``minLength: 3``. A token xgrammar sees as empty is special to it.
+    """
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
+    if not special:
+        return info
+    vocab = [""] * vocab_size
+    for text, token_id in tokenizer.get_vocab().items():
+        if token_id < vocab_size and token_id not in special:
+            vocab[token_id] = text
+    return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
 
 
 class SequenceGrammar:

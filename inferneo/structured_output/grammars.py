@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from inferneo.sampling_params import MAX_WHITESPACE_RUN, StructuredOutputsParams
@@ -33,6 +34,7 @@ def build_grammar(params: StructuredOutputsParams):
     field = f"structured_outputs.{kind}"
     try:
         if kind == "json":
+            _check_enforceable(params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json))
             return _strict_json_strings(xgr.Grammar.from_json_schema(params.spec, **_json_options(params)))
         if kind == "json_object":
             return _strict_json_strings(xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params)))
@@ -90,6 +92,40 @@ def _strict_json_strings(grammar):
     for loose in _LOOSE_STRING_CHARACTERS:
         text = text.replace(loose, _JSON_STRING_CHARACTER)
     return xgrammar().Grammar.from_ebnf(text)
+
+
+# Keywords xgrammar (0.2.x) accepts but does not enforce (it drops them, at most logging a warning), so an output
+# could break the schema; such a schema is refused rather than silently loosened.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+                  "additionalItems")
+
+
+def _check_enforceable(schema: Any, where: str = "") -> None:
+    """Raise ``ValueError`` naming the place of the first keyword in ``schema`` that the grammar cannot enforce."""
+    if not isinstance(schema, dict):
+        return
+    if schema.get("uniqueItems") is True:
+        problem = "uniqueItems"
+    elif isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        problem = "allOf with more than one schema"
+    elif "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        problem = "pattern together with minLength / maxLength (put the length in the pattern)"
+    else:
+        problem = next((k for k in ("not", "if", "contains") if k in schema), None)
+    if problem is not None:
+        raise ValueError(f"the schema uses {problem} at '{where or '/'}', which constrained decoding cannot enforce")
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                _check_enforceable(sub, f"{where}/{key}/{name}")
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                _check_enforceable(sub, f"{where}/{key}/{i}")
+    for key in _SCHEMA_VALUES:
+        _check_enforceable(schema.get(key), f"{where}/{key}")
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:

@@ -1,0 +1,434 @@
+"""Structured output in the engine: every constrained output parses and validates, on every engine path.
+
+The tiny random-weight checkpoint's free-running text is gibberish, so whatever shape its outputs take comes from
+the grammar alone. The constraint suites (``inferneo.testing.schema_suite``) bound every free string and array,
+so each JSON value completes well inside ``max_tokens``.
+
+Checked here: the JSON schema suite (greedy and seeded sampling, with and without free whitespace), regexes,
+choices, ``json_object`` and an EBNF grammar; unconstrained requests unchanged by constrained neighbours; the same
+constrained greedy outputs across batch compositions, chunked prefill, prefix-cache hits, preemption,
+asynchronous scheduling and tensor parallelism; ``n > 1``, seeds, logprobs and stop strings on constrained
+requests; bad constraints refused naming the field, with the engine serving on; grammars compiled off the step
+loop (a request still compiling holds nobody up, and a grammar that fails to compile fails its request only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import replace
+
+import jsonschema
+import pytest
+import torch
+
+from inferneo import LLM, SamplingParams
+from inferneo.engine.protocol import FailureKind, InvalidRequestError
+from inferneo.engine.request import Request
+from inferneo.model_executor.arch_presets import TokenIdTokenizer
+from inferneo.sampling.ops import apply_token_bitmask
+from inferneo.sampling_params import StructuredOutputsParams
+from inferneo.structured_output.compiler import GrammarCompiler
+from inferneo.testing.schema_suite import CHOICES, EBNF_GRAMMAR, EBNF_GRAMMAR_REGEX, REGEXES, SCHEMAS
+
+ENGINE = dict(dtype="float32", max_model_len=1024, num_threads=1)
+SEEDS = (11, 12, 13)
+SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps. "
+
+
+def strict_json(text: str):
+    """``json.loads`` that also refuses NaN and Infinity (which Python's parser accepts by default)."""
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# Formats checked as well as the schema: date and uuid. (xgrammar allows "010.0.0.1" as ipv4, as RFC 2673's
+# dotted-quad does and Python's ipaddress does not; jsonschema's "time" checker needs an optional parser.)
+FORMATS = jsonschema.FormatChecker(formats=["date", "uuid"])
+
+
+def validate(value, schema: dict) -> None:
+    jsonschema.Draft202012Validator(schema, format_checker=FORMATS).validate(value)
+
+
+def constrained(temperature: float = 0.0, seed: int | None = None, max_tokens: int = 480, **constraint):
+    return SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens,
+                          structured_outputs=StructuredOutputsParams(**constraint))
+
+
+def prompt(i: int) -> str:
+    """Prompts of 3 to about 190 tokens, so longer ones span several KV blocks and prefill chunks."""
+    return f"Request {i}: " + SENTENCE * (i % 7)
+
+
+def assert_no_special_tokens(llm: LLM, label: str, token_ids: list[int]) -> None:
+    """No special token (BOS, padding, ChatML markers) inside a constrained output; only an EOS may end it."""
+    tokenizer = llm.get_tokenizer()
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    body = token_ids[:-1] if token_ids and token_ids[-1] in llm.engine.input.eos_token_ids else token_ids
+    assert not special & set(body), (label, token_ids)
+
+
+def assert_clean(llm: LLM) -> None:
+    kv = llm.engine.kv_cache
+    kv.check_integrity([])
+    assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked"
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), **ENGINE)
+
+
+# ---- the suites ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["whitespace", "compact"])
+def test_every_schema_output_parses_and_validates(llm, compact):
+    """Each schema of the suite, greedy and with three seeds at temperature 1: strict JSON, valid, ended by
+    the grammar (finish_reason stop), never cut by max_tokens."""
+    assert len(SCHEMAS) >= 30
+    cases = [(name, temperature, seed) for name in SCHEMAS
+             for temperature, seed in [(0.0, None)] + [(1.0, s) for s in SEEDS]]
+    params = [constrained(t, s, json=SCHEMAS[name], disable_any_whitespace=compact) for name, t, s in cases]
+    outs = llm.generate([prompt(i) for i in range(len(cases))], params, use_tqdm=False)
+    texts: dict[str, set[str]] = {}
+    for (name, _, _), out in zip(cases, outs, strict=True):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", (name, completion.text)
+        assert_no_special_tokens(llm, name, completion.token_ids)
+        value = strict_json(completion.text)
+        validate(value, SCHEMAS[name])
+        texts.setdefault(name, set()).add(completion.text)
+        if compact:  # no whitespace but single spaces after separators (raw controls cannot be in strings)
+            assert not re.search(r"[\t\n\r]|  ", completion.text.replace('": "', "").replace(", ", "")), (
+                name, completion.text)
+    # Sampling really samples: most schemas give more than one distinct output over four runs.
+    assert sum(len(t) > 1 for t in texts.values()) >= len(SCHEMAS) // 2
+    stats = llm.engine.core.stats.grammar
+    assert stats.rows > 0 and stats.seconds > 0
+    assert_clean(llm)
+
+
+def test_regex_choice_json_object_and_grammar(llm):
+    cases: list[tuple[str, dict, object]] = []
+    for name, pattern in REGEXES.items():
+        cases.append((f"regex {name}", {"regex": pattern}, re.compile(pattern)))
+    for choices in CHOICES:
+        cases.append((f"choice {choices[0]}", {"choice": choices}, set(choices)))
+    cases.append(("ebnf", {"grammar": EBNF_GRAMMAR}, re.compile(EBNF_GRAMMAR_REGEX)))
+    assert len(REGEXES) >= 10
+    runs = [(label, spec, check, t, s) for label, spec, check in cases
+            for t, s in [(0.0, None)] + [(1.0, s) for s in SEEDS]]
+    params = [constrained(t, s, max_tokens=300, **spec) for _, spec, _, t, s in runs]
+    outs = llm.generate([prompt(i) for i in range(len(runs))], params, use_tqdm=False)
+    for (label, _, check, _, _), out in zip(runs, outs, strict=True):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", (label, completion.text)
+        assert_no_special_tokens(llm, label, completion.token_ids)
+        if isinstance(check, re.Pattern):
+            assert check.fullmatch(completion.text), (label, completion.text)
+        elif isinstance(check, set):
+            assert completion.text in check, (label, completion.text)
+        else:
+            assert isinstance(strict_json(completion.text), dict), (label, completion.text)
+    assert_clean(llm)
+
+
+def test_json_object(llm):
+    """Any JSON object: its strings and nesting are unbounded, so the random model may run to max_tokens; those
+    that end are strict JSON objects, and every output opens one."""
+    params = [constrained(t, s, max_tokens=400, json_object=True, disable_any_whitespace=compact)
+              for compact in (False, True) for t, s in [(0.0, None)] + [(1.0, s) for s in range(10)]]
+    outs = [o.outputs[0] for o in llm.generate([prompt(i) for i in range(len(params))], params, use_tqdm=False)]
+    ended = [c for c in outs if c.finish_reason == "stop"]
+    assert len(ended) >= len(outs) // 2
+    assert all(isinstance(strict_json(c.text), dict) for c in ended)
+    assert all(c.text.startswith("{") for c in outs)
+    assert_clean(llm)
+
+
+def test_special_tokens_never_stand_for_their_text(llm):
+    """A grammar whose text could spell special tokens ("<s>", "</s>", "<|im_start|>"...) never gets the special
+    token itself: the detokenizer would drop it (and the text break its constraint), so xgrammar is told they
+    are special. Before, every one of these 24 seeded outputs was made of special tokens (its text empty)."""
+    pattern = r"(<[a-z/|_]{1,10}>){3}"
+    params = [constrained(1.0, seed, max_tokens=120, regex=pattern) for seed in range(24)]
+    for out in llm.generate(["tags:"] * len(params), params, use_tqdm=False):
+        completion = out.outputs[0]
+        assert_no_special_tokens(llm, pattern, completion.token_ids)
+        assert re.fullmatch(pattern, completion.text), completion.text
+    assert_clean(llm)
+
+
+# ---- one reference, many engine paths ----------------------------------------------------------------------
+
+REFERENCE_SCHEMAS = ["nested_object", "array_of_objects", "one_of_objects", "ref_defs", "string_patterns",
+                     "number_range", "recursive_tree", "function_call", "formats_date_uuid", "mixed_enum"]
+
+
+def reference_cases() -> list[tuple[str, SamplingParams]]:
+    """Constrained greedy requests of every kind, with prompts of 3 to about 190 tokens."""
+    specs = [dict(json=SCHEMAS[name], disable_any_whitespace=i % 2 == 1) for i, name in enumerate(REFERENCE_SCHEMAS)]
+    specs += [dict(regex=REGEXES[name]) for name in ("iso_date", "email", "word_list", "uuid")]
+    specs += [dict(choice=CHOICES[0]), dict(choice=CHOICES[3]), dict(grammar=EBNF_GRAMMAR)]
+    return [(prompt(i), constrained(max_tokens=400, **spec)) for i, spec in enumerate(specs)]
+
+
+CASES = reference_cases()
+
+
+def token_ids(llm: LLM, cases=CASES) -> list[list[int]]:
+    outs = llm.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(llm) -> list[list[int]]:
+    return token_ids(llm)
+
+
+def test_batch_composition_and_prefix_cache_hits_do_not_change_outputs(llm, reference):
+    hits = llm.engine.kv_cache.prefix_cache_hits
+    assert token_ids(llm, CASES[::-1]) == reference[::-1]  # again, in reverse order, its prompts cached
+    assert llm.engine.kv_cache.prefix_cache_hits > hits
+    assert [token_ids(llm, [case])[0] for case in CASES[:6]] == reference[:6]  # one at a time
+    assert_clean(llm)
+
+
+def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(llm, reference):
+    free = [(f"free {i} " + SENTENCE * (i % 4), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+            for i in range(12)]
+    alone = token_ids_any(llm, free)
+    mixed = [item for pair in zip(free, CASES, strict=False) for item in pair] + CASES[len(free):]
+    got = token_ids_any(llm, mixed)
+    assert got[0:2 * len(free):2] == alone
+    assert got[1:2 * len(free):2] + got[2 * len(free):] == reference
+    assert_clean(llm)
+
+
+def token_ids_any(llm: LLM, cases) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate([p for p, _ in cases], [s for _, s in cases],
+                                                         use_tqdm=False)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_num_batched_tokens=16),  # chunked prefill: most prompts take several steps
+    dict(kv_cache_memory="320KiB", max_num_seqs=len(CASES)),  # a few blocks a request: preemption
+    dict(async_scheduling=True),
+    dict(async_scheduling=True, max_num_batched_tokens=16, kv_cache_memory="320KiB", max_num_seqs=len(CASES)),
+], ids=["chunked-prefill", "preemption", "async", "async-chunked-preemption"])
+def test_engine_paths_give_the_reference_outputs(tiny_llama_dir, reference, options):
+    llm = LLM(str(tiny_llama_dir), **ENGINE, **options)
+    assert token_ids(llm) == reference
+    if "kv_cache_memory" in options:
+        assert llm.engine.core.stats.num_preemptions > 0
+    assert llm.engine.core.async_scheduling == options.get("async_scheduling", False)
+    assert_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_tensor_parallel_two_ranks_give_the_reference_outputs(tiny_llama_dir, reference, async_scheduling):
+    llm = LLM(str(tiny_llama_dir), **ENGINE, tensor_parallel_size=2, async_scheduling=async_scheduling)
+    try:
+        assert llm.engine.runner.world_size == 2
+        assert token_ids(llm) == reference
+        assert_clean(llm)
+    finally:
+        llm.shutdown()
+
+
+# ---- sampling features on constrained requests ----------------------------------------------------------------
+
+
+def test_n_and_seeds(llm, reference):
+    """n samples of one constrained request are all valid, differ, and repeat with the seed; greedy n=2 gives
+    the reference twice."""
+    schema = SCHEMAS["function_call"]
+    params = replace(constrained(1.0, 7, json=schema), n=4)
+    first = llm.generate("call a function", params, use_tqdm=False)[0].outputs
+    assert [c.index for c in first] == [0, 1, 2, 3]
+    for c in first:
+        validate(strict_json(c.text), schema)
+    assert len({c.text for c in first}) > 1
+    again = llm.generate("call a function", params, use_tqdm=False)[0].outputs
+    assert [c.token_ids for c in again] == [c.token_ids for c in first]
+    p, greedy = CASES[0]
+    twice = llm.generate(p, replace(greedy, n=2), use_tqdm=False)[0].outputs
+    assert [c.token_ids for c in twice] == [reference[0], reference[0]]
+    assert_clean(llm)
+
+
+def test_logprobs_are_those_of_the_constrained_distribution(llm, reference):
+    """Asking for logprobs changes no token; each sampled token has a finite logprob and rank 1 (greedy over the
+    masked logits), and every listed alternative that the grammar allows is finite."""
+    cases = [(p, replace(s, logprobs=3)) for p, s in CASES]
+    outs = llm.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)
+    for out, expected in zip(outs, reference, strict=True):
+        completion = out.outputs[0]
+        assert completion.token_ids == expected
+        assert completion.logprobs is not None and len(completion.logprobs) == len(expected)
+        for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
+            assert math.isfinite(entry[token].logprob) and entry[token].logprob <= 0
+            assert entry[token].rank == 1
+        assert math.isfinite(completion.cumulative_logprob)
+    assert_clean(llm)
+
+
+def test_stop_strings_cut_constrained_output(llm):
+    schema = SCHEMAS["flat_required"]
+    base = constrained(json=schema, disable_any_whitespace=True)
+    full = llm.generate("a record", base, use_tqdm=False)[0].outputs[0].text
+    assert full.startswith('{"name": "') and ", " in full
+    cut = llm.generate("a record", replace(base, stop=[", "]), use_tqdm=False)[0].outputs[0]
+    assert (cut.text, cut.finish_reason, cut.stop_reason) == (full.split(", ")[0], "stop", ", ")
+    kept = llm.generate("a record", replace(base, stop=[", "], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == full.split(", ")[0] + ", "
+    assert_clean(llm)
+
+
+# ---- bad constraints --------------------------------------------------------------------------------------------
+
+BAD = [
+    ("structured_outputs.json", dict(json={"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}})),
+    ("structured_outputs.json", dict(json={"type": "strin"})),
+    ("structured_outputs.json", dict(json="{not json")),
+    ("structured_outputs.json", dict(json=[1, 2])),
+    ("structured_outputs.regex", dict(regex="(unclosed")),
+    ("structured_outputs.regex", dict(regex="[z-a]")),
+    ("structured_outputs.regex", dict(regex="")),
+    ("structured_outputs.grammar", dict(grammar="root ::= ")),
+    ("structured_outputs.grammar", dict(grammar='start ::= "a"')),  # no root rule
+    ("structured_outputs.grammar", dict(grammar='root ::= undefined_rule')),
+    ("structured_outputs.choice", dict(choice=[])),
+    ("structured_outputs.choice", dict(choice=["ok", ""])),
+    ("structured_outputs", dict(json={"type": "object"}, regex="a+")),  # two constraints
+    ("structured_outputs", dict()),  # none
+    ("structured_outputs.json_object", dict(json_object="yes")),
+    ("structured_outputs.structural_tag", dict(structural_tag={"type": "no-such-tag"})),
+]
+
+
+@pytest.mark.parametrize(("field", "spec"), BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_constraints_are_refused_naming_the_field(llm, field, spec):
+    with pytest.raises(ValueError, match=re.escape(field)) as raised:
+        llm.generate("hello", SamplingParams(max_tokens=8, structured_outputs=spec), use_tqdm=False)
+    if isinstance(raised.value, InvalidRequestError):
+        assert raised.value.param == field
+    out = llm.generate("hello", constrained(choice=["yes", "no"]), use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no")
+    assert_clean(llm)
+
+
+# Keywords xgrammar 0.2 parses but does not enforce: the engine refuses them instead of letting outputs break
+# the schema. (Before the refusal, seeded runs of each broke it: [1, 1] under uniqueItems, 3 under not const 3,
+# 90-letter strings under pattern + maxLength 4, ...)
+UNENFORCEABLE = [
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 3, "uniqueItems": True}, "'/'"),
+    ({"type": "object", "properties": {"w": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4}}},
+     "'/properties/w'"),
+    ({"type": "integer", "not": {"const": 3}}, "'/'"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "'/'"),
+    ({"$defs": {"x": {"allOf": [{"type": "integer"}, {"minimum": 5}]}}, "$ref": "#/$defs/x"}, "'/$defs/x'"),
+    ({"type": "object", "properties": {"a": {"type": "boolean"}}, "if": {"properties": {"a": {"const": True}}},
+      "then": {"required": ["a"]}}, "'/'"),
+    ({"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string", "pattern": "a",
+                                                                "minLength": 1}}]}, "'/anyOf/1/items'"),
+]
+
+
+@pytest.mark.parametrize(("schema", "where"), UNENFORCEABLE, ids=[str(i) for i in range(len(UNENFORCEABLE))])
+def test_schemas_the_grammar_cannot_enforce_are_refused(llm, schema, where):
+    with pytest.raises(InvalidRequestError, match=re.escape(where)) as raised:
+        llm.generate("hello", constrained(json=schema), use_tqdm=False)
+    assert raised.value.param == "structured_outputs.json"
+    # A property that is merely *named* like a keyword is fine.
+    named = {"type": "object", "properties": {"not": {"type": "boolean"}, "if": {"type": "null"}},
+             "required": ["not", "if"], "additionalProperties": False}
+    validate(strict_json(llm.generate("x", constrained(json=named), use_tqdm=False)[0].outputs[0].text), named)
+
+
+# ---- compiling off the step loop ------------------------------------------------------------------------------
+
+
+def test_a_compiling_grammar_holds_up_no_one(llm):
+    """While a grammar compiles (its compile thread held busy here), unconstrained requests run to the end; the
+    constrained request starts once its grammar is ready, and its output is valid."""
+    engine, core = llm.engine, llm.engine.core
+    gate = threading.Event()
+    core.grammars._executor.submit(gate.wait, 60)  # the compile thread's next job waits behind this one
+    schema = {"type": "object", "properties": {"held": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["held"], "additionalProperties": False}
+    engine.add_request("held", "constrained", constrained(json=schema))
+    free = [engine.add_request(f"free{i}", prompt(i), SamplingParams(temperature=0, max_tokens=12,
+                                                                      ignore_eos=True)) for i in range(4)]
+    finished: dict[str, object] = {}
+    try:
+        for _ in range(200):
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+            if set(free) <= set(finished):
+                break
+        assert set(finished) == set(free), "unconstrained requests waited for a compile"
+        assert "held" in core._compiling
+    finally:
+        gate.set()
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    validate(strict_json(finished["held"].outputs[0].text), schema)
+    assert_clean(llm)
+
+
+def test_a_grammar_that_fails_to_compile_fails_its_request_only(llm):
+    """A constraint that reaches the core and does not compile (the front end's check skipped here) is reported
+    as that request's invalid-request failure; the request beside it finishes."""
+    core = llm.engine.core
+    bad = Request("bad", [5, 6, 7], constrained(max_tokens=8, regex="(unclosed"), max_tokens=8)
+    good = Request("good", [5, 6, 7], constrained(max_tokens=8, choice=["ok"]), max_tokens=8)
+    core.add_request(bad)
+    core.add_request(good)
+    outputs, failures = [], []
+    while core.has_unfinished_requests():
+        outputs += core.step()
+        failures += core.take_failures()
+    assert [(f.request_ids, f.kind) for f in failures] == [(["bad"], FailureKind.INVALID)]
+    assert "structured_outputs.regex" in failures[0].message
+    assert [o.request_id for o in outputs if o.finish_reason] == ["good"]
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def test_a_model_without_a_tokenizer_refuses_constraints_naming_the_field():
+    """An architecture preset (dummy weights) has no vocabulary to compile against: the compile fails with an
+    invalid-request error that says so, each time it is asked (it used to be xgrammar's "Cannot get the
+    vocabulary of the tokenizer <class ...TokenIdTokenizer>")."""
+    compiler = GrammarCompiler(lambda: TokenIdTokenizer(384, 2), 384)
+    try:
+        for _ in range(2):
+            with pytest.raises(ValueError, match="has no tokenizer") as raised:
+                compiler.submit(StructuredOutputsParams(regex="a+")).result(timeout=30)
+            assert raised.value.param == "structured_outputs"
+    finally:
+        compiler.shutdown()
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 384])
+def test_apply_token_bitmask_matches_the_bits(vocab):
+    """The sampler's mask op against a token-by-token reading of the words, for all rows and for some rows, with
+    a vocabulary that is and is not a multiple of 32."""
+    gen = torch.Generator().manual_seed(vocab)
+    width = (vocab + 31) // 32
+    logits = torch.randn(6, vocab, generator=gen)
+    words = torch.randint(-2**31, 2**31 - 1, (6, width), dtype=torch.int32, generator=gen)
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 4], [5]):
+        expected = logits.clone()
+        for i, row in enumerate(rows):
+            for t in range(vocab):
+                if not (int(words[i, t // 32]) >> (t % 32)) & 1:
+                    expected[row, t] = float("-inf")
+        got = apply_token_bitmask(logits.clone(), torch.tensor(rows), words[:len(rows)].contiguous())
+        assert torch.equal(got, expected)
