@@ -104,11 +104,14 @@ def build_llm(args: argparse.Namespace) -> LLM:
 
 
 def make_prompts(llm: LLM, num: int, seed: int) -> list[list[int]]:
-    """Chat prompts asking for a record, or random token ids where the tokenizer has no chat template."""
+    """Chat prompts asking for a record, or random token ids where the tokenizer has no chat template or is
+    lent by a model of a smaller vocabulary (a preset)."""
     tokenizer = llm.get_tokenizer()
-    if getattr(tokenizer, "chat_template", None):
-        return [llm.apply_chat_template([{"role": "user", "content": PROMPT.format(i=i)}]) for i in range(num)]
     vocab = llm.engine.core.vocab_size
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [llm.apply_chat_template([{"role": "user", "content": PROMPT.format(i=i)}]) for i in range(num)]
+        if all(t < vocab for p in prompts for t in p):
+            return prompts
     rng = np.random.default_rng(seed)
     return [rng.integers(100, vocab - 100, int(n)).tolist() for n in rng.integers(16, 64, num)]
 

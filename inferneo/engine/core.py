@@ -253,7 +253,8 @@ class EngineCore:
         record = StepRecord(sequences, sched.num_batched_tokens)
         if constrained:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
-            record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar)
+            record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
+                                         self.grammars.matcher_batch)
         return record, sampled
 
 

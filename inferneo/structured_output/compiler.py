@@ -10,6 +10,7 @@ sampled and fills that sequence's row of the step's token bitmask.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,10 +33,13 @@ class GrammarCompiler:
     ``vocab_size`` is the width of the model's logits, which may exceed the tokenizer's vocabulary.
     """
 
-    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_threads: int = 2) -> None:
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_threads: int = 2,
+                 fill_threads: int | None = None) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self._max_threads = max_threads
+        self.fill_threads = fill_threads or default_fill_threads()
+        self._matcher_batch: MatcherBatch | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-grammar")
         self._compiler = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
@@ -76,6 +80,13 @@ class GrammarCompiler:
             field = f"structured_outputs.{params.kind}"
             raise StructuredOutputError(f"{field} cannot be compiled: {e}", field) from None
 
+    @property
+    def matcher_batch(self) -> MatcherBatch:
+        """What takes tokens and fills bitmasks for a step's matchers (made on first use)."""
+        if self._matcher_batch is None:
+            self._matcher_batch = MatcherBatch(self.fill_threads)
+        return self._matcher_batch
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -109,7 +120,7 @@ class SequenceGrammar:
 
     def __init__(self, compiled, stop_token_ids: frozenset[int]) -> None:
         xgr = xgrammar()
-        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids) or None)
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids) or None)
         self.num_accepted = 0  # output tokens the matcher has taken
         self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
 
@@ -121,18 +132,62 @@ class SequenceGrammar:
     def accept_token(self, token_id: int) -> None:
         """Take the sequence's next output token."""
         self.num_accepted += 1
-        if self.broken or self._matcher.is_terminated():
+        if self.broken or self.matcher.is_terminated():
             return
-        if not self._matcher.accept_token(token_id):
-            logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint "
-                           "is off for the rest of it", token_id)
-            self.broken = True
+        if not self.matcher.accept_token(token_id):
+            self.refused(token_id)
 
     @property
     def constrains(self) -> bool:
         """Whether the next token is constrained (False once the sequence ended its grammar or broke it)."""
-        return not (self.broken or self._matcher.is_terminated())
+        return not (self.broken or self.matcher.is_terminated())
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into ``bitmask[row]`` (int32 words, bit ``t`` for token ``t``)."""
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def refused(self, token_id: int) -> None:
+        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
+        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
+                       "for the rest of it", token_id)
+        self.broken = True
+
+
+class MatcherBatch:
+    """Takes tokens and fills bitmask rows for many sequences at once, on ``num_threads`` of xgrammar's threads
+    when there are at least ``MIN_ROWS`` of them (one thread, in order, otherwise or when ``num_threads`` is 1).
+    """
+
+    MIN_ROWS = 16
+
+    def __init__(self, num_threads: int) -> None:
+        self.num_threads = num_threads
+        self._batch = xgrammar().BatchGrammarMatcher(num_threads) if num_threads > 1 else None
+
+    def accept(self, grammars: list[SequenceGrammar], tokens: list[int]) -> None:
+        """Each grammar takes its one next token."""
+        live = [(g, t) for g, t in zip(grammars, tokens, strict=True) if g.constrains]
+        for g in grammars:
+            g.num_accepted += 1
+        if self._batch is None or len(live) < self.MIN_ROWS:
+            for g, t in live:
+                if not g.matcher.accept_token(t):
+                    g.refused(t)
+            return
+        accepted = self._batch.batch_accept_token([g.matcher for g, _ in live], [t for _, t in live])
+        for (g, t), ok in zip(live, accepted, strict=True):
+            if not ok:
+                g.refused(t)
+
+    def fill(self, grammars: list[SequenceGrammar], bitmask: torch.Tensor) -> None:
+        """Row ``i`` of ``bitmask`` gets the allowed next tokens of ``grammars[i]``."""
+        if self._batch is None or len(grammars) < self.MIN_ROWS:
+            for i, g in enumerate(grammars):
+                g.fill(bitmask, i)
+            return
+        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+
+
+def default_fill_threads() -> int:
+    """Threads for filling bitmasks: half the machine's cores, at most 8 (one on a machine of 2 or 3 cores)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from inferneo.sampling.metadata import TokenBitmask
-from inferneo.structured_output.compiler import SequenceGrammar
+from inferneo.structured_output.compiler import MatcherBatch, SequenceGrammar
 
 
 @dataclass(slots=True)
@@ -35,35 +35,46 @@ class StepBitmask:
 
     Each matcher first takes its sequence's tokens it has not seen; a token still in flight (asynchronous
     scheduling) is read from the previous step through ``previous_tokens``, which waits only for that step's
-    sampled ids to reach the host, while the device already runs this step.
+    sampled ids to reach the host, while the device already runs this step. Sequences with one new token (nearly
+    all of them, every step) take it, and all rows are filled, through ``batch`` (xgrammar's threads).
     """
 
     def __init__(self, rows: list[ConstrainedRow], vocab_size: int,
-                 previous_tokens: Callable[[], list[int]] | None, stats: GrammarStats) -> None:
+                 previous_tokens: Callable[[], list[int]] | None, stats: GrammarStats, batch: MatcherBatch) -> None:
         self.rows = rows
         self.width = (vocab_size + 31) // 32
         self.previous_tokens = previous_tokens
         self.stats = stats
+        self.batch = batch
 
     def __call__(self) -> TokenBitmask | None:
         start = time.perf_counter()
         previous: list[int] | None = None
-        words = torch.empty(len(self.rows), self.width, dtype=torch.int32)
-        rows: list[int] = []
+        single: list[SequenceGrammar] = []
+        single_tokens: list[int] = []
         for entry in self.rows:
             grammar = entry.grammar
-            grammar.catch_up(entry.output_token_ids)
+            backlog = entry.output_token_ids[grammar.num_accepted:]
             if entry.pending_sample >= 0:
                 if previous is None:
                     if self.previous_tokens is None:
                         raise RuntimeError("a constrained row reads a token of a previous step that was not given")
                     previous = self.previous_tokens()
-                grammar.accept_token(previous[entry.pending_sample])
-            if grammar.constrains:
-                grammar.fill(words, len(rows))
-                rows.append(entry.row)
+                backlog.append(previous[entry.pending_sample])
+            if len(backlog) == 1:
+                single.append(grammar)
+                single_tokens.append(backlog[0])
+            else:  # the first sample (nothing to take) or, rarely, several tokens behind
+                for token in backlog:
+                    grammar.accept_token(token)
+        if single:
+            self.batch.accept(single, single_tokens)
+        active = [entry for entry in self.rows if entry.grammar.constrains]
+        words = torch.empty(len(active), self.width, dtype=torch.int32)
+        if active:
+            self.batch.fill([entry.grammar for entry in active], words)
         self.stats.seconds += time.perf_counter() - start
-        self.stats.rows += len(rows)
-        if not rows:
+        self.stats.rows += len(active)
+        if not active:
             return None
-        return TokenBitmask(rows, words[: len(rows)])
+        return TokenBitmask([entry.row for entry in active], words)
