@@ -7,6 +7,7 @@ out, failures isolated); ``inferneo.engine.core_builder.build_engine_core`` make
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
@@ -160,11 +161,18 @@ class EngineCore:
             return self._finish(previous)
         sched = self.scheduler.schedule()
         launched = None
+        finished: list[list[CoreOutput]] = []
+
+        def finish_previous() -> None:  # once: while the new step's bitmask fills, if it has one; else below
+            if previous is not None and not finished:
+                finished.append(self._finish(previous))
+
         if not sched.is_empty:
-            record, sampled = self._step_record(sched, previous.step if previous else None)
+            record, sampled = self._step_record(sched, previous.step if previous else None, finish_previous)
             step = self.runner.launch(record, previous.step if previous else None)
             launched = _Launched(sched, sampled, step, time.perf_counter())
-        outputs = self._finish(previous) if previous is not None else []
+        finish_previous()
+        outputs = finished[0] if finished else []
         if launched is not None:
             # Only now, with the previous step's tokens appended, can blocks holding them join the prefix cache.
             self.scheduler.update_after_step(sched)
@@ -228,11 +236,12 @@ class EngineCore:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
-    def _step_record(self, sched: SchedulerOutput,
-                     previous: InFlightStep | None) -> tuple[StepRecord, list[Request]]:
+    def _step_record(self, sched: SchedulerOutput, previous: InFlightStep | None,
+                     meanwhile: Callable[[], None] | None = None) -> tuple[StepRecord, list[Request]]:
         """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples.
 
-        ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read.
+        ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read;
+        ``meanwhile`` is host work to do while the step's bitmask fills (see ``StepBitmask``).
         """
         sequences: list[ScheduledSequence] = []
         sampled: list[Request] = []
@@ -254,7 +263,7 @@ class EngineCore:
         if constrained:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
-                                         self.grammars.matcher_batch)
+                                         self.grammars.matcher_batch, meanwhile)
         return record, sampled
 
 

@@ -89,6 +89,8 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._matcher_batch is not None:
+            self._matcher_batch.shutdown()
 
 
 def _tokenizer_info(xgr, tokenizer, vocab_size: int):
@@ -154,25 +156,21 @@ class SequenceGrammar:
 
 
 class MatcherBatch:
-    """Takes tokens and fills bitmask rows for many sequences at once, on ``num_threads`` of xgrammar's threads
-    when there are at least ``MIN_ROWS`` of them (one thread, in order, otherwise or when ``num_threads`` is 1).
-    """
-
-    MIN_ROWS = 16
+    """Takes tokens and fills bitmask rows for many sequences at once, through xgrammar's batch matcher on
+    ``num_threads`` threads. Each batch call is one call into xgrammar's C++ that lets go of the GIL, so a step's
+    mask work can run on :attr:`worker` while the core's thread does other host work."""
 
     def __init__(self, num_threads: int) -> None:
         self.num_threads = num_threads
-        self._batch = xgrammar().BatchGrammarMatcher(num_threads) if num_threads > 1 else None
+        self._batch = xgrammar().BatchGrammarMatcher(num_threads)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-bitmask")
 
     def accept(self, grammars: list[SequenceGrammar], tokens: list[int]) -> None:
         """Each grammar takes its one next token."""
         live = [(g, t) for g, t in zip(grammars, tokens, strict=True) if g.constrains]
         for g in grammars:
             g.num_accepted += 1
-        if self._batch is None or len(live) < self.MIN_ROWS:
-            for g, t in live:
-                if not g.matcher.accept_token(t):
-                    g.refused(t)
+        if not live:
             return
         accepted = self._batch.batch_accept_token([g.matcher for g, _ in live], [t for _, t in live])
         for (g, t), ok in zip(live, accepted, strict=True):
@@ -181,13 +179,12 @@ class MatcherBatch:
 
     def fill(self, grammars: list[SequenceGrammar], bitmask: torch.Tensor) -> None:
         """Row ``i`` of ``bitmask`` gets the allowed next tokens of ``grammars[i]``."""
-        if self._batch is None or len(grammars) < self.MIN_ROWS:
-            for i, g in enumerate(grammars):
-                g.fill(bitmask, i)
-            return
         self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
 
 
 def default_fill_threads() -> int:
-    """Threads for filling bitmasks: half the machine's cores, at most 8 (one on a machine of 2 or 3 cores)."""
+    """xgrammar threads for a step's bitmasks: half the machine's cores, at most 8 (one on 2 or 3 cores)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))

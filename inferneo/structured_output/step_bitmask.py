@@ -35,24 +35,27 @@ class StepBitmask:
 
     Each matcher first takes its sequence's tokens it has not seen; a token still in flight (asynchronous
     scheduling) is read from the previous step through ``previous_tokens``, which waits only for that step's
-    sampled ids to reach the host, while the device already runs this step. Sequences with one new token (nearly
-    all of them, every step) take it, and all rows are filled, through ``batch`` (xgrammar's threads).
+    sampled ids to reach the host while the device already runs this step. Taking the tokens and filling the rows
+    then runs on ``batch``'s worker thread (xgrammar's batch calls, which let go of the GIL) while ``meanwhile``,
+    if given, runs here: the core passes its processing of the previous step's outputs, so the two overlap.
     """
 
     def __init__(self, rows: list[ConstrainedRow], vocab_size: int,
-                 previous_tokens: Callable[[], list[int]] | None, stats: GrammarStats, batch: MatcherBatch) -> None:
+                 previous_tokens: Callable[[], list[int]] | None, stats: GrammarStats, batch: MatcherBatch,
+                 meanwhile: Callable[[], None] | None = None) -> None:
         self.rows = rows
         self.width = (vocab_size + 31) // 32
         self.previous_tokens = previous_tokens
         self.stats = stats
         self.batch = batch
+        self.meanwhile = meanwhile
 
     def __call__(self) -> TokenBitmask | None:
-        start = time.perf_counter()
         previous: list[int] | None = None
         single: list[SequenceGrammar] = []
         single_tokens: list[int] = []
-        for entry in self.rows:
+        behind: list[tuple[SequenceGrammar, list[int]]] = []
+        for entry in self.rows:  # what each matcher has to take, read before ``meanwhile`` appends tokens
             grammar = entry.grammar
             backlog = entry.output_token_ids[grammar.num_accepted:]
             if entry.pending_sample >= 0:
@@ -64,9 +67,19 @@ class StepBitmask:
             if len(backlog) == 1:
                 single.append(grammar)
                 single_tokens.append(backlog[0])
-            else:  # the first sample (nothing to take) or, rarely, several tokens behind
-                for token in backlog:
-                    grammar.accept_token(token)
+            elif backlog:  # several tokens behind (rare): taken one by one
+                behind.append((grammar, backlog))
+        job = self.batch.worker.submit(self._take_and_fill, single, single_tokens, behind)
+        if self.meanwhile is not None:
+            self.meanwhile()
+        return job.result()
+
+    def _take_and_fill(self, single: list[SequenceGrammar], single_tokens: list[int],
+                       behind: list[tuple[SequenceGrammar, list[int]]]) -> TokenBitmask | None:
+        start = time.perf_counter()
+        for grammar, tokens in behind:
+            for token in tokens:
+                grammar.accept_token(token)
         if single:
             self.batch.accept(single, single_tokens)
         active = [entry for entry in self.rows if entry.grammar.constrains]
