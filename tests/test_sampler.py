@@ -327,3 +327,27 @@ def test_logit_bias_only_greedy_batch_leaves_the_fast_path() -> None:
 def test_logit_bias_values_are_checked(bias) -> None:
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=bias)
+
+
+@pytest.mark.parametrize("keep_allowed_argmax", [True, False])
+def test_greedy_under_bitmask_equals_masking_every_row(keep_allowed_argmax: bool) -> None:
+    """The greedy fast path of structured output (argmax kept where the grammar allows it, else the masked
+    argmax of that row alone) picks what masking the whole row and taking its argmax picks."""
+    from inferneo.sampling.ops import apply_token_bitmask, greedy_under_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    for batch, vocab, constrained in [(64, 1000, 64), (8, 384, 3), (16, 97, 16)]:
+        for trial in range(12):
+            logits = torch.randn(batch, vocab, generator=gen)
+            words = torch.randint(-2**31, 2**31 - 1, (constrained, (vocab + 31) // 32), dtype=torch.int32,
+                                  generator=gen)
+            rows = torch.randperm(batch, generator=gen)[:constrained].sort().values
+            if trial % 2:  # the grammar allows the model's own pick: the case the fast path skips
+                for i, token in enumerate(logits.argmax(-1)[rows].tolist()):
+                    words[i, token // 32] |= -(2**31) if token % 32 == 31 else 1 << (token % 32)
+            reference = logits.clone()
+            apply_token_bitmask(reference, rows, words)
+            before = logits.clone()
+            got = greedy_under_bitmask(logits, rows, words, keep_allowed_argmax)
+            assert torch.equal(got, reference.argmax(-1))
+            assert torch.equal(logits, before)  # the caller's logits are untouched

@@ -22,6 +22,31 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.T
     return logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(banned, _NEG_INF))
 
 
+def greedy_under_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor,
+                         keep_allowed_argmax: bool | None = None) -> torch.Tensor:
+    """The greedy token of every row when rows ``rows`` may only take the tokens allowed in ``words`` (the
+    layout of :func:`apply_token_bitmask`); ``logits`` is not modified. Returns ``[B]`` int64.
+
+    Only the constrained rows are copied and masked. On the CPU, a row whose unconstrained argmax is allowed keeps
+    it (masking only lowers other tokens, so the first maximum stays the first maximum) and only the others are
+    masked: a model that follows its grammar, as real models mostly do, costs a bit test per row. On other devices
+    every constrained row is masked (no host sync to pick the rows). ``keep_allowed_argmax`` overrides the choice.
+    """
+    sampled = logits.argmax(dim=-1)
+    if keep_allowed_argmax is None:
+        keep_allowed_argmax = logits.device.type == "cpu"
+    if keep_allowed_argmax:
+        picked = sampled.index_select(0, rows)
+        word = words.gather(1, (picked // 32).unsqueeze(1)).squeeze(1)
+        redo = ((word >> (picked % 32).to(torch.int32)) & 1).eq(0).nonzero().squeeze(1)
+        if redo.numel() == 0:
+            return sampled
+        rows, words = rows.index_select(0, redo), words.index_select(0, redo)
+    constrained = logits.index_select(0, rows).float()
+    apply_token_bitmask(constrained, torch.arange(rows.numel(), device=rows.device), words)
+    return sampled.index_copy_(0, rows, constrained.argmax(dim=-1))
+
+
 _BANNED_BITS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -13,6 +13,7 @@ from inferneo.sampling.ops import (
     apply_token_bitmask,
     apply_top_k_top_p,
     exponential_race,
+    greedy_under_bitmask,
 )
 
 
@@ -53,6 +54,9 @@ class Sampler:
                  or md.bitmask_rows is not None)
         if md.all_greedy and not edits and md.max_num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # no float32 copy needed
+        if (md.all_greedy and md.max_num_logprobs is None and md.bitmask_rows is not None
+                and md.bias_rows is None and md.min_tokens_rows is None and not md.has_penalties):
+            return SamplerOutput(greedy_under_bitmask(logits, md.bitmask_rows, md.bitmask_words), None, None, None)
         x = logits.float()
         owned = x is not logits  # a dtype conversion already made a private copy
 
