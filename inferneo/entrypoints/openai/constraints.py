@@ -88,17 +88,22 @@ def _check_tools(req: ChatCompletionRequest) -> None:
 
 def _tool_constraint(req: ChatCompletionRequest) -> _Asked | None:
     """The grammar of a call for ``tool_choice`` ``required`` (an array of calls) or a named function (its
-    arguments); None for ``auto`` and ``none``, which leave the answer free."""
+    arguments); None for ``auto`` and ``none``, which leave the answer free.
+
+    A forced call is compact JSON (``disable_any_whitespace``): its text is re-encoded into ``tool_calls`` anyway,
+    and whitespace runs between its tokens would only spend ``max_tokens`` (a small model that drifts into them
+    can run out before the call is complete)."""
     mode = req.tool_mode()
     tools = req.tools or []
     if mode == "named":
         index = next(i for i, t in enumerate(tools) if t.function.name == req.named_tool())
-        return _Asked("tool_choice", {"json": function_parameters(tools[index].function.parameters)},
-                      f"tools[{index}].function.parameters")
+        return _Asked("tool_choice", {"json": function_parameters(tools[index].function.parameters),
+                                      "disable_any_whitespace": True}, f"tools[{index}].function.parameters")
     if mode == "required":
         functions = [{"name": t.function.name, "parameters": t.function.parameters} for t in tools]
         parallel = req.parallel_tool_calls is not False
-        return _Asked("tool_choice", {"json": required_calls_schema(functions, parallel)}, "tools")
+        return _Asked("tool_choice", {"json": required_calls_schema(functions, parallel),
+                                      "disable_any_whitespace": True}, "tools")
     return None
 
 
