@@ -193,6 +193,9 @@ class ParallelLMHead(nn.Linear):
 def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place."""
     c = model.config
+    if getattr(c, "moe", None) is not None:
+        raise ValueError("tensor parallelism does not shard mixture-of-experts layers yet; "
+                         "run this model with tensor_parallel_size=1")
     kw = dict(device=device, dtype=dtype)
     for layer in model.layers:
         attn = layer.self_attn

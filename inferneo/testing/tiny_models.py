@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 8
@@ -79,8 +80,29 @@ def make_tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = True) -> PreTr
                                    model_max_length=2048)
 
 
-def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, **common: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int, top_k: int,
+               **common: Any) -> Any:
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
+
+    hidden = common["hidden_size"]
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, **common)
+    if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
+        return Qwen2MoeConfig(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
+                              shared_expert_intermediate_size=3 * hidden // 4, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, **common)
+    if arch == "qwen3_moe":  # top-k weights renormalised, as in the released Qwen3-MoE models
+        return Qwen3MoeConfig(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
+                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                              use_sliding_window=False, **common)
 
     if arch == "llama":
         return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
@@ -95,8 +117,12 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
                          torch_dtype: torch.dtype = torch.float32,
-                         rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048) -> Path:
-    """Write a random-weight HF checkpoint of ``arch`` (llama, mistral, qwen2, qwen3) into ``path``.
+                         rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
+                         num_experts: int = 8, top_k: int = 2) -> Path:
+    """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
+
+    ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
+    expert, qwen3_moe); their experts are ``hidden_size // 2`` wide (Mixtral's ``2 * hidden_size``).
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
     depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
@@ -114,7 +140,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only supported for arch='llama'")
     config = _hf_config(
-        arch, rope_scaling, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        arch, rope_scaling, num_experts, top_k, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings, initializer_range=0.2,
         rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
@@ -135,7 +161,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral")).save_pretrained(path)
+    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral")).save_pretrained(path)
     return path
 
 

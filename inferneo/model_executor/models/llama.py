@@ -21,6 +21,7 @@ from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
+from inferneo.model_executor.layers.moe import MoeConfig
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -45,6 +46,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    moe: MoeConfig | None = None  # mixture-of-experts models only (``models/moe.py``)
 
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> DecoderConfig:
@@ -118,10 +120,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        inter = intermediate_size or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x):
@@ -129,10 +132,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int) -> None:
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
+                 mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = Attention(config, backend, max_position)
-        self.mlp = MLP(config)
+        self.mlp = mlp if mlp is not None else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -173,12 +177,16 @@ class LlamaForCausalLM(nn.Module):
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_position) for _ in range(config.num_layers)
+            DecoderLayer(config, backend, max_position, self.build_mlp(config, i)) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
+        """The feed-forward block of layer ``layer_index`` (mixture-of-experts models override this)."""
+        return MLP(config)
 
     @property
     def num_kv_heads(self) -> int:
@@ -208,11 +216,23 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights -----------------------------------------------------------------------------------------
 
-    def _shard_sizes(self, fused: str) -> list[int]:
+    def _shard_sizes(self, fused: str, param: torch.Tensor) -> list[int]:
         c = self.config
         if fused == "qkv_proj":
             return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+        return [param.shape[0] // 2] * 2  # gate/up: the dense MLP's or a shared expert's width
+
+    def load_special_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
+        """Load a checkpoint tensor the plain name mapping does not cover; returns the keys it loaded (none: not
+        special). Mixture-of-experts models load their per-expert weights here."""
+        return set()
+
+    def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
+        """The load keys parameter ``pname`` needs: itself, or one per fused shard."""
+        fused = next((f for _, f, _ in self.stacked_params if f".{f}." in pname), None)
+        if fused is None:
+            return [pname]
+        return [f"{pname}#{i}" for i in range(len(self._shard_sizes(fused, param)))]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
@@ -225,12 +245,16 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name.startswith("lm_head") and self.config.tie_word_embeddings):
                 continue
+            special = self.load_special_weight(params, name, tensor)
+            if special:
+                loaded |= special
+                continue
             for shard_name, fused, index in self.stacked_params:
                 if f".{shard_name}." in name:
                     target = name.replace(shard_name, fused)
-                    sizes = self._shard_sizes(fused)
-                    offset = sum(sizes[:index])
                     param = _lookup(params, target, name)
+                    sizes = self._shard_sizes(fused, param)
+                    offset = sum(sizes[:index])
                     loader = getattr(param, "weight_loader", None)  # a tensor-parallel shard takes its slice
                     if loader is not None:
                         loader(param, tensor, index)
@@ -247,12 +271,8 @@ class LlamaForCausalLM(nn.Module):
                     _copy(param.data, tensor, name)
                 loaded.add(name)
         expected = set()
-        for pname in params:
-            fused = next((f for _, f, _ in self.stacked_params if f".{f}." in pname), None)
-            if fused is None:
-                expected.add(pname)
-            else:
-                expected.update(f"{pname}#{i}" for i in range(len(self._shard_sizes(fused))))
+        for pname, param in params.items():
+            expected.update(self.expected_weight_keys(pname, param))
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:8])}")

@@ -1,0 +1,119 @@
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+Each is the Llama decoder (attention as in ``llama.py`` / ``qwen.py``) whose feed-forward block is a
+:class:`~inferneo.model_executor.layers.moe.FusedMoE` in its sparse layers. Checkpoints name every expert's
+projections apart (``block_sparse_moe.experts.{e}.w1/w2/w3`` in Mixtral, ``mlp.experts.{e}.gate_proj/up_proj/
+down_proj`` in Qwen-MoE); they load into the stacked ``experts.gate_up_proj`` ``[E, 2*I, H]`` and
+``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from inferneo.model_executor.layers.moe import FusedMoE, MoeConfig
+from inferneo.model_executor.models.llama import MLP, DecoderConfig, LlamaForCausalLM, _copy, _lookup
+
+# layers.{l}.mlp.experts.{e}.{projection}.weight, after ``block_sparse_moe.`` became ``mlp.``
+_EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+# projection -> (stacked parameter, row block: 0 gate / 1 up of gate_up_proj, None for down_proj)
+_EXPERT_SLOTS = {
+    "w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1), "up_proj": ("gate_up_proj", 1),
+    "w2": ("down_proj", None), "down_proj": ("down_proj", None),
+}
+
+
+def _moe_config(cfg: dict, num_experts: int, intermediate_size: int, renormalize: bool,
+                shared_expert_intermediate_size: int = 0) -> MoeConfig:
+    return MoeConfig(
+        num_experts=num_experts, top_k=cfg["num_experts_per_tok"], intermediate_size=intermediate_size,
+        renormalize=renormalize, shared_expert_intermediate_size=shared_expert_intermediate_size,
+        sparse_step=cfg.get("decoder_sparse_step") or 1, mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+    )
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    """The Llama decoder with :class:`FusedMoE` blocks in the layers ``config.moe`` marks sparse."""
+
+    def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
+        moe = config.moe
+        if moe is None or not moe.is_sparse(layer_index):
+            return MLP(config)
+        shared = moe.shared_expert_intermediate_size
+        return FusedMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize,
+                        shared_expert=MLP(config, shared) if shared else None, shared_expert_gate=bool(shared))
+
+    def load_special_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
+        """Per-expert projections into their slice of the stacked tensors; stacked tensors whole."""
+        renamed = name.replace(".block_sparse_moe.", ".mlp.")
+        was_renamed, name = renamed != name, renamed
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and name in params:
+            _copy(params[name].data, tensor, name)
+            return set(self.expected_weight_keys(name, params[name]))
+        match = _EXPERT_WEIGHT.match(name)
+        if match is None:
+            if was_renamed and name in params:  # Mixtral's router under its renamed prefix
+                _copy(params[name].data, tensor, name)
+                return {name}
+            return set()
+        prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
+        if projection not in _EXPERT_SLOTS:
+            raise ValueError(f"checkpoint weight {name!r} does not belong to this model")
+        stacked, block = _EXPERT_SLOTS[projection]
+        target = f"{prefix}.{stacked}"
+        param = _lookup(params, target, name)
+        if not 0 <= expert < param.shape[0]:
+            raise ValueError(f"checkpoint weight {name!r} names expert {expert}; the config has {param.shape[0]}")
+        dest = param.data[expert]
+        if block is not None:
+            rows = dest.shape[0] // 2
+            dest = dest.narrow(0, block * rows, rows)
+        _copy(dest, tensor, name)
+        return {f"{target}#{expert}" + ("" if block is None else f".{block}")}
+
+    def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
+        """One key per expert (and per gate/up half) for the stacked expert tensors."""
+        if pname.endswith(".experts.gate_up_proj"):
+            return [f"{pname}#{e}.{b}" for e in range(param.shape[0]) for b in (0, 1)]
+        if pname.endswith(".experts.down_proj"):
+            return [f"{pname}#{e}" for e in range(param.shape[0])]
+        return super().expected_weight_keys(pname, param)
+
+
+class MixtralForCausalLM(MoeForCausalLM):
+    """Mixtral: every layer sparse, top-k weights renormalised, no shared expert."""
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> DecoderConfig:
+        moe = _moe_config(cfg, cfg["num_local_experts"], cfg["intermediate_size"], renormalize=True)
+        return DecoderConfig.from_hf(cfg, moe=moe)
+
+
+def _qwen_moe(cfg: dict, shared: int) -> MoeConfig:
+    experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    return _moe_config(cfg, experts, cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False)), shared)
+
+
+def _window(cfg: dict) -> int | None:
+    return cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+
+
+class Qwen2MoeForCausalLM(MoeForCausalLM):
+    """Qwen2-MoE: bias on q/k/v, a shared expert with a sigmoid gate, ``norm_topk_prob`` from the config."""
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> DecoderConfig:
+        moe = _qwen_moe(cfg, cfg.get("shared_expert_intermediate_size") or 0)
+        return DecoderConfig.from_hf(cfg, qkv_bias=True, o_bias=False, sliding_window=_window(cfg), moe=moe)
+
+
+class Qwen3MoeForCausalLM(MoeForCausalLM):
+    """Qwen3-MoE: per-head q/k RMSNorm, no shared expert, ``norm_topk_prob`` from the config."""
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> DecoderConfig:
+        return DecoderConfig.from_hf(cfg, qk_norm=True, sliding_window=_window(cfg), moe=_qwen_moe(cfg, 0))
