@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
@@ -86,6 +86,7 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
@@ -108,6 +109,9 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
         return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
+    if arch == "phi3":  # plain rope, no sliding window: HF attends to the whole context, as the engine does
+        return Phi3Config(rope_scaling=None, sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attention_dropout=0.0, **common)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
     return Qwen3Config(use_sliding_window=False, **common)
@@ -122,7 +126,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
-    expert, qwen3_moe); their experts are ``hidden_size // 2`` wide (Mixtral's ``2 * hidden_size``).
+    expert, qwen3_moe); their experts are ``hidden_size // 2`` wide (Mixtral's ``2 * hidden_size``). phi3 is
+    saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
     depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
