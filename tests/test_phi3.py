@@ -1,6 +1,6 @@
-"""Phi-3 (dense): greedy token ids equal Hugging Face transformers' ``generate`` (float32) on a checkpoint saved
-with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, alone and in a batch, with chunked prefill and prefix
-caching on and off; LongRoPE configs are refused with a message naming them."""
+"""Phi-3 (dense): greedy token ids equal Hugging Face transformers' ``generate`` (float32) on a checkpoint
+saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, alone and in a batch, with chunked prefill and
+prefix caching on and off; LongRoPE configs are refused with a message naming them."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def _check_rope(cfg: dict) -> None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type in _UNSUPPORTED_ROPE:
             raise ValueError(f"Phi-3 rope_scaling type {rope_type!r} (LongRoPE) is not supported yet; "
-                             "use a Phi-3 checkpoint with plain rope (no rope_scaling), e.g. a 4k-context one")
+                             "use a Phi-3 checkpoint with plain rope (no rope_scaling), e.g. a 4k one")
         if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("Phi-3 with partial_rotary_factor != 1.0 is not supported")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -40,8 +40,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         _check_rope(cfg)
         return DecoderConfig.from_hf(cfg, qkv_bias=False, o_bias=False, mlp_bias=False)
 
-    def load_special_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
-        """Split a fused ``qkv_proj``/``gate_up_proj`` checkpoint tensor into the packed parameter's shards."""
+    def load_special_weight(self, params: dict[str, nn.Parameter], name: str,
+                            tensor: torch.Tensor) -> set[str]:
+        """Split a fused ``qkv_proj``/``gate_up_proj`` tensor into the packed parameter's shards."""
         fused = next((f for f in _FUSED_IN_CHECKPOINT if f".{f}." in name), None)
         if fused is None:
             return set()
