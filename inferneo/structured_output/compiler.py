@@ -59,11 +59,6 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
             return future
 
-    @property
-    def bitmask_width(self) -> int:
-        """32-bit words per bitmask row."""
-        return (self.vocab_size + 31) // 32
-
     def _compile(self, params: StructuredOutputsParams):
         if self._compiler is None:
             xgr = xgrammar()
@@ -125,11 +120,6 @@ class SequenceGrammar:
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids) or None)
         self.num_accepted = 0  # output tokens the matcher has taken
         self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
-
-    def catch_up(self, output_token_ids: list[int]) -> None:
-        """Take the sequence's output tokens that the matcher has not seen yet."""
-        for token in output_token_ids[self.num_accepted:]:
-            self.accept_token(token)
 
     def accept_token(self, token_id: int) -> None:
         """Take the sequence's next output token."""
