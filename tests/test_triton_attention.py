@@ -79,10 +79,12 @@ ops = _interpreted_kernels()
 from inferneo.attention import get_attention_backend  # noqa: E402
 from inferneo.attention.check_cases import (  # noqa: E402
     STANDARD_CASES,
+    VARIANT_OPTIONS,
     AttentionCase,
     build_step,
     compare_backends,
     relative_error,
+    variant_options,
 )
 from inferneo.attention.triton_backend import TritonBackend  # noqa: E402
 
@@ -189,22 +191,6 @@ def test_tiny_model_greedy_tokens_equal_the_torch_backend(tiny_checkpoint_factor
     assert results["triton"] == results["torch"]
 
 
-VARIANT_OPTIONS = {
-    "window": dict(sliding_window=20),
-    "window-1": dict(sliding_window=1),
-    "softcap": dict(logit_softcap=1.5),
-    "sinks": dict(sinks=True),
-    "window-softcap-sinks": dict(sliding_window=37, logit_softcap=2.0, sinks=True),
-}
-
-
-def _variant(name: str, num_heads: int) -> dict:
-    options = dict(VARIANT_OPTIONS[name])
-    if options.pop("sinks", False):
-        options["sinks"] = torch.linspace(-1.0, 3.0, num_heads)
-    return options
-
-
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("name", list(VARIANT_OPTIONS))
 def test_variants_match_reference(name, splits):
@@ -212,7 +198,7 @@ def test_variants_match_reference(name, splits):
     sinks (added once, in the split reduction) against the PyTorch reference."""
     case = AttentionCase("variants", 8, 2, 32, 16, decode_lens=(1, 19, 40, 130),
                          prefills=((0, 45), (23, 30), (70, 5)))
-    options = _variant(name, case.num_heads)
+    options = variant_options(name, case.num_heads)
     out, ref = _check(case, torch.float32, TritonBackend(prefill_block_m=16, decode_splits=splits), **options)
     plain = compare_backends(TritonBackend(prefill_block_m=16), build_step(case, torch.float32, "cpu"))[1]
     assert relative_error(ref, plain) > 1e-3  # the option matters on this case
@@ -222,4 +208,4 @@ def test_variants_match_reference(name, splits):
 def test_variants_in_half_precision(dtype):
     case = AttentionCase("variants-half", 4, 4, 64, 16, decode_lens=(5, 70), prefills=((17, 40),))
     _check(case, dtype, TritonBackend(prefill_block_m=32, decode_splits=2),
-           **_variant("window-softcap-sinks", case.num_heads))
+           **variant_options("window-softcap-sinks", case.num_heads))
