@@ -190,3 +190,23 @@ def test_native_cpu_backend_matches_reference(case, option_name, dtype):
     out, ref_out, cache, ref_cache = compare_backends(backend, step, **options)
     assert torch.equal(cache, ref_cache)
     assert relative_error(out, ref_out) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_tensor_parallel_ranks_keep_their_heads_sinks():
+    """Sharding gives each rank the sink logits of its own query heads."""
+    from torch import nn
+
+    from inferneo.distributed.parallel_state import TensorParallelGroup
+    from inferneo.model_executor.tensor_parallel import shard_model
+
+    config = _tiny_config()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, TorchReferenceBackend())
+        for layer in model.layers:
+            layer.self_attn.sinks = nn.Parameter(torch.zeros(config.num_heads))
+    shard_model(model, TensorParallelGroup(1, 2), torch.device("cpu"), torch.float32)
+    attn = model.layers[0].self_attn
+    assert attn.sinks.shape == (config.num_heads // 2,) and attn.num_heads == config.num_heads // 2
+    full = torch.arange(config.num_heads, dtype=torch.float32)
+    attn.sinks.weight_loader(attn.sinks, full, None)
+    assert torch.equal(attn.sinks.data, full[2:])
