@@ -63,7 +63,7 @@ class TorchReferenceBackend(AttentionBackend):
                 vs = _gather(kv_cache[1], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
             if not variant.is_plain:
                 if sliding_window is not None:
-                    mask = span_mask(span, sliding_window)
+                    mask = _cached(metadata, ("span_mask", span.start, sliding_window), span_mask, span, sliding_window)
                 out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
                 continue
             # A leading batch dimension keeps SDPA on its fused CPU kernel (a 3-D call with GQA takes the slow path).
@@ -138,6 +138,14 @@ def span_mask(span: PrefillSpan, sliding_window: int | None) -> torch.Tensor:
     return mask
 
 
+def _cached(metadata: AttentionMetadata, key: tuple, build, *args) -> torch.Tensor:
+    """``build(*args)``, built once per step: the layers of a step share their window's masks."""
+    masks = metadata.extra.setdefault("torch_variant_masks", {})
+    if key not in masks:
+        masks[key] = build(*args)
+    return masks[key]
+
+
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """The given blocks of one cache half, per head: ``[Hkv, len(block_ids), block_size, D]``.
 
@@ -179,6 +187,7 @@ def _decode_attention_variant(q: torch.Tensor, kv_cache: torch.Tensor, metadata:
     num_kv_heads = kv_cache.shape[1]
     keys = _gather(kv_cache[0], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim).transpose(0, 1)
     values = _gather(kv_cache[1], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim)
-    mask = decode_mask(metadata, variant.sliding_window)[:, None, None, :]  # [B, 1, 1, L]
+    mask = _cached(metadata, ("decode_mask", variant.sliding_window), decode_mask, metadata, variant.sliding_window)
+    mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = variant.attend(q.unsqueeze(2), keys, values.transpose(0, 1), mask, scale)  # [B, H, 1, D]
     return out.squeeze(2)
