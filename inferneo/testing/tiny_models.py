@@ -94,6 +94,7 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     )
 
     hidden = common["hidden_size"]
+    common["rope_scaling"] = dict(rope_scaling) if rope_scaling else None  # the config classes mutate it
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, **common)
     if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
@@ -106,12 +107,14 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                               use_sliding_window=False, **common)
 
     if arch == "llama":
-        return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
+        return LlamaConfig(**common)
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
-    if arch == "phi3":  # plain rope, no sliding window: HF attends to the whole context, as the engine does
-        return Phi3Config(rope_scaling=None, sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attention_dropout=0.0, **common)
+    if arch == "phi3":  # no sliding window: HF attends to the whole context, as the engine does
+        # Phi3Config keeps LongRoPE's original context length at its top level (4096 unless given).
+        original = (rope_scaling or {}).get("original_max_position_embeddings", common["max_position_embeddings"])
+        return Phi3Config(sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                          original_max_position_embeddings=original, **common)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
     return Qwen3Config(use_sliding_window=False, **common)
@@ -130,7 +133,9 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
-    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
+    depend on the prompt. ``rope_scaling`` is Hugging Face's dict (e.g. ``{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 64}``); for phi3 its ``original_max_position_embeddings`` also becomes
+    Phi3Config's top-level value (``max_position_embeddings`` when absent).
     Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
@@ -142,8 +147,6 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
-    if rope_scaling is not None and arch != "llama":
-        raise ValueError("rope_scaling is only supported for arch='llama'")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
