@@ -129,19 +129,23 @@ def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> 
 
 
 @triton.jit
+def _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows (pair indices, int64, and which are real) and output columns (and which are in range)."""
+    pair = tl.load(sorted_pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pair.to(tl.int64), pair < num_pairs, cols, cols < N
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, top_k, N, K,
                     stride_xt, stride_we, stride_wn, stride_be, stride_op,
                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts_ptr + block).to(tl.int64)
+    expert = tl.load(block_experts_ptr + tl.program_id(0)).to(tl.int64)
     if expert < 0:
         return
-    pair = tl.load(sorted_pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pair < num_pairs
-    token = (pair // top_k).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pair, row_ok, cols, col_ok = _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M, BLOCK_N)
+    token = pair // top_k
     ks = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + token[:, None] * stride_xt + ks[None, :]
     gate_tile = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
@@ -163,7 +167,7 @@ def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, block_exp
         gate = tl.minimum(acc_gate, 7.0)
         up = tl.minimum(tl.maximum(acc_up, -7.0), 7.0)
         h = (up + 1.0) * gate / (1.0 + tl.exp(-1.702 * gate))
-    out = out_ptr + pair.to(tl.int64)[:, None] * stride_op + cols[None, :]
+    out = out_ptr + pair[:, None] * stride_op + cols[None, :]
     tl.store(out, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -172,15 +176,10 @@ def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs
                  N, K, stride_hp, stride_we, stride_wn, stride_be, stride_op,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts_ptr + block).to(tl.int64)
+    expert = tl.load(block_experts_ptr + tl.program_id(0)).to(tl.int64)
     if expert < 0:
         return
-    pair = tl.load(sorted_pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pair < num_pairs
-    pair = pair.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pair, row_ok, cols, col_ok = _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     h_tile = h_ptr + pair[:, None] * stride_hp + ks[None, :]
     w_tile = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
