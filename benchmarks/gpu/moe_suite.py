@@ -255,7 +255,7 @@ def summarize(s: Suite) -> None:
 
 def _smoke_presets() -> None:
     tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                vocab_size=512, max_position_embeddings=512)
+                vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     arch_presets.PRESETS["smoke-qwen3-moe"] = preset_config(
         "qwen3-30b-a3b", intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, **tiny)
     if "gpt-oss-20b" in arch_presets.PRESETS:
