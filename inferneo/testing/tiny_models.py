@@ -20,8 +20,11 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2",
+                 "deepseek_v3")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Multi-head latent attention with grouped top-k routing, shared experts and a dense first layer.
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 8
@@ -105,6 +108,9 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                               use_sliding_window=False, **common)
 
+    if arch in MLA_ARCHITECTURES:
+        return _deepseek_config(arch, num_experts, top_k, **common)
+
     if arch == "llama":
         return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
     if arch == "mistral":
@@ -117,6 +123,26 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     return Qwen3Config(use_sliding_window=False, **common)
 
 
+def _deepseek_config(arch: str, num_experts: int, top_k: int, **common: Any) -> Any:
+    """DeepSeek-V2 (no q LoRA, softmax routing limited to the best groups) or DeepSeek-V3 (q LoRA, sigmoid
+    routing with a score correction bias, normalised top-k): latent 32 + rope 8 per token in the KV cache, a
+    dense first layer, ``num_experts`` experts in 4 groups of which the best 2 are searched, one shared expert."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    hidden = common.pop("hidden_size")
+    common.pop("head_dim")
+    common["num_key_value_heads"] = common["num_attention_heads"]  # MLA expands the latent to every head
+    mla = dict(hidden_size=hidden, kv_lora_rank=hidden // 2, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=12, moe_intermediate_size=hidden // 2, n_routed_experts=num_experts,
+               num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+               attention_dropout=0.0)
+    if arch == "deepseek_v2":
+        return DeepseekV2Config(q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+                                norm_topk_prob=False, **mla, **common)
+    return DeepseekV3Config(q_lora_rank=hidden // 2 + 8, routed_scaling_factor=2.5, norm_topk_prob=True,
+                            rope_interleave=True, **mla, **common)
+
+
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
@@ -127,7 +153,9 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
     expert, qwen3_moe); their experts are ``hidden_size // 2`` wide (Mixtral's ``2 * hidden_size``). phi3 is
-    saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
+    saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window. deepseek_v2
+    and deepseek_v3 (:data:`MLA_ARCHITECTURES`) use multi-head latent attention (``num_kv_heads`` is ignored) and
+    grouped routing over ``num_experts`` experts in 4 groups, behind a dense first layer.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
     depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
@@ -159,6 +187,9 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                 param.normal_(1.0, 0.1)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: zero at init, not here
+                buffer.normal_(0.0, 0.1)
     model = model.to(torch_dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
+from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
@@ -192,6 +193,12 @@ class LlamaForCausalLM(nn.Module):
     def num_kv_heads(self) -> int:
         """Key/value heads each layer holds: all of them, or this rank's once the model is sharded."""
         return self.layers[0].self_attn.num_kv_heads
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """What each layer keeps in the KV cache: this rank's key/value heads of ``head_dim``, in the layout of the
+        engine's attention backend."""
+        return [KVCacheSpec(layer.self_attn.backend, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
+                for layer in self.layers]
 
     def cast(self, dtype: torch.dtype) -> None:
         """Parameters to ``dtype``; the rotary tables stay in float32 whatever the model dtype."""
