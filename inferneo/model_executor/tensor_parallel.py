@@ -193,6 +193,9 @@ class ParallelLMHead(nn.Linear):
 def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place."""
     c = model.config
+    if getattr(c, "mla", None) is not None:
+        raise ValueError("tensor parallelism does not shard multi-head latent attention (DeepSeek-V2/V3) yet; "
+                         "run this model with tensor_parallel_size=1")
     if getattr(c, "moe", None) is not None:
         raise ValueError("tensor parallelism does not shard mixture-of-experts layers yet; "
                          "run this model with tensor_parallel_size=1")
