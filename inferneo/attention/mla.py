@@ -36,10 +36,7 @@ class TorchMLABackend(AttentionBackend):
                 logit_softcap=None, sinks=None):
         """``q`` ``[T, H, D]``, ``k`` ``[T, 1, D]``, ``v`` ``[T, 1, Dv]`` a view of ``k[..., :Dv]``. Writes ``k``
         into the cache; returns ``[T, H, Dv]``."""
-        for option, value in (("sliding_window", sliding_window), ("logit_softcap", logit_softcap),
-                              ("sinks", sinks)):
-            if value is not None:
-                raise ValueError(f"latent attention does not support {option}")
+        self.check_features(sliding_window, logit_softcap, sinks)  # none supported: NotImplementedError
         latent_dim, value_dim = k.shape[-1], v.shape[-1]
         if k.shape[1] != 1 or v.data_ptr() != k.data_ptr() or value_dim > latent_dim:
             raise ValueError("latent attention takes one KV head whose values are its keys' first channels "
