@@ -1,11 +1,12 @@
 """DeepSeek-V2 and DeepSeek-V3: multi-head latent attention over a compressed KV cache, grouped top-k routing,
 shared experts and dense first layers.
 
-Greedy token ids equal Hugging Face transformers' ``generate`` (float32) on tiny random checkpoints (V2 without
-q LoRA and with group-limited softmax routing, V3 with q LoRA, interleaved rope and sigmoid routing with a
-correction bias), alone and in a batch of 16, with prefix caching on and off, chunked prefill and preemption. The
-model's logits equal HF's through prompt, cached-prefix and decode steps; the routers equal HF's routers on random
-inputs; the KV cache really holds only the latent and the rope key.
+The tiny checkpoints (V2 without q LoRA and with group-limited softmax routing, V3 with q LoRA, interleaved rope
+and sigmoid routing with a correction bias) are in test_hf_parity.py's ARCHS: greedy token ids equal Hugging Face
+transformers' ``generate`` (float32) alone and in a batch of 16, with prefix caching on and off, chunked prefill and
+preemption. Here: the model's logits equal HF's through prompt, cached-prefix and decode steps (also with yarn rope
+scaling and with V3's rotate-half rope); the latent backend equals attention over expanded keys and values; the
+routers equal HF's routers on random inputs; the KV cache really holds only the latent and the rope key.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_hf_parity import ENGINE_VARIANTS, MAX_NEW, hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
 from inferneo import LLM
 from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
 from inferneo.attention.kv_spec import allocate_kv_caches
 from inferneo.attention.mla import TorchMLABackend
-from inferneo.model_executor.layers.grouped_routing import sigmoid_grouped_topk, softmax_grouped_topk
+from inferneo.model_executor.layers.moe_routing import sigmoid_grouped_topk, softmax_grouped_topk
 from inferneo.model_executor.models.deepseek import (
     DeepseekMoE,
     DeepseekV2ForCausalLM,
@@ -41,12 +42,6 @@ MODEL_CLASSES = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v3": DeepseekV3
 BLOCK_SIZE = 16
 # The tiny checkpoints: 2 layers, latent 32 + rope key 8 per token; float32.
 LATENT_BYTES_PER_BLOCK = 2 * BLOCK_SIZE * (32 + 8) * 4
-VARIANTS = {
-    **{name: ENGINE_VARIANTS[name] for name in ("prefix-cache-on", "prefix-cache-off", "chunked-prefill")},
-    # 14 blocks: a fraction of what 16 prompts of up to ~110 tokens need at once.
-    "preemption": dict(kv_cache_memory=14 * LATENT_BYTES_PER_BLOCK, enable_prefix_caching=False),
-    "preemption-with-prefix-cache": dict(kv_cache_memory=14 * LATENT_BYTES_PER_BLOCK),
-}
 
 
 @functools.cache
@@ -73,39 +68,6 @@ def test_checkpoints_cover_both_query_paths_and_are_registered(tiny_checkpoint_f
         assert get_model_class(hf_config(path)) is cls
         assert "model.layers.0.mlp.gate_proj.weight" in names[arch]  # the dense first layer
         assert "model.layers.1.mlp.experts.7.up_proj.weight" in names[arch]
-
-
-def test_single_prompt_matches_hf(deepseek_dir):
-    llm = LLM(str(deepseek_dir), dtype="float32")
-    assert isinstance(llm.engine.runner.model, DeepseekV2ForCausalLM)
-    prompt = mixed_prompts(1, 300, seed=1)[0]
-    assert run_engine(llm, [prompt]) == [hf_greedy(deepseek_dir, prompt)]
-
-
-def test_batch_of_mixed_lengths_matches_hf(deepseek_dir):
-    llm = LLM(str(deepseek_dir), dtype="float32")
-    prompts = mixed_prompts(16, 300, seed=2)
-    assert run_engine(llm, prompts) == _expected(str(deepseek_dir), tuple(map(tuple, prompts)))
-    assert llm.engine.core.stats.max_batch_size >= 16
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_engine_mechanisms_keep_hf_parity(deepseek_dir, variant):
-    prompts = mixed_prompts(16, 300, seed=3, shared_prefix=40)
-    prompts.append(list(prompts[0]))
-    expected = _expected(str(deepseek_dir), tuple(map(tuple, prompts)))
-    llm = LLM(str(deepseek_dir), dtype="float32", **VARIANTS[variant])
-    assert run_engine(llm, prompts) == expected
-    stats, kv = llm.engine.core.stats, llm.engine.kv_cache
-    if variant == "chunked-prefill":
-        assert stats.num_steps > MAX_NEW + 10
-    if variant.startswith("preemption"):
-        assert stats.num_preemptions > 0
-    assert run_engine(llm, prompts) == expected  # second round, warm prefix cache where on
-    if variant in ("prefix-cache-on", "preemption-with-prefix-cache"):
-        assert kv.prefix_cache_hits > 0
-    if variant == "prefix-cache-off":
-        assert kv.prefix_cache_hits == 0
 
 
 def test_pure_pytorch_paths_also_match_hf(tiny_checkpoint_factory, monkeypatch):
@@ -195,6 +157,24 @@ def test_logits_match_hf_through_prompt_cached_prefix_and_decode(deepseek_dir):
     expected = _hf_logits(deepseek_dir, ids)
     got = _logits_in_steps(_our_model(deepseek_dir), ids, 30, 25)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# DeepSeek-V3's yarn shape (mscale and mscale_all_dim differ here, so both the cos/sin factor and the softmax scale
+# move), shrunk to the tiny model's context.
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+         "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+
+
+def test_yarn_rope_matches_hf(tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("deepseek_v3", rope_scaling=_YARN, max_position_embeddings=256)
+    model = _our_model(path)
+    assert model.layers[0].self_attn.scale == pytest.approx(_softmax_scale(hf_config(path), _YARN))
+    assert model.layers[0].self_attn.scale > 1.2 * 24 ** -0.5  # mscale(4, 0.8)**2 really scales the softmax
+    ids = mixed_prompts(1, 300, seed=13, shared_prefix=60)[0][:90]  # past the original 64 positions
+    torch.testing.assert_close(_logits_in_steps(model, ids, 40, 30), _hf_logits(path, ids), rtol=1e-4, atol=1e-4)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
+    prompts = mixed_prompts(6, 300, seed=14, shared_prefix=50)
+    assert run_engine(llm, prompts) == _expected(str(path), tuple(map(tuple, prompts)))
 
 
 def test_rotate_half_rope_when_v3_does_not_interleave(tiny_checkpoint_factory, tmp_path):

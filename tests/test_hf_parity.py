@@ -46,6 +46,8 @@ ARCHS = {
     "mixtral": ParityArch("mixtral", modules=("MixtralForCausalLM", "FusedMoE")),
     "qwen2_moe": ParityArch("qwen2_moe", modules=("Qwen2MoeForCausalLM", "FusedMoE")),
     "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),
+    "deepseek_v2": ParityArch("deepseek_v2", modules=("DeepseekV2ForCausalLM", "LatentAttention", "DeepseekMoE")),
+    "deepseek_v3": ParityArch("deepseek_v3", modules=("DeepseekV3ForCausalLM", "LatentAttention", "DeepseekMoE")),
 }
 MAX_NEW = 12
 

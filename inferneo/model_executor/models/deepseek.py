@@ -16,8 +16,9 @@ cache (keys = latent and rope key, values = latent) and its output goes through 
 before ``o_proj``. ``kv_b_proj`` is therefore kept as its weight alone (``LatentExpansion``), never as a linear.
 
 Feed-forward. The first ``first_k_dense_replace`` layers (and, as in DeepSeek's own code, layers whose index is
-not a multiple of ``moe_layer_freq``) are dense MLPs; the others are ``DeepseekMoE``: routed experts through
-``fused_experts`` (router in float32, :mod:`~inferneo.model_executor.layers.grouped_routing`) plus
+not a multiple of ``moe_layer_freq``) are dense MLPs; the others are ``DeepseekMoE``: a ``FusedMoE`` (whose expert
+kernel a device may replace) routed in float32 by DeepSeek's grouped top-k
+(:mod:`~inferneo.model_executor.layers.moe_routing`), plus
 ``n_shared_experts`` shared experts as one plain MLP of ``n_shared_experts * moe_intermediate_size``.
 
 Checkpoints name experts one by one (``mlp.experts.{e}.gate_proj/up_proj/down_proj``) or stacked; both load
@@ -28,7 +29,6 @@ Tensor parallelism is refused for these models, and so are quantized (fp8) check
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,13 +41,13 @@ from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.attention.mla import TorchMLABackend
 from inferneo.model_executor.layers.basic import RMSNorm
-from inferneo.model_executor.layers.grouped_routing import (
-    RoutedExperts,
+from inferneo.model_executor.layers.moe import FusedMoE
+from inferneo.model_executor.layers.moe_routing import (
+    RouterOutput,
     sigmoid_grouped_topk,
     softmax_grouped_topk,
 )
-from inferneo.model_executor.layers.moe import fused_experts
-from inferneo.model_executor.layers.rotary import RotaryEmbedding
+from inferneo.model_executor.layers.rotary import RotaryEmbedding, _yarn_mscale
 from inferneo.model_executor.models.llama import MLP, DecoderConfig, DecoderLayer
 from inferneo.model_executor.models.moe import MoeForCausalLM
 
@@ -104,10 +104,6 @@ class DeepseekConfig(DecoderConfig):
 
     mla: MlaConfig | None = None
     deepseek_moe: DeepseekMoeConfig | None = None
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _softmax_scale(cfg: dict, rope_scaling: dict | None) -> float:
@@ -267,24 +263,22 @@ class DeepseekGate(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
 
-class DeepseekMoE(nn.Module):
-    """Routed experts (stacked weights through ``fused_experts``) plus the shared experts' MLP."""
+class DeepseekMoE(FusedMoE):
+    """Routed experts (a :class:`FusedMoE`: stacked weights, ``expert_kernel``) under DeepSeek's grouped routing,
+    plus the shared experts' plain MLP added to their sum."""
 
     def __init__(self, config: DeepseekConfig) -> None:
-        super().__init__()
         moe = config.deepseek_moe
-        self.moe = moe
+        super().__init__(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, router=None)
+        self.routing = moe
         self.gate = DeepseekGate(config.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid")
-        self.experts = nn.Module()
-        self.experts.gate_up_proj = nn.Parameter(
-            torch.empty(moe.num_experts, 2 * moe.intermediate_size, config.hidden_size))
-        self.experts.down_proj = nn.Parameter(torch.empty(moe.num_experts, config.hidden_size, moe.intermediate_size))
+        self.router = self.route  # reads the gate's correction bias at every call (it is loaded after building)
         shared = moe.num_shared_experts * moe.intermediate_size
         self.shared_experts = MLP(config, shared) if shared else None
 
-    def route(self, x: torch.Tensor) -> RoutedExperts:
-        """The experts and weights of every token of ``x`` ``[T, H]``."""
-        moe, logits = self.moe, self.gate(x)
+    def route(self, logits: torch.Tensor) -> RouterOutput:
+        """The experts and weights of every token, from the float32 router ``logits`` ``[T, E]``."""
+        moe = self.routing
         if moe.scoring == "sigmoid":
             return sigmoid_grouped_topk(logits, moe.top_k, self.gate.e_score_correction_bias,
                                         num_groups=moe.num_groups, topk_groups=moe.topk_groups,
@@ -293,8 +287,7 @@ class DeepseekMoE(nn.Module):
                                     topk_groups=moe.topk_groups, routed_scaling_factor=moe.routed_scaling_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = self.route(x)
-        out = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, routed.weights, routed.ids)
+        out = self.routed_experts(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
