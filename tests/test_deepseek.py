@@ -250,9 +250,11 @@ def test_latent_backend_refuses_what_it_does_not_do():
 # ---- routing ---------------------------------------------------------------------------------------------------
 
 
-def _sorted_by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    order = ids.argsort(dim=-1)
-    return weights.gather(1, order), ids.gather(1, order)
+def _assert_same_routing(routed, hf_weights: torch.Tensor, hf_ids: torch.Tensor) -> None:
+    """The same experts for every token (in any order), with the same weights."""
+    order, hf_order = routed.ids.argsort(dim=-1), hf_ids.argsort(dim=-1)
+    assert torch.equal(routed.ids.gather(1, order), hf_ids.gather(1, hf_order))
+    torch.testing.assert_close(routed.weights.gather(1, order), hf_weights.gather(1, hf_order))
 
 
 @pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
@@ -268,9 +270,7 @@ def test_v2_router_matches_hf(topk_method):
     _, hf_weights, hf_ids = router(x)
     routed = softmax_grouped_topk(torch.nn.functional.linear(x, router.weight), 5, topk_method=topk_method,
                                   num_groups=4, topk_groups=2, routed_scaling_factor=1.7)
-    got, want = _sorted_by_expert(routed.weights, routed.ids), _sorted_by_expert(hf_weights, hf_ids)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[0], want[0])
+    _assert_same_routing(routed, hf_weights, hf_ids)
     if topk_method == "group_limited_greedy":  # each token's experts lie in at most 2 of the 4 groups
         assert max(len(set((row // 4).tolist())) for row in routed.ids) == 2
 
@@ -289,9 +289,7 @@ def test_v3_router_matches_hf(renormalize):
     _, hf_weights, hf_ids = router(x)
     routed = sigmoid_grouped_topk(torch.nn.functional.linear(x, router.weight), 4, router.e_score_correction_bias,
                                   num_groups=4, topk_groups=2, renormalize=renormalize, routed_scaling_factor=2.5)
-    got, want = _sorted_by_expert(routed.weights, routed.ids), _sorted_by_expert(hf_weights, hf_ids)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[0], want[0])
+    _assert_same_routing(routed, hf_weights, hf_ids)
     # The bias changes the choice (not only the weights): without it other experts win for some tokens.
     unbiased = sigmoid_grouped_topk(torch.nn.functional.linear(x, router.weight), 4, torch.zeros(16),
                                     num_groups=4, topk_groups=2)

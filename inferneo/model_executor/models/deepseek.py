@@ -322,20 +322,12 @@ class DeepseekV2ForCausalLM(MoeForCausalLM):
 
     def __init__(self, config: DeepseekConfig, backend: AttentionBackend | None,
                  max_position: int | None = None) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        max_position = max_position or config.max_position_embeddings
-        # The engine's backend lays out standard K/V caches; latent caches have their own.
-        self.latent_backend = TorchMLABackend()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, self.latent_backend, max_position, self.build_mlp(config, i))
-            for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        # The engine's backend lays out standard K/V caches; every layer here keeps a latent cache in its own.
+        super().__init__(config, TorchMLABackend(), max_position)
+
+    def build_layer(self, config: DeepseekConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        return DeepseekDecoderLayer(config, backend, max_position, self.build_mlp(config, layer_index))
 
     def build_mlp(self, config: DeepseekConfig, layer_index: int) -> nn.Module:
         if config.deepseek_moe.is_sparse(layer_index):

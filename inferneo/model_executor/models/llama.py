@@ -216,14 +216,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_position, self.build_mlp(config, i), layer_index=i)
-            for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(self.build_layer(config, backend, max_position, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_layer(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        """Decoder layer ``layer_index`` (models with another attention override this)."""
+        return DecoderLayer(config, backend, max_position, self.build_mlp(config, layer_index), layer_index=layer_index)
 
     def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
         """The feed-forward block of layer ``layer_index`` (mixture-of-experts models override this)."""
