@@ -196,9 +196,12 @@ def test_rotate_half_rope_when_v3_does_not_interleave(tiny_checkpoint_factory, t
 # ---- the latent attention backend ----------------------------------------------------------------------------
 
 
-def test_latent_backend_equals_dense_attention_over_expanded_keys():
+@pytest.mark.parametrize("score_bytes", [TorchMLABackend.SCORE_BYTES, 3 * 4 * 18 * 3])
+def test_latent_backend_equals_dense_attention_over_expanded_keys(score_bytes, monkeypatch):
     """Absorbed attention over the latent cache equals per-head attention over keys and values expanded from the
-    latent, for decode rows and a prompt chunk after cached context in one step."""
+    latent, for decode rows and a prompt chunk after cached context in one step; also with the prompt's query rows
+    in passes of 3 (a small ``SCORE_BYTES``)."""
+    monkeypatch.setattr(TorchMLABackend, "SCORE_BYTES", score_bytes)
     gen = torch.Generator().manual_seed(0)
     heads, latent, rope, nope, vdim = 3, 16, 4, 8, 6
     w_k, w_v = torch.randn(heads, nope, latent, generator=gen), torch.randn(heads, vdim, latent, generator=gen)

@@ -12,7 +12,8 @@ is then multi-query attention with one shared KV head whose values are the first
 keys; the output ``[T, H, kv_lora_rank]`` goes through the value half of ``kv_b_proj`` in the model. Only ``k`` is
 written to the cache: the values are read back out of it.
 
-This is the reference implementation (and the oracle for a fused kernel): float32 softmax, explicit matmuls.
+This is the reference implementation (and the oracle for a fused kernel): float32 softmax, explicit matmuls; a
+prompt span's queries go in passes of rows whose scores stay within ``SCORE_BYTES``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class TorchMLABackend(AttentionBackend):
     """Latent attention over the compressed cache: one shared KV head, values = the keys' first channels."""
 
     name = "mla-torch"
+    SCORE_BYTES = 256 * 2**20  # the most one pass of a prompt span's float32 scores may take
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         if num_kv_heads != 1:
@@ -53,10 +55,15 @@ class TorchMLABackend(AttentionBackend):
             else:
                 total = span.context_len + span.num_tokens
                 keys = kv_cache.index_select(0, span.block_table).view(-1, latent_dim)[:total]
-            q_pos = torch.arange(span.num_tokens, device=q.device)[:, None] + span.context_len
-            visible = torch.arange(keys.shape[0], device=q.device)[None, :] <= q_pos  # [n, total]
-            scores = torch.matmul(q[s:e].transpose(0, 1), keys.t())  # [H, n, total]
-            out[s:e] = _attend(scores, visible[None], keys[:, :value_dim], scale).transpose(0, 1)
+            # Query rows in passes, so that one pass's float32 scores [H, rows, total] stay within SCORE_BYTES.
+            rows = max(1, self.SCORE_BYTES // (4 * q.shape[1] * keys.shape[0]))
+            key_pos = torch.arange(keys.shape[0], device=q.device)
+            for r in range(s, e, rows):
+                r_end = min(r + rows, e)
+                q_pos = torch.arange(r - s, r_end - s, device=q.device)[:, None] + span.context_len
+                scores = torch.matmul(q[r:r_end].transpose(0, 1), keys.t())  # [H, rows, total]
+                attn = _attend(scores, (key_pos[None, :] <= q_pos)[None], keys[:, :value_dim], scale)
+                out[r:r_end] = attn.transpose(0, 1)
         return out
 
     @staticmethod
