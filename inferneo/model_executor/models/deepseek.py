@@ -16,7 +16,7 @@ cache (keys = latent and rope key, values = latent) and its output goes through 
 before ``o_proj``. ``kv_b_proj`` is therefore kept as its weight alone (``LatentExpansion``), never as a linear.
 
 Feed-forward. The first ``first_k_dense_replace`` layers (and, as in DeepSeek's own code, layers whose index is
-not a multiple of ``moe_layer_freq``) are dense MLPs; the others are ``DeepseekMoE``: a ``FusedMoE`` (whose expert
+not a multiple of ``moe_layer_freq``; transformers ignores it, and released checkpoints have 1) are dense MLPs; the others are ``DeepseekMoE``: a ``FusedMoE`` (whose expert
 kernel a device may replace) routed in float32 by DeepSeek's grouped top-k
 (:mod:`~inferneo.model_executor.layers.moe_routing`), plus
 ``n_shared_experts`` shared experts as one plain MLP of ``n_shared_experts * moe_intermediate_size``.
@@ -69,11 +69,6 @@ class MlaConfig:
     v_head_dim: int
     rope_interleave: bool
     softmax_scale: float
-
-    @property
-    def cache_dim(self) -> int:
-        """Values the cache keeps per token and layer: the latent and the rope key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +127,7 @@ def _check_supported(cfg: dict) -> None:
 def deepseek_config_from_hf(cfg: dict, version: int) -> DeepseekConfig:
     """The config of a DeepSeek-V2 (``version`` 2) or V3 (3) checkpoint; ValueError for what is not supported."""
     _check_supported(cfg)
+    # The generic head fields describe the cache: one shared head of latent + rope key.
     base = DeepseekConfig.from_hf(cfg, num_kv_heads=1, head_dim=cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
     mla = MlaConfig(
         q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
