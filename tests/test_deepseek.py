@@ -22,7 +22,7 @@ import torch
 from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
-from inferneo import LLM
+from inferneo import LLM, SamplingParams
 from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
 from inferneo.attention.kv_spec import allocate_kv_caches
 from inferneo.attention.mla import TorchMLABackend
@@ -184,7 +184,7 @@ def test_rotate_half_rope_when_v3_does_not_interleave(tiny_checkpoint_factory, t
     config["rope_interleave"] = False
     (folder / "config.json").write_text(json.dumps(config))
     model = _our_model(folder)
-    assert model.layers[0].self_attn.rope_order is None
+    assert not model.layers[0].self_attn.rope_interleave
     ids = mixed_prompts(1, 300, seed=12)[0][:40]
     expected = _hf_logits(folder, ids)
     torch.testing.assert_close(_logits_in_steps(model, ids, 20, 10), expected, rtol=1e-4, atol=1e-4)
@@ -320,7 +320,7 @@ def test_dense_layers_from_first_k_dense_replace_and_moe_layer_freq():
     kinds = [type(layer.mlp).__name__ for layer in model.layers]
     assert kinds == ["MLP", "MLP", "DeepseekMoE", "MLP", "DeepseekMoE", "MLP"]
     moe = model.layers[2].mlp
-    assert isinstance(moe, DeepseekMoE) and moe.shared_experts.gate_up_proj.out_features == 2 * 2 * 8  # 2 shared
+    assert isinstance(moe, DeepseekMoE) and moe.shared_expert.gate_up_proj.out_features == 2 * 2 * 8  # 2 shared
     assert moe.gate.e_score_correction_bias is not None
     with torch.device("meta"):
         v2 = DeepseekV2ForCausalLM(DeepseekV2ForCausalLM.config_from_hf(_tiny_cfg(2)), backend=None)
@@ -355,11 +355,43 @@ def test_v2_unknown_topk_method_is_refused():
         DeepseekV2ForCausalLM.config_from_hf(_tiny_cfg(2, topk_method="noaux_tc"))
 
 
-def test_tensor_parallel_is_refused():
+def test_tensor_parallel_shards_heads_and_keeps_the_latent_whole():
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(DeepseekV3ForCausalLM.config_from_hf(_tiny_cfg(3)), backend=None)
-    with pytest.raises(ValueError, match="latent attention.*tensor_parallel_size=1"):
-        shard_model(model, SimpleNamespace(world_size=2, rank=0), torch.device("cpu"), torch.float32)
+        model = DeepseekV3ForCausalLM(DeepseekV3ForCausalLM.config_from_hf(_tiny_cfg(3, q_lora_rank=12)),
+                                      backend=None)
+    shard_model(model, SimpleNamespace(world_size=2, rank=1, all_reduce=None), torch.device("meta"), torch.float32)
+    attn = model.layers[0].self_attn
+    assert attn.num_heads == 1 and attn.q_b_proj.out_features == 12  # one of two heads of 8 + 4
+    assert attn.kv_b_proj.weight.shape == (8 + 8, 16) and attn.o_proj.in_features == 8
+    assert attn.q_a_proj.out_features == 12 and attn.kv_a_proj_with_mqa.out_features == 16 + 4  # replicated
+    assert model.kv_cache_specs()[0].head_size == 16 + 4
+    with pytest.raises(ValueError, match="3 attention heads"):
+        shard_model(DeepseekV3ForCausalLM(DeepseekV3ForCausalLM.config_from_hf(
+            _tiny_cfg(3, num_attention_heads=3, num_key_value_heads=3)), backend=None),
+            SimpleNamespace(world_size=2, rank=0, all_reduce=None), torch.device("meta"), torch.float32)
+
+
+@pytest.mark.parametrize("arch", MLA_ARCHITECTURES)
+def test_tensor_parallel_2_equals_1(arch, tiny_checkpoint_factory):
+    """TP=2 over gloo: query heads, kv_b_proj and o_proj split, the latent replicated, experts and the shared
+    experts split; greedy tokens equal TP=1's."""
+    path = tiny_checkpoint_factory(arch)
+    engine = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
+                  num_threads=1)
+    prompts = mixed_prompts(4, 300, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def ids(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = ids(LLM(str(path), **engine))
+    llm = LLM(str(path), tensor_parallel_size=2, **engine)
+    try:
+        model = llm.engine.runner.driver.model
+        assert model.layers[0].self_attn.num_heads == 2 and model.layers[1].mlp.all_reduce is not None
+        assert ids(llm) == expected
+    finally:
+        llm.shutdown()
 
 
 def test_weights_past_the_last_layer_are_skipped(tiny_checkpoint_factory):

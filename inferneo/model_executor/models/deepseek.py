@@ -23,7 +23,9 @@ kernel a device may replace) routed in float32 by DeepSeek's grouped top-k
 
 Checkpoints name experts one by one (``mlp.experts.{e}.gate_proj/up_proj/down_proj``) or stacked; both load
 (``MoeForCausalLM``). Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer) are skipped.
-Tensor parallelism is refused for these models, and so are quantized (fp8) checkpoints.
+Tensor parallelism splits the attention heads (``q_proj``/``q_b_proj``, ``kv_b_proj``, ``o_proj``) with the
+latent projections and the latent cache replicated on every rank, and the experts as for the other MoE models
+(``tensor_parallel.shard_latent_attention``, ``shard_experts``). Quantized (fp8) checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -208,9 +210,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = LatentExpansion(heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank)
         self.o_proj = nn.Linear(heads * m.v_head_dim, hidden, bias=config.o_bias)
         self.rotary = RotaryEmbedding(m.qk_rope_head_dim, max_position, config.rope_theta, config.rope_scaling)
-        # Interleaved rope pairs (x0, x1), (x2, x3), ... read as the rotate-half layout [x0, x2, ...; x1, x3, ...].
-        order = torch.cat([torch.arange(0, m.qk_rope_head_dim, 2), torch.arange(1, m.qk_rope_head_dim, 2)])
-        self.register_buffer("rope_order", order if m.rope_interleave else None, persistent=False)
+        self.rope_interleave = m.rope_interleave
         self.scale = m.softmax_scale
         self.backend = backend
 
@@ -228,8 +228,8 @@ class LatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(hidden).split([self.latent_dim, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent.contiguous())
         k_rope = k_rope.unsqueeze(1)
-        if self.rope_order is not None:
-            q_rope, k_rope = q_rope.index_select(-1, self.rope_order), k_rope.index_select(-1, self.rope_order)
+        if self.rope_interleave:  # pairs (x0, x1), (x2, x3), ... read in the rotate-half layout [x0, x2, ..., x1, x3, ...]
+            q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope)
         # Absorb the key half of kv_b_proj into the query: [H, T, nope] @ [H, nope, latent] -> [T, H, latent].
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.kv_b_proj.key_weight()).transpose(0, 1)
@@ -239,6 +239,11 @@ class LatentAttention(nn.Module):
         # The value half of kv_b_proj: [H, T, latent] @ [H, latent, v] -> [T, H * v].
         out = torch.bmm(out.transpose(0, 1), self.kv_b_proj.value_weight().transpose(1, 2))
         return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * self.value_dim))
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """The even channels of the last dimension, then the odd ones."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
 # ---- mixture of experts --------------------------------------------------------------------------------------
@@ -260,17 +265,18 @@ class DeepseekGate(nn.Module):
 
 
 class DeepseekMoE(FusedMoE):
-    """Routed experts (a :class:`FusedMoE`: stacked weights, ``expert_kernel``) under DeepSeek's grouped routing,
-    plus the shared experts' plain MLP added to their sum."""
+    """Routed experts (a :class:`FusedMoE`: stacked weights, ``expert_kernel``, tensor-parallel sharding) under
+    DeepSeek's grouped routing, plus the shared experts as one plain MLP (``shared_expert``, no gate) added to their
+    sum. Checkpoints name the shared experts ``shared_experts``; the loader maps them."""
 
     def __init__(self, config: DeepseekConfig) -> None:
         moe = config.deepseek_moe
-        super().__init__(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, router=None)
+        shared = moe.num_shared_experts * moe.intermediate_size
+        super().__init__(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, router=None,
+                         shared_expert=MLP(config, shared) if shared else None)
         self.routing = moe
         self.gate = DeepseekGate(config.hidden_size, moe.num_experts, correction_bias=moe.scoring == "sigmoid")
         self.router = self.route  # reads the gate's correction bias at every call (it is loaded after building)
-        shared = moe.num_shared_experts * moe.intermediate_size
-        self.shared_experts = MLP(config, shared) if shared else None
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         """The experts and weights of every token, from the float32 router ``logits`` ``[T, E]``."""
@@ -281,12 +287,6 @@ class DeepseekMoE(FusedMoE):
                                         renormalize=moe.renormalize, routed_scaling_factor=moe.routed_scaling_factor)
         return softmax_grouped_topk(logits, moe.top_k, topk_method=moe.topk_method, num_groups=moe.num_groups,
                                     topk_groups=moe.topk_groups, routed_scaling_factor=moe.routed_scaling_factor)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.routed_experts(x)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
 
 
 # ---- the model -----------------------------------------------------------------------------------------------
@@ -342,8 +342,10 @@ class DeepseekV2ForCausalLM(MoeForCausalLM):
                 module.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """As the Llama loader, skipping layers past ``num_hidden_layers`` (V3's multi-token-prediction layer)."""
-        return super().load_weights((name, tensor) for name, tensor in weights if self._in_model(name))
+        """As the Llama loader, skipping layers past ``num_hidden_layers`` (V3's multi-token-prediction layer);
+        ``mlp.shared_experts`` load into ``mlp.shared_expert``."""
+        return super().load_weights((name.replace(".mlp.shared_experts.", ".mlp.shared_expert."), tensor)
+                                    for name, tensor in weights if self._in_model(name))
 
     def _in_model(self, name: str) -> bool:
         match = _LAYER_INDEX.match(name.removeprefix("model."))
