@@ -20,7 +20,14 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+# Gemma's tiny settings: a window the parity prompts (up to ~110 tokens + 12 generated) run well past, an attention
+# scale that is not head_dim ** -0.5, soft caps low enough to bend the tiny model's logits.
+GEMMA_SLIDING_WINDOW = 16
+GEMMA_QUERY_PRE_ATTN_SCALAR = 32
+GEMMA2_ATTN_SOFTCAP = 2.0
+GEMMA_FINAL_SOFTCAP = 4.0
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
@@ -92,6 +99,8 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
         Qwen3Config,
         Qwen3MoeConfig,
     )
+    from transformers.models.gemma2 import Gemma2Config
+    from transformers.models.gemma3 import Gemma3TextConfig
 
     hidden = common["hidden_size"]
     if arch == "mixtral":
@@ -105,6 +114,14 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                               use_sliding_window=False, **common)
 
+    if arch in GEMMA_ARCHITECTURES:  # layer 0 slides, layer 1 attends to everything (and so on alternately)
+        gemma = dict(sliding_window=GEMMA_SLIDING_WINDOW, query_pre_attn_scalar=GEMMA_QUERY_PRE_ATTN_SCALAR,
+                     final_logit_softcapping=GEMMA_FINAL_SOFTCAP, hidden_activation="gelu_pytorch_tanh",
+                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                  for i in range(common["num_hidden_layers"])], **common)
+        if arch == "gemma2":
+            return Gemma2Config(attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP, **gemma)
+        return Gemma3TextConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **gemma)
     if arch == "llama":
         return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
     if arch == "mistral":
@@ -130,7 +147,10 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
-    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
+    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama, and for gemma3,
+    whose full-attention layers take it (e.g. ``{"rope_type": "linear", "factor": 8.0}``). gemma2 and gemma3
+    alternate sliding-window (16 tokens) and full layers, with soft-capped logits (gemma2: attention ones too);
+    their norm weights are offsets around 0, as Gemma stores them.
     Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
@@ -142,8 +162,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
-    if rope_scaling is not None and arch != "llama":
-        raise ValueError("rope_scaling is only supported for arch='llama'")
+    if rope_scaling is not None and arch not in ("llama", "gemma3"):
+        raise ValueError("rope_scaling is only supported for arch='llama' and 'gemma3' (its full-attention layers)")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -155,8 +175,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1.0, 0.1)
+            if name.endswith("norm.weight"):  # Gemma stores its norm weights as offsets from 1
+                param.normal_(0.0 if arch in GEMMA_ARCHITECTURES else 1.0, 0.1)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
     model = model.to(torch_dtype)
@@ -166,7 +186,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral")).save_pretrained(path)
+    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral", *GEMMA_ARCHITECTURES)).save_pretrained(path)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the model files: RMSNorm and the gated MLP activation, in plain PyTorch.
+"""Small building blocks shared by the model files: RMSNorm (and Gemma's offset variant) and the gated MLP
+activations, in plain PyTorch.
 
 Faster versions for a device (native CPU kernels, Triton on CUDA, the tensor-parallel fused all-reduce + norm)
 replace these modules once the model is built: ``inferneo.model_executor.device_kernels``.
@@ -30,6 +31,25 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the stored weight is an offset, ``x_normalized * (1 + weight)``, all in float32 before the
+    result goes back to the input dtype (as Hugging Face's Gemma 2 and Gemma 3 norms do)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU of the first half times the second half (the gate and up projections fused)."""
     gate, up = x.chunk(2, dim=-1)
@@ -41,3 +61,16 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+class GeluAndMul(nn.Module):
+    """GELU of the first half times the second half (Gemma's gated MLP); ``approximate`` is ``"tanh"`` (Hugging
+    Face's ``gelu_pytorch_tanh``) or ``"none"`` (exact ``gelu``)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

@@ -158,6 +158,10 @@ class LlamaForCausalLM(nn.Module):
     ``num_kv_heads``, ``cast``, ``forward``, ``compute_logits`` and ``load_weights``.
     """
 
+    # Whether tensor parallelism over peer memory may fuse each row-parallel all-reduce into the residual add and
+    # RMSNorm after it (``tensor_parallel.fuse_peer_norms``): true of Llama's layer layout.
+    fuses_peer_norms = True
+
     # checkpoint name fragment -> (fused parameter fragment, shard index)
     stacked_params = (
         ("q_proj", "qkv_proj", 0),
@@ -176,13 +180,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_position, self.build_mlp(config, i)) for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(self.build_layer(config, backend, max_position, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_layer(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        """Decoder layer ``layer_index`` (models whose layers differ from Llama's override this)."""
+        return DecoderLayer(config, backend, max_position, self.build_mlp(config, layer_index))
 
     def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
         """The feed-forward block of layer ``layer_index`` (mixture-of-experts models override this)."""
@@ -202,12 +209,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` (models that scale them override this)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than the driver."""

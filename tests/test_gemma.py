@@ -1,0 +1,235 @@
+"""Gemma 2 and Gemma 3 (text): greedy token ids equal Hugging Face transformers' ``generate`` (float32).
+
+The tiny checkpoints alternate sliding-window (16 tokens) and full layers, scale attention by
+``query_pre_attn_scalar ** -0.5`` with a value other than the head size, and soft-cap the final logits (Gemma 2 the
+attention logits too). Checked for one prompt, a batch of mixed-length prompts (up to ~110 tokens, well past the
+window) and with the engine's mechanisms forced on (prefix caching on and off, chunked prefill, preemption); the
+window and the attention soft cap are each shown to change the tokens, the final soft cap the log-probabilities.
+Gemma 3 is also checked with its full layers' rope scaled (linear, factor 8, as in the larger checkpoints).
+Tensor parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+
+import pytest
+import torch
+from test_hf_parity import ENGINE_VARIANTS, GREEDY, MAX_NEW, _hf_model, hf_greedy, mixed_prompts, run_engine
+from transformers import Gemma2Config, Gemma3TextConfig
+
+from inferneo import LLM, SamplingParams
+from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_loader.hf_files import hf_config
+from inferneo.testing.tiny_models import GEMMA_FINAL_SOFTCAP, GEMMA_SLIDING_WINDOW
+
+CHECKPOINTS = {
+    "gemma2": ("gemma2", {"tie_word_embeddings": True}),  # tied, as the released Gemma 2 models are
+    "gemma3": ("gemma3", {}),
+    "gemma3-linear-rope": ("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+}
+MODEL_CLASSES = {"gemma2": Gemma2ForCausalLM, "gemma3": Gemma3ForCausalLM}
+
+
+@functools.cache
+def _expected(path: str, prompts: tuple[tuple[int, ...], ...]) -> list[list[int]]:
+    return [hf_greedy(path, list(p)) for p in prompts]
+
+
+def _edited_copy(src, dest, **config_changes):
+    """A copy of checkpoint ``src`` whose config.json has ``config_changes`` applied (same weights)."""
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(config_changes)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def gemma_dir(request, tiny_checkpoint_factory):
+    arch, kwargs = CHECKPOINTS[request.param]
+    return tiny_checkpoint_factory(arch, **kwargs)
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+
+# The text configs of google/gemma-2-2b and google/gemma-3-1b-it as published (transformers 4.x keys), and
+# gemma-3-4b's text part (its global rope scaled by 8).
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+    "intermediate_size": 9216, "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26,
+    "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "sliding_window": 4096, "vocab_size": 256000,
+}
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "intermediate_size": 6912, "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 26,
+    "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "vocab_size": 262144,
+}
+GEMMA3_4B_TEXT = dict(GEMMA3_1B, hidden_size=2560, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                      sliding_window=1024, rope_scaling={"factor": 8.0, "rope_type": "linear"})
+
+
+def _hf_keys(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+
+
+def test_gemma2_config_as_published():
+    config = Gemma2ForCausalLM.config_from_hf(GEMMA2_2B)
+    hf = Gemma2Config(**_hf_keys(GEMMA2_2B))
+    assert config.layer_types == tuple(hf.layer_types)
+    assert [config.sliding_window_for(i) for i in range(2)] == [4096, None]  # layer 0 slides, as in HF
+    assert (config.attn_logit_softcap, config.final_logit_softcap) == (50.0, 30.0)
+    assert config.tie_word_embeddings  # Gemma ties unless the config says otherwise
+    assert (config.head_dim, config.query_pre_attn_scalar, config.gelu_approximate) == (256, 256.0, "tanh")
+    assert config.local_rope_theta is None and config.rope_theta == 10000.0
+    assert get_model_class(GEMMA2_2B) is Gemma2ForCausalLM
+
+
+@pytest.mark.parametrize("published", [GEMMA3_1B, GEMMA3_4B_TEXT], ids=["1b", "4b-text"])
+def test_gemma3_config_as_published(published):
+    config = Gemma3ForCausalLM.config_from_hf(published)
+    hf = Gemma3TextConfig(**_hf_keys(published))
+    assert config.layer_types == tuple(hf.layer_types)
+    assert config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+    assert config.qk_norm and config.attn_logit_softcap is None and config.final_logit_softcap is None
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert (config.rope_theta, config.local_rope_theta) == (full["rope_theta"], local["rope_theta"])
+    assert (config.rope_scaling or {}).get("factor") == full.get("factor")
+    assert config.local_rope_scaling is None
+    # Each layer's attention gets the base of its kind, the scaling only on full layers.
+    sliding, full_layer = config.attention_config(0), config.attention_config(5)
+    assert (sliding.rope_theta, sliding.rope_scaling) == (10000.0, None)
+    assert (full_layer.rope_theta, full_layer.rope_scaling) == (config.rope_theta, config.rope_scaling)
+    assert get_model_class(published) is Gemma3ForCausalLM
+
+
+def test_gemma3_config_in_transformers5_form(tmp_path):
+    """transformers 5 writes ``rope_parameters`` per layer type and ``layer_types`` explicitly."""
+    saved = Gemma3TextConfig(**_hf_keys(GEMMA3_4B_TEXT))
+    saved.save_pretrained(tmp_path)
+    assert Gemma3ForCausalLM.config_from_hf(hf_config(tmp_path)) == Gemma3ForCausalLM.config_from_hf(GEMMA3_4B_TEXT)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"hidden_activation": "relu"}, "hidden_activation 'relu'"),
+])
+def test_unsupported_options_fail_at_load(change, message):
+    for cls, published in ((Gemma2ForCausalLM, GEMMA2_2B), (Gemma3ForCausalLM, GEMMA3_1B)):
+        with pytest.raises(ValueError, match=message):
+            cls.config_from_hf({**published, **change})
+
+
+# ---- parity with Hugging Face ------------------------------------------------------------------------------------
+
+
+def test_single_prompt_matches_hf(gemma_dir):
+    llm = LLM(str(gemma_dir), dtype="float32")
+    assert type(llm.engine.runner.model) is MODEL_CLASSES[hf_config(gemma_dir)["model_type"].removesuffix("_text")]
+    prompt = mixed_prompts(1, 300, seed=1)[0]
+    assert len(prompt) > GEMMA_SLIDING_WINDOW
+    assert run_engine(llm, [prompt]) == [hf_greedy(gemma_dir, prompt)]
+
+
+def test_batch_of_mixed_lengths_matches_hf(gemma_dir):
+    llm = LLM(str(gemma_dir), dtype="float32")
+    prompts = mixed_prompts(16, 300, seed=2)
+    assert run_engine(llm, prompts) == _expected(str(gemma_dir), tuple(map(tuple, prompts)))
+    assert llm.engine.core.stats.max_batch_size >= 16
+
+
+@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+def test_engine_mechanisms_keep_hf_parity(gemma_dir, variant):
+    prompts = mixed_prompts(16, 300, seed=3, shared_prefix=40)
+    prompts.append(list(prompts[0]))
+    expected = _expected(str(gemma_dir), tuple(map(tuple, prompts)))
+    llm = LLM(str(gemma_dir), dtype="float32", **ENGINE_VARIANTS[variant])
+    assert run_engine(llm, prompts) == expected
+    stats = llm.engine.core.stats
+    if variant == "chunked-prefill":
+        assert stats.num_steps > MAX_NEW + 10
+    if variant.startswith("preemption"):
+        assert stats.num_preemptions > 0
+    assert run_engine(llm, prompts) == expected  # second round, warm prefix cache where on
+    hits = llm.engine.kv_cache.prefix_cache_hits
+    if variant in ("prefix-cache-on", "preemption-with-prefix-cache"):
+        assert hits > 0
+    if variant == "prefix-cache-off":
+        assert hits == 0
+
+
+# ---- each Gemma feature changes the output ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "change"), [
+    ("gemma2", {"sliding_window": 4096}),  # no layer's window binds
+    ("gemma3", {"sliding_window": 4096}),
+    ("gemma2", {"attn_logit_softcapping": None}),
+])
+def test_window_and_attention_softcap_change_the_tokens(tiny_checkpoint_factory, tmp_path, arch, change):
+    """The same weights without the window (or the attention soft cap) give other tokens, which HF agrees with:
+    the feature is applied, and applied as HF applies it."""
+    path = tiny_checkpoint_factory(arch)
+    other = _edited_copy(path, tmp_path / "edited", **change)
+    prompts = mixed_prompts(8, 300, seed=4, shared_prefix=30)
+    with_feature = run_engine(LLM(str(path), dtype="float32"), prompts)
+    without = run_engine(LLM(str(other), dtype="float32"), prompts)
+    assert with_feature == _expected(str(path), tuple(map(tuple, prompts)))
+    assert without == [hf_greedy(other, p) for p in prompts]
+    assert without != with_feature
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_final_softcap_shapes_the_logprobs(tiny_checkpoint_factory, arch):
+    """Greedy log-probabilities are those of HF's soft-capped logits (a monotonic cap leaves the tokens alone)."""
+    path = tiny_checkpoint_factory(arch)
+    prompt = mixed_prompts(1, 300, seed=5)[0]
+    llm = LLM(str(path), dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    model = _hf_model(str(path))
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+    hf_logits = torch.cat(generated.logits)  # [MAX_NEW, vocab], after the model's final soft cap
+    assert out.token_ids == generated.sequences[0, len(prompt):].tolist()
+    assert hf_logits.abs().max() <= GEMMA_FINAL_SOFTCAP
+    hf_logprobs = torch.log_softmax(hf_logits.float(), -1)[torch.arange(MAX_NEW), out.token_ids]
+    ours = torch.tensor([step[token].logprob for step, token in zip(out.logprobs, out.token_ids, strict=True)])
+    torch.testing.assert_close(ours, hf_logprobs, atol=1e-4, rtol=1e-4)
+    uncapped = torch.atanh(hf_logits / GEMMA_FINAL_SOFTCAP) * GEMMA_FINAL_SOFTCAP
+    uncapped_logprobs = torch.log_softmax(uncapped, -1)[torch.arange(MAX_NEW), out.token_ids]
+    assert (uncapped_logprobs - ours).abs().max() > 0.1
+
+
+# ---- tensor parallelism --------------------------------------------------------------------------------------------
+
+TP_ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
+                 num_threads=1)
+
+
+def test_gemma2_tensor_parallel_2_equals_1(tiny_checkpoint_factory):
+    """Two ranks over gloo: each holds half the query heads and one kv head, the norms and scaled embeddings
+    replicated; greedy tokens equal one rank's, with chunked prefill and a second, prefix-cached round."""
+    path = tiny_checkpoint_factory("gemma2", tie_word_embeddings=True)
+    prompts = mixed_prompts(6, 300, seed=6, shared_prefix=20)
+    expected = run_engine(LLM(str(path), **TP_ENGINE), prompts)
+    llm = LLM(str(path), tensor_parallel_size=2, **TP_ENGINE)
+    try:
+        attn = llm.engine.runner.driver.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads, attn.sliding_window) == (2, 1, GEMMA_SLIDING_WINDOW)
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    finally:
+        llm.shutdown()
