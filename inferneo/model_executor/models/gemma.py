@@ -99,7 +99,9 @@ def _gemma3_rope(cfg: dict) -> dict:
         local_theta = cfg.get("rope_local_base_freq", 10_000.0)
 
     def scaling_of(entry: dict) -> dict | None:
-        return entry if entry.get("rope_type", entry.get("type", "default")) != "default" else None
+        if entry.get("rope_type", entry.get("type", "default")) == "default":
+            return None
+        return {key: value for key, value in entry.items() if key != "rope_theta"}
 
     return dict(rope_theta=float(global_theta), rope_scaling=scaling_of(full), local_rope_theta=float(local_theta),
                 local_rope_scaling=scaling_of(local))
