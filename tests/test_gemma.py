@@ -1,23 +1,21 @@
-"""Gemma 2 and Gemma 3 (text): greedy token ids equal Hugging Face transformers' ``generate`` (float32).
+"""Gemma 2 and Gemma 3 (text): their configs as published, and what each Gemma feature does.
 
-The tiny checkpoints alternate sliding-window (16 tokens) and full layers, scale attention by
-``query_pre_attn_scalar ** -0.5`` with a value other than the head size, and soft-cap the final logits (Gemma 2 the
-attention logits too). Checked for one prompt, a batch of mixed-length prompts (up to ~110 tokens, well past the
-window) and with the engine's mechanisms forced on (prefix caching on and off, chunked prefill, preemption); the
-window and the attention soft cap are each shown to change the tokens, the final soft cap the log-probabilities.
-Gemma 3 is also checked with its full layers' rope scaled (linear, factor 8, as in the larger checkpoints).
-Tensor parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank.
+Greedy parity with Hugging Face (one prompt, 16 mixed prompts, every engine variant) is in ``test_hf_parity``'s
+``ARCHS`` (gemma2, gemma3, gemma3-linear-rope). The tiny checkpoints alternate sliding-window (16 tokens) and full
+layers, scale attention by ``query_pre_attn_scalar ** -0.5`` with a value other than the head size, and soft-cap
+the final logits (Gemma 2 the attention logits too). Here: configs parse as transformers reads them; the window and
+the attention soft cap each change the tokens (and HF agrees), the final soft cap the log-probabilities; tensor
+parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 
 import pytest
 import torch
-from test_hf_parity import ENGINE_VARIANTS, GREEDY, MAX_NEW, _hf_model, hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import GREEDY, MAX_NEW, _hf_model, hf_greedy, mixed_prompts, run_engine
 from transformers import Gemma2Config, Gemma3TextConfig
 
 from inferneo import LLM, SamplingParams
@@ -25,18 +23,6 @@ from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCau
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader.hf_files import hf_config
 from inferneo.testing.tiny_models import GEMMA_FINAL_SOFTCAP, GEMMA_SLIDING_WINDOW
-
-CHECKPOINTS = {
-    "gemma2": ("gemma2", {"tie_word_embeddings": True}),  # tied, as the released Gemma 2 models are
-    "gemma3": ("gemma3", {}),
-    "gemma3-linear-rope": ("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
-}
-MODEL_CLASSES = {"gemma2": Gemma2ForCausalLM, "gemma3": Gemma3ForCausalLM}
-
-
-@functools.cache
-def _expected(path: str, prompts: tuple[tuple[int, ...], ...]) -> list[list[int]]:
-    return [hf_greedy(path, list(p)) for p in prompts]
 
 
 def _edited_copy(src, dest, **config_changes):
@@ -46,12 +32,6 @@ def _edited_copy(src, dest, **config_changes):
     config.update(config_changes)
     (dest / "config.json").write_text(json.dumps(config))
     return dest
-
-
-@pytest.fixture(scope="module", params=list(CHECKPOINTS))
-def gemma_dir(request, tiny_checkpoint_factory):
-    arch, kwargs = CHECKPOINTS[request.param]
-    return tiny_checkpoint_factory(arch, **kwargs)
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -128,44 +108,6 @@ def test_unsupported_options_fail_at_load(change, message):
             cls.config_from_hf({**published, **change})
 
 
-# ---- parity with Hugging Face ------------------------------------------------------------------------------------
-
-
-def test_single_prompt_matches_hf(gemma_dir):
-    llm = LLM(str(gemma_dir), dtype="float32")
-    assert type(llm.engine.runner.model) is MODEL_CLASSES[hf_config(gemma_dir)["model_type"].removesuffix("_text")]
-    prompt = mixed_prompts(1, 300, seed=1)[0]
-    assert len(prompt) > GEMMA_SLIDING_WINDOW
-    assert run_engine(llm, [prompt]) == [hf_greedy(gemma_dir, prompt)]
-
-
-def test_batch_of_mixed_lengths_matches_hf(gemma_dir):
-    llm = LLM(str(gemma_dir), dtype="float32")
-    prompts = mixed_prompts(16, 300, seed=2)
-    assert run_engine(llm, prompts) == _expected(str(gemma_dir), tuple(map(tuple, prompts)))
-    assert llm.engine.core.stats.max_batch_size >= 16
-
-
-@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
-def test_engine_mechanisms_keep_hf_parity(gemma_dir, variant):
-    prompts = mixed_prompts(16, 300, seed=3, shared_prefix=40)
-    prompts.append(list(prompts[0]))
-    expected = _expected(str(gemma_dir), tuple(map(tuple, prompts)))
-    llm = LLM(str(gemma_dir), dtype="float32", **ENGINE_VARIANTS[variant])
-    assert run_engine(llm, prompts) == expected
-    stats = llm.engine.core.stats
-    if variant == "chunked-prefill":
-        assert stats.num_steps > MAX_NEW + 10
-    if variant.startswith("preemption"):
-        assert stats.num_preemptions > 0
-    assert run_engine(llm, prompts) == expected  # second round, warm prefix cache where on
-    hits = llm.engine.kv_cache.prefix_cache_hits
-    if variant in ("prefix-cache-on", "preemption-with-prefix-cache"):
-        assert hits > 0
-    if variant == "prefix-cache-off":
-        assert hits == 0
-
-
 # ---- each Gemma feature changes the output ------------------------------------------------------------------------
 
 
@@ -182,7 +124,7 @@ def test_window_and_attention_softcap_change_the_tokens(tiny_checkpoint_factory,
     prompts = mixed_prompts(8, 300, seed=4, shared_prefix=30)
     with_feature = run_engine(LLM(str(path), dtype="float32"), prompts)
     without = run_engine(LLM(str(other), dtype="float32"), prompts)
-    assert with_feature == _expected(str(path), tuple(map(tuple, prompts)))
+    assert with_feature == [hf_greedy(path, p) for p in prompts]
     assert without == [hf_greedy(other, p) for p in prompts]
     assert without != with_feature
 

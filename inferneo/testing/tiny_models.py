@@ -126,6 +126,7 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     from transformers.models.gemma3 import Gemma3TextConfig
 
     hidden = common["hidden_size"]
+    common["rope_scaling"] = dict(rope_scaling) if rope_scaling else None  # the config classes mutate it
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **window, **common)
     if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
@@ -144,14 +145,16 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                                   for i in range(common["num_hidden_layers"])], **window, **common)
         if arch == "gemma2":
             return Gemma2Config(attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP, **gemma)
-        return Gemma3TextConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **gemma)
+        return Gemma3TextConfig(**gemma)  # rope_scaling (in common) applies to the full-attention layers
     if arch == "llama":
-        return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
+        return LlamaConfig(**common)
     if arch == "mistral":
         return MistralConfig(**window, **common)
-    if arch == "phi3":  # plain rope
-        return Phi3Config(rope_scaling=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **window,
-                          **common)
+    if arch == "phi3":
+        # Phi3Config keeps LongRoPE's original context length at its top level (4096 unless given).
+        original = (rope_scaling or {}).get("original_max_position_embeddings", common["max_position_embeddings"])
+        return Phi3Config(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                          original_max_position_embeddings=original, **window, **common)
     if arch == "qwen2":
         return Qwen2Config(**window, **common)
     return Qwen3Config(**window, **common)
@@ -171,8 +174,10 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
-    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama, and for gemma3,
-    whose full-attention layers take it (e.g. ``{"rope_type": "linear", "factor": 8.0}``).
+    depend on the prompt. ``rope_scaling`` is Hugging Face's dict (e.g. ``{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 64}``); for phi3 its ``original_max_position_embeddings`` also becomes
+    Phi3Config's top-level value (``max_position_embeddings`` when absent); gemma3 applies it to its
+    full-attention layers (e.g. ``{"rope_type": "linear", "factor": 8.0}``).
     ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a sliding window: on every layer,
     or for the Qwen ones (``use_sliding_window``) on the layers Hugging Face picks from ``max_window_layers``
     (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). gemma2 and gemma3 always alternate sliding-window
@@ -188,8 +193,6 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
-    if rope_scaling is not None and arch not in ("llama", "gemma3"):
-        raise ValueError("rope_scaling is only supported for arch='llama' and 'gemma3' (its full-attention layers)")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, _window_options(arch, sliding_window, max_window_layers),
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
