@@ -28,6 +28,7 @@ from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.model_executor.layers.basic import GeluAndMul, GemmaRMSNorm
+from inferneo.model_executor.layers.rotary import rope_scaling_from_hf
 from inferneo.model_executor.models.llama import MLP, Attention, DecoderConfig, LlamaForCausalLM
 
 # Hugging Face ``hidden_activation`` -> ``torch.nn.functional.gelu``'s ``approximate``
@@ -98,10 +99,9 @@ def _gemma3_rope(cfg: dict) -> dict:
         global_theta = cfg.get("rope_theta", 1_000_000.0)
         local_theta = cfg.get("rope_local_base_freq", 10_000.0)
 
-    def scaling_of(entry: dict) -> dict | None:
-        if entry.get("rope_type", entry.get("type", "default")) == "default":
-            return None
-        return {key: value for key, value in entry.items() if key != "rope_theta"}
+    def scaling_of(entry: dict) -> dict | None:  # completed as for any other model's rope_scaling
+        scaling = {key: value for key, value in entry.items() if key != "rope_theta"}
+        return rope_scaling_from_hf({**cfg, "rope_scaling": scaling, "rope_parameters": None})
 
     return dict(rope_theta=float(global_theta), rope_scaling=scaling_of(full), local_rope_theta=float(local_theta),
                 local_rope_scaling=scaling_of(local))
