@@ -5,11 +5,13 @@ Greedy parity with Hugging Face (one prompt, 16 mixed prompts, every engine vari
 layers, scale attention by ``query_pre_attn_scalar ** -0.5`` with a value other than the head size, and soft-cap
 the final logits (Gemma 2 the attention logits too). Here: configs parse as transformers reads them; the window and
 the attention soft cap each change the tokens (and HF agrees), the final soft cap the log-probabilities; tensor
-parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank.
+parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank; a GGUF file written as llama.cpp
+writes Gemma reads back as the same model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -21,8 +23,11 @@ from transformers import Gemma2Config, Gemma3TextConfig
 from inferneo import LLM, SamplingParams
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
-from inferneo.model_loader.hf_files import hf_config
-from inferneo.testing.tiny_models import GEMMA_FINAL_SOFTCAP, GEMMA_SLIDING_WINDOW
+from inferneo.model_loader.gguf_loader import gguf_config, iter_gguf_weights
+from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
+from inferneo.testing.tiny_models import GEMMA_FINAL_SOFTCAP, GEMMA_SLIDING_WINDOW, make_tiny_gguf
+
+MODEL_CLASSES = {"gemma2": Gemma2ForCausalLM, "gemma3": Gemma3ForCausalLM}
 
 
 def _edited_copy(src, dest, **config_changes):
@@ -175,3 +180,40 @@ def test_gemma2_tensor_parallel_2_equals_1(tiny_checkpoint_factory):
         assert [o.outputs[0].token_ids for o in outputs] == expected
     finally:
         llm.shutdown()
+
+
+# ---- GGUF ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "checkpoint"), [
+    ("gemma2", {}),
+    ("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+])
+def test_gguf_file_gives_the_checkpoint_config_weights_and_tokens(tiny_checkpoint_factory, tmp_path, arch,
+                                                                   checkpoint):
+    """A Gemma GGUF written as llama.cpp writes one (norms shifted by 1, no LM head, the scale from the head size)
+    reads back as the same config and weights, and the engine gives HF's tokens from it."""
+    tied = tiny_checkpoint_factory(arch, tie_word_embeddings=True, **checkpoint)
+    path = _edited_copy(tied, tmp_path / "hf", query_pre_attn_scalar=16)  # llama.cpp: 1 / sqrt(head_dim)
+    gguf_file = make_tiny_gguf(path, tmp_path / f"{arch}.gguf", "F32")
+    cls = MODEL_CLASSES[arch]
+    from_gguf, expected = cls.config_from_hf(gguf_config(gguf_file)), cls.config_from_hf(hf_config(path))
+    assert dataclasses.replace(from_gguf, rms_norm_eps=expected.rms_norm_eps) == expected
+    assert from_gguf.rms_norm_eps == pytest.approx(expected.rms_norm_eps)
+    weights = dict(iter_gguf_weights(gguf_file))
+    hf_weights = dict(iter_hf_weights(path))
+    assert weights.keys() == hf_weights.keys()
+    for name, tensor in hf_weights.items():
+        if name.endswith("norm.weight"):  # the stored 1 + w less 1 is not w, but 1 + it is what HF multiplies by
+            assert torch.equal(1 + weights[name], 1 + tensor), name
+        else:
+            assert torch.equal(weights[name], tensor), name
+    prompts = mixed_prompts(6, 300, seed=7)
+    assert run_engine(LLM(str(gguf_file), dtype="float32"), prompts) == [hf_greedy(path, p) for p in prompts]
+
+
+def test_gguf_writer_refuses_what_llama_cpp_cannot_say(tiny_checkpoint_factory, tmp_path):
+    with pytest.raises(ValueError, match="tied"):
+        make_tiny_gguf(tiny_checkpoint_factory("gemma2"), tmp_path / "untied.gguf")
+    with pytest.raises(ValueError, match="query_pre_attn_scalar"):
+        make_tiny_gguf(tiny_checkpoint_factory("gemma2", tie_word_embeddings=True), tmp_path / "scaled.gguf")

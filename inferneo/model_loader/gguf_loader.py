@@ -1,4 +1,11 @@
-"""GGUF models: an HF-style config from the metadata, and the weights under Hugging Face names."""
+"""GGUF models: an HF-style config from the metadata, and the weights under Hugging Face names.
+
+Gemma 2 and Gemma 3 files follow llama.cpp's converter: norm weights stored as ``1 + w`` (Gemma's offset undone
+here), no LM head (tied), the window in ``attention.sliding_window`` and the soft caps in ``*_logit_softcapping``.
+What the file does not say is taken as llama.cpp takes it: sliding layers every other one (Gemma 2) or five in six
+(Gemma 3), Gemma 3's local rotary base 10000, and the attention scale from the head size except at 27B, where it
+is ``hidden_size / num_heads``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ GGUF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+_GEMMA_ARCHITECTURES = {"gemma2", "gemma3"}
 # llama.cpp's converter interleaves the rotary halves of q/k for these architectures
 _PERMUTED_ARCHITECTURES = {"llama"}
 _SKIPPED_TENSORS = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
@@ -44,15 +54,28 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's sliding-window period (every n-th layer attends to everything) and the layer counts of the 27B models,
+# whose attention scale is ``hidden_size / num_heads`` rather than the head size.
+_GEMMA_SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def gguf_hf_name(name: str) -> str:
-    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)."""
+def gguf_hf_name(name: str, arch: str = "llama") -> str:
+    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)
+    in a file of architecture ``arch``."""
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        names = _GEMMA_BLOCK_NAMES if arch in _GEMMA_ARCHITECTURES else _BLOCK_NAMES
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
     else:
         stem, _, kind = name.rpartition(".")
         if stem in _TOP_LEVEL_NAMES and kind in ("weight", "bias"):
@@ -105,11 +128,38 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
         "torch_dtype": "float32",
     }
+    if arch in _GEMMA_ARCHITECTURES:
+        config.update(_gemma_config(meta, arch, config))
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config[f"{key.replace('padding', 'pad')}_token_id"] = int(token_id)
     return config
+
+
+def _gemma_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma keys of the HF-style config, from the metadata and llama.cpp's fixed choices."""
+    num_layers, window = config["num_hidden_layers"], meta.get(f"{arch}.attention.sliding_window")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA_SLIDING_PERIOD[arch])
+    if isinstance(pattern, (list, tuple)):  # one flag per layer: true where the layer slides
+        sliding = [bool(flag) for flag in pattern]
+    else:
+        sliding = [bool((i + 1) % int(pattern)) for i in range(num_layers)]
+    scalar_dim = (config["hidden_size"] // config["num_attention_heads"] if num_layers == _GEMMA_27B_LAYERS[arch]
+                  else config["head_dim"])
+    values: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "sliding_window": int(window) if window else None,
+        "layer_types": ["sliding_attention" if flag else "full_attention" for flag in sliding],
+        "query_pre_attn_scalar": scalar_dim,
+    }
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # absent: the model's defaults, as llama.cpp
+        if f"{arch}.{key}" in meta:
+            values[key] = float(meta[f"{arch}.{key}"])
+    if arch == "gemma3":
+        values["rope_local_base_freq"] = 10000.0
+    return values
 
 
 def gguf_generation_config(path: Path) -> dict[str, Any]:
@@ -129,7 +179,8 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
 
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor as float32 under its HF name, with llama.cpp's q/k rotary permutation undone."""
+    """Every tensor as float32 under its HF name, with llama.cpp's q/k rotary permutation (Llama) or its shift of
+    the norm weights by 1 (Gemma) undone."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
@@ -137,8 +188,10 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for info, array in iter_gguf_tensors(header):
         if info.name in _SKIPPED_TENSORS:
             continue
-        name = gguf_hf_name(info.name)
+        name = gguf_hf_name(info.name, arch)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            tensor = tensor - 1  # the file holds fl(1 + w): the model's 1 + (that - 1) gives it back exactly
         if arch in _PERMUTED_ARCHITECTURES:
             if ".q_proj." in name:
                 tensor = unpermute_rotary(tensor, heads)

@@ -221,7 +221,9 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
 
 
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
-    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, tokenizer in metadata).
+    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, Gemma norm weights shifted by
+    1 and its LM head left out, tokenizer in metadata). A Gemma checkpoint must be tied, with
+    ``query_pre_attn_scalar`` equal to the head size, as llama.cpp's Gemma files cannot say otherwise.
 
     ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
     1-D tensors (norms, biases) stay F32 as in llama.cpp. Returns ``out_file``.
@@ -232,26 +234,38 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     config = hf_config(hf_dir)
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(config["model_type"])
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+            "gemma3_text": "gemma3"}.get(config["model_type"])
     if arch is None:
         raise ValueError(f"cannot convert model_type {config['model_type']!r}")
+    gemma = arch in ("gemma2", "gemma3")
+    if gemma:
+        config = _gemma_gguf_config(config)
     writer = gguf.GGUFWriter(out_file, arch)
     head_dim = _write_hparams(writer, config)
+    if gemma:
+        _write_gemma_hparams(writer, arch, config)
     _write_tokenizer(writer, hf_dir, config)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
+    names = _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
     for name, tensor in iter_hf_weights(hf_dir):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
+        if gemma and name == "lm_head.weight":
+            continue  # tied (checked by _gemma_gguf_config): llama.cpp's Gemma files have no LM head
+        if gemma and name.endswith("norm.weight"):
+            tensor = tensor.float() + 1  # llama.cpp stores Gemma's norm weights with the 1 added
         array = tensor.float().numpy()
+        gguf_name = _gguf_name(name, names)
         if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_name(name), array)
+            writer.add_tensor(gguf_name, array)
         elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(_gguf_name(name), array.astype(np.float16))
+            writer.add_tensor(gguf_name, array.astype(np.float16))
         else:
-            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -320,12 +334,49 @@ _GGUF_NAMES = {
 }
 
 
-def _gguf_name(hf_name: str) -> str:
+_GEMMA_GGUF_NAMES = {
+    **_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _gguf_name(hf_name: str, names: dict[str, str]) -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem.startswith("model.layers."):
         layer, _, part = stem.removeprefix("model.layers.").partition(".")
-        return f"blk.{layer}.{_GGUF_NAMES[part]}.{kind}"
-    return f"{_GGUF_NAMES[stem]}.{kind}"
+        return f"blk.{layer}.{names[part]}.{kind}"
+    return f"{names[stem]}.{kind}"
+
+
+def _gemma_gguf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma config with the full layers' rope at the top level (as for the other models), checked for what a
+    llama.cpp Gemma file cannot say: an untied LM head, an attention scale other than the head size."""
+    if not config.get("tie_word_embeddings", True):
+        raise ValueError("llama.cpp's Gemma files have no LM head of their own; convert a tied checkpoint")
+    head_dim = config.get("head_dim") or 256
+    if config.get("query_pre_attn_scalar", 256) != head_dim:
+        raise ValueError(f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} is not the head size "
+                         f"{head_dim}: llama.cpp derives the attention scale from the head size (below 27B)")
+    full = (config.get("rope_parameters") or {}).get("full_attention")
+    if full is None:
+        return config
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    return dict(config, rope_theta=full.get("rope_theta", 1_000_000.0),
+                rope_scaling=scaling if scaling.get("rope_type", "default") != "default" else None)
+
+
+def _write_gemma_hparams(writer: gguf.GGUFWriter, arch: str, config: dict[str, Any]) -> None:
+    """The window, the soft caps and (where it is not llama.cpp's fixed period) which layers slide."""
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if config.get(key) is not None:
+            add(float(config[key]))
+    period = {"gemma2": 2, "gemma3": 6}[arch]
+    sliding = [kind == "sliding_attention" for kind in config["layer_types"]]
+    if sliding != [bool((i + 1) % period) for i in range(len(sliding))]:
+        writer.add_sliding_window_pattern(sliding)
 
 
 def _llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
