@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _over_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` in float32 divided by its root mean square over the last dimension."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as Hugging Face does."""
 
@@ -25,10 +31,12 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
+        out = self.normalize(x)
         return out if residual is None else (out, residual)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its root mean square (in float32), back in ``x``'s dtype, times the weight."""
+        return self.weight * _over_rms(x, self.eps).to(x.dtype)
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -39,15 +47,9 @@ class GemmaRMSNorm(RMSNorm):
         super().__init__(hidden_size, eps)
         nn.init.zeros_(self.weight)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return out if residual is None else (out, residual)
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its root mean square times ``1 + weight``, all in float32, back in ``x``'s dtype."""
+        return (_over_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
