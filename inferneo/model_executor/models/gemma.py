@@ -170,9 +170,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return GemmaDecoderLayer(config, backend, max_position, layer_index)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings times ``sqrt(hidden_size)``, the factor rounded to the model dtype first."""
+        """Token embeddings times ``sqrt(hidden_size)``, the factor rounded to the model dtype first (a Python
+        number, so that no host-to-device copy happens while a CUDA graph is captured)."""
         hidden = self.embed_tokens(input_ids)
-        return hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype, device=hidden.device)
+        return hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype).item()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits, soft-capped (``c * tanh(logits / c)``) when the config sets
