@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,13 +222,25 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     return path
 
 
+# model_type -> llama.cpp's general.architecture
+_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# HF expert projection -> llama.cpp's stacked tensor (Mixtral's w1/w3/w2 and Qwen-MoE's names)
+_STACKED_EXPERTS = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps", "up_proj": "ffn_up_exps",
+                    "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
+_EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+_ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp keeps its routers
+
+
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
-    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, Gemma norm weights shifted by
-    1 and its LM head left out, tokenizer in metadata). A Gemma checkpoint must be tied, with
-    ``query_pre_attn_scalar`` equal to the head size, as llama.cpp's Gemma files cannot say otherwise.
+    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
+    into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, tokenizer in
+    metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
+    llama.cpp's Gemma files cannot say otherwise.
 
     ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
-    1-D tensors (norms, biases) stay F32 as in llama.cpp. Returns ``out_file``.
+    1-D tensors (norms, biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks
+    falls back to F16, as in llama.cpp's converter. Returns ``out_file``.
     """
     try:
         qtype = gguf.GGMLQuantizationType[dtype.upper()]
@@ -234,11 +248,10 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     config = hf_config(hf_dir)
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3"}.get(config["model_type"])
+    arch = _GGUF_ARCHITECTURES.get(config["model_type"])
     if arch is None:
         raise ValueError(f"cannot convert model_type {config['model_type']!r}")
-    gemma = arch in ("gemma2", "gemma3")
+    gemma = arch in GEMMA_ARCHITECTURES
     if gemma:
         config = _gemma_gguf_config(config)
     writer = gguf.GGUFWriter(out_file, arch)
@@ -246,10 +259,34 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     if gemma:
         _write_gemma_hparams(writer, arch, config)
     _write_tokenizer(writer, hf_dir, config)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
+    for name, array in _gguf_tensors(hf_dir, config, arch):
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        kind = qtype
+        if array.ndim == 1 or name.rsplit(".", 2)[-2] in _ROUTERS:
+            kind = gguf.GGMLQuantizationType.F32
+        elif array.shape[-1] % block:
+            kind = gguf.GGMLQuantizationType.F16
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(llama.cpp name, float32 array) for every tensor, experts stacked per layer and projection."""
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    gemma = arch in GEMMA_ARCHITECTURES
     names = _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
     for name, tensor in iter_hf_weights(hf_dir):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
@@ -259,18 +296,13 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         if gemma and name.endswith("norm.weight"):
             tensor = tensor.float() + 1  # llama.cpp stores Gemma's norm weights with the 1 added
         array = tensor.float().numpy()
-        gguf_name = _gguf_name(name, names)
-        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, array)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, array.astype(np.float16))
+        if match := _EXPERT_WEIGHT.fullmatch(name):
+            layer, expert, projection = match.groups()
+            experts.setdefault((layer, _STACKED_EXPERTS[projection]), {})[int(expert)] = array
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out_file
+            yield _gguf_name(name, names), array
+    for (layer, stacked), by_expert in experts.items():
+        yield f"blk.{layer}.{stacked}.weight", np.stack([by_expert[e] for e in range(len(by_expert))])
 
 
 def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
@@ -289,6 +321,14 @@ def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
     writer.add_rope_freq_base(float(config["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
+    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
@@ -330,7 +370,10 @@ _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 
 

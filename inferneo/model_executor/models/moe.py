@@ -4,7 +4,9 @@ Each is the Llama decoder (attention as in ``llama.py`` / ``qwen.py``) whose fee
 :class:`~inferneo.model_executor.layers.moe.FusedMoE` in its sparse layers. Checkpoints name every expert's
 projections apart (``block_sparse_moe.experts.{e}.w1/w2/w3`` in Mixtral, ``mlp.experts.{e}.gate_proj/up_proj/
 down_proj`` in Qwen-MoE); they load into the stacked ``experts.gate_up_proj`` ``[E, 2*I, H]`` and
-``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are.
+``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are. Under tensor
+parallelism the stacked parameters carry an ``expert_loader`` that takes this rank's slice
+(``tensor_parallel.shard_experts``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from inferneo.model_executor.layers.moe import FusedMoE, MoeConfig
+from inferneo.model_executor.layers.moe_routing import make_router
 from inferneo.model_executor.models.llama import MLP, DecoderConfig, LlamaForCausalLM, _copy, _lookup
 from inferneo.model_executor.models.qwen import qwen_window
 
@@ -32,7 +35,8 @@ def _moe_config(cfg: dict, num_experts: int, intermediate_size: int, renormalize
                 shared_expert_intermediate_size: int = 0) -> MoeConfig:
     return MoeConfig(
         num_experts=num_experts, top_k=cfg["num_experts_per_tok"], intermediate_size=intermediate_size,
-        renormalize=renormalize, shared_expert_intermediate_size=shared_expert_intermediate_size,
+        routing="softmax_topk_renormalized" if renormalize else "softmax_topk",
+        shared_expert_intermediate_size=shared_expert_intermediate_size,
         sparse_step=cfg.get("decoder_sparse_step") or 1, mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
     )
 
@@ -45,16 +49,23 @@ class MoeForCausalLM(LlamaForCausalLM):
         if moe is None or not moe.is_sparse(layer_index):
             return MLP(config)
         shared = moe.shared_expert_intermediate_size
-        return FusedMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize,
-                        shared_expert=MLP(config, shared) if shared else None, shared_expert_gate=bool(shared))
+        return FusedMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k,
+                        make_router(moe.routing, moe.top_k), activation=moe.activation, bias=moe.expert_bias,
+                        router_bias=moe.router_bias, shared_expert=MLP(config, shared) if shared else None,
+                        shared_expert_gate=bool(shared))
 
     def load_special_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
         """Per-expert projections into their slice of the stacked tensors; stacked tensors whole."""
         renamed = name.replace(".block_sparse_moe.", ".mlp.")
         was_renamed, name = renamed != name, renamed
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and name in params:
-            _copy(params[name].data, tensor, name)
-            return set(self.expected_weight_keys(name, params[name]))
+            param = params[name]
+            loader = getattr(param, "expert_loader", None)  # a tensor-parallel shard takes its slice
+            if loader is not None:
+                loader(param, tensor, None, None)
+            else:
+                _copy(param.data, tensor, name)
+            return set(self.expected_weight_keys(name, param))
         match = _EXPERT_WEIGHT.match(name)
         if match is None:
             if was_renamed and name in params:  # Mixtral's router under its renamed prefix
@@ -69,11 +80,15 @@ class MoeForCausalLM(LlamaForCausalLM):
         param = _lookup(params, target, name)
         if not 0 <= expert < param.shape[0]:
             raise ValueError(f"checkpoint weight {name!r} names expert {expert}; the config has {param.shape[0]}")
-        dest = param.data[expert]
-        if block is not None:
-            rows = dest.shape[0] // 2
-            dest = dest.narrow(0, block * rows, rows)
-        _copy(dest, tensor, name)
+        loader = getattr(param, "expert_loader", None)
+        if loader is not None:
+            loader(param, tensor, expert, block)
+        else:
+            dest = param.data[expert]
+            if block is not None:
+                rows = dest.shape[0] // 2
+                dest = dest.narrow(0, block * rows, rows)
+            _copy(dest, tensor, name)
         return {f"{target}#{expert}" + ("" if block is None else f".{block}")}
 
     def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
