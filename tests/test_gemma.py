@@ -6,7 +6,7 @@ layers, scale attention by ``query_pre_attn_scalar ** -0.5`` with a value other 
 the final logits (Gemma 2 the attention logits too). Here: configs parse as transformers reads them; the window and
 the attention soft cap each change the tokens (and HF agrees), the final soft cap the log-probabilities; tensor
 parallelism (two ranks over gloo) gives Gemma 2 the same tokens as one rank; a GGUF file written as llama.cpp
-writes Gemma reads back as the same model.
+writes Gemma reads back as the same model; a vision-language Gemma 3 checkpoint is read as its language model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from test_hf_parity import GREEDY, MAX_NEW, _hf_model, hf_greedy, mixed_prompts,
 from transformers import Gemma2Config, Gemma3TextConfig
 
 from inferneo import LLM, SamplingParams
-from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader.gguf_loader import gguf_config, iter_gguf_weights
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
@@ -101,6 +101,44 @@ def test_gemma3_config_in_transformers5_form(tmp_path):
     saved = Gemma3TextConfig(**_hf_keys(GEMMA3_4B_TEXT))
     saved.save_pretrained(tmp_path)
     assert Gemma3ForCausalLM.config_from_hf(hf_config(tmp_path)) == Gemma3ForCausalLM.config_from_hf(GEMMA3_4B_TEXT)
+
+
+def test_multimodal_gemma3_config_as_published(tmp_path):
+    """gemma-3-4b's config.json as published (transformers 4.50): a sparse ``text_config`` inside a vision-language
+    config. The engine reads its language model's config, completed with transformers' defaults."""
+    published = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144, "mm_tokens_per_image": 256,
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type":
+                          "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14,
+                          "vision_use_head": False},
+        "torch_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    cfg = hf_config(tmp_path)
+    assert get_model_class(cfg) is Gemma3TextOfMultimodal
+    config = Gemma3TextOfMultimodal.config_from_hf(cfg)
+    assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads) == (2560, 34, 8, 4)
+    assert (config.vocab_size, config.head_dim, config.max_position_embeddings) == (262208, 256, 131072)
+    assert config.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
+    assert config.sliding_window == 1024 and config.tie_word_embeddings
+    assert (config.rope_scaling["rope_type"], config.rope_scaling["factor"]) == ("linear", 8.0)
+    assert (config.rope_theta, config.local_rope_theta, config.local_rope_scaling) == (1_000_000.0, 10_000.0, None)
+    assert cfg["eos_token_id"] == [1, 106] and cfg["torch_dtype"] == "bfloat16"
+
+
+def test_multimodal_checkpoint_loads_its_language_model_only(tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("gemma3_multimodal", tie_word_embeddings=True)
+    names = [name for name, _ in iter_hf_weights(path)]
+    assert any(name.startswith("vision_tower.") for name in names)
+    cfg = hf_config(path)
+    model = Gemma3TextOfMultimodal(Gemma3TextOfMultimodal.config_from_hf(cfg), backend=None)
+    loaded = model.load_weights(iter_hf_weights(path))
+    assert "layers.0.self_attn.q_norm.weight" in loaded and "embed_tokens.weight" in loaded
+    assert not any("vision" in name or "projector" in name for name in loaded)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -47,6 +47,9 @@ ARCHS = {
     "gemma2": ParityArch("gemma2", {"tie_word_embeddings": True}, modules=("Gemma2ForCausalLM", "GemmaRMSNorm")),
     "gemma3": ParityArch("gemma3", modules=("Gemma3ForCausalLM", "GemmaRMSNorm")),
     "gemma3-linear-rope": ParityArch("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    # A vision-language Gemma 3 checkpoint served as text only (its vision tower is not loaded).
+    "gemma3-multimodal": ParityArch("gemma3_multimodal", {"tie_word_embeddings": True},
+                                    modules=("Gemma3TextOfMultimodal",)),
     "mixtral": ParityArch("mixtral", modules=("MixtralForCausalLM", "FusedMoE")),
     "qwen2_moe": ParityArch("qwen2_moe", modules=("Qwen2MoeForCausalLM", "FusedMoE")),
     "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),

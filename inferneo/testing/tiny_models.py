@@ -22,10 +22,11 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
+                 "qwen2_moe", "qwen3_moe")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3", "gemma3_multimodal")
 # Architectures whose Hugging Face config takes a sliding window; the Qwen ones also ``max_window_layers``.
-WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
-GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_ARCHITECTURES, "mixtral", "qwen2_moe", "qwen3_moe")
 # Gemma's tiny settings: a window the parity prompts (up to ~110 tokens + 12 generated) run well past, an attention
 # scale that is not head_dim ** -0.5, soft caps low enough to bend the tiny model's logits.
 GEMMA_SLIDING_WINDOW = 16
@@ -147,7 +148,10 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                                   for i in range(common["num_hidden_layers"])], **window, **common)
         if arch == "gemma2":
             return Gemma2Config(attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP, **gemma)
-        return Gemma3TextConfig(**gemma)  # rope_scaling (in common) applies to the full-attention layers
+        text = Gemma3TextConfig(**gemma)  # rope_scaling (in common) applies to the full-attention layers
+        if arch == "gemma3":
+            return text
+        return _gemma3_multimodal_config(text)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":
@@ -160,6 +164,20 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     if arch == "qwen2":
         return Qwen2Config(**window, **common)
     return Qwen3Config(**window, **common)
+
+
+def _gemma3_multimodal_config(text: Any) -> Any:
+    """A Gemma 3 vision-language config around ``text``: a one-layer SigLIP tower on 32-pixel images, four image
+    tokens, the image/begin/end-of-image ids the vocabulary's last three (the parity prompts never use them)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    last = text.vocab_size - 1
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        image_token_index=last, boi_token_index=last - 2, eoi_token_index=last - 1,
+                        tie_word_embeddings=text.tie_word_embeddings, bos_token_id=text.bos_token_id,
+                        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
 
 
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
@@ -218,7 +236,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral", *GEMMA_ARCHITECTURES)).save_pretrained(path)
+    add_bos = arch in ("llama", "mistral", "mixtral", *GEMMA_ARCHITECTURES)
+    make_tiny_tokenizer(vocab_size, add_bos=add_bos).save_pretrained(path)
     return path
 
 

@@ -21,6 +21,7 @@ What differs from Llama, all read from the Hugging Face ``config.json``:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +198,31 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         values.update(qk_norm=True, attn_logit_softcap=None,
                       final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")), **_gemma3_rope(cfg))
         return GemmaConfig.from_hf(cfg, **values)
+
+
+# Checkpoint name prefixes of a multimodal Gemma 3's language model (transformers 4 and 5 layouts) -> the text-only
+# names; every other tensor (vision tower, projector) is left out.
+_LANGUAGE_MODEL_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class Gemma3TextOfMultimodal(Gemma3ForCausalLM):
+    """The language model of a multimodal ``Gemma3ForConditionalGeneration`` checkpoint (Gemma 3 4B-27B as
+    published), served as text only: the loader hands over its ``text_config`` (``hf_files.language_model_config``)
+    and this class its language-model tensors; the vision tower and projector are not loaded."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The language model's tensors under their text-only names, loaded as Gemma 3's."""
+        return super().load_weights(_language_model_weights(weights))
+
+
+def _language_model_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        for prefix, replacement in _LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                yield replacement + name.removeprefix(prefix), tensor
+                break
