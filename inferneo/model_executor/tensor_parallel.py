@@ -365,9 +365,9 @@ def fuse_peer_norms(model: nn.Module, tp: TensorParallelGroup) -> int:
     """With peer memory (``tp.peer``), fuse the all-reduce of every row-parallel layer of a sharded model into the
     RMSNorm that reads it: the attention output projection feeds the post-attention norm, the MLP down projection
     the next layer's input norm or the final norm; the two staging buffers alternate through the model. Returns
-    how many norms were fused (none without peer memory). Call after the weights are loaded and the device's
-    kernels are in place."""
-    if tp.peer is None:
+    how many norms were fused (none without peer memory, or for a model whose ``fuses_peer_norms`` is false).
+    Call after the weights are loaded and the device's kernels are in place."""
+    if tp.peer is None or not getattr(model, "fuses_peer_norms", True):
         return 0
     fused = 0
     previous_mlp_row_parallel = False  # the first layer's input norm reads the embeddings

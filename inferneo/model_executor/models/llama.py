@@ -198,6 +198,10 @@ class LlamaForCausalLM(nn.Module):
     ``num_kv_heads``, ``cast``, ``forward``, ``compute_logits`` and ``load_weights``.
     """
 
+    # Whether tensor parallelism over peer memory may fuse each row-parallel all-reduce into the residual add and
+    # RMSNorm after it (``tensor_parallel.fuse_peer_norms``): true of Llama's layer layout.
+    fuses_peer_norms = True
+
     # checkpoint name fragment -> (fused parameter fragment, shard index)
     stacked_params = (
         ("q_proj", "qkv_proj", 0),
@@ -224,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
 
     def build_layer(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
                     layer_index: int) -> nn.Module:
-        """Decoder layer ``layer_index`` (models with another attention override this)."""
+        """Decoder layer ``layer_index`` (models whose layers differ from Llama's override this)."""
         return DecoderLayer(config, backend, max_position, self.build_mlp(config, layer_index), layer_index=layer_index)
 
     def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
@@ -251,12 +255,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` (models that scale them override this)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than the driver."""
