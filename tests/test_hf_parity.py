@@ -43,9 +43,18 @@ ARCHS = {
     "qwen2": ParityArch("qwen2", modules=("Qwen2ForCausalLM",)),
     "qwen3": ParityArch("qwen3", modules=("Qwen3ForCausalLM",)),
     "phi3": ParityArch("phi3", modules=("Phi3ForCausalLM",)),
+    # Gemma: tied like the released Gemma 2; Gemma 3 also with its full layers' rope scaled as in the 4B-27B models.
+    "gemma2": ParityArch("gemma2", {"tie_word_embeddings": True}, modules=("Gemma2ForCausalLM", "GemmaRMSNorm")),
+    "gemma3": ParityArch("gemma3", modules=("Gemma3ForCausalLM", "GemmaRMSNorm")),
+    "gemma3-linear-rope": ParityArch("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    # A vision-language Gemma 3 checkpoint served as text only (its vision tower is not loaded).
+    "gemma3-multimodal": ParityArch("gemma3_multimodal", {"tie_word_embeddings": True},
+                                    modules=("Gemma3TextOfMultimodal",)),
     "mixtral": ParityArch("mixtral", modules=("MixtralForCausalLM", "FusedMoE")),
     "qwen2_moe": ParityArch("qwen2_moe", modules=("Qwen2MoeForCausalLM", "FusedMoE")),
     "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),
+    "deepseek_v2": ParityArch("deepseek_v2", modules=("DeepseekV2ForCausalLM", "LatentAttention", "DeepseekMoE")),
+    "deepseek_v3": ParityArch("deepseek_v3", modules=("DeepseekV3ForCausalLM", "LatentAttention", "DeepseekMoE")),
 }
 MAX_NEW = 12
 

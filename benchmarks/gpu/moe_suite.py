@@ -268,10 +268,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole run (default: 540)")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptoss,hf_gptoss)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.deadline is not None:
+        cfg["deadline"] = args.deadline
     if args.smoke:
         _smoke_presets()
     s = Suite(Path(args.out), cfg, name="moe_suite")

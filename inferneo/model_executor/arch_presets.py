@@ -62,6 +62,23 @@ _QWEN3_06B = {
     "attention_bias": False, "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
     "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
 }
+_GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "vocab_size": 256000, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "attention_bias": False,
+    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+}
+_GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None, "vocab_size": 262144,
+    "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False,
+    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _LLAMA2_7B,
@@ -70,6 +87,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": _LLAMA3_8B,
     "qwen2.5-7b": _QWEN25_7B,
     "qwen3-0.6b": _QWEN3_06B,
+    "gemma-2-2b": _GEMMA2_2B,
+    "gemma-3-1b": _GEMMA3_1B,
 }
 
 

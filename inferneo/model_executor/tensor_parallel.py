@@ -296,14 +296,10 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
     kw = dict(device=device, dtype=dtype)
     for layer in model.layers:
         attn = layer.self_attn
-        qkv = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.qkv_bias, tp, **kw)
-        attn.qkv_proj = qkv
-        attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
-        attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
-        attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
-        if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads
-            attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw))
-            _attach_loader(attn.sinks, functools.partial(_load_rows, start=qkv.q_head_start))
+        if getattr(c, "mla", None) is not None:
+            shard_latent_attention(attn, c, tp, device, dtype)
+        else:
+            _shard_attention(attn, c, tp, **kw)
         if isinstance(layer.mlp, FusedMoE):
             shard_experts(layer.mlp, tp, device, dtype)
             continue
@@ -312,6 +308,40 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
         layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
     model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, **kw)
     model.lm_head = ParallelLMHead(model.embed_tokens, c.tie_word_embeddings, **kw)
+
+
+def shard_latent_attention(attn: nn.Module, c, tp: TensorParallelGroup, device, dtype) -> None:
+    """A DeepSeek latent attention: this rank's query heads in ``q_proj``/``q_b_proj``, their rows of
+    ``kv_b_proj`` and their columns of ``o_proj`` (row-parallel); the latent projections, their norms and the latent
+    cache (one shared head) stay whole on every rank."""
+    m, heads, world = c.mla, c.num_heads, tp.world_size
+    if heads % world:
+        raise ValueError(f"{heads} attention heads cannot be split over {world} ranks")
+    local = heads // world
+    qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+    name = "q_proj" if attn.q_proj is not None else "q_b_proj"
+    q_in = c.hidden_size if name == "q_proj" else m.q_lora_rank
+    q = MergedColumnParallelLinear(q_in, [heads * qk_dim], False, tp, device=device, dtype=dtype)
+    _attach_loader(q.weight, lambda param, full, shard: q.load_shard(param, full, 0))
+    setattr(attn, name, q)
+    rows = local * (m.qk_nope_head_dim + m.v_head_dim)  # each head's key rows, then its value rows
+    kv_b = attn.kv_b_proj
+    kv_b.weight = nn.Parameter(torch.empty(rows, m.kv_lora_rank, device=device, dtype=dtype), requires_grad=False)
+    _attach_loader(kv_b.weight, functools.partial(_load_rows, start=tp.rank * rows))
+    kv_b.num_heads = attn.num_heads = local
+    attn.o_proj = RowParallelLinear(heads * m.v_head_dim, c.hidden_size, c.o_bias, tp, device=device, dtype=dtype)
+
+
+def _shard_attention(attn: nn.Module, c, tp: TensorParallelGroup, **kw) -> None:
+    """A Llama-family attention: this rank's query heads and key/value heads, the output row-parallel."""
+    qkv = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.qkv_bias, tp, **kw)
+    attn.qkv_proj = qkv
+    attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
+    attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
+    attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
+    if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads
+        attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw))
+        _attach_loader(attn.sinks, functools.partial(_load_rows, start=qkv.q_head_start))
 
 
 class PeerFusedRMSNorm(RMSNorm):
@@ -335,9 +365,9 @@ def fuse_peer_norms(model: nn.Module, tp: TensorParallelGroup) -> int:
     """With peer memory (``tp.peer``), fuse the all-reduce of every row-parallel layer of a sharded model into the
     RMSNorm that reads it: the attention output projection feeds the post-attention norm, the MLP down projection
     the next layer's input norm or the final norm; the two staging buffers alternate through the model. Returns
-    how many norms were fused (none without peer memory). Call after the weights are loaded and the device's
-    kernels are in place."""
-    if tp.peer is None:
+    how many norms were fused (none without peer memory, or for a model whose ``fuses_peer_norms`` is false).
+    Call after the weights are loaded and the device's kernels are in place."""
+    if tp.peer is None or not getattr(model, "fuses_peer_norms", True):
         return 0
     fused = 0
     previous_mlp_row_parallel = False  # the first layer's input norm reads the embeddings

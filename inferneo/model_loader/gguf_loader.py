@@ -1,4 +1,11 @@
-"""GGUF models: an HF-style config from the metadata, and the weights under Hugging Face names."""
+"""GGUF models: an HF-style config from the metadata, and the weights under Hugging Face names.
+
+Gemma 2 and Gemma 3 files follow llama.cpp's converter: norm weights stored as ``1 + w`` (Gemma's offset undone
+here), no LM head (tied), the window in ``attention.sliding_window`` and the soft caps in ``*_logit_softcapping``.
+What the file does not say is taken as llama.cpp takes it: sliding layers every other one (Gemma 2) or five in six
+(Gemma 3), Gemma 3's local rotary base 10000, and the attention scale from the head size except at 27B, where it
+is ``hidden_size / num_heads``.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +30,10 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+_GEMMA_ARCHITECTURES = {"gemma2", "gemma3"}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # llama.cpp's converter interleaves the rotary halves of q/k for these architectures
 _PERMUTED_ARCHITECTURES = {"llama"}
@@ -62,20 +72,33 @@ _EXPERT_NAMING = {
     "mixtral": ("block_sparse_moe", dict(zip(_STACKED_EXPERTS, ("w1", "w3", "w2"), strict=True))),
     "qwen": ("mlp", dict(zip(_STACKED_EXPERTS, ("gate_proj", "up_proj", "down_proj"), strict=True))),
 }
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's sliding-window period (every n-th layer attends to everything) and the layer counts of the 27B models,
+# whose attention scale is ``hidden_size / num_heads`` rather than the head size.
+_GEMMA_SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def gguf_hf_name(name: str, moe_block: str = "mlp") -> str:
-    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight).
+def gguf_hf_name(name: str, moe_block: str = "mlp", arch: str = "llama") -> str:
+    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)
+    in a file of architecture ``arch`` (Gemma names its four norms per layer its own way).
 
     ``moe_block`` is where the model keeps its router (``ffn_gate_inp``): ``mlp`` (Qwen-MoE) or
     ``block_sparse_moe`` (Mixtral). Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
+    block_names = _GEMMA_BLOCK_NAMES if arch in _GEMMA_ARCHITECTURES else _BLOCK_NAMES
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
         if part == _ROUTER:
             return f"model.layers.{layer}.{moe_block}.gate.{kind}"
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{kind}"
     else:
         stem, _, kind = name.rpartition(".")
         if stem in _TOP_LEVEL_NAMES and kind in ("weight", "bias"):
@@ -83,7 +106,7 @@ def gguf_hf_name(name: str, moe_block: str = "mlp") -> str:
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent known to inferneo")
 
 
-def gguf_hf_tensors(name: str, tensor: torch.Tensor, expert_naming: str = "qwen"
+def gguf_hf_tensors(name: str, tensor: torch.Tensor, expert_naming: str = "qwen", arch: str = "llama"
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """The Hugging Face checkpoint tensors one GGUF tensor holds: a stacked expert tensor
     (``blk.N.ffn_gate_exps.weight`` ``[E, rows, cols]``) becomes one tensor per expert, named as in a Mixtral
@@ -97,7 +120,7 @@ def gguf_hf_tensors(name: str, tensor: torch.Tensor, expert_naming: str = "qwen"
         for expert in range(tensor.shape[0]):
             yield f"model.layers.{layer}.{moe_block}.experts.{expert}.{projections[part]}.{kind}", tensor[expert]
         return
-    hf_name = gguf_hf_name(name, moe_block)
+    hf_name = gguf_hf_name(name, moe_block, arch)
     if hf_name.endswith(".shared_expert_gate.weight") and tensor.dim() == 1:
         tensor = tensor.unsqueeze(0)  # [hidden] -> the [1, hidden] linear weight
     yield hf_name, tensor
@@ -162,6 +185,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
     }
     if _num_experts(header, arch):
         config.update(_moe_config(header, arch, model_type))
+    if arch in _GEMMA_ARCHITECTURES:
+        config.update(_gemma_config(meta, arch, config))
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -198,6 +223,31 @@ def _moe_config(header: GGUFHeader, arch: str, model_type: str) -> dict[str, Any
     return config
 
 
+def _gemma_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma keys of the HF-style config, from the metadata and llama.cpp's fixed choices."""
+    num_layers, window = config["num_hidden_layers"], meta.get(f"{arch}.attention.sliding_window")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA_SLIDING_PERIOD[arch])
+    if isinstance(pattern, (list, tuple)):  # one flag per layer: true where the layer slides
+        sliding = [bool(flag) for flag in pattern]
+    else:
+        sliding = [bool((i + 1) % int(pattern)) for i in range(num_layers)]
+    scalar_dim = (config["hidden_size"] // config["num_attention_heads"] if num_layers == _GEMMA_27B_LAYERS[arch]
+                  else config["head_dim"])
+    values: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "sliding_window": int(window) if window else None,
+        "layer_types": ["sliding_attention" if flag else "full_attention" for flag in sliding],
+        "query_pre_attn_scalar": scalar_dim,
+    }
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # absent: the model's defaults, as llama.cpp
+        if f"{arch}.{key}" in meta:
+            values[key] = float(meta[f"{arch}.{key}"])
+    if arch == "gemma3":
+        values["rope_local_base_freq"] = 10000.0
+    return values
+
+
 def gguf_generation_config(path: Path) -> dict[str, Any]:
     """``{"eos_token_id": ...}`` from the metadata: the EOS id, plus end-of-turn ids when the file has them."""
     meta = read_gguf_header(path).metadata
@@ -215,8 +265,9 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
 
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation undone and
-    stacked expert tensors split into one tensor per expert (Mixtral's or Qwen-MoE's names)."""
+    """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation (Llama) or its
+    shift of the norm weights by 1 (Gemma) undone and stacked expert tensors split into one tensor per expert
+    (Mixtral's or Qwen-MoE's names)."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
@@ -226,7 +277,9 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if info.name in _SKIPPED_TENSORS:
             continue
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        for name, part in gguf_hf_tensors(info.name, tensor, expert_naming):
+        for name, part in gguf_hf_tensors(info.name, tensor, expert_naming, arch):
+            if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+                part = part - 1  # the file holds fl(1 + w): the model's 1 + (that - 1) gives it back exactly
             if arch in _PERMUTED_ARCHITECTURES:
                 if ".q_proj." in name:
                     part = unpermute_rotary(part, heads)

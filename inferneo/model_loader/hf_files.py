@@ -27,8 +27,30 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# Multimodal architectures the engine serves as their language model alone (text in, text out) -> the transformers
+# config class of that language model, whose defaults fill the keys a checkpoint's ``text_config`` leaves out.
+LANGUAGE_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3TextConfig"}
+
+
+def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a multimodal checkpoint's language model: its ``text_config`` completed with the
+    transformers defaults, under the checkpoint's architecture name (so the registry picks the text-only model),
+    with the top-level token ids and dtype where the text config declares none."""
+    import transformers
+
+    name = next(n for n in config["architectures"] if n in LANGUAGE_MODEL_OF)
+    declared = config.get("text_config") or {}
+    text = getattr(transformers, LANGUAGE_MODEL_OF[name])(**declared).to_dict()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
+        if declared.get(key) is None and config.get(key) is not None:
+            text[key] = config[key]
+    text["architectures"] = [name]
+    return text
+
+
 def hf_config(folder: Path) -> dict[str, Any]:
-    """``config.json``, with the pre-5.0 keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``) filled in.
+    """``config.json``, with the pre-5.0 keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``) filled in; for
+    a multimodal checkpoint the engine serves as text only (:data:`LANGUAGE_MODEL_OF`), its language model's config.
 
     transformers >= 5 writes ``rope_parameters`` and ``dtype`` instead; both spellings are kept so the engine
     can read one set of keys whichever version saved the checkpoint.
@@ -37,6 +59,8 @@ def hf_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
     config = read_json(path)
+    if any(name in LANGUAGE_MODEL_OF for name in config.get("architectures") or ()):
+        config = language_model_config(config)
     params = config.get("rope_parameters")
     if isinstance(params, dict):
         if "rope_theta" not in config and "rope_theta" in params:

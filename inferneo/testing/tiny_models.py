@@ -22,10 +22,20 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
+                 "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3", "gemma3_multimodal")
 # Architectures whose Hugging Face config takes a sliding window; the Qwen ones also ``max_window_layers``.
-WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_ARCHITECTURES, "mixtral", "qwen2_moe", "qwen3_moe")
+# Gemma's tiny settings: a window the parity prompts (up to ~110 tokens + 12 generated) run well past, an attention
+# scale that is not head_dim ** -0.5, soft caps low enough to bend the tiny model's logits.
+GEMMA_SLIDING_WINDOW = 16
+GEMMA_QUERY_PRE_ATTN_SCALAR = 32
+GEMMA2_ATTN_SOFTCAP = 2.0
+GEMMA_FINAL_SOFTCAP = 4.0
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Multi-head latent attention with grouped top-k routing, shared experts and a dense first layer.
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + 8
@@ -86,6 +96,10 @@ def make_tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = True) -> PreTr
 
 def _window_options(arch: str, sliding_window: int | None, max_window_layers: int | None) -> dict[str, Any]:
     """The Hugging Face config values that give ``arch`` a sliding window (none when ``sliding_window`` is None)."""
+    if arch in GEMMA_ARCHITECTURES:
+        if max_window_layers is not None:
+            raise ValueError(f"max_window_layers is for the Qwen architectures; {arch} alternates by layer_types")
+        return {"sliding_window": sliding_window or GEMMA_SLIDING_WINDOW}
     if sliding_window is None:
         if max_window_layers is not None:
             raise ValueError("max_window_layers needs a sliding_window")
@@ -113,6 +127,8 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
         Qwen3Config,
         Qwen3MoeConfig,
     )
+    from transformers.models.gemma2 import Gemma2Config
+    from transformers.models.gemma3 import Gemma3TextConfig
 
     hidden = common["hidden_size"]
     common["rope_scaling"] = dict(rope_scaling) if rope_scaling else None  # the config classes mutate it
@@ -127,6 +143,20 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                               **window, **common)
 
+    if arch in MLA_ARCHITECTURES:
+        return _deepseek_config(arch, num_experts, top_k, **common)
+
+    if arch in GEMMA_ARCHITECTURES:  # layer 0 slides, layer 1 attends to everything (and so on alternately)
+        gemma = dict(query_pre_attn_scalar=GEMMA_QUERY_PRE_ATTN_SCALAR,
+                     final_logit_softcapping=GEMMA_FINAL_SOFTCAP, hidden_activation="gelu_pytorch_tanh",
+                     layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                  for i in range(common["num_hidden_layers"])], **window, **common)
+        if arch == "gemma2":
+            return Gemma2Config(attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP, **gemma)
+        text = Gemma3TextConfig(**gemma)  # rope_scaling (in common) applies to the full-attention layers
+        if arch == "gemma3":
+            return text
+        return _gemma3_multimodal_config(text)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":
@@ -141,6 +171,40 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     return Qwen3Config(**window, **common)
 
 
+def _deepseek_config(arch: str, num_experts: int, top_k: int, **common: Any) -> Any:
+    """DeepSeek-V2 (no q LoRA, softmax routing limited to the best groups) or DeepSeek-V3 (q LoRA, sigmoid
+    routing with a score correction bias, normalised top-k): latent 32 + rope 8 per token in the KV cache, a
+    dense first layer, ``num_experts`` experts in 4 groups of which the best 2 are searched, one shared expert."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    hidden = common.pop("hidden_size")
+    common.pop("head_dim")
+    common["num_key_value_heads"] = common["num_attention_heads"]  # MLA expands the latent to every head
+    mla = dict(hidden_size=hidden, kv_lora_rank=hidden // 2, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=12, moe_intermediate_size=hidden // 2, n_routed_experts=num_experts,
+               num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+               attention_dropout=0.0)
+    if arch == "deepseek_v2":
+        return DeepseekV2Config(q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+                                norm_topk_prob=False, **mla, **common)
+    return DeepseekV3Config(q_lora_rank=hidden // 2 + 8, routed_scaling_factor=2.5, norm_topk_prob=True,
+                            rope_interleave=True, **mla, **common)
+
+
+def _gemma3_multimodal_config(text: Any) -> Any:
+    """A Gemma 3 vision-language config around ``text``: a one-layer SigLIP tower on 32-pixel images, four image
+    tokens, the image/begin/end-of-image ids the vocabulary's last three (the parity prompts never use them)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    last = text.vocab_size - 1
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        image_token_index=last, boi_token_index=last - 2, eoi_token_index=last - 1,
+                        tie_word_embeddings=text.tie_word_embeddings, bos_token_id=text.bos_token_id,
+                        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+
+
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
@@ -152,15 +216,20 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
     expert, qwen3_moe); their experts are ``hidden_size // 2`` wide (Mixtral's ``2 * hidden_size``). phi3 is
-    saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
+    saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window. deepseek_v2
+    and deepseek_v3 (:data:`MLA_ARCHITECTURES`) use multi-head latent attention (``num_kv_heads`` is ignored) and
+    grouped routing over ``num_experts`` experts in 4 groups, behind a dense first layer.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
     depend on the prompt. ``rope_scaling`` is Hugging Face's dict (e.g. ``{"rope_type": "yarn", "factor": 4.0,
     "original_max_position_embeddings": 64}``); for phi3 its ``original_max_position_embeddings`` also becomes
-    Phi3Config's top-level value (``max_position_embeddings`` when absent).
+    Phi3Config's top-level value (``max_position_embeddings`` when absent); gemma3 applies it to its
+    full-attention layers (e.g. ``{"rope_type": "linear", "factor": 8.0}``).
     ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a sliding window: on every layer,
     or for the Qwen ones (``use_sliding_window``) on the layers Hugging Face picks from ``max_window_layers``
-    (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). Returns ``path``.
+    (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). gemma2 and gemma3 always alternate sliding-window
+    (``sliding_window``, default :data:`GEMMA_SLIDING_WINDOW`) and full layers, with soft-capped logits (gemma2:
+    attention ones too); their norm weights are offsets around 0, as Gemma stores them. Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -183,10 +252,13 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1.0, 0.1)
+            if name.endswith("norm.weight"):  # Gemma stores its norm weights as offsets from 1
+                param.normal_(0.0 if arch in GEMMA_ARCHITECTURES else 1.0, 0.1)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: zero at init, not here
+                buffer.normal_(0.0, 0.1)
     model = model.to(torch_dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -194,13 +266,14 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral")).save_pretrained(path)
+    add_bos = arch in ("llama", "mistral", "mixtral", *GEMMA_ARCHITECTURES)
+    make_tiny_tokenizer(vocab_size, add_bos=add_bos).save_pretrained(path)
     return path
 
 
 # model_type -> llama.cpp's general.architecture
 _GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 # HF expert projection -> llama.cpp's stacked tensor (Mixtral's w1/w3/w2 and Qwen-MoE's names)
 _STACKED_EXPERTS = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps", "up_proj": "ffn_up_exps",
                     "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
@@ -210,7 +283,9 @@ _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp k
 
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
-    into ``ffn_{gate,up,down}_exps``, tokenizer in metadata).
+    into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, tokenizer in
+    metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
+    llama.cpp's Gemma files cannot say otherwise.
 
     ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
     1-D tensors (norms, biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks
@@ -225,8 +300,13 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     arch = _GGUF_ARCHITECTURES.get(config["model_type"])
     if arch is None:
         raise ValueError(f"cannot convert model_type {config['model_type']!r}")
+    gemma = arch in GEMMA_ARCHITECTURES
+    if gemma:
+        config = _gemma_gguf_config(config)
     writer = gguf.GGUFWriter(out_file, arch)
     head_dim = _write_hparams(writer, config)
+    if gemma:
+        _write_gemma_hparams(writer, arch, config)
     _write_tokenizer(writer, hf_dir, config)
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
@@ -255,15 +335,21 @@ def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[t
     """(llama.cpp name, float32 array) for every tensor, experts stacked per layer and projection."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    gemma = arch in GEMMA_ARCHITECTURES
+    names = _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
     for name, tensor in iter_hf_weights(hf_dir):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
+        if gemma and name == "lm_head.weight":
+            continue  # tied (checked by _gemma_gguf_config): llama.cpp's Gemma files have no LM head
+        if gemma and name.endswith("norm.weight"):
+            tensor = tensor.float() + 1  # llama.cpp stores Gemma's norm weights with the 1 added
         array = tensor.float().numpy()
         if match := _EXPERT_WEIGHT.fullmatch(name):
             layer, expert, projection = match.groups()
             experts.setdefault((layer, _STACKED_EXPERTS[projection]), {})[int(expert)] = array
         else:
-            yield _gguf_name(name), array
+            yield _gguf_name(name, names), array
     for (layer, stacked), by_expert in experts.items():
         yield f"blk.{layer}.{stacked}.weight", np.stack([by_expert[e] for e in range(len(by_expert))])
 
@@ -340,12 +426,49 @@ _GGUF_NAMES = {
 }
 
 
-def _gguf_name(hf_name: str) -> str:
+_GEMMA_GGUF_NAMES = {
+    **_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _gguf_name(hf_name: str, names: dict[str, str]) -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem.startswith("model.layers."):
         layer, _, part = stem.removeprefix("model.layers.").partition(".")
-        return f"blk.{layer}.{_GGUF_NAMES[part]}.{kind}"
-    return f"{_GGUF_NAMES[stem]}.{kind}"
+        return f"blk.{layer}.{names[part]}.{kind}"
+    return f"{names[stem]}.{kind}"
+
+
+def _gemma_gguf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma config with the full layers' rope at the top level (as for the other models), checked for what a
+    llama.cpp Gemma file cannot say: an untied LM head, an attention scale other than the head size."""
+    if not config.get("tie_word_embeddings", True):
+        raise ValueError("llama.cpp's Gemma files have no LM head of their own; convert a tied checkpoint")
+    head_dim = config.get("head_dim") or 256
+    if config.get("query_pre_attn_scalar", 256) != head_dim:
+        raise ValueError(f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} is not the head size "
+                         f"{head_dim}: llama.cpp derives the attention scale from the head size (below 27B)")
+    full = (config.get("rope_parameters") or {}).get("full_attention")
+    if full is None:
+        return config
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    return dict(config, rope_theta=full.get("rope_theta", 1_000_000.0),
+                rope_scaling=scaling if scaling.get("rope_type", "default") != "default" else None)
+
+
+def _write_gemma_hparams(writer: gguf.GGUFWriter, arch: str, config: dict[str, Any]) -> None:
+    """The window, the soft caps and (where it is not llama.cpp's fixed period) which layers slide."""
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if config.get(key) is not None:
+            add(float(config[key]))
+    period = {"gemma2": 2, "gemma3": 6}[arch]
+    sliding = [kind == "sliding_attention" for kind in config["layer_types"]]
+    if sliding != [bool((i + 1) % period) for i in range(len(sliding))]:
+        writer.add_sliding_window_pattern(sliding)
 
 
 def _llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:

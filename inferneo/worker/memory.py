@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.attention.kv_spec import allocate_kv_caches
 
 if TYPE_CHECKING:
     from inferneo.worker.model_runner import ModelRunner
@@ -58,7 +59,7 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
     """One forward pass over ``num_tokens`` prompt tokens (in spans no longer than the context) plus logits and
     a sort for ``num_seqs`` rows, writing K/V into a small scratch cache. Returns the logits (None on a
     tensor-parallel worker, which sends its share to the driver)."""
-    c, bs, device = runner.model_config, runner.block_size, runner.device
+    bs, device = runner.block_size, runner.device
     span_len = max(1, runner.max_model_len - 1)
     lengths = [min(span_len, num_tokens - s) for s in range(0, num_tokens, span_len)]
     spans, slots, positions = [], [], []
@@ -70,13 +71,13 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
         slots.append(torch.arange(n, device=device) + block * bs)
         positions.append(torch.arange(n, device=device))
         block += num_blocks
-    shape = runner.backend.kv_cache_shape(block, bs, runner.num_kv_heads, c.head_dim)  # this rank's heads
-    scratch = torch.zeros(shape, dtype=runner.dtype, device=device)
+    # One scratch tensor per distinct layer shape (this rank's heads), shared by the layers of that shape.
+    scratch = allocate_kv_caches(runner.kv_cache_specs, block, bs, runner.dtype, device, share=True)
     metadata = AttentionMetadata(block_size=bs, num_decode_tokens=0, slot_mapping=torch.cat(slots),
                                  decode_block_tables=None, decode_seq_lens=None, prefills=spans)
     runner.backend.prepare(metadata)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    hidden = runner.model(ids, torch.cat(positions), [scratch] * c.num_layers, metadata)
+    hidden = runner.model(ids, torch.cat(positions), scratch, metadata)
     rows = hidden[-min(num_seqs, num_tokens):]
     logits = runner.model.compute_logits(rows)  # None on a tensor-parallel worker: the driver samples
     if logits is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import backend_for_model, default_attention_backend, get_attention_backend
+from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
@@ -179,6 +180,8 @@ class ModelRunner(Runner):
         self.model.cast(dtype)
         # Key/value heads this rank holds (all of them without tensor parallelism).
         self.num_kv_heads = self.model.num_kv_heads
+        # What each layer keeps in the KV cache (layers may differ: latent attention keeps a compressed latent).
+        self.kv_cache_specs = self.model.kv_cache_specs()
         self.model.eval()
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -220,10 +223,8 @@ class ModelRunner(Runner):
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """Bytes of KV cache one block takes over all layers."""
-        c = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * elem
+        """Bytes of KV cache one block takes over all layers (each layer as its ``KVCacheSpec`` says)."""
+        return kv_bytes_per_block(self.kv_cache_specs, self.block_size, self.dtype)
 
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take on CUDA, measured with a worst-case forward pass (see ``memory``).
@@ -239,11 +240,9 @@ class ModelRunner(Runner):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` blocks for the scheduler plus the spare padding block; capture CUDA graphs."""
-        c = self.model_config
         self.spare_block = num_blocks
-        shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, self.num_kv_heads, c.head_dim)
-        # Zeros, not empty: masked-out slots are multiplied by zero weights and must not hold NaNs.
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.kv_caches = allocate_kv_caches(self.kv_cache_specs, num_blocks + 1, self.block_size, self.dtype,
+                                            self.device)
         self.num_blocks = num_blocks
         if self.device.type == "cuda" and not self.enforce_eager:
             self.capture_cuda_graphs()

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the model files: RMSNorm and the gated MLP activation, in plain PyTorch.
+"""Small building blocks shared by the model files: RMSNorm (and Gemma's offset variant) and the gated MLP
+activations, in plain PyTorch.
 
 Faster versions for a device (native CPU kernels, Triton on CUDA, the tensor-parallel fused all-reduce + norm)
 replace these modules once the model is built: ``inferneo.model_executor.device_kernels``.
@@ -9,6 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _over_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` in float32 divided by its root mean square over the last dimension."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +31,25 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
+        out = self.normalize(x)
         return out if residual is None else (out, residual)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its root mean square (in float32), back in ``x``'s dtype, times the weight."""
+        return self.weight * _over_rms(x, self.eps).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the stored weight is an offset, ``x_normalized * (1 + weight)``, all in float32 before the
+    result goes back to the input dtype (as Hugging Face's Gemma 2 and Gemma 3 norms do)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` over its root mean square times ``1 + weight``, all in float32, back in ``x``'s dtype."""
+        return (_over_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -41,3 +63,16 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+class GeluAndMul(nn.Module):
+    """GELU of the first half times the second half (Gemma's gated MLP); ``approximate`` is ``"tanh"`` (Hugging
+    Face's ``gelu_pytorch_tanh``) or ``"none"`` (exact ``gelu``)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from inferneo.attention import AttentionMetadata
+from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.model_executor.models.llama import DecoderConfig
 
 
@@ -16,13 +17,16 @@ class CausalLM(Protocol):
     """A causal LM the runner can drive (``LlamaForCausalLM`` and its subclasses are one).
 
     ``config`` gives the architecture (layers, head size, hidden size, vocabulary); ``num_kv_heads`` the key/value
-    heads each layer's cache holds on this rank.
+    heads each layer's cache holds on this rank; ``kv_cache_specs`` each layer's cache exactly (layers may differ).
     """
 
     config: DecoderConfig
 
     @property
     def num_kv_heads(self) -> int: ...
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """What each layer keeps in the KV cache (shape and backend), one record per layer, on this rank."""
 
     def cast(self, dtype: torch.dtype) -> None:
         """Move the parameters to the compute dtype (buffers that must stay float32 stay so)."""

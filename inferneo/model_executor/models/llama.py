@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionFeature, AttentionMetadata, attention_features
+from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
 from inferneo.model_executor.layers.rotary import RotaryEmbedding, rope_scaling_from_hf
@@ -197,6 +198,10 @@ class LlamaForCausalLM(nn.Module):
     ``num_kv_heads``, ``cast``, ``forward``, ``compute_logits`` and ``load_weights``.
     """
 
+    # Whether tensor parallelism over peer memory may fuse each row-parallel all-reduce into the residual add and
+    # RMSNorm after it (``tensor_parallel.fuse_peer_norms``): true of Llama's layer layout.
+    fuses_peer_norms = True
+
     # checkpoint name fragment -> (fused parameter fragment, shard index)
     stacked_params = (
         ("q_proj", "qkv_proj", 0),
@@ -215,14 +220,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_position, self.build_mlp(config, i), layer_index=i)
-            for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(self.build_layer(config, backend, max_position, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_layer(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        """Decoder layer ``layer_index`` (models whose layers differ from Llama's override this)."""
+        return DecoderLayer(config, backend, max_position, self.build_mlp(config, layer_index), layer_index=layer_index)
 
     def build_mlp(self, config: DecoderConfig, layer_index: int) -> nn.Module:
         """The feed-forward block of layer ``layer_index`` (mixture-of-experts models override this)."""
@@ -233,6 +240,12 @@ class LlamaForCausalLM(nn.Module):
         """Key/value heads each layer holds: all of them, or this rank's once the model is sharded."""
         return self.layers[0].self_attn.num_kv_heads
 
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """What each layer keeps in the KV cache: this rank's key/value heads of ``head_dim``, in the layout of the
+        engine's attention backend."""
+        return [KVCacheSpec(layer.self_attn.backend, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
+                for layer in self.layers]
+
     def cast(self, dtype: torch.dtype) -> None:
         """Parameters to ``dtype``; the rotary tables stay in float32 whatever the model dtype."""
         self.to(dtype=dtype)
@@ -242,12 +255,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` (models that scale them override this)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than the driver."""
