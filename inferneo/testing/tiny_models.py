@@ -19,8 +19,9 @@ from transformers import PreTrainedTokenizerFast
 
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
+from inferneo.model_loader.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
@@ -94,6 +95,8 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     )
 
     hidden = common["hidden_size"]
+    if arch == "gpt_oss":
+        return _gpt_oss_config(rope_scaling, num_experts, top_k, **common)
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, **common)
     if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
@@ -117,12 +120,24 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     return Qwen3Config(use_sliding_window=False, **common)
 
 
+def _gpt_oss_config(rope_scaling: dict[str, Any] | None, num_experts: int, top_k: int, **common: Any) -> Any:
+    """gpt-oss: biased attention with sinks, sliding-window layers alternating with full ones (a 16-token window so
+    test prompts run past it), experts with biases and the clamped SwiGLU; plain rope unless ``rope_scaling``."""
+    from transformers import GptOssConfig
+
+    rope = {"rope_type": "default", "rope_theta": 150000.0}
+    if rope_scaling:
+        rope = {"rope_theta": 150000.0, **rope_scaling}
+    return GptOssConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=16,
+                        rope_parameters=rope, attention_bias=True, attention_dropout=0.0, **common)
+
+
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
                          torch_dtype: torch.dtype = torch.float32,
                          rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
-                         num_experts: int = 8, top_k: int = 2) -> Path:
+                         num_experts: int = 8, top_k: int = 2, mxfp4: bool = False) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
@@ -130,7 +145,10 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
-    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama only.
+    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama and gpt_oss
+    (whose default is plain rope). gpt_oss has a 16-token sliding window on its even layers, attention sinks and
+    biased experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and
+    scales with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`).
     Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
@@ -142,8 +160,10 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
-    if rope_scaling is not None and arch != "llama":
-        raise ValueError("rope_scaling is only supported for arch='llama'")
+    if rope_scaling is not None and arch not in ("llama", "gpt_oss"):
+        raise ValueError("rope_scaling is only supported for arch='llama' and arch='gpt_oss'")
+    if mxfp4 and arch != "gpt_oss":
+        raise ValueError("mxfp4 is only supported for arch='gpt_oss'")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -157,17 +177,53 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(1.0, 0.1)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias")):
                 param.normal_(0.0, 0.1)
+            if mxfp4 and name.endswith(_GPT_OSS_EXPERT_WEIGHTS):  # MXFP4 values, so the checkpoint is lossless
+                blocks, scales = quantize_mxfp4(param.transpose(1, 2))
+                param.copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))
     model = model.to(torch_dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
+    if mxfp4:
+        write_mxfp4_experts(path)
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     make_tiny_tokenizer(vocab_size, add_bos=arch in ("llama", "mistral", "mixtral")).save_pretrained(path)
     return path
+
+
+_GPT_OSS_EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def write_mxfp4_experts(path: Path) -> None:
+    """Rewrite a gpt-oss checkpoint folder's expert weights as MXFP4, the way gpt-oss checkpoints store them.
+
+    HF's ``experts.gate_up_proj`` ``[E, H, 2I]`` and ``experts.down_proj`` ``[E, I, H]`` become
+    ``..._blocks``/``..._scales`` of their transposes (``[E, 2I, H]``, ``[E, H, I]``, grouped along the input
+    dimension), and ``config.json`` gains ``quantization_config``. Values that are not MXFP4 values are rounded.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"write_mxfp4_experts expects one safetensors file in {path}; found {len(files)}")
+    tensors = load_file(files[0])
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(_GPT_OSS_EXPERT_WEIGHTS):
+            blocks, scales = quantize_mxfp4(tensor.float().transpose(1, 2))
+            out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+        else:
+            out[name] = tensor
+    save_file(out, str(files[0]), metadata={"format": "pt"})
+    config = read_json(path / "config.json")
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
