@@ -9,14 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from moe_reference import reference_experts
 from test_hf_parity import ENGINE_VARIANTS, MAX_NEW, hf_greedy, mixed_prompts, run_engine
 
 from inferneo import LLM
-from inferneo.model_executor.layers.moe import (
-    FusedMoE,
-    fused_experts,
+from inferneo.model_executor.layers.moe import FusedMoE, fused_experts
+from inferneo.model_executor.layers.moe_routing import (
+    ROUTING_FUNCTIONS,
+    make_router,
     softmax_topk,
     softmax_topk_renormalized,
+    topk_softmax,
 )
 from inferneo.model_executor.models.moe import Qwen2MoeForCausalLM
 from inferneo.model_executor.tensor_parallel import shard_model
@@ -71,19 +74,9 @@ def test_engine_mechanisms_keep_hf_parity(moe_dir, variant):
 # ---- the layer against a per-token, per-expert reference ----------------------------------------------------------
 
 
-def _reference(x, w13, w2, weights, ids):
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for k in range(ids.shape[1]):
-            e = int(ids[t, k])
-            gate, up = (w13[e] @ x[t]).chunk(2)
-            out[t] += weights[t, k] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
-    return out
-
-
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_fused_experts_match_per_token_reference(top_k, renormalize):
+def test_fused_experts_match_per_tokenreference_experts(top_k, renormalize):
     torch.manual_seed(top_k)
     num_experts, hidden, inter, tokens = 6, 16, 12, 37
     x = torch.randn(tokens, hidden, dtype=torch.float64)
@@ -92,31 +85,80 @@ def test_fused_experts_match_per_token_reference(top_k, renormalize):
     logits = torch.randn(tokens, num_experts, dtype=torch.float64)
     logits[:, 0] += 10.0  # uneven: expert 0 takes every token
     logits[:, num_experts - 1] = -1e4  # the last expert gets none
-    weights, ids = (softmax_topk_renormalized if renormalize else softmax_topk)(logits, top_k)
+    routed = (softmax_topk_renormalized if renormalize else softmax_topk)(logits, top_k)
+    weights, ids = routed.weights, routed.ids
     assert (ids == num_experts - 1).sum() == 0
     counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
     assert counts[0] == tokens and counts[0] > counts[1:].max()
     if renormalize:
         torch.testing.assert_close(weights.sum(-1), torch.ones(tokens, dtype=weights.dtype))
     got = fused_experts(x, w13, w2, weights, ids)
-    torch.testing.assert_close(got, _reference(x, w13, w2, weights.to(x.dtype), ids), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, reference_experts(x, w13, w2, weights.to(x.dtype), ids), rtol=1e-10, atol=1e-10)
 
 
 def test_fused_moe_module_with_shared_expert_and_empty_batch():
     torch.manual_seed(0)
     shared = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
-    moe = FusedMoE(8, 4, num_experts=4, top_k=2, renormalize=False, shared_expert=shared, shared_expert_gate=True)
+    moe = FusedMoE(8, 4, num_experts=4, top_k=2, router=make_router("softmax_topk", 2), shared_expert=shared,
+                   shared_expert_gate=True)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(5, 8)
-    weights, ids = softmax_topk(moe.gate(x), 2)
-    routed = _reference(x, moe.experts.gate_up_proj, moe.experts.down_proj, weights, ids)
+    chosen = softmax_topk(moe.gate(x), 2)
+    routed = reference_experts(x, moe.experts.gate_up_proj, moe.experts.down_proj, chosen.weights, chosen.ids)
     expected = routed + torch.sigmoid(moe.shared_expert_gate(x)) * shared(x)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), expected)
         assert moe(x[:0]).shape == (0, 8)
     with pytest.raises(ValueError, match="top_k"):
-        FusedMoE(8, 4, num_experts=4, top_k=5, renormalize=False)
+        FusedMoE(8, 4, num_experts=4, top_k=5, router=make_router("softmax_topk", 5))
+
+
+def test_routers_pick_and_weigh_as_documented():
+    torch.manual_seed(0)
+    logits = torch.randn(9, 6)
+    for name, fn in ROUTING_FUNCTIONS.items():
+        routed = make_router(name, 3)(logits)
+        assert routed.weights.dtype == torch.float32 and routed.ids.dtype == torch.int64, name
+        assert routed.weights.shape == routed.ids.shape == (9, 3), name
+        torch.testing.assert_close(routed.ids, torch.topk(logits, 3).indices, msg=name)  # same experts for all three
+        torch.testing.assert_close(routed.weights, fn(logits, 3).weights)
+    full = torch.softmax(logits, -1)
+    top = torch.topk(logits, 3)
+    torch.testing.assert_close(softmax_topk(logits, 3).weights, full.gather(1, top.indices))
+    chosen = full.gather(1, top.indices)
+    torch.testing.assert_close(softmax_topk_renormalized(logits, 3).weights, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(topk_softmax(logits, 3).weights, torch.softmax(top.values, -1))
+    with pytest.raises(ValueError, match="routing"):
+        make_router("sigmoid", 2)
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_experts_activations_and_biases(activation, bias):
+    torch.manual_seed(1)
+    num_experts, hidden, inter, tokens, top_k = 5, 12, 8, 11, 2
+    x = torch.randn(tokens, hidden, dtype=torch.float64) * 3  # large enough that swigluoai's clamps bite
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=torch.float64)
+    w2 = torch.randn(num_experts, hidden, inter, dtype=torch.float64) * 0.3
+    w13_bias = torch.randn(num_experts, 2 * inter, dtype=torch.float64) if bias else None
+    w2_bias = torch.randn(num_experts, hidden, dtype=torch.float64) if bias else None
+    routed = topk_softmax(torch.randn(tokens, num_experts, dtype=torch.float64), top_k)
+    got = fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation, w13_bias=w13_bias,
+                        w2_bias=w2_bias)
+    want = reference_experts(x, w13, w2, routed.weights, routed.ids, activation, w13_bias, w2_bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    if activation == "swigluoai":
+        assert (w13[routed.ids[:, 0]] @ x[:, :, None]).abs().max() > 7  # the clamp was exercised
+
+
+def test_fused_moe_biases_and_bad_activation():
+    moe = FusedMoE(8, 4, num_experts=3, top_k=2, router=make_router("topk_softmax", 2), activation="swigluoai",
+                   bias=True, router_bias=True)
+    assert moe.experts.gate_up_proj_bias.shape == (3, 8) and moe.experts.down_proj_bias.shape == (3, 8)
+    assert moe.gate.bias is not None
+    with pytest.raises(ValueError, match="activation"):
+        FusedMoE(8, 4, num_experts=3, top_k=2, router=make_router("topk_softmax", 2), activation="gelu")
 
 
 # ---- config, layer selection and what is refused ------------------------------------------------------------------

@@ -1,12 +1,10 @@
-"""Mixture-of-experts: routing functions and a batched-PyTorch expert computation over stacked expert weights.
+"""Mixture-of-experts layer: stacked expert weights, a router, and a batched-PyTorch expert computation.
 
 The experts of a layer live in two stacked tensors, ``w13`` ``[E, 2*I, H]`` (gate rows, then up rows, as one fused
-gate/up projection per expert) and ``w2`` ``[E, H, I]`` (the down projections). Routing picks ``top_k`` experts and
-their weights for every token; :func:`fused_experts` sorts the (token, expert) pairs by expert, runs each expert's
-tokens through it in one matmul chain and scatters the weighted results back with ``index_add_``. The Python loop
-runs over the experts that received tokens, never over tokens.
-
-Routing variants are small functions (:data:`ROUTERS`), not copies of the layer.
+gate/up projection per expert) and ``w2`` ``[E, H, I]`` (the down projections), with optional biases ``[E, 2*I]`` and
+``[E, H]``. A router (``moe_routing.py``) picks ``top_k`` experts and their weights for every token;
+:func:`fused_experts` computes ``sum_k weight[t, k] * expert_{ids[t, k]}(x[t])``. Device kernels replace the expert
+computation of a :class:`FusedMoE` through its ``expert_kernel`` attribute (``device_kernels.py``), never the layer.
 """
 
 from __future__ import annotations
@@ -18,103 +16,143 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferneo.model_executor.layers.moe_routing import ROUTING_FUNCTIONS, Router
+
+ACTIVATIONS = ("silu", "swigluoai")
+"""Gated expert activations: ``silu`` is ``SiLU(gate) * up``; ``swigluoai`` is gpt-oss's clamped variant."""
+SWIGLU_OAI_LIMIT = 7.0
+SWIGLU_OAI_ALPHA = 1.702
+
 
 @dataclass(frozen=True, slots=True)
 class MoeConfig:
     """The mixture-of-experts values of a decoder config.
 
     A layer is sparse when it is not in ``mlp_only_layers`` and ``(index + 1) % sparse_step == 0``; the others keep
-    the dense MLP. ``shared_expert_intermediate_size`` 0 means no shared expert.
+    the dense MLP. ``shared_expert_intermediate_size`` 0 means no shared expert. ``routing`` names a key of
+    :data:`~inferneo.model_executor.layers.moe_routing.ROUTING_FUNCTIONS`, ``activation`` one of
+    :data:`ACTIVATIONS`; ``expert_bias`` adds biases to the expert projections, ``router_bias`` to the router linear.
     """
 
     num_experts: int
     top_k: int
     intermediate_size: int
-    renormalize: bool
+    routing: str = "softmax_topk"
     shared_expert_intermediate_size: int = 0
     sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    activation: str = "silu"
+    expert_bias: bool = False
+    router_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_FUNCTIONS:
+            raise ValueError(f"unknown mixture-of-experts routing {self.routing!r}; "
+                             f"supported: {sorted(ROUTING_FUNCTIONS)}")
+        _check_activation(self.activation)
 
     def is_sparse(self, layer_index: int) -> bool:
         """Whether layer ``layer_index`` holds experts (else a dense MLP)."""
         return layer_index not in self.mlp_only_layers and (layer_index + 1) % self.sparse_step == 0
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts (float32), then the ``top_k`` largest: weights ``[T, k]`` and expert ids ``[T, k]``.
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(ACTIVATIONS)}")
 
-    The weights are the full-softmax probabilities, not renormalised (Qwen2-MoE / Qwen3-MoE with
-    ``norm_topk_prob`` false).
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """The expert activation of ``gate_up`` ``[..., 2*I]`` (gate half first, then up half): ``[..., I]``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "swigluoai":
+        gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
+        up = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+        return (up + 1) * gate * torch.sigmoid(SWIGLU_OAI_ALPHA * gate)
+    _check_activation(activation)
+    raise AssertionError(activation)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
+                  w2_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` for every token, in batched PyTorch.
+
+    ``x`` is ``[T, H]``, ``w13`` ``[E, 2*I, H]``, ``w2`` ``[E, H, I]``, ``weights`` and ``ids`` ``[T, k]``;
+    ``w13_bias`` ``[E, 2*I]`` and ``w2_bias`` ``[E, H]`` are optional (the down bias is scaled by the routing weight
+    like the rest of the expert's output). Returns ``[T, H]`` in ``x``'s dtype. The (token, slot) pairs are sorted by
+    expert and each expert that received tokens runs them in one matmul chain; the loop is over experts, not tokens.
     """
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    return torch.topk(probs, top_k, dim=-1)
-
-
-def softmax_topk_renormalized(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`softmax_topk`, with the ``top_k`` weights of each token divided by their sum (Mixtral, and
-    Qwen-MoE with ``norm_topk_prob`` true)."""
-    weights, ids = softmax_topk(router_logits, top_k)
-    return weights / weights.sum(dim=-1, keepdim=True), ids
-
-
-Router = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-ROUTERS: dict[str, Router] = {"softmax": softmax_topk, "softmax_renormalized": softmax_topk_renormalized}
-
-
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """``sum_k weight[t, k] * expert_{ids[t, k]}(x[t])`` for every token, with SiLU-gated experts.
-
-    ``x`` is ``[T, H]``, ``w13`` ``[E, 2*I, H]``, ``w2`` ``[E, H, I]``, ``topk_weights`` and ``topk_ids`` ``[T, k]``.
-    Returns ``[T, H]`` in ``x``'s dtype.
-    """
-    num_tokens, top_k = topk_ids.shape
+    num_tokens, top_k = ids.shape
     out = torch.zeros_like(x)
     if num_tokens == 0:
         return out
-    flat_ids = topk_ids.reshape(-1)
+    flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     token_of = order // top_k
-    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)
+    weight_of = weights.reshape(-1)[order].to(x.dtype)
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = token_of[start : start + count]
-        gate, up = F.linear(x[rows], w13[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[expert])
+        gate_up = F.linear(x[rows], w13[expert], None if w13_bias is None else w13_bias[expert])
+        y = F.linear(gated_activation(gate_up, activation), w2[expert], None if w2_bias is None else w2_bias[expert])
         out.index_add_(0, rows, y * weight_of[start : start + count, None])
         start += count
     return out
 
 
-class FusedMoE(nn.Module):
-    """A router (gate linear, no bias) and ``num_experts`` SiLU-gated experts as stacked weights.
+ExpertKernel = Callable[..., torch.Tensor]
+"""A function with :func:`fused_experts`' signature (device kernels provide their own)."""
 
-    ``shared_expert`` (an MLP module) and ``shared_expert_gate`` (a linear to one logit) add Qwen2-MoE's shared
-    expert: its output, scaled by the sigmoid of the gate, is added to the routed experts' sum.
+
+class FusedMoE(nn.Module):
+    """A router linear (``gate``), a :data:`~inferneo.model_executor.layers.moe_routing.Router` and ``num_experts``
+    gated experts as stacked weights.
+
+    ``bias`` adds ``experts.gate_up_proj_bias`` ``[E, 2*I]`` and ``experts.down_proj_bias`` ``[E, H]``;
+    ``router_bias`` a bias on ``gate``. ``shared_expert`` (an MLP module) and ``shared_expert_gate`` (a linear to one
+    logit) add Qwen2-MoE's shared expert: its output, scaled by the sigmoid of the gate, is added to the routed
+    experts' sum. ``expert_kernel`` computes the routed experts (:func:`fused_experts` unless a device kernel
+    replaced it).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, router: Router, *,
+                 activation: str = "silu", bias: bool = False, router_bias: bool = False,
                  shared_expert: nn.Module | None = None, shared_expert_gate: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}); got {top_k}")
+        _check_activation(activation)
         self.num_experts = num_experts
         self.top_k = top_k
         self.intermediate_size = intermediate_size
-        self.router: Router = softmax_topk_renormalized if renormalize else softmax_topk
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.activation = activation
+        self.router = router
+        self.expert_kernel: ExpertKernel = fused_experts
+        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if bias:
+            self.experts.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size))
+            self.experts.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
 
+    def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the routed experts' outputs for ``x`` ``[T, H]`` (no shared expert)."""
+        routed = self.router(self.gate(x))
+        experts = self.experts
+        return self.expert_kernel(x, experts.gate_up_proj, experts.down_proj, routed.weights, routed.ids,
+                                  activation=self.activation, w13_bias=getattr(experts, "gate_up_proj_bias", None),
+                                  w2_bias=getattr(experts, "down_proj_bias", None))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.router(self.gate(x), self.top_k)
-        out = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = self.routed_experts(x)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from inferneo.model_executor.layers.moe import FusedMoE, MoeConfig
+from inferneo.model_executor.layers.moe_routing import make_router
 from inferneo.model_executor.models.llama import MLP, DecoderConfig, LlamaForCausalLM, _copy, _lookup
 
 # layers.{l}.mlp.experts.{e}.{projection}.weight, after ``block_sparse_moe.`` became ``mlp.``
@@ -31,7 +32,8 @@ def _moe_config(cfg: dict, num_experts: int, intermediate_size: int, renormalize
                 shared_expert_intermediate_size: int = 0) -> MoeConfig:
     return MoeConfig(
         num_experts=num_experts, top_k=cfg["num_experts_per_tok"], intermediate_size=intermediate_size,
-        renormalize=renormalize, shared_expert_intermediate_size=shared_expert_intermediate_size,
+        routing="softmax_topk_renormalized" if renormalize else "softmax_topk",
+        shared_expert_intermediate_size=shared_expert_intermediate_size,
         sparse_step=cfg.get("decoder_sparse_step") or 1, mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
     )
 
@@ -44,8 +46,10 @@ class MoeForCausalLM(LlamaForCausalLM):
         if moe is None or not moe.is_sparse(layer_index):
             return MLP(config)
         shared = moe.shared_expert_intermediate_size
-        return FusedMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k, moe.renormalize,
-                        shared_expert=MLP(config, shared) if shared else None, shared_expert_gate=bool(shared))
+        return FusedMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k,
+                        make_router(moe.routing, moe.top_k), activation=moe.activation, bias=moe.expert_bias,
+                        router_bias=moe.router_bias, shared_expert=MLP(config, shared) if shared else None,
+                        shared_expert_gate=bool(shared))
 
     def load_special_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
         """Per-expert projections into their slice of the stacked tensors; stacked tensors whole."""
