@@ -79,6 +79,12 @@ class QKVParallelLinear(nn.Linear):
         _check_shape(dest, src, "qkv projection")
         dest.copy_(src)
 
+    def load_query_head_values(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
+        """Copy this rank's entries of a per-query-head tensor ``[num_heads]`` (gpt-oss's attention sinks)."""
+        src = full.narrow(0, self.q_head_start, self.local_heads)
+        _check_shape(param.data, src, "per-head values")
+        param.data.copy_(src)
+
 
 class MergedColumnParallelLinear(nn.Linear):
     """Several projections fused by output rows (gate and up), each split evenly over the ranks."""
@@ -203,6 +209,9 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
         attn.qkv_proj = qkv
         attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
         attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
+        if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads' ones
+            attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw), requires_grad=False)
+            _attach_loader(attn.sinks, qkv.load_query_head_values)
         attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
         layer.mlp.gate_up_proj = MergedColumnParallelLinear(
             c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
