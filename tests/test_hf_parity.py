@@ -1,12 +1,18 @@
 """Greedy token ids equal Hugging Face transformers' ``generate`` on the same weights (float32).
 
-Checked for every supported architecture, for one prompt and for a batch of mixed-length prompts, and with the
-engine's mechanisms forced on: prefix caching on and off, chunked prefill, preemption under a small KV pool.
+One table, :data:`ARCHS`, names every supported architecture's tiny checkpoint; every test here runs over all of
+them: one prompt, a batch of mixed-length prompts, and the engine's mechanisms forced on (:data:`ENGINE_VARIANTS`:
+prefix caching on and off, chunked prefill, preemption under a small KV pool, with and without prefix caching).
+Adding an architecture is one line in :data:`ARCHS`. Hugging Face's tokens are computed once per
+(checkpoint, prompt) and shared by every test and module that asks for them.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,37 +22,55 @@ from transformers import AutoModelForCausalLM
 from inferneo import LLM, SamplingParams
 from inferneo.kernel_config import KernelConfig
 
+
+@dataclass(frozen=True)
+class ParityArch:
+    """One architecture under test: ``arch`` and ``checkpoint`` are ``tiny_checkpoint_factory``'s arguments;
+    ``modules`` are module type names the engine's model must contain (the model class, FusedMoE, ...)."""
+
+    arch: str
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    modules: tuple[str, ...] = ()
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
 ARCHS = {
-    "llama": {},
-    "llama-tied": {"tie_word_embeddings": True},
-    "llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {},
+    "llama": ParityArch("llama", modules=("LlamaForCausalLM",)),
+    "llama-tied": ParityArch("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": ParityArch("llama", {"rope_scaling": _LLAMA3_ROPE}),
+    "mistral": ParityArch("mistral", modules=("LlamaForCausalLM",)),
+    "qwen2": ParityArch("qwen2", modules=("Qwen2ForCausalLM",)),
+    "qwen3": ParityArch("qwen3", modules=("Qwen3ForCausalLM",)),
+    "phi3": ParityArch("phi3", modules=("Phi3ForCausalLM",)),
+    "mixtral": ParityArch("mixtral", modules=("MixtralForCausalLM", "FusedMoE")),
+    "qwen2_moe": ParityArch("qwen2_moe", modules=("Qwen2MoeForCausalLM", "FusedMoE")),
+    "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),
 }
 MAX_NEW = 12
 
 
-def _arch(name: str) -> str:
-    return name.split("-")[0].replace("llama3", "llama")
-
-
 @functools.cache
-def _hf_model(path):
+def _hf_model(path: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos, without masking EOS
     return model
 
 
-def hf_greedy(path, prompt_ids: list[int], max_new: int = MAX_NEW) -> list[int]:
-    model = _hf_model(str(path))
+@functools.cache
+def _hf_greedy(path: str, prompt_ids: tuple[int, ...], max_new: int) -> tuple[int, ...]:
+    model = _hf_model(path)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             max_new_tokens=max_new, do_sample=False, pad_token_id=0,
         )
-    return out[0, len(prompt_ids):].tolist()
+    return tuple(out[0, len(prompt_ids):].tolist())
+
+
+def hf_greedy(path, prompt_ids: list[int], max_new: int = MAX_NEW) -> list[int]:
+    """Hugging Face's greedy continuation of ``prompt_ids`` (float32), computed once per (checkpoint, prompt)."""
+    return list(_hf_greedy(str(path), tuple(prompt_ids), max_new))
 
 
 def mixed_prompts(num: int, vocab: int, seed: int = 0, shared_prefix: int = 0) -> list[list[int]]:
@@ -66,51 +90,79 @@ def run_engine(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+# The preemption variants give the KV cache this many blocks (of 16 tokens): a fraction of what 17 prompts of up to
+# ~120 tokens need at once. ``engine_options`` turns it into bytes for the checkpoint at hand.
+PREEMPTION_KV_BLOCKS = 14
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "prefix-cache-on": dict(enable_prefix_caching=True),
+    "prefix-cache-off": dict(enable_prefix_caching=False),
+    "chunked-prefill": dict(max_num_batched_tokens=16),
+    "preemption": dict(kv_cache_blocks=PREEMPTION_KV_BLOCKS, enable_prefix_caching=False),
+    "preemption-with-prefix-cache": dict(kv_cache_blocks=PREEMPTION_KV_BLOCKS),
+}
+
+
+@functools.cache
+def kv_bytes_per_block(path: str) -> int:
+    """Bytes one KV block of ``path``'s model takes in float32, as the engine's runner counts them."""
+    probe = LLM(path, dtype="float32", load_format="dummy", max_model_len=64, max_num_seqs=1)
+    try:
+        return probe.engine.runner.kv_bytes_per_block
+    finally:
+        probe.shutdown()
+
+
+def engine_options(path, variant: str) -> dict[str, Any]:
+    """``LLM`` keyword arguments of ``ENGINE_VARIANTS[variant]`` for ``path``: a ``kv_cache_blocks`` count becomes
+    ``kv_cache_memory`` bytes for that checkpoint's KV block size."""
+    options = dict(ENGINE_VARIANTS[variant])
+    blocks = options.pop("kv_cache_blocks", None)
+    if blocks is not None:
+        options["kv_cache_memory"] = blocks * kv_bytes_per_block(str(path))
+    return options
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
-def arch_dir(request, tiny_checkpoint_factory):
-    return tiny_checkpoint_factory(_arch(request.param), **ARCHS[request.param])
+def parity_arch(request, tiny_checkpoint_factory) -> tuple[ParityArch, Path]:
+    spec = ARCHS[request.param]
+    return spec, tiny_checkpoint_factory(spec.arch, **spec.checkpoint)
 
 
-def test_single_prompt_matches_hf(arch_dir):
-    llm = LLM(str(arch_dir), dtype="float32")
+def test_single_prompt_matches_hf(parity_arch):
+    spec, path = parity_arch
+    llm = LLM(str(path), dtype="float32")
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert set(spec.modules) <= kinds
     prompt = mixed_prompts(1, 300, seed=1)[0]
-    assert run_engine(llm, [prompt]) == [hf_greedy(arch_dir, prompt)]
+    assert run_engine(llm, [prompt]) == [hf_greedy(path, prompt)]
 
 
-def test_batch_of_mixed_lengths_matches_hf(arch_dir):
-    llm = LLM(str(arch_dir), dtype="float32")
+def test_batch_of_mixed_lengths_matches_hf(parity_arch):
+    _, path = parity_arch
+    llm = LLM(str(path), dtype="float32")
     prompts = mixed_prompts(16, 300, seed=2)
-    expected = [hf_greedy(arch_dir, p) for p in prompts]
+    expected = [hf_greedy(path, p) for p in prompts]
     got = run_engine(llm, prompts)
     assert got == expected
     # The sixteen requests really were batched together.
     assert llm.engine.core.stats.max_batch_size >= 16
 
 
-ENGINE_VARIANTS = {
-    "prefix-cache-on": dict(enable_prefix_caching=True),
-    "prefix-cache-off": dict(enable_prefix_caching=False),
-    "chunked-prefill": dict(max_num_batched_tokens=16),
-    # 14 blocks of 16 tokens: a fraction of what 16 prompts of up to ~110 tokens need at once.
-    "preemption": dict(kv_cache_memory=14 * 16 * 2 * 2 * 2 * 16 * 4, enable_prefix_caching=False),
-    "preemption-with-prefix-cache": dict(kv_cache_memory=14 * 16 * 2 * 2 * 2 * 16 * 4),
-}
-
-
 @pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
-def test_engine_mechanisms_keep_hf_parity(tiny_checkpoint_factory, variant):
-    path = tiny_checkpoint_factory("llama")
+def test_engine_mechanisms_keep_hf_parity(parity_arch, variant):
+    _, path = parity_arch
     # A shared 40-token prefix makes prefix-cache hits happen; two identical prompts make full hits happen.
     prompts = mixed_prompts(16, 300, seed=3, shared_prefix=40)
     prompts.append(list(prompts[0]))
     expected = [hf_greedy(path, p) for p in prompts]
-    llm = LLM(str(path), dtype="float32", **ENGINE_VARIANTS[variant])
+    llm = LLM(str(path), dtype="float32", **engine_options(path, variant))
     got = run_engine(llm, prompts)
     assert got == expected
     stats, kv = llm.engine.core.stats, llm.engine.kv_cache
     if variant == "chunked-prefill":
         assert stats.num_steps > MAX_NEW + 10  # prompts went in across many steps
     if variant.startswith("preemption"):
+        assert kv.num_blocks == PREEMPTION_KV_BLOCKS
         assert stats.num_preemptions > 0
     # A second round on the same engine (now with a warm prefix cache) gives the same tokens.
     assert run_engine(llm, prompts) == expected
