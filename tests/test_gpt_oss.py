@@ -1,12 +1,19 @@
 """gpt-oss (``GptOssForCausalLM``): MXFP4 de-quantization bit-exact against transformers' own, the checkpoint's
 expert layout (interleaved gate/up, transposed, MXFP4) converted so that a layer's experts give what Hugging Face's
-``GptOssMLP`` gives, and unsupported configs refused with a message naming the option."""
+``GptOssMLP`` gives, unsupported configs refused with a message naming the option; greedy tokens equal Hugging
+Face's for an MXFP4 checkpoint, with yarn rope, and past the sliding window (HF parity over every engine mechanism
+is in test_hf_parity.py)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 
+from inferneo import LLM
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
@@ -155,3 +162,42 @@ def test_wrong_expert_shape_is_reported(gpt_oss_dir):
     weights = [(n, t[:, :-1] if n.endswith("experts.down_proj") else t) for n, t in iter_hf_weights(gpt_oss_dir)]
     with pytest.raises(ValueError, match="down_proj"):
         model.load_weights(weights)
+
+
+# ---- the engine against Hugging Face's generate (float32, eager attention so the sinks apply) ----------------------
+# One prompt, 16 mixed prompts and the engine's mechanisms for the plain checkpoint run in test_hf_parity.py.
+
+_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+         "original_max_position_embeddings": 4096}
+
+
+def test_mxfp4_checkpoint_matches_hf(gpt_oss_mxfp4_dir):
+    """The MXFP4 checkpoint, de-quantized at load, against Hugging Face on the same checkpoint (which de-quantizes
+    it with its own code), with chunked prefill so prompts also arrive in pieces."""
+    prompts = mixed_prompts(8, 300, seed=11, shared_prefix=20)
+    expected = [hf_greedy(gpt_oss_mxfp4_dir, p) for p in prompts]
+    llm = LLM(str(gpt_oss_mxfp4_dir), dtype="float32", max_num_batched_tokens=32)
+    assert run_engine(llm, prompts) == expected
+
+
+def test_yarn_rope_matches_hf(tiny_checkpoint_factory):
+    """gpt-oss's real rope: yarn, factor 32 over 4096 original positions, untruncated correction range."""
+    path = tiny_checkpoint_factory("gpt_oss", top_k=4, rope_scaling=_YARN)
+    assert hf_config(path)["rope_scaling"]["rope_type"] == "yarn"
+    prompts = mixed_prompts(8, 300, seed=12)
+    expected = [hf_greedy(path, p) for p in prompts]
+    assert run_engine(LLM(str(path), dtype="float32"), prompts) == expected
+
+
+def test_generating_past_the_window_matches_hf_and_the_window_matters(gpt_oss_dir, tmp_path):
+    """A 90-token prompt and 12 new tokens against a 16-token window: Hugging Face's tokens, which differ from what
+    the same weights give without a window (so the window is enforced, not ignored)."""
+    prompt = mixed_prompts(1, 300, seed=13, shared_prefix=90)[0]
+    expected = hf_greedy(gpt_oss_dir, prompt)
+    assert run_engine(LLM(str(gpt_oss_dir), dtype="float32", max_num_batched_tokens=32), [prompt]) == [expected]
+    unwindowed = tmp_path / "no-window"
+    shutil.copytree(gpt_oss_dir, unwindowed)
+    config = json.loads((unwindowed / "config.json").read_text())
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    (unwindowed / "config.json").write_text(json.dumps(config))
+    assert hf_greedy(unwindowed, prompt) != expected

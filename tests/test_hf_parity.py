@@ -46,6 +46,8 @@ ARCHS = {
     "mixtral": ParityArch("mixtral", modules=("MixtralForCausalLM", "FusedMoE")),
     "qwen2_moe": ParityArch("qwen2_moe", modules=("Qwen2MoeForCausalLM", "FusedMoE")),
     "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),
+    # 16-token window on alternate layers (prompts run past it), attention sinks, top-4 of 8 biased experts
+    "gpt_oss": ParityArch("gpt_oss", {"top_k": 4}, modules=("GptOssForCausalLM", "FusedMoE")),
 }
 MAX_NEW = 12
 
