@@ -5,8 +5,15 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
-from inferneo.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+from inferneo.attention.backend import (
+    AttentionBackend,
+    AttentionFeature,
+    AttentionMetadata,
+    PrefillSpan,
+    attention_features,
+)
 from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 
@@ -60,11 +67,46 @@ def default_attention_backend(device: torch.device, kernels: KernelConfig | None
     return TorchReferenceBackend()
 
 
+def model_attention_features(model: nn.Module) -> frozenset[AttentionFeature]:
+    """Every attention feature some layer of ``model`` needs: the union of ``attention_features()`` over its
+    modules that define it."""
+    needed: set[AttentionFeature] = set()
+    for module in model.modules():
+        features = getattr(module, "attention_features", None)
+        if callable(features):
+            needed |= features()
+    return frozenset(needed)
+
+
+def backend_for_model(model: nn.Module, backend: AttentionBackend, *, chosen_by_user: bool) -> AttentionBackend:
+    """``backend`` when it supports every feature ``model`` needs; otherwise the PyTorch backend, bound to every
+    layer of ``model`` that held ``backend`` (one log line says why). A backend the user named that lacks a
+    feature is a ValueError instead."""
+    missing = model_attention_features(model) - backend.supported_features
+    if not missing:
+        return backend
+    names = ", ".join(sorted(missing))
+    if chosen_by_user:
+        raise ValueError(f"attention backend {backend.name!r} does not support {names}, which this model needs; "
+                         f"use attention backend 'torch' (supports {', '.join(sorted(AttentionFeature))})")
+    logger.warning("attention backend %r lacks %s for this model: using the PyTorch attention backend",
+                   backend.name, names)
+    fallback = TorchReferenceBackend()
+    for module in model.modules():
+        if getattr(module, "backend", None) is backend:
+            module.backend = fallback
+    return fallback
+
+
 __all__ = [
     "AttentionBackend",
+    "AttentionFeature",
     "AttentionMetadata",
     "PrefillSpan",
     "TorchReferenceBackend",
+    "attention_features",
+    "backend_for_model",
     "default_attention_backend",
     "get_attention_backend",
+    "model_attention_features",
 ]

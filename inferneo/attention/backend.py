@@ -10,8 +10,30 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
+
+
+class AttentionFeature(StrEnum):
+    """Per-layer attention variations beyond plain causal attention; a backend declares the ones it computes."""
+
+    SLIDING_WINDOW = "sliding_window"  # each query sees only its last W keys (itself included)
+    LOGIT_SOFTCAP = "logit_softcap"  # scores squashed to ``c * tanh(s / c)`` before the softmax (Gemma 2)
+    SINKS = "sinks"  # one learned logit per head in the softmax denominator, with no value (gpt-oss)
+
+
+def attention_features(sliding_window: int | None = None, logit_softcap: float | None = None,
+                       sinks: bool = False) -> frozenset[AttentionFeature]:
+    """The features a layer with these settings needs from its backend."""
+    needed = set()
+    if sliding_window is not None:
+        needed.add(AttentionFeature.SLIDING_WINDOW)
+    if logit_softcap is not None:
+        needed.add(AttentionFeature.LOGIT_SOFTCAP)
+    if sinks:
+        needed.add(AttentionFeature.SINKS)
+    return frozenset(needed)
 
 
 @dataclass(slots=True)
@@ -36,9 +58,14 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Computes attention for one layer, reading and writing the paged KV cache."""
+    """Computes attention for one layer, reading and writing the paged KV cache.
+
+    ``supported_features``: the :class:`AttentionFeature` values ``forward`` implements; a backend must raise
+    rather than ignore a keyword it does not support (the runner falls back to the PyTorch backend before that).
+    """
 
     name: str = "abstract"
+    supported_features: frozenset[AttentionFeature] = frozenset()
 
     @abstractmethod
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -56,6 +83,24 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``q``: [T, H, D], ``k``/``v``: [T, Hkv, D]. Writes k/v into the cache and returns [T, H, D]."""
+        """``q``: [T, H, D], ``k``/``v``: [T, Hkv, D]. Writes k/v into the cache and returns [T, H, D].
+
+        ``sliding_window=W``: the query at position ``p`` sees the keys at positions ``p - W < j <= p`` only.
+        ``logit_softcap=c``: scores (after ``scale``) become ``c * tanh(score / c)``.
+        ``sinks``: float ``[H]``, one extra logit per query head that joins the softmax denominator and carries
+        no value.
+        """
+
+    def check_features(self, sliding_window: int | None, logit_softcap: float | None,
+                       sinks: torch.Tensor | None) -> None:
+        """Raise NotImplementedError when a requested feature is outside ``supported_features``."""
+        missing = attention_features(sliding_window, logit_softcap, sinks is not None) - self.supported_features
+        if missing:
+            raise NotImplementedError(f"the {self.name} attention backend does not support "
+                                      f"{', '.join(sorted(missing))}")
 

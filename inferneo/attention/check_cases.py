@@ -110,23 +110,25 @@ def to_reference_layout(cache: torch.Tensor, backend: AttentionBackend) -> torch
     return cache.permute(0, 2, 1, 3, 4)
 
 
-def compare_backends(backend: AttentionBackend, step: Step, poison: bool = False):
+def compare_backends(backend: AttentionBackend, step: Step, poison: bool = False, **options):
     """``(out, ref_out, cache, ref_cache)`` after one forward of ``backend`` and of the reference on ``step``.
 
     ``poison`` fills the backend's output buffer pool with NaNs first (CUDA only) so unwritten rows show up.
+    ``options``: the per-layer keywords of ``forward`` (``sliding_window``, ``logit_softcap``, ``sinks``), given
+    to both.
     """
     reference = TorchReferenceBackend()
     ref_cache = step.ref_cache.clone()
     meta = step.metadata()
     reference.prepare(meta)
-    ref_out = reference.forward(step.q, step.k, step.v, ref_cache, meta, step.scale)
+    ref_out = reference.forward(step.q, step.k, step.v, ref_cache, meta, step.scale, **options)
     cache = to_backend_layout(step.ref_cache, backend)
     if poison and step.q.is_cuda:
         junk = torch.full((step.q.numel() * 4,), float("nan"), dtype=step.q.dtype, device=step.q.device)
         del junk  # freed blocks return to the caching allocator holding NaNs
     meta = step.metadata()
     backend.prepare(meta)
-    out = backend.forward(step.q, step.k, step.v, cache, meta, step.scale)
+    out = backend.forward(step.q, step.k, step.v, cache, meta, step.scale, **options)
     return out, ref_out, to_reference_layout(cache, backend), ref_cache
 
 

@@ -26,6 +26,7 @@ from inferneo.kernels.cpu import cpu_kernels
 class CpuNativeBackend(TorchReferenceBackend):
     name = "cpu"
     needs_decode_mask = False
+    supported_features = frozenset()
 
     def __init__(self, kernels: KernelConfig | None = None) -> None:
         """``kernels``: the engine's switches (None: the environment's); RuntimeError when ``cpu_native_kernels``
@@ -60,7 +61,8 @@ class CpuNativeBackend(TorchReferenceBackend):
             torch.arange(span.context_len + 1, span.context_len + span.num_tokens + 1, out=lens[s:e])
         metadata.extra["cpu_paged"] = (tables, rows, lens)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
+        self.check_features(sliding_window, logit_softcap, sinks)
         num_tokens, num_heads, head_dim = q.shape
         self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)

@@ -8,36 +8,34 @@ one request at a time (a span with no earlier context attends to its own keys, o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from inferneo.attention.backend import AttentionBackend, AttentionMetadata
+from inferneo.attention.backend import AttentionBackend, AttentionFeature, AttentionMetadata, PrefillSpan
 
 
 class TorchReferenceBackend(AttentionBackend):
+    """Attention in plain PyTorch: SDPA for plain and windowed attention, an explicit softmax when soft-capping or
+    sinks are asked for (SDPA has neither). Supports every :class:`AttentionFeature`."""
+
     name = "torch"
     needs_decode_mask = True
+    supported_features = frozenset(AttentionFeature)
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         if metadata.num_decode_tokens and self.needs_decode_mask:
-            assert metadata.decode_seq_lens is not None
-            max_len = metadata.decode_block_tables.shape[1] * metadata.block_size
-            positions = torch.arange(max_len, device=metadata.decode_seq_lens.device)
-            metadata.extra["decode_mask"] = positions[None, :] < metadata.decode_seq_lens[:, None]  # [B, L]
+            metadata.extra["decode_mask"] = decode_mask(metadata, None)
         masks = []
         for span in metadata.prefills:
-            if span.context_len == 0:
-                masks.append(None)
-                continue
-            q_pos = torch.arange(span.num_tokens, device=span.block_table.device)[:, None] + span.context_len
-            k_pos = torch.arange(span.context_len + span.num_tokens, device=span.block_table.device)[None, :]
-            masks.append(k_pos <= q_pos)
+            masks.append(None if span.context_len == 0 else span_mask(span, None))
         metadata.extra["prefill_masks"] = masks
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         # Store the new keys and values: the cache viewed as [2, Hkv, slots, D].
         flat = kv_cache.view(2, num_kv_heads, -1, head_dim)
@@ -45,18 +43,29 @@ class TorchReferenceBackend(AttentionBackend):
         flat[1].index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         nd = metadata.num_decode_tokens
+        variant = AttentionVariant(sliding_window, logit_softcap, sinks)
         if nd:
-            out[:nd] = self.decode_attention(q[:nd], kv_cache, metadata, scale)
+            if variant.is_plain:
+                out[:nd] = self.decode_attention(q[:nd], kv_cache, metadata, scale)
+            else:
+                out[:nd] = _decode_attention_variant(q[:nd], kv_cache, metadata, scale, variant)
+        if metadata.prefills and "prefill_masks" not in metadata.extra:
+            TorchReferenceBackend.prepare(self, metadata)
         gqa = q.shape[1] != num_kv_heads
         for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
             s, e = span.start, span.start + span.num_tokens
             qs = q[s:e].transpose(0, 1)
-            if mask is None:
+            if span.context_len == 0:
                 ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
             else:
                 total = span.context_len + span.num_tokens
                 ks = _gather(kv_cache[0], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
                 vs = _gather(kv_cache[1], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
+            if not variant.is_plain:
+                if sliding_window is not None:
+                    mask = span_mask(span, sliding_window)
+                out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
+                continue
             # A leading batch dimension keeps SDPA on its fused CPU kernel (a 3-D call with GQA takes the slow path).
             attn = F.scaled_dot_product_attention(
                 qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
@@ -67,6 +76,66 @@ class TorchReferenceBackend(AttentionBackend):
 
     def decode_attention(self, q, kv_cache, metadata, scale):
         return _decode_attention(q, kv_cache, metadata, scale)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionVariant:
+    """The per-layer options of one ``forward`` call, and the explicit-softmax attention that honours them."""
+
+    sliding_window: int | None
+    logit_softcap: float | None
+    sinks: torch.Tensor | None
+
+    @property
+    def is_plain(self) -> bool:
+        return self.sliding_window is None and self.logit_softcap is None and self.sinks is None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """``q`` [..., H, Lq, D], ``k``/``v`` [..., Hkv, Lk, D], ``mask`` (True: attend) broadcastable to
+        [..., H, Lq, Lk] or None for causal attention with ``Lq == Lk``; returns [..., H, Lq, D] in q's dtype."""
+        group = q.shape[-3] // k.shape[-3]
+        if mask is None:
+            mask = span_mask(PrefillSpan(0, q.shape[-2], 0, q.new_empty(0, dtype=torch.long)), self.sliding_window)
+        if self.logit_softcap is None and self.sinks is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        k = k.repeat_interleave(group, dim=-3).float()
+        v = v.repeat_interleave(group, dim=-3).float()
+        scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+        if self.logit_softcap is not None:
+            scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if self.sinks is not None:
+            # The sink joins the denominator: append its logit as one more column, then drop that column.
+            sink = self.sinks.float().view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).to(q.dtype)
+
+
+def decode_mask(metadata: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+    """``[B, L]`` True where decode request ``b`` attends to cached position ``j`` (its window only, if given)."""
+    assert metadata.decode_seq_lens is not None and metadata.decode_block_tables is not None
+    max_len = metadata.decode_block_tables.shape[1] * metadata.block_size
+    positions = torch.arange(max_len, device=metadata.decode_seq_lens.device)[None, :]
+    lens = metadata.decode_seq_lens[:, None]
+    mask = positions < lens
+    if sliding_window is not None:
+        mask &= positions >= lens - sliding_window
+    return mask
+
+
+def span_mask(span: PrefillSpan, sliding_window: int | None) -> torch.Tensor:
+    """``[num_tokens, context_len + num_tokens]`` True where a span's token attends to a key of its request:
+    causal, and within the last ``sliding_window`` positions if given."""
+    device = span.block_table.device
+    q_pos = torch.arange(span.num_tokens, device=device)[:, None] + span.context_len
+    k_pos = torch.arange(span.context_len + span.num_tokens, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -101,3 +170,15 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attenti
     probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_kv_heads * batch, group, -1)
     out = torch.bmm(probs, values)  # [Hkv * B, G, D]
     return out.view(num_kv_heads, batch, group, head_dim).transpose(0, 1).reshape(batch, num_heads, head_dim)
+
+
+def _decode_attention_variant(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                              variant: AttentionVariant) -> torch.Tensor:
+    """Decode attention with a window, soft-capping or sinks: the padded batch gather, the explicit softmax."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[1]
+    keys = _gather(kv_cache[0], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim).transpose(0, 1)
+    values = _gather(kv_cache[1], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim)
+    mask = decode_mask(metadata, variant.sliding_window)[:, None, None, :]  # [B, 1, 1, L]
+    out = variant.attend(q.unsqueeze(2), keys, values.transpose(0, 1), mask, scale)  # [B, H, 1, D]
+    return out.squeeze(2)

@@ -59,8 +59,9 @@ class TritonBackend(AttentionBackend):
         tables, schedule = ops.build_prefill_schedule(metadata.prefills, block_m, device)
         metadata.extra["triton_prefill"] = (tables, schedule, block_m)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
         """Stores ``k``/``v`` at ``metadata.slot_mapping``, then decode and prefill attention; returns [T, H, D]."""
+        self.check_features(sliding_window, logit_softcap, sinks)
         ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = metadata.num_decode_tokens

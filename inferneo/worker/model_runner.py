@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inferneo.attention import default_attention_backend, get_attention_backend
+from inferneo.attention import backend_for_model, default_attention_backend, get_attention_backend
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
@@ -174,6 +174,8 @@ class ModelRunner(Runner):
         else:
             with torch.device(device), _default_dtype(dtype):
                 self.model: CausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
+        # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
+        self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         self.model.cast(dtype)
         # Key/value heads this rank holds (all of them without tensor parallelism).
         self.num_kv_heads = self.model.num_kv_heads

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from inferneo.attention import AttentionBackend, AttentionMetadata
+from inferneo.attention import AttentionBackend, AttentionFeature, AttentionMetadata, attention_features
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
@@ -46,7 +46,30 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # Hugging Face's per-layer "full_attention" / "sliding_attention"; None: ``sliding_window`` (if any) applies to
+    # every layer.
+    layer_types: tuple[str, ...] | None = None
     moe: MoeConfig | None = None  # mixture-of-experts models only (``models/moe.py``)
+
+    def __post_init__(self) -> None:
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"layer_types {sorted(unknown)} are not supported; supported: full_attention, "
+                                 "sliding_attention")
+        if not self.sliding_window:  # Qwen2-MoE writes 0 for "no window"
+            self.sliding_window = None
+
+    def sliding_window_for(self, layer_index: int) -> int | None:
+        """The attention window of layer ``layer_index``, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer_index] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> DecoderConfig:
@@ -76,20 +99,33 @@ class DecoderConfig:
             o_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=cfg.get("sliding_window"),
+            layer_types=cfg.get("layer_types"),
         )
         values.update(overrides)
         return cls(**values)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int) -> None:
+    """Self-attention with rotary positions over the paged cache.
+
+    ``sliding_window``, ``logit_softcap`` and ``use_sinks`` (a learned per-head sink logit, the parameter
+    ``sinks``) are this layer's attention options, passed on to the backend; ``scale`` defaults to
+    ``head_dim ** -0.5``.
+    """
+
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int, *,
+                 sliding_window: int | None = None, logit_softcap: float | None = None, use_sinks: bool = False,
+                 scale: float | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if use_sinks else None
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.rotary = RotaryEmbedding(self.head_dim, max_position, config.rope_theta, config.rope_scaling)
@@ -115,8 +151,13 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
         """Attention over the paged cache (which takes the new keys and values), then the output projection."""
-        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
+                                   logit_softcap=self.logit_softcap, sinks=self.sinks)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def attention_features(self) -> frozenset[AttentionFeature]:
+        """What this layer needs from the attention backend (the runner checks it against the backend's)."""
+        return attention_features(self.sliding_window, self.logit_softcap, self.sinks is not None)
 
 
 class MLP(nn.Module):
@@ -132,10 +173,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Layer ``layer_index`` of the decoder: its attention takes that layer's window from the config."""
+
     def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
-                 mlp: nn.Module | None = None) -> None:
+                 mlp: nn.Module | None = None, layer_index: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(config, backend, max_position)
+        self.self_attn = Attention(config, backend, max_position,
+                                   sliding_window=config.sliding_window_for(layer_index))
         self.mlp = mlp if mlp is not None else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -177,7 +221,8 @@ class LlamaForCausalLM(nn.Module):
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_position, self.build_mlp(config, i)) for i in range(config.num_layers)
+            DecoderLayer(config, backend, max_position, self.build_mlp(config, i), layer_index=i)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -17,6 +17,7 @@ from torch import nn
 from inferneo.model_executor.layers.moe import FusedMoE, MoeConfig
 from inferneo.model_executor.layers.moe_routing import make_router
 from inferneo.model_executor.models.llama import MLP, DecoderConfig, LlamaForCausalLM, _copy, _lookup
+from inferneo.model_executor.models.qwen import qwen_window
 
 # layers.{l}.mlp.experts.{e}.{projection}.weight, after ``block_sparse_moe.`` became ``mlp.``
 _EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -102,8 +103,10 @@ def _qwen_moe(cfg: dict, shared: int) -> MoeConfig:
     return _moe_config(cfg, experts, cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False)), shared)
 
 
-def _window(cfg: dict) -> int | None:
-    return cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+def _moe_window_layers(cfg: dict):
+    """Qwen2-MoE (Hugging Face's rule): the even layers below ``max_window_layers`` use the window."""
+    below = cfg.get("max_window_layers", 28)
+    return lambda i: i % 2 == 0 and i < below
 
 
 class Qwen2MoeForCausalLM(MoeForCausalLM):
@@ -112,7 +115,7 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
     @classmethod
     def config_from_hf(cls, cfg: dict) -> DecoderConfig:
         moe = _qwen_moe(cfg, cfg.get("shared_expert_intermediate_size") or 0)
-        return DecoderConfig.from_hf(cfg, qkv_bias=True, o_bias=False, sliding_window=_window(cfg), moe=moe)
+        return DecoderConfig.from_hf(cfg, qkv_bias=True, o_bias=False, moe=moe, **qwen_window(cfg, _moe_window_layers(cfg)))
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):
@@ -120,4 +123,4 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
 
     @classmethod
     def config_from_hf(cls, cfg: dict) -> DecoderConfig:
-        return DecoderConfig.from_hf(cfg, qk_norm=True, sliding_window=_window(cfg), moe=_qwen_moe(cfg, 0))
+        return DecoderConfig.from_hf(cfg, qk_norm=True, moe=_qwen_moe(cfg, 0), **qwen_window(cfg, None))
