@@ -180,3 +180,29 @@ def test_backend_refuses_unsupported_options():
     with pytest.raises(NotImplementedError, match="logit_softcap"):
         _PlainBackend().check_features(None, 30.0, None)
     TorchReferenceBackend().check_features(4, 30.0, torch.zeros(2))
+
+
+NATIVE_CASES = VARIANT_CASES + (
+    # Shapes the vector kernel does not take (head_dim or block_size not multiples of 16): the scalar kernel.
+    AttentionCase("odd-shapes", 4, 2, 8, 8, decode_lens=(3, 30), prefills=((0, 21), (13, 11))),
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("option_name", list(OPTIONS))
+def test_native_cpu_backend_matches_reference(case, option_name, dtype):
+    from inferneo.attention.check_cases import compare_backends, relative_error
+    from inferneo.kernel_config import KernelConfig
+
+    try:
+        from inferneo.attention.cpu_native import CpuNativeBackend
+
+        backend = CpuNativeBackend(KernelConfig(cpu_native_kernels=True))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    step = build_step(case, dtype, "cpu", seed=7)
+    options = _options(option_name, case.num_heads)
+    out, ref_out, cache, ref_cache = compare_backends(backend, step, **options)
+    assert torch.equal(cache, ref_cache)
+    assert relative_error(out, ref_out) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -96,15 +96,31 @@ def _same_layout_as_reference(backend: AttentionBackend, block_size: int, head_d
     return tuple(probe) == (2, 5, 7, block_size, head_dim)
 
 
+def _is_native_cpu_layout(backend: AttentionBackend, block_size: int, head_dim: int) -> bool:
+    """The native CPU layout: ``[2, Hkv, blocks, block_size * D]`` with key blocks dimension-major."""
+    return tuple(backend.kv_cache_shape(7, block_size, 5, head_dim)) == (2, 5, 7, block_size * head_dim)
+
+
 def to_backend_layout(ref_cache: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-    """A copy of the reference-layout cache in ``backend``'s layout (the reference's or [2, blocks, Hkv, bs, D])."""
-    if _same_layout_as_reference(backend, ref_cache.shape[3], ref_cache.shape[4]):
+    """A copy of the reference-layout cache in ``backend``'s layout (the reference's, the native CPU one or
+    [2, blocks, Hkv, bs, D])."""
+    two, kv_heads, num_blocks, block_size, head_dim = ref_cache.shape
+    if _same_layout_as_reference(backend, block_size, head_dim):
         return ref_cache.clone()
+    if _is_native_cpu_layout(backend, block_size, head_dim):
+        keys = ref_cache[0].transpose(2, 3).reshape(kv_heads, num_blocks, block_size * head_dim)
+        values = ref_cache[1].reshape(kv_heads, num_blocks, block_size * head_dim)
+        return torch.stack([keys, values]).contiguous()
     return ref_cache.permute(0, 2, 1, 3, 4).contiguous()
 
 
-def to_reference_layout(cache: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-    """Inverse of ``to_backend_layout`` (a view)."""
+def to_reference_layout(cache: torch.Tensor, backend: AttentionBackend, head_dim: int) -> torch.Tensor:
+    """Inverse of ``to_backend_layout`` (a view, or a copy for the native CPU layout)."""
+    if cache.dim() == 4:  # the native CPU layout
+        two, kv_heads, num_blocks, block_elems = cache.shape
+        block_size = block_elems // head_dim
+        keys = cache[0].view(kv_heads, num_blocks, head_dim, block_size).transpose(2, 3)
+        return torch.stack([keys, cache[1].view(kv_heads, num_blocks, block_size, head_dim)])
     if _same_layout_as_reference(backend, cache.shape[3], cache.shape[4]):
         return cache
     return cache.permute(0, 2, 1, 3, 4)
@@ -129,7 +145,7 @@ def compare_backends(backend: AttentionBackend, step: Step, poison: bool = False
     meta = step.metadata()
     backend.prepare(meta)
     out = backend.forward(step.q, step.k, step.v, cache, meta, step.scale, **options)
-    return out, ref_out, to_reference_layout(cache, backend), ref_cache
+    return out, ref_out, to_reference_layout(cache, backend, step.q.shape[2]), ref_cache
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

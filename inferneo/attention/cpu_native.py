@@ -9,7 +9,9 @@ with ``c`` cached tokens attends to the first ``c + j + 1`` tokens of its reques
 prompts and prefix-cache hits are then one call with no gather of cached blocks and no copies into SDPA's layout;
 on this project's 2-core test machine it ran 1.1-4x faster than SDPA for prompts of 2,048 down to 16 tokens
 (``benchmarks/cpu_prefill_step.py``). Shapes the vector kernel does not cover (head or block sizes that are
-not multiples of 16) keep PyTorch's SDPA for multi-token spans.
+not multiples of 16) keep PyTorch's SDPA for multi-token spans, unless the layer has a sliding window, soft-capping
+or sinks: those are computed in the paged kernel only (a window starts each query's scan at its first visible
+token, soft-capping squashes each score, a sink joins the final denominator).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inferneo.attention.backend import AttentionMetadata
+from inferneo.attention.backend import AttentionFeature, AttentionMetadata
 from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
@@ -26,7 +28,7 @@ from inferneo.kernels.cpu import cpu_kernels
 class CpuNativeBackend(TorchReferenceBackend):
     name = "cpu"
     needs_decode_mask = False
-    supported_features = frozenset()
+    supported_features = frozenset(AttentionFeature)
 
     def __init__(self, kernels: KernelConfig | None = None) -> None:
         """``kernels``: the engine's switches (None: the environment's); RuntimeError when ``cpu_native_kernels``
@@ -62,21 +64,29 @@ class CpuNativeBackend(TorchReferenceBackend):
         metadata.extra["cpu_paged"] = (tables, rows, lens)
 
     def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
-        self.check_features(sliding_window, logit_softcap, sinks)
         num_tokens, num_heads, head_dim = q.shape
         self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+        options = dict(sliding_window=sliding_window or 0, logit_softcap=logit_softcap or 0.0,
+                       sinks=None if sinks is None else sinks.float())
+        plain = sliding_window is None and logit_softcap is None and sinks is None
         paged = metadata.extra.get("cpu_paged")
-        if paged is not None and head_dim % 16 == 0 and metadata.block_size % 16 == 0:
+        if paged is None and metadata.prefills:
+            self.prepare(metadata)
+            paged = metadata.extra["cpu_paged"]
+        # Windows, soft-capping and sinks live in the paged kernel only: every token goes through it then, whatever
+        # the shapes (the scalar kernel covers those the vector one does not).
+        if paged is not None and (not plain or (head_dim % 16 == 0 and metadata.block_size % 16 == 0)):
             tables, rows, lens = paged
-            self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows)
+            self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows, **options)
             return out
         if metadata.prefills and "prefill_masks" not in metadata.extra:
             super().prepare(metadata)  # the SDPA path's masks for spans with cached context
         nd = metadata.num_decode_tokens
         if nd:
             self.kernels.paged_decode_attention(
-                q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale, out[:nd]
+                q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale, out[:nd],
+                **options,
             )
         gqa = num_heads != k.shape[1]
         fresh: dict[int, list[int]] = {}  # prompts with no cached context, by length: one SDPA call per length

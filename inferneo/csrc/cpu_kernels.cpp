@@ -94,6 +94,14 @@ void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int
 struct DecodeShape {
   int64_t batch, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, q_stride;
   float scale;
+  // Per-layer attention options: a query of length ``len`` sees tokens [len - window, len) only (0: all of them);
+  // scores become softcap * tanh(score / softcap) (0: unchanged); sinks[h] (float32, nullptr: none) is one more
+  // logit of query head h in the softmax denominator, with no value.
+  int64_t window;
+  float softcap;
+  const float* sinks;
+
+  int64_t first_token(int64_t len) const { return window > 0 && len > window ? len - window : 0; }
 };
 
 // The per-thread running state of one (request, kv head) item, for all query heads of the kv head's group:
@@ -114,11 +122,13 @@ struct GroupState {
     std::fill(acc.begin(), acc.end(), 0.f);
   }
 
-  // Finish an item: the normalized outputs of the group's heads, written contiguously from ``op``.
+  // Finish an item: the normalized outputs of the group's heads, written contiguously from ``op``. ``sinks``
+  // (nullptr: none) are the group's sink logits: each adds exp(sink - max) to its head's denominator.
   template <typename scalar_t>
-  void finish(scalar_t* op) const {
+  void finish(scalar_t* op, const float* sinks = nullptr) const {
     for (int64_t g = 0; g < group; ++g) {
-      const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
+      const float sum = sinks ? row_sum[g] + std::exp(sinks[g] - row_max[g]) : row_sum[g];
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
       for (int64_t d = 0; d < head_dim; ++d) op[g * head_dim + d] = from_f<scalar_t>(acc[g * head_dim + d] * inv);
     }
   }
@@ -138,17 +148,20 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
       st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
-      for (int64_t blk = 0; blk * bs < len; ++blk) {
+      const int64_t first = s.first_token(len);
+      for (int64_t blk = first / bs; blk * bs < len; ++blk) {
         const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
         const scalar_t* kb = cache + base;
         const scalar_t* vb = cache + half + base;
         const int64_t n = std::min(bs, len - blk * bs);
+        const int64_t t0 = std::max<int64_t>(0, first - blk * bs);  // tokens before the window are skipped
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * D;
           float block_max = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             float dot = 0.f;
             for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_f(kb[d * bs + t]);
+            if (s.softcap > 0.f) dot = s.softcap * std::tanh(dot / s.softcap);
             scores[t] = dot;
             block_max = std::max(block_max, dot);
           }
@@ -157,7 +170,7 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
           float* ag = acc.data() + g * D;
           for (int64_t d = 0; d < D; ++d) ag[d] *= correction;
           float sum = row_sum[g] * correction;
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             const float p = std::exp(scores[t] - new_max);
             sum += p;
             for (int64_t d = 0; d < D; ++d) ag[d] += p * to_f(vb[t * D + d]);
@@ -166,7 +179,7 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
           row_sum[g] = sum;
         }
       }
-      st.finish(out + (b * s.num_heads + kvh * group) * D);
+      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr);
     }
   });
 }
@@ -200,6 +213,13 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// tanh on 16 lanes as 1 - 2 / (e^2x + 1): saturates to +-1 (e^2x overflows to inf or clamps to ~0).
+inline __m512 tanh16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp16(_mm512_add_ps(x, x));
+  return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+}
+
 // Float lanes rounded to the storage type (round to nearest even for bfloat16), and stores of 16 lanes.
 inline __m512i bf16_rounded_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
@@ -224,7 +244,8 @@ inline void store16(uint16_t* p, __m512 v) {
 // (``kb`` points at the chunk's first token in row 0 of the [D][bs] key block), values token-major.
 template <int NG, typename scalar_t>
 inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
-                         const scalar_t* kb, const scalar_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid) {
+                         const scalar_t* kb, const scalar_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid,
+                         float softcap) {
   __m512 s0[NG], s1[NG];
   for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 2) {
@@ -236,7 +257,9 @@ inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_
   }
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int j = 0; j < NG; ++j) {
-    const __m512 scores = _mm512_mask_mov_ps(minus_inf, valid, _mm512_add_ps(s0[j], s1[j]));
+    __m512 raw = _mm512_add_ps(s0[j], s1[j]);
+    if (softcap > 0.f) raw = _mm512_mul_ps(_mm512_set1_ps(softcap), tanh16(_mm512_div_ps(raw, _mm512_set1_ps(softcap))));
+    const __m512 scores = _mm512_mask_mov_ps(minus_inf, valid, raw);
     const float new_max = std::max(row_max[j], _mm512_reduce_max_ps(scores));
     const float correction = std::exp(row_max[j] - new_max);
     const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
@@ -291,14 +314,16 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
       st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
-      if (len > 16) prefetch_chunk(table, kvh, 16);
-      for (int64_t pos = 0; pos < len; pos += 16) {
+      const int64_t first = s.first_token(len), start = first / 16 * 16;  // the window's first 16-token chunk
+      if (len > start + 16) prefetch_chunk(table, kvh, start + 16);
+      for (int64_t pos = start; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
         const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
         const scalar_t* kb = cache + base + within;                // column `within` of the [D][bs] key block
         const scalar_t* vb = cache + half + base + within * D;      // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
-        const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+        const int64_t skip = std::max<int64_t>(0, first - pos);     // tokens before the window, in the first chunk
+        const __mmask16 valid = static_cast<__mmask16>(((1u << n) - 1u) & ~((1u << skip) - 1u));
         if (pos + 32 < len) prefetch_chunk(table, kvh, pos + 32);  // overlap later tokens' loads with this math
         // Up to four query heads of the group share each key and value load (and its conversion to float).
         for (int64_t g0 = 0; g0 < group;) {
@@ -306,21 +331,21 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
           float* const args_q = qf.data() + g0 * D;
           float* const args_acc = acc.data() + g0 * D;
           if (left >= 4) {
-            attend_chunk<4>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            attend_chunk<4>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
             g0 += 4;
           } else if (left == 3) {
-            attend_chunk<3>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            attend_chunk<3>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
             g0 += 3;
           } else if (left == 2) {
-            attend_chunk<2>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            attend_chunk<2>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
             g0 += 2;
           } else {
-            attend_chunk<1>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid);
+            attend_chunk<1>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
             g0 += 1;
           }
         }
       }
-      st.finish(out + (b * s.num_heads + kvh * group) * D);
+      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr);
     }
   }
 }
@@ -548,9 +573,11 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::T
 // Query i attends to the first seq_lens[i] tokens of the blocks in row table_rows[i] of block_tables (row i when
 // table_rows is None). Prompt tokens use this too: token j of a prompt is a query over its first j + 1 tokens,
 // and all of a prompt's tokens share one table row.
+// sliding_window (0: none), logit_softcap (0: none) and sinks (float32 [heads], optional) as in DecodeShape.
 void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
                             torch::Tensor seq_lens, double scale, torch::Tensor out,
-                            c10::optional<torch::Tensor> table_rows) {
+                            c10::optional<torch::Tensor> table_rows, int64_t sliding_window, double logit_softcap,
+                            c10::optional<torch::Tensor> sinks) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode: q must be [batch, heads, dim]");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "decode: out");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "decode: bad cache");
@@ -566,8 +593,17 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
     TORCH_CHECK(tables.size(0) >= q.size(0), "decode: one block-table row per query");
   }
   const int64_t* rows_ptr = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(sliding_window >= 0 && logit_softcap >= 0., "decode: sliding_window and logit_softcap must be >= 0");
+  torch::Tensor sink_logits;
+  if (sinks.has_value()) {
+    sink_logits = sinks->contiguous();
+    TORCH_CHECK(sink_logits.scalar_type() == torch::kFloat && sink_logits.numel() == q.size(1),
+                "decode: sinks must be float32, one per query head");
+  }
   DecodeShape shape{q.size(0), q.size(1), kv_cache.size(1), q.size(2), kv_cache.size(2),
-                    kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale)};
+                    kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale),
+                    sliding_window, static_cast<float>(logit_softcap),
+                    sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr};
   TORCH_CHECK(shape.num_heads % shape.num_kv_heads == 0 && kv_cache.size(3) % shape.head_dim == 0, "shape mismatch");
   // Every query must stay inside its table row and the row inside the table: a wrong index reads foreign memory.
   const int64_t* lens_ptr = lens.data_ptr<int64_t>();
@@ -726,7 +762,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots");
   m.def("paged_decode_attention", &paged_decode_attention, "Paged attention of one query per row (CPU), into out",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
-        py::arg("out"), py::arg("table_rows") = py::none());
+        py::arg("out"), py::arg("table_rows") = py::none(), py::arg("sliding_window") = 0,
+        py::arg("logit_softcap") = 0.0, py::arg("sinks") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");

@@ -97,11 +97,13 @@ def shutdown_core(core: EngineCore) -> None:
 
 
 def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:
-    """The context length: the one asked for, checked against the model's, else the model's."""
+    """The context length: the one asked for, checked against the model's, else the model's.
+
+    A sliding window does not shorten it: the attention layers enforce their windows (each query sees only its
+    last ``sliding_window`` keys), while the KV cache still keeps every token of a request, so a windowed model
+    costs as much cache memory per token as a full-attention one (freeing blocks behind the window is not done).
+    """
     limit = hf_config.get("max_position_embeddings") or 2048
-    window = hf_config.get("sliding_window")
-    if window and hf_config.get("use_sliding_window", True) and window < limit:
-        limit = window  # sliding-window attention is not implemented: stay within the window
     if asked is None:
         return limit
     if asked > limit:

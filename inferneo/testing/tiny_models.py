@@ -22,6 +22,9 @@ from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 from inferneo.model_loader.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+# Architectures whose Hugging Face config takes a sliding window; the Qwen ones also ``max_window_layers``.
+WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+GPT_OSS_SLIDING_WINDOW = 16  # gpt_oss's default: short enough that test prompts run past it
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
@@ -81,8 +84,30 @@ def make_tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = True) -> PreTr
                                    model_max_length=2048)
 
 
+def _window_options(arch: str, sliding_window: int | None, max_window_layers: int | None) -> dict[str, Any]:
+    """The Hugging Face config values that give ``arch`` a sliding window (none when ``sliding_window`` is None,
+    except for gpt_oss, which always has one on its even layers)."""
+    if arch == "gpt_oss":
+        if max_window_layers is not None:
+            raise ValueError("max_window_layers is for the Qwen architectures; gpt_oss slides its even layers")
+        return {"sliding_window": GPT_OSS_SLIDING_WINDOW if sliding_window is None else sliding_window}
+    if sliding_window is None:
+        if max_window_layers is not None:
+            raise ValueError("max_window_layers needs a sliding_window")
+        return {"sliding_window": None} if arch in ("mistral", "mixtral", "phi3") else {"use_sliding_window": False}
+    if arch not in WINDOWED_ARCHITECTURES:
+        raise ValueError(f"sliding_window is supported for {', '.join(WINDOWED_ARCHITECTURES)}; got {arch!r}")
+    if arch in ("mistral", "mixtral", "phi3"):
+        if max_window_layers is not None:
+            raise ValueError(f"max_window_layers is for the Qwen architectures; {arch} slides every layer")
+        return {"sliding_window": sliding_window}
+    # Qwen: Qwen2/Qwen3 slide the layers from max_window_layers on, Qwen2-MoE the even ones below it.
+    return {"use_sliding_window": True, "sliding_window": sliding_window,
+            "max_window_layers": 0 if max_window_layers is None else max_window_layers}
+
+
 def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int, top_k: int,
-               **common: Any) -> Any:
+               window: dict[str, Any], **common: Any) -> Any:
     from transformers import (
         LlamaConfig,
         MistralConfig,
@@ -96,39 +121,39 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
 
     hidden = common["hidden_size"]
     if arch == "gpt_oss":
-        return _gpt_oss_config(rope_scaling, num_experts, top_k, **common)
+        return _gpt_oss_config(rope_scaling, num_experts, top_k, **window, **common)
     if arch == "mixtral":
-        return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, **common)
+        return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **window, **common)
     if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
         return Qwen2MoeConfig(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
                               shared_expert_intermediate_size=3 * hidden // 4, norm_topk_prob=False,
-                              decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, **common)
+                              decoder_sparse_step=1, mlp_only_layers=[], **window, **common)
     if arch == "qwen3_moe":  # top-k weights renormalised, as in the released Qwen3-MoE models
         return Qwen3MoeConfig(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                              use_sliding_window=False, **common)
+                              **window, **common)
 
     if arch == "llama":
         return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
     if arch == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    if arch == "phi3":  # plain rope, no sliding window: HF attends to the whole context, as the engine does
-        return Phi3Config(rope_scaling=None, sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attention_dropout=0.0, **common)
+        return MistralConfig(**window, **common)
+    if arch == "phi3":  # plain rope
+        return Phi3Config(rope_scaling=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **window,
+                          **common)
     if arch == "qwen2":
-        return Qwen2Config(use_sliding_window=False, **common)
-    return Qwen3Config(use_sliding_window=False, **common)
+        return Qwen2Config(**window, **common)
+    return Qwen3Config(**window, **common)
 
 
 def _gpt_oss_config(rope_scaling: dict[str, Any] | None, num_experts: int, top_k: int, **common: Any) -> Any:
-    """gpt-oss: biased attention with sinks, sliding-window layers alternating with full ones (a 16-token window so
-    test prompts run past it), experts with biases and the clamped SwiGLU; plain rope unless ``rope_scaling``."""
+    """gpt-oss: biased attention with sinks, sliding-window layers alternating with full ones (``layer_types``'s
+    default), experts with biases and the clamped SwiGLU; plain rope unless ``rope_scaling``."""
     from transformers import GptOssConfig
 
     rope = {"rope_type": "default", "rope_theta": 150000.0}
     if rope_scaling:
         rope = {"rope_theta": 150000.0, **rope_scaling}
-    return GptOssConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=16,
+    return GptOssConfig(num_local_experts=num_experts, num_experts_per_tok=top_k,
                         rope_parameters=rope, attention_bias=True, attention_dropout=0.0, **common)
 
 
@@ -137,7 +162,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
                          torch_dtype: torch.dtype = torch.float32,
                          rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
-                         num_experts: int = 8, top_k: int = 2, mxfp4: bool = False) -> Path:
+                         num_experts: int = 8, top_k: int = 2, sliding_window: int | None = None,
+                         max_window_layers: int | None = None, mxfp4: bool = False) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
@@ -146,10 +172,12 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
     depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama and gpt_oss
-    (whose default is plain rope). gpt_oss has a 16-token sliding window on its even layers, attention sinks and
-    biased experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and
-    scales with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`).
-    Returns ``path``.
+    (whose default is plain rope). ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a
+    sliding window: on every layer, or for the Qwen ones (``use_sliding_window``) on the layers Hugging Face picks
+    from ``max_window_layers`` (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). gpt_oss always has one
+    (:data:`GPT_OSS_SLIDING_WINDOW` tokens unless given) on its even layers, plus attention sinks and biased
+    experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and scales
+    with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`). Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -165,7 +193,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if mxfp4 and arch != "gpt_oss":
         raise ValueError("mxfp4 is only supported for arch='gpt_oss'")
     config = _hf_config(
-        arch, rope_scaling, num_experts, top_k, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        arch, rope_scaling, num_experts, top_k, _window_options(arch, sliding_window, max_window_layers),
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings, initializer_range=0.2,
         rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
