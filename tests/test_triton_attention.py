@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from triton_interpreter_shims import patch_interpreter
 
 _ALREADY_IMPORTED = "triton" in sys.modules
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")
@@ -32,33 +33,6 @@ if _ALREADY_IMPORTED and type(triton.language.standard.sum).__name__ != "Interpr
                 allow_module_level=True)
 
 
-def _patch_interpreter() -> None:
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_inferneo_patched", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.data.dtype != np.uint16:  # bfloat16 bits
-            return handle
-        bits = handle.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), interpreter.tl.float32)
-
-    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    interpreter.InterpreterBuilder.create_dot = patched_dot
-    interpreter._inferneo_patched = True
-
-
 def _interpreted_kernels():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -73,7 +47,7 @@ def _interpreted_kernels():
             os.environ["TRITON_INTERPRET"] = _PREVIOUS
 
 
-_patch_interpreter()
+patch_interpreter()
 ops = _interpreted_kernels()
 
 from inferneo.attention import get_attention_backend  # noqa: E402

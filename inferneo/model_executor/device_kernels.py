@@ -15,6 +15,8 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
                               panel kernel or oneDNN)                    one-row inputs through the Triton GEMV
 ``MLP``                       :class:`RowPassMLP` when both linears      :class:`GemvSiluMLP` (``gemv_silu``):
                               are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row
+``FusedMoE``                  batched PyTorch (``layers/moe.py``)        ``expert_kernel`` = ``triton_moe``:
+                                                                         sorted pairs, two grouped GEMMs
 ============================  =========================================  =========================================
 
 With tensor parallelism and peer memory, the norms after row-parallel layers then become
@@ -38,6 +40,7 @@ from inferneo.kernels.triton_ops import triton_ops_for
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
 from inferneo.model_executor.layers.gpu_linear import DecodeGemv, decode_gemv, use_decode_linears
+from inferneo.model_executor.layers.moe import ExpertKernel, FusedMoE
 from inferneo.model_executor.models.llama import MLP, Attention
 from inferneo.model_executor.tensor_parallel import fuse_peer_norms
 
@@ -149,6 +152,15 @@ class GemvSiluMLP(MLP):
         return super().forward(x)
 
 
+def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
+    """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
+    many layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    for layer in layers:
+        layer.expert_kernel = kernel
+    return len(layers)
+
+
 # ---- the transform -----------------------------------------------------------------------------------------------
 
 
@@ -183,6 +195,11 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
                        if type(m) is Attention and m.q_norm is None else None)
+    if device.type == "cuda" and ops is not None:
+        from inferneo.kernels.triton_moe import triton_fused_experts  # imports triton: CUDA only
+
+        if use_expert_kernel(model, triton_fused_experts):
+            logger.info("mixture-of-experts layers use the Triton fused-experts kernels")
 
     # Linear layers, then the MLPs whose path depends on them.
     if device.type == "cpu" and kernels.cpu_onednn_linear:

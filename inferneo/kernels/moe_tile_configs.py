@@ -1,0 +1,88 @@
+"""Tile configurations for the Triton mixture-of-experts kernels (``triton_moe.py``), per shape.
+
+A shape is the layer's expert count ``E``, expert width ``N`` (the intermediate size ``I``), hidden size ``K`` and
+dtype; its tuned configs live in ``moe_configs/E={E},N={N},K={K},dtype={dtype}.json`` as a map from a token-count
+bucket to a config::
+
+    {"1": {"block_m": 16, "up": {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4},
+           "down": {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}}, "64": {...}}
+
+A call with ``T`` tokens takes the smallest bucket ``>= T`` (the largest bucket past the last). Shapes without a
+file take :func:`default_moe_config`. ``block_m`` (the tile height, shared by both GEMMs since the (token, expert)
+pairs are padded to it) and the other block sizes are powers of two of at least 16.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("moe_configs")
+
+
+@dataclass(frozen=True, slots=True)
+class GemmTiles:
+    """One grouped GEMM's tile width, depth and launch options."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MoeTileConfig:
+    """The tiles of both grouped GEMMs for one token-count bucket: ``up`` (gate/up + activation), ``down``."""
+
+    block_m: int
+    up: GemmTiles
+    down: GemmTiles
+
+    @classmethod
+    def from_json(cls, entry: dict) -> MoeTileConfig:
+        return cls(block_m=int(entry["block_m"]), up=GemmTiles(**entry["up"]), down=GemmTiles(**entry["down"]))
+
+    def to_json(self) -> dict:
+        tiles = ("block_n", "block_k", "num_warps", "num_stages")
+        return {"block_m": self.block_m, "up": {t: getattr(self.up, t) for t in tiles},
+                "down": {t: getattr(self.down, t) for t in tiles}}
+
+
+def default_moe_config(num_tokens: int, top_k: int) -> MoeTileConfig:
+    """A reasonable config for shapes without a tuned file: short tiles when few pairs reach each expert."""
+    if num_tokens * top_k <= 512:  # decode: memory-bound, most experts see a handful of rows
+        tiles = GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return MoeTileConfig(block_m=16, up=tiles, down=tiles)
+    tiles = GemmTiles(block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return MoeTileConfig(block_m=64, up=tiles, down=tiles)
+
+
+def config_file_name(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype) -> str:
+    """The file name that holds the tuned configs of one shape."""
+    return f"E={num_experts},N={intermediate_size},K={hidden_size},dtype={str(dtype).removeprefix('torch.')}.json"
+
+
+@functools.cache
+def _tuned(file_name: str) -> tuple[tuple[int, MoeTileConfig], ...] | None:
+    path = CONFIG_DIR / file_name
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())
+    return tuple(sorted((int(bucket), MoeTileConfig.from_json(entry)) for bucket, entry in table.items()))
+
+
+def moe_tile_config(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype, num_tokens: int,
+                    top_k: int) -> MoeTileConfig:
+    """The config for ``num_tokens`` tokens through a layer of this shape: tuned when a file exists, else the
+    default."""
+    tuned = _tuned(config_file_name(num_experts, intermediate_size, hidden_size, dtype))
+    if not tuned:
+        return default_moe_config(num_tokens, top_k)
+    for bucket, config in tuned:
+        if num_tokens <= bucket:
+            return config
+    return tuned[-1][1]

@@ -1,0 +1,239 @@
+"""Fused mixture-of-experts on the GPU in Triton: (token, expert) pairs sorted by expert, two grouped GEMMs.
+
+1. **Align** (:func:`align_pairs_by_expert`): the ``T * k`` (token, slot) pairs are grouped by expert and each
+   expert's group is padded to a multiple of the tile height ``block_m``, giving ``sorted_pairs`` (pair indices, the
+   padding slots holding ``T * k``) and ``block_experts`` (the expert of each ``block_m`` block, -1 past the end).
+   Everything stays on the device with sizes known from the shapes (the number of blocks is bounded by
+   ``ceil(T*k / block_m) + min(E, T*k)``), so a decode step stays capturable in a CUDA graph: few pairs go through
+   one single-program Triton kernel, many through a handful of PyTorch ops (a stable sort).
+2. **Gate/up GEMM** (``_gate_up_kernel``): every block multiplies its tokens' rows of ``x`` by its expert's gate and
+   up rows of ``w13``, adds the biases and applies the activation (``silu`` or gpt-oss's ``swigluoai``) in float32,
+   writing ``[T*k, I]`` rows indexed by pair.
+3. **Down GEMM** (``_down_kernel``): those rows times the expert's ``w2``, plus its bias, scaled by the pair's top-k
+   weight in the epilogue, written as ``[T*k, H]``; the ``k`` rows of each token are then summed.
+
+Tile sizes come from ``moe_tile_configs`` (tuned JSON files per shape, a default otherwise). Tests run the kernels
+on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) against a per-expert PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from inferneo.kernels.moe_tile_configs import MoeTileConfig, moe_tile_config
+
+SINGLE_PROGRAM_ALIGN_MAX_PAIRS = 2048
+"""Up to this many (token, slot) pairs the align step is one Triton program; more go through PyTorch ops."""
+
+_ACTIVATION_IDS = {"silu": 0, "swigluoai": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertBlocks:
+    """The (token, slot) pairs grouped by expert in ``block_m``-row blocks.
+
+    ``sorted_pairs`` ``[num_blocks * block_m]`` int32: pair index ``t * k + slot`` per row, ``num_pairs`` in the
+    padding rows; ``block_experts`` ``[num_blocks]`` int32: each block's expert, -1 for the unused blocks at the end.
+    """
+
+    sorted_pairs: torch.Tensor
+    block_experts: torch.Tensor
+    block_m: int
+    num_pairs: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_experts.shape[0]
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """An upper bound of the blocks the pairs fill: each expert that gets pairs wastes at most one partial block."""
+    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts, num_slots, num_blocks,
+                  E_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    experts = tl.arange(0, E_POW2)
+    lanes = tl.arange(0, CHUNK)
+    # Pass 1: pairs per expert, padded to whole blocks; each expert's first slot.
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    # Every slot starts as padding; each block's expert is the one whose slot range holds its first row.
+    for start in range(0, num_slots, CHUNK):
+        tl.store(sorted_pairs_ptr + start + lanes, num_pairs, mask=start + lanes < num_slots)
+    for start in range(0, num_blocks, CHUNK):
+        first_row = (start + lanes) * BLOCK_M
+        expert = tl.sum((padded_end[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+        expert = tl.where(expert < num_experts, expert, -1)
+        tl.store(block_experts_ptr + start + lanes, expert, mask=start + lanes < num_blocks)
+    tl.debug_barrier()  # the padding stores land before the pair stores below overwrite some of them
+    # Pass 2: each pair's slot is its expert's first slot plus the pairs of that expert before it.
+    placed = padded_start
+    for start in range(0, num_pairs, CHUNK):
+        pair = start + lanes
+        ids = tl.load(ids_ptr + pair, mask=pair < num_pairs, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        earlier_same = tl.cumsum(onehot, axis=0) - onehot
+        slot = tl.sum((earlier_same + placed[None, :]) * onehot, axis=1)
+        tl.store(sorted_pairs_ptr + slot, pair, mask=pair < num_pairs)
+        placed += tl.sum(onehot, axis=0)
+
+
+def _align_single_program(flat_ids: torch.Tensor, num_experts: int, block_m: int, blocks: int) -> ExpertBlocks:
+    num_pairs = flat_ids.numel()
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=flat_ids.device)
+    block_experts = torch.empty(blocks, dtype=torch.int32, device=flat_ids.device)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(128, 8192 // e_pow2))
+    _align_kernel[(1,)](flat_ids, sorted_pairs, block_experts, num_pairs, num_experts, sorted_pairs.numel(), blocks,
+                        E_POW2=e_pow2, CHUNK=chunk, BLOCK_M=block_m, num_warps=8)
+    return ExpertBlocks(sorted_pairs, block_experts, block_m, num_pairs)
+
+
+def _align_by_sort(flat_ids: torch.Tensor, num_experts: int, block_m: int, blocks: int) -> ExpertBlocks:
+    device, num_pairs = flat_ids.device, flat_ids.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(flat_ids, stable=True)
+    by_expert = flat_ids[order]
+    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[by_expert]
+    slot = (padded_end - padded)[by_expert] + rank
+    sorted_pairs = torch.full((blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, slot, order.to(torch.int32))
+    first_rows = torch.arange(blocks, device=device) * block_m
+    expert = torch.searchsorted(padded_end, first_rows, right=True)
+    block_experts = torch.where(expert < num_experts, expert, -1).to(torch.int32)
+    return ExpertBlocks(sorted_pairs, block_experts, block_m, num_pairs)
+
+
+def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Group the (token, slot) pairs of ``ids`` ``[T, k]`` by expert in blocks of ``block_m`` rows (see the module
+    doc), without synchronising with the host."""
+    flat_ids = ids.reshape(-1)
+    blocks = max_blocks(flat_ids.numel(), num_experts, block_m)
+    if flat_ids.numel() <= SINGLE_PROGRAM_ALIGN_MAX_PAIRS:
+        return _align_single_program(flat_ids.contiguous(), num_experts, block_m, blocks)
+    return _align_by_sort(flat_ids.to(torch.int64), num_experts, block_m, blocks)
+
+
+@triton.jit
+def _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows (pair indices, int64, and which are real) and output columns (and which are in range)."""
+    pair = tl.load(sorted_pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pair.to(tl.int64), pair < num_pairs, cols, cols < N
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, top_k, N, K,
+                    stride_xt, stride_we, stride_wn, stride_be, stride_op,
+                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    expert = tl.load(block_experts_ptr + tl.program_id(0)).to(tl.int64)
+    if expert < 0:
+        return
+    pair, row_ok, cols, col_ok = _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M, BLOCK_N)
+    token = pair // top_k
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + token[:, None] * stride_xt + ks[None, :]
+    gate_tile = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
+    up_tile = gate_tile + N * stride_wn
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc_gate = tl.dot(a, tl.load(gate_tile + k0, mask=w_mask, other=0.0), acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(a, tl.load(up_tile + k0, mask=w_mask, other=0.0), acc_up, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_gate += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 0:  # silu(gate) * up
+        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+    else:  # swigluoai: gate clamped above at 7, up to [-7, 7]; (up + 1) * gate * sigmoid(1.702 * gate)
+        gate = tl.minimum(acc_gate, 7.0)
+        up = tl.minimum(tl.maximum(acc_up, -7.0), 7.0)
+        h = (up + 1.0) * gate / (1.0 + tl.exp(-1.702 * gate))
+    out = out_ptr + pair[:, None] * stride_op + cols[None, :]
+    tl.store(out, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs,
+                 N, K, stride_hp, stride_we, stride_wn, stride_be, stride_op,
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    expert = tl.load(block_experts_ptr + tl.program_id(0)).to(tl.int64)
+    if expert < 0:
+        return
+    pair, row_ok, cols, col_ok = _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    h_tile = h_ptr + pair[:, None] * stride_hp + ks[None, :]
+    w_tile = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(h_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc *= tl.load(topk_weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + pair[:, None] * stride_op + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for float32 inputs
+
+
+def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                         ids: torch.Tensor, *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
+                         w2_bias: torch.Tensor | None = None, config: MoeTileConfig | None = None) -> torch.Tensor:
+    """:func:`~inferneo.model_executor.layers.moe.fused_experts` through the Triton kernels (same arguments and
+    result); ``config`` overrides the tuned tile config for this shape."""
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(_ACTIVATION_IDS)}")
+    num_tokens, top_k = ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    config = config or moe_tile_config(num_experts, inter, hidden, x.dtype, num_tokens, top_k)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    blocks = align_pairs_by_expert(ids, num_experts, config.block_m)
+    num_pairs = num_tokens * top_k
+    precision = _dot_precision(x.dtype)
+    hidden_act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    up = config.up
+    _gate_up_kernel[(blocks.num_blocks, triton.cdiv(inter, up.block_n))](
+        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, blocks.sorted_pairs, blocks.block_experts,
+        num_pairs, top_k, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
+        w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
+        HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation], PRECISION=precision,
+        BLOCK_M=config.block_m, BLOCK_N=up.block_n, BLOCK_K=up.block_k, num_warps=up.num_warps,
+        num_stages=up.num_stages)
+    per_pair = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    down = config.down
+    _down_kernel[(blocks.num_blocks, triton.cdiv(hidden, down.block_n))](
+        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights.reshape(-1).contiguous(), per_pair,
+        blocks.sorted_pairs, blocks.block_experts, num_pairs, hidden, inter, hidden_act.stride(0), w2.stride(0),
+        w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0, per_pair.stride(0),
+        HAS_BIAS=w2_bias is not None, PRECISION=precision, BLOCK_M=config.block_m, BLOCK_N=down.block_n,
+        BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=down.num_stages)
+    if top_k == 1:
+        return per_pair
+    return per_pair.view(num_tokens, top_k, hidden).sum(dim=1)
