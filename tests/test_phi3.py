@@ -1,15 +1,11 @@
 """Phi-3 (dense): checkpoints with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors load (and a wrong fused shape
-is reported); LongRoPE configs are refused with a message naming them. Hugging Face parity runs in
-test_hf_parity.py with every other architecture."""
+is reported). Hugging Face parity runs in test_hf_parity.py with every other architecture, LongRoPE in
+test_rope_scaling.py."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
-from inferneo import LLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
@@ -35,26 +31,3 @@ def test_wrong_fused_shape_is_reported(phi3_dir):
     bad = [(n, t[:-1] if n.endswith("qkv_proj.weight") else t) for n, t in weights]
     with pytest.raises(ValueError, match="qkv_proj"):
         model.load_weights(bad)
-
-
-_LONGROPE = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-             "original_max_position_embeddings": 1024}
-
-
-@pytest.mark.parametrize("rope_type", ["longrope", "su"])
-def test_longrope_config_is_refused(rope_type):
-    cfg = {"architectures": ["Phi3ForCausalLM"], "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {**_LONGROPE, "type": rope_type}}
-    with pytest.raises(ValueError, match=f"{rope_type}.*LongRoPE"):
-        Phi3ForCausalLM.config_from_hf(cfg)
-
-
-def test_longrope_checkpoint_is_refused_by_the_engine(phi3_dir, tmp_path):
-    folder = tmp_path / "phi3-longrope"
-    shutil.copytree(phi3_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("rope_parameters", None)
-    config["rope_scaling"] = {**_LONGROPE, "rope_type": "longrope"}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="longrope"):
-        LLM(str(folder), dtype="float32")

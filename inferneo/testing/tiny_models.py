@@ -122,6 +122,7 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     hidden = common["hidden_size"]
     if arch == "gpt_oss":
         return _gpt_oss_config(rope_scaling, num_experts, top_k, **window, **common)
+    common["rope_scaling"] = dict(rope_scaling) if rope_scaling else None  # the config classes mutate it
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **window, **common)
     if arch == "qwen2_moe":  # a shared expert; top-k weights not renormalised
@@ -134,12 +135,14 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
                               **window, **common)
 
     if arch == "llama":
-        return LlamaConfig(rope_scaling=dict(rope_scaling) if rope_scaling else None, **common)  # it mutates it
+        return LlamaConfig(**common)
     if arch == "mistral":
         return MistralConfig(**window, **common)
-    if arch == "phi3":  # plain rope
-        return Phi3Config(rope_scaling=None, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **window,
-                          **common)
+    if arch == "phi3":
+        # Phi3Config keeps LongRoPE's original context length at its top level (4096 unless given).
+        original = (rope_scaling or {}).get("original_max_position_embeddings", common["max_position_embeddings"])
+        return Phi3Config(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                          original_max_position_embeddings=original, **window, **common)
     if arch == "qwen2":
         return Qwen2Config(**window, **common)
     return Qwen3Config(**window, **common)
@@ -171,8 +174,10 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     saved with Phi-3's fused ``qkv_proj``/``gate_up_proj`` tensors, plain rope and no sliding window.
 
     Weights are drawn with std 0.2 (norm weights around 1, biases around 0, all distinct) so greedy outputs
-    depend on the prompt. ``rope_scaling`` (e.g. ``{"rope_type": "llama3", ...}``) is for llama and gpt_oss
-    (whose default is plain rope). ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a
+    depend on the prompt. ``rope_scaling`` is Hugging Face's dict (e.g. ``{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 64}``); for phi3 its ``original_max_position_embeddings`` also becomes
+    Phi3Config's top-level value (``max_position_embeddings`` when absent); gpt_oss has plain rope without it.
+    ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a
     sliding window: on every layer, or for the Qwen ones (``use_sliding_window``) on the layers Hugging Face picks
     from ``max_window_layers`` (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). gpt_oss always has one
     (:data:`GPT_OSS_SLIDING_WINDOW` tokens unless given) on its even layers, plus attention sinks and biased
@@ -188,8 +193,6 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
-    if rope_scaling is not None and arch not in ("llama", "gpt_oss"):
-        raise ValueError("rope_scaling is only supported for arch='llama' and arch='gpt_oss'")
     if mxfp4 and arch != "gpt_oss":
         raise ValueError("mxfp4 is only supported for arch='gpt_oss'")
     config = _hf_config(

@@ -1,39 +1,195 @@
-"""Rotary position embedding (rotate-half layout, as in Hugging Face Llama and Qwen), with rope scaling."""
+"""Rotary position embedding (rotate-half layout, as in Hugging Face Llama and Qwen), with rope scaling.
+
+``rope_scaling`` is Hugging Face's dict (``rope_type`` or the older ``type``); the engine computes the same inverse
+frequencies and cos/sin attention factor as transformers' rope init functions (``modeling_rope_utils``):
+
+- ``default``, ``linear`` (positions divided by ``factor``), ``llama3`` (Llama 3.1's smoothed band).
+- ``yarn``: interpolation below the ``beta_slow`` rotation count, extrapolation above ``beta_fast`` (defaults 32 and
+  1), a linear ramp between, over ``original_max_position_embeddings``; ``truncate`` (default true; gpt-oss sets it
+  false) rounds the ramp's ends to whole dimensions. cos and sin are multiplied by ``attention_factor``, which when
+  absent is ``0.1 * ln(factor) + 1``, or with ``mscale`` and ``mscale_all_dim`` both set the ratio of
+  ``0.1 * m * ln(factor) + 1`` for the two (DeepSeek).
+- ``longrope`` (``su``): frequencies divided per dimension by ``short_factor`` or ``long_factor``; cos and sin are
+  multiplied by ``attention_factor``, by default ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))``
+  with ``factor`` defaulting to ``max_position_embeddings / original_max_position_embeddings``. Hugging Face uses
+  the short factors while a sequence is at most ``original_max_position_embeddings`` long and recomputes the whole
+  sequence with the long factors once it is longer. A paged KV cache cannot re-rotate what it holds, so the engine
+  picks one set when it is built: the short factors when its context (``max_model_len``) fits in
+  ``original_max_position_embeddings`` (then every sequence matches Hugging Face exactly), otherwise the long
+  factors (then sequences longer than the original context match Hugging Face, shorter ones do not: set
+  ``max_model_len`` to the original context to get the short factors).
+- ``dynamic`` (NTK): Hugging Face keeps the plain frequencies up to ``max_position_embeddings`` and recomputes a
+  larger base for the whole batch beyond it. The engine's context never exceeds ``max_position_embeddings``
+  (``resolve_max_model_len``), so it uses the plain frequencies, which is exactly Hugging Face within that length; a
+  rotary table longer than the original length is refused.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+_ALIASES = {"su": "longrope"}  # the name early Phi-3 configs used
+# Types whose ``original_max_position_embeddings`` a config may also give at its top level (Phi-3 does); as in
+# transformers, the top-level value wins.
+_ORIGINAL_LENGTH_TYPES = ("llama3", "yarn", "longrope")
 
 
-def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low = scaling.get("low_freq_factor", 1.0)
-        high = scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    elif rope_type not in ("default", "dynamic"):
+@dataclass(frozen=True)
+class RopeFrequencies:
+    """What a rope scaling gives: ``inv_freq`` ``[head_dim // 2]`` (float32) and the factor cos/sin are
+    multiplied by."""
+
+    inv_freq: torch.Tensor
+    attention_factor: float = 1.0
+
+
+def rope_type_of(scaling: dict | None) -> str:
+    """The canonical rope type of a ``rope_scaling`` dict (``default`` for None)."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    return _ALIASES.get(kind, kind)
+
+
+def rope_scaling_from_hf(cfg: dict, *, default_original: int | None = None) -> dict | None:
+    """``cfg``'s rope scaling as one complete dict (None for plain rope), filled in the way transformers reads it.
+
+    Reads ``rope_scaling``, else transformers 5's ``rope_parameters`` (without ``rope_theta``). The result has a
+    canonical ``rope_type``; for llama3, yarn and longrope an ``original_max_position_embeddings`` (the config's
+    top-level one first, then the dict's, then ``default_original``, then ``max_position_embeddings``); for yarn
+    and longrope a ``factor`` (``max_position_embeddings / original_max_position_embeddings`` when absent); for
+    dynamic the ``original_max_position_embeddings`` it starts scaling at (``max_position_embeddings``).
+    """
+    scaling = cfg.get("rope_scaling")
+    if not scaling and isinstance(cfg.get("rope_parameters"), dict):
+        scaling = {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
+    rope_type = rope_type_of(scaling)
+    if rope_type == "default":
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "type"}
+    scaling["rope_type"] = rope_type
+    max_position = cfg.get("max_position_embeddings")
+    if rope_type in _ORIGINAL_LENGTH_TYPES:
+        original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original or default_original or max_position
+    if rope_type == "dynamic":
+        scaling["original_max_position_embeddings"] = max_position
+    if rope_type in ("yarn", "longrope") and scaling.get("factor") is None and max_position:
+        scaling["factor"] = max_position / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+def _require(scaling: dict, rope_type: str, *keys: str) -> list[Any]:
+    missing = [k for k in keys if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} needs {', '.join(missing)}; got {scaling}")
+    return [scaling[k] for k in keys]
+
+
+def _plain_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor, old_len = _require(scaling, "llama3", "factor", "original_max_position_embeddings")
+    low = scaling.get("low_freq_factor", 1.0)
+    high = scaling.get("high_freq_factor", 4.0)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(head_dim: int, theta: float, scaling: dict) -> RopeFrequencies:
+    factor, original = _require(scaling, "yarn", "factor", "original_max_position_embeddings")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def dimension_of(rotations: float) -> float:  # the dimension that turns ``rotations`` times over ``original``
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension_of(beta_fast), dimension_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # 1 where the frequency is kept, 0 where it is divided by ``factor``
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    return RopeFrequencies(inv_freq, float(attention_factor))
+
+
+def _longrope(head_dim: int, theta: float, scaling: dict, max_position: int) -> RopeFrequencies:
+    short, long, original = _require(scaling, "longrope", "short_factor", "long_factor",
+                                     "original_max_position_embeddings")
+    for name, factors in (("short_factor", short), ("long_factor", long)):
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"rope_scaling {name} has {len(factors)} values; head_dim {head_dim} needs "
+                             f"{head_dim // 2}")
+    factor = scaling.get("factor")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if factor is None:
+            raise ValueError("rope_scaling of type 'longrope' needs factor or attention_factor (or a config with "
+                             "max_position_embeddings, through rope_scaling_from_hf)")
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = torch.tensor(long if max_position > original else short, dtype=torch.float32)
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return RopeFrequencies(1.0 / (ext * theta**shape), float(attention_factor))
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, max_position: int) -> RopeFrequencies:
+    """The inverse frequencies and cos/sin factor of ``scaling`` for a table of ``max_position`` positions.
+
+    ``scaling`` as :func:`rope_scaling_from_hf` returns it (a raw config dict works when it names every value its
+    type needs). ValueError for an unsupported type or a missing value.
+    """
+    rope_type = rope_type_of(scaling)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    return inv_freq
+    if rope_type == "yarn":
+        return _yarn(head_dim, theta, scaling)
+    if rope_type == "longrope":
+        return _longrope(head_dim, theta, scaling, max_position)
+    inv_freq = _plain_inv_freq(head_dim, theta)
+    if rope_type == "linear":
+        (factor,) = _require(scaling, "linear", "factor")
+        inv_freq = inv_freq / factor
+    elif rope_type == "llama3":
+        inv_freq = _llama3(inv_freq, scaling)
+    elif rope_type == "dynamic":
+        original = scaling.get("original_max_position_embeddings")
+        if original is not None and max_position > original:
+            raise ValueError(f"dynamic (NTK) rope scaling beyond the original {original} positions is not supported "
+                             f"(asked for {max_position}); use max_model_len <= {original}")
+    return RopeFrequencies(inv_freq)
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to flat ``[num_tokens, num_heads, head_dim]`` queries and keys."""
+    """Applies rotary embeddings to flat ``[num_tokens, num_heads, head_dim]`` queries and keys.
+
+    ``cos_cache``/``sin_cache`` ``[max_position, head_dim // 2]`` (float32) already carry the scaling's attention
+    factor, so every kernel that reads them applies it."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
@@ -43,10 +199,14 @@ class RotaryEmbedding(nn.Module):
 
     def build_cache(self, device: torch.device | None) -> None:
         """(Re)compute the float32 cos/sin tables, on ``device`` or the default device."""
+        rope = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_position)
         t = torch.arange(self.max_position, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, _inv_freq(self.head_dim, self.theta, self.scaling).to(t.device))
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        freqs = torch.outer(t, rope.inv_freq.to(t.device))
+        cos, sin = freqs.cos(), freqs.sin()
+        if rope.attention_factor != 1.0:
+            cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]

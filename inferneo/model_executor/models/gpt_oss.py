@@ -34,6 +34,7 @@ from inferneo.model_loader.mxfp4 import Mxfp4Weight, pair_mxfp4_weights
 SUPPORTED_QUANTIZATION = ("mxfp4",)
 # Hugging Face's GptOssConfig defaults, for config.json files that leave a value out.
 _DEFAULT_SLIDING_WINDOW = 128
+_DEFAULT_ROPE_THETA = 150000.0
 _DEFAULT_ROPE_SCALING = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False, "original_max_position_embeddings": 4096}
 
@@ -74,6 +75,8 @@ class GptOssForCausalLM(MoeForCausalLM):
         overrides = {}
         if "rope_scaling" not in cfg and "rope_parameters" not in cfg:
             overrides["rope_scaling"] = dict(_DEFAULT_ROPE_SCALING)
+        if cfg.get("rope_theta") is None and (cfg.get("rope_parameters") or {}).get("rope_theta") is None:
+            overrides["rope_theta"] = _DEFAULT_ROPE_THETA
         bias = bool(cfg.get("attention_bias", True))
         return DecoderConfig.from_hf(cfg, qkv_bias=bias, o_bias=bias, mlp_bias=False, moe=moe,
                                      sliding_window=cfg.get("sliding_window", _DEFAULT_SLIDING_WINDOW),

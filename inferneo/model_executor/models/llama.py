@@ -22,7 +22,7 @@ from torch import nn
 from inferneo.attention import AttentionBackend, AttentionFeature, AttentionMetadata, attention_features
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
-from inferneo.model_executor.layers.rotary import RotaryEmbedding
+from inferneo.model_executor.layers.rotary import RotaryEmbedding, rope_scaling_from_hf
 
 
 @dataclass(slots=True)
@@ -74,14 +74,9 @@ class DecoderConfig:
     @classmethod
     def from_hf(cls, cfg: dict, **overrides) -> DecoderConfig:
         num_heads = cfg["num_attention_heads"]
-        rope_scaling = cfg.get("rope_scaling") or None
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
-            # transformers 5 keeps rope values under ``rope_parameters``.
-            params = cfg["rope_parameters"]
-            rope_theta = params.get("rope_theta")
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = params
+            rope_theta = cfg["rope_parameters"].get("rope_theta")  # transformers 5 keeps rope values there
         values = dict(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -92,7 +87,7 @@ class DecoderConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            rope_scaling=rope_scaling,
+            rope_scaling=rope_scaling_from_hf(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", False)),

@@ -3,7 +3,8 @@
 Phi-3 checkpoints name ``self_attn.qkv_proj.weight`` (rows ``[q; k; v]``) and ``mlp.gate_up_proj.weight``
 (rows ``[gate; up]``), the same packed layout the engine's Llama parameters use, so each fused tensor is split
 into its shards at load (which lets a tensor-parallel shard take its own slice of every part). LongRoPE
-(``rope_scaling`` of type ``longrope``/``su``) and partial rotary embeddings are refused for now.
+(``rope_scaling`` of type ``longrope``, or the older ``su``/``yarn`` names) runs as ``layers/rotary.py`` describes;
+partial rotary embeddings are refused for now.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inferneo.model_executor.layers.rotary import rope_scaling_from_hf, rope_type_of
 from inferneo.model_executor.models.llama import DecoderConfig, LlamaForCausalLM, _copy, _lookup
 
-_UNSUPPORTED_ROPE = ("longrope", "su")
 _FUSED_IN_CHECKPOINT = ("qkv_proj", "gate_up_proj")
+_LONGROPE_NAMES = ("su", "yarn")  # transformers' Phi3Config reads both as longrope
+_PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's original_max_position_embeddings when a config leaves it out
 
 
-def _check_rope(cfg: dict) -> None:
-    for scaling in (cfg.get("rope_scaling"), cfg.get("rope_parameters")):
-        if not isinstance(scaling, dict):
-            continue
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type in _UNSUPPORTED_ROPE:
-            raise ValueError(f"Phi-3 rope_scaling type {rope_type!r} (LongRoPE) is not supported yet; "
-                             "use a Phi-3 checkpoint with plain rope (no rope_scaling), e.g. a 4k one")
-        if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+def _phi3_rope_scaling(cfg: dict) -> dict | None:
+    """Phi-3's rope scaling as transformers' Phi3Config reads it: ``su`` and ``yarn`` mean LongRoPE, and its
+    top-level ``original_max_position_embeddings`` (4096 when absent) wins. Partial rotary embeddings are refused."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    for source in (cfg, cfg.get("rope_scaling") or {}, params):
+        if float(source.get("partial_rotary_factor") or 1.0) != 1.0:
             raise ValueError("Phi-3 with partial_rotary_factor != 1.0 is not supported")
-    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("Phi-3 with partial_rotary_factor != 1.0 is not supported")
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if rope_type_of(scaling) in _LONGROPE_NAMES:
+        scaling = {**scaling, "rope_type": "longrope"}
+    original = cfg.get("original_max_position_embeddings") or _PHI3_ORIGINAL_CONTEXT
+    return rope_scaling_from_hf({**cfg, "rope_scaling": scaling or None, "original_max_position_embeddings": original})
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -36,9 +39,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def config_from_hf(cls, cfg: dict) -> DecoderConfig:
-        """The decoder config; ValueError for LongRoPE or partial rotary embeddings."""
-        _check_rope(cfg)
-        return DecoderConfig.from_hf(cfg, qkv_bias=False, o_bias=False, mlp_bias=False)
+        """The decoder config (LongRoPE as transformers' Phi3Config reads it); ValueError for partial rotary
+        embeddings."""
+        return DecoderConfig.from_hf(cfg, qkv_bias=False, o_bias=False, mlp_bias=False,
+                                     rope_scaling=_phi3_rope_scaling(cfg))
 
     def load_special_weight(self, params: dict[str, nn.Parameter], name: str,
                             tensor: torch.Tensor) -> set[str]:
