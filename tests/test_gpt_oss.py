@@ -206,3 +206,18 @@ def test_generating_past_the_window_matches_hf_and_the_window_matters(gpt_oss_di
     config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
     (unwindowed / "config.json").write_text(json.dumps(config))
     assert hf_greedy(unwindowed, prompt) != expected
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sinks_shard_with_their_query_heads(rank):
+    """Tensor parallelism: each rank keeps the sink logits of the query heads its q/k/v shard computes."""
+    from types import SimpleNamespace
+
+    from inferneo.model_executor.tensor_parallel import QKVParallelLinear
+
+    qkv = QKVParallelLinear(32, 8, num_heads=4, num_kv_heads=2, bias=True, tp=SimpleNamespace(world_size=2, rank=rank))
+    sinks = torch.nn.Parameter(torch.empty(qkv.local_heads), requires_grad=False)
+    qkv.load_query_head_values(sinks, torch.tensor([0.5, -1.0, 2.0, 3.5]))
+    assert sinks.tolist() == ([0.5, -1.0] if rank == 0 else [2.0, 3.5])
+    with pytest.raises(ValueError, match="per-head values"):
+        qkv.load_query_head_values(torch.nn.Parameter(torch.empty(3)), torch.zeros(4))
