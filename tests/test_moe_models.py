@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from moe_reference import reference_experts
+from test_hf_parity import mixed_prompts
 
+from inferneo import LLM, SamplingParams
 from inferneo.model_executor.layers.moe import FusedMoE, fused_experts
 from inferneo.model_executor.layers.moe_routing import (
     ROUTING_FUNCTIONS,
@@ -18,8 +20,10 @@ from inferneo.model_executor.layers.moe_routing import (
     softmax_topk_renormalized,
     topk_softmax,
 )
+from inferneo.model_executor.models.llama import MLP
 from inferneo.model_executor.models.moe import Qwen2MoeForCausalLM
-from inferneo.model_executor.tensor_parallel import shard_model
+from inferneo.model_executor.tensor_parallel import shard_experts, shard_model
+from inferneo.testing.tiny_models import make_tiny_checkpoint
 
 # ---- the layer against a per-token, per-expert reference ----------------------------------------------------------
 
@@ -130,12 +134,93 @@ def test_dense_layers_from_sparse_step_and_mlp_only_layers():
     assert model.layers[0].mlp.gate_up_proj.out_features == 48
 
 
-def test_tensor_parallel_refuses_moe():
-    config = Qwen2MoeForCausalLM.config_from_hf(_qwen2_moe_config())
+def _rank(rank: int, world: int = 2):
+    return SimpleNamespace(world_size=world, rank=rank, all_reduce=lambda t: t)  # sums checked by the test
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("variant", ["shared-expert", "biases"])
+def test_sharded_experts_sum_to_the_whole_block(stacked, variant):
+    """Each rank's slice of every expert (and of the shared expert), loaded from the full checkpoint tensors,
+    gives a partial output; the partial outputs sum to the unsharded block's."""
+    torch.manual_seed(3)
+    hidden, inter, experts, top_k = 8, 6, 4, 2
+    biases = variant == "biases"
+
+    def build():
+        shared = None if biases else MLP(SimpleNamespace(hidden_size=hidden, intermediate_size=inter,
+                                                         mlp_bias=False), 4)
+        return FusedMoE(hidden, inter, experts, top_k, make_router("topk_softmax" if biases else "softmax_topk",
+                                                                  top_k),
+                        activation="swigluoai" if biases else "silu", bias=biases, router_bias=biases,
+                        shared_expert=shared, shared_expert_gate=not biases)
+
+    full = build()
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    state = {k: v.detach().clone() for k, v in full.state_dict().items()}
+    x = torch.randn(7, hidden)
+    parts = []
+    for rank in (0, 1):
+        moe = build()
+        shard_experts(moe, _rank(rank), torch.device("cpu"), torch.float32)
+        params = dict(moe.named_parameters())
+        assert params["experts.gate_up_proj"].shape == (experts, inter, hidden)  # 2 * inter / 2
+        for name, param in params.items():
+            tensor = state[name]
+            if name == "experts.gate_up_proj" and not stacked:
+                for e in range(experts):
+                    for block in (0, 1):
+                        param.expert_loader(param, tensor[e, block * inter : (block + 1) * inter], e, block)
+            elif name == "experts.down_proj" and not stacked:
+                for e in range(experts):
+                    param.expert_loader(param, tensor[e], e, None)
+            elif hasattr(param, "expert_loader"):
+                param.expert_loader(param, tensor, None, None)
+            elif name.startswith("shared_expert.gate_up_proj"):
+                half = tensor.shape[0] // 2
+                param.weight_loader(param, tensor[:half], 0)
+                param.weight_loader(param, tensor[half:], 1)
+            elif hasattr(param, "weight_loader"):
+                param.weight_loader(param, tensor, None)
+            else:
+                param.data.copy_(tensor)  # the router and the shared expert's gate: replicated
+        with torch.no_grad():
+            parts.append(moe(x))
+    with torch.no_grad():
+        torch.testing.assert_close(parts[0] + parts[1], full(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_parallel_refuses_an_unsplittable_expert_width():
+    config = Qwen2MoeForCausalLM.config_from_hf(_qwen2_moe_config(moe_intermediate_size=9))
     with torch.device("meta"):
         model = Qwen2MoeForCausalLM(config, backend=None)
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        shard_model(model, SimpleNamespace(world_size=2, rank=0), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="expert intermediate size 9"):
+        shard_model(model, SimpleNamespace(world_size=2, rank=0, all_reduce=None), torch.device("meta"),
+                    torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_tensor_parallel_2_equals_1(arch, tmp_path):
+    """TP=2 over gloo: the experts' intermediate features split, the router replicated, Qwen2-MoE's shared expert
+    split like the dense MLP; greedy tokens equal TP=1's."""
+    path = make_tiny_checkpoint(tmp_path / arch, arch)
+    engine = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
+                  num_threads=1)
+    prompts = mixed_prompts(4, 300, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def ids(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = ids(LLM(str(path), **engine))
+    llm = LLM(str(path), tensor_parallel_size=2, **engine)
+    try:
+        moe = llm.engine.runner.driver.model.layers[0].mlp
+        assert moe.experts.gate_up_proj.shape[1] == 32 and moe.all_reduce is not None  # 2 * (32 / 2)
+        assert ids(llm) == expected
+    finally:
+        llm.shutdown()
 
 
 def test_missing_expert_weight_is_reported(tiny_checkpoint_factory):

@@ -6,6 +6,9 @@
   its slice of the MLP, with no communication;
 - the attention output and MLP down projections are split by input columns (row parallel): each rank's partial
   product is summed over the ranks (one all-reduce each), then the bias is added once;
+- mixture-of-experts blocks split every expert's intermediate dimension (gate/up rows, down columns; see
+  :func:`shard_experts`); the router is replicated, a shared expert is split like the dense MLP, and the block's
+  partial sums (routed experts plus shared expert) are all-reduced once;
 - the embedding and the LM head are split by vocabulary rows: lookups outside a rank's rows give zeros and the
   all-reduce fills them in; the LM head's slices of the logits are gathered on the driver (rank 0), which samples.
 
@@ -31,6 +34,7 @@ from inferneo.distributed.parallel_state import TensorParallelGroup
 from inferneo.distributed.peer_all_reduce import PartialSum
 from inferneo.model_executor.layers.basic import RMSNorm
 from inferneo.model_executor.layers.gpu_linear import DecodeGemv, linear
+from inferneo.model_executor.layers.moe import FusedMoE
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 
@@ -196,12 +200,96 @@ class ParallelLMHead(nn.Linear):
         return None if logits is None else logits[..., : self.vocab_size]
 
 
+class PartialRowParallelLinear(RowParallelLinear):
+    """A row-parallel linear without bias whose output stays this rank's partial sum: the block it belongs to
+    (a mixture-of-experts layer's shared expert) all-reduces once for all its parts."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallelGroup, device=None,
+                 dtype=None) -> None:
+        super().__init__(in_features, out_features, False, tp, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, gemv=self.gemv)
+
+
+class ExpertShardLoader:
+    """Copies this rank's slice of expert checkpoint tensors into the sharded stacked expert parameters.
+
+    Each rank holds ``local = I / world_size`` of every expert's intermediate features: rows
+    ``[rank * local, (rank + 1) * local)`` of the gate and of the up projection, the same columns of the down
+    projection. Called as ``expert_loader(param, full, expert, block)``: ``expert`` None for a stacked checkpoint
+    tensor (``[E, 2I, H]``, ``[E, H, I]``, biases ``[E, 2I]``), else one expert's projection (``block`` 0 gate, 1 up,
+    None down). The down projection's bias is added once: rank 0 holds it, the others zeros.
+    """
+
+    def __init__(self, tp: TensorParallelGroup, local: int) -> None:
+        self.rank, self.local, self.inter = tp.rank, local, local * tp.world_size
+
+    def gate_up(self, param: nn.Parameter, full: torch.Tensor, expert: int | None, block: int | None) -> None:
+        local = self.local
+        if expert is None:  # stacked [E, 2I, H] or bias [E, 2I]: both halves
+            for half in (0, 1):
+                src = full.narrow(1, half * self.inter + self.rank * local, local)
+                _check_shape(param.data.narrow(1, half * local, local), src, "expert gate/up projection")
+                param.data.narrow(1, half * local, local).copy_(src)
+            return
+        src = full.narrow(0, self.rank * local, local)
+        dest = param.data[expert].narrow(0, block * local, local)
+        _check_shape(dest, src, "expert gate/up projection")
+        dest.copy_(src)
+
+    def down(self, param: nn.Parameter, full: torch.Tensor, expert: int | None, block: int | None = None) -> None:
+        dest = param.data if expert is None else param.data[expert]
+        src = full.narrow(full.dim() - 1, self.rank * self.local, self.local)
+        _check_shape(dest, src, "expert down projection")
+        dest.copy_(src)
+
+    def down_bias(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
+        _check_shape(param.data, full, "expert down-projection bias")
+        if self.rank == 0:
+            param.data.copy_(full)
+        else:
+            param.data.zero_()
+
+
+def shard_experts(moe: FusedMoE, tp: TensorParallelGroup, device, dtype) -> None:
+    """Shard a mixture-of-experts block in place: every expert keeps ``I / world_size`` intermediate features, a
+    shared expert is split like the dense MLP (its down projection left as a partial sum) and the block all-reduces
+    its output once. The router (``gate``) and the shared expert's gate stay replicated."""
+    inter, world = moe.intermediate_size, tp.world_size
+    if inter % world:
+        raise ValueError(f"expert intermediate size {inter} cannot be split over {world} ranks "
+                         f"(tensor_parallel_size must divide it)")
+    local = inter // world
+    experts = moe.experts
+    num_experts, hidden = experts.down_proj.shape[0], experts.down_proj.shape[1]
+    loader = ExpertShardLoader(tp, local)
+
+    def new(*shape: int, **attrs) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
+        for key, value in attrs.items():
+            setattr(param, key, value)
+        return param
+
+    experts.gate_up_proj = new(num_experts, 2 * local, hidden, expert_loader=loader.gate_up)
+    experts.down_proj = new(num_experts, hidden, local, expert_loader=loader.down)
+    if hasattr(experts, "gate_up_proj_bias"):
+        experts.gate_up_proj_bias = new(num_experts, 2 * local,
+                                        weight_loader=lambda p, full, shard: loader.gate_up(p, full, None, None))
+        experts.down_proj_bias = new(num_experts, hidden, weight_loader=loader.down_bias)
+    moe.intermediate_size = local
+    shared = moe.shared_expert
+    if shared is not None:
+        shared_inter = shared.down_proj.in_features
+        shared.gate_up_proj = MergedColumnParallelLinear(hidden, [shared_inter, shared_inter], False, tp,
+                                                         device=device, dtype=dtype)
+        shared.down_proj = PartialRowParallelLinear(shared_inter, hidden, tp, device=device, dtype=dtype)
+    moe.all_reduce = tp.all_reduce
+
+
 def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place."""
     c = model.config
-    if getattr(c, "moe", None) is not None:
-        raise ValueError("tensor parallelism does not shard mixture-of-experts layers yet; "
-                         "run this model with tensor_parallel_size=1")
     kw = dict(device=device, dtype=dtype)
     for layer in model.layers:
         attn = layer.self_attn
@@ -213,6 +301,9 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
             attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw), requires_grad=False)
             _attach_loader(attn.sinks, qkv.load_query_head_values)
         attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
+        if isinstance(layer.mlp, FusedMoE):
+            shard_experts(layer.mlp, tp, device, dtype)
+            continue
         layer.mlp.gate_up_proj = MergedColumnParallelLinear(
             c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
         layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
@@ -246,15 +337,22 @@ def fuse_peer_norms(model: nn.Module, tp: TensorParallelGroup) -> int:
     if tp.peer is None:
         return 0
     fused = 0
-    for i, layer in enumerate(model.layers):
-        layer.self_attn.o_proj.stage_index, layer.mlp.down_proj.stage_index = 0, 1
+    previous_mlp_row_parallel = False  # the first layer's input norm reads the embeddings
+    for layer in model.layers:
+        layer.self_attn.o_proj.stage_index = 0
         layer.post_attention_layernorm = PeerFusedRMSNorm(layer.post_attention_layernorm)
         fused += 1
-        if i > 0:  # the first layer's input norm reads the embeddings
+        if previous_mlp_row_parallel:
             layer.input_layernorm = PeerFusedRMSNorm(layer.input_layernorm)
             fused += 1
-    model.norm = PeerFusedRMSNorm(model.norm)
-    return fused + 1
+        # A mixture-of-experts block all-reduces itself; a dense MLP hands its partial sum to the next norm.
+        previous_mlp_row_parallel = isinstance(getattr(layer.mlp, "down_proj", None), RowParallelLinear)
+        if previous_mlp_row_parallel:
+            layer.mlp.down_proj.stage_index = 1
+    if previous_mlp_row_parallel:
+        model.norm = PeerFusedRMSNorm(model.norm)
+        fused += 1
+    return fused
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

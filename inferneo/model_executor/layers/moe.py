@@ -117,8 +117,10 @@ class FusedMoE(nn.Module):
     ``router_bias`` a bias on ``gate``. ``shared_expert`` (an MLP module) and ``shared_expert_gate`` (a linear to one
     logit) add Qwen2-MoE's shared expert: its output, scaled by the sigmoid of the gate, is added to the routed
     experts' sum. ``expert_kernel`` computes the routed experts (:func:`fused_experts` unless a device kernel
-    replaced it).
+    replaced it). ``all_reduce``, set by tensor parallelism, sums the ranks' partial outputs of the whole block.
     """
+
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, router: Router, *,
                  activation: str = "silu", bias: bool = False, router_bias: bool = False,
@@ -158,4 +160,4 @@ class FusedMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        return out
+        return out if self.all_reduce is None else self.all_reduce(out)

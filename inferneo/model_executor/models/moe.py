@@ -4,7 +4,9 @@ Each is the Llama decoder (attention as in ``llama.py`` / ``qwen.py``) whose fee
 :class:`~inferneo.model_executor.layers.moe.FusedMoE` in its sparse layers. Checkpoints name every expert's
 projections apart (``block_sparse_moe.experts.{e}.w1/w2/w3`` in Mixtral, ``mlp.experts.{e}.gate_proj/up_proj/
 down_proj`` in Qwen-MoE); they load into the stacked ``experts.gate_up_proj`` ``[E, 2*I, H]`` and
-``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are.
+``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are. Under tensor
+parallelism the stacked parameters carry an ``expert_loader`` that takes this rank's slice
+(``tensor_parallel.shard_experts``).
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ class MoeForCausalLM(LlamaForCausalLM):
         renamed = name.replace(".block_sparse_moe.", ".mlp.")
         was_renamed, name = renamed != name, renamed
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")) and name in params:
-            _copy(params[name].data, tensor, name)
-            return set(self.expected_weight_keys(name, params[name]))
+            param = params[name]
+            loader = getattr(param, "expert_loader", None)  # a tensor-parallel shard takes its slice
+            if loader is not None:
+                loader(param, tensor, None, None)
+            else:
+                _copy(param.data, tensor, name)
+            return set(self.expected_weight_keys(name, param))
         match = _EXPERT_WEIGHT.match(name)
         if match is None:
             if was_renamed and name in params:  # Mixtral's router under its renamed prefix
@@ -73,11 +80,15 @@ class MoeForCausalLM(LlamaForCausalLM):
         param = _lookup(params, target, name)
         if not 0 <= expert < param.shape[0]:
             raise ValueError(f"checkpoint weight {name!r} names expert {expert}; the config has {param.shape[0]}")
-        dest = param.data[expert]
-        if block is not None:
-            rows = dest.shape[0] // 2
-            dest = dest.narrow(0, block * rows, rows)
-        _copy(dest, tensor, name)
+        loader = getattr(param, "expert_loader", None)
+        if loader is not None:
+            loader(param, tensor, expert, block)
+        else:
+            dest = param.data[expert]
+            if block is not None:
+                rows = dest.shape[0] // 2
+                dest = dest.narrow(0, block * rows, rows)
+            _copy(dest, tensor, name)
         return {f"{target}#{expert}" + ("" if block is None else f".{block}")}
 
     def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
