@@ -211,6 +211,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                 param.normal_(1.0, 0.1)
             elif name.endswith((".bias", "_bias")):
                 param.normal_(0.0, 0.1)
+            elif name.endswith(".sinks"):  # gpt_oss: large enough that every head's sink changes the tokens
+                param.normal_(0.0, 1.0)
             if mxfp4 and name.endswith(_GPT_OSS_EXPERT_WEIGHTS):  # MXFP4 values, so the checkpoint is lossless
                 blocks, scales = quantize_mxfp4(param.transpose(1, 2))
                 param.copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))

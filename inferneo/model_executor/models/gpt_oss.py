@@ -104,8 +104,12 @@ class GptOssForCausalLM(MoeForCausalLM):
             return set()
         param = _lookup(params, name, name)
         converted = _engine_expert_layout(name.rpartition(".")[2], tensor, param)
-        loader = getattr(param, "weight_loader", None)  # a tensor-parallel shard takes its slice
-        if loader is not None:
+        # A tensor-parallel shard takes its slice: stacked projections through their ``expert_loader`` (all
+        # experts at once), biases through their ``weight_loader``.
+        expert_loader, loader = getattr(param, "expert_loader", None), getattr(param, "weight_loader", None)
+        if expert_loader is not None:
+            expert_loader(param, converted, None, None)
+        elif loader is not None:
             loader(param, converted, None)
         else:
             _copy(param.data, converted, name)
