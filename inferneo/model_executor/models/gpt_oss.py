@@ -69,7 +69,8 @@ class GptOssForCausalLM(MoeForCausalLM):
     def config_from_hf(cls, cfg: dict) -> DecoderConfig:
         """The decoder config; ValueError for a quantization other than MXFP4 or a SwiGLU other than gpt-oss's."""
         _check_supported(cfg)
-        moe = MoeConfig(num_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
+        top_k = cfg.get("num_experts_per_tok") or cfg["experts_per_token"]  # the latter: OpenAI's own key
+        moe = MoeConfig(num_experts=cfg["num_local_experts"], top_k=top_k,
                         intermediate_size=cfg["intermediate_size"], routing="topk_softmax", activation="swigluoai",
                         expert_bias=True, router_bias=True)
         overrides = {}
