@@ -29,7 +29,7 @@ from torch import nn
 from inferneo.model_executor.layers.moe import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, MoeConfig
 from inferneo.model_executor.models.llama import DecoderConfig, _copy, _lookup
 from inferneo.model_executor.models.moe import MoeForCausalLM
-from inferneo.model_loader.mxfp4 import Mxfp4Weight, pair_mxfp4_weights
+from inferneo.model_executor.mxfp4 import Mxfp4Weight, pair_mxfp4_weights
 
 SUPPORTED_QUANTIZATION = ("mxfp4",)
 # Hugging Face's GptOssConfig defaults, for config.json files that leave a value out.

@@ -12,7 +12,7 @@ loading, which is exact in float32 and bfloat16 (every e2m1 value times a power 
 
 :func:`pair_mxfp4_weights` turns a checkpoint's ``(name, tensor)`` stream into one where every blocks/scales pair
 becomes a single :class:`Mxfp4Weight` under the weight's name, for the model to de-quantize where its parameter
-lives.
+lives. (It sits beside the models rather than in ``model_loader``, which already depends on ``model_executor``.)
 """
 
 from __future__ import annotations
