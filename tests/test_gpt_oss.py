@@ -16,8 +16,8 @@ from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 from inferneo import LLM, SamplingParams
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
-from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
 from inferneo.model_executor.mxfp4 import Mxfp4Weight, dequantize_mxfp4, pair_mxfp4_weights, quantize_mxfp4
+from inferneo.model_loader.hf_files import hf_config, iter_hf_weights
 
 
 def _random_mxfp4(shape: tuple[int, ...], seed: int, scale_range: tuple[int, int] = (0, 255)):

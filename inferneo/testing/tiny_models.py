@@ -17,9 +17,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
-from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Architectures whose Hugging Face config takes a sliding window; the Qwen ones also ``max_window_layers``.
