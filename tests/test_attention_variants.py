@@ -14,7 +14,7 @@ from inferneo.attention import (
     backend_for_model,
     model_attention_features,
 )
-from inferneo.attention.check_cases import AttentionCase, Step, build_step
+from inferneo.attention.check_cases import VARIANT_OPTIONS, AttentionCase, Step, build_step, variant_options
 from inferneo.model_executor.models.llama import DecoderConfig, LlamaForCausalLM
 
 VARIANT_CASES = (
@@ -23,15 +23,6 @@ VARIANT_CASES = (
     AttentionCase("prefill-chunked", 6, 2, 16, 16, prefills=((16, 20), (7, 40), (45, 3))),
     AttentionCase("mixed", 4, 1, 16, 16, decode_lens=(1, 17, 40), prefills=((0, 19), (23, 9))),
 )
-
-OPTIONS = {
-    "window": dict(sliding_window=12),
-    "window-1": dict(sliding_window=1),
-    "softcap": dict(logit_softcap=2.0),
-    "sinks": dict(sinks=True),
-    "all": dict(sliding_window=7, logit_softcap=3.0, sinks=True),
-}
-
 
 def naive_attention(step: Step, scale: float, sliding_window=None, logit_softcap=None, sinks=None) -> torch.Tensor:
     """Attention of every new token of ``step``, one query token and one head at a time, in float64."""
@@ -68,18 +59,11 @@ def naive_attention(step: Step, scale: float, sliding_window=None, logit_softcap
     return out
 
 
-def _options(name: str, num_heads: int) -> dict:
-    options = dict(OPTIONS[name])
-    if options.pop("sinks", False):
-        options["sinks"] = torch.linspace(-1.0, 2.5, num_heads)
-    return options
-
-
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("option_name", list(OPTIONS))
+@pytest.mark.parametrize("option_name", list(VARIANT_OPTIONS))
 def test_reference_backend_matches_naive_attention(case, option_name):
     step = build_step(case, torch.float32, "cpu", seed=3)
-    options = _options(option_name, case.num_heads)
+    options = variant_options(option_name, case.num_heads)
     backend = TorchReferenceBackend()
     meta = step.metadata()
     backend.prepare(meta)
@@ -94,7 +78,7 @@ def test_reference_backend_matches_naive_attention(case, option_name):
 def test_reference_backend_in_half_precision():
     case = VARIANT_CASES[3]
     step = build_step(case, torch.bfloat16, "cpu", seed=5)
-    options = _options("all", case.num_heads)
+    options = variant_options("window-softcap-sinks", case.num_heads)
     backend = TorchReferenceBackend()
     meta = step.metadata()
     backend.prepare(meta)
@@ -190,7 +174,7 @@ NATIVE_CASES = VARIANT_CASES + (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("option_name", list(OPTIONS))
+@pytest.mark.parametrize("option_name", list(VARIANT_OPTIONS))
 def test_native_cpu_backend_matches_reference(case, option_name, dtype):
     from inferneo.attention.check_cases import compare_backends, relative_error
     from inferneo.kernel_config import KernelConfig
@@ -202,7 +186,27 @@ def test_native_cpu_backend_matches_reference(case, option_name, dtype):
     except RuntimeError as exc:
         pytest.skip(str(exc))
     step = build_step(case, dtype, "cpu", seed=7)
-    options = _options(option_name, case.num_heads)
+    options = variant_options(option_name, case.num_heads)
     out, ref_out, cache, ref_cache = compare_backends(backend, step, **options)
     assert torch.equal(cache, ref_cache)
     assert relative_error(out, ref_out) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_tensor_parallel_ranks_keep_their_heads_sinks():
+    """Sharding gives each rank the sink logits of its own query heads."""
+    from torch import nn
+
+    from inferneo.distributed.parallel_state import TensorParallelGroup
+    from inferneo.model_executor.tensor_parallel import shard_model
+
+    config = _tiny_config()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, TorchReferenceBackend())
+        for layer in model.layers:
+            layer.self_attn.sinks = nn.Parameter(torch.zeros(config.num_heads))
+    shard_model(model, TensorParallelGroup(1, 2), torch.device("cpu"), torch.float32)
+    attn = model.layers[0].self_attn
+    assert attn.sinks.shape == (config.num_heads // 2,) and attn.num_heads == config.num_heads // 2
+    full = torch.arange(config.num_heads, dtype=torch.float32)
+    attn.sinks.weight_loader(attn.sinks, full, None)
+    assert torch.equal(attn.sinks.data, full[2:])

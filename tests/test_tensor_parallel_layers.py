@@ -2,7 +2,7 @@
 
 Each rank builds the model on the meta device, shards it, materializes only its shard and loads its slices from
 the checkpoint; rank 0 receives the gathered logits. Covers split kv heads, replicated kv heads (one kv head over
-two ranks), q/k/v bias (Qwen2), q/k norms (Qwen3) and tied embeddings.
+two ranks), q/k/v bias (Qwen2), q/k norms (Qwen3), tied embeddings and a sliding window (Mistral).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ CASES = {
     "llama-replicated-kv-tied": dict(arch="llama", num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
     "qwen2-bias": dict(arch="qwen2", num_heads=4, num_kv_heads=2),
     "qwen3-qk-norm": dict(arch="qwen3", num_heads=4, num_kv_heads=2),
+    "mistral-sliding-window": dict(arch="mistral", num_heads=4, num_kv_heads=2, sliding_window=4),
 }
 
 

@@ -53,10 +53,12 @@ ops = _interpreted_kernels()
 from inferneo.attention import get_attention_backend  # noqa: E402
 from inferneo.attention.check_cases import (  # noqa: E402
     STANDARD_CASES,
+    VARIANT_OPTIONS,
     AttentionCase,
     build_step,
     compare_backends,
     relative_error,
+    variant_options,
 )
 from inferneo.attention.triton_backend import TritonBackend  # noqa: E402
 
@@ -69,9 +71,10 @@ def _interpret(monkeypatch):
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-def _check(case: AttentionCase, dtype: torch.dtype, backend: TritonBackend | None = None, seed: int = 0):
+def _check(case: AttentionCase, dtype: torch.dtype, backend: TritonBackend | None = None, seed: int = 0,
+           **options):
     step = build_step(case, dtype, "cpu", seed=seed)
-    out, ref, cache, ref_cache = compare_backends(backend or TritonBackend(prefill_block_m=16), step)
+    out, ref, cache, ref_cache = compare_backends(backend or TritonBackend(prefill_block_m=16), step, **options)
     assert torch.equal(cache, ref_cache), "new keys/values went to the wrong slots"
     assert torch.isfinite(out).all()
     err = relative_error(out, ref)
@@ -160,3 +163,23 @@ def test_tiny_model_greedy_tokens_equal_the_torch_backend(tiny_checkpoint_factor
         results[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.engine.kv_cache.prefix_cache_hits > 0
     assert results["triton"] == results["torch"]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", list(VARIANT_OPTIONS))
+def test_variants_match_reference(name, splits):
+    """Windows (decode scans only the window, split or not; prefill tiles over cached context), soft-capping and
+    sinks (added once, in the split reduction) against the PyTorch reference."""
+    case = AttentionCase("variants", 8, 2, 32, 16, decode_lens=(1, 19, 40, 130),
+                         prefills=((0, 45), (23, 30), (70, 5)))
+    options = variant_options(name, case.num_heads)
+    out, ref = _check(case, torch.float32, TritonBackend(prefill_block_m=16, decode_splits=splits), **options)
+    plain = compare_backends(TritonBackend(prefill_block_m=16), build_step(case, torch.float32, "cpu"))[1]
+    assert relative_error(ref, plain) > 1e-3  # the option matters on this case
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_variants_in_half_precision(dtype):
+    case = AttentionCase("variants-half", 4, 4, 64, 16, decode_lens=(5, 70), prefills=((17, 40),))
+    _check(case, dtype, TritonBackend(prefill_block_m=32, decode_splits=2),
+           **variant_options("window-softcap-sinks", case.num_heads))

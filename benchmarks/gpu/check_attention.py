@@ -9,7 +9,10 @@
 3. Prefill timing: 8 spans x 1024 tokens (causal, no context) against the FLOP floor from a measured bf16 matmul
    rate, a few kernel configs, and PyTorch SDPA on dense tensors for comparison.
 
-Usage: ``python benchmarks/gpu/check_attention.py``; writes ``$OUT/attention.json`` when ``OUT`` is set. Each
+4. Sliding window, soft-capping and sinks on gpt-oss- and Gemma-2-shaped heads: correctness, a captured decode
+   step, and its time against plain attention.
+
+Usage: ``python benchmarks/gpu/check_attention.py [variants]``; writes ``$OUT/attention.json`` when ``OUT`` is set. Each
 section catches its own errors, so one failure never hides the others.
 """
 
@@ -124,6 +127,70 @@ def check_graph(dev):
         ms = bench(graph.replay)
         print(f"   {case.name}: replay rel_err vs eager {err:.1e}, replay {ms * 1e3:.1f} us")
         RESULTS.setdefault("graph", []).append({"case": case.name, "rel_err": err, "replay_us": ms * 1e3})
+
+
+# Per-layer options of the models that need them, on heads shaped like theirs.
+VARIANT_MODELS = {
+    "gpt-oss (window 128, sinks)": (dict(sliding_window=128, sinks=True), (64, 8, 64)),
+    "gemma2 (window 4096, softcap 50)": (dict(sliding_window=4096, logit_softcap=50.0), (16, 8, 256)),
+    "gemma2 global (softcap 50)": (dict(logit_softcap=50.0), (16, 8, 256)),
+}
+
+
+@section("sliding window, soft-capping and sinks vs the PyTorch reference (CUDA), with a captured decode")
+def check_variants(dev):
+    from inferneo.attention.check_cases import AttentionCase, build_step, compare_backends
+    from inferneo.attention.check_cases import relative_error as rel
+    from inferneo.attention.triton_backend import TritonBackend
+
+    limits = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+    for label, (options, (heads, kv_heads, dim)) in VARIANT_MODELS.items():
+        opts = dict(options)
+        if opts.pop("sinks", False):
+            opts["sinks"] = torch.linspace(-2.0, 4.0, heads, device=dev)
+        case = AttentionCase(label, heads, kv_heads, dim, 16, decode_lens=(1, 100, 129, 700, 5000),
+                             prefills=((0, 300), (200, 150), (4000, 200)))
+        for dtype in limits:
+            for backend in (TritonBackend(), TritonBackend(prefill_block_m=64, decode_splits=3)):
+                step = build_step(case, dtype, dev, seed=4)
+                out, ref, cache, ref_cache = compare_backends(backend, step, poison=True, **opts)
+                err, cache_ok = rel(out, ref), bool(torch.equal(cache, ref_cache))
+                ok = err < limits[dtype] and cache_ok and bool(torch.isfinite(out).all())
+                tag = f"{label}/{str(dtype)[6:]}/m{backend.prefill_block_m}s{backend.decode_splits}"
+                RESULTS["correctness"].append({"case": tag, "rel_err": err, "cache_ok": cache_ok, "ok": ok})
+                print(f"   {'ok  ' if ok else 'FAIL'} {tag:60s} rel_err {err:.2e}  cache {cache_ok}")
+        _time_variant_decode(dev, label, heads, kv_heads, dim, opts)
+
+
+def _time_variant_decode(dev, label: str, heads: int, kv_heads: int, dim: int, opts: dict) -> None:
+    """A decode-only step with the options, captured in a CUDA graph and replayed; then its time against the same
+    step without the options (a window scans only its last tokens)."""
+    import functools
+
+    from inferneo.attention.check_cases import AttentionCase, build_step, relative_error, to_backend_layout
+    from inferneo.attention.triton_backend import TritonBackend
+
+    case = AttentionCase(label, heads, kv_heads, dim, 16, decode_lens=(8192,) * 32)
+    step = build_step(case, torch.bfloat16, dev, seed=5)
+    backend = TritonBackend()
+    cache = to_backend_layout(step.ref_cache, backend)
+    meta = step.metadata()
+    forward = functools.partial(backend.forward, step.q, step.k, step.v, cache, meta, step.scale)
+    eager = forward(**opts).clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = forward(**opts)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    err = relative_error(captured, eager)
+    with_us = 1e3 * bench(functools.partial(forward, **opts))
+    plain_us = 1e3 * bench(forward)
+    print(f"   {label}: graph replay rel_err {err:.1e}; decode 32 x 8192 forward {with_us:.1f} us "
+          f"(plain attention {plain_us:.1f} us)")
+    RESULTS.setdefault("variants", []).append({"case": label, "graph_rel_err": err, "forward_us": with_us,
+                                               "plain_forward_us": plain_us})
 
 
 def copy_bandwidth(dev) -> float:
@@ -269,17 +336,22 @@ def summary() -> None:
 
 
 def main() -> None:
-    """Run every section, print the summary, write JSON to ``$OUT/attention.json`` when ``OUT`` is set."""
+    """Run every section (or only ``variants`` when that is the first argument), print the summary, write JSON
+    to ``$OUT/attention.json`` when ``OUT`` is set."""
     if not torch.cuda.is_available():
         print("no CUDA device")
         return
     dev = torch.device("cuda")
     RESULTS["device"] = torch.cuda.get_device_name(dev)
     print(RESULTS["device"], "torch", torch.__version__)
-    check_correctness(dev)
-    check_graph(dev)
-    time_decode(dev)
-    time_prefill(dev)
+    if sys.argv[1:2] == ["variants"]:
+        check_variants(dev)
+    else:
+        check_correctness(dev)
+        check_graph(dev)
+        check_variants(dev)
+        time_decode(dev)
+        time_prefill(dev)
     try:
         summary()
     except Exception:  # noqa: BLE001

@@ -154,6 +154,25 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+# Per-layer attention options to check a backend with: ``sinks=True`` stands for a sink tensor that
+# ``variant_options`` builds for the case's head count.
+VARIANT_OPTIONS = {
+    "window": dict(sliding_window=20),
+    "window-1": dict(sliding_window=1),
+    "softcap": dict(logit_softcap=1.5),
+    "sinks": dict(sinks=True),
+    "window-softcap-sinks": dict(sliding_window=7, logit_softcap=2.0, sinks=True),
+}
+
+
+def variant_options(name: str, num_heads: int) -> dict:
+    """The ``forward`` keywords of ``VARIANT_OPTIONS[name]``, with sink logits spread over [-1, 3] if asked for."""
+    options = dict(VARIANT_OPTIONS[name])
+    if options.pop("sinks", False):
+        options["sinks"] = torch.linspace(-1.0, 3.0, num_heads)
+    return options
+
+
 STANDARD_CASES = (
     AttentionCase("decode-mha", 4, 4, 64, 16, decode_lens=(1, 15, 16, 17, 33, 64)),
     AttentionCase("decode-gqa3-d128-bs32", 6, 2, 128, 32, decode_lens=(1, 31, 32, 33, 70)),

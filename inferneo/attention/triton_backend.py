@@ -6,7 +6,8 @@ head of one block is a contiguous ``block_size x head_dim`` page, which is what 
 A step runs as: store the new keys/values into their slots, then one decode launch over the decode tokens (plus
 a reduction launch when the context is split), then one prefill launch over every multi-token span. New tokens
 are written before attention, so prefill reads the cached prefix and the span's own keys alike through the
-span's block table (chunked prefill and prefix-cache hits need no special path).
+span's block table (chunked prefill and prefix-cache hits need no special path). Sliding windows, logit
+soft-capping and attention sinks are compile-time switches of the same kernels.
 
 CUDA graphs: for decode-only steps ``prepare`` does nothing and ``forward`` issues only kernel launches whose
 grids depend on tensor shapes, with no host synchronisation, so both can be captured.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from inferneo.attention.backend import AttentionBackend, AttentionMetadata
+from inferneo.attention.backend import AttentionBackend, AttentionFeature, AttentionMetadata
 from inferneo.kernels import triton_attention as ops
 
 
@@ -30,6 +31,7 @@ class TritonBackend(AttentionBackend):
     """
 
     name = "triton"
+    supported_features = frozenset(AttentionFeature)
 
     def __init__(self, prefill_block_m: int | None = None, decode_splits: int | None = None,
                  pdl: bool | None = None) -> None:
@@ -61,18 +63,18 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
         """Stores ``k``/``v`` at ``metadata.slot_mapping``, then decode and prefill attention; returns [T, H, D]."""
-        self.check_features(sliding_window, logit_softcap, sinks)
         ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
         nd = metadata.num_decode_tokens
         if nd:
             ops.paged_decode(q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale,
-                             out[:nd], num_splits=self.decode_splits, pdl=self.pdl)
+                             out[:nd], num_splits=self.decode_splits, pdl=self.pdl, **options)
         if metadata.prefills:
             prepared = metadata.extra.get("triton_prefill")
             if prepared is None:
                 self.prepare(metadata)
                 prepared = metadata.extra["triton_prefill"]
             tables, schedule, block_m = prepared
-            ops.paged_prefill(q, kv_cache, tables, schedule, scale, out, block_m)
+            ops.paged_prefill(q, kv_cache, tables, schedule, scale, out, block_m, **options)
         return out

@@ -12,6 +12,11 @@ touches whole contiguous pages. Three operations:
   ``store_kv`` has already written), flash-attention style, all spans in one launch driven by a tile schedule.
 
 All softmax arithmetic is in float32 (base-2 exponentials); float32 inputs use IEEE dot products, not TF32.
+
+Per-layer options, each a compile-time switch so the plain kernels are unchanged without them: a sliding window
+(a query at position ``p`` sees keys ``p - W < j <= p``; decode scans and splits only the window), logit
+soft-capping (``c * tanh(score / c)``) and attention sinks (one logit per head added to the softmax denominator;
+with split decoding it joins once, in the reduction).
 """
 
 from __future__ import annotations
@@ -93,17 +98,33 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale,
-                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step: ``q`` [M, D] against ``key``/``value`` [N, D] with ``valid`` [M, N]."""
+def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
+                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr = False,
+                 MAY_BE_EMPTY: tl.constexpr = False):
+    """One online-softmax step: ``q`` [M, D] against ``key``/``value`` [N, D] with ``valid`` [M, N].
+
+    Scores come out in base-2 units: ``s * qk_scale``, or with ``SOFTCAP`` ``softcap_log2 * tanh(s * qk_scale)``
+    (the launcher passes ``qk_scale = scale / c`` and ``softcap_log2 = c * log2(e)``). ``MAY_BE_EMPTY``: a row
+    may have no valid key in this tile and none before (a sliding window), so a running max of -inf is guarded.
+    """
     if USE_DOT:
         s = tl.dot(q, tl.trans(key), input_precision=PRECISION)
     else:
         s = tl.sum(q[:, None, :].to(tl.float32) * key[None, :, :].to(tl.float32), axis=2)
-    s = tl.where(valid, s * qk_scale, float("-inf"))
+    if SOFTCAP:
+        x = s * qk_scale
+        s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0))  # c * tanh(x), base 2
+    else:
+        s = s * qk_scale
+    s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if MAY_BE_EMPTY:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_DOT:
         pv = tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
@@ -117,13 +138,15 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, qk_scale,
+def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, qk_scale,
+                   softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
                    stride_half, stride_blk, stride_ch, stride_off, tokens_per_split,
                    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                   SINKS: tl.constexpr):
     wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -137,6 +160,8 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     start = split * tokens_per_split
+    if WINDOW:  # the splits cover the window only: [seq_len - window, seq_len)
+        start += tl.maximum(seq_len - window, 0)
     end = tl.minimum(start + tokens_per_split, seq_len)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -151,9 +176,13 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         lmask = tmask[:, None] & dmask[None, :]
         key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
         value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, tmask[None, :], qk_scale, USE_DOT, PRECISION)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, tmask[None, :], qk_scale, softcap_log2,
+                                     USE_DOT, PRECISION, SOFTCAP)
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
+        if SINKS:  # base-2 sink logits join the denominator
+            sink = tl.load(sinks_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            l_i = l_i + tl.exp2(sink - m_i)
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=omask)
@@ -166,9 +195,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
 
 
 @triton.jit
-def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
+def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr):
     wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -177,8 +206,14 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
     smask = s < NUM_SPLITS
     row = (b * NUM_HEADS + h) * NUM_SPLITS + s
     lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))
-    weight = weight / tl.sum(weight, axis=0)
+    if SINKS:  # the sink joins the denominator once, here, not in every split
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        top = tl.maximum(tl.max(lse, axis=0), sink)
+        weight = tl.exp2(lse - top)
+        weight = weight / (tl.sum(weight, axis=0) + tl.exp2(sink - top))
+    else:
+        weight = tl.exp2(lse - tl.max(lse, axis=0))
+        weight = weight / tl.sum(weight, axis=0)
     part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d < HEAD_DIM)[None, :],
                    other=0.0)
     out = tl.sum(part * weight[:, None], axis=0)
@@ -213,14 +248,17 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None,
-                 block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None) -> None:
+                 block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
+                 sliding_window: int | None = None, logit_softcap: float | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
     16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
     override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
-    from ``q``, see ``_pdl.pdl_for``).
+    from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
+    ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -229,6 +267,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     max_len = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_len = min(max_len, sliding_window)  # the longest span a query scans
     block_n = block_n or decode_block_n(max_len)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, device_sm_count(q.device))
@@ -247,19 +287,22 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
+    sinks_arg = _sinks_arg(sinks, num_heads, q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part, lse, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, qk_scale, softcap_log2, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(kv_cache), tokens_per_split,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
-        PDL=pdl, num_warps=num_warps, num_stages=2, **launch_options(pdl),
+        PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
+        num_warps=num_warps, num_stages=2, **launch_options(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            part, lse, out, out.stride(0), out.stride(1),
+            part, lse, out, sinks_arg, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, PDL=pdl,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, PDL=pdl, SINKS=sinks is not None,
             num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
         )
 
@@ -268,12 +311,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, qk_scale,
+def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, qk_scale, softcap_log2, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_half, stride_blk, stride_ch, stride_off,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+                    SINKS: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -295,14 +339,21 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, qk_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     head_base = cache_ptr + kvh * stride_ch
     n = tl.arange(0, BLOCK_N)
+    if WINDOW:
+        # Keys from the first query's window on, each masked by causality and by its query's window.
+        kv_start = (tl.maximum(pos0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_end = kv_start
+    else:
+        kv_start = 0
     all_rows = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
-    for kv0 in range(0, full_end, BLOCK_N):
+    for kv0 in range(kv_start, full_end, BLOCK_N):
         tok = kv0 + n
         blk = tl.load(table + tok // BLOCK_SIZE)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         key = tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
         value = tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0)
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, True, PRECISION)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, softcap_log2, True,
+                                     PRECISION, SOFTCAP)
     for kv0 in range(full_end, kv_end, BLOCK_N):
         tok = kv0 + n
         tmask = tok < kv_end
@@ -312,7 +363,13 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, qk_scale,
         key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
         value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
         valid = (tok[None, :] <= q_pos[:, None]) & tmask[None, :]
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, True, PRECISION)
+        if WINDOW:
+            valid = valid & (tok[None, :] > q_pos[:, None] - window)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2, True,
+                                     PRECISION, SOFTCAP, WINDOW)
+    if SINKS:  # the head's base-2 sink logit joins the denominator
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        l_i = l_i + tl.exp2(sink - m_i)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
@@ -343,11 +400,13 @@ def prefill_config(head_dim: int) -> tuple[int, int, int]:
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, schedule: torch.Tensor,
                   scale: float, out: torch.Tensor, block_m: int,
-                  config: tuple[int, int, int] | None = None) -> None:
+                  config: tuple[int, int, int] | None = None, *, sliding_window: int | None = None,
+                  logit_softcap: float | None = None, sinks: torch.Tensor | None = None) -> None:
     """Causal attention of the scheduled query tiles (``q`` [T, H, D], flat) over their paged keys, into ``out``.
 
     ``tables``/``schedule`` come from ``build_prefill_schedule`` with the same ``block_m``; ``config`` overrides
-    ``prefill_config`` (for benchmarks).
+    ``prefill_config`` (for benchmarks). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
+    ``AttentionBackend.forward``.
     """
     num_tiles = schedule.shape[0]
     if num_tiles == 0:
@@ -356,13 +415,16 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     block_n, num_warps, num_stages = config or prefill_config(head_dim)
+    qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
     _prefill_kernel[(num_tiles, num_heads)](
-        q, kv_cache, tables, schedule, out, scale * _LOG2E,
+        q, kv_cache, tables, schedule, out, _sinks_arg(sinks, num_heads, q), qk_scale, softcap_log2,
+        sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(kv_cache),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(q.dtype), WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None,
+        SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -373,6 +435,24 @@ def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.stride(4) != 1:
         raise ValueError(f"expected a [2, blocks, kv_heads, block_size, head_dim] cache; got {tuple(kv_cache.shape)}")
     return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _score_scales(scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """``(qk_scale, softcap_log2)`` for ``_attend_tile``: base-2 scores, or the soft-capped form's two factors."""
+    if logit_softcap is None:
+        return scale * _LOG2E, 1.0
+    if logit_softcap <= 0:
+        raise ValueError(f"logit_softcap must be positive; got {logit_softcap}")
+    return scale / logit_softcap, logit_softcap * _LOG2E
+
+
+def _sinks_arg(sinks: torch.Tensor | None, num_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The sink logits as a contiguous ``[H]`` tensor, or ``like`` as an unread placeholder pointer."""
+    if sinks is None:
+        return like
+    if sinks.shape != (num_heads,):
+        raise ValueError(f"sinks must have one logit per query head ({num_heads}); got shape {tuple(sinks.shape)}")
+    return sinks.contiguous()
 
 
 def _block_d(head_dim: int) -> int:

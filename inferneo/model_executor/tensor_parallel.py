@@ -26,6 +26,8 @@ and normalizes in one kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,13 @@ from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
 def _attach_loader(param: nn.Parameter, loader) -> None:
     param.weight_loader = loader
+
+
+def _load_rows(param: nn.Parameter, full: torch.Tensor, shard: int | None = None, *, start: int) -> None:
+    """Copy rows ``start .. start + len(param)`` of a full checkpoint tensor (a per-head vector's slice)."""
+    src = full.narrow(0, start, param.shape[0])
+    _check_shape(param.data, src, "per-head rows")
+    param.data.copy_(src)
 
 
 def _check_shape(dest: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -82,12 +91,6 @@ class QKVParallelLinear(nn.Linear):
         dest = param.data.narrow(0, dest_start, rows)
         _check_shape(dest, src, "qkv projection")
         dest.copy_(src)
-
-    def load_query_head_values(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
-        """Copy this rank's entries of a per-query-head tensor ``[num_heads]`` (gpt-oss's attention sinks)."""
-        src = full.narrow(0, self.q_head_start, self.local_heads)
-        _check_shape(param.data, src, "per-head values")
-        param.data.copy_(src)
 
 
 class MergedColumnParallelLinear(nn.Linear):
@@ -297,10 +300,10 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
         attn.qkv_proj = qkv
         attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
         attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
-        if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads' ones
-            attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw), requires_grad=False)
-            _attach_loader(attn.sinks, qkv.load_query_head_values)
         attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
+        if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads
+            attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw))
+            _attach_loader(attn.sinks, functools.partial(_load_rows, start=qkv.q_head_start))
         if isinstance(layer.mlp, FusedMoE):
             shard_experts(layer.mlp, tp, device, dtype)
             continue
