@@ -89,9 +89,10 @@ def test_routers_pick_and_weigh_as_documented():
 
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_experts_activations_and_biases(activation, bias):
+@pytest.mark.parametrize("tokens", [1, 11])  # one token takes its own path (a batch-1 decode step)
+def test_fused_experts_activations_and_biases(activation, bias, tokens):
     torch.manual_seed(1)
-    num_experts, hidden, inter, tokens, top_k = 5, 12, 8, 11, 2
+    num_experts, hidden, inter, top_k = 5, 12, 8, 3
     x = torch.randn(tokens, hidden, dtype=torch.float64) * 3  # large enough that swigluoai's clamps bite
     w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=torch.float64)
     w2 = torch.randn(num_experts, hidden, inter, dtype=torch.float64) * 0.3

@@ -88,6 +88,25 @@ _SCRIPT = textwrap.dedent("""
         assert got.shape == want.shape and got.dtype == x.dtype
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str((top_k, tokens, activation, bias)))
 
+    # The few-token path (no align; per-pair matrix-vector kernels, the top-k sum in the down kernel).
+    assert triton_moe.PAIR_PATH_MAX_TOKENS >= 3
+    tiny_tiles = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=8, down_block_k=16)
+    for top_k in range(1, 9):
+        for tokens in (1, 3):
+            activation = ("silu", "swigluoai")[top_k % 2]
+            bias = (top_k // 2) % 2 == 1
+            x = torch.randn(tokens, hidden) * 2
+            w13 = torch.randn(num_experts, 2 * inter, hidden) * 0.3
+            w2 = torch.randn(num_experts, hidden, inter) * 0.3
+            b13 = torch.randn(num_experts, 2 * inter) if bias else None
+            b2 = torch.randn(num_experts, hidden) if bias else None
+            routed = softmax_topk_renormalized(torch.randn(tokens, num_experts), top_k)
+            want = reference_experts(x, w13, w2, routed.weights, routed.ids, activation, b13, b2)
+            for tiles in (tiny_tiles, triton_moe.PairTiles()):
+                got = triton_moe.triton_fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation,
+                                                      w13_bias=b13, w2_bias=b2, pair_tiles=tiles)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str((top_k, tokens, tiles)))
+
     # The default and a many-token config (block_m 64), and bfloat16 against the bfloat16 PyTorch path.
     x = torch.randn(70, hidden)
     w13 = torch.randn(num_experts, 2 * inter, hidden) * 0.3

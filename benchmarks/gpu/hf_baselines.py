@@ -34,6 +34,22 @@ def build_hf_llama(config: dict, device: str, dtype: torch.dtype, seed: int = 0)
     return model
 
 
+def build_hf_model(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """The transformers model of ``config["model_type"]`` with random weights from config values, built directly on
+    ``device`` (its default attention and experts implementations)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "model_type")}
+    cfg = AutoConfig.for_model(config["model_type"], **values)
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 @torch.no_grad()
 def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy static-batch ``generate``, ``batch_size`` prompts at a time; prompts of one batch must have equal

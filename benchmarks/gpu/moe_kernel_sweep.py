@@ -186,6 +186,39 @@ def compare(name: str, shape: dict, layer, device, table: dict, read_bw: float, 
     return rows
 
 
+PAIR_CANDIDATES = [triton_moe.PairTiles(un, uk, dn, dk, w) for un, uk in ((2, 1024), (4, 512), (8, 256), (4, 1024))
+                   for dn, dk in ((4, 256), (8, 128), (2, 512)) for w in (4,)]
+
+
+def pair_sweep(name: str, shape: dict, layer, device, read_bw: float, log) -> list[dict]:
+    """The few-token path in each tiling against the sorted grouped GEMMs (their tuned config) at 1-8 tokens."""
+    rows = []
+    expert_bytes = 3 * shape["hidden"] * shape["inter"] * 2
+    for tokens in (1, 2, 4, 8):
+        x = torch.randn(tokens, shape["hidden"], device=device, dtype=torch.bfloat16)
+        routed = route(shape, tokens, device, seed=tokens)
+        want = call(layer, shape, x, routed, kernel=fused_experts)
+        sorted_config = triton_moe.moe_tile_config(shape["experts"], shape["inter"], shape["hidden"], torch.bfloat16,
+                                                   tokens, shape["top_k"])
+        t_sorted = bench(functools.partial(call, layer, shape, x, routed, sorted_config))
+        best = None
+        for tiles in PAIR_CANDIDATES:
+            run = functools.partial(triton_moe.triton_fused_experts, x, layer["w13"], layer["w2"], routed.weights,
+                                    routed.ids, activation=shape["activation"], w13_bias=layer.get("w13_bias"),
+                                    w2_bias=layer.get("w2_bias"), pair_tiles=tiles)
+            err = rel(run(), want)
+            t = bench(run)
+            if best is None or t < best[0]:
+                best = (t, tiles, err)
+        touched = int(torch.unique(routed.ids).numel())
+        row = {"shape": name, "tokens": tokens, "sorted_us": t_sorted * 1e6, "pair_best_us": best[0] * 1e6,
+               "pair_best_tiles": str(best[1]), "pair_rel_err_vs_torch": best[2],
+               "floor_us": touched * expert_bytes / read_bw * 1e6}
+        rows.append(row)
+        log(f"pair {row}")
+    return rows
+
+
 def read_bandwidth(device) -> float:
     n = 2 << 30
     a = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
@@ -198,6 +231,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/moe_sweep")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds for the tuning, all shapes together")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--pair-only", action="store_true", help="only the few-token path against the grouped GEMMs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +251,10 @@ def main() -> None:
     for index, name in enumerate(names):
         shape = SHAPES[name]
         layer = make_layer(shape, device)
+        if args.pair_only:
+            results[f"{name}_pair"] = pair_sweep(name, shape, layer, device, results["read_bytes_per_s"], log)
+            (out / "moe_kernel_sweep.json").write_text(json.dumps(results, indent=1))
+            continue
         results[f"{name}_check"] = check(name, shape, layer, device, log)
         share = (args.deadline - (time.monotonic() - start)) / (len(names) - index)
         table = tune(name, shape, layer, device, time.monotonic() + share, log)

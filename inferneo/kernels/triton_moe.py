@@ -12,6 +12,9 @@
 3. **Down GEMM** (``_down_kernel``): those rows times the expert's ``w2``, plus its bias, scaled by the pair's top-k
    weight in the epilogue, written as ``[T*k, H]``; the ``k`` rows of each token are then summed.
 
+A decode step of a few tokens skips all that: each (token, slot) pair reads its expert's rows directly in a
+matrix-vector kernel, and the down kernel sums a token's ``k`` weighted experts itself (:data:`PAIR_PATH_MAX_TOKENS`).
+
 Tile sizes come from ``moe_tile_configs`` (tuned JSON files per shape, a default otherwise). Tests run the kernels
 on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) against a per-expert PyTorch reference.
 """
@@ -129,6 +132,17 @@ def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> 
 
 
 @triton.jit
+def _activation(gate, up, ACTIVATION: tl.constexpr):
+    """The gated activation in float32: 0 ``silu(gate) * up``; 1 swigluoai (gate clamped above at 7, up to
+    [-7, 7], then ``(up + 1) * gate * sigmoid(1.702 * gate)``)."""
+    if ACTIVATION == 0:
+        return gate / (1.0 + tl.exp(-gate)) * up
+    gate = tl.minimum(gate, 7.0)
+    up = tl.minimum(tl.maximum(up, -7.0), 7.0)
+    return (up + 1.0) * gate / (1.0 + tl.exp(-1.702 * gate))
+
+
+@triton.jit
 def _block_tile(sorted_pairs_ptr, num_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's rows (pair indices, int64, and which are real) and output columns (and which are in range)."""
     pair = tl.load(sorted_pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -161,12 +175,7 @@ def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, block_exp
     if HAS_BIAS:
         acc_gate += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc_up += tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == 0:  # silu(gate) * up
-        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-    else:  # swigluoai: gate clamped above at 7, up to [-7, 7]; (up + 1) * gate * sigmoid(1.702 * gate)
-        gate = tl.minimum(acc_gate, 7.0)
-        up = tl.minimum(tl.maximum(acc_up, -7.0), 7.0)
-        h = (up + 1.0) * gate / (1.0 + tl.exp(-1.702 * gate))
+    h = _activation(acc_gate, acc_up, ACTIVATION)
     out = out_ptr + pair[:, None] * stride_op + cols[None, :]
     tl.store(out, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -196,15 +205,109 @@ def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# ---- few tokens: no align step, matrix-vector products per (token, slot) pair --------------------------------------
+
+PAIR_PATH_MAX_TOKENS = 4
+"""Up to this many tokens (a small decode step) each pair reads its expert's rows directly: two kernels, no align,
+the top-k sum fused into the down projection. Tokens that share an expert read it once each (fine while few)."""
+
+
+@triton.jit
+def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, stride_xt, stride_we, stride_wn,
+                         stride_be, stride_op, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + (pair // top_k) * stride_xt + ks
+    gate_rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    up_rows = gate_rows + N * stride_wn
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        x = tl.load(x_row + k0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        acc_gate += tl.load(gate_rows + k0, mask=w_mask, other=0.0).to(tl.float32) * x
+        acc_up += tl.load(up_rows + k0, mask=w_mask, other=0.0).to(tl.float32) * x
+    gate = tl.sum(acc_gate, axis=1)
+    up = tl.sum(acc_up, axis=1)
+    if HAS_BIAS:
+        gate += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
+        up += tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    h = _activation(gate, up, ACTIVATION)
+    tl.store(out_ptr + pair * stride_op + cols, h.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, K, stride_hp,
+                          stride_we, stride_wn, stride_be, stride_ot, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in range(0, top_k):
+        pair = token * top_k + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            h = tl.load(h_ptr + pair * stride_hp + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(rows + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * h
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
+        total += tl.load(topk_weights_ptr + pair).to(tl.float32) * y
+    tl.store(out_ptr + token * stride_ot + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@dataclass(frozen=True, slots=True)
+class PairTiles:
+    """Tiles of the few-token path: output features per program and the K chunk, for each kernel."""
+
+    up_block_n: int = 4
+    up_block_k: int = 512
+    down_block_n: int = 4
+    down_block_k: int = 256
+    num_warps: int = 4
+
+
+def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles: PairTiles):
+    num_tokens, top_k = ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    ids = ids.contiguous()
+    hidden_act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    _pair_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.up_block_n))](
+        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, hidden, x.stride(0),
+        w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
+        HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_N=tiles.up_block_n,
+        BLOCK_K=tiles.up_block_k, num_warps=tiles.num_warps)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
+        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights.reshape(-1).contiguous(), out, ids, top_k,
+        hidden, inter, hidden_act.stride(0), w2.stride(0), w2.stride(1),
+        w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0), HAS_BIAS=w2_bias is not None,
+        BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, num_warps=tiles.num_warps)
+    return out
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for float32 inputs
 
 
 def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
-                         w2_bias: torch.Tensor | None = None, config: MoeTileConfig | None = None) -> torch.Tensor:
+                         w2_bias: torch.Tensor | None = None, config: MoeTileConfig | None = None,
+                         pair_tiles: PairTiles = PairTiles()) -> torch.Tensor:
     """:func:`~inferneo.model_executor.layers.moe.fused_experts` through the Triton kernels (same arguments and
-    result); ``config`` overrides the tuned tile config for this shape."""
+    result). Up to :data:`PAIR_PATH_MAX_TOKENS` tokens take the per-pair path (``pair_tiles``), more the sorted
+    grouped GEMMs; ``config`` overrides the tuned tile config for this shape (and forces the grouped GEMMs)."""
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(_ACTIVATION_IDS)}")
     num_tokens, top_k = ids.shape
@@ -212,8 +315,10 @@ def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     inter = two_inter // 2
     if num_tokens == 0:
         return torch.zeros_like(x)
-    config = config or moe_tile_config(num_experts, inter, hidden, x.dtype, num_tokens, top_k)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    if config is None and num_tokens <= PAIR_PATH_MAX_TOKENS:
+        return _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, pair_tiles)
+    config = config or moe_tile_config(num_experts, inter, hidden, x.dtype, num_tokens, top_k)
     blocks = align_pairs_by_expert(ids, num_experts, config.block_m)
     num_pairs = num_tokens * top_k
     precision = _dot_precision(x.dtype)

@@ -34,6 +34,18 @@ _LLAMA3_8B = {
     "rope_scaling": None, "vocab_size": 128256, "tie_word_embeddings": False, "attention_bias": False,
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
+# Qwen/Qwen3-30B-A3B's config.json: 48 layers, 128 experts of width 768, 8 active per token (about 3.3B active of
+# 30.5B parameters).
+_QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+    "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "max_position_embeddings": 40960, "max_window_layers": 48, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": None, "vocab_size": 151936, "tie_word_embeddings": False, "attention_bias": False,
+    "sliding_window": None, "use_sliding_window": False, "router_aux_loss_coef": 0.001,
+    "output_router_logits": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
 _QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
     "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -68,6 +80,7 @@ _GPT_OSS_20B = {
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _LLAMA2_7B,
     "llama-2-70b": _LLAMA2_70B,
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
     "llama-3-8b": _LLAMA3_8B,
     "qwen2.5-7b": _QWEN25_7B,
     "qwen3-0.6b": _QWEN3_06B,

@@ -81,28 +81,60 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
 
     ``x`` is ``[T, H]``, ``w13`` ``[E, 2*I, H]``, ``w2`` ``[E, H, I]``, ``weights`` and ``ids`` ``[T, k]``;
     ``w13_bias`` ``[E, 2*I]`` and ``w2_bias`` ``[E, H]`` are optional (the down bias is scaled by the routing weight
-    like the rest of the expert's output). Returns ``[T, H]`` in ``x``'s dtype. The (token, slot) pairs are sorted by
-    expert and each expert that received tokens runs them in one matmul chain; the loop is over experts, not tokens.
+    like the rest of the expert's output). Returns ``[T, H]`` in ``x``'s dtype.
+
+    The (token, slot) pairs are sorted by expert and their rows of ``x`` gathered once; each expert that received
+    pairs then runs one matrix product per projection, written in place into shared buffers, and the activation,
+    the routing weights and the scatter back to tokens run once for all pairs. The Python loop is over the experts
+    that received pairs (at most ``T * k``), never over tokens.
     """
     num_tokens, top_k = ids.shape
-    out = torch.zeros_like(x)
     if num_tokens == 0:
-        return out
+        return torch.zeros_like(x)
+    if num_tokens == 1:
+        return _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     token_of = order // top_k
-    weight_of = weights.reshape(-1)[order].to(x.dtype)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    spans = []  # (expert, first pair, end) in sorted order
     start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = token_of[start : start + count]
-        gate_up = F.linear(x[rows], w13[expert], None if w13_bias is None else w13_bias[expert])
-        y = F.linear(gated_activation(gate_up, activation), w2[expert], None if w2_bias is None else w2_bias[expert])
-        out.index_add_(0, rows, y * weight_of[start : start + count, None])
-        start += count
-    return out
+    for expert, count in enumerate(torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()):
+        if count:
+            spans.append((expert, start, start + count))
+            start += count
+    rows = x[token_of]
+    gate_up = x.new_empty(rows.shape[0], w13.shape[1])
+    for expert, first, end in spans:
+        _project(rows[first:end], w13[expert], None if w13_bias is None else w13_bias[expert], gate_up[first:end])
+    hidden = gated_activation(gate_up, activation)
+    per_pair = x.new_empty(rows.shape[0], w2.shape[1])
+    for expert, first, end in spans:
+        _project(hidden[first:end], w2[expert], None if w2_bias is None else w2_bias[expert], per_pair[first:end])
+    per_pair.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
+    return torch.zeros_like(x).index_add_(0, token_of, per_pair)
+
+
+def _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias) -> torch.Tensor:
+    """:func:`fused_experts` for one token (a batch-1 decode step): its ``k`` experts one after the other, no
+    grouping."""
+    gate_up = x.new_empty(ids.shape[1], w13.shape[1])
+    experts = ids[0].tolist()
+    for slot, expert in enumerate(experts):
+        _project(x, w13[expert], None if w13_bias is None else w13_bias[expert], gate_up[slot : slot + 1])
+    hidden = gated_activation(gate_up, activation)
+    per_slot = x.new_empty(ids.shape[1], w2.shape[1])
+    for slot, expert in enumerate(experts):
+        _project(hidden[slot : slot + 1], w2[expert], None if w2_bias is None else w2_bias[expert],
+                 per_slot[slot : slot + 1])
+    return torch.mm(weights.to(x.dtype), per_slot)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = x @ weight.T (+ bias)``, written into ``out``."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
 
 
 ExpertKernel = Callable[..., torch.Tensor]

@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Mixture-of-experts models on one GPU: Inferneo beside Hugging Face transformers in one run (issue 19).
+
+Models: the Qwen3-30B-A3B architecture (``preset:qwen3-30b-a3b``: 48 layers, 128 experts, top-8) and, when its
+preset exists, gpt-oss-20b (``preset:gpt-oss-20b``), bf16 with dummy (random) weights. Sections, each timed, each in
+its own try/except, later ones shrinking or skipping as the deadline nears:
+
+  1. ceilings: device copy bandwidth and bf16 matmul rate;
+  2. ``qwen3``: the engine; decode-step latency at batch 1 and 32 (1024 tokens of context; CUDA graphs, with and
+     without asynchronous scheduling) against its floor: the bytes of everything a step must read, with only the
+     *active* experts counted: at batch 1 the ``top_k`` of every layer, at batch 32 the distinct experts the
+     batch's tokens touch (counted on the same run, eager, per layer); plus the KV cache read; then W1
+     (256 x 1024 -> 128) and W2 (256 x 128 -> 1024) output tok/s;
+  3. ``hf_qwen3``: transformers on the same config with random weights (its default experts implementation):
+     static ``generate`` on 64 of W1's prompts at batch 64, and one batch-1 decode step (1024-token prompt);
+  4. ``gptoss`` / ``hf_gptoss``: W1 for gpt-oss-20b, Inferneo and transformers (64 prompts, batch 64).
+
+Writes ``moe_suite.json`` and ``moe_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs everything with
+tiny models on CPU (the numbers mean nothing; it checks the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+
+import torch  # noqa: E402
+from floors import Ceilings, sync, timed  # noqa: E402
+from h100_suite import Suite, free_memory, generate_ids, sec_ceilings, step_latency  # noqa: E402
+from hf_baselines import build_hf_model, hf_generate  # noqa: E402
+
+from inferneo import LLM  # noqa: E402
+from inferneo.model_executor import arch_presets  # noqa: E402
+from inferneo.model_executor.arch_presets import preset_config  # noqa: E402
+from inferneo.model_executor.layers.moe import FusedMoE  # noqa: E402
+
+FULL = dict(
+    qwen3="qwen3-30b-a3b", gptoss="gpt-oss-20b", device="cuda", deadline=540.0,
+    w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
+    hf_w1_prompts=64, hf_batch=64, hf_decode_ctx=1024, hf_decode_tokens=16,
+    engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.92),
+)
+SMOKE = dict(
+    FULL, qwen3="smoke-qwen3-moe", gptoss="smoke-gpt-oss", device="cpu", deadline=600.0,
+    w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3,
+    hf_w1_prompts=2, hf_batch=2, hf_decode_ctx=16, hf_decode_tokens=3,
+    engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
+)
+
+
+# ---- what a decode step must read --------------------------------------------------------------------------------
+
+
+def moe_bytes(config: dict, dtype_bytes: int = 2) -> dict:
+    """Bytes of a mixture-of-experts model's parts that a decode step reads: per layer the attention, norms and
+    router; one expert; the LM head (the embedding is read only for the batch's rows); and KV bytes per token."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    experts = config.get("num_experts") or config["num_local_experts"]
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    per_layer = attention + hidden * experts + 2 * hidden  # attention, router, the two norms
+    return {"layers": layers, "dense_per_layer": per_layer * dtype_bytes, "expert": 3 * hidden * inter * dtype_bytes,
+            "lm_head": config["vocab_size"] * hidden * dtype_bytes, "top_k": config["num_experts_per_tok"],
+            "kv_per_token": 2 * layers * kv_heads * head_dim * dtype_bytes}
+
+
+def decode_floor_s(parts: dict, experts_per_layer: float, batch: int, context: float, ceil: Ceilings) -> float:
+    """The least time of one decode step: its weight bytes with ``experts_per_layer`` experts read in every layer,
+    plus the batch's KV cache, over the copy bandwidth (read + write counted, as ``floors.py`` does)."""
+    weights = parts["layers"] * (parts["dense_per_layer"] + experts_per_layer * parts["expert"]) + parts["lm_head"]
+    return (weights + batch * context * parts["kv_per_token"]) / ceil.copy_bytes_per_s
+
+
+def touched_experts(llm: LLM, s: Suite, batch: int, top_k: int) -> float:
+    """Mean over layers and decode steps of the distinct experts a step of ``batch`` tokens routes to, counted on
+    eager steps with hooks on the routers (CUDA graphs would skip the hooks)."""
+    runner = llm.engine.runner
+    counts: list[int] = []
+
+    def hook(_module, _inputs, logits):
+        if logits.shape[0] == batch:  # decode steps only (prefill chunks have other row counts)
+            counts.append(int(torch.topk(logits.float(), top_k, dim=-1).indices.unique().numel()))
+
+    layers = [m for m in runner.model.modules() if isinstance(m, FusedMoE)]
+    handles = [layer.gate.register_forward_hook(hook) for layer in layers]
+    graphs = runner.use_cuda_graphs
+    runner.use_cuda_graphs = False
+    try:
+        step_latency(llm, s, batch, 64, 2)
+    finally:
+        runner.use_cuda_graphs = graphs
+        for handle in handles:
+            handle.remove()
+    return sum(counts) / max(1, len(counts))
+
+
+# ---- sections ----------------------------------------------------------------------------------------------------
+
+
+def build_engine(s: Suite, preset: str) -> LLM:
+    engine_kw = dict(s.cfg["engine"])
+    llm, seconds = timed(lambda: LLM(f"preset:{preset}", load_format="dummy", dtype="bfloat16",
+                                     device=s.cfg["device"], **engine_kw))
+    eng = llm.engine
+    moe_layers = sum(isinstance(m, FusedMoE) for m in eng.runner.model.modules())
+    kernels = {type(m).__name__ for m in eng.runner.model.modules()}
+    expert_kernel = next((m.expert_kernel.__name__ for m in eng.runner.model.modules() if isinstance(m, FusedMoE)),
+                         None)
+    s.log(f"{preset}: engine ready in {seconds:.1f} s, KV {eng.kv_capacity_tokens} tokens, {moe_layers} MoE layers "
+          f"through {expert_kernel}, backend {eng.runner.backend.name}")
+    return llm, {"build_s": seconds, "kv_tokens": eng.kv_capacity_tokens, "moe_layers": moe_layers,
+                 "expert_kernel": expert_kernel, "modules": sorted(kernels), **engine_kw}
+
+
+def sec_decode(s: Suite, llm: LLM, preset: str) -> dict:
+    config = preset_config(preset)
+    parts = moe_bytes(config)
+    runner = llm.engine.runner
+    ctx, steps = s.cfg["decode_ctx"], s.cfg["decode_steps"]
+    step_latency(llm, s, 2, 32, 2)  # warm-up
+    rows = []
+    for batch in s.cfg["decode_batches"]:
+        touched = touched_experts(llm, s, batch, parts["top_k"])
+        for mode, async_on in (("graph", False), ("graph+async", True)):
+            llm.engine.core.async_scheduling = async_on
+            row = step_latency(llm, s, batch, ctx, steps)
+            floor = decode_floor_s(parts, touched, row["running"], row["context"], s.ceilings)
+            row.update(mode=mode if runner.graphs is not None else mode.replace("graph", "eager"),
+                       experts_per_layer=touched, floor_ms=floor * 1e3, ratio=row["step_ms"] / (floor * 1e3))
+            rows.append(row)
+            s.log(f"decode batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f} {row['mode']:11s}: "
+                  f"{row['step_ms']:.2f} ms/step, floor {row['floor_ms']:.2f} ms ({touched:.1f} experts/layer), "
+                  f"ratio {row['ratio']:.2f}")
+        llm.engine.core.async_scheduling = False
+    return {"rows": rows, "bytes": parts}
+
+
+def sec_workload(s: Suite, llm: LLM, name: str) -> dict:
+    n, plen, olen = s.cfg[name]
+    llm.engine.core.async_scheduling = True  # the engine's default on CUDA
+    vocab = llm.engine.vocab_size
+    prompts = s.prompts(n, plen, vocab)
+    generate_ids(llm, s.prompts(2, plen, vocab), 4)  # warm-up at this prompt length
+    outputs, seconds = timed(lambda: generate_ids(llm, prompts, olen))
+    produced = sum(len(o) for o in outputs)
+    llm.engine.core.async_scheduling = False
+    s.log(f"{name.upper()} Inferneo: {n} prompts x {plen} -> {olen}: {seconds:.1f} s, {produced / seconds:.0f} "
+          f"output tok/s")
+    return {"prompts": n, "prompt_len": plen, "output_len": olen, "seconds": seconds, "output_tokens": produced,
+            "output_tok_per_s": produced / seconds}
+
+
+def sec_inferneo(s: Suite, preset: str, workloads: tuple[str, ...], decode: bool) -> dict:
+    llm, info = build_engine(s, preset)
+    out: dict = {"engine": info}
+    try:
+        if decode:
+            out["decode"] = sec_decode(s, llm, preset)
+            s.write()
+        for name in workloads:
+            if s.left() < 40:
+                out[name] = {"status": f"skipped ({s.left():.0f} s left)"}
+                continue
+            out[name] = sec_workload(s, llm, name)
+            s.write()
+    finally:
+        llm.shutdown()
+        del llm
+        free_memory()
+    return out
+
+
+def hf_decode_step(model, s: Suite, vocab: int) -> dict:
+    """One batch-1 decode step of ``generate``: (time for 1 + n new tokens - time for 1) / n."""
+    prompt = s.prompts(1, s.cfg["hf_decode_ctx"], vocab)
+    n = s.cfg["hf_decode_tokens"]
+    hf_generate(model, prompt, 2, batch_size=1)  # warm-up
+    _, first = timed(lambda: hf_generate(model, prompt, 1, batch_size=1))
+    _, more = timed(lambda: hf_generate(model, prompt, 1 + n, batch_size=1))
+    return {"context": s.cfg["hf_decode_ctx"], "step_ms": (more - first) / n * 1e3}
+
+
+def sec_hf(s: Suite, preset: str, decode: bool) -> dict:
+    dev = s.cfg["device"]
+    model, build_s = timed(lambda: build_hf_model(preset_config(preset), dev, torch.bfloat16))
+    vocab = model.config.vocab_size
+    impl = getattr(model.config, "_experts_implementation", None)
+    s.log(f"HF {preset} built in {build_s:.1f} s (experts implementation {impl})")
+    out: dict = {"build_s": build_s, "experts_implementation": impl}
+    try:
+        hf_generate(model, s.prompts(2, 32, vocab), 4, batch_size=2)  # warm-up
+        if decode:
+            out["decode_b1"] = hf_decode_step(model, s, vocab)
+            s.log(f"HF batch-1 decode step at context {out['decode_b1']['context']}: "
+                  f"{out['decode_b1']['step_ms']:.1f} ms")
+        n_all, plen, olen = s.cfg["w1"]
+        n = s.cfg["hf_w1_prompts"]
+        if s.left() > 30:
+            prompts = s.prompts(n, plen, vocab)
+            outputs, seconds = timed(functools.partial(hf_generate, model, prompts, olen, s.cfg["hf_batch"]))
+            tps = sum(len(o) for o in outputs) / seconds
+            out["w1_static"] = {"prompts": n, "of": n_all, "batch_size": s.cfg["hf_batch"], "seconds": seconds,
+                                "output_tok_per_s": tps}
+            s.log(f"W1 HF generate (batch {s.cfg['hf_batch']}, {n} of {n_all} prompts): {seconds:.1f} s, "
+                  f"{tps:.0f} output tok/s")
+    finally:
+        del model
+        free_memory()
+    return out
+
+
+def summarize(s: Suite) -> None:
+    sec = s.results["sections"]
+    lines, checks = [], {}
+    for key, hf_key in (("qwen3", "hf_qwen3"), ("gptoss", "hf_gptoss")):
+        ours = (sec.get(key) or {}).get("w1", {}).get("output_tok_per_s")
+        hf = (sec.get(hf_key) or {}).get("w1_static", {}).get("output_tok_per_s")
+        if ours:
+            ratio = ours / hf if hf else None
+            ok = ratio is not None and ratio >= 10
+            checks[f"{key}_w1"] = {"inferneo_tok_per_s": ours, "hf_tok_per_s": hf, "x_hf": ratio, "target_met": ok}
+            lines.append(f"{key} W1: {ours:.0f} tok/s, HF {hf or 0:.0f}, x{ratio or 0:.1f} (need >= x10): "
+                         f"{'PASS' if ok else 'FAIL'}")
+    w2 = (sec.get("qwen3") or {}).get("w2", {}).get("output_tok_per_s")
+    if w2:
+        lines.append(f"qwen3 W2: {w2:.0f} tok/s")
+    best: dict[int, dict] = {}
+    for row in ((sec.get("qwen3") or {}).get("decode") or {}).get("rows", []):
+        if row["batch"] not in best or row["step_ms"] < best[row["batch"]]["step_ms"]:
+            best[row["batch"]] = row
+    hf_step = (sec.get("hf_qwen3") or {}).get("decode_b1", {}).get("step_ms")
+    for batch, row in sorted(best.items()):
+        ok = row["ratio"] <= 1.5
+        checks[f"qwen3_decode_b{batch}"] = {"step_ms": row["step_ms"], "floor_ms": row["floor_ms"],
+                                            "ratio": row["ratio"], "target_met": ok}
+        extra = f", HF {hf_step:.1f} ms" if batch == 1 and hf_step else ""
+        lines.append(f"qwen3 decode b={batch} {row['mode']}: {row['step_ms']:.2f} ms, floor {row['floor_ms']:.2f} ms "
+                     f"({row['experts_per_layer']:.1f} experts/layer), x{row['ratio']:.2f} (need <= 1.5){extra}: "
+                     f"{'PASS' if ok else 'FAIL'}")
+    s.results["checks"] = checks
+    s.log("\n" + "=" * 100)
+    for line in lines:
+        s.log("  " + line)
+    for name, entry in sec.items():
+        s.log(f"  {name:<12} {entry.get('status', '?')[:70]:<72} {entry.get('elapsed_s', '-')} s")
+
+
+def _smoke_presets() -> None:
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    arch_presets.PRESETS["smoke-qwen3-moe"] = preset_config(
+        "qwen3-30b-a3b", intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, **tiny)
+    if "gpt-oss-20b" in arch_presets.PRESETS:
+        arch_presets.PRESETS["smoke-gpt-oss"] = preset_config(
+            "gpt-oss-20b", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, experts_per_token=2,
+            sliding_window=16, rope_scaling=None, **tiny)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole run (default: 540)")
+    parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptoss,hf_gptoss)")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.deadline is not None:
+        cfg["deadline"] = args.deadline
+    if args.smoke:
+        _smoke_presets()
+    s = Suite(Path(args.out), cfg, name="moe_suite")
+    s.log(f"inferneo MoE suite ({'smoke' if args.smoke else 'full'}), torch {torch.__version__}, "
+          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    s.section("ceilings", lambda: sec_ceilings(s))
+    if s.ceilings is None:
+        s.ceilings = Ceilings(4.0e12, 7.0e14)
+        s.log("ceilings unavailable: using nominal 4.0 TB/s, 700 TFLOP/s")
+    qwen3, gptoss = cfg["qwen3"], cfg["gptoss"]
+    has_gptoss = gptoss in arch_presets.PRESETS
+    plan = [("qwen3", lambda: sec_inferneo(s, qwen3, ("w1", "w2"), decode=True), 150),
+            ("hf_qwen3", lambda: sec_hf(s, qwen3, decode=True), 60),
+            ("gptoss", lambda: sec_inferneo(s, gptoss, ("w1",), decode=False), 80),
+            ("hf_gptoss", lambda: sec_hf(s, gptoss, decode=False), 40)]
+    for name, run, min_left in plan:
+        if name in skip:
+            continue
+        if name.endswith("gptoss") and not has_gptoss:
+            s.results["sections"][name] = {"status": f"skipped: no preset {gptoss!r} in this build"}
+            s.log(f"== {name}: skipped (no preset {gptoss!r})")
+            continue
+        s.section(name, run, min_left=min_left)
+    sync()
+    summarize(s)
+    path = s.write()
+    s.log(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
