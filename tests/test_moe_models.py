@@ -1,6 +1,6 @@
 """Mixture-of-experts models (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): the batched expert computation
-equals a plain per-token, per-expert reference; config parsing, layer selection and refusals. Their Hugging Face
-parity runs in test_hf_parity.py with every other architecture."""
+equals a plain per-token, per-expert reference; routers, config parsing, layer selection, expert sharding and
+refusals. Their Hugging Face parity runs in test_hf_parity.py with every other architecture."""
 
 from __future__ import annotations
 

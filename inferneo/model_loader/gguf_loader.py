@@ -16,15 +16,21 @@ from inferneo.model_loader.gguf_file import GGUFHeader, iter_gguf_tensors, read_
 
 logger = logging.getLogger(__name__)
 
-# general.architecture -> (HF architecture, model_type)
+# general.architecture -> (HF architecture, model_type); "llama" with experts is Mixtral (see ``_hf_architecture``)
 GGUF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # llama.cpp's converter interleaves the rotary halves of q/k for these architectures
 _PERMUTED_ARCHITECTURES = {"llama"}
 _SKIPPED_TENSORS = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
+# Whether the top-k router weights are renormalised, when the file has no expert_weights_norm key: llama.cpp's
+# default for each architecture (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not).
+_DEFAULT_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -43,14 +49,31 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_ROUTER = "ffn_gate_inp"
+# The stacked expert tensors ``[num_experts, rows, cols]`` and each expert's projection name in the Hugging Face
+# checkpoint: Mixtral's (under ``block_sparse_moe``) and Qwen-MoE's (under ``mlp``).
+_STACKED_EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_EXPERT_NAMING = {
+    "mixtral": ("block_sparse_moe", dict(zip(_STACKED_EXPERTS, ("w1", "w3", "w2"), strict=True))),
+    "qwen": ("mlp", dict(zip(_STACKED_EXPERTS, ("gate_proj", "up_proj", "down_proj"), strict=True))),
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def gguf_hf_name(name: str) -> str:
-    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)."""
+def gguf_hf_name(name: str, moe_block: str = "mlp") -> str:
+    """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight).
+
+    ``moe_block`` is where the model keeps its router (``ffn_gate_inp``): ``mlp`` (Qwen-MoE) or
+    ``block_sparse_moe`` (Mixtral). Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
+        if part == _ROUTER:
+            return f"model.layers.{layer}.{moe_block}.gate.{kind}"
         if part in _BLOCK_NAMES:
             return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
     else:
@@ -60,6 +83,26 @@ def gguf_hf_name(name: str) -> str:
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent known to inferneo")
 
 
+def gguf_hf_tensors(name: str, tensor: torch.Tensor, expert_naming: str = "qwen"
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The Hugging Face checkpoint tensors one GGUF tensor holds: a stacked expert tensor
+    (``blk.N.ffn_gate_exps.weight`` ``[E, rows, cols]``) becomes one tensor per expert, named as in a Mixtral
+    (``expert_naming="mixtral"``) or Qwen-MoE (``"qwen"``) checkpoint; any other tensor keeps its one name."""
+    moe_block, projections = _EXPERT_NAMING[expert_naming]
+    match = _BLOCK_RE.fullmatch(name)
+    if match and match.group(2) in projections:
+        layer, part, kind = match.groups()
+        if tensor.dim() != 3:
+            raise ValueError(f"GGUF tensor {name!r} should be [experts, rows, cols]; got {tuple(tensor.shape)}")
+        for expert in range(tensor.shape[0]):
+            yield f"model.layers.{layer}.{moe_block}.experts.{expert}.{projections[part]}.{kind}", tensor[expert]
+        return
+    hf_name = gguf_hf_name(name, moe_block)
+    if hf_name.endswith(".shared_expert_gate.weight") and tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)  # [hidden] -> the [1, hidden] linear weight
+    yield hf_name, tensor
+
+
 def _header(path: Path) -> tuple[GGUFHeader, str]:
     header = read_gguf_header(path)
     arch = header.architecture
@@ -67,6 +110,17 @@ def _header(path: Path) -> tuple[GGUFHeader, str]:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
     return header, arch
+
+
+def _num_experts(header: GGUFHeader, arch: str) -> int:
+    return int(header.metadata.get(f"{arch}.expert_count") or 0)
+
+
+def _hf_architecture(header: GGUFHeader, arch: str) -> tuple[str, str]:
+    """(HF architecture, model_type) of the file: Mixtral is arch ``llama`` with experts."""
+    if arch == "llama" and _num_experts(header, arch):
+        return _MIXTRAL
+    return GGUF_ARCHITECTURES[arch]
 
 
 def gguf_config(path: Path) -> dict[str, Any]:
@@ -86,9 +140,10 @@ def gguf_config(path: Path) -> dict[str, Any]:
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     rope_theta = float(get("rope.freq_base", 10000.0))
+    hf_architecture, model_type = _hf_architecture(header, arch)
     config: dict[str, Any] = {
-        "architectures": [GGUF_ARCHITECTURES[arch][0]],
-        "model_type": GGUF_ARCHITECTURES[arch][1],
+        "architectures": [hf_architecture],
+        "model_type": model_type,
         "vocab_size": embed.shape[0],
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
@@ -105,10 +160,41 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
         "torch_dtype": "float32",
     }
+    if _num_experts(header, arch):
+        config.update(_moe_config(header, arch, model_type))
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config[f"{key.replace('padding', 'pad')}_token_id"] = int(token_id)
+    return config
+
+
+def _moe_config(header: GGUFHeader, arch: str, model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts keys of ``config.json``; the expert widths from the tensors when the metadata
+    leaves them out. Every layer is sparse (llama.cpp has no dense layers in these architectures)."""
+    meta = header.metadata
+    num_experts = _num_experts(header, arch)
+    used = meta.get(f"{arch}.expert_used_count")
+    if used is None:
+        raise ValueError(f"{header.path}: metadata key {arch}.expert_used_count is missing")
+    if model_type == "mixtral":
+        return {"num_local_experts": num_experts, "num_experts_per_tok": int(used)}
+
+    def width(key: str, tensor: str) -> int:
+        if (value := meta.get(f"{arch}.{key}")) is not None:
+            return int(value)
+        info = header.tensor(tensor)
+        return 0 if info is None else int(info.shape[-2])
+
+    norm = meta.get(f"{arch}.expert_weights_norm", _DEFAULT_EXPERT_WEIGHTS_NORM[arch])
+    config: dict[str, Any] = {
+        "num_experts": num_experts, "num_experts_per_tok": int(used), "norm_topk_prob": bool(norm),
+        "moe_intermediate_size": width("expert_feed_forward_length", "blk.0.ffn_gate_exps.weight"),
+        "decoder_sparse_step": 1, "mlp_only_layers": [],
+    }
+    if model_type == "qwen2_moe":
+        config["shared_expert_intermediate_size"] = width("expert_shared_feed_forward_length",
+                                                          "blk.0.ffn_gate_shexp.weight")
     return config
 
 
@@ -129,22 +215,24 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
 
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor as float32 under its HF name, with llama.cpp's q/k rotary permutation undone."""
+    """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation undone and
+    stacked expert tensors split into one tensor per expert (Mixtral's or Qwen-MoE's names)."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    expert_naming = "mixtral" if _hf_architecture(header, arch) == _MIXTRAL else "qwen"
     for info, array in iter_gguf_tensors(header):
         if info.name in _SKIPPED_TENSORS:
             continue
-        name = gguf_hf_name(info.name)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if arch in _PERMUTED_ARCHITECTURES:
-            if ".q_proj." in name:
-                tensor = unpermute_rotary(tensor, heads)
-            elif ".k_proj." in name:
-                tensor = unpermute_rotary(tensor, kv_heads)
-        yield name, tensor
+        for name, part in gguf_hf_tensors(info.name, tensor, expert_naming):
+            if arch in _PERMUTED_ARCHITECTURES:
+                if ".q_proj." in name:
+                    part = unpermute_rotary(part, heads)
+                elif ".k_proj." in name:
+                    part = unpermute_rotary(part, kv_heads)
+            yield name, part
 
 
 def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

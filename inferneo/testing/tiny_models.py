@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +262,23 @@ def write_mxfp4_experts(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+# model_type -> llama.cpp's general.architecture
+_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+# HF expert projection -> llama.cpp's stacked tensor (Mixtral's w1/w3/w2 and Qwen-MoE's names)
+_STACKED_EXPERTS = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps", "up_proj": "ffn_up_exps",
+                    "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
+_EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+_ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp keeps its routers
+
+
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
-    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, tokenizer in metadata).
+    """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
+    into ``ffn_{gate,up,down}_exps``, tokenizer in metadata).
 
     ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
-    1-D tensors (norms, biases) stay F32 as in llama.cpp. Returns ``out_file``.
+    1-D tensors (norms, biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks
+    falls back to F16, as in llama.cpp's converter. Returns ``out_file``.
     """
     try:
         qtype = gguf.GGMLQuantizationType[dtype.upper()]
@@ -272,31 +286,50 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     config = hf_config(hf_dir)
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(config["model_type"])
+    arch = _GGUF_ARCHITECTURES.get(config["model_type"])
     if arch is None:
         raise ValueError(f"cannot convert model_type {config['model_type']!r}")
     writer = gguf.GGUFWriter(out_file, arch)
     head_dim = _write_hparams(writer, config)
     _write_tokenizer(writer, hf_dir, config)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
-    for name, tensor in iter_hf_weights(hf_dir):
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
-        array = tensor.float().numpy()
-        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_name(name), array)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(_gguf_name(name), array.astype(np.float16))
+    for name, array in _gguf_tensors(hf_dir, config, arch):
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        kind = qtype
+        if array.ndim == 1 or name.rsplit(".", 2)[-2] in _ROUTERS:
+            kind = gguf.GGMLQuantizationType.F32
+        elif array.shape[-1] % block:
+            kind = gguf.GGMLQuantizationType.F16
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
         else:
-            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out_file
+
+
+def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(llama.cpp name, float32 array) for every tensor, experts stacked per layer and projection."""
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for name, tensor in iter_hf_weights(hf_dir):
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
+        array = tensor.float().numpy()
+        if match := _EXPERT_WEIGHT.fullmatch(name):
+            layer, expert, projection = match.groups()
+            experts.setdefault((layer, _STACKED_EXPERTS[projection]), {})[int(expert)] = array
+        else:
+            yield _gguf_name(name), array
+    for (layer, stacked), by_expert in experts.items():
+        yield f"blk.{layer}.{stacked}.weight", np.stack([by_expert[e] for e in range(len(by_expert))])
 
 
 def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
@@ -315,6 +348,14 @@ def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
     writer.add_rope_freq_base(float(config["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
+    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
@@ -356,7 +397,10 @@ _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 
 

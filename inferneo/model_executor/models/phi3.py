@@ -51,7 +51,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         if fused is None:
             return set()
         param = _lookup(params, name, name)
-        sizes = self._shard_sizes(fused, param)
+        # the full (unsharded) sizes: a tensor-parallel parameter holds only this rank's rows
+        sizes = (self._shard_sizes(fused, param) if fused == "qkv_proj"
+                 else [self.config.intermediate_size] * 2)
         if tensor.shape[0] != sum(sizes):
             raise ValueError(f"weight {name!r} has {tensor.shape[0]} rows, the config expects {sum(sizes)}")
         loader = getattr(param, "weight_loader", None)
