@@ -142,9 +142,11 @@ def test_config_defaults_follow_hf():
     layers, yarn (factor 32 over 4096 positions) with theta 150000."""
     config = GptOssForCausalLM.config_from_hf(dict(_TINY))
     assert config.rope_scaling is None and config.rope_theta == 150000.0  # the plain rope _TINY asks for
-    bare = GptOssForCausalLM.config_from_hf({k: v for k, v in _TINY.items() if k != "rope_parameters"})
-    assert bare.rope_theta == 150000.0
-    assert bare.rope_scaling["rope_type"] == "yarn" and bare.rope_scaling["factor"] == 32.0
+    bare = {k: v for k, v in _TINY.items() if k != "rope_parameters"}
+    for cfg in (bare, {**bare, "rope_scaling": None}):  # GptOssConfig reads both as its default yarn
+        config_bare = GptOssForCausalLM.config_from_hf(cfg)
+        assert config_bare.rope_theta == 150000.0
+        assert config_bare.rope_scaling["rope_type"] == "yarn" and config_bare.rope_scaling["factor"] == 32.0
     assert config.layer_types == ("sliding_attention", "full_attention")
     assert [config.sliding_window_for(i) for i in range(2)] == [128, None]
     assert config.qkv_bias and config.o_bias

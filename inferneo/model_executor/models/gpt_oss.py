@@ -74,7 +74,8 @@ class GptOssForCausalLM(MoeForCausalLM):
                         intermediate_size=cfg["intermediate_size"], routing="topk_softmax", activation="swigluoai",
                         expert_bias=True, router_bias=True)
         overrides = {}
-        if "rope_scaling" not in cfg and "rope_parameters" not in cfg:
+        if not cfg.get("rope_scaling") and not isinstance(cfg.get("rope_parameters"), dict):
+            # As GptOssConfig: no rope values (or ``rope_scaling: null``) means gpt-oss's yarn.
             overrides["rope_scaling"] = dict(_DEFAULT_ROPE_SCALING)
         if cfg.get("rope_theta") is None and (cfg.get("rope_parameters") or {}).get("rope_theta") is None:
             overrides["rope_theta"] = _DEFAULT_ROPE_THETA
