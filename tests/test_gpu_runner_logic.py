@@ -131,7 +131,7 @@ def test_kv_budget_arithmetic():
 
 @pytest.mark.parametrize(("name", "params"), [
     ("llama-2-7b", 6.738e9), ("llama-2-70b", 68.977e9), ("llama-3-8b", 8.030e9), ("qwen2.5-7b", 7.616e9),
-    ("qwen3-0.6b", 0.596e9),
+    ("qwen3-0.6b", 0.596e9), ("gpt-oss-20b", 20.915e9),
 ])
 def test_presets_have_the_published_sizes(name, params):
     config = preset_config(name)

@@ -55,6 +55,8 @@ ARCHS = {
     "qwen3_moe": ParityArch("qwen3_moe", modules=("Qwen3MoeForCausalLM", "FusedMoE")),
     "deepseek_v2": ParityArch("deepseek_v2", modules=("DeepseekV2ForCausalLM", "LatentAttention", "DeepseekMoE")),
     "deepseek_v3": ParityArch("deepseek_v3", modules=("DeepseekV3ForCausalLM", "LatentAttention", "DeepseekMoE")),
+    # 16-token window on alternate layers (prompts run past it), attention sinks, top-4 of 8 biased experts
+    "gpt_oss": ParityArch("gpt_oss", {"top_k": 4}, modules=("GptOssForCausalLM", "FusedMoE")),
 }
 MAX_NEW = 12
 

@@ -79,6 +79,20 @@ _GEMMA3_1B = {
     "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False,
     "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
 }
+# openai/gpt-oss-20b's config.json, without its quantization_config (dummy weights are drawn in the model dtype,
+# which is what the MXFP4 experts become once de-quantized at load) and without its layer_types, which are the
+# default the model fills in (sliding window on even layers, full attention on odd ones) for any layer count.
+_GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_act": "silu",
+    "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4,
+    "experts_per_token": 4, "sliding_window": 128, "attention_bias": True, "attention_dropout": 0.0,
+    "swiglu_limit": 7.0, "max_position_embeddings": 131072, "initial_context_length": 4096, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000.0, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                             "truncate": False, "original_max_position_embeddings": 4096},
+    "vocab_size": 201088, "tie_word_embeddings": False, "router_aux_loss_coef": 0.9, "output_router_logits": False,
+    "pad_token_id": 199999, "bos_token_id": 199998, "eos_token_id": 200002, "torch_dtype": "bfloat16",
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": _LLAMA2_7B,
@@ -89,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": _QWEN3_06B,
     "gemma-2-2b": _GEMMA2_2B,
     "gemma-3-1b": _GEMMA3_1B,
+    "gpt-oss-20b": _GPT_OSS_20B,
 }
 
 

@@ -19,20 +19,23 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
-                 "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+                 "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3", "gemma3_multimodal")
 # Architectures whose Hugging Face config takes a sliding window; the Qwen ones also ``max_window_layers``.
-WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_ARCHITECTURES, "mixtral", "qwen2_moe", "qwen3_moe")
+WINDOWED_ARCHITECTURES = ("mistral", "qwen2", "qwen3", "phi3", *GEMMA_ARCHITECTURES, "mixtral", "qwen2_moe", "qwen3_moe",
+                          "gpt_oss")
 # Gemma's tiny settings: a window the parity prompts (up to ~110 tokens + 12 generated) run well past, an attention
 # scale that is not head_dim ** -0.5, soft caps low enough to bend the tiny model's logits.
 GEMMA_SLIDING_WINDOW = 16
 GEMMA_QUERY_PRE_ATTN_SCALAR = 32
 GEMMA2_ATTN_SOFTCAP = 2.0
 GEMMA_FINAL_SOFTCAP = 4.0
+GPT_OSS_SLIDING_WINDOW = 16  # gpt_oss's default: short enough that test prompts run past it
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Multi-head latent attention with grouped top-k routing, shared experts and a dense first layer.
 MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
@@ -95,7 +98,12 @@ def make_tiny_tokenizer(vocab_size: int = 384, *, add_bos: bool = True) -> PreTr
 
 
 def _window_options(arch: str, sliding_window: int | None, max_window_layers: int | None) -> dict[str, Any]:
-    """The Hugging Face config values that give ``arch`` a sliding window (none when ``sliding_window`` is None)."""
+    """The Hugging Face config values that give ``arch`` a sliding window (none when ``sliding_window`` is None,
+    except for gpt_oss and the Gemma architectures, which always alternate sliding-window and full layers)."""
+    if arch == "gpt_oss":
+        if max_window_layers is not None:
+            raise ValueError("max_window_layers is for the Qwen architectures; gpt_oss slides its even layers")
+        return {"sliding_window": GPT_OSS_SLIDING_WINDOW if sliding_window is None else sliding_window}
     if arch in GEMMA_ARCHITECTURES:
         if max_window_layers is not None:
             raise ValueError(f"max_window_layers is for the Qwen architectures; {arch} alternates by layer_types")
@@ -131,6 +139,8 @@ def _hf_config(arch: str, rope_scaling: dict[str, Any] | None, num_experts: int,
     from transformers.models.gemma3 import Gemma3TextConfig
 
     hidden = common["hidden_size"]
+    if arch == "gpt_oss":
+        return _gpt_oss_config(rope_scaling, num_experts, top_k, **window, **common)
     common["rope_scaling"] = dict(rope_scaling) if rope_scaling else None  # the config classes mutate it
     if arch == "mixtral":
         return MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **window, **common)
@@ -205,13 +215,25 @@ def _gemma3_multimodal_config(text: Any) -> Any:
                         eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
 
 
+def _gpt_oss_config(rope_scaling: dict[str, Any] | None, num_experts: int, top_k: int, **common: Any) -> Any:
+    """gpt-oss: biased attention with sinks, sliding-window layers alternating with full ones (``layer_types``'s
+    default), experts with biases and the clamped SwiGLU; plain rope unless ``rope_scaling``."""
+    from transformers import GptOssConfig
+
+    rope = {"rope_type": "default", "rope_theta": 150000.0}
+    if rope_scaling:
+        rope = {"rope_theta": 150000.0, **rope_scaling}
+    return GptOssConfig(num_local_experts=num_experts, num_experts_per_tok=top_k,
+                        rope_parameters=rope, attention_bias=True, attention_dropout=0.0, **common)
+
+
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, hidden_size: int = 64,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          tie_word_embeddings: bool = False, sharded: bool = False, seed: int = 0,
                          torch_dtype: torch.dtype = torch.float32,
                          rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
                          num_experts: int = 8, top_k: int = 2, sliding_window: int | None = None,
-                         max_window_layers: int | None = None) -> Path:
+                         max_window_layers: int | None = None, mxfp4: bool = False) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
@@ -224,12 +246,15 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     depend on the prompt. ``rope_scaling`` is Hugging Face's dict (e.g. ``{"rope_type": "yarn", "factor": 4.0,
     "original_max_position_embeddings": 64}``); for phi3 its ``original_max_position_embeddings`` also becomes
     Phi3Config's top-level value (``max_position_embeddings`` when absent); gemma3 applies it to its
-    full-attention layers (e.g. ``{"rope_type": "linear", "factor": 8.0}``).
+    full-attention layers (e.g. ``{"rope_type": "linear", "factor": 8.0}``); gpt_oss has plain rope without it.
     ``sliding_window`` gives the architectures of :data:`WINDOWED_ARCHITECTURES` a sliding window: on every layer,
     or for the Qwen ones (``use_sliding_window``) on the layers Hugging Face picks from ``max_window_layers``
     (default 0: Qwen2/Qwen3 slide every layer, Qwen2-MoE none). gemma2 and gemma3 always alternate sliding-window
     (``sliding_window``, default :data:`GEMMA_SLIDING_WINDOW`) and full layers, with soft-capped logits (gemma2:
-    attention ones too); their norm weights are offsets around 0, as Gemma stores them. Returns ``path``.
+    attention ones too); their norm weights are offsets around 0, as Gemma stores them. gpt_oss always has a window
+    (:data:`GPT_OSS_SLIDING_WINDOW` tokens unless given) on its even layers, plus attention sinks and biased
+    experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and scales
+    with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`). Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -240,6 +265,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size must split into num_heads even-sized heads, and num_heads into "
                          "num_kv_heads groups")
+    if mxfp4 and arch != "gpt_oss":
+        raise ValueError("mxfp4 is only supported for arch='gpt_oss'")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, _window_options(arch, sliding_window, max_window_layers),
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -254,8 +281,13 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):  # Gemma stores its norm weights as offsets from 1
                 param.normal_(0.0 if arch in GEMMA_ARCHITECTURES else 1.0, 0.1)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias")):
                 param.normal_(0.0, 0.1)
+            elif name.endswith(".sinks"):  # gpt_oss: large enough that every head's sink changes the tokens
+                param.normal_(0.0, 1.0)
+            if mxfp4 and name.endswith(_GPT_OSS_EXPERT_WEIGHTS):  # MXFP4 values, so the checkpoint is lossless
+                blocks, scales = quantize_mxfp4(param.transpose(1, 2))
+                param.copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: zero at init, not here
                 buffer.normal_(0.0, 0.1)
@@ -264,11 +296,44 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     path.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=total // 3 if sharded else "10GB")
+    if mxfp4:
+        write_mxfp4_experts(path)
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     add_bos = arch in ("llama", "mistral", "mixtral", *GEMMA_ARCHITECTURES)
     make_tiny_tokenizer(vocab_size, add_bos=add_bos).save_pretrained(path)
     return path
+
+
+_GPT_OSS_EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
+
+
+def write_mxfp4_experts(path: Path) -> None:
+    """Rewrite a gpt-oss checkpoint folder's expert weights as MXFP4, the way gpt-oss checkpoints store them.
+
+    HF's ``experts.gate_up_proj`` ``[E, H, 2I]`` and ``experts.down_proj`` ``[E, I, H]`` become
+    ``..._blocks``/``..._scales`` of their transposes (``[E, 2I, H]``, ``[E, H, I]``, grouped along the input
+    dimension), and ``config.json`` gains ``quantization_config``. Values that are not MXFP4 values are rounded.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"write_mxfp4_experts expects one safetensors file in {path}; found {len(files)}")
+    tensors = load_file(files[0])
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(_GPT_OSS_EXPERT_WEIGHTS):
+            blocks, scales = quantize_mxfp4(tensor.float().transpose(1, 2))
+            out[name + "_blocks"], out[name + "_scales"] = blocks, scales
+        else:
+            out[name] = tensor
+    save_file(out, str(files[0]), metadata={"format": "pt"})
+    config = read_json(path / "config.json")
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # model_type -> llama.cpp's general.architecture
