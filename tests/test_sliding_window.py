@@ -1,6 +1,6 @@
 """Sliding-window models give Hugging Face transformers' greedy tokens with prompts and generations well past the
-window: Mistral (every layer slides) and Qwen2 with ``max_window_layers`` (full and sliding layers mixed), on the
-PyTorch attention backend and the native CPU one, with the engine's mechanisms forced on."""
+window: Mistral and Phi-3 (every layer slides) and Qwen2 with ``max_window_layers`` (full and sliding layers
+mixed), on the PyTorch attention backend and the native CPU one, with the engine's mechanisms forced on."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ MAX_NEW = 24  # generations run well past the window too
 MODELS = {
     "mistral": dict(sliding_window=WINDOW),
     "qwen2-mixed-layers": dict(sliding_window=WINDOW, num_layers=4, max_window_layers=2),  # layers 2 and 3 slide
+    "phi3": dict(sliding_window=WINDOW),
 }
 BACKENDS = {"torch": KernelConfig(cpu_native_kernels=False), "cpu": KernelConfig(cpu_native_kernels=True)}
 
@@ -59,7 +60,7 @@ def test_batch_of_16_matches_hf(tiny_checkpoint_factory, name, backend):
     assert _greedy(llm, prompts) == [hf_greedy(path, p, MAX_NEW) for p in prompts]
     assert llm.engine.core.stats.max_batch_size >= 16
     windows = [layer.self_attn.sliding_window for layer in llm.engine.runner.model.layers]
-    assert windows == ([WINDOW] * 2 if name == "mistral" else [None, None, WINDOW, WINDOW])
+    assert windows == ([None, None, WINDOW, WINDOW] if name.startswith("qwen2") else [WINDOW] * 2)
 
 
 @pytest.mark.parametrize("variant", ["prefix-cache-on", "prefix-cache-off", "chunked-prefill"])

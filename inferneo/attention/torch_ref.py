@@ -62,8 +62,7 @@ class TorchReferenceBackend(AttentionBackend):
                 ks = _gather(kv_cache[0], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
                 vs = _gather(kv_cache[1], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
             if not variant.is_plain:
-                if sliding_window is not None:
-                    mask = span_mask(span, sliding_window)
+                mask = _cached(metadata, ("span_mask", span.start, sliding_window), span_mask, span, sliding_window)
                 out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
                 continue
             # A leading batch dimension keeps SDPA on its fused CPU kernel (a 3-D call with GQA takes the slow path).
@@ -90,13 +89,11 @@ class AttentionVariant:
     def is_plain(self) -> bool:
         return self.sliding_window is None and self.logit_softcap is None and self.sinks is None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                scale: float) -> torch.Tensor:
-        """``q`` [..., H, Lq, D], ``k``/``v`` [..., Hkv, Lk, D], ``mask`` (True: attend) broadcastable to
-        [..., H, Lq, Lk] or None for causal attention with ``Lq == Lk``; returns [..., H, Lq, D] in q's dtype."""
+        """``q`` [..., H, Lq, D], ``k``/``v`` [..., Hkv, Lk, D], ``mask`` (True: attend; causality and the window
+        already in it) broadcastable to [..., H, Lq, Lk]; returns [..., H, Lq, D] in q's dtype."""
         group = q.shape[-3] // k.shape[-3]
-        if mask is None:
-            mask = span_mask(PrefillSpan(0, q.shape[-2], 0, q.new_empty(0, dtype=torch.long)), self.sliding_window)
         if self.logit_softcap is None and self.sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         k = k.repeat_interleave(group, dim=-3).float()
@@ -136,6 +133,14 @@ def span_mask(span: PrefillSpan, sliding_window: int | None) -> torch.Tensor:
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask
+
+
+def _cached(metadata: AttentionMetadata, key: tuple, build, *args) -> torch.Tensor:
+    """``build(*args)``, built once per step: the layers of a step share their window's masks."""
+    masks = metadata.extra.setdefault("torch_variant_masks", {})
+    if key not in masks:
+        masks[key] = build(*args)
+    return masks[key]
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -179,6 +184,7 @@ def _decode_attention_variant(q: torch.Tensor, kv_cache: torch.Tensor, metadata:
     num_kv_heads = kv_cache.shape[1]
     keys = _gather(kv_cache[0], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim).transpose(0, 1)
     values = _gather(kv_cache[1], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim)
-    mask = decode_mask(metadata, variant.sliding_window)[:, None, None, :]  # [B, 1, 1, L]
+    mask = _cached(metadata, ("decode_mask", variant.sliding_window), decode_mask, metadata, variant.sliding_window)
+    mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = variant.attend(q.unsqueeze(2), keys, values.transpose(0, 1), mask, scale)  # [B, H, 1, D]
     return out.squeeze(2)
