@@ -209,7 +209,9 @@ def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs
 
 PAIR_PATH_MAX_TOKENS = 4
 """Up to this many tokens (a small decode step) each pair reads its expert's rows directly: two kernels, no align,
-the top-k sum fused into the down projection. Tokens that share an expert read it once each (fine while few)."""
+the top-k sum fused into the down projection. Tokens that share an expert read it once each (fine while few).
+H200, Qwen3-30B-A3B layer (2026-12-03): 42 / 62 / 103 / 144 us at 1 / 2 / 4 / 8 tokens against 125 / 85 / 200 / 144
+us for the sorted grouped GEMMs (floor 18 / 33 / 62 / 117 us)."""
 
 
 @triton.jit
@@ -271,7 +273,7 @@ class PairTiles:
     """Tiles of the few-token path: output features per program and the K chunk, for each kernel."""
 
     up_block_n: int = 4
-    up_block_k: int = 512
+    up_block_k: int = 1024
     down_block_n: int = 4
     down_block_k: int = 256
     num_warps: int = 4
