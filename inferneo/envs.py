@@ -115,3 +115,17 @@ def gemv_silu() -> bool:
     """INFERNEO_GEMV_SILU (default on; with the Triton GEMV): at one-row decode steps in half precision, a gated
     MLP's gate/up projection and its SiLU-and-multiply run as one kernel (``triton_gemv.gemv_silu_mul``)."""
     return _flag("INFERNEO_GEMV_SILU", True)
+
+
+def cuda_fused_qk_norm_rope() -> bool:
+    """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
+    q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in
+    place on the fused q/k/v projection output (``triton_ops.qk_norm_rotary_inplace``); off, the PyTorch modules."""
+    return _flag("INFERNEO_CUDA_FUSED_QK_NORM_ROPE", True)
+
+
+def cuda_fused_routing() -> bool:
+    """INFERNEO_CUDA_FUSED_ROUTING (default on; with the Triton ops): on CUDA, the softmax top-k mixture-of-experts
+    routers (renormalised or not, and gpt-oss's top-k-then-softmax) run as one Triton kernel
+    (``kernels/triton_routing.py``); off, the PyTorch routers. DeepSeek's grouped routers are always PyTorch."""
+    return _flag("INFERNEO_CUDA_FUSED_ROUTING", True)

@@ -46,6 +46,12 @@ class KernelConfig:
     #: ``INFERNEO_PEER_PUSH`` (on; with the peer all-reduce): in 16-bit precision the fused all-reduce + RMSNorm
     #: pushes this rank's rows into the peers' receive buffers instead of a flag barrier and reads.
     peer_push: bool = field(default_factory=envs.peer_push)
+    #: ``INFERNEO_CUDA_FUSED_QK_NORM_ROPE`` (on; with ``triton_ops``): on CUDA, attention layers with per-head q/k
+    #: RMSNorms normalize and rotate queries and keys in one Triton kernel in place on the fused projection output.
+    cuda_fused_qk_norm_rope: bool = field(default_factory=envs.cuda_fused_qk_norm_rope)
+    #: ``INFERNEO_CUDA_FUSED_ROUTING`` (on; with ``triton_ops``): on CUDA, the softmax top-k mixture-of-experts
+    #: routers (and gpt-oss's top-k-then-softmax) as one Triton kernel; DeepSeek's grouped routers stay PyTorch.
+    cuda_fused_routing: bool = field(default_factory=envs.cuda_fused_routing)
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -22,6 +22,8 @@ SWITCHES = {
     "cuda_pdl": "INFERNEO_CUDA_PDL",
     "peer_all_reduce": "INFERNEO_PEER_ALL_REDUCE",
     "peer_push": "INFERNEO_PEER_PUSH",
+    "cuda_fused_qk_norm_rope": "INFERNEO_CUDA_FUSED_QK_NORM_ROPE",
+    "cuda_fused_routing": "INFERNEO_CUDA_FUSED_ROUTING",
 }
 
 

@@ -72,6 +72,44 @@ def test_triton_ops_only_for_cuda_models_with_the_switch_on(monkeypatch):
     assert triton_ops_for(torch.device("cuda")) is None
 
 
+_QK_NORM_SCRIPT = textwrap.dedent("""
+    import torch
+    from inferneo.kernels import _triton_elementwise as k
+    from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm
+    from inferneo.model_executor.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    cases = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.02, 0.02)]
+    shapes = [(1, 4, 2, 64, RMSNorm), (3, 8, 2, 128, RMSNorm), (5, 6, 1, 64, RMSNorm), (2, 4, 4, 128, GemmaRMSNorm)]
+    for dtype, rtol, atol in cases:
+        for n, heads, kv_heads, dim, norm_cls in shapes:
+            rot = RotaryEmbedding(dim, 512, 10000.0)
+            q_norm, k_norm = norm_cls(dim, 1e-6).to(dtype), norm_cls(dim, 1e-6).to(dtype)
+            for norm in (q_norm, k_norm):
+                norm.weight.data = (torch.rand(dim) + 0.5).to(dtype)
+            qkv = (3 * torch.randn(n, (heads + 2 * kv_heads) * dim)).to(dtype)
+            pos = torch.randperm(500)[:n] + 7  # not 0..T-1
+            q, key, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            ref_q, ref_k = rot(pos, q_norm(q.reshape(n, heads, dim)), k_norm(key.reshape(n, kv_heads, dim)))
+            got = qkv.clone()
+            k.qk_norm_rotary_inplace(got, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim, q_norm.weight,
+                                     k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm)
+            kv_end = (heads + kv_heads) * dim
+            torch.testing.assert_close(got[:, : heads * dim].reshape(n, heads, dim), ref_q, rtol=rtol, atol=atol)
+            torch.testing.assert_close(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), ref_k, rtol=rtol,
+                                       atol=atol)
+            assert torch.equal(got[:, kv_end:], qkv[:, kv_end:]), "values are untouched"
+    print("ok")
+""")
+
+
+def test_fused_qk_norm_rotary_matches_the_norm_and_rotary_modules():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _QK_NORM_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 # The device transform for a CUDA model, run on CPU tensors under the interpreter: the Triton modules are chosen
 # as on a GPU, and the model's logits stay those of the plain PyTorch modules.
 _TRANSFORM_SCRIPT = textwrap.dedent("""
@@ -95,13 +133,16 @@ _TRANSFORM_SCRIPT = textwrap.dedent("""
         model.load_weights(iter_weights(source))
         model.eval()
         expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
-        counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False, gemv_silu=True))
+        fused_qk = sys.argv[3] == "fused_qk"
+        counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False, gemv_silu=True,
+                                                                              cuda_fused_qk_norm_rope=fused_qk))
         layers = config.num_layers
         norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
         assert counts["TritonRMSNorm"] == norms and counts["RMSNorm"] == 0, counts
         assert counts["TritonSiluAndMul"] == layers and counts["GemvSiluMLP"] == layers, counts
-        # rotary in place on the fused projection, except where q/k norms come between the projection and rotary
+        # rotary in place on the fused projection; with q/k norms, the norms and rotary in one kernel (switch on)
         assert counts["InplaceRotaryAttention"] == (0 if arch == "qwen3" else layers), counts
+        assert counts["QKNormRotaryAttention"] == (layers if arch == "qwen3" and fused_qk else 0), counts
         got = _forward_logits(model, config.num_kv_heads, config.head_dim)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -109,8 +150,9 @@ _TRANSFORM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_cuda_transform_chooses_triton_modules_and_keeps_the_logits(tmp_path):
+@pytest.mark.parametrize("qk_norm_rope", ["fused_qk", "plain_qk"])
+def test_cuda_transform_chooses_triton_modules_and_keeps_the_logits(tmp_path, qk_norm_rope):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _TRANSFORM_SCRIPT, str(tmp_path), os.path.dirname(__file__)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _TRANSFORM_SCRIPT, str(tmp_path), os.path.dirname(__file__),
+                           qk_norm_rope], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

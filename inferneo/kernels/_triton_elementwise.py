@@ -89,8 +89,9 @@ def silu_and_mul(x: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_heads, head_dim, half,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, stride_t, stride_c, n_heads, n_q_heads,
+                   head_dim, half, eps, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+                   WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -104,14 +105,29 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_hea
     a = tl.load(base + d, mask=mask, other=0.0)
     b = tl.load(base + half + d, mask=mask, other=0.0)
     af, bf = a.to(tl.float32), b.to(tl.float32)
+    if NORM:  # per-head RMSNorm first: the query heads with one weight, the key heads with the other
+        rstd = 1.0 / tl.sqrt((tl.sum(af * af, axis=1) + tl.sum(bf * bf, axis=1)) / head_dim + eps)[:, None]
+        is_q = h < n_q_heads
+        af = _head_rms_norm(af * rstd, a.dtype, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET)
+        bf = _head_rms_norm(bf * rstd, a.dtype, qw_ptr + half, kw_ptr + half, d, dmask, is_q, WEIGHT_OFFSET)
     tl.store(base + d, (af * cos - bf * sin).to(a.dtype), mask=mask)
     tl.store(base + half + d, (bf * cos + af * sin).to(a.dtype), mask=mask)
 
 
-def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-                   num_heads: int, head_dim: int, pdl: bool | None = None) -> None:
-    """Rotate (rotate-half layout) the first ``num_heads`` heads of each row of ``qkv`` in place: the query
-    and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``."""
+@triton.jit
+def _head_rms_norm(normed, dtype: tl.constexpr, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET: tl.constexpr):
+    """One half ``[H, D/2]`` of every head, already over its root mean square (float32), times the query weight
+    (``is_q`` rows) or the key weight, rounded as ``RMSNorm`` rounds; ``WEIGHT_OFFSET``: Gemma's ``x * (1 + w)``,
+    all in float32. Returns float32 values that hold the model dtype's rounding."""
+    w = tl.where(is_q, tl.load(qw_ptr + d, mask=dmask, other=0.0).to(tl.float32),
+                 tl.load(kw_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+    if WEIGHT_OFFSET:
+        return (normed * (1.0 + w)).to(dtype).to(tl.float32)
+    return (w * normed.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+
+
+def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl, q_weight=None, k_weight=None,
+                   num_q_heads=0, eps=0.0, weight_offset=False) -> None:
     assert qkv.dim() == 2 and qkv.stride(-1) == 1
     assert cos_cache.stride(-1) == 1 and cos_cache.stride() == sin_cache.stride()
     n_tokens = qkv.shape[0]
@@ -119,6 +135,28 @@ def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
         return
     half = head_dim // 2
     pdl = pdl_for(qkv, pdl)
-    _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, qkv.stride(0), cos_cache.stride(0),
-                                num_heads, head_dim, half, BLOCK_H=triton.next_power_of_2(num_heads),
-                                BLOCK_D=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **launch_options(pdl))
+    norm = q_weight is not None
+    _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, q_weight if norm else cos_cache,
+                                k_weight if norm else cos_cache, qkv.stride(0), cos_cache.stride(0), num_heads,
+                                num_q_heads, head_dim, half, eps, BLOCK_H=triton.next_power_of_2(num_heads),
+                                BLOCK_D=triton.next_power_of_2(half), NORM=norm, WEIGHT_OFFSET=weight_offset,
+                                PDL=pdl, num_warps=4, **launch_options(pdl))
+
+
+def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                   num_heads: int, head_dim: int, pdl: bool | None = None) -> None:
+    """Rotate (rotate-half layout) the first ``num_heads`` heads of each row of ``qkv`` in place: the query
+    and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``."""
+    _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl)
+
+
+def qk_norm_rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                           sin_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, *, weight_offset: bool = False,
+                           pdl: bool | None = None) -> None:
+    """In place on a fused projection output ``qkv`` ``[T, (Hq + 2 Hkv) * D]``: each query head through the
+    per-head RMSNorm of weight ``q_weight`` ``[D]``, each key head through ``k_weight``'s, then both rotated as
+    :func:`rotary_inplace` does; the value heads are untouched. ``weight_offset``: Gemma's norm, ``x * (1 + w)``."""
+    _launch_rotary(qkv, positions, cos_cache, sin_cache, num_q_heads + num_kv_heads, head_dim, pdl,
+                   q_weight=q_weight, k_weight=k_weight, num_q_heads=num_q_heads, eps=eps,
+                   weight_offset=weight_offset)

@@ -1,4 +1,5 @@
-"""Fused elementwise GPU kernels in Triton: RMSNorm (with the residual add), SiLU-and-mul, rotary in place.
+"""Fused elementwise GPU kernels in Triton: RMSNorm (with the residual add), SiLU-and-mul, rotary in place (with
+the per-head q/k RMSNorm before it, for models with q/k norms).
 
 Each replaces several PyTorch kernels (and their round trips through memory) with one. They follow the
 arithmetic of the PyTorch path: RMSNorm and rotary compute in float32, the residual sum and the normalized value

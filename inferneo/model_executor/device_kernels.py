@@ -11,12 +11,18 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``RMSNorm``                   :class:`NativeRMSNorm`                     :class:`TritonRMSNorm`
 ``SiluAndMul``                :class:`NativeSiluAndMul`                  :class:`TritonSiluAndMul`
 ``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
+``Attention`` (q/k norms)     PyTorch                                    :class:`QKNormRotaryAttention`
+                                                                         (``cuda_fused_qk_norm_rope``): per-head
+                                                                         norms + rotary, one kernel, in place
 ``nn.Linear``                 packed (``cpu_onednn_linear``:             ``DecodeLinear`` (``triton_gemv``):
                               panel kernel or oneDNN)                    one-row inputs through the Triton GEMV
 ``MLP``                       :class:`RowPassMLP` when both linears      :class:`GemvSiluMLP` (``gemv_silu``):
                               are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row
 ``FusedMoE``                  batched PyTorch (``layers/moe.py``)        ``expert_kernel`` = ``triton_moe``:
-                                                                         sorted pairs, two grouped GEMMs
+                                                                         sorted pairs, two grouped GEMMs; the
+                                                                         plain softmax top-k routers as one
+                                                                         kernel (``cuda_fused_routing``,
+                                                                         ``triton_routing``)
 ============================  =========================================  =========================================
 
 With tensor parallelism and peer memory, the norms after row-parallel layers then become
@@ -37,7 +43,7 @@ from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
 from inferneo.kernels.triton_ops import triton_ops_for
-from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul, silu_and_mul
+from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm, SiluAndMul, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
 from inferneo.model_executor.layers.gpu_linear import DecodeGemv, decode_gemv, use_decode_linears
 from inferneo.model_executor.layers.moe import ExpertKernel, FusedMoE
@@ -126,6 +132,34 @@ class InplaceRotaryAttention(Attention):
         return self.attend(q, k, v, kv_cache, metadata)
 
 
+class QKNormRotaryAttention(Attention):
+    """Attention whose per-head q/k RMSNorms and rotary embedding run as one kernel, in place on the fused q/k/v
+    projection output (``triton_ops.qk_norm_rotary_inplace``). The norms' weights and ``eps`` are read from the
+    ``q_norm``/``k_norm`` children, which stay (their parameters keep their names)."""
+
+    qk_norm_rotary = None  # set by ``use_device_kernels``: the kernel with its launch options and norm kind
+
+    def forward(self, positions, hidden, kv_cache, metadata):
+        qkv = self.qkv_proj(hidden)
+        self.qk_norm_rotary(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache, self.num_heads,
+                            self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
+                            self.q_norm.eps)
+        q, k, v = self.split_heads(qkv)
+        return self.attend(q, k, v, kv_cache, metadata)
+
+
+def _fused_qk_norm_attention(module: nn.Module, kernel) -> QKNormRotaryAttention | None:
+    """``module`` as a :class:`QKNormRotaryAttention` calling ``kernel`` when it is a plain ``Attention`` whose q/k
+    norms are both plain ``RMSNorm`` or both Gemma's offset norm with one ``eps``; else None."""
+    if type(module) is not Attention or module.q_norm is None:
+        return None
+    kind = type(module.q_norm)
+    if kind not in (RMSNorm, GemmaRMSNorm) or type(module.k_norm) is not kind or module.q_norm.eps != module.k_norm.eps:
+        return None
+    return _adopt(QKNormRotaryAttention, module,
+                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm))
+
+
 class RowPassMLP(MLP):
     """A CPU MLP over packed linears: long prompts run in passes of rows whose gate/up activation stays in cache
     (``cpu_linear.mlp_row_chunk``); shorter inputs run in one pass."""
@@ -161,6 +195,19 @@ def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     return len(layers)
 
 
+def use_triton_routers(model: nn.Module, pdl: bool) -> int:
+    """Give every :class:`FusedMoE` of ``model`` whose router is a plain softmax top-k one the Triton routing kernel
+    (``kernels/triton_routing.py``; imports Triton); returns how many layers changed."""
+    from inferneo.kernels.triton_routing import triton_router_for
+
+    changed = 0
+    for layer in (m for m in model.modules() if isinstance(m, FusedMoE)):
+        router = triton_router_for(layer.router, pdl)
+        if router is not None:
+            layer.router, changed = router, changed + 1
+    return changed
+
+
 # ---- the transform -----------------------------------------------------------------------------------------------
 
 
@@ -191,6 +238,10 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
             norm = functools.partial(TritonRMSNorm, ops=ops, pdl=pdl)
             act = functools.partial(TritonSiluAndMul, ops, pdl)
             rotary = functools.partial(ops.rotary_inplace, pdl=pdl)
+    if device.type == "cuda" and ops is not None and kernels.cuda_fused_qk_norm_rope:
+        # before the norm swap below, which turns the q/k norms (unused by the fused layer) into Triton ones
+        _swap_children(model, functools.partial(_fused_qk_norm_attention,
+                                                kernel=functools.partial(ops.qk_norm_rotary_inplace, pdl=pdl)))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
@@ -200,6 +251,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
         if use_expert_kernel(model, triton_fused_experts):
             logger.info("mixture-of-experts layers use the Triton fused-experts kernels")
+        if kernels.cuda_fused_routing and use_triton_routers(model, pdl):
+            logger.info("mixture-of-experts routers use the Triton routing kernel")
 
     # Linear layers, then the MLPs whose path depends on them.
     if device.type == "cpu" and kernels.cpu_onednn_linear:
@@ -223,4 +276,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 
 _REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
+             "QKNormRotaryAttention",
              "RowPassMLP", "GemvSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

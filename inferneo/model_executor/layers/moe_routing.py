@@ -2,14 +2,13 @@
 
 A :data:`Router` maps router logits ``[T, E]`` to a :class:`RouterOutput` (``weights`` ``[T, k]`` float32 and ``ids``
 ``[T, k]``). The routing variants are small functions of ``(logits, top_k)`` registered by name in
-:data:`ROUTING_FUNCTIONS`; :func:`make_router` binds one to a ``top_k``. Variants that need more than the logits and
+:data:`ROUTING_FUNCTIONS`; :func:`make_router` binds one to a ``top_k`` (a :class:`NamedRouter`). Variants that need more than the logits and
 ``k`` (DeepSeek's grouped top-k: :func:`softmax_grouped_topk`, :func:`sigmoid_grouped_topk` with its score-correction
 bias) are functions with keyword options that a model binds into a :data:`Router`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,11 +60,23 @@ ROUTING_FUNCTIONS: dict[str, RoutingFunction] = {
 }
 
 
-def make_router(routing: str, top_k: int) -> Router:
+@dataclass(frozen=True, slots=True)
+class NamedRouter:
+    """A :data:`Router`: the routing variant ``routing`` (a key of :data:`ROUTING_FUNCTIONS`) with ``top_k`` bound.
+    The name lets a device kernel recognise the variants it computes (``kernels/triton_routing.py``)."""
+
+    routing: str
+    top_k: int
+
+    def __call__(self, router_logits: torch.Tensor) -> RouterOutput:
+        return ROUTING_FUNCTIONS[self.routing](router_logits, self.top_k)
+
+
+def make_router(routing: str, top_k: int) -> NamedRouter:
     """The routing variant named ``routing`` (a key of :data:`ROUTING_FUNCTIONS`) with ``top_k`` bound."""
     if routing not in ROUTING_FUNCTIONS:
         raise ValueError(f"unknown mixture-of-experts routing {routing!r}; supported: {sorted(ROUTING_FUNCTIONS)}")
-    return functools.partial(ROUTING_FUNCTIONS[routing], top_k=top_k)
+    return NamedRouter(routing, top_k)
 
 
 # ---- DeepSeek: top-k limited to the best groups of experts -------------------------------------------------------
