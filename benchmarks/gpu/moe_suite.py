@@ -25,6 +25,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 from floors import Ceilings, sync, timed  # noqa: E402
-from h100_suite import Suite, free_memory, generate_ids, sec_ceilings, step_latency  # noqa: E402
+from h100_suite import Suite, free_memory, generate_ids, greedy, sec_ceilings, step_latency  # noqa: E402
 from hf_baselines import build_hf_model, hf_generate  # noqa: E402
 
 from inferneo import LLM  # noqa: E402
@@ -102,6 +103,41 @@ def touched_experts(llm: LLM, s: Suite, batch: int, top_k: int) -> float:
     return sum(counts) / max(1, len(counts))
 
 
+def decode_kernel_profile(llm: LLM, s: Suite, steps: int = 5, top: int = 15) -> dict:
+    """The kernels of ``steps`` eager batch-1 decode steps (CUDA graphs off, so that the profiler sees each launch;
+    64-token prompt, its prefill outside the profile), by total device time (self CPU time on CPU): the ``top``
+    ones with their calls and microseconds per step, and the sum over all kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng, runner = llm.engine, llm.engine.runner
+    cuda = torch.cuda.is_available() and s.cfg["device"] == "cuda"
+    request = eng.add_request(f"profile-{time.monotonic_ns()}", s.prompts(1, 63, eng.vocab_size)[0],
+                              greedy(steps + 8))
+    sched, graphs = eng.scheduler, runner.use_cuda_graphs
+    runner.use_cuda_graphs = False
+    try:
+        while len(sched.waiting) or any(r.num_output_tokens == 0 for r in sched.running):
+            eng.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                eng.step()
+            sync()
+    finally:
+        runner.use_cuda_graphs = graphs
+        eng.abort_request(request)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not cuda or str(e.device_type).endswith("CUDA")]
+    rows = sorted(({"name": e.key[:100], "calls_per_step": e.count / steps,
+                    "us_per_step": (getattr(e, key, 0) or 0) / steps} for e in events), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    s.log(f"batch-1 eager decode step, {'kernels by device' if cuda else 'ops by self CPU'} time: {total:.0f} us/step "
+          f"over {len(rows)} {'kernels' if cuda else 'ops'} ({steps} steps)")
+    for r in rows[:top]:
+        s.log(f"  {r['us_per_step']:8.1f} us  {r['calls_per_step']:6.1f} calls  {r['name']}")
+    return {"steps": steps, "total_us_per_step": total, "top": rows[:top]}
+
+
 # ---- sections ----------------------------------------------------------------------------------------------------
 
 
@@ -140,7 +176,13 @@ def sec_decode(s: Suite, llm: LLM, preset: str) -> dict:
                   f"{row['step_ms']:.2f} ms/step, floor {row['floor_ms']:.2f} ms ({touched:.1f} experts/layer), "
                   f"ratio {row['ratio']:.2f}")
         llm.engine.core.async_scheduling = False
-    return {"rows": rows, "bytes": parts}
+    out = {"rows": rows, "bytes": parts}
+    if s.left() > 90:  # a breakdown of the batch-1 step; never worth losing the rest of the run for
+        try:
+            out["profile_b1"] = decode_kernel_profile(llm, s)
+        except Exception as exc:  # noqa: BLE001
+            s.log(f"decode kernel profile failed: {type(exc).__name__}: {exc}")
+    return out
 
 
 def sec_workload(s: Suite, llm: LLM, name: str) -> dict:
