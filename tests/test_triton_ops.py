@@ -124,7 +124,7 @@ _TRANSFORM_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])  # the tests folder
     from test_tensor_parallel_layers import _forward_logits
 
-    for arch in ("llama", "qwen3"):
+    for arch in ("llama", "qwen3", "gemma3"):  # no q/k norms; RMSNorm q/k norms; Gemma's offset q/k norms
         path = make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2)
         source = resolve_model(str(path))
         cls = get_model_class(load_hf_config(source))
@@ -137,12 +137,13 @@ _TRANSFORM_SCRIPT = textwrap.dedent("""
         counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False, gemv_silu=True,
                                                                               cuda_fused_qk_norm_rope=fused_qk))
         layers = config.num_layers
-        norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
-        assert counts["TritonRMSNorm"] == norms and counts["RMSNorm"] == 0, counts
-        assert counts["TritonSiluAndMul"] == layers and counts["GemvSiluMLP"] == layers, counts
+        if arch != "gemma3":  # Gemma's norms and GELU MLP stay PyTorch modules
+            norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
+            assert counts["TritonRMSNorm"] == norms and counts["RMSNorm"] == 0, counts
+            assert counts["TritonSiluAndMul"] == layers and counts["GemvSiluMLP"] == layers, counts
         # rotary in place on the fused projection; with q/k norms, the norms and rotary in one kernel (switch on)
-        assert counts["InplaceRotaryAttention"] == (0 if arch == "qwen3" else layers), counts
-        assert counts["QKNormRotaryAttention"] == (layers if arch == "qwen3" and fused_qk else 0), counts
+        assert counts["InplaceRotaryAttention"] == (0 if arch != "llama" else layers), counts
+        assert counts["QKNormRotaryAttention"] == (layers if arch != "llama" and fused_qk else 0), counts
         got = _forward_logits(model, config.num_kv_heads, config.head_dim)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
