@@ -150,10 +150,12 @@ def build_engine(s: Suite, preset: str) -> LLM:
     kernels = {type(m).__name__ for m in eng.runner.model.modules()}
     expert_kernel = next((m.expert_kernel.__name__ for m in eng.runner.model.modules() if isinstance(m, FusedMoE)),
                          None)
+    router = next((type(m.router).__name__ for m in eng.runner.model.modules() if isinstance(m, FusedMoE)), None)
     s.log(f"{preset}: engine ready in {seconds:.1f} s, KV {eng.kv_capacity_tokens} tokens, {moe_layers} MoE layers "
-          f"through {expert_kernel}, backend {eng.runner.backend.name}")
+          f"through {expert_kernel} (router {router}), backend {eng.runner.backend.name}; modules: "
+          f"{', '.join(sorted(kernels))}")
     return llm, {"build_s": seconds, "kv_tokens": eng.kv_capacity_tokens, "moe_layers": moe_layers,
-                 "expert_kernel": expert_kernel, "modules": sorted(kernels), **engine_kw}
+                 "expert_kernel": expert_kernel, "router": router, "modules": sorted(kernels), **engine_kw}
 
 
 def sec_decode(s: Suite, llm: LLM, preset: str) -> dict:

@@ -108,17 +108,18 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, stride_t,
     if NORM:  # per-head RMSNorm first: the query heads with one weight, the key heads with the other
         rstd = 1.0 / tl.sqrt((tl.sum(af * af, axis=1) + tl.sum(bf * bf, axis=1)) / head_dim + eps)[:, None]
         is_q = h < n_q_heads
-        af = _head_rms_norm(af * rstd, a.dtype, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET)
-        bf = _head_rms_norm(bf * rstd, a.dtype, qw_ptr + half, kw_ptr + half, d, dmask, is_q, WEIGHT_OFFSET)
+        af = _head_rms_norm(af * rstd, a, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET)
+        bf = _head_rms_norm(bf * rstd, a, qw_ptr + half, kw_ptr + half, d, dmask, is_q, WEIGHT_OFFSET)
     tl.store(base + d, (af * cos - bf * sin).to(a.dtype), mask=mask)
     tl.store(base + half + d, (bf * cos + af * sin).to(a.dtype), mask=mask)
 
 
 @triton.jit
-def _head_rms_norm(normed, dtype: tl.constexpr, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET: tl.constexpr):
+def _head_rms_norm(normed, like, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET: tl.constexpr):
     """One half ``[H, D/2]`` of every head, already over its root mean square (float32), times the query weight
-    (``is_q`` rows) or the key weight, rounded as ``RMSNorm`` rounds; ``WEIGHT_OFFSET``: Gemma's ``x * (1 + w)``,
-    all in float32. Returns float32 values that hold the model dtype's rounding."""
+    (``is_q`` rows) or the key weight, rounded to the model dtype (``like``'s) as ``RMSNorm`` rounds;
+    ``WEIGHT_OFFSET``: Gemma's ``x * (1 + w)``, all in float32. Returns float32 values."""
+    dtype = like.dtype
     w = tl.where(is_q, tl.load(qw_ptr + d, mask=dmask, other=0.0).to(tl.float32),
                  tl.load(kw_ptr + d, mask=dmask, other=0.0).to(tl.float32))
     if WEIGHT_OFFSET:
