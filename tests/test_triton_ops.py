@@ -114,24 +114,14 @@ def test_fused_qk_norm_rotary_matches_the_norm_and_rotary_modules():
 # as on a GPU, and the model's logits stay those of the plain PyTorch modules.
 _TRANSFORM_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from inferneo.attention import TorchReferenceBackend
     from inferneo.kernel_config import KernelConfig
     from inferneo.model_executor.device_kernels import use_device_kernels
-    from inferneo.model_executor.models.registry import get_model_class
-    from inferneo.model_loader.loader import iter_weights, load_hf_config
-    from inferneo.model_loader.source import resolve_model
     from inferneo.testing.tiny_models import make_tiny_checkpoint
     sys.path.insert(0, sys.argv[2])  # the tests folder
-    from test_tensor_parallel_layers import _forward_logits
+    from test_tensor_parallel_layers import _build, _forward_logits
 
     for arch in ("llama", "qwen3", "gemma3"):  # no q/k norms; RMSNorm q/k norms; Gemma's offset q/k norms
-        path = make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2)
-        source = resolve_model(str(path))
-        cls = get_model_class(load_hf_config(source))
-        config = cls.config_from_hf(load_hf_config(source))
-        model = cls(config, TorchReferenceBackend(), max_position=256)
-        model.load_weights(iter_weights(source))
-        model.eval()
+        model, config = _build(make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2))
         expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
         fused_qk = sys.argv[3] == "fused_qk"
         counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False, gemv_silu=True,

@@ -95,28 +95,18 @@ def test_cuda_transform_swaps_only_the_plain_routers(routing):
 # fused q/k norm + rotary (Qwen3-MoE) and the Triton experts together keep the PyTorch model's logits.
 _MODEL_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from inferneo.attention import TorchReferenceBackend
     from inferneo.kernel_config import KernelConfig
     from inferneo.kernels.triton_routing import TritonRouter
     from inferneo.model_executor.device_kernels import use_device_kernels
     from inferneo.model_executor.layers.moe import FusedMoE
-    from inferneo.model_executor.models.registry import get_model_class
-    from inferneo.model_loader.loader import iter_weights, load_hf_config
-    from inferneo.model_loader.source import resolve_model
     from inferneo.testing.tiny_models import make_tiny_checkpoint
     sys.path.insert(0, sys.argv[2])  # the tests folder
-    from test_tensor_parallel_layers import _forward_logits
+    from test_tensor_parallel_layers import _build, _forward_logits
     from triton_interpreter_shims import patch_interpreter
     patch_interpreter()  # the experts kernels need it
 
     for arch in ("qwen3_moe", "gpt_oss"):
-        path = make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2)
-        source = resolve_model(str(path))
-        cls = get_model_class(load_hf_config(source))
-        config = cls.config_from_hf(load_hf_config(source))
-        model = cls(config, TorchReferenceBackend(), max_position=256)
-        model.load_weights(iter_weights(source))
-        model.eval()
+        model, config = _build(make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2))
         expected = _forward_logits(model, config.num_kv_heads, config.head_dim)
         counts = use_device_kernels(model, torch.device("cuda"), KernelConfig(cuda_pdl=False))
         layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
