@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_hf_parity import hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import TP_ENGINE, hf_greedy, mixed_prompts, run_engine, two_rank_engine
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
-from inferneo import LLM, SamplingParams
+from inferneo import LLM
 from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
 from inferneo.attention.kv_spec import allocate_kv_caches
 from inferneo.attention.mla import TorchMLABackend
@@ -376,22 +376,12 @@ def test_tensor_parallel_2_equals_1(arch, tiny_checkpoint_factory):
     """TP=2 over gloo: query heads, kv_b_proj and o_proj split, the latent replicated, experts and the shared
     experts split; greedy tokens equal TP=1's."""
     path = tiny_checkpoint_factory(arch)
-    engine = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
-                  num_threads=1)
     prompts = mixed_prompts(4, 300, seed=5)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-    def ids(llm):
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    expected = ids(LLM(str(path), **engine))
-    llm = LLM(str(path), tensor_parallel_size=2, **engine)
-    try:
+    expected = run_engine(LLM(str(path), **TP_ENGINE), prompts)
+    with two_rank_engine(path) as llm:
         model = llm.engine.runner.driver.model
         assert model.layers[0].self_attn.num_heads == 2 and model.layers[1].mlp.all_reduce is not None
-        assert ids(llm) == expected
-    finally:
-        llm.shutdown()
+        assert run_engine(llm, prompts) == expected
 
 
 def test_weights_past_the_last_layer_are_skipped(tiny_checkpoint_factory):

@@ -17,7 +17,15 @@ import shutil
 
 import pytest
 import torch
-from test_hf_parity import GREEDY, MAX_NEW, _hf_model, hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import (
+    MAX_NEW,
+    TP_ENGINE,
+    _hf_model,
+    hf_greedy,
+    mixed_prompts,
+    run_engine,
+    two_rank_engine,
+)
 from transformers import Gemma2Config, Gemma3TextConfig
 
 from inferneo import LLM, SamplingParams
@@ -198,26 +206,17 @@ def test_final_softcap_shapes_the_logprobs(tiny_checkpoint_factory, arch):
 
 # ---- tensor parallelism --------------------------------------------------------------------------------------------
 
-TP_ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
-                 num_threads=1)
-
-
 def test_gemma2_tensor_parallel_2_equals_1(tiny_checkpoint_factory):
     """Two ranks over gloo: each holds half the query heads and one kv head, the norms and scaled embeddings
     replicated; greedy tokens equal one rank's, with chunked prefill and a second, prefix-cached round."""
     path = tiny_checkpoint_factory("gemma2", tie_word_embeddings=True)
     prompts = mixed_prompts(6, 300, seed=6, shared_prefix=20)
     expected = run_engine(LLM(str(path), **TP_ENGINE), prompts)
-    llm = LLM(str(path), tensor_parallel_size=2, **TP_ENGINE)
-    try:
+    with two_rank_engine(path) as llm:
         attn = llm.engine.runner.driver.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads, attn.sliding_window) == (2, 1, GEMMA_SLIDING_WINDOW)
-        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
-        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
-    finally:
-        llm.shutdown()
+        assert run_engine(llm, prompts) == expected
+        assert run_engine(llm, prompts) == expected
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------

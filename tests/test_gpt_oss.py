@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from test_hf_parity import hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import hf_greedy, mixed_prompts, run_engine, two_rank_engine
 
 from inferneo import LLM
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
@@ -217,12 +217,8 @@ def test_tensor_parallel_2_matches_hf(tiny_checkpoint_factory, mxfp4):
     path = tiny_checkpoint_factory("gpt_oss", top_k=4, mxfp4=mxfp4)
     prompts = mixed_prompts(4, 300, seed=14, shared_prefix=20)
     expected = [hf_greedy(path, p) for p in prompts]
-    llm = LLM(str(path), tensor_parallel_size=2, dtype="float32", max_model_len=256, kv_cache_memory="32MiB",
-              max_num_batched_tokens=32, num_threads=1)
-    try:
+    with two_rank_engine(path) as llm:
         layer = llm.engine.runner.driver.model.layers[0]
         assert layer.self_attn.sinks.shape == (2,) and layer.self_attn.num_heads == 2
         assert layer.mlp.experts.gate_up_proj.shape[1] == 128  # 2 * (128 / 2)
         assert run_engine(llm, prompts) == expected
-    finally:
-        llm.shutdown()

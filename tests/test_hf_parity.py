@@ -9,7 +9,9 @@ Adding an architecture is one line in :data:`ARCHS`. Hugging Face's tokens are c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,21 @@ def run_engine(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks, "KV blocks leaked"
     assert not llm.engine.has_unfinished_requests()
     return [o.outputs[0].token_ids for o in outputs]
+
+
+# A small engine for the two-rank (gloo) tests: short context and KV pool, small chunks, one thread per rank.
+TP_ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
+                 num_threads=1)
+
+
+@contextlib.contextmanager
+def two_rank_engine(path) -> Iterator[LLM]:
+    """An :data:`TP_ENGINE` engine over two tensor-parallel ranks (gloo on CPU), shut down afterwards."""
+    llm = LLM(str(path), tensor_parallel_size=2, **TP_ENGINE)
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
 
 
 # The preemption variants give the KV cache this many blocks (of 16 tokens): a fraction of what 17 prompts of up to

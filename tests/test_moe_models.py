@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from moe_reference import reference_experts
-from test_hf_parity import mixed_prompts
+from test_hf_parity import TP_ENGINE, mixed_prompts, run_engine, two_rank_engine
 
-from inferneo import LLM, SamplingParams
+from inferneo import LLM
 from inferneo.model_executor.layers.moe import FusedMoE, fused_experts
 from inferneo.model_executor.layers.moe_routing import (
     ROUTING_FUNCTIONS,
@@ -206,22 +206,12 @@ def test_tensor_parallel_2_equals_1(arch, tmp_path):
     """TP=2 over gloo: the experts' intermediate features split, the router replicated, Qwen2-MoE's shared expert
     split like the dense MLP; greedy tokens equal TP=1's."""
     path = make_tiny_checkpoint(tmp_path / arch, arch)
-    engine = dict(dtype="float32", max_model_len=256, kv_cache_memory="32MiB", max_num_batched_tokens=32,
-                  num_threads=1)
     prompts = mixed_prompts(4, 300, seed=5)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-    def ids(llm):
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    expected = ids(LLM(str(path), **engine))
-    llm = LLM(str(path), tensor_parallel_size=2, **engine)
-    try:
+    expected = run_engine(LLM(str(path), **TP_ENGINE), prompts)
+    with two_rank_engine(path) as llm:
         moe = llm.engine.runner.driver.model.layers[0].mlp
         assert moe.experts.gate_up_proj.shape[1] == 32 and moe.all_reduce is not None  # 2 * (32 / 2)
-        assert ids(llm) == expected
-    finally:
-        llm.shutdown()
+        assert run_engine(llm, prompts) == expected
 
 
 def test_missing_expert_weight_is_reported(tiny_checkpoint_factory):

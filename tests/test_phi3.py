@@ -35,19 +35,12 @@ def test_wrong_fused_shape_is_reported(phi3_dir):
 
 def test_tensor_parallel_two_ranks_match_hf(phi3_dir):
     """Two ranks over gloo: each loads its slice of every part of the fused qkv_proj/gate_up_proj tensors."""
-    from test_hf_parity import hf_greedy, mixed_prompts, run_engine
-
-    from inferneo import LLM
+    from test_hf_parity import hf_greedy, mixed_prompts, run_engine, two_rank_engine
 
     prompts = mixed_prompts(6, 300, seed=31, shared_prefix=20)
     expected = [hf_greedy(phi3_dir, p) for p in prompts]
-    llm = LLM(str(phi3_dir), dtype="float32", tensor_parallel_size=2, max_model_len=256, kv_cache_memory="32MiB",
-              max_num_batched_tokens=32, num_threads=1)
-    try:
-        runner = llm.engine.runner
-        attn = runner.driver.model.layers[0].self_attn
-        assert type(runner.driver.model) is Phi3ForCausalLM
-        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+    with two_rank_engine(phi3_dir) as llm:
+        model = llm.engine.runner.driver.model
+        assert type(model) is Phi3ForCausalLM
+        assert (model.layers[0].self_attn.num_heads, model.layers[0].self_attn.num_kv_heads) == (2, 1)
         assert run_engine(llm, prompts) == expected
-    finally:
-        llm.shutdown()
