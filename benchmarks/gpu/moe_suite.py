@@ -44,13 +44,13 @@ from inferneo.model_executor.layers.moe import FusedMoE  # noqa: E402
 FULL = dict(
     qwen3="qwen3-30b-a3b", gptoss="gpt-oss-20b", device="cuda", deadline=540.0,
     w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
-    hf_w1_prompts=64, hf_batch=64, hf_decode_ctx=1024, hf_decode_tokens=16,
+    hf_w1_prompts=64, hf_batch=64, hf_w2_prompts=64, hf_w2_tokens=256, hf_decode_ctx=1024, hf_decode_tokens=16,
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.92),
 )
 SMOKE = dict(
     FULL, qwen3="smoke-qwen3-moe", gptoss="smoke-gpt-oss", device="cpu", deadline=600.0,
     w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3,
-    hf_w1_prompts=2, hf_batch=2, hf_decode_ctx=16, hf_decode_tokens=3,
+    hf_w1_prompts=2, hf_batch=2, hf_w2_prompts=2, hf_w2_tokens=4, hf_decode_ctx=16, hf_decode_tokens=3,
     engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
 )
 
@@ -232,7 +232,23 @@ def hf_decode_step(model, s: Suite, vocab: int) -> dict:
     return {"context": s.cfg["hf_decode_ctx"], "step_ms": (more - first) / n * 1e3}
 
 
-def sec_hf(s: Suite, preset: str, decode: bool) -> dict:
+def hf_workload(model, s: Suite, vocab: int, name: str) -> dict:
+    """HF static ``generate`` on a subset of workload ``name`` (W1: ``hf_w1_prompts`` prompts; W2: ``hf_w2_prompts``
+    prompts and only ``hf_w2_tokens`` of the 1,024 output tokens, the decode rate being what the figure measures),
+    ``hf_batch`` prompts at a time."""
+    n_all, plen, olen = s.cfg[name]
+    n = s.cfg[f"hf_{name}_prompts"]
+    olen = s.cfg.get(f"hf_{name}_tokens", olen)
+    prompts = s.prompts(n, plen, vocab)
+    outputs, seconds = timed(functools.partial(hf_generate, model, prompts, olen, s.cfg["hf_batch"]))
+    tps = sum(len(o) for o in outputs) / seconds
+    s.log(f"{name.upper()} HF generate (batch {s.cfg['hf_batch']}, {n} of {n_all} prompts, {olen} tokens each): "
+          f"{seconds:.1f} s, {tps:.0f} output tok/s")
+    return {"prompts": n, "of": n_all, "output_len": olen, "batch_size": s.cfg["hf_batch"], "seconds": seconds,
+            "output_tok_per_s": tps}
+
+
+def sec_hf(s: Suite, preset: str, decode: bool, workloads: tuple[str, ...] = ("w1",)) -> dict:
     dev = s.cfg["device"]
     model, build_s = timed(lambda: build_hf_model(preset_config(preset), dev, torch.bfloat16))
     vocab = model.config.vocab_size
@@ -245,16 +261,9 @@ def sec_hf(s: Suite, preset: str, decode: bool) -> dict:
             out["decode_b1"] = hf_decode_step(model, s, vocab)
             s.log(f"HF batch-1 decode step at context {out['decode_b1']['context']}: "
                   f"{out['decode_b1']['step_ms']:.1f} ms")
-        n_all, plen, olen = s.cfg["w1"]
-        n = s.cfg["hf_w1_prompts"]
-        if s.left() > 30:
-            prompts = s.prompts(n, plen, vocab)
-            outputs, seconds = timed(functools.partial(hf_generate, model, prompts, olen, s.cfg["hf_batch"]))
-            tps = sum(len(o) for o in outputs) / seconds
-            out["w1_static"] = {"prompts": n, "of": n_all, "batch_size": s.cfg["hf_batch"], "seconds": seconds,
-                                "output_tok_per_s": tps}
-            s.log(f"W1 HF generate (batch {s.cfg['hf_batch']}, {n} of {n_all} prompts): {seconds:.1f} s, "
-                  f"{tps:.0f} output tok/s")
+        for name in workloads:
+            if s.left() > 30:
+                out[f"{name}_static"] = hf_workload(model, s, vocab, name)
     finally:
         del model
         free_memory()
@@ -274,8 +283,10 @@ def summarize(s: Suite) -> None:
             lines.append(f"{key} W1: {ours:.0f} tok/s, HF {hf or 0:.0f}, x{ratio or 0:.1f} (need >= x10): "
                          f"{'PASS' if ok else 'FAIL'}")
     w2 = (sec.get("qwen3") or {}).get("w2", {}).get("output_tok_per_s")
+    hf_w2 = (sec.get("hf_qwen3") or {}).get("w2_static", {}).get("output_tok_per_s")
     if w2:
-        lines.append(f"qwen3 W2: {w2:.0f} tok/s")
+        checks["qwen3_w2"] = {"inferneo_tok_per_s": w2, "hf_tok_per_s": hf_w2, "x_hf": w2 / hf_w2 if hf_w2 else None}
+        lines.append(f"qwen3 W2: {w2:.0f} tok/s" + (f", HF {hf_w2:.0f}, x{w2 / hf_w2:.1f}" if hf_w2 else ""))
     best: dict[int, dict] = {}
     for row in ((sec.get("qwen3") or {}).get("decode") or {}).get("rows", []):
         if row["batch"] not in best or row["step_ms"] < best[row["batch"]]["step_ms"]:
@@ -313,6 +324,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
     parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole run (default: 540)")
+    parser.add_argument("--w2-only", action="store_true",
+                        help="Qwen3-30B-A3B's W2 alone, Inferneo and HF (no decode steps, no W1, no gpt-oss)")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptoss,hf_gptoss)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -330,8 +343,11 @@ def main() -> int:
         s.log("ceilings unavailable: using nominal 4.0 TB/s, 700 TFLOP/s")
     qwen3, gptoss = cfg["qwen3"], cfg["gptoss"]
     has_gptoss = gptoss in arch_presets.PRESETS
-    plan = [("qwen3", lambda: sec_inferneo(s, qwen3, ("w1", "w2"), decode=True), 150),
-            ("hf_qwen3", lambda: sec_hf(s, qwen3, decode=True), 60),
+    if args.w2_only:
+        skip |= {"gptoss", "hf_gptoss"}
+    ours, theirs = (("w2",), ("w2",)) if args.w2_only else (("w1", "w2"), ("w1",))
+    plan = [("qwen3", lambda: sec_inferneo(s, qwen3, ours, decode=not args.w2_only), 150),
+            ("hf_qwen3", lambda: sec_hf(s, qwen3, decode=not args.w2_only, workloads=theirs), 60),
             ("gptoss", lambda: sec_inferneo(s, gptoss, ("w1",), decode=False), 80),
             ("hf_gptoss", lambda: sec_hf(s, gptoss, decode=False), 40)]
     for name, run, min_left in plan:
