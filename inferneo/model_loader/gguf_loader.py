@@ -32,12 +32,15 @@ GGUF_ARCHITECTURES = {
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 _GEMMA_ARCHITECTURES = {"gemma2", "gemma3"}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # llama.cpp's converter interleaves the rotary halves of q/k for these architectures
 _PERMUTED_ARCHITECTURES = {"llama"}
-_SKIPPED_TENSORS = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
+# folded into config["rope_scaling"]: Llama 3's divisors, Phi-3's LongRoPE factors
+_LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+_SKIPPED_TENSORS = {"rope_freqs.weight", *_LONGROPE_TENSORS}
 # Whether the top-k router weights are renormalised, when the file has no expert_weights_norm key: llama.cpp's
 # default for each architecture (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not).
 _DEFAULT_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
@@ -83,16 +86,20 @@ _GEMMA_BLOCK_NAMES = {
 # whose attention scale is ``hidden_size / num_heads`` rather than the head size.
 _GEMMA_SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Phi-3 keeps its checkpoint's fused tensors: attn_qkv rows [q; k; v], ffn_up rows [gate; up].
+_PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def gguf_hf_name(name: str, moe_block: str = "mlp", arch: str = "llama") -> str:
     """The Hugging Face parameter name for a llama.cpp tensor name (``blk.0.attn_q.weight`` -> ...q_proj.weight)
-    in a file of architecture ``arch`` (Gemma names its four norms per layer its own way).
+    in a file of architecture ``arch`` (Gemma names its four norms per layer its own way, Phi-3 keeps fused
+    ``attn_qkv`` and ``ffn_up`` tensors).
 
     ``moe_block`` is where the model keeps its router (``ffn_gate_inp``): ``mlp`` (Qwen-MoE) or
     ``block_sparse_moe`` (Mixtral). Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
-    block_names = _GEMMA_BLOCK_NAMES if arch in _GEMMA_ARCHITECTURES else _BLOCK_NAMES
+    block_names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
         if part == _ROUTER:
@@ -187,6 +194,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
         config.update(_moe_config(header, arch, model_type))
     if arch in _GEMMA_ARCHITECTURES:
         config.update(_gemma_config(meta, arch, config))
+    if arch == "phi3":
+        config.update(_phi3_config(header, config))
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -246,6 +255,47 @@ def _gemma_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> di
     if arch == "gemma3":
         values["rope_local_base_freq"] = 10000.0
     return values
+
+
+def _phi3_config(header: GGUFHeader, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's window (0: none), its top-level original context length and LongRoPE, which llama.cpp's converter
+    writes as the ``rope_factors_long``/``rope_factors_short`` tensors plus ``rope.scaling.attn_factor``.
+    Partial rotary embeddings (``rope.dimension_count`` below the head size) are refused."""
+    meta = header.metadata
+    rotary = meta.get("phi3.rope.dimension_count")
+    if rotary is not None and int(rotary) != config["head_dim"]:
+        raise ValueError(f"{header.path}: phi3.rope.dimension_count {rotary} is not the head size "
+                         f"{config['head_dim']}; only Phi-3 with full rotary embeddings is supported")
+    max_position = config["max_position_embeddings"]
+    original = int(meta.get("phi3.rope.scaling.original_context_length") or max_position)
+    values: dict[str, Any] = {"sliding_window": int(meta.get("phi3.attention.sliding_window") or 0) or None,
+                              "original_max_position_embeddings": original}
+    long, short = (_f32_tensor(header, name) for name in _LONGROPE_TENSORS)
+    if long is None and short is None:
+        return values
+    if long is None or short is None or len(long) != len(short) or 2 * len(long) != config["head_dim"]:
+        raise ValueError(f"{header.path}: LongRoPE needs rope_factors_long and rope_factors_short of "
+                         f"{config['head_dim'] // 2} values each")
+    scaling: dict[str, Any] = {"rope_type": "longrope", "long_factor": long.tolist(), "short_factor": short.tolist(),
+                               "original_max_position_embeddings": original, "partial_rotary_factor": 1.0}
+    attn_factor = meta.get("phi3.rope.scaling.attn_factor")
+    factor = max_position / original
+    default = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    if attn_factor is not None and not math.isclose(float(attn_factor), default, rel_tol=1e-6):
+        scaling["attention_factor"] = float(attn_factor)  # not the one Hugging Face derives (e.g. "yarn")
+    values["rope_scaling"] = scaling
+    return values
+
+
+def _f32_tensor(header: GGUFHeader, name: str) -> np.ndarray | None:
+    """A small F32 tensor's values (float64), read straight from the file; None when the file lacks it."""
+    info = header.tensor(name)
+    if info is None:
+        return None
+    if info.type_name != "F32":
+        raise ValueError(f"{header.path}: {name} is {info.type_name}; F32 was expected")
+    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+    return np.array(raw.view(np.float32), dtype=np.float64)
 
 
 def gguf_generation_config(path: Path) -> dict[str, Any]:
@@ -314,13 +364,9 @@ def _rope_scaling(header: GGUFHeader, arch: str, head_dim: int, theta: float) ->
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
-    freqs = header.tensor("rope_freqs.weight")
-    if freqs is None:
+    factors = _f32_tensor(header, "rope_freqs.weight")
+    if factors is None:
         return None
-    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=freqs.offset, shape=(freqs.nbytes,))
-    if freqs.type_name != "F32":
-        raise ValueError(f"{header.path}: rope_freqs.weight is {freqs.type_name}; F32 was expected")
-    factors = np.array(raw.view(np.float32), dtype=np.float64)
     return llama3_rope_scaling(factors, head_dim, theta, int(original) if original else None)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,7 +339,8 @@ def write_mxfp4_experts(path: Path) -> None:
 
 # model_type -> llama.cpp's general.architecture
 _GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                       "phi3": "phi3"}
 # HF expert projection -> llama.cpp's stacked tensor (Mixtral's w1/w3/w2 and Qwen-MoE's names)
 _STACKED_EXPERTS = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps", "up_proj": "ffn_up_exps",
                     "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
@@ -348,8 +350,9 @@ _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp k
 
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
-    into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, tokenizer in
-    metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
+    into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
+    tensors kept as ``attn_qkv``/``ffn_up`` with LongRoPE as ``rope_factors_long``/``rope_factors_short``,
+    tokenizer in metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
     llama.cpp's Gemma files cannot say otherwise.
 
     ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
@@ -372,6 +375,8 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     head_dim = _write_hparams(writer, config)
     if gemma:
         _write_gemma_hparams(writer, arch, config)
+    if arch == "phi3":
+        _write_phi3_hparams(writer, config, head_dim)
     _write_tokenizer(writer, hf_dir, config)
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
@@ -401,7 +406,7 @@ def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[t
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     gemma = arch in GEMMA_ARCHITECTURES
-    names = _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
+    names = _GEMMA_GGUF_NAMES if gemma else _PHI3_GGUF_NAMES if arch == "phi3" else _GGUF_NAMES
     for name, tensor in iter_hf_weights(hf_dir):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
@@ -497,6 +502,9 @@ _GEMMA_GGUF_NAMES = {
 }
 
 
+_PHI3_GGUF_NAMES = {**_GGUF_NAMES, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
 def _gguf_name(hf_name: str, names: dict[str, str]) -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem.startswith("model.layers."):
@@ -545,3 +553,21 @@ def _llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) -
     factors = np.where(wavelen < original / high, 1.0,
                        np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
     return factors.astype(np.float32)
+
+
+def _write_phi3_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], head_dim: int) -> None:
+    """Phi-3's original context length and window (0: none), and LongRoPE's factors as llama.cpp's converter writes
+    them: two F32 tensors and the attention factor it derives from ``max / original`` positions."""
+    original = config.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    writer.add_rope_scaling_orig_ctx_len(int(original))
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") not in ("longrope", "su"):
+        return
+    long, short = (np.asarray(scaling[key], dtype=np.float32) for key in ("long_factor", "short_factor"))
+    if not len(long) == len(short) == head_dim // 2:
+        raise ValueError(f"LongRoPE factors must have {head_dim // 2} values each")
+    factor = config["max_position_embeddings"] / original
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+    writer.add_tensor("rope_factors_long.weight", long)
+    writer.add_tensor("rope_factors_short.weight", short)
