@@ -42,6 +42,8 @@ _DTYPES = {
 }
 SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATIONS = ("fp8", "awq", "gptq", "compressed-tensors", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def parse_memory_size(value: str | int | None) -> int | None:
@@ -128,6 +130,13 @@ class EngineConfig:
     device: str = option("auto", str, "auto, cpu or cuda[:N]")
     load_format: str = option("auto", str, "how to read the weights; dummy: random weights from the config",
                               choices=LOAD_FORMATS)
+    quantization: str | None = option(
+        None, str, "weight quantization: a quantized checkpoint's own format is used without this flag (which, "
+        "given, must match it); fp8 quantizes a full-precision model's linear layers at load",
+        choices=QUANTIZATIONS)
+    kv_cache_dtype: str = option(
+        "auto", str, "KV cache element type: auto (the model dtype) or fp8 (e4m3 with scales: twice the tokens)",
+        choices=KV_CACHE_DTYPES)
     max_model_len: int | None = option(None, int, "context length (default: the model's)")
     block_size: int = option(16, int, "tokens per KV cache block")
     kv_cache_memory: int | None = option(
@@ -172,6 +181,11 @@ class EngineConfig:
                 raise ValueError(f"device {self.device!r} was asked for but CUDA is not available on this machine")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"

@@ -42,7 +42,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
 
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager,
-                         max_num_seqs=config.max_num_seqs, kernels=config.kernels)
+                         max_num_seqs=config.max_num_seqs, kernels=config.kernels,
+                         quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
     runner: Runner
     if config.tensor_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner

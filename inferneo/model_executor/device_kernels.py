@@ -265,7 +265,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         use_decode_linears(model, gemv)
         if gemv is not None and gemv.silu:
             _swap_children(model, lambda m: _adopt(GemvSiluMLP, m, gemv=gemv)
-                           if type(m) is MLP and m.gate_up_proj.bias is None else None)
+                           if type(m) is MLP and isinstance(m.gate_up_proj, nn.Linear)  # not a quantized layer
+                           and m.gate_up_proj.bias is None else None)
 
     if tp is not None:
         fuse_peer_norms(model, tp)

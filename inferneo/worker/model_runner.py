@@ -29,6 +29,13 @@ from inferneo.model_executor.device_kernels import use_device_kernels
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
+from inferneo.quantization import (
+    finalize_quantized_linears,
+    quantize_linears,
+    quantized_linears,
+    resolve_quant_config,
+)
+from inferneo.quantization.base import is_quantized_parameter
 from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
@@ -143,6 +150,8 @@ class ModelRunner(Runner):
         max_num_seqs: int = 256,
         tp_group: TensorParallelGroup | None = None,
         kernels: KernelConfig | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.device = device
         self.kernels = kernels or KernelConfig.from_env()
@@ -161,6 +170,16 @@ class ModelRunner(Runner):
         else:
             self.backend = get_attention_backend(attention_backend, device, self.kernels)
         self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
+        # The weights' format: the checkpoint's quantization_config, or --quantization (None: full precision).
+        self.quant_config = resolve_quant_config(hf_config, quantization)
+        if self.quant_config is not None:
+            if self.tp.world_size > 1:
+                raise ValueError(f"quantization ({self.quant_config.name}) with tensor_parallel_size "
+                                 f"{self.tp.world_size} is not supported yet; run it on one rank")
+            self.quant_config.check_supported(device, dtype)
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported yet; supported: auto")
+        self.kv_cache_dtype = kv_cache_dtype
         if self.tp.peer is not None:  # every rank holds the same switches, so all take the same path
             if self.kernels.peer_all_reduce:
                 self.tp.peer.use_kernels(self.kernels, device)
@@ -178,6 +197,9 @@ class ModelRunner(Runner):
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         self.model.cast(dtype)
+        if self.quant_config is not None:
+            count = quantize_linears(self.model, self.quant_config, dtype, device)
+            logger.info("quantization %s: %d linear layers", self.quant_config.describe(), count)
         # Key/value heads this rank holds (all of them without tensor parallelism).
         self.num_kv_heads = self.model.num_kv_heads
         # What each layer keeps in the KV cache (layers may differ: latent attention keeps a compressed latent).
@@ -202,6 +224,8 @@ class ModelRunner(Runner):
     def load_weights(self, weights) -> None:
         """Copy checkpoint weights (Hugging Face names) into the model."""
         start = time.perf_counter()
+        if self.quant_config is not None:
+            weights = self.quant_config.prepare_weights(weights)
         self.model.load_weights(weights)
         logger.info("loaded weights in %.1f s", time.perf_counter() - start)
 
@@ -209,7 +233,11 @@ class ModelRunner(Runner):
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights from the config alone (for benchmarks of real architectures), drawn on the device."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        for layer in quantized_linears(self.model):
+            layer.method.init_dummy(layer, gen)
         for name, param in self.model.named_parameters():
+            if is_quantized_parameter(param):
+                continue
             if "norm" in name:
                 param.data.fill_(1.0)
             else:
@@ -219,6 +247,7 @@ class ModelRunner(Runner):
         """Put the device's kernels in place once the weights are final (``device_kernels.use_device_kernels``):
         native CPU kernels and packed linears on CPU, Triton kernels and the GEMV on CUDA, the fused all-reduce +
         norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once."""
+        finalize_quantized_linears(self.model, self.kernels)
         use_device_kernels(self.model, self.device, self.kernels, self.tp)
 
     @property

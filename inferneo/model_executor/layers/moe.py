@@ -168,6 +168,7 @@ class FusedMoE(nn.Module):
         self.router = router
         self.expert_kernel: ExpertKernel = fused_experts
         self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
+        self.gate.quantizable = False  # routers stay in the model dtype under every quantization format
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -176,6 +177,8 @@ class FusedMoE(nn.Module):
             self.experts.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        if self.shared_expert_gate is not None:
+            self.shared_expert_gate.quantizable = False
 
     def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the routed experts' outputs for ``x`` ``[T, H]`` (no shared expert)."""

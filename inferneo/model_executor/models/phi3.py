@@ -51,6 +51,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         if fused is None:
             return set()
         param = _lookup(params, name, name)
+        if getattr(param, "quantized", False):  # a format's tensor: its loader takes the fused tensor whole
+            param.weight_loader(param, tensor, None)
+            return {f"{name}#{index}" for index in range(len(self._shard_sizes(fused, param)))}
         # the full (unsharded) sizes: a tensor-parallel parameter holds only this rank's rows
         sizes = (self._shard_sizes(fused, param) if fused == "qkv_proj"
                  else [self.config.intermediate_size] * 2)
