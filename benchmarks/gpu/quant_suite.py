@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Quantized weights on one GPU: FP8 W8A8 and W4A16 beside bf16, and gpt-fast beside them, in one run (issue 20).
+
+The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn directly in each format:
+
+  1. ceilings: device copy bandwidth and bf16 matmul rate;
+  2. ``bf16``, ``fp8`` (``quantization="fp8"``: per-channel FP8 weights, per-token dynamic FP8 activations) and
+     ``w4a16`` (a copy of the preset whose ``config.json`` says AWQ, 4-bit, group 128): for each, the decode step
+     at batch 1 and 32 (1024 tokens of context, CUDA graphs), then W1 (256 x 1024 -> 128) and W2
+     (256 x 128 -> 1024) output tok/s; and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
+     capacity and the batch-32 step);
+  3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, carried with
+     the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
+     decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
+
+Writes ``quant_suite.json`` and ``quant_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs the engine
+sections with a tiny model on CPU (the numbers mean nothing; it checks the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
+
+import torch  # noqa: E402
+from floors import sync, timed  # noqa: E402
+from h100_suite import Suite, free_memory, sec_ceilings, sec_inferneo_workload, step_latency  # noqa: E402
+
+from inferneo import LLM  # noqa: E402
+from inferneo.model_executor import arch_presets  # noqa: E402
+from inferneo.model_executor.arch_presets import MARKER_FILE, materialize_preset, preset_config  # noqa: E402
+
+FULL = dict(
+    preset="llama-2-7b", device="cuda", deadline=560.0,
+    w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
+    engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9),
+    gptfast_ctx=1024, gptfast_tokens=(8, 72),
+)
+SMOKE = dict(
+    FULL, preset="smoke-llama", device="cpu", deadline=400.0,
+    w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3,
+    engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
+)
+SMOKE_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512)
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def model_folder(s: Suite, quantization_config: dict | None) -> str:
+    """The preset's folder (a copy with ``quantization_config`` added when given; the tiny smoke model on CPU)."""
+    preset = s.cfg["preset"]
+    folder = materialize_preset(preset, Path(s.out_dir) / "models" / ("awq" if quantization_config else "plain"))
+    config = preset_config(preset)
+    if quantization_config:
+        config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    assert (folder / MARKER_FILE).is_file()
+    return str(folder)
+
+
+def build(s: Suite, label: str, **kw) -> tuple[LLM, dict]:
+    awq = kw.pop("awq", False)
+    engine_kw = dict(s.cfg["engine"], **kw)
+    model = model_folder(s, AWQ_CONFIG if awq else None)
+    llm, seconds = timed(lambda: LLM(model, load_format="dummy", dtype="bfloat16", device=s.cfg["device"],
+                                     **engine_kw))
+    eng = llm.engine
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*eng.runner.model.parameters(),
+                                                               *eng.runner.model.buffers()))
+    kinds = sorted({type(m).__name__ for m in eng.runner.model.modules()})
+    s.log(f"{label}: engine ready in {seconds:.1f} s, weights {weight_bytes / 2**30:.2f} GiB, KV "
+          f"{eng.kv_capacity_tokens} tokens, backend {eng.runner.backend.name}; modules: {', '.join(kinds)}")
+    return llm, {"build_s": seconds, "weight_gib": weight_bytes / 2**30, "kv_tokens": eng.kv_capacity_tokens,
+                 "modules": kinds, **{k: v for k, v in engine_kw.items() if k != "engine"}}
+
+
+def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
+                batches: tuple[int, ...] | None = None, **kw) -> dict:
+    llm, info = build(s, label, **kw)
+    out: dict = {"engine": info, "decode": []}
+    try:
+        step_latency(llm, s, 2, 32, 2)  # warm-up
+        for batch in batches or s.cfg["decode_batches"]:
+            row = step_latency(llm, s, batch, s.cfg["decode_ctx"], s.cfg["decode_steps"])
+            out["decode"].append(row)
+            s.log(f"{label} decode batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f}: "
+                  f"{row['step_ms']:.2f} ms/step")
+        s.write()
+        for name in workloads:
+            if s.left() < 45:
+                out[name] = {"status": f"skipped ({s.left():.0f} s left)"}
+                continue
+            out[name] = sec_inferneo_workload(s, llm, name)
+            s.write()
+    finally:
+        llm.shutdown()
+        del llm
+        free_memory()
+    return out
+
+
+# ---- gpt-fast --------------------------------------------------------------------------------------------------
+
+
+def _gptfast_step_ms(s: Suite, int8: bool) -> float:
+    """gpt-fast's batch-1 decode step: (time for the long run - time for the short run) / extra tokens."""
+    sys.path.insert(0, str(HERE.parents[1] / "scratch" / "gpt-fast"))
+    import generate as gf  # gpt-fast's module, carried in scratch/
+    from model import ModelArgs, Transformer
+    from quantize import WeightOnlyInt8QuantHandler
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(ModelArgs.from_name("7B"))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model = model.to(torch.bfloat16)
+    if int8:
+        handler = WeightOnlyInt8QuantHandler(model)
+        state = handler.create_quantized_state_dict()
+        model = handler.convert_for_runtime()
+        model.load_state_dict(state, assign=True)
+        model = model.cuda()
+    model.eval()
+    with torch.device("cuda"):
+        model.setup_caches(max_batch_size=1, max_seq_length=2048)
+    gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    ctx = s.cfg["gptfast_ctx"]
+    prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
+
+    def run(n: int) -> float:
+        pos = torch.arange(ctx, device="cuda")
+        with torch.no_grad():
+            first = gf.prefill(model, prompt, pos, temperature=0.0)
+            sync()
+            start = time.perf_counter()
+            gf.decode_n_tokens(model, first.view(1, -1), torch.tensor([ctx], device="cuda"), n, temperature=0.0)
+            sync()
+        return time.perf_counter() - start
+
+    short, long = s.cfg["gptfast_tokens"]
+    run(short)  # compile and warm up
+    run(long)
+    times = {n: min(run(n) for _ in range(2)) for n in (short, long)}
+    model.cpu()
+    free_memory()
+    return (times[long] - times[short]) / (long - short) * 1e3
+
+
+def sec_gptfast(s: Suite) -> dict:
+    out = {}
+    for label, int8 in (("int8", True), ("bf16", False)):
+        if s.left() < 150:
+            out[label] = {"status": f"skipped ({s.left():.0f} s left)"}
+            continue
+        out[label] = {"step_ms": _gptfast_step_ms(s, int8), "context": s.cfg["gptfast_ctx"] + 40}
+        s.log(f"gpt-fast {label} batch-1 decode step: {out[label]['step_ms']:.2f} ms")
+        s.write()
+    return out
+
+
+# ---- summary -----------------------------------------------------------------------------------------------
+
+
+def summarize(s: Suite) -> None:
+    r = s.results.get("sections", {})
+
+    def step(label: str, batch: int) -> float | None:
+        rows = (r.get(label) or {}).get("decode") or []
+        return next((row["step_ms"] for row in rows if row["batch"] == batch), None)
+
+    def tps(label: str, name: str) -> float | None:
+        return ((r.get(label) or {}).get(name) or {}).get("output_tok_per_s")
+
+    lines, checks = [], {}
+    for name in ("w1", "w2"):
+        base, fp8 = tps("bf16", name), tps("fp8", name)
+        if base and fp8:
+            checks[f"fp8_{name}"] = {"ratio": fp8 / base, "need": ">= 1.4", "pass": fp8 / base >= 1.4}
+    for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6)):
+        base, ours = step("bf16", batch), step(label, batch)
+        if base and ours:
+            checks[f"{label}_b{batch}"] = {"ratio": ours / base, "need": f"<= {need}", "pass": ours / base <= need}
+    gptfast = ((r.get("gptfast") or {}).get("int8") or {}).get("step_ms")
+    fp8_b1 = step("fp8", 1)
+    if gptfast and fp8_b1:
+        checks["fp8_vs_gptfast_int8"] = {"speedup": gptfast / fp8_b1, "need": ">= 1.5", "pass": gptfast / fp8_b1 >= 1.5}
+    for key, c in checks.items():
+        value = c.get("ratio", c.get("speedup"))
+        lines.append(f"{key}: {value:.2f} (need {c['need']}): {'PASS' if c['pass'] else 'FAIL'}")
+    s.results["checks"] = checks
+    s.log("=" * 100)
+    for line in lines:
+        s.log("  " + line)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script")
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.deadline:
+        cfg["deadline"] = args.deadline
+    s = Suite(Path(args.out), cfg, name="quant_suite")
+    if args.smoke:
+        arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
+    sections = s.results["sections"]
+    s.section("ceilings", lambda: sec_ceilings(s))
+    plan = [
+        ("bf16", lambda: sec_variant(s, "bf16"), 120),
+        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 100),
+        ("w4a16", lambda: sec_variant(s, "w4a16", awq=True), 100),
+        ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
+        ("gptfast", lambda: sec_gptfast(s), 150),
+    ]
+    for name, run, min_left in plan:
+        if name in skip or (name == "gptfast" and cfg["device"] != "cuda"):
+            continue
+        if s.left() < min_left:
+            s.log(f"-- {name}: skipped ({s.left():.0f} s left)")
+            sections[name] = {"status": "skipped"}
+            continue
+        s.section(name, run)
+    summarize(s)
+    print(f"results: {s.write()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
