@@ -7,19 +7,17 @@ checkpoint's names, the engine config equals the checkpoint's, and greedy tokens
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from test_gguf_moe import _dequantized_hf_copy
+from test_gguf_moe import _dequantized_hf_copy, assert_exact_round_trip
 from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 
 from inferneo import LLM
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
 from inferneo.model_loader.gguf_file import read_gguf_header
 from inferneo.model_loader.gguf_loader import gguf_config
@@ -85,16 +83,8 @@ def test_file_uses_llama_cpp_names_and_hparams(deepseek_dir, tmp_path):
 def test_f32_round_trip_is_exact(deepseek_dir, legacy_mla, tmp_path):
     source = resolve_model(_gguf(deepseek_dir, tmp_path, "F32", legacy_mla))
     assert any(t.name == "blk.0.attn_kv_b.weight" for t in read_gguf_header(source.path).tensors) == legacy_mla
-    expected, loaded = dict(iter_weights(resolve_model(deepseek_dir))), dict(iter_weights(source))
-    assert loaded.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(loaded[name], tensor), name
-    hf, from_gguf = load_hf_config(resolve_model(deepseek_dir)), load_hf_config(source)
-    model_class = MODEL_CLASS[hf["model_type"]]
-    assert get_model_class(from_gguf) is get_model_class(hf) is model_class
-    ours, theirs = model_class.config_from_hf(from_gguf), model_class.config_from_hf(hf)
-    assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)  # a float32 in GGUF
-    assert dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps) == theirs
+    model_class, _ = assert_exact_round_trip(deepseek_dir, source.path)
+    assert model_class is MODEL_CLASS[load_hf_config(resolve_model(deepseek_dir))["model_type"]]
 
 
 def test_f32_gguf_matches_hf(deepseek_dir, tmp_path):

@@ -7,7 +7,6 @@ weights the file holds)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_gguf_moe import _dequantized_hf_copy
+from test_gguf_moe import _dequantized_hf_copy, assert_exact_round_trip
 from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 
 from inferneo import LLM
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
-from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.mxfp4 import dequantize_mxfp4
 from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
 from inferneo.model_loader.gguf_families import family_hf_tensors, join_split_tensors
@@ -64,16 +62,8 @@ def test_file_uses_llama_cpp_names_and_hparams(gpt_oss_dir, tmp_path):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_f32_round_trip_is_exact(variant, tiny_checkpoint_factory, tmp_path):
     hf_dir = tiny_checkpoint_factory("gpt_oss", top_k=4, **VARIANTS[variant])
-    source = resolve_model(_gguf(hf_dir, tmp_path, "F32"))
-    expected, loaded = dict(iter_weights(resolve_model(hf_dir))), dict(iter_weights(source))
-    assert loaded.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(loaded[name], tensor), name
-    hf, from_gguf = load_hf_config(resolve_model(hf_dir)), load_hf_config(source)
-    assert get_model_class(from_gguf) is get_model_class(hf) is GptOssForCausalLM
-    ours, theirs = GptOssForCausalLM.config_from_hf(from_gguf), GptOssForCausalLM.config_from_hf(hf)
-    assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)  # a float32 in GGUF
-    assert dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps) == theirs
+    model_class, ours = assert_exact_round_trip(hf_dir, _gguf(hf_dir, tmp_path, "F32"))
+    assert model_class is GptOssForCausalLM
     assert ours.layer_types == ("sliding_attention", "full_attention")
     if variant == "yarn":
         assert ours.rope_scaling["rope_type"] == "yarn" and ours.rope_scaling["truncate"] is False
