@@ -81,10 +81,24 @@ def test_file_uses_llama_cpp_names_and_hparams(deepseek_dir, tmp_path):
 
 @pytest.mark.parametrize("legacy_mla", [False, True], ids=["split-kv_b", "attn_kv_b"])
 def test_f32_round_trip_is_exact(deepseek_dir, legacy_mla, tmp_path):
+    """Both layouts of ``kv_b_proj`` give the checkpoint's weights and config."""
     source = resolve_model(_gguf(deepseek_dir, tmp_path, "F32", legacy_mla))
     assert any(t.name == "blk.0.attn_kv_b.weight" for t in read_gguf_header(source.path).tensors) == legacy_mla
     model_class, _ = assert_exact_round_trip(deepseek_dir, source.path)
     assert model_class is MODEL_CLASS[load_hf_config(resolve_model(deepseek_dir))["model_type"]]
+
+
+# DeepSeek-V3's own yarn: factor 40 over 4096 positions, mscale = mscale_all_dim (llama.cpp keeps only the latter)
+_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def test_yarn_round_trip(tiny_checkpoint_factory, tmp_path):
+    hf_dir = tiny_checkpoint_factory("deepseek_v3", rope_scaling=_YARN, max_position_embeddings=163840)
+    gguf_file = _gguf(hf_dir, tmp_path, "F32")
+    assert read_gguf_header(gguf_file).metadata["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1)
+    _, config = assert_exact_round_trip(hf_dir, gguf_file)
+    assert config.rope_scaling["rope_type"] == "yarn" and config.rope_scaling["mscale_all_dim"] == 1.0
 
 
 def test_f32_gguf_matches_hf(deepseek_dir, tmp_path):

@@ -126,22 +126,27 @@ def _gpt_oss_config(header: GGUFHeader, config: dict[str, Any]) -> dict[str, Any
     yarn as gpt-oss's own config states it (``truncate`` off) where the file has yarn, else plain rope (gpt-oss's
     config would otherwise default to yarn)."""
     meta, num_layers = header.metadata, config["num_hidden_layers"]
-    window = meta.get(_key(Keys.Attention.SLIDING_WINDOW, GPT_OSS))
     values: dict[str, Any] = {
         "num_local_experts": int(_required(header, Keys.LLM.EXPERT_COUNT, GPT_OSS)),
         "num_experts_per_tok": int(_required(header, Keys.LLM.EXPERT_USED_COUNT, GPT_OSS)),
         "intermediate_size": int(meta.get(_key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, GPT_OSS),
                                           config["intermediate_size"])),
-        "sliding_window": int(window) if window else None,
+        "sliding_window": int(_required(header, Keys.Attention.SLIDING_WINDOW, GPT_OSS)),
         "layer_types": sliding_layer_types(meta, GPT_OSS, num_layers, _GPT_OSS_SLIDING_PERIOD),
-        "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
     }
     scaling = config.get("rope_scaling")
     if scaling and scaling["rope_type"] == "yarn":
-        values["rope_scaling"] = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False, **scaling}
+        values["rope_scaling"] = {**scaling, **_yarn_betas(meta, GPT_OSS), "truncate": False}
     elif scaling is None:
         values["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
     return values
+
+
+def _yarn_betas(meta: Any, arch: str) -> dict[str, float]:
+    """yarn's correction range: the file's ``rope.scaling.yarn_beta_fast``/``_slow``, else 32 and 1 (the value
+    both models' configs use)."""
+    return {"beta_fast": float(meta.get(_key(Keys.Rope.SCALING_YARN_BETA_FAST, arch), 32.0)),
+            "beta_slow": float(meta.get(_key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch), 1.0))}
 
 
 def sliding_layer_types(meta: Any, arch: str, num_layers: int, period: int) -> list[str]:
@@ -209,10 +214,11 @@ def _deepseek_config(header: GGUFHeader, config: dict[str, Any]) -> dict[str, An
     if v3:
         values["rope_interleave"] = True  # the converter keeps DeepSeek's interleaved rope rows as they are
     if (scaling := config.get("rope_scaling")) and scaling["rope_type"] == "yarn":
+        values["rope_scaling"] = {**scaling, **_yarn_betas(meta, DEEPSEEK2)}
         log_mul = meta.get(_key(Keys.Rope.SCALING_YARN_LOG_MUL, DEEPSEEK2))
-        if log_mul:  # llama.cpp's converter writes 0.1 * mscale_all_dim; DeepSeek's mscale equals it
-            mscale = float(log_mul) / 0.1
-            values["rope_scaling"] = {**scaling, "mscale": mscale, "mscale_all_dim": mscale}
+        if log_mul:  # llama.cpp's converter writes 0.1 * mscale_all_dim (a float32); DeepSeek's mscale equals it
+            mscale = round(float(log_mul) / 0.1, 6)
+            values["rope_scaling"].update(mscale=mscale, mscale_all_dim=mscale)
     return values
 
 

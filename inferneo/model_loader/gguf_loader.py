@@ -4,7 +4,7 @@ Gemma 2 and Gemma 3 files follow llama.cpp's converter: norm weights stored as `
 here), no LM head (tied), the window in ``attention.sliding_window`` and the soft caps in ``*_logit_softcapping``.
 What the file does not say is taken as llama.cpp takes it: sliding layers every other one (Gemma 2) or five in six
 (Gemma 3), Gemma 3's local rotary base 10000, and the attention scale from the head size except at 27B, where it
-is ``hidden_size / num_heads``.
+is ``hidden_size / num_heads``. gpt-oss and DeepSeek-V2/V3 files are described in :mod:`.gguf_families`.
 """
 
 from __future__ import annotations
@@ -330,8 +330,9 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation (Llama) or its
-    shift of the norm weights by 1 (Gemma) undone and stacked expert tensors split into one tensor per expert
-    (Mixtral's or Qwen-MoE's names)."""
+    shift of the norm weights by 1 (Gemma) undone, the tensors it splits in two joined (gpt-oss's gate/up experts,
+    DeepSeek's ``kv_b_proj``) and stacked expert tensors split into one tensor per expert (Mixtral's, Qwen-MoE's or
+    DeepSeek's names) or, for gpt-oss, laid out as its checkpoint stacks them."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
