@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,18 +60,26 @@ def test_file_uses_llama_cpp_names_and_hparams(moe_dir, tmp_path):
         assert not shared & names.keys()
 
 
-def test_f32_round_trip_is_exact(moe_dir, tmp_path):
-    source = resolve_model(_gguf(moe_dir, tmp_path, "F32"))
-    expected, loaded = dict(iter_weights(resolve_model(moe_dir))), dict(iter_weights(source))
+def assert_exact_round_trip(hf_dir: Path, gguf_file: Path) -> tuple[type, Any]:
+    """The file's weights equal the checkpoint's bit for bit under the same names, and its config gives the same
+    model class and engine config (``rms_norm_eps`` up to its float32 rounding in GGUF). Returns the model class
+    and the engine config built from the file."""
+    source = resolve_model(gguf_file)
+    expected, loaded = dict(iter_weights(resolve_model(hf_dir))), dict(iter_weights(source))
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
-    hf, from_gguf = load_hf_config(resolve_model(moe_dir)), load_hf_config(source)
+    hf, from_gguf = load_hf_config(resolve_model(hf_dir)), load_hf_config(source)
     model_class = get_model_class(hf)
     assert get_model_class(from_gguf) is model_class
     ours, theirs = model_class.config_from_hf(from_gguf), model_class.config_from_hf(hf)
-    assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)  # a float32 in GGUF
+    assert ours.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
     assert dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps) == theirs
+    return model_class, ours
+
+
+def test_f32_round_trip_is_exact(moe_dir, tmp_path):
+    assert_exact_round_trip(moe_dir, _gguf(moe_dir, tmp_path, "F32"))
 
 
 def test_stacked_expert_tensor_splits_per_expert():

@@ -331,6 +331,41 @@ def test_gguf_tokenizer_fallback_through_transformers(tiny_llama_dir: Path, tmp_
     assert slow(text).input_ids == fast(text).input_ids and slow.eos_token_id == EOS_ID
 
 
+@pytest.mark.parametrize("pre,pieces", [
+    # o200k (gpt-oss): a capital starts a new word, contractions stay on their word, digits in threes
+    ("gpt-4o", ["Hello", "World", " ", "123", "45", " they're", " CAPS", "!abc", " 日本語テスト", "\n\n", "ok"]),
+    # DeepSeek-V3: digits in threes, CJK runs apart from their space, punctuation joined to the word it leads
+    ("deepseek-v3", ["HelloWorld", " ", "123", "45", " they", "'re", " CAPS", "!abc", " ", "日本語テスト", "\n\n", "ok"]),
+])
+def test_gguf_pre_tokenizers_of_gpt_oss_and_deepseek_v3(pre: str, pieces: list[str], tiny_llama_dir: Path,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's ``gpt-4o`` and ``deepseek-v3`` pre-tokenizers split text as their tokenizer.json regexes do, and
+    a file naming one is rebuilt here rather than through transformers' generic conversion."""
+    from tokenizers import decoders
+
+    from inferneo.model_loader import gguf_tokenizer
+
+    text = "HelloWorld 12345 they're CAPS!abc 日本語テスト\n\nok"
+    byte_level = decoders.ByteLevel()
+    split = [byte_level.decode([word]) for word, _ in gguf_tokenizer._pre_tokenizer(pre).pre_tokenize_str(text)]
+    assert split == pieces
+    source = make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")
+    meta = dict(read_gguf_header(source).metadata)
+    path = tmp_path / f"{pre}.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(EOS_ID)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    monkeypatch.setattr(gguf_tokenizer, "_transformers_gguf_tokenizer", None)  # the fast path or a TypeError
+    tok = gguf_tokenizer.load_gguf_tokenizer(path)
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
 def test_chat_template_jinja_is_honoured(tiny_llama_dir: Path, tmp_path: Path) -> None:
     folder = shutil.copytree(tiny_llama_dir, tmp_path / "jinja")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

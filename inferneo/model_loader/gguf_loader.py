@@ -4,7 +4,7 @@ Gemma 2 and Gemma 3 files follow llama.cpp's converter: norm weights stored as `
 here), no LM head (tied), the window in ``attention.sliding_window`` and the soft caps in ``*_logit_softcapping``.
 What the file does not say is taken as llama.cpp takes it: sliding layers every other one (Gemma 2) or five in six
 (Gemma 3), Gemma 3's local rotary base 10000, and the attention scale from the head size except at 27B, where it
-is ``hidden_size / num_heads``.
+is ``hidden_size / num_heads``. gpt-oss and DeepSeek-V2/V3 files are described in :mod:`.gguf_families`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from inferneo.model_loader.gguf_families import (
+    FAMILY_ARCHITECTURES,
+    family_config,
+    family_hf_architecture,
+    family_hf_name,
+    family_hf_tensors,
+    join_split_tensors,
+    sliding_layer_types,
+)
 from inferneo.model_loader.gguf_file import GGUFHeader, iter_gguf_tensors, read_gguf_header
 
 logger = logging.getLogger(__name__)
@@ -33,6 +42,7 @@ GGUF_ARCHITECTURES = {
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    **FAMILY_ARCHITECTURES,  # gpt-oss, deepseek2: see gguf_families
 }
 _GEMMA_ARCHITECTURES = {"gemma2", "gemma3"}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
@@ -100,6 +110,8 @@ def gguf_hf_name(name: str, moe_block: str = "mlp", arch: str = "llama") -> str:
     ``moe_block`` is where the model keeps its router (``ffn_gate_inp``): ``mlp`` (Qwen-MoE) or
     ``block_sparse_moe`` (Mixtral). Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
     block_names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
+    if arch in FAMILY_ARCHITECTURES and _BLOCK_RE.fullmatch(name):
+        return family_hf_name(arch, name)
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
         if part == _ROUTER:
@@ -118,6 +130,9 @@ def gguf_hf_tensors(name: str, tensor: torch.Tensor, expert_naming: str = "qwen"
     """The Hugging Face checkpoint tensors one GGUF tensor holds: a stacked expert tensor
     (``blk.N.ffn_gate_exps.weight`` ``[E, rows, cols]``) becomes one tensor per expert, named as in a Mixtral
     (``expert_naming="mixtral"``) or Qwen-MoE (``"qwen"``) checkpoint; any other tensor keeps its one name."""
+    if arch in FAMILY_ARCHITECTURES and _BLOCK_RE.fullmatch(name):
+        yield from family_hf_tensors(arch, name, tensor)
+        return
     moe_block, projections = _EXPERT_NAMING[expert_naming]
     match = _BLOCK_RE.fullmatch(name)
     if match and match.group(2) in projections:
@@ -148,6 +163,8 @@ def _num_experts(header: GGUFHeader, arch: str) -> int:
 
 def _hf_architecture(header: GGUFHeader, arch: str) -> tuple[str, str]:
     """(HF architecture, model_type) of the file: Mixtral is arch ``llama`` with experts."""
+    if arch in FAMILY_ARCHITECTURES:
+        return family_hf_architecture(header, arch)
     if arch == "llama" and _num_experts(header, arch):
         return _MIXTRAL
     return GGUF_ARCHITECTURES[arch]
@@ -190,7 +207,9 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
         "torch_dtype": "float32",
     }
-    if _num_experts(header, arch):
+    if arch in FAMILY_ARCHITECTURES:
+        config.update(family_config(header, arch, config))
+    elif _num_experts(header, arch):
         config.update(_moe_config(header, arch, model_type))
     if arch in _GEMMA_ARCHITECTURES:
         config.update(_gemma_config(meta, arch, config))
@@ -235,18 +254,13 @@ def _moe_config(header: GGUFHeader, arch: str, model_type: str) -> dict[str, Any
 def _gemma_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
     """The Gemma keys of the HF-style config, from the metadata and llama.cpp's fixed choices."""
     num_layers, window = config["num_hidden_layers"], meta.get(f"{arch}.attention.sliding_window")
-    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", _GEMMA_SLIDING_PERIOD[arch])
-    if isinstance(pattern, (list, tuple)):  # one flag per layer: true where the layer slides
-        sliding = [bool(flag) for flag in pattern]
-    else:
-        sliding = [bool((i + 1) % int(pattern)) for i in range(num_layers)]
     scalar_dim = (config["hidden_size"] // config["num_attention_heads"] if num_layers == _GEMMA_27B_LAYERS[arch]
                   else config["head_dim"])
     values: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",
         "sliding_window": int(window) if window else None,
-        "layer_types": ["sliding_attention" if flag else "full_attention" for flag in sliding],
+        "layer_types": sliding_layer_types(meta, arch, num_layers, _GEMMA_SLIDING_PERIOD[arch]),
         "query_pre_attn_scalar": scalar_dim,
     }
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # absent: the model's defaults, as llama.cpp
@@ -316,18 +330,18 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
 
 def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation (Llama) or its
-    shift of the norm weights by 1 (Gemma) undone and stacked expert tensors split into one tensor per expert
-    (Mixtral's or Qwen-MoE's names)."""
+    shift of the norm weights by 1 (Gemma) undone, the tensors it splits in two joined (gpt-oss's gate/up experts,
+    DeepSeek's ``kv_b_proj``) and stacked expert tensors split into one tensor per expert (Mixtral's, Qwen-MoE's or
+    DeepSeek's names) or, for gpt-oss, laid out as its checkpoint stacks them."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     expert_naming = "mixtral" if _hf_architecture(header, arch) == _MIXTRAL else "qwen"
-    for info, array in iter_gguf_tensors(header):
-        if info.name in _SKIPPED_TENSORS:
-            continue
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        for name, part in gguf_hf_tensors(info.name, tensor, expert_naming, arch):
+    file_tensors = ((info.name, torch.from_numpy(np.ascontiguousarray(array)))
+                    for info, array in iter_gguf_tensors(header) if info.name not in _SKIPPED_TENSORS)
+    for gguf_name, tensor in join_split_tensors(arch, file_tensors):
+        for name, part in gguf_hf_tensors(gguf_name, tensor, expert_naming, arch):
             if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
                 part = part - 1  # the file holds fl(1 + w): the model's 1 + (that - 1) gives it back exactly
             if arch in _PERMUTED_ARCHITECTURES:

@@ -1,8 +1,9 @@
 """A fast tokenizer rebuilt from the vocabulary a GGUF file carries in its metadata.
 
-Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, ...) are rebuilt here
-directly with the ``tokenizers`` library, in well under a second. Anything else (SentencePiece vocabularies,
-unknown pre-tokenizers) goes through transformers' own GGUF conversion, which is slower but knows more kinds.
+Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, DeepSeek-V3, ...)
+are rebuilt here directly with the ``tokenizers`` library, in well under a second. Anything else (SentencePiece
+vocabularies, unknown pre-tokenizers such as DeepSeek-V2's ``deepseek-llm``) goes through transformers' own GGUF
+conversion, which is slower but knows more kinds.
 """
 
 from __future__ import annotations
@@ -24,10 +25,22 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# o200k (llama.cpp's "gpt-4o": gpt-oss): cased words keep their contraction, digits in runs of up to 3
+_O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek-V3 ("deepseek-v3"): three splits in turn: digit runs of up to 3, CJK runs, then words and punctuation
+_DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 
-def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+
+def _split_then_bytes(*patterns: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        *(pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False) for pattern in patterns),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
@@ -45,6 +58,10 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer | None:
         return _split_then_bytes(_LLAMA3_SPLIT)
     if pre in ("qwen2", "deepseek-r1-qwen"):
         return _split_then_bytes(_QWEN2_SPLIT)
+    if pre == "gpt-4o":
+        return _split_then_bytes(_O200K_SPLIT)
+    if pre == "deepseek-v3":
+        return _split_then_bytes(*_DEEPSEEK_V3_SPLITS)
     return None
 
 

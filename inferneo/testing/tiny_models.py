@@ -23,6 +23,13 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
+from inferneo.testing.tiny_gguf_families import (
+    FAMILY_GGUF_ARCHITECTURES,
+    RawGGUFTensor,
+    attention_lengths,
+    family_gguf_tensors,
+    write_family_hparams,
+)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
                  "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")
@@ -348,16 +355,19 @@ _EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.ex
 _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp keeps its routers
 
 
-def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
+def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_mla: bool = False) -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
     into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
-    tensors kept as ``attn_qkv``/``ffn_up`` with LongRoPE as ``rope_factors_long``/``rope_factors_short``,
-    tokenizer in metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
-    llama.cpp's Gemma files cannot say otherwise.
+    tensors kept as ``attn_qkv``/``ffn_up`` with LongRoPE as ``rope_factors_long``/``rope_factors_short``, gpt-oss
+    and DeepSeek as :mod:`~inferneo.testing.tiny_gguf_families` describes, tokenizer in metadata). A Gemma
+    checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as llama.cpp's Gemma files cannot
+    say otherwise.
 
-    ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
-    1-D tensors (norms, biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks
-    falls back to F16, as in llama.cpp's converter. Returns ``out_file``.
+    ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4);
+    norms, biases and routers stay F32, and a tensor whose rows do not split into the type's blocks falls back to
+    F16, as in llama.cpp's converter. An MXFP4 gpt-oss checkpoint's experts are repacked as ggml MXFP4 whatever
+    ``dtype`` is. ``legacy_mla`` writes DeepSeek's ``kv_b_proj`` as one ``attn_kv_b`` tensor, as llama.cpp's
+    converter did before it split it. Returns ``out_file``.
     """
     try:
         qtype = gguf.GGMLQuantizationType[dtype.upper()]
@@ -365,40 +375,54 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     config = hf_config(hf_dir)
-    arch = _GGUF_ARCHITECTURES.get(config["model_type"])
+    family = config["model_type"] in FAMILY_GGUF_ARCHITECTURES
+    arch = FAMILY_GGUF_ARCHITECTURES.get(config["model_type"]) or _GGUF_ARCHITECTURES.get(config["model_type"])
     if arch is None:
         raise ValueError(f"cannot convert model_type {config['model_type']!r}")
     gemma = arch in GEMMA_ARCHITECTURES
     if gemma:
         config = _gemma_gguf_config(config)
     writer = gguf.GGUFWriter(out_file, arch)
-    head_dim = _write_hparams(writer, config)
+    head_dim = _write_hparams(writer, config, arch, legacy_mla)
     if gemma:
         _write_gemma_hparams(writer, arch, config)
     if arch == "phi3":
         _write_phi3_hparams(writer, config, head_dim)
+    if family:
+        write_family_hparams(writer, arch, config, legacy_mla)
     _write_tokenizer(writer, hf_dir, config)
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
-    for name, array in _gguf_tensors(hf_dir, config, arch):
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        kind = qtype
-        if array.ndim == 1 or name.rsplit(".", 2)[-2] in _ROUTERS:
-            kind = gguf.GGMLQuantizationType.F32
-        elif array.shape[-1] % block:
-            kind = gguf.GGMLQuantizationType.F16
-        if kind == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, array)
-        elif kind == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, array.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    tensors = (family_gguf_tensors(hf_dir, config, arch, legacy_mla) if family
+               else _gguf_tensors(hf_dir, config, arch))
+    for name, array in tensors:
+        _add_tensor(writer, name, array, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out_file
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray | RawGGUFTensor,
+                qtype: gguf.GGMLQuantizationType) -> None:
+    """``array`` in ``qtype``, or F32 (norms, biases, routers), or F16 (rows not a whole number of ``qtype``'s
+    blocks); bytes already in a ggml type as they are."""
+    if isinstance(array, RawGGUFTensor):
+        writer.add_tensor(name, array.data, raw_dtype=array.ggml_type)
+        return
+    kind = qtype
+    if array.ndim == 1 or name.endswith(".bias") or name.rsplit(".", 2)[-2] in _ROUTERS:
+        kind = gguf.GGMLQuantizationType.F32
+    elif array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        kind = gguf.GGMLQuantizationType.F16
+    if kind == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, array)
+    elif kind == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
 
 
 def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -424,19 +448,20 @@ def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[t
         yield f"blk.{layer}.{stacked}.weight", np.stack([by_expert[e] for e in range(len(by_expert))])
 
 
-def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> int:
+def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str, legacy_mla: bool = False) -> int:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    lengths = attention_lengths(arch, config, head_dim, legacy_mla)
     writer.add_name("tiny-" + config["model_type"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count_kv(lengths.kv_heads)
+    writer.add_key_length(lengths.key_length)
+    writer.add_value_length(lengths.value_length)
+    writer.add_rope_dimension_count(lengths.rope_dims)
     writer.add_rope_freq_base(float(config["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
