@@ -204,6 +204,11 @@ class Fp8LinearMethod(LinearMethod):
         if scheme.activation == "static_tensor":
             _replace(layer, "input_scale", layer.input_scale.data.amax().reshape(()))
         layer.fp8_kernel = self._kernel_for(layer)
+        if layer.fp8_kernel == "scaled_mm" and scheme.activation == "dynamic_token":
+            # Per-token activation scales run the row-wise GEMM, which takes one weight scale per output row.
+            scale = getattr(layer, self.weight_scale_name).data
+            if scale.numel() == 1:
+                _replace(layer, self.weight_scale_name, scale.reshape(1).expand(layer.out_features).contiguous())
 
     def _kernel_for(self, layer: QuantizedLinear) -> str:
         if layer.device.type != "cuda":
