@@ -268,14 +268,13 @@ def run_engine(path: Path, **options) -> tuple[list[list[int]], LLM]:
 
 
 @functools.cache
-def _hf_fake_quant_greedy(path: str, activation: str, group: int | None, weights_per_channel: bool,
-                          input_scales: tuple[tuple[str, float], ...], skip: tuple[str, ...]) -> list[list[int]]:
-    """Hugging Face's float32 greedy tokens with each decoder linear layer's input fake-quantized to e4m3 as the
-    engine's FP8 layers quantize it (and, with ``weights_per_channel``, its weight quantized per row)."""
+def _hf_fake_quant_model(path: str, activation: str, group: int | None, weights_per_channel: bool,
+                         input_scales: tuple[tuple[str, float], ...], skip: tuple[str, ...]) -> nn.Module:
+    """Hugging Face's float32 model with each decoder linear layer's input fake-quantized to e4m3 as the engine's
+    FP8 layers quantize it (and, with ``weights_per_channel``, its weight quantized per row)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
     scales = dict(input_scales)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name == "lm_head" or name in skip:
@@ -288,21 +287,37 @@ def _hf_fake_quant_greedy(path: str, activation: str, group: int | None, weights
             module.register_forward_pre_hook(lambda _m, args, scale=scale: (ref_quant(args[0], scale),))
         else:
             module.register_forward_pre_hook(lambda _m, args: (ref_token_quant(args[0], group),))
-    out = []
+    return model
+
+
+# Engine and reference quantize the same activations, but their float32 sums run in different orders; where a
+# value lands on an e4m3 rounding boundary the two round it apart (one e4m3 step is 6-12% of the value), which
+# moves the tiny model's logits by up to a few hundredths. So each engine token is checked against the reference
+# fed the engine's own tokens (teacher forcing): it must be the reference's argmax, or within LOGIT_TOLERANCE of
+# its largest logit (a near-tie), and at least ARGMAX_FRACTION of them must be the argmax itself.
+LOGIT_TOLERANCE = 0.15  # the tiny models' top logits are 5-10
+ARGMAX_FRACTION = 0.9
+
+
+def assert_reference_tokens(model: nn.Module, tokens: list[list[int]]) -> None:
+    """Each of the engine's greedy ``tokens`` (for :data:`PROMPTS`) is the argmax of ``model`` given the prompt and
+    the engine's earlier tokens, or within :data:`LOGIT_TOLERANCE` of it."""
+    gaps = []
     with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
-            out.append(ids[0, len(prompt):].tolist())
-    return out
+        for prompt, out in zip(PROMPTS, tokens, strict=True):
+            logits = model(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+            chosen = logits.gather(1, torch.tensor(out).unsqueeze(1)).squeeze(1)
+            gaps += (logits.max(dim=1).values - chosen).tolist()
+    assert max(gaps) <= LOGIT_TOLERANCE, gaps
+    assert sum(g == 0 for g in gaps) >= ARGMAX_FRACTION * len(gaps), gaps
 
 
 def _static_input_scales(path: Path) -> tuple[tuple[str, float], ...]:
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return tuple(sorted((k.removesuffix(".input_scale"), f.get_tensor(k).item()) for k in f.keys()
-                            if k.endswith(".input_scale")))
+        names = [k for k in f.keys() if k.endswith(".input_scale")]  # noqa: SIM118 - safe_open is not iterable
+        return tuple(sorted((k.removesuffix(".input_scale"), f.get_tensor(k).item()) for k in names))
 
 
 # (scheme, arch, checkpoint options, ignored modules): per-tensor with an ignored layer, block 128 x 128,
@@ -343,25 +358,39 @@ def test_fp8_math_matches_hf_with_the_same_activation_quantization(fp8_case, mon
     assert not ignored_engine_names & {name for name, m in llm.engine.runner.model.named_modules()
                                        if isinstance(m, QuantizedLinear)}
     static = "static" in case
-    expected = _hf_fake_quant_greedy(str(dequantized), "static" if static else "token",
+    reference = _hf_fake_quant_model(str(dequantized), "static" if static else "token",
                                      128 if "block" in case else None, False,
                                      _static_input_scales(quantized) if static else (), tuple(ignore))
-    assert got == expected, case
+    assert_reference_tokens(reference, got)
+
+
+# Teacher-forced agreement of online FP8 with the float32 model's argmax; measured 31 of 40 tokens (77.5%).
+ONLINE_AGREEMENT = 0.7
+
+
+@functools.cache
+def _full_precision_model(path: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def test_online_fp8_matches_hf_and_agrees_with_full_precision(tiny_checkpoint_factory, monkeypatch):
     src = tiny_checkpoint_factory("llama")
-    full, _ = run_engine(src)
     monkeypatch.setenv("INFERNEO_FP8_CPU_EMULATION", "1")
     got, llm = run_engine(src, quantization="fp8")
     layers = quantized_linears(llm.engine.runner.model)
     assert len(layers) == 2 * 4 and all(layer.weight.dtype == E4M3 for layer in layers)  # qkv, o, gate_up, down
-    assert got == _hf_fake_quant_greedy(str(src), "token", None, True, (), ())
-    # Against the float32 engine: FP8 rounding flips near-ties of the tiny random model's flat logits, after
-    # which the continuations differ; the first tokens agree and most tokens overall.
-    agree = sum(a == b for g, f in zip(got, full, strict=True) for a, b in zip(g, f, strict=True))
-    assert [g[0] for g in got] == [f[0] for f in full]
-    assert agree >= 0.5 * MAX_NEW * len(PROMPTS), (agree, got, full)
+    assert_reference_tokens(_hf_fake_quant_model(str(src), "token", None, True, (), ()), got)
+    # Against the float32 engine's tokens (teacher-forced the same way): FP8 weights and activations move the
+    # tiny random model's flat logits by a few percent, which flips its near-ties.
+    agree = 0
+    with torch.no_grad():
+        reference = _full_precision_model(str(src))
+        for prompt, out in zip(PROMPTS, got, strict=True):
+            logits = reference(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+            agree += sum(int(a == b) for a, b in zip(logits.argmax(1).tolist(), out, strict=True))
+    assert agree >= ONLINE_AGREEMENT * MAX_NEW * len(PROMPTS), (agree, got)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
