@@ -20,8 +20,8 @@ Where it runs:
 - CUDA, compute capability >= 8.9 (Ada, Hopper and later): ``torch._scaled_mm`` (per-tensor scales, or row-wise
   scales: per-token activation x per-row weight), and a Triton block-scaled GEMM for ``block`` weights
   (:mod:`inferneo.kernels.triton_fp8`). Older GPUs are refused at start-up.
-- CPU: no CPU here has FP8 arithmetic; ``torch._scaled_mm`` on CPU measured 6-27x slower than float32 matmuls on a
-  2-core AMD EPYC (AVX2) (docs/quantization.md). A FP8 *checkpoint* is therefore de-quantized once at load into the
+- CPU: no CPU here has FP8 arithmetic; ``torch._scaled_mm`` on CPU measured 3.5-160x slower than the faster of
+  float32 and bfloat16 ``F.linear`` on a 2-core AMD EPYC (AVX2) (``benchmarks/fp8_cpu_matmul.py``). A FP8 *checkpoint* is therefore de-quantized once at load into the
   model dtype (the layers stay plain linears with every CPU kernel), and ``--quantization fp8`` on CPU is refused.
   ``INFERNEO_FP8_CPU_EMULATION=1`` instead runs the FP8 math in PyTorch (:meth:`Fp8LinearMethod.reference`: the
   activations quantized as on the GPU, e4m3 products in float32), which the tests use.
