@@ -25,7 +25,7 @@ import torch
 
 from inferneo.quantization.base import LinearMethod, LinearShape, QuantConfig
 from inferneo.quantization.fp8 import Fp8LinearMethod, Fp8Scheme, dequantize_fp8_weights, fp8_dequantized_on
-from inferneo.quantization.layer_names import layer_listed
+from inferneo.quantization.layer_names import checkpoint_module_names, layer_listed
 
 SUPPORTED = ("float-quantized: FP8 (e4m3) weights per tensor, channel or block with FP8 activations dynamic per "
              "token or tensor or static per tensor (W8A8); pack-quantized: 4-bit integer weights per group or channel "
@@ -131,6 +131,9 @@ class CompressedTensorsConfig(QuantConfig):
         self.format = fmt
         # Set by check_supported: the FP8 groups of a checkpoint on CPU are de-quantized while loading.
         self.dequantize_fp8_at_load = False
+        # Checkpoint modules that load into quantized layers (method_for records them); other FP8 weights (MoE
+        # experts, or every FP8 layer when de-quantizing at load) are de-quantized while loading.
+        self.quantized_modules: set[str] = set()
 
     @classmethod
     def from_hf(cls, quantization_config: dict[str, Any]) -> CompressedTensorsConfig:
@@ -164,6 +167,7 @@ class CompressedTensorsConfig(QuantConfig):
         group = self._group_for(shape)
         if group is None or (group.is_fp8 and self.dequantize_fp8_at_load):
             return None
+        self.quantized_modules.update(checkpoint_module_names(self, shape))
         return group.method
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -171,11 +175,14 @@ class CompressedTensorsConfig(QuantConfig):
             self.dequantize_fp8_at_load = fp8_dequantized_on(device, f"{self.name} ({self.format})", online=False)
 
     def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        if not self.dequantize_fp8_at_load:
+        """FP8 weights of modules that are not quantized layers become float32 (see :func:`dequantize_fp8_weights`);
+        the tensors of quantized layers pass unchanged."""
+        if not any(group.is_fp8 for group in self.groups):
             yield from weights
             return
         blocks = [g.method.scheme.block for g in self.groups if g.is_fp8 and g.method.scheme.block is not None]
-        yield from dequantize_fp8_weights(weights, "weight_scale", blocks[0] if blocks else None)
+        yield from dequantize_fp8_weights(weights, "weight_scale", blocks[0] if blocks else None,
+                                          self.quantized_modules)
 
     def describe(self) -> str:
         parts = []

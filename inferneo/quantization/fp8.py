@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,7 +58,7 @@ from inferneo.quantization.fp8_math import (
     quantize_per_tensor,
     quantize_with_scale,
 )
-from inferneo.quantization.layer_names import layer_listed
+from inferneo.quantization.layer_names import checkpoint_module_names, layer_listed
 
 logger = logging.getLogger(__name__)
 
@@ -335,15 +335,20 @@ def _replace(layer: QuantizedLinear, name: str, value: torch.Tensor) -> None:
 
 
 def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], scale_name: str,
-                           block: tuple[int, int] | None) -> Iterator[tuple[str, torch.Tensor]]:
+                           block: tuple[int, int] | None,
+                           keep: Container[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors with each e4m3 ``<module>.weight`` replaced by the float32 ``weight * scale``
-    (``<module>.<scale_name>``: a scalar, per row ``[out, 1]``, or per ``block`` tile) and the activation scales
-    dropped: the full-precision model. A weight waits for its scale (and the other way round) when the
-    checkpoint stores them apart."""
+    (``<module>.<scale_name>``: a scalar, per row ``[out, 1]``, or per ``block`` tile) and its activation scale
+    dropped, except for the modules in ``keep`` (checkpoint module names), whose tensors pass unchanged (they load
+    into quantized layers). A weight waits for its scale (and the other way round) when the checkpoint stores them
+    apart. Logs how many weights it de-quantized."""
     waiting_weights: dict[str, torch.Tensor] = {}
     waiting_scales: dict[str, torch.Tensor] = {}
+    count = 0
 
     def dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
         if scale.dim() == 2 and scale.shape[1] > 1:  # a grid of tile scales
             if block is None:
                 raise ValueError(f"fp8: a weight scale of shape {tuple(scale.shape)} needs a block size")
@@ -352,9 +357,11 @@ def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], scale_na
 
     for name, tensor in weights:
         module, _, leaf = name.rpartition(".")
-        if leaf == "input_scale":
+        if module in keep:
+            yield name, tensor
+        elif leaf == "input_scale":
             continue
-        if leaf == scale_name:
+        elif leaf == scale_name:
             if module in waiting_weights:
                 yield f"{module}.weight", dequantized(waiting_weights.pop(module), tensor)
             else:
@@ -370,6 +377,9 @@ def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], scale_na
         raise ValueError(f"fp8 checkpoint: FP8 weights without a {scale_name}: {', '.join(sorted(waiting_weights))}")
     for module, scale in waiting_scales.items():  # another format's scale (a mixed compressed-tensors checkpoint)
         yield f"{module}.{scale_name}", scale
+    if count:
+        logger.info("fp8: de-quantized %d FP8 weights at load into the model dtype (modules that run unquantized)",
+                    count)
 
 
 # ---- the format ----------------------------------------------------------------------------------------------
@@ -391,6 +401,9 @@ class Fp8Config(QuantConfig):
         self.method = Fp8LinearMethod(scheme, weight_scale_name)
         # Set by check_supported: a checkpoint on CPU is de-quantized while loading (no FP8 layers).
         self.dequantize_at_load = False
+        # Checkpoint modules that load into FP8 layers (method_for records them); the checkpoint's other FP8 weights
+        # (mixture-of-experts experts, which are not linear layers here) are de-quantized at load.
+        self.fp8_modules: set[str] = set()
 
     @classmethod
     def from_hf(cls, quantization_config: dict[str, Any]) -> Fp8Config:
@@ -429,19 +442,21 @@ class Fp8Config(QuantConfig):
             return None
         if layer_listed(self, shape, self.ignored, "ignored_layers"):
             return None
+        self.fp8_modules.update(checkpoint_module_names(self, shape))
         return self.method
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         self.dequantize_at_load = fp8_dequantized_on(device, self.name, online=not self.scheme.checkpoint)
 
     def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.dequantize_at_load:
-            yield from dequantize_fp8_weights(weights, self.weight_scale_name, self.scheme.block)
+        """FP8 weights of modules that are not FP8 layers (all of them when de-quantizing at load on CPU; MoE
+        experts) become float32; stray input scales of a dynamic-activation checkpoint are dropped."""
+        if not self.scheme.checkpoint:
+            yield from weights
             return
-        for name, tensor in weights:  # a dynamic-activation checkpoint's stray input scales have no parameter
-            if self.scheme.activation != "static_tensor" and name.endswith(".input_scale"):
-                continue
-            yield name, tensor
+        if self.scheme.activation != "static_tensor":
+            weights = ((n, t) for n, t in weights if not n.endswith(".input_scale"))
+        yield from dequantize_fp8_weights(weights, self.weight_scale_name, self.scheme.block, self.fp8_modules)
 
     def describe(self) -> str:
         scheme = self.scheme
