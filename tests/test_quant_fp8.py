@@ -338,6 +338,7 @@ CASES = {
     "fp8-tensor-dynamic": ("tensor-dynamic", "llama", {}, ("model.layers.1.mlp.down_proj",)),
     "fp8-tensor-static": ("tensor-static", "llama", {}, ()),
     "fp8-block": ("block", "llama", BLOCK_DIMS, ()),
+    "fp8-block-qwen3": ("block", "qwen3", BLOCK_DIMS, ()),  # as Qwen3's own FP8 checkpoints are stored
     "ct-channel-dynamic-qwen3": ("ct-channel-dynamic", "qwen3", {}, ()),
     "ct-tensor-static": ("ct-tensor-static", "llama", {}, ("model.layers.0.self_attn.o_proj",)),
     # FP8 experts (not linear layers in the engine) are de-quantized at load; attention runs FP8
