@@ -114,22 +114,29 @@ def test_block_scales_dequantize_bit_exact():
     assert torch.equal(layer.method.dequantized_weight(layer), expected)
 
 
-@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+@pytest.mark.parametrize("strategy", ["channel", "tensor", "block"])
 def test_compressed_tensors_dequantization_matches_library(strategy):
     from compressed_tensors.compressors import FloatQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args,
-                                input_activations=QuantizationArgs(num_bits=8, type="float", strategy="token",
-                                                                   dynamic=True))
-    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
-    amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax().reshape(1)
-    packed = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": amax / 448}, scheme)
+    block = strategy == "block"
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
+                            block_structure=[128, 128] if block else None)
+    acts = QuantizationArgs(num_bits=8, type="float", strategy="group" if block else "token", dynamic=True,
+                            group_size=128 if block else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+    out_f, in_f = (256, 320) if block else (40, 64)
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(3))
+    if block:  # one scale per 128 x 128 tile (the last column block is partial)
+        scale = w.reshape(2, 128, in_f).abs().amax(1).split(128, dim=1)
+        scale = torch.stack([part.amax(1) for part in scale], dim=1) / 448
+    else:
+        scale = (w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax().reshape(1)) / 448
+    packed = FloatQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
     library = FloatQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
-    layer = QuantizedLinear(Fp8LinearMethod(Fp8Scheme(strategy, None, "dynamic_token")),
-                            LinearShape("layers.0.mlp.down_proj", 64, (40,)), False, torch.float32,
-                            torch.device("cpu"))
+    fp8 = Fp8Scheme("block", (128, 128), "dynamic_token") if block else Fp8Scheme(strategy, None, "dynamic_token")
+    layer = QuantizedLinear(Fp8LinearMethod(fp8), LinearShape("layers.0.mlp.down_proj", in_f, (out_f,)), False,
+                            torch.float32, torch.device("cpu"))
     layer.weight.weight_loader(layer.weight, packed["weight"], None)
     layer.weight_scale.weight_loader(layer.weight_scale, packed["weight_scale"], None)
     assert packed["weight"].dtype == E4M3
@@ -341,6 +348,7 @@ CASES = {
     "fp8-block-qwen3": ("block", "qwen3", BLOCK_DIMS, ()),  # as Qwen3's own FP8 checkpoints are stored
     "ct-channel-dynamic-qwen3": ("ct-channel-dynamic", "qwen3", {}, ()),
     "ct-tensor-static": ("ct-tensor-static", "llama", {}, ("model.layers.0.self_attn.o_proj",)),
+    "ct-block": ("ct-block", "llama", BLOCK_DIMS, ()),
     # FP8 experts (not linear layers in the engine) are de-quantized at load; attention runs FP8
     "fp8-tensor-dynamic-qwen3-moe": ("tensor-dynamic", "qwen3_moe", {}, ()),
 }
@@ -540,3 +548,20 @@ def test_dummy_per_tensor_shards_get_their_own_scales():
     w = layer.method.dequantized_weight(layer)
     assert w.abs().max() <= 0.02 and w.abs().max() > 0.019
     assert torch.all(layer.input_scale == 0.05)
+
+
+@pytest.mark.parametrize("preset, fmt, expected", [
+    ("FP8", "float-quantized", Fp8Scheme("tensor", None, "static_tensor")),
+    ("FP8_DYNAMIC", "float-quantized", Fp8Scheme("channel", None, "dynamic_token")),
+    ("FP8_BLOCK", "float-quantized", Fp8Scheme("block", (128, 128), "dynamic_token")),
+])
+def test_compressed_tensors_library_presets_parse(preset, fmt, expected):
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+    qcfg = json.loads(json.dumps(QuantizationConfig(config_groups={"group_0": scheme}, format=fmt,
+                                                    ignore=["lm_head"]).model_dump(exclude_none=True), default=str))
+    config = CompressedTensorsConfig.from_hf(qcfg)
+    assert config.groups[0].method.scheme == expected
+    assert config.method_for(LinearShape("lm_head", 64, (384,))) is None

@@ -71,6 +71,9 @@ def _fp8_scheme(group: str, weights: dict[str, Any], acts: dict[str, Any] | None
     if block is not None:
         if not dynamic or act_strategy not in ("token", "group"):
             raise _unsupported(group, "block-wise FP8 weights need dynamic per-token (or per-group) activations")
+        if act_strategy == "group" and acts.get("group_size") != block[1]:
+            raise _unsupported(group, f"block-wise FP8 weights ({block[0]}x{block[1]}) with activation groups of "
+                                      f"{acts.get('group_size')} (they must match the block's columns)")
         return Fp8Scheme("block", block, "dynamic_token")
     if dynamic and act_strategy == "token":
         activation = "dynamic_token"

@@ -9,10 +9,11 @@ FP8 (:func:`write_fp8_checkpoint`), one of :data:`FP8_CHECKPOINT_SCHEMES`:
   random prompts through the Hugging Face model (``max|x| / 448`` of the layer's input);
 - ``block``: ``quant_method: fp8`` with ``weight_block_size [128, 128]`` and ``weight_scale_inv`` (one scale per
   128 x 128 tile), dynamic activations;
-- ``ct-channel-dynamic`` / ``ct-tensor-static``: compressed-tensors ``float-quantized``, per-channel weight scales
-  ``[out, 1]`` with dynamic per-token activations, or a per-tensor weight scale with a static ``input_scale``;
-  the weights are compressed by the ``compressed_tensors`` library's own compressor (which must be installed for
-  these two schemes).
+- ``ct-channel-dynamic`` / ``ct-tensor-static`` / ``ct-block``: compressed-tensors ``float-quantized``, per-channel
+  weight scales ``[out, 1]`` with dynamic per-token activations, a per-tensor weight scale with a static
+  ``input_scale``, or 128 x 128 block scales (``weight_scale``) with dynamic activations per token and 128-column
+  group (the library's ``FP8_BLOCK`` preset); the weights are compressed by the ``compressed_tensors`` library's own
+  compressor (which must be installed for these schemes).
 
 Each writer can also write the de-quantized float32 twin (``W = q * scale``, computed by the format's reference:
 the ``compressed_tensors`` decompressor for compressed-tensors, ``q.float() * scale`` for ``fp8``), the checkpoint
@@ -33,7 +34,8 @@ import torch
 from inferneo.model_loader.hf_files import iter_hf_weights, read_json
 from inferneo.quantization.fp8_math import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, expand_blocks, quantize_blocks
 
-FP8_CHECKPOINT_SCHEMES = ("tensor-dynamic", "tensor-static", "block", "ct-channel-dynamic", "ct-tensor-static")
+FP8_CHECKPOINT_SCHEMES = ("tensor-dynamic", "tensor-static", "block", "ct-channel-dynamic", "ct-tensor-static",
+                          "ct-block")
 FP8_BLOCK = (128, 128)
 # The decoder's linear layers a quantized checkpoint quantizes (lm_head and the embeddings stay full precision).
 _LINEAR = re.compile(r"^model\.layers\.\d+\..*\.(q|k|v|o|gate|up|down)_proj\.weight$")
@@ -145,18 +147,28 @@ def _compressed_tensors_float(weights: dict[str, torch.Tensor], targets: list[st
     from compressed_tensors.compressors import FloatQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    per_channel = scheme == "ct-channel-dynamic"
-    weight_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
-                                   strategy="channel" if per_channel else "tensor")
-    act_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=per_channel,
-                                strategy="token" if per_channel else "tensor")
+    per_channel, block = scheme == "ct-channel-dynamic", scheme == "ct-block"
+    if block:
+        weight_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False, strategy="block",
+                                       block_structure=list(FP8_BLOCK))
+        act_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group",
+                                    group_size=FP8_BLOCK[1])
+    else:
+        weight_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
+                                       strategy="channel" if per_channel else "tensor")
+        act_args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=per_channel,
+                                    strategy="token" if per_channel else "tensor")
     qscheme = QuantizationScheme(targets=["Linear"], weights=weight_args, input_activations=act_args)
     out, dequantized = dict(weights), {}
     for name in targets:
         module = name.removesuffix(".weight")
         w = weights[name].float()
-        amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
-        state = {"weight": w, "weight_scale": (amax / FP8_MAX).clamp_min(SCALE_FLOOR)}
+        if block:
+            scale = quantize_blocks(w, FP8_BLOCK)[1]
+        else:
+            amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
+            scale = (amax / FP8_MAX).clamp_min(SCALE_FLOOR)
+        state = {"weight": w, "weight_scale": scale}
         compressed = FloatQuantizationCompressor.compress(state, qscheme)
         for key, value in compressed.items():
             out[f"{module}.{key}"] = value
