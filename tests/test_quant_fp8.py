@@ -422,7 +422,7 @@ def test_online_fp8_matches_hf_and_agrees_with_full_precision(tiny_checkpoint_fa
 def test_online_fp8_is_refused_on_cpu(tiny_checkpoint_factory, monkeypatch):
     monkeypatch.delenv("INFERNEO_FP8_CPU_EMULATION", raising=False)
     with pytest.raises(ValueError, match=r"--quantization fp8 is not supported on CPU.*supported: fp8 on CUDA"):
-        Fp8Config.online().check_supported(torch.device("cpu"), torch.float32)
+        LLM(str(tiny_checkpoint_factory("llama")), quantization="fp8", **ENGINE)
 
 
 def test_old_gpu_is_refused_naming_the_device(monkeypatch):
@@ -447,7 +447,7 @@ def test_mismatched_quantization_flag_is_refused(tiny_checkpoint_factory, tmp_pa
     quantized = write_fp8_checkpoint(tiny_checkpoint_factory("llama"), tmp_path / "ct", "ct-channel-dynamic")
     config = hf_config(quantized)
     with pytest.raises(ValueError, match=r"quantized with compressed-tensors; --quantization fp8 does not match"):
-        resolve_quant_config(config, "fp8")
+        LLM(str(quantized), quantization="fp8", **ENGINE)
     with pytest.raises(ValueError, match=r"quantized with fp8; --quantization awq does not match"):
         resolve_quant_config({"quantization_config": {"quant_method": "fp8"}}, "awq")
     assert isinstance(resolve_quant_config(config, "compressed-tensors"), CompressedTensorsConfig)
