@@ -170,7 +170,7 @@ def write_configs(results: dict, out: Path, log) -> None:
             for g in results["gemv"].values()}
     triton_gemv.TUNED_CONFIG_FILE.write_text(json.dumps(gemv, indent=1) + "\n")
     for path in (moe_file, triton_gemv.TUNED_CONFIG_FILE):
-        shutil.copy(path, out / path.name)
+        shutil.copy(path, out / path.name.replace("=", "").replace(",", "_"))  # names the device tool brings back
         log(f"wrote {path}")
 
 
