@@ -214,8 +214,10 @@ def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs
 PAIR_PATH_MAX_TOKENS = 4
 """Up to this many tokens (a small decode step) each pair reads its expert's rows directly: two kernels, no align,
 the top-k sum fused into the down projection. Tokens that share an expert read it once each (fine while few).
-H200, Qwen3-30B-A3B layer (2026-12-03): 42 / 62 / 103 / 144 us at 1 / 2 / 4 / 8 tokens against 125 / 85 / 200 / 144
-us for the sorted grouped GEMMs (floor 18 / 33 / 62 / 117 us), before the down kernel read all k experts at once."""
+H200, Qwen3-30B-A3B layer (2026-12-03, kernel-alone do_bench): 42 / 62 / 103 / 144 us at 1 / 2 / 4 / 8 tokens against
+125 / 85 / 200 / 144 us for the sorted grouped GEMMs (floor 18 / 33 / 62 / 117 us). Since the down kernel reads a
+token's k experts at once, with tuned tiles and PDL (``moe_decode_sweep.py``, calls in a CUDA graph): 21.9 / 40.9 /
+73.1 us at 1 / 2 / 4 tokens (floor 17.8 / 34.7 / 64.6 us)."""
 
 
 @triton.jit
