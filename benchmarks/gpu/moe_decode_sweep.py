@@ -36,7 +36,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from decode_sweep import copy_bandwidth, graph_time_us  # noqa: E402
-from moe_kernel_sweep import SHAPES, call, make_layer, rel, route  # noqa: E402
+from moe_kernel_sweep import SHAPES, call, make_layer, rel, route, timestamped_log  # noqa: E402
 
 from inferneo.kernels import moe_tile_configs, triton_gemv, triton_moe  # noqa: E402
 from inferneo.kernels.moe_tile_configs import PairTiles  # noqa: E402
@@ -194,15 +194,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    start = time.monotonic()
-    logfile = (out / "moe_decode_sweep.log").open("w")
-
-    def log(msg: str) -> None:
-        line = f"[{time.monotonic() - start:6.1f}s] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
-
+    log = timestamped_log(out / "moe_decode_sweep.log")
     bw = copy_bandwidth() if DEVICE == "cuda" else 1e11
     results: dict = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "copy_bytes_per_s": bw}
     log(f"{results['device']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
