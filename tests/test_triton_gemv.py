@@ -96,3 +96,25 @@ def test_decode_gemv_follows_the_kernel_switches(monkeypatch):
     assert on is not None and (on.silu, on.pdl) == (False, False)
     assert decode_gemv(cuda, KernelConfig(triton_gemv=False)) is None
     assert decode_gemv(cuda) is None  # no switches given: the environment's
+
+
+def test_gemv_config_lookup(tmp_path, monkeypatch):
+    """Tuned shapes take their entry of ``gemv_configs.json``, the others the default; the shipped file parses."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import json
+
+    from inferneo.kernels import triton_gemv
+
+    shipped = triton_gemv._tuned_configs()
+    for (n, k), (block_n, block_k, warps) in shipped.items():
+        assert n >= 1 and k >= 1 and block_n >= 1 and block_k >= 16 and warps in (1, 2, 4, 8, 16)
+    path = tmp_path / "gemv_configs.json"
+    path.write_text(json.dumps({"5120,2048": {"block_n": 4, "block_k": 2048, "num_warps": 8}}))
+    monkeypatch.setattr(triton_gemv, "TUNED_CONFIG_FILE", path)
+    triton_gemv._tuned_configs.cache_clear()
+    try:
+        assert triton_gemv.gemv_config(5120, 2048) == (4, 2048, 8)
+        assert triton_gemv.gemv_config(2048, 5120) == triton_gemv.DEFAULT_CONFIG
+    finally:
+        triton_gemv._tuned_configs.cache_clear()

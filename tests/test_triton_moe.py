@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from inferneo.kernels import moe_tile_configs
-from inferneo.kernels.moe_tile_configs import GemmTiles, MoeTileConfig, default_moe_config, moe_tile_config
+from inferneo.kernels.moe_tile_configs import (
+    GemmTiles,
+    MoeTileConfig,
+    PairTiles,
+    default_moe_config,
+    moe_tile_config,
+    pair_tiles,
+)
 
 _TESTS = Path(__file__).parent
 
@@ -88,9 +95,13 @@ _SCRIPT = textwrap.dedent("""
         assert got.shape == want.shape and got.dtype == x.dtype
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str((top_k, tokens, activation, bias)))
 
-    # The few-token path (no align; per-pair matrix-vector kernels, the top-k sum in the down kernel).
+    # The few-token path (no align; per-pair matrix-vector kernels; the down kernel reads a token's k experts as one
+    # [next_pow2(k), block_n, block_k] tile and sums them): K chunks that loop (16 < 24) and one masked chunk (32,
+    # the default 1024), one or several output features per program, top-k 1..8 (powers of two and not).
     assert triton_moe.PAIR_PATH_MAX_TOKENS >= 3
     tiny_tiles = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=8, down_block_k=16)
+    one_feature = triton_moe.PairTiles(up_block_n=2, up_block_k=64, up_num_warps=2, down_block_n=1, down_block_k=32,
+                                       down_num_warps=2)
     for top_k in range(1, 9):
         for tokens in (1, 3):
             activation = ("silu", "swigluoai")[top_k % 2]
@@ -102,10 +113,20 @@ _SCRIPT = textwrap.dedent("""
             b2 = torch.randn(num_experts, hidden) if bias else None
             routed = softmax_topk_renormalized(torch.randn(tokens, num_experts), top_k)
             want = reference_experts(x, w13, w2, routed.weights, routed.ids, activation, b13, b2)
-            for tiles in (tiny_tiles, triton_moe.PairTiles()):
+            for tiles in (tiny_tiles, one_feature, triton_moe.PairTiles(), None):
                 got = triton_moe.triton_fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation,
                                                       w13_bias=b13, w2_bias=b2, pair_tiles=tiles)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str((top_k, tokens, tiles)))
+            # the top-k sum has a fixed order (no atomics): the same inputs give the same bits
+            again = triton_moe.triton_fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation,
+                                                    w13_bias=b13, w2_bias=b2, pair_tiles=tiles)
+            assert torch.equal(got, again)
+            # the two kernels alone: gate/up rows per pair, then the weighted sum over each token's experts
+            ids = routed.ids.contiguous()
+            rows = triton_moe.pair_gate_up(x, w13, ids, activation, b13, tiny_tiles, pdl=False)
+            assert rows.shape == (tokens * top_k, inter)
+            summed = triton_moe.pair_down_sum(rows, w2, routed.weights.contiguous(), ids, b2, one_feature, pdl=False)
+            torch.testing.assert_close(summed, want, rtol=1e-4, atol=1e-4)
 
     # The default and a many-token config (block_m 64), and bfloat16 against the bfloat16 PyTorch path.
     x = torch.randn(70, hidden)
@@ -144,19 +165,30 @@ def test_tile_config_lookup(tmp_path, monkeypatch):
     large = MoeTileConfig(128, GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 4))
     name = moe_tile_configs.config_file_name(3, 5, 7, torch.bfloat16)
     assert name == "E=3,N=5,K=7,dtype=bfloat16.json"
-    (tmp_path / name).write_text(json.dumps({"8": small.to_json(), "256": large.to_json()}))
+    pair = PairTiles(up_block_n=8, up_block_k=512, up_num_warps=8, down_block_n=1, down_block_k=256, down_num_warps=2)
+    assert PairTiles.from_json(pair.to_json()) == pair
+    table = {"8": small.to_json(), "256": large.to_json(), moe_tile_configs.PAIR_KEY: pair.to_json()}
+    (tmp_path / name).write_text(json.dumps(table))
     monkeypatch.setattr(moe_tile_configs, "CONFIG_DIR", tmp_path)
     moe_tile_configs._tuned.cache_clear()
+    moe_tile_configs._table.cache_clear()
     try:
         picks = [moe_tile_config(3, 5, 7, torch.bfloat16, t, 2) for t in (1, 8, 9, 256, 5000)]
-        assert picks == [small, small, large, large, large]
+        assert picks == [small, small, large, large, large]  # the "pair" entry is no token bucket
+        assert pair_tiles(3, 5, 7, torch.bfloat16) == pair
+        assert pair_tiles(3, 5, 8, torch.bfloat16) == PairTiles()  # no file: the defaults
     finally:
         moe_tile_configs._tuned.cache_clear()
+        moe_tile_configs._table.cache_clear()
 
 
 def test_shipped_tile_configs_parse():
     for path in sorted(moe_tile_configs.CONFIG_DIR.glob("*.json")):
         for bucket, entry in json.loads(path.read_text()).items():
+            if bucket == moe_tile_configs.PAIR_KEY:
+                tiles = PairTiles.from_json(entry)
+                assert min(tiles.to_json().values()) >= 1, path.name
+                continue
             config = MoeTileConfig.from_json(entry)
             assert int(bucket) >= 1 and config.block_m >= 16, path.name
             for tiles in (config.up, config.down):

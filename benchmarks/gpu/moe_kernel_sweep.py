@@ -219,6 +219,20 @@ def pair_sweep(name: str, shape: dict, layer, device, read_bw: float, log) -> li
     return rows
 
 
+def timestamped_log(path: Path):
+    """A ``log(message)`` that prints each line with the seconds since this call and appends it to ``path``."""
+    start = time.monotonic()
+    logfile = path.open("w")
+
+    def log(msg: str) -> None:
+        line = f"[{time.monotonic() - start:6.1f}s] {msg}"
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+
+    return log
+
+
 def read_bandwidth(device) -> float:
     n = 2 << 30
     a = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
@@ -237,13 +251,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     start = time.monotonic()
-    logfile = (out / "moe_kernel_sweep.log").open("w")
-
-    def log(msg: str) -> None:
-        line = f"[{time.monotonic() - start:6.1f}s] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
-        logfile.flush()
+    log = timestamped_log(out / "moe_kernel_sweep.log")
 
     results = {"device": torch.cuda.get_device_name(), "read_bytes_per_s": read_bandwidth(device)}
     log(f"read bandwidth {results['read_bytes_per_s'] / 1e12:.2f} TB/s")

@@ -327,6 +327,8 @@ def main() -> int:
     parser.add_argument("--w2-only", action="store_true",
                         help="Qwen3-30B-A3B's W2 alone, Inferneo and HF (no decode steps, no W1, no gpt-oss)")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptoss,hf_gptoss)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="Qwen3-30B-A3B's decode steps (and their kernel profile) alone: no W1/W2, no HF, no gpt-oss")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     cfg = dict(SMOKE if args.smoke else FULL)
@@ -345,7 +347,11 @@ def main() -> int:
     has_gptoss = gptoss in arch_presets.PRESETS
     if args.w2_only:
         skip |= {"gptoss", "hf_gptoss"}
+    if args.decode_only:
+        skip |= {"hf_qwen3", "gptoss", "hf_gptoss"}
     ours, theirs = (("w2",), ("w2",)) if args.w2_only else (("w1", "w2"), ("w1",))
+    if args.decode_only:
+        ours = ()
     plan = [("qwen3", lambda: sec_inferneo(s, qwen3, ours, decode=not args.w2_only), 150),
             ("hf_qwen3", lambda: sec_hf(s, qwen3, decode=not args.w2_only, workloads=theirs), 60),
             ("gptoss", lambda: sec_inferneo(s, gptoss, ("w1",), decode=False), 80),

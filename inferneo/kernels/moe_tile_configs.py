@@ -10,6 +10,10 @@ bucket to a config::
 A call with ``T`` tokens takes the smallest bucket ``>= T`` (the largest bucket past the last). Shapes without a
 file take :func:`default_moe_config`. ``block_m`` (the tile height, shared by both GEMMs since the (token, expert)
 pairs are padded to it) and the other block sizes are powers of two of at least 16.
+
+The same file may hold the tiles of the few-token path under the key ``"pair"`` (a :class:`PairTiles` record;
+:func:`pair_tiles`), e.g. ``"pair": {"up_block_n": 8, "up_block_k": 1024, "up_num_warps": 4, "down_block_n": 8,
+"down_block_k": 256, "down_num_warps": 8}``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,27 @@ class MoeTileConfig:
                 "down": {t: getattr(self.down, t) for t in tiles}}
 
 
+@dataclass(frozen=True, slots=True)
+class PairTiles:
+    """Tiles of the few-token path (``triton_moe``'s per-pair kernels): output features per program, the K chunk and
+    the warps of the gate/up kernel (one program per pair and ``up_block_n`` features) and of the down kernel (one
+    program per token and ``down_block_n`` features, all ``top_k`` experts of the token at once)."""
+
+    up_block_n: int = 8  # the defaults: the best of Qwen3-30B-A3B's layer on an H200 (moe_decode_sweep.py)
+    up_block_k: int = 1024
+    up_num_warps: int = 4
+    down_block_n: int = 8
+    down_block_k: int = 256
+    down_num_warps: int = 8
+
+    @classmethod
+    def from_json(cls, entry: dict) -> PairTiles:
+        return cls(**{name: int(value) for name, value in entry.items()})
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 def default_moe_config(num_tokens: int, top_k: int) -> MoeTileConfig:
     """A reasonable config for shapes without a tuned file: short tiles when few pairs reach each expert."""
     if num_tokens * top_k <= 512:  # decode: memory-bound, most experts see a handful of rows
@@ -66,13 +91,23 @@ def config_file_name(num_experts: int, intermediate_size: int, hidden_size: int,
     return f"E={num_experts},N={intermediate_size},K={hidden_size},dtype={str(dtype).removeprefix('torch.')}.json"
 
 
+PAIR_KEY = "pair"
+"""The key of a shape's few-token tiles in its config file (the other keys are token-count buckets)."""
+
+
+@functools.cache
+def _table(file_name: str) -> dict | None:
+    path = CONFIG_DIR / file_name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 @functools.cache
 def _tuned(file_name: str) -> tuple[tuple[int, MoeTileConfig], ...] | None:
-    path = CONFIG_DIR / file_name
-    if not path.is_file():
+    table = _table(file_name)
+    if table is None:
         return None
-    table = json.loads(path.read_text())
-    return tuple(sorted((int(bucket), MoeTileConfig.from_json(entry)) for bucket, entry in table.items()))
+    return tuple(sorted((int(bucket), MoeTileConfig.from_json(entry)) for bucket, entry in table.items()
+                        if bucket != PAIR_KEY))
 
 
 def moe_tile_config(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype, num_tokens: int,
@@ -86,3 +121,12 @@ def moe_tile_config(num_experts: int, intermediate_size: int, hidden_size: int, 
         if num_tokens <= bucket:
             return config
     return tuned[-1][1]
+
+
+def pair_tiles(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype) -> PairTiles:
+    """The few-token path's tiles for a layer of this shape: the ``"pair"`` entry of its config file, else the
+    defaults of :class:`PairTiles`."""
+    table = _table(config_file_name(num_experts, intermediate_size, hidden_size, dtype))
+    if table is None or PAIR_KEY not in table:
+        return PairTiles()
+    return PairTiles.from_json(table[PAIR_KEY])

@@ -9,9 +9,17 @@ cuBLAS does. Only single-row inputs take it (``gemv_applies``); everything else 
 Measured on an H100 (``benchmarks/gpu/decode_sweep.py``, 2026-11-27): with one output feature per program and
 1,024-wide K tiles it beats cuBLAS on all of Llama-2-7B's layers at one row: 33 vs 36 us (q/k/v), 13 vs 15 (output
 projection), 58 vs 68 (gate/up), 33 vs 35 (down), 84 vs 97 (LM head).
+
+Shapes tuned since take their own tiles from ``gemv_configs.json`` beside this file (:func:`gemv_config`): a map from
+``"N,K"`` to ``{"block_n", "block_k", "num_warps"}``, written by ``benchmarks/gpu/moe_decode_sweep.py``; the rest
+take :data:`DEFAULT_CONFIG`.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
 
 import torch
 import triton
@@ -81,6 +89,21 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, K: tl.constexpr, 
 
 
 DEFAULT_CONFIG = (1, 1024, 4)  # BLOCK_N, BLOCK_K, num_warps: the best of the H100 sweep on every layer shape
+TUNED_CONFIG_FILE = Path(__file__).with_name("gemv_configs.json")
+
+
+@functools.cache
+def _tuned_configs() -> dict[tuple[int, int], tuple[int, int, int]]:
+    if not TUNED_CONFIG_FILE.is_file():
+        return {}
+    table = json.loads(TUNED_CONFIG_FILE.read_text())
+    return {tuple(int(d) for d in shape.split(",")): (int(e["block_n"]), int(e["block_k"]), int(e["num_warps"]))
+            for shape, e in table.items()}
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` for a ``[n, k]`` weight: its tuned entry, else :data:`DEFAULT_CONFIG`."""
+    return _tuned_configs().get((n, k), DEFAULT_CONFIG)
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -96,7 +119,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     when given: a contiguous [1, N] tensor of ``x``'s dtype). ``pdl``: launch with programmatic dependent launch
     (None: decided from ``x``, see ``_pdl.pdl_for``)."""
     n, k = weight.shape
-    block_n, block_k, num_warps = config or DEFAULT_CONFIG
+    block_n, block_k, num_warps = config or gemv_config(n, k)
     x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)

@@ -13,7 +13,9 @@
    weight in the epilogue, written as ``[T*k, H]``; the ``k`` rows of each token are then summed.
 
 A decode step of a few tokens skips all that: each (token, slot) pair reads its expert's rows directly in a
-matrix-vector kernel, and the down kernel sums a token's ``k`` weighted experts itself (:data:`PAIR_PATH_MAX_TOKENS`).
+matrix-vector kernel, and the down kernel reads all ``k`` experts of a token together and sums them itself
+(:data:`PAIR_PATH_MAX_TOKENS`); both launch with programmatic dependent launch on Hopper, the down kernel reading its
+first weight tile before the gate/up kernel has finished.
 
 Tile sizes come from ``moe_tile_configs`` (tuned JSON files per shape, a default otherwise). Tests run the kernels
 on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) against a per-expert PyTorch reference.
@@ -27,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from inferneo.kernels.moe_tile_configs import MoeTileConfig, moe_tile_config
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels.moe_tile_configs import MoeTileConfig, PairTiles, moe_tile_config
+from inferneo.kernels.moe_tile_configs import pair_tiles as moe_pair_tiles
 
 SINGLE_PROGRAM_ALIGN_MAX_PAIRS = 2048
 """Up to this many (token, slot) pairs the align step is one Triton program; more go through PyTorch ops."""
@@ -210,14 +214,17 @@ def _down_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_pairs
 PAIR_PATH_MAX_TOKENS = 4
 """Up to this many tokens (a small decode step) each pair reads its expert's rows directly: two kernels, no align,
 the top-k sum fused into the down projection. Tokens that share an expert read it once each (fine while few).
-H200, Qwen3-30B-A3B layer (2026-12-03): 42 / 62 / 103 / 144 us at 1 / 2 / 4 / 8 tokens against 125 / 85 / 200 / 144
-us for the sorted grouped GEMMs (floor 18 / 33 / 62 / 117 us)."""
+H200, Qwen3-30B-A3B layer (2026-12-03, kernel-alone do_bench): 42 / 62 / 103 / 144 us at 1 / 2 / 4 / 8 tokens against
+125 / 85 / 200 / 144 us for the sorted grouped GEMMs (floor 18 / 33 / 62 / 117 us). Since the down kernel reads a
+token's k experts at once, with tuned tiles and PDL (``moe_decode_sweep.py``, calls in a CUDA graph): 21.9 / 40.9 /
+73.1 us at 1 / 2 / 4 tokens (floor 17.8 / 34.7 / 64.6 us)."""
 
 
 @triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, stride_xt, stride_we, stride_wn,
                          stride_be, stride_op, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)  # the routing that writes ids (and x) comes right before
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,57 +253,77 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, 
 @triton.jit
 def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, K, stride_hp,
                           stride_we, stride_wn, stride_be, stride_ot, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
+    # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, TOPK_POW2)
+    slot_ok = slots < top_k
+    pairs = token * top_k + slots
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for slot in range(0, top_k):
-        pair = token * top_k + slot
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = ks < K - k0
-            h = tl.load(h_ptr + pair * stride_hp + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(rows + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * h
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
-        total += tl.load(topk_weights_ptr + pair).to(tl.float32) * y
+    # ids and top-k weights come from the routing, which finished before the gate/up kernel let this one launch:
+    # the first weight tile is read before waiting for the gate/up kernel's output.
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    rows = w_ptr + experts[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
+    row_ok = slot_ok[:, None, None] & col_ok[None, :, None]
+    h_rows = h_ptr + pairs[:, None] * stride_hp + ks[None, :]
+    k_ok = ks < K
+    w = tl.load(rows, mask=row_ok & k_ok[None, None, :], other=0.0)
+    wait_for_previous_kernel(PDL)
+    h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * h[:, None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_ok = ks < K - k0
+        h = tl.load(h_rows + k0, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0)
+        acc += w.to(tl.float32) * h[:, None, :]
+    y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + experts[:, None] * stride_be + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :],
+                     other=0.0).to(tl.float32)
+    scale = tl.load(topk_weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
+    total = tl.sum(y * scale[:, None], axis=0)  # a fixed reduction order: the same sum on every run
     tl.store(out_ptr + token * stride_ot + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-@dataclass(frozen=True, slots=True)
-class PairTiles:
-    """Tiles of the few-token path: output features per program and the K chunk, for each kernel."""
-
-    up_block_n: int = 4
-    up_block_k: int = 1024
-    down_block_n: int = 4
-    down_block_k: int = 256
-    num_warps: int = 4
-
-
-def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles: PairTiles):
+def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activation: str,
+                 w13_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool) -> torch.Tensor:
+    """The few-token gate/up projection and activation: ``[T * k, I]`` rows, one per (token, slot) pair, for
+    contiguous ``x`` ``[T, H]``, ``w13`` ``[E, 2I, H]`` and ``ids`` ``[T, k]``."""
     num_tokens, top_k = ids.shape
-    num_experts, two_inter, hidden = w13.shape
-    inter = two_inter // 2
-    ids = ids.contiguous()
+    inter = w13.shape[1] // 2
     hidden_act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.up_block_n))](
-        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, hidden, x.stride(0),
+        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, x.shape[1], x.stride(0),
         w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
         HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_N=tiles.up_block_n,
-        BLOCK_K=tiles.up_block_k, num_warps=tiles.num_warps)
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+        BLOCK_K=tiles.up_block_k, PDL=pdl, num_warps=tiles.up_num_warps, **launch_options(pdl))
+    return hidden_act
+
+
+def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  w2_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool) -> torch.Tensor:
+    """The few-token down projection with the top-k sum: ``[T, H]`` from :func:`pair_gate_up`'s rows, ``w2``
+    ``[E, H, I]`` and the routing's contiguous ``weights`` / ``ids`` ``[T, k]``. Each output is the k weighted
+    experts summed in float32 in a fixed order (deterministic: no atomics)."""
+    num_tokens, top_k = ids.shape
+    hidden, inter = w2.shape[1], w2.shape[2]
+    out = torch.empty(num_tokens, hidden, dtype=hidden_act.dtype, device=hidden_act.device)
     _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
-        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights.reshape(-1).contiguous(), out, ids, top_k,
-        hidden, inter, hidden_act.stride(0), w2.stride(0), w2.stride(1),
-        w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0), HAS_BIAS=w2_bias is not None,
-        BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, num_warps=tiles.num_warps)
+        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, top_k, hidden, inter,
+        hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
+        out.stride(0), HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
+        BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, num_warps=tiles.down_num_warps,
+        **launch_options(pdl))
     return out
+
+
+def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles: PairTiles, pdl: bool):
+    ids, weights = ids.contiguous(), weights.contiguous()  # before the launches: no copy kernel between the two
+    hidden_act = pair_gate_up(x, w13, ids, activation, w13_bias, tiles, pdl)
+    return pair_down_sum(hidden_act, w2, weights, ids, w2_bias, tiles, pdl)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -306,10 +333,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
                          w2_bias: torch.Tensor | None = None, config: MoeTileConfig | None = None,
-                         pair_tiles: PairTiles = PairTiles()) -> torch.Tensor:
+                         pair_tiles: PairTiles | None = None, pdl: bool | None = None) -> torch.Tensor:
     """:func:`~inferneo.model_executor.layers.moe.fused_experts` through the Triton kernels (same arguments and
-    result). Up to :data:`PAIR_PATH_MAX_TOKENS` tokens take the per-pair path (``pair_tiles``), more the sorted
-    grouped GEMMs; ``config`` overrides the tuned tile config for this shape (and forces the grouped GEMMs)."""
+    result). Up to :data:`PAIR_PATH_MAX_TOKENS` tokens take the per-pair path (``pair_tiles``, else the shape's tuned
+    ones), more the sorted grouped GEMMs; ``config`` overrides the tuned tile config for this shape (and forces the
+    grouped GEMMs). ``pdl``: launch the per-pair kernels with programmatic dependent launch (None: decided from
+    ``x``, see ``_pdl.pdl_for``)."""
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(_ACTIVATION_IDS)}")
     num_tokens, top_k = ids.shape
@@ -319,7 +348,8 @@ def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
         return torch.zeros_like(x)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     if config is None and num_tokens <= PAIR_PATH_MAX_TOKENS:
-        return _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, pair_tiles)
+        tiles = pair_tiles or moe_pair_tiles(num_experts, inter, hidden, x.dtype)
+        return _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles, pdl_for(x, pdl))
     config = config or moe_tile_config(num_experts, inter, hidden, x.dtype, num_tokens, top_k)
     blocks = align_pairs_by_expert(ids, num_experts, config.block_m)
     num_pairs = num_tokens * top_k
