@@ -129,3 +129,11 @@ def cuda_fused_routing() -> bool:
     routers (renormalised or not, and gpt-oss's top-k-then-softmax) run as one Triton kernel
     (``kernels/triton_routing.py``); off, the PyTorch routers. DeepSeek's grouped routers are always PyTorch."""
     return _flag("INFERNEO_CUDA_FUSED_ROUTING", True)
+
+
+def fp8_cpu_emulation() -> bool:
+    """INFERNEO_FP8_CPU_EMULATION (default off; for tests and reference runs): on CPU, FP8 layers run the FP8 math
+    in PyTorch (activations quantized as on the GPU, the e4m3 products taken in float32) instead of a FP8
+    checkpoint being de-quantized at load, and ``--quantization fp8`` is allowed. It is much slower than the
+    de-quantized model: no CPU here has FP8 arithmetic (see docs/quantization.md)."""
+    return _flag("INFERNEO_FP8_CPU_EMULATION", False)

@@ -1,0 +1,445 @@
+"""FP8 (e4m3) weights: ``quant_method: fp8`` checkpoints, ``--quantization fp8`` (online), and the linear method
+compressed-tensors ``float-quantized`` checkpoints use too.
+
+A weight ``W [out, in]`` is stored as e4m3 values ``q`` with float32 scales, ``W = q * s``:
+
+- ``tensor``: one scale per tensor (``weight_scale``, a scalar). A fused engine layer (``qkv_proj``,
+  ``gate_up_proj``) receives one scale per logical shard; at finalize they become one scale per output row (each
+  row keeps its shard's scale), so the weights are used exactly as the checkpoint stores them (no requantization)
+  and the GEMM runs with row-wise weight scales.
+- ``channel``: one scale per output row (compressed-tensors ``weight_scale [out, 1]``; ``--quantization fp8``).
+- ``block``: one scale per ``block = (128, 128)`` tile (``weight_scale_inv [ceil(out/128), ceil(in/128)]``,
+  DeepSeek-V3 style); activations are then quantized per token and per 128 input columns.
+
+Activations are quantized at run time: ``dynamic_token`` (one scale per token, ``max|x| / 448``),
+``dynamic_tensor`` (one per call) or ``static_tensor`` (the checkpoint's ``input_scale``; a fused layer takes the
+largest of its shards' scales, as its shards read the same input).
+
+Where it runs:
+
+- CUDA, compute capability >= 8.9 (Ada, Hopper and later): ``torch._scaled_mm`` (per-tensor scales, or row-wise
+  scales: per-token activation x per-row weight), and a Triton block-scaled GEMM for ``block`` weights
+  (:mod:`inferneo.kernels.triton_fp8`). Older GPUs are refused at start-up.
+- CPU: no CPU here has FP8 arithmetic; ``torch._scaled_mm`` on CPU measured 6-27x slower than float32 matmuls on a
+  2-core AMD EPYC (AVX2) (docs/quantization.md). A FP8 *checkpoint* is therefore de-quantized once at load into the
+  model dtype (the layers stay plain linears with every CPU kernel), and ``--quantization fp8`` on CPU is refused.
+  ``INFERNEO_FP8_CPU_EMULATION=1`` instead runs the FP8 math in PyTorch (:meth:`Fp8LinearMethod.reference`: the
+  activations quantized as on the GPU, e4m3 products in float32), which the tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo import envs
+from inferneo.kernel_config import KernelConfig
+from inferneo.quantization.base import (
+    LinearMethod,
+    LinearShape,
+    QuantConfig,
+    QuantizedLinear,
+    new_parameter,
+    per_shard_loader,
+    row_shard_loader,
+)
+from inferneo.quantization.fp8_math import (
+    FP8_DTYPE,
+    dequantize,
+    quantize_blocks,
+    quantize_groups,
+    quantize_per_tensor,
+    quantize_with_scale,
+)
+from inferneo.quantization.layer_names import layer_listed
+
+logger = logging.getLogger(__name__)
+
+WeightGranularity = Literal["tensor", "channel", "block"]
+ActivationScheme = Literal["dynamic_token", "dynamic_tensor", "static_tensor"]
+# Smallest CUDA compute capability with FP8 tensor cores (Ada Lovelace); Hopper is 9.0.
+MIN_FP8_CAPABILITY = (8, 9)
+# ``torch._scaled_mm`` needs the inner and output dimensions to be multiples of 16.
+_SCALED_MM_ALIGN = 16
+# Dummy weights: the runner's full-precision dummy weights are uniform in +-0.02; a static activation scale that
+# lets activations up to ~22 through (benchmarks only).
+_DUMMY_WEIGHT_RANGE = 0.02
+_DUMMY_INPUT_SCALE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Scheme:
+    """How a layer's FP8 weight is scaled and its activations quantized.
+
+    ``weight``: ``tensor`` (one scale per checkpoint tensor), ``channel`` (per output row) or ``block`` (per
+    ``block = (rows, cols)`` tile; activations then take one scale per token and ``block[1]`` columns, whatever
+    ``activation`` says, which must be ``dynamic_token``). ``activation``: ``dynamic_token``, ``dynamic_tensor`` or
+    ``static_tensor`` (the checkpoint's ``input_scale``). ``checkpoint`` False: the weights arrive in full precision
+    and are quantized at finalize (``--quantization fp8``: per-channel only).
+    """
+
+    weight: WeightGranularity
+    block: tuple[int, int] | None
+    activation: ActivationScheme
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight not in ("tensor", "channel", "block"):
+            raise ValueError(f"fp8 weight scales must be per tensor, channel or block; got {self.weight!r}")
+        if self.activation not in ("dynamic_token", "dynamic_tensor", "static_tensor"):
+            raise ValueError(f"fp8 activation scales must be dynamic_token, dynamic_tensor or static_tensor; "
+                             f"got {self.activation!r}")
+        if (self.weight == "block") != (self.block is not None):
+            raise ValueError("fp8: a block size is given with (and only with) block-wise weight scales")
+        if self.block is not None and (len(self.block) != 2 or min(self.block) <= 0):
+            raise ValueError(f"fp8: the block size must be two positive numbers; got {self.block}")
+        if self.weight == "block" and self.activation != "dynamic_token":
+            raise ValueError(f"fp8 block-wise weights need dynamic per-token activation scales; got "
+                             f"{self.activation} (static activation scales are supported with per-tensor and "
+                             f"per-channel weights)")
+        if not self.checkpoint and (self.weight != "channel" or self.activation == "static_tensor"):
+            raise ValueError("fp8 quantization at load uses per-channel weight scales and dynamic activation scales")
+
+
+def check_fp8_device(device: torch.device, fmt: str) -> None:
+    """Raise ValueError when ``device`` is a GPU without FP8 tensor cores (compute capability below 8.9), naming
+    the device and what is supported."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < MIN_FP8_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"{fmt} weights need FP8 tensor cores: {name} ({device}) has compute capability "
+                         f"{capability[0]}.{capability[1]}; supported: NVIDIA GPUs of compute capability 8.9 or "
+                         f"later (Ada Lovelace, Hopper, Blackwell). Use the full-precision model on this GPU, or a "
+                         f"4-bit (awq, gptq) checkpoint")
+
+
+def fp8_dequantized_on(device: torch.device, fmt: str, online: bool) -> bool:
+    """Whether a ``fmt`` model on ``device`` runs de-quantized (a checkpoint on CPU: once, at load, into the model
+    dtype) rather than as FP8 layers; raises ValueError for what the device cannot run (an FP8 GPU below 8.9,
+    ``--quantization fp8`` on CPU, other devices)."""
+    check_fp8_device(device, fmt)
+    if device.type == "cuda":
+        return False
+    if device.type != "cpu":
+        raise ValueError(f"{fmt} weights are not supported on {device}; supported: CUDA (compute capability >= 8.9) "
+                         f"and CPU (checkpoints de-quantized at load)")
+    if envs.fp8_cpu_emulation():
+        logger.warning("%s: INFERNEO_FP8_CPU_EMULATION=1: FP8 math emulated in PyTorch on CPU (slow; for tests)",
+                       fmt)
+        return False
+    if online:
+        raise ValueError(f"--quantization {fmt} is not supported on CPU ({device}): this CPU has no FP8 "
+                         f"arithmetic and FP8 matmuls measured several times slower than float32 and bfloat16 "
+                         f"here; supported: fp8 on CUDA GPUs of compute capability >= 8.9. On CPU run the model in "
+                         f"bfloat16/float32, or load a GGUF or 4-bit checkpoint")
+    logger.info("%s checkpoint on CPU: de-quantizing the FP8 weights once at load into the model dtype (this CPU "
+                "has no FP8 arithmetic; FP8 matmuls measured slower than float32 here)", fmt)
+    return True
+
+
+@functools.cache
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """A linear layer with an e4m3 weight and float32 scales (:class:`Fp8Scheme`).
+
+    The checkpoint's tensors are registered under its names: ``weight`` (e4m3 ``[out, in]``), the weight scale
+    under ``weight_scale_name`` (``weight_scale``; block-wise ``fp8`` checkpoints call it ``weight_scale_inv``),
+    and ``input_scale`` for static activation scales. After :meth:`finalize` the weight scale is a scalar, one per
+    output row ``[out]``, or the block grid; ``input_scale`` a scalar.
+    """
+
+    name = "fp8"
+
+    def __init__(self, scheme: Fp8Scheme, weight_scale_name: str = "weight_scale") -> None:
+        self.scheme = scheme
+        self.weight_scale_name = weight_scale_name
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        shape, scheme = layer.shape, self.scheme
+        out_f, in_f = layer.out_features, layer.in_features
+        shards = len(shape.output_sizes)
+        if not scheme.checkpoint:  # full-precision weights, quantized at finalize
+            new_parameter(layer, "weight", (out_f, in_f), layer.dtype, row_shard_loader(shape, dim=0))
+            return
+        new_parameter(layer, "weight", (out_f, in_f), FP8_DTYPE, row_shard_loader(shape, dim=0))
+        if scheme.weight == "tensor":
+            new_parameter(layer, self.weight_scale_name, (shards,), torch.float32, per_shard_loader(shape), fill=1)
+        elif scheme.weight == "channel":
+            new_parameter(layer, self.weight_scale_name, (out_f, 1), torch.float32, row_shard_loader(shape, dim=0),
+                          fill=1)
+        else:
+            rows, cols = scheme.block
+            grid = (-(-out_f // rows), -(-in_f // cols))
+            new_parameter(layer, self.weight_scale_name, grid, torch.float32,
+                          row_shard_loader(shape, dim=0, per_row=(1, rows)), fill=1)
+        if scheme.activation == "static_tensor":
+            new_parameter(layer, "input_scale", (shards,), torch.float32, per_shard_loader(shape), fill=1)
+
+    def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
+        """Quantize full-precision weights (online), turn per-shard scales into a scalar or per-row scales, take a
+        fused layer's largest input scale, and choose the kernel for ``layer.device``."""
+        scheme = self.scheme
+        if not scheme.checkpoint:
+            q, scales = quantize_groups(layer.weight.data)  # one scale per output row
+            _replace(layer, "weight", q)
+            _replace(layer, self.weight_scale_name, scales.reshape(-1))
+        elif scheme.weight != "block":
+            scale = getattr(layer, self.weight_scale_name).data
+            _replace(layer, self.weight_scale_name, self._row_scales(layer, scale).reshape(-1)
+                     if scale.numel() > 1 else scale.reshape(()))
+        if scheme.activation == "static_tensor":
+            _replace(layer, "input_scale", layer.input_scale.data.amax().reshape(()))
+        layer.fp8_kernel = self._kernel_for(layer)
+
+    def _kernel_for(self, layer: QuantizedLinear) -> str:
+        if layer.device.type != "cuda":
+            return "reference"
+        if self.scheme.weight == "block":
+            return "triton_block"
+        if layer.in_features % _SCALED_MM_ALIGN or layer.out_features % _SCALED_MM_ALIGN:
+            logger.warning("fp8: %s (%d x %d) does not fit torch._scaled_mm's multiples of %d; it runs the "
+                           "reference path", layer.shape.prefix, layer.out_features, layer.in_features,
+                           _SCALED_MM_ALIGN)
+            return "reference"
+        return "scaled_mm"
+
+    def _row_scales(self, layer: QuantizedLinear, scale: torch.Tensor) -> torch.Tensor:
+        """Non-block weight scales as a scalar or one per output row ``[out, 1]`` (from a scalar, one per shard,
+        or one per row)."""
+        if scale.numel() == 1:
+            return scale.reshape(())
+        if scale.numel() == layer.out_features:
+            return scale.reshape(-1, 1)
+        sizes = torch.tensor(layer.shape.output_sizes, device=scale.device)
+        return scale.reshape(-1).repeat_interleave(sizes).reshape(-1, 1)
+
+    def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
+        weight = layer.weight.data
+        if weight.dtype != FP8_DTYPE:  # --quantization fp8 before finalize: still the full-precision weight
+            return weight.float()
+        scale = getattr(layer, self.weight_scale_name).data
+        if self.scheme.weight == "block":
+            return dequantize(weight, scale, self.scheme.block)
+        return dequantize(weight, self._row_scales(layer, scale))
+
+    def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
+        """Random weights uniform in +-0.02 (as the runner's full-precision dummy weights), quantized with the
+        scheme's scales; static input scales of 0.05."""
+        weight = torch.empty(layer.out_features, layer.in_features, device=layer.device)
+        weight.uniform_(-_DUMMY_WEIGHT_RANGE, _DUMMY_WEIGHT_RANGE, generator=generator)
+        scheme = self.scheme
+        if not scheme.checkpoint:
+            layer.weight.data.copy_(weight)
+            return
+        scale_param = getattr(layer, self.weight_scale_name).data
+        if scheme.weight == "block":
+            q, scales = quantize_blocks(weight, scheme.block)
+        elif scheme.weight == "channel":
+            q, scales = quantize_groups(weight)
+        else:  # one scale per logical shard
+            parts = [quantize_per_tensor(part) for part in weight.split(list(layer.shape.output_sizes))]
+            q = torch.cat([p for p, _ in parts])
+            scales = torch.stack([s for _, s in parts])
+        layer.weight.data.copy_(q)
+        scale_param.copy_(scales.reshape(scale_param.shape))
+        if scheme.activation == "static_tensor":
+            layer.input_scale.data.fill_(_DUMMY_INPUT_SCALE)
+
+    # ---- compute -----------------------------------------------------------------------------------------------
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, layer.in_features)
+        kernel = getattr(layer, "fp8_kernel", "reference")
+        if kernel == "scaled_mm":
+            y = self._scaled_mm(layer, x2)
+        elif kernel == "triton_block":
+            from inferneo.kernels.triton_fp8 import block_scaled_mm, quantize_per_token_group
+
+            xq, x_scales = quantize_per_token_group(x2, self.scheme.block[1])
+            y = block_scaled_mm(xq, x_scales, layer.weight, getattr(layer, self.weight_scale_name),
+                                self.scheme.block, x.dtype)
+        else:
+            y = self.reference(layer, x2).to(x.dtype)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def quantize_activations(self, layer: QuantizedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [M, in]`` as e4m3 values and float32 scales in PyTorch ops: ``[M, 1]`` per token, ``[M, in / bk]``
+        per token and block column group, or a scalar (per tensor, static)."""
+        scheme = self.scheme
+        if scheme.weight == "block":
+            return quantize_groups(x, scheme.block[1])
+        if scheme.activation == "dynamic_token":
+            return quantize_groups(x)
+        if scheme.activation == "dynamic_tensor":
+            return quantize_per_tensor(x)
+        scale = layer.input_scale.data.amax().reshape(())  # before finalize: one per shard
+        return quantize_with_scale(x, scale), scale
+
+    def reference(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        """The FP8 math in PyTorch, float32 result: ``x`` quantized as the GPU path quantizes it, then
+        ``F.linear`` of the de-quantized activations and weights (the e4m3 products are exact in float32; only the
+        float32 summation order differs from the GPU kernels). Used on CPU and by the tests."""
+        xq, x_scales = self.quantize_activations(layer, x)
+        block = (1, self.scheme.block[1]) if self.scheme.weight == "block" else None
+        return F.linear(dequantize(xq, x_scales, block), self.dequantized_weight(layer))
+
+    def _scaled_mm(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.scheme
+        if scheme.activation == "dynamic_token":
+            from inferneo.kernels.triton_fp8 import quantize_per_token_group
+
+            xq, x_scale = quantize_per_token_group(x)
+        else:
+            xq, x_scale = self.quantize_activations(layer, x)
+        w_scale = getattr(layer, self.weight_scale_name)
+        w_t = layer.weight.t()  # [in, out], column-major as _scaled_mm wants its second operand
+        if x_scale.numel() == 1 and w_scale.numel() == 1:
+            return torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+        rows = x_scale.reshape(-1, 1).expand(x.shape[0], 1)
+        if x.dtype == torch.bfloat16:  # row-wise scaling: per-token activation x per-row weight scales
+            return torch._scaled_mm(xq, w_t, scale_a=rows.contiguous(), scale_b=w_scale.reshape(1, -1),
+                                    out_dtype=torch.bfloat16)
+        # Row-wise scaled output only comes in bfloat16: take the float32 product and scale it here.
+        one = _unit_scale(x.device)
+        y = torch._scaled_mm(xq, w_t, scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return (y * rows * w_scale.reshape(1, -1)).to(x.dtype)
+
+
+def _replace(layer: QuantizedLinear, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of parameter ``name`` (the old tensor is freed)."""
+    param = nn.Parameter(value, requires_grad=False)
+    param.quantized = True
+    setattr(layer, name, param)
+
+
+# ---- de-quantizing a checkpoint at load (CPU) ----------------------------------------------------------------------
+
+
+def dequantize_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]], scale_name: str,
+                           block: tuple[int, int] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with each e4m3 ``<module>.weight`` replaced by the float32 ``weight * scale``
+    (``<module>.<scale_name>``: a scalar, per row ``[out, 1]``, or per ``block`` tile) and the activation scales
+    dropped: the full-precision model. A weight waits for its scale (and the other way round) when the
+    checkpoint stores them apart."""
+    waiting_weights: dict[str, torch.Tensor] = {}
+    waiting_scales: dict[str, torch.Tensor] = {}
+
+    def dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if scale.dim() == 2 and scale.shape[1] > 1:  # a grid of tile scales
+            if block is None:
+                raise ValueError(f"fp8: a weight scale of shape {tuple(scale.shape)} needs a block size")
+            return dequantize(q, scale, block)
+        return dequantize(q, scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
+
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "input_scale":
+            continue
+        if leaf == scale_name:
+            if module in waiting_weights:
+                yield f"{module}.weight", dequantized(waiting_weights.pop(module), tensor)
+            else:
+                waiting_scales[module] = tensor
+        elif leaf == "weight" and tensor.dtype == FP8_DTYPE:
+            if module in waiting_scales:
+                yield name, dequantized(tensor, waiting_scales.pop(module))
+            else:
+                waiting_weights[module] = tensor
+        else:
+            yield name, tensor
+    if waiting_weights:
+        raise ValueError(f"fp8 checkpoint: FP8 weights without a {scale_name}: {', '.join(sorted(waiting_weights))}")
+    for module, scale in waiting_scales.items():  # another format's scale (a mixed compressed-tensors checkpoint)
+        yield f"{module}.{scale_name}", scale
+
+
+# ---- the format ----------------------------------------------------------------------------------------------
+
+
+class Fp8Config(QuantConfig):
+    """FP8 weights: a ``quant_method: fp8`` checkpoint (:meth:`from_hf`) or ``--quantization fp8`` (:meth:`online`).
+
+    ``lm_head`` and the layers the checkpoint lists in ``ignored_layers`` / ``modules_to_not_convert`` stay in the
+    model dtype.
+    """
+
+    name = "fp8"
+
+    def __init__(self, scheme: Fp8Scheme, ignored: Sequence[str] = (), weight_scale_name: str = "weight_scale"):
+        self.scheme = scheme
+        self.ignored = tuple(ignored)
+        self.weight_scale_name = weight_scale_name
+        self.method = Fp8LinearMethod(scheme, weight_scale_name)
+        # Set by check_supported: a checkpoint on CPU is de-quantized while loading (no FP8 layers).
+        self.dequantize_at_load = False
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> Fp8Config:
+        """Parse ``quantization_config`` of a ``quant_method: fp8`` checkpoint: ``activation_scheme`` (``dynamic``
+        or ``static``), ``weight_block_size`` (``[128, 128]``: block-wise ``weight_scale_inv``; absent: per-tensor
+        ``weight_scale``), ``ignored_layers`` / ``modules_to_not_convert``."""
+        activation = quantization_config.get("activation_scheme", "dynamic")
+        if activation not in ("dynamic", "static"):
+            raise ValueError(f"fp8 checkpoint: activation_scheme {activation!r} is not supported; supported: "
+                             f"dynamic, static")
+        fmt = quantization_config.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ValueError(f"fp8 checkpoint: fmt {fmt!r} is not supported; supported: e4m3")
+        ignored = [*(quantization_config.get("ignored_layers") or ()),
+                   *(quantization_config.get("modules_to_not_convert") or ())]
+        block = quantization_config.get("weight_block_size")
+        if block is not None:
+            if activation != "dynamic":
+                raise ValueError("fp8 checkpoint: block-wise weights (weight_block_size) with static activation "
+                                 "scales are not supported; supported with blocks: activation_scheme dynamic")
+            if not isinstance(block, list | tuple) or len(block) != 2:
+                raise ValueError(f"fp8 checkpoint: weight_block_size must be two numbers; got {block!r}")
+            return cls(Fp8Scheme("block", (int(block[0]), int(block[1])), "dynamic_token"), ignored,
+                       weight_scale_name="weight_scale_inv")
+        act = "static_tensor" if activation == "static" else "dynamic_token"
+        return cls(Fp8Scheme("tensor", None, act), ignored)
+
+    @classmethod
+    def online(cls) -> Fp8Config:
+        """``--quantization fp8``: full-precision weights quantized at load, one scale per output channel, with
+        dynamic per-token activation scales."""
+        return cls(Fp8Scheme("channel", None, "dynamic_token", checkpoint=False))
+
+    def method_for(self, shape: LinearShape) -> LinearMethod | None:
+        if self.dequantize_at_load or shape.prefix.startswith("lm_head"):
+            return None
+        if layer_listed(self, shape, self.ignored, "ignored_layers"):
+            return None
+        return self.method
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.dequantize_at_load = fp8_dequantized_on(device, self.name, online=not self.scheme.checkpoint)
+
+    def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.dequantize_at_load:
+            yield from dequantize_fp8_weights(weights, self.weight_scale_name, self.scheme.block)
+            return
+        for name, tensor in weights:  # a dynamic-activation checkpoint's stray input scales have no parameter
+            if self.scheme.activation != "static_tensor" and name.endswith(".input_scale"):
+                continue
+            yield name, tensor
+
+    def describe(self) -> str:
+        scheme = self.scheme
+        weight = f"block {scheme.block[0]}x{scheme.block[1]}" if scheme.block else f"per-{scheme.weight}"
+        how = "de-quantized at load" if self.dequantize_at_load else f"activations {scheme.activation}"
+        return f"fp8 ({'checkpoint' if scheme.checkpoint else 'quantized at load'}, {weight} weights, {how})"
