@@ -53,8 +53,8 @@ class Int4Scheme:
 
     ``layout`` names the checkpoint's tensors and packing order; ``group_size`` is the number of input columns
     sharing one scale and zero point (-1: the whole input dimension); ``zero_point`` False means symmetric weights
-    (every zero point 8, no zero-point tensor); ``desc_act`` (GPTQ) means the checkpoint's ``g_idx`` may scatter a
-    group's columns (act-order).
+    (every zero point 8, no zero-point tensor); ``desc_act`` (GPTQ ``desc_act``, compressed-tensors
+    ``actorder: group``) means the checkpoint's ``g_idx`` (``weight_g_idx``) may scatter a group's columns.
     """
 
     layout: Int4Layout
@@ -68,8 +68,8 @@ class Int4Scheme:
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"{self.layout}: group_size {self.group_size} is not supported; supported: -1 or a "
                              f"positive multiple of 8")
-        if self.desc_act and self.layout != "gptq":
-            raise ValueError(f"{self.layout}: desc_act is a GPTQ option")
+        if self.desc_act and self.layout == "awq":
+            raise ValueError("awq: desc_act (act-order) is not an AWQ option; supported: gptq, compressed-tensors")
 
     def group_for(self, in_features: int, prefix: str) -> int:
         """The group size of a layer with ``in_features`` inputs (ValueError when it does not divide them)."""
@@ -133,9 +133,7 @@ class Int4LinearMethod(LinearMethod):
             new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32,
                           row_shard_loader(shape, dim=1, per_row=(1, 8)))
             new_parameter(layer, "scales", (groups, n_out), torch.float32, cols)
-            g_idx = new_parameter(layer, "g_idx", (len(shape.output_sizes), n_in), torch.int32,
-                                  _per_shard_vector_loader(shape))
-            g_idx.data.copy_(torch.arange(n_in, dtype=torch.int32, device=layer.device) // group)
+            self._create_g_idx(layer, "g_idx", group)
         else:  # compressed-tensors pack-quantized
             new_parameter(layer, "weight_packed", (n_out, n_in // 8), torch.int32, out_rows)
             new_parameter(layer, "weight_scale", (n_out, groups), torch.float32, out_rows)
@@ -143,6 +141,21 @@ class Int4LinearMethod(LinearMethod):
                 new_parameter(layer, "weight_zero_point", (n_out // 8, groups), torch.int32,
                               row_shard_loader(shape, dim=0, per_row=(1, 8)))
             new_parameter(layer, "weight_shape", (2,), torch.int64, _weight_shape_loader(shape))
+            if self.scheme.desc_act:
+                self._create_g_idx(layer, "weight_g_idx", group)
+
+    @staticmethod
+    def _create_g_idx(layer: QuantizedLinear, name: str, group: int) -> None:
+        """Each column's group, once per logical shard (act-order orders each shard's columns itself); consecutive
+        groups until the checkpoint says otherwise."""
+        shape = layer.shape
+        g_idx = new_parameter(layer, name, (len(shape.output_sizes), shape.in_features), torch.int32,
+                              _per_shard_vector_loader(shape))
+        g_idx.data.copy_(torch.arange(shape.in_features, dtype=torch.int32, device=layer.device) // group)
+
+    def _g_idx(self, layer: QuantizedLinear) -> torch.Tensor | None:
+        """The per-shard ``[shards, in]`` column groups, or None for a layout without them."""
+        return getattr(layer, "g_idx" if self.scheme.layout == "gptq" else "weight_g_idx", None)
 
     def _checkpoint_codes(self, layer: QuantizedLinear, rows: slice) -> Int4Codes:
         """The checkpoint tensors of output rows ``rows`` (a shard, or all) unpacked."""
@@ -151,20 +164,21 @@ class Int4LinearMethod(LinearMethod):
         if self.scheme.layout == "awq":
             qzeros = layer.qzeros[:, packed_rows] if self.scheme.zero_point else None
             return unpack_awq(layer.qweight[:, packed_rows], qzeros, layer.scales[:, rows], group)
+        all_g_idx = self._g_idx(layer)
+        shard = _shard_of(layer.shape, rows)
+        g_idx = None if all_g_idx is None else all_g_idx[0 if shard is None else shard]
         if self.scheme.layout == "gptq":
-            shard = _shard_of(layer.shape, rows)
-            g_idx = layer.g_idx[0 if shard is None else shard]
             return unpack_gptq(layer.qweight[:, rows], layer.qzeros[:, packed_rows], layer.scales[:, rows], group,
                                g_idx)
         zero_point = layer.weight_zero_point[packed_rows] if self.scheme.zero_point else None
-        return unpack_compressed(layer.weight_packed[rows], layer.weight_scale[rows], zero_point, group)
+        return unpack_compressed(layer.weight_packed[rows], layer.weight_scale[rows], zero_point, group, g_idx)
 
     def _checkpoint_names(self) -> tuple[str, ...]:
         if self.scheme.layout == "awq":
             return ("qweight", "qzeros", "scales")
         if self.scheme.layout == "gptq":
             return ("qweight", "qzeros", "scales", "g_idx")
-        return ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+        return ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
     # ---- canonical layout ----
 
@@ -172,9 +186,9 @@ class Int4LinearMethod(LinearMethod):
         """Output-row ranges repacked together: the whole layer, or each shard when a GPTQ layer's shards order
         their columns differently (act-order ``g_idx`` per shard)."""
         whole = [slice(0, layer.out_features)]
-        if self.scheme.layout != "gptq" or len(layer.shape.output_sizes) == 1:
+        g_idx = self._g_idx(layer)
+        if g_idx is None or len(layer.shape.output_sizes) == 1:
             return whole
-        g_idx = layer.g_idx
         if all(torch.equal(g_idx[0], g_idx[i]) for i in range(1, g_idx.shape[0])):
             return whole
         offsets = [layer.shape.shard_offset(i) for i in range(len(layer.shape.output_sizes) + 1)]
@@ -226,7 +240,7 @@ class Int4LinearMethod(LinearMethod):
         ``0.02 / 8`` so the weights are about as large as dummy full-precision ones; ``g_idx`` consecutive."""
         for name in self._checkpoint_names():
             param = getattr(layer, name, None)
-            if param is None or name in ("g_idx", "weight_shape"):
+            if param is None or name in ("g_idx", "weight_g_idx", "weight_shape"):
                 continue
             if param.dtype == torch.int32:
                 param.data.random_(-2**31, 2**31 - 1, generator=generator)

@@ -107,9 +107,10 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 
 def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                      weight_zero_point: torch.Tensor | None, group_size: int) -> Int4Codes:
+                      weight_zero_point: torch.Tensor | None, group_size: int,
+                      g_idx: torch.Tensor | None = None) -> Int4Codes:
     """compressed-tensors ``pack-quantized`` tensors -> codes (signed codes offset by 8, as the library packs
-    them); without a zero point (symmetric) every zero point is 8."""
+    them); without a zero point (symmetric) every zero point is 8; ``g_idx``: ``weight_g_idx`` (act-order)."""
     out_features, words = weight_packed.shape
     codes = _codes(weight_packed).reshape(out_features, words * 8)
     if weight_zero_point is None:
@@ -117,7 +118,8 @@ def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
     else:
         zrows, groups = weight_zero_point.shape
         zeros = _codes(weight_zero_point).permute(0, 2, 1).reshape(zrows * 8, groups).t()
-    return Int4Codes(codes.contiguous(), zeros.contiguous(), weight_scale.float().t().contiguous(), group_size)
+    return Int4Codes(codes.contiguous(), zeros.contiguous(), weight_scale.float().t().contiguous(), group_size,
+                     None if g_idx is None else g_idx.to(torch.int64))
 
 
 def sorted_by_group(codes: Int4Codes) -> tuple[Int4Codes, torch.Tensor | None]:
@@ -129,7 +131,7 @@ def sorted_by_group(codes: Int4Codes) -> tuple[Int4Codes, torch.Tensor | None]:
         return Int4Codes(codes.codes, codes.zeros, codes.scales, codes.group_size), None
     perm = torch.argsort(codes.g_idx, stable=True)
     if not torch.equal(codes.g_idx[perm], consecutive):
-        raise ValueError(f"GPTQ g_idx does not give every group {codes.group_size} columns; cannot run it")
+        raise ValueError(f"int4 g_idx does not give every group {codes.group_size} columns; cannot run it")
     return Int4Codes(codes.codes[:, perm].contiguous(), codes.zeros, codes.scales, codes.group_size), perm
 
 

@@ -116,7 +116,8 @@ def quantization_config(layout: Layout, group_size: int, symmetric: bool, desc_a
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
                 "sym": symmetric, "checkpoint_format": "gptq", "static_groups": False, "true_sequential": True}
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
-               "group_size": group_size, "dynamic": False, "observer": "minmax", "actorder": None}
+               "group_size": group_size, "dynamic": False, "observer": "minmax",
+               "actorder": "group" if desc_act else None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
@@ -128,12 +129,13 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
     """Quantize ``source``'s (a one-file safetensors HF checkpoint) decoder linears and write the ``layout``
     checkpoint to ``quantized`` and the de-quantized float32 one to ``dequantized``; returns both paths.
 
-    ``group_size`` -1 is one group per row (GPTQ); ``desc_act`` (GPTQ) scatters each group's columns with a random
+    ``group_size`` -1 is one group per row (GPTQ); ``desc_act`` (GPTQ; compressed-tensors ``actorder: group``
+    with ``weight_g_idx``) scatters each group's columns with a random
     ``g_idx`` as act-order does. ``symmetric``: zero point 8 (AWQ: ``zero_point: false``, no ``qzeros``)."""
     from safetensors.torch import load_file, save_file
 
-    if desc_act and layout != "gptq":
-        raise ValueError("desc_act is a GPTQ option")
+    if desc_act and layout == "awq":
+        raise ValueError("desc_act (act-order) is a GPTQ / compressed-tensors option")
     source, quantized, dequantized = Path(source), Path(quantized), Path(dequantized)
     files = sorted(source.glob("*.safetensors"))
     if len(files) != 1:
@@ -161,6 +163,8 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
             parts = gptq_tensors(q)
         else:
             parts = compressed_tensors(q, zero_point=not symmetric)
+            if desc_act:
+                parts["weight_g_idx"] = q.g_idx
         quant.update({f"{prefix}.{k}": v.contiguous() for k, v in parts.items()})
     for target, tensors, qcfg in ((quantized, quant, quantization_config(layout, group_size, symmetric, desc_act)),
                                   (dequantized, ref, None)):
