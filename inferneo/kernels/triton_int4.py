@@ -60,8 +60,8 @@ class W4A16Config:
 
 
 def choose_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> W4A16Config:
-    """A launch configuration for ``[m, k] @ [n, k].T``: the GEMV for one row, ``tl.dot`` tiles otherwise; K split
-    while there are fewer than four programs per SM and the split keeps whole tiles."""
+    """A launch configuration for ``[m, k] @ [n, k].T``: the GEMV for one row, ``tl.dot`` tiles otherwise; up to
+    64 rows, K is split while there are fewer than four programs per SM and the split keeps whole tiles."""
     bk = tile_k(group_size)
     if m == 1:
         bm, bn, warps = 1, 32, 4
@@ -74,7 +74,7 @@ def choose_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -
         bk = min(bk, 64)
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
-    while tiles * split < 4 * num_sms and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
+    while m <= 64 and tiles * split < 4 * num_sms and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
         split *= 2
     return W4A16Config(bm, bn, bk, split, warps)
 
