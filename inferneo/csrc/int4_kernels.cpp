@@ -28,6 +28,9 @@
 #define INFERNEO_X86 1
 #endif
 
+// Fully unroll the loops over a tile's rows and panels, so that its accumulators live in registers.
+#define INFERNEO_UNROLL _Pragma("GCC unroll 8")
+
 namespace {
 
 constexpr int64_t kBufferedRows = 16;
@@ -79,29 +82,29 @@ __attribute__((target("avx2,fma"))) inline __m256i load_zeros8(const uint8_t* z)
 template <int MR, int NP>
 __attribute__((target("avx2,fma"))) void register_tile(const Problem& p, int64_t m0, int64_t n0) {
   __m256 acc[MR][NP];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
   const int32_t* words = p.packed + (n0 / 8) * p.K;
   const float* x = p.x + m0 * p.K;
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
     const int64_t gi = (g0 / p.group) * p.N + n0;
     __m256i z[NP];
     __m256 s[NP];
-    for (int j = 0; j < NP; ++j) {
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) {
       z[j] = load_zeros8(p.zeros + gi + 8 * j);
       s[j] = _mm256_loadu_ps(p.scales + gi + 8 * j);
     }
     for (int64_t k = g0; k < g0 + p.group; ++k) {
       __m256 w[NP];
-      for (int j = 0; j < NP; ++j) w[j] = dequant8(words[j * p.K + k], z[j], s[j]);
-      for (int r = 0; r < MR; ++r) {
+      INFERNEO_UNROLL for (int j = 0; j < NP; ++j) w[j] = dequant8(words[j * p.K + k], z[j], s[j]);
+      INFERNEO_UNROLL for (int r = 0; r < MR; ++r) {
         const __m256 a = _mm256_broadcast_ss(x + r * p.K + k);
-        for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
+        INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
 }
 
 template <int NP>
@@ -120,19 +123,19 @@ __attribute__((target("avx2,fma"))) void register_columns(const Problem& p, int6
 template <int MR, int NP>
 __attribute__((target("avx2,fma"))) void buffered_tile(const Problem& p, const float* buf, int64_t m0, int64_t n0) {
   __m256 acc[MR][NP];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
   const float* x = p.x + m0 * p.K;
   for (int64_t k = 0; k < p.K; ++k) {
     __m256 w[NP];
-    for (int j = 0; j < NP; ++j) w[j] = _mm256_loadu_ps(buf + k * 8 * NP + 8 * j);
-    for (int r = 0; r < MR; ++r) {
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) w[j] = _mm256_loadu_ps(buf + k * 8 * NP + 8 * j);
+    INFERNEO_UNROLL for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * p.K + k);
-      for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
+      INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
 }
 
 template <int NP>
@@ -140,7 +143,7 @@ __attribute__((target("avx2,fma"))) void buffered_columns(const Problem& p, floa
   const int32_t* words = p.packed + (n0 / 8) * p.K;
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
     const int64_t gi = (g0 / p.group) * p.N + n0;
-    for (int j = 0; j < NP; ++j) {
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) {
       const __m256i z = load_zeros8(p.zeros + gi + 8 * j);
       const __m256 s = _mm256_loadu_ps(p.scales + gi + 8 * j);
       for (int64_t k = g0; k < g0 + p.group; ++k) _mm256_storeu_ps(buf + k * 8 * NP + 8 * j,
