@@ -10,27 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_moe_step import median_us  # this folder is on the path when the script runs
 
 from inferneo.kernels.cpu_int4 import cpu_int4_linear, load_int4_cpu_kernels
 from inferneo.quantization.int4_layouts import Int4Codes, dequantize, pack_canonical
 
 SHAPES = ((1536, 576, 64), (4096, 4096, 128))  # (out, in, group)
 ROWS = (1, 8, 64)
-
-
-def median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e6
 
 
 def main() -> None:

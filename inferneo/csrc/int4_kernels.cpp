@@ -78,12 +78,35 @@ __attribute__((target("avx2,fma"))) inline __m256i load_zeros8(const uint8_t* z)
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z)));
 }
 
+// A tile's accumulators: MR rows x NP panels of eight columns.
+template <int MR, int NP>
+__attribute__((target("avx2,fma"))) inline void zero_tile(__m256 (&acc)[MR][NP]) {
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
+}
+
+// acc[r] += x[r, k] * w for each row r of the tile (x rows K apart).
+template <int MR, int NP>
+__attribute__((target("avx2,fma"))) inline void fma_rows(__m256 (&acc)[MR][NP], const __m256 (&w)[NP],
+                                                         const float* x, int64_t K, int64_t k) {
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r) {
+    const __m256 a = _mm256_broadcast_ss(x + r * K + k);
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
+  }
+}
+
+template <int MR, int NP>
+__attribute__((target("avx2,fma"))) inline void store_tile(const __m256 (&acc)[MR][NP], const Problem& p,
+                                                           int64_t m0, int64_t n0) {
+  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
+    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
+}
+
 // Rows [m0, m0 + MR) x columns [n0, n0 + 8 * NP): de-quantize in registers along k.
 template <int MR, int NP>
 __attribute__((target("avx2,fma"))) void register_tile(const Problem& p, int64_t m0, int64_t n0) {
   __m256 acc[MR][NP];
-  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
-    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
+  zero_tile<MR, NP>(acc);
   const int32_t* words = p.packed + (n0 / 8) * p.K;
   const float* x = p.x + m0 * p.K;
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
@@ -97,14 +120,10 @@ __attribute__((target("avx2,fma"))) void register_tile(const Problem& p, int64_t
     for (int64_t k = g0; k < g0 + p.group; ++k) {
       __m256 w[NP];
       INFERNEO_UNROLL for (int j = 0; j < NP; ++j) w[j] = dequant8(words[j * p.K + k], z[j], s[j]);
-      INFERNEO_UNROLL for (int r = 0; r < MR; ++r) {
-        const __m256 a = _mm256_broadcast_ss(x + r * p.K + k);
-        INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
-      }
+      fma_rows<MR, NP>(acc, w, x, p.K, k);
     }
   }
-  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
-    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
+  store_tile<MR, NP>(acc, p, m0, n0);
 }
 
 template <int NP>
@@ -123,19 +142,14 @@ __attribute__((target("avx2,fma"))) void register_columns(const Problem& p, int6
 template <int MR, int NP>
 __attribute__((target("avx2,fma"))) void buffered_tile(const Problem& p, const float* buf, int64_t m0, int64_t n0) {
   __m256 acc[MR][NP];
-  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
-    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_setzero_ps();
+  zero_tile<MR, NP>(acc);
   const float* x = p.x + m0 * p.K;
   for (int64_t k = 0; k < p.K; ++k) {
     __m256 w[NP];
     INFERNEO_UNROLL for (int j = 0; j < NP; ++j) w[j] = _mm256_loadu_ps(buf + k * 8 * NP + 8 * j);
-    INFERNEO_UNROLL for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * p.K + k);
-      INFERNEO_UNROLL for (int j = 0; j < NP; ++j) acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
-    }
+    fma_rows<MR, NP>(acc, w, x, p.K, k);
   }
-  INFERNEO_UNROLL for (int r = 0; r < MR; ++r)
-    INFERNEO_UNROLL for (int j = 0; j < NP; ++j) _mm256_storeu_ps(p.y + (m0 + r) * p.N + n0 + 8 * j, acc[r][j]);
+  store_tile<MR, NP>(acc, p, m0, n0);
 }
 
 template <int NP>
