@@ -307,6 +307,7 @@ CASES = {
     "qwen3-gptq-sym-desc_act": ("qwen3", "gptq", 32, True, True),
     "llama-compressed-asym": ("llama", "compressed-tensors", 32, False, False),
     "qwen3-compressed-sym": ("qwen3", "compressed-tensors", 16, True, False),
+    "llama-compressed-actorder": ("llama", "compressed-tensors", 32, False, True),
 }
 
 
