@@ -75,10 +75,9 @@ def main() -> None:
             err = ((got.float() - ref).norm() / ref.norm()).item()
             bf16_us = graph_time_us(lambda x=x, w=w_bf16: F.linear(x, w))
             default = choose_config(m, n, k, 128, torch.cuda.get_device_properties(device).multi_processor_count)
-            configs = [default]
-            if m == 1:
-                configs += [W4A16Config(1, bn, 128, s) for bn, s in ((16, 2), (64, 4), (32, 1)) if
-                            W4A16Config(1, bn, 128, s) != default]
+            alternatives = ([W4A16Config(1, bn, 128, s) for bn, s in ((32, 4), (128, 2), (64, 1), (64, 8))]
+                            if m == 1 else [W4A16Config(m, 128, 128, s) for s in (1, 2, 4)])
+            configs = [default] + [c for c in alternatives if c != default and k % (c.block_k * c.split_k) == 0]
             for config in configs:
                 y = w4a16_linear(x, weights, config)
                 cerr = ((y.float() - ref).norm() / ref.norm()).item()

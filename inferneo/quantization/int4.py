@@ -304,8 +304,10 @@ def select_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int
         if int4_cpu_kernels(kernels) is not None:
             return cpu_int4_linear
     if device.type == "cuda":
-        from inferneo.kernels.triton_int4 import triton_int4_available, w4a16_linear
-
+        try:
+            from inferneo.kernels.triton_int4 import triton_int4_available, w4a16_linear
+        except ImportError:  # no Triton
+            return reference_int4_linear
         if triton_int4_available(group_size):
             return w4a16_linear
     return reference_int4_linear
