@@ -53,10 +53,12 @@ class W4A16Config:
 
 def choose_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> W4A16Config:
     """A launch configuration for ``[m, k] @ [n, k].T``: the GEMV for one row, ``tl.dot`` tiles otherwise; up to
-    64 rows, K is split while there are fewer than four programs per SM and the split keeps whole tiles."""
+    64 rows, K is split (at most 4 ways) while there are fewer than four programs per SM and the split keeps whole
+    tiles. The one-row choice (32 features, split up to 4) was the fastest measured on an H200 for Llama-2-7B's
+    4096-wide layers (``benchmarks/results/2026-12-03-h200-int4-check.jsonl``)."""
     bk = tile_k(group_size)
     if m == 1:
-        bm, bn, warps = 1, 64, 4
+        bm, bn, warps = 1, 32, 4
     elif m <= 16:
         bm, bn, warps = 16, 128, 4
     elif m <= 32:
@@ -66,7 +68,7 @@ def choose_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -
         bk = min(bk, 64)
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
-    while m <= 64 and tiles * split < 4 * num_sms and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
+    while m <= 64 and split < 4 and tiles * split < 4 * num_sms and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
         split *= 2
     return W4A16Config(bm, bn, bk, split, warps)
 
