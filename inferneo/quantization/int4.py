@@ -1,0 +1,384 @@
+"""4-bit weight-only quantization (W4A16): AWQ, GPTQ and compressed-tensors ``pack-quantized`` checkpoints.
+
+Activations stay in the model dtype; each weight is ``(q - z) * s`` with a 4-bit code ``q``, and a scale ``s`` and
+zero point ``z`` shared by a group of ``group_size`` input columns of one output row (layouts:
+:mod:`inferneo.quantization.int4_layouts`). The layer keeps the checkpoint's tensors under their own names while
+loading; :meth:`Int4LinearMethod.finalize` repacks them once into the canonical layout and frees them. The product
+runs in the native CPU kernel (``inferneo/csrc/int4_kernels.cpp``), the Triton W4A16 kernel on CUDA, or, where
+neither applies, de-quantization followed by ``F.linear`` (the reference).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo.kernel_config import KernelConfig
+from inferneo.quantization.base import (
+    LinearMethod,
+    LinearShape,
+    QuantConfig,
+    QuantizedLinear,
+    WeightLoader,
+    new_parameter,
+    row_shard_loader,
+)
+from inferneo.quantization.int4_layouts import (
+    Int4Codes,
+    Int4Weights,
+    dequantize,
+    pack_canonical,
+    unpack_awq,
+    unpack_compressed,
+    unpack_gptq,
+)
+
+logger = logging.getLogger(__name__)
+
+Int4Layout = Literal["awq", "gptq", "compressed-tensors"]
+_LAYOUTS = ("awq", "gptq", "compressed-tensors")
+# Devices and model dtypes the 4-bit formats run in.
+_SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.bfloat16),
+                     "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Scheme:
+    """How a checkpoint stores its 4-bit weights.
+
+    ``layout`` names the checkpoint's tensors and packing order; ``group_size`` is the number of input columns
+    sharing one scale and zero point (-1: the whole input dimension); ``zero_point`` False means symmetric weights
+    (every zero point 8, no zero-point tensor); ``desc_act`` (GPTQ ``desc_act``, compressed-tensors
+    ``actorder: group``) means the checkpoint's ``g_idx`` (``weight_g_idx``) may scatter a group's columns.
+    """
+
+    layout: Int4Layout
+    group_size: int
+    zero_point: bool
+    desc_act: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"int4 layout {self.layout!r} is unknown; supported: {', '.join(_LAYOUTS)}")
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+            raise ValueError(f"{self.layout}: group_size {self.group_size} is not supported; supported: -1 or a "
+                             f"positive multiple of 8")
+        if self.desc_act and self.layout == "awq":
+            raise ValueError("awq: desc_act (act-order) is not an AWQ option; supported: gptq, compressed-tensors")
+
+    def group_for(self, in_features: int, prefix: str) -> int:
+        """The group size of a layer with ``in_features`` inputs (ValueError when it does not divide them)."""
+        group = in_features if self.group_size == -1 else self.group_size
+        if in_features % group or in_features % 8:
+            raise ValueError(f"{self.layout}: {prefix} has {in_features} input features, which group_size "
+                             f"{self.group_size} does not divide (or not a multiple of 8)")
+        return group
+
+
+# ---- the layer -----------------------------------------------------------------------------------------------
+
+
+def _per_shard_vector_loader(shape: LinearShape) -> WeightLoader:
+    """A loader for GPTQ's ``g_idx`` held once per logical shard (``[shards, in]``): shard ``i`` fills row ``i``;
+    a fused checkpoint tensor (``shard=None``) fills every row."""
+
+    def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        if tuple(tensor.shape) != (shape.in_features,):
+            raise ValueError(f"{shape.prefix}: g_idx has shape {tuple(tensor.shape)}, the layer expects "
+                             f"({shape.in_features},)")
+        target = param.data if shard is None else param.data[shard]
+        target.copy_(tensor.expand_as(target))
+
+    return load
+
+
+class Int4LinearMethod(LinearMethod):
+    """A linear layer with 4-bit weights in one of the :class:`Int4Scheme` layouts.
+
+    After :meth:`finalize` the layer holds its weight once, in the canonical layout, as buffers ``int4_packed``,
+    ``int4_scales``, ``int4_zeros`` (and ``int4_perm`` for act-order GPTQ); a fused GPTQ layer whose shards have
+    different ``g_idx`` orders keeps one such set per shard (suffix ``_<shard>``) and multiplies them in turn.
+    """
+
+    def __init__(self, scheme: Int4Scheme) -> None:
+        self.scheme = scheme
+        self.name = scheme.layout
+
+    # ---- checkpoint tensors ----
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        shape = layer.shape
+        group = self.scheme.group_for(shape.in_features, shape.prefix)
+        for size in shape.output_sizes:
+            if size % 8:
+                raise ValueError(f"{self.name}: {shape.prefix} has a shard of {size} output rows; 4-bit layouts "
+                                 f"need multiples of 8")
+        n_in, n_out, groups = shape.in_features, shape.out_features, shape.in_features // group
+        layer.int4_group_size = group
+        out_rows = row_shard_loader(shape, dim=0)
+        if self.scheme.layout == "awq":
+            packed_cols = row_shard_loader(shape, dim=1, per_row=(1, 8))
+            new_parameter(layer, "qweight", (n_in, n_out // 8), torch.int32, packed_cols)
+            if self.scheme.zero_point:
+                new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32, packed_cols)
+            new_parameter(layer, "scales", (groups, n_out), torch.float32, row_shard_loader(shape, dim=1))
+        elif self.scheme.layout == "gptq":
+            cols = row_shard_loader(shape, dim=1)
+            new_parameter(layer, "qweight", (n_in // 8, n_out), torch.int32, cols)
+            new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32,
+                          row_shard_loader(shape, dim=1, per_row=(1, 8)))
+            new_parameter(layer, "scales", (groups, n_out), torch.float32, cols)
+            self._create_g_idx(layer, "g_idx", group)
+        else:  # compressed-tensors pack-quantized
+            new_parameter(layer, "weight_packed", (n_out, n_in // 8), torch.int32, out_rows)
+            new_parameter(layer, "weight_scale", (n_out, groups), torch.float32, out_rows)
+            if self.scheme.zero_point:
+                new_parameter(layer, "weight_zero_point", (n_out // 8, groups), torch.int32,
+                              row_shard_loader(shape, dim=0, per_row=(1, 8)))
+            new_parameter(layer, "weight_shape", (2,), torch.int64, _weight_shape_loader(shape))
+            if self.scheme.desc_act:
+                self._create_g_idx(layer, "weight_g_idx", group)
+
+    @staticmethod
+    def _create_g_idx(layer: QuantizedLinear, name: str, group: int) -> None:
+        """Each column's group, once per logical shard (act-order orders each shard's columns itself); consecutive
+        groups until the checkpoint says otherwise."""
+        shape = layer.shape
+        g_idx = new_parameter(layer, name, (len(shape.output_sizes), shape.in_features), torch.int32,
+                              _per_shard_vector_loader(shape))
+        g_idx.data.copy_(torch.arange(shape.in_features, dtype=torch.int32, device=layer.device) // group)
+
+    def _g_idx(self, layer: QuantizedLinear) -> torch.Tensor | None:
+        """The per-shard ``[shards, in]`` column groups, or None for a layout without them."""
+        return getattr(layer, "g_idx" if self.scheme.layout == "gptq" else "weight_g_idx", None)
+
+    def _checkpoint_codes(self, layer: QuantizedLinear, rows: slice) -> Int4Codes:
+        """The checkpoint tensors of output rows ``rows`` (a shard, or all) unpacked."""
+        group = layer.int4_group_size
+        packed_rows = slice(rows.start // 8, rows.stop // 8)
+        if self.scheme.layout == "awq":
+            qzeros = layer.qzeros[:, packed_rows] if self.scheme.zero_point else None
+            return unpack_awq(layer.qweight[:, packed_rows], qzeros, layer.scales[:, rows], group)
+        all_g_idx = self._g_idx(layer)
+        shard = _shard_of(layer.shape, rows)
+        g_idx = None if all_g_idx is None else all_g_idx[0 if shard is None else shard]
+        if self.scheme.layout == "gptq":
+            return unpack_gptq(layer.qweight[:, rows], layer.qzeros[:, packed_rows], layer.scales[:, rows], group,
+                               g_idx)
+        zero_point = layer.weight_zero_point[packed_rows] if self.scheme.zero_point else None
+        return unpack_compressed(layer.weight_packed[rows], layer.weight_scale[rows], zero_point, group, g_idx)
+
+    def _checkpoint_names(self) -> tuple[str, ...]:
+        if self.scheme.layout == "awq":
+            return ("qweight", "qzeros", "scales")
+        if self.scheme.layout == "gptq":
+            return ("qweight", "qzeros", "scales", "g_idx")
+        return ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+    # ---- canonical layout ----
+
+    def _row_blocks(self, layer: QuantizedLinear) -> list[slice]:
+        """Output-row ranges repacked together: the whole layer, or each shard when a GPTQ layer's shards order
+        their columns differently (act-order ``g_idx`` per shard)."""
+        whole = [slice(0, layer.out_features)]
+        g_idx = self._g_idx(layer)
+        if g_idx is None or len(layer.shape.output_sizes) == 1:
+            return whole
+        if all(torch.equal(g_idx[0], g_idx[i]) for i in range(1, g_idx.shape[0])):
+            return whole
+        offsets = [layer.shape.shard_offset(i) for i in range(len(layer.shape.output_sizes) + 1)]
+        return [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+    @torch.no_grad()
+    def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
+        """Repack into the canonical layout (one block, or one per shard), free the checkpoint tensors and choose
+        the kernel for ``layer.device``."""
+        if getattr(layer, "int4_blocks", None) is not None:
+            return
+        self._check_weight_shape(layer)
+        blocks = [pack_canonical(self._checkpoint_codes(layer, rows)) for rows in self._row_blocks(layer)]
+        for name in self._checkpoint_names():
+            if name in layer._parameters:
+                delattr(layer, name)
+        _hold_blocks(layer, blocks)
+        layer.int4_kernel = select_int4_kernel(layer.device, layer.dtype, blocks[0].group_size, kernels)
+
+    def _check_weight_shape(self, layer: QuantizedLinear) -> None:
+        if self.scheme.layout != "compressed-tensors":
+            return
+        got = tuple(int(v) for v in layer.weight_shape.tolist())
+        if got != (0, 0) and got != (layer.out_features, layer.in_features):
+            raise ValueError(f"{layer.shape.prefix}: weight_shape {list(got)} does not match the layer "
+                             f"[{layer.out_features}, {layer.in_features}]")
+
+    # ---- compute ----
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        blocks: list[Int4Weights] = layer.int4_blocks
+        rows = x.reshape(-1, layer.in_features)
+        outs = [layer.int4_kernel(rows if b.perm is None else rows.index_select(1, b.perm), b) for b in blocks]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
+        blocks = getattr(layer, "int4_blocks", None)
+        if blocks is None:
+            from inferneo.quantization.int4_layouts import dequantize_codes
+
+            return torch.cat([dequantize_codes(self._checkpoint_codes(layer, rows))
+                              for rows in self._row_blocks(layer)])
+        return torch.cat([dequantize(b) for b in blocks])
+
+    @torch.no_grad()
+    def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
+        """Random codes and zero points (random int32 words are valid codes in every layout), scales around
+        ``0.02 / 8`` so the weights are about as large as dummy full-precision ones; ``g_idx`` consecutive."""
+        for name in self._checkpoint_names():
+            param = getattr(layer, name, None)
+            if param is None or name in ("g_idx", "weight_g_idx", "weight_shape"):
+                continue
+            if param.dtype == torch.int32:
+                param.data.random_(-2**31, 2**31 - 1, generator=generator)
+            else:
+                param.data.uniform_(0.5 * 0.0025, 1.5 * 0.0025, generator=generator)
+
+
+def _shard_of(shape: LinearShape, rows: slice) -> int | None:
+    for i in range(len(shape.output_sizes)):
+        if shape.shard_offset(i) == rows.start and shape.output_sizes[i] == rows.stop - rows.start:
+            return i if len(shape.output_sizes) > 1 else None
+    return None
+
+
+def _weight_shape_loader(shape: LinearShape) -> WeightLoader:
+    """compressed-tensors' ``weight_shape`` ``[out, in]`` of one shard: shards add up their output rows."""
+
+    def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+        size = shape.out_features if shard is None else shape.output_sizes[shard]
+        got = [int(v) for v in tensor.reshape(-1).tolist()]
+        if got != [size, shape.in_features]:
+            raise ValueError(f"{shape.prefix}: weight_shape {got} does not match [{size}, {shape.in_features}]")
+        param.data.copy_(torch.tensor([shape.out_features, shape.in_features]))
+
+    return load
+
+
+def _hold_blocks(layer: QuantizedLinear, blocks: list[Int4Weights]) -> None:
+    """Register the canonical tensors as buffers (so memory accounting and ``.to`` see them) and keep the
+    records."""
+    for i, block in enumerate(blocks):
+        suffix = "" if len(blocks) == 1 else f"_{i}"
+        layer.register_buffer(f"int4_packed{suffix}", block.packed)
+        layer.register_buffer(f"int4_scales{suffix}", block.scales)
+        layer.register_buffer(f"int4_zeros{suffix}", block.zeros)
+        if block.perm is not None:
+            layer.register_buffer(f"int4_perm{suffix}", block.perm)
+    layer.int4_blocks = blocks
+
+
+# ---- kernels -------------------------------------------------------------------------------------------------
+
+Int4Kernel = Any  # Callable[[torch.Tensor, Int4Weights], torch.Tensor]
+
+
+def reference_int4_linear(x: torch.Tensor, weights: Int4Weights) -> torch.Tensor:
+    """The reference product: de-quantize (columns in the kernel's sorted order) in float32, then ``F.linear``
+    in ``x``'s dtype."""
+    from inferneo.quantization.int4_layouts import canonical_codes, dequantize_codes
+
+    w = dequantize_codes(Int4Codes(canonical_codes(weights), weights.zeros, weights.scales, weights.group_size))
+    return F.linear(x, w.to(x.dtype))
+
+
+def select_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int, kernels: KernelConfig) -> Int4Kernel:
+    """The product for a layer on ``device``: the native CPU kernel (``cpu_native_kernels`` on and it builds), the
+    Triton W4A16 kernel on CUDA (Triton installed, a group size it tiles), else :func:`reference_int4_linear`."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        from inferneo.kernels.cpu_int4 import cpu_int4_linear, int4_cpu_kernels
+
+        if int4_cpu_kernels(kernels) is not None:
+            return cpu_int4_linear
+    if device.type == "cuda":
+        try:
+            from inferneo.kernels.triton_int4 import triton_int4_available, w4a16_linear
+        except ImportError:  # no Triton
+            return reference_int4_linear
+        if triton_int4_available(group_size):
+            return w4a16_linear
+    return reference_int4_linear
+
+
+# ---- the formats ---------------------------------------------------------------------------------------------
+
+
+class _Int4Config(QuantConfig):
+    """A 4-bit checkpoint format: every linear of the decoder layers except those listed as not converted."""
+
+    def __init__(self, scheme: Int4Scheme, skip: tuple[str, ...] = ()) -> None:
+        self.scheme = scheme
+        self.skip = skip
+
+    def method_for(self, shape: LinearShape) -> LinearMethod | None:
+        if shape.prefix.startswith("lm_head"):
+            return None
+        name = self.checkpoint_name(shape.prefix)
+        if any(s and (s in name or s in shape.prefix) for s in self.skip):
+            return None
+        return Int4LinearMethod(self.scheme)
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        allowed = _SUPPORTED_DTYPES.get(device.type)
+        if allowed is None or dtype not in allowed:
+            supported = "; ".join(f"{d}: {', '.join(str(t).removeprefix('torch.') for t in ts)}"
+                                  for d, ts in _SUPPORTED_DTYPES.items())
+            raise ValueError(f"{self.name} 4-bit weights cannot run on {device} in {dtype}; supported: {supported}")
+
+    def describe(self) -> str:
+        s = self.scheme
+        extra = ", desc_act" if s.desc_act else ""
+        return f"{self.name} (4-bit, group {s.group_size}, {'zero points' if s.zero_point else 'symmetric'}{extra})"
+
+
+def _bits(cfg: dict[str, Any], fmt: str) -> None:
+    bits = cfg.get("bits", cfg.get("w_bit", 4))
+    if bits != 4:
+        raise ValueError(f"{fmt} with {bits}-bit weights is not supported; supported: bits 4")
+
+
+class AwqConfig(_Int4Config):
+    """AWQ checkpoints (``quant_method: awq``, ``version: gemm``, 4 bits)."""
+
+    name = "awq"
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> AwqConfig:
+        cfg = quantization_config
+        _bits(cfg, "awq")
+        version = str(cfg.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"awq version {version!r} is not supported; supported: gemm")
+        group = int(cfg.get("group_size", cfg.get("q_group_size", 128)))
+        scheme = Int4Scheme("awq", group, bool(cfg.get("zero_point", True)))
+        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()))
+
+
+class GptqConfig(_Int4Config):
+    """GPTQ checkpoints (``quant_method: gptq``, 4 bits, ``checkpoint_format: gptq``: v1 zero points)."""
+
+    name = "gptq"
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> GptqConfig:
+        cfg = quantization_config
+        _bits(cfg, "gptq")
+        fmt = str(cfg.get("checkpoint_format", "gptq")).lower()
+        if fmt != "gptq":
+            raise ValueError(f"gptq checkpoint_format {fmt!r} is not supported; supported: gptq")
+        scheme = Int4Scheme("gptq", int(cfg.get("group_size", 128)), zero_point=True,
+                            desc_act=bool(cfg.get("desc_act", False)))
+        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()))

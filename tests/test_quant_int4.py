@@ -1,0 +1,372 @@
+"""4-bit weight-only checkpoints (AWQ, GPTQ, compressed-tensors pack-quantized): the layouts' de-quantization
+against independent readings of them, the kernels against ``F.linear`` on the de-quantized weights, and greedy
+tokens of tiny models against the engine on the de-quantized float32 checkpoint.
+
+Activations are not quantized, so a 4-bit model computes the same products as the float32 model on its
+de-quantized weights: the CPU kernel de-quantizes exactly ((q - z) * s in float32, one rounding) and differs only
+in summation order, so greedy tokens are expected to be equal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inferneo import LLM, SamplingParams
+from inferneo.kernel_config import KernelConfig
+from inferneo.quantization import quantized_linears
+from inferneo.quantization.int4 import (
+    AwqConfig,
+    GptqConfig,
+    Int4LinearMethod,
+    Int4Scheme,
+    reference_int4_linear,
+)
+from inferneo.quantization.int4_layouts import (
+    Int4Codes,
+    dequantize,
+    pack_canonical,
+    unpack_awq,
+    unpack_compressed,
+    unpack_gptq,
+)
+from inferneo.quantization.registry import resolve_quant_config
+from inferneo.testing.int4_checkpoints import (
+    awq_tensors,
+    compressed_tensors,
+    gptq_tensors,
+    quantize_weight,
+    write_int4_checkpoint,
+)
+
+# ---- plain-numpy readings of the documented layouts (written from the formats' descriptions) ------------------
+
+
+def _nibble(word: int, i: int) -> int:
+    return (int(np.uint32(np.int32(word))) >> (4 * i)) & 0xF
+
+
+def numpy_awq(qweight, qzeros, scales, group):
+    """AWQ GEMM: qweight[k, j] packs output columns 8j + (0, 2, 4, 6, 1, 3, 5, 7)[i] in nibble i."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    qw, qz, sc = qweight.numpy(), qzeros.numpy(), scales.float().numpy()
+    k_in, words = qw.shape
+    w = np.zeros((words * 8, k_in), dtype=np.float32)
+    for k in range(k_in):
+        for j in range(words):
+            for i in range(8):
+                n = 8 * j + order[i]
+                z = _nibble(qz[k // group, j], i)
+                w[n, k] = np.float32(_nibble(qw[k, j], i) - z) * sc[k // group, n]
+    return w
+
+
+def numpy_gptq(qweight, qzeros, scales, g_idx):
+    """GPTQ v1: qweight[r, n] packs input rows 8r + i in nibble i; qzeros[g, j] packs columns 8j + i, storing z - 1."""
+    qw, qz, sc, gi = qweight.numpy(), qzeros.numpy(), scales.float().numpy(), g_idx.numpy()
+    rows, n_out = qw.shape
+    w = np.zeros((n_out, rows * 8), dtype=np.float32)
+    for r in range(rows):
+        for n in range(n_out):
+            for i in range(8):
+                k = 8 * r + i
+                z = _nibble(qz[gi[k], n // 8], n % 8) + 1
+                w[n, k] = np.float32(_nibble(qw[r, n], i) - z) * sc[gi[k], n]
+    return w
+
+
+def _random_quantized(out_features=24, in_features=64, group=16, symmetric=False, scale_dtype=torch.float16,
+                      act_order=False, min_zero=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen)
+    g_idx = torch.arange(in_features) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
+    return quantize_weight(w, group, symmetric, scale_dtype, g_idx, min_zero=min_zero)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_awq_dequantization_matches_a_plain_reading_of_the_layout(zero_point):
+    q = _random_quantized(symmetric=not zero_point)
+    t = awq_tensors(q, zero_point=zero_point)
+    qzeros = t.get("qzeros", awq_tensors(q, zero_point=True)["qzeros"])  # symmetric: every zero point is 8
+    expected = numpy_awq(t["qweight"], qzeros, t["scales"], 16)
+    unpacked = unpack_awq(t["qweight"], t.get("qzeros"), t["scales"], 16)
+    assert np.array_equal(pack_and_dequantize(unpacked).numpy(), expected)
+    assert torch.equal(pack_and_dequantize(unpacked), q.dequantized())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_dequantization_matches_a_plain_reading_of_the_layout(act_order, symmetric):
+    q = _random_quantized(symmetric=symmetric, act_order=act_order, min_zero=1)
+    t = gptq_tensors(q)
+    expected = numpy_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    unpacked = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], 16, t["g_idx"])
+    packed = pack_canonical(unpacked)
+    assert (packed.perm is not None) == act_order
+    assert np.array_equal(dequantize(packed).numpy(), expected)
+
+
+def pack_and_dequantize(codes: Int4Codes) -> torch.Tensor:
+    return dequantize(pack_canonical(codes))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compressed_tensors_dequantization_is_the_librarys_bit_for_bit(symmetric):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    q = _random_quantized(symmetric=symmetric, scale_dtype=torch.bfloat16)
+    t = compressed_tensors(q, zero_point=not symmetric)
+    ours = pack_and_dequantize(unpack_compressed(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), 16))
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    # In float32 (scales widened exactly): the same products, bit for bit.
+    state = dict(t, weight_scale=t["weight_scale"].float())
+    if not symmetric:
+        state["weight_zero_point"] = t["weight_zero_point"]
+    theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+    assert theirs.dtype == torch.float32 and torch.equal(ours, theirs)
+    # In the checkpoint's bfloat16: the library rounds each product once; so does ours rounded to bfloat16.
+    theirs_bf16 = PackedQuantizationCompressor.decompress(dict(t), scheme)["weight"]
+    assert torch.equal(ours.to(torch.bfloat16), theirs_bf16)
+
+
+def test_act_order_with_uneven_groups_is_refused():
+    codes = Int4Codes(torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(2, 8, dtype=torch.uint8),
+                      torch.ones(2, 8), 16, g_idx=torch.tensor([0] * 20 + [1] * 12))
+    with pytest.raises(ValueError, match="g_idx does not give every group 16 columns"):
+        pack_canonical(codes)
+
+
+# ---- kernels --------------------------------------------------------------------------------------------------
+
+
+def _canonical(out_features, in_features, group, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = Int4Codes(torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen),
+                      torch.randint(0, 17, (in_features // group, out_features), dtype=torch.uint8, generator=gen),
+                      torch.rand(in_features // group, out_features, generator=gen) * 0.05, group)
+    return pack_canonical(codes)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_kernel_matches_linear_on_dequantized_weights(isa):
+    from inferneo.kernels.cpu_int4 import cpu_int4_linear, load_int4_cpu_kernels
+
+    module = load_int4_cpu_kernels()
+    if module is None:
+        pytest.skip("the native int4 kernel does not build here")
+    if isa == "avx2" and module.best_isa() != "avx2":
+        pytest.skip("this CPU lacks AVX2 + FMA")
+    torch.manual_seed(0)
+    for n, k, group in ((24, 64, 32), (48, 256, 128), (40, 96, 96)):
+        weights = _canonical(n, k, group)
+        w = dequantize(weights)
+        # 1..3 rows: register tiles with remainders; 17, 23: the buffered path (>= 16 rows) with remainders
+        for m in (1, 3, 4, 17, 23):
+            x = torch.randn(m, k)
+            ref = F.linear(x, w)
+            got = cpu_int4_linear(x, weights, isa)
+            # exact de-quantization, float32 sums in another order: relative 1e-5
+            assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+            got_bf16 = cpu_int4_linear(x.bfloat16(), weights, isa)
+            ref_bf16 = F.linear(x.bfloat16().float(), w)
+            # bfloat16 in, float32 sums, one rounding to bfloat16 (8 bits): within 2^-8 of each value
+            assert got_bf16.dtype == torch.bfloat16
+            assert torch.allclose(got_bf16.float(), ref_bf16, rtol=2**-8, atol=1e-3 * ref_bf16.abs().max())
+
+
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import triton  # noqa: F401 (the interpreter is on before the shims patch it)
+    from tests.triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+    from inferneo.kernels.triton_int4 import W4A16Config, w4a16_linear
+    from inferneo.quantization.int4_layouts import Int4Codes, dequantize, pack_canonical
+
+    torch.manual_seed(0)
+    # float32: IEEE products and float32 sums; float16/bfloat16: weights rounded to the activation dtype for tl.dot,
+    # float32 sums, one rounding of the output.
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+    for n, k, g in ((24, 64, 32), (48, 256, 128), (40, 96, 96)):
+        codes = Int4Codes(torch.randint(0, 16, (n, k), dtype=torch.uint8),
+                          torch.randint(0, 17, (k // g, n), dtype=torch.uint8), torch.rand(k // g, n) * 0.1, g)
+        weights = pack_canonical(codes)
+        w = dequantize(weights)
+        for m in (1, 3, 40):
+            for dtype in tolerance:
+                x = torch.randn(m, k).to(dtype)
+                ref = F.linear(x.float(), w)
+                for config in (None, W4A16Config(1 if m == 1 else 16, 16 if m == 1 else 128, 16, 2)):
+                    y = w4a16_linear(x, weights, config)
+                    assert y.shape == (m, n) and y.dtype == dtype
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    assert err < tolerance[dtype], (n, k, g, m, dtype, config, err)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_w4a16_matches_linear_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_reference_path_matches_linear():
+    weights = _canonical(16, 64, 32)
+    x = torch.randn(5, 64)
+    assert torch.equal(reference_int4_linear(x, weights), F.linear(x, dequantize(weights)))
+
+
+def test_triton_config_splits_k_for_small_batches():
+    from inferneo.kernels.triton_int4 import choose_config, tile_k
+
+    assert tile_k(128) == 128 and tile_k(96) == 32 and tile_k(11008) == 128 and tile_k(8) == 0
+    one = choose_config(1, 4096, 4096, 128)
+    assert one.block_m == 1 and one.split_k > 1 and 4096 % (one.block_k * one.split_k) == 0
+    big = choose_config(512, 4096, 4096, 128)
+    assert big.block_m == 64 and big.split_k == 1
+
+
+# ---- configs --------------------------------------------------------------------------------------------------
+
+
+def test_configs_parse_and_refuse_what_they_cannot_run():
+    awq = resolve_quant_config({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                        "zero_point": True, "version": "gemm",
+                                                        "modules_to_not_convert": ["mlp.down_proj"]}}, None)
+    assert isinstance(awq, AwqConfig) and awq.scheme == Int4Scheme("awq", 128, True)
+    from inferneo.quantization.base import LinearShape
+    assert awq.method_for(LinearShape("layers.0.mlp.down_proj", 128, (64,))) is None
+    assert isinstance(awq.method_for(LinearShape("layers.0.mlp.gate_up_proj", 64, (128, 128))), Int4LinearMethod)
+    assert awq.method_for(LinearShape("lm_head", 64, (384,))) is None
+    gptq = GptqConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True, "sym": True})
+    assert gptq.scheme == Int4Scheme("gptq", -1, True, desc_act=True)
+    with pytest.raises(ValueError, match="8-bit weights is not supported; supported: bits 4"):
+        AwqConfig.from_hf({"quant_method": "awq", "bits": 8, "group_size": 128, "version": "gemm"})
+    with pytest.raises(ValueError, match="8-bit weights is not supported; supported: bits 4"):
+        GptqConfig.from_hf({"quant_method": "gptq", "bits": 8, "group_size": 128})
+    with pytest.raises(ValueError, match="awq version 'gemv' is not supported; supported: gemm"):
+        AwqConfig.from_hf({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"})
+    with pytest.raises(ValueError, match="checkpoint_format 'gptq_v2' is not supported; supported: gptq"):
+        GptqConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"})
+    with pytest.raises(ValueError, match="group_size 100 is not supported"):
+        Int4Scheme("awq", 100, True)
+    with pytest.raises(ValueError, match="which group_size 48 does not divide"):
+        Int4Scheme("gptq", 48, True).group_for(64, "layers.0.self_attn.o_proj")
+    with pytest.raises(ValueError, match="cannot run on cpu in torch.float16; supported: cpu: float32, bfloat16"):
+        awq.check_supported(torch.device("cpu"), torch.float16)
+
+
+def test_group_size_not_dividing_a_layer_fails_at_start_up(tiny_checkpoint_factory, tmp_path):
+    source = tiny_checkpoint_factory("llama")
+    quant, _ = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "awq", group_size=32)
+    import json
+    config = json.loads((quant / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 48  # does not divide hidden_size 64
+    (quant / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="awq: layers.0.self_attn.qkv_proj has 64 input features, which group_size "
+                                         "48 does not divide"):
+        LLM(str(quant), dtype="float32", max_model_len=64, kv_cache_memory="4MiB")
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------
+
+PROMPTS = [[1, 5, 9, 33, 70], [1, 200, 3, 4, 5, 6, 7, 8, 100, 101, 300, 44, 55, 66, 77, 88, 99], [1, 17, 250]]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+ENGINE = dict(dtype="float32", max_model_len=128, kv_cache_memory="8MiB")
+
+
+def _greedy(path, **kwargs):
+    llm = LLM(str(path), **ENGINE, **kwargs)
+    try:
+        layers = quantized_linears(llm.engine.runner.model)
+        out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        return out, layers
+    finally:
+        llm.shutdown()
+
+
+CASES = {
+    "llama-awq-g32": ("llama", "awq", 32, False, False),
+    "qwen3-awq-sym": ("qwen3", "awq", 32, True, False),
+    "llama-gptq-desc_act": ("llama", "gptq", 32, False, True),
+    "qwen3-gptq-sym-channel": ("qwen3", "gptq", -1, True, False),
+    "qwen3-gptq-sym-desc_act": ("qwen3", "gptq", 32, True, True),
+    "llama-compressed-asym": ("llama", "compressed-tensors", 32, False, False),
+    "qwen3-compressed-sym": ("qwen3", "compressed-tensors", 16, True, False),
+    "llama-compressed-actorder": ("llama", "compressed-tensors", 32, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_the_dequantized_float32_model(case, tiny_checkpoint_factory, tmp_path):
+    arch, layout, group, symmetric, desc_act = CASES[case]
+    source = tiny_checkpoint_factory(arch)
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", layout, group, symmetric, desc_act)
+    got, layers = _greedy(quant)
+    expected, _ = _greedy(ref)
+    assert len(layers) == 2 * 4  # qkv, o, gate_up, down in each of the two layers
+    assert all(isinstance(layer.method, Int4LinearMethod) and layer.method.name == layout for layer in layers)
+    assert not any(name in ("qweight", "weight_packed") for layer in layers for name, _ in layer.named_parameters())
+    if desc_act:  # q, k, v got their own random act-order: one canonical block per shard
+        assert len(layers[0].int4_blocks) == 3
+    assert got == expected
+
+
+def test_layers_hold_the_weight_once_and_dequantize_to_the_checkpoint(tiny_checkpoint_factory, tmp_path):
+    from safetensors.torch import load_file
+
+    source = tiny_checkpoint_factory("llama")
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "gptq", 32, False, True)
+    llm = LLM(str(quant), **ENGINE)
+    try:
+        model = llm.engine.runner.model
+        reference = load_file(str(ref / "model.safetensors"))
+        layer = next(m for name, m in model.named_modules() if name.endswith("layers.1.mlp.gate_up_proj"))
+        expected = torch.cat([reference["model.layers.1.mlp.gate_proj.weight"],
+                              reference["model.layers.1.mlp.up_proj.weight"]])
+        assert torch.equal(layer.method.dequantized_weight(layer), expected)
+        # packed codes (half a byte per weight) + float32 scales + uint8 zeros (+ the act-order permutations)
+        n, k = layer.out_features, layer.in_features
+        expected_bytes = n * k // 2 + (k // 32) * n * 5 + sum(b.perm.numel() * 8 for b in layer.int4_blocks
+                                                               if b.perm is not None)
+        assert layer.method.weight_bytes(layer) == expected_bytes
+    finally:
+        llm.shutdown()
+
+
+def test_reference_path_when_native_kernels_are_off(tiny_checkpoint_factory, tmp_path):
+    source = tiny_checkpoint_factory("llama")
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "awq", 32)
+    got, layers = _greedy(quant, kernels=KernelConfig(cpu_native_kernels=False))
+    assert all(layer.int4_kernel is reference_int4_linear for layer in layers)
+    expected, _ = _greedy(ref, kernels=KernelConfig(cpu_native_kernels=False))
+    assert got == expected
+
+
+def test_dummy_weights_fill_every_layer(tiny_checkpoint_factory, tmp_path):
+    source = tiny_checkpoint_factory("llama")
+    quant, _ = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "awq", 32)
+    llm = LLM(str(quant), load_format="dummy", **ENGINE)
+    try:
+        layers = quantized_linears(llm.engine.runner.model)
+        for layer in layers:
+            w = layer.method.dequantized_weight(layer)
+            assert w.abs().max() > 0 and w.abs().max() < 0.1 and w.std() > 0.005
+        out = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+    finally:
+        llm.shutdown()
