@@ -35,6 +35,7 @@ from inferneo.attention.check_cases import (
 )
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, dequantize_kv, quantize_kv
 from inferneo.kernels.cpu import load_cpu_kernels
+from inferneo.quantization.kv_cache import CheckpointKVScales
 
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2}
 
@@ -238,6 +239,33 @@ def test_checkpoint_kv_scales_are_loaded_and_used(tiny_checkpoint_factory):
             assert (got - ref_cache).abs().le(bound).all()
         else:
             assert relative_error(got, ref_cache) < 0.25, f"layer {i}"
+
+
+def test_checkpoint_kv_scale_names():
+    """The scale names of vLLM, compressed-tensors (current and older) and ModelOpt are taken out of the weights;
+    a k_scale/v_scale pair wins over an older kv_scale of the same layer; other tensors pass through."""
+    weights = [
+        ("model.layers.0.self_attn.kv_scale", torch.tensor(9.0)),
+        ("model.layers.0.self_attn.k_scale", torch.tensor(1.0)), ("model.layers.0.self_attn.v_scale", torch.tensor(2.0)),
+        ("model.layers.3.self_attn.kv_scale", torch.tensor(8.0)),
+        ("model.layers.1.self_attn.k_proj.k_scale", torch.tensor(3.0)),
+        ("model.layers.1.self_attn.v_proj.v_scale", torch.tensor(4.0)),
+        ("model.layers.2.self_attn.k_proj.output_scale", torch.tensor(5.0)),
+        ("model.layers.2.self_attn.v_proj.output_scale", torch.tensor(6.0)),
+        ("model.layers.0.self_attn.k_proj.weight_scale", torch.tensor(7.0)),
+        ("model.layers.0.self_attn.k_proj.weight", torch.zeros(2, 2)),
+    ]
+    found = CheckpointKVScales()
+    kept = [name for name, _ in found.split(weights)]
+    assert kept == ["model.layers.0.self_attn.k_proj.weight_scale", "model.layers.0.self_attn.k_proj.weight"]
+    assert {layer: {k: float(v) for k, v in found.layer_scales(layer).items()} for layer in found.scales} == {
+        "layers.0.self_attn": {"k": 1.0, "v": 2.0}, "layers.1.self_attn": {"k": 3.0, "v": 4.0},
+        "layers.2.self_attn": {"k": 5.0, "v": 6.0}, "layers.3.self_attn": {"k": 8.0, "v": 8.0}}
+    scales = KVCacheScales.ones(2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="1 or 2"):
+        scales.set("k", torch.ones(3))
+    with pytest.raises(ValueError, match="finite and positive"):
+        scales.set("v", torch.tensor(0.0))
 
 
 def test_fp8_kv_refused_for_latent_attention(tiny_checkpoint_factory):

@@ -88,7 +88,8 @@ def install_kv_scales(model: nn.Module, device: torch.device) -> int:
 
 @dataclass
 class CheckpointKVScales:
-    """The KV cache scales met in a checkpoint, by attention module name (``layers.0.self_attn``)."""
+    """The KV cache scales met in a checkpoint, by attention module name (``layers.0.self_attn``) and kind
+    (``k``, ``v``, or ``kv`` for an older single scale)."""
 
     scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -100,9 +101,14 @@ class CheckpointKVScales:
                 yield name, tensor
                 continue
             which = next(key for key in ("k", "v", "kv") if match.group(key))
-            targets = self.scales.setdefault(match.group("module"), {})
-            for part in ("k", "v") if which == "kv" else (which,):
-                targets.setdefault(part, tensor)  # a k_scale/v_scale pair wins over an older kv_scale
+            self.scales.setdefault(match.group("module"), {})[which] = tensor
+
+    def layer_scales(self, module: str) -> dict[str, torch.Tensor]:
+        """The ``k`` and ``v`` scales found for attention module ``module``: its own k_scale / v_scale, else its
+        older kv_scale for both."""
+        found = self.scales.get(module, {})
+        return {part: found[part] if part in found else found["kv"] for part in ("k", "v")
+                if part in found or "kv" in found}
 
     def apply(self, model: nn.Module, fp8: bool) -> None:
         """Load the scales into the layers' ``kv_scales`` (an FP8 cache), or drop them (log lines say which)."""
@@ -116,10 +122,10 @@ class CheckpointKVScales:
         if unknown:
             raise ValueError(f"checkpoint KV cache scales for {', '.join(unknown[:4])} do not belong to an attention "
                              "layer of this model")
-        for name, found in self.scales.items():
-            for which, tensor in found.items():
+        for name in self.scales:
+            for which, tensor in self.layer_scales(name).items():
                 layers[name].kv_scales.set(which, tensor)
-        missing = [name for name in layers if set(self.scales.get(name, ())) != {"k", "v"}]
+        missing = [name for name in layers if set(self.layer_scales(name)) != {"k", "v"}]
         if missing:
             logger.warning("FP8 KV cache: %d of %d attention layers have no k_scale/v_scale in the checkpoint; they "
                            "use scale 1.0 (values saturate at +-448)", len(missing), len(layers))

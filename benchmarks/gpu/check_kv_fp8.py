@@ -1,7 +1,7 @@
 """FP8 KV cache on CUDA: the Triton kernels against the reference on de-quantized keys and values, and the time
 of one decode-attention launch with an FP8 cache against a bfloat16 one at a long context.
 
-    python benchmarks/triton_kv_fp8.py [--context 8192] [--batch 1 32]
+    python benchmarks/gpu/check_kv_fp8.py [--context 8192] [--batch 1 32]
 
 Prints one line per correctness case (stored bytes equal to PyTorch's quantization; relative error of the output)
 and one per timing (microseconds per launch, the median of ``triton.testing.do_bench``).
