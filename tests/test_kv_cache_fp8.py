@@ -35,7 +35,7 @@ from inferneo.attention.check_cases import (
 )
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, dequantize_kv, quantize_kv
 from inferneo.kernels.cpu import load_cpu_kernels
-from inferneo.quantization.kv_cache import CheckpointKVScales
+from inferneo.quantization.kv_cache import CheckpointKVScales, check_fp8_kv_cache_supported
 
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2}
 
@@ -266,6 +266,19 @@ def test_checkpoint_kv_scale_names():
         scales.set("k", torch.ones(3))
     with pytest.raises(ValueError, match="finite and positive"):
         scales.set("v", torch.tensor(0.0))
+
+
+def test_fp8_kv_refused_before_ada_and_with_tensor_parallelism(monkeypatch):
+    """The device check (its CUDA queries stubbed: no GPU here) refuses compute capability below 8.9, accepts a
+    Hopper GPU, and refuses tensor parallelism on any device."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"compute capability 8.9\+.*NVIDIA A100 has 8.0"):
+        check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM", 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM", 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 2"):
+        check_fp8_kv_cache_supported(torch.device("cpu"), [], "LlamaForCausalLM", 2)
 
 
 def test_fp8_kv_refused_for_latent_attention(tiny_checkpoint_factory):
