@@ -14,6 +14,8 @@ from enum import StrEnum
 
 import torch
 
+from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
+
 
 class AttentionFeature(StrEnum):
     """Per-layer attention variations beyond plain causal attention; a backend declares the ones it computes."""
@@ -21,12 +23,15 @@ class AttentionFeature(StrEnum):
     SLIDING_WINDOW = "sliding_window"  # each query sees only its last W keys (itself included)
     LOGIT_SOFTCAP = "logit_softcap"  # scores squashed to ``c * tanh(s / c)`` before the softmax (Gemma 2)
     SINKS = "sinks"  # one learned logit per head in the softmax denominator, with no value (gpt-oss)
+    FP8_KV_CACHE = "fp8_kv_cache"  # keys and values stored as float8 e4m3 with per-head scales (``fp8_kv``)
 
 
 def attention_features(sliding_window: int | None = None, logit_softcap: float | None = None,
-                       sinks: bool = False) -> frozenset[AttentionFeature]:
+                       sinks: bool = False, fp8_kv_cache: bool = False) -> frozenset[AttentionFeature]:
     """The features a layer with these settings needs from its backend."""
     needed = set()
+    if fp8_kv_cache:
+        needed.add(AttentionFeature.FP8_KV_CACHE)
     if sliding_window is not None:
         needed.add(AttentionFeature.SLIDING_WINDOW)
     if logit_softcap is not None:
@@ -87,6 +92,7 @@ class AttentionBackend(ABC):
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
         sinks: torch.Tensor | None = None,
+        kv_scales: KVCacheScales | None = None,
     ) -> torch.Tensor:
         """``q``: [T, H, D], ``k``/``v``: [T, Hkv, D]. Writes k/v into the cache and returns [T, H, D].
 
@@ -94,12 +100,17 @@ class AttentionBackend(ABC):
         ``logit_softcap=c``: scores (after ``scale``) become ``c * tanh(score / c)``.
         ``sinks``: float ``[H]``, one extra logit per query head that joins the softmax denominator and carries
         no value.
+        ``kv_scales``: the layer's per-head scales when ``kv_cache`` is FP8 (``inferneo.attention.fp8_kv``): the
+        new keys and values are stored quantized and every attention read, a prompt's own tokens included, sees
+        the stored values.
         """
 
     def check_features(self, sliding_window: int | None, logit_softcap: float | None,
-                       sinks: torch.Tensor | None) -> None:
-        """Raise NotImplementedError when a requested feature is outside ``supported_features``."""
-        missing = attention_features(sliding_window, logit_softcap, sinks is not None) - self.supported_features
+                       sinks: torch.Tensor | None, kv_cache: torch.Tensor | None = None) -> None:
+        """Raise NotImplementedError when a requested feature is outside ``supported_features`` (an FP8
+        ``kv_cache`` asks for ``FP8_KV_CACHE``)."""
+        fp8 = kv_cache is not None and is_fp8_kv_cache(kv_cache)
+        missing = attention_features(sliding_window, logit_softcap, sinks is not None, fp8) - self.supported_features
         if missing:
             raise NotImplementedError(f"the {self.name} attention backend does not support "
                                       f"{', '.join(sorted(missing))}")

@@ -3,7 +3,8 @@
 A case is a head configuration plus a list of decode context lengths and prefill spans ``(context_len,
 num_tokens)``. ``build_step`` lays the requests out over randomly permuted blocks of a random cache (never
 zeros) and returns everything a backend's ``forward`` needs; ``compare_backends`` runs a backend and the reference
-on the same step and returns both outputs and both caches (the backend's in the reference layout).
+on the same step and returns both outputs and both caches (the backend's in the reference layout);
+``compare_fp8_backend`` does the same for an FP8 cache, against the reference on de-quantized keys and values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferneo.attention.backend import AttentionBackend, AttentionMetadata, PrefillSpan
+from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, dequantize_kv, quantize_kv
 from inferneo.attention.torch_ref import TorchReferenceBackend
 
 
@@ -146,6 +148,48 @@ def compare_backends(backend: AttentionBackend, step: Step, poison: bool = False
     backend.prepare(meta)
     out = backend.forward(step.q, step.k, step.v, cache, meta, step.scale, **options)
     return out, ref_out, to_reference_layout(cache, backend, step.q.shape[2]), ref_cache
+
+
+def fp8_case_scales(num_kv_heads: int, device: torch.device | str, seed: int = 0) -> KVCacheScales:
+    """Distinct per-head key and value scales in [0.25, 1) (random cache values then use most of e4m3's range,
+    some of them saturating at 448 * scale), for FP8 checks."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    k, v = (0.25 + 0.75 * torch.rand(num_kv_heads, generator=gen) for _ in range(2))
+    return KVCacheScales(k.to(device), v.to(device))
+
+
+def compare_fp8_backend(backend: AttentionBackend, step: Step, kv_scales: KVCacheScales, **options):
+    """``(out, ref_out, cache, ref_cache)`` for ``backend`` on an FP8 cache against the reference attention on
+    the de-quantized keys and values.
+
+    The step's cache is quantized with ``kv_scales``; ``backend`` runs on it (in its layout) with the step's
+    q/k/v. The oracle is the reference backend on plain ``q.dtype`` tensors: the de-quantized cache and the new
+    keys/values quantized and de-quantized (``fp8_kv``). ``cache`` (the backend's, in the reference layout) and
+    ``ref_cache`` are both FP8; ``ref_cache`` is the step's quantized cache with the new tokens' quantized keys
+    and values written into their slots.
+    """
+    dtype = step.q.dtype
+    stored = torch.stack([quantize_kv(step.ref_cache[0], kv_scales.k, 0), quantize_kv(step.ref_cache[1], kv_scales.v, 0)])
+    plain = torch.stack([dequantize_kv(stored[0], kv_scales.k, dtype, 0), dequantize_kv(stored[1], kv_scales.v, dtype, 0)])
+    k = dequantize_kv(quantize_kv(step.k, kv_scales.k), kv_scales.k, dtype)
+    v = dequantize_kv(quantize_kv(step.v, kv_scales.v), kv_scales.v, dtype)
+    reference = TorchReferenceBackend()
+    meta = step.metadata()
+    reference.prepare(meta)
+    ref_out = reference.forward(step.q, k, v, plain, meta, step.scale, **options)
+    # The expected cache: the new tokens' quantized keys and values in their slots, written here by indexing.
+    num_kv_heads, head_dim = step.k.shape[1], step.k.shape[2]
+    ref_cache = stored.view(torch.uint8).clone()
+    slots = ref_cache.view(2, num_kv_heads, -1, head_dim)
+    slots[0][:, meta.slot_mapping] = quantize_kv(step.k, kv_scales.k).view(torch.uint8).transpose(0, 1)
+    slots[1][:, meta.slot_mapping] = quantize_kv(step.v, kv_scales.v).view(torch.uint8).transpose(0, 1)
+    ref_cache = ref_cache.view(FP8_KV_DTYPE)
+    cache = to_backend_layout(stored.view(torch.uint8), backend).view(FP8_KV_DTYPE)
+    meta = step.metadata()
+    backend.prepare(meta)
+    out = backend.forward(step.q, step.k, step.v, cache, meta, step.scale, kv_scales=kv_scales, **options)
+    cache = to_reference_layout(cache.view(torch.uint8), backend, step.q.shape[2]).view(FP8_KV_DTYPE)
+    return out, ref_out, cache, ref_cache
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

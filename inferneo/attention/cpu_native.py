@@ -11,7 +11,8 @@ on this project's 2-core test machine it ran 1.1-4x faster than SDPA for prompts
 (``benchmarks/cpu_prefill_step.py``). Shapes the vector kernel does not cover (head or block sizes that are
 not multiples of 16) keep PyTorch's SDPA for multi-token spans, unless the layer has a sliding window, soft-capping
 or sinks: those are computed in the paged kernel only (a window starts each query's scan at its first visible
-token, soft-capping squashes each score, a sink joins the final denominator).
+token, soft-capping squashes each score, a sink joins the final denominator), and so are FP8 caches (the kernel
+reads float8 e4m3 elements with per-head scales directly; ``store_kv`` quantizes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from inferneo.attention.backend import AttentionFeature, AttentionMetadata
+from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
@@ -63,20 +65,25 @@ class CpuNativeBackend(TorchReferenceBackend):
             torch.arange(span.context_len + 1, span.context_len + span.num_tokens + 1, out=lens[s:e])
         metadata.extra["cpu_paged"] = (tables, rows, lens)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None,
+                kv_scales=None):
         num_tokens, num_heads, head_dim = q.shape
-        self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)
+        fp8 = is_fp8_kv_cache(kv_cache)
+        if fp8 and kv_scales is None:
+            raise ValueError("an FP8 KV cache needs the layer's kv_scales")
+        cache_scales = dict(k_scale=kv_scales.k, v_scale=kv_scales.v) if fp8 else {}
+        self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping, **cache_scales)
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
         options = dict(sliding_window=sliding_window or 0, logit_softcap=logit_softcap or 0.0,
-                       sinks=None if sinks is None else sinks.float())
+                       sinks=None if sinks is None else sinks.float(), **cache_scales)
         plain = sliding_window is None and logit_softcap is None and sinks is None
         paged = metadata.extra.get("cpu_paged")
         if paged is None and metadata.prefills:
             self.prepare(metadata)
             paged = metadata.extra["cpu_paged"]
-        # Windows, soft-capping and sinks live in the paged kernel only: every token goes through it then, whatever
-        # the shapes (the scalar kernel covers those the vector one does not).
-        if paged is not None and (not plain or (head_dim % 16 == 0 and metadata.block_size % 16 == 0)):
+        # Windows, soft-capping, sinks and FP8 caches live in the paged kernel only: every token goes through it
+        # then, whatever the shapes (the scalar kernel covers those the vector one does not).
+        if paged is not None and (fp8 or not plain or (head_dim % 16 == 0 and metadata.block_size % 16 == 0)):
             tables, rows, lens = paged
             self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows, **options)
             return out

@@ -35,10 +35,10 @@ class TorchMLABackend(AttentionBackend):
         return (num_blocks, block_size, head_dim)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale, *, sliding_window=None,
-                logit_softcap=None, sinks=None):
+                logit_softcap=None, sinks=None, kv_scales=None):
         """``q`` ``[T, H, D]``, ``k`` ``[T, 1, D]``, ``v`` ``[T, 1, Dv]`` a view of ``k[..., :Dv]``. Writes ``k``
         into the cache; returns ``[T, H, Dv]``."""
-        self.check_features(sliding_window, logit_softcap, sinks)  # none supported: NotImplementedError
+        self.check_features(sliding_window, logit_softcap, sinks, kv_cache)  # none supported: NotImplementedError
         latent_dim, value_dim = k.shape[-1], v.shape[-1]
         if k.shape[1] != 1 or v.data_ptr() != k.data_ptr() or value_dim > latent_dim:
             raise ValueError("latent attention takes one KV head whose values are its keys' first channels "

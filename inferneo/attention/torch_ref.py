@@ -4,6 +4,10 @@ The cache of one layer is ``[2, num_kv_heads, num_blocks, block_size, head_dim]`
 request's blocks yields ``[heads, tokens, head_dim]`` directly, the layout batched matmuls and SDPA read without
 a copy. Decoding requests are handled in one batched call over a padded, length-masked gather; multi-token spans
 one request at a time (a span with no earlier context attends to its own keys, otherwise to its cached prefix).
+
+With an FP8 cache (``fp8_kv``) the new keys and values are quantized as they are stored, and the gathered blocks
+of a request are de-quantized to the model dtype as they are read; a span with no earlier context then reads its
+own keys back from the cache too, so that every query sees the stored (quantized) values.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from inferneo.attention.backend import AttentionBackend, AttentionFeature, AttentionMetadata, PrefillSpan
+from inferneo.attention.fp8_kv import KVCacheScales, dequantize_kv, is_fp8_kv_cache, quantize_kv
 
 
 class TorchReferenceBackend(AttentionBackend):
@@ -35,32 +40,39 @@ class TorchReferenceBackend(AttentionBackend):
             masks.append(None if span.context_len == 0 else span_mask(span, None))
         metadata.extra["prefill_masks"] = masks
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None,
+                kv_scales=None):
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        # Store the new keys and values: the cache viewed as [2, Hkv, slots, D].
-        flat = kv_cache.view(2, num_kv_heads, -1, head_dim)
-        flat[0].index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
-        flat[1].index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
+        fp8 = is_fp8_kv_cache(kv_cache)
+        if fp8:
+            if kv_scales is None:
+                raise ValueError("an FP8 KV cache needs the layer's kv_scales")
+            k, v = quantize_kv(k, kv_scales.k), quantize_kv(v, kv_scales.v)
+        # Store the new keys and values: the cache viewed as [2, Hkv, slots, D] (FP8 through its bytes: index_copy_
+        # has no float8 kernel).
+        flat = _storage_view(kv_cache).view(2, num_kv_heads, -1, head_dim)
+        flat[0].index_copy_(1, metadata.slot_mapping, _storage_view(k).transpose(0, 1))
+        flat[1].index_copy_(1, metadata.slot_mapping, _storage_view(v).transpose(0, 1))
+        reader = CacheReader(kv_cache, kv_scales if fp8 else None, q.dtype)
         out = torch.empty_like(q)
         nd = metadata.num_decode_tokens
         variant = AttentionVariant(sliding_window, logit_softcap, sinks)
         if nd:
             if variant.is_plain:
-                out[:nd] = self.decode_attention(q[:nd], kv_cache, metadata, scale)
+                out[:nd] = _decode_attention(q[:nd], reader, metadata, scale)
             else:
-                out[:nd] = _decode_attention_variant(q[:nd], kv_cache, metadata, scale, variant)
+                out[:nd] = _decode_attention_variant(q[:nd], reader, metadata, scale, variant)
         if metadata.prefills and "prefill_masks" not in metadata.extra:
             TorchReferenceBackend.prepare(self, metadata)
         gqa = q.shape[1] != num_kv_heads
         for span, mask in zip(metadata.prefills, metadata.extra["prefill_masks"], strict=True):
             s, e = span.start, span.start + span.num_tokens
             qs = q[s:e].transpose(0, 1)
-            if span.context_len == 0:
+            if span.context_len == 0 and not fp8:
                 ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
-            else:
+            else:  # the cached prefix and the span's own tokens, as stored (FP8: quantized, like every read)
                 total = span.context_len + span.num_tokens
-                ks = _gather(kv_cache[0], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
-                vs = _gather(kv_cache[1], span.block_table).view(num_kv_heads, -1, head_dim)[:, :total]
+                ks, vs = (x.reshape(num_kv_heads, -1, head_dim)[:, :total] for x in reader.gather(span.block_table))
             if not variant.is_plain:
                 mask = _cached(metadata, ("span_mask", span.start, sliding_window), span_mask, span, sliding_window)
                 out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
@@ -73,8 +85,32 @@ class TorchReferenceBackend(AttentionBackend):
             out[s:e] = attn[0].transpose(0, 1)
         return out
 
-    def decode_attention(self, q, kv_cache, metadata, scale):
-        return _decode_attention(q, kv_cache, metadata, scale)
+    def decode_attention(self, q, kv_cache, metadata, scale, kv_scales: KVCacheScales | None = None):
+        """Plain attention of the decode queries ``q`` over ``kv_cache`` (read only; ``kv_scales`` for FP8)."""
+        return _decode_attention(q, CacheReader(kv_cache, kv_scales if is_fp8_kv_cache(kv_cache) else None, q.dtype),
+                                 metadata, scale)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheReader:
+    """Reads blocks of one layer's cache in the reference layout, as ``dtype``: FP8 caches (``scales`` given) are
+    de-quantized block by block as they are gathered, per head (``fp8_kv.dequantize_kv``)."""
+
+    kv_cache: torch.Tensor
+    scales: KVCacheScales | None
+    dtype: torch.dtype
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_cache.shape[1]
+
+    def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the given blocks, each ``[Hkv, len(block_ids), block_size, D]`` (``block_ids`` of
+        any shape, flattened)."""
+        keys, values = _gather(self.kv_cache[0], block_ids), _gather(self.kv_cache[1], block_ids)
+        if self.scales is None:
+            return keys, values
+        return dequantize_kv(keys, self.scales.k, self.dtype, 0), dequantize_kv(values, self.scales.v, self.dtype, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +187,19 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return cache.index_select(1, block_ids.reshape(-1))
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float):
+def _storage_view(x: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as their bytes (for copies PyTorch has no float8 kernel for); others unchanged."""
+    return x.view(torch.uint8) if is_fp8_kv_cache(x) else x
+
+
+def _decode_attention(q: torch.Tensor, reader: CacheReader, metadata: AttentionMetadata, scale: float):
     """One query token per request against its cached keys, batched over requests with a length mask."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[1]
+    num_kv_heads = reader.num_kv_heads
     group = num_heads // num_kv_heads
     # [Hkv * B, L, D]: kv head major, then request; no copy beyond the gather itself.
-    keys = _gather(kv_cache[0], metadata.decode_block_tables).view(num_kv_heads * batch, -1, head_dim)
-    values = _gather(kv_cache[1], metadata.decode_block_tables).view(num_kv_heads * batch, -1, head_dim)
+    keys, values = reader.gather(metadata.decode_block_tables)
+    keys, values = keys.view(num_kv_heads * batch, -1, head_dim), values.view(num_kv_heads * batch, -1, head_dim)
     qg = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * batch, group, head_dim)
     mask = metadata.extra["decode_mask"]  # [B, L]
     if q.dtype == torch.float32:
@@ -177,13 +218,14 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attenti
     return out.view(num_kv_heads, batch, group, head_dim).transpose(0, 1).reshape(batch, num_heads, head_dim)
 
 
-def _decode_attention_variant(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+def _decode_attention_variant(q: torch.Tensor, reader: CacheReader, metadata: AttentionMetadata, scale: float,
                               variant: AttentionVariant) -> torch.Tensor:
     """Decode attention with a window, soft-capping or sinks: the padded batch gather, the explicit softmax."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[1]
-    keys = _gather(kv_cache[0], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim).transpose(0, 1)
-    values = _gather(kv_cache[1], metadata.decode_block_tables).view(num_kv_heads, batch, -1, head_dim)
+    num_kv_heads = reader.num_kv_heads
+    keys, values = reader.gather(metadata.decode_block_tables)
+    keys = keys.view(num_kv_heads, batch, -1, head_dim).transpose(0, 1)
+    values = values.view(num_kv_heads, batch, -1, head_dim)
     mask = _cached(metadata, ("decode_mask", variant.sliding_window), decode_mask, metadata, variant.sliding_window)
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = variant.attend(q.unsqueeze(2), keys, values.transpose(0, 1), mask, scale)  # [B, H, 1, D]

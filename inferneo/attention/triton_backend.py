@@ -1,4 +1,5 @@
-"""The GPU attention backend: Triton kernels over a paged KV cache (float32, float16 or bfloat16).
+"""The GPU attention backend: Triton kernels over a paged KV cache (float32, float16, bfloat16, or FP8 e4m3 with
+per-head scales, de-quantized in registers).
 
 Cache layout of one layer: ``[2, num_blocks, num_kv_heads, block_size, head_dim]`` (keys, then values). One KV
 head of one block is a contiguous ``block_size x head_dim`` page, which is what the kernels read per tile.
@@ -61,11 +62,12 @@ class TritonBackend(AttentionBackend):
         tables, schedule = ops.build_prefill_schedule(metadata.prefills, block_m, device)
         metadata.extra["triton_prefill"] = (tables, schedule, block_m)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None,
+                kv_scales=None):
         """Stores ``k``/``v`` at ``metadata.slot_mapping``, then decode and prefill attention; returns [T, H, D]."""
-        ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl)
+        ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl, kv_scales=kv_scales)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
+        options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks, kv_scales=kv_scales)
         nd = metadata.num_decode_tokens
         if nd:
             ops.paged_decode(q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale,

@@ -6,10 +6,17 @@
 // Work is split over (row, kv head) pairs; each pair walks its row's tokens once, keeping a running max
 // and sum (online softmax) for every query head of its group. Scores and accumulators are float32 whatever the
 // cache dtype. The AVX-512 versions are used when the compiler targets it; portable loops otherwise.
+//
+// FP8 caches (float8 e4m3 with one float32 scale per KV head for keys and one for values): the store divides by the
+// scale, saturates to +-448 and rounds to nearest even (c10's conversion, PyTorch's own); attention converts each
+// element to float as it reads it, folds the key scale into the query's scale and applies the value scale to the
+// output, so no de-quantized copy of the cache is made.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,6 +35,16 @@ namespace {
 // shifts the compiler vectorizes (round to nearest even on the way down; NaN payloads are not preserved).
 inline float to_f(float v) { return v; }
 inline float to_f(c10::Half v) { return static_cast<float>(v); }
+// FP8 e4m3: each byte's float value from a 256-entry table (exact: built once, at load, from c10's conversion;
+// several times faster than converting element by element in the attention loops).
+const std::array<float, 256> kFp8E4m3Values = [] {
+  std::array<float, 256> table{};
+  for (int i = 0; i < 256; ++i) {
+    table[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+  }
+  return table;
+}();
+inline float to_f(c10::Float8_e4m3fn v) { return kFp8E4m3Values[v.x]; }
 inline float to_f(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float out;
@@ -59,6 +76,31 @@ void dispatch_storage(at::ScalarType dtype, const char* name, Fn&& fn) {
   }
 }
 
+// Calls fn with the storage types of the activations (``dtype``) and of the KV cache (``cache_dtype``): the same
+// type, or c10::Float8_e4m3fn for an FP8 cache.
+template <typename Fn>
+void dispatch_storage_and_cache(at::ScalarType dtype, at::ScalarType cache_dtype, const char* name, Fn&& fn) {
+  dispatch_storage(dtype, name, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (cache_dtype == at::kFloat8_e4m3fn) {
+      fn(tag, c10::Float8_e4m3fn{});
+    } else {
+      TORCH_CHECK(cache_dtype == dtype, name, ": the KV cache (", cache_dtype, ") must be FP8 e4m3 or ", dtype);
+      fn(tag, scalar_t{});
+    }
+  });
+}
+
+// One element as the cache stores it: unchanged, or for FP8 e4m3(clamp(x / scale, -448, 448)).
+template <typename cache_t, typename scalar_t>
+inline cache_t to_cache(scalar_t x, float scale) {
+  if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
+    return c10::Float8_e4m3fn(std::min(std::max(to_f(x) / scale, -448.f), 448.f));
+  } else {
+    return x;
+  }
+}
+
 // ---- paged KV cache: layout, store, decode attention -----------------------------------------------------
 //
 // One layer's cache is [2, num_kv_heads, num_blocks, block_size * head_dim]. A value block is token-major
@@ -67,11 +109,12 @@ void dispatch_storage(at::ScalarType dtype, const char* name, Fn&& fn) {
 // broadcast-multiply-adds with no horizontal reductions.
 
 // Writes the new tokens' keys and values into their slots. k and v are [tokens, kv_heads, head_dim] views with a
-// unit inner stride and any token stride (slices of the fused qkv projection). Negative slots are skipped.
-template <typename scalar_t>
-void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, scalar_t* cache,
+// unit inner stride and any token stride (slices of the fused qkv projection). Negative slots are skipped. An FP8
+// cache takes k_scale / v_scale ([kv_heads] float32; unread otherwise).
+template <typename scalar_t, typename cache_t>
+void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, cache_t* cache,
                      const int64_t* slots, int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
-                     int64_t block_size) {
+                     int64_t block_size, const float* k_scale, const float* v_scale) {
   const int64_t block_elems = block_size * head_dim;
   const int64_t half = num_kv_heads * num_blocks * block_elems;
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
@@ -83,9 +126,16 @@ void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int
         const int64_t base = (h * num_blocks + block) * block_elems;
         const scalar_t* kr = k + t * k_stride + h * head_dim;
         const scalar_t* vr = v + t * v_stride + h * head_dim;
-        scalar_t* kd = cache + base + offset;
-        for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = kr[d];
-        std::memcpy(cache + half + base + offset * head_dim, vr, head_dim * sizeof(scalar_t));
+        cache_t* kd = cache + base + offset;
+        cache_t* vd = cache + half + base + offset * head_dim;
+        if constexpr (std::is_same_v<cache_t, scalar_t>) {
+          for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = kr[d];
+          std::memcpy(vd, vr, head_dim * sizeof(scalar_t));
+        } else {
+          const float ks = k_scale[h], vs = v_scale[h];
+          for (int64_t d = 0; d < head_dim; ++d) kd[d * block_size] = to_cache<cache_t>(kr[d], ks);
+          for (int64_t d = 0; d < head_dim; ++d) vd[d] = to_cache<cache_t>(vr[d], vs);
+        }
       }
     }
   });
@@ -100,8 +150,14 @@ struct DecodeShape {
   int64_t window;
   float softcap;
   const float* sinks;
+  // FP8 caches: per-KV-head float32 scales of the stored keys and values (nullptr: a cache in the query dtype).
+  const float* k_scale;
+  const float* v_scale;
 
   int64_t first_token(int64_t len) const { return window > 0 && len > window ? len - window : 0; }
+  // The query's scale for KV head kvh (the key scale folded in) and the output's (the value scale).
+  float query_scale(int64_t kvh) const { return k_scale ? scale * k_scale[kvh] : scale; }
+  float output_scale(int64_t kvh) const { return v_scale ? v_scale[kvh] : 1.f; }
 };
 
 // The per-thread running state of one (request, kv head) item, for all query heads of the kv head's group:
@@ -124,19 +180,20 @@ struct GroupState {
 
   // Finish an item: the normalized outputs of the group's heads, written contiguously from ``op``. ``sinks``
   // (nullptr: none) are the group's sink logits: each adds exp(sink - max) to its head's denominator.
+  // ``out_scale`` multiplies every output (an FP8 cache's value scale).
   template <typename scalar_t>
-  void finish(scalar_t* op, const float* sinks = nullptr) const {
+  void finish(scalar_t* op, const float* sinks = nullptr, float out_scale = 1.f) const {
     for (int64_t g = 0; g < group; ++g) {
       const float sum = sinks ? row_sum[g] + std::exp(sinks[g] - row_max[g]) : row_sum[g];
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float inv = sum > 0.f ? out_scale / sum : 0.f;
       for (int64_t d = 0; d < head_dim; ++d) op[g * head_dim + d] = from_f<scalar_t>(acc[g * head_dim + d] * inv);
     }
   }
 };
 
 // Portable version: one (request, kv head) pair at a time, online softmax rescaled once per block.
-template <typename scalar_t>
-void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
+template <typename scalar_t, typename cache_t>
+void decode_scalar(const scalar_t* __restrict q, const cache_t* __restrict cache, const int64_t* tables,
                    const int64_t* table_rows, const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
@@ -147,12 +204,12 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
-      st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
+      st.begin(q + b * s.q_stride + kvh * group * D, s.query_scale(kvh));
       const int64_t first = s.first_token(len);
       for (int64_t blk = first / bs; blk * bs < len; ++blk) {
         const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
-        const scalar_t* kb = cache + base;
-        const scalar_t* vb = cache + half + base;
+        const cache_t* kb = cache + base;
+        const cache_t* vb = cache + half + base;
         const int64_t n = std::min(bs, len - blk * bs);
         const int64_t t0 = std::max<int64_t>(0, first - blk * bs);  // tokens before the window are skipped
         for (int64_t g = 0; g < group; ++g) {
@@ -179,7 +236,8 @@ void decode_scalar(const scalar_t* __restrict q, const scalar_t* __restrict cach
           row_sum[g] = sum;
         }
       }
-      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr);
+      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr,
+                s.output_scale(kvh));
     }
   });
 }
@@ -193,6 +251,11 @@ inline __m512 load16(const uint16_t* p) {
 }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// FP8 e4m3: 16 bytes widened to indices into kFp8E4m3Values, one gather.
+inline __m512 load16(const c10::Float8_e4m3fn* p) {
+  const __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_i32gather_ps(index, kFp8E4m3Values.data(), 4);
 }
 
 // exp on 16 lanes: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7).
@@ -242,9 +305,9 @@ inline void store16(uint16_t* p, __m512 v) {
 // One 16-token chunk for NG query heads (NG <= 4) of one kv head: scores (two accumulators per head to hide FMA
 // latency), online-softmax update of row_max/row_sum/acc, then acc += p . V. Keys are read dimension-major
 // (``kb`` points at the chunk's first token in row 0 of the [D][bs] key block), values token-major.
-template <int NG, typename scalar_t>
+template <int NG, typename cache_t>
 inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
-                         const scalar_t* kb, const scalar_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid,
+                         const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid,
                          float softcap) {
   __m512 s0[NG], s1[NG];
   for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
@@ -284,8 +347,8 @@ inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_
 }
 
 // Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time.
-template <typename scalar_t>
-void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cache, const int64_t* tables,
+template <typename scalar_t, typename cache_t>
+void decode_avx512(const scalar_t* __restrict q, const cache_t* __restrict cache, const int64_t* tables,
                    const int64_t* table_rows, const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
@@ -303,9 +366,9 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
       const int64_t base = (kvh * s.num_blocks + table[pos / bs]) * block_elems;
       const char* kp = reinterpret_cast<const char*>(cache + base + pos % bs);
       const char* vp = reinterpret_cast<const char*>(cache + half + base + (pos % bs) * D);
-      const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(cache_t));
       for (int64_t d = 0; d < D; ++d) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
-      for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+      for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(cache_t)); off += 64) {
         _mm_prefetch(vp + off, _MM_HINT_T0);
       }
     };
@@ -313,14 +376,14 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
-      st.begin(q + b * s.q_stride + kvh * group * D, s.scale);
+      st.begin(q + b * s.q_stride + kvh * group * D, s.query_scale(kvh));
       const int64_t first = s.first_token(len), start = first / 16 * 16;  // the window's first 16-token chunk
       if (len > start + 16) prefetch_chunk(table, kvh, start + 16);
       for (int64_t pos = start; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
         const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
-        const scalar_t* kb = cache + base + within;                // column `within` of the [D][bs] key block
-        const scalar_t* vb = cache + half + base + within * D;      // row `within` of the [bs][D] value block
+        const cache_t* kb = cache + base + within;                 // column `within` of the [D][bs] key block
+        const cache_t* vb = cache + half + base + within * D;       // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
         const int64_t skip = std::max<int64_t>(0, first - pos);     // tokens before the window, in the first chunk
         const __mmask16 valid = static_cast<__mmask16>(((1u << n) - 1u) & ~((1u << skip) - 1u));
@@ -345,7 +408,8 @@ void decode_avx512(const scalar_t* __restrict q, const scalar_t* __restrict cach
           }
         }
       }
-      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr);
+      st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr,
+                s.output_scale(kvh));
     }
   }
 }
@@ -551,7 +615,21 @@ void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache
 
 }  // namespace
 
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping) {
+// The float32 [kv_heads] scales of an FP8 cache (checked), or undefined tensors for a cache in the model dtype.
+std::pair<torch::Tensor, torch::Tensor> cache_scales(const torch::Tensor& kv_cache, int64_t num_kv_heads,
+                                                     const c10::optional<torch::Tensor>& k_scale,
+                                                     const c10::optional<torch::Tensor>& v_scale, const char* name) {
+  if (kv_cache.scalar_type() != at::kFloat8_e4m3fn) return {};
+  TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), name, ": an FP8 KV cache needs k_scale and v_scale");
+  auto ks = k_scale->contiguous(), vs = v_scale->contiguous();
+  TORCH_CHECK(ks.scalar_type() == torch::kFloat && vs.scalar_type() == torch::kFloat && ks.numel() == num_kv_heads &&
+                  vs.numel() == num_kv_heads,
+              name, ": k_scale and v_scale must be float32, one per KV head");
+  return {ks, vs};
+}
+
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping,
+              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "store_kv: k and v must be [tokens, heads, dim]");
   TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
               "store_kv: k and v rows must be contiguous per token");
@@ -560,12 +638,15 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::T
   const int64_t head_dim = k.size(2), num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2);
   TORCH_CHECK(k.size(1) == num_kv_heads && kv_cache.size(3) % head_dim == 0, "store_kv: shape mismatch");
   auto slots = slot_mapping.contiguous();
-  dispatch_storage(k.scalar_type(), "store_kv", [&](auto tag) {
+  const auto [ks, vs] = cache_scales(kv_cache, num_kv_heads, k_scale, v_scale, "store_kv");
+  dispatch_storage_and_cache(k.scalar_type(), kv_cache.scalar_type(), "store_kv", [&](auto tag, auto cache_tag) {
     using scalar_t = decltype(tag);
-    store_kv_kernel<scalar_t>(static_cast<const scalar_t*>(k.data_ptr()), static_cast<const scalar_t*>(v.data_ptr()),
-                              k.stride(0), v.stride(0), static_cast<scalar_t*>(kv_cache.data_ptr()),
-                              slots.data_ptr<int64_t>(), k.size(0), num_kv_heads, head_dim, num_blocks,
-                              kv_cache.size(3) / head_dim);
+    using cache_t = decltype(cache_tag);
+    store_kv_kernel<scalar_t, cache_t>(
+        static_cast<const scalar_t*>(k.data_ptr()), static_cast<const scalar_t*>(v.data_ptr()), k.stride(0),
+        v.stride(0), static_cast<cache_t*>(kv_cache.data_ptr()), slots.data_ptr<int64_t>(), k.size(0), num_kv_heads,
+        head_dim, num_blocks, kv_cache.size(3) / head_dim, ks.defined() ? ks.data_ptr<float>() : nullptr,
+        vs.defined() ? vs.data_ptr<float>() : nullptr);
   });
 }
 
@@ -577,7 +658,8 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::T
 void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
                             torch::Tensor seq_lens, double scale, torch::Tensor out,
                             c10::optional<torch::Tensor> table_rows, int64_t sliding_window, double logit_softcap,
-                            c10::optional<torch::Tensor> sinks) {
+                            c10::optional<torch::Tensor> sinks, c10::optional<torch::Tensor> k_scale,
+                            c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "decode: q must be [batch, heads, dim]");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "decode: out");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "decode: bad cache");
@@ -600,10 +682,12 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
     TORCH_CHECK(sink_logits.scalar_type() == torch::kFloat && sink_logits.numel() == q.size(1),
                 "decode: sinks must be float32, one per query head");
   }
+  const auto [ks, vs] = cache_scales(kv_cache, kv_cache.size(1), k_scale, v_scale, "decode");
   DecodeShape shape{q.size(0), q.size(1), kv_cache.size(1), q.size(2), kv_cache.size(2),
                     kv_cache.size(3) / q.size(2), tables.size(1), q.stride(0), static_cast<float>(scale),
                     sliding_window, static_cast<float>(logit_softcap),
-                    sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr};
+                    sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr,
+                    ks.defined() ? ks.data_ptr<float>() : nullptr, vs.defined() ? vs.data_ptr<float>() : nullptr};
   TORCH_CHECK(shape.num_heads % shape.num_kv_heads == 0 && kv_cache.size(3) % shape.head_dim == 0, "shape mismatch");
   // Every query must stay inside its table row and the row inside the table: a wrong index reads foreign memory.
   const int64_t* lens_ptr = lens.data_ptr<int64_t>();
@@ -614,18 +698,22 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
     TORCH_CHECK(!rows_ptr || (rows_ptr[i] >= 0 && rows_ptr[i] < tables.size(0)),
                 "decode: query ", i, " names table row ", rows_ptr ? rows_ptr[i] : i, " of ", tables.size(0));
   }
-  dispatch_storage(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+  dispatch_storage_and_cache(q.scalar_type(), kv_cache.scalar_type(), "paged_decode_attention",
+                             [&](auto tag, auto cache_tag) {
     using scalar_t = decltype(tag);
+    using cache_t = decltype(cache_tag);
     const auto* qp = static_cast<const scalar_t*>(q.data_ptr());
-    const auto* cp = static_cast<const scalar_t*>(kv_cache.data_ptr());
+    const auto* cp = static_cast<const cache_t*>(kv_cache.data_ptr());
     auto* op = static_cast<scalar_t*>(out.data_ptr());
 #ifdef __AVX512F__
     if (shape.block_size % 16 == 0 && shape.head_dim % 16 == 0) {
-      decode_avx512<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op, shape);
+      decode_avx512<scalar_t, cache_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op,
+                                       shape);
       return;
     }
 #endif
-    decode_scalar<scalar_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op, shape);
+    decode_scalar<scalar_t, cache_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op,
+                                     shape);
   });
 }
 
@@ -759,11 +847,14 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots");
+  m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots (FP8: quantized)",
+        py::arg("k"), py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("paged_decode_attention", &paged_decode_attention, "Paged attention of one query per row (CPU), into out",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
         py::arg("out"), py::arg("table_rows") = py::none(), py::arg("sliding_window") = 0,
-        py::arg("logit_softcap") = 0.0, py::arg("sinks") = py::none());
+        py::arg("logit_softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");

@@ -13,6 +13,11 @@ touches whole contiguous pages. Three operations:
 
 All softmax arithmetic is in float32 (base-2 exponentials); float32 inputs use IEEE dot products, not TF32.
 
+An FP8 cache (float8 e4m3 with per-KV-head scales, ``inferneo.attention.fp8_kv``) is a compile-time switch too:
+``store_kv`` quantizes (``x / scale``, saturated to +-448, rounded to nearest even), and the attention kernels
+convert each loaded tile to the query dtype in registers, fold the key scale into the score scale and apply the
+value scale to the output, so that no de-quantized copy of the cache is ever made.
+
 Per-layer options, each a compile-time switch so the plain kernels are unchanged without them: a sliding window
 (a query at position ``p`` sees keys ``p - W < j <= p``; decode scans and splits only the window), logit
 soft-capping (``c * tanh(score / c)``) and attention sinks (one logit per head added to the softmax denominator;
@@ -27,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634
@@ -52,11 +58,35 @@ def device_sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
+def _round_to_e4m3(x):
+    """float32 ``x`` rounded to nearest even on e4m3's grid (3 mantissa bits; steps of 2^-9 below 2^-6), so that
+    the cast to float8 that follows is exact: the same rounding as PyTorch's on every device (Triton's
+    interpreter rounds its own float8 casts differently)."""
+    bits = x.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    sign = bits ^ magnitude  # the sign bit alone (kept through the rounding: -0.0 stays -0.0)
+    normal = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & -0x100000  # 3 mantissa bits, ties to even
+    magic = 24576.0  # 1.5 * 2^14: its float32 spacing is 2^-9, e4m3's subnormal step
+    small = ((magnitude.to(tl.float32, bitcast=True) + magic) - magic).to(tl.int32, bitcast=True)
+    rounded = tl.where(magnitude < 0x3C800000, small, normal)  # below 2^-6: e4m3's subnormals
+    return (rounded | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
+    """``x`` as the cache stores it: FP8 ``e4m3(clamp(x / scale, -448, 448))`` (``fp8_kv``), else a cast."""
+    if FP8:
+        y = _round_to_e4m3(x.to(tl.float32) / scale)
+        return tl.minimum(tl.maximum(y, -448.0), 448.0).to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_half, stride_blk, stride_ch, stride_off,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr = False):
     wait_for_previous_kernel(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
@@ -67,34 +97,52 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM) & (slot >= 0)
     key = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     value = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # one scale per KV head
+        k_scale = tl.load(k_scale_ptr + h, mask=h < NUM_KV_HEADS, other=1.0)
+        v_scale = tl.load(v_scale_ptr + h, mask=h < NUM_KV_HEADS, other=1.0)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
     dst = cache_ptr + blk * stride_blk + h * stride_ch + off * stride_off + d
-    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_half, value.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, _to_cache(key, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + stride_half, _to_cache(value, v_scale, cache_ptr, FP8), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             pdl: bool | None = None) -> None:
+             pdl: bool | None = None, kv_scales: KVCacheScales | None = None) -> None:
     """Write ``k``/``v`` ([T, Hkv, D], last dim contiguous) into ``kv_cache`` at ``slot_mapping`` ([T] int64).
 
     A negative slot skips its token. ``pdl``: launch with programmatic dependent launch (None: decided from ``k``,
-    see ``_pdl.pdl_for``).
+    see ``_pdl.pdl_for``). An FP8 cache stores ``k / kv_scales.k`` (per KV head) quantized, as
+    ``fp8_kv.quantize_kv`` does.
     """
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     pdl = pdl_for(k, pdl)
+    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
     _store_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping,
+        k, v, kv_cache, slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_cache_strides(kv_cache),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl,
-        num_warps=4 if num_kv_heads * head_dim >= 2048 else 1, **launch_options(pdl),
+        FP8=is_fp8_kv_cache(kv_cache), num_warps=4 if num_kv_heads * head_dim >= 2048 else 1,
+        **launch_options(pdl),
     )
 
 
 # ---- shared tile step -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _from_cache(x, q, FP8: tl.constexpr):
+    """A loaded cache tile in ``q``'s dtype: FP8 elements converted in registers (their scales are applied to the
+    scores and the output), other caches unchanged."""
+    if FP8:
+        return x.to(q.dtype)
+    return x
 
 
 @triton.jit
@@ -138,19 +186,22 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, qk_scale,
-                   softcap_log2, window,
+def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
+                   v_scale_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
                    stride_half, stride_blk, stride_ch, stride_off, tokens_per_split,
                    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                    PRECISION: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                   SINKS: tl.constexpr):
+                   SINKS: tl.constexpr, FP8: tl.constexpr = False):
     wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if FP8:  # the head's key scale joins the score scale; its value scale multiplies the output
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
+        v_scale = tl.load(v_scale_ptr + kvh)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -174,10 +225,12 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
-        key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
-        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8)
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, tmask[None, :], qk_scale, softcap_log2,
                                      USE_DOT, PRECISION, SOFTCAP)
+    if FP8:
+        acc = acc * v_scale
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
         if SINKS:  # base-2 sink logits join the denominator
@@ -250,7 +303,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None,
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
-                 sinks: torch.Tensor | None = None) -> None:
+                 sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
@@ -258,7 +311,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
     override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
-    ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens.
+    ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
+    cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -289,14 +343,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         part = lse = out  # unused
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
     sinks_arg = _sinks_arg(sinks, num_heads, q)
+    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, qk_scale, softcap_log2, sliding_window or 0,
+        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, qk_scale, softcap_log2,
+        sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(kv_cache), tokens_per_split,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
-        num_warps=num_warps, num_stages=2, **launch_options(pdl),
+        FP8=is_fp8_kv_cache(kv_cache), num_warps=num_warps, num_stages=2, **launch_options(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -311,16 +367,20 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, qk_scale, softcap_log2, window,
+def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                    softcap_log2, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_half, stride_blk, stride_ch, stride_off,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
-                    SINKS: tl.constexpr = False):
+                    SINKS: tl.constexpr = False, FP8: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
+    if FP8:  # the head's key scale joins the score scale; its value scale multiplies the output
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
+        v_scale = tl.load(v_scale_ptr + kvh)
     q_start = tl.load(sched_ptr + tile * 4)  # flat index of the tile's first query
     q_end = tl.load(sched_ptr + tile * 4 + 1)  # flat end of its span
     pos0 = tl.load(sched_ptr + tile * 4 + 2)  # position of the tile's first query in its sequence
@@ -350,8 +410,8 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         tok = kv0 + n
         blk = tl.load(table + tok // BLOCK_SIZE)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
-        key = tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
-        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0), q, FP8)
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, softcap_log2, True,
                                      PRECISION, SOFTCAP)
     for kv0 in range(full_end, kv_end, BLOCK_N):
@@ -360,8 +420,8 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
-        key = tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0)
-        value = tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8)
         valid = (tok[None, :] <= q_pos[:, None]) & tmask[None, :]
         if WINDOW:
             valid = valid & (tok[None, :] > q_pos[:, None] - window)
@@ -370,6 +430,8 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
     if SINKS:  # the head's base-2 sink logit joins the denominator
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         l_i = l_i + tl.exp2(sink - m_i)
+    if FP8:
+        acc = acc * v_scale
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
@@ -401,12 +463,13 @@ def prefill_config(head_dim: int) -> tuple[int, int, int]:
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, schedule: torch.Tensor,
                   scale: float, out: torch.Tensor, block_m: int,
                   config: tuple[int, int, int] | None = None, *, sliding_window: int | None = None,
-                  logit_softcap: float | None = None, sinks: torch.Tensor | None = None) -> None:
+                  logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  kv_scales: KVCacheScales | None = None) -> None:
     """Causal attention of the scheduled query tiles (``q`` [T, H, D], flat) over their paged keys, into ``out``.
 
     ``tables``/``schedule`` come from ``build_prefill_schedule`` with the same ``block_m``; ``config`` overrides
     ``prefill_config`` (for benchmarks). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
-    ``AttentionBackend.forward``.
+    ``AttentionBackend.forward``; an FP8 cache is read as ``stored * kv_scales`` (per KV head), in registers.
     """
     num_tiles = schedule.shape[0]
     if num_tiles == 0:
@@ -416,15 +479,16 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     block_n, num_warps, num_stages = config or prefill_config(head_dim)
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
+    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
     _prefill_kernel[(num_tiles, num_heads)](
-        q, kv_cache, tables, schedule, out, _sinks_arg(sinks, num_heads, q), qk_scale, softcap_log2,
-        sliding_window or 0,
+        q, kv_cache, tables, schedule, out, _sinks_arg(sinks, num_heads, q), k_scale, v_scale, qk_scale,
+        softcap_log2, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(kv_cache),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         PRECISION=_precision(q.dtype), WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None,
-        SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
+        SINKS=sinks is not None, FP8=is_fp8_kv_cache(kv_cache), num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -453,6 +517,21 @@ def _sinks_arg(sinks: torch.Tensor | None, num_heads: int, like: torch.Tensor) -
     if sinks.shape != (num_heads,):
         raise ValueError(f"sinks must have one logit per query head ({num_heads}); got shape {tuple(sinks.shape)}")
     return sinks.contiguous()
+
+
+def _scale_args(kv_cache: torch.Tensor, kv_scales: KVCacheScales | None,
+                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head key and value scales of an FP8 cache as float32 ``[Hkv]`` tensors (the cache itself as an
+    unread placeholder pointer otherwise)."""
+    if not is_fp8_kv_cache(kv_cache):
+        return kv_cache, kv_cache
+    if kv_scales is None:
+        raise ValueError("an FP8 KV cache needs the layer's kv_scales")
+    for name, scale in (("k", kv_scales.k), ("v", kv_scales.v)):
+        if scale.shape != (num_kv_heads,) or scale.dtype != torch.float32 or scale.device != kv_cache.device:
+            raise ValueError(f"kv_scales.{name} must be float32 [{num_kv_heads}] on {kv_cache.device}; got "
+                             f"{scale.dtype} {tuple(scale.shape)} on {scale.device}")
+    return kv_scales.k, kv_scales.v
 
 
 def _block_d(head_dim: int) -> int:

@@ -72,7 +72,7 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
         positions.append(torch.arange(n, device=device))
         block += num_blocks
     # One scratch tensor per distinct layer shape (this rank's heads), shared by the layers of that shape.
-    scratch = allocate_kv_caches(runner.kv_cache_specs, block, bs, runner.dtype, device, share=True)
+    scratch = allocate_kv_caches(runner.kv_cache_specs, block, bs, runner.kv_dtype, device, share=True)
     metadata = AttentionMetadata(block_size=bs, num_decode_tokens=0, slot_mapping=torch.cat(slots),
                                  decode_block_tables=None, decode_seq_lens=None, prefills=spans)
     runner.backend.prepare(metadata)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import backend_for_model, default_attention_backend, get_attention_backend
+from inferneo.attention.fp8_kv import FP8_KV_DTYPE
 from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
@@ -36,6 +37,12 @@ from inferneo.quantization import (
     resolve_quant_config,
 )
 from inferneo.quantization.base import is_quantized_parameter
+from inferneo.quantization.kv_cache import (
+    CheckpointKVScales,
+    check_fp8_kv_cache_supported,
+    install_kv_scales,
+    kv_cache_torch_dtype,
+)
 from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
@@ -177,9 +184,10 @@ class ModelRunner(Runner):
                 raise ValueError(f"quantization ({self.quant_config.name}) with tensor_parallel_size "
                                  f"{self.tp.world_size} is not supported yet; run it on one rank")
             self.quant_config.check_supported(device, dtype)
-        if kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported yet; supported: auto")
         self.kv_cache_dtype = kv_cache_dtype
+        # The KV cache's element type: the model dtype, or float8 e4m3 with per-head scales (quantization.kv_cache).
+        self.kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)
+        self.fp8_kv_cache = self.kv_dtype == FP8_KV_DTYPE
         if self.tp.peer is not None:  # every rank holds the same switches, so all take the same path
             if self.kernels.peer_all_reduce:
                 self.tp.peer.use_kernels(self.kernels, device)
@@ -194,6 +202,8 @@ class ModelRunner(Runner):
         else:
             with torch.device(device), _default_dtype(dtype):
                 self.model: CausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
+        if self.fp8_kv_cache:  # unit scales until the checkpoint's load (the layers then ask for FP8_KV_CACHE)
+            install_kv_scales(self.model, device)
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         self.model.cast(dtype)
@@ -204,6 +214,8 @@ class ModelRunner(Runner):
         self.num_kv_heads = self.model.num_kv_heads
         # What each layer keeps in the KV cache (layers may differ: latent attention keeps a compressed latent).
         self.kv_cache_specs = self.model.kv_cache_specs()
+        if self.fp8_kv_cache:
+            check_fp8_kv_cache_supported(device, self.kv_cache_specs, model_cls.__name__, self.tp.world_size)
         self.model.eval()
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -224,9 +236,12 @@ class ModelRunner(Runner):
     def load_weights(self, weights) -> None:
         """Copy checkpoint weights (Hugging Face names) into the model."""
         start = time.perf_counter()
+        kv_scales = CheckpointKVScales()
+        weights = kv_scales.split(weights)  # KV cache scales go to the attention layers, not to load_weights
         if self.quant_config is not None:
             weights = self.quant_config.prepare_weights(weights)
         self.model.load_weights(weights)
+        kv_scales.apply(self.model, self.fp8_kv_cache)
         logger.info("loaded weights in %.1f s", time.perf_counter() - start)
 
     @torch.no_grad()
@@ -253,7 +268,7 @@ class ModelRunner(Runner):
     @property
     def kv_bytes_per_block(self) -> int:
         """Bytes of KV cache one block takes over all layers (each layer as its ``KVCacheSpec`` says)."""
-        return kv_bytes_per_block(self.kv_cache_specs, self.block_size, self.dtype)
+        return kv_bytes_per_block(self.kv_cache_specs, self.block_size, self.kv_dtype)
 
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take on CUDA, measured with a worst-case forward pass (see ``memory``).
@@ -270,9 +285,12 @@ class ModelRunner(Runner):
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` blocks for the scheduler plus the spare padding block; capture CUDA graphs."""
         self.spare_block = num_blocks
-        self.kv_caches = allocate_kv_caches(self.kv_cache_specs, num_blocks + 1, self.block_size, self.dtype,
+        self.kv_caches = allocate_kv_caches(self.kv_cache_specs, num_blocks + 1, self.block_size, self.kv_dtype,
                                             self.device)
         self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens in %s (kv_cache_dtype %s), %d bytes a block", num_blocks,
+                    self.block_size, str(self.kv_dtype).removeprefix("torch."), self.kv_cache_dtype,
+                    self.kv_bytes_per_block)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.capture_cuda_graphs()
 

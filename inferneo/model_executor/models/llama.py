@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from inferneo.attention import AttentionBackend, AttentionFeature, AttentionMetadata, attention_features
+from inferneo.attention.fp8_kv import KVCacheScales
 from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
@@ -106,7 +107,8 @@ class Attention(nn.Module):
 
     ``sliding_window``, ``logit_softcap`` and ``use_sinks`` (a learned per-head sink logit, the parameter
     ``sinks``) are this layer's attention options, passed on to the backend; ``scale`` defaults to
-    ``head_dim ** -0.5``.
+    ``head_dim ** -0.5``. ``kv_scales`` (set by the runner for an FP8 KV cache; None otherwise) are the layer's
+    per-head key and value scales.
     """
 
     def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int, *,
@@ -131,6 +133,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.backend = backend
+        self.kv_scales: KVCacheScales | None = None
 
     def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
         q, k, v = self.split_heads(self.qkv_proj(hidden))
@@ -148,12 +151,13 @@ class Attention(nn.Module):
     def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
         """Attention over the paged cache (which takes the new keys and values), then the output projection."""
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
-                                   logit_softcap=self.logit_softcap, sinks=self.sinks)
+                                   logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def attention_features(self) -> frozenset[AttentionFeature]:
         """What this layer needs from the attention backend (the runner checks it against the backend's)."""
-        return attention_features(self.sliding_window, self.logit_softcap, self.sinks is not None)
+        return attention_features(self.sliding_window, self.logit_softcap, self.sinks is not None,
+                                  self.kv_scales is not None)
 
 
 class MLP(nn.Module):
