@@ -37,7 +37,7 @@ from inferneo.quantization import (
 )
 from inferneo.quantization.base import is_quantized_parameter
 from inferneo.sampling import Sampler, SamplingMetadata
-from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
+from inferneo.worker.cpu_tuning import keep_freed_memory_mapped, release_freed_memory
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
 from inferneo.worker.runner_api import Runner
@@ -246,9 +246,16 @@ class ModelRunner(Runner):
     def finalize_weights(self) -> None:
         """Put the device's kernels in place once the weights are final (``device_kernels.use_device_kernels``):
         native CPU kernels and packed linears on CPU, Triton kernels and the GEMV on CUDA, the fused all-reduce +
-        norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once."""
+        norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once.
+
+        Then the memory that building, loading and packing freed goes back to the OS (the host heap; on CUDA also
+        the caching allocator's free blocks), so that the weights are held once: see ``docs/quantization.md``,
+        "Memory"."""
         finalize_quantized_linears(self.model, self.kernels)
         use_device_kernels(self.model, self.device, self.kernels, self.tp)
+        release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -42,13 +42,22 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` held in oneDNN's packed layout."""
+    """``y = x @ W.T + b`` through oneDNN, with ``W`` held in oneDNN's packed layout.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    ``prepack=False`` keeps ``W`` as it is (the linear's own tensor, not a copy) and lets oneDNN read the plain
+    layout: for a weight another module shares (an output head tied to the embedding), where a packed copy would
+    hold the weight twice. Measured on the 2-core AVX2 test machine with SmolLM2-135M's head (49152 x 576, float32):
+    about as fast as the packed weight at one row, 5-20% slower at 16-64 rows, and 2-3x faster than PyTorch's own
+    ``F.linear`` there (docs/quantization.md, "Memory").
+    """
+
+    def __init__(self, linear: nn.Linear, prepack: bool = True) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 64)
+        weight = linear.weight.detach()
+        self.prepacked = prepack
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64) if prepack else weight
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +120,28 @@ class PanelLinear(nn.Module):
         return y if x.dim() == 2 else y.view(*shape[:-1], self.out_features)
 
 
+class PanelEmbedding(nn.Module):
+    """The lookup of an embedding tied to a :class:`PanelLinear` output head, read from the head's panels: token
+    ``t`` is output column ``t``, i.e. ``packed_weight[t // 48, :, t % 48]`` (bfloat16: that column's pairs, the
+    padding along K dropped). The embedding's own table is released, so the tied weight is held once, in the
+    layout the head's kernel reads. The rows equal the original table's exactly (a gather, no arithmetic)."""
+
+    def __init__(self, head: PanelLinear) -> None:
+        super().__init__()
+        self.embedding_dim = head.in_features
+        self.num_embeddings = head.out_features
+        self.table = head.packed_weight  # shared with the head, not a copy; not a registered buffer of this module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        panel, column = flat // PANEL_WIDTH, flat % PANEL_WIDTH
+        if self.table.dim() == 3:  # float32 [panels, K, 48]
+            rows = self.table[panel, :, column]
+        else:  # bfloat16 [panels, K/2, 48, 2]
+            rows = self.table[panel, :, column, :].reshape(flat.shape[0], -1)[:, : self.embedding_dim]
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
 # A CPU MLP over many tokens (a prompt) runs in passes of rows whose gate/up activation fits in this many bytes.
 # In one pass, a 2,048-token step's [rows, 2 x intermediate] activation is tens of MB and leaves the caches
 # between the gate/up matmul, SiLU and the down matmul; in passes it stays in L2. Measured on the 2-core test
@@ -137,20 +168,50 @@ def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
     (oneDNN); ``kernels`` (None: the environment's) says whether the panel kernel may be used.
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
-    more than the matmul) are left alone. Linears that share their weight with another module (tied embeddings)
-    keep that weight alive; the others release their unpacked copy.
+    more than the matmul) are left alone. Each weight is held once afterwards: a layer's unpacked weight is released
+    with the layer, and a weight another module shares (an output head tied to the embedding) is not copied: with the
+    panel kernel the head is packed and the embeddings sharing it read their rows from its panels
+    (:class:`PanelEmbedding`); otherwise the head runs oneDNN on the shared plain weight (``prepack=False``).
     """
     panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
+    sharers = _weight_sharers(model)
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
+            if not (isinstance(child, nn.Linear) and getattr(child, "packable", True)
                     and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE):
-                if panel_ops[child.weight.dtype] is not None:
-                    setattr(parent, name, PanelLinear(child, panel_ops[child.weight.dtype]))
-                elif onednn_available(child.weight.dtype):
-                    setattr(parent, name, PackedLinear(child))
-                else:
-                    continue
-                swapped += 1
+                continue
+            ops = panel_ops[child.weight.dtype]
+            shared = sharers.get(id(child.weight), [])
+            if ops is not None and all(_reads_rows_only(module) for _, _, module in shared):
+                head = PanelLinear(child, ops)
+                for owner, attr, _ in shared:
+                    setattr(owner, attr, PanelEmbedding(head))
+                setattr(parent, name, head)
+            elif onednn_available(child.weight.dtype):
+                setattr(parent, name, PackedLinear(child, prepack=not shared))
+            else:
+                continue
+            swapped += 1
     return swapped
+
+
+def _weight_sharers(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, nn.Module]]]:
+    """``id(weight) -> [(parent, child name, child), ...]`` of the modules other than linears that hold a linear's
+    weight as their own parameter (a tied embedding)."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    sharers: dict[int, list[tuple[nn.Module, str, nn.Module]]] = {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                continue
+            for param in child.parameters(recurse=False):
+                if id(param) in linear_weights:
+                    sharers.setdefault(id(param), []).append((parent, name, child))
+    return sharers
+
+
+def _reads_rows_only(module: nn.Module) -> bool:
+    """Whether ``module`` only looks rows up in its weight (a plain ``nn.Embedding``), so a
+    :class:`PanelEmbedding` can replace it."""
+    return type(module) is nn.Embedding and module.max_norm is None
