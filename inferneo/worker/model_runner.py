@@ -26,6 +26,7 @@ from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
+from inferneo.model_executor.layers.rotary import share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
@@ -197,6 +198,7 @@ class ModelRunner(Runner):
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         self.model.cast(dtype)
+        share_rotary_tables(self.model)  # one cos/sin table pair, not one per layer
         if self.quant_config is not None:
             count = quantize_linears(self.model, self.quant_config, dtype, device)
             logger.info("quantization %s: %d linear layers", self.quant_config.describe(), count)
