@@ -133,25 +133,47 @@ def test_panel_embedding_reads_the_tied_rows_from_the_head_panels(dtype, vocab, 
     assert torch.equal(got, expected)
 
 
-@needs_onednn
-def test_pack_linears_keeps_a_tied_head_single():
-    """Without the panel kernel, a head tied to the embedding runs oneDNN on the shared weight itself (no packed
-    copy beside it); with it, the head is packed and the embedding reads its rows from the panels."""
-    model = _tied_model(torch.float32, 300, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linears_keeps_a_tied_head_single(dtype):
+    """A head tied to the embedding is packed into panels once and the embedding reads its rows from them (float32
+    everywhere: through the panel kernel or ``torch.matmul``; bfloat16 with the kernel); a tied bfloat16 head
+    without the kernel runs oneDNN on the shared weight itself. No plain copy stays beside the packed one."""
+    model = _tied_model(dtype, 300, 64)
     ids = torch.randint(0, 300, (9,))
-    hidden = torch.randn(5, 64)
+    hidden = torch.randn(5, 64, dtype=dtype)
     expected_rows, expected_logits = model.embed_tokens(ids), model.lm_head(hidden)
     weight = model.embed_tokens.weight
-    assert pack_linears(model) == 1
-    if panel_kernels() is not None:
-        assert type(model.lm_head) is PanelLinear and type(model.embed_tokens) is PanelEmbedding
+    packs = pack_linears(model)
+    if dtype == torch.float32 or panel_kernels(dtype) is not None:
+        assert packs == 1 and type(model.lm_head) is PanelLinear and type(model.embed_tokens) is PanelEmbedding
         assert model.embed_tokens.table is model.lm_head.packed_weight
-    else:
-        assert type(model.lm_head) is PackedLinear and not model.lm_head.prepacked
+    elif onednn_available(dtype):
+        assert packs == 1 and type(model.lm_head) is PackedLinear and not model.lm_head.prepacked
         assert model.lm_head.packed_weight.data_ptr() == weight.data_ptr()  # the embedding's tensor, not a copy
         assert model.embed_tokens.weight is weight
+    else:
+        assert packs == 0 and model.lm_head.weight is model.embed_tokens.weight
     assert torch.equal(model.embed_tokens(ids), expected_rows)
-    torch.testing.assert_close(model.lm_head(hidden), expected_logits, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(model.lm_head(hidden).float(), expected_logits.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 7, 64])
+@pytest.mark.parametrize(("in_features", "out_features"), [(96, 200), (33, 5), (64, 48)])
+def test_panel_linear_without_the_kernel_matches_reference(bias, rows, in_features, out_features):
+    """Float32 panels through ``torch.matmul`` (the tied head's path on CPUs without the panel kernel), with
+    ``out`` and batched shapes."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    layer = PanelLinear(linear, ops=None)
+    x = torch.randn(rows, in_features)
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    out = torch.full((rows, out_features), float("nan"))
+    assert layer(x, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+    batched = torch.randn(2, 3, in_features)
+    torch.testing.assert_close(layer(batched), linear(batched), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

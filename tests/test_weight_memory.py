@@ -9,14 +9,12 @@ it written here (so they keep measuring the full-precision paths whatever the GG
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
-from inferneo.testing.weight_memory import measure_engine_memory, weight_excess
+from inferneo.testing.weight_memory import measure_engine_memory, weight_excess, write_default_model_copy
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +22,10 @@ LIMIT = 1.15
 NATIVE_OFF = {"INFERNEO_CPU_KERNELS": "0", "INFERNEO_CPU_ONEDNN": "0", "INFERNEO_CPU_NATIVE_LINEAR": "0"}
 
 
-def write_safetensors_copy(folder: Path, dtype: torch.dtype) -> Path:
-    """The default model as a Hugging Face folder in ``dtype`` (config, tokenizer, one safetensors file)."""
-    from safetensors.torch import save_file
-
-    source = resolve_model(None)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = load_hf_config(source)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    load_tokenizer(source).save_pretrained(folder)
-    save_file({name: tensor.to(dtype).contiguous() for name, tensor in iter_weights(source)},
-              str(folder / "model.safetensors"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def default_copies(tmp_path_factory) -> dict[torch.dtype, Path]:
     root = tmp_path_factory.mktemp("default-model")
-    return {dtype: write_safetensors_copy(root / str(dtype).removeprefix("torch."), dtype)
+    return {dtype: write_default_model_copy(root / str(dtype).removeprefix("torch."), dtype)
             for dtype in (torch.float32, torch.bfloat16)}
 
 

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 KV_CACHE_MEMORY = 64 * 2**20  # the fixed KV cache every measurement configures
+# The default model's shapes (SmolLM2-135M) for make_tiny_checkpoint, where its GGUF file is not installed.
+DEFAULT_MODEL_SHAPES = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                            tie_word_embeddings=True, max_position_embeddings=8192)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,25 @@ def measure_engine_memory(model: str | os.PathLike[str], dtype: str = "auto", de
     if done.returncode != 0:
         raise RuntimeError(f"measuring {model} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return EngineMemory(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def write_default_model_copy(folder: Path, dtype) -> Path:
+    """The bundled default model (a Q4_1 GGUF, de-quantized) as a Hugging Face folder in ``dtype`` (a torch dtype):
+    config, tokenizer and one safetensors file, so that full-precision loading is measured whatever the GGUF loader
+    keeps in memory. Raises FileNotFoundError when the default model is not installed."""
+    from safetensors.torch import save_file
+
+    from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+
+    source = resolve_model(None)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = load_hf_config(source)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    load_tokenizer(source).save_pretrained(folder)
+    save_file({name: tensor.to(dtype).contiguous() for name, tensor in iter_weights(source)},
+              str(folder / "model.safetensors"))
+    return folder
 
 
 def resident_bytes() -> int:

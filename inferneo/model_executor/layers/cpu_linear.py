@@ -92,6 +92,12 @@ class PanelLinear(nn.Module):
 
     ``W`` is stored in panels of 48 output columns: float32 as [panels, K, 48]; bfloat16 as [panels, K/2, 48, 2]
     (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product.
+
+    ``ops=None`` (float32 only) multiplies the panels with PyTorch's batched matmul instead: the layout of an output
+    head tied to the embedding on CPUs without the panel kernel, where :class:`PanelEmbedding` reads the rows back
+    (one copy of the weight). Measured on the 2-core AVX2 test machine with SmolLM2-135M's head (49152 x 576, one
+    thread, CPU time): as fast as oneDNN's packed weight at 1 row, 15% slower at 8 rows and 4% at 32 (oneDNN on the
+    plain weight: 8% slower at 1 row, 40% at 8, 12% at 32).
     """
 
     def __init__(self, linear: nn.Linear, ops) -> None:
@@ -116,8 +122,23 @@ class PanelLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
-        y = self._ops.panel_linear(flat, self.packed_weight, self.bias, self.out_features, out)
+        if self._ops is None:
+            y = self._panel_matmul(flat, out)
+        else:
+            y = self._ops.panel_linear(flat, self.packed_weight, self.bias, self.out_features, out)
         return y if x.dim() == 2 else y.view(*shape[:-1], self.out_features)
+
+    def _panel_matmul(self, flat: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The float32 panels through ``torch.matmul``: [panels, rows, 48] products, laid out as [rows, N]."""
+        if self.packed_weight.dim() != 3:
+            raise ValueError("PanelLinear without the native kernel runs float32 panels only")
+        rows = flat.shape[0]
+        panels = self.packed_weight.shape[0]
+        y = torch.matmul(flat, self.packed_weight).transpose(0, 1).reshape(rows, panels * PANEL_WIDTH)
+        y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous() if out is None else out.copy_(y)
 
 
 class PanelEmbedding(nn.Module):
@@ -169,9 +190,10 @@ def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
     more than the matmul) are left alone. Each weight is held once afterwards: a layer's unpacked weight is released
-    with the layer, and a weight another module shares (an output head tied to the embedding) is not copied: with the
-    panel kernel the head is packed and the embeddings sharing it read their rows from its panels
-    (:class:`PanelEmbedding`); otherwise the head runs oneDNN on the shared plain weight (``prepack=False``).
+    with the layer, and a weight another module shares (an output head tied to the embedding) is not copied: the head
+    is packed into panels (through the panel kernel, or in float32 through ``torch.matmul`` where the kernel does not
+    run) and the embeddings sharing it read their rows from those panels (:class:`PanelEmbedding`); a tied bfloat16
+    head without the panel kernel runs oneDNN on the shared plain weight (``prepack=False``).
     """
     panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
     sharers = _weight_sharers(model)
@@ -183,8 +205,9 @@ def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
                 continue
             ops = panel_ops[child.weight.dtype]
             shared = sharers.get(id(child.weight), [])
-            if ops is not None and all(_reads_rows_only(module) for _, _, module in shared):
-                head = PanelLinear(child, ops)
+            rows_only = all(_reads_rows_only(module) for _, _, module in shared)
+            if rows_only and (ops is not None or (shared and child.weight.dtype == torch.float32)):
+                head = PanelLinear(child, ops)  # ops None: a tied float32 head through torch.matmul on the panels
                 for owner, attr, _ in shared:
                     setattr(owner, attr, PanelEmbedding(head))
                 setattr(parent, name, head)
