@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from inferneo.testing.weight_memory import measure_engine_memory, weight_excess, write_default_model_copy
-
-pytestmark = pytest.mark.slow
+from inferneo.model_executor.layers.rotary import RotaryEmbedding, share_rotary_tables
+from inferneo.testing.weight_memory import (
+    measure_engine_memory,
+    resident_bytes,
+    weight_excess,
+    write_default_model_copy,
+)
+from inferneo.worker.cpu_tuning import keep_freed_memory_mapped, release_freed_memory
 
 LIMIT = 1.15
 NATIVE_OFF = {"INFERNEO_CPU_KERNELS": "0", "INFERNEO_CPU_ONEDNN": "0", "INFERNEO_CPU_NATIVE_LINEAR": "0"}
@@ -29,6 +34,7 @@ def default_copies(tmp_path_factory) -> dict[torch.dtype, Path]:
             for dtype in (torch.float32, torch.bfloat16)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "env"), [
     pytest.param(torch.float32, {}, id="float32"),
     pytest.param(torch.float32, NATIVE_OFF, id="float32-native-off"),
@@ -47,3 +53,26 @@ def test_default_model_holds_its_weights_once(default_copies, tiny_checkpoint_fa
           f"{measured.weight_bytes / 2**20:.0f} MiB -> {excess:.3f}x")
     assert excess <= LIMIT, (f"building the engine holds {excess:.2f}x the weight bytes beyond its KV cache and fixed "
                              f"cost (limit {LIMIT}x): {measured} against {fixed}")
+
+
+def test_rotary_layers_with_equal_tables_share_one_pair():
+    """Thirty layers of one model build equal tables: one pair stays; a layer with another base keeps its own."""
+    model = torch.nn.ModuleList([RotaryEmbedding(64, 512, 10000.0) for _ in range(3)] + [RotaryEmbedding(64, 512, 1e6)])
+    expected = [(m.cos_cache.clone(), m.sin_cache.clone()) for m in model]
+    assert share_rotary_tables(model) == 2
+    assert model[1].cos_cache is model[0].cos_cache and model[2].sin_cache is model[0].sin_cache
+    assert model[3].cos_cache is not model[0].cos_cache
+    for module, (cos, sin) in zip(model, expected, strict=True):
+        assert torch.equal(module.cos_cache, cos) and torch.equal(module.sin_cache, sin)
+    assert share_rotary_tables(model) == 0  # already shared
+
+
+@pytest.mark.skipif(not keep_freed_memory_mapped(), reason="glibc's mallopt is not available here")
+def test_release_freed_memory_gives_back_what_the_raised_thresholds_keep():
+    """Under the engine's malloc thresholds a freed 256 MiB block stays resident; the release hands it back."""
+    block = torch.ones(64 * 2**20)  # 256 MiB, touched
+    held = resident_bytes()
+    del block
+    assert resident_bytes() > held - 64 * 2**20  # still resident: glibc keeps it for reuse
+    assert release_freed_memory()
+    assert resident_bytes() < held - 192 * 2**20
