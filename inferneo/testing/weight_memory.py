@@ -92,18 +92,20 @@ def resident_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def model_weight_bytes(runner) -> int:
-    """Bytes of ``runner``'s model parameters as loaded (quantized layers in their format, a tied weight once),
-    counted on a copy of the model built on the meta device (the loaded one's packed layers hold no parameters)."""
+def model_weight_bytes(model_runner) -> int:
+    """Bytes of a single-rank ``ModelRunner``'s model parameters as loaded (quantized layers in their format, a tied
+    weight once), counted on a copy of the model built on the meta device (the loaded one's packed layers hold no
+    parameters). Reads the runner's own members, beyond the engine's ``Runner`` interface: a measuring tool."""
     import torch
 
     from inferneo.quantization import quantize_linears
 
     with torch.device("meta"):
-        model = type(runner.model)(runner.model_config, runner.backend, max_position=runner.max_model_len)
-    model.cast(runner.dtype)
-    if runner.quant_config is not None:
-        quantize_linears(model, runner.quant_config, runner.dtype, torch.device("meta"))
+        model = type(model_runner.model)(model_runner.model_config, model_runner.backend,
+                                         max_position=model_runner.max_model_len)
+    model.cast(model_runner.dtype)
+    if model_runner.quant_config is not None:
+        quantize_linears(model, model_runner.quant_config, model_runner.dtype, torch.device("meta"))
     unique = {id(p): p for p in model.parameters()}
     return sum(p.numel() * p.element_size() for p in unique.values())
 
