@@ -8,6 +8,7 @@ from torch import nn
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.layers.cpu_linear import (
     PackedLinear,
+    PanelEmbedding,
     PanelLinear,
     onednn_available,
     pack_linears,
@@ -105,3 +106,80 @@ def test_packed_linears_write_into_out(kind, shape):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(out, expected.reshape(-1, 200), rtol=0, atol=0)
     assert got.data_ptr() == out.data_ptr()  # the result lives in ``out``, not in a copy
+
+
+def _tied_model(dtype: torch.dtype, vocab: int, hidden: int) -> nn.Module:
+    """An embedding and an output head sharing one weight, as a tied-embedding LM holds them."""
+    torch.manual_seed(vocab + hidden)
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(vocab, hidden).to(dtype)
+    model.lm_head = nn.Linear(hidden, vocab, bias=False).to(dtype)
+    model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,hidden", [(200, 96), (97, 41), (48, 64), (5, 33)])
+def test_panel_embedding_reads_the_tied_rows_from_the_head_panels(dtype, vocab, hidden):
+    """Every token's row, read back from the packed panels (partial last panel, odd K in bfloat16 pairs), equals
+    the embedding's row bit for bit. The packing is plain PyTorch, so this runs on any CPU (the head's kernel is
+    not called)."""
+    model = _tied_model(dtype, vocab, hidden)
+    ids = torch.cat([torch.arange(vocab), torch.randint(0, vocab, (37,))]).reshape(-1, 1)
+    expected = model.embed_tokens(ids)
+    embedding = PanelEmbedding(PanelLinear(model.lm_head, ops=None))
+    got = embedding(ids)
+    assert got.shape == expected.shape == (ids.shape[0], 1, hidden) and got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linears_keeps_a_tied_head_single(dtype):
+    """A head tied to the embedding is packed into panels once and the embedding reads its rows from them (float32
+    everywhere: through the panel kernel or ``torch.matmul``; bfloat16 with the kernel); a tied bfloat16 head
+    without the kernel runs oneDNN on the shared weight itself. No plain copy stays beside the packed one."""
+    model = _tied_model(dtype, 300, 64)
+    ids = torch.randint(0, 300, (9,))
+    hidden = torch.randn(5, 64, dtype=dtype)
+    expected_rows, expected_logits = model.embed_tokens(ids), model.lm_head(hidden)
+    weight = model.embed_tokens.weight
+    packs = pack_linears(model)
+    if dtype == torch.float32 or panel_kernels(dtype) is not None:
+        assert packs == 1 and type(model.lm_head) is PanelLinear and type(model.embed_tokens) is PanelEmbedding
+        assert model.embed_tokens.table is model.lm_head.packed_weight
+    elif onednn_available(dtype):
+        assert packs == 1 and type(model.lm_head) is PackedLinear and not model.lm_head.prepacked
+        assert model.lm_head.packed_weight.data_ptr() == weight.data_ptr()  # the embedding's tensor, not a copy
+        assert model.embed_tokens.weight is weight
+    else:
+        assert packs == 0 and model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens(ids), expected_rows)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(model.lm_head(hidden).float(), expected_logits.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 7, 64])
+@pytest.mark.parametrize(("in_features", "out_features"), [(96, 200), (33, 5), (64, 48)])
+def test_panel_linear_without_the_kernel_matches_reference(bias, rows, in_features, out_features):
+    """Float32 panels through ``torch.matmul`` (the tied head's path on CPUs without the panel kernel), with
+    ``out`` and batched shapes."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    layer = PanelLinear(linear, ops=None)
+    x = torch.randn(rows, in_features)
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    out = torch.full((rows, out_features), float("nan"))
+    assert layer(x, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+    batched = torch.randn(2, 3, in_features)
+    torch.testing.assert_close(layer(batched), linear(batched), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_linear_on_the_plain_weight_matches_reference(rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 200)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(PackedLinear(linear, prepack=False)(x), linear(x), rtol=1e-5, atol=1e-5)

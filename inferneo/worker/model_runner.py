@@ -27,6 +27,7 @@ from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
+from inferneo.model_executor.layers.rotary import share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
@@ -44,7 +45,7 @@ from inferneo.quantization.kv_cache import (
     kv_cache_torch_dtype,
 )
 from inferneo.sampling import Sampler, SamplingMetadata
-from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
+from inferneo.worker.cpu_tuning import keep_freed_memory_mapped, release_freed_memory
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
 from inferneo.worker.runner_api import Runner
@@ -207,6 +208,7 @@ class ModelRunner(Runner):
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         self.model.cast(dtype)
+        share_rotary_tables(self.model)  # one cos/sin table pair, not one per layer
         if self.quant_config is not None:
             count = quantize_linears(self.model, self.quant_config, dtype, device)
             logger.info("quantization %s: %d linear layers", self.quant_config.describe(), count)
@@ -261,9 +263,16 @@ class ModelRunner(Runner):
     def finalize_weights(self) -> None:
         """Put the device's kernels in place once the weights are final (``device_kernels.use_device_kernels``):
         native CPU kernels and packed linears on CPU, Triton kernels and the GEMV on CUDA, the fused all-reduce +
-        norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once."""
+        norm with tensor parallelism over peer memory, as ``self.kernels`` allows. Call once.
+
+        Then the memory that building, loading and packing freed goes back to the OS (the host heap; on CUDA also
+        the caching allocator's free blocks), so that the weights are held once: see ``docs/quantization.md``,
+        "Memory"."""
         finalize_quantized_linears(self.model, self.kernels)
         use_device_kernels(self.model, self.device, self.kernels, self.tp)
+        release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def kv_bytes_per_block(self) -> int:

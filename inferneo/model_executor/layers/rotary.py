@@ -219,3 +219,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def share_rotary_tables(model: nn.Module) -> int:
+    """Make the rotary layers of ``model`` whose cos/sin tables are equal hold one pair of tables between them (each
+    attention layer builds its own; 30 layers of 8,192 positions are 60 MiB of copies). Call once the model has its
+    final device and dtype (``cast`` replaces buffers); returns how many layers gave up their own tables."""
+    kept: list[RotaryEmbedding] = []
+    shared = 0
+    for module in model.modules():
+        if not isinstance(module, RotaryEmbedding) or module.cos_cache.is_meta:
+            continue
+        same = next((k for k in kept if k.cos_cache.shape == module.cos_cache.shape
+                     and k.cos_cache.device == module.cos_cache.device and k.cos_cache.dtype == module.cos_cache.dtype
+                     and torch.equal(k.cos_cache, module.cos_cache) and torch.equal(k.sin_cache, module.sin_cache)),
+                    None)
+        if same is None:
+            kept.append(module)
+        elif same.cos_cache is not module.cos_cache or same.sin_cache is not module.sin_cache:
+            module.register_buffer("cos_cache", same.cos_cache, persistent=False)
+            module.register_buffer("sin_cache", same.sin_cache, persistent=False)
+            shared += 1
+    return shared
