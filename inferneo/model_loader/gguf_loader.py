@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from inferneo import envs
 from inferneo.model_loader.gguf_file import GGUFHeader, iter_gguf_tensors, read_gguf_header
+from inferneo.quantization.gguf_blocks import KEPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +156,11 @@ def _hf_architecture(header: GGUFHeader, arch: str) -> tuple[str, str]:
 
 
 def gguf_config(path: Path) -> dict[str, Any]:
-    """A ``config.json``-style dict (HF keys) built from the GGUF metadata."""
+    """A ``config.json``-style dict (HF keys) built from the GGUF metadata.
+
+    A file with weights in a block type Inferneo keeps quantized gets ``quantization_config: {"quant_method":
+    "gguf", "file": <path>}`` (``inferneo/quantization/gguf.py``), unless ``INFERNEO_GGUF_DEQUANTIZE=1`` asks for
+    every tensor de-quantized at load."""
     header, arch = _header(path)
     meta = header.metadata
 
@@ -196,6 +202,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
         config.update(_gemma_config(meta, arch, config))
     if arch == "phi3":
         config.update(_phi3_config(header, config))
+    if not envs.gguf_dequantize() and any(len(t.shape) == 2 and t.ggml_type in KEPT_FORMATS for t in header.tensors):
+        config["quantization_config"] = {"quant_method": "gguf", "file": str(header.path)}
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -314,16 +322,20 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: Path, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation (Llama) or its
     shift of the norm weights by 1 (Gemma) undone and stacked expert tensors split into one tensor per expert
-    (Mixtral's or Qwen-MoE's names)."""
+    (Mixtral's or Qwen-MoE's names).
+
+    The GGUF tensors named in ``keep_blocks`` (linear weights a GGUF-quantized model holds as ggml blocks) come as
+    their raw blocks instead, uint8 ``[rows, row_bytes]`` under ``<module>.qweight`` (the q/k permutation undone by
+    moving whole rows of blocks)."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     expert_naming = "mixtral" if _hf_architecture(header, arch) == _MIXTRAL else "qwen"
-    for info, array in iter_gguf_tensors(header):
+    for info, array in iter_gguf_tensors(header, keep_blocks):
         if info.name in _SKIPPED_TENSORS:
             continue
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -335,6 +347,8 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     part = unpermute_rotary(part, heads)
                 elif ".k_proj." in name:
                     part = unpermute_rotary(part, kv_heads)
+            if info.name in keep_blocks:
+                name = name.removesuffix(".weight") + ".qweight"
             yield name, part
 
 
