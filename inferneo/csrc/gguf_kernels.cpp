@@ -375,7 +375,9 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   if (M > fused_max_rows) {
     // prefill: de-quantize a tile of weight rows, multiply it with a GEMM
-    const int64_t tile = std::max<int64_t>(16, std::min(N, tile_rows));
+    // tile_rows <= 0: tiles of about 2 MB of float32 weights
+    const int64_t wanted = tile_rows > 0 ? tile_rows : (int64_t{1} << 19) / in_features;
+    const int64_t tile = std::max<int64_t>(16, std::min(N, wanted));
     at::Tensor w = at::empty({tile, in_features}, at::kFloat);
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t nt = std::min(tile, N - n0);
@@ -383,7 +385,8 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
       at::parallel_for(0, nt, 8, [&](int64_t r0, int64_t r1) {
         dequant_rows(src + n0 * row_bytes, row_bytes, r0, r1, f, deq, nblocks, dst, in_features);
       });
-      out.narrow(1, n0, nt).copy_(at::mm(x, w.narrow(0, 0, nt).t()));
+      at::Tensor dest = out.narrow(1, n0, nt);  // row stride N: a valid GEMM output, written in place
+      at::mm_out(dest, x, w.narrow(0, 0, nt).t());
     }
     return out;
   }
@@ -411,8 +414,8 @@ std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
-        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 8,
-        py::arg("tile_rows") = 256);
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 32,
+        py::arg("tile_rows") = 0);
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
         py::arg("qtype"), py::arg("in_features"));
   m.def("gguf_isa", &gguf_isa, "the instruction set the kernels run with: avx2 or portable");

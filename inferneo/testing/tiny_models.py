@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
+from inferneo.testing.gguf_quantizers import quantize_blocks
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
@@ -348,6 +349,11 @@ _EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.ex
 _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp keeps its routers
 
 
+# The tensors a "Q4_K_M" tiny file stores in Q6_K.
+_Q4_K_M_SIX_BIT = re.compile(r"blk\.\d+\.attn_v\.weight|blk\.0\.ffn_down\.weight|output\.weight")
+_Q4_K_M_SIX_BIT_TYPE = gguf.GGMLQuantizationType.Q6_K
+
+
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
     into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
@@ -355,12 +361,15 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     tokenizer in metadata). A Gemma checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as
     llama.cpp's Gemma files cannot say otherwise.
 
-    ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
-    1-D tensors (norms, biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks
-    falls back to F16, as in llama.cpp's converter. Returns ``out_file``.
+    ``dtype`` is F32, F16, any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), a K-quant
+    (Q4_K, Q5_K, Q6_K: ``gguf_quantizers``), or ``Q4_K_M``: Q4_K with ``attn_v``, layer 0's ``ffn_down`` and
+    ``output`` in Q6_K (a fused q/k/v of two types, as llama.cpp's Q4_K_M files have). 1-D tensors (norms,
+    biases) and routers stay F32, and a tensor whose rows do not split into the type's blocks falls back to F16,
+    as in llama.cpp's converter. Returns ``out_file``.
     """
+    mixed = dtype.upper() == "Q4_K_M"
     try:
-        qtype = gguf.GGMLQuantizationType[dtype.upper()]
+        qtype = gguf.GGMLQuantizationType["Q4_K" if mixed else dtype.upper()]
     except KeyError:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
@@ -382,8 +391,8 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
     for name, array in _gguf_tensors(hf_dir, config, arch):
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        kind = qtype
+        kind = _Q4_K_M_SIX_BIT_TYPE if mixed and _Q4_K_M_SIX_BIT.fullmatch(name) else qtype
+        block = gguf.GGML_QUANT_SIZES[kind][0]
         if array.ndim == 1 or name.rsplit(".", 2)[-2] in _ROUTERS:
             kind = gguf.GGMLQuantizationType.F32
         elif array.shape[-1] % block:
@@ -393,7 +402,7 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32") -> Path:
         elif kind == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(name, array.astype(np.float16))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+            writer.add_tensor(name, quantize_blocks(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
