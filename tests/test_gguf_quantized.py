@@ -27,7 +27,7 @@ from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
 from inferneo.testing import make_tiny_gguf
 from inferneo.testing.gguf_quantizers import quantize_blocks
 
-from test_hf_parity import GREEDY, engine_options, mixed_prompts, run_engine
+from test_hf_parity import engine_options, mixed_prompts, run_engine
 
 FORMATS = [f.name for f in KEPT_FORMATS.values()]
 # What each tiny-model test file is written in: every kept format, plus a Q4_K_M-like mix
@@ -178,7 +178,8 @@ def test_q4_k_m_file_keeps_mixed_qkv_in_two_segments(gguf_files):
 def test_weights_stay_in_blocks_and_decode_to_the_dequantized_model(gguf_files, file_type, monkeypatch):
     path = gguf_files[file_type]
     quantized = _model(LLM(str(path), dtype="float32"))
-    reference = _model(_dequantized(monkeypatch, path, dtype="float32"))
+    reference = _model(_dequantized(monkeypatch, path, dtype="float32",  # plain linears: weights by name
+                                    kernels=KernelConfig(cpu_onednn_linear=False)))
     layers = quantized_linears(quantized)
     assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the untied lm_head
     assert isinstance(quantized.embed_tokens, GGUFEmbedding)
@@ -220,16 +221,26 @@ def test_reference_path_without_native_kernels_gives_the_same_tokens(gguf_files,
             == run_engine(_dequantized(monkeypatch, path, dtype="float32"), prompts))
 
 
-def test_bfloat16_activations_agree_with_the_dequantized_bfloat16_engine(gguf_files, monkeypatch):
+def _agreeing_prefix(runs: list[list[int]], reference: list[list[int]]) -> int:
+    """Tokens of ``runs`` before each run first departs from ``reference``, summed."""
+    total = 0
+    for got, expected in zip(runs, reference, strict=True):
+        total += next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(expected))
+    return total
+
+
+def test_bfloat16_activations_stay_as_close_to_float32_as_the_dequantized_bfloat16_engine(gguf_files, monkeypatch):
+    """In bfloat16 the kept-quantized layers multiply exact float32 weights with bf16 activations (float32
+    accumulation), while the de-quantized engine rounds the weights to bf16 first: token-for-token equality of
+    the two is not expected. Both are compared with the float32 engine on the same file instead; the quantized
+    one must agree at least as long (summed over prompts, before the first differing token) as the full-width
+    bf16 engine does, less 10% of the tokens for near-ties."""
     path = gguf_files["Q4_K_M"]
-    prompts = mixed_prompts(8, 300, seed=11)
-    got = run_engine(LLM(str(path), dtype="bfloat16"), prompts)
-    expected = run_engine(_dequantized(monkeypatch, path, dtype="bfloat16"), prompts)
-    # bf16 rounding of the products differs between the kernel (float32 accumulation) and oneDNN's bf16 GEMM, so
-    # a near-tie may flip one token; require 90% of tokens equal.
-    same = sum(a == b for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True))
-    assert same >= 0.9 * sum(len(e) for e in expected)
-    assert GREEDY.max_tokens == len(got[0])
+    prompts = mixed_prompts(32, 300, seed=11)
+    exact = run_engine(_dequantized(monkeypatch, path, dtype="float32"), prompts)
+    quantized = _agreeing_prefix(run_engine(LLM(str(path), dtype="bfloat16"), prompts), exact)
+    full_width = _agreeing_prefix(run_engine(_dequantized(monkeypatch, path, dtype="bfloat16"), prompts), exact)
+    assert quantized >= full_width - 0.1 * sum(map(len, exact)), (quantized, full_width)
 
 
 def test_dummy_weights_fill_the_blocks(gguf_files):

@@ -42,6 +42,7 @@ from inferneo.quantization.base import (
     new_parameter,
 )
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
+from inferneo.worker.cpu_tuning import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +376,8 @@ class GGUFQuantConfig(QuantConfig):
         close = getattr(weights, "close", None)
         if close is not None:
             close()
+        # the model was built with full-width layers before they were replaced: give their memory back
+        release_freed_memory()
         yield from iter_gguf_weights(self.path, keep_blocks=frozenset(self.kept))
 
     def describe(self) -> str:

@@ -31,3 +31,17 @@ def keep_freed_memory_mapped() -> bool:
         return False
     logger.debug("glibc mallopt thresholds raised: %s", ok)
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): after a load that freed large blocks
+    (the full-width layers a quantized model replaced), which the raised trim threshold would otherwise keep
+    resident. Linux/glibc only; returns whether it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
