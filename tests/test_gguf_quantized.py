@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
+from test_hf_parity import engine_options, mixed_prompts, run_engine
 
 from inferneo import LLM
 from inferneo.kernel_config import KernelConfig
@@ -26,8 +29,6 @@ from inferneo.quantization.gguf import GGUFEmbedding, GGUFLinearMethod, random_b
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
 from inferneo.testing import make_tiny_gguf
 from inferneo.testing.gguf_quantizers import quantize_blocks
-
-from test_hf_parity import engine_options, mixed_prompts, run_engine
 
 FORMATS = [f.name for f in KEPT_FORMATS.values()]
 # What each tiny-model test file is written in: every kept format, plus a Q4_K_M-like mix
@@ -119,7 +120,8 @@ def test_reference_matmul_is_f_linear_on_the_decoded_weight():
 
 
 def test_native_kernels_pick_avx2_on_avx2_machines(native):
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     expected = "avx2" if (" avx2" in flags and " fma" in flags and " f16c" in flags) else "portable"
     assert native.gguf_isa() == expected
     if "avx512f" not in flags:

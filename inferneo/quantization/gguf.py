@@ -245,9 +245,15 @@ class TiedEmbeddingMethod(LinearMethod):
         layer.block_matmul = reference_block_matmul
 
     def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
+        if layer.device.type == "cuda":  # no CUDA kernels: a de-quantized copy for the head (the lookup stays)
+            _note_cuda_dequantize()
+            layer.register_buffer("dense_weight", self.dequantized_weight(layer).to(layer.dtype))
+            return
         layer.block_matmul = block_matmul_for(layer.device, kernels)
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        if getattr(layer, "dense_weight", None) is not None:
+            return F.linear(x, layer.dense_weight)
         emb = self._embedding[0]
         y = layer.block_matmul(x.reshape(-1, layer.in_features), emb.qweight, emb.fmt)
         return y.reshape(*x.shape[:-1], layer.out_features)

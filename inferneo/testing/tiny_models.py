@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerFast
 
 from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
-from inferneo.testing.gguf_quantizers import quantize_blocks
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
+from inferneo.testing.gguf_quantizers import quantize_blocks
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_multimodal", "mixtral",
                  "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3")
