@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +253,36 @@ def test_dummy_weights_fill_the_blocks(gguf_files):
     llm = LLM(str(gguf_files["Q4_K"]), dtype="float32", load_format="dummy")
     layer = quantized_linears(_model(llm))[0]
     assert layer.method.dequantized_weight(layer).abs().sum() > 0
+
+
+# ---- the Triton GEMM (CUDA), under the interpreter ---------------------------------------------------------
+
+_TRITON_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import triton  # noqa: F401  (the interpreter is on before the shims patch it)
+from triton_interpreter_shims import patch_interpreter
+patch_interpreter()
+import torch, torch.nn.functional as F
+from inferneo.kernels.triton_gguf import gguf_matmul
+from inferneo.quantization.gguf import random_blocks
+from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
+g = torch.Generator().manual_seed(0)
+for fmt in KEPT_FORMATS.values():
+    for n, k, m in ((70, 512, 3), (5, 256, 17)):
+        b = torch.zeros(n, fmt.row_bytes(k), dtype=torch.uint8)
+        random_blocks(b, fmt, g)
+        x = torch.randn(m, k, generator=g)
+        ref = F.linear(x, dequantize_blocks(b, fmt.qtype))
+        err = ((gguf_matmul(x, b, fmt.qtype) - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, (fmt.name, n, k, m, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_gemm_matches_f_linear_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -14,8 +14,9 @@ and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are
 blocks (``gguf_loader.iter_gguf_weights``).
 
 Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers; without them (or with
-``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA the layers are
-de-quantized to the model dtype once at load (a logged note says so).
+``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA a Triton GEMM
+de-quantizes tiles in registers (``kernels/triton_gguf.py``); without Triton the layers are de-quantized to the
+model dtype once at load (a logged warning says so).
 """
 
 from __future__ import annotations
@@ -77,9 +78,20 @@ def reference_block_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockForm
     return F.linear(x, dequantize_blocks(blocks, fmt.qtype).to(x.dtype))
 
 
-def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul:
-    """The matmul over ggml blocks for ``device``: the native CPU kernels where ``kernels`` allows them and they
-    build, else :func:`reference_block_matmul`."""
+def triton_block_matmul() -> BlockMatmul | None:
+    """The Triton GEMM over ggml blocks (``kernels/triton_gguf.py``), or None without Triton."""
+    try:
+        from inferneo.kernels.triton_gguf import gguf_matmul
+    except ImportError:
+        return None
+    return lambda x, blocks, fmt: gguf_matmul(x, blocks, fmt.qtype)
+
+
+def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
+    """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
+    they build, else :func:`reference_block_matmul`; on CUDA the Triton GEMM (None without Triton)."""
+    if device.type == "cuda":
+        return triton_block_matmul()
     if device.type == "cpu" and kernels.cpu_native_kernels:
         from inferneo.kernels.cpu_gguf import load_gguf_kernels
 
@@ -154,10 +166,11 @@ class GGUFLinearMethod(LinearMethod):
         return load
 
     def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
-        if layer.device.type == "cuda":
-            _dequantize_on_cuda(layer)
+        matmul = block_matmul_for(layer.device, kernels)
+        if matmul is None:
+            _dequantize_without_kernels(layer)
             return
-        layer.block_matmul = block_matmul_for(layer.device, kernels)
+        layer.block_matmul = matmul
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
@@ -179,9 +192,10 @@ class GGUFLinearMethod(LinearMethod):
             random_blocks(getattr(layer, seg.buffer), seg.fmt, generator)
 
 
-def _dequantize_on_cuda(layer: QuantizedLinear) -> None:
-    """CUDA has no GGUF kernels yet: the layer's blocks become one weight in the model dtype (logged once)."""
-    _note_cuda_dequantize()
+def _dequantize_without_kernels(layer: QuantizedLinear) -> None:
+    """No GGUF kernel for the device (CUDA without Triton): the layer's blocks become one weight in the model dtype
+    (logged once)."""
+    _note_dequantize(layer.device)
     dense = torch.cat([dequantize_blocks(getattr(layer, seg.buffer), seg.fmt.qtype).to(layer.dtype)
                        for seg in layer.gguf_segments])
     for seg in layer.gguf_segments:
@@ -191,9 +205,9 @@ def _dequantize_on_cuda(layer: QuantizedLinear) -> None:
 
 
 @functools.cache
-def _note_cuda_dequantize() -> None:
-    logger.warning("GGUF on CUDA: the block formats have no CUDA kernels yet; GGUF layers are de-quantized to the "
-                   "model dtype at load (memory as the full-width model)")
+def _note_dequantize(device: torch.device) -> None:
+    logger.warning("GGUF on %s: no GGUF kernel here (Triton is missing); GGUF layers are de-quantized to the model "
+                   "dtype at load (memory as the full-width model)", device.type)
 
 
 # scale fields (byte offset of each f16) of each kept format, for random weights
@@ -245,11 +259,12 @@ class TiedEmbeddingMethod(LinearMethod):
         layer.block_matmul = reference_block_matmul
 
     def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
-        if layer.device.type == "cuda":  # no CUDA kernels: a de-quantized copy for the head (the lookup stays)
-            _note_cuda_dequantize()
+        matmul = block_matmul_for(layer.device, kernels)
+        if matmul is None:  # no kernel: a de-quantized copy for the head (the lookup stays in blocks)
+            _note_dequantize(layer.device)
             layer.register_buffer("dense_weight", self.dequantized_weight(layer).to(layer.dtype))
             return
-        layer.block_matmul = block_matmul_for(layer.device, kernels)
+        layer.block_matmul = matmul
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         if getattr(layer, "dense_weight", None) is not None:
