@@ -50,8 +50,8 @@ def check_kernels(result: dict) -> None:
         dense = weight.bfloat16()
         for m in (1, 32):
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-            entry[f"bf16_m{m}_gguf_ms"] = _time_ms(lambda x=x: gguf_matmul(x, blocks, fmt.qtype))
-            entry[f"bf16_m{m}_dense_ms"] = _time_ms(lambda x=x: F.linear(x, dense))
+            entry[f"bf16_m{m}_gguf_ms"] = _time_ms(lambda x=x, b=blocks, q=fmt.qtype: gguf_matmul(x, b, q))
+            entry[f"bf16_m{m}_dense_ms"] = _time_ms(lambda x=x, w=dense: F.linear(x, w))
         result["kernels"][fmt.name] = entry
 
 

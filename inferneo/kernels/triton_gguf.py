@@ -39,7 +39,7 @@ def _weights(w_ptr, row, mask_n, k0, QTYPE: tl.constexpr):
         byte = tl.load(w_ptr + base[:, None] + first + (kk % 16)[None, :], mask=m2, other=0)
         q = tl.where(kk[None, :] < 16, byte & 15, byte >> 4).to(tl.float32)
         d = _f16_at(w_ptr, base, mask_n)[:, None]
-        if QTYPE == 2:
+        if QTYPE == 2:  # noqa: SIM108 - constexpr branches: one per compiled kernel
             w = d * (q - 8.0)
         else:
             w = d * q + _f16_at(w_ptr, base + 2, mask_n)[:, None]
