@@ -5,7 +5,7 @@
 // the reference's order (the file is built with -ffp-contract=off), so its values equal gguf.quants.dequantize.
 //
 // gguf_linear(x [M, K] float32 or bfloat16, blocks uint8 [N, row_bytes]) -> float32 [M, N]:
-//  - up to `fused_max_rows` rows (decode steps): at::parallel_for over output rows; each block is de-quantized
+//  - up to `fused_max_rows` rows (decode steps, short prefill chunks): at::parallel_for over output rows; each block is de-quantized
 //    once into an L1 buffer and multiplied into up to 8 activation rows with 8-wide FMAs (AVX2);
 //  - more rows (prefill): tiles of weight rows are de-quantized (in parallel) and multiplied with at::mm.
 // The AVX2 paths are chosen at run time (AVX2 + FMA + F16C); portable loops otherwise.
@@ -385,8 +385,7 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
       at::parallel_for(0, nt, 8, [&](int64_t r0, int64_t r1) {
         dequant_rows(src + n0 * row_bytes, row_bytes, r0, r1, f, deq, nblocks, dst, in_features);
       });
-      at::Tensor dest = out.narrow(1, n0, nt);  // row stride N: a valid GEMM output, written in place
-      at::mm_out(dest, x, w.narrow(0, 0, nt).t());
+      out.narrow(1, n0, nt).copy_(at::mm(x, w.narrow(0, 0, nt).t()));
     }
     return out;
   }
@@ -414,7 +413,7 @@ std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
-        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 32,
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 2048,
         py::arg("tile_rows") = 0);
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
         py::arg("qtype"), py::arg("in_features"));
