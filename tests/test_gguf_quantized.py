@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
-from test_hf_parity import engine_options, mixed_prompts, run_engine
+from test_hf_parity import TP_ENGINE, engine_options, mixed_prompts, run_engine, two_rank_engine
 
 from inferneo import LLM
 from inferneo.kernel_config import KernelConfig
@@ -217,6 +217,14 @@ def test_greedy_tokens_equal_the_dequantized_engine(gguf_files, file_type, varia
     options = dict(dtype="float32", **engine_options(path, variant))
     expected = run_engine(_dequantized(monkeypatch, path, **options), prompts)
     assert run_engine(LLM(str(path), **options), prompts) == expected
+
+
+def test_two_ranks_run_the_file_dequantized(gguf_files, monkeypatch):
+    path = gguf_files["Q8_0"]
+    prompts = mixed_prompts(4, 300, seed=9)
+    expected = run_engine(_dequantized(monkeypatch, path, **TP_ENGINE), prompts)
+    with two_rank_engine(path) as llm:
+        assert run_engine(llm, prompts) == expected
 
 
 def test_reference_path_without_native_kernels_gives_the_same_tokens(gguf_files, monkeypatch):
