@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +227,21 @@ def test_two_ranks_run_the_file_dequantized(gguf_files, monkeypatch):
     expected = run_engine(_dequantized(monkeypatch, path, **TP_ENGINE), prompts)
     with two_rank_engine(path) as llm:
         assert run_engine(llm, prompts) == expected
+
+
+def test_gemma2_tied_q8_0_file_keeps_embedding_and_head_in_blocks(tiny_checkpoint_factory, tmp_path, monkeypatch):
+    """Gemma: the scaled embedding lookup and the soft-capped tied head read the Q8_0 blocks."""
+    tied = tiny_checkpoint_factory("gemma2", tie_word_embeddings=True)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tied, hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["query_pre_attn_scalar"] = config["head_dim"]  # what a llama.cpp Gemma file can say
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    path = make_tiny_gguf(hf_dir, tmp_path / "gemma2.gguf", "Q8_0")
+    llm = LLM(str(path), dtype="float32")
+    assert isinstance(_model(llm).embed_tokens, GGUFEmbedding) and _model(llm).lm_head.method.name == "gguf-tied"
+    prompts = mixed_prompts(6, 300, seed=4)
+    assert run_engine(llm, prompts) == run_engine(_dequantized(monkeypatch, path, dtype="float32"), prompts)
 
 
 def test_reference_path_without_native_kernels_gives_the_same_tokens(gguf_files, monkeypatch):
