@@ -34,6 +34,13 @@ def cpu_native_kernels() -> bool:
     return _flag("INFERNEO_CPU_KERNELS", True)
 
 
+def gguf_dequantize() -> bool:
+    """INFERNEO_GGUF_DEQUANTIZE (default off): de-quantize a GGUF file's weights to full width at load (the model
+    dtype, as before GGUF weights were kept quantized); off, its Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K linear and embedding
+    weights stay in their ggml blocks in memory (``inferneo/quantization/gguf.py``)."""
+    return _flag("INFERNEO_GGUF_DEQUANTIZE", False)
+
+
 def api_process_nice() -> int:
     """INFERNEO_API_NICE (default 10): how much the server's front-end process lowers its own CPU priority once
     the engine core runs in its own process on the CPU, so that HTTP work waits for the engine's compute threads

@@ -186,11 +186,21 @@ def dequantize_tensor(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     return values.reshape(info.shape)
 
 
-def iter_gguf_tensors(header: GGUFHeader) -> Iterator[tuple[GGUFTensorInfo, np.ndarray]]:
-    """Yield each tensor of the file, dequantized to float32, one at a time."""
+def tensor_blocks(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
+    """The raw ggml blocks of one tensor (a uint8 array of ``info.nbytes``) as a new uint8 array
+    ``[*info.shape[:-1], row_bytes]``: each row's blocks, as the file stores them."""
+    rows = prod(info.shape[:-1])
+    return np.array(data).reshape(*info.shape[:-1], info.nbytes // max(1, rows))
+
+
+def iter_gguf_tensors(header: GGUFHeader, keep_blocks: frozenset[str] = frozenset()
+                      ) -> Iterator[tuple[GGUFTensorInfo, np.ndarray]]:
+    """Yield each tensor of the file, one at a time: dequantized to float32, or for the names in ``keep_blocks``
+    as its raw blocks (:func:`tensor_blocks`)."""
     raw = np.memmap(header.path, dtype=np.uint8, mode="r")
     try:
         for info in header.tensors:
-            yield info, dequantize_tensor(raw[info.offset:info.offset + info.nbytes], info)
+            data = raw[info.offset:info.offset + info.nbytes]
+            yield info, tensor_blocks(data, info) if info.name in keep_blocks else dequantize_tensor(data, info)
     finally:
         del raw

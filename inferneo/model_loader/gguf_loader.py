@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inferneo import envs
 from inferneo.model_loader.gguf_families import (
     FAMILY_ARCHITECTURES,
     family_config,
@@ -29,6 +30,7 @@ from inferneo.model_loader.gguf_families import (
     sliding_layer_types,
 )
 from inferneo.model_loader.gguf_file import GGUFHeader, iter_gguf_tensors, read_gguf_header
+from inferneo.quantization.gguf_blocks import KEPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +173,11 @@ def _hf_architecture(header: GGUFHeader, arch: str) -> tuple[str, str]:
 
 
 def gguf_config(path: Path) -> dict[str, Any]:
-    """A ``config.json``-style dict (HF keys) built from the GGUF metadata."""
+    """A ``config.json``-style dict (HF keys) built from the GGUF metadata.
+
+    A file with weights in a block type Inferneo keeps quantized gets ``quantization_config: {"quant_method":
+    "gguf", "file": <path>}`` (``inferneo/quantization/gguf.py``), unless ``INFERNEO_GGUF_DEQUANTIZE=1`` asks for
+    every tensor de-quantized at load."""
     header, arch = _header(path)
     meta = header.metadata
 
@@ -215,6 +221,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
         config.update(_gemma_config(meta, arch, config))
     if arch == "phi3":
         config.update(_phi3_config(header, config))
+    if not envs.gguf_dequantize() and any(len(t.shape) == 2 and t.ggml_type in KEPT_FORMATS for t in header.tensors):
+        config["quantization_config"] = {"quant_method": "gguf", "file": str(header.path)}
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -328,18 +336,22 @@ def gguf_generation_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: Path, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor as float32 under its HF checkpoint name, with llama.cpp's q/k rotary permutation (Llama) or its
     shift of the norm weights by 1 (Gemma) undone, the tensors it splits in two joined (gpt-oss's gate/up experts,
     DeepSeek's ``kv_b_proj``) and stacked expert tensors split into one tensor per expert (Mixtral's, Qwen-MoE's or
-    DeepSeek's names) or, for gpt-oss, laid out as its checkpoint stacks them."""
+    DeepSeek's names) or, for gpt-oss, laid out as its checkpoint stacks them.
+
+    The GGUF tensors named in ``keep_blocks`` (linear weights a GGUF-quantized model holds as ggml blocks) come as
+    their raw blocks instead, uint8 ``[rows, row_bytes]`` under ``<module>.qweight`` (the q/k permutation undone by
+    moving whole rows of blocks)."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     expert_naming = "mixtral" if _hf_architecture(header, arch) == _MIXTRAL else "qwen"
     file_tensors = ((info.name, torch.from_numpy(np.ascontiguousarray(array)))
-                    for info, array in iter_gguf_tensors(header) if info.name not in _SKIPPED_TENSORS)
+                    for info, array in iter_gguf_tensors(header, keep_blocks) if info.name not in _SKIPPED_TENSORS)
     for gguf_name, tensor in join_split_tensors(arch, file_tensors):
         for name, part in gguf_hf_tensors(gguf_name, tensor, expert_naming, arch):
             if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
@@ -349,6 +361,8 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     part = unpermute_rotary(part, heads)
                 elif ".k_proj." in name:
                     part = unpermute_rotary(part, kv_heads)
+            if gguf_name in keep_blocks:
+                name = name.removesuffix(".weight") + ".qweight"
             yield name, part
 
 

@@ -200,6 +200,12 @@ class QuantConfig(abc.ABC):
         drops tensors it does not use here, or renames them."""
         yield from weights
 
+    def quantize_embeddings(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+        """Replace the embedding modules the format stores (GGUF keeps the token embedding in its blocks, and
+        the LM head tied to it); called by :func:`quantize_linears` before the linears. Returns how many modules
+        changed (default: none)."""
+        return 0
+
     def checkpoint_name(self, prefix: str) -> str:
         """Checkpoint module name of engine layer ``prefix`` (HF's ``model.`` prefix), for ``ignore`` lists."""
         return prefix if prefix.startswith("lm_head") else f"model.{prefix}"
@@ -227,11 +233,12 @@ def linear_shape(model: nn.Module, prefix: str, linear: nn.Linear) -> LinearShap
 
 def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Replace every ``nn.Linear`` of ``model`` that ``config`` covers with a :class:`QuantizedLinear` (before the
-    weights are loaded; after ``model.cast``); returns how many. Tied linears (an ``lm_head`` sharing the embedding)
-    and linears marked ``quantizable = False`` (a router's gate, weights another module reads directly) stay
-    plain."""
+    weights are loaded; after ``model.cast``), after the format's embeddings
+    (:meth:`QuantConfig.quantize_embeddings`); returns how many modules changed. Tied linears (an ``lm_head``
+    sharing the embedding) and linears marked ``quantizable = False`` (a router's gate, weights another module
+    reads directly) stay plain."""
+    swapped = config.quantize_embeddings(model, dtype, device)
     tied = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    swapped = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or id(child.weight) in tied or not getattr(child, "quantizable", True):

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 from inferneo.model_executor.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from inferneo.model_loader.gguf_loader import permute_rotary
 from inferneo.model_loader.hf_files import hf_config, iter_hf_weights, read_json
+from inferneo.testing.gguf_quantizers import quantize_blocks
 from inferneo.testing.tiny_gguf_families import (
     FAMILY_GGUF_ARCHITECTURES,
     RawGGUFTensor,
@@ -355,6 +356,11 @@ _EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.ex
 _ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # kept in F32, as llama.cpp keeps its routers
 
 
+# The tensors a "Q4_K_M" tiny file stores in Q6_K.
+_Q4_K_M_SIX_BIT = re.compile(r"blk\.\d+\.attn_v\.weight|blk\.0\.ffn_down\.weight|output\.weight")
+_Q4_K_M_SIX_BIT_TYPE = gguf.GGMLQuantizationType.Q6_K
+
+
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_mla: bool = False) -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
     into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
@@ -363,14 +369,17 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
     checkpoint must be tied, with ``query_pre_attn_scalar`` equal to the head size, as llama.cpp's Gemma files cannot
     say otherwise.
 
-    ``dtype`` is F32, F16 or any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4);
-    norms, biases and routers stay F32, and a tensor whose rows do not split into the type's blocks falls back to
-    F16, as in llama.cpp's converter. An MXFP4 gpt-oss checkpoint's experts are repacked as ggml MXFP4 whatever
-    ``dtype`` is. ``legacy_mla`` writes DeepSeek's ``kv_b_proj`` as one ``attn_kv_b`` tensor, as llama.cpp's
-    converter did before it split it. Returns ``out_file``.
+    ``dtype`` is F32, F16, any type ``gguf.quants`` can quantize (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4), a
+    K-quant (Q4_K, Q5_K, Q6_K: ``gguf_quantizers``), or ``Q4_K_M``: Q4_K with ``attn_v``, layer 0's ``ffn_down`` and
+    ``output`` in Q6_K (a fused q/k/v of two types, as llama.cpp's Q4_K_M files have). Norms, biases and routers
+    stay F32, and a tensor whose rows do not split into the type's blocks falls back to F16, as in llama.cpp's
+    converter. An MXFP4 gpt-oss checkpoint's experts are repacked as ggml MXFP4 whatever ``dtype`` is.
+    ``legacy_mla`` writes DeepSeek's ``kv_b_proj`` as one ``attn_kv_b`` tensor, as llama.cpp's converter did
+    before it split it. Returns ``out_file``.
     """
+    mixed = dtype.upper() == "Q4_K_M"
     try:
-        qtype = gguf.GGMLQuantizationType[dtype.upper()]
+        qtype = gguf.GGMLQuantizationType["Q4_K" if mixed else dtype.upper()]
     except KeyError:
         raise ValueError(f"unknown GGUF dtype {dtype!r}") from None
     hf_dir, out_file = Path(hf_dir), Path(out_file)
@@ -397,7 +406,7 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
     tensors = (family_gguf_tensors(hf_dir, config, arch, legacy_mla) if family
                else _gguf_tensors(hf_dir, config, arch))
     for name, array in tensors:
-        _add_tensor(writer, name, array, qtype)
+        _add_tensor(writer, name, array, _Q4_K_M_SIX_BIT_TYPE if mixed and _Q4_K_M_SIX_BIT.fullmatch(name) else qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -422,7 +431,7 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray | RawGGUFT
     elif kind == gguf.GGMLQuantizationType.F16:
         writer.add_tensor(name, array.astype(np.float16))
     else:
-        writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        writer.add_tensor(name, quantize_blocks(array, kind), raw_dtype=kind)
 
 
 def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:

@@ -180,6 +180,11 @@ class ModelRunner(Runner):
         self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
         # The weights' format: the checkpoint's quantization_config, or --quantization (None: full precision).
         self.quant_config = resolve_quant_config(hf_config, quantization)
+        if self.quant_config is not None and self.quant_config.name == "gguf" and self.tp.world_size > 1:
+            # GGUF blocks are not sharded: the file is de-quantized at load, as before GGUF was kept quantized
+            logger.warning("GGUF with tensor_parallel_size %d: the weights are de-quantized at load (GGUF stays "
+                           "quantized on one rank)", self.tp.world_size)
+            self.quant_config = None
         if self.quant_config is not None:
             if self.tp.world_size > 1:
                 raise ValueError(f"quantization ({self.quant_config.name}) with tensor_parallel_size "

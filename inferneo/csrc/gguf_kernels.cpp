@@ -1,0 +1,421 @@
+// GGUF block formats on CPU: de-quantize ggml blocks and multiply activations by them without a full-width copy.
+//
+// Formats (ggml type id): Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14); the block layouts are
+// described in inferneo/quantization/gguf_blocks.py. De-quantization does the reference's float32 operations in
+// the reference's order (the file is built with -ffp-contract=off), so its values equal gguf.quants.dequantize.
+//
+// gguf_linear(x [M, K] float32 or bfloat16, blocks uint8 [N, row_bytes]) -> float32 [M, N]:
+//  - up to `fused_max_rows` rows (decode steps, short prefill chunks): at::parallel_for over output rows; each block is de-quantized
+//    once into an L1 buffer and multiplied into up to 8 activation rows with 8-wide FMAs (AVX2);
+//  - more rows (prefill): tiles of weight rows are de-quantized (in parallel) and multiplied with at::mm.
+// The AVX2 paths are chosen at run time (AVX2 + FMA + F16C); portable loops otherwise.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GGUF_X86 1
+#define GGUF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace {
+
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+
+struct Format {
+  int block;  // weights per block
+  int bytes;  // bytes per block
+};
+
+Format format_of(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: TORCH_CHECK(false, "GGUF kernels: ggml type ", qtype, " is not supported (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  }
+}
+
+inline uint16_t read_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// IEEE half -> float (exact).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      exp = 1;
+      while (!(mant & 0x400)) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | ((exp + 112) << 23) | ((mant & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float f16_at(const uint8_t* p) { return half_to_float(read_u16(p)); }
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block (12 packed bytes).
+inline void k_scale_min(int j, const uint8_t* s, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ---- portable de-quantization of one block -------------------------------------------------------------------
+
+void deq_q4_0(const uint8_t* b, float* out) {
+  const float d = f16_at(b);
+  for (int j = 0; j < 16; ++j) {
+    out[j] = d * static_cast<float>((b[2 + j] & 15) - 8);
+    out[j + 16] = d * static_cast<float>((b[2 + j] >> 4) - 8);
+  }
+}
+
+void deq_q4_1(const uint8_t* b, float* out) {
+  const float d = f16_at(b), m = f16_at(b + 2);
+  for (int j = 0; j < 16; ++j) {
+    out[j] = d * static_cast<float>(b[4 + j] & 15) + m;
+    out[j + 16] = d * static_cast<float>(b[4 + j] >> 4) + m;
+  }
+}
+
+void deq_q8_0(const uint8_t* b, float* out) {
+  const float d = f16_at(b);
+  for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
+}
+
+template <bool kFifthBit>
+void deq_k(const uint8_t* b, float* out) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + (kFifthBit ? 48 : 16);
+  for (int j = 0; j < 8; ++j) {
+    int sc, mn;
+    k_scale_min(j, scales, sc, mn);
+    const float scale = d * static_cast<float>(sc), min = dmin * static_cast<float>(mn);
+    const uint8_t* q = qs + 32 * (j / 2);
+    const int shift = 4 * (j % 2);
+    for (int i = 0; i < 32; ++i) {
+      int v = (q[i] >> shift) & 15;
+      if (kFifthBit) v |= ((qh[i] >> j) & 1) << 4;
+      out[32 * j + i] = scale * static_cast<float>(v) - min;
+    }
+  }
+}
+
+void deq_q6_k(const uint8_t* b, float* out) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16_at(b + 208);
+  for (int e = 0; e < 256; ++e) {
+    const int h = e / 128, r = e % 128;
+    const int low = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
+    const int high = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+    out[e] = (d * static_cast<float>(sc[e / 16])) * static_cast<float>((low | (high << 4)) - 32);
+  }
+}
+
+using DequantFn = void (*)(const uint8_t*, float*);
+
+DequantFn portable_dequant(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return deq_q4_0;
+    case kQ4_1: return deq_q4_1;
+    case kQ8_0: return deq_q8_0;
+    case kQ4_K: return deq_k<false>;
+    case kQ5_K: return deq_k<true>;
+    default: return deq_q6_k;
+  }
+}
+
+// ---- AVX2 de-quantization of one block -----------------------------------------------------------------------
+#ifdef GGUF_X86
+
+GGUF_AVX2 inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+GGUF_AVX2 inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// 16 unsigned bytes -> out[0..15] = scale * v - min (two roundings, as the reference)
+GGUF_AVX2 inline void store16_affine(__m128i v, __m256 scale, __m256 min, float* out) {
+  _mm256_storeu_ps(out, _mm256_sub_ps(_mm256_mul_ps(scale, u8x8(v)), min));
+  _mm256_storeu_ps(out + 8, _mm256_sub_ps(_mm256_mul_ps(scale, u8x8(_mm_srli_si128(v, 8))), min));
+}
+
+GGUF_AVX2 void deq_q4_0_avx2(const uint8_t* b, float* out) {
+  const __m256 d = _mm256_set1_ps(f16_at(b)), eight = _mm256_set1_ps(8.0f);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+  const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_ps(out + 16 * h, _mm256_mul_ps(d, _mm256_sub_ps(u8x8(halves[h]), eight)));
+    _mm256_storeu_ps(out + 16 * h + 8, _mm256_mul_ps(d, _mm256_sub_ps(u8x8(_mm_srli_si128(halves[h], 8)), eight)));
+  }
+}
+
+GGUF_AVX2 void deq_q4_1_avx2(const uint8_t* b, float* out) {
+  const __m256 d = _mm256_set1_ps(f16_at(b)), m = _mm256_set1_ps(f16_at(b + 2));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
+  const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_ps(out + 16 * h, _mm256_add_ps(_mm256_mul_ps(d, u8x8(halves[h])), m));
+    _mm256_storeu_ps(out + 16 * h + 8, _mm256_add_ps(_mm256_mul_ps(d, u8x8(_mm_srli_si128(halves[h], 8))), m));
+  }
+}
+
+GGUF_AVX2 void deq_q8_0_avx2(const uint8_t* b, float* out) {
+  const __m256 d = _mm256_set1_ps(f16_at(b));
+  for (int i = 0; i < 32; i += 16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(i8x8(raw), d));
+    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(i8x8(_mm_srli_si128(raw, 8)), d));
+  }
+}
+
+template <bool kFifthBit>
+GGUF_AVX2 void deq_k_avx2(const uint8_t* b, float* out) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qs = b + (kFifthBit ? 48 : 16);
+  const __m256i mask = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+  const __m256i qh = kFifthBit ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+  for (int g = 0; g < 4; ++g) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * g));
+    for (int half = 0; half < 2; ++half) {
+      const int j = 2 * g + half;
+      __m256i q = half ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask) : _mm256_and_si256(raw, mask);
+      if (kFifthBit) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
+      int sc, mn;
+      k_scale_min(j, scales, sc, mn);
+      const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc)), min = _mm256_set1_ps(dmin * static_cast<float>(mn));
+      store16_affine(_mm256_castsi256_si128(q), scale, min, out + 32 * j);
+      store16_affine(_mm256_extracti128_si256(q, 1), scale, min, out + 32 * j + 16);
+    }
+  }
+}
+
+GGUF_AVX2 void deq_q6_k_avx2(const uint8_t* b, float* out) {
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16_at(b + 208);
+  const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+    const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i lows[4] = {_mm256_and_si256(ql0, mask), _mm256_and_si256(ql1, mask),
+                             _mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask),
+                             _mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask)};
+    for (int t = 0; t < 4; ++t) {
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), three);
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lows[t], _mm256_slli_epi16(high, 4)), bias);
+      const int e = 128 * h + 32 * t;  // 32 weights: two groups of 16 with their own scale
+      const __m128i parts[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+      for (int p = 0; p < 2; ++p) {
+        const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc[(e + 16 * p) / 16]));
+        _mm256_storeu_ps(out + e + 16 * p, _mm256_mul_ps(scale, i8x8(parts[p])));
+        _mm256_storeu_ps(out + e + 16 * p + 8, _mm256_mul_ps(scale, i8x8(_mm_srli_si128(parts[p], 8))));
+      }
+    }
+  }
+}
+
+DequantFn avx2_dequant(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return deq_q4_0_avx2;
+    case kQ4_1: return deq_q4_1_avx2;
+    case kQ8_0: return deq_q8_0_avx2;
+    case kQ4_K: return deq_k_avx2<false>;
+    case kQ5_K: return deq_k_avx2<true>;
+    default: return deq_q6_k_avx2;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+// Rows [m0, m0 + MT) of x times one weight row: the row's blocks de-quantized one at a time into `buf`.
+template <int MT>
+GGUF_AVX2 void dot_row_avx2(const uint8_t* row, int64_t nblocks, Format f, DequantFn deq, const float* x,
+                            int64_t ldx, float* out, int64_t ldo, float* buf) {
+  __m256 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    deq(row + blk * f.bytes, buf);
+    const float* xb = x + blk * f.block;
+    for (int i = 0; i < f.block; i += 8) {
+      const __m256 w = _mm256_load_ps(buf + i);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * ldx + i), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+    const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    out[m * ldo] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
+}
+
+GGUF_AVX2 void dot_rows_avx2(const uint8_t* row, int64_t nblocks, Format f, DequantFn deq, const float* x,
+                             int64_t ldx, int64_t rows, float* out, int64_t ldo, float* buf) {
+  int64_t m = 0;
+  for (; m + 8 <= rows; m += 8) dot_row_avx2<8>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf);
+  switch (rows - m) {
+    case 7: dot_row_avx2<7>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 6: dot_row_avx2<6>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 5: dot_row_avx2<5>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 4: dot_row_avx2<4>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 3: dot_row_avx2<3>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 2: dot_row_avx2<2>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    case 1: dot_row_avx2<1>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
+    default: break;
+  }
+}
+#endif  // GGUF_X86
+
+bool use_avx2() {
+#ifdef GGUF_X86
+  return cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+DequantFn dequant_fn(int64_t qtype) {
+  format_of(qtype);  // checks the type
+#ifdef GGUF_X86
+  if (use_avx2()) return avx2_dequant(qtype);
+#endif
+  return portable_dequant(qtype);
+}
+
+void dot_rows_portable(const uint8_t* row, int64_t nblocks, Format f, DequantFn deq, const float* x, int64_t ldx,
+                       int64_t rows, float* out, int64_t ldo, float* buf) {
+  for (int64_t m = 0; m < rows; ++m) out[m * ldo] = 0.0f;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    deq(row + blk * f.bytes, buf);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xb = x + m * ldx + blk * f.block;
+      float s = 0.0f;
+      for (int i = 0; i < f.block; ++i) s += buf[i] * xb[i];
+      out[m * ldo] += s;
+    }
+  }
+}
+
+void check_blocks(const at::Tensor& blocks, Format f, int64_t in_features) {
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
+                  blocks.is_contiguous(),
+              "GGUF kernels: blocks must be a contiguous CPU uint8 [rows, row_bytes] tensor");
+  TORCH_CHECK(in_features % f.block == 0 && blocks.size(1) == in_features / f.block * f.bytes,
+              "GGUF kernels: rows of ", blocks.size(1), " bytes do not hold ", in_features, " weights");
+}
+
+// De-quantize rows [r0, r1) of `blocks` into out (row stride ldo).
+void dequant_rows(const uint8_t* blocks, int64_t row_bytes, int64_t r0, int64_t r1, Format f, DequantFn deq,
+                  int64_t nblocks, float* out, int64_t ldo) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t blk = 0; blk < nblocks; ++blk) deq(blocks + r * row_bytes + blk * f.bytes, out + r * ldo + blk * f.block);
+}
+
+}  // namespace
+
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  const Format f = format_of(qtype);
+  check_blocks(blocks, f, in_features);
+  const int64_t rows = blocks.size(0), nblocks = in_features / f.block, row_bytes = blocks.size(1);
+  at::Tensor out = at::empty({rows, in_features}, at::kFloat);
+  const DequantFn deq = dequant_fn(qtype);
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { dequant_rows(src, row_bytes, r0, r1, f, deq, nblocks, dst, in_features); });
+  return out;
+}
+
+at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                       int64_t fused_max_rows, int64_t tile_rows) {
+  const Format f = format_of(qtype);
+  check_blocks(blocks, f, in_features);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == in_features,
+              "GGUF kernels: x must be a CPU [rows, ", in_features, "] tensor");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = blocks.size(0), nblocks = in_features / f.block, row_bytes = blocks.size(1);
+  at::Tensor out = at::empty({M, N}, at::kFloat);
+  if (M == 0 || N == 0) return out;
+  const DequantFn deq = dequant_fn(qtype);
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  if (M > fused_max_rows) {
+    // prefill: de-quantize a tile of weight rows, multiply it with a GEMM
+    // tile_rows <= 0: tiles of about 2 MB of float32 weights
+    const int64_t wanted = tile_rows > 0 ? tile_rows : (int64_t{1} << 19) / in_features;
+    const int64_t tile = std::max<int64_t>(16, std::min(N, wanted));
+    at::Tensor w = at::empty({tile, in_features}, at::kFloat);
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t nt = std::min(tile, N - n0);
+      float* dst = w.data_ptr<float>();
+      at::parallel_for(0, nt, 8, [&](int64_t r0, int64_t r1) {
+        dequant_rows(src + n0 * row_bytes, row_bytes, r0, r1, f, deq, nblocks, dst, in_features);
+      });
+      out.narrow(1, n0, nt).copy_(at::mm(x, w.narrow(0, 0, nt).t()));
+    }
+    return out;
+  }
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    alignas(32) float buf[256];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = src + n * row_bytes;
+#ifdef GGUF_X86
+      if (avx2) {
+        dot_rows_avx2(row, nblocks, f, deq, xp, in_features, M, op + n, N, buf);
+        continue;
+      }
+#endif
+      dot_rows_portable(row, nblocks, f, deq, xp, in_features, M, op + n, N, buf);
+    }
+  });
+  (void)avx2;
+  return out;
+}
+
+std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 2048,
+        py::arg("tile_rows") = 0);
+  m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
+        py::arg("qtype"), py::arg("in_features"));
+  m.def("gguf_isa", &gguf_isa, "the instruction set the kernels run with: avx2 or portable");
+}

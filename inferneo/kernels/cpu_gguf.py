@@ -1,0 +1,38 @@
+"""Native CPU kernels for GGUF block formats (``csrc/gguf_kernels.cpp``), compiled on first use.
+
+Built like ``kernels/cpu.py``'s module (PyTorch's C++ extension tooling, cached under ``TORCH_EXTENSIONS_DIR``),
+as its own extension. The AVX2 path is chosen at run time from the CPU's features (portable loops otherwise), so
+the build does not target the build machine. If the build fails, GGUF layers fall back to de-quantizing in
+PyTorch at each call and a warning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent.parent / "csrc" / "gguf_kernels.cpp"
+
+
+@functools.cache
+def load_gguf_kernels():
+    """The compiled module (``gguf_linear``, ``gguf_dequantize``, ``gguf_isa``), or None when it cannot be built
+    here (built once per process)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("loading native GGUF kernels (the first run on a machine compiles them)")
+        return load(
+            name="inferneo_gguf_kernels",
+            sources=[str(_SOURCE)],
+            # no -march: the AVX2 functions carry their own target attribute and are picked at run time;
+            # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add
+            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+            verbose=False,
+        )
+    except Exception as exc:  # a missing compiler, headers, or an unsupported platform
+        logger.warning("native GGUF kernels unavailable, GGUF layers de-quantize in PyTorch: %s", exc)
+        return None

@@ -1,0 +1,405 @@
+"""GGUF files kept quantized: linear and embedding weights stay in their ggml blocks in memory.
+
+``gguf_config`` (``model_loader/gguf_loader.py``) marks a GGUF file ``quantization_config: {"quant_method": "gguf",
+"file": <path>}``, so :class:`GGUFQuantConfig` runs every GGUF model (as vLLM does; ``--dtype`` sets the
+activations' dtype only). ``INFERNEO_GGUF_DEQUANTIZE=1`` de-quantizes the whole file at load instead (the
+full-width path, the reference the quantized one is tested against).
+
+Which tensors stay in blocks: each linear layer whose GGUF tensors (one per logical shard: ``attn_q``/``attn_k``/
+``attn_v`` of ``qkv_proj``) are all of a kept type (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K; see ``gguf_blocks``), the
+token embedding in a kept type, and an LM head tied to it. Everything else (norms, routers, stacked experts, F16 /
+F32 / other block types) is de-quantized at load as before. A fused layer whose shards differ in type (Q4_K_M
+stores some ``attn_v`` in Q6_K beside Q4_K ``attn_q``/``attn_k``) keeps one buffer per run of equal-typed shards
+and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put back by moving whole rows of
+blocks (``gguf_loader.iter_gguf_weights``).
+
+Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers; without them (or with
+``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA a Triton GEMM
+de-quantizes tiles in registers (``kernels/triton_gguf.py``); without Triton the layers are de-quantized to the
+model dtype once at load (a logged warning says so).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferneo.kernel_config import KernelConfig
+from inferneo.model_loader.gguf_file import GGUFTensorInfo, read_gguf_header
+from inferneo.model_loader.gguf_loader import gguf_hf_name, iter_gguf_weights
+from inferneo.quantization.base import (
+    LinearMethod,
+    LinearShape,
+    QuantConfig,
+    QuantizedLinear,
+    new_parameter,
+)
+from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
+from inferneo.worker.cpu_tuning import release_freed_memory
+
+logger = logging.getLogger(__name__)
+
+# checkpoint projection -> (the engine's fused layer, shard index)
+_FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+# compute dtypes each device runs GGUF layers in
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSegment:
+    """Consecutive output rows of a layer held in one block format, in the layer's buffer ``buffer``.
+
+    ``shards`` are the logical shards it holds, in order (empty: the layer's weight comes as one tensor)."""
+
+    fmt: BlockFormat
+    row_start: int
+    rows: int
+    shards: tuple[int, ...]
+    buffer: str
+
+
+# ---- the matmul ----------------------------------------------------------------------------------------------
+
+
+BlockMatmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat], torch.Tensor]
+
+
+def reference_block_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """``x [M, K] @ W.T`` with ``W`` de-quantized from ``blocks`` in PyTorch at each call (the reference path)."""
+    return F.linear(x, dequantize_blocks(blocks, fmt.qtype).to(x.dtype))
+
+
+def triton_block_matmul() -> BlockMatmul | None:
+    """The Triton GEMM over ggml blocks (``kernels/triton_gguf.py``), or None without Triton."""
+    try:
+        from inferneo.kernels.triton_gguf import gguf_matmul
+    except ImportError:
+        return None
+    return lambda x, blocks, fmt: gguf_matmul(x, blocks, fmt.qtype)
+
+
+def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
+    """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
+    they build, else :func:`reference_block_matmul`; on CUDA the Triton GEMM (None without Triton)."""
+    if device.type == "cuda":
+        return triton_block_matmul()
+    if device.type == "cpu" and kernels.cpu_native_kernels:
+        from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+        ops = load_gguf_kernels()
+        if ops is not None:
+            def native(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+                out = ops.gguf_linear(x, blocks, fmt.qtype, x.shape[-1])
+                return out if x.dtype == torch.float32 else out.to(x.dtype)
+            return native
+    return reference_block_matmul
+
+
+# ---- linear layers ------------------------------------------------------------------------------------------
+
+
+class GGUFLinearMethod(LinearMethod):
+    """A linear layer held as ggml blocks: one uint8 buffer ``[rows, row_bytes]`` per run of shards of one type.
+
+    The checkpoint tensor is ``<module>.qweight`` (a shard's rows of blocks); the layer's ``qweight`` parameter is
+    an empty ``[out_features, 0]`` placeholder whose loader puts each shard into its segment's buffer."""
+
+    name = "gguf"
+
+    def __init__(self, shard_types: tuple[int, ...], whole: bool) -> None:
+        """``shard_types``: the ggml type of each logical shard; ``whole``: the file stores the layer as one
+        tensor (then every shard has the same type)."""
+        self.shard_types = shard_types
+        self.whole = whole
+
+    def segments(self, shape: LinearShape) -> tuple[BlockSegment, ...]:
+        """The layer's runs of equal-typed shards."""
+        if self.whole:
+            return (BlockSegment(block_format(self.shard_types[0]), 0, shape.out_features, (), "qweight_blocks0"),)
+        runs: list[list[int]] = []
+        for shard, qtype in enumerate(self.shard_types):
+            if runs and self.shard_types[runs[-1][0]] == qtype:
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+        return tuple(BlockSegment(block_format(self.shard_types[run[0]]), shape.shard_offset(run[0]),
+                                  sum(shape.output_sizes[s] for s in run), tuple(run), f"qweight_blocks{i}")
+                     for i, run in enumerate(runs))
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        layer.gguf_segments = self.segments(layer.shape)
+        layer.block_matmul = reference_block_matmul
+        for seg in layer.gguf_segments:
+            layer.register_buffer(seg.buffer, torch.zeros(seg.rows, seg.fmt.row_bytes(layer.in_features),
+                                                          dtype=torch.uint8, device=layer.device))
+        new_parameter(layer, "qweight", (layer.out_features, 0), torch.uint8, self._loader(layer))
+
+    @staticmethod
+    def _loader(layer: QuantizedLinear):
+        def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
+            shape = layer.shape
+            what = f"{shape.prefix} ({'all shards' if shard is None else f'shard {shard}'})"
+            if shard is None:
+                if len(layer.gguf_segments) != 1:
+                    raise ValueError(f"{what}: the layer's shards differ in GGUF type; it cannot load as one tensor")
+                seg, start, rows = layer.gguf_segments[0], 0, layer.out_features
+            else:
+                seg = next((s for s in layer.gguf_segments if shard in s.shards), None)
+                if seg is None:
+                    raise ValueError(f"{what}: the file stores this layer as one tensor, not by shard")
+                start, rows = shape.shard_offset(shard) - seg.row_start, shape.output_sizes[shard]
+            dest = getattr(layer, seg.buffer).narrow(0, start, rows)
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != tuple(dest.shape):
+                raise ValueError(f"{what}: expected {seg.fmt.name} blocks of shape {tuple(dest.shape)} (uint8); got "
+                                 f"{tensor.dtype} {tuple(tensor.shape)}")
+            dest.copy_(tensor)
+
+        return load
+
+    def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
+        matmul = block_matmul_for(layer.device, kernels)
+        if matmul is None:
+            _dequantize_without_kernels(layer)
+            return
+        layer.block_matmul = matmul
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, layer.in_features)
+        if getattr(layer, "dense_weight", None) is not None:
+            y = F.linear(x2, layer.dense_weight)
+        else:
+            outs = [layer.block_matmul(x2, getattr(layer, seg.buffer), seg.fmt) for seg in layer.gguf_segments]
+            y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
+        if getattr(layer, "dense_weight", None) is not None:
+            return layer.dense_weight.float()
+        return torch.cat([dequantize_blocks(getattr(layer, seg.buffer), seg.fmt.qtype)
+                          for seg in layer.gguf_segments])
+
+    def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
+        for seg in layer.gguf_segments:
+            random_blocks(getattr(layer, seg.buffer), seg.fmt, generator)
+
+
+def _dequantize_without_kernels(layer: QuantizedLinear) -> None:
+    """No GGUF kernel for the device (CUDA without Triton): the layer's blocks become one weight in the model dtype
+    (logged once)."""
+    _note_dequantize(layer.device)
+    dense = torch.cat([dequantize_blocks(getattr(layer, seg.buffer), seg.fmt.qtype).to(layer.dtype)
+                       for seg in layer.gguf_segments])
+    for seg in layer.gguf_segments:
+        delattr(layer, seg.buffer)
+    layer.gguf_segments = ()
+    layer.register_buffer("dense_weight", dense)
+
+
+@functools.cache
+def _note_dequantize(device: torch.device) -> None:
+    logger.warning("GGUF on %s: no GGUF kernel here (Triton is missing); GGUF layers are de-quantized to the model "
+                   "dtype at load (memory as the full-width model)", device.type)
+
+
+# scale fields (byte offset of each f16) of each kept format, for random weights
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(blocks: torch.Tensor, fmt: BlockFormat, generator: torch.Generator) -> None:
+    """Fill ``blocks`` (uint8 ``[rows, row_bytes]``) with random quants and small positive f16 scales."""
+    blocks.copy_(torch.randint(0, 256, blocks.shape, generator=generator, device=blocks.device, dtype=torch.uint8))
+    view = blocks.view(blocks.shape[0], -1, fmt.type_size)
+    scale = torch.tensor([2e-3 if fmt.block_size == 32 else 2e-4], dtype=torch.float16).view(torch.uint8)
+    for offset in _SCALE_OFFSETS[fmt.name]:
+        view[..., offset:offset + 2] = scale.to(blocks.device)
+
+
+# ---- the embedding and a tied LM head -----------------------------------------------------------------------
+
+
+class GGUFEmbedding(nn.Module):
+    """A token embedding held as ggml blocks (``qweight``, uint8 ``[vocab, row_bytes]``): a lookup de-quantizes
+    the looked-up rows only."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: BlockFormat, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.fmt, self.dtype = num_embeddings, embedding_dim, fmt, dtype
+        self.qweight = nn.Parameter(torch.zeros(num_embeddings, fmt.row_bytes(embedding_dim), dtype=torch.uint8,
+                                                device=device), requires_grad=False)
+        self.qweight.quantized = True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.index_select(0, input_ids.reshape(-1))
+        return dequantize_blocks(rows, self.fmt.qtype).to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf {self.fmt.name}"
+
+
+class TiedEmbeddingMethod(LinearMethod):
+    """An LM head tied to a :class:`GGUFEmbedding`: ``x @ E.T`` over the embedding's blocks (no weights of its
+    own)."""
+
+    name = "gguf-tied"
+
+    def __init__(self, embedding: GGUFEmbedding) -> None:
+        self._embedding = [embedding]  # not a submodule: its weight is the embedding's, loaded there
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        layer.block_matmul = reference_block_matmul
+
+    def finalize(self, layer: QuantizedLinear, kernels: KernelConfig) -> None:
+        matmul = block_matmul_for(layer.device, kernels)
+        if matmul is None:  # no kernel: a de-quantized copy for the head (the lookup stays in blocks)
+            _note_dequantize(layer.device)
+            layer.register_buffer("dense_weight", self.dequantized_weight(layer).to(layer.dtype))
+            return
+        layer.block_matmul = matmul
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        if getattr(layer, "dense_weight", None) is not None:
+            return F.linear(x, layer.dense_weight)
+        emb = self._embedding[0]
+        y = layer.block_matmul(x.reshape(-1, layer.in_features), emb.qweight, emb.fmt)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
+        emb = self._embedding[0]
+        return dequantize_blocks(emb.qweight, emb.fmt.qtype)
+
+    def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
+        random_blocks(self._embedding[0].qweight.data, self._embedding[0].fmt, generator)
+
+
+# ---- the format ----------------------------------------------------------------------------------------------
+
+
+def _engine_layer(hf_name: str) -> tuple[str, int | None] | None:
+    """(engine module, shard) of a checkpoint weight ``model.layers.0.self_attn.q_proj.weight``; None for a tensor
+    that is no module's ``weight``."""
+    if not hf_name.endswith(".weight"):
+        return None
+    module = hf_name.removeprefix("model.").removesuffix(".weight")
+    parent, _, leaf = module.rpartition(".")
+    if leaf in _FUSED_SHARDS:
+        fused, shard = _FUSED_SHARDS[leaf]
+        return (f"{parent}.{fused}" if parent else fused), shard
+    return module, None
+
+
+class GGUFQuantConfig(QuantConfig):
+    """A GGUF file whose block-quantized weights stay quantized (see the module doc)."""
+
+    name = "gguf"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.kept: set[str] = set()  # GGUF tensors the model holds as blocks (filled as layers are quantized)
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> GGUFQuantConfig:
+        """From ``{"quant_method": "gguf", "file": <the .gguf path>}`` (written by ``gguf_config``)."""
+        path = quantization_config.get("file")
+        if not isinstance(path, str):
+            raise ValueError("a gguf quantization_config needs 'file', the .gguf path (it is written by the GGUF "
+                             "loader; a config.json cannot ask for GGUF)")
+        return cls(path)
+
+    @functools.cached_property
+    def file_layers(self) -> dict[str, dict[int | None, GGUFTensorInfo]]:
+        """The file's 2-D weights by engine module: ``{prefix: {shard (None: whole layer): tensor}}``."""
+        header = read_gguf_header(self.path)
+        layers: dict[str, dict[int | None, GGUFTensorInfo]] = {}
+        for info in header.tensors:
+            if len(info.shape) != 2:
+                continue
+            try:
+                hf_name = gguf_hf_name(info.name, arch=header.architecture)
+            except ValueError:
+                continue
+            target = _engine_layer(hf_name)
+            if target is not None:
+                layers.setdefault(target[0], {})[target[1]] = info
+        return layers
+
+    def _kept_tensors(self, prefix: str, num_shards: int) -> dict[int | None, GGUFTensorInfo] | None:
+        """The file's tensors of layer ``prefix`` when all are of a kept type and cover its shards, else None."""
+        tensors = self.file_layers.get(prefix)
+        if not tensors or any(info.ggml_type not in KEPT_FORMATS for info in tensors.values()):
+            return None
+        if None in tensors or set(tensors) == set(range(num_shards)):
+            return tensors
+        return None
+
+    def method_for(self, shape: LinearShape) -> LinearMethod | None:
+        tensors = self._kept_tensors(shape.prefix, len(shape.output_sizes))
+        if tensors is None:
+            return None
+        self.kept.update(info.name for info in tensors.values())
+        if None in tensors:
+            return GGUFLinearMethod((tensors[None].ggml_type,) * len(shape.output_sizes), whole=True)
+        return GGUFLinearMethod(tuple(tensors[i].ggml_type for i in range(len(shape.output_sizes))), whole=False)
+
+    def quantize_embeddings(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+        swapped = 0
+        for parent_name, parent in list(model.named_modules()):
+            for name, child in list(parent.named_children()):
+                prefix = f"{parent_name}.{name}" if parent_name else name
+                if type(child) is not nn.Embedding:
+                    continue
+                tensors = self._kept_tensors(prefix, 1)
+                if tensors is None:
+                    continue
+                info = next(iter(tensors.values()))
+                embedding = GGUFEmbedding(child.num_embeddings, child.embedding_dim, block_format(info.ggml_type),
+                                          dtype, device)
+                self.kept.add(info.name)
+                setattr(parent, name, embedding)
+                swapped += 1 + self._tie_heads(model, child.weight, embedding, prefix, dtype, device)
+        return swapped
+
+    @staticmethod
+    def _tie_heads(model: nn.Module, weight: nn.Parameter, embedding: GGUFEmbedding, prefix: str,
+                   dtype: torch.dtype, device: torch.device) -> int:
+        """Replace the linears sharing ``weight`` (a tied LM head) with ones reading ``embedding``'s blocks."""
+        tied = 0
+        for parent_name, parent in list(model.named_modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child.weight is weight:
+                    head = f"{parent_name}.{name}" if parent_name else name
+                    shape = LinearShape(head, embedding.embedding_dim, (embedding.num_embeddings,))
+                    setattr(parent, name, QuantizedLinear(TiedEmbeddingMethod(embedding), shape, False, dtype,
+                                                          device))
+                    logger.debug("%s reads the GGUF blocks of %s", head, prefix)
+                    tied += 1
+        return tied
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        if device.type == "cpu" and dtype in _CPU_DTYPES or device.type == "cuda":
+            return
+        raise ValueError(f"GGUF kept quantized does not run on {device.type} in {dtype}; supported: CPU in "
+                         "float32, bfloat16 or float16, and CUDA (de-quantized at load); INFERNEO_GGUF_DEQUANTIZE=1 "
+                         "de-quantizes the file at load")
+
+    def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The file read again with the kept tensors as raw blocks (``<module>.qweight``); the de-quantizing
+        iterator handed in is closed unread."""
+        close = getattr(weights, "close", None)
+        if close is not None:
+            close()
+        # the model was built with full-width layers before they were replaced: give their memory back
+        release_freed_memory()
+        yield from iter_gguf_weights(self.path, keep_blocks=frozenset(self.kept))
+
+    def describe(self) -> str:
+        return f"gguf ({len(self.kept)} tensors kept in ggml blocks)"
