@@ -141,8 +141,8 @@ def _from_cache(x, q, FP8: tl.constexpr):
     """A loaded cache tile in ``q``'s dtype: FP8 elements converted in registers (their scales are applied to the
     scores and the output), other caches unchanged."""
     if FP8:
-        return x.to(q.dtype)
-    return x
+        x = x.to(q.dtype)
+    return x  # one return: Triton types every return of a function alike, constexpr branches included
 
 
 @triton.jit
