@@ -96,11 +96,21 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=64, help="prefill chunk (later chunks read the KV cache)")
     parser.add_argument("--kv-cache-memory", default="256MiB")
     parser.add_argument("--out", default=None, help="append one JSON line per variant here")
+    parser.add_argument("--pattern-texts", action="store_true",
+                        help="held-out repeated-pattern sequences (the trained parity model's task) instead of docs")
     args = parser.parse_args()
 
-    probe = LLM(args.model, device=args.device, kv_cache_memory="16MiB")
-    texts = held_out_texts(probe.get_tokenizer(), args.texts, args.tokens)
-    probe.shutdown()
+    if args.pattern_texts:
+        sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+        import numpy as np
+        from parity_model import prompts as pattern_prompts
+
+        vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+        texts = pattern_prompts(np.random.default_rng(12345), args.texts, args.tokens, vocab)
+    else:
+        probe = LLM(args.model, device=args.device, kv_cache_memory="16MiB")
+        texts = held_out_texts(probe.get_tokenizer(), args.texts, args.tokens)
+        probe.shutdown()
     for variant in args.variants.split(","):
         model, kw = args.model, {}
         if "=" in variant:
