@@ -54,8 +54,11 @@ def make_input(path: Path) -> list[str]:
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
+        # SIGINT back to its default in the child: a suite started in the background (nohup ... &) ignores SIGINT,
+        # the child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal
         return subprocess.Popen([sys.executable, "-m", "inferneo.cli", "batch", *args, "--no-progress"],
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def complete_lines(out: Path) -> int:

@@ -221,7 +221,9 @@ def gguf_config(path: Path) -> dict[str, Any]:
         config.update(_gemma_config(meta, arch, config))
     if arch == "phi3":
         config.update(_phi3_config(header, config))
-    if not envs.gguf_dequantize() and any(len(t.shape) == 2 and t.ggml_type in KEPT_FORMATS for t in header.tensors):
+    # gpt-oss and DeepSeek files are de-quantized at load (their model files take no quantized linear layers yet)
+    if (not envs.gguf_dequantize() and arch not in FAMILY_ARCHITECTURES
+            and any(len(t.shape) == 2 and t.ggml_type in KEPT_FORMATS for t in header.tensors)):
         config["quantization_config"] = {"quant_method": "gguf", "file": str(header.path)}
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")

@@ -78,6 +78,7 @@ def write_default_model_copy(folder: Path, dtype) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = load_hf_config(source)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)  # the GGUF's: the copy holds full-width tensors
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     load_tokenizer(source).save_pretrained(folder)
     save_file({name: tensor.to(dtype).contiguous() for name, tensor in iter_weights(source)},
