@@ -12,11 +12,12 @@ parity model instead (tests/test_kv_cache_fp8.py). Takes about 20 minutes on 2 c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offline_throughput import emit_json  # noqa: E402
 
 from inferneo import LLM, SamplingParams  # noqa: E402
 from inferneo.testing.agreement import greedy_agreement  # noqa: E402
@@ -76,10 +77,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     row = measure()
-    print(json.dumps(row))
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+    emit_json(row, args.out)
     return 0
 
 

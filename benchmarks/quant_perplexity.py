@@ -29,6 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from offline_throughput import emit_json  # noqa: E402
+
 from inferneo import LLM  # noqa: E402
 from inferneo.attention import AttentionMetadata, PrefillSpan  # noqa: E402
 
@@ -123,10 +125,7 @@ def main() -> int:
         except ValueError as exc:
             row = {"error": str(exc)}
         row = {"variant": variant, "model": model or "default", "device": args.device, **kw, **row}
-        print(json.dumps(row))
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        emit_json(row, args.out)
     return 0
 
 
