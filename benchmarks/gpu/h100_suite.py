@@ -137,6 +137,17 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def run_workloads(s: Suite, llm: LLM, out: dict, workloads, measure, min_left: float) -> None:
+    """``out[name] = measure(s, llm, name)`` for each workload while at least ``min_left`` seconds remain (a
+    skipped one says so), writing the results after each."""
+    for name in workloads:
+        if s.left() < min_left:
+            out[name] = {"status": f"skipped ({s.left():.0f} s left)"}
+            continue
+        out[name] = measure(s, llm, name)
+        s.write()
+
+
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 

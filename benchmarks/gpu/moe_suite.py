@@ -33,7 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 from floors import Ceilings, sync, timed  # noqa: E402
-from h100_suite import Suite, free_memory, generate_ids, greedy, sec_ceilings, step_latency  # noqa: E402
+from h100_suite import Suite, free_memory, generate_ids, greedy, run_workloads, sec_ceilings, step_latency  # noqa: E402
 from hf_baselines import build_hf_model, hf_generate  # noqa: E402
 
 from inferneo import LLM  # noqa: E402
@@ -209,12 +209,7 @@ def sec_inferneo(s: Suite, preset: str, workloads: tuple[str, ...], decode: bool
         if decode:
             out["decode"] = sec_decode(s, llm, preset)
             s.write()
-        for name in workloads:
-            if s.left() < 40:
-                out[name] = {"status": f"skipped ({s.left():.0f} s left)"}
-                continue
-            out[name] = sec_workload(s, llm, name)
-            s.write()
+        run_workloads(s, llm, out, workloads, sec_workload, min_left=40)
     finally:
         llm.shutdown()
         del llm

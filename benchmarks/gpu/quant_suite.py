@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 from floors import sync, timed  # noqa: E402
-from h100_suite import Suite, free_memory, sec_ceilings, sec_inferneo_workload, step_latency  # noqa: E402
+from h100_suite import Suite, free_memory, run_workloads, sec_ceilings, sec_inferneo_workload, step_latency  # noqa: E402
 
 from inferneo import LLM  # noqa: E402
 from inferneo.model_executor import arch_presets  # noqa: E402
@@ -93,12 +93,7 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
             s.log(f"{label} decode batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f}: "
                   f"{row['step_ms']:.2f} ms/step")
         s.write()
-        for name in workloads:
-            if s.left() < 45:
-                out[name] = {"status": f"skipped ({s.left():.0f} s left)"}
-                continue
-            out[name] = sec_inferneo_workload(s, llm, name)
-            s.write()
+        run_workloads(s, llm, out, workloads, sec_inferneo_workload, min_left=45)
     finally:
         llm.shutdown()
         del llm
