@@ -114,6 +114,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # The log-probabilities of every prompt token with the top ``prompt_logprobs`` alternatives (vLLM's field);
+    # 0 returns the prompt tokens' own log-probabilities only. None: not computed.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -171,6 +174,8 @@ class SamplingParams:
               "must be non-negative integers")
         check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
               "must be an integer >= 0 or None")
+        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+              "prompt_logprobs", "must be an integer >= 0 or None")
         check(self.logit_bias is None or all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100
                                              for t, b in self.logit_bias.items()), "logit_bias",
               "must map non-negative token ids to biases in [-100, 100]")

@@ -23,6 +23,23 @@ from inferneo.sampling_params import SamplingParams
 # ---- front end -> core ----------------------------------------------------------------------------------------
 
 
+class LoraRef(msgspec.Struct, array_like=True, frozen=True):
+    """Which LoRA adapter a request runs with: the name users address it by, the id that keys its weights and its
+    prefix-cache entries, and the folder it loads from (PEFT's layout)."""
+
+    name: str
+    lora_id: int
+    path: str
+
+
+class PoolingRequest(msgspec.Struct, array_like=True, frozen=True):
+    """An embedding request: run the prompt through the model once (prefill only, no KV kept afterwards) and
+    return its pooled hidden state instead of generating. ``dimensions`` truncates the vector (Matryoshka models)
+    before it is normalised; None keeps the model's width."""
+
+    dimensions: int | None = None
+
+
 class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
     """One sequence for the core to generate: token ids in, checked by the front end already."""
 
@@ -33,6 +50,8 @@ class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
     eos_token_ids: frozenset[int]
     priority: int = 0
     arrival_time: float = 0.0
+    lora: LoraRef | None = None  # run with this adapter (its KV never serves another adapter's prefix)
+    pooling: PoolingRequest | None = None  # set: an embedding request (CoreOutput.embedding), not generation
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, frozen=True):
@@ -56,6 +75,18 @@ CoreCommand = AddRequests | AbortRequests | Shutdown
 # ---- core -> front end ----------------------------------------------------------------------------------------
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True, gc=False):
+    """Log-probabilities of a prompt's tokens under the model, position by position.
+
+    Row ``i`` belongs to prompt token ``i + 1`` (the first prompt token has no log-probability): the token itself
+    first, then the ``k`` most likely ids at that position, with their log-probabilities, and the token's rank.
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
 class CoreOutput(msgspec.Struct, array_like=True, gc=False):
     """What one step produced for one sequence: its new token(s), and how it ended if it did."""
 
@@ -69,6 +100,10 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
     logprobs: list[list[float]] | None = None
     ranks: list[int] | None = None
     num_cached_tokens: int = 0
+    # The prompt's log-probabilities, sent once (with the first output) when SamplingParams.prompt_logprobs is set.
+    prompt_logprobs: PromptLogprobs | None = None
+    # The pooled (and normalised) hidden state of an embedding request, sent with finish_reason "stop".
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:
