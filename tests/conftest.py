@@ -29,3 +29,20 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callabl
 def tiny_llama_dir(tiny_checkpoint_factory: Callable[..., Path]) -> Path:
     """A tiny random Llama checkpoint (HF format, with tokenizer and chat template)."""
     return tiny_checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session: a head node and a second simulated node, one CPU each,
+    no dashboard. Tests that need Ray take this fixture (and are marked ``ray``), so CI starts Ray once."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
