@@ -1,0 +1,232 @@
+"""FP8 weight-only matrix-vector products for decode steps of a few rows (batch 1 to ``max_rows``), in Triton.
+
+A decode step at batch 1 reads every weight once to produce one row, so its linear layers cost their weight bytes
+over the memory bandwidth: e4m3 weights (one byte each) halve bf16's. The W8A8 path (per-token activation
+quantization, then ``torch._scaled_mm``) pays a second kernel per layer and cuBLAS plans made for larger products;
+at a few rows neither pays off. Here each program streams ``BLOCK_N`` weight rows once, converts the e4m3 values to
+float32 in registers and multiplies them with the bf16/fp16 activations, accumulating in float32; the scale is
+applied once per output row (per-tensor and per-channel weights) or per element (128 x 128 block scales).
+
+Accuracy: the activations are **not** quantized (weight-only). Each e4m3 value times its scale is exact in float32,
+so the result is ``F.linear(x.float(), W)`` on the de-quantized weight ``W`` up to float32 summation order, then
+one rounding to the output dtype: closer to the full-precision layer than the W8A8 path, which also rounds the
+activations to e4m3 (``Fp8LinearMethod.reference`` states which math each row count takes).
+
+:func:`fp8_gemv_silu_mul` is the gated MLP's gate/up projection and SiLU-and-multiply in one kernel, rounded
+where the unfused path rounds (as ``triton_gemv.gemv_silu_mul`` for bf16 weights).
+
+Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
+power of two) to ``{"block_n", "block_k", "num_warps"}`` and says up to how many rows the GEMV runs
+(``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py`` writes it from timings on the GPU. Shapes without an entry
+take :func:`default_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+
+SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
+DEFAULT_MAX_ROWS = 4  # rows up to which the GEMV runs when the tuned file does not say
+CONFIG_FILE = Path(__file__).with_name("fp8_gemv_configs.json")
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, rows, nmask, k, K: tl.constexpr, stride_wn, stride_sn, SCALE: tl.constexpr,
+                 BSN: tl.constexpr, BSK: tl.constexpr):
+    # e4m3 rows x k as float32; block-scaled weights take their tile's scale per element here.
+    mask = nmask[:, None] & (k < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SCALE == 2:
+        s = tl.load(s_ptr + (rows // BSN)[:, None] * stride_sn + (k // BSK)[None, :], mask=mask, other=0.0)
+        w = w * s
+    return w
+
+
+@triton.jit
+def _products(w, x_ptr, k, K: tl.constexpr, M, stride_xm, BLOCK_M: tl.constexpr):
+    # w [BLOCK_N, BLOCK_K] times the activations' k columns: [BLOCK_N, BLOCK_K] for one row, else
+    # [BLOCK_M, BLOCK_N, BLOCK_K] (summed over K at the end).
+    if BLOCK_M == 1:
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        p = w * x[None, :]
+    else:
+        m = tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                    other=0.0).to(tl.float32)
+        p = w[None, :, :] * x[:, None, :]
+    return p
+
+
+@triton.jit
+def _scaled_sum(acc, s_ptr, rows, nmask, SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] float32 outputs, with the per-tensor or per-row weight scale applied.
+    if BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+    if SCALE == 0:
+        y = y * tl.load(s_ptr)
+    elif SCALE == 1:
+        y = y * tl.load(s_ptr + rows, mask=nmask, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
+def _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M: tl.constexpr):
+    m = tl.arange(0, BLOCK_M)
+    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=(m < M)[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
+                     K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    k = tl.arange(0, BLOCK_K)
+    # The first weight tile is read before waiting for the kernel that writes x (weights never change).
+    w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL)
+    acc = _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        acc += _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    y = _scaled_sum(acc, s_ptr, rows, nmask, SCALE, BLOCK_M)
+    _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M)
+
+
+@triton.jit
+def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, stride_wn, stride_sn, stride_om,
+                              K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr):
+    # Output j of the gated MLP: rows j (gate) and D + j (up) of the fused gate/up weight, then silu(gate) * up.
+    gate = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    up = gate + D
+    nmask = gate < D
+    k = tl.arange(0, BLOCK_K)
+    wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL)
+    acc_g = _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    acc_u = _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        acc_g += _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
+        acc_u += _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    dtype = out_ptr.dtype.element_ty
+    # Rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
+    g = _scaled_sum(acc_g, s_ptr, gate, nmask, SCALE, BLOCK_M).to(dtype).to(tl.float32)
+    u = _scaled_sum(acc_u, s_ptr, up, nmask, SCALE, BLOCK_M).to(dtype).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    _store_rows(out_ptr, silu * u, gate, nmask, M, stride_om, BLOCK_M)
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _tuned() -> tuple[int, dict[tuple[int, int, int], tuple[int, int, int]]]:
+    if not CONFIG_FILE.is_file():
+        return DEFAULT_MAX_ROWS, {}
+    table = json.loads(CONFIG_FILE.read_text())
+    shapes = {tuple(int(d) for d in key.split(",")): (int(e["block_n"]), int(e["block_k"]), int(e["num_warps"]))
+              for key, e in table.get("shapes", {}).items()}
+    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes
+
+
+def max_rows() -> int:
+    """Rows up to which FP8 linear layers take the GEMV (the tuned file's ``max_rows``, else
+    :data:`DEFAULT_MAX_ROWS`); above it they run the W8A8 GEMM."""
+    return _tuned()[0]
+
+
+def block_rows(m: int) -> int:
+    """``BLOCK_M`` for ``m`` rows: ``m`` rounded up to a power of two."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def default_config(block_m: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` untuned: one output row per program, 2,048 bytes of e4m3 per K step at one
+    row (16-byte loads with four warps), K tiles shrinking as rows are added (the float32 products of every row
+    stay in registers)."""
+    return 1, max(256, 2048 // block_m), 4
+
+
+def fp8_gemv_config(n: int, k: int, m: int) -> tuple[int, int, int]:
+    """The tiling for an ``[n, k]`` e4m3 weight at ``m`` rows: its tuned entry, else :func:`default_config`."""
+    block_m = block_rows(m)
+    return _tuned()[1].get((n, k, block_m), default_config(block_m))
+
+
+def _scale_mode(scale: torch.Tensor, n: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(mode, block rows, block cols, scale row stride) for ``scale``: one value, one per output row, or a grid of
+    ``block`` tiles."""
+    if block is not None:
+        if scale.dim() != 2:
+            raise ValueError(f"fp8 GEMV: block scales must be a 2-D grid; got shape {tuple(scale.shape)}")
+        return SCALE_BLOCK, block[0], block[1], scale.stride(0)
+    if scale.numel() == 1:
+        return SCALE_TENSOR, 1, 1, 0
+    if scale.numel() != n:
+        raise ValueError(f"fp8 GEMV: {scale.numel()} weight scales for {n} output rows (need 1 or {n})")
+    return SCALE_ROW, 1, 1, 0
+
+
+def _launch(kernel, x, weight, scale, block, out, outputs, config, pdl):
+    m, k = x.shape
+    if weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"fp8 GEMV: weight {tuple(weight.shape)} (rows contiguous) does not fit x {tuple(x.shape)}")
+    if scale.dtype != torch.float32:
+        raise ValueError(f"fp8 GEMV: weight scales must be float32; got {scale.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
+    block_n, block_k, num_warps = config or fp8_gemv_config(weight.shape[0], k, m)
+    if m:
+        pdl = pdl_for(x, pdl)
+        kernel[(triton.cdiv(outputs, block_n),)](
+            x, weight, scale.contiguous() if mode != SCALE_BLOCK else scale, out, m, outputs, x.stride(0),
+            weight.stride(0), stride_sn, out.stride(0), K=k, SCALE=mode, BSN=bsn, BSK=bsk, BLOCK_M=block_rows(m),
+            BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+    return out
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
+             config: tuple[int, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """``x @ (weight * scale).T`` for ``x [M, K]`` (bf16/fp16/float32, ``M`` small), e4m3 ``weight [N, K]`` (rows
+    contiguous) and float32 ``scale``: one value, one per output row (``[N]`` or ``[N, 1]``), or with ``block =
+    (rows, cols)`` a ``[ceil(N / rows), ceil(K / cols)]`` grid. Returns ``[M, N]`` in ``x``'s dtype, rounded once
+    from the float32 sum; ``pdl``: launch with programmatic dependent launch (None: decided from ``x``)."""
+    n = weight.shape[0]
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return _launch(_fp8_gemv_kernel, x, weight, scale, block, out, n, config, pdl)
+
+
+def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      block: tuple[int, int] | None = None, config: tuple[int, int, int] | None = None,
+                      pdl: bool | None = None) -> torch.Tensor:
+    """``silu(g) * u`` where ``[g, u] = x @ (weight * scale).T``, in one kernel: the gated MLP's fused gate/up
+    projection (``weight [2D, K]``, gate rows first; scales as :func:`fp8_gemv`) and its activation. Returns
+    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds."""
+    n2 = weight.shape[0]
+    if n2 % 2:
+        raise ValueError("fp8 GEMV: the fused gate/up weight has an even number of rows")
+    if block is not None and (n2 // 2) % block[0]:
+        raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
+    d = n2 // 2
+    out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
+    config = config or fp8_gemv_config(n2, x.shape[1], x.shape[0])
+    return _launch(_fp8_gemv_silu_mul_kernel, x, weight, scale, block, out, d, config, pdl)
