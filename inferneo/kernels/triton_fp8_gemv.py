@@ -68,7 +68,7 @@ def _products(w, x_ptr, k, K: tl.constexpr, M, stride_xm, BLOCK_M: tl.constexpr)
 @triton.jit
 def _scaled_sum(acc, s_ptr, rows, nmask, SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
     # [BLOCK_M, BLOCK_N] float32 outputs, with the per-tensor or per-row weight scale applied.
-    if BLOCK_M == 1:
+    if BLOCK_M == 1:  # noqa: SIM108 - a compile-time branch: the two shapes differ
         y = tl.sum(acc, axis=1)[None, :]
     else:
         y = tl.sum(acc, axis=2)
