@@ -48,10 +48,13 @@ LAYERS = {"qkv": ((4096, 4096, 4096), 4096), "o": ((4096,), 4096), "gate_up": ((
           "down": ((4096,), 11008)}
 ROWS = (1, 2, 4, 8)
 W8A8_ROWS = (1, 2, 4, 8, 16)
-CONFIGS = {1: [(1, 2048, 4), (1, 1024, 4), (2, 2048, 4), (1, 2048, 8), (1, 4096, 8)],
-           2: [(1, 1024, 4), (1, 2048, 4), (2, 1024, 4)],
-           4: [(1, 512, 4), (1, 1024, 4), (1, 1024, 8)],
-           8: [(1, 256, 4), (1, 512, 4), (1, 512, 8)]}
+# Tilings per row count: several output rows per program share each activation tile read (at one output row a
+# program would read two bytes of activations per byte of weight); the float32 products of a tile stay at about
+# 32 registers a thread.
+CONFIGS = {1: [(2, 2048, 4), (1, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 2048, 8)],
+           2: [(4, 512, 4), (2, 1024, 4), (8, 512, 8), (4, 1024, 8)],
+           4: [(4, 256, 4), (4, 512, 8), (8, 256, 8)],
+           8: [(8, 256, 8), (4, 256, 8), (8, 128, 8)]}
 L2_BYTES = 256 * 2**20  # weight copies per timing: together more than this (the H200's L2 is 50 MB)
 
 

@@ -158,11 +158,14 @@ def block_rows(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+_DEFAULT_CONFIGS = {1: (2, 2048, 4), 2: (4, 512, 4), 4: (4, 256, 4), 8: (8, 256, 8)}
+
+
 def default_config(block_m: int) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps)`` untuned: one output row per program, 2,048 bytes of e4m3 per K step at one
-    row (16-byte loads with four warps), K tiles shrinking as rows are added (the float32 products of every row
-    stay in registers)."""
-    return 1, max(256, 2048 // block_m), 4
+    """``(BLOCK_N, BLOCK_K, num_warps)`` untuned: a few output rows per program, so that each activation tile read
+    (two bytes a column in bf16) serves several one-byte weight rows, and K tiles that keep the float32 products of
+    every row at about 32 registers a thread (2,048 e4m3 bytes per row and K step at one row: 16-byte loads)."""
+    return _DEFAULT_CONFIGS.get(block_m, (8, 128, 8))
 
 
 def fp8_gemv_config(n: int, k: int, m: int) -> tuple[int, int, int]:
