@@ -5,9 +5,9 @@
 # GEMV off, in one process each. Usage: OUT=... bash benchmarks/gpu/fp8_gemv_run.sh [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
-DEADLINE=${1:-170}
+DEADLINE=${1:-175}
 export PYTHONUNBUFFERED=1
-timeout 150 python3 benchmarks/gpu/fp8_gemv_sweep.py --write-configs --deadline 60 --out "$OUT" > "$OUT/fp8_gemv_sweep.log" 2>&1
+timeout 100 python3 benchmarks/gpu/fp8_gemv_sweep.py --write-configs --deadline 40 --out "$OUT" > "$OUT/fp8_gemv_sweep.log" 2>&1
 echo "fp8_gemv_sweep rc=$?"; grep -v "^check .*: ok" "$OUT/fp8_gemv_sweep.log" | tail -60
-timeout $((DEADLINE + 30)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" --skip w4a16,fp8-kv,gptfast \
+timeout $((DEADLINE + 25)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" --skip w4a16,fp8-kv,gptfast \
   --out "$OUT" 2>&1 | tail -c 6000

@@ -229,7 +229,7 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     plan = [
         ("bf16", lambda: sec_variant(s, "bf16"), 120),
-        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 100),
+        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 70),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("w4a16", lambda: sec_variant(s, "w4a16", awq=True), 100),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
