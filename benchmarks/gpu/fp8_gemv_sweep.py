@@ -3,7 +3,7 @@
 the W8A8 path and bf16, on Llama-2-7B's layer shapes (issue 20).
 
 1. ``check``: the kernel against ``F.linear`` of the unquantized activations and the de-quantized weight
-   (per-tensor, per-row and 128 x 128 block scales; 1, 3 and 8 rows; relative error below 6e-3 in bf16), the
+   (per-tensor, per-row and 128 x 128 block scales; 1 and 5 rows; relative error below 6e-3 in bf16), the
    fused gate/up + SiLU equal bit for bit to the GEMV followed by the SiLU-and-mul kernel, a CUDA-graph replay equal
    to the eager call, and the engine's FP8 layer (``Fp8LinearMethod``) against its reference at rows that take the
    GEMV and rows that take ``torch._scaled_mm``.
@@ -122,7 +122,7 @@ def check(device: torch.device, small: bool) -> list[dict]:
                 block = (16, 128) if small else (128, 128)
                 q, s = quantize_blocks(w, block)
                 w_deq = dequantize(q, s, block)
-            for m in (1, 3, 8):
+            for m in (1, 5):
                 x = torch.randn(m, k, device=device, generator=gen).bfloat16()
                 err = rel(fg.fp8_gemv(x, q, s, block), F.linear(x.float(), w_deq))
                 record("gemv_vs_f_linear", err < 6e-3, n=n, k=k, scale=kind, rows=m, rel_err=err)
@@ -242,6 +242,7 @@ def main() -> int:
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     result["check"] = check(device, small=args.smoke)
     failed = [c for c in result["check"] if not c["ok"]]
+    (out / "fp8_gemv_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.smoke:
         result["sweep"] = sweep(device, args.deadline)
         table = {"max_rows": result["sweep"]["max_rows"], "measured": f"{result['device']}, {result['date']}, "
