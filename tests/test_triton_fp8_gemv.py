@@ -169,3 +169,30 @@ def test_quantized_silu_mlp_falls_back_when_the_gemv_does_not_apply():
     fused = QuantizedSiluMLP.__new__(QuantizedSiluMLP)
     fused.__dict__.update(mlp.__dict__)
     assert torch.equal(fused(x), mlp(x))
+
+
+@needs_triton
+def test_tiling_file_lookup(tmp_path, monkeypatch):
+    """The shipped ``fp8_gemv_configs.json`` parses; a shape's entry is found by ``N,K,BLOCK_M``, others take the
+    default; ``max_rows`` comes from the file (the default without one)."""
+    import json
+
+    from inferneo.kernels import triton_fp8_gemv as fg
+
+    limit, shapes = fg._tuned()
+    assert limit >= 1 and shapes
+    for (n, k, block_m), (block_n, block_k, warps) in shapes.items():
+        assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8) and block_k >= 16 and warps in (1, 2, 4, 8, 16)
+    path = tmp_path / "fp8_gemv_configs.json"
+    path.write_text(json.dumps({"max_rows": 2, "shapes": {"64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2}}}))
+    monkeypatch.setattr(fg, "CONFIG_FILE", path)
+    fg._tuned.cache_clear()
+    try:
+        assert fg.max_rows() == 2
+        assert fg.fp8_gemv_config(64, 128, 2) == (8, 64, 2)
+        assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")
+        fg._tuned.cache_clear()
+        assert fg.max_rows() == fg.DEFAULT_MAX_ROWS and fg.fp8_gemv_config(64, 128, 2) == fg.default_config(2)
+    finally:
+        fg._tuned.cache_clear()

@@ -250,7 +250,7 @@ def main() -> int:
         (out / "fp8_gemv_configs.json").write_text(json.dumps(table, indent=1) + "\n")
         if args.write_configs and result["sweep"]["max_rows"] >= 1:
             fg.CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"wrote {fg.CONFIG_FILE}", flush=True)
+            print(f"wrote {fg.CONFIG_FILE.relative_to(HERE.parents[1])}", flush=True)
     (out / "fp8_gemv_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"checks: {len(result['check']) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
