@@ -63,29 +63,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def graph_us(calls) -> float:
-    """Mean microseconds of one of ``calls`` when all run in one CUDA graph (eager wall time off CUDA)."""
+    """Mean microseconds of one of ``calls`` when all run in one CUDA graph (``decode_sweep.graph_time_us``;
+    eager wall time off CUDA)."""
+    if torch.cuda.is_available():
+        from decode_sweep import graph_time_us  # beside this script
+
+        return graph_time_us(calls)
+    start = time.perf_counter()
     for call in calls:
         call()
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        return (time.perf_counter() - start) * 1e6 / len(calls)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / 10 / len(calls)
+    return (time.perf_counter() - start) * 1e6 / len(calls)
 
 
 def fp8_layer(name: str, shards: tuple[int, ...], in_f: int, device: torch.device, gen: torch.Generator):
