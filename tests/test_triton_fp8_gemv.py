@@ -3,7 +3,8 @@
 - Kernel, under Triton's CPU interpreter (a subprocess: the interpreter must be on before triton is imported):
   against ``F.linear`` of the full-precision activations and the de-quantized weight, for per-tensor, per-row and
   128-column block scales, one and several rows, bf16 and float32 activations; the fused gate/up + SiLU kernel
-  equal bit for bit to the GEMV followed by the SiLU-and-mul kernel.
+  equal bit for bit to the GEMV followed by the SiLU-and-mul kernel; both for the CUDA-core and the tensor-core
+  (``tl.dot``) tilings.
 - Selection: a FP8 layer set up as finalize sets it up on the GPU takes the GEMV (activations unquantized) up to
   ``max_rows()`` rows and the W8A8 path (per-token e4m3 activations, ``torch._scaled_mm``) above; the reference
   follows the same choice; the MLP fuses gate/up + SiLU through the GEMV at a few rows.
@@ -34,7 +35,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 _SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F
     import triton
-    from triton_interpreter_shims import round_e4m3_to_nearest
+    from triton_interpreter_shims import patch_interpreter, round_e4m3_to_nearest
+    patch_interpreter()  # tl.dot on bfloat16 (the tensor-core tiling)
     round_e4m3_to_nearest()  # the W8A8 path quantizes activations in Triton: round as the GPU does
     from inferneo.kernels._triton_elementwise import silu_and_mul
     from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul, max_rows
@@ -69,14 +71,20 @@ _SCRIPT = textwrap.dedent("""
             got32 = fp8_gemv(x, q, s, block, config=config)
             assert rel(got32, F.linear(x, w_deq)) < 1e-5, (kind, m, config, rel(got32, F.linear(x, w_deq)))
 
+    # The tensor-core tiling (a fourth number: num_stages): the same products as 16-row tiles of tl.dot.
+    for kind, m in (("row", 5), ("block", 1)):
+        q, s, block, w_deq = quantized(w, kind)
+        x = torch.randn(m, k).bfloat16()
+        got = fp8_gemv(x, q, s, block, config=(16, 64, 4, 2))
+        assert got.shape == (m, n) and rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, m)
+
     # gate/up + SiLU in one kernel: the same bits as the GEMV then the SiLU-and-mul kernel
     d = 32
     w2 = torch.randn(2 * d, k) * 0.05
     for kind in ("row", "block"):
         q, s, block, w_deq = quantized(w2, kind)
-        for m in (1, 2):
+        for m, config in ((1, (8, 128, 4)), (2, (8, 128, 4)), (3, (16, 128, 4, 2))):
             x = torch.randn(m, k).bfloat16()
-            config = (8, 128, 4)
             fused = fp8_gemv_silu_mul(x, q, s, block, config=config)
             unfused = silu_and_mul(fp8_gemv(x, q, s, block, config=config))
             assert fused.shape == (m, d) and torch.equal(fused, unfused), (kind, m)
@@ -184,12 +192,15 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
     for (n, k, block_m), (block_n, block_k, warps) in shapes.items():
         assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8) and block_k >= 16 and warps in (1, 2, 4, 8, 16)
     path = tmp_path / "fp8_gemv_configs.json"
-    path.write_text(json.dumps({"max_rows": 2, "shapes": {"64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2}}}))
+    path.write_text(json.dumps({"max_rows": 2, "shapes": {
+        "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
+        "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
     try:
         assert fg.max_rows() == 2
         assert fg.fp8_gemv_config(64, 128, 2) == (8, 64, 2)
+        assert fg.fp8_gemv_config(64, 128, 9) == (16, 64, 4, 3)  # 9 rows: the 16-row block's tensor-core tile
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
         monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")
         fg._tuned.cache_clear()

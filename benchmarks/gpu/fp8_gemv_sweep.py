@@ -55,6 +55,11 @@ CONFIGS = {1: [(2, 2048, 4), (1, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024,
            2: [(4, 512, 4), (2, 1024, 4), (8, 512, 8), (4, 1024, 8)],
            4: [(4, 256, 4), (4, 512, 8), (8, 256, 8)],
            8: [(8, 256, 8), (4, 256, 8), (8, 128, 8)]}
+# The tensor-core kernel (a fourth number, num_stages): 16 rows per tile whatever the row count up to 16, so one
+# compile serves every row count; timed at 1, 4 and 16 rows with ``--dot``.
+DOT_CONFIGS = [(16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3)]
+DOT_CHECK = (16, 128, 4, 3)  # BLOCK_K 128: fits 128-wide scale blocks
+DOT_ROWS = (1, 4, 16)
 L2_BYTES = 256 * 2**20  # weight copies per timing: together more than this (the H200's L2 is 50 MB)
 
 
@@ -87,7 +92,9 @@ def fp8_layer(name: str, shards: tuple[int, ...], in_f: int, device: torch.devic
 # ---- 1. correctness ---------------------------------------------------------------------------------------------
 
 
-def check(device: torch.device, small: bool) -> list[dict]:
+def check(device: torch.device, small: bool, tiles: tuple = (None, DOT_CHECK), quick: bool = False) -> list[dict]:
+    """The correctness checks, for each of ``tiles`` (None: the shipped or default tiling); ``quick``: one shape,
+    per-row and block scales, and not the engine's layer."""
     gen = torch.Generator(device=device).manual_seed(0)
     results = []
 
@@ -96,9 +103,9 @@ def check(device: torch.device, small: bool) -> list[dict]:
         print(f"check {what}: {'ok' if ok else 'FAIL'} {info}", flush=True)
 
     shapes = ((40, 300), (64, 256)) if small else ((4096, 4096), (4096, 11008))
-    for n, k in shapes:
+    for n, k in shapes[:1] if quick else shapes:
         w = torch.empty(n, k, device=device).uniform_(-0.02, 0.02, generator=gen)
-        for kind in ("tensor", "row", "block"):
+        for kind in ("row", "block") if quick else ("tensor", "row", "block"):
             if kind == "tensor":
                 q, s = quantize_per_tensor(w)
                 block, w_deq = None, dequantize(q, s)
@@ -109,16 +116,18 @@ def check(device: torch.device, small: bool) -> list[dict]:
                 block = (16, 128) if small else (128, 128)
                 q, s = quantize_blocks(w, block)
                 w_deq = dequantize(q, s, block)
-            for m in (1, 5):
-                x = torch.randn(m, k, device=device, generator=gen).bfloat16()
-                err = rel(fg.fp8_gemv(x, q, s, block), F.linear(x.float(), w_deq))
-                record("gemv_vs_f_linear", err < 6e-3, n=n, k=k, scale=kind, rows=m, rel_err=err)
-            if n == shapes[0][0] and (block is None or (n // 2) % block[0] == 0):  # gate/up + SiLU fused
-                for m in (1, 4):
+            for tile in tiles:
+                for m in (1, 5) if tile is None else (1, 16):
                     x = torch.randn(m, k, device=device, generator=gen).bfloat16()
-                    fused = fg.fp8_gemv_silu_mul(x, q, s, block)
-                    unfused = silu_and_mul(fg.fp8_gemv(x, q, s, block, config=fg.fp8_gemv_config(n, k, m)))
-                    record("silu_fused_equals_unfused", torch.equal(fused, unfused), scale=kind, rows=m,
+                    err = rel(fg.fp8_gemv(x, q, s, block, config=tile), F.linear(x.float(), w_deq))
+                    record("gemv_vs_f_linear", err < 6e-3, n=n, k=k, scale=kind, rows=m, tile=tile, rel_err=err)
+                if n != shapes[0][0] or (block is not None and (n // 2) % block[0]):
+                    continue
+                for m in (1, 4):  # gate/up + SiLU fused against the GEMV then the SiLU-and-mul kernel
+                    x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+                    fused = fg.fp8_gemv_silu_mul(x, q, s, block, config=tile)
+                    unfused = silu_and_mul(fg.fp8_gemv(x, q, s, block, config=tile or fg.fp8_gemv_config(n, k, m)))
+                    record("silu_fused_equals_unfused", torch.equal(fused, unfused), scale=kind, rows=m, tile=tile,
                            max_diff=(fused.float() - unfused.float()).abs().max().item())
     if device.type == "cuda":
         q, s = quantize_groups(w)
@@ -130,6 +139,8 @@ def check(device: torch.device, small: bool) -> list[dict]:
         graph.replay()
         torch.cuda.synchronize()
         record("graph_replay_equal", torch.equal(eager, graphed))
+    if quick:
+        return results
     # The engine's layer: rows up to max_rows take the GEMV (reference: unquantized activations), more rows the
     # W8A8 path (reference: per-token e4m3 activations).
     shards, in_f = ((32, 32), 64) if small else LAYERS["gate_up"]
@@ -152,42 +163,65 @@ def _w8a8(layer: QuantizedLinear, x: torch.Tensor, silu: bool) -> torch.Tensor:
     return silu_and_mul(y) if silu else y
 
 
-def sweep(device: torch.device, deadline: float) -> dict:
+def full_plan(n: int, k: int, m: int) -> list[tuple]:
+    """The CUDA-core tilings of :data:`CONFIGS`, then the tensor-core ones."""
+    return [*CONFIGS.get(m, []), *DOT_CONFIGS]
+
+
+def dot_plan(n: int, k: int, m: int) -> list[tuple]:
+    """The tensor-core tilings (and at one row the shipped tiling beside them)."""
+    return [fg.fp8_gemv_config(n, k, 1), *DOT_CONFIGS] if m == 1 else list(DOT_CONFIGS)
+
+
+def fill_dot_rows(best: dict[str, dict], row_blocks: tuple[int, ...]) -> None:
+    """Row blocks up to 16 that were not timed take the entry of the next larger timed one when that is a
+    tensor-core tiling (it computes a 16-row tile at every row count up to 16: the same work)."""
+    for key in list(best):
+        n, k, bm = (int(v) for v in key.split(","))
+        for smaller in (2, 4, 8, 16):
+            if smaller < bm and smaller not in row_blocks and f"{n},{k},{smaller}" not in best \
+                    and "num_stages" in best[key] and not any(smaller < b < bm for b in row_blocks):
+                best[f"{n},{k},{smaller}"] = dict(best[key])
+
+
+def sweep(device: torch.device, deadline: float, plan=full_plan, gemv_rows: tuple[int, ...] = ROWS + (16,),
+          w8a8_rows: tuple[int, ...] = W8A8_ROWS, bf16: bool = True) -> dict:
     from inferneo.kernels.triton_gemv import gemv, gemv_silu_mul
 
     gen = torch.Generator(device=device).manual_seed(1)
     rows_out, best = [], {}
-    totals = {"gemv": {m: 0.0 for m in ROWS}, "w8a8": {m: 0.0 for m in W8A8_ROWS}, "bf16": {1: 0.0}}
+    totals = {"gemv": {m: 0.0 for m in gemv_rows}, "w8a8": {m: 0.0 for m in w8a8_rows}, "bf16": {1: 0.0}}
     start = time.monotonic()
     for name, (shards, in_f) in LAYERS.items():
         n = sum(shards)
         copies = max(2, min(12, math.ceil(L2_BYTES / (n * in_f))))
         layers = [fp8_layer(f"{name}_proj", shards, in_f, device, gen) for _ in range(copies)]
         dense = [torch.empty(n, in_f, dtype=torch.bfloat16, device=device).uniform_(-0.02, 0.02, generator=gen)
-                 for _ in range(copies)]
+                 for _ in range(copies if bf16 else 0)]
         silu = name == "gate_up"
-        for m in W8A8_ROWS:
+        for m in sorted(set(w8a8_rows) | set(gemv_rows)):
             x = torch.randn(m, in_f, device=device, generator=gen).bfloat16()
-            for layer in layers:
-                layer.fp8_gemv = False
-            us = graph_us([functools.partial(_w8a8, layers[i % copies], x, silu) for i in range(32)])
-            for layer in layers:
-                layer.fp8_gemv = True
-            totals["w8a8"][m] += us
-            rows_out.append(dict(layer=name, rows=m, impl="w8a8", us=round(us, 2)))
-            print(f"{name:8s} rows {m:2d} W8A8 (quant + _scaled_mm{' + silu' if silu else ''}): {us:7.2f} us",
-                  flush=True)
-            if m == 1:
+            if m in w8a8_rows:
+                for layer in layers:
+                    layer.fp8_gemv = False
+                us = graph_us([functools.partial(_w8a8, layers[i % copies], x, silu) for i in range(32)])
+                for layer in layers:
+                    layer.fp8_gemv = True
+                totals["w8a8"][m] += us
+                rows_out.append(dict(layer=name, rows=m, impl="w8a8", us=round(us, 2)))
+                print(f"{name:8s} rows {m:2d} W8A8 (quant + _scaled_mm{' + silu' if silu else ''}): {us:7.2f} us",
+                      flush=True)
+            if m == 1 and bf16:
                 fn = gemv_silu_mul if silu else gemv
                 us = graph_us([functools.partial(fn, x, dense[i % copies]) for i in range(32)])
                 totals["bf16"][1] += us
                 rows_out.append(dict(layer=name, rows=1, impl="bf16_gemv", us=round(us, 2)))
                 print(f"{name:8s} rows  1 bf16 Triton GEMV: {us:7.2f} us", flush=True)
-            if m not in ROWS:
+            if m not in gemv_rows:
                 continue
             fn = fg.fp8_gemv_silu_mul if silu else fg.fp8_gemv
             timed = []
-            for cfg in CONFIGS[m]:
+            for cfg in plan(n, in_f, m):
                 if time.monotonic() - start > deadline and timed:
                     break
                 try:
@@ -201,13 +235,15 @@ def sweep(device: torch.device, deadline: float) -> dict:
                 print(f"{name:8s} rows {m:2d} FP8 GEMV {cfg}: {us:7.2f} us", flush=True)
             us, cfg = min(timed)
             totals["gemv"][m] += us
-            best[f"{n},{in_f},{fg.block_rows(m)}"] = {"block_n": cfg[0], "block_k": cfg[1], "num_warps": cfg[2]}
+            best[f"{n},{in_f},{fg.block_rows(m)}"] = dict(zip(("block_n", "block_k", "num_warps", "num_stages"), cfg,
+                                                                       strict=False))
         layers.clear()
         dense.clear()
         torch.cuda.empty_cache()
+    fill_dot_rows(best, tuple(fg.block_rows(m) for m in gemv_rows))
     max_rows = 0
-    for m in ROWS:
-        if totals["gemv"][m] >= totals["w8a8"][m]:
+    for m in sorted(gemv_rows):
+        if m not in w8a8_rows or totals["gemv"][m] >= totals["w8a8"][m]:
             break
         max_rows = m
     print(f"per-layer-set totals (us): {json.dumps(totals)}; GEMV up to {max_rows} rows", flush=True)
@@ -221,19 +257,32 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the check on CPU with small shapes (interpreter)")
     parser.add_argument("--write-configs", action="store_true", help="write the winners where the engine reads them")
     parser.add_argument("--deadline", type=float, default=100.0, help="seconds for the sweep (then the first tiling)")
+    parser.add_argument("--dot", action="store_true", help="only the tensor-core tilings (checked, timed at 1, 4 and "
+                        "16 rows beside the shipped tiling at one row and W8A8), merged into the shipped file")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:  # the interpreter's gaps (tl.dot on bfloat16), patched as the tests patch them
+        sys.path.insert(0, str(HERE.parents[1] / "tests"))
+        from triton_interpreter_shims import patch_interpreter
+
+        patch_interpreter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    result["check"] = check(device, small=args.smoke)
+    result["check"] = check(device, small=args.smoke, tiles=(DOT_CHECK,) if args.dot else (None, DOT_CHECK),
+                            quick=args.dot)
     failed = [c for c in result["check"] if not c["ok"]]
     (out / "fp8_gemv_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.smoke:
-        result["sweep"] = sweep(device, args.deadline)
+        if args.dot:
+            result["sweep"] = sweep(device, args.deadline, dot_plan, DOT_ROWS, DOT_ROWS, bf16=False)
+        else:
+            result["sweep"] = sweep(device, args.deadline)
+        shipped = json.loads(fg.CONFIG_FILE.read_text()).get("shapes", {}) if args.dot else {}
         table = {"max_rows": result["sweep"]["max_rows"], "measured": f"{result['device']}, {result['date']}, "
-                 f"benchmarks/gpu/fp8_gemv_sweep.py", "shapes": result["sweep"]["configs"]}
+                 f"benchmarks/gpu/fp8_gemv_sweep.py{' --dot' if args.dot else ''}",
+                 "shapes": {**shipped, **result["sweep"]["configs"]}}
         (out / "fp8_gemv_configs.json").write_text(json.dumps(table, indent=1) + "\n")
         if args.write_configs and result["sweep"]["max_rows"] >= 1:
             fg.CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
