@@ -189,8 +189,11 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
 
     limit, shapes = fg._tuned()
     assert limit >= 1 and shapes
-    for (n, k, block_m), (block_n, block_k, warps) in shapes.items():
-        assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8) and block_k >= 16 and warps in (1, 2, 4, 8, 16)
+    for (n, k, block_m), tile in shapes.items():
+        assert len(tile) in (3, 4)  # + num_stages: the tensor-core kernel
+        block_n, block_k, warps = tile[:3]
+        assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8, 16, 32, 64) and block_k >= 16
+        assert warps in (1, 2, 4, 8, 16)
     path = tmp_path / "fp8_gemv_configs.json"
     path.write_text(json.dumps({"max_rows": 2, "shapes": {
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
