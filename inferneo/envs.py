@@ -124,6 +124,15 @@ def gemv_silu() -> bool:
     return _flag("INFERNEO_GEMV_SILU", True)
 
 
+def fp8_gemv() -> bool:
+    """INFERNEO_FP8_GEMV (default on): on CUDA, FP8 linear layers run decode steps of a few rows (up to
+    ``triton_fp8_gemv.max_rows()``) through the weight-only FP8 GEMV (``kernels/triton_fp8_gemv.py``: e4m3 weights
+    de-quantized in registers, activations not quantized; the gated MLP's gate/up + SiLU fused with
+    ``gemv_silu``); off, every row count takes the W8A8 GEMM (per-token activation quantization +
+    ``torch._scaled_mm``)."""
+    return _flag("INFERNEO_FP8_GEMV", True)
+
+
 def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in

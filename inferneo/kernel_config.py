@@ -37,6 +37,9 @@ class KernelConfig:
     #: ``INFERNEO_GEMV_SILU`` (on; with the Triton GEMV): a gated MLP's gate/up projection and its SiLU-and-mul
     #: in one GEMV kernel at one-row decode steps in half precision.
     gemv_silu: bool = field(default_factory=envs.gemv_silu)
+    #: ``INFERNEO_FP8_GEMV`` (on): on CUDA, FP8 linear layers take the weight-only FP8 GEMV at a few rows (batch-1
+    #: decode steps and the like); off, the W8A8 GEMM at every row count.
+    fp8_gemv: bool = field(default_factory=envs.fp8_gemv)
     #: ``INFERNEO_CUDA_PDL`` (on): the decode-path Triton kernels launch with programmatic dependent launch on
     #: compute capability 9.0 and later.
     cuda_pdl: bool = field(default_factory=envs.cuda_pdl)

@@ -19,6 +19,7 @@ SWITCHES = {
     "triton_ops": "INFERNEO_TRITON_OPS",
     "triton_gemv": "INFERNEO_TRITON_GEMV",
     "gemv_silu": "INFERNEO_GEMV_SILU",
+    "fp8_gemv": "INFERNEO_FP8_GEMV",
     "cuda_pdl": "INFERNEO_CUDA_PDL",
     "peer_all_reduce": "INFERNEO_PEER_ALL_REDUCE",
     "peer_push": "INFERNEO_PEER_PUSH",

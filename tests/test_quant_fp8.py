@@ -214,20 +214,11 @@ def test_reference_block_matches_f_linear_on_dequantized_operands():
 # ---- Triton kernels under the interpreter ---------------------------------------------------------------------
 
 _TRITON_SCRIPT = textwrap.dedent("""
-    import numpy as np, torch, torch.nn.functional as F
+    import torch, torch.nn.functional as F
     import triton
-    from triton_interpreter_shims import patch_interpreter
+    from triton_interpreter_shims import patch_interpreter, round_e4m3_to_nearest
     patch_interpreter()
-    # Triton 3.6's interpreter converts float32 to e4m3 by truncating the mantissa without carrying into the
-    # exponent; GPUs round to nearest even (cvt.rn.satfinite), as PyTorch does: model that here.
-    from triton.runtime import interpreter
-    import triton.language as tl
-    convert = interpreter._convert_float
-    def rne(data, src, dst, rounding):
-        if dst == tl.float8e4nv and src == tl.float32:
-            return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return convert(data, src, dst, rounding)
-    interpreter._convert_float = rne
+    round_e4m3_to_nearest()  # the GPU's rounding of float32 to e4m3 (the interpreter truncates)
 
     from inferneo.kernels.triton_fp8 import block_scaled_mm, quantize_per_token_group
     from inferneo.quantization.fp8_math import dequantize, quantize_blocks, quantize_groups

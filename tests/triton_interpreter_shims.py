@@ -34,3 +34,24 @@ def patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patched_tensor
     interpreter.InterpreterBuilder.create_dot = patched_dot
     interpreter._inferneo_patched = True
+
+
+def round_e4m3_to_nearest() -> None:
+    """Triton 3.6's interpreter converts float32 to e4m3 by truncating the mantissa without carrying into the
+    exponent; GPUs round to nearest even (``cvt.rn.satfinite``), as PyTorch does: convert through PyTorch
+    (idempotent)."""
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_inferneo_e4m3_rne", False):
+        return
+    convert = interpreter._convert_float
+
+    def rne(data, src, dst, rounding):
+        if dst == tl.float8e4nv and src == tl.float32:
+            return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return convert(data, src, dst, rounding)
+
+    interpreter._convert_float = rne
+    interpreter._inferneo_e4m3_rne = True

@@ -7,7 +7,8 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
   2. ``bf16``, ``fp8`` (``quantization="fp8"``: per-channel FP8 weights, per-token dynamic FP8 activations) and
      ``w4a16`` (a copy of the preset whose ``config.json`` says AWQ, 4-bit, group 128): for each, the decode step
      at batch 1 and 32 (1024 tokens of context, CUDA graphs), then W1 (256 x 1024 -> 128) and W2
-     (256 x 128 -> 1024) output tok/s; and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
+     (256 x 128 -> 1024) output tok/s; ``fp8-w8a8``: the FP8 decode steps again with the weight-only GEMV off
+     (``INFERNEO_FP8_GEMV=0``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step);
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, carried with
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
@@ -99,6 +100,20 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
         del llm
         free_memory()
     return out
+
+
+def sec_fp8_without_gemv(s: Suite) -> dict:
+    """The FP8 decode steps with the weight-only GEMV switched off (``INFERNEO_FP8_GEMV=0``: every row count through
+    per-token activation quantization + ``torch._scaled_mm``), for the A/B in the same run."""
+    before = os.environ.get("INFERNEO_FP8_GEMV")
+    os.environ["INFERNEO_FP8_GEMV"] = "0"
+    try:
+        return sec_variant(s, "fp8-w8a8", workloads=(), quantization="fp8")
+    finally:
+        if before is None:
+            os.environ.pop("INFERNEO_FP8_GEMV")
+        else:
+            os.environ["INFERNEO_FP8_GEMV"] = before
 
 
 # ---- gpt-fast --------------------------------------------------------------------------------------------------
@@ -214,7 +229,8 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     plan = [
         ("bf16", lambda: sec_variant(s, "bf16"), 120),
-        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 100),
+        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 70),
+        ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("w4a16", lambda: sec_variant(s, "w4a16", awq=True), 100),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("gptfast", lambda: sec_gptfast(s), 150),

@@ -17,7 +17,10 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``nn.Linear``                 packed (``cpu_onednn_linear``:             ``DecodeLinear`` (``triton_gemv``):
                               panel kernel or oneDNN)                    one-row inputs through the Triton GEMV
 ``MLP``                       :class:`RowPassMLP` when both linears      :class:`GemvSiluMLP` (``gemv_silu``):
-                              are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row
+                              are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row;
+                                                                         :class:`QuantizedSiluMLP` for FP8
+                                                                         gate/up layers (the FP8 GEMV's fused
+                                                                         gate/up + SiLU at a few rows)
 ``FusedMoE``                  batched PyTorch (``layers/moe.py``)        ``expert_kernel`` = ``triton_moe``:
                                                                          sorted pairs, two grouped GEMMs; the
                                                                          plain softmax top-k routers as one
@@ -186,6 +189,16 @@ class GemvSiluMLP(MLP):
         return super().forward(x)
 
 
+class QuantizedSiluMLP(MLP):
+    """A GPU MLP whose quantized gate/up layer runs its projection and SiLU-and-mul as one kernel where its method
+    can for the input's rows (``method.silu_mul`` returns the activation; the FP8 GEMV at a few rows); other
+    inputs project, then activate."""
+
+    def forward(self, x):
+        fused = self.gate_up_proj.method.silu_mul(self.gate_up_proj, x)
+        return super().forward(x) if fused is None else self.down_proj(fused)
+
+
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
     many layers changed."""
@@ -268,6 +281,10 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
                            if type(m) is MLP and isinstance(m.gate_up_proj, nn.Linear)  # not a quantized layer
                            and m.gate_up_proj.bias is None else None)
 
+    if device.type == "cuda" and kernels.gemv_silu:
+        _swap_children(model, lambda m: _adopt(QuantizedSiluMLP, m) if type(m) is MLP
+                       and callable(getattr(getattr(m.gate_up_proj, "method", None), "silu_mul", None)) else None)
+
     if tp is not None:
         fuse_peer_norms(model, tp)
     counts = Counter(type(module).__name__ for module in model.modules())
@@ -278,4 +295,4 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
              "QKNormRotaryAttention",
-             "RowPassMLP", "GemvSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
+             "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

@@ -19,7 +19,10 @@ Where it runs:
 
 - CUDA, compute capability >= 8.9 (Ada, Hopper and later): ``torch._scaled_mm`` (per-tensor scales, or row-wise
   scales: per-token activation x per-row weight), and a Triton block-scaled GEMM for ``block`` weights
-  (:mod:`inferneo.kernels.triton_fp8`). Older GPUs are refused at start-up.
+  (:mod:`inferneo.kernels.triton_fp8`). Inputs of a few rows (batch-1 decode steps; up to
+  ``triton_fp8_gemv.max_rows()``) instead take a weight-only Triton GEMV (:mod:`inferneo.kernels.triton_fp8_gemv`:
+  the e4m3 weight de-quantized in registers, the bf16/fp16 activations not quantized, the gated MLP's gate/up +
+  SiLU in one kernel), switched by ``KernelConfig.fp8_gemv``. Older GPUs are refused at start-up.
 - CPU: no CPU here has FP8 arithmetic; ``torch._scaled_mm`` on CPU measured 3.5-160x slower than the faster of
   float32 and bfloat16 ``F.linear`` on a 2-core AMD EPYC (AVX2) (``benchmarks/fp8_cpu_matmul.py``). A FP8 *checkpoint* is therefore de-quantized once at load into the
   model dtype (the layers stay plain linears with every CPU kernel), and ``--quantization fp8`` on CPU is refused.
@@ -146,6 +149,13 @@ def fp8_dequantized_on(device: torch.device, fmt: str, online: bool) -> bool:
     return True
 
 
+def gemv_wanted(kernel: str, kernels: KernelConfig, dtype: torch.dtype) -> bool:
+    """Whether a FP8 layer finalized with GPU ``kernel`` (``scaled_mm`` or ``triton_block``; ``reference`` is the
+    PyTorch path) runs inputs of a few rows through the weight-only GEMV: the ``fp8_gemv`` switch is on and the
+    model computes in bf16/fp16."""
+    return kernel != "reference" and kernels.fp8_gemv and dtype in (torch.bfloat16, torch.float16)
+
+
 @functools.cache
 def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones((), dtype=torch.float32, device=device)
@@ -204,6 +214,9 @@ class Fp8LinearMethod(LinearMethod):
         if scheme.activation == "static_tensor":
             _replace(layer, "input_scale", layer.input_scale.data.amax().reshape(()))
         layer.fp8_kernel = self._kernel_for(layer)
+        # A few rows (batch-1 decode steps) take the weight-only GEMV (see :meth:`takes_gemv`).
+        layer.fp8_gemv = gemv_wanted(layer.fp8_kernel, kernels, layer.dtype)
+        layer.fp8_pdl = kernels.pdl_on(layer.device)
         if layer.fp8_kernel == "scaled_mm" and scheme.activation == "dynamic_token":
             # Per-token activation scales run the row-wise GEMM, which takes one weight scale per output row.
             scale = getattr(layer, self.weight_scale_name).data
@@ -266,10 +279,28 @@ class Fp8LinearMethod(LinearMethod):
 
     # ---- compute -----------------------------------------------------------------------------------------------
 
+    def takes_gemv(self, layer: QuantizedLinear, rows: int) -> bool:
+        """Whether ``rows`` input rows run the weight-only GEMV (``kernels/triton_fp8_gemv.py``): the layer was
+        finalized on CUDA in half precision with the ``fp8_gemv`` switch on, and ``1 <= rows <= max_rows()``.
+        Those rows keep their activations in full precision (more accurate than the W8A8 path larger batches
+        take, which rounds them to e4m3); :meth:`reference` follows the same choice."""
+        if not getattr(layer, "fp8_gemv", False) or rows < 1:
+            return False
+        from inferneo.kernels.triton_fp8_gemv import max_rows
+
+        return rows <= max_rows()
+
+    def _gemv_scale(self, layer: QuantizedLinear) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        return getattr(layer, self.weight_scale_name), self.scheme.block
+
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
         kernel = getattr(layer, "fp8_kernel", "reference")
-        if kernel == "scaled_mm":
+        if self.takes_gemv(layer, x2.shape[0]):
+            from inferneo.kernels.triton_fp8_gemv import fp8_gemv
+
+            y = fp8_gemv(x2, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl)
+        elif kernel == "scaled_mm":
             y = self._scaled_mm(layer, x2)
         elif kernel == "triton_block":
             from inferneo.kernels.triton_fp8 import block_scaled_mm, quantize_per_token_group
@@ -280,6 +311,19 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = self.reference(layer, x2).to(x.dtype)
         return y.reshape(*x.shape[:-1], layer.out_features)
+
+    def silu_mul(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of a gated MLP's fused gate/up ``layer`` in one GEMV kernel when ``x``'s rows take
+        the GEMV (:meth:`takes_gemv`), else None (the caller projects, then activates)."""
+        x2 = x.reshape(-1, layer.in_features)
+        block = self.scheme.block
+        if layer.bias is not None or not self.takes_gemv(layer, x2.shape[0]) or \
+                (block is not None and (layer.out_features // 2) % block[0]):  # a scale block across gate and up
+            return None
+        from inferneo.kernels.triton_fp8_gemv import fp8_gemv_silu_mul
+
+        y = fp8_gemv_silu_mul(x2, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl)
+        return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
     def quantize_activations(self, layer: QuantizedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [M, in]`` as e4m3 values and float32 scales in PyTorch ops: ``[M, 1]`` per token, ``[M, in / bk]``
@@ -295,9 +339,13 @@ class Fp8LinearMethod(LinearMethod):
         return quantize_with_scale(x, scale), scale
 
     def reference(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-        """The FP8 math in PyTorch, float32 result: ``x`` quantized as the GPU path quantizes it, then
-        ``F.linear`` of the de-quantized activations and weights (the e4m3 products are exact in float32; only the
-        float32 summation order differs from the GPU kernels). Used on CPU and by the tests."""
+        """The FP8 math in PyTorch, float32 result, for ``x [M, in]``: rows that take the GEMV
+        (:meth:`takes_gemv`) multiply ``x`` itself by the de-quantized weight; otherwise ``x`` is quantized as the
+        GPU path quantizes it, then ``F.linear`` of the de-quantized activations and weights (the e4m3 products are
+        exact in float32; only the float32 summation order differs from the GPU kernels). Used on CPU and by the
+        tests."""
+        if self.takes_gemv(layer, x.shape[0]):
+            return F.linear(x.float(), self.dequantized_weight(layer))
         xq, x_scales = self.quantize_activations(layer, x)
         block = (1, self.scheme.block[1]) if self.scheme.weight == "block" else None
         return F.linear(dequantize(xq, x_scales, block), self.dequantized_weight(layer))

@@ -1,0 +1,314 @@
+"""FP8 weight-only matrix-vector products for decode steps of a few rows (batch 1 to ``max_rows``), in Triton.
+
+A decode step at batch 1 reads every weight once to produce one row, so its linear layers cost their weight bytes
+over the memory bandwidth: e4m3 weights (one byte each) halve bf16's. The W8A8 path (per-token activation
+quantization, then ``torch._scaled_mm``) pays a second kernel per layer and cuBLAS plans made for larger products;
+at a few rows neither pays off. Here each program streams ``BLOCK_N`` weight rows once, converts the e4m3 values to
+float32 in registers and multiplies them with the bf16/fp16 activations, accumulating in float32; the scale is
+applied once per output row (per-tensor and per-channel weights) or per element (128 x 128 block scales).
+
+Accuracy: the activations are **not** quantized (weight-only). Each e4m3 value times its scale is exact in float32,
+so the result is ``F.linear(x.float(), W)`` on the de-quantized weight ``W`` up to float32 summation order, then
+one rounding to the output dtype: closer to the full-precision layer than the W8A8 path, which also rounds the
+activations to e4m3 (``Fp8LinearMethod.reference`` states which math each row count takes).
+
+:func:`fp8_gemv_silu_mul` is the gated MLP's gate/up projection and SiLU-and-multiply in one kernel, rounded
+where the unfused path rounds (as ``triton_gemv.gemv_silu_mul`` for bf16 weights).
+
+Two kernels compute the same products. The CUDA-core one (float32 products, ``BLOCK_N`` weight rows times every
+input row per program) is the default; measured on an H200 it beats the W8A8 path at one row only. The tensor-core
+one (``_fp8_dot_kernel``) widens each e4m3 tile to the activations' 16-bit type (exact) and multiplies 16-row tiles
+with ``tl.dot``, summing in float32, so its cost hardly changes up to 16 rows; it runs only where the tiling file
+says so (a tile with ``num_stages``), and **has not run on a GPU yet** (tested under the interpreter).
+
+Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
+power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel) and says up
+to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py`` writes it from timings on the
+GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows). Shapes without an entry take :func:`default_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+
+SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
+# Rows up to which the GEMV runs when the tuned file does not say: on an H200 (2026-12-03) it beat the W8A8 path at
+# one row (0.51x its time over Llama-2-7B's four layers) and lost from two rows on (1.15x at 2, 1.9x at 4).
+DEFAULT_MAX_ROWS = 1
+CONFIG_FILE = Path(__file__).with_name("fp8_gemv_configs.json")
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, rows, nmask, k, K: tl.constexpr, stride_wn, stride_sn, SCALE: tl.constexpr,
+                 BSN: tl.constexpr, BSK: tl.constexpr):
+    # e4m3 rows x k as float32; block-scaled weights take their tile's scale per element here.
+    mask = nmask[:, None] & (k < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SCALE == 2:
+        s = tl.load(s_ptr + (rows // BSN)[:, None] * stride_sn + (k // BSK)[None, :], mask=mask, other=0.0)
+        w = w * s
+    return w
+
+
+@triton.jit
+def _products(w, x_ptr, k, K: tl.constexpr, M, stride_xm, BLOCK_M: tl.constexpr):
+    # w [BLOCK_N, BLOCK_K] times the activations' k columns: [BLOCK_N, BLOCK_K] for one row, else
+    # [BLOCK_M, BLOCK_N, BLOCK_K] (summed over K at the end).
+    if BLOCK_M == 1:
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        p = w * x[None, :]
+    else:
+        m = tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                    other=0.0).to(tl.float32)
+        p = w[None, :, :] * x[:, None, :]
+    return p
+
+
+@triton.jit
+def _row_scaled(y, s_ptr, rows, nmask, SCALE: tl.constexpr):
+    # y [BLOCK_M, BLOCK_N] times the per-tensor or per-row weight scale (block scales are applied per K step).
+    if SCALE == 0:
+        y = y * tl.load(s_ptr)
+    elif SCALE == 1:
+        y = y * tl.load(s_ptr + rows, mask=nmask, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
+def _scaled_sum(acc, s_ptr, rows, nmask, SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] float32 outputs, with the per-tensor or per-row weight scale applied.
+    if BLOCK_M == 1:  # noqa: SIM108 - a compile-time branch: the two shapes differ
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+    return _row_scaled(y, s_ptr, rows, nmask, SCALE)
+
+
+@triton.jit
+def _silu_mul_rounded(g, u, dtype: tl.constexpr):
+    # silu(g) * u rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
+    g = g.to(dtype).to(tl.float32)
+    u = u.to(dtype).to(tl.float32)
+    return (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u
+
+
+@triton.jit
+def _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M: tl.constexpr):
+    m = tl.arange(0, BLOCK_M)
+    tl.store(out_ptr + m[:, None] * stride_om + rows[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=(m < M)[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
+                     K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    k = tl.arange(0, BLOCK_K)
+    # The first weight tile is read before waiting for the kernel that writes x (weights never change).
+    w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL)
+    acc = _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        acc += _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    y = _scaled_sum(acc, s_ptr, rows, nmask, SCALE, BLOCK_M)
+    _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M)
+
+
+@triton.jit
+def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, stride_wn, stride_sn, stride_om,
+                              K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr):
+    # Output j of the gated MLP: rows j (gate) and D + j (up) of the fused gate/up weight, then silu(gate) * up.
+    gate = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    up = gate + D
+    nmask = gate < D
+    k = tl.arange(0, BLOCK_K)
+    wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL)
+    acc_g = _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    acc_u = _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        acc_g += _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
+        acc_u += _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
+    y = _silu_mul_rounded(_scaled_sum(acc_g, s_ptr, gate, nmask, SCALE, BLOCK_M),
+                          _scaled_sum(acc_u, s_ptr, up, nmask, SCALE, BLOCK_M), out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, gate, nmask, M, stride_om, BLOCK_M)
+
+
+@triton.jit
+def _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K: tl.constexpr, stride_wn, stride_sn,
+              SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr):
+    # acc += x @ W[rows, k].T on the tensor cores: the e4m3 tile widened to x's 16-bit type (exact), float32 sums.
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+    w = tl.trans(w.to(x.dtype))
+    if SCALE == 2:  # one scale block per K step (BLOCK_K divides the block's width)
+        s = tl.load(s_ptr + (rows // BSN) * stride_sn + k0 // BSK, mask=nmask, other=0.0)
+        acc += tl.dot(x, w) * s[None, :]
+    else:
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
+                    K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr, GATED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # The same products for up to BLOCK_M (>= 16) rows as tensor-core tiles: output features rows (with GATED,
+    # silu(rows) * (rows + N) of a fused gate/up weight, N = D).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    wait_for_previous_kernel(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+        acc = _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        if GATED:
+            acc_u = _dot_step(acc_u, x, w_ptr, s_ptr, rows + N, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN,
+                              BSK)
+    y = _row_scaled(acc, s_ptr, rows, nmask, SCALE)
+    if GATED:
+        y = _silu_mul_rounded(y, _row_scaled(acc_u, s_ptr, rows + N, nmask, SCALE), out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M)
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+
+Tile = tuple[int, ...]  # (BLOCK_N, BLOCK_K, num_warps): CUDA-core kernel; + num_stages: tensor-core kernel
+
+
+@functools.cache
+def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile]]:
+    if not CONFIG_FILE.is_file():
+        return DEFAULT_MAX_ROWS, {}
+    table = json.loads(CONFIG_FILE.read_text())
+    shapes = {tuple(int(d) for d in key.split(",")):
+              tuple(int(e[f]) for f in ("block_n", "block_k", "num_warps", "num_stages") if f in e)
+              for key, e in table.get("shapes", {}).items()}
+    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes
+
+
+def max_rows() -> int:
+    """Rows up to which FP8 linear layers take the GEMV (the tuned file's ``max_rows``, else
+    :data:`DEFAULT_MAX_ROWS`); above it they run the W8A8 GEMM."""
+    return _tuned()[0]
+
+
+def block_rows(m: int) -> int:
+    """``BLOCK_M`` for ``m`` rows: ``m`` rounded up to a power of two (the key of the tuned tiles)."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+_DEFAULT_CONFIGS = {1: (4, 1024, 4), 2: (4, 512, 4), 4: (4, 256, 4), 8: (8, 256, 8)}
+
+
+def default_config(block_m: int) -> Tile:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` untuned: a few output rows per program, so that each activation tile read
+    (two bytes a column in bf16) serves several one-byte weight rows, and K tiles that keep the float32 products of
+    every row at about 32 registers a thread (at one row: four rows of 1,024 columns, the best or within 10% of it
+    on Llama-2-7B's layers on an H200)."""
+    return _DEFAULT_CONFIGS.get(block_m, (8, 128, 8))
+
+
+def fp8_gemv_config(n: int, k: int, m: int) -> Tile:
+    """The tiling for an ``[n, k]`` e4m3 weight at ``m`` rows: its tuned entry, else :func:`default_config`. Three
+    numbers ``(BLOCK_N, BLOCK_K, num_warps)`` select the CUDA-core kernel (float32 products, one row set per
+    program); a fourth, ``num_stages``, the tensor-core kernel (the e4m3 tile widened to the activations' 16-bit
+    type for ``tl.dot``, 16 rows per tile, loads pipelined over ``num_stages`` K steps)."""
+    block_m = block_rows(m)
+    return _tuned()[1].get((n, k, block_m), default_config(block_m))
+
+
+def _scale_mode(scale: torch.Tensor, n: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """(mode, block rows, block cols, scale row stride) for ``scale``: one value, one per output row, or a grid of
+    ``block`` tiles."""
+    if block is not None:
+        if scale.dim() != 2:
+            raise ValueError(f"fp8 GEMV: block scales must be a 2-D grid; got shape {tuple(scale.shape)}")
+        return SCALE_BLOCK, block[0], block[1], scale.stride(0)
+    if scale.numel() == 1:
+        return SCALE_TENSOR, 1, 1, 0
+    if scale.numel() != n:
+        raise ValueError(f"fp8 GEMV: {scale.numel()} weight scales for {n} output rows (need 1 or {n})")
+    return SCALE_ROW, 1, 1, 0
+
+
+def _launch(x, weight, scale, block, outputs, config, pdl, gated):
+    m, k = x.shape
+    if weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"fp8 GEMV: weight {tuple(weight.shape)} (rows contiguous) does not fit x {tuple(x.shape)}")
+    if scale.dtype != torch.float32:
+        raise ValueError(f"fp8 GEMV: weight scales must be float32; got {scale.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, outputs), dtype=x.dtype, device=x.device)
+    if not m:
+        return out
+    mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
+    if mode != SCALE_BLOCK:
+        scale = scale.contiguous()
+    config = config or fp8_gemv_config(weight.shape[0], k, m)
+    pdl = pdl_for(x, pdl)
+    common = dict(K=k, SCALE=mode, BSN=bsn, BSK=bsk, PDL=pdl, **launch_options(pdl))
+    args = (x, weight, scale, out, m, outputs, x.stride(0), weight.stride(0), stride_sn, out.stride(0))
+    if len(config) == 4:  # the tensor-core kernel
+        block_n, block_k, num_warps, num_stages = config
+        if x.dtype not in (torch.bfloat16, torch.float16) or m > 64:
+            raise ValueError(f"fp8 GEMV: the tensor-core tiling takes up to 64 rows of bf16/fp16; got {m} of {x.dtype}")
+        if mode == SCALE_BLOCK and bsk % block_k:
+            raise ValueError(f"fp8 GEMV: BLOCK_K {block_k} must divide the scale blocks' width {bsk}")
+        _fp8_dot_kernel[(triton.cdiv(outputs, block_n),)](
+            *args, GATED=gated, BLOCK_M=max(16, block_rows(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages, **common)
+        return out
+    block_n, block_k, num_warps = config
+    kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
+    kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
+                                             num_warps=num_warps, **common)
+    return out
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
+             config: Tile | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """``x @ (weight * scale).T`` for ``x [M, K]`` (bf16/fp16/float32, ``M`` small), e4m3 ``weight [N, K]`` (rows
+    contiguous) and float32 ``scale``: one value, one per output row (``[N]`` or ``[N, 1]``), or with ``block =
+    (rows, cols)`` a ``[ceil(N / rows), ceil(K / cols)]`` grid. Returns ``[M, N]`` in ``x``'s dtype, rounded once
+    from the float32 sum; ``pdl``: launch with programmatic dependent launch (None: decided from ``x``)."""
+    return _launch(x, weight, scale, block, weight.shape[0], config, pdl, gated=False)
+
+
+def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      block: tuple[int, int] | None = None, config: Tile | None = None,
+                      pdl: bool | None = None) -> torch.Tensor:
+    """``silu(g) * u`` where ``[g, u] = x @ (weight * scale).T``, in one kernel: the gated MLP's fused gate/up
+    projection (``weight [2D, K]``, gate rows first; scales as :func:`fp8_gemv`) and its activation. Returns
+    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds."""
+    n2 = weight.shape[0]
+    if n2 % 2:
+        raise ValueError("fp8 GEMV: the fused gate/up weight has an even number of rows")
+    if block is not None and (n2 // 2) % block[0]:
+        raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
+    return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
+                   gated=True)

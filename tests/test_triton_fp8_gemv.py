@@ -1,0 +1,212 @@
+"""The FP8 weight-only GEMV (``kernels/triton_fp8_gemv.py``) and how FP8 layers choose it.
+
+- Kernel, under Triton's CPU interpreter (a subprocess: the interpreter must be on before triton is imported):
+  against ``F.linear`` of the full-precision activations and the de-quantized weight, for per-tensor, per-row and
+  128-column block scales, one and several rows, bf16 and float32 activations; the fused gate/up + SiLU kernel
+  equal bit for bit to the GEMV followed by the SiLU-and-mul kernel; both for the CUDA-core and the tensor-core
+  (``tl.dot``) tilings.
+- Selection: a FP8 layer set up as finalize sets it up on the GPU takes the GEMV (activations unquantized) up to
+  ``max_rows()`` rows and the W8A8 path (per-token e4m3 activations, ``torch._scaled_mm``) above; the reference
+  follows the same choice; the MLP fuses gate/up + SiLU through the GEMV at a few rows.
+- Tolerance: float32 sums of exact products, rounded once to the output dtype: relative error (Frobenius) below
+  6e-3 in bf16 (8 mantissa bits), 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from inferneo.kernel_config import KernelConfig
+from inferneo.model_executor.device_kernels import QuantizedSiluMLP, use_device_kernels
+from inferneo.model_executor.models.llama import MLP
+from inferneo.quantization.base import LinearShape, QuantizedLinear
+from inferneo.quantization.fp8 import Fp8LinearMethod, Fp8Scheme, gemv_wanted
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import triton
+    from triton_interpreter_shims import patch_interpreter, round_e4m3_to_nearest
+    patch_interpreter()  # tl.dot on bfloat16 (the tensor-core tiling)
+    round_e4m3_to_nearest()  # the W8A8 path quantizes activations in Triton: round as the GPU does
+    from inferneo.kernels._triton_elementwise import silu_and_mul
+    from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul, max_rows
+    from inferneo.quantization.fp8_math import dequantize, quantize_blocks, quantize_groups, quantize_per_tensor
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    def quantized(w, kind):
+        if kind == "tensor":
+            q, s = quantize_per_tensor(w)
+            return q, s, None, dequantize(q, s)
+        if kind == "row":
+            q, s = quantize_groups(w)
+            return q, s.reshape(-1), None, dequantize(q, s)
+        q, s = quantize_blocks(w, (16, 128))
+        return q, s, (16, 128), dequantize(q, s, (16, 128))
+
+    torch.manual_seed(0)
+    n, k = 40, 300  # K not a multiple of the tiles, N of the row blocks
+    w = torch.randn(n, k) * 0.05
+    for kind in ("tensor", "row", "block"):
+        q, s, block, w_deq = quantized(w, kind)
+        for m, config in ((1, (4, 128, 4)), (3, (8, 256, 4))):
+            x = torch.randn(m, k)
+            ref = F.linear(x.bfloat16().float(), w_deq)
+            got = fp8_gemv(x.bfloat16(), q, s, block, config=config)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            assert rel(got, ref) < 6e-3, (kind, m, config, rel(got, ref))
+            if m > 1:
+                continue
+            got32 = fp8_gemv(x, q, s, block, config=config)
+            assert rel(got32, F.linear(x, w_deq)) < 1e-5, (kind, m, config, rel(got32, F.linear(x, w_deq)))
+
+    # The tensor-core tiling (a fourth number: num_stages): the same products as 16-row tiles of tl.dot.
+    for kind, m in (("row", 5), ("block", 1)):
+        q, s, block, w_deq = quantized(w, kind)
+        x = torch.randn(m, k).bfloat16()
+        got = fp8_gemv(x, q, s, block, config=(16, 64, 4, 2))
+        assert got.shape == (m, n) and rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, m)
+
+    # gate/up + SiLU in one kernel: the same bits as the GEMV then the SiLU-and-mul kernel
+    d = 32
+    w2 = torch.randn(2 * d, k) * 0.05
+    for kind in ("row", "block"):
+        q, s, block, w_deq = quantized(w2, kind)
+        for m, config in ((1, (8, 128, 4)), (2, (8, 128, 4)), (3, (16, 128, 4, 2))):
+            x = torch.randn(m, k).bfloat16()
+            fused = fp8_gemv_silu_mul(x, q, s, block, config=config)
+            unfused = silu_and_mul(fp8_gemv(x, q, s, block, config=config))
+            assert fused.shape == (m, d) and torch.equal(fused, unfused), (kind, m)
+            g, u = F.linear(x.float(), w_deq).chunk(2, dim=-1)
+            assert rel(fused, F.silu(g) * u) < 2e-2, (kind, m)
+
+    # Selection in Fp8LinearMethod.apply: a layer set up as finalize sets it up on the GPU (kernel scaled_mm,
+    # the GEMV wanted), run here on CPU (the GEMV under the interpreter, torch._scaled_mm on CPU).
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.quantization.base import LinearShape, QuantizedLinear
+    from inferneo.quantization.fp8 import Fp8LinearMethod, Fp8Scheme, gemv_wanted
+
+    method = Fp8LinearMethod(Fp8Scheme("channel", None, "dynamic_token", checkpoint=False))
+    layer = QuantizedLinear(method, LinearShape("layers.0.mlp.down_proj", 64, (48,)), False, torch.bfloat16,
+                            torch.device("cpu"))
+    layer.weight.data.copy_(torch.randn(48, 64) * 0.05)
+    method.finalize(layer, KernelConfig())
+    assert layer.fp8_kernel == "reference" and layer.fp8_gemv is False  # CPU: never the GEMV
+    layer.fp8_kernel = "scaled_mm"
+    layer.fp8_gemv = gemv_wanted("scaled_mm", KernelConfig(), torch.bfloat16)
+    w_deq = method.dequantized_weight(layer)
+    limit = max_rows()
+    assert limit >= 1
+    for m in (1, limit, limit + 1):
+        x = torch.randn(m, 64).bfloat16()
+        weight_only = F.linear(x.float(), w_deq)
+        xq, xs = quantize_groups(x)
+        w8a8 = F.linear(dequantize(xq, xs), w_deq)
+        y = layer(x)
+        gemv = m <= limit
+        assert method.takes_gemv(layer, m) is gemv
+        assert torch.equal(method.reference(layer, x), weight_only if gemv else w8a8)
+        near, far = (weight_only, w8a8) if gemv else (w8a8, weight_only)
+        assert rel(y, near) < 6e-3 and rel(y, far) > 1e-2, (m, rel(y, near), rel(y, far))
+        if gemv:
+            assert torch.equal(y, fp8_gemv(x, layer.weight, layer.weight_scale))
+    print("ok")
+""")
+
+
+@needs_triton
+def test_fp8_gemv_kernels_and_selection_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_gemv_wanted_on_gpu_kernels_in_half_precision_with_the_switch_on():
+    on, off = KernelConfig(fp8_gemv=True), KernelConfig(fp8_gemv=False)
+    for kernel in ("scaled_mm", "triton_block"):
+        assert gemv_wanted(kernel, on, torch.bfloat16) and gemv_wanted(kernel, on, torch.float16)
+        assert not gemv_wanted(kernel, off, torch.bfloat16)
+        assert not gemv_wanted(kernel, on, torch.float32)
+    assert not gemv_wanted("reference", on, torch.bfloat16)
+
+
+def _fp8_mlp(hidden: int = 64, inter: int = 96) -> nn.Module:
+    from types import SimpleNamespace
+
+    mlp = MLP(SimpleNamespace(hidden_size=hidden, intermediate_size=inter, mlp_bias=False))
+    method = Fp8LinearMethod(Fp8Scheme("channel", None, "dynamic_token", checkpoint=False))
+    mlp.gate_up_proj = QuantizedLinear(method, LinearShape("mlp.gate_up_proj", hidden, (inter, inter)), False,
+                                       torch.bfloat16, torch.device("cpu"))
+    return mlp
+
+
+def test_gpu_transform_fuses_fp8_gate_up_and_silu():
+    """On a CUDA device (asked for by name; nothing runs), a plain MLP whose gate/up layer is FP8 becomes a
+    ``QuantizedSiluMLP`` when ``gemv_silu`` is on; a full-precision MLP does not."""
+    model = nn.ModuleList([_fp8_mlp(), MLP(type("C", (), dict(hidden_size=64, intermediate_size=96,
+                                                               mlp_bias=False))())])
+    no_gpu_kernels = dict(triton_ops=False, triton_gemv=False, cuda_pdl=False)
+    use_device_kernels(model, torch.device("cuda"), KernelConfig(gemv_silu=False, **no_gpu_kernels))
+    assert [type(m) for m in model] == [MLP, MLP]
+    use_device_kernels(model, torch.device("cuda"), KernelConfig(**no_gpu_kernels))
+    assert [type(m) for m in model] == [QuantizedSiluMLP, MLP]
+    assert model[0].gate_up_proj.method.name == "fp8"
+
+
+def test_quantized_silu_mlp_falls_back_when_the_gemv_does_not_apply():
+    """Without the GEMV (a CPU layer, or rows above ``max_rows``) ``silu_mul`` declines and the MLP projects, then
+    activates: the same numbers as the plain MLP."""
+    torch.manual_seed(0)
+    mlp = _fp8_mlp().to(torch.bfloat16)
+    mlp.gate_up_proj.weight.data.copy_(torch.randn(192, 64) * 0.05)
+    mlp.gate_up_proj.method.finalize(mlp.gate_up_proj, KernelConfig())
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert mlp.gate_up_proj.method.silu_mul(mlp.gate_up_proj, x) is None
+    fused = QuantizedSiluMLP.__new__(QuantizedSiluMLP)
+    fused.__dict__.update(mlp.__dict__)
+    assert torch.equal(fused(x), mlp(x))
+
+
+@needs_triton
+def test_tiling_file_lookup(tmp_path, monkeypatch):
+    """The shipped ``fp8_gemv_configs.json`` parses; a shape's entry is found by ``N,K,BLOCK_M``, others take the
+    default; ``max_rows`` comes from the file (the default without one)."""
+    import json
+
+    from inferneo.kernels import triton_fp8_gemv as fg
+
+    limit, shapes = fg._tuned()
+    assert limit >= 1 and shapes
+    for (n, k, block_m), tile in shapes.items():
+        assert len(tile) in (3, 4)  # + num_stages: the tensor-core kernel
+        block_n, block_k, warps = tile[:3]
+        assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8, 16, 32, 64) and block_k >= 16
+        assert warps in (1, 2, 4, 8, 16)
+    path = tmp_path / "fp8_gemv_configs.json"
+    path.write_text(json.dumps({"max_rows": 2, "shapes": {
+        "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
+        "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3}}}))
+    monkeypatch.setattr(fg, "CONFIG_FILE", path)
+    fg._tuned.cache_clear()
+    try:
+        assert fg.max_rows() == 2
+        assert fg.fp8_gemv_config(64, 128, 2) == (8, 64, 2)
+        assert fg.fp8_gemv_config(64, 128, 9) == (16, 64, 4, 3)  # 9 rows: the 16-row block's tensor-core tile
+        assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")
+        fg._tuned.cache_clear()
+        assert fg.max_rows() == fg.DEFAULT_MAX_ROWS and fg.fp8_gemv_config(64, 128, 2) == fg.default_config(2)
+    finally:
+        fg._tuned.cache_clear()
