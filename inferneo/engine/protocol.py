@@ -18,6 +18,7 @@ import enum
 
 import msgspec
 
+from inferneo.pooling.config import PoolingConfig
 from inferneo.sampling_params import SamplingParams
 
 # ---- front end -> core ----------------------------------------------------------------------------------------
@@ -160,6 +161,7 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     dtype: str
     device: str
     pid: int
+    pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
 
     @property
     def kv_capacity_tokens(self) -> int:
