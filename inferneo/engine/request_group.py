@@ -23,7 +23,7 @@ class EngineRequest:
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None for an embedding request
     priority: int = 0
     pooling: PoolingRequest | None = None
 
