@@ -64,12 +64,8 @@ class InputProcessor:
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
         n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty: give at least one token", param)
         vocab = limits.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
+        _check_token_ids(prompt_token_ids, vocab, "prompt", param)
         if n >= limits.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the model's context length is {limits.max_model_len} tokens "
@@ -106,12 +102,7 @@ class InputProcessor:
         n = len(prompt_token_ids)
         if limits.pooling.unsupported is not None:
             raise InvalidRequestError(f"this model does not serve embeddings: {limits.pooling.unsupported}", "model")
-        if n == 0:
-            raise InvalidRequestError("the input is empty: give at least one token", param)
-        vocab = limits.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"input token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
+        _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
         limit = min(limits.max_model_len, limits.kv_capacity_tokens)
         if n > limit:
             raise InvalidRequestError(f"the input has {n} tokens but at most {limit} fit (the model's context length "
@@ -154,6 +145,15 @@ class FrontEndFacts:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.input.tokenize(text, add_special_tokens)
+
+
+def _check_token_ids(token_ids: list[int], vocab: int, what: str, param: str) -> None:
+    """At least one token, each an integer id of the vocabulary (``what``: "prompt" or "input")."""
+    if not token_ids:
+        raise InvalidRequestError(f"the {what} is empty: give at least one token", param)
+    bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"{what} token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
 
 
 def default_sampling_params(generation_config: dict) -> SamplingParams:
