@@ -145,3 +145,30 @@ def test_matryoshka_dimensions_truncate_then_normalise(tmp_path):
     with pytest.raises(InvalidRequestError) as info:
         llm.engine.add_embedding_request(None, "hi", PoolingRequest(65))
     assert info.value.param == "dimensions" and "between 1 and 64" in str(info.value)
+
+
+def test_preempted_embedding_requests_start_their_pooling_over(plain_decoder, tmp_path):
+    """A KV cache too small for everything at once (24 blocks of 16 tokens): a long mean-pooled input that joins two
+    generating requests is preempted part-way through its prefill, recomputed later, and its vector still equals
+    the one computed alone."""
+    path = make_tiny_embedding_model(tmp_path / "mean", "mean", base=plain_decoder[0])
+    llm = LLM(str(path), **{**ENGINE, "kv_cache_memory": "192KiB"})
+    long_input = [5 + (i * 37) % 370 for i in range(200)]
+    alone = vectors(llm.embed([long_input], use_tqdm=False))
+    engine = llm.engine
+    scheduler, preempted = engine.scheduler, []
+    preempt = scheduler._preempt
+    scheduler._preempt = lambda request: (preempted.append(request.request_id), preempt(request))  # observe only
+    long_output = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    for i in range(2):
+        engine.add_request(f"gen-{i}", TEXTS[1], long_output)
+    finished = {}
+    for _ in range(60):
+        engine.step()
+    engine.add_embedding_request("emb", long_input)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            finished[output.request_id] = output
+    assert "emb" in preempted, preempted
+    assert cosine(finished["emb"].outputs.embedding, alone[0]) > 1 - 1e-6
+    engine.kv_cache.check_integrity([])
