@@ -172,3 +172,27 @@ def test_preempted_embedding_requests_start_their_pooling_over(plain_decoder, tm
     assert "emb" in preempted, preempted
     assert cosine(finished["emb"].outputs.embedding, alone[0]) > 1 - 1e-6
     engine.kv_cache.check_integrity([])
+
+
+def test_a_checkpoint_without_lm_head_serves_embeddings_only(plain_decoder, tmp_path):
+    """Embedding checkpoints saved from the base model (no ``lm_head``, untied, no ``model.`` prefix, as
+    Qwen3-Embedding-4B ships) load; they embed as sentence-transformers does and refuse generation (400)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    from inferneo.testing.embedding_models import write_sentence_transformers_files
+
+    path = tmp_path / "headless"
+    shutil.copytree(plain_decoder[0], path)
+    weights = load_file(path / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in weights.items() if k != "lm_head.weight"},
+              path / "model.safetensors", metadata={"format": "pt"})
+    write_sentence_transformers_files(path, "last", 64)
+    llm = LLM(str(path), **ENGINE)
+    reference = SentenceTransformer(str(path), device="cpu").encode(TEXTS[:2], convert_to_tensor=True).float()
+    assert cosine(vectors(llm.embed(TEXTS[:2], use_tqdm=False)), reference).min() > 1 - 1e-5
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert info.value.param == "model" and "lm_head" in str(info.value)

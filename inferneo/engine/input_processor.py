@@ -63,6 +63,9 @@ class InputProcessor:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
+        if not limits.generates:
+            raise InvalidRequestError("this model was saved without its language-model head (lm_head): it serves "
+                                      "embeddings only", "model")
         n = len(prompt_token_ids)
         vocab = limits.vocab_size
         _check_token_ids(prompt_token_ids, vocab, "prompt", param)

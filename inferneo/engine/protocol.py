@@ -162,6 +162,7 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     device: str
     pid: int
     pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
+    generates: bool = True  # False: a checkpoint without its language-model head (it serves embeddings only)
 
     @property
     def kv_capacity_tokens(self) -> int:

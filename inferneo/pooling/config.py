@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from inferneo.model_loader.source import ModelSource
 
 PoolingMethod = Literal["mean", "cls", "last"]
 
@@ -98,3 +101,18 @@ def _from_modules(model_dir: Path, modules: list[dict], common: dict) -> Pooling
     if settings.get("include_prompt", True) is False:
         return PoolingConfig(unsupported="pooling with include_prompt false is not supported", **st)
     return PoolingConfig(method=chosen[0], normalize=_NORMALIZE_TYPE in types, **st)
+
+
+def lacks_output_head(source: ModelSource, hf_config: dict) -> bool:
+    """Whether ``source`` is a checkpoint saved without its language-model head (as embedding models saved from
+    the base model are, e.g. ``Qwen3-Embedding-4B``): untied embeddings and no ``lm_head`` tensor. Such a model
+    loads with its input embeddings standing in for the head, and serves embeddings only."""
+    if source.kind != "hf_dir" or not source.path.is_dir() or hf_config.get("tie_word_embeddings"):
+        return False
+    from inferneo.model_loader.hf_files import weight_names
+
+    try:
+        names = weight_names(source.path)
+    except (OSError, ValueError):
+        return False
+    return names is not None and not any(name.endswith("lm_head.weight") for name in names)
