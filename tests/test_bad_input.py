@@ -219,7 +219,7 @@ CASES = [
     Case("detokenize-strings", DETOK, body={"tokens": ["a"]}, says="tokens"),
     Case("model-unknown", "/v1/models/nope", method="GET", status=404, says="nope"),
     Case("models-post", "/v1/models", body={}, status=405, says="method POST"),
-    Case("route-unknown", "/v1/embeddings", body={"input": "x"}, status=404, says="/v1/embeddings"),
+    Case("route-unknown", "/v1/audio/speech", body={"input": "x"}, status=404, says="/v1/audio/speech"),
 ]
 
 

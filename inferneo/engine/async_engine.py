@@ -149,9 +149,10 @@ class AsyncEngine(FrontEndFacts):
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one submission must differ")
-        budgets = [self.input.check(r.prompt_token_ids, r.params, param) for r in requests]
+        budgets = [self.input.check(r.prompt_token_ids, r.params, param) if r.pooling is None
+                   else self.input.check_embedding(r.prompt_token_ids, r.pooling, param) for r in requests]
         group = RequestGroup(self.abort, self._late_aborts.append, ids)
-        num_seqs = sum(r.params.n for r in requests)
+        num_seqs = sum(r.params.n if r.pooling is None else 1 for r in requests)
         arrival = time.monotonic()
         with self._lock:
             if self._dead is not None or self._stopping:
@@ -165,6 +166,11 @@ class AsyncEngine(FrontEndFacts):
             planned = []
             for request, max_tokens in zip(requests, budgets, strict=True):
                 try:
+                    if request.pooling is not None:
+                        planned.append(self._processor.prepare_embedding(
+                            request.request_id, request.prompt_token_ids, request.pooling, request.priority,
+                            arrival))
+                        continue
                     planned.append(self._processor.prepare(
                         request.request_id, None, request.prompt_token_ids, request.params, max_tokens,
                         self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA))
@@ -280,7 +286,7 @@ class AsyncEngine(FrontEndFacts):
             tracked = self._tracked.get(output.request_id)
             if tracked is None:
                 continue
-            if observer is not None and any(c.token_ids for c in output.outputs):
+            if observer is not None and isinstance(output, RequestOutput) and any(c.token_ids for c in output.outputs):
                 if tracked.first_token_at is None:
                     tracked.first_token_at = now
                     observer.on_first_token(now - tracked.arrival)
@@ -291,7 +297,8 @@ class AsyncEngine(FrontEndFacts):
             if output.finished:
                 del self._tracked[output.request_id]
                 if observer is not None:
-                    reasons = {c.finish_reason for c in output.outputs}
+                    reasons = ({c.finish_reason for c in output.outputs} if isinstance(output, RequestOutput)
+                               else {"stop"})
                     observer.on_finished(now - tracked.arrival, "stop" if "stop" in reasons else reasons.pop())
 
     def _untrack(self, request_id: str, error: BaseException | None = None) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
+from inferneo.pooling.config import PoolingConfig
+from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
 from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
@@ -59,7 +61,7 @@ class EngineCore:
 
     def __init__(self, runner: Runner, scheduler: Scheduler, max_model_len: int,
                  async_scheduling: bool = False, grammars: GrammarCompiler | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, pooling: PoolingConfig | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = max_model_len
@@ -67,12 +69,15 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         self.grammars = grammars
         self.vocab_size = vocab_size if vocab_size is not None else (grammars.vocab_size if grammars else 0)
+        self.pooling = pooling or PoolingConfig()  # how embedding requests pool (the front end checked them)
         scheduler.max_model_len = max_model_len
         self._in_flight: _Launched | None = None
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
 
     def add_request(self, request: Request) -> None:
+        if request.pooling is not None:
+            request.pooling_method = self.pooling.method
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:
             if self.grammars is None:
@@ -149,10 +154,10 @@ class EngineCore:
         if sched.is_empty:
             return []
         start = time.perf_counter()
-        record, sampled = self._step_record(sched, None)
+        record, sampled, pooled = self._step_record(sched, None)
         result = self.runner.execute(record)
         self.scheduler.update_after_step(sched)
-        return self._process(sched, sampled, result, start)
+        return self._process(sched, sampled, result, start, pooled)
 
     def _step_async(self) -> list[CoreOutput]:
         previous = self._in_flight
@@ -168,9 +173,10 @@ class EngineCore:
                 finished.append(self._finish(previous))
 
         if not sched.is_empty:
-            record, sampled = self._step_record(sched, previous.step if previous else None, finish_previous)
+            record, sampled, pooled = self._step_record(sched, previous.step if previous else None,
+                                                        finish_previous)
             step = self.runner.launch(record, previous.step if previous else None)
-            launched = _Launched(sched, sampled, step, time.perf_counter())
+            launched = _Launched(sched, sampled, step, time.perf_counter(), pooled)
         finish_previous()
         outputs = finished[0] if finished else []
         if launched is not None:
@@ -187,14 +193,14 @@ class EngineCore:
         result = launched.step.resolve()
         for request in launched.sampled:
             request.pending_sample = -1
-        return self._process(launched.sched, launched.sampled, result, launched.start)
+        return self._process(launched.sched, launched.sampled, result, launched.start, launched.pooled)
 
     def _must_wait(self, launched: _Launched) -> bool:
         """True when a request sampling next needs the token still in flight on the host first."""
         return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in launched.sampled)
 
     def _process(self, sched: SchedulerOutput, sampled: list[Request], result: RunnerOutput,
-                 start: float) -> list[CoreOutput]:
+                 start: float, pooled: list[_PooledChunk] | None = None) -> list[CoreOutput]:
         stats = self.stats
         stats.num_steps += 1
         stats.num_batched_tokens_total += sched.num_batched_tokens
@@ -222,7 +228,28 @@ class EngineCore:
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
             outputs.append(out)
+        if pooled:
+            outputs += self._fold_pooled(pooled, result.pooled)
         stats.step_time_total += time.perf_counter() - start
+        return outputs
+
+    def _fold_pooled(self, chunks: list[_PooledChunk], partials: list) -> list[CoreOutput]:
+        """Fold a step's pooling partials into their requests; an embedding request whose prompt is now
+        computed gets its embedding and finishes (its blocks are freed: no KV is kept)."""
+        outputs: list[CoreOutput] = []
+        for chunk, partial in zip(chunks, partials, strict=True):
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:  # aborted, or preempted (it will run its prompt again)
+                continue
+            request.pooled = fold_partial(request.pooling_method, request.pooled, partial, chunk.start)
+            if chunk.start + chunk.num_tokens < request.num_prompt_tokens:
+                continue
+            embedding = finish_embedding(request.pooling_method, request.pooled, request.num_prompt_tokens,
+                                         self.pooling.normalize, request.pooling.dimensions)
+            request.pooled = None
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            outputs.append(CoreOutput(request.request_id, [], finish_reason="stop", embedding=embedding,
+                                      num_cached_tokens=max(request.num_cached_tokens, 0)))
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
@@ -237,8 +264,10 @@ class EngineCore:
         return None, None
 
     def _step_record(self, sched: SchedulerOutput, previous: InFlightStep | None,
-                     meanwhile: Callable[[], None] | None = None) -> tuple[StepRecord, list[Request]]:
-        """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples.
+                     meanwhile: Callable[[], None] | None = None,
+                     ) -> tuple[StepRecord, list[Request], list[_PooledChunk]]:
+        """The plain record the runner gets for a scheduled step (decodes first), the requests it samples and
+        the embedding requests it pools (each in the order the runner returns their results).
 
         ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read;
         ``meanwhile`` is host work to do while the step's bitmask fills (see ``StepBitmask``).
@@ -246,14 +275,19 @@ class EngineCore:
         sequences: list[ScheduledSequence] = []
         sampled: list[Request] = []
         constrained: list[ConstrainedRow] = []
+        pooled: list[_PooledChunk] = []
         for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
             request, num_new = item.request, item.num_new_tokens
             computed = request.num_computed_tokens
             # A token is sampled once every known token (and the one still being sampled, if any) is computed.
             samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
                        else computed + num_new == request.num_tokens)
+            if request.pooling_method is not None:  # an embedding request: pooled, never sampled
+                samples = False
+                pooled.append(_PooledChunk(request, computed, num_new))
             sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
-                                               request.pending_sample, samples, request.sampling_row))
+                                               request.pending_sample, samples, request.sampling_row,
+                                               request.pooling_method))
             if samples:
                 if request.grammar is not None:
                     constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,
@@ -264,7 +298,7 @@ class EngineCore:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
-        return record, sampled
+        return record, sampled, pooled
 
 
 def _needs_previous_tokens(request: Request) -> bool:
@@ -282,3 +316,13 @@ class _Launched:
     sampled: list[Request]
     step: InFlightStep
     start: float
+    pooled: list[_PooledChunk] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _PooledChunk:
+    """An embedding request's share of a step: the position its chunk starts at and how many tokens it runs."""
+
+    request: Request
+    start: int
+    num_tokens: int

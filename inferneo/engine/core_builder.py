@@ -21,6 +21,7 @@ from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+from inferneo.pooling import lacks_output_head, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.worker.model_runner import ModelRunner
 from inferneo.worker.runner_api import Runner
@@ -36,6 +37,10 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         torch.set_num_threads(config.num_threads)
     source = resolve_model(config.model)
     hf_config = load_hf_config(source)
+    generates = not lacks_output_head(source, hf_config)
+    if not generates:  # an embedding checkpoint saved without lm_head: load it, refuse generation requests
+        logger.info("%s has no lm_head: it serves embeddings only", source.name)
+        hf_config = {**hf_config, "tie_word_embeddings": True}
     device = config.torch_device
     dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
     max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
@@ -76,14 +81,16 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         async_scheduling = device.type == "cuda"
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
+    pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
+                                  runner.model_config.hidden_size)
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
-                      vocab_size=vocab_size)
+                      vocab_size=vocab_size, pooling=pooling)
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
                     vocab_size=runner.model_config.vocab_size, num_blocks=num_blocks, block_size=config.block_size,
                     kv_bytes_per_block=runner.kv_bytes_per_block, dtype=str(dtype).removeprefix("torch."),
-                    device=str(device), pid=os.getpid())
+                    device=str(device), pid=os.getpid(), pooling=pooling, generates=generates)
     logger.info("model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
                 source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
                 num_blocks * runner.kv_bytes_per_block / 2**30)

@@ -10,6 +10,10 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - ``logprobs`` is at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
 - a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
   against the vocabulary later).
+
+Embedding requests (:meth:`InputProcessor.check_embedding`) follow their own rules: at least one token, every id
+in the vocabulary, at most the context length and the KV cache (nothing is generated, so the whole context may
+be prompt), a model whose pooling is served, and ``dimensions`` as the model's ``PoolingConfig`` allows.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import copy
 
 from inferneo.config import EngineConfig
-from inferneo.engine.protocol import CoreInfo, InvalidRequestError
+from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
 from inferneo.model_loader import load_generation_config, load_tokenizer, resolve_model
 from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
@@ -59,13 +63,12 @@ class InputProcessor:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
+        if not limits.generates:
+            raise InvalidRequestError("this model was saved without its language-model head (lm_head): it serves "
+                                      "embeddings only", "model")
         n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty: give at least one token", param)
         vocab = limits.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
+        _check_token_ids(prompt_token_ids, vocab, "prompt", param)
         if n >= limits.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the model's context length is {limits.max_model_len} tokens "
@@ -94,6 +97,21 @@ class InputProcessor:
             except StructuredOutputError as e:
                 raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
+
+
+    def check_embedding(self, prompt_token_ids: list[int], pooling: PoolingRequest, param: str = "input") -> None:
+        """Raise ``InvalidRequestError`` (naming the field) unless the embedding request may run."""
+        limits = self.limits
+        n = len(prompt_token_ids)
+        if limits.pooling.unsupported is not None:
+            raise InvalidRequestError(f"this model does not serve embeddings: {limits.pooling.unsupported}", "model")
+        _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
+        limit = min(limits.max_model_len, limits.kv_capacity_tokens)
+        if n > limit:
+            raise InvalidRequestError(f"the input has {n} tokens but at most {limit} fit (the model's context length "
+                                      "and KV cache): shorten it", param)
+        if (error := limits.pooling.dimensions_error(pooling.dimensions)) is not None:
+            raise InvalidRequestError(error, "dimensions")
 
 
 class FrontEndFacts:
@@ -130,6 +148,15 @@ class FrontEndFacts:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.input.tokenize(text, add_special_tokens)
+
+
+def _check_token_ids(token_ids: list[int], vocab: int, what: str, param: str) -> None:
+    """At least one token, each an integer id of the vocabulary (``what``: "prompt" or "input")."""
+    if not token_ids:
+        raise InvalidRequestError(f"the {what} is empty: give at least one token", param)
+    bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"{what} token ids must be integers in [0, {vocab}); got {bad[:5]}", param)
 
 
 def default_sampling_params(generation_config: dict) -> SamplingParams:

@@ -15,8 +15,8 @@ from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
 from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
-from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError
-from inferneo.outputs import RequestOutput
+from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, PoolingRequest
+from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 
@@ -92,6 +92,22 @@ class LLMEngine(FrontEndFacts):
         self.processor.register(parent)
         return request_id
 
+    def add_embedding_request(self, request_id: str | None, prompt: str | list[int],
+                              pooling: PoolingRequest | None = None, priority: int = 0) -> str:
+        """Queue an embedding request (its step output is an ``EmbeddingRequestOutput``); returns its id. Raises
+        ``InvalidRequestError`` as ``InputProcessor.check_embedding`` says."""
+        pooling = pooling or PoolingRequest()
+        request_id = request_id if request_id is not None else str(next(self._counter))
+        if request_id in self.processor.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.input.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.input.check_embedding(prompt_ids, pooling, "prompt")
+        parent, specs = self.processor.prepare_embedding(request_id, prompt_ids, pooling, priority,
+                                                         time.monotonic())
+        self.core_client.send(AddRequests(specs))
+        self.processor.register(parent)
+        return request_id
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
         ids = self.processor.abort(request_id)
@@ -107,7 +123,7 @@ class LLMEngine(FrontEndFacts):
 
     # ---- stepping ----------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         """Run one engine step; returns the requests that finished in it.
 
         Raises ``RequestFailedError`` if the step failed (its requests are dropped; the caller decides whether

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from inferneo.engine.detokenizer import IncrementalDetokenizer
-from inferneo.engine.protocol import CoreOutput, CoreRequest
-from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
+from inferneo.engine.protocol import CoreOutput, CoreRequest, PoolingRequest
+from inferneo.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 
@@ -39,7 +39,7 @@ class _Sequence:
 
     index: int
     core_id: str
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None for an embedding request (no text)
     token_ids: list[int] | None  # every token so far (FINAL outputs only)
     logprobs: list[dict[int, Logprob]] | None = None  # every position so far (FINAL outputs only)
     cumulative_logprob: float | None = None
@@ -49,6 +49,7 @@ class _Sequence:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[dict[int, Logprob]] | None = None
     final_delta_sent: bool = False
+    embedding: list[float] | None = None  # an embedding request's result
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class ParentRequest:
     kind: OutputKind
     sequences: list[_Sequence]
     num_cached_tokens: int = 0
+    pooling: PoolingRequest | None = None  # set: an embedding request (one sequence, no text)
 
     @property
     def finished(self) -> bool:
@@ -110,6 +112,16 @@ class OutputProcessor:
             specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival))
         return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
 
+    def prepare_embedding(self, request_id: str, prompt_ids: list[int], pooling: PoolingRequest, priority: int,
+                          arrival: float) -> tuple[ParentRequest, list[CoreRequest]]:
+        """Plan an embedding request (one core sequence that is pooled, not sampled) without registering it."""
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = SamplingParams(max_tokens=1)
+        seq = _Sequence(0, request_id, None, None)
+        spec = CoreRequest(request_id, prompt_ids, params, 1, frozenset(), priority, arrival, pooling=pooling)
+        return ParentRequest(request_id, None, prompt_ids, params, OutputKind.FINAL, [seq], pooling=pooling), [spec]
+
     def register(self, parent: ParentRequest) -> None:
         """Start routing core outputs to a prepared request."""
         self.parents[parent.request_id] = parent
@@ -135,7 +147,8 @@ class OutputProcessor:
 
     # ---- outputs -----------------------------------------------------------------------------------------
 
-    def process(self, outputs: Iterable[CoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, outputs: Iterable[CoreOutput],
+                ) -> tuple[list[RequestOutput | EmbeddingRequestOutput], list[str]]:
         """Apply one step's core outputs; returns the requests' outputs (per their kind) and core ids to abort."""
         touched: dict[str, ParentRequest] = {}
         to_abort: list[str] = []
@@ -152,7 +165,12 @@ class OutputProcessor:
         results = []
         for parent in touched.values():
             finished = parent.finished
-            if parent.kind is OutputKind.DELTA:
+            if parent.pooling is not None:
+                if finished:
+                    seq = parent.sequences[0]
+                    results.append(EmbeddingRequestOutput(parent.request_id, EmbeddingOutput(seq.embedding),
+                                                          parent.prompt_token_ids))
+            elif parent.kind is OutputKind.DELTA:
                 results.append(self._delta_output(parent, finished))
             elif finished:
                 results.append(self._final_output(parent))
@@ -165,6 +183,10 @@ class OutputProcessor:
     def _apply(self, parent: ParentRequest, seq: _Sequence, out: CoreOutput) -> bool:
         """Update one sequence; True when a stop string ended it while the core still runs it."""
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if seq.detokenizer is None:  # an embedding request: one output, with the vector, when it finishes
+            seq.embedding = out.embedding
+            seq.finish_reason = out.finish_reason
+            return False
         if seq.token_ids is not None:
             seq.token_ids.extend(out.new_token_ids)
         else:

@@ -18,6 +18,7 @@ import enum
 
 import msgspec
 
+from inferneo.pooling.config import PoolingConfig
 from inferneo.sampling_params import SamplingParams
 
 # ---- front end -> core ----------------------------------------------------------------------------------------
@@ -160,6 +161,8 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     dtype: str
     device: str
     pid: int
+    pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
+    generates: bool = True  # False: a checkpoint without its language-model head (it serves embeddings only)
 
     @property
     def kv_capacity_tokens(self) -> int:

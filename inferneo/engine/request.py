@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inferneo.engine.protocol import CoreRequest
+from inferneo.engine.protocol import CoreRequest, PoolingRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output.compiler import SequenceGrammar
@@ -68,6 +68,10 @@ class Request:
     pending_sample: int = -1
     # Structured output: the matcher that limits this sequence's next token (set once its grammar is compiled).
     grammar: SequenceGrammar | None = None
+    # An embedding request: what it asked for, how the model pools (set by the core) and its pooled state so far.
+    pooling: PoolingRequest | None = None
+    pooling_method: str | None = None
+    pooled: torch.Tensor | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 
@@ -75,7 +79,7 @@ class Request:
     def from_core_request(cls, spec: CoreRequest) -> Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
-                   spec.eos_token_ids, spec.priority, spec.arrival_time)
+                   spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -114,6 +118,13 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether cached KV may stand in for this request's first tokens. Not for embedding requests whose
+        pooling reads the hidden states of every position (mean) or of the first (cls): a cached position has
+        KV but no hidden state. Last-token pooling computes the last position anyway, so it may."""
+        return self.pooling_method is None or self.pooling_method == "last"
 
     def sort_key(self) -> tuple[int, float]:
         """Order for the priority policy: lower priority value first, then earlier arrival."""

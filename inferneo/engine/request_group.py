@@ -12,18 +12,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inferneo.engine.protocol import PoolingRequest
 from inferneo.outputs import CompletionOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
 class EngineRequest:
-    """One prompt (already tokenized) to generate for."""
+    """One prompt (already tokenized) to generate for, or (``pooling`` set) to embed."""
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None for an embedding request
     priority: int = 0
+    pooling: PoolingRequest | None = None
 
 
 class RequestGroup:

@@ -157,7 +157,7 @@ class Scheduler:
             while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
                 cached_blocks: list[int] = []
-                if request.num_computed_tokens == 0 and not request.block_ids:
+                if request.num_computed_tokens == 0 and not request.block_ids and request.reads_prefix_cache:
                     cached_blocks, num_cached = self.kv_cache.find_cached_prefix(request)
                 else:
                     num_cached = request.num_computed_tokens

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
-from inferneo.outputs import RequestOutput
+from inferneo.engine.protocol import PoolingRequest
+from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -58,6 +59,33 @@ class LLM:
         """
         prompt_list = _as_prompt_list(prompts)
         return self._run(prompt_list, sampling_params, priority, use_tqdm)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        dimensions: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embed one prompt or many (strings or token-id lists); returns one ``EmbeddingRequestOutput`` per
+        prompt, in input order, with the vector in ``.outputs.embedding``.
+
+        The model pools as its sentence-transformers files say, else by its last token, normalised (see
+        ``docs/embeddings.md``); ``dimensions`` shortens the vectors of a Matryoshka model. Embedding requests run
+        through the same scheduler as generation: prefill only, no KV kept afterwards.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        pooling = PoolingRequest(dimensions)
+        engine = self.engine
+        base = f"embed-{time.monotonic_ns()}-"
+        ids = []
+        try:
+            for i, prompt in enumerate(prompt_list):
+                ids.append(engine.add_embedding_request(base + str(i), prompt, pooling))
+            return self._collect(ids, use_tqdm, "Embedded prompts")
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
 
     def chat(
         self,
@@ -112,8 +140,13 @@ class LLM:
             for request_id in ids:
                 engine.abort_request(request_id)
             raise
-        results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=n, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        return self._collect(ids, use_tqdm, "Processed prompts")
+
+    def _collect(self, ids: list[str], use_tqdm: bool, desc: str) -> list:
+        """Step the engine until the requests ``ids`` finish; their outputs in ``ids``' order."""
+        engine = self.engine
+        results: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
+        bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
         start = time.perf_counter()
         out_tokens = 0
         try:
@@ -121,9 +154,10 @@ class LLM:
                 for output in engine.step():
                     if output.finished:
                         results[output.request_id] = output
-                        out_tokens += sum(len(o.token_ids) for o in output.outputs)
                         bar.update(1)
-                        bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
+                        if isinstance(output, RequestOutput):
+                            out_tokens += sum(len(o.token_ids) for o in output.outputs)
+                            bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
         except BaseException:
             for request_id in ids:
                 engine.abort_request(request_id)

@@ -113,6 +113,23 @@ def _checkpoint_plan(folder: Path) -> dict[Path, set[str] | None]:
     )
 
 
+def weight_names(folder: Path) -> set[str] | None:
+    """The tensor names of the checkpoint in ``folder``, read from its index or the safetensors headers (no
+    tensor is loaded); None when they cannot be known without loading (PyTorch ``.bin`` files)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path, listed in _checkpoint_plan(folder).items():
+        if listed is not None:
+            names |= listed
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                names.update(f.keys())
+        else:
+            return None
+    return names
+
+
 def iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor under its checkpoint name, read one at a time (safetensors lazily, .bin through mmap).
 

@@ -31,6 +31,7 @@ from inferneo.model_executor.layers.rotary import share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
+from inferneo.pooling.pooler import pool_step
 from inferneo.quantization import (
     finalize_quantized_linears,
     quantize_linears,
@@ -55,6 +56,7 @@ from inferneo.worker.step_inputs import (
     ScheduledSequence,
     StepRecord,
     pack_step,
+    pooling_rows_of,
     step_layout,
     step_views,
 )
@@ -83,6 +85,8 @@ class RunnerOutput:
     logprob_token_ids: list[list[int]] | None = None
     logprobs: list[list[float]] | None = None
     sampled_token_ranks: list[int] | None = None
+    # Embedding requests: each pooling sequence's partial (``inferneo.pooling.pooler``), in step order, on the host.
+    pooled: list[torch.Tensor | None] | None = None
 
 
 class InFlightStep:
@@ -95,6 +99,7 @@ class InFlightStep:
         self._tensors: list[torch.Tensor] = []
         self._event = None
         self._resolved: RunnerOutput | None = None
+        self.pooled: list[torch.Tensor | None] | None = None  # set by the runner for steps with pooling rows
         if result is None:
             return
         tensors = [result.sampled_token_ids]
@@ -113,7 +118,8 @@ class InFlightStep:
         if self._resolved is not None:
             return self._resolved
         if not self.num_samples:
-            return RunnerOutput([])
+            self._resolved = RunnerOutput([], pooled=self._pooled_on_host())
+            return self._resolved
         if self._event is not None:
             self._event.synchronize()
         out = RunnerOutput(self._tensors[0].tolist())
@@ -121,8 +127,14 @@ class InFlightStep:
             out.logprob_token_ids = self._tensors[1].tolist()
             out.logprobs = self._tensors[2].tolist()
             out.sampled_token_ranks = self._tensors[3].tolist()
+        out.pooled = self._pooled_on_host()
         self._resolved = out
         return out
+
+    def _pooled_on_host(self) -> list[torch.Tensor | None] | None:
+        if self.pooled is None:
+            return None
+        return [None if p is None else p.cpu() for p in self.pooled]
 
 
 @contextlib.contextmanager
@@ -352,13 +364,19 @@ class ModelRunner(Runner):
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
+        pooling_rows = pooling_rows_of(items, packed)
+        pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if not num_samples:
-            return InFlightStep(0)
-        rows = self._sample_rows(hidden, dev, packed, num_samples)
-        logits = self.model.compute_logits(rows)
-        bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
-        sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device, bitmask)
-        return InFlightStep(num_samples, self.sampler(logits, sampling))
+            in_flight = InFlightStep(0)
+        else:
+            rows = self._sample_rows(hidden, dev, packed, num_samples)
+            logits = self.model.compute_logits(rows)
+            bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
+            sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device,
+                                              bitmask)
+            in_flight = InFlightStep(num_samples, self.sampler(logits, sampling))
+        in_flight.pooled = pooled
+        return in_flight
 
     @torch.inference_mode()
     def execute_remote(self, step: RemoteStep) -> None:

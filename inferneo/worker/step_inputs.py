@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.pooling.pooler import PoolingRow
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 
 
@@ -39,6 +40,8 @@ class ScheduledSequence:
     pending_sample: int
     samples: bool  # whether this step samples the sequence's next token
     sampling: SamplingRow
+    # An embedding request: how its hidden states are pooled ("mean", "cls", "last"); None for generation.
+    pooling_method: str | None = None
 
 
 @dataclass(slots=True)
@@ -245,3 +248,19 @@ def step_views(dev: torch.Tensor, packed: PackedStep, block_size: int) -> tuple[
         prefills=prefills,
     )
     return dev[lo.ids : lo.ids + t], dev[lo.positions : lo.positions + t], metadata
+
+
+def pooling_rows_of(items: list[ScheduledSequence], packed: PackedStep) -> list[PoolingRow]:
+    """Where the embedding requests of a packed step sit in its hidden states, in ``items``' order (decode rows
+    are rows ``0..``, each multi-token span starts where ``pack_step`` put it)."""
+    rows: list[PoolingRow] = []
+    span = 0
+    for index, it in enumerate(items):
+        decode = index < packed.num_real_decode
+        if it.pooling_method is not None:
+            row = index if decode else packed.spans[span].start
+            rows.append(PoolingRow(it.pooling_method, row, it.num_new_tokens, it.num_computed_tokens,
+                                   len(it.token_ids)))
+        if not decode:
+            span += 1
+    return rows

@@ -23,11 +23,13 @@ from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
+from inferneo.entrypoints.openai.serving_embedding import create_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await create_embedding(ctx, body, raw)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

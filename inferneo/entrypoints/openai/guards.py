@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 MiB = 2**20
 PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
-JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
+# The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
+_PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input"}
 _LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
 
@@ -243,12 +245,12 @@ class GuardMiddleware:
                 raise Refusal(400, "the request body has a string with an unpaired surrogate escape "
                                    "(\\ud800-\\udfff), which is not valid Unicode text") from None
         if isinstance(data, dict) and path.startswith("/v1/"):
-            self._check_sizes(data, "prompt" if path == "/v1/completions" else "messages")
+            self._check_sizes(data, _PROMPT_FIELDS.get(path, "messages"))
 
     def _check_sizes(self, data: dict, field_name: str) -> None:
         g = self.guards
         count = _num_prompts(data.get(field_name), field_name)
-        what = "prompts" if field_name == "prompt" else "conversations"
+        what = "conversations" if field_name == "messages" else "prompts"
         if count > g.max_prompts:
             raise Refusal(400, f"{field_name}: {count} {what} in one request; this server takes at most "
                                f"{g.max_prompts} (send them in several requests)", field_name)
@@ -385,10 +387,10 @@ def _depth(value: Any, limit: int) -> int:
 
 
 def _num_prompts(value: Any, field_name: str) -> int:
-    """How many prompts (``prompt``) or conversations (``messages``) a body carries; 1 when it is one."""
+    """How many prompts (``prompt``, ``input``) or conversations (``messages``) a body carries; 1 when it is one."""
     if not isinstance(value, list) or not value:
         return 1
-    if field_name == "prompt":
+    if field_name != "messages":
         return 1 if all(_is_int(t) for t in value) else len(value)
     return len(value) if all(isinstance(c, list) for c in value) else 1
 

@@ -246,36 +246,11 @@ class CompletionRequest(_SamplingBody):
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("the prompt is an empty string")
-            _check_text(value, "the prompt")
-            return value
-        if isinstance(value, list) and value:
-            if all(isinstance(p, str) for p in value):
-                if not all(value):
-                    raise ValueError(f"prompt {[bool(p) for p in value].index(False)} is an empty string")
-                for i, p in enumerate(value):
-                    _check_text(p, f"prompt {i}")
-                return value
-            if all(_is_token_id(t) for t in value):
-                _check_ids(value, "the prompt")
-                return value
-            if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
-                for i, p in enumerate(value):
-                    _check_ids(p, f"prompt {i}")
-                return value
-        raise ValueError("must be a string, a non-empty list of strings, a list of token ids, "
-                         "or a list of non-empty lists of token ids")
+        return _check_prompts(value, "prompt")
 
     def prompt_list(self) -> list[str | list[int]]:
         """The prompts, one entry each: a string or a list of token ids."""
-        value = self.prompt
-        if isinstance(value, str):
-            return [value]
-        if all(_is_token_id(t) for t in value):
-            return [list(value)]
-        return list(value)
+        return _prompt_list(self.prompt)
 
 
 class ChatCompletionRequest(_SamplingBody):
@@ -376,6 +351,28 @@ class ChatCompletionRequest(_SamplingBody):
         return [self.messages]
 
 
+class EmbeddingRequest(_Body):
+    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, a list of token ids or a list of lists
+    of token ids (OpenAI's four forms); none may be empty."""
+
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT64_MAX)
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    # Inferneo extension, as in the other endpoints.
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        return _check_prompts(value, "input")
+
+    def input_list(self) -> list[str | list[int]]:
+        """The inputs, one entry each: a string or a list of token ids."""
+        return _prompt_list(self.input)
+
+
 class TokenizeRequest(_Body):
     """``POST /tokenize``: a ``prompt`` or a conversation in ``messages``."""
 
@@ -397,6 +394,41 @@ class DetokenizeRequest(_Body):
 
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
+
+
+def _check_prompts(value: Any, what: str) -> Any:
+    """A ``prompt`` (``input``) field: a string, a non-empty list of strings, a non-empty list of token ids or a
+    non-empty list of non-empty lists of token ids; no string may be empty."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"the {what} is an empty string")
+        _check_text(value, f"the {what}")
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            if not all(value):
+                raise ValueError(f"{what} {[bool(p) for p in value].index(False)} is an empty string")
+            for i, p in enumerate(value):
+                _check_text(p, f"{what} {i}")
+            return value
+        if all(_is_token_id(t) for t in value):
+            _check_ids(value, f"the {what}")
+            return value
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+            for i, p in enumerate(value):
+                _check_ids(p, f"{what} {i}")
+            return value
+    raise ValueError("must be a string, a non-empty list of strings, a list of token ids, "
+                     "or a list of non-empty lists of token ids")
+
+
+def _prompt_list(value: str | list) -> list[str | list[int]]:
+    """A checked ``prompt`` (``input``) field as a list with one entry per prompt."""
+    if isinstance(value, str):
+        return [value]
+    if all(_is_token_id(t) for t in value):
+        return [list(value)]
+    return list(value)
 
 
 def _is_token_id(value: Any) -> bool:

@@ -1,0 +1,83 @@
+"""``POST /v1/embeddings``: OpenAI's embeddings endpoint over the same engine that generates.
+
+Each input (a string, or token ids) becomes one embedding request: scheduled with the generation requests, run
+through the model once (prefill only), pooled as the model's pooling says (``inferneo.pooling``). Vectors are
+sent as JSON floats, or with ``encoding_format: "base64"`` as the base64 of their little-endian float32 bytes
+(what OpenAI sends, and what the ``openai`` package asks for by default and decodes).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import msgspec
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+
+from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
+from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.errors import bad_request, to_api_error
+from inferneo.entrypoints.openai.protocol import EmbeddingRequest, random_id
+from inferneo.entrypoints.openai.serving_common import ServerContext, cancel_on_disconnect
+from inferneo.outputs import EmbeddingRequestOutput
+
+
+async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Request) -> Response:
+    model = ctx.model_name(req.model)
+    engine = ctx.engine
+    inputs = req.input_list()
+    prompt_ids = _tokenize(ctx.tokenizer, inputs)
+    pooling = PoolingRequest(req.dimensions)
+    for i, ids in enumerate(prompt_ids):
+        try:
+            engine.input.check_embedding(ids, pooling, "input")
+        except InvalidRequestError as exc:
+            where = f"input {i}: " if len(prompt_ids) > 1 and exc.param == "input" else ""
+            raise bad_request(where + str(exc), exc.param) from None
+    request_id = random_id("embd")
+    try:
+        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling)
+                               for i, ids in enumerate(prompt_ids)], param="input")
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return await cancel_on_disconnect(raw, _respond(group, model, req.encoding_format))
+
+
+def _tokenize(tokenizer, inputs: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of every input (the strings tokenized in one batch call, with the model's special tokens)."""
+    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+    ids: list[Any] = list(inputs)
+    if texts:
+        encoded = tokenizer([x for _, x in texts]).input_ids
+        for (i, _), tokens in zip(texts, encoded, strict=True):
+            ids[i] = tokens
+    return ids
+
+
+async def _respond(group: RequestGroup, model: str, encoding_format: str) -> Response:
+    outputs: dict[int, EmbeddingRequestOutput] = {}
+    try:
+        async for index, output in group:
+            outputs[index] = output
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    finally:
+        group.abort()
+    data = [{"object": "embedding", "index": index, "embedding": _encode(outputs[index].outputs.embedding,
+                                                                        encoding_format)}
+            for index in range(len(outputs))]
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs.values())
+    body = {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    return Response(_json_encode(body), media_type="application/json")
+
+
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
