@@ -45,11 +45,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
     runner: Runner
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
 
         runner = TensorParallelRunner(config.tensor_parallel_size, config.model, num_threads=config.num_threads,
-                                      **runner_kwargs)
+                                      pipeline_parallel_size=config.pipeline_parallel_size,
+                                      executor_backend=config.distributed_executor_backend, **runner_kwargs)
     else:
         runner = ModelRunner(**runner_kwargs)
     try:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from inferneo import envs
-from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
+from inferneo.distributed import destroy_tensor_parallel, init_parallel
 from inferneo.kernel_config import KernelConfig
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RemoteStep, RunnerOutput
 from inferneo.worker.runner_api import Runner, driver_only, every_rank
@@ -75,7 +75,7 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
+def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
     """A worker's life: check in at the driver's store, join the group, build the shard, report "ready", then
     obey the driver's messages until "stop"."""
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker>` prints its threads' stacks: the tool for a stalled rank
@@ -85,14 +85,14 @@ def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Co
         torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
     else:
         runner_kwargs.pop("num_threads", None)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, tp_size * pp_size, is_master=False, timeout=_TIMEOUT)
     store.set(_joined_key(rank), "1")  # the driver waits for every rank's check-in before it forms the group
-    group = init_tensor_parallel(rank, world, None, device, timeout=_TIMEOUT, store=store)
+    group, stage = init_parallel(rank, tp_size, pp_size, None, device, timeout=_TIMEOUT, store=store)
     runner = None
     timing = _StepTiming(rank) if envs.tp_timing() else None
     try:
         try:
-            runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
+            runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group, pp_group=stage))
         except Exception:  # the driver raises it; this rank just leaves (the driver stops the others)
             conn.send(("error", traceback.format_exc()))
             destroy_tensor_parallel(abort=True)
@@ -180,6 +180,8 @@ def _set_up(runner: ModelRunner, kind: str, arg):
         return runner.profile_kv_memory(*arg)
     elif kind == "allocate":
         runner.allocate_kv_cache(arg)
+    elif kind == "kv_bytes":
+        return runner.kv_bytes_per_block
     else:
         raise ValueError(f"unknown message {kind!r}")
     return None
@@ -193,12 +195,17 @@ class TensorParallelRunner(Runner):
     answers; the ranks agree on it).
     """
 
-    def __init__(self, world_size: int, model: str, num_threads: int | None = None, **runner_kwargs) -> None:
+    def __init__(self, world_size: int, model: str, num_threads: int | None = None, pipeline_parallel_size: int = 1,
+                 executor_backend: str = "mp", **runner_kwargs) -> None:
+        tp_size = world_size
+        world_size = tp_size * pipeline_parallel_size
         device = runner_kwargs["device"]
         if device.type == "cuda" and torch.cuda.device_count() < world_size:
-            raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+            raise ValueError(f"tensor_parallel_size {tp_size} x pipeline_parallel_size {pipeline_parallel_size} "
+                             f"needs {world_size} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
         self.world_size = world_size
+        self.tp_size, self.pp_size = tp_size, pipeline_parallel_size
         self._model = model
         self._device = device
         # One set of kernel switches for every rank, read here when the engine gave none.
@@ -214,23 +221,30 @@ class TensorParallelRunner(Runner):
             for rank in range(1, world_size):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
-                                   args=(rank, world_size, store.port, dict(runner_kwargs, num_threads=num_threads),
+                                   args=(rank, tp_size, pipeline_parallel_size, store.port,
+                                         dict(runner_kwargs, num_threads=num_threads),
                                          child))
                 proc.start()
                 child.close()
                 self._conns.append(parent)
                 self._procs.append(proc)
             self._wait_for_check_ins(store)
-            group = init_tensor_parallel(0, world_size, None, _rank_device(device, 0), timeout=_TIMEOUT, store=store)
+            group, stage = init_parallel(0, tp_size, pipeline_parallel_size, None, _rank_device(device, 0),
+                                         timeout=_TIMEOUT, store=store)
             self._joined = True
-            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group))
+            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group,
+                                             pp_group=stage))
             self._gather(starting=True)  # every worker built its shard: "ready"
+            # Pipeline stages may hold different numbers of layers: a block costs what the largest stage needs.
+            self._broadcast("kv_bytes", None)
+            self._kv_bytes_per_block = max([self.driver.kv_bytes_per_block, *self._gather()])
         except BaseException:
             self._abandon_start()
             raise
         self.driver.step_listener = self._send_step
-        logger.info("tensor parallel: %d ranks (driver + %d workers); small all-reduces through %s", world_size,
-                    world_size - 1, "peer memory" if group.peer is not None else "NCCL")
+        logger.info("parallel: %d ranks (tensor %d x pipeline %d; driver + %d workers); small all-reduces through %s",
+                    world_size, tp_size, pipeline_parallel_size, world_size - 1,
+                    "peer memory" if group.peer is not None else "NCCL")
 
     # ---- the Runner interface ----------------------------------------------------------------------------
 
@@ -255,8 +269,9 @@ class TensorParallelRunner(Runner):
     @property
     @driver_only
     def kv_bytes_per_block(self) -> int:
-        """Bytes of one KV block on each rank (every rank holds the same number of heads)."""
-        return self.driver.kv_bytes_per_block
+        """Bytes of one KV block on the rank that needs the most (every rank of a stage holds the same number of
+        heads; pipeline stages may hold different numbers of layers)."""
+        return self._kv_bytes_per_block
 
     @every_rank
     def load_weights(self, weights) -> None:
