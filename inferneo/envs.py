@@ -151,3 +151,9 @@ def pp_layer_partition() -> str:
     as comma-separated counts summing to the model's layer count, e.g. ``14,18`` for two stages of a 32-layer
     model (``inferneo.model_executor.pipeline.stage_layer_ranges``)."""
     return os.environ.get("INFERNEO_PP_LAYER_PARTITION", "").strip()
+
+
+def ray_worker_cpus() -> float:
+    """INFERNEO_RAY_WORKER_CPUS (default 1): the CPUs each worker rank's placement-group bundle asks Ray for with
+    ``--distributed-executor-backend ray`` (fractions allowed; Ray only books them, the rank uses its threads)."""
+    return float(os.environ.get("INFERNEO_RAY_WORKER_CPUS", "1"))
