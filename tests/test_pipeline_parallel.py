@@ -8,11 +8,21 @@ with its worker rank a Ray actor on the session's local Ray cluster.
 
 from __future__ import annotations
 
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from inferneo import LLM, SamplingParams
 from inferneo.model_executor.pipeline import stage_layer_ranges
+from tests.test_docs_examples import python_blocks
 from tests.test_hf_parity import mixed_prompts
+
+REPO = Path(__file__).resolve().parents[1]
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory="16MiB", max_num_batched_tokens=16,
@@ -99,3 +109,29 @@ def test_pp2_on_ray_actors_equals_pp1(checkpoint, expected, ray_cluster, monkeyp
     llm = LLM(str(checkpoint), pipeline_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
     assert llm.engine.runner.executor_backend == "ray"
     assert _run_twice(llm) == expected
+
+
+@pytest.mark.slow  # two engines in fresh processes
+def test_docs_example_runs(checkpoint, tmp_path):
+    """The pipeline example of docs/distributed.md, run as a program (its workers import the file again), on the
+    tiny checkpoint instead of Llama-2-7B."""
+    (block,) = [b for b in python_blocks(REPO / "docs" / "distributed.md") if "pipeline_parallel_size" in b]
+    script = tmp_path / "pp_example.py"
+    script.write_text(block.replace('"meta-llama/Llama-2-7b-hf"', repr(str(checkpoint))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokens = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert 1 <= len(tokens) <= 8 and all(isinstance(t, int) for t in tokens)
+
+
+@pytest.mark.slow  # three engines and four process start-ups
+def test_pp_suite_smoke(tmp_path):
+    """benchmarks/gpu/pp_suite.py --smoke on CPU: every section runs and PP=2 equals one rank."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "pp_suite.py"), "--smoke",
+                           "--layouts", "1x1,1x2", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "pp_suite.json").read_text())
+    assert results["sections"]["equality"]["tp1xpp2"]["equal"] is True
+    assert results["sections"]["w1_tp1xpp2"]["output_tokens"] > 0

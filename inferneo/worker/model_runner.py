@@ -194,10 +194,12 @@ class ModelRunner(Runner):
             self.enforce_eager = True  # captured decode graphs would hold the whole model's forward
         # The weights' format: the checkpoint's quantization_config, or --quantization (None: full precision).
         self.quant_config = resolve_quant_config(hf_config, quantization)
-        if self.quant_config is not None and self.quant_config.name == "gguf" and self.tp.world_size > 1:
+        parallel = self.tp.world_size > 1 or self.pp.num_stages > 1
+        if self.quant_config is not None and self.quant_config.name == "gguf" and parallel:
             # GGUF blocks are not sharded: the file is de-quantized at load, as before GGUF was kept quantized
-            logger.warning("GGUF with tensor_parallel_size %d: the weights are de-quantized at load (GGUF stays "
-                           "quantized on one rank)", self.tp.world_size)
+            logger.warning("GGUF with tensor_parallel_size %d x pipeline_parallel_size %d: the weights are "
+                           "de-quantized at load (GGUF stays quantized on one rank)", self.tp.world_size,
+                           self.pp.num_stages)
             self.quant_config = None
         if self.quant_config is not None:
             if self.pp.num_stages > 1:
