@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from inferneo import LLM, SamplingParams
+from inferneo.config import EngineConfig
 from inferneo.model_executor.pipeline import stage_layer_ranges
 from tests.test_docs_examples import python_blocks
 from tests.test_hf_parity import mixed_prompts
@@ -72,6 +73,13 @@ def test_stage_layer_ranges():
             stage_layer_ranges(32, 2, partition)
     with pytest.raises(ValueError, match="larger than the model's 3 layers"):
         stage_layer_ranges(3, 4, "")
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be a positive integer"):
+        EngineConfig(pipeline_parallel_size=0)
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of mp, ray"):
+        EngineConfig(distributed_executor_backend="slurm")
 
 
 def test_pp2_greedy_equals_pp1(checkpoint, expected):
