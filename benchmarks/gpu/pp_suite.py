@@ -34,10 +34,9 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 import torch  # noqa: E402
 from floors import timed  # noqa: E402
 from h100_suite import Suite, free_memory, generate_ids, match_lengths, step_latency  # noqa: E402
+from tp_suite import device_names, smoke_preset  # noqa: E402
 
 from inferneo import LLM  # noqa: E402
-from inferneo.model_executor import arch_presets  # noqa: E402
-from inferneo.model_executor.arch_presets import preset_config  # noqa: E402
 
 FULL = dict(device="cuda", deadline=560.0, w1=(256, 1024, 128), w3_batches=(1, 32), w3_ctx=1024, w3_steps=32,
             equality=(16, 24), engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192,
@@ -174,15 +173,9 @@ def main() -> int:
     if args.deadline:
         cfg["deadline"] = args.deadline
     layouts = [parse_layout(x) for x in args.layouts.split(",")]
-    model = args.model
-    if args.smoke:
-        model = "smoke-llama"
-        arch_presets.PRESETS[model] = preset_config(
-            "llama-2-7b", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    model = smoke_preset(num_layers=3) if args.smoke else args.model
     s = Suite(Path(args.out), cfg, name="pp_suite")
-    devices = (f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}" if torch.cuda.is_available()
-               else "cpu")
+    devices = device_names()
     s.log(f"inferneo PP suite: model {model}, layouts {args.layouts}, torch {torch.__version__}, {devices}")
     s.results.update(model=model, layouts=args.layouts, devices=devices, torch=torch.__version__,
                      started=time.strftime("%Y-%m-%d %H:%M:%S"))
