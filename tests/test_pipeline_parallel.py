@@ -89,7 +89,9 @@ def test_pp2_greedy_equals_pp1(checkpoint, expected):
     driver = runner.driver.model
     assert len(driver.layers) == 2 and len(runner.driver.kv_caches) == 2  # stage 0: layers 0 and 1, their KV
     assert type(driver.lm_head).__name__ == "HeldByAnotherStage"
+    core = llm.engine.core
     assert _run_twice(llm) == expected
+    assert core.max_steps_in_flight == 2  # two micro-batches in flight: one per stage
 
 
 @pytest.mark.slow  # four processes on two cores: ~110 s on the shared CI-sized machine, most of it spawning
@@ -108,7 +110,9 @@ def test_tp2_pp2_greedy_equals_pp1(tiny_checkpoint_factory, monkeypatch):
     assert len(runner.driver.model.layers) == 1
     attn = runner.driver.model.layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+    core = llm.engine.core
     assert _run_twice(llm, prompts) == expected
+    assert core.max_steps_in_flight == 2
 
 
 @pytest.mark.ray

@@ -108,6 +108,15 @@ class PipelineGroup:
         """Send ``x`` (made contiguous) to global rank ``dst``; returns once it is handed over."""
         dist.send(x.contiguous(), dst=dst)
 
+    def isend(self, x: torch.Tensor, dst: int):
+        """Start sending ``x`` (contiguous) to global rank ``dst``; returns the work to wait on (keep ``x`` alive
+        until then)."""
+        return dist.isend(x, dst=dst)
+
+    def irecv(self, out: torch.Tensor, src: int):
+        """Start receiving into ``out`` from global rank ``src``; returns the work to wait on."""
+        return dist.irecv(out, src=src)
+
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
         """A tensor of ``shape`` and ``dtype`` received from global rank ``src``."""
         out = torch.empty(shape, dtype=dtype, device=device)

@@ -77,8 +77,10 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         async_scheduling = device.type == "cuda"
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
+    if config.pipeline_parallel_size > 1:
+        async_scheduling = False  # the pipeline keeps its own steps in flight, one per stage
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
-                      vocab_size=vocab_size)
+                      vocab_size=vocab_size, pipeline_depth=config.pipeline_parallel_size)
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,

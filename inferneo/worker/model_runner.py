@@ -12,6 +12,7 @@ single device-to-host sync. On CUDA, decode-only steps replay captured graphs pa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -102,8 +103,12 @@ class InFlightStep:
         self._tensors: list[torch.Tensor] = []
         self._event = None
         self._resolved: RunnerOutput | None = None
-        if result is None:
-            return
+        if result is not None:
+            self._hold(result)
+
+    def _hold(self, result) -> None:
+        """Keep the sampler's ``result``; on CUDA its copy to the host starts now."""
+        self.sampled = result.sampled_token_ids.contiguous()
         tensors = [result.sampled_token_ids]
         if result.logprobs is not None:
             tensors += [result.logprob_token_ids, result.logprobs, result.sampled_token_ranks]
@@ -130,6 +135,23 @@ class InFlightStep:
             out.sampled_token_ranks = self._tensors[3].tolist()
         self._resolved = out
         return out
+
+
+class PipelinedStep(InFlightStep):
+    """A step launched into a pipeline: its logits are still on their way from the last stage (``receive``, the
+    pending receive into ``logits``); ``resolve`` waits for them and samples."""
+
+    def __init__(self, num_samples: int, receive, logits: torch.Tensor, sample) -> None:
+        super().__init__(num_samples)
+        self._receive, self._logits, self._sample = receive, logits, sample
+
+    def resolve(self) -> RunnerOutput:
+        if self._receive is not None:
+            self._receive.wait()
+            with torch.inference_mode():
+                self._hold(self._sample(self._logits))
+            self._receive = self._logits = self._sample = None
+        return super().resolve()
 
 
 @contextlib.contextmanager
@@ -190,6 +212,7 @@ class ModelRunner(Runner):
             self.backend = get_attention_backend(attention_backend, device, self.kernels)
         self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
         self.pp = pp_group or PipelineGroup()  # one stage unless this runner is part of a pipeline
+        self._sends: collections.deque = collections.deque()  # activations on their way to the next stage
         if self.pp.num_stages > 1:
             self.enforce_eager = True  # captured decode graphs would hold the whole model's forward
         # The weights' format: the checkpoint's quantization_config, or --quantization (None: full precision).
@@ -378,12 +401,19 @@ class ModelRunner(Runner):
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
+        receive = None
+        if num_samples and self.pp.num_stages > 1:  # the last stage's logits, received while later steps launch
+            incoming = torch.empty(num_samples, self.model_config.vocab_size, dtype=torch.float32,
+                                   device=self.device)
+            receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
         if not num_samples:
             return InFlightStep(0)
-        logits = self._logits(hidden, dev, packed, num_samples)
         bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
         sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device, bitmask)
+        if receive is not None:
+            return PipelinedStep(num_samples, receive, incoming, lambda logits: self.sampler(logits, sampling))
+        logits = self._logits(hidden, dev, packed, num_samples)
         return InFlightStep(num_samples, self.sampler(logits, sampling))
 
     @torch.inference_mode()
@@ -410,10 +440,7 @@ class ModelRunner(Runner):
             if logits is not None:  # tensor-parallel rank 0 of the last stage
                 self.pp.send(logits, dst=0)
             return None
-        if self.pp.is_first and self.tp.rank == 0:
-            return self.pp.recv((count, self.model_config.vocab_size), torch.float32, self.device,
-                                self.pp.last_stage_driver)
-        return None
+        return None  # the driver receives the logits itself (``launch``); other ranks of earlier stages: none
 
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
@@ -442,7 +469,11 @@ class ModelRunner(Runner):
             received = (pair[0], pair[1])
         hidden, residual = stage_forward(self.model, input_ids, positions, self.kv_caches, metadata, received)
         if not self.pp.is_last:
-            self.pp.send(torch.stack((hidden, residual)), self.pp.next_rank)
+            # Sent without waiting: the next stage may still be busy with an earlier step (several are in flight).
+            outgoing = torch.stack((hidden, residual))
+            self._sends.append((self.pp.isend(outgoing, self.pp.next_rank), outgoing))
+            while len(self._sends) > 8 or (self._sends and self._sends[0][0].is_completed()):
+                self._sends.popleft()[0].wait()
         return hidden
 
     def _fill_pending_ids(self, packed: PackedStep, inputs: torch.Tensor,
