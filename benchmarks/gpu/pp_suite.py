@@ -10,8 +10,9 @@ timed and in its own try/except; results written after every one):
      - W1: 256 prompts x 1024 random tokens -> 128 tokens, ``ignore_eos``;
   3. summary: W1 throughput and W3 step time of each layout over the first layout's.
 
-The pipeline runs one micro-batch at a time (stages take turns): PP is for models that do not fit, not for speed
-on one host; these numbers show what it costs against TP on the same GPUs.
+The engine keeps P steps in flight at P stages (each on its own requests), so W1's 256 requests fill the stages;
+a single request still crosses the stages one after the other. These numbers show what PP costs or gains against
+TP on the same GPUs (PP runs eagerly, without CUDA graphs, for now).
 
 On a 2-GPU machine (Llama-2-7B):  ``python3 benchmarks/gpu/pp_suite.py --layouts 1x1,2x1,1x2``
 on a 4-GPU machine (Llama-2-70B): ``python3 benchmarks/gpu/pp_suite.py --model llama-2-70b --layouts 4x1,2x2``

@@ -236,6 +236,9 @@ class ModelRunner(Runner):
         # The KV cache's element type: the model dtype, or float8 e4m3 with per-head scales (quantization.kv_cache).
         self.kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)
         self.fp8_kv_cache = self.kv_dtype == FP8_KV_DTYPE
+        if self.fp8_kv_cache and self.pp.num_stages > 1:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype} with pipeline_parallel_size {self.pp.num_stages} is "
+                             "not supported yet")
         if self.tp.peer is not None:  # every rank holds the same switches, so all take the same path
             if self.kernels.peer_all_reduce:
                 self.tp.peer.use_kernels(self.kernels, device)
