@@ -34,6 +34,8 @@ PROMPTS = mixed_prompts(16, 384, seed=3, shared_prefix=20)
 def _ids(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
     outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+    llm.engine.kv_cache.check_integrity([])
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks, "KV blocks leaked"
     return [o.outputs[0].token_ids for o in outputs]
 
 
