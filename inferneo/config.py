@@ -44,6 +44,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = ("fp8", "awq", "gptq", "compressed-tensors", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 def parse_memory_size(value: str | int | None) -> int | None:
@@ -158,6 +159,12 @@ class EngineConfig:
     tensor_parallel_size: int = option(
         1, int, "shard the model over this many ranks (one process each; GPUs, or CPU over gloo)",
         aliases=("-tp",))
+    pipeline_parallel_size: int = option(
+        1, int, "split the model's layers into this many contiguous stages (tensor parallelism inside each "
+        "stage: tensor_parallel_size x pipeline_parallel_size ranks, one process each)", aliases=("-pp",))
+    distributed_executor_backend: str = option(
+        "mp", str, "how the worker ranks start: mp (local processes) or ray (Ray actors placed by a placement "
+        "group, one bundle per worker rank, on the running Ray cluster)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
     async_scheduling: bool | None = option(
         None, bool, "schedule and queue the next step before the current one's tokens reach the host "
         "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
@@ -192,6 +199,10 @@ class EngineConfig:
             )
         _positive("block_size", self.block_size)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}; got {self.distributed_executor_backend!r}")
         _positive("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)

@@ -153,3 +153,16 @@ def fp8_cpu_emulation() -> bool:
     checkpoint being de-quantized at load, and ``--quantization fp8`` is allowed. It is much slower than the
     de-quantized model: no CPU here has FP8 arithmetic (see docs/quantization.md)."""
     return _flag("INFERNEO_FP8_CPU_EMULATION", False)
+
+
+def pp_layer_partition() -> str:
+    """INFERNEO_PP_LAYER_PARTITION (default unset: an even split): the decoder layers each pipeline stage holds,
+    as comma-separated counts summing to the model's layer count, e.g. ``14,18`` for two stages of a 32-layer
+    model (``inferneo.model_executor.pipeline.stage_layer_ranges``)."""
+    return os.environ.get("INFERNEO_PP_LAYER_PARTITION", "").strip()
+
+
+def ray_worker_cpus() -> float:
+    """INFERNEO_RAY_WORKER_CPUS (default 1): the CPUs each worker rank's placement-group bundle asks Ray for with
+    ``--distributed-executor-backend ray`` (fractions allowed; Ray only books them, the rank uses its threads)."""
+    return float(os.environ.get("INFERNEO_RAY_WORKER_CPUS", "1"))

@@ -79,6 +79,9 @@ def test_the_flags_of_before_parse_as_they_did():
         ("--enforce-eager", "--num-threads", "1"): dict(enforce_eager=True, num_threads=1),
         ("--tensor-parallel-size", "2"): dict(tensor_parallel_size=2),
         ("-tp", "2"): dict(tensor_parallel_size=2),
+        ("-tp", "2", "--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"):
+            dict(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray"),
+        ("-pp", "3"): dict(pipeline_parallel_size=3),
         ("--async-scheduling",): dict(async_scheduling=True),
         ("--no-async-scheduling",): dict(async_scheduling=False),
     }
@@ -90,7 +93,7 @@ def test_the_flags_of_before_parse_as_they_did():
 
 
 @pytest.mark.parametrize("flags", [["--kv-cache-memory", "lots"], ["--dtype", "fp8"], ["--max-num-seqs", "x"],
-                                   ["--scheduling-policy", "lifo"]])
+                                   ["--scheduling-policy", "lifo"], ["--distributed-executor-backend", "slurm"]])
 def test_bad_flag_values_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["generate", "x", *flags])

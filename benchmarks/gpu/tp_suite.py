@@ -341,6 +341,21 @@ def summarize(s: Suite, sizes: list[int]) -> None:
         s.log(f"  {name:<16} {entry.get('status', '?')[:70]:<72} {entry.get('elapsed_s', '-')} s")
 
 
+def smoke_preset(num_layers: int) -> str:
+    """Register and return the tiny Llama preset ``--smoke`` runs (the 7B's architecture, tiny sizes)."""
+    arch_presets.PRESETS["smoke-llama"] = preset_config(
+        "llama-2-7b", hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    return "smoke-llama"
+
+
+def device_names() -> str:
+    """"NAME x COUNT" of the visible GPUs, or "cpu"."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}"
+    return "cpu"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-2-7b", help="architecture preset (dummy weights)")
@@ -364,15 +379,9 @@ def main() -> int:
     if args.deadline:
         cfg["deadline"] = args.deadline
     sizes = [int(x) for x in args.sizes.split(",")]
-    model = args.model
-    if args.smoke:
-        model = "smoke-llama"
-        arch_presets.PRESETS[model] = preset_config(
-            "llama-2-7b", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    model = smoke_preset(num_layers=2) if args.smoke else args.model
     s = Suite(Path(args.out), cfg, name="tp_suite")
-    devices = (f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}" if torch.cuda.is_available()
-               else "cpu")
+    devices = device_names()
     s.log(f"inferneo TP suite: model {model}, sizes {sizes}, torch {torch.__version__}, {devices}, "
           f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}")
     s.results.update(model=model, sizes=sizes, devices=devices, torch=torch.__version__)

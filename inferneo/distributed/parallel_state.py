@@ -1,8 +1,12 @@
-"""The tensor-parallel group of this process: rank, size and the collectives over it.
+"""The parallel groups of this process: its tensor-parallel group (rank, size, collectives) and its place in the
+pipeline (stage, neighbours, point-to-point sends of hidden states).
 
-One process runs one rank. Rank 0 is the driver (it also schedules and samples); the others are workers. The
-group is set up once per process with :func:`init_tensor_parallel`; until then every query answers "one rank",
-so single-process code never touches ``torch.distributed``.
+One process runs one rank. Global rank 0 is the driver (it also schedules and samples); the others are workers.
+With ``pp`` pipeline stages of ``tp`` ranks each, global rank ``stage * tp + tp_rank`` holds tensor-parallel
+shard ``tp_rank`` of stage ``stage``'s layers: each stage has its own tensor-parallel group, and a rank's pipeline
+neighbours are the ranks with the same ``tp_rank`` in the stages before and after it. The groups are set up once
+per process with :func:`init_parallel` (or :func:`init_tensor_parallel`, one stage); until then every query
+answers "one rank, one stage", so single-process code never touches ``torch.distributed``.
 
 The backend is NCCL for CUDA devices and gloo for CPU. NCCL reads its settings from the environment (for
 example ``NCCL_NVLS_ENABLE=0``); spawned workers inherit the parent's environment, so those settings hold there
@@ -65,7 +69,68 @@ class TensorParallelGroup:
         return torch.cat(parts, dim=dim) if parts is not None else None
 
 
+@dataclass(slots=True)
+class PipelineGroup:
+    """This process's place in the pipeline: its stage and the global ranks it exchanges hidden states with.
+
+    ``send``/``recv`` are blocking point-to-point transfers over the world group (gloo on CPU, NCCL on CUDA);
+    a stage sends its activations to the same tensor-parallel rank of the next stage."""
+
+    stage: int = 0
+    num_stages: int = 1
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def prev_rank(self) -> int:
+        """Global rank of this rank's counterpart in the previous stage."""
+        return (self.stage - 1) * self.tp_size + self.tp_rank
+
+    @property
+    def next_rank(self) -> int:
+        """Global rank of this rank's counterpart in the next stage."""
+        return (self.stage + 1) * self.tp_size + self.tp_rank
+
+    @property
+    def last_stage_driver(self) -> int:
+        """Global rank of tensor-parallel rank 0 of the last stage (it holds the gathered logits)."""
+        return (self.num_stages - 1) * self.tp_size
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send ``x`` (made contiguous) to global rank ``dst``; returns once it is handed over."""
+        dist.send(x.contiguous(), dst=dst)
+
+    def isend(self, x: torch.Tensor, dst: int):
+        """Start sending ``x`` (contiguous) to global rank ``dst``; returns the work to wait on (keep ``x`` alive
+        until then)."""
+        return dist.isend(x, dst=dst)
+
+    def irecv(self, out: torch.Tensor, src: int):
+        """Start receiving into ``out`` from global rank ``src``; returns the work to wait on."""
+        return dist.irecv(out, src=src)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` received from global rank ``src``."""
+        out = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out, src=src)
+        return out
+
+
 _TP = TensorParallelGroup()
+_PP = PipelineGroup()
+
+
+def get_pp_group() -> PipelineGroup:
+    """This process's pipeline stage (one stage unless :func:`init_parallel` ran with ``pp_size > 1``)."""
+    return _PP
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -81,7 +146,17 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str | None, de
 
     ``timeout`` bounds how long a collective waits for a missing rank before it fails.
     """
-    global _TP
+    return init_parallel(rank, world_size, 1, init_method, device, timeout=timeout, store=store)[0]
+
+
+def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str | None, device: torch.device,
+                  timeout: datetime.timedelta | None = None,
+                  store: dist.Store | None = None) -> tuple[TensorParallelGroup, PipelineGroup]:
+    """Join the world of ``tp_size * pp_size`` ranks as global rank ``rank`` (rendezvous as in
+    :func:`init_tensor_parallel`), then form every stage's tensor-parallel group (each rank takes part in forming
+    all of them, as ``torch.distributed`` requires) and keep this rank's; returns its two groups."""
+    global _TP, _PP
+    world_size = tp_size * pp_size
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -92,11 +167,20 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str | None, de
         else:
             kwargs["init_method"] = init_method
         dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
-        group = dist.group.WORLD
-        _TP = TensorParallelGroup(rank, world_size, group, PeerAllReduce.create(group, device, world_size))
+        stage, tp_rank = divmod(rank, tp_size)
+        if pp_size == 1:
+            group = dist.group.WORLD
+        else:
+            groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size)), **({} if timeout is None else
+                                     {"timeout": timeout})) for s in range(pp_size)]
+            group = groups[stage]
+        # Peer memory is set up over the whole world only (its exchange is not known to hold for sub-groups).
+        peer = PeerAllReduce.create(group, device, tp_size) if pp_size == 1 else None
+        _TP = TensorParallelGroup(tp_rank, tp_size, group, peer)
+        _PP = PipelineGroup(stage, pp_size, tp_size, tp_rank)
     else:
-        _TP = TensorParallelGroup()
-    return _TP
+        _TP, _PP = TensorParallelGroup(), PipelineGroup()
+    return _TP, _PP
 
 
 def destroy_tensor_parallel(barrier: bool = False, abort: bool = False) -> None:
@@ -106,7 +190,7 @@ def destroy_tensor_parallel(barrier: bool = False, abort: bool = False) -> None:
     it can abort that peer. Only use it when every rank is known to be alive. With ``abort`` (NCCL, a rank is
     gone), the communicators are aborted instead of finalized, which would wait for the missing rank.
     """
-    global _TP
+    global _TP, _PP
     _TP.peer = None  # its buffer goes before the group it was shared over
     if dist.is_available() and dist.is_initialized():
         if abort and dist.get_backend() == "nccl":
@@ -117,4 +201,4 @@ def destroy_tensor_parallel(barrier: bool = False, abort: bool = False) -> None:
             if barrier:
                 dist.barrier()
             dist.destroy_process_group()
-    _TP = TensorParallelGroup()
+    _TP, _PP = TensorParallelGroup(), PipelineGroup()

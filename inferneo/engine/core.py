@@ -7,6 +7,7 @@ out, failures isolated); ``inferneo.engine.core_builder.build_engine_core`` make
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -57,11 +58,17 @@ class EngineCore:
     bitmask is filled by ``StepBitmask`` when the runner asks for it, after the forward pass is queued; with
     asynchronous scheduling it reads the token still in flight from the previous step itself, so constrained
     requests do not make the step wait.
+
+    With ``pipeline_depth`` P > 1 (pipeline parallelism over P stages) up to P steps are in flight at once, each
+    on requests the others do not hold, so that every stage has a micro-batch to work on: a new step is scheduled
+    (leaving out the requests still in flight) and launched while older ones travel through the stages, and the
+    oldest is resolved once P are in flight or nothing else can be scheduled. Asynchronous scheduling is then off.
     """
 
     def __init__(self, runner: Runner, scheduler: Scheduler, max_model_len: int,
                  async_scheduling: bool = False, grammars: GrammarCompiler | None = None,
-                 vocab_size: int | None = None, pooling: PoolingConfig | None = None):
+                 vocab_size: int | None = None, pooling: PoolingConfig | None = None,
+                 pipeline_depth: int = 1):
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = max_model_len
@@ -72,6 +79,9 @@ class EngineCore:
         self.pooling = pooling or PoolingConfig()  # how embedding requests pool (the front end checked them)
         scheduler.max_model_len = max_model_len
         self._in_flight: _Launched | None = None
+        self.pipeline_depth = pipeline_depth
+        self._pipeline: deque[_Launched] = deque()  # steps in flight through the pipeline stages, oldest first
+        self.max_steps_in_flight = 0  # the most pipeline steps in flight at once (read by tests and tools)
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
 
@@ -99,7 +109,7 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
-                or bool(self._compiling))
+                or bool(self._compiling) or bool(self._pipeline))
 
     def take_failures(self) -> list[RequestFailure]:
         """Requests the core refused after taking them (a grammar that would not compile), since the last call."""
@@ -111,7 +121,7 @@ class EngineCore:
         nothing else can run, wait a moment for a compile rather than spin."""
         if not self._compiling:
             return
-        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None and not self._pipeline:
             wait([future for _, future in self._compiling.values()], timeout=0.01, return_when=FIRST_COMPLETED)
         for request_id, (request, future) in list(self._compiling.items()):
             if not future.done():
@@ -145,6 +155,8 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Run one engine step; returns outputs for requests that produced a token."""
         self._admit_compiled()
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         if self.async_scheduling:
             return self._step_async()
         if self._in_flight is not None:  # async scheduling was just switched off: land the step in flight
@@ -187,6 +199,23 @@ class EngineCore:
                     request.pending_sample = index
             self._in_flight = launched
         return outputs
+
+    def _step_pipelined(self) -> list[CoreOutput]:
+        """Launch a step on requests not in flight (if the pipeline has room), then resolve the oldest step when
+        the pipeline is full or nothing more could be launched."""
+        queue = self._pipeline
+        if len(queue) < self.pipeline_depth:
+            busy = [item.request for launched in queue for item in launched.sched.scheduled]
+            sched = self.scheduler.schedule(busy)
+            if not sched.is_empty:
+                record, sampled = self._step_record(sched, None)
+                step = self.runner.launch(record)
+                self.scheduler.update_after_step(sched)
+                queue.append(_Launched(sched, sampled, step, time.perf_counter()))
+                self.max_steps_in_flight = max(self.max_steps_in_flight, len(queue))
+                if len(queue) < self.pipeline_depth:
+                    return []
+        return self._finish(queue.popleft()) if queue else []
 
     def _finish(self, launched: _Launched) -> list[CoreOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 
+import msgspec
 import psutil
 import torch
 
@@ -50,11 +51,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
     runner: Runner
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
 
         runner = TensorParallelRunner(config.tensor_parallel_size, config.model, num_threads=config.num_threads,
-                                      **runner_kwargs)
+                                      pipeline_parallel_size=config.pipeline_parallel_size,
+                                      executor_backend=config.distributed_executor_backend, **runner_kwargs)
     else:
         runner = ModelRunner(**runner_kwargs)
     try:
@@ -83,8 +85,13 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
     pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
                                   runner.model_config.hidden_size)
+    if config.pipeline_parallel_size > 1:
+        async_scheduling = False  # the pipeline keeps its own steps in flight, one per stage
+        # Pooling reads the last stage's hidden states, which stay on that stage: not served at PP > 1 yet.
+        pooling = msgspec.structs.replace(pooling, unsupported="embeddings are not served with pipeline "
+                                          "parallelism (--pipeline-parallel-size > 1)")
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
-                      vocab_size=vocab_size, pooling=pooling)
+                      vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size)
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,

@@ -123,9 +123,13 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: list[Request] | None = None) -> SchedulerOutput:
+        """The next step. ``busy`` (pipeline parallelism): requests in steps still in flight, which this step
+        neither schedules nor preempts."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        busy = busy or []
+        busy_ids = {id(r) for r in busy}
         scheduled_running: list[Request] = []
 
         # 1. Running requests, in order; preempt from the back when the cache is full.
@@ -133,11 +137,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0 or self._ends_with_pending_token(request):
+            if num_new <= 0 or id(request) in busy_ids or self._ends_with_pending_token(request):
                 index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):
-                victim = self._pick_victim(exclude=scheduled_running)
+                victim = self._pick_victim(exclude=scheduled_running + busy)
                 if victim is None:  # only requests already scheduled this step remain: wait for the next step
                     victim = request
                 self._preempt(victim)

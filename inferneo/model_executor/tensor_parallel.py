@@ -391,7 +391,8 @@ def fuse_peer_norms(model: nn.Module, tp: TensorParallelGroup) -> int:
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Give every parameter and buffer still on ``meta`` real (uninitialized) storage, keeping tied weights tied;
     rotary tables are recomputed."""
-    tied = getattr(model.lm_head, "weight", None) is getattr(model.embed_tokens, "weight", None)
+    lm_head_weight = getattr(model.lm_head, "weight", None)  # None on a pipeline stage without the LM head
+    tied = lm_head_weight is not None and lm_head_weight is getattr(model.embed_tokens, "weight", None)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:

@@ -10,6 +10,7 @@ import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
 from inferneo.attention.kv_spec import allocate_kv_caches
+from inferneo.model_executor.pipeline import stage_forward
 
 if TYPE_CHECKING:
     from inferneo.worker.model_runner import ModelRunner
@@ -77,7 +78,13 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
                                  decode_block_tables=None, decode_seq_lens=None, prefills=spans)
     runner.backend.prepare(metadata)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    hidden = runner.model(ids, torch.cat(positions), scratch, metadata)
+    stage = getattr(runner.model, "pipeline_stage", None)
+    if stage is None:
+        hidden = runner.model(ids, torch.cat(positions), scratch, metadata)
+    else:  # one pipeline stage alone (zeros stand in for the activations a later stage receives)
+        hidden = stage_forward(runner.model, ids, torch.cat(positions), scratch, metadata)[0]
+        if not stage.is_last:
+            return None
     rows = hidden[-min(num_seqs, num_tokens):]
     logits = runner.model.compute_logits(rows)  # None on a tensor-parallel worker: the driver samples
     if logits is not None:

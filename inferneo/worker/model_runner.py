@@ -12,6 +12,7 @@ single device-to-host sync. On CUDA, decode-only steps replay captured graphs pa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -24,12 +25,19 @@ import torch
 from inferneo.attention import backend_for_model, default_attention_backend, get_attention_backend
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE
 from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
-from inferneo.distributed import TensorParallelGroup
+from inferneo.distributed import PipelineGroup, TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
 from inferneo.model_executor.layers.rotary import share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_executor.pipeline import (
+    PipelineStage,
+    keep_stage,
+    stage_forward,
+    stage_layer_ranges,
+    stage_weights,
+)
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
 from inferneo.pooling.pooler import pool_step
 from inferneo.quantization import (
@@ -100,8 +108,12 @@ class InFlightStep:
         self._event = None
         self._resolved: RunnerOutput | None = None
         self.pooled: list[torch.Tensor | None] | None = None  # set by the runner for steps with pooling rows
-        if result is None:
-            return
+        if result is not None:
+            self._hold(result)
+
+    def _hold(self, result) -> None:
+        """Keep the sampler's ``result``; on CUDA its copy to the host starts now."""
+        self.sampled = result.sampled_token_ids.contiguous()
         tensors = [result.sampled_token_ids]
         if result.logprobs is not None:
             tensors += [result.logprob_token_ids, result.logprobs, result.sampled_token_ranks]
@@ -137,6 +149,23 @@ class InFlightStep:
         return [None if p is None else p.cpu() for p in self.pooled]
 
 
+class PipelinedStep(InFlightStep):
+    """A step launched into a pipeline: its logits are still on their way from the last stage (``receive``, the
+    pending receive into ``logits``); ``resolve`` waits for them and samples."""
+
+    def __init__(self, num_samples: int, receive, logits: torch.Tensor, sample) -> None:
+        super().__init__(num_samples)
+        self._receive, self._logits, self._sample = receive, logits, sample
+
+    def resolve(self) -> RunnerOutput:
+        if self._receive is not None:
+            self._receive.wait()
+            with torch.inference_mode():
+                self._hold(self._sample(self._logits))
+            self._receive = self._logits = self._sample = None
+        return super().resolve()
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Build parameters directly in ``dtype`` (no float32 copy of a 7B model on the way)."""
@@ -152,7 +181,10 @@ class ModelRunner(Runner):
     """Builds the model on its device and executes scheduled steps.
 
     ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. ``tp_group``
-    (set by the tensor-parallel runner) makes this runner one rank of a group, holding its shards only. The KV
+    (set by the tensor-parallel runner) makes this runner one rank of a group, holding its shards only;
+    ``pp_group`` makes it one rank of a pipeline stage, holding that stage's layers only (``model_executor.pipeline``;
+    the hidden states and residual travel between stages point to point, and the last stage's logits go to the
+    driver, which samples; decode runs eagerly, without CUDA graphs). The KV
     cache holds one block more than the scheduler is given: the spare block that padded decode rows use.
     ``kernels`` chooses the kernels (None: ``KernelConfig.from_env()``); they are put in place once, by
     ``finalize_weights``.
@@ -172,6 +204,7 @@ class ModelRunner(Runner):
         kernels: KernelConfig | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
+        pp_group: PipelineGroup | None = None,
     ) -> None:
         self.device = device
         self.kernels = kernels or KernelConfig.from_env()
@@ -190,14 +223,23 @@ class ModelRunner(Runner):
         else:
             self.backend = get_attention_backend(attention_backend, device, self.kernels)
         self.tp = tp_group or TensorParallelGroup()  # one rank unless this runner is part of a TP group
+        self.pp = pp_group or PipelineGroup()  # one stage unless this runner is part of a pipeline
+        self._sends: collections.deque = collections.deque()  # activations on their way to the next stage
+        if self.pp.num_stages > 1:
+            self.enforce_eager = True  # captured decode graphs would hold the whole model's forward
         # The weights' format: the checkpoint's quantization_config, or --quantization (None: full precision).
         self.quant_config = resolve_quant_config(hf_config, quantization)
-        if self.quant_config is not None and self.quant_config.name == "gguf" and self.tp.world_size > 1:
+        parallel = self.tp.world_size > 1 or self.pp.num_stages > 1
+        if self.quant_config is not None and self.quant_config.name == "gguf" and parallel:
             # GGUF blocks are not sharded: the file is de-quantized at load, as before GGUF was kept quantized
-            logger.warning("GGUF with tensor_parallel_size %d: the weights are de-quantized at load (GGUF stays "
-                           "quantized on one rank)", self.tp.world_size)
+            logger.warning("GGUF with tensor_parallel_size %d x pipeline_parallel_size %d: the weights are "
+                           "de-quantized at load (GGUF stays quantized on one rank)", self.tp.world_size,
+                           self.pp.num_stages)
             self.quant_config = None
         if self.quant_config is not None:
+            if self.pp.num_stages > 1:
+                raise ValueError(f"quantization ({self.quant_config.name}) with pipeline_parallel_size "
+                                 f"{self.pp.num_stages} is not supported yet")
             if self.tp.world_size > 1:
                 raise ValueError(f"quantization ({self.quant_config.name}) with tensor_parallel_size "
                                  f"{self.tp.world_size} is not supported yet; run it on one rank")
@@ -206,16 +248,25 @@ class ModelRunner(Runner):
         # The KV cache's element type: the model dtype, or float8 e4m3 with per-head scales (quantization.kv_cache).
         self.kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)
         self.fp8_kv_cache = self.kv_dtype == FP8_KV_DTYPE
+        if self.fp8_kv_cache and self.pp.num_stages > 1:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype} with pipeline_parallel_size {self.pp.num_stages} is "
+                             "not supported yet")
         if self.tp.peer is not None:  # every rank holds the same switches, so all take the same path
             if self.kernels.peer_all_reduce:
                 self.tp.peer.use_kernels(self.kernels, device)
             else:
                 self.tp.peer = None  # every all-reduce through NCCL
-        if self.tp.world_size > 1:
-            # Build on meta, keep only this rank's shards, then give them storage: no rank holds the whole model.
+        if self.tp.world_size > 1 or self.pp.num_stages > 1:
+            # Build on meta, keep only this rank's shards of its stage's layers, then give them storage: no rank
+            # holds the whole model.
             with torch.device("meta"), _default_dtype(dtype):
                 self.model = model_cls(self.model_config, self.backend, max_position=max_model_len)
-            shard_model(self.model, self.tp, device, dtype)
+            if self.tp.world_size > 1:
+                shard_model(self.model, self.tp, device, dtype)
+            if self.pp.num_stages > 1:
+                ranges = stage_layer_ranges(self.model_config.num_layers, self.pp.num_stages)
+                start, end = ranges[self.pp.stage]
+                keep_stage(self.model, PipelineStage(self.pp.stage, self.pp.num_stages, start, end))
             materialize(self.model, device)
         else:
             with torch.device(device), _default_dtype(dtype):
@@ -255,6 +306,8 @@ class ModelRunner(Runner):
     def load_weights(self, weights) -> None:
         """Copy checkpoint weights (Hugging Face names) into the model."""
         start = time.perf_counter()
+        if self.pp.num_stages > 1:
+            weights = stage_weights(self.model, weights)  # this stage's layers, renumbered from 0
         kv_scales = CheckpointKVScales()
         weights = kv_scales.split(weights)  # KV cache scales go to the attention layers, not to load_weights
         if self.quant_config is not None:
@@ -363,18 +416,26 @@ class ModelRunner(Runner):
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
+        receive = None
+        if num_samples and self.pp.num_stages > 1:  # the last stage's logits, received while later steps launch
+            incoming = torch.empty(num_samples, self.model_config.vocab_size, dtype=torch.float32,
+                                   device=self.device)
+            receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if not num_samples:
             in_flight = InFlightStep(0)
         else:
-            rows = self._sample_rows(hidden, dev, packed, num_samples)
-            logits = self.model.compute_logits(rows)
             bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
             sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device,
                                               bitmask)
-            in_flight = InFlightStep(num_samples, self.sampler(logits, sampling))
+            if receive is not None:
+                in_flight = PipelinedStep(num_samples, receive, incoming,
+                                          lambda logits: self.sampler(logits, sampling))
+            else:
+                logits = self._logits(hidden, dev, packed, num_samples)
+                in_flight = InFlightStep(num_samples, self.sampler(logits, sampling))
         in_flight.pooled = pooled
         return in_flight
 
@@ -385,12 +446,24 @@ class ModelRunner(Runner):
         host, host_tensor = self._inputs.host(step.packed.layout.size)
         host[: step.packed.layout.size] = step.host
         previous_samples = None
-        if step.num_previous_samples:  # the driver's previous samples, which this step reads (async scheduling)
+        if step.num_previous_samples and self.pp.is_first:  # the driver's previous samples, which this step reads
             previous_samples = self.tp.broadcast(
                 torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device))
         hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples)
         if step.num_samples:
-            self.model.compute_logits(self._sample_rows(hidden, dev, step.packed, step.num_samples))
+            self._logits(hidden, dev, step.packed, step.num_samples)
+
+    def _logits(self, hidden: torch.Tensor, dev: torch.Tensor, packed: PackedStep, count: int) -> torch.Tensor | None:
+        """The sampled rows' logits on the driver (None elsewhere). In a pipeline, the last stage computes them
+        and its tensor-parallel rank 0 sends them to the driver (global rank 0)."""
+        if self.pp.num_stages == 1:
+            return self.model.compute_logits(self._sample_rows(hidden, dev, packed, count))
+        if self.pp.is_last:
+            logits = self.model.compute_logits(self._sample_rows(hidden, dev, packed, count))
+            if logits is not None:  # tensor-parallel rank 0 of the last stage
+                self.pp.send(logits, dst=0)
+            return None
+        return None  # the driver receives the logits itself (``launch``); other ranks of earlier stages: none
 
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
@@ -401,10 +474,30 @@ class ModelRunner(Runner):
             self._fill_pending_ids(packed, graphs.inputs, previous_samples)
             return graphs.replay(bucket), dev
         dev = self._inputs.upload(host_tensor, layout.size)
-        self._fill_pending_ids(packed, dev, previous_samples)
+        if self.pp.is_first:  # later stages read hidden states, not ids
+            self._fill_pending_ids(packed, dev, previous_samples)
         input_ids, positions, metadata = step_views(dev, packed, self.block_size)
         self.backend.prepare(metadata)
-        return self.model(input_ids, positions, self.kv_caches, metadata), dev
+        if self.pp.num_stages == 1:
+            return self.model(input_ids, positions, self.kv_caches, metadata), dev
+        return self._stage_forward(input_ids, positions, metadata), dev
+
+    def _stage_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata) -> torch.Tensor:
+        """This pipeline stage's layers: the previous stage's hidden states and residual come in (one message),
+        this stage's go out to the next; returns the hidden states (final only on the last stage)."""
+        received = None
+        if not self.pp.is_first:
+            shape = (2, input_ids.shape[0], self.model_config.hidden_size)
+            pair = self.pp.recv(shape, self.dtype, self.device, self.pp.prev_rank)
+            received = (pair[0], pair[1])
+        hidden, residual = stage_forward(self.model, input_ids, positions, self.kv_caches, metadata, received)
+        if not self.pp.is_last:
+            # Sent without waiting: the next stage may still be busy with an earlier step (several are in flight).
+            outgoing = torch.stack((hidden, residual))
+            self._sends.append((self.pp.isend(outgoing, self.pp.next_rank), outgoing))
+            while len(self._sends) > 8 or (self._sends and self._sends[0][0].is_completed()):
+                self._sends.popleft()[0].wait()
+        return hidden
 
     def _fill_pending_ids(self, packed: PackedStep, inputs: torch.Tensor,
                           previous_samples: torch.Tensor | None) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from inferneo import envs
-from inferneo.distributed import destroy_tensor_parallel, init_tensor_parallel
+from inferneo.distributed import destroy_tensor_parallel, init_parallel
 from inferneo.kernel_config import KernelConfig
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RemoteStep, RunnerOutput
 from inferneo.worker.runner_api import Runner, driver_only, every_rank
@@ -63,6 +63,8 @@ def _joined_key(rank: int) -> str:
 
 def _exited(proc: mp.Process) -> str:
     """How ``proc`` ended, for a message: "exited with code 1", "exited with code -9 (killed by SIGKILL)"."""
+    if hasattr(proc, "describe_exit"):  # a Ray actor (``ray_executor.RayRank``)
+        return proc.describe_exit()
     proc.join(timeout=1)  # its pipes close a moment before its exit status can be read
     code = proc.exitcode
     if code is not None and code < 0:
@@ -75,24 +77,26 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _worker_main(rank: int, world: int, port: int, runner_kwargs: dict, conn: Connection) -> None:
-    """A worker's life: check in at the driver's store, join the group, build the shard, report "ready", then
-    obey the driver's messages until "stop"."""
+def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs: dict, conn: Connection,
+                 store_host: str = "127.0.0.1", device: torch.device | None = None) -> None:
+    """A worker's life: check in at the driver's store (at ``store_host``), join the group, build the shard,
+    report "ready", then obey the driver's messages until "stop". ``device``: this rank's device when not the
+    local ``cuda:rank`` (a Ray actor sees only its own GPU)."""
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker>` prints its threads' stacks: the tool for a stalled rank
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    device = _rank_device(runner_kwargs["device"], rank)
+    device = device or _rank_device(runner_kwargs["device"], rank)
     if device.type == "cpu":
         torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
     else:
         runner_kwargs.pop("num_threads", None)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_TIMEOUT)
+    store = dist.TCPStore(store_host, port, tp_size * pp_size, is_master=False, timeout=_TIMEOUT)
     store.set(_joined_key(rank), "1")  # the driver waits for every rank's check-in before it forms the group
-    group = init_tensor_parallel(rank, world, None, device, timeout=_TIMEOUT, store=store)
+    group, stage = init_parallel(rank, tp_size, pp_size, None, device, timeout=_TIMEOUT, store=store)
     runner = None
     timing = _StepTiming(rank) if envs.tp_timing() else None
     try:
         try:
-            runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group))
+            runner = ModelRunner(**dict(runner_kwargs, device=device, tp_group=group, pp_group=stage))
         except Exception:  # the driver raises it; this rank just leaves (the driver stops the others)
             conn.send(("error", traceback.format_exc()))
             destroy_tensor_parallel(abort=True)
@@ -180,6 +184,8 @@ def _set_up(runner: ModelRunner, kind: str, arg):
         return runner.profile_kv_memory(*arg)
     elif kind == "allocate":
         runner.allocate_kv_cache(arg)
+    elif kind == "kv_bytes":
+        return runner.kv_bytes_per_block
     else:
         raise ValueError(f"unknown message {kind!r}")
     return None
@@ -193,44 +199,75 @@ class TensorParallelRunner(Runner):
     answers; the ranks agree on it).
     """
 
-    def __init__(self, world_size: int, model: str, num_threads: int | None = None, **runner_kwargs) -> None:
+    def __init__(self, world_size: int, model: str, num_threads: int | None = None, pipeline_parallel_size: int = 1,
+                 executor_backend: str = "mp", **runner_kwargs) -> None:
+        tp_size = world_size
+        world_size = tp_size * pipeline_parallel_size
         device = runner_kwargs["device"]
         if device.type == "cuda" and torch.cuda.device_count() < world_size:
-            raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+            raise ValueError(f"tensor_parallel_size {tp_size} x pipeline_parallel_size {pipeline_parallel_size} "
+                             f"needs {world_size} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
         self.world_size = world_size
+        self.tp_size, self.pp_size = tp_size, pipeline_parallel_size
         self._model = model
         self._device = device
         # One set of kernel switches for every rank, read here when the engine gave none.
         runner_kwargs["kernels"] = runner_kwargs.get("kernels") or KernelConfig.from_env()
         self._conns: list[Connection] = []
-        self._procs: list[mp.Process] = []
+        self._procs: list[mp.Process] = []  # or ``ray_executor.RayRank`` handles, which answer the same calls
         self._joined = False
-        # The driver owns the rendezvous store (port 0: the system picks a free one), so that it can watch the
-        # workers check in instead of blocking inside ``init_process_group`` until a timeout.
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
-        ctx = mp.get_context("spawn")
+        self.executor_backend = executor_backend
+        self._ray = None
+        worker_kwargs = dict(runner_kwargs, num_threads=num_threads)
         try:
-            for rank in range(1, world_size):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
-                                   args=(rank, world_size, store.port, dict(runner_kwargs, num_threads=num_threads),
-                                         child))
-                proc.start()
-                child.close()
-                self._conns.append(parent)
-                self._procs.append(proc)
+            if executor_backend == "ray":
+                from inferneo.worker.ray_executor import RayWorkers
+
+                self._ray = RayWorkers(world_size, device)
+                # Ray's workers may run on other machines: the store listens on this node's address.
+                store = dist.TCPStore(self._ray.host, 0, world_size, is_master=True, timeout=_TIMEOUT,
+                                      wait_for_workers=False)
+                self._procs, self._conns = self._ray.start(
+                    _worker_main, lambda rank: (rank, tp_size, pipeline_parallel_size, store.port, worker_kwargs),
+                    WorkerDiedError)
+            elif executor_backend == "mp":
+                # The driver owns the rendezvous store (port 0: the system picks a free one), so that it can watch
+                # the workers check in instead of blocking inside ``init_process_group`` until a timeout.
+                store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=_TIMEOUT,
+                                      wait_for_workers=False)
+                self._spawn_processes(tp_size, pipeline_parallel_size, store.port, worker_kwargs)
+            else:
+                raise ValueError(f"distributed_executor_backend must be mp or ray; got {executor_backend!r}")
             self._wait_for_check_ins(store)
-            group = init_tensor_parallel(0, world_size, None, _rank_device(device, 0), timeout=_TIMEOUT, store=store)
+            group, stage = init_parallel(0, tp_size, pipeline_parallel_size, None, _rank_device(device, 0),
+                                         timeout=_TIMEOUT, store=store)
             self._joined = True
-            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group))
+            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group,
+                                             pp_group=stage))
             self._gather(starting=True)  # every worker built its shard: "ready"
+            # Pipeline stages may hold different numbers of layers: a block costs what the largest stage needs.
+            self._broadcast("kv_bytes", None)
+            self._kv_bytes_per_block = max([self.driver.kv_bytes_per_block, *self._gather()])
         except BaseException:
             self._abandon_start()
             raise
         self.driver.step_listener = self._send_step
-        logger.info("tensor parallel: %d ranks (driver + %d workers); small all-reduces through %s", world_size,
-                    world_size - 1, "peer memory" if group.peer is not None else "NCCL")
+        logger.info("parallel: %d ranks (tensor %d x pipeline %d; driver + %d workers); small all-reduces through %s",
+                    world_size, tp_size, pipeline_parallel_size, world_size - 1,
+                    "peer memory" if group.peer is not None else "NCCL")
+
+    def _spawn_processes(self, tp_size: int, pp_size: int, port: int, worker_kwargs: dict) -> None:
+        """Start ranks ``1..world_size-1`` as local processes, each with a pipe to the driver."""
+        ctx = mp.get_context("spawn")
+        for rank in range(1, self.world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"inferneo-tp{rank}", daemon=True,
+                               args=(rank, tp_size, pp_size, port, worker_kwargs, child))
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
 
     # ---- the Runner interface ----------------------------------------------------------------------------
 
@@ -255,8 +292,9 @@ class TensorParallelRunner(Runner):
     @property
     @driver_only
     def kv_bytes_per_block(self) -> int:
-        """Bytes of one KV block on each rank (every rank holds the same number of heads)."""
-        return self.driver.kv_bytes_per_block
+        """Bytes of one KV block on the rank that needs the most (every rank of a stage holds the same number of
+        heads; pipeline stages may hold different numbers of layers)."""
+        return self._kv_bytes_per_block
 
     @every_rank
     def load_weights(self, weights) -> None:
@@ -320,13 +358,20 @@ class TensorParallelRunner(Runner):
                 proc.terminate()
                 proc.join(timeout=5)
         self._conns, self._procs = [], []
+        self._release_ray()
+
+    def _release_ray(self) -> None:
+        """With the Ray backend: kill what is left of the actors and free their placement group."""
+        if self._ray is not None:
+            self._ray.release()
+            self._ray = None
 
     @driver_only
     def check_workers(self, timeout: float = 0.0) -> None:
         """Raise WorkerDiedError if a worker has exited, after waiting up to ``timeout`` s for one to exit (a
         collective fails as soon as a peer's sockets close, which can be a moment before that peer is reaped)."""
         if timeout > 0 and self._procs:
-            wait([proc.sentinel for proc in self._procs], timeout)
+            self._wait_for_exits(timeout)
         self._check_alive()
 
     # ---- start-up ----------------------------------------------------------------------------------------
@@ -334,16 +379,25 @@ class TensorParallelRunner(Runner):
     def _wait_for_check_ins(self, store: dist.TCPStore) -> None:
         """Wait until every worker has reached the store, raising as soon as one of them exits instead."""
         keys = [_joined_key(rank) for rank in range(1, self.world_size)]
-        exits = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)}
         deadline = time.monotonic() + _TIMEOUT.total_seconds()
         while not store.check(keys):
-            exited = wait(list(exits), _POLL_S)
+            exited = self._wait_for_exits(_POLL_S)
             if exited:
-                rank = min(exits[sentinel] for sentinel in exited)
+                rank = min(exited)
                 raise WorkerDiedError(f"tensor-parallel worker {rank} {_exited(self._procs[rank - 1])} while "
                                       f"starting, before it joined the group. {_SPAWN_HINT}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tensor-parallel workers did not start within {_TIMEOUT.total_seconds():.0f} s")
+
+    def _wait_for_exits(self, timeout: float) -> list[int]:
+        """The ranks whose worker has exited, waiting up to ``timeout`` s for one to (processes signal their exit;
+        Ray actors are polled)."""
+        sentinels = [proc.sentinel for proc in self._procs if proc.sentinel is not None]
+        if sentinels:
+            wait(sentinels, timeout)
+        else:
+            time.sleep(timeout)
+        return [rank for rank, proc in enumerate(self._procs, start=1) if not proc.is_alive()]
 
     def _abandon_start(self) -> None:
         """Start-up failed: stop every worker at once (none has anything to save) and leave the group."""
@@ -360,6 +414,7 @@ class TensorParallelRunner(Runner):
         if self._joined:  # leave only a group this runner joined (not another engine's)
             destroy_tensor_parallel(abort=True)
         self._conns, self._procs = [], []
+        self._release_ray()
 
     # ---- messages ----------------------------------------------------------------------------------------
 
@@ -384,7 +439,8 @@ class TensorParallelRunner(Runner):
         one that exits instead of answering raises WorkerDiedError at once."""
         when = "while starting (building its shard of the model)" if starting else "during set-up"
         ranks = {conn: rank for rank, conn in enumerate(self._conns, start=1)}
-        exits = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1)}
+        # Processes signal their exit; a Ray actor's death closes its connection, which reads as EOF below.
+        exits = {proc.sentinel: rank for rank, proc in enumerate(self._procs, start=1) if proc.sentinel is not None}
         results: dict[int, object] = {}
         while len(results) < len(ranks):
             ready = wait([conn for conn, rank in ranks.items() if rank not in results] + list(exits))
