@@ -44,9 +44,11 @@ def request_of(row: Mapping[str, Any], sampling: Mapping[str, Any], request_fiel
                 given = json.loads(given)
             except json.JSONDecodeError as exc:
                 raise RowError(f"column 'body' is not valid JSON: {exc}") from None
+        else:
+            given = _dropped_nulls(given)
         if not isinstance(given, Mapping):
             raise RowError(f"column 'body' must be a JSON object, got {type(given).__name__}")
-        body.update(_dropped_nulls(given))
+        body.update(given)
         url = url or (CHAT_URL if "messages" in body else COMPLETIONS_URL)
     elif _present(row.get("messages")):
         body["messages"] = _dropped_nulls(_plain(row["messages"]))
