@@ -110,3 +110,23 @@ def test_killing_a_replica_mid_run_loses_and_repeats_nothing(ray_cluster, tiny_l
                                           for i in range(len(texts))], use_tqdm=False)
     for row in seen:
         assert row["generated_text"] == expected[row["key"]].outputs[0].text, row["key"]
+
+
+def test_endpoint_processor_posts_rows_to_a_running_server(ray_cluster, tiny_llama_dir, reference):
+    import ray.data
+
+    from inferneo.integrations.ray import EndpointProcessorConfig
+    from inferneo.testing.server import RemoteServer
+
+    texts = prompts(6)
+    rows = [{"key": i, "prompt": t} for i, t in enumerate(texts)]
+    rows.append({"key": 6, "body": json.dumps({"prompt": "x", "model": "not-served"})})
+    engine = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", *engine, "--disable-access-log") as server:
+        processor = build_processor(EndpointProcessorConfig(
+            urls=(server.base_url,), model="tiny", sampling={"max_tokens": MAX_TOKENS, "temperature": 0},
+            batch_size=3, num_cpus=0))
+        out = {r["key"]: r for r in processor(ray.data.from_items(rows)).take_all()}
+    expected = reference.generate(texts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
+    assert [out[i]["generated_text"] for i in range(len(texts))] == [o.outputs[0].text for o in expected]
+    assert out[6]["status_code"] == 404 and out[6]["error"].startswith("model_not_found"), out[6]

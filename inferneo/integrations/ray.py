@@ -99,7 +99,11 @@ class EndpointProcessorConfig:
 
 
 class Processor:
-    """Maps a ``ray.data.Dataset`` to one with the answer columns added (lazily, like any Dataset op)."""
+    """Maps a ``ray.data.Dataset`` to one with the answer columns added (lazily, like any Dataset op).
+    ``replica_class`` and ``sender_class`` are the actor classes used (a subclass may wrap them)."""
+
+    replica_class: type[EngineReplica]
+    sender_class: type[EndpointSender]
 
     def __init__(self, config: EngineProcessorConfig | EndpointProcessorConfig) -> None:
         self.config = config
@@ -109,7 +113,7 @@ class Processor:
 
         config = self.config
         if isinstance(config, EngineProcessorConfig):
-            actor_class, size, per_actor = EngineReplica, config.replicas, config.batches_per_replica
+            actor_class, size, per_actor = self.replica_class, config.replicas, config.batches_per_replica
             res = config.resources
             resources: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
             if res.memory is not None:
@@ -117,7 +121,7 @@ class Processor:
             if res.accelerator_type is not None:
                 resources["accelerator_type"] = res.accelerator_type
         else:
-            actor_class, size, per_actor = EndpointSender, config.actors, config.batches_per_actor
+            actor_class, size, per_actor = self.sender_class, config.actors, config.batches_per_actor
             resources = {"num_cpus": config.num_cpus}
         return dataset.map_batches(
             actor_class, fn_constructor_args=(config,), batch_size=config.batch_size, batch_format="numpy",
@@ -210,6 +214,10 @@ class EndpointSender(_RowMapper):
             return 503, None, {"error": {"message": str(exc), "type": "server_unreachable", "param": None,
                                          "code": "server_unreachable"}}
         return reply.status_code, reply.request_id, reply.body
+
+
+Processor.replica_class = EngineReplica
+Processor.sender_class = EndpointSender
 
 
 def _check_positive(**values: int) -> None:
