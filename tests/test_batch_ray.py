@@ -120,6 +120,7 @@ def replica_pids() -> list[int]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two driver processes, each starting replicas: 125-150 s on the loaded 2-core host
 @pytest.mark.parametrize("victim", ["driver", "replica"])
 def test_batch_on_ray_killed_then_rerun_writes_each_custom_id_once(
         victim, ray_cluster, tiny_llama_dir, job_input, reference, tmp_path):

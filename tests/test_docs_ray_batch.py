@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # loads the bundled default model in a replica
 def test_ray_batch_quick_start_runs(ray_cluster, monkeypatch):
     import ray
 
