@@ -187,7 +187,9 @@ class EngineReplica(_RowMapper):
         return reply.status_code, reply.request_id, reply.body
 
     def __del__(self) -> None:
-        self.server.shutdown()
+        server = getattr(self, "server", None)  # absent if loading the model failed
+        if server is not None:
+            server.shutdown()
 
 
 class EndpointSender(_RowMapper):
