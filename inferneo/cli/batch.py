@@ -38,13 +38,26 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="in-process: the model name(s) request bodies may use (default: the --model value)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="answer only shard I of N (0-based; the lines whose number n has (n-1) %% N == I), "
+                        "e.g. a Slurm array or Kubernetes indexed job's index; give each shard its own --output")
+    cluster = parser.add_argument_group("on a Ray cluster (pip install 'inferneo[ray]')")
+    cluster.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                         help="answer with engine replicas on a Ray cluster: ADDRESS (e.g. ray://head:10001 or "
+                         "auto), or without one $RAY_ADDRESS or a new local cluster")
+    cluster.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (default 1)")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves a replica")
+    cluster.add_argument("--replica-gpus", type=float, default=None,
+                         help="--ray: GPUs Ray reserves a replica (default: --tensor-parallel-size on a GPU "
+                         "device, else 0)")
+    cluster.add_argument("--batch-size", type=int, default=16, help="--ray: lines sent to a replica at a time")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``inferneo batch``; returns the exit status (0: every line has its record)."""
-    from inferneo.batch.job import BatchJob
+    from inferneo.batch.job import BatchJob, Shard
     from inferneo.batch.output import OutputFileError
     from inferneo.batch.sender import ServerUnreachableError
 
@@ -55,8 +68,16 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         print("inferneo batch: error: --concurrency must be at least 1", file=sys.stderr)
         return 2
+    if args.ray is not None and args.url:
+        print("inferneo batch: error: give --url (a running server) or --ray (replicas on a cluster), not both",
+              file=sys.stderr)
+        return 2
     try:
-        job = BatchJob(args.input, args.output, overwrite=args.overwrite)
+        shard = None if args.shard is None else Shard.parse(args.shard)
+        job = BatchJob(args.input, args.output, overwrite=args.overwrite, shard=shard)
+    except ValueError as exc:
+        print(f"inferneo batch: error: {exc}", file=sys.stderr)
+        return 2
     except OutputFileError as exc:
         print(f"inferneo batch: error: {exc}", file=sys.stderr)
         return 2
@@ -69,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         if job.num_done == job.total:
             print(f"inferneo batch: nothing to do: {args.output} has a record for every line", file=sys.stderr)
             return 0
+        if args.ray is not None:
+            return _run_on_ray(job, args)
         server = None
         try:
             if not args.url:
@@ -93,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if server is not None:
                 server.shutdown()
+    return _report(job, args, summary)
+
+
+def _report(job, args: argparse.Namespace, summary) -> int:
     failed = summary.failed + summary.invalid
     print(f"inferneo batch: {job.total} lines, {summary.already_done + summary.written} records in {args.output} "
           f"({summary.succeeded} ok, {failed} failed this run{', see their error field' if failed else ''})",
@@ -111,3 +138,37 @@ async def _run(job, args: argparse.Namespace, server):
         client = server.client(args.timeout)
     async with client as http:
         return await job.run(Sender(http, args.max_retries), concurrency, args.progress)
+
+
+def _run_on_ray(job, args: argparse.Namespace) -> int:
+    import ray
+    import ray.data
+
+    from inferneo.batch.on_ray import run_on_ray
+    from inferneo.integrations.ray import EngineProcessorConfig, ReplicaResources
+
+    engine_kwargs = engine_config_kwargs(args)
+    model = engine_kwargs.pop("model")
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = float(engine_kwargs.get("tensor_parallel_size") or 1) if str(engine_kwargs.get("device")).startswith("cuda") else 0.0
+    try:
+        config = EngineProcessorConfig(
+            model=model, engine_options=engine_kwargs,
+            served_model_name=args.served_model_name[0] if args.served_model_name else None,
+            batch_size=args.batch_size, replicas=args.replicas,
+            resources=ReplicaResources(num_cpus=args.replica_cpus, num_gpus=gpus))
+    except ValueError as exc:
+        print(f"inferneo batch: error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(address=args.ray or None, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = args.progress
+    try:
+        summary = run_on_ray(job, config, args.progress)
+    except KeyboardInterrupt:
+        print(f"\ninferneo batch: interrupted; {job.num_done} of {job.total} lines are in {args.output}. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return 130
+    finally:
+        ray.shutdown()
+    return _report(job, args, summary)

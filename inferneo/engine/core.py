@@ -208,10 +208,10 @@ class EngineCore:
             busy = [item.request for launched in queue for item in launched.sched.scheduled]
             sched = self.scheduler.schedule(busy)
             if not sched.is_empty:
-                record, sampled = self._step_record(sched, None)
+                record, sampled, pooled = self._step_record(sched, None)
                 step = self.runner.launch(record)
                 self.scheduler.update_after_step(sched)
-                queue.append(_Launched(sched, sampled, step, time.perf_counter()))
+                queue.append(_Launched(sched, sampled, step, time.perf_counter(), pooled))
                 self.max_steps_in_flight = max(self.max_steps_in_flight, len(queue))
                 if len(queue) < self.pipeline_depth:
                     return []
