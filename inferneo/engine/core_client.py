@@ -192,10 +192,11 @@ class ProcessCoreClient:
     """Starts the engine core in a child process and carries commands to it and messages from it.
 
     Building it starts the child; :meth:`wait_ready` blocks until the model is loaded (the caller can load the
-    tokenizer meanwhile).
+    tokenizer meanwhile). ``extra_env`` is added to the child's environment (a data-parallel replica's GPUs).
     """
 
-    def __init__(self, config: EngineConfig, max_consecutive_step_failures: int = 3) -> None:
+    def __init__(self, config: EngineConfig, max_consecutive_step_failures: int = 3,
+                 extra_env: dict[str, str] | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied threads or locks
         commands_in, self._commands = context.Pipe(duplex=False)
         self._messages, messages_out = context.Pipe(duplex=False)
@@ -205,7 +206,8 @@ class ProcessCoreClient:
             target=run_engine_core, name="inferneo-engine-core", daemon=False,
             args=(config, commands_in, messages_out, max_consecutive_step_failures,
                   logging.getLogger().getEffectiveLevel()))
-        with _environment(engine_core_environment(config.torch_device.type, os.environ)):
+        environment = {**engine_core_environment(config.torch_device.type, os.environ), **(extra_env or {})}
+        with _environment(environment):
             self.process.start()  # a spawned child takes this process's environment as it is now
         if config.torch_device.type == "cpu" and envs.api_process_nice():
             # Measured on 2 cores (docs/benchmarks.md): the engine's OpenMP threads stall whenever the front end
