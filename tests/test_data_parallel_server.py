@@ -9,10 +9,13 @@ One server for the module: the kill test runs last.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -20,6 +23,8 @@ import pytest
 
 from inferneo import LLM, SamplingParams
 from inferneo.testing.server import RemoteServer
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 ARGS = ("--data-parallel-size", "2", "--kv-cache-memory", "16MiB", "--num-threads", "1", "--max-model-len", "512",
         "--disable-access-log")
@@ -101,6 +106,15 @@ def test_second_turn_goes_to_the_replica_of_the_first(server):
             assert routed.get(replica, 0) == routed_before.get(replica, 0) + 1, (replica, routed_before, routed)
             gained = {k: hits[k] - hits_before.get(k, 0.0) for k in hits}
             assert gained[replica] >= 16 and all(v == 0 for k, v in gained.items() if k != replica), gained
+
+
+def test_the_docs_health_example_runs(server):
+    section = DOCS.read_text().split("## Data-parallel replicas behind a router")[1].split("\n## ")[0]
+    (block,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block.replace("http://localhost:8000", server.base_url), "<doc example>", "exec"), {})
+    assert out.getvalue().splitlines()[0] == "ok 2 of 2 replicas serving"
 
 
 def test_a_killed_replica_fails_its_stream_and_the_server_serves_on(server):
