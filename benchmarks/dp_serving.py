@@ -205,7 +205,7 @@ def _headline(figures: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
-    header = {"benchmark": "dp_serving", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    header = {"benchmark": "dp_serving", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "data_parallel_size": args.data_parallel_size, "devices": args.devices,
               "server_args": args.server_args, "environment": environment(),
               "argv": sys.argv[1:]}
