@@ -15,7 +15,7 @@ import pytest
 from inferneo import LLM, SamplingParams
 from inferneo.testing.server import RemoteServer
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 

@@ -22,7 +22,14 @@ import threading
 from collections import deque
 
 from inferneo.config import EngineConfig
-from inferneo.engine.core_client import MessageHandler
+from inferneo.engine.core_client import (
+    STOP_WRITER,
+    MessageHandler,
+    ReaderWriterClient,
+    take_commands,
+    wait_for_commands,
+    write_batches,
+)
 from inferneo.engine.protocol import (
     COMMAND_DECODER,
     MESSAGE_DECODER,
@@ -48,18 +55,10 @@ class _ActorInbox:
         self.closed = False
 
     def wait(self, timeout: float) -> bool:
-        if self.commands:
-            return True
-        woken = self.wake.wait(timeout)
-        self.wake.clear()
-        return woken or bool(self.commands)
+        return wait_for_commands(self.commands, self.wake, timeout)
 
     def take(self) -> list[CoreCommand]:
-        self.wake.clear()
-        taken = []
-        while self.commands:
-            taken.append(self.commands.popleft())
-        return taken
+        return take_commands(self.commands, self.wake)
 
     def front_end_alive(self) -> bool:
         return not self.closed
@@ -116,10 +115,7 @@ class EngineCoreActor:
             messages.append(None if message is None else encode(message))
 
 
-_STOP = object()
-
-
-class RayCoreClient:
+class RayCoreClient(ReaderWriterClient):
     """A :class:`~inferneo.engine.core_client.CoreClient` over an :class:`EngineCoreActor` handle."""
 
     def __init__(self, actor) -> None:
@@ -133,38 +129,11 @@ class RayCoreClient:
         self._alive = True
         self._closed = False
 
-    def start(self, on_message: MessageHandler) -> None:
-        if self._threads:
-            return
-        self._threads = [threading.Thread(target=self._read_loop, args=(on_message,), name="inferneo-ray-reader",
-                                          daemon=True),
-                         threading.Thread(target=self._write_loop, name="inferneo-ray-writer", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def send(self, command: CoreCommand) -> None:
-        self._queue.put(command)
-
     def is_alive(self) -> bool:
         return self._alive
 
     def _write_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            done = any(item is _STOP for item in batch)
-            batch = [item for item in batch if item is not _STOP]
-            try:
-                if batch:
-                    self._ray.get(self.actor.send.remote(encode(batch)))
-            except Exception:  # the actor is gone; the reader reports it
-                return
-            if done:
-                return
+        write_batches(self._queue, lambda batch: self._ray.get(self.actor.send.remote(encode(batch))), (Exception,))
 
     def _read_loop(self, on_message: MessageHandler) -> None:
         why = "the engine core's Ray actor stopped"
@@ -195,7 +164,7 @@ class RayCoreClient:
             return
         self._closed = True
         self._queue.put(Shutdown())
-        self._queue.put(_STOP)
+        self._queue.put(STOP_WRITER)
         if not self._threads:
             self._write_loop()
         for thread in self._threads:
