@@ -8,7 +8,8 @@ sides need the same devices):
 - ``w1`` (overhead of one front end over N replicas): random token prompts, ``--num-requests`` x
   ``--prompt-len`` -> ``--output-len``, ``--concurrency`` in flight. Side A: one server with
   ``--data-parallel-size N``; side B: N servers of one replica each, request ``i`` sent to server ``i % N``.
-  The figure is A's output-token throughput over B's (target >= 0.95).
+  The figure is A's output-token throughput over B's (target >= 0.95). ``--w1-baseline single`` makes side B
+  one server of one replica instead: the scale-up of N replicas.
 - ``shared`` (what prefix-aware routing buys): ``--num-prefixes`` system prompts of ``--prefix-len`` tokens,
   each followed by ``--suffix-len`` tokens of its own; requests of the same system prompt are spread through the
   run. Side A: ``--data-parallel-routing prefix``; side B: ``round_robin``. Reported: throughput and the prefix
@@ -50,12 +51,16 @@ SERVED_NAME = "bench"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=None, help="the model every server loads (required unless --smoke)")
+    p.add_argument("--model", default=None, help="the model every server loads (required unless --smoke); "
+                   "'tiny': a tiny random Llama built here (what --smoke uses)")
     p.add_argument("--scenario", choices=("w1", "shared", "all"), default="all")
     p.add_argument("--data-parallel-size", type=int, default=2)
     p.add_argument("--devices", default=None, help="GPU ids for the replicas, e.g. 0,1 (default: CPU)")
     p.add_argument("--server-args", default="", help="more flags for every server (one string)")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads per replica on CPU")
+    p.add_argument("--w1-baseline", choices=("separate", "single"), default="separate",
+                   help="w1's side B: N separate servers behind a round-robin client, or one server of one "
+                   "replica (the scale-up figure)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -73,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_requests, args.prompt_len, args.output_len, args.concurrency = 8, 32, 4, 2
         args.prefix_len, args.suffix_len, args.rounds = 48, 8, 1
         args.server_args = (args.server_args + " --kv-cache-memory 16MiB --max-model-len 256").strip()
+        args.model = args.model or "tiny"
     elif args.model is None:
         p.error("--model is required (or --smoke)")
     return args
@@ -99,7 +105,8 @@ def shared_prefix_workload(args: argparse.Namespace, vocab_size: int) -> Workloa
 
 
 def start_servers(args: argparse.Namespace, model: str, side: str) -> list[RemoteServer]:
-    """``side``: ``dp`` (one server of N replicas, prefix routing), ``dp_round_robin``, or ``separate``."""
+    """``side``: ``dp`` (one server of N replicas, prefix routing), ``dp_round_robin``, ``separate`` (N servers)
+    or ``single`` (one server of one replica)."""
     base = ["--served-model-name", SERVED_NAME, "--disable-access-log", *shlex.split(args.server_args)]
     if not args.devices:
         base += ["--device", "cpu", "--num-threads", str(args.num_threads)]
@@ -113,7 +120,7 @@ def start_servers(args: argparse.Namespace, model: str, side: str) -> list[Remot
     per = len(devices) // n if devices else 0
     servers: list[RemoteServer] = []
     try:
-        for i in range(n):
+        for i in range(1 if side == "single" else n):
             env = {"CUDA_VISIBLE_DEVICES": ",".join(devices[i * per:(i + 1) * per])} if devices else None
             servers.append(RemoteServer(model, *base, env=env, startup_timeout=args.startup_timeout))
     except BaseException:
@@ -221,7 +228,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
-        if args.smoke:
+        if model == "tiny":
             from inferneo.testing.tiny_models import make_tiny_checkpoint
 
             model = str(Path(scratch) / "tiny")
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.scenario in ("w1", "all"):
             w1 = random_workload(args.num_requests, (args.prompt_len, args.prompt_len),
                                  (args.output_len, args.output_len), args.seed, vocab_size)
-            compare(args, model, "w1_dp_vs_separate", ("dp", "separate"), w1, emit)
+            compare(args, model, f"w1_dp_vs_{args.w1_baseline}", ("dp", args.w1_baseline), w1, emit)
         if args.scenario in ("shared", "all"):
             compare(args, model, "shared_prefix_vs_round_robin", ("dp", "dp_round_robin"),
                     shared_prefix_workload(args, vocab_size), emit)
