@@ -45,6 +45,8 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = ("fp8", "awq", "gptq", "compressed-tensors", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+DATA_PARALLEL_BACKENDS = ("mp", "ray")
+DATA_PARALLEL_ROUTINGS = ("prefix", "round_robin", "least_loaded")
 
 
 def parse_memory_size(value: str | int | None) -> int | None:
@@ -165,6 +167,16 @@ class EngineConfig:
     distributed_executor_backend: str = option(
         "mp", str, "how the worker ranks start: mp (local processes) or ray (Ray actors placed by a placement "
         "group, one bundle per worker rank, on the running Ray cluster)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
+    data_parallel_size: int = option(
+        1, int, "serve with this many engine replicas behind one endpoint (inferneo serve only), each a whole "
+        "model (with its own tensor-parallel group) and KV cache", aliases=("-dp",))
+    data_parallel_backend: str = option(
+        "mp", str, "where data-parallel replicas run: mp (child processes of the server) or ray (Ray actors "
+        "placed on the Ray cluster that RAY_ADDRESS or a local start gives)", choices=DATA_PARALLEL_BACKENDS)
+    data_parallel_routing: str = option(
+        "prefix", str, "how a request picks its replica: prefix (the replica that holds the longest cached "
+        "prefix of its prompt, else the least loaded), round_robin, or least_loaded",
+        choices=DATA_PARALLEL_ROUTINGS)
     async_scheduling: bool | None = option(
         None, bool, "schedule and queue the next step before the current one's tokens reach the host "
         "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
@@ -203,6 +215,13 @@ class EngineConfig:
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of "
                              f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}; got {self.distributed_executor_backend!r}")
+        _positive("data_parallel_size", self.data_parallel_size)
+        if self.data_parallel_backend not in DATA_PARALLEL_BACKENDS:
+            raise ValueError(f"data_parallel_backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
+                             f"got {self.data_parallel_backend!r}")
+        if self.data_parallel_routing not in DATA_PARALLEL_ROUTINGS:
+            raise ValueError(f"data_parallel_routing must be one of {', '.join(DATA_PARALLEL_ROUTINGS)}; "
+                             f"got {self.data_parallel_routing!r}")
         _positive("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)

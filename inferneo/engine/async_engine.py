@@ -119,6 +119,23 @@ class AsyncEngine(FrontEndFacts):
         return cls(client, tokenizer, generation_config, max_queued_requests, observer,
                    max_consecutive_step_failures)
 
+    @classmethod
+    def data_parallel(cls, config: EngineConfig, max_queued_requests: int | None = None,
+                      observer: RequestObserver | None = None,
+                      max_consecutive_step_failures: int = 3) -> AsyncEngine:
+        """``config.data_parallel_size`` cores (child processes or Ray actors) behind one router
+        (``inferneo.engine.data_parallel``), all loaded before this returns."""
+        from inferneo.engine.data_parallel import start_replicas
+
+        client = start_replicas(config, max_consecutive_step_failures)
+        try:
+            tokenizer, generation_config = InputProcessor.load_tokenizer(config)
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, tokenizer, generation_config, max_queued_requests, observer,
+                   max_consecutive_step_failures)
+
     # ---- facts -------------------------------------------------------------------------------------------
 
     @property

@@ -34,6 +34,9 @@ _CPU_KV_CACHE_DEFAULT = 4 * 2**30
 
 def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     """Load the model named by ``config`` and build a core around it; returns the core and its facts."""
+    if config.data_parallel_size > 1:
+        raise ValueError(f"data_parallel_size {config.data_parallel_size}: data-parallel replicas are served by "
+                         "`inferneo serve --data-parallel-size N`; one engine here runs one replica")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     source = resolve_model(config.model)

@@ -140,24 +140,56 @@ class ThreadCoreClient:
     # The core loop's inbox.
 
     def wait(self, timeout: float) -> bool:
-        if self._inbox:
-            return True
-        woken = self._wake.wait(timeout)
-        self._wake.clear()
-        return woken or bool(self._inbox)
+        return wait_for_commands(self._inbox, self._wake, timeout)
 
     def take(self) -> list[CoreCommand]:
-        self._wake.clear()
-        taken = []
-        while self._inbox:
-            taken.append(self._inbox.popleft())
-        return taken
+        return take_commands(self._inbox, self._wake)
 
     def front_end_alive(self) -> bool:
         return not self._closed
 
 
-_STOP = object()  # tells the writer thread to finish
+def wait_for_commands(inbox: deque, wake: threading.Event, timeout: float) -> bool:
+    """Whether commands are in ``inbox`` within ``timeout`` seconds (``wake`` is set when one is added)."""
+    if inbox:
+        return True
+    woken = wake.wait(timeout)
+    wake.clear()
+    return woken or bool(inbox)
+
+
+def take_commands(inbox: deque, wake: threading.Event) -> list[CoreCommand]:
+    """Everything in ``inbox``, oldest first."""
+    wake.clear()
+    taken = []
+    while inbox:
+        taken.append(inbox.popleft())
+    return taken
+
+
+STOP_WRITER = object()  # tells the writer thread to finish
+
+
+def write_batches(commands: queue.SimpleQueue, send: Callable[[list[CoreCommand]], object],
+                  gone: tuple[type[BaseException], ...]) -> None:
+    """A writer thread's loop: send everything queued since the last send as one batch, until ``STOP_WRITER`` is
+    queued or ``send`` raises one of ``gone`` (the core is gone; the reader thread reports it)."""
+    while True:
+        batch = [commands.get()]
+        while True:
+            try:
+                batch.append(commands.get_nowait())
+            except queue.Empty:
+                break
+        done = any(item is STOP_WRITER for item in batch)
+        batch = [item for item in batch if item is not STOP_WRITER]
+        try:
+            if batch:
+                send(batch)
+        except gone:
+            return
+        if done:
+            return
 
 
 def engine_core_environment(device_type: str, environ) -> dict[str, str]:
@@ -188,14 +220,41 @@ def _environment(extra: dict[str, str]):
                 os.environ[name] = value
 
 
-class ProcessCoreClient:
+class ReaderWriterClient:
+    """A core client whose commands go out from a writer thread (``_write_loop``, reading ``_queue``) and whose
+    messages come in on a reader thread (``_read_loop(on_message)``): the transport is the subclass's."""
+
+    _queue: queue.SimpleQueue
+    _threads: list[threading.Thread]
+
+    def start(self, on_message: MessageHandler) -> None:
+        if self._threads:
+            return
+        self._threads = [threading.Thread(target=self._read_loop, args=(on_message,), name="inferneo-core-reader",
+                                          daemon=True),
+                         threading.Thread(target=self._write_loop, name="inferneo-core-writer", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def send(self, command: CoreCommand) -> None:
+        self._queue.put(command)
+
+    def _read_loop(self, on_message: MessageHandler) -> None:
+        raise NotImplementedError
+
+    def _write_loop(self) -> None:
+        raise NotImplementedError
+
+
+class ProcessCoreClient(ReaderWriterClient):
     """Starts the engine core in a child process and carries commands to it and messages from it.
 
     Building it starts the child; :meth:`wait_ready` blocks until the model is loaded (the caller can load the
-    tokenizer meanwhile).
+    tokenizer meanwhile). ``extra_env`` is added to the child's environment (a data-parallel replica's GPUs).
     """
 
-    def __init__(self, config: EngineConfig, max_consecutive_step_failures: int = 3) -> None:
+    def __init__(self, config: EngineConfig, max_consecutive_step_failures: int = 3,
+                 extra_env: dict[str, str] | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied threads or locks
         commands_in, self._commands = context.Pipe(duplex=False)
         self._messages, messages_out = context.Pipe(duplex=False)
@@ -205,7 +264,8 @@ class ProcessCoreClient:
             target=run_engine_core, name="inferneo-engine-core", daemon=False,
             args=(config, commands_in, messages_out, max_consecutive_step_failures,
                   logging.getLogger().getEffectiveLevel()))
-        with _environment(engine_core_environment(config.torch_device.type, os.environ)):
+        environment = {**engine_core_environment(config.torch_device.type, os.environ), **(extra_env or {})}
+        with _environment(environment):
             self.process.start()  # a spawned child takes this process's environment as it is now
         if config.torch_device.type == "cpu" and envs.api_process_nice():
             # Measured on 2 cores (docs/benchmarks.md): the engine's OpenMP threads stall whenever the front end
@@ -241,38 +301,11 @@ class ProcessCoreClient:
         self.close()
         raise RuntimeError(f"the engine core process exited while starting (exit code {self.process.exitcode})")
 
-    def start(self, on_message: MessageHandler) -> None:
-        if self._threads:
-            return
-        self._threads = [threading.Thread(target=self._read_loop, args=(on_message,), name="inferneo-core-reader",
-                                          daemon=True),
-                         threading.Thread(target=self._write_loop, name="inferneo-core-writer", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def send(self, command: CoreCommand) -> None:
-        self._queue.put(command)
-
     def is_alive(self) -> bool:
         return self.process.is_alive()
 
     def _write_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            done = any(item is _STOP for item in batch)
-            batch = [item for item in batch if item is not _STOP]
-            try:
-                if batch:
-                    self._commands.send_bytes(encode(batch))
-            except OSError:  # the child is gone; the reader reports it
-                return
-            if done:
-                return
+        write_batches(self._queue, lambda batch: self._commands.send_bytes(encode(batch)), (OSError,))
 
     def _read_loop(self, on_message: MessageHandler) -> None:
         while True:
@@ -295,7 +328,7 @@ class ProcessCoreClient:
             return
         self._closed = True
         self._queue.put(Shutdown())
-        self._queue.put(_STOP)
+        self._queue.put(STOP_WRITER)
         if not self._threads:  # never started: write the shut-down ourselves
             self._write_loop()
         self.process.join(timeout)

@@ -26,6 +26,7 @@ from inferneo.entrypoints.openai.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from inferneo.entrypoints.openai.replicas import health_body, replica_client
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
@@ -59,7 +60,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.get("/health")
     async def health() -> Response:
         if ctx.engine.is_healthy:
-            return Response(status_code=200)
+            replicas = replica_client(ctx.engine)  # data-parallel: the capacity left
+            return Response(status_code=200) if replicas is None else JSONResponse(health_body(replicas))
         message = "the engine is not serving requests"
         if ctx.engine.dead_error is not None:
             message += f": {ctx.engine.dead_error!r}"
@@ -166,8 +168,11 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     shown_host = f"[{host}]" if ":" in host else host
     logger.info("loaded %s (%s) as %s: dtype %s on %s, max_model_len %d, engine %s", facts["name"],
                 ", ".join(facts["architectures"] or []), ", ".join(names), facts["dtype"], facts["device"],
-                engine.max_model_len, "in this process" if engine_in_process else "in a child process")
-    logger.info("KV cache: %.3f GiB in %d blocks of %d tokens (%d tokens)",
+                engine.max_model_len, "in this process" if engine_in_process else
+                f"in {config.data_parallel_size} {config.data_parallel_backend} replicas, routed by "
+                f"{config.data_parallel_routing}" if config.data_parallel_size > 1 else "in a child process")
+    logger.info("KV cache%s: %.3f GiB in %d blocks of %d tokens (%d tokens)",
+                " per replica" if config.data_parallel_size > 1 else "",
                 facts["num_blocks"] * facts["kv_bytes_per_block"] / 2**30, facts["num_blocks"],
                 facts["block_size"], engine.kv_capacity_tokens)
     logger.info("tool calls of tool_choice 'auto' answers: %s", ctx.tool_parser.__name__ if ctx.tool_parser
@@ -196,7 +201,13 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
 
 def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> tuple[AsyncEngine, dict]:
     """The server's engine (core in a child process, or in a thread here) and facts for the start-up log."""
-    build = AsyncEngine.in_thread if in_process else AsyncEngine.in_child_process
+    if config.data_parallel_size > 1:
+        if in_process:
+            raise ValueError("--engine-in-process runs one engine in the server's process; data-parallel "
+                             "replicas run in processes of their own (leave out one of the two options)")
+        build = AsyncEngine.data_parallel
+    else:
+        build = AsyncEngine.in_thread if in_process else AsyncEngine.in_child_process
     engine = build(config, max_queued_requests=max_queued_requests)
     info = engine.info
     facts = {"name": info.model_name, "path": info.model_path, "architectures": info.architectures,

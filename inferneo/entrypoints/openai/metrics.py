@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.entrypoints.openai.replicas import replica_client, replica_metric_families
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -95,6 +96,9 @@ class _EngineCollector:
         yield counter("generation_tokens", "Tokens generated.", snap.num_generation_tokens)
         yield counter("engine_steps", "Engine steps run.", snap.num_steps)
         yield _batch_histogram(snap.batch_size_histogram, labels)
+        replicas = replica_client(self.engine)
+        if replicas is not None:
+            yield from replica_metric_families(replicas, self.model_name)
 
 
 def _batch_histogram(counts: dict[int, int], labels: list[str]) -> HistogramMetricFamily:
