@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def ray_cluster():
     no dashboard. Tests that need Ray take this fixture (and are marked ``ray``), so CI starts Ray once."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
+
+    # A raylet registers within 10 s by default; on a loaded 2-core CI machine it sometimes takes longer.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "240")
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
