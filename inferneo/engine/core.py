@@ -71,8 +71,13 @@ class EngineCore:
         self._in_flight: _Launched | None = None
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
+        self.lora_slots = None  # the runner's LoRA slots (``inferneo.lora.slots.LoRASlots``); None: LoRA is off
 
     def add_request(self, request: Request) -> None:
+        if request.lora is not None:  # read and check the adapter now: a bad one fails this request alone
+            if self.lora_slots is None:
+                raise ValueError("this engine runs without LoRA adapters (start it with enable_lora / --enable-lora)")
+            self.lora_slots.check(request.lora)
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:
             if self.grammars is None:
@@ -253,7 +258,8 @@ class EngineCore:
             samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
                        else computed + num_new == request.num_tokens)
             sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
-                                               request.pending_sample, samples, request.sampling_row))
+                                               request.pending_sample, samples, request.sampling_row,
+                                               request.lora))
             if samples:
                 if request.grammar is not None:
                     constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,

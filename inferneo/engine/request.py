@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inferneo.engine.protocol import CoreRequest
+from inferneo.engine.protocol import CoreRequest, LoraRef
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output.compiler import SequenceGrammar
@@ -68,6 +68,8 @@ class Request:
     pending_sample: int = -1
     # Structured output: the matcher that limits this sequence's next token (set once its grammar is compiled).
     grammar: SequenceGrammar | None = None
+    # The LoRA adapter the request runs with (None: the base model); keys its prefix-cache blocks too.
+    lora: LoraRef | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 
@@ -75,7 +77,7 @@ class Request:
     def from_core_request(cls, spec: CoreRequest) -> Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
-                   spec.eos_token_ids, spec.priority, spec.arrival_time)
+                   spec.eos_token_ids, spec.priority, spec.arrival_time, lora=spec.lora)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inferneo.engine.protocol import LoraRef
 from inferneo.outputs import CompletionOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -24,6 +25,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
 
 
 class RequestGroup:

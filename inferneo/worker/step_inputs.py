@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.engine.protocol import LoraRef
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 
 
@@ -39,6 +40,7 @@ class ScheduledSequence:
     pending_sample: int
     samples: bool  # whether this step samples the sequence's next token
     sampling: SamplingRow
+    lora: LoraRef | None = None  # the LoRA adapter the sequence runs with
 
 
 @dataclass(slots=True)
