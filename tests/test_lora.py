@@ -206,3 +206,23 @@ def test_lora_requests_need_enable_lora(base, adapters):
         engine.shutdown()
     with pytest.raises(ValueError, match="max_lora_rank must be between 1 and 64"):
         LLM(str(base), enable_lora=True, max_lora_rank=128)
+
+
+def test_the_adapters_page_offline_example_runs(base, tmp_path, monkeypatch):
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(base)
+    make_peft_adapter(base, tmp_path / "adapters" / "sql-lora", r=8, target_modules=["q_proj", "v_proj"])
+    monkeypatch.chdir(tmp_path)
+    page = (Path(__file__).parents[1] / "docs" / "adapters.md").read_text()
+    block = re.findall(r"^```python\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)[0]
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "<docs/adapters.md>", "exec"), namespace)
+    assert out.getvalue().strip() == "True"
+    namespace["llm"].shutdown()

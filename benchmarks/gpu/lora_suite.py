@@ -27,6 +27,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 from floors import timed  # noqa: E402
 from h100_suite import Suite, free_memory, run_workloads, sec_ceilings, sec_inferneo_workload, step_latency  # noqa: E402
+from quant_suite import SMOKE_CONFIG  # noqa: E402  (the same tiny smoke model)
 
 from inferneo import LLM, LoRARequest  # noqa: E402
 from inferneo.model_executor import arch_presets  # noqa: E402
@@ -44,8 +45,6 @@ SMOKE = dict(
     w1=(8, 32, 4), w2=(8, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3,
     engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
 )
-SMOKE_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=512)
 
 
 def write_adapters(s: Suite) -> list[LoRARequest]:
