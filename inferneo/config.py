@@ -201,6 +201,8 @@ class EngineConfig:
         _positive("max_loras", self.max_loras)
         if not 1 <= self.max_lora_rank <= 64:
             raise ValueError(f"max_lora_rank must be between 1 and 64; got {self.max_lora_rank}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         if self.max_model_len is not None:

@@ -134,11 +134,9 @@ def _num_kv_blocks(config: EngineConfig, runner, device: torch.device, max_model
 
 
 def _enable_lora(config: EngineConfig, runner: Runner, max_batched: int):
-    """The runner's LoRA slots when ``config.enable_lora`` (one rank only for now), else None."""
+    """The runner's LoRA slots when ``config.enable_lora`` (a tensor-parallel runner refuses), else None."""
     if not config.enable_lora:
         return None
-    if not isinstance(runner, ModelRunner):
-        raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
     return runner.enable_lora(config.max_loras, config.max_lora_rank, config.max_cpu_loras or config.max_loras,
                               max_batched)
 
