@@ -114,17 +114,27 @@ def test_prefix_cache_hits_stay_within_an_adapter(llm, base, adapters):
 
 
 def test_more_adapters_than_slots_page_in_and_out(base, adapters):
-    """One slot for three adapters: requests wait for the slot (LRU paging), chunked prefill splits prompts,
-    and every output still equals PEFT's."""
+    """One slot for three adapters: requests wait for the slot (LRU paging); chunked prefill splits prompts,
+    a KV cache of a few blocks preempts requests, asynchronous scheduling and decode rows padded to buckets (as
+    CUDA graphs pad them) are on; every output still equals PEFT's."""
     engine = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=16, dtype="float32",
-                 kv_cache_memory="16MiB", max_num_batched_tokens=16, num_threads=1)
+                 kv_cache_memory=9 * llm_block_bytes(base), max_num_batched_tokens=16, num_threads=1,
+                 async_scheduling=True)
+    engine.engine.runner.decode_buckets = [1, 2, 4, 8]
     try:
         prompts, loras = prompts_and_loras(adapters, 8, seed=2, shared_prefix=20)
         check_against_peft(engine, base, prompts, loras)
         slots = engine.engine.core.lora_slots
         assert slots.num_loads >= 3 and len(slots.slot_of) == 1
+        assert engine.engine.core.stats.num_preemptions > 0
     finally:
         engine.shutdown()
+
+
+def llm_block_bytes(base) -> int:
+    """Bytes of one KV block of the tiny model (float32, 16 tokens): layers x K and V x kv heads x head_dim."""
+    config = DecoderConfig.from_hf(json.loads((base / "config.json").read_text()))
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 16 * 4
 
 
 def test_block_hashes_are_keyed_by_adapter():
