@@ -196,6 +196,7 @@ def test_the_engine_refuses_bad_requests(llm, base, adapters, tmp_path):
     big = make_peft_adapter(base, tmp_path / "big", r=32, target_modules=["v_proj"])
     with pytest.raises(ValueError, match="above max_lora_rank"):
         llm.generate([[5, 6, 7]], GREEDY, lora_request=LoRARequest("big", 9, str(big)), use_tqdm=False)
+    check_against_peft(llm, base, [[5, 6, 7]], [adapters["qv8"]])  # id 1 is qv8's from now on
     clash = LoRARequest("clash", adapters["qv8"].lora_int_id, adapters["mlp4"].lora_path)
     with pytest.raises(ValueError, match="needs an id of its own"):
         llm.generate([[5, 6, 7]], GREEDY, lora_request=clash, use_tqdm=False)

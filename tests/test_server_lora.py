@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -135,7 +136,7 @@ def test_load_and_unload_while_requests_run_lose_none(server, loras, expected):
     assert [complete(server, "sql", p) for p in PROMPTS] == expected["sql"]
 
 
-def test_bad_adapters_and_names_are_refused(server, loras):
+def test_bad_adapters_and_names_are_refused(server, loras, tmp_path):
     def error(path, body, status, param, headers=AUTH):
         r = post(server, path, body, headers)
         assert r.status_code == status, r.text
@@ -159,6 +160,14 @@ def test_bad_adapters_and_names_are_refused(server, loras):
     error("/v1/completions", {"model": "never", "prompt": "hi"}, 404, "model")
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(loras["mlp16"])}, headers={})
     assert r.status_code == 401
+    # an adapter whose folder is gone by the time a request needs it: that request fails (400), the engine goes on
+    doomed = tmp_path / "doomed"
+    shutil.copytree(loras["mlp16"], doomed)
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "doomed", "lora_path": str(doomed)}).status_code == 200
+    shutil.rmtree(doomed)
+    r = post(server, "/v1/completions", {"model": "doomed", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
+    assert complete(server, "tiny", PROMPTS[0])
     assert httpx.get(server.url("/health"), timeout=10).status_code == 200
 
 

@@ -74,10 +74,8 @@ class EngineCore:
         self.lora_slots = None  # the runner's LoRA slots (``inferneo.lora.slots.LoRASlots``); None: LoRA is off
 
     def add_request(self, request: Request) -> None:
-        if request.lora is not None:  # read and check the adapter now: a bad one fails this request alone
-            if self.lora_slots is None:
-                raise ValueError("this engine runs without LoRA adapters (start it with enable_lora / --enable-lora)")
-            self.lora_slots.check(request.lora)
+        if request.lora is not None and not self._adapter_ready(request):
+            return
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:
             if self.grammars is None:
@@ -88,6 +86,18 @@ class EngineCore:
         else:
             self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += request.num_prompt_tokens
+
+    def _adapter_ready(self, request: Request) -> bool:
+        """Read and check the request's LoRA adapter now; a bad one (or LoRA being off) fails this request alone,
+        as an invalid one (``take_failures``)."""
+        try:
+            if self.lora_slots is None:
+                raise ValueError("this engine runs without LoRA adapters (start it with enable_lora / --enable-lora)")
+            self.lora_slots.check(request.lora)
+        except ValueError as exc:
+            self._failures.append(RequestFailure([request.request_id], FailureKind.INVALID, str(exc)))
+            return False
+        return True
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

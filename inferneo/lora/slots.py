@@ -51,22 +51,25 @@ class LoRASlots:
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_id -> adapter, least recent first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # adapters copied into a slot (for tests and logs)
+        self._paths: dict[int, str] = {}  # every adapter id read so far -> its folder (an id names one adapter)
 
     # ---- adapters ----------------------------------------------------------------------------------------
 
     def check(self, ref: LoraRef) -> LoRAAdapter:
         """The adapter ``ref`` names, read from its folder unless cached; raises LoRAAdapterError if it does not
         fit the model. An id already cached must name the same folder."""
+        known = self._paths.get(ref.lora_id)
+        if known is not None and known != ref.path:
+            raise LoRAAdapterError(f"lora_int_id {ref.lora_id} is the adapter at {known}; {ref.name!r} ({ref.path}) "
+                                   "needs an id of its own", param="lora_int_id")
         adapter = self.host.get(ref.lora_id)
         if adapter is not None:
-            if adapter.path != ref.path:
-                raise LoRAAdapterError(f"lora_int_id {ref.lora_id} is adapter {adapter.name!r} ({adapter.path}); "
-                                       f"{ref.name!r} ({ref.path}) needs an id of its own", param="lora_int_id")
             self.host.move_to_end(ref.lora_id)
             return adapter
         adapter = load_adapter(ref.name, ref.lora_id, ref.path, self.targets, self.num_layers, self.max_rank,
                                self.dtype)
         self.host[ref.lora_id] = adapter
+        self._paths[ref.lora_id] = ref.path
         while len(self.host) > self.max_cpu_loras:
             self.host.popitem(last=False)
         return adapter
@@ -75,6 +78,7 @@ class LoRASlots:
         """Forget adapter ``lora_id`` (an unloaded adapter): its host copy and its slot. A request still running
         with it reads it again."""
         self.host.pop(lora_id, None)
+        self._paths.pop(lora_id, None)
         slot = self.slot_of.pop(lora_id, None)
         if slot is not None:
             for layer in self.layers.values():
