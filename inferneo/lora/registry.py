@@ -50,15 +50,19 @@ class LoRARegistry:
         use or an adapter that does not fit the model."""
         if not isinstance(name, str) or not name.strip():
             raise LoRAAdapterError("lora_name must be a non-empty string", param="lora_name")
-        if name in self.adapters or name in self.reserved:
-            raise LoRAAdapterError(f"The lora adapter '{name}' has already been loaded (or names the base model)",
-                                   param="lora_name")
+        self._check_free(name)
         if not isinstance(path, str) or not path:
             raise LoRAAdapterError("lora_path must be a non-empty string")
         lora_id = next(self._ids)
         load_adapter(name, lora_id, path, self.targets, self.num_layers, self.max_lora_rank)
+        self._check_free(name)  # again: another load of this name may have finished meanwhile
         ref = self.adapters[name] = LoraRef(name, lora_id, path)
         return ref
+
+    def _check_free(self, name: str) -> None:
+        if name in self.adapters or name in self.reserved:
+            raise LoRAAdapterError(f"The lora adapter '{name}' has already been loaded (or names the base model)",
+                                   param="lora_name")
 
     def remove(self, name: str) -> LoraRef:
         """Stop serving adapter ``name`` (requests running with it finish); raises LoRANotFoundError."""

@@ -8,6 +8,7 @@ it finish. The engine reads an adapter when the first request naming it arrives 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
@@ -41,8 +42,9 @@ def install_lora_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
-        try:
-            registry().add(body.lora_name, body.lora_path)
+        loras = registry()
+        try:  # reading the adapter's weights to check them takes a moment: off the event loop
+            await asyncio.to_thread(loras.add, body.lora_name, body.lora_path)
         except LoRAAdapterError as exc:
             raise bad_request(str(exc), exc.param) from None
         except ValueError as exc:
