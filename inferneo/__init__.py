@@ -17,7 +17,7 @@ _CLIENT_NAMES = frozenset({
     "LengthFinishReasonError",
 })
 
-__all__ = ["LLM", "KernelConfig", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
+__all__ = ["LLM", "KernelConfig", "LoRARequest", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
            *sorted(_CLIENT_NAMES)]
 
 
@@ -27,6 +27,10 @@ def __getattr__(name: str):
         from inferneo.entrypoints.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from inferneo.lora.request import LoRARequest
+
+        return LoRARequest
     if name == "KernelConfig":
         from inferneo.kernel_config import KernelConfig
 

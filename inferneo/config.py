@@ -180,6 +180,11 @@ class EngineConfig:
     async_scheduling: bool | None = option(
         None, bool, "schedule and queue the next step before the current one's tokens reach the host "
         "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
+    enable_lora: bool = option(False, bool, "serve LoRA adapters (PEFT folders) picked per request")
+    max_loras: int = option(4, int, "LoRA adapters a batch may run at once (the device slots)")
+    max_lora_rank: int = option(16, int, "the largest LoRA rank accepted (at most 64)")
+    max_cpu_loras: int | None = option(
+        None, int, "LoRA adapters kept read in host memory (default: max_loras)")
     kernels: KernelConfig = not_a_flag(
         default_factory=_kernels_from_env,
         help="which kernels the engine uses (KernelConfig); each switch defaults to its INFERNEO_* variable")
@@ -223,6 +228,13 @@ class EngineConfig:
             raise ValueError(f"data_parallel_routing must be one of {', '.join(DATA_PARALLEL_ROUTINGS)}; "
                              f"got {self.data_parallel_routing!r}")
         _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_loras", self.max_loras)
+        if not 1 <= self.max_lora_rank <= 64:
+            raise ValueError(f"max_lora_rank must be between 1 and 64; got {self.max_lora_rank}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         if self.max_num_batched_tokens is not None:

@@ -152,8 +152,9 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def generate_ids(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(max_tokens), use_tqdm=False)]
+def generate_ids(llm: LLM, prompts: list[list[int]], max_tokens: int, lora_request=None) -> list[list[int]]:
+    outputs = llm.generate(prompts, greedy(max_tokens), use_tqdm=False, lora_request=lora_request)
+    return [o.outputs[0].token_ids for o in outputs]
 
 
 def match_lengths(a: list[list[int]], b: list[list[int]]) -> list[int]:
@@ -264,11 +265,13 @@ def build_engine(s: Suite) -> LLM:
     return llm
 
 
-def step_latency(llm: LLM, s: Suite, batch: int, ctx: int, steps: int) -> dict:
-    """Mean engine step time for ``steps`` decode steps of ``batch`` requests whose context starts at ``ctx``."""
+def step_latency(llm: LLM, s: Suite, batch: int, ctx: int, steps: int, loras=None) -> dict:
+    """Mean engine step time for ``steps`` decode steps of ``batch`` requests whose context starts at ``ctx``
+    (request ``i`` with LoRA adapter ``loras[i % len(loras)]``, a ``LoraRef``, when given)."""
     eng = llm.engine
     vocab = eng.vocab_size
-    ids = [eng.add_request(f"w3-{batch}-{i}-{time.monotonic_ns()}", p, greedy(steps + 8))
+    ids = [eng.add_request(f"w3-{batch}-{i}-{time.monotonic_ns()}", p, greedy(steps + 8),
+                           lora=loras[i % len(loras)] if loras else None)
            for i, p in enumerate(s.prompts(batch, ctx - 1, vocab))]
     sched = eng.scheduler
     try:
@@ -324,13 +327,16 @@ def _concurrency(s: Suite, capacity: int, prompt_len: int, out_len: int, n: int)
     return max(1, min(n, s.cfg["engine"]["max_num_seqs"], capacity // (prompt_len + out_len)))
 
 
-def sec_inferneo_workload(s: Suite, llm: LLM, name: str, async_scheduling: bool = False) -> dict:
+def sec_inferneo_workload(s: Suite, llm: LLM, name: str, async_scheduling: bool = False, loras=None) -> dict:
+    """Workload ``name`` (W1, W2) through ``llm``; with ``loras`` (``LoRARequest``s), prompt ``i`` runs with
+    ``loras[i % len(loras)]``."""
     n, plen, olen = s.cfg[name]
     llm.engine.core.async_scheduling = async_scheduling
     shape = model_shape(preset_config(s.cfg["preset"]))
     prompts = s.prompts(n, plen, llm.engine.vocab_size)
-    generate_ids(llm, s.prompts(2, plen, llm.engine.vocab_size), 4)  # warm-up at this prompt length
-    outputs, seconds = timed(lambda: generate_ids(llm, prompts, olen))
+    spread = [loras[i % len(loras)] for i in range(n)] if loras else None
+    generate_ids(llm, s.prompts(2, plen, llm.engine.vocab_size), 4, spread[:2] if spread else None)  # warm-up
+    outputs, seconds = timed(lambda: generate_ids(llm, prompts, olen, spread))
     produced = sum(len(o) for o in outputs)
     floor = workload_floor(shape, n, plen, olen, _concurrency(s, llm.engine.kv_capacity_tokens, plen, olen, n),
                            s.ceilings)

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+                   help="LoRA adapters (PEFT folders) to serve, each as name=path; a request picks one by its name "
+                   "in 'model' (needs --enable-lora)")
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
     g.add_argument("--engine-in-process", action="store_true",
                    help="run the engine core in a thread of the server process instead of a child process "
@@ -50,5 +53,14 @@ def run(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests or None, log_level=args.log_level,
         access_log=not args.disable_access_log, shutdown_timeout=args.shutdown_timeout,
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
     )
+
+
+def _lora_module(text: str):
+    from inferneo.lora.registry import LoraModule
+
+    try:
+        return LoraModule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

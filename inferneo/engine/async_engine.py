@@ -190,7 +190,7 @@ class AsyncEngine(FrontEndFacts):
                         continue
                     planned.append(self._processor.prepare(
                         request.request_id, None, request.prompt_token_ids, request.params, max_tokens,
-                        self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA))
+                        self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora))
                 except ValueError as exc:
                     raise InvalidRequestError(str(exc)) from None
             specs = []

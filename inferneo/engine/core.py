@@ -84,10 +84,13 @@ class EngineCore:
         self.max_steps_in_flight = 0  # the most pipeline steps in flight at once (read by tests and tools)
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
+        self.lora_slots = None  # the runner's LoRA slots (``inferneo.lora.slots.LoRASlots``); None: LoRA is off
 
     def add_request(self, request: Request) -> None:
         if request.pooling is not None:
             request.pooling_method = self.pooling.method
+        if request.lora is not None and not self._adapter_ready(request):
+            return
         constraint = request.sampling_params.structured_outputs
         if constraint is not None:
             if self.grammars is None:
@@ -98,6 +101,18 @@ class EngineCore:
         else:
             self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += request.num_prompt_tokens
+
+    def _adapter_ready(self, request: Request) -> bool:
+        """Read and check the request's LoRA adapter now; a bad one (or LoRA being off) fails this request alone,
+        as an invalid one (``take_failures``)."""
+        try:
+            if self.lora_slots is None:
+                raise ValueError("this engine runs without LoRA adapters (start it with enable_lora / --enable-lora)")
+            self.lora_slots.check(request.lora)
+        except ValueError as exc:
+            self._failures.append(RequestFailure([request.request_id], FailureKind.INVALID, str(exc)))
+            return False
+        return True
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -316,7 +331,7 @@ class EngineCore:
                 pooled.append(_PooledChunk(request, computed, num_new))
             sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
                                                request.pending_sample, samples, request.sampling_row,
-                                               request.pooling_method))
+                                               pooling_method=request.pooling_method, lora=request.lora))
             if samples:
                 if request.grammar is not None:
                     constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,

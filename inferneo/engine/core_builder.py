@@ -73,6 +73,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         if not config.enable_chunked_prefill and max_batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
                              "when chunked prefill is off")
+        lora_slots = _enable_lora(config, runner, max_batched)
         num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
         runner.allocate_kv_cache(num_blocks)
     except BaseException:
@@ -95,6 +96,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                                           "parallelism (--pipeline-parallel-size > 1)")
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
                       vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size)
+    if lora_slots is not None:
+        core.lora_slots = lora_slots
+        scheduler.max_loras = config.max_loras
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
@@ -144,6 +148,14 @@ def _num_kv_blocks(config: EngineConfig, runner, device: torch.device, max_model
         raise ValueError(f"kv_cache_memory of {memory} bytes holds {memory // per_block} blocks; "
                          f"one block of {config.block_size} tokens needs {per_block} bytes")
     return int(num_blocks)
+
+
+def _enable_lora(config: EngineConfig, runner: Runner, max_batched: int):
+    """The runner's LoRA slots when ``config.enable_lora`` (a tensor-parallel runner refuses), else None."""
+    if not config.enable_lora:
+        return None
+    return runner.enable_lora(config.max_loras, config.max_lora_rank, config.max_cpu_loras or config.max_loras,
+                              max_batched)
 
 
 def _checkpoint_dtype(hf_config: dict) -> torch.dtype | None:

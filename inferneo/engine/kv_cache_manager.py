@@ -59,7 +59,8 @@ class KVCacheManager:
         hashes = request.block_hashes
         tokens = request.all_token_ids
         bs = self.block_size
-        parent = hashes[-1] if hashes else None
+        # The chain starts from the request's adapter: blocks computed with one adapter never serve another's.
+        parent = hashes[-1] if hashes else (None if request.lora is None else ("lora", request.lora.lora_id))
         for start in range(len(hashes) * bs, len(tokens) - bs + 1, bs):
             parent = hash((parent, tuple(tokens[start : start + bs])))
             hashes.append(parent)

@@ -15,7 +15,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
 from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
-from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, PoolingRequest
+from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, LoraRef, PoolingRequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -73,6 +73,7 @@ class LLMEngine(FrontEndFacts):
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora: LoraRef | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``InvalidRequestError`` (a ``ValueError``) for a request the
         model cannot take (``InputProcessor``'s rules, the same as the server's)."""
@@ -87,7 +88,8 @@ class LLMEngine(FrontEndFacts):
         max_tokens = self.input.check(prompt_ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
-                                               self.input.eos_token_ids, priority, arrival, OutputKind.FINAL)
+                                               self.input.eos_token_ids, priority, arrival, OutputKind.FINAL,
+                                               lora)
         self.core_client.send(AddRequests(specs))
         self.processor.register(parent)
         return request_id

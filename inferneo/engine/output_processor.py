@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from inferneo.engine.detokenizer import IncrementalDetokenizer
-from inferneo.engine.protocol import CoreOutput, CoreRequest, PoolingRequest
+from inferneo.engine.protocol import CoreOutput, CoreRequest, LoraRef, PoolingRequest
 from inferneo.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -86,8 +86,9 @@ class OutputProcessor:
 
     def prepare(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                 max_tokens: int, eos_token_ids: frozenset[int], priority: int, arrival: float,
-                kind: OutputKind) -> tuple[ParentRequest, list[CoreRequest]]:
-        """Plan a request (``n`` sibling sequences, seeds ``seed + j``) without registering it yet."""
+                kind: OutputKind, lora: LoraRef | None = None) -> tuple[ParentRequest, list[CoreRequest]]:
+        """Plan a request (``n`` sibling sequences, seeds ``seed + j``; all with adapter ``lora``, if given)
+        without registering it yet."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         eos = frozenset() if params.ignore_eos else eos_token_ids
@@ -109,7 +110,8 @@ class OutputProcessor:
                 if final:
                     seq.logprobs = []
             sequences.append(seq)
-            specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival))
+            specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival,
+                                     lora=lora))
         return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
 
     def prepare_embedding(self, request_id: str, prompt_ids: list[int], pooling: PoolingRequest, priority: int,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inferneo.engine.protocol import CoreRequest, PoolingRequest
+from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output.compiler import SequenceGrammar
@@ -72,6 +72,8 @@ class Request:
     pooling: PoolingRequest | None = None
     pooling_method: str | None = None
     pooled: torch.Tensor | None = None
+    # The LoRA adapter the request runs with (None: the base model); keys its prefix-cache blocks too.
+    lora: LoraRef | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 
@@ -79,7 +81,7 @@ class Request:
     def from_core_request(cls, spec: CoreRequest) -> Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
-                   spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling)
+                   spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling, lora=spec.lora)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inferneo.engine.protocol import PoolingRequest
+from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.outputs import CompletionOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -26,6 +26,7 @@ class EngineRequest:
     params: SamplingParams | None  # None for an embedding request
     priority: int = 0
     pooling: PoolingRequest | None = None
+    lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
 
 
 class RequestGroup:

@@ -92,6 +92,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.max_model_len: int | None = None  # set by the engine core; used with asynchronous scheduling
+        self.max_loras = 0  # LoRA: distinct adapters the running batch may hold (0: LoRA is off)
 
     # ---- request lifecycle -------------------------------------------------------------------------------
 
@@ -157,9 +158,14 @@ class Scheduler:
             # The request itself was preempted; ``self.running`` shrank, so ``index`` already points at the next.
 
         # 2. Waiting requests, unless this step had to preempt (no point admitting more).
+        skipped: list[Request] = []  # waiting requests whose adapter finds no free slot this step
+        loras = self._running_loras() if self.max_loras else set()
         if not out.preempted:
             while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
+                if request.lora is not None and request.lora.lora_id not in loras and len(loras) >= self.max_loras:
+                    skipped.append(self.waiting.pop())
+                    continue
                 cached_blocks: list[int] = []
                 if request.num_computed_tokens == 0 and not request.block_ids and request.reads_prefix_cache:
                     cached_blocks, num_cached = self.kv_cache.find_cached_prefix(request)
@@ -182,9 +188,16 @@ class Scheduler:
                 self.running.append(request)
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
+                if request.lora is not None:
+                    loras.add(request.lora.lora_id)
+        for request in reversed(skipped):
+            self.waiting.add(request, front=True)
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _running_loras(self) -> set[int]:
+        return {r.lora.lora_id for r in self.running if r.lora is not None}
 
     def _ends_with_pending_token(self, request: Request) -> bool:
         """True when the token still being sampled for ``request`` reaches its max_tokens or the context limit."""

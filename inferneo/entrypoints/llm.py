@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
-from inferneo.engine.protocol import PoolingRequest
+from inferneo.engine.protocol import LoraRef, PoolingRequest
+from inferneo.lora.request import LoRARequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -51,14 +52,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or many; returns one ``RequestOutput`` per prompt, in input order.
 
         A prompt is a string or a list of token ids. ``sampling_params`` is one for all prompts or one each;
-        ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt.
+        ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt. ``lora_request``
+        (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or None) each.
         """
         prompt_list = _as_prompt_list(prompts)
-        return self._run(prompt_list, sampling_params, priority, use_tqdm)
+        return self._run(prompt_list, sampling_params, priority, use_tqdm, lora_request)
 
     def embed(
         self,
@@ -120,8 +123,9 @@ class LLM:
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
-    def _run(self, prompts, sampling_params, priority, use_tqdm) -> list[RequestOutput]:
+    def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None) -> list[RequestOutput]:
         n = len(prompts)
+        loras = _lora_refs(lora_request, n)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
             params_list = list(sampling_params)
             if len(params_list) != n:
@@ -135,7 +139,8 @@ class LLM:
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
-                ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0))
+                ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0,
+                                              lora=loras[i]))
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -165,6 +170,20 @@ class LLM:
         finally:
             bar.close()
         return [results[request_id] for request_id in ids]
+
+
+def _lora_refs(lora_request, n: int) -> list[LoraRef | None]:
+    """One adapter reference (or None) per prompt from ``generate``'s ``lora_request``."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [None if lora_request is None else lora_request.to_ref()] * n
+    if not isinstance(lora_request, Sequence) or isinstance(lora_request, str):
+        raise TypeError(f"lora_request must be a LoRARequest or a list of them, got {type(lora_request).__name__}")
+    if len(lora_request) != n:
+        raise ValueError(f"got {len(lora_request)} lora_request entries for {n} prompts")
+    for i, item in enumerate(lora_request):
+        if item is not None and not isinstance(item, LoRARequest):
+            raise TypeError(f"lora_request[{i}] must be a LoRARequest or None, got {type(item).__name__}")
+    return [None if item is None else item.to_ref() for item in lora_request]
 
 
 def _is_conversation(value: Any) -> bool:

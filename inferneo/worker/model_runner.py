@@ -300,6 +300,8 @@ class ModelRunner(Runner):
         # Tensor parallelism: the driver hands every packed step to this callback (which sends it to the workers)
         # before running its own shard.
         self.step_listener = None
+        # LoRA adapter slots (``inferneo.lora.slots``), once ``enable_lora`` has wrapped the projections.
+        self.lora = None
 
     # ---- weights and cache -------------------------------------------------------------------------------
 
@@ -344,6 +346,16 @@ class ModelRunner(Runner):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
+        """Wrap the model's projections with ``max_loras`` LoRA slots (``inferneo.lora``); after
+        ``finalize_weights``, before the KV cache (and its CUDA graphs). Returns the slots."""
+        from inferneo.lora.slots import LoRASlots
+
+        self.lora = LoRASlots(self.model, self.model_config, max_loras, max_lora_rank, max_cpu_loras, self.dtype,
+                              self.device, max(max_num_batched_tokens, self.max_num_seqs))
+        logger.info("LoRA: %s", self.lora.describe())
+        return self.lora
+
     @property
     def kv_bytes_per_block(self) -> int:
         """Bytes of KV cache one block takes over all layers (each layer as its ``KVCacheSpec`` says)."""
@@ -376,6 +388,8 @@ class ModelRunner(Runner):
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs for every bucket up to ``max_num_seqs`` (at most 256)."""
         self.decode_buckets = decode_buckets(self.max_num_seqs)
+        if self.lora is not None:
+            self.lora.begin_capture()
         self.graphs = DecodeGraphs(
             self.model, self.backend, self.kv_caches, self.decode_buckets, self.block_size,
             self.max_blocks_per_seq, self.model_config.hidden_size, self.dtype, self.device, self.spare_block,
@@ -411,6 +425,9 @@ class ModelRunner(Runner):
         host, host_tensor = self._inputs.host(layout.size)
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
         num_samples = packed.num_samples
+        if self.lora is not None:
+            self.lora.prepare([it.lora for it in items], packed.num_real_decode, [s.num_tokens for s in packed.spans],
+                              packed.num_tokens, graphs is not None)
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous))

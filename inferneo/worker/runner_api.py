@@ -74,6 +74,11 @@ class Runner(abc.ABC):
         """Transforms that need the final weights (packing, kernel choices)."""
 
     @abc.abstractmethod
+    def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
+        """Wrap the model's projections with LoRA adapter slots (after ``finalize_weights``, before the KV cache);
+        returns the slots (``inferneo.lora.slots.LoRASlots``). Raises ValueError where LoRA is not supported."""
+
+    @abc.abstractmethod
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         """Bytes the KV cache may take on the device, measured with a worst-case forward pass."""
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.engine.protocol import LoraRef
 from inferneo.pooling.pooler import PoolingRow
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 
@@ -42,6 +43,7 @@ class ScheduledSequence:
     sampling: SamplingRow
     # An embedding request: how its hidden states are pooled ("mean", "cls", "last"); None for generation.
     pooling_method: str | None = None
+    lora: LoraRef | None = None  # the LoRA adapter the sequence runs with
 
 
 @dataclass(slots=True)

@@ -367,6 +367,11 @@ class TensorParallelRunner(Runner):
             self._ray = None
 
     @driver_only
+    def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
+        """Not supported yet: LoRA runs on one rank only."""
+        raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
+
+    @driver_only
     def check_workers(self, timeout: float = 0.0) -> None:
         """Raise WorkerDiedError if a worker has exited, after waiting up to ``timeout`` s for one to exit (a
         collective fails as soon as a peer's sockets close, which can be a moment before that peer is reaped)."""

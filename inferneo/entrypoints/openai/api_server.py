@@ -31,6 +31,8 @@ from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
+from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
+from inferneo.lora.registry import LoraModule, LoRARegistry
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +79,15 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(ctx, name) for name in ctx.served_model_names]}
+        return {"object": "list", "data": [_model_card(ctx, name) for name in ctx.served_model_names]
+                + lora_model_cards(ctx, _model_card)}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
-        return _model_card(ctx, ctx.model_name(name))
+        name = ctx.model_name(name)
+        return next((c for c in lora_model_cards(ctx, _model_card) if c["id"] == name), None) or _model_card(ctx, name)
+
+    install_lora_routes(app, ctx)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -135,7 +141,8 @@ def _model_card(ctx: ServerContext, name: str) -> dict[str, Any]:
 def serve(config: EngineConfig, served_model_names: list[str] | None, host: str, port: int, api_keys: list[str],
           max_queued_requests: int | None = None, log_level: str = "info", access_log: bool = True,
           shutdown_timeout: float = 30.0, engine_in_process: bool = False,
-          guards: ServerGuards | None = None, tool_call_parser: str | None = None) -> int:
+          guards: ServerGuards | None = None, tool_call_parser: str | None = None,
+          lora_modules: list[LoraModule] | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -151,17 +158,23 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     ``engine_in_process`` runs it in a thread of this process instead.
 
     ``tool_call_parser`` names the format of tool calls in answers to ``tool_choice: "auto"`` (see
-    ``ServerContext``); None lets the chat template decide.
+    ``ServerContext``); None lets the chat template decide. ``lora_modules`` (with ``config.enable_lora``) are
+    the LoRA adapters served from the start, by name.
     """
     import uvicorn
 
     if max_queued_requests is not None and (not isinstance(max_queued_requests, int) or max_queued_requests < 1):
         raise ValueError(f"max_queued_requests must be a positive integer or None; got {max_queued_requests!r}")
     engine_death_exit_s = envs.engine_death_exit_s()  # bad values fail here, before the model loads
+    if lora_modules and not config.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    loras = lora_registry(config, served_model_names or [], lora_modules or [])  # bad adapters fail before loading
     envs.engine_omp_spin_count()
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
     names = served_model_names or [config.model or facts["name"]]
-    ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser)
+    if loras is not None:
+        loras.reserved.update(names)
+    ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser, loras=loras)
     app = build_app(ctx, guards=guards)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
@@ -214,6 +227,21 @@ def _load_engine(config, max_queued_requests: int | None, in_process: bool) -> t
              "dtype": info.dtype, "device": info.device, "num_blocks": info.num_blocks,
              "block_size": info.block_size, "kv_bytes_per_block": info.kv_bytes_per_block}
     return engine, facts
+
+
+def lora_registry(config: EngineConfig, served_names: list[str], modules: list[LoraModule]) -> LoRARegistry | None:
+    """The served adapters (``--lora-modules``, checked against the model now) when LoRA is on, else None."""
+    if not config.enable_lora:
+        return None
+    from inferneo.model_executor.models.registry import get_model_class
+    from inferneo.model_loader import load_hf_config, resolve_model
+
+    hf_config = load_hf_config(resolve_model(config.model))
+    registry = LoRARegistry(get_model_class(hf_config).config_from_hf(hf_config), config.max_lora_rank,
+                            served_names)
+    for module in modules:
+        registry.add(module.name, module.path)
+    return registry
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:

@@ -14,10 +14,12 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
+from inferneo.lora.registry import LoRARegistry
 from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -39,6 +41,7 @@ class ServerContext:
     model_path: str
     api_keys: list[str] = field(default_factory=list)
     tool_call_parser: str | None = None
+    loras: LoRARegistry | None = None  # the LoRA adapters served by name (None: --enable-lora is off)
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
@@ -62,11 +65,17 @@ class ServerContext:
         """The served name a request addressed (the first one when it named none); 404 for an unknown one."""
         if requested is None:
             return self.served_model_names[0]
+        if self.loras is not None and requested in self.loras.adapters:
+            return requested
         if requested not in self.served_model_names:
             raise APIError(404, f"The model '{requested}' does not exist; this server serves "
                                 f"{', '.join(repr(n) for n in self.served_model_names)}",
                            param="model", code="model_not_found")
         return requested
+
+    def lora_for(self, model: str) -> LoraRef | None:
+        """The adapter a request addressed by its ``model`` (a served name returned by ``model_name``)."""
+        return self.loras.get(model) if self.loras is not None else None
 
 
 def check_common(req: _SamplingBody) -> None:

@@ -52,7 +52,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prompt_ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
     request_id = random_id("cmpl")
     try:
-        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority)
+        lora = ctx.lora_for(model)
+        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora)
                                for i, ids in enumerate(prompt_ids)])
     except Exception as exc:
         raise to_api_error(exc) from None

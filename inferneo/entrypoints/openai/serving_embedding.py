@@ -26,6 +26,8 @@ from inferneo.outputs import EmbeddingRequestOutput
 
 async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Request) -> Response:
     model = ctx.model_name(req.model)
+    if ctx.lora_for(model) is not None:
+        raise bad_request(f"{model!r} is a LoRA adapter: embeddings are served by the base model only", "model")
     engine = ctx.engine
     inputs = req.input_list()
     prompt_ids = _tokenize(ctx.tokenizer, inputs)

@@ -1,0 +1,173 @@
+"""PEFT LoRA folders: read ``adapter_config.json`` and ``adapter_model.safetensors``, and check them against the
+model they are to run on.
+
+PEFT's ``base_model_name_or_path`` is advisory (a folder moves, a hub id names a copy), so it is not compared:
+an adapter fits a model when each of its tensors names a projection the model has (q/k/v/o/gate/up/down of a
+layer that exists) with the widths the model's config gives, and its rank is at most ``max_lora_rank``. The
+scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``) is folded into ``lora_B`` at load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from inferneo.engine.protocol import InvalidRequestError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_LORA_RANK_LIMIT = 64
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
+                  r"(?:\.default)?\.weight$")
+
+
+class LoRAAdapterError(InvalidRequestError):
+    """An adapter that cannot run on this model (a 400 naming ``lora_path`` on the server)."""
+
+    def __init__(self, message: str, param: str = "lora_path") -> None:
+        super().__init__(message, param)
+
+
+@dataclass(frozen=True, slots=True)
+class LoRATarget:
+    """A projection of every layer that adapters may change: its input width and the checkpoint projections (PEFT
+    names) whose outputs it holds side by side, with their widths (one for unfused projections)."""
+
+    module: str  # the model's module under a decoder layer, e.g. "self_attn.qkv_proj"
+    in_features: int
+    shards: tuple[tuple[str, int], ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(width for _, width in self.shards)
+
+    def shard_offset(self, index: int) -> int:
+        return sum(width for _, width in self.shards[:index])
+
+
+def lora_targets(config) -> dict[str, LoRATarget]:
+    """The adapter targets of a Llama-like decoder (``DecoderConfig``), keyed by module. A mixture-of-experts
+    model's feed-forward experts are not targets."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    targets = [
+        LoRATarget("self_attn.qkv_proj", config.hidden_size, (("q_proj", q), ("k_proj", kv), ("v_proj", kv))),
+        LoRATarget("self_attn.o_proj", q, (("o_proj", config.hidden_size),)),
+    ]
+    if getattr(config, "moe", None) is None:
+        inter = config.intermediate_size
+        targets += [
+            LoRATarget("mlp.gate_up_proj", config.hidden_size, (("gate_proj", inter), ("up_proj", inter))),
+            LoRATarget("mlp.down_proj", inter, (("down_proj", config.hidden_size),)),
+        ]
+    return {t.module: t for t in targets}
+
+
+def _peft_names(targets: dict[str, LoRATarget]) -> dict[str, tuple[LoRATarget, int]]:
+    """PEFT module name (``q_proj``) -> (the target holding it, its shard index)."""
+    return {name: (t, i) for t in targets.values() for i, (name, _) in enumerate(t.shards)}
+
+
+@dataclass(slots=True)
+class LoRAAdapter:
+    """An adapter's weights on the host, ready for a slot: per (layer, target module), one ``(A, B)`` pair per
+    shard (None where the adapter leaves that projection alone); ``A`` is ``[r, in]``, ``B`` ``[out, r]``, already
+    scaled."""
+
+    name: str
+    lora_id: int
+    path: str
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
+
+
+def read_adapter_config(path: str, max_lora_rank: int) -> tuple[int, float, dict]:
+    """The rank and scale of the adapter in folder ``path`` (and its config); raises LoRAAdapterError for a
+    folder that is not a PEFT LoRA adapter Inferneo can run."""
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise LoRAAdapterError(f"LoRA adapter folder {path!r} does not exist")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise LoRAAdapterError(f"{path!r} has no {CONFIG_FILE} (a PEFT LoRA adapter folder holds one)") from None
+    except (OSError, ValueError) as exc:
+        raise LoRAAdapterError(f"{config_path!r} cannot be read: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise LoRAAdapterError(f"{config_path!r} must hold a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoRAAdapterError(f"{path!r} is a {peft_type} adapter; only LoRA adapters are supported")
+    rank = cfg.get("r")
+    if type(rank) is not int or rank < 1:
+        raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: r must be a positive integer, got {rank!r}")
+    if rank > max_lora_rank:
+        raise LoRAAdapterError(f"the adapter at {path!r} has rank r={rank}, above max_lora_rank "
+                               f"{max_lora_rank} (raise --max-lora-rank, at most {MAX_LORA_RANK_LIMIT})")
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: lora_alpha must be a number, got {alpha!r}")
+    unsupported = [(key, cfg.get(key)) for key in ("use_dora", "fan_in_fan_out") if cfg.get(key)]
+    unsupported += [(key, cfg[key]) for key in ("rank_pattern", "alpha_pattern", "modules_to_save")
+                    if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append(("bias", cfg["bias"]))
+    if unsupported:
+        what = ", ".join(f"{key}={value!r}" for key, value in unsupported)
+        raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r} asks for what Inferneo's LoRA does not support: {what}")
+    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return rank, float(scaling), cfg
+
+
+def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarget], num_layers: int,
+                 max_lora_rank: int, dtype: torch.dtype = torch.float32) -> LoRAAdapter:
+    """Read the PEFT adapter in folder ``path`` and check it against the model's ``targets`` and ``num_layers``;
+    raises LoRAAdapterError (naming what does not fit) when it cannot run on this model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    rank, scaling, _ = read_adapter_config(path, max_lora_rank)
+    weights_path = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        raise LoRAAdapterError(f"{path!r} has no {WEIGHTS_FILE} (only PEFT's safetensors format is read)")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoRAAdapterError(f"{weights_path!r} cannot be read: {exc}") from None
+    peft_names = _peft_names(targets)
+    halves: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None or match.group(3) not in peft_names:
+            raise LoRAAdapterError(f"the adapter at {path!r} changes {key!r}, which is not a projection this model's "
+                                   f"LoRA supports ({', '.join(peft_names)} of the decoder layers)")
+        layer = int(match.group(1))
+        if layer >= num_layers:
+            raise LoRAAdapterError(f"the adapter at {path!r} changes layer {layer}; the model has {num_layers} "
+                                   "layers (an adapter of another base model?)")
+        halves.setdefault((layer, match.group(3), key.rsplit(".lora_", 1)[0]), {})[match.group(4)] = tensor
+    adapter = LoRAAdapter(name, lora_id, path, rank, scaling)
+    for (layer, peft_name, prefix), pair in sorted(halves.items()):
+        target, shard = peft_names[peft_name]
+        if set(pair) != {"A", "B"}:
+            raise LoRAAdapterError(f"the adapter at {path!r} has only lora_{''.join(pair)} of {prefix!r}: both "
+                                   "lora_A and lora_B are needed")
+        a, b = pair["A"], pair["B"]
+        want_a, want_b = (rank, target.in_features), (target.shards[shard][1], rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise LoRAAdapterError(
+                f"the adapter at {path!r} does not fit this model: {prefix} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}, the model's {peft_name} needs {want_a} and {want_b} (rank {rank}): an adapter "
+                "of another base model?")
+        pairs = adapter.weights.setdefault((layer, target.module), [None] * len(target.shards))
+        pairs[shard] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
+    if not adapter.weights:
+        raise LoRAAdapterError(f"the adapter at {path!r} holds no LoRA weights")
+    return adapter

@@ -1,0 +1,123 @@
+"""The batched LoRA apply inside the model's projections.
+
+:func:`wrap_lora_layers` puts a :class:`LoRALinear` around each target projection of every decoder layer (after
+the device kernels are in place, so it wraps whatever linear the device uses). Each holds every adapter slot's
+weights stacked: ``lora_a`` ``[slots, shards * max_rank, in]`` and ``lora_b`` ``[slots, out, shards * max_rank]``,
+block-diagonal over the shards of a fused projection (q/k/v, gate/up), so a shard an adapter lacks, and ranks
+below the maximum, are zeros. A step's :class:`LoRABatch` (shared by all layers through :class:`LoRAState`) says
+which slot each token uses; tokens of the base model (slot -1) are left as the base projection made them.
+
+On CPU the apply is batched per slot: the slot's tokens gathered, ``x @ A.T @ B.T``, added back. On CUDA it is two
+Triton kernels over the tokens grouped by slot (``kernels/triton_lora.py``), which read the grouping from device
+tensors, so they run inside captured CUDA graphs too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inferneo.lora.adapter import LoRATarget
+from inferneo.model_executor.models.llama import MLP
+
+
+@dataclass(slots=True)
+class LoRABatch:
+    """Which adapter slot each token of a step runs with.
+
+    ``groups``: (slot, indices of its tokens) for the PyTorch apply. ``sorted_tokens`` (the adapted tokens ordered
+    by slot, int32) and ``seg_starts`` (``[slots + 1]``, int32: slot ``s`` holds ``sorted_tokens[seg_starts[s] :
+    seg_starts[s + 1]]``) for the Triton kernels.
+    """
+
+    groups: list[tuple[int, torch.Tensor]]
+    sorted_tokens: torch.Tensor | None = None
+    seg_starts: torch.Tensor | None = None
+
+
+ApplyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch], None]
+
+
+def lora_apply_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     batch: LoRABatch) -> None:
+    """``y[t] += x[t] @ lora_a[s].T @ lora_b[s].T`` for each token ``t`` of slot ``s``, one matmul pair per slot."""
+    for slot, index in batch.groups:
+        xs = x.index_select(0, index)
+        delta = (xs @ lora_a[slot].t()) @ lora_b[slot].t()
+        y.index_add_(0, index, delta.to(y.dtype))
+
+
+class LoRAState:
+    """What every LoRA layer of a model shares: the current step's batch (None when no token of the step uses an
+    adapter: the layers cost nothing then) and the apply function of the device."""
+
+    def __init__(self, apply: ApplyFn) -> None:
+        self.apply = apply
+        self.batch: LoRABatch | None = None
+
+
+class LoRALinear(nn.Module):
+    """A projection plus the LoRA deltas of the adapter slots (see the module doc)."""
+
+    def __init__(self, base: nn.Module, target: LoRATarget, num_slots: int, max_rank: int, state: LoRAState,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base = base
+        self.target = target
+        self.max_rank = max_rank
+        self.state = state
+        self.in_features, self.out_features = target.in_features, target.out_features
+        width = len(target.shards) * max_rank
+        self.register_buffer("lora_a", torch.zeros(num_slots, width, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("lora_b", torch.zeros(num_slots, self.out_features, width, dtype=dtype, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.state.batch
+        if batch is not None:
+            self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a,
+                             self.lora_b, batch)
+        return y
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None] | None) -> None:
+        """Put one adapter's ``(A, B)`` pairs (one per shard; None: that shard unchanged) into ``slot``; None
+        clears the slot."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        for index, pair in enumerate(pairs or ()):
+            if pair is None:
+                continue
+            a, b = pair
+            col, row = index * self.max_rank, self.target.shard_offset(index)
+            self.lora_a[slot, col : col + a.shape[0]].copy_(a, non_blocking=True)
+            self.lora_b[slot, row : row + b.shape[0], col : col + b.shape[1]].copy_(b, non_blocking=True)
+
+
+def wrap_lora_layers(model: nn.Module, targets: dict[str, LoRATarget], num_slots: int, max_rank: int,
+                     state: LoRAState, dtype: torch.dtype, device: torch.device) -> dict[tuple[int, str], LoRALinear]:
+    """Wrap each target projection of each decoder layer of ``model`` in a :class:`LoRALinear`; returns them by
+    (layer index, module). MLPs that bypass their linears' ``forward`` (fused GEMV + SiLU, row passes) go back to
+    the plain MLP first, so that no token skips its adapter."""
+    wrapped: dict[tuple[int, str], LoRALinear] = {}
+    for index, layer in enumerate(model.layers):
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, MLP) and type(mlp) is not MLP:
+            plain = MLP.__new__(MLP)
+            plain.__dict__.update(mlp.__dict__)
+            layer.mlp = plain
+        for module, target in targets.items():
+            parent_name, _, attr = module.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            base = getattr(parent, attr, None)
+            if base is None:
+                raise ValueError(f"LoRA: layer {index} has no {module}")
+            lora = LoRALinear(base, target, num_slots, max_rank, state, dtype, device)
+            setattr(parent, attr, lora)
+            wrapped[(index, module)] = lora
+    return wrapped

@@ -1,0 +1,75 @@
+"""The server's adapters by name: what ``--lora-modules`` and ``/v1/load_lora_adapter`` added.
+
+Each adapter is checked against the model when it is added (the same checks the engine runs), so a bad one is
+refused there with a 400, and gets an id of its own: an adapter loaded again under its old name after an unload
+is a new adapter to the engine (its slots and prefix-cache entries start afresh).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from inferneo.engine.protocol import LoraRef
+from inferneo.lora.adapter import LoRAAdapterError, load_adapter, lora_targets
+
+
+class LoRANotFoundError(LookupError):
+    """No adapter of that name is loaded (the server answers 404)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraModule:
+    """A ``--lora-modules`` entry: ``name=path``."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> LoraModule:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules entries are name=path; got {text!r}")
+        return cls(name, path)
+
+
+class LoRARegistry:
+    """Adapters by name for a model of ``model_config`` (a ``DecoderConfig``), ranks up to ``max_lora_rank``.
+    ``reserved`` are names adapters may not take (the served model names)."""
+
+    def __init__(self, model_config, max_lora_rank: int, reserved: list[str]) -> None:
+        self.targets = lora_targets(model_config)
+        self.num_layers = model_config.num_layers
+        self.max_lora_rank = max_lora_rank
+        self.reserved = set(reserved)
+        self._ids = itertools.count(1)
+        self.adapters: dict[str, LoraRef] = {}
+
+    def add(self, name: str, path: str) -> LoraRef:
+        """Check the adapter in folder ``path`` and serve it as ``name``; raises LoRAAdapterError for a name in
+        use or an adapter that does not fit the model."""
+        if not isinstance(name, str) or not name.strip():
+            raise LoRAAdapterError("lora_name must be a non-empty string", param="lora_name")
+        self._check_free(name)
+        if not isinstance(path, str) or not path:
+            raise LoRAAdapterError("lora_path must be a non-empty string")
+        lora_id = next(self._ids)
+        load_adapter(name, lora_id, path, self.targets, self.num_layers, self.max_lora_rank)
+        self._check_free(name)  # again: another load of this name may have finished meanwhile
+        ref = self.adapters[name] = LoraRef(name, lora_id, path)
+        return ref
+
+    def _check_free(self, name: str) -> None:
+        if name in self.adapters or name in self.reserved:
+            raise LoRAAdapterError(f"The lora adapter '{name}' has already been loaded (or names the base model)",
+                                   param="lora_name")
+
+    def remove(self, name: str) -> LoraRef:
+        """Stop serving adapter ``name`` (requests running with it finish); raises LoRANotFoundError."""
+        ref = self.adapters.pop(name, None)
+        if ref is None:
+            raise LoRANotFoundError(f"The lora adapter '{name}' cannot be found")
+        return ref
+
+    def get(self, name: str | None) -> LoraRef | None:
+        return self.adapters.get(name) if name is not None else None

@@ -1,0 +1,239 @@
+"""LoRA adapters offline: greedy tokens with PEFT adapters (written by PEFT itself, on the same tiny float32
+weights) equal Hugging Face + PEFT's, for three adapters of different ranks, scales and target modules mixed in
+one batch with base-model requests; with more adapters than slots (LRU paging); with prefix-cache hits and
+chunked prefill; and adapters that cannot run are refused with errors that say why."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inferneo import LLM, LoRARequest, SamplingParams
+from inferneo.engine.kv_cache_manager import KVCacheManager
+from inferneo.engine.protocol import LoraRef
+from inferneo.engine.request import Request
+from inferneo.lora.adapter import LoRAAdapterError, load_adapter, lora_targets
+from inferneo.model_executor.models.llama import DecoderConfig
+from inferneo.testing.lora_adapters import make_peft_adapter, write_lora_adapter
+
+pytest.importorskip("peft")
+
+MAX_NEW = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# name -> (rank, target modules, lora_alpha, use_rslora)
+ADAPTERS = {
+    "qv8": (8, ["q_proj", "v_proj"], 16, False),
+    "all16": (16, ALL, 8, True),
+    "mlp4": (4, ["up_proj", "down_proj", "o_proj"], 8, False),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama_dir):
+    return tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory) -> dict[str, LoRARequest]:
+    root = tmp_path_factory.mktemp("loras")
+    out = {}
+    for i, (name, (r, targets, alpha, rslora)) in enumerate(ADAPTERS.items(), start=1):
+        path = make_peft_adapter(base, root / name, r=r, target_modules=targets, lora_alpha=alpha,
+                                 use_rslora=rslora, seed=i)
+        out[name] = LoRARequest(name, i, str(path))
+    return out
+
+
+@functools.cache
+def _peft_model(base: str, adapter: str | None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+
+
+def peft_greedy(base, lora: LoRARequest | None, prompt: list[int]) -> list[int]:
+    model = _peft_model(str(base), lora.lora_path if lora else None)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts_and_loras(adapters, count: int, seed: int, shared_prefix: int = 0):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(5, 380, shared_prefix).tolist()
+    prompts = [prefix + rng.integers(5, 380, int(n)).tolist() for n in rng.integers(3, 40, count)]
+    choices = [None, *adapters.values()]
+    return prompts, [choices[i % len(choices)] for i in range(count)]
+
+
+def check_against_peft(llm, base, prompts, loras):
+    outputs = llm.generate(prompts, GREEDY, lora_request=loras, use_tqdm=False)
+    for prompt, lora, out in zip(prompts, loras, outputs, strict=True):
+        assert out.outputs[0].token_ids == peft_greedy(base, lora, prompt), (lora and lora.lora_name, prompt)
+    kv = llm.engine.kv_cache
+    kv.check_integrity([])
+    assert kv.num_free_blocks == kv.num_blocks and not llm.engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="module")
+def llm(base):
+    engine = LLM(str(base), enable_lora=True, max_loras=3, max_lora_rank=16, dtype="float32",
+                 kv_cache_memory="16MiB", max_num_batched_tokens=64, num_threads=1)
+    yield engine
+    engine.shutdown()
+
+
+def test_three_adapters_and_the_base_model_in_one_batch_equal_peft(llm, base, adapters):
+    prompts, loras = prompts_and_loras(adapters, 8, seed=0)
+    check_against_peft(llm, base, prompts, loras)
+    # the eight requests ran together: all three adapters and the base model in the same steps
+    assert llm.engine.core.stats.max_batch_size == 8
+
+
+def test_prefix_cache_hits_stay_within_an_adapter(llm, base, adapters):
+    """The same prompts with every adapter and none, twice: the second pass hits the prefix cache, and each
+    request still equals PEFT with its own adapter (a block computed with one adapter never serves another)."""
+    rng = np.random.default_rng(1)
+    shared = rng.integers(5, 380, 40).tolist()
+    prompts = [shared + [7, 8, 9], shared + [11]] * 4
+    loras = [lora for lora in (None, *adapters.values()) for _ in range(2)]
+    kv = llm.engine.kv_cache
+    for _ in range(2):
+        hits = kv.prefix_cache_hits
+        check_against_peft(llm, base, prompts, loras)
+    assert kv.prefix_cache_hits > hits
+
+
+def test_more_adapters_than_slots_page_in_and_out(base, adapters):
+    """One slot for three adapters: requests wait for the slot (LRU paging); chunked prefill splits prompts,
+    a KV cache of a few blocks preempts requests, asynchronous scheduling and decode rows padded to buckets (as
+    CUDA graphs pad them) are on; every output still equals PEFT's."""
+    engine = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=16, dtype="float32",
+                 kv_cache_memory=9 * llm_block_bytes(base), max_num_batched_tokens=16, num_threads=1,
+                 async_scheduling=True)
+    engine.engine.runner.decode_buckets = [1, 2, 4, 8]
+    try:
+        prompts, loras = prompts_and_loras(adapters, 8, seed=2, shared_prefix=20)
+        check_against_peft(engine, base, prompts, loras)
+        slots = engine.engine.core.lora_slots
+        assert slots.num_loads >= 3 and len(slots.slot_of) == 1
+        assert engine.engine.core.stats.num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+def llm_block_bytes(base) -> int:
+    """Bytes of one KV block of the tiny model (float32, 16 tokens): layers x K and V x kv heads x head_dim."""
+    config = DecoderConfig.from_hf(json.loads((base / "config.json").read_text()))
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 16 * 4
+
+
+def test_block_hashes_are_keyed_by_adapter():
+    kv = KVCacheManager(8, 4)
+    params = SamplingParams(max_tokens=1)
+    tokens = list(range(12))
+    hashes = []
+    for lora in (None, LoraRef("a", 1, "/x"), LoraRef("b", 2, "/y"), LoraRef("a", 1, "/x")):
+        request = Request("r", tokens, params, 1, lora=lora)
+        kv._update_block_hashes(request)
+        hashes.append(request.block_hashes)
+    assert len({tuple(h) for h in hashes[:3]}) == 3 and hashes[1] == hashes[3]
+
+
+# ---- adapters that cannot run ------------------------------------------------------------------------------------
+
+
+def _targets(base):
+    config = DecoderConfig.from_hf(json.loads((base / "config.json").read_text()))
+    return lora_targets(config), config.num_layers
+
+
+def test_rank_above_the_max_is_refused(base, tmp_path):
+    path = make_peft_adapter(base, tmp_path / "r32", r=32, target_modules=["q_proj"])
+    targets, layers = _targets(base)
+    with pytest.raises(LoRAAdapterError, match="r=32, above max_lora_rank 16") as err:
+        load_adapter("r32", 1, str(path), targets, layers, max_lora_rank=16)
+    assert err.value.param == "lora_path"
+
+
+def test_an_adapter_of_another_base_model_is_refused(base, tmp_path):
+    config = json.loads((base / "config.json").read_text())
+    other = write_lora_adapter({**config, "hidden_size": 96, "intermediate_size": 160}, tmp_path / "other", r=4,
+                               target_modules=["q_proj", "down_proj"], dtype=torch.float32)
+    targets, layers = _targets(base)
+    with pytest.raises(LoRAAdapterError, match="does not fit this model"):
+        load_adapter("other", 1, str(other), targets, layers, max_lora_rank=16)
+    deeper = write_lora_adapter({**config, "num_hidden_layers": layers + 2}, tmp_path / "deeper", r=4,
+                                target_modules=["q_proj"], dtype=torch.float32)
+    with pytest.raises(LoRAAdapterError, match=f"the model has {layers} layers"):
+        load_adapter("deeper", 1, str(deeper), targets, layers, max_lora_rank=16)
+
+
+def test_unknown_modules_and_bad_folders_are_refused(base, tmp_path):
+    targets, layers = _targets(base)
+    head = make_peft_adapter(base, tmp_path / "head", r=4, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(LoRAAdapterError, match="lm_head.*not a projection"):
+        load_adapter("head", 1, str(head), targets, layers, max_lora_rank=16)
+    with pytest.raises(LoRAAdapterError, match="does not exist"):
+        load_adapter("gone", 1, str(tmp_path / "missing"), targets, layers, max_lora_rank=16)
+    dora = make_peft_adapter(base, tmp_path / "dora", r=4, target_modules=["q_proj"])
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(LoRAAdapterError, match="use_dora"):
+        load_adapter("dora", 1, str(dora), targets, layers, max_lora_rank=16)
+
+
+def test_the_engine_refuses_bad_requests(llm, base, adapters, tmp_path):
+    big = make_peft_adapter(base, tmp_path / "big", r=32, target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="above max_lora_rank"):
+        llm.generate([[5, 6, 7]], GREEDY, lora_request=LoRARequest("big", 9, str(big)), use_tqdm=False)
+    check_against_peft(llm, base, [[5, 6, 7]], [adapters["qv8"]])  # id 1 is qv8's from now on
+    clash = LoRARequest("clash", adapters["qv8"].lora_int_id, adapters["mlp4"].lora_path)
+    with pytest.raises(ValueError, match="needs an id of its own"):
+        llm.generate([[5, 6, 7]], GREEDY, lora_request=clash, use_tqdm=False)
+    with pytest.raises(ValueError, match="got 1 lora_request entries for 2 prompts"):
+        llm.generate([[5, 6], [7]], GREEDY, lora_request=[adapters["qv8"]], use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
+        LoRARequest("x", 0, "/tmp")
+    # the engine goes on: a good request afterwards
+    check_against_peft(llm, base, [[5, 6, 7]], [adapters["all16"]])
+
+
+def test_lora_requests_need_enable_lora(base, adapters):
+    engine = LLM(str(base), dtype="float32", kv_cache_memory="8MiB", num_threads=1)
+    try:
+        with pytest.raises(ValueError, match="without LoRA adapters"):
+            engine.generate([[5, 6, 7]], GREEDY, lora_request=adapters["qv8"], use_tqdm=False)
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="max_lora_rank must be between 1 and 64"):
+        LLM(str(base), enable_lora=True, max_lora_rank=128)
+
+
+def test_the_adapters_page_offline_example_runs(base, tmp_path, monkeypatch):
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(base)
+    make_peft_adapter(base, tmp_path / "adapters" / "sql-lora", r=8, target_modules=["q_proj", "v_proj"])
+    monkeypatch.chdir(tmp_path)
+    page = (Path(__file__).parents[1] / "docs" / "adapters.md").read_text()
+    block = re.findall(r"^```python\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)[0]
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "<docs/adapters.md>", "exec"), namespace)
+    assert out.getvalue().strip() == "True"
+    namespace["llm"].shutdown()

@@ -1,0 +1,186 @@
+"""LoRA adapters over real HTTP (``inferneo serve --enable-lora``): picked by name in ``model``, listed in
+``/v1/models`` with the base model as parent, loaded and unloaded while requests run (none is lost), and refused
+with 4xx errors that name the field."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inferneo import LLM, LoRARequest, SamplingParams
+from inferneo.testing.lora_adapters import make_peft_adapter, write_lora_adapter
+from inferneo.testing.server import RemoteServer, port_in_use
+
+pytest.importorskip("peft")
+
+KEY = "token-abc123"  # the key docs/adapters.md uses
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ["hello world", "the quick brown fox", "Once upon a time"]
+MAX_TOKENS = 12
+DOCS_PORT = 8000  # docs/adapters.md's examples talk to it
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server-loras")
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    return {
+        "sql": make_peft_adapter(tiny_llama_dir, root / "sql", r=8, target_modules=["q_proj", "v_proj"], seed=1),
+        "chat": make_peft_adapter(tiny_llama_dir, root / "adapters" / "chat-lora", r=4, seed=4,
+                                  target_modules=["o_proj", "down_proj"]),
+        "mlp16": make_peft_adapter(tiny_llama_dir, root / "mlp16", r=16, seed=2,
+                                   target_modules=["gate_proj", "up_proj", "down_proj", "k_proj"]),
+        "r32": make_peft_adapter(tiny_llama_dir, root / "r32", r=32, target_modules=["q_proj"], seed=3),
+        "other": write_lora_adapter({**config, "hidden_size": 96}, root / "other", r=4, target_modules=["q_proj"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, loras):
+    busy = port_in_use(DOCS_PORT)
+    if busy:
+        pytest.skip(f"docs/adapters.md talks to port {DOCS_PORT}, but {busy}")
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
+                      "--num-threads", "1", "--disable-access-log", "--dtype", "float32", "--api-key", KEY,
+                      "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
+                      "--lora-modules", f"sql={loras['sql']}", port=DOCS_PORT) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir, loras):
+    """What the offline engine (checked against PEFT in test_lora.py) answers, per adapter (None: base model)."""
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="16MiB", num_threads=1, enable_lora=True,
+              max_loras=2)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    try:
+        out = {}
+        for i, name in enumerate((None, "sql", "mlp16")):
+            lora = LoRARequest(name, i, str(loras[name])) if name else None
+            out[name] = [o.outputs[0].text for o in llm.generate(PROMPTS, params, lora_request=lora, use_tqdm=False)]
+        return out
+    finally:
+        llm.shutdown()
+
+
+def post(server, path, body, headers=AUTH):
+    return httpx.post(server.url(path), json=body, headers=headers, timeout=60)
+
+
+def complete(server, model, prompt):
+    r = post(server, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                         "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_models_lists_adapters_with_the_base_model_as_parent(server, loras):
+    data = httpx.get(server.url("/v1/models"), headers=AUTH, timeout=10).json()["data"]
+    cards = {c["id"]: c for c in data}
+    assert cards["tiny"]["parent"] is None
+    assert cards["sql"]["parent"] == "tiny" and cards["sql"]["root"] == str(loras["sql"])
+    one = httpx.get(server.url("/v1/models/sql"), headers=AUTH, timeout=10).json()
+    assert one["id"] == "sql" and one["parent"] == "tiny"
+
+
+def test_a_request_picks_its_adapter_by_model_name(server, expected):
+    assert [complete(server, "sql", p) for p in PROMPTS] == expected["sql"]
+    assert [complete(server, "tiny", p) for p in PROMPTS] == expected[None]
+    assert expected["sql"] != expected[None]
+    r = post(server, "/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["model"] == "sql"
+
+
+def test_load_and_unload_while_requests_run_lose_none(server, loras, expected):
+    async def one(client, model, prompt):
+        r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                       "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
+            before = [asyncio.create_task(one(client, m, p)) for _ in range(3) for m in ("tiny", "sql")
+                      for p in PROMPTS]
+            await asyncio.sleep(0.05)
+            load = await client.post("/v1/load_lora_adapter", json={"lora_name": "mlp16",
+                                                                     "lora_path": str(loras["mlp16"])})
+            during = [asyncio.create_task(one(client, "mlp16", p)) for p in PROMPTS]
+            unload = await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+            return load, unload, await asyncio.gather(*before), await asyncio.gather(*during)
+
+    load, unload, before, during = asyncio.run(scenario())
+    assert load.status_code == 200 and "mlp16" in load.text, load.text
+    assert unload.status_code == 200, unload.text
+    for (status, body), (model, prompt) in zip(before, [(m, p) for _ in range(3) for m in ("tiny", "sql")
+                                                        for p in PROMPTS], strict=True):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == expected[None if model == "tiny" else model][PROMPTS.index(prompt)]
+        assert body["usage"]["completion_tokens"] == MAX_TOKENS
+    assert [body["choices"][0]["text"] for _, body in during] == expected["mlp16"]
+    gone = post(server, "/v1/completions", {"model": "sql", "prompt": "hi", "max_tokens": 2})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert gone.json()["error"]["param"] == "model"
+    assert "sql" not in {c["id"] for c in httpx.get(server.url("/v1/models"), headers=AUTH).json()["data"]}
+    # loaded again under its old name: a new adapter to the engine, the same answers
+    again = post(server, "/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(loras["sql"])})
+    assert again.status_code == 200
+    assert [complete(server, "sql", p) for p in PROMPTS] == expected["sql"]
+
+
+def test_bad_adapters_and_names_are_refused(server, loras, tmp_path):
+    def error(path, body, status, param, headers=AUTH):
+        r = post(server, path, body, headers)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param, r.text
+        return r.json()["error"]["message"]
+
+    assert "above max_lora_rank 16" in error("/v1/load_lora_adapter", {"lora_name": "big",
+                                                                       "lora_path": str(loras["r32"])}, 400,
+                                             "lora_path")
+    assert "does not fit this model" in error("/v1/load_lora_adapter", {"lora_name": "other",
+                                                                        "lora_path": str(loras["other"])},
+                                              400, "lora_path")
+    assert "does not exist" in error("/v1/load_lora_adapter", {"lora_name": "nope", "lora_path": "/no/such/dir"},
+                                     400, "lora_path")
+    assert "already been loaded" in error("/v1/load_lora_adapter", {"lora_name": "tiny",
+                                                                    "lora_path": str(loras["mlp16"])},
+                                          400, "lora_name")
+    error("/v1/load_lora_adapter", {"lora_name": 5, "lora_path": str(loras["mlp16"])}, 400, "lora_name")
+    error("/v1/load_lora_adapter", {"lora_path": str(loras["mlp16"])}, 400, "lora_name")
+    assert "cannot be found" in error("/v1/unload_lora_adapter", {"lora_name": "never"}, 404, "lora_name")
+    error("/v1/completions", {"model": "never", "prompt": "hi"}, 404, "model")
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(loras["mlp16"])}, headers={})
+    assert r.status_code == 401
+    # an adapter whose folder is gone by the time a request needs it: that request fails (400), the engine goes on
+    doomed = tmp_path / "doomed"
+    shutil.copytree(loras["mlp16"], doomed)
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "doomed", "lora_path": str(doomed)}).status_code == 200
+    shutil.rmtree(doomed)
+    r = post(server, "/v1/completions", {"model": "doomed", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
+    assert complete(server, "tiny", PROMPTS[0])
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "doomed"}).status_code == 200
+    assert httpx.get(server.url("/health"), timeout=10).status_code == 200
+
+
+def test_the_adapters_page_serving_example_runs(server, loras, monkeypatch):
+    blocks = re.findall(r"^```python\n(.*?)^```", (Path(__file__).parents[1] / "docs" / "adapters.md").read_text(),
+                        flags=re.DOTALL | re.MULTILINE)
+    block = next(b for b in blocks if "load_lora_adapter" in b)
+    monkeypatch.chdir(loras["chat"].parents[1])  # where adapters/chat-lora is
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "<docs/adapters.md>", "exec"), {})
+    lines = out.getvalue().splitlines()
+    # the model list first, the completion's text (which may hold new lines), the load's answer, the chat's model
+    assert "('sql', 'tiny')" in lines[0] and lines[-2].startswith("200 Success") and lines[-1] == "chat", lines
+    assert "chat" not in {c["id"] for c in httpx.get(server.url("/v1/models"), headers=AUTH).json()["data"]}
