@@ -285,6 +285,9 @@ def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config |
     return y
 
 
+w4a16_linear.reads_row_layout = True  # the layer repacks its weights into Int4RowWeights for it
+
+
 def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ W.T`` for a fused gate/up weight (gate rows first), one GEMV launch
     per call; rounded as the two separate steps round (each projection's output, SiLU's, the product)."""

@@ -186,6 +186,24 @@ class GemvSiluMLP(MLP):
         return super().forward(x)
 
 
+class Int4SiluMLP(MLP):
+    """A GPU MLP over 4-bit gate/up weights whose projection and SiLU-and-mul run as one W4A16 GEMV for a one-row
+    input (``Int4LinearMethod.silu_mul``); other inputs project, then activate."""
+
+    def forward(self, x):
+        gate_up = self.gate_up_proj
+        if gate_up.method.silu_mul_applies(gate_up, x):
+            return self.down_proj(gate_up.method.silu_mul(gate_up, x))
+        return super().forward(x)
+
+
+def _int4_silu_mlp(module: nn.Module) -> Int4SiluMLP | None:
+    """``module`` as an :class:`Int4SiluMLP` when it is a plain ``MLP`` whose gate/up layer holds 4-bit weights."""
+    if type(module) is not MLP or not hasattr(getattr(module.gate_up_proj, "method", None), "silu_mul"):
+        return None
+    return _adopt(Int4SiluMLP, module)
+
+
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
     many layers changed."""
@@ -267,6 +285,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
             _swap_children(model, lambda m: _adopt(GemvSiluMLP, m, gemv=gemv)
                            if type(m) is MLP and isinstance(m.gate_up_proj, nn.Linear)  # not a quantized layer
                            and m.gate_up_proj.bias is None else None)
+        if kernels.gemv_silu and kernels.triton_gemv:
+            _swap_children(model, _int4_silu_mlp)
 
     if tp is not None:
         fuse_peer_norms(model, tp)
@@ -278,4 +298,4 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
              "QKNormRotaryAttention",
-             "RowPassMLP", "GemvSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
+             "RowPassMLP", "GemvSiluMLP", "Int4SiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
