@@ -287,8 +287,8 @@ def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     triton_int4._tuned_configs.cache_clear()
     try:
         assert triton_int4.choose_config("gemv", 1, 4096, 4096, 128).kind == "gemv"
-        # K in one step for 4096 inputs (32 groups of 16 words: 512 words), two output rows a program
-        assert triton_int4.default_config("gemv", 1, 4096, 4096, 128) == triton_int4.W4A16Config("gemv", 2, 32)
+        # 8 groups of 16 words (128 words) per step, 16 output rows a program
+        assert triton_int4.default_config("gemv", 1, 4096, 4096, 128) == triton_int4.W4A16Config("gemv", 16, 8)
         assert triton_int4.default_config("dot", 32, 4096, 4096, 128).block_m == 32
         assert triton_int4.default_config("dot", 3, 4096, 4096, 128).block_m == 16
         assert triton_int4.default_config("dot", 4000, 4096, 4096, 128).block_m == 64

@@ -11,9 +11,10 @@ Two kernels, chosen by the number of rows (:func:`w4a16_linear`):
   come from the word shifted by 12 bits so that every code sits below bit 20). Per group the kernel sums
   ``q * x`` and adds ``s * (sum(q * x) - z * sum(x))``. The gated MLP variant (``SILU``) reads the gate and up rows
   of a fused gate/up weight and writes ``silu(gate) * up``.
-- two rows or more: :func:`_dot_kernel`, tensor cores: each code position ``j`` of a ``[BLOCK_N, BLOCK_KW]`` tile
-  of words is de-quantized (``(q - z) * s`` in float32, rounded to the activation dtype) and multiplied with
-  ``x``'s columns ``8w + j`` through ``tl.dot`` (float32 activations: IEEE float32 products).
+- two rows or more: :func:`_dot_kernel`, tensor cores: a ``[BLOCK_N, BLOCK_KW]`` tile of words is de-quantized
+  (``(q - z) * s`` in float32, rounded to the activation dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` (code ``j``
+  of word ``w`` is column ``8w + j``) and multiplied with a contiguous tile of ``x`` through one ``tl.dot``
+  (float32 activations: IEEE float32 products).
 
 Launch tiles come from ``int4_configs.json`` beside this file, per layer shape (written by
 ``benchmarks/gpu/int4_check.py --write-configs`` on the GPU it measures), else from :func:`default_config`.
@@ -83,16 +84,16 @@ def _tuned_configs() -> dict[str, W4A16Config]:
 
 
 def default_config(kind: str, m: int, n: int, k: int, group_size: int) -> W4A16Config:
-    """The launch for a shape without a tuned entry. GEMV: 2 rows per program and about 512 words of K per step
-    (every thread of 4 warps holds both rows of 4 words, so one load of ``x`` serves both); dot: a row tile that
-    covers ``m`` (16..64), 64 output rows, 32 words (256 columns) per step."""
+    """The launch for a shape without a tuned entry. GEMV: 16 rows per program (the loads of ``x`` and its
+    scaling serve every row of the program: more rows, fewer of them per code) and about 128 words of K per
+    step; dot: a row tile that covers ``m`` (16..64), 64 output rows, 16 words (128 columns) per step."""
     if kind in ("gemv", "silu"):
         words_per_group = group_size // 8
         groups = k // group_size
-        block_g = min(triton.next_power_of_2(groups), max(1, 512 // triton.next_power_of_2(words_per_group)))
-        return W4A16Config(kind, block_n=2, block_g=block_g, num_warps=4)
+        block_g = min(triton.next_power_of_2(groups), max(1, 128 // triton.next_power_of_2(words_per_group)))
+        return W4A16Config(kind, block_n=16, block_g=block_g, num_warps=4)
     block_m = min(_rows_bucket(m), 64)
-    return W4A16Config("dot", block_n=64, block_m=block_m, block_kw=32, num_warps=4)
+    return W4A16Config("dot", block_n=64, block_m=block_m, block_kw=16, num_warps=4)
 
 
 def choose_config(kind: str, m: int, n: int, k: int, group_size: int) -> W4A16Config:
@@ -197,21 +198,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, D, K, stride_xm,
 
 
 @triton.jit
-def _dot_code(acc, xb, xmask, words, z, s, J: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + x[:, 8w + J] @ W[:, 8w + J].T`` with code ``J`` of ``words`` de-quantized in float32 and rounded to
-    ``x``'s dtype."""
-    x = tl.load(xb + J, mask=xmask, other=0.0)
-    w = ((((words >> (4 * J)) & 0xF) - z).to(tl.float32) * s).to(x.dtype)
-    if IEEE:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit
 def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                IEEE: tl.constexpr):
+                PRECISION: tl.constexpr):
     GW: tl.constexpr = GROUP // 8
+    BLOCK_K: tl.constexpr = BLOCK_KW * 8
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
@@ -219,25 +210,24 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_y
     KW = K // 8
     KG = K // GROUP
     wl = tl.arange(0, BLOCK_KW)
+    kl = tl.arange(0, BLOCK_K)
+    shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for w0 in range(0, KW, BLOCK_KW):
         widx = w0 + wl
-        wmask = widx < KW
-        tmask = nmask[:, None] & wmask[None, :]
+        tmask = nmask[:, None] & (widx < KW)[None, :]
         words = tl.load(qw_ptr + n[:, None] * KW + widx[None, :], mask=tmask, other=0)
         gptr = n[:, None] * KG + (widx // GW)[None, :]
         s = tl.load(s_ptr + gptr, mask=tmask, other=0.0)
         z = tl.load(z_ptr + gptr, mask=tmask, other=0).to(tl.int32)
-        xb = x_ptr + rm[:, None] * stride_xm + widx[None, :] * 8
-        xmask = mmask[:, None] & wmask[None, :]
-        acc = _dot_code(acc, xb, xmask, words, z, s, 0, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 1, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 2, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 3, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 4, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 5, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 6, IEEE)
-        acc = _dot_code(acc, xb, xmask, words, z, s, 7, IEEE)
+        k = w0 * 8 + kl
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
+                    other=0.0)
+        # [BLOCK_N, BLOCK_KW, 8] -> [BLOCK_N, BLOCK_K]: code j of word w is column 8w + j
+        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        w = ((q - z[:, :, None]).to(tl.float32) * s[:, :, None]).to(x.dtype)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     tl.store(y_ptr + rm[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
@@ -280,7 +270,7 @@ def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config |
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
     _dot_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, m, n, k, x.stride(0), y.stride(0),
                       GROUP=weights.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                      BLOCK_KW=config.block_kw, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
+                      BLOCK_KW=config.block_kw, PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=config.num_warps,
                       num_stages=config.num_stages)
     return y
 
