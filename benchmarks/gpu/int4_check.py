@@ -100,17 +100,16 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def gemv_grid(quick: bool) -> list[W4A16Config]:
     if quick:
         return [W4A16Config("gemv", bn, bg, num_warps=w) for bn, bg, w in ((16, 8, 4), (8, 4, 4))]
-    return [W4A16Config("gemv", bn, bg, num_warps=w) for bn in (4, 8, 16, 32) for bg in (4, 8, 16)
-            for w in (4, 8) if bn * bg <= 256]
+    return [W4A16Config("gemv", bn, bg) for bn in (8, 16, 32) for bg in (4, 8)] + [
+        W4A16Config("gemv", 16, 16), W4A16Config("gemv", 16, 8, num_warps=8)]
 
 
 def dot_grid(m: int, quick: bool) -> list[W4A16Config]:
     bm = 16 if m <= 16 else 32
     if quick:
         return [W4A16Config("dot", bn, block_m=bm, block_kw=kw) for bn, kw in ((64, 16), (32, 8))]
-    return [W4A16Config("dot", bn, block_m=bm, block_kw=kw, num_warps=w)
-            for bn in (32, 64, 128) for kw in (8, 16, 32) for w in (4, 8)] + [
-                W4A16Config("dot", 64, block_m=bm, block_kw=16, num_stages=3)]
+    return [W4A16Config("dot", bn, block_m=bm, block_kw=kw) for bn in (32, 64, 128) for kw in (8, 16)] + [
+        W4A16Config("dot", 128, block_m=bm, block_kw=16, num_warps=8)]
 
 
 def main() -> int:
