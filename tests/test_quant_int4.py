@@ -10,6 +10,7 @@ in summation order, so greedy tokens are expected to be equal.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from inferneo.quantization.int4 import (
     Int4LinearMethod,
     Int4Scheme,
     reference_int4_linear,
+    select_int4_kernel,
 )
 from inferneo.quantization.int4_layouts import (
     Int4Codes,
@@ -191,29 +193,77 @@ _TRITON_SCRIPT = textwrap.dedent("""
     import triton  # noqa: F401 (the interpreter is on before the shims patch it)
     from tests.triton_interpreter_shims import patch_interpreter
     patch_interpreter()
-    from inferneo.kernels.triton_int4 import W4A16Config, w4a16_linear
-    from inferneo.quantization.int4_layouts import Int4Codes, dequantize, pack_canonical
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels.triton_int4 import W4A16Config, w4a16_linear, w4a16_silu_mul
+    from inferneo.quantization import int4
+    from inferneo.quantization.base import LinearShape, QuantizedLinear
+    from inferneo.quantization.int4_layouts import Int4RowWeights, pack_canonical, pack_rows
+    from inferneo.testing.int4_checkpoints import quantize_weight
+    from tests.test_quant_int4 import layout_codes
 
     torch.manual_seed(0)
-    # float32: IEEE products and float32 sums; float16/bfloat16: weights rounded to the activation dtype for tl.dot,
-    # float32 sums, one rounding of the output.
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-    for n, k, g in ((24, 64, 32), (48, 256, 128), (40, 96, 96)):
-        codes = Int4Codes(torch.randint(0, 16, (n, k), dtype=torch.uint8),
-                          torch.randint(0, 17, (k // g, n), dtype=torch.uint8), torch.rand(k // g, n) * 0.1, g)
-        weights = pack_canonical(codes)
-        w = dequantize(weights)
-        for m in (1, 3, 40):
+    # float32: exact de-quantization, float32 sums in another order (GEMV: sum(q*x) - z*sum(x) per group);
+    # bfloat16: float32 sums and one rounding of the output (2^-9), plus the weights rounded to bfloat16 for tl.dot.
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+    gemv = W4A16Config("gemv", block_n=64, block_g=4, num_warps=1)
+    dot = W4A16Config("dot", block_n=64, block_m=32, block_kw=16)
+    for layout, group, act_order in (("awq", 32, False), ("gptq", 32, True), ("compressed-tensors", 16, False),
+                                     ("compressed-tensors", 24, True)):
+        n, k = 48, 96
+        g_idx = torch.arange(k) // group
+        if act_order:
+            g_idx = g_idx[torch.randperm(k)]
+        q = quantize_weight(torch.randn(n, k), group, False, torch.float16, g_idx, min_zero=1)
+        weights = pack_rows(pack_canonical(layout_codes(q, layout, group)))
+        assert isinstance(weights, Int4RowWeights) and (weights.perm is not None) == act_order
+        w = q.dequantized()  # the checkpoint's column order
+        for m in (1, 20):
             for dtype in tolerance:
                 x = torch.randn(m, k).to(dtype)
                 ref = F.linear(x.float(), w)
-                for config in (None, W4A16Config(1 if m == 1 else 16, 16 if m == 1 else 128, 16, 2)):
-                    y = w4a16_linear(x, weights, config)
+                xs = x if weights.perm is None else x.index_select(1, weights.perm)
+                for config in ((gemv, dot) if m == 1 else (dot,)):
+                    y = w4a16_linear(xs, weights, config)
                     assert y.shape == (m, n) and y.dtype == dtype
                     err = ((y.float() - ref).norm() / ref.norm()).item()
-                    assert err < tolerance[dtype], (n, k, g, m, dtype, config, err)
+                    assert err < tolerance[dtype], (layout, group, m, dtype, config, err)
+    # the fused gate/up + SiLU GEMV against the two steps, each rounded to bfloat16
+    q = quantize_weight(torch.randn(64, 128), 32, False, torch.float16, torch.arange(128) // 32)
+    weights = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))
+    x = torch.randn(1, 128).bfloat16()
+    gate, up = F.linear(x.float(), q.dequantized()).bfloat16().float().chunk(2, dim=1)
+    ref = F.silu(gate).bfloat16().float() * up
+    y = w4a16_silu_mul(x, weights, W4A16Config("silu", block_n=32, block_g=4, num_warps=1))
+    assert y.shape == (1, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2
+    # a layer finalized for the Triton kernels holds the row layout, once, and runs through them
+    int4.select_int4_kernel = lambda *args: w4a16_linear
+    layer = QuantizedLinear(int4.Int4LinearMethod(int4.Int4Scheme("awq", 32, True)),
+                            LinearShape("layers.0.mlp.gate_up_proj", 64, (32, 32)), False, torch.float32,
+                            torch.device("cpu"))
+    layer.method.init_dummy(layer, torch.Generator().manual_seed(0))
+    before = layer.method.dequantized_weight(layer)
+    layer.method.finalize(layer, KernelConfig())
+    assert [type(b) for b in layer.int4_blocks] == [Int4RowWeights] and not hasattr(layer, "qweight")
+    assert torch.equal(layer.method.dequantized_weight(layer), before)
+    assert layer.method.silu_mul_applies(layer, torch.randn(1, 64).bfloat16())
+    assert not layer.method.silu_mul_applies(layer, torch.randn(2, 64).bfloat16())
+    x = torch.randn(1, 64)
+    ref = F.linear(x, before)
+    assert ((layer(x) - ref).norm() / ref.norm()).item() < 1e-5
     print("ok")
 """)
+
+
+def layout_codes(q, layout: str, group: int) -> Int4Codes:
+    """``q`` written in ``layout``'s checkpoint tensors, read back as codes."""
+    if layout == "awq":
+        t = awq_tensors(q, zero_point=True)
+        return unpack_awq(t["qweight"], t["qzeros"], t["scales"], group)
+    if layout == "gptq":
+        t = gptq_tensors(q)
+        return unpack_gptq(t["qweight"], t["qzeros"], t["scales"], group, t["g_idx"])
+    t = compressed_tensors(q, zero_point=True)
+    return unpack_compressed(t["weight_packed"], t["weight_scale"], t["weight_zero_point"], group, q.g_idx)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -230,14 +280,32 @@ def test_reference_path_matches_linear():
     assert torch.equal(reference_int4_linear(x, weights), F.linear(x, dequantize(weights)))
 
 
-def test_triton_config_splits_k_for_small_batches():
-    from inferneo.kernels.triton_int4 import choose_config, tile_k
+def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
+    triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
 
-    assert tile_k(128) == 128 and tile_k(96) == 32 and tile_k(11008) == 128 and tile_k(8) == 0
-    one = choose_config(1, 4096, 4096, 128)
-    assert one.block_m == 1 and one.split_k > 1 and 4096 % (one.block_k * one.split_k) == 0
-    big = choose_config(512, 4096, 4096, 128)
-    assert big.block_m == 64 and big.split_k == 1
+    monkeypatch.setattr(triton_int4, "TUNED_CONFIG_FILE", tmp_path / "none.json")
+    triton_int4._tuned_configs.cache_clear()
+    try:
+        assert triton_int4.choose_config("gemv", 1, 4096, 4096, 128).kind == "gemv"
+        # 8 groups of 16 words (128 words) per step, 16 output rows a program
+        assert triton_int4.default_config("gemv", 1, 4096, 4096, 128) == triton_int4.W4A16Config("gemv", 16, 8)
+        assert triton_int4.default_config("dot", 32, 4096, 4096, 128).block_m == 32
+        assert triton_int4.default_config("dot", 3, 4096, 4096, 128).block_m == 16
+        assert triton_int4.default_config("dot", 4000, 4096, 4096, 128).block_m == 64
+        tuned = triton_int4.W4A16Config("dot", 32, block_m=32, block_kw=64, num_warps=8)
+        table = {triton_int4.config_key("dot", 20, 4096, 11008, 128): tuned.as_dict()}
+        (tmp_path / "tuned.json").write_text(json.dumps(table))
+        monkeypatch.setattr(triton_int4, "TUNED_CONFIG_FILE", tmp_path / "tuned.json")
+        triton_int4._tuned_configs.cache_clear()
+        assert triton_int4.choose_config("dot", 32, 4096, 11008, 128) == tuned  # 17..32 rows share the entry
+        assert triton_int4.choose_config("dot", 33, 4096, 11008, 128).block_m == 64  # not tuned: the default
+    finally:
+        triton_int4._tuned_configs.cache_clear()
+    # the kernels run any group of whole words; CUDA layers take them (they read the row layout)
+    assert triton_int4.triton_int4_available(24) and not triton_int4.triton_int4_available(12)
+    kernel = select_int4_kernel(torch.device("cuda"), torch.bfloat16, 128, KernelConfig())
+    assert kernel is triton_int4.w4a16_linear and kernel.reads_row_layout
+    assert select_int4_kernel(torch.device("cuda"), torch.bfloat16, 12, KernelConfig()) is reference_int4_linear
 
 
 # ---- configs --------------------------------------------------------------------------------------------------

@@ -217,6 +217,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
+    parser.add_argument("--workloads", default="w1,w2",
+                        help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     cfg = dict(SMOKE if args.smoke else FULL)
@@ -227,11 +229,12 @@ def main() -> int:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
     sections = s.results["sections"]
     s.section("ceilings", lambda: sec_ceilings(s))
+    workloads = tuple(filter(None, args.workloads.split(",")))
     plan = [
-        ("bf16", lambda: sec_variant(s, "bf16"), 120),
-        ("fp8", lambda: sec_variant(s, "fp8", quantization="fp8"), 70),
+        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120),
+        ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
-        ("w4a16", lambda: sec_variant(s, "w4a16", awq=True), 100),
+        ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]

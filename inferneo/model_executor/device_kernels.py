@@ -191,7 +191,7 @@ class GemvSiluMLP(MLP):
 
 class QuantizedSiluMLP(MLP):
     """A GPU MLP whose quantized gate/up layer runs its projection and SiLU-and-mul as one kernel where its method
-    can for the input's rows (``method.silu_mul`` returns the activation; the FP8 GEMV at a few rows); other
+    can for the input's rows (``method.silu_mul`` returns the activation: the FP8 GEMV at a few rows, the W4A16 GEMV at one row); other
     inputs project, then activate."""
 
     def forward(self, x):

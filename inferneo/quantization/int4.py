@@ -30,8 +30,10 @@ from inferneo.quantization.base import (
 )
 from inferneo.quantization.int4_layouts import (
     Int4Codes,
+    Int4RowWeights,
     Int4Weights,
     dequantize,
+    dequantize_rows,
     pack_canonical,
     unpack_awq,
     unpack_compressed,
@@ -100,7 +102,8 @@ def _per_shard_vector_loader(shape: LinearShape) -> WeightLoader:
 class Int4LinearMethod(LinearMethod):
     """A linear layer with 4-bit weights in one of the :class:`Int4Scheme` layouts.
 
-    After :meth:`finalize` the layer holds its weight once, in the canonical layout, as buffers ``int4_packed``,
+    After :meth:`finalize` the layer holds its weight once, in the canonical layout (the row layout where the
+    Triton kernels run it, on CUDA), as buffers ``int4_packed``,
     ``int4_scales``, ``int4_zeros`` (and ``int4_perm`` for act-order GPTQ); a fused GPTQ layer whose shards have
     different ``g_idx`` orders keeps one such set per shard (suffix ``_<shard>``) and multiplies them in turn.
     """
@@ -205,8 +208,12 @@ class Int4LinearMethod(LinearMethod):
         for name in self._checkpoint_names():
             if name in layer._parameters:
                 delattr(layer, name)
-        _hold_blocks(layer, blocks)
         layer.int4_kernel = select_int4_kernel(layer.device, layer.dtype, blocks[0].group_size, kernels)
+        if getattr(layer.int4_kernel, "reads_row_layout", False):
+            from inferneo.quantization.int4_layouts import pack_rows
+
+            blocks = [pack_rows(b) for b in blocks]  # the GPU kernels' layout; the canonical tensors are freed
+        _hold_blocks(layer, blocks)
 
     def _check_weight_shape(self, layer: QuantizedLinear) -> None:
         if self.scheme.layout != "compressed-tensors":
@@ -219,7 +226,7 @@ class Int4LinearMethod(LinearMethod):
     # ---- compute ----
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-        blocks: list[Int4Weights] = layer.int4_blocks
+        blocks: list[Int4Weights | Int4RowWeights] = layer.int4_blocks
         rows = x.reshape(-1, layer.in_features)
         outs = [layer.int4_kernel(rows if b.perm is None else rows.index_select(1, b.perm), b) for b in blocks]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -232,7 +239,24 @@ class Int4LinearMethod(LinearMethod):
 
             return torch.cat([dequantize_codes(self._checkpoint_codes(layer, rows))
                               for rows in self._row_blocks(layer)])
-        return torch.cat([dequantize(b) for b in blocks])
+        return torch.cat([dequantize_rows(b) if isinstance(b, Int4RowWeights) else dequantize(b) for b in blocks])
+
+    def silu_mul_applies(self, layer: QuantizedLinear, x: torch.Tensor) -> bool:
+        """Whether :meth:`silu_mul` runs ``x`` through the fused gate/up + SiLU GEMV: one row in half precision
+        and the layer held as one row-layout block (no act-order permutation)."""
+        blocks = getattr(layer, "int4_blocks", None)
+        return (blocks is not None and len(blocks) == 1 and isinstance(blocks[0], Int4RowWeights)
+                and blocks[0].perm is None and x.dim() == 2 and x.shape[0] == 1
+                and x.dtype in (torch.float16, torch.bfloat16) and layer.bias is None)
+
+    def silu_mul(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of a fused gate/up layer in one kernel when :meth:`silu_mul_applies`, else None (the
+        caller projects, then activates)."""
+        if not self.silu_mul_applies(layer, x):
+            return None
+        from inferneo.kernels.triton_int4 import w4a16_silu_mul
+
+        return w4a16_silu_mul(x, layer.int4_blocks[0])
 
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
@@ -268,7 +292,7 @@ def _weight_shape_loader(shape: LinearShape) -> WeightLoader:
     return load
 
 
-def _hold_blocks(layer: QuantizedLinear, blocks: list[Int4Weights]) -> None:
+def _hold_blocks(layer: QuantizedLinear, blocks: list[Int4Weights] | list[Int4RowWeights]) -> None:
     """Register the canonical tensors as buffers (so memory accounting and ``.to`` see them) and keep the
     records."""
     for i, block in enumerate(blocks):
@@ -297,7 +321,8 @@ def reference_int4_linear(x: torch.Tensor, weights: Int4Weights) -> torch.Tensor
 
 def select_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int, kernels: KernelConfig) -> Int4Kernel:
     """The product for a layer on ``device``: the native CPU kernel (``cpu_native_kernels`` on and it builds), the
-    Triton W4A16 kernel on CUDA (Triton installed, a group size it tiles), else :func:`reference_int4_linear`."""
+    Triton W4A16 kernels on CUDA (Triton installed, a group size of whole words; they read the row layout, marked
+    by the function's ``reads_row_layout``), else :func:`reference_int4_linear`."""
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from inferneo.kernels.cpu_int4 import cpu_int4_linear, int4_cpu_kernels
 

@@ -21,6 +21,11 @@ The canonical layout (:class:`Int4Weights`): ``packed`` int32 ``[out/8, in]`` wh
 ``8p..8p+7`` of column ``k`` (code ``j`` is row ``8p + j``), ``scales`` float32 ``[in/g, out]``, ``zeros`` uint8
 ``[in/g, out]``, and for ``desc_act`` a column permutation ``perm`` (the kernel multiplies ``x[:, perm]`` by the
 weight whose columns were sorted by group, so that each group is ``group_size`` consecutive columns).
+
+On CUDA the Triton kernels read the row layout instead (:class:`Int4RowWeights`, :func:`pack_rows`): ``packed``
+int32 ``[out, in/8]`` whose word ``(n, w)`` holds columns ``8w..8w+7`` of row ``n`` (code ``j`` is column
+``8w + j``), so one output row's codes are contiguous along K, and ``scales`` float32 / ``zeros`` uint8
+``[out, in/group_size]``, one row's groups contiguous as well.
 """
 
 from __future__ import annotations
@@ -169,6 +174,56 @@ def dequantize(weights: Int4Weights) -> torch.Tensor:
     """``W`` float32 ``[out, in]`` of a canonical weight, in the checkpoint's column order."""
     sorted_w = dequantize_codes(Int4Codes(canonical_codes(weights), weights.zeros, weights.scales,
                                           weights.group_size))
+    if weights.perm is None:
+        return sorted_w
+    w = torch.empty_like(sorted_w)
+    w[:, weights.perm] = sorted_w
+    return w
+
+
+@dataclass(frozen=True, slots=True)
+class Int4RowWeights:
+    """A weight in the row layout the GPU kernels read (see the module docstring).
+
+    ``packed`` int32 ``[out, in/8]``; ``scales`` float32 ``[out, in/group_size]``; ``zeros`` uint8
+    ``[out, in/group_size]``; ``perm`` as in :class:`Int4Weights` (columns sorted by group).
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    perm: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * 8
+
+
+def pack_rows(weights: Int4Weights) -> Int4RowWeights:
+    """A canonical weight -> the row layout (same codes, scales, zero points and column order)."""
+    codes = canonical_codes(weights).to(torch.int32)  # [out, in], columns in the sorted order
+    out_features, in_features = codes.shape
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=codes.device)
+    # Eight codes of one row: code j in bits 4j. The nibbles do not overlap, so the sum is their bitwise OR.
+    packed = (codes.view(out_features, in_features // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
+    return Int4RowWeights(packed.contiguous(), weights.scales.t().contiguous(), weights.zeros.t().contiguous(),
+                          weights.group_size, weights.perm)
+
+
+def row_codes(weights: Int4RowWeights) -> torch.Tensor:
+    """The uint8 codes ``[out, in]`` of a row-layout weight (columns in its sorted order)."""
+    return _codes(weights.packed).reshape(weights.out_features, weights.in_features)
+
+
+def dequantize_rows(weights: Int4RowWeights) -> torch.Tensor:
+    """``W`` float32 ``[out, in]`` of a row-layout weight, in the checkpoint's column order."""
+    group = torch.arange(weights.in_features, device=weights.packed.device) // weights.group_size
+    sorted_w = (row_codes(weights).float() - weights.zeros.float()[:, group]) * weights.scales[:, group]
     if weights.perm is None:
         return sorted_w
     w = torch.empty_like(sorted_w)
