@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
+from inferneo.engine.prompt_logprobs import PromptLogprobsCollector, collect_step_scores
 from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
@@ -149,10 +150,10 @@ class EngineCore:
         if sched.is_empty:
             return []
         start = time.perf_counter()
-        record, sampled = self._step_record(sched, None)
+        record, sampled, scored = self._step_record(sched, None)
         result = self.runner.execute(record)
         self.scheduler.update_after_step(sched)
-        return self._process(sched, sampled, result, start)
+        return self._process(sched, sampled, result, start, scored)
 
     def _step_async(self) -> list[CoreOutput]:
         previous = self._in_flight
@@ -168,9 +169,10 @@ class EngineCore:
                 finished.append(self._finish(previous))
 
         if not sched.is_empty:
-            record, sampled = self._step_record(sched, previous.step if previous else None, finish_previous)
+            record, sampled, scored = self._step_record(sched, previous.step if previous else None,
+                                                        finish_previous)
             step = self.runner.launch(record, previous.step if previous else None)
-            launched = _Launched(sched, sampled, step, time.perf_counter())
+            launched = _Launched(sched, sampled, step, time.perf_counter(), scored)
         finish_previous()
         outputs = finished[0] if finished else []
         if launched is not None:
@@ -187,14 +189,14 @@ class EngineCore:
         result = launched.step.resolve()
         for request in launched.sampled:
             request.pending_sample = -1
-        return self._process(launched.sched, launched.sampled, result, launched.start)
+        return self._process(launched.sched, launched.sampled, result, launched.start, launched.scored)
 
     def _must_wait(self, launched: _Launched) -> bool:
         """True when a request sampling next needs the token still in flight on the host first."""
         return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in launched.sampled)
 
     def _process(self, sched: SchedulerOutput, sampled: list[Request], result: RunnerOutput,
-                 start: float) -> list[CoreOutput]:
+                 start: float, scored: list[tuple[PromptLogprobsCollector, int]]) -> list[CoreOutput]:
         stats = self.stats
         stats.num_steps += 1
         stats.num_batched_tokens_total += sched.num_batched_tokens
@@ -204,14 +206,20 @@ class EngineCore:
         stats.batch_size_histogram[batch] = stats.batch_size_histogram.get(batch, 0) + 1
         stats.num_preemptions = self.scheduler.num_preemptions
 
+        collect_step_scores(scored, result.prompt_logprobs)
         outputs: list[CoreOutput] = []
         for i, (request, token_id) in enumerate(zip(sampled, result.sampled_token_ids, strict=True)):
             if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
+                continue
+            if request.max_tokens == 0:  # scoring only (prompt log-probabilities): the sampled token is dropped
+                outputs.append(self._finish_scoring(request))
                 continue
             request.append_output_token(token_id)
             stats.num_generation_tokens += 1
             status, stop_reason = self._check_stop(request, token_id)
             out = CoreOutput(request.request_id, [token_id], num_cached_tokens=max(request.num_cached_tokens, 0))
+            if request.prompt_logprobs is not None:
+                out.prompt_logprobs = request.prompt_logprobs.take()
             if result.logprobs is not None:
                 out.logprob_token_ids = [result.logprob_token_ids[i]]
                 out.logprobs = [result.logprobs[i]]
@@ -225,6 +233,16 @@ class EngineCore:
         stats.step_time_total += time.perf_counter() - start
         return outputs
 
+    def _finish_scoring(self, request: Request) -> CoreOutput:
+        """End a request that asked for no output tokens (``max_tokens=0``, prompt scoring): its prompt
+        log-probabilities and finish reason "length", no token."""
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
+        out = CoreOutput(request.request_id, [], RequestStatus.FINISHED_LENGTH.finish_reason,
+                         num_cached_tokens=max(request.num_cached_tokens, 0))
+        if request.prompt_logprobs is not None:
+            out.prompt_logprobs = request.prompt_logprobs.take()
+        return out
+
     def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
@@ -237,8 +255,10 @@ class EngineCore:
         return None, None
 
     def _step_record(self, sched: SchedulerOutput, previous: InFlightStep | None,
-                     meanwhile: Callable[[], None] | None = None) -> tuple[StepRecord, list[Request]]:
-        """The plain record the runner gets for a scheduled step (decodes first), and the requests it samples.
+                     meanwhile: Callable[[], None] | None = None
+                     ) -> tuple[StepRecord, list[Request], list[tuple[PromptLogprobsCollector, int]]]:
+        """The plain record the runner gets for a scheduled step (decodes first), the requests it samples, and
+        the prompt log-probability collectors of the sequences it scores (in the step's order, with their rows).
 
         ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read;
         ``meanwhile`` is host work to do while the step's bitmask fills (see ``StepBitmask``).
@@ -246,14 +266,18 @@ class EngineCore:
         sequences: list[ScheduledSequence] = []
         sampled: list[Request] = []
         constrained: list[ConstrainedRow] = []
+        scored: list[tuple[PromptLogprobsCollector, int]] = []
         for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
             request, num_new = item.request, item.num_new_tokens
             computed = request.num_computed_tokens
             # A token is sampled once every known token (and the one still being sampled, if any) is computed.
             samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
                        else computed + num_new == request.num_tokens)
+            span = None
+            if request.prompt_logprobs is not None and (span := request.prompt_logprobs.span(computed, num_new)):
+                scored.append((request.prompt_logprobs, span.count))
             sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
-                                               request.pending_sample, samples, request.sampling_row))
+                                               request.pending_sample, samples, request.sampling_row, span))
             if samples:
                 if request.grammar is not None:
                     constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,
@@ -264,7 +288,7 @@ class EngineCore:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
-        return record, sampled
+        return record, sampled, scored
 
 
 def _needs_previous_tokens(request: Request) -> bool:
@@ -282,3 +306,4 @@ class _Launched:
     sampled: list[Request]
     step: InFlightStep
     start: float
+    scored: list[tuple[PromptLogprobsCollector, int]]

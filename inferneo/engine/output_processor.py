@@ -17,12 +17,13 @@ Outputs come in two kinds (:class:`OutputKind`), chosen per request:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from inferneo.engine.detokenizer import IncrementalDetokenizer
 from inferneo.engine.protocol import CoreOutput, CoreRequest
-from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
+from inferneo.engine.protocol import PromptLogprobs as CorePromptLogprobs
+from inferneo.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 
@@ -62,6 +63,8 @@ class ParentRequest:
     kind: OutputKind
     sequences: list[_Sequence]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # once the core sent them
+    prompt_logprobs_sent: bool = False  # in a stream, they go out once
 
     @property
     def finished(self) -> bool:
@@ -98,6 +101,8 @@ class OutputProcessor:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + j
+                if j:  # the prompt is scored once, by the first sequence
+                    child_params.prompt_logprobs = None
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
                                                  stream=not final)
@@ -165,6 +170,9 @@ class OutputProcessor:
     def _apply(self, parent: ParentRequest, seq: _Sequence, out: CoreOutput) -> bool:
         """Update one sequence; True when a stop string ended it while the core still runs it."""
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None:
+            parent.prompt_logprobs = prompt_logprob_entries(out.prompt_logprobs, parent.params.prompt_logprobs,
+                                                            seq.detokenizer.decode_token)
         if seq.token_ids is not None:
             seq.token_ids.extend(out.new_token_ids)
         else:
@@ -216,8 +224,11 @@ class OutputProcessor:
             s.new_token_ids = []
             s.new_logprobs = None
             s.final_delta_sent = s.finish_reason is not None
+        prompt_logprobs = None
+        if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
+            prompt_logprobs, parent.prompt_logprobs_sent = parent.prompt_logprobs, True
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, prompt_logprobs)
 
     @staticmethod
     def _final_output(parent: ParentRequest) -> RequestOutput:
@@ -228,5 +239,17 @@ class OutputProcessor:
             for s in parent.sequences
         ]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, True,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, parent.prompt_logprobs)
+
+
+def prompt_logprob_entries(rows: CorePromptLogprobs, top_n: int, decode: Callable[[int], str]) -> PromptLogprobs:
+    """The core's prompt rows in vLLM's shape: None for the first prompt token, then per position the prompt
+    token's ``Logprob`` (its rank as computed) and the top ``top_n`` candidates (ranks 1..top_n)."""
+    entries: PromptLogprobs = [None]
+    for ids, lps, rank in zip(rows.token_ids, rows.logprobs, rows.ranks, strict=True):
+        entry = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
+        for k, (tid, lp) in enumerate(zip(ids[1 : 1 + top_n], lps[1 : 1 + top_n], strict=True)):
+            entry.setdefault(tid, Logprob(lp, k + 1, decode(tid)))
+        entries.append(entry)
+    return entries
 

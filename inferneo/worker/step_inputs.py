@@ -23,6 +23,7 @@ import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
+from inferneo.worker.prompt_logprobs import PromptLogprobSpan
 
 
 @dataclass(slots=True)
@@ -39,6 +40,8 @@ class ScheduledSequence:
     pending_sample: int
     samples: bool  # whether this step samples the sequence's next token
     sampling: SamplingRow
+    # The prompt positions of this step to score (the request asked for prompt log-probabilities); None: none.
+    prompt_logprobs: PromptLogprobSpan | None = None
 
 
 @dataclass(slots=True)
