@@ -1,16 +1,22 @@
 """Scoring over real HTTP: ``/v1/completions`` with ``echo`` and ``logprobs`` (the official ``openai`` client),
 ``max_tokens: 0``, vLLM's ``prompt_logprobs`` field, a stream with echo; and lm-evaluation-harness, unmodified,
 with its ``local-completions`` model against ``inferneo serve``: a multiple-choice task (local YAML + JSONL) whose
-per-sample log-likelihoods equal HF's on the same weights, and a ``generate_until`` task."""
+per-sample log-likelihoods equal HF's on the same weights, and a ``generate_until`` task. The lm-eval command and
+the task files are those of docs/evaluation.md, whose other examples run here too (one server for all)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from test_prompt_logprobs import hf_prompt_logprobs
@@ -19,11 +25,17 @@ from transformers import AutoTokenizer
 from inferneo.testing.server import RemoteServer
 
 MODEL = "tiny"
+DOCS_MODEL = "meta-llama/Llama-2-7b-chat-hf"  # the name docs/evaluation.md uses
+DOC = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+
+
+def doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", DOC.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    with RemoteServer(tiny_llama_dir, "--served-model-name", MODEL, "--kv-cache-memory", "32MiB",
+    with RemoteServer(tiny_llama_dir, "--served-model-name", MODEL, DOCS_MODEL, "--kv-cache-memory", "32MiB",
                       "--num-threads", "1", "--max-num-batched-tokens", "32", "--disable-access-log") as srv:
         yield srv
 
@@ -117,29 +129,21 @@ GEN_DOCS = [{"question": "The capital of France is", "answer": "Paris"}, {"quest
 
 
 def write_tasks(folder: Path) -> None:
-    """A multiple-choice and a generate_until task, from local JSONL files (no dataset download)."""
+    """The page's multiple-choice and generate_until tasks, over local JSONL files (no dataset download)."""
     for name, docs in (("mc", MC_DOCS), ("gen", GEN_DOCS)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    def common(data: str) -> str:  # the fields both tasks share (Jinja templates over the JSONL fields)
-        return (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / data}\n"
-                "test_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n")
-
-    (folder / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\noutput_type: multiple_choice\n" + common("mc.jsonl")
-        + "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n")
-    (folder / "tiny_gen.yaml").write_text(
-        "task: tiny_gen\noutput_type: generate_until\n" + common("gen.jsonl")
-        + "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
-        + "metric_list:\n  - metric: exact_match\n")
+    for block in doc_blocks("yaml"):
+        task = re.search(r"^task: (\w+)$", block, flags=re.MULTILINE)[1]
+        (folder / f"{task}.yaml").write_text(block.replace("./my_tasks/", f"{folder}/"))
 
 
-def lm_eval_command(url: str, tokenizer: str, tasks: str, include_path: str, output_path: str) -> list[str]:
-    """The command docs/evaluation.md shows, with this test's paths."""
-    return ["lm_eval", "--model", "local-completions", "--model_args",
-            f"model={MODEL},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
-            "num_concurrent=2,max_retries=1,tokenized_requests=True",
-            "--tasks", tasks, "--include_path", include_path, "--batch_size", "4",
-            "--output_path", output_path, "--log_samples"]
+def doc_lm_eval_command(url: str, tokenizer: str, include_path: str, output_path: str) -> list[str]:
+    """The page's lm_eval command with this test's server, tokenizer and folders."""
+    (command,) = [b for b in doc_blocks("bash") if b.startswith("lm_eval ")]
+    command = (command.replace("\\\n", " ").replace("http://localhost:8000", url)
+               .replace("/path/to/model", tokenizer).replace("./my_tasks", include_path)
+               .replace("./eval_out", output_path))
+    return [sys.executable, "-m", "lm_eval", *shlex.split(command)[1:]]
 
 
 def hf_loglikelihood(path: str, tokenizer, context: str, continuation: str) -> float:
@@ -158,14 +162,13 @@ def test_lm_eval_local_completions_matches_hf(server, tiny_llama_dir, tokenizer,
     write_tasks(tmp_path)
     out_dir = tmp_path / "out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = lm_eval_command(server.base_url, str(tiny_llama_dir), "tiny_mc,tiny_gen", str(tmp_path), str(out_dir))
-    cmd[0:1] = [sys.executable, "-m", "lm_eval"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = doc_lm_eval_command(server.base_url, str(tiny_llama_dir), str(tmp_path), str(out_dir))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     samples = {name: [json.loads(line) for f in out_dir.rglob(f"samples_{name}_*.jsonl")
-                      for line in f.read_text().splitlines()] for name in ("tiny_mc", "tiny_gen")}
-    assert len(samples["tiny_mc"]) == len(MC_DOCS) and len(samples["tiny_gen"]) == len(GEN_DOCS)
-    for sample in samples["tiny_mc"]:
+                      for line in f.read_text().splitlines()] for name in ("my_mc", "my_gen")}
+    assert len(samples["my_mc"]) == len(MC_DOCS) and len(samples["my_gen"]) == len(GEN_DOCS)
+    for sample in samples["my_mc"]:
         doc = sample["doc"]
         assert len(sample["resps"]) == len(doc["choices"])
         arguments = [sample["arguments"][f"gen_args_{i}"] for i in range(len(doc["choices"]))]
@@ -174,7 +177,43 @@ def test_lm_eval_local_completions_matches_hf(server, tiny_llama_dir, tokenizer,
             assert context.rstrip() == doc["question"] and continuation.strip() in doc["choices"]
             want = hf_loglikelihood(str(tiny_llama_dir), tokenizer, context, continuation)
             assert abs(float(resp[0][0]) - want) < 1e-4, (context, continuation, resp, want)
-    for sample in samples["tiny_gen"]:
+    for sample in samples["my_gen"]:
         assert isinstance(sample["resps"][0][0], str)  # the generate_until path answered every document
     results = json.loads(next(out_dir.rglob("results_*.json")).read_text())["results"]
-    assert "acc,none" in results["tiny_mc"] and "exact_match,none" in results["tiny_gen"]
+    assert "acc,none" in results["my_mc"] and "exact_match,none" in results["my_gen"]
+
+
+# ---- the other examples of docs/evaluation.md ------------------------------------------------------------------
+
+
+def test_doc_curl_example(server, tokenizer):
+    (block,) = [b for b in doc_blocks("bash") if b.startswith("curl ")]
+    body = json.loads(re.search(r"-d '(.*)'", block, flags=re.DOTALL)[1])
+    reply = httpx.post(server.url("/v1/completions"), json=body, timeout=60).json()
+    lp = reply["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(tokenizer(body["prompt"]).input_ids) and lp["token_logprobs"][0] is None
+    assert reply["choices"][0]["text"] == body["prompt"] and reply["usage"]["completion_tokens"] == 0
+
+
+def test_doc_python_examples(server, tiny_llama_dir):
+    online = [b for b in doc_blocks("python") if "OpenAI(" in b or "client." in b]
+    offline = [b for b in doc_blocks("python") if "LLM()" in b]
+    assert len(online) == 2 and len(offline) == 1
+    ns: dict = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in online:
+            exec(compile(block.replace("http://localhost:8000", server.base_url), str(DOC), "exec"), ns)
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("' Paris': ") and lines[1].startswith("' Berlin': ") and lines[2].endswith(" 1")
+    # offline, on the tiny model instead of the bundled default
+    llm = f"LLM({str(tiny_llama_dir)!r}, dtype='float32', kv_cache_memory='16MiB', num_threads=1)"
+    ns = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(offline[0].replace("LLM()", llm), str(DOC), "exec"), ns)
+    ids = ns["ids"]
+    ref = hf_prompt_logprobs(str(tiny_llama_dir), tuple(ids))
+    assert abs(ns["total"] - sum(ref[i - 1, ids[i]].item() for i in range(1, len(ids)))) < 1e-3
+    assert printed.getvalue().startswith(f"{len(ids)} tokens, log-likelihood ")
+    ns["llm"].shutdown()
