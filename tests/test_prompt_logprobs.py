@@ -1,7 +1,7 @@
 """Prompt log-probabilities (``SamplingParams.prompt_logprobs``) equal Hugging Face's ``log_softmax`` of the logits
 on the same float32 weights, for every prompt token: its log-probability (to 1e-4), its rank and the top-k ids;
 with chunked prefill, with asynchronous scheduling, next to ordinary requests in one batch, with prefix-cache hits
-around, and for ``max_tokens=0`` (scoring only)."""
+around, for ``max_tokens=0`` (scoring only), and over two tensor-parallel ranks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from test_hf_parity import mixed_prompts
+from test_hf_parity import mixed_prompts, two_rank_engine
 from transformers import AutoModelForCausalLM
 
 from inferneo import LLM, SamplingParams
@@ -123,3 +123,13 @@ def test_bad_prompt_logprobs_values_are_refused(llm):
         SamplingParams(max_tokens=0)  # 0 only scores a prompt: prompt_logprobs must be set
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate([[1, 2, 3]], SamplingParams(prompt_logprobs=21), use_tqdm=False)
+
+
+def test_tensor_parallel_prompt_logprobs_match_hf(tiny_llama_dir):
+    """Every rank runs the same prompt rows through its shard of the LM head; the driver gets HF's values."""
+    prompts = mixed_prompts(3, 300, seed=17)
+    with two_rank_engine(tiny_llama_dir) as llm:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2),
+                               use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert_matches_hf(tiny_llama_dir, prompt, out.prompt_logprobs, top=2)

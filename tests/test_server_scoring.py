@@ -123,7 +123,7 @@ def test_stream_with_echo_sends_the_prompt_first(client):
 MC_DOCS = [
     {"question": "The cat sat on the", "choices": ["mat", "dog", "fox"], "answer": 0},
     {"question": "Once upon a time there was a", "choices": ["king", "time", "quick brown fox"], "answer": 1},
-    {"question": "hello", "choices": [" world", " there"], "answer": 0},
+    {"question": "hello", "choices": ["world", "there"], "answer": 0},
 ]
 GEN_DOCS = [{"question": "The capital of France is", "answer": "Paris"}, {"question": "hello", "answer": "world"}]
 
