@@ -16,6 +16,9 @@ class Logprob:
 
 # One generated position: token id -> Logprob, holding the sampled token and the top-k candidates.
 SampleLogprobs = list[dict[int, Logprob]]
+# Every prompt position (vLLM's shape): None for the first token, which nothing predicts; then token id -> Logprob
+# holding the prompt token itself and the top-k candidates at that position.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -45,6 +48,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # Set when SamplingParams.prompt_logprobs was (in a stream: on the first output only).
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(slots=True)

@@ -108,7 +108,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0 (with prompt_logprobs set): score the prompt, generate nothing
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -164,8 +164,10 @@ class SamplingParams:
         check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63 - 2**16), "seed",
               "must be a 64-bit integer or None")
-        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
-              "must be an integer >= 1 or None")
+        # max_tokens=0 only scores the prompt (with prompt_logprobs; vLLM's server allows it with echo).
+        least = 0 if self.prompt_logprobs is not None else 1
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= least), "max_tokens",
+              "must be an integer >= 1 (or 0 with prompt_logprobs, to score the prompt only) or None")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")

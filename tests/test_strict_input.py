@@ -91,7 +91,7 @@ SAMPLING = {
     "guided_choice": "list", "guided_grammar": "str",
 }
 FIELDS = {
-    CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "best_of": "int", "suffix": "str"},
+    CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},
     CHAT: {**SAMPLING, "messages": "messages", "max_completion_tokens": "int", "logprobs": "bool",
            "top_logprobs": "int", "tools": "list", "tool_choice": "str|dict",
            "parallel_tool_calls": "bool", "functions": "list", "function_call": "str|dict", "metadata": "dict",

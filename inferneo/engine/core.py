@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
+from inferneo.engine.prompt_logprobs import PromptLogprobsCollector, collect_step_scores
 from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import Scheduler, SchedulerOutput
@@ -181,10 +182,10 @@ class EngineCore:
         if sched.is_empty:
             return []
         start = time.perf_counter()
-        record, sampled, pooled = self._step_record(sched, None)
-        result = self.runner.execute(record)
+        plan = self._step_record(sched, None)
+        result = self.runner.execute(plan.record)
         self.scheduler.update_after_step(sched)
-        return self._process(sched, sampled, result, start, pooled)
+        return self._process(sched, plan, result, start)
 
     def _step_async(self) -> list[CoreOutput]:
         previous = self._in_flight
@@ -200,10 +201,9 @@ class EngineCore:
                 finished.append(self._finish(previous))
 
         if not sched.is_empty:
-            record, sampled, pooled = self._step_record(sched, previous.step if previous else None,
-                                                        finish_previous)
-            step = self.runner.launch(record, previous.step if previous else None)
-            launched = _Launched(sched, sampled, step, time.perf_counter(), pooled)
+            plan = self._step_record(sched, previous.step if previous else None, finish_previous)
+            step = self.runner.launch(plan.record, previous.step if previous else None)
+            launched = _Launched(sched, plan, step, time.perf_counter())
         finish_previous()
         outputs = finished[0] if finished else []
         if launched is not None:
@@ -223,10 +223,10 @@ class EngineCore:
             busy = [item.request for launched in queue for item in launched.sched.scheduled]
             sched = self.scheduler.schedule(busy)
             if not sched.is_empty:
-                record, sampled, pooled = self._step_record(sched, None)
-                step = self.runner.launch(record)
+                plan = self._step_record(sched, None)
+                step = self.runner.launch(plan.record)
                 self.scheduler.update_after_step(sched)
-                queue.append(_Launched(sched, sampled, step, time.perf_counter(), pooled))
+                queue.append(_Launched(sched, plan, step, time.perf_counter()))
                 self.max_steps_in_flight = max(self.max_steps_in_flight, len(queue))
                 if len(queue) < self.pipeline_depth:
                     return []
@@ -237,14 +237,14 @@ class EngineCore:
         result = launched.step.resolve()
         for request in launched.sampled:
             request.pending_sample = -1
-        return self._process(launched.sched, launched.sampled, result, launched.start, launched.pooled)
+        return self._process(launched.sched, launched.plan, result, launched.start)
 
     def _must_wait(self, launched: _Launched) -> bool:
         """True when a request sampling next needs the token still in flight on the host first."""
         return any(r.pending_sample >= 0 and _needs_previous_tokens(r) for r in launched.sampled)
 
-    def _process(self, sched: SchedulerOutput, sampled: list[Request], result: RunnerOutput,
-                 start: float, pooled: list[_PooledChunk] | None = None) -> list[CoreOutput]:
+    def _process(self, sched: SchedulerOutput, plan: _StepPlan, result: RunnerOutput,
+                 start: float) -> list[CoreOutput]:
         stats = self.stats
         stats.num_steps += 1
         stats.num_batched_tokens_total += sched.num_batched_tokens
@@ -254,14 +254,21 @@ class EngineCore:
         stats.batch_size_histogram[batch] = stats.batch_size_histogram.get(batch, 0) + 1
         stats.num_preemptions = self.scheduler.num_preemptions
 
+        sampled, pooled = plan.sampled, plan.pooled
+        collect_step_scores(plan.scored, result.prompt_logprobs)
         outputs: list[CoreOutput] = []
         for i, (request, token_id) in enumerate(zip(sampled, result.sampled_token_ids, strict=True)):
             if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
+                continue
+            if request.max_tokens == 0:  # scoring only (prompt log-probabilities): the sampled token is dropped
+                outputs.append(self._finish_scoring(request))
                 continue
             request.append_output_token(token_id)
             stats.num_generation_tokens += 1
             status, stop_reason = self._check_stop(request, token_id)
             out = CoreOutput(request.request_id, [token_id], num_cached_tokens=max(request.num_cached_tokens, 0))
+            if request.prompt_logprobs is not None:
+                out.prompt_logprobs = request.prompt_logprobs.take()
             if result.logprobs is not None:
                 out.logprob_token_ids = [result.logprob_token_ids[i]]
                 out.logprobs = [result.logprobs[i]]
@@ -296,6 +303,16 @@ class EngineCore:
                                       num_cached_tokens=max(request.num_cached_tokens, 0)))
         return outputs
 
+    def _finish_scoring(self, request: Request) -> CoreOutput:
+        """End a request that asked for no output tokens (``max_tokens=0``, prompt scoring): its prompt
+        log-probabilities and finish reason "length", no token."""
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_LENGTH)
+        out = CoreOutput(request.request_id, [], RequestStatus.FINISHED_LENGTH.finish_reason,
+                         num_cached_tokens=max(request.num_cached_tokens, 0))
+        if request.prompt_logprobs is not None:
+            out.prompt_logprobs = request.prompt_logprobs.take()
+        return out
+
     def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
@@ -308,10 +325,10 @@ class EngineCore:
         return None, None
 
     def _step_record(self, sched: SchedulerOutput, previous: InFlightStep | None,
-                     meanwhile: Callable[[], None] | None = None,
-                     ) -> tuple[StepRecord, list[Request], list[_PooledChunk]]:
-        """The plain record the runner gets for a scheduled step (decodes first), the requests it samples and
-        the embedding requests it pools (each in the order the runner returns their results).
+                     meanwhile: Callable[[], None] | None = None) -> _StepPlan:
+        """The plain record the runner gets for a scheduled step (decodes first), with the requests it samples,
+        the embedding requests it pools and the prompt log-probability collectors of the sequences it scores
+        (each in the order the runner returns their results).
 
         ``previous`` is the step still in flight (asynchronous scheduling), whose tokens constrained rows read;
         ``meanwhile`` is host work to do while the step's bitmask fills (see ``StepBitmask``).
@@ -320,6 +337,7 @@ class EngineCore:
         sampled: list[Request] = []
         constrained: list[ConstrainedRow] = []
         pooled: list[_PooledChunk] = []
+        scored: list[tuple[PromptLogprobsCollector, int]] = []
         for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
             request, num_new = item.request, item.num_new_tokens
             computed = request.num_computed_tokens
@@ -329,9 +347,13 @@ class EngineCore:
             if request.pooling_method is not None:  # an embedding request: pooled, never sampled
                 samples = False
                 pooled.append(_PooledChunk(request, computed, num_new))
+            span = None
+            if request.prompt_logprobs is not None and (span := request.prompt_logprobs.span(computed, num_new)):
+                scored.append((request.prompt_logprobs, span.count))
             sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
                                                request.pending_sample, samples, request.sampling_row,
-                                               pooling_method=request.pooling_method, lora=request.lora))
+                                               prompt_logprobs=span, pooling_method=request.pooling_method,
+                                               lora=request.lora))
             if samples:
                 if request.grammar is not None:
                     constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,
@@ -342,7 +364,7 @@ class EngineCore:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
-        return record, sampled, pooled
+        return _StepPlan(record, sampled, pooled, scored)
 
 
 def _needs_previous_tokens(request: Request) -> bool:
@@ -354,13 +376,29 @@ def _needs_previous_tokens(request: Request) -> bool:
 
 @dataclass(slots=True)
 class _Launched:
-    """A step on its way: what was scheduled, the requests it samples (in order), the runner's handle."""
+    """A step on its way: what was scheduled, its plan (the requests it samples, pools and scores), the runner's
+    handle."""
 
     sched: SchedulerOutput
-    sampled: list[Request]
+    plan: _StepPlan
     step: InFlightStep
     start: float
+
+    @property
+    def sampled(self) -> list[Request]:
+        return self.plan.sampled
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """What one step runs and what comes back for whom: the runner's record, the requests it samples (in the
+    order of the sampled rows), the embedding requests' chunks it pools and the prompt log-probability collectors
+    it scores (each with its number of rows)."""
+
+    record: StepRecord
+    sampled: list[Request]
     pooled: list[_PooledChunk] = field(default_factory=list)
+    scored: list[tuple[PromptLogprobsCollector, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -370,3 +408,4 @@ class _PooledChunk:
     request: Request
     start: int
     num_tokens: int
+

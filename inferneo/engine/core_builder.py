@@ -104,7 +104,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
                     vocab_size=runner.model_config.vocab_size, num_blocks=num_blocks, block_size=config.block_size,
                     kv_bytes_per_block=runner.kv_bytes_per_block, dtype=str(dtype).removeprefix("torch."),
-                    device=str(device), pid=os.getpid(), pooling=pooling, generates=generates)
+                    device=str(device), pid=os.getpid(), pooling=pooling, generates=generates,
+                    scores_prompts=config.pipeline_parallel_size == 1)
     logger.info("model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
                 source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
                 num_blocks * runner.kv_bytes_per_block / 2**30)

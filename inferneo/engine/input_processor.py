@@ -7,7 +7,7 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
   short (as OpenAI and vLLM's server do); ``max_tokens=None`` means "up to the context length";
 - prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
-- ``logprobs`` is at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
+- ``logprobs`` and ``prompt_logprobs`` are at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
 - a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
   against the vocabulary later).
 
@@ -91,6 +91,12 @@ class InputProcessor:
             raise InvalidRequestError(error, "logit_bias")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise InvalidRequestError(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {params.prompt_logprobs}",
+                                      "prompt_logprobs")
+        if params.prompt_logprobs is not None and not limits.scores_prompts:
+            raise InvalidRequestError("prompt_logprobs are not supported with pipeline parallelism "
+                                      "(--pipeline-parallel-size > 1)", "prompt_logprobs")
         if params.structured_outputs is not None:
             try:
                 check_structured_outputs(params.structured_outputs)

@@ -68,9 +68,11 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:
         """Blocks already holding a prefix of the request's tokens, and how many tokens they cover.
 
-        At least one token is always left to compute, so the model produces logits for the next one.
+        At least one token is always left to compute, so the model produces logits for the next one. A request
+        that asks for prompt log-probabilities takes no cached blocks: it needs the logits of every prompt position
+        (``inferneo.engine.prompt_logprobs``).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.prompt_logprobs is not None:
             return [], 0
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

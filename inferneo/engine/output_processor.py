@@ -17,12 +17,20 @@ Outputs come in two kinds (:class:`OutputKind`), chosen per request:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from inferneo.engine.detokenizer import IncrementalDetokenizer
 from inferneo.engine.protocol import CoreOutput, CoreRequest, LoraRef, PoolingRequest
-from inferneo.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from inferneo.engine.protocol import PromptLogprobs as CorePromptLogprobs
+from inferneo.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestOutput,
+)
 from inferneo.sampling_params import SamplingParams
 
 
@@ -64,6 +72,8 @@ class ParentRequest:
     sequences: list[_Sequence]
     num_cached_tokens: int = 0
     pooling: PoolingRequest | None = None  # set: an embedding request (one sequence, no text)
+    prompt_logprobs: PromptLogprobs | None = None  # once the core sent them
+    prompt_logprobs_sent: bool = False  # in a stream, they go out once
 
     @property
     def finished(self) -> bool:
@@ -101,6 +111,8 @@ class OutputProcessor:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + j
+                if j:  # the prompt is scored once, by the first sequence
+                    child_params.prompt_logprobs = None
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
                                                  stream=not final)
@@ -189,6 +201,9 @@ class OutputProcessor:
             seq.embedding = out.embedding
             seq.finish_reason = out.finish_reason
             return False
+        if out.prompt_logprobs is not None:
+            parent.prompt_logprobs = prompt_logprob_entries(out.prompt_logprobs, parent.params.prompt_logprobs,
+                                                            seq.detokenizer.decode_token)
         if seq.token_ids is not None:
             seq.token_ids.extend(out.new_token_ids)
         else:
@@ -240,8 +255,11 @@ class OutputProcessor:
             s.new_token_ids = []
             s.new_logprobs = None
             s.final_delta_sent = s.finish_reason is not None
+        prompt_logprobs = None
+        if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
+            prompt_logprobs, parent.prompt_logprobs_sent = parent.prompt_logprobs, True
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, prompt_logprobs)
 
     @staticmethod
     def _final_output(parent: ParentRequest) -> RequestOutput:
@@ -252,5 +270,17 @@ class OutputProcessor:
             for s in parent.sequences
         ]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, True,
-                             parent.num_cached_tokens)
+                             parent.num_cached_tokens, parent.prompt_logprobs)
+
+
+def prompt_logprob_entries(rows: CorePromptLogprobs, top_n: int, decode: Callable[[int], str]) -> PromptLogprobs:
+    """The core's prompt rows in vLLM's shape: None for the first prompt token, then per position the prompt
+    token's ``Logprob`` (its rank as computed) and the top ``top_n`` candidates (ranks 1..top_n)."""
+    entries: PromptLogprobs = [None]
+    for ids, lps, rank in zip(rows.token_ids, rows.logprobs, rows.ranks, strict=True):
+        entry = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
+        for k, (tid, lp) in enumerate(zip(ids[1 : 1 + top_n], lps[1 : 1 + top_n], strict=True)):
+            entry.setdefault(tid, Logprob(lp, k + 1, decode(tid)))
+        entries.append(entry)
+    return entries
 

@@ -163,6 +163,7 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     pid: int
     pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
     generates: bool = True  # False: a checkpoint without its language-model head (it serves embeddings only)
+    scores_prompts: bool = True  # False: prompt log-probabilities are refused (pipeline parallelism)
 
     @property
     def kv_capacity_tokens(self) -> int:

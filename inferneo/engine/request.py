@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferneo.engine.prompt_logprobs import PromptLogprobsCollector
 from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
@@ -74,6 +75,8 @@ class Request:
     pooled: torch.Tensor | None = None
     # The LoRA adapter the request runs with (None: the base model); keys its prefix-cache blocks too.
     lora: LoraRef | None = None
+    # Prompt log-probabilities collected over the prompt's chunks (None unless the request asked for them).
+    prompt_logprobs: PromptLogprobsCollector | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 
@@ -88,6 +91,9 @@ class Request:
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(self.sampling_params.seed)
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = PromptLogprobsCollector(len(self.prompt_token_ids),
+                                                           self.sampling_params.prompt_logprobs)
         self.sampling_row = SamplingRow(self.sampling_params, self.prompt_token_ids, self.output_token_ids,
                                         self.eos_token_ids, self.generator)
 

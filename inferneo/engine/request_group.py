@@ -105,15 +105,19 @@ def gather_deltas(deltas: list[RequestOutput]) -> RequestOutput:
 
 class DeltaAccumulator:
     """The deltas of one request gathered into one output: each choice's text pieces joined once (at the end),
-    its tokens and log-probabilities appended, its finish taken from the last delta."""
+    its tokens and log-probabilities appended, its finish taken from the last delta; the prompt log-probabilities
+    kept from the delta that carried them."""
 
-    __slots__ = ("_last", "_choices")
+    __slots__ = ("_last", "_choices", "_prompt_logprobs")
 
     def __init__(self) -> None:
         self._last: RequestOutput | None = None
         self._choices: dict[int, _ChoicePieces] = {}
+        self._prompt_logprobs = None
 
     def add(self, delta: RequestOutput) -> None:
+        if delta.prompt_logprobs is not None:
+            self._prompt_logprobs = delta.prompt_logprobs
         for choice in delta.outputs:
             self._choices.setdefault(choice.index, _ChoicePieces()).add(choice)
         self._last = delta
@@ -122,7 +126,7 @@ class DeltaAccumulator:
         last = self._last
         return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids,
                              [self._choices[i].whole() for i in sorted(self._choices)], last.finished,
-                             last.num_cached_tokens)
+                             last.num_cached_tokens, self._prompt_logprobs)
 
 
 class _ChoicePieces:

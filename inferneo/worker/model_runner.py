@@ -26,6 +26,7 @@ from inferneo.attention import backend_for_model, default_attention_backend, get
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE
 from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import PipelineGroup, TensorParallelGroup
+from inferneo.engine.protocol import PromptLogprobs
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import use_device_kernels
 from inferneo.model_executor.layers.rotary import share_rotary_tables
@@ -57,6 +58,7 @@ from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped, release_freed_memory
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
+from inferneo.worker.prompt_logprobs import PromptScores, gather_prompt_rows, score_prompt_rows
 from inferneo.worker.runner_api import Runner
 from inferneo.worker.staging import InputStager
 from inferneo.worker.step_inputs import (
@@ -83,6 +85,9 @@ class RemoteStep:
     # With asynchronous scheduling: how many tokens the previous step sampled, when this step reads some of them
     # (the driver broadcasts them on the devices before the forward pass); 0 otherwise.
     num_previous_samples: int = 0
+    # Rows of the hidden states whose prompt log-probabilities the driver computes (the LM head is sharded, so
+    # every rank runs them through its shard); None when no sequence of the step asked.
+    prompt_rows: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -95,29 +100,41 @@ class RunnerOutput:
     sampled_token_ranks: list[int] | None = None
     # Embedding requests: each pooling sequence's partial (``inferneo.pooling.pooler``), in step order, on the host.
     pooled: list[torch.Tensor | None] | None = None
+    # Scored prompt positions of the step, in the order of its sequences with a ``prompt_logprobs`` span, each
+    # row as wide as the step's largest request (``PromptScores``); None when no sequence asked.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class InFlightStep:
     """A launched step. Its sampled ids stay on the device, where the next step can read them as inputs, while a
     copy travels to the host; ``resolve`` waits for that copy alone (not for later work queued behind it)."""
 
-    def __init__(self, num_samples: int, result=None) -> None:
+    def __init__(self, num_samples: int, result=None, prompt_scores: PromptScores | None = None) -> None:
         self.num_samples = num_samples
-        self.sampled: torch.Tensor | None = None if result is None else result.sampled_token_ids.contiguous()
+        self.sampled: torch.Tensor | None = None
         self._tensors: list[torch.Tensor] = []
         self._event = None
         self._resolved: RunnerOutput | None = None
         self.pooled: list[torch.Tensor | None] | None = None  # set by the runner for steps with pooling rows
-        if result is not None:
-            self._hold(result)
+        self._num_logprob_tensors = 0
+        self._has_prompt_scores = False
+        self._hold(result, prompt_scores)
 
-    def _hold(self, result) -> None:
-        """Keep the sampler's ``result``; on CUDA its copy to the host starts now."""
-        self.sampled = result.sampled_token_ids.contiguous()
-        tensors = [result.sampled_token_ids]
-        if result.logprobs is not None:
+    def _hold(self, result, prompt_scores: PromptScores | None = None) -> None:
+        """Keep the sampler's ``result`` (and the step's prompt scores); on CUDA their copy to the host starts
+        now."""
+        if result is not None:
+            self.sampled = result.sampled_token_ids.contiguous()
+        self._num_logprob_tensors = 0 if result is None or result.logprobs is None else 3
+        self._has_prompt_scores = self._has_prompt_scores or prompt_scores is not None
+        tensors = [] if result is None else [result.sampled_token_ids]
+        if self._num_logprob_tensors:
             tensors += [result.logprob_token_ids, result.logprobs, result.sampled_token_ranks]
-        if self.sampled.device.type == "cuda":
+        if prompt_scores is not None:
+            tensors += prompt_scores.tensors()
+        if not tensors:
+            return
+        if tensors[0].device.type == "cuda":
             self._tensors = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
             self._event = torch.cuda.Event()
             self._event.record()
@@ -129,16 +146,17 @@ class InFlightStep:
         once; later calls return the same object)."""
         if self._resolved is not None:
             return self._resolved
-        if not self.num_samples:
-            self._resolved = RunnerOutput([], pooled=self._pooled_on_host())
-            return self._resolved
         if self._event is not None:
             self._event.synchronize()
-        out = RunnerOutput(self._tensors[0].tolist())
-        if len(self._tensors) > 1:
-            out.logprob_token_ids = self._tensors[1].tolist()
-            out.logprobs = self._tensors[2].tolist()
-            out.sampled_token_ranks = self._tensors[3].tolist()
+        tensors = self._tensors
+        out = RunnerOutput(tensors[0].tolist() if self.num_samples else [])
+        if self._num_logprob_tensors:
+            out.logprob_token_ids = tensors[1].tolist()
+            out.logprobs = tensors[2].tolist()
+            out.sampled_token_ranks = tensors[3].tolist()
+        if self._has_prompt_scores:
+            token_ids, logprobs, ranks = tensors[-3:]
+            out.prompt_logprobs = PromptLogprobs(token_ids.tolist(), logprobs.tolist(), ranks.tolist())
         out.pooled = self._pooled_on_host()
         self._resolved = out
         return out
@@ -428,9 +446,11 @@ class ModelRunner(Runner):
         if self.lora is not None:
             self.lora.prepare([it.lora for it in items], packed.num_real_decode, [s.num_tokens for s in packed.spans],
                               packed.num_tokens, graphs is not None)
+        prompt_rows, prompt_targets, num_top = _prompt_rows(items, packed)
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
-            self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous))
+            self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous,
+                                          prompt_rows))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
         receive = None
@@ -441,8 +461,14 @@ class ModelRunner(Runner):
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
+        prompt_scores = None
+        if prompt_rows is not None:
+            if self.pp.num_stages > 1:  # the hidden states here are the first stage's, not the model's output
+                raise ValueError("prompt log-probabilities are not supported with pipeline parallelism")
+            prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, self._upload(prompt_rows),
+                                              self._upload(prompt_targets), num_top)
         if not num_samples:
-            in_flight = InFlightStep(0)
+            in_flight = InFlightStep(0, None, prompt_scores)
         else:
             bitmask = step.bitmask() if step.bitmask is not None else None  # host work while the device computes
             sampling = SamplingMetadata.build(step.sampling_rows, self.model_config.vocab_size, self.device,
@@ -452,7 +478,7 @@ class ModelRunner(Runner):
                                           lambda logits: self.sampler(logits, sampling))
             else:
                 logits = self._logits(hidden, dev, packed, num_samples)
-                in_flight = InFlightStep(num_samples, self.sampler(logits, sampling))
+                in_flight = InFlightStep(num_samples, self.sampler(logits, sampling), prompt_scores)
         in_flight.pooled = pooled
         return in_flight
 
@@ -467,6 +493,8 @@ class ModelRunner(Runner):
             previous_samples = self.tp.broadcast(
                 torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device))
         hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples)
+        if step.prompt_rows is not None:  # the driver's chunks through this rank's shard of the LM head
+            score_prompt_rows(self.model.compute_logits, hidden, self._upload(step.prompt_rows), None, 0)
         if step.num_samples:
             self._logits(hidden, dev, step.packed, step.num_samples)
 
@@ -532,6 +560,9 @@ class ModelRunner(Runner):
         index = self._pending_inputs.upload(host_tensor, 2 * count)
         inputs[index[:count]] = previous_samples[index[count : 2 * count]]
 
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device, non_blocking=True)
+
     @staticmethod
     def _sample_rows(hidden: torch.Tensor, dev: torch.Tensor, packed: PackedStep, count: int) -> torch.Tensor:
         if packed.samples_are_prefix:
@@ -546,3 +577,20 @@ class ModelRunner(Runner):
         if any(it.num_new_tokens != 1 for it in items):
             return None
         return pick_bucket(self.decode_buckets, len(items))
+
+
+def _prompt_rows(items: list[ScheduledSequence], packed: PackedStep
+                 ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """The flat hidden rows to score for prompt log-probabilities, the prompt tokens they score, and the step's
+    largest top-k; (None, None, 0) when no sequence of the step asked."""
+    if not any(it.prompt_logprobs is not None for it in items):
+        return None, None, 0
+    spans = []
+    for index, it in enumerate(items):
+        if it.prompt_logprobs is None:
+            continue
+        # Decode rows (one token) come first, one row each; the multi-token spans follow in order.
+        first_row = index if index < packed.num_real_decode else packed.spans[index - packed.num_real_decode].start
+        spans.append((first_row, it.num_computed_tokens, it.token_ids, it.prompt_logprobs))
+    rows, targets = gather_prompt_rows(spans)
+    return rows, targets, max(span.num_top for *_, span in spans)

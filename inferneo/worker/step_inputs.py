@@ -25,6 +25,7 @@ from inferneo.attention import AttentionMetadata, PrefillSpan
 from inferneo.engine.protocol import LoraRef
 from inferneo.pooling.pooler import PoolingRow
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
+from inferneo.worker.prompt_logprobs import PromptLogprobSpan
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class ScheduledSequence:
     # An embedding request: how its hidden states are pooled ("mean", "cls", "last"); None for generation.
     pooling_method: str | None = None
     lora: LoraRef | None = None  # the LoRA adapter the sequence runs with
+    # The prompt positions of this step to score (the request asked for prompt log-probabilities); None: none.
+    prompt_logprobs: PromptLogprobSpan | None = None
 
 
 @dataclass(slots=True)

@@ -238,8 +238,13 @@ class CompletionRequest(_SamplingBody):
     """``POST /v1/completions``."""
 
     prompt: Any
+    # 0 only with echo (or prompt_logprobs): the prompt is scored, nothing is generated (OpenAI's legacy use).
+    max_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: every prompt token's log-probability with this many alternatives, in ``prompt_logprobs``
+    # of each choice (not with stream).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.completion_scoring import finite
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
@@ -30,7 +31,6 @@ from inferneo.entrypoints.openai.serving_common import (
     sse,
     usage_of,
 )
-from inferneo.entrypoints.openai.serving_completion import finite
 from inferneo.entrypoints.openai.tool_parsers import (
     NamedFunctionParser,
     ParsedPiece,

@@ -85,8 +85,8 @@ def check_common(req: _SamplingBody) -> None:
 
 
 def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: int | None,
-                    logprobs: int | None, structured_outputs: StructuredOutputsParams | None = None
-                    ) -> SamplingParams:
+                    logprobs: int | None, structured_outputs: StructuredOutputsParams | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """Request fields, else the model's generation-config defaults, else the OpenAI defaults; the answer's
     constraint (``constraints.structured_outputs_of``) is given as ``structured_outputs``."""
 
@@ -105,6 +105,7 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=token_bias(req.logit_bias), structured_outputs=structured_outputs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         raise to_api_error(exc) from None

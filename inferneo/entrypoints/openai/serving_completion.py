@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,6 +9,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.completion_scoring import (
+    completion_logprobs,
+    echo_logprobs,
+    prompt_logprobs_json,
+    scoring_depth,
+)
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id, usage
@@ -24,14 +29,9 @@ from inferneo.entrypoints.openai.serving_common import (
     sse,
     usage_of,
 )
-from inferneo.outputs import Logprob
+from inferneo.outputs import RequestOutput
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
-
-
-def finite(value: float) -> float:
-    """JSON has no infinities: a token the sampler ruled out gets a very low, finite log-probability."""
-    return value if math.isfinite(value) else -9999.0
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
@@ -42,12 +42,10 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request(f"best_of must equal n ({req.n}) or be left out: ranking candidates is not supported",
                           "best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported (prompt log-probabilities are not "
-                          "computed)", "echo")
+    depth = scoring_depth(req)
     engine = ctx.engine
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-    params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req))
+    params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req), depth)
     prompts = req.prompt_list()
     prompt_ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
     request_id = random_id("cmpl")
@@ -61,7 +59,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.echo:
         echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids)
                       for p, ids in zip(prompts, prompt_ids, strict=True)]
-    job = _Completion(request_id, model, req, group, echo_texts)
+    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer)
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -71,7 +69,8 @@ class _Completion:
     """One completion call in flight."""
 
     def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup,
-                 echo_texts: list[str] | None) -> None:
+                 echo_texts: list[str] | None, tokenizer) -> None:
+        self.tokenizer = tokenizer
         self.request_id = request_id
         self.model = model
         self.req = req
@@ -88,9 +87,12 @@ class _Completion:
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.req.logprobs is not None:
-                    logprobs = completion_logprobs(choice.token_ids, choice.logprobs or [], len(prefix))
-                choices.append({"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                                "finish_reason": choice.finish_reason})
+                    logprobs = self._logprobs(finals[i], choice.token_ids, choice.logprobs or [], echo=bool(prefix))
+                body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason}
+                if self.req.prompt_logprobs is not None:
+                    body["prompt_logprobs"] = prompt_logprobs_json(finals[i].prompt_logprobs)
+                choices.append(body)
         return JSONResponse({
             "id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
             "choices": choices, "usage": usage_of(finals.values()),
@@ -108,15 +110,18 @@ class _Completion:
             for choice in delta.outputs:
                 key = i * n + choice.index
                 text = choice.text
+                echo = False
                 if key not in started:
                     started.add(key)
                     if self.echo_texts:
                         text = self.echo_texts[i] + text
+                        echo = True
                 num_completion_tokens += len(choice.token_ids)
                 logprobs = None
-                if req.logprobs is not None and choice.token_ids:
-                    logprobs = completion_logprobs(choice.token_ids, choice.logprobs or [], offsets.get(key, 0))
-                    offsets[key] = offsets.get(key, 0) + sum(len(t) for t in logprobs["tokens"])
+                if req.logprobs is not None and (choice.token_ids or echo):
+                    logprobs = self._logprobs(delta, choice.token_ids, choice.logprobs or [], echo,
+                                              offsets.get(key, 0))
+                    offsets[key] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 if not text and logprobs is None and choice.finish_reason is None:
                     continue
                 chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
@@ -132,20 +137,14 @@ class _Completion:
                                                              num_cached_tokens)})
         yield SSE_DONE
 
-
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], offset: int) -> dict[str, Any]:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs (sampled + top-k), text_offset."""
-    tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top: list[dict[str, float]] = []
-    text_offset: list[int] = []
-    for token_id, entry in zip(token_ids, logprobs, strict=False):
-        sampled = entry.get(token_id)
-        text = (sampled.decoded_token if sampled else None) or ""
-        tokens.append(text)
-        token_logprobs.append(finite(sampled.logprob) if sampled else -9999.0)
-        top.append({(lp.decoded_token or ""): finite(lp.logprob) for lp in entry.values()})
-        text_offset.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+    def _logprobs(self, output: RequestOutput, token_ids: list[int], logprobs: list, echo: bool,
+                  offset: int = 0) -> dict[str, Any]:
+        """The legacy ``logprobs`` object of a choice (or of a stream chunk): the echoed prompt's tokens first
+        when ``echo``."""
+        if not echo:
+            return completion_logprobs(token_ids, logprobs, offset)
+        prompt_ids = output.prompt_token_ids
+        first = self.tokenizer.decode(prompt_ids[:1])
+        return echo_logprobs(prompt_ids, output.prompt_logprobs or [None], first, self.req.logprobs, token_ids,
+                             logprobs)
 
