@@ -146,6 +146,7 @@ def test_sigkill_at_random_points_then_resume(server, tmp_path):
     assert "resuming" in log.read_text()
 
 
+@pytest.mark.slow  # the message after Ctrl-C; exactly-once after a kill is what the two tests above show
 def test_ctrl_c_says_how_to_resume(server, tmp_path):
     requests, out, log = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "batch.log"
     custom_ids = make_input(requests)

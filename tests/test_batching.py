@@ -152,7 +152,7 @@ def waiting_requests(server) -> float:
     raise AssertionError("no waiting gauge")
 
 
-@pytest.mark.parametrize("urgent_priority", [-10, 0])
+@pytest.mark.parametrize("urgent_priority", [-10, pytest.param(0, marks=pytest.mark.slow)])
 def test_an_urgent_request_overtakes_queued_bulk_work(priority_server, urgent_priority):
     bulk = 8
 

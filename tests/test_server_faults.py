@@ -15,7 +15,9 @@ import pytest
 from inferneo.testing.server import RemoteServer
 
 ARGS = ("--kv-cache-memory", "32MiB", "--num-threads", "1", "--disable-access-log")
-SCHEDULING = pytest.mark.parametrize("scheduling", ["--no-async-scheduling", "--async-scheduling"])
+# The synchronous loop runs in CI; the asynchronous one (the GPU default, same fault handling) is marked slow.
+SCHEDULING = pytest.mark.parametrize("scheduling", ["--no-async-scheduling",
+                                                    pytest.param("--async-scheduling", marks=pytest.mark.slow)])
 POISON = [7, 7, 7, 7]
 
 

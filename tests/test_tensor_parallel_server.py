@@ -56,6 +56,7 @@ def test_tp2_server_greedy_equals_offline_tp1(tiny_llama_dir):
         assert choice["logprobs"]["token_logprobs"] == pytest.approx([lp.logprob for lp in sampled], abs=1e-3)
 
 
+@pytest.mark.slow  # a two-rank server started for one kill (tests/test_server_process.py covers a killed core)
 def test_a_killed_tp_worker_fails_the_stream_and_the_server_exits(tiny_llama_dir):
     with RemoteServer(tiny_llama_dir, *ARGS) as server:
         [worker] = tp_workers(server)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.outputs import CompletionOutput, RequestOutput
@@ -25,6 +25,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams | None  # None for an embedding request
     priority: int = 0
+    _: KW_ONLY  # what a request is for is always named, never a position
     pooling: PoolingRequest | None = None
     lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
 

@@ -84,7 +84,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     for i, ids in enumerate(prompt_ids):
         limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
         params = sampling_params(req, ctx.defaults, limit, logprobs, constraint)
-        requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, ctx.lora_for(model)))
+        requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
     try:
         group = engine.submit(requests, param="messages")
     except Exception as exc:

@@ -51,7 +51,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     request_id = random_id("cmpl")
     try:
         lora = ctx.lora_for(model)
-        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora)
+        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora)
                                for i, ids in enumerate(prompt_ids)])
     except Exception as exc:
         raise to_api_error(exc) from None

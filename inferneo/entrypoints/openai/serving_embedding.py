@@ -40,7 +40,7 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
             raise bad_request(where + str(exc), exc.param) from None
     request_id = random_id("embd")
     try:
-        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling)
+        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling=pooling)
                                for i, ids in enumerate(prompt_ids)], param="input")
     except Exception as exc:
         raise to_api_error(exc) from None
