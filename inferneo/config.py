@@ -203,30 +203,18 @@ class EngineConfig:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} was asked for but CUDA is not available on this machine")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
-                             f"got {self.kv_cache_dtype!r}")
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(
-                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}"
-            )
+        _one_of("load_format", self.load_format, LOAD_FORMATS)
+        if self.quantization is not None:
+            _one_of("quantization", self.quantization, QUANTIZATIONS)
+        _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _one_of("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
         _positive("block_size", self.block_size)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("pipeline_parallel_size", self.pipeline_parallel_size)
-        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of "
-                             f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}; got {self.distributed_executor_backend!r}")
+        _one_of("distributed_executor_backend", self.distributed_executor_backend, DISTRIBUTED_EXECUTOR_BACKENDS)
         _positive("data_parallel_size", self.data_parallel_size)
-        if self.data_parallel_backend not in DATA_PARALLEL_BACKENDS:
-            raise ValueError(f"data_parallel_backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
-                             f"got {self.data_parallel_backend!r}")
-        if self.data_parallel_routing not in DATA_PARALLEL_ROUTINGS:
-            raise ValueError(f"data_parallel_routing must be one of {', '.join(DATA_PARALLEL_ROUTINGS)}; "
-                             f"got {self.data_parallel_routing!r}")
+        _one_of("data_parallel_backend", self.data_parallel_backend, DATA_PARALLEL_BACKENDS)
+        _one_of("data_parallel_routing", self.data_parallel_routing, DATA_PARALLEL_ROUTINGS)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_loras", self.max_loras)
         if not 1 <= self.max_lora_rank <= 64:
@@ -303,6 +291,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``EngineConfig`` (and ``LLM``) keyword arguments the flags of ``add_engine_args`` gave."""
     return {f.name: getattr(args, f.name) for f in engine_flag_fields()}
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _positive(name: str, value: object) -> None:
