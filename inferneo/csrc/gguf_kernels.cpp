@@ -5,8 +5,9 @@
 // the reference's order (the file is built with -ffp-contract=off), so its values equal gguf.quants.dequantize.
 //
 // gguf_linear(x [M, K] float32 or bfloat16, blocks uint8 [N, row_bytes]) -> float32 [M, N]:
-//  - up to `fused_max_rows` rows (decode steps, short prefill chunks): at::parallel_for over output rows; each block is de-quantized
-//    once into an L1 buffer and multiplied into up to 8 activation rows with 8-wide FMAs (AVX2);
+//  - up to `fused_max_rows` rows (decode steps, short prefill chunks): at::parallel_for over groups of 16 weight
+//    rows; each 512-wide K chunk of a group is de-quantized once into a buffer and multiplied into every
+//    activation row by register-blocked 4 x 3 panels of 8-wide FMAs (AVX2);
 //  - more rows (prefill): tiles of weight rows are de-quantized (in parallel) and multiplied with at::mm.
 // The AVX2 paths are chosen at run time (AVX2 + FMA + F16C); portable loops otherwise.
 
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -264,41 +266,49 @@ bool cpu_has_avx2() {
   return has;
 }
 
-// Rows [m0, m0 + MT) of x times one weight row: the row's blocks de-quantized one at a time into `buf`.
-template <int MT>
-GGUF_AVX2 void dot_row_avx2(const uint8_t* row, int64_t nblocks, Format f, DequantFn deq, const float* x,
-                            int64_t ldx, float* out, int64_t ldo, float* buf) {
-  __m256 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    deq(row + blk * f.bytes, buf);
-    const float* xb = x + blk * f.block;
-    for (int i = 0; i < f.block; i += 8) {
-      const __m256 w = _mm256_load_ps(buf + i);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * ldx + i), acc[m]);
+// Register-blocked product of NR de-quantized weight rows (w, row stride ldw) and MR activation rows (x, row
+// stride ldx) over kc columns: 8-wide FMAs into NR x MR accumulators, horizontal sums into out (stored, or added
+// when `accumulate`: the K chunks after the first).
+template <int NR, int MR>
+GGUF_AVX2 void panel_avx2(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t kc, float* out,
+                          int64_t ldo, bool accumulate) {
+  __m256 acc[NR][MR];
+  for (int n = 0; n < NR; ++n)
+    for (int m = 0; m < MR; ++m) acc[n][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm256_loadu_ps(w + n * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      for (int n = 0; n < NR; ++n) acc[n][m] = _mm256_fmadd_ps(wv[n], xv, acc[n][m]);
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-    const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    out[m * ldo] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  for (int n = 0; n < NR; ++n) {
+    for (int m = 0; m < MR; ++m) {
+      const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[n][m]), _mm256_extractf128_ps(acc[n][m], 1));
+      const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      const float v = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+      float& o = out[m * ldo + n];
+      o = accumulate ? o + v : v;
+    }
   }
 }
 
-GGUF_AVX2 void dot_rows_avx2(const uint8_t* row, int64_t nblocks, Format f, DequantFn deq, const float* x,
-                             int64_t ldx, int64_t rows, float* out, int64_t ldo, float* buf) {
+// All M activation rows against `rows` (<= kGroupRows) de-quantized weight rows of one K chunk.
+template <int NR>
+GGUF_AVX2 void panels_for_rows_avx2(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t M,
+                                    int64_t kc, float* out, int64_t ldo, bool accumulate) {
   int64_t m = 0;
-  for (; m + 8 <= rows; m += 8) dot_row_avx2<8>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf);
-  switch (rows - m) {
-    case 7: dot_row_avx2<7>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 6: dot_row_avx2<6>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 5: dot_row_avx2<5>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 4: dot_row_avx2<4>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 3: dot_row_avx2<3>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 2: dot_row_avx2<2>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    case 1: dot_row_avx2<1>(row, nblocks, f, deq, x + m * ldx, ldx, out + m * ldo, ldo, buf); break;
-    default: break;
-  }
+  for (; m + 3 <= M; m += 3) panel_avx2<NR, 3>(w, ldw, x + m * ldx, ldx, kc, out + m * ldo, ldo, accumulate);
+  if (M - m == 2) panel_avx2<NR, 2>(w, ldw, x + m * ldx, ldx, kc, out + m * ldo, ldo, accumulate);
+  if (M - m == 1) panel_avx2<NR, 1>(w, ldw, x + m * ldx, ldx, kc, out + m * ldo, ldo, accumulate);
+}
+
+GGUF_AVX2 void group_avx2(const float* w, int64_t ldw, int64_t rows, const float* x, int64_t ldx, int64_t M,
+                          int64_t kc, float* out, int64_t ldo, bool accumulate) {
+  int64_t n = 0;
+  for (; n + 4 <= rows; n += 4) panels_for_rows_avx2<4>(w + n * ldw, ldw, x, ldx, M, kc, out + n, ldo, accumulate);
+  for (; n < rows; ++n) panels_for_rows_avx2<1>(w + n * ldw, ldw, x, ldx, M, kc, out + n, ldo, accumulate);
 }
 #endif  // GGUF_X86
 
@@ -391,21 +401,33 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   }
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    alignas(32) float buf[256];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = src + n * row_bytes;
+  if (!use_avx2()) {
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+      alignas(32) float buf[256];
+      for (int64_t n = n0; n < n1; ++n) dot_rows_portable(src + n * row_bytes, nblocks, f, deq, xp, in_features, M, op + n, N, buf);
+    });
+    return out;
+  }
 #ifdef GGUF_X86
-      if (avx2) {
-        dot_rows_avx2(row, nblocks, f, deq, xp, in_features, M, op + n, N, buf);
-        continue;
+  // Groups of kGroupRows weight rows per task; each K chunk of a group is de-quantized once into a buffer and
+  // multiplied into every activation row by the register-blocked panels (weights de-quantized once per call,
+  // activations read once per group).
+  constexpr int64_t kGroupRows = 16;
+  const int64_t chunk_blocks = std::max<int64_t>(1, 512 / f.block), kc_max = chunk_blocks * f.block;
+  at::parallel_for(0, (N + kGroupRows - 1) / kGroupRows, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> wbuf(kGroupRows * kc_max);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = g * kGroupRows, rows = std::min(kGroupRows, N - r0);
+      for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
+        const int64_t nb = std::min(chunk_blocks, nblocks - b0), kc = nb * f.block;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t b = 0; b < nb; ++b)
+            deq(src + (r0 + r) * row_bytes + (b0 + b) * f.bytes, wbuf.data() + r * kc_max + b * f.block);
+        group_avx2(wbuf.data(), kc_max, rows, xp + b0 * f.block, in_features, M, kc, op + r0, N, b0 > 0);
       }
-#endif
-      dot_rows_portable(row, nblocks, f, deq, xp, in_features, M, op + n, N, buf);
     }
   });
-  (void)avx2;
+#endif
   return out;
 }
 
@@ -413,7 +435,7 @@ std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
-        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 2048,
+        py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 48,
         py::arg("tile_rows") = 0);
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
         py::arg("qtype"), py::arg("in_features"));
