@@ -62,8 +62,8 @@ def write_adapters(s: Suite) -> list[LoRARequest]:
     return adapters
 
 
-def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None, workloads: bool = True) -> dict:
-    """The decode steps and (``workloads``) W1/W2 of one engine: without LoRA (``adapters`` None) or with the
+def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None, workloads: tuple[str, ...]) -> dict:
+    """The decode steps and ``workloads`` (of W1/W2) of one engine: without LoRA (``adapters`` None) or with the
     requests spread over ``adapters``."""
     kw = dict(s.cfg["engine"])
     if adapters:
@@ -89,7 +89,7 @@ def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None, workloa
         def workload(s_: Suite, llm_: LLM, name: str) -> dict:
             return sec_inferneo_workload(s_, llm_, name, loras=adapters)
 
-        run_workloads(s, llm, out, ("w1", "w2"), workload, min_left=45)
+        run_workloads(s, llm, out, workloads, workload, min_left=45)
     finally:
         llm.shutdown()
         del llm
@@ -133,6 +133,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--workloads", default="w1,w2", help="of w1,w2, comma-separated ('' for none)")
     parser.add_argument("--compare-batched-rows", action="store_true",
                         help="also the LoRA engine's decode steps with INFERNEO_LORA_FUSED_ROWS=0")
     args = parser.parse_args()
@@ -144,12 +145,13 @@ def main() -> int:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
     s.section("ceilings", lambda: sec_ceilings(s))
     adapters = write_adapters(s)
-    s.section("base", lambda: sec_engine(s, "base", None), min_left=120)
-    s.section("lora", lambda: sec_engine(s, "lora", adapters), min_left=120)
+    workloads = tuple(name for name in args.workloads.split(",") if name)
+    need = 30 + 60 * len(workloads)  # an engine's build and decode steps, and each workload
+    s.section("base", lambda: sec_engine(s, "base", None, workloads), min_left=need)
+    s.section("lora", lambda: sec_engine(s, "lora", adapters, workloads), min_left=need)
     if args.compare_batched_rows:
         os.environ["INFERNEO_LORA_FUSED_ROWS"] = "0"
-        s.section("lora_batched_rows", lambda: sec_engine(s, "lora_batched_rows", adapters, workloads=False),
-                  min_left=25)
+        s.section("lora_batched_rows", lambda: sec_engine(s, "lora_batched_rows", adapters, ()), min_left=25)
         del os.environ["INFERNEO_LORA_FUSED_ROWS"]
     summarize(s)
     print(f"results: {s.write()}")
