@@ -146,7 +146,7 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     adapters = write_adapters(s)
     workloads = tuple(name for name in args.workloads.split(",") if name)
-    need = 30 + 60 * len(workloads)  # an engine's build and decode steps, and each workload
+    need = 30 + 45 * len(workloads)  # an engine's build and decode steps, and each workload (120 s for both)
     s.section("base", lambda: sec_engine(s, "base", None, workloads), min_left=need)
     s.section("lora", lambda: sec_engine(s, "lora", adapters, workloads), min_left=need)
     if args.compare_batched_rows:
