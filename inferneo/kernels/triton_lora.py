@@ -1,13 +1,13 @@
 """The batched LoRA apply on CUDA: two Triton kernels over a step's tokens grouped by adapter slot.
 
-``shrink``: ``s[t] = x[t] @ A[slot].T`` (float32, ``[tokens, shards * max_rank]``); ``expand``: ``y[t] += s[t] @
-B[slot].T``. The tokens of slot ``k`` are ``sorted_tokens[seg_starts[k] : seg_starts[k + 1]]``; each program takes
+``shrink``: ``s[t] = x[t] @ A[slot].T`` (float32, ``[split, tokens, shards * max_rank]``: partial sums over
+``split`` slices of the input width); ``expand``: ``y[t] += s[t] @ B[slot].T``, ``s[t]`` the sum of its partials. The tokens of slot ``k`` are ``sorted_tokens[seg_starts[k] : seg_starts[k + 1]]``; each program takes
 ``BLOCK_M`` of one slot's tokens (programs past their slot's segment do nothing), so a step mixing adapters runs
 as one launch per kernel whatever the mix, and tokens without an adapter (in no segment) cost nothing. The grid
 depends only on the number of tokens and slots and the grouping is read on the device, so the kernels are
 captured in CUDA graphs with static grouping buffers. ``shrink`` splits its reduction over the input width across
-programs (float32 atomic adds) when there are few tokens, where one program per slot would be too little work in
-flight.
+programs when there are few tokens, where one program per slot would be too little work in flight; each writes
+its own partial sum (no atomics, no zeroed buffer to launch first).
 
 One-row steps (batch-1 decode) take a shorter path, two launches per projection instead of the base GEMV plus
 two: :func:`lora_shrink_row` computes the token's low-rank vector (as float32 partial sums over slices of the
@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, s_ptr, sorted_ptr, seg_ptr, K, R, stride_xm, stride_as, stride_ar, stride_sm,
-                   K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ATOMIC: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, s_ptr, sorted_ptr, seg_ptr, K, R, stride_xm, stride_as, stride_ar, stride_sp,
+                   stride_sm, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -55,17 +54,14 @@ def _shrink_kernel(x_ptr, a_ptr, s_ptr, sorted_ptr, seg_ptr, K, R, stride_xm, st
             av = tl.load(a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + kk[:, None],
                          mask=mask_r[None, :] & mask_k[:, None], other=0.0)
             acc += tl.dot(xv, av)
-        out = s_ptr + tok[:, None] * stride_sm + offs_r[None, :]
-        mask = mask_m[:, None] & mask_r[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc, mask=mask)
+        out = s_ptr + pid_k * stride_sp + tok[:, None] * stride_sm + offs_r[None, :]
+        tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
-def _expand_kernel(s_ptr, b_ptr, y_ptr, sorted_ptr, seg_ptr, N, R, stride_sm, stride_bs, stride_bn, stride_ym,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _expand_kernel(s_ptr, b_ptr, y_ptr, sorted_ptr, seg_ptr, N, R, stride_sp, stride_sm, stride_bs, stride_bn,
+                   stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   SPLIT: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -79,8 +75,11 @@ def _expand_kernel(s_ptr, b_ptr, y_ptr, sorted_ptr, seg_ptr, N, R, stride_sm, st
         mask_r = offs_r < R
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        sv = tl.load(s_ptr + tok[:, None] * stride_sm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
-                     other=0.0)
+        s_rows = s_ptr + tok[:, None] * stride_sm + offs_r[None, :]
+        mask_s = mask_m[:, None] & mask_r[None, :]
+        sv = tl.load(s_rows, mask=mask_s, other=0.0)
+        for part in tl.static_range(1, SPLIT):
+            sv += tl.load(s_rows + part * stride_sp, mask=mask_s, other=0.0)
         bv = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                      mask=mask_n[None, :] & mask_r[:, None], other=0.0)
         delta = tl.dot(sv.to(bv.dtype), bv)
@@ -110,15 +109,16 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     m_blocks = triton.cdiv(tokens, BLOCK_M)
     split = max(1, min(8, k // 512)) if tokens <= FEW_TOKENS else 1
     per_split = triton.cdiv(triton.cdiv(k, split), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
-    shrunk = (torch.zeros if split > 1 else torch.empty)(tokens, width, dtype=torch.float32, device=x.device)
+    shrunk = torch.empty(split, tokens, width, dtype=torch.float32, device=x.device)
     block_r = _block(width)
     _shrink_kernel[(m_blocks, num_slots, split)](
         x, lora_a, shrunk, batch.sorted_tokens, batch.seg_starts, k, width, x.stride(0), lora_a.stride(0),
-        lora_a.stride(1), shrunk.stride(0), per_split, BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K,
-        ATOMIC=split > 1)
+        lora_a.stride(1), shrunk.stride(0), shrunk.stride(1), per_split, BLOCK_M=BLOCK_M, BLOCK_R=block_r,
+        BLOCK_K=SHRINK_BLOCK_K)
     _expand_kernel[(m_blocks, num_slots, triton.cdiv(n, EXPAND_BLOCK_N))](
-        shrunk, lora_b, y, batch.sorted_tokens, batch.seg_starts, n, width, shrunk.stride(0), lora_b.stride(0),
-        lora_b.stride(1), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r)
+        shrunk, lora_b, y, batch.sorted_tokens, batch.seg_starts, n, width, shrunk.stride(0), shrunk.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=block_r,
+        SPLIT=split)
 
 
 # ---- one-row steps: shrink, then the delta in the base GEMV's epilogue ------------------------------------------
