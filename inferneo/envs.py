@@ -166,3 +166,10 @@ def ray_worker_cpus() -> float:
     """INFERNEO_RAY_WORKER_CPUS (default 1): the CPUs each worker rank's placement-group bundle asks Ray for with
     ``--distributed-executor-backend ray`` (fractions allowed; Ray only books them, the rank uses its threads)."""
     return float(os.environ.get("INFERNEO_RAY_WORKER_CPUS", "1"))
+
+
+def lora_fused_rows() -> bool:
+    """INFERNEO_LORA_FUSED_ROWS (default on): on CUDA, one-row LoRA steps (batch-1 decode) run the row shrink and
+    add the delta in the base projection's GEMV epilogue, keeping the fused gate/up + SiLU GEMV (``lora/rows.py``);
+    off, they take the batched shrink/expand kernels after each projection, with the plain MLP."""
+    return _flag("INFERNEO_LORA_FUSED_ROWS", True)

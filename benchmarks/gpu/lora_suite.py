@@ -9,7 +9,9 @@ all seven projections (q/k/v/o/gate/up/down), written as PEFT folders with rando
      then W1 (256 x 1024 -> 128) and W2 (256 x 128 -> 1024) output tok/s;
   3. ``lora``: the engine with ``enable_lora`` (8 slots, rank 16): the same, with the requests spread evenly over
      the 8 adapters (a batch-1 step runs one adapter);
-  4. checks: W1/W2 throughput ``lora / base >= 0.8``, batch-1 step ``lora / base <= 1.2``.
+  4. checks: W1/W2 throughput ``lora / base >= 0.8``, batch-1 step ``lora / base <= 1.2``;
+  5. with ``--compare-batched-rows``, the LoRA engine once more with ``INFERNEO_LORA_FUSED_ROWS=0`` (one-row steps
+     through the batched shrink/expand kernels and the plain MLP, as before the fused row path): decode steps only.
 
 Writes ``lora_suite.json`` and ``lora_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs a tiny model
 on CPU (the numbers mean nothing; it checks the script).
@@ -60,9 +62,9 @@ def write_adapters(s: Suite) -> list[LoRARequest]:
     return adapters
 
 
-def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None) -> dict:
-    """The decode steps and W1/W2 of one engine: without LoRA (``adapters`` None) or with the requests spread
-    over ``adapters``."""
+def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None, workloads: tuple[str, ...]) -> dict:
+    """The decode steps and ``workloads`` (of W1/W2) of one engine: without LoRA (``adapters`` None) or with the
+    requests spread over ``adapters``."""
     kw = dict(s.cfg["engine"])
     if adapters:
         kw.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=s.cfg["rank"])
@@ -81,11 +83,13 @@ def sec_engine(s: Suite, label: str, adapters: list[LoRARequest] | None) -> dict
             s.log(f"{label} decode batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f}: "
                   f"{row['step_ms']:.2f} ms/step")
         s.write()
+        if not workloads:
+            return out
 
         def workload(s_: Suite, llm_: LLM, name: str) -> dict:
             return sec_inferneo_workload(s_, llm_, name, loras=adapters)
 
-        run_workloads(s, llm, out, ("w1", "w2"), workload, min_left=45)
+        run_workloads(s, llm, out, workloads, workload, min_left=45)
     finally:
         llm.shutdown()
         del llm
@@ -114,6 +118,9 @@ def summarize(s: Suite) -> None:
             need = 1.2 if batch == 1 else None
             checks[f"b{batch}_step"] = {"ratio": lora / base, "need": f"<= {need}" if need else "recorded",
                                         "pass": lora / base <= need if need else None}
+        batched = step("lora_batched_rows", batch)
+        if base and batched:
+            checks[f"b{batch}_step_batched_rows"] = {"ratio": batched / base, "need": "recorded", "pass": None}
     s.results["checks"] = checks
     s.log("=" * 100)
     for key, c in checks.items():
@@ -126,6 +133,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(HERE.parent / "results"))
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--workloads", default="w1,w2", help="of w1,w2, comma-separated ('' for none)")
+    parser.add_argument("--compare-batched-rows", action="store_true",
+                        help="also the LoRA engine's decode steps with INFERNEO_LORA_FUSED_ROWS=0")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.deadline:
@@ -135,8 +145,14 @@ def main() -> int:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
     s.section("ceilings", lambda: sec_ceilings(s))
     adapters = write_adapters(s)
-    s.section("base", lambda: sec_engine(s, "base", None), min_left=120)
-    s.section("lora", lambda: sec_engine(s, "lora", adapters), min_left=120)
+    workloads = tuple(name for name in args.workloads.split(",") if name)
+    need = 30 + 45 * len(workloads)  # an engine's build and decode steps, and each workload (120 s for both)
+    s.section("base", lambda: sec_engine(s, "base", None, workloads), min_left=need)
+    s.section("lora", lambda: sec_engine(s, "lora", adapters, workloads), min_left=need)
+    if args.compare_batched_rows:
+        os.environ["INFERNEO_LORA_FUSED_ROWS"] = "0"
+        s.section("lora_batched_rows", lambda: sec_engine(s, "lora_batched_rows", adapters, ()), min_left=25)
+        del os.environ["INFERNEO_LORA_FUSED_ROWS"]
     summarize(s)
     print(f"results: {s.write()}")
     return 0

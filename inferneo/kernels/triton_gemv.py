@@ -13,6 +13,10 @@ projection), 58 vs 68 (gate/up), 33 vs 35 (down), 84 vs 97 (LM head).
 Shapes tuned since take their own tiles from ``gemv_configs.json`` beside this file (:func:`gemv_config`): a map from
 ``"N,K"`` to ``{"block_n", "block_k", "num_warps"}``, written by ``benchmarks/gpu/moe_decode_sweep.py``; the rest
 take :data:`DEFAULT_CONFIG`.
+
+With LoRA adapters both kernels add a one-token step's LoRA delta in their epilogue, before the rounding to the
+output dtype (before the SiLU for the gated MLP), from the low-rank vector ``kernels.triton_lora.lora_shrink_row``
+computed (``lora=``; see that module).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import triton
 import triton.language as tl
 
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels.triton_lora import RowLoRA, lora_epilogue_args, lora_row_delta
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr, LORA: tl.constexpr, NUM_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -50,12 +57,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, K: tl.constexpr,
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    if LORA:  # the projection's output rounded, then the delta added, as the separate expand kernel does
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + lora_row_delta(
+            n, nmask, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r, NUM_SLOTS, SPLIT, BLOCK_S, BLOCK_R,
+            BLOCK_SPLIT)
     tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
-def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r,
+                          K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          LORA: tl.constexpr, NUM_SLOTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     # Output j of the gated MLP: rows j (gate) and D + j (up) of the fused gate/up weight, then silu(gate) * up.
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,6 +97,11 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, K: tl.constexpr, 
     # Rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
     gate = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
     up = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
+    if LORA:  # gate and up rows get their deltas before the activation, rounded as the unfused path rounds
+        gate = (gate + lora_row_delta(n, nmask, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r, NUM_SLOTS,
+                                      SPLIT, BLOCK_S, BLOCK_R, BLOCK_SPLIT)).to(dtype).to(tl.float32)
+        up = (up + lora_row_delta(n + D, nmask, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r, NUM_SLOTS,
+                                  SPLIT, BLOCK_S, BLOCK_R, BLOCK_SPLIT)).to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + n, (silu * up).to(dtype), mask=nmask)
 
@@ -114,10 +132,11 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None,
-         pdl: bool | None = None) -> torch.Tensor:
+         pdl: bool | None = None, lora: RowLoRA | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for ``x`` [1, K], ``weight`` [N, K] (rows contiguous); returns [1, N] (``out``
     when given: a contiguous [1, N] tensor of ``x``'s dtype). ``pdl``: launch with programmatic dependent launch
-    (None: decided from ``x``, see ``_pdl.pdl_for``)."""
+    (None: decided from ``x``, see ``_pdl.pdl_for``). ``lora``: add the token's LoRA delta (``lora_shrink_row``,
+    launched just before)."""
     n, k = weight.shape
     block_n, block_k, num_warps = config or gemv_config(n, k)
     x = x.contiguous()
@@ -128,15 +147,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
-        **launch_options(pdl))
+        **lora_epilogue_args(lora, x), **launch_options(pdl))
     return out
 
 
 def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None,
-                  pdl: bool | None = None) -> torch.Tensor:
+                  pdl: bool | None = None, lora: RowLoRA | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ weight.T``, in one kernel: the gated MLP's gate/up projection and its
     activation for ``x`` [1, K] and the fused ``weight`` [2D, K] (gate rows first); returns [1, D], rounded as the
-    two separate steps round."""
+    two separate steps round. ``lora``: the token's LoRA delta is added to ``g`` and ``u`` first (as in
+    :func:`gemv`)."""
     n2, k = weight.shape
     assert n2 % 2 == 0, "the fused gate/up weight has an even number of rows"
     d = n2 // 2
@@ -146,5 +166,5 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
     pdl = pdl_for(x, pdl)
     _gemv_silu_mul_kernel[(triton.cdiv(d, block_n),)](
         x, weight, out, d, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
-        **launch_options(pdl))
+        **lora_epilogue_args(lora, x), **launch_options(pdl))
     return out

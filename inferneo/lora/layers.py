@@ -9,7 +9,9 @@ which slot each token uses; tokens of the base model (slot -1) are left as the b
 
 On CPU the apply is batched per slot: the slot's tokens gathered, ``x @ A.T @ B.T``, added back. On CUDA it is two
 Triton kernels over the tokens grouped by slot (``kernels/triton_lora.py``), which read the grouping from device
-tensors, so they run inside captured CUDA graphs too.
+tensors, so they run inside captured CUDA graphs too. A one-row input (batch-1 decode) of a projection that runs
+the Triton GEMV takes the state's row functions instead (``lora/rows.py``): the shrink, then the GEMV with the
+delta added in its epilogue; the gated MLP keeps its fused gate/up + SiLU GEMV that way (:class:`LoRAGatedMLP`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class LoRABatch:
     """Which adapter slot each token of a step runs with.
 
     ``groups``: (slot, indices of its tokens) for the PyTorch apply. ``sorted_tokens`` (the adapted tokens ordered
-    by slot, int32) and ``seg_starts`` (``[slots + 1]``, int32: slot ``s`` holds ``sorted_tokens[seg_starts[s] :
+    by slot, int32 or int64) and ``seg_starts`` (``[slots + 1]``, the same dtype: slot ``s`` holds ``sorted_tokens[seg_starts[s] :
     seg_starts[s + 1]]``) for the Triton kernels.
     """
 
@@ -39,6 +41,10 @@ class LoRABatch:
 
 
 ApplyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch], None]
+# (LoRA layer, input, batch) -> the projection's output with the deltas, or None where the row path does not apply
+LinearRowFn = Callable[["LoRALinear", torch.Tensor, LoRABatch], "torch.Tensor | None"]
+# (gate/up LoRA layer, input, batch, the MLP's DecodeGemv) -> silu(gate) * up with the deltas, or None
+SiluMulRowFn = Callable[["LoRALinear", torch.Tensor, LoRABatch, object], "torch.Tensor | None"]
 
 
 def lora_apply_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -52,10 +58,14 @@ def lora_apply_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lor
 
 class LoRAState:
     """What every LoRA layer of a model shares: the current step's batch (None when no token of the step uses an
-    adapter: the layers cost nothing then) and the apply function of the device."""
+    adapter: the layers cost nothing then), the apply function of the device and, on CUDA, the one-row functions
+    (``lora/rows.py``; None: every input takes ``apply``)."""
 
-    def __init__(self, apply: ApplyFn) -> None:
+    def __init__(self, apply: ApplyFn, linear_row: LinearRowFn | None = None,
+                 silu_mul_row: SiluMulRowFn | None = None) -> None:
         self.apply = apply
+        self.linear_row = linear_row
+        self.silu_mul_row = silu_mul_row
         self.batch: LoRABatch | None = None
 
 
@@ -77,11 +87,16 @@ class LoRALinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         batch = self.state.batch
-        if batch is not None:
-            self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a,
-                             self.lora_b, batch)
+        if batch is None:
+            return self.base(x)
+        if self.state.linear_row is not None:
+            y = self.state.linear_row(self, x, batch)
+            if y is not None:
+                return y
+        y = self.base(x)
+        self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b,
+                         batch)
         return y
 
     @torch.no_grad()
@@ -99,17 +114,44 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, row : row + b.shape[0], col : col + b.shape[1]].copy_(b, non_blocking=True)
 
 
+class LoRAGatedMLP(MLP):
+    """A gated MLP that ran the fused gate/up + SiLU GEMV (``device_kernels.GemvSiluMLP``), with a LoRA gate/up
+    projection: one-row inputs keep the fused kernel, the adapter's deltas added before the activation (the
+    state's ``silu_mul_row``; without adapter tokens in the step, the plain fused kernel); other inputs project
+    (with their deltas), then activate."""
+
+    gemv = None  # the DecodeGemv of the MLP it replaces
+    state: LoRAState
+
+    def forward(self, x):
+        batch = self.state.batch
+        weight = self.gate_up_proj.base.weight
+        if batch is None:
+            if self.gemv.applies(x, weight):
+                return self.down_proj(self.gemv.silu_mul(x, weight))
+        elif self.state.silu_mul_row is not None:
+            act = self.state.silu_mul_row(self.gate_up_proj, x, batch, self.gemv)
+            if act is not None:
+                return self.down_proj(act)
+        return super().forward(x)
+
+
 def wrap_lora_layers(model: nn.Module, targets: dict[str, LoRATarget], num_slots: int, max_rank: int,
                      state: LoRAState, dtype: torch.dtype, device: torch.device) -> dict[tuple[int, str], LoRALinear]:
     """Wrap each target projection of each decoder layer of ``model`` in a :class:`LoRALinear`; returns them by
     (layer index, module). MLPs that bypass their linears' ``forward`` (fused GEMV + SiLU, row passes) go back to
-    the plain MLP first, so that no token skips its adapter."""
+    the plain MLP first, so that no token skips its adapter; the fused GEMV + SiLU one becomes a
+    :class:`LoRAGatedMLP` where the state has a ``silu_mul_row``."""
     wrapped: dict[tuple[int, str], LoRALinear] = {}
     for index, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
         if isinstance(mlp, MLP) and type(mlp) is not MLP:
-            plain = MLP.__new__(MLP)
+            fused = getattr(mlp, "gemv", None)
+            kind = LoRAGatedMLP if fused is not None and fused.silu and state.silu_mul_row is not None else MLP
+            plain = kind.__new__(kind)
             plain.__dict__.update(mlp.__dict__)
+            if kind is LoRAGatedMLP:
+                plain.state = state
             layer.mlp = plain
         for module, target in targets.items():
             parent_name, _, attr = module.rpartition(".")

@@ -5,7 +5,8 @@ both least recently used first out.
 naming it arrives, so that a bad one fails that request alone; ``prepare`` runs before each step: it gives every
 adapter of the step a slot (the scheduler never runs more adapters at once than there are slots) and sets the
 step's :class:`~inferneo.lora.layers.LoRABatch`. On CUDA the batch lives in static device buffers, which the
-captured decode graphs read.
+captured decode graphs read; each step fills them with one asynchronous copy from pinned memory (the runner's
+``InputStager``), so preparing a step never waits for the one still running.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from inferneo import envs
 from inferneo.engine.protocol import LoraRef
 from inferneo.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter, lora_targets
 from inferneo.lora.layers import LoRABatch, LoRAState, lora_apply_torch, wrap_lora_layers
+from inferneo.worker.staging import InputStager
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,14 @@ class LoRASlots:
             from inferneo.kernels.triton_lora import lora_apply_triton
 
             self.state = LoRAState(lora_apply_triton)
-            self._sorted = torch.zeros(max_tokens, dtype=torch.int32, device=device)
-            self._segs = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+            if envs.lora_fused_rows():
+                from inferneo.lora.rows import lora_linear_row, lora_silu_mul_row
+
+                self.state.linear_row, self.state.silu_mul_row = lora_linear_row, lora_silu_mul_row
+            # one buffer, one copy a step: seg_starts first, then the sorted tokens
+            self._grouping = torch.zeros(num_slots + 1 + max_tokens, dtype=torch.int64, device=device)
+            self._segs, self._sorted = self._grouping[: num_slots + 1], self._grouping[num_slots + 1 :]
+            self._stager = InputStager(device, initial=num_slots + 1 + max_tokens)
             self._static = LoRABatch([], self._sorted, self._segs)
         else:
             self.state = LoRAState(lora_apply_torch)
@@ -130,17 +139,22 @@ class LoRASlots:
                                           for slot in sorted(set(seq_slots) - {-1})])
             return
         order = np.argsort(token_slots, kind="stable")
-        order = order[token_slots[order] >= 0].astype(np.int32)
+        order = order[token_slots[order] >= 0]
         counts = np.bincount(token_slots[token_slots >= 0], minlength=self.num_slots)
+        if graphed:
+            size = self.num_slots + 1 + len(order)
+            host, host_tensor = self._stager.host(size)
+            host[0] = 0
+            np.cumsum(counts, out=host[1 : self.num_slots + 1])
+            host[self.num_slots + 1 : size] = order
+            self._stager.upload(host_tensor, size, target=self._grouping)
+            self.state.batch = self._static
+            return
+        order = order.astype(np.int32)
         segs = np.zeros(self.num_slots + 1, dtype=np.int32)
         np.cumsum(counts, out=segs[1:])
-        if graphed:
-            self._sorted[: len(order)].copy_(torch.from_numpy(order), non_blocking=False)
-            self._segs.copy_(torch.from_numpy(segs))
-            self.state.batch = self._static
-        else:
-            self.state.batch = LoRABatch([], torch.from_numpy(order).to(self.device, non_blocking=True),
-                                         torch.from_numpy(segs).to(self.device, non_blocking=True))
+        self.state.batch = LoRABatch([], torch.from_numpy(order).to(self.device, non_blocking=True),
+                                     torch.from_numpy(segs).to(self.device, non_blocking=True))
 
     def begin_capture(self) -> None:
         """Before CUDA graphs are captured: the static batch, with no adapted token, is what they record."""
