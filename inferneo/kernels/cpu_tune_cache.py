@@ -27,7 +27,12 @@ def default_cache_path() -> Path:
     named = os.environ.get("INFERNEO_CPU_TUNE_CACHE", "").strip()
     if named:
         return Path(named).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    root = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if not root:
+        try:
+            root = Path.home() / ".cache"
+        except (RuntimeError, KeyError):  # no home directory (a bare container user)
+            root = Path(tempfile.gettempdir())
     return Path(root) / "inferneo" / "cpu_tune.json"
 
 
@@ -77,6 +82,7 @@ class TuneCache:
         self._entries = None
         entries = dict(self._load())
         entries[key.text()] = {"kernel": result.kernel, "seconds": result.seconds}
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".cpu_tune.", dir=self.path.parent)
@@ -84,6 +90,8 @@ class TuneCache:
                 json.dump({"version": FORMAT_VERSION, "entries": entries}, fh, indent=1, sort_keys=True)
             os.replace(tmp, self.path)
         except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             logger.warning("could not write the CPU kernel tune cache %s (the next start measures again): %s",
                            self.path, exc)
             return

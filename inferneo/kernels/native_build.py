@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def extension_build_dir(name: str) -> Path:
     ``~/.cache/torch_extensions/<python>_<accelerator>/``)."""
     from torch.utils import cpp_extension
 
-    return Path(cpp_extension._get_build_directory(name, verbose=False))
+    getter = getattr(cpp_extension, "_get_build_directory", None)  # private: PyTorch's own layout where it exists
+    if getter is not None:
+        return Path(getter(name, verbose=False))
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
 
 
 def load_extension(name: str, sources: list[str], **options):

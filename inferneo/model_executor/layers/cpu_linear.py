@@ -5,7 +5,9 @@ processors. oneDNN with a weight packed once ahead of time runs the same float32
 (and helps bfloat16 at small batch sizes). On AVX-512 machines layers go one step further, through the native
 panel kernel (``inferneo/csrc/cpu_kernels.cpp``; bfloat16 needs AVX512_BF16): it overlaps the stream of weights
 from memory with the arithmetic, which is what decode batches are bound by, and runs about 1.3x faster than
-oneDNN on them. The results differ from MKL's only in summation order.
+oneDNN on them; on Intel CPUs with AMX, oneDNN (which runs bfloat16 on the AMX tiles) is the faster one. So
+:func:`pack_linears` chooses per CPU and layer shape (``cpu_linear_tune``: the candidates the CPU's features allow,
+timed at start-up where there are several). The results differ from MKL's only in summation order.
 """
 
 from __future__ import annotations
