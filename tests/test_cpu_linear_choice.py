@@ -247,7 +247,11 @@ def test_decode_sample_streams_past_the_cache():
     layers = [nn.Linear(256, 256) for _ in range(10)]  # 256 KiB each in float32
     assert len(decode_sample(layers, cache_bytes=600 * 1024)) == 5
     assert len(decode_sample(layers, cache_bytes=1 << 30)) == 10
-    assert len(decode_sample(layers[:1], cache_bytes=1)) == 1
+    head = nn.Linear(256, 4096)  # 4 MiB: more than twice 2 x 600 KiB
+    (proxy,) = decode_sample([head], cache_bytes=600 * 1024)
+    assert (proxy.in_features, proxy.out_features) == (256, 1152)  # 1.2 MiB of rows, a multiple of 64
+    assert proxy.weight.data_ptr() == head.weight.data_ptr() and torch.equal(proxy.bias, head.bias[:1152])
+    assert decode_sample([head], cache_bytes=4 << 20) == [head]
 
 
 def _require(kernel: LinearKernel, dtype: torch.dtype) -> None:

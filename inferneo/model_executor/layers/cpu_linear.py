@@ -225,7 +225,7 @@ def pack_linears(model: nn.Module, kernels: KernelConfig | None = None, *, choos
             shared = sharers.get(id(layers[0].weight), []) if shape.tied else []
             rows_only = all(_reads_rows_only(module) for _, _, module in shared)
             kernel = chooser.choose(
-                dtype, shape, layers if shape.tied else decode_sample(layers),
+                dtype, shape, decode_sample(layers),
                 functools.partial(linear_module, ops=ops, tied=shape.tied),
                 head=shape.tied or all(name == "lm_head" for _, name, _ in unit),
                 allowed=lambda k, rows_only=rows_only: rows_only or k not in _PANEL_LAYOUTS)

@@ -155,15 +155,30 @@ def fastest(seconds: dict[LinearKernel, list[float]]) -> LinearKernel:
 
 def decode_sample(layers: list[nn.Linear], cache_bytes: int | None = None) -> list[nn.Linear]:
     """The first layers of ``layers`` whose weights together fill twice the last-level cache (all of them when
-    they do not), so that a decode pass over them streams the weights from memory as the engine's steps do."""
+    they do not), so that a decode pass over them streams the weights from memory as the engine's steps do. A
+    single layer more than twice that size (an output head) is timed on a slice of its leading output rows (a view,
+    not a copy), so that the candidates' packed copies stay small."""
     target = 2 * (cache_bytes if cache_bytes is not None else last_level_cache_bytes())
     sample, total = [], 0
     for layer in layers:
+        size = layer.weight.numel() * layer.weight.element_size()
+        if not sample and size > 2 * target:
+            row_bytes = layer.in_features * layer.weight.element_size()
+            return [_leading_rows(layer, max(64, target // row_bytes // 64 * 64))]
         sample.append(layer)
-        total += layer.weight.numel() * layer.weight.element_size()
+        total += size
         if total >= target:
             break
     return sample
+
+
+def _leading_rows(layer: nn.Linear, rows: int) -> nn.Linear:
+    """A linear over the first ``rows`` output rows of ``layer``'s weight and bias (views)."""
+    proxy = nn.Linear(layer.in_features, rows, bias=layer.bias is not None, device="meta")
+    proxy.weight = nn.Parameter(layer.weight.detach()[:rows], requires_grad=False)
+    if layer.bias is not None:
+        proxy.bias = nn.Parameter(layer.bias.detach()[:rows], requires_grad=False)
+    return proxy
 
 
 def last_level_cache_bytes() -> int:
