@@ -123,9 +123,17 @@ def measure(candidates: list[LinearKernel], layers: list[nn.Linear], build: Buil
     the fastest of :data:`TIMED_PASSES` passes kept."""
     weight = layers[0].weight
     inputs = [torch.randn(count, weight.shape[1], dtype=weight.dtype) for count in rows]
-    best = {kernel: [math.inf] * len(rows) for kernel in candidates}
     with torch.no_grad():
-        modules = {kernel: [build(kernel, layer) for layer in layers] for kernel in candidates}
+        modules = {}
+        for kernel in candidates:
+            try:
+                modules[kernel] = [build(kernel, layer) for layer in layers]
+                modules[kernel][0](inputs[0])
+            except RuntimeError as exc:  # a kernel this CPU was expected to run, failing here: leave it out
+                _warn_once(f"CPU linear kernel {kernel.value} failed on a {weight.dtype} layer, left out: {exc}")
+                modules.pop(kernel, None)
+        candidates = list(modules)
+        best = {kernel: [math.inf] * len(rows) for kernel in candidates}
         for round_ in range(TIMED_PASSES + 1):
             order = candidates[round_ % len(candidates):] + candidates[: round_ % len(candidates)]
             for kernel in order:
