@@ -124,6 +124,7 @@ def test_fastest_by_geometric_mean_and_ties_to_the_first():
     assert fastest({DNN: [1.0, 10.0], P: [2.0, 4.0], T: [3.0, 30.0]}) is P
     assert fastest({P: [1.0, 2.0], DNN: [1.0, 2.0]}) is P
     assert fastest({DNN: [5.0], T: [4.0]}) is T
+    assert fastest({DNN: [1.03, 2.0], T: [1.0, 1.98]}) is DNN  # within 5%: the first candidate stays
 
 
 def key(**changes) -> TuneKey:

@@ -3,7 +3,8 @@
 ``cpu_select.candidate_kernels`` names the kernels a CPU can run for a dtype and shape, best guess first. Where
 more than one of them runs here, :class:`LinearChooser` times each on the model's own layers at a decode row count
 and a prefill row count (the candidates interleaved, the best of a few passes kept), picks the one with the lowest
-geometric mean of its time over the best at each row count, and stores the answer in the tune cache
+geometric mean of its time over the best at each row count (the first candidate unless another is more than 5%
+faster), and stores the answer in the tune cache
 (``inferneo.kernels.cpu_tune_cache``), keyed by the CPU model and flags, the PyTorch version, the thread count,
 the dtype and the shape. The choice for each dtype is logged once per process.
 
@@ -41,6 +42,8 @@ DECODE_ROWS = 32
 PREFILL_ROWS = 256
 #: Timed passes per candidate and row count, after one untimed warm-up pass; the fastest pass counts.
 TIMED_PASSES = 3
+#: How much faster (geometric mean over the row counts) a kernel must measure to replace the CPU's first candidate.
+MARGIN = 1.05
 
 Build = Callable[[LinearKernel, nn.Linear], nn.Module]
 Runnable = Callable[[LinearKernel, torch.dtype], bool]
@@ -149,16 +152,17 @@ def measure(candidates: list[LinearKernel], layers: list[nn.Linear], build: Buil
 
 
 def fastest(seconds: dict[LinearKernel, list[float]]) -> LinearKernel:
-    """The kernel with the lowest geometric mean of its time over the best time at each row count (ties: the
-    first listed, i.e. the best guess)."""
+    """The kernel with the lowest geometric mean of its time over the best time at each row count; the first
+    listed (the best guess) unless another beats it by more than :data:`MARGIN` (a closer call is noise)."""
     kernels = list(seconds)
     columns = range(len(next(iter(seconds.values()))))
     best = [min(seconds[k][i] for k in kernels) for i in columns]
 
-    def score(kernel: LinearKernel) -> float:
-        return sum(math.log(seconds[kernel][i] / best[i]) for i in columns if best[i] > 0)
+    def score(kernel: LinearKernel) -> float:  # log of the geometric mean of time / best
+        return sum(math.log(seconds[kernel][i] / best[i]) for i in columns if best[i] > 0) / len(columns)
 
-    return min(kernels, key=score)
+    winner = min(kernels, key=score)
+    return winner if score(kernels[0]) - score(winner) > math.log(MARGIN) else kernels[0]
 
 
 def decode_sample(layers: list[nn.Linear], cache_bytes: int | None = None) -> list[nn.Linear]:
