@@ -42,6 +42,12 @@ def cpu_linear_tune() -> bool:
     return _flag("INFERNEO_CPU_LINEAR_TUNE", True)
 
 
+def cpu_tune_cache() -> str:
+    """INFERNEO_CPU_TUNE_CACHE (default empty: ``$XDG_CACHE_HOME/inferneo/cpu_tune.json``, ``~/.cache`` when
+    unset): the file the CPU linear kernel tune stores its measured choices in (``kernels/cpu_tune_cache.py``)."""
+    return os.environ.get("INFERNEO_CPU_TUNE_CACHE", "").strip()
+
+
 def cpu_native_kernels() -> bool:
     """INFERNEO_CPU_KERNELS (default on): build and use the C++ paged-attention kernel on CPU."""
     return _flag("INFERNEO_CPU_KERNELS", True)

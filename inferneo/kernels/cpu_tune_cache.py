@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferneo import envs
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -24,7 +26,7 @@ FORMAT_VERSION = 1
 
 def default_cache_path() -> Path:
     """``$INFERNEO_CPU_TUNE_CACHE``, else ``$XDG_CACHE_HOME/inferneo/cpu_tune.json`` (``~/.cache`` by default)."""
-    named = os.environ.get("INFERNEO_CPU_TUNE_CACHE", "").strip()
+    named = envs.cpu_tune_cache()
     if named:
         return Path(named).expanduser()
     root = os.environ.get("XDG_CACHE_HOME", "").strip()
