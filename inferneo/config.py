@@ -128,7 +128,8 @@ class EngineConfig:
         None, str, "HF folder, hub id in the local HF cache, or .gguf file "
         "(default: the bundled SmolLM2-135M-Instruct)")
     tokenizer: str | None = option(None, str, "tokenizer folder, if not the model's")
-    dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (fp16 becomes fp32 on CPU)",
+    dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (on CPU: bf16 for a 16-bit "
+                        "checkpoint where the CPU has AMX or AVX512_BF16, else fp32)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     device: str = option("auto", str, "auto, cpu or cuda[:N]")
     load_format: str = option("auto", str, "how to read the weights; dummy: random weights from the config",
@@ -246,15 +247,19 @@ class EngineConfig:
         return torch.device(self.device)
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        """The compute dtype: the one asked for, or for ``auto`` the checkpoint's (fp32 on CPU for fp16)."""
+        """The compute dtype: the one asked for, or for ``auto`` the checkpoint's; on CPU, ``auto`` follows the
+        hardware (``cpu_select.cpu_default_dtype``: a 16-bit checkpoint runs in bfloat16 where the CPU multiplies
+        bfloat16 natively, else in float32; a float32 one stays float32)."""
         import torch
 
         if self.dtype != "auto":
             return getattr(torch, _DTYPES[self.dtype])
-        dtype = checkpoint_dtype or torch.float32
-        if self.torch_device.type == "cpu" and dtype == torch.float16:
-            return torch.float32
-        return dtype
+        if self.torch_device.type == "cpu":
+            from inferneo.kernels.cpu_features import cpu_features
+            from inferneo.kernels.cpu_select import cpu_default_dtype
+
+            return cpu_default_dtype(cpu_features(), checkpoint_dtype)
+        return checkpoint_dtype or torch.float32
 
 
 # ---- from the declaration to the command line and back -------------------------------------------------------

@@ -29,6 +29,25 @@ def cpu_native_linear() -> bool:
     return _flag("INFERNEO_CPU_NATIVE_LINEAR", True)
 
 
+def cpu_linear_kernel() -> str:
+    """INFERNEO_CPU_LINEAR_KERNEL (default ``auto``): the CPU linear kernel, chosen per CPU and layer shape at
+    start-up; ``panel``, ``onednn``, ``torch`` or ``panel-matmul`` forces that kernel wherever it runs (elsewhere
+    the choice stands, with a warning). See docs/performance-tuning.md."""
+    return os.environ.get("INFERNEO_CPU_LINEAR_KERNEL", "").strip().lower() or "auto"
+
+
+def cpu_linear_tune() -> bool:
+    """INFERNEO_CPU_LINEAR_TUNE (default on): where more than one CPU linear kernel runs, time them on the model's
+    own shapes at start-up (cached on disk); off, take the first candidate of the CPU's list (docs/performance-tuning.md)."""
+    return _flag("INFERNEO_CPU_LINEAR_TUNE", True)
+
+
+def cpu_tune_cache() -> str:
+    """INFERNEO_CPU_TUNE_CACHE (default empty: ``$XDG_CACHE_HOME/inferneo/cpu_tune.json``, ``~/.cache`` when
+    unset): the file the CPU linear kernel tune stores its measured choices in (``kernels/cpu_tune_cache.py``)."""
+    return os.environ.get("INFERNEO_CPU_TUNE_CACHE", "").strip()
+
+
 def cpu_native_kernels() -> bool:
     """INFERNEO_CPU_KERNELS (default on): build and use the C++ paged-attention kernel on CPU."""
     return _flag("INFERNEO_CPU_KERNELS", True)

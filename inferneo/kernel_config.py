@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferneo import envs
+from inferneo.kernels.cpu_select import LINEAR_KERNEL_CHOICES
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class KernelConfig:
     #: ``INFERNEO_CPU_NATIVE_LINEAR`` (on): packed float32/bfloat16 CPU linears go through the native panel
     #: kernel where it runs (AVX-512 builds); off, through oneDNN.
     cpu_native_linear: bool = field(default_factory=envs.cpu_native_linear)
+    #: ``INFERNEO_CPU_LINEAR_KERNEL`` (``auto``): which kernel CPU linears use; ``auto`` chooses per CPU and layer
+    #: shape at start-up (``cpu_linear_tune``); a kernel's name forces it where it runs (performance-tuning.md).
+    cpu_linear_kernel: str = field(default_factory=envs.cpu_linear_kernel)
+    #: ``INFERNEO_CPU_LINEAR_TUNE`` (on): with ``auto``, time the candidate CPU linear kernels on the model's
+    #: shapes at start-up (cached on disk); off, take the first candidate of the CPU's list.
+    cpu_linear_tune: bool = field(default_factory=envs.cpu_linear_tune)
     #: ``INFERNEO_CPU_KERNELS`` (on): on CPU, the native C++ kernels for paged attention, RMSNorm, rotary and
     #: SiLU-and-mul; off, PyTorch code (the reference path).
     cpu_native_kernels: bool = field(default_factory=envs.cpu_native_kernels)
@@ -57,8 +64,11 @@ class KernelConfig:
     cuda_fused_routing: bool = field(default_factory=envs.cuda_fused_routing)
 
     def __post_init__(self) -> None:
+        if self.cpu_linear_kernel not in LINEAR_KERNEL_CHOICES:
+            raise ValueError(f"KernelConfig.cpu_linear_kernel (INFERNEO_CPU_LINEAR_KERNEL) must be one of "
+                             f"{', '.join(LINEAR_KERNEL_CHOICES)}; got {self.cpu_linear_kernel!r}")
         for name in self.__dataclass_fields__:
-            if not isinstance(getattr(self, name), bool):
+            if name != "cpu_linear_kernel" and not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KernelConfig.{name} must be True or False; got {getattr(self, name)!r}")
 
     @classmethod

@@ -11,6 +11,12 @@ import pytest
 
 from inferneo.testing import make_tiny_checkpoint
 
+# Engines built in tests take the CPU's first-choice linear kernel instead of timing the candidates at start-up, so
+# the module types a test checks do not depend on the machine's load, and no test writes the user's tune cache.
+# tests/test_cpu_linear_choice.py turns the tune on (with its cache in a temporary folder). Servers and workers the
+# tests start inherit this.
+os.environ.setdefault("INFERNEO_CPU_LINEAR_TUNE", "0")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:

@@ -15,6 +15,7 @@ from inferneo.kernel_config import KernelConfig
 SWITCHES = {
     "cpu_onednn_linear": "INFERNEO_CPU_ONEDNN",
     "cpu_native_linear": "INFERNEO_CPU_NATIVE_LINEAR",
+    "cpu_linear_tune": "INFERNEO_CPU_LINEAR_TUNE",
     "cpu_native_kernels": "INFERNEO_CPU_KERNELS",
     "triton_ops": "INFERNEO_TRITON_OPS",
     "triton_gemv": "INFERNEO_TRITON_GEMV",
@@ -28,9 +29,14 @@ SWITCHES = {
 }
 
 
+# Fields that name a choice rather than switch something on or off: (variable, default).
+CHOICES = {"cpu_linear_kernel": ("INFERNEO_CPU_LINEAR_KERNEL", "auto")}
+
+
 def test_one_field_per_environment_switch():
-    assert [f.name for f in dataclasses.fields(KernelConfig)] == list(SWITCHES)
-    for name in SWITCHES:
+    fields = [f.name for f in dataclasses.fields(KernelConfig)]
+    assert fields == ["cpu_onednn_linear", "cpu_native_linear", *CHOICES, *list(SWITCHES)[2:]]
+    for name in [*SWITCHES, *CHOICES]:
         assert callable(getattr(envs, name))  # each field's default is the envs function of the same name
 
 
@@ -45,6 +51,17 @@ def test_each_field_defaults_to_its_variable_read_when_built(monkeypatch, field)
     assert getattr(KernelConfig(**{field: True}), field) is True  # a field given by name wins over the environment
     others = {name for name in SWITCHES if name != field}
     assert all(getattr(after, name) == getattr(before, name) for name in others)
+
+
+@pytest.mark.parametrize("field", list(CHOICES))
+def test_each_choice_defaults_to_its_variable_and_is_checked(monkeypatch, field):
+    variable, default = CHOICES[field]
+    monkeypatch.delenv(variable, raising=False)
+    assert getattr(KernelConfig(), field) == default
+    monkeypatch.setenv(variable, "Torch ")
+    assert getattr(KernelConfig(), field) == "torch"
+    with pytest.raises(ValueError, match=f"{field} \\({variable}\\) must be one of"):
+        KernelConfig(**{field: "fastest"})
 
 
 def test_frozen_checked_and_picklable():

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.native_build import load_extension
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,10 @@ def load_cpu_kernels():
     """The compiled module, or None when it cannot be built here (built once per process, whatever any engine's
     switches say: callers ask :func:`cpu_kernels`, which applies the switch)."""
     try:
-        from torch.utils.cpp_extension import load
-
         logger.info("loading native CPU kernels (the first run on a machine compiles them: about half a minute)")
-        return load(
-            name="inferneo_cpu_kernels",
-            sources=[str(_SOURCE)],
+        return load_extension(
+            "inferneo_cpu_kernels",
+            [str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
                           "-fassociative-math", "-fno-signed-zeros"],
             extra_ldflags=["-fopenmp"],

@@ -12,6 +12,8 @@ import functools
 import logging
 from pathlib import Path
 
+from inferneo.kernels.native_build import load_extension
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent.parent / "csrc" / "gguf_kernels.cpp"
@@ -22,12 +24,10 @@ def load_gguf_kernels():
     """The compiled module (``gguf_linear``, ``gguf_dequantize``, ``gguf_isa``), or None when it cannot be built
     here (built once per process)."""
     try:
-        from torch.utils.cpp_extension import load
-
         logger.info("loading native GGUF kernels (the first run on a machine compiles them)")
-        return load(
-            name="inferneo_gguf_kernels",
-            sources=[str(_SOURCE)],
+        return load_extension(
+            "inferneo_gguf_kernels",
+            [str(_SOURCE)],
             # no -march: the AVX2 functions carry their own target attribute and are picked at run time;
             # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add
             extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],

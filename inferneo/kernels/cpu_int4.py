@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.native_build import load_extension
 from inferneo.quantization.int4_layouts import Int4Weights
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,10 @@ def int4_cpu_kernels(kernels: KernelConfig | None = None):
 def load_int4_cpu_kernels():
     """The compiled module, or None when it cannot be built here (built once per process)."""
     try:
-        from torch.utils.cpp_extension import load
-
         logger.info("loading the native int4 CPU kernel (the first run on a machine compiles it)")
-        return load(
-            name="inferneo_int4_kernels",
-            sources=[str(_SOURCE)],
+        return load_extension(
+            "inferneo_int4_kernels",
+            [str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -14,8 +14,9 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``Attention`` (q/k norms)     PyTorch                                    :class:`QKNormRotaryAttention`
                                                                          (``cuda_fused_qk_norm_rope``): per-head
                                                                          norms + rotary, one kernel, in place
-``nn.Linear``                 packed (``cpu_onednn_linear``:             ``DecodeLinear`` (``triton_gemv``):
-                              panel kernel or oneDNN)                    one-row inputs through the Triton GEMV
+``nn.Linear``                 packed (``cpu_onednn_linear``: panel       ``DecodeLinear`` (``triton_gemv``):
+                              kernel, oneDNN or F.linear, chosen per     one-row inputs through the Triton GEMV
+                              CPU and shape: ``cpu_linear_tune``)
 ``MLP``                       :class:`RowPassMLP` when both linears      :class:`GemvSiluMLP` (``gemv_silu``):
                               are packed: long prompts in passes         gate/up + SiLU in one GEMV at one row;
                                                                          :class:`QuantizedSiluMLP` for FP8
@@ -48,6 +49,7 @@ from inferneo.kernels.cpu import cpu_kernels
 from inferneo.kernels.triton_ops import triton_ops_for
 from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm, SiluAndMul, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
+from inferneo.model_executor.layers.cpu_linear_tune import DECODE_ROWS
 from inferneo.model_executor.layers.gpu_linear import DecodeGemv, decode_gemv, use_decode_linears
 from inferneo.model_executor.layers.moe import ExpertKernel, FusedMoE
 from inferneo.model_executor.models.llama import MLP, Attention
@@ -234,10 +236,11 @@ def _swap_children(model: nn.Module, replace) -> None:
 
 
 def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelConfig,
-                       tp: TensorParallelGroup | None = None) -> Counter:
+                       tp: TensorParallelGroup | None = None, *, max_num_seqs: int | None = None) -> Counter:
     """Swap the plain modules of a built model with loaded weights for the kernels of ``device`` that ``kernels``
     allows (see the module doc), then fuse the tensor-parallel all-reduces into the norms where ``tp`` has peer
-    memory. Call once. Returns how many modules of each class the model holds afterwards."""
+    memory. Call once. Returns how many modules of each class the model holds afterwards. ``max_num_seqs`` bounds
+    the decode rows the CPU linear kernels are timed at (``cpu_linear_tune``)."""
     ops = norm = act = rotary = None
     if device.type == "cpu":
         ops = cpu_kernels(kernels)
@@ -269,7 +272,7 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
     # Linear layers, then the MLPs whose path depends on them.
     if device.type == "cpu" and kernels.cpu_onednn_linear:
-        pack_linears(model, kernels)
+        pack_linears(model, kernels, decode_rows=min(DECODE_ROWS, max_num_seqs or DECODE_ROWS))
         packed = (PanelLinear, PackedLinear)
         _swap_children(model, lambda m: _adopt(RowPassMLP, m) if type(m) is MLP and isinstance(m.gate_up_proj, packed)
                        and isinstance(m.down_proj, packed) else None)

@@ -359,7 +359,7 @@ class ModelRunner(Runner):
         the caching allocator's free blocks), so that the weights are held once: see ``docs/quantization.md``,
         "Memory"."""
         finalize_quantized_linears(self.model, self.kernels)
-        use_device_kernels(self.model, self.device, self.kernels, self.tp)
+        use_device_kernels(self.model, self.device, self.kernels, self.tp, max_num_seqs=self.max_num_seqs)
         release_freed_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

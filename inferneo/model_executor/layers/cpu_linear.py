@@ -5,7 +5,9 @@ processors. oneDNN with a weight packed once ahead of time runs the same float32
 (and helps bfloat16 at small batch sizes). On AVX-512 machines layers go one step further, through the native
 panel kernel (``inferneo/csrc/cpu_kernels.cpp``; bfloat16 needs AVX512_BF16): it overlaps the stream of weights
 from memory with the arithmetic, which is what decode batches are bound by, and runs about 1.3x faster than
-oneDNN on them. The results differ from MKL's only in summation order.
+oneDNN on them; on Intel CPUs with AMX, oneDNN (which runs bfloat16 on the AMX tiles) is the faster one. So
+:func:`pack_linears` chooses per CPU and layer shape (``cpu_linear_tune``: the candidates the CPU's features allow,
+timed at start-up where there are several). The results differ from MKL's only in summation order.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from torch import nn
 
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
+from inferneo.kernels.cpu_select import LinearKernel, LinearShape
+from inferneo.model_executor.layers.cpu_linear_tune import DECODE_ROWS, LinearChooser, decode_sample
 
 _PACKABLE = (torch.float32, torch.bfloat16)
+_PANEL_LAYOUTS = (LinearKernel.PANEL, LinearKernel.PANEL_MATMUL)  # kernels that re-lay a tied weight out as panels
 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -183,41 +188,81 @@ def mlp_row_chunk(x: torch.Tensor, gate_up: nn.Module, down: nn.Module) -> int |
     return rows if x.shape[0] >= 2 * rows else None
 
 
-def pack_linears(model: nn.Module, kernels: KernelConfig | None = None) -> int:
-    """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for a packed one; returns how many.
+def pack_linears(model: nn.Module, kernels: KernelConfig | None = None, *, chooser: LinearChooser | None = None,
+                 decode_rows: int = DECODE_ROWS) -> int:
+    """Swap every CPU ``nn.Linear`` of a float32/bfloat16 model for the kernel chosen for its dtype and shape;
+    returns how many were swapped (a layer left to ``torch`` stays an ``nn.Linear``).
 
-    Layers become ``PanelLinear`` where the native panel kernel runs in their dtype, else ``PackedLinear``
-    (oneDNN); ``kernels`` (None: the environment's) says whether the panel kernel may be used.
+    The kernel is chosen per CPU and shape (:class:`~inferneo.model_executor.layers.cpu_linear_tune.LinearChooser`:
+    the candidates this CPU has, measured at start-up where there are several; ``chooser`` None: one built from
+    ``kernels``, None: the environment's, timing decode steps of ``decode_rows`` rows) and logged once: the native
+    panel kernel (:class:`PanelLinear`), oneDNN (:class:`PackedLinear`) or PyTorch's own ``F.linear``.
 
     Call after the weights are loaded. Layers marked ``packable = False`` (tensor-parallel layers whose forward does
     more than the matmul) are left alone. Each weight is held once afterwards: a layer's unpacked weight is released
-    with the layer, and a weight another module shares (an output head tied to the embedding) is not copied: the head
-    is packed into panels (through the panel kernel, or in float32 through ``torch.matmul`` where the kernel does not
-    run) and the embeddings sharing it read their rows from those panels (:class:`PanelEmbedding`); a tied bfloat16
-    head without the panel kernel runs oneDNN on the shared plain weight (``prepack=False``).
+    with the layer, and a weight another module shares (an output head tied to the embedding) is not copied: in
+    panels (through the panel kernel, or in float32 through ``torch.matmul``) the embeddings sharing it read their
+    rows from those panels (:class:`PanelEmbedding`); oneDNN runs on the shared plain weight (``prepack=False``).
     """
+    kernels = kernels or KernelConfig.from_env()
     panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
+    chooser = chooser or LinearChooser(kernels, functools.partial(kernel_built, panel_ops),
+                                       decode_rows=decode_rows)
     sharers = _weight_sharers(model)
-    swapped = 0
+    groups: dict[tuple[torch.dtype, LinearShape], list[tuple[nn.Module, str, nn.Linear]]] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not (isinstance(child, nn.Linear) and getattr(child, "packable", True)
+            if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
                     and child.weight.device.type == "cpu" and child.weight.dtype in _PACKABLE):
-                continue
-            ops = panel_ops[child.weight.dtype]
-            shared = sharers.get(id(child.weight), [])
+                shape = LinearShape(child.out_features, child.in_features, id(child.weight) in sharers)
+                groups.setdefault((child.weight.dtype, shape), []).append((parent, name, child))
+    swapped = 0
+    for (dtype, shape), members in groups.items():
+        ops = panel_ops[dtype]
+        # one choice for the group; a tied head on its own (whether its sharers read rows only decides its kernels)
+        for unit in [[member] for member in members] if shape.tied else [members]:
+            layers = [layer for _, _, layer in unit]
+            shared = sharers.get(id(layers[0].weight), []) if shape.tied else []
             rows_only = all(_reads_rows_only(module) for _, _, module in shared)
-            if rows_only and (ops is not None or (shared and child.weight.dtype == torch.float32)):
-                head = PanelLinear(child, ops)  # ops None: a tied float32 head through torch.matmul on the panels
-                for owner, attr, _ in shared:
-                    setattr(owner, attr, PanelEmbedding(head))
-                setattr(parent, name, head)
-            elif onednn_available(child.weight.dtype):
-                setattr(parent, name, PackedLinear(child, prepack=not shared))
-            else:
+            kernel = chooser.choose(
+                dtype, shape, decode_sample(layers),
+                functools.partial(linear_module, ops=ops, tied=shape.tied),
+                head=shape.tied or all(name == "lm_head" for _, name, _ in unit),
+                allowed=lambda k, rows_only=rows_only: rows_only or k not in _PANEL_LAYOUTS)
+            if kernel is LinearKernel.TORCH:
                 continue
-            swapped += 1
+            for parent, name, layer in unit:
+                packed = linear_module(kernel, layer, ops=ops, tied=shape.tied)
+                if isinstance(packed, PanelLinear):
+                    for owner, attr, _ in shared:
+                        setattr(owner, attr, PanelEmbedding(packed))
+                setattr(parent, name, packed)
+                swapped += 1
+    chooser.log()
     return swapped
+
+
+def kernel_built(panel_ops: dict, kernel: LinearKernel, dtype: torch.dtype) -> bool:
+    """Whether ``kernel`` was built here for ``dtype`` (``panel_ops``: :func:`panel_kernels` of each dtype; oneDNN:
+    this PyTorch's)."""
+    if kernel is LinearKernel.PANEL:
+        return panel_ops.get(dtype) is not None
+    if kernel is LinearKernel.PANEL_MATMUL:
+        return dtype == torch.float32
+    if kernel is LinearKernel.ONEDNN:
+        return onednn_available(dtype)
+    return True
+
+
+def linear_module(kernel: LinearKernel, linear: nn.Linear, *, ops, tied: bool) -> nn.Module:
+    """The module ``kernel`` runs ``linear`` as (a tied weight is never copied: oneDNN reads it unpacked)."""
+    if kernel is LinearKernel.PANEL:
+        return PanelLinear(linear, ops)
+    if kernel is LinearKernel.PANEL_MATMUL:
+        return PanelLinear(linear, None)
+    if kernel is LinearKernel.ONEDNN:
+        return PackedLinear(linear, prepack=not tied)
+    return linear
 
 
 def _weight_sharers(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, nn.Module]]]:

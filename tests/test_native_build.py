@@ -1,0 +1,80 @@
+"""The native-extension build lock: a build killed halfway does not block later starts; a live one is waited for."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from inferneo.kernels.native_build import exclusive_build, extension_build_dir
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the build lock is flock(2)")
+
+# A stand-in for one build: take the lock as load_extension does, create PyTorch's lock file as
+# torch.utils.cpp_extension does, say so, then hold both for SECONDS (or until killed).
+BUILDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from inferneo.kernels.native_build import exclusive_build
+    build_dir, seconds = Path(sys.argv[1]), float(sys.argv[2])
+    with exclusive_build(build_dir):
+        lock = build_dir / "lock"
+        lock.touch()
+        print("building", flush=True)
+        time.sleep(seconds)
+        lock.unlink()
+""")
+
+
+def start_builder(build_dir: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(build_dir), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout.readline().strip() == "building"
+    return proc
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, caplog):
+    build_dir = tmp_path / "inferneo_cpu_kernels"
+    builder = start_builder(build_dir, 600)
+    builder.send_signal(signal.SIGKILL)  # killed while compiling: PyTorch's lock file stays behind
+    builder.wait()
+    assert (build_dir / "lock").exists()
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING), exclusive_build(build_dir):
+        assert not (build_dir / "lock").exists()
+    assert time.monotonic() - start < 5
+    assert "removing the stale build lock" in caplog.text and "inferneo_cpu_kernels" in caplog.text
+
+
+def test_a_live_build_is_waited_for_and_its_lock_kept(tmp_path, caplog):
+    build_dir = tmp_path / "inferneo_cpu_kernels"
+    builder = start_builder(build_dir, 1.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO), exclusive_build(build_dir):
+        waited = time.monotonic() - start
+        assert builder.wait(timeout=5) == 0  # it finished its build and removed its own lock
+    assert waited >= 1.0
+    assert "waiting for another process" in caplog.text and "stale" not in caplog.text
+
+
+def test_loading_the_kernels_after_a_killed_build_does_not_hang(tmp_path):
+    """The real loader, in a fresh process, with a stale lock in the real extension's build folder (as a start
+    killed while compiling leaves it): it clears the lock and loads (or reports the build failing), never waits."""
+    build_dir = extension_build_dir("inferneo_cpu_kernels")
+    (build_dir / "lock").touch()
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from inferneo.kernels.cpu import load_cpu_kernels\nprint('loaded', load_cpu_kernels() is not None)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        (build_dir / "lock").unlink(missing_ok=True)  # never leave the real build folder locked
+    assert done.returncode == 0, done.stderr
+    assert "loaded" in done.stdout and "removing the stale build lock" in done.stderr
