@@ -16,7 +16,7 @@ from inferneo.model_executor.layers.cpu_linear import (
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
-needs_panel = pytest.mark.skipif(panel_kernels() is None, reason="the native panel kernel needs an AVX-512 build")
+needs_panel = pytest.mark.skipif(panel_kernels() is None, reason="the native panel kernel needs AVX-512 or AVX2 + FMA + F16C")
 
 
 @needs_onednn

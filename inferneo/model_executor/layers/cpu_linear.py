@@ -5,7 +5,9 @@ processors. oneDNN with a weight packed once ahead of time runs the same float32
 (and helps bfloat16 at small batch sizes). On AVX-512 machines layers go one step further, through the native
 panel kernel (``inferneo/csrc/cpu_kernels.cpp``; bfloat16 needs AVX512_BF16): it overlaps the stream of weights
 from memory with the arithmetic, which is what decode batches are bound by, and runs about 1.3x faster than
-oneDNN on them. The results differ from MKL's only in summation order.
+oneDNN on them. On AVX2-only CPUs the panel kernel has an 8-lane form: float32, and bfloat16 weights widened to
+float32 in registers (oneDNN cannot pack bfloat16 there, so such layers would otherwise run PyTorch's slow
+bfloat16 ``F.linear``). The results differ from MKL's only in summation order.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_ke
 
 
 def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None):
-    """The native module when its panel linear can run here in ``dtype`` (float32: an AVX-512 build; bfloat16:
-    also AVX512_BF16) with the ``cpu_native_linear`` and ``cpu_native_kernels`` switches on (``kernels``; None:
-    the environment's), else None."""
+    """The native module when its panel linear can run here in ``dtype`` (an AVX-512 build, bfloat16 also with
+    AVX512_BF16; or an AVX2 + FMA + F16C build, either dtype) with the ``cpu_native_linear`` and
+    ``cpu_native_kernels`` switches on (``kernels``; None: the environment's), else None."""
     kernels = kernels or KernelConfig.from_env()
     if not kernels.cpu_native_linear:
         return None
@@ -92,7 +94,8 @@ class PanelLinear(nn.Module):
     """``y = x @ W.T + b`` through the native panel kernel, float32 or bfloat16.
 
     ``W`` is stored in panels of 48 output columns: float32 as [panels, K, 48]; bfloat16 as [panels, K/2, 48, 2]
-    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product.
+    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product;
+    the AVX2 kernel reads the same layout, widening each pair to float32 with a shift and a mask.
 
     ``ops=None`` (float32 only) multiplies the panels with PyTorch's batched matmul instead: the layout of an output
     head tied to the embedding on CPUs without the panel kernel, where :class:`PanelEmbedding` reads the rows back
