@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    ops = panel_kernels(dtype)
+    ops = panel_kernels(dtype, avx2_float32_panel=True)
     if ops is None:
         print(f"needs the native panel kernel in {args.dtype}")
         return 1

@@ -1,5 +1,7 @@
 """The packed CPU linears (oneDNN, and the native float32 panel kernel) against the reference ``nn.Linear``."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,9 @@ from inferneo.model_executor.layers.cpu_linear import (
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
-needs_panel = pytest.mark.skipif(panel_kernels() is None, reason="the native panel kernel needs AVX-512 or AVX2 + FMA + F16C")
+# the kernel itself, float32 on AVX2 included (pack_linears prefers oneDNN there: see panel_kernels)
+kernel_ops = functools.partial(panel_kernels, avx2_float32_panel=True)
+needs_panel = pytest.mark.skipif(kernel_ops() is None, reason="the native panel kernel needs AVX-512 or AVX2 + FMA + F16C")
 
 
 @needs_onednn
@@ -44,7 +48,7 @@ def test_packed_linear_matches_reference(dtype, bias, rows):
 def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_features):
     """Every row count (full and partial blocks of eight), panel remainders, an odd K (bfloat16 pairs along K),
     and narrow layers split by rows. Bfloat16 against float32 math on the same values, rounded once."""
-    ops = panel_kernels(dtype)
+    ops = kernel_ops(dtype)
     if ops is None:
         pytest.skip(f"no {dtype} panel kernel on this CPU")
     torch.manual_seed(rows)
@@ -60,7 +64,7 @@ def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_feat
 @needs_panel
 def test_panel_linear_takes_strided_rows_and_batched_shapes():
     linear = nn.Linear(64, 100)
-    panel = PanelLinear(linear, panel_kernels())
+    panel = PanelLinear(linear, kernel_ops())
     wide = torch.randn(10, 128)
     rows = wide[:, :64]  # a view whose rows are 128 apart
     torch.testing.assert_close(panel(rows), linear(rows), rtol=1e-5, atol=1e-5)
@@ -98,7 +102,7 @@ def test_pack_linears_swaps_every_linear_and_keeps_tied_weights():
 def test_packed_linears_write_into_out(kind, shape):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200)
-    layer = kind(linear) if kind is PackedLinear else kind(linear, panel_kernels())
+    layer = kind(linear) if kind is PackedLinear else kind(linear, kernel_ops())
     x = torch.randn(*shape)
     expected = layer(x)
     out = torch.full((x.numel() // 96, 200), float("nan"))

@@ -75,10 +75,13 @@ class PackedLinear(nn.Module):
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
 
 
-def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None):
+def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None, *,
+                  avx2_float32_panel: bool = False):
     """The native module when its panel linear can run here in ``dtype`` (an AVX-512 build, bfloat16 also with
     AVX512_BF16; or an AVX2 + FMA + F16C build, either dtype) with the ``cpu_native_linear`` and
-    ``cpu_native_kernels`` switches on (``kernels``; None: the environment's), else None."""
+    ``cpu_native_kernels`` switches on (``kernels``; None: the environment's), else None. On an AVX2 build float32
+    layers stay with oneDNN unless ``avx2_float32_panel`` (a per-CPU tune may time both): the AVX2 panel kernel was
+    faster at one row only on the test machine, while bfloat16 has no oneDNN packing there at all."""
     kernels = kernels or KernelConfig.from_env()
     if not kernels.cpu_native_linear:
         return None
@@ -87,6 +90,8 @@ def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | No
         return None
     if dtype == torch.bfloat16:
         return ops if ops.panel_linear_bf16_available() else None
+    if dtype == torch.float32 and ops.vector_isa() == "avx2" and not avx2_float32_panel:
+        return None  # oneDNN's AVX2 float32 kernels ran faster at 16+ rows (docs/benchmarks.md, issue 23)
     return ops if dtype == torch.float32 else None
 
 
