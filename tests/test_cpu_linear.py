@@ -187,3 +187,35 @@ def test_packed_linear_on_the_plain_weight_matches_reference(rows):
     linear = nn.Linear(96, 200)
     x = torch.randn(rows, 96)
     torch.testing.assert_close(PackedLinear(linear, prepack=False)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_engine_runs_the_panel_kernel_and_tracks_hf(tiny_checkpoint_factory):
+    """A bfloat16 engine on a CPU with the bfloat16 panel kernel (AVX512_BF16, or AVX2 widening the weights) runs
+    every linear through it, the tied head included, and its greedy tokens follow Hugging Face's bfloat16 model:
+    every first token equal, and at least five of six 12-token continuations equal throughout (bfloat16 rounds
+    each layer's output, so two correct implementations may part at a near tie; on this project's AVX2 test
+    machine five of six agree to the last token and the sixth from its sixth)."""
+    if panel_kernels(torch.bfloat16) is None:
+        pytest.skip("no bfloat16 panel kernel on this CPU (needs avx512_bf16, or avx2 + fma + f16c)")
+    from test_hf_parity import mixed_prompts
+    from transformers import AutoModelForCausalLM
+
+    from inferneo import LLM, SamplingParams
+
+    path = tiny_checkpoint_factory("llama", tie_word_embeddings=True, hidden_size=128, num_heads=4, num_kv_heads=2)
+    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory="32MiB")
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert "PanelLinear" in kinds and not kinds & {"Linear", "PackedLinear"}
+    prompts = mixed_prompts(6, 384)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(p):].tolist())
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 5
