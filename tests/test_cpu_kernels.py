@@ -1,5 +1,7 @@
 """The native CPU kernels against the pure-PyTorch reference paths they replace."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,18 +34,21 @@ def _decode_case(dtype, batch=7, heads=8, kv_heads=2, head_dim=32, block_size=4,
     return q, kv, meta
 
 
-# The first shape takes the portable loops (block size 4), the others the vector path where the CPU has AVX-512:
-# group sizes 1 (MHA), 3 (odd: one head of the last pair alone) and 4, head dims 64 and 128, block sizes 16 and 32.
+# The first shape takes the portable loops (block size 4), the others the vector path (AVX-512 or AVX2): group
+# sizes 1 (MHA), 3 (odd: one head of the last pair alone) and 4, head dims 64 and 128, block sizes 16 and 32. The
+# last one (head dim 40) is vector on AVX2 (a multiple of 8) and portable on AVX-512; its lengths end chunks of
+# 16 tokens after 13, 14, 15, 9, 2, 16 and 8 tokens (both 8-lane halves partly filled).
 DECODE_SHAPES = [
     dict(heads=8, kv_heads=2, head_dim=32, block_size=4, num_blocks=64, max_blocks=9),
     dict(heads=9, kv_heads=3, head_dim=64, block_size=16, num_blocks=40, max_blocks=3),
     dict(heads=4, kv_heads=4, head_dim=128, block_size=16, num_blocks=40, max_blocks=3),
     dict(heads=8, kv_heads=2, head_dim=64, block_size=32, num_blocks=40, max_blocks=2),
+    dict(heads=6, kv_heads=2, head_dim=40, block_size=16, num_blocks=40, max_blocks=3, lens=(13, 30, 47, 9, 2, 48, 40)),
 ]
 
 
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_paged_decode_attention_matches_reference(shape, dtype, tol):
     q, kv, meta = _decode_case(dtype, **shape)
     ref_backend = TorchReferenceBackend()
@@ -148,7 +153,7 @@ def test_native_backend_matches_reference_on_backend_cases(case, dtype, tol):
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_silu_and_mul_matches_reference(dtype, tol):
     torch.manual_seed(0)
-    x = (torch.randn(5, 2 * 72) * 4).to(dtype)  # 72: vector lanes and a scalar tail
+    x = (torch.randn(5, 2 * 76) * 4).to(dtype)  # 76: vector lanes (16 or 8 wide) and a scalar tail
     gate, up = x.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(kernels.silu_and_mul(x), expected, rtol=tol, atol=tol)
@@ -198,3 +203,39 @@ def test_paged_attention_refuses_rows_and_lengths_outside_the_table():
     with pytest.raises(RuntimeError, match="query 2 has length 49, its table row holds 48 tokens"):
         kernels.paged_decode_attention(q, native, tables, too_long, 0.3, out)
     kernels.paged_decode_attention(q, native, tables, lens, 0.3, out, torch.arange(q.shape[0]))  # in range: fine
+
+
+def _cpu_flags() -> set[str]:
+    """The first processor's flags in /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.partition(":")[2].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+# The vector paths a build can have, with the CPU flags each needs (-march=native picks the widest the CPU has).
+_VECTOR_PATHS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma", "f16c")}
+
+
+@pytest.mark.parametrize("isa", list(_VECTOR_PATHS))
+def test_vector_paths_of_this_cpu_are_built_and_match_reference(isa):
+    """The build uses the widest vector path this CPU has: AVX-512 where it has avx512f, else AVX2 + FMA + F16C.
+    That path runs decode attention on a vector shape (checked against the reference above as well); a path the
+    CPU cannot run is skipped, naming the missing flags."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to check the build against")
+    missing = [flag for flag in _VECTOR_PATHS[isa] if flag not in flags]
+    if missing:
+        pytest.skip(f"the {isa} kernels need {' and '.join(missing)}, which this CPU lacks")
+    if isa == "avx2" and "avx512f" in flags:
+        pytest.skip("this CPU has avx512f: the build takes the AVX-512 paths instead of AVX2")
+    assert kernels.vector_isa().startswith(isa)
+    q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])
+    ref_backend = TorchReferenceBackend()
+    ref_backend.prepare(meta)
+    expected = ref_backend.decode_attention(q, kv, meta, 0.3)
+    got = torch.empty_like(q)
+    kernels.paged_decode_attention(q, _to_native_layout(kv), meta.decode_block_tables, meta.decode_seq_lens, 0.3, got)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,7 @@
 """The packed CPU linears (oneDNN, and the native float32 panel kernel) against the reference ``nn.Linear``."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,9 @@ from inferneo.model_executor.layers.cpu_linear import (
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
-needs_panel = pytest.mark.skipif(panel_kernels() is None, reason="the native panel kernel needs an AVX-512 build")
+# the kernel itself, float32 on AVX2 included (pack_linears prefers oneDNN there: see panel_kernels)
+kernel_ops = functools.partial(panel_kernels, avx2_float32_panel=True)
+needs_panel = pytest.mark.skipif(kernel_ops() is None, reason="the native panel kernel needs AVX-512 or AVX2 + FMA + F16C")
 
 
 @needs_onednn
@@ -44,7 +48,7 @@ def test_packed_linear_matches_reference(dtype, bias, rows):
 def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_features):
     """Every row count (full and partial blocks of eight), panel remainders, an odd K (bfloat16 pairs along K),
     and narrow layers split by rows. Bfloat16 against float32 math on the same values, rounded once."""
-    ops = panel_kernels(dtype)
+    ops = kernel_ops(dtype)
     if ops is None:
         pytest.skip(f"no {dtype} panel kernel on this CPU")
     torch.manual_seed(rows)
@@ -60,7 +64,7 @@ def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_feat
 @needs_panel
 def test_panel_linear_takes_strided_rows_and_batched_shapes():
     linear = nn.Linear(64, 100)
-    panel = PanelLinear(linear, panel_kernels())
+    panel = PanelLinear(linear, kernel_ops())
     wide = torch.randn(10, 128)
     rows = wide[:, :64]  # a view whose rows are 128 apart
     torch.testing.assert_close(panel(rows), linear(rows), rtol=1e-5, atol=1e-5)
@@ -98,7 +102,7 @@ def test_pack_linears_swaps_every_linear_and_keeps_tied_weights():
 def test_packed_linears_write_into_out(kind, shape):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200)
-    layer = kind(linear) if kind is PackedLinear else kind(linear, panel_kernels())
+    layer = kind(linear) if kind is PackedLinear else kind(linear, kernel_ops())
     x = torch.randn(*shape)
     expected = layer(x)
     out = torch.full((x.numel() // 96, 200), float("nan"))
@@ -183,3 +187,35 @@ def test_packed_linear_on_the_plain_weight_matches_reference(rows):
     linear = nn.Linear(96, 200)
     x = torch.randn(rows, 96)
     torch.testing.assert_close(PackedLinear(linear, prepack=False)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_engine_runs_the_panel_kernel_and_tracks_hf(tiny_checkpoint_factory):
+    """A bfloat16 engine on a CPU with the bfloat16 panel kernel (AVX512_BF16, or AVX2 widening the weights) runs
+    every linear through it, the tied head included, and its greedy tokens follow Hugging Face's bfloat16 model:
+    every first token equal, and at least five of six 12-token continuations equal throughout (bfloat16 rounds
+    each layer's output, so two correct implementations may part at a near tie; on this project's AVX2 test
+    machine five of six agree to the last token and the sixth from its sixth)."""
+    if panel_kernels(torch.bfloat16) is None:
+        pytest.skip("no bfloat16 panel kernel on this CPU (needs avx512_bf16, or avx2 + fma + f16c)")
+    from test_hf_parity import mixed_prompts
+    from transformers import AutoModelForCausalLM
+
+    from inferneo import LLM, SamplingParams
+
+    path = tiny_checkpoint_factory("llama", tie_word_embeddings=True, hidden_size=128, num_heads=4, num_kv_heads=2)
+    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory="32MiB")
+    kinds = {type(m).__name__ for m in llm.engine.runner.model.modules()}
+    assert "PanelLinear" in kinds and not kinds & {"Linear", "PackedLinear"}
+    prompts = mixed_prompts(6, 384)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, pad_token_id=0)
+            expected.append(out[0, len(p):].tolist())
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 5

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from inferneo.kernels.cpu import cpu_build_tag
 from inferneo.kernels.native_build import exclusive_build, extension_build_dir
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the build lock is flock(2)")
@@ -67,7 +68,7 @@ def test_a_live_build_is_waited_for_and_its_lock_kept(tmp_path, caplog):
 def test_loading_the_kernels_after_a_killed_build_does_not_hang(tmp_path):
     """The real loader, in a fresh process, with a stale lock in the real extension's build folder (as a start
     killed while compiling leaves it): it clears the lock and loads (or reports the build failing), never waits."""
-    build_dir = extension_build_dir("inferneo_cpu_kernels")
+    build_dir = extension_build_dir(f"inferneo_cpu_kernels_{cpu_build_tag()}")
     (build_dir / "lock").touch()
     code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
             "from inferneo.kernels.cpu import load_cpu_kernels\nprint('loaded', load_cpu_kernels() is not None)")

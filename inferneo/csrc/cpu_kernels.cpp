@@ -5,7 +5,8 @@
 // request's new token, or one token of a prompt (each prompt token is its own row over the prompt's first tokens).
 // Work is split over (row, kv head) pairs; each pair walks its row's tokens once, keeping a running max
 // and sum (online softmax) for every query head of its group. Scores and accumulators are float32 whatever the
-// cache dtype. The AVX-512 versions are used when the compiler targets it; portable loops otherwise.
+// cache dtype. The AVX-512 versions are used when the compiler targets it, else the AVX2 + FMA + F16C ones (8
+// lanes) when it targets those; portable loops otherwise. ``vector_isa()`` says which a build has.
 //
 // FP8 caches (float8 e4m3 with one float32 scale per KV head for keys and one for values): the store divides by the
 // scale, saturates to +-448 and rounds to nearest even (c10's conversion, PyTorch's own); attention converts each
@@ -24,7 +25,13 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
+// AVX2 + FMA + F16C (8 lanes): the vector paths on x86 CPUs without AVX-512 (most small cloud VMs, many AMD and
+// Intel desktops). A build that targets AVX-512 uses the 16-lane paths instead.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+#define INFERNEO_AVX2 1
+#endif
+
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
 #include <immintrin.h>
 #include <omp.h>
 #endif
@@ -243,6 +250,8 @@ void decode_scalar(const scalar_t* __restrict q, const cache_t* __restrict cache
 }
 
 #ifdef __AVX512F__
+constexpr int64_t kDecodeLanes = 16;
+
 // 16 lanes of float from storage.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
@@ -307,8 +316,9 @@ inline void store16(uint16_t* p, __m512 v) {
 // (``kb`` points at the chunk's first token in row 0 of the [D][bs] key block), values token-major.
 template <int NG, typename cache_t>
 inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
-                         const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs, int64_t n, __mmask16 valid,
+                         const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs, int64_t n, int64_t skip,
                          float softcap) {
+  const __mmask16 valid = static_cast<__mmask16>(((1u << n) - 1u) & ~((1u << skip) - 1u));
   __m512 s0[NG], s1[NG];
   for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 2) {
@@ -346,9 +356,151 @@ inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_
   }
 }
 
-// Vector version for block_size % 16 == 0 and head_dim % 16 == 0: tokens are taken 16 at a time.
+#endif  // __AVX512F__
+
+#ifdef INFERNEO_AVX2
+constexpr int64_t kDecodeLanes = 8;
+
+// 8 lanes of float from storage.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// FP8 e4m3: 8 bytes widened to indices into kFp8E4m3Values, one gather.
+inline __m256 load8(const c10::Float8_e4m3fn* p) {
+  const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_i32gather_ps(kFp8E4m3Values.data(), index, 4);
+}
+
+// exp on 8 lanes, as exp16: 2^n * e^r with |r| <= ln2/2 and the same degree-6 polynomial. Inputs are clamped to
+// [-87, 88] so that 2^n is built from a normal exponent field: below -87 gives (nearly) zero, above 88 ~2.4e38
+// (finite where exp16 gives inf; tanh and SiLU come out the same).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+inline __m256 tanh8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp8(_mm256_add_ps(x, x));
+  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+}
+
+inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float reduce_add8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// Float lanes rounded to the storage type (round to nearest even for bfloat16), and stores of 8 lanes.
+inline __m256i bf16_rounded_bits8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+template <typename scalar_t>
+inline __m256 round_to8(__m256 v) {
+  if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_rounded_bits8(v), 16));
+  } else {
+    return v;
+  }
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  const __m256i bits = bf16_rounded_bits8(v);  // eight 16-bit values in the low halves of 32-bit lanes
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// Lanes [skip, n) of the 16-token chunk starting at lane ``first`` (0 or 8) as an all-ones mask.
+inline __m256 token_mask8(int64_t first, int64_t n, int64_t skip) {
+  const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                        _mm256_set1_epi32(static_cast<int>(first)));
+  const __m256i below_n = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+  const __m256i before_skip = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(skip)), lane);
+  return _mm256_castsi256_ps(_mm256_andnot_si256(before_skip, below_n));
+}
+
+// attend_chunk on 8 lanes: one 16-token chunk as two halves (tokens 0-7 and 8-15), for NG query heads (NG <= 4)
+// of one kv head: scores, online-softmax update of row_max/row_sum/acc, then acc += p . V (head_dim % 8 == 0).
+// Tokens outside [skip, n) get probability 0 (their scores are never read: they may be garbage past the length).
+template <int NG, typename cache_t>
+inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
+                         const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs, int64_t n, int64_t skip,
+                         float softcap) {
+  __m256 lo[NG], hi[NG];
+  for (int j = 0; j < NG; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = load8(kb + d * bs), k1 = load8(kb + d * bs + 8);
+    for (int j = 0; j < NG; ++j) {
+      const __m256 qd = _mm256_set1_ps(q[j * D + d]);
+      lo[j] = _mm256_fmadd_ps(qd, k0, lo[j]);
+      hi[j] = _mm256_fmadd_ps(qd, k1, hi[j]);
+    }
+  }
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 valid_lo = token_mask8(0, n, skip), valid_hi = token_mask8(8, n, skip);
+  for (int j = 0; j < NG; ++j) {
+    __m256 raw_lo = lo[j], raw_hi = hi[j];
+    if (softcap > 0.f) {
+      const __m256 cap = _mm256_set1_ps(softcap), inv_cap = _mm256_set1_ps(1.f / softcap);
+      raw_lo = _mm256_mul_ps(cap, tanh8(_mm256_mul_ps(raw_lo, inv_cap)));
+      raw_hi = _mm256_mul_ps(cap, tanh8(_mm256_mul_ps(raw_hi, inv_cap)));
+    }
+    const __m256 s_lo = _mm256_blendv_ps(minus_inf, raw_lo, valid_lo);
+    const __m256 s_hi = _mm256_blendv_ps(minus_inf, raw_hi, valid_hi);
+    const float new_max = std::max(row_max[j], reduce_max8(_mm256_max_ps(s_lo, s_hi)));
+    const float correction = std::exp(row_max[j] - new_max);
+    const __m256 m = _mm256_set1_ps(new_max);
+    const __m256 p_lo = _mm256_and_ps(valid_lo, exp8(_mm256_sub_ps(s_lo, m)));
+    const __m256 p_hi = _mm256_and_ps(valid_hi, exp8(_mm256_sub_ps(s_hi, m)));
+    row_sum[j] = row_sum[j] * correction + reduce_add8(_mm256_add_ps(p_lo, p_hi));
+    row_max[j] = new_max;
+    _mm256_storeu_ps(probs + j * 16, p_lo);
+    _mm256_storeu_ps(probs + j * 16 + 8, p_hi);
+    if (correction != 1.f) {
+      const __m256 c = _mm256_set1_ps(correction);
+      float* aj = acc + j * D;
+      for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(aj + i, _mm256_mul_ps(c, _mm256_loadu_ps(aj + i)));
+    }
+  }
+  for (int64_t i = 0; i < D; i += 8) {
+    __m256 a[NG];
+    for (int j = 0; j < NG; ++j) a[j] = _mm256_loadu_ps(acc + j * D + i);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 vv = load8(vb + t * D + i);
+      for (int j = 0; j < NG; ++j) a[j] = _mm256_fmadd_ps(_mm256_set1_ps(probs[j * 16 + t]), vv, a[j]);
+    }
+    for (int j = 0; j < NG; ++j) _mm256_storeu_ps(acc + j * D + i, a[j]);
+  }
+}
+#endif  // INFERNEO_AVX2
+
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
+// Vector version for block_size % 16 == 0 and head_dim % 16 (AVX-512) or 8 (AVX2) == 0: tokens are taken 16 at a
+// time, each chunk by the attend_chunk of the ISA the build targets.
 template <typename scalar_t, typename cache_t>
-void decode_avx512(const scalar_t* __restrict q, const cache_t* __restrict cache, const int64_t* tables,
+void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache, const int64_t* tables,
                    const int64_t* table_rows, const int64_t* seq_lens, scalar_t* out, const DecodeShape& s) {
   const int64_t group = s.num_heads / s.num_kv_heads, D = s.head_dim, bs = s.block_size;
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
@@ -386,7 +538,6 @@ void decode_avx512(const scalar_t* __restrict q, const cache_t* __restrict cache
         const cache_t* vb = cache + half + base + within * D;       // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
         const int64_t skip = std::max<int64_t>(0, first - pos);     // tokens before the window, in the first chunk
-        const __mmask16 valid = static_cast<__mmask16>(((1u << n) - 1u) & ~((1u << skip) - 1u));
         if (pos + 32 < len) prefetch_chunk(table, kvh, pos + 32);  // overlap later tokens' loads with this math
         // Up to four query heads of the group share each key and value load (and its conversion to float).
         for (int64_t g0 = 0; g0 < group;) {
@@ -394,16 +545,16 @@ void decode_avx512(const scalar_t* __restrict q, const cache_t* __restrict cache
           float* const args_q = qf.data() + g0 * D;
           float* const args_acc = acc.data() + g0 * D;
           if (left >= 4) {
-            attend_chunk<4>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
+            attend_chunk<4>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, skip, s.softcap);
             g0 += 4;
           } else if (left == 3) {
-            attend_chunk<3>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
+            attend_chunk<3>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, skip, s.softcap);
             g0 += 3;
           } else if (left == 2) {
-            attend_chunk<2>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
+            attend_chunk<2>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, skip, s.softcap);
             g0 += 2;
           } else {
-            attend_chunk<1>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, valid, s.softcap);
+            attend_chunk<1>(args_q, args_acc, row_max.data() + g0, row_sum.data() + g0, probs.data(), kb, vb, D, bs, n, skip, s.softcap);
             g0 += 1;
           }
         }
@@ -530,6 +681,120 @@ void panel_linear_range(const T* x, int64_t ldx, const T* packed, const T* bias,
 }
 #endif
 
+#ifdef INFERNEO_AVX2
+// ---- linear layer on AVX2: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), float32 or bfloat16 weights ----
+//
+// The packed layouts are the AVX-512 kernel's (float32 [panels][K][48]; bfloat16 [panels][K/2][48][2]), so the
+// Python side packs the same way for both. Activations are float32 (a bfloat16 x is widened once per call, K
+// padded to even); bfloat16 weights are widened in registers: in each 32-bit pair the low half is k = 2s and the
+// high half k = 2s + 1, so one shift or one mask turns a 32-byte load into 8 columns of one k. A block of up to
+// 4 rows x 24 columns (float32) or 4 x 16 (bfloat16) accumulates in ymm registers, so a panel is swept two or three
+// times per block of rows (from L1/L2); the next panel is prefetched into L2 meanwhile, as in the AVX-512 kernel.
+// Sums run over k in order; bfloat16 outputs are rounded to nearest even once, at the end.
+constexpr int64_t kPanel = 48;
+
+template <typename T>
+constexpr int64_t panel_block_cols() { return std::is_same_v<T, float> ? 24 : 16; }
+
+// 8 output columns (the block's accumulators plus bias) into y; ``left`` columns of them are real.
+template <typename T>
+inline void store_cols8(T* y, const T* bias, __m256 v, int64_t left) {
+  if (left >= 8) {
+    if (bias) v = _mm256_add_ps(v, load8(bias));
+    store8(y, v);
+    return;
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int64_t c = 0; c < left; ++c) y[c] = from_f<T>(bias ? tmp[c] + to_f(bias[c]) : tmp[c]);
+}
+
+// Rows [0, MR) of x times columns [c0, c0 + block_cols) of one panel (``cols``: how many of them are real).
+template <typename T, int MR>
+inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t K, int64_t c0,
+                             const T* __restrict bias, T* __restrict y, int64_t ldy, int64_t cols,
+                             const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_step) {
+  constexpr int kChunks = panel_block_cols<T>() / 8;
+  __m256 acc[MR][kChunks];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < kChunks; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
+  const auto advance_prefetch = [&]() {
+    for (int64_t i = 0; i < prefetch_per_step && prefetch < prefetch_end; ++i, prefetch += 64) {
+      _mm_prefetch(prefetch, _MM_HINT_T1);
+    }
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* wk = w + k * kPanel + c0;
+      const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8), w2 = _mm256_loadu_ps(wk + 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+        acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(a, w2, acc[r][2]);
+      }
+      advance_prefetch();
+    }
+  } else {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const int64_t steps = (K + 1) / 2;
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint16_t* ws = w + s * 2 * kPanel + 2 * c0;
+      const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws));
+      const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 16));
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw0, 16));
+      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(raw0, high));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(raw1, 16));
+      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(raw1, high));
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * s);
+        const __m256 xo = _mm256_broadcast_ss(x + r * ldx + 2 * s + 1);
+        acc[r][0] = _mm256_fmadd_ps(xo, o0, _mm256_fmadd_ps(xe, e0, acc[r][0]));
+        acc[r][1] = _mm256_fmadd_ps(xo, o1, _mm256_fmadd_ps(xe, e1, acc[r][1]));
+      }
+      advance_prefetch();
+    }
+  }
+  for (int j = 0; j < kChunks; ++j) {
+    const int64_t left = cols - 8 * j;
+    if (left <= 0) break;
+    for (int r = 0; r < MR; ++r) store_cols8<T>(y + r * ldy + 8 * j, bias ? bias + 8 * j : nullptr, acc[r][j], left);
+  }
+}
+
+// Rows [m_begin, m_end) of y for panels [p_begin, p_end); x is float32 (for bfloat16 weights: K padded to even).
+template <typename T>
+void panel_linear_range_avx2(const float* x, int64_t ldx, const T* packed, const T* bias, T* y, int64_t N,
+                             int64_t K, int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
+  constexpr int64_t kps = std::is_same_v<T, float> ? 1 : 2, block_cols = panel_block_cols<T>();
+  const int64_t steps = (K + kps - 1) / kps;
+  const int64_t panel_elems = steps * kps * kPanel;
+  const int64_t panel_lines = panel_elems * static_cast<int64_t>(sizeof(T)) / 64;
+  const int64_t sweeps = (m_end - m_begin + 3) / 4 * (kPanel / block_cols);
+  const int64_t per_step = std::max<int64_t>(1, (panel_lines + sweeps * steps - 1) / (sweeps * steps));
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const T* w = packed + p * panel_elems;
+    const char* prefetch = p + 1 < p_end ? reinterpret_cast<const char*>(w + panel_elems) : nullptr;
+    const char* prefetch_end = prefetch ? prefetch + panel_elems * static_cast<int64_t>(sizeof(T)) : nullptr;
+    const int64_t col0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - col0);
+    for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {
+      const T* b = bias ? bias + col0 + c0 : nullptr;
+      for (int64_t m = m_begin; m < m_end; m += 4) {
+        const float* xr = x + m * ldx;
+        T* yr = y + m * N + col0 + c0;
+        switch (std::min<int64_t>(4, m_end - m)) {
+          case 4: panel_block_avx2<T, 4>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
+          case 3: panel_block_avx2<T, 3>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
+          case 2: panel_block_avx2<T, 2>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
+          default: panel_block_avx2<T, 1>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
+        }
+      }
+    }
+  }
+}
+#endif  // INFERNEO_AVX2
+
 // out[r, i] = silu(x[r, i]) * x[r, inter + i] for x = [rows, 2 * inter] (the fused gate and up projections).
 template <typename scalar_t>
 void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t rows, int64_t inter) {
@@ -546,6 +811,15 @@ void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out,
           const __m512 act = round_to<scalar_t>(
               _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
           store16(o + i, _mm512_mul_ps(act, load16(up + i)));
+        }
+      }
+#elif defined(INFERNEO_AVX2)
+      if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
+        for (; i + 8 <= inter; i += 8) {
+          const __m256 g = load8(gate + i);
+          const __m256 act = round_to8<scalar_t>(
+              _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+          store8(o + i, _mm256_mul_ps(act, load8(up + i)));
         }
       }
 #endif
@@ -705,9 +979,9 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
     const auto* qp = static_cast<const scalar_t*>(q.data_ptr());
     const auto* cp = static_cast<const cache_t*>(kv_cache.data_ptr());
     auto* op = static_cast<scalar_t*>(out.data_ptr());
-#ifdef __AVX512F__
-    if (shape.block_size % 16 == 0 && shape.head_dim % 16 == 0) {
-      decode_avx512<scalar_t, cache_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op,
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
+    if (shape.block_size % 16 == 0 && shape.head_dim % kDecodeLanes == 0) {
+      decode_vector<scalar_t, cache_t>(qp, cp, tables.data_ptr<int64_t>(), rows_ptr, lens.data_ptr<int64_t>(), op,
                                        shape);
       return;
     }
@@ -764,7 +1038,7 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
 }
 
 bool panel_linear_available() {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
   return true;
 #else
   return false;
@@ -772,16 +1046,30 @@ bool panel_linear_available() {
 }
 
 bool panel_linear_bf16_available() {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if (defined(__AVX512F__) && defined(__AVX512BF16__)) || defined(INFERNEO_AVX2)
   return true;
 #else
   return false;
 #endif
 }
 
-#ifdef __AVX512F__
-template <typename T>
-void run_panel_linear(const T* xp, int64_t ldx, const T* wp, const T* bias, T* yp, int64_t M, int64_t N, int64_t K) {
+// The instruction set the vector kernels of this build use: "avx512_bf16", "avx512", "avx2" or "portable".
+std::string vector_isa() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(INFERNEO_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
+// Runs range(m0, m1, p0, p1) (rows [m0, m1) of the output for panels [p0, p1)) on the OpenMP threads.
+template <typename Range>
+void run_panel_linear(int64_t M, int64_t N, Range range) {
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int threads = std::max(1, at::get_num_threads());
   // Split panels between threads when there are enough of them (each thread streams its own weights); otherwise
@@ -791,11 +1079,10 @@ void run_panel_linear(const T* xp, int64_t ldx, const T* wp, const T* bias, T* y
   {
     const int64_t t = omp_get_thread_num(), T_ = omp_get_num_threads();
     if (by_panel) {
-      panel_linear_range<T>(xp, ldx, wp, bias, yp, N, K, 0, M, panels * t / T_, panels * (t + 1) / T_);
+      range(0, M, panels * t / T_, panels * (t + 1) / T_);
     } else {
       const int64_t blocks = (M + 7) / 8;
-      const int64_t m0 = std::min(M, 8 * (blocks * t / T_)), m1 = std::min(M, 8 * (blocks * (t + 1) / T_));
-      panel_linear_range<T>(xp, ldx, wp, bias, yp, N, K, m0, m1, 0, panels);
+      range(std::min(M, 8 * (blocks * t / T_)), std::min(M, 8 * (blocks * (t + 1) / T_)), 0, panels);
     }
   }
 }
@@ -805,7 +1092,7 @@ void run_panel_linear(const T* xp, int64_t ldx, const T* wp, const T* bias, T* y
 // (float32 [panels, K, 48]; bfloat16 [panels, ceil(K/2), 48, 2]); bias: [N] of x's dtype, or None.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N,
                            c10::optional<torch::Tensor> out) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.scalar_type() == torch::kFloat || bf16),
               "panel_linear: x [M, K], float32 or bfloat16, unit inner stride");
@@ -827,21 +1114,49 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<
   }
   if (M == 0) return y;
   if (bf16) {
-#ifdef __AVX512BF16__
     using T = uint16_t;
-    run_panel_linear<T>(static_cast<const T*>(x.data_ptr()), x.stride(0), static_cast<const T*>(packed.data_ptr()),
-                        bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-                        static_cast<T*>(y.data_ptr()), M, N, K);
+    const auto* wp = static_cast<const T*>(packed.data_ptr());
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    auto* yp = static_cast<T*>(y.data_ptr());
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    const auto* xp = static_cast<const T*>(x.data_ptr());
+    const int64_t ldx = x.stride(0);
+    run_panel_linear(M, N, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+      panel_linear_range<T>(xp, ldx, wp, bp, yp, N, K, m0, m1, p0, p1);
+    });
+#elif defined(INFERNEO_AVX2)
+    // the activations widened to float32 once, K padded to even (the pair layout's last pair)
+    torch::Tensor xf = K % 2 ? torch::zeros({M, K + 1}, x.options().dtype(torch::kFloat)) : torch::Tensor();
+    if (K % 2) {
+      xf.narrow(1, 0, K).copy_(x);
+    } else {
+      xf = x.to(torch::kFloat).contiguous();
+    }
+    const float* xp = xf.data_ptr<float>();
+    const int64_t ldx = xf.stride(0);
+    run_panel_linear(M, N, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+      panel_linear_range_avx2<T>(xp, ldx, wp, bp, yp, N, K, m0, m1, p0, p1);
+    });
 #else
-    TORCH_CHECK(false, "panel_linear in bfloat16 needs a build with AVX512_BF16");
+    TORCH_CHECK(false, "panel_linear in bfloat16 needs a build with AVX512_BF16 (or an AVX2 build)");
 #endif
   } else {
-    run_panel_linear<float>(x.data_ptr<float>(), x.stride(0), packed.data_ptr<float>(),
-                            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = packed.data_ptr<float>();
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    const int64_t ldx = x.stride(0);
+    run_panel_linear(M, N, [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+#ifdef __AVX512F__
+      panel_linear_range<float>(xp, ldx, wp, bp, yp, N, K, m0, m1, p0, p1);
+#else
+      panel_linear_range_avx2<float>(xp, ldx, wp, bp, yp, N, K, m0, m1, p0, p1);
+#endif
+    });
   }
   return y;
 #else
-  TORCH_CHECK(false, "panel_linear needs a build with AVX-512");
+  TORCH_CHECK(false, "panel_linear needs a build with AVX-512 or AVX2");
   return x;
 #endif
 }
@@ -858,7 +1173,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
-  m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (needs AVX-512)");
+  m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (AVX-512 or AVX2)");
+  m.def("vector_isa", &vector_isa, "The vector instruction set of this build: avx512_bf16, avx512, avx2 or portable");
   m.def("panel_linear_bf16_available", &panel_linear_bf16_available, "Whether panel_linear takes bfloat16 here");
   m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in 48-column panels",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"), py::arg("out") = py::none());

@@ -3,12 +3,20 @@
 The build needs a C++ compiler and the Python headers (present wherever ``pip install`` can build wheels). It is
 cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so only the first start pays for it.
 If the build fails, callers fall back to the pure-PyTorch path and a warning says why.
+
+The module is compiled for the CPU it is built on (``-march=native``: AVX-512, or AVX2 + FMA + F16C, vector paths;
+``vector_isa()`` says which). PyTorch's extension cache keys a build by its name, sources and flags only, so the
+name carries a digest of the CPU's model and flags (:func:`cpu_build_tag`): a cache folder shared between machines
+(a home directory on NFS, a container image built elsewhere) never hands one CPU a module built for another, whose
+instructions it may lack.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
 from pathlib import Path
 
 from inferneo.kernel_config import KernelConfig
@@ -33,7 +41,7 @@ def load_cpu_kernels():
     try:
         logger.info("loading native CPU kernels (the first run on a machine compiles them: about half a minute)")
         return load_extension(
-            "inferneo_cpu_kernels",
+            f"inferneo_cpu_kernels_{cpu_build_tag()}",
             [str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
                           "-fassociative-math", "-fno-signed-zeros"],
@@ -43,3 +51,28 @@ def load_cpu_kernels():
     except Exception as exc:  # a missing compiler, headers, or an unsupported platform
         logger.warning("native CPU kernels unavailable, using the PyTorch path: %s", exc)
         return None
+
+
+@functools.cache
+def cpu_build_tag() -> str:
+    """A short digest of this CPU's model and instruction-set flags (``/proc/cpuinfo``'s first processor; elsewhere
+    the platform's processor name and PyTorch's CPU dispatch level): equal on two machines only when a module
+    compiled with ``-march=native`` on one runs on the other."""
+    identity = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    if "flags" in fields:
+        identity = " ".join((fields.get("model name", ""), fields.get("cpu family", ""), fields.get("model", ""),
+                             *sorted(fields["flags"].split())))
+    else:
+        import torch
+
+        identity = " ".join((platform.machine(), platform.processor(), torch.backends.cpu.get_cpu_capability()))
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]

@@ -59,6 +59,8 @@ def candidate_kernels(features: CpuFeatures, dtype: torch.dtype, shape: LinearSh
         return [LinearKernel.TORCH]
     if dtype == torch.bfloat16 and features.amx_bf16:
         order = [LinearKernel.ONEDNN, LinearKernel.PANEL]  # AMX tiles are oneDNN's alone
+    elif dtype == torch.float32 and "avx512f" not in features.flags:
+        order = [LinearKernel.ONEDNN, LinearKernel.PANEL]  # AVX2: oneDNN's float32 ran faster from 16 rows
     else:
         order = [LinearKernel.PANEL, LinearKernel.ONEDNN]
     if shape.tied:
@@ -75,8 +77,11 @@ def missing_features(kernel: LinearKernel, dtype: torch.dtype, features: CpuFeat
     if dtype not in (torch.float32, torch.bfloat16):
         return None if kernel is LinearKernel.TORCH else f"float32 or bfloat16 layers (not {dtype})"
     if kernel is LinearKernel.PANEL:
-        lacking = [flag for flag in ("avx512f", "avx512_bf16")[: 2 if dtype == torch.bfloat16 else 1]
-                   if flag not in features.flags]
+        # an AVX-512 build has the 16-lane kernels (bfloat16 needs AVX512_BF16); any other x86 build the 8-lane
+        # AVX2 ones, float32 and bfloat16 widened in registers
+        if "avx512f" in features.flags:
+            return None if dtype == torch.float32 or "avx512_bf16" in features.flags else "avx512_bf16"
+        lacking = [flag for flag in ("avx2", "fma", "f16c") if flag not in features.flags]
         return " and ".join(lacking) or None
     if kernel is LinearKernel.PANEL_MATMUL and dtype != torch.float32:
         return "a float32 layer (panel-matmul has no bfloat16 form)"

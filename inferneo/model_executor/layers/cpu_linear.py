@@ -5,7 +5,9 @@ processors. oneDNN with a weight packed once ahead of time runs the same float32
 (and helps bfloat16 at small batch sizes). On AVX-512 machines layers go one step further, through the native
 panel kernel (``inferneo/csrc/cpu_kernels.cpp``; bfloat16 needs AVX512_BF16): it overlaps the stream of weights
 from memory with the arithmetic, which is what decode batches are bound by, and runs about 1.3x faster than
-oneDNN on them; on Intel CPUs with AMX, oneDNN (which runs bfloat16 on the AMX tiles) is the faster one. So
+oneDNN on them; on Intel CPUs with AMX, oneDNN (which runs bfloat16 on the AMX tiles) is the faster one. On
+AVX2-only CPUs the panel kernel has an 8-lane form: float32, and bfloat16 weights widened to float32 in registers
+(oneDNN cannot pack bfloat16 there, so such layers would otherwise run PyTorch's slow bfloat16 ``F.linear``). So
 :func:`pack_linears` chooses per CPU and layer shape (``cpu_linear_tune``: the candidates the CPU's features allow,
 timed at start-up where there are several). The results differ from MKL's only in summation order.
 """
@@ -78,10 +80,13 @@ class PackedLinear(nn.Module):
 PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
 
 
-def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None):
-    """The native module when its panel linear can run here in ``dtype`` (float32: an AVX-512 build; bfloat16:
-    also AVX512_BF16) with the ``cpu_native_linear`` and ``cpu_native_kernels`` switches on (``kernels``; None:
-    the environment's), else None."""
+def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None, *,
+                  avx2_float32_panel: bool = False):
+    """The native module when its panel linear can run here in ``dtype`` (an AVX-512 build, bfloat16 also with
+    AVX512_BF16; or an AVX2 + FMA + F16C build, either dtype) with the ``cpu_native_linear`` and
+    ``cpu_native_kernels`` switches on (``kernels``; None: the environment's), else None. On an AVX2 build float32
+    layers stay with oneDNN unless ``avx2_float32_panel`` (a per-CPU tune may time both): the AVX2 panel kernel was
+    faster at one row only on the test machine, while bfloat16 has no oneDNN packing there at all."""
     kernels = kernels or KernelConfig.from_env()
     if not kernels.cpu_native_linear:
         return None
@@ -90,6 +95,8 @@ def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | No
         return None
     if dtype == torch.bfloat16:
         return ops if ops.panel_linear_bf16_available() else None
+    if dtype == torch.float32 and ops.vector_isa() == "avx2" and not avx2_float32_panel:
+        return None  # oneDNN's AVX2 float32 kernels ran faster at 16+ rows (docs/benchmarks.md, issue 23)
     return ops if dtype == torch.float32 else None
 
 
@@ -97,7 +104,8 @@ class PanelLinear(nn.Module):
     """``y = x @ W.T + b`` through the native panel kernel, float32 or bfloat16.
 
     ``W`` is stored in panels of 48 output columns: float32 as [panels, K, 48]; bfloat16 as [panels, K/2, 48, 2]
-    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product.
+    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product;
+    the AVX2 kernel reads the same layout, widening each pair to float32 with a shift and a mask.
 
     ``ops=None`` (float32 only) multiplies the panels with PyTorch's batched matmul instead: the layout of an output
     head tied to the embedding on CPUs without the panel kernel, where :class:`PanelEmbedding` reads the rows back
@@ -205,7 +213,7 @@ def pack_linears(model: nn.Module, kernels: KernelConfig | None = None, *, choos
     rows from those panels (:class:`PanelEmbedding`); oneDNN runs on the shared plain weight (``prepack=False``).
     """
     kernels = kernels or KernelConfig.from_env()
-    panel_ops = {dtype: panel_kernels(dtype, kernels) for dtype in _PACKABLE}
+    panel_ops = {dtype: panel_kernels(dtype, kernels, avx2_float32_panel=True) for dtype in _PACKABLE}
     chooser = chooser or LinearChooser(kernels, functools.partial(kernel_built, panel_ops),
                                        decode_rows=decode_rows)
     sharers = _weight_sharers(model)
