@@ -231,7 +231,8 @@ Processor.sender_class = EndpointSender
 
 
 _OPTIONS_SET_ELSEWHERE = frozenset({"num_cpus", "num_gpus", "memory", "accelerator_type", "max_restarts",
-                                    "max_task_retries", "compute", "fn_constructor_args", "batch_size"})
+                                    "max_task_retries", "compute", "fn_constructor_args", "batch_size",
+                                    "batch_format"})
 
 
 def _check_positive(**values: int) -> None:
