@@ -11,7 +11,8 @@ OpenAI request ``body`` in, ``generated_text``, ``finish_reason``, ``response``,
 Both are ``Dataset.map_batches`` over an actor pool, so the run streams: Ray Data hands each actor a bounded
 number of batches and reads further input only as results are taken, which is the back-pressure. A replica that
 dies mid-run is restarted by Ray and the batches it held are run again (``max_restarts``, ``max_task_retries``;
-a batch's rows come out once, from the attempt that finished); past those bounds the run raises.
+a batch's rows come out once, from the attempt that finished); past those bounds the run raises
+(``inferneo batch --ray`` then retries and writes the lines still unanswered with their error: :mod:`inferneo.batch.on_ray`).
 
 ``ray`` is imported only when a processor is applied (``pip install "inferneo[ray]"``).
 """
