@@ -11,7 +11,9 @@ Faults, from the inside out:
   and the batches it held run again (``max_restarts``, ``max_task_retries`` of the processor config); a batch's
   answers reach the driver once, from the attempt that finished;
 - past those bounds the dataset fails; the driver runs the lines still unanswered again with a fresh set of
-  replicas, up to ``retry_rounds`` more times, and after the last round writes each of them with the error
+  replicas, up to ``retry_rounds`` more times, each after ``retry_pause_s`` seconds (Ray declares a lost node
+  dead only once its health checks have failed for a while, about 15 s with Ray's defaults; a replica placed
+  before that may land on the lost node), and after the last round writes each of them with the error
   (code ``replica_failed``), so the job finishes with every line written once. A round that writes no record at
   all raises instead (a cluster that answers nothing, such as a model no replica can load, is not the lines'
   fault): those lines stay unwritten for the next run;
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from inferneo.batch.job import BatchJob, BatchSummary, Recorder
@@ -37,10 +40,10 @@ logger = logging.getLogger(__name__)
 REPLICA_FAILED = "replica_failed"  # the error code of a line whose replicas kept failing
 
 
-def run_on_ray(job: BatchJob, config: EngineProcessorConfig, progress: bool = True,
-               retry_rounds: int = 1) -> BatchSummary:
+def run_on_ray(job: BatchJob, config: EngineProcessorConfig, progress: bool = True, retry_rounds: int = 1,
+               retry_pause_s: float = 30.0) -> BatchSummary:
     """Answer ``job``'s remaining lines with ``config``'s replicas on the Ray cluster this process is connected
-    to (``ray.init`` first) and write their records (see the module docstring for ``retry_rounds``)."""
+    to (``ray.init`` first) and write their records (see the module docstring for the retry rounds)."""
     import ray.data
     import ray.exceptions
 
@@ -68,6 +71,8 @@ def run_on_ray(job: BatchJob, config: EngineProcessorConfig, progress: bool = Tr
                 unanswered = len(left) - (recorder.summary.written - written_before)
                 logger.warning("inferneo batch --ray: round %d failed past Ray's retries, %d of its %d lines "
                                "unanswered: %s", attempt + 1, unanswered, len(left), _first_line(exc))
+                if attempt < retry_rounds:
+                    time.sleep(retry_pause_s)
         else:
             message = (f"the replicas answering this line kept failing ({retry_rounds + 1} rounds, each past "
                        f"{config.max_restarts} restarts and {config.max_task_retries} task retries): "
