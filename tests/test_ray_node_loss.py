@@ -1,5 +1,7 @@
 """A whole Ray node lost mid-job: a third node is added to the session's local cluster, an engine replica is
 placed on it, and the node's processes are killed (``cluster.remove_node(node, allow_graceful=False)``).
+The batch replica goes there by a custom resource only the added nodes have; after the loss a node with that
+resource joins (as an autoscaler brings one), where Ray restarts the replica or the driver's retry round runs.
 
 - ``inferneo batch --ray``'s runner (through the Ray Dataset processor): Ray restarts the lost replica on a node
   that is left and runs its batches again, so every ``custom_id`` is written once with the single-machine runner's
@@ -34,20 +36,14 @@ from tests.test_batch_ray import NUM_LINES, answers, job_input, reference, serve
 ENGINE = {"kv_cache_memory": "16MiB", "num_threads": 1, "max_num_seqs": 8}
 
 
-def add_node(cluster):
-    """A one-CPU node added to ``cluster``, once the scheduler sees its resources (a node affinity holds then)."""
-    import ray
-
-    before = ray.cluster_resources().get("CPU", 0)
-    node = cluster.add_node(num_cpus=1)
-    wait_until(lambda: ray.cluster_resources().get("CPU", 0) > before, 60, "the new node's CPU")
-    return node
+SLOT = {"inferneo_test_replica_slot": 1.0}  # what a replica asks: a custom resource only the added nodes have
+SLOTS = {"inferneo_test_replica_slot": 8.0}  # what an added node has (room for a restarted pool's replica too)
 
 
 @contextlib.contextmanager
-def extra_node(cluster):
-    """A node added to ``cluster`` for the test, removed at the end if the test has not removed it."""
-    node = add_node(cluster)
+def extra_node(cluster, **resources):
+    """A one-CPU node added to ``cluster`` for the test, removed at the end if the test has not removed it."""
+    node = cluster.add_node(num_cpus=1, resources=resources or None)
     try:
         yield node
     finally:
@@ -76,24 +72,20 @@ def wait_until(condition, timeout: float, what: str) -> None:
 def test_batch_on_ray_survives_a_lost_node(bounds, ray_cluster, tiny_llama_dir, job_input, reference,  # noqa: F811
                                            tmp_path):
     """``bounds``: what answers the lost replica's lines: Ray's restart of the replica on another node (the
-    default), the driver's second round with fresh replicas (Ray's restarts and retries off), or nothing (the
+    default), the driver's second round with a fresh replica (Ray's restarts and retries off), or nothing (the
     lines are written with the error ``replica_failed``)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     out = tmp_path / "out.jsonl"
-    with extra_node(ray_cluster) as node:
-        # zero CPUs a replica (the fixture's nodes have one CPU each, for Ray Data's own tasks); a soft affinity
-        # puts the replica on the new node while it lives and lets Ray place its restart anywhere after
+    with contextlib.ExitStack() as nodes:
+        node = nodes.enter_context(extra_node(ray_cluster, **SLOTS))
+        # zero CPUs a replica (the fixture's nodes have one CPU each, for Ray Data's own tasks) and the custom
+        # resource that only the added node has: the replica is there
         ray_bounds = {} if bounds == "ray_restarts" else {"max_restarts": 0, "max_task_retries": 0}
-        soft = bounds != "none"  # a hard affinity where nothing is restarted: the replica is surely on the node
         config = EngineProcessorConfig(
             model=str(tiny_llama_dir), engine_options=ENGINE, served_model_name="tiny", batch_size=2,
             batches_per_replica=2, replicas=1, resources=ReplicaResources(num_cpus=0),
-            actor_options={"scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=soft)},
-            **ray_bounds)
+            actor_options={"resources": SLOT}, **ray_bounds)
         summaries = []
         errors: list[BaseException] = []
-        replaced: list = []  # the fixture's worker node, if it was the one lost
 
         def run() -> None:
             try:
@@ -110,22 +102,17 @@ def test_batch_on_ray_survives_a_lost_node(bounds, ray_cluster, tiny_llama_dir, 
             wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 3 or not driver.is_alive(),
                        240, "the first answers")
             assert not errors, errors
-            # The soft affinity puts the replica on the new node nearly always; when Ray placed it on the
-            # fixture's worker node instead, that node is the one lost, and a fresh one takes its place after.
-            placed = set(alive_actors("EngineReplica").values())
-            victims = sorted((n for n in ray_cluster.worker_nodes if n.node_id in placed), key=lambda n: n is not node)
-            assert victims, "the replica is on the head node, which cannot be removed"
-            victim = victims[0]
-            ray_cluster.remove_node(victim, allow_graceful=False)
-            if victim is not node:
-                replaced.append(victim)
+            assert node.node_id in alive_actors("EngineReplica").values(), "the replica is not on the new node"
+            ray_cluster.remove_node(node, allow_graceful=False)
             at_loss = out.read_bytes().count(b"\n")
             assert at_loss < NUM_LINES, "the node was lost after the job was done"
+            if bounds != "none":  # a node with the resource joins, as an autoscaler would bring one
+                replacement = nodes.enter_context(extra_node(ray_cluster, **SLOTS))
         finally:
             driver.join(timeout=300)
-            if replaced:
-                ray_cluster.add_node(num_cpus=1)  # the fixture's shape again: head + one one-CPU node
         assert not driver.is_alive() and not errors, errors
+        if bounds == "ray_restarts":  # restarted by Ray on the replacement (the pool may be gone by now)
+            assert set(alive_actors("EngineReplica").values()) <= {replacement.node_id}
     (summary,) = summaries
     assert summary.complete
     got = answers(out)  # fails on a custom_id written twice
@@ -137,9 +124,6 @@ def test_batch_on_ray_survives_a_lost_node(bounds, ray_cluster, tiny_llama_dir, 
         assert lost and summary.failed >= len(lost)
     else:
         assert not lost
-        if bounds == "ray_restarts":
-            # the pool may be torn down by now; if not, its replica lives elsewhere
-            assert victim.node_id not in alive_actors("EngineReplica").values()
 
 
 @pytest.mark.ray

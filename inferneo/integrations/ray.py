@@ -54,8 +54,8 @@ class EngineProcessorConfig:
     (``{"max_tokens": 64, "temperature": 0}``); ``request_fields`` names row columns copied into each request.
     ``batch_size`` rows go to a replica at a time, and up to ``batches_per_replica`` batches wait on each (more
     keeps the engine's continuous batch full across batch boundaries). ``actor_options`` are further Ray actor
-    options for every replica, passed as they are (``scheduling_strategy``, ``label_selector``, custom
-    ``resources``, ``runtime_env``...), e.g. a soft ``NodeAffinitySchedulingStrategy`` to prefer some nodes."""
+    options for every replica, passed as they are (custom ``resources`` to keep replicas on the nodes that have
+    them, ``label_selector``, ``scheduling_strategy``, ``runtime_env``...)."""
 
     model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
