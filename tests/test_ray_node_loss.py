@@ -67,7 +67,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # a node started and lost, a replica loaded twice: ~NN s each on the loaded 2-core host
+@pytest.mark.slow  # a node started and lost, a replica loaded twice: 30-80 s each on the loaded 2-core host
 @pytest.mark.parametrize("bounds", ["ray_restarts", "driver_round", "none"])
 def test_batch_on_ray_survives_a_lost_node(bounds, ray_cluster, tiny_llama_dir, job_input, reference,  # noqa: F811
                                            tmp_path):
@@ -127,7 +127,7 @@ def test_batch_on_ray_survives_a_lost_node(bounds, ray_cluster, tiny_llama_dir, 
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # a node started and lost, a server with two Ray replicas: ~NN s on the loaded 2-core host
+@pytest.mark.slow  # a node started and lost, a server with two Ray replicas: 30-50 s on the loaded 2-core host
 def test_dp_serving_on_ray_loses_a_node_and_serves_on(ray_cluster, tiny_llama_dir):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

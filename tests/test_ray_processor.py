@@ -132,7 +132,7 @@ def test_endpoint_processor_posts_rows_to_a_running_server(ray_cluster, tiny_lla
     assert out[6]["status_code"] == 404 and out[6]["error"].startswith("model_not_found"), out[6]
 
 
-@pytest.mark.slow  # three model loads in Ray actors and two in the driver: ~NN s on the loaded 2-core host
+@pytest.mark.slow  # three model loads in Ray actors and two in the driver (not timed yet)
 def test_overhead_benchmark_short_mode(ray_cluster, tmp_path):
     """``benchmarks/ray_processor_overhead.py --short`` on the shared cluster: alternating rounds, medians."""
     import subprocess
