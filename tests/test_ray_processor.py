@@ -130,3 +130,22 @@ def test_endpoint_processor_posts_rows_to_a_running_server(ray_cluster, tiny_lla
     expected = reference.generate(texts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
     assert [out[i]["generated_text"] for i in range(len(texts))] == [o.outputs[0].text for o in expected]
     assert out[6]["status_code"] == 404 and out[6]["error"].startswith("model_not_found"), out[6]
+
+
+@pytest.mark.slow  # three model loads in Ray actors and two in the driver (not timed yet)
+def test_overhead_benchmark_short_mode(ray_cluster, tmp_path):
+    """``benchmarks/ray_processor_overhead.py --short`` on the shared cluster: alternating rounds, medians."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "overhead.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "ray_processor_overhead.py"), "--short",
+                           "--address", ray_cluster.address, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [run["order"] for run in record["runs"]] == ["generate/processor", "processor/generate"]
+    assert record["median"]["answer_ratio"] > 0 and isinstance(record["target_met"], bool)

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from inferneo import envs
@@ -98,8 +98,7 @@ class ThreadCoreClient:
         self.core = core
         self.info = info
         self.loop = CoreLoop(core, max_consecutive_step_failures)
-        self._inbox: deque[CoreCommand] = deque()
-        self._wake = threading.Event()
+        self._inbox = CommandInbox()
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -115,7 +114,7 @@ class ThreadCoreClient:
 
     def _run(self, on_message: MessageHandler) -> None:
         try:
-            self.loop.run(self, on_message)
+            self.loop.run(self._inbox, on_message)
         except BaseException as exc:
             logger.exception("the engine loop failed; the engine is now dead")
             on_message(CoreDead(repr(exc)))
@@ -123,8 +122,7 @@ class ThreadCoreClient:
         on_message(None)
 
     def send(self, command: CoreCommand) -> None:
-        self._inbox.append(command)  # deque appends are atomic: safe from any thread and the garbage collector
-        self._wake.set()
+        self._inbox.push((command,))
 
     def is_alive(self) -> bool:
         return self._thread is None or self._thread.is_alive()
@@ -134,37 +132,46 @@ class ThreadCoreClient:
             return
         self._closed = True
         self.send(Shutdown())
+        self._inbox.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    # The core loop's inbox.
+
+class CommandInbox:
+    """The core loop's inbox (:class:`~inferneo.engine.core_loop.Inbox`) for a loop in a thread of this process:
+    commands pushed from any thread, a wake-up event, and a flag set when the front end is gone."""
+
+    def __init__(self) -> None:
+        self._commands: deque[CoreCommand] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+
+    def push(self, commands: Iterable[CoreCommand]) -> None:
+        """Add ``commands`` (in order) and wake the loop; safe from any thread and the garbage collector
+        (deque appends are atomic)."""
+        self._commands.extend(commands)
+        self._wake.set()
+
+    def close(self) -> None:
+        """The front end is gone: the loop stops when it next idles."""
+        self._closed = True
 
     def wait(self, timeout: float) -> bool:
-        return wait_for_commands(self._inbox, self._wake, timeout)
+        if self._commands:
+            return True
+        woken = self._wake.wait(timeout)
+        self._wake.clear()
+        return woken or bool(self._commands)
 
     def take(self) -> list[CoreCommand]:
-        return take_commands(self._inbox, self._wake)
+        self._wake.clear()
+        taken = []
+        while self._commands:
+            taken.append(self._commands.popleft())
+        return taken
 
     def front_end_alive(self) -> bool:
         return not self._closed
-
-
-def wait_for_commands(inbox: deque, wake: threading.Event, timeout: float) -> bool:
-    """Whether commands are in ``inbox`` within ``timeout`` seconds (``wake`` is set when one is added)."""
-    if inbox:
-        return True
-    woken = wake.wait(timeout)
-    wake.clear()
-    return woken or bool(inbox)
-
-
-def take_commands(inbox: deque, wake: threading.Event) -> list[CoreCommand]:
-    """Everything in ``inbox``, oldest first."""
-    wake.clear()
-    taken = []
-    while inbox:
-        taken.append(inbox.popleft())
-    return taken
 
 
 STOP_WRITER = object()  # tells the writer thread to finish

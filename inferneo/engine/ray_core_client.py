@@ -19,21 +19,18 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import (
     STOP_WRITER,
+    CommandInbox,
     MessageHandler,
     ReaderWriterClient,
-    take_commands,
-    wait_for_commands,
     write_batches,
 )
 from inferneo.engine.protocol import (
     COMMAND_DECODER,
     MESSAGE_DECODER,
-    CoreCommand,
     CoreDead,
     CoreInfo,
     CoreMessage,
@@ -46,24 +43,6 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.5  # how long one poll waits for a message in the actor
 
 
-class _ActorInbox:
-    """The core loop's inbox inside the actor: commands pushed by ``send`` calls."""
-
-    def __init__(self) -> None:
-        self.commands: deque[CoreCommand] = deque()
-        self.wake = threading.Event()
-        self.closed = False
-
-    def wait(self, timeout: float) -> bool:
-        return wait_for_commands(self.commands, self.wake, timeout)
-
-    def take(self) -> list[CoreCommand]:
-        return take_commands(self.commands, self.wake)
-
-    def front_end_alive(self) -> bool:
-        return not self.closed
-
-
 class EngineCoreActor:
     """One engine core in a Ray actor (made remote by :func:`start_ray_replicas`; see the module docstring)."""
 
@@ -74,7 +53,7 @@ class EngineCoreActor:
 
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (ray core): %(message)s")
         self._core, self._info = build_engine_core(config)
-        self._inbox = _ActorInbox()
+        self._inbox = CommandInbox()  # never closed: a Shutdown command or the actor's end stops the loop
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop = CoreLoop(self._core, max_consecutive_step_failures)
         self._thread = threading.Thread(target=self._run, name="inferneo-ray-core", daemon=True)
@@ -96,8 +75,7 @@ class EngineCoreActor:
         return encode(self._info)
 
     def send(self, data: bytes) -> None:
-        self._inbox.commands.extend(COMMAND_DECODER.decode(data))
-        self._inbox.wake.set()
+        self._inbox.push(COMMAND_DECODER.decode(data))
 
     def poll(self, timeout: float) -> list[bytes | None]:
         """Messages since the last poll (waiting up to ``timeout`` for the first); None: the loop has ended."""

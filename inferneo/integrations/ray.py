@@ -11,7 +11,8 @@ OpenAI request ``body`` in, ``generated_text``, ``finish_reason``, ``response``,
 Both are ``Dataset.map_batches`` over an actor pool, so the run streams: Ray Data hands each actor a bounded
 number of batches and reads further input only as results are taken, which is the back-pressure. A replica that
 dies mid-run is restarted by Ray and the batches it held are run again (``max_restarts``, ``max_task_retries``;
-a batch's rows come out once, from the attempt that finished); past those bounds the run raises.
+a batch's rows come out once, from the attempt that finished); past those bounds the run raises
+(``inferneo batch --ray`` then retries and writes the lines still unanswered with their error: :mod:`inferneo.batch.on_ray`).
 
 ``ray`` is imported only when a processor is applied (``pip install "inferneo[ray]"``).
 """
@@ -52,7 +53,9 @@ class EngineProcessorConfig:
     ``tensor_parallel_size``, ``kv_cache_memory``, ...). ``sampling`` holds request-field defaults
     (``{"max_tokens": 64, "temperature": 0}``); ``request_fields`` names row columns copied into each request.
     ``batch_size`` rows go to a replica at a time, and up to ``batches_per_replica`` batches wait on each (more
-    keeps the engine's continuous batch full across batch boundaries)."""
+    keeps the engine's continuous batch full across batch boundaries). ``actor_options`` are further Ray actor
+    options for every replica, passed as they are (custom ``resources`` to keep replicas on the nodes that have
+    them, ``label_selector``, ``scheduling_strategy``, ``runtime_env``...)."""
 
     model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -65,10 +68,15 @@ class EngineProcessorConfig:
     resources: ReplicaResources = field(default_factory=ReplicaResources)
     max_restarts: int = 3
     max_task_retries: int = 3
+    actor_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_positive(batch_size=self.batch_size, replicas=self.replicas,
                         batches_per_replica=self.batches_per_replica)
+        taken = sorted(set(self.actor_options) & _OPTIONS_SET_ELSEWHERE)
+        if taken:
+            raise ValueError(f"actor_options must not set {', '.join(taken)}: the config's own fields "
+                             "(resources, max_restarts, max_task_retries) say that")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class Processor:
                 resources["memory"] = res.memory
             if res.accelerator_type is not None:
                 resources["accelerator_type"] = res.accelerator_type
+            resources.update(config.actor_options)
         else:
             actor_class, size, per_actor = self.sender_class, config.actors, config.batches_per_actor
             resources = {"num_cpus": config.num_cpus}
@@ -220,6 +229,11 @@ class EndpointSender(_RowMapper):
 
 Processor.replica_class = EngineReplica
 Processor.sender_class = EndpointSender
+
+
+_OPTIONS_SET_ELSEWHERE = frozenset({"num_cpus", "num_gpus", "memory", "accelerator_type", "max_restarts",
+                                    "max_task_retries", "compute", "fn_constructor_args", "batch_size",
+                                    "batch_format"})
 
 
 def _check_positive(**values: int) -> None:
