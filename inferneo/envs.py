@@ -155,14 +155,19 @@ def fp8_gemv() -> bool:
 def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in
-    place on the fused q/k/v projection output (``triton_ops.qk_norm_rotary_inplace``); off, the PyTorch modules."""
+    place on the fused q/k/v projection output (``triton_ops.qk_norm_rotary_inplace``), and with the Triton
+    attention backend (cache in the model dtype) that kernel also writes the new keys and values to the cache; off,
+    the PyTorch modules."""
     return _flag("INFERNEO_CUDA_FUSED_QK_NORM_ROPE", True)
 
 
 def cuda_fused_routing() -> bool:
     """INFERNEO_CUDA_FUSED_ROUTING (default on; with the Triton ops): on CUDA, the softmax top-k mixture-of-experts
     routers (renormalised or not, and gpt-oss's top-k-then-softmax) run as one Triton kernel
-    (``kernels/triton_routing.py``); off, the PyTorch routers. DeepSeek's grouped routers are always PyTorch."""
+    (``kernels/triton_routing.py``), and at a few tokens their layer's residual add, post-attention RMSNorm and
+    router linear join that kernel (at one row, the input RMSNorm joins the q/k/v GEMV:
+    ``device_kernels.NormFusedMoeLayer``); off, the PyTorch routers. DeepSeek's grouped routers are always
+    PyTorch."""
     return _flag("INFERNEO_CUDA_FUSED_ROUTING", True)
 
 

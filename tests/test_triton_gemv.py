@@ -58,6 +58,30 @@ _SCRIPT = textwrap.dedent("""
                 g, u = F.linear(x.float(), w.float()).chunk(2, dim=-1)
                 ref = F.silu(g) * u
                 assert ((fused.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+    # The RMSNorm (with or without the residual add) inside the GEMV that reads it: the residual sum exactly as the
+    # RMSNorm kernel stores it, the product as that kernel's output through the GEMV (to rounding), inputs unwritten.
+    from inferneo.kernels._triton_elementwise import rms_norm
+    from inferneo.kernels.triton_gemv import norm_gemv
+    for n, k in ((37, 300), (64, 1024), (5, 2500)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w, nw = torch.randn(n, k, dtype=dtype) * 0.05, (torch.rand(k) + 0.5).to(dtype)
+            for residual, bias, config in ((True, False, None), (True, True, (4, 4)), (False, True, (64, 8))):
+                x, res = torch.randn(1, k, dtype=dtype), torch.randn(1, k, dtype=dtype) if residual else None
+                b = torch.randn(n, dtype=dtype) if bias else None
+                x0, res0 = x.clone(), None if res is None else res.clone()
+                got, total = norm_gemv(x, res, nw, 1e-6, w, b, config=config)
+                assert torch.equal(x, x0) and (res is None or torch.equal(res, res0)), "inputs are not written"
+                if residual:
+                    normed, want_total = rms_norm(x0.clone(), res0.clone(), nw, 1e-6)
+                    assert torch.equal(total, want_total)
+                else:
+                    normed = rms_norm(x0, None, nw, 1e-6)
+                    assert total is None
+                want = F.linear(normed.float(), w.float(), None if b is None else b.float())
+                err = ((got.float() - want).norm() / want.norm()).item()
+                assert got.shape == (1, n) and got.dtype == dtype and err < (6e-3 if dtype != torch.float32 else 1e-6), (
+                    n, k, dtype, residual, bias, config, err)
     print("ok")
 """)
 

@@ -75,6 +75,7 @@ def test_triton_ops_only_for_cuda_models_with_the_switch_on(monkeypatch):
 _QK_NORM_SCRIPT = textwrap.dedent("""
     import torch
     from inferneo.kernels import _triton_elementwise as k
+    from inferneo.kernels.triton_attention import store_kv
     from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm
     from inferneo.model_executor.layers.rotary import RotaryEmbedding
 
@@ -99,6 +100,20 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), ref_k, rtol=rtol,
                                        atol=atol)
             assert torch.equal(got[:, kv_end:], qkv[:, kv_end:]), "values are untouched"
+            # With the paged cache: the same rows, and the cache exactly as store_kv writes it (slot -1 skipped).
+            cache = torch.zeros(2, 3, kv_heads, 16, dim, dtype=dtype)
+            slots = torch.randperm(48)[:n]
+            if n > 1:
+                slots[n // 2] = -1
+            stored = qkv.clone()
+            k.qk_norm_rotary_inplace(stored, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim, q_norm.weight,
+                                     k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm, kv_cache=cache,
+                                     slot_mapping=slots)
+            assert torch.equal(stored, got)
+            want = torch.zeros_like(cache)
+            store_kv(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), got[:, kv_end:].reshape(n, kv_heads, dim),
+                     want, slots)
+            assert torch.equal(cache, want) and cache.any()
     print("ok")
 """)
 

@@ -121,3 +121,157 @@ _MODEL_SCRIPT = textwrap.dedent("""
 
 def test_cuda_transform_keeps_the_logits_of_tiny_moe_models(tmp_path):
     _run(_MODEL_SCRIPT, str(tmp_path), os.path.dirname(__file__))
+
+
+# The post-attention RMSNorm + router linear + top-k kernel against the PyTorch modules: the residual sum exactly,
+# the norm to rounding, the experts of the logits computed from its normed rows; inputs untouched, and the tickets
+# back at zero so that a second call (a CUDA-graph replay) gives the same result.
+_NORM_ROUTE_SCRIPT = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from inferneo.kernels.triton_routing import RENORMALIZES, norm_route_topk
+    from inferneo.model_executor.layers.basic import RMSNorm
+    from inferneo.model_executor.layers.moe_routing import make_router
+
+    torch.manual_seed(0)
+    checked = 0
+    # (hidden, experts, top_k, router rows per program: None the default, 64 one program for all)
+    shapes = [(48, 8, 2, None), (256, 32, 4, 4), (256, 128, 8, None), (64, 40, 3, 16), (64, 8, 1, 64)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.03)):
+        for shape, (hidden, n_experts, top_k, rows) in enumerate(shapes):
+            for tokens in ((1, 4) if shape < 2 else (shape - 1,)):
+                for (routing, renormalize), bias in zip(RENORMALIZES.items(), (False, True, True), strict=True):
+                    norm = RMSNorm(hidden, 1e-6).to(dtype)
+                    norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
+                    gate = torch.nn.Linear(hidden, n_experts, bias=bias).to(dtype)
+                    x, res = torch.randn(tokens, hidden).to(dtype), torch.randn(tokens, hidden).to(dtype)
+                    x0, res0 = x.clone(), res.clone()
+                    tickets = torch.zeros(4, dtype=torch.int32)
+                    args = (x, res, norm.weight, norm.eps, gate.weight, gate.bias, tickets, top_k)
+                    normed, total, routed = norm_route_topk(*args, renormalize=renormalize, rows=rows)
+                    assert torch.equal(x, x0) and torch.equal(res, res0), "inputs are not written"
+                    assert not tickets.any(), tickets
+                    want_normed, want_total = norm(x0, res0)
+                    # (bfloat16: the interpreter's float32 -> bfloat16 conversion is not PyTorch's round-to-nearest,
+                    # so sums and logits may differ by one unit in the last place; on a GPU they round alike)
+                    torch.testing.assert_close(total, want_total, rtol=tol, atol=tol)
+                    torch.testing.assert_close(normed, want_normed, rtol=tol, atol=tol)
+                    logits = (normed.float() @ gate.weight.float().T + (gate.bias.float() if bias else 0)).to(dtype)
+                    want = make_router(routing, top_k)(logits)
+                    if dtype == torch.float32:
+                        assert torch.equal(routed.ids, want.ids), (routing, hidden, n_experts, routed.ids, want.ids)
+                    else:  # the chosen experts' logits are the k largest (ties within a unit may swap experts)
+                        chosen = logits.float().gather(1, routed.ids)
+                        torch.testing.assert_close(chosen, logits.float().topk(top_k).values, rtol=tol, atol=tol)
+                    torch.testing.assert_close(routed.weights, want.weights, rtol=tol, atol=tol)
+                    again = norm_route_topk(*args, renormalize=renormalize, rows=rows)
+                    assert torch.equal(again[0], normed) and torch.equal(again[1], total)
+                    assert torch.equal(again[2].ids, routed.ids) and torch.equal(again[2].weights, routed.weights)
+                    checked += 1
+    assert checked == 2 * 7 * 3, checked  # dtypes x (shape, tokens) x routers
+    print("ok")
+""")
+
+
+def test_norm_route_kernel_matches_the_norm_linear_and_router():
+    _run(_NORM_ROUTE_SCRIPT)
+
+
+# Decode steps of tiny mixture-of-experts models through the whole CUDA transform with the Triton attention backend
+# (under the interpreter), against the plain PyTorch model: at 1 and 2 tokens the fused norm + router + top-k kernel
+# runs (not at the prefill), at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's q/k norm + rotary kernel
+# writes the cache (no store_kv launch).
+_DECODE_SCRIPT = textwrap.dedent("""
+    import copy, sys, torch
+    from inferneo.attention import AttentionMetadata, PrefillSpan
+    from inferneo.attention.triton_backend import TritonBackend
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels import triton_attention, triton_gemv, triton_routing
+    from inferneo.model_executor.device_kernels import NormFusedMoeLayer, use_device_kernels
+    from inferneo.model_executor.layers.gpu_linear import DecodeGemv, DecodeLinear
+    from inferneo.testing.tiny_models import make_tiny_checkpoint
+    sys.path.insert(0, sys.argv[2])  # the tests folder
+    from test_tensor_parallel_layers import _build
+    from triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+
+    calls = {"store_kv": 0, "norm_route": 0, "norm_gemv": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    triton_attention.store_kv = counted("store_kv", triton_attention.store_kv)
+    triton_routing.norm_route_topk = counted("norm_route", triton_routing.norm_route_topk)
+    triton_gemv.norm_gemv = counted("norm_gemv", triton_gemv.norm_gemv)
+
+    class OneRowGemv(DecodeGemv):
+        # the GEMV with its input norm for any one-row input (the real one takes CUDA half-precision rows only)
+
+        def norm_applies(self, x, weight):
+            return x.shape[0] == 1 and x.is_contiguous()
+    BLOCK = 16
+
+    def generate(model, prompts, steps, forced):
+        backend, cfg = model.layers[0].self_attn.backend, model.config
+        caches = [torch.zeros(backend.kv_cache_shape(len(prompts), BLOCK, cfg.num_kv_heads, cfg.head_dim))
+                  for _ in model.layers]
+        ids = torch.tensor([t for p in prompts for t in p])
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        spans, slots, start = [], [], 0
+        for i, p in enumerate(prompts):
+            spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
+            slots.extend(i * BLOCK + j for j in range(len(p)))
+            start += len(p)
+        meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
+                                 decode_block_tables=None, decode_seq_lens=None, prefills=spans)
+        lengths = [len(p) for p in prompts]
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        out = []
+        for step in range(steps + 1):
+            backend.prepare(meta)
+            with torch.inference_mode():
+                logits = model.compute_logits(model(ids, positions, caches, meta))
+            logits = logits[ends] if step == 0 else logits  # the prefill: each prompt's last position
+            out.append(logits)
+            ids = forced[step] if forced is not None else logits.argmax(-1)
+            positions = torch.tensor(lengths)
+            meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=len(prompts),
+                                     slot_mapping=torch.tensor([i * BLOCK + n for i, n in enumerate(lengths)]),
+                                     decode_block_tables=torch.arange(len(prompts))[:, None],
+                                     decode_seq_lens=torch.tensor(lengths) + 1)
+            lengths = [n + 1 for n in lengths]
+        return out
+
+    for arch in ("qwen3_moe", "gpt_oss"):
+        plain, config = _build(make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2))
+        fused = copy.deepcopy(plain)
+        for layer in fused.layers:
+            layer.self_attn.backend = TritonBackend(prefill_block_m=16)
+        counts = use_device_kernels(fused, torch.device("cuda"), KernelConfig(cuda_pdl=False))
+        assert counts["NormFusedMoeLayer"] == config.num_layers, counts
+        for layer in fused.layers:  # CPU weights are no DecodeLinear: the q/k/v norm + GEMV is switched on here
+            gemv = OneRowGemv(triton_gemv, False, False)
+            layer.self_attn.qkv_proj = DecodeLinear(layer.self_attn.qkv_proj, gemv)  # F.linear on CPU
+            layer.norm_gemv = gemv
+        for prompts in ([[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]], [[3, 1, 4, 1, 5, 9]]):
+            want = generate(plain, prompts, 3, None)
+            forced = [w.argmax(-1) for w in want]
+            calls.update(store_kv=0, norm_route=0, norm_gemv=0)
+            got = generate(fused, prompts, 3, forced)
+            assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
+            assert calls["norm_gemv"] == (3 * config.num_layers if len(prompts) == 1 else 0), calls
+            stores = 0 if arch == "qwen3_moe" else 4 * config.num_layers  # gpt-oss: no q/k norm, store_kv stays
+            assert calls["store_kv"] == stores, calls
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+                assert torch.equal(g.argmax(-1), w.argmax(-1))
+        assert all(not m.norm_router.tickets.any() for m in fused.modules() if isinstance(m, NormFusedMoeLayer))
+    print("ok")
+""")
+
+
+def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path):
+    _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__))

@@ -16,11 +16,19 @@ def add_rms_norm_row(x, res_row_ptr, w_ptr, out_row_ptr, cols, mask, n_cols, eps
         r = tl.load(res_row_ptr + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
         tl.store(res_row_ptr + cols, x, mask=mask)
+    tl.store(out_row_ptr + cols, weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps).to(out_row_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps):
+    """``w * rmsnorm(x)`` of one row ``x`` (the model dtype), float32: the normalized row rounded to ``x``'s dtype
+    before the weight multiplies it, as ``RMSNorm`` rounds; the caller rounds the product. Kernels that fuse the
+    norm into what reads it (``triton_gemv.norm_gemv``, ``triton_routing.norm_route_topk``) share it."""
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_row_ptr + cols, (w * normed).to(out_row_ptr.dtype.element_ty), mask=mask)
+    return tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed
 
 
 @triton.jit
@@ -89,9 +97,11 @@ def silu_and_mul(x: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, stride_t, stride_c, n_heads, n_q_heads,
-                   head_dim, half, eps, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-                   WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr):
+def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr, slot_ptr, stride_t, stride_c,
+                   n_heads, n_q_heads, head_dim, half, eps, stride_half, stride_blk, stride_ch, stride_off,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+                   PDL: tl.constexpr, STORE_KV: tl.constexpr = False, N_KV_HEADS: tl.constexpr = 1,
+                   BLOCK_SIZE: tl.constexpr = 16, BLOCK_V: tl.constexpr = 1, BLOCK_HD: tl.constexpr = 1):
     wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -110,8 +120,22 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, stride_t,
         is_q = h < n_q_heads
         af = _head_rms_norm(af * rstd, a, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET)
         bf = _head_rms_norm(bf * rstd, a, qw_ptr + half, kw_ptr + half, d, dmask, is_q, WEIGHT_OFFSET)
-    tl.store(base + d, (af * cos - bf * sin).to(a.dtype), mask=mask)
-    tl.store(base + half + d, (bf * cos + af * sin).to(a.dtype), mask=mask)
+    first = (af * cos - bf * sin).to(a.dtype)
+    second = (bf * cos + af * sin).to(a.dtype)
+    tl.store(base + d, first, mask=mask)
+    tl.store(base + half + d, second, mask=mask)
+    if STORE_KV:  # the rotated keys and the value heads into the paged cache at the token's slot, as store_kv does
+        slot = tl.load(slot_ptr + t)
+        page = cache_ptr + (slot // BLOCK_SIZE) * stride_blk + (slot % BLOCK_SIZE) * stride_off
+        key_mask = mask & (h >= n_q_heads) & (slot >= 0)
+        key = page + (h - n_q_heads) * stride_ch + d
+        tl.store(key, first.to(cache_ptr.dtype.element_ty), mask=key_mask)
+        tl.store(key + half, second.to(cache_ptr.dtype.element_ty), mask=key_mask)
+        vh = tl.arange(0, BLOCK_V)[:, None]
+        vd = tl.arange(0, BLOCK_HD)[None, :]
+        v_mask = (vh < N_KV_HEADS) & (vd < head_dim) & (slot >= 0)
+        value = tl.load(qkv_ptr + t * stride_t + (n_heads + vh) * head_dim + vd, mask=v_mask)
+        tl.store(page + stride_half + vh * stride_ch + vd, value.to(cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -128,7 +152,7 @@ def _head_rms_norm(normed, like, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET: 
 
 
 def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl, q_weight=None, k_weight=None,
-                   num_q_heads=0, eps=0.0, weight_offset=False) -> None:
+                   num_q_heads=0, eps=0.0, weight_offset=False, kv_cache=None, slot_mapping=None) -> None:
     assert qkv.dim() == 2 and qkv.stride(-1) == 1
     assert cos_cache.stride(-1) == 1 and cos_cache.stride() == sin_cache.stride()
     n_tokens = qkv.shape[0]
@@ -137,11 +161,21 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
     half = head_dim // 2
     pdl = pdl_for(qkv, pdl)
     norm = q_weight is not None
+    store = {}
+    if kv_cache is not None:  # [2, blocks, kv_heads, block_size, head_dim], the Triton attention backend's layout
+        num_kv_heads = num_heads - num_q_heads
+        assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[2] == num_kv_heads
+        assert kv_cache.shape[4] == head_dim and kv_cache.stride(4) == 1
+        store = dict(STORE_KV=True, N_KV_HEADS=num_kv_heads, BLOCK_SIZE=kv_cache.shape[3],
+                     BLOCK_V=triton.next_power_of_2(num_kv_heads), BLOCK_HD=triton.next_power_of_2(head_dim))
+    strides = kv_cache.stride()[:4] if kv_cache is not None else (0, 0, 0, 0)
     _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, q_weight if norm else cos_cache,
-                                k_weight if norm else cos_cache, qkv.stride(0), cos_cache.stride(0), num_heads,
-                                num_q_heads, head_dim, half, eps, BLOCK_H=triton.next_power_of_2(num_heads),
-                                BLOCK_D=triton.next_power_of_2(half), NORM=norm, WEIGHT_OFFSET=weight_offset,
-                                PDL=pdl, num_warps=4, **launch_options(pdl))
+                                k_weight if norm else cos_cache, kv_cache if kv_cache is not None else qkv,
+                                slot_mapping if slot_mapping is not None else positions, qkv.stride(0),
+                                cos_cache.stride(0), num_heads, num_q_heads, head_dim, half, eps, *strides,
+                                BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(half),
+                                NORM=norm, WEIGHT_OFFSET=weight_offset, PDL=pdl, num_warps=4, **store,
+                                **launch_options(pdl))
 
 
 def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -154,10 +188,14 @@ def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.
 def qk_norm_rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                            sin_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
                            q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, *, weight_offset: bool = False,
-                           pdl: bool | None = None) -> None:
+                           pdl: bool | None = None, kv_cache: torch.Tensor | None = None,
+                           slot_mapping: torch.Tensor | None = None) -> None:
     """In place on a fused projection output ``qkv`` ``[T, (Hq + 2 Hkv) * D]``: each query head through the
     per-head RMSNorm of weight ``q_weight`` ``[D]``, each key head through ``k_weight``'s, then both rotated as
-    :func:`rotary_inplace` does; the value heads are untouched. ``weight_offset``: Gemma's norm, ``x * (1 + w)``."""
+    :func:`rotary_inplace` does; the value heads are untouched. ``weight_offset``: Gemma's norm, ``x * (1 + w)``.
+    With ``kv_cache`` (the Triton attention backend's ``[2, blocks, Hkv, block_size, D]``, not FP8) and
+    ``slot_mapping`` ``[T]``: the rotated keys and the values are also written to the cache at each token's slot
+    (negative: skipped), exactly what ``triton_attention.store_kv`` writes, so that launch is not needed."""
     _launch_rotary(qkv, positions, cos_cache, sin_cache, num_q_heads + num_kv_heads, head_dim, pdl,
                    q_weight=q_weight, k_weight=k_weight, num_q_heads=num_q_heads, eps=eps,
-                   weight_offset=weight_offset)
+                   weight_offset=weight_offset, kv_cache=kv_cache, slot_mapping=slot_mapping)

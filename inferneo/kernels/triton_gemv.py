@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels._triton_elementwise import weighted_rms_norm
 from inferneo.kernels.triton_lora import RowLoRA, lora_epilogue_args, lora_row_delta
 
 
@@ -104,6 +105,64 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, lp_ptr, lb_ptr, s
                                   SPLIT, BLOCK_S, BLOCK_R, BLOCK_SPLIT)).to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     tl.store(out_ptr + n, (silu * up).to(dtype), mask=nmask)
+
+
+@triton.jit
+def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, stride_wn, n_cols, eps,
+                      HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    # Every program normalizes the whole row (as the RMSNorm kernel does: residual add rounded, float32 norm,
+    # rounded where RMSNorm rounds), program 0 stores the residual sum, and each program multiplies the normed row
+    # by its BLOCK_N weight rows (whole rows in one tile).
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    k = tl.arange(0, BLOCK_H)
+    kmask = k < n_cols
+    w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    wait_for_previous_kernel(PDL)  # the weight tile above is read before the kernel that writes x has finished
+    x = tl.load(x_ptr + k, mask=kmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + k, mask=kmask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+        if pid == 0:
+            tl.store(res_out_ptr + k, x, mask=kmask)
+    y = weighted_rms_norm(x, norm_w_ptr, k, kmask, n_cols, eps).to(x.dtype).to(tl.float32)
+    acc = tl.sum(w.to(tl.float32) * y[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+NORM_GEMV_CONFIG = (8, 8)  # BLOCK_N, num_warps: rows per program; every program also reads the input row
+NORM_GEMV_MAX_COLS = 8192  # whole input rows in one tile up to this width
+
+
+def norm_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`norm_gemv` takes ``x`` and ``weight``: :func:`gemv_applies`, a contiguous row, and an
+    input row narrow enough for one tile."""
+    return gemv_applies(x, weight) and x.is_contiguous() and x.shape[1] <= NORM_GEMV_MAX_COLS
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int] | None = None,
+              pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A one-row RMSNorm and the linear layer that reads it, in one launch: ``s = x + residual`` (rounded to the
+    model dtype; ``s = x`` without a residual), ``normed = norm_weight * rmsnorm(s)`` rounded as the RMSNorm kernel
+    rounds it, and ``normed @ weight.T (+ bias)``. Returns ``(product [1, N], s)``, ``s`` a new tensor (None without a
+    residual); ``x`` and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)``."""
+    n, k = weight.shape
+    assert x.shape == (1, k) and x.is_contiguous() and (residual is None or residual.is_contiguous())
+    block_n, num_warps = config or NORM_GEMV_CONFIG
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x) if residual is not None else None
+    pdl = pdl_for(x, pdl)
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else x, out,
+        total if total is not None else out, n, weight.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(k), PDL=pdl, num_warps=num_warps,
+        **launch_options(pdl))
+    return out, total
 
 
 DEFAULT_CONFIG = (1, 1024, 4)  # BLOCK_N, BLOCK_K, num_warps: the best of the H100 sweep on every layer shape

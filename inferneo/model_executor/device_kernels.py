@@ -13,7 +13,9 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
 ``Attention`` (q/k norms)     PyTorch                                    :class:`QKNormRotaryAttention`
                                                                          (``cuda_fused_qk_norm_rope``): per-head
-                                                                         norms + rotary, one kernel, in place
+                                                                         norms + rotary, one kernel, in place;
+                                                                         it also writes the new K/V to the
+                                                                         Triton backend's cache
 ``nn.Linear``                 packed (``cpu_onednn_linear``: panel       ``DecodeLinear`` (``triton_gemv``):
                               kernel, oneDNN or F.linear, chosen per     one-row inputs through the Triton GEMV
                               CPU and shape: ``cpu_linear_tune``)
@@ -27,6 +29,11 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
                                                                          plain softmax top-k routers as one
                                                                          kernel (``cuda_fused_routing``,
                                                                          ``triton_routing``)
+``DecoderLayer`` with such a  PyTorch                                    :class:`NormFusedMoeLayer`: at a few
+``FusedMoE``                                                             tokens the post-attention norm, router
+                                                                         linear and routing as one kernel; at
+                                                                         one row the input norm inside the
+                                                                         q/k/v GEMV
 ============================  =========================================  =========================================
 
 With tensor parallelism and peer memory, the norms after row-parallel layers then become
@@ -50,9 +57,14 @@ from inferneo.kernels.triton_ops import triton_ops_for
 from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm, SiluAndMul, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
 from inferneo.model_executor.layers.cpu_linear_tune import DECODE_ROWS
-from inferneo.model_executor.layers.gpu_linear import DecodeGemv, decode_gemv, use_decode_linears
+from inferneo.model_executor.layers.gpu_linear import (
+    DecodeGemv,
+    DecodeLinear,
+    decode_gemv,
+    use_decode_linears,
+)
 from inferneo.model_executor.layers.moe import ExpertKernel, FusedMoE
-from inferneo.model_executor.models.llama import MLP, Attention
+from inferneo.model_executor.models.llama import MLP, Attention, DecoderLayer
 from inferneo.model_executor.tensor_parallel import fuse_peer_norms
 
 logger = logging.getLogger(__name__)
@@ -129,8 +141,7 @@ class InplaceRotaryAttention(Attention):
 
     rotary_inplace = None  # set by ``use_device_kernels``: ``ops.rotary_inplace`` with its launch options
 
-    def forward(self, positions, hidden, kv_cache, metadata):
-        qkv = self.qkv_proj(hidden)
+    def forward_qkv(self, positions, qkv, kv_cache, metadata):
         self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                             self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = self.split_heads(qkv)
@@ -143,14 +154,18 @@ class QKNormRotaryAttention(Attention):
     ``q_norm``/``k_norm`` children, which stay (their parameters keep their names)."""
 
     qk_norm_rotary = None  # set by ``use_device_kernels``: the kernel with its launch options and norm kind
+    stores_kv = False  # set by ``use_device_kernels``: the backend is the Triton one, whose cache layout it writes
 
-    def forward(self, positions, hidden, kv_cache, metadata):
-        qkv = self.qkv_proj(hidden)
+    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+        # With the Triton backend's cache in the model dtype, the same kernel writes the new keys and values too.
+        store = (self.stores_kv and self.kv_scales is None and kv_cache is not None
+                 and kv_cache.dtype == qkv.dtype)
         self.qk_norm_rotary(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache, self.num_heads,
                             self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
-                            self.q_norm.eps)
+                            self.q_norm.eps, kv_cache=kv_cache if store else None,
+                            slot_mapping=metadata.slot_mapping if store else None)
         q, k, v = self.split_heads(qkv)
-        return self.attend(q, k, v, kv_cache, metadata)
+        return self.attend(q, k, v, kv_cache, metadata, **({"kv_stored": True} if store else {}))
 
 
 def _fused_qk_norm_attention(module: nn.Module, kernel) -> QKNormRotaryAttention | None:
@@ -161,8 +176,11 @@ def _fused_qk_norm_attention(module: nn.Module, kernel) -> QKNormRotaryAttention
     kind = type(module.q_norm)
     if kind not in (RMSNorm, GemmaRMSNorm) or type(module.k_norm) is not kind or module.q_norm.eps != module.k_norm.eps:
         return None
+    from inferneo.attention.triton_backend import TritonBackend  # imports triton: CUDA only
+
     return _adopt(QKNormRotaryAttention, module,
-                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm))
+                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm),
+                  stores_kv=type(module.backend) is TritonBackend)
 
 
 class RowPassMLP(MLP):
@@ -208,6 +226,65 @@ def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     for layer in layers:
         layer.expert_kernel = kernel
     return len(layers)
+
+
+_PLAIN_LINEARS = (nn.Linear, DecodeLinear)  # a router whose weight (and bias) is all its forward reads
+
+
+class NormFusedMoeLayer(DecoderLayer):
+    """A decoder layer with a mixture-of-experts block whose two RMSNorms run inside the kernels that read them,
+    for a few tokens (a decode step): at one row in half precision the input norm and the q/k/v projection as one
+    GEMV (``triton_gemv.norm_gemv``; ``norm_gemv`` set), and up to ``NORM_ROUTE_MAX_TOKENS`` tokens the residual
+    add, post-attention norm, router linear and routing as one launch (``triton_routing.norm_route_topk``). Other
+    inputs take the plain modules."""
+
+    norm_router = None  # set by ``use_norm_fused_layers``: a ``triton_routing.NormRouter``
+    norm_gemv: DecodeGemv | None = None  # set by ``use_norm_fused_layers`` where the q/k/v projection may fuse
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
+        gemv = self.norm_gemv
+        # (checked at each call: LoRA may wrap the projection after this layer was made)
+        if (gemv is None or type(qkv_proj) is not DecodeLinear or not gemv.norm_applies(hidden, qkv_proj.weight)
+                or (residual is not None and not residual.is_contiguous())):
+            return super().forward(positions, hidden, residual, kv_cache, metadata)
+        qkv, total = gemv.norm_linear(hidden, residual, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias)
+        residual = hidden if residual is None else total
+        hidden = self.self_attn.forward_qkv(positions, qkv, kv_cache, metadata)
+        return self.feed_forward(hidden, residual)
+
+    def feed_forward(self, hidden, residual):
+        moe, norm = self.mlp, self.post_attention_layernorm
+        if type(moe.gate) in _PLAIN_LINEARS and self.norm_router.applies(hidden, residual):
+            normed, residual, routed = self.norm_router(hidden, residual, norm.weight, norm.eps, moe.gate.weight,
+                                                        moe.gate.bias)
+            return moe(normed, routed), residual
+        return super().feed_forward(hidden, residual)
+
+
+def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
+    """Make every plain :class:`DecoderLayer` of ``model`` whose feed-forward block is a :class:`FusedMoE` with the
+    Triton router (``use_triton_routers`` first), a plain linear router and Triton RMSNorms a
+    :class:`NormFusedMoeLayer` (its q/k/v GEMV fused with the input norm too when ``gemv`` is given, the projection a
+    ``DecodeLinear`` and the attention one of this module's); returns how many changed."""
+    from inferneo.kernels.triton_routing import NormRouter, TritonRouter
+
+    def replace(m: nn.Module) -> nn.Module | None:
+        if type(m) is not DecoderLayer or not isinstance(m.mlp, FusedMoE):
+            return None
+        if not isinstance(m.mlp.router, TritonRouter) or type(m.post_attention_layernorm) is not TritonRMSNorm:
+            return None
+        if type(m.mlp.gate) not in _PLAIN_LINEARS:  # not a LoRA or quantized wrapper
+            return None
+        attention = type(m.self_attn) in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+        fuse_qkv = (gemv is not None and attention and type(m.self_attn.qkv_proj) is DecodeLinear
+                    and type(m.input_layernorm) is TritonRMSNorm)
+        return _adopt(NormFusedMoeLayer, m, norm_router=NormRouter(m.mlp.router, m.mlp.gate.weight.device),
+                      norm_gemv=gemv if fuse_qkv else None)
+
+    before = sum(isinstance(m, NormFusedMoeLayer) for m in model.modules())
+    _swap_children(model, replace)
+    return sum(isinstance(m, NormFusedMoeLayer) for m in model.modules()) - before
 
 
 def use_triton_routers(model: nn.Module, pdl: bool) -> int:
@@ -290,6 +367,9 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
     if tp is not None:
         fuse_peer_norms(model, tp)
+    if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
+            and use_norm_fused_layers(model, decode_gemv(device, kernels))):
+        logger.info("mixture-of-experts layers run their norms inside the q/k/v GEMV and the routing kernel")
     counts = Counter(type(module).__name__ for module in model.modules())
     logger.info("kernels on %s: %s", device, ", ".join(f"{counts[name]} {name}" for name in sorted(counts)
                                                       if name in _REPORTED) or "PyTorch modules only")
@@ -297,5 +377,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 
 _REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
-             "QKNormRotaryAttention",
+             "QKNormRotaryAttention", "NormFusedMoeLayer",
              "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

@@ -42,6 +42,16 @@ class DecodeGemv:
                out: torch.Tensor | None = None) -> torch.Tensor:
         return self.ops.gemv(x, weight, bias, out=out, pdl=self.pdl)
 
+    def norm_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether :meth:`norm_linear` takes ``x`` (see ``triton_gemv.norm_gemv_applies``)."""
+        return self.ops.norm_gemv_applies(x, weight)
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """The RMSNorm of ``x`` (plus ``residual``) and the linear layer after it in one kernel: ``(product,
+        residual sum)`` (see ``triton_gemv.norm_gemv``)."""
+        return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl)
+
     def silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a gated MLP's fused gate/up projection in one kernel."""
         return self.ops.gemv_silu_mul(x, gate_up_weight, pdl=self.pdl)

@@ -136,7 +136,12 @@ class Attention(nn.Module):
         self.kv_scales: KVCacheScales | None = None
 
     def forward(self, positions, hidden, kv_cache, metadata: AttentionMetadata):
-        q, k, v = self.split_heads(self.qkv_proj(hidden))
+        return self.forward_qkv(positions, self.qkv_proj(hidden), kv_cache, metadata)
+
+    def forward_qkv(self, positions, qkv, kv_cache, metadata: AttentionMetadata):
+        """:meth:`forward` from the fused q/k/v projection's output (device kernels may compute it together with
+        the norm before it)."""
+        q, k, v = self.split_heads(qkv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -148,10 +153,12 @@ class Attention(nn.Module):
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
-    def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
-        """Attention over the paged cache (which takes the new keys and values), then the output projection."""
+    def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
+        """Attention over the paged cache (which takes the new keys and values), then the output projection.
+        ``backend_options``: extra keywords for the backend's ``forward`` (device kernels use them)."""
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
-                                   logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales)
+                                   logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales,
+                                   **backend_options)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def attention_features(self) -> frozenset[AttentionFeature]:
@@ -191,6 +198,11 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        return self.feed_forward(hidden, residual)
+
+    def feed_forward(self, hidden, residual):
+        """The attention output through the residual add and post-attention norm, then the MLP; returns the MLP
+        output and the residual (device kernels may fuse the norm into what follows: ``device_kernels``)."""
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
