@@ -21,11 +21,10 @@ activations' 16-bit type (exact) and multiplies 16-row (up to 64-row) tiles with
 its cost hardly changes up to 16 rows; it runs where the tiling file names it (a tile with ``num_stages``).
 
 One option per tiling (:data:`OPTIONS`), which changes no result bit: ``bits`` (tensor-core kernel, bfloat16
-activations) widens e4m3 to bfloat16 by integer operations instead of Triton's conversion, which goes e4m3 ->
-float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat16 conversion per weight: each byte ``s eeee
-mmm`` is placed into a bfloat16 as sign, low exponent bits and top mantissa bits, which is the value times 2^-120
-exactly (subnormal codes included); the activations are multiplied by 2^64 and the float32 sums by 2^56 (powers of
-two, so the products and sums are the same numbers scaled).
+activations) widens e4m3 to bfloat16 by integer operations in inline PTX instead of Triton's conversion, which goes
+e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat16 conversion per weight: each byte
+``s eeee mmm`` is placed into a bfloat16 as sign, low exponent bits and top mantissa bits, which is the value times
+2^-120 exactly (subnormal codes included), and multiplied by 2^120 (:func:`_e4m3_to_bf16`).
 
 Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
 power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel; plus
@@ -38,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -53,11 +53,9 @@ DEFAULT_MAX_ROWS = 1
 CONFIG_FILE = Path(__file__).with_name("fp8_gemv_configs.json")
 
 
-# With "bits" weights (see _dot_step: the values times 2^-120) the activations are multiplied by 2^64 and the
-# float32 sums by 2^56 (2^-120 * 2^64 * 2^56 = 1): powers of two, so the same numbers, scaled, as long as activations
-# stay below 2^64 in magnitude and products above 2^-70 (below it a product is a float32 subnormal, negligible).
-TWO_64: tl.constexpr = tl.constexpr(2.0**64)
-TWO_56: tl.constexpr = tl.constexpr(2.0**56)
+# Triton's CPU interpreter runs no PTX: there the "bits" widening (_e4m3_to_bf16) takes the same steps in Triton ops.
+_INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+TWO_120: tl.constexpr = tl.constexpr(2.0**120)
 
 
 @triton.jit
@@ -88,11 +86,8 @@ def _products(w, x_ptr, k, K: tl.constexpr, M, stride_xm, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _row_scaled(y, s_ptr, rows, nmask, SCALE: tl.constexpr, BITS: tl.constexpr):
-    # y [BLOCK_M, BLOCK_N] times the per-tensor or per-row weight scale (block scales are applied per K step),
-    # and with BITS (the tensor-core kernel's bit-placed weights) back from their scaling by 2^-56 first.
-    if BITS:
-        y = y * TWO_56
+def _row_scaled(y, s_ptr, rows, nmask, SCALE: tl.constexpr):
+    # y [BLOCK_M, BLOCK_N] times the per-tensor or per-row weight scale (block scales are applied per K step).
     if SCALE == 0:
         y = y * tl.load(s_ptr)
     elif SCALE == 1:
@@ -107,7 +102,7 @@ def _scaled_sum(acc, s_ptr, rows, nmask, SCALE: tl.constexpr, BLOCK_M: tl.conste
         y = tl.sum(acc, axis=1)[None, :]
     else:
         y = tl.sum(acc, axis=2)
-    return _row_scaled(y, s_ptr, rows, nmask, SCALE, False)
+    return _row_scaled(y, s_ptr, rows, nmask, SCALE)
 
 
 @triton.jit
@@ -171,15 +166,46 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
 
 
 @triton.jit
+def _e4m3_to_bf16(codes):
+    # e4m3 bytes (uint8) to bfloat16, exactly, without conversion instructions: each byte ``s eeee mmm`` is placed
+    # into a bfloat16 as sign, low exponent bits and top mantissa bits (the value times 2^-120; zero-exponent codes
+    # become bfloat16 subnormals), then multiplied by 2^120. On the GPU four bytes at a time in PTX: two byte
+    # permutes, a shift and two masks per pair of values, and one packed bfloat16 multiply (the conversion Triton
+    # emits goes e4m3 -> float16 -> float32 -> bfloat16, one slow float32 -> bfloat16 conversion per value).
+    if _INTERPRETED:
+        u = codes.to(tl.uint32)
+        f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True)  # the value times 2^-120
+        w = (f * TWO_120).to(tl.bfloat16)  # exact: every e4m3 value is a bfloat16
+    else:
+        w = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, t, c;
+            mov.b32 c, 0x7B807B80;
+            prmt.b32 a, $2, 0, 0x1404;
+            prmt.b32 b, $2, 0, 0x3424;
+            shr.b32 t, a, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 a, a, 0x80008000;
+            or.b32 a, a, t;
+            mul.rn.bf16x2 $0, a, c;
+            shr.b32 t, b, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 b, b, 0x80008000;
+            or.b32 b, b, t;
+            mul.rn.bf16x2 $1, b, c;
+            }""",
+            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=True, pack=4)
+    return w
+
+
+@triton.jit
 def _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K: tl.constexpr, stride_wn, stride_sn,
               SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr, BITS: tl.constexpr):
     # acc += x @ W[rows, k].T on the tensor cores: the e4m3 tile widened to x's 16-bit type (exact), float32 sums.
-    # BITS (bfloat16 x, already scaled by 2^64): the bytes placed into bfloat16 by integer operations (value times
-    # 2^-120, exact; zero-exponent codes become bfloat16 subnormals).
+    # BITS (bfloat16 x, uint8 codes): widened by integer operations (_e4m3_to_bf16), the same values.
     w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
-    if BITS:
-        u = w.to(tl.uint32)
-        w = (((u & 0x80) << 8) | ((u & 0x7F) << 4)).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if BITS:  # noqa: SIM108 - a compile-time branch
+        w = _e4m3_to_bf16(w)
     else:
         w = w.to(x.dtype)
     w = tl.trans(w)
@@ -208,15 +234,13 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-        if BITS:
-            x = (x.to(tl.float32) * TWO_64).to(x.dtype)
         acc = _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN, BSK, BITS)
         if GATED:
             acc_u = _dot_step(acc_u, x, w_ptr, s_ptr, rows + N, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN,
                               BSK, BITS)
-    y = _row_scaled(acc, s_ptr, rows, nmask, SCALE, BITS)
+    y = _row_scaled(acc, s_ptr, rows, nmask, SCALE)
     if GATED:
-        y = _silu_mul_rounded(y, _row_scaled(acc_u, s_ptr, rows + N, nmask, SCALE, BITS), out_ptr.dtype.element_ty)
+        y = _silu_mul_rounded(y, _row_scaled(acc_u, s_ptr, rows + N, nmask, SCALE), out_ptr.dtype.element_ty)
     _store_rows(out_ptr, y, rows, nmask, M, stride_om, BLOCK_M)
 
 
