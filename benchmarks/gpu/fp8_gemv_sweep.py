@@ -184,11 +184,11 @@ def full_plan(n: int, k: int, m: int) -> list[tuple]:
 
 
 def option_plan(n: int, k: int, m: int) -> list[tuple]:
-    """``--options``: at one row the shipped tiling, then :data:`OPTION_ROW1`; at more rows the tensor-core tilings
-    :data:`OPTION_DOT` plain and with ``bits``."""
+    """``--options``: at one row the shipped tiling, then :data:`OPTION_ROW1` and two tensor-core tilings with
+    ``bits``; at more rows the tensor-core tilings :data:`OPTION_DOT` plain and with ``bits``."""
     if m == 1:
         shipped = fg.fp8_gemv_config(n, k, 1)
-        return [shipped, *[t for t in OPTION_ROW1 if t != shipped]]
+        return [shipped, *[t for t in OPTION_ROW1 if t != shipped], *[t + ("bits",) for t in OPTION_DOT[:2]]]
     return [t + o for t in OPTION_DOT for o in ((), ("bits",))]
 
 
