@@ -64,8 +64,7 @@ DOT_ROWS = (1, 4, 16)
 # 512: one warp spans the tile's width), so that each activation it converts to float32 serves several rows: on
 # sm_90 SASS (compiled here) these take 3.2-3.5 instructions per weight against 4.9 for the shipped (4, 1024, 4);
 # at 16 to 64 rows the tensor-core tilings plain and with "bits" (no float32 -> bfloat16 conversion per weight).
-OPTION_ROW1 = [(8, 512, 2), (16, 512, 4), (32, 512, 8), (16, 512, 2), (8, 512, 1), (8, 1024, 4), (16, 1024, 8),
-               (4, 1024, 4), (4, 2048, 8), (8, 2048, 8)]
+OPTION_ROW1 = [(8, 512, 2), (16, 512, 4), (32, 512, 8), (16, 512, 2), (8, 512, 1), (4, 1024, 4), (8, 2048, 8)]
 OPTION_DOT = [(32, 256, 4, 4), (64, 256, 4, 3), (32, 128, 4, 4)]
 OPTION_ROWS = (1, 16, 32, 64)
 OPTION_CHECK = ((16, 512, 4), (16, 128, 4, 3, "bits"))

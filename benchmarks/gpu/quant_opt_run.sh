@@ -7,15 +7,15 @@
 # [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
-DEADLINE=${1:-210}
+DEADLINE=${1:-180}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 100 python3 benchmarks/gpu/fp8_gemv_sweep.py --options --write-configs --deadline 50 --out "$OUT" \
+timeout 75 python3 benchmarks/gpu/fp8_gemv_sweep.py --options --write-configs --deadline 35 --out "$OUT" \
   > "$OUT/fp8_gemv_sweep.log" 2>&1
 echo "fp8_gemv_sweep rc=$?"; grep -v "^check .*: ok" "$OUT/fp8_gemv_sweep.log" | grep -v "FP8 GEMV (" | tail -40
 cp inferneo/kernels/fp8_gemv_configs.json "$OUT/fp8_gemv_configs.json"
 mkdir -p /tmp/quant_suite
 timeout $((DEADLINE + 20)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" \
-  --skip fp8-w8a8,w4a16,fp8-kv,gptfast --profile bf16,fp8 --out /tmp/quant_suite 2>&1 | tail -c 9000
+  --skip fp8-w8a8,w4a16,fp8-kv,gptfast --profile fp8 --out /tmp/quant_suite 2>&1 | tail -c 9000
 cp /tmp/quant_suite/quant_suite.json /tmp/quant_suite/quant_suite.log "$OUT/"

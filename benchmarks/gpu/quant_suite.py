@@ -15,8 +15,8 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
 
-``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1, 32 and
-128: GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
+``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1 and 32:
+GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
 
 Writes ``quant_suite.json`` and ``quant_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs the engine
 sections with a tiny model on CPU (the numbers mean nothing; it checks the script).
@@ -54,7 +54,7 @@ FULL = dict(
     preset="llama-2-7b", device="cuda", deadline=560.0,
     w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9),
-    gptfast_ctx=1024, gptfast_tokens=(8, 72), profile_batches=(1, 32, 128),
+    gptfast_ctx=1024, gptfast_tokens=(8, 72), profile_batches=(1, 32),
 )
 SMOKE = dict(
     FULL, preset="smoke-llama", device="cpu", deadline=400.0,
