@@ -3,7 +3,7 @@
 # checked on CUDA and tiled at 1 row (CUDA-core kernel) and 16-64 rows (tensor-core kernel) beside W8A8
 # (fp8_gemv_sweep.py --options, which merges the winners into inferneo/kernels/fp8_gemv_configs.json), then
 # quant_suite.py: bf16, FP8, FP8 weights + FP8 KV cache (decode steps, W1, W2), W4A16 + FP8 KV cache (decode
-# steps), with the bf16 and FP8 decode steps profiled by kernel. Usage: OUT=... bash benchmarks/gpu/quant_opt_run.sh
+# steps), with the FP8 decode steps profiled by kernel; W2 only (device time). Usage: OUT=... bash benchmarks/gpu/quant_opt_run.sh
 # [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
@@ -11,11 +11,11 @@ DEADLINE=${1:-180}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 75 python3 benchmarks/gpu/fp8_gemv_sweep.py --options --write-configs --deadline 35 --out "$OUT" \
+timeout 60 python3 benchmarks/gpu/fp8_gemv_sweep.py --options --write-configs --deadline 30 --out "$OUT" \
   > "$OUT/fp8_gemv_sweep.log" 2>&1
 echo "fp8_gemv_sweep rc=$?"; grep -v "^check .*: ok" "$OUT/fp8_gemv_sweep.log" | grep -v "FP8 GEMV (" | tail -40
 cp inferneo/kernels/fp8_gemv_configs.json "$OUT/fp8_gemv_configs.json"
 mkdir -p /tmp/quant_suite
-timeout $((DEADLINE + 20)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" \
-  --skip fp8-w8a8,w4a16,fp8-kv,gptfast --profile fp8 --out /tmp/quant_suite 2>&1 | tail -c 9000
+timeout $((DEADLINE + 15)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" \
+  --skip fp8-w8a8,w4a16,fp8-kv,gptfast --workloads w2 --profile fp8 --out /tmp/quant_suite 2>&1 | tail -c 9000
 cp /tmp/quant_suite/quant_suite.json /tmp/quant_suite/quant_suite.log "$OUT/"

@@ -301,7 +301,7 @@ def main() -> int:
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
-        ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 70),
+        ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
