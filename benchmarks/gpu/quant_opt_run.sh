@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One device call for issue 20's remaining GPU figures: the FP8 GEMV's kernel options (prefetch, integer widening)
-# checked on CUDA and tiled at 1 row (CUDA-core kernel) and 16-64 rows (tensor-core kernel) beside W8A8
-# (fp8_gemv_sweep.py --options, which merges the winners into inferneo/kernels/fp8_gemv_configs.json), then
-# quant_suite.py: bf16, FP8, FP8 weights + FP8 KV cache (decode steps, W1, W2), W4A16 + FP8 KV cache (decode
-# steps), with the FP8 decode steps profiled by kernel; W2 only (device time). Usage: OUT=... bash benchmarks/gpu/quant_opt_run.sh
-# [suite deadline s]
+# One device call for issue 20's remaining GPU figures: the FP8 GEMV checked on CUDA (the tensor-core kernel's
+# "bits" option included) and tiled at 1 row (CUDA-core tilings with several weight rows per thread) and 16-64 rows
+# (tensor-core) beside W8A8 (fp8_gemv_sweep.py --options, which merges the winners into
+# inferneo/kernels/fp8_gemv_configs.json), then quant_suite.py: bf16, FP8, FP8 weights + FP8 KV cache (decode
+# steps and W2), W4A16 + FP8 KV cache (decode steps) if time is left, the FP8 decode steps profiled by kernel.
+# Usage: OUT=... bash benchmarks/gpu/quant_opt_run.sh [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
 DEADLINE=${1:-180}
