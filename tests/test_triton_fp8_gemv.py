@@ -71,6 +71,22 @@ _SCRIPT = textwrap.dedent("""
             got32 = fp8_gemv(x, q, s, block, config=config)
             assert rel(got32, F.linear(x, w_deq)) < 1e-5, (kind, m, config, rel(got32, F.linear(x, w_deq)))
 
+    # The tensor-core kernel's "bits" option changes no bit: e4m3 placed into bfloat16 by integer operations, the
+    # activations and sums scaled by powers of two; weights with subnormal e4m3 codes (exponent field 0) included.
+    # Block scales and float32 activations ignore it.
+    wsub = w.clone()
+    wsub[:, :6] = torch.tensor([2e-6, -3e-6, 4e-6, -6e-6, 0.0, -0.2])  # scales >= 0.2 / 448: subnormal codes
+    for kind in ("tensor", "row", "block"):
+        q, s, block, w_deq = quantized(wsub, kind)
+        codes = q.view(torch.uint8)[:, :4]
+        assert kind == "block" or ((codes & 0x78) == 0).all() and (codes & 0x7 != 0).any()  # exponent field 0
+        for m in (1, 5, 17):
+            x = torch.randn(m, k).bfloat16()
+            plain = fp8_gemv(x, q, s, block, config=(16, 64, 4, 2))
+            got = fp8_gemv(x, q, s, block, config=(16, 64, 4, 2, "bits"))
+            assert torch.equal(got, plain), (kind, m, (got.float() - plain.float()).abs().max())
+            assert rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, m)
+
     # The tensor-core tiling (a fourth number: num_stages): the same products as 16-row tiles of tl.dot.
     for kind, m in (("row", 5), ("block", 1)):
         q, s, block, w_deq = quantized(w, kind)
@@ -83,7 +99,7 @@ _SCRIPT = textwrap.dedent("""
     w2 = torch.randn(2 * d, k) * 0.05
     for kind in ("row", "block"):
         q, s, block, w_deq = quantized(w2, kind)
-        for m, config in ((1, (8, 128, 4)), (2, (8, 128, 4)), (3, (16, 128, 4, 2))):
+        for m, config in ((1, (8, 128, 4)), (2, (8, 128, 4)), (3, (16, 128, 4, 2)), (3, (16, 128, 4, 2, "bits"))):
             x = torch.randn(m, k).bfloat16()
             fused = fp8_gemv_silu_mul(x, q, s, block, config=config)
             unfused = silu_and_mul(fp8_gemv(x, q, s, block, config=config))
@@ -190,21 +206,28 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
     limit, shapes = fg._tuned()
     assert limit >= 1 and shapes
     for (n, k, block_m), tile in shapes.items():
-        assert len(tile) in (3, 4)  # + num_stages: the tensor-core kernel
-        block_n, block_k, warps = tile[:3]
+        numbers, _ = fg.split_tile(tile)
+        assert len(numbers) in (3, 4)  # + num_stages: the tensor-core kernel
+        block_n, block_k, warps = numbers[:3]
         assert min(n, k, block_n) >= 1 and block_m in (1, 2, 4, 8, 16, 32, 64) and block_k >= 16
         assert warps in (1, 2, 4, 8, 16)
     path = tmp_path / "fp8_gemv_configs.json"
     path.write_text(json.dumps({"max_rows": 2, "shapes": {
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
-        "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3}}}))
+        "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
+        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
     try:
         assert fg.max_rows() == 2
         assert fg.fp8_gemv_config(64, 128, 2) == (8, 64, 2)
         assert fg.fp8_gemv_config(64, 128, 9) == (16, 64, 4, 3)  # 9 rows: the 16-row block's tensor-core tile
+        assert fg.fp8_gemv_config(64, 128, 20) == (32, 64, 4, 3, "bits")  # 20 rows: the 32-row block's tile
+        assert fg.tile_to_json((32, 64, 4, 3, "bits")) == {"block_n": 32, "block_k": 64, "num_warps": 4,
+                                                           "num_stages": 3, "options": ["bits"]}
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        with pytest.raises(ValueError, match="unknown tiling options"):
+            fg.split_tile((4, 128, 4, "fast"))
         monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")
         fg._tuned.cache_clear()
         assert fg.max_rows() == fg.DEFAULT_MAX_ROWS and fg.fp8_gemv_config(64, 128, 2) == fg.default_config(2)

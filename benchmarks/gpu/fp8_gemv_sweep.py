@@ -60,6 +60,14 @@ CONFIGS = {1: [(2, 2048, 4), (1, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024,
 DOT_CONFIGS = [(16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3)]
 DOT_CHECK = (16, 128, 4, 3)  # BLOCK_K 128: fits 128-wide scale blocks
 DOT_ROWS = (1, 4, 16)
+# --options: at one row, CUDA-core tilings where each thread holds 2-8 weight rows of the same columns (BLOCK_K
+# 512: one warp spans the tile's width), so that each activation it converts to float32 serves several rows: on
+# sm_90 SASS (compiled here) these take 3.2-3.5 instructions per weight against 4.9 for the shipped (4, 1024, 4);
+# at 16 to 64 rows the tensor-core tilings plain and with "bits" (no float32 -> bfloat16 conversion per weight).
+OPTION_ROW1 = [(8, 512, 2), (16, 512, 4), (32, 512, 8), (16, 512, 2), (8, 512, 1), (4, 1024, 4), (8, 2048, 8)]
+OPTION_DOT = [(32, 256, 4, 4), (64, 256, 4, 3), (32, 128, 4, 4)]
+OPTION_ROWS = (1, 16, 32, 64)
+OPTION_CHECK = ((16, 512, 4), (16, 128, 4, 3, "bits"))
 L2_BYTES = 256 * 2**20  # weight copies per timing: together more than this (the H200's L2 is 50 MB)
 
 
@@ -117,10 +125,16 @@ def check(device: torch.device, small: bool, tiles: tuple = (None, DOT_CHECK), q
                 q, s = quantize_blocks(w, block)
                 w_deq = dequantize(q, s, block)
             for tile in tiles:
-                for m in (1, 5) if tile is None else (1, 16):
+                dot = tile is not None and len(fg.split_tile(tile)[0]) == 4
+                for m in (1, 16) if dot else (1, 5):
                     x = torch.randn(m, k, device=device, generator=gen).bfloat16()
-                    err = rel(fg.fp8_gemv(x, q, s, block, config=tile), F.linear(x.float(), w_deq))
+                    got = fg.fp8_gemv(x, q, s, block, config=tile)
+                    err = rel(got, F.linear(x.float(), w_deq))
                     record("gemv_vs_f_linear", err < 6e-3, n=n, k=k, scale=kind, rows=m, tile=tile, rel_err=err)
+                    if tile is not None and "bits" in tile:  # the integer widening changes no bit
+                        plain = fg.fp8_gemv(x, q, s, block, config=tuple(v for v in tile if v != "bits"))
+                        record("bits_equal_conversion", torch.equal(got, plain), scale=kind, rows=m, tile=tile,
+                               max_diff=(got.float() - plain.float()).abs().max().item())
                 if n != shapes[0][0] or (block is not None and (n // 2) % block[0]):
                     continue
                 for m in (1, 4):  # gate/up + SiLU fused against the GEMV then the SiLU-and-mul kernel
@@ -166,6 +180,15 @@ def _w8a8(layer: QuantizedLinear, x: torch.Tensor, silu: bool) -> torch.Tensor:
 def full_plan(n: int, k: int, m: int) -> list[tuple]:
     """The CUDA-core tilings of :data:`CONFIGS`, then the tensor-core ones."""
     return [*CONFIGS.get(m, []), *DOT_CONFIGS]
+
+
+def option_plan(n: int, k: int, m: int) -> list[tuple]:
+    """``--options``: at one row the shipped tiling, then :data:`OPTION_ROW1` and two tensor-core tilings with
+    ``bits``; at more rows the tensor-core tilings :data:`OPTION_DOT` plain and with ``bits``."""
+    if m == 1:
+        shipped = fg.fp8_gemv_config(n, k, 1)
+        return [shipped, *[t for t in OPTION_ROW1 if t != shipped], *[t + ("bits",) for t in OPTION_DOT[:2]]]
+    return [t + o for t in OPTION_DOT for o in ((), ("bits",))]
 
 
 def dot_plan(n: int, k: int, m: int) -> list[tuple]:
@@ -231,12 +254,12 @@ def sweep(device: torch.device, deadline: float, plan=full_plan, gemv_rows: tupl
                     print(f"{name} rows {m} {cfg}: {type(exc).__name__}: {exc}", flush=True)
                     continue
                 timed.append((us, cfg))
-                rows_out.append(dict(layer=name, rows=m, impl="fp8_gemv", config=list(cfg), us=round(us, 2)))
+                rows_out.append(dict(layer=name, rows=m, impl="fp8_gemv", config=list(cfg), us=round(us, 2),
+                                     gb_per_s=round(n * in_f / us / 1e3, 1)))
                 print(f"{name:8s} rows {m:2d} FP8 GEMV {cfg}: {us:7.2f} us", flush=True)
             us, cfg = min(timed)
             totals["gemv"][m] += us
-            best[f"{n},{in_f},{fg.block_rows(m)}"] = dict(zip(("block_n", "block_k", "num_warps", "num_stages"), cfg,
-                                                                       strict=False))
+            best[f"{n},{in_f},{fg.block_rows(m)}"] = fg.tile_to_json(cfg)
         layers.clear()
         dense.clear()
         torch.cuda.empty_cache()
@@ -259,6 +282,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=100.0, help="seconds for the sweep (then the first tiling)")
     parser.add_argument("--dot", action="store_true", help="only the tensor-core tilings (checked, timed at 1, 4 and "
                         "16 rows beside the shipped tiling at one row and W8A8), merged into the shipped file")
+    parser.add_argument("--options", action="store_true", help="more CUDA-core tilings at 1 row and the tensor-core "
+                        "ones plain and with 'bits' at 16-64 rows, beside W8A8, merged into the shipped file")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:  # the interpreter's gaps (tl.dot on bfloat16), patched as the tests patch them
@@ -270,21 +295,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    result["check"] = check(device, small=args.smoke, tiles=(DOT_CHECK,) if args.dot else (None, DOT_CHECK),
-                            quick=args.dot)
+    tiles = (DOT_CHECK,) if args.dot else OPTION_CHECK if args.options else (None, DOT_CHECK)
+    result["check"] = check(device, small=args.smoke, tiles=tiles, quick=args.dot)
     failed = [c for c in result["check"] if not c["ok"]]
     (out / "fp8_gemv_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.smoke:
         if args.dot:
             result["sweep"] = sweep(device, args.deadline, dot_plan, DOT_ROWS, DOT_ROWS, bf16=False)
+        elif args.options:
+            result["sweep"] = sweep(device, args.deadline, option_plan, OPTION_ROWS, OPTION_ROWS)
         else:
             result["sweep"] = sweep(device, args.deadline)
-        shipped = json.loads(fg.CONFIG_FILE.read_text()).get("shapes", {}) if args.dot else {}
+        merge = args.dot or args.options
+        shipped = json.loads(fg.CONFIG_FILE.read_text()).get("shapes", {}) if merge else {}
+        flag = " --dot" if args.dot else " --options" if args.options else ""
         table = {"max_rows": result["sweep"]["max_rows"], "measured": f"{result['device']}, {result['date']}, "
-                 f"benchmarks/gpu/fp8_gemv_sweep.py{' --dot' if args.dot else ''}",
+                 f"benchmarks/gpu/fp8_gemv_sweep.py{flag}",
                  "shapes": {**shipped, **result["sweep"]["configs"]}}
         (out / "fp8_gemv_configs.json").write_text(json.dumps(table, indent=1) + "\n")
-        if args.write_configs and result["sweep"]["max_rows"] >= 1:
+        if args.write_configs and result["sweep"]["max_rows"] >= 1 and not failed:
             fg.CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
             print(f"wrote {fg.CONFIG_FILE.relative_to(HERE.parents[1])}", flush=True)
     (out / "fp8_gemv_sweep.json").write_text(json.dumps(result, indent=1) + "\n")

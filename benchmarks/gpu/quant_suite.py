@@ -9,10 +9,14 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      at batch 1 and 32 (1024 tokens of context, CUDA graphs), then W1 (256 x 1024 -> 128) and W2
      (256 x 128 -> 1024) output tok/s; ``fp8-w8a8``: the FP8 decode steps again with the weight-only GEMV off
      (``INFERNEO_FP8_GEMV=0``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
-     capacity and the batch-32 step);
+     capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
+     ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, carried with
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
+
+``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1 and 32:
+GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
 
 Writes ``quant_suite.json`` and ``quant_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs the engine
 sections with a tiny model on CPU (the numbers mean nothing; it checks the script).
@@ -32,7 +36,15 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 from floors import sync, timed  # noqa: E402
-from h100_suite import Suite, free_memory, run_workloads, sec_ceilings, sec_inferneo_workload, step_latency  # noqa: E402
+from h100_suite import (  # noqa: E402
+    Suite,
+    free_memory,
+    greedy,
+    run_workloads,
+    sec_ceilings,
+    sec_inferneo_workload,
+    step_latency,
+)
 
 from inferneo import LLM  # noqa: E402
 from inferneo.model_executor import arch_presets  # noqa: E402
@@ -42,11 +54,11 @@ FULL = dict(
     preset="llama-2-7b", device="cuda", deadline=560.0,
     w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9),
-    gptfast_ctx=1024, gptfast_tokens=(8, 72),
+    gptfast_ctx=1024, gptfast_tokens=(8, 72), profile_batches=(1, 32),
 )
 SMOKE = dict(
     FULL, preset="smoke-llama", device="cpu", deadline=400.0,
-    w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3,
+    w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3, profile_batches=(1, 4),
     engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
 )
 SMOKE_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -82,6 +94,48 @@ def build(s: Suite, label: str, **kw) -> tuple[LLM, dict]:
                  "modules": kinds, **{k: v for k, v in engine_kw.items() if k != "engine"}}
 
 
+def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -> dict:
+    """GPU time per decode step by kernel kind and the top kernels, over ``steps`` profiled steps of ``batch``
+    requests at the decode context (``tp_profile.kind_of`` groups them)."""
+    from torch.profiler import ProfilerActivity, profile
+    from tp_profile import _timeline, kind_of
+
+    eng = llm.engine
+    ids = [eng.add_request(f"prof-{label}-{batch}-{i}-{time.monotonic_ns()}", p, greedy(steps + 16))
+           for i, p in enumerate(s.prompts(batch, s.cfg["decode_ctx"] - 1, eng.vocab_size))]
+    try:
+        while len(eng.scheduler.waiting) or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
+            eng.step()
+        for _ in range(2):
+            eng.step()
+        sync()
+        on_gpu = torch.cuda.is_available()  # (the CPU smoke run profiles the CPU ops instead)
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                eng.step()
+            sync()
+    finally:
+        for request_id in ids:
+            eng.abort_request(request_id)
+    by_kind: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) if on_gpu \
+            else event.self_cpu_time_total
+        if us <= 0 or (on_gpu and event.key.startswith(("aten::", "cuda"))):
+            continue
+        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + us / steps
+        kernels.append({"us_per_step": us / steps, "calls_per_step": event.count / steps, "name": event.key[:100]})
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    timeline = _timeline(prof, steps)
+    s.log(f"{label} batch {batch} profile: GPU busy {timeline.get('busy_ms', 0):.3f} ms/step, idle "
+          f"{timeline.get('idle_ms', 0):.3f} ms/step, {timeline.get('kernels_per_step', 0):.0f} kernels/step; " +
+          ", ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for k in kernels[:14]:
+        s.log(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}/step  {k['name']}")
+    return {"batch": batch, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30]}
+
+
 def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
                 batches: tuple[int, ...] | None = None, **kw) -> dict:
     llm, info = build(s, label, **kw)
@@ -94,6 +148,9 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
             s.log(f"{label} decode batch {batch:3d} ({row['running']} running) ctx {row['context']:.0f}: "
                   f"{row['step_ms']:.2f} ms/step")
         s.write()
+        if label in s.cfg.get("profile", ()):
+            out["profile"] = [kernel_profile(llm, s, label, batch) for batch in s.cfg["profile_batches"]]
+            s.write()
         run_workloads(s, llm, out, workloads, sec_inferneo_workload, min_left=45)
     finally:
         llm.shutdown()
@@ -194,7 +251,13 @@ def summarize(s: Suite) -> None:
         base, fp8 = tps("bf16", name), tps("fp8", name)
         if base and fp8:
             checks[f"fp8_{name}"] = {"ratio": fp8 / base, "need": ">= 1.4", "pass": fp8 / base >= 1.4}
-    for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6)):
+    for name in ("w1", "w2"):  # the FP8 KV cache beside FP8 weights: an additional row, not the issue's FP8 figure
+        base, both = tps("bf16", name), tps("fp8+fp8kv", name)
+        if base and both:
+            checks[f"fp8+fp8kv_{name}"] = {"ratio": both / base, "need": ">= 1.4 (FP8 weights + FP8 KV cache)",
+                                           "pass": both / base >= 1.4}
+    for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6), ("fp8+fp8kv", 1, 0.6),
+                               ("w4a16+fp8kv", 1, 0.4), ("w4a16+fp8kv", 32, 0.6)):
         base, ours = step("bf16", batch), step(label, batch)
         if base and ours:
             checks[f"{label}_b{batch}"] = {"ratio": ours / base, "need": f"<= {need}", "pass": ours / base <= need}
@@ -217,6 +280,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
+    parser.add_argument("--profile", default="", help="variants whose decode steps are also profiled (e.g. bf16,fp8)")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -224,6 +288,7 @@ def main() -> int:
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.deadline:
         cfg["deadline"] = args.deadline
+    cfg["profile"] = tuple(filter(None, args.profile.split(",")))
     s = Suite(Path(args.out), cfg, name="quant_suite")
     if args.smoke:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
@@ -236,6 +301,8 @@ def main() -> int:
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
+        ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
+        ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
     for name, run, min_left in plan:

@@ -16,21 +16,28 @@ activations to e4m3 (``Fp8LinearMethod.reference`` states which math each row co
 where the unfused path rounds (as ``triton_gemv.gemv_silu_mul`` for bf16 weights).
 
 Two kernels compute the same products. The CUDA-core one (float32 products, ``BLOCK_N`` weight rows times every
-input row per program) is the default; measured on an H200 it beats the W8A8 path at one row only. The tensor-core
-one (``_fp8_dot_kernel``) widens each e4m3 tile to the activations' 16-bit type (exact) and multiplies 16-row tiles
-with ``tl.dot``, summing in float32, so its cost hardly changes up to 16 rows; it runs only where the tiling file
-says so (a tile with ``num_stages``), and **has not run on a GPU yet** (tested under the interpreter).
+input row per program) runs at one row; the tensor-core one (``_fp8_dot_kernel``) widens each e4m3 tile to the
+activations' 16-bit type (exact) and multiplies 16-row (up to 64-row) tiles with ``tl.dot``, summing in float32, so
+its cost hardly changes up to 16 rows; it runs where the tiling file names it (a tile with ``num_stages``).
+
+One option per tiling (:data:`OPTIONS`), which changes no result bit: ``bits`` (tensor-core kernel, bfloat16
+activations) widens e4m3 to bfloat16 by integer operations in inline PTX instead of Triton's conversion, which goes
+e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat16 conversion per weight: each byte
+``s eeee mmm`` is placed into a bfloat16 as sign, low exponent bits and top mantissa bits, which is the value times
+2^-120 exactly (subnormal codes included), and multiplied by 2^120 (:func:`_e4m3_to_bf16`).
 
 Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
-power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel) and says up
-to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py`` writes it from timings on the
-GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows). Shapes without an entry take :func:`default_config`.
+power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel; plus
+``"options"``) and says up to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py``
+writes it from timings on the GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows; ``--options``: the
+options at 1 row and the tensor-core tilings at 16-64 rows). Shapes without an entry take :func:`default_config`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +51,11 @@ SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 # one row (0.51x its time over Llama-2-7B's four layers) and lost from two rows on (1.15x at 2, 1.9x at 4).
 DEFAULT_MAX_ROWS = 1
 CONFIG_FILE = Path(__file__).with_name("fp8_gemv_configs.json")
+
+
+# Triton's CPU interpreter runs no PTX: there the "bits" widening (_e4m3_to_bf16) takes the same steps in Triton ops.
+_INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+TWO_120: tl.constexpr = tl.constexpr(2.0**120)
 
 
 @triton.jit
@@ -154,11 +166,49 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
 
 
 @triton.jit
+def _e4m3_to_bf16(codes):
+    # e4m3 bytes (uint8) to bfloat16, exactly, without conversion instructions: each byte ``s eeee mmm`` is placed
+    # into a bfloat16 as sign, low exponent bits and top mantissa bits (the value times 2^-120; zero-exponent codes
+    # become bfloat16 subnormals), then multiplied by 2^120. On the GPU four bytes at a time in PTX: two byte
+    # permutes, a shift and two masks per pair of values, and one packed bfloat16 multiply (the conversion Triton
+    # emits goes e4m3 -> float16 -> float32 -> bfloat16, one slow float32 -> bfloat16 conversion per value).
+    if _INTERPRETED:
+        u = codes.to(tl.uint32)
+        f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True)  # the value times 2^-120
+        w = (f * TWO_120).to(tl.bfloat16)  # exact: every e4m3 value is a bfloat16
+    else:
+        w = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, t, c;
+            mov.b32 c, 0x7B807B80;
+            prmt.b32 a, $2, 0, 0x1404;
+            prmt.b32 b, $2, 0, 0x3424;
+            shr.b32 t, a, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 a, a, 0x80008000;
+            or.b32 a, a, t;
+            mul.rn.bf16x2 $0, a, c;
+            shr.b32 t, b, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 b, b, 0x80008000;
+            or.b32 b, b, t;
+            mul.rn.bf16x2 $1, b, c;
+            }""",
+            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=True, pack=4)
+    return w
+
+
+@triton.jit
 def _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K: tl.constexpr, stride_wn, stride_sn,
-              SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr):
+              SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr, BITS: tl.constexpr):
     # acc += x @ W[rows, k].T on the tensor cores: the e4m3 tile widened to x's 16-bit type (exact), float32 sums.
+    # BITS (bfloat16 x, uint8 codes): widened by integer operations (_e4m3_to_bf16), the same values.
     w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
-    w = tl.trans(w.to(x.dtype))
+    if BITS:  # noqa: SIM108 - a compile-time branch
+        w = _e4m3_to_bf16(w)
+    else:
+        w = w.to(x.dtype)
+    w = tl.trans(w)
     if SCALE == 2:  # one scale block per K step (BLOCK_K divides the block's width)
         s = tl.load(s_ptr + (rows // BSN) * stride_sn + k0 // BSK, mask=nmask, other=0.0)
         acc += tl.dot(x, w) * s[None, :]
@@ -170,7 +220,8 @@ def _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K: tl.constexpr, stride_
 @triton.jit
 def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_om,
                     K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr, GATED: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                    BITS: tl.constexpr):
     # The same products for up to BLOCK_M (>= 16) rows as tensor-core tiles: output features rows (with GATED,
     # silu(rows) * (rows + N) of a fused gate/up weight, N = D).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,10 +234,10 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-        acc = _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+        acc = _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN, BSK, BITS)
         if GATED:
             acc_u = _dot_step(acc_u, x, w_ptr, s_ptr, rows + N, nmask, k, k0, K, stride_wn, stride_sn, SCALE, BSN,
-                              BSK)
+                              BSK, BITS)
     y = _row_scaled(acc, s_ptr, rows, nmask, SCALE)
     if GATED:
         y = _silu_mul_rounded(y, _row_scaled(acc_u, s_ptr, rows + N, nmask, SCALE), out_ptr.dtype.element_ty)
@@ -196,7 +247,38 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
 # ---- configuration ---------------------------------------------------------------------------------------------
 
 
-Tile = tuple[int, ...]  # (BLOCK_N, BLOCK_K, num_warps): CUDA-core kernel; + num_stages: tensor-core kernel
+# (BLOCK_N, BLOCK_K, num_warps): CUDA-core kernel; + num_stages: tensor-core kernel; then any of the OPTIONS
+Tile = tuple[int | str, ...]
+# "bits": the tensor-core kernel widens e4m3 to bfloat16 by integer operations (see _dot_step); the same result bits.
+# It applies to per-tensor and per-row scales with bfloat16 activations; other layers and the CUDA-core kernel
+# ignore it.
+OPTIONS = ("bits",)
+
+
+def split_tile(config: Tile) -> tuple[tuple[int, ...], frozenset[str]]:
+    """A tiling's numbers and its options (:data:`OPTIONS`)."""
+    numbers = tuple(int(v) for v in config if not isinstance(v, str))
+    options = frozenset(v for v in config if isinstance(v, str))
+    if unknown := options - set(OPTIONS):
+        raise ValueError(f"fp8 GEMV: unknown tiling options {sorted(unknown)}; known: {list(OPTIONS)}")
+    if len(numbers) not in (3, 4):
+        raise ValueError(f"fp8 GEMV: a tiling has 3 or 4 numbers; got {config}")
+    return numbers, options
+
+
+def tile_from_json(entry: dict) -> Tile:
+    """A tiling file entry (``block_n``, ``block_k``, ``num_warps``, optional ``num_stages`` and ``options``)."""
+    numbers = tuple(int(entry[f]) for f in ("block_n", "block_k", "num_warps", "num_stages") if f in entry)
+    return numbers + tuple(o for o in OPTIONS if o in entry.get("options", ()))
+
+
+def tile_to_json(config: Tile) -> dict:
+    """The tiling file entry of ``config`` (inverse of :func:`tile_from_json`)."""
+    numbers, options = split_tile(config)
+    entry = dict(zip(("block_n", "block_k", "num_warps", "num_stages"), numbers, strict=False))
+    if options:
+        entry["options"] = [o for o in OPTIONS if o in options]
+    return entry
 
 
 @functools.cache
@@ -204,9 +286,7 @@ def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile]]:
     if not CONFIG_FILE.is_file():
         return DEFAULT_MAX_ROWS, {}
     table = json.loads(CONFIG_FILE.read_text())
-    shapes = {tuple(int(d) for d in key.split(",")):
-              tuple(int(e[f]) for f in ("block_n", "block_k", "num_warps", "num_stages") if f in e)
-              for key, e in table.get("shapes", {}).items()}
+    shapes = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("shapes", {}).items()}
     return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes
 
 
@@ -236,7 +316,8 @@ def fp8_gemv_config(n: int, k: int, m: int) -> Tile:
     """The tiling for an ``[n, k]`` e4m3 weight at ``m`` rows: its tuned entry, else :func:`default_config`. Three
     numbers ``(BLOCK_N, BLOCK_K, num_warps)`` select the CUDA-core kernel (float32 products, one row set per
     program); a fourth, ``num_stages``, the tensor-core kernel (the e4m3 tile widened to the activations' 16-bit
-    type for ``tl.dot``, 16 rows per tile, loads pipelined over ``num_stages`` K steps)."""
+    type for ``tl.dot``, 16 rows per tile, loads pipelined over ``num_stages`` K steps); option names
+    (:data:`OPTIONS`) may follow."""
     block_m = block_rows(m)
     return _tuned()[1].get((n, k, block_m), default_config(block_m))
 
@@ -269,21 +350,27 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
     mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
     if mode != SCALE_BLOCK:
         scale = scale.contiguous()
-    config = config or fp8_gemv_config(weight.shape[0], k, m)
+    numbers, options = split_tile(config or fp8_gemv_config(weight.shape[0], k, m))
+    dot = len(numbers) == 4  # the tensor-core kernel
+    # "bits": the tensor-core kernel with per-tensor/per-row scales and bfloat16 activations (the bits form
+    # bfloat16 values)
+    bits = "bits" in options and dot and mode != SCALE_BLOCK and x.dtype == torch.bfloat16
+    if bits:
+        weight = weight.view(torch.uint8)
     pdl = pdl_for(x, pdl)
     common = dict(K=k, SCALE=mode, BSN=bsn, BSK=bsk, PDL=pdl, **launch_options(pdl))
     args = (x, weight, scale, out, m, outputs, x.stride(0), weight.stride(0), stride_sn, out.stride(0))
-    if len(config) == 4:  # the tensor-core kernel
-        block_n, block_k, num_warps, num_stages = config
+    if dot:
+        block_n, block_k, num_warps, num_stages = numbers
         if x.dtype not in (torch.bfloat16, torch.float16) or m > 64:
             raise ValueError(f"fp8 GEMV: the tensor-core tiling takes up to 64 rows of bf16/fp16; got {m} of {x.dtype}")
         if mode == SCALE_BLOCK and bsk % block_k:
             raise ValueError(f"fp8 GEMV: BLOCK_K {block_k} must divide the scale blocks' width {bsk}")
         _fp8_dot_kernel[(triton.cdiv(outputs, block_n),)](
             *args, GATED=gated, BLOCK_M=max(16, block_rows(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps, num_stages=num_stages, **common)
+            num_warps=num_warps, num_stages=num_stages, BITS=bits, **common)
         return out
-    block_n, block_k, num_warps = config
+    block_n, block_k, num_warps = numbers
     kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
     kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps, **common)
