@@ -197,3 +197,11 @@ def lora_fused_rows() -> bool:
     add the delta in the base projection's GEMV epilogue, keeping the fused gate/up + SiLU GEMV (``lora/rows.py``);
     off, they take the batched shrink/expand kernels after each projection, with the plain MLP."""
     return _flag("INFERNEO_LORA_FUSED_ROWS", True)
+
+
+def cuda_norm_router() -> bool:
+    """INFERNEO_CUDA_NORM_ROUTER (default off): at a few tokens, run a mixture-of-experts layer's residual add,
+    post-attention norm, router linear and top-k as one kernel (``triton_routing.norm_route_topk``). Off because on
+    an H200 it measured slower than the three launches it replaces (5.8 against 4.2 us a layer, Qwen3-30B-A3B
+    shapes, docs/benchmarks.md)."""
+    return _flag("INFERNEO_CUDA_NORM_ROUTER", False)

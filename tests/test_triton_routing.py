@@ -182,6 +182,8 @@ def test_norm_route_kernel_matches_the_norm_linear_and_router():
 # runs (not at the prefill), at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's q/k norm + rotary kernel
 # writes the cache (no store_kv launch).
 _DECODE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
     import copy, sys, torch
     from inferneo.attention import AttentionMetadata, PrefillSpan
     from inferneo.attention.triton_backend import TritonBackend

@@ -50,6 +50,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from inferneo import envs
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
@@ -238,7 +239,7 @@ class NormFusedMoeLayer(DecoderLayer):
     add, post-attention norm, router linear and routing as one launch (``triton_routing.norm_route_topk``). Other
     inputs take the plain modules."""
 
-    norm_router = None  # set by ``use_norm_fused_layers``: a ``triton_routing.NormRouter``
+    norm_router = None  # set by ``use_norm_fused_layers`` (INFERNEO_CUDA_NORM_ROUTER): a ``triton_routing.NormRouter``
     norm_gemv: DecodeGemv | None = None  # set by ``use_norm_fused_layers`` where the q/k/v projection may fuse
 
     def forward(self, positions, hidden, residual, kv_cache, metadata):
@@ -255,7 +256,8 @@ class NormFusedMoeLayer(DecoderLayer):
 
     def feed_forward(self, hidden, residual):
         moe, norm = self.mlp, self.post_attention_layernorm
-        if type(moe.gate) in _PLAIN_LINEARS and self.norm_router.applies(hidden, residual):
+        if (self.norm_router is not None and type(moe.gate) in _PLAIN_LINEARS
+                and self.norm_router.applies(hidden, residual)):
             normed, residual, routed = self.norm_router(hidden, residual, norm.weight, norm.eps, moe.gate.weight,
                                                         moe.gate.bias)
             return moe(normed, routed), residual
@@ -269,6 +271,8 @@ def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
     ``DecodeLinear`` and the attention one of this module's); returns how many changed."""
     from inferneo.kernels.triton_routing import NormRouter, TritonRouter
 
+    norm_router = envs.cuda_norm_router()  # off by default: slower than its three launches on an H200
+
     def replace(m: nn.Module) -> nn.Module | None:
         if type(m) is not DecoderLayer or not isinstance(m.mlp, FusedMoE):
             return None
@@ -279,8 +283,10 @@ def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
         attention = type(m.self_attn) in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
         fuse_qkv = (gemv is not None and attention and type(m.self_attn.qkv_proj) is DecodeLinear
                     and type(m.input_layernorm) is TritonRMSNorm)
-        return _adopt(NormFusedMoeLayer, m, norm_router=NormRouter(m.mlp.router, m.mlp.gate.weight.device),
-                      norm_gemv=gemv if fuse_qkv else None)
+        if not fuse_qkv and not norm_router:
+            return None
+        return _adopt(NormFusedMoeLayer, m, norm_gemv=gemv if fuse_qkv else None,
+                      norm_router=NormRouter(m.mlp.router, m.mlp.gate.weight.device) if norm_router else None)
 
     before = sum(isinstance(m, NormFusedMoeLayer) for m in model.modules())
     _swap_children(model, replace)
