@@ -173,6 +173,7 @@ _NORM_ROUTE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~40 s under the interpreter; the kernel is opt-in (INFERNEO_CUDA_NORM_ROUTER)
 def test_norm_route_kernel_matches_the_norm_linear_and_router():
     _run(_NORM_ROUTE_SCRIPT)
 
@@ -275,5 +276,6 @@ _DECODE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~50 s under the interpreter; the GEMV and q/k-norm kernels keep their own CI tests
 def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path):
     _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__))

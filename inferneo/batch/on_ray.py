@@ -14,9 +14,9 @@ Faults, from the inside out:
   replicas, up to ``retry_rounds`` more times, each after ``retry_pause_s`` seconds (Ray declares a lost node
   dead only once its health checks have failed for a while, about 15 s with Ray's defaults; a replica placed
   before that may land on the lost node), and after the last round writes each of them with the error
-  (code ``replica_failed``), so the job finishes with every line written once. A round that writes no record at
-  all raises instead (a cluster that answers nothing, such as a model no replica can load, is not the lines'
-  fault): those lines stay unwritten for the next run;
+  (code ``replica_failed``), so the job finishes with every line written once. A first round that writes no
+  record at all raises instead (a cluster that answers nothing, such as a model no replica can load, is not the
+  lines' fault): those lines stay unwritten for the next run;
 - a driver that dies takes its replicas with it; the next run resumes from the output.
 """
 
@@ -65,8 +65,8 @@ def run_on_ray(job: BatchJob, config: EngineProcessorConfig, progress: bool = Tr
                 _write_answers(job, recorder, build_processor(config)(ray.data.from_items(left)))
                 break
             except ray.exceptions.RayError as exc:
-                if recorder.summary.written == written_before:
-                    raise
+                if attempt == 0 and recorder.summary.written == written_before:
+                    raise  # the cluster answers nothing (e.g. no replica can load the model): not the lines' fault
                 failure = exc
                 unanswered = len(left) - (recorder.summary.written - written_before)
                 logger.warning("inferneo batch --ray: round %d failed past Ray's retries, %d of its %d lines "
