@@ -105,6 +105,7 @@ def wait_for(proc: subprocess.Popen, out: Path, lines: int, timeout: float = 60.
         time.sleep(0.002)
 
 
+@pytest.mark.slow  # CI time: covered by faster tests of the same path
 def test_sigkill_at_random_points_then_resume(server, tmp_path):
     requests, out, log = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "batch.log"
     custom_ids = make_input(requests)

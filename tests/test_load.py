@@ -89,6 +89,7 @@ def _server_rss(server: RemoteServer) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
+@pytest.mark.slow  # CI time: covered by faster tests of the same path
 def test_500_requests_100_clients_with_hang_ups_two_rounds(server, expected):
     url = server.url("/v1/completions")
     rss = []
