@@ -19,12 +19,14 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
 GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
 
 Writes ``quant_suite.json`` and ``quant_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs the engine
-sections with a tiny model on CPU (the numbers mean nothing; it checks the script).
+sections with a tiny model on CPU, and gpt-fast's path eagerly with a tiny ``ModelArgs`` when ``scratch/gpt-fast``
+is there (the numbers mean nothing; it checks the script).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,11 +56,13 @@ FULL = dict(
     preset="llama-2-7b", device="cuda", deadline=560.0,
     w1=(256, 1024, 128), w2=(256, 128, 1024), decode_batches=(1, 32), decode_ctx=1024, decode_steps=32,
     engine=dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9),
-    gptfast_ctx=1024, gptfast_tokens=(8, 72), profile_batches=(1, 32),
+    gptfast_ctx=1024, gptfast_tokens=(8, 72), gptfast_max_seq=2048, gptfast_args=None, profile_batches=(1, 32),
 )
 SMOKE = dict(
     FULL, preset="smoke-llama", device="cpu", deadline=400.0,
     w1=(4, 32, 4), w2=(4, 8, 16), decode_batches=(1, 4), decode_ctx=32, decode_steps=3, profile_batches=(1, 4),
+    gptfast_ctx=32, gptfast_tokens=(2, 4), gptfast_max_seq=256,
+    gptfast_args=dict(block_size=256, vocab_size=512, n_layer=2, n_head=4, dim=256),
     engine=dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, kv_cache_memory=32 * 2**20),
 )
 SMOKE_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -177,15 +181,25 @@ def sec_fp8_without_gemv(s: Suite) -> dict:
 
 
 def _gptfast_step_ms(s: Suite, int8: bool) -> float:
-    """gpt-fast's batch-1 decode step: (time for the long run - time for the short run) / extra tokens."""
+    """gpt-fast's batch-1 decode step: (time for the long run - time for the short run) / extra tokens.
+
+    Each mode compiles gpt-fast's own ``decode_one_token`` afresh (``torch._dynamo.reset()`` first, so the second
+    mode neither wraps the first mode's compiled function nor keeps its graphs). With ``--smoke`` the same path runs
+    eagerly on CPU with a tiny ``ModelArgs`` (``torch.compiler.set_stance("force_eager")``), to check the code."""
     sys.path.insert(0, str(HERE.parents[1] / "scratch" / "gpt-fast"))
     import generate as gf  # gpt-fast's module, carried in scratch/
     from model import ModelArgs, Transformer
     from quantize import WeightOnlyInt8QuantHandler
 
+    device = s.cfg["device"]
+    on_gpu = device == "cuda"
+    if not hasattr(gf, "_eager_decode_one_token"):
+        gf._eager_decode_one_token = gf.decode_one_token
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Transformer(ModelArgs.from_name("7B"))
+    args = ModelArgs(**s.cfg["gptfast_args"]) if s.cfg.get("gptfast_args") else ModelArgs.from_name("7B")
+    with torch.device(device):
+        model = Transformer(args)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     model = model.to(torch.bfloat16)
@@ -194,29 +208,36 @@ def _gptfast_step_ms(s: Suite, int8: bool) -> float:
         state = handler.create_quantized_state_dict()
         model = handler.convert_for_runtime()
         model.load_state_dict(state, assign=True)
-        model = model.cuda()
+        model = model.to(device)
+        del state
     model.eval()
-    with torch.device("cuda"):
-        model.setup_caches(max_batch_size=1, max_seq_length=2048)
-    gf.decode_one_token = torch.compile(gf.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=1, max_seq_length=s.cfg["gptfast_max_seq"])
+    gf.decode_one_token = torch.compile(gf._eager_decode_one_token, mode="reduce-overhead", fullgraph=True)
     ctx = s.cfg["gptfast_ctx"]
-    prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
+    prompt = torch.randint(0, args.vocab_size, (1, ctx), device=device)
 
     def run(n: int) -> float:
-        pos = torch.arange(ctx, device="cuda")
+        pos = torch.arange(ctx, device=device)
         with torch.no_grad():
             first = gf.prefill(model, prompt, pos, temperature=0.0)
             sync()
             start = time.perf_counter()
-            gf.decode_n_tokens(model, first.view(1, -1), torch.tensor([ctx], device="cuda"), n, temperature=0.0)
+            tokens, _ = gf.decode_n_tokens(model, first.view(1, -1), torch.tensor([ctx], device=device), n,
+                                           temperature=0.0)
             sync()
+        assert len(tokens) == n and all(0 <= int(t) < args.vocab_size for t in tokens)
         return time.perf_counter() - start
 
     short, long = s.cfg["gptfast_tokens"]
-    run(short)  # compile and warm up
-    run(long)
-    times = {n: min(run(n) for _ in range(2)) for n in (short, long)}
-    model.cpu()
+    stance = contextlib.nullcontext() if on_gpu else torch.compiler.set_stance("force_eager")
+    with stance:
+        run(short)  # compile and warm up
+        run(long)
+        times = {n: min(run(n) for _ in range(2)) for n in (short, long)}
+    gf.decode_one_token = gf._eager_decode_one_token
+    model = None  # (the closure above shares this cell: the weights go with it)
+    torch._dynamo.reset()
     free_memory()
     return (times[long] - times[short]) / (long - short) * 1e3
 
@@ -306,7 +327,7 @@ def main() -> int:
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
     for name, run, min_left in plan:
-        if name in skip or (name == "gptfast" and cfg["device"] != "cuda"):
+        if name in skip or (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
             continue
         if s.left() < min_left:
             s.log(f"-- {name}: skipped ({s.left():.0f} s left)")
