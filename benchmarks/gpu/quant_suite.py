@@ -11,7 +11,7 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      (``INFERNEO_FP8_GEMV=0``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
      ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
-  3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, carried with
+  3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, ``tokenizer.py``, carried with
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
 
