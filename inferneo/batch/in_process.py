@@ -14,21 +14,24 @@ BASE_URL = "http://inferneo.in-process"
 
 
 class InProcessServer:
-    """Loads a model into an ``AsyncEngine`` (core loop in a thread) and wraps it in the server app (not listening on any port).
+    """Loads a model into an ``AsyncEngine`` and wraps it in the server app (not listening on any port).
 
     ``engine_kwargs`` are ``EngineConfig`` fields; ``served_model_names`` are the names a request body's
-    ``model`` may use (default: ``model``, or the default model's name).
+    ``model`` may use (default: ``model``, or the default model's name). The engine's core loop runs in a thread
+    of this process, or with ``core_in_child_process`` in a child process as under ``inferneo serve`` (the
+    front end's request handling then no longer shares this process's interpreter lock with the core loop).
     """
 
     def __init__(self, model: str | None = None, served_model_names: list[str] | None = None,
-                 **engine_kwargs: Any) -> None:
+                 core_in_child_process: bool = False, **engine_kwargs: Any) -> None:
         from inferneo.config import EngineConfig
         from inferneo.engine.async_engine import AsyncEngine
         from inferneo.entrypoints.openai.api_server import build_app
         from inferneo.entrypoints.openai.serving_common import ServerContext
 
         config = EngineConfig(model=model, **engine_kwargs)
-        self.engine = AsyncEngine.in_thread(config)
+        build = AsyncEngine.in_child_process if core_in_child_process else AsyncEngine.in_thread
+        self.engine = build(config)
         names = served_model_names or [model or self.engine.info.model_name]
         self.context = ServerContext(self.engine, names, self.engine.info.model_path)
         self.app = build_app(self.context)

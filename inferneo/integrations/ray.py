@@ -55,7 +55,10 @@ class EngineProcessorConfig:
     ``batch_size`` rows go to a replica at a time, and up to ``batches_per_replica`` batches wait on each (more
     keeps the engine's continuous batch full across batch boundaries). ``actor_options`` are further Ray actor
     options for every replica, passed as they are (custom ``resources`` to keep replicas on the nodes that have
-    them, ``label_selector``, ``scheduling_strategy``, ``runtime_env``...)."""
+    them, ``label_selector``, ``scheduling_strategy``, ``runtime_env``...). The engine's core loop runs in a child
+    process of the replica, as under ``inferneo serve``; ``engine_in_process`` keeps it in a thread of the actor
+    (as ``--engine-in-process`` does; measured slower: the rows' request handling and the core loop then share
+    one interpreter lock)."""
 
     model: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +72,7 @@ class EngineProcessorConfig:
     max_restarts: int = 3
     max_task_retries: int = 3
     actor_options: dict[str, Any] = field(default_factory=dict)
+    engine_in_process: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(batch_size=self.batch_size, replicas=self.replicas,
@@ -134,8 +138,24 @@ class Processor:
             resources = {"num_cpus": config.num_cpus}
         return dataset.map_batches(
             actor_class, fn_constructor_args=(config,), batch_size=config.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=per_actor),
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=per_actor,
+                                               **_concurrent_calls(per_actor, resources)),
             max_restarts=config.max_restarts, max_task_retries=config.max_task_retries, **resources)
+
+
+def _concurrent_calls(per_actor: int, remote_args: dict[str, Any]) -> dict[str, Any]:
+    """Let each actor *run* ``per_actor`` batches at once, not only hold them. A Ray Data actor runs one call at a
+    time unless told otherwise, and a replica answering one batch at a time drains its engine's continuous batch at
+    the end of every batch (measured: half the throughput of ``LLM.generate``). Newer Ray says so on the pool
+    (returned here); older Ray through the actor's ``max_concurrency`` (set into ``remote_args``)."""
+    import inspect
+
+    import ray.data
+
+    if "max_concurrent_calls_per_actor" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+        return {"max_concurrent_calls_per_actor": per_actor}
+    remote_args["max_concurrency"] = per_actor
+    return {}
 
 
 def build_processor(config: EngineProcessorConfig | EndpointProcessorConfig) -> Processor:
@@ -181,7 +201,8 @@ class EngineReplica(_RowMapper):
         from inferneo.batch.in_process import InProcessServer
 
         names = [config.served_model_name] if config.served_model_name else None
-        self.server = InProcessServer(config.model, names, **config.engine_options)
+        self.server = InProcessServer(config.model, names, core_in_child_process=not config.engine_in_process,
+                                      **config.engine_options)
         self.model = self.server.context.served_model_names[0]
         self.sampling = dict(config.sampling)
         self.request_fields = tuple(config.request_fields)
