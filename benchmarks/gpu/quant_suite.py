@@ -302,6 +302,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
     parser.add_argument("--profile", default="", help="variants whose decode steps are also profiled (e.g. bf16,fp8)")
+    parser.add_argument("--decode-batches", default="",
+                        help="batch sizes of the decode-step timings, comma-separated (default: 1,32)")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -310,6 +312,8 @@ def main() -> int:
     if args.deadline:
         cfg["deadline"] = args.deadline
     cfg["profile"] = tuple(filter(None, args.profile.split(",")))
+    if args.decode_batches:
+        cfg["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
     s = Suite(Path(args.out), cfg, name="quant_suite")
     if args.smoke:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
