@@ -199,6 +199,15 @@ def lora_fused_rows() -> bool:
     return _flag("INFERNEO_LORA_FUSED_ROWS", True)
 
 
+def cuda_moe_logits_routing() -> bool:
+    """INFERNEO_CUDA_MOE_LOGITS_ROUTING (default on): at one token in half precision, a mixture-of-experts layer
+    with the Triton router runs its residual add and post-attention norm inside the router GEMV
+    (``triton_gemv.norm_gemv``, which also stores the normed row) and routes inside the two few-token expert
+    kernels from the router logits (``triton_moe.pair_experts_from_logits``): three launches where the RMSNorm,
+    router GEMV, routing and two expert kernels took five. Off: those five."""
+    return _flag("INFERNEO_CUDA_MOE_LOGITS_ROUTING", True)
+
+
 def cuda_norm_router() -> bool:
     """INFERNEO_CUDA_NORM_ROUTER (default off): at a few tokens, run a mixture-of-experts layer's residual add,
     post-attention norm, router linear and top-k as one kernel (``triton_routing.norm_route_topk``). Off because on

@@ -216,3 +216,72 @@ def test_device_transform_hook_keeps_the_layer_and_cpu_path():
     with torch.no_grad():
         model[0](torch.randn(3, 8))
     assert calls == [{"activation": "silu", "w13_bias": None, "w2_bias": None}]
+
+
+_LOGITS_SCRIPT = textwrap.dedent("""
+    import torch
+    import triton  # noqa: F401  (under TRITON_INTERPRET=1)
+    from triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+    from moe_reference import reference_experts
+    from inferneo.kernels import triton_gemv, triton_moe
+    from inferneo.kernels._triton_elementwise import rms_norm
+    from inferneo.kernels.triton_routing import route_topk
+
+    # The expert kernels routing from the router logits against route_topk + the same kernels: the same experts
+    # and the same sums (weights to float32 rounding), ties to the lower expert id, with and without the
+    # renormalisation, expert counts that are and are not powers of two, top-k 1..8, 1 and 3 tokens.
+    torch.manual_seed(0)
+    tiles = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=8, down_block_k=16)
+    checked = 0
+    for num_experts, hidden, inter in ((9, 40, 24), (32, 24, 16)):
+        for top_k in (1, 2, 3, 8):
+            for tokens in (1, 3):
+                renormalize = (top_k + tokens) % 2 == 0
+                activation = ("silu", "swigluoai")[top_k % 2]
+                bias = top_k == 2
+                x = torch.randn(tokens, hidden)
+                w13 = torch.randn(num_experts, 2 * inter, hidden) * 0.3
+                w2 = torch.randn(num_experts, hidden, inter) * 0.3
+                b13 = torch.randn(num_experts, 2 * inter) if bias else None
+                b2 = torch.randn(num_experts, hidden) if bias else None
+                logits = torch.randn(tokens, num_experts)
+                logits[:, 1] = logits[:, 4] = logits[:, 6] = logits.max() + 1.0  # a three-way tie at the top
+                routed = route_topk(logits, top_k, renormalize=renormalize)
+                want = triton_moe.triton_fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation,
+                                                       w13_bias=b13, w2_bias=b2, pair_tiles=tiles)
+                ref = reference_experts(x, w13, w2, routed.weights, routed.ids, activation, b13, b2)
+                assert triton_moe.logits_routing_applies(x, num_experts)
+                got = triton_moe.pair_experts_from_logits(x, logits, w13, w2, top_k, renormalize=renormalize,
+                                                          activation=activation, w13_bias=b13, w2_bias=b2,
+                                                          tiles=tiles, pdl=False)
+                msg = str((num_experts, top_k, tokens, renormalize))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=msg)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=msg)
+                checked += 1
+    assert checked == 16, checked
+    assert not triton_moe.logits_routing_applies(torch.zeros(1, 8), triton_moe.LOGITS_MAX_EXPERTS + 1)
+    assert not triton_moe.logits_routing_applies(torch.zeros(triton_moe.PAIR_PATH_MAX_TOKENS + 1, 8), 8)
+
+    # norm_gemv storing the normed row: equal to the RMSNorm kernel's row and residual sum, the product unchanged.
+    for dtype in (torch.float32, torch.bfloat16):
+        x, res = torch.randn(1, 48).to(dtype), torch.randn(1, 48).to(dtype)
+        norm_w, w = (torch.rand(48) + 0.5).to(dtype), torch.randn(20, 48).to(dtype)
+        prod, total, normed = triton_gemv.norm_gemv(x, res, norm_w, 1e-6, w, store_normed=True)
+        prod2, total2 = triton_gemv.norm_gemv(x, res, norm_w, 1e-6, w)
+        assert torch.equal(prod, prod2) and torch.equal(total, total2)
+        want_normed, want_total = rms_norm(x.clone(), res.clone(), norm_w, 1e-6)
+        tol = 0 if dtype == torch.float32 else 1e-2  # (the interpreter's bfloat16 rounding, see test_triton_routing)
+        torch.testing.assert_close(normed, want_normed, rtol=tol, atol=tol)
+        torch.testing.assert_close(total, want_total, rtol=tol, atol=tol)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_expert_kernels_route_from_the_logits_as_route_topk_does():
+    path = os.pathsep.join([str(_TESTS), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", _LOGITS_SCRIPT], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

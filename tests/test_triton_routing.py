@@ -179,17 +179,21 @@ def test_norm_route_kernel_matches_the_norm_linear_and_router():
 
 
 # Decode steps of tiny mixture-of-experts models through the whole CUDA transform with the Triton attention backend
-# (under the interpreter), against the plain PyTorch model: at 1 and 2 tokens the fused norm + router + top-k kernel
-# runs (not at the prefill), at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's q/k norm + rotary kernel
-# writes the cache (no store_kv launch).
+# (under the interpreter), against the plain PyTorch model: at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's
+# q/k norm + rotary kernel writes the cache (no store_kv launch); mode "norm_router": at 1 and 2 tokens the fused
+# norm + router + top-k kernel runs (not at the prefill); mode "logits" (the default switches): at 1 token the
+# post-attention norm inside the router GEMV and the routing inside the expert kernels.
 _DECODE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
-    import copy, sys, torch
+    import os, sys
+    MODE = sys.argv[3]
+    if MODE == "norm_router":
+        os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
+        os.environ["INFERNEO_CUDA_MOE_LOGITS_ROUTING"] = "0"  # (and the switch of the other path, off)
+    import copy, torch
     from inferneo.attention import AttentionMetadata, PrefillSpan
     from inferneo.attention.triton_backend import TritonBackend
     from inferneo.kernel_config import KernelConfig
-    from inferneo.kernels import triton_attention, triton_gemv, triton_routing
+    from inferneo.kernels import triton_attention, triton_gemv, triton_moe, triton_routing
     from inferneo.model_executor.device_kernels import NormFusedMoeLayer, use_device_kernels
     from inferneo.model_executor.layers.gpu_linear import DecodeGemv, DecodeLinear
     from inferneo.testing.tiny_models import make_tiny_checkpoint
@@ -198,7 +202,7 @@ _DECODE_SCRIPT = textwrap.dedent("""
     from triton_interpreter_shims import patch_interpreter
     patch_interpreter()
 
-    calls = {"store_kv": 0, "norm_route": 0, "norm_gemv": 0}
+    calls = {"store_kv": 0, "norm_route": 0, "norm_gemv": 0, "from_logits": 0, "route_topk": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -209,6 +213,8 @@ _DECODE_SCRIPT = textwrap.dedent("""
     triton_attention.store_kv = counted("store_kv", triton_attention.store_kv)
     triton_routing.norm_route_topk = counted("norm_route", triton_routing.norm_route_topk)
     triton_gemv.norm_gemv = counted("norm_gemv", triton_gemv.norm_gemv)
+    triton_moe.pair_experts_from_logits = counted("from_logits", triton_moe.pair_experts_from_logits)
+    triton_routing.route_topk = counted("route_topk", triton_routing.route_topk)
 
     class OneRowGemv(DecodeGemv):
         # the GEMV with its input norm for any one-row input (the real one takes CUDA half-precision rows only)
@@ -259,23 +265,34 @@ _DECODE_SCRIPT = textwrap.dedent("""
             gemv = OneRowGemv(triton_gemv, False, False)
             layer.self_attn.qkv_proj = DecodeLinear(layer.self_attn.qkv_proj, gemv)  # F.linear on CPU
             layer.norm_gemv = gemv
+            assert (layer.router_gemv is not None) == (MODE == "logits")
+            if MODE == "logits":
+                layer.router_gemv = gemv
         for prompts in ([[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]], [[3, 1, 4, 1, 5, 9]]):
             want = generate(plain, prompts, 3, None)
             forced = [w.argmax(-1) for w in want]
-            calls.update(store_kv=0, norm_route=0, norm_gemv=0)
+            calls.update(store_kv=0, norm_route=0, norm_gemv=0, from_logits=0, route_topk=0)
             got = generate(fused, prompts, 3, forced)
-            assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
-            assert calls["norm_gemv"] == (3 * config.num_layers if len(prompts) == 1 else 0), calls
+            one_row = 3 * config.num_layers if len(prompts) == 1 else 0  # the decode steps of one request
+            if MODE == "norm_router":
+                assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
+                assert calls["norm_gemv"] == one_row, calls
+            else:  # q/k/v and router GEMVs at one row; the routing kernel at the prefill and two-row steps only
+                assert calls["norm_route"] == 0 and calls["norm_gemv"] == 2 * one_row, calls
+                assert calls["from_logits"] == one_row, calls
+                assert calls["route_topk"] == 4 * config.num_layers - one_row, calls
             stores = 0 if arch == "qwen3_moe" else 4 * config.num_layers  # gpt-oss: no q/k norm, store_kv stays
             assert calls["store_kv"] == stores, calls
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
                 assert torch.equal(g.argmax(-1), w.argmax(-1))
-        assert all(not m.norm_router.tickets.any() for m in fused.modules() if isinstance(m, NormFusedMoeLayer))
+        if MODE == "norm_router":
+            assert all(not m.norm_router.tickets.any() for m in fused.modules() if isinstance(m, NormFusedMoeLayer))
     print("ok")
 """)
 
 
 @pytest.mark.slow  # ~50 s under the interpreter; the GEMV and q/k-norm kernels keep their own CI tests
-def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path):
-    _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__))
+@pytest.mark.parametrize("mode", ["norm_router", "logits"])
+def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path, mode):
+    _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__), mode)
