@@ -14,7 +14,7 @@ mkdir -p "$W"
 start=$SECONDS
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$W/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/gpu.txt"
-git log -1 --format='commit %H' 2>/dev/null | tee -a "$W/gpu.txt"
+cat COMMIT 2>/dev/null | tee -a "$W/gpu.txt"
 timeout 150 python3 benchmarks/gpu/moe_logits_routing.py --out "$W" > "$W/logits_routing_stdout.txt" 2>&1
 echo "moe_logits_routing rc=$?"; tail -n 12 "$W/logits_routing_stdout.txt"
 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_hf_parity.py \
