@@ -199,13 +199,19 @@ def lora_fused_rows() -> bool:
     return _flag("INFERNEO_LORA_FUSED_ROWS", True)
 
 
-def cuda_moe_logits_routing() -> bool:
-    """INFERNEO_CUDA_MOE_LOGITS_ROUTING (default on): at one token in half precision, a mixture-of-experts layer
-    with the Triton router runs its residual add and post-attention norm inside the router GEMV
-    (``triton_gemv.norm_gemv``, which also stores the normed row) and routes inside the two few-token expert
-    kernels from the router logits (``triton_moe.pair_experts_from_logits``): three launches where the RMSNorm,
-    router GEMV, routing and two expert kernels took five. Off: those five."""
-    return _flag("INFERNEO_CUDA_MOE_LOGITS_ROUTING", True)
+def cuda_norm_router_gemv() -> bool:
+    """INFERNEO_CUDA_NORM_ROUTER_GEMV (default on): at one token in half precision, a mixture-of-experts layer with
+    the Triton router runs its residual add and post-attention RMSNorm inside the router GEMV
+    (``triton_gemv.norm_gemv``, which also stores the normed row for the experts): one launch where the RMSNorm
+    and the router GEMV took two. Off: the two."""
+    return _flag("INFERNEO_CUDA_NORM_ROUTER_GEMV", True)
+
+
+def cuda_packed_topk() -> bool:
+    """INFERNEO_CUDA_PACKED_TOPK (default on): the Triton routing kernel picks each of the top-k experts with one
+    max reduction over packed (probability, id) keys instead of three reductions (``triton_routing._store_topk``);
+    the same ids and weights. Off: the three-reduction loop."""
+    return _flag("INFERNEO_CUDA_PACKED_TOPK", True)
 
 
 def cuda_norm_router() -> bool:

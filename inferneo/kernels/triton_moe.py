@@ -220,53 +220,13 @@ token's k experts at once, with tuned tiles and PDL (``moe_decode_sweep.py``, ca
 73.1 us at 1 / 2 / 4 tokens (floor 17.8 / 34.7 / 64.6 us)."""
 
 
-LOGITS_MAX_EXPERTS = 256
-"""Up to this many experts the few-token kernels can route a token themselves from its router logits
-(:func:`pair_experts_from_logits`; each expert's id takes 8 bits of its sort key)."""
-
-
-@triton.jit
-def _topk_keys(logits_ptr, n_experts, BLOCK_E: tl.constexpr):
-    """One token's experts as sort keys, for the kernels that route from the router logits: the softmax
-    probability (float32, computed as ``route_topk`` computes it; its bits, as a non-negative float, order like the
-    values) in the high bits and ``255 - id`` in the low 8, so that the largest key is the most probable expert and,
-    among equal probabilities, the lower id (the order of ``route_topk`` and ``torch.topk``); padding keys are -1.
-    A key's probability is ``_key_prob(key)``, its expert ``_key_expert(key)``."""
-    e = tl.arange(0, BLOCK_E)
-    valid = e < n_experts
-    logits = tl.load(logits_ptr + e, mask=valid, other=float("-inf")).to(tl.float32)
-    exps = tl.exp(logits - tl.max(logits, axis=0))
-    probs = exps / tl.sum(exps, axis=0)
-    bits = probs.to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(valid, (bits << 8) | (255 - e).to(tl.int64), -1)
-
-
-@triton.jit
-def _key_expert(key):
-    return 255 - (key & 255)
-
-
-@triton.jit
-def _key_prob(key):
-    return (key >> 8).to(tl.int32).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, stride_xt, stride_we, stride_wn,
-                         stride_be, stride_op, stride_l, n_experts, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                         FROM_LOGITS: tl.constexpr = False, BLOCK_E: tl.constexpr = 1):
+                         stride_be, stride_op, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)  # the routing that writes ids (and x) comes right before
     pair = tl.program_id(0).to(tl.int64)
-    if FROM_LOGITS:  # ids_ptr holds the router logits [T, E]: this pair's expert is the token's (slot + 1)-th best
-        key = _topk_keys(ids_ptr + (pair // top_k) * stride_l, n_experts, BLOCK_E)
-        best = tl.max(key, axis=0)
-        for _ in range((pair % top_k).to(tl.int32)):
-            key = tl.where(key == best, -1, key)
-            best = tl.max(key, axis=0)
-        expert = _key_expert(best)
-    else:
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -292,10 +252,8 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, 
 
 @triton.jit
 def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, K, stride_hp,
-                          stride_we, stride_wn, stride_be, stride_ot, stride_l, n_experts, HAS_BIAS: tl.constexpr,
-                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          FROM_LOGITS: tl.constexpr = False, BLOCK_E: tl.constexpr = 1,
-                          RENORMALIZE: tl.constexpr = False):
+                          stride_we, stride_wn, stride_be, stride_ot, HAS_BIAS: tl.constexpr,
+                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
@@ -306,22 +264,8 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     # ids and top-k weights come from the routing, which finished before the gate/up kernel let this one launch:
-    # the first weight tile is read before waiting for the gate/up kernel's output. FROM_LOGITS: ids_ptr holds the
-    # router logits (written before the gate/up kernel's wait too) and the token's top-k is computed here.
-    if FROM_LOGITS:  # the top-k as route_topk picks it: the largest key, top_k times
-        key = _topk_keys(ids_ptr + token * stride_l, n_experts, BLOCK_E)
-        experts = tl.zeros([TOPK_POW2], dtype=tl.int64)
-        scale = tl.zeros([TOPK_POW2], dtype=tl.float32)
-        for i in tl.static_range(TOPK_POW2):
-            best = tl.max(key, axis=0)
-            take = (slots == i) & slot_ok
-            experts = tl.where(take, _key_expert(best), experts)
-            scale = tl.where(take, _key_prob(best), scale)
-            key = tl.where(key == best, -1, key)
-        if RENORMALIZE:
-            scale = scale / tl.sum(scale, axis=0)
-    else:
-        experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    # the first weight tile is read before waiting for the gate/up kernel's output.
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
     rows = w_ptr + experts[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
     row_ok = slot_ok[:, None, None] & col_ok[None, :, None]
     h_rows = h_ptr + pairs[:, None] * stride_hp + ks[None, :]
@@ -339,8 +283,7 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     if HAS_BIAS:
         y += tl.load(bias_ptr + experts[:, None] * stride_be + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :],
                      other=0.0).to(tl.float32)
-    if not FROM_LOGITS:
-        scale = tl.load(topk_weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
+    scale = tl.load(topk_weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
     total = tl.sum(y * scale[:, None], axis=0)  # a fixed reduction order: the same sum on every run
     tl.store(out_ptr + token * stride_ot + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
@@ -354,7 +297,7 @@ def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activati
     hidden_act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.up_block_n))](
         x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, x.shape[1], x.stride(0),
-        w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0), 0, 0,
+        w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
         HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_N=tiles.up_block_n,
         BLOCK_K=tiles.up_block_k, PDL=pdl, num_warps=tiles.up_num_warps, **launch_options(pdl))
     return hidden_act
@@ -371,7 +314,7 @@ def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Ten
     _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
         hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, top_k, hidden, inter,
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
-        out.stride(0), 0, 0, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
+        out.stride(0), HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
         BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, num_warps=tiles.down_num_warps,
         **launch_options(pdl))
     return out
@@ -381,51 +324,6 @@ def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias,
     ids, weights = ids.contiguous(), weights.contiguous()  # before the launches: no copy kernel between the two
     hidden_act = pair_gate_up(x, w13, ids, activation, w13_bias, tiles, pdl)
     return pair_down_sum(hidden_act, w2, weights, ids, w2_bias, tiles, pdl)
-
-
-def logits_routing_applies(x: torch.Tensor, num_experts: int) -> bool:
-    """Whether :func:`pair_experts_from_logits` takes ``x`` ``[T, H]``: a few tokens (the per-pair path) and at
-    most :data:`LOGITS_MAX_EXPERTS` experts."""
-    return x.dim() == 2 and 0 < x.shape[0] <= PAIR_PATH_MAX_TOKENS and num_experts <= LOGITS_MAX_EXPERTS
-
-
-def pair_experts_from_logits(x: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                             top_k: int, *, renormalize: bool, activation: str = "silu",
-                             w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-                             tiles: PairTiles | None = None, pdl: bool | None = None) -> torch.Tensor:
-    """The few-token experts of ``x`` ``[T, H]`` routed inside the two per-pair kernels from the router ``logits``
-    ``[T, E]``: the softmax top-k of ``triton_routing.route_topk`` (``renormalize`` as there), so no routing
-    launch runs between the router linear and the experts. Each gate/up program finds its pair's expert, each down
-    program its token's ``top_k`` experts and weights (:func:`_topk_keys`). The same result as
-    ``route_topk`` followed by :func:`triton_fused_experts` (the weights to float32 rounding: their sums add in
-    another order). For :func:`logits_routing_applies` inputs."""
-    if activation not in _ACTIVATION_IDS:
-        raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(_ACTIVATION_IDS)}")
-    num_experts, two_inter, hidden = w13.shape
-    inter = two_inter // 2
-    num_tokens = x.shape[0]
-    assert logits.shape == (num_tokens, num_experts) and logits.stride(-1) == 1 and 1 <= top_k <= num_experts
-    assert logits_routing_applies(x, num_experts)
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    tiles = tiles or moe_pair_tiles(num_experts, inter, hidden, x.dtype)
-    pdl = pdl_for(x, pdl)
-    block_e = triton.next_power_of_2(num_experts)
-    hidden_act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
-    _pair_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.up_block_n))](
-        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, logits, top_k, inter, hidden, x.stride(0),
-        w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
-        logits.stride(0), num_experts, HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
-        BLOCK_N=tiles.up_block_n, BLOCK_K=tiles.up_block_k, PDL=pdl, FROM_LOGITS=True, BLOCK_E=block_e,
-        num_warps=tiles.up_num_warps, **launch_options(pdl))
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
-        hidden_act, w2, w2_bias if w2_bias is not None else w2, hidden_act, out, logits, top_k, hidden, inter,
-        hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
-        out.stride(0), logits.stride(0), num_experts, HAS_BIAS=w2_bias is not None,
-        TOPK_POW2=triton.next_power_of_2(top_k), BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl,
-        FROM_LOGITS=True, BLOCK_E=block_e, RENORMALIZE=renormalize, num_warps=tiles.down_num_warps,
-        **launch_options(pdl))
-    return out
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

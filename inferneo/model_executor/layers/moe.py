@@ -192,11 +192,7 @@ class FusedMoE(nn.Module):
                                   w2_bias=getattr(experts, "down_proj_bias", None))
 
     def forward(self, x: torch.Tensor, routed: RouterOutput | None = None) -> torch.Tensor:
-        return self.finish(x, self.routed_experts(x, routed))
-
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The block's output from the routed experts' sum ``out`` for ``x``: plus the shared expert, then the
-        tensor-parallel all-reduce (for device kernels that compute the routed experts themselves)."""
+        out = self.routed_experts(x, routed)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
