@@ -207,13 +207,6 @@ def cuda_norm_router_gemv() -> bool:
     return _flag("INFERNEO_CUDA_NORM_ROUTER_GEMV", True)
 
 
-def cuda_packed_topk() -> bool:
-    """INFERNEO_CUDA_PACKED_TOPK (default on): the Triton routing kernel picks each of the top-k experts with one
-    max reduction over packed (probability, id) keys instead of three reductions (``triton_routing._store_topk``);
-    the same ids and weights. Off: the three-reduction loop."""
-    return _flag("INFERNEO_CUDA_PACKED_TOPK", True)
-
-
 def cuda_norm_router() -> bool:
     """INFERNEO_CUDA_NORM_ROUTER (default off): at a few tokens, run a mixture-of-experts layer's residual add,
     post-attention norm, router linear and top-k as one kernel (``triton_routing.norm_route_topk``). Off because on

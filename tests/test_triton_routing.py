@@ -32,8 +32,6 @@ _KERNEL_SCRIPT = textwrap.dedent("""
                     for routing, renormalize in RENORMALIZES.items():
                         want = make_router(routing, top_k)(logits)
                         got = route_topk(logits, top_k, renormalize=renormalize)
-                        plain = route_topk(logits, top_k, renormalize=renormalize, packed=False)
-                        assert torch.equal(got.ids, plain.ids) and torch.equal(got.weights, plain.weights)
                         assert got.weights.dtype == torch.float32 and got.ids.dtype == want.ids.dtype
                         assert torch.equal(got.ids, want.ids), (routing, num_experts, top_k, got.ids, want.ids)
                         torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6)
@@ -45,16 +43,14 @@ _KERNEL_SCRIPT = textwrap.dedent("""
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.weights, want.weights)
     assert route_topk(torch.randn(0, 8), 2, renormalize=False).ids.shape == (0, 2)
-    # ties: equal logits go to the lower id first, in the packed keys as in the plain loop and torch.topk
+    # ties: equal logits go to the lower id first
     for num_experts in (8, 60, 128):
         logits = torch.randn(3, num_experts)
         logits[:, [5, 1, num_experts - 1]] = logits.max() + 1.0
         logits[1, [0, 2]] = logits[1, 5].item()
         for top_k in (2, 4, 6):
             got = route_topk(logits, top_k, renormalize=True)
-            plain = route_topk(logits, top_k, renormalize=True, packed=False)
             want = make_router("softmax_topk_renormalized", top_k)(logits)
-            assert torch.equal(got.ids, plain.ids) and torch.equal(got.weights, plain.weights)
             stable = torch.sort(-logits, dim=-1, stable=True).indices[:, :top_k]  # equal logits: lower id first
             assert torch.equal(got.ids, stable), (got.ids, stable)
             torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6)

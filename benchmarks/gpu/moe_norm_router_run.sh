@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One device call for issue 19's batch-1 step with the post-attention norm inside the router GEMV and the packed
-# top-k (docs/benchmarks.md, "The norm inside the router GEMV, the packed top-k"): moe_norm_router.py (checks
-# against the launches replaced, in bf16 on CUDA, and the time per layer), the float32 HF parity of the MoE
-# architectures on CUDA, then moe_suite.py --decode-only with INFERNEO_CUDA_NORM_ROUTER_GEMV and
-# INFERNEO_CUDA_PACKED_TOPK both off and both on, in alternation while the time allows. Everything lands in
-# $OUT/h-moe-results.tgz (plus a summary on stdout). About 4 minutes on one H200.
+# One device call for issue 19's batch-1 step with the post-attention norm inside the router GEMV (docs/benchmarks.md,
+# "The post-attention norm inside the router GEMV"): moe_norm_router.py (checks against the launches replaced, in
+# bf16 on CUDA, and the time per layer), the float32 HF parity of the MoE architectures on CUDA, then
+# moe_suite.py --decode-only with INFERNEO_CUDA_NORM_ROUTER_GEMV off and on, in alternation while the time allows.
+# Everything lands in $OUT/h-moe-results.tgz (plus a summary on stdout). About 4 minutes on one H200.
 set -u
 OUT=${OUT:?set OUT}
 LIMIT=${1:-300}  # seconds for the whole script; a suite run starts only with 50 s left
@@ -28,7 +27,7 @@ for mode in off on off on off on; do
   flag=0; [ "$mode" = on ] && flag=1
   d="$W/suite${n}_$mode"
   mkdir -p "$d"
-  INFERNEO_CUDA_NORM_ROUTER_GEMV=$flag INFERNEO_CUDA_PACKED_TOPK=$flag timeout $((left - 3)) \
+  INFERNEO_CUDA_NORM_ROUTER_GEMV=$flag timeout $((left - 3)) \
     python3 benchmarks/gpu/moe_suite.py --decode-only --deadline 160 --out "$d" > "$d/stdout.txt" 2>&1
   echo "suite $n (switches $flag) rc=$? ($((SECONDS - start)) s)"
   grep -E "^decode batch|kernels by device time|_kernel$" "$d/stdout.txt" | cut -c1-100 | head -n 16

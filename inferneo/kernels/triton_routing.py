@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from inferneo import envs
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels._triton_elementwise import weighted_rms_norm
 from inferneo.model_executor.layers.moe_routing import NamedRouter, Router, RouterOutput
@@ -27,35 +26,21 @@ RENORMALIZES = {"softmax_topk": False, "softmax_topk_renormalized": True, "topk_
 
 @triton.jit
 def _store_topk(logits, e, valid, weights_ptr, ids_ptr, t, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PACKED: tl.constexpr = True):
+                BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr):
     """Token ``t``'s routing from its float32 ``logits`` ``[BLOCK_E]`` (``-inf`` where not ``valid``): the ``K``
-    largest softmax probabilities in descending order (ties to the lower id), renormalised with ``RENORMALIZE``.
-
-    ``PACKED``: each expert is one int64 key, its probability's bits (a non-negative float32 orders like its bits)
-    above ``65535 - id``, so one max reduction a slot picks the most probable remaining expert, the lower id among
-    equals, and carries its probability: one reduction where the plain loop takes three (max, the lowest id of the
-    maxima, the chosen probability). The same ids and weights, bit for bit."""
+    largest softmax probabilities in descending order (ties to the lower id), renormalised with ``RENORMALIZE``."""
     exps = tl.exp(logits - tl.max(logits, axis=0))
     probs = exps / tl.sum(exps, axis=0)
+    remaining = tl.where(valid, probs, -1.0)  # probabilities are >= 0: padding is never chosen
     slot = tl.arange(0, BLOCK_K)
     weights = tl.zeros([BLOCK_K], dtype=tl.float32)
     ids = tl.zeros([BLOCK_K], dtype=tl.int64)
-    if PACKED:
-        bits = probs.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(valid, (bits << 16) | (65535 - e).to(tl.int64), -1)  # padding (-1) is never chosen
-        for i in tl.static_range(K):
-            best = tl.max(key, axis=0)
-            weights = tl.where(slot == i, (best >> 16).to(tl.int32).to(tl.float32, bitcast=True), weights)
-            ids = tl.where(slot == i, 65535 - (best & 65535), ids)
-            key = tl.where(key == best, -1, key)
-    else:
-        remaining = tl.where(valid, probs, -1.0)  # probabilities are >= 0: padding is never chosen
-        for i in tl.static_range(K):
-            best = tl.max(remaining, axis=0)
-            chosen = tl.min(tl.where(remaining == best, e, BLOCK_E), axis=0)  # the lowest id among equals
-            weights = tl.where(slot == i, tl.sum(tl.where(e == chosen, probs, 0.0), axis=0), weights)
-            ids = tl.where(slot == i, chosen.to(tl.int64), ids)
-            remaining = tl.where(e == chosen, -2.0, remaining)
+    for i in tl.static_range(K):
+        best = tl.max(remaining, axis=0)
+        chosen = tl.min(tl.where(remaining == best, e, BLOCK_E), axis=0)  # the lowest id among equals
+        weights = tl.where(slot == i, tl.sum(tl.where(e == chosen, probs, 0.0), axis=0), weights)
+        ids = tl.where(slot == i, chosen.to(tl.int64), ids)
+        remaining = tl.where(e == chosen, -2.0, remaining)
     if RENORMALIZE:
         weights = weights / tl.sum(weights, axis=0)
     out = slot < K
@@ -65,25 +50,19 @@ def _store_topk(logits, e, valid, weights_ptr, ids_ptr, t, K: tl.constexpr, BLOC
 
 @triton.jit
 def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, stride_l, n_experts, K: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
-                       PACKED: tl.constexpr):
+                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < n_experts
     logits = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
-    _store_topk(logits, e, valid, weights_ptr, ids_ptr, t, K, BLOCK_E, BLOCK_K, RENORMALIZE, PACKED)
+    _store_topk(logits, e, valid, weights_ptr, ids_ptr, t, K, BLOCK_E, BLOCK_K, RENORMALIZE)
 
 
-PACKED_MAX_EXPERTS = 65536  # ids take the low 16 bits of the packed keys
-
-
-def route_topk(logits: torch.Tensor, top_k: int, *, renormalize: bool, pdl: bool | None = None,
-               packed: bool | None = None) -> RouterOutput:
+def route_topk(logits: torch.Tensor, top_k: int, *, renormalize: bool, pdl: bool | None = None) -> RouterOutput:
     """The ``top_k`` experts of each row of router ``logits`` ``[T, E]`` by softmax probability (descending) and
     their probabilities, divided by their sum when ``renormalize``: ``weights`` float32 and ``ids`` int64
-    ``[T, top_k]``, as the PyTorch routers give them. ``packed``: the one-reduction-a-slot selection of
-    :func:`_store_topk` (None: ``INFERNEO_CUDA_PACKED_TOPK``, on by default; the same result either way)."""
+    ``[T, top_k]``, as the PyTorch routers give them."""
     assert logits.dim() == 2 and logits.stride(-1) == 1
     n_tokens, n_experts = logits.shape
     weights = torch.empty(n_tokens, top_k, dtype=torch.float32, device=logits.device)
@@ -93,13 +72,9 @@ def route_topk(logits: torch.Tensor, top_k: int, *, renormalize: bool, pdl: bool
         pdl = pdl_for(logits, pdl)
         _route_topk_kernel[(n_tokens,)](logits, weights, ids, logits.stride(0), n_experts, K=top_k,
                                         BLOCK_E=block, BLOCK_K=triton.next_power_of_2(top_k),
-                                        RENORMALIZE=renormalize, PDL=pdl, PACKED=_packed(packed, n_experts),
-                                        num_warps=1 if block <= 256 else 4, **launch_options(pdl))
+                                        RENORMALIZE=renormalize, PDL=pdl, num_warps=1 if block <= 256 else 4,
+                                        **launch_options(pdl))
     return RouterOutput(weights=weights, ids=ids)
-
-
-def _packed(packed: bool | None, n_experts: int) -> bool:
-    return (envs.cuda_packed_topk() if packed is None else packed) and n_experts <= PACKED_MAX_EXPERTS
 
 
 # ---- the post-attention RMSNorm, the router GEMV and the top-k in one launch (a few tokens) -------------------------
@@ -113,8 +88,7 @@ router GEMV and routing launches of a mixture-of-experts layer; more tokens keep
 def _norm_route_kernel(x_ptr, res_ptr, norm_w_ptr, gate_w_ptr, gate_b_ptr, normed_ptr, res_out_ptr, logits_ptr,
                        tickets_ptr, weights_ptr, ids_ptr, stride_x, stride_r, stride_g, n_cols, n_experts, eps,
                        K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
-                       PACKED: tl.constexpr):
+                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr):
     # Program (t, g): token t's residual sum and RMSNorm (every program computes them; program 0 stores them), then
     # router logits g * ROWS ... g * ROWS + ROWS - 1, rounded to the model dtype as the router linear's output is.
     # The last program of the token to finish (an atomic ticket) reads all the logits back and does the top-k.
@@ -146,8 +120,7 @@ def _norm_route_kernel(x_ptr, res_ptr, norm_w_ptr, gate_w_ptr, gate_b_ptr, norme
         e = tl.arange(0, BLOCK_E)
         valid = e < n_experts
         logits = tl.load(logits_ptr + t * n_experts + e, mask=valid, other=float("-inf"), volatile=True)
-        _store_topk(logits.to(tl.float32), e, valid, weights_ptr, ids_ptr, t, K, BLOCK_E, BLOCK_K, RENORMALIZE,
-                    PACKED)
+        _store_topk(logits.to(tl.float32), e, valid, weights_ptr, ids_ptr, t, K, BLOCK_E, BLOCK_K, RENORMALIZE)
 
 
 def norm_route_rows(n_experts: int) -> int:
@@ -184,8 +157,7 @@ def norm_route_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
             logits, tickets, weights, ids, x.stride(0), residual.stride(0), gate_weight.stride(0), n_cols, n_experts,
             eps, K=top_k, HAS_BIAS=gate_bias is not None, BLOCK_H=block_h, ROWS=rows,
             BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(top_k),
-            RENORMALIZE=renormalize, PDL=pdl, PACKED=_packed(None, n_experts), num_warps=min(max(block_h // 256, 1), 8),
-            **launch_options(pdl))
+            RENORMALIZE=renormalize, PDL=pdl, num_warps=min(max(block_h // 256, 1), 8), **launch_options(pdl))
     return normed, total, RouterOutput(weights=weights, ids=ids)
 
 
@@ -195,10 +167,9 @@ class TritonRouter:
 
     def __init__(self, top_k: int, renormalize: bool, pdl: bool) -> None:
         self.top_k, self.renormalize, self.pdl = top_k, renormalize, pdl
-        self.packed = envs.cuda_packed_topk()  # decided once, with the model
 
     def __call__(self, logits: torch.Tensor) -> RouterOutput:
-        return route_topk(logits, self.top_k, renormalize=self.renormalize, pdl=self.pdl, packed=self.packed)
+        return route_topk(logits, self.top_k, renormalize=self.renormalize, pdl=self.pdl)
 
     def __repr__(self) -> str:
         return f"TritonRouter(top_k={self.top_k}, renormalize={self.renormalize})"
