@@ -199,6 +199,14 @@ def lora_fused_rows() -> bool:
     return _flag("INFERNEO_LORA_FUSED_ROWS", True)
 
 
+def cuda_norm_router_gemv() -> bool:
+    """INFERNEO_CUDA_NORM_ROUTER_GEMV (default on): at one token in half precision, a mixture-of-experts layer with
+    the Triton router runs its residual add and post-attention RMSNorm inside the router GEMV
+    (``triton_gemv.norm_gemv``, which also stores the normed row for the experts): one launch where the RMSNorm
+    and the router GEMV took two. Off: the two."""
+    return _flag("INFERNEO_CUDA_NORM_ROUTER_GEMV", True)
+
+
 def cuda_norm_router() -> bool:
     """INFERNEO_CUDA_NORM_ROUTER (default off): at a few tokens, run a mixture-of-experts layer's residual add,
     post-attention norm, router linear and top-k as one kernel (``triton_routing.norm_route_topk``). Off because on

@@ -43,8 +43,46 @@ _KERNEL_SCRIPT = textwrap.dedent("""
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.weights, want.weights)
     assert route_topk(torch.randn(0, 8), 2, renormalize=False).ids.shape == (0, 2)
+    # ties: equal logits go to the lower id first
+    for num_experts in (8, 60, 128):
+        logits = torch.randn(3, num_experts)
+        logits[:, [5, 1, num_experts - 1]] = logits.max() + 1.0
+        logits[1, [0, 2]] = logits[1, 5].item()
+        for top_k in (2, 4, 6):
+            got = route_topk(logits, top_k, renormalize=True)
+            want = make_router("softmax_topk_renormalized", top_k)(logits)
+            stable = torch.sort(-logits, dim=-1, stable=True).indices[:, :top_k]  # equal logits: lower id first
+            assert torch.equal(got.ids, stable), (got.ids, stable)
+            torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6)
     print("ok")
 """)
+
+# norm_gemv storing the normed row (the router GEMV of a mixture-of-experts layer at one token): the normed row and
+# residual sum equal the RMSNorm kernel's, the product that of the call without it.
+_NORM_GEMV_SCRIPT = textwrap.dedent("""
+    import torch
+    from inferneo.kernels import triton_gemv
+    from inferneo.kernels._triton_elementwise import rms_norm
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias in (False, True):
+            x, res = torch.randn(1, 48).to(dtype), torch.randn(1, 48).to(dtype)
+            norm_w, w = (torch.rand(48) + 0.5).to(dtype), torch.randn(20, 48).to(dtype)
+            b = torch.randn(20).to(dtype) if bias else None
+            prod, total, normed = triton_gemv.norm_gemv(x, res, norm_w, 1e-6, w, b, store_normed=True)
+            prod2, total2 = triton_gemv.norm_gemv(x, res, norm_w, 1e-6, w, b)
+            assert torch.equal(prod, prod2) and torch.equal(total, total2)
+            want_normed, want_total = rms_norm(x.clone(), res.clone(), norm_w, 1e-6)
+            tol = 0 if dtype == torch.float32 else 1e-2  # (the interpreter's bfloat16 rounding, see below)
+            torch.testing.assert_close(normed, want_normed, rtol=tol, atol=tol)
+            torch.testing.assert_close(total, want_total, rtol=tol, atol=tol)
+    print("ok")
+""")
+
+
+def test_norm_gemv_stores_the_normed_row():
+    _run(_NORM_GEMV_SCRIPT)
 
 
 def _run(script: str, *args: str) -> None:
@@ -179,13 +217,17 @@ def test_norm_route_kernel_matches_the_norm_linear_and_router():
 
 
 # Decode steps of tiny mixture-of-experts models through the whole CUDA transform with the Triton attention backend
-# (under the interpreter), against the plain PyTorch model: at 1 and 2 tokens the fused norm + router + top-k kernel
-# runs (not at the prefill), at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's q/k norm + rotary kernel
-# writes the cache (no store_kv launch).
+# (under the interpreter), against the plain PyTorch model: at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's
+# q/k norm + rotary kernel writes the cache (no store_kv launch); mode "norm_router": at 1 and 2 tokens the fused
+# norm + router + top-k kernel runs (not at the prefill); mode "norm_gemv" (the default switches): at 1 token the
+# post-attention norm inside the router GEMV, then the routing kernel.
 _DECODE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
-    import copy, sys, torch
+    import os, sys
+    MODE = sys.argv[3]
+    if MODE == "norm_router":
+        os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
+        os.environ["INFERNEO_CUDA_NORM_ROUTER_GEMV"] = "0"  # (and the switch of the other path, off)
+    import copy, torch
     from inferneo.attention import AttentionMetadata, PrefillSpan
     from inferneo.attention.triton_backend import TritonBackend
     from inferneo.kernel_config import KernelConfig
@@ -198,7 +240,7 @@ _DECODE_SCRIPT = textwrap.dedent("""
     from triton_interpreter_shims import patch_interpreter
     patch_interpreter()
 
-    calls = {"store_kv": 0, "norm_route": 0, "norm_gemv": 0}
+    calls = {"store_kv": 0, "norm_route": 0, "norm_gemv": 0, "route_topk": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -209,6 +251,7 @@ _DECODE_SCRIPT = textwrap.dedent("""
     triton_attention.store_kv = counted("store_kv", triton_attention.store_kv)
     triton_routing.norm_route_topk = counted("norm_route", triton_routing.norm_route_topk)
     triton_gemv.norm_gemv = counted("norm_gemv", triton_gemv.norm_gemv)
+    triton_routing.route_topk = counted("route_topk", triton_routing.route_topk)
 
     class OneRowGemv(DecodeGemv):
         # the GEMV with its input norm for any one-row input (the real one takes CUDA half-precision rows only)
@@ -259,23 +302,33 @@ _DECODE_SCRIPT = textwrap.dedent("""
             gemv = OneRowGemv(triton_gemv, False, False)
             layer.self_attn.qkv_proj = DecodeLinear(layer.self_attn.qkv_proj, gemv)  # F.linear on CPU
             layer.norm_gemv = gemv
+            assert (layer.router_gemv is not None) == (MODE == "norm_gemv")
+            if MODE == "norm_gemv":
+                layer.router_gemv = gemv
         for prompts in ([[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]], [[3, 1, 4, 1, 5, 9]]):
             want = generate(plain, prompts, 3, None)
             forced = [w.argmax(-1) for w in want]
-            calls.update(store_kv=0, norm_route=0, norm_gemv=0)
+            calls.update(store_kv=0, norm_route=0, norm_gemv=0, route_topk=0)
             got = generate(fused, prompts, 3, forced)
-            assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
-            assert calls["norm_gemv"] == (3 * config.num_layers if len(prompts) == 1 else 0), calls
+            one_row = 3 * config.num_layers if len(prompts) == 1 else 0  # the decode steps of one request
+            if MODE == "norm_router":
+                assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
+                assert calls["norm_gemv"] == one_row, calls
+            else:  # q/k/v and router GEMVs with their norms at one row; the routing kernel at every step
+                assert calls["norm_route"] == 0 and calls["norm_gemv"] == 2 * one_row, calls
+                assert calls["route_topk"] == 4 * config.num_layers, calls
             stores = 0 if arch == "qwen3_moe" else 4 * config.num_layers  # gpt-oss: no q/k norm, store_kv stays
             assert calls["store_kv"] == stores, calls
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
                 assert torch.equal(g.argmax(-1), w.argmax(-1))
-        assert all(not m.norm_router.tickets.any() for m in fused.modules() if isinstance(m, NormFusedMoeLayer))
+        if MODE == "norm_router":
+            assert all(not m.norm_router.tickets.any() for m in fused.modules() if isinstance(m, NormFusedMoeLayer))
     print("ok")
 """)
 
 
 @pytest.mark.slow  # ~50 s under the interpreter; the GEMV and q/k-norm kernels keep their own CI tests
-def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path):
-    _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__))
+@pytest.mark.parametrize("mode", ["norm_router", "norm_gemv"])
+def test_decode_steps_of_tiny_moe_models_through_the_fused_kernels(tmp_path, mode):
+    _run(_DECODE_SCRIPT, str(tmp_path), os.path.dirname(__file__), mode)

@@ -100,6 +100,8 @@ def touched_experts(llm: LLM, s: Suite, batch: int, top_k: int) -> float:
         runner.use_cuda_graphs = graphs
         for handle in handles:
             handle.remove()
+    if not counts and batch == 1:  # no gate module ran (the router GEMV fused with the norm): one token, k experts
+        return float(top_k)
     return sum(counts) / max(1, len(counts))
 
 

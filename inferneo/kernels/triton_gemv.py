@@ -108,12 +108,12 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, lp_ptr, lb_ptr, s
 
 
 @triton.jit
-def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, stride_wn, n_cols, eps,
-                      HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, normed_ptr, N, stride_wn,
+                      n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_NORMED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     # Every program normalizes the whole row (as the RMSNorm kernel does: residual add rounded, float32 norm,
-    # rounded where RMSNorm rounds), program 0 stores the residual sum, and each program multiplies the normed row
-    # by its BLOCK_N weight rows (whole rows in one tile).
+    # rounded where RMSNorm rounds), program 0 stores the residual sum (and with STORE_NORMED the normed row), and
+    # each program multiplies the normed row by its BLOCK_N weight rows (whole rows in one tile).
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -127,7 +127,11 @@ def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
         if pid == 0:
             tl.store(res_out_ptr + k, x, mask=kmask)
-    y = weighted_rms_norm(x, norm_w_ptr, k, kmask, n_cols, eps).to(x.dtype).to(tl.float32)
+    y = weighted_rms_norm(x, norm_w_ptr, k, kmask, n_cols, eps).to(x.dtype)
+    if STORE_NORMED:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if pid == 0:
+            tl.store(normed_ptr + k, y, mask=kmask)
+    y = y.to(tl.float32)
     acc = tl.sum(w.to(tl.float32) * y[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
@@ -146,23 +150,26 @@ def norm_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
               weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int] | None = None,
-              pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              pdl: bool | None = None, store_normed: bool = False):
     """A one-row RMSNorm and the linear layer that reads it, in one launch: ``s = x + residual`` (rounded to the
     model dtype; ``s = x`` without a residual), ``normed = norm_weight * rmsnorm(s)`` rounded as the RMSNorm kernel
     rounds it, and ``normed @ weight.T (+ bias)``. Returns ``(product [1, N], s)``, ``s`` a new tensor (None without a
-    residual); ``x`` and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)``."""
+    residual); with ``store_normed`` ``(product, s, normed)``, ``normed`` [1, K] a new tensor too (for the kernels
+    that read the normed row besides this linear: a mixture-of-experts layer's experts beside its router). ``x``
+    and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)``."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and (residual is None or residual.is_contiguous())
     block_n, num_warps = config or NORM_GEMV_CONFIG
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else None
+    normed = torch.empty_like(x) if store_normed else None
     pdl = pdl_for(x, pdl)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else x, out,
-        total if total is not None else out, n, weight.stride(0), k, eps, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(k), PDL=pdl, num_warps=num_warps,
-        **launch_options(pdl))
-    return out, total
+        total if total is not None else out, normed if normed is not None else out, n, weight.stride(0), k, eps,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STORE_NORMED=store_normed, BLOCK_N=block_n,
+        BLOCK_H=triton.next_power_of_2(k), PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+    return (out, total, normed) if store_normed else (out, total)
 
 
 DEFAULT_CONFIG = (1, 1024, 4)  # BLOCK_N, BLOCK_K, num_warps: the best of the H100 sweep on every layer shape

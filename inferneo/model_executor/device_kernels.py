@@ -236,11 +236,15 @@ class NormFusedMoeLayer(DecoderLayer):
     """A decoder layer with a mixture-of-experts block whose two RMSNorms run inside the kernels that read them,
     for a few tokens (a decode step): at one row in half precision the input norm and the q/k/v projection as one
     GEMV (``triton_gemv.norm_gemv``; ``norm_gemv`` set), and up to ``NORM_ROUTE_MAX_TOKENS`` tokens the residual
-    add, post-attention norm, router linear and routing as one launch (``triton_routing.norm_route_topk``). Other
-    inputs take the plain modules."""
+    add, post-attention norm, router linear and routing as one launch (``triton_routing.norm_route_topk``; opt-in,
+    ``norm_router`` set), else at one row the residual add and post-attention norm inside the router GEMV, which
+    also stores the normed row for the experts (``router_gemv`` set). Other inputs take the plain modules."""
 
     norm_router = None  # set by ``use_norm_fused_layers`` (INFERNEO_CUDA_NORM_ROUTER): a ``triton_routing.NormRouter``
     norm_gemv: DecodeGemv | None = None  # set by ``use_norm_fused_layers`` where the q/k/v projection may fuse
+    # set by ``use_norm_fused_layers`` (INFERNEO_CUDA_NORM_ROUTER_GEMV): at one row the residual add and
+    # post-attention norm inside the router GEMV, which stores the normed row for the experts
+    router_gemv: DecodeGemv | None = None
 
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
@@ -261,6 +265,14 @@ class NormFusedMoeLayer(DecoderLayer):
             normed, residual, routed = self.norm_router(hidden, residual, norm.weight, norm.eps, moe.gate.weight,
                                                         moe.gate.bias)
             return moe(normed, routed), residual
+        gemv = self.router_gemv
+        if (gemv is not None and type(moe.gate) in _PLAIN_LINEARS and residual is not None
+                and residual.is_contiguous() and gemv.norm_applies(hidden, moe.gate.weight)):
+            # residual add + norm + router logits in one GEMV (no RMSNorm launch); the routing kernel and the
+            # experts then read its logits and normed row
+            logits, residual, normed = gemv.norm_linear(hidden, residual, norm.weight, norm.eps, moe.gate.weight,
+                                                        moe.gate.bias, store_normed=True)
+            return moe(normed, moe.router(logits)), residual
         return super().feed_forward(hidden, residual)
 
 
@@ -272,6 +284,7 @@ def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
     from inferneo.kernels.triton_routing import NormRouter, TritonRouter
 
     norm_router = envs.cuda_norm_router()  # off by default: slower than its three launches on an H200
+    norm_in_router = envs.cuda_norm_router_gemv()
 
     def replace(m: nn.Module) -> nn.Module | None:
         if type(m) is not DecoderLayer or not isinstance(m.mlp, FusedMoE):
@@ -283,10 +296,11 @@ def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
         attention = type(m.self_attn) in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
         fuse_qkv = (gemv is not None and attention and type(m.self_attn.qkv_proj) is DecodeLinear
                     and type(m.input_layernorm) is TritonRMSNorm)
-        if not fuse_qkv and not norm_router:
+        if not fuse_qkv and not norm_router and not (norm_in_router and gemv is not None):
             return None
         return _adopt(NormFusedMoeLayer, m, norm_gemv=gemv if fuse_qkv else None,
-                      norm_router=NormRouter(m.mlp.router, m.mlp.gate.weight.device) if norm_router else None)
+                      norm_router=NormRouter(m.mlp.router, m.mlp.gate.weight.device) if norm_router else None,
+                      router_gemv=gemv if norm_in_router else None)
 
     before = sum(isinstance(m, NormFusedMoeLayer) for m in model.modules())
     _swap_children(model, replace)

@@ -47,9 +47,12 @@ class DecodeGemv:
         return self.ops.norm_gemv_applies(x, weight)
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor, bias: torch.Tensor | None = None):
+                    weight: torch.Tensor, bias: torch.Tensor | None = None, store_normed: bool = False):
         """The RMSNorm of ``x`` (plus ``residual``) and the linear layer after it in one kernel: ``(product,
-        residual sum)`` (see ``triton_gemv.norm_gemv``)."""
+        residual sum)``, with ``store_normed`` ``(product, residual sum, normed row)`` (see
+        ``triton_gemv.norm_gemv``)."""
+        if store_normed:
+            return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl, store_normed=True)
         return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl)
 
     def silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
