@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,15 @@ MAX_NEW = 12
 
 @functools.cache
 def _hf_model(path: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    kwargs = {}
+    quant = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") == "mxfp4":
+        # de-quantized by HF's own code; transformers >= 5.2x would otherwise fetch MXFP4 kernels from the Hub
+        # whenever the `kernels` package is installed (it is a dependency of transformers now)
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos, without masking EOS
     return model
 
