@@ -53,6 +53,14 @@ def cpu_native_kernels() -> bool:
     return _flag("INFERNEO_CPU_KERNELS", True)
 
 
+def gguf_int8_dot() -> bool:
+    """INFERNEO_GGUF_INT8_DOT (default off): on AVX2 CPUs, Q4_0 / Q4_1 / Q8_0 GGUF layers quantize their activations
+    to int8 per 32-weight block and multiply them by their blocks with integer dot products at the row counts where
+    that measured faster (``quantization/gguf.py``; faster, not bit-exact: it flips the default model's first token
+    at a near-tie in its "capital of France" chat test); off, every GGUF layer takes the exact float path."""
+    return _flag("INFERNEO_GGUF_INT8_DOT", False)
+
+
 def gguf_dequantize() -> bool:
     """INFERNEO_GGUF_DEQUANTIZE (default off): de-quantize a GGUF file's weights to full width at load (the model
     dtype, as before GGUF weights were kept quantized); off, its Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K linear and embedding

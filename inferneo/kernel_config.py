@@ -62,6 +62,10 @@ class KernelConfig:
     #: ``INFERNEO_CUDA_FUSED_ROUTING`` (on; with ``triton_ops``): on CUDA, the softmax top-k mixture-of-experts
     #: routers (and gpt-oss's top-k-then-softmax) as one Triton kernel; DeepSeek's grouped routers stay PyTorch.
     cuda_fused_routing: bool = field(default_factory=envs.cuda_fused_routing)
+    #: ``INFERNEO_GGUF_INT8_DOT`` (off): on, Q4_0/Q4_1/Q8_0 GGUF layers on AVX2 CPUs quantize their activations to
+    #: int8 per 32-weight block and use integer dot products where that measured faster (not bit-exact); off, the
+    #: exact float path.
+    gguf_int8_dot: bool = field(default_factory=envs.gguf_int8_dot)
 
     def __post_init__(self) -> None:
         if self.cpu_linear_kernel not in LINEAR_KERNEL_CHOICES:

@@ -26,6 +26,7 @@ SWITCHES = {
     "peer_push": "INFERNEO_PEER_PUSH",
     "cuda_fused_qk_norm_rope": "INFERNEO_CUDA_FUSED_QK_NORM_ROPE",
     "cuda_fused_routing": "INFERNEO_CUDA_FUSED_ROUTING",
+    "gguf_int8_dot": "INFERNEO_GGUF_INT8_DOT",
 }
 
 
@@ -40,15 +41,20 @@ def test_one_field_per_environment_switch():
         assert callable(getattr(envs, name))  # each field's default is the envs function of the same name
 
 
+# Switches that stay off unless their variable turns them on.
+OFF_BY_DEFAULT = {"gguf_int8_dot"}
+
+
 @pytest.mark.parametrize("field", list(SWITCHES))
 def test_each_field_defaults_to_its_variable_read_when_built(monkeypatch, field):
     monkeypatch.delenv(SWITCHES[field], raising=False)
+    default = field not in OFF_BY_DEFAULT
     before = KernelConfig()
-    assert getattr(before, field) is True
-    monkeypatch.setenv(SWITCHES[field], "0")
+    assert getattr(before, field) is default
+    monkeypatch.setenv(SWITCHES[field], "0" if default else "1")
     after = KernelConfig.from_env()
-    assert getattr(after, field) is False and getattr(before, field) is True  # built earlier: unchanged
-    assert getattr(KernelConfig(**{field: True}), field) is True  # a field given by name wins over the environment
+    assert getattr(after, field) is not default and getattr(before, field) is default  # built earlier: unchanged
+    assert getattr(KernelConfig(**{field: default}), field) is default  # a field given by name wins over the env
     others = {name for name in SWITCHES if name != field}
     assert all(getattr(after, name) == getattr(before, name) for name in others)
 

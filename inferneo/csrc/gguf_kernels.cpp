@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -357,6 +358,298 @@ void dequant_rows(const uint8_t* blocks, int64_t row_bytes, int64_t r0, int64_t 
     for (int64_t blk = 0; blk < nblocks; ++blk) deq(blocks + r * row_bytes + blk * f.bytes, out + r * ldo + blk * f.block);
 }
 
+
+// ---- int8 dot products (Q4_0, Q4_1, Q8_0 weights x int8 activations) -------------------------------------------
+//
+// The activations are quantized per 32-weight block as llama.cpp's Q8 does: d = max|x| / 127, q = round(x / d)
+// (nearest, ties to even; |q| <= 127), s = d * sum(q). Then for a weight block w = d_w * q_w + m_w:
+//   dot = d_w * d_a * sum(q_w * q_a) + m_w * s_a
+// with Q4_0 as q_w in 0..15 and m_w = -8 * d_w, Q8_0 as signed q_w and no min term. The integer sums are exact;
+// the float part is one multiply of the scales and one or two FMAs per block.
+//
+// Weights are repacked per call, for a group of kI8Rows = 8 weight rows and a chunk of K, so that 32-bit lane j
+// of a register belongs to weight row j ("interleaved"): Q4 chunks hold, per block, 8 registers of 4 unsigned
+// bytes x 8 rows (elements 4k..4k+3 in register k); Q8_0 chunks hold, per block, 16 registers of 2 int16 x 8
+// rows. One activation row then multiplies a register against its 4 (2) activation values broadcast to all
+// lanes: vpmaddubsw (u8 x s8 -> int16 pairs; the 8 registers of a Q4 block add up in int16 without overflow:
+// 8 * 2 * 15 * 127 < 32767) and one vpmaddwd with ones per block, or vpmaddwd on int16 for Q8_0, giving one int32
+// lane per weight row, so the scales apply as 8-wide vectors. Each packed chunk is used by every activation row
+// (4 rows at a time in registers). A VNNI path (vpdpbusd: u8 x s8 -> int32 in one instruction) would add its own
+// q4_panel / q8_panel beside the AVX2 ones and be picked in int8_linear_avx2's dispatch.
+#ifdef GGUF_X86
+constexpr int64_t kI8Rows = 8;           // weight rows per group: one int32 / float lane each
+constexpr int64_t kI8ChunkBlocks = 16;   // 32-weight blocks per packed K chunk (512 weights)
+constexpr int64_t kI8MaxRows = 4;        // activation rows per register panel
+
+struct QuantizedRows {
+  const int8_t* q8 = nullptr;    // [M, K] int8 (Q4 formats)
+  const int16_t* q16 = nullptr;  // [M, K] int16 (Q8_0)
+  const float* d = nullptr;      // [M, nb] block scales
+  const float* s = nullptr;      // [M, nb] d * sum(q)
+  int64_t ld = 0, nb = 0;        // row strides of q and of d / s
+};
+
+// Quantize one row of K = 32 * nb floats (AVX2).
+GGUF_AVX2 void quantize_row_avx2(const float* x, int64_t nb, int8_t* q8, int16_t* q16, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float am = _mm_cvtss_f32(m4);
+    const float db = am / 127.0f, id = am > 0.0f ? 127.0f / am : 0.0f;
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i)
+      qi[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    d[b] = db;
+    s[b] = db * static_cast<float>(_mm_cvtsi128_si32(s4));
+    const __m256i w01 = _mm256_packs_epi32(qi[0], qi[1]), w23 = _mm256_packs_epi32(qi[2], qi[3]);
+    if (q16 != nullptr) {  // packs_epi32 interleaves the 128-bit lanes: put the quarters back in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + 32 * b), _mm256_permute4x64_epi64(w01, 0xD8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + 32 * b + 16), _mm256_permute4x64_epi64(w23, 0xD8));
+    }
+    if (q8 != nullptr) {
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), perm);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q8 + 32 * b), bytes);
+    }
+  }
+}
+
+// Transpose 8 x 8 32-bit lanes: out[k] lane j = in[j] lane k.
+GGUF_AVX2 inline void transpose8x32(const __m256i in[8], __m256i* out) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, rows 4-7
+    const __m256i* tt = t + 4 * h;
+    u[4 * h + 0] = _mm256_unpacklo_epi64(tt[0], tt[2]);
+    u[4 * h + 1] = _mm256_unpackhi_epi64(tt[0], tt[2]);
+    u[4 * h + 2] = _mm256_unpacklo_epi64(tt[1], tt[3]);
+    u[4 * h + 3] = _mm256_unpackhi_epi64(tt[1], tt[3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_si256(out + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
+    _mm256_storeu_si256(out + 4 + k, _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+  }
+}
+
+// Pack blocks [b0, b0 + nb) of weight rows [0, rows) (rows <= 8; missing rows are zeros) of a Q4_0 / Q4_1 / Q8_0
+// matrix: packed registers, and the rows' scales dw / mins mw as [nb][8] floats.
+GGUF_AVX2 void pack_group_avx2(const uint8_t* src, int64_t row_bytes, int64_t rows, int64_t qtype, int64_t b0,
+                               int64_t nb, __m256i* packed, float* dw, float* mw) {
+  const Format f = format_of(qtype);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v[8], v2[8];
+    for (int64_t j = 0; j < kI8Rows; ++j) {
+      if (j >= rows) {
+        v[j] = v2[j] = _mm256_setzero_si256();
+        dw[8 * b + j] = mw[8 * b + j] = 0.0f;
+        continue;
+      }
+      const uint8_t* blk = src + j * row_bytes + (b0 + b) * f.bytes;
+      const float d = f16_at(blk);
+      dw[8 * b + j] = d;
+      if (qtype == kQ8_0) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        v[j] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+        v2[j] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+        mw[8 * b + j] = 0.0f;
+      } else {
+        const int off = qtype == kQ4_1 ? 4 : 2;
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + off));
+        v[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+        mw[8 * b + j] = qtype == kQ4_1 ? f16_at(blk + 2) : -8.0f * d;
+      }
+    }
+    if (qtype == kQ8_0) {
+      transpose8x32(v, packed + 16 * b);
+      transpose8x32(v2, packed + 16 * b + 8);
+    } else {
+      transpose8x32(v, packed + 8 * b);
+    }
+  }
+}
+
+GGUF_AVX2 inline __m256i bcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// MR activation rows (from row m0) x one packed Q4 chunk of nb blocks (activation blocks a0 ...): acc[i] lane j +=
+// the chunk's dot of activation row m0 + i with weight row j.
+template <int MR>
+GGUF_AVX2 void q4_panel(const __m256i* packed, const float* dw, const float* mw, const QuantizedRows& a, int64_t m0,
+                        int64_t a0, int64_t nb, __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s[MR];
+    for (int i = 0; i < MR; ++i) s[i] = _mm256_setzero_si256();
+    const int8_t* qa = a.q8 + m0 * a.ld + 32 * (a0 + b);
+    for (int k = 0; k < 8; ++k) {
+      const __m256i w = _mm256_loadu_si256(packed + 8 * b + k);
+      for (int i = 0; i < MR; ++i) s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(w, bcast32(qa + i * a.ld + 4 * k)));
+    }
+    const __m256 dv = _mm256_loadu_ps(dw + 8 * b), mv = _mm256_loadu_ps(mw + 8 * b);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (m0 + i) * a.nb + a0 + b;
+      const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[i], ones));
+      acc[i] = _mm256_fmadd_ps(sum, _mm256_mul_ps(dv, _mm256_set1_ps(a.d[at])), acc[i]);
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s[at]), acc[i]);
+    }
+  }
+}
+
+template <int MR>
+GGUF_AVX2 void q8_panel(const __m256i* packed, const float* dw, const QuantizedRows& a, int64_t m0, int64_t a0,
+                        int64_t nb, __m256* acc) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s[MR];
+    for (int i = 0; i < MR; ++i) s[i] = _mm256_setzero_si256();
+    const int16_t* qa = a.q16 + m0 * a.ld + 32 * (a0 + b);
+    for (int k = 0; k < 16; ++k) {
+      const __m256i w = _mm256_loadu_si256(packed + 16 * b + k);
+      for (int i = 0; i < MR; ++i) s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(w, bcast32(qa + i * a.ld + 2 * k)));
+    }
+    const __m256 dv = _mm256_loadu_ps(dw + 8 * b);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 scale = _mm256_mul_ps(dv, _mm256_set1_ps(a.d[(m0 + i) * a.nb + a0 + b]));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), scale, acc[i]);
+    }
+  }
+}
+
+// One panel of MR activation rows against a packed chunk, adding into out[m0 + i, 0 .. rows) (stored when first).
+template <int MR>
+GGUF_AVX2 void int8_panel(bool q8, const __m256i* packed, const float* dw, const float* mw, const QuantizedRows& a,
+                          int64_t m0, int64_t a0, int64_t nb, float* out, int64_t ldo, int64_t rows, bool first) {
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  if (q8) {
+    q8_panel<MR>(packed, dw, a, m0, a0, nb, acc);
+  } else {
+    q4_panel<MR>(packed, dw, mw, a, m0, a0, nb, acc);
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + (m0 + i) * ldo;
+    if (rows == kI8Rows) {
+      _mm256_storeu_ps(o, first ? acc[i] : _mm256_add_ps(_mm256_loadu_ps(o), acc[i]));
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, acc[i]);
+      for (int64_t j = 0; j < rows; ++j) o[j] = first ? tmp[j] : o[j] + tmp[j];
+    }
+  }
+}
+
+// Q8_0 at a few activation rows: no repacking (its int16 transposes cost more than a few rows' products). Each
+// weight row's block is read once as bytes and multiplied into up to kI8MaxRows activation rows with the sign
+// trick (vpmaddubsw of |w| and sign(a, w)), one float FMA per block and row pair, horizontal sums at the end.
+// a.q8 holds the activations here (int8, not int16).
+template <int MR>
+GGUF_AVX2 void q8_direct_rows(const uint8_t* row, int64_t nb, const QuantizedRows& a, int64_t m0, float* out,
+                              int64_t ldo) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + 34 * b;
+    const float dw = _cvtsh_ss(read_u16(blk));
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m256i wabs = _mm256_sign_epi8(w, w);  // |w| as unsigned bytes (|-128| = 128)
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q8 + (m0 + i) * a.ld + 32 * b));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a.d[(m0 + i) * a.nb + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+    const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    out[(m0 + i) * ldo] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
+}
+
+GGUF_AVX2 void q8_direct_avx2(const uint8_t* src, int64_t row_bytes, int64_t N, const QuantizedRows& a, int64_t M,
+                              float* out) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = src + n * row_bytes;
+      int64_t m = 0;
+      for (; m + kI8MaxRows <= M; m += kI8MaxRows) q8_direct_rows<kI8MaxRows>(row, a.nb, a, m, out + n, N);
+      switch (M - m) {
+        case 3: q8_direct_rows<3>(row, a.nb, a, m, out + n, N); break;
+        case 2: q8_direct_rows<2>(row, a.nb, a, m, out + n, N); break;
+        case 1: q8_direct_rows<1>(row, a.nb, a, m, out + n, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+GGUF_AVX2 void int8_linear_avx2(const uint8_t* src, int64_t row_bytes, int64_t N, int64_t qtype,
+                                const QuantizedRows& a, int64_t M, float* out) {
+  const bool q8 = qtype == kQ8_0;
+  const int64_t regs_per_block = q8 ? 16 : 8, groups = (N + kI8Rows - 1) / kI8Rows;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<__m256i> packed(kI8ChunkBlocks * regs_per_block);
+    alignas(32) float dw[kI8ChunkBlocks * kI8Rows], mw[kI8ChunkBlocks * kI8Rows];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = g * kI8Rows, rows = std::min(kI8Rows, N - r0);
+      for (int64_t b0 = 0; b0 < a.nb; b0 += kI8ChunkBlocks) {
+        const int64_t nb = std::min(kI8ChunkBlocks, a.nb - b0);
+        pack_group_avx2(src + r0 * row_bytes, row_bytes, rows, qtype, b0, nb, packed.data(), dw, mw);
+        int64_t m = 0;
+        for (; m + kI8MaxRows <= M; m += kI8MaxRows)
+          int8_panel<kI8MaxRows>(q8, packed.data(), dw, mw, a, m, b0, nb, out + r0, N, rows, b0 == 0);
+        switch (M - m) {
+          case 3: int8_panel<3>(q8, packed.data(), dw, mw, a, m, b0, nb, out + r0, N, rows, b0 == 0); break;
+          case 2: int8_panel<2>(q8, packed.data(), dw, mw, a, m, b0, nb, out + r0, N, rows, b0 == 0); break;
+          case 1: int8_panel<1>(q8, packed.data(), dw, mw, a, m, b0, nb, out + r0, N, rows, b0 == 0); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+#endif  // GGUF_X86
+
+// Portable activation quantization (the same arithmetic as quantize_row_avx2: x * (127 / amax), rounded to
+// nearest even).
+void quantize_row_portable(const float* x, int64_t nb, int8_t* q8, int16_t* q16, float* d, float* s) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 32 * b;
+    float am = 0.0f;
+    for (int i = 0; i < 32; ++i) am = std::max(am, std::fabs(xb[i]));
+    const float id = am > 0.0f ? 127.0f / am : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int q = static_cast<int>(std::nearbyint(xb[i] * id));
+      sum += q;
+      if (q8 != nullptr) q8[32 * b + i] = static_cast<int8_t>(q);
+      if (q16 != nullptr) q16[32 * b + i] = static_cast<int16_t>(q);
+    }
+    d[b] = am / 127.0f;
+    s[b] = d[b] * static_cast<float>(sum);
+  }
+}
+
 }  // namespace
 
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
@@ -431,6 +724,81 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   return out;
 }
 
+
+namespace {
+
+bool int8_supported(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0; }
+
+// Quantize x [M, K] (K a multiple of 32) per 32-weight block into q8 / q16 (either may be null), d and s [M, K / 32].
+void quantize_rows(const at::Tensor& x, int8_t* q8, int16_t* q16, float* d, float* s) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int8_t* r8 = q8 ? q8 + m * K : nullptr;
+      int16_t* r16 = q16 ? q16 + m * K : nullptr;
+#ifdef GGUF_X86
+      if (use_avx2()) {
+        quantize_row_avx2(xp + m * K, nb, r8, r16, d + m * nb, s + m * nb);
+        continue;
+      }
+#endif
+      quantize_row_portable(xp + m * K, nb, r8, r16, d + m * nb, s + m * nb);
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> gguf_quantize_activations(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) % 32 == 0,
+              "GGUF kernels: x must be a CPU [rows, 32 * blocks] tensor");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), nb = x.size(1) / 32;
+  at::Tensor q = at::empty({M, x.size(1)}, at::kChar), d = at::empty({M, nb}, at::kFloat), s = at::empty({M, nb}, at::kFloat);
+  quantize_rows(x, q.data_ptr<int8_t>(), nullptr, d.data_ptr<float>(), s.data_ptr<float>());
+  return {q, d, s};
+}
+
+at::Tensor gguf_linear_int8(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                            int64_t q8_direct_max_rows) {
+  const Format f = format_of(qtype);
+  TORCH_CHECK(int8_supported(qtype), "GGUF kernels: the int8 path takes Q4_0, Q4_1 and Q8_0, not type ", qtype);
+  TORCH_CHECK(use_avx2(), "GGUF kernels: the int8 path needs AVX2 (gguf_isa() says which path runs)");
+  check_blocks(blocks, f, in_features);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == in_features,
+              "GGUF kernels: x must be a CPU [rows, ", in_features, "] tensor");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = blocks.size(0), nb = in_features / 32;
+  at::Tensor out = at::empty({M, N}, at::kFloat);
+  if (M == 0 || N == 0) return out;
+#ifdef GGUF_X86
+  // Q8_0 up to q8_direct_rows activation rows: the direct byte path (int8 activations); more: the repacked int16 one
+  const bool direct = qtype == kQ8_0 && M <= q8_direct_max_rows;
+  const bool q8 = qtype == kQ8_0 && !direct;
+  at::Tensor q = at::empty({M, in_features}, q8 ? at::kShort : at::kChar);
+  at::Tensor d = at::empty({M, nb}, at::kFloat), s = at::empty({M, nb}, at::kFloat);
+  quantize_rows(x, q8 ? nullptr : q.data_ptr<int8_t>(), q8 ? q.data_ptr<int16_t>() : nullptr, d.data_ptr<float>(),
+                s.data_ptr<float>());
+  QuantizedRows a;
+  if (q8) {
+    a.q16 = q.data_ptr<int16_t>();
+  } else {
+    a.q8 = q.data_ptr<int8_t>();
+  }
+  a.d = d.data_ptr<float>();
+  a.s = s.data_ptr<float>();
+  a.ld = in_features;
+  a.nb = nb;
+  if (direct) {
+    q8_direct_avx2(blocks.data_ptr<uint8_t>(), blocks.size(1), N, a, M, out.data_ptr<float>());
+  } else {
+    int8_linear_avx2(blocks.data_ptr<uint8_t>(), blocks.size(1), N, qtype, a, M, out.data_ptr<float>());
+  }
+#endif
+  return out;
+}
+
 std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -439,5 +807,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tile_rows") = 0);
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
         py::arg("qtype"), py::arg("in_features"));
+  m.def("gguf_linear_int8", &gguf_linear_int8,
+        "x [M, K] @ W.T for Q4_0 / Q4_1 / Q8_0 blocks with x quantized to int8 per 32-weight block (AVX2)",
+        py::arg("x"), py::arg("blocks"), py::arg("qtype"), py::arg("in_features"),
+        py::arg("q8_direct_max_rows") = 16);
+  m.def("gguf_quantize_activations", &gguf_quantize_activations,
+        "x [M, K] -> (q int8 [M, K], d [M, K/32], d * sum(q) [M, K/32]): the int8 path's activation blocks",
+        py::arg("x"));
   m.def("gguf_isa", &gguf_isa, "the instruction set the kernels run with: avx2 or portable");
 }

@@ -13,7 +13,9 @@ stores some ``attn_v`` in Q6_K beside Q4_K ``attn_q``/``attn_k``) keeps one buff
 and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put back by moving whole rows of
 blocks (``gguf_loader.iter_gguf_weights``).
 
-Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers; without them (or with
+Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers, or (Q4_0 / Q4_1 / Q8_0 on
+AVX2 at the row counts of ``_INT8_DOT_ROWS``, with ``INFERNEO_GGUF_INT8_DOT=1``) quantize the activations to int8
+per 32-weight block and use integer dot products, as llama.cpp does; without them (or with
 ``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA a Triton GEMM
 de-quantizes tiles in registers (``kernels/triton_gguf.py``); without Triton the layers are de-quantized to the
 model dtype once at load (a logged warning says so).
@@ -87,6 +89,27 @@ def triton_block_matmul() -> BlockMatmul | None:
     return lambda x, blocks, fmt: gguf_matmul(x, blocks, fmt.qtype)
 
 
+# The int8 dot path (``gguf_linear_int8``: activations quantized to int8 per 32-weight block, integer dot products
+# against the blocks; not bit-exact, see docs/benchmarks.md "GGUF int8 dot products on AVX2") per ggml type: the
+# ranges of rows (first, last) for which a call takes it, chosen from benchmarks/cpu_gguf_int8.py on an AVX2 CPU
+# (Zen 3, 2 vCPUs). Q4_0 / Q4_1: every row count (1.0-1.7x the exact path per layer). Q8_0 (tied LM heads): up to
+# 16 rows (the kernel's direct byte path, 1.2-2.8x) and above the exact path's fused rows (48: there that path is
+# de-quantized tiles + a GEMM); at 17-48 rows the int8 path's repacking to int16 costs more than it saves
+# (0.8-0.95x). Other types, and rows outside the ranges, take the exact float path.
+_UNBOUNDED = 1 << 62
+_INT8_DOT_ROWS: dict[int, tuple[tuple[int, int], ...]] = {
+    2: ((1, _UNBOUNDED),),  # Q4_0
+    3: ((1, _UNBOUNDED),),  # Q4_1
+    8: ((1, 16), (49, _UNBOUNDED)),  # Q8_0
+}
+
+
+def int8_dot_rows() -> dict[int, tuple[tuple[int, int], ...]]:
+    """ggml type -> the (first, last) row-count ranges for which GGUF layers of that type take the int8 dot path
+    (AVX2 CPUs, with ``KernelConfig.gguf_int8_dot``)."""
+    return dict(_INT8_DOT_ROWS)
+
+
 def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
     """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
     they build, else :func:`reference_block_matmul`; on CUDA the Triton GEMM (None without Triton)."""
@@ -97,8 +120,14 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
         ops = load_gguf_kernels()
         if ops is not None:
+            int8_rows = int8_dot_rows() if kernels.gguf_int8_dot and ops.gguf_isa() == "avx2" else {}
+
             def native(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-                out = ops.gguf_linear(x, blocks, fmt.qtype, x.shape[-1])
+                rows = x.shape[0]
+                if any(first <= rows <= last for first, last in int8_rows.get(fmt.qtype, ())):
+                    out = ops.gguf_linear_int8(x, blocks, fmt.qtype, x.shape[-1])
+                else:
+                    out = ops.gguf_linear(x, blocks, fmt.qtype, x.shape[-1])
                 return out if x.dtype == torch.float32 else out.to(x.dtype)
             return native
     return reference_block_matmul
