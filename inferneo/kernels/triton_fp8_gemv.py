@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -351,6 +352,11 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
     if mode != SCALE_BLOCK:
         scale = scale.contiguous()
     numbers, options = split_tile(config or fp8_gemv_config(weight.shape[0], k, m))
+    if len(numbers) == 4 and mode == SCALE_BLOCK and bsk % numbers[1]:
+        # the tensor-core kernel takes one block scale per K tile: a tile tuned on per-channel weights (e.g.
+        # BLOCK_K 256) narrows to a divisor of the blocks' width, or the CUDA-core kernel (per-column scales) runs
+        block_k = math.gcd(numbers[1], bsk)
+        numbers = (numbers[0], block_k, *numbers[2:]) if block_k >= 16 else default_config(block_rows(m))
     dot = len(numbers) == 4  # the tensor-core kernel
     # "bits": the tensor-core kernel with per-tensor/per-row scales and bfloat16 activations (the bits form
     # bfloat16 values)
