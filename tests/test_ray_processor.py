@@ -84,7 +84,10 @@ def test_killing_a_replica_mid_run_loses_and_repeats_nothing(ray_cluster, tiny_l
 
     texts = prompts(24)
     rows = [{"key": i, "prompt": t, "max_tokens": 24 + i % 3} for i, t in enumerate(texts)]
-    dataset = build_processor(config(tiny_llama_dir, 2, request_fields=("max_tokens",)))(ray.data.from_items(rows))
+    # one batch at a time a replica: with several at once all rows finish together, and the first rows out would
+    # mean the replicas are already done
+    dataset = build_processor(config(tiny_llama_dir, 2, request_fields=("max_tokens",), batches_per_replica=1))(
+        ray.data.from_items(rows))
     seen: list[dict] = []
     killed: list[int] = []
 
