@@ -16,6 +16,10 @@ from inferneo.testing import make_tiny_checkpoint
 # tests/test_cpu_linear_choice.py turns the tune on (with its cache in a temporary folder). Servers and workers the
 # tests start inherit this.
 os.environ.setdefault("INFERNEO_CPU_LINEAR_TUNE", "0")
+# GGUF engines take the exact float path, whatever the caller's environment says: the tests compare them with
+# de-quantized references token for token, and the int8 dot path (not bit-exact) is asked for by name where it is
+# tested (``KernelConfig(gguf_int8_dot=True)`` in tests/test_gguf_quantized.py).
+os.environ["INFERNEO_GGUF_INT8_DOT"] = "0"
 
 
 @pytest.fixture(scope="session")

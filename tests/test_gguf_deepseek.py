@@ -24,14 +24,6 @@ from inferneo.model_loader.gguf_loader import gguf_config
 from inferneo.testing import make_tiny_gguf
 from inferneo.testing.tiny_models import MLA_ARCHITECTURES
 
-
-@pytest.fixture(autouse=True)
-def _exact_gguf_matmuls(monkeypatch):
-    """These tests compare kept-quantized engines with de-quantized references token for token: the exact float
-    path (the int8 dot path, not bit-exact, is tested on its own in test_gguf_quantized.py)."""
-    monkeypatch.setenv("INFERNEO_GGUF_INT8_DOT", "0")
-
-
 MODEL_CLASS = {"deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
 
 

@@ -26,14 +26,6 @@ from inferneo.model_loader.gguf_file import read_gguf_header
 from inferneo.testing import make_tiny_gguf
 from inferneo.testing.tiny_gguf_families import ggml_mxfp4_bytes
 
-
-@pytest.fixture(autouse=True)
-def _exact_gguf_matmuls(monkeypatch):
-    """These tests compare kept-quantized engines with de-quantized references token for token: the exact float
-    path (the int8 dot path, not bit-exact, is tested on its own in test_gguf_quantized.py)."""
-    monkeypatch.setenv("INFERNEO_GGUF_INT8_DOT", "0")
-
-
 _YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
          "original_max_position_embeddings": 4096}
 VARIANTS = {"plain": {}, "yarn": {"rope_scaling": _YARN}}

@@ -24,14 +24,6 @@ from inferneo.model_loader.gguf_loader import gguf_hf_tensors
 from inferneo.testing import make_tiny_gguf
 from inferneo.testing.tiny_models import MOE_ARCHITECTURES
 
-
-@pytest.fixture(autouse=True)
-def _exact_gguf_matmuls(monkeypatch):
-    """These tests compare kept-quantized engines with de-quantized references token for token: the exact float
-    path (the int8 dot path, not bit-exact, is tested on its own in test_gguf_quantized.py)."""
-    monkeypatch.setenv("INFERNEO_GGUF_INT8_DOT", "0")
-
-
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 

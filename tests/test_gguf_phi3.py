@@ -24,14 +24,6 @@ from inferneo.model_loader.gguf_file import read_gguf_header
 from inferneo.model_loader.gguf_loader import gguf_config
 from inferneo.testing import make_tiny_gguf
 
-
-@pytest.fixture(autouse=True)
-def _exact_gguf_matmuls(monkeypatch):
-    """These tests compare kept-quantized engines with de-quantized references token for token: the exact float
-    path (the int8 dot path, not bit-exact, is tested on its own in test_gguf_quantized.py)."""
-    monkeypatch.setenv("INFERNEO_GGUF_INT8_DOT", "0")
-
-
 # float32-exact factors, so the file holds the checkpoint's values exactly
 _LONGROPE = dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.125, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
                                "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0],

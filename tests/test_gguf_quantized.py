@@ -47,12 +47,6 @@ FORMATS = [f.name for f in KEPT_FORMATS.values()]
 FILE_TYPES = [*FORMATS, "Q4_K_M"]
 
 
-@pytest.fixture(autouse=True)
-def _exact_gguf_matmuls(monkeypatch):
-    """The tests below compare kept-quantized engines with de-quantized ones token for token: the exact float path
-    unless a test asks for the int8 dot path by name (``KernelConfig(gguf_int8_dot=True)``)."""
-    monkeypatch.setenv("INFERNEO_GGUF_INT8_DOT", "0")
-
 
 def _fmt(name: str):
     return KEPT_FORMATS[int(GGMLQuantizationType[name])]

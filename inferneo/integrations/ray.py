@@ -136,11 +136,11 @@ class Processor:
         else:
             actor_class, size, per_actor = self.sender_class, config.actors, config.batches_per_actor
             resources = {"num_cpus": config.num_cpus}
+        pool = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=per_actor,
+                                          **_concurrent_calls(per_actor, resources))
         return dataset.map_batches(
             actor_class, fn_constructor_args=(config,), batch_size=config.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=per_actor,
-                                               **_concurrent_calls(per_actor, resources)),
-            max_restarts=config.max_restarts, max_task_retries=config.max_task_retries, **resources)
+            compute=pool, max_restarts=config.max_restarts, max_task_retries=config.max_task_retries, **resources)
 
 
 def _concurrent_calls(per_actor: int, remote_args: dict[str, Any]) -> dict[str, Any]:

@@ -104,12 +104,6 @@ _INT8_DOT_ROWS: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
-def int8_dot_rows() -> dict[int, tuple[tuple[int, int], ...]]:
-    """ggml type -> the (first, last) row-count ranges for which GGUF layers of that type take the int8 dot path
-    (AVX2 CPUs, with ``KernelConfig.gguf_int8_dot``)."""
-    return dict(_INT8_DOT_ROWS)
-
-
 def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
     """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
     they build, else :func:`reference_block_matmul`; on CUDA the Triton GEMM (None without Triton)."""
@@ -120,7 +114,7 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
         ops = load_gguf_kernels()
         if ops is not None:
-            int8_rows = int8_dot_rows() if kernels.gguf_int8_dot and ops.gguf_isa() == "avx2" else {}
+            int8_rows = _INT8_DOT_ROWS if kernels.gguf_int8_dot and ops.gguf_isa() == "avx2" else {}
 
             def native(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
                 rows = x.shape[0]

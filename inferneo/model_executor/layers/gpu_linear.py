@@ -51,9 +51,7 @@ class DecodeGemv:
         """The RMSNorm of ``x`` (plus ``residual``) and the linear layer after it in one kernel: ``(product,
         residual sum)``, with ``store_normed`` ``(product, residual sum, normed row)`` (see
         ``triton_gemv.norm_gemv``)."""
-        if store_normed:
-            return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl, store_normed=True)
-        return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl)
+        return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl, store_normed=store_normed)
 
     def silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a gated MLP's fused gate/up projection in one kernel."""
