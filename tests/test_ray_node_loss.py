@@ -193,3 +193,9 @@ def test_retry_rounds_must_be_a_non_negative_integer(job_input, tmp_path):  # no
 def test_actor_options_cannot_repeat_the_configs_own_fields():
     with pytest.raises(ValueError, match="actor_options must not set max_restarts, num_cpus"):
         EngineProcessorConfig(actor_options={"num_cpus": 2, "max_restarts": 5})
+
+
+def test_engine_in_process_must_be_a_bool():
+    with pytest.raises(TypeError, match="engine_in_process must be a bool, got 'yes'"):
+        EngineProcessorConfig(engine_in_process="yes")
+

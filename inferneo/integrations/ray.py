@@ -77,6 +77,8 @@ class EngineProcessorConfig:
     def __post_init__(self) -> None:
         _check_positive(batch_size=self.batch_size, replicas=self.replicas,
                         batches_per_replica=self.batches_per_replica)
+        if not isinstance(self.engine_in_process, bool):
+            raise TypeError(f"engine_in_process must be a bool, got {self.engine_in_process!r}")
         taken = sorted(set(self.actor_options) & _OPTIONS_SET_ELSEWHERE)
         if taken:
             raise ValueError(f"actor_options must not set {', '.join(taken)}: the config's own fields "
