@@ -7,6 +7,7 @@ schemathesis makes stay cheap.
 
 from __future__ import annotations
 
+import importlib
 import signal
 
 import pytest
@@ -15,6 +16,13 @@ schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from inferneo.testing.server import RemoteServer  # noqa: E402
+
+# ``from_url`` imports schemathesis' OpenAPI modules lazily, and under pytest they are compiled through its
+# assertion-rewriting hook (``ast.parse``). Done inside the fixture, late in a full run while threads left by earlier
+# tests may also build ASTs, CPython 3.11's per-interpreter AST depth counter can be corrupted
+# ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905). Importing them here, at
+# collection, before any test starts a thread, keeps that out of the run.
+importlib.import_module("schemathesis.specs.openapi.schemas")
 
 MAX_EXAMPLES = 60  # per operation and generation mode
 SENT: list[int] = []  # status of every request made, for the summary test
