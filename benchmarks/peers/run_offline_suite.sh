@@ -9,8 +9,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-OUT="${1:-/work/scratch/offline_throughput.jsonl}"
-VENV="${2:-/work/scratch/vllm-venv}"
+OUT="${1:-scratch/offline_throughput.jsonl}"
+VENV="${2:-scratch/vllm-venv}"
 WORKLOAD="${WORKLOAD:---num-requests 64 --prompt-len 16:128 --output-len 16:128 --seed 0}"
 LOG="${OUT%.jsonl}.log"
 B=benchmarks/offline_throughput.py

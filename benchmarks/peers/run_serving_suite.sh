@@ -9,9 +9,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-OUT="${1:-/work/scratch/serving.jsonl}"
-VENV="${2:-/work/scratch/vllm-venv}"
-HF_MODEL="${HF_MODEL:-/work/scratch/smollm2-hf}"
+OUT="${1:-scratch/serving.jsonl}"
+VENV="${2:-scratch/vllm-venv}"
+HF_MODEL="${HF_MODEL:-scratch/smollm2-hf}"
 LOG="${OUT%.jsonl}.log"
 REPEAT="${REPEAT:-3}"
 failed=0

@@ -2,7 +2,7 @@
 # Create (or re-check) a private virtual environment holding vLLM's CPU build,
 # used only as a peer in benchmarks/offline_throughput.py. Never the project's env.
 #
-#   bash benchmarks/peers/setup_vllm_cpu.sh /work/scratch/vllm-venv
+#   bash benchmarks/peers/setup_vllm_cpu.sh scratch/vllm-venv
 #
 # Idempotent: re-running on an existing, working venv does nothing but verify it.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """Print a table of the result lines that benchmarks/offline_throughput.py appended to a JSON-lines file.
 
-python benchmarks/peers/summarize.py /work/scratch/offline_throughput.jsonl
+python benchmarks/peers/summarize.py scratch/offline_throughput.jsonl
 """
 
 from __future__ import annotations

