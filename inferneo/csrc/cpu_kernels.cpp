@@ -688,13 +688,19 @@ void panel_linear_range(const T* x, int64_t ldx, const T* packed, const T* bias,
 // Python side packs the same way for both. Activations are float32 (a bfloat16 x is widened once per call, K
 // padded to even); bfloat16 weights are widened in registers: in each 32-bit pair the low half is k = 2s and the
 // high half k = 2s + 1, so one shift or one mask turns a 32-byte load into 8 columns of one k. A block of up to
-// 4 rows x 24 columns (float32) or 4 x 16 (bfloat16) accumulates in ymm registers, so a panel is swept two or three
-// times per block of rows (from L1/L2); the next panel is prefetched into L2 meanwhile, as in the AVX-512 kernel.
+// 6 rows x 16 columns (float32: 12 accumulators, two weight loads and six broadcasts per k, so the FMAs and not the
+// loads set the pace; on a Zen 3 core 1.2-1.5x MKL's sgemm at 16-64 rows where 4 x 24 was 0.9x) or 4 x 16
+// (bfloat16: the widening needs four more registers) accumulates in ymm registers, so a panel is swept three times
+// per block of rows, each sweep reading one 64-byte line per k (from L1/L2); the next panel is prefetched into L2
+// meanwhile, as in the AVX-512 kernel.
 // Sums run over k in order; bfloat16 outputs are rounded to nearest even once, at the end.
 constexpr int64_t kPanel = 48;
 
 template <typename T>
-constexpr int64_t panel_block_cols() { return std::is_same_v<T, float> ? 24 : 16; }
+constexpr int64_t panel_block_cols() { return 16; }
+
+template <typename T>
+constexpr int64_t panel_block_rows() { return std::is_same_v<T, float> ? 6 : 4; }
 
 // 8 output columns (the block's accumulators plus bias) into y; ``left`` columns of them are real.
 template <typename T>
@@ -715,8 +721,13 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
                              const T* __restrict bias, T* __restrict y, int64_t ldy, int64_t cols,
                              const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_step) {
   constexpr int kChunks = panel_block_cols<T>() / 8;
+  // `#pragma GCC unroll` on every loop over the accumulators: unrolled that early, GCC keeps them in registers;
+  // left to its later complete unrolling, it kept `acc` in memory and stored all of it after every step along K
+  // (12 stores per 12 FMAs: the kernel ran at half of oneDNN's speed on AVX2 at 64 rows).
   __m256 acc[MR][kChunks];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
     for (int j = 0; j < kChunks; ++j) acc[r][j] = _mm256_setzero_ps();
   }
   const auto advance_prefetch = [&]() {
@@ -725,16 +736,28 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
     }
   };
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t k = 0; k < K; ++k) {
-      const float* wk = w + k * kPanel + c0;
-      const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8), w2 = _mm256_loadu_ps(wk + 16);
+    static_assert(kChunks == 2, "the float32 block is 16 columns");
+    // One pointer per activation row, advanced with k: computed as x + r * ldx inside the loop, the row offsets
+    // ran out of general registers and were reloaded from the stack at every step.
+    const float* xr[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) xr[r] = x + r * ldx;
+    const float* wk = w + c0;
+    for (int64_t k = 0; k < K; ++k, wk += kPanel) {
+      const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+#pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+        const __m256 a = _mm256_broadcast_ss(xr[r]++);
         acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
-        acc[r][2] = _mm256_fmadd_ps(a, w2, acc[r][2]);
       }
-      advance_prefetch();
+      // A burst of the next panel's prefetches every eight steps: a test and a loop per step cost as much as
+      // the step's own loads.
+      if ((k & 7) == 7) {
+        for (int64_t i = 0; i < 8 * prefetch_per_step && prefetch < prefetch_end; ++i, prefetch += 64) {
+          _mm_prefetch(prefetch, _MM_HINT_T1);
+        }
+      }
     }
   } else {
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -747,6 +770,7 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
       const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(raw0, high));
       const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(raw1, 16));
       const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(raw1, high));
+#pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * s);
         const __m256 xo = _mm256_broadcast_ss(x + r * ldx + 2 * s + 1);
@@ -756,10 +780,13 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
       advance_prefetch();
     }
   }
+#pragma GCC unroll 4
   for (int j = 0; j < kChunks; ++j) {
     const int64_t left = cols - 8 * j;
-    if (left <= 0) break;
-    for (int r = 0; r < MR; ++r) store_cols8<T>(y + r * ldy + 8 * j, bias ? bias + 8 * j : nullptr, acc[r][j], left);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      if (left > 0) store_cols8<T>(y + r * ldy + 8 * j, bias ? bias + 8 * j : nullptr, acc[r][j], left);
+    }
   }
 }
 
@@ -768,10 +795,11 @@ template <typename T>
 void panel_linear_range_avx2(const float* x, int64_t ldx, const T* packed, const T* bias, T* y, int64_t N,
                              int64_t K, int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
   constexpr int64_t kps = std::is_same_v<T, float> ? 1 : 2, block_cols = panel_block_cols<T>();
+  constexpr int64_t block_rows = panel_block_rows<T>();
   const int64_t steps = (K + kps - 1) / kps;
   const int64_t panel_elems = steps * kps * kPanel;
   const int64_t panel_lines = panel_elems * static_cast<int64_t>(sizeof(T)) / 64;
-  const int64_t sweeps = (m_end - m_begin + 3) / 4 * (kPanel / block_cols);
+  const int64_t sweeps = (m_end - m_begin + block_rows - 1) / block_rows * (kPanel / block_cols);
   const int64_t per_step = std::max<int64_t>(1, (panel_lines + sweeps * steps - 1) / (sweeps * steps));
   for (int64_t p = p_begin; p < p_end; ++p) {
     const T* w = packed + p * panel_elems;
@@ -780,14 +808,20 @@ void panel_linear_range_avx2(const float* x, int64_t ldx, const T* packed, const
     const int64_t col0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - col0);
     for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {
       const T* b = bias ? bias + col0 + c0 : nullptr;
-      for (int64_t m = m_begin; m < m_end; m += 4) {
+      for (int64_t m = m_begin; m < m_end; m += block_rows) {
         const float* xr = x + m * ldx;
         T* yr = y + m * N + col0 + c0;
-        switch (std::min<int64_t>(4, m_end - m)) {
-          case 4: panel_block_avx2<T, 4>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
-          case 3: panel_block_avx2<T, 3>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
-          case 2: panel_block_avx2<T, 2>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
-          default: panel_block_avx2<T, 1>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end, per_step); break;
+        const auto block = [&](auto rows) {
+          panel_block_avx2<T, decltype(rows)::value>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end,
+                                                     per_step);
+        };
+        switch (std::min<int64_t>(block_rows, m_end - m)) {
+          case 6: if constexpr (block_rows >= 6) block(std::integral_constant<int, 6>{}); break;
+          case 5: if constexpr (block_rows >= 5) block(std::integral_constant<int, 5>{}); break;
+          case 4: block(std::integral_constant<int, 4>{}); break;
+          case 3: block(std::integral_constant<int, 3>{}); break;
+          case 2: block(std::integral_constant<int, 2>{}); break;
+          default: block(std::integral_constant<int, 1>{}); break;
         }
       }
     }
