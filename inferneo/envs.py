@@ -215,6 +215,18 @@ def cuda_norm_router_gemv() -> bool:
     return _flag("INFERNEO_CUDA_NORM_ROUTER_GEMV", True)
 
 
+def cuda_l2_prefetch() -> frozenset[str]:
+    """INFERNEO_CUDA_L2_PREFETCH (default ``o``): at one token, which weights a mixture-of-experts layer's kernels
+    ask into L2 ahead of the kernel that reads them (``kernels/_l2_prefetch.py``), comma-separated: ``o`` the
+    attention output projection's, from the q/k/v GEMV (read during the attention); ``down`` the next layer's
+    q/k/v projection, from the down experts kernel; ``router`` the same from the router GEMV; ``gemv`` the same
+    from the output projection's GEMV. ``0`` or empty: none."""
+    value = os.environ.get("INFERNEO_CUDA_L2_PREFETCH")
+    if value is None:
+        value = "o"
+    return frozenset(v.strip().lower() for v in value.split(",") if v.strip() and v.strip() != "0")
+
+
 def cuda_norm_router() -> bool:
     """INFERNEO_CUDA_NORM_ROUTER (default off): at a few tokens, run a mixture-of-experts layer's residual add,
     post-attention norm, router linear and top-k as one kernel (``triton_routing.norm_route_topk``). Off because on

@@ -68,6 +68,10 @@ class PairTiles:
     down_block_n: int = 8
     down_block_k: int = 256
     down_num_warps: int = 8
+    up_unroll: int = 0  # 1: the gate/up kernel's K loop unrolled (K is a compile-time constant either way)
+    up_reduce_each: int = 0  # 1: the gate/up kernel sums each K chunk at once ([BLOCK_N] accumulators)
+    down_unroll: int = 0  # 1: the down kernel's K loop unrolled
+    evict: int = 0  # the expert weights' L2 eviction hint in both kernels: 0 normal, 1 evict_first, 2 evict_last
 
     @classmethod
     def from_json(cls, entry: dict) -> PairTiles:
