@@ -123,6 +123,14 @@ def cuda_pdl() -> bool:
     return _flag("INFERNEO_CUDA_PDL", True)
 
 
+def cuda_pdl_early() -> bool:
+    """INFERNEO_CUDA_PDL_EARLY (default on): the decode kernels whose dependents read nothing before their own wait
+    that this kernel's predecessors write let the next kernel launch as soon as all their programs have started,
+    before waiting for their predecessor (``inferneo.kernels._pdl``): a GEMV then streams its weights while the
+    kernels before it still run. Off: every kernel lets the next one launch after its wait. Read once, at import."""
+    return _flag("INFERNEO_CUDA_PDL_EARLY", True)
+
+
 def tp_timing() -> bool:
     """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
     when they stop."""
@@ -213,18 +221,6 @@ def cuda_norm_router_gemv() -> bool:
     (``triton_gemv.norm_gemv``, which also stores the normed row for the experts): one launch where the RMSNorm
     and the router GEMV took two. Off: the two."""
     return _flag("INFERNEO_CUDA_NORM_ROUTER_GEMV", True)
-
-
-def cuda_l2_prefetch() -> frozenset[str]:
-    """INFERNEO_CUDA_L2_PREFETCH (default ``o``): at one token, which weights a mixture-of-experts layer's kernels
-    ask into L2 ahead of the kernel that reads them (``kernels/_l2_prefetch.py``), comma-separated: ``o`` the
-    attention output projection's, from the q/k/v GEMV (read during the attention); ``down`` the next layer's
-    q/k/v projection, from the down experts kernel; ``router`` the same from the router GEMV; ``gemv`` the same
-    from the output projection's GEMV. ``0`` or empty: none."""
-    value = os.environ.get("INFERNEO_CUDA_L2_PREFETCH")
-    if value is None:
-        value = "o"
-    return frozenset(v.strip().lower() for v in value.split(",") if v.strip() and v.strip() != "0")
 
 
 def cuda_norm_router() -> bool:

@@ -13,7 +13,9 @@ pairs are padded to it) and the other block sizes are powers of two of at least 
 
 The same file may hold the tiles of the few-token path under the key ``"pair"`` (a :class:`PairTiles` record;
 :func:`pair_tiles`), e.g. ``"pair": {"up_block_n": 8, "up_block_k": 1024, "up_num_warps": 4, "down_block_n": 8,
-"down_block_k": 256, "down_num_warps": 8}``.
+"down_block_k": 256, "down_num_warps": 8}``, with optional switches of those kernels: ``up_unroll`` /
+``down_unroll`` (the K loop unrolled), ``up_reduce_each`` (each K chunk summed at once) and ``evict`` (the expert
+weights' L2 eviction hint), 0 when absent.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from inferneo.kernels._l2_prefetch import prefetch_args, prefetch_l2
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels._triton_elementwise import weighted_rms_norm
 from inferneo.kernels.triton_lora import RowLoRA, lora_epilogue_args, lora_row_delta
@@ -37,10 +36,9 @@ from inferneo.kernels.triton_lora import RowLoRA, lora_epilogue_args, lora_row_d
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r,
-                 pf_ptr, pf_bytes, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr, LORA: tl.constexpr, NUM_SLOTS: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-                 PF_MODE: tl.constexpr = 0, LANES: tl.constexpr = 32):
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr, LORA: tl.constexpr, NUM_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -48,7 +46,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, lp_ptr, lb_ptr, seg
     kmask = k < K
     # The first weight tile is read before waiting for the kernel that writes x (weights never change).
     w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
@@ -65,7 +63,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, lp_ptr, lb_ptr, seg
             n, nmask, lp_ptr, lb_ptr, seg_ptr, stride_ls, stride_ln, lora_r, NUM_SLOTS, SPLIT, BLOCK_S, BLOCK_R,
             BLOCK_SPLIT)
     tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
-    prefetch_l2(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_MODE, LANES)  # a later kernel's weight into L2
 
 
 @triton.jit
@@ -112,9 +109,8 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, D, stride_wn, lp_ptr, lb_ptr, s
 
 @triton.jit
 def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, normed_ptr, N, stride_wn,
-                      n_cols, eps, pf_ptr, pf_bytes, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      STORE_NORMED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
-                      PF_MODE: tl.constexpr = 0, LANES: tl.constexpr = 32):
+                      n_cols, eps, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_NORMED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     # Every program normalizes the whole row (as the RMSNorm kernel does: residual add rounded, float32 norm,
     # rounded where RMSNorm rounds), program 0 stores the residual sum (and with STORE_NORMED the normed row), and
     # each program multiplies the normed row by its BLOCK_N weight rows (whole rows in one tile).
@@ -124,7 +120,7 @@ def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out
     k = tl.arange(0, BLOCK_H)
     kmask = k < n_cols
     w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    wait_for_previous_kernel(PDL)  # the weight tile above is read before the kernel that writes x has finished
+    wait_for_previous_kernel(PDL, EARLY=True)  # the weight tile above is read before x's writer has finished
     x = tl.load(x_ptr + k, mask=kmask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + k, mask=kmask, other=0.0)
@@ -140,7 +136,6 @@ def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-    prefetch_l2(pf_ptr, pf_bytes, pid, tl.num_programs(0), PF_MODE, LANES)  # a later kernel's weight into L2
 
 
 NORM_GEMV_CONFIG = (8, 8)  # BLOCK_N, num_warps: rows per program; every program also reads the input row
@@ -155,28 +150,26 @@ def norm_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
               weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int] | None = None,
-              pdl: bool | None = None, store_normed: bool = False, prefetch: torch.Tensor | None = None):
+              pdl: bool | None = None, store_normed: bool = False):
     """A one-row RMSNorm and the linear layer that reads it, in one launch: ``s = x + residual`` (rounded to the
     model dtype; ``s = x`` without a residual), ``normed = norm_weight * rmsnorm(s)`` rounded as the RMSNorm kernel
     rounds it, and ``normed @ weight.T (+ bias)``. Returns ``(product [1, N], s)``, ``s`` a new tensor (None without a
     residual); with ``store_normed`` ``(product, s, normed)``, ``normed`` [1, K] a new tensor too (for the kernels
     that read the normed row besides this linear: a mixture-of-experts layer's experts beside its router). ``x``
-    and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)``. ``prefetch``: a weight the programs
-    ask into L2 when they are done (a later kernel's: ``_l2_prefetch``)."""
+    and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)`` (default: the shape's ``"norm N,K"``
+    entry of ``gemv_configs.json``, else :data:`NORM_GEMV_CONFIG`)."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and (residual is None or residual.is_contiguous())
-    block_n, num_warps = config or NORM_GEMV_CONFIG
+    block_n, num_warps = config or _tuned_norm_configs().get((n, k), NORM_GEMV_CONFIG)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else None
     normed = torch.empty_like(x) if store_normed else None
     pdl = pdl_for(x, pdl)
-    pf_ptr, pf_bytes, pf_mode = prefetch_args(prefetch, x)
     _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight, weight, bias if bias is not None else x, out,
         total if total is not None else out, normed if normed is not None else out, n, weight.stride(0), k, eps,
-        pf_ptr, pf_bytes, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STORE_NORMED=store_normed,
-        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(k), PDL=pdl, PF_MODE=pf_mode, LANES=32 * num_warps,
-        num_warps=num_warps, **launch_options(pdl))
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STORE_NORMED=store_normed, BLOCK_N=block_n,
+        BLOCK_H=triton.next_power_of_2(k), PDL=pdl, num_warps=num_warps, **launch_options(pdl))
     return (out, total, normed) if store_normed else (out, total)
 
 
@@ -190,7 +183,20 @@ def _tuned_configs() -> dict[tuple[int, int], tuple[int, int, int]]:
         return {}
     table = json.loads(TUNED_CONFIG_FILE.read_text())
     return {tuple(int(d) for d in shape.split(",")): (int(e["block_n"]), int(e["block_k"]), int(e["num_warps"]))
-            for shape, e in table.items()}
+            for shape, e in table.items() if not shape.startswith(NORM_KEY)}
+
+
+NORM_KEY = "norm "
+
+
+@functools.cache
+def _tuned_norm_configs() -> dict[tuple[int, int], tuple[int, int]]:
+    """:func:`norm_gemv`'s tuned ``(BLOCK_N, num_warps)`` per ``[n, k]`` weight: the file's ``"norm N,K"`` keys."""
+    if not TUNED_CONFIG_FILE.is_file():
+        return {}
+    table = json.loads(TUNED_CONFIG_FILE.read_text())
+    return {tuple(int(d) for d in shape.removeprefix(NORM_KEY).split(",")): (int(e["block_n"]), int(e["num_warps"]))
+            for shape, e in table.items() if shape.startswith(NORM_KEY)}
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -206,11 +212,11 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None,
-         pdl: bool | None = None, lora: RowLoRA | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+         pdl: bool | None = None, lora: RowLoRA | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for ``x`` [1, K], ``weight`` [N, K] (rows contiguous); returns [1, N] (``out``
     when given: a contiguous [1, N] tensor of ``x``'s dtype). ``pdl``: launch with programmatic dependent launch
     (None: decided from ``x``, see ``_pdl.pdl_for``). ``lora``: add the token's LoRA delta (``lora_shrink_row``,
-    launched just before). ``prefetch``: a weight the programs ask into L2 when they are done (``_l2_prefetch``)."""
+    launched just before)."""
     n, k = weight.shape
     block_n, block_k, num_warps = config or gemv_config(n, k)
     x = x.contiguous()
@@ -218,11 +224,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.is_contiguous() and out.dtype == x.dtype, "gemv: out must be [1, N]"
     pdl = pdl_for(x, pdl)
-    pf_ptr, pf_bytes, pf_mode = prefetch_args(prefetch, x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else x, out, n, weight.stride(0), K=k,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
-        PF_MODE=pf_mode, LANES=32 * num_warps, pf_ptr=pf_ptr, pf_bytes=pf_bytes, **lora_epilogue_args(lora, x), **launch_options(pdl))
+        **lora_epilogue_args(lora, x), **launch_options(pdl))
     return out
 
 

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from inferneo.kernels._l2_prefetch import prefetch_args, prefetch_l2
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels.moe_tile_configs import MoeTileConfig, PairTiles, moe_tile_config
 from inferneo.kernels.moe_tile_configs import pair_tiles as moe_pair_tiles
@@ -245,7 +244,9 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, str
                          stride_be, stride_op, K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr,
                          REDUCE_EACH: tl.constexpr, EVICT: tl.constexpr):
-    wait_for_previous_kernel(PDL)  # the routing that writes ids (and x) comes right before
+    # the routing that writes ids (and x) comes right before; the late launch: the down kernel after this one reads
+    # the routing's ids before it waits
+    wait_for_previous_kernel(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -281,11 +282,9 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, str
 
 
 @triton.jit
-def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, pf_ptr, pf_bytes, top_k, N,
-                          stride_hp, stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr,
+def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp, stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr, EVICT: tl.constexpr,
-                          PF_MODE: tl.constexpr, LANES: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr, EVICT: tl.constexpr):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
@@ -303,7 +302,7 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     h_rows = h_ptr + pairs[:, None] * stride_hp + ks[None, :]
     k_ok = ks < K
     w = tl.load(rows, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the next layer's q/k/v GEMV may launch and stream its weights
     h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * h[:, None, :]
     if UNROLL:
@@ -319,9 +318,6 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     scale = tl.load(topk_weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
     total = tl.sum(y * scale[:, None], axis=0)  # a fixed reduction order: the same sum on every run
     tl.store(out_ptr + token * stride_ot + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-    # the next weight-streaming kernel's bytes (the next layer's q/k/v projection) into L2, while this one's tail runs
-    prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                tl.num_programs(0) * tl.num_programs(1), PF_MODE, LANES)
 
 
 @triton.jit
@@ -354,31 +350,26 @@ def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activati
 
 
 def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                  w2_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  w2_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool) -> torch.Tensor:
     """The few-token down projection with the top-k sum: ``[T, H]`` from :func:`pair_gate_up`'s rows, ``w2``
     ``[E, H, I]`` and the routing's contiguous ``weights`` / ``ids`` ``[T, k]``. Each output is the k weighted
-    experts summed in float32 in a fixed order (deterministic: no atomics). ``prefetch``: a weight the programs
-    then ask into L2 (``_l2_prefetch``; the next kernel's)."""
+    experts summed in float32 in a fixed order (deterministic: no atomics)."""
     num_tokens, top_k = ids.shape
     hidden, inter = w2.shape[1], w2.shape[2]
     out = torch.empty(num_tokens, hidden, dtype=hidden_act.dtype, device=hidden_act.device)
-    pf_ptr, pf_bytes, pf_mode = prefetch_args(prefetch, hidden_act)
     _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
-        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, pf_ptr, pf_bytes, top_k, hidden,
+        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, top_k, hidden,
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
         out.stride(0), K=inter, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
         BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, UNROLL=bool(tiles.down_unroll),
-        EVICT=_evict(tiles.evict), PF_MODE=pf_mode, LANES=32 * tiles.down_num_warps,
-        num_warps=tiles.down_num_warps, **launch_options(pdl))
+        EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps, **launch_options(pdl))
     return out
 
 
-def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles: PairTiles, pdl: bool,
-                        prefetch: torch.Tensor | None = None):
+def _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles: PairTiles, pdl: bool):
     ids, weights = ids.contiguous(), weights.contiguous()  # before the launches: no copy kernel between the two
     hidden_act = pair_gate_up(x, w13, ids, activation, w13_bias, tiles, pdl)
-    return pair_down_sum(hidden_act, w2, weights, ids, w2_bias, tiles, pdl, prefetch=prefetch)
+    return pair_down_sum(hidden_act, w2, weights, ids, w2_bias, tiles, pdl)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -388,14 +379,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
                          w2_bias: torch.Tensor | None = None, config: MoeTileConfig | None = None,
-                         pair_tiles: PairTiles | None = None, pdl: bool | None = None,
-                         prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                         pair_tiles: PairTiles | None = None, pdl: bool | None = None) -> torch.Tensor:
     """:func:`~inferneo.model_executor.layers.moe.fused_experts` through the Triton kernels (same arguments and
     result). Up to :data:`PAIR_PATH_MAX_TOKENS` tokens take the per-pair path (``pair_tiles``, else the shape's tuned
     ones), more the sorted grouped GEMMs; ``config`` overrides the tuned tile config for this shape (and forces the
     grouped GEMMs). ``pdl``: launch the per-pair kernels with programmatic dependent launch (None: decided from
-    ``x``, see ``_pdl.pdl_for``). ``prefetch``: on the per-pair path, a weight the down kernel asks into L2 when
-    it is done (the next layer's first; see ``_l2_prefetch``)."""
+    ``x``, see ``_pdl.pdl_for``)."""
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown mixture-of-experts activation {activation!r}; supported: {list(_ACTIVATION_IDS)}")
     num_tokens, top_k = ids.shape
@@ -406,8 +395,7 @@ def triton_fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     if config is None and num_tokens <= PAIR_PATH_MAX_TOKENS:
         tiles = pair_tiles or moe_pair_tiles(num_experts, inter, hidden, x.dtype)
-        return _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles, pdl_for(x, pdl),
-                                   prefetch)
+        return _pair_fused_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, tiles, pdl_for(x, pdl))
     config = config or moe_tile_config(num_experts, inter, hidden, x.dtype, num_tokens, top_k)
     blocks = align_pairs_by_expert(ids, num_experts, config.block_m)
     num_pairs = num_tokens * top_k

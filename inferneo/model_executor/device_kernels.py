@@ -245,12 +245,6 @@ class NormFusedMoeLayer(DecoderLayer):
     # set by ``use_norm_fused_layers`` (INFERNEO_CUDA_NORM_ROUTER_GEMV): at one row the residual add and
     # post-attention norm inside the router GEMV, which stores the normed row for the experts
     router_gemv: DecodeGemv | None = None
-    # set by ``use_norm_fused_layers`` (INFERNEO_CUDA_L2_PREFETCH): at one row, the weights asked into L2 ahead of
-    # their kernel (``kernels/_l2_prefetch.py``): ``prefetch_o`` (the output projection's, from the q/k/v GEMV),
-    # ``prefetch_next`` (the next layer's q/k/v projection) from the kernel named by ``prefetch_next_from``
-    prefetch_o: bool = False
-    prefetch_next: torch.Tensor | None = None
-    prefetch_next_from: str = ""
 
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         qkv_proj, norm = self.self_attn.qkv_proj, self.input_layernorm
@@ -259,9 +253,7 @@ class NormFusedMoeLayer(DecoderLayer):
         if (gemv is None or type(qkv_proj) is not DecodeLinear or not gemv.norm_applies(hidden, qkv_proj.weight)
                 or (residual is not None and not residual.is_contiguous())):
             return super().forward(positions, hidden, residual, kv_cache, metadata)
-        o_proj = self.self_attn.o_proj
-        qkv, total = gemv.norm_linear(hidden, residual, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias,
-                                      prefetch=o_proj.weight if self.prefetch_o else None)
+        qkv, total = gemv.norm_linear(hidden, residual, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias)
         residual = hidden if residual is None else total
         hidden = self.self_attn.forward_qkv(positions, qkv, kv_cache, metadata)
         return self.feed_forward(hidden, residual)
@@ -278,12 +270,9 @@ class NormFusedMoeLayer(DecoderLayer):
                 and residual.is_contiguous() and gemv.norm_applies(hidden, moe.gate.weight)):
             # residual add + norm + router logits in one GEMV (no RMSNorm launch); the routing kernel and the
             # experts then read its logits and normed row
-            nxt, source = self.prefetch_next, self.prefetch_next_from
             logits, residual, normed = gemv.norm_linear(hidden, residual, norm.weight, norm.eps, moe.gate.weight,
-                                                        moe.gate.bias, store_normed=True,
-                                                        prefetch=nxt if source == "router" else None)
-            options = {"prefetch": nxt} if nxt is not None and source == "down" else {}
-            return moe(normed, moe.router(logits), **options), residual
+                                                        moe.gate.bias, store_normed=True)
+            return moe(normed, moe.router(logits)), residual
         return super().feed_forward(hidden, residual)
 
 
@@ -315,24 +304,7 @@ def use_norm_fused_layers(model: nn.Module, gemv: DecodeGemv | None) -> int:
 
     before = sum(isinstance(m, NormFusedMoeLayer) for m in model.modules())
     _swap_children(model, replace)
-    _plan_l2_prefetches(model, envs.cuda_l2_prefetch())
     return sum(isinstance(m, NormFusedMoeLayer) for m in model.modules()) - before
-
-
-def _plan_l2_prefetches(model: nn.Module, kinds: frozenset[str]) -> None:
-    """Tell each :class:`NormFusedMoeLayer` (whose q/k/v GEMV fuses the norm) which weights its one-row kernels
-    ask into L2 (``kinds``: see ``envs.cuda_l2_prefetch``): its output projection's, and the next such layer's
-    q/k/v weight from the kernel named (``down``, ``router`` or ``gemv``), where the next layer is one too."""
-    layers = [m for m in model.modules() if isinstance(m, NormFusedMoeLayer) and m.norm_gemv is not None]
-    source = next((k for k in ("down", "router", "gemv") if k in kinds), "")
-    for layer, nxt in zip(layers, [*layers[1:], None], strict=True):
-        o_proj = layer.self_attn.o_proj
-        layer.prefetch_o = "o" in kinds and type(o_proj) is DecodeLinear
-        # a plain tensor on the same storage: a Parameter set as an attribute would become this module's parameter
-        nxt_weight = nxt.self_attn.qkv_proj.weight.detach() if nxt is not None and source else None
-        layer.prefetch_next, layer.prefetch_next_from = (nxt_weight, source) if nxt_weight is not None else (None, "")
-        if source == "gemv" and type(o_proj) is DecodeLinear:
-            o_proj.prefetch = nxt_weight
 
 
 def use_triton_routers(model: nn.Module, pdl: bool) -> int:

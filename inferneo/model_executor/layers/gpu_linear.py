@@ -39,21 +39,19 @@ class DecodeGemv:
         return self.ops.gemv_applies(x, weight)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ops.gemv(x, weight, bias, out=out, pdl=self.pdl, prefetch=prefetch)
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ops.gemv(x, weight, bias, out=out, pdl=self.pdl)
 
     def norm_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether :meth:`norm_linear` takes ``x`` (see ``triton_gemv.norm_gemv_applies``)."""
         return self.ops.norm_gemv_applies(x, weight)
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor, bias: torch.Tensor | None = None, store_normed: bool = False,
-                    prefetch: torch.Tensor | None = None):
+                    weight: torch.Tensor, bias: torch.Tensor | None = None, store_normed: bool = False):
         """The RMSNorm of ``x`` (plus ``residual``) and the linear layer after it in one kernel: ``(product,
         residual sum)``, with ``store_normed`` ``(product, residual sum, normed row)`` (see
-        ``triton_gemv.norm_gemv``; ``prefetch``: a weight asked into L2 when done)."""
-        return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl, store_normed=store_normed,
-                                  prefetch=prefetch)
+        ``triton_gemv.norm_gemv``)."""
+        return self.ops.norm_gemv(x, residual, norm_weight, eps, weight, bias, pdl=self.pdl, store_normed=store_normed)
 
     def silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a gated MLP's fused gate/up projection in one kernel."""
@@ -71,13 +69,11 @@ def decode_gemv(device: torch.device, kernels: KernelConfig | None = None) -> De
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, gemv: DecodeGemv | None = None,
-           prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with one-row CUDA inputs in half precision through ``gemv`` when given (which then asks
-    ``prefetch`` into L2, if given: ``triton_gemv.gemv``). With ``out`` (2-D ``x``, no bias), the product is
-    written there."""
+           out: torch.Tensor | None = None, gemv: DecodeGemv | None = None) -> torch.Tensor:
+    """``F.linear``, with one-row CUDA inputs in half precision through ``gemv`` when given. With ``out`` (2-D
+    ``x``, no bias), the product is written there."""
     if gemv is not None and gemv.applies(x, weight):
-        return gemv.linear(x, weight, bias, out=out, prefetch=prefetch)
+        return gemv.linear(x, weight, bias, out=out)
     if out is None:
         return F.linear(x, weight, bias)
     assert bias is None and x.dim() == 2, "linear(out=...) takes a 2-D input and no bias"
@@ -85,10 +81,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class DecodeLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward is :func:`linear`; built from an existing layer, sharing its parameters.
-    ``prefetch``: a later kernel's weight its one-row GEMV asks into L2 (set by ``device_kernels``)."""
-
-    prefetch: torch.Tensor | None = None
+    """An ``nn.Linear`` whose forward is :func:`linear`; built from an existing layer, sharing its parameters."""
 
     def __init__(self, layer: nn.Linear, gemv: DecodeGemv | None = None) -> None:
         nn.Module.__init__(self)
@@ -98,7 +91,7 @@ class DecodeLinear(nn.Linear):
         self.gemv = gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, gemv=self.gemv, prefetch=self.prefetch)
+        return linear(x, self.weight, self.bias, gemv=self.gemv)
 
 
 def use_decode_linears(model: nn.Module, gemv: DecodeGemv | None) -> int:

@@ -180,19 +180,19 @@ class FusedMoE(nn.Module):
         if self.shared_expert_gate is not None:
             self.shared_expert_gate.quantizable = False
 
-    def routed_experts(self, x: torch.Tensor, routed: RouterOutput | None = None, **kernel_options) -> torch.Tensor:
+    def routed_experts(self, x: torch.Tensor, routed: RouterOutput | None = None) -> torch.Tensor:
         """The weighted sum of the routed experts' outputs for ``x`` ``[T, H]`` (no shared expert); ``routed``: the
         routing when the caller computed it already (a device kernel that fuses the router linear), else the
-        router's of ``gate(x)``. ``kernel_options``: extra keywords for a device ``expert_kernel``."""
+        router's of ``gate(x)``."""
         if routed is None:
             routed = self.router(self.gate(x))
         experts = self.experts
         return self.expert_kernel(x, experts.gate_up_proj, experts.down_proj, routed.weights, routed.ids,
                                   activation=self.activation, w13_bias=getattr(experts, "gate_up_proj_bias", None),
-                                  w2_bias=getattr(experts, "down_proj_bias", None), **kernel_options)
+                                  w2_bias=getattr(experts, "down_proj_bias", None))
 
-    def forward(self, x: torch.Tensor, routed: RouterOutput | None = None, **kernel_options) -> torch.Tensor:
-        out = self.routed_experts(x, routed, **kernel_options)
+    def forward(self, x: torch.Tensor, routed: RouterOutput | None = None) -> torch.Tensor:
+        out = self.routed_experts(x, routed)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""The batch-1 Qwen3-30B-A3B layer chain on one GPU with and without L2 prefetches, and new expert-kernel tiles.
+"""The batch-1 Qwen3-30B-A3B layer chain on one GPU: GEMV tiles and expert tiles under early or late PDL launch.
 
 One decode layer at one token is eight launches (input norm + q/k/v GEMV, q/k norm + rotary + KV store, decode
 attention and its reduction, output GEMV, post-attention norm + router GEMV, routing, gate/up experts, down experts);
 this script runs 48 of them in one CUDA graph with programmatic dependent launch, each layer on its own weights
 (four sets cycled, so nothing of a layer is in L2 from the layer before), 1,041 tokens of context, and reports the
-time per layer for each variant:
+time per layer for each variant: the output projection's GEMV tiles (whole 4,096-wide rows, all read before the
+GEMV waits, against the tuned ones), the q/k/v norm + GEMV's rows per program, decode attention's split count, an
+``evict_first`` hint on the expert weights. Whether the kernels launch their dependents early
+(``INFERNEO_CUDA_PDL_EARLY``, read at import) is the process's: run it once with each setting.
 
-- where the attention output projection's weight is asked into L2 (by the q/k/v GEMV's programs, when done) and
-  which kernel asks for the next layer's q/k/v weight (the output GEMV, the router GEMV or the down experts kernel),
-  each prefetch mode of ``kernels/_l2_prefetch.py``; the expert weights read with an ``evict_first`` hint or not;
-- the expert kernels' tiles (``PairTiles``), e.g. the best of ``moe_decode_sweep.py``.
-
-Every variant's output after 48 layers is compared with the first variant's (prefetch-only variants: equal).
-``--smoke``: on CPU under Triton's interpreter with tiny shapes (no prefetch there; it checks the script).
+Every variant's output after 48 layers is compared with the first variant's (the GEMV tiles change the summation
+order of the output projection, so small differences there are expected; the hint none). ``--write-configs``
+writes the fastest output-projection tiles and q/k/v norm + GEMV rows into ``inferneo/kernels/gemv_configs.json``
+when they beat the tuned ones by more than 0.3 us a layer. ``--smoke``: on CPU under Triton's interpreter with tiny
+shapes (it checks the script).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 
-from inferneo.kernels import _l2_prefetch, triton_attention, triton_gemv, triton_moe, triton_routing  # noqa: E402
+from inferneo import envs  # noqa: E402
 from inferneo.kernels import _triton_elementwise as elementwise  # noqa: E402
+from inferneo.kernels import triton_attention, triton_gemv, triton_moe, triton_routing  # noqa: E402
 from inferneo.kernels.moe_tile_configs import PairTiles, pair_tiles  # noqa: E402
 
 SHAPE = dict(hidden=2048, experts=128, inter=768, top_k=8, heads=32, kv_heads=4, head_dim=128, layers=48, sets=4,
@@ -42,10 +44,10 @@ DEVICE = "cuda"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    o_mode: int = 0  # prefetch mode for the output projection's weight (from the q/k/v GEMV); 0: none
-    next_from: str = ""  # "", "gemv", "router", "down": which kernel asks for the next layer's q/k/v weight
-    next_mode: int = 1
-    tiles: PairTiles | None = None  # None: the tuned tiles
+    o_config: tuple[int, int, int] | None = None  # the output projection's GEMV tiles (None: the tuned ones)
+    qkv_config: tuple[int, int] | None = None  # the q/k/v norm + GEMV's (rows a program, warps) (None: the default)
+    tiles: PairTiles | None = None  # the expert kernels' tiles (None: the tuned ones)
+    attn_splits: int | None = None  # decode attention's context splits (None: its heuristic)
 
 
 def make_sets(device) -> list[dict]:
@@ -71,34 +73,26 @@ def make_sets(device) -> list[dict]:
 
 def chain(sets, shared, hidden, residual, v: Variant, tiles: PairTiles, pdl: bool):
     s, eps = SHAPE, 1e-6
-    mode = _l2_prefetch.PREFETCH_MODE
     for layer in range(s["layers"]):
-        p, nxt = sets[layer % len(sets)], sets[(layer + 1) % len(sets)]
-        _l2_prefetch.PREFETCH_MODE = v.o_mode
-        qkv, total = triton_gemv.norm_gemv(hidden, residual, p["norm_w"], eps, p["qkv_w"], pdl=pdl,
-                                           prefetch=p["o_w"] if v.o_mode else None)
-        residual = total
+        p = sets[layer % len(sets)]
+        qkv, residual = triton_gemv.norm_gemv(hidden, residual, p["norm_w"], eps, p["qkv_w"], config=v.qkv_config,
+                                              pdl=pdl)
         elementwise.qk_norm_rotary_inplace(qkv, shared["pos"], shared["cos"], shared["sin"], s["heads"],
                                            s["kv_heads"], s["head_dim"], p["q_w"], p["k_w"], eps, pdl=pdl,
                                            kv_cache=p["cache"], slot_mapping=shared["slots"])
         q = qkv[:, : s["heads"] * s["head_dim"]].view(1, s["heads"], s["head_dim"])
         if DEVICE == "cuda":
             triton_attention.paged_decode(q, p["cache"], shared["table"], shared["lens"],
-                                          1 / math.sqrt(s["head_dim"]), p["attn_out"], pdl=pdl)
+                                          1 / math.sqrt(s["head_dim"]), p["attn_out"], num_splits=v.attn_splits,
+                                          pdl=pdl)
         else:  # the smoke run (the decode kernel has its own interpreter tests)
             p["attn_out"].copy_(q)
-        _l2_prefetch.PREFETCH_MODE = v.next_mode
-        nq = nxt["qkv_w"]
-        o = triton_gemv.gemv(p["attn_out"].view(1, -1), p["o_w"], pdl=pdl,
-                             prefetch=nq if v.next_from == "gemv" else None)
+        o = triton_gemv.gemv(p["attn_out"].view(1, -1), p["o_w"], config=v.o_config, pdl=pdl)
         logits, residual, normed = triton_gemv.norm_gemv(o, residual, p["post_w"], eps, p["gate_w"], pdl=pdl,
-                                                         store_normed=True,
-                                                         prefetch=nq if v.next_from == "router" else None)
+                                                         store_normed=True)
         routed = triton_routing.route_topk(logits, s["top_k"], renormalize=True, pdl=pdl)
         hidden = triton_moe.triton_fused_experts(normed, p["w13"], p["w2"], routed.weights, routed.ids,
-                                                 pair_tiles=tiles, pdl=pdl,
-                                                 prefetch=nq if v.next_from == "down" else None)
-    _l2_prefetch.PREFETCH_MODE = mode
+                                                 pair_tiles=tiles, pdl=pdl)
     return hidden, residual
 
 
@@ -125,20 +119,20 @@ def time_chain(fn, replays: int = 20) -> tuple[float, torch.Tensor]:
     return sorted(times)[len(times) // 2], captured[0].clone(), equal
 
 
-def variants(best: PairTiles | None) -> list[Variant]:
+O_CONFIGS = [(8, 4096, 8), (4, 4096, 8), (4, 4096, 4), (2, 4096, 4), (16, 4096, 8), (8, 4096, 16)]
+QKV_CONFIGS = [(4, 8), (16, 8), (4, 4), (16, 16)]
+ATTN_SPLITS = [16, 8]
+
+
+def variants() -> list[Variant]:
     ef = replace(pair_tiles(128, 768, 2048, torch.bfloat16), evict=1)
-    out = [Variant("base"), Variant("o1", o_mode=1), Variant("o2", o_mode=2), Variant("evict_first", tiles=ef),
-           Variant("o1+down1", o_mode=1, next_from="down", tiles=ef),
-           Variant("o1+down2", o_mode=1, next_from="down", next_mode=2, tiles=ef),
-           Variant("o1+router1", o_mode=1, next_from="router", tiles=ef),
-           Variant("o1+gemv1", o_mode=1, next_from="gemv", tiles=ef)]
-    if best is not None:
-        out += [Variant("best_tiles", tiles=best), Variant("best_tiles+o1", o_mode=1, tiles=best),
-                Variant("best_tiles+o1+down1", o_mode=1, next_from="down", tiles=replace(best, evict=1))]
-    return out + [Variant("base again")]
+    return ([Variant("base")] + [Variant(f"o {c}", o_config=c) for c in O_CONFIGS]
+            + [Variant(f"qkv {c}", qkv_config=c) for c in QKV_CONFIGS]
+            + [Variant(f"attention {n} splits", attn_splits=n) for n in ATTN_SPLITS]
+            + [Variant("evict_first", tiles=ef), Variant("base again")])
 
 
-def run(out_dir: Path, best: PairTiles | None, log) -> dict:
+def run(log) -> dict:
     device = torch.device(DEVICE)
     s = SHAPE
     torch.manual_seed(0)
@@ -155,7 +149,7 @@ def run(out_dir: Path, best: PairTiles | None, log) -> dict:
     pdl = DEVICE == "cuda"
     tuned = pair_tiles(s["experts"], s["inter"], s["hidden"], torch.bfloat16)
     results, first = {}, None
-    for v in variants(best):
+    for v in variants():
         tiles = v.tiles or tuned
         us, y, replay_equal = time_chain(lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl))
         if first is None:
@@ -165,31 +159,51 @@ def run(out_dir: Path, best: PairTiles | None, log) -> dict:
                            "graph_equal_eager": replay_equal, "variant": {**v.__dict__, "tiles": tiles.to_json()}}
         log(f"{v.name:24s} {us:7.2f} us a layer ({us * s['layers']:7.1f} us / 48 layers), max |diff| vs base "
             f"{diff:.3g}, graph == eager {replay_equal}")
-    return results
+    return results, first
+
+
+def write_configs(results: dict, log) -> None:
+    """The fastest output-projection tiles and q/k/v rows into ``gemv_configs.json`` where they beat the tuned ones
+    (the first variant) by more than 0.3 us a layer."""
+    base = results["base"]["us_per_layer"]
+    table = json.loads(triton_gemv.TUNED_CONFIG_FILE.read_text())
+    h, q = SHAPE["hidden"], SHAPE["heads"] * SHAPE["head_dim"]
+    n_qkv = q + 2 * SHAPE["kv_heads"] * SHAPE["head_dim"]
+    for prefix, key, fields in (("o ", f"{h},{q}", ("block_n", "block_k", "num_warps")),
+                                ("qkv ", f"{triton_gemv.NORM_KEY}{n_qkv},{h}", ("block_n", "num_warps"))):
+        name, row = min(((n, r) for n, r in results.items() if n.startswith(prefix)),
+                        key=lambda item: item[1]["us_per_layer"])
+        if row["us_per_layer"] < base - 0.3:
+            config = row["variant"]["o_config" if prefix == "o " else "qkv_config"]
+            table[key] = dict(zip(fields, config, strict=True))
+            log(f"wrote {key}: {table[key]} ({row['us_per_layer']:.2f} against {base:.2f} us a layer)")
+        else:
+            log(f"kept {key}: best {name} {row['us_per_layer']:.2f} against {base:.2f} us a layer")
+    triton_gemv.TUNED_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/moe_l2_prefetch")
-    parser.add_argument("--best-tiles", default="", help="a PairTiles JSON (e.g. moe_decode_sweep.json's best)")
+    parser.add_argument("--out", default="/tmp/moe_b1_chain")
+    parser.add_argument("--write-configs", action="store_true")
+    parser.add_argument("--compare", default="", help="another run's base_output.pt, to check equal")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         DEVICE = "cpu"
         SHAPE.update(hidden=64, experts=16, inter=32, top_k=4, heads=4, kv_heads=2, head_dim=32, layers=2, sets=2,
                      context=20, table_blocks=4)
+        O_CONFIGS[:] = [(2, 128, 4)]
+        QKV_CONFIGS[:] = [(4, 4)]
+        ATTN_SPLITS[:] = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from moe_kernel_sweep import timestamped_log
 
-    log = timestamped_log(out / "moe_l2_prefetch.log")
-    best = None
-    if args.best_tiles:
-        path = Path(args.best_tiles)
-        if path.is_file():
-            best = PairTiles.from_json(json.loads(path.read_text())["experts"]["best"])
-            log(f"best tiles from the sweep: {best}")
+    log = timestamped_log(out / "moe_b1_chain.log")
+    early = envs.cuda_pdl_early()
+    log(f"PDL early launch: {early}")
     if args.smoke:
         global time_chain
 
@@ -197,9 +211,18 @@ def main() -> None:
             y = fn()
             return 0.0, y[0].clone(), True
 
+    variants_run, base_out = run(log)
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "shape": SHAPE,
-               "variants": run(out, best, log)}
-    (out / "moe_l2_prefetch.json").write_text(json.dumps(results, indent=1) + "\n")
+               "pdl_early": early, "variants": variants_run}
+    # the same inputs give the same output whatever the launch order (a race would show here)
+    if args.compare and Path(args.compare).is_file():
+        other = torch.load(args.compare).to(base_out.device)
+        results["base_equal_to_compare"] = bool(torch.equal(other, base_out))
+        log(f"base output equal to {Path(args.compare).name}'s: {results['base_equal_to_compare']}")
+    torch.save(base_out.cpu(), out / "base_output.pt")
+    (out / "moe_b1_chain.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.write_configs:
+        write_configs(results["variants"], log)
 
 
 if __name__ == "__main__":
