@@ -282,9 +282,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, str
 
 
 @triton.jit
-def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp, stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr, EVICT: tl.constexpr):
+def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp,
+                          stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          UNROLL: tl.constexpr, EVICT: tl.constexpr):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
