@@ -123,6 +123,14 @@ def cuda_pdl() -> bool:
     return _flag("INFERNEO_CUDA_PDL", True)
 
 
+def cuda_pdl_early() -> bool:
+    """INFERNEO_CUDA_PDL_EARLY (default on): the decode kernels whose dependents read nothing before their own wait
+    that this kernel's predecessors write let the next kernel launch as soon as all their programs have started,
+    before waiting for their predecessor (``inferneo.kernels._pdl``): a GEMV then streams its weights while the
+    kernels before it still run. Off: every kernel lets the next one launch after its wait. Read once, at import."""
+    return _flag("INFERNEO_CUDA_PDL_EARLY", True)
+
+
 def tp_timing() -> bool:
     """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
     when they stop."""

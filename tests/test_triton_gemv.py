@@ -133,12 +133,18 @@ def test_gemv_config_lookup(tmp_path, monkeypatch):
     shipped = triton_gemv._tuned_configs()
     for (n, k), (block_n, block_k, warps) in shipped.items():
         assert n >= 1 and k >= 1 and block_n >= 1 and block_k >= 16 and warps in (1, 2, 4, 8, 16)
+    for (n, k), (block_n, warps) in triton_gemv._tuned_norm_configs().items():  # norm_gemv's ("norm N,K")
+        assert n >= 1 and k >= 1 and block_n >= 1 and warps in (1, 2, 4, 8, 16)
     path = tmp_path / "gemv_configs.json"
-    path.write_text(json.dumps({"5120,2048": {"block_n": 4, "block_k": 2048, "num_warps": 8}}))
+    path.write_text(json.dumps({"5120,2048": {"block_n": 4, "block_k": 2048, "num_warps": 8},
+                                "norm 5120,2048": {"block_n": 16, "num_warps": 4}}))
     monkeypatch.setattr(triton_gemv, "TUNED_CONFIG_FILE", path)
     triton_gemv._tuned_configs.cache_clear()
+    triton_gemv._tuned_norm_configs.cache_clear()
     try:
         assert triton_gemv.gemv_config(5120, 2048) == (4, 2048, 8)
         assert triton_gemv.gemv_config(2048, 5120) == triton_gemv.DEFAULT_CONFIG
+        assert triton_gemv._tuned_norm_configs() == {(5120, 2048): (16, 4)}
     finally:
         triton_gemv._tuned_configs.cache_clear()
+        triton_gemv._tuned_norm_configs.cache_clear()

@@ -43,10 +43,15 @@ from inferneo.kernels.moe_tile_configs import PairTiles  # noqa: E402
 from inferneo.model_executor.layers.moe import fused_experts  # noqa: E402
 
 SHAPE = SHAPES["qwen3-30b-a3b"]
-UP_TILES = [(4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (2, 2048, 4), (16, 512, 4), (8, 512, 4)]
-DOWN_TILES = [(2, 1024, 4), (1, 1024, 4), (1, 1024, 2), (4, 1024, 8), (2, 512, 4), (4, 256, 4), (8, 256, 8),
-              (2, 256, 2)]
-DOWN_TILES += [(16, 256, 8), (8, 128, 8), (16, 128, 8), (8, 256, 16)]  # around the 2026-12-03 winner; not run yet
+# (block_n, block_k, num_warps[, other PairTiles fields]); the plain ones are the winners of 2026-12-03 and their
+# neighbours, the rest the K loop unrolled (K is a constant), chunk-by-chunk sums, an evict_first hint
+_UR = {"up_unroll": 1, "up_reduce_each": 1}
+UP_TILES = [(4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 4, {"up_unroll": 1}),
+            (8, 1024, 4, {"up_reduce_each": 1}), (8, 1024, 4, _UR), (8, 2048, 4, _UR), (16, 1024, 8, _UR),
+            (4, 2048, 4, _UR), (16, 512, 4, _UR), (8, 512, 4, _UR), (8, 1024, 8, _UR), (8, 1024, 4, {"evict": 1})]
+DOWN_TILES = [(2, 512, 4), (8, 256, 8), (16, 256, 8), (2, 256, 2), (8, 256, 8, {"down_unroll": 1}),
+              (16, 256, 8, {"down_unroll": 1}), (4, 256, 4, {"down_unroll": 1}), (8, 256, 4, {"down_unroll": 1}),
+              (16, 128, 8, {"down_unroll": 1}), (4, 256, 8, {"down_unroll": 1}), (8, 256, 8, {"evict": 1})]
 GEMV_SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
 GEMV_TILES = [triton_gemv.DEFAULT_CONFIG, (1, 2048, 4), (1, 2048, 8), (2, 1024, 4), (2, 2048, 4), (4, 1024, 4),
               (4, 2048, 8), (8, 1024, 8), (8, 2048, 8), (2, 512, 2)]
@@ -81,26 +86,30 @@ def sweep_experts(layer, bw: float, log) -> dict:
     down_floor = top_k * hidden * inter * 2 / bw * 1e6
     out: dict = {"up": [], "down": [], "up_floor_us": up_floor, "down_floor_us": down_floor}
     best_up = best_down = None
-    for n, k, warps in UP_TILES:
-        tiles = PairTiles(up_block_n=n, up_block_k=k, up_num_warps=warps)
+    for n, k, warps, *extra in UP_TILES:
+        tiles = PairTiles(up_block_n=n, up_block_k=k, up_num_warps=warps, **(extra[0] if extra else {}))
         us = time_us([functools.partial(triton_moe.pair_gate_up, x, layer["w13"], r.ids, "silu", None, tiles,
                                               False) for r in sets])
-        out["up"].append({"block_n": n, "block_k": k, "num_warps": warps, "us": us, "x_floor": us / up_floor})
-        log(f"gate/up {n:2d} x {k:4d}, {warps} warps: {us:6.2f} us ({us / up_floor:.2f}x floor {up_floor:.2f})")
+        out["up"].append({"block_n": n, "block_k": k, "num_warps": warps, **(extra[0] if extra else {}), "us": us,
+                          "x_floor": us / up_floor})
+        log(f"gate/up {n:2d} x {k:4d}, {warps} warps {extra}: {us:6.2f} us ({us / up_floor:.2f}x floor "
+            f"{up_floor:.2f})")
         if best_up is None or us < best_up[0]:
             best_up = (us, tiles)
     rows = [triton_moe.pair_gate_up(x, layer["w13"], r.ids, "silu", None, best_up[1], False) for r in sets]
-    for n, k, warps in DOWN_TILES:
-        tiles = PairTiles(down_block_n=n, down_block_k=k, down_num_warps=warps)
+    for n, k, warps, *extra in DOWN_TILES:
+        tiles = PairTiles(down_block_n=n, down_block_k=k, down_num_warps=warps, **(extra[0] if extra else {}))
         us = time_us([functools.partial(triton_moe.pair_down_sum, h, layer["w2"], r.weights, r.ids, None, tiles,
                                               False) for h, r in zip(rows, sets, strict=True)])
-        out["down"].append({"block_n": n, "block_k": k, "num_warps": warps, "us": us, "x_floor": us / down_floor})
-        log(f"down    {n:2d} x {k:4d}, {warps} warps: {us:6.2f} us ({us / down_floor:.2f}x floor {down_floor:.2f})")
+        out["down"].append({"block_n": n, "block_k": k, "num_warps": warps, **(extra[0] if extra else {}), "us": us,
+                            "x_floor": us / down_floor})
+        log(f"down    {n:2d} x {k:4d}, {warps} warps {extra}: {us:6.2f} us ({us / down_floor:.2f}x floor "
+            f"{down_floor:.2f})")
         if best_down is None or us < best_down[0]:
             best_down = (us, tiles)
     d = best_down[1]
     best = replace(best_up[1], down_block_n=d.down_block_n, down_block_k=d.down_block_k,
-                   down_num_warps=d.down_num_warps)
+                   down_num_warps=d.down_num_warps, down_unroll=d.down_unroll)  # the evict hint: gate/up's
     out["best"] = best.to_json()
     log(f"best pair tiles {best}")
     # The whole call at 1, 2, 4 tokens: errors, repeatability, time with and without PDL, against the floor.
@@ -179,7 +188,7 @@ def _smoke() -> None:
     global DEVICE, SHAPE, UP_TILES, DOWN_TILES, GEMV_SHAPES, GEMV_TILES, L2_BYTES
     DEVICE, L2_BYTES = "cpu", 1
     SHAPE = dict(SHAPE, experts=16, hidden=64, inter=48)
-    UP_TILES, DOWN_TILES = UP_TILES[:2], DOWN_TILES[:2]
+    UP_TILES, DOWN_TILES = [UP_TILES[0], UP_TILES[5]], [DOWN_TILES[1], DOWN_TILES[4]]
     GEMV_SHAPES = {"qkv": (80, 64), "o": (64, 128)}
     GEMV_TILES = GEMV_TILES[:2]
 

@@ -7,6 +7,16 @@ then lets the kernel after it launch (``griddepcontrol.launch_dependents``), so 
 before the wait may only read what no kernel writes during inference: the GEMV starts streaming its first weight
 tile there. CUDA graphs capture the launches with their programmatic edges.
 
+**Early launch** (``wait_for_previous_kernel(PDL, EARLY=True)``, with ``INFERNEO_CUDA_PDL_EARLY`` on): such a
+kernel lets its dependent launch *before* it waits itself, so a chain of them may be resident at once, each
+waiting for the one before: a GEMV launched this way streams the weight rows it reads before its wait while the
+latency-bound kernels before it (attention, its reduction) still run. ``griddepcontrol.wait`` waits for the
+predecessor's completion, which came after that kernel's own wait, so the order of the results is unchanged. What
+it costs: code before a kernel's wait may then run before its predecessor's predecessor has finished, so only
+kernels whose dependents read nothing before their wait but constant weights take it, and a kernel followed by one
+that reads its predecessor's output before waiting (the down experts kernel reads the routing's ids before it
+waits for the gate/up kernel) keeps the late launch.
+
 Whether a launch uses PDL is decided where the model is built (``KernelConfig.pdl_on``, from the engine's
 ``cuda_pdl`` switch and the GPU) and handed to each launcher as ``pdl``; a launcher called without it (a benchmark,
 a test) decides from the tensor and ``INFERNEO_CUDA_PDL``.
@@ -22,13 +32,20 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from inferneo import envs
 from inferneo.kernel_config import pdl_capable
 
+EARLY_LAUNCH = tl.constexpr(envs.cuda_pdl_early())
+
 
 @triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
-    """Wait until the kernel before this one has finished and its writes are visible, then let the next launch."""
+def wait_for_previous_kernel(PDL: tl.constexpr, EARLY: tl.constexpr = False):
+    """Wait until the kernel before this one has finished and its writes are visible, then let the next launch;
+    ``EARLY`` (with ``INFERNEO_CUDA_PDL_EARLY``): let the next one launch first, then wait (see the module doc)."""
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        if EARLY and EARLY_LAUNCH:
+            gdc_launch_dependents()
+            gdc_wait()
+        else:
+            gdc_wait()
+            gdc_launch_dependents()
 
 
 def pdl_for(x: torch.Tensor, pdl: bool | None = None) -> bool:

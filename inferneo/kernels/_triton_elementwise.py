@@ -102,7 +102,7 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
                    PDL: tl.constexpr, STORE_KV: tl.constexpr = False, N_KV_HEADS: tl.constexpr = 1,
                    BLOCK_SIZE: tl.constexpr = 16, BLOCK_V: tl.constexpr = 1, BLOCK_HD: tl.constexpr = 1):
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the KV store or decode attention after it waits before reading
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]

@@ -46,7 +46,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, lp_ptr, lb_ptr, seg
     kmask = k < K
     # The first weight tile is read before waiting for the kernel that writes x (weights never change).
     w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
@@ -120,7 +120,7 @@ def _norm_gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, b_ptr, out_ptr, res_out
     k = tl.arange(0, BLOCK_H)
     kmask = k < n_cols
     w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    wait_for_previous_kernel(PDL)  # the weight tile above is read before the kernel that writes x has finished
+    wait_for_previous_kernel(PDL, EARLY=True)  # the weight tile above is read before x's writer has finished
     x = tl.load(x_ptr + k, mask=kmask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + k, mask=kmask, other=0.0)
@@ -156,10 +156,11 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     rounds it, and ``normed @ weight.T (+ bias)``. Returns ``(product [1, N], s)``, ``s`` a new tensor (None without a
     residual); with ``store_normed`` ``(product, s, normed)``, ``normed`` [1, K] a new tensor too (for the kernels
     that read the normed row besides this linear: a mixture-of-experts layer's experts beside its router). ``x``
-    and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)``."""
+    and ``residual`` are not written. ``config``: ``(BLOCK_N, num_warps)`` (default: the shape's ``"norm N,K"``
+    entry of ``gemv_configs.json``, else :data:`NORM_GEMV_CONFIG`)."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and (residual is None or residual.is_contiguous())
-    block_n, num_warps = config or NORM_GEMV_CONFIG
+    block_n, num_warps = config or _tuned_norm_configs().get((n, k), NORM_GEMV_CONFIG)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else None
     normed = torch.empty_like(x) if store_normed else None
@@ -182,7 +183,20 @@ def _tuned_configs() -> dict[tuple[int, int], tuple[int, int, int]]:
         return {}
     table = json.loads(TUNED_CONFIG_FILE.read_text())
     return {tuple(int(d) for d in shape.split(",")): (int(e["block_n"]), int(e["block_k"]), int(e["num_warps"]))
-            for shape, e in table.items()}
+            for shape, e in table.items() if not shape.startswith(NORM_KEY)}
+
+
+NORM_KEY = "norm "
+
+
+@functools.cache
+def _tuned_norm_configs() -> dict[tuple[int, int], tuple[int, int]]:
+    """:func:`norm_gemv`'s tuned ``(BLOCK_N, num_warps)`` per ``[n, k]`` weight: the file's ``"norm N,K"`` keys."""
+    if not TUNED_CONFIG_FILE.is_file():
+        return {}
+    table = json.loads(TUNED_CONFIG_FILE.read_text())
+    return {tuple(int(d) for d in shape.removeprefix(NORM_KEY).split(",")): (int(e["block_n"]), int(e["num_warps"]))
+            for shape, e in table.items() if shape.startswith(NORM_KEY)}
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:

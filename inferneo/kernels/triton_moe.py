@@ -221,10 +221,32 @@ token's k experts at once, with tuned tiles and PDL (``moe_decode_sweep.py``, ca
 
 
 @triton.jit
-def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, stride_xt, stride_we, stride_wn,
-                         stride_be, stride_op, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)  # the routing that writes ids (and x) comes right before
+def _gate_up_chunk(acc_gate, acc_up, x_row, gate_rows, up_rows, ks, k0, col_ok, K: tl.constexpr,
+                   REDUCE_EACH: tl.constexpr, EVICT: tl.constexpr):
+    """One ``BLOCK_K`` chunk of the gate and up rows times ``x``: added to ``[BLOCK_N, BLOCK_K]`` float32
+    accumulators, or with ``REDUCE_EACH`` summed over the chunk into ``[BLOCK_N]`` ones (fewer registers)."""
+    k_ok = ks < K - k0
+    x = tl.load(x_row + k0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    w_mask = col_ok[:, None] & k_ok[None, :]
+    gate = tl.load(gate_rows + k0, mask=w_mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * x
+    up = tl.load(up_rows + k0, mask=w_mask, other=0.0, eviction_policy=EVICT).to(tl.float32) * x
+    if REDUCE_EACH:
+        acc_gate += tl.sum(gate, axis=1)
+        acc_up += tl.sum(up, axis=1)
+    else:
+        acc_gate += gate
+        acc_up += up
+    return acc_gate, acc_up
+
+
+@triton.jit
+def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, stride_xt, stride_we, stride_wn,
+                         stride_be, stride_op, K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, UNROLL: tl.constexpr,
+                         REDUCE_EACH: tl.constexpr, EVICT: tl.constexpr):
+    # the routing that writes ids (and x) comes right before; the late launch: the down kernel after this one reads
+    # the routing's ids before it waits
+    wait_for_previous_kernel(PDL)
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -233,16 +255,25 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, 
     x_row = x_ptr + (pair // top_k) * stride_xt + ks
     gate_rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K]
     up_rows = gate_rows + N * stride_wn
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        x = tl.load(x_row + k0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        acc_gate += tl.load(gate_rows + k0, mask=w_mask, other=0.0).to(tl.float32) * x
-        acc_up += tl.load(up_rows + k0, mask=w_mask, other=0.0).to(tl.float32) * x
-    gate = tl.sum(acc_gate, axis=1)
-    up = tl.sum(acc_up, axis=1)
+    if REDUCE_EACH:
+        acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if UNROLL:  # K is a constant: all chunks unrolled, their loads free to issue together
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            acc_gate, acc_up = _gate_up_chunk(acc_gate, acc_up, x_row, gate_rows, up_rows, ks, k0, col_ok, K,
+                                              REDUCE_EACH, EVICT)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc_gate, acc_up = _gate_up_chunk(acc_gate, acc_up, x_row, gate_rows, up_rows, ks, k0, col_ok, K,
+                                              REDUCE_EACH, EVICT)
+    if REDUCE_EACH:
+        gate, up = acc_gate, acc_up
+    else:
+        gate = tl.sum(acc_gate, axis=1)
+        up = tl.sum(acc_up, axis=1)
     if HAS_BIAS:
         gate += tl.load(bias_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
         up += tl.load(bias_ptr + expert * stride_be + N + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -251,9 +282,10 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, K, 
 
 
 @triton.jit
-def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, K, stride_hp,
-                          stride_we, stride_wn, stride_be, stride_ot, HAS_BIAS: tl.constexpr,
-                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp,
+                          stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          UNROLL: tl.constexpr, EVICT: tl.constexpr):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
@@ -270,15 +302,16 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     row_ok = slot_ok[:, None, None] & col_ok[None, :, None]
     h_rows = h_ptr + pairs[:, None] * stride_hp + ks[None, :]
     k_ok = ks < K
-    w = tl.load(rows, mask=row_ok & k_ok[None, None, :], other=0.0)
-    wait_for_previous_kernel(PDL)
+    w = tl.load(rows, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the next layer's q/k/v GEMV may launch and stream its weights
     h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * h[:, None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k_ok = ks < K - k0
-        h = tl.load(h_rows + k0, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0)
-        acc += w.to(tl.float32) * h[:, None, :]
+    if UNROLL:
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
+    else:
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
     y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + experts[:, None] * stride_be + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :],
@@ -286,6 +319,18 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     scale = tl.load(topk_weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
     total = tl.sum(y * scale[:, None], axis=0)  # a fixed reduction order: the same sum on every run
     tl.store(out_ptr + token * stride_ot + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K: tl.constexpr, EVICT: tl.constexpr):
+    k_ok = ks < K - k0
+    h = tl.load(h_rows + k0, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
+    return w.to(tl.float32) * h[:, None, :]
+
+
+def _evict(code: int) -> str:
+    return ("", "evict_first", "evict_last")[code]
 
 
 def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activation: str,
@@ -296,10 +341,12 @@ def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activati
     inter = w13.shape[1] // 2
     hidden_act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     _pair_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.up_block_n))](
-        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, x.shape[1], x.stride(0),
+        x, w13, w13_bias if w13_bias is not None else w13, hidden_act, ids, top_k, inter, x.stride(0),
         w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0, hidden_act.stride(0),
-        HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_N=tiles.up_block_n,
-        BLOCK_K=tiles.up_block_k, PDL=pdl, num_warps=tiles.up_num_warps, **launch_options(pdl))
+        K=x.shape[1], HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
+        BLOCK_N=tiles.up_block_n, BLOCK_K=tiles.up_block_k, PDL=pdl, UNROLL=bool(tiles.up_unroll),
+        REDUCE_EACH=bool(tiles.up_reduce_each), EVICT=_evict(tiles.evict), num_warps=tiles.up_num_warps,
+        **launch_options(pdl))
     return hidden_act
 
 
@@ -312,11 +359,11 @@ def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Ten
     hidden, inter = w2.shape[1], w2.shape[2]
     out = torch.empty(num_tokens, hidden, dtype=hidden_act.dtype, device=hidden_act.device)
     _pair_down_sum_kernel[(num_tokens, triton.cdiv(hidden, tiles.down_block_n))](
-        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, top_k, hidden, inter,
+        hidden_act, w2, w2_bias if w2_bias is not None else w2, weights, out, ids, top_k, hidden,
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
-        out.stride(0), HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
-        BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, num_warps=tiles.down_num_warps,
-        **launch_options(pdl))
+        out.stride(0), K=inter, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
+        BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, UNROLL=bool(tiles.down_unroll),
+        EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps, **launch_options(pdl))
     return out
 
 

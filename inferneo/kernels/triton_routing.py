@@ -51,7 +51,7 @@ def _store_topk(logits, e, valid, weights_ptr, ids_ptr, t, K: tl.constexpr, BLOC
 @triton.jit
 def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, stride_l, n_experts, K: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the gate/up experts kernel waits before reading anything
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < n_experts
