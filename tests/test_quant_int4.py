@@ -204,9 +204,15 @@ _TRITON_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     # float32: exact de-quantization, float32 sums in another order (GEMV: sum(q*x) - z*sum(x) per group);
     # bfloat16: float32 sums and one rounding of the output (2^-9), plus the weights rounded to bfloat16 for tl.dot.
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+    # float16 (the tensor-core kernel): weights q - z exact, scales after the dot in float32 or on the tile (one
+    # rounding of each weight to float16), float32 sums, one rounding of the output (2^-11)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
     gemv = W4A16Config("gemv", block_n=64, block_g=4, num_warps=1)
+    gemv_split = W4A16Config("gemv", block_n=32, block_g=1, num_warps=1, split_k=2, last_sums=True)
     dot = W4A16Config("dot", block_n=64, block_m=32, block_kw=16)
+    tcs = (W4A16Config("tc", 16, block_g=2, block_m=16),
+           W4A16Config("tc", 16, block_g=1, block_m=32, swap=True, scale_after=False, split_k=2),
+           W4A16Config("tc", 32, block_g=2, block_m=16, split_k=3, last_sums=True))
     for layout, group, act_order in (("awq", 32, False), ("gptq", 32, True), ("compressed-tensors", 16, False),
                                      ("compressed-tensors", 24, True)):
         n, k = 48, 96
@@ -222,7 +228,10 @@ _TRITON_SCRIPT = textwrap.dedent("""
                 x = torch.randn(m, k).to(dtype)
                 ref = F.linear(x.float(), w)
                 xs = x if weights.perm is None else x.index_select(1, weights.perm)
-                for config in ((gemv, dot) if m == 1 else (dot,)):
+                configs = (gemv, gemv_split, dot) if m == 1 else (dot,)
+                if dtype != torch.float32 and group % 16 == 0:
+                    configs += tcs
+                for config in configs:
                     y = w4a16_linear(xs, weights, config)
                     assert y.shape == (m, n) and y.dtype == dtype
                     err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -235,6 +244,14 @@ _TRITON_SCRIPT = textwrap.dedent("""
     ref = F.silu(gate).bfloat16().float() * up
     y = w4a16_silu_mul(x, weights, W4A16Config("silu", block_n=32, block_g=4, num_warps=1))
     assert y.shape == (1, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2
+    # the tensor-core kernel's fused gate/up + SiLU at a few rows (float16: no interpreter rounding shortcut)
+    x = torch.randn(5, 128).half()
+    gate, up = F.linear(x.float(), q.dequantized()).half().float().chunk(2, dim=1)
+    ref = F.silu(gate).half().float() * up
+    for config in (W4A16Config("tc", 16, block_g=2, block_m=16), W4A16Config("tc", 16, block_g=4, block_m=16,
+                                                                               swap=True, scale_after=False)):
+        y = w4a16_silu_mul(x, weights, config)
+        assert y.shape == (5, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 2e-3, config
     # a layer finalized for the Triton kernels holds the row layout, once, and runs through them
     int4.select_int4_kernel = lambda *args: w4a16_linear
     layer = QuantizedLinear(int4.Int4LinearMethod(int4.Int4Scheme("awq", 32, True)),
@@ -246,7 +263,9 @@ _TRITON_SCRIPT = textwrap.dedent("""
     assert [type(b) for b in layer.int4_blocks] == [Int4RowWeights] and not hasattr(layer, "qweight")
     assert torch.equal(layer.method.dequantized_weight(layer), before)
     assert layer.method.silu_mul_applies(layer, torch.randn(1, 64).bfloat16())
-    assert not layer.method.silu_mul_applies(layer, torch.randn(2, 64).bfloat16())
+    # a few rows in half precision: the tensor-core kernel's fused launch (by default); float32: none
+    assert layer.method.silu_mul_applies(layer, torch.randn(2, 64).bfloat16())
+    assert not layer.method.silu_mul_applies(layer, torch.randn(2, 64))
     x = torch.randn(1, 64)
     ref = F.linear(x, before)
     assert ((layer(x) - ref).norm() / ref.norm()).item() < 1e-5
@@ -282,27 +301,53 @@ def test_reference_path_matches_linear():
 
 def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
+    W4A16Config = triton_int4.W4A16Config
 
     monkeypatch.setattr(triton_int4, "TUNED_CONFIG_FILE", tmp_path / "none.json")
     triton_int4._tuned_configs.cache_clear()
     try:
-        assert triton_int4.choose_config("gemv", 1, 4096, 4096, 128).kind == "gemv"
-        # 8 groups of 16 words (128 words) per step, 16 output rows a program
-        assert triton_int4.default_config("gemv", 1, 4096, 4096, 128) == triton_int4.W4A16Config("gemv", 16, 8)
-        assert triton_int4.default_config("dot", 32, 4096, 4096, 128).block_m == 32
-        assert triton_int4.default_config("dot", 3, 4096, 4096, 128).block_m == 16
-        assert triton_int4.default_config("dot", 4000, 4096, 4096, 128).block_m == 64
-        tuned = triton_int4.W4A16Config("dot", 32, block_m=32, block_kw=64, num_warps=8)
-        table = {triton_int4.config_key("dot", 20, 4096, 11008, 128): tuned.as_dict()}
+        choose, default = triton_int4.choose_config, triton_int4.default_config
+        # untuned: the GEMV at one row (8 groups of 16 words per step, 16 output rows a program) ...
+        assert choose("linear", 1, 4096, 4096, 128).kind == "gemv"
+        assert default("linear", 1, 4096, 4096, 128) == W4A16Config("gemv", 16, 8)
+        assert default("silu", 1, 4096, 4096, 128).kind == "silu"
+        # ... the tensor-core kernel for 2..64 half-precision rows, a row tile covering them, K split over more
+        # programs when the output tiles are fewer than two per multiprocessor ...
+        assert default("linear", 3, 4096, 4096, 128) == W4A16Config("tc", 64, 2, 16, num_stages=3)
+        assert default("linear", 32, 4096, 4096, 128, sms=132).block_m == 32
+        assert default("linear", 32, 4096, 4096, 128, sms=132).split_k == 8  # 64 tiles: 8 programs each
+        assert default("linear", 32, 12288, 4096, 128, sms=132).split_k == 2  # 192 tiles
+        assert default("linear", 32, 22016, 4096, 128, sms=132).split_k == 1  # 344 tiles
+        assert default("linear", 32, 4096, 512, 128, sms=132).split_k == 1  # 4 groups: no split
+        assert default("silu", 32, 4096, 4096, 128, sms=132).split_k == 1  # the fused SiLU needs whole sums
+        # ... and the float32-de-quantizing dot kernel above 64 rows, for float32, or groups of 8 columns
+        assert default("linear", 4000, 4096, 4096, 128) == W4A16Config("dot", 64, block_m=64, block_kw=16)
+        assert choose("linear", 3, 4096, 4096, 128, torch.float32).kind == "dot"
+        assert choose("linear", 3, 4096, 4096, 8).kind == "dot"
+        assert choose("silu", 3, 4096, 4096, 128, torch.float32) is None
+        assert choose("silu", 100, 4096, 4096, 128) is None
+        tuned = W4A16Config("tc", 32, 2, 32, num_warps=8, swap=True, split_k=4, last_sums=True)
+        table = {triton_int4.config_key("linear", 20, 4096, 11008, 128): tuned.as_dict(),
+                 triton_int4.config_key("silu", 1, 11008, 4096, 128): W4A16Config("tc", 64, 2, 16).as_dict(),
+                 triton_int4.config_key("silu", 32, 11008, 4096, 128): W4A16Config("none", 0).as_dict(),
+                 "dot,16,4096,4096,128": {"kind": "dot", "block_n": 8}}  # an older table's keys are not read
         (tmp_path / "tuned.json").write_text(json.dumps(table))
         monkeypatch.setattr(triton_int4, "TUNED_CONFIG_FILE", tmp_path / "tuned.json")
         triton_int4._tuned_configs.cache_clear()
-        assert triton_int4.choose_config("dot", 32, 4096, 11008, 128) == tuned  # 17..32 rows share the entry
-        assert triton_int4.choose_config("dot", 33, 4096, 11008, 128).block_m == 64  # not tuned: the default
+        assert triton_int4.config_key("linear", 20, 4096, 11008, 128) == "linear,32,4096,11008,128"
+        assert choose("linear", 32, 4096, 11008, 128) == tuned  # 17..32 rows share the entry
+        assert choose("linear", 20, 4096, 11008, 128, torch.float32).kind == "dot"  # not for float32
+        assert choose("linear", 33, 4096, 11008, 128).block_m == 64  # not tuned: the default
+        assert choose("silu", 1, 11008, 4096, 128).kind == "tc"
+        assert choose("silu", 32, 11008, 4096, 128) is None  # measured: apart is faster
+        assert choose("silu", 16, 11008, 4096, 128).kind == "tc"  # not tuned: the default
+        assert choose("linear", 16, 4096, 4096, 128).block_n == 64  # the older key was not read
     finally:
         triton_int4._tuned_configs.cache_clear()
     # the kernels run any group of whole words; CUDA layers take them (they read the row layout)
     assert triton_int4.triton_int4_available(24) and not triton_int4.triton_int4_available(12)
+    assert triton_int4.tc_available(32, torch.bfloat16) and not triton_int4.tc_available(24, torch.bfloat16)
+    assert not triton_int4.tc_available(32, torch.float32)
     kernel = select_int4_kernel(torch.device("cuda"), torch.bfloat16, 128, KernelConfig())
     assert kernel is triton_int4.w4a16_linear and kernel.reads_row_layout
     assert select_int4_kernel(torch.device("cuda"), torch.bfloat16, 12, KernelConfig()) is reference_int4_linear

@@ -2,40 +2,56 @@
 row's 4-bit codes contiguous along K, eight to an int32 word; per-row scales and zero points per group), de-quantized
 in registers, float32 sums.
 
-Two kernels, chosen by the number of rows (:func:`w4a16_linear`):
+Three kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
 
-- one row (a batch-1 decode step): :func:`_gemv_kernel`. A program owns ``BLOCK_N`` output rows and walks K
-  ``BLOCK_G`` groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats
-  without a conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the
-  float ``2^23 + q * 16^p`` less ``2^23`` is ``q * 16^p`` exactly, and ``x`` is pre-scaled by ``16^-p`` (codes 5..7
-  come from the word shifted by 12 bits so that every code sits below bit 20). Per group the kernel sums
-  ``q * x`` and adds ``s * (sum(q * x) - z * sum(x))``. The gated MLP variant (``SILU``) reads the gate and up rows
-  of a fused gate/up weight and writes ``silu(gate) * up``.
-- two rows or more: :func:`_dot_kernel`, tensor cores: a ``[BLOCK_N, BLOCK_KW]`` tile of words is de-quantized
-  (``(q - z) * s`` in float32, rounded to the activation dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` (code ``j``
-  of word ``w`` is column ``8w + j``) and multiplied with a contiguous tile of ``x`` through one ``tl.dot``
+- one row: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
+  groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats without a
+  conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
+  ``2^23 + q * 16^p`` less ``2^23`` is ``q * 16^p`` exactly, and ``x`` is pre-scaled by ``16^-p`` (codes 5..7 come
+  from the word shifted by 12 bits so that every code sits below bit 20). Per group the kernel sums ``q * x`` and
+  adds ``s * (sum(q * x) - z * sum(x))``. The gated MLP variant (``SILU``) reads the gate and up rows of a fused
+  gate/up weight and writes ``silu(gate) * up``.
+- half-precision activations, 1 to 64 rows: :func:`_tc_kernel`, tensor cores (``tl.dot``, ``x`` padded to 16 rows)
+  fed from a tile de-quantized in registers at two codes per 32-bit instruction (inline PTX): ``prmt`` puts byte
+  ``b`` of a word beside the same byte of the word shifted by 4, one ``lop3`` masks codes ``2b`` and ``2b + 1`` into
+  the low mantissa bits of a packed pair of half-precision ``128.0`` (bf16, ``0x4300``) or ``1024.0`` (fp16,
+  ``0x6400``), and one packed ``fma`` subtracts ``magic + z``: ``q - z`` exactly, already in the register pairs the
+  dot operand wants (about 1.6 instructions a code; under the interpreter the same values come from plain Triton).
+  The group scale multiplies each group's partial product in float32 (``scale_after``: one ``tl.dot`` per group) or
+  the tile in half precision (one packed ``fma`` more per two codes: the weight rounded once to the activation
+  dtype). ``swap`` computes ``W x^T`` instead of ``x W^T``. ``SILU`` fuses the gated MLP's activation.
+- otherwise (float32 activations, more than 64 rows, groups of fewer than 16 columns): :func:`_dot_kernel`, a
+  ``[BLOCK_N, BLOCK_KW]`` tile of words de-quantized in float32 (``(q - z) * s``, rounded to the activation
+  dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` and multiplied with a tile of ``x`` through one ``tl.dot``
   (float32 activations: IEEE float32 products).
 
-Launch tiles come from ``int4_configs.json`` beside this file, per layer shape (written by
-``benchmarks/gpu/int4_check.py --write-configs`` on the GPU it measures), else from :func:`default_config`.
+The GEMV and the tensor-core kernel can split K over ``split_k`` programs (few output tiles, as at 4096 output rows,
+leave most multiprocessors idle otherwise): each program's sums go to a workspace and the last program of a tile
+adds them up in a fixed order (``last_sums``), or they are added atomically into a float32 output.
+
+Launches come from ``int4_configs.json`` beside this file, per layer shape and row bucket (1, 2-16, 17-32, 33-64,
+more; written by ``benchmarks/gpu/int4_check.py --write-configs`` on the GPU it measures), else from
+:func:`default_config` (a rule on the shape, the row count and the device's multiprocessor count).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
 
 TUNED_CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
-#: Rows at which the tensor-core kernel takes over from the GEMV.
-DOT_MIN_ROWS = 2
+#: Rows up to which, without a tuned entry, half-precision activations go through :func:`_tc_kernel`.
+TC_MAX_ROWS = 64
 
 
 def triton_int4_available(group_size: int) -> bool:
@@ -45,8 +61,15 @@ def triton_int4_available(group_size: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class W4A16Config:
-    """One launch. ``kind`` ``"gemv"`` (one row): ``block_n`` output rows x ``block_g`` groups per step;
-    ``"dot"``: ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns each) per step."""
+    """One launch. ``kind`` ``"gemv"`` (one row; ``"silu"``: the fused gate/up GEMV): ``block_n`` output rows x
+    ``block_g`` groups per step; ``"dot"``: ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns
+    each) per step; ``"tc"`` (half precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step,
+    ``swap`` and ``scale_after`` as in the module docstring. ``split_k`` (``"gemv"`` and ``"tc"``): programs along K
+    (not for the fused SiLU):
+    their float32 sums added atomically into a zeroed float32 output, then rounded to the activation dtype by a
+    second launch, or (``last_sums``) each written to a workspace, and the last program of a tile to finish (an
+    atomic count per tile) adds them up in a fixed order and writes the output: no zeroing, no second launch, and
+    the same result every run."""
 
     kind: str
     block_n: int
@@ -55,24 +78,27 @@ class W4A16Config:
     block_kw: int = 0
     num_warps: int = 4
     num_stages: int = 2
+    swap: bool = False
+    scale_after: bool = True
+    split_k: int = 1
+    last_sums: bool = False
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-def _rows_bucket(m: int) -> int:
-    """Row counts sharing one tuned dot config: 2..16 -> 16, 17..32 -> 32, 33..64 -> 64, more -> 128."""
-    for bucket in (16, 32, 64):
+def rows_bucket(m: int) -> int:
+    """Row counts sharing one tuned entry: 1, 2..16 -> 16, 17..32 -> 32, 33..64 -> 64, more -> 128."""
+    for bucket in (1, 16, 32, 64):
         if m <= bucket:
             return bucket
     return 128
 
 
-def config_key(kind: str, m: int, n: int, k: int, group_size: int) -> str:
-    """The key of a launch in ``int4_configs.json``: ``"gemv,N,K,G"``, ``"silu,D,K,G"``, ``"dot,BUCKET,N,K,G"``."""
-    if kind == "dot":
-        return f"dot,{_rows_bucket(m)},{n},{k},{group_size}"
-    return f"{kind},{n},{k},{group_size}"
+def config_key(op: str, m: int, n: int, k: int, group_size: int) -> str:
+    """The key of a launch in ``int4_configs.json``: ``"linear,BUCKET,N,K,G"`` (``x @ W.T``, N output rows) or
+    ``"silu,BUCKET,D,K,G"`` (the fused gate/up + SiLU of a ``[2D, K]`` weight)."""
+    return f"{op},{rows_bucket(m)},{n},{k},{group_size}"
 
 
 @functools.cache
@@ -80,25 +106,66 @@ def _tuned_configs() -> dict[str, W4A16Config]:
     if not TUNED_CONFIG_FILE.is_file():
         return {}
     table = json.loads(TUNED_CONFIG_FILE.read_text())
-    return {key: W4A16Config(**entry) for key, entry in table.items()}
+    return {key: W4A16Config(**entry) for key, entry in table.items() if key.startswith(("linear,", "silu,"))}
 
 
-def default_config(kind: str, m: int, n: int, k: int, group_size: int) -> W4A16Config:
-    """The launch for a shape without a tuned entry. GEMV: 16 rows per program (the loads of ``x`` and its
-    scaling serve every row of the program: more rows, fewer of them per code) and about 128 words of K per
-    step; dot: a row tile that covers ``m`` (16..64), 64 output rows, 16 words (128 columns) per step."""
-    if kind in ("gemv", "silu"):
+def tc_available(group_size: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`_tc_kernel` runs this group size (16 columns or more per ``tl.dot``) and activation dtype."""
+    return group_size % 16 == 0 and dtype in (torch.float16, torch.bfloat16)
+
+
+def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
+                   sms: int = 0) -> W4A16Config | None:
+    """The launch for a shape without a tuned entry (``op`` ``"linear"`` or ``"silu"``; None: no fused kernel).
+
+    One row: the GEMV, 16 rows per program (the loads of ``x`` and its scaling serve every row of the program)
+    and about 128 words of K per step. Half precision up to :data:`TC_MAX_ROWS` rows: the tensor-core kernel, a
+    row tile that covers ``m`` (16..64), 64 output rows, two groups per step, scales after each group's dot; when
+    its output tiles are fewer than two per multiprocessor (``sms``, the device's count; 0: unknown), K is split
+    over up to 8 programs until they are not, each keeping two steps or more, the parts added up by the last
+    program of each tile (not for ``"silu"``). Otherwise the float32-de-quantizing dot kernel
+    (64 output rows, 16 words per step); ``"silu"`` has no fused kernel there."""
+    if m == 1:
         words_per_group = group_size // 8
         groups = k // group_size
         block_g = min(triton.next_power_of_2(groups), max(1, 128 // triton.next_power_of_2(words_per_group)))
-        return W4A16Config(kind, block_n=16, block_g=block_g, num_warps=4)
-    block_m = min(_rows_bucket(m), 64)
-    return W4A16Config("dot", block_n=64, block_m=block_m, block_kw=16, num_warps=4)
+        return W4A16Config("silu" if op == "silu" else "gemv", block_n=16, block_g=block_g, num_warps=4)
+    if m <= TC_MAX_ROWS and tc_available(group_size, dtype):
+        block_m = max(16, rows_bucket(m))
+        tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+        split = 1
+        while op == "linear" and sms and tiles * split < 2 * sms and split < 8 and k // group_size // (2 * split) >= 4:
+            split *= 2
+        return W4A16Config("tc", block_n=64, block_g=2, block_m=block_m, num_warps=4, num_stages=3, split_k=split,
+                           last_sums=split > 1)
+    if op == "silu":
+        return None
+    block_m = min(rows_bucket(m), 64) if m > 1 else 16
+    return W4A16Config("dot", block_n=64, block_m=max(16, block_m), block_kw=16, num_warps=4)
 
 
-def choose_config(kind: str, m: int, n: int, k: int, group_size: int) -> W4A16Config:
-    """The tuned launch for this shape (``int4_configs.json``), else :func:`default_config`."""
-    return _tuned_configs().get(config_key(kind, m, n, k, group_size)) or default_config(kind, m, n, k, group_size)
+def _usable(config: W4A16Config | None, op: str, m: int, group_size: int, dtype: torch.dtype) -> bool:
+    if config is None:
+        return False
+    if config.kind == "tc":
+        return tc_available(group_size, dtype) and config.block_m >= 16
+    if config.kind in ("gemv", "silu"):
+        return m == 1
+    return op == "linear"
+
+
+def choose_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
+                  sms: int = 0) -> W4A16Config | None:
+    """The tuned launch for this shape and row bucket (``int4_configs.json``) when it can run ``m`` rows of
+    ``dtype``, else :func:`default_config`. None: ``"silu"`` has no fused kernel for these rows (or the table
+    says ``"none"``: measured slower than the projection and the activation apart)."""
+    tuned = _tuned_configs().get(config_key(op, m, n, k, group_size))
+    if tuned is not None and tuned.kind == "none":
+        return None  # measured: no fused kernel beats the projection and the activation apart
+    if _usable(tuned, op, m, group_size, dtype):
+        return tuned
+    fallback = default_config(op, m, n, k, group_size, dtype, sms)
+    return fallback if _usable(fallback, op, m, group_size, dtype) else None
 
 
 # ---- one row --------------------------------------------------------------------------------------------------
@@ -142,10 +209,31 @@ def _dequantized_sum(qw_ptr, s_ptr, z_ptr, rows, rmask, g, gmask, widx, kmask, K
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, D, K, stride_xm,
+def _write_out(y, yptr, ymask, woff, ws_ptr, count_ptr, M, D, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+    """Write a program's float32 sums ``y``: rounded to the output's dtype (``SPLIT_K`` 1); added atomically into a
+    zeroed float32 output; or (``LAST_SUMS``) to the workspace ``ws`` [SPLIT_K, M, D] at ``woff``, after which the
+    last program of the tile to finish (the tile's count, zero between launches) adds the parts up in order."""
+    if SPLIT_K == 1:
+        tl.store(yptr, y.to(yptr.dtype.element_ty), mask=ymask)
+    elif LAST_SUMS:
+        tl.store(ws_ptr + tl.program_id(2) * M * D + woff, y, mask=ymask)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:  # the other parts are out
+            total = tl.load(ws_ptr + woff, mask=ymask, other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptr + i * M * D + woff, mask=ymask, other=0.0, cache_modifier=".cg")
+            tl.store(yptr, total.to(yptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")  # ready for the next launch
+    else:
+        tl.atomic_add(yptr, y, mask=ymask, sem="relaxed")
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, stride_xm, G_SPLIT,
                  GROUP: tl.constexpr, GW_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                 SILU: tl.constexpr):
-    # Output rows n (SILU: gate rows n and up rows D + n) of input row ``program_id(1)``.
+                 SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+    # Output rows n (SILU: gate rows n and up rows D + n) of input row ``program_id(1)``, groups
+    # [G_SPLIT * program_id(2), + G_SPLIT) (SPLIT_K > 1: see _write_out).
     GW: tl.constexpr = GROUP // 8
     row = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,9 +244,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, D, K, stride_xm,
     wl = tl.arange(0, GW_PAD)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     acc_up = acc
-    for g0 in range(0, KG, BLOCK_G):
+    g_start = tl.program_id(2) * G_SPLIT
+    g_end = tl.minimum(KG, g_start + G_SPLIT)
+    for g0 in range(g_start, g_end, BLOCK_G):
         g = g0 + gl
-        gmask = g < KG
+        gmask = g < g_end
         widx = g[:, None] * GW + wl[None, :]  # [BLOCK_G, GW_PAD] word index along K
         kmask = gmask[:, None] & (wl < GW)[None, :]
         xb = x_ptr + row * stride_xm + widx * 8
@@ -184,14 +274,15 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, D, K, stride_xm,
         if SILU:
             acc_up += _dequantized_sum(qw_ptr, s_ptr, z_ptr, n + D, nmask, g, gmask, widx, kmask, KW, KG,
                                        x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
-    dtype = y_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     y = tl.sum(acc, axis=1)
     if SILU:
         # Rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
         gate = y.to(dtype).to(tl.float32)
         up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
         y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-    tl.store(y_ptr + row * D + n, y.to(dtype), mask=nmask)
+    _write_out(y, y_ptr + row * D + n, nmask, row * D + n, ws_ptr, count_ptr, tl.num_programs(1), D, SPLIT_K,
+               LAST_SUMS)
 
 
 # ---- two rows or more -----------------------------------------------------------------------------------------
@@ -232,6 +323,284 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_y
              mask=mmask[:, None] & nmask[None, :])
 
 
+# ---- half-precision tensor-core kernel -----------------------------------------------------------------------
+
+# One word (8 codes, code j at bits 4j) -> the 8 values q_j - z in half precision, consecutive codes paired in
+# one 32-bit register: prmt puts byte b of the word in the low half and byte b of the word shifted by 4 in the high
+# half, so one lop3 ((t & 0x000F000F) | magic) leaves codes 2b and 2b + 1 in the mantissas of a packed "magic" pair,
+# and one packed fma subtracts the magic plus z (exact: small integers). $8: the word; $9: -(magic + z) in both
+# halves; $10 (scaled form): the scale in both halves, multiplied in with one more packed fma (one rounding).
+# Outputs $0..$7: codes 0..7.
+_DEQUANT_PTX = """
+{
+.reg .b32 a, b, c, d, t, one;
+mov.b32 one, ONE;
+shr.u32 t, $8, 4;
+prmt.b32 a, $8, t, 0x0400;
+prmt.b32 b, $8, t, 0x0501;
+prmt.b32 c, $8, t, 0x0602;
+prmt.b32 d, $8, t, 0x0703;
+lop3.b32 a, a, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 b, b, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 c, c, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 d, d, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TY a, a, one, $9;
+fma.rn.TY b, b, one, $9;
+fma.rn.TY c, c, one, $9;
+fma.rn.TY d, d, one, $9;
+SCALE
+mov.b32 {$0, $1}, a;
+mov.b32 {$2, $3}, b;
+mov.b32 {$4, $5}, c;
+mov.b32 {$6, $7}, d;
+}
+"""
+_SCALE_PTX = """mov.b32 t, 0x80008000;
+fma.rn.TY a, a, $10, t;
+fma.rn.TY b, b, $10, t;
+fma.rn.TY c, c, $10, t;
+fma.rn.TY d, d, $10, t;"""
+
+
+def _dequant_asm(half: str, scaled: bool) -> str:
+    magic, one, ty = ("0x43004300", "0x3F803F80", "bf16x2") if half == "bf16" else ("0x64006400", "0x3C003C00",
+                                                                                    "f16x2")
+    return (_DEQUANT_PTX.replace("SCALE", _SCALE_PTX if scaled else "").replace("MAGIC", magic)
+            .replace("ONE", one).replace("TY", ty))
+
+
+_ASM = {(half, scaled): _dequant_asm(half, scaled) for half in ("bf16", "f16") for scaled in (False, True)}
+_ASM_BF16 = tl.constexpr(_ASM["bf16", False])
+_ASM_BF16_SCALED = tl.constexpr(_ASM["bf16", True])
+_ASM_F16 = tl.constexpr(_ASM["f16", False])
+_ASM_F16_SCALED = tl.constexpr(_ASM["f16", True])
+
+
+@triton.jit
+def _value(words, j: tl.constexpr, zf, sf, SCALED: tl.constexpr, dtype: tl.constexpr):
+    """Code ``j`` of each word as ``(q - z) [* s]`` rounded once to ``dtype`` (the interpreter's path: the same
+    values as the PTX one, whose products of a 4-bit integer and a half-precision scale are exact in float32)."""
+    v = ((words >> (4 * j)) & 0xF).to(tl.float32) - zf
+    if SCALED:
+        v = v * sf
+    return v.to(dtype)
+
+
+@triton.jit
+def _dequant_tile(words, z, s, dtype: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr):
+    """``words`` [R, G, W] int32, ``z`` / ``s`` [R, G] -> [R, G * W * 8] in ``dtype``: column ``8w + j`` (within
+    each group's ``W`` words) holds ``q - z`` (times ``s`` rounded to ``dtype`` when ``SCALED``) of code ``j``."""
+    if ASM:
+        IS_BF16: tl.constexpr = dtype == tl.bfloat16
+        zp = z.to(tl.int32) + (0x4300 if IS_BF16 else 0x6400)
+        zneg = (zp | (zp << 16)) | -2147450880  # -(magic + z) in both halves (sign bits 0x80008000)
+        zneg = tl.broadcast_to(zneg[:, :, None], words.shape)
+        if SCALED:
+            sb = s.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            s2 = tl.broadcast_to((sb | (sb << 16))[:, :, None], words.shape)
+            if IS_BF16:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, zneg, s2], (tl.bfloat16,) * 8, True, 1)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_F16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, zneg, s2], (tl.float16,) * 8, True, 1)
+        else:
+            if IS_BF16:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, zneg], (tl.bfloat16,) * 8, True, 1)
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                    _ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, zneg], (tl.float16,) * 8, True, 1)
+    else:
+        zf = z.to(tl.float32)[:, :, None]
+        sf = s.to(dtype).to(tl.float32)[:, :, None]
+        v0 = _value(words, 0, zf, sf, SCALED, dtype)
+        v1 = _value(words, 1, zf, sf, SCALED, dtype)
+        v2 = _value(words, 2, zf, sf, SCALED, dtype)
+        v3 = _value(words, 3, zf, sf, SCALED, dtype)
+        v4 = _value(words, 4, zf, sf, SCALED, dtype)
+        v5 = _value(words, 5, zf, sf, SCALED, dtype)
+        v6 = _value(words, 6, zf, sf, SCALED, dtype)
+        v7 = _value(words, 7, zf, sf, SCALED, dtype)
+    # [R, G, W, 2, 2, 2] with j = 4a + 2b + c (a innermost join): column 8w + j after the reshape
+    w8 = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(w8, (words.shape[0], words.shape[1] * words.shape[2] * 8))
+
+
+@triton.jit
+def _tc_part(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0, stride_xm, KG, stride_q, stride_s,
+             GROUP: tl.constexpr, GW_PAD: tl.constexpr, NG: tl.constexpr, SWAP: tl.constexpr,
+             SCALED: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, dtype: tl.constexpr):
+    """The product of ``NG`` groups from group ``g0`` for weight rows ``rows``: [M, R] (``SWAP``: [R, M]), and the
+    groups' scales [R, NG] (applied to the tile when ``SCALED``). ``rm``: input rows, already clamped to valid ones;
+    ``EVEN``: every row of ``rows`` and every group of the step exists (no masks)."""
+    GW: tl.constexpr = GROUP // 8
+    g = g0 + tl.arange(0, NG)
+    wl = tl.arange(0, GW_PAD)
+    wptr = qw_ptr + rows[:, None, None] * stride_q + (g[:, None] * GW + wl[None, :])[None, :, :]
+    gptr = rows[:, None] * stride_s + g[None, :]
+    if EVEN:
+        words = tl.load(wptr)
+        s = tl.load(s_ptr + gptr)
+        z = tl.load(z_ptr + gptr)
+    else:
+        gmask = g < KG
+        kmask = gmask[:, None] & (wl < GW)[None, :]  # [NG, GW_PAD]
+        words = tl.load(wptr, mask=rmask[:, None, None] & kmask[None, :, :], other=0)
+        smask = rmask[:, None] & gmask[None, :]
+        s = tl.load(s_ptr + gptr, mask=smask, other=0.0)
+        z = tl.load(z_ptr + gptr, mask=smask, other=0)
+    w = _dequant_tile(words, z, s, dtype, SCALED, ASM)  # [R, NG * GW_PAD * 8]
+    if GW_PAD == GW:  # whole groups: the tile's columns are contiguous (vector loads of x)
+        kk = g0 * GROUP + tl.arange(0, NG * GROUP)
+        kv = kk < KG * GROUP
+    else:
+        kl = tl.arange(0, GW_PAD * 8)
+        kk = tl.reshape(g[:, None] * GROUP + kl[None, :], (NG * GW_PAD * 8,))
+        kv = tl.reshape((g < KG)[:, None] & (kl < GROUP)[None, :], (NG * GW_PAD * 8,))
+    if SWAP:
+        xptr = x_ptr + rm[None, :] * stride_xm + kk[:, None]
+        xt = tl.load(xptr) if EVEN else tl.load(xptr, mask=kv[:, None], other=0.0)
+        part = tl.dot(w, xt)
+    else:
+        xptr = x_ptr + rm[:, None] * stride_xm + kk[None, :]
+        xt = tl.load(xptr) if EVEN else tl.load(xptr, mask=kv[None, :], other=0.0)
+        part = tl.dot(xt, tl.trans(w))
+    return part, s
+
+
+@triton.jit
+def _tc_acc(acc, x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0, stride_xm, KG, stride_q, stride_s,
+            GROUP: tl.constexpr, GW_PAD: tl.constexpr, BLOCK_G: tl.constexpr, SWAP: tl.constexpr,
+            SCALE_AFTER: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, dtype: tl.constexpr):
+    """``acc`` plus the product of ``BLOCK_G`` groups from ``g0``: one dot per group, each scaled in float32
+    (``SCALE_AFTER``), or one dot over the scaled tile."""
+    if SCALE_AFTER:
+        for i in tl.static_range(BLOCK_G):
+            part, s = _tc_part(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0 + i, stride_xm, KG, stride_q,
+                               stride_s, GROUP, GW_PAD, 1, SWAP, False, ASM, EVEN, dtype)
+            if SWAP:
+                acc += part * s  # s [R, 1]
+            else:
+                acc += part * tl.reshape(s, (1, s.shape[0]))
+    else:
+        part, s = _tc_part(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0, stride_xm, KG, stride_q, stride_s,
+                           GROUP, GW_PAD, BLOCK_G, SWAP, True, ASM, EVEN, dtype)
+        acc += part
+    return acc
+
+
+@triton.jit
+def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, M, D, K, stride_xm, stride_ym, stride_q,
+               stride_s, G_SPLIT,
+               GROUP: tl.constexpr, GW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_G: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, SILU: tl.constexpr,
+               ASM: tl.constexpr, EVEN: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+    # Output rows n (SILU: gate rows n and up rows D + n) of input rows rm, groups [G_SPLIT * program_id(2),
+    # + G_SPLIT). EVEN: D % BLOCK_N == 0 and whole steps of whole groups (GROUP a power of two), so that no load
+    # needs a mask. SPLIT_K > 1: y is float32 (zeroed) and the programs add their sums into it, or (LAST_SUMS) y
+    # is in the activation dtype, each program writes its sums to ws [SPLIT_K, M, D] and the last of a tile (count
+    # [tiles], zero between launches) adds them up.
+    dtype = x_ptr.dtype.element_ty
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = n < D
+    rm_in = tl.minimum(rm, M - 1)  # rows past M read the last row (their outputs are not stored): no mask
+    KG = K // GROUP
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc
+    g_start = tl.program_id(2) * G_SPLIT
+    g_end = tl.minimum(KG, g_start + G_SPLIT)
+    for g0 in range(g_start, g_end, BLOCK_G):
+        acc = _tc_acc(acc, x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, rm_in, g0, stride_xm, g_end, stride_q, stride_s,
+                      GROUP, GW_PAD, BLOCK_G, SWAP, SCALE_AFTER, ASM, EVEN, dtype)
+        if SILU:
+            acc_up = _tc_acc(acc_up, x_ptr, qw_ptr, s_ptr, z_ptr, n + D, nmask, rm_in, g0, stride_xm, g_end, stride_q,
+                             stride_s, GROUP, GW_PAD, BLOCK_G, SWAP, SCALE_AFTER, ASM, EVEN, dtype)
+    y = acc
+    if SILU:
+        # Rounded where the unfused path rounds: each projection's output, SiLU's output, the product.
+        gate = acc.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    if SWAP:
+        yptr = y_ptr + rm[None, :] * stride_ym + n[:, None]
+        ymask = mmask[None, :] & nmask[:, None]
+    else:
+        yptr = y_ptr + rm[:, None] * stride_ym + n[None, :]
+        ymask = mmask[:, None] & nmask[None, :]
+    woff = rm[None, :] * D + n[:, None] if SWAP else rm[:, None] * D + n[None, :]
+    _write_out(y, yptr, ymask, woff, ws_ptr, count_ptr, M, D, SPLIT_K, LAST_SUMS)
+
+
+def _use_asm(x: torch.Tensor) -> bool:
+    """The PTX de-quantization on CUDA; the plain-Triton one under the interpreter (no inline assembly there)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _even(d: int, k: int, group_size: int, config: W4A16Config) -> bool:
+    """Whether a launch needs no masks on its loads: whole tiles of output rows, whole steps of groups, and a
+    group of a power-of-two number of words."""
+    groups = k // group_size
+    words = group_size // 8
+    step = max(1, config.block_g) * max(1, config.split_k)
+    return d % config.block_n == 0 and groups % step == 0 and words & (words - 1) == 0
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+_COUNT_SLOTS = 1 << 16
+
+
+def _tile_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The zeroed per-tile counts of the ``last_sums`` launches on ``device`` (kept zero by the kernel), or None
+    where there are too many tiles or they would first be made inside a CUDA-graph capture."""
+    counts = _COUNTS.get(device)
+    if counts is None:
+        if tiles > _COUNT_SLOTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        counts = _COUNTS[device] = torch.zeros(_COUNT_SLOTS, dtype=torch.int32, device=device)
+    return counts if tiles <= counts.numel() else None
+
+
+def _split_outputs(x: torch.Tensor, m: int, d: int, split: int, tiles: int, last: bool):
+    """(y, ws, counts, last_sums) for a launch of ``split`` programs along K over ``tiles`` output tiles."""
+    counts = _tile_counts(x.device, tiles) if split > 1 and last else None
+    if split > 1 and counts is None:
+        y = torch.zeros((m, d), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    ws = torch.empty((split, m, d), dtype=torch.float32, device=x.device) if counts is not None else y
+    return y, ws, (y if counts is None else counts), counts is not None
+
+
+def _split_groups(groups: int, block_g: int, split_k: int) -> tuple[int, int]:
+    """(programs along K, groups per program: whole steps of ``block_g``), no program without groups."""
+    split = max(1, min(split_k, triton.cdiv(groups, block_g)))
+    per_split = triton.cdiv(triton.cdiv(groups, split), block_g) * block_g
+    return triton.cdiv(groups, per_split), per_split
+
+
+def _tc(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
+    m, k = x.shape
+    block_g = max(1, config.block_g)
+    groups = k // weights.group_size
+    split, per_split = _split_groups(groups, block_g, 1 if silu else config.split_k)
+    grid = (triton.cdiv(d, config.block_n), triton.cdiv(m, config.block_m), split)
+    y, ws, counts, last_sums = _split_outputs(x, m, d, split, grid[0] * grid[1], config.last_sums)
+    even = _even(d, k, weights.group_size, replace(config, split_k=split)) and per_split * split == groups
+    _tc_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, ws, counts,
+                     m, d, k, x.stride(0), y.stride(0), weights.packed.stride(0), weights.scales.stride(0), per_split,
+                     GROUP=weights.group_size, GW_PAD=triton.next_power_of_2(weights.group_size // 8),
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
+                     SWAP=config.swap, SCALE_AFTER=config.scale_after, SILU=silu, ASM=_use_asm(x), EVEN=even,
+                     SPLIT_K=split, LAST_SUMS=last_sums, num_warps=config.num_warps, num_stages=config.num_stages)
+    return y.to(x.dtype) if split > 1 and not last_sums else y
+
+
 # ---- entry points ---------------------------------------------------------------------------------------------
 
 
@@ -245,46 +614,63 @@ def _check(x: torch.Tensor, weights: Int4RowWeights, what: str) -> torch.Tensor:
 
 def _gemv(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
     m, k = x.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(d, config.block_n), m)
-    _gemv_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, d, k, x.stride(0),
-                       GROUP=weights.group_size, GW_PAD=triton.next_power_of_2(weights.group_size // 8),
-                       BLOCK_N=config.block_n, BLOCK_G=config.block_g, SILU=silu, num_warps=config.num_warps,
-                       num_stages=config.num_stages)
-    return y
+    split, per_split = _split_groups(k // weights.group_size, config.block_g, 1 if silu else config.split_k)
+    grid = (triton.cdiv(d, config.block_n), m, split)
+    y, ws, counts, last_sums = _split_outputs(x, m, d, split, grid[0] * grid[1], config.last_sums)
+    _gemv_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, ws, counts, d, k, x.stride(0),
+                       per_split, GROUP=weights.group_size, GW_PAD=triton.next_power_of_2(weights.group_size // 8),
+                       BLOCK_N=config.block_n, BLOCK_G=config.block_g, SILU=silu, SPLIT_K=split,
+                       LAST_SUMS=last_sums, num_warps=config.num_warps, num_stages=config.num_stages)
+    return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
 def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` (``x`` float16, bfloat16 or float32, columns already in ``weights``'s sorted order), in
-    ``x``'s dtype: the GEMV for one row, the tensor-core kernel for more (``config.kind`` overrides)."""
+    ``x``'s dtype, through the kernel :func:`choose_config` picks for the shape and row count (``config``
+    overrides)."""
     x = _check(x, weights, "w4a16_linear")
     m, k = x.shape
     n = weights.out_features
     if m == 0:
         return x.new_empty((0, n))
-    kind = "gemv" if m < DOT_MIN_ROWS else "dot"
-    config = config or choose_config(kind, m, n, k, weights.group_size)
-    if config.kind == "gemv":
+    config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
+    if config.kind in ("gemv", "silu"):
         return _gemv(x, weights, n, False, config)
+    if config.kind == "tc":
+        return _tc(x, weights, n, False, config)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
     _dot_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, m, n, k, x.stride(0), y.stride(0),
                       GROUP=weights.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                      BLOCK_KW=config.block_kw, PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=config.num_warps,
-                      num_stages=config.num_stages)
+                      BLOCK_KW=config.block_kw, PRECISION="ieee" if x.dtype == torch.float32 else None,
+                      num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
 w4a16_linear.reads_row_layout = True  # the layer repacks its weights into Int4RowWeights for it
 
 
+def silu_fused_config(x: torch.Tensor, gate_up: Int4RowWeights) -> W4A16Config | None:
+    """The fused gate/up + SiLU launch for ``x``'s rows, or None where there is none (the caller projects, then
+    activates)."""
+    if x.dim() != 2 or gate_up.out_features % 2 or x.shape[1] != gate_up.in_features:
+        return None
+    m, k = x.shape
+    return choose_config("silu", m, gate_up.out_features // 2, k, gate_up.group_size, x.dtype, device_sm_count(x.device))
+
+
 def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
-    """``silu(g) * u`` where ``[g, u] = x @ W.T`` for a fused gate/up weight (gate rows first), one GEMV launch
-    per call; rounded as the two separate steps round (each projection's output, SiLU's, the product)."""
+    """``silu(g) * u`` where ``[g, u] = x @ W.T`` for a fused gate/up weight (gate rows first), one launch per
+    call (the one-row GEMV or the tensor-core kernel); rounded as the two separate steps round (each projection's
+    output, SiLU's, the product)."""
     x = _check(x, gate_up, "w4a16_silu_mul")
     m, k = x.shape
     if gate_up.out_features % 2:
         raise ValueError("w4a16_silu_mul: the fused gate/up weight has an odd number of rows")
     d = gate_up.out_features // 2
-    config = config or choose_config("silu", m, d, k, gate_up.group_size)
+    config = config or silu_fused_config(x, gate_up)
+    if config is None:
+        raise ValueError(f"w4a16_silu_mul: no fused kernel for {m} rows of {x.dtype}")
+    if config.kind == "tc":
+        return _tc(x, gate_up, d, True, config)
     return _gemv(x, gate_up, d, True, config)

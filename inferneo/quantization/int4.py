@@ -242,12 +242,17 @@ class Int4LinearMethod(LinearMethod):
         return torch.cat([dequantize_rows(b) if isinstance(b, Int4RowWeights) else dequantize(b) for b in blocks])
 
     def silu_mul_applies(self, layer: QuantizedLinear, x: torch.Tensor) -> bool:
-        """Whether :meth:`silu_mul` runs ``x`` through the fused gate/up + SiLU GEMV: one row in half precision
-        and the layer held as one row-layout block (no act-order permutation)."""
+        """Whether :meth:`silu_mul` runs ``x`` through a fused gate/up + SiLU kernel: half precision, the layer
+        held as one row-layout block (no act-order permutation), no bias, and a fused launch for ``x``'s rows
+        (the one-row GEMV, or the tensor-core kernel where the tuned table or the default picks it)."""
         blocks = getattr(layer, "int4_blocks", None)
-        return (blocks is not None and len(blocks) == 1 and isinstance(blocks[0], Int4RowWeights)
-                and blocks[0].perm is None and x.dim() == 2 and x.shape[0] == 1
-                and x.dtype in (torch.float16, torch.bfloat16) and layer.bias is None)
+        if not (blocks is not None and len(blocks) == 1 and isinstance(blocks[0], Int4RowWeights)
+                and blocks[0].perm is None and x.dim() == 2 and x.shape[0] >= 1
+                and x.dtype in (torch.float16, torch.bfloat16) and layer.bias is None):
+            return False
+        from inferneo.kernels.triton_int4 import silu_fused_config
+
+        return silu_fused_config(x, blocks[0]) is not None
 
     def silu_mul(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` of a fused gate/up layer in one kernel when :meth:`silu_mul_applies`, else None (the
