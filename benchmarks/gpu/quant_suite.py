@@ -163,18 +163,43 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
     return out
 
 
+def sec_with_env(s: Suite, label: str, env: dict[str, str], batches: tuple[int, ...] | None = None, **kw) -> dict:
+    """A variant's decode steps with environment switches set while its engine is built and run (restored after),
+    for A/Bs in the same run."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        from inferneo.kernels import triton_fp8_gemv
+
+        triton_fp8_gemv._tuned.cache_clear()  # (INFERNEO_FP8_GEMV_CONFIGS: the tiling file is read once)
+        return sec_variant(s, label, workloads=(), batches=batches, **kw)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+        triton_fp8_gemv._tuned.cache_clear()
+
+
 def sec_fp8_without_gemv(s: Suite) -> dict:
     """The FP8 decode steps with the weight-only GEMV switched off (``INFERNEO_FP8_GEMV=0``: every row count through
     per-token activation quantization + ``torch._scaled_mm``), for the A/B in the same run."""
-    before = os.environ.get("INFERNEO_FP8_GEMV")
-    os.environ["INFERNEO_FP8_GEMV"] = "0"
-    try:
-        return sec_variant(s, "fp8-w8a8", workloads=(), quantization="fp8")
-    finally:
-        if before is None:
-            os.environ.pop("INFERNEO_FP8_GEMV")
-        else:
-            os.environ["INFERNEO_FP8_GEMV"] = before
+    return sec_with_env(s, "fp8-w8a8", {"INFERNEO_FP8_GEMV": "0"}, quantization="fp8")
+
+
+def sec_fp8_tiles(s: Suite, tiles: str) -> dict:
+    """The FP8 batch-1 step with the shipped tiling file's entries replaced by ``tiles`` (JSON: ``{"N,K,BLOCK_M":
+    entry}``), through ``INFERNEO_FP8_GEMV_CONFIGS``."""
+    from inferneo.kernels import triton_fp8_gemv
+
+    table = json.loads(triton_fp8_gemv.CONFIG_FILE.read_text())
+    table["shapes"].update(json.loads(tiles))
+    path = Path(s.out_dir) / "fp8_gemv_configs-variant.json"
+    path.write_text(json.dumps(table, indent=1))
+    out = sec_with_env(s, "fp8-tiles", {"INFERNEO_FP8_GEMV_CONFIGS": str(path)}, batches=(1,), quantization="fp8")
+    out["tiles"] = json.loads(tiles)
+    return out
 
 
 # ---- gpt-fast --------------------------------------------------------------------------------------------------
@@ -302,6 +327,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
     parser.add_argument("--profile", default="", help="variants whose decode steps are also profiled (e.g. bf16,fp8)")
+    parser.add_argument("--fp8-tiles", default="", help="fp8-tiles: FP8 tiling entries replaced (JSON), batch 1")
     parser.add_argument("--decode-batches", default="",
                         help="batch sizes of the decode-step timings, comma-separated (default: 1,32)")
     parser.add_argument("--workloads", default="w1,w2",
@@ -324,6 +350,9 @@ def main() -> int:
         ("bf16", lambda: sec_variant(s, "bf16", workloads), 120),
         ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
+        ("fp8-nonorm", lambda: sec_with_env(s, "fp8-nonorm", {"INFERNEO_FP8_NORM_GEMV": "0"}, batches=(1,),
+                                            quantization="fp8"), 30),
+        ("fp8-tiles", lambda: sec_fp8_tiles(s, args.fp8_tiles), 30),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
@@ -331,7 +360,7 @@ def main() -> int:
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
     for name, run, min_left in plan:
-        if name in skip or (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
+        if name in skip or (name == "fp8-tiles" and not args.fp8_tiles) or (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
             continue
         if s.left() < min_left:
             s.log(f"-- {name}: skipped ({s.left():.0f} s left)")

@@ -130,7 +130,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, s
     k = tl.arange(0, BLOCK_K)
     # The first weight tile is read before waiting for the kernel that writes x (weights never change).
     w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     acc = _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
         k = k0 + tl.arange(0, BLOCK_K)
@@ -152,7 +152,7 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
     k = tl.arange(0, BLOCK_K)
     wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
     wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the down projection's GEMV after it reads only weights first
     acc_g = _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
     acc_u = _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -165,6 +165,66 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
                           _scaled_sum(acc_u, s_ptr, up, nmask, SCALE, BLOCK_M), out_ptr.dtype.element_ty)
     _store_rows(out_ptr, y, gate, nmask, M, stride_om, BLOCK_M)
 
+
+
+@triton.jit
+def _row_rstd(x_ptr, res_ptr, res_out_ptr, K: tl.constexpr, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    # RMSNorm's 1 / rms of the row (x + residual rounded, as the RMSNorm kernel sums it); program 0 stores the sum.
+    h = tl.arange(0, BLOCK_H)
+    hmask = h < K
+    x = tl.load(x_ptr + h, mask=hmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + h, mask=hmask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+        if tl.program_id(0) == 0:
+            tl.store(res_out_ptr + h, x, mask=hmask)
+    xf = x.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+
+
+@triton.jit
+def _normed_tile(x_ptr, res_ptr, nw_ptr, k, K: tl.constexpr, rstd, HAS_RESIDUAL: tl.constexpr):
+    # Columns k of the RMSNorm kernel's output as float32, rounded where it rounds (the residual sum, the normed
+    # row, the product with the norm weight).
+    kmask = k < K
+    x = tl.load(x_ptr + k, mask=kmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + k, mask=kmask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+    return (tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32) * normed).to(x.dtype).to(tl.float32)
+
+
+@triton.jit
+def _fp8_norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_out_ptr, N, stride_wn, stride_sn, eps,
+                          K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    # One row: the RMSNorm before the layer (every program computes the row's 1 / rms, then normalizes each K tile
+    # as it multiplies it), then the CUDA-core GEMV's products in its order (GATED: the gate/up + SiLU kernel's).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    k = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wu = w
+    if GATED:
+        wu = _weight_tile(w_ptr, s_ptr, rows + N, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL, EARLY=True)  # rotary or the down projection's GEMV follow: they wait first
+    rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, K, eps, HAS_RESIDUAL, BLOCK_H)
+    x = _normed_tile(x_ptr, res_ptr, nw_ptr, k, K, rstd, HAS_RESIDUAL)
+    acc = w * x[None, :]
+    acc_u = wu * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = _normed_tile(x_ptr, res_ptr, nw_ptr, k, K, rstd, HAS_RESIDUAL)
+        acc += _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK) * x[None, :]
+        if GATED:
+            acc_u += _weight_tile(w_ptr, s_ptr, rows + N, nmask, k, K, stride_wn, stride_sn, SCALE, BSN,
+                                  BSK) * x[None, :]
+    y = _scaled_sum(acc, s_ptr, rows, nmask, SCALE, 1)
+    if GATED:
+        y = _silu_mul_rounded(y, _scaled_sum(acc_u, s_ptr, rows + N, nmask, SCALE, 1), out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
 
 @triton.jit
 def _e4m3_to_bf16(codes):
@@ -231,7 +291,7 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
     mmask = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
@@ -282,11 +342,18 @@ def tile_to_json(config: Tile) -> dict:
     return entry
 
 
+def config_file() -> Path:
+    """The tiling file read: ``INFERNEO_FP8_GEMV_CONFIGS`` when set (a benchmark's alternative tilings), else
+    :data:`CONFIG_FILE`."""
+    return Path(os.environ.get("INFERNEO_FP8_GEMV_CONFIGS") or CONFIG_FILE)
+
+
 @functools.cache
 def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile]]:
-    if not CONFIG_FILE.is_file():
+    path = config_file()
+    if not path.is_file():
         return DEFAULT_MAX_ROWS, {}
-    table = json.loads(CONFIG_FILE.read_text())
+    table = json.loads(path.read_text())
     shapes = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("shapes", {}).items()}
     return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes
 
@@ -405,3 +472,38 @@ def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
     return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
                    gated=True)
+
+
+NORM_MAX_COLS = 8192  # the row's 1 / rms is summed in one tile up to this width
+
+
+def fp8_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
+                  gated: bool = False, config: Tile | None = None,
+                  pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A one-row RMSNorm and the FP8 layer that reads it, in one launch: ``s = x + residual`` (rounded to ``x``'s
+    dtype; ``s = x`` without a residual), ``normed = norm_weight * rmsnorm(s)`` rounded as the RMSNorm kernel rounds
+    it, then :func:`fp8_gemv` of ``normed`` (``gated``: :func:`fp8_gemv_silu_mul`) with the CUDA-core kernel's tiling
+    and summation order. Returns ``(product, s)``, ``s`` a new tensor (None without a residual); ``x`` and
+    ``residual`` are not written. The normed row is never stored: each program normalizes the K tiles it multiplies
+    (the row's 1 / rms from one whole-row sum per program, read from L2)."""
+    m, k = x.shape
+    if m != 1 or not x.is_contiguous() or k > NORM_MAX_COLS or (residual is not None and not residual.is_contiguous()):
+        raise ValueError(f"fp8 norm GEMV: one contiguous row of at most {NORM_MAX_COLS} columns; got {tuple(x.shape)}")
+    if weight.shape[1] != k or weight.stride(1) != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"fp8 norm GEMV: weight {tuple(weight.shape)} / scales {scale.dtype} do not fit x {(m, k)}")
+    outputs = weight.shape[0] // 2 if gated else weight.shape[0]
+    mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
+    if mode != SCALE_BLOCK:
+        scale = scale.contiguous()
+    numbers, _ = split_tile(config or fp8_gemv_config(weight.shape[0], k, 1))
+    block_n, block_k, num_warps = numbers if len(numbers) == 3 else default_config(1)
+    out = torch.empty((1, outputs), dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x) if residual is not None else None
+    pdl = pdl_for(x, pdl)
+    _fp8_norm_gemv_kernel[(triton.cdiv(outputs, block_n),)](
+        x, residual if residual is not None else x, norm_weight, weight, scale, out,
+        total if total is not None else out, outputs, weight.stride(0), stride_sn, eps, K=k, SCALE=mode, BSN=bsn,
+        BSK=bsk, HAS_RESIDUAL=residual is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_H=triton.next_power_of_2(k), PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+    return out, total
