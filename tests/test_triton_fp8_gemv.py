@@ -117,12 +117,13 @@ _SCRIPT = textwrap.dedent("""
             g, u = F.linear(x.float(), w_deq).chunk(2, dim=-1)
             assert rel(fused, F.silu(g) * u) < 2e-2, (kind, m)
 
-    # RMSNorm inside the GEMV (one row): the same bits as the RMSNorm kernel then the GEMV (gated: then the
-    # gate/up + SiLU kernel) with the same tiling; the residual sum returned, the inputs not written.
+    # RMSNorm inside the GEMV (one row): within the GEMV's tolerance of float32 on the exact norm (the normed row is
+    # not rounded to bf16 first, unlike the RMSNorm kernel) and of the RMSNorm kernel then the GEMV (gated: then the
+    # gate/up + SiLU kernel); the residual sum equal to the RMSNorm kernel's bits; the inputs not written.
     nw = (1 + 0.1 * torch.randn(k)).bfloat16()
     for kind in ("tensor", "row", "block"):
         for gated, weight in ((False, w), (True, w2)):
-            q, s, block, _ = quantized(weight, kind)
+            q, s, block, w_deq = quantized(weight, kind)
             for with_res in (False, True):
                 x = torch.randn(1, k).bfloat16()
                 res = torch.randn(1, k).bfloat16() if with_res else None
@@ -134,7 +135,16 @@ _SCRIPT = textwrap.dedent("""
                 normed = normed[0] if res1 is not None else normed
                 linear = fp8_gemv_silu_mul if gated else fp8_gemv
                 want = linear(normed, q, s, block, config=(8, 128, 4))
-                assert torch.equal(got, want), (kind, gated, with_res, (got.float() - want.float()).abs().max())
+                summed = x.float() + (0 if res is None else res.float())
+                summed = summed.bfloat16().float()
+                exact = F.linear(summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float(),
+                                 w_deq)
+                if gated:
+                    g, u = exact.chunk(2, dim=-1)
+                    exact = F.silu(g) * u
+                tol = 2e-2 if gated else 6e-3
+                # (the unfused path rounds the normed row to bf16: farther from the exact product, up to 1e-2 here)
+                assert rel(got, exact) < tol and rel(got, want) < 2e-2, (kind, gated, with_res, rel(got, exact))
                 assert (total is None) is (res is None) and (total is None or torch.equal(total, res1))
 
     # Selection in Fp8LinearMethod.apply: a layer set up as finalize sets it up on the GPU (kernel scaled_mm,
@@ -172,12 +182,12 @@ _SCRIPT = textwrap.dedent("""
     nw = torch.ones(64, dtype=torch.bfloat16)
     got, total = method.norm_apply(layer, x, res, nw, 1e-6)
     normed, res1 = rms_norm(x.clone(), res.clone(), nw, 1e-6)
-    assert torch.equal(total, res1) and torch.equal(got, layer(normed))
+    assert torch.equal(total, res1) and rel(got, layer(normed)) < 2e-2
     assert method.norm_apply(layer, torch.randn(2, 64).bfloat16(), None, nw, 1e-6) is None
 
-    # A decoder layer with its norms inside the FP8 q/k/v and gate/up GEMVs (NormFusedQuantLayer): the same bits
-    # as the plain layer over the RMSNorm kernel and the GEMVs (same tilings), at one row with and without a
-    # residual; two rows take the plain path.
+    # A decoder layer with its norms inside the FP8 q/k/v and gate/up GEMVs (NormFusedQuantLayer): at one row
+    # within the GEMVs' tolerance of the plain layer over the RMSNorm kernel and the GEMVs, with and without an
+    # incoming residual; two rows take the plain path (the same bits).
     import types
     from torch import nn
     from inferneo.model_executor.device_kernels import NormFusedQuantLayer, QuantizedSiluMLP, TritonRMSNorm, _adopt
@@ -229,7 +239,8 @@ _SCRIPT = textwrap.dedent("""
             calls.clear()
             got = fused(None, hidden.clone(), clone(residual), None, None)
             assert calls == ([False, True] if rows == 1 else []), (rows, calls)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (rows, with_res)
+            for g, w_ in zip(got, want):  # (the residual sum holds the attention output: it differs too)
+                assert rel(g, w_) < 2e-2 if rows == 1 else torch.equal(g, w_), (rows, with_res, rel(g, w_))
     fg.fp8_norm_gemv = original
     print("ok")
 """)
@@ -297,7 +308,7 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
 
     from inferneo.kernels import triton_fp8_gemv as fg
 
-    limit, shapes = fg._tuned()
+    limit, shapes, _ = fg._tuned()
     assert limit >= 1 and shapes
     for (n, k, block_m), tile in shapes.items():
         numbers, _ = fg.split_tile(tile)
@@ -309,7 +320,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
     path.write_text(json.dumps({"max_rows": 2, "shapes": {
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
         "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
-        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}}}))
+        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}},
+        "norm_shapes": {"64,128": {"block_n": 16, "block_k": 32, "num_warps": 2}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
     try:
@@ -320,6 +332,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         assert fg.tile_to_json((32, 64, 4, 3, "bits")) == {"block_n": 32, "block_k": 64, "num_warps": 4,
                                                            "num_stages": 3, "options": ["bits"]}
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        assert fg.fp8_norm_gemv_config(64, 128) == (16, 32, 2)  # the norm-fused kernel's own entry
+        assert fg.fp8_norm_gemv_config(64, 256) == fg.default_config(1)  # else the GEMV's one-row tiling
         with pytest.raises(ValueError, match="unknown tiling options"):
             fg.split_tile((4, 128, 4, "fast"))
         monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")

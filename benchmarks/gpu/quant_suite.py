@@ -190,11 +190,15 @@ def sec_fp8_without_gemv(s: Suite) -> dict:
 
 def sec_fp8_tiles(s: Suite, tiles: str) -> dict:
     """The FP8 batch-1 step with the shipped tiling file's entries replaced by ``tiles`` (JSON: ``{"N,K,BLOCK_M":
-    entry}``), through ``INFERNEO_FP8_GEMV_CONFIGS``."""
+    entry}``; ``"norm N,K"``: the norm-fused GEMV's ``norm_shapes`` entry), through ``INFERNEO_FP8_GEMV_CONFIGS``."""
     from inferneo.kernels import triton_fp8_gemv
 
     table = json.loads(triton_fp8_gemv.CONFIG_FILE.read_text())
-    table["shapes"].update(json.loads(tiles))
+    for key, entry in json.loads(tiles).items():  # "norm N,K": the norm-fused GEMV's tiling
+        if key.startswith("norm "):
+            table.setdefault("norm_shapes", {})[key.removeprefix("norm ")] = entry
+        else:
+            table["shapes"][key] = entry
     path = Path(s.out_dir) / "fp8_gemv_configs-variant.json"
     path.write_text(json.dumps(table, indent=1))
     out = sec_with_env(s, "fp8-tiles", {"INFERNEO_FP8_GEMV_CONFIGS": str(path)}, batches=(1,), quantization="fp8")
@@ -347,12 +351,12 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     workloads = tuple(filter(None, args.workloads.split(",")))
     plan = [
-        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120),
-        ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70),
+        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120 if workloads else 25),
+        ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70 if workloads else 15),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("fp8-nonorm", lambda: sec_with_env(s, "fp8-nonorm", {"INFERNEO_FP8_NORM_GEMV": "0"}, batches=(1,),
-                                            quantization="fp8"), 30),
-        ("fp8-tiles", lambda: sec_fp8_tiles(s, args.fp8_tiles), 30),
+                                            quantization="fp8"), 10),
+        ("fp8-tiles", lambda: sec_fp8_tiles(s, args.fp8_tiles), 10),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
