@@ -8,6 +8,7 @@ set -u
 OUT=${OUT:?set OUT}
 DEADLINE=${1:-200}
 export PYTHONUNBUFFERED=1
+export INFERNEO_FP8_NORM_GEMV=${INFERNEO_FP8_NORM_GEMV:-1}  # "fp8" is the norm-fused variant (default off since)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout 120 python3 benchmarks/gpu/fp8_norm_check.py --out "$OUT" > "$OUT/fp8_norm_check.log" 2>&1

@@ -8,7 +8,9 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      ``w4a16`` (a copy of the preset whose ``config.json`` says AWQ, 4-bit, group 128): for each, the decode step
      at batch 1 and 32 (1024 tokens of context, CUDA graphs), then W1 (256 x 1024 -> 128) and W2
      (256 x 128 -> 1024) output tok/s; ``fp8-w8a8``: the FP8 decode steps again with the weight-only GEMV off
-     (``INFERNEO_FP8_GEMV=0``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
+     (``INFERNEO_FP8_GEMV=0``); ``fp8-nonorm`` / ``fp8-tiles``: the FP8 batch-1 step with the norm-fused GEMV
+     switched off (``INFERNEO_FP8_NORM_GEMV=0``) / with the tiling entries of ``--fp8-tiles`` (a tiling file passed
+     as ``INFERNEO_FP8_GEMV_CONFIGS``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
      ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, ``tokenizer.py``, carried with
