@@ -168,6 +168,14 @@ def fp8_gemv() -> bool:
     return _flag("INFERNEO_FP8_GEMV", True)
 
 
+
+def fp8_norm_gemv() -> bool:
+    """INFERNEO_FP8_NORM_GEMV (default off: slower on an H200, 2026-12-03): at one-row decode steps, a dense decoder
+    layer's FP8 q/k/v and gate/up layers take the RMSNorm before them (and its residual add) inside their GEMV
+    (``triton_fp8_gemv.fp8_norm_gemv``): no RMSNorm launch and no normed row in memory, but every program of the
+    GEMV reads and scales the whole input row (Llama-2-7B batch-1 step 2.87 -> 3.17 ms)."""
+    return _flag("INFERNEO_FP8_NORM_GEMV", False)
+
 def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in

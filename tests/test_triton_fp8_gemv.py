@@ -38,8 +38,8 @@ _SCRIPT = textwrap.dedent("""
     from triton_interpreter_shims import patch_interpreter, round_e4m3_to_nearest
     patch_interpreter()  # tl.dot on bfloat16 (the tensor-core tiling)
     round_e4m3_to_nearest()  # the W8A8 path quantizes activations in Triton: round as the GPU does
-    from inferneo.kernels._triton_elementwise import silu_and_mul
-    from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul, max_rows
+    from inferneo.kernels._triton_elementwise import rms_norm, silu_and_mul
+    from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul, fp8_norm_gemv, max_rows
     from inferneo.quantization.fp8_math import dequantize, quantize_blocks, quantize_groups, quantize_per_tensor
 
     def rel(a, b):
@@ -117,6 +117,36 @@ _SCRIPT = textwrap.dedent("""
             g, u = F.linear(x.float(), w_deq).chunk(2, dim=-1)
             assert rel(fused, F.silu(g) * u) < 2e-2, (kind, m)
 
+    # RMSNorm inside the GEMV (one row): within the GEMV's tolerance of float32 on the exact norm (the normed row is
+    # not rounded to bf16 first, unlike the RMSNorm kernel) and of the RMSNorm kernel then the GEMV (gated: then the
+    # gate/up + SiLU kernel); the residual sum equal to the RMSNorm kernel's bits; the inputs not written.
+    nw = (1 + 0.1 * torch.randn(k)).bfloat16()
+    for kind in ("tensor", "row", "block"):
+        for gated, weight in ((False, w), (True, w2)):
+            q, s, block, w_deq = quantized(weight, kind)
+            for with_res in (False, True):
+                x = torch.randn(1, k).bfloat16()
+                res = torch.randn(1, k).bfloat16() if with_res else None
+                x0, res0 = x.clone(), None if res is None else res.clone()
+                got, total = fp8_norm_gemv(x, res, nw, 1e-5, q, s, block, gated=gated, config=(8, 128, 4))
+                assert torch.equal(x, x0) and (res is None or torch.equal(res, res0)), "inputs are not written"
+                res1 = None if res is None else res.clone()
+                normed = rms_norm(x.clone(), res1, nw, 1e-5)
+                normed = normed[0] if res1 is not None else normed
+                linear = fp8_gemv_silu_mul if gated else fp8_gemv
+                want = linear(normed, q, s, block, config=(8, 128, 4))
+                summed = x.float() + (0 if res is None else res.float())
+                summed = summed.bfloat16().float()
+                exact = F.linear(summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float(),
+                                 w_deq)
+                if gated:
+                    g, u = exact.chunk(2, dim=-1)
+                    exact = F.silu(g) * u
+                tol = 2e-2 if gated else 6e-3
+                # (the unfused path rounds the normed row to bf16: farther from the exact product, up to 1e-2 here)
+                assert rel(got, exact) < tol and rel(got, want) < 2e-2, (kind, gated, with_res, rel(got, exact))
+                assert (total is None) is (res is None) and (total is None or torch.equal(total, res1))
+
     # Selection in Fp8LinearMethod.apply: a layer set up as finalize sets it up on the GPU (kernel scaled_mm,
     # the GEMV wanted), run here on CPU (the GEMV under the interpreter, torch._scaled_mm on CPU).
     from inferneo.kernel_config import KernelConfig
@@ -147,6 +177,71 @@ _SCRIPT = textwrap.dedent("""
         assert rel(y, near) < 6e-3 and rel(y, far) > 1e-2, (m, rel(y, near), rel(y, far))
         if gemv:
             assert torch.equal(y, fp8_gemv(x, layer.weight, layer.weight_scale))
+    # norm_apply: the norm inside the GEMV at one row, declined above it
+    x, res = torch.randn(1, 64).bfloat16(), torch.randn(1, 64).bfloat16()
+    nw = torch.ones(64, dtype=torch.bfloat16)
+    got, total = method.norm_apply(layer, x, res, nw, 1e-6)
+    normed, res1 = rms_norm(x.clone(), res.clone(), nw, 1e-6)
+    assert torch.equal(total, res1) and rel(got, layer(normed)) < 2e-2
+    assert method.norm_apply(layer, torch.randn(2, 64).bfloat16(), None, nw, 1e-6) is None
+
+    # A decoder layer with its norms inside the FP8 q/k/v and gate/up GEMVs (NormFusedQuantLayer): at one row
+    # within the GEMVs' tolerance of the plain layer over the RMSNorm kernel and the GEMVs, with and without an
+    # incoming residual; two rows take the plain path (the same bits).
+    import types
+    from torch import nn
+    from inferneo.model_executor.device_kernels import NormFusedQuantLayer, QuantizedSiluMLP, TritonRMSNorm, _adopt
+    from inferneo.model_executor.layers.basic import RMSNorm
+    from inferneo.model_executor.models.llama import MLP, DecoderLayer
+
+    def fp8(name, in_f, shards):
+        m = Fp8LinearMethod(Fp8Scheme("channel", None, "dynamic_token", checkpoint=False))
+        lin = QuantizedLinear(m, LinearShape(name, in_f, shards), False, torch.bfloat16, torch.device("cpu"))
+        lin.weight.data.copy_(torch.randn(sum(shards), in_f) * 0.05)
+        m.finalize(lin, KernelConfig())
+        lin.fp8_kernel, lin.fp8_gemv = "scaled_mm", True
+        return lin
+
+    class Attn(nn.Module):  # stands in for the attention: any function of the q/k/v output
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj = fp8("layers.0.self_attn.qkv_proj", 64, (64, 32, 32))
+
+        def forward(self, positions, hidden, kv_cache, metadata):
+            return self.forward_qkv(positions, self.qkv_proj(hidden), kv_cache, metadata)
+
+        def forward_qkv(self, positions, qkv, kv_cache, metadata):
+            return qkv[:, :64] * 0.5 + torch.cat([qkv[:, 64:96], qkv[:, 96:]], dim=-1)
+
+    ops = types.SimpleNamespace(rms_norm=rms_norm)
+    plain = DecoderLayer.__new__(DecoderLayer)
+    nn.Module.__init__(plain)
+    plain.self_attn = Attn()
+    mlp = MLP(types.SimpleNamespace(hidden_size=64, intermediate_size=96, mlp_bias=False))
+    mlp.gate_up_proj = fp8("layers.0.mlp.gate_up_proj", 64, (96, 96))
+    mlp.down_proj = fp8("layers.0.mlp.down_proj", 96, (64,))
+    plain.mlp = _adopt(QuantizedSiluMLP, mlp)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        norm = RMSNorm(64, 1e-6)
+        norm.weight.data = (1 + 0.1 * torch.randn(64)).bfloat16()
+        setattr(plain, name, TritonRMSNorm(norm, ops, False))
+    fused = _adopt(NormFusedQuantLayer, plain)
+    calls = []
+    original = fp8_norm_gemv
+    import inferneo.kernels.triton_fp8_gemv as fg
+    fg.fp8_norm_gemv = lambda *a, **kw: calls.append(kw.get("gated")) or original(*a, **kw)
+    for rows in (1, 2):
+        for with_res in (False, True):
+            hidden = torch.randn(rows, 64).bfloat16()
+            residual = torch.randn(rows, 64).bfloat16() if with_res else None
+            clone = lambda t: None if t is None else t.clone()
+            want = plain(None, hidden.clone(), clone(residual), None, None)
+            calls.clear()
+            got = fused(None, hidden.clone(), clone(residual), None, None)
+            assert calls == ([False, True] if rows == 1 else []), (rows, calls)
+            for g, w_ in zip(got, want):  # (the residual sum holds the attention output: it differs too)
+                assert rel(g, w_) < 2e-2 if rows == 1 else torch.equal(g, w_), (rows, with_res, rel(g, w_))
+    fg.fp8_norm_gemv = original
     print("ok")
 """)
 
@@ -213,7 +308,7 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
 
     from inferneo.kernels import triton_fp8_gemv as fg
 
-    limit, shapes = fg._tuned()
+    limit, shapes, _ = fg._tuned()
     assert limit >= 1 and shapes
     for (n, k, block_m), tile in shapes.items():
         numbers, _ = fg.split_tile(tile)
@@ -225,7 +320,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
     path.write_text(json.dumps({"max_rows": 2, "shapes": {
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
         "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
-        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}}}))
+        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}},
+        "norm_shapes": {"64,128": {"block_n": 16, "block_k": 32, "num_warps": 2}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
     try:
@@ -236,6 +332,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         assert fg.tile_to_json((32, 64, 4, 3, "bits")) == {"block_n": 32, "block_k": 64, "num_warps": 4,
                                                            "num_stages": 3, "options": ["bits"]}
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        assert fg.fp8_norm_gemv_config(64, 128) == (16, 32, 2)  # the norm-fused kernel's own entry
+        assert fg.fp8_norm_gemv_config(64, 256) == fg.default_config(1)  # else the GEMV's one-row tiling
         with pytest.raises(ValueError, match="unknown tiling options"):
             fg.split_tile((4, 128, 4, "fast"))
         monkeypatch.setattr(fg, "CONFIG_FILE", tmp_path / "absent.json")

@@ -8,7 +8,9 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      ``w4a16`` (a copy of the preset whose ``config.json`` says AWQ, 4-bit, group 128): for each, the decode step
      at batch 1 and 32 (1024 tokens of context, CUDA graphs), then W1 (256 x 1024 -> 128) and W2
      (256 x 128 -> 1024) output tok/s; ``fp8-w8a8``: the FP8 decode steps again with the weight-only GEMV off
-     (``INFERNEO_FP8_GEMV=0``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
+     (``INFERNEO_FP8_GEMV=0``); ``fp8-nonorm`` / ``fp8-tiles``: the FP8 batch-1 step with the norm-fused GEMV
+     switched off (``INFERNEO_FP8_NORM_GEMV=0``) / with the tiling entries of ``--fp8-tiles`` (a tiling file passed
+     as ``INFERNEO_FP8_GEMV_CONFIGS``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
      ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, ``tokenizer.py``, carried with
@@ -163,18 +165,47 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
     return out
 
 
+def sec_with_env(s: Suite, label: str, env: dict[str, str], batches: tuple[int, ...] | None = None, **kw) -> dict:
+    """A variant's decode steps with environment switches set while its engine is built and run (restored after),
+    for A/Bs in the same run."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        from inferneo.kernels import triton_fp8_gemv
+
+        triton_fp8_gemv._tuned.cache_clear()  # (INFERNEO_FP8_GEMV_CONFIGS: the tiling file is read once)
+        return sec_variant(s, label, workloads=(), batches=batches, **kw)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+        triton_fp8_gemv._tuned.cache_clear()
+
+
 def sec_fp8_without_gemv(s: Suite) -> dict:
     """The FP8 decode steps with the weight-only GEMV switched off (``INFERNEO_FP8_GEMV=0``: every row count through
     per-token activation quantization + ``torch._scaled_mm``), for the A/B in the same run."""
-    before = os.environ.get("INFERNEO_FP8_GEMV")
-    os.environ["INFERNEO_FP8_GEMV"] = "0"
-    try:
-        return sec_variant(s, "fp8-w8a8", workloads=(), quantization="fp8")
-    finally:
-        if before is None:
-            os.environ.pop("INFERNEO_FP8_GEMV")
+    return sec_with_env(s, "fp8-w8a8", {"INFERNEO_FP8_GEMV": "0"}, quantization="fp8")
+
+
+def sec_fp8_tiles(s: Suite, tiles: str) -> dict:
+    """The FP8 batch-1 step with the shipped tiling file's entries replaced by ``tiles`` (JSON: ``{"N,K,BLOCK_M":
+    entry}``; ``"norm N,K"``: the norm-fused GEMV's ``norm_shapes`` entry), through ``INFERNEO_FP8_GEMV_CONFIGS``."""
+    from inferneo.kernels import triton_fp8_gemv
+
+    table = json.loads(triton_fp8_gemv.CONFIG_FILE.read_text())
+    for key, entry in json.loads(tiles).items():  # "norm N,K": the norm-fused GEMV's tiling
+        if key.startswith("norm "):
+            table.setdefault("norm_shapes", {})[key.removeprefix("norm ")] = entry
         else:
-            os.environ["INFERNEO_FP8_GEMV"] = before
+            table["shapes"][key] = entry
+    path = Path(s.out_dir) / "fp8_gemv_configs-variant.json"
+    path.write_text(json.dumps(table, indent=1))
+    out = sec_with_env(s, "fp8-tiles", {"INFERNEO_FP8_GEMV_CONFIGS": str(path)}, batches=(1,), quantization="fp8")
+    out["tiles"] = json.loads(tiles)
+    return out
 
 
 # ---- gpt-fast --------------------------------------------------------------------------------------------------
@@ -302,6 +333,7 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
     parser.add_argument("--profile", default="", help="variants whose decode steps are also profiled (e.g. bf16,fp8)")
+    parser.add_argument("--fp8-tiles", default="", help="fp8-tiles: FP8 tiling entries replaced (JSON), batch 1")
     parser.add_argument("--decode-batches", default="",
                         help="batch sizes of the decode-step timings, comma-separated (default: 1,32)")
     parser.add_argument("--workloads", default="w1,w2",
@@ -321,9 +353,12 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     workloads = tuple(filter(None, args.workloads.split(",")))
     plan = [
-        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120),
-        ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70),
+        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120 if workloads else 25),
+        ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70 if workloads else 15),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
+        ("fp8-nonorm", lambda: sec_with_env(s, "fp8-nonorm", {"INFERNEO_FP8_NORM_GEMV": "0"}, batches=(1,),
+                                            quantization="fp8"), 10),
+        ("fp8-tiles", lambda: sec_fp8_tiles(s, args.fp8_tiles), 10),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
@@ -331,7 +366,7 @@ def main() -> int:
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
     for name, run, min_left in plan:
-        if name in skip or (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
+        if name in skip or (name == "fp8-tiles" and not args.fp8_tiles) or (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
             continue
         if s.left() < min_left:
             s.log(f"-- {name}: skipped ({s.left():.0f} s left)")

@@ -130,7 +130,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, s
     k = tl.arange(0, BLOCK_K)
     # The first weight tile is read before waiting for the kernel that writes x (weights never change).
     w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     acc = _products(w, x_ptr, k, K, M, stride_xm, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # K is a constant: one compiled kernel per layer width
         k = k0 + tl.arange(0, BLOCK_K)
@@ -152,7 +152,7 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
     k = tl.arange(0, BLOCK_K)
     wg = _weight_tile(w_ptr, s_ptr, gate, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
     wu = _weight_tile(w_ptr, s_ptr, up, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # the down projection's GEMV after it reads only weights first
     acc_g = _products(wg, x_ptr, k, K, M, stride_xm, BLOCK_M)
     acc_u = _products(wu, x_ptr, k, K, M, stride_xm, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -164,6 +164,58 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
     y = _silu_mul_rounded(_scaled_sum(acc_g, s_ptr, gate, nmask, SCALE, BLOCK_M),
                           _scaled_sum(acc_u, s_ptr, up, nmask, SCALE, BLOCK_M), out_ptr.dtype.element_ty)
     _store_rows(out_ptr, y, gate, nmask, M, stride_om, BLOCK_M)
+
+
+
+@triton.jit
+def _summed_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, k, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # Columns k of the row the norm reads (x + residual, rounded as the RMSNorm kernel rounds the sum; program 0
+    # stores it) as float32, and the same times the norm weight.
+    kmask = k < K
+    x = tl.load(x_ptr + k, mask=kmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + k, mask=kmask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+        if tl.program_id(0) == 0:
+            tl.store(res_out_ptr + k, x, mask=kmask)
+    xf = x.to(tl.float32)
+    return xf, xf * tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fp8_norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_out_ptr, N, stride_wn, stride_sn, eps,
+                          K: tl.constexpr, SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # One row: y = (W . (nw * s)) / rms(s), s = x + residual. Each program streams the row s with its weight rows
+    # (the K loop it runs anyway) and sums s^2 as it goes, so the row is read once and 1 / rms multiplies each
+    # output once at the end. (GATED: gate rows and up rows D apart, then SiLU-and-mul.)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    k = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wu = w
+    if GATED:
+        wu = _weight_tile(w_ptr, s_ptr, rows + N, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK)
+    wait_for_previous_kernel(PDL, EARLY=True)  # rotary or the down projection's GEMV follow: they wait first
+    xf, xw = _summed_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, k, K, HAS_RESIDUAL)
+    squares = xf * xf
+    acc = w * xw[None, :]
+    acc_u = wu * xw[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xf, xw = _summed_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, k, K, HAS_RESIDUAL)
+        squares += xf * xf
+        acc += _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, stride_sn, SCALE, BSN, BSK) * xw[None, :]
+        if GATED:
+            acc_u += _weight_tile(w_ptr, s_ptr, rows + N, nmask, k, K, stride_wn, stride_sn, SCALE, BSN,
+                                  BSK) * xw[None, :]
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    y = _scaled_sum(acc, s_ptr, rows, nmask, SCALE, 1) * rstd
+    if GATED:
+        u = _scaled_sum(acc_u, s_ptr, rows + N, nmask, SCALE, 1) * rstd
+        y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
 
 
 @triton.jit
@@ -231,7 +283,7 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
     mmask = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    wait_for_previous_kernel(PDL)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
@@ -282,13 +334,22 @@ def tile_to_json(config: Tile) -> dict:
     return entry
 
 
+def config_file() -> Path:
+    """The tiling file read: ``INFERNEO_FP8_GEMV_CONFIGS`` when set (a benchmark's alternative tilings), else
+    :data:`CONFIG_FILE`."""
+    return Path(os.environ.get("INFERNEO_FP8_GEMV_CONFIGS") or CONFIG_FILE)
+
+
 @functools.cache
-def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile]]:
-    if not CONFIG_FILE.is_file():
-        return DEFAULT_MAX_ROWS, {}
-    table = json.loads(CONFIG_FILE.read_text())
+def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile]]:
+    # (max_rows, GEMV tilings by "N,K,BLOCK_M", the norm-fused kernel's tilings by "N,K": "norm_shapes")
+    path = config_file()
+    if not path.is_file():
+        return DEFAULT_MAX_ROWS, {}, {}
+    table = json.loads(path.read_text())
     shapes = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("shapes", {}).items()}
-    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes
+    norm = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("norm_shapes", {}).items()}
+    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes, norm
 
 
 def max_rows() -> int:
@@ -322,6 +383,13 @@ def fp8_gemv_config(n: int, k: int, m: int) -> Tile:
     block_m = block_rows(m)
     return _tuned()[1].get((n, k, block_m), default_config(block_m))
 
+
+
+def fp8_norm_gemv_config(n: int, k: int) -> Tile:
+    """The norm-fused GEMV's tiling for an ``[n, k]`` e4m3 weight: the tiling file's ``norm_shapes`` entry
+    ``"N,K"``, else the GEMV's one-row tiling (:func:`fp8_gemv_config`). A tensor-core tiling there means
+    :func:`default_config` (the norm-fused kernel is a CUDA-core one)."""
+    return _tuned()[2].get((n, k)) or fp8_gemv_config(n, k, 1)
 
 def _scale_mode(scale: torch.Tensor, n: int, block: tuple[int, int] | None) -> tuple[int, int, int, int]:
     """(mode, block rows, block cols, scale row stride) for ``scale``: one value, one per output row, or a grid of
@@ -405,3 +473,44 @@ def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
     return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
                    gated=True)
+
+
+NORM_MAX_COLS = 16384  # the widest row the norm-fused GEMV takes (its K loop holds no whole row)
+
+
+def fp8_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
+                  gated: bool = False, config: Tile | None = None,
+                  pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A one-row RMSNorm and the FP8 layer that reads it, in one launch: ``s = x + residual`` (rounded to ``x``'s
+    dtype as the RMSNorm kernel rounds it; ``s = x`` without a residual), then ``(W . (norm_weight * s)) / rms(s)``
+    in float32 (:func:`fp8_gemv`'s products; ``gated``: :func:`fp8_gemv_silu_mul`'s) rounded once. Returns
+    ``(product, s)``, ``s`` a new tensor (None without a residual); ``x`` and ``residual`` are not written.
+
+    The normed row is never stored: each program streams ``s`` beside its weight rows and sums ``s^2`` in the same
+    K loop, and ``1 / rms`` scales each output once. So the normed row is not rounded to the model dtype first, as
+    the RMSNorm kernel rounds it: the result differs from the unfused path's by that rounding (relative error of
+    the same size as the GEMV's own, below 6e-3 against float32 in bf16). ``config``: the CUDA-core tiling
+    (default: the tiling file's ``norm_shapes`` entry for ``"N,K"``, else the GEMV's one-row tiling, else
+    :func:`default_config`).
+    """
+    m, k = x.shape
+    if m != 1 or not x.is_contiguous() or k > NORM_MAX_COLS or (residual is not None and not residual.is_contiguous()):
+        raise ValueError(f"fp8 norm GEMV: one contiguous row of at most {NORM_MAX_COLS} columns; got {tuple(x.shape)}")
+    if weight.shape[1] != k or weight.stride(1) != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"fp8 norm GEMV: weight {tuple(weight.shape)} / scales {scale.dtype} do not fit x {(m, k)}")
+    outputs = weight.shape[0] // 2 if gated else weight.shape[0]
+    mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
+    if mode != SCALE_BLOCK:
+        scale = scale.contiguous()
+    numbers, _ = split_tile(config or fp8_norm_gemv_config(weight.shape[0], k))
+    block_n, block_k, num_warps = numbers if len(numbers) == 3 else default_config(1)
+    out = torch.empty((1, outputs), dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x) if residual is not None else None
+    pdl = pdl_for(x, pdl)
+    _fp8_norm_gemv_kernel[(triton.cdiv(outputs, block_n),)](
+        x, residual if residual is not None else x, norm_weight, weight, scale, out,
+        total if total is not None else out, outputs, weight.stride(0), stride_sn, eps, K=k, SCALE=mode, BSN=bsn,
+        BSK=bsk, HAS_RESIDUAL=residual is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=num_warps, **launch_options(pdl))
+    return out, total

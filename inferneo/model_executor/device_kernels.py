@@ -220,6 +220,64 @@ class QuantizedSiluMLP(MLP):
         return super().forward(x) if fused is None else self.down_proj(fused)
 
 
+
+def _norm_linear(layer: nn.Module, x, residual, norm: RMSNorm, silu_mul: bool = False):
+    """``layer.method.norm_apply`` (the norm inside the layer's kernel: FP8 at one row) when ``layer`` is a plain
+    quantized layer whose method has it (not a LoRA wrapper: checked at each call), else None."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    norm_apply = getattr(getattr(layer, "method", None), "norm_apply", None)
+    if type(layer) is not QuantizedLinear or norm_apply is None:
+        return None
+    return norm_apply(layer, x, residual, norm.weight, norm.eps, silu_mul=silu_mul)
+
+
+class NormFusedQuantLayer(DecoderLayer):
+    """A dense decoder layer whose RMSNorms run inside the quantized layers that read them where their method can
+    (``norm_apply``: the FP8 GEMV at one row, ``triton_fp8_gemv.fp8_norm_gemv``): the input norm inside the q/k/v
+    projection, the residual add and post-attention norm inside the gate/up projection with its SiLU-and-mul.
+    Other inputs take the plain modules."""
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        fused = _norm_linear(self.self_attn.qkv_proj, hidden, residual, self.input_layernorm)
+        if fused is None:
+            return super().forward(positions, hidden, residual, kv_cache, metadata)
+        qkv, total = fused
+        residual = hidden if residual is None else total
+        return self.feed_forward(self.self_attn.forward_qkv(positions, qkv, kv_cache, metadata), residual)
+
+    def feed_forward(self, hidden, residual):
+        mlp = self.mlp
+        fused = _norm_linear(mlp.gate_up_proj, hidden, residual, self.post_attention_layernorm, silu_mul=True)
+        if fused is None:
+            return super().feed_forward(hidden, residual)
+        act, residual = fused
+        return mlp.down_proj(act), residual
+
+
+def use_norm_fused_quant_layers(model: nn.Module) -> int:
+    """Make every plain :class:`DecoderLayer` of ``model`` with Triton RMSNorms, one of this module's attentions
+    and a plain gated MLP whose q/k/v and gate/up layers are quantized with a method that fuses the norm
+    (``norm_apply``) a :class:`NormFusedQuantLayer`; returns how many changed."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    def fuses(layer) -> bool:
+        return type(layer) is QuantizedLinear and callable(getattr(layer.method, "norm_apply", None))
+
+    def replace(m: nn.Module) -> nn.Module | None:
+        if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
+                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+                or type(m.input_layernorm) is not TritonRMSNorm
+                or type(m.post_attention_layernorm) is not TritonRMSNorm
+                or not fuses(m.self_attn.qkv_proj) or not fuses(m.mlp.gate_up_proj)
+                or m.mlp.gate_up_proj.bias is not None):
+            return None
+        return _adopt(NormFusedQuantLayer, m)
+
+    before = sum(isinstance(m, NormFusedQuantLayer) for m in model.modules())
+    _swap_children(model, replace)
+    return sum(isinstance(m, NormFusedQuantLayer) for m in model.modules()) - before
+
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
     many layers changed."""
@@ -387,6 +445,9 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
     if tp is not None:
         fuse_peer_norms(model, tp)
+    if (device.type == "cuda" and ops is not None and kernels.gemv_silu and envs.fp8_norm_gemv()
+            and use_norm_fused_quant_layers(model)):
+        logger.info("decoder layers run their RMSNorms inside the quantized q/k/v and gate/up GEMVs at one row")
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
             and use_norm_fused_layers(model, decode_gemv(device, kernels))):
         logger.info("mixture-of-experts layers run their norms inside the q/k/v GEMV and the routing kernel")
@@ -397,5 +458,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 
 _REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
-             "QKNormRotaryAttention", "NormFusedMoeLayer",
+             "QKNormRotaryAttention", "NormFusedMoeLayer", "NormFusedQuantLayer",
              "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

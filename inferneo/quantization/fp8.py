@@ -325,6 +325,25 @@ class Fp8LinearMethod(LinearMethod):
         y = fp8_gemv_silu_mul(x2, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl)
         return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
+    def norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor | None,
+                   norm_weight: torch.Tensor, eps: float, silu_mul: bool = False):
+        """The RMSNorm before ``layer`` and the layer in one GEMV kernel for a one-row ``x`` that takes the GEMV
+        (``triton_fp8_gemv.fp8_norm_gemv``; ``silu_mul``: ``layer`` is a gated MLP's fused gate/up, SiLU-and-mul
+        applied as :meth:`silu_mul` does): ``(output, residual sum)``, the sum None without ``residual``; None where
+        it does not apply (the caller runs the norm, then the layer)."""
+        block = self.scheme.block
+        if (x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or layer.bias is not None
+                or x.dtype != layer.dtype or (residual is not None and not residual.is_contiguous())
+                or not self.takes_gemv(layer, 1)
+                or (silu_mul and block is not None and (layer.out_features // 2) % block[0])):
+            return None
+        from inferneo.kernels.triton_fp8_gemv import NORM_MAX_COLS, fp8_norm_gemv
+
+        if x.shape[1] > NORM_MAX_COLS:
+            return None
+        return fp8_norm_gemv(x, residual, norm_weight, eps, layer.weight, *self._gemv_scale(layer), gated=silu_mul,
+                             pdl=layer.fp8_pdl)
+
     def quantize_activations(self, layer: QuantizedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [M, in]`` as e4m3 values and float32 scales in PyTorch ops: ``[M, 1]`` per token, ``[M, in / bk]``
         per token and block column group, or a scalar (per tensor, static)."""
