@@ -4,7 +4,8 @@
   against ``F.linear`` of the full-precision activations and the de-quantized weight, for per-tensor, per-row and
   128-column block scales, one and several rows, bf16 and float32 activations; the fused gate/up + SiLU kernel
   equal bit for bit to the GEMV followed by the SiLU-and-mul kernel; both for the CUDA-core and the tensor-core
-  (``tl.dot``) tilings.
+  (``tl.dot``) tilings, and the one-row ``h2`` option (its PTX emulated in float32: the plumbing, not its rounding,
+  which ``benchmarks/gpu/fp8_h2_check.py`` checks on the GPU).
 - Selection: a FP8 layer set up as finalize sets it up on the GPU takes the GEMV (activations unquantized) up to
   ``max_rows()`` rows and the W8A8 path (per-token e4m3 activations, ``torch._scaled_mm``) above; the reference
   follows the same choice; the MLP fuses gate/up + SiLU through the GEMV at a few rows.
@@ -86,6 +87,39 @@ _SCRIPT = textwrap.dedent("""
             got = fp8_gemv(x, q, s, block, config=(16, 64, 4, 2, "bits"))
             assert torch.equal(got, plain), (kind, m, (got.float() - plain.float()).abs().max())
             assert rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, m)
+
+    # The "h2" option (one bf16 row: float16 sums of e4m3 codes times activations scaled by 2^-8; emulated here
+    # in float32, the interpreter runs no PTX): the products of the plain kernel, in exact and partial tiles, the
+    # fused gate/up + SiLU equal to the h2 GEMV then the SiLU-and-mul kernel; block scales, several rows, other
+    # activation dtypes and widths that are not a multiple of 8 take the plain kernel with the same tiling.
+    from inferneo.kernels.triton_fp8_gemv import SCALE_ROW, takes_h2
+    k8 = 304
+    w8 = torch.randn(n, k8) * 0.05
+    for kind in ("tensor", "row", "block"):
+        q, s, block, w_deq = quantized(w8, kind)
+        for config in ((8, 64, 4, "h2"), (16, 128, 2, "h2"), (4, 512, 4, "h2")):
+            x = torch.randn(1, k8).bfloat16()
+            got = fp8_gemv(x, q, s, block, config=config)
+            assert rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, config, rel(got, F.linear(x.float(), w_deq)))
+            x = x * torch.where(torch.arange(k8) % 37 == 0, 3e4, 1.0).bfloat16()  # float16 sums would overflow
+            got = fp8_gemv(x, q, s, block, config=config)
+            assert torch.isfinite(got).all() and rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, config)
+        x = torch.randn(3, k8).bfloat16()
+        assert rel(fp8_gemv(x, q, s, block, config=(8, 64, 4, "h2")), F.linear(x.float(), w_deq)) < 6e-3
+    q, s, _, w_deq = quantized(w8, "row")
+    assert takes_h2(torch.randn(1, k8).bfloat16(), q, SCALE_ROW, 64)
+    assert not takes_h2(torch.randn(1, k8).half(), q, SCALE_ROW, 64)
+    assert not takes_h2(torch.randn(2, k8).bfloat16(), q, SCALE_ROW, 64)
+    assert not takes_h2(torch.randn(1, k8 + 1).bfloat16()[:, 1:], q, SCALE_ROW, 64)  # (not 16-byte aligned)
+    x = torch.randn(1, k8).half()
+    assert rel(fp8_gemv(x, q, s, config=(8, 64, 4, "h2")), F.linear(x.float(), w_deq)) < 6e-3
+    q2, s2, _, w2_deq = quantized(torch.randn(64, k8) * 0.05, "row")
+    for config in ((8, 64, 4, "h2"), (4, 128, 2, "h2")):
+        x = torch.randn(1, k8).bfloat16()
+        fused = fp8_gemv_silu_mul(x, q2, s2, config=config)
+        assert torch.equal(fused, silu_and_mul(fp8_gemv(x, q2, s2, config=config))), config
+        g, u = F.linear(x.float(), w2_deq).chunk(2, dim=-1)
+        assert rel(fused, F.silu(g) * u) < 2e-2, config
 
     # The tensor-core tiling (a fourth number: num_stages): the same products as 16-row tiles of tl.dot.
     for kind, m in (("row", 5), ("block", 1)):

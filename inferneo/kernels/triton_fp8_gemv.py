@@ -167,6 +167,174 @@ def _fp8_gemv_silu_mul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, D, stride_xm, str
 
 
 
+# ---- one row in packed half precision ("h2") ---------------------------------------------------------------------
+# The CUDA-core kernel above spends about five SASS instructions per weight byte (one e4m3x2 -> f16x2 conversion per
+# two codes, one f16 -> f32 widening and one FFMA per code, and the activation's widening): at one row it is bound
+# by instructions, not bytes. The "h2" form multiplies in packed half precision: eight codes (one 64-bit load
+# element) become four f16x2 pairs (``cvt.rn.f16x2.e4m3x2``, exact), meet eight activations in one HMUL2 and three
+# HFMA2 (each lane sums four products, rounded to float16 at each step), and the two lanes are widened to float32
+# once per eight codes: 12 instructions per 8 bytes. The activations are converted to float16 once per program
+# column (shared by every weight row a thread holds), times 2^-8 so that the half-precision sums stay in range
+# (exact: a power of two; bf16 values above 2^-6 keep every bit). A row whose float16 sum overflowed anyway (|x| in
+# the thousands) is recomputed in float32 by the plain kernel's products in the same program.
+H2_SHIFT: tl.constexpr = tl.constexpr(2.0**-8)
+H2_UNSHIFT: tl.constexpr = tl.constexpr(2.0**8)
+
+
+@triton.jit
+def _bf16x4_to_f16x4(x):
+    # four bf16 (an int64) -> the same values times 2^-8 as four f16 (an int64)
+    if _INTERPRETED:
+        out = tl.zeros_like(x)
+        for i in tl.static_range(4):
+            bits = ((x >> (16 * i)) & 0xFFFF).to(tl.int32) << 16
+            f = (bits.to(tl.float32, bitcast=True) * H2_SHIFT).to(tl.float16)
+            out = out | ((f.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF) << (16 * i))
+    else:
+        out = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, lo, hi, p, q;
+            mov.b64 {a, b}, $1;
+            shl.b32 lo, a, 16;
+            and.b32 hi, a, 0xFFFF0000;
+            mul.rn.f32 lo, lo, 0f3B800000;
+            mul.rn.f32 hi, hi, 0f3B800000;
+            cvt.rn.f16x2.f32 p, hi, lo;
+            shl.b32 lo, b, 16;
+            and.b32 hi, b, 0xFFFF0000;
+            mul.rn.f32 lo, lo, 0f3B800000;
+            mul.rn.f32 hi, hi, 0f3B800000;
+            cvt.rn.f16x2.f32 q, hi, lo;
+            mov.b64 $0, {p, q};
+            }""",
+            constraints="=l,l", args=[x], dtype=tl.int64, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _h2_dot8(w, xa, xb):
+    # eight e4m3 codes (int64 w) times eight float16 activations (xa: the first four, xb: the next four, as from
+    # _bf16x4_to_f16x4), summed: each half lane in float16 (one HMUL2, three HFMA2), then the two lanes in float32
+    if _INTERPRETED:  # the same products in float32 (the interpreter runs no PTX): plumbing, not rounding
+        acc = tl.zeros(w.shape, tl.float32)
+        for i in tl.static_range(8):
+            c = ((w >> (8 * i)) & 0xFF).to(tl.int32)
+            wv = (((c & 0x80) << 24) | ((c & 0x7F) << 20)).to(tl.float32, bitcast=True) * TWO_120
+            if i < 4:  # noqa: SIM108 - a compile-time branch
+                h = (xa >> (16 * i)) & 0xFFFF
+            else:
+                h = (xb >> (16 * (i - 4))) & 0xFFFF
+            xv = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += wv * xv
+    else:
+        acc = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 w0, w1, x0, x1, x2, x3, h0, h1, h2, h3, s;
+            .reg .b16 c0, c1, c2, c3, lo, hi;
+            .reg .f32 f0, f1;
+            mov.b64 {w0, w1}, $1;
+            mov.b64 {x0, x1}, $2;
+            mov.b64 {x2, x3}, $3;
+            mov.b32 {c0, c1}, w0;
+            mov.b32 {c2, c3}, w1;
+            cvt.rn.f16x2.e4m3x2 h0, c0;
+            cvt.rn.f16x2.e4m3x2 h1, c1;
+            cvt.rn.f16x2.e4m3x2 h2, c2;
+            cvt.rn.f16x2.e4m3x2 h3, c3;
+            mul.rn.f16x2 s, h0, x0;
+            fma.rn.f16x2 s, h1, x1, s;
+            fma.rn.f16x2 s, h2, x2, s;
+            fma.rn.f16x2 s, h3, x3, s;
+            mov.b32 {lo, hi}, s;
+            cvt.f32.f16 f0, lo;
+            cvt.f32.f16 f1, hi;
+            add.f32 $0, f0, f1;
+            }""",
+            constraints="=f,l,l,l", args=[w, xa, xb], dtype=tl.float32, is_pure=True, pack=1)
+    return acc
+
+
+@triton.jit
+def _h2_tile(w8_ptr, rows, nmask, j, K8: tl.constexpr, stride_wn8, EVEN: tl.constexpr):
+    # EVEN: the tiles cover the weight exactly (no mask: vector loads)
+    ptrs = w8_ptr + rows[:, None] * stride_wn8 + j[None, :]
+    if EVEN:  # noqa: SIM108 - a compile-time branch
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=nmask[:, None] & (j < K8)[None, :], other=0)
+    return w
+
+
+@triton.jit
+def _h2_x(x8_ptr, j, K8: tl.constexpr, EVEN: tl.constexpr):
+    # the activations of int64 weight columns j: eight each, as two int64 of four float16 (times 2^-8)
+    if EVEN:
+        xa = tl.load(x8_ptr + 2 * j)
+        xb = tl.load(x8_ptr + 2 * j + 1)
+    else:
+        xa = tl.load(x8_ptr + 2 * j, mask=j < K8, other=0)
+        xb = tl.load(x8_ptr + 2 * j + 1, mask=j < K8, other=0)
+    return _bf16x4_to_f16x4(xa)[None, :], _bf16x4_to_f16x4(xb)[None, :]
+
+
+@triton.jit
+def _f32_rows(x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    # the plain kernel's float32 products for one row (the overflow fallback of the h2 kernel; BLOCK_K small enough
+    # that this rare branch does not raise the kernel's registers)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_ptr, s_ptr, rows, nmask, k, K, stride_wn, 0, 0, 1, 1)
+        acc += _products(w, x_ptr, k, K, 1, 0, 1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn, BLOCK_N: tl.constexpr,
+               FB_K: tl.constexpr, SCALE: tl.constexpr):
+    y = tl.sum(acc, axis=1) * H2_UNSHIFT
+    bad = (y != y) | (tl.abs(y) == float("inf"))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:  # a float16 sum overflowed: these rows again in float32
+        y = tl.where(bad, _f32_rows(x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K), y)
+    return _row_scaled(y[None, :], s_ptr, rows, nmask, SCALE)
+
+
+@triton.jit
+def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_wn, stride_wn8,
+                        K: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr):
+    # One row: out[rows] = W[rows] . x (GATED: silu(W[rows] . x) * W[rows + N] . x); w8/x8: the weight and the row
+    # as int64 (eight codes, four bf16); BLOCK_K counts codes.
+    BK8: tl.constexpr = BLOCK_K // 8
+    K8: tl.constexpr = K // 8
+    EVEN: tl.constexpr = EVEN_N and K % BLOCK_K == 0
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    j = tl.arange(0, BK8)
+    w = _h2_tile(w8_ptr, rows, nmask, j, K8, stride_wn8, EVEN)
+    wu = w
+    if GATED:
+        wu = _h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    xa, xb = _h2_x(x8_ptr, j, K8, EVEN)
+    acc = _h2_dot8(w, xa, xb)
+    acc_u = acc
+    if GATED:
+        acc_u = _h2_dot8(wu, xa, xb)
+    for j0 in range(BK8, K8, BK8):
+        j = j0 + tl.arange(0, BK8)
+        xa, xb = _h2_x(x8_ptr, j, K8, EVEN)
+        acc += _h2_dot8(_h2_tile(w8_ptr, rows, nmask, j, K8, stride_wn8, EVEN), xa, xb)
+        if GATED:
+            acc_u += _h2_dot8(_h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN), xa, xb)
+    y = _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+    if GATED:
+        u = _h2_finish(acc_u, x_ptr, w_ptr, s_ptr, rows + N, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+        y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
+
+
 @triton.jit
 def _summed_tile(x_ptr, res_ptr, res_out_ptr, nw_ptr, k, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     # Columns k of the row the norm reads (x + residual, rounded as the RMSNorm kernel rounds the sum; program 0
@@ -304,8 +472,9 @@ def _fp8_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_xm, stride_wn, st
 Tile = tuple[int | str, ...]
 # "bits": the tensor-core kernel widens e4m3 to bfloat16 by integer operations (see _dot_step); the same result bits.
 # It applies to per-tensor and per-row scales with bfloat16 activations; other layers and the CUDA-core kernel
-# ignore it.
-OPTIONS = ("bits",)
+# ignore it. "h2": the CUDA-core kernel at one row in packed half precision (_fp8_gemv_h2_kernel; float16 sums of
+# four products per lane, not float32: see takes_h2 for where it applies and the module doc for its error).
+OPTIONS = ("bits", "h2")
 
 
 def split_tile(config: Tile) -> tuple[tuple[int, ...], frozenset[str]]:
@@ -405,6 +574,16 @@ def _scale_mode(scale: torch.Tensor, n: int, block: tuple[int, int] | None) -> t
     return SCALE_ROW, 1, 1, 0
 
 
+def takes_h2(x: torch.Tensor, weight: torch.Tensor, mode: int, block_k: int) -> bool:
+    """Whether a tiling with the ``h2`` option runs the packed-half kernel: one contiguous bfloat16 row whose
+    width is a multiple of eight and starts 16-byte aligned, e4m3 weights with 8-byte aligned rows, per-tensor or
+    per-row scales, ``BLOCK_K`` a multiple of 16 codes; elsewhere the tiling's plain CUDA-core kernel runs."""
+    m, k = x.shape
+    return (m == 1 and x.dtype == torch.bfloat16 and x.is_contiguous() and k % 8 == 0
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(0) % 8 == 0
+            and mode != SCALE_BLOCK and block_k % 16 == 0)
+
+
 def _launch(x, weight, scale, block, outputs, config, pdl, gated):
     m, k = x.shape
     if weight.shape[1] != k or weight.stride(1) != 1:
@@ -445,6 +624,13 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
             num_warps=num_warps, num_stages=num_stages, BITS=bits, **common)
         return out
     block_n, block_k, num_warps = numbers
+    if "h2" in options and takes_h2(x, weight, mode, block_k):
+        _fp8_gemv_h2_kernel[(triton.cdiv(outputs, block_n),)](
+            x, x.view(torch.int64), weight, weight.view(torch.int64), scale, out, outputs, weight.stride(0),
+            weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+            FB_K=max(16, min(block_k, 512 * num_warps // block_n)), EVEN_N=outputs % block_n == 0,
+            num_warps=num_warps, **launch_options(pdl))
+        return out
     kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
     kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps, **common)
