@@ -6,11 +6,11 @@
 # Usage: OUT=... bash benchmarks/gpu/fp8_h2_run.sh [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
-DEADLINE=${1:-330}
+DEADLINE=${1:-260}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 170 python3 benchmarks/gpu/fp8_h2_check.py --deadline 70 --out "$OUT" > "$OUT/fp8_h2_check.log" 2>&1
+timeout 200 python3 benchmarks/gpu/fp8_h2_check.py --deadline 100 --out "$OUT" > "$OUT/fp8_h2_check.log" 2>&1
 echo "fp8_h2_check rc=$?"; tail -45 "$OUT/fp8_h2_check.log"
 TILES=$(cat "$OUT/fp8_h2_tiles.json" 2>/dev/null || echo '{}')
 [ -n "$TILES" ] || TILES='{}'
