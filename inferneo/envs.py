@@ -131,6 +131,14 @@ def cuda_pdl_early() -> bool:
     return _flag("INFERNEO_CUDA_PDL_EARLY", True)
 
 
+def decode_fused_reduce() -> bool:
+    """INFERNEO_DECODE_FUSED_REDUCE (default off): split decode attention (few requests, long contexts) merges its
+    splits in the attention kernel itself: the last program of each (request, KV head) to finish, counted by an
+    atomic, reads the others' partial results and writes the output, so the separate reduction kernel (one launch a
+    layer) goes away (``triton_attention.paged_decode``). Read at each call."""
+    return _flag("INFERNEO_DECODE_FUSED_REDUCE", False)
+
+
 def tp_timing() -> bool:
     """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
     when they stop."""

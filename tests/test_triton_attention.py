@@ -96,6 +96,22 @@ def test_split_kv_decode_matches_reference(splits, group):
     _check(case, torch.float32, TritonBackend(decode_splits=splits))
 
 
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("variant", [None, "sinks"])
+def test_split_kv_decode_merged_in_the_attention_kernel(group, variant, monkeypatch):
+    """INFERNEO_DECODE_FUSED_REDUCE: the last split program of each (request, KV head) merges the splits, no second
+    kernel: the same output as the two-kernel path (the same merge code), and every counter back at zero."""
+    case = AttentionCase("split", 4 * group, 4, 64, 16, decode_lens=(1, 16, 70, 130, 200))
+    options = variant_options(variant, case.num_heads) if variant else {}
+    monkeypatch.setenv("INFERNEO_DECODE_FUSED_REDUCE", "0")
+    two_kernels, _ = _check(case, torch.float32, TritonBackend(decode_splits=3), **options)
+    monkeypatch.setenv("INFERNEO_DECODE_FUSED_REDUCE", "1")
+    fused, _ = _check(case, torch.float32, TritonBackend(decode_splits=3), **options)
+    assert torch.equal(fused, two_kernels)
+    assert all(int(buf.count_nonzero()) == 0 for buf in ops._COUNTERS.values())
+    assert ops._COUNTERS, "the fused path ran"
+
+
 def test_large_group_and_non_power_of_two_shapes():
     """A group of 8 query heads per KV head, a head size (80) and a KV head count (3) padded in the kernels."""
     _check(AttentionCase("gqa8", 16, 2, 64, 16, decode_lens=(3, 40), prefills=((5, 21),)), torch.float32)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 
@@ -187,14 +188,15 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
 
 @triton.jit
 def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
-                   v_scale_ptr, qk_scale, softcap_log2, window,
+                   v_scale_ptr, count_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
                    stride_half, stride_blk, stride_ch, stride_off, tokens_per_split,
                    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                    PRECISION: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                   SINKS: tl.constexpr, FP8: tl.constexpr = False):
+                   SINKS: tl.constexpr, FP8: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
+                   BLOCK_S: tl.constexpr = 1):
     wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -245,20 +247,33 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         row = (b * NUM_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=omask)
         tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=gmask)
+        if FUSED_REDUCE:
+            # The last of this (request, KV head)'s split programs to get here merges them all: every thread's
+            # stores above come before the counter's release (barrier, then one acq_rel atomic), and the last
+            # program's loads after its acquire (read past L1); it resets the counter for the next call.
+            tl.debug_barrier()
+            counter = count_ptr + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the other splits are out
+                for gi in tl.static_range(GROUP):
+                    _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, kvh * GROUP + gi, stride_ob, stride_oh,
+                                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, True)
+                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit
-def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
-                          NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr):
-    wait_for_previous_kernel(PDL, EARLY=True)  # the output GEMV may launch and read its weights now
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SINKS: tl.constexpr, FROM_L2: tl.constexpr):
+    # head h of request b: the splits' partial outputs weighted by their softmax mass (FROM_L2: read past L1, the
+    # partials of other programs of the same kernel)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
     row = (b * NUM_HEADS + h) * NUM_SPLITS + s
-    lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"))
+    if FROM_L2:
+        lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    else:
+        lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"))
     if SINKS:  # the sink joins the denominator once, here, not in every split
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         top = tl.maximum(tl.max(lse, axis=0), sink)
@@ -267,10 +282,35 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stri
     else:
         weight = tl.exp2(lse - tl.max(lse, axis=0))
         weight = weight / tl.sum(weight, axis=0)
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d < HEAD_DIM)[None, :],
-                   other=0.0)
+    pmask = smask[:, None] & (d < HEAD_DIM)[None, :]
+    if FROM_L2:
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
+    else:
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask, other=0.0)
     out = tl.sum(part * weight[:, None], axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
+                          NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr):
+    wait_for_previous_kernel(PDL, EARLY=True)  # the output GEMV may launch and read its weights now
+    _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh,
+                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 zeros on ``device`` for the fused reduction's counters, one buffer per device that only grows
+    (each counter returns to zero when its last split program has merged; a buffer first made inside a CUDA-graph
+    capture lives in the graph's pool and is zeroed at each replay)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def decode_block_n(max_len: int) -> int:
@@ -303,7 +343,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  scale: float, out: torch.Tensor, num_splits: int | None = None, use_dot: bool | None = None,
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
-                 sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None) -> None:
+                 sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
+                 fused_reduce: bool | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
@@ -312,7 +353,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
     ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
-    cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile.
+    cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
+    (None: ``INFERNEO_DECODE_FUSED_REDUCE``): split attention merges its splits in the same kernel (the last split
+    program of each request and KV head, counted by an atomic per pair in a zeroed buffer kept per device and
+    reset by that program), not in a second kernel; the same formula, so results equal the two-kernel path's up to
+    float32 summation order.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -344,17 +389,23 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
     sinks_arg = _sinks_arg(sinks, num_heads, q)
     k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
+    if fused_reduce is None:
+        fused_reduce = envs.decode_fused_reduce()
+    fused_reduce = fused_reduce and num_splits > 1
+    counts = _split_counters(q.device, batch * num_kv_heads) if fused_reduce else seq_lens
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, qk_scale, softcap_log2,
+        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, counts, qk_scale,
+        softcap_log2,
         sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(kv_cache), tokens_per_split,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
-        FP8=is_fp8_kv_cache(kv_cache), num_warps=num_warps, num_stages=2, **launch_options(pdl),
+        FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=num_warps, num_stages=2, **launch_options(pdl),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(batch, num_heads)](
             part, lse, out, sinks_arg, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
