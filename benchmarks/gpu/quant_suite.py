@@ -10,9 +10,9 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      (256 x 128 -> 1024) output tok/s; ``fp8-w8a8``: the FP8 decode steps again with the weight-only GEMV off
      (``INFERNEO_FP8_GEMV=0``); ``fp8-nonorm`` / ``fp8-tiles``: the FP8 batch-1 step with the norm-fused GEMV
      switched off (``INFERNEO_FP8_NORM_GEMV=0``) / with the tiling entries of ``--fp8-tiles`` (a tiling file passed
-     as ``INFERNEO_FP8_GEMV_CONFIGS``); ``bf16-fusedreduce`` / ``fp8-fusedreduce``: the decode steps at batch 1
-     and 4 with split attention merged in the attention kernel (``INFERNEO_DECODE_FUSED_REDUCE=1``, with
-     ``--fused-reduce``); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
+     as ``INFERNEO_FP8_GEMV_CONFIGS``); ``bf16-reduceV`` / ``fp8-reduceV`` (``--fused-reduce V``): the decode
+     steps at batch 1 and 4 with ``INFERNEO_DECODE_FUSED_REDUCE=V`` (1: split attention merged in the attention
+     kernel at every batch, 0: never; unset, the default: at batch 1); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
      ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, ``tokenizer.py``, carried with
@@ -336,8 +336,9 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptfast,fp8-kv)")
     parser.add_argument("--profile", default="", help="variants whose decode steps are also profiled (e.g. bf16,fp8)")
     parser.add_argument("--fp8-tiles", default="", help="fp8-tiles: FP8 tiling entries replaced (JSON), batch 1")
-    parser.add_argument("--fused-reduce", action="store_true",
-                        help="also bf16-fusedreduce and fp8-fusedreduce (INFERNEO_DECODE_FUSED_REDUCE=1, batch 1, 4)")
+    parser.add_argument("--fused-reduce", default="", metavar="VALUE",
+                        help="also bf16-reduceVALUE and fp8-reduceVALUE: batch 1 and 4 with "
+                        "INFERNEO_DECODE_FUSED_REDUCE=VALUE (1: merged in the attention kernel; 0: two kernels)")
     parser.add_argument("--decode-batches", default="",
                         help="batch sizes of the decode-step timings, comma-separated (default: 1,32)")
     parser.add_argument("--workloads", default="w1,w2",
@@ -356,6 +357,7 @@ def main() -> int:
     sections = s.results["sections"]
     s.section("ceilings", lambda: sec_ceilings(s))
     workloads = tuple(filter(None, args.workloads.split(",")))
+    fr = args.fused_reduce
     plan = [
         ("bf16", lambda: sec_variant(s, "bf16", workloads), 120 if workloads else 25),
         ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70 if workloads else 15),
@@ -363,10 +365,10 @@ def main() -> int:
         ("fp8-nonorm", lambda: sec_with_env(s, "fp8-nonorm", {"INFERNEO_FP8_NORM_GEMV": "0"}, batches=(1,),
                                             quantization="fp8"), 10),
         ("fp8-tiles", lambda: sec_fp8_tiles(s, args.fp8_tiles), 10),
-        ("bf16-fusedreduce", lambda: sec_with_env(s, "bf16-fusedreduce", {"INFERNEO_DECODE_FUSED_REDUCE": "1"},
-                                                  batches=(1, 4)), 15),
-        ("fp8-fusedreduce", lambda: sec_with_env(s, "fp8-fusedreduce", {"INFERNEO_DECODE_FUSED_REDUCE": "1"},
-                                                 batches=(1, 4), quantization="fp8"), 10),
+        (f"bf16-reduce{fr}", lambda: sec_with_env(s, f"bf16-reduce{fr}", {"INFERNEO_DECODE_FUSED_REDUCE": fr},
+                                                   batches=(1, 4)), 15),
+        (f"fp8-reduce{fr}", lambda: sec_with_env(s, f"fp8-reduce{fr}", {"INFERNEO_DECODE_FUSED_REDUCE": fr},
+                                                  batches=(1, 4), quantization="fp8"), 10),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
@@ -375,7 +377,7 @@ def main() -> int:
     ]
     for name, run, min_left in plan:
         if name in skip or (name == "fp8-tiles" and not args.fp8_tiles) or \
-                (name.endswith("-fusedreduce") and not args.fused_reduce) or \
+                (name.startswith(("bf16-reduce", "fp8-reduce")) and not fr) or \
                 (name == "gptfast" and not (HERE.parents[1] / "scratch" / "gpt-fast").is_dir()):
             continue
         if s.left() < min_left:

@@ -354,7 +354,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
     ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
     cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
-    (None: ``INFERNEO_DECODE_FUSED_REDUCE``): split attention merges its splits in the same kernel (the last split
+    (None: ``INFERNEO_DECODE_FUSED_REDUCE``, unset: at batch 1 only): split attention merges its splits in the same kernel (the last split
     program of each request and KV head, counted by an atomic per pair in a zeroed buffer kept per device and
     reset by that program), not in a second kernel; the same formula, so results equal the two-kernel path's up to
     float32 summation order.
@@ -391,6 +391,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
     if fused_reduce is None:
         fused_reduce = envs.decode_fused_reduce()
+    if fused_reduce is None:  # the default: at one request (see envs.decode_fused_reduce)
+        fused_reduce = batch == 1
     fused_reduce = fused_reduce and num_splits > 1
     counts = _split_counters(q.device, batch * num_kv_heads) if fused_reduce else seq_lens
     _decode_kernel[(batch, num_kv_heads, num_splits)](
