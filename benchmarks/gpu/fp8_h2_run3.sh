@@ -5,12 +5,10 @@
 # Usage: OUT=... bash benchmarks/gpu/fp8_h2_run3.sh [suite deadline s]
 set -u
 OUT=${OUT:?set OUT}
-DEADLINE=${1:-60}
+DEADLINE=${1:-45}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p /tmp/quant_suite
-timeout $((DEADLINE + 25)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" --workloads "" \
+timeout $((DEADLINE + 10)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" --workloads "" \
   --decode-batches 1,4,32 --fused-reduce 0 --skip fp8-w8a8,fp8-nonorm,w4a16,fp8-kv,fp8+fp8kv,w4a16+fp8kv,gptfast \
-  --out /tmp/quant_suite > "$OUT/quant_suite.out" 2>&1
+  --out "$OUT" > "$OUT/quant_suite.out" 2>&1
 echo "quant_suite rc=$?"; grep -v "^ \{4,\}[0-9]" "$OUT/quant_suite.out" | tail -c 4000
-cp /tmp/quant_suite/quant_suite.json /tmp/quant_suite/quant_suite.log "$OUT/" 2>/dev/null
