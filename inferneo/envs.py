@@ -136,7 +136,7 @@ def decode_fused_reduce() -> bool | None:
     attention kernel itself: the last program of each (request, KV head) to finish, counted by an atomic, reads the
     others' partial results and writes the output, so the separate reduction kernel (one launch a layer) goes away
     (``triton_attention.paged_decode``). Unset (default): at one request only (on an H200, 2026-12-04, the batch-1
-    decode step 0.09-0.12 ms shorter in bf16 and FP8; at four requests the kernel alone was 0.8 us a layer slower);
+    decode step 0.08-0.13 ms shorter in bf16 and FP8; at four requests the kernel alone was 0.8 us a layer slower);
     ``1``: at every batch; ``0``: never. Read at each call."""
     value = os.environ.get("INFERNEO_DECODE_FUSED_REDUCE", "").strip().lower()
     if not value:
