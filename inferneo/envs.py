@@ -131,6 +131,28 @@ def cuda_pdl_early() -> bool:
     return _flag("INFERNEO_CUDA_PDL_EARLY", True)
 
 
+def decode_fused_reduce() -> bool:
+    """INFERNEO_DECODE_FUSED_REDUCE (default off): a split (flash-decoding) Triton decode attention merges its
+    splits inside the decode kernel (the last split of each request and KV head, by an atomic ticket) instead of
+    launching the reduction kernel (``triton_attention.paged_decode``). Read at each launch."""
+    return _flag("INFERNEO_DECODE_FUSED_REDUCE", False)
+
+
+def decode_split_tiles() -> int:
+    """INFERNEO_DECODE_SPLIT_TILES (default 0: the split rule of ``triton_attention.choose_num_splits``): at least
+    this many KV tiles in each split of a split Triton decode attention. Read at each launch."""
+    value = os.environ.get("INFERNEO_DECODE_SPLIT_TILES", "").strip()
+    return int(value) if value else 0
+
+
+def moe_evict() -> int | None:
+    """INFERNEO_MOE_EVICT (default empty: the shape's tuned ``"pair"`` entry): the L2 eviction hint of the expert
+    weights in the few-token Triton MoE kernels, 0 normal, 1 ``evict_first``, 2 ``evict_last``
+    (``moe_tile_configs.pair_tiles``). Read where the tiles are looked up."""
+    value = os.environ.get("INFERNEO_MOE_EVICT", "").strip()
+    return int(value) if value else None
+
+
 def tp_timing() -> bool:
     """INFERNEO_TP_TIMING (default off; for profiling): tensor-parallel workers print their host time per step
     when they stop."""
