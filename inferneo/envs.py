@@ -132,16 +132,31 @@ def cuda_pdl_early() -> bool:
 
 
 def decode_fused_reduce() -> bool | None:
-    """INFERNEO_DECODE_FUSED_REDUCE: split decode attention (few requests, long contexts) merges its splits in the
-    attention kernel itself: the last program of each (request, KV head) to finish, counted by an atomic, reads the
-    others' partial results and writes the output, so the separate reduction kernel (one launch a layer) goes away
-    (``triton_attention.paged_decode``). Unset (default): at one request only (on an H200, 2026-12-04, the batch-1
-    decode step 0.08-0.13 ms shorter in bf16 and FP8; at four requests the kernel alone was 0.8 us a layer slower);
-    ``1``: at every batch; ``0``: never. Read at each call."""
+    """INFERNEO_DECODE_FUSED_REDUCE: a split (flash-decoding) Triton decode attention merges its splits inside the
+    decode kernel (the last split of each request and KV head, by an atomic ticket) instead of launching the
+    reduction kernel (``triton_attention.paged_decode``). Unset (default): at one request with one query head per KV
+    head (on an H200, 2026-12-04, Llama-2-7B's batch-1 step 0.08-0.13 ms shorter in bf16 and FP8; with Qwen3-30B-A3B's
+    eight query heads per KV head, merged one after another, 0.41 ms longer); ``1``: always; ``0``: never. Read at
+    each launch."""
     value = os.environ.get("INFERNEO_DECODE_FUSED_REDUCE", "").strip().lower()
     if not value:
         return None
     return value not in ("0", "false", "no", "off")
+
+
+def decode_split_tiles() -> int:
+    """INFERNEO_DECODE_SPLIT_TILES (default 0: the split rule of ``triton_attention.choose_num_splits``): at least
+    this many KV tiles in each split of a split Triton decode attention. Read at each launch."""
+    value = os.environ.get("INFERNEO_DECODE_SPLIT_TILES", "").strip()
+    return int(value) if value else 0
+
+
+def moe_evict() -> int | None:
+    """INFERNEO_MOE_EVICT (default empty: the shape's tuned ``"pair"`` entry): the L2 eviction hint of the expert
+    weights in the few-token Triton MoE kernels, 0 normal, 1 ``evict_first``, 2 ``evict_last``
+    (``moe_tile_configs.pair_tiles``). Read where the tiles are looked up."""
+    value = os.environ.get("INFERNEO_MOE_EVICT", "").strip()
+    return int(value) if value else None
 
 
 def tp_timing() -> bool:

@@ -15,6 +15,7 @@ from inferneo.model_executor.layers.cpu_linear import (
     onednn_available,
     pack_linears,
     panel_kernels,
+    panel_width,
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear")
@@ -59,6 +60,14 @@ def test_panel_linear_matches_reference(dtype, bias, rows, in_features, out_feat
     expected = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bfloat16: one rounding of the float32 sum (2^-8 relative)
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@needs_panel
+def test_panel_width_follows_the_build():
+    """The AVX2 build packs 16-column panels (each 16-column block reads consecutive lines), AVX-512 48."""
+    ops = kernel_ops(torch.float32)
+    assert panel_width(ops) == {"avx2": 16}.get(ops.vector_isa(), 48)
+    assert panel_width(None) == 48
 
 
 @needs_panel
@@ -124,14 +133,20 @@ def _tied_model(dtype: torch.dtype, vocab: int, hidden: int) -> nn.Module:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab,hidden", [(200, 96), (97, 41), (48, 64), (5, 33)])
-def test_panel_embedding_reads_the_tied_rows_from_the_head_panels(dtype, vocab, hidden):
+@pytest.mark.parametrize("layout", ["pytorch", "native"])
+def test_panel_embedding_reads_the_tied_rows_from_the_head_panels(dtype, vocab, hidden, layout):
     """Every token's row, read back from the packed panels (partial last panel, odd K in bfloat16 pairs), equals
-    the embedding's row bit for bit. The packing is plain PyTorch, so this runs on any CPU (the head's kernel is
-    not called)."""
+    the embedding's row bit for bit, in the PyTorch path's 48-column panels and in this CPU's native panel width
+    (16 with AVX2). The packing is plain PyTorch (the head's kernel is not called)."""
+    ops = None if layout == "pytorch" else kernel_ops(dtype)
+    if layout == "native" and ops is None:
+        pytest.skip(f"no {dtype} panel kernel on this CPU")
     model = _tied_model(dtype, vocab, hidden)
     ids = torch.cat([torch.arange(vocab), torch.randint(0, vocab, (37,))]).reshape(-1, 1)
     expected = model.embed_tokens(ids)
-    embedding = PanelEmbedding(PanelLinear(model.lm_head, ops=None))
+    head = PanelLinear(model.lm_head, ops=ops)
+    assert head.packed_weight.shape[2] == panel_width(ops)
+    embedding = PanelEmbedding(head)
     got = embedding(ids)
     assert got.shape == expected.shape == (ids.shape[0], 1, hidden) and got.dtype == dtype
     assert torch.equal(got, expected)

@@ -128,7 +128,8 @@ def test_fastest_by_geometric_mean_and_ties_to_the_first():
 
 
 def key(**changes) -> TuneKey:
-    fields = dict(cpu_model="AMD EPYC 7B13", cpu_flags="avx2 fma", torch_version="2.13.0+cpu", threads=2,
+    fields = dict(cpu_model="AMD EPYC 7B13", cpu_flags="avx2 fma", torch_version="2.13.0+cpu",
+                  kernel_source="0123456789ab", threads=2,
                   dtype="float32", shape="960x576", rows=(32, 256), candidates=("onednn", "torch"))
     return TuneKey(**{**fields, **changes})
 
@@ -139,7 +140,8 @@ def test_tune_cache_writes_reads_and_misses_on_another_cpu_or_torch(tmp_path, ca
     again = TuneCache(path)  # a later start
     assert again.get(key()) == TuneResult("onednn", {"onednn": [1e-4, 1e-3], "torch": [2e-4, 3e-3]})
     for changed in (key(cpu_model="Intel(R) Xeon(R) Platinum 8481C"), key(torch_version="2.14.0+cpu"),
-                    key(cpu_flags="avx2 fma avx512f"), key(threads=8), key(shape="576x576"),
+                    key(cpu_flags="avx2 fma avx512f"), key(kernel_source="ba9876543210"), key(threads=8),
+                    key(shape="576x576"),
                     key(candidates=("panel", "onednn", "torch"))):
         assert again.get(changed) is None
     TuneCache(path).put(key(dtype="bfloat16"), TuneResult("torch", {}))  # a second entry keeps the first

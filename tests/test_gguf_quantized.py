@@ -108,16 +108,19 @@ def test_decoders_refuse_other_types():
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 13, 40, 70])
 def test_native_linear_matches_f_linear(name, rows, native):
-    blocks = _random_blocks(name, 48, 512, seed=rows)
+    blocks = _random_blocks(name, 44, 512, seed=rows)  # 44: a partial group of 16 weight rows
     weight = dequantize_blocks(blocks, _fmt(name).qtype)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
     expected = F.linear(x, weight)
     tol = 1e-5 * expected.abs().max().item()
     out = native.gguf_linear(x, blocks, _fmt(name).qtype, 512)
     torch.testing.assert_close(out, expected, rtol=0, atol=tol)
-    # every path (weights de-quantized in registers, fused rows, de-quantized tiles + GEMM), whatever the row count
-    for fused_max_rows, inreg_max_rows in ((0, 0), (1000, 0), (1000, 1000)):
-        out = native.gguf_linear(x, blocks, _fmt(name).qtype, 512, fused_max_rows, 16, inreg_max_rows)
+    # every path (weights de-quantized in registers, transposed [K][16] panels, fused rows, de-quantized tiles +
+    # GEMM), whatever the row count
+    never = 1 << 30
+    for fused_max_rows, inreg_max_rows, panel_min_rows in ((0, 0, never), (1000, 0, never), (1000, 1000, never),
+                                                           (0, 0, 0)):
+        out = native.gguf_linear(x, blocks, _fmt(name).qtype, 512, fused_max_rows, 16, inreg_max_rows, panel_min_rows)
         torch.testing.assert_close(out, expected, rtol=0, atol=tol)
     # bfloat16 activations: the same product of the bf16 values (float32 accumulation)
     xb = x.bfloat16()

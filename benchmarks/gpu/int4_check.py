@@ -12,6 +12,14 @@ CUDA-graph replays of ``CALLS`` calls cycling over enough copies of the weights 
 a real step, where each layer reads its own), median of 5 replays, per call. Before the sweep, a pool of processes
 compiles every candidate into Triton's cache (``--jobs``), so the sweep itself mostly times.
 
+PyTorch's int4 kernel (tinygemm, ``inferneo/kernels/tinygemm_int4.py``) is measured beside them per shape and row
+count (``inner_k_tiles`` 2, 4, 8; the same check, on the same AWQ weight repacked into its layout; the SiLU-and-mul
+kernel added on the gate/up shape, it has no fused activation); before the sweep, its packing is checked on a small
+weight, and with ``INFERNEO_INT4_LAYOUT=tinygemm`` each layer is finalized into its layout through the engine's own
+path and checked. A layer holds one layout, so tinygemm is chosen per shape, not per row bucket: where its time at
+1 and 32 rows (the two decode steps of the issue's targets) adds up to less than the Triton kernels' best
+(``"layout,N,K,G"`` entries of kind ``"tinygemm"``).
+
 ``--write-configs`` writes the fastest launch per shape and row bucket to ``inferneo/kernels/int4_configs.json``
 (where the kernels read them: keys ``linear,BUCKET,N,K,G`` and ``silu,BUCKET,D,K,G``; a fused SiLU entry of kind
 ``"none"`` where the best projection plus the SiLU-and-mul kernel beat every fused launch) and a copy to ``--out``.
@@ -38,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from inferneo.kernel_config import KernelConfig  # noqa: E402
-from inferneo.kernels import triton_int4  # noqa: E402
+from inferneo.kernels import tinygemm_int4, triton_int4  # noqa: E402
 from inferneo.kernels.triton_int4 import W4A16Config, config_key, default_config, w4a16_linear, w4a16_silu_mul  # noqa: E402
 from inferneo.quantization.base import LinearShape, QuantizedLinear  # noqa: E402
 from inferneo.quantization.int4 import Int4LinearMethod, Int4Scheme  # noqa: E402
@@ -186,7 +194,96 @@ def precompile(jobs: list, processes: int, log) -> None:
         f"({len(errors)} errors{': ' + errors[0] if errors else ''})")
 
 
+# ---- tinygemm ---------------------------------------------------------------------------------------------------
+
+
+def tinygemm_probe(log) -> dict:
+    """Where PyTorch's int4 kernel runs here: the packing check, and whether fp16 activations are taken."""
+    device = torch.device("cuda")
+    out = {"torch": torch.__version__, "ops": tinygemm_int4._has_ops()}
+    out["packing_ok"] = out["ops"] and tinygemm_int4.cuda_packing_ok(torch.cuda.current_device())
+    out["available_bf16"] = tinygemm_int4.tinygemm_available(device, torch.bfloat16, 4096, 4096, GROUP)
+    if out["packing_ok"]:
+        tg = tinygemm_int4.pack_tinygemm(torch.randint(0, 16, (64, 256), device=device), torch.rand(2, 64,
+                                         device=device) * 0.01, torch.randint(0, 16, (2, 64), device=device,
+                                         dtype=torch.uint8), GROUP, 8)
+        try:
+            torch.ops.aten._weight_int4pack_mm(torch.randn(2, 256, device=device).half(), tg.packed, GROUP,
+                                               tg.scales_and_zeros.half())
+            out["fp16"] = "runs"
+        except Exception as exc:  # noqa: BLE001 (recorded)
+            out["fp16"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    log("TINYGEMM " + json.dumps(out))
+    return out
+
+
+def tinygemm_layer_check(name, shards, k, gen, log) -> dict:
+    """A layer finalized with ``INFERNEO_INT4_LAYOUT=tinygemm`` through the engine's own path: it holds tinygemm's
+    layout once, its weight (the product with the identity) against the AWQ de-quantization, and its output at
+    1 and 32 rows against float32 ``F.linear`` on that de-quantization."""
+    shape = LinearShape(f"layers.0.{name}", k, shards)
+    layer = QuantizedLinear(Int4LinearMethod(Int4Scheme("awq", GROUP, True)), shape, False, torch.bfloat16,
+                            torch.device("cuda"))
+    layer.method.init_dummy(layer, gen)
+    before = layer.method.dequantized_weight(layer)  # from the checkpoint tensors: (q - z) * s in float32
+    os.environ["INFERNEO_INT4_LAYOUT"] = "tinygemm"
+    try:
+        layer.method.finalize(layer, KernelConfig())
+    finally:
+        os.environ["INFERNEO_INT4_LAYOUT"] = "rows"
+    blocks = layer.int4_blocks
+    out = {"layer": name, "layout": type(blocks[0]).__name__,
+           "buffers": sorted(n for n, _ in layer.named_buffers()),
+           "buffer_bytes": sum(b.numel() * b.element_size() for b in layer.buffers())}
+    if isinstance(blocks[0], tinygemm_int4.Int4TinyGemmWeights):
+        w = layer.method.dequantized_weight(layer)
+        group = torch.arange(k, device=w.device) // GROUP
+        scales = layer.int4_scales_and_zeros[..., 0].float().t()[:, group]  # (bf16 scales: within 2^-9 of s)
+        out["weight_max_err_code_steps"] = ((w - before).abs() / scales).max().item()
+        out["weight_rel_err"] = ((w - before).norm() / before.norm()).item()
+        for m in (1, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out[f"rel_err_{m}"] = rel_err(layer(x), F.linear(x.float(), before))
+    log("TINYGEMM_LAYER " + json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}))
+    return out
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
+
+
+def triton_time(line: dict) -> float:
+    """The Triton kernels' best for a summary line (the gate/up shape: fused SiLU or the projection + SiLU)."""
+    fused = line.get("fused_best_us")
+    return min(fused, line.get("unfused_us", math.inf)) if fused else line.get("best_us", math.inf)
+
+
+def tinygemm_time(line: dict, inner: int | None) -> float | None:
+    """tinygemm's time for a summary line with ``inner_k_tiles`` (plus the SiLU-and-mul kernel on gate/up)."""
+    us = line.get("tinygemm_us", {}).get(inner)
+    return None if us is None else us + line.get("silu_and_mul_us", 0.0)
+
+
+def choose_layouts(summary: list[dict], shapes: dict) -> dict:
+    """Per layer shape: tinygemm's layout (its best ``inner_k_tiles``) where its time at 1 and 32 rows adds up to
+    less than the Triton kernels' best at the same rows, else the row layout; keyed by the table's layout key
+    keyed by layer name, each entry naming its table key (``"layout,N,K,G"``) and what was compared."""
+    out = {}
+    for name, (n, k) in shapes.items():
+        lines = {line["m"]: line for line in summary if line["layer"] == name}
+        rows = [m for m in (1, 32) if m in lines] or sorted(lines)
+        triton_sum = sum(triton_time(lines[m]) for m in rows)
+        inners = set.intersection(*[set(lines[m].get("tinygemm_us", {})) for m in rows]) if rows else set()
+        tg_sums = {i: sum(tinygemm_time(lines[m], i) for m in rows) for i in inners}
+        entry = {"key": tinygemm_int4.layout_key(n, k, GROUP), "rows": rows, "triton_us": {m: triton_time(lines[m]) for m in rows},
+                 "triton_sum_us": triton_sum, "kind": "rows"}
+        if tg_sums:
+            inner = min(tg_sums, key=tg_sums.get)
+            entry.update(best_tinygemm_inner=inner, tinygemm_sum_us=tg_sums[inner],
+                         tinygemm_us={m: tinygemm_time(lines[m], inner) for m in sorted(lines)})
+            if tg_sums[inner] < triton_sum:
+                entry.update(kind="tinygemm", inner_k_tiles=inner)
+        out[name] = entry
+    return out
 
 
 def main() -> int:
@@ -198,6 +295,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU under TRITON_INTERPRET=1, to check the script")
     args = parser.parse_args()
+    os.environ["INFERNEO_INT4_LAYOUT"] = "rows"  # the layers measured hold the Triton layout (tinygemm's made here)
     device = torch.device("cpu" if args.smoke else "cuda")
     timer = host_time_us if args.smoke else graph_time_us
     layers = SMOKE_LAYERS if args.smoke else LAYERS
@@ -258,8 +356,25 @@ def main() -> int:
                 best[key] = (config, us)
         return times
 
+    try:
+        tg_info = {"probe": tinygemm_probe(log) if not args.smoke else {}, "layers": []}
+    except Exception as exc:  # noqa: BLE001 (recorded; the Triton sweep goes on)
+        tg_info = {"probe": {"error": f"{type(exc).__name__}: {exc}"[:300]}, "layers": []}
+        log(f"TINYGEMM probe failed: {exc}")
+    use_tinygemm = args.smoke or bool(tg_info["probe"].get("available_bf16"))  # (smoke: its CPU twin)
     summary = []
     for name, shards, k in layers:
+        if use_tinygemm and not args.smoke:
+            try:
+                entry = tinygemm_layer_check(name, shards, k, gen, log)
+                tg_info["layers"].append(entry)
+                if any(v >= TOLERANCE for key, v in entry.items() if key.startswith("rel_err")):
+                    failures.append(entry)
+            except Exception as exc:  # noqa: BLE001 (recorded; the Triton sweep goes on)
+                tg_info["layers"].append({"layer": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                failures.append(tg_info["layers"][-1])
+                log(f"TINYGEMM_LAYER {name} failed: {exc}")
+            torch.cuda.empty_cache()
         shape = LinearShape(f"layers.0.{name}", k, shards)
         layer = QuantizedLinear(Int4LinearMethod(Int4Scheme("awq", GROUP, True)), shape, False, torch.bfloat16,
                                 device)
@@ -272,6 +387,13 @@ def main() -> int:
         n = shape.out_features
         nbytes = weights.packed.numel() * 4 + weights.scales.numel() * 5
         copies = [weights] + [clone_weights(weights) for _ in range((1 if args.smoke else copies_for(nbytes)) - 1)]
+        try:
+            tg_copies = {inner: [tinygemm_int4.tinygemm_from(c, inner) for c in copies]
+                         for inner in tinygemm_int4.INNER_K_TILES
+                         if use_tinygemm and tinygemm_int4.tinygemm_shape_ok(n, k, GROUP, inner)}
+        except Exception as exc:  # noqa: BLE001 (recorded; no tinygemm candidates for this shape)
+            log(f"TINYGEMM packing {name} failed: {exc}")
+            tg_copies = {}
         w_f32 = layer.method.dequantized_weight(layer)
         w_bf16 = [w_f32.to(torch.bfloat16) for _ in range(1 if args.smoke else copies_for(n * k * 2))]
         for m in rows_list:
@@ -294,7 +416,18 @@ def main() -> int:
                 return w4a16_linear(x, copies[i], config)
 
             lin = sweep("linear", m, n, k, candidates(m, n, k, quick), run, nbytes, copies)
-            line = {"layer": name, "m": m, "bf16_cublas_us": bf16_us, "layer_rel_err": layer_err}
+
+            def run_tg(config, i, x=x, w_f32=w_f32, tg_copies=tg_copies):
+                tgs = tg_copies[config.inner_k_tiles]
+                if i is None:
+                    xc = torch.randn_like(x)
+                    return rel_err(tinygemm_int4.tinygemm_linear(xc, tgs[0]), F.linear(xc.float(), w_f32))
+                return tinygemm_int4.tinygemm_linear(x, tgs[i])
+
+            tg_configs = [W4A16Config("tinygemm", 0, inner_k_tiles=inner) for inner in tg_copies]
+            tg = sweep("tinygemm", m, n, k, tg_configs, run_tg, nbytes, copies) if tg_configs else {}
+            line = {"layer": name, "m": m, "bf16_cublas_us": bf16_us, "layer_rel_err": layer_err,
+                    "tinygemm_us": {c.inner_k_tiles: us for c, us in tg.items()}}
             if lin:
                 cfg, us = min(lin.items(), key=lambda kv: kv[1])
                 line.update(best_us=us, best=cfg.as_dict())
@@ -327,22 +460,32 @@ def main() -> int:
             log("SUMMARY " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in line.items()}))
         del layer, weights, w_bf16
         copies.clear()
+        tg_copies.clear()
         if not args.smoke:
             torch.cuda.empty_cache()
         log(f"-- {name} done at {time.perf_counter() - started:.0f} s")
 
-    table = {key: config.as_dict() for key, (config, _) in sorted(best.items())}
     for key, (config, us) in sorted(best.items()):
         log(f"best {key}: {us:.2f} us {config}")
+    table = {key: config.as_dict() for key, (config, _) in sorted(best.items()) if not key.startswith("tinygemm,")}
+    layouts = choose_layouts(summary, shapes={name: (sum(shards), k) for name, shards, k in layers})
+    for name, entry in layouts.items():
+        log(f"LAYOUT {name}: {json.dumps(entry)}")
+        if entry["kind"] == "tinygemm":
+            table[entry["key"]] = {"kind": "tinygemm", "inner_k_tiles": entry["inner_k_tiles"]}
     sums = {}
     for line in summary:
-        sums.setdefault(line["m"], {"bf16": 0.0, "w4a16": 0.0})
+        sums.setdefault(line["m"], {"bf16": 0.0, "w4a16": 0.0, "tinygemm": 0.0, "chosen": 0.0})
         sums[line["m"]]["bf16"] += line["bf16_cublas_us"]
-        fused = line.get("fused_best_us")
-        use = min(fused, line.get("unfused_us", math.inf)) if fused else line.get("best_us", math.inf)
-        sums[line["m"]]["w4a16"] += use
+        triton_us = triton_time(line)
+        sums[line["m"]]["w4a16"] += triton_us
+        entry = layouts[line["layer"]]
+        tg = tinygemm_time(line, entry.get("inner_k_tiles"))
+        sums[line["m"]]["tinygemm"] += tinygemm_time(line, entry.get("best_tinygemm_inner")) or math.inf
+        sums[line["m"]]["chosen"] += tg if entry["kind"] == "tinygemm" and tg else triton_us
     for m, s in sorted(sums.items()):
-        log(f"layer set at {m} rows: W4A16 {s['w4a16']:.1f} us, bf16 cuBLAS {s['bf16']:.1f} us")
+        log(f"layer set at {m} rows: W4A16 Triton {s['w4a16']:.1f} us, tinygemm {s['tinygemm']:.1f} us, "
+            f"chosen layouts {s['chosen']:.1f} us, bf16 cuBLAS {s['bf16']:.1f} us")
     if args.write_configs and not args.smoke:
         triton_int4.TUNED_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
         log(f"wrote {triton_int4.TUNED_CONFIG_FILE.name}")
@@ -350,6 +493,8 @@ def main() -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "int4_check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "int4_tinygemm.json").write_text(json.dumps({**tg_info, "layouts": layouts,
+                                                            "layer_sets": sums}, indent=1) + "\n")
         (out / "int4_configs.json").write_text(json.dumps(table, indent=1) + "\n")
     if failures:
         log(f"FAILED: {len(failures)} launches over the tolerance {TOLERANCE} (or broken)")

@@ -5,10 +5,15 @@ One decode layer at one token is eight launches (input norm + q/k/v GEMV, q/k no
 attention and its reduction, output GEMV, post-attention norm + router GEMV, routing, gate/up experts, down experts);
 this script runs 48 of them in one CUDA graph with programmatic dependent launch, each layer on its own weights
 (four sets cycled, so nothing of a layer is in L2 from the layer before), 1,041 tokens of context, and reports the
-time per layer for each variant: the output projection's GEMV tiles (whole 4,096-wide rows, all read before the
-GEMV waits, against the tuned ones), the q/k/v norm + GEMV's rows per program, decode attention's split count, an
-``evict_first`` hint on the expert weights. Whether the kernels launch their dependents early
-(``INFERNEO_CUDA_PDL_EARLY``, read at import) is the process's: run it once with each setting.
+time per layer for each variant of ``--set``: ``tiles``, the output projection's GEMV tiles (whole 4,096-wide
+rows, all read before the GEMV waits, against the tuned ones), the q/k/v norm + GEMV's rows per program, decode
+attention's split count, an ``evict_first`` hint on the expert weights; ``ab`` (default), the hint, 16 attention
+splits and the split merge inside the decode kernel alone and together (after a CUDA check of that merge); ``rotary``,
+the q/k norms + rotary + K/V store inside decode attention (after a CUDA check against the separate kernels).
+``ab`` and ``rotary`` then profile CUDA-graph replays of the base and the fastest variant: per kernel of a layer its
+duration, the time it adds to the stream's end (``kernel_timeline.py``) and its bytes at the copy bandwidth.
+Whether the kernels launch their dependents early (``INFERNEO_CUDA_PDL_EARLY``, read at import) is the process's:
+run it once with each setting.
 
 Every variant's output after 48 layers is compared with the first variant's (the GEMV tiles change the summation
 order of the output projection, so small differences there are expected; the hint none). ``--write-configs``
@@ -48,6 +53,8 @@ class Variant:
     qkv_config: tuple[int, int] | None = None  # the q/k/v norm + GEMV's (rows a program, warps) (None: the default)
     tiles: PairTiles | None = None  # the expert kernels' tiles (None: the tuned ones)
     attn_splits: int | None = None  # decode attention's context splits (None: its heuristic)
+    fused_reduce: bool = False  # decode attention merges its splits in the decode kernel (no reduction launch)
+    rotary_in_decode: bool = False  # the q/k norms, rotary and K/V store inside decode attention (no rotary launch)
 
 
 def make_sets(device) -> list[dict]:
@@ -77,14 +84,18 @@ def chain(sets, shared, hidden, residual, v: Variant, tiles: PairTiles, pdl: boo
         p = sets[layer % len(sets)]
         qkv, residual = triton_gemv.norm_gemv(hidden, residual, p["norm_w"], eps, p["qkv_w"], config=v.qkv_config,
                                               pdl=pdl)
-        elementwise.qk_norm_rotary_inplace(qkv, shared["pos"], shared["cos"], shared["sin"], s["heads"],
-                                           s["kv_heads"], s["head_dim"], p["q_w"], p["k_w"], eps, pdl=pdl,
-                                           kv_cache=p["cache"], slot_mapping=shared["slots"])
+        rotary = None
+        if v.rotary_in_decode:
+            rotary = qk_rotary(qkv, p, shared, eps)
+        else:
+            elementwise.qk_norm_rotary_inplace(qkv, shared["pos"], shared["cos"], shared["sin"], s["heads"],
+                                               s["kv_heads"], s["head_dim"], p["q_w"], p["k_w"], eps, pdl=pdl,
+                                               kv_cache=p["cache"], slot_mapping=shared["slots"])
         q = qkv[:, : s["heads"] * s["head_dim"]].view(1, s["heads"], s["head_dim"])
         if DEVICE == "cuda":
             triton_attention.paged_decode(q, p["cache"], shared["table"], shared["lens"],
                                           1 / math.sqrt(s["head_dim"]), p["attn_out"], num_splits=v.attn_splits,
-                                          pdl=pdl)
+                                          pdl=pdl, fused_reduce=v.fused_reduce, qk_rotary=rotary)
         else:  # the smoke run (the decode kernel has its own interpreter tests)
             p["attn_out"].copy_(q)
         o = triton_gemv.gemv(p["attn_out"].view(1, -1), p["o_w"], config=v.o_config, pdl=pdl)
@@ -94,6 +105,63 @@ def chain(sets, shared, hidden, residual, v: Variant, tiles: PairTiles, pdl: boo
         hidden = triton_moe.triton_fused_experts(normed, p["w13"], p["w2"], routed.weights, routed.ids,
                                                  pair_tiles=tiles, pdl=pdl)
     return hidden, residual
+
+
+def qk_rotary(qkv, p, shared, eps) -> triton_attention.QKRotary:
+    """The raw key and value heads of ``qkv`` and the layer's norm weights, for ``paged_decode(qk_rotary=)``."""
+    s = SHAPE
+    q_size, kv_size = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    k = qkv[:, q_size : q_size + kv_size].view(-1, s["kv_heads"], s["head_dim"])
+    v = qkv[:, q_size + kv_size :].view(-1, s["kv_heads"], s["head_dim"])
+    return triton_attention.QKRotary(k, v, shared["pos"], shared["slots"], shared["cos"], shared["sin"], p["q_w"],
+                                     p["k_w"], eps)
+
+
+def check_rotary_in_decode(log) -> dict:
+    """One layer's q/k norms + rotary + K/V store + decode attention: the separate rotary kernel against the decode
+    kernel doing it (bf16, the chain's shapes, 1,041 tokens), eager and replayed from a CUDA graph: the attention
+    outputs, the new cache row and the whole cache compared."""
+    s, eps = SHAPE, 1e-6
+    sets = make_sets(torch.device(DEVICE))[:1]
+    p = sets[0]
+    shared = chain_shared(torch.device(DEVICE))
+    n_qkv = (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"]
+    raw = torch.randn(1, n_qkv, device=DEVICE).to(torch.bfloat16)
+    scale = 1 / math.sqrt(s["head_dim"])
+    results = {}
+    qkv_a, cache_a = raw.clone(), p["cache"].clone()
+    out_a = torch.empty_like(p["attn_out"])
+    elementwise.qk_norm_rotary_inplace(qkv_a, shared["pos"], shared["cos"], shared["sin"], s["heads"], s["kv_heads"],
+                                       s["head_dim"], p["q_w"], p["k_w"], eps, kv_cache=cache_a,
+                                       slot_mapping=shared["slots"])
+    triton_attention.paged_decode(qkv_a[:, : s["heads"] * s["head_dim"]].view(1, s["heads"], s["head_dim"]), cache_a,
+                                  shared["table"], shared["lens"], scale, out_a)
+    for mode in ("eager", "graph"):
+        qkv_b, cache_b = raw.clone(), p["cache"].clone()
+        out_b = torch.full_like(out_a, float("nan"))
+        q_b = qkv_b[:, : s["heads"] * s["head_dim"]].view(1, s["heads"], s["head_dim"])
+
+        def run(qkv_b=qkv_b, cache_b=cache_b, out_b=out_b, q_b=q_b):
+            triton_attention.paged_decode(q_b, cache_b, shared["table"], shared["lens"], scale, out_b,
+                                          qk_rotary=qk_rotary(qkv_b, dict(p, cache=cache_b), shared, eps))
+
+        if mode == "eager":
+            run()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            cache_b.copy_(p["cache"])
+            out_b.fill_(float("nan"))
+            graph.replay()
+        torch.cuda.synchronize()
+        diff = (out_a.float() - out_b.float()).abs().max().item()
+        row = {"out_equal": bool(torch.equal(out_a, out_b)), "out_max_abs_diff": diff,
+               "cache_equal": bool(torch.equal(cache_a, cache_b)), "qkv_unchanged": bool(torch.equal(qkv_b, raw))}
+        results[mode] = row
+        log(f"rotary in decode check ({mode}): output equal {row['out_equal']} (max |diff| {diff:.3g}), cache equal "
+            f"{row['cache_equal']}, q/k/v unchanged {row['qkv_unchanged']}")
+    return results
 
 
 def time_chain(fn, replays: int = 20) -> tuple[float, torch.Tensor]:
@@ -124,12 +192,43 @@ QKV_CONFIGS = [(4, 8), (16, 8), (4, 4), (16, 16)]
 ATTN_SPLITS = [16, 8]
 
 
+VARIANT_SET = "ab"
+
+
 def variants() -> list[Variant]:
-    ef = replace(pair_tiles(128, 768, 2048, torch.bfloat16), evict=1)
-    return ([Variant("base")] + [Variant(f"o {c}", o_config=c) for c in O_CONFIGS]
-            + [Variant(f"qkv {c}", qkv_config=c) for c in QKV_CONFIGS]
-            + [Variant(f"attention {n} splits", attn_splits=n) for n in ATTN_SPLITS]
-            + [Variant("evict_first", tiles=ef), Variant("base again")])
+    tuned = pair_tiles(SHAPE["experts"], SHAPE["inter"], SHAPE["hidden"], torch.bfloat16)
+    ef, plain = replace(tuned, evict=1), replace(tuned, evict=0)
+    if VARIANT_SET == "rotary":  # the q/k norms + rotary + K/V store inside decode attention (tuned tiles)
+        return [Variant("base"), Variant("rotary in decode", rotary_in_decode=True), Variant("base again"),
+                Variant("rotary in decode again", rotary_in_decode=True)]
+    if VARIANT_SET == "tiles":  # the 2026-12-03 call's GEMV tiles, split counts and hint
+        return ([Variant("base")] + [Variant(f"o {c}", o_config=c) for c in O_CONFIGS]
+                + [Variant(f"qkv {c}", qkv_config=c) for c in QKV_CONFIGS]
+                + [Variant(f"attention {n} splits", attn_splits=n) for n in ATTN_SPLITS]
+                + [Variant("evict_first", tiles=ef), Variant("base again")])
+    # "ab": the hint, the split count and the fused split merge, alone and together (base: no hint, the heuristic's
+    # splits, the reduction kernel)
+    few = ATTN_SPLITS[0] if ATTN_SPLITS else None
+    return [Variant("base", tiles=plain), Variant("evict_first", tiles=ef),
+            Variant(f"attention {few} splits", tiles=plain, attn_splits=few),
+            Variant("fused merge", tiles=plain, fused_reduce=True),
+            Variant(f"fused merge, {few} splits", tiles=plain, attn_splits=few, fused_reduce=True),
+            Variant(f"evict_first + {few} splits", tiles=ef, attn_splits=few),
+            Variant("evict_first + fused merge", tiles=ef, fused_reduce=True),
+            Variant(f"evict_first + fused merge + {few} splits", tiles=ef, attn_splits=few, fused_reduce=True),
+            Variant("base again", tiles=plain)]
+
+
+def chain_shared(device) -> dict:
+    """Rotary tables, the token's position and slot, the block table and context length shared by every layer."""
+    s = SHAPE
+    half = s["head_dim"] // 2
+    inv = 1.0 / (10000 ** (torch.arange(half, device=device).float() / half))
+    angles = torch.arange(4096, device=device).float()[:, None] * inv[None, :]
+    return dict(cos=angles.cos(), sin=angles.sin(), pos=torch.tensor([s["context"] - 1], device=device),
+                slots=torch.tensor([s["context"] - 1], device=device),
+                table=torch.arange(s["table_blocks"], device=device, dtype=torch.int64).view(1, -1),
+                lens=torch.tensor([s["context"]], device=device, dtype=torch.int64))
 
 
 def run(log) -> dict:
@@ -137,13 +236,7 @@ def run(log) -> dict:
     s = SHAPE
     torch.manual_seed(0)
     sets = make_sets(device)
-    half = s["head_dim"] // 2
-    inv = 1.0 / (10000 ** (torch.arange(half, device=device).float() / half))
-    angles = torch.arange(4096, device=device).float()[:, None] * inv[None, :]
-    shared = dict(cos=angles.cos(), sin=angles.sin(), pos=torch.tensor([s["context"] - 1], device=device),
-                  slots=torch.tensor([s["context"] - 1], device=device),
-                  table=torch.arange(s["table_blocks"], device=device, dtype=torch.int64).view(1, -1),
-                  lens=torch.tensor([s["context"]], device=device, dtype=torch.int64))
+    shared = chain_shared(device)
     x = torch.randn(1, s["hidden"], device=device, dtype=torch.bfloat16)
     r = torch.randn(1, s["hidden"], device=device, dtype=torch.bfloat16)
     pdl = DEVICE == "cuda"
@@ -159,7 +252,143 @@ def run(log) -> dict:
                            "graph_equal_eager": replay_equal, "variant": {**v.__dict__, "tiles": tiles.to_json()}}
         log(f"{v.name:24s} {us:7.2f} us a layer ({us * s['layers']:7.1f} us / 48 layers), max |diff| vs base "
             f"{diff:.3g}, graph == eager {replay_equal}")
+    if PROFILE and DEVICE == "cuda":
+        by_name = {v.name: v for v in variants()}
+        best = min((n for n in results if n in by_name), key=lambda n: results[n]["us_per_layer"])
+        bandwidth = copy_bandwidth()
+        log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+        for name in dict.fromkeys(["base", best]):
+            v = by_name[name]
+            tiles = v.tiles or tuned
+            results[name]["profile"] = profile_chain(
+                lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl), name, bandwidth, log)
     return results, first
+
+
+def check_fused_merge(log) -> dict:
+    """The decode attention with its splits merged in the decode kernel against the reduction kernel, on random
+    bf16 caches: 1, 3 and 32 requests, 4 and 8 KV heads (groups of 8 and 4), plain and with a window, soft-capping
+    and sinks, eager and replayed from a CUDA graph; outputs must be equal and the tickets back at zero."""
+    device = torch.device(DEVICE)
+    dt, d, bs = torch.bfloat16, 128, 16
+    results = {}
+    for batch, kv_heads, group, variant in ((1, 4, 8, "plain"), (1, 8, 4, "plain"), (3, 4, 8, "window+sinks"),
+                                            (32, 4, 8, "plain"), (1, 4, 8, "window+sinks")):
+        g = torch.Generator(device=device).manual_seed(batch * 100 + kv_heads)
+        heads, blocks = kv_heads * group, 128
+        cache = torch.randn(2, batch * blocks, kv_heads, bs, d, device=device, generator=g).to(dt)
+        table = torch.arange(batch * blocks, device=device, dtype=torch.int64).view(batch, blocks)
+        lens = torch.randint(1, blocks * bs, (batch,), device=device, generator=g)
+        lens[0] = 1041
+        q = torch.randn(batch, heads, d, device=device, generator=g).to(dt)
+        options = {}
+        if variant != "plain":
+            options = dict(sliding_window=700, logit_softcap=30.0,
+                           sinks=torch.linspace(-1, 3, heads, device=device))
+        outs = {}
+        for fused in (False, True):
+            out = torch.full((batch, heads, d), float("nan"), device=device, dtype=dt)
+            triton_attention.paged_decode(q, cache, table, lens, d ** -0.5, out, fused_reduce=fused, **options)
+            graph = torch.cuda.CUDAGraph()
+            replayed = torch.full_like(out, float("nan"))
+            with torch.cuda.graph(graph):
+                triton_attention.paged_decode(q, cache, table, lens, d ** -0.5, replayed, fused_reduce=fused,
+                                              **options)
+            for _ in range(3):
+                replayed.fill_(float("nan"))
+                graph.replay()
+            torch.cuda.synchronize()
+            outs[fused] = (out, replayed)
+        name = f"b{batch} kv{kv_heads} g{group} {variant}"
+        equal = torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[True][0], outs[True][1])
+        tickets = int(triton_attention._decode_tickets(device).abs().sum())
+        diff = (outs[False][0].float() - outs[True][0].float()).abs().max().item()
+        results[name] = {"equal": equal, "max_abs_diff": diff, "tickets_nonzero": tickets}
+        log(f"fused merge check {name:28s}: equal {equal} (max |diff| {diff:.3g}), graph replay equal, "
+            f"tickets {'zero' if tickets == 0 else 'NOT zero'}")
+    return results
+
+
+PROFILE = True
+MB = 1e6
+
+
+def kernel_bytes() -> dict[str, float]:
+    """Bytes each kernel of a layer must read at one token (weights, KV cache, the split partials), by the label
+    ``kernel_timeline.by_slot`` gives it."""
+    s = SHAPE
+    h, d = s["hidden"], s["head_dim"]
+    q, n_qkv = s["heads"] * d, (s["heads"] + 2 * s["kv_heads"]) * d
+    splits = math.ceil(s["context"] / 64)  # the non-empty splits of 64-token tiles (the merge reads only those)
+    return {"_norm_gemv_kernel#0": 2 * n_qkv * h, "_norm_gemv_kernel#1": 2 * s["experts"] * h,
+            "_rotary_kernel": 2 * n_qkv + 2 * 2 * s["kv_heads"] * d,
+            "_decode_kernel": 2 * 2 * s["context"] * s["kv_heads"] * d,
+            "_decode_reduce_kernel": 4 * s["heads"] * splits * (d + 1),
+            "_gemv_kernel": 2 * h * q, "_route_topk_kernel": 2 * s["experts"],
+            "_pair_gate_up_kernel": 2 * s["top_k"] * 2 * s["inter"] * h,
+            "_pair_down_sum_kernel": 2 * s["top_k"] * h * s["inter"]}
+
+
+def copy_bandwidth() -> float:
+    """Bytes moved per second (read + write) by a 512 MB device copy, the best of 10."""
+    src = torch.empty(256 * 2**20, dtype=torch.int16, device=DEVICE)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def profile_chain(fn, name: str, bandwidth: float, log, replays: int = 10) -> dict:
+    """``fn`` captured in one CUDA graph, ``replays`` replays under ``torch.profiler``: per kernel of a layer its
+    duration, the time it adds to the stream's end (kernel_timeline), its bytes and their time at ``bandwidth``."""
+    from kernel_timeline import by_slot, critical_path, kernel_events
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+            torch.cuda.synchronize()  # replays apart: each one's first kernel starts on an idle stream
+    events = kernel_events(prof)
+    if not events or len(events) % (replays * SHAPE["layers"]):
+        log(f"profile {name}: {len(events)} kernel events for {replays} replays of {SHAPE['layers']} layers; "
+            f"no per-layer table")
+        return {"events": len(events)}
+    per_layer = len(events) // (replays * SHAPE["layers"])
+    timeline = critical_path(events)
+    # each replay's first kernel follows an idle gap (the synchronize): leave the first layer of every replay out
+    steady = [e for i, e in enumerate(timeline) if (i // per_layer) % SHAPE["layers"] != 0]
+    rows = by_slot(steady, per_layer)
+    sizes = kernel_bytes()
+    total_added = sum(r["added_us"] for r in rows)
+    log(f"profile {name}: {per_layer} kernels a layer, {total_added:.2f} us a layer added (layers 2-48 of "
+        f"{replays} replays)")
+    log(f"  {'kernel':28s} {'dur us':>7s} {'added':>7s} {'gap':>6s} {'MB':>7s} {'floor us':>8s} {'added/floor':>11s}")
+    for r in rows:
+        nbytes = sizes.get(r["kernel"], 0.0)
+        floor = nbytes / bandwidth * 1e6
+        r.update(bytes=nbytes, floor_us=floor, added_over_floor=r["added_us"] / floor if floor else None)
+        log(f"  {r['kernel']:28s} {r['dur_us']:7.2f} {r['added_us']:7.2f} {r['gap_us']:6.2f} {nbytes / MB:7.2f} "
+            f"{floor:8.2f} {(r['added_us'] / floor if floor else float('nan')):11.2f}")
+    floor_total = sum(r["floor_us"] for r in rows)
+    log(f"  {'layer':28s} {sum(r['dur_us'] for r in rows):7.2f} {total_added:7.2f} "
+        f"{sum(r['gap_us'] for r in rows):6.2f} {sum(r['bytes'] for r in rows) / MB:7.2f} {floor_total:8.2f} "
+        f"{total_added / floor_total:11.2f}")
+    return {"kernels_per_layer": per_layer, "added_us_per_layer": total_added, "floor_us_per_layer": floor_total,
+            "bandwidth_bytes_per_s": bandwidth, "rows": rows}
 
 
 def write_configs(results: dict, log) -> None:
@@ -189,7 +418,14 @@ def main() -> None:
     parser.add_argument("--write-configs", action="store_true")
     parser.add_argument("--compare", default="", help="another run's base_output.pt, to check equal")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--set", default="ab", choices=("ab", "tiles", "rotary"),
+                        help="ab: the expert hint, the split count and the fused split merge, alone and together, "
+                             "then per-kernel profiles of the base and the fastest; tiles: the GEMV tiles (writable); "
+                             "rotary: the q/k norms + rotary inside decode attention, against the base")
+    parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
+    global VARIANT_SET, PROFILE
+    VARIANT_SET, PROFILE = args.set, not args.no_profile
     if args.smoke:
         DEVICE = "cpu"
         SHAPE.update(hidden=64, experts=16, inter=32, top_k=4, heads=4, kv_heads=2, head_dim=32, layers=2, sets=2,
@@ -211,9 +447,16 @@ def main() -> None:
             y = fn()
             return 0.0, y[0].clone(), True
 
+    checks = {}
+    if DEVICE == "cuda":
+        try:
+            checks = check_rotary_in_decode(log) if VARIANT_SET == "rotary" else check_fused_merge(log)
+        except Exception as exc:  # noqa: BLE001 (the timings still run)
+            log(f"check failed: {type(exc).__name__}: {exc}")
+            checks = {"error": f"{type(exc).__name__}: {exc}"}
     variants_run, base_out = run(log)
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "shape": SHAPE,
-               "pdl_early": early, "variants": variants_run}
+               "pdl_early": early, "variants": variants_run, "fused_merge_checks": checks}
     # the same inputs give the same output whatever the launch order (a race would show here)
     if args.compare and Path(args.compare).is_file():
         other = torch.load(args.compare).to(base_out.device)
@@ -221,7 +464,7 @@ def main() -> None:
         log(f"base output equal to {Path(args.compare).name}'s: {results['base_equal_to_compare']}")
     torch.save(base_out.cpu(), out / "base_output.pt")
     (out / "moe_b1_chain.json").write_text(json.dumps(results, indent=1) + "\n")
-    if args.write_configs:
+    if args.write_configs and VARIANT_SET == "tiles":
         write_configs(results["variants"], log)
 
 

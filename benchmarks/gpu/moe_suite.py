@@ -15,6 +15,10 @@ its own try/except, later ones shrinking or skipping as the deadline nears:
      static ``generate`` on 64 of W1's prompts at batch 64, and one batch-1 decode step (1024-token prompt);
   4. ``gptoss`` / ``hf_gptoss``: W1 for gpt-oss-20b, Inferneo and transformers (64 prompts, batch 64).
 
+``--ab 'name:VAR=v,...;name2:...'`` (with the decode steps): after them, the batch-1 and batch-32 steps under each
+setting of kernel environment variables, the decode graphs captured again for each, ``--ab-rounds`` rounds in
+alternation, with graph-mode kernel profiles (``decode_ab``, ``kernel_timeline.py``).
+
 Writes ``moe_suite.json`` and ``moe_suite.log`` to ``--out`` (default ``$OUT``). ``--smoke`` runs everything with
 tiny models on CPU (the numbers mean nothing; it checks the script).
 """
@@ -140,6 +144,110 @@ def decode_kernel_profile(llm: LLM, s: Suite, steps: int = 5, top: int = 15) -> 
     return {"steps": steps, "total_us_per_step": total, "top": rows[:top]}
 
 
+AB_SETTINGS: list[tuple[str, dict[str, str]]] = []
+"""``--ab``: kernel settings (environment variables the launchers read when a graph is captured) timed against
+each other in this process, each round re-capturing the decode graphs under every setting in turn."""
+AB_ROUNDS = 2
+
+
+def parse_ab(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``name:VAR=value,VAR=value;name2:...`` (an empty name list after the colon: the environment as it is)."""
+    settings = []
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, assigns = item.partition(":")
+        env = dict(a.split("=", 1) for a in filter(None, (x.strip() for x in assigns.split(","))))
+        settings.append((name.strip(), env))
+    return settings
+
+
+def decode_ab(s: Suite, llm: LLM, parts: dict) -> dict:
+    """Batch-1 and batch-32 steps (graphs + async) under every ``AB_SETTINGS`` entry, ``AB_ROUNDS`` rounds in
+    alternation; before each, the decode graphs are captured again with that setting's environment. The graph-mode
+    kernel profile of the batch-1 step is taken under the first and the last setting of the last round. The
+    environment and graphs are restored at the end."""
+    runner = llm.engine.runner
+    ctx, steps = s.cfg["decode_ctx"], s.cfg["decode_steps"]
+    keys = {k for _, env in AB_SETTINGS for k in env}
+    saved = {k: os.environ.get(k) for k in keys}
+    rows: list[dict] = []
+    profiles: dict = {}
+    graphs_on = runner.graphs is not None  # CPU (the smoke run): eager steps, nothing to capture
+    try:
+        for rnd in range(AB_ROUNDS):
+            for i, (name, env) in enumerate(AB_SETTINGS):
+                for k in keys:
+                    os.environ.pop(k, None)
+                    if saved[k] is not None:
+                        os.environ[k] = saved[k]
+                os.environ.update(env)
+                if graphs_on:
+                    runner.release_cuda_graphs()
+                    runner.capture_cuda_graphs()
+                llm.engine.core.async_scheduling = True
+                for batch in s.cfg["decode_batches"]:
+                    row = step_latency(llm, s, batch, ctx, steps)
+                    touched = parts["top_k"] if batch == 1 else None
+                    if touched is not None:
+                        floor = decode_floor_s(parts, touched, row["running"], row["context"], s.ceilings) * 1e3
+                        row.update(floor_ms=floor, ratio=row["step_ms"] / floor)
+                    row.update(setting=name, env=env, round=rnd)
+                    rows.append(row)
+                    s.log(f"A/B round {rnd} {name:34s} batch {batch:3d}: {row['step_ms']:.3f} ms/step"
+                          + (f", x{row['ratio']:.3f} of its floor" if "ratio" in row else ""))
+                llm.engine.core.async_scheduling = False
+                if graphs_on and rnd == AB_ROUNDS - 1 and i in (0, len(AB_SETTINGS) - 1) and s.left() > 30:
+                    try:
+                        profiles[name] = decode_graph_profile(llm, s)
+                    except Exception as exc:  # noqa: BLE001
+                        s.log(f"graph profile failed: {type(exc).__name__}: {exc}")
+    finally:
+        for k in keys:
+            os.environ.pop(k, None)
+            if saved[k] is not None:
+                os.environ[k] = saved[k]
+        if graphs_on:
+            runner.release_cuda_graphs()
+            runner.capture_cuda_graphs()
+    summary = {}
+    for name, _ in AB_SETTINGS:
+        for batch in s.cfg["decode_batches"]:
+            times = [r["step_ms"] for r in rows if r["setting"] == name and r["batch"] == batch]
+            summary[f"{name} b{batch}"] = {"step_ms": times, "best_ms": min(times)}
+            s.log(f"A/B {name:34s} batch {batch:3d}: {', '.join(f'{t:.3f}' for t in times)} ms")
+    return {"rows": rows, "summary": summary, "graph_profiles": profiles}
+
+
+def decode_graph_profile(llm: LLM, s: Suite, steps: int = 8, top: int = 14) -> dict:
+    """The kernels of ``steps`` batch-1 decode steps replayed from the CUDA graphs (synchronous scheduling), from
+    the profiler's trace: per kernel name its calls, duration and the time it adds to the stream's end (under PDL a
+    kernel's duration includes its wait for the one before; ``kernel_timeline``), per step."""
+    from kernel_timeline import by_name, critical_path, kernel_events
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    request = eng.add_request(f"gprofile-{time.monotonic_ns()}", s.prompts(1, s.cfg["decode_ctx"] - 1,
+                                                                          eng.vocab_size)[0], greedy(steps + 8))
+    sched = eng.scheduler
+    try:
+        while len(sched.waiting) or any(r.num_output_tokens == 0 for r in sched.running):
+            eng.step()
+        eng.step()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            sync()
+    finally:
+        eng.abort_request(request)
+    rows = by_name(critical_path(kernel_events(prof)), steps)
+    total = sum(r["added_us"] for r in rows)
+    s.log(f"batch-1 graph decode step, kernels by added time: {total:.0f} us/step added, "
+          f"{sum(r['gap_us'] for r in rows):.0f} us/step idle ({steps} steps)")
+    for r in rows[:top]:
+        s.log(f"  {r['added_us']:8.1f} us added {r['dur_us']:8.1f} us dur {r['calls']:6.1f} calls  {r['kernel']}")
+    return {"steps": steps, "added_us_per_step": total, "rows": rows}
+
+
 # ---- sections ----------------------------------------------------------------------------------------------------
 
 
@@ -181,6 +289,11 @@ def sec_decode(s: Suite, llm: LLM, preset: str) -> dict:
                   f"ratio {row['ratio']:.2f}")
         llm.engine.core.async_scheduling = False
     out = {"rows": rows, "bytes": parts}
+    if AB_SETTINGS:
+        try:
+            out["ab"] = decode_ab(s, llm, parts)
+        except Exception as exc:  # noqa: BLE001
+            s.log(f"decode A/B failed: {type(exc).__name__}: {exc}")
     if s.left() > 90:  # a breakdown of the batch-1 step; never worth losing the rest of the run for
         try:
             out["profile_b1"] = decode_kernel_profile(llm, s)
@@ -326,7 +439,12 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated (e.g. gptoss,hf_gptoss)")
     parser.add_argument("--decode-only", action="store_true",
                         help="Qwen3-30B-A3B's decode steps (and their kernel profile) alone: no W1/W2, no HF, no gpt-oss")
+    parser.add_argument("--ab", default="", help="decode A/B settings, 'name:VAR=v,VAR=v;name2:...' (decode_ab)")
+    parser.add_argument("--ab-rounds", type=int, default=2)
     args = parser.parse_args()
+    global AB_ROUNDS
+    AB_SETTINGS[:] = parse_ab(args.ab)
+    AB_ROUNDS = args.ab_rounds
     skip = set(filter(None, args.skip.split(",")))
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.deadline is not None:

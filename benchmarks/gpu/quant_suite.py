@@ -14,7 +14,10 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      steps at batch 1 and 4 with ``INFERNEO_DECODE_FUSED_REDUCE=V`` (1: split attention merged in the attention
      kernel at every batch, 0: never; unset, the default: at batch 1); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
-     ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps);
+     ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps); ``w4a16-rows``: the W4A16 decode steps
+     with every layer in the Triton row layout (``INFERNEO_INT4_LAYOUT=rows``: PyTorch's int4 kernel, tinygemm,
+     not used where the launch table chose it), and ``w4a16-tinygemm``: every layer in tinygemm's layout
+     (``INFERNEO_INT4_LAYOUT=tinygemm``), for the A/Bs in the same run;
   3. ``gptfast``: gpt-fast (``scratch/gpt-fast``: its ``model.py``, ``generate.py``, ``quantize.py``, ``tokenizer.py``, carried with
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
@@ -96,6 +99,12 @@ def build(s: Suite, label: str, **kw) -> tuple[LLM, dict]:
     weight_bytes = sum(t.numel() * t.element_size() for t in (*eng.runner.model.parameters(),
                                                                *eng.runner.model.buffers()))
     kinds = sorted({type(m).__name__ for m in eng.runner.model.modules()})
+    layouts: dict[str, int] = {}
+    for module in eng.runner.model.modules():  # the 4-bit layers' layouts (Triton rows, tinygemm)
+        for block in getattr(module, "int4_blocks", None) or ():
+            layouts[type(block).__name__] = layouts.get(type(block).__name__, 0) + 1
+    if layouts:
+        kinds.append("int4 layouts " + ", ".join(f"{k} x{v}" for k, v in sorted(layouts.items())))
     s.log(f"{label}: engine ready in {seconds:.1f} s, weights {weight_bytes / 2**30:.2f} GiB, KV "
           f"{eng.kv_capacity_tokens} tokens, backend {eng.runner.backend.name}; modules: {', '.join(kinds)}")
     return llm, {"build_s": seconds, "weight_gib": weight_bytes / 2**30, "kv_tokens": eng.kv_capacity_tokens,
@@ -310,7 +319,9 @@ def summarize(s: Suite) -> None:
         if base and both:
             checks[f"fp8+fp8kv_{name}"] = {"ratio": both / base, "need": ">= 1.4 (FP8 weights + FP8 KV cache)",
                                            "pass": both / base >= 1.4}
-    for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6), ("fp8+fp8kv", 1, 0.6),
+    for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6), ("w4a16-rows", 1, 0.4),
+                               ("w4a16-rows", 32, 0.6), ("w4a16-tinygemm", 1, 0.4), ("w4a16-tinygemm", 32, 0.6),
+                               ("fp8+fp8kv", 1, 0.6),
                                ("w4a16+fp8kv", 1, 0.4), ("w4a16+fp8kv", 32, 0.6)):
         base, ours = step("bf16", batch), step(label, batch)
         if base and ours:
@@ -370,6 +381,9 @@ def main() -> int:
         (f"fp8-reduce{fr}", lambda: sec_with_env(s, f"fp8-reduce{fr}", {"INFERNEO_DECODE_FUSED_REDUCE": fr},
                                                   batches=(1, 4), quantization="fp8"), 10),
         ("w4a16", lambda: sec_variant(s, "w4a16", workloads, awq=True), 100 if workloads else 45),
+        ("w4a16-rows", lambda: sec_with_env(s, "w4a16-rows", {"INFERNEO_INT4_LAYOUT": "rows"}, awq=True), 45),
+        ("w4a16-tinygemm", lambda: sec_with_env(s, "w4a16-tinygemm", {"INFERNEO_INT4_LAYOUT": "tinygemm"},
+                                                awq=True), 60),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),

@@ -684,17 +684,18 @@ void panel_linear_range(const T* x, int64_t ldx, const T* packed, const T* bias,
 #ifdef INFERNEO_AVX2
 // ---- linear layer on AVX2: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), float32 or bfloat16 weights ----
 //
-// The packed layouts are the AVX-512 kernel's (float32 [panels][K][48]; bfloat16 [panels][K/2][48][2]), so the
-// Python side packs the same way for both. Activations are float32 (a bfloat16 x is widened once per call, K
-// padded to even); bfloat16 weights are widened in registers: in each 32-bit pair the low half is k = 2s and the
-// high half k = 2s + 1, so one shift or one mask turns a 32-byte load into 8 columns of one k. A block of up to
-// 6 rows x 16 columns (float32: 12 accumulators, two weight loads and six broadcasts per k, so the FMAs and not the
-// loads set the pace; on a Zen 3 core 1.2-1.5x MKL's sgemm at 16-64 rows where 4 x 24 was 0.9x) or 4 x 16
-// (bfloat16: the widening needs four more registers) accumulates in ymm registers, so a panel is swept three times
-// per block of rows, each sweep reading one 64-byte line per k (from L1/L2); the next panel is prefetched into L2
-// meanwhile, as in the AVX-512 kernel.
+// W is packed in panels of 16 output columns, each contiguous along K: float32 [panels][K][16], bfloat16
+// [panels][K/2][16][2] (in each 32-bit pair the low half is k = 2s and the high half k = 2s + 1, so one shift or
+// one mask turns a 32-byte load into 8 columns of one k). One step along K reads one 64-byte line, the next one
+// in memory, so the hardware prefetchers stream a panel; the AVX-512 kernel's 48-column panels, read 16 columns
+// at a time, put 192 bytes between the lines of one sweep and ran 1.2-1.7x slower here (a Zen 3 core, one thread,
+// 6-66 rows, weights larger than the caches). Activations are float32 (a bfloat16 x is widened once per call, K
+// padded to even). A block of up to 6 rows x 16 columns (float32: 12 accumulators, two weight loads and six
+// broadcasts per k, so the FMAs and not the loads set the pace) or 4 x 16 (bfloat16: the widening needs four more
+// registers) accumulates in ymm registers; a panel is swept once per block of rows (from L1/L2 after the first),
+// and the next panel is prefetched into L2 meanwhile, spread over the sweeps.
 // Sums run over k in order; bfloat16 outputs are rounded to nearest even once, at the end.
-constexpr int64_t kPanel = 48;
+constexpr int64_t kPanel = 16;
 
 template <typename T>
 constexpr int64_t panel_block_cols() { return 16; }
@@ -1087,6 +1088,16 @@ bool panel_linear_bf16_available() {
 #endif
 }
 
+// Output columns per packed panel of panel_linear in this build: 48 with AVX-512, 16 with AVX2 (the layouts are
+// described above each kernel); the Python side packs to it.
+int64_t panel_width() {
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
+  return kPanel;
+#else
+  return 48;
+#endif
+}
+
 // The instruction set the vector kernels of this build use: "avx512_bf16", "avx512", "avx2" or "portable".
 std::string vector_isa() {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -1123,7 +1134,7 @@ void run_panel_linear(int64_t M, int64_t N, Range range) {
 #endif
 
 // x: [M, K] with unit inner stride, float32 or bfloat16; packed: the weight packed by the Python side
-// (float32 [panels, K, 48]; bfloat16 [panels, ceil(K/2), 48, 2]); bias: [N] of x's dtype, or None.
+// (float32 [panels, K, W]; bfloat16 [panels, ceil(K/2), W, 2], W = panel_width()); bias: [N] of x's dtype, or None.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N,
                            c10::optional<torch::Tensor> out) {
 #if defined(__AVX512F__) || defined(INFERNEO_AVX2)
@@ -1208,8 +1219,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
   m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (AVX-512 or AVX2)");
+  m.def("panel_width", &panel_width, "Output columns per packed panel of panel_linear (48 AVX-512, 16 AVX2)");
   m.def("vector_isa", &vector_isa, "The vector instruction set of this build: avx512_bf16, avx512, avx2 or portable");
   m.def("panel_linear_bf16_available", &panel_linear_bf16_available, "Whether panel_linear takes bfloat16 here");
-  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in 48-column panels",
+  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in panels of panel_width() columns",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"), py::arg("out") = py::none());
 }

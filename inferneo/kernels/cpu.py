@@ -54,6 +54,16 @@ def load_cpu_kernels():
 
 
 @functools.cache
+def native_source_digest() -> str:
+    """A short digest of the native kernels' C++ source (``csrc/cpu_kernels.cpp``): part of the key of every
+    measured kernel choice, so that a changed kernel is timed again rather than judged by its old figures."""
+    try:
+        return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "unknown"
+
+
+@functools.cache
 def cpu_build_tag() -> str:
     """A short digest of this CPU's model and instruction-set flags (``/proc/cpuinfo``'s first processor; elsewhere
     the platform's processor name and PyTorch's CPU dispatch level): equal on two machines only when a module

@@ -2,8 +2,9 @@
 
 One JSON file (default ``~/.cache/inferneo/cpu_tune.json``, or under ``$XDG_CACHE_HOME``; ``INFERNEO_CPU_TUNE_CACHE``
 names another). An entry's key holds everything its answer depends on: the CPU model and flags, the PyTorch
-version, the thread count, the dtype, the layer's shape, the rows measured and the kernels that were candidates.
-A different CPU, PyTorch or thread count therefore misses and measures again; nothing is ever read across them.
+version, a digest of Inferneo's native kernel sources, the thread count, the dtype, the layer's shape, the rows
+measured and the kernels that were candidates. A different CPU, PyTorch, kernel source or thread count therefore
+misses and measures again; nothing is ever read across them.
 Writes replace the file atomically; a file that cannot be read or written costs a re-measure and a warning,
 never a failed start.
 """
@@ -45,6 +46,7 @@ class TuneKey:
     cpu_model: str
     cpu_flags: str
     torch_version: str
+    kernel_source: str  # digest of the native kernels' sources: a changed kernel is measured again
     threads: int
     dtype: str
     shape: str
@@ -53,8 +55,8 @@ class TuneKey:
 
     def text(self) -> str:
         """The key as the JSON file stores it."""
-        return json.dumps([self.cpu_model, self.cpu_flags, self.torch_version, self.threads, self.dtype, self.shape,
-                           list(self.rows), list(self.candidates)], separators=(",", ":"))
+        return json.dumps([self.cpu_model, self.cpu_flags, self.torch_version, self.kernel_source, self.threads,
+                           self.dtype, self.shape, list(self.rows), list(self.candidates)], separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,15 @@ weights' L2 eviction hint), 0 when absent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from inferneo import envs
 
 CONFIG_DIR = Path(__file__).with_name("moe_configs")
 
@@ -131,8 +134,8 @@ def moe_tile_config(num_experts: int, intermediate_size: int, hidden_size: int, 
 
 def pair_tiles(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype) -> PairTiles:
     """The few-token path's tiles for a layer of this shape: the ``"pair"`` entry of its config file, else the
-    defaults of :class:`PairTiles`."""
+    defaults of :class:`PairTiles`; ``INFERNEO_MOE_EVICT``, when set, overrides the eviction hint."""
     table = _table(config_file_name(num_experts, intermediate_size, hidden_size, dtype))
-    if table is None or PAIR_KEY not in table:
-        return PairTiles()
-    return PairTiles.from_json(table[PAIR_KEY])
+    tiles = PairTiles() if table is None or PAIR_KEY not in table else PairTiles.from_json(table[PAIR_KEY])
+    evict = envs.moe_evict()  # INFERNEO_MOE_EVICT: the eviction hint overridden (an A/B switch)
+    return tiles if evict is None else dataclasses.replace(tiles, evict=evict)

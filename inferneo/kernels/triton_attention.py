@@ -27,6 +27,7 @@ with split decoding it joins once, in the reduction).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -187,8 +188,63 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
 
 
 @triton.jit
+def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SINKS: tl.constexpr, VOLATILE: tl.constexpr):
+    """Head ``h`` of request ``b``: its splits' partial outputs weighted by their log-sum-exps, into ``out``. Empty
+    splits (log-sum-exp -inf, partial output 0) weigh 0, and their partial rows are not read. ``VOLATILE``: the
+    partials were written by other programs of the same kernel (read from L2, not L1)."""
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"), volatile=VOLATILE)
+    if SINKS:  # the sink joins the denominator once, here, not in every split
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        top = tl.maximum(tl.max(lse, axis=0), sink)
+        weight = tl.exp2(lse - top)
+        weight = weight / (tl.sum(weight, axis=0) + tl.exp2(sink - top))
+    else:
+        weight = tl.exp2(lse - tl.max(lse, axis=0))
+        weight = weight / tl.sum(weight, axis=0)
+    has = smask & (lse != float("-inf"))
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=has[:, None] & (d < HEAD_DIM)[None, :],
+                   other=0.0, volatile=VOLATILE)
+    out = tl.sum(part * weight[:, None], axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _norm_rope_rows(x_ptrs, d, dmask, w_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+                    row_mask):
+    """Rows ``[R, D]`` of heads at ``x_ptrs + d`` through the per-head RMSNorm of weight ``w_ptr`` and the rotary
+    embedding (rotate-half layout, ``cos``/``sin`` ``[1, D]`` indexed by ``d % (D / 2)``), with the arithmetic and
+    roundings of ``_triton_elementwise._rotary_kernel`` (its two half sums, ``RMSNorm``'s rounding to the model
+    dtype, the rotation in float32); returns them in the model dtype."""
+    half: tl.constexpr = HEAD_DIM // 2
+    first = d < half
+    partner = tl.where(first, d + half, d - half)
+    mask = row_mask & dmask
+    x = tl.load(x_ptrs + d, mask=mask, other=0.0)
+    p = tl.load(x_ptrs + partner, mask=mask, other=0.0)
+    xf, pf = x.to(tl.float32), p.to(tl.float32)
+    sq = xf * xf
+    total = tl.sum(tl.where(first & dmask, sq, 0.0), axis=1) + tl.sum(tl.where(first | ~dmask, 0.0, sq), axis=1)
+    rstd = 1.0 / tl.sqrt(total / HEAD_DIM + eps)[:, None]
+    w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    wp = tl.load(w_ptr + partner, mask=dmask, other=0.0).to(tl.float32)
+    if WEIGHT_OFFSET:
+        xn = (xf * rstd * (1.0 + w)).to(x.dtype).to(tl.float32)
+        pn = (pf * rstd * (1.0 + wp)).to(x.dtype).to(tl.float32)
+    else:
+        xn = (w * (xf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+        pn = (wp * (pf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+    return tl.where(first, xn * cos - pn * sin, xn * cos + pn * sin).to(x.dtype)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
-                   v_scale_ptr, count_ptr, qk_scale, softcap_log2, window,
+                   v_scale_ptr, tickets_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
                    stride_half, stride_blk, stride_ch, stride_off, tokens_per_split,
                    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
@@ -196,7 +252,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                    PRECISION: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                    SINKS: tl.constexpr, FP8: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
-                   BLOCK_S: tl.constexpr = 1):
+                   BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
+                   qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0, rope_eps=0.0,
+                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False):
     wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -210,12 +268,33 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
     heads = kvh * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
     start = split * tokens_per_split
     if WINDOW:  # the splits cover the window only: [seq_len - window, seq_len)
         start += tl.maximum(seq_len - window, 0)
     end = tl.minimum(start + tokens_per_split, seq_len)
+    if ROTARY:  # q/k/v straight from the projection: the q/k norms and rotary here, the new K/V into the cache
+        last = seq_len - 1
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        half: tl.constexpr = HEAD_DIM // 2
+        dr = tl.where(d < half, d, d - half)[None, :]
+        cos = tl.load(cos_ptr + pos * stride_cos + dr, mask=dmask[None, :], other=0.0)
+        sin = tl.load(sin_ptr + pos * stride_cos + dr, mask=dmask[None, :], other=0.0)
+        q = _norm_rope_rows(q_ptr + b * stride_qb + heads[:, None] * stride_qh, d[None, :], dmask[None, :], qw_ptr,
+                            cos, sin, rope_eps, HEAD_DIM, WEIGHT_OFFSET, gmask[:, None])
+        one = tl.arange(0, 1)[:, None]
+        new_key = _norm_rope_rows(k_ptr + b * stride_kb + kvh * HEAD_DIM + one * 0, d[None, :], dmask[None, :], kw_ptr,
+                                  cos, sin, rope_eps, HEAD_DIM, WEIGHT_OFFSET, one == 0)
+        new_value = tl.load(v_ptr + b * stride_kb + kvh * HEAD_DIM + one * 0 + d[None, :], mask=dmask[None, :],
+                            other=0.0)
+        slot = tl.load(slot_ptr + b)
+        if (start <= last) & (last < end) & (slot >= 0):  # this split holds the new token: it writes its K/V
+            page = cache_ptr + kvh * stride_ch + (slot // BLOCK_SIZE) * stride_blk + (slot % BLOCK_SIZE) * stride_off
+            tl.store(page + one * 0 + d[None, :], new_key.to(cache_ptr.dtype.element_ty), mask=dmask[None, :])
+            tl.store(page + stride_half + one * 0 + d[None, :], new_value.to(cache_ptr.dtype.element_ty),
+                     mask=dmask[None, :])
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -229,6 +308,10 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         lmask = tmask[:, None] & dmask[None, :]
         key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
         value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8)
+        if ROTARY:  # the new token's K/V from registers (its cache row is written by this program, maybe not yet)
+            is_new = (tok == last)[:, None]
+            key = tl.where(is_new, new_key, key)
+            value = tl.where(is_new, new_value, value)
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, tmask[None, :], qk_scale, softcap_log2,
                                      USE_DOT, PRECISION, SOFTCAP)
     if FP8:
@@ -247,48 +330,15 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         row = (b * NUM_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=omask)
         tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=gmask)
-        if FUSED_REDUCE:
-            # The last of this (request, KV head)'s split programs to get here merges them all: every thread's
-            # stores above come before the counter's release (barrier, then one acq_rel atomic), and the last
-            # program's loads after its acquire (read past L1); it resets the counter for the next call.
-            tl.debug_barrier()
-            counter = count_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the other splits are out
+        if FUSED_REDUCE:  # the last split of (b, kvh) to finish (an atomic ticket) merges the group's heads
+            tl.debug_barrier()  # every thread's partials stored before the ticket is taken (release)
+            slot = tickets_ptr + b * tl.num_programs(1) + kvh
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel")
+            if ticket == NUM_SPLITS - 1:  # the others have all stored theirs
+                tl.store(slot, 0)  # ready for the next launch (CUDA-graph replays included)
                 for gi in tl.static_range(GROUP):
                     _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, kvh * GROUP + gi, stride_ob, stride_oh,
                                   NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, True)
-                tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
-
-
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SINKS: tl.constexpr, FROM_L2: tl.constexpr):
-    # head h of request b: the splits' partial outputs weighted by their softmax mass (FROM_L2: read past L1, the
-    # partials of other programs of the same kernel)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = s < NUM_SPLITS
-    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
-    if FROM_L2:
-        lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    else:
-        lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"))
-    if SINKS:  # the sink joins the denominator once, here, not in every split
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
-        top = tl.maximum(tl.max(lse, axis=0), sink)
-        weight = tl.exp2(lse - top)
-        weight = weight / (tl.sum(weight, axis=0) + tl.exp2(sink - top))
-    else:
-        weight = tl.exp2(lse - tl.max(lse, axis=0))
-        weight = weight / tl.sum(weight, axis=0)
-    pmask = smask[:, None] & (d < HEAD_DIM)[None, :]
-    if FROM_L2:
-        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask, other=0.0, cache_modifier=".cg")
-    else:
-        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=pmask, other=0.0)
-    out = tl.sum(part * weight[:, None], axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -300,17 +350,35 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stri
                   NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+class QKRotary(NamedTuple):
+    """What :func:`paged_decode` needs to apply a layer's q/k norms and rotary embedding itself (``qk_rotary``):
+    the raw key and value heads ``[B, Hkv, D]`` (views of the projection output, like the query), each request's
+    position and cache slot ``[B]``, the rotary tables ``[P, D/2]``, the norms' weights ``[D]`` and ``eps``;
+    ``weight_offset``: Gemma's ``x * (1 + w)``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    weight_offset: bool = False
 
 
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros on ``device`` for the fused reduction's counters, one buffer per device that only grows
-    (each counter returns to zero when its last split program has merged; a buffer first made inside a CUDA-graph
-    capture lives in the graph's pool and is zeroed at each replay)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+_TICKETS = 4096
+"""(request, KV head) pairs the fused split merge keeps tickets for (more: the separate reduction kernel)."""
+
+
+@functools.cache
+def _decode_tickets(device: torch.device) -> torch.Tensor:
+    """The fused split merge's atomic tickets on ``device``: zeros, left at zero by every launch (a launch's
+    programs of one (request, KV head) pair count their finished splits in one slot, the last one resets it).
+    Launches on one stream run one after another (a dependent launch waits for its predecessor before it takes a
+    ticket), so every layer shares them."""
+    return torch.zeros(_TICKETS, dtype=torch.int32, device=device)
 
 
 def decode_block_n(max_len: int) -> int:
@@ -318,7 +386,8 @@ def decode_block_n(max_len: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max_len)))
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, num_sms: int) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, num_sms: int,
+                      split_tiles: int | None = None) -> int:
     """Splits of the context for flash-decoding, from static shapes only.
 
     No split once there are about as many (request, KV head) programs as SMs; otherwise enough splits to give
@@ -329,6 +398,9 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
     table, 1,040 tokens of context): 16 KV heads (one rank's at TP=2), 16 splits of two tiles 7.9 us a layer
     against 8.6 for 32 of one; 32 heads, 10.5 against 12.9; but 8 KV heads (Llama-3-8B), 7.2 for 32 splits of
     one tile against 8.0 for 16 of two.
+
+    ``split_tiles`` (``INFERNEO_DECODE_SPLIT_TILES`` when None; 0: the rule above alone): at least that many tiles
+    a split whenever the rule splits (a benchmark's override).
     """
     programs = batch * num_kv_heads
     tiles = triton.cdiv(max_len, block_n)
@@ -336,6 +408,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
         return 1
     want = min(triton.cdiv(4 * num_sms, programs), tiles, 64)
     want = min(want, max(tiles // 2, triton.cdiv(2 * num_sms, programs)))  # two tiles a split, if SMs stay busy
+    if split_tiles is None:
+        split_tiles = envs.decode_split_tiles()
+    if split_tiles > 1:
+        want = min(want, triton.cdiv(tiles, split_tiles))
     return triton.cdiv(tiles, triton.cdiv(tiles, want))
 
 
@@ -344,7 +420,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
-                 fused_reduce: bool | None = None) -> None:
+                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
@@ -354,10 +430,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
     ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
     cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
-    (None: ``INFERNEO_DECODE_FUSED_REDUCE``, unset: at batch 1 only): split attention merges its splits in the same kernel (the last split
-    program of each request and KV head, counted by an atomic per pair in a zeroed buffer kept per device and
-    reset by that program), not in a second kernel; the same formula, so results equal the two-kernel path's up to
-    float32 summation order.
+    (``INFERNEO_DECODE_FUSED_REDUCE`` when None; unset: at one request with one query head per KV head): a split
+    decode merges its splits in the decode kernel itself (the last split of each request and KV head to finish, by
+    an atomic ticket, merges that group's heads) instead of a second launch; the same arithmetic as the reduction kernel. ``qk_rotary`` (a :class:`QKRotary`): ``q`` is
+    the q/k/v projection's raw query heads; every program applies the per-head q/k RMSNorms and the rotary
+    embedding to its own query heads (as ``_triton_elementwise.qk_norm_rotary_inplace`` does), and the program
+    whose split holds the new token writes its rotated key and its value to the cache at ``slot_mapping`` and
+    attends to them from registers: that launch is not needed at a decode-only step.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -381,22 +460,31 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
     block_d = _block_d(head_dim)
     pdl = pdl_for(q, pdl)
+    if fused_reduce is None:
+        fused_reduce = envs.decode_fused_reduce()
+    if fused_reduce is None:  # the default (envs.decode_fused_reduce): one request, one query head per KV head
+        fused_reduce = batch == 1 and group == 1
+    fused_reduce = fused_reduce and num_splits > 1 and batch * num_kv_heads <= _TICKETS
     if num_splits > 1:
         part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    tickets = _decode_tickets(q.device) if fused_reduce else lse
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
     sinks_arg = _sinks_arg(sinks, num_heads, q)
     k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
-    if fused_reduce is None:
-        fused_reduce = envs.decode_fused_reduce()
-    if fused_reduce is None:  # the default: at one request (see envs.decode_fused_reduce)
-        fused_reduce = batch == 1
-    fused_reduce = fused_reduce and num_splits > 1
-    counts = _split_counters(q.device, batch * num_kv_heads) if fused_reduce else seq_lens
+    rotary = {}
+    if qk_rotary is not None:
+        r = qk_rotary
+        assert not is_fp8_kv_cache(kv_cache) and kv_cache.dtype == q.dtype and head_dim % 2 == 0
+        assert r.k.stride(-1) == 1 and r.v.stride(0) == r.k.stride(0) and r.k.stride(1) == head_dim
+        assert r.cos.stride(-1) == 1 and r.cos.stride() == r.sin.stride() and q.stride(1) == head_dim
+        rotary = dict(k_ptr=r.k, v_ptr=r.v, pos_ptr=r.positions, cos_ptr=r.cos, sin_ptr=r.sin, qw_ptr=r.q_weight,
+                      kw_ptr=r.k_weight, slot_ptr=r.slot_mapping, stride_kb=r.k.stride(0), stride_cos=r.cos.stride(0),
+                      rope_eps=r.eps, ROTARY=True, WEIGHT_OFFSET=r.weight_offset)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, counts, qk_scale,
+        q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, tickets, qk_scale,
         softcap_log2,
         sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -405,7 +493,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=num_warps, num_stages=2, **launch_options(pdl),
+        num_warps=num_warps, num_stages=2, **rotary, **launch_options(pdl),
     )
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -82,6 +82,7 @@ class W4A16Config:
     scale_after: bool = True
     split_k: int = 1
     last_sums: bool = False
+    inner_k_tiles: int = 0  # kind "tinygemm" (PyTorch's int4 kernel, in tinygemm_int4.py): its packing's K tiles
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -145,7 +146,7 @@ def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torc
 
 
 def _usable(config: W4A16Config | None, op: str, m: int, group_size: int, dtype: torch.dtype) -> bool:
-    if config is None:
+    if config is None or config.kind == "tinygemm":  # (a layout of its own: tinygemm_int4.tinygemm_layout)
         return False
     if config.kind == "tc":
         return tc_available(group_size, dtype) and config.block_m >= 16

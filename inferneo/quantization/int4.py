@@ -4,8 +4,9 @@ Activations stay in the model dtype; each weight is ``(q - z) * s`` with a 4-bit
 zero point ``z`` shared by a group of ``group_size`` input columns of one output row (layouts:
 :mod:`inferneo.quantization.int4_layouts`). The layer keeps the checkpoint's tensors under their own names while
 loading; :meth:`Int4LinearMethod.finalize` repacks them once into the canonical layout and frees them. The product
-runs in the native CPU kernel (``inferneo/csrc/int4_kernels.cpp``), the Triton W4A16 kernel on CUDA, or, where
-neither applies, de-quantization followed by ``F.linear`` (the reference).
+runs in the native CPU kernel (``inferneo/csrc/int4_kernels.cpp``), the Triton W4A16 kernel on CUDA (or PyTorch's
+int4 kernel, tinygemm, for the shapes where the launch table measured it faster: :mod:`inferneo.kernels.tinygemm_int4`),
+or, where none applies, de-quantization followed by ``F.linear`` (the reference).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Int4LinearMethod(LinearMethod):
 
     After :meth:`finalize` the layer holds its weight once, in the canonical layout (the row layout where the
     Triton kernels run it, on CUDA), as buffers ``int4_packed``,
-    ``int4_scales``, ``int4_zeros`` (and ``int4_perm`` for act-order GPTQ); a fused GPTQ layer whose shards have
+    ``int4_scales``, ``int4_zeros`` (and ``int4_perm`` for act-order GPTQ), or in tinygemm's layout
+    (``int4_packed``, ``int4_scales_and_zeros``) where the launch table chose it for the shape; a fused GPTQ layer whose shards have
     different ``g_idx`` orders keeps one such set per shard (suffix ``_<shard>``) and multiplies them in turn.
     """
 
@@ -209,7 +211,13 @@ class Int4LinearMethod(LinearMethod):
             if name in layer._parameters:
                 delattr(layer, name)
         layer.int4_kernel = select_int4_kernel(layer.device, layer.dtype, blocks[0].group_size, kernels)
-        if getattr(layer.int4_kernel, "reads_row_layout", False):
+        inner = _tinygemm_inner_k_tiles(layer, blocks)
+        if inner is not None:  # PyTorch's int4 kernel measured faster for this shape: its layout only
+            from inferneo.kernels.tinygemm_int4 import tinygemm_from, tinygemm_linear
+
+            blocks = [tinygemm_from(blocks[0], inner)]
+            layer.int4_kernel = tinygemm_linear
+        elif getattr(layer.int4_kernel, "reads_row_layout", False):
             from inferneo.quantization.int4_layouts import pack_rows
 
             blocks = [pack_rows(b) for b in blocks]  # the GPU kernels' layout; the canonical tensors are freed
@@ -239,7 +247,7 @@ class Int4LinearMethod(LinearMethod):
 
             return torch.cat([dequantize_codes(self._checkpoint_codes(layer, rows))
                               for rows in self._row_blocks(layer)])
-        return torch.cat([dequantize_rows(b) if isinstance(b, Int4RowWeights) else dequantize(b) for b in blocks])
+        return torch.cat([_dequantize_block(b) for b in blocks])
 
     def silu_mul_applies(self, layer: QuantizedLinear, x: torch.Tensor) -> bool:
         """Whether :meth:`silu_mul` runs ``x`` through a fused gate/up + SiLU kernel: half precision, the layer
@@ -277,6 +285,27 @@ class Int4LinearMethod(LinearMethod):
                 param.data.uniform_(0.5 * 0.0025, 1.5 * 0.0025, generator=generator)
 
 
+def _dequantize_block(block) -> torch.Tensor:
+    if isinstance(block, Int4RowWeights):
+        return dequantize_rows(block)
+    if isinstance(block, Int4Weights):
+        return dequantize(block)
+    from inferneo.kernels.tinygemm_int4 import dequantize_tinygemm
+
+    return dequantize_tinygemm(block)
+
+
+def _tinygemm_inner_k_tiles(layer: QuantizedLinear, blocks: list[Int4Weights]) -> int | None:
+    """``inner_k_tiles`` when the layer is to hold tinygemm's layout (one block, on CUDA, the launch table or
+    ``INFERNEO_INT4_LAYOUT`` choosing it: :func:`~inferneo.kernels.tinygemm_int4.tinygemm_layout`), else None."""
+    if layer.device.type != "cuda" or len(blocks) != 1:
+        return None
+    from inferneo.kernels.tinygemm_int4 import tinygemm_layout
+
+    b = blocks[0]
+    return tinygemm_layout(layer.device, layer.dtype, b.out_features, b.in_features, b.group_size)
+
+
 def _shard_of(shape: LinearShape, rows: slice) -> int | None:
     for i in range(len(shape.output_sizes)):
         if shape.shard_offset(i) == rows.start and shape.output_sizes[i] == rows.stop - rows.start:
@@ -297,14 +326,17 @@ def _weight_shape_loader(shape: LinearShape) -> WeightLoader:
     return load
 
 
-def _hold_blocks(layer: QuantizedLinear, blocks: list[Int4Weights] | list[Int4RowWeights]) -> None:
+def _hold_blocks(layer: QuantizedLinear, blocks: list) -> None:
     """Register the canonical tensors as buffers (so memory accounting and ``.to`` see them) and keep the
     records."""
     for i, block in enumerate(blocks):
         suffix = "" if len(blocks) == 1 else f"_{i}"
         layer.register_buffer(f"int4_packed{suffix}", block.packed)
-        layer.register_buffer(f"int4_scales{suffix}", block.scales)
-        layer.register_buffer(f"int4_zeros{suffix}", block.zeros)
+        if hasattr(block, "scales_and_zeros"):  # tinygemm's layout
+            layer.register_buffer(f"int4_scales_and_zeros{suffix}", block.scales_and_zeros)
+        else:
+            layer.register_buffer(f"int4_scales{suffix}", block.scales)
+            layer.register_buffer(f"int4_zeros{suffix}", block.zeros)
         if block.perm is not None:
             layer.register_buffer(f"int4_perm{suffix}", block.perm)
     layer.int4_blocks = blocks

@@ -77,7 +77,13 @@ class PackedLinear(nn.Module):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
-PANEL_WIDTH = 48  # output columns per packed panel; must match kPanel in cpu_kernels.cpp
+PANEL_WIDTH = 48  # output columns per packed panel of the AVX-512 build and of the PyTorch panel path
+
+
+def panel_width(ops) -> int:
+    """Output columns per packed panel for ``ops`` (the native module: 48 with AVX-512, 16 with AVX2, its
+    ``kPanel``), or :data:`PANEL_WIDTH` for the PyTorch panel path (``ops=None``)."""
+    return ops.panel_width() if ops is not None and hasattr(ops, "panel_width") else PANEL_WIDTH
 
 
 def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None, *,
@@ -103,9 +109,10 @@ def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | No
 class PanelLinear(nn.Module):
     """``y = x @ W.T + b`` through the native panel kernel, float32 or bfloat16.
 
-    ``W`` is stored in panels of 48 output columns: float32 as [panels, K, 48]; bfloat16 as [panels, K/2, 48, 2]
-    (consecutive pairs along K per column, K padded to even), the operand layout of the AVX512_BF16 dot product;
-    the AVX2 kernel reads the same layout, widening each pair to float32 with a shift and a mask.
+    ``W`` is stored in panels of ``P`` output columns (:func:`panel_width`: 48 for the AVX-512 kernel, 16 for the
+    AVX2 one, whose 16-column blocks then read consecutive lines): float32 as [panels, K, P]; bfloat16 as
+    [panels, K/2, P, 2] (consecutive pairs along K per column, K padded to even), the operand layout of the
+    AVX512_BF16 dot product; the AVX2 kernel widens each pair to float32 with a shift and a mask.
 
     ``ops=None`` (float32 only) multiplies the panels with PyTorch's batched matmul instead: the layout of an output
     head tied to the embedding on CPUs without the panel kernel, where :class:`PanelEmbedding` reads the rows back
@@ -120,14 +127,15 @@ class PanelLinear(nn.Module):
         self.out_features = linear.out_features
         self._ops = ops
         weight = linear.weight.detach()
-        panels = -(-self.out_features // PANEL_WIDTH)
-        padded = F.pad(weight, (0, 0, 0, panels * PANEL_WIDTH - self.out_features))
+        width = panel_width(ops)
+        panels = -(-self.out_features // width)
+        padded = F.pad(weight, (0, 0, 0, panels * width - self.out_features))
         if weight.dtype == torch.bfloat16:
             pairs = -(-self.in_features // 2)
             padded = F.pad(padded, (0, 2 * pairs - self.in_features))
-            self.packed_weight = padded.view(panels, PANEL_WIDTH, pairs, 2).permute(0, 2, 1, 3).contiguous()
+            self.packed_weight = padded.view(panels, width, pairs, 2).permute(0, 2, 1, 3).contiguous()
         else:
-            self.packed_weight = padded.view(panels, PANEL_WIDTH, self.in_features).transpose(1, 2).contiguous()
+            self.packed_weight = padded.view(panels, width, self.in_features).transpose(1, 2).contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,8 +155,8 @@ class PanelLinear(nn.Module):
         if self.packed_weight.dim() != 3:
             raise ValueError("PanelLinear without the native kernel runs float32 panels only")
         rows = flat.shape[0]
-        panels = self.packed_weight.shape[0]
-        y = torch.matmul(flat, self.packed_weight).transpose(0, 1).reshape(rows, panels * PANEL_WIDTH)
+        panels, width = self.packed_weight.shape[0], self.packed_weight.shape[2]
+        y = torch.matmul(flat, self.packed_weight).transpose(0, 1).reshape(rows, panels * width)
         y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias
@@ -157,8 +165,8 @@ class PanelLinear(nn.Module):
 
 class PanelEmbedding(nn.Module):
     """The lookup of an embedding tied to a :class:`PanelLinear` output head, read from the head's panels: token
-    ``t`` is output column ``t``, i.e. ``packed_weight[t // 48, :, t % 48]`` (bfloat16: that column's pairs, the
-    padding along K dropped). The embedding's own table is released, so the tied weight is held once, in the
+    ``t`` is output column ``t``, i.e. ``packed_weight[t // P, :, t % P]`` for panels of ``P`` columns (bfloat16:
+    that column's pairs, the padding along K dropped). The embedding's own table is released, so the tied weight is held once, in the
     layout the head's kernel reads. The rows equal the original table's exactly (a gather, no arithmetic)."""
 
     def __init__(self, head: PanelLinear) -> None:
@@ -169,10 +177,11 @@ class PanelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        panel, column = flat // PANEL_WIDTH, flat % PANEL_WIDTH
-        if self.table.dim() == 3:  # float32 [panels, K, 48]
+        width = self.table.shape[2]  # float32 [panels, K, P]; bfloat16 [panels, K/2, P, 2]
+        panel, column = flat // width, flat % width
+        if self.table.dim() == 3:
             rows = self.table[panel, :, column]
-        else:  # bfloat16 [panels, K/2, 48, 2]
+        else:
             rows = self.table[panel, :, column, :].reshape(flat.shape[0], -1)[:, : self.embedding_dim]
         return rows.reshape(*ids.shape, self.embedding_dim)
 

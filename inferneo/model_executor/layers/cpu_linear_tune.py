@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import native_source_digest
 from inferneo.kernels.cpu_features import CpuFeatures, cpu_features
 from inferneo.kernels.cpu_select import LinearKernel, LinearShape, candidate_kernels
 from inferneo.kernels.cpu_tune_cache import TuneCache, TuneKey, TuneResult
@@ -101,8 +102,8 @@ class LinearChooser:
         if not self.kernels.cpu_linear_tune:
             return Choice(shape, candidates[0], "tune off")
         rows = (self.decode_rows,) if head else (self.decode_rows, self.prefill_rows)
-        key = TuneKey(self.features.model, self.features.summary(), torch.__version__, torch.get_num_threads(),
-                      dtype_name(dtype), str(shape), rows, tuple(k.value for k in candidates))
+        key = TuneKey(self.features.model, self.features.summary(), torch.__version__, native_source_digest(),
+                      torch.get_num_threads(), dtype_name(dtype), str(shape), rows, tuple(k.value for k in candidates))
         cached = self.cache.get(key)
         if cached is not None:
             return Choice(shape, LinearKernel(cached.kernel), "cached", cached.seconds, rows)
