@@ -105,6 +105,15 @@ def test_decoders_refuse_other_types():
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
 
+def test_native_kernels_run_on_every_thread(native):
+    """The GGUF module's at::parallel_for runs on PyTorch's threads (it is compiled into the module: without OpenMP
+    it is a plain loop, and every GGUF layer ran on one thread)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one PyTorch thread here")
+    assert native.parallel_threads(64) == threads
+
+
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 13, 40, 70])
 def test_native_linear_matches_f_linear(name, rows, native):

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -835,6 +836,21 @@ void quantize_row_portable(const float* x, int64_t nb, int8_t* q8, int16_t* q16,
 
 }  // namespace
 
+// How many distinct threads an at::parallel_for over `tasks` tasks runs on here (a check that the module was
+// built with OpenMP: at::parallel_for is a template compiled into this module, serial without -fopenmp).
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<std::thread::id> ids(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      ids[t] = std::this_thread::get_id();
+      volatile double spin = 0;  // long enough that one thread cannot take every task before the others start
+      for (int i = 0; i < 200000; ++i) spin = spin + i;
+    }
+  });
+  std::sort(ids.begin(), ids.end());
+  return std::unique(ids.begin(), ids.end()) - ids.begin();
+}
+
 at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   const Format f = format_of(qtype);
   check_blocks(blocks, f, in_features);
@@ -1013,6 +1029,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
         py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 48,
         py::arg("tile_rows") = 0, py::arg("inreg_max_rows") = 12, py::arg("panel_min_rows") = 13);
+  m.def("parallel_threads", &parallel_threads, "Distinct threads an at::parallel_for over `tasks` tasks uses",
+        py::arg("tasks"));
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
         py::arg("qtype"), py::arg("in_features"));
   m.def("gguf_linear_int8", &gguf_linear_int8,

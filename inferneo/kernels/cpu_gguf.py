@@ -29,8 +29,11 @@ def load_gguf_kernels():
             "inferneo_gguf_kernels",
             [str(_SOURCE)],
             # no -march: the AVX2 functions carry their own target attribute and are picked at run time;
-            # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add
-            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+            # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add; -fopenmp
+            # makes at::parallel_for (a header template, compiled here) run on PyTorch's threads: without it
+            # every GGUF layer ran on one thread
+            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # a missing compiler, headers, or an unsupported platform
