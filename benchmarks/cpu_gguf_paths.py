@@ -4,10 +4,11 @@ once, the tied Q8_0 head included), at each row count, on CPU.
 ``gguf_linear`` has four float32 paths (``inferneo/csrc/gguf_kernels.cpp``): weights de-quantized in registers
 (few rows), 16 weight rows de-quantized into a [K][16] panel and multiplied by a 6 x 16 register-blocked kernel
 (``panel``), 512-wide K chunks of 16 rows multiplied by 4 x 3 dot-product panels (``chunks``), and de-quantized
-tiles through ``at::mm`` (``tiles``). Each path is forced through the call's row thresholds; the paths alternate
+tiles through ``at::mm`` (``tiles``); ``inreg`` (Q4_0 / Q4_1 / Q8_0 only, which the default model's are) is the
+in-register path at every row count. Each path is forced through the call's row thresholds; the paths alternate
 within each repeat and the best repeat is kept, so a busy machine's noise hits them alike.
 
-    python3 benchmarks/cpu_gguf_paths.py [--rows 16,64,256,1024] [--threads 1] [--repeats 5]
+    python3 benchmarks/cpu_gguf_paths.py [--rows 16,64,256,1024] [--threads 1] [--repeats 5] [--paths panel,inreg]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from inferneo.quantization.gguf_blocks import KEPT_FORMATS
 
 NEVER = 1 << 30
 # (fused_max_rows, inreg_max_rows, panel_min_rows) that force each path whatever the row count
-PATHS = {"panel": (NEVER, 0, 0), "chunks": (NEVER, 0, NEVER), "tiles": (0, 0, NEVER)}
+PATHS = {"panel": (NEVER, 0, 0), "chunks": (NEVER, 0, NEVER), "tiles": (0, 0, NEVER), "inreg": (NEVER, NEVER, NEVER)}
 
 
 def main() -> None:
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--rows", default="16,64,256,1024")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--paths", default="panel,chunks,tiles", help=f"among {', '.join(PATHS)}")
     args = parser.parse_args()
+    paths = {name: PATHS[name] for name in args.paths.split(",")}
     torch.set_num_threads(args.threads)
     ops = load_gguf_kernels()
     if ops is None:
@@ -42,15 +45,17 @@ def main() -> None:
               for blocks, qtype in gguf_layers()]
     for rows in map(int, args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for _, _, k in layers}
-        best = dict.fromkeys(PATHS, float("inf"))
+        best = dict.fromkeys(paths, float("inf"))
         for _ in range(args.repeats):
-            for name, (fused, inreg, panel) in PATHS.items():
+            for name, (fused, inreg, panel) in paths.items():
                 start = time.perf_counter()
                 for blocks, qtype, k in layers:
                     ops.gguf_linear(inputs[k], blocks, qtype, k, fused, 0, inreg, panel)
                 best[name] = min(best[name], time.perf_counter() - start)
-        row = {"rows": rows, "threads": args.threads, **{f"{n}_ms": round(t * 1e3, 2) for n, t in best.items()},
-               "panel_speedup_vs_best_other": round(min(best["chunks"], best["tiles"]) / best["panel"], 2)}
+        row = {"rows": rows, "threads": args.threads, **{f"{n}_ms": round(t * 1e3, 2) for n, t in best.items()}}
+        others = [t for n, t in best.items() if n != "panel"]
+        if "panel" in best and others:
+            row["panel_speedup_vs_best_other"] = round(min(others) / best["panel"], 2)
         print(json.dumps(row), flush=True)
 
 
