@@ -698,9 +698,6 @@ void panel_linear_range(const T* x, int64_t ldx, const T* packed, const T* bias,
 constexpr int64_t kPanel = 16;
 
 template <typename T>
-constexpr int64_t panel_block_cols() { return 16; }
-
-template <typename T>
 constexpr int64_t panel_block_rows() { return std::is_same_v<T, float> ? 6 : 4; }
 
 // 8 output columns (the block's accumulators plus bias) into y; ``left`` columns of them are real.
@@ -716,12 +713,12 @@ inline void store_cols8(T* y, const T* bias, __m256 v, int64_t left) {
   for (int64_t c = 0; c < left; ++c) y[c] = from_f<T>(bias ? tmp[c] + to_f(bias[c]) : tmp[c]);
 }
 
-// Rows [0, MR) of x times columns [c0, c0 + block_cols) of one panel (``cols``: how many of them are real).
+// Rows [0, MR) of x times one panel (``cols``: how many of its 16 columns are real).
 template <typename T, int MR>
-inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t K, int64_t c0,
+inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t K,
                              const T* __restrict bias, T* __restrict y, int64_t ldy, int64_t cols,
                              const char*& prefetch, const char* prefetch_end, int64_t prefetch_per_step) {
-  constexpr int kChunks = panel_block_cols<T>() / 8;
+  constexpr int kChunks = kPanel / 8;
   // `#pragma GCC unroll` on every loop over the accumulators: unrolled that early, GCC keeps them in registers;
   // left to its later complete unrolling, it kept `acc` in memory and stored all of it after every step along K
   // (12 stores per 12 FMAs: the kernel ran at half of oneDNN's speed on AVX2 at 64 rows).
@@ -743,7 +740,7 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
     const float* xr[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) xr[r] = x + r * ldx;
-    const float* wk = w + c0;
+    const float* wk = w;
     for (int64_t k = 0; k < K; ++k, wk += kPanel) {
       const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 8
@@ -764,7 +761,7 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const int64_t steps = (K + 1) / 2;
     for (int64_t s = 0; s < steps; ++s) {
-      const uint16_t* ws = w + s * 2 * kPanel + 2 * c0;
+      const uint16_t* ws = w + s * 2 * kPanel;
       const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws));
       const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 16));
       const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw0, 16));
@@ -795,35 +792,32 @@ inline void panel_block_avx2(const float* __restrict x, int64_t ldx, const T* __
 template <typename T>
 void panel_linear_range_avx2(const float* x, int64_t ldx, const T* packed, const T* bias, T* y, int64_t N,
                              int64_t K, int64_t m_begin, int64_t m_end, int64_t p_begin, int64_t p_end) {
-  constexpr int64_t kps = std::is_same_v<T, float> ? 1 : 2, block_cols = panel_block_cols<T>();
+  constexpr int64_t kps = std::is_same_v<T, float> ? 1 : 2;
   constexpr int64_t block_rows = panel_block_rows<T>();
   const int64_t steps = (K + kps - 1) / kps;
   const int64_t panel_elems = steps * kps * kPanel;
   const int64_t panel_lines = panel_elems * static_cast<int64_t>(sizeof(T)) / 64;
-  const int64_t sweeps = (m_end - m_begin + block_rows - 1) / block_rows * (kPanel / block_cols);
+  const int64_t sweeps = (m_end - m_begin + block_rows - 1) / block_rows;
   const int64_t per_step = std::max<int64_t>(1, (panel_lines + sweeps * steps - 1) / (sweeps * steps));
   for (int64_t p = p_begin; p < p_end; ++p) {
     const T* w = packed + p * panel_elems;
     const char* prefetch = p + 1 < p_end ? reinterpret_cast<const char*>(w + panel_elems) : nullptr;
     const char* prefetch_end = prefetch ? prefetch + panel_elems * static_cast<int64_t>(sizeof(T)) : nullptr;
     const int64_t col0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - col0);
-    for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {
-      const T* b = bias ? bias + col0 + c0 : nullptr;
-      for (int64_t m = m_begin; m < m_end; m += block_rows) {
-        const float* xr = x + m * ldx;
-        T* yr = y + m * N + col0 + c0;
-        const auto block = [&](auto rows) {
-          panel_block_avx2<T, decltype(rows)::value>(xr, ldx, w, K, c0, b, yr, N, cols - c0, prefetch, prefetch_end,
-                                                     per_step);
-        };
-        switch (std::min<int64_t>(block_rows, m_end - m)) {
-          case 6: if constexpr (block_rows >= 6) block(std::integral_constant<int, 6>{}); break;
-          case 5: if constexpr (block_rows >= 5) block(std::integral_constant<int, 5>{}); break;
-          case 4: block(std::integral_constant<int, 4>{}); break;
-          case 3: block(std::integral_constant<int, 3>{}); break;
-          case 2: block(std::integral_constant<int, 2>{}); break;
-          default: block(std::integral_constant<int, 1>{}); break;
-        }
+    const T* b = bias ? bias + col0 : nullptr;
+    for (int64_t m = m_begin; m < m_end; m += block_rows) {
+      const float* xr = x + m * ldx;
+      T* yr = y + m * N + col0;
+      const auto block = [&](auto rows) {
+        panel_block_avx2<T, decltype(rows)::value>(xr, ldx, w, K, b, yr, N, cols, prefetch, prefetch_end, per_step);
+      };
+      switch (std::min<int64_t>(block_rows, m_end - m)) {
+        case 6: if constexpr (block_rows >= 6) block(std::integral_constant<int, 6>{}); break;
+        case 5: if constexpr (block_rows >= 5) block(std::integral_constant<int, 5>{}); break;
+        case 4: block(std::integral_constant<int, 4>{}); break;
+        case 3: block(std::integral_constant<int, 3>{}); break;
+        case 2: block(std::integral_constant<int, 2>{}); break;
+        default: block(std::integral_constant<int, 1>{}); break;
       }
     }
   }
@@ -1134,7 +1128,8 @@ void run_panel_linear(int64_t M, int64_t N, Range range) {
 #endif
 
 // x: [M, K] with unit inner stride, float32 or bfloat16; packed: the weight packed by the Python side
-// (float32 [panels, K, W]; bfloat16 [panels, ceil(K/2), W, 2], W = panel_width()); bias: [N] of x's dtype, or None.
+// (float32 [panels, K, W]; bfloat16 [panels, ceil(K/2), W, 2], W = panel_width()); bias: [N] of x's dtype, or
+// None.
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N,
                            c10::optional<torch::Tensor> out) {
 #if defined(__AVX512F__) || defined(INFERNEO_AVX2)
@@ -1222,6 +1217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_width", &panel_width, "Output columns per packed panel of panel_linear (48 AVX-512, 16 AVX2)");
   m.def("vector_isa", &vector_isa, "The vector instruction set of this build: avx512_bf16, avx512, avx2 or portable");
   m.def("panel_linear_bf16_available", &panel_linear_bf16_available, "Whether panel_linear takes bfloat16 here");
-  m.def("panel_linear", &panel_linear, "x @ W^T (+ bias), float32 or bfloat16, W packed in panels of panel_width() columns",
+  m.def("panel_linear", &panel_linear,
+        "x @ W^T (+ bias), float32 or bfloat16, W packed in panels of panel_width() columns",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"), py::arg("out") = py::none());
 }

@@ -83,7 +83,7 @@ PANEL_WIDTH = 48  # output columns per packed panel of the AVX-512 build and of 
 def panel_width(ops) -> int:
     """Output columns per packed panel for ``ops`` (the native module: 48 with AVX-512, 16 with AVX2, its
     ``kPanel``), or :data:`PANEL_WIDTH` for the PyTorch panel path (``ops=None``)."""
-    return ops.panel_width() if ops is not None and hasattr(ops, "panel_width") else PANEL_WIDTH
+    return PANEL_WIDTH if ops is None else ops.panel_width()
 
 
 def panel_kernels(dtype: torch.dtype = torch.float32, kernels: KernelConfig | None = None, *,
@@ -166,8 +166,8 @@ class PanelLinear(nn.Module):
 class PanelEmbedding(nn.Module):
     """The lookup of an embedding tied to a :class:`PanelLinear` output head, read from the head's panels: token
     ``t`` is output column ``t``, i.e. ``packed_weight[t // P, :, t % P]`` for panels of ``P`` columns (bfloat16:
-    that column's pairs, the padding along K dropped). The embedding's own table is released, so the tied weight is held once, in the
-    layout the head's kernel reads. The rows equal the original table's exactly (a gather, no arithmetic)."""
+    that column's pairs, the padding along K dropped). The embedding's own table is released, so the tied weight
+    is held once, in the layout the head's kernel reads. The rows equal the original table's exactly (a gather, no arithmetic)."""
 
     def __init__(self, head: PanelLinear) -> None:
         super().__init__()
