@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paths", default="panel,chunks,tiles", help=f"among {', '.join(PATHS)}")
     args = parser.parse_args()
+    unknown = sorted(set(args.paths.split(",")) - set(PATHS))
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(unknown)} (choose among {', '.join(PATHS)})")
     paths = {name: PATHS[name] for name in args.paths.split(",")}
     torch.set_num_threads(args.threads)
     ops = load_gguf_kernels()

@@ -869,6 +869,7 @@ void quantize_row_portable(const float* x, int64_t nb, int8_t* q8, int16_t* q16,
 // How many distinct threads an at::parallel_for over `tasks` tasks runs on here (a check that the module was
 // built with OpenMP: at::parallel_for is a template compiled into this module, serial without -fopenmp).
 int64_t parallel_threads(int64_t tasks) {
+  TORCH_CHECK(tasks >= 0, "parallel_threads: tasks must be >= 0, got ", tasks);
   std::vector<std::thread::id> ids(tasks);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
