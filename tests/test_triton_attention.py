@@ -9,6 +9,7 @@ loop bounds loaded from memory (1-element arrays) and ``tl.dot`` on bfloat16 (st
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -57,9 +58,11 @@ from inferneo.attention.check_cases import (  # noqa: E402
     AttentionCase,
     build_step,
     compare_backends,
+    compare_fp8_backend,
     relative_error,
     variant_options,
 )
+from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, dequantize_kv  # noqa: E402
 from inferneo.attention.triton_backend import TritonBackend  # noqa: E402
 
 
@@ -277,3 +280,35 @@ def test_variants_in_half_precision(dtype):
     case = AttentionCase("variants-half", 4, 4, 64, 16, decode_lens=(5, 70), prefills=((17, 40),))
     _check(case, dtype, TritonBackend(prefill_block_m=32, decode_splits=2),
            **variant_options("window-softcap-sinks", case.num_heads))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_fp8_cache_every_code_against_dequantized_reference(splits, group):
+    """An FP8 (e4m3) cache holding every finite byte code, subnormals and both zeros included, with per-KV-head key
+    and value scales: the decode kernel (split and not; one query head per KV head, as Llama-2-7B, and four) and the
+    prefill kernel with bfloat16 queries, which widen the bytes by integer operations, against the reference
+    attention on the de-quantized cache. The scales are powers of two, so the de-quantized cache is exact in
+    bfloat16 and the stored bytes are the drawn codes."""
+    case = AttentionCase("fp8-codes", 4 * group, 4, 64, 16, decode_lens=(1, 16, 70, 130, 200),
+                         prefills=((0, 21), (45, 19)))
+    step = build_step(case, torch.bfloat16, "cpu", seed=3)
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, step.ref_cache.shape, generator=gen, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, codes ^ 0x01, codes)  # 0x7F / 0xFF are e4m3's NaNs
+    flat = codes.view(-1)
+    flat[:256] = torch.arange(256, dtype=torch.uint8)  # every code at least once...
+    flat[0x7F], flat[0xFF] = 0x7E, 0xFE  # ...but the NaNs
+    scales = KVCacheScales(torch.tensor([2.0**-6, 2.0**-5, 2.0**-7, 2.0**-6]),
+                           torch.tensor([2.0**-4, 2.0**-3, 2.0**-5, 2.0**-2]))
+    stored = codes.view(FP8_KV_DTYPE)
+    step = dataclasses.replace(step, ref_cache=torch.stack([dequantize_kv(stored[0], scales.k, torch.bfloat16, 0),
+                                                            dequantize_kv(stored[1], scales.v, torch.bfloat16, 0)]))
+    out, ref, cache, ref_cache = compare_fp8_backend(TritonBackend(prefill_block_m=16, decode_splits=splits), step,
+                                                     scales)
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    untouched = ref_cache.view(torch.uint8) == codes  # the step's new tokens overwrote their own slots only
+    assert untouched.float().mean() > 0.9
+    assert torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err < TOLERANCE[torch.bfloat16], f"relative error {err:.2e}"

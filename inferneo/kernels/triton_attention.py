@@ -36,6 +36,7 @@ import triton.language as tl
 from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels.triton_fp8_gemv import _e4m3_to_bf16
 
 _LOG2E = 1.4426950408889634
 
@@ -139,11 +140,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
-def _from_cache(x, q, FP8: tl.constexpr):
+def _from_cache(x, q, FP8: tl.constexpr, VALUES: tl.constexpr = False):
     """A loaded cache tile in ``q``'s dtype: FP8 elements converted in registers (their scales are applied to the
-    scores and the output), other caches unchanged."""
+    scores and the output), other caches unchanged.
+
+    For bfloat16 queries the e4m3 bytes are widened by integer operations (``triton_fp8_gemv._e4m3_to_bf16``: the
+    same values, exactly; Triton's own cast goes e4m3 -> float16 -> float32 -> bfloat16, one slow float32 ->
+    bfloat16 conversion per element). ``VALUES``: a value tile, the second dot's operand transposed (its reduction
+    runs over tokens, not over contiguous bytes): widened where it is loaded, so that it is staged in shared memory
+    as bfloat16 and read back by the transposing matrix loads; left to Triton, the widening moves after the
+    staging and the transposed byte operand is gathered one byte a load. Key tiles are widened after the staging,
+    in the dot operand's layout (their bytes are contiguous along the reduction)."""
     if FP8:
-        x = x.to(q.dtype)
+        if q.dtype == tl.bfloat16:
+            x = _e4m3_to_bf16(x.to(tl.uint8, bitcast=True), not VALUES)
+        else:
+            x = x.to(q.dtype)
     return x  # one return: Triton types every return of a function alike, constexpr branches included
 
 
@@ -307,7 +319,8 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
         key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
-        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8,
+                            True)
         if ROTARY:  # the new token's K/V from registers (its cache row is written by this program, maybe not yet)
             is_new = (tok == last)[:, None]
             key = tl.where(is_new, new_key, key)
@@ -552,7 +565,8 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         blk = tl.load(table + tok // BLOCK_SIZE)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0), q, FP8)
-        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0), q,
+                            FP8, True)
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, softcap_log2, True,
                                      PRECISION, SOFTCAP)
     for kv0 in range(full_end, kv_end, BLOCK_N):
@@ -562,7 +576,8 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
         key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
-        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8)
+        value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8,
+                            True)
         valid = (tok[None, :] <= q_pos[:, None]) & tmask[None, :]
         if WINDOW:
             valid = valid & (tok[None, :] > q_pos[:, None] - window)

@@ -396,12 +396,14 @@ def _fp8_norm_gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, s_ptr, out_ptr, res_out
 
 
 @triton.jit
-def _e4m3_to_bf16(codes):
+def _e4m3_to_bf16(codes, PURE: tl.constexpr = True):
     # e4m3 bytes (uint8) to bfloat16, exactly, without conversion instructions: each byte ``s eeee mmm`` is placed
     # into a bfloat16 as sign, low exponent bits and top mantissa bits (the value times 2^-120; zero-exponent codes
     # become bfloat16 subnormals), then multiplied by 2^120. On the GPU four bytes at a time in PTX: two byte
     # permutes, a shift and two masks per pair of values, and one packed bfloat16 multiply (the conversion Triton
     # emits goes e4m3 -> float16 -> float32 -> bfloat16, one slow float32 -> bfloat16 conversion per value).
+    # PURE=False pins the widening where it is written: Triton then does not move it past a layout change (e.g. to
+    # after a tile's shared-memory staging, where a transposed dot operand of bytes is gathered one byte a load).
     if _INTERPRETED:
         u = codes.to(tl.uint32)
         f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True)  # the value times 2^-120
@@ -424,7 +426,7 @@ def _e4m3_to_bf16(codes):
             or.b32 b, b, t;
             mul.rn.bf16x2 $1, b, c;
             }""",
-            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=True, pack=4)
+            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=PURE, pack=4)
     return w
 
 
