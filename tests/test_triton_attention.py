@@ -10,6 +10,7 @@ loop bounds loaded from memory (1-element arrays) and ``tl.dot`` on bfloat16 (st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -37,6 +38,9 @@ if _ALREADY_IMPORTED and type(triton.language.standard.sum).__name__ != "Interpr
 def _interpreted_kernels():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        gemv = "inferneo.kernels.triton_fp8_gemv"  # its e4m3 widening, which reads TRITON_INTERPRET at import
+        if gemv in sys.modules:
+            importlib.reload(sys.modules[gemv])
         name = "inferneo.kernels.triton_attention"
         if name in sys.modules:
             return importlib.reload(sys.modules[name])
@@ -282,14 +286,17 @@ def test_variants_in_half_precision(dtype):
            **variant_options("window-softcap-sinks", case.num_heads))
 
 
+@pytest.mark.parametrize("widen", [0, 1])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("group", [1, 4])
-def test_fp8_cache_every_code_against_dequantized_reference(splits, group):
+def test_fp8_cache_every_code_against_dequantized_reference(monkeypatch, splits, group, widen):
     """An FP8 (e4m3) cache holding every finite byte code, subnormals and both zeros included, with per-KV-head key
     and value scales: the decode kernel (split and not; one query head per KV head, as Llama-2-7B, and four) and the
     prefill kernel with bfloat16 queries, which widen the bytes by integer operations, against the reference
     attention on the de-quantized cache. The scales are powers of two, so the de-quantized cache is exact in
-    bfloat16 and the stored bytes are the drawn codes."""
+    bfloat16 and the stored bytes are the drawn codes. ``widen`` 1: the decode kernel's candidate widening
+    (``paged_decode(fp8_widen=1)``; here its plain-Triton twin: the interpreter runs no PTX)."""
+    monkeypatch.setattr(ops, "paged_decode", functools.partial(ops.paged_decode, fp8_widen=widen))
     case = AttentionCase("fp8-codes", 4 * group, 4, 64, 16, decode_lens=(1, 16, 70, 130, 200),
                          prefills=((0, 21), (45, 19)))
     step = build_step(case, torch.bfloat16, "cpu", seed=3)

@@ -14,12 +14,15 @@ Timing shapes (block size 16, block tables 2,048 tokens wide as the suites' ``ma
 at 1 x 1,040, 32 x 1,040, 200 x 640 and 256 x 640 (W2's steady state with a bf16 and with an FP8 cache), and
 prefill of 8 prompts of 1,024 tokens (W1's chunk). ``--old PATH``: a copy of the previous
 ``inferneo/kernels/triton_attention.py`` (Triton's own e4m3 -> bf16 cast) timed beside, for the A/B in one run.
+The decode rows also time two candidates (``DECODE_VARIANTS``): the widening ``_e4m3_to_bf16(SIGN=True)``
+(``fp8_widen=1``, checked with every code first) and 128-token tiles.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -41,8 +44,11 @@ from inferneo.kernels import triton_attention as ops  # noqa: E402
 
 def check_every_code(device: torch.device) -> bool:
     ok = True
-    for group in (1, 4):
-        for splits in (1, 3):
+    plain_decode = ops.paged_decode
+    first: dict = {}  # widening 0's outputs: widening 1 must give the same bits
+    for widen, group, splits in ((w, g, s) for w in (0, 1) for g in (1, 4) for s in (1, 3)):
+        ops.paged_decode = functools.partial(plain_decode, fp8_widen=widen)  # the backend's launches
+        try:
             case = AttentionCase("fp8-codes", 4 * group, 4, 128, 16, decode_lens=(1, 16, 70, 130, 1040),
                                  prefills=((0, 21), (45, 190)))
             step = build_step(case, torch.bfloat16, device, seed=3)
@@ -62,10 +68,14 @@ def check_every_code(device: torch.device) -> bool:
             out, ref, cache, ref_cache = compare_fp8_backend(TritonBackend(decode_splits=splits), step, scales)
             same = torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
             err = relative_error(out, ref)
-            passed = same and bool(torch.isfinite(out).all()) and err < 1.5e-2
+            equal = torch.equal(first.setdefault((group, splits), out), out)
+            passed = same and equal and bool(torch.isfinite(out).all()) and err < 1.5e-2
             ok &= passed
-            print(f"check every e4m3 code, group {group}, splits {splits}: stored bytes equal {same}, relative "
-                  f"error {err:.2e} {'ok' if passed else 'FAIL'}")
+            print(f"check every e4m3 code, widening {widen}, group {group}, splits {splits}: stored bytes equal "
+                  f"{same}, output equal to widening 0's {equal}, relative error {err:.2e} "
+                  f"{'ok' if passed else 'FAIL'}")
+        finally:
+            ops.paged_decode = plain_decode
     return ok
 
 
@@ -82,8 +92,20 @@ def _cache(batch: int, context: int, width: int, kv_heads: int, head_dim: int, b
     return tables, base
 
 
+# Decode variants timed: (label, module key, cache, paged_decode keywords). "sign": the candidate widening
+# (``fp8_widen=1``); "bn128": 128-token tiles (the default is 64).
+DECODE_VARIANTS = (
+    ("bf16", "new", "bf16", {}),
+    ("fp8", "new", "fp8", {}),
+    ("fp8-sign", "new", "fp8", {"fp8_widen": 1}),
+    ("fp8-bn128", "new", "fp8", {"block_n": 128}),
+    ("fp8-sign-bn128", "new", "fp8", {"fp8_widen": 1, "block_n": 128}),
+    ("fp8-old", "old", "fp8", {}),
+)
+
+
 def time_decode(device, batch: int, context: int, modules: dict, width: int = 2048, heads: int = 32,
-                kv_heads: int = 32, head_dim: int = 128) -> dict:
+                kv_heads: int = 32, head_dim: int = 128, variants=DECODE_VARIANTS) -> dict:
     tables, base = _cache(batch, context, width, kv_heads, head_dim, device=device)
     lens = torch.full((batch,), context, dtype=torch.int64, device=device)
     q = torch.randn(batch, heads, head_dim, device=device, dtype=torch.bfloat16)
@@ -92,17 +114,16 @@ def time_decode(device, batch: int, context: int, modules: dict, width: int = 20
     caches = {"bf16": base.to(torch.bfloat16), "fp8": base.to(FP8_KV_DTYPE)}
     kv_bytes = {name: batch * context * 2 * kv_heads * head_dim * c.element_size() for name, c in caches.items()}
     row = {"batch": batch, "context": context, "table_width": width}
-    for label, mod in modules.items():
-        for name, cache in caches.items():
-            if label != "new" and name == "bf16":
-                continue
-            kv = scales if name == "fp8" else None
-            fn = (lambda mod=mod, cache=cache, kv=kv:  # noqa: E731
-                  mod.paged_decode(q, cache, tables, lens, head_dim**-0.5, out, kv_scales=kv))
-            us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
-            key = name if label == "new" else f"{name}-{label}"
-            row[key + "_us"] = us
-            row[key + "_tbps"] = kv_bytes[name] / us / 1e6
+    for label, key, name, kw in variants:
+        if key not in modules:
+            continue
+        mod, cache = modules[key], caches[name]
+        kv = scales if name == "fp8" else None
+        fn = (lambda mod=mod, cache=cache, kv=kv, kw=kw:  # noqa: E731
+              mod.paged_decode(q, cache, tables, lens, head_dim**-0.5, out, kv_scales=kv, **kw))
+        us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
+        row[label + "_us"] = us
+        row[label + "_tbps"] = kv_bytes[name] / us / 1e6
     del caches, base
     torch.cuda.empty_cache()
     text = ", ".join(f"{k[:-3]} {v:.1f} us ({row[k[:-3] + '_tbps']:.2f} TB/s)" for k, v in row.items()

@@ -140,7 +140,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
-def _from_cache(x, q, FP8: tl.constexpr, VALUES: tl.constexpr = False):
+def _from_cache(x, q, FP8: tl.constexpr, VALUES: tl.constexpr = False, WIDEN: tl.constexpr = 0):
     """A loaded cache tile in ``q``'s dtype: FP8 elements converted in registers (their scales are applied to the
     scores and the output), other caches unchanged.
 
@@ -150,10 +150,11 @@ def _from_cache(x, q, FP8: tl.constexpr, VALUES: tl.constexpr = False):
     runs over tokens, not over contiguous bytes): widened where it is loaded, so that it is staged in shared memory
     as bfloat16 and read back by the transposing matrix loads; left to Triton, the widening moves after the
     staging and the transposed byte operand is gathered one byte a load. Key tiles are widened after the staging,
-    in the dot operand's layout (their bytes are contiguous along the reduction)."""
+    in the dot operand's layout (their bytes are contiguous along the reduction). ``WIDEN`` 1: the candidate
+    widening in fewer instructions (``_e4m3_to_bf16``'s ``SIGN``)."""
     if FP8:
         if q.dtype == tl.bfloat16:
-            x = _e4m3_to_bf16(x.to(tl.uint8, bitcast=True), not VALUES)
+            x = _e4m3_to_bf16(x.to(tl.uint8, bitcast=True), not VALUES, WIDEN == 1)
         else:
             x = x.to(q.dtype)
     return x  # one return: Triton types every return of a function alike, constexpr branches included
@@ -264,8 +265,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
                    PRECISION: tl.constexpr, PDL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                    SINKS: tl.constexpr, FP8: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
-                   BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
-                   qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0, rope_eps=0.0,
+                   WIDEN: tl.constexpr = 0, BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None,
+                   cos_ptr=None, sin_ptr=None, qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0,
+                   rope_eps=0.0,
                    ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False):
     wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
@@ -318,9 +320,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
-        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8, False, WIDEN)
         value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8,
-                            True)
+                            True, WIDEN)
         if ROTARY:  # the new token's K/V from registers (its cache row is written by this program, maybe not yet)
             is_new = (tok == last)[:, None]
             key = tl.where(is_new, new_key, key)
@@ -433,7 +435,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
-                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None) -> None:
+                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int = 0) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
@@ -449,7 +451,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     the q/k/v projection's raw query heads; every program applies the per-head q/k RMSNorms and the rotary
     embedding to its own query heads (as ``_triton_elementwise.qk_norm_rotary_inplace`` does), and the program
     whose split holds the new token writes its rotated key and its value to the cache at ``slot_mapping`` and
-    attends to them from registers: that launch is not needed at a decode-only step.
+    attends to them from registers: that launch is not needed at a decode-only step. ``fp8_widen`` 1: an FP8 cache
+    read with bfloat16 queries is widened by the candidate ``_e4m3_to_bf16(SIGN=True)`` (benchmarks; 0, the default,
+    is the widening timed on the H200).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -506,6 +510,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
+        WIDEN=fp8_widen,
         num_warps=num_warps, num_stages=2, **rotary, **launch_options(pdl),
     )
     if num_splits > 1 and not fused_reduce:
