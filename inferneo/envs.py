@@ -151,6 +151,41 @@ def decode_split_tiles() -> int:
     return int(value) if value else 0
 
 
+def prewait_loads() -> frozenset[str]:
+    """INFERNEO_PREWAIT_LOADS (default empty): which latency-bound decode kernels read, before their programmatic-
+    dependent-launch wait, what no kernel of the step writes: ``rotary`` (the q/k norm + rotary kernel's positions,
+    rotary rows, norm weights and slots), ``decode`` (decode attention's lengths, block table and the first KV tile's
+    rows before the new token) or ``decode-l2`` (its lengths and block table, and an L2 prefetch of the first KV
+    tile's cache blocks), ``reduce`` (the split reduction reads its partials beside their log-sum-exps instead
+    of after them); separated by commas or ``+``, ``all`` for the three. Read at each launch (an A/B switch)."""
+    value = os.environ.get("INFERNEO_PREWAIT_LOADS", "").strip().lower()
+    names = {part.strip() for part in value.replace("+", ",").split(",") if part.strip()}
+    if "all" in names:
+        names = {"rotary", "decode", "reduce"}
+    return frozenset(names)
+
+
+def rotary_warps() -> int:
+    """INFERNEO_ROTARY_WARPS (default 0: 4 warps): the warps of the Triton rotary and q/k norm + rotary kernel's
+    program (one per token). Read at each launch (an A/B switch)."""
+    value = os.environ.get("INFERNEO_ROTARY_WARPS", "").strip()
+    return int(value) if value else 0
+
+
+def moe_pair_tiles() -> dict[str, int]:
+    """INFERNEO_MOE_PAIR_TILES (default empty): fields of the few-token Triton MoE kernels' tiles overridden, as
+    ``name=value`` pairs separated by commas or ``+`` (e.g. ``down_prefetch=3+down_num_warps=8``; the names of
+    ``moe_tile_configs.PairTiles``). Read where the tiles are looked up (an A/B switch)."""
+    value = os.environ.get("INFERNEO_MOE_PAIR_TILES", "").strip()
+    fields = {}
+    for part in filter(None, (p.strip() for p in value.replace("+", ",").split(","))):
+        name, _, number = part.partition("=")
+        if not number.strip().lstrip("-").isdigit():
+            raise ValueError(f"INFERNEO_MOE_PAIR_TILES wants name=integer pairs; got {part!r}")
+        fields[name.strip()] = int(number)
+    return fields
+
+
 def moe_evict() -> int | None:
     """INFERNEO_MOE_EVICT (default empty: the shape's tuned ``"pair"`` entry): the L2 eviction hint of the expert
     weights in the few-token Triton MoE kernels, 0 normal, 1 ``evict_first``, 2 ``evict_last``

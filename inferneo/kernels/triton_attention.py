@@ -190,15 +190,20 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
 @triton.jit
 def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SINKS: tl.constexpr, VOLATILE: tl.constexpr):
+                  SINKS: tl.constexpr, VOLATILE: tl.constexpr, PARALLEL: tl.constexpr = False):
     """Head ``h`` of request ``b``: its splits' partial outputs weighted by their log-sum-exps, into ``out``. Empty
-    splits (log-sum-exp -inf, partial output 0) weigh 0, and their partial rows are not read. ``VOLATILE``: the
-    partials were written by other programs of the same kernel (read from L2, not L1)."""
+    splits (log-sum-exp -inf, partial output 0) weigh 0, and their partial rows are not read, or with ``PARALLEL``
+    read beside the log-sum-exps (not after them: one dependent load less; every split stores its rows, an empty
+    one zeros) and taken as 0. ``VOLATILE``: the partials were written by other programs of the same kernel (read
+    from L2, not L1)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
     row = (b * NUM_HEADS + h) * NUM_SPLITS + s
     lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"), volatile=VOLATILE)
+    if PARALLEL:
+        every = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d < HEAD_DIM)[None, :],
+                        other=0.0, volatile=VOLATILE)
     if SINKS:  # the sink joins the denominator once, here, not in every split
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         top = tl.maximum(tl.max(lse, axis=0), sink)
@@ -208,8 +213,11 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride
         weight = tl.exp2(lse - tl.max(lse, axis=0))
         weight = weight / tl.sum(weight, axis=0)
     has = smask & (lse != float("-inf"))
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=has[:, None] & (d < HEAD_DIM)[None, :],
-                   other=0.0, volatile=VOLATILE)
+    if PARALLEL:
+        part = tl.where(has[:, None] & (d < HEAD_DIM)[None, :], every, 0.0)
+    else:
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=has[:, None] & (d < HEAD_DIM)[None, :],
+                       other=0.0, volatile=VOLATILE)
     out = tl.sum(part * weight[:, None], axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -243,6 +251,26 @@ def _norm_rope_rows(x_ptrs, d, dmask, w_ptr, cos, sin, eps, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end, row_bytes, BLOCK_N: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
+    """Ask L2 for the key and value rows of tokens ``[start, min(start + BLOCK_N, end))`` of one KV head: one bulk
+    prefetch per cache block and half, from the block's first row (a block's rows of one head are ``row_bytes``
+    apart, 16-byte multiples). A hint only: what the kernel then reads is unchanged, rows written meanwhile included
+    (L2 is where writes land)."""
+    NB: tl.constexpr = (BLOCK_N + BLOCK_SIZE - 1) // BLOCK_SIZE
+    j = tl.arange(0, NB)
+    first = start + j * BLOCK_SIZE  # blocks start at multiples of BLOCK_SIZE (the splits do: BLOCK_N multiples)
+    rows = tl.minimum(end - first, BLOCK_SIZE)
+    blk = tl.load(table + first // BLOCK_SIZE, mask=rows > 0, other=0)
+    nbytes = tl.maximum(rows, 0) * row_bytes
+    for half in tl.static_range(2):
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [head_base + blk * stride_blk + half * stride_half, nbytes.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
                    v_scale_ptr, tickets_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
@@ -254,8 +282,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    SINKS: tl.constexpr, FP8: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
                    BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
                    qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0, rope_eps=0.0,
-                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False):
-    wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
+                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = 0):
+    if PRELOAD == 0:
+        wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -292,15 +321,39 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
             tl.store(page + one * 0 + d[None, :], new_key.to(cache_ptr.dtype.element_ty), mask=dmask[None, :])
             tl.store(page + stride_half + one * 0 + d[None, :], new_value.to(cache_ptr.dtype.element_ty),
                      mask=dmask[None, :])
-    else:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = table_ptr + b * stride_tb
     head_base = cache_ptr + kvh * stride_ch
-    for kv0 in range(start, end, BLOCK_N):
+    first = start
+    if PRELOAD == 2:  # the first tile's cache blocks asked into L2 before the wait (see paged_decode); then as usual
+        _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end,
+                         stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_N, BLOCK_SIZE)
+        wait_for_previous_kernel(PDL, EARLY=True)
+    if PRELOAD == 1:  # (not with ROTARY) the first tile read before the wait, less the new token's row
+        tok0 = start + tl.arange(0, BLOCK_N)  # names of their own: not carried through the loop below
+        tmask0 = tok0 < end
+        blk0 = tl.load(table + tok0 // BLOCK_SIZE, mask=tmask0, other=0)
+        rows0 = head_base + blk0 * stride_blk + (tok0 % BLOCK_SIZE) * stride_off
+        old0 = (tmask0 & (tok0 < seq_len - 1))[:, None] & dmask[None, :]
+        key0 = tl.load(rows0[:, None] + d[None, :], mask=old0, other=0.0)
+        value0 = tl.load(rows0[:, None] + stride_half + d[None, :], mask=old0, other=0.0)
+        wait_for_previous_kernel(PDL, EARLY=True)  # the new token's K/V and the query are written now
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        new0 = (tmask0 & (tok0 >= seq_len - 1))[:, None] & dmask[None, :]
+        key0 = tl.load(rows0[:, None] + d[None, :], mask=new0, other=key0)  # the row kept where not loaded
+        value0 = tl.load(rows0[:, None] + stride_half + d[None, :], mask=new0, other=value0)
+        # an empty split (no valid row) leaves m_i, l_i and acc as they are; otherwise the loop's arithmetic
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, _from_cache(key0, q, FP8), _from_cache(value0, q, FP8),
+                                     tmask0[None, :], qk_scale, softcap_log2, USE_DOT, PRECISION, SOFTCAP,
+                                     MAY_BE_EMPTY=True)
+        first = start + BLOCK_N
+    elif not ROTARY:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+    for kv0 in range(first, end, BLOCK_N):
         tok = kv0 + tl.arange(0, BLOCK_N)
         tmask = tok < end
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
@@ -344,10 +397,11 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
 @triton.jit
 def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
+                          PARALLEL: tl.constexpr = False):
     wait_for_previous_kernel(PDL, EARLY=True)  # the output GEMV may launch and read its weights now
     _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh,
-                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False)
+                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False, PARALLEL)
 
 
 class QKRotary(NamedTuple):
@@ -437,6 +491,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     embedding to its own query heads (as ``_triton_elementwise.qk_norm_rotary_inplace`` does), and the program
     whose split holds the new token writes its rotated key and its value to the cache at ``slot_mapping`` and
     attends to them from registers: that launch is not needed at a decode-only step.
+
+    ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (read at each launch): each program reads its request's length, block
+    table and first KV tile before it waits for the kernel before it (programmatic dependent launch), all but the
+    row of the request's last token, which the step itself writes (read after the wait); every other row was written
+    by an earlier step; with ``decode-l2`` instead, it reads the length and block table there and asks L2 for the
+    first tile's cache blocks (a bulk prefetch; on CUDA). With ``reduce``, the split reduction reads its partials
+    beside their log-sum-exps. Results are unchanged either way.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -483,6 +544,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         rotary = dict(k_ptr=r.k, v_ptr=r.v, pos_ptr=r.positions, cos_ptr=r.cos, sin_ptr=r.sin, qw_ptr=r.q_weight,
                       kw_ptr=r.k_weight, slot_ptr=r.slot_mapping, stride_kb=r.k.stride(0), stride_cos=r.cos.stride(0),
                       rope_eps=r.eps, ROTARY=True, WEIGHT_OFFSET=r.weight_offset)
+    prewait = envs.prewait_loads()
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, tickets, qk_scale,
         softcap_log2,
@@ -493,14 +555,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=num_warps, num_stages=2, **rotary, **launch_options(pdl),
+        PRELOAD=_preload_mode(prewait, kv_cache) if qk_rotary is None else 0, num_warps=num_warps, num_stages=2,
+        **rotary,
+        **launch_options(pdl),
     )
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(batch, num_heads)](
             part, lse, out, sinks_arg, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, PDL=pdl, SINKS=sinks is not None,
-            num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
+            PARALLEL="reduce" in prewait, num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
         )
 
 
@@ -634,6 +698,19 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def _preload_mode(prewait: frozenset[str], kv_cache: torch.Tensor) -> int:
+    """The decode kernel's ``PRELOAD``: 1 (``decode`` in ``INFERNEO_PREWAIT_LOADS``) its first KV tile into
+    registers before the wait; 2 (``decode-l2``; CUDA, 16-byte aligned rows and blocks) a bulk L2 prefetch of that
+    tile's cache blocks before the wait; 0 neither."""
+    if "decode" in prewait:
+        return 1
+    if "decode-l2" in prewait and kv_cache.is_cuda:
+        size = kv_cache.element_size()
+        if kv_cache.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]):
+            return 2
+    return 0
 
 
 def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
