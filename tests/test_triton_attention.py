@@ -114,17 +114,17 @@ def test_split_merge_inside_the_decode_kernel_equals_the_reduction_kernel(monkey
 @pytest.mark.parametrize("name", ["plain", "window-softcap-sinks"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_reads_before_the_wait_leave_decode_unchanged(monkeypatch, name, splits):
-    """INFERNEO_PREWAIT_LOADS=decode,reduce: the first KV tile read before the PDL wait (the new token's row after
-    it) and the reduction's partials beside their log-sum-exps give the same output bit for bit, groups of 1 and 4,
-    empty splits included."""
+    """INFERNEO_PREWAIT_LOADS=decode,reduce (the default) against none: the lengths read before the PDL wait (on
+    CUDA also an L2 prefetch of the first KV tile) and the reduction's partials beside their log-sum-exps give the
+    same output bit for bit, groups of 1 and 4, empty splits included."""
     for group in (1, 4):
         case = AttentionCase("prewait", 4 * group, 4, 32, 16, decode_lens=(1, 16, 70, 130, 200))
         options = {} if name == "plain" else variant_options(name, case.num_heads)
         outs = {}
-        for prewait in ("", "decode,reduce"):
+        for prewait in ("none", "decode,reduce"):
             monkeypatch.setenv("INFERNEO_PREWAIT_LOADS", prewait)
             outs[prewait] = _check(case, torch.float32, TritonBackend(decode_splits=splits), **options)[0]
-        assert torch.equal(outs[""], outs["decode,reduce"])
+        assert torch.equal(outs["none"], outs["decode,reduce"])
 
 
 def test_split_merge_default_one_request_one_query_head_per_kv_head(monkeypatch):

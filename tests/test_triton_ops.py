@@ -115,8 +115,8 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
             store_kv(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), got[:, kv_end:].reshape(n, kv_heads, dim),
                      want, slots)
             assert torch.equal(cache, want) and cache.any()
-            # INFERNEO_PREWAIT_LOADS=rotary: positions, rotary rows, weights and slots read first; the same bits
-            os.environ["INFERNEO_PREWAIT_LOADS"] = "rotary"
+            # the default reads positions, rotary rows, weights and slots before the PDL wait; none: the same bits
+            os.environ["INFERNEO_PREWAIT_LOADS"] = "none"
             early, early_cache = qkv.clone(), torch.zeros_like(cache)
             k.qk_norm_rotary_inplace(early, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim, q_norm.weight,
                                      k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm,

@@ -11,9 +11,9 @@ attention's split count, an ``evict_first`` hint on the expert weights; ``ab`` (
 splits and the split merge inside the decode kernel alone and together (after a CUDA check of that merge); ``rotary``,
 the q/k norms + rotary + K/V store inside decode attention (after a CUDA check against the separate kernels).
 ``pre``, reads moved before the programmatic-dependent-launch wait (``INFERNEO_PREWAIT_LOADS``: the q/k norm +
-rotary kernel's positions and rotary rows, decode attention's first KV tile, the reduction's partials beside their
-log-sum-exps; the down experts kernel's first two or three weight chunks), then a race check (the new token's cache
-rows poisoned before each replay). ``ab``, ``rotary`` and ``pre`` then profile CUDA-graph replays of the base and
+rotary kernel's positions and rotary rows, decode attention's lengths and an L2 prefetch of its first KV tile, the
+reduction's partials beside their log-sum-exps), the rotary kernel's warps and gate/up tiles, each against all of
+them off, then a race check (the new token's cache rows poisoned before each replay). ``ab``, ``rotary`` and ``pre`` then profile CUDA-graph replays of the base and
 the fastest variant: per kernel of a layer its
 duration, the time it adds to the stream's end (``kernel_timeline.py``) and its bytes at the copy bandwidth.
 Whether the kernels launch their dependents early (``INFERNEO_CUDA_PDL_EARLY``, read at import) is the process's:
@@ -62,8 +62,9 @@ class Variant:
     attn_splits: int | None = None  # decode attention's context splits (None: its heuristic)
     fused_reduce: bool = False  # decode attention merges its splits in the decode kernel (no reduction launch)
     rotary_in_decode: bool = False  # the q/k norms, rotary and K/V store inside decode attention (no rotary launch)
-    prewait: str = ""  # INFERNEO_PREWAIT_LOADS while the graph is captured (what the kernels read before waiting)
-    rotary_warps: int = 0  # INFERNEO_ROTARY_WARPS while the graph is captured (0: the default)
+    prewait: str = ""  # INFERNEO_PREWAIT_LOADS while the graph is captured (what the kernels read before waiting;
+    # "": the default, "none": nothing)
+    rotary_warps: int = 0  # INFERNEO_ROTARY_WARPS while the graph is captured (0: the launcher's choice)
 
 
 def make_sets(device) -> list[dict]:
@@ -207,26 +208,19 @@ VARIANT_SET = "ab"
 def variants() -> list[Variant]:
     tuned = pair_tiles(SHAPE["experts"], SHAPE["inter"], SHAPE["hidden"], torch.bfloat16)
     ef, plain = replace(tuned, evict=1), replace(tuned, evict=0)
-    if VARIANT_SET == "pre":  # reads moved before the PDL wait: the latency-bound kernels, the expert kernels' tiles
-        down = {"down prefetch 2": replace(tuned, down_prefetch=2),
-                "down 8x256 8 warps prefetch 3": replace(tuned, down_prefetch=3, down_num_warps=8),
-                "down 4x256 8 warps prefetch 3": replace(tuned, down_block_n=4, down_prefetch=3, down_num_warps=8),
-                "down 4x256 4 warps prefetch 3": replace(tuned, down_block_n=4, down_prefetch=3, down_num_warps=4),
-                "down 8x256 8 warps": replace(tuned, down_num_warps=8)}
+    if VARIANT_SET == "pre":  # reads moved before the PDL wait, the rotary kernel's warps, gate/up tiles
         up = {"up 4x2048 4 warps": replace(tuned, up_block_n=4, up_block_k=2048, up_num_warps=4),
+              "up 8x1024 4 warps": replace(tuned, up_block_n=8, up_block_k=1024, up_num_warps=4),
               "up 4x1024 4 warps": replace(tuned, up_block_n=4, up_block_k=1024, up_num_warps=4)}
-        l2 = "rotary,decode-l2,reduce"
-        return ([Variant("base"), Variant("rotary", prewait="rotary"), Variant("rotary 8 warps", rotary_warps=8),
-                 Variant("rotary + 8 warps", prewait="rotary", rotary_warps=8), Variant("decode", prewait="decode"),
-                 Variant("decode-l2", prewait="decode-l2"), Variant("reduce", prewait="reduce"),
-                 Variant("rotary, decode, reduce", prewait="all"), Variant("rotary, decode-l2, reduce", prewait=l2),
-                 Variant("rotary, decode-l2, reduce + 8 warps", prewait=l2, rotary_warps=8)]
-                + [Variant(name, tiles=t) for name, t in {**down, **up}.items()]
-                + [Variant("all (l2, 8 warps) + down 4x256 8 warps prefetch 3", prewait=l2, rotary_warps=8,
-                           tiles=down["down 4x256 8 warps prefetch 3"]),
-                   Variant("all (l2, 8 warps) + down 8x256 8 warps prefetch 3", prewait=l2, rotary_warps=8,
-                           tiles=down["down 8x256 8 warps prefetch 3"]),
-                   Variant("base again")])
+        off = dict(prewait="none", rotary_warps=4)
+        return ([Variant("base", **off), Variant("rotary", prewait="rotary", rotary_warps=4),
+                 Variant("rotary 8 warps", prewait="none", rotary_warps=8),
+                 Variant("rotary + 8 warps", prewait="rotary", rotary_warps=8),
+                 Variant("decode", prewait="decode", rotary_warps=4), Variant("reduce", prewait="reduce", rotary_warps=4),
+                 Variant("rotary, decode, reduce", prewait="all", rotary_warps=4),
+                 Variant("rotary, decode, reduce + 8 warps", prewait="all", rotary_warps=8)]
+                + [Variant(name, tiles=t, **off) for name, t in up.items()]
+                + [Variant("shipped defaults"), Variant("base again", **off)])
     if VARIANT_SET == "rotary":  # the q/k norms + rotary + K/V store inside decode attention (tuned tiles)
         return [Variant("base"), Variant("rotary in decode", rotary_in_decode=True), Variant("base again"),
                 Variant("rotary in decode again", rotary_in_decode=True)]
@@ -300,9 +294,8 @@ def run(log) -> dict:
                 results[name]["profile"] = profile_chain(
                     lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl), name, bandwidth, log)
     if VARIANT_SET == "pre" and DEVICE == "cuda":
-        for prewait in ("all", "rotary,decode-l2,reduce"):
-            v = Variant("race check", prewait=prewait, rotary_warps=8,
-                        tiles=replace(tuned, down_prefetch=3, down_num_warps=8))
+        for prewait in ("all",):
+            v = Variant("race check", prewait=prewait, rotary_warps=8, tiles=tuned)
             try:
                 results[f"race_check {prewait}"] = race_check(sets, shared, x, r, v, pdl, first, log)
             except Exception as exc:  # noqa: BLE001 (the results so far are still written)
@@ -353,8 +346,8 @@ def race_check(sets, shared, x, r, v: Variant, pdl: bool, base_out, log, replays
     diff = (reference.float() - base_out.float()).abs().max().item()
     row = {"replays": replays, "all_equal": all(equal), "equal": equal, "max_abs_diff_vs_base": diff}
     log(f"race check (new cache rows poisoned before each of {replays} replays, {v.prewait}, rotary "
-        f"{v.rotary_warps} warps, down prefetch {v.tiles.down_prefetch}): every output equal to the eager one: "
-        f"{all(equal)}; eager against the base: max |diff| {diff:.3g}")
+        f"{v.rotary_warps} warps): every output equal to the eager one: {all(equal)}; eager against the base: "
+        f"max |diff| {diff:.3g}")
     return row
 
 
@@ -519,14 +512,14 @@ def ab_settings(chain_json: Path, margin_us: float = 0.2) -> str:
         return min(rows, key=lambda r: r["us_per_layer"]) if rows else None
 
     switches = best(r for r in timed if r["variant"]["tiles"] == tuned)
-    tiles = best(r for r in timed if r["variant"]["tiles"] != tuned and not r["variant"]["prewait"]
-                 and not r["variant"]["rotary_warps"])
-    clear = {"INFERNEO_PREWAIT_LOADS": "", "INFERNEO_ROTARY_WARPS": "", "INFERNEO_MOE_PAIR_TILES": ""}
+    tiles = best(r for r in timed if r["variant"]["tiles"] != tuned and r["variant"]["prewait"] == "none"
+                 and r["variant"]["rotary_warps"] == 4)
+    clear = {"INFERNEO_PREWAIT_LOADS": "none", "INFERNEO_ROTARY_WARPS": "4", "INFERNEO_MOE_PAIR_TILES": ""}
     env_s = env_t = {}
     if switches:
         v = switches["variant"]
-        env_s = {"INFERNEO_PREWAIT_LOADS": v["prewait"].replace(",", "+"),
-                 "INFERNEO_ROTARY_WARPS": str(v["rotary_warps"] or "")}
+        env_s = {"INFERNEO_PREWAIT_LOADS": v["prewait"].replace(",", "+") or "none",
+                 "INFERNEO_ROTARY_WARPS": str(v["rotary_warps"] or 4)}
     if tiles:
         changed = {k: val for k, val in tiles["variant"]["tiles"].items() if tuned.get(k) != val}
         env_t = {"INFERNEO_MOE_PAIR_TILES": "+".join(f"{k}={val}" for k, val in changed.items())}

@@ -18,14 +18,14 @@ grep -vE "UserWarning|_warn_once" "$OUT/check.log" | cut -c1-160 | tail -n 20
 timeout 130 python3 benchmarks/gpu/moe_b1_chain.py --set pre --out "$WORK/chain" > "$OUT/chain.log" 2>&1
 echo "chain rc=$?"
 grep -vE "^\s*$" "$OUT/chain.log" | grep -vE "UserWarning|_warn_once" | cut -c1-160
-ALL="INFERNEO_PREWAIT_LOADS=all INFERNEO_ROTARY_WARPS=8 INFERNEO_MOE_PAIR_TILES=down_prefetch=3+down_num_warps=8"
+ALL="INFERNEO_PREWAIT_LOADS=all INFERNEO_ROTARY_WARPS=8"
 env $ALL timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_hf_parity.py -k \
   "test_single_prompt_matches_hf and (qwen3 or gpt_oss or gemma3 or mixtral)" > "$OUT/parity.log" 2>&1
 echo "parity (all switches on) rc=$?"; tail -n 2 "$OUT/parity.log"
 # the suite's settings: the base, and the chain's fastest switches and expert tiles (each where it beat the base)
 AB=$(python3 benchmarks/gpu/moe_b1_chain.py --ab-from "$WORK/chain/moe_b1_chain.json" 2>/dev/null | tail -n 1)
 if [ -z "$AB" ]; then
-  AB="base:INFERNEO_PREWAIT_LOADS=,INFERNEO_ROTARY_WARPS=,INFERNEO_MOE_PAIR_TILES="
+  AB="base:INFERNEO_PREWAIT_LOADS=none,INFERNEO_ROTARY_WARPS=4,INFERNEO_MOE_PAIR_TILES="
   AB="$AB;prewait all:INFERNEO_PREWAIT_LOADS=all,INFERNEO_ROTARY_WARPS=8,INFERNEO_MOE_PAIR_TILES="
 fi
 echo "suite A/B: $AB"

@@ -4,13 +4,15 @@
 Each kernel with its switch on against the same kernel with it off, on the same inputs, eager and replayed from a
 CUDA graph; outputs must be equal bit for bit:
 
-- decode attention and its split reduction (``INFERNEO_PREWAIT_LOADS=decode,reduce`` and ``decode-l2,reduce``):
-  bf16 and FP8 caches, 1, 3
+- decode attention and its split reduction (``INFERNEO_PREWAIT_LOADS=decode,reduce`` against ``none``): bf16
+  and FP8 caches, 1, 3
   and 32 requests, 4 and 8 KV heads, plain and window + soft-cap + sinks, with the new token's cache row written
   by a kernel launched right before (the q/k norm + rotary kernel, so the decode kernel's early reads race with it
   if they touch that row); the row is poisoned (NaN) before each graph replay;
-- the q/k norm + rotary + K/V store kernel (``rotary``): the rotated q/k/v rows and the cache;
-- the few-token down experts kernel with 1, 2 and 3 weight chunks read before its wait (Qwen3-30B-A3B's shape).
+- the q/k norm + rotary + K/V store kernel (``rotary``, and 4 or 8 warps, ``INFERNEO_ROTARY_WARPS``): the rotated
+  q/k/v rows and the cache;
+- the few-token experts (Qwen3-30B-A3B's shape, 1, 2 and 4 tokens) with the gate/up tiles of 4 x 2,048 against
+  8 x 1,024: not the same sums, so their errors against a float32 reference are reported side by side.
 
 Writes ``prewait_check.json`` to ``--out``; exits 1 when any comparison differs.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -98,7 +99,7 @@ def decode_case(batch: int, kv_heads: int, group: int, variant: str, fp8: bool) 
     v = qkv[:, (heads + kv_heads) * d :].view(batch, kv_heads, d)
     q = qkv[:, : heads * d].view(batch, heads, d)
     outs = []
-    for setting in ("", "decode,reduce", "decode-l2,reduce"):
+    for setting in ("none", "decode,reduce"):
         cache = base_cache.clone()
 
         def step(cache=cache):
@@ -127,15 +128,16 @@ def check_decode(log) -> dict:
     results = {}
     for case in ((1, 4, 8, "plain", False), (1, 4, 8, "window+sinks", False), (3, 8, 4, "plain", False),
                  (32, 4, 8, "plain", False), (1, 8, 4, "plain", True), (3, 4, 8, "window+sinks", True)):
-        a, b, c = decode_case(*case)
+        a, b = decode_case(*case)
         batch, kv_heads, group, variant, fp8 = case
         name = f"b{batch} kv{kv_heads} g{group} {variant}{' fp8' if fp8 else ''}"
-        equal = all(torch.equal(x, y) for x in a for y in (*b, *c))
-        finite = bool(torch.isfinite(b[1].float()).all() and torch.isfinite(c[1].float()).all())
-        diff = max((a[0].float() - y[1].float()).abs().max().item() for y in (b, c))
-        results[name] = {"equal": equal, "finite": finite, "max_abs_diff": diff}
-        log(f"decode {name:32s}: decode,reduce and decode-l2,reduce == off, eager and graph: {equal} (max |diff| "
-            f"{diff:.3g}), finite {finite}")
+        equal = all(torch.equal(x, y) for x in a for y in b)
+        finite = bool(torch.isfinite(b[1].float()).all())
+        diff = (a[0].float() - b[1].float()).abs().max().item()
+        results[name] = {"equal": equal, "finite": finite, "max_abs_diff": diff,
+                         "off_eager_equals_graph": bool(torch.equal(*a))}
+        log(f"decode {name:32s}: decode,reduce == none, eager and graph: {equal} (max |diff| {diff:.3g}), finite "
+            f"{finite}; off: eager == graph {torch.equal(*a)}")
     return results
 
 
@@ -157,10 +159,12 @@ def rotary_case(tokens: int, heads: int, kv_heads: int) -> bool:
         return torch.cat([qkv.view(-1), cache.view(-1)])
 
     got = []
-    for setting in ("", "rotary"):
+    for setting, warps in (("none", "4"), ("rotary", "4"), ("none", "8"), ("rotary", "8")):
+        os.environ["INFERNEO_ROTARY_WARPS"] = warps
         with prewait(setting):
             got.append(eager_and_graph(run))
-    return all(torch.equal(x, y) for x in got[0] for y in got[1])
+    del os.environ["INFERNEO_ROTARY_WARPS"]
+    return all(torch.equal(x, y) for x in got[0] for other in got[1:] for y in other)
 
 
 def check_rotary(log) -> dict:
@@ -168,30 +172,32 @@ def check_rotary(log) -> dict:
     for tokens, heads, kv_heads in ((1, 32, 4), (7, 32, 4), (3, 16, 8)):
         equal = rotary_case(tokens, heads, kv_heads)
         results[f"t{tokens} h{heads} kv{kv_heads}"] = {"equal": equal}
-        log(f"rotary t{tokens} h{heads} kv{kv_heads}: prewait == off, eager and graph: {equal}")
+        log(f"rotary t{tokens} h{heads} kv{kv_heads}: prewait on/off, 4/8 warps, eager and graph all equal: {equal}")
     return results
 
 
-def check_down(log) -> dict:
+def check_experts(log) -> dict:
     dev, dt = "cuda", torch.bfloat16
     experts, hidden, inter, top_k = 128, 2048, 768, 8
     g = torch.Generator(device=dev).manual_seed(0)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=dev, generator=g) * hidden ** -0.5).to(dt)
     w2 = (torch.randn(experts, hidden, inter, device=dev, generator=g) * inter ** -0.5).to(dt)
-    results = {}
     tuned = pair_tiles(experts, inter, hidden, dt)
+    results = {}
     for tokens in (1, 2, 4):
-        rows = torch.randn(tokens * top_k, inter, device=dev, generator=g).to(dt)
-        ids = torch.stack([torch.randperm(experts, device=dev, generator=g)[:top_k] for _ in range(tokens)])
+        x = torch.randn(tokens, hidden, device=dev, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(experts, device=dev, generator=g)[:top_k] for _ in range(tokens)]).int()
         weights = torch.softmax(torch.randn(tokens, top_k, device=dev, generator=g), -1)
-        ids = ids.int().contiguous()
-        variants = (tuned, replace(tuned, down_prefetch=2), replace(tuned, down_prefetch=3, down_num_warps=8),
-                    replace(tuned, down_prefetch=2, down_num_warps=8))
-        outs = [eager_and_graph(functools.partial(triton_moe.pair_down_sum, rows, w2, weights, ids, None, tiles,
-                                                  pdl=True)) for tiles in variants]
-        equal = all(torch.equal(outs[0][0], o) for pair in outs for o in pair)
-        results[f"{tokens} tokens"] = {"equal": equal}
-        log(f"down experts, {tokens} tokens: prefetch 1 / 2 / 3 (8 warps) / 2 (8 warps) equal, eager and graph: "
-            f"{equal}")
+        gate, up = torch.einsum("th,tkih->tki", x.float(), w13[ids.long()].float()).chunk(2, dim=-1)
+        ref = torch.einsum("tki,tkhi,tk->th", torch.nn.functional.silu(gate) * up, w2[ids.long()].float(), weights)
+        row = {}
+        for name, tiles in (("up 4x2048", replace(tuned, up_block_n=4, up_block_k=2048)),
+                            ("up 8x1024", replace(tuned, up_block_n=8, up_block_k=1024))):
+            got = triton_moe.triton_fused_experts(x, w13, w2, weights, ids, pair_tiles=tiles)
+            row[name] = ((got.float() - ref).norm() / ref.norm()).item()
+        results[f"{tokens} tokens"] = {"equal": True, "relative_error": row}
+        log(f"experts, {tokens} tokens, relative error against float32: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in row.items()))
     return results
 
 
@@ -206,7 +212,7 @@ def main() -> None:
         print(msg, flush=True)
 
     results = {"device": torch.cuda.get_device_name()}
-    for name, fn in (("decode", check_decode), ("rotary", check_rotary), ("down", check_down)):
+    for name, fn in (("decode", check_decode), ("rotary", check_rotary), ("experts", check_experts)):
         try:
             results[name] = fn(log)
         except Exception as exc:  # noqa: BLE001 (the other checks still run)

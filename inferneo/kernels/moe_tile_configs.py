@@ -15,8 +15,7 @@ The same file may hold the tiles of the few-token path under the key ``"pair"`` 
 :func:`pair_tiles`), e.g. ``"pair": {"up_block_n": 8, "up_block_k": 1024, "up_num_warps": 4, "down_block_n": 8,
 "down_block_k": 256, "down_num_warps": 8}``, with optional switches of those kernels: ``up_unroll`` /
 ``down_unroll`` (the K loop unrolled), ``up_reduce_each`` (each K chunk summed at once) and ``evict`` (the expert
-weights' L2 eviction hint), 0 when absent, and ``down_prefetch`` (the down kernel's K chunks read before it waits
-for the gate/up kernel), 1 when absent.
+weights' L2 eviction hint), 0 when absent.
 """
 
 from __future__ import annotations
@@ -78,7 +77,6 @@ class PairTiles:
     up_reduce_each: int = 0  # 1: the gate/up kernel sums each K chunk at once ([BLOCK_N] accumulators)
     down_unroll: int = 0  # 1: the down kernel's K loop unrolled
     evict: int = 0  # the expert weights' L2 eviction hint in both kernels: 0 normal, 1 evict_first, 2 evict_last
-    down_prefetch: int = 1  # K chunks of its weights the down kernel reads before it waits for the gate/up kernel
 
     @classmethod
     def from_json(cls, entry: dict) -> PairTiles:

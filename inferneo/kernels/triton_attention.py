@@ -282,8 +282,9 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    SINKS: tl.constexpr, FP8: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
                    BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
                    qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0, rope_eps=0.0,
-                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = 0):
-    if PRELOAD == 0:
+                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+                   L2_PREFETCH: tl.constexpr = False):
+    if not PRELOAD:
         wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -326,34 +327,16 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = table_ptr + b * stride_tb
     head_base = cache_ptr + kvh * stride_ch
-    first = start
-    if PRELOAD == 2:  # the first tile's cache blocks asked into L2 before the wait (see paged_decode); then as usual
-        _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end,
-                         stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_N, BLOCK_SIZE)
+    if PRELOAD:  # (not with ROTARY) the length read above, before the wait; with L2_PREFETCH the first tile's
+        # block ids read and its cache blocks asked into L2 there too (see paged_decode); then as usual
+        if L2_PREFETCH:
+            _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end,
+                             stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_N, BLOCK_SIZE)
         wait_for_previous_kernel(PDL, EARLY=True)
-    if PRELOAD == 1:  # (not with ROTARY) the first tile read before the wait, less the new token's row
-        tok0 = start + tl.arange(0, BLOCK_N)  # names of their own: not carried through the loop below
-        tmask0 = tok0 < end
-        blk0 = tl.load(table + tok0 // BLOCK_SIZE, mask=tmask0, other=0)
-        rows0 = head_base + blk0 * stride_blk + (tok0 % BLOCK_SIZE) * stride_off
-        old0 = (tmask0 & (tok0 < seq_len - 1))[:, None] & dmask[None, :]
-        key0 = tl.load(rows0[:, None] + d[None, :], mask=old0, other=0.0)
-        value0 = tl.load(rows0[:, None] + stride_half + d[None, :], mask=old0, other=0.0)
-        wait_for_previous_kernel(PDL, EARLY=True)  # the new token's K/V and the query are written now
+    if not ROTARY:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
-        new0 = (tmask0 & (tok0 >= seq_len - 1))[:, None] & dmask[None, :]
-        key0 = tl.load(rows0[:, None] + d[None, :], mask=new0, other=key0)  # the row kept where not loaded
-        value0 = tl.load(rows0[:, None] + stride_half + d[None, :], mask=new0, other=value0)
-        # an empty split (no valid row) leaves m_i, l_i and acc as they are; otherwise the loop's arithmetic
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, _from_cache(key0, q, FP8), _from_cache(value0, q, FP8),
-                                     tmask0[None, :], qk_scale, softcap_log2, USE_DOT, PRECISION, SOFTCAP,
-                                     MAY_BE_EMPTY=True)
-        first = start + BLOCK_N
-    elif not ROTARY:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-    for kv0 in range(first, end, BLOCK_N):
+    for kv0 in range(start, end, BLOCK_N):
         tok = kv0 + tl.arange(0, BLOCK_N)
         tmask = tok < end
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
@@ -492,12 +475,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     whose split holds the new token writes its rotated key and its value to the cache at ``slot_mapping`` and
     attends to them from registers: that launch is not needed at a decode-only step.
 
-    ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (read at each launch): each program reads its request's length, block
-    table and first KV tile before it waits for the kernel before it (programmatic dependent launch), all but the
-    row of the request's last token, which the step itself writes (read after the wait); every other row was written
-    by an earlier step; with ``decode-l2`` instead, it reads the length and block table there and asks L2 for the
-    first tile's cache blocks (a bulk prefetch; on CUDA). With ``reduce``, the split reduction reads its partials
-    beside their log-sum-exps. Results are unchanged either way.
+    ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (the default; read at each launch): each program reads its request's
+    length and block table before it waits for the kernel before it (programmatic dependent launch), and on CUDA
+    asks L2 for its first tile's cache blocks there (a bulk prefetch: a hint, so the row the step itself writes is
+    still read as written). With ``reduce`` (default too), the split reduction reads its partials beside their
+    log-sum-exps. Results are unchanged either way.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -545,6 +527,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                       kw_ptr=r.k_weight, slot_ptr=r.slot_mapping, stride_kb=r.k.stride(0), stride_cos=r.cos.stride(0),
                       rope_eps=r.eps, ROTARY=True, WEIGHT_OFFSET=r.weight_offset)
     prewait = envs.prewait_loads()
+    preload = "decode" in prewait and qk_rotary is None
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, tickets, qk_scale,
         softcap_log2,
@@ -555,7 +538,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
-        PRELOAD=_preload_mode(prewait, kv_cache) if qk_rotary is None else 0, num_warps=num_warps, num_stages=2,
+        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache), num_warps=num_warps, num_stages=2,
         **rotary,
         **launch_options(pdl),
     )
@@ -700,17 +683,11 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
 # ---- helpers --------------------------------------------------------------------------------------------------
 
 
-def _preload_mode(prewait: frozenset[str], kv_cache: torch.Tensor) -> int:
-    """The decode kernel's ``PRELOAD``: 1 (``decode`` in ``INFERNEO_PREWAIT_LOADS``) its first KV tile into
-    registers before the wait; 2 (``decode-l2``; CUDA, 16-byte aligned rows and blocks) a bulk L2 prefetch of that
-    tile's cache blocks before the wait; 0 neither."""
-    if "decode" in prewait:
-        return 1
-    if "decode-l2" in prewait and kv_cache.is_cuda:
-        size = kv_cache.element_size()
-        if kv_cache.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]):
-            return 2
-    return 0
+def _l2_prefetch_ok(kv_cache: torch.Tensor) -> bool:
+    """Whether the decode kernel may bulk-prefetch ``kv_cache``'s blocks (CUDA; 16-byte aligned base and strides)."""
+    size = kv_cache.element_size()
+    return (kv_cache.is_cuda and kv_cache.data_ptr() % 16 == 0
+            and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]))
 
 
 def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:

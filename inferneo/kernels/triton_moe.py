@@ -285,7 +285,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, str
 def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp,
                           stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          UNROLL: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr = 1):
+                          UNROLL: tl.constexpr, EVICT: tl.constexpr):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
     token = tl.program_id(0).to(tl.int64)
@@ -296,27 +296,21 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     # ids and top-k weights come from the routing, which finished before the gate/up kernel let this one launch:
-    # the first PREFETCH weight tiles (1 to 3) are read before waiting for the gate/up kernel's output.
+    # the first weight tile is read before waiting for the gate/up kernel's output.
     experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
     rows = w_ptr + experts[:, None, None] * stride_we + cols[None, :, None] * stride_wn + ks[None, None, :]
     row_ok = slot_ok[:, None, None] & col_ok[None, :, None]
     h_rows = h_ptr + pairs[:, None] * stride_hp + ks[None, :]
-    w0 = _down_weights(rows, ks, 0, row_ok, K, EVICT)
-    if PREFETCH > 1:
-        w1 = _down_weights(rows, ks, BLOCK_K, row_ok, K, EVICT)
-    if PREFETCH > 2:
-        w2 = _down_weights(rows, ks, 2 * BLOCK_K, row_ok, K, EVICT)
+    k_ok = ks < K
+    w = tl.load(rows, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
     wait_for_previous_kernel(PDL, EARLY=True)  # the next layer's q/k/v GEMV may launch and stream its weights
-    acc = w0.to(tl.float32) * _down_h(h_rows, ks, 0, slot_ok, K)[:, None, :]
-    if PREFETCH > 1:
-        acc += w1.to(tl.float32) * _down_h(h_rows, ks, BLOCK_K, slot_ok, K)[:, None, :]
-    if PREFETCH > 2:
-        acc += w2.to(tl.float32) * _down_h(h_rows, ks, 2 * BLOCK_K, slot_ok, K)[:, None, :]
+    h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * h[:, None, :]
     if UNROLL:
-        for k0 in tl.static_range(PREFETCH * BLOCK_K, K, BLOCK_K):
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
             acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
     else:
-        for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
     y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
     if HAS_BIAS:
@@ -328,21 +322,11 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
 
 
 @triton.jit
-def _down_weights(rows, ks, k0, row_ok, K: tl.constexpr, EVICT: tl.constexpr):
-    """The ``[TOPK_POW2, BLOCK_N, BLOCK_K]`` weight chunk at ``k0`` (zeros past K)."""
-    return tl.load(rows + k0, mask=row_ok & (ks < K - k0)[None, None, :], other=0.0, eviction_policy=EVICT)
-
-
-@triton.jit
-def _down_h(h_rows, ks, k0, slot_ok, K: tl.constexpr):
-    """The ``[TOPK_POW2, BLOCK_K]`` activation chunk at ``k0`` in float32 (zeros past K)."""
-    return tl.load(h_rows + k0, mask=slot_ok[:, None] & (ks < K - k0)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K: tl.constexpr, EVICT: tl.constexpr):
-    w = _down_weights(rows, ks, k0, row_ok, K, EVICT)
-    return w.to(tl.float32) * _down_h(h_rows, ks, k0, slot_ok, K)[:, None, :]
+    k_ok = ks < K - k0
+    h = tl.load(h_rows + k0, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
+    return w.to(tl.float32) * h[:, None, :]
 
 
 def _evict(code: int) -> str:
@@ -379,8 +363,7 @@ def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Ten
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
         out.stride(0), K=inter, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
         BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, UNROLL=bool(tiles.down_unroll),
-        EVICT=_evict(tiles.evict), PREFETCH=max(1, min(tiles.down_prefetch, 3, triton.cdiv(inter, tiles.down_block_k))),
-        num_warps=tiles.down_num_warps, **launch_options(pdl))
+        EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps, **launch_options(pdl))
     return out
 
 
