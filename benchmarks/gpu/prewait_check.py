@@ -71,8 +71,9 @@ def rotary_tables(d: int, dev: str):
     return angles.cos(), angles.sin()
 
 
-def decode_case(batch: int, kv_heads: int, group: int, variant: str, fp8: bool) -> tuple:
-    """One decode case under each setting: ((eager, graph) with the switch off, the same with it on)."""
+def decode_case(batch: int, kv_heads: int, group: int, variant: str, fp8: bool,
+                settings: tuple[str, ...] = ("none", "decode,reduce")) -> tuple:
+    """One decode case under each ``INFERNEO_PREWAIT_LOADS`` setting: (eager, graph) outputs for each."""
     dev, dt, d, bs = "cuda", torch.bfloat16, 128, 16
     g = torch.Generator(device=dev).manual_seed(batch * 100 + kv_heads)
     heads, blocks = kv_heads * group, 128
@@ -99,7 +100,7 @@ def decode_case(batch: int, kv_heads: int, group: int, variant: str, fp8: bool) 
     v = qkv[:, (heads + kv_heads) * d :].view(batch, kv_heads, d)
     q = qkv[:, : heads * d].view(batch, heads, d)
     outs = []
-    for setting in ("none", "decode,reduce"):
+    for setting in settings:
         cache = base_cache.clone()
 
         def step(cache=cache):

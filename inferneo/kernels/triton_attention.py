@@ -478,8 +478,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (the default; read at each launch): each program reads its request's
     length and block table before it waits for the kernel before it (programmatic dependent launch), and on CUDA
     asks L2 for its first tile's cache blocks there (a bulk prefetch: a hint, so the row the step itself writes is
-    still read as written). With ``reduce`` (default too), the split reduction reads its partials beside their
-    log-sum-exps. Results are unchanged either way.
+    still read as written); the same bits as without. With ``reduce`` (opt-in), the split reduction reads its
+    partials beside their log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
