@@ -182,7 +182,7 @@ def rotary_warps() -> int:
 
 def moe_pair_tiles() -> dict[str, int]:
     """INFERNEO_MOE_PAIR_TILES (default empty): fields of the few-token Triton MoE kernels' tiles overridden, as
-    ``name=value`` pairs separated by commas or ``+`` (e.g. ``down_prefetch=3+down_num_warps=8``; the names of
+    ``name=value`` pairs separated by commas or ``+`` (e.g. ``up_block_n=4+up_block_k=2048``; the names of
     ``moe_tile_configs.PairTiles``). Read where the tiles are looked up (an A/B switch)."""
     value = os.environ.get("INFERNEO_MOE_PAIR_TILES", "").strip()
     fields = {}
