@@ -151,6 +151,49 @@ def decode_split_tiles() -> int:
     return int(value) if value else 0
 
 
+PREWAIT_KERNELS = frozenset({"rotary", "decode", "reduce"})
+PREWAIT_DEFAULT = frozenset({"rotary", "decode"})
+
+
+def prewait_loads() -> frozenset[str]:
+    """INFERNEO_PREWAIT_LOADS (default ``rotary,decode``): which latency-bound decode kernels read, before their
+    programmatic-dependent-launch wait, what no kernel of the step writes: ``rotary`` (the q/k norm + rotary
+    kernel's positions, rotary rows, norm weights and slots; H200, Qwen3-30B-A3B's batch-1 chain, 2026-12-04: 1.4
+    us a layer less), ``decode`` (decode attention's lengths and first block ids, and on CUDA an L2 prefetch of its
+    first KV tile's cache blocks; 0.7-0.9 us a layer less), both the same bits as without; ``reduce`` (opt-in: the
+    split reduction reads its partials beside their log-sum-exps instead of after them; within noise there, and its
+    sums take another order: one bf16 ulp apart at 32 requests). Separated by commas or ``+``; ``all`` for the
+    three, ``none`` for none. Read at each launch."""
+    value = os.environ.get("INFERNEO_PREWAIT_LOADS", "").strip().lower()
+    if not value:
+        return PREWAIT_DEFAULT
+    if value == "all":
+        return PREWAIT_KERNELS
+    return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & PREWAIT_KERNELS
+
+
+def rotary_warps() -> int:
+    """INFERNEO_ROTARY_WARPS (default 0: the launcher's choice, 8 warps for 4,096-element head tiles and more, else
+    4): the warps of the Triton rotary and q/k norm + rotary kernel's program (one per token). Read at each launch
+    (an A/B switch)."""
+    value = os.environ.get("INFERNEO_ROTARY_WARPS", "").strip()
+    return int(value) if value else 0
+
+
+def moe_pair_tiles() -> dict[str, int]:
+    """INFERNEO_MOE_PAIR_TILES (default empty): fields of the few-token Triton MoE kernels' tiles overridden, as
+    ``name=value`` pairs separated by commas or ``+`` (e.g. ``up_block_n=4+up_block_k=2048``; the names of
+    ``moe_tile_configs.PairTiles``). Read where the tiles are looked up (an A/B switch)."""
+    value = os.environ.get("INFERNEO_MOE_PAIR_TILES", "").strip()
+    fields = {}
+    for part in filter(None, (p.strip() for p in value.replace("+", ",").split(","))):
+        name, _, number = part.partition("=")
+        if not number.strip().lstrip("-").isdigit():
+            raise ValueError(f"INFERNEO_MOE_PAIR_TILES wants name=integer pairs; got {part!r}")
+        fields[name.strip()] = int(number)
+    return fields
+
+
 def moe_evict() -> int | None:
     """INFERNEO_MOE_EVICT (default empty: the shape's tuned ``"pair"`` entry): the L2 eviction hint of the expert
     weights in the few-token Triton MoE kernels, 0 normal, 1 ``evict_first``, 2 ``evict_last``

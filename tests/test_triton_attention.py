@@ -118,6 +118,23 @@ def test_split_merge_inside_the_decode_kernel_equals_the_reduction_kernel(monkey
     assert not ops._decode_tickets(torch.device("cpu")).any()
 
 
+@pytest.mark.parametrize("name", ["plain", "window-softcap-sinks"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_reads_before_the_wait_leave_decode_unchanged(monkeypatch, name, splits):
+    """INFERNEO_PREWAIT_LOADS=decode,reduce against none: the lengths read before the PDL wait (on CUDA also an L2
+    prefetch of the first KV tile) and the reduction's partials beside their log-sum-exps give the same output bit
+    for bit here (on an H200 ``reduce`` sums in another order: one bf16 ulp apart at 32 requests), groups of 1 and
+    4, empty splits included."""
+    for group in (1, 4):
+        case = AttentionCase("prewait", 4 * group, 4, 32, 16, decode_lens=(1, 16, 70, 130, 200))
+        options = {} if name == "plain" else variant_options(name, case.num_heads)
+        outs = {}
+        for prewait in ("none", "decode,reduce"):
+            monkeypatch.setenv("INFERNEO_PREWAIT_LOADS", prewait)
+            outs[prewait] = _check(case, torch.float32, TritonBackend(decode_splits=splits), **options)[0]
+        assert torch.equal(outs["none"], outs["decode,reduce"])
+
+
 def test_split_merge_default_one_request_one_query_head_per_kv_head(monkeypatch):
     """Unset, INFERNEO_DECODE_FUSED_REDUCE merges in the decode kernel at one request with one query head per KV
     head only (measured faster for Llama-2-7B on an H200, slower with eight query heads per KV head)."""

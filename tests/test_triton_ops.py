@@ -73,6 +73,7 @@ def test_triton_ops_only_for_cuda_models_with_the_switch_on(monkeypatch):
 
 
 _QK_NORM_SCRIPT = textwrap.dedent("""
+    import os
     import torch
     from inferneo.kernels import _triton_elementwise as k
     from inferneo.kernels.triton_attention import store_kv
@@ -114,6 +115,14 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
             store_kv(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), got[:, kv_end:].reshape(n, kv_heads, dim),
                      want, slots)
             assert torch.equal(cache, want) and cache.any()
+            # the default reads positions, rotary rows, weights and slots before the PDL wait; none: the same bits
+            os.environ["INFERNEO_PREWAIT_LOADS"] = "none"
+            early, early_cache = qkv.clone(), torch.zeros_like(cache)
+            k.qk_norm_rotary_inplace(early, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim, q_norm.weight,
+                                     k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm,
+                                     kv_cache=early_cache, slot_mapping=slots)
+            del os.environ["INFERNEO_PREWAIT_LOADS"]
+            assert torch.equal(early, got) and torch.equal(early_cache, cache)
     print("ok")
 """)
 

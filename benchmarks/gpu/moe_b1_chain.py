@@ -10,7 +10,11 @@ rows, all read before the GEMV waits, against the tuned ones), the q/k/v norm + 
 attention's split count, an ``evict_first`` hint on the expert weights; ``ab`` (default), the hint, 16 attention
 splits and the split merge inside the decode kernel alone and together (after a CUDA check of that merge); ``rotary``,
 the q/k norms + rotary + K/V store inside decode attention (after a CUDA check against the separate kernels).
-``ab`` and ``rotary`` then profile CUDA-graph replays of the base and the fastest variant: per kernel of a layer its
+``pre``, reads moved before the programmatic-dependent-launch wait (``INFERNEO_PREWAIT_LOADS``: the q/k norm +
+rotary kernel's positions and rotary rows, decode attention's lengths and an L2 prefetch of its first KV tile, the
+reduction's partials beside their log-sum-exps), the rotary kernel's warps and gate/up tiles, each against all of
+them off, then a race check (the new token's cache rows poisoned before each replay). ``ab``, ``rotary`` and ``pre`` then profile CUDA-graph replays of the base and
+the fastest variant: per kernel of a layer its
 duration, the time it adds to the stream's end (``kernel_timeline.py``) and its bytes at the copy bandwidth.
 Whether the kernels launch their dependents early (``INFERNEO_CUDA_PDL_EARLY``, read at import) is the process's:
 run it once with each setting.
@@ -25,8 +29,11 @@ shapes (it checks the script).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +62,9 @@ class Variant:
     attn_splits: int | None = None  # decode attention's context splits (None: its heuristic)
     fused_reduce: bool = False  # decode attention merges its splits in the decode kernel (no reduction launch)
     rotary_in_decode: bool = False  # the q/k norms, rotary and K/V store inside decode attention (no rotary launch)
+    prewait: str = ""  # INFERNEO_PREWAIT_LOADS while the graph is captured (what the kernels read before waiting;
+    # "": the default, "none": nothing)
+    rotary_warps: int = 0  # INFERNEO_ROTARY_WARPS while the graph is captured (0: the launcher's choice)
 
 
 def make_sets(device) -> list[dict]:
@@ -198,6 +208,19 @@ VARIANT_SET = "ab"
 def variants() -> list[Variant]:
     tuned = pair_tiles(SHAPE["experts"], SHAPE["inter"], SHAPE["hidden"], torch.bfloat16)
     ef, plain = replace(tuned, evict=1), replace(tuned, evict=0)
+    if VARIANT_SET == "pre":  # reads moved before the PDL wait, the rotary kernel's warps, gate/up tiles
+        up = {"up 4x2048 4 warps": replace(tuned, up_block_n=4, up_block_k=2048, up_num_warps=4),
+              "up 8x1024 4 warps": replace(tuned, up_block_n=8, up_block_k=1024, up_num_warps=4),
+              "up 4x1024 4 warps": replace(tuned, up_block_n=4, up_block_k=1024, up_num_warps=4)}
+        off = dict(prewait="none", rotary_warps=4)
+        return ([Variant("base", **off), Variant("rotary", prewait="rotary", rotary_warps=4),
+                 Variant("rotary 8 warps", prewait="none", rotary_warps=8),
+                 Variant("rotary + 8 warps", prewait="rotary", rotary_warps=8),
+                 Variant("decode", prewait="decode", rotary_warps=4), Variant("reduce", prewait="reduce", rotary_warps=4),
+                 Variant("rotary, decode, reduce", prewait="all", rotary_warps=4),
+                 Variant("rotary, decode, reduce + 8 warps", prewait="all", rotary_warps=8)]
+                + [Variant(name, tiles=t, **off) for name, t in up.items()]
+                + [Variant("shipped defaults"), Variant("base again", **off)])
     if VARIANT_SET == "rotary":  # the q/k norms + rotary + K/V store inside decode attention (tuned tiles)
         return [Variant("base"), Variant("rotary in decode", rotary_in_decode=True), Variant("base again"),
                 Variant("rotary in decode again", rotary_in_decode=True)]
@@ -244,7 +267,13 @@ def run(log) -> dict:
     results, first = {}, None
     for v in variants():
         tiles = v.tiles or tuned
-        us, y, replay_equal = time_chain(lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl))
+        try:
+            with prewait_env(v.prewait, v.rotary_warps):
+                us, y, replay_equal = time_chain(lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl))
+        except Exception as exc:  # noqa: BLE001 (the other variants still run)
+            log(f"{v.name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            results[v.name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         if first is None:
             first = y
         diff = (y.float() - first.float()).abs().max().item()
@@ -254,15 +283,72 @@ def run(log) -> dict:
             f"{diff:.3g}, graph == eager {replay_equal}")
     if PROFILE and DEVICE == "cuda":
         by_name = {v.name: v for v in variants()}
-        best = min((n for n in results if n in by_name), key=lambda n: results[n]["us_per_layer"])
+        best = min((n for n in results if n in by_name and "us_per_layer" in results[n]),
+                   key=lambda n: results[n]["us_per_layer"])
         bandwidth = copy_bandwidth()
         log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
         for name in dict.fromkeys(["base", best]):
             v = by_name[name]
             tiles = v.tiles or tuned
-            results[name]["profile"] = profile_chain(
-                lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl), name, bandwidth, log)
+            with prewait_env(v.prewait, v.rotary_warps):
+                results[name]["profile"] = profile_chain(
+                    lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl), name, bandwidth, log)
+    if VARIANT_SET == "pre" and DEVICE == "cuda":
+        for prewait in ("all",):
+            v = Variant("race check", prewait=prewait, rotary_warps=8, tiles=tuned)
+            try:
+                results[f"race_check {prewait}"] = race_check(sets, shared, x, r, v, pdl, first, log)
+            except Exception as exc:  # noqa: BLE001 (the results so far are still written)
+                log(f"race check {prewait} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                results[f"race_check {prewait}"] = {"error": f"{type(exc).__name__}: {exc}"}
     return results, first
+
+
+@contextlib.contextmanager
+def prewait_env(value: str, rotary_warps: int = 0):
+    """``INFERNEO_PREWAIT_LOADS=value`` and ``INFERNEO_ROTARY_WARPS=rotary_warps`` for the launches inside (what a
+    captured graph keeps)."""
+    names = {"INFERNEO_PREWAIT_LOADS": value, "INFERNEO_ROTARY_WARPS": str(rotary_warps)}
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, was in old.items():
+            if was is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = was
+
+
+def race_check(sets, shared, x, r, v: Variant, pdl: bool, base_out, log, replays: int = 8) -> dict:
+    """The chain with every read moved before its wait, captured once and replayed with the new token's cache row
+    of every layer poisoned (NaN) before each replay: decode attention must read that row only after the q/k norm
+    + rotary kernel wrote it, so each replay's output must equal the same chain's unpoisoned eager output bit for
+    bit (and the base's, up to the rotary kernel's warps)."""
+    s = SHAPE
+    slot = s["context"] - 1
+    block, offset = slot // s["block_size"], slot % s["block_size"]
+    with prewait_env(v.prewait, v.rotary_warps):
+        fn = functools.partial(chain, sets, shared, x, r, v, v.tiles, pdl)
+        reference = fn()[0].clone()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn()
+    equal = []
+    for _ in range(replays):
+        for p in sets:
+            p["cache"][:, block, :, offset, :] = float("nan")
+        graph.replay()
+        torch.cuda.synchronize()
+        equal.append(bool(torch.equal(captured[0], reference)))
+    diff = (reference.float() - base_out.float()).abs().max().item()
+    row = {"replays": replays, "all_equal": all(equal), "equal": equal, "max_abs_diff_vs_base": diff}
+    log(f"race check (new cache rows poisoned before each of {replays} replays, {v.prewait}, rotary "
+        f"{v.rotary_warps} warps): every output equal to the eager one: {all(equal)}; eager against the base: "
+        f"max |diff| {diff:.3g}")
+    return row
 
 
 def check_fused_merge(log) -> dict:
@@ -411,6 +497,42 @@ def write_configs(results: dict, log) -> None:
     triton_gemv.TUNED_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
 
 
+def ab_settings(chain_json: Path, margin_us: float = 0.2) -> str:
+    """``moe_suite.py --ab`` settings from a ``--set pre`` run: the base (every switch cleared), the fastest
+    setting of the latency-bound kernels' switches (``INFERNEO_PREWAIT_LOADS``, ``INFERNEO_ROTARY_WARPS``) with
+    the tuned expert tiles, the fastest expert tiles alone (``INFERNEO_MOE_PAIR_TILES``: the fields that differ
+    from the tuned ones) and both, each kept only where it beats the base by ``margin_us`` a layer."""
+    variants = json.loads(chain_json.read_text())["variants"]
+    base = variants["base"]
+    tuned = base["variant"]["tiles"]
+    timed = [row for name, row in variants.items() if "us_per_layer" in row and not name.startswith("base")]
+
+    def best(rows):
+        rows = [r for r in rows if r["us_per_layer"] < base["us_per_layer"] - margin_us]
+        return min(rows, key=lambda r: r["us_per_layer"]) if rows else None
+
+    switches = best(r for r in timed if r["variant"]["tiles"] == tuned)
+    tiles = best(r for r in timed if r["variant"]["tiles"] != tuned and r["variant"]["prewait"] == "none"
+                 and r["variant"]["rotary_warps"] == 4)
+    clear = {"INFERNEO_PREWAIT_LOADS": "none", "INFERNEO_ROTARY_WARPS": "4", "INFERNEO_MOE_PAIR_TILES": ""}
+    env_s = env_t = {}
+    if switches:
+        v = switches["variant"]
+        env_s = {"INFERNEO_PREWAIT_LOADS": v["prewait"].replace(",", "+") or "none",
+                 "INFERNEO_ROTARY_WARPS": str(v["rotary_warps"] or 4)}
+    if tiles:
+        changed = {k: val for k, val in tiles["variant"]["tiles"].items() if tuned.get(k) != val}
+        env_t = {"INFERNEO_MOE_PAIR_TILES": "+".join(f"{k}={val}" for k, val in changed.items())}
+    settings = [("base", clear)]
+    if env_s:
+        settings.append(("switches", {**clear, **env_s}))
+    if env_t:
+        settings.append(("expert tiles", {**clear, **env_t}))
+    if env_s and env_t:
+        settings.append(("switches + expert tiles", {**clear, **env_s, **env_t}))
+    return ";".join(f"{name}:" + ",".join(f"{k}={val}" for k, val in env.items()) for name, env in settings)
+
+
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -418,12 +540,18 @@ def main() -> None:
     parser.add_argument("--write-configs", action="store_true")
     parser.add_argument("--compare", default="", help="another run's base_output.pt, to check equal")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--set", default="ab", choices=("ab", "tiles", "rotary"),
+    parser.add_argument("--set", default="ab", choices=("ab", "tiles", "rotary", "pre"),
                         help="ab: the expert hint, the split count and the fused split merge, alone and together, "
                              "then per-kernel profiles of the base and the fastest; tiles: the GEMV tiles (writable); "
-                             "rotary: the q/k norms + rotary inside decode attention, against the base")
+                             "rotary: the q/k norms + rotary inside decode attention, against the base; pre: reads "
+                             "moved before the PDL wait (INFERNEO_PREWAIT_LOADS, the down kernel's prefetched "
+                             "chunks), then a race check")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--ab-from", default="", help="print moe_suite.py --ab settings from a --set pre run's JSON")
     args = parser.parse_args()
+    if args.ab_from:
+        print(ab_settings(Path(args.ab_from)))
+        return
     global VARIANT_SET, PROFILE
     VARIANT_SET, PROFILE = args.set, not args.no_profile
     if args.smoke:
@@ -448,7 +576,7 @@ def main() -> None:
             return 0.0, y[0].clone(), True
 
     checks = {}
-    if DEVICE == "cuda":
+    if DEVICE == "cuda" and VARIANT_SET != "pre":
         try:
             checks = check_rotary_in_decode(log) if VARIANT_SET == "rotary" else check_fused_merge(log)
         except Exception as exc:  # noqa: BLE001 (the timings still run)

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo import envs
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 
 
@@ -101,8 +102,12 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
                    n_heads, n_q_heads, head_dim, half, eps, stride_half, stride_blk, stride_ch, stride_off,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
                    PDL: tl.constexpr, STORE_KV: tl.constexpr = False, N_KV_HEADS: tl.constexpr = 1,
-                   BLOCK_SIZE: tl.constexpr = 16, BLOCK_V: tl.constexpr = 1, BLOCK_HD: tl.constexpr = 1):
-    wait_for_previous_kernel(PDL, EARLY=True)  # the KV store or decode attention after it waits before reading
+                   BLOCK_SIZE: tl.constexpr = 16, BLOCK_V: tl.constexpr = 1, BLOCK_HD: tl.constexpr = 1,
+                   PRELOAD: tl.constexpr = False):
+    # PRELOAD: the positions, rotary rows, norm weights and slots (no kernel of the step writes them) are read
+    # before the wait, the projection output after it
+    if not PRELOAD:
+        wait_for_previous_kernel(PDL, EARLY=True)  # the KV store or decode attention after it waits before reading
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -111,21 +116,27 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
     mask = (h < n_heads) & dmask
     cos = tl.load(cos_ptr + pos * stride_c + d, mask=dmask, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_c + d, mask=dmask, other=0.0)
+    is_q = h < n_q_heads
+    if NORM:  # the query heads' weight or the key heads', for each half
+        w_first = _head_norm_weight(qw_ptr, kw_ptr, d, dmask, is_q)
+        w_second = _head_norm_weight(qw_ptr + half, kw_ptr + half, d, dmask, is_q)
+    if STORE_KV:
+        slot = tl.load(slot_ptr + t)
+    if PRELOAD:
+        wait_for_previous_kernel(PDL, EARLY=True)
     base = qkv_ptr + t * stride_t + h * head_dim
     a = tl.load(base + d, mask=mask, other=0.0)
     b = tl.load(base + half + d, mask=mask, other=0.0)
     af, bf = a.to(tl.float32), b.to(tl.float32)
     if NORM:  # per-head RMSNorm first: the query heads with one weight, the key heads with the other
         rstd = 1.0 / tl.sqrt((tl.sum(af * af, axis=1) + tl.sum(bf * bf, axis=1)) / head_dim + eps)[:, None]
-        is_q = h < n_q_heads
-        af = _head_rms_norm(af * rstd, a, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET)
-        bf = _head_rms_norm(bf * rstd, a, qw_ptr + half, kw_ptr + half, d, dmask, is_q, WEIGHT_OFFSET)
+        af = _head_rms_norm(af * rstd, a, w_first, WEIGHT_OFFSET)
+        bf = _head_rms_norm(bf * rstd, a, w_second, WEIGHT_OFFSET)
     first = (af * cos - bf * sin).to(a.dtype)
     second = (bf * cos + af * sin).to(a.dtype)
     tl.store(base + d, first, mask=mask)
     tl.store(base + half + d, second, mask=mask)
     if STORE_KV:  # the rotated keys and the value heads into the paged cache at the token's slot, as store_kv does
-        slot = tl.load(slot_ptr + t)
         page = cache_ptr + (slot // BLOCK_SIZE) * stride_blk + (slot % BLOCK_SIZE) * stride_off
         key_mask = mask & (h >= n_q_heads) & (slot >= 0)
         key = page + (h - n_q_heads) * stride_ch + d
@@ -139,13 +150,18 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
 
 
 @triton.jit
-def _head_rms_norm(normed, like, qw_ptr, kw_ptr, d, dmask, is_q, WEIGHT_OFFSET: tl.constexpr):
-    """One half ``[H, D/2]`` of every head, already over its root mean square (float32), times the query weight
-    (``is_q`` rows) or the key weight, rounded to the model dtype (``like``'s) as ``RMSNorm`` rounds;
-    ``WEIGHT_OFFSET``: Gemma's ``x * (1 + w)``, all in float32. Returns float32 values."""
+def _head_norm_weight(qw_ptr, kw_ptr, d, dmask, is_q):
+    """One half of the per-head norm weights in float32: the query weight on the ``is_q`` rows, else the key's."""
+    return tl.where(is_q, tl.load(qw_ptr + d, mask=dmask, other=0.0).to(tl.float32),
+                    tl.load(kw_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _head_rms_norm(normed, like, w, WEIGHT_OFFSET: tl.constexpr):
+    """One half ``[H, D/2]`` of every head, already over its root mean square (float32), times its weight ``w``
+    (``_head_norm_weight``), rounded to the model dtype (``like``'s) as ``RMSNorm`` rounds; ``WEIGHT_OFFSET``:
+    Gemma's ``x * (1 + w)``, all in float32. Returns float32 values."""
     dtype = like.dtype
-    w = tl.where(is_q, tl.load(qw_ptr + d, mask=dmask, other=0.0).to(tl.float32),
-                 tl.load(kw_ptr + d, mask=dmask, other=0.0).to(tl.float32))
     if WEIGHT_OFFSET:
         return (normed * (1.0 + w)).to(dtype).to(tl.float32)
     return (w * normed.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
@@ -169,13 +185,17 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
         store = dict(STORE_KV=True, N_KV_HEADS=num_kv_heads, BLOCK_SIZE=kv_cache.shape[3],
                      BLOCK_V=triton.next_power_of_2(num_kv_heads), BLOCK_HD=triton.next_power_of_2(head_dim))
     strides = kv_cache.stride()[:4] if kv_cache is not None else (0, 0, 0, 0)
+    block_h, block_d = triton.next_power_of_2(num_heads), triton.next_power_of_2(half)
+    # 8 warps from [64, 64] head tiles up: 4 spill there (H200, Qwen3-30B-A3B's 36 heads: 2.0 us a layer less on
+    # the batch-1 chain's critical path with the reads before the wait, same outputs)
+    warps = 8 if block_h * block_d >= 4096 else 4
     _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, q_weight if norm else cos_cache,
                                 k_weight if norm else cos_cache, kv_cache if kv_cache is not None else qkv,
                                 slot_mapping if slot_mapping is not None else positions, qkv.stride(0),
                                 cos_cache.stride(0), num_heads, num_q_heads, head_dim, half, eps, *strides,
-                                BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(half),
-                                NORM=norm, WEIGHT_OFFSET=weight_offset, PDL=pdl, num_warps=4, **store,
-                                **launch_options(pdl))
+                                BLOCK_H=block_h, BLOCK_D=block_d, NORM=norm, WEIGHT_OFFSET=weight_offset, PDL=pdl,
+                                PRELOAD="rotary" in envs.prewait_loads(), num_warps=envs.rotary_warps() or warps,
+                                **store, **launch_options(pdl))
 
 
 def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,

@@ -134,8 +134,10 @@ def moe_tile_config(num_experts: int, intermediate_size: int, hidden_size: int, 
 
 def pair_tiles(num_experts: int, intermediate_size: int, hidden_size: int, dtype: torch.dtype) -> PairTiles:
     """The few-token path's tiles for a layer of this shape: the ``"pair"`` entry of its config file, else the
-    defaults of :class:`PairTiles`; ``INFERNEO_MOE_EVICT``, when set, overrides the eviction hint."""
+    defaults of :class:`PairTiles`; ``INFERNEO_MOE_EVICT``, when set, overrides the eviction hint and
+    ``INFERNEO_MOE_PAIR_TILES`` any fields it names (A/B switches)."""
     table = _table(config_file_name(num_experts, intermediate_size, hidden_size, dtype))
     tiles = PairTiles() if table is None or PAIR_KEY not in table else PairTiles.from_json(table[PAIR_KEY])
     evict = envs.moe_evict()  # INFERNEO_MOE_EVICT: the eviction hint overridden (an A/B switch)
-    return tiles if evict is None else dataclasses.replace(tiles, evict=evict)
+    tiles = tiles if evict is None else dataclasses.replace(tiles, evict=evict)
+    return dataclasses.replace(tiles, **envs.moe_pair_tiles())  # INFERNEO_MOE_PAIR_TILES: fields overridden

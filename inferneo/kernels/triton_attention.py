@@ -203,15 +203,20 @@ def _attend_tile(q, m_i, l_i, acc, key, value, valid, qk_scale, softcap_log2,
 @triton.jit
 def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SINKS: tl.constexpr, VOLATILE: tl.constexpr):
+                  SINKS: tl.constexpr, VOLATILE: tl.constexpr, PARALLEL: tl.constexpr = False):
     """Head ``h`` of request ``b``: its splits' partial outputs weighted by their log-sum-exps, into ``out``. Empty
-    splits (log-sum-exp -inf, partial output 0) weigh 0, and their partial rows are not read. ``VOLATILE``: the
-    partials were written by other programs of the same kernel (read from L2, not L1)."""
+    splits (log-sum-exp -inf, partial output 0) weigh 0, and their partial rows are not read, or with ``PARALLEL``
+    read beside the log-sum-exps (not after them: one dependent load less; every split stores its rows, an empty
+    one zeros) and taken as 0. ``VOLATILE``: the partials were written by other programs of the same kernel (read
+    from L2, not L1)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
     row = (b * NUM_HEADS + h) * NUM_SPLITS + s
     lse = tl.load(lse_ptr + row, mask=smask, other=float("-inf"), volatile=VOLATILE)
+    if PARALLEL:
+        every = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & (d < HEAD_DIM)[None, :],
+                        other=0.0, volatile=VOLATILE)
     if SINKS:  # the sink joins the denominator once, here, not in every split
         sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         top = tl.maximum(tl.max(lse, axis=0), sink)
@@ -221,8 +226,11 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, b, h, stride_ob, stride
         weight = tl.exp2(lse - tl.max(lse, axis=0))
         weight = weight / tl.sum(weight, axis=0)
     has = smask & (lse != float("-inf"))
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=has[:, None] & (d < HEAD_DIM)[None, :],
-                   other=0.0, volatile=VOLATILE)
+    if PARALLEL:
+        part = tl.where(has[:, None] & (d < HEAD_DIM)[None, :], every, 0.0)
+    else:
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=has[:, None] & (d < HEAD_DIM)[None, :],
+                       other=0.0, volatile=VOLATILE)
     out = tl.sum(part * weight[:, None], axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -256,6 +264,26 @@ def _norm_rope_rows(x_ptrs, d, dmask, w_ptr, cos, sin, eps, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end, row_bytes, BLOCK_N: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
+    """Ask L2 for the key and value rows of tokens ``[start, min(start + BLOCK_N, end))`` of one KV head: one bulk
+    prefetch per cache block and half, from the block's first row (a block's rows of one head are ``row_bytes``
+    apart, 16-byte multiples). A hint only: what the kernel then reads is unchanged, rows written meanwhile included
+    (L2 is where writes land)."""
+    NB: tl.constexpr = (BLOCK_N + BLOCK_SIZE - 1) // BLOCK_SIZE
+    j = tl.arange(0, NB)
+    first = start + j * BLOCK_SIZE  # blocks start at multiples of BLOCK_SIZE (the splits do: BLOCK_N multiples)
+    rows = tl.minimum(end - first, BLOCK_SIZE)
+    blk = tl.load(table + first // BLOCK_SIZE, mask=rows > 0, other=0)
+    nbytes = tl.maximum(rows, 0) * row_bytes
+    for half in tl.static_range(2):
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [head_base + blk * stride_blk + half * stride_half, nbytes.to(tl.int32)], dtype=tl.int32,
+            is_pure=False, pack=1)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
                    v_scale_ptr, tickets_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
@@ -268,8 +296,10 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    WIDEN: tl.constexpr = 0, BLOCK_S: tl.constexpr = 1, k_ptr=None, v_ptr=None, pos_ptr=None,
                    cos_ptr=None, sin_ptr=None, qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0,
                    rope_eps=0.0,
-                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False):
-    wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
+                   ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+                   L2_PREFETCH: tl.constexpr = False):
+    if not PRELOAD:
+        wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -306,14 +336,20 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
             tl.store(page + one * 0 + d[None, :], new_key.to(cache_ptr.dtype.element_ty), mask=dmask[None, :])
             tl.store(page + stride_half + one * 0 + d[None, :], new_value.to(cache_ptr.dtype.element_ty),
                      mask=dmask[None, :])
-    else:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = table_ptr + b * stride_tb
     head_base = cache_ptr + kvh * stride_ch
+    if PRELOAD:  # (not with ROTARY) the length read above, before the wait; with L2_PREFETCH the first tile's
+        # block ids read and its cache blocks asked into L2 there too (see paged_decode); then as usual
+        if L2_PREFETCH:
+            _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end,
+                             stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_N, BLOCK_SIZE)
+        wait_for_previous_kernel(PDL, EARLY=True)
+    if not ROTARY:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
     for kv0 in range(start, end, BLOCK_N):
         tok = kv0 + tl.arange(0, BLOCK_N)
         tmask = tok < end
@@ -359,10 +395,11 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
 @triton.jit
 def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, SINKS: tl.constexpr,
+                          PARALLEL: tl.constexpr = False):
     wait_for_previous_kernel(PDL, EARLY=True)  # the output GEMV may launch and read its weights now
     _merge_splits(part_ptr, lse_ptr, out_ptr, sinks_ptr, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh,
-                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False)
+                  NUM_HEADS, NUM_SPLITS, HEAD_DIM, BLOCK_S, BLOCK_D, SINKS, False, PARALLEL)
 
 
 class QKRotary(NamedTuple):
@@ -454,6 +491,12 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     attends to them from registers: that launch is not needed at a decode-only step. ``fp8_widen`` 1: an FP8 cache
     read with bfloat16 queries is widened by the candidate ``_e4m3_to_bf16(SIGN=True)`` (benchmarks; 0, the default,
     is the widening timed on the H200).
+
+    ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (the default; read at each launch): each program reads its request's
+    length and block table before it waits for the kernel before it (programmatic dependent launch), and on CUDA
+    asks L2 for its first tile's cache blocks there (a bulk prefetch: a hint, so the row the step itself writes is
+    still read as written); the same bits as without. With ``reduce`` (opt-in), the split reduction reads its
+    partials beside their log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -500,6 +543,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         rotary = dict(k_ptr=r.k, v_ptr=r.v, pos_ptr=r.positions, cos_ptr=r.cos, sin_ptr=r.sin, qw_ptr=r.q_weight,
                       kw_ptr=r.k_weight, slot_ptr=r.slot_mapping, stride_kb=r.k.stride(0), stride_cos=r.cos.stride(0),
                       rope_eps=r.eps, ROTARY=True, WEIGHT_OFFSET=r.weight_offset)
+    prewait = envs.prewait_loads()
+    preload = "decode" in prewait and qk_rotary is None
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, tickets, qk_scale,
         softcap_log2,
@@ -511,14 +556,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
         WIDEN=fp8_widen,
-        num_warps=num_warps, num_stages=2, **rotary, **launch_options(pdl),
+        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache), num_warps=num_warps, num_stages=2,
+        **rotary,
+        **launch_options(pdl),
     )
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(batch, num_heads)](
             part, lse, out, sinks_arg, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, PDL=pdl, SINKS=sinks is not None,
-            num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
+            PARALLEL="reduce" in prewait, num_warps=1 if head_dim <= 64 else 2, **launch_options(pdl),
         )
 
 
@@ -654,6 +701,13 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def _l2_prefetch_ok(kv_cache: torch.Tensor) -> bool:
+    """Whether the decode kernel may bulk-prefetch ``kv_cache``'s blocks (CUDA; 16-byte aligned base and strides)."""
+    size = kv_cache.element_size()
+    return (kv_cache.is_cuda and kv_cache.data_ptr() % 16 == 0
+            and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]))
 
 
 def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
