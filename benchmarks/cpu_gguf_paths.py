@@ -23,8 +23,22 @@ from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS
 
 NEVER = 1 << 30
-# (fused_max_rows, inreg_max_rows, panel_min_rows) that force each path whatever the row count
-PATHS = {"panel": (NEVER, 0, 0), "chunks": (NEVER, 0, NEVER), "tiles": (0, 0, NEVER), "inreg": (NEVER, NEVER, NEVER)}
+# (fused_max_rows, inreg_max_rows, panel_min_rows, panel isa, activation dtype) that force each path whatever the
+# row count; "panel" is the [K][16] AVX2 panel, "wide" the [K][48] AVX-512 one (float32 activations), "wide_bf16"
+# the AVX512_BF16 one (bfloat16 activations, weights rounded to bfloat16), "panel_bf16" the AVX2 panel on the same
+# bfloat16 activations (widened to float32), for the bfloat16 comparison
+PATHS = {
+    "panel": (NEVER, 0, 0, "avx2", torch.float32),
+    "chunks": (NEVER, 0, NEVER, "", torch.float32),
+    "tiles": (0, 0, NEVER, "", torch.float32),
+    "inreg": (NEVER, NEVER, NEVER, "", torch.float32),
+    "wide": (NEVER, 0, 0, "avx512", torch.float32),
+    "wide_bf16": (NEVER, 0, 0, "avx512_bf16", torch.bfloat16),
+    "panel_bf16": (NEVER, 0, 0, "avx2", torch.bfloat16),
+}
+# the wide panels built through a row-major buffer (as the K-quants' are) instead of straight from the blocks
+BUFFERED = {"wide_buffered": "wide", "wide_bf16_buffered": "wide_bf16"}
+PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
 
 
 def main() -> None:
@@ -48,12 +62,14 @@ def main() -> None:
               for blocks, qtype in gguf_layers()]
     for rows in map(int, args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for _, _, k in layers}
+        inputs_bf16 = {k: x.bfloat16() for k, x in inputs.items()}
         best = dict.fromkeys(paths, float("inf"))
         for _ in range(args.repeats):
-            for name, (fused, inreg, panel) in paths.items():
+            for name, (fused, inreg, panel, isa, dtype) in paths.items():
+                xs = inputs_bf16 if dtype == torch.bfloat16 else inputs
                 start = time.perf_counter()
                 for blocks, qtype, k in layers:
-                    ops.gguf_linear(inputs[k], blocks, qtype, k, fused, 0, inreg, panel)
+                    ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
                 best[name] = min(best[name], time.perf_counter() - start)
         row = {"rows": rows, "threads": args.threads, **{f"{n}_ms": round(t * 1e3, 2) for n, t in best.items()}}
         others = [t for n, t in best.items() if n != "panel"]

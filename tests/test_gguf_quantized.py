@@ -135,17 +135,52 @@ def test_native_linear_matches_f_linear(name, rows, native):
                                                            (0, 0, 0)):
         out = native.gguf_linear(x, blocks, _fmt(name).qtype, 512, fused_max_rows, 16, inreg_max_rows, panel_min_rows)
         torch.testing.assert_close(out, expected, rtol=0, atol=tol)
-    # bfloat16 activations: the same product of the bf16 values (float32 accumulation)
+    # bfloat16 activations through the float32 paths: the same product of the bf16 values (float32 accumulation)
     xb = x.bfloat16()
-    torch.testing.assert_close(native.gguf_linear(xb, blocks, _fmt(name).qtype, 512),
-                               F.linear(xb.float(), weight), rtol=0, atol=tol)
+    expected_b = F.linear(xb.float(), weight)
+    for isa in ("avx2", "avx512"):
+        if isa in _panel_isas(native):
+            for panel_min_rows in (0, never):
+                out = native.gguf_linear(xb, blocks, _fmt(name).qtype, 512, 48, 0, 0, panel_min_rows, isa)
+                torch.testing.assert_close(out, expected_b, rtol=0, atol=tol)
+    # the AVX-512 [K][48] panels, float32 activations, at every row count
+    if "avx512" in _panel_isas(native):
+        out = native.gguf_linear(x, blocks, _fmt(name).qtype, 512, 48, 0, 0, 0, "avx512")
+        torch.testing.assert_close(out, expected, rtol=0, atol=tol)
+    # AVX512_BF16 panels: the weights rounded to bfloat16 (nearest even), products of bf16 pairs summed in float32:
+    # F.linear on the bfloat16 weights, within float32 summation order
+    if "avx512_bf16" in _panel_isas(native):
+        expected_bb = F.linear(xb.float(), weight.bfloat16().float())
+        tol_bb = 1e-5 * expected_bb.abs().max().item()
+        for isa in ("", "avx512_bf16"):
+            out = native.gguf_linear(xb, blocks, _fmt(name).qtype, 512, 48, 0, 0, 0, isa)
+            torch.testing.assert_close(out, expected_bb, rtol=0, atol=tol_bb)
+
+
+def _panel_isas(native) -> set[str]:
+    """The panel instruction sets the kernels can run here (the best one and those below it)."""
+    order = ["portable", "avx2", "avx512", "avx512_bf16"]
+    return set(order[1:order.index(native.gguf_isa()) + 1])
+
+
+def test_native_linear_refuses_an_isa_the_cpu_lacks_or_that_does_not_exist(native):
+    blocks = _random_blocks("Q4_0", 16, 64)
+    x = torch.randn(20, 64)
+    with pytest.raises(RuntimeError, match="unknown isa 'avx1024'"):
+        native.gguf_linear(x, blocks, _fmt("Q4_0").qtype, 64, 48, 0, 0, 0, "avx1024")
+    if "avx512_bf16" in _panel_isas(native):
+        with pytest.raises(RuntimeError, match="x is not bfloat16"):
+            native.gguf_linear(x, blocks, _fmt("Q4_0").qtype, 64, 48, 0, 0, 0, "avx512_bf16")
+    for isa in {"avx2", "avx512", "avx512_bf16"} - _panel_isas(native):
+        with pytest.raises(RuntimeError, match="which this CPU lacks"):
+            native.gguf_linear(x.bfloat16(), blocks, _fmt("Q4_0").qtype, 64, 48, 0, 0, 0, isa)
 
 
 INT8_FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
 
 
 def _int8_kernels(native):
-    if native.gguf_isa() != "avx2":
+    if native.gguf_isa() == "portable":
         pytest.skip("the int8 dot path runs on AVX2 CPUs only")
     return native
 
@@ -225,13 +260,16 @@ def test_reference_matmul_is_f_linear_on_the_decoded_weight():
     assert torch.equal(reference_block_matmul(x, blocks, fmt), F.linear(x, dequantize_blocks(blocks, fmt.qtype)))
 
 
-def test_native_kernels_pick_avx2_on_avx2_machines(native):
+def test_native_kernels_pick_the_best_instruction_set_of_the_cpu(native):
     cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    expected = "avx2" if (" avx2" in flags and " fma" in flags and " f16c" in flags) else "portable"
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    expected = "portable"
+    if {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            expected = "avx512_bf16" if "avx512_bf16" in flags else "avx512"
     assert native.gguf_isa() == expected
-    if "avx512f" not in flags:
-        pytest.skip("AVX-512: no AVX-512 path yet; this CPU lacks avx512f anyway")
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
@@ -362,8 +400,9 @@ def _agreeing_prefix(runs: list[list[int]], reference: list[list[int]]) -> int:
 
 def test_bfloat16_activations_stay_as_close_to_float32_as_the_dequantized_bfloat16_engine(gguf_files, monkeypatch):
     """In bfloat16 the kept-quantized layers multiply exact float32 weights with bf16 activations (float32
-    accumulation), while the de-quantized engine rounds the weights to bf16 first: token-for-token equality of
-    the two is not expected. Both are compared with the float32 engine on the same file instead; the quantized
+    accumulation) on AVX2 and in-register paths, and weights rounded to bf16 on the AVX512_BF16 panels (from 6
+    rows), while the de-quantized engine rounds every weight to bf16 first: token-for-token equality of the two
+    is not expected. Both are compared with the float32 engine on the same file instead; the quantized
     one must agree at least as long (summed over prompts, before the first differing token) as the full-width
     bf16 engine does, less 10% of the tokens for near-ties."""
     path = gguf_files["Q4_K_M"]

@@ -5,18 +5,22 @@
 // the reference's order (the file is built with -ffp-contract=off), so its values equal gguf.quants.dequantize.
 //
 // gguf_linear(x [M, K] float32 or bfloat16, blocks uint8 [N, row_bytes]) -> float32 [M, N]:
-//  - up to `inreg_max_rows` rows (Q4_0, Q4_1, Q8_0: decode steps of a few requests; default 12, where it stopped
-//    winning on a Zen 3: 1.6x the buffered path at 1-5 rows, 1.35x at 8, even at 12-16): each 32-weight block is
-//    de-quantized into registers and multiplied straight into up to 8 activation rows at a time;
-//  - from `panel_min_rows` rows (default 13; AVX2): at::parallel_for over groups of 16 weight rows, each
-//    de-quantized once and transposed into a [K][16] panel that a 6 x 16 register-blocked kernel multiplies into
-//    every activation row (on a Zen 3, one thread, the default model's step: 1.07-1.13x the two paths below at
-//    16 rows, 1.2x at 64-256, 1.37x at 1,024);
+//  - up to `inreg_max_rows` rows (Q4_0, Q4_1, Q8_0: decode steps of a few requests; by default 12 with AVX2
+//    panels, where it stopped winning on a Zen 3, 8 / 5 with the AVX-512 float32 / bfloat16 panels, measured on a
+//    Zen 5): each 32-weight block is de-quantized into registers and multiplied straight into up to 8 activation
+//    rows at a time;
+//  - from `panel_min_rows` rows (by default the row after those): at::parallel_for over groups of weight rows, each
+//    de-quantized once and transposed into a panel that a register-blocked kernel multiplies into every activation
+//    row: on AVX-512 CPUs groups of 48 rows in [K][48] panels (16-lane FMAs; with bfloat16 activations and
+//    AVX512_BF16, bfloat16 pairs and dot products), else groups of 16 rows in [K][16] panels with a 6 x 16 AVX2
+//    kernel (on a Zen 3, one thread, the default model's step: 1.07-1.13x the two paths below at 16 rows, 1.2x at
+//    64-256, 1.37x at 1,024); `isa` forces one ("avx2", "avx512", "avx512_bf16"; "" = the best the CPU has);
 //  - up to `fused_max_rows` rows (K-quants below `panel_min_rows`, or `panel_min_rows` raised): groups of 16
 //    weight rows; each 512-wide K chunk of a group is de-quantized once into a buffer and multiplied into every
 //    activation row by register-blocked 4 x 3 panels of 8-wide FMAs (AVX2);
 //  - more rows, or no AVX2: tiles of weight rows are de-quantized (in parallel) and multiplied with at::mm.
-// The AVX2 paths are chosen at run time (AVX2 + FMA + F16C); portable loops otherwise.
+// The AVX2 and AVX-512 paths are chosen at run time from the CPU's features (their functions carry their own
+// target attributes); portable loops otherwise.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,7 +29,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -174,6 +180,12 @@ DequantFn portable_dequant(int64_t qtype) {
 GGUF_AVX2 inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 GGUF_AVX2 inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
+// A block's half-precision scale, converted by F16C (exact, as half_to_float): the software conversion's dozen
+// dependent integer operations per scale were a fifth of the panel building time on a Zen 5.
+GGUF_AVX2 inline __m256 f16_splat(const uint8_t* p) {
+  return _mm256_set1_ps(_cvtsh_ss(read_u16(p)));
+}
+
 // 16 unsigned bytes -> out[0..15] = scale * v - min (two roundings, as the reference)
 GGUF_AVX2 inline void store16_affine(__m128i v, __m256 scale, __m256 min, float* out) {
   _mm256_storeu_ps(out, _mm256_sub_ps(_mm256_mul_ps(scale, u8x8(v)), min));
@@ -183,7 +195,7 @@ GGUF_AVX2 inline void store16_affine(__m128i v, __m256 scale, __m256 min, float*
 // One block of Q4_0 / Q4_1 / Q8_0 as four registers of 8 weights (k = 0..7, 8..15, 16..23, 24..31), each value
 // computed as the reference computes it (two roundings where it has two).
 GGUF_AVX2 inline void q4_0_values(const uint8_t* b, __m256 v[4]) {
-  const __m256 d = _mm256_set1_ps(f16_at(b)), eight = _mm256_set1_ps(8.0f);
+  const __m256 d = f16_splat(b), eight = _mm256_set1_ps(8.0f);
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
   const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
@@ -194,7 +206,7 @@ GGUF_AVX2 inline void q4_0_values(const uint8_t* b, __m256 v[4]) {
 }
 
 GGUF_AVX2 inline void q4_1_values(const uint8_t* b, __m256 v[4]) {
-  const __m256 d = _mm256_set1_ps(f16_at(b)), m = _mm256_set1_ps(f16_at(b + 2));
+  const __m256 d = f16_splat(b), m = f16_splat(b + 2);
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
   const __m128i halves[2] = {_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16(raw, 4), mask)};
@@ -205,7 +217,7 @@ GGUF_AVX2 inline void q4_1_values(const uint8_t* b, __m256 v[4]) {
 }
 
 GGUF_AVX2 inline void q8_0_values(const uint8_t* b, __m256 v[4]) {
-  const __m256 d = _mm256_set1_ps(f16_at(b));
+  const __m256 d = f16_splat(b);
   for (int i = 0; i < 2; ++i) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * i));
     v[2 * i] = _mm256_mul_ps(i8x8(raw), d);
@@ -339,7 +351,8 @@ GGUF_AVX2 void group_avx2(const float* w, int64_t ldw, int64_t rows, const float
 // all M rows; sums run over k in order (as the panel kernel's).
 constexpr int64_t kPanelCols = 16;
 
-// src [8 rows][ld] from column k0: 8 x 8 floats transposed into dst[(k0 + i) * 16 + c0 + r].
+// src [8 rows][ld] from column k0: 8 x 8 floats transposed into dst[(k0 + i) * kCols + c0 + r].
+template <int64_t kCols = kPanelCols>
 GGUF_AVX2 inline void transpose8x8_into_panel(const float* src, int64_t ld, float* dst) {
   __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
@@ -351,14 +364,14 @@ GGUF_AVX2 inline void transpose8x8_into_panel(const float* src, int64_t ld, floa
   const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
   const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
   const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * kPanelCols, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * kPanelCols, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * kPanelCols, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * kPanelCols, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * kPanelCols, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * kPanelCols, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * kPanelCols, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * kPanelCols, _mm256_permute2f128_ps(u3, u7, 0x31));
+  _mm256_storeu_ps(dst + 0 * kCols, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * kCols, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * kCols, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * kCols, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * kCols, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * kCols, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * kCols, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * kCols, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
 // rows [16][K] (row-major, K a multiple of 8) -> panel [K][16]
@@ -449,6 +462,292 @@ GGUF_AVX2 void panel_groups_avx2(const uint8_t* src, int64_t row_bytes, Format f
   }
 }
 
+// ---- many activation rows on AVX-512: 48 weight rows at a time, [K][48] panels ---------------------------------
+//
+// The same scheme as the [K][16] panels above, with 16-lane registers: a group of 48 weight rows is de-quantized
+// (the reference's values), transposed into a [K][48] panel (three 64-byte lines per k), and every block of up to
+// 8 activation rows multiplies it with 24 accumulators: per k three weight loads, eight broadcasts and 24 FMAs.
+// With bfloat16 activations on a CPU with AVX512_BF16 the panel is rounded to bfloat16 (nearest even) and stored
+// as pairs of consecutive k per column ([K/2][48][2], the operand layout of the bfloat16 dot product, as the
+// panel kernel of cpu_kernels.cpp holds bfloat16 weights), so each instruction does two products per lane.
+// On CPUs that execute 512-bit FMAs at full width (Zen 5, Intel server cores) this doubles the AVX2 panel's
+// arithmetic rate; float32 sums run over k in order, bfloat16 ones over pairs of k in order.
+constexpr int64_t kWideCols = 48;
+
+#define GGUF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define GGUF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// rows [48][K] (row-major, K a multiple of 8) -> panel [K][48]
+GGUF_AVX2 void transpose_into_wide_panel(const float* rows, int64_t K, float* panel) {
+  for (int64_t k = 0; k < K; k += 8) {
+    for (int64_t c0 = 0; c0 < kWideCols; c0 += 8) {
+      transpose8x8_into_panel<kWideCols>(rows + c0 * K + k, K, panel + k * kWideCols + c0);
+    }
+  }
+}
+
+// float32 panel [K][48] -> bfloat16 pairs [K/2][48] (lane c of step s: w[2s][c] in the low half, w[2s + 1][c] in
+// the high half), each value rounded to nearest even.
+GGUF_AVX512BF16 void pack_wide_panel_bf16(const float* panel, int64_t K, uint32_t* pairs) {
+  for (int64_t s = 0; s < K / 2; ++s) {
+    for (int j = 0; j < 3; ++j) {
+      const __m512 lo = _mm512_loadu_ps(panel + 2 * s * kWideCols + 16 * j);
+      const __m512 hi = _mm512_loadu_ps(panel + (2 * s + 1) * kWideCols + 16 * j);
+      const __m512i lo32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+      const __m512i hi32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+      _mm512_storeu_si512(pairs + s * kWideCols + 16 * j, _mm512_or_si512(lo32, _mm512_slli_epi32(hi32, 16)));
+    }
+  }
+}
+
+GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], float* y, int64_t cols) {
+  for (int j = 0; j < 3; ++j) {
+    const int64_t left = cols - 16 * j;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    _mm512_mask_storeu_ps(y + 16 * j, mask, acc[j]);
+  }
+}
+
+// Rows [0, MR) of float32 x times a [K][48] panel: y[r][0 .. cols).
+template <int MR>
+GGUF_AVX512 void wide_rows_f32(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy,
+                               int64_t cols) {
+  __m512 acc[MR][3];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
+  const float* w = panel;
+  for (int64_t k = 0; k < K; ++k, w += kWideCols) {
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, w2, acc[r][2]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) store_wide(acc[r], y + r * ldy, cols);
+}
+
+// Rows [0, MR) of bfloat16 x (raw bits) times a [K/2][48] panel of bfloat16 pairs.
+template <int MR>
+GGUF_AVX512BF16 void wide_rows_bf16(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K, float* y,
+                                    int64_t ldy, int64_t cols) {
+  __m512 acc[MR][3];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
+  const uint32_t* w = pairs;
+  for (int64_t s = 0; s < K / 2; ++s, w += kWideCols) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16),
+                   w2 = (__m512bh)_mm512_loadu_si512(w + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * s, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) store_wide(acc[r], y + r * ldy, cols);
+}
+
+template <typename Fn>
+inline void by_block_rows(int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+GGUF_AVX512 void wide_block_f32(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
+                                int64_t ldy, int64_t cols) {
+  by_block_rows(rows, [&](auto mr) { wide_rows_f32<decltype(mr)::value>(x, ldx, panel, K, y, ldy, cols); });
+}
+
+GGUF_AVX512BF16 void wide_block_bf16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K,
+                                     float* y, int64_t ldy, int64_t cols) {
+  by_block_rows(rows, [&](auto mr) { wide_rows_bf16<decltype(mr)::value>(x, ldx, pairs, K, y, ldy, cols); });
+}
+
+// A group's panel built straight from the blocks (Q4_0, Q4_1, Q8_0: 32-weight blocks): for each block and each
+// 16 of the group's rows, the 16 rows' values (as q*_values computes them) are transposed in registers and stored
+// as the panel's lines, with no row-major buffer and no second pass; the bfloat16 panel takes each row's block as
+// 32 bfloat16 values, which are 16 pairs of consecutive k (its layout), so one 16 x 16 transpose of 32-bit lanes
+// places them. (On a Zen 5 core the buffered route's de-quantization, transposition and packing took as long as
+// the products at 64 rows.)
+
+// The builders walk 16 rows' blocks side by side: more streams than a hardware prefetcher follows, so each row's
+// block this many blocks ahead is prefetched by hand.
+constexpr int64_t kPrefetchBlocks = 8;
+
+// r[i] holds row i (16 lanes of 32 bits); afterwards r[c] holds column c.
+GGUF_AVX512 inline void transpose16x16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + j]: in 128-bit lane L, column 4L + j of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
+    r[12 + j] = _mm512_shuffle_i32x4(c1, c3, 0xDD);
+  }
+}
+
+// One block's 32 values of a row as two 16-lane registers (k 0-15 and 16-31).
+template <void (*kValues)(const uint8_t*, __m256*)>
+GGUF_AVX512 inline void block_values16(const uint8_t* b, __m512& lo, __m512& hi) {
+  __m256 v[4];
+  kValues(b, v);
+  lo = _mm512_insertf32x8(_mm512_castps256_ps512(v[0]), v[1], 1);
+  hi = _mm512_insertf32x8(_mm512_castps256_ps512(v[2]), v[3], 1);
+}
+
+template <void (*kValues)(const uint8_t*, __m256*)>
+GGUF_AVX512 void direct_wide_panel_f32(const uint8_t* src, int64_t row_bytes, int64_t block_bytes, int64_t rows,
+                                       int64_t nblocks, void* out) {
+  float* panel = static_cast<float*>(out);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int64_t j = 0; j < kWideCols / 16; ++j) {
+      __m512i lo[16], hi[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t n = 16 * j + i;
+        __m512 l = _mm512_setzero_ps(), h = _mm512_setzero_ps();
+        if (n < rows) {
+          const uint8_t* blk = src + n * row_bytes + b * block_bytes;
+          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * block_bytes), _MM_HINT_T0);
+          block_values16<kValues>(blk, l, h);
+        }
+        lo[i] = _mm512_castps_si512(l);
+        hi[i] = _mm512_castps_si512(h);
+      }
+      transpose16x16(lo);
+      transpose16x16(hi);
+      float* dst = panel + 32 * b * kWideCols + 16 * j;
+      for (int64_t c = 0; c < 16; ++c) {
+        _mm512_storeu_si512(dst + c * kWideCols, lo[c]);
+        _mm512_storeu_si512(dst + (16 + c) * kWideCols, hi[c]);
+      }
+    }
+  }
+}
+
+template <void (*kValues)(const uint8_t*, __m256*)>
+GGUF_AVX512BF16 void direct_wide_panel_bf16(const uint8_t* src, int64_t row_bytes, int64_t block_bytes, int64_t rows,
+                                            int64_t nblocks, void* out) {
+  uint32_t* pairs = static_cast<uint32_t*>(out);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int64_t j = 0; j < kWideCols / 16; ++j) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t n = 16 * j + i;
+        if (n < rows) {
+          __m512 l, h;
+          const uint8_t* blk = src + n * row_bytes + b * block_bytes;
+          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * block_bytes), _MM_HINT_T0);
+          block_values16<kValues>(blk, l, h);
+          r[i] = (__m512i)_mm512_cvtne2ps_pbh(h, l);  // k 0-15 in the low half: lane s = (w[2s], w[2s + 1])
+        } else {
+          r[i] = _mm512_setzero_si512();
+        }
+      }
+      transpose16x16(r);
+      uint32_t* dst = pairs + 16 * b * kWideCols + 16 * j;
+      for (int64_t c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * kWideCols, r[c]);
+    }
+  }
+}
+
+// The direct builder of a format's panels (null: the K-quants, built through a row-major buffer).
+using WideBuilder = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, void*);
+
+WideBuilder wide_builder(int64_t qtype, bool bf16) {
+  switch (qtype) {
+    case kQ4_0: return bf16 ? direct_wide_panel_bf16<q4_0_values> : direct_wide_panel_f32<q4_0_values>;
+    case kQ4_1: return bf16 ? direct_wide_panel_bf16<q4_1_values> : direct_wide_panel_f32<q4_1_values>;
+    case kQ8_0: return bf16 ? direct_wide_panel_bf16<q8_0_values> : direct_wide_panel_f32<q8_0_values>;
+    default: return nullptr;
+  }
+}
+
+// Groups [g0, g1) of 48 weight rows times all M activation rows (float32 x, or bfloat16 x with kBf16), in chunks
+// of groups whose panels fit in about 256 KB, as panel_groups_avx2 goes.
+template <bool kBf16>
+GGUF_AVX512 void wide_panel_groups(const uint8_t* src, int64_t row_bytes, Format f, DequantFn deq, WideBuilder direct,
+                                   int64_t nblocks, int64_t N, int64_t K, const void* x, int64_t M, float* out,
+                                   int64_t g0, int64_t g1) {
+  const int64_t panel_floats = kWideCols * K;
+  // a bfloat16 panel holds K / 2 pairs per column: half the floats' bytes
+  const int64_t panel_words = kBf16 ? panel_floats / 2 : panel_floats;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
+  std::vector<float> rows_buf(direct ? 0 : panel_floats, 0.0f), staging(kBf16 && !direct ? panel_floats : 0);
+  std::vector<uint32_t> panels(chunk * panel_words);
+  for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+    const int64_t groups = std::min(chunk, g1 - c0);
+    for (int64_t i = 0; i < groups; ++i) {
+      const int64_t r0 = (c0 + i) * kWideCols, rows = std::min(kWideCols, N - r0);
+      uint32_t* panel = panels.data() + i * panel_words;
+      if (direct) {
+        direct(src + r0 * row_bytes, row_bytes, f.bytes, rows, nblocks, panel);
+        continue;
+      }
+      dequant_rows(src + r0 * row_bytes, row_bytes, 0, rows, f, deq, nblocks, rows_buf.data(), K);
+      if (rows < kWideCols) std::fill(rows_buf.begin() + rows * K, rows_buf.end(), 0.0f);
+      if constexpr (kBf16) {
+        transpose_into_wide_panel(rows_buf.data(), K, staging.data());
+        pack_wide_panel_bf16(staging.data(), K, panel);
+      } else {
+        transpose_into_wide_panel(rows_buf.data(), K, reinterpret_cast<float*>(panel));
+      }
+    }
+    for (int64_t m = 0; m < M; m += 8) {
+      const int64_t block_rows = std::min<int64_t>(8, M - m);
+      for (int64_t i = 0; i < groups; ++i) {
+        const int64_t r0 = (c0 + i) * kWideCols, cols = std::min(kWideCols, N - r0);
+        const uint32_t* panel = panels.data() + i * panel_words;
+        if constexpr (kBf16) {
+          wide_block_bf16(block_rows, static_cast<const uint16_t*>(x) + m * K, K, panel, K, out + m * N + r0, N, cols);
+        } else {
+          wide_block_f32(block_rows, static_cast<const float*>(x) + m * K, K, reinterpret_cast<const float*>(panel),
+                         K, out + m * N + r0, N, cols);
+        }
+      }
+    }
+  }
+}
+
 // ---- few activation rows: weights de-quantized in registers (Q4_0, Q4_1, Q8_0) ---------------------------------
 //
 // At a handful of rows the buffered path above spends more on writing each de-quantized block to memory and
@@ -534,6 +833,24 @@ bool use_avx2() {
   return false;
 #endif
 }
+
+bool cpu_has_avx512_kernels() {
+#ifdef GGUF_X86
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16_kernels() {
+#ifdef GGUF_X86
+  return cpu_has_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
+enum class PanelIsa { kNone, kAvx2, kAvx512, kAvx512Bf16 };
 
 DequantFn dequant_fn(int64_t qtype) {
   format_of(qtype);  // checks the type
@@ -894,20 +1211,72 @@ at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_f
   return out;
 }
 
+// The instruction set of the panel path (from panel_min_rows rows): `isa` as asked ("" = the best this CPU has
+// for x's dtype), checked against the CPU.
+static PanelIsa panel_isa_for(const std::string& isa, bool bf16_x) {
+  if (isa.empty()) {
+    if (bf16_x && cpu_has_avx512_bf16_kernels()) return PanelIsa::kAvx512Bf16;
+    if (cpu_has_avx512_kernels()) return PanelIsa::kAvx512;
+    return use_avx2() ? PanelIsa::kAvx2 : PanelIsa::kNone;
+  }
+  if (isa == "avx2") {
+    TORCH_CHECK(use_avx2(), "GGUF kernels: isa='avx2' needs AVX2, FMA and F16C, which this CPU lacks");
+    return PanelIsa::kAvx2;
+  }
+  if (isa == "avx512") {
+    TORCH_CHECK(cpu_has_avx512_kernels(), "GGUF kernels: isa='avx512' needs AVX512F/BW/VL/DQ, which this CPU lacks");
+    return PanelIsa::kAvx512;
+  }
+  if (isa == "avx512_bf16") {
+    TORCH_CHECK(cpu_has_avx512_bf16_kernels(), "GGUF kernels: isa='avx512_bf16' needs AVX512_BF16, which this CPU lacks");
+    TORCH_CHECK(bf16_x, "GGUF kernels: isa='avx512_bf16' multiplies bfloat16 activations; x is not bfloat16");
+    return PanelIsa::kAvx512Bf16;
+  }
+  TORCH_CHECK(false, "GGUF kernels: unknown isa '", isa, "' (choose '', 'avx2', 'avx512' or 'avx512_bf16')");
+}
+
+// Where the in-register path hands over to the panels (a negative inreg_max_rows), per panel ISA: the row count
+// up to which the in-register path measured faster on the default model's step (benchmarks/cpu_gguf_paths.py, two
+// threads): 12 with the AVX2 [K][16] panels (Zen 3), 8 with the AVX-512 float32 panels and 5 with the AVX512_BF16
+// ones (Zen 5: 13.5 against 14.7 ms at 8 rows, 17.8 against 15.7 at 10; 10.7 against 10.3 at 6 rows).
+static int64_t default_inreg_max_rows(PanelIsa isa) {
+  switch (isa) {
+    case PanelIsa::kAvx512: return 8;
+    case PanelIsa::kAvx512Bf16: return 5;
+    default: return 12;
+  }
+}
+
 at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
-                       int64_t fused_max_rows, int64_t tile_rows, int64_t inreg_max_rows, int64_t panel_min_rows) {
+                       int64_t fused_max_rows, int64_t tile_rows, int64_t inreg_max_rows, int64_t panel_min_rows,
+                       const std::string& isa, bool direct) {
   const Format f = format_of(qtype);
   check_blocks(blocks, f, in_features);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == in_features,
               "GGUF kernels: x must be a CPU [rows, ", in_features, "] tensor");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), N = blocks.size(0), nblocks = in_features / f.block, row_bytes = blocks.size(1);
+  const PanelIsa panel_isa = panel_isa_for(isa, x_in.scalar_type() == at::kBFloat16);
+  if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(panel_isa);
+  if (panel_min_rows < 0) panel_min_rows = inreg_max_rows + 1;
+  const int64_t M = x_in.size(0), N = blocks.size(0), nblocks = in_features / f.block, row_bytes = blocks.size(1);
   at::Tensor out = at::empty({M, N}, at::kFloat);
   if (M == 0 || N == 0) return out;
   const DequantFn deq = dequant_fn(qtype);
   const uint8_t* src = blocks.data_ptr<uint8_t>();
-  const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+#ifdef GGUF_X86
+  if (panel_isa == PanelIsa::kAvx512Bf16 && M >= panel_min_rows && M > inreg_max_rows) {
+    // bfloat16 activations as they are: groups of 48 weight rows in [K/2][48] bfloat16 pair panels
+    const at::Tensor xb = x_in.contiguous();
+    const void* xbp = xb.data_ptr<at::BFloat16>();
+    at::parallel_for(0, (N + kWideCols - 1) / kWideCols, 1, [&](int64_t g0, int64_t g1) {
+      wide_panel_groups<true>(src, row_bytes, f, deq, direct ? wide_builder(qtype, true) : nullptr, nblocks, N,
+                              in_features, xbp, M, op, g0, g1);
+    });
+    return out;
+  }
+#endif
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
   const bool avx2 = use_avx2();
 #ifdef GGUF_X86
   if (avx2 && M <= inreg_max_rows) {
@@ -917,6 +1286,14 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
       });
       return out;
     }
+  }
+  if (panel_isa != PanelIsa::kAvx2 && panel_isa != PanelIsa::kNone && M >= panel_min_rows) {
+    // Groups of 48 weight rows, de-quantized and transposed into [K][48] panels, times all M rows.
+    at::parallel_for(0, (N + kWideCols - 1) / kWideCols, 1, [&](int64_t g0, int64_t g1) {
+      wide_panel_groups<false>(src, row_bytes, f, deq, direct ? wide_builder(qtype, false) : nullptr, nblocks, N,
+                               in_features, xp, M, op, g0, g1);
+    });
+    return out;
   }
   if (avx2 && M >= panel_min_rows) {
     // Groups of 16 weight rows, de-quantized and transposed into [K][16] panels, times all M rows.
@@ -1047,12 +1424,17 @@ at::Tensor gguf_linear_int8(const at::Tensor& x_in, const at::Tensor& blocks, in
   return out;
 }
 
-std::string gguf_isa() { return use_avx2() ? "avx2" : "portable"; }
+std::string gguf_isa() {
+  if (cpu_has_avx512_bf16_kernels()) return "avx512_bf16";
+  if (cpu_has_avx512_kernels()) return "avx512";
+  return use_avx2() ? "avx2" : "portable";
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
         py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 48,
-        py::arg("tile_rows") = 0, py::arg("inreg_max_rows") = 12, py::arg("panel_min_rows") = 13);
+        py::arg("tile_rows") = 0, py::arg("inreg_max_rows") = -1, py::arg("panel_min_rows") = -1, py::arg("isa") = "",
+        py::arg("direct") = true);
   m.def("parallel_threads", &parallel_threads, "Distinct threads an at::parallel_for over `tasks` tasks uses",
         py::arg("tasks"));
   m.def("gguf_dequantize", &gguf_dequantize, "ggml blocks [N, row_bytes] -> float32 [N, K]", py::arg("blocks"),
@@ -1064,5 +1446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_quantize_activations", &gguf_quantize_activations,
         "x [M, K] -> (q int8 [M, K], d [M, K/32], d * sum(q) [M, K/32]): the int8 path's activation blocks",
         py::arg("x"));
-  m.def("gguf_isa", &gguf_isa, "the instruction set the kernels run with: avx2 or portable");
+  m.def("gguf_isa", &gguf_isa,
+        "the best instruction set the kernels have for this CPU: avx512_bf16, avx512, avx2 or portable (the in-register "
+        "and int8 paths run AVX2 code on every AVX2 CPU; the panel path runs the named one)");
 }

@@ -114,7 +114,7 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
         ops = load_gguf_kernels()
         if ops is not None:
-            int8_rows = _INT8_DOT_ROWS if kernels.gguf_int8_dot and ops.gguf_isa() == "avx2" else {}
+            int8_rows = _INT8_DOT_ROWS if kernels.gguf_int8_dot and ops.gguf_isa() != "portable" else {}
 
             def native(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
                 rows = x.shape[0]
