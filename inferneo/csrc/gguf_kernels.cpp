@@ -1264,7 +1264,9 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
 #ifdef GGUF_X86
-  if (panel_isa == PanelIsa::kAvx512Bf16 && M >= panel_min_rows && M > inreg_max_rows) {
+  // the in-register path runs up to inreg_max_rows rows for the formats it has (both branches below ask this)
+  const InregFn inreg = use_avx2() && M <= inreg_max_rows ? inreg_fn(qtype) : nullptr;
+  if (panel_isa == PanelIsa::kAvx512Bf16 && !inreg && M >= panel_min_rows) {
     // bfloat16 activations as they are: groups of 48 weight rows in [K/2][48] bfloat16 pair panels
     const at::Tensor xb = x_in.contiguous();
     const void* xbp = xb.data_ptr<at::BFloat16>();
@@ -1279,13 +1281,11 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   const float* xp = x.data_ptr<float>();
   const bool avx2 = use_avx2();
 #ifdef GGUF_X86
-  if (avx2 && M <= inreg_max_rows) {
-    if (const InregFn inreg = inreg_fn(qtype)) {
-      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        inreg(src, row_bytes, f.bytes, n0, n1, nblocks, xp, in_features, M, op, N);
-      });
-      return out;
-    }
+  if (inreg) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      inreg(src, row_bytes, f.bytes, n0, n1, nblocks, xp, in_features, M, op, N);
+    });
+    return out;
   }
   if (panel_isa != PanelIsa::kAvx2 && panel_isa != PanelIsa::kNone && M >= panel_min_rows) {
     // Groups of 48 weight rows, de-quantized and transposed into [K][48] panels, times all M rows.
