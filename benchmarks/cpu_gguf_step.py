@@ -26,13 +26,14 @@ from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
 def gguf_layers() -> list[tuple[torch.Tensor, int]]:
     """(blocks, ggml type) of every linear of the default model, the tied head last."""
     from inferneo import LLM
+    from inferneo.quantization.gguf import ggml_blocks
 
     llm = LLM(dtype="float32", kv_cache_memory="8MiB", max_model_len=256)
     model = llm.engine.runner.model
     layers = []
     for module in model.modules():
         for seg in getattr(module, "gguf_segments", ()):
-            layers.append((getattr(module, seg.buffer).clone(), seg.fmt.qtype))
+            layers.append((ggml_blocks(module, seg).clone(), seg.fmt.qtype))  # the file's layout, even if repacked
     layers.append((model.embed_tokens.qweight.data.clone(), model.embed_tokens.fmt.qtype))
     return layers
 

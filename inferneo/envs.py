@@ -53,6 +53,13 @@ def cpu_native_kernels() -> bool:
     return _flag("INFERNEO_CPU_KERNELS", True)
 
 
+def gguf_wide16() -> bool:
+    """INFERNEO_GGUF_WIDE16 (default on): on AVX-512 CPUs, Q4_0 / Q4_1 GGUF layers are repacked once at load into the
+    column-interleaved wide16 layout (``quantization/gguf_wide.py``; same bytes, same values, no per-call
+    transposes); off, they stay in the file's block layout."""
+    return _flag("INFERNEO_GGUF_WIDE16", True)
+
+
 def gguf_int8_dot() -> bool:
     """INFERNEO_GGUF_INT8_DOT (default off): on AVX2 CPUs, Q4_0 / Q4_1 / Q8_0 GGUF layers quantize their activations
     to int8 per 32-weight block and multiply them by their blocks with integer dot products at the row counts where

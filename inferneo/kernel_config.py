@@ -66,6 +66,10 @@ class KernelConfig:
     #: int8 per 32-weight block and use integer dot products where that measured faster (not bit-exact); off, the
     #: exact float path.
     gguf_int8_dot: bool = field(default_factory=envs.gguf_int8_dot)
+    #: ``INFERNEO_GGUF_WIDE16`` (on): on AVX-512 CPUs, Q4_0/Q4_1 GGUF layers are repacked at load into the wide16
+    #: layout that the AVX-512 kernels read without transposing (same bytes, same values; the int8 path keeps the
+    #: file's layout); off, they stay in the file's block layout.
+    gguf_wide16: bool = field(default_factory=envs.gguf_wide16)
 
     def __post_init__(self) -> None:
         if self.cpu_linear_kernel not in LINEAR_KERNEL_CHOICES:

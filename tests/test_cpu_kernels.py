@@ -59,6 +59,60 @@ def test_paged_decode_attention_matches_reference(shape, dtype, tol):
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
 
 
+# Contexts longer than the AVX-512 kernel's 256-token spans (the softmax is rescaled between spans; lengths at and
+# around span and chunk ends), head dims that leave 32 and 16 lanes after the 64-lane slices of the value pass, and
+# a group of 8 query heads (two passes of 4 over each span).
+LONG_DECODE_SHAPES = [
+    dict(heads=8, kv_heads=1, head_dim=96, block_size=16, num_blocks=200, max_blocks=70,
+         lens=(1000, 257, 256, 300, 17, 513, 1100)),
+    dict(heads=6, kv_heads=2, head_dim=80, block_size=32, num_blocks=120, max_blocks=40,
+         lens=(1000, 1280, 5, 600, 255, 129, 33)),
+]
+
+
+def _naive_paged_attention(q, kv, tables, lens, scale, window=0, softcap=0.0, sinks=None):
+    """Per query and head, in float64: scores over the request's visible tokens (the last ``window`` only, when
+    set), soft-capped, softmax with an optional sink logit in the denominator."""
+    batch, heads, _ = q.shape
+    kv_heads, block_size = kv.shape[1], kv.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        n = int(lens[b])
+        blocks = tables[b, : -(-n // block_size)]
+        keys = kv[0][:, blocks].reshape(kv_heads, -1, kv.shape[-1])[:, :n].double()
+        values = kv[1][:, blocks].reshape(kv_heads, -1, kv.shape[-1])[:, :n].double()
+        first = n - window if 0 < window < n else 0
+        for h in range(heads):
+            kvh = h // (heads // kv_heads)
+            scores = keys[kvh, first:] @ q[b, h].double() * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            top = scores.max() if sinks is None else torch.maximum(scores.max(), sinks[h].double())
+            weights = torch.exp(scores - top)
+            denominator = weights.sum() + (0.0 if sinks is None else torch.exp(sinks[h].double() - top))
+            out[b, h] = weights @ values[kvh, first:] / denominator
+    return out
+
+
+@pytest.mark.parametrize("shape", LONG_DECODE_SHAPES)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("variant", [{}, dict(sliding_window=300), dict(sliding_window=7, logit_softcap=5.0),
+                                     dict(logit_softcap=2.0, sinks=True)], ids=["plain", "window", "window-softcap",
+                                                                               "softcap-sinks"])
+def test_paged_decode_attention_over_long_contexts(shape, dtype, tol, variant):
+    q, kv, meta = _decode_case(dtype, **shape)
+    options = dict(variant)
+    if options.pop("sinks", False):
+        options["sinks"] = torch.linspace(-1.0, 3.0, q.shape[1])
+    expected = _naive_paged_attention(q.float(), kv.float(), meta.decode_block_tables, meta.decode_seq_lens, 0.1,
+                                      window=options.get("sliding_window", 0),
+                                      softcap=options.get("logit_softcap", 0.0), sinks=options.get("sinks"))
+    got = torch.full_like(q, float("nan"))
+    kernels.paged_decode_attention(q, _to_native_layout(kv), meta.decode_block_tables, meta.decode_seq_lens, 0.1, got,
+                                   **options)
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+
+
 def test_paged_decode_attention_reads_strided_queries():
     """Queries may be a view into the fused qkv output (a batch stride wider than heads x dim)."""
     q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])

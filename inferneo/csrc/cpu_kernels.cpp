@@ -356,6 +356,128 @@ inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_
   }
 }
 
+// ---- spans of up to 256 tokens (AVX-512) ------------------------------------------------------------------------
+//
+// attend_chunk above updates the online softmax after every 16 tokens: two horizontal reductions, a scalar exp
+// and (when the maximum moves) a rescale of the accumulators per chunk and head, and its value loop runs one
+// dependent FMA chain per head and 16 lanes of the head dimension. attend_span takes up to kSpanChunks chunks in
+// three passes: every chunk's scores (kept in a small buffer, the running maxima in registers), then their
+// exponentials against the span's maximum (one reduction and at most one rescale per span and head), then the
+// values, with all heads and up to four 16-lane slices of the head dimension as independent FMA chains.
+constexpr int64_t kSpanChunks = 16;
+constexpr int64_t kSpanTokens = 16 * kSpanChunks;
+#ifndef PF
+#define PF 2
+#endif
+constexpr int64_t kPrefetchChunks = PF;
+
+// One chunk of a span: its key and value rows and its valid lanes [skip, n).
+template <typename cache_t>
+struct SpanChunk {
+  const cache_t* kb;
+  const cache_t* vb;
+  int64_t n, skip;
+};
+
+// Scores of one chunk for NG heads into p[j * kSpanTokens + lane] (lanes outside [skip, n): -inf), and the
+// running maxima.
+template <int NG, typename cache_t>
+inline void chunk_scores(const float* q, const SpanChunk<cache_t>& c, int64_t D, int64_t bs, float softcap, float* p,
+                         __m512* vmax) {
+  __m512 s0[NG], s1[NG];
+  for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    const __m512 k0 = load16(c.kb + d * bs), k1 = load16(c.kb + (d + 1) * bs);
+    for (int j = 0; j < NG; ++j) {
+      s0[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d]), k0, s0[j]);
+      s1[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d + 1]), k1, s1[j]);
+    }
+  }
+  const __mmask16 valid = static_cast<__mmask16>(((1u << c.n) - 1u) & ~((1u << c.skip) - 1u));
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < NG; ++j) {
+    __m512 raw = _mm512_add_ps(s0[j], s1[j]);
+    if (softcap > 0.f) raw = _mm512_mul_ps(_mm512_set1_ps(softcap), tanh16(_mm512_div_ps(raw, _mm512_set1_ps(softcap))));
+    const __m512 scores = _mm512_mask_mov_ps(minus_inf, valid, raw);
+    vmax[j] = _mm512_max_ps(vmax[j], scores);
+    _mm512_storeu_ps(p + j * kSpanTokens, scores);
+  }
+}
+
+// acc[j][d0 .. d0 + 16 S) += sum over the span's tokens of p[j][token] * V[token][d0 .. d0 + 16 S).
+template <int NG, int S, typename cache_t>
+inline void span_values(const float* p, const SpanChunk<cache_t>* chunks, int64_t count, int64_t D, int64_t d0,
+                        float* acc) {
+  __m512 a[NG][S];
+  for (int j = 0; j < NG; ++j)
+    for (int i = 0; i < S; ++i) a[j][i] = _mm512_loadu_ps(acc + j * D + d0 + 16 * i);
+  for (int64_t c = 0; c < count; ++c) {
+    const SpanChunk<cache_t>& ch = chunks[c];
+    const float* pc = p + 16 * c;
+    for (int64_t t = ch.skip; t < ch.n; ++t) {
+      __m512 v[S];
+      for (int i = 0; i < S; ++i) v[i] = load16(ch.vb + t * D + d0 + 16 * i);
+      for (int j = 0; j < NG; ++j) {
+        const __m512 pj = _mm512_set1_ps(pc[j * kSpanTokens + t]);
+        for (int i = 0; i < S; ++i) a[j][i] = _mm512_fmadd_ps(pj, v[i], a[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < NG; ++j)
+    for (int i = 0; i < S; ++i) _mm512_storeu_ps(acc + j * D + d0 + 16 * i, a[j][i]);
+}
+
+// Software prefetch of a chunk's key rows (D rows of 16 tokens, `bs` tokens apart) and value rows (16 x D).
+template <typename cache_t>
+inline void prefetch_span_chunk(const SpanChunk<cache_t>& c, int64_t D, int64_t bs) {
+  const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(cache_t));
+  const int64_t step = std::max<int64_t>(1, 64 / row_bytes);  // key rows that share a cache line: one prefetch
+  const char* kp = reinterpret_cast<const char*>(c.kb);
+  for (int64_t d = 0; d < D; d += step) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
+  const char* vp = reinterpret_cast<const char*>(c.vb);
+  for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(cache_t)); off += 64) _mm_prefetch(vp + off, _MM_HINT_T0);
+}
+
+// `count` chunks (at most kSpanChunks) for NG query heads (NG <= 4) of one kv head; `p` holds 4 * kSpanTokens
+// floats of scratch.
+template <int NG, typename cache_t>
+inline void attend_span(const float* q, float* acc, float* row_max, float* row_sum, float* p,
+                        const SpanChunk<cache_t>* chunks, int64_t count, int64_t D, int64_t bs, float softcap) {
+  __m512 vmax[NG];
+  for (int j = 0; j < NG; ++j) vmax[j] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < count; ++c) {
+    if (c + kPrefetchChunks < count) prefetch_span_chunk(chunks[c + kPrefetchChunks], D, bs);
+    chunk_scores<NG>(q, chunks[c], D, bs, softcap, p + 16 * c, vmax);
+  }
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < NG; ++j) {
+    const float new_max = std::max(row_max[j], _mm512_reduce_max_ps(vmax[j]));
+    if (new_max == -std::numeric_limits<float>::infinity()) continue;  // no visible token in this span
+    const float correction = std::exp(row_max[j] - new_max);
+    if (correction != 1.f) {
+      const __m512 cv = _mm512_set1_ps(correction);
+      float* aj = acc + j * D;
+      for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(aj + i, _mm512_mul_ps(cv, _mm512_loadu_ps(aj + i)));
+    }
+    const __m512 m = _mm512_set1_ps(new_max);
+    __m512 vsum = _mm512_setzero_ps();
+    float* pj = p + j * kSpanTokens;
+    for (int64_t c = 0; c < count; ++c) {
+      const __m512 scores = _mm512_loadu_ps(pj + 16 * c);
+      const __mmask16 seen = _mm512_cmp_ps_mask(scores, minus_inf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(scores, m)));
+      vsum = _mm512_add_ps(vsum, e);
+      _mm512_storeu_ps(pj + 16 * c, e);
+    }
+    row_sum[j] = row_sum[j] * correction + _mm512_reduce_add_ps(vsum);
+    row_max[j] = new_max;
+  }
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) span_values<NG, 4>(p, chunks, count, D, d0, acc);
+  for (; d0 + 32 <= D; d0 += 32) span_values<NG, 2>(p, chunks, count, D, d0, acc);
+  for (; d0 < D; d0 += 16) span_values<NG, 1>(p, chunks, count, D, d0, acc);
+}
+
 #endif  // __AVX512F__
 
 #ifdef INFERNEO_AVX2
@@ -510,7 +632,12 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
 #pragma omp parallel num_threads(threads)
   {
     GroupState st(group, D);
+#ifdef __AVX512F__
+    std::vector<float> probs(4 * kSpanTokens);
+    std::vector<SpanChunk<cache_t>> chunks(kSpanChunks);
+#else
     std::vector<float> probs(4 * 16);
+#endif
     std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
     // the hardware prefetcher alone leaves this loop waiting on memory.
@@ -530,6 +657,32 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
       st.begin(q + b * s.q_stride + kvh * group * D, s.query_scale(kvh));
       const int64_t first = s.first_token(len), start = first / 16 * 16;  // the window's first 16-token chunk
+#ifdef __AVX512F__
+      // spans of up to kSpanTokens tokens (attend_span)
+      for (int64_t span0 = start; span0 < len; span0 += kSpanTokens) {
+        int64_t count = 0;
+        for (int64_t pos = span0; pos < std::min(len, span0 + kSpanTokens); pos += 16, ++count) {
+          const int64_t base = (kvh * s.num_blocks + table[pos / bs]) * block_elems, within = pos % bs;
+          chunks[count] = {cache + base + within, cache + half + base + within * D, std::min<int64_t>(16, len - pos),
+                           std::max<int64_t>(0, first - pos)};
+        }
+        for (int64_t c = 0; c < std::min(count, kPrefetchChunks); ++c) prefetch_span_chunk(chunks[c], D, bs);
+        for (int64_t g0 = 0; g0 < group;) {
+          const int64_t heads = std::min<int64_t>(4, group - g0);
+          float* const hq = qf.data() + g0 * D;
+          float* const hacc = acc.data() + g0 * D;
+          float* const hmax = row_max.data() + g0;
+          float* const hsum = row_sum.data() + g0;
+          switch (heads) {
+            case 4: attend_span<4>(hq, hacc, hmax, hsum, probs.data(), chunks.data(), count, D, bs, s.softcap); break;
+            case 3: attend_span<3>(hq, hacc, hmax, hsum, probs.data(), chunks.data(), count, D, bs, s.softcap); break;
+            case 2: attend_span<2>(hq, hacc, hmax, hsum, probs.data(), chunks.data(), count, D, bs, s.softcap); break;
+            default: attend_span<1>(hq, hacc, hmax, hsum, probs.data(), chunks.data(), count, D, bs, s.softcap); break;
+          }
+          g0 += heads;
+        }
+      }
+#else
       if (len > start + 16) prefetch_chunk(table, kvh, start + 16);
       for (int64_t pos = start; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
@@ -559,6 +712,7 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
           }
         }
       }
+#endif
       st.finish(out + (b * s.num_heads + kvh * group) * D, s.sinks ? s.sinks + kvh * group : nullptr,
                 s.output_scale(kvh));
     }

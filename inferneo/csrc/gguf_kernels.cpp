@@ -34,13 +34,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define GGUF_X86 1
-#define GGUF_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "gguf_wide_panels.h"
 
 namespace {
+#ifdef GGUF_X86
+using namespace gguf_wide;
+#endif
 
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
 
@@ -290,11 +289,6 @@ DequantFn avx2_dequant(int64_t qtype) {
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
 
 // Register-blocked product of NR de-quantized weight rows (w, row stride ldw) and MR activation rows (x, row
 // stride ldx) over kc columns: 8-wide FMAs into NR x MR accumulators, horizontal sums into out (stored, or added
@@ -472,22 +466,6 @@ GGUF_AVX2 void panel_groups_avx2(const uint8_t* src, int64_t row_bytes, Format f
 // panel kernel of cpu_kernels.cpp holds bfloat16 weights), so each instruction does two products per lane.
 // On CPUs that execute 512-bit FMAs at full width (Zen 5, Intel server cores) this doubles the AVX2 panel's
 // arithmetic rate; float32 sums run over k in order, bfloat16 ones over pairs of k in order.
-constexpr int64_t kWideCols = 48;
-
-#define GGUF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define GGUF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-
-bool cpu_has_avx512() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
-bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 // rows [48][K] (row-major, K a multiple of 8) -> panel [K][48]
 GGUF_AVX2 void transpose_into_wide_panel(const float* rows, int64_t K, float* panel) {
   for (int64_t k = 0; k < K; k += 8) {
@@ -509,86 +487,6 @@ GGUF_AVX512BF16 void pack_wide_panel_bf16(const float* panel, int64_t K, uint32_
       _mm512_storeu_si512(pairs + s * kWideCols + 16 * j, _mm512_or_si512(lo32, _mm512_slli_epi32(hi32, 16)));
     }
   }
-}
-
-GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], float* y, int64_t cols) {
-  for (int j = 0; j < 3; ++j) {
-    const int64_t left = cols - 16 * j;
-    if (left <= 0) break;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-    _mm512_mask_storeu_ps(y + 16 * j, mask, acc[j]);
-  }
-}
-
-// Rows [0, MR) of float32 x times a [K][48] panel: y[r][0 .. cols).
-template <int MR>
-GGUF_AVX512 void wide_rows_f32(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy,
-                               int64_t cols) {
-  __m512 acc[MR][3];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
-  const float* w = panel;
-  for (int64_t k = 0; k < K; ++k, w += kWideCols) {
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, w2, acc[r][2]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) store_wide(acc[r], y + r * ldy, cols);
-}
-
-// Rows [0, MR) of bfloat16 x (raw bits) times a [K/2][48] panel of bfloat16 pairs.
-template <int MR>
-GGUF_AVX512BF16 void wide_rows_bf16(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K, float* y,
-                                    int64_t ldy, int64_t cols) {
-  __m512 acc[MR][3];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
-  const uint32_t* w = pairs;
-  for (int64_t s = 0; s < K / 2; ++s, w += kWideCols) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16),
-                   w2 = (__m512bh)_mm512_loadu_si512(w + 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, x + r * ldx + 2 * s, sizeof(pair));
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) store_wide(acc[r], y + r * ldy, cols);
-}
-
-template <typename Fn>
-inline void by_block_rows(int64_t rows, Fn&& fn) {
-  switch (rows) {
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    default: fn(std::integral_constant<int, 1>{}); break;
-  }
-}
-
-GGUF_AVX512 void wide_block_f32(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
-                                int64_t ldy, int64_t cols) {
-  by_block_rows(rows, [&](auto mr) { wide_rows_f32<decltype(mr)::value>(x, ldx, panel, K, y, ldy, cols); });
-}
-
-GGUF_AVX512BF16 void wide_block_bf16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K,
-                                     float* y, int64_t ldy, int64_t cols) {
-  by_block_rows(rows, [&](auto mr) { wide_rows_bf16<decltype(mr)::value>(x, ldx, pairs, K, y, ldy, cols); });
 }
 
 // A group's panel built straight from the blocks (Q4_0, Q4_1, Q8_0: 32-weight blocks): for each block and each
@@ -732,19 +630,7 @@ GGUF_AVX512 void wide_panel_groups(const uint8_t* src, int64_t row_bytes, Format
         transpose_into_wide_panel(rows_buf.data(), K, reinterpret_cast<float*>(panel));
       }
     }
-    for (int64_t m = 0; m < M; m += 8) {
-      const int64_t block_rows = std::min<int64_t>(8, M - m);
-      for (int64_t i = 0; i < groups; ++i) {
-        const int64_t r0 = (c0 + i) * kWideCols, cols = std::min(kWideCols, N - r0);
-        const uint32_t* panel = panels.data() + i * panel_words;
-        if constexpr (kBf16) {
-          wide_block_bf16(block_rows, static_cast<const uint16_t*>(x) + m * K, K, panel, K, out + m * N + r0, N, cols);
-        } else {
-          wide_block_f32(block_rows, static_cast<const float*>(x) + m * K, K, reinterpret_cast<const float*>(panel),
-                         K, out + m * N + r0, N, cols);
-        }
-      }
-    }
+    wide_panels_times_rows<kBf16>(panels.data(), groups, panel_words, c0 * kWideCols, x, M, K, N, out);
   }
 }
 
@@ -1430,6 +1316,11 @@ std::string gguf_isa() {
   return use_avx2() ? "avx2" : "portable";
 }
 
+// gguf_packed.cpp: Q4_0 / Q4_1 weights in the wide16 layout written at load (inferneo/quantization/gguf_wide.py)
+bool gguf_packed_available();
+at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
+                              int64_t inreg_max_rows, const std::string& isa);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
         py::arg("blocks"), py::arg("qtype"), py::arg("in_features"), py::arg("fused_max_rows") = 48,
@@ -1446,6 +1337,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_quantize_activations", &gguf_quantize_activations,
         "x [M, K] -> (q int8 [M, K], d [M, K/32], d * sum(q) [M, K/32]): the int8 path's activation blocks",
         py::arg("x"));
+  m.def("gguf_packed_available", &gguf_packed_available,
+        "whether this CPU runs gguf_packed_linear (AVX512F/BW/VL/DQ)");
+  m.def("gguf_packed_linear", &gguf_packed_linear,
+        "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout [groups, K / 32, tile] (float32 out)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("inreg_max_rows") = -1,
+        py::arg("isa") = "");
   m.def("gguf_isa", &gguf_isa,
         "the best instruction set the kernels have for this CPU: avx512_bf16, avx512, avx2 or portable (the in-register "
         "and int8 paths run AVX2 code on every AVX2 CPU; the panel path runs the named one)");

@@ -16,7 +16,7 @@ from inferneo.kernels.native_build import load_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent.parent / "csrc" / "gguf_kernels.cpp"
+_SOURCES = [Path(__file__).parent.parent / "csrc" / name for name in ("gguf_kernels.cpp", "gguf_packed.cpp")]
 
 
 @functools.cache
@@ -27,7 +27,7 @@ def load_gguf_kernels():
         logger.info("loading native GGUF kernels (the first run on a machine compiles them)")
         return load_extension(
             "inferneo_gguf_kernels",
-            [str(_SOURCE)],
+            [str(path) for path in _SOURCES],
             # no -march: the AVX2 functions carry their own target attribute and are picked at run time;
             # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add; -fopenmp
             # makes at::parallel_for (a header template, compiled here) run on PyTorch's threads: without it

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from inferneo.quantization.base import (
     new_parameter,
 )
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
+from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_supported
 from inferneo.worker.cpu_tuning import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -60,13 +61,16 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class BlockSegment:
     """Consecutive output rows of a layer held in one block format, in the layer's buffer ``buffer``.
 
-    ``shards`` are the logical shards it holds, in order (empty: the layer's weight comes as one tensor)."""
+    ``shards`` are the logical shards it holds, in order (empty: the layer's weight comes as one tensor).
+    ``layout``: ``"ggml"`` (the file's ``[rows, row_bytes]`` blocks) or ``"wide16"`` (repacked at load for the
+    AVX-512 kernels, ``gguf_wide.py``)."""
 
     fmt: BlockFormat
     row_start: int
     rows: int
     shards: tuple[int, ...]
     buffer: str
+    layout: str = "ggml"
 
 
 # ---- the matmul ----------------------------------------------------------------------------------------------
@@ -128,6 +132,28 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
 
 # ---- linear layers ------------------------------------------------------------------------------------------
+
+
+# A matmul over a wide16 segment: (x [M, K], tiles, format, output rows) -> [M, rows]
+Wide16Matmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat, int], torch.Tensor]
+
+
+def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matmul | None:
+    """The native matmul over wide16 tiles where Q4_0 / Q4_1 layers should be repacked at load: CPUs with the
+    AVX-512 kernels, ``gguf_wide16`` and the native kernels on, and the int8 dot path off (it reads the file's
+    layout); else None (the layers keep the file's blocks)."""
+    if device.type != "cpu" or not (kernels.cpu_native_kernels and kernels.gguf_wide16) or kernels.gguf_int8_dot:
+        return None
+    from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+    ops = load_gguf_kernels()
+    if ops is None or not ops.gguf_packed_available():
+        return None
+
+    def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int) -> torch.Tensor:
+        out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+    return native
 
 
 class GGUFLinearMethod(LinearMethod):
@@ -194,25 +220,42 @@ class GGUFLinearMethod(LinearMethod):
             _dequantize_without_kernels(layer)
             return
         layer.block_matmul = matmul
+        wide16 = wide16_matmul_for(layer.device, kernels)
+        if wide16 is None:
+            return
+        layer.wide16_matmul = wide16
+        segments = []
+        for seg in layer.gguf_segments:
+            if wide16_supported(seg.fmt.qtype):
+                layer.register_buffer(seg.buffer, pack_wide16(getattr(layer, seg.buffer), seg.fmt.qtype))
+                seg = replace(seg, layout="wide16")
+            segments.append(seg)
+        layer.gguf_segments = tuple(segments)
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
         if getattr(layer, "dense_weight", None) is not None:
             y = F.linear(x2, layer.dense_weight)
         else:
-            outs = [layer.block_matmul(x2, getattr(layer, seg.buffer), seg.fmt) for seg in layer.gguf_segments]
+            outs = [layer.wide16_matmul(x2, getattr(layer, seg.buffer), seg.fmt, seg.rows) if seg.layout == "wide16"
+                    else layer.block_matmul(x2, getattr(layer, seg.buffer), seg.fmt) for seg in layer.gguf_segments]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
     def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
         if getattr(layer, "dense_weight", None) is not None:
             return layer.dense_weight.float()
-        return torch.cat([dequantize_blocks(getattr(layer, seg.buffer), seg.fmt.qtype)
-                          for seg in layer.gguf_segments])
+        return torch.cat([dequantize_blocks(ggml_blocks(layer, seg), seg.fmt.qtype) for seg in layer.gguf_segments])
 
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
         for seg in layer.gguf_segments:
             random_blocks(getattr(layer, seg.buffer), seg.fmt, generator)
+
+
+def ggml_blocks(layer: QuantizedLinear, seg: BlockSegment) -> torch.Tensor:
+    """A segment's weights as the file's ggml blocks ``[rows, row_bytes]`` (unpacked from wide16 if need be)."""
+    blocks = getattr(layer, seg.buffer)
+    return unpack_wide16(blocks, seg.fmt.qtype, seg.rows) if seg.layout == "wide16" else blocks
 
 
 def _dequantize_without_kernels(layer: QuantizedLinear) -> None:

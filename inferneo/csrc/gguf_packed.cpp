@@ -1,0 +1,296 @@
+// GGUF Q4_0 / Q4_1 weights repacked once at load into a column-interleaved layout, and their products.
+//
+// In a ggml file each weight row (one output column of the product) is a run of 32-weight blocks along K, so a
+// kernel that wants 16 output columns side by side in a 16-lane register has to transpose the blocks at every
+// call (gguf_kernels.cpp does, in registers: on a Zen 5 that cost about as much as the products at 16-64 rows).
+// The "wide16" layout (inferneo/quantization/gguf_wide.py writes and reads it) stores the same bytes transposed:
+// the weight rows in groups of 16 (the last group padded with zero scales and codes), and for each group and
+// 32-weight block one tile
+//
+//   Q4_1: [16 half scales d][16 half minimums m][256 code bytes]   (320 bytes = 16 ggml blocks)
+//   Q4_0: [16 half scales d][256 code bytes]                      (288 bytes)
+//
+// where code byte 16 p + c holds column c's 4-bit codes of k = 2p (low nibble) and k = 2p + 1 (high nibble). One
+// 16-byte load, a zero extension, a mask and a shift give the codes of two k for 16 columns; the values are
+// computed as the reference computes them (Q4_1: d * q + m, Q4_0: d * (q - 8); the file is built with
+// -ffp-contract=off), so the float32 weights equal gguf.quants.dequantize's.
+//
+// gguf_packed_linear(x [M, K] float32 or bfloat16, packed uint8 [groups, K / 32, tile]) -> float32 [M, N]:
+//  - up to `inreg_max_rows` rows: each group's tiles are turned into values in registers and multiplied straight
+//    into up to 8 activation rows (float32 products; bfloat16 rows are widened exactly), k even and odd in two
+//    accumulators per row;
+//  - more rows: groups of three (48 columns) are de-quantized once per call into the [K][48] float32 or
+//    [K/2][48] bfloat16-pair panels of gguf_wide_panels.h (bfloat16 with bfloat16 activations on AVX512_BF16 CPUs:
+//    the weights rounded to nearest even, as a bfloat16 model holds them) and multiplied into every row.
+// AVX-512 only (AVX512F/BW/VL/DQ): the layout is chosen at load only on such CPUs.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gguf_wide_panels.h"
+
+namespace {
+
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3;
+constexpr int64_t kGroupCols = 16;
+
+int64_t tile_bytes(int64_t qtype) { return qtype == kQ4_1 ? 320 : 288; }
+
+#ifdef GGUF_X86
+using namespace gguf_wide;
+
+// A group's tiles are read in order; the next tiles are prefetched this far ahead.
+constexpr int64_t kPrefetchTiles = 2;
+
+// The values of k = 2p (lo) and k = 2p + 1 (hi) of a tile's 16 columns.
+template <bool kMin>
+GGUF_AVX512 inline void pair_values(const uint8_t* codes, int64_t p, __m512 d, __m512 m, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * p)));
+  const __m512i q_lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(v, 4);
+  if constexpr (kMin) {
+    lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo)), m);
+    hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi)), m);
+  } else {
+    const __m512i eight = _mm512_set1_epi32(8);
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_lo, eight)));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_hi, eight)));
+  }
+}
+
+GGUF_AVX512 inline __m512 half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// A tile's scales (and minimums) and where its codes start.
+template <bool kMin>
+GGUF_AVX512 inline const uint8_t* tile_scales(const uint8_t* tile, __m512& d, __m512& m) {
+  d = half16(tile);
+  m = kMin ? half16(tile + 32) : _mm512_setzero_ps();
+  return tile + (kMin ? 64 : 32);
+}
+
+// ---- few rows: values in registers -----------------------------------------------------------------------------
+
+// Rows [0, MR) of float32 x times one group (16 columns): y[r][0 .. cols).
+template <bool kMin, int MR>
+GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, const float* x, int64_t ldx, float* y,
+                             int64_t ldy, int64_t cols) {
+  __m512 even[MR], odd[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* t = group + b * tile;
+    _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchTiles * tile), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchTiles * tile + 64 * 2), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(t + kPrefetchTiles * tile + 64 * 4), _MM_HINT_T0);
+    __m512 d, m;
+    const uint8_t* codes = tile_scales<kMin>(t, d, m);
+    const float* xb = x + 32 * b;
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < 16; ++p) {
+      __m512 lo, hi;
+      pair_values<kMin>(codes, p, d, m, lo, hi);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        even[r] = _mm512_fmadd_ps(_mm512_set1_ps(xb[r * ldx + 2 * p]), lo, even[r]);
+        odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(xb[r * ldx + 2 * p + 1]), hi, odd[r]);
+      }
+    }
+  }
+  const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(even[r], odd[r]));
+}
+
+template <bool kMin>
+GGUF_AVX512 void inreg_group_rows(int64_t rows, const uint8_t* group, int64_t nb, int64_t tile, const float* x,
+                                  int64_t ldx, float* y, int64_t ldy, int64_t cols) {
+  by_block_rows(rows, [&](auto mr) { inreg_group<kMin, decltype(mr)::value>(group, nb, tile, x, ldx, y, ldy, cols); });
+}
+
+// ---- more rows: panels built once per call -----------------------------------------------------------------------
+
+// How a panel stores one k-pair of 16 columns: float32 [K][48] (two lines) or bfloat16 pairs [K/2][48] (one line,
+// lane c: w[2p][c] low, w[2p + 1][c] high, each rounded to nearest even).
+struct Float32Panel {
+  static constexpr int64_t kWordsPerBlock = 32 * kWideCols;  // 32 lines of 48 floats
+  GGUF_AVX512 static inline void store(uint32_t* line, int64_t p, __m512 lo, __m512 hi) {
+    float* dst = reinterpret_cast<float*>(line);
+    _mm512_storeu_ps(dst + 2 * p * kWideCols, lo);
+    _mm512_storeu_ps(dst + (2 * p + 1) * kWideCols, hi);
+  }
+};
+
+struct Bfloat16Panel {
+  static constexpr int64_t kWordsPerBlock = 16 * kWideCols;  // 16 lines of 48 pairs
+  GGUF_AVX512BF16 static inline void store(uint32_t* line, int64_t p, __m512 lo, __m512 hi) {
+    // word 2c <- word c (k even), word 2c + 1 <- word 16 + c (k odd) of the two-register conversion
+    alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // words 0-15: k even, 16-31: k odd
+    _mm512_storeu_si512(line + p * kWideCols, _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves));
+  }
+};
+
+// Groups 3t .. 3t + 2 (those below `groups`) as one panel of `Panel`'s layout; missing groups give zero columns.
+// Always inlined into build_panel_f32 / build_panel_bf16 below, which carry the target each store needs.
+template <bool kMin, typename Panel>
+GGUF_AVX512 __attribute__((always_inline)) inline void build_panel(const uint8_t* packed, int64_t groups, int64_t nb,
+                                                                   int64_t tile, int64_t t, uint32_t* panel) {
+  for (int64_t j = 0; j < 3; ++j) {
+    const int64_t g = 3 * t + j;
+    uint32_t* col = panel + 16 * j;
+    if (g >= groups) {
+      for (int64_t line = 0; line < nb * Panel::kWordsPerBlock / kWideCols; ++line) {
+        _mm512_storeu_si512(col + line * kWideCols, _mm512_setzero_si512());
+      }
+      continue;
+    }
+    const uint8_t* src = packed + g * nb * tile;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* t_ = src + b * tile;
+      _mm_prefetch(reinterpret_cast<const char*>(t_ + kPrefetchTiles * tile), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(t_ + kPrefetchTiles * tile + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(t_ + kPrefetchTiles * tile + 256), _MM_HINT_T0);
+      __m512 d, m;
+      const uint8_t* codes = tile_scales<kMin>(t_, d, m);
+      uint32_t* dst = col + b * Panel::kWordsPerBlock;
+#pragma GCC unroll 4
+      for (int64_t p = 0; p < 16; ++p) {
+        __m512 lo, hi;
+        pair_values<kMin>(codes, p, d, m, lo, hi);
+        Panel::store(dst, p, lo, hi);
+      }
+    }
+  }
+}
+
+template <bool kMin>
+GGUF_AVX512 void build_panel_f32(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t t,
+                                 uint32_t* panel) {
+  build_panel<kMin, Float32Panel>(packed, groups, nb, tile, t, panel);
+}
+
+template <bool kMin>
+GGUF_AVX512BF16 void build_panel_bf16(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t t,
+                                      uint32_t* panel) {
+  build_panel<kMin, Bfloat16Panel>(packed, groups, nb, tile, t, panel);
+}
+
+// Triples [t0, t1) times all M rows, in chunks of triples whose panels fit in about 256 KB (as wide_panel_groups in
+// gguf_kernels.cpp goes: a long prompt's rows are read once per chunk rather than once per 48 columns).
+template <bool kMin, bool kBf16>
+GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t N,
+                               const void* x, int64_t M, float* out, int64_t t0, int64_t t1) {
+  const int64_t K = 32 * nb, panel_words = kBf16 ? kWideCols * K / 2 : kWideCols * K;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
+  std::vector<uint32_t> panels(chunk * panel_words);
+  for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
+    const int64_t count = std::min(chunk, t1 - c0);
+    for (int64_t i = 0; i < count; ++i) {
+      if constexpr (kBf16) {
+        build_panel_bf16<kMin>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+      } else {
+        build_panel_f32<kMin>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+      }
+    }
+    wide_panels_times_rows<kBf16>(panels.data(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
+  }
+}
+#endif  // GGUF_X86
+
+// Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
+// count up to which it measured faster on the default model's Q4_1 layers (two threads, Zen 5, 2026-12-04):
+// float32 18.1 against 19.3 ms at 28 rows (21.9 against 24.0 for the panels at 32); with the bfloat16 panels
+// 9.30 against 9.47 ms at 12 rows, 10.2 against 9.9 at 14.
+int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 12 : 28; }
+
+}  // namespace
+
+bool gguf_packed_available() {
+#ifdef GGUF_X86
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
+                              int64_t inreg_max_rows, const std::string& isa) {
+  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1, "GGUF packed kernels: ggml type ", qtype,
+              " has no wide16 layout (Q4_0 = 2, Q4_1 = 3)");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 3 &&
+                  packed.is_contiguous() && packed.size(2) == tile_bytes(qtype),
+              "GGUF packed kernels: packed must be a contiguous CPU uint8 [groups, K / 32, ", tile_bytes(qtype),
+              "] tensor");
+  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
+  TORCH_CHECK(N > (groups - 1) * kGroupCols && N <= groups * kGroupCols, "GGUF packed kernels: ", groups,
+              " groups of 16 columns do not hold ", N, " output features");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == K,
+              "GGUF packed kernels: x must be a CPU [rows, ", K, "] tensor");
+  TORCH_CHECK(gguf_packed_available(), "GGUF packed kernels: the wide16 layout needs AVX512F/BW/VL/DQ, which this "
+              "CPU lacks");
+  const bool bf16_x = x_in.scalar_type() == at::kBFloat16;
+  bool bf16_panels = bf16_x && cpu_has_avx512_bf16();
+  if (isa == "avx512") {
+    bf16_panels = false;
+  } else if (isa == "avx512_bf16") {
+    TORCH_CHECK(cpu_has_avx512_bf16(), "GGUF packed kernels: isa='avx512_bf16' needs AVX512_BF16, which this CPU lacks");
+    TORCH_CHECK(bf16_x, "GGUF packed kernels: isa='avx512_bf16' multiplies bfloat16 activations; x is not bfloat16");
+  } else {
+    TORCH_CHECK(isa.empty(), "GGUF packed kernels: unknown isa '", isa, "' (choose '', 'avx512' or 'avx512_bf16')");
+  }
+  if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels);
+  const int64_t M = x_in.size(0);
+  at::Tensor out = at::empty({M, N}, at::kFloat);
+  if (M == 0) return out;
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+#ifdef GGUF_X86
+  const bool with_min = qtype == kQ4_1;
+  if (M > inreg_max_rows && bf16_panels) {
+    const at::Tensor xb = x_in.contiguous();
+    const void* xp = xb.data_ptr<at::BFloat16>();
+    at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
+      if (with_min) {
+        panel_triples<true, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+      } else {
+        panel_triples<false, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+      }
+    });
+    return out;
+  }
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  if (M > inreg_max_rows) {
+    at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
+      if (with_min) {
+        panel_triples<true, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+      } else {
+        panel_triples<false, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+      }
+    });
+    return out;
+  }
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* group = src + g * nb * tile;
+      const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+      for (int64_t m = 0; m < M; m += 8) {
+        const int64_t rows = std::min<int64_t>(8, M - m);
+        if (with_min) {
+          inreg_group_rows<true>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols, N, cols);
+        } else {
+          inreg_group_rows<false>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols, N, cols);
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}

@@ -1,0 +1,181 @@
+"""The wide16 layout of Q4_0 / Q4_1 GGUF layers (repacked at load for the AVX-512 CPU kernels).
+
+- ``pack_wide16`` / ``unpack_wide16`` give back the file's blocks bit for bit (any row count: a last partial group
+  of 16 is padded and dropped again), and a packed tile holds each weight's code where the layout says.
+- ``gguf_packed_linear`` matches ``F.linear`` on the de-quantized weight to 1e-5 relative to the output's scale on
+  its in-register path (float32 products, bfloat16 rows widened exactly), and its panel path gives the same bits as
+  ``gguf_linear``'s panels from the file's blocks (the same panels, built without transposes); the AVX512_BF16
+  panels equal ``F.linear`` on the bfloat16-rounded weight within float32 summation order.
+- An engine on an AVX-512 CPU holds Q4_0 / Q4_1 layers in wide16 (not with the switch off or the int8 path on),
+  de-quantizes them to the file's weights, and gives the de-quantized engine's greedy tokens (float32).
+Kernel tests skip on CPUs without AVX-512, naming the missing feature.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from test_gguf_quantized import _random_blocks
+from test_hf_parity import mixed_prompts, run_engine
+
+from inferneo import LLM
+from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu_gguf import load_gguf_kernels
+from inferneo.quantization import quantized_linears
+from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
+from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16
+from inferneo.testing import make_tiny_gguf
+
+WIDE16_FORMATS = ["Q4_0", "Q4_1"]
+
+
+def _qtype(name: str) -> int:
+    return int(GGMLQuantizationType[name])
+
+
+def _blocks(name: str, rows: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Random codes with random finite scales (and minimums), so that every field matters."""
+    fmt = KEPT_FORMATS[_qtype(name)]
+    gen = torch.Generator().manual_seed(seed)
+    blocks = _random_blocks(name, rows, in_features, seed)
+    view = blocks.view(rows, -1, fmt.type_size)
+    view[..., 0:2] = (torch.rand(view.shape[:2], generator=gen) * 0.01 + 1e-3).half().view(torch.uint8).view(rows, -1, 2)
+    if name == "Q4_1":
+        view[..., 2:4] = (torch.randn(view.shape[:2], generator=gen) * 0.01).half().view(torch.uint8).view(rows, -1, 2)
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def wide16_ops():
+    ops = load_gguf_kernels()
+    if ops is None or not ops.gguf_packed_available():
+        pytest.skip("the wide16 kernels need the native GGUF build and AVX512F/BW/VL/DQ, which this CPU lacks")
+    return ops
+
+
+# ---- the layout ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 16, 44, 96])
+def test_pack_and_unpack_give_back_the_blocks(name, rows):
+    blocks = _blocks(name, rows, 96, seed=rows)
+    packed = pack_wide16(blocks, _qtype(name))
+    assert packed.shape == (-(-rows // 16), 3, 320 if name == "Q4_1" else 288)
+    assert torch.equal(unpack_wide16(packed, _qtype(name), rows), blocks)
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+def test_a_tile_holds_each_code_where_the_layout_says(name):
+    rows, in_features = 20, 64
+    blocks = _blocks(name, rows, in_features)
+    fmt = KEPT_FORMATS[_qtype(name)]
+    scale_bytes = 4 if name == "Q4_1" else 2
+    qs = blocks.view(rows, -1, fmt.type_size)[..., scale_bytes:]
+    codes = torch.cat([qs & 15, qs >> 4], dim=-1)  # [rows, blocks, 32]: the code of each k
+    packed = pack_wide16(blocks, _qtype(name))
+    for row, block, k in [(0, 0, 0), (3, 1, 17), (15, 0, 31), (17, 1, 6), (19, 0, 25)]:
+        group, c, p = row // 16, row % 16, k // 2
+        byte = int(packed[group, block, 2 * scale_bytes * 16 // 2 + 16 * p + c])
+        assert (byte >> 4 if k % 2 else byte & 15) == int(codes[row, block, k])
+        scale = packed[group, block, 2 * c : 2 * c + 2]
+        assert torch.equal(scale, blocks.view(rows, -1, fmt.type_size)[row, block, 0:2])
+    assert not packed[1, :, 2 * 4 : 2 * 16].any()  # scales of the padding rows 20-31 are zero
+
+
+def test_layout_refuses_other_types():
+    with pytest.raises(ValueError, match="ggml type 8 has no wide16 layout"):
+        pack_wide16(torch.zeros(16, 34, dtype=torch.uint8), 8)
+
+
+# ---- the kernels -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 12, 13, 28, 29, 33, 70])
+def test_packed_linear_matches_f_linear(name, rows, wide16_ops):
+    qtype = _qtype(name)
+    blocks = _blocks(name, 100, 192, seed=rows)  # 100 rows: 7 groups of 16, the last partial; 3 groups of 48
+    packed = pack_wide16(blocks, qtype)
+    weight = dequantize_blocks(blocks, qtype)
+    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows))
+    expected = F.linear(x, weight)
+    tol = 1e-5 * expected.abs().max().item()
+    never = 1 << 30
+    for inreg_max_rows in (-1, never, 0):  # the default hand-over, the in-register path, the float32 panels
+        out = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, inreg_max_rows, "avx512")
+        torch.testing.assert_close(out, expected, rtol=0, atol=tol)
+    # the panels are those gguf_linear builds from the file's blocks: the same bits
+    panels = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "avx512")
+    assert torch.equal(panels, wide16_ops.gguf_linear(x, blocks, qtype, 192, 48, 0, 0, 0, "avx512"))
+    # bfloat16 rows on the in-register path: the exact float32 product of the bfloat16 values
+    xb = x.bfloat16()
+    expected_b = F.linear(xb.float(), weight)
+    out = wide16_ops.gguf_packed_linear(xb, packed, qtype, 100, never, "")
+    torch.testing.assert_close(out, expected_b, rtol=0, atol=1e-5 * expected_b.abs().max().item())
+    if wide16_ops.gguf_isa() == "avx512_bf16":
+        # bfloat16 pair panels: F.linear on the bfloat16-rounded weight, within float32 summation order, and the
+        # same bits as gguf_linear's bfloat16 panels
+        expected_bb = F.linear(xb.float(), weight.bfloat16().float())
+        out = wide16_ops.gguf_packed_linear(xb, packed, qtype, 100, 0, "")
+        torch.testing.assert_close(out, expected_bb, rtol=0, atol=1e-5 * expected_bb.abs().max().item())
+        assert torch.equal(out, wide16_ops.gguf_linear(xb, blocks, qtype, 192, 48, 0, 0, 0, "avx512_bf16"))
+
+
+def test_packed_linear_refuses_bad_arguments(wide16_ops):
+    blocks = _blocks("Q4_1", 20, 64)
+    packed = pack_wide16(blocks, _qtype("Q4_1"))
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match="ggml type 8 has no wide16 layout"):
+        wide16_ops.gguf_packed_linear(x, packed, 8, 20)
+    with pytest.raises(RuntimeError, match=r"uint8 \[groups, K / 32, 288\]"):
+        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_0"), 20)
+    with pytest.raises(RuntimeError, match="2 groups of 16 columns do not hold 40 output features"):
+        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 40)
+    with pytest.raises(RuntimeError, match=r"x must be a CPU \[rows, 64\] tensor"):
+        wide16_ops.gguf_packed_linear(torch.randn(3, 32), packed, _qtype("Q4_1"), 20)
+    with pytest.raises(RuntimeError, match="unknown isa 'avx2'"):
+        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 20, -1, "avx2")
+    if wide16_ops.gguf_isa() == "avx512_bf16":
+        with pytest.raises(RuntimeError, match="x is not bfloat16"):
+            wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 20, -1, "avx512_bf16")
+
+
+# ---- the engine ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide16_files(tiny_checkpoint_factory, tmp_path_factory):
+    source = tiny_checkpoint_factory("llama", hidden_size=256, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("gguf-wide16")
+    return {t: make_tiny_gguf(source, folder / f"tiny-{t}.gguf", dtype=t) for t in WIDE16_FORMATS}
+
+
+def _layouts(llm: LLM) -> set[str]:
+    return {seg.layout for layer in quantized_linears(llm.engine.runner.model)
+            for seg in getattr(layer, "gguf_segments", ())}
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+def test_engine_holds_q4_layers_in_wide16_and_gives_the_dequantized_tokens(name, wide16_files, wide16_ops,
+                                                                           monkeypatch):
+    path = wide16_files[name]
+    llm = LLM(str(path), dtype="float32")
+    assert _layouts(llm) == {"wide16"}
+    for layer in quantized_linears(llm.engine.runner.model):
+        if getattr(layer, "gguf_segments", ()):
+            seg = layer.gguf_segments[0]
+            assert getattr(layer, seg.buffer).dim() == 3  # tiles, not the file's rows of blocks
+    off = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_wide16=False))
+    assert _layouts(off) == {"ggml"}
+    assert _layouts(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True))) == {"ggml"}
+    for a, b in zip(quantized_linears(llm.engine.runner.model), quantized_linears(off.engine.runner.model),
+                    strict=True):
+        assert torch.equal(a.method.dequantized_weight(a), b.method.dequantized_weight(b))
+    prompts = mixed_prompts(8, 300, seed=4, shared_prefix=24)
+    with monkeypatch.context() as patch:
+        patch.setenv("INFERNEO_GGUF_DEQUANTIZE", "1")
+        dequantized = LLM(str(path), dtype="float32")
+    assert run_engine(llm, prompts) == run_engine(dequantized, prompts)
