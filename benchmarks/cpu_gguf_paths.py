@@ -6,7 +6,9 @@ once, the tied Q8_0 head included), at each row count, on CPU.
 (``panel``), 512-wide K chunks of 16 rows multiplied by 4 x 3 dot-product panels (``chunks``), and de-quantized
 tiles through ``at::mm`` (``tiles``); ``inreg`` (Q4_0 / Q4_1 / Q8_0 only, which the default model's are) is the
 in-register path at every row count. Each path is forced through the call's row thresholds; the paths alternate
-within each repeat and the best repeat is kept, so a busy machine's noise hits them alike.
+within each repeat and the best repeat is kept, so a busy machine's noise hits them alike. ``file`` / ``wide16``
+(and their ``_bf16`` twins) time the defaults instead: the file's blocks through ``gguf_linear``, against the Q4
+layers repacked at load into the wide16 layout (``gguf_packed_linear``).
 
     python3 benchmarks/cpu_gguf_paths.py [--rows 16,64,256,1024] [--threads 1] [--repeats 5] [--paths panel,inreg]
 """
@@ -21,6 +23,7 @@ import torch
 
 from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS
+from inferneo.quantization.gguf_wide import pack_wide16, wide16_supported
 
 NEVER = 1 << 30
 # (fused_max_rows, inreg_max_rows, panel_min_rows, panel isa, activation dtype) that force each path whatever the
@@ -39,6 +42,11 @@ PATHS = {
 # the wide panels built through a row-major buffer (as the K-quants' are) instead of straight from the blocks
 BUFFERED = {"wide_buffered": "wide", "wide_bf16_buffered": "wide_bf16"}
 PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
+# whole-step defaults, each path choosing its own hand-over: "file" / "file_bf16" are gguf_linear on the file's
+# blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 layers repacked at load (gguf_packed_linear; AVX-512), the other
+# layers (the Q8_0 head) as in "file"
+DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.float32,
+            "wide16_bf16": torch.bfloat16}
 
 
 def main() -> None:
@@ -48,28 +56,39 @@ def main() -> None:
     parser.add_argument("--rows", default="16,64,256,1024")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", default="panel,chunks,tiles", help=f"among {', '.join(PATHS)}")
+    parser.add_argument("--paths", default="panel,chunks,tiles", help=f"among {', '.join([*PATHS, *DEFAULTS])}")
     args = parser.parse_args()
-    unknown = sorted(set(args.paths.split(",")) - set(PATHS))
+    unknown = sorted(set(args.paths.split(",")) - set(PATHS) - set(DEFAULTS))
     if unknown:
-        parser.error(f"--paths: unknown {', '.join(unknown)} (choose among {', '.join(PATHS)})")
-    paths = {name: PATHS[name] for name in args.paths.split(",")}
+        parser.error(f"--paths: unknown {', '.join(unknown)} (choose among {', '.join([*PATHS, *DEFAULTS])})")
+    paths = {name: PATHS.get(name) for name in args.paths.split(",")}
     torch.set_num_threads(args.threads)
     ops = load_gguf_kernels()
     if ops is None:
         raise SystemExit("the native GGUF kernels do not build here")
     layers = [(blocks, qtype, blocks.shape[1] // KEPT_FORMATS[qtype].type_size * KEPT_FORMATS[qtype].block_size)
               for blocks, qtype in gguf_layers()]
+    wide = any(name.startswith("wide16") for name in paths)
+    if wide and not ops.gguf_packed_available():
+        raise SystemExit("the wide16 paths need AVX512F/BW/VL/DQ, which this CPU lacks")
+    tiles = [pack_wide16(blocks, qtype) if wide and wide16_supported(qtype) else None for blocks, qtype, _ in layers]
     for rows in map(int, args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for _, _, k in layers}
         inputs_bf16 = {k: x.bfloat16() for k, x in inputs.items()}
         best = dict.fromkeys(paths, float("inf"))
         for _ in range(args.repeats):
-            for name, (fused, inreg, panel, isa, dtype) in paths.items():
+            for name, forced in paths.items():
+                dtype = DEFAULTS[name] if forced is None else forced[4]
                 xs = inputs_bf16 if dtype == torch.bfloat16 else inputs
                 start = time.perf_counter()
-                for blocks, qtype, k in layers:
-                    ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
+                for (blocks, qtype, k), packed in zip(layers, tiles, strict=True):
+                    if forced is not None:
+                        fused, inreg, panel, isa, _ = forced
+                        ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
+                    elif name.startswith("wide16") and packed is not None:
+                        ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])
+                    else:
+                        ops.gguf_linear(xs[k], blocks, qtype, k)
                 best[name] = min(best[name], time.perf_counter() - start)
         row = {"rows": rows, "threads": args.threads, **{f"{n}_ms": round(t * 1e3, 2) for n, t in best.items()}}
         others = [t for n, t in best.items() if n != "panel"]
