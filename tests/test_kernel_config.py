@@ -27,6 +27,7 @@ SWITCHES = {
     "cuda_fused_qk_norm_rope": "INFERNEO_CUDA_FUSED_QK_NORM_ROPE",
     "cuda_fused_routing": "INFERNEO_CUDA_FUSED_ROUTING",
     "gguf_int8_dot": "INFERNEO_GGUF_INT8_DOT",
+    "gguf_wide16": "INFERNEO_GGUF_WIDE16",
 }
 
 
