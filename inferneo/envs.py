@@ -144,6 +144,16 @@ def decode_fused_reduce() -> bool | None:
     return value not in ("0", "false", "no", "off")
 
 
+def fp8_kv_widen() -> int:
+    """INFERNEO_FP8_KV_WIDEN: how the Triton attention kernels widen an FP8 (e4m3) KV cache read with bfloat16
+    queries (``triton_attention.paged_decode`` / ``paged_prefill``'s ``fp8_widen``). ``0`` (default): to bfloat16
+    by integer operations, bfloat16 dots; ``1``: the same with a shorter byte permute (same bits); ``2``: queries to
+    float16 (times 2^-8, folded back into the score scale) and the tiles to float16 by the hardware conversion, float16
+    dots. Read at each launch."""
+    value = os.environ.get("INFERNEO_FP8_KV_WIDEN", "").strip()
+    return int(value) if value in ("0", "1", "2") else 0
+
+
 def decode_split_tiles() -> int:
     """INFERNEO_DECODE_SPLIT_TILES (default 0: the split rule of ``triton_attention.choose_num_splits``): at least
     this many KV tiles in each split of a split Triton decode attention. Read at each launch."""
