@@ -51,7 +51,7 @@ def check_every_code(device: torch.device) -> bool:
     plain_decode, plain_prefill = ops.paged_decode, ops.paged_prefill
     first: dict = {}  # widening 0's outputs: widening 1 must give the same bits, widening 2 close ones
     cases = [(w, g, s, 1.0) for w in (0, 1, 2) for g in (1, 4) for s in (1, 3)]
-    cases += [(2, 1, s, f) for s in (1, 3) for f in (2.0**16, 2.0**-12)]  # float16 queries: range and subnormals
+    cases += [(w, 1, s, f) for f in (2.0**16, 2.0**-12) for s in (1, 3) for w in (0, 2)]  # range, subnormals
     for widen, group, splits, q_factor in cases:
         ops.paged_decode = functools.partial(plain_decode, fp8_widen=widen)  # the backend's launches
         ops.paged_prefill = functools.partial(plain_prefill, fp8_widen=widen)
@@ -79,11 +79,18 @@ def check_every_code(device: torch.device) -> bool:
             err = relative_error(out, ref)
             base = first.setdefault((group, splits, q_factor), out)
             equal = torch.equal(base, out)
-            passed = same and (equal or widen == 2) and bool(torch.isfinite(out).all()) and err < 1.5e-2
+            ref_finite = bool(torch.isfinite(ref).all())
+            finite = torch.isfinite(out).flatten(1).all(1)
+            nd = step.metadata().num_decode_tokens
+            passed = same and (equal or widen == 2) and bool(finite.all()) and err < 1.5e-2
+            if not ref_finite:  # the reference itself (PyTorch's attention) is not finite: reported, not judged
+                passed = same and bool(finite.all())
             ok &= passed
             print(f"check every e4m3 code, widening {widen}, group {group}, splits {splits}, queries x{q_factor:g}: "
                   f"stored bytes equal {same}, output equal to widening 0's {equal} (relative difference "
-                  f"{relative_error(out, base):.2e}), relative error {err:.2e} {'ok' if passed else 'FAIL'}")
+                  f"{relative_error(out, base):.2e}), relative error {err:.2e}, reference finite {ref_finite}, "
+                  f"non-finite rows decode {int((~finite[:nd]).sum())} prefill {int((~finite[nd:]).sum())} "
+                  f"{'ok' if passed else 'FAIL'}")
         finally:
             ops.paged_decode, ops.paged_prefill = plain_decode, plain_prefill
     return ok
@@ -103,15 +110,17 @@ def _cache(batch: int, context: int, width: int, kv_heads: int, head_dim: int, b
 
 
 # Decode variants timed: (label, module key, cache, paged_decode keywords). "sign": the candidate widening
-# (``fp8_widen=1``); "f16": float16 dots on hardware-converted tiles (``fp8_widen=2``), also with 128-token tiles
-# and with 8 warps.
+# (``fp8_widen=1``); "f16": float16 dots on hardware-converted tiles (``fp8_widen=2``); "s3": three pipeline
+# stages (the default two); "bn32": 32-token tiles. (128-token tiles and 8 warps with float16 dots lost everywhere
+# on 2026-12-04: 428-542 against 394-495 us at 200-256 requests.)
 DECODE_VARIANTS = (
     ("bf16", "new", "bf16", {}),
     ("fp8", "new", "fp8", {}),
     ("fp8-sign", "new", "fp8", {"fp8_widen": 1}),
     ("fp8-f16", "new", "fp8", {"fp8_widen": 2}),
-    ("fp8-f16-bn128", "new", "fp8", {"fp8_widen": 2, "block_n": 128}),
-    ("fp8-f16-w8", "new", "fp8", {"fp8_widen": 2, "num_warps": 8}),
+    ("fp8-s3", "new", "fp8", {"num_stages": 3}),
+    ("fp8-f16-s3", "new", "fp8", {"fp8_widen": 2, "num_stages": 3}),
+    ("fp8-f16-bn32", "new", "fp8", {"fp8_widen": 2, "block_n": 32}),
     ("fp8-old", "old", "fp8", {}),
 )
 
@@ -195,7 +204,7 @@ def main() -> int:
     results["prefill"] = [time_prefill(device, modules)]
     Path(args.out, "fp8kv_decode_bench.json").write_text(json.dumps(results, indent=1))
     print("checks", "passed" if ok else "FAILED")
-    return 0 if ok else 1
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

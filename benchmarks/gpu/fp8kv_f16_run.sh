@@ -4,7 +4,8 @@
 # integer operations, the default; 1: its shorter permute; 2: float16 queries and hardware-converted float16 tiles)
 # and timed against a bf16 cache (fp8kv_decode_bench.py), then quant_suite.py's bf16 and FP8 weights + FP8 KV cache
 # with INFERNEO_FP8_KV_WIDEN=0 and =2, each with its decode steps, W1 and W2, in one process. The suite is not run
-# when a kernel check fails.
+# when the bench breaks (a failed check, exit 2, is reported and the timings still run: no default follows from a
+# failed check).
 # Usage: OUT=... bash benchmarks/gpu/fp8kv_f16_run.sh [suite deadline s] [widens, default 0,2]
 set -u
 OUT=${OUT:?set OUT}
@@ -17,7 +18,8 @@ export PYTHONUNBUFFERED=1
 timeout 170 python3 benchmarks/gpu/fp8kv_decode_bench.py --out "$OUT" > "$OUT/kernel.log" 2>&1
 rc=$?
 echo "fp8kv_decode_bench rc=$rc"; tail -32 "$OUT/kernel.log"
-if [ "$rc" != 0 ]; then echo "kernel checks failed or the bench broke: suite not run"; exit 1; fi
+if [ "$rc" = 2 ]; then echo "*** kernel checks FAILED (see kernel.log); timings continue, no default follows"; fi
+if [ "$rc" != 0 ] && [ "$rc" != 2 ]; then echo "the bench broke: suite not run"; exit 1; fi
 mkdir -p /tmp/quant_suite
 timeout $((DEADLINE + 30)) python3 benchmarks/gpu/quant_suite.py --deadline "$DEADLINE" \
   --skip fp8,fp8-w8a8,fp8-nonorm,w4a16,w4a16-rows,w4a16-tinygemm,fp8-kv,fp8+fp8kv,w4a16+fp8kv,gptfast \

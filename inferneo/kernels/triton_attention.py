@@ -497,13 +497,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
-                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int | None = None) -> None:
+                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int | None = None,
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
-    16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
-    override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
+    16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile), ``num_warps`` and
+    ``num_stages`` (Triton's pipelining depth) override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
     ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
     cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
@@ -582,7 +583,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
         WIDEN=envs.fp8_kv_widen() if fp8_widen is None else fp8_widen,
-        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache), num_warps=num_warps, num_stages=2,
+        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache), num_warps=num_warps, num_stages=num_stages,
         **rotary,
         **launch_options(pdl),
     )
