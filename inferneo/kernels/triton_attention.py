@@ -36,13 +36,22 @@ import triton.language as tl
 from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
-from inferneo.kernels.triton_fp8_gemv import _e4m3_to_bf16, _e4m3_to_f16
+from inferneo.kernels.triton_fp8_gemv import _INTERPRETED, _e4m3_to_bf16, _e4m3_to_f16
 
 _LOG2E = 1.4426950408889634
 # The float16 dots of an FP8 cache read with bfloat16 queries (``fp8_widen`` 2): the queries times 2^-4 in float16
 # (exact from 2^-13 in magnitude, finite up to about 2^20), the score scale times 2^4.
 F16_Q_SHIFT: tl.constexpr = tl.constexpr(2.0**-4)
 F16_Q_UNSHIFT: tl.constexpr = tl.constexpr(2.0**4)
+# Two bfloat16 (one register) to float16 times 2^-4: widened to float32, multiplied, then rounded once.
+_BF16_TO_F16_SHIFTED_ASM: tl.constexpr = tl.constexpr("""{
+    .reg .b32 lo, hi;
+    shl.b32 lo, $1, 16;
+    and.b32 hi, $1, 0xFFFF0000;
+    mul.rn.f32 lo, lo, 0f3D800000;
+    mul.rn.f32 hi, hi, 0f3D800000;
+    cvt.rn.f16x2.f32 $0, hi, lo;
+    }""")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -179,7 +188,12 @@ def _f16_queries(q, qk_scale, FP8: tl.constexpr, WIDEN: tl.constexpr):
     value is a float16) and the probabilities are rounded to float16 (3 more bits than bfloat16) for the second
     dot. Other cases: unchanged."""
     if FP8 and WIDEN == 2 and q.dtype == tl.bfloat16:
-        q = (q.to(tl.float32) * F16_Q_SHIFT).to(tl.float16)
+        if _INTERPRETED:
+            q = (q.to(tl.float32) * F16_Q_SHIFT).to(tl.float16)
+        else:  # in PTX: written as Triton ops, the compiler converted to float16 first and multiplied after
+            # (HMUL2 by 0.0625), so queries above 65504 became inf (seen on an H200, 2026-12-04)
+            q = tl.inline_asm_elementwise(asm=_BF16_TO_F16_SHIFTED_ASM, constraints="=r,r", args=[q],
+                                          dtype=tl.float16, is_pure=True, pack=2)
         qk_scale = qk_scale * F16_Q_UNSHIFT
     return q, qk_scale
 
