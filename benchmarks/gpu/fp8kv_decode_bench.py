@@ -110,17 +110,19 @@ def _cache(batch: int, context: int, width: int, kv_heads: int, head_dim: int, b
 
 
 # Decode variants timed: (label, module key, cache, paged_decode keywords). "sign": the candidate widening
-# (``fp8_widen=1``); "f16": float16 dots on hardware-converted tiles (``fp8_widen=2``); "s3": three pipeline
-# stages (the default two); "bn32": 32-token tiles. (128-token tiles and 8 warps with float16 dots lost everywhere
-# on 2026-12-04: 428-542 against 394-495 us at 200-256 requests.)
+# (``fp8_widen=1``); "f16": float16 dots on hardware-converted tiles (``fp8_widen=2``); "nopre": with
+# ``INFERNEO_PREWAIT_LOADS=rotary`` (decode reads nothing before its wait and asks L2 for nothing); "nol2": the reads
+# before the wait without the L2 prefetch of the first tile. (128-token tiles, 8 warps, three pipeline stages and
+# 32-token tiles lost everywhere on 2026-12-04: 395-583 against 392-495 us at 200-256 requests.)
 DECODE_VARIANTS = (
     ("bf16", "new", "bf16", {}),
     ("fp8", "new", "fp8", {}),
     ("fp8-sign", "new", "fp8", {"fp8_widen": 1}),
     ("fp8-f16", "new", "fp8", {"fp8_widen": 2}),
-    ("fp8-s3", "new", "fp8", {"num_stages": 3}),
-    ("fp8-f16-s3", "new", "fp8", {"fp8_widen": 2, "num_stages": 3}),
-    ("fp8-f16-bn32", "new", "fp8", {"fp8_widen": 2, "block_n": 32}),
+    ("bf16-nopre", "new", "bf16", {"env": "rotary"}),
+    ("fp8-nopre", "new", "fp8", {"env": "rotary"}),
+    ("fp8-nol2", "new", "fp8", {"no_l2": True}),
+    ("fp8-f16-nopre", "new", "fp8", {"fp8_widen": 2, "env": "rotary"}),
     ("fp8-old", "old", "fp8", {}),
 )
 
@@ -140,9 +142,23 @@ def time_decode(device, batch: int, context: int, modules: dict, width: int = 20
             continue
         mod, cache = modules[key], caches[name]
         kv = scales if name == "fp8" else None
+        kw = dict(kw)
+        env, no_l2 = kw.pop("env", None), kw.pop("no_l2", False)
         fn = (lambda mod=mod, cache=cache, kv=kv, kw=kw:  # noqa: E731
               mod.paged_decode(q, cache, tables, lens, head_dim**-0.5, out, kv_scales=kv, **kw))
-        us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
+        before, l2_ok = os.environ.get("INFERNEO_PREWAIT_LOADS"), mod._l2_prefetch_ok
+        try:
+            if env is not None:
+                os.environ["INFERNEO_PREWAIT_LOADS"] = env
+            if no_l2:
+                mod._l2_prefetch_ok = lambda cache: False
+            us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
+        finally:
+            mod._l2_prefetch_ok = l2_ok
+            if before is None:
+                os.environ.pop("INFERNEO_PREWAIT_LOADS", None)
+            else:
+                os.environ["INFERNEO_PREWAIT_LOADS"] = before
         row[label + "_us"] = us
         row[label + "_tbps"] = kv_bytes[name] / us / 1e6
     del caches, base
@@ -182,17 +198,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default="", help="the previous triton_attention.py, timed beside (optional)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--timings-only", action="store_true", help="no correctness checks (a tree checked before)")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(device), "torch", torch.__version__, "triton", triton.__version__)
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "triton": triton.__version__}
-    ok = check_every_code(device)
-    sys.path.insert(0, str(HERE))
-    from check_kv_fp8 import check_cases
+    ok = True
+    if not args.timings_only:
+        ok = check_every_code(device)
+        sys.path.insert(0, str(HERE))
+        from check_kv_fp8 import check_cases
 
-    ok &= check_cases(device)
-    results["checks_passed"] = ok
+        ok &= check_cases(device)
+    results["checks_passed"] = ok if not args.timings_only else None
     modules = {"new": ops}
     if args.old and Path(args.old).is_file():
         spec = importlib.util.spec_from_file_location("old_triton_attention", args.old)

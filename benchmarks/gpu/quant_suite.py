@@ -15,7 +15,8 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      kernel at every batch, 0: never; unset, the default: at batch 1); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
      ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps); ``fp8+fp8kv-wV`` (``--fp8kv-widen V``):
-     ``fp8+fp8kv`` with ``INFERNEO_FP8_KV_WIDEN=V`` (how the attention kernels widen the e4m3 cache); ``w4a16-rows``: the W4A16 decode steps
+     ``fp8+fp8kv`` with ``INFERNEO_FP8_KV_WIDEN=V`` (how the attention kernels widen the e4m3 cache);
+     ``fp8+fp8kv-preV`` (``--fp8kv-prewait V``): ``fp8+fp8kv`` with ``INFERNEO_PREWAIT_LOADS=V``; ``w4a16-rows``: the W4A16 decode steps
      with every layer in the Triton row layout (``INFERNEO_INT4_LAYOUT=rows``: PyTorch's int4 kernel, tinygemm,
      not used where the launch table chose it), and ``w4a16-tinygemm``: every layer in tinygemm's layout
      (``INFERNEO_INT4_LAYOUT=tinygemm``), for the A/Bs in the same run;
@@ -316,7 +317,7 @@ def summarize(s: Suite) -> None:
         base, fp8 = tps("bf16", name), tps("fp8", name)
         if base and fp8:
             checks[f"fp8_{name}"] = {"ratio": fp8 / base, "need": ">= 1.4", "pass": fp8 / base >= 1.4}
-    kv_labels = ["fp8+fp8kv"] + sorted(label for label in r if label.startswith("fp8+fp8kv-w"))
+    kv_labels = ["fp8+fp8kv"] + sorted(label for label in r if label.startswith(("fp8+fp8kv-w", "fp8+fp8kv-pre")))
     for label in kv_labels:  # the FP8 KV cache beside FP8 weights: additional rows, not the FP8 figure
         for name in ("w1", "w2"):
             base, both = tps("bf16", name), tps(label, name)
@@ -359,6 +360,8 @@ def main() -> int:
     parser.add_argument("--fp8kv-widen", default="",
                         help="also fp8+fp8kv-wVALUE per comma-separated value: FP8 weights + FP8 KV cache with "
                         "INFERNEO_FP8_KV_WIDEN=VALUE (decode steps and workloads)")
+    parser.add_argument("--fp8kv-prewait", default="",
+                        help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -397,6 +400,9 @@ def main() -> int:
         *[(f"fp8+fp8kv-w{w}", lambda w=w: sec_with_env(s, f"fp8+fp8kv-w{w}", {"INFERNEO_FP8_KV_WIDEN": w},
                                                        workloads=workloads, quantization="fp8", kv_cache_dtype="fp8"),
            40) for w in widens],
+        *[(f"fp8+fp8kv-pre{v}", lambda v=v: sec_with_env(s, f"fp8+fp8kv-pre{v}", {"INFERNEO_PREWAIT_LOADS": v},
+                                                         workloads=workloads, quantization="fp8", kv_cache_dtype="fp8"),
+           40) for v in filter(None, [args.fp8kv_prewait])],
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
