@@ -151,7 +151,7 @@ def time_decode(device, batch: int, context: int, modules: dict, width: int = 20
             if env is not None:
                 os.environ["INFERNEO_PREWAIT_LOADS"] = env
             if no_l2:
-                mod._l2_prefetch_ok = lambda cache: False
+                mod._l2_prefetch_ok = lambda cache, batch=1: False
             us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
         finally:
             mod._l2_prefetch_ok = l2_ok
