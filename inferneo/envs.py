@@ -151,6 +151,16 @@ def decode_fused_reduce() -> bool | None:
     return value not in ("0", "false", "no", "off")
 
 
+def fp8_kv_widen() -> int:
+    """INFERNEO_FP8_KV_WIDEN: how the Triton attention kernels widen an FP8 (e4m3) KV cache read with bfloat16
+    queries (``triton_attention.paged_decode`` / ``paged_prefill``'s ``fp8_widen``). ``0`` (default): to bfloat16
+    by integer operations, bfloat16 dots; ``1``: the same with a shorter byte permute (same bits); ``2``: queries to
+    float16 (times 2^-8, folded back into the score scale) and the tiles to float16 by the hardware conversion, float16
+    dots. Read at each launch."""
+    value = os.environ.get("INFERNEO_FP8_KV_WIDEN", "").strip()
+    return int(value) if value in ("0", "1", "2") else 0
+
+
 def decode_split_tiles() -> int:
     """INFERNEO_DECODE_SPLIT_TILES (default 0: the split rule of ``triton_attention.choose_num_splits``): at least
     this many KV tiles in each split of a split Triton decode attention. Read at each launch."""
@@ -167,7 +177,7 @@ def prewait_loads() -> frozenset[str]:
     programmatic-dependent-launch wait, what no kernel of the step writes: ``rotary`` (the q/k norm + rotary
     kernel's positions, rotary rows, norm weights and slots; H200, Qwen3-30B-A3B's batch-1 chain, 2026-12-04: 1.4
     us a layer less), ``decode`` (decode attention's lengths and first block ids, and on CUDA an L2 prefetch of its
-    first KV tile's cache blocks; 0.7-0.9 us a layer less), both the same bits as without; ``reduce`` (opt-in: the
+    first KV tile's cache blocks, not on an FP8 cache at more than one request; 0.7-0.9 us a layer less), both the same bits as without; ``reduce`` (opt-in: the
     split reduction reads its partials beside their log-sum-exps instead of after them; within noise there, and its
     sums take another order: one bf16 ulp apart at 32 requests). Separated by commas or ``+``; ``all`` for the
     three, ``none`` for none. Read at each launch."""

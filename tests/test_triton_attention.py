@@ -10,7 +10,6 @@ loop bounds loaded from memory (1-element arrays) and ``tl.dot`` on bfloat16 (st
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import os
 import sys
@@ -303,7 +302,7 @@ def test_variants_in_half_precision(dtype):
            **variant_options("window-softcap-sinks", case.num_heads))
 
 
-@pytest.mark.parametrize("widen", [0, 1])
+@pytest.mark.parametrize("widen", [0, 1, 2])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("group", [1, 4])
 def test_fp8_cache_every_code_against_dequantized_reference(monkeypatch, splits, group, widen):
@@ -311,12 +310,19 @@ def test_fp8_cache_every_code_against_dequantized_reference(monkeypatch, splits,
     and value scales: the decode kernel (split and not; one query head per KV head, as Llama-2-7B, and four) and the
     prefill kernel with bfloat16 queries, which widen the bytes by integer operations, against the reference
     attention on the de-quantized cache. The scales are powers of two, so the de-quantized cache is exact in
-    bfloat16 and the stored bytes are the drawn codes. ``widen`` 1: the decode kernel's candidate widening
-    (``paged_decode(fp8_widen=1)``; here its plain-Triton twin: the interpreter runs no PTX)."""
-    monkeypatch.setattr(ops, "paged_decode", functools.partial(ops.paged_decode, fp8_widen=widen))
+    bfloat16 and the stored bytes are the drawn codes. ``widen`` (``INFERNEO_FP8_KV_WIDEN``, decode and prefill) 1:
+    the candidate widening (same bits); 2: float16 queries and hardware-converted float16 tiles (here their
+    plain-Triton twins: the interpreter runs no PTX)."""
+    _fp8_code_case(monkeypatch, splits, group, widen)
+
+
+def _fp8_code_case(monkeypatch, splits: int, group: int, widen: int, q_factor: float = 1.0):
+    monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", str(widen))
     case = AttentionCase("fp8-codes", 4 * group, 4, 64, 16, decode_lens=(1, 16, 70, 130, 200),
                          prefills=((0, 21), (45, 19)))
     step = build_step(case, torch.bfloat16, "cpu", seed=3)
+    if q_factor != 1.0:
+        step = dataclasses.replace(step, q=step.q * q_factor, scale=step.scale / q_factor)
     gen = torch.Generator().manual_seed(5)
     codes = torch.randint(0, 256, step.ref_cache.shape, generator=gen, dtype=torch.uint8)
     codes = torch.where((codes & 0x7F) == 0x7F, codes ^ 0x01, codes)  # 0x7F / 0xFF are e4m3's NaNs
@@ -336,3 +342,11 @@ def test_fp8_cache_every_code_against_dequantized_reference(monkeypatch, splits,
     assert torch.isfinite(out).all()
     err = relative_error(out, ref)
     assert err < TOLERANCE[torch.bfloat16], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("q_factor", [2.0**16, 2.0**-12])
+def test_fp8_cache_float16_dots_with_large_and_small_queries(monkeypatch, q_factor):
+    """``INFERNEO_FP8_KV_WIDEN=2`` makes bfloat16 queries float16 times 2^-4: queries 2^16 times larger than usual
+    (beyond float16's range unshifted) or 2^12 times smaller (many of their float16 forms subnormal), with the
+    score scale divided by the same factor, still match the reference attention."""
+    _fp8_code_case(monkeypatch, 1, 1, 2, q_factor)

@@ -14,8 +14,12 @@ Timing shapes (block size 16, block tables 2,048 tokens wide as the suites' ``ma
 at 1 x 1,040, 32 x 1,040, 200 x 640 and 256 x 640 (W2's steady state with a bf16 and with an FP8 cache), and
 prefill of 8 prompts of 1,024 tokens (W1's chunk). ``--old PATH``: a copy of the previous
 ``inferneo/kernels/triton_attention.py`` (Triton's own e4m3 -> bf16 cast) timed beside, for the A/B in one run.
-The decode rows also time two candidates (``DECODE_VARIANTS``): the widening ``_e4m3_to_bf16(SIGN=True)``
-(``fp8_widen=1``, checked with every code first) and 128-token tiles.
+The decode rows also time the candidates of ``DECODE_VARIANTS``: the widening ``_e4m3_to_bf16(SIGN=True)``
+(``fp8_widen=1``, checked with every code first: the same output bits) and the float16 dots (``fp8_widen=2``:
+bfloat16 queries made float16 times 2^-4, tiles converted by ``cvt.rn.f16x2.e4m3x2``; checked with every code and
+with queries 2^16 times larger and 2^12 times smaller than usual against the reference: not the same bits as
+widening 0, the probabilities are rounded to float16); the prefill rows time widening 0 and 2. (128-token tiles,
+timed on 2026-12-04, lost everywhere and are no longer timed.)
 """
 
 from __future__ import annotations
@@ -44,14 +48,19 @@ from inferneo.kernels import triton_attention as ops  # noqa: E402
 
 def check_every_code(device: torch.device) -> bool:
     ok = True
-    plain_decode = ops.paged_decode
-    first: dict = {}  # widening 0's outputs: widening 1 must give the same bits
-    for widen, group, splits in ((w, g, s) for w in (0, 1) for g in (1, 4) for s in (1, 3)):
+    plain_decode, plain_prefill = ops.paged_decode, ops.paged_prefill
+    first: dict = {}  # widening 0's outputs: widening 1 must give the same bits, widening 2 close ones
+    cases = [(w, g, s, 1.0) for w in (0, 1, 2) for g in (1, 4) for s in (1, 3)]
+    cases += [(w, 1, s, f) for f in (2.0**16, 2.0**-12) for s in (1, 3) for w in (0, 2)]  # range, subnormals
+    for widen, group, splits, q_factor in cases:
         ops.paged_decode = functools.partial(plain_decode, fp8_widen=widen)  # the backend's launches
+        ops.paged_prefill = functools.partial(plain_prefill, fp8_widen=widen)
         try:
             case = AttentionCase("fp8-codes", 4 * group, 4, 128, 16, decode_lens=(1, 16, 70, 130, 1040),
                                  prefills=((0, 21), (45, 190)))
             step = build_step(case, torch.bfloat16, device, seed=3)
+            if q_factor != 1.0:
+                step = dataclasses.replace(step, q=step.q * q_factor, scale=step.scale / q_factor)
             gen = torch.Generator().manual_seed(5)
             codes = torch.randint(0, 256, step.ref_cache.shape, generator=gen, dtype=torch.uint8)
             codes = torch.where((codes & 0x7F) == 0x7F, codes ^ 0x01, codes)
@@ -68,14 +77,22 @@ def check_every_code(device: torch.device) -> bool:
             out, ref, cache, ref_cache = compare_fp8_backend(TritonBackend(decode_splits=splits), step, scales)
             same = torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
             err = relative_error(out, ref)
-            equal = torch.equal(first.setdefault((group, splits), out), out)
-            passed = same and equal and bool(torch.isfinite(out).all()) and err < 1.5e-2
+            base = first.setdefault((group, splits, q_factor), out)
+            equal = torch.equal(base, out)
+            ref_finite = bool(torch.isfinite(ref).all())
+            finite = torch.isfinite(out).flatten(1).all(1)
+            nd = step.metadata().num_decode_tokens
+            passed = same and (equal or widen == 2) and bool(finite.all()) and err < 1.5e-2
+            if not ref_finite:  # the reference itself (PyTorch's attention) is not finite: reported, not judged
+                passed = same and bool(finite.all())
             ok &= passed
-            print(f"check every e4m3 code, widening {widen}, group {group}, splits {splits}: stored bytes equal "
-                  f"{same}, output equal to widening 0's {equal}, relative error {err:.2e} "
+            print(f"check every e4m3 code, widening {widen}, group {group}, splits {splits}, queries x{q_factor:g}: "
+                  f"stored bytes equal {same}, output equal to widening 0's {equal} (relative difference "
+                  f"{relative_error(out, base):.2e}), relative error {err:.2e}, reference finite {ref_finite}, "
+                  f"non-finite rows decode {int((~finite[:nd]).sum())} prefill {int((~finite[nd:]).sum())} "
                   f"{'ok' if passed else 'FAIL'}")
         finally:
-            ops.paged_decode = plain_decode
+            ops.paged_decode, ops.paged_prefill = plain_decode, plain_prefill
     return ok
 
 
@@ -93,13 +110,19 @@ def _cache(batch: int, context: int, width: int, kv_heads: int, head_dim: int, b
 
 
 # Decode variants timed: (label, module key, cache, paged_decode keywords). "sign": the candidate widening
-# (``fp8_widen=1``); "bn128": 128-token tiles (the default is 64).
+# (``fp8_widen=1``); "f16": float16 dots on hardware-converted tiles (``fp8_widen=2``); "nopre": with
+# ``INFERNEO_PREWAIT_LOADS=rotary`` (decode reads nothing before its wait and asks L2 for nothing); "nol2": the reads
+# before the wait without the L2 prefetch of the first tile. (128-token tiles, 8 warps, three pipeline stages and
+# 32-token tiles lost everywhere on 2026-12-04: 395-583 against 392-495 us at 200-256 requests.)
 DECODE_VARIANTS = (
     ("bf16", "new", "bf16", {}),
     ("fp8", "new", "fp8", {}),
     ("fp8-sign", "new", "fp8", {"fp8_widen": 1}),
-    ("fp8-bn128", "new", "fp8", {"block_n": 128}),
-    ("fp8-sign-bn128", "new", "fp8", {"fp8_widen": 1, "block_n": 128}),
+    ("fp8-f16", "new", "fp8", {"fp8_widen": 2}),
+    ("bf16-nopre", "new", "bf16", {"env": "rotary"}),
+    ("fp8-nopre", "new", "fp8", {"env": "rotary"}),
+    ("fp8-nol2", "new", "fp8", {"no_l2": True}),
+    ("fp8-f16-nopre", "new", "fp8", {"fp8_widen": 2, "env": "rotary"}),
     ("fp8-old", "old", "fp8", {}),
 )
 
@@ -119,9 +142,23 @@ def time_decode(device, batch: int, context: int, modules: dict, width: int = 20
             continue
         mod, cache = modules[key], caches[name]
         kv = scales if name == "fp8" else None
+        kw = dict(kw)
+        env, no_l2 = kw.pop("env", None), kw.pop("no_l2", False)
         fn = (lambda mod=mod, cache=cache, kv=kv, kw=kw:  # noqa: E731
               mod.paged_decode(q, cache, tables, lens, head_dim**-0.5, out, kv_scales=kv, **kw))
-        us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
+        before, l2_ok = os.environ.get("INFERNEO_PREWAIT_LOADS"), mod._l2_prefetch_ok
+        try:
+            if env is not None:
+                os.environ["INFERNEO_PREWAIT_LOADS"] = env
+            if no_l2:
+                mod._l2_prefetch_ok = lambda cache, batch=1: False
+            us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
+        finally:
+            mod._l2_prefetch_ok = l2_ok
+            if before is None:
+                os.environ.pop("INFERNEO_PREWAIT_LOADS", None)
+            else:
+                os.environ["INFERNEO_PREWAIT_LOADS"] = before
         row[label + "_us"] = us
         row[label + "_tbps"] = kv_bytes[name] / us / 1e6
     del caches, base
@@ -142,12 +179,14 @@ def time_prefill(device, modules: dict, prompts: int = 8, tokens: int = 1024, he
     scales = KVCacheScales.ones(heads, device)
     row = {"prompts": prompts, "tokens": tokens}
     for label, mod in modules.items():
-        for name, cache in (("bf16", base.to(torch.bfloat16)), ("fp8", base.to(FP8_KV_DTYPE))):
-            if label != "new" and name == "bf16":
+        for name, cache, kw in (("bf16", base.to(torch.bfloat16), {}), ("fp8", base.to(FP8_KV_DTYPE), {}),
+                                ("fp8-f16", base.to(FP8_KV_DTYPE), {"fp8_widen": 2})):
+            if label != "new" and name != "fp8":
                 continue
-            kv = scales if name == "fp8" else None
-            fn = (lambda mod=mod, cache=cache, kv=kv:  # noqa: E731
-                  mod.paged_prefill(q, cache, flat_tables, schedule, head_dim**-0.5, out, block_m, kv_scales=kv))
+            kv = None if name == "bf16" else scales
+            fn = (lambda mod=mod, cache=cache, kv=kv, kw=kw:  # noqa: E731
+                  mod.paged_prefill(q, cache, flat_tables, schedule, head_dim**-0.5, out, block_m, kv_scales=kv,
+                                    **kw))
             row[(name if label == "new" else f"{name}-{label}") + "_us"] = \
                 triton.testing.do_bench(fn, warmup=10, rep=60) * 1000
     text = ", ".join(f"{k[:-3]} {v:.1f} us" for k, v in row.items() if k.endswith("_us"))
@@ -159,17 +198,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default="", help="the previous triton_attention.py, timed beside (optional)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--timings-only", action="store_true", help="no correctness checks (a tree checked before)")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(device), "torch", torch.__version__, "triton", triton.__version__)
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "triton": triton.__version__}
-    ok = check_every_code(device)
-    sys.path.insert(0, str(HERE))
-    from check_kv_fp8 import check_cases
+    ok = True
+    if not args.timings_only:
+        ok = check_every_code(device)
+        sys.path.insert(0, str(HERE))
+        from check_kv_fp8 import check_cases
 
-    ok &= check_cases(device)
-    results["checks_passed"] = ok
+        ok &= check_cases(device)
+    results["checks_passed"] = ok if not args.timings_only else None
     modules = {"new": ops}
     if args.old and Path(args.old).is_file():
         spec = importlib.util.spec_from_file_location("old_triton_attention", args.old)
@@ -181,7 +223,7 @@ def main() -> int:
     results["prefill"] = [time_prefill(device, modules)]
     Path(args.out, "fp8kv_decode_bench.json").write_text(json.dumps(results, indent=1))
     print("checks", "passed" if ok else "FAILED")
-    return 0 if ok else 1
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      steps at batch 1 and 4 with ``INFERNEO_DECODE_FUSED_REDUCE=V`` (1: split attention merged in the attention
      kernel at every batch, 0: never; unset, the default: at batch 1); and the same with an FP8 KV cache on bf16 weights (``fp8-kv``: the KV
      capacity and the batch-32 step); ``fp8+fp8kv``: FP8 weights with the FP8 KV cache (decode steps, W1, W2), and
-     ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps); ``w4a16-rows``: the W4A16 decode steps
+     ``w4a16+fp8kv``: W4A16 weights with the FP8 KV cache (decode steps); ``fp8+fp8kv-wV`` (``--fp8kv-widen V``):
+     ``fp8+fp8kv`` with ``INFERNEO_FP8_KV_WIDEN=V`` (how the attention kernels widen the e4m3 cache);
+     ``fp8+fp8kv-preV`` (``--fp8kv-prewait V``): ``fp8+fp8kv`` with ``INFERNEO_PREWAIT_LOADS=V``; ``w4a16-rows``: the W4A16 decode steps
      with every layer in the Triton row layout (``INFERNEO_INT4_LAYOUT=rows``: PyTorch's int4 kernel, tinygemm,
      not used where the launch table chose it), and ``w4a16-tinygemm``: every layer in tinygemm's layout
      (``INFERNEO_INT4_LAYOUT=tinygemm``), for the A/Bs in the same run;
@@ -176,16 +178,17 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
     return out
 
 
-def sec_with_env(s: Suite, label: str, env: dict[str, str], batches: tuple[int, ...] | None = None, **kw) -> dict:
-    """A variant's decode steps with environment switches set while its engine is built and run (restored after),
-    for A/Bs in the same run."""
+def sec_with_env(s: Suite, label: str, env: dict[str, str], batches: tuple[int, ...] | None = None,
+                 workloads: tuple[str, ...] = (), **kw) -> dict:
+    """A variant's decode steps (and ``workloads``) with environment switches set while its engine is built and run
+    (restored after), for A/Bs in the same run."""
     before = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
         from inferneo.kernels import triton_fp8_gemv
 
         triton_fp8_gemv._tuned.cache_clear()  # (INFERNEO_FP8_GEMV_CONFIGS: the tiling file is read once)
-        return sec_variant(s, label, workloads=(), batches=batches, **kw)
+        return sec_variant(s, label, workloads=workloads, batches=batches, **kw)
     finally:
         for name, value in before.items():
             if value is None:
@@ -314,14 +317,16 @@ def summarize(s: Suite) -> None:
         base, fp8 = tps("bf16", name), tps("fp8", name)
         if base and fp8:
             checks[f"fp8_{name}"] = {"ratio": fp8 / base, "need": ">= 1.4", "pass": fp8 / base >= 1.4}
-    for name in ("w1", "w2"):  # the FP8 KV cache beside FP8 weights: an additional row, not the issue's FP8 figure
-        base, both = tps("bf16", name), tps("fp8+fp8kv", name)
-        if base and both:
-            checks[f"fp8+fp8kv_{name}"] = {"ratio": both / base, "need": ">= 1.4 (FP8 weights + FP8 KV cache)",
-                                           "pass": both / base >= 1.4}
+    kv_labels = ["fp8+fp8kv"] + sorted(label for label in r if label.startswith(("fp8+fp8kv-w", "fp8+fp8kv-pre")))
+    for label in kv_labels:  # the FP8 KV cache beside FP8 weights: additional rows, not the issue's FP8 figure
+        for name in ("w1", "w2"):
+            base, both = tps("bf16", name), tps(label, name)
+            if base and both:
+                checks[f"{label}_{name}"] = {"ratio": both / base, "need": ">= 1.4 (FP8 weights + FP8 KV cache)",
+                                             "pass": both / base >= 1.4}
     for label, batch, need in (("fp8", 1, 0.6), ("w4a16", 1, 0.4), ("w4a16", 32, 0.6), ("w4a16-rows", 1, 0.4),
                                ("w4a16-rows", 32, 0.6), ("w4a16-tinygemm", 1, 0.4), ("w4a16-tinygemm", 32, 0.6),
-                               ("fp8+fp8kv", 1, 0.6),
+                               *((label, 1, 0.6) for label in kv_labels),
                                ("w4a16+fp8kv", 1, 0.4), ("w4a16+fp8kv", 32, 0.6)):
         base, ours = step("bf16", batch), step(label, batch)
         if base and ours:
@@ -352,6 +357,11 @@ def main() -> int:
                         "INFERNEO_DECODE_FUSED_REDUCE=VALUE (1: merged in the attention kernel; 0: two kernels)")
     parser.add_argument("--decode-batches", default="",
                         help="batch sizes of the decode-step timings, comma-separated (default: 1,32)")
+    parser.add_argument("--fp8kv-widen", default="",
+                        help="also fp8+fp8kv-wVALUE per comma-separated value: FP8 weights + FP8 KV cache with "
+                        "INFERNEO_FP8_KV_WIDEN=VALUE (decode steps and workloads)")
+    parser.add_argument("--fp8kv-prewait", default="",
+                        help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -369,6 +379,7 @@ def main() -> int:
     s.section("ceilings", lambda: sec_ceilings(s))
     workloads = tuple(filter(None, args.workloads.split(",")))
     fr = args.fused_reduce
+    widens = tuple(filter(None, args.fp8kv_widen.split(",")))
     plan = [
         ("bf16", lambda: sec_variant(s, "bf16", workloads), 120 if workloads else 25),
         ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70 if workloads else 15),
@@ -386,6 +397,12 @@ def main() -> int:
                                                 awq=True), 60),
         ("fp8-kv", lambda: sec_variant(s, "fp8-kv", workloads=(), batches=(32,), kv_cache_dtype="fp8"), 60),
         ("fp8+fp8kv", lambda: sec_variant(s, "fp8+fp8kv", workloads, quantization="fp8", kv_cache_dtype="fp8"), 40),
+        *[(f"fp8+fp8kv-w{w}", lambda w=w: sec_with_env(s, f"fp8+fp8kv-w{w}", {"INFERNEO_FP8_KV_WIDEN": w},
+                                                       workloads=workloads, quantization="fp8", kv_cache_dtype="fp8"),
+           40) for w in widens],
+        *[(f"fp8+fp8kv-pre{v}", lambda v=v: sec_with_env(s, f"fp8+fp8kv-pre{v}", {"INFERNEO_PREWAIT_LOADS": v},
+                                                         workloads=workloads, quantization="fp8", kv_cache_dtype="fp8"),
+           40) for v in filter(None, [args.fp8kv_prewait])],
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]

@@ -36,9 +36,22 @@ import triton.language as tl
 from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
-from inferneo.kernels.triton_fp8_gemv import _e4m3_to_bf16
+from inferneo.kernels.triton_fp8_gemv import _INTERPRETED, _e4m3_to_bf16, _e4m3_to_f16
 
 _LOG2E = 1.4426950408889634
+# The float16 dots of an FP8 cache read with bfloat16 queries (``fp8_widen`` 2): the queries times 2^-4 in float16
+# (exact from 2^-13 in magnitude, finite up to about 2^20), the score scale times 2^4.
+F16_Q_SHIFT: tl.constexpr = tl.constexpr(2.0**-4)
+F16_Q_UNSHIFT: tl.constexpr = tl.constexpr(2.0**4)
+# Two bfloat16 (one register) to float16 times 2^-4: widened to float32, multiplied, then rounded once.
+_BF16_TO_F16_SHIFTED_ASM: tl.constexpr = tl.constexpr("""{
+    .reg .b32 lo, hi;
+    shl.b32 lo, $1, 16;
+    and.b32 hi, $1, 0xFFFF0000;
+    mul.rn.f32 lo, lo, 0f3D800000;
+    mul.rn.f32 hi, hi, 0f3D800000;
+    cvt.rn.f16x2.f32 $0, hi, lo;
+    }""")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -151,13 +164,38 @@ def _from_cache(x, q, FP8: tl.constexpr, VALUES: tl.constexpr = False, WIDEN: tl
     as bfloat16 and read back by the transposing matrix loads; left to Triton, the widening moves after the
     staging and the transposed byte operand is gathered one byte a load. Key tiles are widened after the staging,
     in the dot operand's layout (their bytes are contiguous along the reduction). ``WIDEN`` 1: the candidate
-    widening in fewer instructions (``_e4m3_to_bf16``'s ``SIGN``)."""
+    widening in fewer instructions (``_e4m3_to_bf16``'s ``SIGN``). ``WIDEN`` 2: the queries were made float16 by
+    :func:`_f16_queries`; the tiles are converted to float16 by the hardware conversion (``_e4m3_to_f16``: one
+    instruction a pair of values, exact), values again where they are loaded."""
     if FP8:
         if q.dtype == tl.bfloat16:
             x = _e4m3_to_bf16(x.to(tl.uint8, bitcast=True), not VALUES, WIDEN == 1)
+        elif WIDEN == 2:
+            if q.dtype == tl.float16:
+                x = _e4m3_to_f16(x.to(tl.uint8, bitcast=True), not VALUES)
+            else:
+                x = x.to(q.dtype)
         else:
             x = x.to(q.dtype)
     return x  # one return: Triton types every return of a function alike, constexpr branches included
+
+
+@triton.jit
+def _f16_queries(q, qk_scale, FP8: tl.constexpr, WIDEN: tl.constexpr):
+    """``WIDEN`` 2 with an FP8 cache: bfloat16 queries as float16 times 2^-4 (exact for magnitudes from 2^-13 up to
+    about 10^6, where the float16 form would overflow; smaller ones keep an absolute error under 2^-21, beside
+    bfloat16's own rounding of the query) and the score scale times 2^4, so that both dots run in float16 on tiles the hardware converts from e4m3 (every e4m3
+    value is a float16) and the probabilities are rounded to float16 (3 more bits than bfloat16) for the second
+    dot. Other cases: unchanged."""
+    if FP8 and WIDEN == 2 and q.dtype == tl.bfloat16:
+        if _INTERPRETED:
+            q = (q.to(tl.float32) * F16_Q_SHIFT).to(tl.float16)
+        else:  # in PTX: written as Triton ops, the compiler converted to float16 first and multiplied after
+            # (HMUL2 by 0.0625), so queries above 65504 became inf (seen on an H200, 2026-12-04)
+            q = tl.inline_asm_elementwise(asm=_BF16_TO_F16_SHIFTED_ASM, constraints="=r,r", args=[q],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        qk_scale = qk_scale * F16_Q_UNSHIFT
+    return q, qk_scale
 
 
 @triton.jit
@@ -350,6 +388,7 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
     if not ROTARY:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q, qk_scale = _f16_queries(q, qk_scale, FP8, WIDEN)
     for kv0 in range(start, end, BLOCK_N):
         tok = kv0 + tl.arange(0, BLOCK_N)
         tmask = tok < end
@@ -472,13 +511,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None, *,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
-                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int = 0) -> None:
+                 fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int | None = None,
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
-    16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile) and ``num_warps``
-    override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
+    16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile), ``num_warps`` and
+    ``num_stages`` (Triton's pipelining depth) override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
     from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
     ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
     cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
@@ -488,14 +528,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     the q/k/v projection's raw query heads; every program applies the per-head q/k RMSNorms and the rotary
     embedding to its own query heads (as ``_triton_elementwise.qk_norm_rotary_inplace`` does), and the program
     whose split holds the new token writes its rotated key and its value to the cache at ``slot_mapping`` and
-    attends to them from registers: that launch is not needed at a decode-only step. ``fp8_widen`` 1: an FP8 cache
-    read with bfloat16 queries is widened by the candidate ``_e4m3_to_bf16(SIGN=True)`` (benchmarks; 0, the default,
-    is the widening timed on the H200).
+    attends to them from registers: that launch is not needed at a decode-only step. ``fp8_widen`` (None:
+    ``INFERNEO_FP8_KV_WIDEN``), an FP8 cache read with bfloat16 queries: 0 widened to bfloat16 by integer operations,
+    1 the same by the candidate ``_e4m3_to_bf16(SIGN=True)`` (same bits), 2 float16 dots on tiles converted by the
+    hardware (``_f16_queries``).
 
     ``INFERNEO_PREWAIT_LOADS`` with ``decode`` (the default; read at each launch): each program reads its request's
     length and block table before it waits for the kernel before it (programmatic dependent launch), and on CUDA
     asks L2 for its first tile's cache blocks there (a bulk prefetch: a hint, so the row the step itself writes is
-    still read as written); the same bits as without. With ``reduce`` (opt-in), the split reduction reads its
+    still read as written); the same bits as without. Not that prefetch on an FP8 cache at more than one request
+    (``_l2_prefetch_ok``). With ``reduce`` (opt-in), the split reduction reads its
     partials beside their log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
     """
     batch, num_heads, head_dim = q.shape
@@ -555,8 +597,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
-        WIDEN=fp8_widen,
-        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache), num_warps=num_warps, num_stages=2,
+        WIDEN=envs.fp8_kv_widen() if fp8_widen is None else fp8_widen,
+        PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache, batch), num_warps=num_warps,
+        num_stages=num_stages,
         **rotary,
         **launch_options(pdl),
     )
@@ -580,7 +623,7 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
-                    SINKS: tl.constexpr = False, FP8: tl.constexpr = False):
+                    SINKS: tl.constexpr = False, FP8: tl.constexpr = False, WIDEN: tl.constexpr = 0):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -597,6 +640,7 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
     qmask = (q_start + m) < q_end
     q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=qmask[:, None] & dmask[None, :], other=0.0)
+    q, qk_scale = _f16_queries(q, qk_scale, FP8, WIDEN)
     q_pos = pos0 + m
     kv_end = pos0 + tl.minimum(q_end - q_start, BLOCK_M)  # one past the tile's last query position
     full_end = (pos0 // BLOCK_N) * BLOCK_N  # keys below every query of the tile: no mask needed
@@ -616,9 +660,9 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         tok = kv0 + n
         blk = tl.load(table + tok // BLOCK_SIZE)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
-        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0), q, FP8)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=dmask[None, :], other=0.0), q, FP8, False, WIDEN)
         value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=dmask[None, :], other=0.0), q,
-                            FP8, True)
+                            FP8, True, WIDEN)
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, key, value, all_rows, qk_scale, softcap_log2, True,
                                      PRECISION, SOFTCAP)
     for kv0 in range(full_end, kv_end, BLOCK_N):
@@ -627,9 +671,9 @@ def _prefill_kernel(q_ptr, cache_ptr, table_ptr, sched_ptr, out_ptr, sinks_ptr, 
         blk = tl.load(table + tok // BLOCK_SIZE, mask=tmask, other=0)
         rows = head_base + blk * stride_blk + (tok % BLOCK_SIZE) * stride_off
         lmask = tmask[:, None] & dmask[None, :]
-        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8)
+        key = _from_cache(tl.load(rows[:, None] + d[None, :], mask=lmask, other=0.0), q, FP8, False, WIDEN)
         value = _from_cache(tl.load(rows[:, None] + stride_half + d[None, :], mask=lmask, other=0.0), q, FP8,
-                            True)
+                            True, WIDEN)
         valid = (tok[None, :] <= q_pos[:, None]) & tmask[None, :]
         if WINDOW:
             valid = valid & (tok[None, :] > q_pos[:, None] - window)
@@ -672,12 +716,13 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
                   scale: float, out: torch.Tensor, block_m: int,
                   config: tuple[int, int, int] | None = None, *, sliding_window: int | None = None,
                   logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
-                  kv_scales: KVCacheScales | None = None) -> None:
+                  kv_scales: KVCacheScales | None = None, fp8_widen: int | None = None) -> None:
     """Causal attention of the scheduled query tiles (``q`` [T, H, D], flat) over their paged keys, into ``out``.
 
     ``tables``/``schedule`` come from ``build_prefill_schedule`` with the same ``block_m``; ``config`` overrides
     ``prefill_config`` (for benchmarks). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
-    ``AttentionBackend.forward``; an FP8 cache is read as ``stored * kv_scales`` (per KV head), in registers.
+    ``AttentionBackend.forward``; an FP8 cache is read as ``stored * kv_scales`` (per KV head), in registers,
+    widened as ``paged_decode``'s ``fp8_widen`` says.
     """
     num_tiles = schedule.shape[0]
     if num_tiles == 0:
@@ -696,15 +741,22 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         PRECISION=_precision(q.dtype), WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None,
-        SINKS=sinks is not None, FP8=is_fp8_kv_cache(kv_cache), num_warps=num_warps, num_stages=num_stages,
+        SINKS=sinks is not None, FP8=is_fp8_kv_cache(kv_cache),
+        WIDEN=envs.fp8_kv_widen() if fp8_widen is None else fp8_widen, num_warps=num_warps, num_stages=num_stages,
     )
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
 
 
-def _l2_prefetch_ok(kv_cache: torch.Tensor) -> bool:
-    """Whether the decode kernel may bulk-prefetch ``kv_cache``'s blocks (CUDA; 16-byte aligned base and strides)."""
+def _l2_prefetch_ok(kv_cache: torch.Tensor, batch: int = 1) -> bool:
+    """Whether the decode kernel of ``batch`` requests may bulk-prefetch ``kv_cache``'s blocks (CUDA; 16-byte aligned
+    base and strides). Not an FP8 cache at more than one request: on an H200 (2026-12-04) the prefetch made the FP8
+    decode kernel 11% slower at 200-256 requests (402 against 359 us at 200 x 640; 1.4% at 32 x 1,040; the reads
+    before the wait alone cost nothing there), and with the decode kernel's reads before the wait off (prefetch
+    included) W2 with FP8 weights + FP8 KV gave 3.4% more tokens a second in the same process."""
+    if batch > 1 and is_fp8_kv_cache(kv_cache):
+        return False
     size = kv_cache.element_size()
     return (kv_cache.is_cuda and kv_cache.data_ptr() % 16 == 0
             and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]))

@@ -444,6 +444,31 @@ def _e4m3_to_bf16(codes, PURE: tl.constexpr = True, SIGN: tl.constexpr = False):
     return w
 
 
+# _e4m3_to_f16's PTX: four bytes to four float16 (two registers), two native conversions (sm_89 and later).
+_E4M3_F16_ASM: tl.constexpr = tl.constexpr("""{
+    .reg .b16 lo, hi;
+    mov.b32 {lo, hi}, $2;
+    cvt.rn.f16x2.e4m3x2 $0, lo;
+    cvt.rn.f16x2.e4m3x2 $1, hi;
+    }""")
+
+
+@triton.jit
+def _e4m3_to_f16(codes, PURE: tl.constexpr = True):
+    # e4m3 bytes (uint8) to float16, exactly (every e4m3 value, subnormals included, is a float16), by the hardware
+    # conversion, one instruction per pair of values: about a fifth of the instructions of _e4m3_to_bf16's integer
+    # widening. PURE=False pins it where it is written, as in _e4m3_to_bf16. Under the interpreter (no PTX) the
+    # bit placement of _e4m3_to_bf16, then an exact cast.
+    if _INTERPRETED:
+        u = codes.to(tl.uint32)
+        f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True)  # the value times 2^-120
+        w = (f * TWO_120).to(tl.float16)
+    else:
+        w = tl.inline_asm_elementwise(asm=_E4M3_F16_ASM, constraints="=r,=r,r", args=[codes], dtype=tl.float16,
+                                      is_pure=PURE, pack=4)
+    return w
+
+
 @triton.jit
 def _dot_step(acc, x, w_ptr, s_ptr, rows, nmask, k, k0, K: tl.constexpr, stride_wn, stride_sn,
               SCALE: tl.constexpr, BSN: tl.constexpr, BSK: tl.constexpr, BITS: tl.constexpr):
