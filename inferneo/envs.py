@@ -177,10 +177,10 @@ def prewait_loads() -> frozenset[str]:
     programmatic-dependent-launch wait, what no kernel of the step writes: ``rotary`` (the q/k norm + rotary
     kernel's positions, rotary rows, norm weights and slots; H200, Qwen3-30B-A3B's batch-1 chain, 2026-12-04: 1.4
     us a layer less), ``decode`` (decode attention's lengths and first block ids, and on CUDA an L2 prefetch of its
-    first KV tile's cache blocks, not on an FP8 cache at more than one request; 0.7-0.9 us a layer less), both the same bits as without; ``reduce`` (opt-in: the
-    split reduction reads its partials beside their log-sum-exps instead of after them; within noise there, and its
-    sums take another order: one bf16 ulp apart at 32 requests). Separated by commas or ``+``; ``all`` for the
-    three, ``none`` for none. Read at each launch."""
+    first KV tile's cache blocks, not on an FP8 cache at more than one request; 0.7-0.9 us a layer less), both the
+    same bits as without; ``reduce`` (opt-in: the split reduction reads its partials beside their log-sum-exps
+    instead of after them; within noise there, and its sums take another order: one bf16 ulp apart at 32
+    requests). Separated by commas or ``+``; ``all`` for the three, ``none`` for none. Read at each launch."""
     value = os.environ.get("INFERNEO_PREWAIT_LOADS", "").strip().lower()
     if not value:
         return PREWAIT_DEFAULT

@@ -311,57 +311,13 @@ inline void store16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_rounded_bits(v)));
 }
 
-// One 16-token chunk for NG query heads (NG <= 4) of one kv head: scores (two accumulators per head to hide FMA
-// latency), online-softmax update of row_max/row_sum/acc, then acc += p . V. Keys are read dimension-major
-// (``kb`` points at the chunk's first token in row 0 of the [D][bs] key block), values token-major.
-template <int NG, typename cache_t>
-inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,
-                         const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs, int64_t n, int64_t skip,
-                         float softcap) {
-  const __mmask16 valid = static_cast<__mmask16>(((1u << n) - 1u) & ~((1u << skip) - 1u));
-  __m512 s0[NG], s1[NG];
-  for (int j = 0; j < NG; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 2) {
-    const __m512 k0 = load16(kb + d * bs), k1 = load16(kb + (d + 1) * bs);
-    for (int j = 0; j < NG; ++j) {
-      s0[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d]), k0, s0[j]);
-      s1[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d + 1]), k1, s1[j]);
-    }
-  }
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int j = 0; j < NG; ++j) {
-    __m512 raw = _mm512_add_ps(s0[j], s1[j]);
-    if (softcap > 0.f) raw = _mm512_mul_ps(_mm512_set1_ps(softcap), tanh16(_mm512_div_ps(raw, _mm512_set1_ps(softcap))));
-    const __m512 scores = _mm512_mask_mov_ps(minus_inf, valid, raw);
-    const float new_max = std::max(row_max[j], _mm512_reduce_max_ps(scores));
-    const float correction = std::exp(row_max[j] - new_max);
-    const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-    row_sum[j] = row_sum[j] * correction + _mm512_reduce_add_ps(p);
-    row_max[j] = new_max;
-    _mm512_storeu_ps(probs + j * 16, p);
-    if (correction != 1.f) {
-      const __m512 c = _mm512_set1_ps(correction);
-      float* aj = acc + j * D;
-      for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(aj + i, _mm512_mul_ps(c, _mm512_loadu_ps(aj + i)));
-    }
-  }
-  for (int64_t i = 0; i < D; i += 16) {
-    __m512 a[NG];
-    for (int j = 0; j < NG; ++j) a[j] = _mm512_loadu_ps(acc + j * D + i);
-    for (int64_t t = 0; t < n; ++t) {
-      const __m512 vv = load16(vb + t * D + i);
-      for (int j = 0; j < NG; ++j) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(probs[j * 16 + t]), vv, a[j]);
-    }
-    for (int j = 0; j < NG; ++j) _mm512_storeu_ps(acc + j * D + i, a[j]);
-  }
-}
-
 // ---- spans of up to 256 tokens (AVX-512) ------------------------------------------------------------------------
 //
-// attend_chunk above updates the online softmax after every 16 tokens: two horizontal reductions, a scalar exp
-// and (when the maximum moves) a rescale of the accumulators per chunk and head, and its value loop runs one
-// dependent FMA chain per head and 16 lanes of the head dimension. attend_span takes up to kSpanChunks chunks in
-// three passes: every chunk's scores (kept in a small buffer, the running maxima in registers), then their
+// Updating the online softmax after every 16 tokens (as the AVX2 attend_chunk below does) costs two horizontal
+// reductions, a scalar exp and (when the maximum moves) a rescale of the accumulators per chunk and head, and a
+// value loop over one chunk has one dependent FMA chain per head and 16 lanes of the head dimension. Keys are read
+// dimension-major (a chunk's ``kb`` points at its first token in row 0 of the [D][bs] key block), values
+// token-major. attend_span takes up to kSpanChunks chunks in three passes: every chunk's scores (kept in a small buffer, the running maxima in registers), then their
 // exponentials against the span's maximum (one reduction and at most one rescale per span and head), then the
 // values, with all heads and up to four 16-lane slices of the head dimension as independent FMA chains.
 constexpr int64_t kSpanChunks = 16;
@@ -562,8 +518,9 @@ inline __m256 token_mask8(int64_t first, int64_t n, int64_t skip) {
   return _mm256_castsi256_ps(_mm256_andnot_si256(before_skip, below_n));
 }
 
-// attend_chunk on 8 lanes: one 16-token chunk as two halves (tokens 0-7 and 8-15), for NG query heads (NG <= 4)
-// of one kv head: scores, online-softmax update of row_max/row_sum/acc, then acc += p . V (head_dim % 8 == 0).
+// One 16-token chunk on 8 lanes, as two halves (tokens 0-7 and 8-15), for NG query heads (NG <= 4)
+// of one kv head: scores, online-softmax update of row_max/row_sum/acc, then acc += p . V (head_dim % 8 == 0);
+// keys read dimension-major, values token-major.
 // Tokens outside [skip, n) get probability 0 (their scores are never read: they may be garbage past the length).
 template <int NG, typename cache_t>
 inline void attend_chunk(const float* q, float* acc, float* row_max, float* row_sum, float* probs,

@@ -31,7 +31,6 @@
 #include <cstring>
 #include <string>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "gguf_wide_panels.h"
@@ -289,7 +288,6 @@ DequantFn avx2_dequant(int64_t qtype) {
   }
 }
 
-
 // Register-blocked product of NR de-quantized weight rows (w, row stride ldw) and MR activation rows (x, row
 // stride ldx) over kc columns: 8-wide FMAs into NR x MR accumulators, horizontal sums into out (stored, or added
 // when `accumulate`: the K chunks after the first).
@@ -466,6 +464,7 @@ GGUF_AVX2 void panel_groups_avx2(const uint8_t* src, int64_t row_bytes, Format f
 // panel kernel of cpu_kernels.cpp holds bfloat16 weights), so each instruction does two products per lane.
 // On CPUs that execute 512-bit FMAs at full width (Zen 5, Intel server cores) this doubles the AVX2 panel's
 // arithmetic rate; float32 sums run over k in order, bfloat16 ones over pairs of k in order.
+
 // rows [48][K] (row-major, K a multiple of 8) -> panel [K][48]
 GGUF_AVX2 void transpose_into_wide_panel(const float* rows, int64_t K, float* panel) {
   for (int64_t k = 0; k < K; k += 8) {

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gguf_wide_panels.h"
@@ -252,42 +253,41 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
 #ifdef GGUF_X86
-  const bool with_min = qtype == kQ4_1;
-  if (M > inreg_max_rows && bf16_panels) {
-    const at::Tensor xb = x_in.contiguous();
-    const void* xp = xb.data_ptr<at::BFloat16>();
+  // fn(std::true_type) for Q4_1 (a minimum per block), fn(std::false_type) for Q4_0: the kernels' kMin
+  const auto by_format = [&](auto&& fn) {
+    if (qtype == kQ4_1) {
+      fn(std::true_type{});
+    } else {
+      fn(std::false_type{});
+    }
+  };
+  if (M > inreg_max_rows) {
+    // bfloat16 pair panels take the bfloat16 rows as they are; float32 panels take float32 rows
+    const at::Tensor x = bf16_panels ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+    const void* xp = x.data_ptr();
     at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
-      if (with_min) {
-        panel_triples<true, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-      } else {
-        panel_triples<false, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-      }
+      by_format([&](auto min) {
+        if (bf16_panels) {
+          panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+        } else {
+          panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+        }
+      });
     });
     return out;
   }
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
-  if (M > inreg_max_rows) {
-    at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
-      if (with_min) {
-        panel_triples<true, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-      } else {
-        panel_triples<false, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-      }
-    });
-    return out;
-  }
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* group = src + g * nb * tile;
       const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
       for (int64_t m = 0; m < M; m += 8) {
         const int64_t rows = std::min<int64_t>(8, M - m);
-        if (with_min) {
-          inreg_group_rows<true>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols, N, cols);
-        } else {
-          inreg_group_rows<false>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols, N, cols);
-        }
+        by_format([&](auto min) {
+          inreg_group_rows<decltype(min)::value>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols,
+                                                 N, cols);
+        });
       }
     }
   });

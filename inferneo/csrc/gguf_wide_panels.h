@@ -1,8 +1,9 @@
 // The AVX-512 panel products shared by the GGUF kernels (gguf_kernels.cpp: panels de-quantized from ggml blocks at
 // each call; gguf_packed.cpp: panels de-quantized from weights repacked at load): activation rows, eight at a time,
 // times a panel of 48 weight rows laid out for 16-lane FMAs ([K][48] float32) or for the AVX512_BF16 dot product
-// ([K/2][48] pairs of bfloat16). Each function carries its own target attribute and is called only after the
-// CPU check beside it, so the including file is built without -march.
+// ([K/2][48] pairs of bfloat16), with the target attributes and CPU checks both files use. Each function carries
+// its own target attribute and is called only after the CPU check beside it, so the including file is built
+// without -march.
 #pragma once
 
 #include <torch/extension.h>
