@@ -83,6 +83,14 @@ def api_process_nice() -> int:
     return int(value) if value else 10
 
 
+def gc_freeze() -> bool:
+    """INFERNEO_GC_FREEZE (default on): once a process of Inferneo's own has loaded its model (the engine core's
+    process, a tensor-parallel worker, ``inferneo serve``'s front end, ``inferneo batch``, a Ray engine replica; not
+    ``LLM`` in the caller's process), move its start-up objects out of the garbage collector's reach
+    (``inferneo/startup_heap.py``), so that no full collection walks them while requests run."""
+    return _flag("INFERNEO_GC_FREEZE", True)
+
+
 def engine_omp_spin_count() -> str:
     """INFERNEO_ENGINE_OMP_SPINCOUNT (default 2000): the ``GOMP_SPINCOUNT`` a CPU engine core process starts with
     when the user set neither ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY`` (empty: OpenMP's own default, 300,000).

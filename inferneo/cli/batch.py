@@ -96,10 +96,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             if not args.url:
                 from inferneo.batch.in_process import InProcessServer
+                from inferneo.startup_heap import freeze_startup_heap
 
                 engine_kwargs = engine_config_kwargs(args)
                 model = engine_kwargs.pop("model")
                 server = InProcessServer(model, args.served_model_name, **engine_kwargs)
+                freeze_startup_heap("inferneo batch")
             try:
                 summary = asyncio.run(_run(job, args, server))
             except KeyboardInterrupt:

@@ -30,6 +30,7 @@ from inferneo.engine.protocol import (
     CoreStartFailed,
     encode,
 )
+from inferneo.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def run_engine_core(config: EngineConfig, commands: Connection, messages: Connec
         messages.send_bytes(encode(CoreStartFailed(str(exc), isinstance(exc, ValueError))))
         return
     messages.send_bytes(encode(info))
+    freeze_startup_heap("engine core")  # while the front end finishes its own start-up
     loop = CoreLoop(core, max_consecutive_step_failures)
     writer = PipeWriter(messages)
     try:

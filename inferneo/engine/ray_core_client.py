@@ -50,9 +50,11 @@ class EngineCoreActor:
                  log_level: int = logging.INFO) -> None:
         from inferneo.engine.core_builder import build_engine_core
         from inferneo.engine.core_loop import CoreLoop
+        from inferneo.startup_heap import freeze_startup_heap
 
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (ray core): %(message)s")
         self._core, self._info = build_engine_core(config)
+        freeze_startup_heap("engine core (Ray actor)")  # the actor's process is this core's alone
         self._inbox = CommandInbox()  # never closed: a Shutdown command or the actor's end stops the loop
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop = CoreLoop(self._core, max_consecutive_step_failures)

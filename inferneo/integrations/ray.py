@@ -201,10 +201,12 @@ class EngineReplica(_RowMapper):
 
     def __init__(self, config: EngineProcessorConfig) -> None:
         from inferneo.batch.in_process import InProcessServer
+        from inferneo.startup_heap import freeze_startup_heap
 
         names = [config.served_model_name] if config.served_model_name else None
         self.server = InProcessServer(config.model, names, core_in_child_process=not config.engine_in_process,
                                       **config.engine_options)
+        freeze_startup_heap("Ray engine replica")  # a Ray Data actor's process is the replica's alone
         self.model = self.server.context.served_model_names[0]
         self.sampling = dict(config.sampling)
         self.request_fields = tuple(config.request_fields)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from inferneo import envs
 from inferneo.distributed import destroy_tensor_parallel, init_parallel
 from inferneo.kernel_config import KernelConfig
+from inferneo.startup_heap import freeze_startup_heap
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RemoteStep, RunnerOutput
 from inferneo.worker.runner_api import Runner, driver_only, every_rank
 from inferneo.worker.step_inputs import StepRecord
@@ -123,6 +124,8 @@ def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs
                 conn.send(("ok", _set_up(runner, kind, arg)))
             except Exception:  # reported to the driver, which raises it and then stops every rank in order
                 conn.send(("error", traceback.format_exc()))
+                continue
+            freeze_startup_heap(f"tensor-parallel rank {rank}")  # set-up messages come only before traffic
     except (EOFError, KeyboardInterrupt):  # the driver is gone: nobody to leave the group with gracefully
         if runner is not None:
             runner.release_cuda_graphs()

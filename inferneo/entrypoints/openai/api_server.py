@@ -33,6 +33,7 @@ from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
 from inferneo.lora.registry import LoraModule, LoRARegistry
+from inferneo.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
     # started: make those harmless, so a requested shut-down ends with exit status 0.
     previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    freeze_startup_heap("server")  # the app's routes and schemas, made after the engine's own freeze
     try:
         server.run()
     finally:
