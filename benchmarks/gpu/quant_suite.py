@@ -147,12 +147,20 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
         kernels.append({"us_per_step": us / steps, "calls_per_step": event.count / steps, "name": event.key[:100]})
     kernels.sort(key=lambda k: -k["us_per_step"])
     timeline = _timeline(prof, steps)
+    critical = []
+    if on_gpu:  # per kernel name: the time it adds to the end of the stream (kernels overlap under PDL)
+        from kernel_timeline import by_name, critical_path, kernel_events
+
+        critical = by_name(critical_path(kernel_events(prof)), steps)
+        s.log(f"{label} batch {batch} critical path, us/step (calls/step): " + ", ".join(
+            f"{r['kernel'][:40]} {r['added_us']:.1f} ({r['calls']:.0f})" for r in critical[:12]))
     s.log(f"{label} batch {batch} profile: GPU busy {timeline.get('busy_ms', 0):.3f} ms/step, idle "
           f"{timeline.get('idle_ms', 0):.3f} ms/step, {timeline.get('kernels_per_step', 0):.0f} kernels/step; " +
           ", ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     for k in kernels[:14]:
         s.log(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}/step  {k['name']}")
-    return {"batch": batch, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30]}
+    return {"batch": batch, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30],
+            "critical_path": critical[:30]}
 
 
 def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
@@ -331,6 +339,12 @@ def summarize(s: Suite) -> None:
         base, ours = step("bf16", batch), step(label, batch)
         if base and ours:
             checks[f"{label}_b{batch}"] = {"ratio": ours / base, "need": f"<= {need}", "pass": ours / base <= need}
+    for label in r:  # the --ab sections: against bf16 of the same run (information, not the figures)
+        base_b1, ours_b1 = step("bf16", 1), step(label, 1)
+        if label not in ("bf16", "fp8", *kv_labels) and base_b1 and ours_b1:
+            lines.append(f"{label}: batch 1 {ours_b1:.3f} ms = {ours_b1 / base_b1:.3f}x bf16"
+                         + (f"; W2 {tps(label, 'w2'):.0f} tok/s = {tps(label, 'w2') / tps('bf16', 'w2'):.3f}x bf16"
+                            if tps(label, "w2") and tps("bf16", "w2") else ""))
     gptfast = ((r.get("gptfast") or {}).get("int8") or {}).get("step_ms")
     fp8_b1 = step("fp8", 1)
     if gptfast and fp8_b1:
@@ -362,6 +376,13 @@ def main() -> int:
                         "INFERNEO_FP8_KV_WIDEN=VALUE (decode steps and workloads)")
     parser.add_argument("--fp8kv-prewait", default="",
                         help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
+    parser.add_argument("--ab", action="append", default=[], metavar="LABEL@BASE@VAR=VALUE@...",
+                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv) again with the environment variables "
+                        "set (none: the base again), decode steps at --ab-batches and --ab-workloads; repeatable, "
+                        "run in the order given after the base sections")
+    parser.add_argument("--ab-batches", default="1", help="decode batches of the --ab sections")
+    parser.add_argument("--ab-workloads", default="", help="workloads of the --ab sections (e.g. w2)")
+    parser.add_argument("--profile-batches", default="", help="batches of --profile (default 1,32)")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -372,6 +393,8 @@ def main() -> int:
     cfg["profile"] = tuple(filter(None, args.profile.split(",")))
     if args.decode_batches:
         cfg["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
+    if args.profile_batches:
+        cfg["profile_batches"] = tuple(int(b) for b in args.profile_batches.split(","))
     s = Suite(Path(args.out), cfg, name="quant_suite")
     if args.smoke:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
@@ -406,6 +429,16 @@ def main() -> int:
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
+    base_kw = {"bf16": {}, "fp8": {"quantization": "fp8"},
+               "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+    ab_batches = tuple(int(b) for b in args.ab_batches.split(","))
+    ab_workloads = tuple(filter(None, args.ab_workloads.split(",")))
+    for spec in args.ab:
+        label, base, *pairs = spec.split("@")
+        env = dict(pair.split("=", 1) for pair in pairs if pair)
+        wl = tuple(filter(None, env.pop("workloads").split(","))) if "workloads" in env else ab_workloads
+        plan.append((label, lambda label=label, base=base, env=env, wl=wl: sec_with_env(
+            s, label, env, batches=ab_batches, workloads=wl, **base_kw[base]), 12 + 35 * len(wl)))
     for name, run, min_left in plan:
         if name in skip or (name == "fp8-tiles" and not args.fp8_tiles) or \
                 (name.startswith(("bf16-reduce", "fp8-reduce")) and not fr) or \
