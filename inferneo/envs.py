@@ -202,6 +202,13 @@ def pdl_early_extra() -> frozenset[str]:
     return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & EARLY_EXTRA_KERNELS
 
 
+def fp8_gemv_prefetch() -> bool:
+    """INFERNEO_FP8_GEMV_PREFETCH (default off; an A/B switch, read at each launch, so where CUDA graphs are
+    captured): the one-row FP8 GEMV (``triton_fp8_gemv._fp8_gemv_h2_kernel``) asks L2 for all of each program's weight
+    rows before its programmatic-dependent-launch wait, beside the first tile it loads there."""
+    return os.environ.get("INFERNEO_FP8_GEMV_PREFETCH", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def decode_fp8_launch() -> dict:
     """INFERNEO_DECODE_FP8_LAUNCH (default none; an A/B switch, read at each launch): launch settings of the decode
     kernel on an FP8 cache with one query head per KV head and no split (many requests): ``cc`` CUDA-core scores

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Issue 20's FP8 targets on the H200 (2026-12-04 evening), the kernel-level part of one device call:
 
+0. the one-row FP8 GEMV with ``INFERNEO_FP8_GEMV_PREFETCH`` (its rows asked into L2 before its wait): the same
+   bits as without, eager and in a CUDA graph, Llama-2-7B's four shapes;
 1. the decode kernel's weight prefetch (``paged_decode(weight_prefetch=...)``, the switch
    ``INFERNEO_DECODE_WEIGHT_PREFETCH``): the output equal bit for bit with and without it, on a bf16 and an FP8
    cache, split (one request) and not; and the kernel alone with 0, 17, 33 and 50 MB asked into L2 (how much
    longer a launch takes when it issues them: ``triton.testing.do_bench`` median, L2 flushed);
-2. the FP8 decode kernel at W2's shapes (Llama-2-7B: 32 query and 32 KV heads of 128, block tables 2,048 tokens
+2. (``--w2``) the FP8 decode kernel at W2's shapes (Llama-2-7B: 32 query and 32 KV heads of 128, block tables 2,048 tokens
    wide) with other launch settings than the shipped ones: CUDA-core scores (``use_dot=False``) and 8 warps,
    each checked against the shipped kernel's output first (relative error), then timed beside a bf16 cache.
 
@@ -108,18 +110,52 @@ def w2_variants(device) -> dict:
     return {"rows": rows, "ok": ok}
 
 
+def check_gemv_prefetch(device) -> dict:
+    """The one-row FP8 GEMV (and its gate/up + SiLU form) at Llama-2-7B's four shapes with
+    ``INFERNEO_FP8_GEMV_PREFETCH`` on and off: the same bits; eager and in a CUDA graph."""
+    import os
+
+    from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul
+
+    out, ok = {}, True
+    for n, k, gated in ((12288, 4096, False), (4096, 4096, False), (22016, 4096, True), (4096, 11008, False)):
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        w = (torch.randn(n, k, device=device) * 0.5).to(torch.float8_e4m3fn)
+        scale = torch.rand(n, device=device) * 0.01 + 0.001
+        fn = fp8_gemv_silu_mul if gated else fp8_gemv
+        res = {}
+        for flag in ("0", "1"):
+            os.environ["INFERNEO_FP8_GEMV_PREFETCH"] = flag
+            res[flag] = fn(x, w, scale)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = fn(x, w, scale)
+            graph.replay()
+            torch.cuda.synchronize()
+            res[flag + "g"] = y.clone()
+        os.environ.pop("INFERNEO_FP8_GEMV_PREFETCH")
+        equal = all(torch.equal(res["0"], r) for r in res.values()) and not res["1"].isnan().any().item()
+        out[f"{n}x{k}{'-silu' if gated else ''}"] = equal
+        ok &= equal
+    print("FP8 GEMV prefetch, output equal bit for bit:", "PASS" if ok else "FAIL", out)
+    return {"equal": out, "ok": ok}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--w2", action="store_true", help="also the FP8 decode launch settings at W2's shapes")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    result["gemv_prefetch"] = check_gemv_prefetch(device)
     result["prefetch"] = check_prefetch(device)
     Path(args.out, "fp8c_check.json").write_text(json.dumps(result, indent=1))
-    result["w2"] = w2_variants(device)
-    Path(args.out, "fp8c_check.json").write_text(json.dumps(result, indent=1))
-    return 0 if result["prefetch"]["ok"] else 1
+    if args.w2:
+        result["w2"] = w2_variants(device)
+        Path(args.out, "fp8c_check.json").write_text(json.dumps(result, indent=1))
+    return 0 if result["prefetch"]["ok"] and result["gemv_prefetch"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
     from tp_profile import _timeline, kind_of
 
     eng = llm.engine
-    ids = [eng.add_request(f"prof-{label}-{batch}-{i}-{time.monotonic_ns()}", p, greedy(steps + 16))
-           for i, p in enumerate(s.prompts(batch, s.cfg["decode_ctx"] - 1, eng.vocab_size))]
+    ctx = s.cfg.get("profile_ctx") or s.cfg["decode_ctx"]
+    ids = [eng.add_request(f"prof-{label}-{batch}-{i}-{time.monotonic_ns()}", p, greedy(3 * steps + 16))
+           for i, p in enumerate(s.prompts(batch, ctx - 1, eng.vocab_size))]
     try:
         while len(eng.scheduler.waiting) or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
             eng.step()
@@ -133,6 +134,16 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
             for _ in range(steps):
                 eng.step()
             sync()
+        host = {}
+        if on_gpu:  # the same steps unprofiled: wall time a step, and how much of it the host waits for the GPU
+            try:
+                from tp_profile import _time_driver
+
+                host = _time_driver(eng, steps)
+                s.log(f"{label} batch {batch} ctx {ctx} host: " + ", ".join(f"{k} {v:.2f}" for k, v in host.items())
+                      + f"; wall {host['launch_ms'] + host['resolve_ms'] + host['other_ms']:.2f} ms/step")
+            except Exception as exc:  # noqa: BLE001 - a figure for the record, not needed by the run
+                s.log(f"{label} batch {batch} host timing failed: {exc!r}")
     finally:
         for request_id in ids:
             eng.abort_request(request_id)
@@ -159,8 +170,8 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
           ", ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     for k in kernels[:14]:
         s.log(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}/step  {k['name']}")
-    return {"batch": batch, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30],
-            "critical_path": critical[:30]}
+    return {"batch": batch, "context": ctx, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30],
+            "critical_path": critical[:30], "host": host}
 
 
 def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
@@ -383,6 +394,7 @@ def main() -> int:
     parser.add_argument("--ab-batches", default="1", help="decode batches of the --ab sections")
     parser.add_argument("--ab-workloads", default="", help="workloads of the --ab sections (e.g. w2)")
     parser.add_argument("--profile-batches", default="", help="batches of --profile (default 1,32)")
+    parser.add_argument("--profile-ctx", type=int, default=0, help="context of --profile (default: the decode one)")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -393,6 +405,7 @@ def main() -> int:
     cfg["profile"] = tuple(filter(None, args.profile.split(",")))
     if args.decode_batches:
         cfg["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
+    cfg["profile_ctx"] = args.profile_ctx
     if args.profile_batches:
         cfg["profile_batches"] = tuple(int(b) for b in args.profile_batches.split(","))
     s = Suite(Path(args.out), cfg, name="quant_suite")
