@@ -208,47 +208,6 @@ def pdl_early_extra() -> frozenset[str]:
     return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & EARLY_EXTRA_KERNELS
 
 
-def fp8_gemv_prefetch() -> bool:
-    """INFERNEO_FP8_GEMV_PREFETCH (default off; an A/B switch, read at each launch, so where CUDA graphs are
-    captured): the one-row FP8 GEMV (``triton_fp8_gemv._fp8_gemv_h2_kernel``) asks L2 for all of each program's weight
-    rows before its programmatic-dependent-launch wait, beside the first tile it loads there."""
-    return os.environ.get("INFERNEO_FP8_GEMV_PREFETCH", "").strip().lower() in ("1", "true", "on", "yes")
-
-
-def decode_fp8_launch() -> dict:
-    """INFERNEO_DECODE_FP8_LAUNCH (default none; an A/B switch, read at each launch): launch settings of the decode
-    kernel on an FP8 cache with one query head per KV head and no split (many requests): ``cc`` CUDA-core scores
-    (``use_dot=False``), ``wN`` N warps, separated by commas."""
-    value = os.environ.get("INFERNEO_DECODE_FP8_LAUNCH", "").strip().lower()
-    out: dict = {}
-    for part in value.split(","):
-        part = part.strip()
-        if part == "cc":
-            out["use_dot"] = False
-        elif part.startswith("w") and part[1:].isdigit():
-            out["num_warps"] = int(part[1:])
-    return out
-
-
-def decode_weight_prefetch() -> tuple[bool, int]:
-    """INFERNEO_DECODE_WEIGHT_PREFETCH (default off; read where the model's kernels are chosen, before the CUDA
-    graphs are captured): at a batch-1 decode step the decode attention kernel asks L2 for the weights of the GEMVs
-    after it (``kernels/triton_attention.paged_decode``'s ``weight_prefetch``), while memory idles. ``o``: the
-    output projection's; ``o,guN``: also the first N MB of the gate and of the up half of the gate/up projection's.
-    Returns ``(output projection, MB of each gate/up half)``; ``(False, 0)``: off."""
-    value = os.environ.get("INFERNEO_DECODE_WEIGHT_PREFETCH", "").strip().lower()
-    o, mb = False, 0
-    for part in value.replace("+", ",").split(","):
-        part = part.strip()
-        if part == "o":
-            o = True
-        elif part.startswith("gu") and part[2:].isdigit():
-            mb = int(part[2:])
-        elif part not in ("", "0", "off", "none"):
-            raise ValueError(f"INFERNEO_DECODE_WEIGHT_PREFETCH: unknown part {part!r} (o, guN)")
-    return o, mb
-
-
 def rotary_warps() -> int:
     """INFERNEO_ROTARY_WARPS (default 0: the launcher's choice, 8 warps for 4,096-element head tiles and more, else
     4): the warps of the Triton rotary and q/k norm + rotary kernel's program (one per token). Read at each launch

@@ -63,18 +63,14 @@ class TritonBackend(AttentionBackend):
         metadata.extra["triton_prefill"] = (tables, schedule, block_m)
 
     def forward(self, q, k, v, kv_cache, metadata, scale, *, sliding_window=None, logit_softcap=None, sinks=None,
-                kv_scales=None, kv_stored=False, weight_prefetch=None):
+                kv_scales=None, kv_stored=False):
         """Stores ``k``/``v`` at ``metadata.slot_mapping`` (unless ``kv_stored``: a kernel before this one has
-        written them, e.g. the fused q/k norm + rotary), then decode and prefill attention; returns [T, H, D].
-        ``weight_prefetch``: byte tensors the decode kernel asks L2 for at a one-token decode-only step (see
-        ``triton_attention.paged_decode``; a hint)."""
+        written them, e.g. the fused q/k norm + rotary), then decode and prefill attention; returns [T, H, D]."""
         if not kv_stored:
             ops.store_kv(k, v, kv_cache, metadata.slot_mapping, pdl=self.pdl, kv_scales=kv_scales)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         options = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks, kv_scales=kv_scales)
         nd = metadata.num_decode_tokens
-        if weight_prefetch and nd == 1 and not metadata.prefills:
-            options["weight_prefetch"] = weight_prefetch
         if nd:
             ops.paged_decode(q[:nd], kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens, scale,
                              out[:nd], num_splits=self.decode_splits, pdl=self.pdl, **options)

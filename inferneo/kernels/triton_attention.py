@@ -27,7 +27,6 @@ with split decoding it joins once, in the reduction).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -324,21 +323,6 @@ def _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end, row_
 
 
 @triton.jit
-def _prefetch_weights(ptr, nbytes, part, parts):
-    """Ask L2 for the ``part``-th of ``parts`` equal shares of the ``nbytes`` bytes at ``ptr`` (a byte pointer, 16-byte
-    aligned): one bulk prefetch, issued by the program's first thread. A hint only: nothing is read, so results
-    are unchanged; a latency-bound kernel issues it for the weights of a GEMV that comes later, while memory idles."""
-    share = ((nbytes + parts - 1) // parts + 15) // 16 * 16
-    start = part * share
-    size = tl.minimum(share, nbytes - start) + tl.zeros([1], tl.int64)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.and.s32 p, $2, 0, p; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr + start + tl.zeros([1], tl.int64), size.to(tl.int32)], dtype=tl.int32, is_pure=False,
-        pack=1)
-
-
-@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, sinks_ptr, k_scale_ptr,
                    v_scale_ptr, tickets_ptr, qk_scale, softcap_log2, window,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
@@ -352,16 +336,7 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    cos_ptr=None, sin_ptr=None, qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0,
                    rope_eps=0.0,
                    ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = False,
-                   L2_PREFETCH: tl.constexpr = False, wp0_ptr=None, wp0_bytes=0, wp1_ptr=None, wp1_bytes=0,
-                   wp2_ptr=None, wp2_bytes=0, NUM_WP: tl.constexpr = 0):
-    if NUM_WP > 0:  # weights of the GEMVs after this kernel asked into L2, a share per program (a hint)
-        part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        parts = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        _prefetch_weights(wp0_ptr, wp0_bytes, part, parts)
-        if NUM_WP > 1:
-            _prefetch_weights(wp1_ptr, wp1_bytes, part, parts)
-        if NUM_WP > 2:
-            _prefetch_weights(wp2_ptr, wp2_bytes, part, parts)
+                   L2_PREFETCH: tl.constexpr = False):
     if not PRELOAD:
         wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
@@ -538,7 +513,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
                  fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int | None = None,
-                 num_stages: int = 2, weight_prefetch: Sequence[torch.Tensor] | None = None) -> None:
+                 num_stages: int = 2) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
@@ -565,11 +540,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     still read as written); the same bits as without. Not that prefetch on an FP8 cache at more than one request
     (``_l2_prefetch_ok``). With ``reduce`` (opt-in), the split reduction reads its
     partials beside their log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
-
-    ``weight_prefetch`` (at most three contiguous byte tensors, 16-byte aligned; CUDA only, ignored elsewhere): the
-    kernel's programs ask L2 for these bytes before their wait, each program an equal share (a hint: the output is
-    the same bits). The engine passes the weights of the GEMVs after attention at a batch-1 step
-    (``INFERNEO_DECODE_WEIGHT_PREFETCH``), so that they stream from memory while the latency-bound kernels run.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -586,10 +556,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_len, tokens_per_split)
-    if num_splits == 1 and group == 1 and is_fp8_kv_cache(kv_cache):  # an A/B switch (INFERNEO_DECODE_FP8_LAUNCH)
-        launch = envs.decode_fp8_launch()
-        use_dot = launch.get("use_dot", use_dot)
-        num_warps = num_warps or launch.get("num_warps")
     if use_dot is None:  # on the H100 the padded tensor-core path beat elementwise scores for MHA in half precision
         use_dot = group > 1 or q.dtype != torch.float32
     if num_warps is None:  # split steps (few requests) in half precision: 2 warps beat 4 by 0.3-0.9 us a layer
@@ -635,7 +601,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         WIDEN=envs.fp8_kv_widen() if fp8_widen is None else fp8_widen,
         PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache, batch), num_warps=num_warps,
         num_stages=num_stages,
-        **rotary, **_weight_prefetch_args(weight_prefetch, q),
+        **rotary,
         **launch_options(pdl),
     )
     if num_splits > 1 and not fused_reduce:
@@ -795,21 +761,6 @@ def _l2_prefetch_ok(kv_cache: torch.Tensor, batch: int = 1) -> bool:
     size = kv_cache.element_size()
     return (kv_cache.is_cuda and kv_cache.data_ptr() % 16 == 0
             and all(st * size % 16 == 0 for st in kv_cache.stride()[:4]))
-
-
-def _weight_prefetch_args(spans: Sequence[torch.Tensor] | None, q: torch.Tensor) -> dict:
-    """The decode kernel's weight-prefetch arguments for ``spans`` (byte tensors; none under the interpreter, off
-    CUDA, or for a span that is not a contiguous, 16-byte aligned run of whole 16-byte units)."""
-    if not spans or _INTERPRETED or not q.is_cuda:
-        return {}
-    spans = list(spans)
-    if len(spans) > 3 or any(t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous() or t.data_ptr() % 16
-                             or t.numel() % 16 or t.numel() >= 2**31 for t in spans):
-        raise ValueError("weight_prefetch takes at most three contiguous uint8 tensors, 16-byte aligned and sized")
-    args: dict = {"NUM_WP": len(spans)}
-    for i, t in enumerate(spans):
-        args[f"wp{i}_ptr"], args[f"wp{i}_bytes"] = t, t.numel()
-    return args
 
 
 def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:

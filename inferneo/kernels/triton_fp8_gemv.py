@@ -54,7 +54,6 @@ import torch
 import triton
 import triton.language as tl
 
-from inferneo import envs
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
@@ -311,35 +310,14 @@ def _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn
 
 
 @triton.jit
-def _l2_prefetch(ptr, nbytes):
-    """Ask L2 for the ``nbytes`` bytes at ``ptr`` (16-byte aligned; 16-byte multiple) by one bulk prefetch from the
-    program's first thread (a hint: nothing is read)."""
-    size = nbytes + tl.zeros([1], tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.and.s32 p, $2, 0, p; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr + tl.zeros([1], tl.int64), size], dtype=tl.int32,
-        is_pure=False, pack=1)
-
-
-@triton.jit
 def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_wn, stride_wn8,
                         K: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-                        PREFETCH: tl.constexpr = False):
+                        BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr):
     # One row: out[rows] = W[rows] . x (GATED: silu(W[rows] . x) * W[rows + N] . x); w8/x8: the weight and the row
-    # as int64 (eight codes, four bf16); BLOCK_K counts codes. PREFETCH (INFERNEO_FP8_GEMV_PREFETCH): the program's
-    # whole weight rows (one contiguous run, two when GATED) asked into L2 before its wait, not only the first tile
-    # loaded there, so that a program resident while the kernels before it run streams all of its bytes then.
+    # as int64 (eight codes, four bf16); BLOCK_K counts codes.
     BK8: tl.constexpr = BLOCK_K // 8
     K8: tl.constexpr = K // 8
     EVEN: tl.constexpr = EVEN_N and K % BLOCK_K == 0
-    if PREFETCH:
-        first = tl.program_id(0) * BLOCK_N
-        nbytes = tl.minimum(BLOCK_N, N - first) * stride_wn
-        _l2_prefetch(w_ptr + first.to(tl.int64) * stride_wn, nbytes)
-        if GATED:
-            _l2_prefetch(w_ptr + (first + N).to(tl.int64) * stride_wn, nbytes)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rows < N
     j = tl.arange(0, BK8)
@@ -701,20 +679,12 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
             x, x.view(torch.int64), weight, weight.view(torch.int64), scale, out, outputs, weight.stride(0),
             weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
             FB_K=max(16, min(block_k, 512 * num_warps // block_n)), EVEN_N=outputs % block_n == 0,
-            num_warps=num_warps, **_prefetch_option(weight), **launch_options(pdl))
+            num_warps=num_warps, **launch_options(pdl))
         return out
     kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
     kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps, **common)
     return out
-
-
-def _prefetch_option(weight: torch.Tensor) -> dict:
-    """``PREFETCH`` for the one-row kernel when ``INFERNEO_FP8_GEMV_PREFETCH`` is on (read at each launch: captured
-    into CUDA graphs when they are) and the weight's rows are 16-byte multiples on a 16-byte aligned base."""
-    if _INTERPRETED or not envs.fp8_gemv_prefetch() or weight.data_ptr() % 16 or weight.stride(0) % 16:
-        return {}
-    return {"PREFETCH": True}
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,

@@ -278,44 +278,6 @@ def use_norm_fused_quant_layers(model: nn.Module) -> int:
     _swap_children(model, replace)
     return sum(isinstance(m, NormFusedQuantLayer) for m in model.modules()) - before
 
-def _weight_bytes(weight: torch.Tensor, start: int = 0, size: int | None = None) -> torch.Tensor | None:
-    """A flat byte view of ``size`` bytes (all by default) of a contiguous ``weight`` from byte ``start``, rounded
-    down to 16-byte units; None when it is not contiguous or not 16-byte aligned."""
-    if not weight.is_contiguous() or weight.data_ptr() % 16:
-        return None
-    flat = weight.detach().view(torch.uint8).reshape(-1)
-    end = flat.numel() if size is None else min(flat.numel(), start + size)
-    start = (start + 15) // 16 * 16
-    end = start + max(0, end - start) // 16 * 16
-    return flat[start:end] if end > start and flat[start:].data_ptr() % 16 == 0 else None
-
-
-def use_decode_weight_prefetch(model: nn.Module, out_proj: bool, gate_up_mb: int) -> int:
-    """At a batch-1 decode step, let each dense decoder layer's decode attention kernel ask L2 for the output
-    projection's weight (``out_proj``) and the first ``gate_up_mb`` MB of the gate and of the up half of its MLP's
-    gate/up weight (``INFERNEO_DECODE_WEIGHT_PREFETCH``; Triton backend only). Returns the layers that do."""
-    from inferneo.attention.triton_backend import TritonBackend  # imports triton: CUDA only
-
-    done = 0
-    for layer in model.modules():
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not isinstance(attn, Attention) or type(attn.backend) is not TritonBackend:
-            continue
-        spans = []
-        if out_proj:
-            spans.append(_weight_bytes(attn.o_proj.weight))
-        gate_up = getattr(mlp, "gate_up_proj", None)
-        if gate_up_mb and isinstance(getattr(gate_up, "weight", None), torch.Tensor):
-            w = gate_up.weight
-            half = w.numel() * w.element_size() // 2
-            spans += [_weight_bytes(w, 0, gate_up_mb << 20), _weight_bytes(w, half, gate_up_mb << 20)]
-        spans = [t for t in spans if t is not None]
-        if spans:
-            attn.weight_prefetch = spans
-            done += 1
-    return done
-
-
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
     many layers changed."""
@@ -489,11 +451,6 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
             and use_norm_fused_layers(model, decode_gemv(device, kernels))):
         logger.info("mixture-of-experts layers run their norms inside the q/k/v GEMV and the routing kernel")
-    prefetch_o, prefetch_gu = envs.decode_weight_prefetch()
-    if device.type == "cuda" and (prefetch_o or prefetch_gu):
-        n = use_decode_weight_prefetch(model, prefetch_o, prefetch_gu)
-        logger.info("decode attention asks L2 for later weights at batch 1 in %d layers (output projection %s, "
-                    "gate/up %d MB a half)", n, prefetch_o, prefetch_gu)
     counts = Counter(type(module).__name__ for module in model.modules())
     logger.info("kernels on %s: %s", device, ", ".join(f"{counts[name]} {name}" for name in sorted(counts)
                                                       if name in _REPORTED) or "PyTorch modules only")

@@ -153,13 +153,9 @@ class Attention(nn.Module):
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
-    weight_prefetch = None  # byte views of later weights for the backend to prefetch (device_kernels sets it)
-
     def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
         """Attention over the paged cache (which takes the new keys and values), then the output projection.
         ``backend_options``: extra keywords for the backend's ``forward`` (device kernels use them)."""
-        if self.weight_prefetch is not None:
-            backend_options.setdefault("weight_prefetch", self.weight_prefetch)
         out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
                                    logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales,
                                    **backend_options)
