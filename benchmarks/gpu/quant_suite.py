@@ -24,6 +24,10 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
 
+``--ab LABEL@BASE@VAR=VALUE@...``: the section ``BASE`` again with environment switches set (read where its CUDA
+graphs are captured), for same-process A/Bs; ``--async-workloads``: W1/W2 with asynchronous scheduling, the
+engine's default on CUDA (without it they run synchronously, as in every call before 2026-12-04 evening).
+
 ``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1 and 32:
 GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
 
