@@ -171,3 +171,37 @@ def test_cuda_transform_chooses_triton_modules_and_keeps_the_logits(tmp_path, qk
     proc = subprocess.run([sys.executable, "-c", _TRANSFORM_SCRIPT, str(tmp_path), os.path.dirname(__file__),
                            qk_norm_rope], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_early_launch_of_the_norm_and_the_kv_store_follows_its_switch(monkeypatch):
+    """INFERNEO_PDL_EARLY_EXTRA (default ``norm,store``): the RMSNorm and KV-store launches ask for the early launch
+    (``EARLY``) only with PDL and their part of the switch on; ``none`` turns both off."""
+    import torch
+
+    from inferneo import envs
+    from inferneo.kernels import _triton_elementwise as elementwise
+    from inferneo.kernels import triton_attention
+
+    calls = []
+
+    class Launcher:  # stands in for a Triton kernel: records each launch's keywords
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(kw)
+
+    monkeypatch.setattr(elementwise, "_rms_norm_kernel", Launcher())
+    monkeypatch.setattr(triton_attention, "_store_kv_kernel", Launcher())
+    x, w = torch.randn(2, 64), torch.ones(64)
+    k = v = torch.randn(3, 2, 16)
+    cache, slots = torch.zeros(2, 4, 2, 16, 16), torch.arange(3)
+    for value, norm, store in ((None, True, True), ("none", False, False), ("store", False, True),
+                               ("norm", True, False), ("norm,store", True, True)):
+        if value is None:
+            monkeypatch.delenv("INFERNEO_PDL_EARLY_EXTRA", raising=False)
+        else:
+            monkeypatch.setenv("INFERNEO_PDL_EARLY_EXTRA", value)
+        assert envs.pdl_early_extra() == {name for name, on in (("norm", norm), ("store", store)) if on}
+        for pdl in (True, False):
+            elementwise.rms_norm(x, None, w, 1e-5, pdl=pdl)
+            elementwise.rms_norm(x, x.clone(), w, 1e-5, pdl=pdl)
+            triton_attention.store_kv(k, v, cache, slots, pdl=pdl)
+            assert [c.get("EARLY", False) for c in calls[-3:]] == [norm and pdl, norm and pdl, store and pdl]

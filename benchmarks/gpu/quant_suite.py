@@ -24,6 +24,10 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      the call) on the same architecture with random weights, its int8 weight-only mode and bf16: the batch-1
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
 
+``--ab LABEL@BASE@VAR=VALUE@...``: the section ``BASE`` again with environment switches set (read where its CUDA
+graphs are captured), for same-process A/Bs; ``--async-workloads``: W1/W2 with asynchronous scheduling, the
+engine's default on CUDA (without it they run synchronously, as in every call before 2026-12-04 evening).
+
 ``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1 and 32:
 GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
 
@@ -120,8 +124,9 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
     from tp_profile import _timeline, kind_of
 
     eng = llm.engine
-    ids = [eng.add_request(f"prof-{label}-{batch}-{i}-{time.monotonic_ns()}", p, greedy(steps + 16))
-           for i, p in enumerate(s.prompts(batch, s.cfg["decode_ctx"] - 1, eng.vocab_size))]
+    ctx = s.cfg.get("profile_ctx") or s.cfg["decode_ctx"]
+    ids = [eng.add_request(f"prof-{label}-{batch}-{i}-{time.monotonic_ns()}", p, greedy(3 * steps + 16))
+           for i, p in enumerate(s.prompts(batch, ctx - 1, eng.vocab_size))]
     try:
         while len(eng.scheduler.waiting) or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
             eng.step()
@@ -133,6 +138,16 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
             for _ in range(steps):
                 eng.step()
             sync()
+        host = {}
+        if on_gpu:  # the same steps unprofiled: wall time a step, and how much of it the host waits for the GPU
+            try:
+                from tp_profile import _time_driver
+
+                host = _time_driver(eng, steps)
+                s.log(f"{label} batch {batch} ctx {ctx} host: " + ", ".join(f"{k} {v:.2f}" for k, v in host.items())
+                      + f"; wall {host['launch_ms'] + host['resolve_ms'] + host['other_ms']:.2f} ms/step")
+            except Exception as exc:  # noqa: BLE001 - a figure for the record, not needed by the run
+                s.log(f"{label} batch {batch} host timing failed: {exc!r}")
     finally:
         for request_id in ids:
             eng.abort_request(request_id)
@@ -147,12 +162,20 @@ def kernel_profile(llm: LLM, s: Suite, label: str, batch: int, steps: int = 8) -
         kernels.append({"us_per_step": us / steps, "calls_per_step": event.count / steps, "name": event.key[:100]})
     kernels.sort(key=lambda k: -k["us_per_step"])
     timeline = _timeline(prof, steps)
+    critical = []
+    if on_gpu:  # per kernel name: the time it adds to the end of the stream (kernels overlap under PDL)
+        from kernel_timeline import by_name, critical_path, kernel_events
+
+        critical = by_name(critical_path(kernel_events(prof)), steps)
+        s.log(f"{label} batch {batch} critical path, us/step (calls/step): " + ", ".join(
+            f"{r['kernel'][:40]} {r['added_us']:.1f} ({r['calls']:.0f})" for r in critical[:12]))
     s.log(f"{label} batch {batch} profile: GPU busy {timeline.get('busy_ms', 0):.3f} ms/step, idle "
           f"{timeline.get('idle_ms', 0):.3f} ms/step, {timeline.get('kernels_per_step', 0):.0f} kernels/step; " +
           ", ".join(f"{k} {v / 1e3:.3f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     for k in kernels[:14]:
         s.log(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}/step  {k['name']}")
-    return {"batch": batch, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30]}
+    return {"batch": batch, "context": ctx, "by_kind_us": by_kind, "timeline": timeline, "top_kernels": kernels[:30],
+            "critical_path": critical[:30], "host": host}
 
 
 def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
@@ -170,7 +193,11 @@ def sec_variant(s: Suite, label: str, workloads: tuple[str, ...] = ("w1", "w2"),
         if label in s.cfg.get("profile", ()):
             out["profile"] = [kernel_profile(llm, s, label, batch) for batch in s.cfg["profile_batches"]]
             s.write()
-        run_workloads(s, llm, out, workloads, sec_inferneo_workload, min_left=45)
+        measure = sec_inferneo_workload
+        if s.cfg.get("async_workloads"):  # the engine's default on CUDA (core_builder), as h100_suite's w*_async
+            def measure(s, llm, name):
+                return sec_inferneo_workload(s, llm, name, async_scheduling=True)
+        run_workloads(s, llm, out, workloads, measure, min_left=45)
     finally:
         llm.shutdown()
         del llm
@@ -331,6 +358,12 @@ def summarize(s: Suite) -> None:
         base, ours = step("bf16", batch), step(label, batch)
         if base and ours:
             checks[f"{label}_b{batch}"] = {"ratio": ours / base, "need": f"<= {need}", "pass": ours / base <= need}
+    for label in r:  # the --ab sections: against bf16 of the same run (information, not the figures)
+        base_b1, ours_b1 = step("bf16", 1), step(label, 1)
+        if label not in ("bf16", "fp8", *kv_labels) and base_b1 and ours_b1:
+            lines.append(f"{label}: batch 1 {ours_b1:.3f} ms = {ours_b1 / base_b1:.3f}x bf16"
+                         + (f"; W2 {tps(label, 'w2'):.0f} tok/s = {tps(label, 'w2') / tps('bf16', 'w2'):.3f}x bf16"
+                            if tps(label, "w2") and tps("bf16", "w2") else ""))
     gptfast = ((r.get("gptfast") or {}).get("int8") or {}).get("step_ms")
     fp8_b1 = step("fp8", 1)
     if gptfast and fp8_b1:
@@ -362,6 +395,17 @@ def main() -> int:
                         "INFERNEO_FP8_KV_WIDEN=VALUE (decode steps and workloads)")
     parser.add_argument("--fp8kv-prewait", default="",
                         help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
+    parser.add_argument("--ab", action="append", default=[], metavar="LABEL@BASE@VAR=VALUE@...",
+                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv) again with the environment variables "
+                        "set (none: the base again), decode steps at --ab-batches and --ab-workloads; repeatable, "
+                        "run in the order given after the base sections")
+    parser.add_argument("--ab-batches", default="1", help="decode batches of the --ab sections")
+    parser.add_argument("--ab-workloads", default="", help="workloads of the --ab sections (e.g. w2)")
+    parser.add_argument("--async-workloads", action="store_true",
+                        help="run W1/W2 with asynchronous scheduling, the engine's default on CUDA (without it they "
+                        "run synchronously, as every quant_suite call before 2026-12-04 17:00 UTC did)")
+    parser.add_argument("--profile-batches", default="", help="batches of --profile (default 1,32)")
+    parser.add_argument("--profile-ctx", type=int, default=0, help="context of --profile (default: the decode one)")
     parser.add_argument("--workloads", default="w1,w2",
                         help="throughput workloads per weight format after its decode steps (empty: decode only)")
     args = parser.parse_args()
@@ -372,6 +416,10 @@ def main() -> int:
     cfg["profile"] = tuple(filter(None, args.profile.split(",")))
     if args.decode_batches:
         cfg["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
+    cfg["profile_ctx"] = args.profile_ctx
+    cfg["async_workloads"] = args.async_workloads
+    if args.profile_batches:
+        cfg["profile_batches"] = tuple(int(b) for b in args.profile_batches.split(","))
     s = Suite(Path(args.out), cfg, name="quant_suite")
     if args.smoke:
         arch_presets.PRESETS["smoke-llama"] = preset_config("llama-2-7b", **SMOKE_CONFIG)
@@ -381,7 +429,7 @@ def main() -> int:
     fr = args.fused_reduce
     widens = tuple(filter(None, args.fp8kv_widen.split(",")))
     plan = [
-        ("bf16", lambda: sec_variant(s, "bf16", workloads), 120 if workloads else 25),
+        ("bf16", lambda: sec_variant(s, "bf16", workloads), 20 + 50 * len(workloads)),
         ("fp8", lambda: sec_variant(s, "fp8", workloads, quantization="fp8"), 70 if workloads else 15),
         ("fp8-w8a8", lambda: sec_fp8_without_gemv(s), 35),
         ("fp8-nonorm", lambda: sec_with_env(s, "fp8-nonorm", {"INFERNEO_FP8_NORM_GEMV": "0"}, batches=(1,),
@@ -406,6 +454,16 @@ def main() -> int:
         ("w4a16+fp8kv", lambda: sec_variant(s, "w4a16+fp8kv", workloads=(), awq=True, kv_cache_dtype="fp8"), 40),
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
+    base_kw = {"bf16": {}, "fp8": {"quantization": "fp8"},
+               "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+    ab_batches = tuple(int(b) for b in args.ab_batches.split(","))
+    ab_workloads = tuple(filter(None, args.ab_workloads.split(",")))
+    for spec in args.ab:
+        label, base, *pairs = spec.split("@")
+        env = dict(pair.split("=", 1) for pair in pairs if pair)
+        wl = tuple(filter(None, env.pop("workloads").split(","))) if "workloads" in env else ab_workloads
+        plan.append((label, lambda label=label, base=base, env=env, wl=wl: sec_with_env(
+            s, label, env, batches=ab_batches, workloads=wl, **base_kw[base]), 12 + 35 * len(wl)))
     for name, run, min_left in plan:
         if name in skip or (name == "fp8-tiles" and not args.fp8_tiles) or \
                 (name.startswith(("bf16-reduce", "fp8-reduce")) and not fr) or \

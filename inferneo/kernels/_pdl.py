@@ -15,7 +15,8 @@ predecessor's completion, which came after that kernel's own wait, so the order 
 it costs: code before a kernel's wait may then run before its predecessor's predecessor has finished, so only
 kernels whose dependents read nothing before their wait but constant weights take it, and a kernel followed by one
 that reads its predecessor's output before waiting (the down experts kernel reads the routing's ids before it
-waits for the gate/up kernel) keeps the late launch.
+waits for the gate/up kernel) keeps the late launch. The Triton RMSNorm and the KV store take it too
+(``INFERNEO_PDL_EARLY_EXTRA``, default on: a GEMV follows the norm, decode attention the store).
 
 Whether a launch uses PDL is decided where the model is built (``KernelConfig.pdl_on``, from the engine's
 ``cuda_pdl`` switch and the GPU) and handed to each launcher as ``pdl``; a launcher called without it (a benchmark,

@@ -34,8 +34,8 @@ def weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
+    wait_for_previous_kernel(PDL, EARLY=EARLY)  # EARLY: INFERNEO_PDL_EARLY_EXTRA=norm (a GEMV follows)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,15 +57,18 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     block = triton.next_power_of_2(n_cols)
     warps = min(max(block // 256, 1), 8)
     pdl = pdl_for(x, pdl)
+    early = {"EARLY": True} if pdl and "norm" in envs.pdl_early_extra() else {}
     if residual is None:
         out = torch.empty_like(x2)
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,
-                                    HAS_RESIDUAL=False, BLOCK=block, PDL=pdl, num_warps=warps, **launch_options(pdl))
+                                    HAS_RESIDUAL=False, BLOCK=block, PDL=pdl, num_warps=warps, **early,
+                                    **launch_options(pdl))
         return out.view(shape)
     r2 = residual.view(-1, shape[-1])
     assert r2.stride(-1) == 1, "the residual must be contiguous in its last dimension"
     _rms_norm_kernel[(n_rows,)](x2, r2, weight, x2, x2.stride(0), r2.stride(0), x2.stride(0), n_cols, eps,
-                                HAS_RESIDUAL=True, BLOCK=block, PDL=pdl, num_warps=warps, **launch_options(pdl))
+                                HAS_RESIDUAL=True, BLOCK=block, PDL=pdl, num_warps=warps, **early,
+                                **launch_options(pdl))
     return x2.view(shape), residual
 
 

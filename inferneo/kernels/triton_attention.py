@@ -102,8 +102,9 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_half, stride_blk, stride_ch, stride_off,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr = False):
-    wait_for_previous_kernel(PDL)
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, FP8: tl.constexpr = False,
+                     EARLY: tl.constexpr = False):
+    wait_for_previous_kernel(PDL, EARLY=EARLY)  # EARLY: INFERNEO_PDL_EARLY_EXTRA=store
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     blk = slot // BLOCK_SIZE
@@ -145,7 +146,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl,
         FP8=is_fp8_kv_cache(kv_cache), num_warps=4 if num_kv_heads * head_dim >= 2048 else 1,
-        **launch_options(pdl),
+        **({"EARLY": True} if pdl and "store" in envs.pdl_early_extra() else {}), **launch_options(pdl),
     )
 
 
