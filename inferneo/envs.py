@@ -176,6 +176,14 @@ def decode_split_tiles() -> int:
     return int(value) if value else 0
 
 
+def store_kv_heads() -> int:
+    """INFERNEO_STORE_KV_HEADS (default 0: ``triton_attention.store_kv_heads_per_program``'s rule): KV heads a
+    Triton ``store_kv`` program writes (rounded up to a power of two, at most all of them). Read at each launch, for
+    A/Bs; every value writes the same bytes."""
+    value = os.environ.get("INFERNEO_STORE_KV_HEADS", "").strip()
+    return int(value) if value else 0
+
+
 PREWAIT_KERNELS = frozenset({"rotary", "decode", "reduce"})
 PREWAIT_DEFAULT = frozenset({"rotary", "decode"})
 

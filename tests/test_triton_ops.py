@@ -205,3 +205,48 @@ def test_early_launch_of_the_norm_and_the_kv_store_follows_its_switch(monkeypatc
             elementwise.rms_norm(x, x.clone(), w, 1e-5, pdl=pdl)
             triton_attention.store_kv(k, v, cache, slots, pdl=pdl)
             assert [c.get("EARLY", False) for c in calls[-3:]] == [norm and pdl, norm and pdl, store and pdl]
+
+
+_STORE_SCRIPT = textwrap.dedent("""
+    import os
+    import torch
+    from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, quantize_kv
+    from inferneo.kernels import triton_attention as ops
+
+    torch.manual_seed(0)
+    for num_tokens, kv_heads, dim in ((1, 8, 16), (1, 3, 32), (5, 6, 16), (2, 32, 16)):
+        k, v = torch.randn(num_tokens, kv_heads, dim), torch.randn(num_tokens, kv_heads, dim)
+        slots = torch.randperm(4 * 16)[:num_tokens]
+        slots[-1] = -1 if num_tokens > 1 else slots[-1]  # a skipped token
+        scales = KVCacheScales(torch.rand(kv_heads) + 0.25, torch.rand(kv_heads) + 0.25)
+        for fp8 in (False, True):
+            written = []
+            for forced in ("", "1", "2", "64"):  # the rule's split, one head a program, two, a whole token
+                os.environ["INFERNEO_STORE_KV_HEADS"] = forced
+                cache = torch.zeros(2, 4, kv_heads, 16, dim, dtype=FP8_KV_DTYPE if fp8 else torch.float32)
+                ops.store_kv(k, v, cache, slots, pdl=False, kv_scales=scales if fp8 else None)
+                written.append(cache.view(torch.uint8) if fp8 else cache)
+            for other in written[1:]:
+                assert torch.equal(written[0], other), (num_tokens, kv_heads, fp8)
+            expected = torch.zeros(2, 4, kv_heads, 16, dim, dtype=FP8_KV_DTYPE if fp8 else torch.float32)
+            for t, slot in enumerate(slots.tolist()):
+                if slot >= 0:  # every other byte of the cache stays zero
+                    key = quantize_kv(k[t : t + 1], scales.k)[0] if fp8 else k[t]
+                    value = quantize_kv(v[t : t + 1], scales.v)[0] if fp8 else v[t]
+                    expected[0, slot // 16, :, slot % 16], expected[1, slot // 16, :, slot % 16] = key, value
+            assert torch.equal(written[0], expected.view(torch.uint8) if fp8 else expected), (num_tokens, fp8)
+    os.environ["INFERNEO_STORE_KV_HEADS"] = ""  # the rule again
+    assert ops.store_kv_heads_per_program(1, 32) == 2 and ops.store_kv_heads_per_program(256, 32) == 32
+    assert ops.store_kv_heads_per_program(1, 3) == 1 and ops.store_kv_heads_per_program(4, 8) == 2
+    print("ok")
+""")
+
+
+def test_kv_store_writes_the_same_bytes_however_the_heads_are_split():
+    """``store_kv`` with a token's heads over several programs (the rule at few tokens, or forced) writes exactly
+    the bytes of one program a token: the rows themselves (float32), PyTorch's e4m3 quantization (FP8), no other
+    slot, a negative slot skipped; under the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _STORE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -109,7 +109,7 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr
     slot = tl.load(slot_ptr + t)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
-    h = tl.arange(0, BLOCK_H)[:, None]
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # this program's BLOCK_H heads of the token
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM) & (slot >= 0)
     key = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
@@ -139,15 +139,33 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     pdl = pdl_for(k, pdl)
     k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
-    _store_kv_kernel[(num_tokens,)](
+    block_h = store_kv_heads_per_program(num_tokens, num_kv_heads)
+    _store_kv_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
         k, v, kv_cache, slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_cache_strides(kv_cache),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=_block_d(head_dim), PDL=pdl,
-        FP8=is_fp8_kv_cache(kv_cache), num_warps=4 if num_kv_heads * head_dim >= 2048 else 1,
+        BLOCK_H=block_h, BLOCK_D=_block_d(head_dim), PDL=pdl,
+        FP8=is_fp8_kv_cache(kv_cache), num_warps=4 if block_h * head_dim >= 2048 else 1,
         **({"EARLY": True} if pdl and "store" in envs.pdl_early_extra() else {}), **launch_options(pdl),
     )
+
+
+STORE_KV_MIN_PROGRAMS = 16
+
+
+def store_kv_heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
+    """KV heads a ``store_kv`` program writes (a power of two): all of a token's heads once there are enough
+    tokens to fill the GPU, fewer at a few tokens (a decode step at batch 1), so that at least
+    ``STORE_KV_MIN_PROGRAMS`` programs share the work instead of one program converting every element (the
+    FP8 cache's e4m3 rounding is a dozen instructions an element). ``INFERNEO_STORE_KV_HEADS`` (read at each launch)
+    forces a count; every split writes the same bytes."""
+    every = triton.next_power_of_2(num_kv_heads)
+    forced = envs.store_kv_heads()
+    if forced:
+        return min(triton.next_power_of_2(forced), every)
+    per_token = max(1, -(-STORE_KV_MIN_PROGRAMS // num_tokens))  # programs wanted for each token
+    return max(1, min(every, every // triton.next_power_of_2(per_token)))
 
 
 # ---- shared tile step -----------------------------------------------------------------------------------------
