@@ -201,7 +201,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
     # started: make those harmless, so a requested shut-down ends with exit status 0.
     previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    freeze_startup_heap("server")  # the app's routes and schemas, made after the engine's own freeze
+    freeze_startup_heap("server")  # the front end's tokenizer, the app's routes and schemas (the core freezes its own)
     try:
         server.run()
     finally:
