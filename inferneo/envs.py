@@ -198,11 +198,9 @@ def prewait_loads() -> frozenset[str]:
     instead of after them; within noise there, and its sums take another order: one bf16 ulp apart at 32
     requests). Separated by commas or ``+``; ``all`` for the three, ``none`` for none. Read at each launch."""
     value = os.environ.get("INFERNEO_PREWAIT_LOADS", "").strip().lower()
-    if not value:
-        return PREWAIT_DEFAULT
     if value == "all":
         return PREWAIT_KERNELS
-    return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & PREWAIT_KERNELS
+    return _kernel_names(value, PREWAIT_DEFAULT, PREWAIT_KERNELS)
 
 
 EARLY_EXTRA_KERNELS = frozenset({"norm", "store"})
@@ -217,11 +215,16 @@ def pdl_early_extra() -> frozenset[str]:
     The results are the same bits (each wait still waits for its predecessor's completion). H200, Llama-2-7B, FP8
     weights + FP8 KV cache, batch 1 (2026-12-04, two calls): 2.49-2.50 against 2.54-2.55 ms; bf16 unchanged
     (3.86-3.89 against 3.85-3.90). Separated by commas; ``none`` for none."""
-    value = os.environ.get("INFERNEO_PDL_EARLY_EXTRA")
-    if value is None or not value.strip():
-        return EARLY_EXTRA_KERNELS
+    return _kernel_names(os.environ.get("INFERNEO_PDL_EARLY_EXTRA", ""), EARLY_EXTRA_KERNELS, EARLY_EXTRA_KERNELS)
+
+
+def _kernel_names(value: str, default: frozenset[str], known: frozenset[str]) -> frozenset[str]:
+    """The kernel names of a switch's value (separated by commas or ``+``) that are in ``known``; ``default`` when
+    the value is empty (``none``, like any unknown name, selects nothing)."""
     value = value.strip().lower()
-    return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & EARLY_EXTRA_KERNELS
+    if not value:
+        return default
+    return frozenset(part.strip() for part in value.replace("+", ",").split(",") if part.strip()) & known
 
 
 def rotary_warps() -> int:

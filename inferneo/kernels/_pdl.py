@@ -62,3 +62,9 @@ def launch_options(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
+def early_extra_options(kernel: str, pdl: bool) -> dict:
+    """``EARLY=True`` for a kernel of ``INFERNEO_PDL_EARLY_EXTRA`` (``norm``, ``store``) launched with PDL while the
+    switch names it (read at each launch); none otherwise."""
+    return {"EARLY": True} if pdl and kernel in envs.pdl_early_extra() else {}
+
+

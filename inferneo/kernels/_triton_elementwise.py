@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from inferneo import envs
-from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels._pdl import early_extra_options, launch_options, pdl_for, wait_for_previous_kernel
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     block = triton.next_power_of_2(n_cols)
     warps = min(max(block // 256, 1), 8)
     pdl = pdl_for(x, pdl)
-    early = {"EARLY": True} if pdl and "norm" in envs.pdl_early_extra() else {}
+    early = early_extra_options("norm", pdl)
     if residual is None:
         out = torch.empty_like(x2)
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,

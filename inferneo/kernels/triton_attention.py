@@ -35,7 +35,7 @@ import triton.language as tl
 
 from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
-from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels._pdl import early_extra_options, launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels.triton_fp8_gemv import _INTERPRETED, _e4m3_to_bf16, _e4m3_to_f16
 
 _LOG2E = 1.4426950408889634
@@ -147,7 +147,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[3],
         BLOCK_H=block_h, BLOCK_D=_block_d(head_dim), PDL=pdl,
         FP8=is_fp8_kv_cache(kv_cache), num_warps=4 if block_h * head_dim >= 2048 else 1,
-        **({"EARLY": True} if pdl and "store" in envs.pdl_early_extra() else {}), **launch_options(pdl),
+        **early_extra_options("store", pdl), **launch_options(pdl),
     )
 
 
@@ -164,8 +164,8 @@ def store_kv_heads_per_program(num_tokens: int, num_kv_heads: int) -> int:
     forced = envs.store_kv_heads()
     if forced:
         return min(triton.next_power_of_2(forced), every)
-    per_token = max(1, -(-STORE_KV_MIN_PROGRAMS // num_tokens))  # programs wanted for each token
-    return max(1, min(every, every // triton.next_power_of_2(per_token)))
+    per_token = -(-STORE_KV_MIN_PROGRAMS // num_tokens)  # programs wanted for each token (num_tokens >= 1)
+    return max(1, every // triton.next_power_of_2(per_token))
 
 
 # ---- shared tile step -----------------------------------------------------------------------------------------
@@ -537,10 +537,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
     16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile), ``num_warps`` and
-    ``num_stages`` (Triton's pipelining depth) override the heuristics, for benchmarks. ``pdl``: launch with programmatic dependent launch (None: decided
-    from ``q``, see ``_pdl.pdl_for``). ``sliding_window``, ``logit_softcap`` and ``sinks`` (``[H]``) as in
-    ``AttentionBackend.forward``; with a window the splits cover only the last ``sliding_window`` tokens. An FP8
-    cache is read as ``stored * kv_scales`` (per KV head), converted in registers tile by tile. ``fused_reduce``
+    ``num_stages`` (Triton's pipelining depth) override the heuristics, for benchmarks. ``pdl``: launch with
+    programmatic dependent launch (None: decided from ``q``, see ``_pdl.pdl_for``). ``sliding_window``,
+    ``logit_softcap`` and ``sinks`` (``[H]``) as in ``AttentionBackend.forward``; with a window the splits cover
+    only the last ``sliding_window`` tokens. An FP8 cache is read as ``stored * kv_scales`` (per KV head),
+    converted in registers tile by tile. ``fused_reduce``
     (``INFERNEO_DECODE_FUSED_REDUCE`` when None; unset: at one request with one query head per KV head): a split
     decode merges its splits in the decode kernel itself (the last split of each request and KV head to finish, by
     an atomic ticket, merges that group's heads) instead of a second launch; the same arithmetic as the reduction kernel. ``qk_rotary`` (a :class:`QKRotary`): ``q`` is
@@ -556,8 +557,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     length and block table before it waits for the kernel before it (programmatic dependent launch), and on CUDA
     asks L2 for its first tile's cache blocks there (a bulk prefetch: a hint, so the row the step itself writes is
     still read as written); the same bits as without. Not that prefetch on an FP8 cache at more than one request
-    (``_l2_prefetch_ok``). With ``reduce`` (opt-in), the split reduction reads its
-    partials beside their log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
+    (``_l2_prefetch_ok``). With ``reduce`` (opt-in), the split reduction reads its partials beside their
+    log-sum-exps: the same terms, summed in another order (one bf16 ulp apart at times).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
