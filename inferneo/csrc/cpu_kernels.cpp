@@ -249,6 +249,21 @@ void decode_scalar(const scalar_t* __restrict q, const cache_t* __restrict cache
   });
 }
 
+#if defined(__AVX512F__) || defined(INFERNEO_AVX2)
+// Software prefetch of one 16-token chunk of the decode loops: its key rows (D rows of the [D][bs] key block from
+// `kb`, `bs` tokens apart; one prefetch per cache line) and its value rows (16 x D from `vb`). The hardware
+// prefetcher alone leaves the loops waiting on memory.
+template <typename cache_t>
+inline void prefetch_chunk(const cache_t* kb, const cache_t* vb, int64_t D, int64_t bs) {
+  const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(cache_t));
+  const int64_t step = std::max<int64_t>(1, 64 / row_bytes);  // key rows that share a cache line: one prefetch
+  const char* kp = reinterpret_cast<const char*>(kb);
+  for (int64_t d = 0; d < D; d += step) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
+  const char* vp = reinterpret_cast<const char*>(vb);
+  for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(cache_t)); off += 64) _mm_prefetch(vp + off, _MM_HINT_T0);
+}
+#endif
+
 #ifdef __AVX512F__
 constexpr int64_t kDecodeLanes = 16;
 
@@ -382,17 +397,6 @@ inline void span_values(const float* p, const SpanChunk<cache_t>* chunks, int64_
     for (int i = 0; i < S; ++i) _mm512_storeu_ps(acc + j * D + d0 + 16 * i, a[j][i]);
 }
 
-// Software prefetch of a chunk's key rows (D rows of 16 tokens, `bs` tokens apart) and value rows (16 x D).
-template <typename cache_t>
-inline void prefetch_span_chunk(const SpanChunk<cache_t>& c, int64_t D, int64_t bs) {
-  const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(cache_t));
-  const int64_t step = std::max<int64_t>(1, 64 / row_bytes);  // key rows that share a cache line: one prefetch
-  const char* kp = reinterpret_cast<const char*>(c.kb);
-  for (int64_t d = 0; d < D; d += step) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
-  const char* vp = reinterpret_cast<const char*>(c.vb);
-  for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(cache_t)); off += 64) _mm_prefetch(vp + off, _MM_HINT_T0);
-}
-
 // `count` chunks (at most kSpanChunks) for NG query heads (NG <= 4) of one kv head; `p` holds 4 * kSpanTokens
 // floats of scratch.
 template <int NG, typename cache_t>
@@ -401,7 +405,10 @@ inline void attend_span(const float* q, float* acc, float* row_max, float* row_s
   __m512 vmax[NG];
   for (int j = 0; j < NG; ++j) vmax[j] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < count; ++c) {
-    if (c + kPrefetchChunks < count) prefetch_span_chunk(chunks[c + kPrefetchChunks], D, bs);
+    if (c + kPrefetchChunks < count) {
+      const SpanChunk<cache_t>& ahead = chunks[c + kPrefetchChunks];
+      prefetch_chunk(ahead.kb, ahead.vb, D, bs);
+    }
     chunk_scores<NG>(q, chunks[c], D, bs, softcap, p + 16 * c, vmax);
   }
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -596,17 +603,10 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
 #endif
     std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
 #ifndef __AVX512F__
-    // Software prefetch of 16 tokens' keys (D rows of the key block) and values (16 rows of the value block):
-    // the hardware prefetcher alone leaves this loop waiting on memory.
-    const auto prefetch_chunk = [&](const int64_t* table, int64_t kvh, int64_t pos) {
+    // prefetch_chunk of the 16 tokens from position `pos` of a request's context
+    const auto prefetch_position = [&](const int64_t* table, int64_t kvh, int64_t pos) {
       const int64_t base = (kvh * s.num_blocks + table[pos / bs]) * block_elems;
-      const char* kp = reinterpret_cast<const char*>(cache + base + pos % bs);
-      const char* vp = reinterpret_cast<const char*>(cache + half + base + (pos % bs) * D);
-      const int64_t row_bytes = bs * static_cast<int64_t>(sizeof(cache_t));
-      for (int64_t d = 0; d < D; ++d) _mm_prefetch(kp + d * row_bytes, _MM_HINT_T0);
-      for (int64_t off = 0; off < 16 * D * static_cast<int64_t>(sizeof(cache_t)); off += 64) {
-        _mm_prefetch(vp + off, _MM_HINT_T0);
-      }
+      prefetch_chunk(cache + base + pos % bs, cache + half + base + (pos % bs) * D, D, bs);
     };
 #endif
 #pragma omp for schedule(dynamic, 1)
@@ -624,7 +624,7 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
           chunks[count] = {cache + base + within, cache + half + base + within * D, std::min<int64_t>(16, len - pos),
                            std::max<int64_t>(0, first - pos)};
         }
-        for (int64_t c = 0; c < std::min(count, kPrefetchChunks); ++c) prefetch_span_chunk(chunks[c], D, bs);
+        for (int64_t c = 0; c < std::min(count, kPrefetchChunks); ++c) prefetch_chunk(chunks[c].kb, chunks[c].vb, D, bs);
         for (int64_t g0 = 0; g0 < group;) {
           const int64_t heads = std::min<int64_t>(4, group - g0);
           float* const hq = qf.data() + g0 * D;
@@ -641,7 +641,7 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
         }
       }
 #else
-      if (len > start + 16) prefetch_chunk(table, kvh, start + 16);
+      if (len > start + 16) prefetch_position(table, kvh, start + 16);
       for (int64_t pos = start; pos < len; pos += 16) {
         const int64_t blk = pos / bs, within = pos % bs;
         const int64_t base = (kvh * s.num_blocks + table[blk]) * block_elems;
@@ -649,7 +649,7 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
         const cache_t* vb = cache + half + base + within * D;       // row `within` of the [bs][D] value block
         const int64_t n = std::min<int64_t>(16, len - pos);
         const int64_t skip = std::max<int64_t>(0, first - pos);     // tokens before the window, in the first chunk
-        if (pos + 32 < len) prefetch_chunk(table, kvh, pos + 32);  // overlap later tokens' loads with this math
+        if (pos + 32 < len) prefetch_position(table, kvh, pos + 32);  // overlap later tokens' loads with this math
         // Up to four query heads of the group share each key and value load (and its conversion to float).
         for (int64_t g0 = 0; g0 < group;) {
           const int64_t left = group - g0;

@@ -51,7 +51,7 @@ def unpack_wide16(packed: torch.Tensor, qtype: int, rows: int) -> torch.Tensor:
         raise ValueError(f"ggml type {qtype} has no wide16 layout (Q4_0 = 2, Q4_1 = 3)")
     groups, nb, _ = packed.shape
     scale_bytes = WIDE16_SCALE_BYTES[qtype]
-    field_bytes = scale_bytes // 2 * 2 * GROUP_ROWS
+    field_bytes = scale_bytes * GROUP_ROWS  # the tile's half scales (and minimums): 2 bytes a row each
     fields = [packed[..., s : s + 2 * GROUP_ROWS].reshape(groups, nb, GROUP_ROWS, 2)
               for s in range(0, field_bytes, 2 * GROUP_ROWS)]
     code_bytes = packed[..., field_bytes:].reshape(groups, nb, 16, GROUP_ROWS).transpose(2, 3)  # [G, nb, c, p]
