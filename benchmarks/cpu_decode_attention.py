@@ -35,6 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.min_len <= args.max_len:
         parser.error("--min-len and --max-len: need 1 <= min-len <= max-len")
+    for name in ("requests", "heads", "kv_heads", "head_dim", "layers", "threads", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.heads % args.kv_heads:
+        parser.error("--heads must be a multiple of --kv-heads")
     ops = load_cpu_kernels()
     if ops is None:
         raise SystemExit("the native CPU kernels do not build here")

@@ -181,6 +181,9 @@ def store_kv_heads() -> int:
     Triton ``store_kv`` program writes (rounded up to a power of two, at most all of them). Read at each launch, for
     A/Bs; every value writes the same bytes."""
     value = os.environ.get("INFERNEO_STORE_KV_HEADS", "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"INFERNEO_STORE_KV_HEADS must be a whole number of KV heads (0: the rule) or empty; "
+                         f"got {value!r}")
     return int(value) if value else 0
 
 

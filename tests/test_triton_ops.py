@@ -250,3 +250,16 @@ def test_kv_store_writes_the_same_bytes_however_the_heads_are_split():
     proc = subprocess.run([sys.executable, "-c", _STORE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_store_kv_heads_switch_takes_whole_numbers(monkeypatch):
+    """INFERNEO_STORE_KV_HEADS: empty or 0 is the rule, a whole number forces it; anything else fails by name."""
+    from inferneo import envs
+
+    for value, want in (("", 0), ("0", 0), (" 4 ", 4)):
+        monkeypatch.setenv("INFERNEO_STORE_KV_HEADS", value)
+        assert envs.store_kv_heads() == want
+    for value in ("-2", "two", "1.5"):
+        monkeypatch.setenv("INFERNEO_STORE_KV_HEADS", value)
+        with pytest.raises(ValueError, match="INFERNEO_STORE_KV_HEADS"):
+            envs.store_kv_heads()

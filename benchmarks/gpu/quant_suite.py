@@ -459,8 +459,13 @@ def main() -> int:
     ab_batches = tuple(int(b) for b in args.ab_batches.split(","))
     ab_workloads = tuple(filter(None, args.ab_workloads.split(",")))
     for spec in args.ab:
-        label, base, *pairs = spec.split("@")
-        env = dict(pair.split("=", 1) for pair in pairs if pair)
+        label, _, rest = spec.partition("@")
+        base, *pairs = rest.split("@")
+        bad = [pair for pair in pairs if pair and pair != "none" and "=" not in pair]
+        if base not in base_kw or bad:
+            parser.error(f"--ab {spec!r}: want LABEL@BASE@VAR=VALUE@... with BASE among {', '.join(base_kw)}"
+                         + (f"; not VAR=VALUE: {', '.join(bad)}" if bad else ""))
+        env = dict(pair.split("=", 1) for pair in pairs if pair and pair != "none")
         wl = tuple(filter(None, env.pop("workloads").split(","))) if "workloads" in env else ab_workloads
         plan.append((label, lambda label=label, base=base, env=env, wl=wl: sec_with_env(
             s, label, env, batches=ab_batches, workloads=wl, **base_kw[base]), 12 + 35 * len(wl)))
