@@ -8,7 +8,9 @@ tiles through ``at::mm`` (``tiles``); ``inreg`` (Q4_0 / Q4_1 / Q8_0 only, which 
 in-register path at every row count. Each path is forced through the call's row thresholds; the paths alternate
 within each repeat and the best repeat is kept, so a busy machine's noise hits them alike. ``file`` / ``wide16``
 (and their ``_bf16`` twins) time the defaults instead: the file's blocks through ``gguf_linear``, against the Q4
-layers repacked at load into the wide16 layout (``gguf_packed_linear``).
+layers repacked at load into the wide16 layout (``gguf_packed_linear``); ``wide16_int8`` the same layers through the
+int8 dot products (``gguf_packed_linear_int8``: activations quantized per 32-weight block, AVX512_VNNI; the Q8_0
+head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows).
 
     python3 benchmarks/cpu_gguf_paths.py [--rows 16,64,256,1024] [--threads 1] [--repeats 5] [--paths panel,inreg]
 """
@@ -46,7 +48,7 @@ PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
 # blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 layers repacked at load (gguf_packed_linear; AVX-512), the other
 # layers (the Q8_0 head) as in "file"
 DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.float32,
-            "wide16_bf16": torch.bfloat16}
+            "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16}
 
 
 def main() -> None:
@@ -71,6 +73,8 @@ def main() -> None:
     wide = any(name.startswith("wide16") for name in paths)
     if wide and not ops.gguf_packed_available():
         raise SystemExit("the wide16 paths need AVX512F/BW/VL/DQ, which this CPU lacks")
+    if "wide16_int8" in paths and not ops.gguf_packed_int8_available():
+        raise SystemExit("the wide16_int8 path needs AVX512_VNNI, which this CPU lacks")
     tiles = [pack_wide16(blocks, qtype) if wide and wide16_supported(qtype) else None for blocks, qtype, _ in layers]
     for rows in map(int, args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for _, _, k in layers}
@@ -85,6 +89,8 @@ def main() -> None:
                     if forced is not None:
                         fused, inreg, panel, isa, _ = forced
                         ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
+                    elif name == "wide16_int8" and packed is not None:
+                        ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
                     elif name.startswith("wide16") and packed is not None:
                         ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])
                     else:

@@ -63,8 +63,9 @@ def gguf_wide16() -> bool:
 def gguf_int8_dot() -> bool:
     """INFERNEO_GGUF_INT8_DOT (default off): on AVX2 CPUs, Q4_0 / Q4_1 / Q8_0 GGUF layers quantize their activations
     to int8 per 32-weight block and multiply them by their blocks with integer dot products at the row counts where
-    that measured faster (``quantization/gguf.py``; faster, not bit-exact: it flips the default model's first token
-    at a near-tie in its "capital of France" chat test); off, every GGUF layer takes the exact float path."""
+    that measured faster (``quantization/gguf.py``; with AVX512_VNNI the Q4 layers do it in the wide16 layout;
+    faster, not bit-exact: it flips the default model's first token at a near-tie in its "capital of France" chat
+    test); off, every GGUF layer takes the exact float path."""
     return _flag("INFERNEO_GGUF_INT8_DOT", False)
 
 

@@ -63,12 +63,12 @@ class KernelConfig:
     #: routers (and gpt-oss's top-k-then-softmax) as one Triton kernel; DeepSeek's grouped routers stay PyTorch.
     cuda_fused_routing: bool = field(default_factory=envs.cuda_fused_routing)
     #: ``INFERNEO_GGUF_INT8_DOT`` (off): on, Q4_0/Q4_1/Q8_0 GGUF layers on AVX2 CPUs quantize their activations to
-    #: int8 per 32-weight block and use integer dot products where that measured faster (not bit-exact); off, the
-    #: exact float path.
+    #: int8 per 32-weight block and use integer dot products where that measured faster (with AVX512_VNNI the Q4
+    #: layers in the wide16 layout; not bit-exact); off, the exact float path.
     gguf_int8_dot: bool = field(default_factory=envs.gguf_int8_dot)
     #: ``INFERNEO_GGUF_WIDE16`` (on): on AVX-512 CPUs, Q4_0/Q4_1 GGUF layers are repacked at load into the wide16
     #: layout that the AVX-512 kernels read without transposing (same bytes, same values; the int8 path keeps the
-    #: file's layout); off, they stay in the file's block layout.
+    #: file's layout unless the CPU has AVX512_VNNI); off, they stay in the file's block layout.
     gguf_wide16: bool = field(default_factory=envs.gguf_wide16)
 
     def __post_init__(self) -> None:

@@ -6,9 +6,14 @@
   its in-register path (float32 products, bfloat16 rows widened exactly), and its panel path gives the same bits as
   ``gguf_linear``'s panels from the file's blocks (the same panels, built without transposes); the AVX512_BF16
   panels equal ``F.linear`` on the bfloat16-rounded weight within float32 summation order.
-- An engine on an AVX-512 CPU holds Q4_0 / Q4_1 layers in wide16 (not with the switch off or the int8 path on),
-  de-quantizes them to the file's weights, and gives the de-quantized engine's greedy tokens (float32).
-Kernel tests skip on CPUs without AVX-512, naming the missing feature.
+- ``gguf_packed_linear_int8`` (AVX512_VNNI: the activations quantized to int8 per 32-weight block) gives
+  ``gguf_linear_int8``'s results on the file's blocks bit for bit (the same integer sums, the same float order),
+  at row counts across its 8-row blocks and K across its 16-block chunks; the int8 switch routes a wide16 layer
+  through it only in its row range (4 rows up; bfloat16 rows up to 256).
+- An engine on an AVX-512 CPU holds Q4_0 / Q4_1 layers in wide16 (not with the switch off; with the int8 path on
+  only where AVX512_VNNI gives it a wide16 kernel), de-quantizes them to the file's weights, and gives the
+  de-quantized engine's greedy tokens (float32).
+Kernel tests skip on CPUs without AVX-512 (or AVX512_VNNI), naming the missing feature.
 """
 
 from __future__ import annotations
@@ -124,23 +129,80 @@ def test_packed_linear_matches_f_linear(name, rows, wide16_ops):
         assert torch.equal(out, wide16_ops.gguf_linear(xb, blocks, qtype, 192, 48, 0, 0, 0, "avx512_bf16"))
 
 
-def test_packed_linear_refuses_bad_arguments(wide16_ops):
-    blocks = _blocks("Q4_1", 20, 64)
-    packed = pack_wide16(blocks, _qtype("Q4_1"))
+@pytest.mark.parametrize("kernel", ["gguf_packed_linear", "gguf_packed_linear_int8"])
+def test_packed_linear_refuses_bad_arguments(kernel, wide16_ops):
+    if kernel.endswith("int8") and not wide16_ops.gguf_packed_int8_available():
+        pytest.skip("the wide16 int8 kernel needs AVX512_VNNI, which this CPU lacks")
+    linear = getattr(wide16_ops, kernel)
+    packed = pack_wide16(_blocks("Q4_1", 20, 64), _qtype("Q4_1"))
     x = torch.randn(3, 64)
     with pytest.raises(RuntimeError, match="ggml type 8 has no wide16 layout"):
-        wide16_ops.gguf_packed_linear(x, packed, 8, 20)
+        linear(x, packed, 8, 20)
     with pytest.raises(RuntimeError, match=r"uint8 \[groups, K / 32, 288\]"):
-        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_0"), 20)
+        linear(x, packed, _qtype("Q4_0"), 20)
     with pytest.raises(RuntimeError, match="2 groups of 16 columns do not hold 40 output features"):
-        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 40)
+        linear(x, packed, _qtype("Q4_1"), 40)
     with pytest.raises(RuntimeError, match=r"x must be a CPU \[rows, 64\] tensor"):
-        wide16_ops.gguf_packed_linear(torch.randn(3, 32), packed, _qtype("Q4_1"), 20)
+        linear(torch.randn(3, 32), packed, _qtype("Q4_1"), 20)
+    assert linear(torch.randn(0, 64), packed, _qtype("Q4_1"), 20).shape == (0, 20)
+    if kernel.endswith("int8"):
+        return
     with pytest.raises(RuntimeError, match="unknown isa 'avx2'"):
-        wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 20, -1, "avx2")
+        linear(x, packed, _qtype("Q4_1"), 20, -1, "avx2")
     if wide16_ops.gguf_isa() == "avx512_bf16":
         with pytest.raises(RuntimeError, match="x is not bfloat16"):
-            wide16_ops.gguf_packed_linear(x, packed, _qtype("Q4_1"), 20, -1, "avx512_bf16")
+            linear(x, packed, _qtype("Q4_1"), 20, -1, "avx512_bf16")
+
+
+# ---- int8 dot products (AVX512_VNNI) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vnni_ops(wide16_ops):
+    if not wide16_ops.gguf_packed_int8_available():
+        pytest.skip("the wide16 int8 kernel needs AVX512_VNNI, which this CPU lacks")
+    return wide16_ops
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64, 300])
+def test_packed_int8_linear_equals_the_int8_kernel_on_the_files_blocks(name, rows, vnni_ops):
+    qtype = _qtype(name)
+    for n, k in ((100, 544), (16, 1056), (37, 32)):  # 544: one 16-block chunk and a partial; 1056: 33 blocks
+        blocks = _blocks(name, n, k, seed=rows + k)
+        packed = pack_wide16(blocks, qtype)
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
+        x[0, : min(k, 64)] = 0.0  # all-zero activation blocks: scale 0
+        expected = vnni_ops.gguf_linear_int8(x, blocks, qtype, k)
+        assert torch.equal(vnni_ops.gguf_packed_linear_int8(x, packed, qtype, n), expected)
+        xb = x.bfloat16()  # bfloat16 rows are quantized from their float32 values
+        assert torch.equal(vnni_ops.gguf_packed_linear_int8(xb, packed, qtype, n),
+                           vnni_ops.gguf_linear_int8(xb.float(), blocks, qtype, k))
+    # and within the activations' rounding of F.linear on the de-quantized weight
+    weight = dequantize_blocks(blocks, qtype)
+    exact = F.linear(x, weight)
+    out = vnni_ops.gguf_packed_linear_int8(x, packed, qtype, n)
+    assert (out - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_int8_switch_routes_wide16_layers_by_rows(vnni_ops):
+    from inferneo.quantization import gguf as gguf_module
+
+    qtype = _qtype("Q4_1")
+    fmt = KEPT_FORMATS[qtype]
+    blocks = _blocks("Q4_1", 48, 256)
+    packed = pack_wide16(blocks, qtype)
+    on = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=True))
+    off = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=False))
+    low, high = gguf_module._VNNI_MIN_ROWS, gguf_module._VNNI_BF16_MAX_ROWS
+    for rows, dtype, int8 in ((low - 1, torch.float32, False), (low, torch.float32, True),
+                              (high + 1, torch.float32, True), (high, torch.bfloat16, True),
+                              (high + 1, torch.bfloat16, False)):
+        x = torch.randn(rows, 256).to(dtype)
+        expected = (vnni_ops.gguf_packed_linear_int8(x, packed, qtype, 48) if int8
+                    else vnni_ops.gguf_packed_linear(x, packed, qtype, 48)).to(dtype)
+        assert torch.equal(on(x, packed, fmt, 48), expected), (rows, dtype)
+        assert torch.equal(off(x, packed, fmt, 48), vnni_ops.gguf_packed_linear(x, packed, qtype, 48).to(dtype))
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------
@@ -170,7 +232,8 @@ def test_engine_holds_q4_layers_in_wide16_and_gives_the_dequantized_tokens(name,
             assert getattr(layer, seg.buffer).dim() == 3  # tiles, not the file's rows of blocks
     off = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_wide16=False))
     assert _layouts(off) == {"ggml"}
-    assert _layouts(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True))) == {"ggml"}
+    int8_layout = "wide16" if wide16_ops.gguf_packed_int8_available() else "ggml"
+    assert _layouts(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True))) == {int8_layout}
     for a, b in zip(quantized_linears(llm.engine.runner.model), quantized_linears(off.engine.runner.model),
                     strict=True):
         assert torch.equal(a.method.dequantized_weight(a), b.method.dequantized_weight(b))

@@ -1317,6 +1317,9 @@ std::string gguf_isa() {
 
 // gguf_packed.cpp: Q4_0 / Q4_1 weights in the wide16 layout written at load (inferneo/quantization/gguf_wide.py)
 bool gguf_packed_available();
+bool gguf_packed_int8_available();
+at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                   int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
                               int64_t inreg_max_rows, const std::string& isa);
 
@@ -1342,6 +1345,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout [groups, K / 32, tile] (float32 out)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("inreg_max_rows") = -1,
         py::arg("isa") = "");
+  m.def("gguf_packed_int8_available", &gguf_packed_int8_available,
+        "whether this CPU runs gguf_packed_linear_int8 (AVX512F/BW/VL/DQ and AVX512_VNNI)");
+  m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,
+        "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout, x quantized to int8 per 32-weight block "
+        "(AVX512_VNNI; the same results as gguf_linear_int8 on the file's blocks)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
   m.def("gguf_isa", &gguf_isa,
         "the best instruction set the kernels have for this CPU: avx512_bf16, avx512, avx2 or portable (the in-register "
         "and int8 paths run AVX2 code on every AVX2 CPU; the panel path runs the named one)");

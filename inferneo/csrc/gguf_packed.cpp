@@ -207,6 +207,118 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
     wide_panels_times_rows<kBf16>(panels.data(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
   }
 }
+
+// ---- int8 dot products with AVX512-VNNI --------------------------------------------------------------------------
+//
+// The same arithmetic as gguf_kernels.cpp's int8 path (llama.cpp's Q8 activations): each activation row is
+// quantized per 32-weight block (d = max|x| / 127, q = x * (127 / max|x|) rounded to nearest even, s = d * sum(q)),
+// and a weight block w = d_w * q_w + m_w (Q4_0: m_w = -8 d_w) adds d_w * d_a * sum(q_w q_a) + m_w * s_a, with the
+// float part in the same order (one multiply of the scales, two FMAs a block, partial sums per 16-block chunk of
+// K added in order), so the results equal gguf_linear_int8's bit for bit. The integer sums run on vpdpbusd: a
+// group's codes are spread once per call into one 64-byte register per 4 k (lane c: column c's codes of
+// k = 4i, 4i + 2, 4i + 1, 4i + 3 as unsigned bytes, from the wide16 tile's two 16-byte code rows with one byte
+// interleave, a widening and one shift), kept in an L1 buffer that every activation row reuses; each activation
+// row's 4 bytes (stored in that k order) are broadcast to all 16 lanes.
+#define GGUF_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+inline bool cpu_has_avx512_vnni() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+constexpr int64_t kVnniChunkBlocks = 16;  // as gguf_kernels.cpp's kI8ChunkBlocks: partial sums per 512 weights
+
+// One float32 row of K = 32 * nb into int8 blocks (k order 0, 2, 1, 3 within each 4), scales d and d * sum(q).
+GGUF_AVX512 void quantize_row_vnni(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
+  const __m128i order = _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float am = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float id = am > 0.0f ? 127.0f / am : 0.0f;
+    const __m512 idv = _mm512_set1_ps(id);
+    const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    d[b] = am / 127.0f;
+    s[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q0), order));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q1), order));
+  }
+}
+
+// A group's tiles as vpdpbusd operands: w[8 b + i] lane c = column c's codes of k = 32 b + 4 i + (0, 2, 1, 3);
+// dv / mv [16 b .. 16 b + 16) the block's scales and minimums (Q4_0: -8 d).
+template <bool kMin>
+GGUF_AVX512 void spread_group_vnni(const uint8_t* group, int64_t nb, int64_t tile, int32_t* w, float* dv, float* mv) {
+  const __m512i low_nibbles = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* t = group + b * tile;
+    prefetch_tile_ahead(t, tile);
+    __m512 d, m;
+    const uint8_t* codes = tile_scales<kMin>(t, d, m);
+    _mm512_storeu_ps(dv + 16 * b, d);
+    _mm512_storeu_ps(mv + 16 * b, kMin ? m : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < 8; ++i) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * i));       // k = 4i, 4i + 1
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * i + 16));  // k = 4i + 2, 4i + 3
+      // word c = a_c | c_c << 8; lane c = its low nibbles in bytes 0-1, high nibbles in bytes 2-3
+      const __m512i v = _mm512_cvtepu16_epi32(_mm256_set_m128i(_mm_unpackhi_epi8(a, c), _mm_unpacklo_epi8(a, c)));
+      // (v | v << 12) & mask
+      _mm512_storeu_si512(w + 16 * (8 * b + i), _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), low_nibbles, 0xA8));
+    }
+  }
+}
+
+// sum += w (unsigned bytes) . the 4 signed bytes at p broadcast to every lane, with the broadcast inside the
+// instruction ({1to16}): a separate vpbroadcastd per product (what the compiler emits for the intrinsic) doubled
+// the vector instructions of the inner loop.
+GGUF_AVX512VNNI inline void dpbusd_bcast(__m512i& sum, __m512i w, const int8_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+
+// Rows [0, MR) of the quantized activations (q: row stride K; d, s: row stride nb) times one spread group. Each
+// row's integer sum runs in two chains (k of even and odd i, added exactly before the conversion): with one chain
+// a row, eight rows keep too few vpdpbusd in flight for their latency. A chunk's float sum goes to y when the chunk
+// ends (stored after the first, added after that), as gguf_linear_int8 adds its chunks.
+template <int MR>
+GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* mv, int64_t nb, const int8_t* q,
+                                int64_t K, const float* da, const float* sa, float* y, int64_t ldy, int64_t cols) {
+  const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+  __m512 acc[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  bool first = true;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i even[MR], odd[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) even[r] = odd[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < 8; i += 2) {
+      const __m512i w0 = _mm512_loadu_si512(w + 16 * (8 * b + i)), w1 = _mm512_loadu_si512(w + 16 * (8 * b + i + 1));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        dpbusd_bcast(even[r], w0, q + r * K + 32 * b + 4 * i);
+        dpbusd_bcast(odd[r], w1, q + r * K + 32 * b + 4 * i + 4);
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(dv + 16 * b), m = _mm512_loadu_ps(mv + 16 * b);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+      acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(da[r * nb + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[r * nb + b]), acc[r]);
+    }
+    if ((b + 1) % kVnniChunkBlocks == 0 || b + 1 == nb) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        float* yr = y + r * ldy;
+        _mm512_mask_storeu_ps(yr, mask, first ? acc[r] : _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yr), acc[r]));
+        acc[r] = _mm512_setzero_ps();
+      }
+      first = false;
+    }
+  }
+}
 #endif  // GGUF_X86
 
 // Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
@@ -214,6 +326,21 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
 // float32 18.1 against 19.3 ms at 28 rows (21.9 against 24.0 for the panels at 32); with the bfloat16 panels
 // 9.30 against 9.47 ms at 12 rows, 10.2 against 9.9 at 14.
 int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 12 : 28; }
+
+// The checks both entry points make of their arguments (what names the caller in each message).
+void check_packed_arguments(const char* what, const at::Tensor& x, const at::Tensor& packed, int64_t qtype,
+                            int64_t out_features) {
+  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1, what, ": ggml type ", qtype,
+              " has no wide16 layout (Q4_0 = 2, Q4_1 = 3)");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 3 &&
+                  packed.is_contiguous() && packed.size(2) == tile_bytes(qtype),
+              what, ": packed must be a contiguous CPU uint8 [groups, K / 32, ", tile_bytes(qtype), "] tensor");
+  const int64_t groups = packed.size(0), K = 32 * packed.size(1);
+  TORCH_CHECK(out_features > (groups - 1) * kGroupCols && out_features <= groups * kGroupCols, what, ": ", groups,
+              " groups of 16 columns do not hold ", out_features, " output features");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K, what, ": x must be a CPU [rows, ", K,
+              "] tensor");
+}
 
 }  // namespace
 
@@ -227,17 +354,8 @@ bool gguf_packed_available() {
 
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
                               int64_t inreg_max_rows, const std::string& isa) {
-  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1, "GGUF packed kernels: ggml type ", qtype,
-              " has no wide16 layout (Q4_0 = 2, Q4_1 = 3)");
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 3 &&
-                  packed.is_contiguous() && packed.size(2) == tile_bytes(qtype),
-              "GGUF packed kernels: packed must be a contiguous CPU uint8 [groups, K / 32, ", tile_bytes(qtype),
-              "] tensor");
+  check_packed_arguments("GGUF packed kernels", x_in, packed, qtype, out_features);
   const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
-  TORCH_CHECK(N > (groups - 1) * kGroupCols && N <= groups * kGroupCols, "GGUF packed kernels: ", groups,
-              " groups of 16 columns do not hold ", N, " output features");
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == K,
-              "GGUF packed kernels: x must be a CPU [rows, ", K, "] tensor");
   TORCH_CHECK(gguf_packed_available(), "GGUF packed kernels: the wide16 layout needs AVX512F/BW/VL/DQ, which this "
               "CPU lacks");
   const bool bf16_x = x_in.scalar_type() == at::kBFloat16;
@@ -291,6 +409,56 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
         by_format([&](auto min) {
           inreg_group_rows<decltype(min)::value>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols,
                                                  N, cols);
+        });
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+bool gguf_packed_int8_available() {
+#ifdef GGUF_X86
+  return cpu_has_avx512_vnni();
+#else
+  return false;
+#endif
+}
+
+at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                   int64_t out_features) {
+  check_packed_arguments("GGUF packed int8 kernel", x_in, packed, qtype, out_features);
+  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
+  TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int8 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
+              "this CPU lacks");
+  const int64_t M = x_in.size(0);
+  at::Tensor out = at::empty({M, N}, at::kFloat);
+  if (M == 0) return out;
+#ifdef GGUF_X86
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  std::vector<int8_t> q(M * K);
+  std::vector<float> da(M * nb), sa(M * nb);
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) quantize_row_vnni(xp + r * K, nb, q.data() + r * K, da.data() + r * nb,
+                                                        sa.data() + r * nb);
+  });
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> w(128 * nb);
+    std::vector<float> dv(16 * nb), mv(16 * nb);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (qtype == kQ4_1) {
+        spread_group_vnni<true>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+      } else {
+        spread_group_vnni<false>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+      }
+      const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+      for (int64_t m = 0; m < M; m += 8) {
+        by_block_rows(std::min<int64_t>(8, M - m), [&](auto mr) {
+          vnni_group<decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, q.data() + m * K, K, da.data() + m * nb,
+                                          sa.data() + m * nb, op + m * N + g * kGroupCols, N, cols);
         });
       }
     }

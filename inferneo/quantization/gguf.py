@@ -14,8 +14,9 @@ and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are
 blocks (``gguf_loader.iter_gguf_weights``).
 
 Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers, or (Q4_0 / Q4_1 / Q8_0 on
-AVX2 at the row counts of ``_INT8_DOT_ROWS``, with ``INFERNEO_GGUF_INT8_DOT=1``) quantize the activations to int8
-per 32-weight block and use integer dot products, as llama.cpp does; without them (or with
+AVX2 at the row counts of ``_INT8_DOT_ROWS``, and Q4_0 / Q4_1 in the wide16 layout with AVX512_VNNI, with
+``INFERNEO_GGUF_INT8_DOT=1``) quantize the activations to int8 per 32-weight block and use integer dot products,
+as llama.cpp does; without them (or with
 ``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA a Triton GEMM
 de-quantizes tiles in registers (``kernels/triton_gguf.py``); without Triton the layers are de-quantized to the
 model dtype once at load (a logged warning says so).
@@ -108,6 +109,18 @@ _INT8_DOT_ROWS: dict[int, tuple[tuple[int, int], ...]] = {
 }
 
 
+# With AVX512_VNNI (the int8 switch on, Q4 layers in the wide16 layout: ``gguf_packed_linear_int8``) the int8 path
+# runs from 4 rows up: float32 activations at every larger row count, bfloat16 ones up to 256 rows. Measured on a
+# Zen 5 (2 vCPUs, 2026-12-04; ``benchmarks/cpu_gguf_paths.py --paths wide16,wide16_bf16,wide16_int8``: the default
+# model's GGUF matrices once, its Q8_0 head exact in all three): against the exact float32 path 0.90x at 1-2 rows,
+# 1.14x at 4, 1.4-2.1x at 8-512; against the AVX512_BF16 panels 1.2x at 4, 1.1-1.35x at 8-256, 1.05x at 512 (and an
+# engine run's prompt-sized calls were slower through it, so bfloat16 stops at 256). The Q8_0 head takes the int8
+# path up to 8 rows only: the AVX2 Q8_0 int8 kernel measured 0.6x the AVX-512 exact one at 16-64 rows.
+_VNNI_MIN_ROWS = 4
+_VNNI_BF16_MAX_ROWS = 256
+_INT8_DOT_ROWS_VNNI: dict[int, tuple[tuple[int, int], ...]] = {8: ((1, 8),)}  # over _INT8_DOT_ROWS
+
+
 def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
     """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
     they build, else :func:`reference_block_matmul`; on CUDA the Triton GEMM (None without Triton)."""
@@ -118,7 +131,9 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
         ops = load_gguf_kernels()
         if ops is not None:
-            int8_rows = _INT8_DOT_ROWS if kernels.gguf_int8_dot and ops.gguf_isa() != "portable" else {}
+            int8_rows = {}
+            if kernels.gguf_int8_dot and ops.gguf_isa() != "portable":
+                int8_rows = {**_INT8_DOT_ROWS, **(_INT8_DOT_ROWS_VNNI if ops.gguf_packed_int8_available() else {})}
 
             def native(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
                 rows = x.shape[0]
@@ -140,18 +155,26 @@ Wide16Matmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat, int], torch.Te
 
 def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matmul | None:
     """The native matmul over wide16 tiles where Q4_0 / Q4_1 layers should be repacked at load: CPUs with the
-    AVX-512 kernels, ``gguf_wide16`` and the native kernels on, and the int8 dot path off (it reads the file's
-    layout); else None (the layers keep the file's blocks)."""
-    if device.type != "cpu" or not (kernels.cpu_native_kernels and kernels.gguf_wide16) or kernels.gguf_int8_dot:
+    AVX-512 kernels and ``gguf_wide16`` and the native kernels on; with the int8 dot path on, only CPUs that also
+    have AVX512_VNNI (its wide16 kernel; elsewhere the int8 path reads the file's layout); else None (the layers
+    keep the file's blocks)."""
+    if device.type != "cpu" or not (kernels.cpu_native_kernels and kernels.gguf_wide16):
         return None
     from inferneo.kernels.cpu_gguf import load_gguf_kernels
 
     ops = load_gguf_kernels()
     if ops is None or not ops.gguf_packed_available():
         return None
+    if kernels.gguf_int8_dot and not ops.gguf_packed_int8_available():
+        return None
+
+    int8 = kernels.gguf_int8_dot
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int) -> torch.Tensor:
-        out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows)
+        if int8 and x.shape[0] >= _VNNI_MIN_ROWS and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS):
+            out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
+        else:
+            out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
     return native
 
