@@ -121,13 +121,13 @@ def check(device: torch.device, small: bool) -> list[dict]:
     return results
 
 
-def _engine_check(device, small, gen, record) -> None:
-    # the engine's layer through a tiling file naming h2: the same bits as the kernel called with that tiling
+def _engine_check(device, small, gen, record, tile: tuple = CHECK_TILE, label: str = "engine_layer_takes_h2") -> None:
+    # the engine's layer through a tiling file naming ``tile``: the same bits as the kernel called with that tiling
     shards, in_f = ((32, 32), 256) if small else LAYERS["qkv"]
     layer = fp8_layer("qkv_proj", shards, in_f, device, gen)
     n = sum(shards)
     table = json.loads(fg.CONFIG_FILE.read_text())
-    table["shapes"][f"{n},{in_f},1"] = fg.tile_to_json(CHECK_TILE)
+    table["shapes"][f"{n},{in_f},1"] = fg.tile_to_json(tile)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "fp8_h2_check_tiles.json"
     path.write_text(json.dumps(table))
     os.environ["INFERNEO_FP8_GEMV_CONFIGS"] = str(path)
@@ -135,8 +135,8 @@ def _engine_check(device, small, gen, record) -> None:
     try:
         x = torch.randn(1, in_f, device=device, generator=gen).bfloat16()
         got = layer(x)
-        direct = fg.fp8_gemv(x, layer.weight, layer.weight_scale.reshape(-1), config=CHECK_TILE)
-        record("engine_layer_takes_h2", torch.equal(got, direct), rows=1,
+        direct = fg.fp8_gemv(x, layer.weight, layer.weight_scale.reshape(-1), config=tile)
+        record(label, fg.fp8_gemv_config(n, in_f, 1) == tile and torch.equal(got, direct), rows=1,
                max_diff=(got.float() - direct.float()).abs().max().item())
     finally:
         os.environ.pop("INFERNEO_FP8_GEMV_CONFIGS")

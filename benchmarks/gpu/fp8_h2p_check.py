@@ -34,7 +34,8 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from fp8_gemv_sweep import LAYERS, fp8_layer, rel, sweep  # noqa: E402
+from fp8_gemv_sweep import LAYERS, rel, sweep  # noqa: E402
+from fp8_h2_check import _engine_check  # noqa: E402
 
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
 from inferneo.kernels._triton_elementwise import silu_and_mul  # noqa: E402
@@ -122,32 +123,8 @@ def check(device: torch.device, small: bool = False) -> list[dict]:
     print(f"h2p_vs_f_linear: {len(errs)} checks, rel_err {min(errs):.2e}-{max(errs):.2e} (shipped "
           f"{min(base):.2e}-{max(base):.2e})", flush=True)
     if device.type == "cuda":  # (off CUDA the engine's layer runs its PyTorch reference)
-        _engine_check(device, gen, record)
+        _engine_check(device, False, gen, record, H2P["qkv"][0], "engine_layer_takes_h2p")
     return results
-
-
-def _engine_check(device, gen, record) -> None:
-    # the engine's layer through a tiling file naming h2p: the same bits as the kernel called with that tiling
-    shards, in_f = LAYERS["qkv"]
-    tile = H2P["qkv"][0]
-    layer = fp8_layer("qkv_proj", shards, in_f, device, gen)
-    n = sum(shards)
-    table = json.loads(fg.CONFIG_FILE.read_text())
-    table["shapes"][f"{n},{in_f},1"] = fg.tile_to_json(tile)
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / "fp8_h2p_check_tiles.json"
-    path.write_text(json.dumps(table))
-    os.environ["INFERNEO_FP8_GEMV_CONFIGS"] = str(path)
-    fg._tuned.cache_clear()
-    try:
-        assert fg.fp8_gemv_config(n, in_f, 1) == tile
-        x = torch.randn(1, in_f, device=device, generator=gen).bfloat16()
-        got = layer(x)
-        direct = fg.fp8_gemv(x, layer.weight, layer.weight_scale.reshape(-1), config=tile)
-        record("engine_layer_takes_h2p", torch.equal(got, direct), rows=1,
-               max_diff=(got.float() - direct.float()).abs().max().item())
-    finally:
-        os.environ.pop("INFERNEO_FP8_GEMV_CONFIGS")
-        fg._tuned.cache_clear()
 
 
 def h2p_plan(n: int, k: int, m: int) -> list[tuple]:

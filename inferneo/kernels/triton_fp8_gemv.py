@@ -29,7 +29,9 @@ float32 kernel). Its extra error is the float16 rounding of those sums: on Llama
 relative error against float32 on the exact weights went from 1.63-1.71e-3 (the float32 kernel, the bf16 output
 rounding) to 1.66-1.80e-3; a row whose float16 sum overflows (activations in the tens of thousands) is recomputed
 in float32 in the same program. The shipped one-row tilings use it (2026-12-04: 57.3 against 65.6 us over the
-four layer shapes). ``bits``, which changes no result bit (tensor-core kernel, bfloat16
+four layer shapes; the gate/up + SiLU entry since in whole rows, 2 x 4096 codes a program: 23.4 against 24.7 us).
+``h2p`` (four numbers, the fourth the pipeline's depth; ``pre``) runs the same products through a shared-memory
+pipeline (:func:`_fp8_gemv_h2p_kernel`): measured slower, kept for further work, named by no shipped tiling. ``bits``, which changes no result bit (tensor-core kernel, bfloat16
 activations) widens e4m3 to bfloat16 by integer operations in inline PTX instead of Triton's conversion, which goes
 e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat16 conversion per weight: each byte
 ``s eeee mmm`` is placed into a bfloat16 as sign, low exponent bits and top mantissa bits, which is the value times
@@ -361,6 +363,10 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
 # weight bytes outstanding whatever its registers. Weights read before the PDL wait: with ``PRE`` (codes, 0 for
 # none), the first ``PRE`` columns of each row go to registers before the wait (as the h2 kernel's first tile does)
 # and are multiplied after the loop; the pipeline's own prologue reads x too, so it starts after the wait.
+# Measured on an H200 (2026-12-04, benchmarks/gpu/fp8_h2p_check.py, docs/benchmarks.md): slower than the h2 kernel on
+# every Llama-2-7B layer (q/k/v 16.6 against 13.9 us at best, o 8.2 against 5.4, down 18.7 against 13.3; gate/up
+# 24.6 against 24.9, and there 1.2 us a layer slower in the engine): its time follows the number of K steps (each a
+# CTA-wide barrier and a shared-memory round trip), not the bytes in flight. No shipped tiling names it.
 
 
 @triton.jit
