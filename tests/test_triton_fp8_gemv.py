@@ -121,6 +121,36 @@ _SCRIPT = textwrap.dedent("""
         g, u = F.linear(x.float(), w2_deq).chunk(2, dim=-1)
         assert rel(fused, F.silu(g) * u) < 2e-2, config
 
+    # The "h2p" option (the h2 products with the weights streamed through a num_stages-deep pipeline; a fourth
+    # number: the depth; "pre": 2 * BLOCK_K codes a row read before the PDL wait): against F.linear in exact and
+    # partial tiles (K 304: the pipelined loop ends in a masked step; K 512: none), with and without "pre", with
+    # float16-overflowing columns; the fused gate/up + SiLU equal to the h2p GEMV then SiLU-and-mul; where h2 does
+    # not apply (block scales, several rows, float16 activations) the tiling's first three numbers run the plain
+    # CUDA-core kernel, not the tensor-core one.
+    for kk in (k8, 512):
+        wp = torch.randn(n, kk) * 0.05
+        for kind in ("tensor", "row", "block"):
+            q, s, block, w_deq = quantized(wp, kind)
+            for config in ((8, 64, 4, 3, "h2p"), (4, 128, 2, 2, "h2p", "pre"), (16, 32, 4, 4, "h2p", "pre")):
+                x = torch.randn(1, kk).bfloat16()
+                got = fp8_gemv(x, q, s, block, config=config)
+                assert rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, kk, config)
+                x = x * torch.where(torch.arange(kk) % 37 == 0, 3e4, 1.0).bfloat16()
+                got = fp8_gemv(x, q, s, block, config=config)
+                assert torch.isfinite(got).all() and rel(got, F.linear(x.float(), w_deq)) < 6e-3, (kind, kk, config)
+            x = torch.randn(3, kk).bfloat16()
+            got = fp8_gemv(x, q, s, block, config=(8, 64, 4, 3, "h2p"))
+            assert torch.equal(got, fp8_gemv(x, q, s, block, config=(8, 64, 4))), (kind, kk)
+    q, s, _, w_deq = quantized(w8, "row")
+    x = torch.randn(1, k8).half()
+    assert torch.equal(fp8_gemv(x, q, s, config=(8, 64, 4, 3, "h2p")), fp8_gemv(x, q, s, config=(8, 64, 4)))
+    for config in ((8, 64, 4, 3, "h2p"), (4, 64, 2, 2, "h2p", "pre")):
+        x = torch.randn(1, k8).bfloat16()
+        fused = fp8_gemv_silu_mul(x, q2, s2, config=config)
+        assert torch.equal(fused, silu_and_mul(fp8_gemv(x, q2, s2, config=config))), config
+        g, u = F.linear(x.float(), w2_deq).chunk(2, dim=-1)
+        assert rel(fused, F.silu(g) * u) < 2e-2, config
+
     # The tensor-core tiling (a fourth number: num_stages): the same products as 16-row tiles of tl.dot.
     for kind, m in (("row", 5), ("block", 1)):
         q, s, block, w_deq = quantized(w, kind)
@@ -354,7 +384,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
     path.write_text(json.dumps({"max_rows": 2, "shapes": {
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
         "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
-        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]}},
+        "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]},
+        "32,128,1": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 5, "options": ["h2p", "pre"]}},
         "norm_shapes": {"64,128": {"block_n": 16, "block_k": 32, "num_warps": 2}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
@@ -365,6 +396,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         assert fg.fp8_gemv_config(64, 128, 20) == (32, 64, 4, 3, "bits")  # 20 rows: the 32-row block's tile
         assert fg.tile_to_json((32, 64, 4, 3, "bits")) == {"block_n": 32, "block_k": 64, "num_warps": 4,
                                                            "num_stages": 3, "options": ["bits"]}
+        assert fg.fp8_gemv_config(32, 128, 1) == (16, 256, 4, 5, "h2p", "pre")  # the pipelined one-row kernel
+        assert fg.tile_to_json((16, 256, 4, 5, "h2p", "pre"))["options"] == ["h2p", "pre"]
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
         assert fg.fp8_norm_gemv_config(64, 128) == (16, 32, 2)  # the norm-fused kernel's own entry
         assert fg.fp8_norm_gemv_config(64, 256) == fg.default_config(1)  # else the GEMV's one-row tiling

@@ -50,6 +50,18 @@ H2_WIDE = {"qkv": [(4, 1024, 4, "h2"), (8, 1024, 8, "h2"), (8, 2048, 8, "h2"), (
            "o": [(4, 2048, 8, "h2"), (8, 2048, 8, "h2"), (4, 1024, 4, "h2"), (8, 1024, 8, "h2")],
            "gate_up": [(4, 1024, 4, "h2"), (8, 1024, 8, "h2"), (4, 2048, 8, "h2")],
            "down": [(8, 2048, 8, "h2"), (4, 2048, 8, "h2"), (8, 1024, 8, "h2"), (16, 2048, 16, "h2")]}
+# --whole (2026-12-04, branch h-fp8d): each program's whole weight rows in one tile (BLOCK_K = K for the 4096-wide
+# layers; 4096 or 8192 codes a tile for the down projection), so that all of a program's weight loads are issued
+# before its PDL wait, as bf16's GEMV (1, 1024, 4) issues all of its tiles' loads at once (sm_90a SASS compiled
+# here: its four 16-byte weight loads a thread come back to back; the shipped h2 tilings issue the second tile's
+# loads only after the activations' shared-memory exchange, its barriers and part of the first tile's products)
+H2_WHOLE = {"qkv": [(2, 4096, 4, "h2"), (4, 4096, 4, "h2"), (4, 4096, 8, "h2"), (8, 4096, 8, "h2"),
+                    (8, 4096, 16, "h2")],
+            "o": [(2, 4096, 4, "h2"), (4, 4096, 4, "h2"), (4, 4096, 8, "h2"), (8, 4096, 8, "h2"),
+                  (8, 4096, 16, "h2")],
+            "gate_up": [(2, 4096, 4, "h2"), (2, 4096, 8, "h2"), (4, 4096, 8, "h2"), (1, 4096, 4, "h2")],
+            "down": [(4, 4096, 8, "h2"), (8, 4096, 16, "h2"), (16, 4096, 16, "h2"), (8, 8192, 16, "h2"),
+                     (4, 8192, 16, "h2")]}
 CHECK_TILE = (16, 512, 4, "h2")
 
 
@@ -109,13 +121,13 @@ def check(device: torch.device, small: bool) -> list[dict]:
     return results
 
 
-def _engine_check(device, small, gen, record) -> None:
-    # the engine's layer through a tiling file naming h2: the same bits as the kernel called with that tiling
+def _engine_check(device, small, gen, record, tile: tuple = CHECK_TILE, label: str = "engine_layer_takes_h2") -> None:
+    # the engine's layer through a tiling file naming ``tile``: the same bits as the kernel called with that tiling
     shards, in_f = ((32, 32), 256) if small else LAYERS["qkv"]
     layer = fp8_layer("qkv_proj", shards, in_f, device, gen)
     n = sum(shards)
     table = json.loads(fg.CONFIG_FILE.read_text())
-    table["shapes"][f"{n},{in_f},1"] = fg.tile_to_json(CHECK_TILE)
+    table["shapes"][f"{n},{in_f},1"] = fg.tile_to_json(tile)
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "fp8_h2_check_tiles.json"
     path.write_text(json.dumps(table))
     os.environ["INFERNEO_FP8_GEMV_CONFIGS"] = str(path)
@@ -123,8 +135,8 @@ def _engine_check(device, small, gen, record) -> None:
     try:
         x = torch.randn(1, in_f, device=device, generator=gen).bfloat16()
         got = layer(x)
-        direct = fg.fp8_gemv(x, layer.weight, layer.weight_scale.reshape(-1), config=CHECK_TILE)
-        record("engine_layer_takes_h2", torch.equal(got, direct), rows=1,
+        direct = fg.fp8_gemv(x, layer.weight, layer.weight_scale.reshape(-1), config=tile)
+        record(label, fg.fp8_gemv_config(n, in_f, 1) == tile and torch.equal(got, direct), rows=1,
                max_diff=(got.float() - direct.float()).abs().max().item())
     finally:
         os.environ.pop("INFERNEO_FP8_GEMV_CONFIGS")
@@ -141,16 +153,22 @@ def h2_plan(n: int, k: int, m: int) -> list[tuple]:
     return [shipped, *(H2_GATED if n == sum(LAYERS["gate_up"][0]) else H2_PLAIN)]
 
 
-def wide_plan(n: int, k: int, m: int) -> list[tuple]:
-    """The shipped one-row tiling, then :data:`H2_WIDE`."""
-    return [fg.fp8_gemv_config(n, k, 1), *H2_WIDE[_layer_of(n, k)]]
+def wide_plan(n: int, k: int, m: int, table: dict | None = None) -> list[tuple]:
+    """The shipped one-row tiling, then :data:`H2_WIDE` (or ``table``'s tilings of the layer)."""
+    return [fg.fp8_gemv_config(n, k, 1), *(table or H2_WIDE)[_layer_of(n, k)]]
 
 
-def check_wide(device: torch.device) -> list[dict]:
-    """Each :data:`H2_WIDE` tiling on its layer against ``F.linear`` (per-row scales; gate/up with SiLU)."""
+def whole_plan(n: int, k: int, m: int) -> list[tuple]:
+    """The shipped one-row tiling, then :data:`H2_WHOLE`."""
+    return wide_plan(n, k, m, H2_WHOLE)
+
+
+def check_wide(device: torch.device, table: dict | None = None) -> list[dict]:
+    """Each :data:`H2_WIDE` (or ``table``) tiling on its layer against ``F.linear`` (per-row scales; gate/up with
+    SiLU)."""
     gen = torch.Generator(device=device).manual_seed(2)
     results = []
-    for name, tiles in H2_WIDE.items():
+    for name, tiles in (table or H2_WIDE).items():
         shards, k = LAYERS[name]
         n = sum(shards)
         q, s = quantize_groups(torch.empty(n, k, device=device).uniform_(-0.02, 0.02, generator=gen))
@@ -159,12 +177,31 @@ def check_wide(device: torch.device) -> list[dict]:
         ref = F.linear(x.float(), w_deq)
         if name == "gate_up":
             ref = silu_and_mul(ref.bfloat16())
+        fn = fg.fp8_gemv_silu_mul if name == "gate_up" else fg.fp8_gemv
+        xo = x.clone()  # outlier columns (float16 sums overflow: the float32 fallback)
+        xo[0, :: max(1, k // 8)] *= 30000.0
+        ref_o = F.linear(xo.float(), w_deq)
+        if name == "gate_up":
+            ref_o = silu_and_mul(ref_o.bfloat16())
         for tile in tiles:
-            got = (fg.fp8_gemv_silu_mul if name == "gate_up" else fg.fp8_gemv)(x, q, s, config=tile)
-            err = rel(got, ref)
-            ok = err < (1e-2 if name == "gate_up" else 6e-3)
-            results.append(dict(check="h2_wide_vs_f_linear", ok=ok, layer=name, tile=list(tile), rel_err=err))
-            print(f"check h2_wide_vs_f_linear {name} {tile}: {'ok' if ok else 'FAIL'} rel_err {err:.2e}", flush=True)
+            for what, xx, rr in (("normal", x, ref), ("outliers", xo, ref_o)):
+                got = fn(xx, q, s, config=tile)
+                err = rel(got, rr)
+                ok = err < (1e-2 if name == "gate_up" else 6e-3) and torch.isfinite(got).all().item()
+                results.append(dict(check="h2_wide_vs_f_linear", ok=ok, layer=name, tile=list(tile), x=what,
+                                    rel_err=err))
+                print(f"check h2_wide_vs_f_linear {name} {tile} {what}: {'ok' if ok else 'FAIL'} rel_err {err:.2e}",
+                      flush=True)
+        if device.type == "cuda":  # a CUDA-graph replay equals the eager call (the layer's first tiling)
+            eager = fn(x, q, s, config=tiles[0])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graphed = fn(x, q, s, config=tiles[0])
+            graph.replay()
+            torch.cuda.synchronize()
+            ok = torch.equal(eager, graphed)
+            results.append(dict(check="h2_wide_graph_replay_equal", ok=ok, layer=name, tile=list(tiles[0])))
+            print(f"check h2_wide_graph_replay_equal {name} {tiles[0]}: {'ok' if ok else 'FAIL'}", flush=True)
     return results
 
 
@@ -174,16 +211,19 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--wide", action="store_true", help="only the H2_WIDE tilings: checked, then timed")
+    parser.add_argument("--whole", action="store_true", help="only the H2_WHOLE tilings: checked, then timed")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    result["check"] = check_wide(device) if args.wide else check(device, small=args.smoke)
+    result["check"] = check_wide(device, H2_WHOLE if args.whole else None) if args.wide or args.whole else \
+        check(device, small=args.smoke)
     failed = [c for c in result["check"] if not c["ok"]]
     if not args.smoke:
-        result["sweep"] = sweep(device, args.deadline, wide_plan if args.wide else h2_plan, (1,), (), bf16=False)
+        plan = whole_plan if args.whole else wide_plan if args.wide else h2_plan
+        result["sweep"] = sweep(device, args.deadline, plan, (1,), (), bf16=args.whole)
         table = json.loads(fg.CONFIG_FILE.read_text())
         tiles = {}
         for key, entry in result["sweep"]["configs"].items():

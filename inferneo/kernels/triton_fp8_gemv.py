@@ -29,7 +29,9 @@ float32 kernel). Its extra error is the float16 rounding of those sums: on Llama
 relative error against float32 on the exact weights went from 1.63-1.71e-3 (the float32 kernel, the bf16 output
 rounding) to 1.66-1.80e-3; a row whose float16 sum overflows (activations in the tens of thousands) is recomputed
 in float32 in the same program. The shipped one-row tilings use it (2026-12-04: 57.3 against 65.6 us over the
-four layer shapes). ``bits``, which changes no result bit (tensor-core kernel, bfloat16
+four layer shapes; the gate/up + SiLU entry since in whole rows, 2 x 4096 codes a program: 23.4 against 24.7 us).
+``h2p`` (four numbers, the fourth the pipeline's depth; ``pre``) runs the same products through a shared-memory
+pipeline (:func:`_fp8_gemv_h2p_kernel`): measured slower, kept for further work, named by no shipped tiling. ``bits``, which changes no result bit (tensor-core kernel, bfloat16
 activations) widens e4m3 to bfloat16 by integer operations in inline PTX instead of Triton's conversion, which goes
 e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat16 conversion per weight: each byte
 ``s eeee mmm`` is placed into a bfloat16 as sign, low exponent bits and top mantissa bits, which is the value times
@@ -302,7 +304,14 @@ def _f32_rows(x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn, BLOC
 @triton.jit
 def _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn, BLOCK_N: tl.constexpr,
                FB_K: tl.constexpr, SCALE: tl.constexpr):
-    y = tl.sum(acc, axis=1) * H2_UNSHIFT
+    return _h2_finish_sum(tl.sum(acc, axis=1), x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+
+
+@triton.jit
+def _h2_finish_sum(y, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_wn, BLOCK_N: tl.constexpr,
+                   FB_K: tl.constexpr, SCALE: tl.constexpr):
+    # y: the rows' float32 sums of the lanes' float16 partials (times 2^-8)
+    y = y * H2_UNSHIFT
     bad = (y != y) | (tl.abs(y) == float("inf"))
     if tl.max(bad.to(tl.int32), axis=0) > 0:  # a float16 sum overflowed: these rows again in float32
         y = tl.where(bad, _f32_rows(x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K), y)
@@ -340,6 +349,64 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     y = _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
     if GATED:
         u = _h2_finish(acc_u, x_ptr, w_ptr, s_ptr, rows + N, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+        y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
+    _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
+
+
+# ---- one row in packed half precision, weights streamed through a shared-memory pipeline ("h2p") ----------------
+# The h2 kernel above loads a whole K tile into registers, waits for it, multiplies it, and only then has the next
+# tile's loads in flight (SASS: the second tile's LDGs are issued among the first tile's HFMA2s): each program
+# exposes the memory latency once per tile, and the bytes a program keeps in flight are bounded by its registers.
+# "h2p" runs the same products (the same rounding: float16 sums of four codes a lane, float32 across groups of eight)
+# over narrow K steps in a ``STAGES``-deep software pipeline (``tl.range(num_stages=...)``: Triton turns the loads
+# into ``cp.async`` copies into shared memory, ``STAGES - 1`` steps ahead), so each program keeps that many steps of
+# weight bytes outstanding whatever its registers. Weights read before the PDL wait: with ``PRE`` (codes, 0 for
+# none), the first ``PRE`` columns of each row go to registers before the wait (as the h2 kernel's first tile does)
+# and are multiplied after the loop; the pipeline's own prologue reads x too, so it starts after the wait.
+# Measured on an H200 (2026-12-04, benchmarks/gpu/fp8_h2p_check.py, docs/benchmarks.md): slower than the h2 kernel on
+# every Llama-2-7B layer (q/k/v 16.6 against 13.9 us at best, o 8.2 against 5.4, down 18.7 against 13.3; gate/up
+# 24.6 against 24.9, and there 1.2 us a layer slower in the engine): its time follows the number of K steps (each a
+# CTA-wide barrier and a shared-memory round trip), not the bytes in flight. No shipped tiling names it.
+
+
+@triton.jit
+def _fp8_gemv_h2p_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_wn, stride_wn8,
+                         K: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRE: tl.constexpr, FB_K: tl.constexpr,
+                         EVEN_N: tl.constexpr, PDL: tl.constexpr):
+    # One row: as _fp8_gemv_h2_kernel; BLOCK_K: codes a pipeline step; PRE: codes per row read before the wait.
+    BK8: tl.constexpr = BLOCK_K // 8
+    K8: tl.constexpr = K // 8
+    PRE8: tl.constexpr = PRE // 8
+    EVEN: tl.constexpr = EVEN_N and (K - PRE) % BLOCK_K == 0
+    PRE_EVEN: tl.constexpr = EVEN_N and PRE <= K
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    if PRE8 > 0:
+        jp = tl.arange(0, PRE8)
+        wp = _h2_tile(w8_ptr, rows, nmask, jp, K8, stride_wn8, PRE_EVEN)
+        wpu = wp
+        if GATED:
+            wpu = _h2_tile(w8_ptr, rows + N, nmask, jp, K8, stride_wn8, PRE_EVEN)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    acc = tl.zeros((BLOCK_N, BK8), tl.float32)
+    acc_u = acc
+    for j0 in tl.range(PRE8, K8, BK8, num_stages=STAGES):
+        j = j0 + tl.arange(0, BK8)
+        xa, xb = _h2_x(x8_ptr, j, K8, EVEN)
+        acc += _h2_dot8(_h2_tile(w8_ptr, rows, nmask, j, K8, stride_wn8, EVEN), xa, xb)
+        if GATED:
+            acc_u += _h2_dot8(_h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN), xa, xb)
+    y = tl.sum(acc, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if PRE8 > 0:
+        xa, xb = _h2_x(x8_ptr, jp, K8, PRE_EVEN)
+        y += tl.sum(_h2_dot8(wp, xa, xb), axis=1)
+        if GATED:
+            u += tl.sum(_h2_dot8(wpu, xa, xb), axis=1)
+    y = _h2_finish_sum(y, x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+    if GATED:
+        u = _h2_finish_sum(u, x_ptr, w_ptr, s_ptr, rows + N, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
         y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
     _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
 
@@ -524,7 +591,11 @@ Tile = tuple[int | str, ...]
 # It applies to per-tensor and per-row scales with bfloat16 activations; other layers and the CUDA-core kernel
 # ignore it. "h2": the CUDA-core kernel at one row in packed half precision (_fp8_gemv_h2_kernel; float16 sums of
 # four products per lane, not float32: see takes_h2 for where it applies and the module doc for its error).
-OPTIONS = ("bits", "h2")
+# "h2p": the same products through a shared-memory pipeline (_fp8_gemv_h2p_kernel): the fourth number is then the
+# pipeline's depth (num_stages), BLOCK_K the codes a step; where h2 does not apply the tiling's first three numbers
+# run the plain CUDA-core kernel. "pre" (with "h2p"): the first 2 * BLOCK_K codes of each row are read into
+# registers before the PDL wait.
+OPTIONS = ("bits", "h2", "h2p", "pre")
 
 
 def split_tile(config: Tile) -> tuple[tuple[int, ...], frozenset[str]]:
@@ -654,6 +725,18 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
         # BLOCK_K 256) narrows to a divisor of the blocks' width, or the CUDA-core kernel (per-column scales) runs
         block_k = math.gcd(numbers[1], bsk)
         numbers = (numbers[0], block_k, *numbers[2:]) if block_k >= 16 else default_config(block_rows(m))
+    if "h2p" in options and len(numbers) == 4 and takes_h2(x, weight, mode, numbers[1]):
+        block_n, block_k, num_warps, num_stages = numbers
+        pre = 2 * block_k if "pre" in options and 2 * block_k < k else 0
+        pdl = pdl_for(x, pdl)
+        _fp8_gemv_h2p_kernel[(triton.cdiv(outputs, block_n),)](
+            x, x.view(torch.int64), weight, weight.view(torch.int64), scale, out, outputs, weight.stride(0),
+            weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
+            STAGES=num_stages, PRE=pre, FB_K=max(16, min(block_k, 512 * num_warps // block_n)),
+            EVEN_N=outputs % block_n == 0, PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+        return out
+    if "h2p" in options:  # h2p does not apply here: the plain CUDA-core kernel with the tiling's first numbers
+        numbers, options = numbers[:3], options - {"h2p", "pre"}
     dot = len(numbers) == 4  # the tensor-core kernel
     # "bits": the tensor-core kernel with per-tensor/per-row scales and bfloat16 activations (the bits form
     # bfloat16 values)
