@@ -10,7 +10,9 @@ within each repeat and the best repeat is kept, so a busy machine's noise hits t
 (and their ``_bf16`` twins) time the defaults instead: the file's blocks through ``gguf_linear``, against the Q4
 layers repacked at load into the wide16 layout (``gguf_packed_linear``); ``wide16_int8`` the same layers through the
 int8 dot products (``gguf_packed_linear_int8``: activations quantized per 32-weight block, AVX512_VNNI; the Q8_0
-head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows).
+head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows); ``wide16_dense`` /
+``wide16_dense_bf16`` the same layers de-quantized at each call into ``[K, N]`` and multiplied by ``torch.mm``
+(oneDNN: the dense path ``quantization/gguf_dense.py`` measures against the panels where the CPU has AMX-BF16).
 
     python3 benchmarks/cpu_gguf_paths.py [--rows 16,64,256,1024] [--threads 1] [--repeats 5] [--paths panel,inreg]
 """
@@ -48,7 +50,8 @@ PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
 # blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 layers repacked at load (gguf_packed_linear; AVX-512), the other
 # layers (the Q8_0 head) as in "file"
 DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.float32,
-            "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16}
+            "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16, "wide16_dense": torch.float32,
+            "wide16_dense_bf16": torch.bfloat16}
 
 
 def main() -> None:
@@ -89,6 +92,8 @@ def main() -> None:
                     if forced is not None:
                         fused, inreg, panel, isa, _ = forced
                         ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
+                    elif name.startswith("wide16_dense") and packed is not None:
+                        torch.mm(xs[k], ops.gguf_packed_dequantize_kn(packed, qtype, blocks.shape[0], xs[k].dtype))
                     elif name == "wide16_int8" and packed is not None:
                         ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
                     elif name.startswith("wide16") and packed is not None:

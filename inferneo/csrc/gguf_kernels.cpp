@@ -1318,6 +1318,8 @@ std::string gguf_isa() {
 // gguf_packed.cpp: Q4_0 / Q4_1 weights in the wide16 layout written at load (inferneo/quantization/gguf_wide.py)
 bool gguf_packed_available();
 bool gguf_packed_int8_available();
+at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,
+                                     at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
@@ -1351,6 +1353,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout, x quantized to int8 per 32-weight block "
         "(AVX512_VNNI; the same results as gguf_linear_int8 on the file's blocks)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
+  m.def("gguf_packed_dequantize_kn", &gguf_packed_dequantize_kn,
+        "wide16 tiles -> the weight transposed, [K, N] float32 or bfloat16 (for x @ W.T as x @ wt)",
+        py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("dtype"));
   m.def("gguf_isa", &gguf_isa,
         "the best instruction set the kernels have for this CPU: avx512_bf16, avx512, avx2 or portable (the in-register "
         "and int8 paths run AVX2 code on every AVX2 CPU; the panel path runs the named one)");

@@ -319,6 +319,39 @@ GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* 
     }
   }
 }
+
+// ---- the whole weight de-quantized, for a dense matmul --------------------------------------------------------
+
+// Groups [g0, g1) of the tiles into wt [K, N] (row k: every column's weight of k), float32 or bfloat16 (rounded to
+// nearest even, as the bfloat16 panels hold them): pair_values' 16 columns of k = 2p and 2p + 1 are one contiguous
+// store each. The last group's padding columns are not written.
+template <bool kMin, bool kBf16>
+GGUF_AVX512BF16 void dequantize_groups_kn(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0,
+                                          int64_t g1, void* wt) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t col0 = g * kGroupCols, cols = std::min(kGroupCols, N - col0);
+    const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* t = packed + (g * nb + b) * tile;
+      __m512 d, m;
+      const uint8_t* codes = tile_scales<kMin>(t, d, m);
+      for (int64_t p = 0; p < 16; ++p) {
+        __m512 lo, hi;
+        pair_values<kMin>(codes, p, d, m, lo, hi);
+        const int64_t k = 32 * b + 2 * p;
+        if constexpr (kBf16) {
+          uint16_t* out = static_cast<uint16_t*>(wt);
+          _mm256_mask_storeu_epi16(out + k * N + col0, mask, (__m256i)_mm512_cvtneps_pbh(lo));
+          _mm256_mask_storeu_epi16(out + (k + 1) * N + col0, mask, (__m256i)_mm512_cvtneps_pbh(hi));
+        } else {
+          float* out = static_cast<float*>(wt);
+          _mm512_mask_storeu_ps(out + k * N + col0, mask, lo);
+          _mm512_mask_storeu_ps(out + (k + 1) * N + col0, mask, hi);
+        }
+      }
+    }
+  }
+}
 #endif  // GGUF_X86
 
 // Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
@@ -465,4 +498,32 @@ at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& pac
   });
 #endif
   return out;
+}
+
+at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,
+                                     at::ScalarType dtype) {
+  check_packed_arguments("GGUF packed de-quantization", at::empty({0, 32 * packed.size(1)}), packed, qtype,
+                         out_features);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "GGUF packed de-quantization: float32 or bfloat16 out");
+  TORCH_CHECK(gguf_packed_available(), "GGUF packed de-quantization: the wide16 layout needs AVX512F/BW/VL/DQ, which "
+              "this CPU lacks");
+  const bool bf16 = dtype == at::kBFloat16;
+  TORCH_CHECK(!bf16 || cpu_has_avx512_bf16(), "GGUF packed de-quantization: bfloat16 output needs AVX512_BF16, which "
+              "this CPU lacks");
+  const int64_t groups = packed.size(0), nb = packed.size(1), tile = packed.size(2), N = out_features;
+  at::Tensor wt = at::empty({32 * nb, N}, dtype);
+#ifdef GGUF_X86
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  void* dst = wt.data_ptr();
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    if (qtype == kQ4_1) {
+      bf16 ? dequantize_groups_kn<true, true>(src, nb, tile, N, g0, g1, dst)
+           : dequantize_groups_kn<true, false>(src, nb, tile, N, g0, g1, dst);
+    } else {
+      bf16 ? dequantize_groups_kn<false, true>(src, nb, tile, N, g0, g1, dst)
+           : dequantize_groups_kn<false, false>(src, nb, tile, N, g0, g1, dst);
+    }
+  });
+#endif
+  return wt;
 }

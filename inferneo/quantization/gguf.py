@@ -46,6 +46,7 @@ from inferneo.quantization.base import (
     new_parameter,
 )
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
+from inferneo.quantization.gguf_dense import dense_from_rows
 from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_supported
 from inferneo.worker.cpu_tuning import release_freed_memory
 
@@ -64,7 +65,8 @@ class BlockSegment:
 
     ``shards`` are the logical shards it holds, in order (empty: the layer's weight comes as one tensor).
     ``layout``: ``"ggml"`` (the file's ``[rows, row_bytes]`` blocks) or ``"wide16"`` (repacked at load for the
-    AVX-512 kernels, ``gguf_wide.py``)."""
+    AVX-512 kernels, ``gguf_wide.py``). ``dense_from``: a wide16 segment's row count from which a call de-quantizes
+    it into one dense matmul (``gguf_dense.py``; None: never)."""
 
     fmt: BlockFormat
     row_start: int
@@ -72,6 +74,7 @@ class BlockSegment:
     shards: tuple[int, ...]
     buffer: str
     layout: str = "ggml"
+    dense_from: int | None = None
 
 
 # ---- the matmul ----------------------------------------------------------------------------------------------
@@ -149,8 +152,8 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 # ---- linear layers ------------------------------------------------------------------------------------------
 
 
-# A matmul over a wide16 segment: (x [M, K], tiles, format, output rows) -> [M, rows]
-Wide16Matmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat, int], torch.Tensor]
+# A matmul over a wide16 segment: (x [M, K], tiles, format, output rows, dense_from) -> [M, rows]
+Wide16Matmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat, int, int | None], torch.Tensor]
 
 
 def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matmul | None:
@@ -170,13 +173,27 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
 
     int8 = kernels.gguf_int8_dot
 
-    def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int) -> torch.Tensor:
+    def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
+               dense_from: int | None = None) -> torch.Tensor:
         if int8 and x.shape[0] >= _VNNI_MIN_ROWS and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
+        elif dense_from is not None and x.shape[0] >= dense_from:
+            return torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
         else:
             out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
     return native
+
+
+def wide16_dense_from(tiles: torch.Tensor, seg: BlockSegment, dtype: torch.dtype, kernels: KernelConfig) -> int | None:
+    """The row count from which the wide16 segment ``seg`` (its ``tiles``) runs as a de-quantized dense matmul
+    (``gguf_dense.py``: measured where the CPU makes it a candidate), or None."""
+    from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+    ops = load_gguf_kernels()
+    if ops is None:
+        return None
+    return dense_from_rows(ops, tiles, seg.fmt.qtype, seg.rows, dtype, kernels)
 
 
 class GGUFLinearMethod(LinearMethod):
@@ -250,8 +267,9 @@ class GGUFLinearMethod(LinearMethod):
         segments = []
         for seg in layer.gguf_segments:
             if wide16_supported(seg.fmt.qtype):
-                layer.register_buffer(seg.buffer, pack_wide16(getattr(layer, seg.buffer), seg.fmt.qtype))
-                seg = replace(seg, layout="wide16")
+                tiles = pack_wide16(getattr(layer, seg.buffer), seg.fmt.qtype)
+                layer.register_buffer(seg.buffer, tiles)
+                seg = replace(seg, layout="wide16", dense_from=wide16_dense_from(tiles, seg, layer.dtype, kernels))
             segments.append(seg)
         layer.gguf_segments = tuple(segments)
 
@@ -260,7 +278,8 @@ class GGUFLinearMethod(LinearMethod):
         if getattr(layer, "dense_weight", None) is not None:
             y = F.linear(x2, layer.dense_weight)
         else:
-            outs = [layer.wide16_matmul(x2, getattr(layer, seg.buffer), seg.fmt, seg.rows) if seg.layout == "wide16"
+            outs = [layer.wide16_matmul(x2, getattr(layer, seg.buffer), seg.fmt, seg.rows, seg.dense_from)
+                    if seg.layout == "wide16"
                     else layer.block_matmul(x2, getattr(layer, seg.buffer), seg.fmt) for seg in layer.gguf_segments]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y.reshape(*x.shape[:-1], layer.out_features)
