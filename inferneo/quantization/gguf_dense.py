@@ -85,7 +85,7 @@ def dense_from_rows(ops, tiles: torch.Tensor, qtype: int, out_features: int, dty
     if cached is None:
         cache.put(key, TuneResult(DENSE if start is not None else PANEL, seconds))
     _memo[memo_key] = start
-    _log_once(f"GGUF wide16 {shape} ({str(dtype).removeprefix('torch.')}): "
+    _log_once(f"GGUF layers {shape} ({str(dtype).removeprefix('torch.')}): "
               + (f"de-quantized into one oneDNN matmul from {start} rows" if start is not None
                  else "wide16 panels at every row count")
               + f" ({'cached' if cached is not None else 'measured'}: "
