@@ -16,7 +16,8 @@ blocks (``gguf_loader.iter_gguf_weights``).
 Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers, or (Q4_0 / Q4_1 / Q8_0 on
 AVX2 at the row counts of ``_INT8_DOT_ROWS``, and Q4_0 / Q4_1 in the wide16 layout with AVX512_VNNI, with
 ``INFERNEO_GGUF_INT8_DOT=1``) quantize the activations to int8 per 32-weight block and use integer dot products,
-as llama.cpp does; without them (or with
+as llama.cpp does; on AMX-BF16 CPUs a wide16 layer's prompt-sized bfloat16 calls may de-quantize it into one
+oneDNN matmul instead, from a row count measured at load (``gguf_dense.py``); without the kernels (or with
 ``INFERNEO_CPU_KERNELS=0``) a reference path de-quantizes the weight in PyTorch at each call. On CUDA a Triton GEMM
 de-quantizes tiles in registers (``kernels/triton_gguf.py``); without Triton the layers are de-quantized to the
 model dtype once at load (a logged warning says so).
