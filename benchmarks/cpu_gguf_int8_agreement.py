@@ -3,9 +3,11 @@ dot path (``KernelConfig.gguf_int8_dot``, its default row limits) as with the ex
 
 Greedy runs of ``--prompts`` chat prompts for ``--tokens`` tokens each: tokens before each run's first difference
 (summed), and, with the exact run's tokens fed to both engines (prompt scoring), the share of positions whose
-top-1 token agrees. ``--all-rows`` sends every row count through the int8 path (prefill too).
+top-1 token agrees. ``--all-rows`` sends every row count through the int8 path (prefill too). ``--against bf16``
+compares the exact path in bfloat16 activations instead of the int8 path (the same measure of what a cheaper
+arithmetic changes).
 
-    python3 benchmarks/cpu_gguf_int8_agreement.py [--prompts 16] [--tokens 48] [--all-rows]
+    python3 benchmarks/cpu_gguf_int8_agreement.py [--prompts 16] [--tokens 48] [--all-rows] [--against int8|bf16]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--all-rows", action="store_true")
+    parser.add_argument("--against", choices=["int8", "bf16"], default="int8")
     args = parser.parse_args()
     exact_llm = LLM(dtype="float32", kernels=KernelConfig(gguf_int8_dot=False), max_model_len=512)
     tok = exact_llm.get_tokenizer()
@@ -38,7 +41,10 @@ def main() -> None:
     exact = [o.outputs[0].token_ids for o in exact_llm.generate(prompts, greedy, use_tqdm=False)]
     if args.all_rows:
         gguf_module._INT8_DOT_ROWS = dict.fromkeys((2, 3, 8), ((1, 1 << 30),))
-    int8_llm = LLM(dtype="float32", kernels=KernelConfig(gguf_int8_dot=True), max_model_len=512)
+    if args.against == "bf16":
+        int8_llm = LLM(dtype="bfloat16", kernels=KernelConfig(gguf_int8_dot=False), max_model_len=512)
+    else:
+        int8_llm = LLM(dtype="float32", kernels=KernelConfig(gguf_int8_dot=True), max_model_len=512)
     int8 = [o.outputs[0].token_ids for o in int8_llm.generate(prompts, greedy, use_tqdm=False)]
     prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x)) for x, y in zip(exact, int8, strict=True))
     sequences = [list(p) + list(e) for p, e in zip(prompts, exact, strict=True)]
@@ -51,7 +57,7 @@ def main() -> None:
 
     a, b = top1(exact_llm), top1(int8_llm)
     same = sum(x == y for x, y in zip(a, b, strict=True))
-    print(json.dumps({"all_rows": args.all_rows, "greedy_tokens": sum(map(len, exact)), "greedy_prefix_agree": prefix,
+    print(json.dumps({"against": args.against, "all_rows": args.all_rows, "greedy_tokens": sum(map(len, exact)), "greedy_prefix_agree": prefix,
                       "forced_positions": len(a), "forced_top1_agree": same, "forced_share": round(same / len(a), 4)}))
 
 

@@ -225,6 +225,11 @@ def gguf_config(path: Path) -> dict[str, Any]:
     if (not envs.gguf_dequantize() and arch not in FAMILY_ARCHITECTURES
             and any(len(t.shape) == 2 and t.ggml_type in KEPT_FORMATS for t in header.tensors)):
         config["quantization_config"] = {"quant_method": "gguf", "file": str(header.path)}
+        # Weights kept in 4- to 8-bit blocks carry far less precision than bfloat16's 8-bit significand, so the file
+        # counts as a 16-bit checkpoint for ``--dtype auto``: bfloat16 on a CPU that multiplies it natively (AMX or
+        # AVX512_BF16) and on GPUs, float32 elsewhere (config.torch_dtype). On the default model bfloat16 picked
+        # float32's greedy token at 765 of 768 positions (benchmarks/cpu_gguf_int8_agreement.py --against bf16).
+        config["torch_dtype"] = "bfloat16"
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
