@@ -97,6 +97,21 @@ def test_decoders_equal_gguf_reference_on_quantized_weights(name):
     assert torch.equal(dequantize_blocks(torch.from_numpy(data), fmt.qtype), torch.from_numpy(expected))
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_decoders_build_no_tensor_from_host_data(name, monkeypatch):
+    """A GGUF embedding de-quantizes its looked-up rows inside the CUDA graphs' capture, which refuses a
+    host-to-device copy: a constant like ``torch.tensor([0, 4], device=...)`` broke start-up on CUDA for Q4_0 / Q4_1
+    / Q6_K embeddings. The decoders must compute from the blocks alone."""
+    fmt = _fmt(name)
+    data = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(4, 2 * fmt.type_size), dtype=np.uint8))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"torch.tensor({args}, {kwargs}) inside a decoder")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    assert dequantize_blocks(data, fmt.qtype).shape == (4, 2 * fmt.block_size)
+
+
 def test_decoders_refuse_other_types():
     with pytest.raises(ValueError, match="not kept quantized"):
         dequantize_blocks(torch.zeros(1, 22, dtype=torch.uint8), int(GGMLQuantizationType.Q5_0))

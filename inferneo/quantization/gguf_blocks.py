@@ -68,10 +68,11 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
-    """Nibbles of ``qs [n, groups * group]``: per group of ``group`` bytes, the low nibbles then the high ones."""
-    qs = qs.reshape(qs.shape[0], -1, 1, group)
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).reshape(1, 1, 2, 1)
-    return ((qs >> shifts) & 0x0F).reshape(qs.shape[0], -1)
+    """Nibbles of ``qs [n, groups * group]``: per group of ``group`` bytes, the low nibbles then the high ones.
+    (No constant tensor is built from host data here or below: a GGUF embedding de-quantizes its rows inside the
+    CUDA graphs' capture, where a host-to-device copy is refused.)"""
+    qs = qs.reshape(qs.shape[0], -1, group)
+    return torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(qs.shape[0], -1)
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -122,8 +123,8 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
     d = (_f16(blocks, 208) * scales).reshape(n, 16, 1)
     low = _nibbles(blocks[:, :128], 64).reshape(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
-    high = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 8, 32)
+    qh = blocks[:, 128:192].reshape(n, 2, 32)
+    high = torch.stack([(qh >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=2).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
     return (d * q).reshape(n, QK_K)
 
