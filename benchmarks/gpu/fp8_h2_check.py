@@ -205,6 +205,23 @@ def check_wide(device: torch.device, table: dict | None = None) -> list[dict]:
     return results
 
 
+def write_winning_tiles(out: Path, result: dict, option: str, script: str, failed: list) -> None:
+    """The sweep's winning tilings that use ``option`` (none when a check failed): ``$OUT/fp8_<option>_tiles.json``,
+    and the shipped tiling file with them merged in, ``$OUT/fp8_gemv_configs-<option>.json`` (copied into the tree
+    by hand after a look)."""
+    table = json.loads(fg.CONFIG_FILE.read_text())
+    tiles = {}
+    for key, entry in result["sweep"]["configs"].items():
+        if option in entry.get("options", ()) and not failed:
+            tiles[key] = entry
+            table["shapes"][key] = entry
+    table["measured"] = table.get("measured", "") + f"; one-row {option} entries: {result['device']}, " \
+        f"{result['date']}, benchmarks/gpu/{script}"
+    (out / f"fp8_gemv_configs-{option}.json").write_text(json.dumps(table, indent=1) + "\n")
+    (out / f"fp8_{option}_tiles.json").write_text(json.dumps(tiles) + "\n")
+    print(f"{option} tiles that won: {json.dumps(tiles)}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT") or ".")
@@ -224,17 +241,7 @@ def main() -> int:
     if not args.smoke:
         plan = whole_plan if args.whole else wide_plan if args.wide else h2_plan
         result["sweep"] = sweep(device, args.deadline, plan, (1,), (), bf16=args.whole)
-        table = json.loads(fg.CONFIG_FILE.read_text())
-        tiles = {}
-        for key, entry in result["sweep"]["configs"].items():
-            if "h2" in entry.get("options", ()) and not failed:
-                tiles[key] = entry
-                table["shapes"][key] = entry
-        table["measured"] = table.get("measured", "") + f"; one-row h2 entries: {result['device']}, " \
-            f"{result['date']}, benchmarks/gpu/fp8_h2_check.py"
-        (out / "fp8_gemv_configs-h2.json").write_text(json.dumps(table, indent=1) + "\n")
-        (out / "fp8_h2_tiles.json").write_text(json.dumps(tiles) + "\n")
-        print(f"h2 tiles that won: {json.dumps(tiles)}", flush=True)
+        write_winning_tiles(out, result, "h2", "fp8_h2_check.py", failed)
     (out / "fp8_h2_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"checks: {len(result['check']) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0

@@ -35,7 +35,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from fp8_gemv_sweep import LAYERS, rel, sweep  # noqa: E402
-from fp8_h2_check import _engine_check  # noqa: E402
+from fp8_h2_check import _engine_check, write_winning_tiles  # noqa: E402
 
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
 from inferneo.kernels._triton_elementwise import silu_and_mul  # noqa: E402
@@ -152,17 +152,7 @@ def main() -> int:
         print(f"checks: {len(result['check']) - len(failed)} ok, {len(failed)} failed")
         return 1 if failed else 0
     result["sweep"] = sweep(device, args.deadline, h2p_plan, (1,), (), bf16=True)
-    table = json.loads(fg.CONFIG_FILE.read_text())
-    tiles = {}
-    for key, entry in result["sweep"]["configs"].items():
-        if "h2p" in entry.get("options", ()) and not failed:
-            tiles[key] = entry
-            table["shapes"][key] = entry
-    table["measured"] = table.get("measured", "") + f"; one-row h2p entries: {result['device']}, " \
-        f"{result['date']}, benchmarks/gpu/fp8_h2p_check.py"
-    (out / "fp8_gemv_configs-h2p.json").write_text(json.dumps(table, indent=1) + "\n")
-    (out / "fp8_h2p_tiles.json").write_text(json.dumps(tiles) + "\n")
-    print(f"h2p tiles that won: {json.dumps(tiles)}", flush=True)
+    write_winning_tiles(out, result, "h2p", "fp8_h2p_check.py", failed)
     (out / "fp8_h2p_check.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"checks: {len(result['check']) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
