@@ -43,6 +43,18 @@ def tiny_llama_dir(tiny_checkpoint_factory: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide16_ops():
+    """The native GGUF module where it runs the wide16 kernels (AVX512F/BW/VL/DQ); the test skips elsewhere, naming
+    what is missing (tests/test_gguf_wide16.py, tests/test_gguf_dense.py)."""
+    from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+    ops = load_gguf_kernels()
+    if ops is None or not ops.gguf_packed_available():
+        pytest.skip("the wide16 kernels need the native GGUF build and AVX512F/BW/VL/DQ, which this CPU lacks")
+    return ops
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session: a head node and a second simulated node, one CPU each,
     no dashboard. Tests that need Ray take this fixture (and are marked ``ray``), so CI starts Ray once."""

@@ -20,7 +20,6 @@ from test_gguf_wide16 import _blocks, _qtype
 
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu_features import CpuFeatures
-from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.kernels.cpu_tune_cache import TuneCache
 from inferneo.quantization import gguf as gguf_module
 from inferneo.quantization import gguf_dense
@@ -32,34 +31,26 @@ AMX = CpuFeatures.of("Intel Xeon", "amx_bf16", "amx_tile", "avx512_bf16", "avx51
 ZEN5 = CpuFeatures.of("AMD EPYC", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = load_gguf_kernels()
-    if ops is None or not ops.gguf_packed_available():
-        pytest.skip("the wide16 kernels need the native GGUF build and AVX512F/BW/VL/DQ, which this CPU lacks")
-    return ops
-
-
 @pytest.fixture(autouse=True)
 def fresh_memo(monkeypatch):
     monkeypatch.setattr(gguf_dense, "_memo", {})
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
-def test_dequantize_kn_is_the_transposed_weight(name, ops):
+def test_dequantize_kn_is_the_transposed_weight(name, wide16_ops):
     for rows, k in ((37, 64), (48, 544)):
         blocks = _blocks(name, rows, k, seed=rows)
         weight = dequantize_blocks(blocks, _qtype(name))
         tiles = pack_wide16(blocks, _qtype(name))
-        wt = ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.float32)
+        wt = wide16_ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.float32)
         assert wt.shape == (k, rows) and torch.equal(wt.t(), weight)
-        if ops.gguf_isa() == "avx512_bf16":
-            assert torch.equal(ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.bfloat16).t(),
+        if wide16_ops.gguf_isa() == "avx512_bf16":
+            assert torch.equal(wide16_ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.bfloat16).t(),
                                weight.bfloat16())
     with pytest.raises(RuntimeError, match="float32 or bfloat16 out"):
-        ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.float16)
+        wide16_ops.gguf_packed_dequantize_kn(tiles, _qtype(name), rows, torch.float16)
     with pytest.raises(RuntimeError, match="do not hold 80 output features"):
-        ops.gguf_packed_dequantize_kn(tiles, _qtype(name), 80, torch.float32)
+        wide16_ops.gguf_packed_dequantize_kn(tiles, _qtype(name), 80, torch.float32)
 
 
 def test_candidates_follow_the_cpu():
@@ -104,20 +95,20 @@ def test_the_measured_choice(panel, dense, expected, tmp_path, monkeypatch):
     assert again == expected and measured == [64]
 
 
-def test_the_measurement_runs_both_paths_here(ops):
-    dtype = torch.bfloat16 if ops.gguf_isa() == "avx512_bf16" else torch.float32
+def test_the_measurement_runs_both_paths_here(wide16_ops):
+    dtype = torch.bfloat16 if wide16_ops.gguf_isa() == "avx512_bf16" else torch.float32
     tiles = pack_wide16(_blocks("Q4_1", 64, 128), _qtype("Q4_1"))
     seconds = gguf_dense.measure({
-        gguf_dense.PANEL: lambda x: ops.gguf_packed_linear(x, tiles, _qtype("Q4_1"), 64),
-        gguf_dense.DENSE: lambda x: torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, _qtype("Q4_1"), 64, x.dtype)),
+        gguf_dense.PANEL: lambda x: wide16_ops.gguf_packed_linear(x, tiles, _qtype("Q4_1"), 64),
+        gguf_dense.DENSE: lambda x: torch.mm(x, wide16_ops.gguf_packed_dequantize_kn(tiles, _qtype("Q4_1"), 64, x.dtype)),
     }, 128, dtype)
     assert set(seconds) == {gguf_dense.PANEL, gguf_dense.DENSE}
     assert all(len(times) == len(gguf_dense.ROWS) and all(0 < t < 10 for t in times) for times in seconds.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_wide16_matmul_switches_to_the_dense_path_at_its_rows(dtype, ops):
-    if dtype == torch.bfloat16 and ops.gguf_isa() != "avx512_bf16":
+def test_the_wide16_matmul_switches_to_the_dense_path_at_its_rows(dtype, wide16_ops):
+    if dtype == torch.bfloat16 and wide16_ops.gguf_isa() != "avx512_bf16":
         pytest.skip("bfloat16 de-quantization needs AVX512_BF16, which this CPU lacks")
     qtype = _qtype("Q4_1")
     fmt = KEPT_FORMATS[qtype]
@@ -129,10 +120,10 @@ def test_the_wide16_matmul_switches_to_the_dense_path_at_its_rows(dtype, ops):
         x = torch.randn(rows, 256).to(dtype)
         got = matmul(x, tiles, fmt, 40, 4)
         if rows >= 4:
-            assert torch.equal(got, torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, qtype, 40, dtype)))
+            assert torch.equal(got, torch.mm(x, wide16_ops.gguf_packed_dequantize_kn(tiles, qtype, 40, dtype)))
         else:
-            assert torch.equal(got, ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype))
-        panels = ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype)
+            assert torch.equal(got, wide16_ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype))
+        panels = wide16_ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype)
         tolerance = (2e-2 if dtype == torch.bfloat16 else 1e-5) * exact.abs().max().item()
         torch.testing.assert_close(got.float(), panels.float(), rtol=0, atol=tolerance)
-    assert torch.equal(matmul(x, tiles, fmt, 40), ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype))
+    assert torch.equal(matmul(x, tiles, fmt, 40), wide16_ops.gguf_packed_linear(x, tiles, qtype, 40).to(dtype))

@@ -27,7 +27,6 @@ from test_hf_parity import mixed_prompts, run_engine
 
 from inferneo import LLM
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.quantization import quantized_linears
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
 from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16
@@ -50,14 +49,6 @@ def _blocks(name: str, rows: int, in_features: int, seed: int = 0) -> torch.Tens
     if name == "Q4_1":
         view[..., 2:4] = (torch.randn(view.shape[:2], generator=gen) * 0.01).half().view(torch.uint8).view(rows, -1, 2)
     return blocks
-
-
-@pytest.fixture(scope="module")
-def wide16_ops():
-    ops = load_gguf_kernels()
-    if ops is None or not ops.gguf_packed_available():
-        pytest.skip("the wide16 kernels need the native GGUF build and AVX512F/BW/VL/DQ, which this CPU lacks")
-    return ops
 
 
 # ---- the layout ----------------------------------------------------------------------------------------------
