@@ -321,8 +321,15 @@ def _dequantized(monkeypatch, path, **kwargs) -> LLM:
 def test_gguf_file_is_marked_quantized_unless_dequantize_is_asked(gguf_files, file_type, monkeypatch):
     path = gguf_files[file_type]
     assert gguf_config(path)["quantization_config"] == {"quant_method": "gguf", "file": str(path.resolve())}
+    # kept in blocks: a 16-bit checkpoint for --dtype auto (bfloat16 where the CPU multiplies it natively)
+    assert gguf_config(path)["torch_dtype"] == "bfloat16"
     monkeypatch.setenv("INFERNEO_GGUF_DEQUANTIZE", "1")
     assert "quantization_config" not in gguf_config(path)
+    assert gguf_config(path)["torch_dtype"] == "float32"  # de-quantized at load: full-width weights
+
+
+def test_full_width_gguf_file_stays_float32(llama_dir, tmp_path):
+    assert gguf_config(make_tiny_gguf(llama_dir, tmp_path / "tiny-F32.gguf", dtype="F32"))["torch_dtype"] == "float32"
 
 
 def test_q4_k_m_file_keeps_mixed_qkv_in_two_segments(gguf_files):
