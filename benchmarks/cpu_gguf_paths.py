@@ -78,6 +78,8 @@ def main() -> None:
         raise SystemExit("the wide16 paths need AVX512F/BW/VL/DQ, which this CPU lacks")
     if "wide16_int8" in paths and not ops.gguf_packed_int8_available():
         raise SystemExit("the wide16_int8 path needs AVX512_VNNI, which this CPU lacks")
+    if "wide16_dense_bf16" in paths and ops.gguf_isa() != "avx512_bf16":
+        raise SystemExit("the wide16_dense_bf16 path needs AVX512_BF16, which this CPU lacks")
     tiles = [pack_wide16(blocks, qtype) if wide and wide16_supported(qtype) else None for blocks, qtype, _ in layers]
     for rows in map(int, args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for _, _, k in layers}

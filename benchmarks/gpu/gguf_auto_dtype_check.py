@@ -24,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gguf_auto_dtype_check.py checks the CUDA path: no CUDA device here")
     tmp = Path(tempfile.mkdtemp())
     source = make_tiny_checkpoint(tmp / "hf", "llama", hidden_size=256)
     prompts = [[5 + i, 17, 33 + 2 * i, 90, 7 * i + 3] for i in range(16)]
