@@ -322,35 +322,54 @@ GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* 
 
 // ---- the whole weight de-quantized, for a dense matmul --------------------------------------------------------
 
-// Groups [g0, g1) of the tiles into wt [K, N] (row k: every column's weight of k), float32 or bfloat16 (rounded to
-// nearest even, as the bfloat16 panels hold them): pair_values' 16 columns of k = 2p and 2p + 1 are one contiguous
-// store each. The last group's padding columns are not written.
-template <bool kMin, bool kBf16>
-GGUF_AVX512BF16 void dequantize_groups_kn(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0,
-                                          int64_t g1, void* wt) {
+// How a de-quantized [K, N] matrix stores 16 columns of one k: float32, or bfloat16 rounded to nearest even (as the
+// bfloat16 panels hold the weights).
+struct Float32Rows {
+  GGUF_AVX512 static inline void store(void* wt, int64_t at, __mmask16 mask, __m512 v) {
+    _mm512_mask_storeu_ps(static_cast<float*>(wt) + at, mask, v);
+  }
+};
+
+struct Bfloat16Rows {
+  GGUF_AVX512BF16 static inline void store(void* wt, int64_t at, __mmask16 mask, __m512 v) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(wt) + at, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+};
+
+// Groups [g0, g1) of the tiles into wt [K, N] (row k: every column's weight of k): pair_values' 16 columns of k = 2p
+// and 2p + 1 are one contiguous store each. The last group's padding columns are not written. Always inlined into
+// dequantize_kn_f32 / dequantize_kn_bf16 below, which carry the target each store needs (as build_panel is).
+template <bool kMin, typename Rows>
+GGUF_AVX512 __attribute__((always_inline)) inline void dequantize_groups_kn(const uint8_t* packed, int64_t nb,
+                                                                            int64_t tile, int64_t N, int64_t g0,
+                                                                            int64_t g1, void* wt) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t col0 = g * kGroupCols, cols = std::min(kGroupCols, N - col0);
     const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* t = packed + (g * nb + b) * tile;
       __m512 d, m;
-      const uint8_t* codes = tile_scales<kMin>(t, d, m);
+      const uint8_t* codes = tile_scales<kMin>(packed + (g * nb + b) * tile, d, m);
       for (int64_t p = 0; p < 16; ++p) {
         __m512 lo, hi;
         pair_values<kMin>(codes, p, d, m, lo, hi);
         const int64_t k = 32 * b + 2 * p;
-        if constexpr (kBf16) {
-          uint16_t* out = static_cast<uint16_t*>(wt);
-          _mm256_mask_storeu_epi16(out + k * N + col0, mask, (__m256i)_mm512_cvtneps_pbh(lo));
-          _mm256_mask_storeu_epi16(out + (k + 1) * N + col0, mask, (__m256i)_mm512_cvtneps_pbh(hi));
-        } else {
-          float* out = static_cast<float*>(wt);
-          _mm512_mask_storeu_ps(out + k * N + col0, mask, lo);
-          _mm512_mask_storeu_ps(out + (k + 1) * N + col0, mask, hi);
-        }
+        Rows::store(wt, k * N + col0, mask, lo);
+        Rows::store(wt, (k + 1) * N + col0, mask, hi);
       }
     }
   }
+}
+
+template <bool kMin>
+GGUF_AVX512 void dequantize_kn_f32(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0, int64_t g1,
+                                   void* wt) {
+  dequantize_groups_kn<kMin, Float32Rows>(packed, nb, tile, N, g0, g1, wt);
+}
+
+template <bool kMin>
+GGUF_AVX512BF16 void dequantize_kn_bf16(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0,
+                                        int64_t g1, void* wt) {
+  dequantize_groups_kn<kMin, Bfloat16Rows>(packed, nb, tile, N, g0, g1, wt);
 }
 #endif  // GGUF_X86
 
@@ -517,11 +536,11 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
   void* dst = wt.data_ptr();
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
     if (qtype == kQ4_1) {
-      bf16 ? dequantize_groups_kn<true, true>(src, nb, tile, N, g0, g1, dst)
-           : dequantize_groups_kn<true, false>(src, nb, tile, N, g0, g1, dst);
+      bf16 ? dequantize_kn_bf16<true>(src, nb, tile, N, g0, g1, dst)
+           : dequantize_kn_f32<true>(src, nb, tile, N, g0, g1, dst);
     } else {
-      bf16 ? dequantize_groups_kn<false, true>(src, nb, tile, N, g0, g1, dst)
-           : dequantize_groups_kn<false, false>(src, nb, tile, N, g0, g1, dst);
+      bf16 ? dequantize_kn_bf16<false>(src, nb, tile, N, g0, g1, dst)
+           : dequantize_kn_f32<false>(src, nb, tile, N, g0, g1, dst);
     }
   });
 #endif
