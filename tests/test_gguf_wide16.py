@@ -120,6 +120,27 @@ def test_packed_linear_matches_f_linear(name, rows, wide16_ops):
         assert torch.equal(out, wide16_ops.gguf_linear(xb, blocks, qtype, 192, 48, 0, 0, 0, "avx512_bf16"))
 
 
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [0, 1, 12, 13, 64, 301])
+def test_bfloat16_output_is_the_float32_output_rounded(name, rows, wide16_ops):
+    """``bf16_out``: the kernel rounds each output where it stores it (panel path) or once at the end (in-register
+    path); either way the bits of ``.to(torch.bfloat16)`` on the float32 output, NaN where that is NaN."""
+    qtype = _qtype(name)
+    packed = pack_wide16(_blocks(name, 100, 192, seed=rows), qtype)
+    x = (torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
+    if rows > 5:
+        x[3, 7] = float("nan")
+    for inreg_max_rows in (-1, 1 << 30, 0):  # the default hand-over, the in-register path, the panels
+        expected = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, inreg_max_rows).to(torch.bfloat16)
+        out = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, inreg_max_rows, bf16_out=True)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 100)
+        assert torch.equal(out.isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
+    with pytest.raises(RuntimeError, match="bf16_out=True takes bfloat16 activations"):
+        wide16_ops.gguf_packed_linear(x.float(), packed, qtype, 100, bf16_out=True)
+
+
 @pytest.mark.parametrize("kernel", ["gguf_packed_linear", "gguf_packed_linear_int8"])
 def test_packed_linear_refuses_bad_arguments(kernel, wide16_ops):
     if kernel.endswith("int8") and not wide16_ops.gguf_packed_int8_available():

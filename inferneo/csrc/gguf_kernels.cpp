@@ -1323,7 +1323,7 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
-                              int64_t inreg_max_rows, const std::string& isa);
+                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
@@ -1344,9 +1344,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_packed_available", &gguf_packed_available,
         "whether this CPU runs gguf_packed_linear (AVX512F/BW/VL/DQ)");
   m.def("gguf_packed_linear", &gguf_packed_linear,
-        "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout [groups, K / 32, tile] (float32 out)",
+        "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout [groups, K / 32, tile] (float32 out; with "
+        "bf16_out, bfloat16 x gives the same values rounded to bfloat16)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("inreg_max_rows") = -1,
-        py::arg("isa") = "");
+        py::arg("isa") = "", py::arg("bf16_out") = false);
   m.def("gguf_packed_int8_available", &gguf_packed_int8_available,
         "whether this CPU runs gguf_packed_linear_int8 (AVX512F/BW/VL/DQ and AVX512_VNNI)");
   m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,

@@ -189,9 +189,9 @@ GGUF_AVX512BF16 void build_panel_bf16(const uint8_t* packed, int64_t groups, int
 
 // Triples [t0, t1) times all M rows, in chunks of triples whose panels fit in about 256 KB (as wide_panel_groups in
 // gguf_kernels.cpp goes: a long prompt's rows are read once per chunk rather than once per 48 columns).
-template <bool kMin, bool kBf16>
+template <bool kMin, bool kBf16, typename OutT>
 GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t N,
-                               const void* x, int64_t M, float* out, int64_t t0, int64_t t1) {
+                               const void* x, int64_t M, OutT* out, int64_t t0, int64_t t1) {
   const int64_t K = 32 * nb, panel_words = kBf16 ? kWideCols * K / 2 : kWideCols * K;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
   std::vector<uint32_t> panels(chunk * panel_words);
@@ -405,7 +405,7 @@ bool gguf_packed_available() {
 }
 
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
-                              int64_t inreg_max_rows, const std::string& isa) {
+                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out) {
   check_packed_arguments("GGUF packed kernels", x_in, packed, qtype, out_features);
   const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
   TORCH_CHECK(gguf_packed_available(), "GGUF packed kernels: the wide16 layout needs AVX512F/BW/VL/DQ, which this "
@@ -420,12 +420,16 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   } else {
     TORCH_CHECK(isa.empty(), "GGUF packed kernels: unknown isa '", isa, "' (choose '', 'avx512' or 'avx512_bf16')");
   }
+  TORCH_CHECK(!bf16_out || bf16_x, "GGUF packed kernels: bf16_out=True takes bfloat16 activations; x is ",
+              x_in.scalar_type());
   if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels);
   const int64_t M = x_in.size(0);
-  at::Tensor out = at::empty({M, N}, at::kFloat);
-  if (M == 0) return out;
+  // bf16_out on the panel path: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would
+  // round the float32 result); the in-register path (a few rows) converts its float32 result once at the end.
+  const bool panel_path = M > inreg_max_rows;
+  at::Tensor out = at::empty({M, N}, bf16_out && panel_path ? at::kBFloat16 : at::kFloat);
+  if (M == 0) return bf16_out ? out.to(at::kBFloat16) : out;
   const uint8_t* src = packed.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
 #ifdef GGUF_X86
   // fn(std::true_type) for Q4_1 (a minimum per block), fn(std::false_type) for Q4_0: the kernels' kMin
   const auto by_format = [&](auto&& fn) {
@@ -435,21 +439,29 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
       fn(std::false_type{});
     }
   };
-  if (M > inreg_max_rows) {
+  if (panel_path) {
     // bfloat16 pair panels take the bfloat16 rows as they are; float32 panels take float32 rows
     const at::Tensor x = bf16_panels ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const void* xp = x.data_ptr();
-    at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
-      by_format([&](auto min) {
-        if (bf16_panels) {
-          panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-        } else {
-          panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-        }
+    const auto run = [&](auto* op) {
+      at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
+        by_format([&](auto min) {
+          if (bf16_panels) {
+            panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+          } else {
+            panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
+          }
+        });
       });
-    });
+    };
+    if (bf16_out) {
+      run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    } else {
+      run(out.data_ptr<float>());
+    }
     return out;
   }
+  float* op = out.data_ptr<float>();
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -466,7 +478,7 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
     }
   });
 #endif
-  return out;
+  return bf16_out ? out.to(at::kBFloat16) : out;
 }
 
 bool gguf_packed_int8_available() {

@@ -51,9 +51,24 @@ GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], float* y, int64_t col
   }
 }
 
+// The same 48 columns rounded to bfloat16 as PyTorch rounds (nearest even; NaN to its quiet NaN 0x7FC0), stored as
+// 16-bit words: a bfloat16 layer's output written once, not as float32 and then converted.
+GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], uint16_t* y, int64_t cols) {
+  for (int j = 0; j < 3; ++j) {
+    const int64_t left = cols - 16 * j;
+    if (left <= 0) break;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i bits = _mm512_castps_si512(acc[j]);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(acc[j], acc[j], _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(y + 16 * j, mask, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
 // Rows [0, MR) of float32 x times a [K][48] panel: y[r][0 .. cols).
-template <int MR>
-GGUF_AVX512 inline void wide_rows_f32(const float* x, int64_t ldx, const float* panel, int64_t K, float* y, int64_t ldy,
+template <int MR, typename OutT>
+GGUF_AVX512 inline void wide_rows_f32(const float* x, int64_t ldx, const float* panel, int64_t K, OutT* y, int64_t ldy,
                                int64_t cols) {
   __m512 acc[MR][3];
 #pragma GCC unroll 8
@@ -74,8 +89,8 @@ GGUF_AVX512 inline void wide_rows_f32(const float* x, int64_t ldx, const float* 
 }
 
 // Rows [0, MR) of bfloat16 x (raw bits) times a [K/2][48] panel of bfloat16 pairs.
-template <int MR>
-GGUF_AVX512BF16 inline void wide_rows_bf16(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K, float* y,
+template <int MR, typename OutT>
+GGUF_AVX512BF16 inline void wide_rows_bf16(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K, OutT* y,
                                     int64_t ldy, int64_t cols) {
   __m512 acc[MR][3];
 #pragma GCC unroll 8
@@ -112,21 +127,24 @@ inline void by_block_rows(int64_t rows, Fn&& fn) {
   }
 }
 
-GGUF_AVX512 inline void wide_block_f32(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, float* y,
+template <typename OutT>
+GGUF_AVX512 inline void wide_block_f32(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, OutT* y,
                                 int64_t ldy, int64_t cols) {
   by_block_rows(rows, [&](auto mr) { wide_rows_f32<decltype(mr)::value>(x, ldx, panel, K, y, ldy, cols); });
 }
 
+template <typename OutT>
 GGUF_AVX512BF16 inline void wide_block_bf16(int64_t rows, const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K,
-                                     float* y, int64_t ldy, int64_t cols) {
+                                     OutT* y, int64_t ldy, int64_t cols) {
   by_block_rows(rows, [&](auto mr) { wide_rows_bf16<decltype(mr)::value>(x, ldx, pairs, K, y, ldy, cols); });
 }
 
 // `count` consecutive panels (`panel_words` 32-bit words apart; the first holds output columns from `col0`) times all
-// M rows of x (float32, or bfloat16 bits with kBf16), eight rows at a time, into out [M, N].
-template <bool kBf16>
+// M rows of x (float32, or bfloat16 bits with kBf16), eight rows at a time, into out [M, N] (float32, or bfloat16 bits
+// with OutT = uint16_t).
+template <bool kBf16, typename OutT = float>
 GGUF_AVX512 inline void wide_panels_times_rows(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
-                                               const void* x, int64_t M, int64_t K, int64_t N, float* out) {
+                                               const void* x, int64_t M, int64_t K, int64_t N, OutT* out) {
   for (int64_t m = 0; m < M; m += 8) {
     const int64_t block_rows = std::min<int64_t>(8, M - m);
     for (int64_t i = 0; i < count; ++i) {

@@ -180,9 +180,9 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
         elif dense_from is not None and x.shape[0] >= dense_from:
             return torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
-        else:
-            out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        else:  # bfloat16 rows come back rounded to bfloat16 by the kernel itself (no float32 copy to convert)
+            out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, bf16_out=x.dtype == torch.bfloat16)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     return native
 
 
