@@ -47,8 +47,8 @@ PATHS = {
 BUFFERED = {"wide_buffered": "wide", "wide_bf16_buffered": "wide_bf16"}
 PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
 # whole-step defaults, each path choosing its own hand-over: "file" / "file_bf16" are gguf_linear on the file's
-# blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 layers repacked at load (gguf_packed_linear; AVX-512), the other
-# layers (the Q8_0 head) as in "file"
+# blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 / Q8_0 layers (the Q8_0 head too) repacked at load
+# (gguf_packed_linear; AVX-512), other types as in "file"
 DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.float32,
             "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16, "wide16_dense": torch.float32,
             "wide16_dense_bf16": torch.bfloat16}
@@ -96,7 +96,7 @@ def main() -> None:
                         ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
                     elif name.startswith("wide16_dense") and packed is not None:
                         torch.mm(xs[k], ops.gguf_packed_dequantize_kn(packed, qtype, blocks.shape[0], xs[k].dtype))
-                    elif name == "wide16_int8" and packed is not None:
+                    elif name == "wide16_int8" and packed is not None and qtype != 8:  # Q4 only (Q8_0: exact)
                         ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
                     elif name.startswith("wide16") and packed is not None:
                         ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])

@@ -34,7 +34,7 @@ def gguf_layers() -> list[tuple[torch.Tensor, int]]:
     for module in model.modules():
         for seg in getattr(module, "gguf_segments", ()):
             layers.append((ggml_blocks(module, seg).clone(), seg.fmt.qtype))  # the file's layout, even if repacked
-    layers.append((model.embed_tokens.qweight.data.clone(), model.embed_tokens.fmt.qtype))
+    layers.append((model.embed_tokens.ggml_blocks().clone(), model.embed_tokens.fmt.qtype))  # file layout too
     return layers
 
 

@@ -1,4 +1,4 @@
-"""The wide16 layout of Q4_0 / Q4_1 GGUF layers (repacked at load for the AVX-512 CPU kernels).
+"""The wide16 layout of Q4_0 / Q4_1 / Q8_0 GGUF layers (repacked at load for the AVX-512 CPU kernels).
 
 - ``pack_wide16`` / ``unpack_wide16`` give back the file's blocks bit for bit (any row count: a last partial group
   of 16 is padded and dropped again), and a packed tile holds each weight's code where the layout says.
@@ -10,9 +10,11 @@
   ``gguf_linear_int8``'s results on the file's blocks bit for bit (the same integer sums, the same float order),
   at row counts across its 8-row blocks and K across its 16-block chunks; the int8 switch routes a wide16 layer
   through it only in its row range (4 rows up; bfloat16 rows up to 256).
-- An engine on an AVX-512 CPU holds Q4_0 / Q4_1 layers in wide16 (not with the switch off; with the int8 path on
-  only where AVX512_VNNI gives it a wide16 kernel), de-quantizes them to the file's weights, and gives the
-  de-quantized engine's greedy tokens (float32).
+- An engine on an AVX-512 CPU holds Q4_0 / Q4_1 / Q8_0 layers in wide16 (not with the switch off; with the int8
+  path on, Q4 layers only where AVX512_VNNI gives it a wide16 kernel and Q8_0 never), de-quantizes them to the
+  file's weights, and gives the de-quantized engine's greedy tokens (float32). A Q8_0 embedding tied to the LM head
+  is held as wide16 tiles too: its lookups gather the file's blocks from them, and the engine's tokens stay those
+  of the de-quantized engine.
 Kernel tests skip on CPUs without AVX-512 (or AVX512_VNNI), naming the missing feature.
 """
 
@@ -29,10 +31,12 @@ from inferneo import LLM
 from inferneo.kernel_config import KernelConfig
 from inferneo.quantization import quantized_linears
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, dequantize_blocks
-from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16
+from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_rows
 from inferneo.testing import make_tiny_gguf
 
-WIDE16_FORMATS = ["Q4_0", "Q4_1"]
+WIDE16_FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
+INT8_FORMATS = ["Q4_0", "Q4_1"]  # the wide16 int8 kernel's formats
+TILE_BYTES = {"Q4_0": 288, "Q4_1": 320, "Q8_0": 544}
 
 
 def _qtype(name: str) -> int:
@@ -59,7 +63,7 @@ def _blocks(name: str, rows: int, in_features: int, seed: int = 0) -> torch.Tens
 def test_pack_and_unpack_give_back_the_blocks(name, rows):
     blocks = _blocks(name, rows, 96, seed=rows)
     packed = pack_wide16(blocks, _qtype(name))
-    assert packed.shape == (-(-rows // 16), 3, 320 if name == "Q4_1" else 288)
+    assert packed.shape == (-(-rows // 16), 3, TILE_BYTES[name])
     assert torch.equal(unpack_wide16(packed, _qtype(name), rows), blocks)
 
 
@@ -70,20 +74,34 @@ def test_a_tile_holds_each_code_where_the_layout_says(name):
     fmt = KEPT_FORMATS[_qtype(name)]
     scale_bytes = 4 if name == "Q4_1" else 2
     qs = blocks.view(rows, -1, fmt.type_size)[..., scale_bytes:]
-    codes = torch.cat([qs & 15, qs >> 4], dim=-1)  # [rows, blocks, 32]: the code of each k
     packed = pack_wide16(blocks, _qtype(name))
     for row, block, k in [(0, 0, 0), (3, 1, 17), (15, 0, 31), (17, 1, 6), (19, 0, 25)]:
         group, c, p = row // 16, row % 16, k // 2
-        byte = int(packed[group, block, 2 * scale_bytes * 16 // 2 + 16 * p + c])
-        assert (byte >> 4 if k % 2 else byte & 15) == int(codes[row, block, k])
+        if name == "Q8_0":  # byte 32 p + 16 (k odd) + c after the scales: the code of k itself
+            assert int(packed[group, block, 32 + 32 * p + 16 * (k % 2) + c]) == int(qs[row, block, k])
+        else:  # the nibble of k in byte 16 p + c; the file holds k in byte k % 16, high nibble from 16 on
+            byte = int(packed[group, block, 2 * scale_bytes * 16 // 2 + 16 * p + c])
+            code = int(qs[row, block, k % 16]) >> (4 if k >= 16 else 0) & 15
+            assert (byte >> 4 if k % 2 else byte & 15) == code
         scale = packed[group, block, 2 * c : 2 * c + 2]
         assert torch.equal(scale, blocks.view(rows, -1, fmt.type_size)[row, block, 0:2])
     assert not packed[1, :, 2 * 4 : 2 * 16].any()  # scales of the padding rows 20-31 are zero
 
 
 def test_layout_refuses_other_types():
-    with pytest.raises(ValueError, match="ggml type 8 has no wide16 layout"):
-        pack_wide16(torch.zeros(16, 34, dtype=torch.uint8), 8)
+    with pytest.raises(ValueError, match="ggml type 6 has no wide16 layout"):
+        pack_wide16(torch.zeros(16, 22, dtype=torch.uint8), 6)
+    with pytest.raises(ValueError, match="reads Q8_0 tiles"):
+        wide16_rows(pack_wide16(_blocks("Q4_0", 16, 64), _qtype("Q4_0")), _qtype("Q4_0"), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 37])
+def test_q8_0_rows_gathered_from_tiles_are_the_files_blocks(rows):
+    blocks = _blocks("Q8_0", rows, 96, seed=rows)
+    packed = pack_wide16(blocks, _qtype("Q8_0"))
+    ids = torch.tensor([rows - 1, 0, rows // 2, rows - 1])
+    assert torch.equal(wide16_rows(packed, _qtype("Q8_0"), ids), blocks[ids])
+    assert torch.equal(wide16_rows(packed, _qtype("Q8_0"), torch.arange(rows)), blocks)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------------------
@@ -148,8 +166,12 @@ def test_packed_linear_refuses_bad_arguments(kernel, wide16_ops):
     linear = getattr(wide16_ops, kernel)
     packed = pack_wide16(_blocks("Q4_1", 20, 64), _qtype("Q4_1"))
     x = torch.randn(3, 64)
-    with pytest.raises(RuntimeError, match="ggml type 8 has no wide16 layout"):
-        linear(x, packed, 8, 20)
+    with pytest.raises(RuntimeError, match="ggml type 6 has no wide16 layout"):
+        linear(x, packed, 6, 20)
+    if kernel.endswith("int8"):
+        q8 = pack_wide16(_blocks("Q8_0", 20, 64), _qtype("Q8_0"))
+        with pytest.raises(RuntimeError, match="Q4_0 and Q4_1 only"):
+            linear(x, q8, _qtype("Q8_0"), 20)
     with pytest.raises(RuntimeError, match=r"uint8 \[groups, K / 32, 288\]"):
         linear(x, packed, _qtype("Q4_0"), 20)
     with pytest.raises(RuntimeError, match="2 groups of 16 columns do not hold 40 output features"):
@@ -176,7 +198,7 @@ def vnni_ops(wide16_ops):
     return wide16_ops
 
 
-@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("name", INT8_FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 64, 300])
 def test_packed_int8_linear_equals_the_int8_kernel_on_the_files_blocks(name, rows, vnni_ops):
     qtype = _qtype(name)
@@ -244,12 +266,45 @@ def test_engine_holds_q4_layers_in_wide16_and_gives_the_dequantized_tokens(name,
             assert getattr(layer, seg.buffer).dim() == 3  # tiles, not the file's rows of blocks
     off = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_wide16=False))
     assert _layouts(off) == {"ggml"}
-    int8_layout = "wide16" if wide16_ops.gguf_packed_int8_available() else "ggml"
+    int8_layout = "wide16" if wide16_ops.gguf_packed_int8_available() and name != "Q8_0" else "ggml"
     assert _layouts(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True))) == {int8_layout}
     for a, b in zip(quantized_linears(llm.engine.runner.model), quantized_linears(off.engine.runner.model),
                     strict=True):
         assert torch.equal(a.method.dequantized_weight(a), b.method.dequantized_weight(b))
     prompts = mixed_prompts(8, 300, seed=4, shared_prefix=24)
+    with monkeypatch.context() as patch:
+        patch.setenv("INFERNEO_GGUF_DEQUANTIZE", "1")
+        dequantized = LLM(str(path), dtype="float32")
+    assert run_engine(llm, prompts) == run_engine(dequantized, prompts)
+
+
+def test_tied_q8_0_head_reads_wide16_tiles_and_gives_the_dequantized_tokens(tiny_checkpoint_factory, tmp_path,
+                                                                            wide16_ops, monkeypatch):
+    from inferneo.quantization.gguf import GGUFEmbedding, TiedEmbeddingMethod
+
+    source = tiny_checkpoint_factory("llama", hidden_size=256, tie_word_embeddings=True)
+    path = make_tiny_gguf(source, tmp_path / "tiny-tied-q8_0.gguf", dtype="Q8_0")
+
+    def embedding_and_head(llm: LLM):
+        model = llm.engine.runner.model
+        emb = next(m for m in model.modules() if isinstance(m, GGUFEmbedding))
+        head = next(m for m in quantized_linears(model) if isinstance(m.method, TiedEmbeddingMethod))
+        return emb, head
+
+    llm = LLM(str(path), dtype="float32")
+    emb, head = embedding_and_head(llm)
+    assert emb.layout == "wide16" and emb.qweight.dim() == 3 and emb.fmt.name == "Q8_0"
+    off = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_wide16=False))
+    emb_off, head_off = embedding_and_head(off)
+    assert emb_off.layout == "ggml"
+    assert embedding_and_head(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True)))[0].layout == "ggml"
+    assert torch.equal(emb.ggml_blocks(), emb_off.qweight)  # held once, the same blocks
+    ids = torch.tensor([[0, 5, 17], [emb.num_embeddings - 1, 3, 3]])
+    assert torch.equal(emb(ids), emb_off(ids))
+    assert torch.equal(head.method.dequantized_weight(head), head_off.method.dequantized_weight(head_off))
+    x = torch.randn(7, emb.embedding_dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(head(x), head_off(x), rtol=0, atol=1e-5 * head_off(x).abs().max().item())
+    prompts = mixed_prompts(8, 300, seed=5, shared_prefix=24)
     with monkeypatch.context() as patch:
         patch.setenv("INFERNEO_GGUF_DEQUANTIZE", "1")
         dequantized = LLM(str(path), dtype="float32")

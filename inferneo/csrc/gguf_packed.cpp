@@ -1,4 +1,4 @@
-// GGUF Q4_0 / Q4_1 weights repacked once at load into a column-interleaved layout, and their products.
+// GGUF Q4_0 / Q4_1 / Q8_0 weights repacked once at load into a column-interleaved layout, and their products.
 //
 // In a ggml file each weight row (one output column of the product) is a run of 32-weight blocks along K, so a
 // kernel that wants 16 output columns side by side in a 16-lane register has to transpose the blocks at every
@@ -9,11 +9,13 @@
 //
 //   Q4_1: [16 half scales d][16 half minimums m][256 code bytes]   (320 bytes = 16 ggml blocks)
 //   Q4_0: [16 half scales d][256 code bytes]                      (288 bytes)
+//   Q8_0: [16 half scales d][512 code bytes]                      (544 bytes)
 //
-// where code byte 16 p + c holds column c's 4-bit codes of k = 2p (low nibble) and k = 2p + 1 (high nibble). One
-// 16-byte load, a zero extension, a mask and a shift give the codes of two k for 16 columns; the values are
-// computed as the reference computes them (Q4_1: d * q + m, Q4_0: d * (q - 8); the file is built with
-// -ffp-contract=off), so the float32 weights equal gguf.quants.dequantize's.
+// where, for the 4-bit formats, code byte 16 p + c holds column c's codes of k = 2p (low nibble) and k = 2p + 1
+// (high nibble): one 16-byte load, a zero extension, a mask and a shift give the codes of two k for 16 columns; for
+// Q8_0, byte 32 p + c holds column c's signed code of k = 2p and byte 32 p + 16 + c that of k = 2p + 1. The values
+// are computed as the reference computes them (Q4_1: d * q + m, Q4_0: d * (q - 8), Q8_0: d * q; the file is built
+// with -ffp-contract=off), so the float32 weights equal gguf.quants.dequantize's.
 //
 // gguf_packed_linear(x [M, K] float32 or bfloat16, packed uint8 [groups, K / 32, tile]) -> float32 [M, N]:
 //  - up to `inreg_max_rows` rows: each group's tiles are turned into values in registers and multiplied straight
@@ -37,10 +39,10 @@
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3;
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kGroupCols = 16;
 
-int64_t tile_bytes(int64_t qtype) { return qtype == kQ4_1 ? 320 : 288; }
+int64_t tile_bytes(int64_t qtype) { return qtype == kQ8_0 ? 544 : qtype == kQ4_1 ? 320 : 288; }
 
 #ifdef GGUF_X86
 using namespace gguf_wide;
@@ -48,45 +50,51 @@ using namespace gguf_wide;
 // A group's tiles are read in order; the next tiles are prefetched this far ahead.
 constexpr int64_t kPrefetchTiles = 2;
 
-// The values of k = 2p (lo) and k = 2p + 1 (hi) of a tile's 16 columns.
-template <bool kMin>
+// The values of k = 2p (lo) and k = 2p + 1 (hi) of a tile's 16 columns (kFmt: kQ4_0, kQ4_1 or kQ8_0).
+template <int kFmt>
 GGUF_AVX512 inline void pair_values(const uint8_t* codes, int64_t p, __m512 d, __m512 m, __m512& lo, __m512& hi) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * p)));
-  const __m512i q_lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(v, 4);
-  if constexpr (kMin) {
-    lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo)), m);
-    hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi)), m);
+  if constexpr (kFmt == kQ8_0) {  // 16 signed bytes of k = 2p, then 16 of k = 2p + 1: d * q
+    const __m128i q_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * p));
+    const __m128i q_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * p + 16));
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_lo)));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_hi)));
   } else {
-    const __m512i eight = _mm512_set1_epi32(8);
-    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_lo, eight)));
-    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_hi, eight)));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * p)));
+    const __m512i q_lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(v, 4);
+    if constexpr (kFmt == kQ4_1) {
+      lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo)), m);
+      hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi)), m);
+    } else {
+      const __m512i eight = _mm512_set1_epi32(8);
+      lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_lo, eight)));
+      hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_hi, eight)));
+    }
   }
 }
 
-// Prefetch the tile kPrefetchTiles after `t` (lines at 0, 128 and 256 bytes of its 288 or 320).
+// Prefetch the tile kPrefetchTiles after `t` (every other line of its 288, 320 or 544 bytes; the adjacent-line
+// prefetcher takes the rest).
 GGUF_AVX512 inline void prefetch_tile_ahead(const uint8_t* t, int64_t tile) {
   const char* ahead = reinterpret_cast<const char*>(t + kPrefetchTiles * tile);
-  _mm_prefetch(ahead, _MM_HINT_T0);
-  _mm_prefetch(ahead + 128, _MM_HINT_T0);
-  _mm_prefetch(ahead + 256, _MM_HINT_T0);
+  for (int64_t at = 0; at < tile; at += 128) _mm_prefetch(ahead + at, _MM_HINT_T0);
 }
 
 GGUF_AVX512 inline __m512 half16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// A tile's scales (and minimums) and where its codes start.
-template <bool kMin>
+// A tile's scales (and Q4_1's minimums) and where its codes start.
+template <int kFmt>
 GGUF_AVX512 inline const uint8_t* tile_scales(const uint8_t* tile, __m512& d, __m512& m) {
   d = half16(tile);
-  m = kMin ? half16(tile + 32) : _mm512_setzero_ps();
-  return tile + (kMin ? 64 : 32);
+  m = kFmt == kQ4_1 ? half16(tile + 32) : _mm512_setzero_ps();
+  return tile + (kFmt == kQ4_1 ? 64 : 32);
 }
 
 // ---- few rows: values in registers -----------------------------------------------------------------------------
 
 // Rows [0, MR) of float32 x times one group (16 columns): y[r][0 .. cols).
-template <bool kMin, int MR>
+template <int kFmt, int MR>
 GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, const float* x, int64_t ldx, float* y,
                              int64_t ldy, int64_t cols) {
   __m512 even[MR], odd[MR];
@@ -96,12 +104,12 @@ GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, con
     const uint8_t* t = group + b * tile;
     prefetch_tile_ahead(t, tile);
     __m512 d, m;
-    const uint8_t* codes = tile_scales<kMin>(t, d, m);
+    const uint8_t* codes = tile_scales<kFmt>(t, d, m);
     const float* xb = x + 32 * b;
 #pragma GCC unroll 4
     for (int64_t p = 0; p < 16; ++p) {
       __m512 lo, hi;
-      pair_values<kMin>(codes, p, d, m, lo, hi);
+      pair_values<kFmt>(codes, p, d, m, lo, hi);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         even[r] = _mm512_fmadd_ps(_mm512_set1_ps(xb[r * ldx + 2 * p]), lo, even[r]);
@@ -114,10 +122,10 @@ GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, con
   for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(even[r], odd[r]));
 }
 
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512 void inreg_group_rows(int64_t rows, const uint8_t* group, int64_t nb, int64_t tile, const float* x,
                                   int64_t ldx, float* y, int64_t ldy, int64_t cols) {
-  by_block_rows(rows, [&](auto mr) { inreg_group<kMin, decltype(mr)::value>(group, nb, tile, x, ldx, y, ldy, cols); });
+  by_block_rows(rows, [&](auto mr) { inreg_group<kFmt, decltype(mr)::value>(group, nb, tile, x, ldx, y, ldy, cols); });
 }
 
 // ---- more rows: panels built once per call -----------------------------------------------------------------------
@@ -146,7 +154,7 @@ struct Bfloat16Panel {
 
 // Groups 3t .. 3t + 2 (those below `groups`) as one panel of `Panel`'s layout; missing groups give zero columns.
 // Always inlined into build_panel_f32 / build_panel_bf16 below, which carry the target each store needs.
-template <bool kMin, typename Panel>
+template <int kFmt, typename Panel>
 GGUF_AVX512 __attribute__((always_inline)) inline void build_panel(const uint8_t* packed, int64_t groups, int64_t nb,
                                                                    int64_t tile, int64_t t, uint32_t* panel) {
   for (int64_t j = 0; j < 3; ++j) {
@@ -163,33 +171,33 @@ GGUF_AVX512 __attribute__((always_inline)) inline void build_panel(const uint8_t
       const uint8_t* t_ = src + b * tile;
       prefetch_tile_ahead(t_, tile);
       __m512 d, m;
-      const uint8_t* codes = tile_scales<kMin>(t_, d, m);
+      const uint8_t* codes = tile_scales<kFmt>(t_, d, m);
       uint32_t* dst = col + b * Panel::kWordsPerBlock;
 #pragma GCC unroll 4
       for (int64_t p = 0; p < 16; ++p) {
         __m512 lo, hi;
-        pair_values<kMin>(codes, p, d, m, lo, hi);
+        pair_values<kFmt>(codes, p, d, m, lo, hi);
         Panel::store(dst, p, lo, hi);
       }
     }
   }
 }
 
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512 void build_panel_f32(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t t,
                                  uint32_t* panel) {
-  build_panel<kMin, Float32Panel>(packed, groups, nb, tile, t, panel);
+  build_panel<kFmt, Float32Panel>(packed, groups, nb, tile, t, panel);
 }
 
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512BF16 void build_panel_bf16(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t t,
                                       uint32_t* panel) {
-  build_panel<kMin, Bfloat16Panel>(packed, groups, nb, tile, t, panel);
+  build_panel<kFmt, Bfloat16Panel>(packed, groups, nb, tile, t, panel);
 }
 
 // Triples [t0, t1) times all M rows, in chunks of triples whose panels fit in about 256 KB (as wide_panel_groups in
 // gguf_kernels.cpp goes: a long prompt's rows are read once per chunk rather than once per 48 columns).
-template <bool kMin, bool kBf16, typename OutT>
+template <int kFmt, bool kBf16, typename OutT>
 GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t N,
                                const void* x, int64_t M, OutT* out, int64_t t0, int64_t t1) {
   const int64_t K = 32 * nb, panel_words = kBf16 ? kWideCols * K / 2 : kWideCols * K;
@@ -199,9 +207,9 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
     const int64_t count = std::min(chunk, t1 - c0);
     for (int64_t i = 0; i < count; ++i) {
       if constexpr (kBf16) {
-        build_panel_bf16<kMin>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+        build_panel_bf16<kFmt>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
       } else {
-        build_panel_f32<kMin>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+        build_panel_f32<kFmt>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
       }
     }
     wide_panels_times_rows<kBf16>(panels.data(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
@@ -247,16 +255,16 @@ GGUF_AVX512 void quantize_row_vnni(const float* x, int64_t nb, int8_t* q, float*
 
 // A group's tiles as vpdpbusd operands: w[8 b + i] lane c = column c's codes of k = 32 b + 4 i + (0, 2, 1, 3);
 // dv / mv [16 b .. 16 b + 16) the block's scales and minimums (Q4_0: -8 d).
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512 void spread_group_vnni(const uint8_t* group, int64_t nb, int64_t tile, int32_t* w, float* dv, float* mv) {
   const __m512i low_nibbles = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* t = group + b * tile;
     prefetch_tile_ahead(t, tile);
     __m512 d, m;
-    const uint8_t* codes = tile_scales<kMin>(t, d, m);
+    const uint8_t* codes = tile_scales<kFmt>(t, d, m);
     _mm512_storeu_ps(dv + 16 * b, d);
-    _mm512_storeu_ps(mv + 16 * b, kMin ? m : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
+    _mm512_storeu_ps(mv + 16 * b, kFmt == kQ4_1 ? m : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
 #pragma GCC unroll 8
     for (int64_t i = 0; i < 8; ++i) {
       const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * i));       // k = 4i, 4i + 1
@@ -339,7 +347,7 @@ struct Bfloat16Rows {
 // Groups [g0, g1) of the tiles into wt [K, N] (row k: every column's weight of k): pair_values' 16 columns of k = 2p
 // and 2p + 1 are one contiguous store each. The last group's padding columns are not written. Always inlined into
 // dequantize_kn_f32 / dequantize_kn_bf16 below, which carry the target each store needs (as build_panel is).
-template <bool kMin, typename Rows>
+template <int kFmt, typename Rows>
 GGUF_AVX512 __attribute__((always_inline)) inline void dequantize_groups_kn(const uint8_t* packed, int64_t nb,
                                                                             int64_t tile, int64_t N, int64_t g0,
                                                                             int64_t g1, void* wt) {
@@ -348,10 +356,10 @@ GGUF_AVX512 __attribute__((always_inline)) inline void dequantize_groups_kn(cons
     const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
     for (int64_t b = 0; b < nb; ++b) {
       __m512 d, m;
-      const uint8_t* codes = tile_scales<kMin>(packed + (g * nb + b) * tile, d, m);
+      const uint8_t* codes = tile_scales<kFmt>(packed + (g * nb + b) * tile, d, m);
       for (int64_t p = 0; p < 16; ++p) {
         __m512 lo, hi;
-        pair_values<kMin>(codes, p, d, m, lo, hi);
+        pair_values<kFmt>(codes, p, d, m, lo, hi);
         const int64_t k = 32 * b + 2 * p;
         Rows::store(wt, k * N + col0, mask, lo);
         Rows::store(wt, (k + 1) * N + col0, mask, hi);
@@ -360,16 +368,16 @@ GGUF_AVX512 __attribute__((always_inline)) inline void dequantize_groups_kn(cons
   }
 }
 
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512 void dequantize_kn_f32(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0, int64_t g1,
                                    void* wt) {
-  dequantize_groups_kn<kMin, Float32Rows>(packed, nb, tile, N, g0, g1, wt);
+  dequantize_groups_kn<kFmt, Float32Rows>(packed, nb, tile, N, g0, g1, wt);
 }
 
-template <bool kMin>
+template <int kFmt>
 GGUF_AVX512BF16 void dequantize_kn_bf16(const uint8_t* packed, int64_t nb, int64_t tile, int64_t N, int64_t g0,
                                         int64_t g1, void* wt) {
-  dequantize_groups_kn<kMin, Bfloat16Rows>(packed, nb, tile, N, g0, g1, wt);
+  dequantize_groups_kn<kFmt, Bfloat16Rows>(packed, nb, tile, N, g0, g1, wt);
 }
 #endif  // GGUF_X86
 
@@ -382,8 +390,8 @@ int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 12 : 28;
 // The checks both entry points make of their arguments (what names the caller in each message).
 void check_packed_arguments(const char* what, const at::Tensor& x, const at::Tensor& packed, int64_t qtype,
                             int64_t out_features) {
-  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1, what, ": ggml type ", qtype,
-              " has no wide16 layout (Q4_0 = 2, Q4_1 = 3)");
+  TORCH_CHECK(qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0, what, ": ggml type ", qtype,
+              " has no wide16 layout (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 3 &&
                   packed.is_contiguous() && packed.size(2) == tile_bytes(qtype),
               what, ": packed must be a contiguous CPU uint8 [groups, K / 32, ", tile_bytes(qtype), "] tensor");
@@ -431,12 +439,14 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   if (M == 0) return bf16_out ? out.to(at::kBFloat16) : out;
   const uint8_t* src = packed.data_ptr<uint8_t>();
 #ifdef GGUF_X86
-  // fn(std::true_type) for Q4_1 (a minimum per block), fn(std::false_type) for Q4_0: the kernels' kMin
+  // fn(std::integral_constant<int, qtype>) for the kernels' kFmt
   const auto by_format = [&](auto&& fn) {
     if (qtype == kQ4_1) {
-      fn(std::true_type{});
+      fn(std::integral_constant<int, kQ4_1>{});
+    } else if (qtype == kQ8_0) {
+      fn(std::integral_constant<int, kQ8_0>{});
     } else {
-      fn(std::false_type{});
+      fn(std::integral_constant<int, kQ4_0>{});
     }
   };
   if (panel_path) {
@@ -492,6 +502,7 @@ bool gguf_packed_int8_available() {
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features) {
   check_packed_arguments("GGUF packed int8 kernel", x_in, packed, qtype, out_features);
+  TORCH_CHECK(qtype != kQ8_0, "GGUF packed int8 kernel: Q4_0 and Q4_1 only (Q8_0 = 8 runs gguf_packed_linear)");
   const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
   TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int8 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
               "this CPU lacks");
@@ -514,9 +525,9 @@ at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& pac
     std::vector<float> dv(16 * nb), mv(16 * nb);
     for (int64_t g = g0; g < g1; ++g) {
       if (qtype == kQ4_1) {
-        spread_group_vnni<true>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+        spread_group_vnni<kQ4_1>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
       } else {
-        spread_group_vnni<false>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+        spread_group_vnni<kQ4_0>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
       }
       const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
       for (int64_t m = 0; m < M; m += 8) {
@@ -547,12 +558,16 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
   const uint8_t* src = packed.data_ptr<uint8_t>();
   void* dst = wt.data_ptr();
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    const auto run = [&](auto fmt) {
+      constexpr int kFmt = decltype(fmt)::value;
+      bf16 ? dequantize_kn_bf16<kFmt>(src, nb, tile, N, g0, g1, dst) : dequantize_kn_f32<kFmt>(src, nb, tile, N, g0, g1, dst);
+    };
     if (qtype == kQ4_1) {
-      bf16 ? dequantize_kn_bf16<true>(src, nb, tile, N, g0, g1, dst)
-           : dequantize_kn_f32<true>(src, nb, tile, N, g0, g1, dst);
+      run(std::integral_constant<int, kQ4_1>{});
+    } else if (qtype == kQ8_0) {
+      run(std::integral_constant<int, kQ8_0>{});
     } else {
-      bf16 ? dequantize_kn_bf16<false>(src, nb, tile, N, g0, g1, dst)
-           : dequantize_kn_f32<false>(src, nb, tile, N, g0, g1, dst);
+      run(std::integral_constant<int, kQ4_0>{});
     }
   });
 #endif

@@ -48,7 +48,7 @@ from inferneo.quantization.base import (
 )
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
 from inferneo.quantization.gguf_dense import dense_from_rows
-from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_supported
+from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_rows, wide16_supported
 from inferneo.worker.cpu_tuning import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def triton_block_matmul() -> BlockMatmul | None:
 # de-quantized tiles + a GEMM); at 17-48 rows the int8 path's repacking to int16 costs more than it saves
 # (0.8-0.95x). Other types, and rows outside the ranges, take the exact float path.
 _UNBOUNDED = 1 << 62
+_Q8_0 = 8
 _INT8_DOT_ROWS: dict[int, tuple[tuple[int, int], ...]] = {
     2: ((1, _UNBOUNDED),),  # Q4_0
     3: ((1, _UNBOUNDED),),  # Q4_1
@@ -176,7 +177,8 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
                dense_from: int | None = None) -> torch.Tensor:
-        if int8 and x.shape[0] >= _VNNI_MIN_ROWS and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS):
+        if (int8 and fmt.qtype != _Q8_0 and x.shape[0] >= _VNNI_MIN_ROWS
+                and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS)):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
         elif dense_from is not None and x.shape[0] >= dense_from:
             return torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
@@ -184,6 +186,12 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
             out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, bf16_out=x.dtype == torch.bfloat16)
         return out if out.dtype == x.dtype else out.to(x.dtype)
     return native
+
+
+def _wide16_kept(qtype: int, kernels: KernelConfig) -> bool:
+    """Whether blocks of ``qtype`` are repacked into wide16 tiles where the wide16 kernels run: Q4_0 / Q4_1, and
+    Q8_0 unless the int8 dot switch is on (its Q8_0 int8 kernel reads the file's layout)."""
+    return wide16_supported(qtype) and not (qtype == _Q8_0 and kernels.gguf_int8_dot)
 
 
 def wide16_dense_from(tiles: torch.Tensor, seg: BlockSegment, dtype: torch.dtype, kernels: KernelConfig) -> int | None:
@@ -267,7 +275,7 @@ class GGUFLinearMethod(LinearMethod):
         layer.wide16_matmul = wide16
         segments = []
         for seg in layer.gguf_segments:
-            if wide16_supported(seg.fmt.qtype):
+            if _wide16_kept(seg.fmt.qtype, kernels):
                 tiles = pack_wide16(getattr(layer, seg.buffer), seg.fmt.qtype)
                 layer.register_buffer(seg.buffer, tiles)
                 seg = replace(seg, layout="wide16", dense_from=wide16_dense_from(tiles, seg, layer.dtype, kernels))
@@ -347,9 +355,32 @@ class GGUFEmbedding(nn.Module):
                                                 device=device), requires_grad=False)
         self.qweight.quantized = True
 
+    layout = "ggml"  # or "wide16": Q8_0 tiles repacked for a tied LM head (hold_as_wide16)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight.index_select(0, input_ids.reshape(-1))
+        ids = input_ids.reshape(-1)
+        if self.layout == "wide16":
+            rows = wide16_rows(self.qweight, self.fmt.qtype, ids)
+        else:
+            rows = self.qweight.index_select(0, ids)
         return dequantize_blocks(rows, self.fmt.qtype).to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
+
+    def hold_as_wide16(self) -> None:
+        """Keep the table as wide16 tiles (Q8_0 only), the layout the AVX-512 kernels multiply, so that a tied head
+        reads it without transposing blocks at each call; lookups gather their rows from the tiles (the same
+        blocks). The weight is still held once. Safe to call again."""
+        if self.layout == "wide16":
+            return
+        if self.fmt.qtype != _Q8_0:
+            raise ValueError(f"only Q8_0 embeddings are held as wide16 tiles, not {self.fmt.name}")
+        self.qweight.data = pack_wide16(self.qweight.data, self.fmt.qtype)
+        self.layout = "wide16"
+
+    def ggml_blocks(self) -> torch.Tensor:
+        """The table as the file's blocks ``uint8 [vocab, row_bytes]`` (unpacked from wide16 if need be)."""
+        if self.layout == "wide16":
+            return unpack_wide16(self.qweight, self.fmt.qtype, self.num_embeddings)
+        return self.qweight
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, gguf {self.fmt.name}"
@@ -374,20 +405,37 @@ class TiedEmbeddingMethod(LinearMethod):
             layer.register_buffer("dense_weight", self.dequantized_weight(layer).to(layer.dtype))
             return
         layer.block_matmul = matmul
+        emb = self._embedding[0]
+        wide16 = wide16_matmul_for(layer.device, kernels)
+        if wide16 is not None and _wide16_kept(emb.fmt.qtype, kernels) and emb.fmt.qtype == _Q8_0:
+            # Q8_0 tiles: 1.1-2x faster than transposing the file's blocks at each call at 1-64 rows (Zen 5,
+            # SmolLM2's 49,152 x 576 head; docs/benchmarks.md)
+            emb.hold_as_wide16()
+            layer.wide16_matmul = wide16
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         if getattr(layer, "dense_weight", None) is not None:
             return F.linear(x, layer.dense_weight)
         emb = self._embedding[0]
-        y = layer.block_matmul(x.reshape(-1, layer.in_features), emb.qweight, emb.fmt)
+        x2 = x.reshape(-1, layer.in_features)
+        if emb.layout == "wide16":
+            y = layer.wide16_matmul(x2, emb.qweight, emb.fmt, layer.out_features)
+        else:
+            y = layer.block_matmul(x2, emb.qweight, emb.fmt)
         return y.reshape(*x.shape[:-1], layer.out_features)
 
     def dequantized_weight(self, layer: QuantizedLinear) -> torch.Tensor:
         emb = self._embedding[0]
-        return dequantize_blocks(emb.qweight, emb.fmt.qtype)
+        return dequantize_blocks(emb.ggml_blocks(), emb.fmt.qtype)
 
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
-        random_blocks(self._embedding[0].qweight.data, self._embedding[0].fmt, generator)
+        emb = self._embedding[0]
+        if emb.layout == "wide16":
+            blocks = emb.ggml_blocks().clone()
+            random_blocks(blocks, emb.fmt, generator)
+            emb.qweight.data = pack_wide16(blocks, emb.fmt.qtype)
+        else:
+            random_blocks(emb.qweight.data, emb.fmt, generator)
 
 
 # ---- the format ----------------------------------------------------------------------------------------------
