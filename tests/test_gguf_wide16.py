@@ -157,6 +157,12 @@ def test_bfloat16_output_is_the_float32_output_rounded(name, rows, wide16_ops):
         assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
     with pytest.raises(RuntimeError, match="bf16_out=True takes bfloat16 activations"):
         wide16_ops.gguf_packed_linear(x.float(), packed, qtype, 100, bf16_out=True)
+    # float16 rows (a float16 model on CPU) are widened too: the float32 product of their values, on both paths
+    xh = torch.nan_to_num(x.float()).half()
+    expected_h = F.linear(xh.float(), dequantize_blocks(unpack_wide16(packed, qtype, 100), qtype))
+    for inreg_max_rows in (1 << 30, 0):
+        out = wide16_ops.gguf_packed_linear(xh, packed, qtype, 100, inreg_max_rows, "avx512")
+        torch.testing.assert_close(out, expected_h, rtol=0, atol=1e-5 * max(expected_h.abs().amax().item() if rows else 0.0, 1.0))
 
 
 @pytest.mark.parametrize("kernel", ["gguf_packed_linear", "gguf_packed_linear_int8"])

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -93,9 +94,9 @@ GGUF_AVX512 inline const uint8_t* tile_scales(const uint8_t* tile, __m512& d, __
 
 // ---- few rows: values in registers -----------------------------------------------------------------------------
 
-// Rows [0, MR) of float32 x times one group (16 columns): y[r][0 .. cols).
-template <int kFmt, int MR>
-GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, const float* x, int64_t ldx, float* y,
+// Rows [0, MR) of float32 x times one group (16 columns): y[r][0 .. cols) (float32, or bfloat16 words).
+template <int kFmt, int MR, typename OutT>
+GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, const float* x, int64_t ldx, OutT* y,
                              int64_t ldy, int64_t cols) {
   __m512 even[MR], odd[MR];
 #pragma GCC unroll 8
@@ -119,12 +120,12 @@ GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, con
   }
   const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(even[r], odd[r]));
+  for (int r = 0; r < MR; ++r) store16(y + r * ldy, mask, _mm512_add_ps(even[r], odd[r]));
 }
 
-template <int kFmt>
+template <int kFmt, typename OutT>
 GGUF_AVX512 void inreg_group_rows(int64_t rows, const uint8_t* group, int64_t nb, int64_t tile, const float* x,
-                                  int64_t ldx, float* y, int64_t ldy, int64_t cols) {
+                                  int64_t ldx, OutT* y, int64_t ldy, int64_t cols) {
   by_block_rows(rows, [&](auto mr) { inreg_group<kFmt, decltype(mr)::value>(group, nb, tile, x, ldx, y, ldy, cols); });
 }
 
@@ -432,11 +433,11 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
               x_in.scalar_type());
   if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels);
   const int64_t M = x_in.size(0);
-  // bf16_out on the panel path: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would
-  // round the float32 result); the in-register path (a few rows) converts its float32 result once at the end.
+  // bf16_out: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would round the float32
+  // result), on both paths.
   const bool panel_path = M > inreg_max_rows;
-  at::Tensor out = at::empty({M, N}, bf16_out && panel_path ? at::kBFloat16 : at::kFloat);
-  if (M == 0) return bf16_out ? out.to(at::kBFloat16) : out;
+  at::Tensor out = at::empty({M, N}, bf16_out ? at::kBFloat16 : at::kFloat);
+  if (M == 0) return out;
   const uint8_t* src = packed.data_ptr<uint8_t>();
 #ifdef GGUF_X86
   // fn(std::integral_constant<int, qtype>) for the kernels' kFmt
@@ -471,24 +472,44 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
     }
     return out;
   }
-  float* op = out.data_ptr<float>();
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* group = src + g * nb * tile;
-      const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
-      for (int64_t m = 0; m < M; m += 8) {
-        const int64_t rows = std::min<int64_t>(8, M - m);
-        by_format([&](auto min) {
-          inreg_group_rows<decltype(min)::value>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols,
-                                                 N, cols);
-        });
-      }
+  // A few rows: bfloat16 rows are widened here (exactly: a shift) rather than through a PyTorch conversion, whose
+  // dispatch cost about as much as a small layer's products at one row.
+  const at::Tensor x_c = bf16_x || x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  std::vector<float> widened;
+  const float* xp = nullptr;
+  if (bf16_x) {
+    widened.resize(M * K);
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x_c.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < M * K; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
+      std::memcpy(&widened[i], &bits, sizeof(float));
     }
-  });
+    xp = widened.data();
+  } else {  // float32 rows as they are (float16 ones converted above)
+    xp = x_c.data_ptr<float>();
+  }
+  const auto run_inreg = [&](auto* op) {
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const uint8_t* group = src + g * nb * tile;
+        const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+        for (int64_t m = 0; m < M; m += 8) {
+          const int64_t rows = std::min<int64_t>(8, M - m);
+          by_format([&](auto min) {
+            inreg_group_rows<decltype(min)::value>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols,
+                                                   N, cols);
+          });
+        }
+      }
+    });
+  };
+  if (bf16_out) {
+    run_inreg(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  } else {
+    run_inreg(out.data_ptr<float>());
+  }
 #endif
-  return bf16_out ? out.to(at::kBFloat16) : out;
+  return out;
 }
 
 bool gguf_packed_int8_available() {

@@ -51,18 +51,26 @@ GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], float* y, int64_t col
   }
 }
 
-// The same 48 columns rounded to bfloat16 as PyTorch rounds (nearest even; NaN to its quiet NaN 0x7FC0), stored as
-// 16-bit words: a bfloat16 layer's output written once, not as float32 and then converted.
+// 16 lanes rounded to bfloat16 as PyTorch rounds (nearest even; NaN to the quiet NaN 0x7FC0), stored as 16-bit words
+// under `mask`: a bfloat16 layer's output written once, not as float32 and then converted.
+GGUF_AVX512 inline void store16_bf16(uint16_t* y, __mmask16 mask, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(y, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
+GGUF_AVX512 inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
+GGUF_AVX512 inline void store16(uint16_t* y, __mmask16 mask, __m512 v) { store16_bf16(y, mask, v); }
+
+// The same 48 columns as bfloat16 words.
 GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], uint16_t* y, int64_t cols) {
   for (int j = 0; j < 3; ++j) {
     const int64_t left = cols - 16 * j;
     if (left <= 0) break;
     const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i bits = _mm512_castps_si512(acc[j]);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(acc[j], acc[j], _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(y + 16 * j, mask, _mm512_cvtepi32_epi16(rounded));
+    store16_bf16(y + 16 * j, mask, acc[j]);
   }
 }
 
