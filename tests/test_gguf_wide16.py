@@ -270,8 +270,10 @@ def test_engine_holds_q4_layers_in_wide16_and_gives_the_dequantized_tokens(name,
         if getattr(layer, "gguf_segments", ()):
             seg = layer.gguf_segments[0]
             assert getattr(layer, seg.buffer).dim() == 3  # tiles, not the file's rows of blocks
+            assert layer.single_matmul is not None  # one wide16 segment: the direct call (the tokens below use it)
     off = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_wide16=False))
     assert _layouts(off) == {"ggml"}
+    assert all(getattr(layer, "single_matmul", None) is None for layer in quantized_linears(off.engine.runner.model))
     int8_layout = "wide16" if wide16_ops.gguf_packed_int8_available() and name != "Q8_0" else "ggml"
     assert _layouts(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True))) == {int8_layout}
     for a, b in zip(quantized_linears(llm.engine.runner.model), quantized_linears(off.engine.runner.model),
