@@ -383,10 +383,12 @@ GGUF_AVX512BF16 void dequantize_kn_bf16(const uint8_t* packed, int64_t nb, int64
 #endif  // GGUF_X86
 
 // Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
-// count up to which it measured faster on the default model's Q4_1 layers (two threads, Zen 5, 2026-12-04):
-// float32 18.1 against 19.3 ms at 28 rows (21.9 against 24.0 for the panels at 32); with the bfloat16 panels
-// 9.30 against 9.47 ms at 12 rows, 10.2 against 9.9 at 14.
-int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 12 : 28; }
+// count up to which it measured faster on the default model's Q4_1 layers (two threads, Zen 5; 30 layers' weights
+// cycled, ms a step). Measured again on 2026-12-04 late evening, after both paths stored bfloat16 outputs themselves
+// and the in-register path widened bfloat16 rows itself: float32 19.45 against 20.58 at 34 rows, 20.21 against
+// 20.47 at 36; bfloat16 7.02 against 6.97 at 10 rows, 7.28 against 6.91 at 11, 7.64 against 6.87 at 12 (before:
+// 12 and 28).
+int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 10 : 34; }
 
 // The checks both entry points make of their arguments (what names the caller in each message).
 void check_packed_arguments(const char* what, const at::Tensor& x, const at::Tensor& packed, int64_t qtype,
