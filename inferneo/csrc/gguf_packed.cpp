@@ -118,7 +118,7 @@ GGUF_AVX512 void inreg_group(const uint8_t* group, int64_t nb, int64_t tile, con
       }
     }
   }
-  const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+  const __mmask16 mask = lanes_mask(cols);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) store16(y + r * ldy, mask, _mm512_add_ps(even[r], odd[r]));
 }
@@ -292,7 +292,7 @@ GGUF_AVX512VNNI inline void dpbusd_bcast(__m512i& sum, __m512i w, const int8_t* 
 template <int MR>
 GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* mv, int64_t nb, const int8_t* q,
                                 int64_t K, const float* da, const float* sa, float* y, int64_t ldy, int64_t cols) {
-  const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+  const __mmask16 mask = lanes_mask(cols);
   __m512 acc[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
@@ -354,7 +354,7 @@ GGUF_AVX512 __attribute__((always_inline)) inline void dequantize_groups_kn(cons
                                                                             int64_t g1, void* wt) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t col0 = g * kGroupCols, cols = std::min(kGroupCols, N - col0);
-    const __mmask16 mask = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+    const __mmask16 mask = lanes_mask(cols);
     for (int64_t b = 0; b < nb; ++b) {
       __m512 d, m;
       const uint8_t* codes = tile_scales<kFmt>(packed + (g * nb + b) * tile, d, m);
@@ -381,6 +381,18 @@ GGUF_AVX512BF16 void dequantize_kn_bf16(const uint8_t* packed, int64_t nb, int64
   dequantize_groups_kn<kFmt, Bfloat16Rows>(packed, nb, tile, N, g0, g1, wt);
 }
 #endif  // GGUF_X86
+
+// fn(std::integral_constant<int, qtype>{}): the kernels' kFmt for a checked wide16 type.
+template <typename Fn>
+void with_format(int64_t qtype, Fn&& fn) {
+  if (qtype == kQ4_1) {
+    fn(std::integral_constant<int, kQ4_1>{});
+  } else if (qtype == kQ8_0) {
+    fn(std::integral_constant<int, kQ8_0>{});
+  } else {
+    fn(std::integral_constant<int, kQ4_0>{});
+  }
+}
 
 // Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
 // count up to which it measured faster on the default model's Q4_1 layers (two threads, Zen 5; 30 layers' weights
@@ -437,28 +449,17 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   const int64_t M = x_in.size(0);
   // bf16_out: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would round the float32
   // result), on both paths.
-  const bool panel_path = M > inreg_max_rows;
   at::Tensor out = at::empty({M, N}, bf16_out ? at::kBFloat16 : at::kFloat);
   if (M == 0) return out;
   const uint8_t* src = packed.data_ptr<uint8_t>();
 #ifdef GGUF_X86
-  // fn(std::integral_constant<int, qtype>) for the kernels' kFmt
-  const auto by_format = [&](auto&& fn) {
-    if (qtype == kQ4_1) {
-      fn(std::integral_constant<int, kQ4_1>{});
-    } else if (qtype == kQ8_0) {
-      fn(std::integral_constant<int, kQ8_0>{});
-    } else {
-      fn(std::integral_constant<int, kQ4_0>{});
-    }
-  };
-  if (panel_path) {
+  if (M > inreg_max_rows) {  // the panels
     // bfloat16 pair panels take the bfloat16 rows as they are; float32 panels take float32 rows
     const at::Tensor x = bf16_panels ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const void* xp = x.data_ptr();
     const auto run = [&](auto* op) {
       at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
-        by_format([&](auto min) {
+        with_format(qtype, [&](auto min) {
           if (bf16_panels) {
             panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
           } else {
@@ -497,7 +498,7 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
         const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
         for (int64_t m = 0; m < M; m += 8) {
           const int64_t rows = std::min<int64_t>(8, M - m);
-          by_format([&](auto min) {
+          with_format(qtype, [&](auto min) {
             inreg_group_rows<decltype(min)::value>(rows, group, nb, tile, xp + m * K, K, op + m * N + g * kGroupCols,
                                                    N, cols);
           });
@@ -581,17 +582,10 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
   const uint8_t* src = packed.data_ptr<uint8_t>();
   void* dst = wt.data_ptr();
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-    const auto run = [&](auto fmt) {
+    with_format(qtype, [&](auto fmt) {
       constexpr int kFmt = decltype(fmt)::value;
       bf16 ? dequantize_kn_bf16<kFmt>(src, nb, tile, N, g0, g1, dst) : dequantize_kn_f32<kFmt>(src, nb, tile, N, g0, g1, dst);
-    };
-    if (qtype == kQ4_1) {
-      run(std::integral_constant<int, kQ4_1>{});
-    } else if (qtype == kQ8_0) {
-      run(std::integral_constant<int, kQ8_0>{});
-    } else {
-      run(std::integral_constant<int, kQ4_0>{});
-    }
+    });
   });
 #endif
   return wt;

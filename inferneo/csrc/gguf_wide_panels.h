@@ -42,13 +42,9 @@ inline bool cpu_has_avx512_bf16() {
   return has;
 }
 
-GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], float* y, int64_t cols) {
-  for (int j = 0; j < 3; ++j) {
-    const int64_t left = cols - 16 * j;
-    if (left <= 0) break;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-    _mm512_mask_storeu_ps(y + 16 * j, mask, acc[j]);
-  }
+// The first `cols` of 16 lanes (all of them from 16 up).
+inline __mmask16 lanes_mask(int64_t cols) {
+  return cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
 }
 
 // 16 lanes rounded to bfloat16 as PyTorch rounds (nearest even; NaN to the quiet NaN 0x7FC0), stored as 16-bit words
@@ -64,14 +60,10 @@ GGUF_AVX512 inline void store16_bf16(uint16_t* y, __mmask16 mask, __m512 v) {
 GGUF_AVX512 inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
 GGUF_AVX512 inline void store16(uint16_t* y, __mmask16 mask, __m512 v) { store16_bf16(y, mask, v); }
 
-// The same 48 columns as bfloat16 words.
-GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], uint16_t* y, int64_t cols) {
-  for (int j = 0; j < 3; ++j) {
-    const int64_t left = cols - 16 * j;
-    if (left <= 0) break;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-    store16_bf16(y + 16 * j, mask, acc[j]);
-  }
+// 48 columns' sums into y[0 .. cols): float32, or bfloat16 words (store16).
+template <typename OutT>
+GGUF_AVX512 inline void store_wide(const __m512 (&acc)[3], OutT* y, int64_t cols) {
+  for (int j = 0; j < 3 && cols - 16 * j > 0; ++j) store16(y + 16 * j, lanes_mask(cols - 16 * j), acc[j]);
 }
 
 // Rows [0, MR) of float32 x times a [K][48] panel: y[r][0 .. cols).
