@@ -42,11 +42,11 @@ def main() -> None:
     if args.all_rows:
         gguf_module._INT8_DOT_ROWS = dict.fromkeys((2, 3, 8), ((1, 1 << 30),))
     if args.against == "bf16":
-        int8_llm = LLM(dtype="bfloat16", kernels=KernelConfig(gguf_int8_dot=False), max_model_len=512)
+        other_llm = LLM(dtype="bfloat16", kernels=KernelConfig(gguf_int8_dot=False), max_model_len=512)
     else:
-        int8_llm = LLM(dtype="float32", kernels=KernelConfig(gguf_int8_dot=True), max_model_len=512)
-    int8 = [o.outputs[0].token_ids for o in int8_llm.generate(prompts, greedy, use_tqdm=False)]
-    prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x)) for x, y in zip(exact, int8, strict=True))
+        other_llm = LLM(dtype="float32", kernels=KernelConfig(gguf_int8_dot=True), max_model_len=512)
+    other = [o.outputs[0].token_ids for o in other_llm.generate(prompts, greedy, use_tqdm=False)]
+    prefix = sum(next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x)) for x, y in zip(exact, other, strict=True))
     sequences = [list(p) + list(e) for p, e in zip(prompts, exact, strict=True)]
     score = SamplingParams(max_tokens=0, prompt_logprobs=1)
 
@@ -55,7 +55,7 @@ def main() -> None:
         return [next(t for t, lp in pos.items() if lp.rank == 1) for o in outs
                 for pos in o.prompt_logprobs[-args.tokens:]]
 
-    a, b = top1(exact_llm), top1(int8_llm)
+    a, b = top1(exact_llm), top1(other_llm)
     same = sum(x == y for x, y in zip(a, b, strict=True))
     print(json.dumps({"against": args.against, "all_rows": args.all_rows, "greedy_tokens": sum(map(len, exact)), "greedy_prefix_agree": prefix,
                       "forced_positions": len(a), "forced_top1_agree": same, "forced_share": round(same / len(a), 4)}))

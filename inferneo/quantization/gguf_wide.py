@@ -14,6 +14,8 @@ memory does not grow (except the padding of a last partial group). ``csrc/gguf_p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from inferneo.quantization.gguf_blocks import block_format
@@ -72,16 +74,23 @@ def unpack_wide16(packed: torch.Tensor, qtype: int, rows: int) -> torch.Tensor:
     return blocks.transpose(1, 2).reshape(groups * GROUP_ROWS, -1)[:rows].contiguous()
 
 
+@functools.cache
+def _q8_0_row_bytes(device: torch.device) -> torch.Tensor:
+    """``[16, 34]``: where row ``c`` of a Q8_0 tile keeps its block's bytes, in the file's order: the half scale
+    (bytes ``2c``, ``2c + 1``), then the codes of ``k = 2p + h`` at ``32 + 32p + 16h + c``."""
+    col = torch.arange(GROUP_ROWS, device=device).view(-1, 1)
+    k = torch.arange(32, device=device)
+    scale = torch.arange(2, device=device) + 2 * col
+    codes = 32 + 32 * (k // 2) + 16 * (k % 2) + col
+    return torch.cat([scale, codes], dim=1)
+
+
 def wide16_rows(packed: torch.Tensor, qtype: int, ids: torch.Tensor) -> torch.Tensor:
     """Weight rows ``ids`` of Q8_0 wide16 tiles as the file's ggml blocks ``uint8 [len(ids), row_bytes]`` (an
     embedding lookup on tiles that an LM head multiplies): a gather of each row's scale and code bytes, no
     arithmetic, so the blocks equal the file's."""
     if qtype != _Q8_0:
         raise ValueError(f"wide16_rows reads Q8_0 tiles (ggml type 8), not type {qtype}")
-    groups, nb, tile = packed.shape
-    col = (ids % GROUP_ROWS).view(-1, 1, 1)
-    # a Q8_0 block: its half scale (bytes 2c, 2c + 1), then its codes of k = 2p + h at 32 + 32p + 16h + c
-    k = torch.arange(32, device=packed.device)
-    offsets = torch.cat([torch.arange(2, device=packed.device), 32 + 32 * (k // 2) + 16 * (k % 2)])  # [34]
-    index = (offsets + torch.where(offsets < 2, 2 * col, col)).expand(-1, nb, -1)  # [T, nb, 34]
+    nb = packed.shape[1]
+    index = _q8_0_row_bytes(packed.device)[ids % GROUP_ROWS].unsqueeze(1).expand(-1, nb, -1)  # [T, nb, 34]
     return torch.gather(packed[ids // GROUP_ROWS], 2, index).reshape(ids.numel(), nb * 34)
