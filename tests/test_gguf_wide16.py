@@ -165,10 +165,10 @@ def test_bfloat16_output_is_the_float32_output_rounded(name, rows, wide16_ops):
         torch.testing.assert_close(out, expected_h, rtol=0, atol=1e-5 * max(expected_h.abs().amax().item() if rows else 0.0, 1.0))
 
 
-@pytest.mark.parametrize("kernel", ["gguf_packed_linear", "gguf_packed_linear_int8"])
+@pytest.mark.parametrize("kernel", ["gguf_packed_linear", "gguf_packed_linear_int8", "gguf_packed_linear_i16"])
 def test_packed_linear_refuses_bad_arguments(kernel, wide16_ops):
-    if kernel.endswith("int8") and not wide16_ops.gguf_packed_int8_available():
-        pytest.skip("the wide16 int8 kernel needs AVX512_VNNI, which this CPU lacks")
+    if kernel != "gguf_packed_linear" and not wide16_ops.gguf_packed_int8_available():
+        pytest.skip(f"{kernel} needs AVX512_VNNI, which this CPU lacks")
     linear = getattr(wide16_ops, kernel)
     packed = pack_wide16(_blocks("Q4_1", 20, 64), _qtype("Q4_1"))
     x = torch.randn(3, 64)
@@ -185,7 +185,7 @@ def test_packed_linear_refuses_bad_arguments(kernel, wide16_ops):
     with pytest.raises(RuntimeError, match=r"x must be a CPU \[rows, 64\] tensor"):
         linear(torch.randn(3, 32), packed, _qtype("Q4_1"), 20)
     assert linear(torch.randn(0, 64), packed, _qtype("Q4_1"), 20).shape == (0, 20)
-    if kernel.endswith("int8"):
+    if kernel != "gguf_packed_linear":
         return
     with pytest.raises(RuntimeError, match="unknown isa 'avx2'"):
         linear(x, packed, _qtype("Q4_1"), 20, -1, "avx2")
@@ -232,8 +232,9 @@ def test_int8_switch_routes_wide16_layers_by_rows(vnni_ops):
     fmt = KEPT_FORMATS[qtype]
     blocks = _blocks("Q4_1", 48, 256)
     packed = pack_wide16(blocks, qtype)
-    on = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=True))
-    off = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=False))
+    # (the int16 path off: it would take the float32 rows that the int8 path leaves)
+    on = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=True, gguf_int16=False))
+    off = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int8_dot=False, gguf_int16=False))
     low, high = gguf_module._VNNI_MIN_ROWS, gguf_module._VNNI_BF16_MAX_ROWS
     for rows, dtype, int8 in ((low - 1, torch.float32, False), (low, torch.float32, True),
                               (high + 1, torch.float32, True), (high, torch.bfloat16, True),
@@ -243,6 +244,96 @@ def test_int8_switch_routes_wide16_layers_by_rows(vnni_ops):
                     else vnni_ops.gguf_packed_linear(x, packed, qtype, 48)).to(dtype)
         assert torch.equal(on(x, packed, fmt, 48), expected), (rows, dtype)
         assert torch.equal(off(x, packed, fmt, 48), vnni_ops.gguf_packed_linear(x, packed, qtype, 48).to(dtype))
+
+
+# ---- float32 activations as 16-bit integers (AVX512_VNNI) ----------------------------------------------------
+
+
+def _int16_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation blocks in PyTorch: per 32 values s = max|x| / 32767 and a = x / s rounded to
+    nearest even, as float64 values ``s * a`` and the scales ``s`` [rows, K / 32]."""
+    blocks = x.double().view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    # the float32 quotients correctly rounded, as the kernel's divisions are (PyTorch's float32 division by a
+    # tensor multiplies by a reciprocal, one unit in the last place off at times)
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax)).float()
+    a = torch.round(x.view_as(blocks).float() * inv).clamp(-32767, 32767)
+    s = (amax / 32767.0).float().double()
+    return (a.double() * s).view_as(x), s.squeeze(-1)
+
+
+def _block_minimums(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """Each block's m in w = d * q + m, float64 [rows, K / 32]: Q4_1's stored minimum, Q4_0's -8 d, Q8_0's 0."""
+    fmt = KEPT_FORMATS[_qtype(name)]
+    view = blocks.view(blocks.shape[0], -1, fmt.type_size)
+    d = view[..., 0:2].contiguous().view(torch.float16).squeeze(-1).double()
+    if name == "Q4_1":
+        return view[..., 2:4].contiguous().view(torch.float16).squeeze(-1).double()
+    return -8 * d if name == "Q4_0" else torch.zeros_like(d)
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 64, 300])
+def test_packed_int16_linear_is_f_linear_on_the_int16_activations(name, rows, vnni_ops):
+    """``gguf_packed_linear_i16``: a weight block d * q + m times the activations as the kernel holds them (16-bit
+    integers times a per-block scale s) in its d * q part and times x itself in its m part (the block's sum of x in
+    float32), within float32 summation; and within the rounding's bound of plain float32 F.linear: each output off
+    by at most the sum over blocks of s / 2 * sum |d q| (s = the block's max|x| / 32767). 300 rows at K = 544 run
+    in two row chunks; 100 outputs leave the last group of 16 partial."""
+    qtype = _qtype(name)
+    for n, k in ((100, 544), (16, 1056), (37, 32)):
+        blocks = _blocks(name, n, k, seed=rows + k)
+        packed = pack_wide16(blocks, qtype)
+        weight = dequantize_blocks(blocks, qtype).double()
+        mins = _block_minimums(blocks, name).repeat_interleave(32, dim=1)  # [n, k]: each weight's m
+        gen = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) ** 3 * 4  # heavy-tailed rows
+        x[0, : min(k, 64)] = 0.0  # all-zero activation blocks: scale 0
+        out = vnni_ops.gguf_packed_linear_i16(x, packed, qtype, n)
+        assert out.dtype == torch.float32 and out.shape == (rows, n)
+        held, scales = _int16_activations(x)
+        expected = held @ (weight - mins).t() + x.double() @ mins.t()
+        # float32 summation, relative to the terms' magnitudes (Q4_0's -8 d and its codes' part nearly cancel)
+        magnitude = held.abs() @ (weight - mins).abs().t() + x.double().abs() @ mins.abs().t()
+        assert ((out.double() - expected).abs() <= 1e-5 * magnitude + 1e-12).all()
+        exact = x.double() @ weight.t()
+        bound = (scales / 2) @ (weight - mins).abs().view(n, -1, 32).sum(-1).t()  # [rows, n]
+        assert ((out.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all()
+    # bfloat16 rows are taken as their float32 values
+    xb = x.bfloat16()
+    assert torch.equal(vnni_ops.gguf_packed_linear_i16(xb, packed, qtype, n),
+                       vnni_ops.gguf_packed_linear_i16(xb.float(), packed, qtype, n))
+
+
+def test_packed_int16_linear_keeps_non_finite_rows_to_themselves(vnni_ops):
+    qtype = _qtype("Q4_1")
+    packed = pack_wide16(_blocks("Q4_1", 48, 128), qtype)
+    x = torch.randn(20, 128)
+    x[3, 5], x[7, 100] = float("nan"), float("inf")
+    out = vnni_ops.gguf_packed_linear_i16(x, packed, qtype, 48)
+    assert out[3].isnan().all() and out[7].isnan().all()
+    finite = [r for r in range(20) if r not in (3, 7)]
+    assert out[finite].isfinite().all()
+    assert torch.equal(out[finite], vnni_ops.gguf_packed_linear_i16(x[finite], packed, qtype, 48))
+
+
+def test_int16_switch_routes_float32_rows_by_count(vnni_ops):
+    from inferneo.quantization import gguf as gguf_module
+
+    on = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int16=True))
+    off = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int16=False))
+    low = gguf_module._INT16_MIN_ROWS
+    for name in WIDE16_FORMATS:
+        qtype = _qtype(name)
+        fmt = KEPT_FORMATS[qtype]
+        packed = pack_wide16(_blocks(name, 48, 256), qtype)
+        for rows, dtype, int16 in ((low - 1, torch.float32, False), (low, torch.float32, True),
+                                   (300, torch.float32, True), (300, torch.bfloat16, False)):
+            x = torch.randn(rows, 256).to(dtype)
+            exact = vnni_ops.gguf_packed_linear(x, packed, qtype, 48, bf16_out=dtype == torch.bfloat16).to(dtype)
+            expected = vnni_ops.gguf_packed_linear_i16(x, packed, qtype, 48) if int16 else exact
+            assert torch.equal(on(x, packed, fmt, 48), expected), (name, rows, dtype)
+            assert torch.equal(off(x, packed, fmt, 48), exact), (name, rows, dtype)
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------
@@ -317,3 +408,34 @@ def test_tied_q8_0_head_reads_wide16_tiles_and_gives_the_dequantized_tokens(tiny
         patch.setenv("INFERNEO_GGUF_DEQUANTIZE", "1")
         dequantized = LLM(str(path), dtype="float32")
     assert run_engine(llm, prompts) == run_engine(dequantized, prompts)
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+def test_int16_engine_scores_prompts_as_the_exact_path_does(name, wide16_files, vnni_ops, monkeypatch):
+    """The float32 engine with 16-bit activations at every row count against the exact path on the same file:
+    with the exact run's greedy tokens fed to both (prompt scoring, so prefill rows and the head), each position's
+    top choice and its log-probability. The random tiny weights leave near-ties, so a few choices may differ;
+    measured on a Zen 5: all 503 positions agreed for each format, the top log-probabilities within 6.2e-3, 1.05e-2
+    and 4.0e-3 nats (Q4_0, Q4_1, Q8_0); the test asks 98% and 2e-2."""
+    from inferneo import SamplingParams
+    from inferneo.quantization import gguf as gguf_module
+
+    path = wide16_files[name]
+    prompts = mixed_prompts(12, 300, seed=17)
+    exact_llm = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int16=False))
+    sequences = [list(p) + out for p, out in zip(prompts, run_engine(exact_llm, prompts), strict=True)]
+    monkeypatch.setattr(gguf_module, "_INT16_MIN_ROWS", 1)
+    int16_llm = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int16=True))
+
+    def scores(llm: LLM) -> list[tuple[int, float]]:
+        outs = llm.generate(sequences, SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)
+        return [next((t, lp.logprob) for t, lp in pos.items() if lp.rank == 1)
+                for o in outs for pos in o.prompt_logprobs[1:]]
+
+    exact, int16 = scores(exact_llm), scores(int16_llm)
+    agreeing = [(a, b) for a, b in zip(exact, int16, strict=True) if a[0] == b[0]]
+    worst = max(abs(a[1] - b[1]) for a, b in agreeing)
+    print(f"{name}: the int16 path's top choice is the exact path's at {len(agreeing)}/{len(exact)} positions; "
+          f"log-probabilities within {worst:.2e}")
+    assert len(agreeing) >= 0.98 * len(exact), (len(agreeing), len(exact))
+    assert worst <= 2e-2

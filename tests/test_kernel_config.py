@@ -28,6 +28,7 @@ SWITCHES = {
     "cuda_fused_routing": "INFERNEO_CUDA_FUSED_ROUTING",
     "gguf_int8_dot": "INFERNEO_GGUF_INT8_DOT",
     "gguf_wide16": "INFERNEO_GGUF_WIDE16",
+    "gguf_int16": "INFERNEO_GGUF_INT16",
 }
 
 

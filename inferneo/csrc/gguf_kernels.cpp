@@ -1322,6 +1322,8 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
                                      at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features);
+at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                  int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
                               int64_t inreg_max_rows, const std::string& isa, bool bf16_out);
 
@@ -1353,6 +1355,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,
         "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout, x quantized to int8 per 32-weight block "
         "(AVX512_VNNI; the same results as gguf_linear_int8 on the file's blocks)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
+  m.def("gguf_packed_linear_i16", &gguf_packed_linear_i16,
+        "x [M, K] @ W.T for Q4_0 / Q4_1 / Q8_0 weights in the wide16 layout, float32 x held as 16-bit integers per "
+        "32-weight block (AVX512_VNNI; each product within 2^-16 of its block's largest |x| of the float32 one)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
   m.def("gguf_packed_dequantize_kn", &gguf_packed_dequantize_kn,
         "wide16 tiles -> the weight transposed, [K, N] float32 or bfloat16 (for x @ W.T as x @ wt)",

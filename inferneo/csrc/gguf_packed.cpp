@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -254,18 +255,27 @@ GGUF_AVX512 void quantize_row_vnni(const float* x, int64_t nb, int8_t* q, float*
   }
 }
 
+// Block b of a group for the VNNI spreads: prefetches ahead, stores its 16 scales at dv[16 b] and minimums at mv[16 b]
+// (Q4_0: -8 d; Q8_0: none) and returns where its codes start.
+template <int kFmt>
+GGUF_AVX512 inline const uint8_t* spread_block_scales(const uint8_t* group, int64_t b, int64_t tile, float* dv,
+                                                      float* mv) {
+  const uint8_t* t = group + b * tile;
+  prefetch_tile_ahead(t, tile);
+  __m512 d, m;
+  const uint8_t* codes = tile_scales<kFmt>(t, d, m);
+  _mm512_storeu_ps(dv + 16 * b, d);
+  if constexpr (kFmt != kQ8_0) _mm512_storeu_ps(mv + 16 * b, kFmt == kQ4_1 ? m : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
+  return codes;
+}
+
 // A group's tiles as vpdpbusd operands: w[8 b + i] lane c = column c's codes of k = 32 b + 4 i + (0, 2, 1, 3);
 // dv / mv [16 b .. 16 b + 16) the block's scales and minimums (Q4_0: -8 d).
 template <int kFmt>
 GGUF_AVX512 void spread_group_vnni(const uint8_t* group, int64_t nb, int64_t tile, int32_t* w, float* dv, float* mv) {
   const __m512i low_nibbles = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* t = group + b * tile;
-    prefetch_tile_ahead(t, tile);
-    __m512 d, m;
-    const uint8_t* codes = tile_scales<kFmt>(t, d, m);
-    _mm512_storeu_ps(dv + 16 * b, d);
-    _mm512_storeu_ps(mv + 16 * b, kFmt == kQ4_1 ? m : _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
+    const uint8_t* codes = spread_block_scales<kFmt>(group, b, tile, dv, mv);
 #pragma GCC unroll 8
     for (int64_t i = 0; i < 8; ++i) {
       const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * i));       // k = 4i, 4i + 1
@@ -285,13 +295,96 @@ GGUF_AVX512VNNI inline void dpbusd_bcast(__m512i& sum, __m512i w, const int8_t* 
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
 }
 
-// Rows [0, MR) of the quantized activations (q: row stride K; d, s: row stride nb) times one spread group. Each
-// row's integer sum runs in two chains (k of even and odd i, added exactly before the conversion): with one chain
-// a row, eight rows keep too few vpdpbusd in flight for their latency. A chunk's float sum goes to y when the chunk
-// ends (stored after the first, added after that), as gguf_linear_int8 adds its chunks.
-template <int MR>
-GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* mv, int64_t nb, const int8_t* q,
-                                int64_t K, const float* da, const float* sa, float* y, int64_t ldy, int64_t cols) {
+// ---- float32 activations as 16-bit integers, with AVX512_VNNI ---------------------------------------------------
+//
+// Each float32 activation row is held per 32-weight block as x ~ s * a with s = max|x| / 32767 and a = x / s rounded
+// to nearest even (|a| <= 32767: every value within s / 2, i.e. 2^-16 of the block's largest magnitude, where int8
+// activations are within 2^-8 of it). A weight block w = d * q + m (Q4_0: q in 0..15 with m = -8 d; Q8_0: m = 0)
+// adds d * s * sum(q a) + m * sum(x), the block's sum of x taken in float32 from x itself, so only the products
+// are rounded. The integer sums run on vpdpwssd (two 16-bit products a lane): 32 multiply-adds an instruction
+// where float32 FMAs do 16, for about 5 float instructions a block and row to apply the scales. A group's codes
+// become one vpdpwssd operand per k pair (lane c: column c's codes of k = 2p and 2p + 1 as 16-bit integers) once
+// per call and row chunk, in an L1/L2 buffer that every activation row reuses.
+
+// One float32 row of K = 32 * nb as 16-bit integers (natural k order), each block's scale s and sum of x. A block
+// holding inf or NaN gets s = NaN, so that its outputs are NaN as the float path's would be non-finite.
+GGUF_AVX512 void quantize_row_i16(const float* x, int64_t nb, int16_t* a, float* s, float* sx) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float am = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const bool finite = am <= std::numeric_limits<float>::max();
+    const float inv = finite && am > 0.0f ? 32767.0f / am : 0.0f;
+    const __m512 iv = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 32 * b), _mm512_cvtsepi32_epi16(q0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 32 * b + 16), _mm512_cvtsepi32_epi16(q1));
+    s[b] = finite ? am / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+    sx[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+  }
+}
+
+// A group's tiles as vpdpwssd operands: w[16 b + p] lane c = column c's codes of k = 32 b + 2p (low 16 bits) and
+// 32 b + 2p + 1 (high 16 bits); dv / mv [16 b .. 16 b + 16) the block's scales and minimums (Q4_0: -8 d; Q8_0:
+// unused).
+template <int kFmt>
+GGUF_AVX512 void spread_group_i16(const uint8_t* group, int64_t nb, int64_t tile, int32_t* w, float* dv, float* mv) {
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* codes = spread_block_scales<kFmt>(group, b, tile, dv, mv);
+#pragma GCC unroll 8
+    for (int64_t p = 0; p < 16; ++p) {
+      __m512i v;
+      if constexpr (kFmt == kQ8_0) {  // 16 signed bytes of k = 2p, then 16 of k = 2p + 1
+        const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * p)));
+        const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * p + 16)));
+        v = _mm512_mask_blend_epi16(0xAAAAAAAA, lo, _mm512_slli_epi32(hi, 16));
+      } else {  // byte c: k = 2p in the low nibble, 2p + 1 in the high one -> (v | v << 12) & 0x000F000F
+        const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * p)));
+        v = _mm512_ternarylogic_epi32(u, _mm512_slli_epi32(u, 12), nibbles, 0xA8);
+      }
+      _mm512_storeu_si512(w + 16 * (16 * b + p), v);
+    }
+  }
+}
+
+// sum += w . the k pair at p (two 16-bit integers) broadcast to every lane, the broadcast inside the instruction (as
+// dpbusd_bcast does).
+GGUF_AVX512VNNI inline void dpwssd_bcast(__m512i& sum, __m512i w, const int16_t* p) {
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+
+// The integer dot products of the two VNNI paths, per activation type: int8 rows on vpdpbusd (four byte products a
+// lane, the weight codes unsigned), 16-bit rows on vpdpwssd (two). A 32-weight block is kOperands spread operands,
+// each against 4 bytes of the activation row.
+template <typename T>
+struct VnniDot;
+template <>
+struct VnniDot<int8_t> {
+  static constexpr int64_t kOperands = 8;
+  GGUF_AVX512VNNI __attribute__((always_inline)) static void add(__m512i& sum, __m512i w, const int8_t* p) {
+    dpbusd_bcast(sum, w, p);
+  }
+};
+template <>
+struct VnniDot<int16_t> {
+  static constexpr int64_t kOperands = 16;
+  GGUF_AVX512VNNI __attribute__((always_inline)) static void add(__m512i& sum, __m512i w, const int16_t* p) {
+    dpwssd_bcast(sum, w, p);
+  }
+};
+
+// Rows [0, MR) of the integer activations (q: row stride K; da (scales), sa (the m term's factor): row stride nb)
+// times one spread group. Each row's integer sum runs in two chains (even and odd operands, added exactly before the
+// conversion): with one chain a row, eight rows keep too few dot products in flight for their latency. On the int8
+// path a chunk's float sum goes to y when the chunk ends (stored after the first, added after that), as
+// gguf_linear_int8 adds its chunks, so that the results equal that kernel's bit for bit; the int16 path stores once
+// at the end (its chunk stores measured 5-8% slower at 64-256 rows). Q8_0 blocks have no m term. Kept out of line:
+// inlined into its caller's lambda, it measured 8-10% slower at 64-256 rows.
+template <int kFmt, int MR, typename T>
+GGUF_AVX512VNNI __attribute__((noinline)) void vnni_group(const int32_t* w, const float* dv, const float* mv, int64_t nb, const T* q, int64_t K,
+                                const float* da, const float* sa, float* y, int64_t ldy, int64_t cols) {
+  constexpr int64_t kOps = VnniDot<T>::kOperands, kPer = 32 / kOps;  // activations an operand covers
   const __mmask16 mask = lanes_mask(cols);
   __m512 acc[MR];
 #pragma GCC unroll 8
@@ -301,23 +394,25 @@ GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* 
     __m512i even[MR], odd[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) even[r] = odd[r] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int64_t i = 0; i < 8; i += 2) {
-      const __m512i w0 = _mm512_loadu_si512(w + 16 * (8 * b + i)), w1 = _mm512_loadu_si512(w + 16 * (8 * b + i + 1));
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < kOps; i += 2) {
+      const __m512i w0 = _mm512_loadu_si512(w + 16 * (kOps * b + i)),
+                    w1 = _mm512_loadu_si512(w + 16 * (kOps * b + i + 1));
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        dpbusd_bcast(even[r], w0, q + r * K + 32 * b + 4 * i);
-        dpbusd_bcast(odd[r], w1, q + r * K + 32 * b + 4 * i + 4);
+        VnniDot<T>::add(even[r], w0, q + r * K + 32 * b + kPer * i);
+        VnniDot<T>::add(odd[r], w1, q + r * K + 32 * b + kPer * (i + 1));
       }
     }
-    const __m512 d = _mm512_loadu_ps(dv + 16 * b), m = _mm512_loadu_ps(mv + 16 * b);
+    const __m512 d = _mm512_loadu_ps(dv + 16 * b);
+    const __m512 m = kFmt == kQ8_0 ? _mm512_setzero_ps() : _mm512_loadu_ps(mv + 16 * b);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
       acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(da[r * nb + b])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[r * nb + b]), acc[r]);
+      if constexpr (kFmt != kQ8_0) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[r * nb + b]), acc[r]);
     }
-    if ((b + 1) % kVnniChunkBlocks == 0 || b + 1 == nb) {
+    if ((std::is_same_v<T, int8_t> && (b + 1) % kVnniChunkBlocks == 0) || b + 1 == nb) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         float* yr = y + r * ldy;
@@ -327,6 +422,34 @@ GGUF_AVX512VNNI void vnni_group(const int32_t* w, const float* dv, const float* 
       first = false;
     }
   }
+}
+
+// Activation rows as the VNNI paths hold them: integers (row stride K), each block's scale and the factor of its
+// weights' m term (int8: d * sum(q), as llama.cpp; int16: the float32 sum of x).
+template <typename T>
+struct IntegerRows {
+  std::vector<T> values;
+  std::vector<float> scales, m_factors;
+};
+
+template <typename T>
+IntegerRows<T> integer_rows(const at::Tensor& x_in, int64_t nb) {
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = 32 * nb;
+  IntegerRows<T> rows{std::vector<T>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if constexpr (std::is_same_v<T, int8_t>) {
+        quantize_row_vnni(xp + r * K, nb, rows.values.data() + r * K, rows.scales.data() + r * nb,
+                          rows.m_factors.data() + r * nb);
+      } else {
+        quantize_row_i16(xp + r * K, nb, rows.values.data() + r * K, rows.scales.data() + r * nb,
+                         rows.m_factors.data() + r * nb);
+      }
+    }
+  });
+  return rows;
 }
 
 // ---- the whole weight de-quantized, for a dense matmul --------------------------------------------------------
@@ -534,33 +657,74 @@ at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& pac
   at::Tensor out = at::empty({M, N}, at::kFloat);
   if (M == 0) return out;
 #ifdef GGUF_X86
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const float* xp = x.data_ptr<float>();
-  std::vector<int8_t> q(M * K);
-  std::vector<float> da(M * nb), sa(M * nb);
-  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) quantize_row_vnni(xp + r * K, nb, q.data() + r * K, da.data() + r * nb,
-                                                        sa.data() + r * nb);
-  });
+  const IntegerRows<int8_t> rows = integer_rows<int8_t>(x_in, nb);
+  const int8_t* q = rows.values.data();
+  const float *da = rows.scales.data(), *sa = rows.m_factors.data();
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<int32_t> w(128 * nb);
     std::vector<float> dv(16 * nb), mv(16 * nb);
-    for (int64_t g = g0; g < g1; ++g) {
-      if (qtype == kQ4_1) {
-        spread_group_vnni<kQ4_1>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
-      } else {
-        spread_group_vnni<kQ4_0>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+    const auto run = [&](auto fmt) {
+      constexpr int kFmt = decltype(fmt)::value;
+      for (int64_t g = g0; g < g1; ++g) {
+        spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+        const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+        for (int64_t m = 0; m < M; m += 8) {
+          by_block_rows(std::min<int64_t>(8, M - m), [&](auto mr) {
+            vnni_group<kFmt, decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, q + m * K, K, da + m * nb,
+                                                  sa + m * nb, op + m * N + g * kGroupCols, N, cols);
+          });
+        }
       }
-      const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
-      for (int64_t m = 0; m < M; m += 8) {
-        by_block_rows(std::min<int64_t>(8, M - m), [&](auto mr) {
-          vnni_group<decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, q.data() + m * K, K, da.data() + m * nb,
-                                          sa.data() + m * nb, op + m * N + g * kGroupCols, N, cols);
-        });
-      }
+    };
+    if (qtype == kQ4_1) {
+      run(std::integral_constant<int, kQ4_1>{});
+    } else {
+      run(std::integral_constant<int, kQ4_0>{});
     }
+  });
+#endif
+  return out;
+}
+
+at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                  int64_t out_features) {
+  check_packed_arguments("GGUF packed int16 kernel", x_in, packed, qtype, out_features);
+  TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int16 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
+              "this CPU lacks");
+  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
+  const int64_t M = x_in.size(0);
+  at::Tensor out = at::empty({M, N}, at::kFloat);
+  if (M == 0) return out;
+#ifdef GGUF_X86
+  const IntegerRows<int16_t> rows = integer_rows<int16_t>(x_in, nb);
+  const int16_t* a = rows.values.data();
+  const float *s = rows.scales.data(), *sx = rows.m_factors.data();
+  // Rows in chunks whose 16-bit activations stay in a 1 MiB L2 (about 256 KB of them); each chunk spreads the
+  // group's codes again (a few instructions a weight, against 16 products a row).
+  const int64_t chunk_rows = std::max<int64_t>(8, (int64_t{256} << 10) / (2 * K) / 8 * 8);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<int32_t> w(256 * nb);
+    std::vector<float> dv(16 * nb), mv(16 * nb);
+    with_format(qtype, [&](auto fmt) {
+      constexpr int kFmt = decltype(fmt)::value;
+      for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
+        const int64_t r1 = std::min(M, r0 + chunk_rows);
+        for (int64_t g = g0; g < g1; ++g) {
+          spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+          const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+          for (int64_t m = r0; m < r1; m += 8) {
+            by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
+              vnni_group<kFmt, decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, a + m * K, K, s + m * nb,
+                                                    sx + m * nb, op + m * N + g * kGroupCols, N, cols);
+            });
+          }
+        }
+      }
+    });
   });
 #endif
   return out;

@@ -24,6 +24,7 @@ from inferneo.engine.scheduler import Scheduler
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
 from inferneo.pooling import lacks_output_head, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
+from inferneo.worker.memory import warm_up
 from inferneo.worker.model_runner import ModelRunner
 from inferneo.worker.runner_api import Runner
 
@@ -76,6 +77,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         lora_slots = _enable_lora(config, runner, max_batched)
         num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
         runner.allocate_kv_cache(num_blocks)
+        if device.type == "cpu" and isinstance(runner, ModelRunner):
+            seconds = warm_up(runner, max_batched, config.max_num_seqs)
+            logger.info("warm-up pass over %d tokens: %.2f s", max_batched, seconds)
     except BaseException:
         runner.shutdown()
         raise

@@ -125,6 +125,13 @@ _VNNI_MIN_ROWS = 4
 _VNNI_BF16_MAX_ROWS = 256
 _INT8_DOT_ROWS_VNNI: dict[int, tuple[tuple[int, int], ...]] = {8: ((1, 8),)}  # over _INT8_DOT_ROWS
 
+# With AVX512_VNNI (the int16 switch, on by default) float32 activations of wide16 layers are held as 16-bit
+# integers per 32-weight block from this many rows up (``gguf_packed_linear_i16``). Measured on a Zen 5 (2 vCPUs,
+# 2026-12-05, the default model's four Q4_1 shapes, 30 layers' weights cycled, two threads, glibc's thresholds as
+# the engine sets them): against the exact float32 path 0.6-0.95x at 1-8 rows (the codes are spread into vpdpwssd
+# operands at each call), 1.18x at 16 rows, 1.36x at 32, 1.41x at 64, 1.29x at 256.
+_INT16_MIN_ROWS = 16
+
 
 def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
     """The matmul over ggml blocks for ``device``: on CPU the native kernels where ``kernels`` allows them and
@@ -162,7 +169,8 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
     """The native matmul over wide16 tiles where Q4_0 / Q4_1 layers should be repacked at load: CPUs with the
     AVX-512 kernels and ``gguf_wide16`` and the native kernels on; with the int8 dot path on, only CPUs that also
     have AVX512_VNNI (its wide16 kernel; elsewhere the int8 path reads the file's layout); else None (the layers
-    keep the file's blocks)."""
+    keep the file's blocks). With ``gguf_int16`` and AVX512_VNNI, float32 activations of ``_INT16_MIN_ROWS`` rows
+    and more are multiplied as 16-bit integers per block (``gguf_packed_linear_i16``)."""
     if device.type != "cpu" or not (kernels.cpu_native_kernels and kernels.gguf_wide16):
         return None
     from inferneo.kernels.cpu_gguf import load_gguf_kernels
@@ -174,12 +182,15 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
         return None
 
     int8 = kernels.gguf_int8_dot
+    int16 = kernels.gguf_int16 and ops.gguf_packed_int8_available()
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
                dense_from: int | None = None) -> torch.Tensor:
         if (int8 and fmt.qtype != _Q8_0 and x.shape[0] >= _VNNI_MIN_ROWS
                 and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS)):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
+        elif int16 and x.dtype == torch.float32 and x.shape[0] >= _INT16_MIN_ROWS:
+            return ops.gguf_packed_linear_i16(x, tiles, fmt.qtype, rows)
         elif dense_from is not None and x.shape[0] >= dense_from:
             return torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
         else:  # bfloat16 rows come back rounded to bfloat16 by the kernel itself (no float32 copy to convert)
