@@ -10,7 +10,9 @@ within each repeat and the best repeat is kept, so a busy machine's noise hits t
 (and their ``_bf16`` twins) time the defaults instead: the file's blocks through ``gguf_linear``, against the Q4
 layers repacked at load into the wide16 layout (``gguf_packed_linear``); ``wide16_int8`` the same layers through the
 int8 dot products (``gguf_packed_linear_int8``: activations quantized per 32-weight block, AVX512_VNNI; the Q8_0
-head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows); ``wide16_dense`` /
+head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows); ``wide16_int16`` the same layers
+and the head with float32 activations held as 16-bit integers (``gguf_packed_linear_i16``, AVX512_VNNI: the engine's
+float32 default from 16 rows); ``wide16_dense`` /
 ``wide16_dense_bf16`` the same layers de-quantized at each call into ``[K, N]`` and multiplied by ``torch.mm``
 (oneDNN: the dense path ``quantization/gguf_dense.py`` measures against the panels where the CPU has AMX-BF16).
 
@@ -28,6 +30,7 @@ import torch
 from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.quantization.gguf_blocks import KEPT_FORMATS
 from inferneo.quantization.gguf_wide import pack_wide16, wide16_supported
+from inferneo.worker.cpu_tuning import keep_freed_memory_mapped
 
 NEVER = 1 << 30
 # (fused_max_rows, inreg_max_rows, panel_min_rows, panel isa, activation dtype) that force each path whatever the
@@ -50,7 +53,8 @@ PATHS.update({name: PATHS[base] for name, base in BUFFERED.items()})
 # blocks, "wide16" / "wide16_bf16" the Q4_0 / Q4_1 / Q8_0 layers (the Q8_0 head too) repacked at load
 # (gguf_packed_linear; AVX-512), other types as in "file"
 DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.float32,
-            "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16, "wide16_dense": torch.float32,
+            "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16, "wide16_int16": torch.float32,
+            "wide16_dense": torch.float32,
             "wide16_dense_bf16": torch.bfloat16}
 
 
@@ -68,6 +72,7 @@ def main() -> None:
         parser.error(f"--paths: unknown {', '.join(unknown)} (choose among {', '.join([*PATHS, *DEFAULTS])})")
     paths = {name: PATHS.get(name) for name in args.paths.split(",")}
     torch.set_num_threads(args.threads)
+    keep_freed_memory_mapped()  # glibc's thresholds as the engine sets them: no fresh pages for each call's buffers
     ops = load_gguf_kernels()
     if ops is None:
         raise SystemExit("the native GGUF kernels do not build here")
@@ -76,8 +81,9 @@ def main() -> None:
     wide = any(name.startswith("wide16") for name in paths)
     if wide and not ops.gguf_packed_available():
         raise SystemExit("the wide16 paths need AVX512F/BW/VL/DQ, which this CPU lacks")
-    if "wide16_int8" in paths and not ops.gguf_packed_int8_available():
-        raise SystemExit("the wide16_int8 path needs AVX512_VNNI, which this CPU lacks")
+    for name in ("wide16_int8", "wide16_int16"):
+        if name in paths and not ops.gguf_packed_int8_available():
+            raise SystemExit(f"the {name} path needs AVX512_VNNI, which this CPU lacks")
     if "wide16_dense_bf16" in paths and ops.gguf_isa() != "avx512_bf16":
         raise SystemExit("the wide16_dense_bf16 path needs AVX512_BF16, which this CPU lacks")
     tiles = [pack_wide16(blocks, qtype) if wide and wide16_supported(qtype) else None for blocks, qtype, _ in layers]
@@ -98,6 +104,8 @@ def main() -> None:
                         torch.mm(xs[k], ops.gguf_packed_dequantize_kn(packed, qtype, blocks.shape[0], xs[k].dtype))
                     elif name == "wide16_int8" and packed is not None and qtype != 8:  # Q4 only (Q8_0: exact)
                         ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
+                    elif name == "wide16_int16" and packed is not None:
+                        ops.gguf_packed_linear_i16(xs[k], packed, qtype, blocks.shape[0])
                     elif name.startswith("wide16") and packed is not None:
                         ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])
                     else:
