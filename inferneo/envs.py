@@ -72,7 +72,7 @@ def gguf_int8_dot() -> bool:
 def gguf_int16() -> bool:
     """INFERNEO_GGUF_INT16 (default on): on CPUs with AVX512_VNNI, GGUF layers held in the wide16 layout multiply
     float32 activations from 16 rows up as 16-bit integers per 32-weight block (each activation within 2^-16 of its
-    block's largest magnitude; integer dot products, 1.2-1.4x the exact float32 path per step of the default model;
+    block's largest magnitude; integer dot products, 1.1-1.4x the exact float32 path per step of the default model;
     ``quantization/gguf.py``); off, the exact float32 path at every row count. bfloat16 activations are unaffected."""
     return _flag("INFERNEO_GGUF_INT16", True)
 

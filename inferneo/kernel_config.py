@@ -71,7 +71,7 @@ class KernelConfig:
     #: file's layout unless the CPU has AVX512_VNNI); off, they stay in the file's block layout.
     gguf_wide16: bool = field(default_factory=envs.gguf_wide16)
     #: ``INFERNEO_GGUF_INT16`` (on): on CPUs with AVX512_VNNI, wide16 GGUF layers multiply float32 activations from
-    #: 16 rows up as 16-bit integers per 32-weight block (within 2^-16 of each block's largest magnitude; 1.2-1.4x
+    #: 16 rows up as 16-bit integers per 32-weight block (within 2^-16 of each block's largest magnitude; 1.1-1.4x
     #: the exact float32 path at 16-256 rows); off, the exact float32 path.
     gguf_int16: bool = field(default_factory=envs.gguf_int16)
 
