@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -197,6 +198,13 @@ GGUF_AVX512BF16 void build_panel_bf16(const uint8_t* packed, int64_t groups, int
   build_panel<kFmt, Bfloat16Panel>(packed, groups, nb, tile, t, panel);
 }
 
+// A buffer that the kernel writes in full before reading: allocated without the zero-fill a std::vector does (for
+// the panels, a quarter megabyte a call and thread).
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
 // Triples [t0, t1) times all M rows, in chunks of triples whose panels fit in about 256 KB (as wide_panel_groups in
 // gguf_kernels.cpp goes: a long prompt's rows are read once per chunk rather than once per 48 columns).
 template <int kFmt, bool kBf16, typename OutT>
@@ -204,17 +212,17 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
                                const void* x, int64_t M, OutT* out, int64_t t0, int64_t t1) {
   const int64_t K = 32 * nb, panel_words = kBf16 ? kWideCols * K / 2 : kWideCols * K;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
-  std::vector<uint32_t> panels(chunk * panel_words);
+  const std::unique_ptr<uint32_t[]> panels = uninitialized<uint32_t>(chunk * panel_words);
   for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
     const int64_t count = std::min(chunk, t1 - c0);
     for (int64_t i = 0; i < count; ++i) {
       if constexpr (kBf16) {
-        build_panel_bf16<kFmt>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+        build_panel_bf16<kFmt>(packed, groups, nb, tile, c0 + i, panels.get() + i * panel_words);
       } else {
-        build_panel_f32<kFmt>(packed, groups, nb, tile, c0 + i, panels.data() + i * panel_words);
+        build_panel_f32<kFmt>(packed, groups, nb, tile, c0 + i, panels.get() + i * panel_words);
       }
     }
-    wide_panels_times_rows<kBf16>(panels.data(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
+    wide_panels_times_rows<kBf16>(panels.get(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
   }
 }
 
@@ -428,24 +436,24 @@ GGUF_AVX512VNNI __attribute__((noinline)) void vnni_group(const int32_t* w, cons
 // weights' m term (int8: d * sum(q), as llama.cpp; int16: the float32 sum of x).
 template <typename T>
 struct IntegerRows {
-  std::vector<T> values;
-  std::vector<float> scales, m_factors;
+  std::unique_ptr<T[]> values;
+  std::unique_ptr<float[]> scales, m_factors;
 };
 
 template <typename T>
 IntegerRows<T> integer_rows(const at::Tensor& x_in, int64_t nb) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = 32 * nb;
-  IntegerRows<T> rows{std::vector<T>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  IntegerRows<T> rows{uninitialized<T>(M * K), uninitialized<float>(M * nb), uninitialized<float>(M * nb)};
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (std::is_same_v<T, int8_t>) {
-        quantize_row_vnni(xp + r * K, nb, rows.values.data() + r * K, rows.scales.data() + r * nb,
-                          rows.m_factors.data() + r * nb);
+        quantize_row_vnni(xp + r * K, nb, rows.values.get() + r * K, rows.scales.get() + r * nb,
+                          rows.m_factors.get() + r * nb);
       } else {
-        quantize_row_i16(xp + r * K, nb, rows.values.data() + r * K, rows.scales.data() + r * nb,
-                         rows.m_factors.data() + r * nb);
+        quantize_row_i16(xp + r * K, nb, rows.values.get() + r * K, rows.scales.get() + r * nb,
+                         rows.m_factors.get() + r * nb);
       }
     }
   });
@@ -658,21 +666,21 @@ at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& pac
   if (M == 0) return out;
 #ifdef GGUF_X86
   const IntegerRows<int8_t> rows = integer_rows<int8_t>(x_in, nb);
-  const int8_t* q = rows.values.data();
-  const float *da = rows.scales.data(), *sa = rows.m_factors.data();
+  const int8_t* q = rows.values.get();
+  const float *da = rows.scales.get(), *sa = rows.m_factors.get();
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<int32_t> w(128 * nb);
-    std::vector<float> dv(16 * nb), mv(16 * nb);
+    const std::unique_ptr<int32_t[]> w = uninitialized<int32_t>(128 * nb);
+    const std::unique_ptr<float[]> dv = uninitialized<float>(16 * nb), mv = uninitialized<float>(16 * nb);
     const auto run = [&](auto fmt) {
       constexpr int kFmt = decltype(fmt)::value;
       for (int64_t g = g0; g < g1; ++g) {
-        spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+        spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
         const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
         for (int64_t m = 0; m < M; m += 8) {
           by_block_rows(std::min<int64_t>(8, M - m), [&](auto mr) {
-            vnni_group<kFmt, decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, q + m * K, K, da + m * nb,
+            vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, q + m * K, K, da + m * nb,
                                                   sa + m * nb, op + m * N + g * kGroupCols, N, cols);
           });
         }
@@ -699,26 +707,26 @@ at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& pack
   if (M == 0) return out;
 #ifdef GGUF_X86
   const IntegerRows<int16_t> rows = integer_rows<int16_t>(x_in, nb);
-  const int16_t* a = rows.values.data();
-  const float *s = rows.scales.data(), *sx = rows.m_factors.data();
+  const int16_t* a = rows.values.get();
+  const float *s = rows.scales.get(), *sx = rows.m_factors.get();
   // Rows in chunks whose 16-bit activations stay in a 1 MiB L2 (about 256 KB of them); each chunk spreads the
   // group's codes again (a few instructions a weight, against 16 products a row).
   const int64_t chunk_rows = std::max<int64_t>(8, (int64_t{256} << 10) / (2 * K) / 8 * 8);
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<int32_t> w(256 * nb);
-    std::vector<float> dv(16 * nb), mv(16 * nb);
+    const std::unique_ptr<int32_t[]> w = uninitialized<int32_t>(256 * nb);
+    const std::unique_ptr<float[]> dv = uninitialized<float>(16 * nb), mv = uninitialized<float>(16 * nb);
     with_format(qtype, [&](auto fmt) {
       constexpr int kFmt = decltype(fmt)::value;
       for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
         const int64_t r1 = std::min(M, r0 + chunk_rows);
         for (int64_t g = g0; g < g1; ++g) {
-          spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.data(), dv.data(), mv.data());
+          spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
           const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
           for (int64_t m = r0; m < r1; m += 8) {
             by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
-              vnni_group<kFmt, decltype(mr)::value>(w.data(), dv.data(), mv.data(), nb, a + m * K, K, s + m * nb,
+              vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, a + m * K, K, s + m * nb,
                                                     sx + m * nb, op + m * N + g * kGroupCols, N, cols);
             });
           }
