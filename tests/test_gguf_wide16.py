@@ -439,3 +439,17 @@ def test_int16_engine_scores_prompts_as_the_exact_path_does(name, wide16_files, 
           f"log-probabilities within {worst:.2e}")
     assert len(agreeing) >= 0.98 * len(exact), (len(agreeing), len(exact))
     assert worst <= 2e-2
+
+
+def test_the_wide16_paths_are_logged_by_what_the_cpu_has(caplog):
+    from inferneo.quantization import gguf as gguf_module
+
+    note = gguf_module._note_wide16_paths.__wrapped__  # the cached one logs once a process
+    with caplog.at_level("INFO", logger="inferneo.quantization.gguf"):
+        note("avx512_bf16", False, True)
+        note("avx512", False, False)
+        note("avx512_bf16", True, False)
+    first, second, third = (r.getMessage() for r in caplog.records)
+    assert "16-bit integer activations (AVX512_VNNI) from 16 rows" in first and "AVX512_BF16 pair panels" in first
+    assert "exact AVX-512 float32 kernels" in second and "AVX-512 float32 panels (widened rows)" in second
+    assert "int8 dot products (AVX512_VNNI) from 4 rows" in third and "int8 dot products up to 256 rows" in third

@@ -183,6 +183,7 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
 
     int8 = kernels.gguf_int8_dot
     int16 = kernels.gguf_int16 and ops.gguf_packed_int8_available()
+    _note_wide16_paths(ops.gguf_isa(), int8, int16)
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
                dense_from: int | None = None) -> torch.Tensor:
@@ -345,6 +346,18 @@ def _dequantize_without_kernels(layer: QuantizedLinear) -> None:
         delattr(layer, seg.buffer)
     layer.gguf_segments = ()
     layer.register_buffer("dense_weight", dense)
+
+
+@functools.cache
+def _note_wide16_paths(isa: str, int8: bool, int16: bool) -> None:
+    """Log once a process which wide16 products its GGUF layers take on this CPU (issue 23: the choice, logged)."""
+    float32 = ("int8 dot products (AVX512_VNNI) from 4 rows" if int8
+               else f"16-bit integer activations (AVX512_VNNI) from {_INT16_MIN_ROWS} rows" if int16
+               else "the exact AVX-512 float32 kernels")
+    bfloat16 = ("int8 dot products up to 256 rows" if int8
+                else "AVX512_BF16 pair panels" if isa == "avx512_bf16" else "AVX-512 float32 panels (widened rows)")
+    logger.info("GGUF layers in the wide16 layout: float32 activations take %s, bfloat16 ones %s (a few rows: the "
+                "exact in-register path)", float32, bfloat16)
 
 
 @functools.cache
