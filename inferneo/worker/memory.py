@@ -57,10 +57,10 @@ def profile_peak_memory(runner: ModelRunner, max_num_batched_tokens: int, max_nu
 
 
 @torch.inference_mode()
-def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.Tensor | None:
-    """One forward pass over ``num_tokens`` prompt tokens (in spans no longer than the context) plus logits and
-    a sort for ``num_seqs`` rows, writing K/V into a small scratch cache. Returns the logits (None on a
-    tensor-parallel worker, which sends its share to the driver)."""
+def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int, top_p_sort: bool = True) -> torch.Tensor | None:
+    """One forward pass over ``num_tokens`` prompt tokens (in spans no longer than the context) plus logits for
+    ``num_seqs`` rows and (``top_p_sort``) the sampler's top-p sort of them, writing K/V into a small scratch cache.
+    Returns the logits (None on a tensor-parallel worker, which sends its share to the driver)."""
     bs, device = runner.block_size, runner.device
     span_len = max(1, runner.max_model_len - 1)
     lengths = [min(span_len, num_tokens - s) for s in range(0, num_tokens, span_len)]
@@ -88,7 +88,7 @@ def dummy_prefill(runner: ModelRunner, num_tokens: int, num_seqs: int) -> torch.
             return None
     rows = hidden[-min(num_seqs, num_tokens):]
     logits = runner.model.compute_logits(rows)  # None on a tensor-parallel worker: the driver samples
-    if logits is not None:
+    if logits is not None and top_p_sort:
         logits.sort(dim=-1)[0].softmax(dim=-1).cumsum(dim=-1)  # the sampler's top-p path, the heaviest one
     return logits
 
@@ -100,8 +100,10 @@ def warm_up(runner: ModelRunner, num_tokens: int, num_seqs: int) -> float:
     size (``cpu_tuning.keep_freed_memory_mapped`` keeps it from then on, but ``release_freed_memory`` handed the
     loading's pages back) and the kernel zeroes each new page on first touch. On a Zen 5, 5% of a first offline run's
     samples were ``clear_page``, against 0.1% in the run after it, and the first run was 8-15% slower. One worst-case
-    pass at start-up grows the heap before the first request, as CUDA's profiling pass does on GPUs.
+    pass at start-up grows the heap before the first request, as CUDA's profiling pass does on GPUs. Without the
+    top-p sort: its buffers (12 bytes a logit: 150 MB at 256 rows of a 49,152-token vocabulary) would stay resident
+    for requests that may never ask for top-p.
     """
     start = time.perf_counter()
-    dummy_prefill(runner, num_tokens, num_seqs)
+    dummy_prefill(runner, num_tokens, num_seqs, top_p_sort=False)
     return time.perf_counter() - start
