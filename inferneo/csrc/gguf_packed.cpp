@@ -36,7 +36,6 @@
 #include <memory>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "gguf_wide_panels.h"
 
@@ -609,16 +608,16 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   // A few rows: bfloat16 rows are widened here (exactly: a shift) rather than through a PyTorch conversion, whose
   // dispatch cost about as much as a small layer's products at one row.
   const at::Tensor x_c = bf16_x || x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  std::vector<float> widened;
+  std::unique_ptr<float[]> widened;
   const float* xp = nullptr;
   if (bf16_x) {
-    widened.resize(M * K);
+    widened = uninitialized<float>(M * K);
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x_c.data_ptr<at::BFloat16>());
     for (int64_t i = 0; i < M * K; ++i) {
       const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
       std::memcpy(&widened[i], &bits, sizeof(float));
     }
-    xp = widened.data();
+    xp = widened.get();
   } else {  // float32 rows as they are (float16 ones converted above)
     xp = x_c.data_ptr<float>();
   }
@@ -654,44 +653,66 @@ bool gguf_packed_int8_available() {
 #endif
 }
 
-at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
-                                   int64_t out_features) {
-  check_packed_arguments("GGUF packed int8 kernel", x_in, packed, qtype, out_features);
-  TORCH_CHECK(qtype != kQ8_0, "GGUF packed int8 kernel: Q4_0 and Q4_1 only (Q8_0 = 8 runs gguf_packed_linear)");
-  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
-  TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int8 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
-              "this CPU lacks");
-  const int64_t M = x_in.size(0);
-  at::Tensor out = at::empty({M, N}, at::kFloat);
-  if (M == 0) return out;
 #ifdef GGUF_X86
-  const IntegerRows<int8_t> rows = integer_rows<int8_t>(x_in, nb);
-  const int8_t* q = rows.values.get();
+namespace {
+
+// The body of both VNNI entry points: x as T rows (integer_rows), each thread's groups spread into a buffer that
+// every activation row of a chunk of `chunk_rows` reuses (spread_group_vnni for int8 rows, spread_group_i16 for
+// 16-bit ones), vnni_group eight rows at a time, into out [M, N] float32. Q8_0 comes here only with 16-bit rows
+// (the int8 entry refuses it).
+template <typename T>
+void vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t chunk_rows, at::Tensor& out) {
+  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), M = out.size(0),
+                N = out.size(1);
+  const IntegerRows<T> rows = integer_rows<T>(x_in, nb);
+  const T* q = rows.values.get();
   const float *da = rows.scales.get(), *sa = rows.m_factors.get();
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    const std::unique_ptr<int32_t[]> w = uninitialized<int32_t>(128 * nb);
+    const std::unique_ptr<int32_t[]> w = uninitialized<int32_t>(16 * VnniDot<T>::kOperands * nb);
     const std::unique_ptr<float[]> dv = uninitialized<float>(16 * nb), mv = uninitialized<float>(16 * nb);
-    const auto run = [&](auto fmt) {
+    with_format(qtype, [&](auto fmt) {
       constexpr int kFmt = decltype(fmt)::value;
-      for (int64_t g = g0; g < g1; ++g) {
-        spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
-        const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
-        for (int64_t m = 0; m < M; m += 8) {
-          by_block_rows(std::min<int64_t>(8, M - m), [&](auto mr) {
-            vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, q + m * K, K, da + m * nb,
-                                                  sa + m * nb, op + m * N + g * kGroupCols, N, cols);
-          });
+      if constexpr (std::is_same_v<T, int8_t> && kFmt == kQ8_0) {
+        return;  // refused by gguf_packed_linear_int8
+      } else {
+        for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
+          const int64_t r1 = std::min(M, r0 + chunk_rows);
+          for (int64_t g = g0; g < g1; ++g) {
+            if constexpr (std::is_same_v<T, int8_t>) {
+              spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
+            } else {
+              spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
+            }
+            const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+            for (int64_t m = r0; m < r1; m += 8) {
+              by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
+                vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, q + m * K, K, da + m * nb,
+                                                      sa + m * nb, op + m * N + g * kGroupCols, N, cols);
+              });
+            }
+          }
         }
       }
-    };
-    if (qtype == kQ4_1) {
-      run(std::integral_constant<int, kQ4_1>{});
-    } else {
-      run(std::integral_constant<int, kQ4_0>{});
-    }
+    });
   });
+}
+
+}  // namespace
+#endif
+
+at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                   int64_t out_features) {
+  check_packed_arguments("GGUF packed int8 kernel", x_in, packed, qtype, out_features);
+  TORCH_CHECK(qtype != kQ8_0, "GGUF packed int8 kernel: Q4_0 and Q4_1 only (Q8_0 = 8 runs gguf_packed_linear)");
+  TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int8 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
+              "this CPU lacks");
+  const int64_t M = x_in.size(0);
+  at::Tensor out = at::empty({M, out_features}, at::kFloat);
+  if (M == 0) return out;
+#ifdef GGUF_X86
+  vnni_linear<int8_t>(x_in, packed, qtype, M, out);  // every row in one chunk: each group spread once a call
 #endif
   return out;
 }
@@ -701,39 +722,14 @@ at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& pack
   check_packed_arguments("GGUF packed int16 kernel", x_in, packed, qtype, out_features);
   TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int16 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
               "this CPU lacks");
-  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
   const int64_t M = x_in.size(0);
-  at::Tensor out = at::empty({M, N}, at::kFloat);
+  at::Tensor out = at::empty({M, out_features}, at::kFloat);
   if (M == 0) return out;
 #ifdef GGUF_X86
-  const IntegerRows<int16_t> rows = integer_rows<int16_t>(x_in, nb);
-  const int16_t* a = rows.values.get();
-  const float *s = rows.scales.get(), *sx = rows.m_factors.get();
   // Rows in chunks whose 16-bit activations stay in a 1 MiB L2 (about 256 KB of them); each chunk spreads the
   // group's codes again (a few instructions a weight, against 16 products a row).
-  const int64_t chunk_rows = std::max<int64_t>(8, (int64_t{256} << 10) / (2 * K) / 8 * 8);
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    const std::unique_ptr<int32_t[]> w = uninitialized<int32_t>(256 * nb);
-    const std::unique_ptr<float[]> dv = uninitialized<float>(16 * nb), mv = uninitialized<float>(16 * nb);
-    with_format(qtype, [&](auto fmt) {
-      constexpr int kFmt = decltype(fmt)::value;
-      for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
-        const int64_t r1 = std::min(M, r0 + chunk_rows);
-        for (int64_t g = g0; g < g1; ++g) {
-          spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
-          const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
-          for (int64_t m = r0; m < r1; m += 8) {
-            by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
-              vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, a + m * K, K, s + m * nb,
-                                                    sx + m * nb, op + m * N + g * kGroupCols, N, cols);
-            });
-          }
-        }
-      }
-    });
-  });
+  const int64_t K = 32 * packed.size(1);
+  vnni_linear<int16_t>(x_in, packed, qtype, std::max<int64_t>(8, (int64_t{256} << 10) / (2 * K) / 8 * 8), out);
 #endif
   return out;
 }
