@@ -446,7 +446,8 @@ def test_int8_dot_engine_agrees_with_the_exact_path_on_most_tokens(gguf_files, f
     _int8_kernels(native)
     path = gguf_files[file_type]
     prompts = mixed_prompts(16, 300, seed=13)
-    exact_llm = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=False))
+    # the exact path: neither int8 nor (on AVX512_VNNI CPUs, by default) 16-bit integer activations
+    exact_llm = LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=False, gguf_int16=False))
     sequences = [list(p) + out for p, out in zip(prompts, run_engine(exact_llm, prompts), strict=True)]
     monkeypatch.setattr(gguf_module, "_INT8_DOT_ROWS", dict.fromkeys((2, 3, 8), ((1, 1 << 30),)))
     monkeypatch.setattr(gguf_module, "_INT8_DOT_ROWS_VNNI", {})  # the Q8_0 head's AVX-512 range: every row here too
