@@ -293,3 +293,52 @@ def test_vector_paths_of_this_cpu_are_built_and_match_reference(isa):
     got = torch.empty_like(q)
     kernels.paged_decode_attention(q, _to_native_layout(kv), meta.decode_block_tables, meta.decode_seq_lens, 0.3, got)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 63, 64, 65, 1000, 49152])
+def test_argmax_rows_picks_what_torch_argmax_picks(vocab):
+    """The sampler's native argmax: torch.argmax(dim=-1)'s index for every row, with ties (the lowest index wins),
+    a NaN (the first NaN wins, anywhere in the row), rows of -inf only, +inf, and rows taken from a wider tensor
+    (a row stride larger than the vocabulary)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = torch.randn(12, vocab + 5, generator=gen)[:, :vocab]  # strided rows
+    rows[1] = rows[1].round()  # many exact ties
+    rows[2] = 3.0  # every entry tied
+    rows[3] = float("-inf")
+    if vocab > 1:
+        rows[4, vocab // 2] = float("inf")
+        rows[5, vocab - 1] = float("nan")
+        rows[6, vocab // 3] = float("nan")
+        rows[6, vocab - 1] = float("nan")
+        rows[7, 0] = float("nan")
+        rows[8, vocab - 1] = rows[8].max() + 1  # the maximum in the last lane
+        rows[9, [vocab // 4, vocab - 2]] = rows[9].max() + 1  # a tie of two maxima far apart
+    assert rows.stride(0) == vocab + 5
+    got = kernels.argmax_rows(rows)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, rows.argmax(dim=-1))
+    assert torch.equal(kernels.argmax_rows(rows.contiguous()), rows.argmax(dim=-1))
+    assert kernels.argmax_rows(torch.empty(0, vocab)).shape == (0,)
+
+
+def test_argmax_rows_refuses_what_it_cannot_read():
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.argmax_rows(torch.zeros(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="unit inner stride"):
+        kernels.argmax_rows(torch.zeros(8, 2).t())
+    with pytest.raises(RuntimeError, match="zero length"):
+        kernels.argmax_rows(torch.zeros(2, 0))
+
+
+def test_the_cpu_sampler_takes_the_native_argmax_and_agrees_with_torch():
+    """The CPU engine's sampler argmax is the native kernel for contiguous float32 rows and torch.argmax for
+    anything else (other dtypes, 1-D input); both give torch.argmax's choice."""
+    from inferneo.kernels.cpu import argmax_rows_for
+
+    argmax = argmax_rows_for(torch.device("cpu"))
+    assert argmax is not None
+    assert argmax_rows_for(torch.device("meta")) is None
+    x = torch.randn(5, 300)
+    x[2, 10] = x[2, 200] = x[2].max() + 1
+    for value in (x, x.bfloat16(), x.double(), x[0]):
+        assert torch.equal(argmax(value), value.argmax(dim=-1))

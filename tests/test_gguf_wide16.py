@@ -104,6 +104,26 @@ def test_q8_0_rows_gathered_from_tiles_are_the_files_blocks(rows):
     assert torch.equal(wide16_rows(packed, _qtype("Q8_0"), torch.arange(rows)), blocks)
 
 
+@pytest.mark.parametrize("rows", [1, 16, 37, 300])
+def test_q8_0_rows_looked_up_natively_are_the_files_values(rows, wide16_ops):
+    """``gguf_packed_rows_q8_0`` (the tied embedding's lookup) gives, bit for bit, the float32 values that
+    ``dequantize_blocks`` computes from the file's blocks, for any ids (repeated, first and last row, the padded
+    last group), and refuses an id outside the table."""
+    blocks = _blocks("Q8_0", rows, 96, seed=rows)
+    view = blocks.view(rows, -1, 34)
+    view[0, 1, 0:2] = torch.tensor([-2.5e-3], dtype=torch.float16).view(torch.uint8)  # a negative scale
+    view[-1, 2, 2:] = torch.tensor([-128, 127] * 16, dtype=torch.int8).view(torch.uint8)  # the extreme codes
+    packed = pack_wide16(blocks, _qtype("Q8_0"))
+    ids = torch.cat([torch.tensor([rows - 1, 0, rows // 2, rows - 1]), torch.randint(0, rows, (50,))])
+    got = wide16_ops.gguf_packed_rows_q8_0(packed, ids, rows)
+    assert got.dtype == torch.float32 and got.shape == (len(ids), 96)
+    assert torch.equal(got, dequantize_blocks(blocks[ids], _qtype("Q8_0")))
+    assert wide16_ops.gguf_packed_rows_q8_0(packed, torch.empty(0, dtype=torch.long), rows).shape == (0, 96)
+    for bad in (rows, -1):
+        with pytest.raises(RuntimeError, match=f"id {bad} is out of range for {rows} rows"):
+            wide16_ops.gguf_packed_rows_q8_0(packed, torch.tensor([0, bad]), rows)
+
+
 # ---- the kernels -----------------------------------------------------------------------------------------------
 
 
@@ -399,7 +419,11 @@ def test_tied_q8_0_head_reads_wide16_tiles_and_gives_the_dequantized_tokens(tiny
     assert embedding_and_head(LLM(str(path), dtype="float32", kernels=KernelConfig(gguf_int8_dot=True)))[0].layout == "ggml"
     assert torch.equal(emb.ggml_blocks(), emb_off.qweight)  # held once, the same blocks
     ids = torch.tensor([[0, 5, 17], [emb.num_embeddings - 1, 3, 3]])
+    assert emb.native_rows is not None  # the lookup through the native kernel
     assert torch.equal(emb(ids), emb_off(ids))
+    with monkeypatch.context() as patch:  # the same rows gathered from the tiles by PyTorch
+        patch.setattr(emb, "native_rows", None)
+        assert torch.equal(emb(ids), emb_off(ids))
     assert torch.equal(head.method.dequantized_weight(head), head_off.method.dequantized_weight(head_off))
     x = torch.randn(7, emb.embedding_dim, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(head(x), head_off(x), rtol=0, atol=1e-5 * head_off(x).abs().max().item())

@@ -256,14 +256,14 @@ def test_two_engines_in_one_process_use_their_own_kernels(tiny_checkpoint_factor
     kinds = {name: {type(m).__name__ for m in llm.engine.runner.model.modules()}
              for name, llm in (("fast", fast), ("plain", plain))}
     if fast.engine.runner.backend.name == "cpu":  # the native kernels built here
-        assert {"NativeRMSNorm", "NativeSiluAndMul", "InplaceRotaryAttention"} <= kinds["fast"]
-        assert not {"RMSNorm", "SiluAndMul", "Attention"} & kinds["fast"]
+        assert {"NativeRMSNorm", "NativeSiluAndMul", "InplaceRotaryAttention", "NativeDecoderLayer"} <= kinds["fast"]
+        assert not {"RMSNorm", "SiluAndMul", "Attention", "DecoderLayer"} & kinds["fast"]
     assert kinds["fast"] & {"PackedLinear", "PanelLinear"} and "Linear" not in kinds["fast"]
     assert "RowPassMLP" in kinds["fast"]
     assert plain.engine.runner.backend.name == "torch"
-    assert kinds["plain"] >= {"RMSNorm", "SiluAndMul", "Attention", "MLP", "Linear"}
+    assert kinds["plain"] >= {"RMSNorm", "SiluAndMul", "Attention", "MLP", "Linear", "DecoderLayer"}
     assert not kinds["plain"] & {"NativeRMSNorm", "NativeSiluAndMul", "InplaceRotaryAttention", "RowPassMLP",
-                                 "PackedLinear", "PanelLinear"}
+                                 "PackedLinear", "PanelLinear", "NativeDecoderLayer"}
     prompts = mixed_prompts(8, 300, seed=9, shared_prefix=20)
     expected = [hf_greedy(path, p) for p in prompts]
     assert run_engine(fast, prompts) == expected

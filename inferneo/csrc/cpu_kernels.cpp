@@ -1313,6 +1313,78 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, c10::optional<
 #endif
 }
 
+// The first index of a row's largest value, as torch.argmax picks it: ties go to the lowest index and a NaN counts
+// as larger than every number (the row's first NaN wins). One pass finds the maximum (NaN kept out of it) and
+// whether the row holds a NaN, a second the first index holding the maximum (or the first NaN).
+#ifdef __AVX512F__
+// The first min(n, 16) of 16 lanes.
+inline __mmask16 lanes_mask16(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+int64_t row_argmax(const float* row, int64_t V) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = minus_inf, m1 = minus_inf, m2 = minus_inf, m3 = minus_inf;
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 64 <= V; i += 64) {  // four accumulators: max_ps's latency, not its throughput, would bound one
+    const __m512 a = _mm512_loadu_ps(row + i), b = _mm512_loadu_ps(row + i + 16), c = _mm512_loadu_ps(row + i + 32),
+                 d = _mm512_loadu_ps(row + i + 48);
+    m0 = _mm512_max_ps(a, m0);  // a NaN in the first operand yields the second: the maximum never turns NaN
+    m1 = _mm512_max_ps(b, m1);
+    m2 = _mm512_max_ps(c, m2);
+    m3 = _mm512_max_ps(d, m3);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+  }
+  for (; i < V; i += 16) {
+    const __mmask16 valid = lanes_mask16(V - i);
+    const __m512 a = _mm512_mask_loadu_ps(minus_inf, valid, row + i);
+    m0 = _mm512_max_ps(a, m0);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3))));
+  for (int64_t j = 0; j < V; j += 16) {
+    const __m512 a = _mm512_maskz_loadu_ps(lanes_mask16(V - j), row + j);
+    const __mmask16 hit = (nan ? _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(a, best, _CMP_EQ_OQ)) &
+                          lanes_mask16(V - j);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+  return 0;  // not reached: the maximum (or the NaN) is in the row
+}
+#else
+int64_t row_argmax(const float* row, int64_t V) {
+  float best = row[0];
+  int64_t index = 0;
+  if (best != best) return 0;
+  for (int64_t i = 1; i < V; ++i) {
+    const float v = row[i];
+    if (v != v) return i;
+    if (v > best) {
+      best = v;
+      index = i;
+    }
+  }
+  return index;
+}
+#endif
+
+// Row-wise argmax of float32 [rows, V] (unit inner stride) -> int64 [rows] (row_argmax), rows shared between the
+// threads. torch's reduction keeps an index beside every lane and took 0.6 ms on a [48, 49152] batch of logits on
+// two Zen 5 cores, about a fifth of it in every greedy decode step of a small model.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "argmax_rows: x must be a CPU float32 [rows, V] tensor with unit inner stride");
+  const int64_t rows = x.size(0), V = x.size(1), ld = x.stride(0);
+  TORCH_CHECK(V > 0, "argmax_rows: rows of zero length have no argmax");
+  torch::Tensor out = torch::empty({rows}, torch::kLong);
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * ld, V);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "Write new keys and values into their paged-cache slots (FP8: quantized)",
         py::arg("k"), py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
@@ -1332,4 +1404,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear,
         "x @ W^T (+ bias), float32 or bfloat16, W packed in panels of panel_width() columns",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("N"), py::arg("out") = py::none());
+  m.def("argmax_rows", &argmax_rows, "The first index of each row's maximum (torch.argmax(dim=-1)'s choice, NaN "
+        "first), float32 [rows, V]", py::arg("x"));
 }

@@ -1322,6 +1322,7 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
                                      at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features);
+at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids, int64_t num_rows);
 at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                   int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
@@ -1363,6 +1364,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_packed_dequantize_kn", &gguf_packed_dequantize_kn,
         "wide16 tiles -> the weight transposed, [K, N] float32 or bfloat16 (for x @ W.T as x @ wt)",
         py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("dtype"));
+  m.def("gguf_packed_rows_q8_0", &gguf_packed_rows_q8_0,
+        "rows `ids` of Q8_0 weights in the wide16 layout, de-quantized to float32 [len(ids), K] (an embedding lookup "
+        "on the tiles a tied LM head multiplies; the values gguf_blocks computes from the file's blocks)",
+        py::arg("packed"), py::arg("ids"), py::arg("num_rows"));
   m.def("gguf_isa", &gguf_isa,
         "the best instruction set the kernels have for this CPU: avx512_bf16, avx512, avx2 or portable (the in-register "
         "and int8 paths run AVX2 code on every AVX2 CPU; the panel path runs the named one)");

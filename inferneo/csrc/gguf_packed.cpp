@@ -758,3 +758,39 @@ at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, in
 #endif
   return wt;
 }
+
+at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids, int64_t num_rows) {
+  check_packed_arguments("GGUF packed row lookup", at::empty({0, 32 * packed.size(1)}), packed, kQ8_0, num_rows);
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1,
+              "GGUF packed row lookup: ids must be a 1-D CPU int64 tensor");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t count = idc.numel(), nb = packed.size(1), K = 32 * nb;
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < count; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < num_rows, "GGUF packed row lookup: id ", id[t], " is out of range for ",
+                num_rows, " rows");
+  }
+  at::Tensor out = at::empty({count, K}, at::kFloat);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  // Row c of group g: its block b's scale is the half at bytes 2c, 2c + 1 of tile (g, b), the code of k = 2p + h
+  // the signed byte at 32 + 32p + 16h + c (the layout above); the value is the float32 product q * d, as
+  // gguf_blocks._q8_0 computes it from the file's block.
+  at::parallel_for(0, count, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = id[t] / kGroupCols, c = id[t] % kGroupCols;
+      float* row = dst + t * K;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* tile = src + (g * nb + b) * 544;
+        uint16_t half_bits;
+        std::memcpy(&half_bits, tile + 2 * c, sizeof(half_bits));
+        const float d = static_cast<float>(c10::Half(half_bits, c10::Half::from_bits()));
+        for (int64_t k = 0; k < 32; ++k) {
+          const int8_t q = static_cast<int8_t>(tile[32 + 32 * (k / 2) + 16 * (k % 2) + c]);
+          row[32 * b + k] = static_cast<float>(q) * d;
+        }
+      }
+    }
+  });
+  return out;
+}

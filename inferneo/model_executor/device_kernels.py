@@ -29,6 +29,8 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
                                                                          plain softmax top-k routers as one
                                                                          kernel (``cuda_fused_routing``,
                                                                          ``triton_routing``)
+``DecoderLayer`` (no q/k      :class:`NativeDecoderLayer`: the kernels   PyTorch
+norm)                         called directly (no module dispatch)
 ``DecoderLayer`` with such a  PyTorch                                    :class:`NormFusedMoeLayer`: at a few
 ``FusedMoE``                                                             tokens the post-attention norm, router
                                                                          linear and routing as one kernel; at
@@ -167,6 +169,52 @@ class QKNormRotaryAttention(Attention):
                             slot_mapping=metadata.slot_mapping if store else None)
         q, k, v = self.split_heads(qkv)
         return self.attend(q, k, v, kv_cache, metadata, **({"kv_stored": True} if store else {}))
+
+
+class NativeDecoderLayer(DecoderLayer):
+    """A dense decoder layer on CPU that calls its native kernels itself: the same kernels in the same order as
+    the plain modules' forwards (norm, q/k/v projection, rotary in place, the backend's attention, output
+    projection, residual add and norm, gate/up, SiLU-and-mul, down), without the module dispatch and the Python
+    frames between them, which on two cores cost 5-8% of a small model's decode step. A quantized projection that
+    is one call (``QuantizedLinear.single_matmul``) is called directly. Submodules are read at each call, so a
+    projection or MLP replaced later (LoRA wraps them after the kernels go in) is called as the module it is now;
+    an attention or norm of another kind takes the plain layer's forward."""
+
+    quantized_linear: type | None = None  # set by ``use_device_kernels``: QuantizedLinear (imported there)
+
+    def _linear(self, layer: nn.Module):
+        """What to call for ``layer``: its one-call matmul, or the module."""
+        if type(layer) is self.quantized_linear and layer.bias is None and layer.single_matmul is not None:
+            return layer.single_matmul
+        return layer
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        modules = self._modules
+        attn, norm, post_norm = modules["self_attn"], modules["input_layernorm"], modules["post_attention_layernorm"]
+        if (type(attn) is not InplaceRotaryAttention or type(norm) is not NativeRMSNorm
+                or type(post_norm) is not NativeRMSNorm):
+            return super().forward(positions, hidden, residual, kv_cache, metadata)
+        if residual is None:
+            residual = hidden
+            hidden = norm.forward(hidden)
+        else:
+            hidden, residual = norm.forward(hidden, residual)
+        parts = attn._modules
+        qkv = self._linear(parts["qkv_proj"])(hidden)
+        rotary = parts["rotary"]
+        attn.rotary_inplace(qkv, positions, rotary.cos_cache, rotary.sin_cache, attn.num_heads + attn.num_kv_heads,
+                            attn.head_dim)
+        q, k, v = attn.split_heads(qkv)
+        out = attn.backend.forward(q, k, v, kv_cache, metadata, attn.scale, sliding_window=attn.sliding_window,
+                                   logit_softcap=attn.logit_softcap, sinks=attn.sinks, kv_scales=attn.kv_scales)
+        hidden = self._linear(parts["o_proj"])(out.reshape(-1, attn.q_size))
+        hidden, residual = post_norm.forward(hidden, residual)
+        mlp = modules["mlp"]
+        if type(mlp) is MLP and type(mlp._modules["act_fn"]) is NativeSiluAndMul:
+            layers = mlp._modules
+            up = self._linear(layers["gate_up_proj"])(hidden)
+            return self._linear(layers["down_proj"])(layers["act_fn"].forward(up)), residual
+        return mlp(hidden), residual
 
 
 def _fused_qk_norm_attention(module: nn.Module, kernel) -> QKNormRotaryAttention | None:
@@ -417,6 +465,11 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
                        if type(m) is Attention and m.q_norm is None else None)
+    if device.type == "cpu" and ops is not None:
+        from inferneo.quantization.base import QuantizedLinear
+
+        _swap_children(model, lambda m: _adopt(NativeDecoderLayer, m, quantized_linear=QuantizedLinear)
+                       if type(m) is DecoderLayer and type(m.self_attn) is InplaceRotaryAttention else None)
     if device.type == "cuda" and ops is not None:
         from inferneo.kernels.triton_moe import triton_fused_experts  # imports triton: CUDA only
 
@@ -457,6 +510,6 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     return counts
 
 
-_REPORTED = {"NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
+_REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
              "QKNormRotaryAttention", "NormFusedMoeLayer", "NormFusedQuantLayer",
              "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

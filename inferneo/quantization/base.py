@@ -91,6 +91,10 @@ class QuantizedLinear(nn.Module):
     ``bias`` (when the layer has one) is a plain parameter in the model dtype, loaded like any other.
     """
 
+    # Set by a method's ``finalize`` where one call computes the whole layer (``x [M, in] -> [M, out]``, no bias):
+    # callers on a hot path may call it instead of the module (``device_kernels.NativeDecoderLayer``).
+    single_matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, method: LinearMethod, shape: LinearShape, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()

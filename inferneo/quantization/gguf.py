@@ -396,18 +396,28 @@ class GGUFEmbedding(nn.Module):
 
     layout = "ggml"  # or "wide16": Q8_0 tiles repacked for a tied LM head (hold_as_wide16)
 
+    # Set by hold_as_wide16 when the native kernels run: (tiles, ids, rows) -> float32 rows [len(ids), dim].
+    native_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
+        if self.layout == "wide16" and self.native_rows is not None:
+            rows = self.native_rows(self.qweight, ids, self.num_embeddings)
+            return rows.to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
         if self.layout == "wide16":
             rows = wide16_rows(self.qweight, self.fmt.qtype, ids)
         else:
             rows = self.qweight.index_select(0, ids)
         return dequantize_blocks(rows, self.fmt.qtype).to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
 
-    def hold_as_wide16(self) -> None:
+    def hold_as_wide16(self, native_rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                       ) -> None:
         """Keep the table as wide16 tiles (Q8_0 only), the layout the AVX-512 kernels multiply, so that a tied head
         reads it without transposing blocks at each call; lookups gather their rows from the tiles (the same
-        blocks). The weight is still held once. Safe to call again."""
+        blocks), through ``native_rows`` when given (the native kernels' ``gguf_packed_rows_q8_0``: the same
+        values, without gathering whole tiles). The weight is still held once. Safe to call again."""
+        if native_rows is not None:
+            self.native_rows = native_rows
         if self.layout == "wide16":
             return
         if self.fmt.qtype != _Q8_0:
@@ -449,7 +459,9 @@ class TiedEmbeddingMethod(LinearMethod):
         if wide16 is not None and _wide16_kept(emb.fmt.qtype, kernels) and emb.fmt.qtype == _Q8_0:
             # Q8_0 tiles: 1.1-2x faster than transposing the file's blocks at each call at 1-64 rows (Zen 5,
             # SmolLM2's 49,152 x 576 head; docs/benchmarks.md)
-            emb.hold_as_wide16()
+            from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+            emb.hold_as_wide16(native_rows=load_gguf_kernels().gguf_packed_rows_q8_0)
             layer.wide16_matmul = wide16
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _NEG_INF = float("-inf")
+
+
+def torch_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (``[B, V]`` → ``[B]`` int64): the sampler's default way to take maxima."""
+    return x.argmax(dim=-1)
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -23,7 +30,8 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.T
 
 
 def greedy_under_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor,
-                         keep_allowed_argmax: bool | None = None) -> torch.Tensor:
+                         keep_allowed_argmax: bool | None = None,
+                         argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The greedy token of every row when rows ``rows`` may only take the tokens allowed in ``words`` (the
     layout of :func:`apply_token_bitmask`); ``logits`` is not modified. Returns ``[B]`` int64.
 
@@ -31,8 +39,10 @@ def greedy_under_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.
     it (masking only lowers other tokens, so the first maximum stays the first maximum) and only the others are
     masked: a model that follows its grammar, as real models mostly do, costs a bit test per row. On other devices
     every constrained row is masked (no host sync to pick the rows). ``keep_allowed_argmax`` overrides the choice.
+    ``argmax`` (``[B, V]`` → ``[B]``, torch.argmax's choice; None: torch.argmax) takes the maxima.
     """
-    sampled = logits.argmax(dim=-1)
+    argmax = argmax or torch_argmax
+    sampled = argmax(logits)
     if keep_allowed_argmax is None:
         keep_allowed_argmax = logits.device.type == "cpu"
     if keep_allowed_argmax:
@@ -44,7 +54,7 @@ def greedy_under_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.
         rows, words = rows.index_select(0, redo), words.index_select(0, redo)
     constrained = logits.index_select(0, rows).float()
     apply_token_bitmask(constrained, torch.arange(rows.numel(), device=rows.device), words)
-    return sampled.index_copy_(0, rows, constrained.argmax(dim=-1))
+    return sampled.index_copy_(0, rows, argmax(constrained))
 
 
 _BANNED_BITS: dict[torch.device, torch.Tensor] = {}
@@ -123,13 +133,14 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_race(probs: torch.Tensor, seeded_rows: list[int], generators: list[torch.Generator],
-                     draw_unseeded: bool = True) -> torch.Tensor:
+                     draw_unseeded: bool = True,
+                     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Sample one token per row: ``argmax(probs / q)`` with ``q ~ Exp(1)`` i.i.d., which picks token ``i``
     with probability ``probs[i]``.
 
     Rows in ``seeded_rows`` draw their noise (uniforms of shape [V], on CPU) from their own generator only, so
     what they sample never depends on the rest of the batch, nor on the device; the other rows draw from the
-    device's global RNG. ``probs`` is overwritten.
+    device's global RNG. ``probs`` is overwritten. ``argmax`` as in :func:`greedy_under_bitmask`.
     """
     q = torch.empty_like(probs)
     if draw_unseeded:
@@ -149,4 +160,4 @@ def exponential_race(probs: torch.Tensor, seeded_rows: list[int], generators: li
         q[rows.to(probs.device, non_blocking=True)] = u.log_().neg_().to(q.dtype)
     # q == 0 would turn a zero probability into 0/0 = NaN, which argmax would pick.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
+    return (argmax or torch_argmax)(probs.div_(q))

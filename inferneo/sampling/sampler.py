@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from inferneo.sampling.ops import (
     apply_top_k_top_p,
     exponential_race,
     greedy_under_bitmask,
+    torch_argmax,
 )
 
 
@@ -43,7 +45,14 @@ class Sampler:
     Log-probabilities are the log-softmax of the logits after logit_bias, min_tokens masking and penalties but
     before temperature and the top-k / top-p / min-p filters, so they describe the model's (biased, penalized)
     distribution whatever the sampling settings. The caller's logits tensor is never modified.
+
+    ``argmax`` picks each row's token wherever the pipeline takes a maximum (greedy rows, the exponential race):
+    ``[B, V]`` float32 → ``[B]`` int64 with ``torch.argmax``'s choice (lowest index among ties, NaN first); None
+    is ``torch.argmax``. The CPU engine passes its native kernel (:func:`inferneo.kernels.cpu.argmax_rows_for`).
     """
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self._argmax = argmax or torch_argmax
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row; ``metadata`` must have been built for exactly these rows."""
@@ -53,10 +62,11 @@ class Sampler:
         edits = (md.bias_rows is not None or md.min_tokens_rows is not None or md.has_penalties
                  or md.bitmask_rows is not None)
         if md.all_greedy and not edits and md.max_num_logprobs is None:
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # no float32 copy needed
+            return SamplerOutput(self._argmax(logits), None, None, None)  # no float32 copy needed
         if (md.all_greedy and md.max_num_logprobs is None and md.bitmask_rows is not None
                 and md.bias_rows is None and md.min_tokens_rows is None and not md.has_penalties):
-            return SamplerOutput(greedy_under_bitmask(logits, md.bitmask_rows, md.bitmask_words), None, None, None)
+            return SamplerOutput(greedy_under_bitmask(logits, md.bitmask_rows, md.bitmask_words, argmax=self._argmax),
+                                 None, None, None)
         x = logits.float()
         owned = x is not logits  # a dtype conversion already made a private copy
 
@@ -76,9 +86,9 @@ class Sampler:
         all_logprobs = torch.log_softmax(x, dim=-1) if md.max_num_logprobs is not None else None
 
         if md.all_greedy:
-            sampled = x.argmax(dim=-1)
+            sampled = self._argmax(x)
         else:
-            greedy_ids = None if md.all_random else x.argmax(dim=-1)
+            greedy_ids = None if md.all_random else self._argmax(x)
             temperature = md.temperature.unsqueeze(1)
             x = x.div_(temperature) if owned else x / temperature
             apply_top_k_top_p(x, md.top_k, md.max_top_k, md.top_p)
@@ -86,7 +96,7 @@ class Sampler:
                 apply_min_p(x, md.min_p)
             probs = x.softmax(dim=-1)
             sampled = exponential_race(probs, md.seeded_rows, md.generators,
-                                       draw_unseeded=len(md.seeded_rows) < md.num_random)
+                                       draw_unseeded=len(md.seeded_rows) < md.num_random, argmax=self._argmax)
             if greedy_ids is not None:
                 sampled = torch.where(md.greedy_mask, greedy_ids, sampled)
 

@@ -28,6 +28,7 @@ from inferneo.attention.kv_spec import allocate_kv_caches, kv_bytes_per_block
 from inferneo.distributed import PipelineGroup, TensorParallelGroup
 from inferneo.engine.protocol import PromptLogprobs
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.cpu import argmax_rows_for
 from inferneo.model_executor.device_kernels import use_device_kernels
 from inferneo.model_executor.layers.rotary import share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
@@ -305,7 +306,7 @@ class ModelRunner(Runner):
         if self.fp8_kv_cache:
             check_fp8_kv_cache_supported(device, self.kv_cache_specs, model_cls.__name__, self.tp.world_size)
         self.model.eval()
-        self.sampler = Sampler()
+        self.sampler = Sampler(argmax=argmax_rows_for(device, self.kernels))
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.spare_block = 0
