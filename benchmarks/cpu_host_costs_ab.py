@@ -1,0 +1,81 @@
+"""The CPU engine's host-side shortcuts against the paths they replace, alternated in one process.
+
+Switched together at run time on one engine (the offline default workload of ``offline_throughput.py`` by
+default, each run with prompts shifted so that no run hits the prefix cache of an earlier one):
+
+- ``new``: as shipped: ``NativeDecoderLayer`` (the layer calls its kernels directly), the sampler's native argmax,
+  the tied Q8_0 embedding's native lookup;
+- ``old``: the plain ``DecoderLayer`` forward, ``torch.argmax``, the lookup through PyTorch ops.
+
+Alternating in one process removes the drift between processes and minutes that a small shared machine shows
+(20-40% on the project's 2-vCPU hosts), so the ratio of the two means is the figure to read::
+
+    python3 benchmarks/cpu_host_costs_ab.py --dtype bfloat16 --runs 8
+    python3 benchmarks/cpu_host_costs_ab.py --dtype float32 --batch 8 --output-len 60   # 8 requests of 64 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from inferneo import LLM, SamplingParams
+from inferneo.model_executor.models.llama import DecoderLayer
+from inferneo.sampling.ops import torch_argmax
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--runs", type=int, default=8, help="timed runs, new and old alternated")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="requests of 64 prompt tokens (0: the offline suite's 64 requests of 16-128 / 16-128)")
+    parser.add_argument("--output-len", type=int, default=60, help="output tokens a request with --batch")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    llm = LLM(dtype=args.dtype, max_model_len=256, num_threads=args.threads, seed=0)
+    runner = llm.engine.runner
+    model, sampler = runner.model, runner.sampler
+    native_class, native_argmax = type(model.layers[0]), sampler._argmax
+    embedding = model.embed_tokens
+    native_rows = getattr(embedding, "native_rows", None)
+    print(f"layers: {native_class.__name__}, native argmax: {native_argmax is not torch_argmax}, "
+          f"native lookup: {native_rows is not None}")
+
+    def use(new: bool) -> None:
+        sampler._argmax = native_argmax if new else torch_argmax
+        for layer in model.layers:
+            layer.__class__ = native_class if new else DecoderLayer
+        if native_rows is not None:
+            embedding.native_rows = native_rows if new else None
+
+    rng = np.random.default_rng(0)
+    if args.batch:
+        prompt_lens, output_lens = [64] * args.batch, [args.output_len] * args.batch
+    else:
+        prompt_lens, output_lens = rng.integers(16, 129, 64), rng.integers(16, 129, 64)
+    prompts = [rng.integers(100, 49052, int(n)).tolist() for n in prompt_lens]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(n), min_tokens=int(n), ignore_eos=True)
+              for n in output_lens]
+    llm.generate(["Hello", "Hi there"], params[:2], use_tqdm=False)
+    results: dict[str, list[float]] = {"new": [], "old": []}
+    for run in range(args.runs):
+        which = "new" if run % 2 == 0 else "old"
+        use(which == "new")
+        prompts = [[(t + 7919 * (run + 1)) % 48900 + 100 for t in p] for p in prompts]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        results[which].append(round(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, 1))
+    use(True)
+    means = {k: round(sum(v) / len(v), 1) for k, v in results.items()}
+    print(json.dumps({"dtype": args.dtype, "out_tok_per_s": results, "mean": means,
+                      "new_over_old": round(means["new"] / means["old"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
