@@ -4,26 +4,36 @@ Switched together at run time on one engine (the offline default workload of ``o
 default, each run with prompts shifted so that no run hits the prefix cache of an earlier one):
 
 - ``new``: as shipped: ``NativeDecoderLayer`` (the layer calls its kernels directly), the sampler's native argmax,
-  the tied Q8_0 embedding's native lookup;
-- ``old``: the plain ``DecoderLayer`` forward, ``torch.argmax``, the lookup through PyTorch ops.
+  the tied Q8_0 embedding's native lookup, and for q/k-norm models (``--arch qwen3``) the norms and rotary
+  embedding as one native kernel (``QKNormRotaryAttention``);
+- ``old``: the plain ``DecoderLayer`` forward, ``torch.argmax``, the lookup through PyTorch ops, the q/k norms and
+  rotary embedding as the modules' PyTorch code.
 
 Alternating in one process removes the drift between processes and minutes that a small shared machine shows
 (20-40% on the project's 2-vCPU hosts), so the ratio of the two means is the figure to read::
 
     python3 benchmarks/cpu_host_costs_ab.py --dtype bfloat16 --runs 8
     python3 benchmarks/cpu_host_costs_ab.py --dtype float32 --batch 8 --output-len 60   # 8 requests of 64 tokens
+    python3 benchmarks/cpu_host_costs_ab.py --arch qwen3 --batch 8   # random Qwen3 weights of the default's shape
+
+The default model runs unless ``--arch`` names an architecture of ``inferneo.testing``'s tiny checkpoints, built
+here with random weights at the default model's shape (hidden 576, 30 layers, 9 query and 3 key/value heads,
+vocabulary 49,152; Qwen3's configuration gives it 128-wide heads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from inferneo import LLM, SamplingParams
-from inferneo.model_executor.models.llama import DecoderLayer
+from inferneo.model_executor.models.llama import Attention, DecoderLayer
 from inferneo.sampling.ops import torch_argmax
 
 
@@ -35,21 +45,33 @@ def main() -> None:
                         help="requests of 64 prompt tokens (0: the offline suite's 64 requests of 16-128 / 16-128)")
     parser.add_argument("--output-len", type=int, default=60, help="output tokens a request with --batch")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", default="", help="random weights of this architecture instead of the default model")
     args = parser.parse_args()
 
-    llm = LLM(dtype=args.dtype, max_model_len=256, num_threads=args.threads, seed=0)
+    model_path = None
+    if args.arch:
+        from inferneo.testing.tiny_models import make_tiny_checkpoint
+
+        model_path = str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / args.arch, args.arch, vocab_size=49152,
+                                              hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                                              tie_word_embeddings=True, torch_dtype=torch.bfloat16))
+    llm = LLM(model_path, dtype=args.dtype, max_model_len=256, num_threads=args.threads, seed=0)
     runner = llm.engine.runner
     model, sampler = runner.model, runner.sampler
     native_class, native_argmax = type(model.layers[0]), sampler._argmax
+    attention_class = type(model.layers[0].self_attn)
+    fused_qk = attention_class.__name__ == "QKNormRotaryAttention"
     embedding = model.embed_tokens
     native_rows = getattr(embedding, "native_rows", None)
     print(f"layers: {native_class.__name__}, native argmax: {native_argmax is not torch_argmax}, "
-          f"native lookup: {native_rows is not None}")
+          f"native lookup: {native_rows is not None}, attention: {attention_class.__name__}")
 
     def use(new: bool) -> None:
         sampler._argmax = native_argmax if new else torch_argmax
         for layer in model.layers:
             layer.__class__ = native_class if new else DecoderLayer
+            if fused_qk:
+                layer.self_attn.__class__ = attention_class if new else Attention
         if native_rows is not None:
             embedding.native_rows = native_rows if new else None
 

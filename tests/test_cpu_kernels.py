@@ -245,6 +245,42 @@ def test_rotary_in_place_matches_reference(dtype):
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # values untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_class", ["RMSNorm", "GemmaRMSNorm"])
+def test_qk_norms_and_rotary_in_place_match_the_modules(dtype, norm_class):
+    """``qk_norm_rotary_inplace`` against the model's own modules: each query head through ``q_norm``, each key
+    head through ``k_norm`` (plain RMSNorm, or Gemma's offset weight), then ``RotaryEmbedding``; the value heads
+    and a padding column past them untouched. float32 within 1e-6 (the norm's float32 sum runs in another order);
+    bfloat16 within one rounding of the stored values."""
+    from inferneo.model_executor.layers import basic
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, tokens = 6, 2, 32, 7
+    rope = RotaryEmbedding(dim, 256, 10000.0)
+    q_norm, k_norm = (getattr(basic, norm_class)(dim, eps=1e-6) for _ in range(2))
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.randn(dim) * 0.3 + (0 if norm_class == "GemmaRMSNorm" else 1))
+        k_norm.weight.copy_(torch.randn(dim) * 0.3 + (0 if norm_class == "GemmaRMSNorm" else 1))
+    q_norm.to(dtype), k_norm.to(dtype)
+    width = (heads + 2 * kv_heads) * dim
+    qkv = (torch.randn(tokens, width + 3) * 4).to(dtype)[:, :width]  # rows with a stride past the heads
+    positions = torch.tensor([0, 3, 7, 50, 255, 1, 128])
+    q = q_norm(qkv[:, : heads * dim].reshape(tokens, heads, dim))
+    k = k_norm(qkv[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim))
+    q_ref, k_ref = rope(positions, q, k)
+    rest_before = qkv[:, (heads + kv_heads) * dim :].clone()
+    kernels.qk_norm_rotary_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, dim,
+                                   q_norm.weight, k_norm.weight, 1e-6, norm_class == "GemmaRMSNorm")
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(qkv[:, : heads * dim].view(tokens, heads, dim), q_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim), k_ref,
+                               rtol=tol, atol=tol)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], rest_before)  # values untouched
+    with pytest.raises(RuntimeError, match="q_weight and k_weight"):
+        kernels.qk_norm_rotary_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, dim,
+                                       q_norm.weight[:-1], k_norm.weight, 1e-6, False)
+
+
 def test_paged_attention_refuses_rows_and_lengths_outside_the_table():
     """A table row or a length past the block table is an error, not a read of foreign memory."""
     q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])

@@ -1,7 +1,7 @@
 """The CPU decoder layer that calls its native kernels itself (``device_kernels.NativeDecoderLayer``).
 
-- The CPU engine swaps plain Llama-shaped layers (the rotary-in-place attention) for it, and leaves layers it does
-  not cover (q/k norms: Qwen3) as they are.
+- The CPU engine swaps plain Llama-shaped layers (the rotary-in-place attention) for it, and Qwen3's (per-head
+  q/k norms, run with the rotary embedding as one native kernel).
 - It computes what the plain layer computes, bit for bit: the same kernels in the same order, with a GGUF layer's
   one-call matmul (float32 and bfloat16, prompt log-probabilities of mixed batches compared exactly), and greedy
   tokens equal Hugging Face's.
@@ -44,9 +44,26 @@ def test_plain_layers_become_native_and_give_hf_tokens(tiny_checkpoint_factory):
     assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
 
 
-def test_layers_with_qk_norms_stay_plain(tiny_checkpoint_factory):
-    llm = _native_engine(tiny_checkpoint_factory("qwen3"), dtype="float32")
-    assert {type(layer).__name__ for layer in _layers(llm)} == {"DecoderLayer"}
+def test_layers_with_qk_norms_run_the_fused_norm_and_rotary_kernel(tiny_checkpoint_factory):
+    """Qwen3's layers (per-head q/k norms) become native too, their norms and rotary one kernel; the tokens are
+    Hugging Face's, and equal those of the plain layer with the modules' PyTorch norms and rotary."""
+    from inferneo.model_executor.device_kernels import QKNormRotaryAttention
+    from inferneo.model_executor.models.llama import Attention
+
+    path = tiny_checkpoint_factory("qwen3")
+    llm = _native_engine(path, dtype="float32", max_num_batched_tokens=64)
+    layers = _layers(llm)
+    assert {type(layer).__name__ for layer in layers} == {"NativeDecoderLayer"}
+    assert {type(layer.self_attn) for layer in layers} == {QKNormRotaryAttention}
+    prompts = mixed_prompts(8, 300, seed=4, shared_prefix=20)
+    expected = [hf_greedy(path, p) for p in prompts]
+    assert run_engine(llm, prompts) == expected
+    native_class = type(layers[0])
+    for layer in layers:
+        layer.__class__, layer.self_attn.__class__ = DecoderLayer, Attention
+    assert run_engine(llm, prompts) == expected
+    for layer in layers:
+        layer.__class__, layer.self_attn.__class__ = native_class, QKNormRotaryAttention
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

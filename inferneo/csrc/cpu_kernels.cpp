@@ -1006,6 +1006,17 @@ void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual
   });
 }
 
+// One head of `2 * half` values rotated in place (rotate-half layout) by the position's cos / sin rows.
+template <typename scalar_t>
+inline void rotate_head(scalar_t* v, const float* c, const float* s, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_f(v[i]);
+    const float x2 = to_f(v[i + half]);
+    v[i] = from_f<scalar_t>(x1 * c[i] - x2 * s[i]);
+    v[i + half] = from_f<scalar_t>(x2 * c[i] + x1 * s[i]);
+  }
+}
+
 // Rotary embedding (rotate-half layout), in place on the first num_heads heads of each row of x.
 template <typename scalar_t>
 void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache, const float* sin_cache,
@@ -1015,14 +1026,37 @@ void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cos_cache + positions[t] * half;
       const float* s = sin_cache + positions[t] * half;
-      for (int64_t h = 0; h < num_heads; ++h) {
+      for (int64_t h = 0; h < num_heads; ++h) rotate_head(x + t * row_stride + h * head_dim, c, s, half);
+    }
+  });
+}
+
+// Per-head RMSNorm, in place, of the first num_q + num_kv heads of each row of x (query heads with q_weight, key
+// heads with k_weight), each then rotated as rotary_kernel rotates it: Qwen3's and Gemma 3's q/k norms and rotary
+// embedding in one pass over the fused q/k/v projection output. The norm is the model's RMSNorm computed as
+// rms_norm_kernel computes it (float32 sums; `weight * round(x / rms)`), or with `offset` Gemma's
+// `round(x / rms * (1 + weight))` in float32; the rotation reads the rounded normalized values.
+template <typename scalar_t>
+void qk_norm_rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache, const float* sin_cache,
+                           const scalar_t* q_weight, const scalar_t* k_weight, int64_t tokens, int64_t row_stride,
+                           int64_t num_q, int64_t num_kv, int64_t head_dim, float eps, bool offset) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos_cache + positions[t] * half;
+      const float* s = sin_cache + positions[t] * half;
+      for (int64_t h = 0; h < num_q + num_kv; ++h) {
         scalar_t* v = x + t * row_stride + h * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = to_f(v[i]);
-          const float x2 = to_f(v[i + half]);
-          v[i] = from_f<scalar_t>(x1 * c[i] - x2 * s[i]);
-          v[i + half] = from_f<scalar_t>(x2 * c[i] + x1 * s[i]);
+        const scalar_t* w = h < num_q ? q_weight : k_weight;
+        float sum = 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) sum += to_f(v[d]) * to_f(v[d]);
+        const float inv = 1.f / std::sqrt(sum / static_cast<float>(head_dim) + eps);
+        for (int64_t d = 0; d < head_dim; ++d) {
+          const float normed = to_f(v[d]) * inv;
+          v[d] = offset ? from_f<scalar_t>(normed * (1.f + to_f(w[d])))
+                        : from_f<scalar_t>(to_f(w[d]) * to_f(from_f<scalar_t>(normed)));
         }
+        rotate_head(v, c, s, half);
       }
     }
   });
@@ -1175,6 +1209,28 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
     using scalar_t = decltype(tag);
     rotary_kernel<scalar_t>(static_cast<scalar_t*>(x.data_ptr()), pos.data_ptr<int64_t>(), cos_cache.data_ptr<float>(),
                             sin_cache.data_ptr<float>(), x.size(0), x.stride(0), num_heads, head_dim);
+  });
+}
+
+void qk_norm_rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_cache,
+                            torch::Tensor sin_cache, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                            torch::Tensor q_weight, torch::Tensor k_weight, double eps, bool weight_offset) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) >= (num_q_heads + num_kv_heads) * head_dim,
+              "qk_norm_rotary: x must be [tokens, width] with unit inner stride, holding the query and key heads");
+  TORCH_CHECK(cos_cache.scalar_type() == torch::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous(),
+              "qk_norm_rotary: float32 contiguous tables");
+  TORCH_CHECK(q_weight.scalar_type() == x.scalar_type() && k_weight.scalar_type() == x.scalar_type() &&
+                  q_weight.numel() == head_dim && k_weight.numel() == head_dim,
+              "qk_norm_rotary: q_weight and k_weight must be [head_dim] in x's dtype");
+  auto pos = positions.contiguous();
+  auto qw = q_weight.contiguous(), kw = k_weight.contiguous();
+  dispatch_storage(x.scalar_type(), "qk_norm_rotary", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    qk_norm_rotary_kernel<scalar_t>(static_cast<scalar_t*>(x.data_ptr()), pos.data_ptr<int64_t>(),
+                                    cos_cache.data_ptr<float>(), sin_cache.data_ptr<float>(),
+                                    static_cast<const scalar_t*>(qw.data_ptr()),
+                                    static_cast<const scalar_t*>(kw.data_ptr()), x.size(0), x.stride(0), num_q_heads,
+                                    num_kv_heads, head_dim, static_cast<float>(eps), weight_offset);
   });
 }
 
@@ -1397,6 +1453,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
+  m.def("qk_norm_rotary_inplace", &qk_norm_rotary_inplace,
+        "Per-head RMSNorm of the query and key heads of each row (Gemma's offset weight with weight_offset), then "
+        "the rotary embedding, in place",
+        py::arg("x"), py::arg("positions"), py::arg("cos_cache"), py::arg("sin_cache"), py::arg("num_q_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_weight"), py::arg("k_weight"), py::arg("eps"),
+        py::arg("weight_offset") = false);
   m.def("panel_linear_available", &panel_linear_available, "Whether panel_linear was built (AVX-512 or AVX2)");
   m.def("panel_width", &panel_width, "Output columns per packed panel of panel_linear (48 AVX-512, 16 AVX2)");
   m.def("vector_isa", &vector_isa, "The vector instruction set of this build: avx512_bf16, avx512, avx2 or portable");

@@ -11,9 +11,9 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``RMSNorm``                   :class:`NativeRMSNorm`                     :class:`TritonRMSNorm`
 ``SiluAndMul``                :class:`NativeSiluAndMul`                  :class:`TritonSiluAndMul`
 ``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
-``Attention`` (q/k norms)     PyTorch                                    :class:`QKNormRotaryAttention`
-                                                                         (``cuda_fused_qk_norm_rope``): per-head
-                                                                         norms + rotary, one kernel, in place;
+``Attention`` (q/k norms)     :class:`QKNormRotaryAttention`: per-head   :class:`QKNormRotaryAttention`
+                              norms + rotary, one native kernel, in      (``cuda_fused_qk_norm_rope``): per-head
+                              place                                      norms + rotary, one kernel, in place;
                                                                          it also writes the new K/V to the
                                                                          Triton backend's cache
 ``nn.Linear``                 packed (``cpu_onednn_linear``: panel       ``DecodeLinear`` (``triton_gemv``):
@@ -29,8 +29,8 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
                                                                          plain softmax top-k routers as one
                                                                          kernel (``cuda_fused_routing``,
                                                                          ``triton_routing``)
-``DecoderLayer`` (no q/k      :class:`NativeDecoderLayer`: the kernels   PyTorch
-norm)                         called directly (no module dispatch)
+``DecoderLayer`` with one of  :class:`NativeDecoderLayer`: the kernels   PyTorch
+those two attentions          called directly (no module dispatch)
 ``DecoderLayer`` with such a  PyTorch                                    :class:`NormFusedMoeLayer`: at a few
 ``FusedMoE``                                                             tokens the post-attention norm, router
                                                                          linear and routing as one kernel; at
@@ -191,7 +191,8 @@ class NativeDecoderLayer(DecoderLayer):
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         modules = self._modules
         attn, norm, post_norm = modules["self_attn"], modules["input_layernorm"], modules["post_attention_layernorm"]
-        if (type(attn) is not InplaceRotaryAttention or type(norm) is not NativeRMSNorm
+        kind = type(attn)
+        if (kind not in _NATIVE_LAYER_ATTENTION or type(norm) is not NativeRMSNorm
                 or type(post_norm) is not NativeRMSNorm):
             return super().forward(positions, hidden, residual, kv_cache, metadata)
         if residual is None:
@@ -202,8 +203,13 @@ class NativeDecoderLayer(DecoderLayer):
         parts = attn._modules
         qkv = self._linear(parts["qkv_proj"])(hidden)
         rotary = parts["rotary"]
-        attn.rotary_inplace(qkv, positions, rotary.cos_cache, rotary.sin_cache, attn.num_heads + attn.num_kv_heads,
-                            attn.head_dim)
+        if kind is InplaceRotaryAttention:
+            attn.rotary_inplace(qkv, positions, rotary.cos_cache, rotary.sin_cache,
+                                attn.num_heads + attn.num_kv_heads, attn.head_dim)
+        else:  # the q/k norms and the rotary embedding in one kernel (which never writes the cache on CPU)
+            q_norm, k_norm = parts["q_norm"], parts["k_norm"]
+            attn.qk_norm_rotary(qkv, positions, rotary.cos_cache, rotary.sin_cache, attn.num_heads,
+                                attn.num_kv_heads, attn.head_dim, q_norm.weight, k_norm.weight, q_norm.eps)
         q, k, v = attn.split_heads(qkv)
         out = attn.backend.forward(q, k, v, kv_cache, metadata, attn.scale, sliding_window=attn.sliding_window,
                                    logit_softcap=attn.logit_softcap, sinks=attn.sinks, kv_scales=attn.kv_scales)
@@ -217,19 +223,37 @@ class NativeDecoderLayer(DecoderLayer):
         return mlp(hidden), residual
 
 
-def _fused_qk_norm_attention(module: nn.Module, kernel) -> QKNormRotaryAttention | None:
+# The attentions whose layers NativeDecoderLayer runs itself.
+_NATIVE_LAYER_ATTENTION = (InplaceRotaryAttention, QKNormRotaryAttention)
+
+
+def _fused_qk_norm_attention(module: nn.Module, kernel, cuda: bool = True) -> QKNormRotaryAttention | None:
     """``module`` as a :class:`QKNormRotaryAttention` calling ``kernel`` when it is a plain ``Attention`` whose q/k
-    norms are both plain ``RMSNorm`` or both Gemma's offset norm with one ``eps``; else None."""
+    norms are both plain ``RMSNorm`` or both Gemma's offset norm with one ``eps``; else None. On CUDA (``cuda``)
+    the kernel also writes the new keys and values when the backend is the Triton one."""
     if type(module) is not Attention or module.q_norm is None:
         return None
     kind = type(module.q_norm)
     if kind not in (RMSNorm, GemmaRMSNorm) or type(module.k_norm) is not kind or module.q_norm.eps != module.k_norm.eps:
         return None
-    from inferneo.attention.triton_backend import TritonBackend  # imports triton: CUDA only
+    stores_kv = False
+    if cuda:
+        from inferneo.attention.triton_backend import TritonBackend  # imports triton: CUDA only
 
+        stores_kv = type(module.backend) is TritonBackend
     return _adopt(QKNormRotaryAttention, module,
-                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm),
-                  stores_kv=type(module.backend) is TritonBackend)
+                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm), stores_kv=stores_kv)
+
+
+def _native_qk_norm_rotary(ops):
+    """The CPU kernel with :class:`QKNormRotaryAttention`'s call signature (it never writes the cache itself)."""
+
+    def qk_norm_rotary(qkv, positions, cos_cache, sin_cache, num_q_heads, num_kv_heads, head_dim, q_weight, k_weight,
+                       eps, *, weight_offset=False, kv_cache=None, slot_mapping=None):
+        ops.qk_norm_rotary_inplace(qkv, positions, cos_cache, sin_cache, num_q_heads, num_kv_heads, head_dim,
+                                   q_weight, k_weight, eps, weight_offset)
+
+    return qk_norm_rotary
 
 
 class RowPassMLP(MLP):
@@ -461,6 +485,9 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         # before the norm swap below, which turns the q/k norms (unused by the fused layer) into Triton ones
         _swap_children(model, functools.partial(_fused_qk_norm_attention,
                                                 kernel=functools.partial(ops.qk_norm_rotary_inplace, pdl=pdl)))
+    elif device.type == "cpu" and ops is not None:  # the same, with the native kernel (before the norm swap)
+        _swap_children(model, functools.partial(_fused_qk_norm_attention, kernel=_native_qk_norm_rotary(ops),
+                                                cuda=False))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
@@ -469,7 +496,7 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         from inferneo.quantization.base import QuantizedLinear
 
         _swap_children(model, lambda m: _adopt(NativeDecoderLayer, m, quantized_linear=QuantizedLinear)
-                       if type(m) is DecoderLayer and type(m.self_attn) is InplaceRotaryAttention else None)
+                       if type(m) is DecoderLayer and type(m.self_attn) in _NATIVE_LAYER_ATTENTION else None)
     if device.type == "cuda" and ops is not None:
         from inferneo.kernels.triton_moe import triton_fused_experts  # imports triton: CUDA only
 
