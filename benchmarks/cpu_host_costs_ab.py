@@ -4,10 +4,10 @@ Switched together at run time on one engine (the offline default workload of ``o
 default, each run with prompts shifted so that no run hits the prefix cache of an earlier one):
 
 - ``new``: as shipped: ``NativeDecoderLayer`` (the layer calls its kernels directly), the sampler's native argmax,
-  the tied Q8_0 embedding's native lookup, and for q/k-norm models (``--arch qwen3``) the norms and rotary
-  embedding as one native kernel (``QKNormRotaryAttention``);
+  the tied Q8_0 embedding's native lookup, for q/k-norm models (``--arch qwen3``, ``gemma3``) the norms and rotary
+  embedding as one native kernel (``QKNormRotaryAttention``), and Gemma's norms native (``NativeGemmaRMSNorm``);
 - ``old``: the plain ``DecoderLayer`` forward, ``torch.argmax``, the lookup through PyTorch ops, the q/k norms and
-  rotary embedding as the modules' PyTorch code.
+  rotary embedding and Gemma's norms as the modules' PyTorch code.
 
 Alternating in one process removes the drift between processes and minutes that a small shared machine shows
 (20-40% on the project's 2-vCPU hosts), so the ratio of the two means is the figure to read::
@@ -24,6 +24,7 @@ vocabulary 49,152; Qwen3's configuration gives it 128-wide heads).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import tempfile
 import time
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from inferneo import LLM, SamplingParams
+from inferneo.model_executor.layers.basic import GemmaRMSNorm
 from inferneo.model_executor.models.llama import Attention, DecoderLayer
 from inferneo.sampling.ops import torch_argmax
 
@@ -58,20 +60,20 @@ def main() -> None:
     llm = LLM(model_path, dtype=args.dtype, max_model_len=256, num_threads=args.threads, seed=0)
     runner = llm.engine.runner
     model, sampler = runner.model, runner.sampler
-    native_class, native_argmax = type(model.layers[0]), sampler._argmax
-    attention_class = type(model.layers[0].self_attn)
-    fused_qk = attention_class.__name__ == "QKNormRotaryAttention"
+    native_argmax = sampler._argmax
     embedding = model.embed_tokens
     native_rows = getattr(embedding, "native_rows", None)
-    print(f"layers: {native_class.__name__}, native argmax: {native_argmax is not torch_argmax}, "
-          f"native lookup: {native_rows is not None}, attention: {attention_class.__name__}")
+    # each module the CPU kernels swapped in, with the class it replaced
+    plain = {"NativeDecoderLayer": DecoderLayer, "QKNormRotaryAttention": Attention,
+             "NativeGemmaRMSNorm": GemmaRMSNorm}
+    swapped = [(m, type(m), plain[type(m).__name__]) for m in model.modules() if type(m).__name__ in plain]
+    print(f"native argmax: {native_argmax is not torch_argmax}, native lookup: {native_rows is not None}, "
+          f"switched modules: {dict(collections.Counter(cls.__name__ for _, cls, _ in swapped))}")
 
     def use(new: bool) -> None:
         sampler._argmax = native_argmax if new else torch_argmax
-        for layer in model.layers:
-            layer.__class__ = native_class if new else DecoderLayer
-            if fused_qk:
-                layer.self_attn.__class__ = attention_class if new else Attention
+        for module, native_class, plain_class in swapped:
+            module.__class__ = native_class if new else plain_class
         if native_rows is not None:
             embedding.native_rows = native_rows if new else None
 

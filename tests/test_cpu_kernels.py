@@ -228,6 +228,35 @@ def test_rms_norm_with_and_without_residual_matches_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_class", ["RMSNorm", "GemmaRMSNorm"])
+def test_rms_norm_matches_the_model_norms(dtype, norm_class):
+    """The kernel against the model's own norm modules, with and without the residual: the plain RMSNorm and, with
+    ``weight_offset``, Gemma's (``x / rms * (1 + weight)`` in float32, rounded once); and the native modules the
+    CPU engine swaps in give the same as the kernel, falling back to the module's PyTorch path for strided input."""
+    from inferneo.model_executor.device_kernels import NativeGemmaRMSNorm, NativeRMSNorm
+    from inferneo.model_executor.layers import basic
+
+    torch.manual_seed(1)
+    gemma = norm_class == "GemmaRMSNorm"
+    module = getattr(basic, norm_class)(76, eps=1e-6)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(76) * 0.3 + (0.0 if gemma else 1.0))
+    module.to(dtype)
+    x, res = (torch.randn(9, 76) * 3).to(dtype), torch.randn(9, 76).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(kernels.rms_norm(x, None, module.weight, 1e-6, gemma), module(x), rtol=tol, atol=tol)
+    residual = res.clone()
+    out = kernels.rms_norm(x, residual, module.weight, 1e-6, gemma)
+    expected, expected_residual = module(x, res)
+    assert torch.equal(residual, expected_residual)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    native = (NativeGemmaRMSNorm if gemma else NativeRMSNorm)(module, kernels)
+    assert torch.equal(native(x), kernels.rms_norm(x, None, module.weight, 1e-6, gemma))
+    strided = torch.randn(9, 80).to(dtype)[:, :76]
+    torch.testing.assert_close(native(strided), module(strided), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_in_place_matches_reference(dtype):
     torch.manual_seed(0)
     heads, kv_heads, dim = 4, 2, 16

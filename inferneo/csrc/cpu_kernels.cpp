@@ -975,11 +975,12 @@ void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out,
 }
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)), computed in float32 per row; with residual: x += residual first
-// and the sum is written back to residual (the layer's running hidden state).
+// and the sum is written back to residual (the layer's running hidden state). `offset`: Gemma's norm,
+// x * rsqrt(...) * (1 + weight) all in float32, rounded once.
 template <typename scalar_t>
 void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual, const scalar_t* __restrict weight,
                      scalar_t* __restrict out, int64_t rows,
-                     int64_t dim, float eps) {
+                     int64_t dim, float eps, bool offset) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(dim);
     for (int64_t r = begin; r < end; ++r) {
@@ -998,9 +999,13 @@ void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual
       for (int64_t d = 0; d < dim; ++d) sum += buf[d] * buf[d];
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
       scalar_t* o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        const scalar_t normed = from_f<scalar_t>(buf[d] * inv);
-        o[d] = from_f<scalar_t>(to_f(weight[d]) * to_f(normed));
+      if (offset) {
+        for (int64_t d = 0; d < dim; ++d) o[d] = from_f<scalar_t>(buf[d] * inv * (1.f + to_f(weight[d])));
+      } else {
+        for (int64_t d = 0; d < dim; ++d) {
+          const scalar_t normed = from_f<scalar_t>(buf[d] * inv);
+          o[d] = from_f<scalar_t>(to_f(weight[d]) * to_f(normed));
+        }
       }
     }
   });
@@ -1180,7 +1185,8 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   return out;
 }
 
-torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
+                       bool weight_offset) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type(), "rms_norm inputs");
   auto out = torch::empty_like(x);
   const int64_t dim = x.size(-1);
@@ -1194,7 +1200,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
     }
     rms_norm_kernel<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), res,
                               static_cast<const scalar_t*>(weight.data_ptr()), static_cast<scalar_t*>(out.data_ptr()),
-                              rows, dim, static_cast<float>(eps));
+                              rows, dim, static_cast<float>(eps), weight_offset);
   });
   return out;
 }
@@ -1451,7 +1457,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logit_softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "SiLU of the first half times the second half");
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally adding the residual in place first (weight_offset: Gemma's "
+        "x / rms * (1 + weight) in float32)", py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
+        py::arg("weight_offset") = false);
   m.def("rotary_inplace", &rotary_inplace, "Rotary embedding in place on the leading heads of each row");
   m.def("qk_norm_rotary_inplace", &qk_norm_rotary_inplace,
         "Per-head RMSNorm of the query and key heads of each row (Gemma's offset weight with weight_offset), then "

@@ -9,6 +9,7 @@ no ``forward`` asks on every call which device its tensors are on:
 plain module                  CPU (``cpu_native_kernels``)               CUDA (``triton_ops``)
 ============================  =========================================  =========================================
 ``RMSNorm``                   :class:`NativeRMSNorm`                     :class:`TritonRMSNorm`
+``GemmaRMSNorm``              :class:`NativeGemmaRMSNorm`                PyTorch
 ``SiluAndMul``                :class:`NativeSiluAndMul`                  :class:`TritonSiluAndMul`
 ``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
 ``Attention`` (q/k norms)     :class:`QKNormRotaryAttention`: per-head   :class:`QKNormRotaryAttention`
@@ -80,6 +81,8 @@ class NativeRMSNorm(RMSNorm):
     """RMSNorm through the native CPU kernel (``residual += x`` in place, then the norm); inputs that are not
     contiguous take the PyTorch path."""
 
+    weight_offset = False  # Gemma's norm (NativeGemmaRMSNorm): x / rms * (1 + weight)
+
     def __init__(self, norm: RMSNorm, ops) -> None:
         nn.Module.__init__(self)
         self.weight, self.eps, self.ops = norm.weight, norm.eps, ops
@@ -88,9 +91,17 @@ class NativeRMSNorm(RMSNorm):
         if not x.is_contiguous():
             return super().forward(x, residual)
         if residual is None:
-            return self.ops.rms_norm(x, None, self.weight, self.eps)
+            return self.ops.rms_norm(x, None, self.weight, self.eps, self.weight_offset)
         residual = residual.contiguous()
-        return self.ops.rms_norm(x, residual, self.weight, self.eps), residual  # residual += x in place
+        # residual += x in place
+        return self.ops.rms_norm(x, residual, self.weight, self.eps, self.weight_offset), residual
+
+
+class NativeGemmaRMSNorm(NativeRMSNorm, GemmaRMSNorm):
+    """Gemma's RMSNorm (the stored weight an offset: ``x / rms * (1 + weight)`` in float32) through the native CPU
+    kernel; inputs that are not contiguous take Gemma's PyTorch path."""
+
+    weight_offset = True
 
 
 class TritonRMSNorm(RMSNorm):
@@ -468,11 +479,11 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     allows (see the module doc), then fuse the tensor-parallel all-reduces into the norms where ``tp`` has peer
     memory. Call once. Returns how many modules of each class the model holds afterwards. ``max_num_seqs`` bounds
     the decode rows the CPU linear kernels are timed at (``cpu_linear_tune``)."""
-    ops = norm = act = rotary = None
+    ops = norm = gemma_norm = act = rotary = None
     if device.type == "cpu":
         ops = cpu_kernels(kernels)
         if ops is not None:
-            norm = functools.partial(NativeRMSNorm, ops=ops)
+            norm, gemma_norm = functools.partial(NativeRMSNorm, ops=ops), functools.partial(NativeGemmaRMSNorm, ops=ops)
             act, rotary = functools.partial(NativeSiluAndMul, ops), ops.rotary_inplace
     elif device.type == "cuda":
         pdl = kernels.pdl_on(device)
@@ -490,6 +501,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
                                                 cuda=False))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
+    if gemma_norm is not None:
+        _swap_children(model, lambda m: gemma_norm(m) if type(m) is GemmaRMSNorm else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
                        if type(m) is Attention and m.q_norm is None else None)
     if device.type == "cpu" and ops is not None:
@@ -537,6 +550,6 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     return counts
 
 
-_REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
+_REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
              "QKNormRotaryAttention", "NormFusedMoeLayer", "NormFusedQuantLayer",
              "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
