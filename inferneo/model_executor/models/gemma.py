@@ -183,7 +183,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         cap = self.config.final_logit_softcap
         if logits is None or cap is None:
             return logits
-        return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # in place: the logits are this call's own tensor
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
