@@ -501,10 +501,10 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
                                                 cuda=False))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
-    if gemma_norm is not None:
-        _swap_children(model, lambda m: gemma_norm(m) if type(m) is GemmaRMSNorm else None)
         _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
                        if type(m) is Attention and m.q_norm is None else None)
+    if gemma_norm is not None:
+        _swap_children(model, lambda m: gemma_norm(m) if type(m) is GemmaRMSNorm else None)
     if device.type == "cpu" and ops is not None:
         from inferneo.quantization.base import QuantizedLinear
 
