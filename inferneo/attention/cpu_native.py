@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from inferneo.attention.backend import AttentionFeature, AttentionMetadata
-from inferneo.attention.fp8_kv import FP8_KV_DTYPE, is_fp8_kv_cache
+from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
@@ -69,7 +69,7 @@ class CpuNativeBackend(TorchReferenceBackend):
                 kv_scales=None):
         num_tokens, num_heads, head_dim = q.shape
         if (not metadata.prefills and metadata.num_decode_tokens == num_tokens and sliding_window is None
-                and logit_softcap is None and sinks is None and kv_scales is None and kv_cache.dtype != FP8_KV_DTYPE):
+                and logit_softcap is None and sinks is None and kv_scales is None and not is_fp8_kv_cache(kv_cache)):
             # A step of decode rows only, plain attention on a 16-bit or float32 cache (the common step): the two
             # kernel calls without the general path's per-call work (a few microseconds of Python a layer).
             self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)

@@ -974,9 +974,26 @@ void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out,
   });
 }
 
-// out = weight * (x * rsqrt(mean(x^2) + eps)), computed in float32 per row; with residual: x += residual first
-// and the sum is written back to residual (the layer's running hidden state). `offset`: Gemma's norm,
-// x * rsqrt(...) * (1 + weight) all in float32, rounded once.
+// One row of float32 values `x` over its root mean square into `out`: `weight * round(x / rms)` as the model's
+// RMSNorm computes it, or with `offset` Gemma's `round(x / rms * (1 + weight))` in float32.
+template <typename scalar_t>
+inline void rms_normalize(const float* x, const scalar_t* weight, scalar_t* out, int64_t dim, float eps, bool offset) {
+  float sum = 0.f;
+  for (int64_t d = 0; d < dim; ++d) sum += x[d] * x[d];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  if (offset) {
+    for (int64_t d = 0; d < dim; ++d) out[d] = from_f<scalar_t>(x[d] * inv * (1.f + to_f(weight[d])));
+  } else {
+    for (int64_t d = 0; d < dim; ++d) {
+      const scalar_t normed = from_f<scalar_t>(x[d] * inv);
+      out[d] = from_f<scalar_t>(to_f(weight[d]) * to_f(normed));
+    }
+  }
+}
+
+// out = weight * (x * rsqrt(mean(x^2) + eps)), computed in float32 per row (rms_normalize); with residual:
+// x += residual first and the sum is written back to residual (the layer's running hidden state). `offset`:
+// Gemma's norm, x * rsqrt(...) * (1 + weight) all in float32, rounded once.
 template <typename scalar_t>
 void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual, const scalar_t* __restrict weight,
                      scalar_t* __restrict out, int64_t rows,
@@ -985,7 +1002,6 @@ void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual
     std::vector<float> buf(dim);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * dim;
-      float sum = 0.f;
       if (residual != nullptr) {
         scalar_t* rr = residual + r * dim;
         for (int64_t d = 0; d < dim; ++d) {
@@ -996,17 +1012,7 @@ void rms_norm_kernel(const scalar_t* __restrict x, scalar_t* __restrict residual
       } else {
         for (int64_t d = 0; d < dim; ++d) buf[d] = to_f(xr[d]);
       }
-      for (int64_t d = 0; d < dim; ++d) sum += buf[d] * buf[d];
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
-      scalar_t* o = out + r * dim;
-      if (offset) {
-        for (int64_t d = 0; d < dim; ++d) o[d] = from_f<scalar_t>(buf[d] * inv * (1.f + to_f(weight[d])));
-      } else {
-        for (int64_t d = 0; d < dim; ++d) {
-          const scalar_t normed = from_f<scalar_t>(buf[d] * inv);
-          o[d] = from_f<scalar_t>(to_f(weight[d]) * to_f(normed));
-        }
-      }
+      rms_normalize(buf.data(), weight, out + r * dim, dim, eps, offset);
     }
   });
 }
@@ -1038,29 +1044,22 @@ void rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache
 
 // Per-head RMSNorm, in place, of the first num_q + num_kv heads of each row of x (query heads with q_weight, key
 // heads with k_weight), each then rotated as rotary_kernel rotates it: Qwen3's and Gemma 3's q/k norms and rotary
-// embedding in one pass over the fused q/k/v projection output. The norm is the model's RMSNorm computed as
-// rms_norm_kernel computes it (float32 sums; `weight * round(x / rms)`), or with `offset` Gemma's
-// `round(x / rms * (1 + weight))` in float32; the rotation reads the rounded normalized values.
+// embedding in one pass over the fused q/k/v projection output. The norm is rms_normalize's (the model's RMSNorm,
+// or with `offset` Gemma's); the rotation reads the rounded normalized values.
 template <typename scalar_t>
 void qk_norm_rotary_kernel(scalar_t* x, const int64_t* positions, const float* cos_cache, const float* sin_cache,
                            const scalar_t* q_weight, const scalar_t* k_weight, int64_t tokens, int64_t row_stride,
                            int64_t num_q, int64_t num_kv, int64_t head_dim, float eps, bool offset) {
   const int64_t half = head_dim / 2;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> head(head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cos_cache + positions[t] * half;
       const float* s = sin_cache + positions[t] * half;
       for (int64_t h = 0; h < num_q + num_kv; ++h) {
         scalar_t* v = x + t * row_stride + h * head_dim;
-        const scalar_t* w = h < num_q ? q_weight : k_weight;
-        float sum = 0.f;
-        for (int64_t d = 0; d < head_dim; ++d) sum += to_f(v[d]) * to_f(v[d]);
-        const float inv = 1.f / std::sqrt(sum / static_cast<float>(head_dim) + eps);
-        for (int64_t d = 0; d < head_dim; ++d) {
-          const float normed = to_f(v[d]) * inv;
-          v[d] = offset ? from_f<scalar_t>(normed * (1.f + to_f(w[d])))
-                        : from_f<scalar_t>(to_f(w[d]) * to_f(from_f<scalar_t>(normed)));
-        }
+        for (int64_t d = 0; d < head_dim; ++d) head[d] = to_f(v[d]);
+        rms_normalize(head.data(), h < num_q ? q_weight : k_weight, v, head_dim, eps, offset);
         rotate_head(v, c, s, half);
       }
     }

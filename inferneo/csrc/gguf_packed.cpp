@@ -764,7 +764,7 @@ at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1,
               "GGUF packed row lookup: ids must be a 1-D CPU int64 tensor");
   const at::Tensor idc = ids.contiguous();
-  const int64_t count = idc.numel(), nb = packed.size(1), K = 32 * nb;
+  const int64_t count = idc.numel(), nb = packed.size(1), K = 32 * nb, tile_size = packed.size(2);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t t = 0; t < count; ++t) {
     TORCH_CHECK(id[t] >= 0 && id[t] < num_rows, "GGUF packed row lookup: id ", id[t], " is out of range for ",
@@ -781,7 +781,7 @@ at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids
       const int64_t g = id[t] / kGroupCols, c = id[t] % kGroupCols;
       float* row = dst + t * K;
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* tile = src + (g * nb + b) * 544;
+        const uint8_t* tile = src + (g * nb + b) * tile_size;
         uint16_t half_bits;
         std::memcpy(&half_bits, tile + 2 * c, sizeof(half_bits));
         const float d = static_cast<float>(c10::Half(half_bits, c10::Half::from_bits()));

@@ -155,11 +155,17 @@ class InplaceRotaryAttention(Attention):
 
     rotary_inplace = None  # set by ``use_device_kernels``: ``ops.rotary_inplace`` with its launch options
 
-    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+    def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
+        """The rotary embedding in place on ``qkv``'s query and key heads; returns the backend options that follow
+        from it (none)."""
         self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                             self.num_heads + self.num_kv_heads, self.head_dim)
+        return {}
+
+    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
-        return self.attend(q, k, v, kv_cache, metadata)
+        return self.attend(q, k, v, kv_cache, metadata, **options)
 
 
 class QKNormRotaryAttention(Attention):
@@ -170,7 +176,9 @@ class QKNormRotaryAttention(Attention):
     qk_norm_rotary = None  # set by ``use_device_kernels``: the kernel with its launch options and norm kind
     stores_kv = False  # set by ``use_device_kernels``: the backend is the Triton one, whose cache layout it writes
 
-    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+    def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
+        """The q/k norms and rotary embedding in place on ``qkv``; returns the backend options that follow from it
+        (``kv_stored`` when the kernel also wrote the new keys and values)."""
         # With the Triton backend's cache in the model dtype, the same kernel writes the new keys and values too.
         store = (self.stores_kv and self.kv_scales is None and kv_cache is not None
                  and kv_cache.dtype == qkv.dtype)
@@ -178,8 +186,12 @@ class QKNormRotaryAttention(Attention):
                             self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
                             self.q_norm.eps, kv_cache=kv_cache if store else None,
                             slot_mapping=metadata.slot_mapping if store else None)
+        return {"kv_stored": True} if store else {}
+
+    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
-        return self.attend(q, k, v, kv_cache, metadata, **({"kv_stored": True} if store else {}))
+        return self.attend(q, k, v, kv_cache, metadata, **options)
 
 
 class NativeDecoderLayer(DecoderLayer):
@@ -202,8 +214,7 @@ class NativeDecoderLayer(DecoderLayer):
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         modules = self._modules
         attn, norm, post_norm = modules["self_attn"], modules["input_layernorm"], modules["post_attention_layernorm"]
-        kind = type(attn)
-        if (kind not in _NATIVE_LAYER_ATTENTION or type(norm) is not NativeRMSNorm
+        if (type(attn) not in _NATIVE_LAYER_ATTENTION or type(norm) is not NativeRMSNorm
                 or type(post_norm) is not NativeRMSNorm):
             return super().forward(positions, hidden, residual, kv_cache, metadata)
         if residual is None:
@@ -213,17 +224,9 @@ class NativeDecoderLayer(DecoderLayer):
             hidden, residual = norm.forward(hidden, residual)
         parts = attn._modules
         qkv = self._linear(parts["qkv_proj"])(hidden)
-        rotary = parts["rotary"]
-        if kind is InplaceRotaryAttention:
-            attn.rotary_inplace(qkv, positions, rotary.cos_cache, rotary.sin_cache,
-                                attn.num_heads + attn.num_kv_heads, attn.head_dim)
-        else:  # the q/k norms and the rotary embedding in one kernel (which never writes the cache on CPU)
-            q_norm, k_norm = parts["q_norm"], parts["k_norm"]
-            attn.qk_norm_rotary(qkv, positions, rotary.cos_cache, rotary.sin_cache, attn.num_heads,
-                                attn.num_kv_heads, attn.head_dim, q_norm.weight, k_norm.weight, q_norm.eps)
+        options = attn.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = attn.split_heads(qkv)
-        out = attn.backend.forward(q, k, v, kv_cache, metadata, attn.scale, sliding_window=attn.sliding_window,
-                                   logit_softcap=attn.logit_softcap, sinks=attn.sinks, kv_scales=attn.kv_scales)
+        out = attn.attend_heads(q, k, v, kv_cache, metadata, **options)
         hidden = self._linear(parts["o_proj"])(out.reshape(-1, attn.q_size))
         hidden, residual = post_norm.forward(hidden, residual)
         mlp = modules["mlp"]
@@ -550,6 +553,7 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     return counts
 
 
-_REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul", "TritonSiluAndMul", "InplaceRotaryAttention",
-             "QKNormRotaryAttention", "NormFusedMoeLayer", "NormFusedQuantLayer",
-             "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
+_REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul",
+             "TritonSiluAndMul", "InplaceRotaryAttention", "QKNormRotaryAttention", "NormFusedMoeLayer",
+             "NormFusedQuantLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear",
+             "DecodeLinear", "PeerFusedRMSNorm"}

@@ -156,10 +156,14 @@ class Attention(nn.Module):
     def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
         """Attention over the paged cache (which takes the new keys and values), then the output projection.
         ``backend_options``: extra keywords for the backend's ``forward`` (device kernels use them)."""
-        out = self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
-                                   logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales,
-                                   **backend_options)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(self.attend_heads(q, k, v, kv_cache, metadata, **backend_options).reshape(-1, self.q_size))
+
+    def attend_heads(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
+        """:meth:`attend` without the output projection: the backend's ``[T, heads, head_dim]`` output with this
+        layer's attention options."""
+        return self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
+                                    logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales,
+                                    **backend_options)
 
     def attention_features(self) -> frozenset[AttentionFeature]:
         """What this layer needs from the attention backend (the runner checks it against the backend's)."""
