@@ -56,6 +56,12 @@ DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.
             "wide16_bf16": torch.bfloat16, "wide16_int8": torch.bfloat16, "wide16_int16": torch.float32,
             "wide16_dense": torch.float32,
             "wide16_dense_bf16": torch.bfloat16}
+# the wide16 bfloat16 step with its panel products forced onto one instruction set: (isa, inreg_max_rows), -1 the
+# default hand-over to the in-register path, 0 the panels at every row count
+WIDE16_BF16_ISAS = {"wide16_bf16_vdpbf16": ("avx512_bf16", -1), "wide16_bf16_amx": ("amx_bf16", -1),
+                    "wide16_bf16_amx_panels": ("amx_bf16", 0), "wide16_bf16_vdpbf16_panels": ("avx512_bf16", 0),
+                    "wide16_bf16_inreg": ("", NEVER)}
+DEFAULTS.update(dict.fromkeys(WIDE16_BF16_ISAS, torch.bfloat16))
 
 
 def main() -> None:
@@ -84,6 +90,8 @@ def main() -> None:
     for name in ("wide16_int8", "wide16_int16"):
         if name in paths and not ops.gguf_packed_int8_available():
             raise SystemExit(f"the {name} path needs AVX512_VNNI, which this CPU lacks")
+    if any(name.endswith("amx") or name.endswith("amx_panels") for name in paths) and not ops.gguf_packed_amx_available():
+        raise SystemExit("the wide16_bf16_amx paths need AMX-BF16, which this CPU lacks")
     if "wide16_dense_bf16" in paths and ops.gguf_isa() != "avx512_bf16":
         raise SystemExit("the wide16_dense_bf16 path needs AVX512_BF16, which this CPU lacks")
     tiles = [pack_wide16(blocks, qtype) if wide and wide16_supported(qtype) else None for blocks, qtype, _ in layers]
@@ -106,6 +114,9 @@ def main() -> None:
                         ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
                     elif name == "wide16_int16" and packed is not None:
                         ops.gguf_packed_linear_i16(xs[k], packed, qtype, blocks.shape[0])
+                    elif name in WIDE16_BF16_ISAS and packed is not None:
+                        isa, inreg = WIDE16_BF16_ISAS[name]
+                        ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0], inreg, isa)
                     elif name.startswith("wide16") and packed is not None:
                         ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])
                     else:

@@ -19,6 +19,7 @@ from inferneo.kernels.cpu_select import (
     candidate_kernels,
     cpu_default_dtype,
     missing_features,
+    prompt_attention_sdpa_min_tokens,
 )
 from inferneo.kernels.cpu_tune_cache import TuneCache, TuneKey, TuneResult
 from inferneo.model_executor.layers.cpu_linear import (
@@ -360,3 +361,12 @@ def test_bfloat16_engine_picks_the_float32_models_greedy_tokens(tiny_checkpoint_
         scale = logits.abs().max(dim=1).values
         assert (gap <= 0.03 * scale).all(), (gap, scale)
         assert tokens[0] == int(logits[0].argmax()) or gap[0] <= 0.01 * scale[0]
+
+
+def test_prompt_attention_takes_sdpa_only_for_bfloat16_on_amx():
+    """Fresh prompts of 64 tokens and more take SDPA only where it was measured faster: bfloat16 on AMX-BF16."""
+    assert prompt_attention_sdpa_min_tokens(features(SAPPHIRE_RAPIDS), BF16) == 64
+    assert prompt_attention_sdpa_min_tokens(features(SAPPHIRE_RAPIDS), F32) is None
+    for kind in (GENOA, SKYLAKE, ZEN3):
+        for dtype in (BF16, F32):
+            assert prompt_attention_sdpa_min_tokens(features(kind), dtype) is None

@@ -5,7 +5,8 @@
 - ``gguf_packed_linear`` matches ``F.linear`` on the de-quantized weight to 1e-5 relative to the output's scale on
   its in-register path (float32 products, bfloat16 rows widened exactly), and its panel path gives the same bits as
   ``gguf_linear``'s panels from the file's blocks (the same panels, built without transposes); the AVX512_BF16
-  panels equal ``F.linear`` on the bfloat16-rounded weight within float32 summation order.
+  panels equal ``F.linear`` on the bfloat16-rounded weight within float32 summation order, on the AVX512_BF16 dot
+  products and on the AMX tiles (the default where the CPU has AMX-BF16; skipped elsewhere, naming it).
 - ``gguf_packed_linear_int8`` (AVX512_VNNI: the activations quantized to int8 per 32-weight block) gives
   ``gguf_linear_int8``'s results on the file's blocks bit for bit (the same integer sums, the same float order),
   at row counts across its 8-row blocks and K across its 16-block chunks; the int8 switch routes a wide16 layer
@@ -150,12 +151,51 @@ def test_packed_linear_matches_f_linear(name, rows, wide16_ops):
     out = wide16_ops.gguf_packed_linear(xb, packed, qtype, 100, never, "")
     torch.testing.assert_close(out, expected_b, rtol=0, atol=1e-5 * expected_b.abs().max().item())
     if wide16_ops.gguf_isa() == "avx512_bf16":
-        # bfloat16 pair panels: F.linear on the bfloat16-rounded weight, within float32 summation order, and the
-        # same bits as gguf_linear's bfloat16 panels
+        # bfloat16 pair panels: F.linear on the bfloat16-rounded weight, within float32 summation order (the
+        # CPU's default: AMX tiles where it has them), and on the AVX512_BF16 dot products the same bits as
+        # gguf_linear's bfloat16 panels
         expected_bb = F.linear(xb.float(), weight.bfloat16().float())
         out = wide16_ops.gguf_packed_linear(xb, packed, qtype, 100, 0, "")
         torch.testing.assert_close(out, expected_bb, rtol=0, atol=1e-5 * expected_bb.abs().max().item())
+        out = wide16_ops.gguf_packed_linear(xb, packed, qtype, 100, 0, "avx512_bf16")
+        torch.testing.assert_close(out, expected_bb, rtol=0, atol=1e-5 * expected_bb.abs().max().item())
         assert torch.equal(out, wide16_ops.gguf_linear(xb, blocks, qtype, 192, 48, 0, 0, 0, "avx512_bf16"))
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 7, 15, 16, 17, 31, 32, 48, 64, 65, 301])
+@pytest.mark.parametrize("in_features", [32, 192, 1536])
+def test_amx_panels_match_f_linear(name, rows, in_features, wide16_ops):
+    """The bfloat16 panels multiplied on the AMX tiles (16 rows a tile; the last block with the rows left; 48
+    columns a panel, the last partial) equal F.linear on the bfloat16-rounded weight within float32 summation
+    order, with float32 and with bfloat16 outputs (rounded where stored), and are the CPU's default for bfloat16
+    panels where it has the tiles."""
+    if not wide16_ops.gguf_packed_amx_available():
+        pytest.skip("the AMX panels need AMX-BF16 (amx_tile, amx_bf16), which this CPU lacks")
+    qtype = _qtype(name)
+    packed = pack_wide16(_blocks(name, 100, in_features, seed=rows), qtype)
+    weight = dequantize_blocks(unpack_wide16(packed, qtype, 100), qtype).bfloat16().float()
+    x = (torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)) * 2).bfloat16()
+    expected = F.linear(x.float(), weight)
+    tol = 1e-5 * expected.abs().max().item()
+    out = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "amx_bf16")
+    torch.testing.assert_close(out, expected, rtol=0, atol=tol)
+    assert torch.equal(out, wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, ""))
+    out_b = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "amx_bf16", bf16_out=True)
+    assert out_b.dtype == torch.bfloat16 and torch.equal(out_b, out.bfloat16())
+    # a strided row view: the kernel reads its own contiguous copy
+    wide = torch.cat([x, x], dim=1)[:, :in_features]
+    assert torch.equal(wide16_ops.gguf_packed_linear(wide, packed, qtype, 100, 0, "amx_bf16"), out)
+
+
+def test_amx_isa_is_refused_without_the_tiles_or_bfloat16_rows(wide16_ops):
+    packed = pack_wide16(_blocks("Q4_1", 20, 64), _qtype("Q4_1"))
+    if not wide16_ops.gguf_packed_amx_available():
+        with pytest.raises(RuntimeError, match="isa='amx_bf16' needs AMX-BF16"):
+            wide16_ops.gguf_packed_linear(torch.randn(3, 64).bfloat16(), packed, _qtype("Q4_1"), 20, 0, "amx_bf16")
+        return
+    with pytest.raises(RuntimeError, match="isa='amx_bf16' multiplies bfloat16 activations; x is not bfloat16"):
+        wide16_ops.gguf_packed_linear(torch.randn(3, 64), packed, _qtype("Q4_1"), 20, 0, "amx_bf16")
 
 
 @pytest.mark.parametrize("name", WIDE16_FORMATS)

@@ -25,11 +25,15 @@ from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
+from inferneo.kernels.cpu_features import cpu_features
+from inferneo.kernels.cpu_select import prompt_attention_sdpa_min_tokens
 
 
 class CpuNativeBackend(TorchReferenceBackend):
     name = "cpu"
     needs_decode_mask = False
+    #: The CPU features the prompt-attention choice reads (None: this machine's).
+    sdpa_features = None
     supported_features = frozenset(AttentionFeature)
 
     def __init__(self, kernels: KernelConfig | None = None) -> None:
@@ -94,7 +98,23 @@ class CpuNativeBackend(TorchReferenceBackend):
         # then, whatever the shapes (the scalar kernel covers those the vector one does not).
         if paged is not None and (fp8 or not plain or (head_dim % 16 == 0 and metadata.block_size % 16 == 0)):
             tables, rows, lens = paged
-            self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows, **options)
+            sdpa_min = self.prompt_sdpa_min_tokens(q.dtype) if plain and not fp8 else None
+            fresh_long = [span for span in metadata.prefills
+                          if sdpa_min is not None and span.context_len == 0 and span.num_tokens >= sdpa_min]
+            if not fresh_long:
+                self.kernels.paged_decode_attention(q, kv_cache, tables, lens, scale, out, rows, **options)
+                return out
+            # Long fresh prompts through SDPA (the CPU's choice, prompt_attention_sdpa_min_tokens), every other
+            # token through the paged kernel in runs of consecutive rows.
+            start = 0
+            for span in [*fresh_long, None]:
+                stop = span.start if span is not None else num_tokens
+                if stop > start:
+                    self.kernels.paged_decode_attention(q[start:stop], kv_cache, tables, lens[start:stop], scale,
+                                                        out[start:stop], rows[start:stop], **options)
+                if span is not None:
+                    start = span.start + span.num_tokens
+            self._fresh_prompts_sdpa(q, k, v, out, fresh_long, scale)
             return out
         if metadata.prefills and "prefill_masks" not in metadata.extra:
             super().prepare(metadata)  # the SDPA path's masks for spans with cached context
@@ -105,10 +125,10 @@ class CpuNativeBackend(TorchReferenceBackend):
                 **options,
             )
         gqa = num_heads != k.shape[1]
-        fresh: dict[int, list[int]] = {}  # prompts with no cached context, by length: one SDPA call per length
+        fresh = []  # prompts with no cached context
         for span, mask in zip(metadata.prefills, metadata.extra.get("prefill_masks", ()), strict=True):
             if mask is None:
-                fresh.setdefault(span.num_tokens, []).append(span.start)
+                fresh.append(span)
                 continue
             s, e = span.start, span.start + span.num_tokens
             ks, vs = self.gather_context(kv_cache, span.block_table, span.context_len + span.num_tokens, head_dim)
@@ -118,13 +138,27 @@ class CpuNativeBackend(TorchReferenceBackend):
                 attn_mask=mask, scale=scale, enable_gqa=gqa,
             )
             out[s:e] = attn[0].transpose(0, 1)
-        for length, starts in fresh.items():
+        self._fresh_prompts_sdpa(q, k, v, out, fresh, scale)
+        return out
+
+    def prompt_sdpa_min_tokens(self, dtype: torch.dtype) -> int | None:
+        """From how many tokens a fresh prompt's attention takes SDPA on this CPU in ``dtype`` (None: never); a
+        test sets ``sdpa_features`` to choose for another CPU."""
+        return prompt_attention_sdpa_min_tokens(self.sdpa_features or cpu_features(), dtype)
+
+    @staticmethod
+    def _fresh_prompts_sdpa(q, k, v, out, spans, scale) -> None:
+        """Causal SDPA over ``spans`` (prompts with no cached context), one call per prompt length, into ``out``."""
+        gqa = q.shape[1] != k.shape[1]
+        by_length: dict[int, list[int]] = {}
+        for span in spans:
+            by_length.setdefault(span.num_tokens, []).append(span.start)
+        for length, starts in by_length.items():
             # [spans, heads, length, head_dim] views or stacks of the spans' rows
             qs, ks, vs = (_stack_spans(x, starts, length) for x in (q, k, v))
             attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             for i, start in enumerate(starts):
                 out[start : start + length] = attn[i].transpose(0, 1)
-        return out
 
     @staticmethod
     def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, head_dim: int):

@@ -1318,6 +1318,7 @@ std::string gguf_isa() {
 // gguf_packed.cpp: Q4_0 / Q4_1 weights in the wide16 layout written at load (inferneo/quantization/gguf_wide.py)
 bool gguf_packed_available();
 bool gguf_packed_int8_available();
+bool gguf_packed_amx_available();
 at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,
                                      at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
@@ -1351,6 +1352,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16_out, bfloat16 x gives the same values rounded to bfloat16)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("inreg_max_rows") = -1,
         py::arg("isa") = "", py::arg("bf16_out") = false);
+  m.def("gguf_packed_amx_available", &gguf_packed_amx_available,
+        "whether gguf_packed_linear multiplies bfloat16 panels on the AMX tiles here (AMX-BF16, and the kernel let "
+        "this process use them)");
   m.def("gguf_packed_int8_available", &gguf_packed_int8_available,
         "whether this CPU runs gguf_packed_linear_int8 (AVX512F/BW/VL/DQ and AVX512_VNNI)");
   m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,

@@ -37,6 +37,7 @@
 #include <string>
 #include <type_traits>
 
+#include "gguf_amx.h"
 #include "gguf_wide_panels.h"
 
 namespace {
@@ -64,8 +65,10 @@ GGUF_AVX512 inline void pair_values(const uint8_t* codes, int64_t p, __m512 d, _
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * p)));
     const __m512i q_lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(v, 4);
     if constexpr (kFmt == kQ4_1) {
-      lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo)), m);
-      hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi)), m);
+      // one FMA is the reference's multiply and add: d (a half, 11 significant bits) times q (0..15, 4 bits) is
+      // exact in float32, so only the addition rounds, in both
+      lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_lo), m);
+      hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_hi), m);
     } else {
       const __m512i eight = _mm512_set1_epi32(8);
       lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q_lo, eight)));
@@ -206,9 +209,10 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
 
 // Triples [t0, t1) times all M rows, in chunks of triples whose panels fit in about 256 KB (as wide_panel_groups in
 // gguf_kernels.cpp goes: a long prompt's rows are read once per chunk rather than once per 48 columns).
+// With kBf16 and `amx`, the bfloat16 panels are multiplied on the AMX tiles (gguf_amx.h).
 template <int kFmt, bool kBf16, typename OutT>
 GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t N,
-                               const void* x, int64_t M, OutT* out, int64_t t0, int64_t t1) {
+                               const void* x, int64_t M, OutT* out, int64_t t0, int64_t t1, bool amx) {
   const int64_t K = 32 * nb, panel_words = kBf16 ? kWideCols * K / 2 : kWideCols * K;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
   const std::unique_ptr<uint32_t[]> panels = uninitialized<uint32_t>(chunk * panel_words);
@@ -221,7 +225,12 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
         build_panel_f32<kFmt>(packed, groups, nb, tile, c0 + i, panels.get() + i * panel_words);
       }
     }
-    wide_panels_times_rows<kBf16>(panels.get(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
+    if (kBf16 && amx) {
+      amx_panels_times_rows(panels.get(), count, panel_words, c0 * kWideCols, static_cast<const uint16_t*>(x), M, K,
+                            N, out);
+    } else {
+      wide_panels_times_rows<kBf16>(panels.get(), count, panel_words, c0 * kWideCols, x, M, K, N, out);
+    }
   }
 }
 
@@ -530,7 +539,10 @@ void with_format(int64_t qtype, Fn&& fn) {
 // and the in-register path widened bfloat16 rows itself: float32 19.45 against 20.58 at 34 rows, 20.21 against
 // 20.47 at 36; bfloat16 7.02 against 6.97 at 10 rows, 7.28 against 6.91 at 11, 7.64 against 6.87 at 12 (before:
 // 12 and 28).
-int64_t default_inreg_max_rows(bool bf16_panels) { return bf16_panels ? 10 : 34; }
+// With the AMX tiles (a 2-core Xeon with AMX-BF16, 2026-12-05, benchmarks/cpu_gguf_paths.py, ms a step): in-register
+// 11.56 against the tile panels' 13.24 at 8 rows, 17.14 against 13.15 at 12 (the panels cost about 12 ms to build
+// at any row count there, the tiles' products little).
+int64_t default_inreg_max_rows(bool bf16_panels, bool amx) { return amx ? 9 : bf16_panels ? 10 : 34; }
 
 // The checks both entry points make of their arguments (what names the caller in each message).
 void check_packed_arguments(const char* what, const at::Tensor& x, const at::Tensor& packed, int64_t qtype,
@@ -564,18 +576,23 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   TORCH_CHECK(gguf_packed_available(), "GGUF packed kernels: the wide16 layout needs AVX512F/BW/VL/DQ, which this "
               "CPU lacks");
   const bool bf16_x = x_in.scalar_type() == at::kBFloat16;
-  bool bf16_panels = bf16_x && cpu_has_avx512_bf16();
+  bool bf16_panels = bf16_x && cpu_has_avx512_bf16(), amx = bf16_panels && cpu_has_amx_bf16();
   if (isa == "avx512") {
-    bf16_panels = false;
-  } else if (isa == "avx512_bf16") {
-    TORCH_CHECK(cpu_has_avx512_bf16(), "GGUF packed kernels: isa='avx512_bf16' needs AVX512_BF16, which this CPU lacks");
-    TORCH_CHECK(bf16_x, "GGUF packed kernels: isa='avx512_bf16' multiplies bfloat16 activations; x is not bfloat16");
+    bf16_panels = amx = false;
+  } else if (isa == "avx512_bf16" || isa == "amx_bf16") {
+    const bool tiles = isa == "amx_bf16";
+    TORCH_CHECK(tiles ? cpu_has_amx_bf16() : cpu_has_avx512_bf16(), "GGUF packed kernels: isa='", isa, "' needs ",
+                tiles ? "AMX-BF16 (and the kernel's permission to use the tiles)" : "AVX512_BF16",
+                ", which this CPU lacks");
+    TORCH_CHECK(bf16_x, "GGUF packed kernels: isa='", isa, "' multiplies bfloat16 activations; x is not bfloat16");
+    amx = tiles;
   } else {
-    TORCH_CHECK(isa.empty(), "GGUF packed kernels: unknown isa '", isa, "' (choose '', 'avx512' or 'avx512_bf16')");
+    TORCH_CHECK(isa.empty(), "GGUF packed kernels: unknown isa '", isa,
+                "' (choose '', 'avx512', 'avx512_bf16' or 'amx_bf16')");
   }
   TORCH_CHECK(!bf16_out || bf16_x, "GGUF packed kernels: bf16_out=True takes bfloat16 activations; x is ",
               x_in.scalar_type());
-  if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels);
+  if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels, amx);
   const int64_t M = x_in.size(0);
   // bf16_out: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would round the float32
   // result), on both paths.
@@ -587,16 +604,17 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
     // bfloat16 pair panels take the bfloat16 rows as they are; float32 panels take float32 rows
     const at::Tensor x = bf16_panels ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const void* xp = x.data_ptr();
-    const auto run = [&](auto* op) {
-      at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
-        with_format(qtype, [&](auto min) {
-          if (bf16_panels) {
-            panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-          } else {
-            panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1);
-          }
-        });
+    const auto triples = [&](auto* op, int64_t t0, int64_t t1) {
+      with_format(qtype, [&](auto min) {
+        if (bf16_panels) {
+          panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1, amx);
+        } else {
+          panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1, false);
+        }
       });
+    };
+    const auto run = [&](auto* op) {
+      at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) { triples(op, t0, t1); });
     };
     if (bf16_out) {
       run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
@@ -643,6 +661,14 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   }
 #endif
   return out;
+}
+
+bool gguf_packed_amx_available() {
+#ifdef GGUF_X86
+  return cpu_has_amx_bf16();
+#else
+  return false;
+#endif
 }
 
 bool gguf_packed_int8_available() {

@@ -101,3 +101,19 @@ def cpu_default_dtype(features: CpuFeatures, checkpoint_dtype: torch.dtype | Non
     if checkpoint_dtype in (torch.bfloat16, torch.float16, torch.float32, None):
         return torch.float32
     return checkpoint_dtype
+
+
+#: Prompt length from which a fresh prompt's attention runs through PyTorch's SDPA rather than the paged kernel, on
+#: CPUs where :func:`prompt_attention_sdpa_min_tokens` says so. Measured on a 2-core Intel Xeon with AMX-BF16
+#: (2026-12-05, ``benchmarks/cpu_prefill_step.py``, bfloat16, SmolLM2-135M's heads, 2,048 prompt tokens a call):
+#: SDPA 1.25x the paged kernel's time at 16-token prompts, 0.61x at 64, 0.43x at 256, 0.29x at 2,048.
+SDPA_PROMPT_MIN_TOKENS = 64
+
+
+def prompt_attention_sdpa_min_tokens(features: CpuFeatures, dtype: torch.dtype) -> int | None:
+    """From how many tokens a prompt with no cached context takes PyTorch's SDPA for its attention on a CPU with
+    ``features`` (None: never, every token goes through the paged kernel). Only bfloat16 on AMX-BF16 CPUs: there
+    SDPA's flash-attention kernel multiplies on the tiles (through oneDNN's brgemm), where the paged kernel
+    scores one query token at a time with vector FMAs; elsewhere the paged kernel measured faster
+    (docs/benchmarks.md)."""
+    return SDPA_PROMPT_MIN_TOKENS if dtype == torch.bfloat16 and features.amx_bf16 else None

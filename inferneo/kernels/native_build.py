@@ -12,6 +12,7 @@ removed with a warning. Builds by other programs under the same extension name d
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -36,11 +37,23 @@ def extension_build_dir(name: str) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
 
 
+def headers_digest(sources: list[str]) -> str:
+    """A digest of the ``.h`` files beside ``sources``. PyTorch rebuilds an extension when its sources or build
+    flags change, not when a header they include does; :func:`load_extension` passes this digest as a define, so an
+    edited header rebuilds the extensions too."""
+    digest = hashlib.sha256()
+    for folder in sorted({Path(source).parent for source in sources}):
+        for header in sorted(folder.glob("*.h")):
+            digest.update(header.name.encode() + b"\0" + header.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_extension(name: str, sources: list[str], **options):
     """``torch.utils.cpp_extension.load(name, sources, **options)`` inside :func:`exclusive_build` (a stale build
-    lock is cleared first); raises what ``load`` raises."""
+    lock is cleared first), with :func:`headers_digest` among the C++ flags; raises what ``load`` raises."""
     from torch.utils.cpp_extension import load
 
+    options["extra_cflags"] = [*options.get("extra_cflags", []), f"-DINFERNEO_HEADERS_DIGEST={headers_digest(sources)}"]
     build_dir = extension_build_dir(name)
     with exclusive_build(build_dir):
         return load(name=name, sources=sources, build_directory=str(build_dir), **options)

@@ -183,7 +183,7 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
 
     int8 = kernels.gguf_int8_dot
     int16 = kernels.gguf_int16 and ops.gguf_packed_int8_available()
-    _note_wide16_paths(ops.gguf_isa(), int8, int16)
+    _note_wide16_paths("amx_bf16" if ops.gguf_packed_amx_available() else ops.gguf_isa(), int8, int16)
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
                dense_from: int | None = None) -> torch.Tensor:
@@ -294,13 +294,13 @@ class GGUFLinearMethod(LinearMethod):
                 seg = replace(seg, layout="wide16", dense_from=wide16_dense_from(tiles, seg, layer.dtype, kernels))
             segments.append(seg)
         layer.gguf_segments = tuple(segments)
-        if len(segments) == 1 and segments[0].layout == "wide16" and segments[0].dense_from is None:
+        if len(segments) == 1 and segments[0].layout == "wide16":
             # the common layer (one run of Q4 / Q8_0 shards): the call without the general path's per-call work
             # (about 3.5 us of Python a call, measured against a 10 us one-row kernel on a Zen 5)
             seg, buffers = segments[0], layer._buffers
 
             def single(x2: torch.Tensor) -> torch.Tensor:
-                return wide16(x2, buffers[seg.buffer], seg.fmt, seg.rows)
+                return wide16(x2, buffers[seg.buffer], seg.fmt, seg.rows, seg.dense_from)
 
             layer.single_matmul = single
 
@@ -355,6 +355,7 @@ def _note_wide16_paths(isa: str, int8: bool, int16: bool) -> None:
                else f"16-bit integer activations (AVX512_VNNI) from {_INT16_MIN_ROWS} rows" if int16
                else "the exact AVX-512 float32 kernels")
     bfloat16 = ("int8 dot products up to 256 rows" if int8
+                else "bfloat16 pair panels on the AMX tiles" if isa == "amx_bf16"
                 else "AVX512_BF16 pair panels" if isa == "avx512_bf16" else "AVX-512 float32 panels (widened rows)")
     logger.info("GGUF layers in the wide16 layout: float32 activations take %s, bfloat16 ones %s (a few rows: the "
                 "exact in-register path)", float32, bfloat16)

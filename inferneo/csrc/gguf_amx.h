@@ -1,0 +1,116 @@
+// AMX-BF16 tile products for the bfloat16 pair panels of gguf_wide_panels.h: activation rows, sixteen at a time,
+// times a panel of 48 weight columns ([K/2][48] pairs of bfloat16, lane c of line p: w[2p][c] low, w[2p + 1][c] high).
+//
+// That panel line is exactly the row of an AMX "B" tile: tdpbf16ps multiplies a 16 x 32 bfloat16 tile of activation
+// rows (A, read straight from x with its row stride) by a 16 x 16-pair tile of weights (B: 16 panel lines, 64 bytes
+// of one 16-column group, read with the panel's 192-byte line stride) into 16 x 16 float32 sums (C). One 32-weight
+// block of K is one tile product, so a GGUF block is one step of the loop; a 48-column panel is three C tiles.
+// On a Sapphire Rapids core a tile product is 16 x 16 x 32 multiply-adds in about 16 cycles, 16 times what
+// AVX512_BF16's vdpbf16ps does in the same time there: with the panels built as before (the weights de-quantized
+// once per call), the products stop being the ceiling of a bfloat16 step.
+//
+// Linux hands a process the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); the CPU
+// check below makes that request once and reports AMX absent when it is refused. Each thread loads its tile
+// configuration before its products and releases the tiles after them.
+#pragma once
+
+#include "gguf_wide_panels.h"
+
+#ifdef GGUF_X86
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace gguf_wide {
+
+#define GGUF_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+// The CPU multiplies bfloat16 tiles and this process may use them (asked once).
+inline bool cpu_has_amx_bf16() {
+  static const bool has = [] {
+    if (!cpu_has_avx512_bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) {
+      return false;
+    }
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+
+// The 64-byte operand of ldtilecfg (palette 1): tiles 0-2 the sums C, 3 the activations A, 4-6 the weights B, each
+// `rows` rows (A and C) or 16 (B) of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+
+  explicit TileConfig(int activation_rows) {
+    for (int t = 0; t < 7; ++t) {
+      colsb[t] = 64;
+      rows[t] = static_cast<uint8_t>(t < 4 ? activation_rows : 16);
+    }
+  }
+};
+
+// Rows [m, m + rows) of bfloat16 x (raw bits, row stride K) times one [K/2][48] panel, with the tile configuration
+// for `rows` loaded: y[r][0 .. cols) (float32, or bfloat16 words).
+template <typename OutT>
+GGUF_AMX inline void amx_rows_times_panel(const uint16_t* x, int64_t K, int64_t rows, const uint32_t* panel, OutT* y,
+                                          int64_t ldy, int64_t cols) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const uint32_t* lines = panel + 16 * b * kWideCols;
+    _tile_loadd(3, x + 32 * b, x_stride);
+    _tile_loadd(4, lines, panel_stride);
+    _tile_loadd(5, lines + 16, panel_stride);
+    _tile_loadd(6, lines + 32, panel_stride);
+    _tile_dpbf16ps(0, 3, 4);
+    _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(2, 3, 6);
+  }
+  alignas(64) float sums[3][16][16];
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int j = 0; j < 3 && cols - 16 * j > 0; ++j) {
+      store16(y + r * ldy + 16 * j, lanes_mask(cols - 16 * j), _mm512_load_ps(sums[j][r]));
+    }
+  }
+}
+
+// Rows [m_begin, m_end) of x, `rows` at a time (m_end - m_begin a multiple of it), times `count` panels.
+template <typename OutT>
+GGUF_AMX void amx_row_blocks(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
+                             const uint16_t* x, int64_t m_begin, int64_t m_end, int64_t rows, int64_t K, int64_t N,
+                             OutT* out) {
+  const TileConfig config(static_cast<int>(rows));
+  _tile_loadconfig(&config);
+  for (int64_t m = m_begin; m < m_end; m += rows) {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r0 = col0 + i * kWideCols;
+      amx_rows_times_panel(x + m * K, K, rows, panels + i * panel_words, out + m * N + r0, N,
+                           std::min(kWideCols, N - r0));
+    }
+  }
+}
+
+// `count` consecutive panels (`panel_words` 32-bit words apart; the first holds output columns from `col0`) times all
+// M rows of bfloat16 x, sixteen rows at a time on the AMX tiles (the last block with the rows left), into out [M, N]
+// (float32, or bfloat16 bits with OutT = uint16_t): the tile form of wide_panels_times_rows<true>.
+template <typename OutT>
+GGUF_AMX void amx_panels_times_rows(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
+                                    const uint16_t* x, int64_t M, int64_t K, int64_t N, OutT* out) {
+  const int64_t full = M / 16 * 16;
+  if (full > 0) amx_row_blocks(panels, count, panel_words, col0, x, 0, full, 16, K, N, out);
+  if (M > full) amx_row_blocks(panels, count, panel_words, col0, x, full, M, M - full, K, N, out);
+  _tile_release();
+}
+
+}  // namespace gguf_wide
+#endif  // x86
