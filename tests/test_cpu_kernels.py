@@ -183,10 +183,10 @@ _BACKEND_CASES = (
     AttentionCase("long-prompts", 9, 3, 64, 16, decode_lens=(3, 100), prefills=((0, 300), (64, 130), (250, 1))),
     AttentionCase("sdpa-d72", 4, 2, 72, 16, decode_lens=(3, 40), prefills=((0, 21), (17, 21))),
     AttentionCase("sdpa-bs8", 4, 2, 64, 8, decode_lens=(9,), prefills=((0, 12), (13, 6))),
-    # fresh prompts at, above and below the AMX choice's 64 tokens (two of one length: one SDPA call), between
+    # fresh prompts at, above and below the AMX choice's 128 tokens (two of one length: one SDPA call), between
     # a chunk after cached context and decodes
-    AttentionCase("fresh-prompts-around-64", 9, 3, 64, 16, decode_lens=(3, 70),
-                  prefills=((0, 64), (10, 20), (0, 100), (0, 64), (0, 63))),
+    AttentionCase("fresh-prompts-around-128", 9, 3, 64, 16, decode_lens=(3, 70),
+                  prefills=((0, 128), (10, 20), (0, 150), (0, 128), (0, 127))),
 )
 
 
@@ -196,7 +196,7 @@ _BACKEND_CASES = (
 def test_native_backend_matches_reference_on_backend_cases(case, dtype, tol, cpu):
     """Every token of a step (decodes, fresh prompts, chunks after cached context) through the native backend, with
     the prompt-attention choice of a CPU without AMX (every token paged) and of one with AMX-BF16 (bfloat16 fresh
-    prompts of 64 tokens and more through SDPA, the rest paged, in runs around them)."""
+    prompts of 128 tokens and more through SDPA, the rest paged, in runs around them)."""
     from inferneo.attention.cpu_native import CpuNativeBackend
     from inferneo.kernels.cpu_features import CpuFeatures
 

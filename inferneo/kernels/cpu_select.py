@@ -105,9 +105,12 @@ def cpu_default_dtype(features: CpuFeatures, checkpoint_dtype: torch.dtype | Non
 
 #: Prompt length from which a fresh prompt's attention runs through PyTorch's SDPA rather than the paged kernel, on
 #: CPUs where :func:`prompt_attention_sdpa_min_tokens` says so. Measured on a 2-core Intel Xeon with AMX-BF16
-#: (2026-12-05, ``benchmarks/cpu_prefill_step.py``, bfloat16, SmolLM2-135M's heads, 2,048 prompt tokens a call):
-#: SDPA 1.25x the paged kernel's time at 16-token prompts, 0.61x at 64, 0.43x at 256, 0.29x at 2,048.
-SDPA_PROMPT_MIN_TOKENS = 64
+#: (2026-12-05, bfloat16, SmolLM2-135M's heads): with 2,048 prompt tokens of one length a call
+#: (``benchmarks/cpu_prefill_step.py``), SDPA took 1.25x the paged kernel's time at 16-token prompts, 0.61x at 64,
+#: 0.43x at 256, 0.29x at 2,048; with four prompts of four lengths (four SDPA calls, as prompts of mixed lengths
+#: give), 1.33x at 64 tokens, 1.04x at 96, 0.89x at 128, 0.67x at 256, 0.48x at 512: each call's fixed cost decides
+#: the short end.
+SDPA_PROMPT_MIN_TOKENS = 128
 
 
 def prompt_attention_sdpa_min_tokens(features: CpuFeatures, dtype: torch.dtype) -> int | None:
