@@ -37,8 +37,9 @@ inline bool cpu_has_amx_bf16() {
   return has;
 }
 
-// The 64-byte operand of ldtilecfg (palette 1): tiles 0-2 the sums C, 3 the activations A, 4-6 the weights B, each
-// `rows` rows (A and C) or 16 (B) of 64 bytes.
+// The 64-byte operand of ldtilecfg (palette 1): eight tiles of 64-byte rows, tiles 0-3 of `rows` rows and 4-7 of 16.
+// A block of 16 rows uses tiles 0-2 for the sums C, 3 for the activations A and 4-6 for the weights B (any row
+// count); a pair of blocks (32 rows, all tiles of 16 rows) tiles 0-3 for C, 4-5 for A and 6-7 for B.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -47,12 +48,67 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 
   explicit TileConfig(int activation_rows) {
-    for (int t = 0; t < 7; ++t) {
+    for (int t = 0; t < 8; ++t) {
       colsb[t] = 64;
       rows[t] = static_cast<uint8_t>(t < 4 ? activation_rows : 16);
     }
   }
 };
+
+// Sums of `rows` rows and `cols` columns (three 16 x 16 tiles' worth, row r of tile j at sums[j][r]) into y.
+template <typename OutT>
+GGUF_AMX inline void store_tile_sums(const float (*sums)[16][16], int64_t rows, OutT* y, int64_t ldy, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int j = 0; j < 3 && cols - 16 * j > 0; ++j) {
+      store16(y + r * ldy + 16 * j, lanes_mask(cols - 16 * j), _mm512_load_ps(sums[j][r]));
+    }
+  }
+}
+
+// Rows [m, m + 32) of x times one [K/2][48] panel, with the 16-row configuration loaded: columns 0-31 as 2 x 2
+// tiles, then columns 32-47 as 2 x 1, so that each weight tile read from the panel (in L2) serves two row blocks
+// (the 16-row form reads every weight tile once a row block: at 64 rows its loads, not its products, set the pace).
+template <typename OutT>
+GGUF_AMX inline void amx_row_pair_times_panel(const uint16_t* x, int64_t K, const uint32_t* panel, OutT* y,
+                                              int64_t ldy, int64_t cols) {
+  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
+  const uint16_t* x_low = x + 16 * K;
+  alignas(64) float sums[2][3][16][16];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const uint32_t* lines = panel + 16 * b * kWideCols;
+    _tile_loadd(4, x + 32 * b, x_stride);
+    _tile_loadd(5, x_low + 32 * b, x_stride);
+    _tile_loadd(6, lines, panel_stride);
+    _tile_loadd(7, lines + 16, panel_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, sums[0][0], 64);
+  _tile_stored(1, sums[0][1], 64);
+  _tile_stored(2, sums[1][0], 64);
+  _tile_stored(3, sums[1][1], 64);
+  if (cols > 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t b = 0; b < K / 32; ++b) {
+      _tile_loadd(4, x + 32 * b, x_stride);
+      _tile_loadd(5, x_low + 32 * b, x_stride);
+      _tile_loadd(6, panel + 16 * b * kWideCols + 32, panel_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+    }
+    _tile_stored(0, sums[0][2], 64);
+    _tile_stored(1, sums[1][2], 64);
+  }
+  store_tile_sums(sums[0], 16, y, ldy, cols);
+  store_tile_sums(sums[1], 16, y + 16 * ldy, ldy, cols);
+}
 
 // Rows [m, m + rows) of bfloat16 x (raw bits, row stride K) times one [K/2][48] panel, with the tile configuration
 // for `rows` loaded: y[r][0 .. cols) (float32, or bfloat16 words).
@@ -77,26 +133,28 @@ GGUF_AMX inline void amx_rows_times_panel(const uint16_t* x, int64_t K, int64_t 
   _tile_stored(0, sums[0], 64);
   _tile_stored(1, sums[1], 64);
   _tile_stored(2, sums[2], 64);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int j = 0; j < 3 && cols - 16 * j > 0; ++j) {
-      store16(y + r * ldy + 16 * j, lanes_mask(cols - 16 * j), _mm512_load_ps(sums[j][r]));
-    }
-  }
+  store_tile_sums(sums, rows, y, ldy, cols);
 }
 
-// Rows [m_begin, m_end) of x, `rows` at a time (m_end - m_begin a multiple of it), times `count` panels.
+// Rows [m_begin, m_end) of x, `rows` at a time (m_end - m_begin a multiple of it), times `count` panels; blocks of
+// 16 rows go in pairs where two are left.
 template <typename OutT>
 GGUF_AMX void amx_row_blocks(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
                              const uint16_t* x, int64_t m_begin, int64_t m_end, int64_t rows, int64_t K, int64_t N,
                              OutT* out) {
   const TileConfig config(static_cast<int>(rows));
   _tile_loadconfig(&config);
-  for (int64_t m = m_begin; m < m_end; m += rows) {
+  for (int64_t m = m_begin; m < m_end;) {
+    const bool pair = rows == 16 && m + 32 <= m_end;
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t r0 = col0 + i * kWideCols;
-      amx_rows_times_panel(x + m * K, K, rows, panels + i * panel_words, out + m * N + r0, N,
-                           std::min(kWideCols, N - r0));
+      const int64_t r0 = col0 + i * kWideCols, cols = std::min(kWideCols, N - r0);
+      if (pair) {
+        amx_row_pair_times_panel(x + m * K, K, panels + i * panel_words, out + m * N + r0, N, cols);
+      } else {
+        amx_rows_times_panel(x + m * K, K, rows, panels + i * panel_words, out + m * N + r0, N, cols);
+      }
     }
+    m += pair ? 32 : rows;
   }
 }
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.cpu import native_source_digest
 from inferneo.kernels.cpu_features import CpuFeatures, cpu_features
+from inferneo.kernels.cpu_gguf import gguf_source_digest
 from inferneo.kernels.cpu_tune_cache import TuneCache, TuneKey, TuneResult
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def dense_from_rows(ops, tiles: torch.Tensor, qtype: int, out_features: int, dty
     memo_key = (shape, dtype, torch.get_num_threads())
     if memo_key in _memo:
         return _memo[memo_key]
-    key = TuneKey(features.model, features.summary(), torch.__version__, native_source_digest(),
+    key = TuneKey(features.model, features.summary(), torch.__version__, gguf_source_digest(),
                   torch.get_num_threads(), str(dtype).removeprefix("torch."), shape, ROWS, (PANEL, DENSE))
     cache = cache or TuneCache()
     cached = cache.get(key)
