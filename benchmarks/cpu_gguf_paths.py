@@ -59,7 +59,8 @@ DEFAULTS = {"file": torch.float32, "file_bf16": torch.bfloat16, "wide16": torch.
 # the wide16 bfloat16 step with its panel products forced onto one instruction set: (isa, inreg_max_rows), -1 the
 # default hand-over to the in-register path, 0 the panels at every row count
 WIDE16_BF16_ISAS = {"wide16_bf16_vdpbf16": ("avx512_bf16", -1), "wide16_bf16_amx": ("amx_bf16", -1),
-                    "wide16_bf16_amx_panels": ("amx_bf16", 0), "wide16_bf16_vdpbf16_panels": ("avx512_bf16", 0),
+                    "wide16_bf16_amx_panels": ("amx_bf16", 0), "wide16_bf16_amx_whole_panels": ("amx_bf16_whole", 0),
+                    "wide16_bf16_vdpbf16_panels": ("avx512_bf16", 0),
                     "wide16_bf16_inreg": ("", NEVER)}
 DEFAULTS.update(dict.fromkeys(WIDE16_BF16_ISAS, torch.bfloat16))
 
@@ -90,7 +91,7 @@ def main() -> None:
     for name in ("wide16_int8", "wide16_int16"):
         if name in paths and not ops.gguf_packed_int8_available():
             raise SystemExit(f"the {name} path needs AVX512_VNNI, which this CPU lacks")
-    if any(name.endswith("amx") or name.endswith("amx_panels") for name in paths) and not ops.gguf_packed_amx_available():
+    if any("_amx" in name for name in paths) and not ops.gguf_packed_amx_available():
         raise SystemExit("the wide16_bf16_amx paths need AMX-BF16, which this CPU lacks")
     if "wide16_dense_bf16" in paths and ops.gguf_isa() != "avx512_bf16":
         raise SystemExit("the wide16_dense_bf16 path needs AVX512_BF16, which this CPU lacks")

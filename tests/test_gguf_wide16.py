@@ -163,13 +163,15 @@ def test_packed_linear_matches_f_linear(name, rows, wide16_ops):
 
 
 @pytest.mark.parametrize("name", WIDE16_FORMATS)
-@pytest.mark.parametrize("rows", [1, 7, 15, 16, 17, 31, 32, 48, 64, 65, 301])
-@pytest.mark.parametrize("in_features", [32, 192, 1536])
+@pytest.mark.parametrize("rows", [1, 7, 15, 16, 17, 31, 32, 48, 64, 65, 128, 129, 301])
+@pytest.mark.parametrize("in_features", [32, 192, 224, 1536])
 def test_amx_panels_match_f_linear(name, rows, in_features, wide16_ops):
-    """The bfloat16 panels multiplied on the AMX tiles (16 rows a tile; the last block with the rows left; 48
-    columns a panel, the last partial) equal F.linear on the bfloat16-rounded weight within float32 summation
-    order, with float32 and with bfloat16 outputs (rounded where stored), and are the CPU's default for bfloat16
-    panels where it has the tiles."""
+    """The bfloat16 panels multiplied on the AMX tiles equal F.linear on the bfloat16-rounded weight within float32
+    summation order, with float32 and with bfloat16 outputs (rounded where stored), and are the CPU's default for
+    bfloat16 panels where it has the tiles: in both forms, panels over all of K (16 rows a tile, the last block with
+    the rows left; 'amx_bf16_whole', and 'amx_bf16' above 64 rows) and panels built 6 blocks of K at a time with
+    the sums kept between them (rows padded to 16; 'amx_bf16' up to 64 rows); 48 columns a panel, the last
+    partial; K of 1, 6, 7 and 48 blocks."""
     if not wide16_ops.gguf_packed_amx_available():
         pytest.skip("the AMX panels need AMX-BF16 (amx_tile, amx_bf16), which this CPU lacks")
     qtype = _qtype(name)
@@ -181,6 +183,8 @@ def test_amx_panels_match_f_linear(name, rows, in_features, wide16_ops):
     out = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "amx_bf16")
     torch.testing.assert_close(out, expected, rtol=0, atol=tol)
     assert torch.equal(out, wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, ""))
+    whole = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "amx_bf16_whole")
+    torch.testing.assert_close(whole, expected, rtol=0, atol=tol)
     out_b = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, 0, "amx_bf16", bf16_out=True)
     assert out_b.dtype == torch.bfloat16 and torch.equal(out_b, out.bfloat16())
     # a strided row view: the kernel reads its own contiguous copy

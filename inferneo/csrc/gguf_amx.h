@@ -60,7 +60,7 @@ template <typename OutT>
 GGUF_AMX inline void store_tile_sums(const float (*sums)[16][16], int64_t rows, OutT* y, int64_t ldy, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int j = 0; j < 3 && cols - 16 * j > 0; ++j) {
-      store16(y + r * ldy + 16 * j, lanes_mask(cols - 16 * j), _mm512_load_ps(sums[j][r]));
+      store16(y + r * ldy + 16 * j, lanes_mask(cols - 16 * j), _mm512_loadu_ps(sums[j][r]));
     }
   }
 }
@@ -169,6 +169,115 @@ GGUF_AMX void amx_panels_times_rows(const uint32_t* panels, int64_t count, int64
   if (M > full) amx_row_blocks(panels, count, panel_words, col0, x, full, M, M - full, K, N, out);
   _tile_release();
 }
+
+// ---- panels built a few blocks of K at a time, the sums kept between them ---------------------------------------
+//
+// At a decode step's row counts the whole-K panel costs a round trip through L2 (built, then read back once per row
+// block). The form below builds `kb` blocks of K of one 48-column panel (3 KB a block) into an L1 buffer, multiplies
+// every row block by them, and keeps each row block's 16 x 48 sums in a small float32 buffer between the chunks
+// (loaded into the C tiles before a chunk, stored after it). Activation rows are read from a copy padded to whole
+// blocks of 16, so one tile configuration (tiles of 16 rows) serves every call.
+
+// Sums of a 16-row block, per 16-column group.
+using BlockSums = float[3][16][16];
+
+// One 16-row block (rows at x, row stride K, from the chunk's first block) times `kb` blocks of a chunk's panel
+// (lines: 16 kb lines of 48 pairs); the sums start at zero (`first`) or from `sums`, and end in `sums`.
+GGUF_AMX inline void amx_block_chunk(const uint16_t* x, int64_t K, int64_t kb, const uint32_t* lines, BlockSums& sums,
+                                     bool first) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+  } else {
+    _tile_loadd(0, sums[0], 64);
+    _tile_loadd(1, sums[1], 64);
+    _tile_loadd(2, sums[2], 64);
+  }
+  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint32_t* l = lines + 16 * b * kWideCols;
+    _tile_loadd(3, x + 32 * b, x_stride);
+    _tile_loadd(4, l, panel_stride);
+    _tile_loadd(5, l + 16, panel_stride);
+    _tile_loadd(6, l + 32, panel_stride);
+    _tile_dpbf16ps(0, 3, 4);
+    _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(2, 3, 6);
+  }
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+}
+
+// Two 16-row blocks (rows at x and x + 16 K): columns 0-31 as 2 x 2 tiles, then (with `third`) 32-47 as 2 x 1.
+GGUF_AMX inline void amx_pair_chunk(const uint16_t* x, int64_t K, int64_t kb, const uint32_t* lines, BlockSums& upper,
+                                    BlockSums& lower, bool first, bool third) {
+  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
+  const uint16_t* x_low = x + 16 * K;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, upper[0], 64);
+    _tile_loadd(1, upper[1], 64);
+    _tile_loadd(2, lower[0], 64);
+    _tile_loadd(3, lower[1], 64);
+  }
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint32_t* l = lines + 16 * b * kWideCols;
+    _tile_loadd(4, x + 32 * b, x_stride);
+    _tile_loadd(5, x_low + 32 * b, x_stride);
+    _tile_loadd(6, l, panel_stride);
+    _tile_loadd(7, l + 16, panel_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, upper[0], 64);
+  _tile_stored(1, upper[1], 64);
+  _tile_stored(2, lower[0], 64);
+  _tile_stored(3, lower[1], 64);
+  if (!third) return;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+  } else {
+    _tile_loadd(0, upper[2], 64);
+    _tile_loadd(1, lower[2], 64);
+  }
+  for (int64_t b = 0; b < kb; ++b) {
+    _tile_loadd(4, x + 32 * b, x_stride);
+    _tile_loadd(5, x_low + 32 * b, x_stride);
+    _tile_loadd(6, lines + 16 * b * kWideCols + 32, panel_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+  }
+  _tile_stored(0, upper[2], 64);
+  _tile_stored(1, lower[2], 64);
+}
+
+// Every padded row block (`blocks` of 16 rows at x, row stride K, from the chunk's first block of K) times one
+// chunk of `kb` blocks of a 48-column panel whose last `cols` columns beyond 32 exist (cols > 32: the third group).
+GGUF_AMX inline void amx_row_blocks_chunk(const uint16_t* x, int64_t K, int64_t blocks, int64_t kb,
+                                          const uint32_t* lines, BlockSums* sums, bool first, int64_t cols) {
+  int64_t i = 0;
+  for (; i + 2 <= blocks; i += 2) {
+    amx_pair_chunk(x + 16 * i * K, K, kb, lines, sums[i], sums[i + 1], first, cols > 32);
+  }
+  if (i < blocks) amx_block_chunk(x + 16 * i * K, K, kb, lines, sums[i], first);
+}
+
+// Loads the 16-row tile configuration (every tile 16 rows of 64 bytes) for the chunked form.
+GGUF_AMX inline void amx_configure_16_rows() {
+  const TileConfig config(16);
+  _tile_loadconfig(&config);
+}
+
+GGUF_AMX inline void amx_release() { _tile_release(); }
 
 }  // namespace gguf_wide
 #endif  // x86
