@@ -206,7 +206,8 @@ def test_amx_isa_is_refused_without_the_tiles_or_bfloat16_rows(wide16_ops):
 @pytest.mark.parametrize("rows", [0, 1, 12, 13, 64, 301])
 def test_bfloat16_output_is_the_float32_output_rounded(name, rows, wide16_ops):
     """``bf16_out``: the kernel rounds each output where it stores it (panel path) or once at the end (in-register
-    path); either way the bits of ``.to(torch.bfloat16)`` on the float32 output, NaN where that is NaN."""
+    path); either way the bits of ``.to(torch.bfloat16)`` on the float32 output, NaN where that is NaN; and
+    ``rounded_float_out`` the same values as float32."""
     qtype = _qtype(name)
     packed = pack_wide16(_blocks(name, 100, 192, seed=rows), qtype)
     x = (torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
@@ -219,8 +220,14 @@ def test_bfloat16_output_is_the_float32_output_rounded(name, rows, wide16_ops):
         assert torch.equal(out.isnan(), expected.isnan())
         finite = ~expected.isnan()
         assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
+        # rounded_float_out: the same rounded values as float32 (an LM head's logits), NaN where they are NaN
+        widened = wide16_ops.gguf_packed_linear(x, packed, qtype, 100, inreg_max_rows, rounded_float_out=True)
+        assert widened.dtype == torch.float32 and torch.equal(widened.isnan(), expected.isnan())
+        assert torch.equal(widened[finite], expected[finite].float())
     with pytest.raises(RuntimeError, match="bf16_out=True takes bfloat16 activations"):
         wide16_ops.gguf_packed_linear(x.float(), packed, qtype, 100, bf16_out=True)
+    with pytest.raises(RuntimeError, match="rounded_float_out=True takes bfloat16 activations"):
+        wide16_ops.gguf_packed_linear(x.float(), packed, qtype, 100, rounded_float_out=True)
     # float16 rows (a float16 model on CPU) are widened too: the float32 product of their values, on both paths
     xh = torch.nan_to_num(x.float()).half()
     expected_h = F.linear(xh.float(), dequantize_blocks(unpack_wide16(packed, qtype, 100), qtype))

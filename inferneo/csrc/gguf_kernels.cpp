@@ -1327,7 +1327,7 @@ at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids
 at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                   int64_t out_features);
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
-                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out);
+                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out, bool rounded_float_out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x [M, K] @ W.T for W in ggml blocks (float32 out)", py::arg("x"),
@@ -1349,9 +1349,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU runs gguf_packed_linear (AVX512F/BW/VL/DQ)");
   m.def("gguf_packed_linear", &gguf_packed_linear,
         "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout [groups, K / 32, tile] (float32 out; with "
-        "bf16_out, bfloat16 x gives the same values rounded to bfloat16)",
+        "bf16_out, bfloat16 x gives the same values rounded to bfloat16; with rounded_float_out, those rounded values "
+        "as float32)",
         py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("inreg_max_rows") = -1,
-        py::arg("isa") = "", py::arg("bf16_out") = false);
+        py::arg("isa") = "", py::arg("bf16_out") = false, py::arg("rounded_float_out") = false);
   m.def("gguf_packed_amx_available", &gguf_packed_amx_available,
         "whether gguf_packed_linear multiplies bfloat16 panels on the AMX tiles here (AMX-BF16, and the kernel let "
         "this process use them)");

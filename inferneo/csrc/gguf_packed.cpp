@@ -604,7 +604,7 @@ bool gguf_packed_available() {
 }
 
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
-                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out) {
+                              int64_t inreg_max_rows, const std::string& isa, bool bf16_out, bool rounded_float_out) {
   check_packed_arguments("GGUF packed kernels", x_in, packed, qtype, out_features);
   const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), N = out_features;
   TORCH_CHECK(gguf_packed_available(), "GGUF packed kernels: the wide16 layout needs AVX512F/BW/VL/DQ, which this "
@@ -627,6 +627,8 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   }
   TORCH_CHECK(!bf16_out || bf16_x, "GGUF packed kernels: bf16_out=True takes bfloat16 activations; x is ",
               x_in.scalar_type());
+  TORCH_CHECK(!rounded_float_out || (bf16_x && !bf16_out), "GGUF packed kernels: rounded_float_out=True takes "
+              "bfloat16 activations and float32 output (not bf16_out); x is ", x_in.scalar_type());
   if (inreg_max_rows < 0) inreg_max_rows = default_inreg_max_rows(bf16_panels, amx);
   const int64_t M = x_in.size(0);
   // bf16_out: every output rounded to bfloat16 where it is stored (as `.to(torch.bfloat16)` would round the float32
@@ -652,6 +654,8 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
     };
     if (bf16_out) {
       run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    } else if (rounded_float_out) {
+      run(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
     } else {
       run(out.data_ptr<float>());
     }
@@ -675,6 +679,8 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
     };
     if (bf16_out) {
       run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    } else if (rounded_float_out) {
+      run(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
     } else {
       run(out.data_ptr<float>());
     }
@@ -713,6 +719,8 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   };
   if (bf16_out) {
     run_inreg(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  } else if (rounded_float_out) {
+    run_inreg(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
   } else {
     run_inreg(out.data_ptr<float>());
   }

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,11 @@ def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul
 
 
 # A matmul over a wide16 segment: (x [M, K], tiles, format, output rows, dense_from) -> [M, rows]
-Wide16Matmul = Callable[[torch.Tensor, torch.Tensor, BlockFormat, int, int | None], torch.Tensor]
+class Wide16Matmul(Protocol):
+    """The native matmul over wide16 tiles (``wide16_matmul_for``)."""
+
+    def __call__(self, x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
+                 dense_from: int | None = None, float_out: bool = False) -> torch.Tensor: ...
 
 
 def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matmul | None:
@@ -186,17 +190,23 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
     _note_wide16_paths("amx_bf16" if ops.gguf_packed_amx_available() else ops.gguf_isa(), int8, int16)
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
-               dense_from: int | None = None) -> torch.Tensor:
+               dense_from: int | None = None, float_out: bool = False) -> torch.Tensor:
+        """``x @ W.T`` in ``x``'s dtype; with ``float_out`` (an LM head whose logits are sampled in float32), a
+        bfloat16 layer's output as float32 holding the bfloat16-rounded values: what ``.float()`` of its bfloat16
+        output gives, written once by the kernel."""
+        if float_out and x.dtype == torch.bfloat16 and not (int8 and fmt.qtype != _Q8_0) and dense_from is None:
+            return ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, rounded_float_out=True)
         if (int8 and fmt.qtype != _Q8_0 and x.shape[0] >= _VNNI_MIN_ROWS
                 and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS)):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
         elif int16 and x.dtype == torch.float32 and x.shape[0] >= _INT16_MIN_ROWS:
             return ops.gguf_packed_linear_i16(x, tiles, fmt.qtype, rows)
         elif dense_from is not None and x.shape[0] >= dense_from:
-            return torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
+            out = torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
         else:  # bfloat16 rows come back rounded to bfloat16 by the kernel itself (no float32 copy to convert)
             out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, bf16_out=x.dtype == torch.bfloat16)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        out = out if out.dtype == x.dtype else out.to(x.dtype)
+        return out.float() if float_out else out
     return native
 
 
@@ -471,7 +481,9 @@ class TiedEmbeddingMethod(LinearMethod):
         emb = self._embedding[0]
         x2 = x.reshape(-1, layer.in_features)
         if emb.layout == "wide16":
-            y = layer.wide16_matmul(x2, emb.qweight, emb.fmt, layer.out_features)
+            # the head's logits are sampled in float32 (compute_logits' .float() is then a no-op): a bfloat16
+            # model's come as float32 holding the bfloat16-rounded values, with no conversion pass
+            y = layer.wide16_matmul(x2, emb.qweight, emb.fmt, layer.out_features, float_out=True)
         else:
             y = layer.block_matmul(x2, emb.qweight, emb.fmt)
         return y.reshape(*x.shape[:-1], layer.out_features)
