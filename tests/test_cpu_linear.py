@@ -82,8 +82,11 @@ def test_panel_linear_takes_strided_rows_and_batched_shapes():
 
 
 def test_pack_linears_picks_the_panel_kernel_where_it_runs():
+    """With the panel kernel asked for (``INFERNEO_CPU_LINEAR_KERNEL=panel``; the default choice is per CPU and
+    measured: on AMX CPUs oneDNN comes first for bfloat16, test_cpu_linear_choice.py), every layer whose dtype it
+    runs takes it, the others oneDNN or PyTorch's own."""
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8).to(torch.bfloat16))
-    pack_linears(model)
+    pack_linears(model, KernelConfig(cpu_linear_kernel="panel"))
     for layer, dtype in ((model[0], torch.float32), (model[1], torch.bfloat16)):
         expected = (PanelLinear if panel_kernels(dtype) is not None
                     else PackedLinear if onednn_available(dtype) else nn.Linear)
@@ -156,13 +159,14 @@ def test_panel_embedding_reads_the_tied_rows_from_the_head_panels(dtype, vocab, 
 def test_pack_linears_keeps_a_tied_head_single(dtype):
     """A head tied to the embedding is packed into panels once and the embedding reads its rows from them (float32
     everywhere: through the panel kernel or ``torch.matmul``; bfloat16 with the kernel); a tied bfloat16 head
-    without the kernel runs oneDNN on the shared weight itself. No plain copy stays beside the packed one."""
+    without the kernel runs oneDNN on the shared weight itself. No plain copy stays beside the packed one. (The
+    panel kernel asked for: where it is not the CPU's choice, as bfloat16 on AMX, the default takes oneDNN.)"""
     model = _tied_model(dtype, 300, 64)
     ids = torch.randint(0, 300, (9,))
     hidden = torch.randn(5, 64, dtype=dtype)
     expected_rows, expected_logits = model.embed_tokens(ids), model.lm_head(hidden)
     weight = model.embed_tokens.weight
-    packs = pack_linears(model)
+    packs = pack_linears(model, KernelConfig(cpu_linear_kernel="panel"))
     if dtype == torch.float32 or panel_kernels(dtype) is not None:
         assert packs == 1 and type(model.lm_head) is PanelLinear and type(model.embed_tokens) is PanelEmbedding
         assert model.embed_tokens.table is model.lm_head.packed_weight
@@ -204,12 +208,14 @@ def test_packed_linear_on_the_plain_weight_matches_reference(rows):
     torch.testing.assert_close(PackedLinear(linear, prepack=False)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_engine_runs_the_panel_kernel_and_tracks_hf(tiny_checkpoint_factory):
+def test_bfloat16_engine_runs_the_panel_kernel_and_tracks_hf(tiny_checkpoint_factory, monkeypatch):
     """A bfloat16 engine on a CPU with the bfloat16 panel kernel (AVX512_BF16, or AVX2 widening the weights) runs
     every linear through it, the tied head included, and its greedy tokens follow Hugging Face's bfloat16 model:
     every first token equal, and at least five of six 12-token continuations equal throughout (bfloat16 rounds
     each layer's output, so two correct implementations may part at a near tie; on this project's AVX2 test
-    machine five of six agree to the last token and the sixth from its sixth)."""
+    machine five of six agree to the last token and the sixth from its sixth). The kernel is asked for by name:
+    on AMX CPUs the engine's own choice for bfloat16 is oneDNN."""
+    monkeypatch.setenv("INFERNEO_CPU_LINEAR_KERNEL", "panel")
     if panel_kernels(torch.bfloat16) is None:
         pytest.skip("no bfloat16 panel kernel on this CPU (needs avx512_bf16, or avx2 + fma + f16c)")
     from test_hf_parity import mixed_prompts

@@ -192,6 +192,35 @@ def test_amx_panels_match_f_linear(name, rows, in_features, wide16_ops):
     assert torch.equal(wide16_ops.gguf_packed_linear(wide, packed, qtype, 100, 0, "amx_bf16"), out)
 
 
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [10, 16, 17, 33, 64])
+def test_gate_up_silu_is_the_projection_then_silu_and_mul(name, rows, wide16_ops):
+    """``gguf_packed_linear_silu``: a [gate | up] projection and SiLU-and-mul in one pass give the bits of the
+    projection (bfloat16 out) followed by the native SiLU-and-mul kernel, at the row counts it takes (10-64 on
+    AMX CPUs); other row counts, shapes and dtypes are refused."""
+    if not wide16_ops.gguf_packed_amx_available():
+        pytest.skip("the fused gate/up pass runs on the AMX tiles: it needs AMX-BF16, which this CPU lacks")
+    from inferneo.kernels.cpu import load_cpu_kernels
+
+    cpu = load_cpu_kernels()
+    if cpu is None:
+        pytest.skip("the native CPU kernels do not build here")
+    qtype = _qtype(name)
+    packed = pack_wide16(_blocks(name, 192, 224, seed=rows), qtype)  # gate and up: 96 columns each; K 7 blocks
+    x = (torch.randn(rows, 224, generator=torch.Generator().manual_seed(rows)) * 2).bfloat16()
+    expected = cpu.silu_and_mul(wide16_ops.gguf_packed_linear(x, packed, qtype, 192, -1, "", bf16_out=True))
+    got = wide16_ops.gguf_packed_linear_silu(x, packed, qtype, 192)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    assert list(wide16_ops.gguf_packed_silu_rows()) == [10, 64]
+    with pytest.raises(RuntimeError, match="takes 10 to 64 rows; got 9"):
+        wide16_ops.gguf_packed_linear_silu(x[:9].contiguous() if rows >= 9 else x, packed, qtype, 192)
+    with pytest.raises(RuntimeError, match="multiples of 48 columns"):
+        wide16_ops.gguf_packed_linear_silu(x, pack_wide16(_blocks(name, 100, 224), qtype), qtype, 100)
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        wide16_ops.gguf_packed_linear_silu(x.float(), packed, qtype, 192)
+
+
 def test_amx_isa_is_refused_without_the_tiles_or_bfloat16_rows(wide16_ops):
     packed = pack_wide16(_blocks("Q4_1", 20, 64), _qtype("Q4_1"))
     if not wide16_ops.gguf_packed_amx_available():

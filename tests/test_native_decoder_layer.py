@@ -15,6 +15,7 @@ import torch
 from test_hf_parity import hf_greedy, mixed_prompts, run_engine
 
 from inferneo import LLM, SamplingParams
+from inferneo.kernels.cpu_gguf import load_gguf_kernels
 from inferneo.model_executor.models.llama import DecoderLayer
 from inferneo.testing import make_tiny_gguf
 
@@ -67,12 +68,14 @@ def test_layers_with_qk_norms_run_the_fused_norm_and_rotary_kernel(tiny_checkpoi
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("quant", ["Q4_1", None])
-def test_native_layer_computes_what_the_plain_layer_computes(tiny_checkpoint_factory, tmp_path, dtype, quant):
+@pytest.mark.parametrize(("quant", "hidden"), [("Q4_1", 256), (None, 256), ("Q4_1", 192)])
+def test_native_layer_computes_what_the_plain_layer_computes(tiny_checkpoint_factory, tmp_path, dtype, quant, hidden):
     """Prompt log-probabilities, sampled tokens and their log-probabilities of a mixed batch (chunked prefill,
     decode rows of several lengths), with the layers as they are and switched back to the plain class: equal
-    exactly (GGUF Q4_1 layers: the one-call matmul; the float32 folder: packed linears called as modules)."""
-    source = tiny_checkpoint_factory("llama", hidden_size=256)
+    exactly (GGUF Q4_1 layers: the one-call matmul; the float32 folder: packed linears called as modules; hidden
+    192, an intermediate size of 384 = 8 x 48: on an AMX CPU in bfloat16 the gate/up projection and SiLU-and-mul
+    in one kernel pass at 10-64 rows)."""
+    source = tiny_checkpoint_factory("llama", hidden_size=hidden)
     path = make_tiny_gguf(source, tmp_path / "tiny.gguf", dtype=quant) if quant else source
     llm = _native_engine(path, dtype=dtype, max_num_batched_tokens=48)
     layers = _layers(llm)
@@ -81,6 +84,9 @@ def test_native_layer_computes_what_the_plain_layer_computes(tiny_checkpoint_fac
     if quant:
         qkv = layers[0].self_attn.qkv_proj
         assert qkv.single_matmul is not None and layers[0]._linear(qkv) is qkv.single_matmul
+        ops = load_gguf_kernels()
+        fused = hidden == 192 and dtype == "bfloat16" and ops is not None and ops.gguf_packed_amx_available()
+        assert (layers[0].mlp.gate_up_proj.silu_matmul is not None) == fused
     prompts = mixed_prompts(6, 300, seed=3)
     native = _prompt_scores(llm, prompts)
     for layer in layers:

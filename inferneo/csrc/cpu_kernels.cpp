@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vector_math.h"
+
 // AVX2 + FMA + F16C (8 lanes): the vector paths on x86 CPUs without AVX-512 (most small cloud VMs, many AMD and
 // Intel desktops). A build that targets AVX-512 uses the 16-lane paths instead.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
@@ -282,23 +284,7 @@ inline __m512 load16(const c10::Float8_e4m3fn* p) {
   return _mm512_i32gather_ps(index, kFp8E4m3Values.data(), 4);
 }
 
-// exp on 16 lanes: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7).
-// Inputs below -87 give (nearly) zero, which is all the softmax needs.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using inferneo_math::exp16;  // vector_math.h
 
 // tanh on 16 lanes as 1 - 2 / (e^2x + 1): saturates to +-1 (e^2x overflows to inf or clamps to ~0).
 inline __m512 tanh16(__m512 x) {
@@ -308,11 +294,7 @@ inline __m512 tanh16(__m512 x) {
 }
 
 // Float lanes rounded to the storage type (round to nearest even for bfloat16), and stores of 16 lanes.
-inline __m512i bf16_rounded_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-}
+using inferneo_math::bf16_rounded_bits;  // vector_math.h
 template <typename scalar_t>
 inline __m512 round_to(__m512 v) {
   if constexpr (std::is_same_v<scalar_t, uint16_t>) {
@@ -949,8 +931,7 @@ void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out,
       if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
         for (; i + 16 <= inter; i += 16) {
           const __m512 g = load16(gate + i);
-          const __m512 act = round_to<scalar_t>(
-              _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+          const __m512 act = round_to<scalar_t>(inferneo_math::silu16(g));
           store16(o + i, _mm512_mul_ps(act, load16(up + i)));
         }
       }

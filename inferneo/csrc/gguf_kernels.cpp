@@ -1319,6 +1319,9 @@ std::string gguf_isa() {
 bool gguf_packed_available();
 bool gguf_packed_int8_available();
 bool gguf_packed_amx_available();
+std::vector<int64_t> gguf_packed_silu_rows();
+at::Tensor gguf_packed_linear_silu(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                   int64_t out_features);
 at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,
                                      at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
@@ -1356,6 +1359,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_packed_amx_available", &gguf_packed_amx_available,
         "whether gguf_packed_linear multiplies bfloat16 panels on the AMX tiles here (AMX-BF16, and the kernel let "
         "this process use them)");
+  m.def("gguf_packed_silu_rows", &gguf_packed_silu_rows,
+        "[fewest, most] rows gguf_packed_linear_silu takes (AMX CPUs: the chunked tile form's range)");
+  m.def("gguf_packed_linear_silu", &gguf_packed_linear_silu,
+        "silu(gate) * up of a [gate | up] wide16 projection of bfloat16 x, in bfloat16 [M, out_features / 2]: the "
+        "bits of gguf_packed_linear(bf16_out=True) followed by the SiLU-and-mul kernel, in one pass (AMX-BF16)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
   m.def("gguf_packed_int8_available", &gguf_packed_int8_available,
         "whether this CPU runs gguf_packed_linear_int8 (AVX512F/BW/VL/DQ and AVX512_VNNI)");
   m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,

@@ -36,9 +36,11 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "gguf_amx.h"
 #include "gguf_wide_panels.h"
+#include "vector_math.h"
 
 namespace {
 
@@ -263,6 +265,43 @@ GGUF_AMX void amx_chunked_triples(const uint8_t* packed, int64_t groups, int64_t
     }
     for (int64_t i = 0; i < blocks; ++i) {
       store_tile_sums(sums[i], std::min<int64_t>(16, M - 16 * i), out + 16 * i * N + col0, N, cols);
+    }
+  }
+  amx_release();
+}
+
+// A gate/up projection ([gate | up] columns, `inter` each, a multiple of 48) with SiLU-and-mul applied to its sums:
+// out[r][c] = silu(gate[r][c]) * up[r][c] in bfloat16, for gate triples [t0, t1) (up triple t + inter / 48 beside
+// each). The arithmetic is the unfused pair's: each sum rounded to bfloat16 as the projection stores it, then
+// cpu_kernels.cpp's SiLU-and-mul (the same vector_math.h functions), so the bits equal the two calls'.
+template <int kFmt>
+GGUF_AMX void amx_chunked_silu_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t inter,
+                                       const uint16_t* x, int64_t M, uint16_t* out, int64_t t0, int64_t t1) {
+  const int64_t K = 32 * nb, blocks = (M + 15) / 16, up_offset = inter / kWideCols;
+  const std::unique_ptr<uint32_t[]> lines = uninitialized<uint32_t>(kAmxChunkBlocks * 16 * kWideCols);
+  const std::unique_ptr<BlockSums[]> gate(new BlockSums[blocks]), up(new BlockSums[blocks]);
+  amx_configure_16_rows();
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t triple = t + half * up_offset;
+      BlockSums* sums = half == 0 ? gate.get() : up.get();
+      for (int64_t kc = 0; kc < nb; kc += kAmxChunkBlocks) {
+        const int64_t kb = std::min(kAmxChunkBlocks, nb - kc);
+        build_panel_bf16<kFmt>(packed, groups, nb, tile, triple, lines.get(), kc, kc + kb);
+        amx_row_blocks_chunk(x + 32 * kc, K, blocks, kb, lines.get(), sums, kc == 0, kWideCols);
+      }
+    }
+    for (int64_t i = 0; i < blocks; ++i) {
+      for (int64_t r = 0; r < std::min<int64_t>(16, M - 16 * i); ++r) {
+        uint16_t* o = out + (16 * i + r) * inter + t * kWideCols;
+        for (int j = 0; j < 3; ++j) {
+          const __m512 g = bf16_stored_value(_mm512_loadu_ps(gate[i][j][r]));
+          const __m512 u = bf16_stored_value(_mm512_loadu_ps(up[i][j][r]));
+          const __m512 act = inferneo_math::bf16_rounded(inferneo_math::silu16(g));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * j),
+                              _mm512_cvtepi32_epi16(inferneo_math::bf16_rounded_bits(_mm512_mul_ps(act, u))));
+        }
+      }
     }
   }
   amx_release();
@@ -734,6 +773,47 @@ bool gguf_packed_amx_available() {
 #else
   return false;
 #endif
+}
+
+std::vector<int64_t> gguf_packed_silu_rows() {
+  // the row counts gguf_packed_linear_silu takes: above the in-register hand-over, up to the chunked form's limit
+#ifdef GGUF_X86
+  return {default_inreg_max_rows(true, true) + 1, kAmxChunkedMaxRows};
+#else
+  return {1, 0};  // none
+#endif
+}
+
+at::Tensor gguf_packed_linear_silu(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
+                                   int64_t out_features) {
+  check_packed_arguments("GGUF packed gate/up kernel", x_in, packed, qtype, out_features);
+  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), M = x_in.size(0);
+  const int64_t inter = out_features / 2;
+  TORCH_CHECK(out_features % 96 == 0, "GGUF packed gate/up kernel: the gate and up halves must be multiples of 48 "
+              "columns; got ", out_features, " output features");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "GGUF packed gate/up kernel: x must be bfloat16");
+  TORCH_CHECK(gguf_packed_amx_available(), "GGUF packed gate/up kernel: needs AMX-BF16, which this CPU lacks");
+  const std::vector<int64_t> range = gguf_packed_silu_rows();
+  TORCH_CHECK(M >= range[0] && M <= range[1], "GGUF packed gate/up kernel: takes ", range[0], " to ", range[1],
+              " rows; got ", M);
+  at::Tensor out = at::empty({M, inter}, at::kBFloat16);
+#ifdef GGUF_X86
+  at::Tensor x = x_in.contiguous();
+  if (M % 16 != 0) {
+    at::Tensor padded = at::zeros({(M + 15) / 16 * 16, K}, x.options());
+    padded.narrow(0, 0, M).copy_(x);
+    x = padded;
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, inter / kWideCols, 1, [&](int64_t t0, int64_t t1) {
+    with_format(qtype, [&](auto fmt) {
+      amx_chunked_silu_triples<decltype(fmt)::value>(src, groups, nb, tile, inter, xp, M, op, t0, t1);
+    });
+  });
+#endif
+  return out;
 }
 
 bool gguf_packed_int8_available() {

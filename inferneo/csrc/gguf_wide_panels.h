@@ -65,13 +65,18 @@ struct RoundedFloat {
 
 GGUF_AVX512 inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
 GGUF_AVX512 inline void store16(uint16_t* y, __mmask16 mask, __m512 v) { store16_bf16(y, mask, v); }
-GGUF_AVX512 inline void store16(RoundedFloat* y, __mmask16 mask, __m512 v) {
+// The float32 value of what store16_bf16 stores for each lane (rounded to nearest even; NaN the quiet NaN).
+GGUF_AVX512 inline __m512 bf16_stored_value(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
                                      _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
   rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm512_mask_storeu_ps(reinterpret_cast<float*>(y), mask, _mm512_castsi512_ps(rounded));
+  return _mm512_castsi512_ps(rounded);
+}
+
+GGUF_AVX512 inline void store16(RoundedFloat* y, __mmask16 mask, __m512 v) {
+  _mm512_mask_storeu_ps(reinterpret_cast<float*>(y), mask, bf16_stored_value(v));
 }
 
 // 48 columns' sums into y[0 .. cols): float32, or bfloat16 words (store16).

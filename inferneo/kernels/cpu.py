@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.native_build import load_extension
+from inferneo.kernels.native_build import headers_digest, load_extension
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ def native_source_digest() -> str:
     """A short digest of the native kernels' C++ source (``csrc/cpu_kernels.cpp``): part of the key of every
     measured kernel choice, so that a changed kernel is timed again rather than judged by its old figures."""
     try:
-        return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+        source = _SOURCE.read_bytes()
     except OSError:
         return "unknown"
+    return hashlib.sha256(source + headers_digest([str(_SOURCE)]).encode()).hexdigest()[:12]
 
 
 @functools.cache

@@ -232,8 +232,14 @@ class NativeDecoderLayer(DecoderLayer):
         mlp = modules["mlp"]
         if type(mlp) is MLP and type(mlp._modules["act_fn"]) is NativeSiluAndMul:
             layers = mlp._modules
-            up = self._linear(layers["gate_up_proj"])(hidden)
-            return self._linear(layers["down_proj"])(layers["act_fn"].forward(up)), residual
+            gate_up = layers["gate_up_proj"]
+            # a GGUF gate/up projection with SiLU-and-mul in the same kernel pass, at the rows that pass takes
+            fused = (gate_up.silu_matmul if type(gate_up) is self.quantized_linear and gate_up.bias is None
+                     else None)
+            act = fused(hidden) if fused is not None else None
+            if act is None:
+                act = layers["act_fn"].forward(self._linear(gate_up)(hidden))
+            return self._linear(layers["down_proj"])(act), residual
         return mlp(hidden), residual
 
 

@@ -210,6 +210,28 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
     return native
 
 
+def _gate_up_silu_for(layer: QuantizedLinear, seg: BlockSegment) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """For a bfloat16 gate/up projection (two equal halves of 48-column multiples) in one wide16 segment on a CPU
+    with AMX-BF16: ``fn(x)`` giving ``silu(gate) * up`` in one kernel pass (``gguf_packed_linear_silu``: the bits of
+    the projection followed by the SiLU-and-mul kernel) for the row counts it takes, None for the others (the
+    caller then runs the two); None when the layer or CPU has no such pass."""
+    from inferneo.kernels.cpu_gguf import load_gguf_kernels
+
+    sizes = layer.shape.output_sizes
+    ops = load_gguf_kernels()
+    if (layer.dtype != torch.bfloat16 or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] % 48
+            or ops is None or not ops.gguf_packed_amx_available()):
+        return None
+    low, high = ops.gguf_packed_silu_rows()  # below any dense hand-over (256 rows and up)
+    buffers = layer._buffers
+
+    def gate_up_silu(x2: torch.Tensor) -> torch.Tensor | None:
+        if x2.dtype != torch.bfloat16 or not low <= x2.shape[0] <= high:
+            return None
+        return ops.gguf_packed_linear_silu(x2, buffers[seg.buffer], seg.fmt.qtype, seg.rows)
+    return gate_up_silu
+
+
 def _wide16_kept(qtype: int, kernels: KernelConfig) -> bool:
     """Whether blocks of ``qtype`` are repacked into wide16 tiles where the wide16 kernels run: Q4_0 / Q4_1, and
     Q8_0 unless the int8 dot switch is on (its Q8_0 int8 kernel reads the file's layout)."""
@@ -259,6 +281,7 @@ class GGUFLinearMethod(LinearMethod):
         layer.gguf_segments = self.segments(layer.shape)
         layer.block_matmul = reference_block_matmul
         layer.single_matmul = None  # finalize: the whole layer as one wide16 call, where it is one
+        layer.silu_matmul = None  # finalize: a gate/up projection with SiLU-and-mul in the same pass, where it runs
         for seg in layer.gguf_segments:
             layer.register_buffer(seg.buffer, torch.zeros(seg.rows, seg.fmt.row_bytes(layer.in_features),
                                                           dtype=torch.uint8, device=layer.device))
@@ -313,6 +336,7 @@ class GGUFLinearMethod(LinearMethod):
                 return wide16(x2, buffers[seg.buffer], seg.fmt, seg.rows, seg.dense_from)
 
             layer.single_matmul = single
+            layer.silu_matmul = _gate_up_silu_for(layer, seg)
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         single = layer.single_matmul
