@@ -94,6 +94,9 @@ class QuantizedLinear(nn.Module):
     # Set by a method's ``finalize`` where one call computes the whole layer (``x [M, in] -> [M, out]``, no bias):
     # callers on a hot path may call it instead of the module (``device_kernels.NativeDecoderLayer``).
     single_matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Set by a method's ``finalize`` for a gate/up projection whose kernel also applies SiLU-and-mul: ``x [M, in] ->
+    # silu(gate) * up [M, out / 2]``, or None for row counts it does not take (``NativeDecoderLayer``).
+    silu_matmul: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, method: LinearMethod, shape: LinearShape, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
