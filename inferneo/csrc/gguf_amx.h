@@ -65,124 +65,21 @@ GGUF_AMX inline void store_tile_sums(const float (*sums)[16][16], int64_t rows, 
   }
 }
 
-// Rows [m, m + 32) of x times one [K/2][48] panel, with the 16-row configuration loaded: columns 0-31 as 2 x 2
-// tiles, then columns 32-47 as 2 x 1, so that each weight tile read from the panel (in L2) serves two row blocks
-// (the 16-row form reads every weight tile once a row block: at 64 rows its loads, not its products, set the pace).
-template <typename OutT>
-GGUF_AMX inline void amx_row_pair_times_panel(const uint16_t* x, int64_t K, const uint32_t* panel, OutT* y,
-                                              int64_t ldy, int64_t cols) {
-  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
-  const uint16_t* x_low = x + 16 * K;
-  alignas(64) float sums[2][3][16][16];
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const uint32_t* lines = panel + 16 * b * kWideCols;
-    _tile_loadd(4, x + 32 * b, x_stride);
-    _tile_loadd(5, x_low + 32 * b, x_stride);
-    _tile_loadd(6, lines, panel_stride);
-    _tile_loadd(7, lines + 16, panel_stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, sums[0][0], 64);
-  _tile_stored(1, sums[0][1], 64);
-  _tile_stored(2, sums[1][0], 64);
-  _tile_stored(3, sums[1][1], 64);
-  if (cols > 32) {
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t b = 0; b < K / 32; ++b) {
-      _tile_loadd(4, x + 32 * b, x_stride);
-      _tile_loadd(5, x_low + 32 * b, x_stride);
-      _tile_loadd(6, panel + 16 * b * kWideCols + 32, panel_stride);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
-    }
-    _tile_stored(0, sums[0][2], 64);
-    _tile_stored(1, sums[1][2], 64);
-  }
-  store_tile_sums(sums[0], 16, y, ldy, cols);
-  store_tile_sums(sums[1], 16, y + 16 * ldy, ldy, cols);
-}
-
-// Rows [m, m + rows) of bfloat16 x (raw bits, row stride K) times one [K/2][48] panel, with the tile configuration
-// for `rows` loaded: y[r][0 .. cols) (float32, or bfloat16 words).
-template <typename OutT>
-GGUF_AMX inline void amx_rows_times_panel(const uint16_t* x, int64_t K, int64_t rows, const uint32_t* panel, OutT* y,
-                                          int64_t ldy, int64_t cols) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  const int64_t x_stride = 2 * K, panel_stride = 4 * kWideCols;
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const uint32_t* lines = panel + 16 * b * kWideCols;
-    _tile_loadd(3, x + 32 * b, x_stride);
-    _tile_loadd(4, lines, panel_stride);
-    _tile_loadd(5, lines + 16, panel_stride);
-    _tile_loadd(6, lines + 32, panel_stride);
-    _tile_dpbf16ps(0, 3, 4);
-    _tile_dpbf16ps(1, 3, 5);
-    _tile_dpbf16ps(2, 3, 6);
-  }
-  alignas(64) float sums[3][16][16];
-  _tile_stored(0, sums[0], 64);
-  _tile_stored(1, sums[1], 64);
-  _tile_stored(2, sums[2], 64);
-  store_tile_sums(sums, rows, y, ldy, cols);
-}
-
-// Rows [m_begin, m_end) of x, `rows` at a time (m_end - m_begin a multiple of it), times `count` panels; blocks of
-// 16 rows go in pairs where two are left.
-template <typename OutT>
-GGUF_AMX void amx_row_blocks(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
-                             const uint16_t* x, int64_t m_begin, int64_t m_end, int64_t rows, int64_t K, int64_t N,
-                             OutT* out) {
-  const TileConfig config(static_cast<int>(rows));
-  _tile_loadconfig(&config);
-  for (int64_t m = m_begin; m < m_end;) {
-    const bool pair = rows == 16 && m + 32 <= m_end;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t r0 = col0 + i * kWideCols, cols = std::min(kWideCols, N - r0);
-      if (pair) {
-        amx_row_pair_times_panel(x + m * K, K, panels + i * panel_words, out + m * N + r0, N, cols);
-      } else {
-        amx_rows_times_panel(x + m * K, K, rows, panels + i * panel_words, out + m * N + r0, N, cols);
-      }
-    }
-    m += pair ? 32 : rows;
-  }
-}
-
-// `count` consecutive panels (`panel_words` 32-bit words apart; the first holds output columns from `col0`) times all
-// M rows of bfloat16 x, sixteen rows at a time on the AMX tiles (the last block with the rows left), into out [M, N]
-// (float32, or bfloat16 bits with OutT = uint16_t): the tile form of wide_panels_times_rows<true>.
-template <typename OutT>
-GGUF_AMX void amx_panels_times_rows(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
-                                    const uint16_t* x, int64_t M, int64_t K, int64_t N, OutT* out) {
-  const int64_t full = M / 16 * 16;
-  if (full > 0) amx_row_blocks(panels, count, panel_words, col0, x, 0, full, 16, K, N, out);
-  if (M > full) amx_row_blocks(panels, count, panel_words, col0, x, full, M, M - full, K, N, out);
-  _tile_release();
-}
-
-// ---- panels built a few blocks of K at a time, the sums kept between them ---------------------------------------
+// ---- the tile products: row blocks times a chunk of a panel's blocks of K, the sums kept between chunks -----------
 //
-// At a decode step's row counts the whole-K panel costs a round trip through L2 (built, then read back once per row
-// block). The form below builds `kb` blocks of K of one 48-column panel (3 KB a block) into an L1 buffer, multiplies
-// every row block by them, and keeps each row block's 16 x 48 sums in a small float32 buffer between the chunks
-// (loaded into the C tiles before a chunk, stored after it). Activation rows are read from a copy padded to whole
-// blocks of 16, so one tile configuration (tiles of 16 rows) serves every call.
+// A chunk is `kb` blocks of K of one 48-column panel (3 KB a block). The whole-K form below is one chunk holding all
+// of K. At a decode step's row counts that whole-K panel costs a round trip through L2 (built, then read back once
+// per row block), so the chunked form (gguf_packed.cpp) builds a few blocks of K at a time into an L1 buffer,
+// multiplies every row block by them, and keeps each row block's 16 x 48 sums in a small float32 buffer between the
+// chunks (loaded into the C tiles before a chunk, stored after it); its activation rows are read from a copy padded
+// to whole blocks of 16, so one tile configuration (tiles of 16 rows) serves every call.
 
 // Sums of a 16-row block, per 16-column group.
 using BlockSums = float[3][16][16];
 
-// One 16-row block (rows at x, row stride K, from the chunk's first block) times `kb` blocks of a chunk's panel
-// (lines: 16 kb lines of 48 pairs); the sums start at zero (`first`) or from `sums`, and end in `sums`.
+// One block of rows (16, or the configured rows; at x, row stride K, from the chunk's first block) times `kb` blocks
+// of a chunk's panel (lines: 16 kb lines of 48 pairs); the sums start at zero (`first`) or from `sums`, and end in
+// `sums`.
 GGUF_AMX inline void amx_block_chunk(const uint16_t* x, int64_t K, int64_t kb, const uint32_t* lines, BlockSums& sums,
                                      bool first) {
   if (first) {
@@ -269,6 +166,64 @@ GGUF_AMX inline void amx_row_blocks_chunk(const uint16_t* x, int64_t K, int64_t 
     amx_pair_chunk(x + 16 * i * K, K, kb, lines, sums[i], sums[i + 1], first, cols > 32);
   }
   if (i < blocks) amx_block_chunk(x + 16 * i * K, K, kb, lines, sums[i], first);
+}
+
+// ---- whole-K panels: one chunk holding all of K ---------------------------------------------------------------
+
+// Rows [m, m + rows) of bfloat16 x (raw bits, row stride K) times one [K/2][48] panel, with the tile configuration
+// for `rows` loaded: y[r][0 .. cols) (float32, or bfloat16 words).
+template <typename OutT>
+GGUF_AMX inline void amx_rows_times_panel(const uint16_t* x, int64_t K, int64_t rows, const uint32_t* panel, OutT* y,
+                                          int64_t ldy, int64_t cols) {
+  alignas(64) BlockSums sums;
+  amx_block_chunk(x, K, K / 32, panel, sums, true);
+  store_tile_sums(sums, rows, y, ldy, cols);
+}
+
+// Rows [m, m + 32) of x times one [K/2][48] panel, with the 16-row configuration loaded: columns 0-31 as 2 x 2
+// tiles, then columns 32-47 as 2 x 1, so that each weight tile read from the panel (in L2) serves two row blocks
+// (the 16-row form reads every weight tile once a row block: at 64 rows its loads, not its products, set the pace).
+template <typename OutT>
+GGUF_AMX inline void amx_row_pair_times_panel(const uint16_t* x, int64_t K, const uint32_t* panel, OutT* y,
+                                              int64_t ldy, int64_t cols) {
+  alignas(64) BlockSums upper, lower;
+  amx_pair_chunk(x, K, K / 32, panel, upper, lower, true, cols > 32);
+  store_tile_sums(upper, 16, y, ldy, cols);
+  store_tile_sums(lower, 16, y + 16 * ldy, ldy, cols);
+}
+
+// Rows [m_begin, m_end) of x, `rows` at a time (m_end - m_begin a multiple of it), times `count` panels; blocks of
+// 16 rows go in pairs where two are left.
+template <typename OutT>
+GGUF_AMX void amx_row_blocks(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
+                             const uint16_t* x, int64_t m_begin, int64_t m_end, int64_t rows, int64_t K, int64_t N,
+                             OutT* out) {
+  const TileConfig config(static_cast<int>(rows));
+  _tile_loadconfig(&config);
+  for (int64_t m = m_begin; m < m_end;) {
+    const bool pair = rows == 16 && m + 32 <= m_end;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r0 = col0 + i * kWideCols, cols = std::min(kWideCols, N - r0);
+      if (pair) {
+        amx_row_pair_times_panel(x + m * K, K, panels + i * panel_words, out + m * N + r0, N, cols);
+      } else {
+        amx_rows_times_panel(x + m * K, K, rows, panels + i * panel_words, out + m * N + r0, N, cols);
+      }
+    }
+    m += pair ? 32 : rows;
+  }
+}
+
+// `count` consecutive panels (`panel_words` 32-bit words apart; the first holds output columns from `col0`) times all
+// M rows of bfloat16 x, sixteen rows at a time on the AMX tiles (the last block with the rows left), into out [M, N]
+// (float32, or bfloat16 bits with OutT = uint16_t): the tile form of wide_panels_times_rows<true>.
+template <typename OutT>
+GGUF_AMX void amx_panels_times_rows(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
+                                    const uint16_t* x, int64_t M, int64_t K, int64_t N, OutT* out) {
+  const int64_t full = M / 16 * 16;
+  if (full > 0) amx_row_blocks(panels, count, panel_words, col0, x, 0, full, 16, K, N, out);
+  if (M > full) amx_row_blocks(panels, count, panel_words, col0, x, full, M, M - full, K, N, out);
+  _tile_release();
 }
 
 // Loads the 16-row tile configuration (every tile 16 rows of 64 bytes) for the chunked form.

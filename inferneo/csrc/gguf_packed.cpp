@@ -247,22 +247,30 @@ GGUF_AVX512 void panel_triples(const uint8_t* packed, int64_t groups, int64_t nb
 constexpr int64_t kAmxChunkBlocks = 6;
 constexpr int64_t kAmxChunkedMaxRows = 64;
 
+// Triple t times the `blocks` padded row blocks of bfloat16 x, K a few blocks at a time (each chunk of the panel built
+// into `lines`), into sums[0 .. blocks); `cols` of its 48 columns exist. The 16-row tile configuration is loaded.
+template <int kFmt>
+GGUF_AMX void amx_triple_sums(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t t,
+                              const uint16_t* x, int64_t blocks, uint32_t* lines, BlockSums* sums, int64_t cols) {
+  for (int64_t kc = 0; kc < nb; kc += kAmxChunkBlocks) {
+    const int64_t kb = std::min(kAmxChunkBlocks, nb - kc);
+    build_panel_bf16<kFmt>(packed, groups, nb, tile, t, lines, kc, kc + kb);
+    amx_row_blocks_chunk(x + 32 * kc, 32 * nb, blocks, kb, lines, sums, kc == 0, cols);
+  }
+}
+
 // Triples [t0, t1) times the rows of bfloat16 x, padded with zero rows to whole blocks of 16 (M real rows), into
 // out [M, N], K a few blocks at a time (gguf_amx.h).
 template <int kFmt, typename OutT>
 GGUF_AMX void amx_chunked_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t N,
                                   const uint16_t* x, int64_t M, OutT* out, int64_t t0, int64_t t1) {
-  const int64_t K = 32 * nb, blocks = (M + 15) / 16;
+  const int64_t blocks = (M + 15) / 16;
   const std::unique_ptr<uint32_t[]> lines = uninitialized<uint32_t>(kAmxChunkBlocks * 16 * kWideCols);
   const std::unique_ptr<BlockSums[]> sums(new BlockSums[blocks]);
   amx_configure_16_rows();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t col0 = t * kWideCols, cols = std::min(kWideCols, N - col0);
-    for (int64_t kc = 0; kc < nb; kc += kAmxChunkBlocks) {
-      const int64_t kb = std::min(kAmxChunkBlocks, nb - kc);
-      build_panel_bf16<kFmt>(packed, groups, nb, tile, t, lines.get(), kc, kc + kb);
-      amx_row_blocks_chunk(x + 32 * kc, K, blocks, kb, lines.get(), sums.get(), kc == 0, cols);
-    }
+    amx_triple_sums<kFmt>(packed, groups, nb, tile, t, x, blocks, lines.get(), sums.get(), cols);
     for (int64_t i = 0; i < blocks; ++i) {
       store_tile_sums(sums[i], std::min<int64_t>(16, M - 16 * i), out + 16 * i * N + col0, N, cols);
     }
@@ -277,20 +285,13 @@ GGUF_AMX void amx_chunked_triples(const uint8_t* packed, int64_t groups, int64_t
 template <int kFmt>
 GGUF_AMX void amx_chunked_silu_triples(const uint8_t* packed, int64_t groups, int64_t nb, int64_t tile, int64_t inter,
                                        const uint16_t* x, int64_t M, uint16_t* out, int64_t t0, int64_t t1) {
-  const int64_t K = 32 * nb, blocks = (M + 15) / 16, up_offset = inter / kWideCols;
+  const int64_t blocks = (M + 15) / 16, up_offset = inter / kWideCols;
   const std::unique_ptr<uint32_t[]> lines = uninitialized<uint32_t>(kAmxChunkBlocks * 16 * kWideCols);
   const std::unique_ptr<BlockSums[]> gate(new BlockSums[blocks]), up(new BlockSums[blocks]);
   amx_configure_16_rows();
   for (int64_t t = t0; t < t1; ++t) {
-    for (int half = 0; half < 2; ++half) {
-      const int64_t triple = t + half * up_offset;
-      BlockSums* sums = half == 0 ? gate.get() : up.get();
-      for (int64_t kc = 0; kc < nb; kc += kAmxChunkBlocks) {
-        const int64_t kb = std::min(kAmxChunkBlocks, nb - kc);
-        build_panel_bf16<kFmt>(packed, groups, nb, tile, triple, lines.get(), kc, kc + kb);
-        amx_row_blocks_chunk(x + 32 * kc, K, blocks, kb, lines.get(), sums, kc == 0, kWideCols);
-      }
-    }
+    amx_triple_sums<kFmt>(packed, groups, nb, tile, t, x, blocks, lines.get(), gate.get(), kWideCols);
+    amx_triple_sums<kFmt>(packed, groups, nb, tile, t + up_offset, x, blocks, lines.get(), up.get(), kWideCols);
     for (int64_t i = 0; i < blocks; ++i) {
       for (int64_t r = 0; r < std::min<int64_t>(16, M - 16 * i); ++r) {
         uint16_t* o = out + (16 * i + r) * inter + t * kWideCols;
@@ -606,6 +607,32 @@ void with_format(int64_t qtype, Fn&& fn) {
   }
 }
 
+// The contiguous rows of x, with zero rows added up to a whole block of 16 where M is not one (the chunked AMX form:
+// one tile configuration for every block).
+at::Tensor rows_in_blocks_of_16(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0);
+  if (M % 16 == 0) return x;
+  at::Tensor padded = at::zeros({(M + 15) / 16 * 16, x.size(1)}, x.options());
+  padded.narrow(0, 0, M).copy_(x);
+  return padded;
+}
+
+#ifdef GGUF_X86
+// run(op) with op the output's elements as the kernels store them: bfloat16 words (bf16_out), float32 holding
+// bfloat16-rounded values (rounded_float_out), or float32.
+template <typename Run>
+void with_output(at::Tensor& out, bool bf16_out, bool rounded_float_out, Run&& run) {
+  if (bf16_out) {
+    run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  } else if (rounded_float_out) {
+    run(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
+  } else {
+    run(out.data_ptr<float>());
+  }
+}
+#endif
+
 // Where the in-register path hands over to the panels when the caller does not say (inreg_max_rows < 0): the row
 // count up to which it measured faster on the default model's Q4_1 layers (two threads, Zen 5; 30 layers' weights
 // cycled, ms a step). Measured again on 2026-12-04 late evening, after both paths stored bfloat16 outputs themselves
@@ -677,52 +704,32 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
   const uint8_t* src = packed.data_ptr<uint8_t>();
 #ifdef GGUF_X86
   if (M > inreg_max_rows && amx && chunked_amx && M <= kAmxChunkedMaxRows) {  // decode sizes on the AMX tiles
-    at::Tensor x = x_in.contiguous();
-    if (M % 16 != 0) {  // zero rows up to a whole block of 16: one tile configuration for every block
-      at::Tensor padded = at::zeros({(M + 15) / 16 * 16, K}, x.options());
-      padded.narrow(0, 0, M).copy_(x);
-      x = padded;
-    }
+    const at::Tensor x = rows_in_blocks_of_16(x_in);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    const auto run = [&](auto* op) {
+    with_output(out, bf16_out, rounded_float_out, [&](auto* op) {
       at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
         with_format(qtype, [&](auto fmt) {
           amx_chunked_triples<decltype(fmt)::value>(src, groups, nb, tile, N, xp, M, op, t0, t1);
         });
       });
-    };
-    if (bf16_out) {
-      run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-    } else if (rounded_float_out) {
-      run(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
-    } else {
-      run(out.data_ptr<float>());
-    }
+    });
     return out;
   }
   if (M > inreg_max_rows) {  // the panels
     // bfloat16 pair panels take the bfloat16 rows as they are; float32 panels take float32 rows
     const at::Tensor x = bf16_panels ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const void* xp = x.data_ptr();
-    const auto triples = [&](auto* op, int64_t t0, int64_t t1) {
-      with_format(qtype, [&](auto min) {
-        if (bf16_panels) {
-          panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1, amx);
-        } else {
-          panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1, false);
-        }
+    with_output(out, bf16_out, rounded_float_out, [&](auto* op) {
+      at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) {
+        with_format(qtype, [&](auto min) {
+          if (bf16_panels) {
+            panel_triples<decltype(min)::value, true>(src, groups, nb, tile, N, xp, M, op, t0, t1, amx);
+          } else {
+            panel_triples<decltype(min)::value, false>(src, groups, nb, tile, N, xp, M, op, t0, t1, false);
+          }
+        });
       });
-    };
-    const auto run = [&](auto* op) {
-      at::parallel_for(0, (groups + 2) / 3, 1, [&](int64_t t0, int64_t t1) { triples(op, t0, t1); });
-    };
-    if (bf16_out) {
-      run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-    } else if (rounded_float_out) {
-      run(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
-    } else {
-      run(out.data_ptr<float>());
-    }
+    });
     return out;
   }
   // A few rows: bfloat16 rows are widened here (exactly: a shift) rather than through a PyTorch conversion, whose
@@ -756,13 +763,7 @@ at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, 
       }
     });
   };
-  if (bf16_out) {
-    run_inreg(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  } else if (rounded_float_out) {
-    run_inreg(reinterpret_cast<RoundedFloat*>(out.data_ptr<float>()));
-  } else {
-    run_inreg(out.data_ptr<float>());
-  }
+  with_output(out, bf16_out, rounded_float_out, run_inreg);
 #endif
   return out;
 }
@@ -787,7 +788,7 @@ std::vector<int64_t> gguf_packed_silu_rows() {
 at::Tensor gguf_packed_linear_silu(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
                                    int64_t out_features) {
   check_packed_arguments("GGUF packed gate/up kernel", x_in, packed, qtype, out_features);
-  const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), M = x_in.size(0);
+  const int64_t groups = packed.size(0), nb = packed.size(1), tile = packed.size(2), M = x_in.size(0);
   const int64_t inter = out_features / 2;
   TORCH_CHECK(out_features % 96 == 0, "GGUF packed gate/up kernel: the gate and up halves must be multiples of 48 "
               "columns; got ", out_features, " output features");
@@ -798,12 +799,7 @@ at::Tensor gguf_packed_linear_silu(const at::Tensor& x_in, const at::Tensor& pac
               " rows; got ", M);
   at::Tensor out = at::empty({M, inter}, at::kBFloat16);
 #ifdef GGUF_X86
-  at::Tensor x = x_in.contiguous();
-  if (M % 16 != 0) {
-    at::Tensor padded = at::zeros({(M + 15) / 16 * 16, K}, x.options());
-    padded.narrow(0, 0, M).copy_(x);
-    x = padded;
-  }
+  const at::Tensor x = rows_in_blocks_of_16(x_in);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());

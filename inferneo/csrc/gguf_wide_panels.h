@@ -13,6 +13,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vector_math.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define GGUF_X86 1
@@ -47,14 +49,16 @@ inline __mmask16 lanes_mask(int64_t cols) {
   return cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
 }
 
-// 16 lanes rounded to bfloat16 as PyTorch rounds (nearest even; NaN to the quiet NaN 0x7FC0), stored as 16-bit words
-// under `mask`: a bfloat16 layer's output written once, not as float32 and then converted.
+// 16 lanes rounded to bfloat16 as PyTorch rounds (nearest even; NaN to the quiet NaN 0x7FC0), the 16-bit results in
+// the low halves of 32-bit lanes.
+GGUF_AVX512 inline __m512i bf16_stored_bits(__m512 v) {
+  return _mm512_mask_mov_epi32(inferneo_math::bf16_rounded_bits(v), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC0));
+}
+
+// Those 16-bit words stored under `mask`: a bfloat16 layer's output written once, not as float32 and then converted.
 GGUF_AVX512 inline void store16_bf16(uint16_t* y, __mmask16 mask, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(y, mask, _mm512_cvtepi32_epi16(rounded));
+  _mm256_mask_storeu_epi16(y, mask, _mm512_cvtepi32_epi16(bf16_stored_bits(v)));
 }
 
 // A float32 output that holds bfloat16-rounded values (the bits of `.to(torch.bfloat16).float()` on the float32 sum):
@@ -65,14 +69,9 @@ struct RoundedFloat {
 
 GGUF_AVX512 inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
 GGUF_AVX512 inline void store16(uint16_t* y, __mmask16 mask, __m512 v) { store16_bf16(y, mask, v); }
-// The float32 value of what store16_bf16 stores for each lane (rounded to nearest even; NaN the quiet NaN).
+// The float32 value of what store16_bf16 stores for each lane.
 GGUF_AVX512 inline __m512 bf16_stored_value(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
-                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  return _mm512_castsi512_ps(rounded);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_stored_bits(v), 16));
 }
 
 GGUF_AVX512 inline void store16(RoundedFloat* y, __mmask16 mask, __m512 v) {

@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.native_build import headers_digest, load_extension
+from inferneo.kernels.native_build import load_extension, sources_digest
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,10 @@ def argmax_rows_for(device, kernels: KernelConfig | None = None):
 
 @functools.cache
 def native_source_digest() -> str:
-    """A short digest of the native kernels' C++ source (``csrc/cpu_kernels.cpp``): part of the key of every
-    measured kernel choice, so that a changed kernel is timed again rather than judged by its old figures."""
-    try:
-        source = _SOURCE.read_bytes()
-    except OSError:
-        return "unknown"
-    return hashlib.sha256(source + headers_digest([str(_SOURCE)]).encode()).hexdigest()[:12]
+    """A short digest of the native kernels' C++ source (``csrc/cpu_kernels.cpp``) and the headers beside it: part
+    of the key of every measured kernel choice, so that a changed kernel is timed again rather than judged by its
+    old figures."""
+    return sources_digest([str(_SOURCE)])
 
 
 @functools.cache

@@ -9,11 +9,10 @@ PyTorch at each call and a warning says why.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from pathlib import Path
 
-from inferneo.kernels.native_build import headers_digest, load_extension
+from inferneo.kernels.native_build import load_extension, sources_digest
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +23,7 @@ _SOURCES = [Path(__file__).parent.parent / "csrc" / name for name in ("gguf_kern
 def gguf_source_digest() -> str:
     """A short digest of the GGUF kernels' C++ sources and the headers beside them: part of the key of every measured
     GGUF path choice (``quantization/gguf_dense.py``), so that a changed kernel is timed again."""
-    digest = hashlib.sha256()
-    try:
-        for path in _SOURCES:
-            digest.update(path.read_bytes())
-    except OSError:
-        return "unknown"
-    digest.update(headers_digest([str(path) for path in _SOURCES]).encode())
-    return digest.hexdigest()[:12]
+    return sources_digest([str(path) for path in _SOURCES])
 
 
 @functools.cache

@@ -48,6 +48,20 @@ def headers_digest(sources: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def sources_digest(sources: list[str]) -> str:
+    """A short digest of ``sources`` and the headers beside them (:func:`headers_digest`), "unknown" when a source
+    cannot be read: part of the key of every measured kernel choice, so that a changed kernel is timed again rather
+    than judged by its old figures."""
+    digest = hashlib.sha256()
+    try:
+        for source in sources:
+            digest.update(Path(source).read_bytes())
+        digest.update(headers_digest(sources).encode())
+    except OSError:
+        return "unknown"
+    return digest.hexdigest()[:12]
+
+
 def load_extension(name: str, sources: list[str], **options):
     """``torch.utils.cpp_extension.load(name, sources, **options)`` inside :func:`exclusive_build` (a stale build
     lock is cleared first), with :func:`headers_digest` among the C++ flags; raises what ``load`` raises."""

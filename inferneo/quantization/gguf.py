@@ -194,8 +194,6 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
         """``x @ W.T`` in ``x``'s dtype; with ``float_out`` (an LM head whose logits are sampled in float32), a
         bfloat16 layer's output as float32 holding the bfloat16-rounded values: what ``.float()`` of its bfloat16
         output gives, written once by the kernel."""
-        if float_out and x.dtype == torch.bfloat16 and not (int8 and fmt.qtype != _Q8_0) and dense_from is None:
-            return ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, rounded_float_out=True)
         if (int8 and fmt.qtype != _Q8_0 and x.shape[0] >= _VNNI_MIN_ROWS
                 and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS)):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
@@ -204,7 +202,10 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
         elif dense_from is not None and x.shape[0] >= dense_from:
             out = torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
         else:  # bfloat16 rows come back rounded to bfloat16 by the kernel itself (no float32 copy to convert)
-            out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, bf16_out=x.dtype == torch.bfloat16)
+            bf16 = x.dtype == torch.bfloat16
+            if bf16 and float_out:
+                return ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, rounded_float_out=True)
+            out = ops.gguf_packed_linear(x, tiles, fmt.qtype, rows, bf16_out=bf16)
         out = out if out.dtype == x.dtype else out.to(x.dtype)
         return out.float() if float_out else out
     return native
