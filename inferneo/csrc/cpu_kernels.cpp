@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "aligned_buffer.h"
 #include "vector_math.h"
 
 // AVX2 + FMA + F16C (8 lanes): the vector paths on x86 CPUs without AVX-512 (most small cloud VMs, many AMD and
@@ -172,7 +173,7 @@ struct DecodeShape {
 // The per-thread running state of one (request, kv head) item, for all query heads of the kv head's group:
 // scaled queries, running max and sum of the online softmax, and the output accumulators.
 struct GroupState {
-  std::vector<float> q, acc, row_max, row_sum;
+  inferneo_buffers::LineVector<float> q, acc, row_max, row_sum;
   int64_t group, head_dim;
 
   GroupState(int64_t group, int64_t head_dim)
@@ -208,8 +209,8 @@ void decode_scalar(const scalar_t* __restrict q, const cache_t* __restrict cache
   const int64_t block_elems = bs * D, half = s.num_kv_heads * s.num_blocks * block_elems;
   at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     GroupState st(group, D);
-    std::vector<float> scores(bs);
-    std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
+    inferneo_buffers::LineVector<float> scores(bs);
+    inferneo_buffers::LineVector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.num_kv_heads, kvh = item % s.num_kv_heads, len = seq_lens[b];
       const int64_t* table = tables + (table_rows ? table_rows[b] : b) * s.max_blocks;
@@ -578,12 +579,12 @@ void decode_vector(const scalar_t* __restrict q, const cache_t* __restrict cache
   {
     GroupState st(group, D);
 #ifdef __AVX512F__
-    std::vector<float> probs(4 * kSpanTokens);
+    inferneo_buffers::LineVector<float> probs(4 * kSpanTokens);
     std::vector<SpanChunk<cache_t>> chunks(kSpanChunks);
 #else
-    std::vector<float> probs(4 * 16);
+    inferneo_buffers::LineVector<float> probs(4 * 16);
 #endif
-    std::vector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
+    inferneo_buffers::LineVector<float>&qf = st.q, &acc = st.acc, &row_max = st.row_max, &row_sum = st.row_sum;
 #ifndef __AVX512F__
     // prefetch_chunk of the 16 tokens from position `pos` of a request's context
     const auto prefetch_position = [&](const int64_t* table, int64_t kvh, int64_t pos) {

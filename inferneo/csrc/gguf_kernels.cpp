@@ -33,9 +33,13 @@
 #include <thread>
 #include <vector>
 
+#include "aligned_buffer.h"
 #include "gguf_wide_panels.h"
 
 namespace {
+
+using inferneo_buffers::AlignedBuffer;
+using inferneo_buffers::zeroed;
 #ifdef GGUF_X86
 using namespace gguf_wide;
 #endif
@@ -434,20 +438,20 @@ GGUF_AVX2 void panel_groups_avx2(const uint8_t* src, int64_t row_bytes, Format f
                                  int64_t N, int64_t K, const float* x, int64_t M, float* out, int64_t g0, int64_t g1) {
   const int64_t panel_floats = kPanelCols * K;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_floats * 4)));
-  std::vector<float> rows_buf(panel_floats, 0.0f), panels(chunk * panel_floats);
+  const AlignedBuffer<float> rows_buf = zeroed<float>(panel_floats), panels = zeroed<float>(chunk * panel_floats);
   for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
     const int64_t groups = std::min(chunk, g1 - c0);
     for (int64_t i = 0; i < groups; ++i) {
       const int64_t r0 = (c0 + i) * kPanelCols, rows = std::min(kPanelCols, N - r0);
-      dequant_rows(src + r0 * row_bytes, row_bytes, 0, rows, f, deq, nblocks, rows_buf.data(), K);
-      if (rows < kPanelCols) std::fill(rows_buf.begin() + rows * K, rows_buf.end(), 0.0f);
-      transpose_into_panel(rows_buf.data(), K, panels.data() + i * panel_floats);
+      dequant_rows(src + r0 * row_bytes, row_bytes, 0, rows, f, deq, nblocks, rows_buf.get(), K);
+      if (rows < kPanelCols) std::fill(rows_buf.get() + rows * K, rows_buf.get() + panel_floats, 0.0f);
+      transpose_into_panel(rows_buf.get(), K, panels.get() + i * panel_floats);
     }
     for (int64_t m = 0; m < M; m += 6) {
       const int64_t block_rows = std::min<int64_t>(6, M - m);
       for (int64_t i = 0; i < groups; ++i) {
         const int64_t r0 = (c0 + i) * kPanelCols;
-        panel_block_avx2(block_rows, x + m * K, K, panels.data() + i * panel_floats, K, out + m * N + r0, N,
+        panel_block_avx2(block_rows, x + m * K, K, panels.get() + i * panel_floats, K, out + m * N + r0, N,
                          std::min(kPanelCols, N - r0));
       }
     }
@@ -609,27 +613,28 @@ GGUF_AVX512 void wide_panel_groups(const uint8_t* src, int64_t row_bytes, Format
   // a bfloat16 panel holds K / 2 pairs per column: half the floats' bytes
   const int64_t panel_words = kBf16 ? panel_floats / 2 : panel_floats;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t{256} << 10) / (panel_words * 4)));
-  std::vector<float> rows_buf(direct ? 0 : panel_floats, 0.0f), staging(kBf16 && !direct ? panel_floats : 0);
-  std::vector<uint32_t> panels(chunk * panel_words);
+  const AlignedBuffer<float> rows_buf = zeroed<float>(direct ? 0 : panel_floats),
+                             staging = zeroed<float>(kBf16 && !direct ? panel_floats : 0);
+  const AlignedBuffer<uint32_t> panels = zeroed<uint32_t>(chunk * panel_words);
   for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
     const int64_t groups = std::min(chunk, g1 - c0);
     for (int64_t i = 0; i < groups; ++i) {
       const int64_t r0 = (c0 + i) * kWideCols, rows = std::min(kWideCols, N - r0);
-      uint32_t* panel = panels.data() + i * panel_words;
+      uint32_t* panel = panels.get() + i * panel_words;
       if (direct) {
         direct(src + r0 * row_bytes, row_bytes, f.bytes, rows, nblocks, panel);
         continue;
       }
-      dequant_rows(src + r0 * row_bytes, row_bytes, 0, rows, f, deq, nblocks, rows_buf.data(), K);
-      if (rows < kWideCols) std::fill(rows_buf.begin() + rows * K, rows_buf.end(), 0.0f);
+      dequant_rows(src + r0 * row_bytes, row_bytes, 0, rows, f, deq, nblocks, rows_buf.get(), K);
+      if (rows < kWideCols) std::fill(rows_buf.get() + rows * K, rows_buf.get() + panel_floats, 0.0f);
       if constexpr (kBf16) {
-        transpose_into_wide_panel(rows_buf.data(), K, staging.data());
-        pack_wide_panel_bf16(staging.data(), K, panel);
+        transpose_into_wide_panel(rows_buf.get(), K, staging.get());
+        pack_wide_panel_bf16(staging.get(), K, panel);
       } else {
-        transpose_into_wide_panel(rows_buf.data(), K, reinterpret_cast<float*>(panel));
+        transpose_into_wide_panel(rows_buf.get(), K, reinterpret_cast<float*>(panel));
       }
     }
-    wide_panels_times_rows<kBf16>(panels.data(), groups, panel_words, c0 * kWideCols, x, M, K, N, out);
+    wide_panels_times_rows<kBf16>(panels.get(), groups, panel_words, c0 * kWideCols, x, M, K, N, out);
   }
 }
 
@@ -1218,15 +1223,15 @@ at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& blocks, int64_t
   constexpr int64_t kGroupRows = 16;
   const int64_t chunk_blocks = std::max<int64_t>(1, 512 / f.block), kc_max = chunk_blocks * f.block;
   at::parallel_for(0, (N + kGroupRows - 1) / kGroupRows, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> wbuf(kGroupRows * kc_max);
+    const AlignedBuffer<float> wbuf = zeroed<float>(kGroupRows * kc_max);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * kGroupRows, rows = std::min(kGroupRows, N - r0);
       for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
         const int64_t nb = std::min(chunk_blocks, nblocks - b0), kc = nb * f.block;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t b = 0; b < nb; ++b)
-            deq(src + (r0 + r) * row_bytes + (b0 + b) * f.bytes, wbuf.data() + r * kc_max + b * f.block);
-        group_avx2(wbuf.data(), kc_max, rows, xp + b0 * f.block, in_features, M, kc, op + r0, N, b0 > 0);
+            deq(src + (r0 + r) * row_bytes + (b0 + b) * f.bytes, wbuf.get() + r * kc_max + b * f.block);
+        group_avx2(wbuf.get(), kc_max, rows, xp + b0 * f.block, in_features, M, kc, op + r0, N, b0 > 0);
       }
     }
   });
