@@ -143,6 +143,37 @@ def test_store_kv_writes_the_native_layout(dtype):
     assert torch.equal(native, _to_native_layout(ref))
 
 
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_kv_and_decode_equals_the_two_calls(shape, dtype):
+    """The fused decode step (each row's new key and value stored by the item that then reads its blocks) leaves the
+    same cache and gives the same outputs, bit for bit, as store_kv followed by paged_decode_attention: every
+    shape of the decode tests (the first and last take the portable kernel, where the entry makes the two calls),
+    keys and values as strided views of a fused projection, the new token at each row's last position, one row
+    with no slot (-1: nothing stored)."""
+    q, kv, meta = _decode_case(dtype, **shape)
+    batch, kv_heads, head_dim = q.shape[0], kv.shape[1], kv.shape[-1]
+    block_size, num_blocks, max_blocks = kv.shape[3], kv.shape[2], meta.decode_block_tables.shape[1]
+    torch.manual_seed(3)
+    # rows own disjoint blocks, as requests own their last, partly filled block in the engine
+    tables = torch.randperm(num_blocks)[: batch * max_blocks].view(batch, max_blocks)
+    lens = meta.decode_seq_lens
+    slots = torch.stack([tables[b, (int(lens[b]) - 1) // block_size] * block_size + (int(lens[b]) - 1) % block_size
+                         for b in range(batch)])
+    slots[2] = -1
+    fused_proj = torch.randn(batch, (2 + 2 * kv_heads) * head_dim, dtype=dtype)
+    k = fused_proj[:, 2 * head_dim : (2 + kv_heads) * head_dim].view(batch, kv_heads, head_dim)
+    v = fused_proj[:, (2 + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
+    separate, fused = _to_native_layout(kv), _to_native_layout(kv)
+    expected, got = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    kernels.store_kv(k, v, separate, slots)
+    kernels.paged_decode_attention(q, separate, tables, lens, 0.3, expected)
+    kernels.store_kv_and_decode(k, v, fused, slots, q, tables, lens, 0.3, got)
+    assert not torch.equal(separate, _to_native_layout(kv))  # the new tokens went in
+    assert torch.equal(fused, separate)
+    assert torch.equal(got, expected)
+
+
 def test_native_backend_matches_reference_on_a_mixed_step():
     """Decode rows, a prompt with no context and a chunk with cached context, through both backends' forward."""
     from inferneo.attention import PrefillSpan
@@ -417,3 +448,4 @@ def test_the_cpu_sampler_takes_the_native_argmax_and_agrees_with_torch():
     x[2, 10] = x[2, 200] = x[2].max() + 1
     for value in (x, x.bfloat16(), x.double(), x[0]):
         assert torch.equal(argmax(value), value.argmax(dim=-1))
+

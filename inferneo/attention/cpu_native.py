@@ -74,10 +74,15 @@ class CpuNativeBackend(TorchReferenceBackend):
         num_tokens, num_heads, head_dim = q.shape
         if (not metadata.prefills and metadata.num_decode_tokens == num_tokens and sliding_window is None
                 and logit_softcap is None and sinks is None and kv_scales is None and not is_fp8_kv_cache(kv_cache)):
-            # A step of decode rows only, plain attention on a 16-bit or float32 cache (the common step): the two
-            # kernel calls without the general path's per-call work (a few microseconds of Python a layer).
-            self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)
+            # A step of decode rows only, plain attention on a 16-bit or float32 cache (the common step), without
+            # the general path's per-call work (a few microseconds of Python a layer). With the cache in q's dtype,
+            # one call stores each row's new key and value as that row's attention reads its blocks.
             out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype)
+            if kv_cache.dtype == q.dtype:
+                self.kernels.store_kv_and_decode(k, v, kv_cache, metadata.slot_mapping, q,
+                                                 metadata.decode_block_tables, metadata.decode_seq_lens, scale, out)
+                return out
+            self.kernels.store_kv(k, v, kv_cache, metadata.slot_mapping)
             self.kernels.paged_decode_attention(q, kv_cache, metadata.decode_block_tables, metadata.decode_seq_lens,
                                                 scale, out)
             return out
