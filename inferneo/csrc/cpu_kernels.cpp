@@ -1246,12 +1246,12 @@ void store_kv_and_decode(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cach
                            c10::nullopt, c10::nullopt);
     return;
   }
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "store_kv: k and v must be [tokens, heads, dim]");
+  TORCH_CHECK(v.dim() == 3 && k.sizes() == v.sizes(), "store_kv_and_decode: k and v must be [tokens, heads, dim]");
   TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
-              "store_kv: k and v rows must be contiguous per token");
+              "store_kv_and_decode: k and v rows must be contiguous per token");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "store_kv_and_decode: k and v must be in q's dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "store_kv: int64 slots");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "store_kv_and_decode: int64 slots");
   TORCH_CHECK(k.size(1) == kv_cache.size(1) && k.size(2) == q.size(2), "store_kv_and_decode: shape mismatch");
   const auto slots = slot_mapping.contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
