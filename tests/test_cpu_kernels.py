@@ -449,3 +449,24 @@ def test_the_cpu_sampler_takes_the_native_argmax_and_agrees_with_torch():
     for value in (x, x.bfloat16(), x.double(), x[0]):
         assert torch.equal(argmax(value), value.argmax(dim=-1))
 
+
+
+def test_kv_stores_refuse_slots_outside_the_cache():
+    """A slot past the cache's last one is an error naming it, not a write into foreign memory, in both entries that
+    store new tokens (they share one check); a wrong dtype for the fused entry is refused too."""
+    q, kv, meta = _decode_case(torch.float32, **DECODE_SHAPES[1])
+    native = _to_native_layout(kv)
+    batch, kv_heads, head_dim = q.shape[0], kv.shape[1], kv.shape[-1]
+    k, v = torch.randn(batch, kv_heads, head_dim), torch.randn(batch, kv_heads, head_dim)
+    slots = torch.zeros(batch, dtype=torch.long)
+    slots[3] = kv.shape[2] * kv.shape[3]  # one past the last slot
+    before = native.clone()
+    with pytest.raises(RuntimeError, match="store_kv: slot .* is outside the cache"):
+        kernels.store_kv(k, v, native, slots)
+    with pytest.raises(RuntimeError, match="store_kv_and_decode: slot .* is outside the cache"):
+        kernels.store_kv_and_decode(k, v, native, slots, q, meta.decode_block_tables, meta.decode_seq_lens, 0.3,
+                                    torch.empty_like(q))
+    with pytest.raises(RuntimeError, match="must be in q's dtype"):
+        kernels.store_kv_and_decode(k.double(), v.double(), native, slots.clamp(max=0), q, meta.decode_block_tables,
+                                    meta.decode_seq_lens, 0.3, torch.empty_like(q))
+    assert torch.equal(native, before)

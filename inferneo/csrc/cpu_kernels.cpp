@@ -118,9 +118,6 @@ inline cache_t to_cache(scalar_t x, float scale) {
 // one vector load reads the same dimension of 16 consecutive tokens and q.k for 16 tokens is a run of
 // broadcast-multiply-adds with no horizontal reductions.
 
-// Writes the new tokens' keys and values into their slots. k and v are [tokens, kv_heads, head_dim] views with a
-// unit inner stride and any token stride (slices of the fused qkv projection). Negative slots are skipped. An FP8
-// cache takes k_scale / v_scale ([kv_heads] float32; unread otherwise).
 // Token t's key and value of kv head h into their slot (a negative slot: nothing).
 template <typename scalar_t, typename cache_t>
 inline void store_token_head(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, cache_t* cache,
@@ -146,6 +143,9 @@ inline void store_token_head(const scalar_t* k, const scalar_t* v, int64_t k_str
   }
 }
 
+// Writes the new tokens' keys and values into their slots. k and v are [tokens, kv_heads, head_dim] views with a
+// unit inner stride and any token stride (slices of the fused qkv projection). Negative slots are skipped. An FP8
+// cache takes k_scale / v_scale ([kv_heads] float32; unread otherwise).
 template <typename scalar_t, typename cache_t>
 void store_kv_kernel(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, cache_t* cache,
                      const int64_t* slots, int64_t tokens, int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
@@ -980,8 +980,6 @@ void silu_and_mul_kernel(const scalar_t* __restrict x, scalar_t* __restrict out,
   });
 }
 
-// One row of float32 values `x` over its root mean square into `out`: `weight * round(x / rms)` as the model's
-// RMSNorm computes it, or with `offset` Gemma's `round(x / rms * (1 + weight))` in float32.
 // The sum of x[d]^2 over a row, in independent partial sums (AVX-512: four of 16 lanes; else eight scalars) added
 // at the end. A single running float sum is one chain of `dim` dependent FMAs, which the compiler may not reorder:
 // a 48-row bfloat16 norm of width 576 on one Xeon core took 13.2 us with that chain, 11.2 without.
@@ -1011,6 +1009,8 @@ inline float sum_of_squares(const float* x, int64_t dim) {
   return sum;
 }
 
+// One row of float32 values `x` over its root mean square into `out`: `weight * round(x / rms)` as the model's
+// RMSNorm computes it, or with `offset` Gemma's `round(x / rms * (1 + weight))` in float32.
 template <typename scalar_t>
 inline void rms_normalize(const float* x, const scalar_t* weight, scalar_t* out, int64_t dim, float eps, bool offset) {
   const float sum = sum_of_squares(x, dim);
@@ -1115,16 +1115,30 @@ std::pair<torch::Tensor, torch::Tensor> cache_scales(const torch::Tensor& kv_cac
   return {ks, vs};
 }
 
+// The checks of the new tokens' keys, values and slots that store_kv and store_kv_and_decode make (`what` names the
+// caller in each message); returns the slots, contiguous. Every slot must lie inside the cache (negative: skipped).
+torch::Tensor checked_slots(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& kv_cache,
+                            const torch::Tensor& slot_mapping, const char* what) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), what, ": k and v must be [tokens, heads, dim]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              what, ": k and v rows must be contiguous per token");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, what, ": bad cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, what, ": int64 slots");
+  TORCH_CHECK(k.size(1) == kv_cache.size(1) && kv_cache.size(3) % k.size(2) == 0, what, ": shape mismatch");
+  TORCH_CHECK(slot_mapping.numel() >= k.size(0), what, ": ", slot_mapping.numel(), " slots for ", k.size(0), " tokens");
+  torch::Tensor slots = slot_mapping.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t cache_slots = kv_cache.size(2) * (kv_cache.size(3) / k.size(2));
+  for (int64_t i = 0; i < k.size(0); ++i) {
+    TORCH_CHECK(sp[i] < cache_slots, what, ": slot ", sp[i], " is outside the cache's ", cache_slots);
+  }
+  return slots;
+}
+
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping,
               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "store_kv: k and v must be [tokens, heads, dim]");
-  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
-              "store_kv: k and v rows must be contiguous per token");
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2, "store_kv: bad cache");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "store_kv: int64 slots");
+  const torch::Tensor slots = checked_slots(k, v, kv_cache, slot_mapping, "store_kv");
   const int64_t head_dim = k.size(2), num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2);
-  TORCH_CHECK(k.size(1) == num_kv_heads && kv_cache.size(3) % head_dim == 0, "store_kv: shape mismatch");
-  auto slots = slot_mapping.contiguous();
   const auto [ks, vs] = cache_scales(kv_cache, num_kv_heads, k_scale, v_scale, "store_kv");
   dispatch_storage_and_cache(k.scalar_type(), kv_cache.scalar_type(), "store_kv", [&](auto tag, auto cache_tag) {
     using scalar_t = decltype(tag);
@@ -1232,8 +1246,11 @@ void paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tens
 void store_kv_and_decode(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slot_mapping,
                          torch::Tensor q, torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
                          torch::Tensor out) {
-  TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type(), "store_kv_and_decode: the cache must be in q's dtype");
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == q.size(0) && slot_mapping.numel() == q.size(0),
+  TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
+                  v.scalar_type() == q.scalar_type(),
+              "store_kv_and_decode: k, v and the cache must be in q's dtype");
+  const torch::Tensor slots = checked_slots(k, v, kv_cache, slot_mapping, "store_kv_and_decode");
+  TORCH_CHECK(k.size(0) == q.size(0) && slot_mapping.numel() == q.size(0) && k.size(2) == q.size(2),
               "store_kv_and_decode: one new token, key, value and slot per query row");
 #if defined(__AVX512F__) || defined(INFERNEO_AVX2)
   const bool vector_path = (kv_cache.size(3) / q.size(2)) % 16 == 0 && q.size(2) % kDecodeLanes == 0;
@@ -1241,28 +1258,14 @@ void store_kv_and_decode(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cach
   const bool vector_path = false;
 #endif
   if (!vector_path) {  // the scalar kernel: the two calls
-    store_kv(k, v, kv_cache, slot_mapping, c10::nullopt, c10::nullopt);
+    store_kv(k, v, kv_cache, slots, c10::nullopt, c10::nullopt);
     paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, out, c10::nullopt, 0, 0.0, c10::nullopt,
                            c10::nullopt, c10::nullopt);
     return;
   }
-  TORCH_CHECK(v.dim() == 3 && k.sizes() == v.sizes(), "store_kv_and_decode: k and v must be [tokens, heads, dim]");
-  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
-              "store_kv_and_decode: k and v rows must be contiguous per token");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "store_kv_and_decode: k and v must be in q's dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong, "store_kv_and_decode: int64 slots");
-  TORCH_CHECK(k.size(1) == kv_cache.size(1) && k.size(2) == q.size(2), "store_kv_and_decode: shape mismatch");
-  const auto slots = slot_mapping.contiguous();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t cache_slots = kv_cache.size(2) * (kv_cache.size(3) / q.size(2));
-  for (int64_t i = 0; i < slots.numel(); ++i) {
-    TORCH_CHECK(sp[i] < cache_slots, "store_kv_and_decode: slot ", sp[i], " is outside the cache's ", cache_slots);
-  }
   paged_decode_attention_impl(q, kv_cache, block_tables, seq_lens, scale, out, c10::nullopt, 0, 0.0, c10::nullopt,
-                              c10::nullopt, c10::nullopt, &k, &v, sp);
+                              c10::nullopt, c10::nullopt, &k, &v, slots.data_ptr<int64_t>());
 }
-
 
 torch::Tensor silu_and_mul(torch::Tensor x) {
   TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "silu_and_mul: contiguous input with an even last dim");
