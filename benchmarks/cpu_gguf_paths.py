@@ -12,7 +12,9 @@ layers repacked at load into the wide16 layout (``gguf_packed_linear``); ``wide1
 int8 dot products (``gguf_packed_linear_int8``: activations quantized per 32-weight block, AVX512_VNNI; the Q8_0
 head exact, as the engine runs it with ``INFERNEO_GGUF_INT8_DOT=1`` above 8 rows); ``wide16_int16`` the same layers
 and the head with float32 activations held as 16-bit integers (``gguf_packed_linear_i16``, AVX512_VNNI: the engine's
-float32 default from 16 rows); ``wide16_dense`` /
+float32 default from 16 rows, 9 where the CPU has AMX-INT8); ``wide16_int8_vnni`` / ``wide16_int8_amx`` and
+``wide16_int16_vnni`` / ``wide16_int16_amx`` the same two with their integer products forced onto AVX512_VNNI or the
+AMX-INT8 tiles (the same bits; the default takes the tiles where the CPU has them); ``wide16_dense`` /
 ``wide16_dense_bf16`` the same layers de-quantized at each call into ``[K, N]`` and multiplied by ``torch.mm``
 (oneDNN: the dense path ``quantization/gguf_dense.py`` measures against the panels where the CPU has AMX-BF16).
 
@@ -63,6 +65,12 @@ WIDE16_BF16_ISAS = {"wide16_bf16_vdpbf16": ("avx512_bf16", -1), "wide16_bf16_amx
                     "wide16_bf16_vdpbf16_panels": ("avx512_bf16", 0),
                     "wide16_bf16_inreg": ("", NEVER)}
 DEFAULTS.update(dict.fromkeys(WIDE16_BF16_ISAS, torch.bfloat16))
+# the integer paths with their products forced onto one unit: (kernel, isa), "" the best the CPU has
+INTEGER_ISAS = {"wide16_int8": ("int8", ""), "wide16_int8_vnni": ("int8", "vnni"),
+                "wide16_int8_amx": ("int8", "amx_int8"), "wide16_int16": ("int16", ""),
+                "wide16_int16_vnni": ("int16", "vnni"), "wide16_int16_amx": ("int16", "amx_int8")}
+DEFAULTS.update({name: torch.bfloat16 if kernel == "int8" else torch.float32
+                 for name, (kernel, _) in INTEGER_ISAS.items()})
 
 
 def main() -> None:
@@ -88,10 +96,12 @@ def main() -> None:
     wide = any(name.startswith("wide16") for name in paths)
     if wide and not ops.gguf_packed_available():
         raise SystemExit("the wide16 paths need AVX512F/BW/VL/DQ, which this CPU lacks")
-    for name in ("wide16_int8", "wide16_int16"):
+    for name in INTEGER_ISAS:
         if name in paths and not ops.gguf_packed_int8_available():
             raise SystemExit(f"the {name} path needs AVX512_VNNI, which this CPU lacks")
-    if any("_amx" in name for name in paths) and not ops.gguf_packed_amx_available():
+        if name in paths and INTEGER_ISAS[name][1] == "amx_int8" and not ops.gguf_packed_amx_int8_available():
+            raise SystemExit(f"the {name} path needs AMX-INT8, which this CPU lacks")
+    if any(name.startswith("wide16_bf16_amx") for name in paths) and not ops.gguf_packed_amx_available():
         raise SystemExit("the wide16_bf16_amx paths need AMX-BF16, which this CPU lacks")
     if "wide16_dense_bf16" in paths and ops.gguf_isa() != "avx512_bf16":
         raise SystemExit("the wide16_dense_bf16 path needs AVX512_BF16, which this CPU lacks")
@@ -111,10 +121,14 @@ def main() -> None:
                         ops.gguf_linear(xs[k], blocks, qtype, k, fused, 0, inreg, panel, isa, name not in BUFFERED)
                     elif name.startswith("wide16_dense") and packed is not None:
                         torch.mm(xs[k], ops.gguf_packed_dequantize_kn(packed, qtype, blocks.shape[0], xs[k].dtype))
-                    elif name == "wide16_int8" and packed is not None and qtype != 8:  # Q4 only (Q8_0: exact)
-                        ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0])
-                    elif name == "wide16_int16" and packed is not None:
-                        ops.gguf_packed_linear_i16(xs[k], packed, qtype, blocks.shape[0])
+                    elif name in INTEGER_ISAS and packed is not None:
+                        kernel, isa = INTEGER_ISAS[name]
+                        if kernel == "int16":
+                            ops.gguf_packed_linear_i16(xs[k], packed, qtype, blocks.shape[0], isa)
+                        elif qtype != 8:  # int8: Q4 only (the Q8_0 head exact)
+                            ops.gguf_packed_linear_int8(xs[k], packed, qtype, blocks.shape[0], isa)
+                        else:
+                            ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0])
                     elif name in WIDE16_BF16_ISAS and packed is not None:
                         isa, inreg = WIDE16_BF16_ISAS[name]
                         ops.gguf_packed_linear(xs[k], packed, qtype, blocks.shape[0], inreg, isa)

@@ -417,12 +417,73 @@ def test_packed_int16_linear_keeps_non_finite_rows_to_themselves(vnni_ops):
     assert torch.equal(out[finite], vnni_ops.gguf_packed_linear_i16(x[finite], packed, qtype, 48))
 
 
+# ---- the same integer products on the AMX-INT8 tiles --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def amx_int8_ops(vnni_ops):
+    if not vnni_ops.gguf_packed_amx_int8_available():
+        pytest.skip("the tile form of the integer kernels needs AMX-INT8 (and the kernel's permission to use the "
+                    "tiles), which this CPU lacks")
+    return vnni_ops
+
+
+@pytest.mark.parametrize("name", WIDE16_FORMATS)
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40, 300])
+def test_integer_kernels_on_the_tiles_equal_the_vnni_ones(name, rows, amx_int8_ops):
+    """``isa='amx_int8'`` gives ``isa='vnni'``'s outputs bit for bit: the same integer sums per block (16-bit rows as
+    two byte planes, 256 hi + lo), then the same float32 order. Rows that are not a whole block of 16, a last group
+    of 16 columns left partial, K of one block, of one 16-block chunk and a partial one (the int8 path's chunk
+    stores), 300 rows over two row chunks at K = 544, extreme activations and codes."""
+    qtype = _qtype(name)
+    for n, k in ((100, 544), (16, 1056), (37, 32)):
+        blocks = _blocks(name, n, k, seed=rows + k)
+        view = blocks.view(n, -1, KEPT_FORMATS[qtype].type_size)
+        if name == "Q8_0":  # the extreme signed codes in one block
+            view[0, 0, 2:] = torch.tensor([-128, 127] * 16, dtype=torch.int8).view(torch.uint8)
+        packed = pack_wide16(blocks, qtype)
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
+        x[0, : min(k, 64)] = 0.0  # all-zero activation blocks: scale 0
+        x[-1, :32] = torch.tensor([-1.0, 1.0] * 16) * 7.5  # |a| = 32767 both ways: the planes' extremes
+        for kernel in ("gguf_packed_linear_i16", "gguf_packed_linear_int8"):
+            if kernel.endswith("int8") and name == "Q8_0":
+                continue
+            run = getattr(amx_int8_ops, kernel)
+            tiles, vnni = run(x, packed, qtype, n, isa="amx_int8"), run(x, packed, qtype, n, isa="vnni")
+            assert torch.equal(tiles, vnni), (kernel, n, k)
+            assert torch.equal(run(x, packed, qtype, n), tiles)  # the default takes the tiles here
+
+
+def test_integer_kernels_keep_non_finite_rows_to_themselves_on_the_tiles(amx_int8_ops):
+    qtype = _qtype("Q4_1")
+    packed = pack_wide16(_blocks("Q4_1", 48, 128), qtype)
+    x = torch.randn(20, 128)
+    x[3, 5], x[7, 100] = float("nan"), float("inf")
+    out = amx_int8_ops.gguf_packed_linear_i16(x, packed, qtype, 48, isa="amx_int8")
+    assert out[3].isnan().all() and out[7].isnan().all()
+    vnni = amx_int8_ops.gguf_packed_linear_i16(x, packed, qtype, 48, isa="vnni")
+    assert torch.allclose(out, vnni, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kernel", ["gguf_packed_linear_int8", "gguf_packed_linear_i16"])
+def test_integer_kernels_refuse_an_unknown_or_missing_isa(kernel, vnni_ops):
+    qtype = _qtype("Q4_0")
+    packed = pack_wide16(_blocks("Q4_0", 16, 64), qtype)
+    run = getattr(vnni_ops, kernel)
+    with pytest.raises(RuntimeError, match="unknown isa 'avx2'"):
+        run(torch.randn(2, 64), packed, qtype, 16, isa="avx2")
+    if not vnni_ops.gguf_packed_amx_int8_available():
+        with pytest.raises(RuntimeError, match="needs AMX-INT8"):
+            run(torch.randn(2, 64), packed, qtype, 16, isa="amx_int8")
+
+
 def test_int16_switch_routes_float32_rows_by_count(vnni_ops):
     from inferneo.quantization import gguf as gguf_module
 
     on = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int16=True))
     off = gguf_module.wide16_matmul_for(torch.device("cpu"), KernelConfig(gguf_int16=False))
-    low = gguf_module._INT16_MIN_ROWS
+    # the tiles move the crossover down where the CPU has them
+    low = gguf_module._INT16_MIN_ROWS_AMX if vnni_ops.gguf_packed_amx_int8_available() else gguf_module._INT16_MIN_ROWS
     for name in WIDE16_FORMATS:
         qtype = _qtype(name)
         fmt = KEPT_FORMATS[qtype]
@@ -553,7 +614,11 @@ def test_the_wide16_paths_are_logged_by_what_the_cpu_has(caplog):
         note("avx512_bf16", False, True)
         note("avx512", False, False)
         note("avx512_bf16", True, False)
-    first, second, third = (r.getMessage() for r in caplog.records)
+        note("amx_bf16", False, True, True)
+        note("amx_bf16", True, False, True)
+    first, second, third, fourth, fifth = (r.getMessage() for r in caplog.records)
     assert "16-bit integer activations (AVX512_VNNI) from 16 rows" in first and "AVX512_BF16 pair panels" in first
     assert "exact AVX-512 float32 kernels" in second and "AVX-512 float32 panels (widened rows)" in second
     assert "int8 dot products (AVX512_VNNI) from 4 rows" in third and "int8 dot products up to 256 rows" in third
+    assert "16-bit integer activations (the AMX-INT8 tiles) from 9 rows" in fourth and "AMX tiles" in fourth
+    assert "int8 dot products (the AMX-INT8 tiles) from 4 rows" in fifth

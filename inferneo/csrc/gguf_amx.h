@@ -25,28 +25,55 @@ namespace gguf_wide {
 #define GGUF_AMX \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
-// The CPU multiplies bfloat16 tiles and this process may use them (asked once).
-inline bool cpu_has_amx_bf16() {
-  static const bool has = [] {
-    if (!cpu_has_avx512_bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) {
-      return false;
-    }
+#define GGUF_AMX_INT8 \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+// ldtilecfg on a 64-byte configuration. GCC's _tile_loadconfig names only a pointer's worth of its operand as read, so
+// the compiler may drop the rest of a configuration's stores as dead (it did for a constructor it could see through:
+// ldtilecfg then faulted on the stack's leftovers); the empty asm names all 64 bytes.
+template <typename Config>
+__attribute__((target("amx-tile"))) inline void load_tile_config(const Config& config) {
+  static_assert(sizeof(Config) == 64, "a palette-1 tile configuration is 64 bytes");
+  asm volatile("" : : "m"(config));
+  _tile_loadconfig(&config);
+}
+
+// The CPU has the tile registers and this process may use them (asked once).
+inline bool amx_tiles_permitted() {
+  static const bool permitted = [] {
+    if (!__builtin_cpu_supports("amx-tile")) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
+  return permitted;
+}
+
+// The CPU multiplies bfloat16 tiles and this process may use them.
+inline bool cpu_has_amx_bf16() {
+  static const bool has = cpu_has_avx512_bf16() && __builtin_cpu_supports("amx-bf16") && amx_tiles_permitted();
   return has;
 }
 
-// The 64-byte operand of ldtilecfg (palette 1): eight tiles of 64-byte rows, tiles 0-3 of `rows` rows and 4-7 of 16.
+// The CPU multiplies int8 tiles (and has the AVX-512 VNNI code around them) and this process may use them.
+inline bool cpu_has_amx_int8() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") &&
+                          __builtin_cpu_supports("amx-int8") && amx_tiles_permitted();
+  return has;
+}
+
+// The 64-byte operand of ldtilecfg (palette 1), every tile unused; and the bfloat16 products' configuration: eight
+// tiles of 64-byte rows, tiles 0-3 of `rows` rows and 4-7 of 16.
 // A block of 16 rows uses tiles 0-2 for the sums C, 3 for the activations A and 4-6 for the weights B (any row
 // count); a pair of blocks (32 rows, all tiles of 16 rows) tiles 0-3 for C, 4-5 for A and 6-7 for B.
-struct alignas(64) TileConfig {
+struct alignas(64) PaletteOneConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
+  uint16_t colsb[16] = {};  // bytes a row, per tile
+  uint8_t rows[16] = {};    // rows, per tile
+};
 
+struct TileConfig : PaletteOneConfig {
   explicit TileConfig(int activation_rows) {
     for (int t = 0; t < 8; ++t) {
       colsb[t] = 64;
@@ -198,8 +225,7 @@ template <typename OutT>
 GGUF_AMX void amx_row_blocks(const uint32_t* panels, int64_t count, int64_t panel_words, int64_t col0,
                              const uint16_t* x, int64_t m_begin, int64_t m_end, int64_t rows, int64_t K, int64_t N,
                              OutT* out) {
-  const TileConfig config(static_cast<int>(rows));
-  _tile_loadconfig(&config);
+  load_tile_config(TileConfig(static_cast<int>(rows)));
   for (int64_t m = m_begin; m < m_end;) {
     const bool pair = rows == 16 && m + 32 <= m_end;
     for (int64_t i = 0; i < count; ++i) {
@@ -228,8 +254,7 @@ GGUF_AMX void amx_panels_times_rows(const uint32_t* panels, int64_t count, int64
 
 // Loads the 16-row tile configuration (every tile 16 rows of 64 bytes) for the chunked form.
 GGUF_AMX inline void amx_configure_16_rows() {
-  const TileConfig config(16);
-  _tile_loadconfig(&config);
+  load_tile_config(TileConfig(16));
 }
 
 GGUF_AMX inline void amx_release() { _tile_release(); }

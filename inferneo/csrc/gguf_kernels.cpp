@@ -1330,10 +1330,11 @@ at::Tensor gguf_packed_linear_silu(const at::Tensor& x_in, const at::Tensor& pac
 at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,
                                      at::ScalarType dtype);
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
-                                   int64_t out_features);
+                                   int64_t out_features, const std::string& isa);
 at::Tensor gguf_packed_rows_q8_0(const at::Tensor& packed, const at::Tensor& ids, int64_t num_rows);
 at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
-                                  int64_t out_features);
+                                  int64_t out_features, const std::string& isa);
+bool gguf_packed_amx_int8_available();
 at::Tensor gguf_packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t out_features,
                               int64_t inreg_max_rows, const std::string& isa, bool bf16_out, bool rounded_float_out);
 
@@ -1374,12 +1375,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU runs gguf_packed_linear_int8 (AVX512F/BW/VL/DQ and AVX512_VNNI)");
   m.def("gguf_packed_linear_int8", &gguf_packed_linear_int8,
         "x [M, K] @ W.T for Q4_0 / Q4_1 weights in the wide16 layout, x quantized to int8 per 32-weight block "
-        "(AVX512_VNNI; the same results as gguf_linear_int8 on the file's blocks)",
-        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
+        "(AVX512_VNNI, or the AMX-INT8 tiles where the CPU has them: isa '' the best here, 'vnni' or 'amx_int8'; "
+        "'' takes the tiles from 9 rows; the same results as gguf_linear_int8 on the file's blocks on either)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("isa") = "");
   m.def("gguf_packed_linear_i16", &gguf_packed_linear_i16,
         "x [M, K] @ W.T for Q4_0 / Q4_1 / Q8_0 weights in the wide16 layout, float32 x held as 16-bit integers per "
-        "32-weight block (AVX512_VNNI; each product within 2^-16 of its block's largest |x| of the float32 one)",
-        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"));
+        "32-weight block (AVX512_VNNI, or the AMX-INT8 tiles where the CPU has them: isa '' the best here, 'vnni' or "
+        "'amx_int8'; '' takes the tiles from 9 rows; the same bits on either; each product within 2^-16 of its block's largest |x| of the float32 "
+        "one)",
+        py::arg("x"), py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("isa") = "");
+  m.def("gguf_packed_amx_int8_available", &gguf_packed_amx_int8_available,
+        "whether gguf_packed_linear_int8 / gguf_packed_linear_i16 multiply on the AMX-INT8 tiles here (AMX-INT8, and "
+        "the kernel let this process use the tiles)");
   m.def("gguf_packed_dequantize_kn", &gguf_packed_dequantize_kn,
         "wide16 tiles -> the weight transposed, [K, N] float32 or bfloat16 (for x @ W.T as x @ wt)",
         py::arg("packed"), py::arg("qtype"), py::arg("out_features"), py::arg("dtype"));

@@ -25,6 +25,10 @@
 //    [K/2][48] bfloat16-pair panels of gguf_wide_panels.h (bfloat16 with bfloat16 activations on AVX512_BF16 CPUs:
 //    the weights rounded to nearest even, as a bfloat16 model holds them) and multiplied into every row.
 // AVX-512 only (AVX512F/BW/VL/DQ): the layout is chosen at load only on such CPUs.
+//
+// gguf_packed_linear_int8 / gguf_packed_linear_i16: activations held as int8 or 16-bit integers per 32-weight block
+// and multiplied by the codes as integers, on AVX512_VNNI or, where the CPU has AMX-INT8, on the tiles (the same
+// integer sums, so the same bits).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -478,6 +482,22 @@ struct VnniDot<int16_t> {
   }
 };
 
+// One row's integer sums of a block (16 columns) added to its float32 sum: acc += float(sum) * (d * da) (+ m * sa
+// for the formats with an m term, Q4_0 / Q4_1), the order both integer paths keep (and gguf_linear_int8's).
+template <int kFmt>
+GGUF_AVX512 __attribute__((always_inline)) inline __m512 add_scaled_block(__m512 acc, __m512i sum, __m512 d, __m512 m,
+                                                                          float da, float sa) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(da)), acc);
+  if constexpr (kFmt != kQ8_0) acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sa), acc);
+  return acc;
+}
+
+// A row's chunk of sums to y: stored after the first chunk, added to what is there after that.
+GGUF_AVX512 __attribute__((always_inline)) inline void store_chunk_sums(float* yr, __mmask16 mask, __m512 acc,
+                                                                        bool first) {
+  _mm512_mask_storeu_ps(yr, mask, first ? acc : _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yr), acc));
+}
+
 // Rows [0, MR) of the integer activations (q: row stride K; da (scales), sa (the m term's factor): row stride nb)
 // times one spread group. Each row's integer sum runs in two chains (even and odd operands, added exactly before the
 // conversion): with one chain a row, eight rows keep too few dot products in flight for their latency. On the int8
@@ -512,15 +532,13 @@ GGUF_AVX512VNNI __attribute__((noinline)) void vnni_group(const int32_t* w, cons
     const __m512 m = kFmt == kQ8_0 ? _mm512_setzero_ps() : _mm512_loadu_ps(mv + 16 * b);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
-      acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(da[r * nb + b])), acc[r]);
-      if constexpr (kFmt != kQ8_0) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[r * nb + b]), acc[r]);
+      const __m512i sum = _mm512_add_epi32(even[r], odd[r]);
+      acc[r] = add_scaled_block<kFmt>(acc[r], sum, d, m, da[r * nb + b], sa[r * nb + b]);
     }
     if ((std::is_same_v<T, int8_t> && (b + 1) % kVnniChunkBlocks == 0) || b + 1 == nb) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        float* yr = y + r * ldy;
-        _mm512_mask_storeu_ps(yr, mask, first ? acc[r] : _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yr), acc[r]));
+        store_chunk_sums(y + r * ldy, mask, acc[r], first);
         acc[r] = _mm512_setzero_ps();
       }
       first = false;
@@ -536,11 +554,17 @@ struct IntegerRows {
   AlignedBuffer<float> scales, m_factors;
 };
 
+// `padded_rows` (>= M) rows are allocated; those past M hold zeros (the AMX tiles read whole blocks of 16 rows).
 template <typename T>
-IntegerRows<T> integer_rows(const at::Tensor& x_in, int64_t nb) {
+IntegerRows<T> integer_rows(const at::Tensor& x_in, int64_t nb, int64_t padded_rows = 0) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = 32 * nb;
-  IntegerRows<T> rows{uninitialized<T>(M * K), uninitialized<float>(M * nb), uninitialized<float>(M * nb)};
+  const int64_t M = x.size(0), K = 32 * nb, P = std::max(M, padded_rows);
+  IntegerRows<T> rows{uninitialized<T>(P * K), uninitialized<float>(P * nb), uninitialized<float>(P * nb)};
+  if (P > M) {
+    std::memset(rows.values.get() + M * K, 0, (P - M) * K * sizeof(T));
+    std::memset(rows.scales.get() + M * nb, 0, (P - M) * nb * sizeof(float));
+    std::memset(rows.m_factors.get() + M * nb, 0, (P - M) * nb * sizeof(float));
+  }
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -555,6 +579,175 @@ IntegerRows<T> integer_rows(const at::Tensor& x_in, int64_t nb) {
   });
   return rows;
 }
+
+// ---- the integer products on the AMX tiles (AMX-INT8) ------------------------------------------------------------
+//
+// A group's VNNI spread (4 k of its 16 columns in one 64-byte line, spread_group_vnni) is exactly the row layout of
+// an AMX "B" tile: a 32-weight block is 8 such lines, one B tile of 8 rows, and sixteen activation rows of that block
+// (32 bytes each, in the spread's k order 0, 2, 1, 3) the A tile it multiplies into 16 x 16 int32 sums: one tile
+// product a block where vnni_group issues 8 (int8 rows) or 16 (16-bit rows) vpdp instructions per row. A block's sums
+// must meet its own scales, so the C tile is stored after each block and its rows are converted and scaled by
+// vnni_group's vector code in vnni_group's order: the outputs equal the VNNI kernels' bit for bit. 16-bit activations
+// (|a| <= 32767) are held as two byte planes, a = 256 hi + lo with hi = a >> 8 (signed) and lo = a & 255 (unsigned):
+// two tile products a block (signed or unsigned bytes times unsigned Q4 codes, or times signed Q8_0 codes), and
+// 256 C_hi + C_lo is the exact integer sum vpdpwssd gives.
+
+// Tiles, in two sets so that block b + 1's operands load while block b's products run: 0 / 3 the activation bytes
+// (int8 rows, or the high plane), 1 / 4 the low plane (16 rows of 32 bytes each), 2 / 5 the block's weights (8 rows
+// of 64 bytes); 6 and 7 the sums of the activation tile and of the low plane (16 rows of 16 int32).
+struct IntegerTileConfig : PaletteOneConfig {
+  IntegerTileConfig() {
+    for (int set = 0; set < 2; ++set) {
+      colsb[3 * set] = colsb[3 * set + 1] = 32;
+      rows[3 * set] = rows[3 * set + 1] = 16;
+      colsb[3 * set + 2] = 64;
+      rows[3 * set + 2] = 8;
+    }
+    colsb[6] = colsb[7] = 64;
+    rows[6] = rows[7] = 16;
+  }
+};
+
+// A Q8_0 group's tiles as signed-byte B-tile rows in the spread's order: w[8 b + i] lane c = column c's codes of
+// k = 32 b + 4 i + (0, 2, 1, 3); dv [16 b ..) the block's scales (spread_group_vnni's layout for the signed codes).
+GGUF_AVX512 void spread_group_q8_0_bytes(const uint8_t* group, int64_t nb, int64_t tile, int32_t* w, float* dv,
+                                         float* mv) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* codes = spread_block_scales<kQ8_0>(group, b, tile, dv, mv);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < 8; ++i) {  // byte 32 p + c: k = 2p; 32 p + 16 + c: k = 2p + 1 (p = 2i, 2i + 1)
+      const uint8_t* at = codes + 64 * i;
+      const __m128i k0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+      const __m128i k1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 16));
+      const __m128i k2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 32));
+      const __m128i k3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 48));
+      const __m128i even_lo = _mm_unpacklo_epi8(k0, k2), even_hi = _mm_unpackhi_epi8(k0, k2);  // k0 k2 of each column
+      const __m128i odd_lo = _mm_unpacklo_epi8(k1, k3), odd_hi = _mm_unpackhi_epi8(k1, k3);    // k1 k3
+      __m128i* line = reinterpret_cast<__m128i*>(w + 16 * (8 * b + i));
+      _mm_storeu_si128(line, _mm_unpacklo_epi16(even_lo, odd_lo));      // columns 0-3: k0 k2 k1 k3 each
+      _mm_storeu_si128(line + 1, _mm_unpackhi_epi16(even_lo, odd_lo));  // 4-7
+      _mm_storeu_si128(line + 2, _mm_unpacklo_epi16(even_hi, odd_hi));  // 8-11
+      _mm_storeu_si128(line + 3, _mm_unpackhi_epi16(even_hi, odd_hi));  // 12-15
+    }
+  }
+}
+
+// `n` 16-bit activations (natural k order, n a multiple of 32) as the two byte planes of the tiles, each in the
+// spread's k order (0, 2, 1, 3 within each 4).
+GGUF_AVX512 void split_byte_planes(const int16_t* a, int64_t n, int8_t* hi, uint8_t* lo) {
+  const __m256i order = _mm256_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15,
+                                         0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+  const __m512i low_byte = _mm512_set1_epi16(0x00FF);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m512i v = _mm512_loadu_si512(a + i);
+    const __m256i h = _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8));
+    const __m256i l = _mm512_cvtepi16_epi8(_mm512_and_si512(v, low_byte));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), _mm256_shuffle_epi8(h, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm256_shuffle_epi8(l, order));
+  }
+}
+
+// Block b's operands (its weights at wb, its activation bytes at hi / lo) into tile set kSet. (The tile numbers of
+// the tile instructions must be literals.)
+template <bool kPlanes, int kSet>
+GGUF_AMX_INT8 __attribute__((always_inline)) inline void load_block_operands(const int32_t* wb, const int8_t* hi,
+                                                                             const uint8_t* lo, int64_t K) {
+  if constexpr (kSet == 0) {
+    _tile_loadd(2, wb, 64);
+    _tile_loadd(0, hi, K);
+    if constexpr (kPlanes) _tile_loadd(1, lo, K);
+  } else {
+    _tile_loadd(5, wb, 64);
+    _tile_loadd(3, hi, K);
+    if constexpr (kPlanes) _tile_loadd(4, lo, K);
+  }
+}
+
+// The products of tile set kSet into the sums tiles 6 (and 7): signed activation bytes (int8 rows, the high plane)
+// times the codes, unsigned ones (the low plane) times the codes; the Q4 codes are unsigned, Q8_0's signed.
+template <int kFmt, bool kPlanes, int kSet>
+GGUF_AMX_INT8 __attribute__((always_inline)) inline void block_tile_products() {
+  _tile_zero(6);
+  if constexpr (kPlanes) _tile_zero(7);
+  if constexpr (kSet == 0) {
+    if constexpr (kFmt == kQ8_0) _tile_dpbssd(6, 0, 2); else _tile_dpbsud(6, 0, 2);
+    if constexpr (kPlanes) {
+      if constexpr (kFmt == kQ8_0) _tile_dpbusd(7, 1, 2); else _tile_dpbuud(7, 1, 2);
+    }
+  } else {
+    if constexpr (kFmt == kQ8_0) _tile_dpbssd(6, 3, 5); else _tile_dpbsud(6, 3, 5);
+    if constexpr (kPlanes) {
+      if constexpr (kFmt == kQ8_0) _tile_dpbusd(7, 4, 5); else _tile_dpbuud(7, 4, 5);
+    }
+  }
+}
+
+// Block b's stored sums (sums[0], and the low plane's sums[1]) scaled into acc as vnni_group adds a block, for rows
+// [0, rows); on the int8 path each chunk of kVnniChunkBlocks blocks then goes to y (stored after the first chunk,
+// added after that: `first`), on the 16-bit path the whole sum after the last block.
+template <int kFmt, bool kPlanes>
+GGUF_AMX_INT8 __attribute__((always_inline)) inline void scale_block_sums(
+    const int32_t (*sums)[16][16], int64_t b, int64_t nb, const float* dv, const float* mv, const float* da,
+    const float* sa, int64_t rows, __m512 (&acc)[16], bool& first, float* y, int64_t ldy, __mmask16 mask) {
+  const __m512 d = _mm512_loadu_ps(dv + 16 * b);
+  const __m512 m = kFmt == kQ8_0 ? _mm512_setzero_ps() : _mm512_loadu_ps(mv + 16 * b);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    if (r >= rows) break;
+    __m512i sum = _mm512_load_si512(sums[0][r]);
+    if constexpr (kPlanes) sum = _mm512_add_epi32(_mm512_slli_epi32(sum, 8), _mm512_load_si512(sums[1][r]));
+    acc[r] = add_scaled_block<kFmt>(acc[r], sum, d, m, da[r * nb + b], sa[r * nb + b]);
+  }
+  if ((!kPlanes && (b + 1) % kVnniChunkBlocks == 0) || b + 1 == nb) {
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      if (r >= rows) break;
+      store_chunk_sums(y + r * ldy, mask, acc[r], first);
+      acc[r] = _mm512_setzero_ps();
+    }
+    first = false;
+  }
+}
+
+// Sixteen activation rows (the int8 rows, or the high plane at `hi` and the low one at `lo`; row stride K bytes;
+// rows past `rows` are zeros) times one spread group, with IntegerTileConfig loaded: y[r][0 .. cols) for r < rows.
+// A software pipeline over the blocks: block b's sums are stored, block b + 1's operands loaded and its products
+// issued, and only then block b - 1's sums (stored an iteration earlier: a vector load of a tile store's bytes
+// right after it waits for the store) scaled, while the tiles work on block b + 1.
+template <int kFmt, bool kPlanes>
+GGUF_AMX_INT8 __attribute__((noinline)) void amx_integer_group(const int32_t* w, const float* dv, const float* mv,
+                                                               int64_t nb, const int8_t* hi, const uint8_t* lo,
+                                                               int64_t K, const float* da, const float* sa,
+                                                               int64_t rows, float* y, int64_t ldy, int64_t cols) {
+  alignas(64) int32_t sums[2][2][16][16];  // [block parity][activation tile, low plane][row][column]
+  const __mmask16 mask = lanes_mask(cols);
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  bool first = true;
+  load_block_operands<kPlanes, 0>(w, hi, lo, K);
+  block_tile_products<kFmt, kPlanes, 0>();
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t (*stored)[16][16] = sums[b % 2];
+    _tile_stored(6, stored[0], 64);
+    if constexpr (kPlanes) _tile_stored(7, stored[1], 64);
+    if (const int64_t n = b + 1; n < nb) {
+      if (n % 2 == 0) {
+        load_block_operands<kPlanes, 0>(w + 16 * 8 * n, hi + 32 * n, lo + 32 * n, K);
+        block_tile_products<kFmt, kPlanes, 0>();
+      } else {
+        load_block_operands<kPlanes, 1>(w + 16 * 8 * n, hi + 32 * n, lo + 32 * n, K);
+        block_tile_products<kFmt, kPlanes, 1>();
+      }
+    }
+    if (b > 0) scale_block_sums<kFmt, kPlanes>(sums[(b - 1) % 2], b - 1, nb, dv, mv, da, sa, rows, acc, first, y, ldy, mask);
+  }
+  scale_block_sums<kFmt, kPlanes>(sums[(nb - 1) % 2], nb - 1, nb, dv, mv, da, sa, rows, acc, first, y, ldy, mask);
+}
+
+GGUF_AMX_INT8 inline void amx_integer_configure() { load_tile_config(IntegerTileConfig()); }
+
+GGUF_AMX_INT8 inline void amx_integer_release() { _tile_release(); }
 
 // ---- the whole weight de-quantized, for a dense matmul --------------------------------------------------------
 
@@ -837,22 +1030,41 @@ bool gguf_packed_int8_available() {
 #ifdef GGUF_X86
 namespace {
 
-// The body of both VNNI entry points: x as T rows (integer_rows), each thread's groups spread into a buffer that
-// every activation row of a chunk of `chunk_rows` reuses (spread_group_vnni for int8 rows, spread_group_i16 for
-// 16-bit ones), vnni_group eight rows at a time, into out [M, N] float32. Q8_0 comes here only with 16-bit rows
-// (the int8 entry refuses it).
+// The body of both integer entry points: x as T rows (integer_rows), each thread's groups spread into a buffer that
+// every activation row of a chunk of `chunk_rows` reuses (spread_group_vnni for int8 rows and for 16-bit ones on the
+// tiles, spread_group_i16 for 16-bit ones on vpdpwssd, spread_group_q8_0_bytes for Q8_0 on the tiles), then
+// vnni_group eight rows at a time or, with `amx`, amx_integer_group sixteen at a time (16-bit rows split into their
+// byte planes first), into out [M, N] float32. Q8_0 comes here only with 16-bit rows (the int8 entry refuses it).
 template <typename T>
-void vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t chunk_rows, at::Tensor& out) {
+void integer_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t chunk_rows, bool amx,
+                    at::Tensor& out) {
   const int64_t groups = packed.size(0), nb = packed.size(1), K = 32 * nb, tile = packed.size(2), M = out.size(0),
-                N = out.size(1);
-  const IntegerRows<T> rows = integer_rows<T>(x_in, nb);
+                N = out.size(1), padded = amx ? (M + 15) / 16 * 16 : M;
+  const IntegerRows<T> rows = integer_rows<T>(x_in, nb, padded);
   const T* q = rows.values.get();
   const float *da = rows.scales.get(), *sa = rows.m_factors.get();
+  // the tiles' byte operands: int8 rows as they are, 16-bit rows as two planes
+  constexpr bool kPlanes = std::is_same_v<T, int16_t>;
+  AlignedBuffer<int8_t> high;
+  AlignedBuffer<uint8_t> low;
+  const int8_t* a_hi = reinterpret_cast<const int8_t*>(q);
+  if (amx && kPlanes) {
+    high = uninitialized<int8_t>(padded * K);
+    low = uninitialized<uint8_t>(padded * K);
+    at::parallel_for(0, padded, 16, [&](int64_t r0, int64_t r1) {
+      split_byte_planes(reinterpret_cast<const int16_t*>(q) + r0 * K, (r1 - r0) * K, high.get() + r0 * K,
+                        low.get() + r0 * K);
+    });
+    a_hi = high.get();
+  }
+  const uint8_t* a_lo = low.get();
   const uint8_t* src = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    const AlignedBuffer<int32_t> w = uninitialized<int32_t>(16 * VnniDot<T>::kOperands * nb);
+    constexpr int64_t kSpreadWords = 16 * VnniDot<T>::kOperands;  // int32 words a block's spread takes, at most
+    const AlignedBuffer<int32_t> w = uninitialized<int32_t>(kSpreadWords * nb);
     const AlignedBuffer<float> dv = uninitialized<float>(16 * nb), mv = uninitialized<float>(16 * nb);
+    if (amx) amx_integer_configure();
     with_format(qtype, [&](auto fmt) {
       constexpr int kFmt = decltype(fmt)::value;
       if constexpr (std::is_same_v<T, int8_t> && kFmt == kQ8_0) {
@@ -861,58 +1073,105 @@ void vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype
         for (int64_t r0 = 0; r0 < M; r0 += chunk_rows) {
           const int64_t r1 = std::min(M, r0 + chunk_rows);
           for (int64_t g = g0; g < g1; ++g) {
-            if constexpr (std::is_same_v<T, int8_t>) {
-              spread_group_vnni<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
-            } else {
-              spread_group_i16<kFmt>(src + g * nb * tile, nb, tile, w.get(), dv.get(), mv.get());
-            }
+            const uint8_t* group = src + g * nb * tile;
             const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
+            float* y = op + g * kGroupCols;
+            if (amx) {
+              if constexpr (kFmt == kQ8_0) {
+                spread_group_q8_0_bytes(group, nb, tile, w.get(), dv.get(), mv.get());
+              } else {
+                spread_group_vnni<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
+              }
+              for (int64_t m = r0; m < r1; m += 16) {
+                amx_integer_group<kFmt, kPlanes>(w.get(), dv.get(), mv.get(), nb, a_hi + m * K, a_lo + m * K, K,
+                                                 da + m * nb, sa + m * nb, std::min<int64_t>(16, r1 - m), y + m * N,
+                                                 N, cols);
+              }
+              continue;
+            }
+            if constexpr (std::is_same_v<T, int8_t>) {
+              spread_group_vnni<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
+            } else {
+              spread_group_i16<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
+            }
             for (int64_t m = r0; m < r1; m += 8) {
               by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
                 vnni_group<kFmt, decltype(mr)::value>(w.get(), dv.get(), mv.get(), nb, q + m * K, K, da + m * nb,
-                                                      sa + m * nb, op + m * N + g * kGroupCols, N, cols);
+                                                      sa + m * nb, y + m * N, N, cols);
               });
             }
           }
         }
       }
     });
+    if (amx) amx_integer_release();
   });
+}
+
+// The fewest rows the integer entry points put on the tiles by default: a tile holds 16 rows, and fewer pay for the
+// padding. On a 2-core Xeon with AMX (2026-12-05, benchmarks/cpu_gguf_paths.py, ms a step of the default model's GGUF
+// layers, two threads), 16-bit rows on VNNI / on the tiles: 5.39 / 7.68 at 1 row, 8.92 / 9.28 at 8, 10.13 / 9.58 at
+// 9, 13.69 / 11.64 at 16, 42.43 / 35.94 at 64, 597.8 / 502.5 at 1,024; int8 rows 4.84 / 6.17 at 1, 7.78 / 7.88 at
+// 8, 9.14 / 8.92 at 9, 27.77 / 23.62 at 64.
+constexpr int64_t kAmxIntegerMinRows = 9;
+
+// Whether an integer entry point's `isa` ('' the best this CPU has for M rows, 'vnni' or 'amx_int8') runs on the
+// tiles.
+bool integer_products_on_tiles(const char* what, const std::string& isa, int64_t M) {
+  if (isa == "amx_int8") {
+    TORCH_CHECK(cpu_has_amx_int8(), what, ": isa='amx_int8' needs AMX-INT8 (and the kernel's permission to use the "
+                "tiles), which this CPU lacks");
+    return true;
+  }
+  TORCH_CHECK(isa.empty() || isa == "vnni", what, ": unknown isa '", isa, "' (choose '', 'vnni' or 'amx_int8')");
+  return isa.empty() && M >= kAmxIntegerMinRows && cpu_has_amx_int8();
 }
 
 }  // namespace
 #endif
 
 at::Tensor gguf_packed_linear_int8(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
-                                   int64_t out_features) {
+                                   int64_t out_features, const std::string& isa) {
   check_packed_arguments("GGUF packed int8 kernel", x_in, packed, qtype, out_features);
   TORCH_CHECK(qtype != kQ8_0, "GGUF packed int8 kernel: Q4_0 and Q4_1 only (Q8_0 = 8 runs gguf_packed_linear)");
   TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int8 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
               "this CPU lacks");
   const int64_t M = x_in.size(0);
   at::Tensor out = at::empty({M, out_features}, at::kFloat);
-  if (M == 0) return out;
 #ifdef GGUF_X86
-  vnni_linear<int8_t>(x_in, packed, qtype, M, out);  // every row in one chunk: each group spread once a call
+  const bool amx = integer_products_on_tiles("GGUF packed int8 kernel", isa, M);
+  if (M == 0) return out;
+  integer_linear<int8_t>(x_in, packed, qtype, M, amx, out);  // every row in one chunk: each group spread once a call
 #endif
   return out;
 }
 
 at::Tensor gguf_packed_linear_i16(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype,
-                                  int64_t out_features) {
+                                  int64_t out_features, const std::string& isa) {
   check_packed_arguments("GGUF packed int16 kernel", x_in, packed, qtype, out_features);
   TORCH_CHECK(gguf_packed_int8_available(), "GGUF packed int16 kernel: needs AVX512F/BW/VL/DQ and AVX512_VNNI, which "
               "this CPU lacks");
   const int64_t M = x_in.size(0);
   at::Tensor out = at::empty({M, out_features}, at::kFloat);
-  if (M == 0) return out;
 #ifdef GGUF_X86
+  const bool amx = integer_products_on_tiles("GGUF packed int16 kernel", isa, M);
+  if (M == 0) return out;
   // Rows in chunks whose 16-bit activations stay in a 1 MiB L2 (about 256 KB of them); each chunk spreads the
-  // group's codes again (a few instructions a weight, against 16 products a row).
-  const int64_t K = 32 * packed.size(1);
-  vnni_linear<int16_t>(x_in, packed, qtype, std::max<int64_t>(8, (int64_t{256} << 10) / (2 * K) / 8 * 8), out);
+  // group's codes again (a few instructions a weight, against 16 products a row). Whole blocks of 16 on the tiles.
+  const int64_t K = 32 * packed.size(1), rows_per_chunk = (int64_t{256} << 10) / (2 * K);
+  const int64_t chunk_rows = amx ? std::max<int64_t>(16, rows_per_chunk / 16 * 16)
+                                 : std::max<int64_t>(8, rows_per_chunk / 8 * 8);
+  integer_linear<int16_t>(x_in, packed, qtype, chunk_rows, amx, out);
 #endif
   return out;
+}
+
+bool gguf_packed_amx_int8_available() {
+#ifdef GGUF_X86
+  return cpu_has_amx_int8();
+#else
+  return false;
+#endif
 }
 
 at::Tensor gguf_packed_dequantize_kn(const at::Tensor& packed, int64_t qtype, int64_t out_features,

@@ -131,6 +131,11 @@ _INT8_DOT_ROWS_VNNI: dict[int, tuple[tuple[int, int], ...]] = {8: ((1, 8),)}  # 
 # the engine sets them): against the exact float32 path 0.6-0.95x at 1-8 rows (the codes are spread into vpdpwssd
 # operands at each call), 1.18x at 16 rows, 1.36x at 32, 1.41x at 64, 1.29x at 256.
 _INT16_MIN_ROWS = 16
+# Where the CPU has AMX-INT8 the same integer sums run on the tiles (the same bits), and the crossover moves down:
+# on a 2-core Xeon with AMX (2026-12-05, ``benchmarks/cpu_gguf_paths.py --paths wide16,wide16_int16 --threads 2``,
+# ms a step of the default model's GGUF layers) 9.67 against 9.99 at 8 rows (the exact path ahead), 12.15 against
+# 9.92 at 9, 19.22 against 12.61 at 16.
+_INT16_MIN_ROWS_AMX = 9
 
 
 def block_matmul_for(device: torch.device, kernels: KernelConfig) -> BlockMatmul | None:
@@ -187,7 +192,9 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
 
     int8 = kernels.gguf_int8_dot
     int16 = kernels.gguf_int16 and ops.gguf_packed_int8_available()
-    _note_wide16_paths("amx_bf16" if ops.gguf_packed_amx_available() else ops.gguf_isa(), int8, int16)
+    amx_int8 = ops.gguf_packed_amx_int8_available()
+    int16_min_rows = _INT16_MIN_ROWS_AMX if amx_int8 else _INT16_MIN_ROWS
+    _note_wide16_paths("amx_bf16" if ops.gguf_packed_amx_available() else ops.gguf_isa(), int8, int16, amx_int8)
 
     def native(x: torch.Tensor, tiles: torch.Tensor, fmt: BlockFormat, rows: int,
                dense_from: int | None = None, float_out: bool = False) -> torch.Tensor:
@@ -197,7 +204,7 @@ def wide16_matmul_for(device: torch.device, kernels: KernelConfig) -> Wide16Matm
         if (int8 and fmt.qtype != _Q8_0 and x.shape[0] >= _VNNI_MIN_ROWS
                 and (x.dtype == torch.float32 or x.shape[0] <= _VNNI_BF16_MAX_ROWS)):
             out = ops.gguf_packed_linear_int8(x, tiles, fmt.qtype, rows)
-        elif int16 and x.dtype == torch.float32 and x.shape[0] >= _INT16_MIN_ROWS:
+        elif int16 and x.dtype == torch.float32 and x.shape[0] >= int16_min_rows:
             return ops.gguf_packed_linear_i16(x, tiles, fmt.qtype, rows)
         elif dense_from is not None and x.shape[0] >= dense_from:
             out = torch.mm(x, ops.gguf_packed_dequantize_kn(tiles, fmt.qtype, rows, x.dtype))
@@ -384,10 +391,12 @@ def _dequantize_without_kernels(layer: QuantizedLinear) -> None:
 
 
 @functools.cache
-def _note_wide16_paths(isa: str, int8: bool, int16: bool) -> None:
+def _note_wide16_paths(isa: str, int8: bool, int16: bool, amx_int8: bool = False) -> None:
     """Log once a process which wide16 products its GGUF layers take on this CPU (issue 23: the choice, logged)."""
-    float32 = ("int8 dot products (AVX512_VNNI) from 4 rows" if int8
-               else f"16-bit integer activations (AVX512_VNNI) from {_INT16_MIN_ROWS} rows" if int16
+    integer_unit = "the AMX-INT8 tiles" if amx_int8 else "AVX512_VNNI"
+    float32 = (f"int8 dot products ({integer_unit}) from 4 rows" if int8
+               else f"16-bit integer activations ({integer_unit}) from "
+                    f"{_INT16_MIN_ROWS_AMX if amx_int8 else _INT16_MIN_ROWS} rows" if int16
                else "the exact AVX-512 float32 kernels")
     bfloat16 = ("int8 dot products up to 256 rows" if int8
                 else "bfloat16 pair panels on the AMX tiles" if isa == "amx_bf16"
