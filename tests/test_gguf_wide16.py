@@ -621,4 +621,4 @@ def test_the_wide16_paths_are_logged_by_what_the_cpu_has(caplog):
     assert "exact AVX-512 float32 kernels" in second and "AVX-512 float32 panels (widened rows)" in second
     assert "int8 dot products (AVX512_VNNI) from 4 rows" in third and "int8 dot products up to 256 rows" in third
     assert "16-bit integer activations (the AMX-INT8 tiles) from 9 rows" in fourth and "AMX tiles" in fourth
-    assert "int8 dot products (the AMX-INT8 tiles) from 4 rows" in fifth
+    assert "int8 dot products (AVX512_VNNI; the AMX-INT8 tiles from 9 rows) from 4 rows" in fifth

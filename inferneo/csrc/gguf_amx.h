@@ -61,10 +61,7 @@ inline bool cpu_has_amx_int8() {
   return has;
 }
 
-// The 64-byte operand of ldtilecfg (palette 1), every tile unused; and the bfloat16 products' configuration: eight
-// tiles of 64-byte rows, tiles 0-3 of `rows` rows and 4-7 of 16.
-// A block of 16 rows uses tiles 0-2 for the sums C, 3 for the activations A and 4-6 for the weights B (any row
-// count); a pair of blocks (32 rows, all tiles of 16 rows) tiles 0-3 for C, 4-5 for A and 6-7 for B.
+// The 64-byte operand of ldtilecfg (palette 1), every tile unused until a configuration gives it rows and bytes.
 struct alignas(64) PaletteOneConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -73,6 +70,9 @@ struct alignas(64) PaletteOneConfig {
   uint8_t rows[16] = {};    // rows, per tile
 };
 
+// The bfloat16 products' configuration: eight tiles of 64-byte rows, tiles 0-3 of `rows` rows and 4-7 of 16.
+// A block of 16 rows uses tiles 0-2 for the sums C, 3 for the activations A and 4-6 for the weights B (any row
+// count); a pair of blocks (32 rows, all tiles of 16 rows) tiles 0-3 for C, 4-5 for A and 6-7 for B.
 struct TileConfig : PaletteOneConfig {
   explicit TileConfig(int activation_rows) {
     for (int t = 0; t < 8; ++t) {
