@@ -740,7 +740,9 @@ GGUF_AMX_INT8 __attribute__((noinline)) void amx_integer_group(const int32_t* w,
         block_tile_products<kFmt, kPlanes, 1>();
       }
     }
-    if (b > 0) scale_block_sums<kFmt, kPlanes>(sums[(b - 1) % 2], b - 1, nb, dv, mv, da, sa, rows, acc, first, y, ldy, mask);
+    if (b > 0) {
+      scale_block_sums<kFmt, kPlanes>(sums[(b - 1) % 2], b - 1, nb, dv, mv, da, sa, rows, acc, first, y, ldy, mask);
+    }
   }
   scale_block_sums<kFmt, kPlanes>(sums[(nb - 1) % 2], nb - 1, nb, dv, mv, da, sa, rows, acc, first, y, ldy, mask);
 }
@@ -1076,23 +1078,22 @@ void integer_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t qt
             const uint8_t* group = src + g * nb * tile;
             const int64_t cols = std::min(kGroupCols, N - g * kGroupCols);
             float* y = op + g * kGroupCols;
-            if (amx) {
+            if (amx || std::is_same_v<T, int8_t>) {  // byte lines: vpdpbusd operands and B-tile rows alike
               if constexpr (kFmt == kQ8_0) {
                 spread_group_q8_0_bytes(group, nb, tile, w.get(), dv.get(), mv.get());
               } else {
                 spread_group_vnni<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
               }
+            } else {
+              spread_group_i16<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
+            }
+            if (amx) {
               for (int64_t m = r0; m < r1; m += 16) {
                 amx_integer_group<kFmt, kPlanes>(w.get(), dv.get(), mv.get(), nb, a_hi + m * K, a_lo + m * K, K,
                                                  da + m * nb, sa + m * nb, std::min<int64_t>(16, r1 - m), y + m * N,
                                                  N, cols);
               }
               continue;
-            }
-            if constexpr (std::is_same_v<T, int8_t>) {
-              spread_group_vnni<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
-            } else {
-              spread_group_i16<kFmt>(group, nb, tile, w.get(), dv.get(), mv.get());
             }
             for (int64_t m = r0; m < r1; m += 8) {
               by_block_rows(std::min<int64_t>(8, r1 - m), [&](auto mr) {
