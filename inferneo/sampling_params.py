@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,14 +131,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+            self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
             self.logit_bias = dict(self.logit_bias) or None
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
@@ -162,7 +163,7 @@ class SamplingParams:
         check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
         check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
-        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63 - 2**16), "seed",
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
               "must be a 64-bit integer or None")
         # max_tokens=0 only scores the prompt (with prompt_logprobs; vLLM's server allows it with echo).
         least = 0 if self.prompt_logprobs is not None else 1
@@ -197,6 +198,15 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """A deep copy, so per-request changes never leak between requests."""
         return copy.deepcopy(self)
+
+
+def _as_list(value: object, name: str, expected: str) -> list:
+    """``value`` (None or any iterable but a mapping) as a new list; else ``ValueError`` naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+        return list(value)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def _is_int(value: object) -> bool:

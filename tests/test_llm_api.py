@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from inferneo import LLM, RequestOutput, SamplingParams
@@ -97,6 +99,15 @@ def test_stop_token_ids_and_min_tokens(llm):
                        use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
     assert out.token_ids == base.token_ids[: first + 1]
+    # The stop token's id is in the output, its text is not (unless include_stop_str_in_output), as in vLLM.
+    before = llm.generate("hello there", greedy(max_tokens=first, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    through = llm.generate("hello there", greedy(max_tokens=first + 1, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert through.text != before.text  # the stop token has text of its own
+    assert out.text == before.text
+    kept = llm.generate("hello there", greedy(max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id],
+                                              include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.token_ids == out.token_ids and kept.text == through.text
     # min_tokens forbids the stop token until reached, so the output is at least that long.
     out = llm.generate("hello there", greedy(max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id],
                                              min_tokens=first + 3), use_tqdm=False)[0].outputs[0]
@@ -134,14 +145,31 @@ def test_logprobs_are_returned_and_consistent(llm):
 
 def test_chat_one_conversation_and_a_list(llm):
     conv = [{"role": "user", "content": "hi"}]
+    brief = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]
     one = llm.chat(conv, greedy(), use_tqdm=False)
-    two = llm.chat([conv, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]],
-                   greedy(), use_tqdm=False)
+    two = llm.chat([conv, brief], greedy(), use_tqdm=False)
     assert len(one) == 1 and len(two) == 2
     assert two[0].outputs[0].token_ids == one[0].outputs[0].token_ids
     tok = llm.get_tokenizer()
     rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert one[0].prompt_token_ids == tok(rendered, add_special_tokens=False).input_ids
+    assert one[0].prompt == rendered  # the conversation as rendered, as vLLM reports it
+    assert two[1].prompt == tok.apply_chat_template(brief, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_refuses_what_is_not_a_conversation(llm):
+    conv = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="messages is empty"):
+        llm.chat([], greedy(), use_tqdm=False)
+    with pytest.raises(TypeError, match="messages must be a conversation"):
+        llm.chat("hello", greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="conversation 1: the conversation has no messages"):
+        llm.chat([conv, []], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="conversation 1: message 0 must be a dict"):
+        llm.chat([conv, ["hi"]], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="chat template cannot render this conversation: TemplateSyntaxError"):
+        llm.chat(conv, greedy(), chat_template="{% for %}", use_tqdm=False)
+    assert_clean(llm)
 
 
 def test_priority_runs_urgent_requests_first(tiny_checkpoint_factory):
@@ -174,6 +202,10 @@ def test_priority_runs_urgent_requests_first(tiny_checkpoint_factory):
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"stop": 5}, "stop"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"stop_token_ids": "12"}, "stop_token_ids"),
+        ({"logit_bias": 3}, "logit_bias"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
@@ -198,6 +230,13 @@ def test_bad_prompts_raise_clear_errors_and_leave_nothing_behind(llm):
     (whole,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
                             use_tqdm=False)
     assert len(whole.outputs[0].token_ids) == room and whole.outputs[0].finish_reason == "length"
+    # Arguments of the wrong type: a TypeError that names the argument, before anything is queued.
+    with pytest.raises(TypeError, match="prompts must be a string"):
+        llm.generate(None, greedy(), use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate("hi", {"max_tokens": 3}, use_tqdm=False)
+    with pytest.raises(TypeError, match=r"sampling_params\[1\] must be a SamplingParams"):
+        llm.generate(["a", "b"], [greedy(), {"max_tokens": 3}], use_tqdm=False)
     # A bad prompt in the middle of a list aborts the ones already queued.
     with pytest.raises(ValueError):
         llm.generate(["fine", [], "fine too"], greedy(), use_tqdm=False)
@@ -258,3 +297,28 @@ def test_generation_config_sampling_defaults_are_honoured(tiny_checkpoint_factor
     gen["do_sample"] = False
     (dst / "generation_config.json").write_text(json.dumps(gen))
     assert LLM(str(dst)).get_default_sampling_params().temperature == 0.0
+
+
+def test_a_prompt_past_the_tokenizer_limit_is_refused_without_a_transformers_warning(llm):
+    """transformers warns that a text longer than the tokenizer's ``model_max_length`` "will result in indexing
+    errors"; the engine checks the length itself (against the model's context), so that warning is noise."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")  # the library's loggers do not propagate past it
+    library_logger.addHandler(handler)
+    tok = llm.get_tokenizer()
+    saved = tok.model_max_length
+    tok.model_max_length = 8
+    try:
+        with pytest.raises(ValueError, match="context length"):
+            llm.generate("word " * 5000, greedy(), use_tqdm=False)
+        out = llm.generate("one two three four five six seven eight nine ten", greedy(max_tokens=2),
+                           use_tqdm=False)
+        assert len(out[0].prompt_token_ids) > 8
+        assert not [r for r in records if "sequence length" in r.getMessage()]
+        tok("word " * 50)  # the tokenizer called as transformers' users call it does warn, through this handler
+    finally:
+        tok.model_max_length = saved
+        library_logger.removeHandler(handler)
+    assert [r for r in records if "sequence length" in r.getMessage()]

@@ -207,6 +207,24 @@ def test_choice_index_is_prompt_position_times_n_plus_j(server):
     assert finished == [0, 1, 2, 3]
 
 
+def test_n_copies_of_edge_requests_are_served_and_the_engine_lives(server):
+    """The ``n`` sequences of one request are each a valid request: a scoring request (``max_tokens`` 0) scores the
+    prompt in every copy, and seeds near the 64-bit limit wrap around instead of leaving the range (either used to
+    stop the engine)."""
+    body = post(server, "/v1/completions", {"prompt": "hello world", "max_tokens": 0, "echo": True, "logprobs": 0,
+                                            "n": 2})
+    assert body.status_code == 200, body.text
+    choices = body.json()["choices"]
+    assert [c["text"] for c in choices] == ["hello world", "hello world"]
+    assert choices[0]["logprobs"]["token_logprobs"] == choices[1]["logprobs"]["token_logprobs"]
+    for seed in (2**63 - 1, 2**63 - 3, -(2**63)):
+        r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "seed": seed, "n": 4,
+                                             "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 4
+    assert httpx.get(server.url("/health"), timeout=10).status_code == 200
+
+
 def test_completion_logprobs_shape(server):
     body = post(server, "/v1/completions", {"prompt": "hello", "max_tokens": 4, "logprobs": 3,
                                             "temperature": 0, "ignore_eos": True}).json()

@@ -49,8 +49,9 @@ def _llm(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # a bad flag is refused before the model loads
     llm = _llm(args)
-    outputs = llm.generate(args.prompts, _sampling_params(args), use_tqdm=False)
+    outputs = llm.generate(args.prompts, params, use_tqdm=False)
     for prompt, output in zip(args.prompts, outputs, strict=True):
         if len(args.prompts) > 1:
             print(f"--- {prompt!r}")
@@ -59,8 +60,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # a bad flag is refused before the model loads
     llm = _llm(args)
-    params = _sampling_params(args)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

@@ -57,7 +57,9 @@ class InputProcessor:
             return self.tokenizer
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        """Token ids of ``text``. Not ``verbose``: a prompt longer than the tokenizer's ``model_max_length`` is
+        ``check``'s to refuse, without transformers' warning about indexing errors first."""
+        return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> int:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of

@@ -74,9 +74,11 @@ class LLMEngine(FrontEndFacts):
         priority: int = 0,
         arrival_time: float | None = None,
         lora: LoraRef | None = None,
+        prompt_text: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``InvalidRequestError`` (a ``ValueError``) for a request the
-        model cannot take (``InputProcessor``'s rules, the same as the server's)."""
+        model cannot take (``InputProcessor``'s rules, the same as the server's). ``prompt_text``: the text that
+        token-id ``prompt`` was made from (a rendered chat), reported as the output's ``prompt``."""
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:
@@ -84,7 +86,7 @@ class LLMEngine(FrontEndFacts):
         if isinstance(prompt, str):
             text, prompt_ids = prompt, self.input.tokenize(prompt)
         else:
-            text, prompt_ids = None, list(prompt)
+            text, prompt_ids = prompt_text, list(prompt)
         max_tokens = self.input.check(prompt_ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,

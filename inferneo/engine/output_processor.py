@@ -109,10 +109,10 @@ class OutputProcessor:
             if params.n > 1:
                 child_params = params.clone()
                 child_params.n = 1
-                if params.seed is not None:
-                    child_params.seed = params.seed + j
-                if j:  # the prompt is scored once, by the first sequence
-                    child_params.prompt_logprobs = None
+                if params.seed is not None:  # seed + j, wrapped around within the 64-bit range
+                    child_params.seed = (params.seed + j + 2**63) % 2**64 - 2**63
+                if j and params.max_tokens != 0:  # the prompt is scored once, by the first sequence (all of them
+                    child_params.prompt_logprobs = None  # when none generates: scoring is all they do)
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
                                                  stream=not final)
@@ -217,7 +217,12 @@ class OutputProcessor:
                 seq.new_logprobs = entries
             else:
                 seq.new_logprobs.extend(entries)
-        stop_string = seq.detokenizer.update(out.new_token_ids)
+        text_ids = out.new_token_ids
+        if out.finish_reason == "stop" and text_ids and not parent.params.include_stop_str_in_output:
+            # the last token is the EOS or stop_token_ids entry that ended it: its text is not part of the output
+            # (as in vLLM), only its id is
+            text_ids = text_ids[:-1]
+        stop_string = seq.detokenizer.update(text_ids)
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
             return not out.finished

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from inferneo.config import EngineConfig
@@ -99,39 +100,65 @@ class LLM:
         chat_template: str | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Answer one conversation or a list of them with the model's chat template."""
-        conversations = [messages] if _is_conversation(messages) else list(messages)
-        if not conversations:
+        """Answer one conversation or a list of them with the model's chat template. Each output's ``prompt`` is
+        its conversation as the template rendered it."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a conversation (a list of {'role': ..., 'content': ...} dicts) or a "
+                            f"list of conversations, got {type(messages).__name__}")
+        if not messages:
             raise ValueError("messages is empty: give a conversation or a list of conversations")
-        prompt_ids = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
-        return self._run(prompt_ids, sampling_params, priority, use_tqdm)
+        conversations = [messages] if _is_conversation(messages) else list(messages)
+        texts = [self._render_chat(c, add_generation_prompt, chat_template, i) for i, c in enumerate(conversations)]
+        prompt_ids = [self.engine.tokenize(text, add_special_tokens=False) for text in texts]
+        return self._run(prompt_ids, sampling_params, priority, use_tqdm, prompt_texts=texts)
 
     def apply_chat_template(
         self, conversation: Conversation, add_generation_prompt: bool = True, chat_template: str | None = None
     ) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
+        text = self._render_chat(conversation, add_generation_prompt, chat_template)
+        return self.engine.tokenize(text, add_special_tokens=False)
+
+    def _render_chat(self, conversation: Conversation, add_generation_prompt: bool, chat_template: str | None,
+                     index: int | None = None) -> str:
+        """A conversation as the chat template renders it; ``ValueError`` for a conversation or template that
+        cannot be rendered (``index``: the conversation's place in a list, for the message)."""
+        where = "" if index is None else f"conversation {index}: "
         tokenizer = self.engine.tokenizer
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=...")
+        if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes)):
+            raise TypeError(f"{where}a conversation must be a list of messages, got {type(conversation).__name__}")
+        if not conversation:
+            raise ValueError(f"{where}the conversation has no messages")
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-        )
-        return tokenizer(text, add_special_tokens=False).input_ids
+                raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
+        try:
+            return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 chat_template=chat_template)
+        except TemplateError as exc:  # a template that does not parse, or one that refuses these messages
+            raise ValueError(f"{where}the chat template cannot render this conversation: "
+                             f"{type(exc).__name__}: {exc}") from None
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
-    def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None) -> list[RequestOutput]:
+    def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None,
+             prompt_texts: list[str] | None = None) -> list[RequestOutput]:
         n = len(prompts)
         loras = _lora_refs(lora_request, n)
-        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, bytes)):
             params_list = list(sampling_params)
             if len(params_list) != n:
                 raise ValueError(f"got {len(params_list)} sampling_params for {n} prompts")
         else:
             params_list = [sampling_params or self.engine.default_sampling_params()] * n
+        for i, params in enumerate(params_list):
+            if not isinstance(params, SamplingParams):
+                where = "sampling_params" if len(params_list) == 1 else f"sampling_params[{i}]"
+                raise TypeError(f"{where} must be a SamplingParams (one for all prompts, or a list with one per "
+                                f"prompt), got {type(params).__name__}")
         if priority is not None and len(priority) != n:
             raise ValueError(f"got {len(priority)} priorities for {n} prompts")
         engine = self.engine
@@ -140,7 +167,7 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0,
-                                              lora=loras[i]))
+                                              lora=loras[i], prompt_text=prompt_texts[i] if prompt_texts else None))
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -193,6 +220,9 @@ def _is_conversation(value: Any) -> bool:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+        raise TypeError("prompts must be a string, a list of token ids, or a list of those, got "
+                        f"{type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids

@@ -139,7 +139,7 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
                                              add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja raises its own errors for conversations a template refuses
         raise bad_request(f"the chat template cannot render these messages: {exc}", "messages") from None
-    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
 
 async def collect_finals(group) -> dict[int, RequestOutput]:
