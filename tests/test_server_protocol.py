@@ -95,3 +95,24 @@ def test_an_event_is_one_line_whatever_the_text_holds():
     lines = [line for line in LineDecoder().decode(event.decode()) if line]
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][len("data: "):]) == {"choices": [{"text": text}]}
+
+
+def test_reasoning_effort_reaches_the_chat_template(tiny_llama_dir):
+    """As in vLLM, ``reasoning_effort`` is a chat-template variable (gpt-oss's template reads it); an explicit
+    ``chat_template_kwargs`` entry wins."""
+    from transformers import AutoTokenizer
+
+    from inferneo.entrypoints.openai.serving_common import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                               "|effort={{ reasoning_effort | default('unset') }}")
+    messages = [{"role": "user", "content": "hi"}]
+
+    def rendered(**fields) -> str:
+        req = ChatCompletionRequest(messages=messages, **fields)
+        return tokenizer.decode(render_chat(tokenizer, req.conversations()[0], True, req.template_kwargs()))
+
+    assert rendered().endswith("|effort=unset")
+    assert rendered(reasoning_effort="high").endswith("|effort=high")
+    assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}).endswith("|effort=low")

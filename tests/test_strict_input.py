@@ -95,7 +95,10 @@ FIELDS = {
     CHAT: {**SAMPLING, "messages": "messages", "max_completion_tokens": "int", "logprobs": "bool",
            "top_logprobs": "int", "tools": "list", "tool_choice": "str|dict",
            "parallel_tool_calls": "bool", "functions": "list", "function_call": "str|dict", "metadata": "dict",
-           "store": "bool", "service_tier": "str", "add_generation_prompt": "bool", "chat_template_kwargs": "dict"},
+           "store": "bool", "service_tier": "str", "add_generation_prompt": "bool", "chat_template_kwargs": "dict",
+           "reasoning_effort": "str", "verbosity": "str", "prompt_cache_key": "str", "prompt_cache_retention": "str",
+           "safety_identifier": "str", "prediction": "object", "modalities": "list", "audio": "object",
+           "web_search_options": "object"},
     TOK: {"model": "str", "prompt": "str", "messages": "messages", "add_special_tokens": "bool",
           "add_generation_prompt": "bool", "return_token_strs": "bool"},
     DETOK: {"model": "str", "tokens": "list"},
@@ -266,6 +269,20 @@ CAPS = [
      chat(user="u" * MAX_ID_CHARS), {200}),
     ("service-tier", CHAT, chat(service_tier="t" * (MAX_ID_CHARS + 1)), "service_tier", "at most 256",
      chat(service_tier="auto"), {200}),
+    ("reasoning-effort", CHAT, chat(reasoning_effort="r" * (MAX_ID_CHARS + 1)), "reasoning_effort", "at most 256",
+     chat(reasoning_effort="low"), {200}),
+    ("prompt-cache-key", CHAT, chat(prompt_cache_key="k" * (MAX_ID_CHARS + 1)), "prompt_cache_key", "at most 256",
+     chat(prompt_cache_key="k" * MAX_ID_CHARS), {200}),
+    ("prompt-cache-retention", CHAT, chat(prompt_cache_retention="r" * (MAX_ID_CHARS + 1)), "prompt_cache_retention",
+     "at most 256", chat(prompt_cache_retention="24h"), {200}),
+    ("safety-identifier", CHAT, chat(safety_identifier="s" * (MAX_ID_CHARS + 1)), "safety_identifier",
+     "at most 256", chat(safety_identifier="s" * MAX_ID_CHARS), {200}),
+    ("prediction-chars", CHAT, chat(prediction={"type": "content", "content": "p" * (MAX_TEXT_CHARS + 1)}),
+     "prediction.content", f"at most {MAX_TEXT_CHARS}", chat(prediction={"type": "content", "content": "p"}),
+     {200}),
+    ("prediction-parts", CHAT, chat(prediction={"type": "content",
+                                                "content": [{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1)}),
+     "prediction.content", "at most 4096 content parts", None, None),
     ("tool-choice", CHAT, chat(tool_choice="n" * (MAX_ID_CHARS + 1)), "tool_choice", "at most 256",
      chat(tool_choice="none"), {200}),
     ("function-call", CHAT, chat(function_call="n" * (MAX_ID_CHARS + 1)), "function_call", "at most 256",
@@ -521,3 +538,22 @@ def test_both_http_implementations_answer_expect_100_continue_before_the_body(gu
     status, headers, body, rest = expect_continue(guarded, "/echo", 10 * SMALL_LIMIT)
     assert_413(status, headers, body)
     assert rest == b""
+
+
+def test_current_openai_fields_are_accepted_or_refused_by_name(http):
+    """Fields that today's OpenAI SDKs and agent frameworks send: hints are accepted (and change nothing here),
+    output this server cannot make is a 400 naming the field, never an "Unrecognized request argument"."""
+    accepted = chat(n=None, reasoning_effort="low", verbosity="low", prompt_cache_key="conversation-17",
+                    prompt_cache_retention="in-memory", safety_identifier="user-hash", modalities=["text"],
+                    prediction={"type": "content", "content": "Paris"}, audio=None, web_search_options=None,
+                    store=False, metadata={"k": "v"}, temperature=0, max_tokens=4, ignore_eos=True)
+    r = http.post(CHAT, json=accepted)
+    assert r.status_code == 200, r.text[:300]
+    plain = http.post(CHAT, json=chat(temperature=0, max_tokens=4, ignore_eos=True)).json()
+    assert r.json()["choices"][0]["message"] == plain["choices"][0]["message"]  # n null: one choice, the same one
+    assert http.post(CMPL, json=cmpl(n=None)).status_code == 200
+    refused(http.post(CHAT, json=chat(modalities=["text", "audio"])), "modalities", "audio output is not supported")
+    refused(http.post(CHAT, json=chat(audio={"voice": "alloy", "format": "wav"})), "audio", "not available")
+    refused(http.post(CHAT, json=chat(web_search_options={})), "web_search_options", "not available")
+    refused(http.post(CHAT, json=chat(verbosity="loud")), "verbosity")
+    refused(http.post(CHAT, json=chat(prediction={"type": "text", "content": "x"})), "prediction.type")

@@ -213,6 +213,45 @@ def test_required_with_parallel_tool_calls_off_makes_one_call(client):
         check_call(answer.choices[0].message.tool_calls[0])
 
 
+class Point(BaseModel):
+    x: int = Field(ge=0, le=9)
+    y: int = Field(ge=0, le=9)
+
+
+class Segment(BaseModel):
+    start: Point
+    end: Point
+
+
+def test_tools_from_nested_pydantic_models_can_be_required(client):
+    """``openai.pydantic_function_tool`` writes nested models as ``$defs`` and ``$ref``s: forced calls still follow
+    them, whether required or named."""
+    tool = openai.pydantic_function_tool(Segment, name="draw")
+    assert "$defs" in tool["function"]["parameters"]
+    for tool_choice in ("required", {"type": "function", "function": {"name": "draw"}}):
+        answer = client.chat.completions.create(model="tiny", messages=USER, tools=[tool], tool_choice=tool_choice,
+                                                parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=5)
+        (call,) = answer.choices[0].message.tool_calls
+        Segment.model_validate_json(call.function.arguments)
+
+
+def test_a_tool_whose_parameters_say_nothing_is_called_with_an_object(client):
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {}}}
+    for tool_choice in ("required", {"type": "function", "function": {"name": "ping"}}):
+        checked = 0
+        for seed in range(4):
+            answer = client.chat.completions.create(model="tiny", messages=USER, tools=[tool],
+                                                    tool_choice=tool_choice, parallel_tool_calls=False,
+                                                    max_tokens=60, temperature=1.0, seed=seed)
+            choice = answer.choices[0]
+            if choice.finish_reason == "length":  # a random model may write a long object
+                continue
+            (call,) = choice.message.tool_calls
+            assert isinstance(json.loads(call.function.arguments), dict)
+            checked += 1
+        assert checked, f"every answer for {tool_choice} ran out of tokens"
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_streamed_tool_calls_are_assembled_by_the_openai_sdk(client, tool_choice):
     kwargs = dict(model="tiny", messages=USER, tools=TOOLS, tool_choice=tool_choice, max_tokens=200, temperature=0,

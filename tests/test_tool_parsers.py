@@ -15,6 +15,7 @@ from inferneo.entrypoints.openai.tool_parsers import (
     ParsedCall,
     RequiredCallsParser,
     default_parser_name,
+    function_parameters,
     parse_all,
     required_calls_schema,
 )
@@ -46,7 +47,9 @@ HERMES = [
     ("bad json stays content", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
     ("no name stays content", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
      []),
-    ("unclosed block stays content", 'ok <tool_call>{"name": "a"', 'ok<tool_call>{"name": "a"', []),
+    ("unclosed block stays content", 'ok <tool_call>{"name": "a"', 'ok <tool_call>{"name": "a"', []),
+    ("a block that is no call keeps the blank before it", "A < B and\n <tool_call>{x}</tool_call> end",
+     "A < B and\n <tool_call>{x}</tool_call> end", []),
     ("braces and tags inside strings", '<tool_call>{"name": "say", "arguments": {"t": "}</tool_"}}</tool_call>',
      "", [("say", {"t": "}</tool_"})]),
     ("arguments missing means none", '<tool_call>{"name": "now"}</tool_call>', "", [("now", {})]),
@@ -124,6 +127,43 @@ def test_required_calls_schema_accepts_calls_of_the_tools_only():
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, one)
     jsonschema.validate([{"name": "b", "parameters": {}}] * 2, required_calls_schema(tools, parallel=True))
+
+
+def test_required_calls_schema_keeps_each_tools_own_references():
+    """pydantic writes nested models as ``$defs`` + ``#/$defs/...`` references and a recursive model as ``#``:
+    inside the calls array they must still resolve to the tool's own definitions."""
+    nested = {"$defs": {"Pt": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"],
+                               "additionalProperties": False}},
+              "type": "object", "properties": {"p": {"$ref": "#/$defs/Pt"}}, "required": ["p"]}
+    tree = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["v"], "additionalProperties": False}
+    schema = required_calls_schema([{"name": "n", "parameters": nested}, {"name": "t", "parameters": tree}],
+                                   parallel=True)
+    jsonschema.validate([{"name": "n", "parameters": {"p": {"x": 1.5}}},
+                         {"name": "t", "parameters": {"v": 1, "kids": [{"v": 2, "kids": [{"v": 3}]}]}}], schema)
+    for bad in ([{"name": "n", "parameters": {"p": {"x": "no"}}}], [{"name": "n", "parameters": {"p": {}}}],
+                [{"name": "t", "parameters": {"v": 1, "kids": [{"v": "x"}]}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    # xgrammar resolves the re-rooted references too (the grammar the server compiles)
+    xgr = pytest.importorskip("xgrammar")
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema))
+    accepts = xgr.testing._is_grammar_accept_string
+    assert accepts(grammar, '[{"name": "n", "parameters": {"p": {"x": 1.5}}}]')
+    assert accepts(grammar, '[{"name": "t", "parameters": {"v": 1, "kids": [{"v": 2}]}}]')
+    assert not accepts(grammar, '[{"name": "t", "parameters": {"v": 1, "kids": [{"v": "x"}]}}]')
+
+
+def test_parameters_that_say_no_type_describe_an_object():
+    assert function_parameters({}) == {"type": "object"}
+    assert function_parameters({"properties": {"a": {"type": "string"}}})["type"] == "object"
+    kept = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+    assert function_parameters(kept) is kept
+    jsonschema.validate([{"name": "f", "parameters": {"any": [1]}}],
+                        required_calls_schema([{"name": "f", "parameters": {}}], parallel=False))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "f", "parameters": "text"}],
+                            required_calls_schema([{"name": "f", "parameters": {}}], parallel=False))
 
 
 @pytest.mark.parametrize(("template", "expected"), [

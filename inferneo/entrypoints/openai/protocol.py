@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -174,7 +175,7 @@ class _SamplingBody(_Body):
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=128)  # null (which OpenAI allows) means the default, 1
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -201,6 +202,11 @@ class _SamplingBody(_Body):
     guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     guided_choice: Choices = None
     guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_n_is_one(cls, value: Any) -> Any:
+        return 1 if value is None else value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -258,6 +264,22 @@ class CompletionRequest(_SamplingBody):
         return _prompt_list(self.prompt)
 
 
+class PredictionContent(_Body):
+    """``prediction``: OpenAI's predicted output, a speed hint for its service; checked, then ignored here."""
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        if isinstance(value, str):
+            _cap(len(value), MAX_TEXT_CHARS, "characters")
+        else:
+            _cap(len(value), MAX_CONTENT_PARTS, "content parts")
+        return value
+
+
 class ChatCompletionRequest(_SamplingBody):
     """``POST /v1/chat/completions``; ``messages`` may also be a list of conversations (an extension)."""
 
@@ -273,6 +295,18 @@ class ChatCompletionRequest(_SamplingBody):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = Field(None, max_length=MAX_ID_CHARS)
+    # OpenAI fields for its own service or models, accepted so that current SDKs and frameworks can send them:
+    # hints with nothing to do here (the prefix cache needs no key) are checked and ignored; reasoning_effort goes
+    # to the chat template (gpt-oss's reads it), as in vLLM; output this server cannot make is refused.
+    reasoning_effort: str | None = Field(None, max_length=MAX_ID_CHARS)
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = Field(None, max_length=MAX_ID_CHARS)
+    prompt_cache_retention: str | None = Field(None, max_length=MAX_ID_CHARS)
+    safety_identifier: str | None = Field(None, max_length=MAX_ID_CHARS)
+    prediction: PredictionContent | None = None
+    modalities: list[Literal["text", "audio"]] | None = Field(None, max_length=2)
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     # Inferneo extensions.
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -349,6 +383,27 @@ class ChatCompletionRequest(_SamplingBody):
             _cap(len(value), MAX_TEMPLATE_KWARGS, "entries")
             _cap(max((len(k) for k in value), default=0), MAX_ID_CHARS, "characters in a key")
         return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "audio" in value:
+            raise ValueError("audio output is not supported by this server; ask for ['text']")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _not_offered(cls, value: dict[str, Any] | None, info: ValidationInfo) -> None:
+        if value is not None:
+            what = "audio output" if info.field_name == "audio" else "web search"
+            raise ValueError(f"{what} is not available on this server; leave {info.field_name} out (or null)")
+        return value
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """``chat_template_kwargs``, with ``reasoning_effort`` added when given (unless the kwargs set it)."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     def conversations(self) -> list[Conversation]:
         if self.messages and isinstance(self.messages[0], list):

@@ -73,7 +73,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    prompt_ids = [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.chat_template_kwargs, tools=tools)
+    prompt_ids = [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.template_kwargs(), tools=tools)
                   for c in req.conversations()]
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -56,23 +56,67 @@ def required_calls_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[s
     unless ``parallel``), each ``{"name": <a tool's name>, "parameters": <that tool's parameters>}``.
 
     ``tools`` are the request's function definitions (``{"name", "parameters"}``); a function without
-    ``parameters`` takes an empty object."""
-    calls = [{
-        "type": "object",
-        "properties": {"name": {"type": "string", "enum": [tool["name"]]},
-                       "parameters": function_parameters(tool.get("parameters"))},
-        "required": ["name", "parameters"],
-        "additionalProperties": False,
-    } for tool in tools]
+    ``parameters`` takes an empty object. A tool's schema that refers to parts of itself (``$ref`` to ``#`` or
+    ``#/$defs/...``, as pydantic writes nested models) is kept whole under the root's ``$defs`` with its
+    references re-rooted there, so that they resolve inside the larger schema."""
+    definitions: dict[str, Any] = {}
+    calls = []
+    for i, tool in enumerate(tools):
+        parameters = function_parameters(tool.get("parameters"))
+        if _has_local_refs(parameters):
+            key = f"inferneo_tool_{i}"
+            definitions[key] = _rebase_refs(parameters, f"#/$defs/{key}")
+            parameters = {"$ref": f"#/$defs/{key}"}
+        calls.append({
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [tool["name"]]}, "parameters": parameters},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        })
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
+    if definitions:
+        schema["$defs"] = definitions
     return schema
 
 
 def function_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """A function's ``parameters`` schema; none means it takes no arguments: an empty object."""
+    """A function's ``parameters`` schema; none means it takes no arguments: an empty object. A schema that does not
+    say what it is (``{}``, or properties without ``"type"``) describes an object: a call's arguments are always
+    one."""
     if parameters is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
+    if isinstance(parameters, dict) and not _SCHEMA_KIND_KEYS & parameters.keys():
+        return {"type": "object", **parameters}
     return parameters
+
+
+# Keywords that say what a schema accepts; a parameters schema with none of them is taken to be an object's.
+_SCHEMA_KIND_KEYS = frozenset({"type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "not"})
+
+
+def _has_local_refs(schema: Any) -> bool:
+    """Whether ``schema`` holds a ``$ref`` into its own document (``#`` or ``#/...``)."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            return True
+        return any(_has_local_refs(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_local_refs(v) for v in schema)
+    return False
+
+
+def _rebase_refs(schema: Any, root: str) -> Any:
+    """A copy of ``schema`` whose document-local references (``#``, ``#/...``) point below ``root`` instead."""
+    if isinstance(schema, dict):
+        out = {k: _rebase_refs(v, root) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            out["$ref"] = root + ref[1:]
+        return out
+    if isinstance(schema, list):
+        return [_rebase_refs(v, root) for v in schema]
+    return schema

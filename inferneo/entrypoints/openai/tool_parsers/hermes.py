@@ -24,6 +24,7 @@ class HermesToolParser(ToolCallParser):
         super().__init__()
         self._held = ""  # text not handed out yet
         self._in_block = False
+        self._gap = ""  # the whitespace before the open block: content again if the block is not a call
 
     def feed(self, text: str) -> ParsedPiece:
         self._held += text
@@ -37,7 +38,7 @@ class HermesToolParser(ToolCallParser):
                 self._in_block = False
                 call = call_of(body.strip(), ("arguments", "parameters"))
                 if call is None:
-                    out.content += OPEN + body + CLOSE
+                    out.content += self._gap + OPEN + body + CLOSE
                 else:
                     out.calls.append(self.whole_call(*call))
                 continue
@@ -47,14 +48,16 @@ class HermesToolParser(ToolCallParser):
                 out.content += self._held[:len(self._held) - keep]
                 self._held = self._held[len(self._held) - keep:]
                 return out
-            out.content += self._held[:start].rstrip()
+            before = self._held[:start]
+            out.content += before.rstrip()
+            self._gap = before[len(before.rstrip()):]
             self._held = self._held[start + len(OPEN):]
             self._in_block = True
 
     def finish(self) -> ParsedPiece:
         held, self._held = self._held, ""
         if self._in_block:
-            return ParsedPiece(OPEN + held)
+            return ParsedPiece(self._gap + OPEN + held)
         return ParsedPiece(held if self.num_calls == 0 or held.strip() else "")
 
 
