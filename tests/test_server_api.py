@@ -406,6 +406,23 @@ def test_unknown_model_and_route_give_404(server):
     assert_error(httpx.get(server.url("/v1/completions")), 405)
 
 
+def test_a_request_with_long_prompts_is_tokenized_off_the_loop_with_the_same_tokens(server, llm):
+    """Five prompts of about 3,600 characters each (past ``OFF_LOOP_TEXT_CHARS`` together) go through the tokenizer
+    thread; the answers are those of the same prompts offline."""
+    from inferneo.entrypoints.openai.serving_common import OFF_LOOP_TEXT_CHARS
+
+    prompts = [f"{word} sat on the mat. " * 150 for word in ("the cat", "one dog", "a bird", "my fish", "a cow")]
+    assert sum(map(len, prompts)) >= OFF_LOOP_TEXT_CHARS
+    body = post(server, "/v1/completions", {"prompt": prompts, "max_tokens": 4, "temperature": 0,
+                                            "ignore_eos": True}).json()
+    expected = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [c["text"] for c in body["choices"]] == [o.outputs[0].text for o in expected]
+    assert body["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in expected)
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompts[0]}],
+                                                 "max_tokens": 2, "temperature": 0}).json()
+    assert chat["usage"]["prompt_tokens"] > 1000
+
+
 def test_too_long_prompt_gives_400_with_both_lengths(server, llm):
     limit = llm.engine.max_model_len
     prompt = "hello " * (limit + 10)

@@ -116,3 +116,41 @@ def test_reasoning_effort_reaches_the_chat_template(tiny_llama_dir):
     assert rendered().endswith("|effort=unset")
     assert rendered(reasoning_effort="high").endswith("|effort=high")
     assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}).endswith("|effort=low")
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop():
+    """A request with at least ``OFF_LOOP_TEXT_CHARS`` characters of text is tokenized on the server's tokenizer
+    thread (the event loop keeps serving other requests meanwhile); shorter ones inline; errors come back as
+    raised."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from inferneo.entrypoints.openai.serving_common import (
+        OFF_LOOP_TEXT_CHARS,
+        ServerContext,
+        conversation_chars,
+    )
+
+    engine = SimpleNamespace(default_sampling_params=SamplingParams, tokenizer=SimpleNamespace(chat_template=None))
+    ctx = ServerContext(engine, ["m"], "m", tool_call_parser="none")
+
+    def where() -> list[list[int]]:
+        return [[len(threading.current_thread().name)], [threading.current_thread() is threading.main_thread()]]
+
+    def fails() -> list[list[int]]:
+        raise ValueError("refused")
+
+    async def run():
+        small = await ctx.tokenize_off_loop(OFF_LOOP_TEXT_CHARS - 1, where)
+        large = await ctx.tokenize_off_loop(OFF_LOOP_TEXT_CHARS, where)
+        with pytest.raises(ValueError, match="refused"):
+            await ctx.tokenize_off_loop(OFF_LOOP_TEXT_CHARS, fails)
+        return small, large
+
+    small, large = asyncio.run(run())
+    assert small[1] == [True] and large[1] == [False]
+    ctx.tokenizer_thread.shutdown()
+    assert conversation_chars([{"role": "user", "content": "abc"},
+                               {"role": "user", "content": [{"type": "text", "text": "de"}, {"type": "image"}]},
+                               {"role": "assistant", "content": None}]) == 5

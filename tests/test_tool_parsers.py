@@ -115,6 +115,19 @@ def test_required_calls():
     assert parse_all(RequiredCallsParser(), "not json") == ("not json", [])
 
 
+@pytest.mark.parametrize(("text", "calls"), [
+    ('[{"name":', []),
+    ('[{"name": "get_weather", "parameters": {"ci', [ParsedCall("get_weather", '{"ci')]),
+    ('[{"name": "a", "parameters": {}}, {"na', [ParsedCall("a", "{}")]),
+    ('[{"name": "say \\"hi\\"", "parameters": ', [ParsedCall('say "hi"', "")]),
+])
+def test_required_calls_cut_short_keep_the_decided_call_and_no_json_in_content(text, calls):
+    """The length limit may stop the array anywhere: a call whose name is complete comes out with its arguments so
+    far (as a named function's call does); the grammar's JSON never becomes content."""
+    for size in (1, 4, len(text)):
+        assert streamed(RequiredCallsParser(), text, size) == ("", calls)
+
+
 def test_required_calls_schema_accepts_calls_of_the_tools_only():
     tools = [{"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}},
                                          "required": ["x"]}},

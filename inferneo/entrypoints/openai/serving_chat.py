@@ -25,6 +25,7 @@ from inferneo.entrypoints.openai.serving_common import (
     cancel_on_disconnect,
     check_common,
     collect_finals,
+    conversation_chars,
     event_stream,
     render_chat,
     sampling_params,
@@ -73,8 +74,11 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    prompt_ids = [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.template_kwargs(), tools=tools)
-                  for c in req.conversations()]
+    conversations = req.conversations()
+    prompt_ids = await ctx.tokenize_off_loop(
+        sum(map(conversation_chars, conversations)),
+        lambda: [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.template_kwargs(), tools=tools)
+                 for c in conversations])
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,11 @@ from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCall
 from inferneo.lora.registry import LoRARegistry
 from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams, StructuredOutputsParams
+
+# Prompt text (characters, all of a request's prompts or messages together) from which a request's tokenization runs
+# on the server's tokenizer thread instead of the event loop: a few milliseconds of tokenizing, below which the
+# thread hop would cost more than the loop's pause.
+OFF_LOOP_TEXT_CHARS = 16_384
 
 # Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict",
@@ -45,9 +51,12 @@ class ServerContext:
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
+    # One thread: the tokenizer is used from one thread at a time (a fast tokenizer's state is not shared safely).
+    tokenizer_thread: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.defaults = self.engine.default_sampling_params()
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-tokenizer")
         name = self.tool_call_parser
         if name is None:
             template = getattr(self.tokenizer, "chat_template", None)
@@ -60,6 +69,14 @@ class ServerContext:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    async def tokenize_off_loop(self, text_chars: int, tokenize: Callable[[], list[list[int]]]) -> list[list[int]]:
+        """``tokenize()`` (a request's prompts to token ids): on the tokenizer thread when the request carries at
+        least ``OFF_LOOP_TEXT_CHARS`` characters of text, so that a long prompt does not pause every other request
+        and stream while it is tokenized; inline otherwise."""
+        if text_chars < OFF_LOOP_TEXT_CHARS:
+            return tokenize()
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, tokenize)
 
     def model_name(self, requested: str | None) -> str:
         """The served name a request addressed (the first one when it named none); 404 for an unknown one."""
@@ -140,6 +157,18 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     except Exception as exc:  # jinja raises its own errors for conversations a template refuses
         raise bad_request(f"the chat template cannot render these messages: {exc}", "messages") from None
     return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
+
+
+def conversation_chars(conversation: Conversation) -> int:
+    """The characters of text in a conversation's messages (string contents and text parts)."""
+    total = 0
+    for message in conversation:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return total
 
 
 async def collect_finals(group) -> dict[int, RequestOutput]:

@@ -47,7 +47,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
     params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req), depth)
     prompts = req.prompt_list()
-    prompt_ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    prompt_ids = await ctx.tokenize_off_loop(
+        sum(len(p) for p in prompts if isinstance(p, str)),
+        lambda: [engine.tokenize(p) if isinstance(p, str) else p for p in prompts])
     request_id = random_id("cmpl")
     try:
         lora = ctx.lora_for(model)

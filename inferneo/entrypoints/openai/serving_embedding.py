@@ -30,7 +30,8 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
         raise bad_request(f"{model!r} is a LoRA adapter: embeddings are served by the base model only", "model")
     engine = ctx.engine
     inputs = req.input_list()
-    prompt_ids = _tokenize(ctx.tokenizer, inputs)
+    prompt_ids = await ctx.tokenize_off_loop(sum(len(x) for x in inputs if isinstance(x, str)),
+                                             lambda: _tokenize(ctx.tokenizer, inputs))
     pooling = PoolingRequest(req.dimensions)
     for i, ids in enumerate(prompt_ids):
         try:
@@ -52,7 +53,7 @@ def _tokenize(tokenizer, inputs: list[str | list[int]]) -> list[list[int]]:
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     ids: list[Any] = list(inputs)
     if texts:
-        encoded = tokenizer([x for _, x in texts]).input_ids
+        encoded = tokenizer([x for _, x in texts], verbose=False).input_ids
         for (i, _), tokens in zip(texts, encoded, strict=True):
             ids[i] = tokens
     return ids

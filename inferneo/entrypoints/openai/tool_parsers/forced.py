@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, ToolCallPiece
@@ -48,7 +50,22 @@ class RequiredCallsParser(ToolCallParser):
         return self._calls.feed(text)
 
     def finish(self) -> ParsedPiece:
-        return self._calls.finish()
+        """The calls' array cut short (the length limit): a call whose name is complete comes out with the
+        arguments written so far, as a named function's call does; what precedes a name is dropped. The grammar's
+        JSON is never content."""
+        piece = self._calls.finish()
+        partial = _PARTIAL_CALL.match(piece.content.strip())
+        piece.content = ""
+        if partial is not None:
+            name = json.loads(f'"{partial["name"]}"')
+            piece.calls.append(ToolCallPiece(self.num_calls, name, partial["arguments"]))
+            self.num_calls += 1
+        return piece
+
+
+# The start of one call object of the required array, as the grammar writes it (name first), up to where it stops.
+_PARTIAL_CALL = re.compile(r'\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*(?P<arguments>.*)',
+                           re.DOTALL)
 
 
 def required_calls_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
