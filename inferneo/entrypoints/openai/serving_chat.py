@@ -93,7 +93,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         group = engine.submit(requests, param="messages")
     except Exception as exc:
         raise to_api_error(exc) from None
-    job = _Chat(request_id, model, req, group, len(requests), lambda: _tool_parser(ctx, req))
+    job = _Chat(request_id, model, req, group, len(requests), lambda: _tool_parser(ctx, req), ctx.token_bytes)
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -103,8 +103,10 @@ class _Chat:
     """One chat call in flight."""
 
     def __init__(self, request_id: str, model: str, req: ChatCompletionRequest, group: RequestGroup,
-                 num_conversations: int, new_parser: Callable[[], ToolCallParser | None]) -> None:
+                 num_conversations: int, new_parser: Callable[[], ToolCallParser | None],
+                 token_bytes: Callable[[int, str], list[int]]) -> None:
         self.new_parser = new_parser
+        self.token_bytes = token_bytes
         self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
         self.request_id = request_id
         self.model = model
@@ -121,7 +123,8 @@ class _Chat:
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.top_k is not None:
-                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k)}
+                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k,
+                                                         self.token_bytes)}
                 message, finish_reason = self._message(choice.text, choice.finish_reason)
                 choices.append({
                     "index": i * self.req.n + choice.index,
@@ -174,7 +177,8 @@ class _Chat:
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
                 if self.top_k is not None and choice.token_ids:
-                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k)}
+                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k,
+                                                         self.token_bytes)}
                 if not message and logprobs is None and finish_reason is None:
                     continue
                 yield chunk(key, message, logprobs, finish_reason)
@@ -230,20 +234,22 @@ def _calls_finish_reason(finish_reason: str | None) -> str | None:
     return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_k: int) -> list[dict[str, Any]]:
-    """The chat shape: per token its text, log-probability, UTF-8 bytes and the ``top_k`` most likely."""
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_k: int,
+                  token_bytes: Callable[[int, str], list[int]]) -> list[dict[str, Any]]:
+    """The chat shape: per token its text, log-probability, bytes (``token_bytes(id, text)``: the token's own, so
+    that a character split over tokens can be rebuilt) and the ``top_k`` most likely."""
     content = []
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         sampled = entry.get(token_id)
         text = (sampled.decoded_token if sampled else None) or ""
-        ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top_k),
-                        key=lambda lp: lp.rank)[:top_k]
+        ranked = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top_k),
+                        key=lambda item: item[1].rank)[:top_k]
         content.append({
             "token": text,
             "logprob": finite(sampled.logprob) if sampled else -9999.0,
-            "bytes": list(text.encode("utf-8")),
+            "bytes": token_bytes(token_id, text),
             "top_logprobs": [{"token": lp.decoded_token or "", "logprob": finite(lp.logprob),
-                              "bytes": list((lp.decoded_token or "").encode("utf-8"))} for lp in ranked],
+                              "bytes": token_bytes(tid, lp.decoded_token or "")} for tid, lp in ranked],
         })
     return content
 

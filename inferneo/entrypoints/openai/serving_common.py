@@ -19,6 +19,7 @@ from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
+from inferneo.entrypoints.openai.token_bytes import token_bytes_reader
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
 from inferneo.lora.registry import LoRARegistry
 from inferneo.outputs import RequestOutput
@@ -53,10 +54,12 @@ class ServerContext:
     tool_parser: type[ToolCallParser] | None = field(init=False)
     # One thread: the tokenizer is used from one thread at a time (a fast tokenizer's state is not shared safely).
     tokenizer_thread: ThreadPoolExecutor = field(init=False)
+    token_bytes: Callable[[int, str], list[int]] = field(init=False)  # a token's bytes, for chat logprobs
 
     def __post_init__(self) -> None:
         self.defaults = self.engine.default_sampling_params()
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-tokenizer")
+        self.token_bytes = token_bytes_reader(self.tokenizer)
         name = self.tool_call_parser
         if name is None:
             template = getattr(self.tokenizer, "chat_template", None)
