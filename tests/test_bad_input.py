@@ -144,6 +144,7 @@ CASES = [
     Case("logit-bias-negative-id", CMPL, body=cmpl(logit_bias={"-5": 10}), says="logit_bias"),
     Case("logit-bias-above-100", CMPL, body=cmpl(logit_bias={"5": 101}), says="logit_bias"),
     Case("logit-bias-past-vocabulary", CMPL, body=cmpl(logit_bias={"1000000": 5}), says="vocabulary size"),
+    Case("stop-token-ids-past-vocabulary", CMPL, body=cmpl(stop_token_ids=[5, 1000000]), says="vocabulary size"),
     Case("logit-bias-not-a-number", CMPL, body=cmpl(logit_bias={"5": "a lot"}), says="logit_bias"),
     Case("best-of-not-n", CMPL, body=cmpl(best_of=3), says="best_of"),
     # ---- completions: scoring (prompt log-probabilities) ------------------------------------------------------

@@ -220,6 +220,8 @@ def test_bad_prompts_raise_clear_errors_and_leave_nothing_behind(llm):
         llm.generate([[1, 2, 10**9]], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="context length"):
         llm.generate([[5] * 5000], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids must be below the vocabulary size"):
+        llm.generate("hi", greedy(stop_token_ids=[10**6]), use_tqdm=False)
     with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
         llm.generate(["a", "b", "c"], [greedy(), greedy()], use_tqdm=False)
     # Prompt + max_tokens past the context: refused (the server's rule too), never silently cut short.

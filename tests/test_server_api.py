@@ -295,9 +295,22 @@ def test_stop_string_is_cut_and_never_streamed(server, llm):
     body = {"prompt": "once upon", "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stop": [stop]}
     whole = post(server, "/v1/completions", body).json()["choices"][0]
     assert whole["text"] == expected and whole["finish_reason"] == "stop"
+    assert whole["stop_reason"] == stop  # vLLM's field: which stop string (or stop token id) ended it
     events = sse_events(post(server, "/v1/completions", {**body, "stream": True}).text)
     assert "".join(e["choices"][0]["text"] for e in events) == expected
-    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and events[-1]["choices"][0]["stop_reason"] == stop
+    assert all(e["choices"][0]["stop_reason"] is None for e in events[:-1])
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "ignore_eos": True,
+            "temperature": 0}
+    answer = post(server, "/v1/chat/completions", chat).json()["choices"][0]
+    assert answer["finish_reason"] == "length" and answer["stop_reason"] is None
+    token_stop = llm.chat([chat["messages"]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids[2]
+    chat["stop_token_ids"] = [token_stop]
+    answer = post(server, "/v1/chat/completions", chat).json()["choices"][0]
+    assert answer["finish_reason"] == "stop" and answer["stop_reason"] == token_stop
+    events = sse_events(post(server, "/v1/chat/completions", {**chat, "stream": True}).text)
+    assert events[-1]["choices"][0]["stop_reason"] == token_stop
 
 
 def test_tokenize_detokenize_health_version(server, llm):

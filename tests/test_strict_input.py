@@ -260,7 +260,7 @@ CAPS = [
     ("stop-token-ids", CMPL, cmpl(stop_token_ids=[5] * (MAX_STOP_TOKEN_IDS + 1)), "stop_token_ids", "at most 1024",
      cmpl(stop_token_ids=[5] * MAX_STOP_TOKEN_IDS), {200}),
     ("stop-token-id-huge", CMPL, cmpl(stop_token_ids=[2**31]), "stop_token_ids", "token ids must be in",
-     cmpl(stop_token_ids=[2**31 - 1]), {200}),
+     cmpl(stop_token_ids=[2**31 - 1]), {400}),  # within the cap, past the vocabulary
     ("logit-bias-entries", CHAT, chat(logit_bias={str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}), "logit_bias",
      "at most 1024 entries", None, None),
     ("model", CMPL, cmpl(model="m" * (MAX_MODEL_CHARS + 1)), "model", "at most 4096 characters",

@@ -91,6 +91,9 @@ class InputProcessor:
                 "more memory", "max_tokens")
         if (error := params.logit_bias_error(vocab)) is not None:
             raise InvalidRequestError(error, "logit_bias")
+        if outside := sorted({t for t in params.stop_token_ids if t >= vocab}):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab} (such a token is "
+                                      f"never generated); got {outside[:5]}", "stop_token_ids")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
         if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:

@@ -131,6 +131,7 @@ class _Chat:
                     "message": message,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
+                    "stop_reason": choice.stop_reason,
                 })
         return JSONResponse({
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -158,9 +159,10 @@ class _Chat:
         base: dict[str, Any] = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "system_fingerprint": None}
 
-        def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
+        def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None,
+                  stop_reason: int | str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": key, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish_reason}]}
+                                            "finish_reason": finish_reason, "stop_reason": stop_reason}]}
             if include_usage:
                 payload["usage"] = None
             return sse(payload)
@@ -181,7 +183,8 @@ class _Chat:
                                                          self.token_bytes)}
                 if not message and logprobs is None and finish_reason is None:
                     continue
-                yield chunk(key, message, logprobs, finish_reason)
+                yield chunk(key, message, logprobs, finish_reason,
+                            choice.stop_reason if finish_reason is not None else None)
             if delta.finished:
                 num_prompt_tokens += len(delta.prompt_token_ids)
                 num_cached_tokens += delta.num_cached_tokens

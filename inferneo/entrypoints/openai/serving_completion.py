@@ -91,7 +91,7 @@ class _Completion:
                 if self.req.logprobs is not None:
                     logprobs = self._logprobs(finals[i], choice.token_ids, choice.logprobs or [], echo=bool(prefix))
                 body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason}
+                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
                 if self.req.prompt_logprobs is not None:
                     body["prompt_logprobs"] = prompt_logprobs_json(finals[i].prompt_logprobs)
                 choices.append(body)
@@ -127,7 +127,8 @@ class _Completion:
                 if not text and logprobs is None and choice.finish_reason is None:
                     continue
                 chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
-                                              "finish_reason": choice.finish_reason}]}
+                                              "finish_reason": choice.finish_reason,
+                                              "stop_reason": choice.stop_reason if choice.finish_reason else None}]}
                 if include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)
