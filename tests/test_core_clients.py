@@ -32,6 +32,7 @@ from inferneo.engine.protocol import (
     RequestFailure,
     Shutdown,
     StepOutputs,
+    decode_commands,
     encode,
 )
 from inferneo.sampling_params import SamplingParams
@@ -66,8 +67,29 @@ def test_a_misshapen_message_is_refused_not_misread():
     with pytest.raises(msgspec.ValidationError):
         COMMAND_DECODER.decode(encode([{"not": "a command"}]))
     with pytest.raises(msgspec.ValidationError):
+        decode_commands(encode([{"not": "a command"}]))
+    with pytest.raises(msgspec.ValidationError):
         MESSAGE_DECODER.decode(encode(["step", [["r", [1], 5]], [], 0, None]))
     assert LongerOutput("r", [1], 5)  # the shape the decoder refused above
+
+
+def _bad_request(request_id: str) -> CoreRequest:
+    """A request whose values the engine's checks refuse (built past the front end's check, as a front-end fault
+    would send it)."""
+    params = SamplingParams(temperature=0.5, seed=1, max_tokens=4)
+    params.seed = 2**63 + 5  # past int64: SamplingParams refuses it where the core decodes it
+    return CoreRequest(request_id, [1, 2, 3], params, 4, frozenset())
+
+
+def test_a_request_group_that_fails_the_checks_on_arrival_becomes_its_failure():
+    good = CoreRequest("g", [1, 2], SamplingParams(max_tokens=2), 2, frozenset())
+    commands = [AddRequests([_bad_request("b1"), _bad_request("b2")]), AddRequests([good]), AbortRequests(["x"])]
+    decoded = decode_commands(encode(commands))
+    assert decoded[1:] == commands[1:]
+    failure = decoded[0]
+    assert isinstance(failure, RequestFailure) and failure.kind is FailureKind.INVALID
+    assert failure.request_ids == ["b1", "b2"] and "seed" in failure.message
+    assert decode_commands(encode(commands[1:])) == commands[1:]
 
 
 class Recorder:
@@ -77,6 +99,7 @@ class Recorder:
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, str] = {}
         self.types: set[type] = set()
+        self.failed: dict[str, FailureKind] = {}
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
 
@@ -89,6 +112,8 @@ class Recorder:
                     self.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                     if out.finish_reason is not None:
                         self.finish[out.request_id] = out.finish_reason
+                for failure in message.failures:
+                    self.failed.update(dict.fromkeys(failure.request_ids, failure.kind))
             self.changed.notify_all()
 
     def wait_finished(self, request_ids: set[str], timeout: float = 60.0) -> None:
@@ -172,6 +197,20 @@ def test_thread_and_process_clients_answer_alike(clients, operations):
         else:
             assert thread_tokens[request_id] == process_tokens[request_id], request_id
             assert thread_finish[request_id] == process_finish[request_id] == "length", request_id
+
+
+def test_a_request_the_core_cannot_decode_fails_alone_and_the_engine_goes_on(clients):
+    """A front-end fault (a request whose values fail the checks where the core decodes them) used to stop the
+    engine; it fails that request group (400 for a client) and the others run."""
+    process, recorder = clients["process"]
+    good = CoreRequest("after-bad", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3), 3, frozenset())
+    process.send(AddRequests([_bad_request("bad-1")]))
+    process.send(AddRequests([good]))
+    recorder.wait_finished({"after-bad"})
+    with recorder.lock:
+        assert recorder.failed.get("bad-1") is FailureKind.INVALID
+        assert len(recorder.tokens["after-bad"]) == 3
+    assert process.is_alive()
 
 
 def test_inline_client_matches_the_running_ones(clients, tiny_checkpoint_factory):

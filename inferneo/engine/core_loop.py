@@ -42,8 +42,9 @@ class Inbox(Protocol):
     def wait(self, timeout: float) -> bool:
         """Block until a command may be there (True) or ``timeout`` seconds pass (False)."""
 
-    def take(self) -> list[CoreCommand]:
-        """Every command that has arrived, without waiting."""
+    def take(self) -> list[CoreCommand | RequestFailure]:
+        """Every command that has arrived, without waiting (a request group that could not be decoded as a
+        ``RequestFailure``: see ``protocol.decode_commands``)."""
 
     def front_end_alive(self) -> bool:
         """False once the front end is gone for good (the loop then stops)."""
@@ -62,10 +63,15 @@ class CoreLoop:
 
     # ---- commands ------------------------------------------------------------------------------------------
 
-    def handle(self, command: CoreCommand) -> None:
-        """Apply one command now."""
+    def handle(self, command: CoreCommand | RequestFailure) -> None:
+        """Apply one command now; a ``RequestFailure`` (a request group the inbox could not decode) is reported
+        back with the next turn's outputs."""
         if isinstance(command, AddRequests):
             self._add(command)
+        elif isinstance(command, RequestFailure):
+            logger.error("refusing requests %s: %s", command.request_ids, command.message)
+            self._num_taken += len(command.request_ids)
+            self._failures.append(command)
         elif isinstance(command, AbortRequests):
             self.core.abort_requests(command.request_ids)
         elif isinstance(command, Shutdown):

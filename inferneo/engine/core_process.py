@@ -23,11 +23,12 @@ from inferneo.config import EngineConfig
 from inferneo.engine.core_builder import build_engine_core, shutdown_core
 from inferneo.engine.core_loop import CoreLoop
 from inferneo.engine.protocol import (
-    COMMAND_DECODER,
     CoreCommand,
     CoreDead,
     CoreMessage,
     CoreStartFailed,
+    RequestFailure,
+    decode_commands,
     encode,
 )
 from inferneo.startup_heap import freeze_startup_heap
@@ -45,10 +46,10 @@ class PipeInbox:
     def wait(self, timeout: float) -> bool:
         return self._commands.poll(timeout)
 
-    def take(self) -> list[CoreCommand]:
-        taken: list[CoreCommand] = []
+    def take(self) -> list[CoreCommand | RequestFailure]:
+        taken: list[CoreCommand | RequestFailure] = []
         while self._commands.poll(0):
-            taken += COMMAND_DECODER.decode(self._commands.recv_bytes())
+            taken += decode_commands(self._commands.recv_bytes())
         return taken
 
     def front_end_alive(self) -> bool:

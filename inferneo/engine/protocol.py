@@ -202,6 +202,38 @@ _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 COMMAND_DECODER = msgspec.msgpack.Decoder(list[CoreCommand])
 MESSAGE_DECODER = msgspec.msgpack.Decoder(CoreMessage)
+_ONE_COMMAND_DECODER = msgspec.msgpack.Decoder(CoreCommand)
+
+
+def decode_commands(data: bytes) -> list[CoreCommand | RequestFailure]:
+    """The commands of one message. A request group whose values fail the engine's checks on arrival (a front-end
+    fault: it checks them first) becomes a ``RequestFailure`` of its request ids, so that the core answers those
+    requests and keeps serving the others; any other malformed message raises ``msgspec.ValidationError``."""
+    try:
+        return COMMAND_DECODER.decode(data)
+    except msgspec.ValidationError:
+        items = msgspec.msgpack.decode(data)
+        if not isinstance(items, list):
+            raise
+    commands: list[CoreCommand | RequestFailure] = []
+    for item in items:
+        try:
+            commands.append(_ONE_COMMAND_DECODER.decode(_encoder.encode(item)))
+        except msgspec.ValidationError as exc:
+            request_ids = _request_ids_of_add(item)
+            if not request_ids:
+                raise
+            commands.append(RequestFailure(request_ids, FailureKind.INVALID,
+                                           f"the engine could not take this request: {exc}"))
+    return commands
+
+
+def _request_ids_of_add(item: object) -> list[str]:
+    """The request ids of an encoded ``AddRequests`` (``["add", [[request_id, ...], ...]]``), or []."""
+    if not (isinstance(item, list) and len(item) == 2 and item[0] == "add" and isinstance(item[1], list)):
+        return []
+    ids = [spec[0] for spec in item[1] if isinstance(spec, list) and spec and isinstance(spec[0], str)]
+    return ids if len(ids) == len(item[1]) else []
 
 # ---- what the front end raises ---------------------------------------------------------------------------------
 

@@ -29,12 +29,12 @@ from inferneo.engine.core_client import (
     write_batches,
 )
 from inferneo.engine.protocol import (
-    COMMAND_DECODER,
     MESSAGE_DECODER,
     CoreDead,
     CoreInfo,
     CoreMessage,
     Shutdown,
+    decode_commands,
     encode,
 )
 
@@ -77,7 +77,7 @@ class EngineCoreActor:
         return encode(self._info)
 
     def send(self, data: bytes) -> None:
-        self._inbox.push(COMMAND_DECODER.decode(data))
+        self._inbox.push(decode_commands(data))
 
     def poll(self, timeout: float) -> list[bytes | None]:
         """Messages since the last poll (waiting up to ``timeout`` for the first); None: the loop has ended."""
