@@ -267,6 +267,79 @@ def test_llama3_rope_scaling_survives_gguf(tiny_checkpoint_factory, tmp_path: Pa
     assert "rope_freqs.weight" not in weights(source)
 
 
+def test_llama3_divisors_that_do_not_pin_down_the_settings_are_used_as_stored(tiny_checkpoint_factory,
+                                                                             tmp_path: Path) -> None:
+    """With one frequency in Llama 3's smoothed band, ``rope_freqs`` does not determine the rope_scaling settings:
+    the loader rotates with the stored divisors themselves (as llama.cpp does) and gives the checkpoint's tokens."""
+    from inferneo import LLM, SamplingParams
+    from inferneo.model_executor.layers.rotary import rope_frequencies
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf_dir = tiny_checkpoint_factory("llama", rope_scaling=scaling)
+    source = resolve_model(make_tiny_gguf(hf_dir, tmp_path / "l3.gguf"))
+    stored = load_hf_config(source)["rope_scaling"]
+    assert stored["rope_type"] == "longrope" and stored["attention_factor"] == 1.0
+    expected = rope_frequencies(16, 10000.0, scaling, 64)
+    got = rope_frequencies(16, 10000.0, stored, 64)
+    torch.testing.assert_close(got.inv_freq, expected.inv_freq, rtol=1e-6, atol=0.0)
+    assert got.attention_factor == expected.attention_factor == 1.0
+    prompts = [[5 + i, 40 + 3 * i, 7 + i, 90, 91, 92, 93, 94] * 6 for i in range(4)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    runs = [[o.outputs[0].token_ids for o in LLM(str(path), dtype="float32").generate(prompts, greedy, use_tqdm=False)]
+            for path in (hf_dir, source.path)]
+    assert runs[0] == runs[1]
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_corrupt_safetensors_file_is_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from inferneo import LLM
+
+    folder = _copy_checkpoint(tiny_llama_dir, tmp_path / "corrupt")
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file .*truncated"):
+        LLM(str(folder), dtype="float32")
+
+
+def test_a_missing_weight_is_named_as_the_checkpoint_names_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from inferneo import LLM
+
+    folder = _copy_checkpoint(tiny_llama_dir, tmp_path / "missing")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"], tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing weights: model\.layers\.0\.mlp\.up_proj\.weight, "
+                                         r"model\.layers\.1\.self_attn\.k_proj\.weight$"):
+        LLM(str(folder), dtype="float32")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_reported_at_load(tiny_llama_dir: Path, tmp_path: Path,
+                                                                   caplog) -> None:
+    from transformers import AutoTokenizer
+
+    from inferneo import LLM
+
+    folder = _copy_checkpoint(tiny_llama_dir, tmp_path / "big-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab + 10 - len(tokenizer))])
+    tokenizer.save_pretrained(str(folder))
+    with caplog.at_level("WARNING", logger="inferneo.engine.input_processor"):
+        LLM(str(folder), dtype="float32")
+    assert f"the tokenizer has {vocab + 10} tokens but the model's vocabulary has {vocab}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inferneo.engine.input_processor"):
+        LLM(str(tiny_llama_dir), dtype="float32")
+    assert "the tokenizer has" not in caplog.text
+
+
 def test_header_reader_matches_gguf_package(tiny_llama_dir: Path, tmp_path: Path) -> None:
     path = make_tiny_gguf(tiny_llama_dir, tmp_path / "q.gguf", "Q8_0")
     ours, reference = read_gguf_header(path), gguf.GGUFReader(path)

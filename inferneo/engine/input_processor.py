@@ -19,6 +19,7 @@ be prompt), a model whose pooling is served, and ``dimensions`` as the model's `
 from __future__ import annotations
 
 import copy
+import logging
 
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
@@ -26,7 +27,17 @@ from inferneo.model_loader import load_generation_config, load_tokenizer, resolv
 from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
+logger = logging.getLogger(__name__)
+
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _tokenizer_size(tokenizer) -> int | None:
+    """The number of token ids the tokenizer can produce (its vocabulary with added tokens), when it says."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
 
 
 class InputProcessor:
@@ -38,6 +49,11 @@ class InputProcessor:
         self.limits = limits
         self.generation_defaults = default_sampling_params(generation_config)
         self.eos_token_ids = eos_token_ids(generation_config, tokenizer)
+        tokens = _tokenizer_size(tokenizer)
+        if limits.generates and tokens is not None and tokens > limits.vocab_size:
+            logger.warning("the tokenizer has %d tokens but the model's vocabulary has %d: text that tokenizes to "
+                           "ids from %d up will be refused (a tokenizer from another model, or added tokens the "
+                           "embedding was not resized for?)", tokens, limits.vocab_size, limits.vocab_size)
 
     @classmethod
     def load_tokenizer(cls, config: EngineConfig) -> tuple[object, dict]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from inferneo import envs
+from inferneo.model_executor.layers.rotary import rope_frequencies
 from inferneo.model_loader.gguf_families import (
     FAMILY_ARCHITECTURES,
     family_config,
@@ -402,7 +403,24 @@ def _rope_scaling(header: GGUFHeader, arch: str, head_dim: int, theta: float) ->
     factors = _f32_tensor(header, "rope_freqs.weight")
     if factors is None:
         return None
-    return llama3_rope_scaling(factors, head_dim, theta, int(original) if original else None)
+    scaling = llama3_rope_scaling(factors, head_dim, theta, int(original) if original else None)
+    if _divisors_match(scaling, factors, head_dim, theta):
+        return scaling
+    # Settings the divisors do not pin down (few frequencies in the smoothed band, or a non-Llama-3 rule): rotate
+    # with the divisors as stored, as llama.cpp does (inverse frequency = plain / divisor, cos and sin unscaled).
+    logger.info("rope_freqs does not follow a recoverable Llama 3 rope_scaling; using its %d divisors as stored",
+                len(factors))
+    divisors = [float(f) for f in factors]
+    return {"rope_type": "longrope", "short_factor": divisors, "long_factor": divisors, "attention_factor": 1.0,
+            "original_max_position_embeddings": int(original) if original else 1}
+
+
+def _divisors_match(scaling: dict[str, Any], factors: np.ndarray, head_dim: int, theta: float) -> bool:
+    """Whether ``scaling`` gives the inverse frequencies the stored divisors give (to float32 rounding)."""
+    plain = rope_frequencies(head_dim, theta, None, 1).inv_freq.double()
+    rebuilt = rope_frequencies(head_dim, theta, scaling, 1).inv_freq.double()
+    stored = plain / torch.from_numpy(np.asarray(factors, dtype=np.float64))
+    return bool(torch.allclose(rebuilt, stored, rtol=1e-5, atol=0.0))
 
 
 def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, original: int | None) -> dict[str, Any]:
@@ -418,9 +436,7 @@ def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, origin
                                "high_freq_factor": 4.0, "original_max_position_embeddings": original or 8192}
     inv_wavelen = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * math.pi)
     medium = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
-    if factor <= 1 or medium.sum() < 2:
-        if factor > 1:
-            logger.warning("rope_freqs has too few smoothed frequencies; assuming Llama 3.1's rope_scaling")
+    if factor <= 1 or medium.sum() < 2:  # nothing to fit: Llama 3.1's settings (checked against the divisors)
         return scaling
     smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(inv_wavelen[medium], smooth, 1)  # slope = original/(high-low)

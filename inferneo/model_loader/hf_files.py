@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -116,14 +116,12 @@ def _checkpoint_plan(folder: Path) -> dict[Path, set[str] | None]:
 def weight_names(folder: Path) -> set[str] | None:
     """The tensor names of the checkpoint in ``folder``, read from its index or the safetensors headers (no
     tensor is loaded); None when they cannot be known without loading (PyTorch ``.bin`` files)."""
-    from safetensors import safe_open
-
     names: set[str] = set()
     for path, listed in _checkpoint_plan(folder).items():
         if listed is not None:
             names |= listed
         elif path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as f:
+            with open_safetensors(path) as f:
                 names.update(f.keys())
         else:
             return None
@@ -147,9 +145,18 @@ def iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"{path.name} lacks tensors its index lists: {', '.join(sorted(expected)[:5])}")
 
 
+def open_safetensors(path: Path):
+    """``safe_open`` on ``path`` (PyTorch tensors on the CPU); a file it cannot read is a ValueError that names it."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): it may be truncated or corrupt; "
+                         "download it again") from None
+
+
 def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as file:
+        with open_safetensors(path) as file:
             for name in file.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, file.get_tensor(name)
         return

@@ -352,8 +352,22 @@ class LlamaForCausalLM(nn.Module):
             expected.update(self.expected_weight_keys(pname, param))
         missing = expected - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:8])}")
+            names = sorted({self.checkpoint_name(key) for key in missing})
+            raise ValueError(f"checkpoint is missing weights: {', '.join(names[:8])}"
+                             + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
         return loaded
+
+    def checkpoint_name(self, key: str) -> str:
+        """The checkpoint's (Hugging Face) name for a load key: a fused shard ``...qkv_proj.weight#1`` is
+        ``model...k_proj.weight``; keys of other kinds are returned as they are."""
+        pname, _, index = key.partition("#")
+        if index:
+            pair = next(((shard, fused) for shard, fused, i in self.stacked_params
+                         if f".{fused}." in pname and str(i) == index), None)
+            if pair is None:
+                return key
+            pname = pname.replace(pair[1], pair[0])
+        return pname if pname.startswith("lm_head") else f"model.{pname}"
 
 
 def _lookup(params: dict[str, nn.Parameter], name: str, original: str) -> nn.Parameter:
