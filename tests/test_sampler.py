@@ -351,3 +351,20 @@ def test_greedy_under_bitmask_equals_masking_every_row(keep_allowed_argmax: bool
             got = greedy_under_bitmask(logits, rows, words, keep_allowed_argmax)
             assert torch.equal(got, reference.argmax(-1))
             assert torch.equal(logits, before)  # the caller's logits are untouched
+
+
+def test_min_tokens_ban_gives_way_only_where_a_constraint_allows_nothing_else():
+    from inferneo.sampling.ops import apply_min_tokens_ban
+
+    ninf = float("-inf")
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5],     # free row: EOS (3) banned
+                           [ninf, ninf, ninf, 0.5],  # a completed constraint: only EOS (3) left: kept
+                           [ninf, 2.0, ninf, 0.5]])  # constrained, but another token is allowed: EOS banned
+    rows, ids = torch.tensor([0, 1, 2]), torch.tensor([3, 3, 3])
+    free = logits.clone()
+    apply_min_tokens_ban(free, rows, ids, constrained=False)
+    assert torch.isneginf(free[:, 3]).all()
+    masked = logits.clone()
+    apply_min_tokens_ban(masked, rows, ids, constrained=True)
+    assert masked[0, 3] == ninf and masked[1, 3] == 0.5 and masked[2, 3] == ninf
+    assert torch.equal(masked[:, :3], logits[:, :3])

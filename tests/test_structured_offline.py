@@ -70,3 +70,34 @@ def test_chat_with_structured_outputs_and_n(llm):
     assert len(answers) == 4
     for answer in answers:
         jsonschema.validate(json.loads(answer.text), SCHEMA)
+
+
+@pytest.mark.parametrize("extra", [{"min_tokens": 40}, {"ignore_eos": True}, {"min_tokens": 40, "ignore_eos": True}],
+                         ids=["min_tokens", "ignore_eos", "both"])
+def test_a_constraint_ends_its_answer_whatever_min_tokens_and_ignore_eos_say(llm, extra):
+    """A completed constraint can only end: the answer stops there (finish_reason "stop"), before min_tokens if it
+    must and despite ignore_eos, instead of running on unconstrained to max_tokens."""
+    kinds = [{"choice": ["yes", "no"]}, {"regex": r"[a-z]{1,5}"}, {"json": SCHEMA}]
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=120, structured_outputs=kind, **extra)
+              for kind in kinds for t, s in ((0.0, None), (1.0, 3))]
+    outs = [o.outputs[0] for o in llm.generate([PROMPTS[0]] * len(params), params, use_tqdm=False)]
+    for kind, out in zip([k for k in kinds for _ in range(2)], outs, strict=True):
+        assert out.finish_reason == "stop", (kind, out.text)
+        assert out.token_ids[-1] in llm.engine.eos_token_ids
+        if "choice" in kind:
+            assert out.text in kind["choice"]
+        elif "regex" in kind:
+            assert re.fullmatch(kind["regex"], out.text), out.text
+        else:
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_min_tokens_still_holds_back_the_end_while_the_constraint_can_go_on(llm):
+    """Where the constraint allows more than its end, min_tokens keeps the end out as usual."""
+    regex = r"[a-z]{1,60}"
+    free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=80, structured_outputs={"regex": regex}),
+                        use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "stop" and len(free.token_ids) < 12, free.text  # it ends early by itself
+    held = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=80, min_tokens=12,
+                                                   structured_outputs={"regex": regex}), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 12 and re.fullmatch(regex, held.text), held.text

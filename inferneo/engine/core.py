@@ -315,8 +315,10 @@ class EngineCore:
 
     def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
+        if token_id in request.eos_token_ids and _constraint_ended(request):  # before min_tokens, despite ignore_eos
+            return RequestStatus.FINISHED_STOPPED, None
         if request.num_output_tokens >= params.min_tokens:
-            if token_id in request.eos_token_ids:
+            if token_id in request.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED, None
             if token_id in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token_id
@@ -365,6 +367,14 @@ class EngineCore:
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
         return _StepPlan(record, sampled, pooled, scored)
+
+
+def _constraint_ended(request: Request) -> bool:
+    """Whether an EOS ``request`` just sampled ends its structured-output constraint: under a working constraint
+    EOS is allowed only where the grammar is complete, so the answer ends there whatever ``ignore_eos`` and
+    ``min_tokens`` say (what follows would be unconstrained)."""
+    grammar = request.grammar
+    return grammar is not None and not grammar.broken
 
 
 def _needs_previous_tokens(request: Request) -> bool:

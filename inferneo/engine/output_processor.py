@@ -101,7 +101,7 @@ class OutputProcessor:
         without registering it yet."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        eos = frozenset() if params.ignore_eos else eos_token_ids
+        eos = eos_token_ids  # ignore_eos is the core's to apply: a constraint still ends at EOS
         final = kind is OutputKind.FINAL
         sequences, specs = [], []
         for j in range(params.n):

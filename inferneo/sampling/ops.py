@@ -70,6 +70,19 @@ def _banned_bits(device: torch.device) -> torch.Tensor:
     return table
 
 
+def apply_min_tokens_ban(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, constrained: bool) -> None:
+    """Ban token ``ids[i]`` in row ``rows[i]`` (in place: -inf), for sequences short of ``min_tokens``.
+
+    ``constrained`` (rows masked by a structured-output constraint this step): a row whose constraint allows only
+    banned tokens (a completed grammar, which can only end) keeps them: the constraint decides where its answer
+    ends, before ``min_tokens`` if it must, rather than being broken by an unconstrained token."""
+    kept = logits[rows, ids] if constrained else None
+    logits[rows, ids] = float("-inf")
+    if kept is not None:
+        stuck = torch.isneginf(logits[rows]).all(dim=-1)
+        logits[rows, ids] = torch.where(stuck, kept, float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,
                     repetition_penalty: torch.Tensor | None, frequency_penalty: torch.Tensor | None,
                     presence_penalty: torch.Tensor | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from inferneo.sampling.metadata import SamplingMetadata
 from inferneo.sampling.ops import (
     apply_min_p,
+    apply_min_tokens_ban,
     apply_penalties,
     apply_token_bitmask,
     apply_top_k_top_p,
@@ -78,7 +79,7 @@ class Sampler:
             if md.bias_rows is not None:
                 x.index_put_((md.bias_rows, md.bias_ids), md.bias_values, accumulate=True)
             if md.min_tokens_rows is not None:
-                x[md.min_tokens_rows, md.min_tokens_ids] = float("-inf")
+                apply_min_tokens_ban(x, md.min_tokens_rows, md.min_tokens_ids, md.bitmask_rows is not None)
             if md.has_penalties:
                 apply_penalties(x, md.output_counts, md.prompt_mask, md.repetition_penalty,
                                 md.frequency_penalty, md.presence_penalty)
