@@ -18,7 +18,7 @@ _SENTENCEPIECE_SPACE = "\u2581"
 
 
 def token_bytes_reader(tokenizer) -> Callable[[int, str], list[int]]:
-    """``read(token_id, decoded_text)``: the token's bytes (a list of ints), cached per id."""
+    """``read(token_id, decoded_text)``: the token's bytes (a list of ints; each vocabulary entry converted once)."""
     kind = _tokenizer_kind(tokenizer)
     if kind is None:
         return lambda token_id, text: list(text.encode("utf-8"))
