@@ -230,6 +230,8 @@ class EngineConfig:
             _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.kv_cache_memory is not None:
             _positive("kv_cache_memory", self.kv_cache_memory)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 

@@ -218,3 +218,22 @@ def test_building_the_parser_imports_no_engine():
             "print(sorted(m for m in sys.modules if m in ('torch', 'fastapi') or m.startswith('inferneo.engine')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--port", "99999"], ["--port", "0"], ["--port", "http"],
+                                   ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "soon"]])
+def test_bad_server_flag_values_are_refused_by_the_parser(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", *flags])
+    assert exc.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--served-model-name", "a", "b", "a"], "--served-model-name lists a name twice"),
+    (["--api-key", ""], "--api-key got an empty key"),
+    (["--num-threads", "0"], "num_threads must be a positive integer"),
+])
+def test_server_settings_that_cannot_work_are_refused_before_any_model_loads(flags, says, capsys):
+    assert cli_main.main(["serve", "--model", "no-such-model", *flags]) == 2
+    assert says in capsys.readouterr().err

@@ -85,6 +85,27 @@ def test_core_exits_with_the_server_on_sigterm(tiny_llama_dir):
     server.close()
 
 
+def test_sigterm_to_the_whole_process_group_drains_and_exits_0(tiny_llama_dir):
+    """systemd's default stop, `timeout` and `kill -- -PGID` signal the engine core too: it leaves the decision to
+    the server, which lets the stream in flight finish, then exits 0 with no process left."""
+    server = RemoteServer(tiny_llama_dir, *ARGS, own_session=True)
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    try:
+        body = {"prompt": "to the end", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", server.url("/v1/completions"), json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length", rest[-2]
+        assert server.proc.wait(timeout=60) == 0, server.log()
+        assert all_gone(children, 10), "a child outlived its server"
+        assert "exited unexpectedly" not in server.log()
+    finally:
+        server.close(signal.SIGKILL)
+
+
 @pytest.mark.parametrize("flag", ["--engine-in-process"])
 def test_engine_in_process_switch(tiny_llama_dir, flag):
     with RemoteServer(tiny_llama_dir, *ARGS, flag) as server:

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "0.0.0.0 serves other hosts)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is the main one (default: the model argument)")
     g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
                    help="how tool calls are read from answers to tool_choice 'auto': hermes (<tool_call> blocks: "
                    "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), none (they stay in content); default: "
                    "chosen from the model's chat template")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
@@ -47,6 +47,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from inferneo.entrypoints.openai.api_server import serve
 
+    names = args.served_model_name or []
+    if len(set(names)) != len(names):
+        raise ValueError(f"--served-model-name lists a name twice: {' '.join(names)}")
+    if args.api_key is not None and not all(args.api_key):
+        raise ValueError("--api-key got an empty key (which would switch authentication off); give a non-empty key, "
+                         "or leave the flag out to serve without one")
+
     config = EngineConfig.from_cli_args(args, model=args.model or args.model_tag)
     return serve(
         config, args.served_model_name, args.host, args.port, api_keys_from_env(args.api_key),
@@ -55,6 +62,26 @@ def run(args: argparse.Namespace) -> int:
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
     )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a TCP port is a number 1-65535; got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535; got {port}")
+    return port
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text}")
+    return seconds
 
 
 def _lora_module(text: str):

@@ -84,7 +84,10 @@ class PipeWriter:
 def run_engine_core(config: EngineConfig, commands: Connection, messages: Connection,
                     max_consecutive_step_failures: int = 3, log_level: int = logging.INFO) -> None:
     """The child process's entry point (spawned by ``ProcessCoreClient``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Ctrl-C and a SIGTERM sent to the whole process group (systemd, `timeout`, `kill -- -PGID`) reach this process
+    # too: the parent decides (it drains, then sends Shutdown); without a parent the loop stops by itself.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (core): %(message)s")
     parent = os.getppid()
     try:

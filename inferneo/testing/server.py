@@ -40,15 +40,17 @@ class RemoteServer:
     """
 
     def __init__(self, model: str | Path, *args: str, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None, own_session: bool = False) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="inferneo-serve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(self.port),
                *args]
         child_env = {k: v for k, v in os.environ.items() if k != "INFERNEO_API_KEY"} if port else dict(os.environ)
+        # own_session: the server leads a process group of its own, which a test may signal whole (as systemd,
+        # `timeout` and `kill -- -PGID` do)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**child_env, **(env or {})})
+                                     env={**child_env, **(env or {})}, start_new_session=own_session)
         self._wait_ready(startup_timeout)
 
     def url(self, path: str) -> str:

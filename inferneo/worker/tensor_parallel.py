@@ -85,6 +85,8 @@ def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs
     local ``cuda:rank`` (a Ray actor sees only its own GPU)."""
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <worker>` prints its threads' stacks: the tool for a stalled rank
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the process group: the driver decides (see "stop")
+        signal.signal(sig, signal.SIG_IGN)
     device = device or _rank_device(runner_kwargs["device"], rank)
     if device.type == "cpu":
         torch.set_num_threads(runner_kwargs.pop("num_threads", None) or torch.get_num_threads())
@@ -258,7 +260,8 @@ class TensorParallelRunner(Runner):
         self.driver.step_listener = self._send_step
         logger.info("parallel: %d ranks (tensor %d x pipeline %d; driver + %d workers); small all-reduces through %s",
                     world_size, tp_size, pipeline_parallel_size, world_size - 1,
-                    "peer memory" if group.peer is not None else "NCCL")
+                    "peer memory" if group.peer is not None else
+                    ("NCCL" if _rank_device(device, 0).type == "cuda" else "gloo"))
 
     def _spawn_processes(self, tp_size: int, pp_size: int, port: int, worker_kwargs: dict) -> None:
         """Start ranks ``1..world_size-1`` as local processes, each with a pipe to the driver."""

@@ -185,10 +185,11 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
                 engine.max_model_len, "in this process" if engine_in_process else
                 f"in {config.data_parallel_size} {config.data_parallel_backend} replicas, routed by "
                 f"{config.data_parallel_routing}" if config.data_parallel_size > 1 else "in a child process")
-    logger.info("KV cache%s: %.3f GiB in %d blocks of %d tokens (%d tokens)",
+    kv_bytes = facts["num_blocks"] * facts["kv_bytes_per_block"]
+    logger.info("KV cache%s: %s in %d blocks of %d tokens (%d tokens)",
                 " per replica" if config.data_parallel_size > 1 else "",
-                facts["num_blocks"] * facts["kv_bytes_per_block"] / 2**30, facts["num_blocks"],
-                facts["block_size"], engine.kv_capacity_tokens)
+                f"{kv_bytes / 2**30:.2f} GiB" if kv_bytes >= 2**30 else f"{kv_bytes / 2**20:.1f} MiB",
+                facts["num_blocks"], facts["block_size"], engine.kv_capacity_tokens)
     logger.info("tool calls of tool_choice 'auto' answers: %s", ctx.tool_parser.__name__ if ctx.tool_parser
                 else "not parsed (left in content)")
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
