@@ -253,6 +253,32 @@ def test_chat_logprobs_shape(client, llm):
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy picks the top token
 
 
+def test_logprobs_cover_the_texts_tokens_only(server, llm, client):
+    """A stop token (EOS, stop_token_ids) ends the answer without being part of its text: as in OpenAI's answers,
+    the logprobs are those of the text's tokens (the stop token's too with include_stop_str_in_output)."""
+    messages = [{"role": "user", "content": "hi"}]
+    greedy = llm.chat([messages], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                      use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = greedy[3]
+    first = greedy.index(stop_id)
+    for include in (False, True):
+        kw = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=1,
+                  extra_body={"ignore_eos": True, "stop_token_ids": [stop_id], "include_stop_str_in_output": include})
+        whole = client.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "stop"
+        assert len(whole.logprobs.content) == first + include
+        streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        entries = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert [e.token for e in entries] == [e.token for e in whole.logprobs.content]
+        body = {"prompt": "hello there", "max_tokens": 8, "temperature": 0, "logprobs": 1, "ignore_eos": True,
+                "stop_token_ids": [stop_id], "include_stop_str_in_output": include}
+        free = post(server, "/v1/completions", {**body, "stop_token_ids": []}).json()["choices"][0]
+        cut = post(server, "/v1/completions", body).json()["choices"][0]
+        if cut["finish_reason"] == "stop":
+            assert "".join(cut["logprobs"]["tokens"]) == cut["text"] or include
+            assert len(cut["logprobs"]["tokens"]) < len(free["logprobs"]["tokens"]) + include
+
+
 def test_extensions_and_echo(server, llm):
     tokenizer = llm.get_tokenizer()
     stop_id = tokenizer("the", add_special_tokens=False).input_ids[0]

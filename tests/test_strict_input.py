@@ -269,8 +269,6 @@ CAPS = [
      chat(user="u" * MAX_ID_CHARS), {200}),
     ("service-tier", CHAT, chat(service_tier="t" * (MAX_ID_CHARS + 1)), "service_tier", "at most 256",
      chat(service_tier="auto"), {200}),
-    ("reasoning-effort", CHAT, chat(reasoning_effort="r" * (MAX_ID_CHARS + 1)), "reasoning_effort", "at most 256",
-     chat(reasoning_effort="low"), {200}),
     ("prompt-cache-key", CHAT, chat(prompt_cache_key="k" * (MAX_ID_CHARS + 1)), "prompt_cache_key", "at most 256",
      chat(prompt_cache_key="k" * MAX_ID_CHARS), {200}),
     ("prompt-cache-retention", CHAT, chat(prompt_cache_retention="r" * (MAX_ID_CHARS + 1)), "prompt_cache_retention",
@@ -556,4 +554,8 @@ def test_current_openai_fields_are_accepted_or_refused_by_name(http):
     refused(http.post(CHAT, json=chat(audio={"voice": "alloy", "format": "wav"})), "audio", "not available")
     refused(http.post(CHAT, json=chat(web_search_options={})), "web_search_options", "not available")
     refused(http.post(CHAT, json=chat(verbosity="loud")), "verbosity")
+    refused(http.post(CHAT, json=chat(reasoning_effort="bogus")), "reasoning_effort")
+    streamed = http.post(CHAT, json=chat(stream=True, stream_options={"include_usage": True,
+                                                                      "include_obfuscation": False}))
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
     refused(http.post(CHAT, json=chat(prediction={"type": "text", "content": "x"})), "prediction.type")

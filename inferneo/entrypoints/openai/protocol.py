@@ -98,6 +98,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # OpenAI pads its chunks against side channels; nothing to do here
 
 
 SchemaValue = Annotated[str | dict[str, Any] | None, BeforeValidator(lambda v: _schema_value(v))]
@@ -298,7 +299,7 @@ class ChatCompletionRequest(_SamplingBody):
     # OpenAI fields for its own service or models, accepted so that current SDKs and frameworks can send them:
     # hints with nothing to do here (the prefix cache needs no key) are checked and ignored; reasoning_effort goes
     # to the chat template (gpt-oss's reads it), as in vLLM; output this server cannot make is refused.
-    reasoning_effort: str | None = Field(None, max_length=MAX_ID_CHARS)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     prompt_cache_key: str | None = Field(None, max_length=MAX_ID_CHARS)
     prompt_cache_retention: str | None = Field(None, max_length=MAX_ID_CHARS)

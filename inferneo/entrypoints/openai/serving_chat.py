@@ -30,6 +30,7 @@ from inferneo.entrypoints.openai.serving_common import (
     render_chat,
     sampling_params,
     sse,
+    text_token_count,
     usage_of,
 )
 from inferneo.entrypoints.openai.tool_parsers import (
@@ -123,8 +124,7 @@ class _Chat:
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.top_k is not None:
-                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k,
-                                                         self.token_bytes)}
+                    logprobs = {"content": self._logprobs(choice)}
                 message, finish_reason = self._message(choice.text, choice.finish_reason)
                 choices.append({
                     "index": i * self.req.n + choice.index,
@@ -137,6 +137,11 @@ class _Chat:
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": choices, "usage": usage_of(finals.values()), "system_fingerprint": None,
         })
+
+    def _logprobs(self, choice) -> list[dict[str, Any]]:
+        """The chat logprobs of a choice's (or delta's) tokens that are part of its text."""
+        count = text_token_count(choice, self.req.include_stop_str_in_output)
+        return chat_logprobs(choice.token_ids[:count], (choice.logprobs or [])[:count], self.top_k, self.token_bytes)
 
     def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """A whole answer as an assistant message (its tool calls split out), and its finish reason."""
@@ -178,9 +183,8 @@ class _Chat:
                 num_completion_tokens += len(choice.token_ids)
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
-                if self.top_k is not None and choice.token_ids:
-                    logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs or [], self.top_k,
-                                                         self.token_bytes)}
+                if self.top_k is not None and text_token_count(choice, self.req.include_stop_str_in_output):
+                    logprobs = {"content": self._logprobs(choice)}
                 if not message and logprobs is None and finish_reason is None:
                     continue
                 yield chunk(key, message, logprobs, finish_reason,

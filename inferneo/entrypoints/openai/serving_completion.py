@@ -27,6 +27,7 @@ from inferneo.entrypoints.openai.serving_common import (
     event_stream,
     sampling_params,
     sse,
+    text_token_count,
     usage_of,
 )
 from inferneo.outputs import RequestOutput
@@ -89,7 +90,9 @@ class _Completion:
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.req.logprobs is not None:
-                    logprobs = self._logprobs(finals[i], choice.token_ids, choice.logprobs or [], echo=bool(prefix))
+                    count = text_token_count(choice, self.req.include_stop_str_in_output)
+                    logprobs = self._logprobs(finals[i], choice.token_ids[:count], (choice.logprobs or [])[:count],
+                                              echo=bool(prefix))
                 body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
                 if self.req.prompt_logprobs is not None:
@@ -120,8 +123,9 @@ class _Completion:
                         echo = True
                 num_completion_tokens += len(choice.token_ids)
                 logprobs = None
-                if req.logprobs is not None and (choice.token_ids or echo):
-                    logprobs = self._logprobs(delta, choice.token_ids, choice.logprobs or [], echo,
+                count = text_token_count(choice, req.include_stop_str_in_output)
+                if req.logprobs is not None and (count or echo):
+                    logprobs = self._logprobs(delta, choice.token_ids[:count], (choice.logprobs or [])[:count], echo,
                                               offsets.get(key, 0))
                     offsets[key] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 if not text and logprobs is None and choice.finish_reason is None:
