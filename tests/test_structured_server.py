@@ -262,6 +262,7 @@ def test_streamed_tool_calls_are_assembled_by_the_openai_sdk(client, tool_choice
             pass
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == whole.finish_reason == "tool_calls"
+    assert streamed.message.content is None and whole.message.content is None  # a forced call has no content
     assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
         [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
     for call in streamed.message.tool_calls:

@@ -152,7 +152,8 @@ class _Chat:
         if self.single_call:
             calls = calls[:1]
         if not calls:
-            return {"role": "assistant", "content": content}, finish_reason
+            forced = isinstance(parser, (NamedFunctionParser, RequiredCallsParser))
+            return {"role": "assistant", "content": content if content or not forced else None}, finish_reason
         tool_calls = [{"id": tool_call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return ({"role": "assistant", "content": content or None, "tool_calls": tool_calls},
@@ -175,7 +176,9 @@ class _Chat:
         streams = {}
         for key in range(self.num_conversations * n):
             streams[key] = _ToolCallStream(self.new_parser(), self.single_call)
-            yield chunk(key, {"role": "assistant", "content": ""})
+            # a forced call (tool_choice required or named) has no content: null, as the whole answer's message has
+            forced = isinstance(streams[key].parser, (NamedFunctionParser, RequiredCallsParser))
+            yield chunk(key, {"role": "assistant", "content": None if forced else ""})
         num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
             for choice in delta.outputs:
