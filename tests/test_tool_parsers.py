@@ -48,6 +48,10 @@ HERMES = [
     ("no name stays content", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
      []),
     ("unclosed block stays content", 'ok <tool_call>{"name": "a"', 'ok <tool_call>{"name": "a"', []),
+    ("a stray open tag before a real block", 'I use <tool_call> tags. <tool_call>{"name": "t", "arguments": {}}'
+     '</tool_call>', "I use <tool_call> tags.", [("t", {})]),
+    ("a stray open tag before a block that is no call", "a <tool_call> b <tool_call>{x}</tool_call>",
+     "a <tool_call> b <tool_call>{x}</tool_call>", []),
     ("a block that is no call keeps the blank before it", "A < B and\n <tool_call>{x}</tool_call> end",
      "A < B and\n <tool_call>{x}</tool_call> end", []),
     ("braces and tags inside strings", '<tool_call>{"name": "say", "arguments": {"t": "}</tool_"}}</tool_call>',

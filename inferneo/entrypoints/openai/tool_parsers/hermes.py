@@ -4,8 +4,9 @@
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-Text before the first block is the answer's ``content``. A block whose JSON is not ``{"name", "arguments"}``, and a
-block the answer leaves unclosed, stay in ``content`` as the model wrote them, tags included. While streaming, text
+Text before the first block is the answer's ``content``. A block whose JSON is not ``{"name", "arguments"}``, a
+block the answer leaves unclosed, and a stray ``<tool_call>`` before a block, stay in ``content`` as the model wrote
+them, tags included (the block after a stray tag is still read). While streaming, text
 that may be the start of ``<tool_call>`` is held back until it is decided, and so is trailing whitespace (the
 newline a model writes before a block is not content); a call goes out whole when its block closes.
 """
@@ -36,6 +37,11 @@ class HermesToolParser(ToolCallParser):
                     return out
                 body, self._held = self._held[:end], self._held[end + len(CLOSE):]
                 self._in_block = False
+                inner = body.rfind(OPEN)
+                if inner >= 0:  # a stray tag opened earlier: it and the text after it are content, as written
+                    stray = body[:inner]
+                    out.content += self._gap + OPEN + stray.rstrip()
+                    self._gap, body = stray[len(stray.rstrip()):], body[inner + len(OPEN):]
                 call = call_of(body.strip(), ("arguments", "parameters"))
                 if call is None:
                     out.content += self._gap + OPEN + body + CLOSE
