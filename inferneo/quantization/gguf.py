@@ -393,12 +393,14 @@ def _dequantize_without_kernels(layer: QuantizedLinear) -> None:
 @functools.cache
 def _note_wide16_paths(isa: str, int8: bool, int16: bool, amx_int8: bool = False) -> None:
     """Log once a process which wide16 products its GGUF layers take on this CPU (issue 23: the choice, logged)."""
-    float32 = (f"int8 dot products (AVX512_VNNI{'; the AMX-INT8 tiles from 9 rows' if amx_int8 else ''}) from 4 rows"
-               if int8
-               else f"16-bit integer activations (the AMX-INT8 tiles) from {_INT16_MIN_ROWS_AMX} rows"
-               if int16 and amx_int8
-               else f"16-bit integer activations (AVX512_VNNI) from {_INT16_MIN_ROWS} rows" if int16
-               else "the exact AVX-512 float32 kernels")
+    if int8:
+        tiles = "; the AMX-INT8 tiles from 9 rows" if amx_int8 else ""
+        float32 = f"int8 dot products (AVX512_VNNI{tiles}) from 4 rows"
+    elif int16:
+        unit, rows = ("the AMX-INT8 tiles", _INT16_MIN_ROWS_AMX) if amx_int8 else ("AVX512_VNNI", _INT16_MIN_ROWS)
+        float32 = f"16-bit integer activations ({unit}) from {rows} rows"
+    else:
+        float32 = "the exact AVX-512 float32 kernels"
     bfloat16 = ("int8 dot products up to 256 rows" if int8
                 else "bfloat16 pair panels on the AMX tiles" if isa == "amx_bf16"
                 else "AVX512_BF16 pair panels" if isa == "avx512_bf16" else "AVX-512 float32 panels (widened rows)")

@@ -245,10 +245,11 @@ class TensorParallelRunner(Runner):
             else:
                 raise ValueError(f"distributed_executor_backend must be mp or ray; got {executor_backend!r}")
             self._wait_for_check_ins(store)
-            group, stage = init_parallel(0, tp_size, pipeline_parallel_size, None, _rank_device(device, 0),
+            driver_device = _rank_device(device, 0)
+            group, stage = init_parallel(0, tp_size, pipeline_parallel_size, None, driver_device,
                                          timeout=_TIMEOUT, store=store)
             self._joined = True
-            self.driver = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0), tp_group=group,
+            self.driver = ModelRunner(**dict(runner_kwargs, device=driver_device, tp_group=group,
                                              pp_group=stage))
             self._gather(starting=True)  # every worker built its shard: "ready"
             # Pipeline stages may hold different numbers of layers: a block costs what the largest stage needs.
@@ -261,7 +262,7 @@ class TensorParallelRunner(Runner):
         logger.info("parallel: %d ranks (tensor %d x pipeline %d; driver + %d workers); small all-reduces through %s",
                     world_size, tp_size, pipeline_parallel_size, world_size - 1,
                     "peer memory" if group.peer is not None else
-                    ("NCCL" if _rank_device(device, 0).type == "cuda" else "gloo"))
+                    ("NCCL" if driver_device.type == "cuda" else "gloo"))
 
     def _spawn_processes(self, tp_size: int, pp_size: int, port: int, worker_kwargs: dict) -> None:
         """Start ranks ``1..world_size-1`` as local processes, each with a pipe to the driver."""

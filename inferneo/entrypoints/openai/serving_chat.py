@@ -109,6 +109,8 @@ class _Chat:
         self.new_parser = new_parser
         self.token_bytes = token_bytes
         self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
+        # a grammar forces the answer to be calls (tool_choice required or named): its message has no content
+        self.forced_calls = req.tool_mode() in ("required", "named")
         self.request_id = request_id
         self.model = model
         self.req = req
@@ -152,8 +154,7 @@ class _Chat:
         if self.single_call:
             calls = calls[:1]
         if not calls:
-            forced = isinstance(parser, (NamedFunctionParser, RequiredCallsParser))
-            return {"role": "assistant", "content": content if content or not forced else None}, finish_reason
+            return {"role": "assistant", "content": content or (None if self.forced_calls else "")}, finish_reason
         tool_calls = [{"id": tool_call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return ({"role": "assistant", "content": content or None, "tool_calls": tool_calls},
@@ -176,9 +177,7 @@ class _Chat:
         streams = {}
         for key in range(self.num_conversations * n):
             streams[key] = _ToolCallStream(self.new_parser(), self.single_call)
-            # a forced call (tool_choice required or named) has no content: null, as the whole answer's message has
-            forced = isinstance(streams[key].parser, (NamedFunctionParser, RequiredCallsParser))
-            yield chunk(key, {"role": "assistant", "content": None if forced else ""})
+            yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
         num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
             for choice in delta.outputs:

@@ -39,9 +39,9 @@ class HermesToolParser(ToolCallParser):
                 self._in_block = False
                 inner = body.rfind(OPEN)
                 if inner >= 0:  # a stray tag opened earlier: it and the text after it are content, as written
-                    stray = body[:inner]
-                    out.content += self._gap + OPEN + stray.rstrip()
-                    self._gap, body = stray[len(stray.rstrip()):], body[inner + len(OPEN):]
+                    stray, gap = _split_trailing_blank(body[:inner])
+                    out.content += self._gap + OPEN + stray
+                    self._gap, body = gap, body[inner + len(OPEN):]
                 call = call_of(body.strip(), ("arguments", "parameters"))
                 if call is None:
                     out.content += self._gap + OPEN + body + CLOSE
@@ -54,9 +54,8 @@ class HermesToolParser(ToolCallParser):
                 out.content += self._held[:len(self._held) - keep]
                 self._held = self._held[len(self._held) - keep:]
                 return out
-            before = self._held[:start]
-            out.content += before.rstrip()
-            self._gap = before[len(before.rstrip()):]
+            before, self._gap = _split_trailing_blank(self._held[:start])
+            out.content += before
             self._held = self._held[start + len(OPEN):]
             self._in_block = True
 
@@ -65,6 +64,12 @@ class HermesToolParser(ToolCallParser):
         if self._in_block:
             return ParsedPiece(self._gap + OPEN + held)
         return ParsedPiece(held if self.num_calls == 0 or held.strip() else "")
+
+
+def _split_trailing_blank(text: str) -> tuple[str, str]:
+    """``text`` without its trailing whitespace, and that whitespace (the blank before a block)."""
+    kept = text.rstrip()
+    return kept, text[len(kept):]
 
 
 def _undecided_tail(text: str) -> int:
