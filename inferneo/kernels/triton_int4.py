@@ -329,26 +329,32 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, st
 # sum of four products (11-bit significand), float32 across lanes, words and groups; the same kind of error as the
 # FP8 h2 kernel's (triton_fp8_gemv), below the output's own rounding to bf16.
 _H2_X_PTX: tl.constexpr = tl.constexpr("""{
-    .reg .b32 p0, p1, q0, q1, e0, e1, e2, e3, e4, e5, e6, e7;
-    mov.b64 {p0, p1}, $4;
-    mov.b64 {q0, q1}, $5;
+    .reg .b32 p0, p1, q0, q1, e0, e1, e2, e3, e4, e5, e6, e7, a, b, c, d;
+    mov.b64 {p0, p1}, $2;
+    mov.b64 {q0, q1}, $3;
     shl.b32 e0, p0, 16;  and.b32 e1, p0, 0xFFFF0000;
     shl.b32 e2, p1, 16;  and.b32 e3, p1, 0xFFFF0000;
     shl.b32 e4, q0, 16;  and.b32 e5, q0, 0xFFFF0000;
     shl.b32 e6, q1, 16;  and.b32 e7, q1, 0xFFFF0000;
-    cvt.rn.f16x2.f32 $0, e4, e0;
-    cvt.rn.f16x2.f32 $1, e5, e1;
-    cvt.rn.f16x2.f32 $2, e6, e2;
-    cvt.rn.f16x2.f32 $3, e7, e3;
+    cvt.rn.f16x2.f32 a, e4, e0;
+    cvt.rn.f16x2.f32 b, e5, e1;
+    cvt.rn.f16x2.f32 c, e6, e2;
+    cvt.rn.f16x2.f32 d, e7, e3;
+    mov.b64 $0, {a, b};
+    mov.b64 $1, {c, d};
     }""")
-# Two words (an int64: sixteen codes of one row and group) times their activation pairs ($2..$5: the first
-# word's, $6..$9: the second's), zl / zh: -(32 + z / 32) and -(2 + z / 32) in both halves, so that each code
+# Two words (an int64: sixteen codes of one row and group) times their activation pairs ($2, $3: the first
+# word's four pairs, two to an int64; $4, $5: the second's), zl / zh ($6, $7): -(32 + z / 32) and -(2 + z / 32) in both halves, so that each code
 # becomes (q - z) / 32 exactly; each half lane sums eight products in float16, then the lanes are widened and added.
 _H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
-    .reg .b32 w0, w1, t, a, b, c, d, s, h, k;
+    .reg .b32 w0, w1, t, a, b, c, d, s, h, k, xa, xb, xc, xd, ya, yb, yc, yd;
     .reg .b16 lo, hi;
     .reg .f32 f0, f1;
     mov.b64 {w0, w1}, $1;
+    mov.b64 {xa, xb}, $2;
+    mov.b64 {xc, xd}, $3;
+    mov.b64 {ya, yb}, $4;
+    mov.b64 {yc, yd}, $5;
     mov.b32 h, 0x28002800;
     mov.b32 k, 0x18001800;
     lop3.b32 a, w0, 0x000F000F, 0x64006400, 0xEA;
@@ -356,27 +362,27 @@ _H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
     shr.u32 t, w0, 8;
     lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 a, a, h, $10;
-    fma.rn.f16x2 c, c, h, $10;
-    fma.rn.f16x2 b, b, k, $11;
-    fma.rn.f16x2 d, d, k, $11;
-    mul.rn.f16x2 s, a, $2;
-    fma.rn.f16x2 s, b, $3, s;
-    fma.rn.f16x2 s, c, $4, s;
-    fma.rn.f16x2 s, d, $5, s;
+    fma.rn.f16x2 a, a, h, $6;
+    fma.rn.f16x2 c, c, h, $6;
+    fma.rn.f16x2 b, b, k, $7;
+    fma.rn.f16x2 d, d, k, $7;
+    mul.rn.f16x2 s, a, xa;
+    fma.rn.f16x2 s, b, xb, s;
+    fma.rn.f16x2 s, c, xc, s;
+    fma.rn.f16x2 s, d, xd, s;
     lop3.b32 a, w1, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 b, w1, 0x00F000F0, 0x64006400, 0xEA;
     shr.u32 t, w1, 8;
     lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
     lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 a, a, h, $10;
-    fma.rn.f16x2 c, c, h, $10;
-    fma.rn.f16x2 b, b, k, $11;
-    fma.rn.f16x2 d, d, k, $11;
-    fma.rn.f16x2 s, a, $6, s;
-    fma.rn.f16x2 s, b, $7, s;
-    fma.rn.f16x2 s, c, $8, s;
-    fma.rn.f16x2 s, d, $9, s;
+    fma.rn.f16x2 a, a, h, $6;
+    fma.rn.f16x2 c, c, h, $6;
+    fma.rn.f16x2 b, b, k, $7;
+    fma.rn.f16x2 d, d, k, $7;
+    fma.rn.f16x2 s, a, ya, s;
+    fma.rn.f16x2 s, b, yb, s;
+    fma.rn.f16x2 s, c, yc, s;
+    fma.rn.f16x2 s, d, yd, s;
     mov.b32 {lo, hi}, s;
     cvt.f32.f16 f0, lo;
     cvt.f32.f16 f1, hi;
@@ -407,8 +413,9 @@ def _h2_x_interpreted(four, i: tl.constexpr):
 
 @triton.jit
 def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr):
-    """The activations of int32 weight words ``widx`` (eight columns each) as four float16 pairs (int32):
-    (x0, x4), (x1, x5), (x2, x6), (x3, x7), the first of a pair in the low half."""
+    """The activations of int32 weight words ``widx`` (eight columns each) as four float16 pairs, (x0, x4),
+    (x1, x5) in the low and high half of the first int64 and (x2, x6), (x3, x7) in the second's (the first of a
+    pair in the low half of its 32 bits)."""
     if EVEN:
         p = tl.load(x8_ptr + 2 * widx)
         q = tl.load(x8_ptr + 2 * widx + 1)
@@ -420,9 +427,11 @@ def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr):
         xb = _h2_x_interpreted(p, 1) | (_h2_x_interpreted(q, 1) << 16)
         xc = _h2_x_interpreted(p, 2) | (_h2_x_interpreted(q, 2) << 16)
         xd = _h2_x_interpreted(p, 3) | (_h2_x_interpreted(q, 3) << 16)
+        ab = (xa.to(tl.int64) & 0xFFFFFFFF) | (xb.to(tl.int64) << 32)
+        cd = (xc.to(tl.int64) & 0xFFFFFFFF) | (xd.to(tl.int64) << 32)
     else:
-        xa, xb, xc, xd = tl.inline_asm_elementwise(_H2_X_PTX, "=r,=r,=r,=r,l,l", [p, q], (tl.int32,) * 4, True, 1)
-    return xa, xb, xc, xd
+        ab, cd = tl.inline_asm_elementwise(_H2_X_PTX, "=l,=l,l,l", [p, q], (tl.int64, tl.int64), True, 1)
+    return ab, cd
 
 
 @triton.jit
@@ -446,22 +455,32 @@ def _h2_lanes(word, xa, xb, xc, xd, zf):
 
 
 @triton.jit
-def _h2_words_dot(words, xa0, xb0, xc0, xd0, xa1, xb1, xc1, xd1, zl, zh):
+def _h2_words_dot(words, ab0, cd0, ab1, cd1, zl, zh):
     """Per int64 of ``words`` (two int32 words, sixteen codes of one row and group): the sum of
-    ``(q - z) / 32 * x`` over its codes in float32; ``xa0 .. xd0`` / ``xa1 .. xd1``: the four float16 pairs of
-    each word (as from :func:`_h2_x_pairs`); ``zl`` / ``zh``: ``-(32 + z / 32)`` / ``-(2 + z / 32)`` as float16 pairs."""
+    ``(q - z) / 32 * x`` over its codes in float32; ``ab0, cd0`` / ``ab1, cd1``: the four float16 pairs of each
+    word (as from :func:`_h2_x_pairs`); ``zl`` / ``zh``: ``-(32 + z / 32)`` / ``-(2 + z / 32)`` as float16 pairs."""
     if _INTERPRETED:  # the same products in float32 (the interpreter runs no PTX): plumbing, not rounding
         zf = -(_f16_half(zl, False) + 32.0) * 32.0
-        lo0, hi0 = _h2_lanes((words & 0xFFFFFFFF).to(tl.int32), xa0, xb0, xc0, xd0, zf)
-        lo1, hi1 = _h2_lanes((words >> 32).to(tl.int32), xa1, xb1, xc1, xd1, zf)
+        lo0, hi0 = _h2_lanes((words & 0xFFFFFFFF).to(tl.int32), _low32(ab0), _high32(ab0), _low32(cd0),
+                             _high32(cd0), zf)
+        lo1, hi1 = _h2_lanes((words >> 32).to(tl.int32), _low32(ab1), _high32(ab1), _low32(cd1), _high32(cd1), zf)
         lo = lo0 + lo1
         hi = hi0 + hi1
         acc = tl.where(tl.abs(lo) > 65504.0, float("inf"), lo) + tl.where(tl.abs(hi) > 65504.0, float("inf"), hi)
     else:
-        acc = tl.inline_asm_elementwise(_H2_WORDS_PTX, "=f,l,r,r,r,r,r,r,r,r,r,r",
-                                        [words, xa0, xb0, xc0, xd0, xa1, xb1, xc1, xd1, zl, zh],
+        acc = tl.inline_asm_elementwise(_H2_WORDS_PTX, "=f,l,l,l,l,l,r,r", [words, ab0, cd0, ab1, cd1, zl, zh],
                                         tl.float32, True, 1)
     return acc
+
+
+@triton.jit
+def _low32(v):
+    return (v & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _high32(v):
+    return (v >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -475,8 +494,8 @@ def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl
     if words is None:
         wptr = qw8_ptr + rows[None, :] * KW2 + k2[:, None]
         words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
-    xa0, xb0, xc0, xd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN)
-    xa1, xb1, xc1, xd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN)
+    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN)
+    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN)
     gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
     if EVEN:
         sc = tl.load(s_ptr + gptr)
@@ -486,10 +505,8 @@ def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl
         z = tl.load(z_ptr + gptr, mask=mask, other=0).to(tl.int32)
     zl = 0xD000 + z  # float16 -(32 + z / 32)
     zh = 0xC000 + 16 * z  # float16 -(2 + z / 32)
-    part = _h2_words_dot(words, _h2_across_rows(xa0, words), _h2_across_rows(xb0, words),
-                         _h2_across_rows(xc0, words), _h2_across_rows(xd0, words), _h2_across_rows(xa1, words),
-                         _h2_across_rows(xb1, words), _h2_across_rows(xc1, words), _h2_across_rows(xd1, words),
-                         zl | (zl << 16), zh | (zh << 16))
+    part = _h2_words_dot(words, _h2_across_rows(ab0, words), _h2_across_rows(cd0, words),
+                         _h2_across_rows(ab1, words), _h2_across_rows(cd1, words), zl | (zl << 16), zh | (zh << 16))
     return acc + sc * part
 
 
