@@ -955,7 +955,7 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     k = x.shape[1]
     groups = k // weights.group_size
     split, per_split = _split_groups(groups, 1, 1 if silu else config.split_k)
-    block_k2 = config.block_kw // 2
+    block_k2 = min(config.block_kw // 2, triton.next_power_of_2(per_split * weights.group_size // 16))
     grid = (triton.cdiv(d, config.block_n), 1, split)
     y, ws, counts, last_sums = _split_outputs(x, 1, d, split, grid[0], config.last_sums)
     even = (d % config.block_n == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
