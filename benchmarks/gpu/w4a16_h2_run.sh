@@ -7,7 +7,7 @@
 #   2. w4a16_h2_e2e.py: the engine on tiny AWQ / GPTQ checkpoints, bf16, h2 against the older kernels and the
 #      reference path;
 #   3. quant_suite.py: bf16, W4A16 and W4A16 + FP8 KV decode steps at batch 1 and 32 in one process, reading the
-#      table just written.
+#      table just written (SUITE_SKIP replaces the sections left out).
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/w4a16_h2_run.sh
 set -u
 OUT=${OUT:?set OUT}
@@ -24,6 +24,6 @@ cp inferneo/kernels/int4_configs.json "$OUT/check/int4_configs.after.json"
 timeout 150 python3 benchmarks/gpu/w4a16_h2_e2e.py --out "$OUT/e2e.jsonl" > "$OUT/e2e.log" 2>&1
 echo "e2e rc=$?"; grep -v shards "$OUT/e2e.log" | tail -5
 timeout ${SUITE_TIMEOUT:-210} python3 benchmarks/gpu/quant_suite.py --deadline ${SUITE_DEADLINE:-200} --workloads "" \
-  --decode-batches 1,32 --skip fp8,fp8-w8a8,fp8-nonorm,fp8-kv,fp8+fp8kv,w4a16-rows,w4a16-tinygemm,gptfast \
+  --decode-batches 1,32 --skip ${SUITE_SKIP:-fp8,fp8-w8a8,fp8-nonorm,fp8-kv,fp8+fp8kv,w4a16-rows,w4a16-tinygemm,gptfast} \
   --out "$OUT/quant" > "$OUT/quant/quant_suite.out" 2>&1
 echo "quant_suite rc=$?"; grep -v "^ \{4,\}[0-9]" "$OUT/quant/quant_suite.out" | tail -c 3000
