@@ -8,7 +8,8 @@ before it (the h2 kernel switched off: the tensor-core kernel or the float32 GEM
 of the same weights rounded differently (random tiny models amplify that), so the check compares distances: the
 share of greedy tokens equal up to the first difference, and the first step's top-1 logprob of each prompt; the h2
 engine passes when its largest logprob distance from the reference is within twice the older kernels' (or 0.1),
-and when its one-row calls did go through the h2 kernel. Prints one JSON line per checkpoint and ``E2E ok`` / ``E2E FAILED``.
+when an eager run (no CUDA graphs) sends every one-row decode projection through the h2 kernel (launches counted),
+and when that eager run's tokens equal the graph run's. Prints one JSON line per checkpoint and ``E2E ok`` / ``E2E FAILED``.
 
 Usage: ``python benchmarks/gpu/w4a16_h2_e2e.py [--out FILE]``
 """
@@ -34,11 +35,14 @@ from inferneo.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 PROMPTS = [[1, 5, 9, 33, 70], [1, 200, 3, 4, 5, 6, 7, 8, 100, 101, 300, 44, 55, 66, 77, 88, 99], [1, 17, 250],
            [1, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+LAYERS = 2
 CASES = (("llama", "awq", 32, False), ("llama", "awq", 128, False), ("qwen3", "gptq", 32, True))
 
 
-def run(path: Path, mode: str) -> tuple[list[list[int]], list[float], int]:
-    """Greedy tokens, first-step top-1 logprobs and h2 launches; ``mode``: "h2", "older" or "reference"."""
+def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], list[float], int]:
+    """Greedy tokens, first-step top-1 logprobs and h2 launches from Python (with CUDA graphs, only those made
+    while capturing); ``mode``: "h2", "older" or "reference". Each prompt runs alone, so that every decode step
+    is one row."""
     calls = {"h2": 0}
     original_h2 = triton_int4._gemv_h2
 
@@ -53,8 +57,8 @@ def run(path: Path, mode: str) -> tuple[list[list[int]], list[float], int]:
     if mode == "older":
         triton_int4._h2_takes = lambda *args: False
     try:
-        llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB")
-        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", enforce_eager=eager)
+        outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0] for prompt in PROMPTS]
         llm.shutdown()
     finally:
         triton_int4._gemv_h2 = original_h2
@@ -87,18 +91,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch, layout, group, desc_act in CASES:
             source = make_tiny_checkpoint(Path(tmp) / f"{arch}-src", arch, hidden_size=256, num_heads=4,
-                                          num_kv_heads=2, num_layers=2)
+                                          num_kv_heads=2, num_layers=LAYERS)
             quant, _ = write_int4_checkpoint(source, Path(tmp) / f"{arch}-{layout}-{group}",
                                              Path(tmp) / f"{arch}-{layout}-{group}-ref", layout, group,
                                              desc_act=desc_act)
-            got, got_first, h2_calls = run(quant, "h2")
+            got, got_first, _ = run(quant, "h2")
+            eager, _, h2_calls = run(quant, "h2", eager=True)
             older, older_first, _ = run(quant, "older")
             ref, ref_first, _ = run(quant, "reference")
-            line = {"arch": arch, "layout": layout, "group": group, "desc_act": desc_act, "h2_calls": h2_calls,
+            line = {"arch": arch, "layout": layout, "group": group, "desc_act": desc_act, "h2_calls_eager": h2_calls,
+                    "graphs_equal_eager": got == eager,
                     "h2_equal_prefix_share": equal_share(got, ref), "older_equal_prefix_share": equal_share(older, ref),
                     "h2_top1_logprob_diff": distance(got_first, ref_first),
                     "older_top1_logprob_diff": distance(older_first, ref_first)}
-            case_ok = h2_calls > 0 and line["h2_top1_logprob_diff"] <= max(2 * line["older_top1_logprob_diff"], 0.1)
+            # one-row steps x layers x (qkv, o, gate/up, down)
+            decode_calls = len(PROMPTS) * (GREEDY.max_tokens - 1) * LAYERS * 4
+            case_ok = (h2_calls >= decode_calls and got == eager
+                       and line["h2_top1_logprob_diff"] <= max(2 * line["older_top1_logprob_diff"], 0.1))
             line["ok"] = case_ok
             ok &= case_ok
             print(json.dumps(line), flush=True)
