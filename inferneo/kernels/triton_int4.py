@@ -2,9 +2,11 @@
 row's 4-bit codes contiguous along K, eight to an int32 word; per-row scales and zero points per group), de-quantized
 in registers, float32 sums.
 
-Three kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
+Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
 
-- one row: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
+- one bfloat16 row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
+  instruction and multiplied in packed float16, about two instructions a code (see the comment above it).
+- one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
   groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats without a
   conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
   ``2^23 + q * 16^p`` less ``2^23`` is ``q * 16^p`` exactly, and ``x`` is pre-scaled by ``16^-p`` (codes 5..7 come
@@ -25,7 +27,7 @@ Three kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from 
   dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` and multiplied with a tile of ``x`` through one ``tl.dot``
   (float32 activations: IEEE float32 products).
 
-The GEMV and the tensor-core kernel can split K over ``split_k`` programs (few output tiles, as at 4096 output rows,
+The GEMVs and the tensor-core kernel can split K over ``split_k`` programs (few output tiles, as at 4096 output rows,
 leave most multiprocessors idle otherwise): each program's sums go to a workspace and the last program of a tile
 adds them up in a fixed order (``last_sums``), or they are added atomically into a float32 output.
 
