@@ -209,6 +209,11 @@ _TRITON_SCRIPT = textwrap.dedent("""
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
     gemv = W4A16Config("gemv", block_n=64, block_g=4, num_warps=1)
     gemv_split = W4A16Config("gemv", block_n=32, block_g=1, num_warps=1, split_k=2, last_sums=True)
+    # the packed-half kernel (one bfloat16 row; other rows and dtypes fall back to the GEMV with its tiles):
+    # whole and masked steps and row tiles, K split both ways
+    h2s = (W4A16Config("h2", 8, block_kw=16, num_warps=1), W4A16Config("h2", 32, block_kw=64, num_warps=1),
+           W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True),
+           W4A16Config("h2", 8, block_kw=16, num_warps=1, split_k=3))
     dot = W4A16Config("dot", block_n=64, block_m=32, block_kw=16)
     tcs = (W4A16Config("tc", 16, block_g=2, block_m=16),
            W4A16Config("tc", 16, block_g=1, block_m=32, swap=True, scale_after=False, split_k=2),
@@ -228,7 +233,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
                 x = torch.randn(m, k).to(dtype)
                 ref = F.linear(x.float(), w)
                 xs = x if weights.perm is None else x.index_select(1, weights.perm)
-                configs = (gemv, gemv_split, dot) if m == 1 else (dot,)
+                configs = (gemv, gemv_split, dot, *h2s) if m == 1 else (dot,)
                 if dtype != torch.float32 and group % 16 == 0:
                     configs += tcs
                 for config in configs:
@@ -242,8 +247,19 @@ _TRITON_SCRIPT = textwrap.dedent("""
     x = torch.randn(1, 128).bfloat16()
     gate, up = F.linear(x.float(), q.dequantized()).bfloat16().float().chunk(2, dim=1)
     ref = F.silu(gate).bfloat16().float() * up
-    y = w4a16_silu_mul(x, weights, W4A16Config("silu", block_n=32, block_g=4, num_warps=1))
-    assert y.shape == (1, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2
+    for config in (W4A16Config("silu", block_n=32, block_g=4, num_warps=1),
+                   W4A16Config("h2", 8, block_kw=16, num_warps=1)):
+        y = w4a16_silu_mul(x, weights, config)
+        assert y.shape == (1, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2, config
+    # the packed-half kernel: a column past float16's range is recomputed in float32 (the interpreter's float32
+    # lanes count as infinite past 65504, as float16's would be); a non-finite input stays non-finite
+    xb = torch.randn(1, 128).bfloat16()
+    xb[0, 5] = 3e5
+    ref = F.linear(xb.float(), q.dequantized())
+    y = w4a16_linear(xb, weights, W4A16Config("h2", 8, block_kw=16, num_warps=1))
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2
+    xb[0, 7] = float("nan")
+    assert torch.isnan(w4a16_linear(xb, weights, W4A16Config("h2", 8, block_kw=16, num_warps=1))).all()
     # the tensor-core kernel's fused gate/up + SiLU at a few rows (float16: no interpreter rounding shortcut)
     x = torch.randn(5, 128).half()
     gate, up = F.linear(x.float(), q.dequantized()).half().float().chunk(2, dim=1)
@@ -307,10 +323,19 @@ def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     triton_int4._tuned_configs.cache_clear()
     try:
         choose, default = triton_int4.choose_config, triton_int4.default_config
-        # untuned: the GEMV at one row (8 groups of 16 words per step, 16 output rows a program) ...
-        assert choose("linear", 1, 4096, 4096, 128).kind == "gemv"
-        assert default("linear", 1, 4096, 4096, 128) == W4A16Config("gemv", 16, 8)
-        assert default("silu", 1, 4096, 4096, 128).kind == "silu"
+        # untuned: one bfloat16 row through the packed-half kernel (8 rows a program, 512 words a step, K split
+        # while there are fewer than two output tiles a multiprocessor), the GEMV for other one-row calls ...
+        assert choose("linear", 1, 4096, 4096, 128).kind == "h2"
+        assert default("linear", 1, 4096, 4096, 128) == W4A16Config("h2", 8, block_kw=512)
+        assert default("linear", 1, 4096, 4096, 128, sms=132) == W4A16Config("h2", 8, block_kw=512)  # 512 tiles
+        assert default("linear", 1, 896, 4864, 128, sms=132) == W4A16Config("h2", 8, block_kw=512, split_k=4,
+                                                                              last_sums=True)  # 112 tiles
+        assert default("linear", 1, 256, 64, 32) == W4A16Config("h2", 8, block_kw=8, num_warps=1)
+        assert default("silu", 1, 4096, 4096, 128, sms=132).kind == "h2"
+        assert default("silu", 1, 896, 4864, 128, sms=132).split_k == 1  # the fused SiLU needs whole sums
+        assert default("linear", 1, 4096, 4096, 128, torch.float16) == W4A16Config("gemv", 16, 8)
+        assert default("linear", 1, 4096, 4096, 24) == W4A16Config("gemv", 16, 32)  # 3 words a group
+        assert default("silu", 1, 4096, 4096, 128, torch.float32).kind == "silu"
         # ... the tensor-core kernel for 2..64 half-precision rows, a row tile covering them, K split over more
         # programs when the output tiles are fewer than two per multiprocessor ...
         assert default("linear", 3, 4096, 4096, 128) == W4A16Config("tc", 64, 2, 16, num_stages=3)

@@ -111,17 +111,31 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 # ---- candidates -------------------------------------------------------------------------------------------------
 
 
-def gemv_grid(quick: bool) -> list[W4A16Config]:
-    """One-row GEMV launches, without and with K split over more programs (both ways of adding up the parts)."""
+def h2_grid(quick: bool) -> list[W4A16Config]:
+    """One-row launches of the packed-half kernel: (rows, words a step, warps), each with the step at least 128
+    words a warp (so that each thread's rows sit in its registers), and a few with K split."""
     if quick:
-        return [W4A16Config("gemv", 16, 8, num_warps=8), W4A16Config("gemv", 32, 4, split_k=2, last_sums=True)]
+        return [W4A16Config("h2", 8, block_kw=256, num_warps=2),
+                W4A16Config("h2", 8, block_kw=256, num_warps=2, split_k=2, last_sums=True)]
+    base = [W4A16Config("h2", r, block_kw=kw, num_warps=w)
+            for r, kw, w in ((4, 512, 4), (8, 512, 4), (16, 512, 4), (4, 256, 2), (8, 256, 2), (16, 256, 2),
+                             (8, 1024, 8), (4, 1024, 8), (2, 512, 4), (8, 128, 1), (16, 128, 1))]
+    return base + [replace(c, split_k=sk, last_sums=True) for c in base[:6] for sk in (2, 4)]
+
+
+def gemv_grid(quick: bool) -> list[W4A16Config]:
+    """One-row GEMV launches, without and with K split over more programs (both ways of adding up the parts),
+    and the packed-half kernel's (:func:`h2_grid`)."""
+    if quick:
+        return [W4A16Config("gemv", 16, 8, num_warps=8), W4A16Config("gemv", 32, 4, split_k=2, last_sums=True),
+                *h2_grid(True)]
     base = [W4A16Config("gemv", 16, 8, num_warps=8), W4A16Config("gemv", 32, 4), W4A16Config("gemv", 16, 8)]
     return base + [W4A16Config("gemv", 16, 8, num_warps=8, split_k=2, last_sums=True),
                    W4A16Config("gemv", 16, 8, num_warps=8, split_k=4, last_sums=True),
                    W4A16Config("gemv", 16, 8, num_warps=8, split_k=4),
                    W4A16Config("gemv", 32, 4, split_k=2, last_sums=True),
                    W4A16Config("gemv", 32, 4, split_k=4, last_sums=True),
-                   W4A16Config("gemv", 16, 4, num_warps=4, split_k=4, last_sums=True)]
+                   W4A16Config("gemv", 16, 4, num_warps=4, split_k=4, last_sums=True), *h2_grid(False)]
 
 
 def dot_grid(m: int, quick: bool) -> list[W4A16Config]:
@@ -157,7 +171,8 @@ def candidates(m: int, n: int, k: int, quick: bool) -> list[W4A16Config]:
 
 def silu_candidates(m: int, n: int, k: int, quick: bool) -> list[W4A16Config]:
     tcs = [c for c in tc_grid(m, n, quick) if c.split_k == 1]
-    gemvs = [replace(c, kind="silu") for c in gemv_grid(quick) if c.split_k == 1] if m == 1 else []
+    gemvs = [c if c.kind == "h2" else replace(c, kind="silu") for c in gemv_grid(quick) if c.split_k == 1] \
+        if m == 1 else []
     return gemvs + tcs
 
 
@@ -292,6 +307,9 @@ def main() -> int:
     parser.add_argument("--write-configs", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few tiles per shape")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the candidates first (0: none)")
+    parser.add_argument("--rows", default=None,
+                        help="row counts to sweep (default 1,16,32); with --write-configs the table's other "
+                             "entries are kept")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU under TRITON_INTERPRET=1, to check the script")
     args = parser.parse_args()
@@ -300,6 +318,8 @@ def main() -> int:
     timer = host_time_us if args.smoke else graph_time_us
     layers = SMOKE_LAYERS if args.smoke else LAYERS
     rows_list = (1, 20) if args.smoke else ROWS
+    if args.rows:
+        rows_list = tuple(int(r) for r in args.rows.split(","))
     quick = args.quick or args.smoke
     global TOLERANCE
     if args.smoke:  # bfloat16 tl.dot under the interpreter
@@ -471,7 +491,7 @@ def main() -> int:
     layouts = choose_layouts(summary, shapes={name: (sum(shards), k) for name, shards, k in layers})
     for name, entry in layouts.items():
         log(f"LAYOUT {name}: {json.dumps(entry)}")
-        if entry["kind"] == "tinygemm":
+        if entry["kind"] == "tinygemm" and not args.rows:  # (a layout is chosen on 1 and 32 rows together)
             table[entry["key"]] = {"kind": "tinygemm", "inner_k_tiles": entry["inner_k_tiles"]}
     sums = {}
     for line in summary:
@@ -486,6 +506,9 @@ def main() -> int:
     for m, s in sorted(sums.items()):
         log(f"layer set at {m} rows: W4A16 Triton {s['w4a16']:.1f} us, tinygemm {s['tinygemm']:.1f} us, "
             f"chosen layouts {s['chosen']:.1f} us, bf16 cuBLAS {s['bf16']:.1f} us")
+    if args.rows and triton_int4.TUNED_CONFIG_FILE.is_file():  # keep what this run did not sweep
+        kept = json.loads(triton_int4.TUNED_CONFIG_FILE.read_text())
+        table = dict(sorted({**kept, **table}.items()))
     if args.write_configs and not args.smoke:
         triton_int4.TUNED_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
         log(f"wrote {triton_int4.TUNED_CONFIG_FILE.name}")

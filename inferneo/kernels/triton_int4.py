@@ -2,9 +2,11 @@
 row's 4-bit codes contiguous along K, eight to an int32 word; per-row scales and zero points per group), de-quantized
 in registers, float32 sums.
 
-Three kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
+Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
 
-- one row: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
+- one bfloat16 row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
+  instruction and multiplied in packed float16, about two instructions a code (see the comment above it).
+- one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
   groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats without a
   conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
   ``2^23 + q * 16^p`` less ``2^23`` is ``q * 16^p`` exactly, and ``x`` is pre-scaled by ``16^-p`` (codes 5..7 come
@@ -25,7 +27,7 @@ Three kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from 
   dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` and multiplied with a tile of ``x`` through one ``tl.dot``
   (float32 activations: IEEE float32 products).
 
-The GEMV and the tensor-core kernel can split K over ``split_k`` programs (few output tiles, as at 4096 output rows,
+The GEMVs and the tensor-core kernel can split K over ``split_k`` programs (few output tiles, as at 4096 output rows,
 leave most multiprocessors idle otherwise): each program's sums go to a workspace and the last program of a tile
 adds them up in a fixed order (``last_sums``), or they are added atomically into a float32 output.
 
@@ -46,10 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
 
 TUNED_CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
+_INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 #: Rows up to which, without a tuned entry, half-precision activations go through :func:`_tc_kernel`.
 TC_MAX_ROWS = 64
 
@@ -62,9 +66,10 @@ def triton_int4_available(group_size: int) -> bool:
 @dataclass(frozen=True, slots=True)
 class W4A16Config:
     """One launch. ``kind`` ``"gemv"`` (one row; ``"silu"``: the fused gate/up GEMV): ``block_n`` output rows x
-    ``block_g`` groups per step; ``"dot"``: ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns
+    ``block_g`` groups per step; ``"h2"`` (one bfloat16 row in packed half precision, the fused gate/up included;
+    other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"dot"``: ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns
     each) per step; ``"tc"`` (half precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step,
-    ``swap`` and ``scale_after`` as in the module docstring. ``split_k`` (``"gemv"`` and ``"tc"``): programs along K
+    ``swap`` and ``scale_after`` as in the module docstring. ``split_k`` (``"gemv"``, ``"h2"`` and ``"tc"``): programs along K
     (not for the fused SiLU):
     their float32 sums added atomically into a zeroed float32 output, then rounded to the activation dtype by a
     second launch, or (``last_sums``) each written to a workspace, and the last program of a tile to finish (an
@@ -110,6 +115,13 @@ def _tuned_configs() -> dict[str, W4A16Config]:
     return {key: W4A16Config(**entry) for key, entry in table.items() if key.startswith(("linear,", "silu,"))}
 
 
+def h2_available(group_size: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`_gemv_h2_kernel` runs this group size (a power-of-two number of words, at least four) and
+    activation dtype (bfloat16)."""
+    words = group_size // 8
+    return dtype == torch.bfloat16 and group_size % 32 == 0 and words & (words - 1) == 0
+
+
 def tc_available(group_size: int, dtype: torch.dtype) -> bool:
     """Whether :func:`_tc_kernel` runs this group size (16 columns or more per ``tl.dot``) and activation dtype."""
     return group_size % 16 == 0 and dtype in (torch.float16, torch.bfloat16)
@@ -119,18 +131,26 @@ def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torc
                    sms: int = 0) -> W4A16Config | None:
     """The launch for a shape without a tuned entry (``op`` ``"linear"`` or ``"silu"``; None: no fused kernel).
 
-    One row: the GEMV, 16 rows per program (the loads of ``x`` and its scaling serve every row of the program)
-    and about 128 words of K per step. Half precision up to :data:`TC_MAX_ROWS` rows: the tensor-core kernel, a
+    One bfloat16 row (groups of a power-of-two number of words): the packed-half kernel, 8 rows per program and
+    up to 512 words of K a step, K split over up to 8 programs (the last adds the parts up) while its output tiles
+    are fewer than two per multiprocessor (not for ``"silu"``). Another one row: the GEMV, 16 rows per program
+    (the loads of ``x`` and its scaling serve every row of the program) and about 128 words of K per step. Half precision up to :data:`TC_MAX_ROWS` rows: the tensor-core kernel, a
     row tile that covers ``m`` (16..64), 64 output rows, two groups per step, scales after each group's dot; when
     its output tiles are fewer than two per multiprocessor (``sms``, the device's count; 0: unknown), K is split
     over up to 8 programs until they are not, each keeping two steps or more, the parts added up by the last
     program of each tile (not for ``"silu"``). Otherwise the float32-de-quantizing dot kernel
     (64 output rows, 16 words per step); ``"silu"`` has no fused kernel there."""
+    if m == 1 and op in ("linear", "silu") and h2_available(group_size, dtype):
+        words = k // 8
+        block_kw = min(512, triton.next_power_of_2(words))
+        tiles = triton.cdiv(n, 8)
+        split = 1
+        while op == "linear" and sms and tiles * split < 2 * sms and split < 8 and k // group_size >= 2 * split:
+            split *= 2
+        return W4A16Config("h2", 8, block_kw=block_kw, num_warps=max(1, min(4, block_kw // 128)), split_k=split,
+                           last_sums=split > 1)
     if m == 1:
-        words_per_group = group_size // 8
-        groups = k // group_size
-        block_g = min(triton.next_power_of_2(groups), max(1, 128 // triton.next_power_of_2(words_per_group)))
-        return W4A16Config("silu" if op == "silu" else "gemv", block_n=16, block_g=block_g, num_warps=4)
+        return _gemv_config(op, k, group_size)
     if m <= TC_MAX_ROWS and tc_available(group_size, dtype):
         block_m = max(16, rows_bucket(m))
         tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
@@ -145,6 +165,14 @@ def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torc
     return W4A16Config("dot", block_n=64, block_m=max(16, block_m), block_kw=16, num_warps=4)
 
 
+def _gemv_config(op: str, k: int, group_size: int) -> W4A16Config:
+    """The one-row GEMV's launch: 16 rows per program, about 128 words of K a step."""
+    words_per_group = group_size // 8
+    groups = k // group_size
+    block_g = min(triton.next_power_of_2(groups), max(1, 128 // triton.next_power_of_2(words_per_group)))
+    return W4A16Config("silu" if op == "silu" else "gemv", block_n=16, block_g=block_g, num_warps=4)
+
+
 def _usable(config: W4A16Config | None, op: str, m: int, group_size: int, dtype: torch.dtype) -> bool:
     if config is None or config.kind == "tinygemm":  # (a layout of its own: tinygemm_int4.tinygemm_layout)
         return False
@@ -152,6 +180,8 @@ def _usable(config: W4A16Config | None, op: str, m: int, group_size: int, dtype:
         return tc_available(group_size, dtype) and config.block_m >= 16
     if config.kind in ("gemv", "silu"):
         return m == 1
+    if config.kind == "h2":
+        return m == 1 and h2_available(group_size, dtype)
     return op == "linear"
 
 
@@ -284,6 +314,298 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, st
         y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
     _write_out(y, y_ptr + row * D + n, nmask, row * D + n, ws_ptr, count_ptr, tl.num_programs(1), D, SPLIT_K,
                LAST_SUMS)
+
+
+# ---- one row in packed half precision ("h2") ------------------------------------------------------------------
+# The GEMV above spends about four float32 instructions on each code (mask, OR, subtract, FMA): at one row it is
+# bound by instructions, not bytes. The h2 kernel de-quantizes and multiplies in packed float16 pairs. Per int32
+# word (eight codes, code j at bits 4j), on the GPU in PTX: one lop3 puts codes 0 and 4 into the mantissas of a
+# pair of 1024.0 (``0x6400``), another codes 1 and 5 times 16, and the word shifted right by 8 gives codes 2, 6 and
+# 3, 7 the same way; one packed add (``-(1024 + z)``) or packed fma (``* 1/16 - (64 + z)``) per pair leaves
+# ``q - z`` exactly (small integers); one packed multiply and three packed fmas multiply them with the activations
+# paired to match ((x0, x4), (x1, x5), (x2, x6), (x3, x7)), so each half lane sums four products in float16, and
+# the two lanes are widened and added in float32: 16 instructions a word, two a code. Per group the float32 sum is
+# multiplied by the group's scale. The activations are converted once per program column: bf16 times 2^-4 (exact)
+# rounded to float16, so that a lane of four products (|q - z| <= 15) overflows only for |x| above about 17,000;
+# such a row is recomputed in float32 by the GEMV's own products (``_h2_f32_rows``). Rounding: each lane's float16
+# sum of four products (11-bit significand), float32 across lanes, words and groups; the same kind of error as the
+# FP8 h2 kernel's (triton_fp8_gemv), below the output's own rounding to bf16.
+_H2_X_PTX: tl.constexpr = tl.constexpr("""{
+    .reg .b32 p0, p1, q0, q1, e0, e1, e2, e3, e4, e5, e6, e7, a, b, c, d;
+    mov.b64 {p0, p1}, $2;
+    mov.b64 {q0, q1}, $3;
+    shl.b32 e0, p0, 16;  and.b32 e1, p0, 0xFFFF0000;
+    shl.b32 e2, p1, 16;  and.b32 e3, p1, 0xFFFF0000;
+    shl.b32 e4, q0, 16;  and.b32 e5, q0, 0xFFFF0000;
+    shl.b32 e6, q1, 16;  and.b32 e7, q1, 0xFFFF0000;
+    cvt.rn.f16x2.f32 a, e4, e0;
+    cvt.rn.f16x2.f32 b, e5, e1;
+    cvt.rn.f16x2.f32 c, e6, e2;
+    cvt.rn.f16x2.f32 d, e7, e3;
+    mov.b64 $0, {a, b};
+    mov.b64 $1, {c, d};
+    }""")
+# Two words (an int64: sixteen codes of one row and group) times their activation pairs ($2, $3: the first
+# word's four pairs, two to an int64; $4, $5: the second's), zl / zh ($6, $7): -(32 + z / 32) and -(2 + z / 32) in both halves, so that each code
+# becomes (q - z) / 32 exactly; each half lane sums eight products in float16, then the lanes are widened and added.
+_H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
+    .reg .b32 w0, w1, t, a, b, c, d, s, h, k, xa, xb, xc, xd, ya, yb, yc, yd;
+    .reg .b16 lo, hi;
+    .reg .f32 f0, f1;
+    mov.b64 {w0, w1}, $1;
+    mov.b64 {xa, xb}, $2;
+    mov.b64 {xc, xd}, $3;
+    mov.b64 {ya, yb}, $4;
+    mov.b64 {yc, yd}, $5;
+    mov.b32 h, 0x28002800;
+    mov.b32 k, 0x18001800;
+    lop3.b32 a, w0, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 b, w0, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 t, w0, 8;
+    lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 a, a, h, $6;
+    fma.rn.f16x2 c, c, h, $6;
+    fma.rn.f16x2 b, b, k, $7;
+    fma.rn.f16x2 d, d, k, $7;
+    mul.rn.f16x2 s, a, xa;
+    fma.rn.f16x2 s, b, xb, s;
+    fma.rn.f16x2 s, c, xc, s;
+    fma.rn.f16x2 s, d, xd, s;
+    lop3.b32 a, w1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 b, w1, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 t, w1, 8;
+    lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 a, a, h, $6;
+    fma.rn.f16x2 c, c, h, $6;
+    fma.rn.f16x2 b, b, k, $7;
+    fma.rn.f16x2 d, d, k, $7;
+    fma.rn.f16x2 s, a, ya, s;
+    fma.rn.f16x2 s, b, yb, s;
+    fma.rn.f16x2 s, c, yc, s;
+    fma.rn.f16x2 s, d, yd, s;
+    mov.b32 {lo, hi}, s;
+    cvt.f32.f16 f0, lo;
+    cvt.f32.f16 f1, hi;
+    add.f32 $0, f0, f1;
+    }""")
+H2_UNSHIFT: tl.constexpr = tl.constexpr(32.0)  # the codes are de-quantized as (q - z) / 32
+
+
+@triton.jit
+def _f16_bits(v):
+    # float32 values -> their float16 bits in the low half of an int32
+    return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _f16_half(pair, HIGH: tl.constexpr):
+    # one half of a float16 pair (int32) as float32
+    bits = (pair >> 16) & 0xFFFF if HIGH else pair & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _h2_x_interpreted(four, i: tl.constexpr):
+    # bf16 number i of an int64 of four as float16 bits (the PTX's values, in plain Triton)
+    bits = ((four >> (16 * i)) & 0xFFFF).to(tl.int32) << 16
+    return _f16_bits(bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr):
+    """The activations of int32 weight words ``widx`` (eight columns each) as four float16 pairs, (x0, x4),
+    (x1, x5) in the low and high half of the first int64 and (x2, x6), (x3, x7) in the second's (the first of a
+    pair in the low half of its 32 bits)."""
+    if EVEN:
+        p = tl.load(x8_ptr + 2 * widx)
+        q = tl.load(x8_ptr + 2 * widx + 1)
+    else:
+        p = tl.load(x8_ptr + 2 * widx, mask=mask, other=0)
+        q = tl.load(x8_ptr + 2 * widx + 1, mask=mask, other=0)
+    if _INTERPRETED:
+        xa = _h2_x_interpreted(p, 0) | (_h2_x_interpreted(q, 0) << 16)
+        xb = _h2_x_interpreted(p, 1) | (_h2_x_interpreted(q, 1) << 16)
+        xc = _h2_x_interpreted(p, 2) | (_h2_x_interpreted(q, 2) << 16)
+        xd = _h2_x_interpreted(p, 3) | (_h2_x_interpreted(q, 3) << 16)
+        ab = (xa.to(tl.int64) & 0xFFFFFFFF) | (xb.to(tl.int64) << 32)
+        cd = (xc.to(tl.int64) & 0xFFFFFFFF) | (xd.to(tl.int64) << 32)
+    else:
+        ab, cd = tl.inline_asm_elementwise(_H2_X_PTX, "=l,=l,l,l", [p, q], (tl.int64, tl.int64), True, 1)
+    return ab, cd
+
+
+@triton.jit
+def _h2_lanes(word, xa, xb, xc, xd, zf):
+    # the interpreter's form of one word's products: its two half lanes in float32, each infinite where float16
+    # would have overflowed
+    lo = tl.zeros(word.shape, tl.float32)
+    hi = tl.zeros(word.shape, tl.float32)
+    for j in tl.static_range(4):
+        if j == 0:  # noqa: SIM108 - compile-time branches
+            pair = xa
+        elif j == 1:
+            pair = xb
+        elif j == 2:
+            pair = xc
+        else:
+            pair = xd
+        lo += ((((word >> (4 * j)) & 0xF).to(tl.float32) - zf) / 32.0) * _f16_half(pair, False)
+        hi += ((((word >> (4 * j + 16)) & 0xF).to(tl.float32) - zf) / 32.0) * _f16_half(pair, True)
+    return lo, hi
+
+
+@triton.jit
+def _h2_words_dot(words, ab0, cd0, ab1, cd1, zl, zh):
+    """Per int64 of ``words`` (two int32 words, sixteen codes of one row and group): the sum of
+    ``(q - z) / 32 * x`` over its codes in float32; ``ab0, cd0`` / ``ab1, cd1``: the four float16 pairs of each
+    word (as from :func:`_h2_x_pairs`); ``zl`` / ``zh``: ``-(32 + z / 32)`` / ``-(2 + z / 32)`` as float16 pairs."""
+    if _INTERPRETED:  # the same products in float32 (the interpreter runs no PTX): plumbing, not rounding
+        zf = -(_f16_half(zl, False) + 32.0) * 32.0
+        lo0, hi0 = _h2_lanes((words & 0xFFFFFFFF).to(tl.int32), _low32(ab0), _high32(ab0), _low32(cd0),
+                             _high32(cd0), zf)
+        lo1, hi1 = _h2_lanes((words >> 32).to(tl.int32), _low32(ab1), _high32(ab1), _low32(cd1), _high32(cd1), zf)
+        lo = lo0 + lo1
+        hi = hi0 + hi1
+        acc = tl.where(tl.abs(lo) > 65504.0, float("inf"), lo) + tl.where(tl.abs(hi) > 65504.0, float("inf"), hi)
+    else:
+        acc = tl.inline_asm_elementwise(_H2_WORDS_PTX, "=f,l,l,l,l,l,r,r", [words, ab0, cd0, ab1, cd1, zl, zh],
+                                        tl.float32, True, 1)
+    return acc
+
+
+@triton.jit
+def _low32(v):
+    return (v & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _high32(v):
+    return (v >> 32).to(tl.int32)
+
+
+@triton.jit
+def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl.constexpr, KW2: tl.constexpr,
+             k_end, KG: tl.constexpr, EVEN: tl.constexpr):
+    """``acc`` [BK2, R] plus ``s * sum((q - z) / 32 * x)`` of the int64 weight columns ``k2`` (two words each,
+    ``KW2`` a row; those from ``k_end`` on left out) of output rows ``rows``; ``words``: those columns' weights
+    when already loaded (else None)."""
+    kmask = k2 < k_end
+    mask = kmask[:, None] & nmask[None, :]
+    if words is None:
+        wptr = qw8_ptr + rows[None, :] * KW2 + k2[:, None]
+        words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
+    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN)
+    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN)
+    gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
+    if EVEN:
+        sc = tl.load(s_ptr + gptr)
+        z = tl.load(z_ptr + gptr).to(tl.int32)
+    else:
+        sc = tl.load(s_ptr + gptr, mask=mask, other=0.0)
+        z = tl.load(z_ptr + gptr, mask=mask, other=0).to(tl.int32)
+    zl = 0xD000 + z  # float16 -(32 + z / 32)
+    zh = 0xC000 + 16 * z  # float16 -(2 + z / 32)
+    part = _h2_words_dot(words, _h2_across_rows(ab0, words), _h2_across_rows(cd0, words),
+                         _h2_across_rows(ab1, words), _h2_across_rows(cd1, words), zl | (zl << 16), zh | (zh << 16))
+    return acc + sc * part
+
+
+@triton.jit
+def _h2_across_rows(pairs, words):
+    # [BK2] activation pairs -> the [BK2, R] shape of the words
+    return tl.broadcast_to(pairs[:, None], words.shape)
+
+
+@triton.jit
+def _h2_f32_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW, KG, GROUP: tl.constexpr,
+                 GW_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The overflow fallback: the GEMV's float32 products over groups [g_start, g_end), one group a step
+    acc = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    GW: tl.constexpr = GROUP // 8
+    wl = tl.arange(0, GW_PAD)
+    for g0 in range(g_start, g_end):
+        g = g0 + tl.arange(0, 1)
+        gmask = g < g_end
+        widx = g[:, None] * GW + wl[None, :]
+        kmask = gmask[:, None] & (wl < GW)[None, :]
+        xb = x_ptr + widx * 8
+        x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)
+        x1 = tl.load(xb + 1, mask=kmask, other=0.0).to(tl.float32)
+        x2 = tl.load(xb + 2, mask=kmask, other=0.0).to(tl.float32)
+        x3 = tl.load(xb + 3, mask=kmask, other=0.0).to(tl.float32)
+        x4 = tl.load(xb + 4, mask=kmask, other=0.0).to(tl.float32)
+        x5 = tl.load(xb + 5, mask=kmask, other=0.0).to(tl.float32)
+        x6 = tl.load(xb + 6, mask=kmask, other=0.0).to(tl.float32)
+        x7 = tl.load(xb + 7, mask=kmask, other=0.0).to(tl.float32)
+        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
+        acc += _dequantized_sum(qw_ptr, s_ptr, z_ptr, rows, nmask, g, gmask, widx, kmask, KW, KG,
+                                x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625,
+                                x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625, x_sum)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW, KG, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    y = tl.sum(acc, axis=0) * H2_UNSHIFT
+    bad = (y != y) | (tl.abs(y) == float("inf"))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:  # a float16 lane overflowed (or x is not finite): again in float32
+        y = tl.where(bad, _h2_f32_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW, KG, GROUP,
+                                       GROUP // 8, BLOCK_N), y)
+    return y
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, G_SPLIT,
+                    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
+                    SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
+                    PDL: tl.constexpr):
+    # One bf16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
+    # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
+    # row as int64 (four bf16 each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
+    # threads, each thread's rows in its registers, so that each thread converts its activations once for all its
+    # rows. EVEN: no masks (whole tiles of rows, whole steps). The first step's words are read before the PDL wait.
+    GW2: tl.constexpr = GROUP // 16
+    KW: tl.constexpr = K // 8
+    KW2: tl.constexpr = K // 16
+    KG: tl.constexpr = K // GROUP
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < D
+    kl = tl.arange(0, BLOCK_K2)
+    k_start = tl.program_id(2) * G_SPLIT * GW2
+    k_end = tl.minimum(KW2, k_start + G_SPLIT * GW2)
+    k2 = k_start + kl
+    wmask = (k2 < k_end)[:, None] & nmask[None, :]
+    wptr = qw8_ptr + n[None, :] * KW2 + k2[:, None]
+    words = tl.load(wptr) if EVEN else tl.load(wptr, mask=wmask, other=0)  # weights only: before the wait
+    words_up = words
+    if SILU:
+        words_up = tl.load(wptr + D * KW2) if EVEN else tl.load(wptr + D * KW2, mask=wmask, other=0)
+    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    acc = tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32)
+    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN)
+    acc_up = acc
+    if SILU:
+        acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D,
+                          nmask, words_up, GW2, KW2, k_end, KG, EVEN)
+    for k0 in range(k_start + BLOCK_K2, k_end, BLOCK_K2):
+        k2 = k0 + kl
+        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN)
+        if SILU:
+            acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
+                              EVEN)
+    g_start = tl.program_id(2) * G_SPLIT
+    g_end = tl.minimum(KG, g_start + G_SPLIT)
+    y = _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
+    if SILU:
+        dtype = x_ptr.dtype.element_ty
+        gate = y.to(dtype).to(tl.float32)
+        up = _h2_finish(acc_up, x_ptr, qw_ptr, s_ptr, z_ptr, n + D, nmask, g_start, g_end, KW, KG, GROUP,
+                        BLOCK_N).to(dtype).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
 # ---- two rows or more -----------------------------------------------------------------------------------------
@@ -625,6 +947,40 @@ def _gemv(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: 
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
+def _h2_takes(x: torch.Tensor, weights: Int4RowWeights) -> bool:
+    """Whether this call can run the h2 kernel: one contiguous, 16-byte aligned bfloat16 row."""
+    return (x.shape[0] == 1 and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and h2_available(weights.group_size, x.dtype) and weights.packed.is_contiguous())
+
+
+def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
+    k = x.shape[1]
+    groups = k // weights.group_size
+    split, per_split = _split_groups(groups, 1, 1 if silu else config.split_k)
+    block_k2 = min(config.block_kw // 2, triton.next_power_of_2(per_split * weights.group_size // 16))
+    grid = (triton.cdiv(d, config.block_n), 1, split)
+    y, ws, counts, last_sums = _split_outputs(x, 1, d, split, grid[0], config.last_sums)
+    even = (d % config.block_n == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
+            and per_split * split == groups)
+    pdl = pdl_for(x)
+    _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
+                          weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
+                          BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
+                          EVEN=even, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+                          **launch_options(pdl))
+    return y.to(x.dtype) if split > 1 and not last_sums else y
+
+
+def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
+    """A one-row launch: the h2 kernel where this call can take it, else the GEMV (its default launch in place of
+    an h2 one)."""
+    if config.kind == "h2":
+        if _h2_takes(x, weights):
+            return _gemv_h2(x, weights, d, silu, config)
+        config = _gemv_config("silu" if silu else "linear", x.shape[1], weights.group_size)
+    return _gemv(x, weights, d, silu, config)
+
+
 def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` (``x`` float16, bfloat16 or float32, columns already in ``weights``'s sorted order), in
     ``x``'s dtype, through the kernel :func:`choose_config` picks for the shape and row count (``config``
@@ -635,8 +991,8 @@ def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config |
     if m == 0:
         return x.new_empty((0, n))
     config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
-    if config.kind in ("gemv", "silu"):
-        return _gemv(x, weights, n, False, config)
+    if config.kind in ("gemv", "silu", "h2"):
+        return _one_row(x, weights, n, False, config)
     if config.kind == "tc":
         return _tc(x, weights, n, False, config)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -674,4 +1030,4 @@ def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config
         raise ValueError(f"w4a16_silu_mul: no fused kernel for {m} rows of {x.dtype}")
     if config.kind == "tc":
         return _tc(x, gate_up, d, True, config)
-    return _gemv(x, gate_up, d, True, config)
+    return _one_row(x, gate_up, d, True, config)

@@ -39,7 +39,6 @@ import torch
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: Where column ``c`` (of eight) sits in an AWQ word: the inverse of :data:`AWQ_PACK_ORDER`.
 AWQ_UNPACK_ORDER = tuple(AWQ_PACK_ORDER.index(c) for c in range(8))
-_SHIFTS = tuple(range(0, 32, 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +83,13 @@ class Int4Weights:
 
 def _codes(words: torch.Tensor) -> torch.Tensor:
     """The eight 4-bit codes of each int32 word, as uint8 ``[*words.shape, 8]`` (code ``i`` from bits 4i)."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=words.device)
+    shifts = _shifts(words.device)
     return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """The eight nibble shifts, made on ``device`` (no host copy: the reference path runs inside CUDA graphs)."""
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
 
 
 def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
@@ -208,7 +212,7 @@ def pack_rows(weights: Int4Weights) -> Int4RowWeights:
     """A canonical weight -> the row layout (same codes, scales, zero points and column order)."""
     codes = canonical_codes(weights).to(torch.int32)  # [out, in], columns in the sorted order
     out_features, in_features = codes.shape
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=codes.device)
+    shifts = _shifts(codes.device)
     # Eight codes of one row: code j in bits 4j. The nibbles do not overlap, so the sum is their bitwise OR.
     packed = (codes.view(out_features, in_features // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
     return Int4RowWeights(packed.contiguous(), weights.scales.t().contiguous(), weights.zeros.t().contiguous(),
