@@ -10,7 +10,8 @@ share of greedy tokens equal up to the first difference, and the logprobs of the
 whose inputs agree (up to each sequence's first difference); the h2 engine passes when its largest logprob distance
 from the reference is within twice the older kernels' (or 0.1),
 when an eager run (no CUDA graphs) sends every one-row decode projection through the h2 kernel (launches counted),
-and when that eager run's tokens equal the graph run's. Prints one JSON line per checkpoint and ``E2E ok`` / ``E2E FAILED``.
+and when that eager run's tokens equal the graph run's. Prints one JSON line per checkpoint and ``E2E ok`` /
+``E2E FAILED``.
 
 Usage: ``python benchmarks/gpu/w4a16_h2_e2e.py [--out FILE]``
 """

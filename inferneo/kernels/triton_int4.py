@@ -6,9 +6,9 @@ Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from t
 
 - one bfloat16 row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
   instruction and multiplied in packed float16, about two instructions a code (see the comment above it).
-- one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K ``BLOCK_G``
-  groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats without a
-  conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
+- one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K
+  ``BLOCK_G`` groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats
+  without a conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
   ``2^23 + q * 16^p`` less ``2^23`` is ``q * 16^p`` exactly, and ``x`` is pre-scaled by ``16^-p`` (codes 5..7 come
   from the word shifted by 12 bits so that every code sits below bit 20). Per group the kernel sums ``q * x`` and
   adds ``s * (sum(q * x) - z * sum(x))``. The gated MLP variant (``SILU``) reads the gate and up rows of a fused
@@ -67,10 +67,11 @@ def triton_int4_available(group_size: int) -> bool:
 class W4A16Config:
     """One launch. ``kind`` ``"gemv"`` (one row; ``"silu"``: the fused gate/up GEMV): ``block_n`` output rows x
     ``block_g`` groups per step; ``"h2"`` (one bfloat16 row in packed half precision, the fused gate/up included;
-    other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"dot"``: ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns
-    each) per step; ``"tc"`` (half precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step,
-    ``swap`` and ``scale_after`` as in the module docstring. ``split_k`` (``"gemv"``, ``"h2"`` and ``"tc"``): programs along K
-    (not for the fused SiLU):
+    other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"dot"``:
+    ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns each) per step; ``"tc"`` (half
+    precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step, ``swap`` and ``scale_after``
+    as in the module docstring. ``split_k`` (``"gemv"``, ``"h2"`` and ``"tc"``): programs along K (not for the
+    fused SiLU):
     their float32 sums added atomically into a zeroed float32 output, then rounded to the activation dtype by a
     second launch, or (``last_sums``) each written to a workspace, and the last program of a tile to finish (an
     atomic count per tile) adds them up in a fixed order and writes the output: no zeroing, no second launch, and
@@ -134,8 +135,9 @@ def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torc
     One bfloat16 row (groups of a power-of-two number of words): the packed-half kernel, 8 rows per program and
     up to 512 words of K a step, K split over up to 8 programs (the last adds the parts up) while its output tiles
     are fewer than two per multiprocessor (not for ``"silu"``). Another one row: the GEMV, 16 rows per program
-    (the loads of ``x`` and its scaling serve every row of the program) and about 128 words of K per step. Half precision up to :data:`TC_MAX_ROWS` rows: the tensor-core kernel, a
-    row tile that covers ``m`` (16..64), 64 output rows, two groups per step, scales after each group's dot; when
+    (the loads of ``x`` and its scaling serve every row of the program) and about 128 words of K per step. Half
+    precision up to :data:`TC_MAX_ROWS` rows: the tensor-core kernel, a row tile that covers ``m`` (16..64), 64
+    output rows, two groups per step, scales after each group's dot; when
     its output tiles are fewer than two per multiprocessor (``sms``, the device's count; 0: unknown), K is split
     over up to 8 programs until they are not, each keeping two steps or more, the parts added up by the last
     program of each tile (not for ``"silu"``). Otherwise the float32-de-quantizing dot kernel
@@ -319,17 +321,19 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, st
 # ---- one row in packed half precision ("h2") ------------------------------------------------------------------
 # The GEMV above spends about four float32 instructions on each code (mask, OR, subtract, FMA): at one row it is
 # bound by instructions, not bytes. The h2 kernel de-quantizes and multiplies in packed float16 pairs. Per int32
-# word (eight codes, code j at bits 4j), on the GPU in PTX: one lop3 puts codes 0 and 4 into the mantissas of a
-# pair of 1024.0 (``0x6400``), another codes 1 and 5 times 16, and the word shifted right by 8 gives codes 2, 6 and
-# 3, 7 the same way; one packed add (``-(1024 + z)``) or packed fma (``* 1/16 - (64 + z)``) per pair leaves
-# ``q - z`` exactly (small integers); one packed multiply and three packed fmas multiply them with the activations
-# paired to match ((x0, x4), (x1, x5), (x2, x6), (x3, x7)), so each half lane sums four products in float16, and
-# the two lanes are widened and added in float32: 16 instructions a word, two a code. Per group the float32 sum is
-# multiplied by the group's scale. The activations are converted once per program column: bf16 times 2^-4 (exact)
-# rounded to float16, so that a lane of four products (|q - z| <= 15) overflows only for |x| above about 17,000;
-# such a row is recomputed in float32 by the GEMV's own products (``_h2_f32_rows``). Rounding: each lane's float16
-# sum of four products (11-bit significand), float32 across lanes, words and groups; the same kind of error as the
-# FP8 h2 kernel's (triton_fp8_gemv), below the output's own rounding to bf16.
+# word (eight codes, code j at bits 4j), in PTX: one lop3 puts codes 0 and 4 into the mantissas of a pair of 1024.0
+# (``0x6400``), another codes 1 and 5 times 16, and the word shifted right by 8 gives codes 2, 6 and 3, 7 the same
+# way; one packed fma per pair (``* 1/32 - (32 + z/32)``, or ``* 1/512 - (2 + z/32)`` for the codes times 16)
+# leaves ``(q - z) / 32`` exactly; packed multiplies and fmas take the products with the activations paired to
+# match ((x0, x4), (x1, x5), (x2, x6), (x3, x7)). Two words (an int64) go through one PTX block, so each half lane
+# sums eight products in float16 before the two lanes are widened and added in float32: about 15 instructions a
+# word. Per group the float32 sum is multiplied by the group's scale, and the row's sum by 32 at the end. The
+# activations are converted from bf16 to float16 once per thread and column: the tile is [int64 columns, rows],
+# K across the threads and each thread's rows in its registers (a [rows, groups, words] tile made Triton move the
+# converted pairs between threads through shared memory at every step). A lane of eight products (|q - z| / 32
+# < 1/2) overflows only for |x| above about 17,000; such a row is recomputed in float32 by the GEMV's products
+# (``_h2_f32_rows``). Rounding: each lane's float16 sum (11-bit significand), float32 across lanes, words and
+# groups; the same kind of error as the FP8 h2 kernel's (triton_fp8_gemv), below the output's rounding to bf16.
 _H2_X_PTX: tl.constexpr = tl.constexpr("""{
     .reg .b32 p0, p1, q0, q1, e0, e1, e2, e3, e4, e5, e6, e7, a, b, c, d;
     mov.b64 {p0, p1}, $2;
@@ -346,8 +350,9 @@ _H2_X_PTX: tl.constexpr = tl.constexpr("""{
     mov.b64 $1, {c, d};
     }""")
 # Two words (an int64: sixteen codes of one row and group) times their activation pairs ($2, $3: the first
-# word's four pairs, two to an int64; $4, $5: the second's), zl / zh ($6, $7): -(32 + z / 32) and -(2 + z / 32) in both halves, so that each code
-# becomes (q - z) / 32 exactly; each half lane sums eight products in float16, then the lanes are widened and added.
+# word's four pairs, two to an int64; $4, $5: the second's); zl / zh ($6, $7): -(32 + z / 32) and -(2 + z / 32)
+# in both halves, so that each code becomes (q - z) / 32 exactly; each half lane sums eight products in float16,
+# then the lanes are widened and added.
 _H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
     .reg .b32 w0, w1, t, a, b, c, d, s, h, k, xa, xb, xc, xd, ya, yb, yc, yd;
     .reg .b16 lo, hi;
