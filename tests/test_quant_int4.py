@@ -209,7 +209,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
     gemv = W4A16Config("gemv", block_n=64, block_g=4, num_warps=1)
     gemv_split = W4A16Config("gemv", block_n=32, block_g=1, num_warps=1, split_k=2, last_sums=True)
-    # the packed-half kernel (one bfloat16 row; other rows and dtypes fall back to the GEMV with its tiles):
+    # the packed-half kernel (one bf16/fp16 row; float32 and more rows fall back to the GEMV):
     # whole and masked steps and row tiles, K split both ways
     h2s = (W4A16Config("h2", 8, block_kw=16, num_warps=1), W4A16Config("h2", 32, block_kw=64, num_warps=1),
            W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True),
@@ -323,7 +323,7 @@ def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     triton_int4._tuned_configs.cache_clear()
     try:
         choose, default = triton_int4.choose_config, triton_int4.default_config
-        # untuned: one bfloat16 row through the packed-half kernel (8 rows a program, 512 words a step, K split
+        # untuned: one bf16/fp16 row through the packed-half kernel (8 rows a program, 512 words a step, K split
         # while there are fewer than two output tiles a multiprocessor), the GEMV for other one-row calls ...
         assert choose("linear", 1, 4096, 4096, 128).kind == "h2"
         assert default("linear", 1, 4096, 4096, 128) == W4A16Config("h2", 8, block_kw=512)
@@ -333,7 +333,8 @@ def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
         assert default("linear", 1, 256, 64, 32) == W4A16Config("h2", 8, block_kw=8, num_warps=1)
         assert default("silu", 1, 4096, 4096, 128, sms=132).kind == "h2"
         assert default("silu", 1, 896, 4864, 128, sms=132).split_k == 1  # the fused SiLU needs whole sums
-        assert default("linear", 1, 4096, 4096, 128, torch.float16) == W4A16Config("gemv", 16, 8)
+        assert default("linear", 1, 4096, 4096, 128, torch.float16) == W4A16Config("h2", 8, block_kw=512)
+        assert default("linear", 1, 4096, 4096, 128, torch.float32) == W4A16Config("gemv", 16, 8)
         assert default("linear", 1, 4096, 4096, 24) == W4A16Config("gemv", 16, 32)  # 3 words a group
         assert default("silu", 1, 4096, 4096, 128, torch.float32).kind == "silu"
         # ... the tensor-core kernel for 2..64 half-precision rows, a row tile covering them, K split over more

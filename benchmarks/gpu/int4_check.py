@@ -436,6 +436,15 @@ def main() -> int:
                 return w4a16_linear(x, copies[i], config)
 
             lin = sweep("linear", m, n, k, candidates(m, n, k, quick), run, nbytes, copies)
+            if m == 1:  # float16 activations through the launch the engine picks for them (checked, timed)
+                x16 = x.half()
+                xc16 = torch.randn_like(x16)
+                err16 = rel_err(w4a16_linear(xc16, copies[0]), F.linear(xc16.float(), w_f32))
+                us16 = timer([lambda w=w, x16=x16: w4a16_linear(x16, w) for w in copies])
+                chosen16 = triton_int4.choose_config("linear", 1, n, k, GROUP, torch.float16,
+                                                     triton_int4.device_sm_count(x.device))
+                record(kind="fp16", layer=name, m=1, n=n, k=k, config=chosen16.as_dict(), rel_err=err16, us=us16,
+                       gbps=nbytes / us16 / 1e3)
 
             def run_tg(config, i, x=x, w_f32=w_f32, tg_copies=tg_copies):
                 tgs = tg_copies[config.inner_k_tiles]

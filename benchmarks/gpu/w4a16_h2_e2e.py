@@ -1,16 +1,16 @@
-"""The one-row packed-half W4A16 kernel (``triton_int4._gemv_h2_kernel``) inside the engine on CUDA, bf16.
+"""The one-row packed-half W4A16 kernel (``triton_int4._gemv_h2_kernel``) inside the engine on CUDA, bf16 and fp16.
 
 Tiny random Llama and Qwen3 checkpoints are quantized to AWQ (groups of 32 and 128) and to GPTQ with act order
-(``inferneo.testing.int4_checkpoints``); each runs greedy decoding in bfloat16 through the engine twice in one
-process: with the Triton W4A16 kernels as chosen (the h2 kernel at every one-row step), with the Triton kernels
-before it (the h2 kernel switched off: the tensor-core kernel or the float32 GEMV at one row), and with
-``reference_int4_linear`` (the de-quantized weight rounded to bf16, ``F.linear``). All three are bf16 computations
-of the same weights rounded differently (random tiny models amplify that), so the check compares distances: the
-share of greedy tokens equal up to the first difference, and the logprobs of the chosen tokens at the decode steps
-whose inputs agree (up to each sequence's first difference); the h2 engine passes when its largest logprob distance
-from the reference is within twice the older kernels' (or 0.1),
-when an eager run (no CUDA graphs) sends every one-row decode projection through the h2 kernel (launches counted),
-and when that eager run's tokens equal the graph run's. Prints one JSON line per checkpoint and ``E2E ok`` /
+(``inferneo.testing.int4_checkpoints``), run in bfloat16, one AWQ one also in float16. Each runs greedy decoding
+through the engine in one process: with the Triton W4A16 kernels as chosen (the h2 kernel at every one-row step),
+with the Triton kernels before it (the h2 kernel switched off: the tensor-core kernel or the float32 GEMV at one
+row), and with ``reference_int4_linear`` (the de-quantized weight rounded to the model dtype, ``F.linear``). All
+three compute the same weights rounded differently (random tiny models amplify that), so the check compares
+distances: the share of greedy tokens equal up to the first difference, and the logprobs of the chosen tokens at
+the decode steps whose inputs agree (up to each sequence's first difference). The h2 engine passes when its
+largest logprob distance from the reference is within twice the older kernels' (or 0.1), when an eager run (no
+CUDA graphs) sends every one-row decode projection through the h2 kernel (launches counted), and when that eager
+run's tokens equal the graph run's. Prints one JSON line per checkpoint and ``E2E ok`` /
 ``E2E FAILED``.
 
 Usage: ``python benchmarks/gpu/w4a16_h2_e2e.py [--out FILE]``
@@ -38,10 +38,11 @@ PROMPTS = [[1, 5, 9, 33, 70], [1, 200, 3, 4, 5, 6, 7, 8, 100, 101, 300, 44, 55, 
            [1, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
 LAYERS = 2
-CASES = (("llama", "awq", 32, False), ("llama", "awq", 128, False), ("qwen3", "gptq", 32, True))
+CASES = (("llama", "awq", 32, False, "bfloat16"), ("llama", "awq", 128, False, "bfloat16"),
+         ("qwen3", "gptq", 32, True, "bfloat16"), ("llama", "awq", 128, False, "float16"))
 
 
-def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], list[float], int]:
+def run(path: Path, mode: str, dtype: str, eager: bool = False) -> tuple[list[list[int]], list[float], int]:
     """Greedy tokens, the chosen tokens' logprobs and h2 launches from Python (with CUDA graphs, only those made
     while capturing); ``mode``: "h2", "older" or "reference". Each prompt runs alone, so that every decode step
     is one row."""
@@ -59,7 +60,7 @@ def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], li
     if mode == "older":
         triton_int4._h2_takes = lambda *args: False
     try:
-        llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", enforce_eager=eager)
+        llm = LLM(str(path), dtype=dtype, max_model_len=256, kv_cache_memory="64MiB", enforce_eager=eager)
         outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0] for prompt in PROMPTS]
         llm.shutdown()
     finally:
@@ -100,17 +101,18 @@ def main() -> int:
     args = parser.parse_args()
     lines, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, layout, group, desc_act in CASES:
+        for arch, layout, group, desc_act, dtype in CASES:
             source = make_tiny_checkpoint(Path(tmp) / f"{arch}-src", arch, hidden_size=256, num_heads=4,
                                           num_kv_heads=2, num_layers=LAYERS)
             quant, _ = write_int4_checkpoint(source, Path(tmp) / f"{arch}-{layout}-{group}",
                                              Path(tmp) / f"{arch}-{layout}-{group}-ref", layout, group,
                                              desc_act=desc_act)
-            got, got_lp, _ = run(quant, "h2")
-            eager, _, h2_calls = run(quant, "h2", eager=True)
-            older, older_lp, _ = run(quant, "older")
-            ref, ref_lp, _ = run(quant, "reference")
-            line = {"arch": arch, "layout": layout, "group": group, "desc_act": desc_act, "h2_calls_eager": h2_calls,
+            got, got_lp, _ = run(quant, "h2", dtype)
+            eager, _, h2_calls = run(quant, "h2", dtype, eager=True)
+            older, older_lp, _ = run(quant, "older", dtype)
+            ref, ref_lp, _ = run(quant, "reference", dtype)
+            line = {"arch": arch, "layout": layout, "group": group, "desc_act": desc_act, "dtype": dtype,
+                    "h2_calls_eager": h2_calls,
                     "graphs_equal_eager": got == eager,
                     "h2_equal_prefix_share": equal_share(got, ref), "older_equal_prefix_share": equal_share(older, ref),
                     "h2_decode_logprob_diff": distance(got, got_lp, ref, ref_lp),

@@ -4,7 +4,7 @@ in registers, float32 sums.
 
 Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
 
-- one bfloat16 row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
+- one half-precision row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
   instruction and multiplied in packed float16, about two instructions a code (see the comment above it).
 - one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K
   ``BLOCK_G`` groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats
@@ -66,7 +66,7 @@ def triton_int4_available(group_size: int) -> bool:
 @dataclass(frozen=True, slots=True)
 class W4A16Config:
     """One launch. ``kind`` ``"gemv"`` (one row; ``"silu"``: the fused gate/up GEMV): ``block_n`` output rows x
-    ``block_g`` groups per step; ``"h2"`` (one bfloat16 row in packed half precision, the fused gate/up included;
+    ``block_g`` groups per step; ``"h2"`` (one bf16/fp16 row in packed half precision, the fused gate/up included;
     other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"dot"``:
     ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns each) per step; ``"tc"`` (half
     precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step, ``swap`` and ``scale_after``
@@ -118,9 +118,9 @@ def _tuned_configs() -> dict[str, W4A16Config]:
 
 def h2_available(group_size: int, dtype: torch.dtype) -> bool:
     """Whether :func:`_gemv_h2_kernel` runs this group size (a power-of-two number of words, at least four) and
-    activation dtype (bfloat16)."""
+    activation dtype (bfloat16 or float16)."""
     words = group_size // 8
-    return dtype == torch.bfloat16 and group_size % 32 == 0 and words & (words - 1) == 0
+    return dtype in (torch.bfloat16, torch.float16) and group_size % 32 == 0 and words & (words - 1) == 0
 
 
 def tc_available(group_size: int, dtype: torch.dtype) -> bool:
@@ -132,7 +132,7 @@ def default_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torc
                    sms: int = 0) -> W4A16Config | None:
     """The launch for a shape without a tuned entry (``op`` ``"linear"`` or ``"silu"``; None: no fused kernel).
 
-    One bfloat16 row (groups of a power-of-two number of words): the packed-half kernel, 8 rows per program and
+    One half-precision row (groups of a power-of-two number of words): the packed-half kernel, 8 rows a program and
     up to 512 words of K a step, K split over up to 8 programs (the last adds the parts up) while its output tiles
     are fewer than two per multiprocessor (not for ``"silu"``). Another one row: the GEMV, 16 rows per program
     (the loads of ``x`` and its scaling serve every row of the program) and about 128 words of K per step. Half
@@ -334,6 +334,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, st
 # < 1/2) overflows only for |x| above about 17,000; such a row is recomputed in float32 by the GEMV's products
 # (``_h2_f32_rows``). Rounding: each lane's float16 sum (11-bit significand), float32 across lanes, words and
 # groups; the same kind of error as the FP8 h2 kernel's (triton_fp8_gemv), below the output's rounding to bf16.
+# Float16 activations are paired by byte permutes (no conversion).
 _H2_X_PTX: tl.constexpr = tl.constexpr("""{
     .reg .b32 p0, p1, q0, q1, e0, e1, e2, e3, e4, e5, e6, e7, a, b, c, d;
     mov.b64 {p0, p1}, $2;
@@ -346,6 +347,18 @@ _H2_X_PTX: tl.constexpr = tl.constexpr("""{
     cvt.rn.f16x2.f32 b, e5, e1;
     cvt.rn.f16x2.f32 c, e6, e2;
     cvt.rn.f16x2.f32 d, e7, e3;
+    mov.b64 $0, {a, b};
+    mov.b64 $1, {c, d};
+    }""")
+# The same pairs from float16 activations: byte permutes only.
+_H2_X_F16_PTX: tl.constexpr = tl.constexpr("""{
+    .reg .b32 p0, p1, q0, q1, a, b, c, d;
+    mov.b64 {p0, p1}, $2;
+    mov.b64 {q0, q1}, $3;
+    prmt.b32 a, p0, q0, 0x5410;
+    prmt.b32 b, p0, q0, 0x7632;
+    prmt.b32 c, p1, q1, 0x5410;
+    prmt.b32 d, p1, q1, 0x7632;
     mov.b64 $0, {a, b};
     mov.b64 $1, {c, d};
     }""")
@@ -412,17 +425,19 @@ def _f16_half(pair, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _h2_x_interpreted(four, i: tl.constexpr):
-    # bf16 number i of an int64 of four as float16 bits (the PTX's values, in plain Triton)
-    bits = ((four >> (16 * i)) & 0xFFFF).to(tl.int32) << 16
-    return _f16_bits(bits.to(tl.float32, bitcast=True))
+def _h2_x_interpreted(four, i: tl.constexpr, F16: tl.constexpr):
+    # number i of an int64 of four bf16 (F16: float16) as float16 bits (the PTX's values, in plain Triton)
+    bits = ((four >> (16 * i)) & 0xFFFF).to(tl.int32)
+    if F16:
+        return bits
+    return _f16_bits((bits << 16).to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr):
-    """The activations of int32 weight words ``widx`` (eight columns each) as four float16 pairs, (x0, x4),
-    (x1, x5) in the low and high half of the first int64 and (x2, x6), (x3, x7) in the second's (the first of a
-    pair in the low half of its 32 bits)."""
+def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr, F16: tl.constexpr):
+    """The activations of int32 weight words ``widx`` (eight columns each; bfloat16, or float16 with ``F16``) as
+    four float16 pairs, (x0, x4), (x1, x5) in the low and high half of the first int64 and (x2, x6), (x3, x7) in
+    the second's (the first of a pair in the low half of its 32 bits)."""
     if EVEN:
         p = tl.load(x8_ptr + 2 * widx)
         q = tl.load(x8_ptr + 2 * widx + 1)
@@ -430,12 +445,14 @@ def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr):
         p = tl.load(x8_ptr + 2 * widx, mask=mask, other=0)
         q = tl.load(x8_ptr + 2 * widx + 1, mask=mask, other=0)
     if _INTERPRETED:
-        xa = _h2_x_interpreted(p, 0) | (_h2_x_interpreted(q, 0) << 16)
-        xb = _h2_x_interpreted(p, 1) | (_h2_x_interpreted(q, 1) << 16)
-        xc = _h2_x_interpreted(p, 2) | (_h2_x_interpreted(q, 2) << 16)
-        xd = _h2_x_interpreted(p, 3) | (_h2_x_interpreted(q, 3) << 16)
+        xa = _h2_x_interpreted(p, 0, F16) | (_h2_x_interpreted(q, 0, F16) << 16)
+        xb = _h2_x_interpreted(p, 1, F16) | (_h2_x_interpreted(q, 1, F16) << 16)
+        xc = _h2_x_interpreted(p, 2, F16) | (_h2_x_interpreted(q, 2, F16) << 16)
+        xd = _h2_x_interpreted(p, 3, F16) | (_h2_x_interpreted(q, 3, F16) << 16)
         ab = (xa.to(tl.int64) & 0xFFFFFFFF) | (xb.to(tl.int64) << 32)
         cd = (xc.to(tl.int64) & 0xFFFFFFFF) | (xd.to(tl.int64) << 32)
+    elif F16:
+        ab, cd = tl.inline_asm_elementwise(_H2_X_F16_PTX, "=l,=l,l,l", [p, q], (tl.int64, tl.int64), True, 1)
     else:
         ab, cd = tl.inline_asm_elementwise(_H2_X_PTX, "=l,=l,l,l", [p, q], (tl.int64, tl.int64), True, 1)
     return ab, cd
@@ -492,7 +509,7 @@ def _high32(v):
 
 @triton.jit
 def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl.constexpr, KW2: tl.constexpr,
-             k_end, KG: tl.constexpr, EVEN: tl.constexpr):
+             k_end, KG: tl.constexpr, EVEN: tl.constexpr, F16: tl.constexpr):
     """``acc`` [BK2, R] plus ``s * sum((q - z) / 32 * x)`` of the int64 weight columns ``k2`` (two words each,
     ``KW2`` a row; those from ``k_end`` on left out) of output rows ``rows``; ``words``: those columns' weights
     when already loaded (else None)."""
@@ -501,8 +518,8 @@ def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl
     if words is None:
         wptr = qw8_ptr + rows[None, :] * KW2 + k2[:, None]
         words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
-    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN)
-    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN)
+    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN, F16)
+    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN, F16)
     gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
     if EVEN:
         sc = tl.load(s_ptr + gptr)
@@ -567,9 +584,9 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
                     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
                     PDL: tl.constexpr):
-    # One bf16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
+    # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
-    # row as int64 (four bf16 each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
+    # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
     # threads, each thread's rows in its registers, so that each thread converts its activations once for all its
     # rows. EVEN: no masks (whole tiles of rows, whole steps). The first step's words are read before the PDL wait.
     GW2: tl.constexpr = GROUP // 16
@@ -590,17 +607,18 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         words_up = tl.load(wptr + D * KW2) if EVEN else tl.load(wptr + D * KW2, mask=wmask, other=0)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     acc = tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32)
-    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN)
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
     acc_up = acc
     if SILU:
         acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D,
-                          nmask, words_up, GW2, KW2, k_end, KG, EVEN)
+                          nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16)
     for k0 in range(k_start + BLOCK_K2, k_end, BLOCK_K2):
         k2 = k0 + kl
-        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN)
+        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16)
         if SILU:
             acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
-                              EVEN)
+                              EVEN, F16)
     g_start = tl.program_id(2) * G_SPLIT
     g_end = tl.minimum(KG, g_start + G_SPLIT)
     y = _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
@@ -953,7 +971,7 @@ def _gemv(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: 
 
 
 def _h2_takes(x: torch.Tensor, weights: Int4RowWeights) -> bool:
-    """Whether this call can run the h2 kernel: one contiguous, 16-byte aligned bfloat16 row."""
+    """Whether this call can run the h2 kernel: one contiguous, 16-byte aligned bf16/fp16 row."""
     return (x.shape[0] == 1 and x.is_contiguous() and x.data_ptr() % 16 == 0
             and h2_available(weights.group_size, x.dtype) and weights.packed.is_contiguous())
 
