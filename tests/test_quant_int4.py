@@ -36,6 +36,7 @@ from inferneo.quantization.int4_layouts import (
     Int4Codes,
     dequantize,
     pack_canonical,
+    pack_rows,
     unpack_awq,
     unpack_compressed,
     unpack_gptq,
@@ -377,6 +378,20 @@ def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     kernel = select_int4_kernel(torch.device("cuda"), torch.bfloat16, 128, KernelConfig())
     assert kernel is triton_int4.w4a16_linear and kernel.reads_row_layout
     assert select_int4_kernel(torch.device("cuda"), torch.bfloat16, 12, KernelConfig()) is reference_int4_linear
+
+
+def test_which_one_row_calls_take_the_packed_half_kernel(monkeypatch):
+    triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
+    weights = pack_rows(_canonical(16, 256, 32))
+    takes = triton_int4._h2_takes
+    row = torch.randn(1, 256)
+    assert takes(row.bfloat16(), weights) and takes(row.half(), weights)
+    assert not takes(row, weights)  # float32: the GEMV
+    assert not takes(torch.randn(2, 256).bfloat16(), weights)  # two rows: the tensor-core kernel
+    assert not takes(torch.randn(1, 260).bfloat16()[:, 4:], weights)  # not 16-byte aligned: the GEMV
+    assert not takes(row.bfloat16(), pack_rows(_canonical(16, 240, 24)))  # three words a group
+    monkeypatch.setattr(triton_int4, "_capability", lambda device: (7, 5))  # a GPU before bf16 conversions
+    assert not takes(row.bfloat16(), weights) and takes(row.half(), weights)
 
 
 # ---- configs --------------------------------------------------------------------------------------------------

@@ -971,9 +971,17 @@ def _gemv(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: 
 
 
 def _h2_takes(x: torch.Tensor, weights: Int4RowWeights) -> bool:
-    """Whether this call can run the h2 kernel: one contiguous, 16-byte aligned bf16/fp16 row."""
+    """Whether this call can run the h2 kernel: one contiguous, 16-byte aligned bf16/fp16 row (bf16 on compute
+    capability 8.0 or more, where PTX converts float32 pairs to float16 in one instruction)."""
     return (x.shape[0] == 1 and x.is_contiguous() and x.data_ptr() % 16 == 0
-            and h2_available(weights.group_size, x.dtype) and weights.packed.is_contiguous())
+            and h2_available(weights.group_size, x.dtype) and weights.packed.is_contiguous()
+            and (x.dtype != torch.bfloat16 or _capability(x.device) >= (8, 0)))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device; (9, 0) elsewhere (the interpreter runs no PTX)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
