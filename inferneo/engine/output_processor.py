@@ -101,7 +101,6 @@ class OutputProcessor:
         without registering it yet."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        eos = eos_token_ids  # ignore_eos is the core's to apply: a constraint still ends at EOS
         final = kind is OutputKind.FINAL
         sequences, specs = [], []
         for j in range(params.n):
@@ -122,7 +121,8 @@ class OutputProcessor:
                 if final:
                     seq.logprobs = []
             sequences.append(seq)
-            specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos, priority, arrival,
+            # every sequence carries the EOS ids, ignore_eos too: the core applies it (a constraint still ends at EOS)
+            specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos_token_ids, priority, arrival,
                                      lora=lora))
         return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
 

@@ -114,13 +114,15 @@ def function_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
 _SCHEMA_KIND_KEYS = frozenset({"type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "not"})
 
 
+def _is_local_ref(ref: Any) -> bool:
+    """Whether a ``$ref`` value points into its own document (``#`` or ``#/...``)."""
+    return isinstance(ref, str) and (ref == "#" or ref.startswith("#/"))
+
+
 def _has_local_refs(schema: Any) -> bool:
-    """Whether ``schema`` holds a ``$ref`` into its own document (``#`` or ``#/...``)."""
+    """Whether ``schema`` holds a ``$ref`` into its own document."""
     if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
-            return True
-        return any(_has_local_refs(v) for v in schema.values())
+        return _is_local_ref(schema.get("$ref")) or any(_has_local_refs(v) for v in schema.values())
     if isinstance(schema, list):
         return any(_has_local_refs(v) for v in schema)
     return False
@@ -130,9 +132,8 @@ def _rebase_refs(schema: Any, root: str) -> Any:
     """A copy of ``schema`` whose document-local references (``#``, ``#/...``) point below ``root`` instead."""
     if isinstance(schema, dict):
         out = {k: _rebase_refs(v, root) for k, v in schema.items()}
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
-            out["$ref"] = root + ref[1:]
+        if _is_local_ref(schema.get("$ref")):
+            out["$ref"] = root + schema["$ref"][1:]
         return out
     if isinstance(schema, list):
         return [_rebase_refs(v, root) for v in schema]
