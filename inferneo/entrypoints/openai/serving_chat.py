@@ -30,7 +30,7 @@ from inferneo.entrypoints.openai.serving_common import (
     render_chat,
     sampling_params,
     sse,
-    text_token_count,
+    text_tokens,
     usage_of,
 )
 from inferneo.entrypoints.openai.tool_parsers import (
@@ -142,8 +142,8 @@ class _Chat:
 
     def _logprobs(self, choice) -> list[dict[str, Any]]:
         """The chat logprobs of a choice's (or delta's) tokens that are part of its text."""
-        count = text_token_count(choice, self.req.include_stop_str_in_output)
-        return chat_logprobs(choice.token_ids[:count], (choice.logprobs or [])[:count], self.top_k, self.token_bytes)
+        token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output)
+        return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes)
 
     def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """A whole answer as an assistant message (its tool calls split out), and its finish reason."""
@@ -185,8 +185,8 @@ class _Chat:
                 num_completion_tokens += len(choice.token_ids)
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
-                if self.top_k is not None and text_token_count(choice, self.req.include_stop_str_in_output):
-                    logprobs = {"content": self._logprobs(choice)}
+                if self.top_k is not None and (content := self._logprobs(choice)):
+                    logprobs = {"content": content}
                 if not message and logprobs is None and finish_reason is None:
                     continue
                 yield chunk(key, message, logprobs, finish_reason,

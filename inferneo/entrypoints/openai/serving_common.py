@@ -162,14 +162,15 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
 
-def text_token_count(choice, include_stop: bool) -> int:
-    """How many of a choice's (or a streamed delta's) tokens are part of its text: all but the stop token (EOS or a
-    ``stop_token_ids`` entry) that ended it, unless ``include_stop`` (``include_stop_str_in_output``). Their
-    log-probabilities are the ones an answer reports, as OpenAI's match the content's tokens."""
+def text_tokens(choice, include_stop: bool) -> tuple[list[int], list]:
+    """A choice's (or a streamed delta's) token ids and log-probabilities that are part of its text: all but the
+    stop token (EOS or a ``stop_token_ids`` entry) that ended it, unless ``include_stop``
+    (``include_stop_str_in_output``). Their log-probabilities are the ones an answer reports, as OpenAI's match the
+    content's tokens."""
     count = len(choice.token_ids)
     if count and not include_stop and choice.finish_reason == "stop" and not isinstance(choice.stop_reason, str):
-        return count - 1
-    return count
+        count -= 1
+    return choice.token_ids[:count], (choice.logprobs or [])[:count]
 
 
 def conversation_chars(conversation: Conversation) -> int:

@@ -27,7 +27,7 @@ from inferneo.entrypoints.openai.serving_common import (
     event_stream,
     sampling_params,
     sse,
-    text_token_count,
+    text_tokens,
     usage_of,
 )
 from inferneo.outputs import RequestOutput
@@ -90,9 +90,8 @@ class _Completion:
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.req.logprobs is not None:
-                    count = text_token_count(choice, self.req.include_stop_str_in_output)
-                    logprobs = self._logprobs(finals[i], choice.token_ids[:count], (choice.logprobs or [])[:count],
-                                              echo=bool(prefix))
+                    token_ids, token_logprobs = text_tokens(choice, self.req.include_stop_str_in_output)
+                    logprobs = self._logprobs(finals[i], token_ids, token_logprobs, echo=bool(prefix))
                 body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
                 if self.req.prompt_logprobs is not None:
@@ -123,10 +122,9 @@ class _Completion:
                         echo = True
                 num_completion_tokens += len(choice.token_ids)
                 logprobs = None
-                count = text_token_count(choice, req.include_stop_str_in_output)
-                if req.logprobs is not None and (count or echo):
-                    logprobs = self._logprobs(delta, choice.token_ids[:count], (choice.logprobs or [])[:count], echo,
-                                              offsets.get(key, 0))
+                token_ids, token_logprobs = text_tokens(choice, req.include_stop_str_in_output)
+                if req.logprobs is not None and (token_ids or echo):
+                    logprobs = self._logprobs(delta, token_ids, token_logprobs, echo, offsets.get(key, 0))
                     offsets[key] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 if not text and logprobs is None and choice.finish_reason is None:
                     continue
