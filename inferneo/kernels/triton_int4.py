@@ -228,6 +228,24 @@ def _group_sums(words, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
+def _gemv_x_planes(xb, kmask):
+    """The GEMV's activations of words ``xb`` (pointers to each word's first column, [G, W]): the eight planes
+    ``x_j`` in float32, pre-scaled by ``16^-p_j`` (p the position each code is read at, see :func:`_group_sums`:
+    exact powers of two), and their unscaled sum per group [G]."""
+    x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)
+    x1 = tl.load(xb + 1, mask=kmask, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + 2, mask=kmask, other=0.0).to(tl.float32)
+    x3 = tl.load(xb + 3, mask=kmask, other=0.0).to(tl.float32)
+    x4 = tl.load(xb + 4, mask=kmask, other=0.0).to(tl.float32)
+    x5 = tl.load(xb + 5, mask=kmask, other=0.0).to(tl.float32)
+    x6 = tl.load(xb + 6, mask=kmask, other=0.0).to(tl.float32)
+    x7 = tl.load(xb + 7, mask=kmask, other=0.0).to(tl.float32)
+    x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
+    return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625, x5 * 0.00390625,
+            x6 * 0.000244140625, x7 * 0.0000152587890625, x_sum)
+
+
+@triton.jit
 def _dequantized_sum(qw_ptr, s_ptr, z_ptr, rows, rmask, g, gmask, widx, kmask, KW, KG,
                      x0, x1, x2, x3, x4, x5, x6, x7, x_sum):
     """``sum over the tile's groups of s * (sum(q * x) - z * sum(x))`` for output rows ``rows``: [R, G]."""
@@ -284,24 +302,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, K, st
         gmask = g < g_end
         widx = g[:, None] * GW + wl[None, :]  # [BLOCK_G, GW_PAD] word index along K
         kmask = gmask[:, None] & (wl < GW)[None, :]
-        xb = x_ptr + row * stride_xm + widx * 8
-        x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)
-        x1 = tl.load(xb + 1, mask=kmask, other=0.0).to(tl.float32)
-        x2 = tl.load(xb + 2, mask=kmask, other=0.0).to(tl.float32)
-        x3 = tl.load(xb + 3, mask=kmask, other=0.0).to(tl.float32)
-        x4 = tl.load(xb + 4, mask=kmask, other=0.0).to(tl.float32)
-        x5 = tl.load(xb + 5, mask=kmask, other=0.0).to(tl.float32)
-        x6 = tl.load(xb + 6, mask=kmask, other=0.0).to(tl.float32)
-        x7 = tl.load(xb + 7, mask=kmask, other=0.0).to(tl.float32)
-        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
-        # pre-scale by 16^-p, p the position each code is read at (see _group_sums): exact powers of two
-        x1 = x1 * 0.0625
-        x2 = x2 * 0.00390625
-        x3 = x3 * 0.000244140625
-        x4 = x4 * 0.0000152587890625
-        x5 = x5 * 0.00390625
-        x6 = x6 * 0.000244140625
-        x7 = x7 * 0.0000152587890625
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _gemv_x_planes(x_ptr + row * stride_xm + widx * 8, kmask)
         acc += _dequantized_sum(qw_ptr, s_ptr, z_ptr, n, nmask, g, gmask, widx, kmask, KW, KG,
                                 x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
         if SILU:
@@ -365,7 +366,22 @@ _H2_X_F16_PTX: tl.constexpr = tl.constexpr("""{
 # Two words (an int64: sixteen codes of one row and group) times their activation pairs ($2, $3: the first
 # word's four pairs, two to an int64; $4, $5: the second's); zl / zh ($6, $7): -(32 + z / 32) and -(2 + z / 32)
 # in both halves, so that each code becomes (q - z) / 32 exactly; each half lane sums eight products in float16,
-# then the lanes are widened and added.
+# then the lanes are widened and added. _H2_WORD is one word's part: W its register, X its pairs' prefix, and
+# FIRST the first product (a multiply into s for the first word, an fma for the second).
+_H2_WORD = """
+    lop3.b32 a, W, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 b, W, 0x00F000F0, 0x64006400, 0xEA;
+    shr.u32 t, W, 8;
+    lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+    fma.rn.f16x2 a, a, h, $6;
+    fma.rn.f16x2 c, c, h, $6;
+    fma.rn.f16x2 b, b, k, $7;
+    fma.rn.f16x2 d, d, k, $7;
+    FIRST
+    fma.rn.f16x2 s, b, Xb, s;
+    fma.rn.f16x2 s, c, Xc, s;
+    fma.rn.f16x2 s, d, Xd, s;"""
 _H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
     .reg .b32 w0, w1, t, a, b, c, d, s, h, k, xa, xb, xc, xd, ya, yb, yc, yd;
     .reg .b16 lo, hi;
@@ -376,33 +392,10 @@ _H2_WORDS_PTX: tl.constexpr = tl.constexpr("""{
     mov.b64 {ya, yb}, $4;
     mov.b64 {yc, yd}, $5;
     mov.b32 h, 0x28002800;
-    mov.b32 k, 0x18001800;
-    lop3.b32 a, w0, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 b, w0, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 t, w0, 8;
-    lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 a, a, h, $6;
-    fma.rn.f16x2 c, c, h, $6;
-    fma.rn.f16x2 b, b, k, $7;
-    fma.rn.f16x2 d, d, k, $7;
-    mul.rn.f16x2 s, a, xa;
-    fma.rn.f16x2 s, b, xb, s;
-    fma.rn.f16x2 s, c, xc, s;
-    fma.rn.f16x2 s, d, xd, s;
-    lop3.b32 a, w1, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 b, w1, 0x00F000F0, 0x64006400, 0xEA;
-    shr.u32 t, w1, 8;
-    lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
-    lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
-    fma.rn.f16x2 a, a, h, $6;
-    fma.rn.f16x2 c, c, h, $6;
-    fma.rn.f16x2 b, b, k, $7;
-    fma.rn.f16x2 d, d, k, $7;
-    fma.rn.f16x2 s, a, ya, s;
-    fma.rn.f16x2 s, b, yb, s;
-    fma.rn.f16x2 s, c, yc, s;
-    fma.rn.f16x2 s, d, yd, s;
+    mov.b32 k, 0x18001800;"""
+    + _H2_WORD.replace("W", "w0").replace("X", "x").replace("FIRST", "mul.rn.f16x2 s, a, xa;")
+    + _H2_WORD.replace("W", "w1").replace("X", "y").replace("FIRST", "fma.rn.f16x2 s, a, ya, s;")
+    + """
     mov.b32 {lo, hi}, s;
     cvt.f32.f16 f0, lo;
     cvt.f32.f16 f1, hi;
@@ -552,19 +545,9 @@ def _h2_f32_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW, K
         gmask = g < g_end
         widx = g[:, None] * GW + wl[None, :]
         kmask = gmask[:, None] & (wl < GW)[None, :]
-        xb = x_ptr + widx * 8
-        x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)
-        x1 = tl.load(xb + 1, mask=kmask, other=0.0).to(tl.float32)
-        x2 = tl.load(xb + 2, mask=kmask, other=0.0).to(tl.float32)
-        x3 = tl.load(xb + 3, mask=kmask, other=0.0).to(tl.float32)
-        x4 = tl.load(xb + 4, mask=kmask, other=0.0).to(tl.float32)
-        x5 = tl.load(xb + 5, mask=kmask, other=0.0).to(tl.float32)
-        x6 = tl.load(xb + 6, mask=kmask, other=0.0).to(tl.float32)
-        x7 = tl.load(xb + 7, mask=kmask, other=0.0).to(tl.float32)
-        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _gemv_x_planes(x_ptr + widx * 8, kmask)
         acc += _dequantized_sum(qw_ptr, s_ptr, z_ptr, rows, nmask, g, gmask, widx, kmask, KW, KG,
-                                x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625,
-                                x5 * 0.00390625, x6 * 0.000244140625, x7 * 0.0000152587890625, x_sum)
+                                x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     return tl.sum(acc, axis=1)
 
 
