@@ -8,15 +8,7 @@
 #      (moe_suite.py --decode-only).
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/merged_check_run.sh
 # STEPS=0 leaves out part 3; QUANT_SKIP replaces quant_suite's skip list.
-set -u
-OUT=${OUT:?set OUT}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  scratch/quant/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
-'transformers', transformers.__version__)"
-git log -1 --format='tree of commit %h' 2>/dev/null || true
+source benchmarks/gpu/device_env.sh
 mkdir -p "$OUT/tests" "$OUT/gguf" "$OUT/quant" "$OUT/moe"
 
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_runner_logic.py tests/test_triton_ops.py \

@@ -1,26 +1,23 @@
 #!/usr/bin/env bash
 # One device call for the one-row packed-half W4A16 kernel (triton_int4._gemv_h2_kernel; docs/benchmarks.md,
 # "W4A16 at one row in packed half precision"):
-#   1. int4_check.py --rows 1 --write-configs: every one-row launch (the h2 tilings beside the GEMV, the tensor-core
+#   1. int4_check.py --rows 1 --write-configs (CHECK=0 leaves it out: the committed table): every one-row launch (the h2 tilings beside the GEMV, the tensor-core
 #      kernel and tinygemm) checked against F.linear and timed on Llama-2-7B's shapes; the table's one-row
 #      entries rewritten, its other entries kept;
-#   2. w4a16_h2_e2e.py (E2E=0 leaves it out): the engine on tiny AWQ / GPTQ checkpoints, bf16, h2 against the
-#      older kernels and the reference path;
+#   2. w4a16_h2_e2e.py (E2E=0 leaves it out): the engine on tiny AWQ / GPTQ checkpoints, bf16 and fp16, h2
+#      against the older kernels and the reference path;
 #   3. quant_suite.py: bf16, W4A16 and W4A16 + FP8 KV decode steps at batch 1 and 32 in one process, reading the
-#      table just written (SUITE_SKIP replaces the sections left out).
+#      table just written (SUITE_SKIP replaces the sections left out; SUITE_DEADLINE, SUITE_TIMEOUT).
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/w4a16_h2_run.sh
-set -u
-OUT=${OUT:?set OUT}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  scratch/quant/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git log -1 --format='tree of commit %h' 2>/dev/null || true
+source benchmarks/gpu/device_env.sh
 mkdir -p "$OUT/check" "$OUT/quant"
-timeout ${CHECK_TIMEOUT:-220} python3 benchmarks/gpu/int4_check.py --write-configs --rows 1 --out "$OUT/check" \
-  > "$OUT/check/int4_check.log" 2>&1
-echo "int4_check rc=$?"; grep -E "^(best|all|FAILED|--|layer set|SUMMARY)" "$OUT/check/int4_check.log" | cut -c1-400 | tail -24
-cp inferneo/kernels/int4_configs.json "$OUT/check/int4_configs.after.json"
+if [ "${CHECK:-1}" != 0 ]; then
+  timeout ${CHECK_TIMEOUT:-220} python3 benchmarks/gpu/int4_check.py --write-configs --rows 1 --out "$OUT/check" \
+    > "$OUT/check/int4_check.log" 2>&1
+  echo "int4_check rc=$?"
+  grep -E "^(best|all|FAILED|--|layer set|SUMMARY)" "$OUT/check/int4_check.log" | cut -c1-400 | tail -24
+  cp inferneo/kernels/int4_configs.json "$OUT/check/int4_configs.after.json"
+fi
 if [ "${E2E:-1}" != 0 ]; then
   timeout 260 python3 benchmarks/gpu/w4a16_h2_e2e.py --out "$OUT/e2e.jsonl" > "$OUT/e2e.log" 2>&1
   echo "e2e rc=$?"; grep -v shards "$OUT/e2e.log" | tail -5
