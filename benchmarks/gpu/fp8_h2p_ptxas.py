@@ -10,54 +10,32 @@ shapes: 12288,4096 / 4096,4096 / 22016,4096 with gated 1 / 4096,11008). Needs Tr
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from offline_sass import INSTRUCTION, compile_sm90, sass_and_registers  # noqa: E402
 
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
 
-TOOLS = Path(triton.__file__).parent / "backends/nvidia/bin"
 SIGNATURE = {"x_ptr": "*bf16", "x8_ptr": "*i64", "w_ptr": "*fp8e4nv", "w8_ptr": "*i64", "s_ptr": "*fp32",
              "out_ptr": "*bf16", "N": "i32", "stride_wn": "i32", "stride_wn8": "i32"}
 
 
 def compile_h2p(n: int, k: int, bn: int, bk: int, warps: int, stages: int, pre: int, gated: bool):
-    fn = fg._fp8_gemv_h2p_kernel
     constexprs = dict(K=k, SCALE=1, GATED=gated, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, PRE=pre,
                       FB_K=max(16, min(bk, 512 * warps // bn)), EVEN_N=True, PDL=True)
-    sig = {arg: SIGNATURE.get(arg, "constexpr") for arg in fn.arg_names}
-    # what a launch specializes at these shapes: every pointer and integer a multiple of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in SIGNATURE}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compile_sm90(fg._fp8_gemv_h2p_kernel, SIGNATURE, constexprs, warps)
 
 
 def main() -> None:
     for arg in sys.argv[1:]:
         n, k, bn, bk, warps, stages, pre, gated = (int(v) for v in arg.split(","))
         kernel = compile_h2p(n, k, bn, bk, warps, stages, pre, bool(gated))
-        ptx = kernel.asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            cubin.write_bytes(kernel.asm["cubin"])
-            sass = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
-                                  text=True).stdout
-            (Path(tmp) / "k.ptx").write_text(ptx)
-            run = subprocess.run([str(TOOLS / "ptxas"), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
-                                  str(Path(tmp) / "o.cubin")], capture_output=True, text=True)
-        ops = Counter(m.group(1).split(".")[0] for m in
-                      re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)", sass))
-        regs = int(re.findall(r"Used (\d+) registers", run.stderr)[0])
-        spill = re.findall(r"(\d+) bytes spill stores", run.stderr)
+        sass, regs, spill = sass_and_registers(kernel)
+        ops = Counter(m.group(2).split(".")[0] for m in INSTRUCTION.finditer(sass))
         smem = kernel.metadata.shared
         threads = 32 * warps
         per_sm = min(65536 // (regs * threads), 2048 // threads, (228 * 1024) // (smem + 1024), 32)

@@ -11,55 +11,34 @@ Group 128. Needs Triton's bundled ``ptxas`` and ``cuobjdump``.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from offline_sass import INSTRUCTION, compile_sm90, sass_and_registers  # noqa: E402
 
 from inferneo.kernels import triton_int4  # noqa: E402
 
-TOOLS = Path(triton.__file__).parent / "backends/nvidia/bin"
 SIGNATURE = {"x_ptr": "*bf16", "x8_ptr": "*i64", "qw_ptr": "*i32", "qw8_ptr": "*i64", "s_ptr": "*fp32",
              "z_ptr": "*u8", "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "D": "i32", "G_SPLIT": "i32"}
-INSTRUCTION = re.compile(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)")
 
 
 def compile_h2(k: int, block_n: int, words: int, warps: int, silu: bool, split: int):
-    fn = triton_int4._gemv_h2_kernel
     constexprs = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_K2=words // 2, SILU=silu, SPLIT_K=split,
                       LAST_SUMS=split > 1, EVEN=True, PDL=True)
-    signature = {arg: SIGNATURE.get(arg, "constexpr") for arg in fn.arg_names}
-    # what a launch specializes at these shapes: every pointer and integer a multiple of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in SIGNATURE}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compile_sm90(triton_int4._gemv_h2_kernel, SIGNATURE, constexprs, warps)
 
 
 def main() -> None:
     for arg in sys.argv[1:]:
         n, k, block_n, words, warps, silu, split = (int(v) for v in arg.split(","))
-        kernel = compile_h2(k, block_n, words, warps, bool(silu), split)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            cubin.write_bytes(kernel.asm["cubin"])
-            sass = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
-                                  text=True).stdout
-            (Path(tmp) / "k.ptx").write_text(kernel.asm["ptx"])
-            run = subprocess.run([str(TOOLS / "ptxas"), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
-                                  str(Path(tmp) / "o.cubin")], capture_output=True, text=True)
+        sass, regs, spill = sass_and_registers(compile_h2(k, block_n, words, warps, bool(silu), split))
         ops = [(int(m.group(1), 16), m.group(2).split(".")[0]) for m in INSTRUCTION.finditer(sass)]
         loops = [(int(m.group(1), 16), int(m.group(2), 16)) for m in
                  re.finditer(r"/\*([0-9a-f]{4})\*/\s+@!?P\d BRA 0x([0-9a-f]+)", sass)
                  if int(m.group(2), 16) < int(m.group(1), 16)]
-        regs = int(re.findall(r"Used (\d+) registers", run.stderr)[0])
-        spill = re.findall(r"(\d+) bytes spill stores", run.stderr)
         line = f"{arg}: regs {regs} spill {spill} total {len(ops)}"
         if loops:
             end, start = loops[0]  # the K loop: the first backward branch
