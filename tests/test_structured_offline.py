@@ -101,3 +101,19 @@ def test_min_tokens_still_holds_back_the_end_while_the_constraint_can_go_on(llm)
     held = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=80, min_tokens=12,
                                                    structured_outputs={"regex": regex}), use_tqdm=False)[0].outputs[0]
     assert len(held.token_ids) >= 12 and re.fullmatch(regex, held.text), held.text
+
+
+def test_a_stop_string_inside_the_constrained_text_ends_the_answer_there(llm):
+    """Stop strings still apply under a constraint, as in vLLM: the text ends before the stop string (or with it,
+    given include_stop_str_in_output), with finish_reason "stop" and the string as stop_reason."""
+    regex = r"ab,cd,ef"
+    outs = llm.generate([PROMPTS[0]] * 3, [
+        SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": regex}),
+        SamplingParams(temperature=0, max_tokens=40, stop=[","], structured_outputs={"regex": regex}),
+        SamplingParams(temperature=0, max_tokens=40, stop=[","], include_stop_str_in_output=True,
+                       structured_outputs={"regex": regex}),
+    ], use_tqdm=False)
+    whole, cut, kept = (o.outputs[0] for o in outs)
+    assert whole.text == "ab,cd,ef" and whole.finish_reason == "stop" and whole.stop_reason is None
+    assert cut.text == "ab" and cut.finish_reason == "stop" and cut.stop_reason == ","
+    assert kept.text == "ab," and kept.finish_reason == "stop" and kept.stop_reason == ","
