@@ -301,13 +301,24 @@ def choose_layouts(summary: list[dict], shapes: dict) -> dict:
     return out
 
 
+def _row_counts(text: str) -> tuple[int, ...]:
+    """``--rows``: comma-separated positive row counts."""
+    try:
+        rows = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        rows = ()
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"want comma-separated row counts of 1 or more (e.g. 1,16); got {text!r}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--write-configs", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few tiles per shape")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling the candidates first (0: none)")
-    parser.add_argument("--rows", default=None,
+    parser.add_argument("--rows", default=None, type=_row_counts,
                         help="row counts to sweep (default 1,16,32); with --write-configs the table's other "
                              "entries are kept")
     parser.add_argument("--smoke", action="store_true",
@@ -319,7 +330,7 @@ def main() -> int:
     layers = SMOKE_LAYERS if args.smoke else LAYERS
     rows_list = (1, 20) if args.smoke else ROWS
     if args.rows:
-        rows_list = tuple(int(r) for r in args.rows.split(","))
+        rows_list = args.rows
     quick = args.quick or args.smoke
     global TOLERANCE
     if args.smoke:  # bfloat16 tl.dot under the interpreter
