@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -146,21 +147,23 @@ def dot_grid(m: int, quick: bool) -> list[W4A16Config]:
 
 def tc_grid(m: int, n: int, quick: bool) -> list[W4A16Config]:
     """Tensor-core launches: (block_n, groups per step, stages, warps, swap, scale after), each without a split of
-    K, and the first three with K split over 2, 4 and 8 programs, both ways of adding up the parts."""
-    bm = 16 if m <= 16 else 32
+    K and (all but ``--quick``) with K split over 2, 4 and 8 programs, the parts added by the last program. Wide
+    output tiles (128, 256 rows) read each ``x`` tile for more weight bytes; swapped operands put the de-quantized
+    tile on the left of a Hopper ``wgmma`` (its row tile 64 per warp group). Compiled offline for sm_90a, these
+    tilings spill no registers at 16 and 32 rows."""
+    bm = max(16, min(64, triton_int4.rows_bucket(m)))
     if quick:
         base = [(64, 2, 3, 4, False, True), (32, 2, 3, 4, False, False), (64, 2, 3, 4, True, True)]
-        splits = (2,)
-    else:
-        base = [(64, 2, 3, 4, False, True), (32, 2, 3, 4, False, False), (64, 2, 3, 4, True, True),
-                (64, 2, 3, 8, False, True), (32, 2, 3, 4, False, True)]
-        splits = (2, 4, 8)
+        configs = [W4A16Config("tc", bn, bg, bm, num_warps=w, num_stages=st, swap=sw, scale_after=sa)
+                   for bn, bg, st, w, sw, sa in base]
+        return configs + [replace(c, split_k=2, last_sums=last) for last in (False, True) for c in configs]
+    base = [(64, 2, 3, 4, False, True), (64, 2, 3, 4, True, True), (128, 1, 3, 4, False, True),
+            (128, 1, 3, 4, True, True), (128, 1, 4, 4, True, True), (128, 1, 4, 8, True, True),
+            (128, 2, 3, 8, True, True), (128, 2, 3, 4, True, True), (128, 1, 3, 4, True, False),
+            (256, 1, 3, 8, True, True), (256, 1, 4, 8, True, True), (256, 2, 3, 8, True, True)]
     configs = [W4A16Config("tc", bn, bg, bm, num_warps=w, num_stages=st, swap=sw, scale_after=sa)
-               for bn, bg, st, w, sw, sa in base]
-    for sk in splits:
-        for last in (False, True):
-            configs += [replace(c, split_k=sk, last_sums=last) for c in configs[:3]]
-    return configs
+               for bn, bg, st, w, sw, sa in base if bn <= max(64, triton.next_power_of_2(n))]
+    return configs + [replace(c, split_k=sk, last_sums=True) for sk in (2, 4, 8) for c in configs]
 
 
 def candidates(m: int, n: int, k: int, quick: bool) -> list[W4A16Config]:
