@@ -211,12 +211,10 @@ _TRITON_SCRIPT = textwrap.dedent("""
     gemv = W4A16Config("gemv", block_n=64, block_g=4, num_warps=1)
     gemv_split = W4A16Config("gemv", block_n=32, block_g=1, num_warps=1, split_k=2, last_sums=True)
     # the packed-half kernel (one bf16/fp16 row; float32 and more rows fall back to the GEMV):
-    # whole and masked steps and row tiles, K split both ways, one int64 a load (scalar_loads)
+    # whole and masked steps and row tiles, K split both ways
     h2s = (W4A16Config("h2", 8, block_kw=16, num_warps=1), W4A16Config("h2", 32, block_kw=64, num_warps=1),
            W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True),
-           W4A16Config("h2", 8, block_kw=16, num_warps=1, split_k=3),
-           W4A16Config("h2", 8, block_kw=16, num_warps=1, scalar_loads=True),
-           W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True, scalar_loads=True))
+           W4A16Config("h2", 8, block_kw=16, num_warps=1, split_k=3))
     dot = W4A16Config("dot", block_n=64, block_m=32, block_kw=16)
     tcs = (W4A16Config("tc", 16, block_g=2, block_m=16),
            W4A16Config("tc", 16, block_g=1, block_m=32, swap=True, scale_after=False, split_k=2),

@@ -121,12 +121,7 @@ def h2_grid(quick: bool) -> list[W4A16Config]:
     base = [W4A16Config("h2", r, block_kw=kw, num_warps=w)
             for r, kw, w in ((4, 512, 4), (8, 512, 4), (16, 512, 4), (4, 256, 2), (8, 256, 2), (16, 256, 2),
                              (8, 1024, 8), (4, 1024, 8), (2, 512, 4), (8, 128, 1), (16, 128, 1))]
-    # one int64 a load (no shared-memory exchange of the activation pairs): 64 or 128 words a warp
-    scalar = [W4A16Config("h2", r, block_kw=kw, num_warps=w, scalar_loads=True)
-              for r, kw, w in ((8, 256, 4), (16, 256, 4), (4, 256, 4), (8, 128, 2), (16, 128, 2), (8, 512, 4),
-                               (16, 512, 8), (8, 512, 8))]
-    return (base + [replace(c, split_k=sk, last_sums=True) for c in base[:6] for sk in (2, 4)]
-            + scalar + [replace(c, split_k=sk, last_sums=True) for c in scalar[:5] for sk in (2, 4)])
+    return base + [replace(c, split_k=sk, last_sums=True) for c in base[:6] for sk in (2, 4)]
 
 
 def gemv_grid(quick: bool) -> list[W4A16Config]:

@@ -3,8 +3,7 @@
 GPU, then ``ptxas -v`` and ``cuobjdump -sass``: registers, spills, SASS counts of the whole kernel and of its K
 loop (the backward branch's body), and the loop's instructions per int32 weight word.
 
-Arguments: ``N,K,BLOCK_N,WORDS,warps,silu,split[,scalar]`` per tiling (WORDS: int32 words of K a step; scalar 1:
-``scalar_loads``, one int64 a load), e.g.
+Arguments: ``N,K,BLOCK_N,WORDS,warps,silu,split`` per tiling (WORDS: int32 words of K a step), e.g.
 ``12288,4096,8,512,4,0,1`` (Llama-2-7B's shapes: 12288,4096 / 4096,4096 / 11008,4096 with silu 1 / 4096,11008).
 Group 128. Needs Triton's bundled ``ptxas`` and ``cuobjdump``.
 """
@@ -26,17 +25,16 @@ SIGNATURE = {"x_ptr": "*bf16", "x8_ptr": "*i64", "qw_ptr": "*i32", "qw8_ptr": "*
              "z_ptr": "*u8", "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "D": "i32", "G_SPLIT": "i32"}
 
 
-def compile_h2(k: int, block_n: int, words: int, warps: int, silu: bool, split: int, scalar: bool = False):
+def compile_h2(k: int, block_n: int, words: int, warps: int, silu: bool, split: int):
     constexprs = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_K2=words // 2, SILU=silu, SPLIT_K=split,
-                      LAST_SUMS=split > 1, EVEN=True, PDL=True, SCALAR_LOADS=scalar)
+                      LAST_SUMS=split > 1, EVEN=True, PDL=True)
     return compile_sm90(triton_int4._gemv_h2_kernel, SIGNATURE, constexprs, warps)
 
 
 def main() -> None:
     for arg in sys.argv[1:]:
-        n, k, block_n, words, warps, silu, split, *scalar = (int(v) for v in arg.split(","))
-        sass, regs, spill = sass_and_registers(compile_h2(k, block_n, words, warps, bool(silu), split,
-                                                          bool(scalar and scalar[0])))
+        n, k, block_n, words, warps, silu, split = (int(v) for v in arg.split(","))
+        sass, regs, spill = sass_and_registers(compile_h2(k, block_n, words, warps, bool(silu), split))
         ops = [(int(m.group(1), 16), m.group(2).split(".")[0]) for m in INSTRUCTION.finditer(sass)]
         loops = [(int(m.group(1), 16), int(m.group(2), 16)) for m in
                  re.finditer(r"/\*([0-9a-f]{4})\*/\s+@!?P\d BRA 0x([0-9a-f]+)", sass)
@@ -46,10 +44,9 @@ def main() -> None:
             end, start = loops[0]  # the K loop: the first backward branch
             body = Counter(op for addr, op in ops if start <= addr <= end)
             per_thread = block_n * words * (2 if silu else 1) / (32 * warps)
-            bars = body.get("BAR", 0)
             line += (f"; K loop {sum(body.values())} instructions for {per_thread:g} words a thread "
                      f"({sum(body.values()) / per_thread:.1f} a word): "
-                     + " ".join(f"{op} {c}" for op, c in body.most_common(12)) + f"; {bars} barriers")
+                     + " ".join(f"{op} {c}" for op, c in body.most_common(12)))
         print(line)
 
 

@@ -75,9 +75,7 @@ class W4A16Config:
     their float32 sums added atomically into a zeroed float32 output, then rounded to the activation dtype by a
     second launch, or (``last_sums``) each written to a workspace, and the last program of a tile to finish (an
     atomic count per tile) adds them up in a fixed order and writes the output: no zeroing, no second launch, and
-    the same result every run. ``scalar_loads`` (``"h2"``): each thread reads its weight columns one int64 a
-    load, so that the activation pairs are made in the words' own layout (no exchange through shared memory, no
-    barriers), at the cost of separate scale loads for each column."""
+    the same result every run."""
 
     kind: str
     block_n: int
@@ -90,7 +88,6 @@ class W4A16Config:
     scale_after: bool = True
     split_k: int = 1
     last_sums: bool = False
-    scalar_loads: bool = False
     inner_k_tiles: int = 0  # kind "tinygemm" (PyTorch's int4 kernel, in tinygemm_int4.py): its packing's K tiles
 
     def as_dict(self) -> dict:
@@ -569,7 +566,7 @@ def _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW
 def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, G_SPLIT,
                     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
-                    PDL: tl.constexpr, SCALAR_LOADS: tl.constexpr = False):
+                    PDL: tl.constexpr):
     # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
     # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
@@ -582,8 +579,6 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < D
     kl = tl.arange(0, BLOCK_K2)
-    if SCALAR_LOADS:  # the same indices, their contiguity hidden from the compiler: one int64 a load, and the
-        kl = tl.where(kl < BLOCK_K2, kl, 0)  # activations paired in the words' layout (else: 8 barriers a step)
     k_start = tl.program_id(2) * G_SPLIT * GW2
     k_end = tl.minimum(KW2, k_start + G_SPLIT * GW2)
     k2 = k_start + kl
@@ -985,8 +980,7 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
                           weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
                           BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
-                          EVEN=even, PDL=pdl, SCALAR_LOADS=config.scalar_loads, num_warps=config.num_warps,
-                          num_stages=config.num_stages,
+                          EVEN=even, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
                           **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
