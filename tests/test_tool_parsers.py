@@ -61,6 +61,16 @@ HERMES = [
      [("a", {})]),
     ("non-ascii", '<tool_call>{"name": "f", "arguments": {"q": "héllo ☃"}}</tool_call>', "",
      [("f", {"q": "héllo ☃"})]),
+    ("a closing tag inside a string argument", '<tool_call>{"name": "write", "arguments": {"text": "end it with '
+     '</tool_call> here"}}</tool_call> done', " done", [("write", {"text": "end it with </tool_call> here"})]),
+    ("an opening tag inside a string argument", 'Sure. <tool_call>{"name": "w", "arguments": {"t": "<tool_call>x'
+     '</tool_call>"}}</tool_call>', "Sure.", [("w", {"t": "<tool_call>x</tool_call>"})]),
+    ("an escaped quote before a tag in a string", '<tool_call>{"name": "q", "arguments": {"t": "a \\" '
+     '</tool_call> b"}}</tool_call>', "", [("q", {"t": 'a " </tool_call> b'})]),
+    ("a block whose string never ends stays content", '<tool_call>{"name": "a", "arguments": {"t": "x</tool_call>'
+     ' more', '<tool_call>{"name": "a", "arguments": {"t": "x</tool_call> more', []),
+    ("a block that is no JSON ends at its first closing tag", '<tool_call>say "hi</tool_call> then',
+     '<tool_call>say "hi</tool_call> then', []),
 ]
 
 LLAMA3 = [
