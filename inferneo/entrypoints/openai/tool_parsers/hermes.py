@@ -16,6 +16,7 @@ newline a model writes before a block is not content); a call goes out whole whe
 from __future__ import annotations
 
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of
+from inferneo.entrypoints.openai.tool_parsers.json_scan import JsonStrings
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -79,8 +80,7 @@ class _CloseFinder:
     def __init__(self) -> None:
         self.json: bool | None = None  # decided by the block's first non-blank character
         self.pos = 0  # the next character to look at
-        self.in_string = False
-        self.escaped = False
+        self.strings = JsonStrings()
 
     def find(self, text: str) -> int:
         """The index of the closing tag in ``text``, or -1 while there is none yet."""
@@ -92,21 +92,12 @@ class _CloseFinder:
         if not self.json:
             return text.find(CLOSE)
         while self.pos < len(text):
-            ch = text[self.pos]
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
-            elif ch == '"':
-                self.in_string = True
-            elif ch == "<":
+            if text[self.pos] == "<" and not self.strings.in_string:
                 if text.startswith(CLOSE, self.pos):
                     return self.pos
                 if CLOSE.startswith(text[self.pos:]):
                     return -1  # maybe the tag, not all here yet: look again from here
+            self.strings.inside(text[self.pos])
             self.pos += 1
         return -1
 

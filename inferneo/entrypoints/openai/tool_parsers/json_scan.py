@@ -3,6 +3,29 @@
 from __future__ import annotations
 
 
+class JsonStrings:
+    """Which characters of JSON text, fed one at a time in order, lie inside strings."""
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.escaped = False
+
+    def inside(self, ch: str) -> bool:
+        """Whether ``ch``, the text's next character, belongs to a string (its quotes included)."""
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+            return True
+        if ch == '"':
+            self.in_string = True
+            return True
+        return False
+
+
 class JsonEndScanner:
     """Follows brackets and strings through text that starts with ``{`` or ``[``; ``scan`` reports the end of
     that value once it has arrived. Each character is looked at once, however the text is cut into pieces."""
@@ -10,8 +33,7 @@ class JsonEndScanner:
     def __init__(self) -> None:
         self.pos = 0  # the next character of the text to look at
         self.depth = 0
-        self.in_string = False
-        self.escaped = False
+        self.strings = JsonStrings()
 
     def scan(self, text: str) -> int | None:
         """The index just past the value that ``text`` (everything so far, from the value's first character)
@@ -19,16 +41,9 @@ class JsonEndScanner:
         while self.pos < len(text):
             ch = text[self.pos]
             self.pos += 1
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "{[":
+            if self.strings.inside(ch):
+                continue
+            if ch in "{[":
                 self.depth += 1
             elif ch in "}]":
                 self.depth -= 1
