@@ -212,6 +212,7 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "max_position_embeddings": int(get("context_length", 2048)),
         "tie_word_embeddings": header.tensor("output.weight") is None,
         "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
+        "mlp_bias": header.tensor("blk.0.ffn_down.bias") is not None,  # (Llama's mlp_bias: llama.cpp reads them)
         "torch_dtype": "float32",
     }
     if arch in FAMILY_ARCHITECTURES:

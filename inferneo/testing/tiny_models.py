@@ -242,7 +242,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          torch_dtype: torch.dtype = torch.float32,
                          rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
                          num_experts: int = 8, top_k: int = 2, sliding_window: int | None = None,
-                         max_window_layers: int | None = None, mxfp4: bool = False) -> Path:
+                         max_window_layers: int | None = None, mxfp4: bool = False, biases: bool = False) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
@@ -263,7 +263,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     attention ones too); their norm weights are offsets around 0, as Gemma stores them. gpt_oss always has a window
     (:data:`GPT_OSS_SLIDING_WINDOW` tokens unless given) on its even layers, plus attention sinks and biased
     experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and scales
-    with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`). Returns ``path``.
+    with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`). ``biases`` (llama
+    only): biases on the attention and MLP projections (``attention_bias``, ``mlp_bias``). Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -276,13 +277,15 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          "num_kv_heads groups")
     if mxfp4 and arch != "gpt_oss":
         raise ValueError("mxfp4 is only supported for arch='gpt_oss'")
+    if biases and arch != "llama":
+        raise ValueError("biases is only supported for arch='llama'")
     config = _hf_config(
         arch, rope_scaling, num_experts, top_k, _window_options(arch, sliding_window, max_window_layers),
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings, initializer_range=0.2,
         rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
+        pad_token_id=PAD_ID, **({"attention_bias": True, "mlp_bias": True} if biases else {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
