@@ -55,6 +55,7 @@ def sweep(batch: int, context: int, out) -> None:
         kv = scales if name == "fp8" else None
         extra = {"fp8_widen": widen} if name == "fp8" else {}
         nbytes = batch * context * 2 * HEADS * DIM * cache.element_size()
+
         def run(y, launch, cache=cache, kv=kv, extra=extra):
             ops.paged_decode(q, cache, tables, lens, DIM**-0.5, y, kv_scales=kv, **extra, **launch)
 

@@ -150,7 +150,9 @@ def tc_grid(m: int, n: int, quick: bool) -> list[W4A16Config]:
     K and (all but ``--quick``) with K split over 2, 4 and 8 programs, the parts added by the last program. Wide
     output tiles (128, 256 rows) read each ``x`` tile for more weight bytes; swapped operands put the de-quantized
     tile on the left of a Hopper ``wgmma`` (its row tile 64 per warp group). Compiled offline for sm_90a, these
-    tilings spill no registers at 16 and 32 rows."""
+    tilings spill no registers at 16 and 32 rows; at 32 rows the 256-row tile with two groups a step needs more
+    shared memory than an H100 has (the sweep records it as not compiling). On an H100 (2026-12-05) none beat the
+    64-row tile with two groups a step."""
     bm = max(16, min(64, triton_int4.rows_bucket(m)))
     if quick:
         base = [(64, 2, 3, 4, False, True), (32, 2, 3, 4, False, False), (64, 2, 3, 4, True, True)]
