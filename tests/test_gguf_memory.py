@@ -57,6 +57,8 @@ def test_default_model_quantized_load_adds_under_half_the_resident_memory_of_flo
     full = probe(INFERNEO_GGUF_DEQUANTIZE="1")
     # Both include the same fixed costs (tokenizer, kernels, 16 MiB of KV, and since 2026-12-05 the CPU warm-up
     # pass's working set, which stays in the heap). Measured 2026-12-03: 232 MB against 1121 MB; 2026-12-05, with
-    # the warm-up: 295 against 709 MiB. Without giving the replaced full-width layers back to the OS, the quantized
-    # load kept 688 MB.
-    assert quantized <= 0.5 * full, (quantized, full)
+    # the warm-up: 295 against 709 MiB, and over nine fresh processes on a 2-vCPU Xeon later that day the quantized
+    # load ranged 246-363 MiB against 700-742 (0.33-0.52: the warm-up's heap varies from run to run; one CI run
+    # failed the 0.5 this test had). Without giving the replaced full-width layers back to the OS, the quantized
+    # load kept 688 MB (0.97): the bound below still fails that by far.
+    assert quantized <= 0.6 * full, (quantized, full)
