@@ -198,7 +198,7 @@ def gpu_check(out: Path) -> bool:
         assert torch.equal(row_codes(row), codes)
         words = pack_marlin(codes)
         w = dequantize_rows(row)
-        for m in (16, 32):
+        for m in (16, 32, 64):
             x = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), w)
             shipped = choose_config("linear", m, n, k, 128, torch.bfloat16, torch.cuda.get_device_properties(0)
