@@ -10,14 +10,12 @@ Group 128. Needs Triton's bundled ``ptxas`` and ``cuobjdump``.
 
 from __future__ import annotations
 
-import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
-from offline_sass import INSTRUCTION, compile_sm90, sass_and_registers  # noqa: E402
+from offline_sass import INSTRUCTION, compile_sm90, first_loop_ops, sass_and_registers  # noqa: E402
 
 from inferneo.kernels import triton_int4  # noqa: E402
 
@@ -35,14 +33,9 @@ def main() -> None:
     for arg in sys.argv[1:]:
         n, k, block_n, words, warps, silu, split = (int(v) for v in arg.split(","))
         sass, regs, spill = sass_and_registers(compile_h2(k, block_n, words, warps, bool(silu), split))
-        ops = [(int(m.group(1), 16), m.group(2).split(".")[0]) for m in INSTRUCTION.finditer(sass)]
-        loops = [(int(m.group(1), 16), int(m.group(2), 16)) for m in
-                 re.finditer(r"/\*([0-9a-f]{4})\*/\s+@!?P\d BRA 0x([0-9a-f]+)", sass)
-                 if int(m.group(2), 16) < int(m.group(1), 16)]
-        line = f"{arg}: regs {regs} spill {spill} total {len(ops)}"
-        if loops:
-            end, start = loops[0]  # the K loop: the first backward branch
-            body = Counter(op for addr, op in ops if start <= addr <= end)
+        body = first_loop_ops(sass)
+        line = f"{arg}: regs {regs} spill {spill} total {len(INSTRUCTION.findall(sass))}"
+        if body:
             per_thread = block_n * words * (2 if silu else 1) / (32 * warps)
             line += (f"; K loop {sum(body.values())} instructions for {per_thread:g} words a thread "
                      f"({sum(body.values()) / per_thread:.1f} a word): "

@@ -24,7 +24,6 @@ at 32 (the shipped kernel: 3.7 and 5.2), none of them operand moves.
 import argparse
 import functools
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,31 +33,26 @@ import torch.nn.functional as F
 import triton
 import triton.experimental.gluon as gluon
 import triton.experimental.gluon.language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-DEQ = gl.constexpr("""
-{
-.reg .b32 a, b, c, d, t, one;
-mov.b32 one, 0x3F803F80;
-shr.u32 t, $8, 4;
-prmt.b32 a, $8, t, 0x0400;
-prmt.b32 b, $8, t, 0x0501;
-prmt.b32 c, $8, t, 0x0602;
-prmt.b32 d, $8, t, 0x0703;
-lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 b, b, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 c, c, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 d, d, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 a, a, one, $9;
-fma.rn.bf16x2 b, b, one, $9;
-fma.rn.bf16x2 c, c, one, $9;
-fma.rn.bf16x2 d, d, one, $9;
-mov.b32 {$0, $1}, a;
-mov.b32 {$2, $3}, b;
-mov.b32 {$4, $5}, c;
-mov.b32 {$6, $7}, d;
-}
-""")
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+
+from offline_sass import compile_sm90, first_loop_ops, sass_and_registers  # noqa: E402
+
+from inferneo.kernels import triton_int4  # noqa: E402
+from inferneo.kernels.triton_int4 import choose_config, w4a16_linear  # noqa: E402
+from inferneo.quantization.int4_layouts import (  # noqa: E402
+    Int4Codes,
+    dequantize_rows,
+    pack_canonical,
+    pack_rows,
+    row_codes,
+)
+
+# Two codes an instruction into bf16 pairs, q - z exact: the shipped tensor-core kernel's PTX ($8 the word, $9
+# -(128 + z) in both halves; outputs $0..$7 the codes 0..7 of the word)
+DEQ = gl.constexpr(triton_int4._ASM["bf16", False])
 
 
 @gluon.jit
@@ -133,6 +127,8 @@ def pack_marlin(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes ``[N, K]`` (K a multiple of 128) -> int32 words ``[N, K / 8]`` in the kernel's order (module
     docstring)."""
     n, k = codes.shape
+    if k % 128:
+        raise ValueError(f"pack_marlin: {k} columns are not whole groups of 128")
     q = codes.to(torch.int32).view(n, k // 128, 4, 2, 2, 4, 2)  # [n, g, c, a, b, t, e]
     q = q.permute(0, 1, 5, 2, 3, 4, 6).reshape(n, k // 128, 4, 4, 8)  # [n, g, t, c, nibble = 4a + 2b + e]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)
@@ -154,6 +150,9 @@ def w4a16_gluon(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zero
     (``[N, K / 128]``); ``split`` programs along K add float32 parts atomically."""
     m, k = x.shape
     n = words.shape[0]
+    if m > bm or n % bn or k % 128 or words.shape[1] * 8 != k:
+        raise ValueError(f"w4a16_gluon: {m} rows (at most bm = {bm}), {n} outputs (a multiple of bn = {bn}) and "
+                         f"{k} inputs (whole groups of 128, as the words hold) are needed; words {tuple(words.shape)}")
     groups = k // 128
     per = triton.cdiv(groups, split)
     y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((m, n))
@@ -180,9 +179,6 @@ def pack_check() -> bool:
 
 
 def gpu_check(out: Path) -> bool:
-    from inferneo.kernels.triton_int4 import choose_config, w4a16_linear
-    from inferneo.quantization.int4_layouts import Int4RowWeights, dequantize_rows, row_codes
-
     def timed(fn) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=100) * 1000
 
@@ -192,10 +188,8 @@ def gpu_check(out: Path) -> bool:
         codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda", dtype=torch.uint8)
         scales = torch.rand(n, k // 128, generator=gen, device="cuda") * 0.02 + 0.001
         zeros = torch.randint(0, 16, (n, k // 128), generator=gen, device="cuda", dtype=torch.uint8)
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device="cuda")
-        row = Int4RowWeights((codes.to(torch.int32).view(n, k // 8, 8) << shifts).sum(-1, dtype=torch.int32),
-                             scales, zeros, 128)
-        assert torch.equal(row_codes(row), codes)
+        row = pack_rows(pack_canonical(Int4Codes(codes, zeros.t(), scales.t(), 128)))  # the engine's layout
+        assert torch.equal(row_codes(row), codes) and row.perm is None
         words = pack_marlin(codes)
         w = dequantize_rows(row)
         for m in (16, 32, 64):
@@ -209,9 +203,9 @@ def gpu_check(out: Path) -> bool:
             for bn, warps, split in LAUNCHES:
                 key = f"gluon_{bn}_{warps}_{split}"
                 try:
-                    y = w4a16_gluon(x, words, scales, zeros, m, bn, warps, split)
+                    y = w4a16_gluon(x, words, row.scales, row.zeros, m, bn, warps, split)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
-                    line[key] = dict(err=err, us=timed(functools.partial(w4a16_gluon, x, words, scales, zeros, m,
+                    line[key] = dict(err=err, us=timed(functools.partial(w4a16_gluon, x, words, row.scales, row.zeros, m,
                                                                          bn, warps, split)))
                     ok &= err < 1.5e-2
                 except Exception as exc:  # noqa: BLE001 (recorded: the probe goes on)
@@ -230,32 +224,19 @@ SASS_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp32", "z_ptr":
                   "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "G_SPLIT": "i32"}
 
 
+def compile_offline(m: int, bn: int, warps: int):
+    """The kernel at ``m`` rows and ``bn`` columns a program, compiled for sm_90a without a GPU."""
+    return compile_sm90(w4_gluon_kernel, SASS_SIGNATURE, dict(BM=m, BN=bn, NUM_WARPS=warps, ATOMIC=False), warps,
+                        source=GluonASTSource)
+
+
 def sass_counts() -> None:
     """Each launch of :data:`LAUNCHES` at 16 and 32 rows compiled for sm_90a without a GPU: registers, spills and
     the K loop's SASS instructions a code (``offline_sass.py``'s tools)."""
-    from collections import Counter
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from offline_sass import INSTRUCTION, sass_and_registers
-
-    fn = w4_gluon_kernel
     for m in (16, 32):
         for bn, warps in sorted({(bn, warps) for bn, warps, _ in LAUNCHES}):
-            sig = {a: SASS_SIGNATURE.get(a, "constexpr") for a in fn.arg_names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                     if a in SASS_SIGNATURE and a != "M"}
-            src = GluonASTSource(fn=fn, signature=sig, constexprs=dict(BM=m, BN=bn, NUM_WARPS=warps, ATOMIC=False),
-                                 attrs=attrs)
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            sass, regs, spill = sass_and_registers(kernel)
-            ops = [(int(g.group(1), 16), g.group(2).split(".")[0]) for g in INSTRUCTION.finditer(sass)]
-            end, start = next((int(a.group(1), 16), int(a.group(2), 16)) for a in
-                              re.finditer(r"/\*([0-9a-f]{4})\*/\s+@!?P\d BRA 0x([0-9a-f]+)", sass)
-                              if int(a.group(2), 16) < int(a.group(1), 16))
-            body = Counter(op for addr, op in ops if start <= addr <= end)
+            sass, regs, spill = sass_and_registers(compile_offline(m, bn, warps))
+            body = first_loop_ops(sass)
             per_code = sum(body.values()) * 32 * warps / (bn * 128)
             print(f"{m} rows, {bn} columns, {warps} warps: {regs} registers, spills {spill}; K loop "
                   f"{sum(body.values())} instructions, {per_code:.2f} a code: "
@@ -268,7 +249,6 @@ def main() -> int:
     parser.add_argument("--pack-check", action="store_true", help="the repacking alone, on CPU")
     parser.add_argument("--sass", action="store_true", help="compile for sm_90a offline and count SASS")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     if args.pack_check:
         return 0 if pack_check() else 1
     if args.sass:
