@@ -200,6 +200,33 @@ PREWAIT_KERNELS = frozenset({"rotary", "decode", "reduce"})
 PREWAIT_DEFAULT = frozenset({"rotary", "decode"})
 
 
+DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "num_splits")
+
+
+def decode_launch() -> dict[str, int]:
+    """INFERNEO_DECODE_LAUNCH (default empty: the heuristics of ``triton_attention.paged_decode``): a tuning knob
+    for the Triton decode attention's launch, e.g. ``block_n=32,num_warps=2``; keys ``block_n`` (tokens a tile, a
+    power of two from 16 to 256), ``num_warps`` (1, 2, 4 or 8), ``num_stages`` (1 to 4) and ``num_splits`` (>= 1), each
+    replacing the heuristic's value at every launch that does not pass its own. Read at each launch (the benchmarks'
+    same-process A/Bs set it before capturing CUDA graphs). A malformed value raises ``ValueError``."""
+    value = os.environ.get("INFERNEO_DECODE_LAUNCH", "").strip()
+    launch: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, number = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DECODE_LAUNCH_KEYS or not number.strip().isdigit():
+            raise ValueError(f"INFERNEO_DECODE_LAUNCH: {item!r} is not KEY=INTEGER with KEY one of "
+                             f"{', '.join(DECODE_LAUNCH_KEYS)}")
+        launch[key] = int(number)
+    allowed = {"block_n": {16, 32, 64, 128, 256}, "num_warps": {1, 2, 4, 8}, "num_stages": {1, 2, 3, 4}}
+    for key, options in allowed.items():
+        if key in launch and launch[key] not in options:
+            raise ValueError(f"INFERNEO_DECODE_LAUNCH: {key}={launch[key]} is not one of {sorted(options)}")
+    if launch.get("num_splits", 1) < 1:
+        raise ValueError("INFERNEO_DECODE_LAUNCH: num_splits must be at least 1")
+    return launch
+
+
 def prewait_loads() -> frozenset[str]:
     """INFERNEO_PREWAIT_LOADS (default ``rotary,decode``): which latency-bound decode kernels read, before their
     programmatic-dependent-launch wait, what no kernel of the step writes: ``rotary`` (the q/k norm + rotary

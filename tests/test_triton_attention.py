@@ -155,6 +155,48 @@ def test_split_merge_default_one_request_one_query_head_per_kv_head(monkeypatch)
         monkeypatch.delenv("INFERNEO_DECODE_FUSED_REDUCE", raising=False)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(kwargs, grid=grid))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_decode_launch_knob_sets_what_the_call_leaves_unset(monkeypatch):
+    """INFERNEO_DECODE_LAUNCH (a benchmark A/B knob) replaces the heuristic's tile, warps, stages and splits, not
+    what the caller passes; every launch gives the reference's output; a malformed value is refused by name."""
+    spy = _LaunchSpy(ops._decode_kernel)
+    monkeypatch.setattr(ops, "_decode_kernel", spy)
+    q = torch.randn(2, 4, 32)
+    cache = torch.randn(2, 16, 4, 16, 32)
+    tables = torch.arange(16).reshape(2, 8)
+    lens = torch.tensor([100, 37])
+    outs = {}
+    for env, kwargs in (("", {}), ("block_n=16,num_warps=2,num_stages=3,num_splits=4", {}),
+                        ("block_n=16,num_warps=2,num_splits=4", {"num_splits": 1, "block_n": 32})):
+        monkeypatch.setenv("INFERNEO_DECODE_LAUNCH", env)
+        out = torch.empty_like(q)
+        ops.paged_decode(q, cache, tables, lens, 0.2, out, **kwargs)
+        outs[env, tuple(kwargs)] = out
+    default, tuned, explicit = spy.launches
+    assert (tuned["BLOCK_N"], tuned["num_warps"], tuned["num_stages"], tuned["grid"][2]) == (16, 2, 3, 4)
+    assert (explicit["BLOCK_N"], explicit["num_warps"], explicit["num_stages"], explicit["grid"][2]) == (32, 2, 2, 1)
+    assert default["BLOCK_N"] != 16 and default["num_stages"] == 2
+    ref = outs["", ()]
+    for out in outs.values():
+        assert relative_error(out, ref) < 1e-5
+    for bad in ("block_n=48", "warps=2", "num_splits=0", "block_n=32;num_warps=2", "num_warps=two"):
+        monkeypatch.setenv("INFERNEO_DECODE_LAUNCH", bad)
+        with pytest.raises(ValueError, match="INFERNEO_DECODE_LAUNCH"):
+            ops.paged_decode(q, cache, tables, lens, 0.2, torch.empty_like(q))
+
+
 def _norm_rope_reference(x, w, cos, sin, eps, offset):
     """Per-head RMSNorm (rounded to the model dtype as ``RMSNorm`` does) and rotate-half rotary, in PyTorch."""
     dtype, half = x.dtype, x.shape[-1] // 2

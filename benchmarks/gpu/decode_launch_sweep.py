@@ -11,7 +11,9 @@ programs of 32 requests x 32 heads run in 1.55 waves. Smaller tiles and fewer wa
 wave); splits give more, shorter programs.
 
 Each launch is checked against the default launch's output on the same inputs (relative error < 1e-2), then
-timed by ``triton.testing.do_bench`` (median, L2 flushed). Writes ``$OUT/decode_launch_sweep.jsonl``.
+timed by ``triton.testing.do_bench`` (median, L2 flushed). Writes ``$OUT/decode_launch_sweep.jsonl``, and to
+``$OUT/best_launch.txt`` a line ``SHAPE CACHE WIDEN KNOB SPEEDUP`` for each case a launch beat the default in
+(``KNOB``: the ``INFERNEO_DECODE_LAUNCH`` value of that launch, for a same-call ``quant_suite.py --ab``).
 
     python benchmarks/gpu/decode_launch_sweep.py [--out DIR] [--shapes 32x1040,200x640]
 """
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from fp8kv_decode_bench import _cache  # noqa: E402
 
+from inferneo import envs  # noqa: E402
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales  # noqa: E402
 from inferneo.kernels import triton_attention as ops  # noqa: E402
 
@@ -79,6 +82,10 @@ def sweep(batch: int, context: int, out) -> None:
                       default_tbps=round(nbytes / default_us / 1e6, 3), best=best, launches=rows,
                       bad=[r for r in rows if "us" in r and r["rel_err"] >= 1e-2])
         out.write(json.dumps(record) + "\n")
+        if best and best["us"] < default_us:  # the knob's value, for a same-call A/B (INFERNEO_DECODE_LAUNCH)
+            knob = ",".join(f"{key}={best[key]}" for key in envs.DECODE_LAUNCH_KEYS)
+            with open(Path(out.name).with_name("best_launch.txt"), "a") as best_file:
+                best_file.write(f"{batch}x{context} {name} {widen} {knob} {default_us / best['us']:.3f}\n")
         out.flush()
         print(f"{batch:3d} x {context} {name} w{widen}: default {default_us:.1f} us "
               f"({record['default_tbps']:.2f} TB/s); best {best and best['us']} us {best}; "
@@ -91,6 +98,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="32x1040,200x640,256x640,1x1040")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    Path(args.out, "best_launch.txt").unlink(missing_ok=True)
     with open(Path(args.out, "decode_launch_sweep.jsonl"), "w") as out:
         for shape in args.shapes.split(","):
             batch, context = (int(v) for v in shape.split("x"))

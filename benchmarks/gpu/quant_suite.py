@@ -396,7 +396,7 @@ def main() -> int:
     parser.add_argument("--fp8kv-prewait", default="",
                         help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
     parser.add_argument("--ab", action="append", default=[], metavar="LABEL@BASE@VAR=VALUE@...",
-                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv) again with the environment variables "
+                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv, w4a16, w4a16+fp8kv) again with the environment variables "
                         "set (none: the base again), decode steps at --ab-batches and --ab-workloads; repeatable, "
                         "run in the order given after the base sections")
     parser.add_argument("--ab-batches", default="1", help="decode batches of the --ab sections")
@@ -455,7 +455,8 @@ def main() -> int:
         ("gptfast", lambda: sec_gptfast(s), 150),
     ]
     base_kw = {"bf16": {}, "fp8": {"quantization": "fp8"},
-               "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+               "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}, "w4a16": {"awq": True},
+               "w4a16+fp8kv": {"awq": True, "kv_cache_dtype": "fp8"}}
     ab_batches = tuple(int(b) for b in args.ab_batches.split(","))
     ab_workloads = tuple(filter(None, args.ab_workloads.split(",")))
     for spec in args.ab:

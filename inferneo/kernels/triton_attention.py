@@ -531,13 +531,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  sliding_window: int | None = None, logit_softcap: float | None = None,
                  sinks: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None,
                  fused_reduce: bool | None = None, qk_rotary: QKRotary | None = None, fp8_widen: int | None = None,
-                 num_stages: int = 2) -> None:
+                 num_stages: int | None = None) -> None:
     """Attention of one query token per request (``q`` [B, H, D]) over its cached context, into ``out``.
 
     ``block_tables`` [B, W] int64, ``seq_lens`` [B] int64 (>= 1). Capturable in a CUDA graph: the grid and split
     count depend only on shapes. ``num_splits`` and ``use_dot`` (tensor-core scores, padding the query group to
     16 rows; default for groups > 1 and for half precision), ``block_n`` (tokens per tile), ``num_warps`` and
-    ``num_stages`` (Triton's pipelining depth) override the heuristics, for benchmarks. ``pdl``: launch with
+    ``num_stages`` (Triton's pipelining depth, 2 unless set) override the heuristics, for benchmarks, as does
+    ``INFERNEO_DECODE_LAUNCH`` (``envs.decode_launch``) for what the call leaves unset. ``pdl``: launch with
     programmatic dependent launch (None: decided from ``q``, see ``_pdl.pdl_for``). ``sliding_window``,
     ``logit_softcap`` and ``sinks`` (``[H]``) as in ``AttentionBackend.forward``; with a window the splits cover
     only the last ``sliding_window`` tokens. An FP8 cache is read as ``stored * kv_scales`` (per KV head),
@@ -569,7 +570,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     max_len = block_tables.shape[1] * block_size
     if sliding_window is not None:
         max_len = min(max_len, sliding_window)  # the longest span a query scans
-    block_n = block_n or decode_block_n(max_len)
+    tuned = envs.decode_launch()  # INFERNEO_DECODE_LAUNCH: benchmark A/Bs of the launch
+    block_n = block_n or tuned.get("block_n") or decode_block_n(max_len)
+    num_splits = num_splits or tuned.get("num_splits")
+    num_warps = num_warps or tuned.get("num_warps")
+    num_stages = num_stages or tuned.get("num_stages", 2)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, device_sm_count(q.device))
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
