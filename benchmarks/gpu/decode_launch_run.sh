@@ -2,7 +2,8 @@
 # One device call for the batch-32 step's two largest parts (docs/benchmarks.md, "W4A16 at 16 and 32 rows"):
 #   1. w4a16_gluon.py (GLUON=0 leaves it out): the Gluon W4A16 kernel checked against F.linear and timed beside
 #      the shipped tensor-core kernel at 16, 32 and 64 rows;
-#   2. decode_launch_sweep.py at $SHAPES (default 32x1040,200x640): the decode attention's launches, bf16 and FP8;
+#   2. decode_launch_sweep.py at $SHAPES (default 32x1040,200x640) on $CACHES (default bf16:0,fp8:0): the decode
+#      attention's launches;
 #   3. quant_suite.py: bf16, W4A16 + FP8 KV and FP8 + FP8 KV decode steps at batch 32, then each FP8-KV variant
 #      again with INFERNEO_DECODE_LAUNCH set to the sweep's best FP8 launch at 32 x 1,040 (and bf16 with its best
 #      bf16 launch), when one beat the default: the same process, the same weights.
@@ -10,11 +11,11 @@
 source benchmarks/gpu/device_env.sh
 mkdir -p "$OUT/gluon" "$OUT/sweep" "$OUT/quant"
 if [ "${GLUON:-1}" != 0 ]; then
-  timeout ${GLUON_TIMEOUT:-150} python3 benchmarks/gpu/w4a16_gluon.py --out "$OUT/gluon" > "$OUT/gluon/gluon.log" 2>&1
+  timeout ${GLUON_TIMEOUT:-130} python3 benchmarks/gpu/w4a16_gluon.py --out "$OUT/gluon" > "$OUT/gluon/gluon.log" 2>&1
   echo "gluon rc=$?"; grep -vE "^ {4,}" "$OUT/gluon/gluon.log" | tail -c 2500
 fi
-timeout ${SWEEP_TIMEOUT:-150} python3 benchmarks/gpu/decode_launch_sweep.py --out "$OUT/sweep" \
-  --shapes ${SHAPES:-32x1040,200x640} > "$OUT/sweep/sweep.log" 2>&1
+timeout ${SWEEP_TIMEOUT:-140} python3 benchmarks/gpu/decode_launch_sweep.py --out "$OUT/sweep" \
+  --shapes ${SHAPES:-32x1040,200x640} --caches ${CACHES:-bf16:0,fp8:0} > "$OUT/sweep/sweep.log" 2>&1
 echo "sweep rc=$?"; cut -c1-400 "$OUT/sweep/sweep.log" | tail -12
 touch "$OUT/sweep/best_launch.txt"; cat "$OUT/sweep/best_launch.txt"
 fp8=$(awk '$1 == "32x1040" && $2 == "fp8" && $3 == 0 {print $4}' "$OUT/sweep/best_launch.txt")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The decode attention kernel's launch at many requests, swept (issue 20's batch-32 step and W2): tokens a tile,
-warps, pipeline stages and splits of the context, for the bf16 cache and the FP8 (e4m3) cache with both
-widenings, at Llama-2-7B's attention shape (32 query and 32 KV heads of 128, block size 16, tables 2,048 tokens
+warps, pipeline stages and splits of the context, for the bf16 cache and the FP8 (e4m3) cache (``--caches``:
+which, and the FP8 widenings), at Llama-2-7B's attention shape (32 query and 32 KV heads of 128, block size 16, tables 2,048 tokens
 wide as the suites' ``max_model_len`` gives them).
 
 Why: at 32 requests of 1,040 tokens the FP8 kernel reads its bytes at 1.36x the copy bandwidth's time on an H100
@@ -15,7 +15,7 @@ timed by ``triton.testing.do_bench`` (median, L2 flushed). Writes ``$OUT/decode_
 ``$OUT/best_launch.txt`` a line ``SHAPE CACHE WIDEN KNOB SPEEDUP`` for each case a launch beat the default in
 (``KNOB``: the ``INFERNEO_DECODE_LAUNCH`` value of that launch, for a same-call ``quant_suite.py --ab``).
 
-    python benchmarks/gpu/decode_launch_sweep.py [--out DIR] [--shapes 32x1040,200x640]
+    python benchmarks/gpu/decode_launch_sweep.py [--out DIR] [--shapes 32x1040,200x640] [--caches bf16:0,fp8:0]
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales  # noqa: E402
 from inferneo.kernels import triton_attention as ops  # noqa: E402
 
 HEADS, DIM = 32, 128
-CACHES = (("bf16", 0), ("fp8", 0), ("fp8", 2))  # (cache, widening)
 LAUNCHES = [dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
-            for bn, w, st, sp in [*itertools.product((32, 64), (2, 4), (2,), (1, 2, 4)),
+            for bn, w, st, sp in [*itertools.product((32, 64), (2, 4), (2,), (1, 2)),
                                   (64, 4, 3, 1), (32, 4, 3, 1), (32, 2, 3, 1)]]
 
 
-def sweep(batch: int, context: int, out) -> None:
+def sweep(batch: int, context: int, caches_wanted: list[tuple[str, int]], out) -> None:
     device = torch.device("cuda")
     tables, base = _cache(batch, context, 2048, HEADS, DIM, device=device)
     lens = torch.full((batch,), context, dtype=torch.int64, device=device)
@@ -53,7 +52,7 @@ def sweep(batch: int, context: int, out) -> None:
     scales = KVCacheScales.ones(HEADS, device)
     caches = {"bf16": base.to(torch.bfloat16), "fp8": base.to(FP8_KV_DTYPE)}
     del base
-    for name, widen in CACHES:
+    for name, widen in caches_wanted:
         cache = caches[name]
         kv = scales if name == "fp8" else None
         extra = {"fp8_widen": widen} if name == "fp8" else {}
@@ -95,14 +94,16 @@ def sweep(batch: int, context: int, out) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--shapes", default="32x1040,200x640,256x640,1x1040")
+    parser.add_argument("--shapes", default="32x1040,200x640,256x640")
+    parser.add_argument("--caches", default="bf16:0,fp8:0,fp8:2", help="CACHE:WIDEN pairs (WIDEN: fp8_widen)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    caches = [(name, int(widen)) for name, _, widen in (pair.partition(":") for pair in args.caches.split(","))]
     Path(args.out, "best_launch.txt").unlink(missing_ok=True)
     with open(Path(args.out, "decode_launch_sweep.jsonl"), "w") as out:
         for shape in args.shapes.split(","):
             batch, context = (int(v) for v in shape.split("x"))
-            sweep(batch, context, out)
+            sweep(batch, context, caches, out)
     return 0
 
 
