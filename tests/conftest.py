@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from inferneo.testing import make_tiny_checkpoint
+from inferneo.testing.server import RemoteServer
 
 # Engines built in tests take the CPU's first-choice linear kernel instead of timing the candidates at start-up, so
 # the module types a test checks do not depend on the machine's load, and no test writes the user's tune cache.
@@ -72,3 +75,47 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# A ChatML template that renders tools and tool calls as Hermes / Qwen models see them; it refuses arguments given
+# as a string, so a test passes only if the server hands the template decoded arguments, as vLLM does.
+HERMES_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}{% if c.function.arguments is string %}"
+    "{{ raise_exception('arguments must be a mapping') }}{% endif %}"
+    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n"
+    "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def hermes_model_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with the Hermes-style template."""
+    folder = tmp_path_factory.mktemp("tiny-hermes")
+    for item in Path(tiny_llama_dir).iterdir():
+        if item.is_file():
+            (folder / item.name).write_bytes(item.read_bytes())
+    if (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = HERMES_TEMPLATE
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hermes_server(hermes_model_dir):
+    """A real ``inferneo serve`` of the Hermes-template tiny model, named ``tiny`` (one per test module)."""
+    with RemoteServer(hermes_model_dir, "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
+                      "--num-threads", "1", "--disable-access-log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def hermes_client(hermes_server):
+    """The ``openai`` package's client of ``hermes_server``."""
+    return openai.OpenAI(base_url=hermes_server.url("/v1"), api_key="unused", max_retries=0, timeout=120)

@@ -5,7 +5,6 @@ template is Hermes-style (so ``tool_choice: "auto"`` reads ``<tool_call>`` block
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -13,21 +12,6 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
-
-from inferneo.testing.server import RemoteServer
-
-# A ChatML template that renders tools and tool calls as Hermes / Qwen models see them; it refuses arguments given
-# as a string, so a test passes only if the server hands the template decoded arguments, as vLLM does.
-HERMES_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
-    "</tools><|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}{% if c.function.arguments is string %}"
-    "{{ raise_exception('arguments must be a mapping') }}{% endif %}"
-    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n"
-    "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% endif %}"
-)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -49,31 +33,13 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def hermes_model_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The tiny checkpoint with the Hermes-style template."""
-    folder = tmp_path_factory.mktemp("tiny-hermes")
-    for item in Path(tiny_llama_dir).iterdir():
-        if item.is_file():
-            (folder / item.name).write_bytes(item.read_bytes())
-    if (folder / "chat_template.jinja").is_file():
-        (folder / "chat_template.jinja").write_text(HERMES_TEMPLATE)
-    else:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-        config["chat_template"] = HERMES_TEMPLATE
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+def server(hermes_server):
+    return hermes_server
 
 
 @pytest.fixture(scope="module")
-def server(hermes_model_dir):
-    with RemoteServer(hermes_model_dir, "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
-                      "--num-threads", "1", "--disable-access-log") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+def client(hermes_client):
+    return hermes_client
 
 
 def post(server, path, body):

@@ -26,12 +26,14 @@ from inferneo.entrypoints.openai.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
 from inferneo.entrypoints.openai.replicas import health_body, replica_client
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
+from inferneo.entrypoints.openai.serving_responses import create_response
 from inferneo.lora.registry import LoraModule, LoRARegistry
 from inferneo.startup_heap import freeze_startup_heap
 
@@ -97,6 +99,10 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw: Request) -> Response:
+        return await create_response(ctx, body, raw)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:

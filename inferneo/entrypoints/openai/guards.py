@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 
 MiB = 2**20
 PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
-JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
+JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
+                        "/detokenize"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
-_PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input"}
+_PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": None}  # None: one
 _LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
 
@@ -262,7 +263,7 @@ class GuardMiddleware:
                 raise Refusal(400, f"n: {count} {what} x n={n} would start {count * n} sequences; this server "
                                    f"starts at most {g.max_seqs} for one request", "n")
         context = getattr(getattr(self.ctx, "engine", None), "max_model_len", None)
-        for name in ("max_tokens", "max_completion_tokens"):
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = data.get(name)
             if _is_int(value) and context and value > context:
                 raise Refusal(400, f"{name}: {value} is more than the model's context length ({context} tokens, "

@@ -51,7 +51,7 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
 
 
-def _tool_parser(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallParser | None:
+def tool_parser_for(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallParser | None:
     """A fresh parser for one choice's answer, or None when its text is all content."""
     mode = req.tool_mode()
     if mode == "named":
@@ -69,9 +69,22 @@ def tool_call_id() -> str:
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
+    _check_unsupported(req)
+    request_id = random_id("chatcmpl")
+    model, group, num_conversations = await start_chat(ctx, req, request_id, "messages")
+    job = _Chat(request_id, model, req, group, num_conversations, lambda: tool_parser_for(ctx, req), ctx.token_bytes)
+    if req.stream:
+        return event_stream(job.events(), group.abort)
+    return await cancel_on_disconnect(raw, job.response())
+
+
+async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
+                     param: str) -> tuple[str, RequestGroup, int]:
+    """Check ``req``, render its conversations and submit them to the engine as requests ``{request_id}-{i}``:
+    the served model name addressed, the request group, and the number of conversations. An ``APIError`` (4xx) for
+    what cannot run; ``param`` names the field holding the conversation in engine refusals (a prompt too long)."""
     model = ctx.model_name(req.model)
     check_common(req)
-    _check_unsupported(req)
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -84,20 +97,16 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).
     room = min(engine.max_model_len, engine.kv_capacity_tokens)
-    request_id = random_id("chatcmpl")
     requests = []
     for i, ids in enumerate(prompt_ids):
         limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
         params = sampling_params(req, ctx.defaults, limit, logprobs, constraint)
         requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
     try:
-        group = engine.submit(requests, param="messages")
+        group = engine.submit(requests, param=param)
     except Exception as exc:
         raise to_api_error(exc) from None
-    job = _Chat(request_id, model, req, group, len(requests), lambda: _tool_parser(ctx, req), ctx.token_bytes)
-    if req.stream:
-        return event_stream(job.events(), group.abort)
-    return await cancel_on_disconnect(raw, job.response())
+    return model, group, len(requests)
 
 
 class _Chat:

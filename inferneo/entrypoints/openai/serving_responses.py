@@ -1,0 +1,264 @@
+"""``POST /v1/responses``: OpenAI's Responses API over the chat path, whole or as a stream of typed events.
+
+The request becomes a chat request (``protocol_responses.ResponsesRequest.to_chat``) and runs as one; its answer
+leaves as a response object whose ``output`` holds a ``message`` item (the text, as one ``output_text`` part) and
+a ``function_call`` item for each tool call the server's tool-call parser (or a forced ``tool_choice``) found.
+Streamed, the events are OpenAI's: ``response.created``, ``response.in_progress``, then for each item
+``response.output_item.added``, its deltas (``response.output_text.delta`` after ``response.content_part.added``;
+``response.function_call_arguments.delta``) and its ``...done`` events, and last ``response.completed`` (or
+``response.incomplete`` when ``max_output_tokens`` cut the answer) carrying the whole response. Each event is a
+server-sent event named by its type, with a ``sequence_number`` counting from 0; no ``[DONE]`` line follows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from inferneo.engine.request_group import RequestGroup
+from inferneo.entrypoints.openai.protocol import MAX_TOOLS, ChatCompletionRequest, now
+from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
+from inferneo.entrypoints.openai.serving_chat import chat_logprobs, start_chat, tool_call_id, tool_parser_for
+from inferneo.entrypoints.openai.serving_common import (
+    ServerContext,
+    cancel_on_disconnect,
+    collect_finals,
+    event_stream,
+    sse,
+    text_tokens,
+)
+from inferneo.entrypoints.openai.tool_parsers import ParsedPiece, ToolCallParser, parse_all
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Request) -> Response:
+    req.check_supported()
+    chat = req.to_chat()
+    response_id = _item_id("resp")
+    model, group, _ = await start_chat(ctx, chat, response_id, "input")
+    job = _Response(ctx, req, chat, response_id, model, group)
+    if req.stream:
+        return event_stream(job.events(), group.abort)
+    return await cancel_on_disconnect(raw, job.whole())
+
+
+class _Response:
+    """One response in flight."""
+
+    def __init__(self, ctx: ServerContext, req: ResponsesRequest, chat: ChatCompletionRequest, response_id: str,
+                 model: str, group: RequestGroup) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.chat = chat
+        self.id = response_id
+        self.model = model
+        self.group = group
+        self.created_at = now()
+        self.top_k = (req.top_logprobs or 0) if req.wants_logprobs() else None
+        # a grammar forces the answer to be calls (tool_choice required or a named function): no message item
+        self.forced_calls = chat.tool_mode() in ("required", "named")
+        self.max_calls = 1 if req.parallel_tool_calls is False else (req.max_tool_calls or MAX_TOOLS)
+        params = ctx.defaults
+        self.temperature = req.temperature if req.temperature is not None else params.temperature
+        self.top_p = req.top_p if req.top_p is not None else params.top_p
+
+    def new_parser(self) -> ToolCallParser | None:
+        return tool_parser_for(self.ctx, self.chat)
+
+    def logprobs(self, choice) -> list[dict[str, Any]]:
+        """The log-probabilities of a choice's (or delta's) tokens that are part of its text, in the chat shape
+        (which the Responses API's ``output_text.logprobs`` shares)."""
+        if self.top_k is None:
+            return []
+        token_ids, logprobs = text_tokens(choice, False)
+        return chat_logprobs(token_ids, logprobs, self.top_k, self.ctx.token_bytes)
+
+    def body(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+             cut: bool = False) -> dict[str, Any]:
+        """The response object: ``status`` ``in_progress``, ``completed`` or ``incomplete`` (``cut``: by
+        ``max_output_tokens``), the request's settings as they took effect."""
+        req = self.req
+        fmt = req.text.format if req.text is not None and req.text.format is not None else None
+        text = {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}}
+        if req.text is not None and req.text.verbosity is not None:
+            text["verbosity"] = req.text.verbosity
+        tool_choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "completed_at": now() if status != "in_progress" else None, "background": False, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {}, "model": self.model,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": req.reasoning.model_dump() if req.reasoning is not None else None,
+            "service_tier": "default", "store": False, "temperature": self.temperature, "text": text,
+            "tool_choice": tool_choice,
+            "tools": [tool.model_dump(exclude_none=True) for tool in req.tools or ()],
+            "top_logprobs": req.top_logprobs, "top_p": self.top_p, "truncation": "disabled", "usage": usage,
+            "user": req.user,
+        }
+
+    async def whole(self) -> Response:
+        finals = await collect_finals(self.group)
+        final = finals[0]
+        choice = final.outputs[0]
+        parser = self.new_parser()
+        content, calls = parse_all(parser, choice.text) if parser is not None else (choice.text, [])
+        calls = calls[:self.max_calls]
+        cut = choice.finish_reason == "length"
+        output = []
+        if content or not (calls or self.forced_calls):
+            output.append(_message_item(_item_id("msg"), content, self.logprobs(choice) if self.top_k is not None
+                                        else None, "incomplete" if cut else "completed"))
+        output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments, "completed")
+                   for call in calls]
+        usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens)
+        return JSONResponse(self.body("incomplete" if cut else "completed", output, usage, cut))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        stream = _EventWriter(self)
+        yield stream.event("response.created", response=self.body("in_progress", [], None))
+        yield stream.event("response.in_progress", response=self.body("in_progress", [], None))
+        parser = self.new_parser()
+        num_prompt = num_cached = num_output = 0
+        finish_reason = None
+        async for _, delta in self.group:
+            if delta.finished:
+                num_prompt, num_cached = len(delta.prompt_token_ids), delta.num_cached_tokens
+            if not delta.outputs:
+                continue
+            choice = delta.outputs[0]
+            num_output += len(choice.token_ids)
+            if choice.finish_reason is not None:
+                finish_reason = choice.finish_reason
+            if parser is None:
+                parsed = ParsedPiece(content=choice.text)
+            else:
+                parsed = parser.feed(choice.text) if choice.text else ParsedPiece()
+                if choice.finish_reason is not None:
+                    parsed.add(parser.finish())
+            for event in stream.piece(parsed, self.logprobs(choice)):
+                yield event
+        cut = finish_reason == "length"
+        for event in stream.close_all(cut):
+            yield event
+        usage = _usage(num_prompt, num_output, num_cached)
+        status = "incomplete" if cut else "completed"
+        yield stream.event(f"response.{status}", response=self.body(status, stream.output, usage, cut))
+
+
+class _EventWriter:
+    """The output items of a streamed response, opened and closed as the answer's pieces arrive, and the events
+    that say so (numbered in order)."""
+
+    def __init__(self, job: _Response) -> None:
+        self.job = job
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []  # every item opened so far, as it stands
+        self.message: dict[str, Any] | None = None  # the open message item, if any
+        self.calls: dict[int, dict[str, Any]] = {}  # parser call index -> its function_call item
+        self.pending_logprobs: list[dict[str, Any]] = []  # of tokens not yet sent with a text delta
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\n" + sse(payload)
+
+    def piece(self, parsed: ParsedPiece, logprobs: list[dict[str, Any]]) -> list[bytes]:
+        """The events for one parsed piece of the answer (and the log-probabilities of its tokens)."""
+        events: list[bytes] = []
+        self.pending_logprobs += logprobs
+        if parsed.content:
+            if self.message is None:
+                events += self._open_message()
+            part = self.message["content"][0]
+            part["text"] += parsed.content
+            sent, self.pending_logprobs = self.pending_logprobs, []
+            if self.job.top_k is not None:
+                part["logprobs"] += sent
+            events.append(self.event("response.output_text.delta", item_id=self.message["id"],
+                                     output_index=self._index(self.message), content_index=0,
+                                     delta=parsed.content, logprobs=sent))
+        for call in parsed.calls:
+            if call.index >= self.job.max_calls:
+                continue
+            item = self.calls.get(call.index)
+            if item is None:
+                events += self._close_message(False)
+                item = _call_item(_item_id("fc"), tool_call_id(), call.name or "", "", "in_progress")
+                self.calls[call.index] = item
+                self.output.append(item)
+                events.append(self.event("response.output_item.added", output_index=self._index(item),
+                                         item=dict(item)))
+            if call.arguments:
+                item["arguments"] += call.arguments
+                events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                         output_index=self._index(item), delta=call.arguments))
+        return events
+
+    def close_all(self, cut: bool) -> list[bytes]:
+        """The ``...done`` events of every item still open (an empty message when the answer had no item)."""
+        events: list[bytes] = []
+        if not self.output and not self.job.forced_calls:
+            events += self._open_message()
+        events += self._close_message(cut)
+        for item in self.calls.values():
+            item["status"] = "completed"
+            index = self._index(item)
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
+                                     output_index=index, name=item["name"], arguments=item["arguments"]))
+            events.append(self.event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    def _index(self, item: dict[str, Any]) -> int:
+        return next(i for i, other in enumerate(self.output) if other is item)
+
+    def _open_message(self) -> list[bytes]:
+        logprobs = [] if self.job.top_k is not None else None
+        self.message = _message_item(_item_id("msg"), "", logprobs, "in_progress")
+        self.output.append(self.message)
+        index = self._index(self.message)
+        added = {**self.message, "content": []}
+        part = {**self.message["content"][0], "text": ""}
+        return [self.event("response.output_item.added", output_index=index, item=added),
+                self.event("response.content_part.added", item_id=self.message["id"], output_index=index,
+                           content_index=0, part=part)]
+
+    def _close_message(self, cut: bool) -> list[bytes]:
+        message, self.message = self.message, None
+        if message is None:
+            return []
+        message["status"] = "incomplete" if cut else "completed"
+        part = message["content"][0]
+        index = self._index(message)
+        return [self.event("response.output_text.done", item_id=message["id"], output_index=index,
+                           content_index=0, text=part["text"], logprobs=part.get("logprobs") or []),
+                self.event("response.content_part.done", item_id=message["id"], output_index=index,
+                           content_index=0, part=part),
+                self.event("response.output_item.done", output_index=index, item=message)]
+
+
+def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]] | None, status: str) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def _usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
