@@ -5,11 +5,12 @@ checked against the chat endpoint's answers to the same conversations (greedy, s
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
 import pytest
-from test_structured_server import TOOLS
+from test_structured_server import TOOLS, City
 
 FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
 WEATHER_PARAMETERS = TOOLS[0]["function"]["parameters"]
@@ -198,6 +199,28 @@ def test_output_text_logprobs_are_the_chat_logprobs(hermes_client):
                                             top_logprobs=2, include=["message.output_text.logprobs"], stream=True))
     sent = [p for e in streamed if e.type == "response.output_text.delta" for p in e.logprobs]
     assert [p.token for p in sent] == [p.token for p in logprobs]
+
+
+def test_langchain_on_the_responses_api(hermes_server):
+    """LangChain's ``ChatOpenAI(use_responses_api=True)``: a plain answer (equal to the chat endpoint's), a
+    structured one by ``text.format`` and by a forced function call, and a bound tool's call."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    kwargs = dict(base_url=hermes_server.url("/v1"), api_key="unused", model="tiny", max_tokens=200, temperature=0,
+                  max_retries=0)
+    llm = langchain_openai.ChatOpenAI(use_responses_api=True, **kwargs)
+    answer = llm.invoke(QUESTION)
+    chat = langchain_openai.ChatOpenAI(**kwargs).invoke(QUESTION)
+    assert answer.text == chat.text and answer.usage_metadata["output_tokens"] > 0
+    assert isinstance(llm.with_structured_output(City).invoke("Describe a city."), City)
+    assert isinstance(llm.with_structured_output(City, method="function_calling").invoke("Describe a city."), City)
+
+    def get_weather(city: Literal["Paris", "Rome", "Oslo"]) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    (call,) = llm.bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False).invoke(
+        QUESTION).tool_calls
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome", "Oslo")
 
 
 BAD_BODIES = [
