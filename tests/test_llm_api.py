@@ -157,6 +157,24 @@ def test_chat_one_conversation_and_a_list(llm):
     assert two[1].prompt == tok.apply_chat_template(brief, tokenize=False, add_generation_prompt=True)
 
 
+def test_chat_continues_the_final_message(llm):
+    """``continue_final_message``: the prompt ends with the assistant's prefix (no end-of-turn, no new turn), and
+    the answer is what ``generate`` gives for that rendered text."""
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well, the answer is"}]
+    (out,) = llm.chat(conv, greedy(), use_tqdm=False, continue_final_message=True)
+    tok = llm.get_tokenizer()
+    rendered = tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    assert out.prompt == rendered and rendered.endswith("Well, the answer is")
+    assert rendered != tok.apply_chat_template(conv, tokenize=False)  # the turn is left open
+    (plain,) = llm.generate([tok(rendered, add_special_tokens=False).input_ids], greedy(), use_tqdm=False)
+    assert out.prompt_token_ids == plain.prompt_token_ids and out.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(ValueError, match="add_generation_prompt cannot also be true"):
+        llm.chat(conv, greedy(), use_tqdm=False, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="last message to be the assistant's"):
+        llm.chat(conv[:1], greedy(), use_tqdm=False, continue_final_message=True)
+    assert_clean(llm)
+
+
 def test_chat_refuses_what_is_not_a_conversation(llm):
     conv = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="messages is empty"):

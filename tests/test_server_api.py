@@ -350,6 +350,27 @@ def test_tokenize_detokenize_health_version(server, llm):
     assert httpx.get(server.url("/version")).json()["version"]
 
 
+def test_chat_continues_the_final_message(server, client, llm):
+    """vLLM's ``continue_final_message``: the prompt is the conversation up to the assistant's prefix (as
+    ``/tokenize`` and ``LLM.chat`` render it), and the answer is the offline engine's for that prompt; a request that
+    also asks for a new turn, or whose last message is not the assistant's, is a 400 naming the field."""
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well, the answer is"}]
+    answer = client.chat.completions.create(model="tiny", messages=conv, max_tokens=6, temperature=0,
+                                            extra_body={"continue_final_message": True})
+    tokens = post(server, "/tokenize", {"messages": conv, "continue_final_message": True}).json()["tokens"]
+    (offline,) = llm.chat(conv, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False,
+                          continue_final_message=True)
+    assert tokens == offline.prompt_token_ids and answer.usage.prompt_tokens == len(tokens)
+    assert answer.choices[0].message.content == offline.outputs[0].text
+    assert post(server, "/detokenize", {"tokens": tokens}).json()["prompt"].endswith("Well, the answer is")
+    for body in ({"messages": conv, "continue_final_message": True, "add_generation_prompt": True},
+                 {"messages": conv[:1], "continue_final_message": True},
+                 {"messages": conv, "continue_final_message": "yes"}):
+        r = post(server, "/v1/chat/completions", {"model": "tiny", "max_tokens": 2, **body})
+        assert r.status_code == 400, r.text[:300]
+        assert "continue_final_message" in r.json()["error"]["message"]
+
+
 # ---- continuous batching, disconnects ------------------------------------------------------------------------
 
 

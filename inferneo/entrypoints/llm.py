@@ -96,19 +96,28 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         chat_template: str | None = None,
         priority: Sequence[int] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Answer one conversation or a list of them with the model's chat template. Each output's ``prompt`` is
-        its conversation as the template rendered it."""
+        its conversation as the template rendered it. ``add_generation_prompt`` (default: true unless
+        ``continue_final_message``) ends the prompt with a new assistant turn; ``continue_final_message`` instead
+        ends it at the end of each conversation's last message, an assistant's prefix, which the answer
+        continues."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise TypeError("messages must be a conversation (a list of {'role': ..., 'content': ...} dicts) or a "
                             f"list of conversations, got {type(messages).__name__}")
         if not messages:
             raise ValueError("messages is empty: give a conversation or a list of conversations")
         conversations = [messages] if _is_conversation(messages) else list(messages)
-        texts = [self._render_chat(c, add_generation_prompt, chat_template, i) for i, c in enumerate(conversations)]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message, so add_generation_prompt cannot "
+                             "also be true")
+        generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
+        texts = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message)
+                 for i, c in enumerate(conversations)]
         prompt_ids = [self.engine.tokenize(text, add_special_tokens=False) for text in texts]
         return self._run(prompt_ids, sampling_params, priority, use_tqdm, prompt_texts=texts)
 
@@ -120,7 +129,7 @@ class LLM:
         return self.engine.tokenize(text, add_special_tokens=False)
 
     def _render_chat(self, conversation: Conversation, add_generation_prompt: bool, chat_template: str | None,
-                     index: int | None = None) -> str:
+                     index: int | None = None, continue_final_message: bool = False) -> str:
         """A conversation as the chat template renders it; ``ValueError`` for a conversation or template that
         cannot be rendered (``index``: the conversation's place in a list, for the message)."""
         where = "" if index is None else f"conversation {index}: "
@@ -134,10 +143,13 @@ class LLM:
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
+        if continue_final_message and conversation[-1].get("role") != "assistant":
+            raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's")
+        extra = {"continue_final_message": True} if continue_final_message else {}
         try:
             return tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt,
-                                                 chat_template=chat_template)
+                                                 chat_template=chat_template, **extra)
         except TemplateError as exc:  # a template that does not parse, or one that refuses these messages
             raise ValueError(f"{where}the chat template cannot render this conversation: "
                              f"{type(exc).__name__}: {exc}") from None

@@ -91,8 +91,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     conversations = req.conversations()
     prompt_ids = await ctx.tokenize_off_loop(
         sum(map(conversation_chars, conversations)),
-        lambda: [render_chat(ctx.tokenizer, c, req.add_generation_prompt, req.template_kwargs(), tools=tools)
-                 for c in conversations])
+        lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), req.template_kwargs(), tools=tools,
+                             continue_final_message=req.continue_final_message) for c in conversations])
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).

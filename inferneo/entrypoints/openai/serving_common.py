@@ -32,7 +32,8 @@ OFF_LOOP_TEXT_CHARS = 16_384
 
 # Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict",
-                             "return_tensors", "padding", "truncation", "max_length", "tools", "documents"}
+                             "return_tensors", "padding", "truncation", "max_length", "tools", "documents",
+                             "continue_final_message"}
 
 
 @dataclass(slots=True)
@@ -148,13 +149,17 @@ def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
 
 def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool,
                 template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False,
-                tools: list[dict[str, Any]] | None = None) -> list[int]:
+                tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
     """Token ids of a conversation under the model's chat template (as ``LLM.chat`` renders it); ``tools`` (the
-    request's, as ``{"type": "function", "function": {...}}``) go to the template's ``tools`` variable."""
+    request's, as ``{"type": "function", "function": {...}}``) go to the template's ``tools`` variable;
+    ``continue_final_message``: the rendering stops at the end of the last message's text, so the answer continues
+    it."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
     try:
+        if continue_final_message:
+            extra["continue_final_message"] = True
         text = tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja raises its own errors for conversations a template refuses
