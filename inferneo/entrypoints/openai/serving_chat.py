@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -71,18 +72,28 @@ def tool_call_id() -> str:
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
     _check_unsupported(req)
     request_id = random_id("chatcmpl")
-    model, group, num_conversations = await start_chat(ctx, req, request_id, "messages")
-    job = _Chat(request_id, model, req, group, num_conversations, lambda: tool_parser_for(ctx, req), ctx.token_bytes)
+    started = await start_chat(ctx, req, request_id, "messages")
+    job = _Chat(request_id, started.model, req, started.group, started.num_conversations,
+                lambda: tool_parser_for(ctx, req), ctx.token_bytes)
     if req.stream:
-        return event_stream(job.events(), group.abort)
+        return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.response())
 
 
-async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
-                     param: str) -> tuple[str, RequestGroup, int]:
-    """Check ``req``, render its conversations and submit them to the engine as requests ``{request_id}-{i}``:
-    the served model name addressed, the request group, and the number of conversations. An ``APIError`` (4xx) for
-    what cannot run; ``param`` names the field holding the conversation in engine refusals (a prompt too long)."""
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    """A chat request submitted to the engine: the served model name it addressed, its request group (one engine
+    request per conversation) and the number of conversations."""
+
+    model: str
+    group: RequestGroup
+    num_conversations: int
+
+
+async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str, param: str) -> StartedChat:
+    """Check ``req``, render its conversations and submit them to the engine as requests ``{request_id}-{i}``. An
+    ``APIError`` (4xx) for what cannot run; ``param`` names the field holding the conversation in engine refusals
+    (a prompt too long)."""
     model = ctx.model_name(req.model)
     check_common(req)
     constraint = structured_outputs_of(req)
@@ -106,7 +117,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         group = engine.submit(requests, param=param)
     except Exception as exc:
         raise to_api_error(exc) from None
-    return model, group, len(requests)
+    return StartedChat(model, group, len(requests))
 
 
 class _Chat:

@@ -42,10 +42,10 @@ async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Reques
     req.check_supported()
     chat = req.to_chat()
     response_id = _item_id("resp")
-    model, group, _ = await start_chat(ctx, chat, response_id, "input")
-    job = _Response(ctx, req, chat, response_id, model, group)
+    started = await start_chat(ctx, chat, response_id, "input")
+    job = _Response(ctx, req, chat, response_id, started.model, started.group)
     if req.stream:
-        return event_stream(job.events(), group.abort)
+        return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.whole())
 
 
