@@ -4,7 +4,7 @@
 #      the shipped tensor-core kernel at 16, 32 and 64 rows;
 #   2. decode_launch_sweep.py at $SHAPES (default 32x1040,200x640) on $CACHES (default bf16:0,fp8:0): the decode
 #      attention's launches;
-#   3. quant_suite.py: bf16, W4A16 + FP8 KV and FP8 + FP8 KV decode steps at batch 32, then each FP8-KV variant
+#   3. quant_suite.py (SUITE=0 leaves it out): bf16, W4A16 + FP8 KV and FP8 + FP8 KV decode steps at batch 32, then each FP8-KV variant
 #      again with INFERNEO_DECODE_LAUNCH set to the sweep's best FP8 launch at 32 x 1,040 (and bf16 with its best
 #      bf16 launch), when one beat the default: the same process, the same weights.
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/decode_launch_run.sh
@@ -24,6 +24,7 @@ ab=()
 [ -n "$fp8" ] && ab+=(--ab "w4a16+fp8kv-launch@w4a16+fp8kv@INFERNEO_DECODE_LAUNCH=$fp8"
                       --ab "fp8+fp8kv-launch@fp8+fp8kv@INFERNEO_DECODE_LAUNCH=$fp8")
 [ -n "$bf16" ] && ab+=(--ab "bf16-launch@bf16@INFERNEO_DECODE_LAUNCH=$bf16")
+[ "${SUITE:-1}" = 0 ] && exit 0
 timeout ${SUITE_TIMEOUT:-240} python3 benchmarks/gpu/quant_suite.py --deadline ${SUITE_DEADLINE:-230} --workloads "" \
   --decode-batches 32 --ab-batches 32 "${ab[@]}" \
   --skip fp8,fp8-w8a8,fp8-nonorm,w4a16,w4a16-rows,w4a16-tinygemm,fp8-kv,gptfast \
