@@ -9,6 +9,7 @@ from typing import Literal
 
 import httpx
 import jsonschema
+import openai
 import pytest
 from test_structured_server import TOOLS, City
 
@@ -262,6 +263,15 @@ def test_a_bad_request_is_a_400_naming_the_field(hermes_server, case, body, para
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param, (case, error)
+
+
+def test_nothing_is_stored_to_retrieve(hermes_client):
+    """A response's id names nothing afterwards: retrieving, deleting or cancelling it is OpenAI's 404."""
+    response = hermes_client.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    for call in (hermes_client.responses.retrieve, hermes_client.responses.delete, hermes_client.responses.cancel,
+                 hermes_client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError, match="stores no responses"):
+            call(response.id)
 
 
 def test_an_unknown_model_is_a_404_and_the_server_keeps_serving(hermes_server, hermes_client):

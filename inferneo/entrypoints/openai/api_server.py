@@ -16,7 +16,7 @@ from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
-from inferneo.entrypoints.openai.errors import bad_request, error_body, install_error_handlers
+from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from inferneo.entrypoints.openai.protocol import (
@@ -103,6 +103,13 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, raw: Request) -> Response:
         return await create_response(ctx, body, raw)
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.post("/v1/responses/{response_id}/cancel")
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def stored_response(response_id: str) -> Response:
+        raise APIError(404, f"no response {response_id[:80]!r}: this server stores no responses (each answer is "
+                            "returned whole or streamed, and then forgotten)", code="response_not_found")
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
