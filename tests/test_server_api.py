@@ -371,6 +371,34 @@ def test_chat_continues_the_final_message(server, client, llm):
         assert "continue_final_message" in r.json()["error"]["message"]
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client, llm):
+    """vLLM's ``truncate_prompt_tokens``: the last k tokens of each prompt (completions and chat); -1 keeps as many
+    as leave room for max_tokens, so a prompt past the context runs; 0 or more than the context is a 400."""
+    ids = list(range(100, 140))
+    params = SamplingParams(temperature=0, max_tokens=4)
+    answer = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=4, temperature=0,
+                                       extra_body={"truncate_prompt_tokens": 5})
+    expected = llm.generate([ids[-5:], ids[:3]], params, use_tqdm=False)
+    assert answer.usage.prompt_tokens == 5 + 3
+    assert [c.text for c in answer.choices] == [o.outputs[0].text for o in expected]
+    conv = [{"role": "user", "content": "hello there, how are you today?"}]
+    full = client.chat.completions.create(model="tiny", messages=conv, max_tokens=2, temperature=0)
+    cut = client.chat.completions.create(model="tiny", messages=conv, max_tokens=2, temperature=0,
+                                         extra_body={"truncate_prompt_tokens": 6})
+    assert full.usage.prompt_tokens > 6 and cut.usage.prompt_tokens == 6
+    context = llm.engine.max_model_len
+    long_ids = [100 + i % 50 for i in range(context + 10)]
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": long_ids, "max_tokens": 4})
+    assert r.status_code == 400  # too long without truncation
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": long_ids, "max_tokens": 4, "temperature": 0,
+                                         "truncate_prompt_tokens": -1})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["usage"]["prompt_tokens"] == context - 4
+    for bad in (0, context + 1, "5"):
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": ids, "truncate_prompt_tokens": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text[:300]
+
+
 # ---- continuous batching, disconnects ------------------------------------------------------------------------
 
 

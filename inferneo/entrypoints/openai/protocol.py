@@ -196,6 +196,8 @@ class _SamplingBody(_Body):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+    # keep only the prompt's last this many tokens (-1: as many as leave room for the answer)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -219,6 +221,13 @@ class _SamplingBody(_Body):
             raise ValueError("must be a string or a list of strings")
         _cap(len(strings), MAX_STOP_STRINGS, "stop strings")
         _cap(max((len(s) for s in strings), default=0), MAX_STOP_CHARS, "characters in a stop string")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncation(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be at least 1 (the tokens to keep), or -1 (as many as the context leaves room for)")
         return value
 
     @field_validator("stop_token_ids")

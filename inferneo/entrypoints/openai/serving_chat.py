@@ -32,6 +32,7 @@ from inferneo.entrypoints.openai.serving_common import (
     sampling_params,
     sse,
     text_tokens,
+    truncate_prompts,
     usage_of,
 )
 from inferneo.entrypoints.openai.tool_parsers import (
@@ -105,6 +106,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), req.template_kwargs(), tools=tools,
                              continue_final_message=req.continue_final_message) for c in conversations])
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    prompt_ids = truncate_prompts(prompt_ids, req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).
     room = min(engine.max_model_len, engine.kv_capacity_tokens)

@@ -132,6 +132,21 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
         raise to_api_error(exc) from None
 
 
+def truncate_prompts(prompt_ids: list[list[int]], keep: int | None, max_model_len: int,
+                     max_tokens: int | None) -> list[list[int]]:
+    """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (``-1``: as many as leave room in the
+    context for ``max_tokens``, or for one token when that is unset). Unchanged when ``keep`` is None. A ``keep``
+    past the context length is a 400."""
+    if keep is None:
+        return prompt_ids
+    if keep == -1:
+        keep = max(max_model_len - (max_tokens or 1), 1)
+    elif keep > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens: {keep} is more than the model's context length "
+                          f"({max_model_len} tokens)", "truncate_prompt_tokens")
+    return [ids[-keep:] for ids in prompt_ids]
+
+
 def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     """OpenAI's ``logit_bias`` (token ids as JSON object keys, so strings) with integer keys; 400 for a key that is
     not a token id."""

@@ -28,6 +28,7 @@ from inferneo.entrypoints.openai.serving_common import (
     sampling_params,
     sse,
     text_tokens,
+    truncate_prompts,
     usage_of,
 )
 from inferneo.outputs import RequestOutput
@@ -51,6 +52,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prompt_ids = await ctx.tokenize_off_loop(
         sum(len(p) for p in prompts if isinstance(p, str)),
         lambda: [engine.tokenize(p) if isinstance(p, str) else p for p in prompts])
+    truncated = truncate_prompts(prompt_ids, req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
+    cut = [len(t) < len(ids) for t, ids in zip(truncated, prompt_ids, strict=True)]
+    prompt_ids = truncated
     request_id = random_id("cmpl")
     try:
         lora = ctx.lora_for(model)
@@ -60,8 +64,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         raise to_api_error(exc) from None
     echo_texts: list[str] | None = None
     if req.echo:
-        echo_texts = [p if isinstance(p, str) else ctx.tokenizer.decode(ids)
-                      for p, ids in zip(prompts, prompt_ids, strict=True)]
+        echo_texts = [p if isinstance(p, str) and not was_cut else ctx.tokenizer.decode(ids)
+                      for p, ids, was_cut in zip(prompts, prompt_ids, cut, strict=True)]
     job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer)
     if req.stream:
         return event_stream(job.events(), group.abort)
