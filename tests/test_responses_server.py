@@ -251,6 +251,10 @@ BAD_BODIES = [
      "tool_choice"),
     ("a schema format without a schema", {"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
      "text.format"),
+    ("too much metadata", {"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ("too many content parts", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}] * 4097}]},
+     "input"),
+    ("a conversation of another type", {"input": "x", "conversation": 5}, "conversation"),
     ("stream options without a stream", {"input": "x", "stream_options": {"include_obfuscation": False}},
      "stream_options"),
 ]

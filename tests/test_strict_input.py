@@ -42,13 +42,15 @@ from inferneo.entrypoints.openai.protocol import (
     MAX_TOKEN_IDS,
     MAX_TOOLS,
 )
+from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
 from inferneo.testing.server import RemoteServer
 
 BODY_LIMIT = 40 * 2**20
 CMPL, CHAT, TOK, DETOK = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
+RESP = "/v1/responses"
 USER = [{"role": "user", "content": "hi"}]
 BASE = {CMPL: {"prompt": "hi", "max_tokens": 1}, CHAT: {"messages": USER, "max_tokens": 1}, TOK: {"prompt": "hi"},
-        DETOK: {"tokens": [5]}}
+        DETOK: {"tokens": [5]}, RESP: {"input": "hi", "max_output_tokens": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ SAMPLING = {
     "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "list", "skip_special_tokens": "bool",
     "spaces_between_special_tokens": "bool", "include_stop_str_in_output": "bool", "priority": "int",
     "response_format": "object", "structured_outputs": "object", "guided_json": "str|dict", "guided_regex": "str",
-    "guided_choice": "list", "guided_grammar": "str",
+    "guided_choice": "list", "guided_grammar": "str", "truncate_prompt_tokens": "int",
 }
 FIELDS = {
     CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},
@@ -98,13 +100,21 @@ FIELDS = {
            "store": "bool", "service_tier": "str", "add_generation_prompt": "bool", "chat_template_kwargs": "dict",
            "reasoning_effort": "str", "verbosity": "str", "prompt_cache_key": "str", "prompt_cache_retention": "str",
            "safety_identifier": "str", "prediction": "object", "modalities": "list", "audio": "object",
-           "web_search_options": "object"},
+           "web_search_options": "object", "continue_final_message": "bool"},
     TOK: {"model": "str", "prompt": "str", "messages": "messages", "add_special_tokens": "bool",
-          "add_generation_prompt": "bool", "return_token_strs": "bool"},
+          "add_generation_prompt": "bool", "return_token_strs": "bool", "continue_final_message": "bool"},
     DETOK: {"model": "str", "tokens": "list"},
+    RESP: {"model": "str", "input": "str|list", "instructions": "str", "max_output_tokens": "int", "temperature": "float",
+           "top_p": "float", "top_logprobs": "int", "include": "list", "tools": "list", "tool_choice": "str|dict",
+           "parallel_tool_calls": "bool", "max_tool_calls": "int", "text": "object", "reasoning": "object",
+           "stream": "bool", "stream_options": "object", "store": "bool", "background": "bool",
+           "previous_response_id": "str", "conversation": "str|dict", "truncation": "str", "metadata": "dict",
+           "user": "str", "service_tier": "str", "safety_identifier": "str", "prompt_cache_key": "str",
+           "prompt_cache_retention": "str", "seed": "int", "top_k": "int", "min_p": "float",
+           "repetition_penalty": "float", "priority": "int", "structured_outputs": "object"},
 }
 MODELS = {CMPL: protocol.CompletionRequest, CHAT: protocol.ChatCompletionRequest, TOK: protocol.TokenizeRequest,
-          DETOK: protocol.DetokenizeRequest}
+          DETOK: protocol.DetokenizeRequest, RESP: ResponsesRequest}
 # Values of the wrong JSON type for each kind: strings for numbers and booleans, numbers for booleans and strings,
 # booleans for numbers, a decimal number for an integer, containers for scalars and scalars for containers.
 WRONG: dict[str, list[Any]] = {

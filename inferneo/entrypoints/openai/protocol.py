@@ -380,12 +380,7 @@ class ChatCompletionRequest(_SamplingBody):
     @field_validator("metadata")
     @classmethod
     def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None:
-            _cap(len(value), MAX_METADATA_PAIRS, "key-value pairs")
-            for key, text in value.items():
-                _cap(len(key), MAX_METADATA_KEY_CHARS, "characters in a key")
-                _cap(len(text), MAX_METADATA_VALUE_CHARS, "characters in a value")
-        return value
+        return check_metadata(value)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -484,6 +479,16 @@ class DetokenizeRequest(_Body):
 
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
+
+
+def check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    """``metadata`` within OpenAI's caps (``MAX_METADATA_*``); a ``ValueError`` naming the one passed."""
+    if value is not None:
+        _cap(len(value), MAX_METADATA_PAIRS, "key-value pairs")
+        for key, text in value.items():
+            _cap(len(key), MAX_METADATA_KEY_CHARS, "characters in a key")
+            _cap(len(text), MAX_METADATA_VALUE_CHARS, "characters in a value")
+    return value
 
 
 def _check_continue_final_message(req: ChatCompletionRequest | TokenizeRequest) -> None:

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from inferneo.entrypoints.openai.errors import bad_request
 from inferneo.entrypoints.openai.protocol import (
     INT64_MAX,
+    MAX_CONTENT_PARTS,
     MAX_FUNCTION_NAME_CHARS,
     MAX_ID_CHARS,
     MAX_MESSAGES,
@@ -29,6 +30,7 @@ from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     StructuredOutputsBody,
     _Body,
+    check_metadata,
 )
 from inferneo.sampling_params import MAX_LOGPROBS
 
@@ -159,6 +161,18 @@ class ResponsesRequest(_Body):
             raise ValueError(f"at most {MAX_MESSAGES} items")
         return value
 
+    @field_validator("conversation", mode="before")
+    @classmethod
+    def _check_conversation(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | dict):
+            raise ValueError("must be a conversation id (a string) or an object")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_metadata(value)
+
     @field_validator("include")
     @classmethod
     def _check_include(cls, value: list[str] | None) -> list[str] | None:
@@ -288,6 +302,8 @@ def _text_of(content: Any, where: str) -> str:
         return content
     if not isinstance(content, list):
         raise bad_request(f"{where}.content: must be a string or a list of content parts", "input")
+    if len(content) > MAX_CONTENT_PARTS:
+        raise bad_request(f"{where}.content: at most {MAX_CONTENT_PARTS} content parts", "input")
     texts = []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
