@@ -101,6 +101,8 @@ class StreamOptions(_Body):
     include_obfuscation: bool | None = None  # OpenAI pads its chunks against side channels; nothing to do here
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")]
+"""A function's (or a JSON schema's) name: OpenAI's rule, plus ``.``."""
 SchemaValue = Annotated[str | dict[str, Any] | None, BeforeValidator(lambda v: _schema_value(v))]
 """A JSON schema field: an object, or a string holding one (vLLM takes both)."""
 Choices = Annotated[list[str] | None, AfterValidator(lambda v: _check_choices(v))]
@@ -112,7 +114,7 @@ class JsonSchemaFormat(_Body):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FunctionName
     schema_: dict[str, Any] = Field(alias="schema")
     description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     strict: bool | None = None
@@ -156,7 +158,7 @@ class StructuredOutputsBody(_Body):
 class FunctionDefinition(_Body):
     """A function the model may call: ``tools[i].function``."""
 
-    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FunctionName
     description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

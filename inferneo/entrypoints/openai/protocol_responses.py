@@ -28,6 +28,8 @@ from inferneo.entrypoints.openai.protocol import (
     MAX_TEXT_CHARS,
     MAX_TOOLS,
     ChatCompletionRequest,
+    FunctionDefinition,
+    FunctionName,
     StructuredOutputsBody,
     _Body,
     check_metadata,
@@ -41,28 +43,22 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
-class FunctionTool(_Body):
+class FunctionTool(FunctionDefinition):
     """One entry of ``tools``: ``{"type": "function", "name": ..., "parameters": {...}}`` (the Responses API's flat
-    form of a chat ``tools[i].function``)."""
+    form of a chat ``tools[i]``: its ``function`` with the ``type`` beside it)."""
 
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
     def chat_form(self) -> dict[str, Any]:
         """The chat endpoint's shape of this tool."""
-        function = {"name": self.name, "description": self.description, "parameters": self.parameters,
-                    "strict": self.strict}
-        return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
+        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
 
 
 class TextFormat(_Body):
     """``text.format``: ``text``, ``json_object``, or ``json_schema`` with its ``name`` and ``schema`` inline."""
 
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = Field(None, min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FunctionName | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     strict: bool | None = None

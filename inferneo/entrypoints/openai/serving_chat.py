@@ -43,6 +43,7 @@ from inferneo.entrypoints.openai.tool_parsers import (
     parse_all,
 )
 from inferneo.outputs import Logprob
+from inferneo.sampling_params import SamplingParams
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
@@ -84,11 +85,13 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 @dataclass(frozen=True, slots=True)
 class StartedChat:
     """A chat request submitted to the engine: the served model name it addressed, its request group (one engine
-    request per conversation) and the number of conversations."""
+    request per conversation), the number of conversations, and the sampling parameters (the request's settings
+    with the model's defaults filled in; the conversations' differ only in ``max_tokens``)."""
 
     model: str
     group: RequestGroup
     num_conversations: int
+    params: SamplingParams
 
 
 async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str, param: str) -> StartedChat:
@@ -119,7 +122,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         group = engine.submit(requests, param=param)
     except Exception as exc:
         raise to_api_error(exc) from None
-    return StartedChat(model, group, len(requests))
+    return StartedChat(model, group, len(requests), params)
 
 
 class _Chat:

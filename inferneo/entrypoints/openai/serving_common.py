@@ -172,9 +172,9 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    if continue_final_message:
+        extra["continue_final_message"] = True
     try:
-        if continue_final_message:
-            extra["continue_final_message"] = True
         text = tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja raises its own errors for conversations a template refuses

@@ -19,10 +19,15 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from inferneo.engine.request_group import RequestGroup
 from inferneo.entrypoints.openai.protocol import MAX_TOOLS, ChatCompletionRequest, now
 from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
-from inferneo.entrypoints.openai.serving_chat import chat_logprobs, start_chat, tool_call_id, tool_parser_for
+from inferneo.entrypoints.openai.serving_chat import (
+    StartedChat,
+    chat_logprobs,
+    start_chat,
+    tool_call_id,
+    tool_parser_for,
+)
 from inferneo.entrypoints.openai.serving_common import (
     ServerContext,
     cancel_on_disconnect,
@@ -43,7 +48,7 @@ async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Reques
     chat = req.to_chat()
     response_id = _item_id("resp")
     started = await start_chat(ctx, chat, response_id, "input")
-    job = _Response(ctx, req, chat, response_id, started.model, started.group)
+    job = _Response(ctx, req, chat, response_id, started)
     if req.stream:
         return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.whole())
@@ -53,21 +58,20 @@ class _Response:
     """One response in flight."""
 
     def __init__(self, ctx: ServerContext, req: ResponsesRequest, chat: ChatCompletionRequest, response_id: str,
-                 model: str, group: RequestGroup) -> None:
+                 started: StartedChat) -> None:
         self.ctx = ctx
         self.req = req
         self.chat = chat
         self.id = response_id
-        self.model = model
-        self.group = group
+        self.model = started.model
+        self.group = started.group
         self.created_at = now()
         self.top_k = (req.top_logprobs or 0) if req.wants_logprobs() else None
         # a grammar forces the answer to be calls (tool_choice required or a named function): no message item
         self.forced_calls = chat.tool_mode() in ("required", "named")
         self.max_calls = 1 if req.parallel_tool_calls is False else (req.max_tool_calls or MAX_TOOLS)
-        params = ctx.defaults
-        self.temperature = req.temperature if req.temperature is not None else params.temperature
-        self.top_p = req.top_p if req.top_p is not None else params.top_p
+        self.temperature = started.params.temperature  # as sampled: the request's, else the model's default
+        self.top_p = started.params.top_p
 
     def new_parser(self) -> ToolCallParser | None:
         return tool_parser_for(self.ctx, self.chat)
