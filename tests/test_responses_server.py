@@ -255,6 +255,13 @@ BAD_BODIES = [
     ("too many content parts", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}] * 4097}]},
      "input"),
     ("a conversation of another type", {"input": "x", "conversation": 5}, "conversation"),
+    ("a schema the grammar cannot take",
+     {"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "nonsense"}}}},
+     "text.format.schema"),
+    ("tool parameters that are no object schema",
+     {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": 5}}]}, "tools[0].parameters"),
+    ("a call output of another type", {"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]},
+     "input"),
     ("stream options without a stream", {"input": "x", "stream_options": {"include_obfuscation": False}},
      "stream_options"),
 ]
@@ -267,6 +274,7 @@ def test_a_bad_request_is_a_400_naming_the_field(hermes_server, case, body, para
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param, (case, error)
+    assert "response_format" not in error["message"] and "function." not in error["message"], error  # its terms
 
 
 def test_nothing_is_stored_to_retrieve(hermes_client):

@@ -13,11 +13,12 @@ and their checks are the chat endpoint's.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from inferneo.entrypoints.openai.errors import bad_request
+from inferneo.entrypoints.openai.errors import APIError, bad_request
 from inferneo.entrypoints.openai.protocol import (
     INT64_MAX,
     MAX_CONTENT_PARTS,
@@ -241,8 +242,7 @@ class ResponsesRequest(_Body):
             return ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            param = "input" if where.startswith("messages") else where
+            param = responses_param(".".join(str(p) for p in error["loc"]))
             raise bad_request(f"{param}: {error['msg']}", param) from None
 
     def messages(self) -> list[dict[str, Any]]:
@@ -277,6 +277,39 @@ class ResponsesRequest(_Body):
         return messages
 
 
+_CHAT_FIELDS = (  # a chat request's field path (its start) -> the Responses request's field it came from
+    (re.compile(r"messages\b.*"), "input"),
+    (re.compile(r"max_tokens\b"), "max_output_tokens"),
+    (re.compile(r"(top_)?logprobs\b"), "top_logprobs"),
+    (re.compile(r"reasoning_effort\b"), "reasoning.effort"),
+    (re.compile(r"response_format(\.json_schema)?"), "text.format"),
+    (re.compile(r"tools(\[\d+\]|\.\d+)\.function"), lambda m: f"tools[{m.group(1).strip('[].')}]"),
+)
+
+
+def responses_param(chat_param: str | None) -> str | None:
+    """The field of a Responses request that a chat request's field path ``chat_param`` (of :meth:`to_chat`'s
+    request) came from: ``messages...`` is ``input``, ``response_format.json_schema.schema`` is
+    ``text.format.schema``, ``tools[0].function.parameters`` is ``tools[0].parameters``, ...; others are the same."""
+    for pattern, name in _CHAT_FIELDS:
+        match = pattern.match(chat_param or "")
+        if match:
+            return (name(match) if callable(name) else name) + chat_param[match.end():]
+    return chat_param
+
+
+def in_responses_terms(error: APIError) -> APIError:
+    """A chat endpoint's error about :meth:`ResponsesRequest.to_chat`'s request, naming the Responses request's
+    field instead (in ``param`` and where the message starts with it)."""
+    param = responses_param(error.param)
+    if param == error.param:
+        return error
+    message = error.message
+    if error.param and message.startswith(error.param):
+        message = param + message[len(error.param):]
+    return APIError(error.status, message, param, error.code, error.headers)
+
+
 def _string(item: dict[str, Any], key: str, where: str, max_chars: int = MAX_TEXT_CHARS) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -292,21 +325,22 @@ def _allowed_keys(item: dict[str, Any], keys: set[str], where: str) -> None:
         raise bad_request(f"{where}: unknown field {extra[0][:80]!r}", "input")
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A message item's content (a string, or text parts) as one string; 400 for images, files and audio."""
+def _text_of(content: Any, field: str) -> str:
+    """A message item's content or a call output (``field``: where it is, for the error) given as a string or as
+    text parts, as one string; 400 for images, files and audio."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad_request(f"{where}.content: must be a string or a list of content parts", "input")
+        raise bad_request(f"{field}: must be a string or a list of content parts", "input")
     if len(content) > MAX_CONTENT_PARTS:
-        raise bad_request(f"{where}.content: at most {MAX_CONTENT_PARTS} content parts", "input")
+        raise bad_request(f"{field}: at most {MAX_CONTENT_PARTS} content parts", "input")
     texts = []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad_request(f"{where}.content[{j}]: only text parts ({', '.join(_TEXT_PARTS[:2])}) are supported, "
+            raise bad_request(f"{field}[{j}]: only text parts ({', '.join(_TEXT_PARTS[:2])}) are supported, "
                               f"not {str(kind)[:80]!r}", "input")
-        texts.append(_string(part, "text", f"{where}.content[{j}]"))
+        texts.append(_string(part, "text", f"{field}[{j}]"))
     return "".join(texts)
 
 
@@ -315,7 +349,7 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in _MESSAGE_ROLES:
         raise bad_request(f"{where}.role: must be one of {', '.join(_MESSAGE_ROLES)}", "input")
-    return {"role": role, "content": _text_of(item.get("content"), where)}
+    return {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
 
 
 def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -327,6 +361,5 @@ def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _function_output(item: dict[str, Any], where: str) -> dict[str, Any]:
     _allowed_keys(item, {"type", "call_id", "output", "id", "status"}, where)
-    output = item.get("output")
-    content = output if isinstance(output, str) else _text_of(output, f"{where}.output")
-    return {"role": "tool", "tool_call_id": _string(item, "call_id", where, MAX_ID_CHARS), "content": content}
+    return {"role": "tool", "tool_call_id": _string(item, "call_id", where, MAX_ID_CHARS),
+            "content": _text_of(item.get("output"), f"{where}.output")}

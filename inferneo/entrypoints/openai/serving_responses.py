@@ -19,8 +19,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from inferneo.entrypoints.openai.errors import APIError
 from inferneo.entrypoints.openai.protocol import MAX_TOOLS, ChatCompletionRequest, now
-from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
+from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest, in_responses_terms
 from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     chat_logprobs,
@@ -47,7 +48,10 @@ async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Reques
     req.check_supported()
     chat = req.to_chat()
     response_id = _item_id("resp")
-    started = await start_chat(ctx, chat, response_id, "input")
+    try:
+        started = await start_chat(ctx, chat, response_id, "input")
+    except APIError as exc:  # the checks of the chat request: named in this request's terms
+        raise in_responses_terms(exc) from None
     job = _Response(ctx, req, chat, response_id, started)
     if req.stream:
         return event_stream(job.events(), started.group.abort)
