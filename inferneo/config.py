@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from inferneo.kernel_config import KernelConfig
+    from inferneo.spec_decode.config import SpeculativeConfig
 
 # Spellings ``dtype`` accepts, and the torch dtype each names.
 _DTYPES = {
@@ -103,6 +104,21 @@ def _kernels_from_env() -> KernelConfig:
     from inferneo.kernel_config import KernelConfig  # imports torch: only when an engine is configured
 
     return KernelConfig.from_env()
+
+
+def _speculative_config_arg(text: str):
+    from inferneo.spec_decode.config import parse_speculative_config
+
+    try:
+        return parse_speculative_config(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _speculative_config(value: Any):
+    from inferneo.spec_decode.config import parse_speculative_config
+
+    return parse_speculative_config(value)
 
 
 def _memory_size_arg(text: str) -> int:
@@ -181,6 +197,11 @@ class EngineConfig:
     async_scheduling: bool | None = option(
         None, bool, "schedule and queue the next step before the current one's tokens reach the host "
         "(hides the host's per-step work behind the GPU's; default: on for CUDA, off on CPU)")
+    speculative_config: SpeculativeConfig | None = option(
+        None, _speculative_config_arg, "speculative decoding, as JSON: "
+        '{"method": "ngram", "num_speculative_tokens": 4} drafts tokens by prompt lookup (optional keys: '
+        "prompt_lookup_max, default 4; prompt_lookup_min, default 1) and verifies them in one step",
+        metavar="JSON", convert=_speculative_config)
     enable_lora: bool = option(False, bool, "serve LoRA adapters (PEFT folders) picked per request")
     max_loras: int = option(4, int, "LoRA adapters a batch may run at once (the device slots)")
     max_lora_rank: int = option(16, int, "the largest LoRA rank accepted (at most 64)")
@@ -220,6 +241,11 @@ class EngineConfig:
         _positive("max_loras", self.max_loras)
         if not 1 <= self.max_lora_rank <= 64:
             raise ValueError(f"max_lora_rank must be between 1 and 64; got {self.max_lora_rank}")
+        if self.speculative_config is not None and self.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config is not supported with pipeline_parallel_size > 1")
+        if self.speculative_config is not None and self.async_scheduling:
+            raise ValueError("speculative_config runs with synchronous scheduling (a step's drafts come from the "
+                             "tokens of the step before): leave async_scheduling unset or off")
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:

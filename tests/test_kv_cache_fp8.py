@@ -313,7 +313,7 @@ def test_fp8_kv_on_the_torch_backend_and_unknown_dtype(tiny_checkpoint_factory, 
 PARITY_MODEL = Path(__file__).parent / "data" / "parity-llama"
 
 
-def _pattern_prompts(n: int, seed: int = 0) -> list[list[int]]:
+def pattern_prompts(n: int, seed: int = 0) -> list[list[int]]:
     """``n`` prompts of 33-64 tokens for the parity model: each repeats a random pattern of 6-16 distinct tokens
     (ids 3..255) and stops inside a repeat; every other prompt starts with the same 32 tokens (prefix-cache hits)."""
     rng = random.Random(seed)
@@ -341,7 +341,7 @@ def test_trained_parity_model_greedy_agreement_fp8_vs_bf16_kv(tmp_path):
     options = dict(dtype="bfloat16", max_model_len=256, kv_cache_memory="8MiB", max_num_batched_tokens=48,
                    enable_prefix_caching=True, enable_chunked_prefill=True)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    prompts = _pattern_prompts(64)
+    prompts = pattern_prompts(64)
     runs, blocks = {}, {}
     for kv in ("auto", "fp8"):
         llm = LLM(str(folder), kv_cache_dtype=kv, **options)

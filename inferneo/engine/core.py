@@ -19,6 +19,9 @@ from inferneo.engine.scheduler import Scheduler, SchedulerOutput
 from inferneo.pooling.config import PoolingConfig
 from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
+from inferneo.spec_decode.acceptance import accepted_prefix
+from inferneo.spec_decode.config import SpeculativeConfig
+from inferneo.spec_decode.ngram import NgramProposer
 from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
@@ -41,6 +44,9 @@ class EngineStats:
     batch_size_histogram: dict[int, int] = field(default_factory=dict)
     # Structured output: time spent in matchers (taking tokens, filling bitmasks) and the bitmask rows filled.
     grammar: GrammarStats = field(default_factory=GrammarStats)
+    # Speculative decoding: draft tokens verified, and those kept.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class EngineCore:
@@ -64,12 +70,18 @@ class EngineCore:
     on requests the others do not hold, so that every stage has a micro-batch to work on: a new step is scheduled
     (leaving out the requests still in flight) and launched while older ones travel through the stages, and the
     oldest is resolved once P are in flight or nothing else can be scheduled. Asynchronous scheduling is then off.
+
+    With ``speculative`` (speculative decoding, synchronous scheduling only) a decoding request may run its last
+    token and draft tokens in one step (``inferneo.spec_decode``): the step samples a token at each of those
+    positions, and the request keeps the drafts the model confirms plus the model's own next token. Requests
+    whose sampling reads their previous tokens (penalties, ``min_tokens`` not reached) or follows a grammar decode
+    one token at a time, in the same steps.
     """
 
     def __init__(self, runner: Runner, scheduler: Scheduler, max_model_len: int,
                  async_scheduling: bool = False, grammars: GrammarCompiler | None = None,
                  vocab_size: int | None = None, pooling: PoolingConfig | None = None,
-                 pipeline_depth: int = 1):
+                 pipeline_depth: int = 1, speculative: SpeculativeConfig | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.max_model_len = max_model_len
@@ -86,6 +98,13 @@ class EngineCore:
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
         self.lora_slots = None  # the runner's LoRA slots (``inferneo.lora.slots.LoRASlots``); None: LoRA is off
+        self.proposer = None
+        self.speculative = speculative
+        if speculative is not None:
+            if async_scheduling or pipeline_depth > 1:
+                raise ValueError("speculative decoding needs synchronous scheduling and no pipeline parallelism")
+            self.proposer = NgramProposer(speculative)
+            scheduler.propose_drafts = self._propose_drafts
 
     def add_request(self, request: Request) -> None:
         if request.pooling is not None:
@@ -151,6 +170,21 @@ class EngineCore:
             request.grammar = SequenceGrammar(future.result(), request.eos_token_ids)
             self.scheduler.add_request(request)
 
+    def _propose_drafts(self, request: Request, max_drafts: int) -> list[int]:
+        """Draft tokens for a decoding request (the scheduler asks), never past its max_tokens or the context
+        length; none for a request whose sampling depends on its previous tokens or follows a grammar, and none
+        while more requests run than ``disable_by_batch_size``."""
+        params = request.sampling_params
+        limit = self.speculative.disable_by_batch_size
+        if limit is not None and len(self.scheduler.running) > limit:
+            return []
+        if (request.grammar is not None or request.pooling_method is not None
+                or request.num_output_tokens < params.min_tokens or _needs_previous_tokens(request)):
+            return []
+        room = min(max_drafts, request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - request.num_tokens - 1)
+        return self.proposer.propose(request.all_token_ids, room) if room > 0 else []
+
     def snapshot(self) -> EngineSnapshot:
         """The counters right now (for metrics and admission control)."""
         scheduler, kv_cache, stats = self.scheduler, self.scheduler.kv_cache, self.stats
@@ -166,6 +200,8 @@ class EngineCore:
             num_steps=stats.num_steps,
             max_batch_size=stats.max_batch_size,
             batch_size_histogram=dict(stats.batch_size_histogram),
+            num_draft_tokens=stats.num_draft_tokens,
+            num_accepted_tokens=stats.num_accepted_tokens,
         )
 
     def step(self) -> list[CoreOutput]:
@@ -257,27 +293,44 @@ class EngineCore:
         sampled, pooled = plan.sampled, plan.pooled
         collect_step_scores(plan.scored, result.prompt_logprobs)
         outputs: list[CoreOutput] = []
-        for i, (request, token_id) in enumerate(zip(sampled, result.sampled_token_ids, strict=True)):
+        num_rows = sum(1 + len(d) for d in plan.drafts)
+        if len(result.sampled_token_ids) != num_rows:
+            raise RuntimeError(f"the runner sampled {len(result.sampled_token_ids)} tokens for {num_rows} rows")
+        row = 0
+        for request, drafts in zip(sampled, plan.drafts, strict=True):
+            first, row = row, row + 1 + len(drafts)
             if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
                 continue
             if request.max_tokens == 0:  # scoring only (prompt log-probabilities): the sampled token is dropped
                 outputs.append(self._finish_scoring(request))
                 continue
-            request.append_output_token(token_id)
-            stats.num_generation_tokens += 1
-            status, stop_reason = self._check_stop(request, token_id)
-            out = CoreOutput(request.request_id, [token_id], num_cached_tokens=max(request.num_cached_tokens, 0))
+            kept = result.sampled_token_ids[first:row]
+            if drafts:
+                kept = accepted_prefix(drafts, kept)
+                stats.num_draft_tokens += len(drafts)
+                stats.num_accepted_tokens += len(kept) - 1
+            status = stop_reason = None
+            for count, token_id in enumerate(kept, 1):
+                request.append_output_token(token_id)
+                stats.num_generation_tokens += 1
+                status, stop_reason = self._check_stop(request, token_id)
+                if status is not None:
+                    kept = kept[:count]
+                    break
+            out = CoreOutput(request.request_id, kept, num_cached_tokens=max(request.num_cached_tokens, 0))
             if request.prompt_logprobs is not None:
                 out.prompt_logprobs = request.prompt_logprobs.take()
             if result.logprobs is not None:
-                out.logprob_token_ids = [result.logprob_token_ids[i]]
-                out.logprobs = [result.logprobs[i]]
-                out.ranks = [result.sampled_token_ranks[i]]
+                out.logprob_token_ids = result.logprob_token_ids[first : first + len(kept)]
+                out.logprobs = result.logprobs[first : first + len(kept)]
+                out.ranks = result.sampled_token_ranks[first : first + len(kept)]
             if status is not None:
                 request.stop_reason = stop_reason
                 self.scheduler.finish_request(request, status)
                 out.finish_reason = status.finish_reason
                 out.stop_reason = stop_reason
+            elif drafts:
+                self.scheduler.confirm_drafts(request, len(kept) - 1)
             outputs.append(out)
         if pooled:
             outputs += self._fold_pooled(pooled, result.pooled)
@@ -340,33 +393,38 @@ class EngineCore:
         constrained: list[ConstrainedRow] = []
         pooled: list[_PooledChunk] = []
         scored: list[tuple[PromptLogprobsCollector, int]] = []
+        drafts: list[list[int]] = []
+        num_rows = 0  # sampled rows so far (a request with drafts has one per position it verifies)
         for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
             request, num_new = item.request, item.num_new_tokens
             computed = request.num_computed_tokens
             # A token is sampled once every known token (and the one still being sampled, if any) is computed.
             samples = (computed + 1 == request.num_scheduled_tokens if num_new == 1
-                       else computed + num_new == request.num_tokens)
+                       else computed + num_new == request.num_tokens + len(item.draft_token_ids))
             if request.pooling_method is not None:  # an embedding request: pooled, never sampled
                 samples = False
                 pooled.append(_PooledChunk(request, computed, num_new))
             span = None
             if request.prompt_logprobs is not None and (span := request.prompt_logprobs.span(computed, num_new)):
                 scored.append((request.prompt_logprobs, span.count))
-            sequences.append(ScheduledSequence(request.all_token_ids, computed, num_new, request.block_ids,
+            token_ids = request.all_token_ids + item.draft_token_ids if item.draft_token_ids else request.all_token_ids
+            sequences.append(ScheduledSequence(token_ids, computed, num_new, request.block_ids,
                                                request.pending_sample, samples, request.sampling_row,
                                                prompt_logprobs=span, pooling_method=request.pooling_method,
-                                               lora=request.lora))
+                                               lora=request.lora, num_draft_tokens=len(item.draft_token_ids)))
             if samples:
-                if request.grammar is not None:
-                    constrained.append(ConstrainedRow(len(sampled), request.grammar, request.output_token_ids,
+                if request.grammar is not None:  # never drafted: one row each
+                    constrained.append(ConstrainedRow(num_rows, request.grammar, request.output_token_ids,
                                                       request.pending_sample))
                 sampled.append(request)
+                drafts.append(item.draft_token_ids)
+                num_rows += 1 + len(item.draft_token_ids)
         record = StepRecord(sequences, sched.num_batched_tokens)
         if constrained:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
-        return _StepPlan(record, sampled, pooled, scored)
+        return _StepPlan(record, sampled, drafts, pooled, scored)
 
 
 def _constraint_ended(request: Request) -> bool:
@@ -402,11 +460,12 @@ class _Launched:
 @dataclass(slots=True)
 class _StepPlan:
     """What one step runs and what comes back for whom: the runner's record, the requests it samples (in the
-    order of the sampled rows), the embedding requests' chunks it pools and the prompt log-probability collectors
+    order of the sampled rows; one row more than its drafts each), the embedding requests' chunks it pools and the prompt log-probability collectors
     it scores (each with its number of rows)."""
 
     record: StepRecord
     sampled: list[Request]
+    drafts: list[list[int]]  # each sampled request's draft tokens ([] for most): it has 1 + len(drafts) rows
     pooled: list[_PooledChunk] = field(default_factory=list)
     scored: list[tuple[PromptLogprobsCollector, int]] = field(default_factory=list)
 

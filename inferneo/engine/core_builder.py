@@ -88,7 +88,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                           policy=config.scheduling_policy, enable_chunked_prefill=config.enable_chunked_prefill)
     async_scheduling = config.async_scheduling
     if async_scheduling is None:  # measured faster on H100s at TP 1 and 2 (docs/benchmarks.md); no gain on CPU
-        async_scheduling = device.type == "cuda"
+        # Speculation drafts from the tokens of the step before, so it schedules synchronously.
+        async_scheduling = device.type == "cuda" and config.speculative_config is None
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
     pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
@@ -99,7 +100,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         pooling = msgspec.structs.replace(pooling, unsupported="embeddings are not served with pipeline "
                                           "parallelism (--pipeline-parallel-size > 1)")
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
-                      vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size)
+                      vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size,
+                      speculative=config.speculative_config)
     if lora_slots is not None:
         core.lora_slots = lora_slots
         scheduler.max_loras = config.max_loras

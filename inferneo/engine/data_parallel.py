@@ -299,7 +299,9 @@ class DataParallelCoreClient:
             num_generation_tokens=sum(s.num_generation_tokens for s in snaps),
             num_steps=sum(s.num_steps for s in snaps),
             max_batch_size=max(s.max_batch_size for s in snaps),
-            batch_size_histogram=histogram)
+            batch_size_histogram=histogram,
+            num_draft_tokens=sum(s.num_draft_tokens for s in snaps),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in snaps))
 
     def _forward(self, message: StepOutputs) -> None:
         if self._on_message is not None and not self._reported_end:

@@ -114,6 +114,11 @@ class IncrementalDetokenizer:
             self._released = ["".join(self._released)]
         return self._released[0] if self._released else ""
 
+    @property
+    def has_stop_strings(self) -> bool:
+        """Whether the sequence ends at stop strings (so its tokens must be taken one at a time to find where)."""
+        return bool(self._stops)
+
     def get_delta(self) -> str:
         """Text added to ``output_text`` since the previous call, for streaming."""
         delta = "".join(self._unstreamed)

@@ -196,6 +196,14 @@ class OutputProcessor:
 
     def _apply(self, parent: ParentRequest, seq: _Sequence, out: CoreOutput) -> bool:
         """Update one sequence; True when a stop string ended it while the core still runs it."""
+        if len(out.new_token_ids) > 1 and seq.detokenizer is not None and seq.detokenizer.has_stop_strings:
+            # Several tokens at once (speculative decoding): a stop string in one of them ends the sequence
+            # there, so the tokens after it are not part of the output, as without speculation.
+            for piece in _token_by_token(out):
+                self._apply(parent, seq, piece)
+                if seq.finish_reason is not None:
+                    return not out.finished
+            return False
         parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
         if seq.detokenizer is None:  # an embedding request: one output, with the vector, when it finishes
             seq.embedding = out.embedding
@@ -289,3 +297,20 @@ def prompt_logprob_entries(rows: CorePromptLogprobs, top_n: int, decode: Callabl
         entries.append(entry)
     return entries
 
+
+def _token_by_token(out: CoreOutput) -> list[CoreOutput]:
+    """A core output of several tokens as one output per token (prompt log-probabilities with the first, how it
+    ended with the last)."""
+    last = len(out.new_token_ids) - 1
+    pieces = []
+    for i, token_id in enumerate(out.new_token_ids):
+        piece = CoreOutput(out.request_id, [token_id], num_cached_tokens=out.num_cached_tokens,
+                           prompt_logprobs=out.prompt_logprobs if i == 0 else None)
+        if i == last:
+            piece.finish_reason, piece.stop_reason = out.finish_reason, out.stop_reason
+        if out.logprobs is not None:
+            piece.logprob_token_ids = out.logprob_token_ids[i : i + 1]
+            piece.logprobs = out.logprobs[i : i + 1]
+            piece.ranks = out.ranks[i : i + 1]
+        pieces.append(piece)
+    return pieces

@@ -145,6 +145,8 @@ class EngineSnapshot(msgspec.Struct, frozen=True):
     num_steps: int = 0
     max_batch_size: int = 0
     batch_size_histogram: dict[int, int] = {}
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified
+    num_accepted_tokens: int = 0  # and those kept
 
 
 class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inferneo.engine.kv_cache_manager import KVCacheManager
@@ -19,8 +20,12 @@ from inferneo.engine.request import Request, RequestStatus
 
 @dataclass(slots=True)
 class ScheduledRequest:
+    """A request's share of a step: ``num_new_tokens`` tokens to run, the last ``len(draft_token_ids)`` of them
+    draft tokens (speculative decoding) that the step verifies."""
+
     request: Request
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -93,6 +98,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_model_len: int | None = None  # set by the engine core; used with asynchronous scheduling
         self.max_loras = 0  # LoRA: distinct adapters the running batch may hold (0: LoRA is off)
+        # Speculative decoding (set by the engine core): a decoding request's draft tokens for this step, at most
+        # the given number ([] when it takes none); None: speculation is off.
+        self.propose_drafts: Callable[[Request, int], list[int]] | None = None
 
     # ---- request lifecycle -------------------------------------------------------------------------------
 
@@ -140,6 +148,13 @@ class Scheduler:
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             if num_new <= 0 or id(request) in busy_ids or self._ends_with_pending_token(request):
                 index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
+                continue
+            drafts = self._drafts(request, num_new, budget)
+            if drafts and self.kv_cache.allocate_slots(request, 1 + len(drafts)):
+                out.scheduled.append(ScheduledRequest(request, 1 + len(drafts), drafts))
+                scheduled_running.append(request)
+                budget -= 1 + len(drafts)
+                index += 1
                 continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self._pick_victim(exclude=scheduled_running + busy)
@@ -196,6 +211,13 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """Draft tokens for a request decoding its next token (speculation on), within the step's budget; the
+        caller runs them only if the KV cache has room for them too (else the request decodes one token)."""
+        if self.propose_drafts is None or num_new != 1 or budget < 2 or request.pending_sample >= 0:
+            return []
+        return self.propose_drafts(request, budget - 1)
+
     def _running_loras(self) -> set[int]:
         return {r.lora.lora_id for r in self.running if r.lora is not None}
 
@@ -231,5 +253,13 @@ class Scheduler:
             request = item.request
             if request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += item.num_new_tokens
+            # Draft tokens count once they are confirmed (``confirm_drafts``); their KV is written already.
+            request.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
+            self.kv_cache.cache_full_blocks(request)
+
+    def confirm_drafts(self, request: Request, num_confirmed: int) -> None:
+        """``num_confirmed`` draft tokens of the request's last step were kept: their keys and values, written by
+        that step, are now part of the sequence (and full blocks of them join the prefix cache)."""
+        if num_confirmed and request.status == RequestStatus.RUNNING:
+            request.num_computed_tokens += num_confirmed
             self.kv_cache.cache_full_blocks(request)

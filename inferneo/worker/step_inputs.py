@@ -47,6 +47,9 @@ class ScheduledSequence:
     lora: LoraRef | None = None  # the LoRA adapter the sequence runs with
     # The prompt positions of this step to score (the request asked for prompt log-probabilities); None: none.
     prompt_logprobs: PromptLogprobSpan | None = None
+    # Speculative decoding: the last ``num_draft_tokens`` of this step's tokens are drafts (``token_ids`` ends
+    # with them), and the step samples at each of the last ``num_draft_tokens + 1`` positions.
+    num_draft_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -61,8 +64,9 @@ class StepRecord:
 
     @property
     def sampling_rows(self) -> list[SamplingRow]:
-        """The sampling rows of the sequences sampled this step, in the order of the sampled tokens."""
-        return [s.sampling for s in self.sequences if s.samples]
+        """The sampling rows of the sequences sampled this step, in the order of the sampled tokens (a sequence
+        with drafts has one per position it samples)."""
+        return [s.sampling for s in self.sequences if s.samples for _ in range(1 + s.num_draft_tokens)]
 
 
 @dataclass(slots=True, frozen=True)
@@ -153,7 +157,8 @@ def step_layout(items: list[ScheduledSequence], block_size: int, pad_rows: int |
         width = max((len(it.block_ids) for it in items[:num_decode]), default=0)
     prefill_len = sum(-(-(it.num_computed_tokens + it.num_new_tokens) // block_size)
                       for it in items[num_decode:])
-    return Layout(tokens, rows, len(items), width, prefill_len)
+    samples = len(items) + sum(it.num_draft_tokens for it in items)  # room for every row a step may sample
+    return Layout(tokens, rows, samples, width, prefill_len)
 
 
 def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], block_size: int,
@@ -223,10 +228,11 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], b
         table_offset += num_blocks
         offset += n
         if req.samples:
-            sample_rows.append(offset - 1)
+            sample_rows.extend(range(offset - 1 - req.num_draft_tokens, offset))
 
     out.num_tokens = offset
     num_samples = out.num_samples = len(sample_rows)
+    assert num_samples <= lo.samples, f"{num_samples} sampled rows in a layout sized for {lo.samples}"
     buf[lo.sample_rows : lo.sample_rows + num_samples] = sample_rows
     out.samples_are_prefix = sample_rows == list(range(num_samples))
     return out

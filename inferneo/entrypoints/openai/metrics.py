@@ -95,6 +95,10 @@ class _EngineCollector:
         yield counter("prompt_tokens", "Prompt tokens taken by the engine.", snap.num_prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", snap.num_generation_tokens)
         yield counter("engine_steps", "Engine steps run.", snap.num_steps)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding).",
+                      snap.num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens the model confirmed and kept.",
+                      snap.num_accepted_tokens)
         yield _batch_histogram(snap.batch_size_histogram, labels)
         replicas = replica_client(self.engine)
         if replicas is not None:
