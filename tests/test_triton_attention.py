@@ -197,6 +197,34 @@ def test_decode_launch_knob_sets_what_the_call_leaves_unset(monkeypatch):
             ops.paged_decode(q, cache, tables, lens, 0.2, torch.empty_like(q))
 
 
+def test_fp8_cache_decode_takes_narrow_tiles_at_a_few_programs_a_sm(monkeypatch):
+    """An FP8 cache whose unsplit decode has 1-15 (request, KV head) programs a SM takes 32-token tiles and 2 warps
+    (the interpreter counts 8 SMs); fewer programs (the split rule's case), more, a bfloat16 cache, or a tile the
+    caller or INFERNEO_DECODE_LAUNCH sets keep the usual launch. Outputs agree with the usual launch's."""
+    monkeypatch.delenv("INFERNEO_DECODE_LAUNCH", raising=False)
+    spy = _LaunchSpy(ops._decode_kernel)
+    monkeypatch.setattr(ops, "_decode_kernel", spy)
+    scales = KVCacheScales(torch.full((4,), 2.0**-4), torch.full((4,), 2.0**-3))
+    expected = {}
+    for batch, fp8, kwargs, narrow in ((4, True, {}, True), (31, True, {}, True), (1, True, {}, False),
+                                       (32, True, {}, False), (4, False, {}, False), (4, True, {"block_n": 64}, False)):
+        gen = torch.Generator().manual_seed(batch)
+        q = torch.randn(batch, 4, 32, generator=gen, dtype=torch.bfloat16)
+        cache = torch.randn(2, 8 * batch, 4, 16, 32, generator=gen).to(FP8_KV_DTYPE if fp8 else torch.bfloat16)
+        tables = torch.arange(8 * batch).reshape(batch, 8)
+        lens = torch.randint(1, 129, (batch,), generator=gen)
+        assert ops.narrow_fp8_decode_tiles(cache, batch * 4, 8) is (narrow or bool(kwargs))
+        out = torch.empty_like(q)
+        ops.paged_decode(q, cache, tables, lens, 0.2, out, kv_scales=scales if fp8 else None, **kwargs)
+        launch = spy.launches[-1]
+        assert ((launch["BLOCK_N"], launch["num_warps"]) == (32, 2)) is narrow, (batch, fp8, kwargs)
+        if narrow:
+            usual = torch.empty_like(q)
+            ops.paged_decode(q, cache, tables, lens, 0.2, usual, kv_scales=scales, block_n=64, num_warps=4)
+            expected[batch] = relative_error(out.float(), usual.float())
+    assert max(expected.values()) < 1e-2
+
+
 def _norm_rope_reference(x, w, cos, sin, eps, offset):
     """Per-head RMSNorm (rounded to the model dtype as ``RMSNorm`` does) and rotate-half rotary, in PyTorch."""
     dtype, half = x.dtype, x.shape[-1] // 2

@@ -496,6 +496,21 @@ def decode_block_n(max_len: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max_len)))
 
 
+# Programs per SM below which an FP8 cache's unsplit decode takes 32-token tiles and 2 warps (see below).
+_FP8_NARROW_TILES_BELOW = 16
+
+
+def narrow_fp8_decode_tiles(kv_cache: torch.Tensor, num_programs: int, num_sms: int) -> bool:
+    """Whether an FP8 cache's decode takes 32-token tiles with 2 warps: when its (request, KV head) programs need
+    no split (at least one per SM) but are few a SM (under 16). Measured on an H100 (Llama-2-7B's 32 KV heads,
+    e4m3 cache): at 32 requests x 1,040 tokens (8 programs a SM) 118 us a layer against 138 for 64-token tiles and
+    4 warps, and the batch-32 decode step 7.21 ms against 7.74 with W4A16 weights, 8.46 against 8.85 with FP8
+    weights; at 200 requests x 640 tokens (48 a SM) 410 us against 392, so not there (docs/benchmarks.md, "The
+    decode launch for an FP8 cache at 32 requests"). More programs in flight a SM, each with fewer registers, keep
+    more of the narrow FP8 loads in the air."""
+    return is_fp8_kv_cache(kv_cache) and num_sms <= num_programs < _FP8_NARROW_TILES_BELOW * num_sms
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, num_sms: int,
                       split_tiles: int | None = None) -> int:
     """Splits of the context for flash-decoding, from static shapes only.
@@ -571,12 +586,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if sliding_window is not None:
         max_len = min(max_len, sliding_window)  # the longest span a query scans
     tuned = envs.decode_launch()  # INFERNEO_DECODE_LAUNCH: benchmark A/Bs of the launch
-    block_n = block_n or tuned.get("block_n") or decode_block_n(max_len)
+    block_n = block_n or tuned.get("block_n")
     num_splits = num_splits or tuned.get("num_splits")
     num_warps = num_warps or tuned.get("num_warps")
     num_stages = num_stages or tuned.get("num_stages", 2)
+    num_sms = device_sm_count(q.device)
+    if block_n is None and narrow_fp8_decode_tiles(kv_cache, batch * num_kv_heads, num_sms):
+        block_n, num_warps = min(32, decode_block_n(max_len)), num_warps or 2
+    block_n = block_n or decode_block_n(max_len)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, device_sm_count(q.device))
+        num_splits = choose_num_splits(batch, num_kv_heads, max_len, block_n, num_sms)
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, block_n)))
     tokens_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_len, tokens_per_split)
