@@ -1,7 +1,8 @@
 """The token-budget scheduler: there is no prefill phase and no decode phase.
 
 Each step hands out at most ``max_num_batched_tokens`` tokens. Running requests are served first (one token
-for a decoding request, the next chunk for one still prefilling), then waiting requests are admitted in policy
+for a decoding request, plus its draft tokens under speculative decoding; the next chunk for one still
+prefilling), then waiting requests are admitted in policy
 order while budget, sequence slots and KV blocks last. When blocks run out, the lowest-ranked running request
 is preempted: its blocks are freed and it goes back to the waiting queue to be recomputed later.
 """
