@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from inferneo import LLM, SamplingParams
 from inferneo.config import EngineConfig, add_engine_args
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig, parse_speculative_config
-from inferneo.spec_decode.ngram import NgramProposer
+from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
 from inferneo.testing.server import RemoteServer
 from inferneo.testing.tiny_models import make_tiny_tokenizer
 
@@ -69,6 +70,19 @@ def test_ngram_proposer_takes_the_longest_latest_match():
     strict = NgramProposer(SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_max=3, prompt_lookup_min=2))
     assert strict.propose([1, 5, 6, 2, 5]) == []  # a 1-token match is not enough
     assert strict.propose([2, 5, 6, 2, 5]) == [6, 2]
+
+
+def test_token_history_follows_a_growing_list():
+    propose = NgramProposer(SpeculativeConfig(num_speculative_tokens=3)).propose
+    history = TokenHistory()
+    tokens = [1, 2, 3, 1]
+    assert propose(tokens, history=history) == [2, 3, 1]
+    rng = random.Random(0)
+    for _ in range(300):  # grows past several buffer sizes, a few tokens at a time
+        tokens += [rng.randrange(50) for _ in range(rng.randint(1, 5))]
+        assert propose(tokens, history=history) == propose(tokens)
+        assert history.array(tokens).tolist() == tokens
+    assert history.array([4, 5]).tolist() == [4, 5]  # another (shorter) list: read afresh
 
 
 def test_accepted_prefix_keeps_confirmed_drafts_and_one_model_token():
@@ -169,7 +183,7 @@ class OracleProposer:
     def __init__(self, expected: dict[tuple[int, ...], list[int]], k: int) -> None:
         self.expected, self.k = expected, k
 
-    def propose(self, token_ids: list[int], max_drafts: int | None = None) -> list[int]:
+    def propose(self, token_ids: list[int], max_drafts: int | None = None, history=None) -> list[int]:
         for prompt, continuation in self.expected.items():
             if tuple(token_ids[: len(prompt)]) == prompt:
                 done = len(token_ids) - len(prompt)

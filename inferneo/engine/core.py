@@ -21,7 +21,7 @@ from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig
-from inferneo.spec_decode.ngram import NgramProposer
+from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
 from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
@@ -183,7 +183,11 @@ class EngineCore:
             return []
         room = min(max_drafts, request.max_tokens - request.num_output_tokens - 1,
                    self.max_model_len - request.num_tokens - 1)
-        return self.proposer.propose(request.all_token_ids, room) if room > 0 else []
+        if room <= 0:
+            return []
+        if request.token_history is None:
+            request.token_history = TokenHistory()
+        return self.proposer.propose(request.all_token_ids, room, request.token_history)
 
     def snapshot(self) -> EngineSnapshot:
         """The counters right now (for metrics and admission control)."""
