@@ -200,7 +200,8 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = option(
         None, _speculative_config_arg, "speculative decoding, as JSON: "
         '{"method": "ngram", "num_speculative_tokens": 4} drafts tokens by prompt lookup (optional keys: '
-        "prompt_lookup_max, default 4; prompt_lookup_min, default 1) and verifies them in one step",
+        "prompt_lookup_max, default 4; prompt_lookup_min, default 1; disable_by_batch_size: no drafts while "
+        "more requests run) and verifies them in one step",
         metavar="JSON", convert=_speculative_config)
     enable_lora: bool = option(False, bool, "serve LoRA adapters (PEFT folders) picked per request")
     max_loras: int = option(4, int, "LoRA adapters a batch may run at once (the device slots)")
