@@ -99,6 +99,24 @@ def test_three_adapters_and_the_base_model_in_one_batch_equal_peft(llm, base, ad
     assert llm.engine.core.stats.max_batch_size == 8
 
 
+def test_speculative_drafts_with_adapters_equal_peft(base, adapters):
+    """Steps that verify draft tokens (drafts from an oracle, wrong at moving places) for requests of three
+    adapters and the base model: each request's tokens are PEFT's."""
+    from test_spec_decode import OracleProposer
+
+    prompts, loras = prompts_and_loras(adapters, 8, seed=7)
+    expected = [peft_greedy(base, lora, prompt) for prompt, lora in zip(prompts, loras, strict=True)]
+    llm = LLM(str(base), enable_lora=True, max_loras=3, max_lora_rank=16, dtype="float32", kv_cache_memory="16MiB",
+              max_num_batched_tokens=64, num_threads=1, speculative_config={"num_speculative_tokens": 3})
+    try:
+        llm.engine.core.proposer = OracleProposer({tuple(p): e for p, e in zip(prompts, expected, strict=True)}, 3)
+        check_against_peft(llm, base, prompts, loras)
+        stats = llm.engine.core.stats
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    finally:
+        llm.shutdown()
+
+
 def test_prefix_cache_hits_stay_within_an_adapter(llm, base, adapters):
     """The same prompts with every adapter and none, twice: the second pass hits the prefix cache, and each
     request still equals PEFT with its own adapter (a block computed with one adapter never serves another)."""
