@@ -102,6 +102,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
                       vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size,
                       speculative=config.speculative_config)
+    spec = config.speculative_config
+    if spec is not None:
+        logger.info("speculative decoding: %s, up to %d drafts a step (lookup of %d-%d tokens)%s", spec.method,
+                    spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+                    "" if spec.disable_by_batch_size is None
+                    else f", none while more than {spec.disable_by_batch_size} requests run")
     if lora_slots is not None:
         core.lora_slots = lora_slots
         scheduler.max_loras = config.max_loras
