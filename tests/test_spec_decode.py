@@ -29,6 +29,7 @@ from inferneo.config import EngineConfig, add_engine_args
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
+from inferneo.spec_decode.state import SpeculationState
 from inferneo.testing.server import RemoteServer
 from inferneo.testing.tiny_models import make_tiny_tokenizer
 
@@ -83,6 +84,24 @@ def test_token_history_follows_a_growing_list():
         assert propose(tokens, history=history) == propose(tokens)
         assert history.array(tokens).tolist() == tokens
     assert history.array([4, 5]).tolist() == [4, 5]  # another (shorter) list: read afresh
+
+
+def test_a_request_checks_as_many_drafts_as_its_keep_rate_makes_worth_it():
+    state = SpeculationState()
+    assert state.draft_limit(4) == 4 and state.draft_limit(0) == 0  # untried: every draft
+    state.record(4, 4)
+    assert state.draft_limit(4) == 4
+    for _ in range(8):
+        state.record(4, 1)  # one of two tried drafts kept: the rate heads for 0.5
+    assert 0.5 < state.keep_rate < 0.55 and state.draft_limit(4) == 2  # 0.53 ** 3 < 0.15 <= 0.53 ** 2
+    for _ in range(8):
+        state.record(2, 0)
+    assert state.keep_rate < 0.15
+    limits = [state.draft_limit(4) for _ in range(8)]
+    assert limits == [0, 0, 0, 1, 0, 0, 0, 1]  # a probe every fourth step
+    for _ in range(12):
+        state.record(1, 1)
+    assert state.draft_limit(4) == 4  # drafts became right again
 
 
 def test_accepted_prefix_keeps_confirmed_drafts_and_one_model_token():

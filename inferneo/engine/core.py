@@ -21,7 +21,8 @@ from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig
-from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
+from inferneo.spec_decode.ngram import NgramProposer
+from inferneo.spec_decode.state import SpeculationState
 from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
@@ -172,8 +173,9 @@ class EngineCore:
 
     def _propose_drafts(self, request: Request, max_drafts: int) -> list[int]:
         """Draft tokens for a decoding request (the scheduler asks), never past its max_tokens or the context
-        length; none for a request whose sampling depends on its previous tokens or follows a grammar, and none
-        while more requests run than ``disable_by_batch_size``."""
+        length, and no more than its drafts' keep rate makes worth checking (``SpeculationState``); none for a
+        request whose sampling depends on its previous tokens or follows a grammar, and none while more requests
+        run than ``disable_by_batch_size``."""
         params = request.sampling_params
         limit = self.speculative.disable_by_batch_size
         if limit is not None and len(self.scheduler.running) > limit:
@@ -183,11 +185,12 @@ class EngineCore:
             return []
         room = min(max_drafts, request.max_tokens - request.num_output_tokens - 1,
                    self.max_model_len - request.num_tokens - 1)
+        if request.speculation is None:
+            request.speculation = SpeculationState()
+        room = request.speculation.draft_limit(room)
         if room <= 0:
             return []
-        if request.token_history is None:
-            request.token_history = TokenHistory()
-        return self.proposer.propose(request.all_token_ids, room, request.token_history)
+        return self.proposer.propose(request.all_token_ids, room, request.speculation.history)
 
     def snapshot(self) -> EngineSnapshot:
         """The counters right now (for metrics and admission control)."""
@@ -311,6 +314,7 @@ class EngineCore:
             kept = result.sampled_token_ids[first:row]
             if drafts:
                 kept = accepted_prefix(drafts, kept)
+                request.speculation.record(len(drafts), len(kept) - 1)
                 stats.num_draft_tokens += len(drafts)
                 stats.num_accepted_tokens += len(kept) - 1
             status = stop_reason = None

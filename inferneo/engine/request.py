@@ -12,7 +12,7 @@ from inferneo.engine.prompt_logprobs import PromptLogprobsCollector
 from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
-from inferneo.spec_decode.ngram import TokenHistory
+from inferneo.spec_decode.state import SpeculationState
 from inferneo.structured_output.compiler import SequenceGrammar
 
 
@@ -78,8 +78,9 @@ class Request:
     lora: LoraRef | None = None
     # Prompt log-probabilities collected over the prompt's chunks (None unless the request asked for them).
     prompt_logprobs: PromptLogprobsCollector | None = None
-    # Speculative decoding: the tokens as the draft proposer reads them (made at the first proposal).
-    token_history: TokenHistory | None = None
+    # Speculative decoding: the request's tokens as the proposer reads them and its drafts' keep rate (made at the
+    # first proposal).
+    speculation: SpeculationState | None = None
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 
