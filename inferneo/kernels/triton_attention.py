@@ -504,8 +504,8 @@ def narrow_fp8_decode_tiles(kv_cache: torch.Tensor, num_programs: int, num_sms: 
     """Whether an FP8 cache's decode takes 32-token tiles with 2 warps: when its (request, KV head) programs need
     no split (at least one per SM) but are few a SM (under 16). Measured on an H100 (Llama-2-7B's 32 KV heads,
     e4m3 cache): at 32 requests x 1,040 tokens (8 programs a SM) 118 us a layer against 138 for 64-token tiles and
-    4 warps, and the batch-32 decode step 7.21 ms against 7.74 with W4A16 weights, 8.46 against 8.85 with FP8
-    weights; at 200 requests x 640 tokens (48 a SM) 410 us against 392, so not there (docs/benchmarks.md, "The
+    4 warps, and the batch-32 decode step, as shipped, 7.40 ms against 7.74 with W4A16 weights, 8.34 against 8.85
+    with FP8 weights; at 200 requests x 640 tokens (48 a SM) 410 us against 392, so not there (docs/benchmarks.md, "The
     decode launch for an FP8 cache at 32 requests"). More programs in flight a SM, each with fewer registers, keep
     more of the narrow FP8 loads in the air."""
     return is_fp8_kv_cache(kv_cache) and num_sms <= num_programs < _FP8_NARROW_TILES_BELOW * num_sms
