@@ -292,7 +292,38 @@ class PredictionContent(_Body):
         return value
 
 
-class ChatCompletionRequest(_SamplingBody):
+class _ChatTemplateTurn(_Body):
+    """How a conversation's rendered prompt ends: with a new assistant turn (``add_generation_prompt``), or inside
+    the last message, which the answer continues (``continue_final_message``, vLLM's extension: an assistant
+    prefix). The two cannot both be asked for, and continuing needs a conversation whose last message is the
+    assistant's. Shared by the chat and tokenize bodies (``messages`` is theirs)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continue_or_answer(self) -> _ChatTemplateTurn:
+        if not self.continue_final_message:
+            return self
+        if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+            raise ValueError("continue_final_message continues the last message, so add_generation_prompt cannot "
+                             "also be true; leave it out or set it to false")
+        messages = self.messages or []
+        conversations = messages if messages and all(isinstance(c, list) for c in messages) else [messages]
+        for i, conversation in enumerate(conversations):
+            last = conversation[-1] if conversation else None
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                where = f"conversation {i}: " if len(conversations) > 1 else ""
+                raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's (the "
+                                 "text to continue)")
+        return self
+
+    def generation_prompt(self) -> bool:
+        """Whether the template ends with a new assistant turn (not when the final message is continued)."""
+        return self.add_generation_prompt and not self.continue_final_message
+
+
+class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     """``POST /v1/chat/completions``; ``messages`` may also be a list of conversations (an extension)."""
 
     messages: list[Any]
@@ -319,9 +350,7 @@ class ChatCompletionRequest(_SamplingBody):
     modalities: list[Literal["text", "audio"]] | None = Field(None, max_length=2)
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
-    # Inferneo extensions.
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    # Inferneo extensions (and add_generation_prompt, continue_final_message: _ChatTemplateTurn).
     chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("messages", mode="before")
@@ -407,15 +436,6 @@ class ChatCompletionRequest(_SamplingBody):
             raise ValueError(f"{what} is not available on this server; leave {info.field_name} out (or null)")
         return value
 
-    @model_validator(mode="after")
-    def _continue_or_answer(self) -> ChatCompletionRequest:
-        _check_continue_final_message(self)
-        return self
-
-    def generation_prompt(self) -> bool:
-        """Whether the template ends with a new assistant turn (not when the final message is continued)."""
-        return self.add_generation_prompt and not self.continue_final_message
-
     def template_kwargs(self) -> dict[str, Any] | None:
         """``chat_template_kwargs``, with ``reasoning_effort`` added when given (unless the kwargs set it)."""
         if self.reasoning_effort is None:
@@ -450,30 +470,19 @@ class EmbeddingRequest(_Body):
         return _prompt_list(self.input)
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_ChatTemplateTurn):
     """``POST /tokenize``: a ``prompt`` or a conversation in ``messages``."""
 
     model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     messages: list[Any] | None = None
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     return_token_strs: bool = False
 
     @field_validator("messages", mode="before")
     @classmethod
     def _check_messages(cls, value: Any) -> Any:
         return None if value is None else _conversation(value, "")
-
-    @model_validator(mode="after")
-    def _continue_or_answer(self) -> TokenizeRequest:
-        _check_continue_final_message(self)
-        return self
-
-    def generation_prompt(self) -> bool:
-        """As :meth:`ChatCompletionRequest.generation_prompt`."""
-        return self.add_generation_prompt and not self.continue_final_message
 
 
 class DetokenizeRequest(_Body):
@@ -491,25 +500,6 @@ def check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
             _cap(len(key), MAX_METADATA_KEY_CHARS, "characters in a key")
             _cap(len(text), MAX_METADATA_VALUE_CHARS, "characters in a value")
     return value
-
-
-def _check_continue_final_message(req: ChatCompletionRequest | TokenizeRequest) -> None:
-    """``continue_final_message`` (vLLM's extension: the answer continues the conversation's last message, an
-    assistant prefix, instead of starting a new turn) cannot go with an ``add_generation_prompt`` set to true, and
-    needs a conversation whose last message is the assistant's."""
-    if not req.continue_final_message:
-        return
-    if req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
-        raise ValueError("continue_final_message continues the last message, so add_generation_prompt cannot also "
-                         "be true; leave it out or set it to false")
-    messages = req.messages or []
-    conversations = messages if messages and all(isinstance(c, list) for c in messages) else [messages]
-    for i, conversation in enumerate(conversations):
-        last = conversation[-1] if conversation else None
-        if not isinstance(last, dict) or last.get("role") != "assistant":
-            where = f"conversation {i}: " if len(conversations) > 1 else ""
-            raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's (the "
-                             "text to continue)")
 
 
 def _check_prompts(value: Any, what: str) -> Any:
