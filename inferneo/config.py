@@ -106,19 +106,17 @@ def _kernels_from_env() -> KernelConfig:
     return KernelConfig.from_env()
 
 
-def _speculative_config_arg(text: str):
-    from inferneo.spec_decode.config import parse_speculative_config
-
-    try:
-        return parse_speculative_config(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _speculative_config(value: Any):
-    from inferneo.spec_decode.config import parse_speculative_config
+    from inferneo.spec_decode.config import parse_speculative_config  # numpy-free, but only when asked for
 
     return parse_speculative_config(value)
+
+
+def _speculative_config_arg(text: str):
+    try:
+        return _speculative_config(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _memory_size_arg(text: str) -> int:

@@ -16,7 +16,6 @@ Prints one JSON line per part (appended to ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -24,15 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-def emit(record: dict, out: str | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+from offline_throughput import emit_json as emit  # noqa: E402
 
 
 def main() -> None:

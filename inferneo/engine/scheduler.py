@@ -151,12 +151,9 @@ class Scheduler:
                 index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
                 continue
             drafts = self._drafts(request, num_new, budget)
-            if drafts and self.kv_cache.allocate_slots(request, 1 + len(drafts)):
-                out.scheduled.append(ScheduledRequest(request, 1 + len(drafts), drafts))
-                scheduled_running.append(request)
-                budget -= 1 + len(drafts)
-                index += 1
-                continue
+            if drafts and not self.kv_cache.allocate_slots(request, 1 + len(drafts)):
+                drafts = []  # no room for them: one token, preempting others if even that finds none
+            num_new += len(drafts)  # (with drafts, their slots are held already: the loop below passes at once)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self._pick_victim(exclude=scheduled_running + busy)
                 if victim is None:  # only requests already scheduled this step remain: wait for the next step
@@ -166,7 +163,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                out.scheduled.append(ScheduledRequest(request, num_new, drafts))
                 scheduled_running.append(request)
                 budget -= num_new
                 index += 1
