@@ -19,19 +19,27 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import torch
 from test_hf_parity import TP_ENGINE, hf_greedy, kv_bytes_per_block, mixed_prompts
 from test_kv_cache_fp8 import PARITY_MODEL, pattern_prompts
 
 from inferneo import LLM, SamplingParams
+from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.attention.cpu_native import CpuNativeBackend
+from inferneo.attention.torch_ref import TorchReferenceBackend
 from inferneo.config import EngineConfig, add_engine_args
+from inferneo.sampling.metadata import SamplingRow
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
 from inferneo.spec_decode.state import SpeculationState
 from inferneo.testing.server import RemoteServer
 from inferneo.testing.tiny_models import make_tiny_tokenizer
+from inferneo.worker.cuda_graphs import decode_buckets, graph_layout
+from inferneo.worker.step_inputs import ScheduledSequence, pack_step, step_layout
 
 NGRAM4 = {"method": "ngram", "num_speculative_tokens": 4}
 MAX_NEW = 40
@@ -212,6 +220,108 @@ class OracleProposer:
                     drafts[wrong] = (drafts[wrong] + 1) % 300 + 5
                 return drafts
         raise AssertionError("a draft was asked for an unknown sequence")
+
+
+# ---- drafts as decode rows (the steps CUDA graphs replay) ---------------------------------------------------
+
+
+def _sequence(tokens: list[int], computed: int, blocks: list[int], new: int, drafts: int = 0,
+              samples: bool = True) -> ScheduledSequence:
+    row = SamplingRow(SamplingParams(), tokens[:computed], [], frozenset(), None)
+    return ScheduledSequence(tokens, computed, new, blocks, -1, samples, row, num_draft_tokens=drafts)
+
+
+def test_a_request_with_drafts_packs_as_one_decode_row_per_token():
+    bs, spare = 4, 50
+    plain = _sequence(list(range(10, 19)), 8, [5, 6, 7], 1)  # position 8: block 7, offset 0
+    drafted = _sequence(list(range(20, 28)) + [90, 91, 92], 7, [1, 2, 3], 4, drafts=3)  # positions 7..10
+    prompt = _sequence(list(range(30, 36)), 0, [9, 4], 6)
+    assert (plain.decode_rows, drafted.decode_rows, prompt.decode_rows) == (1, 4, 0)
+
+    layout = step_layout([plain, drafted, prompt], bs)
+    buf = np.full(layout.size, -7, dtype=np.int64)
+    packed = pack_step(buf, layout, [plain, drafted, prompt], bs, None, spare)
+    lo = layout
+    assert (packed.num_decode, packed.num_real_decode, packed.num_decode_sequences) == (5, 5, 2)
+    assert packed.shares_requests and [packed.first_row(i) for i in range(3)] == [0, 1, 5]
+    assert list(buf[lo.ids : lo.ids + 5]) == [18, 27, 90, 91, 92]
+    assert list(buf[lo.positions : lo.positions + 5]) == [8, 7, 8, 9, 10]
+    assert list(buf[lo.seq_lens : lo.seq_lens + 5]) == [9, 8, 9, 10, 11]  # each row sees the rows before it
+    assert list(buf[lo.slots : lo.slots + 5]) == [7 * bs, 2 * bs + 3, 3 * bs, 3 * bs + 1, 3 * bs + 2]
+    tables = buf[lo.tables : lo.tables + 5 * lo.width].reshape(5, lo.width)
+    assert tables.tolist() == [[5, 6, 7], [1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    (span,) = packed.spans
+    assert (span.start, span.num_tokens) == (5, 6)
+    assert list(buf[lo.sample_rows : lo.sample_rows + packed.num_samples]) == [0, 1, 2, 3, 4, 10]
+
+    # Decode-only, padded to a graph bucket: the padding rows follow the drafts' rows.
+    items = [plain, drafted]
+    layout = graph_layout(decode_buckets(8), max_blocks_per_seq=4)
+    buf = np.zeros(layout.size, dtype=np.int64)
+    packed = pack_step(buf, layout, items, bs, 8, spare)
+    assert (packed.num_decode, packed.num_real_decode, packed.num_samples) == (8, 5, 5) and packed.samples_are_prefix
+    assert list(buf[layout.seq_lens : layout.seq_lens + 8]) == [9, 8, 9, 10, 11, 1, 1, 1]
+    assert list(buf[layout.slots + 5 : layout.slots + 8]) == [spare * bs] * 3
+
+    # Without drafts nothing is shared, and the fused per-row store-and-attend stays allowed.
+    packed = pack_step(np.zeros(step_layout([plain], bs).size, np.int64), step_layout([plain], bs), [plain], bs,
+                       None, spare)
+    assert not packed.shares_requests and packed.first_row(0) == 0
+
+
+def test_cpu_attention_stores_every_drafted_row_before_any_row_attends():
+    """Rows of one request at consecutive positions: each sees the keys of the rows before it, as the reference
+    backend (which stores every row first) computes. (The native backend's fused store-and-attend, which it does
+    not take for such a step, hands rows out in order, so a race there would rarely show in a test.)"""
+    torch.manual_seed(0)
+    bs, heads, kv_heads, dim, blocks = 16, 4, 2, 32, 6
+    native, reference = CpuNativeBackend(), TorchReferenceBackend()
+    caches = [torch.zeros(b.kv_cache_shape(blocks, bs, kv_heads, dim)) for b in (native, reference)]
+    context = 21  # tokens already cached: rows at positions 21..25 (one plain request row, then 4 of a draft)
+    history = torch.randn(context, kv_heads, dim), torch.randn(context, kv_heads, dim)
+    table = torch.tensor([[3, 1, 4, 0]])
+    slots = table[0, torch.arange(context) // bs] * bs + torch.arange(context) % bs
+    for backend, cache in zip((native, reference), caches, strict=True):
+        meta = AttentionMetadata(bs, 0, slots, None, None, [PrefillSpan(0, context, 0, table[0])])
+        backend.forward(torch.randn(context, heads, dim), *history, cache, meta, 0.2)
+    rows = 5
+    positions = torch.arange(context, context + rows)
+    q, k, v = torch.randn(rows, heads, dim), torch.randn(rows, kv_heads, dim), torch.randn(rows, kv_heads, dim)
+    outs = []
+    for backend, cache in zip((native, reference), caches, strict=True):
+        meta = AttentionMetadata(bs, rows, table[0, positions // bs] * bs + positions % bs, table.repeat(rows, 1),
+                                 positions + 1, decode_rows_share_requests=True)
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, cache, meta, 0.2))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[1][1:], outs[1][:1].expand(rows - 1, -1, -1))
+
+
+def test_steps_with_drafts_replay_padded_decode_buckets(parity_dir):
+    """The CUDA-graph path on CPU: decode buckets set, so every decode-only step (drafts included) is padded to
+    a bucket's rows, as a graph would run it; the tokens stay Hugging Face's."""
+    prompts = pattern_prompts(6, seed=3)
+    expected = [hf_greedy(parity_dir, p, MAX_NEW) for p in prompts]
+    llm = LLM(str(parity_dir), dtype="float32", max_model_len=256, speculative_config=NGRAM4)
+    runner = llm.engine.runner
+    assert runner.max_decode_rows == runner.max_num_seqs * 5
+    pick, seen = runner._decode_bucket, []
+
+    def spy(items):
+        bucket = pick(items)
+        if bucket is not None:
+            seen.append((sum(it.num_draft_tokens for it in items), bucket - sum(it.decode_rows for it in items)))
+        return bucket
+
+    runner.decode_buckets, runner._decode_bucket = [1, 2, 4, 8, 16, 24, 32], spy
+    try:
+        assert generate_ids(llm, prompts, GREEDY) == expected
+        assert generate_ids(llm, prompts[:1], GREEDY) == expected[:1]
+    finally:
+        runner.decode_buckets = []
+        del runner._decode_bucket
+    assert any(drafts > 0 and pad > 0 for drafts, pad in seen), "no padded step verified drafts"
+    assert llm.engine.core.stats.num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize("options", [{}, dict(max_num_batched_tokens=16), dict(enable_prefix_caching=False)],

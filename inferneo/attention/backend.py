@@ -60,6 +60,9 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None  # [num_decode] int64, lengths including the new token
     prefills: list[PrefillSpan] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # backend-specific tensors built once per step by ``prepare``
+    # Some request has several decode rows (it verifies draft tokens): row j of it attends to the keys the rows
+    # before it store in this step, so every row's key and value must be stored before any row attends.
+    decode_rows_share_requests: bool = False
 
 
 class AttentionBackend(ABC):

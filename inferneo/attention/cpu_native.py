@@ -76,9 +76,10 @@ class CpuNativeBackend(TorchReferenceBackend):
                 and logit_softcap is None and sinks is None and kv_scales is None and not is_fp8_kv_cache(kv_cache)):
             # A step of decode rows only, plain attention on a 16-bit or float32 cache (the common step), without
             # the general path's per-call work (a few microseconds of Python a layer). With the cache in q's dtype,
-            # one call stores each row's new key and value as that row's attention reads its blocks.
+            # one call stores each row's new key and value as that row's attention reads its blocks (unless rows
+            # of one request read each other's keys: drafts, stored first).
             out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype)
-            if kv_cache.dtype == q.dtype:
+            if kv_cache.dtype == q.dtype and not metadata.decode_rows_share_requests:
                 self.kernels.store_kv_and_decode(k, v, kv_cache, metadata.slot_mapping, q,
                                                  metadata.decode_block_tables, metadata.decode_seq_lens, scale, out)
                 return out

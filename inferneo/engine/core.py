@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from inferneo.engine.prompt_logprobs import PromptLogprobsCollector, collect_step_scores
 from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
-from inferneo.engine.scheduler import Scheduler, SchedulerOutput
+from inferneo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from inferneo.pooling.config import PoolingConfig
 from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
@@ -403,7 +403,7 @@ class EngineCore:
         scored: list[tuple[PromptLogprobsCollector, int]] = []
         drafts: list[list[int]] = []
         num_rows = 0  # sampled rows so far (a request with drafts has one per position it verifies)
-        for item in sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1):  # decodes first, stable
+        for item in sorted(sched.scheduled, key=_runner_order):
             request, num_new = item.request, item.num_new_tokens
             computed = request.num_computed_tokens
             # A token is sampled once every known token (and the one still being sampled, if any) is computed.
@@ -433,6 +433,14 @@ class EngineCore:
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
         return _StepPlan(record, sampled, drafts, pooled, scored)
+
+
+def _runner_order(item: ScheduledRequest) -> int:
+    """Sort key of a step's requests for the runner (stable): one-token decodes, then decodes with drafts (both
+    run as decode rows), then multi-token spans."""
+    if item.num_new_tokens == 1:
+        return 0
+    return 1 if item.num_new_tokens == 1 + len(item.draft_token_ids) else 2
 
 
 def _constraint_ended(request: Request) -> bool:

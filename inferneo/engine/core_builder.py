@@ -53,7 +53,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager,
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels,
-                         quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
+                         quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
+                         max_decode_rows=_max_decode_rows(config))
     runner: Runner
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
@@ -144,6 +145,13 @@ def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:
     if asked > limit:
         raise ValueError(f"max_model_len ({asked}) is larger than the model's context length ({limit})")
     return asked
+
+
+def _max_decode_rows(config: EngineConfig) -> int:
+    """Decode rows a step may run: one per request, and one per draft token with speculative decoding (draft
+    verification runs as decode rows, so its steps replay CUDA graphs too)."""
+    speculative = config.speculative_config
+    return config.max_num_seqs * (1 + (speculative.num_speculative_tokens if speculative is not None else 0))
 
 
 def _num_kv_blocks(config: EngineConfig, runner, device: torch.device, max_model_len: int,

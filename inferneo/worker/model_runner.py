@@ -199,7 +199,8 @@ def _default_dtype(dtype: torch.dtype):
 class ModelRunner(Runner):
     """Builds the model on its device and executes scheduled steps.
 
-    ``enforce_eager`` turns CUDA graphs off; ``max_num_seqs`` bounds the largest decode graph bucket. ``tp_group``
+    ``enforce_eager`` turns CUDA graphs off; ``max_decode_rows`` (default ``max_num_seqs``; with speculative
+    decoding, the rows of ``max_num_seqs`` requests and their drafts) bounds the largest decode graph bucket. ``tp_group``
     (set by the tensor-parallel runner) makes this runner one rank of a group, holding its shards only;
     ``pp_group`` makes it one rank of a pipeline stage, holding that stage's layers only (``model_executor.pipeline``;
     the hidden states and residual travel between stages point to point, and the last stage's logits go to the
@@ -224,6 +225,7 @@ class ModelRunner(Runner):
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
         pp_group: PipelineGroup | None = None,
+        max_decode_rows: int | None = None,
     ) -> None:
         self.device = device
         self.kernels = kernels or KernelConfig.from_env()
@@ -235,6 +237,7 @@ class ModelRunner(Runner):
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.enforce_eager = enforce_eager
         self.max_num_seqs = max_num_seqs
+        self.max_decode_rows = max_decode_rows or max_num_seqs
         model_cls = get_model_class(hf_config)
         self.model_config = model_cls.config_from_hf(hf_config)
         if attention_backend is None:
@@ -405,8 +408,8 @@ class ModelRunner(Runner):
             self.capture_cuda_graphs()
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode graphs for every bucket up to ``max_num_seqs`` (at most 256)."""
-        self.decode_buckets = decode_buckets(self.max_num_seqs)
+        """Capture decode graphs for every bucket up to ``max_decode_rows`` (at most 256)."""
+        self.decode_buckets = decode_buckets(self.max_decode_rows)
         if self.lora is not None:
             self.lora.begin_capture()
         self.graphs = DecodeGraphs(
@@ -445,8 +448,10 @@ class ModelRunner(Runner):
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
         num_samples = packed.num_samples
         if self.lora is not None:
-            self.lora.prepare([it.lora for it in items], packed.num_real_decode, [s.num_tokens for s in packed.spans],
-                              packed.num_tokens, graphs is not None)
+            decode_items = items[: packed.num_decode_sequences]
+            row_loras = [it.lora for it in decode_items for _ in range(it.decode_rows)]
+            self.lora.prepare(row_loras + [it.lora for it in items[len(decode_items):]], packed.num_real_decode,
+                              [s.num_tokens for s in packed.spans], packed.num_tokens, graphs is not None)
         prompt_rows, prompt_targets, num_top = _prompt_rows(items, packed)
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
@@ -572,12 +577,16 @@ class ModelRunner(Runner):
         return hidden[dev[start : start + count]]
 
     def _decode_bucket(self, items: list[ScheduledSequence]) -> int | None:
-        """The padded batch size of a decode-only step that fits a bucket, else None (run it as it is)."""
+        """The padded row count of a decode-only step (drafts included) that fits a bucket, else None (run it as
+        it is)."""
         if not self.decode_buckets or (self.graphs is not None and not self.use_cuda_graphs):
             return None
-        if any(it.num_new_tokens != 1 for it in items):
-            return None
-        return pick_bucket(self.decode_buckets, len(items))
+        rows = 0
+        for it in items:
+            if not it.decode_rows:
+                return None
+            rows += it.decode_rows
+        return pick_bucket(self.decode_buckets, rows)
 
 
 def _prompt_rows(items: list[ScheduledSequence], packed: PackedStep
@@ -590,8 +599,6 @@ def _prompt_rows(items: list[ScheduledSequence], packed: PackedStep
     for index, it in enumerate(items):
         if it.prompt_logprobs is None:
             continue
-        # Decode rows (one token) come first, one row each; the multi-token spans follow in order.
-        first_row = index if index < packed.num_real_decode else packed.spans[index - packed.num_real_decode].start
-        spans.append((first_row, it.num_computed_tokens, it.token_ids, it.prompt_logprobs))
+        spans.append((packed.first_row(index), it.num_computed_tokens, it.token_ids, it.prompt_logprobs))
     rows, targets = gather_prompt_rows(spans)
     return rows, targets, max(span.num_top for *_, span in spans)

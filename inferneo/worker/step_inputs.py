@@ -10,6 +10,12 @@ Decode rows are filled with vectorized numpy over all decoding requests; only mu
 step) are handled one by one. Rows added to pad a decode batch to its bucket hold token 0 at position 0, write
 their key and value into the spare KV block and attend to that one slot (sequence length 1), so an attention
 backend needs no notion of padding.
+
+A request verifying draft tokens (speculative decoding) runs as decode rows too, one per token: row ``j`` of it
+sits at position ``p + j``, attends to the first ``p + j + 1`` tokens of the request's block table, and so sees
+the keys the rows before it store in the same step. Such a step is decode-only, so it replays the CUDA graph of
+its row count like any decode step. Every backend stores a step's keys and values before any row attends
+(``AttentionMetadata.decode_rows_share_requests`` tells a backend that fuses the two per row).
 """
 
 from __future__ import annotations
@@ -51,10 +57,16 @@ class ScheduledSequence:
     # with them), and the step samples at each of the last ``num_draft_tokens + 1`` positions.
     num_draft_tokens: int = 0
 
+    @property
+    def decode_rows(self) -> int:
+        """Decode rows the sequence runs as: one per new token when they are its next token plus its drafts (a
+        decoding request, with or without drafts), else 0 (a multi-token span: a prompt chunk)."""
+        return self.num_new_tokens if self.num_new_tokens == 1 + self.num_draft_tokens else 0
+
 
 @dataclass(slots=True)
 class StepRecord:
-    """One scheduled step: its sequences, those running one token (decodes) first."""
+    """One scheduled step: its sequences, those running as decode rows first (one token, then with drafts)."""
 
     sequences: list[ScheduledSequence]
     num_batched_tokens: int
@@ -136,7 +148,7 @@ class PackedStep:
     layout: Layout
     num_tokens: int  # including padded decode rows
     num_decode: int  # decode rows including padding
-    num_real_decode: int
+    num_real_decode: int  # decode rows of the step's sequences (a sequence with drafts has several)
     spans: list[SpanInfo] = field(default_factory=list)
     num_samples: int = 0
     # True when the rows to sample are exactly 0..num_samples-1 (then no index tensor is needed).
@@ -145,75 +157,119 @@ class PackedStep:
     # among that step's samples (asynchronous scheduling).
     pending_rows: list[int] = field(default_factory=list)
     pending_samples: list[int] = field(default_factory=list)
+    # The sequences run as decode rows (the first ones of the step), and the first row of each when some of them
+    # have drafts (None: one row each, row i for sequence i).
+    num_decode_sequences: int = 0
+    decode_row_starts: list[int] | None = None
+
+    @property
+    def shares_requests(self) -> bool:
+        """Whether some request has several decode rows (drafts), which read keys other rows store."""
+        return self.decode_row_starts is not None
+
+    def first_row(self, index: int) -> int:
+        """The first hidden-state row of the step's sequence ``index``."""
+        if index >= self.num_decode_sequences:
+            return self.spans[index - self.num_decode_sequences].start
+        return index if self.decode_row_starts is None else self.decode_row_starts[index]
+
+
+def count_decode_sequences(items: list[ScheduledSequence]) -> int:
+    """How many of ``items`` (decode-row sequences first) run as decode rows."""
+    n = 0
+    while n < len(items) and items[n].decode_rows:
+        n += 1
+    return n
 
 
 def step_layout(items: list[ScheduledSequence], block_size: int, pad_rows: int | None = None,
                 width: int | None = None) -> Layout:
-    """The tightest layout for ``items`` (decodes first), with decode rows padded to ``pad_rows`` if given."""
-    num_decode = sum(1 for it in items if it.num_new_tokens == 1)
+    """The tightest layout for ``items`` (decode rows first), with decode rows padded to ``pad_rows`` if given."""
+    num_seqs = count_decode_sequences(items)
+    num_decode = sum(it.decode_rows for it in items[:num_seqs])
     rows = max(pad_rows or 0, num_decode)
     tokens = sum(it.num_new_tokens for it in items) + rows - num_decode
     if width is None:
-        width = max((len(it.block_ids) for it in items[:num_decode]), default=0)
+        width = max((len(it.block_ids) for it in items[:num_seqs]), default=0)
     prefill_len = sum(-(-(it.num_computed_tokens + it.num_new_tokens) // block_size)
-                      for it in items[num_decode:])
+                      for it in items[num_seqs:])
     samples = len(items) + sum(it.num_draft_tokens for it in items)  # room for every row a step may sample
     return Layout(tokens, rows, samples, width, prefill_len)
 
 
 def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], block_size: int,
               pad_rows: int | None, spare_block: int) -> PackedStep:
-    """Fill ``buf`` (at least ``layout.size`` int64) with the step's inputs; ``items`` must list decodes first.
+    """Fill ``buf`` (at least ``layout.size`` int64) with the step's inputs; ``items`` must list the sequences
+    that run as decode rows (``ScheduledSequence.decode_rows``) first.
 
     ``pad_rows`` pads the decode rows up to that many (only for decode-only steps).
     """
-    num_decode = 0
-    while num_decode < len(items) and items[num_decode].num_new_tokens == 1:
-        num_decode += 1
+    num_seqs = count_decode_sequences(items)
+    reqs = items[:num_seqs]
+    counts = np.fromiter((r.decode_rows for r in reqs), np.int64, num_seqs)
+    num_decode = int(counts.sum())
     rows = max(pad_rows or 0, num_decode)
-    assert pad_rows is None or num_decode == len(items), "only decode-only steps are padded"
+    assert pad_rows is None or num_seqs == len(items), "only decode-only steps are padded"
     assert layout.rows >= rows and layout.tokens >= rows
     lo = layout
-    out = PackedStep(lo, 0, rows, num_decode)
+    out = PackedStep(lo, 0, rows, num_decode, num_decode_sequences=num_seqs)
     sample_rows: list[int] = []
 
     if rows:
-        reqs = items[:num_decode]
-        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_decode)
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_seqs)
         tables = buf[lo.tables : lo.tables + rows * lo.width].reshape(rows, lo.width)
         tables.fill(0)
-        counts = np.fromiter((len(r.block_ids) for r in reqs), np.int64, num_decode)
-        total = int(counts.sum())
+        shared = num_decode > num_seqs  # some request verifies drafts: several rows each
+        seq_tables = np.zeros((num_seqs, lo.width), np.int64) if shared else tables
+        lengths = np.fromiter((len(r.block_ids) for r in reqs), np.int64, num_seqs)
+        total = int(lengths.sum())
         if total:
             flat = np.fromiter(itertools.chain.from_iterable(r.block_ids for r in reqs), np.int64, total)
-            row_idx = np.repeat(np.arange(num_decode), counts)
-            col_idx = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-            tables[row_idx, col_idx] = flat
+            row_idx = np.repeat(np.arange(num_seqs), lengths)
+            col_idx = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            seq_tables[row_idx, col_idx] = flat
         ids = buf[lo.ids : lo.ids + rows]
-        # A token still being sampled by the step in flight is not on the host: 0 here, and the runner copies it
-        # from that step's device output (``pending_rows`` / ``pending_samples``).
-        ids[:num_decode] = np.fromiter((r.token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
-                                        for r in reqs), np.int64, num_decode)
-        buf[lo.positions : lo.positions + num_decode] = starts
-        blocks = tables[np.arange(num_decode), starts // block_size]
-        buf[lo.slots : lo.slots + num_decode] = blocks * block_size + starts % block_size
-        buf[lo.seq_lens : lo.seq_lens + num_decode] = starts + 1
+        if shared:
+            first = np.cumsum(counts) - counts
+            owner = np.repeat(np.arange(num_seqs), counts)
+            positions = starts[owner] + (np.arange(num_decode) - first[owner])
+            tables[:num_decode] = seq_tables[owner]
+            # A sequence with drafts never has a token in flight (speculation schedules synchronously).
+            ids[:num_decode] = np.fromiter(
+                itertools.chain.from_iterable(
+                    r.token_ids[r.num_computed_tokens : r.num_computed_tokens + r.decode_rows]
+                    if r.pending_sample < 0 else (0,) for r in reqs), np.int64, num_decode)
+            out.decode_row_starts = first.tolist()
+        else:
+            positions = starts
+            # A token still being sampled by the step in flight is not on the host: 0 here, and the runner copies
+            # it from that step's device output (``pending_rows`` / ``pending_samples``).
+            ids[:num_decode] = np.fromiter((r.token_ids[r.num_computed_tokens] if r.pending_sample < 0 else 0
+                                            for r in reqs), np.int64, num_decode)
+        buf[lo.positions : lo.positions + num_decode] = positions
+        blocks = tables[np.arange(num_decode), positions // block_size]
+        buf[lo.slots : lo.slots + num_decode] = blocks * block_size + positions % block_size
+        buf[lo.seq_lens : lo.seq_lens + num_decode] = positions + 1
         if rows > num_decode:  # padding rows: token 0 at position 0, into and from the spare block
             ids[num_decode:] = 0
             buf[lo.positions + num_decode : lo.positions + rows] = 0
             buf[lo.slots + num_decode : lo.slots + rows] = spare_block * block_size
             buf[lo.seq_lens + num_decode : lo.seq_lens + rows] = 1
             tables[num_decode:, 0] = spare_block
-        for i, r in enumerate(reqs):
+        row = 0
+        for r in reqs:
+            n = r.decode_rows
             if r.pending_sample >= 0:
-                out.pending_rows.append(i)
+                assert n == 1, "a sequence with drafts has no token in flight"
+                out.pending_rows.append(row)
                 out.pending_samples.append(r.pending_sample)
             if r.samples:
-                sample_rows.append(i)
+                sample_rows.extend(range(row, row + n))
+            row += n
 
     offset = rows
     table_offset = lo.prefill_tables
-    for it in items[num_decode:]:
+    for it in items[num_seqs:]:
         req, n = it, it.num_new_tokens
         start = req.num_computed_tokens
         positions = np.arange(start, start + n, dtype=np.int64)
@@ -257,6 +313,7 @@ def step_views(dev: torch.Tensor, packed: PackedStep, block_size: int) -> tuple[
         decode_block_tables=tables,
         decode_seq_lens=lens,
         prefills=prefills,
+        decode_rows_share_requests=packed.shares_requests,
     )
     return dev[lo.ids : lo.ids + t], dev[lo.positions : lo.positions + t], metadata
 
@@ -264,14 +321,6 @@ def step_views(dev: torch.Tensor, packed: PackedStep, block_size: int) -> tuple[
 def pooling_rows_of(items: list[ScheduledSequence], packed: PackedStep) -> list[PoolingRow]:
     """Where the embedding requests of a packed step sit in its hidden states, in ``items``' order (decode rows
     are rows ``0..``, each multi-token span starts where ``pack_step`` put it)."""
-    rows: list[PoolingRow] = []
-    span = 0
-    for index, it in enumerate(items):
-        decode = index < packed.num_real_decode
-        if it.pooling_method is not None:
-            row = index if decode else packed.spans[span].start
-            rows.append(PoolingRow(it.pooling_method, row, it.num_new_tokens, it.num_computed_tokens,
-                                   len(it.token_ids)))
-        if not decode:
-            span += 1
-    return rows
+    return [PoolingRow(it.pooling_method, packed.first_row(index), it.num_new_tokens, it.num_computed_tokens,
+                       len(it.token_ids))
+            for index, it in enumerate(items) if it.pooling_method is not None]
