@@ -17,12 +17,12 @@ spec() {
   echo "spec_decode_check rc=$?"; grep -E '^\{' "$OUT/spec/spec_check.log" | tail -5
 }
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-  SUITE_TIMEOUT=190 SUITE_DEADLINE=170 MOE_TIMEOUT=200 MOE_DEADLINE=180 bash benchmarks/gpu/fp8_narrow_confirm.sh
-  left=$((560 - (SECONDS - start)))
+  SUITE_TIMEOUT=170 SUITE_DEADLINE=150 MOE_TIMEOUT=190 MOE_DEADLINE=170 bash benchmarks/gpu/fp8_narrow_confirm.sh
+  left=$((${CALL_SECONDS:-480} - (SECONDS - start)))
   if [ $left -gt 100 ]; then SPEC_TIMEOUT=$((left - 10)) CHECK_TIMEOUT=1 spec; fi
 else
   spec
-  left=$((560 - (SECONDS - start)))
+  left=$((${CALL_SECONDS:-480} - (SECONDS - start)))
   if [ $left -gt 120 ]; then
     MOE=0 SUITE_TIMEOUT=$((left - 10)) SUITE_DEADLINE=$((left - 30)) bash benchmarks/gpu/fp8_narrow_confirm.sh
   fi

@@ -49,12 +49,13 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     device = config.torch_device
     dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
     max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
+    max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
 
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager,
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
-                         max_decode_rows=_max_decode_rows(config))
+                         max_decode_rows=_max_decode_rows(config, max_batched))
     runner: Runner
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
@@ -71,7 +72,6 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
             runner.load_weights(iter_weights(source))
         runner.finalize_weights()
 
-        max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
         if not config.enable_chunked_prefill and max_batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
                              "when chunked prefill is off")
@@ -147,11 +147,14 @@ def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:
     return asked
 
 
-def _max_decode_rows(config: EngineConfig) -> int:
-    """Decode rows a step may run: one per request, and one per draft token with speculative decoding (draft
-    verification runs as decode rows, so its steps replay CUDA graphs too)."""
+def _max_decode_rows(config: EngineConfig, max_batched: int) -> int:
+    """Decode rows a step may run: one per request, and with speculative decoding one per draft token too (draft
+    verification runs as decode rows, so its steps replay CUDA graphs), within the step's token budget."""
     speculative = config.speculative_config
-    return config.max_num_seqs * (1 + (speculative.num_speculative_tokens if speculative is not None else 0))
+    if speculative is None:
+        return config.max_num_seqs
+    return max(config.max_num_seqs,
+               min(config.max_num_seqs * (1 + speculative.num_speculative_tokens), max_batched))
 
 
 def _num_kv_blocks(config: EngineConfig, runner, device: torch.device, max_model_len: int,

@@ -66,6 +66,7 @@ from inferneo.worker.step_inputs import (
     PackedStep,
     ScheduledSequence,
     StepRecord,
+    decode_extent,
     pack_step,
     pooling_rows_of,
     step_layout,
@@ -374,7 +375,7 @@ class ModelRunner(Runner):
         from inferneo.lora.slots import LoRASlots
 
         self.lora = LoRASlots(self.model, self.model_config, max_loras, max_lora_rank, max_cpu_loras, self.dtype,
-                              self.device, max(max_num_batched_tokens, self.max_num_seqs))
+                              self.device, max(max_num_batched_tokens, self.max_decode_rows))
         logger.info("LoRA: %s", self.lora.describe())
         return self.lora
 
@@ -581,12 +582,8 @@ class ModelRunner(Runner):
         it is)."""
         if not self.decode_buckets or (self.graphs is not None and not self.use_cuda_graphs):
             return None
-        rows = 0
-        for it in items:
-            if not it.decode_rows:
-                return None
-            rows += it.decode_rows
-        return pick_bucket(self.decode_buckets, rows)
+        num_seqs, rows = decode_extent(items)
+        return pick_bucket(self.decode_buckets, rows) if num_seqs == len(items) else None
 
 
 def _prompt_rows(items: list[ScheduledSequence], packed: PackedStep

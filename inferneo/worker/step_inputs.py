@@ -174,19 +174,23 @@ class PackedStep:
         return index if self.decode_row_starts is None else self.decode_row_starts[index]
 
 
-def count_decode_sequences(items: list[ScheduledSequence]) -> int:
-    """How many of ``items`` (decode-row sequences first) run as decode rows."""
-    n = 0
-    while n < len(items) and items[n].decode_rows:
+def decode_extent(items: list[ScheduledSequence]) -> tuple[int, int]:
+    """How many of ``items`` (those that run as decode rows first) run as decode rows, and how many rows they
+    take (more than one a sequence with drafts)."""
+    n = rows = 0
+    for it in items:
+        new = it.num_new_tokens
+        if new != 1 + it.num_draft_tokens:
+            break
         n += 1
-    return n
+        rows += new
+    return n, rows
 
 
 def step_layout(items: list[ScheduledSequence], block_size: int, pad_rows: int | None = None,
                 width: int | None = None) -> Layout:
     """The tightest layout for ``items`` (decode rows first), with decode rows padded to ``pad_rows`` if given."""
-    num_seqs = count_decode_sequences(items)
-    num_decode = sum(it.decode_rows for it in items[:num_seqs])
+    num_seqs, num_decode = decode_extent(items)
     rows = max(pad_rows or 0, num_decode)
     tokens = sum(it.num_new_tokens for it in items) + rows - num_decode
     if width is None:
@@ -204,10 +208,8 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], b
 
     ``pad_rows`` pads the decode rows up to that many (only for decode-only steps).
     """
-    num_seqs = count_decode_sequences(items)
+    num_seqs, num_decode = decode_extent(items)
     reqs = items[:num_seqs]
-    counts = np.fromiter((r.decode_rows for r in reqs), np.int64, num_seqs)
-    num_decode = int(counts.sum())
     rows = max(pad_rows or 0, num_decode)
     assert pad_rows is None or num_seqs == len(items), "only decode-only steps are padded"
     assert layout.rows >= rows and layout.tokens >= rows
@@ -230,15 +232,16 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], b
             seq_tables[row_idx, col_idx] = flat
         ids = buf[lo.ids : lo.ids + rows]
         if shared:
+            counts = np.fromiter((r.num_new_tokens for r in reqs), np.int64, num_seqs)
             first = np.cumsum(counts) - counts
             owner = np.repeat(np.arange(num_seqs), counts)
             positions = starts[owner] + (np.arange(num_decode) - first[owner])
             tables[:num_decode] = seq_tables[owner]
-            # A sequence with drafts never has a token in flight (speculation schedules synchronously).
+            assert all(r.pending_sample < 0 for r in reqs), "a step verifying drafts has no token in flight"
             ids[:num_decode] = np.fromiter(
                 itertools.chain.from_iterable(
-                    r.token_ids[r.num_computed_tokens : r.num_computed_tokens + r.decode_rows]
-                    if r.pending_sample < 0 else (0,) for r in reqs), np.int64, num_decode)
+                    r.token_ids[r.num_computed_tokens : r.num_computed_tokens + r.num_new_tokens] for r in reqs),
+                np.int64, num_decode)
             out.decode_row_starts = first.tolist()
         else:
             positions = starts
@@ -256,16 +259,17 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], b
             buf[lo.slots + num_decode : lo.slots + rows] = spare_block * block_size
             buf[lo.seq_lens + num_decode : lo.seq_lens + rows] = 1
             tables[num_decode:, 0] = spare_block
-        row = 0
-        for r in reqs:
-            n = r.decode_rows
-            if r.pending_sample >= 0:
-                assert n == 1, "a sequence with drafts has no token in flight"
-                out.pending_rows.append(row)
-                out.pending_samples.append(r.pending_sample)
-            if r.samples:
-                sample_rows.extend(range(row, row + n))
-            row += n
+        if shared:  # a sequence with drafts never has a token in flight (speculation schedules synchronously)
+            for r, row in zip(reqs, out.decode_row_starts, strict=True):
+                if r.samples:
+                    sample_rows.extend(range(row, row + r.num_new_tokens))
+        else:
+            for i, r in enumerate(reqs):
+                if r.pending_sample >= 0:
+                    out.pending_rows.append(i)
+                    out.pending_samples.append(r.pending_sample)
+                if r.samples:
+                    sample_rows.append(i)
 
     offset = rows
     table_offset = lo.prefill_tables
