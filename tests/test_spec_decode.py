@@ -5,7 +5,8 @@ The engine tests run the trained parity model (``tests/data/parity-llama``: it c
 n-gram drafts are mostly right) against Hugging Face's greedy tokens across batch compositions, chunked prefill,
 prefix hits and preemption; a tiny random model with drafts that are wrong at chosen places (an oracle proposer)
 checks every acceptance length; stops, log-probabilities and random sampling are compared with the same engine
-without speculation; the server runs with the flag over real HTTP.
+without speculation; the server runs with the flag over real HTTP. A request's drafts run as decode rows (one per
+position): their packing, attention over rows of one request, and steps padded to graph buckets are checked too.
 """
 
 from __future__ import annotations
