@@ -10,6 +10,7 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 
 from inferneo.testing import make_tiny_checkpoint
 from inferneo.testing.server import RemoteServer
@@ -23,6 +24,12 @@ os.environ.setdefault("INFERNEO_CPU_LINEAR_TUNE", "0")
 # de-quantized references token for token, and the int8 dot path (not bit-exact) is asked for by name where it is
 # tested (``KernelConfig(gguf_int8_dot=True)`` in tests/test_gguf_quantized.py).
 os.environ["INFERNEO_GGUF_INT8_DOT"] = "0"
+# Without a GPU, Triton runs only under its interpreter, and Triton reads TRITON_INTERPRET once, when it is first
+# imported. Libraries that test modules import at collection may import Triton themselves (peft 0.21; transformers'
+# model modules), before the interpreter tests set the variable, which then find a compiled Triton loaded and
+# skip. So it is set here, before any test module is imported, wherever no CUDA device is visible.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
