@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-import torch
 
 from inferneo.testing import make_tiny_checkpoint
 from inferneo.testing.server import RemoteServer
@@ -26,21 +23,6 @@ os.environ.setdefault("INFERNEO_CPU_LINEAR_TUNE", "0")
 # de-quantized references token for token, and the int8 dot path (not bit-exact) is asked for by name where it is
 # tested (``KernelConfig(gguf_int8_dot=True)`` in tests/test_gguf_quantized.py).
 os.environ["INFERNEO_GGUF_INT8_DOT"] = "0"
-# Without a GPU, Triton runs only under its interpreter, and Triton decorates its own library functions for the
-# interpreter only if TRITON_INTERPRET is set when it is first imported. Libraries that test modules import at
-# collection may import Triton themselves (peft 0.21; transformers' model modules) before the interpreter tests
-# set the variable, which then find a compiled Triton loaded and skip. So Triton is imported here first, with the
-# variable set for that import only (as tests/test_triton_attention.py does), wherever no CUDA device is visible.
-if not torch.cuda.is_available() and "triton" not in sys.modules and importlib.util.find_spec("triton"):
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    finally:
-        if _previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
 
 
 @pytest.fixture(scope="session")
