@@ -3,8 +3,9 @@
 ``TRITON_INTERPRET`` is read when any ``@triton.jit`` function is decorated (triton's own library functions
 included, at ``import triton``) and when an interpreted kernel calls a helper. So this module sets it before
 importing triton and keeps it set while its tests run (restored in between). If triton was imported earlier
-without it, the module is skipped: run it on its own. Two shims fix interpreter gaps of triton 3.6 with numpy 2:
-loop bounds loaded from memory (1-element arrays) and ``tl.dot`` on bfloat16 (stored as raw uint16 bits).
+without it, the module is skipped, and ``test_triton_attention_process.py`` runs it in a process of its own. Two
+shims fix interpreter gaps of triton 3.6 with numpy 2: loop bounds loaded from memory (1-element arrays) and
+``tl.dot`` on bfloat16 (stored as raw uint16 bits).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS
 if _ALREADY_IMPORTED and type(triton.language.standard.sum).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported before this module without TRITON_INTERPRET=1; run this file on its own",
+    pytest.skip("triton was imported before this module without TRITON_INTERPRET=1; test_triton_attention_process.py runs it in its own process",
                 allow_module_level=True)
 
 
