@@ -274,6 +274,17 @@ def rotary_warps() -> int:
     return int(value) if value else 0
 
 
+def rotary_head_groups() -> int:
+    """INFERNEO_ROTARY_HEAD_GROUPS (default 0: ``_triton_elementwise.rotary_head_groups``'s rule): the programs a
+    token's heads are spread over when the Triton rotary kernel also writes the cache (at most one a KV head). Read
+    at each launch, for A/Bs; every value writes the same bytes."""
+    value = os.environ.get("INFERNEO_ROTARY_HEAD_GROUPS", "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"INFERNEO_ROTARY_HEAD_GROUPS must be a whole number of programs (0: the rule) or empty; "
+                         f"got {value!r}")
+    return int(value) if value else 0
+
+
 def moe_pair_tiles() -> dict[str, int]:
     """INFERNEO_MOE_PAIR_TILES (default empty): fields of the few-token Triton MoE kernels' tiles overridden, as
     ``name=value`` pairs separated by commas or ``+`` (e.g. ``up_block_n=4+up_block_k=2048``; the names of
@@ -345,9 +356,17 @@ def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in
     place on the fused q/k/v projection output (``triton_ops.qk_norm_rotary_inplace``), and with the Triton
-    attention backend (cache in the model dtype) that kernel also writes the new keys and values to the cache; off,
-    the PyTorch modules."""
+    attention backend that kernel also writes the new keys and values to the cache (``cuda_rotary_stores_kv``);
+    off, the PyTorch modules."""
     return _flag("INFERNEO_CUDA_FUSED_QK_NORM_ROPE", True)
+
+
+def cuda_rotary_stores_kv() -> bool:
+    """INFERNEO_CUDA_ROTARY_STORES_KV (default on; read at each layer call, so a CUDA graph keeps the value it was
+    captured with): on CUDA with the Triton attention backend, the rotary kernel (and the q/k norm + rotary kernel)
+    also writes the step's new keys and values to the cache, FP8 caches included (``_triton_elementwise._rotary_kernel``
+    with ``STORE_KV``), so the backend launches no ``store_kv``; off, the separate store launch (the A/B's base)."""
+    return _flag("INFERNEO_CUDA_ROTARY_STORES_KV", True)
 
 
 def cuda_fused_routing() -> bool:

@@ -75,6 +75,7 @@ def test_triton_ops_only_for_cuda_models_with_the_switch_on(monkeypatch):
 _QK_NORM_SCRIPT = textwrap.dedent("""
     import os
     import torch
+    from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales
     from inferneo.kernels import _triton_elementwise as k
     from inferneo.kernels.triton_attention import store_kv
     from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm
@@ -123,11 +124,60 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
                                      kv_cache=early_cache, slot_mapping=slots)
             del os.environ["INFERNEO_PREWAIT_LOADS"]
             assert torch.equal(early, got) and torch.equal(early_cache, cache)
+            # An FP8 cache with per-head scales: the same bytes as store_kv's, the rows unchanged.
+            scales = KVCacheScales(torch.rand(kv_heads) + 0.25, torch.rand(kv_heads) + 0.25)
+            fp8, fp8_want = (torch.zeros(2, 3, kv_heads, 16, dim, dtype=FP8_KV_DTYPE) for _ in range(2))
+            rows = qkv.clone()
+            k.qk_norm_rotary_inplace(rows, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim, q_norm.weight,
+                                     k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm, kv_cache=fp8,
+                                     slot_mapping=slots, kv_scales=scales)
+            store_kv(got[:, heads * dim : kv_end].reshape(n, kv_heads, dim), got[:, kv_end:].reshape(n, kv_heads, dim),
+                     fp8_want, slots, kv_scales=scales)
+            assert torch.equal(rows, got)
+            assert torch.equal(fp8.view(torch.uint8), fp8_want.view(torch.uint8)) and fp8.view(torch.uint8).any()
+            # The rotary kernel without norms (Llama's layers) writes the cache the same way, both cache kinds.
+            ref_q, ref_k = rot(pos, q.reshape(n, heads, dim), key.reshape(n, kv_heads, dim))
+            for fp8_cache in (False, True):
+                plain = qkv.clone()
+                k.rotary_inplace(plain, pos, rot.cos_cache, rot.sin_cache, heads + kv_heads, dim)
+                rotated = qkv.clone()
+                cache_dtype = FP8_KV_DTYPE if fp8_cache else dtype
+                cache, want = (torch.zeros(2, 3, kv_heads, 16, dim, dtype=cache_dtype) for _ in range(2))
+                k.rotary_inplace(rotated, pos, rot.cos_cache, rot.sin_cache, heads + kv_heads, dim,
+                                 num_q_heads=heads, kv_cache=cache, slot_mapping=slots,
+                                 kv_scales=scales if fp8_cache else None)
+                assert torch.equal(rotated, plain)
+                torch.testing.assert_close(plain[:, : heads * dim].reshape(n, heads, dim), ref_q, rtol=rtol,
+                                           atol=atol)
+                torch.testing.assert_close(plain[:, heads * dim : kv_end].reshape(n, kv_heads, dim), ref_k,
+                                           rtol=rtol, atol=atol)
+                store_kv(plain[:, heads * dim : kv_end].reshape(n, kv_heads, dim),
+                         plain[:, kv_end:].reshape(n, kv_heads, dim), want, slots,
+                         kv_scales=scales if fp8_cache else None)
+                as_bytes = (lambda c: c.view(torch.uint8)) if fp8_cache else (lambda c: c)
+                assert torch.equal(as_bytes(cache), as_bytes(want)) and as_bytes(cache).any()
+                for forced in ("1", "2", "64"):  # a token's heads in one program, two, one a KV head: same bytes
+                    os.environ["INFERNEO_ROTARY_HEAD_GROUPS"] = forced
+                    again, again_cache = qkv.clone(), torch.zeros_like(cache)
+                    k.rotary_inplace(again, pos, rot.cos_cache, rot.sin_cache, heads + kv_heads, dim,
+                                     num_q_heads=heads, kv_cache=again_cache, slot_mapping=slots,
+                                     kv_scales=scales if fp8_cache else None)
+                    del os.environ["INFERNEO_ROTARY_HEAD_GROUPS"]
+                    assert torch.equal(again, plain) and torch.equal(as_bytes(again_cache), as_bytes(cache)), forced
+            try:
+                k.rotary_inplace(qkv.clone(), pos, rot.cos_cache, rot.sin_cache, heads + kv_heads, dim,
+                                 kv_cache=cache, slot_mapping=slots)
+            except ValueError as e:
+                assert "num_q_heads" in str(e)
+            else:
+                raise AssertionError("writing the cache without num_q_heads must be refused")
     print("ok")
 """)
 
 
 def test_fused_qk_norm_rotary_matches_the_norm_and_rotary_modules():
+    """The q/k norm + rotary kernel against the modules, and the cache it (and the rotary kernel without norms)
+    writes against ``store_kv``'s bytes: model-dtype and FP8 caches, skipped slots."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _QK_NORM_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -263,3 +313,104 @@ def test_store_kv_heads_switch_takes_whole_numbers(monkeypatch):
         monkeypatch.setenv("INFERNEO_STORE_KV_HEADS", value)
         with pytest.raises(ValueError, match="INFERNEO_STORE_KV_HEADS"):
             envs.store_kv_heads()
+
+
+# Prefill and decode steps of a tiny Llama through the CUDA transform with the Triton attention backend (under the
+# interpreter): the rotary kernel writes each step's keys and values (no store_kv launch); the logits are the plain
+# PyTorch model's (a float32 cache), and with an FP8 cache the logits and cache bytes equal those of the same
+# transform with the separate store launch (INFERNEO_CUDA_ROTARY_STORES_KV=0).
+_ROTARY_STORE_SCRIPT = textwrap.dedent("""
+    import copy, os, sys
+    import torch
+    from inferneo.attention import AttentionMetadata, PrefillSpan
+    from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales
+    from inferneo.attention.triton_backend import TritonBackend
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels import triton_attention
+    from inferneo.model_executor.device_kernels import use_device_kernels
+    from inferneo.testing.tiny_models import make_tiny_checkpoint
+    sys.path.insert(0, sys.argv[2])  # the tests folder
+    from test_tensor_parallel_layers import _build
+    from triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+
+    stores = [0]
+    real_store = triton_attention.store_kv
+
+    def counted_store(*args, **kwargs):
+        stores[0] += 1
+        return real_store(*args, **kwargs)
+
+    triton_attention.store_kv = counted_store
+    BLOCK = 16
+
+    def generate(model, prompts, steps, cache_dtype, forced=None):
+        cfg = model.config
+        caches = [torch.zeros(2, len(prompts), cfg.num_kv_heads, BLOCK, cfg.head_dim, dtype=cache_dtype)
+                  for _ in model.layers]
+        ids = torch.tensor([t for p in prompts for t in p])
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        spans, slots, start = [], [], 0
+        for i, p in enumerate(prompts):
+            spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
+            slots.extend(i * BLOCK + j for j in range(len(p)))
+            start += len(p)
+        meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
+                                 decode_block_tables=None, decode_seq_lens=None, prefills=spans)
+        lengths = [len(p) for p in prompts]
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        out = []
+        for step in range(steps + 1):
+            model.layers[0].self_attn.backend.prepare(meta)
+            with torch.inference_mode():
+                logits = model.compute_logits(model(ids, positions, caches, meta))
+            out.append(logits[ends] if step == 0 else logits)
+            ids = forced[step] if forced is not None else out[-1].argmax(-1)
+            positions = torch.tensor(lengths)
+            meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=len(prompts),
+                                     slot_mapping=torch.tensor([i * BLOCK + n for i, n in enumerate(lengths)]),
+                                     decode_block_tables=torch.arange(len(prompts))[:, None],
+                                     decode_seq_lens=torch.tensor(lengths) + 1)
+            lengths = [n + 1 for n in lengths]
+        return out, caches
+
+    prompts = [[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]]
+    plain, config = _build(make_tiny_checkpoint(sys.argv[1] + "/llama", "llama", num_heads=4, num_kv_heads=2))
+    for layer in plain.layers:
+        layer.self_attn.backend = TritonBackend(prefill_block_m=16)
+    fused = copy.deepcopy(plain)
+    counts = use_device_kernels(fused, torch.device("cuda"), KernelConfig(cuda_pdl=False))
+    assert counts["InplaceRotaryAttention"] == config.num_layers, counts
+    assert all(layer.self_attn.stores_kv for layer in fused.layers)
+    steps = 3
+    want, _ = generate(plain, prompts, steps, torch.float32)
+    forced = [w.argmax(-1) for w in want]
+    stores[0] = 0
+    got, _ = generate(fused, prompts, steps, torch.float32, forced)
+    assert stores[0] == 0, stores  # every step's keys and values were written by the rotary kernel
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+    for layer in fused.layers:  # an FP8 cache: per-head scales, as the runner sets them
+        layer.self_attn.kv_scales = KVCacheScales(torch.rand(config.num_kv_heads) + 0.25,
+                                                  torch.rand(config.num_kv_heads) + 0.25)
+    stores[0] = 0
+    fp8_got, fp8_caches = generate(fused, prompts, steps, FP8_KV_DTYPE, forced)
+    assert stores[0] == 0, stores
+    os.environ["INFERNEO_CUDA_ROTARY_STORES_KV"] = "0"
+    fp8_want, fp8_want_caches = generate(fused, prompts, steps, FP8_KV_DTYPE, forced)
+    assert stores[0] == (steps + 1) * config.num_layers, stores  # the switch off: the store launch again
+    for g, w in zip(fp8_got, fp8_want):
+        assert torch.equal(g, w)
+    for c, w in zip(fp8_caches, fp8_want_caches):
+        assert torch.equal(c.view(torch.uint8), w.view(torch.uint8))
+    print("ok")
+""")
+
+
+def test_rotary_kernel_writes_the_cache_in_decode_steps_of_a_tiny_llama(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("INFERNEO_CUDA_ROTARY_STORES_KV", None)
+    proc = subprocess.run([sys.executable, "-c", _ROTARY_STORE_SCRIPT, str(tmp_path), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

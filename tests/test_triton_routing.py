@@ -218,7 +218,7 @@ def test_norm_route_kernel_matches_the_norm_linear_and_router():
 
 # Decode steps of tiny mixture-of-experts models through the whole CUDA transform with the Triton attention backend
 # (under the interpreter), against the plain PyTorch model: at 1 token the input norm + q/k/v GEMV, and Qwen3-MoE's
-# q/k norm + rotary kernel writes the cache (no store_kv launch); mode "norm_router": at 1 and 2 tokens the fused
+# q/k norm + rotary kernel (gpt-oss's rotary kernel) writes the cache (no store_kv launch); mode "norm_router": at 1 and 2 tokens the fused
 # norm + router + top-k kernel runs (not at the prefill); mode "norm_gemv" (the default switches): at 1 token the
 # post-attention norm inside the router GEMV, then the routing kernel.
 _DECODE_SCRIPT = textwrap.dedent("""
@@ -317,8 +317,7 @@ _DECODE_SCRIPT = textwrap.dedent("""
             else:  # q/k/v and router GEMVs with their norms at one row; the routing kernel at every step
                 assert calls["norm_route"] == 0 and calls["norm_gemv"] == 2 * one_row, calls
                 assert calls["route_topk"] == 4 * config.num_layers, calls
-            stores = 0 if arch == "qwen3_moe" else 4 * config.num_layers  # gpt-oss: no q/k norm, store_kv stays
-            assert calls["store_kv"] == stores, calls
+            assert calls["store_kv"] == 0, calls  # the (q/k norm +) rotary kernel writes the cache
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
                 assert torch.equal(g.argmax(-1), w.argmax(-1))

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 from inferneo import envs
+from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import early_extra_options, launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels.triton_attention import _scale_args, _to_cache
 
 
 @triton.jit
@@ -106,14 +108,15 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
                    PDL: tl.constexpr, STORE_KV: tl.constexpr = False, N_KV_HEADS: tl.constexpr = 1,
                    BLOCK_SIZE: tl.constexpr = 16, BLOCK_V: tl.constexpr = 1, BLOCK_HD: tl.constexpr = 1,
-                   PRELOAD: tl.constexpr = False):
+                   PRELOAD: tl.constexpr = False, k_scale_ptr=None, v_scale_ptr=None, FP8: tl.constexpr = False):
     # PRELOAD: the positions, rotary rows, norm weights and slots (no kernel of the step writes them) are read
     # before the wait, the projection output after it
     if not PRELOAD:
         wait_for_previous_kernel(PDL, EARLY=True)  # the KV store or decode attention after it waits before reading
     t = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)  # this program's BLOCK_H rotated heads (and BLOCK_V value heads) of the token
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)[:, None]
+    h = group * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     dmask = d < half
     mask = (h < n_heads) & dmask
@@ -140,16 +143,24 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
     tl.store(base + d, first, mask=mask)
     tl.store(base + half + d, second, mask=mask)
     if STORE_KV:  # the rotated keys and the value heads into the paged cache at the token's slot, as store_kv does
+        # (FP8: each KV head's values over its scale, rounded to e4m3 by the same function)
         page = cache_ptr + (slot // BLOCK_SIZE) * stride_blk + (slot % BLOCK_SIZE) * stride_off
-        key_mask = mask & (h >= n_q_heads) & (slot >= 0)
+        is_key = (h >= n_q_heads) & (h < n_heads)
+        key_mask = mask & is_key & (slot >= 0)
         key = page + (h - n_q_heads) * stride_ch + d
-        tl.store(key, first.to(cache_ptr.dtype.element_ty), mask=key_mask)
-        tl.store(key + half, second.to(cache_ptr.dtype.element_ty), mask=key_mask)
-        vh = tl.arange(0, BLOCK_V)[:, None]
+        vh = group * BLOCK_V + tl.arange(0, BLOCK_V)[:, None]
         vd = tl.arange(0, BLOCK_HD)[None, :]
         v_mask = (vh < N_KV_HEADS) & (vd < head_dim) & (slot >= 0)
         value = tl.load(qkv_ptr + t * stride_t + (n_heads + vh) * head_dim + vd, mask=v_mask)
-        tl.store(page + stride_half + vh * stride_ch + vd, value.to(cache_ptr.dtype.element_ty), mask=v_mask)
+        if FP8:
+            k_scale = tl.load(k_scale_ptr + (h - n_q_heads), mask=is_key, other=1.0)
+            v_scale = tl.load(v_scale_ptr + vh, mask=vh < N_KV_HEADS, other=1.0)
+        else:
+            k_scale = 1.0
+            v_scale = 1.0
+        tl.store(key, _to_cache(first, k_scale, cache_ptr, FP8), mask=key_mask)
+        tl.store(key + half, _to_cache(second, k_scale, cache_ptr, FP8), mask=key_mask)
+        tl.store(page + stride_half + vh * stride_ch + vd, _to_cache(value, v_scale, cache_ptr, FP8), mask=v_mask)
 
 
 @triton.jit
@@ -171,7 +182,8 @@ def _head_rms_norm(normed, like, w, WEIGHT_OFFSET: tl.constexpr):
 
 
 def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl, q_weight=None, k_weight=None,
-                   num_q_heads=0, eps=0.0, weight_offset=False, kv_cache=None, slot_mapping=None) -> None:
+                   num_q_heads=0, eps=0.0, weight_offset=False, kv_cache=None, slot_mapping=None,
+                   kv_scales=None) -> None:
     assert qkv.dim() == 2 and qkv.stride(-1) == 1
     assert cos_cache.stride(-1) == 1 and cos_cache.stride() == sin_cache.stride()
     n_tokens = qkv.shape[0]
@@ -185,14 +197,24 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
         num_kv_heads = num_heads - num_q_heads
         assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[2] == num_kv_heads
         assert kv_cache.shape[4] == head_dim and kv_cache.stride(4) == 1
+        k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
         store = dict(STORE_KV=True, N_KV_HEADS=num_kv_heads, BLOCK_SIZE=kv_cache.shape[3],
-                     BLOCK_V=triton.next_power_of_2(num_kv_heads), BLOCK_HD=triton.next_power_of_2(head_dim))
+                     BLOCK_V=triton.next_power_of_2(num_kv_heads), BLOCK_HD=triton.next_power_of_2(head_dim),
+                     k_scale_ptr=k_scale, v_scale_ptr=v_scale, FP8=is_fp8_kv_cache(kv_cache))
     strides = kv_cache.stride()[:4] if kv_cache is not None else (0, 0, 0, 0)
-    block_h, block_d = triton.next_power_of_2(num_heads), triton.next_power_of_2(half)
+    block_d = triton.next_power_of_2(half)
+    groups = rotary_head_groups(n_tokens, num_heads - num_q_heads, norm) if store else 1
+    block_h = triton.next_power_of_2(triton.cdiv(num_heads, groups))
+    if store:
+        block_v = triton.next_power_of_2(triton.cdiv(store["N_KV_HEADS"], groups))
+        store["BLOCK_V"] = block_v
+        groups = max(triton.cdiv(num_heads, block_h), triton.cdiv(store["N_KV_HEADS"], block_v))
     # 8 warps from [64, 64] head tiles up: 4 spill there (H200, Qwen3-30B-A3B's 36 heads: 2.0 us a layer less on
-    # the batch-1 chain's critical path with the reads before the wait, same outputs)
-    warps = 8 if block_h * block_d >= 4096 else 4
-    _rotary_kernel[(n_tokens,)](qkv, positions, cos_cache, sin_cache, q_weight if norm else cos_cache,
+    # the batch-1 chain's critical path with the reads before the wait, same outputs); a token's heads split over
+    # several programs: a warp for each 128 pairs, up to 4
+    tile = block_h * block_d
+    warps = (8 if tile >= 4096 else 4) if groups == 1 else max(1, min(4, tile // 128))
+    _rotary_kernel[(n_tokens, groups)](qkv, positions, cos_cache, sin_cache, q_weight if norm else cos_cache,
                                 k_weight if norm else cos_cache, kv_cache if kv_cache is not None else qkv,
                                 slot_mapping if slot_mapping is not None else positions, qkv.stride(0),
                                 cos_cache.stride(0), num_heads, num_q_heads, head_dim, half, eps, *strides,
@@ -201,24 +223,52 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
                                 **store, **launch_options(pdl))
 
 
+ROTARY_SPLIT_MIN_PROGRAMS = 16
+
+
+def rotary_head_groups(num_tokens: int, num_kv_heads: int, norm: bool) -> int:
+    """Programs a token's heads are spread over when the rotary kernel also writes the cache
+    (``INFERNEO_ROTARY_HEAD_GROUPS`` when set, for A/Bs): without q/k norms and under 16 tokens, enough for
+    ``ROTARY_SPLIT_MIN_PROGRAMS`` programs, at most one a KV head (at batch 1 one program would otherwise convert
+    every key and value element of the token, as ``triton_attention.store_kv_heads_per_program`` avoids for the
+    separate store); else one (the q/k norm + rotary launch keeps the tiling measured for Qwen3-MoE)."""
+    forced = envs.rotary_head_groups()
+    if forced:
+        return max(1, min(forced, num_kv_heads))
+    if norm or num_tokens >= ROTARY_SPLIT_MIN_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(ROTARY_SPLIT_MIN_PROGRAMS, num_tokens), num_kv_heads))
+
+
 def rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-                   num_heads: int, head_dim: int, pdl: bool | None = None) -> None:
+                   num_heads: int, head_dim: int, pdl: bool | None = None, *, num_q_heads: int = 0,
+                   kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                   kv_scales: KVCacheScales | None = None) -> None:
     """Rotate (rotate-half layout) the first ``num_heads`` heads of each row of ``qkv`` in place: the query
-    and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``."""
-    _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl)
+    and key heads of a fused projection output ``[T, (Hq + 2 Hkv) * D]``. ``cos/sin_cache``: ``[P, D/2]``.
+
+    With ``kv_cache`` (the Triton attention backend's ``[2, blocks, Hkv, block_size, D]``), ``slot_mapping`` ``[T]``
+    and ``num_q_heads`` (``Hq``; the heads after them are keys): the rotated keys and the values are also written
+    to the cache at each token's slot (negative: skipped), exactly what ``triton_attention.store_kv`` writes, an
+    FP8 cache through ``kv_scales`` included, so that launch is not needed."""
+    if kv_cache is not None and not 0 < num_q_heads < num_heads:
+        raise ValueError(f"rotary_inplace: writing the cache needs 0 < num_q_heads < {num_heads}; got {num_q_heads}")
+    _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pdl, num_q_heads=num_q_heads,
+                   kv_cache=kv_cache, slot_mapping=slot_mapping, kv_scales=kv_scales)
 
 
 def qk_norm_rotary_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                            sin_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
                            q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, *, weight_offset: bool = False,
                            pdl: bool | None = None, kv_cache: torch.Tensor | None = None,
-                           slot_mapping: torch.Tensor | None = None) -> None:
+                           slot_mapping: torch.Tensor | None = None, kv_scales: KVCacheScales | None = None) -> None:
     """In place on a fused projection output ``qkv`` ``[T, (Hq + 2 Hkv) * D]``: each query head through the
     per-head RMSNorm of weight ``q_weight`` ``[D]``, each key head through ``k_weight``'s, then both rotated as
     :func:`rotary_inplace` does; the value heads are untouched. ``weight_offset``: Gemma's norm, ``x * (1 + w)``.
-    With ``kv_cache`` (the Triton attention backend's ``[2, blocks, Hkv, block_size, D]``, not FP8) and
-    ``slot_mapping`` ``[T]``: the rotated keys and the values are also written to the cache at each token's slot
-    (negative: skipped), exactly what ``triton_attention.store_kv`` writes, so that launch is not needed."""
+    With ``kv_cache`` (the Triton attention backend's ``[2, blocks, Hkv, block_size, D]``; an FP8 one with its
+    ``kv_scales``) and ``slot_mapping`` ``[T]``: the rotated keys and the values are also written to the cache at
+    each token's slot (negative: skipped), exactly what ``triton_attention.store_kv`` writes, so that launch is not
+    needed."""
     _launch_rotary(qkv, positions, cos_cache, sin_cache, num_q_heads + num_kv_heads, head_dim, pdl,
                    q_weight=q_weight, k_weight=k_weight, num_q_heads=num_q_heads, eps=eps,
-                   weight_offset=weight_offset, kv_cache=kv_cache, slot_mapping=slot_mapping)
+                   weight_offset=weight_offset, kv_cache=kv_cache, slot_mapping=slot_mapping, kv_scales=kv_scales)

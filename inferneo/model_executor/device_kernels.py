@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from inferneo import envs
+from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
@@ -154,10 +155,16 @@ class InplaceRotaryAttention(Attention):
     kernel and the Triton kernel share this signature). Only for layers without q/k norms."""
 
     rotary_inplace = None  # set by ``use_device_kernels``: ``ops.rotary_inplace`` with its launch options
+    stores_kv = False  # set by ``use_device_kernels``: the Triton kernel, and the backend is the Triton one
 
     def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
         """The rotary embedding in place on ``qkv``'s query and key heads; returns the backend options that follow
-        from it (none)."""
+        from it (``kv_stored`` when the kernel also wrote the new keys and values: see :func:`_kernel_stores_kv`)."""
+        if _kernel_stores_kv(self, qkv, kv_cache):
+            self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
+                                self.num_heads + self.num_kv_heads, self.head_dim, num_q_heads=self.num_heads,
+                                kv_cache=kv_cache, slot_mapping=metadata.slot_mapping, kv_scales=self.kv_scales)
+            return {"kv_stored": True}
         self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                             self.num_heads + self.num_kv_heads, self.head_dim)
         return {}
@@ -166,6 +173,14 @@ class InplaceRotaryAttention(Attention):
         options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
         return self.attend(q, k, v, kv_cache, metadata, **options)
+
+
+def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
+    """Whether ``attention``'s rotary kernel writes this step's keys and values to the cache itself: its
+    ``stores_kv`` (the Triton kernel with the Triton attention backend), a cache in the model dtype or an FP8 cache
+    with the layer's scales, and ``INFERNEO_CUDA_ROTARY_STORES_KV`` on (read here, at each call)."""
+    return (attention.stores_kv and kv_cache is not None and envs.cuda_rotary_stores_kv()
+            and (kv_cache.dtype == qkv.dtype or (is_fp8_kv_cache(kv_cache) and attention.kv_scales is not None)))
 
 
 class QKNormRotaryAttention(Attention):
@@ -179,13 +194,12 @@ class QKNormRotaryAttention(Attention):
     def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
         """The q/k norms and rotary embedding in place on ``qkv``; returns the backend options that follow from it
         (``kv_stored`` when the kernel also wrote the new keys and values)."""
-        # With the Triton backend's cache in the model dtype, the same kernel writes the new keys and values too.
-        store = (self.stores_kv and self.kv_scales is None and kv_cache is not None
-                 and kv_cache.dtype == qkv.dtype)
+        store = _kernel_stores_kv(self, qkv, kv_cache)
         self.qk_norm_rotary(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache, self.num_heads,
                             self.num_kv_heads, self.head_dim, self.q_norm.weight, self.k_norm.weight,
                             self.q_norm.eps, kv_cache=kv_cache if store else None,
-                            slot_mapping=metadata.slot_mapping if store else None)
+                            slot_mapping=metadata.slot_mapping if store else None,
+                            kv_scales=self.kv_scales if store else None)
         return {"kv_stored": True} if store else {}
 
     def forward_qkv(self, positions, qkv, kv_cache, metadata):
@@ -256,20 +270,24 @@ def _fused_qk_norm_attention(module: nn.Module, kernel, cuda: bool = True) -> QK
     kind = type(module.q_norm)
     if kind not in (RMSNorm, GemmaRMSNorm) or type(module.k_norm) is not kind or module.q_norm.eps != module.k_norm.eps:
         return None
-    stores_kv = False
-    if cuda:
-        from inferneo.attention.triton_backend import TritonBackend  # imports triton: CUDA only
-
-        stores_kv = type(module.backend) is TritonBackend
     return _adopt(QKNormRotaryAttention, module,
-                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm), stores_kv=stores_kv)
+                  qk_norm_rotary=functools.partial(kernel, weight_offset=kind is GemmaRMSNorm),
+                  stores_kv=cuda and _triton_backend(module))
+
+
+def _triton_backend(attention: Attention) -> bool:
+    """Whether ``attention`` runs the Triton attention backend, whose cache layout the rotary kernels write (a CUDA
+    model's: importing it imports Triton)."""
+    from inferneo.attention.triton_backend import TritonBackend
+
+    return type(attention.backend) is TritonBackend
 
 
 def _native_qk_norm_rotary(ops):
     """The CPU kernel with :class:`QKNormRotaryAttention`'s call signature (it never writes the cache itself)."""
 
     def qk_norm_rotary(qkv, positions, cos_cache, sin_cache, num_q_heads, num_kv_heads, head_dim, q_weight, k_weight,
-                       eps, *, weight_offset=False, kv_cache=None, slot_mapping=None):
+                       eps, *, weight_offset=False, kv_cache=None, slot_mapping=None, kv_scales=None):
         ops.qk_norm_rotary_inplace(qkv, positions, cos_cache, sin_cache, num_q_heads, num_kv_heads, head_dim,
                                    q_weight, k_weight, eps, weight_offset)
 
@@ -510,7 +528,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
                                                 cuda=False))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
-        _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary)
+        _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary,
+                                               stores_kv=device.type == "cuda" and _triton_backend(m))
                        if type(m) is Attention and m.q_norm is None else None)
     if gemma_norm is not None:
         _swap_children(model, lambda m: gemma_norm(m) if type(m) is GemmaRMSNorm else None)
