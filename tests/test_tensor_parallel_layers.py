@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from paged_decode_steps import BLOCK, prefill_inputs
 
-from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
+from inferneo.attention import TorchReferenceBackend
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_executor.device_kernels import NativeRMSNorm, use_device_kernels
 from inferneo.model_executor.layers.basic import RMSNorm
@@ -26,7 +27,6 @@ from inferneo.testing.server import free_port
 from inferneo.testing.tiny_models import make_tiny_checkpoint
 
 PROMPTS = [[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]]
-BLOCK = 16
 
 CASES = {
     "llama-split-kv": dict(arch="llama", num_heads=4, num_kv_heads=2),
@@ -39,16 +39,8 @@ CASES = {
 
 def _forward_logits(model, num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
     """Logits at every position of PROMPTS, run as one packed prefill step."""
-    ids = torch.tensor([t for p in PROMPTS for t in p])
-    positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])
-    spans, slots, start = [], [], 0
-    for i, p in enumerate(PROMPTS):
-        spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
-        slots.extend(i * BLOCK + j for j in range(len(p)))
-        start += len(p)
+    ids, positions, meta = prefill_inputs(PROMPTS)
     backend = model.layers[0].self_attn.backend
-    meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
-                             decode_block_tables=None, decode_seq_lens=None, prefills=spans)
     backend.prepare(meta)
     caches = [torch.zeros(backend.kv_cache_shape(len(PROMPTS), BLOCK, num_kv_heads, head_dim))
               for _ in model.layers]

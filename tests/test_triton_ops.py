@@ -322,7 +322,6 @@ def test_store_kv_heads_switch_takes_whole_numbers(monkeypatch):
 _ROTARY_STORE_SCRIPT = textwrap.dedent("""
     import copy, os, sys
     import torch
-    from inferneo.attention import AttentionMetadata, PrefillSpan
     from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales
     from inferneo.attention.triton_backend import TritonBackend
     from inferneo.kernel_config import KernelConfig
@@ -330,6 +329,7 @@ _ROTARY_STORE_SCRIPT = textwrap.dedent("""
     from inferneo.model_executor.device_kernels import use_device_kernels
     from inferneo.testing.tiny_models import make_tiny_checkpoint
     sys.path.insert(0, sys.argv[2])  # the tests folder
+    from paged_decode_steps import generate
     from test_tensor_parallel_layers import _build
     from triton_interpreter_shims import patch_interpreter
     patch_interpreter()
@@ -342,37 +342,6 @@ _ROTARY_STORE_SCRIPT = textwrap.dedent("""
         return real_store(*args, **kwargs)
 
     triton_attention.store_kv = counted_store
-    BLOCK = 16
-
-    def generate(model, prompts, steps, cache_dtype, forced=None):
-        cfg = model.config
-        caches = [torch.zeros(2, len(prompts), cfg.num_kv_heads, BLOCK, cfg.head_dim, dtype=cache_dtype)
-                  for _ in model.layers]
-        ids = torch.tensor([t for p in prompts for t in p])
-        positions = torch.cat([torch.arange(len(p)) for p in prompts])
-        spans, slots, start = [], [], 0
-        for i, p in enumerate(prompts):
-            spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
-            slots.extend(i * BLOCK + j for j in range(len(p)))
-            start += len(p)
-        meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
-                                 decode_block_tables=None, decode_seq_lens=None, prefills=spans)
-        lengths = [len(p) for p in prompts]
-        ends = torch.tensor(lengths).cumsum(0) - 1
-        out = []
-        for step in range(steps + 1):
-            model.layers[0].self_attn.backend.prepare(meta)
-            with torch.inference_mode():
-                logits = model.compute_logits(model(ids, positions, caches, meta))
-            out.append(logits[ends] if step == 0 else logits)
-            ids = forced[step] if forced is not None else out[-1].argmax(-1)
-            positions = torch.tensor(lengths)
-            meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=len(prompts),
-                                     slot_mapping=torch.tensor([i * BLOCK + n for i, n in enumerate(lengths)]),
-                                     decode_block_tables=torch.arange(len(prompts))[:, None],
-                                     decode_seq_lens=torch.tensor(lengths) + 1)
-            lengths = [n + 1 for n in lengths]
-        return out, caches
 
     prompts = [[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]]
     plain, config = _build(make_tiny_checkpoint(sys.argv[1] + "/llama", "llama", num_heads=4, num_kv_heads=2))
@@ -383,10 +352,10 @@ _ROTARY_STORE_SCRIPT = textwrap.dedent("""
     assert counts["InplaceRotaryAttention"] == config.num_layers, counts
     assert all(layer.self_attn.stores_kv for layer in fused.layers)
     steps = 3
-    want, _ = generate(plain, prompts, steps, torch.float32)
+    want, _ = generate(plain, prompts, steps)
     forced = [w.argmax(-1) for w in want]
     stores[0] = 0
-    got, _ = generate(fused, prompts, steps, torch.float32, forced)
+    got, _ = generate(fused, prompts, steps, forced)
     assert stores[0] == 0, stores  # every step's keys and values were written by the rotary kernel
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
@@ -395,10 +364,10 @@ _ROTARY_STORE_SCRIPT = textwrap.dedent("""
         layer.self_attn.kv_scales = KVCacheScales(torch.rand(config.num_kv_heads) + 0.25,
                                                   torch.rand(config.num_kv_heads) + 0.25)
     stores[0] = 0
-    fp8_got, fp8_caches = generate(fused, prompts, steps, FP8_KV_DTYPE, forced)
+    fp8_got, fp8_caches = generate(fused, prompts, steps, forced, FP8_KV_DTYPE)
     assert stores[0] == 0, stores
     os.environ["INFERNEO_CUDA_ROTARY_STORES_KV"] = "0"
-    fp8_want, fp8_want_caches = generate(fused, prompts, steps, FP8_KV_DTYPE, forced)
+    fp8_want, fp8_want_caches = generate(fused, prompts, steps, forced, FP8_KV_DTYPE)
     assert stores[0] == (steps + 1) * config.num_layers, stores  # the switch off: the store launch again
     for g, w in zip(fp8_got, fp8_want):
         assert torch.equal(g, w)

@@ -228,7 +228,6 @@ _DECODE_SCRIPT = textwrap.dedent("""
         os.environ["INFERNEO_CUDA_NORM_ROUTER"] = "1"  # the fused norm + router is opt-in
         os.environ["INFERNEO_CUDA_NORM_ROUTER_GEMV"] = "0"  # (and the switch of the other path, off)
     import copy, torch
-    from inferneo.attention import AttentionMetadata, PrefillSpan
     from inferneo.attention.triton_backend import TritonBackend
     from inferneo.kernel_config import KernelConfig
     from inferneo.kernels import triton_attention, triton_gemv, triton_routing
@@ -236,6 +235,7 @@ _DECODE_SCRIPT = textwrap.dedent("""
     from inferneo.model_executor.layers.gpu_linear import DecodeGemv, DecodeLinear
     from inferneo.testing.tiny_models import make_tiny_checkpoint
     sys.path.insert(0, sys.argv[2])  # the tests folder
+    from paged_decode_steps import generate
     from test_tensor_parallel_layers import _build
     from triton_interpreter_shims import patch_interpreter
     patch_interpreter()
@@ -258,38 +258,6 @@ _DECODE_SCRIPT = textwrap.dedent("""
 
         def norm_applies(self, x, weight):
             return x.shape[0] == 1 and x.is_contiguous()
-    BLOCK = 16
-
-    def generate(model, prompts, steps, forced):
-        backend, cfg = model.layers[0].self_attn.backend, model.config
-        caches = [torch.zeros(backend.kv_cache_shape(len(prompts), BLOCK, cfg.num_kv_heads, cfg.head_dim))
-                  for _ in model.layers]
-        ids = torch.tensor([t for p in prompts for t in p])
-        positions = torch.cat([torch.arange(len(p)) for p in prompts])
-        spans, slots, start = [], [], 0
-        for i, p in enumerate(prompts):
-            spans.append(PrefillSpan(start, len(p), 0, torch.tensor([i])))
-            slots.extend(i * BLOCK + j for j in range(len(p)))
-            start += len(p)
-        meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=0, slot_mapping=torch.tensor(slots),
-                                 decode_block_tables=None, decode_seq_lens=None, prefills=spans)
-        lengths = [len(p) for p in prompts]
-        ends = torch.tensor(lengths).cumsum(0) - 1
-        out = []
-        for step in range(steps + 1):
-            backend.prepare(meta)
-            with torch.inference_mode():
-                logits = model.compute_logits(model(ids, positions, caches, meta))
-            logits = logits[ends] if step == 0 else logits  # the prefill: each prompt's last position
-            out.append(logits)
-            ids = forced[step] if forced is not None else logits.argmax(-1)
-            positions = torch.tensor(lengths)
-            meta = AttentionMetadata(block_size=BLOCK, num_decode_tokens=len(prompts),
-                                     slot_mapping=torch.tensor([i * BLOCK + n for i, n in enumerate(lengths)]),
-                                     decode_block_tables=torch.arange(len(prompts))[:, None],
-                                     decode_seq_lens=torch.tensor(lengths) + 1)
-            lengths = [n + 1 for n in lengths]
-        return out
 
     for arch in ("qwen3_moe", "gpt_oss"):
         plain, config = _build(make_tiny_checkpoint(sys.argv[1] + "/" + arch, arch, num_heads=4, num_kv_heads=2))
@@ -306,10 +274,10 @@ _DECODE_SCRIPT = textwrap.dedent("""
             if MODE == "norm_gemv":
                 layer.router_gemv = gemv
         for prompts in ([[5, 17, 33, 2, 9, 100, 250, 7], [40, 41, 42, 43, 44]], [[3, 1, 4, 1, 5, 9]]):
-            want = generate(plain, prompts, 3, None)
+            want, _ = generate(plain, prompts, 3, None)
             forced = [w.argmax(-1) for w in want]
             calls.update(store_kv=0, norm_route=0, norm_gemv=0, route_topk=0)
-            got = generate(fused, prompts, 3, forced)
+            got, _ = generate(fused, prompts, 3, forced)
             one_row = 3 * config.num_layers if len(prompts) == 1 else 0  # the decode steps of one request
             if MODE == "norm_router":
                 assert calls["norm_route"] == 3 * config.num_layers, calls  # the decode steps only
