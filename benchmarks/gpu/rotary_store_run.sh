@@ -9,8 +9,10 @@
 #      with the separate store launch (INFERNEO_CUDA_ROTARY_STORES_KV=0) and the fused store again, in one process;
 #   3. float32 greedy parity with HF for the Llama-family tiny models on CUDA (tests/test_hf_parity.py).
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/rotary_store_run.sh
+#   CHECK=0 leaves out step 1; BATCHES=1 times batch 1 only (a second round).
 source benchmarks/gpu/device_env.sh
 start=$SECONDS
+if [ "${CHECK:-1}" != 0 ]; then
 timeout 150 python3 - <<'PY' 2>&1 | tee "$OUT/rotary_store_check.log"
 import torch
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales
@@ -54,11 +56,12 @@ for n, heads, kv_heads in ((1, 32, 32), (1, 32, 8), (3, 32, 32), (32, 32, 32), (
 print("check ok")
 PY
 echo "check rc=$?"
+fi
 mkdir -p /tmp/qs
 left=$((${CALL_SECONDS:-540} - (SECONDS - start)))
 off="INFERNEO_CUDA_ROTARY_STORES_KV=0"
 timeout $((left - 120)) python3 benchmarks/gpu/quant_suite.py --deadline $((left - 150)) --workloads "" \
-  --decode-batches 1,32 --ab-batches 1,32 \
+  --decode-batches ${BATCHES:-1,32} --ab-batches ${BATCHES:-1,32} \
   --skip fp8,fp8-w8a8,fp8-nonorm,w4a16,w4a16-rows,w4a16-tinygemm,fp8-kv,gptfast \
   --ab "fp8kv-separate-store@fp8+fp8kv@$off" --ab "w4kv-separate-store@w4a16+fp8kv@$off" \
   --ab "bf16-separate-store@bf16@$off" --ab "fp8kv-fused-again@fp8+fp8kv" --ab "w4kv-fused-again@w4a16+fp8kv" \
