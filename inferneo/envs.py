@@ -168,14 +168,19 @@ def decode_fused_reduce() -> bool | None:
     return value not in ("0", "false", "no", "off")
 
 
-def fp8_kv_widen() -> int:
+def fp8_kv_widen() -> int | None:
     """INFERNEO_FP8_KV_WIDEN: how the Triton attention kernels widen an FP8 (e4m3) KV cache read with bfloat16
-    queries (``triton_attention.paged_decode`` / ``paged_prefill``'s ``fp8_widen``). ``0`` (default): to bfloat16
-    by integer operations, bfloat16 dots; ``1``: the same with a shorter byte permute (same bits); ``2``: queries to
-    float16 (times 2^-8, folded back into the score scale) and the tiles to float16 by the hardware conversion, float16
-    dots. Read at each launch."""
+    queries (``triton_attention.paged_decode`` / ``paged_prefill``'s ``fp8_widen``). ``0``: to bfloat16 by integer
+    operations, bfloat16 dots; ``1``: the same with a shorter byte permute (same bits); ``2``: queries to float16
+    (times 2^-8, folded back into the score scale) and the tiles to float16 by the hardware conversion, float16
+    dots. Unset (None): the launchers' rule (``triton_attention.default_fp8_widen``: 2 for decode launches that need
+    no split, else 0). Read at each launch."""
     value = os.environ.get("INFERNEO_FP8_KV_WIDEN", "").strip()
-    return int(value) if value in ("0", "1", "2") else 0
+    if value in ("0", "1", "2"):
+        return int(value)
+    if value:
+        raise ValueError(f"INFERNEO_FP8_KV_WIDEN must be 0, 1 or 2 (or unset: the launchers' rule); got {value!r}")
+    return None
 
 
 def decode_split_tiles() -> int:
