@@ -17,18 +17,18 @@ Then, e.g. (FP8 math emulated on CPU):
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from parity_fixture import copy_parity_model  # noqa: E402
 
 from inferneo.testing.int4_checkpoints import write_int4_checkpoint  # noqa: E402
 from inferneo.testing.quantized_checkpoints import write_fp8_checkpoint  # noqa: E402
-from inferneo.testing.tiny_models import make_tiny_tokenizer  # noqa: E402
 from inferneo.testing.weight_memory import write_default_model_copy  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main() -> int:
     default = write_default_model_copy(root / "default-fp32", torch.float32)
     parity = root / "parity"
     if not parity.exists():
-        shutil.copytree(ROOT / "tests" / "data" / "parity-llama", parity)
-        make_tiny_tokenizer().save_pretrained(parity)  # the model uses ids below 256 only
+        copy_parity_model(parity)
     for name, source in (("default", default), ("parity", parity)):
         write_fp8_checkpoint(source, root / f"{name}-fp8", "ct-channel-dynamic")
         write_int4_checkpoint(source, root / f"{name}-awq", root / f"{name}-awq-deq", "awq", group_size=64)

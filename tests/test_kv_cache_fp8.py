@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity_fixture import copy_parity_model, pattern_prompts
 from safetensors.torch import load_file, save_file
 
 from inferneo import LLM, SamplingParams
@@ -39,7 +38,6 @@ from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales, dequantize_kv
 from inferneo.kernels.cpu import load_cpu_kernels
 from inferneo.quantization.kv_cache import CheckpointKVScales, check_fp8_kv_cache_supported
 from inferneo.testing.agreement import greedy_agreement
-from inferneo.testing.tiny_models import make_tiny_tokenizer
 
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2}
 
@@ -310,34 +308,13 @@ def test_fp8_kv_on_the_torch_backend_and_unknown_dtype(tiny_checkpoint_factory, 
         LLM(path, kv_cache_dtype="int8")
 
 
-PARITY_MODEL = Path(__file__).parent / "data" / "parity-llama"
-
-
-def pattern_prompts(n: int, seed: int = 0) -> list[list[int]]:
-    """``n`` prompts of 33-64 tokens for the parity model: each repeats a random pattern of 6-16 distinct tokens
-    (ids 3..255) and stops inside a repeat; every other prompt starts with the same 32 tokens (prefix-cache hits)."""
-    rng = random.Random(seed)
-    shared: list[int] | None = None
-    prompts = []
-    for i in range(n):
-        pattern = rng.sample(range(3, 256), rng.randint(6, 16))
-        row = (pattern * 12)[: rng.randint(33, 64)]
-        if i % 2:
-            shared = shared or row[:32]
-            row = shared + row[32:]
-        prompts.append(row)
-    return prompts
-
-
 def test_trained_parity_model_greedy_agreement_fp8_vs_bf16_kv(tmp_path):
     """The trained parity model (``tests/data/parity-llama``, written by ``benchmarks/gpu/train_parity_fixture.py``:
     wide greedy margins, so a difference is the cache's, not a near-tie's) in bfloat16 with an FP8 KV cache against
     its bfloat16 KV cache: 64 prompts x 40 greedy tokens, free-running, prefix caching and chunked prefill on. At
     least 95% of the tokens agree position-wise, and the same KV memory holds twice the blocks. (The default model's
     figures, with its many near-ties, come from ``benchmarks/kv_fp8_agreement.py``: docs/quantization.md.)"""
-    folder = tmp_path / "parity-llama"
-    shutil.copytree(PARITY_MODEL, folder)
-    make_tiny_tokenizer().save_pretrained(folder)  # ids past the model's 256 are never used
+    folder = copy_parity_model(tmp_path / "parity-llama")
     options = dict(dtype="bfloat16", max_model_len=256, kv_cache_memory="8MiB", max_num_batched_tokens=48,
                    enable_prefix_caching=True, enable_chunked_prefill=True)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -15,7 +15,6 @@ import argparse
 import collections
 import json
 import random
-import shutil
 import subprocess
 import sys
 
@@ -24,8 +23,8 @@ import numpy as np
 import openai
 import pytest
 import torch
+from parity_fixture import copy_parity_model, pattern_prompts
 from test_hf_parity import TP_ENGINE, hf_greedy, kv_bytes_per_block, mixed_prompts
-from test_kv_cache_fp8 import PARITY_MODEL, pattern_prompts
 
 from inferneo import LLM, SamplingParams
 from inferneo.attention import AttentionMetadata, PrefillSpan
@@ -38,7 +37,6 @@ from inferneo.spec_decode.config import SpeculativeConfig, parse_speculative_con
 from inferneo.spec_decode.ngram import NgramProposer, TokenHistory
 from inferneo.spec_decode.state import SpeculationState
 from inferneo.testing.server import RemoteServer
-from inferneo.testing.tiny_models import make_tiny_tokenizer
 from inferneo.worker.cuda_graphs import decode_buckets, graph_layout
 from inferneo.worker.step_inputs import ScheduledSequence, pack_step, step_layout
 
@@ -48,10 +46,7 @@ MAX_NEW = 40
 
 @pytest.fixture(scope="module")
 def parity_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("spec") / "parity-llama"
-    shutil.copytree(PARITY_MODEL, folder)
-    make_tiny_tokenizer().save_pretrained(folder)  # ids past the model's 256 are never used
-    return folder
+    return copy_parity_model(tmp_path_factory.mktemp("spec") / "parity-llama")
 
 
 def generate_ids(llm: LLM, prompts, params: SamplingParams) -> list[list[int]]:

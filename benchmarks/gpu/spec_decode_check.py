@@ -16,7 +16,6 @@ Prints one JSON line per part (appended to ``--out``).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -35,18 +34,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from test_kv_cache_fp8 import PARITY_MODEL, pattern_prompts
+    from parity_fixture import copy_parity_model, pattern_prompts
     from transformers import AutoModelForCausalLM
 
     from inferneo import LLM, SamplingParams
     from inferneo.testing.agreement import greedy_agreement
-    from inferneo.testing.tiny_models import make_tiny_tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    folder = Path(tempfile.mkdtemp()) / "parity-llama"
-    shutil.copytree(PARITY_MODEL, folder)
-    make_tiny_tokenizer().save_pretrained(folder)
+    folder = copy_parity_model(Path(tempfile.mkdtemp()) / "parity-llama")
     prompts = pattern_prompts(16, seed=1)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     spec_config = {"method": "ngram", "num_speculative_tokens": 4}

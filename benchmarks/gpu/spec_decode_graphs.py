@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from offline_throughput import emit_json as emit  # noqa: E402
 
 
@@ -69,14 +69,11 @@ def main() -> None:
     SpeculationState.draft_limit = lambda self, most: most  # every request checks the drafts it is given
     drafts = [int(k) for k in args.drafts.split(",")]
     if args.smoke:
-        import shutil
         import tempfile
 
-        from inferneo.testing.tiny_models import make_tiny_tokenizer
+        from parity_fixture import copy_parity_model
 
-        folder = Path(tempfile.mkdtemp()) / "parity-llama"
-        shutil.copytree(ROOT / "tests" / "data" / "parity-llama", folder)
-        make_tiny_tokenizer().save_pretrained(folder)
+        folder = copy_parity_model(Path(tempfile.mkdtemp()) / "parity-llama")
         folder, device, ctx, steps = str(folder), "cpu", 48, 4
         engine = dict(max_model_len=256, dtype="float32", max_num_seqs=8)
     else:

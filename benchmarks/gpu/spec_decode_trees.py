@@ -10,7 +10,6 @@ batch 1 (the 16 pattern prompts one after another) and 16 (all at once). Run fro
 read all three rounds.)
 """
 
-import shutil
 import sys
 import tempfile
 import time
@@ -20,16 +19,13 @@ import torch
 
 ROOT = Path.cwd()
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from test_kv_cache_fp8 import PARITY_MODEL, pattern_prompts  # noqa: E402
+from parity_fixture import copy_parity_model, pattern_prompts  # noqa: E402
 
 import inferneo  # noqa: E402
 from inferneo import LLM, SamplingParams  # noqa: E402
-from inferneo.testing.tiny_models import make_tiny_tokenizer  # noqa: E402
 
 print("inferneo from", Path(inferneo.__file__).parent.parent.name, flush=True)
-folder = Path(tempfile.mkdtemp()) / "parity-llama"
-shutil.copytree(PARITY_MODEL, folder)
-make_tiny_tokenizer().save_pretrained(folder)
+folder = copy_parity_model(Path(tempfile.mkdtemp()) / "parity-llama")
 prompts = pattern_prompts(16, seed=1)
 greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 for extra in ({}, {"async_scheduling": False}, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}):
