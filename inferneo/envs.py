@@ -210,13 +210,13 @@ DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "num_splits")
 
 def decode_launch() -> dict[str, int]:
     """INFERNEO_DECODE_LAUNCH (default empty: the heuristics of ``triton_attention.paged_decode``): a tuning knob
-    for the Triton decode attention's launch, e.g. ``block_n=32,num_warps=2``; keys ``block_n`` (tokens a tile, a
+    for the Triton decode attention's launch, e.g. ``block_n=32,num_warps=2`` (pairs separated by commas or ``+``); keys ``block_n`` (tokens a tile, a
     power of two from 16 to 256), ``num_warps`` (1, 2, 4 or 8), ``num_stages`` (1 to 4) and ``num_splits`` (>= 1), each
     replacing the heuristic's value at every launch that does not pass its own. Read at each launch (the benchmarks'
     same-process A/Bs set it before capturing CUDA graphs). A malformed value raises ``ValueError``."""
     value = os.environ.get("INFERNEO_DECODE_LAUNCH", "").strip()
     launch: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
+    for item in filter(None, (part.strip() for part in value.replace("+", ",").split(","))):
         key, sep, number = item.partition("=")
         key = key.strip()
         if not sep or key not in DECODE_LAUNCH_KEYS or not number.strip().isdigit():
