@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from source_ast import parse_file
 
 from inferneo import config as config_module
 from inferneo.cli import main as cli_main
@@ -175,7 +176,7 @@ def test_the_docs_table_lists_every_engine_option():
 def _imports(path: Path) -> set[str]:
     """The ``inferneo...`` modules a file imports, anywhere in it (functions included)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_file(path)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -17,6 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from source_ast import parse_file
+
 import inferneo
 
 PACKAGE_ROOT = Path(inferneo.__file__).parent
@@ -64,7 +66,7 @@ def imports_of(path: Path, name: str) -> set[str]:
     """Absolute names of every module ``path`` imports (relative imports resolved)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(parse_file(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

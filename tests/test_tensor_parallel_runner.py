@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from source_ast import parse_file
 
 from inferneo.worker.model_runner import ModelRunner
 from inferneo.worker.runner_api import DRIVER_ONLY, EVERY_RANK, Runner, runner_members
@@ -128,7 +129,7 @@ def _engine_uses() -> tuple[set[str], set[str]]:
     direct, probed = set(), set()
     files = [p for p in (ROOT / "inferneo").rglob("*.py") if "worker" not in p.relative_to(ROOT).parts]
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse_file(path)):
             if isinstance(node, ast.Attribute) and is_runner(node.value):
                 direct.add(node.attr)
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
