@@ -171,7 +171,8 @@ class _LaunchSpy:
 
 def test_decode_launch_knob_sets_what_the_call_leaves_unset(monkeypatch):
     """INFERNEO_DECODE_LAUNCH (a benchmark A/B knob) replaces the heuristic's tile, warps, stages and splits, not
-    what the caller passes; every launch gives the reference's output; a malformed value is refused by name."""
+    what the caller passes (pairs separated by commas or ``+``); every launch gives the reference's output; a
+    malformed value is refused by name."""
     spy = _LaunchSpy(ops._decode_kernel)
     monkeypatch.setattr(ops, "_decode_kernel", spy)
     q = torch.randn(2, 4, 32)
@@ -179,8 +180,8 @@ def test_decode_launch_knob_sets_what_the_call_leaves_unset(monkeypatch):
     tables = torch.arange(16).reshape(2, 8)
     lens = torch.tensor([100, 37])
     outs = {}
-    for env, kwargs in (("", {}), ("block_n=16,num_warps=2,num_stages=3,num_splits=4", {}),
-                        ("block_n=16,num_warps=2,num_splits=4", {"num_splits": 1, "block_n": 32})):
+    for env, kwargs in (("", {}), ("block_n=16,num_warps=2+num_stages=3,num_splits=4", {}),
+                        ("block_n=16+num_warps=2,num_splits=4", {"num_splits": 1, "block_n": 32})):
         monkeypatch.setenv("INFERNEO_DECODE_LAUNCH", env)
         out = torch.empty_like(q)
         ops.paged_decode(q, cache, tables, lens, 0.2, out, **kwargs)
