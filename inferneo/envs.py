@@ -173,8 +173,8 @@ def fp8_kv_widen() -> int | None:
     queries (``triton_attention.paged_decode`` / ``paged_prefill``'s ``fp8_widen``). ``0``: to bfloat16 by integer
     operations, bfloat16 dots; ``1``: the same with a shorter byte permute (same bits); ``2``: queries to float16
     (times 2^-8, folded back into the score scale) and the tiles to float16 by the hardware conversion, float16
-    dots. Unset (None): the launchers' rule (``triton_attention.default_fp8_widen``: 2 for decode launches that need
-    no split, else 0). Read at each launch."""
+    dots. Unset (None): 2 for decode (``triton_attention.default_fp8_widen``), 0 for prefill. Read at each
+    launch."""
     value = os.environ.get("INFERNEO_FP8_KV_WIDEN", "").strip()
     if value in ("0", "1", "2"):
         return int(value)

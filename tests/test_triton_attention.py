@@ -227,16 +227,16 @@ def test_fp8_cache_decode_takes_narrow_tiles_at_a_few_programs_a_sm(monkeypatch)
     assert max(expected.values()) < 1e-2
 
 
-def test_fp8_cache_decode_widens_to_float16_when_the_launch_needs_no_split(monkeypatch):
-    """``default_fp8_widen``: an FP8 cache read by bfloat16 queries takes the float16 dots (2) in decode launches
-    that need no split and the integer widening (0) in split ones; a bfloat16 cache, float32 queries and prefill
-    keep 0; ``INFERNEO_FP8_KV_WIDEN`` overrides. The launches' outputs agree with widening 0's."""
+def test_fp8_cache_decode_widens_to_float16_for_bfloat16_queries(monkeypatch):
+    """``default_fp8_widen``: an FP8 cache read by bfloat16 queries takes the float16 dots (2) in decode launches,
+    split or not; a bfloat16 cache, float32 queries and prefill keep 0; ``INFERNEO_FP8_KV_WIDEN`` overrides. The
+    launches' outputs agree with widening 0's."""
     monkeypatch.delenv("INFERNEO_FP8_KV_WIDEN", raising=False)
     monkeypatch.delenv("INFERNEO_DECODE_LAUNCH", raising=False)
     spy = _LaunchSpy(ops._decode_kernel)
     monkeypatch.setattr(ops, "_decode_kernel", spy)
     scales = KVCacheScales(torch.full((4,), 2.0**-4), torch.full((4,), 2.0**-3))
-    for batch, fp8, dtype, want in ((4, True, torch.bfloat16, 2), (1, True, torch.bfloat16, 0),
+    for batch, fp8, dtype, want in ((4, True, torch.bfloat16, 2), (1, True, torch.bfloat16, 2),
                                     (4, False, torch.bfloat16, 0), (4, True, torch.float32, 0)):
         gen = torch.Generator().manual_seed(batch)
         q = torch.randn(batch, 4, 32, generator=gen, dtype=dtype)
@@ -247,20 +247,21 @@ def test_fp8_cache_decode_widens_to_float16_when_the_launch_needs_no_split(monke
         ops.paged_decode(q, cache, tables, lens, 0.2, out, kv_scales=scales if fp8 else None)
         launch = spy.launches[-1]
         assert launch["WIDEN"] == want and (launch["NUM_SPLITS"] == 1) is (batch > 1), (batch, fp8, dtype, launch)
-        assert ops.default_fp8_widen(cache, q, launch["NUM_SPLITS"]) == want
+        assert ops.default_fp8_widen(cache, q) == want
         if want:
             usual = torch.empty_like(q)
             ops.paged_decode(q, cache, tables, lens, 0.2, usual, kv_scales=scales, fp8_widen=0)
             assert relative_error(out.float(), usual.float()) < 1e-2
-            monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "0")
-            assert ops.default_fp8_widen(cache, q, 1) == 0 and ops._prefill_fp8_widen() == 0
-            monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "2")
-            assert ops.default_fp8_widen(cache, q, 4) == 2 and ops._prefill_fp8_widen() == 2
-            monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "fast")
-            with pytest.raises(ValueError, match="INFERNEO_FP8_KV_WIDEN"):
-                ops.default_fp8_widen(cache, q, 1)
-            monkeypatch.delenv("INFERNEO_FP8_KV_WIDEN")
+    cache = torch.zeros(2, 8, 4, 16, 32).to(FP8_KV_DTYPE)
+    q = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
     assert ops._prefill_fp8_widen() == 0
+    monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "0")
+    assert ops.default_fp8_widen(cache, q) == 0 and ops._prefill_fp8_widen() == 0
+    monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "2")
+    assert ops._prefill_fp8_widen() == 2
+    monkeypatch.setenv("INFERNEO_FP8_KV_WIDEN", "fast")
+    with pytest.raises(ValueError, match="INFERNEO_FP8_KV_WIDEN"):
+        ops.default_fp8_widen(cache, q)
 
 
 def _norm_rope_reference(x, w, cos, sin, eps, offset):

@@ -511,17 +511,17 @@ def narrow_fp8_decode_tiles(kv_cache: torch.Tensor, num_programs: int, num_sms: 
     return is_fp8_kv_cache(kv_cache) and num_sms <= num_programs < _FP8_NARROW_TILES_BELOW * num_sms
 
 
-def default_fp8_widen(kv_cache: torch.Tensor, q: torch.Tensor, num_splits: int) -> int:
+def default_fp8_widen(kv_cache: torch.Tensor, q: torch.Tensor) -> int:
     """How a decode launch widens an FP8 cache's tiles (``fp8_widen``; ``INFERNEO_FP8_KV_WIDEN`` when set): float16
-    dots on hardware-converted tiles (2) for bfloat16 queries when the launch needs no split (many requests), else
-    bfloat16 dots after the integer widening (0). Measured on an H100 (Llama-2-7B, 1,040 tokens of context): at 32
-    requests the kernel took 111.0 against 116.1 us a layer and the W4A16 + FP8 KV step 6.95 against 7.12-7.14 ms;
-    at one request (split launches) the float16 form made the step 1.2 ms longer (docs/benchmarks.md, "The FP8 KV
-    cache's float16 dots at many requests")."""
+    dots on hardware-converted tiles (2) for bfloat16 queries, else 0. Measured on an H100 (Llama-2-7B, 1,040 tokens
+    of context, W4A16 weights + FP8 KV): the batch-32 step 6.94 against 7.13 ms, the batch-1 step 2.17 against
+    2.20 ms (decode kernels 318 against 348 us a step); 32 launches in a CUDA graph at one request 9.1-10.1 against
+    11.3-11.5 us each, at four 22.7-24.8 against 29.8 (docs/benchmarks.md, "The FP8 KV cache's float16 dots in
+    decode")."""
     forced = envs.fp8_kv_widen()
     if forced is not None:
         return forced
-    return 2 if is_fp8_kv_cache(kv_cache) and q.dtype == torch.bfloat16 and num_splits == 1 else 0
+    return 2 if is_fp8_kv_cache(kv_cache) and q.dtype == torch.bfloat16 else 0
 
 
 def _prefill_fp8_widen() -> int:
@@ -661,7 +661,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, USE_DOT=use_dot, PRECISION=_precision(q.dtype),
         PDL=pdl, WINDOW=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
-        WIDEN=default_fp8_widen(kv_cache, q, num_splits) if fp8_widen is None else fp8_widen,
+        WIDEN=default_fp8_widen(kv_cache, q) if fp8_widen is None else fp8_widen,
         PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache, batch), num_warps=num_warps,
         num_stages=num_stages,
         **rotary,
