@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call after the FP8 cache's widening rule (triton_attention.default_fp8_widen: float16 dots for decode
-# launches that need no split) and the rotary kernel's KV store became defaults:
+# One device call after the FP8 cache's widening rule (triton_attention.default_fp8_widen: float16 dots in decode)
+# and the rotary kernel's KV store became defaults:
 #   on an H200: spec_graphs_run.sh (issue 19's and 20's figures through fp8_narrow_confirm.sh, then the speculation
 #     checks with the time left);
 #   elsewhere: quant_suite.py, bf16, FP8 + FP8 KV and W4A16 + FP8 KV decode steps at batches 1 and 32 as shipped,
