@@ -83,7 +83,8 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
 
     torch.manual_seed(0)
     cases = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.02, 0.02)]
-    shapes = [(1, 4, 2, 64, RMSNorm), (3, 8, 2, 128, RMSNorm), (5, 6, 1, 64, RMSNorm), (2, 4, 4, 128, GemmaRMSNorm)]
+    shapes = [(1, 4, 2, 64, RMSNorm), (3, 8, 2, 128, RMSNorm), (5, 6, 1, 64, RMSNorm), (2, 4, 4, 128, GemmaRMSNorm),
+              (3, 6, 2, 96, RMSNorm)]  # (Phi-3's head size: not a power of two)
     for dtype, rtol, atol in cases:
         for n, heads, kv_heads, dim, norm_cls in shapes:
             rot = RotaryEmbedding(dim, 512, 10000.0)
