@@ -16,10 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from decode_sweep import graph_time_us  # noqa: E402
 
 from inferneo.attention.fp8_kv import FP8_KV_DTYPE, KVCacheScales  # noqa: E402
 from inferneo.kernels import triton_attention as ops  # noqa: E402
@@ -48,7 +49,6 @@ def main() -> int:
             for fused in (False, True):
                 for widen in (0, 2):
                     out = torch.empty_like(q)
-
                     call = functools.partial(ops.paged_decode, q, cache, tables, lens, dim ** -0.5, out,
                                              kv_scales=scales, fp8_widen=widen, fused_reduce=fused)
 
@@ -56,19 +56,7 @@ def main() -> int:
                     torch.cuda.synchronize()
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     alone = triton.testing.do_bench(call, warmup=20, rep=100)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        for _ in range(32):
-                            call()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(10):
-                        graph.replay()
-                    end.record()
-                    torch.cuda.synchronize()
-                    per = start.elapsed_time(end) / 10 / 32 * 1000
+                    per = graph_time_us([call] * 32)
                     print(f"requests {batch} prewait {prewait:13s} fused_reduce {fused!s:5s} widen {widen}: "
                           f"alone {alone * 1000:7.1f} us, in a graph of 32 {per:6.1f} us a launch, rel err {err:.2e}",
                           flush=True)
