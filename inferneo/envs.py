@@ -147,6 +147,20 @@ def cuda_pdl() -> bool:
     return _flag("INFERNEO_CUDA_PDL", True)
 
 
+def w4a16_tc_pdl() -> str:
+    """INFERNEO_W4A16_TC_PDL (read at each launch, so a CUDA graph keeps the value it was captured with): how the
+    W4A16 tensor-core kernel launches at 17 to 64 rows where the other decode kernels use programmatic dependent
+    launch (``INFERNEO_CUDA_PDL``, Hopper and later; 16 rows and fewer take a plain launch,
+    ``triton_int4.TC_PDL_MIN_ROWS``). ``wait`` (default): it prefetches its first step's weights to L2 and waits
+    for the kernel before it; the next kernel launches when it ends. ``early``: the same, but it lets the next
+    kernel launch before its wait (as fast in the batch-32 step on an H100, much slower at batch 16:
+    docs/benchmarks.md); ``off``: a plain launch."""
+    value = os.environ.get("INFERNEO_W4A16_TC_PDL", "").strip().lower() or "wait"
+    if value not in ("early", "wait", "off"):
+        raise ValueError(f"INFERNEO_W4A16_TC_PDL must be wait, early or off; got {value!r}")
+    return value
+
+
 def cuda_pdl_early() -> bool:
     """INFERNEO_CUDA_PDL_EARLY (default on): the decode kernels whose dependents read nothing before their own wait
     that this kernel's predecessors write let the next kernel launch as soon as all their programs have started,

@@ -316,6 +316,21 @@ def test_reference_path_matches_linear():
     assert torch.equal(reference_int4_linear(x, weights), F.linear(x, dequantize(weights)))
 
 
+def test_w4a16_tensor_core_pdl_switch(monkeypatch):
+    """``INFERNEO_W4A16_TC_PDL``: ``wait`` unless set, ``early`` / ``off`` (any case) as given, anything else refused
+    with the values it takes (the GPU check of each mode: ``benchmarks/gpu/w4a16_tc_pdl_check.py``)."""
+    from inferneo import envs
+
+    monkeypatch.delenv("INFERNEO_W4A16_TC_PDL", raising=False)
+    assert envs.w4a16_tc_pdl() == "wait"
+    for value, mode in (("early", "early"), ("OFF", "off"), (" wait ", "wait"), ("", "wait")):
+        monkeypatch.setenv("INFERNEO_W4A16_TC_PDL", value)
+        assert envs.w4a16_tc_pdl() == mode
+    monkeypatch.setenv("INFERNEO_W4A16_TC_PDL", "1")
+    with pytest.raises(ValueError, match="wait, early or off"):
+        envs.w4a16_tc_pdl()
+
+
 def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):
     triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
     W4A16Config = triton_int4.W4A16Config

@@ -47,7 +47,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
+from inferneo import envs
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
 from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
@@ -56,6 +58,10 @@ TUNED_CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
 _INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 #: Rows up to which, without a tuned entry, half-precision activations go through :func:`_tc_kernel`.
 TC_MAX_ROWS = 64
+#: Rows up to which :func:`_tc_kernel` takes a plain launch even where the decode kernels use PDL: in Llama-2-7B's
+#: W4A16 + FP8 KV decode step on an H100, PDL made batch 16 slower (5.43 against 5.33 ms) and batch 32 faster
+#: (6.76-6.80 against 6.89 ms; docs/benchmarks.md).
+TC_PDL_MIN_ROWS = 16
 
 
 def triton_int4_available(group_size: int) -> bool:
@@ -820,16 +826,40 @@ def _tc_acc(acc, x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0, stride_xm, KG
 
 
 @triton.jit
+def _prefetch_l2(ptr, mask):
+    """``prefetch.global.L2`` of the line holding each of ``ptr`` where ``mask`` (a hint: no value, no fault)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptr, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_first_step(qw_ptr, s_ptr, z_ptr, rows, rmask, g0, stride_q, stride_s, GW: tl.constexpr,
+                         BLOCK_G: tl.constexpr):
+    """Ask L2 for the words, scales and zero points of the first step (``BLOCK_G`` groups from ``g0``) of weight
+    rows ``rows``: one prefetch per 128-byte line of words and one per row of scales and of zero points. Issued
+    before the PDL wait (weights only), so that the first loads after it hit L2."""
+    LINES: tl.constexpr = max(1, BLOCK_G * GW * 4 // 128)
+    line = tl.arange(0, LINES)
+    _prefetch_l2(qw_ptr + rows[:, None] * stride_q + g0 * GW + line[None, :] * 32,
+                 rmask[:, None] & (line[None, :] >= 0))
+    _prefetch_l2(s_ptr + rows * stride_s + g0, rmask)
+    _prefetch_l2(z_ptr + rows * stride_s + g0, rmask)
+
+
+@triton.jit
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, M, D, K, stride_xm, stride_ym, stride_q,
                stride_s, G_SPLIT,
                GROUP: tl.constexpr, GW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_G: tl.constexpr, SWAP: tl.constexpr, SCALE_AFTER: tl.constexpr, SILU: tl.constexpr,
-               ASM: tl.constexpr, EVEN: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr):
+               ASM: tl.constexpr, EVEN: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr,
+               PDL: tl.constexpr = False, TRIGGER: tl.constexpr = True):
     # Output rows n (SILU: gate rows n and up rows D + n) of input rows rm, groups [G_SPLIT * program_id(2),
     # + G_SPLIT). EVEN: D % BLOCK_N == 0 and whole steps of whole groups (GROUP a power of two), so that no load
     # needs a mask. SPLIT_K > 1: y is float32 (zeroed) and the programs add their sums into it, or (LAST_SUMS) y
     # is in the activation dtype, each program writes its sums to ws [SPLIT_K, M, D] and the last of a tile (count
-    # [tiles], zero between launches) adds them up.
+    # [tiles], zero between launches) adds them up. PDL: the first step's weights are prefetched to L2, then the
+    # program waits for the kernel before it (whose outputs are x); TRIGGER: first lets the next kernel launch
+    # (else the next launches when this one ends, onto multiprocessors this kernel's programs have left).
     dtype = x_ptr.dtype.element_ty
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -837,6 +867,17 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, M, D, K, s
     nmask = n < D
     rm_in = tl.minimum(rm, M - 1)  # rows past M read the last row (their outputs are not stored): no mask
     KG = K // GROUP
+    if PDL:
+        GW: tl.constexpr = GROUP // 8
+        _prefetch_first_step(qw_ptr, s_ptr, z_ptr, n, nmask, tl.program_id(2) * G_SPLIT, stride_q, stride_s, GW,
+                             BLOCK_G)
+        if SILU:
+            _prefetch_first_step(qw_ptr, s_ptr, z_ptr, n + D, nmask, tl.program_id(2) * G_SPLIT, stride_q, stride_s,
+                                 GW, BLOCK_G)
+        if TRIGGER:
+            wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+        else:
+            gdc_wait()
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -921,12 +962,16 @@ def _tc(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4
     grid = (triton.cdiv(d, config.block_n), triton.cdiv(m, config.block_m), split)
     y, ws, counts, last_sums = _split_outputs(x, m, d, split, grid[0] * grid[1], config.last_sums)
     even = _even(d, k, weights.group_size, replace(config, split_k=split)) and per_split * split == groups
+    mode = envs.w4a16_tc_pdl()
+    pdl = pdl_for(x) and mode != "off" and m > TC_PDL_MIN_ROWS
     _tc_kernel[grid](x, weights.packed, weights.scales, weights.zeros, y, ws, counts,
                      m, d, k, x.stride(0), y.stride(0), weights.packed.stride(0), weights.scales.stride(0), per_split,
                      GROUP=weights.group_size, GW_PAD=triton.next_power_of_2(weights.group_size // 8),
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
                      SWAP=config.swap, SCALE_AFTER=config.scale_after, SILU=silu, ASM=_use_asm(x), EVEN=even,
-                     SPLIT_K=split, LAST_SUMS=last_sums, num_warps=config.num_warps, num_stages=config.num_stages)
+                     SPLIT_K=split, LAST_SUMS=last_sums, PDL=pdl, TRIGGER=mode == "early",
+                     num_warps=config.num_warps,
+                     num_stages=config.num_stages, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
