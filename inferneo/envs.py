@@ -295,8 +295,9 @@ def rotary_warps() -> int:
 
 def rotary_head_groups() -> int:
     """INFERNEO_ROTARY_HEAD_GROUPS (default 0: ``_triton_elementwise.rotary_head_groups``'s rule): the programs a
-    token's heads are spread over when the Triton rotary kernel also writes the cache (at most one a KV head). Read
-    at each launch, for A/Bs; every value writes the same bytes."""
+    token's heads are spread over when the Triton rotary kernel (or the q/k norm + rotary kernel) also writes the
+    cache (at most one a rotated head). Read at each launch, for A/Bs; the plain rotary kernel writes the same bytes
+    with every value, the norm kernel's per-head sums may round one ulp apart."""
     value = os.environ.get("INFERNEO_ROTARY_HEAD_GROUPS", "").strip()
     if value and not value.isdigit():
         raise ValueError(f"INFERNEO_ROTARY_HEAD_GROUPS must be a whole number of programs (0: the rule) or empty; "

@@ -125,6 +125,14 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
                                      kv_cache=early_cache, slot_mapping=slots)
             del os.environ["INFERNEO_PREWAIT_LOADS"]
             assert torch.equal(early, got) and torch.equal(early_cache, cache)
+            for forced in ("2", "5", "64"):  # a token's heads over several programs (at most one a head): same bits
+                os.environ["INFERNEO_ROTARY_HEAD_GROUPS"] = forced
+                split, split_cache = qkv.clone(), torch.zeros_like(cache)
+                k.qk_norm_rotary_inplace(split, pos, rot.cos_cache, rot.sin_cache, heads, kv_heads, dim,
+                                         q_norm.weight, k_norm.weight, 1e-6, weight_offset=norm_cls is GemmaRMSNorm,
+                                         kv_cache=split_cache, slot_mapping=slots)
+                del os.environ["INFERNEO_ROTARY_HEAD_GROUPS"]
+                assert torch.equal(split, got) and torch.equal(split_cache, cache), forced
             # An FP8 cache with per-head scales: the same bytes as store_kv's, the rows unchanged.
             scales = KVCacheScales(torch.rand(kv_heads) + 0.25, torch.rand(kv_heads) + 0.25)
             fp8, fp8_want = (torch.zeros(2, 3, kv_heads, 16, dim, dtype=FP8_KV_DTYPE) for _ in range(2))
@@ -157,7 +165,7 @@ _QK_NORM_SCRIPT = textwrap.dedent("""
                          kv_scales=scales if fp8_cache else None)
                 as_bytes = (lambda c: c.view(torch.uint8)) if fp8_cache else (lambda c: c)
                 assert torch.equal(as_bytes(cache), as_bytes(want)) and as_bytes(cache).any()
-                for forced in ("1", "2", "64"):  # a token's heads in one program, two, one a KV head: same bytes
+                for forced in ("1", "2", "64"):  # a token's heads in one program, two, one a head: same bytes
                     os.environ["INFERNEO_ROTARY_HEAD_GROUPS"] = forced
                     again, again_cache = qkv.clone(), torch.zeros_like(cache)
                     k.rotary_inplace(again, pos, rot.cos_cache, rot.sin_cache, heads + kv_heads, dim,
@@ -183,6 +191,25 @@ def test_fused_qk_norm_rotary_matches_the_norm_and_rotary_modules():
     proc = subprocess.run([sys.executable, "-c", _QK_NORM_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_rotary_head_groups_rule(monkeypatch):
+    """How many programs a token's heads take when the rotary kernel writes the cache: under 16 tokens, the q/k
+    norm + rotary kernel two heads a program (Qwen3-30B-A3B's 36 heads: 18) and the plain rotary kernel enough for
+    16 programs, at most one a KV head; one a token from 16 tokens on; ``INFERNEO_ROTARY_HEAD_GROUPS`` forces the
+    count, up to one program a head."""
+    from inferneo.kernels._triton_elementwise import rotary_head_groups
+
+    monkeypatch.delenv("INFERNEO_ROTARY_HEAD_GROUPS", raising=False)
+    assert rotary_head_groups(1, 4, True, 36) == 18
+    assert rotary_head_groups(4, 8, True, 40) == 20
+    assert rotary_head_groups(16, 4, True, 36) == 1
+    assert rotary_head_groups(1, 32, False, 64) == 16 and rotary_head_groups(4, 32, False, 64) == 4
+    assert rotary_head_groups(1, 2, False, 10) == 2 and rotary_head_groups(64, 32, False, 64) == 1
+    monkeypatch.setenv("INFERNEO_ROTARY_HEAD_GROUPS", "1")
+    assert rotary_head_groups(1, 4, True, 36) == 1
+    monkeypatch.setenv("INFERNEO_ROTARY_HEAD_GROUPS", "100")
+    assert rotary_head_groups(1, 4, True, 36) == 36 and rotary_head_groups(1, 4, False) == 4
 
 
 # The device transform for a CUDA model, run on CPU tensors under the interpreter: the Triton modules are chosen

@@ -9,7 +9,8 @@ time per layer for each variant of ``--set``: ``tiles``, the output projection's
 rows, all read before the GEMV waits, against the tuned ones), the q/k/v norm + GEMV's rows per program, decode
 attention's split count, an ``evict_first`` hint on the expert weights; ``ab`` (default), the hint, 16 attention
 splits and the split merge inside the decode kernel alone and together (after a CUDA check of that merge); ``rotary``,
-the q/k norms + rotary + K/V store inside decode attention (after a CUDA check against the separate kernels).
+the q/k norms + rotary + K/V store inside decode attention (after a CUDA check against the separate kernels);
+``heads``, the q/k norm + rotary + K/V store kernel's 36 heads over 4, 5, 9 and 18 programs (``INFERNEO_ROTARY_HEAD_GROUPS``).
 ``pre``, reads moved before the programmatic-dependent-launch wait (``INFERNEO_PREWAIT_LOADS``: the q/k norm +
 rotary kernel's positions and rotary rows, decode attention's lengths and an L2 prefetch of its first KV tile, the
 reduction's partials beside their log-sum-exps), the rotary kernel's warps and gate/up tiles, each against all of
@@ -65,6 +66,7 @@ class Variant:
     prewait: str = ""  # INFERNEO_PREWAIT_LOADS while the graph is captured (what the kernels read before waiting;
     # "": the default, "none": nothing)
     rotary_warps: int = 0  # INFERNEO_ROTARY_WARPS while the graph is captured (0: the launcher's choice)
+    rotary_groups: int = 0  # INFERNEO_ROTARY_HEAD_GROUPS while the graph is captured (0: the rule, one program)
 
 
 def make_sets(device) -> list[dict]:
@@ -221,6 +223,9 @@ def variants() -> list[Variant]:
                  Variant("rotary, decode, reduce + 8 warps", prewait="all", rotary_warps=8)]
                 + [Variant(name, tiles=t, **off) for name, t in up.items()]
                 + [Variant("shipped defaults"), Variant("base again", **off)])
+    if VARIANT_SET == "heads":  # the q/k norm + rotary + K/V store kernel's heads over several programs
+        return ([Variant("base")] + [Variant(f"{g} programs", rotary_groups=g) for g in (4, 5, 9, 18)]
+                + [Variant("base again")] + [Variant(f"{g} programs again", rotary_groups=g) for g in (5, 9)])
     if VARIANT_SET == "rotary":  # the q/k norms + rotary + K/V store inside decode attention (tuned tiles)
         return [Variant("base"), Variant("rotary in decode", rotary_in_decode=True), Variant("base again"),
                 Variant("rotary in decode again", rotary_in_decode=True)]
@@ -268,7 +273,7 @@ def run(log) -> dict:
     for v in variants():
         tiles = v.tiles or tuned
         try:
-            with prewait_env(v.prewait, v.rotary_warps):
+            with prewait_env(v.prewait, v.rotary_warps, v.rotary_groups):
                 us, y, replay_equal = time_chain(lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl))
         except Exception as exc:  # noqa: BLE001 (the other variants still run)
             log(f"{v.name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
@@ -290,7 +295,7 @@ def run(log) -> dict:
         for name in dict.fromkeys(["base", best]):
             v = by_name[name]
             tiles = v.tiles or tuned
-            with prewait_env(v.prewait, v.rotary_warps):
+            with prewait_env(v.prewait, v.rotary_warps, v.rotary_groups):
                 results[name]["profile"] = profile_chain(
                     lambda v=v, tiles=tiles: chain(sets, shared, x, r, v, tiles, pdl), name, bandwidth, log)
     if VARIANT_SET == "pre" and DEVICE == "cuda":
@@ -305,10 +310,11 @@ def run(log) -> dict:
 
 
 @contextlib.contextmanager
-def prewait_env(value: str, rotary_warps: int = 0):
-    """``INFERNEO_PREWAIT_LOADS=value`` and ``INFERNEO_ROTARY_WARPS=rotary_warps`` for the launches inside (what a
-    captured graph keeps)."""
-    names = {"INFERNEO_PREWAIT_LOADS": value, "INFERNEO_ROTARY_WARPS": str(rotary_warps)}
+def prewait_env(value: str, rotary_warps: int = 0, rotary_groups: int = 0):
+    """``INFERNEO_PREWAIT_LOADS=value``, ``INFERNEO_ROTARY_WARPS=rotary_warps`` and
+    ``INFERNEO_ROTARY_HEAD_GROUPS=rotary_groups`` for the launches inside (what a captured graph keeps)."""
+    names = {"INFERNEO_PREWAIT_LOADS": value, "INFERNEO_ROTARY_WARPS": str(rotary_warps),
+             "INFERNEO_ROTARY_HEAD_GROUPS": str(rotary_groups)}
     old = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:
@@ -540,12 +546,12 @@ def main() -> None:
     parser.add_argument("--write-configs", action="store_true")
     parser.add_argument("--compare", default="", help="another run's base_output.pt, to check equal")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--set", default="ab", choices=("ab", "tiles", "rotary", "pre"),
+    parser.add_argument("--set", default="ab", choices=("ab", "tiles", "rotary", "pre", "heads"),
                         help="ab: the expert hint, the split count and the fused split merge, alone and together, "
                              "then per-kernel profiles of the base and the fastest; tiles: the GEMV tiles (writable); "
                              "rotary: the q/k norms + rotary inside decode attention, against the base; pre: reads "
                              "moved before the PDL wait (INFERNEO_PREWAIT_LOADS, the down kernel's prefetched "
-                             "chunks), then a race check")
+                             "chunks), then a race check; heads: the q/k norm + rotary kernel over several programs")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--ab-from", default="", help="print moe_suite.py --ab settings from a --set pre run's JSON")
     args = parser.parse_args()
@@ -576,7 +582,7 @@ def main() -> None:
             return 0.0, y[0].clone(), True
 
     checks = {}
-    if DEVICE == "cuda" and VARIANT_SET != "pre":
+    if DEVICE == "cuda" and VARIANT_SET not in ("pre", "heads"):
         try:
             checks = check_rotary_in_decode(log) if VARIANT_SET == "rotary" else check_fused_merge(log)
         except Exception as exc:  # noqa: BLE001 (the timings still run)

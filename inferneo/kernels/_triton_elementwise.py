@@ -203,7 +203,7 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
                      k_scale_ptr=k_scale, v_scale_ptr=v_scale, FP8=is_fp8_kv_cache(kv_cache))
     strides = kv_cache.stride()[:4] if kv_cache is not None else (0, 0, 0, 0)
     block_d = triton.next_power_of_2(half)
-    groups = rotary_head_groups(n_tokens, num_heads - num_q_heads, norm) if store else 1
+    groups = rotary_head_groups(n_tokens, num_heads - num_q_heads, norm, num_heads) if store else 1
     block_h = triton.next_power_of_2(triton.cdiv(num_heads, groups))
     if store:
         block_v = triton.next_power_of_2(triton.cdiv(store["N_KV_HEADS"], groups))
@@ -224,19 +224,32 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
 
 
 ROTARY_SPLIT_MIN_PROGRAMS = 16
+#: Rotated heads per program of the q/k norm + rotary kernel under ``ROTARY_SPLIT_MIN_PROGRAMS`` tokens: in the
+#: Qwen3-30B-A3B batch-1 layer chain on an H100 (36 heads), 18 programs added 1.18 us a layer to the critical path
+#: against 2.05 for one (docs/benchmarks.md, "The q/k norm + rotary kernel over several programs").
+NORM_ROTARY_HEADS_PER_PROGRAM = 2
 
 
-def rotary_head_groups(num_tokens: int, num_kv_heads: int, norm: bool) -> int:
-    """Programs a token's heads are spread over when the rotary kernel also writes the cache
-    (``INFERNEO_ROTARY_HEAD_GROUPS`` when set, for A/Bs): without q/k norms and under 16 tokens, enough for
-    ``ROTARY_SPLIT_MIN_PROGRAMS`` programs, at most one a KV head (at batch 1 one program would otherwise convert
-    every key and value element of the token, as ``triton_attention.store_kv_heads_per_program`` avoids for the
-    separate store); else one (the q/k norm + rotary launch keeps the tiling measured for Qwen3-MoE)."""
+def rotary_head_groups(num_tokens: int, num_kv_heads: int, norm: bool, num_heads: int = 0) -> int:
+    """Programs a token's heads are spread over when the rotary kernel also writes the cache, under 16 tokens
+    (``ROTARY_SPLIT_MIN_PROGRAMS``; one from there on):
+
+    - without q/k norms, enough for 16 programs, at most one a KV head (at batch 1 one program would otherwise
+      convert every key and value element of the token, as ``triton_attention.store_kv_heads_per_program`` avoids
+      for the separate store);
+    - the q/k norm + rotary kernel, ``NORM_ROTARY_HEADS_PER_PROGRAM`` of its ``num_heads`` (query and key heads) a
+      program (its per-head sums then run in another order than in one program: the same to the last bits or
+      one rounding apart).
+
+    ``INFERNEO_ROTARY_HEAD_GROUPS``, for A/Bs, forces the count, up to one program per rotated head (``num_heads``;
+    0: per KV head)."""
     forced = envs.rotary_head_groups()
     if forced:
-        return max(1, min(forced, num_kv_heads))
-    if norm or num_tokens >= ROTARY_SPLIT_MIN_PROGRAMS:
+        return max(1, min(forced, num_heads or num_kv_heads))
+    if num_tokens >= ROTARY_SPLIT_MIN_PROGRAMS:
         return 1
+    if norm:
+        return max(1, triton.cdiv(num_heads or num_kv_heads, NORM_ROTARY_HEADS_PER_PROGRAM))
     return max(1, min(triton.cdiv(ROTARY_SPLIT_MIN_PROGRAMS, num_tokens), num_kv_heads))
 
 
