@@ -49,6 +49,15 @@ def wait_for_previous_kernel(PDL: tl.constexpr, EARLY: tl.constexpr = False):
             gdc_launch_dependents()
 
 
+@triton.jit
+def wait_without_trigger(PDL: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible; the next kernel launches
+    only when this one ends (no ``launch_dependents``), so its programs do not take multiprocessors this kernel's
+    later programs would use (``triton_int4._tc_kernel``'s default)."""
+    if PDL:
+        gdc_wait()
+
+
 def pdl_for(x: torch.Tensor, pdl: bool | None = None) -> bool:
     """``pdl`` when the caller decided it (the engine's modules do, once); else whether kernels on ``x``'s device
     launch with PDL by default (CUDA, compute capability 9.0+, ``INFERNEO_CUDA_PDL`` on)."""

@@ -21,7 +21,9 @@ Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from t
   dot operand wants (about 1.6 instructions a code; under the interpreter the same values come from plain Triton).
   The group scale multiplies each group's partial product in float32 (``scale_after``: one ``tl.dot`` per group) or
   the tile in half precision (one packed ``fma`` more per two codes: the weight rounded once to the activation
-  dtype). ``swap`` computes ``W x^T`` instead of ``x W^T``. ``SILU`` fuses the gated MLP's activation.
+  dtype). ``swap`` computes ``W x^T`` instead of ``x W^T``. ``SILU`` fuses the gated MLP's activation. Above
+  ``TC_PDL_MIN_ROWS`` rows it launches with programmatic dependent launch where the decode kernels do
+  (``INFERNEO_W4A16_TC_PDL``): its first step's weights are prefetched to L2 before it waits.
 - otherwise (float32 activations, more than 64 rows, groups of fewer than 16 columns): :func:`_dot_kernel`, a
   ``[BLOCK_N, BLOCK_KW]`` tile of words de-quantized in float32 (``(q - z) * s``, rounded to the activation
   dtype), unpacked to ``[BLOCK_N, 8 * BLOCK_KW]`` and multiplied with a tile of ``x`` through one ``tl.dot``
@@ -47,10 +49,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from inferneo import envs
-from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel, wait_without_trigger
 from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
 
@@ -877,7 +878,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, M, D, K, s
         if TRIGGER:
             wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
         else:
-            gdc_wait()
+            wait_without_trigger(PDL)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -970,8 +971,7 @@ def _tc(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
                      SWAP=config.swap, SCALE_AFTER=config.scale_after, SILU=silu, ASM=_use_asm(x), EVEN=even,
                      SPLIT_K=split, LAST_SUMS=last_sums, PDL=pdl, TRIGGER=mode == "early",
-                     num_warps=config.num_warps,
-                     num_stages=config.num_stages, **launch_options(pdl))
+                     num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
