@@ -52,8 +52,8 @@ def wait_for_previous_kernel(PDL: tl.constexpr, EARLY: tl.constexpr = False):
 @triton.jit
 def wait_without_trigger(PDL: tl.constexpr):
     """Wait until the kernel before this one has finished and its writes are visible; the next kernel launches
-    only when this one ends (no ``launch_dependents``), so its programs do not take multiprocessors this kernel's
-    later programs would use (``triton_int4._tc_kernel``'s default)."""
+    only when this one ends (no ``launch_dependents``): ``triton_int4._tc_kernel``'s default form, which measured
+    as fast as the early trigger in the decode step and did not lose where it did (docs/benchmarks.md)."""
     if PDL:
         gdc_wait()
 
