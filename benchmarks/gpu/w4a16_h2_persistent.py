@@ -42,6 +42,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from int4_check import GROUP, TOLERANCE, _random_rows, clone_weights, copies_for, graph_time_us, rel_err  # noqa: E402
 
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel  # noqa: E402
 from inferneo.kernels.triton_int4 import (  # noqa: E402
@@ -52,7 +53,6 @@ from inferneo.kernels.triton_int4 import (  # noqa: E402
 )
 from inferneo.quantization.int4_layouts import Int4RowWeights, dequantize_rows  # noqa: E402
 
-GROUP = 128
 LAYERS = (("qkv_proj", 12288, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 22016, 4096))
 
 
@@ -104,22 +104,10 @@ def persistent_h2(x: torch.Tensor, weights: Int4RowWeights, block_n: int, progra
     tiles = triton.cdiv(d, block_n)
     programs = max(1, min(programs, tiles))
     _h2_persistent_kernel[(programs,)](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64),
-                                       weights.scales, weights.zeros, y, d, tiles, programs, K=k, GROUP=GROUP, BLOCK_N=block_n,
-                                       BLOCK_K2=k // 16, ITERS=triton.cdiv(tiles, programs), EVEN=d % block_n == 0,
-                                       PDL=pdl, num_warps=warps,
-                                       **launch_options(pdl))
+                                       weights.scales, weights.zeros, y, d, tiles, programs, K=k, GROUP=GROUP,
+                                       BLOCK_N=block_n, BLOCK_K2=k // 16, ITERS=triton.cdiv(tiles, programs),
+                                       EVEN=d % block_n == 0, PDL=pdl, num_warps=warps, **launch_options(pdl))
     return y
-
-
-def random_rows(n: int, k: int, device: str) -> Int4RowWeights:
-    packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device)
-    scales = torch.rand(n, k // GROUP, device=device) * 0.0025 + 0.00125
-    zeros = torch.randint(0, 16, (n, k // GROUP), dtype=torch.uint8, device=device)
-    return Int4RowWeights(packed, scales, zeros, GROUP)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float("inf") if not torch.isfinite(y).all() else ((y.float() - ref).norm() / ref.norm()).item()
 
 
 def interpret_check() -> int:
@@ -129,7 +117,7 @@ def interpret_check() -> int:
     failed = 0
     for d, k, block_n, programs, dtype in ((64, 256, 8, 3, torch.bfloat16), (60, 256, 8, 2, torch.bfloat16),
                                            (40, 512, 4, 4, torch.float16), (16, 256, 16, 1, torch.bfloat16)):
-        w = random_rows(d, k, "cpu")
+        w = _random_rows(d, k, "cpu")
         x = torch.randn(1, k).to(dtype)
         y = persistent_h2(x, w, block_n, programs, 1, pdl=False)
         err = rel_err(y, x.float() @ dequantize_rows(w).T)
@@ -196,16 +184,14 @@ def sass_counts() -> int:
         line = f"K 4096, {block_n} rows a tile, {warps} warps: regs {regs} spill {spill} total " \
                f"{len(INSTRUCTION.findall(sass))}"
         if body:
-            line += (f"; tile loop (the fallback left out) {sum(body.values())} instructions for {per_thread:g} words a thread "
-                     f"({sum(body.values()) / per_thread:.1f} a word): "
+            line += (f"; tile loop (the fallback left out) {sum(body.values())} instructions for {per_thread:g} "
+                     f"words a thread ({sum(body.values()) / per_thread:.1f} a word): "
                      + " ".join(f"{op} {c}" for op, c in body.most_common(12)))
         print(line, flush=True)
     return 0
 
 
 def gpu_run(out_path: str) -> int:
-    from int4_check import TOLERANCE, clone_weights, copies_for, graph_time_us
-
     from inferneo.kernels.triton_attention import device_sm_count
     from inferneo.kernels.triton_int4 import w4a16_linear
 
@@ -214,7 +200,7 @@ def gpu_run(out_path: str) -> int:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, f"{sms} SMs", flush=True)
     failed, lines = 0, []
     for name, n, k in LAYERS:
-        w = random_rows(n, k, "cuda")
+        w = _random_rows(n, k, "cuda")
         copies = [w] + [clone_weights(w) for _ in range(copies_for(w.packed.numel() * 4) - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ dequantize_rows(w).T
