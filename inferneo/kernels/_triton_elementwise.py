@@ -9,7 +9,7 @@ import triton.language as tl
 from inferneo import envs
 from inferneo.attention.fp8_kv import KVCacheScales, is_fp8_kv_cache
 from inferneo.kernels._pdl import early_extra_options, launch_options, pdl_for, wait_for_previous_kernel
-from inferneo.kernels.triton_attention import _scale_args, _to_cache
+from inferneo.kernels.triton_attention import kv_scale_args, to_cache
 
 
 @triton.jit
@@ -158,9 +158,9 @@ def _rotary_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr
         else:
             k_scale = 1.0
             v_scale = 1.0
-        tl.store(key, _to_cache(first, k_scale, cache_ptr, FP8), mask=key_mask)
-        tl.store(key + half, _to_cache(second, k_scale, cache_ptr, FP8), mask=key_mask)
-        tl.store(page + stride_half + vh * stride_ch + vd, _to_cache(value, v_scale, cache_ptr, FP8), mask=v_mask)
+        tl.store(key, to_cache(first, k_scale, cache_ptr, FP8), mask=key_mask)
+        tl.store(key + half, to_cache(second, k_scale, cache_ptr, FP8), mask=key_mask)
+        tl.store(page + stride_half + vh * stride_ch + vd, to_cache(value, v_scale, cache_ptr, FP8), mask=v_mask)
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _launch_rotary(qkv, positions, cos_cache, sin_cache, num_heads, head_dim, pd
         num_kv_heads = num_heads - num_q_heads
         assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and kv_cache.shape[2] == num_kv_heads
         assert kv_cache.shape[4] == head_dim and kv_cache.stride(4) == 1
-        k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
+        k_scale, v_scale = kv_scale_args(kv_cache, kv_scales, num_kv_heads)
         store = dict(STORE_KV=True, N_KV_HEADS=num_kv_heads, BLOCK_SIZE=kv_cache.shape[3],
                      BLOCK_V=triton.next_power_of_2(num_kv_heads), BLOCK_HD=triton.next_power_of_2(head_dim),
                      k_scale_ptr=k_scale, v_scale_ptr=v_scale, FP8=is_fp8_kv_cache(kv_cache))

@@ -89,7 +89,7 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
+def to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
     """``x`` as the cache stores it: FP8 ``e4m3(clamp(x / scale, -448, 448))`` (``fp8_kv``), else a cast."""
     if FP8:
         y = _round_to_e4m3(x.to(tl.float32) / scale)
@@ -121,8 +121,8 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr
         k_scale = 1.0
         v_scale = 1.0
     dst = cache_ptr + blk * stride_blk + h * stride_ch + off * stride_off + d
-    tl.store(dst, _to_cache(key, k_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dst + stride_half, _to_cache(value, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst, to_cache(key, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + stride_half, to_cache(value, v_scale, cache_ptr, FP8), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -138,7 +138,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     pdl = pdl_for(k, pdl)
-    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
+    k_scale, v_scale = kv_scale_args(kv_cache, kv_scales, num_kv_heads)
     block_h = store_kv_heads_per_program(num_tokens, num_kv_heads)
     _store_kv_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
         k, v, kv_cache, slot_mapping, k_scale, v_scale,
@@ -639,7 +639,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     tickets = _decode_tickets(q.device) if fused_reduce else lse
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
     sinks_arg = _sinks_arg(sinks, num_heads, q)
-    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
+    k_scale, v_scale = kv_scale_args(kv_cache, kv_scales, num_kv_heads)
     rotary = {}
     if qk_rotary is not None:
         r = qk_rotary
@@ -796,7 +796,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     block_n, num_warps, num_stages = config or prefill_config(head_dim)
     qk_scale, softcap_log2 = _score_scales(scale, logit_softcap)
-    k_scale, v_scale = _scale_args(kv_cache, kv_scales, num_kv_heads)
+    k_scale, v_scale = kv_scale_args(kv_cache, kv_scales, num_kv_heads)
     _prefill_kernel[(num_tiles, num_heads)](
         q, kv_cache, tables, schedule, out, _sinks_arg(sinks, num_heads, q), k_scale, v_scale, qk_scale,
         softcap_log2, sliding_window or 0,
@@ -850,8 +850,8 @@ def _sinks_arg(sinks: torch.Tensor | None, num_heads: int, like: torch.Tensor) -
     return sinks.contiguous()
 
 
-def _scale_args(kv_cache: torch.Tensor, kv_scales: KVCacheScales | None,
-                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_scale_args(kv_cache: torch.Tensor, kv_scales: KVCacheScales | None,
+                  num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-head key and value scales of an FP8 cache as float32 ``[Hkv]`` tensors (the cache itself as an
     unread placeholder pointer otherwise)."""
     if not is_fp8_kv_cache(kv_cache):
