@@ -46,8 +46,6 @@ from inferneo.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 LAYERS = (("qkv_proj", 12288, 4096, False), ("o_proj", 4096, 4096, False), ("gate_up_proj", 22016, 4096, False),
           ("gate_up_silu", 11008, 4096, True), ("down_proj", 4096, 11008, False))
 SWITCH = "INFERNEO_W4A16_TC_PDL"
-
-
 MODES = ("off", "early", "wait")
 
 
@@ -71,19 +69,19 @@ def layer(name: str, n: int, k: int, silu: bool, m: int, out) -> dict | None:
         return None  # the tuned table runs the projection, then the SiLU kernel, at these rows
     copies = [gen_w] + [clone_weights(gen_w) for _ in range(copies_for(gen_w.packed.numel() * 4) - 1)]
 
+    def project(xx, w):
+        return w4a16_silu_mul(xx, w) if silu else w4a16_linear(xx, w)
+
     def call(w):  # the norm (a PDL launch) writes the input the W4A16 launch reads
-        def fn():
-            xx = rms_norm(hidden, None, norm_w, 1e-5)
-            return w4a16_silu_mul(xx, w) if silu else w4a16_linear(xx, w)
-        return fn
+        return lambda: project(rms_norm(hidden, None, norm_w, 1e-5), w)
 
     ref = x.float() @ dequantize_rows(gen_w).float().T
     if silu:
         ref = F.silu(ref[:, :n]) * ref[:, n:]
-    plain = run(lambda: w4a16_silu_mul(x, gen_w) if silu else w4a16_linear(x, gen_w), "off")
+    plain = run(lambda: project(x, gen_w), "off")
     line = {"layer": name, "rows": m, "n": n, "k": k, "ok": True}
     for mode in MODES[1:]:
-        eager = run(lambda: w4a16_silu_mul(x, gen_w) if silu else w4a16_linear(x, gen_w), mode)
+        eager = run(lambda: project(x, gen_w), mode)
         chained = call(gen_w)
         chained()  # warm the launch
         graph = torch.cuda.CUDAGraph()
@@ -104,7 +102,7 @@ def layer(name: str, n: int, k: int, silu: bool, m: int, out) -> dict | None:
 
 
 def engine_check(out) -> bool:
-    """Greedy tokens and logprobs of eight prompts run together, in each mode, against the plain launch's."""
+    """Greedy tokens and logprobs of 24 prompts run together, in each mode, against the plain launch's."""
     import tempfile
 
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
