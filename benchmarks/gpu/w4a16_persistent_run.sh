@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One device call for the persistent one-row W4A16 prototype (benchmarks/gpu/w4a16_h2_persistent.py): its launches
-# on Llama-2-7B's K = 4096 layers (2-8 rows a tile, 2-4 warps, 2-16 programs a multiprocessor), each checked
-# against float32 F.linear and timed in CUDA graphs beside the shipped h2 launch.
+# One device call for the persistent one-row W4A16 kernel (triton_int4._gemv_h2_persistent_kernel, kind
+# "h2_persistent"): w4a16_h2_run.sh at one row:
+#   1. int4_check.py --rows 1 --write-configs: every one-row launch on Llama-2-7B's shapes (the persistent tilings
+#      beside the h2 ones, the GEMV, tensor cores and tinygemm) checked against float32 F.linear and timed; the
+#      table's one-row entries rewritten;
+#   2. w4a16_h2_e2e.py: tiny AWQ / GPTQ checkpoints through the engine, the h2 kernel and its persistent form
+#      against the older kernels and the reference path;
+#   3. quant_suite.py: bf16, W4A16 and W4A16 + FP8 KV decode steps at batch $DECODE (default 1), reading the table.
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/w4a16_persistent_run.sh
-source benchmarks/gpu/device_env.sh
-timeout ${PERSISTENT_TIMEOUT:-400} python3 benchmarks/gpu/w4a16_h2_persistent.py --out "$OUT/persistent.jsonl" \
-  > "$OUT/persistent.log" 2>&1
-echo "w4a16_h2_persistent rc=$?"; grep -vE "Warning|warn" "$OUT/persistent.log" | tail -12 | cut -c1-220
+ROWS=1 DECODE=${DECODE:-1} CHECK_TIMEOUT=${CHECK_TIMEOUT:-300} bash benchmarks/gpu/w4a16_h2_run.sh
