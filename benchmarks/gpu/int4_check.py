@@ -4,7 +4,7 @@ weight, their tiles tuned on Llama-2-7B's layer shapes, and their time beside bf
 Each layer is the engine's own :class:`QuantizedLinear` with :class:`Int4LinearMethod` (dummy weights from
 ``init_dummy``, finalized as after loading: repacked into the row layout), so the production layout is measured.
 Per shape and row count (1, 16, 32): every candidate launch of the kernels of ``inferneo/kernels/triton_int4.py``
-(the one-row GEMV, the packed-half ``h2`` kernel and its persistent form, the float32-de-quantizing ``dot`` kernel, the half-precision tensor-core ``tc`` kernel in its
+(the one-row GEMV, the float32-de-quantizing ``dot`` kernel, the half-precision tensor-core ``tc`` kernel in its
 variants: swapped operands, scales after each group's dot or on the tile, split K), and on the gate/up shape the
 fused gate/up + SiLU launches; each is checked against float32 ``F.linear`` on the de-quantized weight (relative
 error, bf16 activations, fresh random inputs for each check, a non-finite output failing it). Times are
@@ -124,24 +124,6 @@ def h2_grid(quick: bool) -> list[W4A16Config]:
     return base + [replace(c, split_k=sk, last_sums=True) for c in base[:6] for sk in (2, 4)]
 
 
-def h2_persistent_grid(k: int, quick: bool) -> list[W4A16Config]:
-    """One-row launches of the persistent packed-half kernel where it runs K: (rows a tile, warps, programs a
-    multiprocessor, pipeline stages of the tile loop), each thread holding at least one and at most 32 int64 weight
-    columns of its tile. One stage: many programs a multiprocessor keep the loads in flight; two or three (the
-    words, scales and zero points of the next tiles copied ahead into shared memory): a few."""
-    if not triton_int4.h2_persistent_available(k, GROUP, torch.bfloat16):
-        return []
-    columns = triton.next_power_of_2(k // 16)
-    if quick:
-        shapes = [(4, 2, 8, 1), (8, 4, 2, 3)]
-    else:
-        shapes = [(r, w, p, 1) for r in (2, 4, 8) for w in (2, 4) for p in (8, 16)]
-        shapes += [(r, w, p, st) for r in (4, 8) for w in (2, 4) for p in (2, 4) for st in (2, 3)]
-        shapes += [(8, 4, 1, 3), (16, 4, 1, 3), (16, 4, 2, 2), (16, 8, 2, 2), (16, 8, 1, 3)]
-    return [W4A16Config("h2_persistent", r, num_warps=w, num_stages=st, programs_per_sm=p) for r, w, p, st in shapes
-            if 32 * w <= columns and columns * r <= 32 * 32 * w]
-
-
 def gemv_grid(quick: bool) -> list[W4A16Config]:
     """One-row GEMV launches, without and with K split over more programs (both ways of adding up the parts),
     and the packed-half kernel's (:func:`h2_grid`)."""
@@ -188,7 +170,7 @@ def tc_grid(m: int, n: int, quick: bool) -> list[W4A16Config]:
 
 def candidates(m: int, n: int, k: int, quick: bool) -> list[W4A16Config]:
     first = default_config("linear", m, n, k, GROUP)
-    rest = (gemv_grid(quick) + h2_persistent_grid(k, quick) if m == 1 else dot_grid(m, quick)) + tc_grid(m, n, quick)
+    rest = (gemv_grid(quick) if m == 1 else dot_grid(m, quick)) + tc_grid(m, n, quick)
     return [first, *[c for c in rest if c != first]]
 
 

@@ -2,13 +2,10 @@
 row's 4-bit codes contiguous along K, eight to an int32 word; per-row scales and zero points per group), de-quantized
 in registers, float32 sums.
 
-Four kernels and a variant (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
+Four kernels (:func:`w4a16_linear`; which one runs, and its launch, comes from the shape and row count):
 
 - one half-precision row: :func:`_gemv_h2_kernel` (kind ``"h2"``), codes de-quantized two to a packed float16
   instruction and multiplied in packed float16, about two instructions a code (see the comment above it).
-  Its persistent form :func:`_gemv_h2_persistent_kernel` (kind ``"h2_persistent"``, ``x @ W.T`` only) runs a few
-  programs a multiprocessor, each converting the row to float16 pairs once and keeping them in registers while
-  it walks tiles of output rows, where the h2 kernel's programs of 4-8 rows each load and convert the row again.
 - one row otherwise: :func:`_gemv_kernel` (CUDA cores). A program owns ``BLOCK_N`` output rows and walks K
   ``BLOCK_G`` groups at a time, as a ``[BLOCK_N, BLOCK_G, group/8]`` tile of words. Codes are turned into floats
   without a conversion instruction: masked in place and OR-ed into the mantissa of ``2^23`` (``0x4B000000``), the float
@@ -66,9 +63,6 @@ TC_MAX_ROWS = 64
 #: W4A16 + FP8 KV decode step on an H100, PDL made batch 16 slower (5.43 against 5.33 ms) and batch 32 faster
 #: (6.76-6.80 against 6.89 ms; docs/benchmarks.md).
 TC_PDL_MIN_ROWS = 16
-#: The longest row (K) that :func:`_gemv_h2_persistent_kernel` keeps in registers, its float16 pairs spread over the
-#: program's threads.
-H2_PERSISTENT_MAX_K = 16384
 
 
 def triton_int4_available(group_size: int) -> bool:
@@ -80,10 +74,7 @@ def triton_int4_available(group_size: int) -> bool:
 class W4A16Config:
     """One launch. ``kind`` ``"gemv"`` (one row; ``"silu"``: the fused gate/up GEMV): ``block_n`` output rows x
     ``block_g`` groups per step; ``"h2"`` (one bf16/fp16 row in packed half precision, the fused gate/up included;
-    other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"h2_persistent"``
-    (the same products, rows of at most :data:`H2_PERSISTENT_MAX_K` columns, no fused SiLU): ``programs_per_sm``
-    programs a multiprocessor, each converting the row once and walking tiles of ``block_n`` output rows, the walk
-    pipelined ``num_stages`` deep (from 2: the next tiles' weights copied ahead into shared memory); ``"dot"``:
+    other rows fall back to the GEMV): ``block_n`` output rows x ``block_kw`` words per step; ``"dot"``:
     ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns each) per step; ``"tc"`` (half
     precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step, ``swap`` and ``scale_after``
     as in the module docstring. ``split_k`` (``"gemv"``, ``"h2"`` and ``"tc"``): programs along K (not for the
@@ -104,7 +95,6 @@ class W4A16Config:
     scale_after: bool = True
     split_k: int = 1
     last_sums: bool = False
-    programs_per_sm: int = 0  # kind "h2_persistent"
     inner_k_tiles: int = 0  # kind "tinygemm" (PyTorch's int4 kernel, in tinygemm_int4.py): its packing's K tiles
 
     def as_dict(self) -> dict:
@@ -138,12 +128,6 @@ def h2_available(group_size: int, dtype: torch.dtype) -> bool:
     activation dtype (bfloat16 or float16)."""
     words = group_size // 8
     return dtype in (torch.bfloat16, torch.float16) and group_size % 32 == 0 and words & (words - 1) == 0
-
-
-def h2_persistent_available(k: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`_gemv_h2_persistent_kernel` runs rows of ``k`` columns in groups of ``group_size`` of
-    ``dtype``: what the h2 kernel runs, the row no longer than :data:`H2_PERSISTENT_MAX_K`."""
-    return h2_available(group_size, dtype) and k <= H2_PERSISTENT_MAX_K
 
 
 def tc_available(group_size: int, dtype: torch.dtype) -> bool:
@@ -198,7 +182,7 @@ def _gemv_config(op: str, k: int, group_size: int) -> W4A16Config:
     return W4A16Config("silu" if op == "silu" else "gemv", block_n=16, block_g=block_g, num_warps=4)
 
 
-def _usable(config: W4A16Config | None, op: str, m: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
+def _usable(config: W4A16Config | None, op: str, m: int, group_size: int, dtype: torch.dtype) -> bool:
     if config is None or config.kind == "tinygemm":  # (a layout of its own: tinygemm_int4.tinygemm_layout)
         return False
     if config.kind == "tc":
@@ -207,8 +191,6 @@ def _usable(config: W4A16Config | None, op: str, m: int, k: int, group_size: int
         return m == 1
     if config.kind == "h2":
         return m == 1 and h2_available(group_size, dtype)
-    if config.kind == "h2_persistent":
-        return op == "linear" and m == 1 and h2_persistent_available(k, group_size, dtype)
     return op == "linear"
 
 
@@ -220,10 +202,10 @@ def choose_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torch
     tuned = _tuned_configs().get(config_key(op, m, n, k, group_size))
     if tuned is not None and tuned.kind == "none":
         return None  # measured: no fused kernel beats the projection and the activation apart
-    if _usable(tuned, op, m, k, group_size, dtype):
+    if _usable(tuned, op, m, group_size, dtype):
         return tuned
     fallback = default_config(op, m, n, k, group_size, dtype, sms)
-    return fallback if _usable(fallback, op, m, k, group_size, dtype) else None
+    return fallback if _usable(fallback, op, m, group_size, dtype) else None
 
 
 # ---- one row --------------------------------------------------------------------------------------------------
@@ -647,60 +629,6 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
-@triton.jit
-def _gemv_h2_persistent_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, D, tiles, programs,
-                               K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
-                               ITERS: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr, EVEN_K: tl.constexpr,
-                               PDL: tl.constexpr):
-    # The h2 kernel's products with the whole row in one step (BLOCK_K2 >= K // 16 int64 columns), the row's
-    # float16 pairs made once per program and kept in registers while the program walks the row tiles
-    # program_id, program_id + programs, ... below ``tiles`` (ITERS: cdiv(tiles, programs)) of BLOCK_N output rows,
-    # the tile loop software-pipelined STAGES deep (a program past the last tile reads that one again, unwritten).
-    # The float32 fallback runs after the loop (which then holds no inner loop), on the rows whose written output
-    # is not finite. EVEN: whole row tiles and EVEN_K (BLOCK_K2 == K // 16): no masks. Before the PDL wait the
-    # first tile's words are asked of L2 (weights only).
-    GW2: tl.constexpr = GROUP // 16
-    KW: tl.constexpr = K // 8
-    KW2: tl.constexpr = K // 16
-    KG: tl.constexpr = K // GROUP
-    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-    k2 = tl.arange(0, BLOCK_K2)
-    kmask = k2 < KW2
-    first = tl.program_id(0)
-    if PDL:
-        LINES: tl.constexpr = BLOCK_K2 * 8 // 128  # 128-byte lines of a row (16 int64 columns each)
-        line = tl.arange(0, LINES)
-        n = first * BLOCK_N + tl.arange(0, BLOCK_N)
-        _prefetch_l2(qw8_ptr + n[:, None] * KW2 + line[None, :] * 16, (n < D)[:, None] & (line * 16 < KW2)[None, :])
-    wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
-    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN_K, F16)
-    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN_K, F16)
-    overflowed = 0
-    for i in tl.range(0, ITERS, num_stages=STAGES):
-        tile = first + i * programs
-        n = tl.minimum(tile, tiles - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < D
-        mask = kmask[:, None] & nmask[None, :]
-        wptr = qw8_ptr + n[None, :] * KW2 + k2[:, None]
-        words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
-        acc = _h2_scaled_dot(s_ptr, z_ptr, k2, n, mask, words, ab0, cd0, ab1, cd1, GW2, KG, EVEN)
-        y = tl.sum(acc, axis=0) * H2_UNSHIFT
-        overflowed |= tl.max(((y != y) | (tl.abs(y) == float("inf"))).to(tl.int32), axis=0)
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask & (tile < tiles))
-    if overflowed > 0:  # a float16 lane overflowed (or x is not finite): those rows again in float32
-        tl.debug_barrier()  # the stores above, by any thread of the program, are visible to the loads below
-        for i in range(ITERS):
-            tile = first + i * programs
-            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = (n < D) & (tile < tiles)
-            y = tl.load(y_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-            bad = (y != y) | (tl.abs(y) == float("inf"))
-            if tl.max(bad.to(tl.int32), axis=0) > 0:
-                y = tl.where(bad, _h2_f32_rows(x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, 0, KG, KW, KG, GROUP,
-                                               GROUP // 8, BLOCK_N), y)
-                tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
-
-
 # ---- two rows or more -----------------------------------------------------------------------------------------
 
 
@@ -1110,30 +1038,9 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
-def _gemv_h2_persistent(x: torch.Tensor, weights: Int4RowWeights, d: int, config: W4A16Config) -> torch.Tensor:
-    k = x.shape[1]
-    tiles = triton.cdiv(d, config.block_n)
-    programs = max(1, min(tiles, config.programs_per_sm * device_sm_count(x.device)))
-    block_k2 = triton.next_power_of_2(k // 16)
-    even_k = block_k2 == k // 16
-    y = torch.empty((1, d), dtype=x.dtype, device=x.device)
-    pdl = pdl_for(x)
-    _gemv_h2_persistent_kernel[(programs,)](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64),
-                                            weights.scales, weights.zeros, y, d, tiles, programs, K=k,
-                                            GROUP=weights.group_size, BLOCK_N=config.block_n, BLOCK_K2=block_k2,
-                                            ITERS=triton.cdiv(tiles, programs), STAGES=config.num_stages,
-                                            EVEN=even_k and d % config.block_n == 0, EVEN_K=even_k, PDL=pdl,
-                                            num_warps=config.num_warps, **launch_options(pdl))
-    return y
-
-
 def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
-    """A one-row launch: the h2 kernel (or its persistent form, without the SiLU) where this call can take it,
-    else the GEMV (its default launch in place of an h2 one)."""
-    if config.kind == "h2_persistent":
-        if not silu and _h2_takes(x, weights) and h2_persistent_available(x.shape[1], weights.group_size, x.dtype):
-            return _gemv_h2_persistent(x, weights, d, config)
-        config = _gemv_config("silu" if silu else "linear", x.shape[1], weights.group_size)
+    """A one-row launch: the h2 kernel where this call can take it, else the GEMV (its default launch in place of
+    an h2 one)."""
     if config.kind == "h2":
         if _h2_takes(x, weights):
             return _gemv_h2(x, weights, d, silu, config)
@@ -1151,7 +1058,7 @@ def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config |
     if m == 0:
         return x.new_empty((0, n))
     config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
-    if config.kind in ("gemv", "silu", "h2", "h2_persistent"):
+    if config.kind in ("gemv", "silu", "h2"):
         return _one_row(x, weights, n, False, config)
     if config.kind == "tc":
         return _tc(x, weights, n, False, config)
