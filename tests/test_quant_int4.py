@@ -34,7 +34,9 @@ from inferneo.quantization.int4 import (
 )
 from inferneo.quantization.int4_layouts import (
     Int4Codes,
+    compact_scales,
     dequantize,
+    dequantize_rows,
     pack_canonical,
     pack_rows,
     unpack_awq,
@@ -144,6 +146,22 @@ def test_compressed_tensors_dequantization_is_the_librarys_bit_for_bit(symmetric
     assert torch.equal(ours.to(torch.bfloat16), theirs_bf16)
 
 
+def test_row_layout_holds_float16_scales_only_where_they_are_exact():
+    """The row layout keeps scales in float16 when every one is a float16 value (checkpoints' float16 scales
+    widened to float32 on unpacking), with the same numbers; a scale outside float16 (too fine, too large, more
+    mantissa) keeps the whole tensor float32."""
+    halves = torch.rand(4, 8).half().float()
+    assert compact_scales(halves).dtype == torch.float16 and torch.equal(compact_scales(halves).float(), halves)
+    for odd in (1e-8, 7e4, 0.1):  # float16 subnormal range, past its largest value, 0.1 not a float16
+        scales = halves.clone()
+        scales[2, 3] = odd
+        assert compact_scales(scales) is scales
+    q = quantize_weight(torch.randn(16, 64), 32, False, torch.float16, torch.arange(64) // 32)
+    weights = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))
+    assert weights.scales.dtype == torch.float16
+    assert torch.equal(dequantize_rows(weights), q.dequantized())
+
+
 def test_act_order_with_uneven_groups_is_refused():
     codes = Int4Codes(torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(2, 8, dtype=torch.uint8),
                       torch.ones(2, 8), 16, g_idx=torch.tensor([0] * 20 + [1] * 12))
@@ -200,7 +218,8 @@ _TRITON_SCRIPT = textwrap.dedent("""
     from inferneo.quantization.base import LinearShape, QuantizedLinear
     from inferneo.quantization.int4_layouts import Int4RowWeights, pack_canonical, pack_rows
     from inferneo.testing.int4_checkpoints import quantize_weight
-    from tests.test_quant_int4 import layout_codes
+    from inferneo.quantization.int4_layouts import dequantize_rows
+    from tests.test_quant_int4 import _canonical, layout_codes
 
     torch.manual_seed(0)
     # float32: exact de-quantization, float32 sums in another order (GEMV: sum(q*x) - z*sum(x) per group);
@@ -228,6 +247,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
         q = quantize_weight(torch.randn(n, k), group, False, torch.float16, g_idx, min_zero=1)
         weights = pack_rows(pack_canonical(layout_codes(q, layout, group)))
         assert isinstance(weights, Int4RowWeights) and (weights.perm is not None) == act_order
+        assert weights.scales.dtype == torch.float16  # float16 scales, held as such: the kernels read 2 bytes
         w = q.dequantized()  # the checkpoint's column order
         for m in (1, 20):
             for dtype in tolerance:
@@ -242,6 +262,16 @@ _TRITON_SCRIPT = textwrap.dedent("""
                     assert y.shape == (m, n) and y.dtype == dtype
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     assert err < tolerance[dtype], (layout, group, m, dtype, config, err)
+    # scales that are not float16 values stay float32, through every kernel
+    weights = pack_rows(_canonical(64, 256, 32))
+    assert weights.scales.dtype == torch.float32
+    w = dequantize_rows(weights)
+    for m, configs in ((1, (gemv, dot, *h2s, *tcs)), (20, (dot, *tcs))):
+        x = torch.randn(m, 256).bfloat16()
+        ref = F.linear(x.float(), w)
+        for config in configs:
+            y = w4a16_linear(x, weights, config)
+            assert ((y.float() - ref).norm() / ref.norm()).item() < tolerance[torch.bfloat16], (m, config)
     # the fused gate/up + SiLU GEMV against the two steps, each rounded to bfloat16
     q = quantize_weight(torch.randn(64, 128), 32, False, torch.float16, torch.arange(128) // 32)
     weights = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))

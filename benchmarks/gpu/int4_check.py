@@ -187,7 +187,7 @@ def silu_candidates(m: int, n: int, k: int, quick: bool) -> list[W4A16Config]:
 def _random_rows(n: int, k: int, device: str) -> Int4RowWeights:
     groups = k // GROUP
     packed = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device)
-    scales = torch.rand(n, groups, device=device) * 0.0025 + 0.00125
+    scales = (torch.rand(n, groups, device=device) * 0.0025 + 0.00125).half()  # as pack_rows holds them
     zeros = torch.randint(0, 16, (n, groups), dtype=torch.uint8, device=device)
     return Int4RowWeights(packed, scales, zeros, GROUP)
 
@@ -421,7 +421,7 @@ def main() -> int:
             weights = pack_rows(weights)
         assert isinstance(weights, Int4RowWeights), type(weights)
         n = shape.out_features
-        nbytes = weights.packed.numel() * 4 + weights.scales.numel() * 5
+        nbytes = weights.packed.numel() * 4 + weights.scales.numel() * (weights.scales.element_size() + 1)
         copies = [weights] + [clone_weights(weights) for _ in range((1 if args.smoke else copies_for(nbytes)) - 1)]
         try:
             tg_copies = {inner: [tinygemm_int4.tinygemm_from(c, inner) for c in copies]

@@ -261,7 +261,7 @@ def _dequantized_sum(qw_ptr, s_ptr, z_ptr, rows, rmask, g, gmask, widx, kmask, K
     part = _group_sums(words, x0, x1, x2, x3, x4, x5, x6, x7)
     gptr = rows[:, None] * KG + g[None, :]
     smask = rmask[:, None] & gmask[None, :]
-    s = tl.load(s_ptr + gptr, mask=smask, other=0.0)
+    s = tl.load(s_ptr + gptr, mask=smask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gptr, mask=smask, other=0).to(tl.float32)
     return s * (part - z * x_sum[None, :])
 
@@ -530,10 +530,10 @@ def _h2_scaled_dot(s_ptr, z_ptr, k2, rows, mask, words, ab0, cd0, ab1, cd1, GW2:
     against their activations' float16 pairs (:func:`_h2_x_pairs`); ``mask``: the valid [BK2, R] entries."""
     gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
     if EVEN:
-        sc = tl.load(s_ptr + gptr)
+        sc = tl.load(s_ptr + gptr).to(tl.float32)
         z = tl.load(z_ptr + gptr).to(tl.int32)
     else:
-        sc = tl.load(s_ptr + gptr, mask=mask, other=0.0)
+        sc = tl.load(s_ptr + gptr, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + gptr, mask=mask, other=0).to(tl.int32)
     zl = 0xD000 + z  # float16 -(32 + z / 32)
     zh = 0xC000 + 16 * z  # float16 -(2 + z / 32)
@@ -653,7 +653,7 @@ def _dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_y
         tmask = nmask[:, None] & (widx < KW)[None, :]
         words = tl.load(qw_ptr + n[:, None] * KW + widx[None, :], mask=tmask, other=0)
         gptr = n[:, None] * KG + (widx // GW)[None, :]
-        s = tl.load(s_ptr + gptr, mask=tmask, other=0.0)
+        s = tl.load(s_ptr + gptr, mask=tmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + gptr, mask=tmask, other=0).to(tl.int32)
         k = w0 * 8 + kl
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :],
@@ -785,14 +785,14 @@ def _tc_part(x_ptr, qw_ptr, s_ptr, z_ptr, rows, rmask, rm, g0, stride_xm, KG, st
     gptr = rows[:, None] * stride_s + g[None, :]
     if EVEN:
         words = tl.load(wptr)
-        s = tl.load(s_ptr + gptr)
+        s = tl.load(s_ptr + gptr).to(tl.float32)
         z = tl.load(z_ptr + gptr)
     else:
         gmask = g < KG
         kmask = gmask[:, None] & (wl < GW)[None, :]  # [NG, GW_PAD]
         words = tl.load(wptr, mask=rmask[:, None, None] & kmask[None, :, :], other=0)
         smask = rmask[:, None] & gmask[None, :]
-        s = tl.load(s_ptr + gptr, mask=smask, other=0.0)
+        s = tl.load(s_ptr + gptr, mask=smask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + gptr, mask=smask, other=0)
     w = _dequant_tile(words, z, s, dtype, SCALED, ASM)  # [R, NG * GW_PAD * 8]
     if GW_PAD == GW:  # whole groups: the tile's columns are contiguous (vector loads of x)

@@ -274,7 +274,8 @@ class Int4LinearMethod(LinearMethod):
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
         """Random codes and zero points (random int32 words are valid codes in every layout), scales around
-        ``0.02 / 8`` so the weights are about as large as dummy full-precision ones; ``g_idx`` consecutive."""
+        ``0.02 / 8`` so the weights are about as large as dummy full-precision ones, float16 values as checkpoints
+        store them; ``g_idx`` consecutive."""
         for name in self._checkpoint_names():
             param = getattr(layer, name, None)
             if param is None or name in ("g_idx", "weight_g_idx", "weight_shape"):
@@ -283,6 +284,7 @@ class Int4LinearMethod(LinearMethod):
                 param.data.random_(-2**31, 2**31 - 1, generator=generator)
             else:
                 param.data.uniform_(0.5 * 0.0025, 1.5 * 0.0025, generator=generator)
+                param.data.copy_(param.data.to(torch.float16))
 
 
 def _dequantize_block(block) -> torch.Tensor:

@@ -24,8 +24,10 @@ weight whose columns were sorted by group, so that each group is ``group_size`` 
 
 On CUDA the Triton kernels read the row layout instead (:class:`Int4RowWeights`, :func:`pack_rows`): ``packed``
 int32 ``[out, in/8]`` whose word ``(n, w)`` holds columns ``8w..8w+7`` of row ``n`` (code ``j`` is column
-``8w + j``), so one output row's codes are contiguous along K, and ``scales`` float32 / ``zeros`` uint8
-``[out, in/group_size]``, one row's groups contiguous as well.
+``8w + j``), so one output row's codes are contiguous along K, and ``scales`` / ``zeros`` uint8
+``[out, in/group_size]``, one row's groups contiguous as well. Its scales are float16 where every scale is a float16
+value (AWQ and GPTQ store float16 scales): the same values in 2 bytes instead of 4, fewer bytes a step for the
+one-row kernels to read; else float32.
 """
 
 from __future__ import annotations
@@ -189,8 +191,8 @@ def dequantize(weights: Int4Weights) -> torch.Tensor:
 class Int4RowWeights:
     """A weight in the row layout the GPU kernels read (see the module docstring).
 
-    ``packed`` int32 ``[out, in/8]``; ``scales`` float32 ``[out, in/group_size]``; ``zeros`` uint8
-    ``[out, in/group_size]``; ``perm`` as in :class:`Int4Weights` (columns sorted by group).
+    ``packed`` int32 ``[out, in/8]``; ``scales`` float16 or float32 ``[out, in/group_size]`` (:func:`pack_rows`);
+    ``zeros`` uint8 ``[out, in/group_size]``; ``perm`` as in :class:`Int4Weights` (columns sorted by group).
     """
 
     packed: torch.Tensor
@@ -208,15 +210,23 @@ class Int4RowWeights:
         return self.packed.shape[1] * 8
 
 
+def compact_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` as float16 when every one is a float16 value (the same numbers in half the bytes), else
+    unchanged."""
+    half = scales.to(torch.float16)
+    return half if torch.equal(half.to(scales.dtype), scales) else scales
+
+
 def pack_rows(weights: Int4Weights) -> Int4RowWeights:
-    """A canonical weight -> the row layout (same codes, scales, zero points and column order)."""
+    """A canonical weight -> the row layout (same codes, scale values, zero points and column order; the scales
+    float16 where :func:`compact_scales` finds them exact)."""
     codes = canonical_codes(weights).to(torch.int32)  # [out, in], columns in the sorted order
     out_features, in_features = codes.shape
     shifts = _shifts(codes.device)
     # Eight codes of one row: code j in bits 4j. The nibbles do not overlap, so the sum is their bitwise OR.
     packed = (codes.view(out_features, in_features // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
-    return Int4RowWeights(packed.contiguous(), weights.scales.t().contiguous(), weights.zeros.t().contiguous(),
-                          weights.group_size, weights.perm)
+    return Int4RowWeights(packed.contiguous(), compact_scales(weights.scales.t().contiguous()),
+                          weights.zeros.t().contiguous(), weights.group_size, weights.perm)
 
 
 def row_codes(weights: Int4RowWeights) -> torch.Tensor:
@@ -227,7 +237,7 @@ def row_codes(weights: Int4RowWeights) -> torch.Tensor:
 def dequantize_rows(weights: Int4RowWeights) -> torch.Tensor:
     """``W`` float32 ``[out, in]`` of a row-layout weight, in the checkpoint's column order."""
     group = torch.arange(weights.in_features, device=weights.packed.device) // weights.group_size
-    sorted_w = (row_codes(weights).float() - weights.zeros.float()[:, group]) * weights.scales[:, group]
+    sorted_w = (row_codes(weights).float() - weights.zeros.float()[:, group]) * weights.scales.float()[:, group]
     if weights.perm is None:
         return sorted_w
     w = torch.empty_like(sorted_w)
