@@ -161,6 +161,12 @@ def w4a16_tc_pdl() -> str:
     return value
 
 
+def int4_float32_scales() -> bool:
+    """INFERNEO_INT4_FLOAT32_SCALES (default off; read when a layer takes the row layout): the W4A16 row layout
+    keeps float32 scales even where every scale is a float16 value (the A/B of ``int4_layouts.compact_scales``)."""
+    return _flag("INFERNEO_INT4_FLOAT32_SCALES", False)
+
+
 def cuda_pdl_early() -> bool:
     """INFERNEO_CUDA_PDL_EARLY (default on): the decode kernels whose dependents read nothing before their own wait
     that this kernel's predecessors write let the next kernel launch as soon as all their programs have started,

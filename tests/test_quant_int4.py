@@ -160,6 +160,8 @@ def test_row_layout_holds_float16_scales_only_where_they_are_exact():
     weights = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))
     assert weights.scales.dtype == torch.float16
     assert torch.equal(dequantize_rows(weights), q.dequantized())
+    kept = pack_rows(pack_canonical(layout_codes(q, "awq", 32)), compact=False)  # INFERNEO_INT4_FLOAT32_SCALES
+    assert kept.scales.dtype == torch.float32 and torch.equal(kept.scales, weights.scales.float())
 
 
 def test_act_order_with_uneven_groups_is_refused():

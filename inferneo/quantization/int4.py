@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferneo import envs
 from inferneo.kernel_config import KernelConfig
 from inferneo.quantization.base import (
     LinearMethod,
@@ -220,7 +221,8 @@ class Int4LinearMethod(LinearMethod):
         elif getattr(layer.int4_kernel, "reads_row_layout", False):
             from inferneo.quantization.int4_layouts import pack_rows
 
-            blocks = [pack_rows(b) for b in blocks]  # the GPU kernels' layout; the canonical tensors are freed
+            compact = not envs.int4_float32_scales()
+            blocks = [pack_rows(b, compact) for b in blocks]  # the GPU kernels' layout; the canonical tensors are freed
         _hold_blocks(layer, blocks)
 
     def _check_weight_shape(self, layer: QuantizedLinear) -> None:

@@ -217,15 +217,16 @@ def compact_scales(scales: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.to(scales.dtype), scales) else scales
 
 
-def pack_rows(weights: Int4Weights) -> Int4RowWeights:
-    """A canonical weight -> the row layout (same codes, scale values, zero points and column order; the scales
-    float16 where :func:`compact_scales` finds them exact)."""
+def pack_rows(weights: Int4Weights, compact: bool = True) -> Int4RowWeights:
+    """A canonical weight -> the row layout (same codes, scale values, zero points and column order; with
+    ``compact`` the scales float16 where :func:`compact_scales` finds them exact)."""
     codes = canonical_codes(weights).to(torch.int32)  # [out, in], columns in the sorted order
     out_features, in_features = codes.shape
     shifts = _shifts(codes.device)
     # Eight codes of one row: code j in bits 4j. The nibbles do not overlap, so the sum is their bitwise OR.
     packed = (codes.view(out_features, in_features // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)
-    return Int4RowWeights(packed.contiguous(), compact_scales(weights.scales.t().contiguous()),
+    scales = weights.scales.t().contiguous()
+    return Int4RowWeights(packed.contiguous(), compact_scales(scales) if compact else scales,
                           weights.zeros.t().contiguous(), weights.group_size, weights.perm)
 
 
