@@ -1,5 +1,8 @@
 """Weights are held once: the resident memory building the default model's engine adds, less its KV cache and the
 fixed cost of building any engine, stays within 1.15x the weight bytes (``inferneo/testing/weight_memory.py``).
+The memory is what the process holds once glibc's heap has given its free pages back: the CPU warm-up pass leaves
+its step buffers cached in the heap for the first requests (sized by the token budget and the model's widths, not
+its weights: printed beside, and bounded below).
 
 Each measurement is a fresh process. The fixed cost (libraries loaded on first use, native kernels, the tokenizer)
 is a tiny checkpoint's build with the same switches and the default model's tokenizer, so that what is left is
@@ -47,12 +50,18 @@ def test_default_model_holds_its_weights_once(default_copies, tiny_checkpoint_fa
     measured = measure_engine_memory(folder, env=env)
     assert measured.dtype == str(dtype).removeprefix("torch.")
     assert measured.weight_bytes == 134_515_008 * dtype.itemsize  # SmolLM2-135M's parameters, the tied head once
-    excess = weight_excess(measured, fixed)
-    print(f"{dtype} {env or 'defaults'}: added {measured.host_added / 2**20:.0f} MiB, KV {measured.kv_bytes / 2**20:.0f}"
-          f" MiB, fixed {(fixed.host_added - fixed.kv_bytes - fixed.weight_bytes) / 2**20:.0f} MiB, weights "
+    if measured.host_held is None:
+        pytest.skip("glibc's malloc_trim is not available here: the heap's cached pages cannot be told apart")
+    excess = weight_excess(measured, fixed, held=True)
+    cached = measured.host_added - measured.host_held
+    print(f"{dtype} {env or 'defaults'}: held {measured.host_held / 2**20:.0f} MiB (and {cached / 2**20:.0f} MiB of "
+          f"freed step buffers cached), KV {measured.kv_bytes / 2**20:.0f} MiB, fixed "
+          f"{(fixed.host_held - fixed.kv_bytes - fixed.weight_bytes) / 2**20:.0f} MiB, weights "
           f"{measured.weight_bytes / 2**20:.0f} MiB -> {excess:.3f}x")
     assert excess <= LIMIT, (f"building the engine holds {excess:.2f}x the weight bytes beyond its KV cache and fixed "
                              f"cost (limit {LIMIT}x): {measured} against {fixed}")
+    # the warm-up's cached buffers: a step's working set, well under the weights of this model
+    assert cached < 0.75 * measured.weight_bytes, (cached, measured)
 
 
 def test_rotary_layers_with_equal_tables_share_one_pair():

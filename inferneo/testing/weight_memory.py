@@ -2,10 +2,12 @@
 
 :func:`measure_engine_memory` runs ``python -m inferneo.testing.weight_memory`` in a fresh process: it imports the
 engine, reads its resident set size (and on CUDA the caching allocator's reserved bytes), builds ``LLM(model,
-kv_cache_memory=...)`` and reads them again. :func:`weight_excess` then takes out the KV cache the engine allocated
-and the fixed cost of building any engine (libraries loaded on first use, kernels, the tokenizer), measured the same
-way on a tiny checkpoint, and divides by the weight bytes: 1.0 means every weight is held exactly once. Used by
-``tests/test_weight_memory.py`` (CPU) and ``benchmarks/gpu/weight_memory.py`` (CUDA).
+kv_cache_memory=...)`` and reads them again, then once more after the heap has handed its free pages back
+(``host_held``: on CPU the warm-up pass leaves its step buffers cached in the heap for the first requests, memory
+sized by the token budget and the model's widths, not by its weights). :func:`weight_excess` then takes out the KV
+cache the engine allocated and the fixed cost of building any engine (libraries loaded on first use, kernels, the
+tokenizer), measured the same way on a tiny checkpoint, and divides by the weight bytes: 1.0 means every weight is
+held exactly once. Used by ``tests/test_weight_memory.py`` (CPU) and ``benchmarks/gpu/weight_memory.py`` (CUDA).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class EngineMemory:
     ``weight_bytes``: the model's parameters in their loaded dtypes (a tied weight once). ``kv_bytes``: the KV cache
     the engine allocated. ``host_added``: resident set size after the build minus before it (after the imports).
     ``device_added``: on CUDA, the caching allocator's reserved bytes after minus before (None on CPU).
+    ``host_held``: ``host_added`` once glibc's heap has given its free pages back (``malloc_trim``; None where
+    that is not available): what the process holds, without the heap's cache of freed step buffers.
     """
 
     model: str
@@ -40,15 +44,21 @@ class EngineMemory:
     kv_bytes: int
     host_added: int
     device_added: int | None = None
+    host_held: int | None = None
 
 
-def weight_excess(measured: EngineMemory, fixed: EngineMemory, on_device: bool = False) -> float:
+def weight_excess(measured: EngineMemory, fixed: EngineMemory, on_device: bool = False, held: bool = False) -> float:
     """Memory ``measured`` added beyond its KV cache and the fixed cost (``fixed``: a tiny model's build, less
-    its own weights and KV cache), per weight byte; ``on_device`` reads the CUDA figures instead of the host's."""
-    added = measured.device_added if on_device else measured.host_added
-    fixed_added = fixed.device_added if on_device else fixed.host_added
+    its own weights and KV cache), per weight byte; ``on_device`` reads the CUDA figures instead of the host's,
+    ``held`` the host's held figures (``host_held``)."""
+    if on_device:
+        added, fixed_added = measured.device_added, fixed.device_added
+    elif held:
+        added, fixed_added = measured.host_held, fixed.host_held
+    else:
+        added, fixed_added = measured.host_added, fixed.host_added
     if added is None or fixed_added is None:
-        raise ValueError("device memory was not measured (a CPU engine)")
+        raise ValueError("not measured here (device memory of a CPU engine, or held memory without glibc)")
     fixed_cost = fixed_added - fixed.kv_bytes - fixed.weight_bytes
     return (added - measured.kv_bytes - fixed_cost) / measured.weight_bytes
 
@@ -115,6 +125,7 @@ def _measure(model: str, dtype: str, device: str, options: dict) -> EngineMemory
     import torch
 
     from inferneo import LLM
+    from inferneo.worker.cpu_tuning import release_freed_memory
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -124,11 +135,12 @@ def _measure(model: str, dtype: str, device: str, options: dict) -> EngineMemory
     llm = LLM(model, dtype=dtype, device=device, kv_cache_memory=KV_CACHE_MEMORY, **options)
     host_added = resident_bytes() - host_before
     device_added = torch.cuda.memory_reserved() - device_before if cuda else None
+    host_held = resident_bytes() - host_before if release_freed_memory() else None
     info = llm.engine.info
     return EngineMemory(model=model, dtype=info.dtype, device=info.device,
                         weight_bytes=model_weight_bytes(llm.engine.runner),
                         kv_bytes=(info.num_blocks + 1) * info.kv_bytes_per_block,  # with the spare padding block
-                        host_added=host_added, device_added=device_added)
+                        host_added=host_added, device_added=device_added, host_held=host_held)
 
 
 def main(argv: list[str] | None = None) -> None:
