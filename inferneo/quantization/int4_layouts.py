@@ -26,8 +26,8 @@ On CUDA the Triton kernels read the row layout instead (:class:`Int4RowWeights`,
 int32 ``[out, in/8]`` whose word ``(n, w)`` holds columns ``8w..8w+7`` of row ``n`` (code ``j`` is column
 ``8w + j``), so one output row's codes are contiguous along K, and ``scales`` / ``zeros`` uint8
 ``[out, in/group_size]``, one row's groups contiguous as well. Its scales are float16 where every scale is a float16
-value (AWQ and GPTQ store float16 scales): the same values in 2 bytes instead of 4, fewer bytes a step for the
-one-row kernels to read; else float32.
+value (AWQ and GPTQ store float16 scales): the same values in 2 bytes instead of 4, less memory (not measurably
+faster: docs/benchmarks.md, "W4A16 scales held in float16"); else float32.
 """
 
 from __future__ import annotations
