@@ -218,9 +218,8 @@ _TRITON_SCRIPT = textwrap.dedent("""
     from inferneo.kernels.triton_int4 import W4A16Config, w4a16_linear, w4a16_silu_mul
     from inferneo.quantization import int4
     from inferneo.quantization.base import LinearShape, QuantizedLinear
-    from inferneo.quantization.int4_layouts import Int4RowWeights, pack_canonical, pack_rows
+    from inferneo.quantization.int4_layouts import Int4RowWeights, dequantize_rows, pack_canonical, pack_rows
     from inferneo.testing.int4_checkpoints import quantize_weight
-    from inferneo.quantization.int4_layouts import dequantize_rows
     from tests.test_quant_int4 import _canonical, layout_codes
 
     torch.manual_seed(0)
