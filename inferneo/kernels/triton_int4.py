@@ -520,14 +520,6 @@ def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl
         words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
     ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN, F16)
     ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN, F16)
-    return acc + _h2_scaled_dot(s_ptr, z_ptr, k2, rows, mask, words, ab0, cd0, ab1, cd1, GW2, KG, EVEN)
-
-
-@triton.jit
-def _h2_scaled_dot(s_ptr, z_ptr, k2, rows, mask, words, ab0, cd0, ab1, cd1, GW2: tl.constexpr, KG: tl.constexpr,
-                   EVEN: tl.constexpr):
-    """``s * sum((q - z) / 32 * x)`` [BK2, R] of int64 weight columns ``k2`` of rows ``rows`` (``words``, loaded)
-    against their activations' float16 pairs (:func:`_h2_x_pairs`); ``mask``: the valid [BK2, R] entries."""
     gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
     if EVEN:
         sc = tl.load(s_ptr + gptr).to(tl.float32)
@@ -539,7 +531,7 @@ def _h2_scaled_dot(s_ptr, z_ptr, k2, rows, mask, words, ab0, cd0, ab1, cd1, GW2:
     zh = 0xC000 + 16 * z  # float16 -(2 + z / 32)
     part = _h2_words_dot(words, _h2_across_rows(ab0, words), _h2_across_rows(cd0, words),
                          _h2_across_rows(ab1, words), _h2_across_rows(cd1, words), zl | (zl << 16), zh | (zh << 16))
-    return sc * part
+    return acc + sc * part
 
 
 @triton.jit
