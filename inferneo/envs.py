@@ -378,6 +378,15 @@ def fp8_norm_gemv() -> bool:
     GEMV reads and scales the whole input row (Llama-2-7B batch-1 step 2.87 -> 3.17 ms)."""
     return _flag("INFERNEO_FP8_NORM_GEMV", False)
 
+def w4a16_norm_epilogue() -> bool:
+    """INFERNEO_W4A16_NORM_EPILOGUE (default on): at one-row decode steps, a dense decoder layer whose
+    four linears are W4A16 on the Triton h2 kernel runs its RMSNorms in the GEMVs' epilogues
+    (``device_kernels.EpilogueNormLayer``): the output and down projections add to the residual and write it scaled
+    by the next norm's weight with partial sums of squares; the q/k/v and gate/up projections multiply their
+    products by ``1 / rms``. No RMSNorm launch between them (64 a step for a 32-layer model)."""
+    return _flag("INFERNEO_W4A16_NORM_EPILOGUE", True)
+
+
 def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in

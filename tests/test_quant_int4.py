@@ -333,6 +333,189 @@ def layout_codes(q, layout: str, group: int) -> Int4Codes:
     return unpack_compressed(t["weight_packed"], t["weight_scale"], t["weight_zero_point"], group, q.g_idx)
 
 
+_EPILOGUE_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import triton  # noqa: F401 (the interpreter is on before the shims patch it)
+    from tests.triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+    from inferneo.kernels.triton_int4 import RowScale, W4A16Config, w4a16_linear, w4a16_residual_norm, w4a16_silu_mul
+    from inferneo.quantization.int4_layouts import dequantize_rows, pack_canonical, pack_rows
+    from inferneo.testing.int4_checkpoints import quantize_weight
+    from tests.test_quant_int4 import layout_codes
+
+    torch.manual_seed(0)
+    eps = 1e-5
+
+    def weights(n, k):
+        q = quantize_weight(torch.randn(n, k), 32, False, torch.float16, torch.arange(k) // 32, min_zero=1)
+        w = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))
+        return w, dequantize_rows(w)
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for hidden, block_n in ((64, 8), (96, 64)):  # whole and masked output tiles of the producer
+            producer, _ = weights(hidden, 128)
+            consumer, wc = weights(40, hidden)
+            config = W4A16Config("h2", block_n, block_kw=16, num_warps=1)
+            x = torch.randn(1, 128).to(dtype)
+            residual = (4 * torch.randn(1, hidden)).to(dtype)
+            norm_weight = (1 + 0.3 * torch.randn(hidden)).to(dtype)
+            # the producer: the plain launch's output, added to the residual as the fused add + norm rounds it
+            total = (w4a16_linear(x, producer, config).float() + residual.float()).to(dtype)
+            held = residual.clone()
+            scaled, sums = w4a16_residual_norm(x, producer, held, norm_weight, config)
+            # float16: bit for bit; bfloat16 within one unit in the last place (the interpreter truncates float32
+            # to bfloat16 where the GPU rounds to nearest: the same conversion as the plain kernel's output)
+            ulp = 0.0 if dtype == torch.float16 else 2.0 ** -7
+            close = lambda a, b: torch.allclose(a.float(), b.float(), rtol=ulp, atol=0.0)  # noqa: E731
+            assert close(held, total), "the residual sum, in place"
+            assert close(scaled, (held.float() * norm_weight.float()).to(dtype))
+            assert sums.shape == (-(-hidden // block_n),) and sums.dtype == torch.float32
+            per_tile = F.pad(held.float()[0] ** 2, (0, sums.numel() * block_n - hidden)).view(-1, block_n).sum(1)
+            assert torch.allclose(sums, per_tile, rtol=1e-6), (sums, per_tile)
+            # the consumer: 1 / rms applied to the products, against the norm then F.linear (and the plain kernel
+            # on the normalized row), whole, split with the last program's sums, split with atomic sums
+            t = held.float()
+            normed = ((t * torch.rsqrt((t * t).mean(-1, keepdim=True) + eps)).to(dtype).float()
+                      * norm_weight.float()).to(dtype)
+            ref = F.linear(normed.float(), wc)
+            for cfg in (W4A16Config("h2", 8, block_kw=16, num_warps=1),
+                        W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True),
+                        W4A16Config("h2", 8, block_kw=8, num_warps=1, split_k=3)):
+                y = w4a16_linear(scaled, consumer, cfg, row_scale=RowScale(sums, eps))
+                assert y.shape == (1, 40) and y.dtype == dtype
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                plain = w4a16_linear(normed, consumer, cfg).float()
+                assert err < 1.5e-2 and ((y.float() - plain).norm() / plain.norm()).item() < 1e-2, (dtype, cfg, err)
+            # the fused gate/up + SiLU launch with 1 / rms on both projections' sums: three roundings to the
+            # activation dtype after the sums (both projections, SiLU; the interpreter truncates to bfloat16)
+            gate, up = F.linear(normed.float(), wc).to(dtype).float().chunk(2, dim=1)
+            ref = F.silu(gate).to(dtype).float() * up
+            act = w4a16_silu_mul(scaled, consumer, W4A16Config("h2", 8, block_kw=16, num_warps=1),
+                                 row_scale=RowScale(sums, eps))
+            err = ((act.float() - ref).norm() / ref.norm()).item()
+            assert act.shape == (1, 20) and err < (3e-2 if dtype == torch.bfloat16 else 3e-3), (dtype, err)
+    # where the h2 kernel does not run: no launch, nothing written
+    producer, _ = weights(64, 128)
+    residual = torch.randn(2, 64).bfloat16()
+    before = residual.clone()
+    assert w4a16_residual_norm(torch.randn(2, 128).bfloat16(), producer, residual, torch.ones(64).bfloat16()) is None
+    assert w4a16_residual_norm(torch.randn(1, 128), producer, before[:1].float(), torch.ones(64)) is None
+    assert torch.equal(residual, before)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_w4a16_norm_epilogues_under_the_interpreter():
+    """The RMSNorm in the h2 GEMVs' epilogues (``kernels/scaled_row.py``): the producer's residual sum and scaled
+    row bit-equal to the plain launch followed by the fused add + norm's rounding, its per-tile sums of squares;
+    the consumer's ``1 / rms`` against the norm then ``F.linear`` (bf16/fp16 tolerance, as the h2 kernel alone)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _EPILOGUE_SCRIPT], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# Decode steps of a tiny AWQ Llama (3 layers, bfloat16) through the CUDA transform under the interpreter, with the
+# RMSNorms in the W4A16 GEMVs' epilogues (EpilogueNormLayer) and without: one row takes the epilogues (no norm
+# launch but the first layer's input norm and the final norm) and stays as close to the float32 model on the
+# de-quantized weights as the plain bfloat16 path; two rows take the plain path, bit for bit.
+_EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
+    import copy, os, sys
+    from pathlib import Path
+    import torch
+    from inferneo.attention import TorchReferenceBackend
+    from inferneo.attention.triton_backend import TritonBackend
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels import triton_int4
+    from inferneo.model_executor.device_kernels import use_device_kernels
+    from inferneo.model_executor.models.registry import get_model_class
+    from inferneo.model_loader.loader import iter_weights, load_hf_config
+    from inferneo.model_loader.source import resolve_model
+    from inferneo.quantization import int4
+    from inferneo.quantization.base import finalize_quantized_linears, quantize_linears
+    from inferneo.quantization.registry import resolve_quant_config
+    from inferneo.testing.int4_checkpoints import write_int4_checkpoint
+    from inferneo.testing.tiny_models import make_tiny_checkpoint
+    sys.path.insert(0, sys.argv[2])  # the tests folder
+    from paged_decode_steps import generate
+    from triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+
+    tmp = Path(sys.argv[1])
+    source = make_tiny_checkpoint(tmp / "llama", "llama", num_heads=4, num_kv_heads=2, num_layers=3)
+    quantized, dequantized = write_int4_checkpoint(source, tmp / "awq", tmp / "deq", "awq", group_size=32)
+    int4.select_int4_kernel = lambda *args: triton_int4.w4a16_linear  # the CUDA kernels, under the interpreter
+
+    def model_of(path, backend):
+        src = resolve_model(str(path))
+        hf_config = load_hf_config(src)
+        cls = get_model_class(hf_config)
+        return cls(cls.config_from_hf(hf_config), backend, max_position=256), hf_config, src
+
+    def build():
+        model, hf_config, src = model_of(quantized, TritonBackend(prefill_block_m=16))
+        model.cast(torch.bfloat16)
+        quant = resolve_quant_config(hf_config, None)
+        quantize_linears(model, quant, torch.bfloat16, torch.device("cpu"))
+        model.load_weights(quant.prepare_weights(iter_weights(src)))
+        finalize_quantized_linears(model, KernelConfig())
+        return model.eval()
+
+    reference, _, src = model_of(dequantized, TorchReferenceBackend())
+    reference.load_weights(iter_weights(src))
+    reference.eval()
+    plain = build()
+    fused = copy.deepcopy(plain)
+    layers = len(plain.layers)
+    os.environ["INFERNEO_W4A16_NORM_EPILOGUE"] = "0"
+    assert use_device_kernels(plain, torch.device("cuda"), KernelConfig(cuda_pdl=False))["EpilogueNormLayer"] == 0
+    os.environ["INFERNEO_W4A16_NORM_EPILOGUE"] = "1"
+    counts = use_device_kernels(fused, torch.device("cuda"), KernelConfig(cuda_pdl=False))
+    assert counts["EpilogueNormLayer"] == layers, counts
+    links = [layer.next_input_norm for layer in fused.layers]  # each layer's down projection: the next input norm
+    assert [n[0] for n in links[:-1]] == [layer.input_layernorm for layer in fused.layers[1:]] and links[-1] is None
+
+    launches = {"norm": 0, "producer": 0}
+    ops = fused.layers[0].input_layernorm.ops
+    real_norm, real_producer = ops.rms_norm, triton_int4.w4a16_residual_norm
+    def counted(kind, real):
+        def call(*args, **kwargs):
+            launches[kind] += 1
+            return real(*args, **kwargs)
+        return call
+    ops.rms_norm = counted("norm", real_norm)
+    triton_int4.w4a16_residual_norm = counted("producer", real_producer)
+
+    steps = 3
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    for prompts in ([[5, 17, 33, 2, 9, 100, 250, 7]], [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45]]):
+        want, _ = generate(plain, prompts, steps, cache_dtype=torch.bfloat16)
+        forced = [w.argmax(-1) for w in want]
+        exact, _ = generate(reference, prompts, steps, forced)
+        launches.update(norm=0, producer=0)
+        got, _ = generate(fused, prompts, steps, forced, cache_dtype=torch.bfloat16)
+        if len(prompts) == 1:  # the prefill as before; each decode step: 2 norms, every o/down projection fused
+            assert launches == {"norm": 2 * layers + 1 + 2 * steps, "producer": (2 * layers - 1) * steps}, launches
+            for g, w, e in zip(got, want, exact):
+                assert rel(g, e) < 1.5 * rel(w, e) + 5e-3, (rel(g, e), rel(w, e))
+                assert torch.equal(g.argmax(-1), w.argmax(-1))
+        else:
+            assert launches == {"norm": (2 * layers + 1) * (steps + 1), "producer": 0}, launches
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_w4a16_norm_epilogue_layers_in_decode_steps_under_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("INFERNEO_W4A16_NORM_EPILOGUE", None)
+    proc = subprocess.run([sys.executable, "-c", _EPILOGUE_LAYER_SCRIPT, str(tmp_path), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_w4a16_matches_linear_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -45,6 +45,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -573,12 +574,18 @@ def _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, rows, nmask, g_start, g_end, KW
 def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, D, G_SPLIT,
                     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
+                    ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1, RES_NORM: tl.constexpr = False):
     # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
     # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
     # threads, each thread's rows in its registers, so that each thread converts its activations once for all its
     # rows. EVEN: no masks (whole tiles of rows, whole steps). The first step's words are read before the PDL wait.
+    # The RMSNorm in the epilogues (one row; see w4a16_residual_norm): ROW_SCALE: x is the norm's input already
+    # multiplied by the norm weight, and the outputs are multiplied by 1 / rms, from the num_sq (<= SQ_BLOCK)
+    # partial sums of squares at sq (sum / K + eps); RES_NORM (SPLIT_K 1, not SILU): the output, rounded, is added to the residual
+    # (in place: each program reads and writes only its rows), and y takes that sum times the norm weight nw,
+    # rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
     GW2: tl.constexpr = GROUP // 16
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16
@@ -596,6 +603,9 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     if SILU:
         words_up = tl.load(wptr + D * KW2) if EVEN else tl.load(wptr + D * KW2, mask=wmask, other=0)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    if ROW_SCALE:  # read now, summed at the end
+        sq_i = tl.arange(0, SQ_BLOCK)
+        squares = tl.load(sq_ptr + sq_i, mask=sq_i < num_sq, other=0.0)
     acc = tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32)
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
@@ -612,12 +622,24 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     g_start = tl.program_id(2) * G_SPLIT
     g_end = tl.minimum(KG, g_start + G_SPLIT)
     y = _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
+    if ROW_SCALE:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)  # the norm's expression (weighted_rms_norm)
+        y = y * inv_rms
+    dtype = x_ptr.dtype.element_ty
     if SILU:
-        dtype = x_ptr.dtype.element_ty
         gate = y.to(dtype).to(tl.float32)
-        up = _h2_finish(acc_up, x_ptr, qw_ptr, s_ptr, z_ptr, n + D, nmask, g_start, g_end, KW, KG, GROUP,
-                        BLOCK_N).to(dtype).to(tl.float32)
+        up = _h2_finish(acc_up, x_ptr, qw_ptr, s_ptr, z_ptr, n + D, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
+        if ROW_SCALE:
+            up = up * inv_rms
+        up = up.to(dtype).to(tl.float32)
         y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    if RES_NORM:  # rounded as the projection's output, then as the residual sum (add_rms_norm_row); the residual
+        # and norm weight read here: read right after the wait and held over the K loop, they measured slower
+        total = (y.to(dtype).to(tl.float32) + tl.load(res_ptr + n, mask=nmask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(res_ptr + n, total, mask=nmask)
+        t = total.to(tl.float32)
+        tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.where(nmask, t * t, 0.0), axis=0))
+        y = t * tl.load(nw_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
@@ -1012,22 +1034,86 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
-def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
+def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config,
+             row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None) -> torch.Tensor:
     k = x.shape[1]
     groups = k // weights.group_size
-    split, per_split = _split_groups(groups, 1, 1 if silu else config.split_k)
+    split, per_split = _split_groups(groups, 1, 1 if silu or residual_norm is not None else config.split_k)
     block_k2 = min(config.block_kw // 2, triton.next_power_of_2(per_split * weights.group_size // 16))
     grid = (triton.cdiv(d, config.block_n), 1, split)
     y, ws, counts, last_sums = _split_outputs(x, 1, d, split, grid[0], config.last_sums)
     even = (d % config.block_n == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
             and per_split * split == groups)
     pdl = pdl_for(x)
+    epilogue = {}
+    if row_scale is not None:
+        num_sq = row_scale.square_sums.numel()
+        epilogue.update(sq_ptr=row_scale.square_sums, num_sq=num_sq, eps=row_scale.eps, ROW_SCALE=True,
+                        SQ_BLOCK=triton.next_power_of_2(num_sq))
+    if residual_norm is not None:
+        epilogue.update(res_ptr=residual_norm.residual, nw_ptr=residual_norm.norm_weight,
+                        sq_out_ptr=residual_norm.square_sums, RES_NORM=True)
     _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
                           weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
                           BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
                           EVEN=even, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
-                          **launch_options(pdl))
+                          **epilogue, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
+
+
+class RowScale(NamedTuple):
+    """An h2 launch's input is an RMSNorm's input times the norm weight: its outputs are multiplied by
+    ``1 / sqrt(sum(square_sums) / K + eps)`` (``square_sums``: float32 partial sums of the squared norm input)."""
+
+    square_sums: torch.Tensor
+    eps: float
+
+
+class ResidualNorm(NamedTuple):
+    """An h2 launch that adds its rounded output to ``residual`` (in place, as the fused add + RMSNorm does) and
+    writes, in place of the output, that sum times ``norm_weight`` (the next RMSNorm's input, scaled), with the
+    programs' sums of the squared sum in ``square_sums`` (float32, one per output tile)."""
+
+    residual: torch.Tensor
+    norm_weight: torch.Tensor
+    square_sums: torch.Tensor
+
+
+def h2_epilogue_config(x: torch.Tensor, weights: Int4RowWeights, producer: bool) -> W4A16Config | None:
+    """The h2 launch that takes the RMSNorm in its epilogue for ``x`` (see :func:`w4a16_residual_norm`), or None:
+    one contiguous half-precision row that the h2 kernel takes, under the tuned or default one-row launch for the
+    shape, which must be an h2 launch. The ``producer`` (adding to the residual) runs it unsplit (its epilogue
+    needs whole sums; Llama-2-7B's tuned output and down projections are unsplit anyway)."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weights.in_features or weights.perm is not None:
+        return None
+    config = choose_config("linear", 1, weights.out_features, weights.in_features, weights.group_size, x.dtype,
+                           device_sm_count(x.device))
+    if config is None or config.kind != "h2" or not _h2_takes(x, weights):
+        return None
+    return replace(config, split_k=1, last_sums=False) if producer else config
+
+
+def w4a16_residual_norm(x: torch.Tensor, weights: Int4RowWeights, residual: torch.Tensor, norm_weight: torch.Tensor,
+                        config: W4A16Config | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``x @ W.T`` of one row added to ``residual`` in place (both rounded as the fused add + RMSNorm rounds:
+    the product to ``x``'s dtype, then the sum), in one h2 launch whose epilogue also returns what the next layer's
+    GEMV needs to apply the RMSNorm of that sum itself (:func:`w4a16_linear` with ``row_scale``): ``(scaled,
+    square_sums)``, the sum times ``norm_weight`` rounded to ``x``'s dtype ``[1, N]``, and float32 sums of the
+    squared sum, one per output tile. None where :func:`h2_epilogue_config` has no launch (the caller projects,
+    then normalizes). ``config`` (an h2 launch, run unsplit) overrides the choice."""
+    x = _check(x, weights, "w4a16_residual_norm")
+    if config is None:
+        config = h2_epilogue_config(x, weights, producer=True)
+    elif config.kind != "h2" or x.shape[0] != 1 or not _h2_takes(x, weights):
+        config = None
+    if config is None or residual.shape != (1, weights.out_features) or not residual.is_contiguous() \
+            or residual.dtype != x.dtype:
+        return None
+    square_sums = torch.empty(triton.cdiv(weights.out_features, config.block_n), dtype=torch.float32,
+                              device=x.device)
+    scaled = _gemv_h2(x, weights, weights.out_features, False, config,
+                      residual_norm=ResidualNorm(residual, norm_weight, square_sums))
+    return scaled, square_sums
 
 
 def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config) -> torch.Tensor:
@@ -1040,15 +1126,22 @@ def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     return _gemv(x, weights, d, silu, config)
 
 
-def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
+def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None, *,
+                 row_scale: RowScale | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` (``x`` float16, bfloat16 or float32, columns already in ``weights``'s sorted order), in
     ``x``'s dtype, through the kernel :func:`choose_config` picks for the shape and row count (``config``
-    overrides)."""
+    overrides). ``row_scale`` (one row through an h2 launch only, see :func:`h2_epilogue_config`): ``x`` is
+    an RMSNorm's input times its weight, and the products are multiplied by ``1 / rms`` in the epilogue."""
     x = _check(x, weights, "w4a16_linear")
     m, k = x.shape
     n = weights.out_features
     if m == 0:
         return x.new_empty((0, n))
+    if row_scale is not None:
+        config = config or h2_epilogue_config(x, weights, producer=False)
+        if config is None or config.kind != "h2" or not _h2_takes(x, weights):
+            raise ValueError("w4a16_linear: row_scale needs one row through an h2 launch")
+        return _gemv_h2(x, weights, n, False, config, row_scale=row_scale)
     config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
     if config.kind in ("gemv", "silu", "h2"):
         return _one_row(x, weights, n, False, config)
@@ -1075,10 +1168,12 @@ def silu_fused_config(x: torch.Tensor, gate_up: Int4RowWeights) -> W4A16Config |
     return choose_config("silu", m, gate_up.out_features // 2, k, gate_up.group_size, x.dtype, device_sm_count(x.device))
 
 
-def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None) -> torch.Tensor:
+def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None, *,
+                   row_scale: RowScale | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ W.T`` for a fused gate/up weight (gate rows first), one launch per
     call (the one-row GEMV or the tensor-core kernel); rounded as the two separate steps round (each projection's
-    output, SiLU's, the product)."""
+    output, SiLU's, the product). ``row_scale`` as in :func:`w4a16_linear` (one row through an h2 launch: both
+    projections' sums multiplied by ``1 / rms`` before they are rounded)."""
     x = _check(x, gate_up, "w4a16_silu_mul")
     m, k = x.shape
     if gate_up.out_features % 2:
@@ -1087,6 +1182,10 @@ def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config
     config = config or silu_fused_config(x, gate_up)
     if config is None:
         raise ValueError(f"w4a16_silu_mul: no fused kernel for {m} rows of {x.dtype}")
+    if row_scale is not None:
+        if config.kind != "h2" or not _h2_takes(x, gate_up):
+            raise ValueError("w4a16_silu_mul: row_scale needs one row through an h2 launch")
+        return _gemv_h2(x, gate_up, d, True, config, row_scale=row_scale)
     if config.kind == "tc":
         return _tc(x, gate_up, d, True, config)
     return _one_row(x, gate_up, d, True, config)

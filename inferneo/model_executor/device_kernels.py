@@ -58,6 +58,7 @@ from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
+from inferneo.kernels.scaled_row import ScaledRow
 from inferneo.kernels.triton_ops import triton_ops_for
 from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm, SiluAndMul, silu_and_mul
 from inferneo.model_executor.layers.cpu_linear import PackedLinear, PanelLinear, mlp_row_chunk, pack_linears
@@ -169,10 +170,10 @@ class InplaceRotaryAttention(Attention):
                             self.num_heads + self.num_kv_heads, self.head_dim)
         return {}
 
-    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+    def attend_qkv(self, positions, qkv, kv_cache, metadata):
         options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
-        return self.attend(q, k, v, kv_cache, metadata, **options)
+        return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
 
 
 def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
@@ -202,10 +203,10 @@ class QKNormRotaryAttention(Attention):
                             kv_scales=self.kv_scales if store else None)
         return {"kv_stored": True} if store else {}
 
-    def forward_qkv(self, positions, qkv, kv_cache, metadata):
+    def attend_qkv(self, positions, qkv, kv_cache, metadata):
         options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
-        return self.attend(q, k, v, kv_cache, metadata, **options)
+        return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
 
 
 class NativeDecoderLayer(DecoderLayer):
@@ -363,6 +364,111 @@ class NormFusedQuantLayer(DecoderLayer):
             return super().feed_forward(hidden, residual)
         act, residual = fused
         return mlp.down_proj(act), residual
+
+
+def _residual_norm_linear(layer: nn.Module, x, residual, norm: RMSNorm) -> ScaledRow | None:
+    """``residual += layer(x)`` with the RMSNorm ``norm`` of the sum left to the next layer's kernel
+    (``method.residual_norm_apply``: the W4A16 h2 GEMV at one row) when ``layer`` is a plain quantized layer whose
+    method has it and takes ``x`` (checked at each call: a LoRA wrapper does not); else None, nothing written."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    apply = getattr(getattr(layer, "method", None), "residual_norm_apply", None)
+    if type(layer) is not QuantizedLinear or apply is None or residual is None:
+        return None
+    return apply(layer, x, residual, norm.weight, norm.eps)
+
+
+def _scaled_linear(layer: nn.Module, row: ScaledRow, residual: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """``layer(norm(residual))`` from ``row``, the :class:`ScaledRow` of ``residual``: in one kernel where the
+    layer's method reads it (``scaled_apply``), else the norm (of the sum alone: the same row the fused add + norm
+    gives), then the layer."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    apply = getattr(getattr(layer, "method", None), "scaled_apply", None)
+    out = apply(layer, row) if type(layer) is QuantizedLinear and apply is not None else None
+    return layer(norm(residual)) if out is None else out
+
+
+def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """``act_fn(gate_up_proj(norm(residual)))`` of a gated MLP from ``row``: the fused gate/up + SiLU launch with
+    the norm's ``1 / rms`` where the layer's method has one for the row (``scaled_apply(silu_mul=True)``), else
+    the projection from ``row`` (:func:`_scaled_linear`), then the activation."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    gate_up = mlp.gate_up_proj
+    apply = getattr(getattr(gate_up, "method", None), "scaled_apply", None)
+    if type(mlp) is QuantizedSiluMLP and type(gate_up) is QuantizedLinear and apply is not None:
+        act = apply(gate_up, row, silu_mul=True)
+        if act is not None:
+            return act
+    return mlp.act_fn(_scaled_linear(gate_up, row, residual, norm))
+
+
+class EpilogueNormLayer(DecoderLayer):
+    """A dense decoder layer whose RMSNorms, at one row, run in the epilogues of the W4A16 GEMVs around them (see
+    ``kernels/scaled_row.py``): the output projection adds to the residual and hands the post-attention norm to
+    the gate/up projection; the down projection does the same with the next layer's input norm
+    (``next_input_norm``, set by :func:`use_epilogue_norm_layers` when that layer is one of these too), which then
+    receives a :class:`ScaledRow` as its hidden state. Where a kernel cannot take its part (more rows, another
+    launch), that step runs as the plain layer does."""
+
+    next_input_norm = None  # set by ``use_epilogue_norm_layers``: a tuple holding the next layer's input norm
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        attn, mlp = self.self_attn, self.mlp
+        if isinstance(hidden, ScaledRow):
+            qkv = _scaled_linear(attn.qkv_proj, hidden, residual, self.input_layernorm)
+        else:
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            qkv = attn.qkv_proj(hidden)
+        heads = attn.attend_qkv(positions, qkv, kv_cache, metadata)
+        row = _residual_norm_linear(attn.o_proj, heads, residual, self.post_attention_layernorm)
+        if row is None:
+            return self.feed_forward(attn.o_proj(heads), residual)
+        act = _scaled_gated_activation(mlp, row, residual, self.post_attention_layernorm)
+        if self.next_input_norm is not None:
+            row = _residual_norm_linear(mlp.down_proj, act, residual, self.next_input_norm[0])
+            if row is not None:
+                return row, residual
+        return mlp.down_proj(act), residual
+
+
+def use_epilogue_norm_layers(model: nn.Module) -> int:
+    """Make every plain :class:`DecoderLayer` of ``model.layers`` with Triton RMSNorms, one of this module's
+    attentions and a plain gated MLP (SiLU) whose linears are quantized with a method that fuses the norms into
+    its epilogues (``residual_norm_apply`` and ``scaled_apply``) an :class:`EpilogueNormLayer`, and tell each
+    the next one's input norm; returns how many changed."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    def fuses(layer) -> bool:
+        method = getattr(layer, "method", None)
+        return (type(layer) is QuantizedLinear and layer.bias is None
+                and callable(getattr(method, "residual_norm_apply", None))
+                and callable(getattr(method, "scaled_apply", None)))
+
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return 0
+    changed = 0
+    for i, m in enumerate(layers):
+        if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
+                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+                or type(m.input_layernorm) is not TritonRMSNorm
+                or type(m.post_attention_layernorm) is not TritonRMSNorm
+                or type(m.mlp.act_fn) not in (SiluAndMul, TritonSiluAndMul)
+                or not all(fuses(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
+                                              m.mlp.down_proj))):
+            continue
+        layers[i] = _adopt(EpilogueNormLayer, m)
+        changed += 1
+    for layer, following in zip(list(layers)[:-1], list(layers)[1:], strict=True):
+        if type(layer) is EpilogueNormLayer and type(following) is EpilogueNormLayer:
+            layer.next_input_norm = (following.input_layernorm,)  # a tuple: not a child module
+    return changed
 
 
 def use_norm_fused_quant_layers(model: nn.Module) -> int:
@@ -569,6 +675,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     if (device.type == "cuda" and ops is not None and kernels.gemv_silu and envs.fp8_norm_gemv()
             and use_norm_fused_quant_layers(model)):
         logger.info("decoder layers run their RMSNorms inside the quantized q/k/v and gate/up GEMVs at one row")
+    if device.type == "cuda" and ops is not None and envs.w4a16_norm_epilogue() and use_epilogue_norm_layers(model):
+        logger.info("decoder layers run their RMSNorms in the epilogues of the W4A16 GEMVs at one row")
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
             and use_norm_fused_layers(model, decode_gemv(device, kernels))):
         logger.info("mixture-of-experts layers run their norms inside the q/k/v GEMV and the routing kernel")
@@ -580,5 +688,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul",
              "TritonSiluAndMul", "InplaceRotaryAttention", "QKNormRotaryAttention", "NormFusedMoeLayer",
-             "NormFusedQuantLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear",
+             "NormFusedQuantLayer", "EpilogueNormLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear",
              "DecodeLinear", "PeerFusedRMSNorm"}

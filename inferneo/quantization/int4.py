@@ -21,6 +21,7 @@ from torch import nn
 
 from inferneo import envs
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.scaled_row import ScaledRow
 from inferneo.quantization.base import (
     LinearMethod,
     LinearShape,
@@ -272,6 +273,50 @@ class Int4LinearMethod(LinearMethod):
         from inferneo.kernels.triton_int4 import w4a16_silu_mul
 
         return w4a16_silu_mul(x, layer.int4_blocks[0])
+
+    def _epilogue_block(self, layer: QuantizedLinear, x: torch.Tensor) -> Int4RowWeights | None:
+        """The layer's weights when the Triton W4A16 kernels run it as one row-layout block (no act-order
+        permutation, no bias) and ``x`` is one contiguous row; else None."""
+        blocks = getattr(layer, "int4_blocks", None)
+        if not (blocks is not None and len(blocks) == 1 and isinstance(blocks[0], Int4RowWeights)
+                and blocks[0].perm is None and layer.bias is None and x.dim() == 2 and x.shape[0] == 1
+                and x.is_contiguous() and getattr(layer.int4_kernel, "reads_row_layout", False)):
+            return None
+        return blocks[0]
+
+    def residual_norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor,
+                            norm_weight: torch.Tensor, eps: float) -> ScaledRow | None:
+        """``residual += layer(x)`` in place for one row, with the RMSNorm after it left to the next W4A16 layer
+        (``triton_int4.w4a16_residual_norm``): returns the :class:`ScaledRow` that :meth:`scaled_apply` reads,
+        or None where the h2 kernel cannot take it (nothing is written; the caller projects, then normalizes)."""
+        block = self._epilogue_block(layer, x)
+        if block is None:
+            return None
+        from inferneo.kernels.triton_int4 import w4a16_residual_norm
+
+        out = w4a16_residual_norm(x, block, residual.view(1, -1), norm_weight)
+        return None if out is None else ScaledRow(out[0], out[1], eps)
+
+    def scaled_apply(self, layer: QuantizedLinear, row: ScaledRow, silu_mul: bool = False) -> torch.Tensor | None:
+        """``layer(rmsnorm(r))`` from a :class:`ScaledRow` of ``r``, the norm's ``1 / rms`` applied to the
+        products (``triton_int4.w4a16_linear`` with ``row_scale``), or None where the h2 kernel cannot take it
+        (the caller normalizes the residual, then projects). ``silu_mul``: ``layer`` is a gated MLP's fused
+        gate/up; where its one-row launch fuses SiLU-and-mul (:meth:`silu_mul_applies`) the activation is returned,
+        else None."""
+        block = self._epilogue_block(layer, row.scaled)
+        if block is None:
+            return None
+        from inferneo.kernels.triton_int4 import RowScale, h2_epilogue_config, w4a16_linear, w4a16_silu_mul
+
+        scale = RowScale(row.square_sums, row.eps)
+        if silu_mul:
+            if not self.silu_mul_applies(layer, row.scaled):
+                return None
+            return w4a16_silu_mul(row.scaled, block, row_scale=scale)
+        config = h2_epilogue_config(row.scaled, block, producer=False)
+        if config is None:
+            return None
+        return w4a16_linear(row.scaled, block, config, row_scale=scale)
 
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:

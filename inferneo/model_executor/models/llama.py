@@ -141,11 +141,16 @@ class Attention(nn.Module):
     def forward_qkv(self, positions, qkv, kv_cache, metadata: AttentionMetadata):
         """:meth:`forward` from the fused q/k/v projection's output (device kernels may compute it together with
         the norm before it)."""
+        return self.o_proj(self.attend_qkv(positions, qkv, kv_cache, metadata))
+
+    def attend_qkv(self, positions, qkv, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
+        """:meth:`forward_qkv` without the output projection: the attention output ``[T, heads * head_dim]``
+        (device kernels may fuse what follows into the output projection)."""
         q, k, v = self.split_heads(qkv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        return self.attend(q, k, v, kv_cache, metadata)
+        return self.attend_heads(q, k, v, kv_cache, metadata).reshape(-1, self.q_size)
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views ``[T, heads, head_dim]`` of the queries, keys and values in the fused projection output."""
