@@ -383,7 +383,8 @@ def w4a16_norm_epilogue() -> bool:
     four linears are W4A16 on the Triton h2 kernel runs its RMSNorms in the GEMVs' epilogues
     (``device_kernels.EpilogueNormLayer``): the output and down projections add to the residual and write it scaled
     by the next norm's weight with partial sums of squares; the q/k/v and gate/up projections multiply their
-    products by ``1 / rms``. No RMSNorm launch between them (64 a step for a 32-layer model)."""
+    products by ``1 / rms``. No RMSNorm launch between them (64 a step for a 32-layer model). On an H100 the
+    Llama-2-7B W4A16 + FP8 KV batch-1 step took 2.11 ms against 2.15 off (docs/benchmarks.md)."""
     return _flag("INFERNEO_W4A16_NORM_EPILOGUE", True)
 
 

@@ -37,6 +37,9 @@ those two attentions          called directly (no module dispatch)
                                                                          linear and routing as one kernel; at
                                                                          one row the input norm inside the
                                                                          q/k/v GEMV
+``DecoderLayer`` with W4A16   PyTorch                                    :class:`EpilogueNormLayer`
+linears (packed-half GEMV)                                               (``w4a16_norm_epilogue``): at one row
+                                                                         the norms in the GEMVs' epilogues
 ============================  =========================================  =========================================
 
 With tensor parallelism and peer memory, the norms after row-parallel layers then become
