@@ -210,6 +210,18 @@ def decode_split_tiles() -> int:
     return int(value) if value else 0
 
 
+def decode_prefetch_tiles() -> int:
+    """INFERNEO_DECODE_PREFETCH_TILES (default 1): KV tiles of its split that each Triton decode-attention program asks
+    L2 for before its programmatic-dependent-launch wait (with ``decode`` in ``INFERNEO_PREWAIT_LOADS`` and the
+    prefetch allowed for the cache, see ``triton_attention._l2_prefetch_ok``); 0: the whole split. A hint: every
+    value reads the same bytes. Read at each launch, for A/Bs."""
+    value = os.environ.get("INFERNEO_DECODE_PREFETCH_TILES", "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"INFERNEO_DECODE_PREFETCH_TILES must be a whole number of tiles (0: the whole split); "
+                         f"got {value!r}")
+    return int(value) if value else 1
+
+
 def store_kv_heads() -> int:
     """INFERNEO_STORE_KV_HEADS (default 0: ``triton_attention.store_kv_heads_per_program``'s rule): KV heads a
     Triton ``store_kv`` program writes (rounded up to a power of two, at most all of them). Read at each launch, for
@@ -386,6 +398,15 @@ def w4a16_norm_epilogue() -> bool:
     products by ``1 / rms``. No RMSNorm launch between them (64 a step for a 32-layer model). On an H100 the
     Llama-2-7B W4A16 + FP8 KV batch-1 step took 2.11 ms against 2.15 off (docs/benchmarks.md)."""
     return _flag("INFERNEO_W4A16_NORM_EPILOGUE", True)
+
+
+def w4a16_silu_pairs() -> bool:
+    """INFERNEO_W4A16_SILU_PAIRS (default off until measured): at one row, the W4A16 gate/up projection and its
+    SiLU-and-mul run as one h2 launch with the projection's own tuned tile, each program's rows gate/up pairs
+    (``triton_int4.W4A16Config.silu_pairs``), in place of the table's fused-SiLU entry (Llama-2-7B's: none, the
+    projection then the SiLU-and-mul kernel). The same sums and roundings as the two launches. Read where the
+    launch is chosen (at each call; a CUDA graph keeps what it captured)."""
+    return _flag("INFERNEO_W4A16_SILU_PAIRS", False)
 
 
 def cuda_fused_qk_norm_rope() -> bool:

@@ -283,6 +283,19 @@ _TRITON_SCRIPT = textwrap.dedent("""
                    W4A16Config("h2", 8, block_kw=16, num_warps=1)):
         y = w4a16_silu_mul(x, weights, config)
         assert y.shape == (1, 32) and ((y.float() - ref).norm() / ref.norm()).item() < 1.5e-2, config
+    # the fused SiLU with gate/up row pairs in each program (silu_pairs): the projection's own tile, so the same
+    # sums and roundings as that projection followed by the SiLU-and-mul kernel, bit for bit; whole and masked
+    # tiles, 1 to 4 outputs a program
+    from inferneo.kernels._triton_elementwise import silu_and_mul
+    for rows in (2, 8):
+        for d in (32, 28):
+            codes = quantize_weight(torch.randn(2 * d, 128), 32, False, torch.float16, torch.arange(128) // 32)
+            pair_weights = pack_rows(pack_canonical(layout_codes(codes, "awq", 32)))
+            xp = torch.randn(1, 128).bfloat16()
+            linear = W4A16Config("h2", rows, block_kw=16, num_warps=1)
+            want = silu_and_mul(w4a16_linear(xp, pair_weights, linear))
+            got = w4a16_silu_mul(xp, pair_weights, W4A16Config("h2", rows, block_kw=16, num_warps=1, silu_pairs=True))
+            assert got.shape == (1, d) and torch.equal(got, want), (rows, d)
     # the packed-half kernel: a column past float16's range is recomputed in float32 (the interpreter's float32
     # lanes count as infinite past 65504, as float16's would be); a non-finite input stays non-finite
     xb = torch.randn(1, 128).bfloat16()
@@ -338,6 +351,7 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
     import triton  # noqa: F401 (the interpreter is on before the shims patch it)
     from tests.triton_interpreter_shims import patch_interpreter
     patch_interpreter()
+    from inferneo.kernels._triton_elementwise import silu_and_mul
     from inferneo.kernels.triton_int4 import RowScale, W4A16Config, w4a16_linear, w4a16_residual_norm, w4a16_silu_mul
     from inferneo.quantization.int4_layouts import dequantize_rows, pack_canonical, pack_rows
     from inferneo.testing.int4_checkpoints import quantize_weight
@@ -394,6 +408,11 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                                  row_scale=RowScale(sums, eps))
             err = ((act.float() - ref).norm() / ref.norm()).item()
             assert act.shape == (1, 20) and err < (3e-2 if dtype == torch.bfloat16 else 3e-3), (dtype, err)
+            # with gate/up row pairs: the row-scaled projection, then the SiLU-and-mul kernel, bit for bit
+            pairs = W4A16Config("h2", 4, block_kw=16, num_warps=1, silu_pairs=True)
+            two_steps = silu_and_mul(w4a16_linear(scaled, consumer, W4A16Config("h2", 4, block_kw=16, num_warps=1),
+                                                  row_scale=RowScale(sums, eps)))
+            assert torch.equal(w4a16_silu_mul(scaled, consumer, pairs, row_scale=RowScale(sums, eps)), two_steps)
     # where the h2 kernel does not run: no launch, nothing written
     producer, _ = weights(64, 128)
     residual = torch.randn(2, 64).bfloat16()
@@ -543,6 +562,27 @@ def test_w4a16_tensor_core_pdl_switch(monkeypatch):
     monkeypatch.setenv("INFERNEO_W4A16_TC_PDL", "1")
     with pytest.raises(ValueError, match="wait, early or off"):
         envs.w4a16_tc_pdl()
+
+
+def test_w4a16_silu_pairs_switch_takes_the_projections_one_row_launch(monkeypatch):
+    """INFERNEO_W4A16_SILU_PAIRS: at one row the fused gate/up + SiLU takes the gate/up projection's own tuned launch
+    with row pairs (Llama-2-7B's table has no fused entry there); off, the table's answer; more rows unchanged."""
+    triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
+    from inferneo.quantization.int4_layouts import Int4RowWeights
+
+    rows, k, group = 22016, 4096, 128
+    weights = Int4RowWeights(torch.zeros(rows, k // 8, dtype=torch.int32), torch.ones(rows, k // group).half(),
+                             torch.zeros(rows, k // group, dtype=torch.uint8), group)
+    x = torch.zeros(1, k, dtype=torch.bfloat16)
+    monkeypatch.delenv("INFERNEO_W4A16_SILU_PAIRS", raising=False)
+    assert triton_int4.silu_fused_config(x, weights) is None
+    monkeypatch.setenv("INFERNEO_W4A16_SILU_PAIRS", "1")
+    linear = triton_int4.choose_config("linear", 1, rows, k, group, torch.bfloat16)
+    assert linear.kind == "h2"
+    assert triton_int4.silu_fused_config(x, weights) == triton_int4.W4A16Config(
+        **{**linear.as_dict(), "split_k": 1, "last_sums": False, "silu_pairs": True})
+    sixteen = triton_int4.silu_fused_config(torch.zeros(16, k, dtype=torch.bfloat16), weights)
+    assert sixteen is None or not sixteen.silu_pairs
 
 
 def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):

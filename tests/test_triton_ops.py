@@ -343,6 +343,20 @@ def test_store_kv_heads_switch_takes_whole_numbers(monkeypatch):
             envs.store_kv_heads()
 
 
+
+def test_decode_prefetch_tiles_switch_takes_whole_numbers(monkeypatch):
+    """INFERNEO_DECODE_PREFETCH_TILES: empty is one tile, 0 the whole split, a whole number that many tiles;
+    anything else fails by name."""
+    from inferneo import envs
+
+    for value, want in (("", 1), ("0", 0), (" 2 ", 2)):
+        monkeypatch.setenv("INFERNEO_DECODE_PREFETCH_TILES", value)
+        assert envs.decode_prefetch_tiles() == want
+    for value in ("-1", "all", "1.5"):
+        monkeypatch.setenv("INFERNEO_DECODE_PREFETCH_TILES", value)
+        with pytest.raises(ValueError, match="INFERNEO_DECODE_PREFETCH_TILES"):
+            envs.decode_prefetch_tiles()
+
 # Prefill and decode steps of a tiny Llama through the CUDA transform with the Triton attention backend (under the
 # interpreter): the rotary kernel writes each step's keys and values (no store_kv launch); the logits are the plain
 # PyTorch model's (a float32 cache), and with an FP8 cache the logits and cache bytes equal those of the same

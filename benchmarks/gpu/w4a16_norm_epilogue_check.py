@@ -16,8 +16,12 @@ decode steps), with CUDA graphs: the switch on against off and against ``referen
 within twice the plain engine's (or 0.1), when its eager run sends every one-row output and down projection but
 the last layer's through the producer (launches counted) and when the eager run's tokens equal the graph run's.
 
+The fused gate/up + SiLU with gate/up row pairs (``INFERNEO_W4A16_SILU_PAIRS``) on the gate/up shape: bit for bit
+the projection's launch followed by the SiLU-and-mul kernel, with and without the row scale, eager and from a
+graph; and the tiny engines with the switch on: tokens and logprobs equal to the epilogue engine's.
+
 Prints one JSON line per case and ``EPILOGUE ok`` / ``EPILOGUE FAILED``.
-Usage: ``python benchmarks/gpu/w4a16_norm_epilogue_check.py [--out FILE.jsonl]``
+Usage: ``python benchmarks/gpu/w4a16_norm_epilogue_check.py [--out FILE.jsonl] [--pairs-only]``
 """
 
 from __future__ import annotations
@@ -40,8 +44,15 @@ from w4a16_h2_e2e import GREEDY, PROMPTS, distance, equal_share  # noqa: E402
 
 from inferneo import LLM  # noqa: E402
 from inferneo.kernels import triton_int4  # noqa: E402
-from inferneo.kernels._triton_elementwise import rms_norm  # noqa: E402
-from inferneo.kernels.triton_int4 import RowScale, h2_epilogue_config, w4a16_linear, w4a16_residual_norm  # noqa: E402
+from inferneo.kernels._triton_elementwise import rms_norm, silu_and_mul  # noqa: E402
+from inferneo.kernels.triton_int4 import (  # noqa: E402
+    RowScale,
+    h2_epilogue_config,
+    silu_fused_config,
+    w4a16_linear,
+    w4a16_residual_norm,
+    w4a16_silu_mul,
+)
 from inferneo.quantization import int4  # noqa: E402
 from inferneo.quantization.int4_layouts import dequantize_rows  # noqa: E402
 from inferneo.testing.int4_checkpoints import write_int4_checkpoint  # noqa: E402
@@ -111,6 +122,26 @@ def consumer(name: str, n: int, k: int) -> dict:
     return line
 
 
+def silu_pairs(d: int = 11008, k: int = 4096) -> dict:
+    w = _random_rows(2 * d, k, "cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    tiles = (4 * torch.rand(512, device="cuda") + 1).float()
+    os.environ["INFERNEO_W4A16_SILU_PAIRS"] = "1"
+    pairs = silu_fused_config(x, w)
+    os.environ.pop("INFERNEO_W4A16_SILU_PAIRS")
+    linear = h2_epilogue_config(x, w, producer=False)
+    line = {"layer": "gate_up_silu_pairs", "d": d, "k": k, "config": str(pairs), "ok": pairs is not None}
+    for scaled in (False, True):
+        extra = {"row_scale": RowScale(tiles, EPS)} if scaled else {}
+        want = silu_and_mul(w4a16_linear(x, w, linear, **extra))
+        eager = w4a16_silu_mul(x, w, pairs, **extra)
+        graph = graphed(lambda extra=extra: w4a16_silu_mul(x, w, pairs, **extra))
+        key = "scaled_equal" if scaled else "equal"
+        line[key] = torch.equal(eager, want) and torch.equal(graph, want)
+        line["ok"] = line["ok"] and line[key]
+    return line
+
+
 def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], list[float], int]:
     """Greedy tokens, the chosen tokens' logprobs and producer launches from Python; ``mode``: "epilogue" (the
     switch on), "plain" (off) or "reference" (off, ``reference_int4_linear``). Each prompt runs alone."""
@@ -123,7 +154,9 @@ def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], li
 
     original_select = int4.select_int4_kernel
     triton_int4.w4a16_residual_norm = counted
-    os.environ[SWITCH] = "1" if mode == "epilogue" else "0"
+    os.environ[SWITCH] = "1" if mode.startswith("epilogue") else "0"
+    if mode == "epilogue+pairs":
+        os.environ["INFERNEO_W4A16_SILU_PAIRS"] = "1"
     if mode == "reference":
         int4.select_int4_kernel = lambda *args: int4.reference_int4_linear
     try:
@@ -134,13 +167,14 @@ def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], li
         triton_int4.w4a16_residual_norm = original
         int4.select_int4_kernel = original_select
         os.environ.pop(SWITCH, None)
+        os.environ.pop("INFERNEO_W4A16_SILU_PAIRS", None)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     chosen = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
               for o in outs]
     return tokens, chosen, calls["producer"]
 
 
-def engine(tmp: str) -> list[dict]:
+def engine(tmp: str, pairs_only: bool) -> list[dict]:
     lines = []
     for group in (32, 128):
         source = make_tiny_checkpoint(Path(tmp) / "llama-src", "llama", hidden_size=256, num_heads=4, num_kv_heads=2,
@@ -148,6 +182,13 @@ def engine(tmp: str) -> list[dict]:
         quant, _ = write_int4_checkpoint(source, Path(tmp) / f"awq-{group}", Path(tmp) / f"awq-{group}-ref", "awq",
                                          group)
         got, got_lp, _ = run(quant, "epilogue")
+        paired, paired_lp, _ = run(quant, "epilogue+pairs")
+        pairs_line = {"engine": "llama-awq-silu-pairs", "group": group,
+                      "tokens_equal": paired == got, "logprobs_equal": paired_lp == got_lp}
+        pairs_line["ok"] = pairs_line["tokens_equal"] and pairs_line["logprobs_equal"]
+        lines.append(pairs_line)
+        if pairs_only:
+            continue
         eager, _, producers = run(quant, "epilogue", eager=True)
         plain, plain_lp, _ = run(quant, "plain")
         ref, ref_lp, _ = run(quant, "reference")
@@ -167,16 +208,20 @@ def engine(tmp: str) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--pairs-only", action="store_true", help="only the SiLU row-pair checks")
     args = parser.parse_args()
     lines = []
-    for name, n, k in PRODUCERS:
-        lines.append(producer(name, n, k))
-        print(json.dumps(lines[-1]), flush=True)
-    for name, n, k in CONSUMERS:
-        lines.append(consumer(name, n, k))
-        print(json.dumps(lines[-1]), flush=True)
+    if not args.pairs_only:
+        for name, n, k in PRODUCERS:
+            lines.append(producer(name, n, k))
+            print(json.dumps(lines[-1]), flush=True)
+        for name, n, k in CONSUMERS:
+            lines.append(consumer(name, n, k))
+            print(json.dumps(lines[-1]), flush=True)
+    lines.append(silu_pairs())
+    print(json.dumps(lines[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for line in engine(tmp):
+        for line in engine(tmp, args.pairs_only):
             lines.append(line)
             print(json.dumps(line), flush=True)
     ok = all(line["ok"] for line in lines)

@@ -79,7 +79,8 @@ class W4A16Config:
     ``block_m`` x ``block_n`` output tiles, ``block_kw`` words (8 columns each) per step; ``"tc"`` (half
     precision): ``block_m`` x ``block_n`` output tiles, ``block_g`` groups per step, ``swap`` and ``scale_after``
     as in the module docstring. ``split_k`` (``"gemv"``, ``"h2"`` and ``"tc"``): programs along K (not for the
-    fused SiLU):
+    fused SiLU; with ``silu_pairs``, an ``"h2"`` fused SiLU whose programs each hold ``block_n / 2`` gate rows
+    interleaved with their up rows, the linear launch's tile on the ``[2D, K]`` weight):
     their float32 sums added atomically into a zeroed float32 output, then rounded to the activation dtype by a
     second launch, or (``last_sums``) each written to a workspace, and the last program of a tile to finish (an
     atomic count per tile) adds them up in a fixed order and writes the output: no zeroing, no second launch, and
@@ -97,6 +98,7 @@ class W4A16Config:
     split_k: int = 1
     last_sums: bool = False
     inner_k_tiles: int = 0  # kind "tinygemm" (PyTorch's int4 kernel, in tinygemm_int4.py): its packing's K tiles
+    silu_pairs: bool = False  # kind "h2", the fused SiLU: each program's block_n rows are gate/up row pairs
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -575,7 +577,8 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
                     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
                     PDL: tl.constexpr, sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
-                    ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1, RES_NORM: tl.constexpr = False):
+                    ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1, RES_NORM: tl.constexpr = False,
+                    SILU_PAIRS: tl.constexpr = False):
     # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
     # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
@@ -590,8 +593,14 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16
     KG: tl.constexpr = K // GROUP
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < D
+    if SILU_PAIRS:  # tile row 2i: gate row out + i, tile row 2i + 1: its up row D + out + i
+        j = tl.arange(0, BLOCK_N)
+        out = tl.program_id(0) * (BLOCK_N // 2) + j // 2
+        n = out + (j % 2) * D
+        nmask = out < D
+    else:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < D
     kl = tl.arange(0, BLOCK_K2)
     k_start = tl.program_id(2) * G_SPLIT * GW2
     k_end = tl.minimum(KW2, k_start + G_SPLIT * GW2)
@@ -600,7 +609,7 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     wptr = qw8_ptr + n[None, :] * KW2 + k2[:, None]
     words = tl.load(wptr) if EVEN else tl.load(wptr, mask=wmask, other=0)  # weights only: before the wait
     words_up = words
-    if SILU:
+    if SILU and not SILU_PAIRS:
         words_up = tl.load(wptr + D * KW2) if EVEN else tl.load(wptr + D * KW2, mask=wmask, other=0)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     if ROW_SCALE:  # read now, summed at the end
@@ -610,13 +619,14 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
     acc_up = acc
-    if SILU:
+    SEPARATE_UP: tl.constexpr = SILU and not SILU_PAIRS
+    if SEPARATE_UP:
         acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D,
                           nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16)
     for k0 in range(k_start + BLOCK_K2, k_end, BLOCK_K2):
         k2 = k0 + kl
         acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16)
-        if SILU:
+        if SEPARATE_UP:
             acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
                               EVEN, F16)
     g_start = tl.program_id(2) * G_SPLIT
@@ -626,7 +636,12 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)  # the norm's expression (weighted_rms_norm)
         y = y * inv_rms
     dtype = x_ptr.dtype.element_ty
-    if SILU:
+    if SILU_PAIRS:  # the tile's sums as (gate, up) pairs, rounded as the projection rounds them
+        gate, up = tl.split(tl.reshape(y.to(dtype).to(tl.float32), (BLOCK_N // 2, 2)))
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+        n = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        nmask = n < D
+    elif SILU:
         gate = y.to(dtype).to(tl.float32)
         up = _h2_finish(acc_up, x_ptr, qw_ptr, s_ptr, z_ptr, n + D, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
         if ROW_SCALE:
@@ -1040,9 +1055,11 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     groups = k // weights.group_size
     split, per_split = _split_groups(groups, 1, 1 if silu or residual_norm is not None else config.split_k)
     block_k2 = min(config.block_kw // 2, triton.next_power_of_2(per_split * weights.group_size // 16))
-    grid = (triton.cdiv(d, config.block_n), 1, split)
+    pairs = silu and config.silu_pairs
+    outputs_per_program = config.block_n // 2 if pairs else config.block_n
+    grid = (triton.cdiv(d, outputs_per_program), 1, split)
     y, ws, counts, last_sums = _split_outputs(x, 1, d, split, grid[0], config.last_sums)
-    even = (d % config.block_n == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
+    even = (d % outputs_per_program == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
             and per_split * split == groups)
     pdl = pdl_for(x)
     epilogue = {}
@@ -1056,8 +1073,8 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
                           weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
                           BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
-                          EVEN=even, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
-                          **epilogue, **launch_options(pdl))
+                          EVEN=even, PDL=pdl, SILU_PAIRS=pairs, num_warps=config.num_warps,
+                          num_stages=config.num_stages, **epilogue, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
@@ -1165,7 +1182,12 @@ def silu_fused_config(x: torch.Tensor, gate_up: Int4RowWeights) -> W4A16Config |
     if x.dim() != 2 or gate_up.out_features % 2 or x.shape[1] != gate_up.in_features:
         return None
     m, k = x.shape
-    return choose_config("silu", m, gate_up.out_features // 2, k, gate_up.group_size, x.dtype, device_sm_count(x.device))
+    sms = device_sm_count(x.device)
+    if m == 1 and envs.w4a16_silu_pairs():  # the gate/up projection's own one-row launch, its rows in pairs
+        linear = choose_config("linear", 1, gate_up.out_features, k, gate_up.group_size, x.dtype, sms)
+        if linear is not None and linear.kind == "h2" and linear.block_n >= 2 and linear.block_n % 2 == 0:
+            return replace(linear, split_k=1, last_sums=False, silu_pairs=True)
+    return choose_config("silu", m, gate_up.out_features // 2, k, gate_up.group_size, x.dtype, sms)
 
 
 def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None, *,

@@ -678,7 +678,9 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     if (device.type == "cuda" and ops is not None and kernels.gemv_silu and envs.fp8_norm_gemv()
             and use_norm_fused_quant_layers(model)):
         logger.info("decoder layers run their RMSNorms inside the quantized q/k/v and gate/up GEMVs at one row")
-    if device.type == "cuda" and ops is not None and envs.w4a16_norm_epilogue() and use_epilogue_norm_layers(model):
+    # (one rank only: a sharded output or down projection holds a partial sum, not yet the residual's addend)
+    if (device.type == "cuda" and ops is not None and (tp is None or tp.world_size == 1)
+            and envs.w4a16_norm_epilogue() and use_epilogue_norm_layers(model)):
         logger.info("decoder layers run their RMSNorms in the epilogues of the W4A16 GEMVs at one row")
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
             and use_norm_fused_layers(model, decode_gemv(device, kernels))):
