@@ -42,13 +42,20 @@ SLOTS = {"inferneo_test_replica_slot": 8.0}  # what an added node has (room for 
 
 @contextlib.contextmanager
 def extra_node(cluster, **resources):
-    """A one-CPU node added to ``cluster`` for the test, removed at the end if the test has not removed it."""
+    """A one-CPU node added to ``cluster`` for the test, removed at the end if the test has not removed it; on the
+    way out, waits until Ray counts it dead, so that the next test's actors, asking for the same custom resource,
+    are not placed on it (a killed node stays alive to the scheduler for a few seconds: seen as an actor dying at
+    the start of the next test)."""
+    import ray
+
     node = cluster.add_node(num_cpus=1, resources=resources or None)
     try:
         yield node
     finally:
         if node in cluster.worker_nodes:
             cluster.remove_node(node, allow_graceful=False)
+        wait_until(lambda: not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()), 120,
+                   "Ray to count the removed node dead")
 
 
 def alive_actors(class_name: str) -> dict[int, str]:
