@@ -7,7 +7,7 @@
 # Usage (carry scratch/quant/whl): OUT=... bash benchmarks/gpu/w4a16_b1_pairs_prefetch_run.sh
 source benchmarks/gpu/device_env.sh
 mkdir -p "$OUT/quant"
-timeout ${CHECK_TIMEOUT:-80} python3 benchmarks/gpu/w4a16_norm_epilogue_check.py --pairs-only \
+timeout ${CHECK_TIMEOUT:-80} python3 benchmarks/gpu/w4a16_norm_epilogue_check.py --pairs-only ${CHECK_ARGS:-} \
   --out "$OUT/pairs_check.jsonl" > "$OUT/pairs_check.log" 2>&1
 echo "check rc=$?"; grep -E "^\{|EPILOGUE|rror" "$OUT/pairs_check.log" | cut -c1-400
 pairs="INFERNEO_W4A16_SILU_PAIRS=1"
