@@ -586,9 +586,11 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     # rows. EVEN: no masks (whole tiles of rows, whole steps). The first step's words are read before the PDL wait.
     # The RMSNorm in the epilogues (one row; see w4a16_residual_norm): ROW_SCALE: x is the norm's input already
     # multiplied by the norm weight, and the outputs are multiplied by 1 / rms, from the num_sq (<= SQ_BLOCK)
-    # partial sums of squares at sq (sum / K + eps); RES_NORM (SPLIT_K 1, not SILU): the output, rounded, is added to the residual
-    # (in place: each program reads and writes only its rows), and y takes that sum times the norm weight nw,
-    # rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
+    # partial sums of squares at sq (sum / K + eps); RES_NORM (SPLIT_K 1, not SILU): the output, rounded, is
+    # added to the residual (in place: each program reads and writes only its rows), and y takes that sum times
+    # the norm weight nw, rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
+    # SILU_PAIRS (with SILU): the tile's rows alternate gate and up rows, so a program reads as the linear launch
+    # of the same tile does and writes BLOCK_N / 2 outputs.
     GW2: tl.constexpr = GROUP // 16
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16

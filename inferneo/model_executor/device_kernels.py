@@ -693,5 +693,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul",
              "TritonSiluAndMul", "InplaceRotaryAttention", "QKNormRotaryAttention", "NormFusedMoeLayer",
-             "NormFusedQuantLayer", "EpilogueNormLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP", "PanelLinear", "PackedLinear",
-             "DecodeLinear", "PeerFusedRMSNorm"}
+             "NormFusedQuantLayer", "EpilogueNormLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP",
+             "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
