@@ -390,6 +390,7 @@ def fp8_norm_gemv() -> bool:
     GEMV reads and scales the whole input row (Llama-2-7B batch-1 step 2.87 -> 3.17 ms)."""
     return _flag("INFERNEO_FP8_NORM_GEMV", False)
 
+
 def w4a16_norm_epilogue() -> bool:
     """INFERNEO_W4A16_NORM_EPILOGUE (default on): at one-row decode steps, a dense decoder layer whose
     four linears are W4A16 on the Triton h2 kernel runs its RMSNorms in the GEMVs' epilogues

@@ -354,7 +354,7 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
                    cos_ptr=None, sin_ptr=None, qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_kb=0, stride_cos=0,
                    rope_eps=0.0,
                    ROTARY: tl.constexpr = False, WEIGHT_OFFSET: tl.constexpr = False, PRELOAD: tl.constexpr = False,
-                   L2_PREFETCH: tl.constexpr = False, PREFETCH_N: tl.constexpr = 0):
+                   L2_PREFETCH: tl.constexpr = False, PREFETCH_N: tl.constexpr = 64):
     if not PRELOAD:
         wait_for_previous_kernel(PDL, EARLY=True)  # the reduction or the output GEMV after it may launch now
     b = tl.program_id(0)
@@ -400,10 +400,10 @@ def _decode_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, lse
     head_base = cache_ptr + kvh * stride_ch
     if PRELOAD:  # (not with ROTARY) the length read above, before the wait; with L2_PREFETCH the first tile's
         # block ids read and its cache blocks asked into L2 there too (see paged_decode); then as usual
-        if L2_PREFETCH:  # PREFETCH_N tokens from the split's start (BLOCK_N unless set)
+        if L2_PREFETCH:  # PREFETCH_N tokens from the split's start
             _prefetch_blocks(table, head_base, stride_blk, stride_half, start, end,
-                             stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8),
-                             PREFETCH_N if PREFETCH_N > 0 else BLOCK_N, BLOCK_SIZE)
+                             stride_off * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), PREFETCH_N,
+                             BLOCK_SIZE)
         wait_for_previous_kernel(PDL, EARLY=True)
     if not ROTARY:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -654,7 +654,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     prewait = envs.prewait_loads()
     preload = "decode" in prewait and qk_rotary is None
     prefetch_tiles = envs.decode_prefetch_tiles()  # L2-prefetched tokens: that many tiles, 0 the whole split
-    prefetch_n = triton.next_power_of_2(block_n * prefetch_tiles if prefetch_tiles else tokens_per_split)
+    prefetch_n = triton.next_power_of_2(min(block_n * prefetch_tiles, tokens_per_split) if prefetch_tiles
+                                        else tokens_per_split)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part, lse, sinks_arg, k_scale, v_scale, tickets, qk_scale,
         softcap_log2,
@@ -667,7 +668,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         FP8=is_fp8_kv_cache(kv_cache), FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(num_splits),
         WIDEN=default_fp8_widen(kv_cache, q) if fp8_widen is None else fp8_widen,
         PRELOAD=preload, L2_PREFETCH=preload and _l2_prefetch_ok(kv_cache, batch),
-        PREFETCH_N=min(prefetch_n, triton.next_power_of_2(tokens_per_split)), num_warps=num_warps,
+        PREFETCH_N=prefetch_n, num_warps=num_warps,
         num_stages=num_stages,
         **rotary,
         **launch_options(pdl),

@@ -154,7 +154,20 @@ def _adopt(cls: type[nn.Module], module: nn.Module, **extra) -> nn.Module:
     return new
 
 
-class InplaceRotaryAttention(Attention):
+class _InPlaceRotaryBase(Attention):
+    """An attention whose query and key transform runs in place on the fused q/k/v projection output
+    (``rotate_qk``, defined by each subclass), before the backend's attention."""
+
+    def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
+        raise NotImplementedError
+
+    def attend_qkv(self, positions, qkv, kv_cache, metadata):
+        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
+        q, k, v = self.split_heads(qkv)
+        return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
+
+
+class InplaceRotaryAttention(_InPlaceRotaryBase):
     """Attention whose rotary embedding runs as one kernel, in place on the fused q/k/v projection output (the CPU
     kernel and the Triton kernel share this signature). Only for layers without q/k norms."""
 
@@ -173,11 +186,6 @@ class InplaceRotaryAttention(Attention):
                             self.num_heads + self.num_kv_heads, self.head_dim)
         return {}
 
-    def attend_qkv(self, positions, qkv, kv_cache, metadata):
-        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
-        q, k, v = self.split_heads(qkv)
-        return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
-
 
 def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
     """Whether ``attention``'s rotary kernel writes this step's keys and values to the cache itself: its
@@ -187,7 +195,7 @@ def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.T
             and (kv_cache.dtype == qkv.dtype or (is_fp8_kv_cache(kv_cache) and attention.kv_scales is not None)))
 
 
-class QKNormRotaryAttention(Attention):
+class QKNormRotaryAttention(_InPlaceRotaryBase):
     """Attention whose per-head q/k RMSNorms and rotary embedding run as one kernel, in place on the fused q/k/v
     projection output (``triton_ops.qk_norm_rotary_inplace``). The norms' weights and ``eps`` are read from the
     ``q_norm``/``k_norm`` children, which stay (their parameters keep their names)."""
@@ -205,11 +213,6 @@ class QKNormRotaryAttention(Attention):
                             slot_mapping=metadata.slot_mapping if store else None,
                             kv_scales=self.kv_scales if store else None)
         return {"kv_stored": True} if store else {}
-
-    def attend_qkv(self, positions, qkv, kv_cache, metadata):
-        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
-        q, k, v = self.split_heads(qkv)
-        return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
 
 
 class NativeDecoderLayer(DecoderLayer):
@@ -242,10 +245,7 @@ class NativeDecoderLayer(DecoderLayer):
             hidden, residual = norm.forward(hidden, residual)
         parts = attn._modules
         qkv = self._linear(parts["qkv_proj"])(hidden)
-        options = attn.rotate_qk(positions, qkv, kv_cache, metadata)
-        q, k, v = attn.split_heads(qkv)
-        out = attn.attend_heads(q, k, v, kv_cache, metadata, **options)
-        hidden = self._linear(parts["o_proj"])(out.reshape(-1, attn.q_size))
+        hidden = self._linear(parts["o_proj"])(attn.attend_qkv(positions, qkv, kv_cache, metadata))
         hidden, residual = post_norm.forward(hidden, residual)
         mlp = modules["mlp"]
         if type(mlp) is MLP and type(mlp._modules["act_fn"]) is NativeSiluAndMul:
@@ -335,13 +335,20 @@ class QuantizedSiluMLP(MLP):
 
 
 
+def _method_hook(layer: nn.Module, name: str):
+    """``layer.method.<name>`` when ``layer`` is a plain quantized layer (not a LoRA wrapper: callers check at each
+    call) whose method has that callable, else None."""
+    from inferneo.quantization.base import QuantizedLinear
+
+    hook = getattr(getattr(layer, "method", None), name, None) if type(layer) is QuantizedLinear else None
+    return hook if callable(hook) else None
+
+
 def _norm_linear(layer: nn.Module, x, residual, norm: RMSNorm, silu_mul: bool = False):
     """``layer.method.norm_apply`` (the norm inside the layer's kernel: FP8 at one row) when ``layer`` is a plain
     quantized layer whose method has it (not a LoRA wrapper: checked at each call), else None."""
-    from inferneo.quantization.base import QuantizedLinear
-
-    norm_apply = getattr(getattr(layer, "method", None), "norm_apply", None)
-    if type(layer) is not QuantizedLinear or norm_apply is None:
+    norm_apply = _method_hook(layer, "norm_apply")
+    if norm_apply is None:
         return None
     return norm_apply(layer, x, residual, norm.weight, norm.eps, silu_mul=silu_mul)
 
@@ -373,10 +380,8 @@ def _residual_norm_linear(layer: nn.Module, x, residual, norm: RMSNorm) -> Scale
     """``residual += layer(x)`` with the RMSNorm ``norm`` of the sum left to the next layer's kernel
     (``method.residual_norm_apply``: the W4A16 h2 GEMV at one row) when ``layer`` is a plain quantized layer whose
     method has it and takes ``x`` (checked at each call: a LoRA wrapper does not); else None, nothing written."""
-    from inferneo.quantization.base import QuantizedLinear
-
-    apply = getattr(getattr(layer, "method", None), "residual_norm_apply", None)
-    if type(layer) is not QuantizedLinear or apply is None or residual is None:
+    apply = _method_hook(layer, "residual_norm_apply")
+    if apply is None or residual is None:
         return None
     return apply(layer, x, residual, norm.weight, norm.eps)
 
@@ -385,10 +390,8 @@ def _scaled_linear(layer: nn.Module, row: ScaledRow, residual: torch.Tensor, nor
     """``layer(norm(residual))`` from ``row``, the :class:`ScaledRow` of ``residual``: in one kernel where the
     layer's method reads it (``scaled_apply``), else the norm (of the sum alone: the same row the fused add + norm
     gives), then the layer."""
-    from inferneo.quantization.base import QuantizedLinear
-
-    apply = getattr(getattr(layer, "method", None), "scaled_apply", None)
-    out = apply(layer, row) if type(layer) is QuantizedLinear and apply is not None else None
+    apply = _method_hook(layer, "scaled_apply")
+    out = apply(layer, row) if apply is not None else None
     return layer(norm(residual)) if out is None else out
 
 
@@ -396,11 +399,9 @@ def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Ten
     """``act_fn(gate_up_proj(norm(residual)))`` of a gated MLP from ``row``: the fused gate/up + SiLU launch with
     the norm's ``1 / rms`` where the layer's method has one for the row (``scaled_apply(silu_mul=True)``), else
     the projection from ``row`` (:func:`_scaled_linear`), then the activation."""
-    from inferneo.quantization.base import QuantizedLinear
-
     gate_up = mlp.gate_up_proj
-    apply = getattr(getattr(gate_up, "method", None), "scaled_apply", None)
-    if type(mlp) is QuantizedSiluMLP and type(gate_up) is QuantizedLinear and apply is not None:
+    apply = _method_hook(gate_up, "scaled_apply")
+    if type(mlp) is QuantizedSiluMLP and apply is not None:
         act = apply(gate_up, row, silu_mul=True)
         if act is not None:
             return act
@@ -445,13 +446,9 @@ def use_epilogue_norm_layers(model: nn.Module) -> int:
     attentions and a plain gated MLP (SiLU) whose linears are quantized with a method that fuses the norms into
     its epilogues (``residual_norm_apply`` and ``scaled_apply``) an :class:`EpilogueNormLayer`, and tell each
     the next one's input norm; returns how many changed."""
-    from inferneo.quantization.base import QuantizedLinear
-
     def fuses(layer) -> bool:
-        method = getattr(layer, "method", None)
-        return (type(layer) is QuantizedLinear and layer.bias is None
-                and callable(getattr(method, "residual_norm_apply", None))
-                and callable(getattr(method, "scaled_apply", None)))
+        return (_method_hook(layer, "residual_norm_apply") is not None
+                and _method_hook(layer, "scaled_apply") is not None and layer.bias is None)
 
     layers = getattr(model, "layers", None)
     if layers is None:
@@ -478,10 +475,8 @@ def use_norm_fused_quant_layers(model: nn.Module) -> int:
     """Make every plain :class:`DecoderLayer` of ``model`` with Triton RMSNorms, one of this module's attentions
     and a plain gated MLP whose q/k/v and gate/up layers are quantized with a method that fuses the norm
     (``norm_apply``) a :class:`NormFusedQuantLayer`; returns how many changed."""
-    from inferneo.quantization.base import QuantizedLinear
-
     def fuses(layer) -> bool:
-        return type(layer) is QuantizedLinear and callable(getattr(layer.method, "norm_apply", None))
+        return _method_hook(layer, "norm_apply") is not None
 
     def replace(m: nn.Module) -> nn.Module | None:
         if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)

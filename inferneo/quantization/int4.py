@@ -301,22 +301,28 @@ class Int4LinearMethod(LinearMethod):
         """``layer(rmsnorm(r))`` from a :class:`ScaledRow` of ``r``, the norm's ``1 / rms`` applied to the
         products (``triton_int4.w4a16_linear`` with ``row_scale``), or None where the h2 kernel cannot take it
         (the caller normalizes the residual, then projects). ``silu_mul``: ``layer`` is a gated MLP's fused
-        gate/up; where its one-row launch fuses SiLU-and-mul (:meth:`silu_mul_applies`) the activation is returned,
-        else None."""
+        gate/up; where its one-row fused SiLU-and-mul launch is an h2 launch the activation is returned, else
+        None."""
         block = self._epilogue_block(layer, row.scaled)
         if block is None:
             return None
-        from inferneo.kernels.triton_int4 import RowScale, h2_epilogue_config, w4a16_linear, w4a16_silu_mul
+        from inferneo.kernels.triton_int4 import (
+            RowScale,
+            h2_epilogue_config,
+            silu_fused_config,
+            w4a16_linear,
+            w4a16_silu_mul,
+        )
 
-        scale = RowScale(row.square_sums, row.eps)
-        if silu_mul:
-            if not self.silu_mul_applies(layer, row.scaled):
-                return None
-            return w4a16_silu_mul(row.scaled, block, row_scale=scale)
-        config = h2_epilogue_config(row.scaled, block, producer=False)
-        if config is None:
+        if silu_mul:  # (a fused launch of another kind cannot apply the row scale)
+            config = silu_fused_config(row.scaled, block)
+            run = w4a16_silu_mul
+        else:
+            config = h2_epilogue_config(row.scaled, block, producer=False)
+            run = w4a16_linear
+        if config is None or config.kind != "h2":
             return None
-        return w4a16_linear(row.scaled, block, config, row_scale=scale)
+        return run(row.scaled, block, config, row_scale=RowScale(row.square_sums, row.eps))
 
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:

@@ -158,14 +158,10 @@ class Attention(nn.Module):
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
-    def attend(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
-        """Attention over the paged cache (which takes the new keys and values), then the output projection.
-        ``backend_options``: extra keywords for the backend's ``forward`` (device kernels use them)."""
-        return self.o_proj(self.attend_heads(q, k, v, kv_cache, metadata, **backend_options).reshape(-1, self.q_size))
-
     def attend_heads(self, q, k, v, kv_cache, metadata: AttentionMetadata, **backend_options) -> torch.Tensor:
-        """:meth:`attend` without the output projection: the backend's ``[T, heads, head_dim]`` output with this
-        layer's attention options."""
+        """Attention over the paged cache (which takes the new keys and values): the backend's ``[T, heads,
+        head_dim]`` output with this layer's attention options. ``backend_options``: extra keywords for the
+        backend's ``forward`` (device kernels use them)."""
         return self.backend.forward(q, k, v, kv_cache, metadata, self.scale, sliding_window=self.sliding_window,
                                     logit_softcap=self.logit_softcap, sinks=self.sinks, kv_scales=self.kv_scales,
                                     **backend_options)
