@@ -402,12 +402,13 @@ def w4a16_norm_epilogue() -> bool:
 
 
 def w4a16_silu_pairs() -> bool:
-    """INFERNEO_W4A16_SILU_PAIRS (default off until measured): at one row, the W4A16 gate/up projection and its
-    SiLU-and-mul run as one h2 launch with the projection's own tuned tile, each program's rows gate/up pairs
+    """INFERNEO_W4A16_SILU_PAIRS (default on): at one row, the W4A16 gate/up projection and its SiLU-and-mul run as
+    one h2 launch with the projection's own tuned tile, each program's rows gate/up pairs
     (``triton_int4.W4A16Config.silu_pairs``), in place of the table's fused-SiLU entry (Llama-2-7B's: none, the
-    projection then the SiLU-and-mul kernel). The same sums and roundings as the two launches. Read where the
-    launch is chosen (at each call; a CUDA graph keeps what it captured)."""
-    return _flag("INFERNEO_W4A16_SILU_PAIRS", False)
+    projection then the SiLU-and-mul kernel). The same sums and roundings as the two launches. On an H100 the
+    Llama-2-7B W4A16 + FP8 KV batch-1 step took 2.05 ms against 2.11 and 2.12 off (docs/benchmarks.md). Read where
+    the launch is chosen (at each call; a CUDA graph keeps what it captured)."""
+    return _flag("INFERNEO_W4A16_SILU_PAIRS", True)
 
 
 def cuda_fused_qk_norm_rope() -> bool:

@@ -566,7 +566,8 @@ def test_w4a16_tensor_core_pdl_switch(monkeypatch):
 
 def test_w4a16_silu_pairs_switch_takes_the_projections_one_row_launch(monkeypatch):
     """INFERNEO_W4A16_SILU_PAIRS: at one row the fused gate/up + SiLU takes the gate/up projection's own tuned launch
-    with row pairs (Llama-2-7B's table has no fused entry there); off, the table's answer; more rows unchanged."""
+    with row pairs (Llama-2-7B's table has no fused entry there), by default; off, the table's answer; more rows
+    unchanged."""
     triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
     from inferneo.quantization.int4_layouts import Int4RowWeights
 
@@ -574,13 +575,15 @@ def test_w4a16_silu_pairs_switch_takes_the_projections_one_row_launch(monkeypatc
     weights = Int4RowWeights(torch.zeros(rows, k // 8, dtype=torch.int32), torch.ones(rows, k // group).half(),
                              torch.zeros(rows, k // group, dtype=torch.uint8), group)
     x = torch.zeros(1, k, dtype=torch.bfloat16)
-    monkeypatch.delenv("INFERNEO_W4A16_SILU_PAIRS", raising=False)
+    monkeypatch.setenv("INFERNEO_W4A16_SILU_PAIRS", "0")
     assert triton_int4.silu_fused_config(x, weights) is None
-    monkeypatch.setenv("INFERNEO_W4A16_SILU_PAIRS", "1")
     linear = triton_int4.choose_config("linear", 1, rows, k, group, torch.bfloat16)
     assert linear.kind == "h2"
-    assert triton_int4.silu_fused_config(x, weights) == triton_int4.W4A16Config(
-        **{**linear.as_dict(), "split_k": 1, "last_sums": False, "silu_pairs": True})
+    pairs = triton_int4.W4A16Config(**{**linear.as_dict(), "split_k": 1, "last_sums": False, "silu_pairs": True})
+    monkeypatch.setenv("INFERNEO_W4A16_SILU_PAIRS", "1")
+    assert triton_int4.silu_fused_config(x, weights) == pairs
+    monkeypatch.delenv("INFERNEO_W4A16_SILU_PAIRS")
+    assert triton_int4.silu_fused_config(x, weights) == pairs
     sixteen = triton_int4.silu_fused_config(torch.zeros(16, k, dtype=torch.bfloat16), weights)
     assert sixteen is None or not sixteen.silu_pairs
 
