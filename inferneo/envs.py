@@ -411,16 +411,6 @@ def w4a16_silu_pairs() -> bool:
     return _flag("INFERNEO_W4A16_SILU_PAIRS", True)
 
 
-def w4a16_rotary_epilogue() -> bool:
-    """INFERNEO_W4A16_ROTARY_EPILOGUE (default off until measured on a GPU): at one row, a layer whose norms run in
-    the W4A16 GEMVs' epilogues (``INFERNEO_W4A16_NORM_EPILOGUE``) and whose attention rotates in place without
-    q/k norms has its q/k/v projection rotate the query and key heads and store the keys and values in the h2
-    kernel's epilogue (``kernels/rotary_store.py``): no rotary launch between the projection and the attention.
-    The same values as the projection followed by the rotary kernel. Read at each layer call (a CUDA graph keeps
-    what it captured)."""
-    return _flag("INFERNEO_W4A16_ROTARY_EPILOGUE", False)
-
-
 def cuda_fused_qk_norm_rope() -> bool:
     """INFERNEO_CUDA_FUSED_QK_NORM_ROPE (default on; with the Triton ops): on CUDA, attention layers with per-head
     q/k RMSNorms (Qwen3, Qwen3-MoE, Gemma 3) normalize and rotate their queries and keys in one Triton kernel, in

@@ -435,83 +435,10 @@ def test_w4a16_norm_epilogues_under_the_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-_ROTARY_EPILOGUE_SCRIPT = textwrap.dedent("""
-    import torch
-    import triton  # noqa: F401 (the interpreter is on before the shims patch it)
-    from tests.triton_interpreter_shims import patch_interpreter
-    patch_interpreter()
-    from inferneo.attention.fp8_kv import KVCacheScales
-    from inferneo.kernels._triton_elementwise import rotary_inplace
-    from inferneo.kernels.rotary_store import RotaryStore
-    from inferneo.kernels.triton_int4 import RowScale, W4A16Config, rotary_epilogue_takes, w4a16_linear
-    from inferneo.quantization.int4_layouts import pack_canonical, pack_rows
-    from inferneo.testing.int4_checkpoints import quantize_weight
-    from tests.test_quant_int4 import layout_codes
-
-    torch.manual_seed(0)
-    hq, hkv, hd, k = 4, 2, 16, 64
-    rows = (hq + 2 * hkv) * hd
-    q = quantize_weight(torch.randn(rows, k), 32, False, torch.float16, torch.arange(k) // 32, min_zero=1)
-    w = pack_rows(pack_canonical(layout_codes(q, "awq", 32)))
-    position, slot = torch.tensor([37]), torch.tensor([21])
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
-    freqs = torch.outer(torch.arange(128).float(), inv)
-    cos, sin = freqs.cos(), freqs.sin()
-    for dtype in (torch.bfloat16, torch.float16):
-        for cache_dtype in (dtype, torch.float8_e4m3fn, None):
-            scales = KVCacheScales(torch.rand(hkv) + 0.5, torch.rand(hkv) + 0.5) if cache_dtype != dtype else None
-            def empty_cache():
-                return None if cache_dtype is None else torch.zeros(2, 3, hkv, 16, hd).to(cache_dtype)
-            for block_n in (2, 8):  # one pair, four pairs a program (a whole half head)
-                for row_scale in (None, RowScale(torch.rand(3) * 50, 1e-5)):
-                    x = torch.randn(1, k).to(dtype)
-                    config = W4A16Config("h2", block_n, block_kw=16, num_warps=1)
-                    # the projection, then the rotary kernel (with its cache store), against one launch
-                    want, want_cache = w4a16_linear(x, w, config, row_scale=row_scale), empty_cache()
-                    rotary_inplace(want, position, cos, sin, hq + hkv, hd, num_q_heads=hq, kv_cache=want_cache,
-                                   slot_mapping=None if want_cache is None else slot, kv_scales=scales)
-                    cache = empty_cache()
-                    rotary = RotaryStore(position, cos, sin, hq, hkv, hd, cache,
-                                         None if cache is None else slot, scales)
-                    assert rotary_epilogue_takes(x, w, config, rotary)
-                    got = w4a16_linear(x, w, config, row_scale=row_scale, rotary=rotary)
-                    assert torch.equal(got, want), (dtype, cache_dtype, block_n)
-                    assert cache is None or torch.equal(cache.float(), want_cache.float()), (dtype, cache_dtype)
-    # launches that cannot take it: an odd tile, a launch split along K (its sums in another order than the
-    # unsplit launch's), a tile wider than a head's half holds pairs for, other rows,
-    # several positions, a cache of another dtype without scales
-    x = torch.randn(1, k).bfloat16()
-    rotary = RotaryStore(position, cos, sin, hq, hkv, hd)
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 3, block_kw=16, num_warps=1), rotary)
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 4, block_kw=16, num_warps=1, split_k=2), rotary)
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 32, block_kw=16, num_warps=1), rotary)
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 4, block_kw=16, num_warps=1), rotary._replace(num_q_heads=2))
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 4, block_kw=16, num_warps=1),
-                                     rotary._replace(positions=torch.tensor([3, 4])))
-    assert not rotary_epilogue_takes(x, w, W4A16Config("h2", 4, block_kw=16, num_warps=1),
-                                     rotary._replace(kv_cache=torch.zeros(2, 3, hkv, 16, hd).half(), slot_mapping=slot))
-    print("ok")
-""")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_w4a16_rotary_epilogue_under_the_interpreter():
-    """The rotary embedding and the KV store in a fused q/k/v h2 launch's epilogue (``kernels/rotary_store.py``):
-    bit for bit the projection followed by the rotary kernel with its store (model-dtype and FP8 caches, none),
-    with and without the norm's row scale, for tiles of one to four rotary pairs; launches that cannot take it
-    are refused."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _ROTARY_EPILOGUE_SCRIPT], capture_output=True, text=True,
-                          timeout=900, env=env)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
-
 # Decode steps of a tiny AWQ Llama (3 layers, bfloat16) through the CUDA transform under the interpreter, with the
 # RMSNorms in the W4A16 GEMVs' epilogues (EpilogueNormLayer) and without: one row takes the epilogues (no norm
 # launch but the first layer's input norm and the final norm) and stays as close to the float32 model on the
-# de-quantized weights as the plain bfloat16 path; two rows take the plain path, bit for bit. With the rotary
-# embedding and the KV store in the q/k/v projection's epilogue (INFERNEO_W4A16_ROTARY_EPILOGUE) the same logits,
-# bit for bit, and no rotary launch at one row.
+# de-quantized weights as the plain bfloat16 path; two rows take the plain path, bit for bit.
 _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
     import copy, os, sys
     from pathlib import Path
@@ -578,15 +505,6 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
         return call
     ops.rms_norm = counted("norm", real_norm)
     triton_int4.w4a16_residual_norm = counted("producer", real_producer)
-    rotary_launches = [0]
-    def counted_rotary(real):
-        def call(*args, **kwargs):
-            rotary_launches[0] += 1
-            return real(*args, **kwargs)
-        return call
-    for layer in fused.layers:
-        assert layer.self_attn.stores_kv  # the Triton rotary kernel writes the cache: the epilogue does it too
-        layer.self_attn.rotary_inplace = counted_rotary(layer.self_attn.rotary_inplace)
 
     steps = 3
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -595,26 +513,14 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
         forced = [w.argmax(-1) for w in want]
         exact, _ = generate(reference, prompts, steps, forced)
         launches.update(norm=0, producer=0)
-        os.environ["INFERNEO_W4A16_ROTARY_EPILOGUE"] = "0"
-        rotary_launches[0] = 0
         got, _ = generate(fused, prompts, steps, forced, cache_dtype=torch.bfloat16)
-        assert rotary_launches[0] == layers * (steps + 1), rotary_launches
-        # the rotary embedding and the KV store in the q/k/v projection's epilogue: the same values, bit for bit,
-        # and no rotary launch in a one-row step (the prefill of several rows launches it)
-        os.environ["INFERNEO_W4A16_ROTARY_EPILOGUE"] = "1"
-        rotary_launches[0] = 0
-        rotated, _ = generate(fused, prompts, steps, forced, cache_dtype=torch.bfloat16)
-        assert all(torch.equal(r, g) for r, g in zip(rotated, got))
-        assert rotary_launches[0] == (layers if len(prompts) == 1 else layers * (steps + 1)), rotary_launches
-        runs = 2  # with the rotary launch and without: the same norms and producers each time
         if len(prompts) == 1:  # the prefill as before; each decode step: 2 norms, every o/down projection fused
-            assert launches == {"norm": runs * (2 * layers + 1 + 2 * steps),
-                                "producer": runs * (2 * layers - 1) * steps}, launches
+            assert launches == {"norm": 2 * layers + 1 + 2 * steps, "producer": (2 * layers - 1) * steps}, launches
             for g, w, e in zip(got, want, exact):
                 assert rel(g, e) < 1.5 * rel(w, e) + 5e-3, (rel(g, e), rel(w, e))
                 assert torch.equal(g.argmax(-1), w.argmax(-1))
         else:
-            assert launches == {"norm": runs * (2 * layers + 1) * (steps + 1), "producer": 0}, launches
+            assert launches == {"norm": (2 * layers + 1) * (steps + 1), "producer": 0}, launches
             assert all(torch.equal(g, w) for g, w in zip(got, want))
     print("ok")
 """)

@@ -52,10 +52,8 @@ import triton
 import triton.language as tl
 
 from inferneo import envs
-from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel, wait_without_trigger
-from inferneo.kernels.rotary_store import RotaryStore
-from inferneo.kernels.triton_attention import device_sm_count, kv_scale_args, to_cache
+from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
 
 TUNED_CONFIG_FILE = Path(__file__).with_name("int4_configs.json")
@@ -580,11 +578,7 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
                     PDL: tl.constexpr, sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
                     ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1, RES_NORM: tl.constexpr = False,
-                    SILU_PAIRS: tl.constexpr = False, rot_rows=0, q_rows=0, pos_ptr=None, cos_ptr=None, sin_ptr=None,
-                    stride_c=0, cache_ptr=None, slot_ptr=None, k_scale_ptr=None, v_scale_ptr=None, stride_half=0,
-                    stride_blk=0, stride_ch=0, stride_off=0, ROTARY: tl.constexpr = False,
-                    HEAD_DIM: tl.constexpr = 2, STORE_KV: tl.constexpr = False, KV_BLOCK: tl.constexpr = 16,
-                    FP8: tl.constexpr = False):
+                    SILU_PAIRS: tl.constexpr = False):
     # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
     # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
@@ -597,12 +591,6 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     # the norm weight nw, rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
     # SILU_PAIRS (with SILU): the tile's rows alternate gate and up rows, so a program reads as the linear launch
     # of the same tile does and writes BLOCK_N / 2 outputs.
-    # ROTARY (a fused q/k/v projection, SPLIT_K 1, not SILU; see RotaryStore): the first rot_rows rows (query and
-    # key heads) are read in rotary pairs, tile row 2i the row d of a head and 2i + 1 its row d + HEAD_DIM / 2, so
-    # the epilogue rotates them (rotate-half, as _triton_elementwise._rotary_kernel does, from the rounded
-    # outputs) before it writes them; the value rows follow in order. STORE_KV: the rotated keys and the values
-    # also go to the paged cache at the row's slot ([2, blocks, heads, KV_BLOCK, HEAD_DIM]; FP8: over the heads'
-    # scales), as the rotary kernel's store does.
     GW2: tl.constexpr = GROUP // 16
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16
@@ -612,14 +600,6 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         out = tl.program_id(0) * (BLOCK_N // 2) + j // 2
         n = out + (j % 2) * D
         nmask = out < D
-    elif ROTARY:  # programs under rot_rows / BLOCK_N: pairs p of rows (d, d + HALF) of head p // HALF
-        HALF: tl.constexpr = HEAD_DIM // 2
-        j = tl.arange(0, BLOCK_N)
-        pair = tl.program_id(0) * (BLOCK_N // 2) + j // 2
-        rotated = tl.program_id(0) * BLOCK_N < rot_rows
-        n = tl.where(rotated, (pair // HALF) * HEAD_DIM + pair % HALF + (j % 2) * HALF,
-                     tl.program_id(0) * BLOCK_N + j)
-        nmask = n < D
     else:
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < D
@@ -633,11 +613,6 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     words_up = words
     if SILU and not SILU_PAIRS:
         words_up = tl.load(wptr + D * KW2) if EVEN else tl.load(wptr + D * KW2, mask=wmask, other=0)
-    if ROTARY:  # the rotary rows, slot and scales: no kernel of the step writes them, so before the wait
-        cos, sin, kv_dest, kv_mask, kv_scale = _rotary_operands(
-            n, nmask, rot_rows, q_rows, pos_ptr, cos_ptr, sin_ptr, stride_c, cache_ptr, slot_ptr, k_scale_ptr,
-            v_scale_ptr, stride_half, stride_blk, stride_ch, stride_off, y_ptr, BLOCK_N, HEAD_DIM, STORE_KV,
-            KV_BLOCK, FP8)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
     if ROW_SCALE:  # read now, summed at the end
         sq_i = tl.arange(0, SQ_BLOCK)
@@ -682,57 +657,7 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         t = total.to(tl.float32)
         tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.where(nmask, t * t, 0.0), axis=0))
         y = t * tl.load(nw_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    if ROTARY:
-        _rotary_epilogue(y.to(dtype), y_ptr + n, nmask, rotated, cos, sin, kv_dest, kv_mask, kv_scale, cache_ptr,
-                         BLOCK_N, STORE_KV, FP8)
-    else:
-        _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
-
-
-@triton.jit
-def _rotary_operands(n, nmask, rot_rows, q_rows, pos_ptr, cos_ptr, sin_ptr, stride_c, cache_ptr, slot_ptr,
-                     k_scale_ptr, v_scale_ptr, stride_half, stride_blk, stride_ch, stride_off, y_ptr,
-                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, STORE_KV: tl.constexpr, KV_BLOCK: tl.constexpr,
-                     FP8: tl.constexpr):
-    # What a ROTARY program's epilogue reads besides its sums: the rotary rows of its pairs at the row's position
-    # (a value program's are read too and unused), and with STORE_KV each output's cache address (keys: rows
-    # q_rows .. rot_rows, values: rot_rows on), which of them go to the cache, and their scales
-    HALF: tl.constexpr = HEAD_DIM // 2
-    pos = tl.load(pos_ptr).to(tl.int64)
-    d = (tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % HALF
-    cos = tl.load(cos_ptr + pos * stride_c + d)
-    sin = tl.load(sin_ptr + pos * stride_c + d)
-    if STORE_KV:
-        slot = tl.load(slot_ptr)
-        is_value = n >= rot_rows
-        row = tl.where(is_value, n - rot_rows, n - q_rows)
-        head = row // HEAD_DIM
-        dest = (cache_ptr + (slot // KV_BLOCK) * stride_blk + (slot % KV_BLOCK) * stride_off
-                + is_value.to(tl.int64) * stride_half + head * stride_ch + row % HEAD_DIM)
-        mask = nmask & (n >= q_rows) & (slot >= 0)
-        if FP8:
-            scale = tl.where(is_value, tl.load(v_scale_ptr + head, mask=mask & is_value, other=1.0),
-                             tl.load(k_scale_ptr + head, mask=mask & ~is_value, other=1.0))
-        else:
-            scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-    else:  # (unused)
-        dest, mask, scale = y_ptr + n, nmask, tl.full((BLOCK_N,), 1.0, tl.float32)
-    return cos, sin, dest, mask, scale
-
-
-@triton.jit
-def _rotary_epilogue(y, y_ptrs, nmask, rotated, cos, sin, kv_dest, kv_mask, kv_scale, cache_ptr,
-                     BLOCK_N: tl.constexpr, STORE_KV: tl.constexpr, FP8: tl.constexpr):
-    # y: a ROTARY program's outputs rounded to the model dtype, in tile order (rotary pairs, or value rows); the
-    # pairs rotated as _triton_elementwise._rotary_kernel rotates them
-    if rotated:
-        a, b = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_N // 2, 2)))
-        first = (a * cos - b * sin).to(y.dtype)
-        second = (b * cos + a * sin).to(y.dtype)
-        y = tl.reshape(tl.join(first, second), (BLOCK_N,))
-    tl.store(y_ptrs, y, mask=nmask)
-    if STORE_KV:
-        tl.store(kv_dest, to_cache(y, kv_scale, cache_ptr, FP8), mask=kv_mask)
+    _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
 # ---- two rows or more -----------------------------------------------------------------------------------------
@@ -1127,12 +1052,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config,
-             row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None,
-             rotary: RotaryStore | None = None) -> torch.Tensor:
+             row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None) -> torch.Tensor:
     k = x.shape[1]
     groups = k // weights.group_size
-    whole = silu or residual_norm is not None or rotary is not None  # epilogues that need whole sums
-    split, per_split = _split_groups(groups, 1, 1 if whole else config.split_k)
+    split, per_split = _split_groups(groups, 1, 1 if silu or residual_norm is not None else config.split_k)
     block_k2 = min(config.block_kw // 2, triton.next_power_of_2(per_split * weights.group_size // 16))
     pairs = silu and config.silu_pairs
     outputs_per_program = config.block_n // 2 if pairs else config.block_n
@@ -1149,56 +1072,12 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     if residual_norm is not None:
         epilogue.update(res_ptr=residual_norm.residual, nw_ptr=residual_norm.norm_weight,
                         sq_out_ptr=residual_norm.square_sums, RES_NORM=True)
-    if rotary is not None:
-        epilogue.update(_rotary_args(rotary))
     _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
                           weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
                           BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
                           EVEN=even, PDL=pdl, SILU_PAIRS=pairs, num_warps=config.num_warps,
                           num_stages=config.num_stages, **epilogue, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
-
-
-def _rotary_args(rotary: RotaryStore) -> dict:
-    """The h2 kernel's ROTARY (and STORE_KV) arguments for ``rotary``."""
-    args = dict(rot_rows=rotary.rotated_rows, q_rows=rotary.num_q_heads * rotary.head_dim, pos_ptr=rotary.positions,
-                cos_ptr=rotary.cos_cache, sin_ptr=rotary.sin_cache, stride_c=rotary.cos_cache.stride(0),
-                ROTARY=True, HEAD_DIM=rotary.head_dim)
-    cache = rotary.kv_cache
-    if cache is not None:
-        k_scale, v_scale = kv_scale_args(cache, rotary.kv_scales, rotary.num_kv_heads)
-        stride_half, stride_blk, stride_ch, stride_off = cache.stride()[:4]
-        args.update(cache_ptr=cache, slot_ptr=rotary.slot_mapping, k_scale_ptr=k_scale, v_scale_ptr=v_scale,
-                    stride_half=stride_half, stride_blk=stride_blk, stride_ch=stride_ch, stride_off=stride_off,
-                    STORE_KV=True, KV_BLOCK=cache.shape[3], FP8=is_fp8_kv_cache(cache))
-    return args
-
-
-def rotary_epilogue_takes(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None,
-                          rotary: RotaryStore) -> bool:
-    """Whether the h2 launch ``config`` of ``x`` (one row) can rotate and store ``rotary``'s heads in its
-    epilogue: an h2 launch the kernel takes, unsplit along K (so the sums are the plain launch's, bit for bit: a
-    split launch keeps its split and the rotary kernel), whole rotary pairs in each program's tile (``block_n``
-    even, dividing the query and key rows, its half dividing half a head), the projection's rows the heads'
-    rows, one position and slot, rotary tables of half a head with unit column stride, and a cache in the Triton
-    backend's layout (``[2, blocks, kv_heads, block_size, head_dim]``) in the model dtype or FP8."""
-    if config is None or config.kind != "h2" or config.silu_pairs or not _h2_takes(x, weights):
-        return False
-    if _split_groups(weights.in_features // weights.group_size, 1, config.split_k)[0] != 1:
-        return False
-    block, half = config.block_n, rotary.head_dim // 2
-    if (block % 2 or rotary.head_dim % 2 or half % (block // 2) or rotary.rotated_rows % block
-            or weights.out_features != rotary.out_features or rotary.positions.numel() != 1
-            or rotary.cos_cache.shape[-1] != half or rotary.cos_cache.stride(-1) != 1
-            or rotary.sin_cache.stride() != rotary.cos_cache.stride()):
-        return False
-    cache = rotary.kv_cache
-    if cache is None:
-        return True
-    return (cache.dim() == 5 and cache.shape[0] == 2 and cache.shape[2] == rotary.num_kv_heads
-            and cache.shape[4] == rotary.head_dim and cache.stride(4) == 1 and rotary.slot_mapping is not None
-            and rotary.slot_mapping.numel() == 1
-            and (cache.dtype == x.dtype or (is_fp8_kv_cache(cache) and rotary.kv_scales is not None)))
 
 
 class RowScale(NamedTuple):
@@ -1267,26 +1146,21 @@ def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
 
 
 def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None, *,
-                 row_scale: RowScale | None = None, rotary: RotaryStore | None = None) -> torch.Tensor:
+                 row_scale: RowScale | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` (``x`` float16, bfloat16 or float32, columns already in ``weights``'s sorted order), in
     ``x``'s dtype, through the kernel :func:`choose_config` picks for the shape and row count (``config``
     overrides). ``row_scale`` (one row through an h2 launch only, see :func:`h2_epilogue_config`): ``x`` is
-    an RMSNorm's input times its weight, and the products are multiplied by ``1 / rms`` in the epilogue.
-    ``rotary`` (one row of a fused q/k/v projection, where :func:`rotary_epilogue_takes`; run unsplit): the
-    query and key heads come out rotated, and with a cache the keys and values are stored
-    (``kernels/rotary_store.py``)."""
+    an RMSNorm's input times its weight, and the products are multiplied by ``1 / rms`` in the epilogue."""
     x = _check(x, weights, "w4a16_linear")
     m, k = x.shape
     n = weights.out_features
     if m == 0:
         return x.new_empty((0, n))
-    if row_scale is not None or rotary is not None:
+    if row_scale is not None:
         config = config or h2_epilogue_config(x, weights, producer=False)
         if config is None or config.kind != "h2" or not _h2_takes(x, weights):
-            raise ValueError("w4a16_linear: row_scale and rotary need one row through an h2 launch")
-        if rotary is not None and not rotary_epilogue_takes(x, weights, config, rotary):
-            raise ValueError(f"w4a16_linear: the launch {config} cannot rotate these heads in its epilogue")
-        return _gemv_h2(x, weights, n, False, config, row_scale=row_scale, rotary=rotary)
+            raise ValueError("w4a16_linear: row_scale needs one row through an h2 launch")
+        return _gemv_h2(x, weights, n, False, config, row_scale=row_scale)
     config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
     if config.kind in ("gemv", "silu", "h2"):
         return _one_row(x, weights, n, False, config)

@@ -61,7 +61,6 @@ from inferneo.attention.fp8_kv import is_fp8_kv_cache
 from inferneo.distributed import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import cpu_kernels
-from inferneo.kernels.rotary_store import RotaryStore
 from inferneo.kernels.scaled_row import ScaledRow
 from inferneo.kernels.triton_ops import triton_ops_for
 from inferneo.model_executor.layers.basic import GemmaRMSNorm, RMSNorm, SiluAndMul, silu_and_mul
@@ -162,18 +161,8 @@ class _InPlaceRotaryBase(Attention):
     def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
         raise NotImplementedError
 
-    def rotary_store(self, positions, like: torch.Tensor, kv_cache, metadata) -> RotaryStore | None:
-        """What a q/k/v projection needs to rotate this layer's heads (and store its keys and values) in its own
-        epilogue for the step (``kernels/rotary_store.py``), or None where this layer's transform cannot move
-        there; ``like``: a tensor of the projection's dtype. None here: subclasses say."""
-        return None
-
     def attend_qkv(self, positions, qkv, kv_cache, metadata):
-        return self.attend_rotated(qkv, kv_cache, metadata, self.rotate_qk(positions, qkv, kv_cache, metadata))
-
-    def attend_rotated(self, qkv, kv_cache, metadata, options: dict):
-        """The attention of a q/k/v projection output whose heads are already rotated (``options``: the backend
-        options that follow, as :meth:`rotate_qk` returns them), before the output projection."""
+        options = self.rotate_qk(positions, qkv, kv_cache, metadata)
         q, k, v = self.split_heads(qkv)
         return self.attend_heads(q, k, v, kv_cache, metadata, **options).reshape(-1, self.q_size)
 
@@ -196,17 +185,6 @@ class InplaceRotaryAttention(_InPlaceRotaryBase):
         self.rotary_inplace(qkv, positions, self.rotary.cos_cache, self.rotary.sin_cache,
                             self.num_heads + self.num_kv_heads, self.head_dim)
         return {}
-
-    def rotary_store(self, positions, like: torch.Tensor, kv_cache, metadata) -> RotaryStore | None:
-        """The rotary embedding of one token for a q/k/v projection's epilogue (rotate-half over whole heads, as
-        ``rotary_inplace``), with the cache store where this layer's kernel would store too
-        (:func:`_kernel_stores_kv`); None for more tokens. Whether the projection can take it is its own call."""
-        if self.rotary_inplace is None or positions.numel() != 1:
-            return None
-        store = _kernel_stores_kv(self, like, kv_cache)
-        return RotaryStore(positions, self.rotary.cos_cache, self.rotary.sin_cache, self.num_heads,
-                           self.num_kv_heads, self.head_dim, kv_cache if store else None,
-                           metadata.slot_mapping if store else None, self.kv_scales if store else None)
 
 
 def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
@@ -442,19 +420,16 @@ class EpilogueNormLayer(DecoderLayer):
 
     def forward(self, positions, hidden, residual, kv_cache, metadata):
         attn, mlp = self.self_attn, self.mlp
-        if not isinstance(hidden, ScaledRow):
+        if isinstance(hidden, ScaledRow):
+            qkv = _scaled_linear(attn.qkv_proj, hidden, residual, self.input_layernorm)
+        else:
             if residual is None:
                 residual = hidden
                 hidden = self.input_layernorm(hidden)
             else:
                 hidden, residual = self.input_layernorm(hidden, residual)
-        heads = self._attend_rotated_in_projection(positions, hidden, kv_cache, metadata)
-        if heads is None:
-            if isinstance(hidden, ScaledRow):
-                qkv = _scaled_linear(attn.qkv_proj, hidden, residual, self.input_layernorm)
-            else:
-                qkv = attn.qkv_proj(hidden)
-            heads = attn.attend_qkv(positions, qkv, kv_cache, metadata)
+            qkv = attn.qkv_proj(hidden)
+        heads = attn.attend_qkv(positions, qkv, kv_cache, metadata)
         row = _residual_norm_linear(attn.o_proj, heads, residual, self.post_attention_layernorm)
         if row is None:
             return self.feed_forward(attn.o_proj(heads), residual)
@@ -464,21 +439,6 @@ class EpilogueNormLayer(DecoderLayer):
             if row is not None:
                 return row, residual
         return mlp.down_proj(act), residual
-
-    def _attend_rotated_in_projection(self, positions, x, kv_cache, metadata):
-        """The attention's heads (before the output projection) with the rotary embedding and the cache store in
-        the q/k/v projection's epilogue (``method.rotary_apply``, the W4A16 h2 GEMV at one row;
-        ``INFERNEO_W4A16_ROTARY_EPILOGUE``, read at each call), from ``x``, the normalized row or its
-        :class:`ScaledRow`; None where the attention or the projection cannot (nothing written)."""
-        attn = self.self_attn
-        apply = _method_hook(attn.qkv_proj, "rotary_apply")
-        if apply is None or not isinstance(attn, _InPlaceRotaryBase) or not envs.w4a16_rotary_epilogue():
-            return None
-        rotary = attn.rotary_store(positions, x.scaled if isinstance(x, ScaledRow) else x, kv_cache, metadata)
-        qkv = apply(attn.qkv_proj, x, rotary) if rotary is not None else None
-        if qkv is None:
-            return None
-        return attn.attend_rotated(qkv, kv_cache, metadata, {"kv_stored": True} if rotary.kv_cache is not None else {})
 
 
 def use_epilogue_norm_layers(model: nn.Module) -> int:

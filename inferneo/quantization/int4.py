@@ -21,7 +21,6 @@ from torch import nn
 
 from inferneo import envs
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.rotary_store import RotaryStore
 from inferneo.kernels.scaled_row import ScaledRow
 from inferneo.quantization.base import (
     LinearMethod,
@@ -324,31 +323,6 @@ class Int4LinearMethod(LinearMethod):
         if config is None or config.kind != "h2":
             return None
         return run(row.scaled, block, config, row_scale=RowScale(row.square_sums, row.eps))
-
-    def rotary_apply(self, layer: QuantizedLinear, x: torch.Tensor | ScaledRow,
-                     rotary: RotaryStore) -> torch.Tensor | None:
-        """A fused q/k/v layer of one row (``x``, or the :class:`ScaledRow` of a norm left to this layer) with the
-        attention's rotary embedding, and the store of its keys and values where ``rotary`` holds a cache, in the
-        h2 kernel's epilogue (``triton_int4.w4a16_linear`` with ``rotary``), or None where that launch cannot take
-        it (nothing written; the caller projects and rotates)."""
-        row_scale = None
-        if isinstance(x, ScaledRow):
-            x, row_scale = x.scaled, x
-        block = self._epilogue_block(layer, x)
-        if block is None:
-            return None
-        from inferneo.kernels.triton_int4 import (
-            RowScale,
-            h2_epilogue_config,
-            rotary_epilogue_takes,
-            w4a16_linear,
-        )
-
-        config = h2_epilogue_config(x, block, producer=False)
-        if not rotary_epilogue_takes(x, block, config, rotary):
-            return None
-        scale = None if row_scale is None else RowScale(row_scale.square_sums, row_scale.eps)
-        return w4a16_linear(x, block, config, row_scale=scale, rotary=rotary)
 
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
