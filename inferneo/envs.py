@@ -222,6 +222,14 @@ def decode_prefetch_tiles() -> int:
     return int(value) if value else 1
 
 
+def w4a16_config_overrides() -> str:
+    """INFERNEO_W4A16_CONFIGS (default empty; for in-engine A/Bs of the W4A16 launches): a JSON object from tuned-table
+    keys (``op,rows,n,k,group``, as in ``kernels/int4_configs.json``) to ``W4A16Config`` fields that replace those
+    of the table's (or the default) launch for that key, e.g. ``{"linear,1,12288,4096,128": {"block_n": 8}}``.
+    Read where a launch is chosen (``triton_int4.choose_config``; a CUDA graph keeps what it captured)."""
+    return os.environ.get("INFERNEO_W4A16_CONFIGS", "").strip()
+
+
 def store_kv_heads() -> int:
     """INFERNEO_STORE_KV_HEADS (default 0: ``triton_attention.store_kv_heads_per_program``'s rule): KV heads a
     Triton ``store_kv`` program writes (rounded up to a power of two, at most all of them). Read at each launch, for

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -586,6 +587,28 @@ def test_w4a16_silu_pairs_switch_takes_the_projections_one_row_launch(monkeypatc
     assert triton_int4.silu_fused_config(x, weights) == pairs
     sixteen = triton_int4.silu_fused_config(torch.zeros(16, k, dtype=torch.bfloat16), weights)
     assert sixteen is None or not sixteen.silu_pairs
+
+
+def test_w4a16_config_overrides_replace_fields_of_the_chosen_launch(monkeypatch):
+    """INFERNEO_W4A16_CONFIGS (in-engine A/Bs): the named fields of one table key's launch replaced, the tuned entry's
+    other fields kept (the default launch's where the table has none), other keys untouched; a malformed value
+    is refused with the variable's name."""
+    triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
+    choose = triton_int4.choose_config
+    monkeypatch.delenv("INFERNEO_W4A16_CONFIGS", raising=False)
+    tuned = choose("linear", 1, 12288, 4096, 128, torch.bfloat16, 132)
+    other = choose("linear", 1, 4096, 4096, 128, torch.bfloat16, 132)
+    untuned = choose("linear", 1, 512, 256, 128, torch.bfloat16, 132)
+    monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", json.dumps({"linear,1,12288,4096,128": {"block_n": 8, "num_warps": 4},
+                                                            "linear,1,512,256,128": {"split_k": 1, "last_sums": False}}))
+    assert choose("linear", 1, 12288, 4096, 128, torch.bfloat16, 132) == replace(tuned, block_n=8, num_warps=4)
+    assert choose("linear", 1, 4096, 4096, 128, torch.bfloat16, 132) == other
+    assert untuned.split_k > 1
+    assert choose("linear", 1, 512, 256, 128, torch.bfloat16, 132) == replace(untuned, split_k=1, last_sums=False)
+    for bad in ("[1]", "{not json", '{"linear,1,12288,4096,128": {"blocks": 8}}'):
+        monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", bad)
+        with pytest.raises(ValueError, match="INFERNEO_W4A16_CONFIGS"):
+            choose("linear", 1, 12288, 4096, 128, torch.bfloat16, 132)
 
 
 def test_triton_kernel_choice_by_rows_and_tuned_tiles(tmp_path, monkeypatch):

@@ -126,6 +126,22 @@ def _tuned_configs() -> dict[str, W4A16Config]:
     return {key: W4A16Config(**entry) for key, entry in table.items() if key.startswith(("linear,", "silu,"))}
 
 
+@functools.cache
+def _config_overrides(raw: str) -> dict[str, dict]:
+    """``INFERNEO_W4A16_CONFIGS`` parsed: table key -> the ``W4A16Config`` fields it replaces."""
+    if not raw:
+        return {}
+    try:
+        table = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"INFERNEO_W4A16_CONFIGS must be a JSON object; {e}") from None
+    fields = set(W4A16Config.__dataclass_fields__)
+    if not isinstance(table, dict) or not all(isinstance(v, dict) and set(v) <= fields for v in table.values()):
+        raise ValueError(f"INFERNEO_W4A16_CONFIGS must map table keys to objects of W4A16Config fields "
+                         f"({', '.join(sorted(fields))}); got {raw!r}")
+    return table
+
+
 def h2_available(group_size: int, dtype: torch.dtype) -> bool:
     """Whether :func:`_gemv_h2_kernel` runs this group size (a power-of-two number of words, at least four) and
     activation dtype (bfloat16 or float16)."""
@@ -202,7 +218,13 @@ def choose_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torch
     """The tuned launch for this shape and row bucket (``int4_configs.json``) when it can run ``m`` rows of
     ``dtype``, else :func:`default_config`. None: ``"silu"`` has no fused kernel for these rows (or the table
     says ``"none"``: measured slower than the projection and the activation apart)."""
-    tuned = _tuned_configs().get(config_key(op, m, n, k, group_size))
+    key = config_key(op, m, n, k, group_size)
+    tuned = _tuned_configs().get(key)
+    override = _config_overrides(envs.w4a16_config_overrides()).get(key)
+    if override is not None:  # an A/B's launch: the table's (or the default) with these fields replaced
+        base = tuned if tuned is not None and tuned.kind != "none" else default_config(op, m, n, k, group_size,
+                                                                                         dtype, sms)
+        tuned = replace(base or W4A16Config("none"), **override)
     if tuned is not None and tuned.kind == "none":
         return None  # measured: no fused kernel beats the projection and the activation apart
     if _usable(tuned, op, m, group_size, dtype):
