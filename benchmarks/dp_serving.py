@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny random model and a tiny workload (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.num_requests, args.prompt_len, args.output_len, args.concurrency = 8, 32, 4, 2
+        # one request at a time: which requests find their system prompt cached is then set by the routing
+        # alone (two in flight, a request could arrive before its prefix's first request had filled the cache)
+        args.num_requests, args.prompt_len, args.output_len, args.concurrency = 8, 32, 4, 1
         args.prefix_len, args.suffix_len, args.rounds = 48, 8, 1
         args.server_args = (args.server_args + " --kv-cache-memory 16MiB --max-model-len 256").strip()
         args.model = args.model or "tiny"

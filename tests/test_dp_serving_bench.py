@@ -20,7 +20,7 @@ def test_dp_serving_smoke_runs_both_comparisons(tmp_path):
     assert set(summaries) == {"w1_dp_vs_separate", "shared_prefix_vs_round_robin"}
     assert all(s["a_output_tok_s"] > 0 and s["b_output_tok_s"] > 0 for s in summaries.values())
     shared = summaries["shared_prefix_vs_round_robin"]
-    # Four requests per system prompt, two in flight: routed by prefix only the first of each misses; round-robin
-    # puts each system prompt on both replicas.
+    # Four requests per system prompt, one at a time: routed by prefix only the first of each misses; round-robin
+    # puts each system prompt on both replicas (the seed's order alternates them), so a second miss for each.
     assert shared["a_prefix_hit_rate"] > shared["b_prefix_hit_rate"]
     assert len(out.read_text().splitlines()) == len(lines)
