@@ -605,6 +605,12 @@ def test_w4a16_config_overrides_replace_fields_of_the_chosen_launch(monkeypatch)
     assert choose("linear", 1, 4096, 4096, 128, torch.bfloat16, 132) == other
     assert untuned.split_k > 1
     assert choose("linear", 1, 512, 256, 128, torch.bfloat16, 132) == replace(untuned, split_k=1, last_sums=False)
+    # a key whose table entry is "none" (no fused launch): the override replaces fields of the default launch
+    monkeypatch.delenv("INFERNEO_W4A16_CONFIGS")
+    assert choose("silu", 1, 11008, 4096, 128, torch.bfloat16, 132) is None
+    default = triton_int4.default_config("silu", 1, 11008, 4096, 128, torch.bfloat16, 132)
+    monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", json.dumps({"silu,1,11008,4096,128": {"block_n": 4}}))
+    assert choose("silu", 1, 11008, 4096, 128, torch.bfloat16, 132) == replace(default, block_n=4)
     for bad in ("[1]", "{not json", '{"linear,1,12288,4096,128": {"blocks": 8}}'):
         monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", bad)
         with pytest.raises(ValueError, match="INFERNEO_W4A16_CONFIGS"):

@@ -217,14 +217,15 @@ def choose_config(op: str, m: int, n: int, k: int, group_size: int, dtype: torch
                   sms: int = 0) -> W4A16Config | None:
     """The tuned launch for this shape and row bucket (``int4_configs.json``) when it can run ``m`` rows of
     ``dtype``, else :func:`default_config`. None: ``"silu"`` has no fused kernel for these rows (or the table
-    says ``"none"``: measured slower than the projection and the activation apart)."""
+    says ``"none"``: measured slower than the projection and the activation apart). ``INFERNEO_W4A16_CONFIGS``
+    replaces fields of a key's launch first (for A/Bs)."""
     key = config_key(op, m, n, k, group_size)
     tuned = _tuned_configs().get(key)
     override = _config_overrides(envs.w4a16_config_overrides()).get(key)
     if override is not None:  # an A/B's launch: the table's (or the default) with these fields replaced
         base = tuned if tuned is not None and tuned.kind != "none" else default_config(op, m, n, k, group_size,
                                                                                          dtype, sms)
-        tuned = replace(base or W4A16Config("none"), **override)
+        tuned = replace(base or W4A16Config("none", 0), **override)
     if tuned is not None and tuned.kind == "none":
         return None  # measured: no fused kernel beats the projection and the activation apart
     if _usable(tuned, op, m, group_size, dtype):
