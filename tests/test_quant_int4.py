@@ -592,7 +592,7 @@ def test_w4a16_silu_pairs_switch_takes_the_projections_one_row_launch(monkeypatc
 def test_w4a16_config_overrides_replace_fields_of_the_chosen_launch(monkeypatch):
     """INFERNEO_W4A16_CONFIGS (in-engine A/Bs): the named fields of one table key's launch replaced, the tuned entry's
     other fields kept (the default launch's where the table has none), other keys untouched; a malformed value
-    is refused with the variable's name."""
+    (not JSON, an unknown field, a value of another type) is refused with the variable's name."""
     triton_int4 = pytest.importorskip("inferneo.kernels.triton_int4")
     choose = triton_int4.choose_config
     monkeypatch.delenv("INFERNEO_W4A16_CONFIGS", raising=False)
@@ -611,7 +611,9 @@ def test_w4a16_config_overrides_replace_fields_of_the_chosen_launch(monkeypatch)
     default = triton_int4.default_config("silu", 1, 11008, 4096, 128, torch.bfloat16, 132)
     monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", json.dumps({"silu,1,11008,4096,128": {"block_n": 4}}))
     assert choose("silu", 1, 11008, 4096, 128, torch.bfloat16, 132) == replace(default, block_n=4)
-    for bad in ("[1]", "{not json", '{"linear,1,12288,4096,128": {"blocks": 8}}'):
+    for bad in ("[1]", "{not json", '{"linear,1,12288,4096,128": {"blocks": 8}}',
+                '{"linear,1,12288,4096,128": {"block_n": "8"}}', '{"linear,1,12288,4096,128": {"swap": 1}}',
+                '{"linear,1,12288,4096,128": {"kind": 2}}'):
         monkeypatch.setenv("INFERNEO_W4A16_CONFIGS", bad)
         with pytest.raises(ValueError, match="INFERNEO_W4A16_CONFIGS"):
             choose("linear", 1, 12288, 4096, 128, torch.bfloat16, 132)

@@ -135,10 +135,15 @@ def _config_overrides(raw: str) -> dict[str, dict]:
         table = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"INFERNEO_W4A16_CONFIGS must be a JSON object; {e}") from None
-    fields = set(W4A16Config.__dataclass_fields__)
-    if not isinstance(table, dict) or not all(isinstance(v, dict) and set(v) <= fields for v in table.values()):
+    types = {name: type(getattr(W4A16Config("none", 0), name)) for name in W4A16Config.__slots__}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) and set(v) <= set(types) for v in table.values()):
         raise ValueError(f"INFERNEO_W4A16_CONFIGS must map table keys to objects of W4A16Config fields "
-                         f"({', '.join(sorted(fields))}); got {raw!r}")
+                         f"({', '.join(sorted(types))}); got {raw!r}")
+    for key, fields in table.items():  # strict: 1 is not a bool, "8" not an int
+        for name, value in fields.items():
+            if type(value) is not types[name]:
+                raise ValueError(f"INFERNEO_W4A16_CONFIGS[{key!r}].{name} must be of type {types[name].__name__}; "
+                                 f"got {value!r}")
     return table
 
 
