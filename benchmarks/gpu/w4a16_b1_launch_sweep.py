@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 import shlex
 
+STAGES = [{"num_stages": 1}, {"num_stages": 3}]
+# the shapes tuned to 4 rows, 256 words and 2 warps a program: more and fewer rows, warps, words with warps
+NARROW = [{"block_n": 8}, {"block_n": 2}, {"num_warps": 4}, {"num_warps": 1}, {"block_kw": 512, "num_warps": 4},
+          {"block_kw": 128, "num_warps": 1}, *STAGES]
+# the shapes tuned to 8 rows, 512 words and 4 warps; the sixth change differs by shape
+WIDE = [{"block_n": 4}, {"block_n": 16}, {"num_warps": 8}, {"num_warps": 2}, {"block_kw": 256, "num_warps": 2}]
 SHAPES = {  # label -> (table key, changes from the tuned launch)
-    "qkv": ("linear,1,12288,4096,128", [{"block_n": 8}, {"block_n": 2}, {"num_warps": 4}, {"num_warps": 1},
-                                        {"block_kw": 512, "num_warps": 4}, {"block_kw": 128, "num_warps": 1},
-                                        {"num_stages": 1}, {"num_stages": 3}]),
-    "gateup": ("linear,1,22016,4096,128", [{"block_n": 8}, {"block_n": 2}, {"num_warps": 4}, {"num_warps": 1},
-                                           {"block_kw": 512, "num_warps": 4}, {"block_kw": 128, "num_warps": 1},
-                                           {"num_stages": 1}, {"num_stages": 3}]),
-    "down": ("linear,1,4096,11008,128", [{"block_n": 4}, {"block_n": 16}, {"num_warps": 8}, {"num_warps": 2},
-                                         {"block_kw": 256, "num_warps": 2}, {"block_kw": 32, "num_warps": 1},
-                                         {"num_stages": 1}, {"num_stages": 3}]),
-    "o": ("linear,1,4096,4096,128", [{"block_n": 4}, {"block_n": 16}, {"num_warps": 8}, {"num_warps": 2},
-                                     {"block_kw": 256, "num_warps": 2}, {"block_n": 4, "num_warps": 2},
-                                     {"num_stages": 1}, {"num_stages": 3}]),
+    "qkv": ("linear,1,12288,4096,128", NARROW),
+    "gateup": ("linear,1,22016,4096,128", NARROW),
+    "down": ("linear,1,4096,11008,128", [*WIDE, {"block_kw": 32, "num_warps": 1}, *STAGES]),
+    "o": ("linear,1,4096,4096,128", [*WIDE, {"block_n": 4, "num_warps": 2}, *STAGES]),
 }
 BASE = "w4a16+fp8kv"
 
