@@ -21,6 +21,6 @@ def test_dp_serving_smoke_runs_both_comparisons(tmp_path):
     assert all(s["a_output_tok_s"] > 0 and s["b_output_tok_s"] > 0 for s in summaries.values())
     shared = summaries["shared_prefix_vs_round_robin"]
     # Four requests per system prompt, one at a time: routed by prefix only the first of each misses; round-robin
-    # puts each system prompt on both replicas (the seed's order alternates them), so a second miss for each.
+    # puts each system prompt's requests on both replicas (in the seed's order), so a second miss for each.
     assert shared["a_prefix_hit_rate"] > shared["b_prefix_hit_rate"]
     assert len(out.read_text().splitlines()) == len(lines)
