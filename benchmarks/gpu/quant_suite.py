@@ -25,8 +25,10 @@ The Llama-2-7B architecture (``preset:llama-2-7b``) with dummy weights, drawn di
      decode step at context about 1,064 (``torch.compile(mode="reduce-overhead")``).
 
 ``--ab LABEL@BASE@VAR=VALUE@...``: the section ``BASE`` again with environment switches set (read where its CUDA
-graphs are captured), for same-process A/Bs; ``--async-workloads``: W1/W2 with asynchronous scheduling, the
-engine's default on CUDA (without it they run synchronously, as in every call before 2026-12-04 evening).
+graphs are captured), for same-process A/Bs; two bases exist only there: ``f16`` (the dense model in float16) and
+``w4a16-f16+fp8kv`` (``w4a16+fp8kv`` with float16 activations, the dtype AWQ checkpoints are saved in).
+``--async-workloads``: W1/W2 with asynchronous scheduling, the engine's default on CUDA (without it they run
+synchronously, as in every call before 2026-12-04 evening).
 
 ``--profile bf16,fp8``: after a variant's decode steps, PyTorch's profiler over a few more steps at batch 1 and 32:
 GPU time per step by kernel kind and the top kernels (where a step's time goes besides the weights).
@@ -97,9 +99,10 @@ def model_folder(s: Suite, quantization_config: dict | None) -> str:
 
 def build(s: Suite, label: str, **kw) -> tuple[LLM, dict]:
     awq = kw.pop("awq", False)
+    dtype = kw.pop("dtype", "bfloat16")  # the activations' (and unquantized weights') dtype
     engine_kw = dict(s.cfg["engine"], **kw)
     model = model_folder(s, AWQ_CONFIG if awq else None)
-    llm, seconds = timed(lambda: LLM(model, load_format="dummy", dtype="bfloat16", device=s.cfg["device"],
+    llm, seconds = timed(lambda: LLM(model, load_format="dummy", dtype=dtype, device=s.cfg["device"],
                                      **engine_kw))
     eng = llm.engine
     weight_bytes = sum(t.numel() * t.element_size() for t in (*eng.runner.model.parameters(),
@@ -396,8 +399,8 @@ def main() -> int:
     parser.add_argument("--fp8kv-prewait", default="",
                         help="also fp8+fp8kv-preVALUE: FP8 weights + FP8 KV cache with INFERNEO_PREWAIT_LOADS=VALUE")
     parser.add_argument("--ab", action="append", default=[], metavar="LABEL@BASE@VAR=VALUE@...",
-                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv, w4a16, w4a16+fp8kv) again with the environment variables "
-                        "set (none: the base again), decode steps at --ab-batches and --ab-workloads; repeatable, "
+                        help="also LABEL: section BASE (bf16, fp8, fp8+fp8kv, w4a16, w4a16+fp8kv, f16, "
+                        "w4a16-f16+fp8kv) again with the environment variables set (none: the base again), decode steps at --ab-batches and --ab-workloads; repeatable, "
                         "run in the order given after the base sections")
     parser.add_argument("--ab-batches", default="1", help="decode batches of the --ab sections")
     parser.add_argument("--ab-workloads", default="", help="workloads of the --ab sections (e.g. w2)")
@@ -456,7 +459,8 @@ def main() -> int:
     ]
     base_kw = {"bf16": {}, "fp8": {"quantization": "fp8"},
                "fp8+fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}, "w4a16": {"awq": True},
-               "w4a16+fp8kv": {"awq": True, "kv_cache_dtype": "fp8"}}
+               "w4a16+fp8kv": {"awq": True, "kv_cache_dtype": "fp8"}, "f16": {"dtype": "float16"},
+               "w4a16-f16+fp8kv": {"awq": True, "kv_cache_dtype": "fp8", "dtype": "float16"}}
     ab_batches = tuple(int(b) for b in args.ab_batches.split(","))
     ab_workloads = tuple(filter(None, args.ab_workloads.split(",")))
     for spec in args.ab:
