@@ -409,6 +409,15 @@ def w4a16_norm_epilogue() -> bool:
     return _flag("INFERNEO_W4A16_NORM_EPILOGUE", True)
 
 
+def w4a16_half_copies() -> bool:
+    """INFERNEO_W4A16_HALF_COPIES (default off): in a bfloat16 model's one-row decode steps through
+    ``device_kernels.EpilogueNormLayer``, the W4A16 h2 launches that write the rows the next ones read (the output,
+    gate/up + SiLU and down projections) also write each row's float16 copy, and the readers (gate/up, down, q/k/v)
+    multiply from it instead of converting every bfloat16 value (``kernels/scaled_row.py``). The same bits. Read at
+    each layer call (a CUDA graph keeps what it captured)."""
+    return _flag("INFERNEO_W4A16_HALF_COPIES", False)
+
+
 def w4a16_silu_pairs() -> bool:
     """INFERNEO_W4A16_SILU_PAIRS (default on): at one row, the W4A16 gate/up projection and its SiLU-and-mul run as
     one h2 launch with the projection's own tuned tile, each program's rows gate/up pairs

@@ -387,6 +387,14 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
             assert sums.shape == (-(-hidden // block_n),) and sums.dtype == torch.float32
             per_tile = F.pad(held.float()[0] ** 2, (0, sums.numel() * block_n - hidden)).view(-1, block_n).sum(1)
             assert torch.allclose(sums, per_tile, rtol=1e-6), (sums, per_tile)
+            half = None
+            if dtype == torch.bfloat16:  # float16 copies of the rows (x read from one, the output's written): the
+                # same bits, and the copy is the output's values
+                again, half = residual.clone(), torch.full((1, hidden), float("nan"), dtype=torch.float16)
+                scaled2, sums2 = w4a16_residual_norm(x, producer, again, norm_weight, config,
+                                                     x_half=x.to(torch.float16), half_out=half)
+                assert torch.equal(scaled2, scaled) and torch.equal(sums2, sums) and torch.equal(again, held)
+                assert torch.equal(half, scaled.to(torch.float16))
             # the consumer: 1 / rms applied to the products, against the norm then F.linear (and the plain kernel
             # on the normalized row), whole, split with the last program's sums, split with atomic sums
             t = held.float()
@@ -398,6 +406,9 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                         W4A16Config("h2", 8, block_kw=8, num_warps=1, split_k=3)):
                 y = w4a16_linear(scaled, consumer, cfg, row_scale=RowScale(sums, eps))
                 assert y.shape == (1, 40) and y.dtype == dtype
+                if half is not None:
+                    assert torch.equal(w4a16_linear(scaled, consumer, cfg, row_scale=RowScale(sums, eps),
+                                                    x_half=half), y), cfg
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 plain = w4a16_linear(normed, consumer, cfg).float()
                 assert err < 1.5e-2 and ((y.float() - plain).norm() / plain.norm()).item() < 1e-2, (dtype, cfg, err)
@@ -414,6 +425,25 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
             two_steps = silu_and_mul(w4a16_linear(scaled, consumer, W4A16Config("h2", 4, block_kw=16, num_warps=1),
                                                   row_scale=RowScale(sums, eps)))
             assert torch.equal(w4a16_silu_mul(scaled, consumer, pairs, row_scale=RowScale(sums, eps)), two_steps)
+            if half is not None:  # both fused forms from the row's float16 copy, writing the activation's
+                for cfg, want in ((pairs, two_steps), (W4A16Config("h2", 8, block_kw=16, num_warps=1), act)):
+                    act_half = torch.full((1, 20), float("nan"), dtype=torch.float16)
+                    got = w4a16_silu_mul(scaled, consumer, cfg, row_scale=RowScale(sums, eps), x_half=half,
+                                         half_out=act_half)
+                    assert torch.equal(got, want) and torch.equal(act_half, want.to(torch.float16)), cfg
+                bad = (lambda: w4a16_linear(scaled, consumer, x_half=half),  # noqa: E731 (no row scale)
+                       lambda: w4a16_silu_mul(scaled, consumer, pairs, row_scale=RowScale(sums, eps),
+                                              half_out=torch.empty(1, 20, dtype=torch.bfloat16)),
+                       lambda: w4a16_residual_norm(x, producer, residual.clone(), norm_weight, config,
+                                                   half_out=torch.empty(1, hidden + 1, dtype=torch.float16)),
+                       lambda: w4a16_linear(scaled, consumer, W4A16Config("h2", 8, block_kw=8, num_warps=1, split_k=3),
+                                            row_scale=RowScale(sums, eps), x_half=half[:, 1:]))
+                for call in bad:
+                    try:
+                        call()
+                    except ValueError:
+                        continue
+                    raise AssertionError("a malformed float16 copy was taken")
     # where the h2 kernel does not run: no launch, nothing written
     producer, _ = weights(64, 128)
     residual = torch.randn(2, 64).bfloat16()
@@ -523,6 +553,27 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
         else:
             assert launches == {"norm": (2 * layers + 1) * (steps + 1), "producer": 0}, launches
             assert all(torch.equal(g, w) for g, w in zip(got, want))
+        os.environ["INFERNEO_W4A16_HALF_COPIES"] = "1"  # float16 copies of the rows between the GEMVs: same bits
+        copies = {"x": 0, "out": 0}
+        def counting(real):
+            def call(*args, **kwargs):
+                copies["x"] += kwargs.get("x_half") is not None
+                copies["out"] += kwargs.get("half_out") is not None
+                return real(*args, **kwargs)
+            return call
+        real_linear, real_silu = triton_int4.w4a16_linear, triton_int4.w4a16_silu_mul
+        triton_int4.w4a16_linear, triton_int4.w4a16_silu_mul = counting(real_linear), counting(real_silu)
+        triton_int4.w4a16_residual_norm = counting(triton_int4.w4a16_residual_norm)
+        with_copies, _ = generate(fused, prompts, steps, forced, cache_dtype=torch.bfloat16)
+        triton_int4.w4a16_linear, triton_int4.w4a16_silu_mul = real_linear, real_silu
+        triton_int4.w4a16_residual_norm = counted("producer", real_producer)
+        del os.environ["INFERNEO_W4A16_HALF_COPIES"]
+        assert all(torch.equal(c, g) for c, g in zip(with_copies, got))
+        if len(prompts) == 1:  # each decode step: every gate/up, down and q/k/v projection but the first q/k/v and
+            # the last down reads a copy; every o, gate/up + SiLU and down projection but the last down writes one
+            assert copies == {"x": (3 * layers - 2) * steps, "out": (3 * layers - 1) * steps}, copies
+        else:
+            assert copies == {"x": 0, "out": 0}, copies
     print("ok")
 """)
 
@@ -531,6 +582,7 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
 def test_w4a16_norm_epilogue_layers_in_decode_steps_under_the_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env.pop("INFERNEO_W4A16_NORM_EPILOGUE", None)
+    env.pop("INFERNEO_W4A16_HALF_COPIES", None)
     proc = subprocess.run([sys.executable, "-c", _EPILOGUE_LAYER_SCRIPT, str(tmp_path), os.path.dirname(__file__)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -606,7 +606,8 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
                     SILU: tl.constexpr, SPLIT_K: tl.constexpr, LAST_SUMS: tl.constexpr, EVEN: tl.constexpr,
                     PDL: tl.constexpr, sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
                     ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1, RES_NORM: tl.constexpr = False,
-                    SILU_PAIRS: tl.constexpr = False):
+                    SILU_PAIRS: tl.constexpr = False, xh_ptr=None, yh_ptr=None, X_HALF: tl.constexpr = False,
+                    Y_HALF: tl.constexpr = False):
     # One bf16/fp16 row: output rows n (SILU: gate rows n and up rows D + n), groups [G_SPLIT * program_id(2),
     # + G_SPLIT) (SPLIT_K > 1: see _write_out), BLOCK_K2 int64 weight columns (two words each) a step; x8: the
     # row as int64 (four values each), qw8: the weight as int64. The tile is [BLOCK_K2, BLOCK_N]: K along the
@@ -618,7 +619,10 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     # added to the residual (in place: each program reads and writes only its rows), and y takes that sum times
     # the norm weight nw, rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
     # SILU_PAIRS (with SILU): the tile's rows alternate gate and up rows, so a program reads as the linear launch
-    # of the same tile does and writes BLOCK_N / 2 outputs.
+    # of the same tile does and writes BLOCK_N / 2 outputs. The float16 copies (a bfloat16 row; see
+    # w4a16_residual_norm): X_HALF: the products read the row's float16 copy (xh, as int64) in place of converting
+    # x8's bfloat16 values (the same float16 values; x itself is still read by the float32 fallback); Y_HALF
+    # (SPLIT_K 1): each output is also written as float16 (yh), its bfloat16 value converted.
     GW2: tl.constexpr = GROUP // 16
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16
@@ -646,18 +650,19 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         sq_i = tl.arange(0, SQ_BLOCK)
         squares = tl.load(sq_ptr + sq_i, mask=sq_i < num_sq, other=0.0)
     acc = tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32)
-    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
+    F16: tl.constexpr = X_HALF or x_ptr.dtype.element_ty == tl.float16  # the pairs' source holds float16
+    pairs_ptr = xh_ptr if X_HALF else x8_ptr
+    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
     acc_up = acc
     SEPARATE_UP: tl.constexpr = SILU and not SILU_PAIRS
     if SEPARATE_UP:
-        acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D,
-                          nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16)
+        acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2,
+                          n + D, nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16)
     for k0 in range(k_start + BLOCK_K2, k_end, BLOCK_K2):
         k2 = k0 + kl
-        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16)
+        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16)
         if SEPARATE_UP:
-            acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
+            acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
                               EVEN, F16)
     g_start = tl.program_id(2) * G_SPLIT
     g_end = tl.minimum(KG, g_start + G_SPLIT)
@@ -685,6 +690,8 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         t = total.to(tl.float32)
         tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.where(nmask, t * t, 0.0), axis=0))
         y = t * tl.load(nw_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    if Y_HALF:  # (SPLIT_K 1) the output's value in the dtype, as float16
+        tl.store(yh_ptr + n, y.to(dtype).to(tl.float16), mask=nmask)
     _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
@@ -1080,7 +1087,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, config: W4A16Config,
-             row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None) -> torch.Tensor:
+             row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None,
+             x_half: torch.Tensor | None = None, half_out: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[1]
     groups = k // weights.group_size
     split, per_split = _split_groups(groups, 1, 1 if silu or residual_norm is not None else config.split_k)
@@ -1100,12 +1108,27 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     if residual_norm is not None:
         epilogue.update(res_ptr=residual_norm.residual, nw_ptr=residual_norm.norm_weight,
                         sq_out_ptr=residual_norm.square_sums, RES_NORM=True)
+    if x_half is not None:
+        epilogue.update(xh_ptr=_half_copy_of(x, x_half, "x_half").view(torch.int64), X_HALF=True)
+    if half_out is not None:
+        if split > 1:
+            raise ValueError("half_out: a launch split along K writes no float16 copy")
+        epilogue.update(yh_ptr=_half_copy_of(y, half_out, "half_out"), Y_HALF=True)
     _gemv_h2_kernel[grid](x, x.view(torch.int64), weights.packed, weights.packed.view(torch.int64), weights.scales,
                           weights.zeros, y, ws, counts, d, per_split, K=k, GROUP=weights.group_size,
                           BLOCK_N=config.block_n, BLOCK_K2=block_k2, SILU=silu, SPLIT_K=split, LAST_SUMS=last_sums,
                           EVEN=even, PDL=pdl, SILU_PAIRS=pairs, num_warps=config.num_warps,
                           num_stages=config.num_stages, **epilogue, **launch_options(pdl))
     return y.to(x.dtype) if split > 1 and not last_sums else y
+
+
+def _half_copy_of(row: torch.Tensor, half: torch.Tensor, what: str) -> torch.Tensor:
+    """``half``, checked as the float16 copy of the bfloat16 row ``row`` (same shape, contiguous, 16-byte aligned)."""
+    if (row.dtype != torch.bfloat16 or half.dtype != torch.float16 or half.shape != row.shape
+            or not half.is_contiguous() or half.data_ptr() % 16):
+        raise ValueError(f"{what}: want a contiguous, 16-byte aligned float16 tensor of shape {tuple(row.shape)} "
+                         f"beside a bfloat16 row, got {half.dtype} {tuple(half.shape)} beside {row.dtype}")
+    return half
 
 
 class RowScale(NamedTuple):
@@ -1141,13 +1164,19 @@ def h2_epilogue_config(x: torch.Tensor, weights: Int4RowWeights, producer: bool)
 
 
 def w4a16_residual_norm(x: torch.Tensor, weights: Int4RowWeights, residual: torch.Tensor, norm_weight: torch.Tensor,
-                        config: W4A16Config | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        config: W4A16Config | None = None, *, x_half: torch.Tensor | None = None,
+                        half_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``x @ W.T`` of one row added to ``residual`` in place (both rounded as the fused add + RMSNorm rounds:
     the product to ``x``'s dtype, then the sum), in one h2 launch whose epilogue also returns what the next layer's
     GEMV needs to apply the RMSNorm of that sum itself (:func:`w4a16_linear` with ``row_scale``): ``(scaled,
     square_sums)``, the sum times ``norm_weight`` rounded to ``x``'s dtype ``[1, N]``, and float32 sums of the
     squared sum, one per output tile. None where :func:`h2_epilogue_config` has no launch (the caller projects,
-    then normalizes). ``config`` (an h2 launch, run unsplit) overrides the choice."""
+    then normalizes). ``config`` (an h2 launch, run unsplit) overrides the choice.
+
+    Float16 copies, for a bfloat16 row (``kernels/scaled_row.py``): ``x_half``, ``x``'s values as float16 (from an
+    earlier launch's ``half_out``), which the products read in place of converting ``x`` (the same values: the h2
+    kernel multiplies float16 pairs); ``half_out`` ``[1, N]`` float16, written (when the launch runs) with the
+    returned scaled row's values. The results are the same bits with or without them."""
     x = _check(x, weights, "w4a16_residual_norm")
     if config is None:
         config = h2_epilogue_config(x, weights, producer=True)
@@ -1159,7 +1188,8 @@ def w4a16_residual_norm(x: torch.Tensor, weights: Int4RowWeights, residual: torc
     square_sums = torch.empty(triton.cdiv(weights.out_features, config.block_n), dtype=torch.float32,
                               device=x.device)
     scaled = _gemv_h2(x, weights, weights.out_features, False, config,
-                      residual_norm=ResidualNorm(residual, norm_weight, square_sums))
+                      residual_norm=ResidualNorm(residual, norm_weight, square_sums), x_half=x_half,
+                      half_out=half_out)
     return scaled, square_sums
 
 
@@ -1174,11 +1204,12 @@ def _one_row(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
 
 
 def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config | None = None, *,
-                 row_scale: RowScale | None = None) -> torch.Tensor:
+                 row_scale: RowScale | None = None, x_half: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` (``x`` float16, bfloat16 or float32, columns already in ``weights``'s sorted order), in
     ``x``'s dtype, through the kernel :func:`choose_config` picks for the shape and row count (``config``
     overrides). ``row_scale`` (one row through an h2 launch only, see :func:`h2_epilogue_config`): ``x`` is
-    an RMSNorm's input times its weight, and the products are multiplied by ``1 / rms`` in the epilogue."""
+    an RMSNorm's input times its weight, and the products are multiplied by ``1 / rms`` in the epilogue;
+    ``x_half`` (with ``row_scale``) as in :func:`w4a16_residual_norm`."""
     x = _check(x, weights, "w4a16_linear")
     m, k = x.shape
     n = weights.out_features
@@ -1188,7 +1219,9 @@ def w4a16_linear(x: torch.Tensor, weights: Int4RowWeights, config: W4A16Config |
         config = config or h2_epilogue_config(x, weights, producer=False)
         if config is None or config.kind != "h2" or not _h2_takes(x, weights):
             raise ValueError("w4a16_linear: row_scale needs one row through an h2 launch")
-        return _gemv_h2(x, weights, n, False, config, row_scale=row_scale)
+        return _gemv_h2(x, weights, n, False, config, row_scale=row_scale, x_half=x_half)
+    if x_half is not None:
+        raise ValueError("w4a16_linear: x_half goes with row_scale")
     config = config or choose_config("linear", m, n, k, weights.group_size, x.dtype, device_sm_count(x.device))
     if config.kind in ("gemv", "silu", "h2"):
         return _one_row(x, weights, n, False, config)
@@ -1221,11 +1254,13 @@ def silu_fused_config(x: torch.Tensor, gate_up: Int4RowWeights) -> W4A16Config |
 
 
 def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config | None = None, *,
-                   row_scale: RowScale | None = None) -> torch.Tensor:
+                   row_scale: RowScale | None = None, x_half: torch.Tensor | None = None,
+                   half_out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ W.T`` for a fused gate/up weight (gate rows first), one launch per
     call (the one-row GEMV or the tensor-core kernel); rounded as the two separate steps round (each projection's
     output, SiLU's, the product). ``row_scale`` as in :func:`w4a16_linear` (one row through an h2 launch: both
-    projections' sums multiplied by ``1 / rms`` before they are rounded)."""
+    projections' sums multiplied by ``1 / rms`` before they are rounded); ``x_half`` and ``half_out`` (with
+    ``row_scale``) as in :func:`w4a16_residual_norm`."""
     x = _check(x, gate_up, "w4a16_silu_mul")
     m, k = x.shape
     if gate_up.out_features % 2:
@@ -1237,7 +1272,9 @@ def w4a16_silu_mul(x: torch.Tensor, gate_up: Int4RowWeights, config: W4A16Config
     if row_scale is not None:
         if config.kind != "h2" or not _h2_takes(x, gate_up):
             raise ValueError("w4a16_silu_mul: row_scale needs one row through an h2 launch")
-        return _gemv_h2(x, gate_up, d, True, config, row_scale=row_scale)
+        return _gemv_h2(x, gate_up, d, True, config, row_scale=row_scale, x_half=x_half, half_out=half_out)
+    if x_half is not None or half_out is not None:
+        raise ValueError("w4a16_silu_mul: x_half and half_out go with row_scale")
     if config.kind == "tc":
         return _tc(x, gate_up, d, True, config)
     return _one_row(x, gate_up, d, True, config)

@@ -376,14 +376,16 @@ class NormFusedQuantLayer(DecoderLayer):
         return mlp.down_proj(act), residual
 
 
-def _residual_norm_linear(layer: nn.Module, x, residual, norm: RMSNorm) -> ScaledRow | None:
+def _residual_norm_linear(layer: nn.Module, x, residual, norm: RMSNorm, x_half: torch.Tensor | None = None,
+                          half: bool = False) -> ScaledRow | None:
     """``residual += layer(x)`` with the RMSNorm ``norm`` of the sum left to the next layer's kernel
     (``method.residual_norm_apply``: the W4A16 h2 GEMV at one row) when ``layer`` is a plain quantized layer whose
-    method has it and takes ``x`` (checked at each call: a LoRA wrapper does not); else None, nothing written."""
+    method has it and takes ``x`` (checked at each call: a LoRA wrapper does not); else None, nothing written.
+    ``x_half`` / ``half``: float16 copies of bfloat16 rows (``kernels/scaled_row.py``), ``x``'s / the result's."""
     apply = _method_hook(layer, "residual_norm_apply")
     if apply is None or residual is None:
         return None
-    return apply(layer, x, residual, norm.weight, norm.eps)
+    return apply(layer, x, residual, norm.weight, norm.eps, x_half=x_half, half=half)
 
 
 def _scaled_linear(layer: nn.Module, row: ScaledRow, residual: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
@@ -395,17 +397,21 @@ def _scaled_linear(layer: nn.Module, row: ScaledRow, residual: torch.Tensor, nor
     return layer(norm(residual)) if out is None else out
 
 
-def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Tensor, norm: RMSNorm,
+                             half: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``act_fn(gate_up_proj(norm(residual)))`` of a gated MLP from ``row``: the fused gate/up + SiLU launch with
     the norm's ``1 / rms`` where the layer's method has one for the row (``scaled_apply(silu_mul=True)``), else
-    the projection from ``row`` (:func:`_scaled_linear`), then the activation."""
+    the projection from ``row`` (:func:`_scaled_linear`), then the activation. Returns the activation and, with
+    ``half`` (a bfloat16 row) where the fused launch ran, its float16 copy (``kernels/scaled_row.py``)."""
     gate_up = mlp.gate_up_proj
     apply = _method_hook(gate_up, "scaled_apply")
     if type(mlp) is QuantizedSiluMLP and apply is not None:
-        act = apply(gate_up, row, silu_mul=True)
+        act_half = (row.scaled.new_empty((1, gate_up.out_features // 2), dtype=torch.float16)
+                    if half and row.scaled.dtype == torch.bfloat16 else None)
+        act = apply(gate_up, row, silu_mul=True, half_out=act_half)
         if act is not None:
-            return act
-    return mlp.act_fn(_scaled_linear(gate_up, row, residual, norm))
+            return act, act_half
+    return mlp.act_fn(_scaled_linear(gate_up, row, residual, norm)), None
 
 
 class EpilogueNormLayer(DecoderLayer):
@@ -430,12 +436,13 @@ class EpilogueNormLayer(DecoderLayer):
                 hidden, residual = self.input_layernorm(hidden, residual)
             qkv = attn.qkv_proj(hidden)
         heads = attn.attend_qkv(positions, qkv, kv_cache, metadata)
-        row = _residual_norm_linear(attn.o_proj, heads, residual, self.post_attention_layernorm)
+        half = envs.w4a16_half_copies()  # float16 copies of the bfloat16 rows between the GEMVs
+        row = _residual_norm_linear(attn.o_proj, heads, residual, self.post_attention_layernorm, half=half)
         if row is None:
             return self.feed_forward(attn.o_proj(heads), residual)
-        act = _scaled_gated_activation(mlp, row, residual, self.post_attention_layernorm)
+        act, act_half = _scaled_gated_activation(mlp, row, residual, self.post_attention_layernorm, half)
         if self.next_input_norm is not None:
-            row = _residual_norm_linear(mlp.down_proj, act, residual, self.next_input_norm[0])
+            row = _residual_norm_linear(mlp.down_proj, act, residual, self.next_input_norm[0], act_half, half)
             if row is not None:
                 return row, residual
         return mlp.down_proj(act), residual

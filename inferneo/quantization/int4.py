@@ -285,24 +285,31 @@ class Int4LinearMethod(LinearMethod):
         return blocks[0]
 
     def residual_norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor,
-                            norm_weight: torch.Tensor, eps: float) -> ScaledRow | None:
+                            norm_weight: torch.Tensor, eps: float, *, x_half: torch.Tensor | None = None,
+                            half: bool = False) -> ScaledRow | None:
         """``residual += layer(x)`` in place for one row, with the RMSNorm after it left to the next W4A16 layer
         (``triton_int4.w4a16_residual_norm``): returns the :class:`ScaledRow` that :meth:`scaled_apply` reads,
-        or None where the h2 kernel cannot take it (nothing is written; the caller projects, then normalizes)."""
+        or None where the h2 kernel cannot take it (nothing is written; the caller projects, then normalizes).
+        Float16 copies of bfloat16 rows (``kernels/scaled_row.py``): ``x_half``, ``x``'s; ``half``: the returned
+        row carries its own (``ScaledRow.half``)."""
         block = self._epilogue_block(layer, x)
         if block is None:
             return None
         from inferneo.kernels.triton_int4 import w4a16_residual_norm
 
-        out = w4a16_residual_norm(x, block, residual.view(1, -1), norm_weight)
-        return None if out is None else ScaledRow(out[0], out[1], eps)
+        half_out = (x.new_empty((1, layer.out_features), dtype=torch.float16)
+                    if half and x.dtype == torch.bfloat16 else None)
+        out = w4a16_residual_norm(x, block, residual.view(1, -1), norm_weight, x_half=x_half, half_out=half_out)
+        return None if out is None else ScaledRow(out[0], out[1], eps, half_out)
 
-    def scaled_apply(self, layer: QuantizedLinear, row: ScaledRow, silu_mul: bool = False) -> torch.Tensor | None:
+    def scaled_apply(self, layer: QuantizedLinear, row: ScaledRow, silu_mul: bool = False,
+                     half_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """``layer(rmsnorm(r))`` from a :class:`ScaledRow` of ``r``, the norm's ``1 / rms`` applied to the
         products (``triton_int4.w4a16_linear`` with ``row_scale``), or None where the h2 kernel cannot take it
         (the caller normalizes the residual, then projects). ``silu_mul``: ``layer`` is a gated MLP's fused
         gate/up; where its one-row fused SiLU-and-mul launch is an h2 launch the activation is returned, else
-        None."""
+        None. The products read ``row.half`` when there is one; ``half_out`` (with ``silu_mul``, a bfloat16 row):
+        written with the activation's float16 copy when the activation is returned."""
         block = self._epilogue_block(layer, row.scaled)
         if block is None:
             return None
@@ -322,7 +329,12 @@ class Int4LinearMethod(LinearMethod):
             run = w4a16_linear
         if config is None or config.kind != "h2":
             return None
-        return run(row.scaled, block, config, row_scale=RowScale(row.square_sums, row.eps))
+        copies = {"x_half": row.half}
+        if silu_mul:
+            copies["half_out"] = half_out
+        elif half_out is not None:
+            raise ValueError("scaled_apply: half_out goes with silu_mul")
+        return run(row.scaled, block, config, row_scale=RowScale(row.square_sums, row.eps), **copies)
 
     @torch.no_grad()
     def init_dummy(self, layer: QuantizedLinear, generator: torch.Generator) -> None:
