@@ -353,7 +353,8 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
     from tests.triton_interpreter_shims import patch_interpreter
     patch_interpreter()
     from inferneo.kernels._triton_elementwise import silu_and_mul
-    from inferneo.kernels.triton_int4 import RowScale, W4A16Config, w4a16_linear, w4a16_residual_norm, w4a16_silu_mul
+    from inferneo.kernels.triton_int4 import (RowScale, W4A16Config, paired_half, w4a16_linear, w4a16_residual_norm,
+                                              w4a16_silu_mul)
     from inferneo.quantization.int4_layouts import dequantize_rows, pack_canonical, pack_rows
     from inferneo.testing.int4_checkpoints import quantize_weight
     from tests.test_quant_int4 import layout_codes
@@ -369,7 +370,7 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
     for dtype in (torch.bfloat16, torch.float16):
         for hidden, block_n in ((64, 8), (96, 64)):  # whole and masked output tiles of the producer
             producer, _ = weights(hidden, 128)
-            consumer, wc = weights(40, hidden)
+            consumer, wc = weights(48, hidden)
             config = W4A16Config("h2", block_n, block_kw=16, num_warps=1)
             x = torch.randn(1, 128).to(dtype)
             residual = (4 * torch.randn(1, hidden)).to(dtype)
@@ -388,13 +389,15 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
             per_tile = F.pad(held.float()[0] ** 2, (0, sums.numel() * block_n - hidden)).view(-1, block_n).sum(1)
             assert torch.allclose(sums, per_tile, rtol=1e-6), (sums, per_tile)
             half = None
-            if dtype == torch.bfloat16:  # float16 copies of the rows (x read from one, the output's written): the
-                # same bits, and the copy is the output's values
+            if dtype == torch.bfloat16:  # paired float16 copies of the rows (x read from one, the output's written):
+                # the same bits, and the copy written is the output's
                 again, half = residual.clone(), torch.full((1, hidden), float("nan"), dtype=torch.float16)
                 scaled2, sums2 = w4a16_residual_norm(x, producer, again, norm_weight, config,
-                                                     x_half=x.to(torch.float16), half_out=half)
+                                                     x_half=paired_half(x), half_out=half)
                 assert torch.equal(scaled2, scaled) and torch.equal(sums2, sums) and torch.equal(again, held)
-                assert torch.equal(half, scaled.to(torch.float16))
+                assert torch.equal(half, paired_half(scaled))
+                order = paired_half(torch.arange(16.0).bfloat16().view(1, 16))[0].tolist()
+                assert order == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15], order
             # the consumer: 1 / rms applied to the products, against the norm then F.linear (and the plain kernel
             # on the normalized row), whole, split with the last program's sums, split with atomic sums
             t = held.float()
@@ -405,7 +408,7 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                         W4A16Config("h2", 16, block_kw=8, num_warps=1, split_k=2, last_sums=True),
                         W4A16Config("h2", 8, block_kw=8, num_warps=1, split_k=3)):
                 y = w4a16_linear(scaled, consumer, cfg, row_scale=RowScale(sums, eps))
-                assert y.shape == (1, 40) and y.dtype == dtype
+                assert y.shape == (1, 48) and y.dtype == dtype
                 if half is not None:
                     assert torch.equal(w4a16_linear(scaled, consumer, cfg, row_scale=RowScale(sums, eps),
                                                     x_half=half), y), cfg
@@ -419,7 +422,7 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
             act = w4a16_silu_mul(scaled, consumer, W4A16Config("h2", 8, block_kw=16, num_warps=1),
                                  row_scale=RowScale(sums, eps))
             err = ((act.float() - ref).norm() / ref.norm()).item()
-            assert act.shape == (1, 20) and err < (3e-2 if dtype == torch.bfloat16 else 3e-3), (dtype, err)
+            assert act.shape == (1, 24) and err < (3e-2 if dtype == torch.bfloat16 else 3e-3), (dtype, err)
             # with gate/up row pairs: the row-scaled projection, then the SiLU-and-mul kernel, bit for bit
             pairs = W4A16Config("h2", 4, block_kw=16, num_warps=1, silu_pairs=True)
             two_steps = silu_and_mul(w4a16_linear(scaled, consumer, W4A16Config("h2", 4, block_kw=16, num_warps=1),
@@ -427,13 +430,13 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
             assert torch.equal(w4a16_silu_mul(scaled, consumer, pairs, row_scale=RowScale(sums, eps)), two_steps)
             if half is not None:  # both fused forms from the row's float16 copy, writing the activation's
                 for cfg, want in ((pairs, two_steps), (W4A16Config("h2", 8, block_kw=16, num_warps=1), act)):
-                    act_half = torch.full((1, 20), float("nan"), dtype=torch.float16)
+                    act_half = torch.full((1, 24), float("nan"), dtype=torch.float16)
                     got = w4a16_silu_mul(scaled, consumer, cfg, row_scale=RowScale(sums, eps), x_half=half,
                                          half_out=act_half)
-                    assert torch.equal(got, want) and torch.equal(act_half, want.to(torch.float16)), cfg
+                    assert torch.equal(got, want) and torch.equal(act_half, paired_half(want)), cfg
                 bad = (lambda: w4a16_linear(scaled, consumer, x_half=half),  # noqa: E731 (no row scale)
                        lambda: w4a16_silu_mul(scaled, consumer, pairs, row_scale=RowScale(sums, eps),
-                                              half_out=torch.empty(1, 20, dtype=torch.bfloat16)),
+                                              half_out=torch.empty(1, 24, dtype=torch.bfloat16)),
                        lambda: w4a16_residual_norm(x, producer, residual.clone(), norm_weight, config,
                                                    half_out=torch.empty(1, hidden + 1, dtype=torch.float16)),
                        lambda: w4a16_linear(scaled, consumer, W4A16Config("h2", 8, block_kw=8, num_warps=1, split_k=3),

@@ -4,9 +4,9 @@
 Kernels, Llama-2-7B's shapes in bfloat16, the launches the engine chains at one row, each eager and replayed from a
 CUDA graph, with and without the copies:
 - output projection 4096 x 4096 (producer): residual sum, scaled row and sums of squares equal; its float16 copy
-  equal to the scaled row converted;
+  equal to the scaled row's (``paired_half``);
 - gate/up 22016 x 4096 + SiLU (row pairs, row scale), reading the scaled row's copy: activation equal; its copy
-  equal to the activation converted;
+  equal to the activation's;
 - down projection 4096 x 11008 (producer), reading the activation's copy: equal, as the output projection;
 - q/k/v 12288 x 4096 (row scale), reading the down projection's copy: equal.
 
@@ -41,6 +41,7 @@ from inferneo.kernels import triton_int4  # noqa: E402
 from inferneo.kernels.triton_int4 import (  # noqa: E402
     RowScale,
     h2_epilogue_config,
+    paired_half,
     silu_fused_config,
     w4a16_linear,
     w4a16_residual_norm,
@@ -78,7 +79,7 @@ def producer(name: str, n: int, k: int, x: torch.Tensor, x_half: torch.Tensor | 
         scaled, sums = run(plain_call)
         scaled2, sums2 = run(copy_call)
         line[f"{form}_equal"] = (torch.equal(scaled, scaled2) and torch.equal(sums, sums2)
-                                 and torch.equal(plain_res, copy_res) and torch.equal(half, scaled.half()))
+                                 and torch.equal(plain_res, copy_res) and torch.equal(half, paired_half(scaled)))
     line["ok"] = line["eager_equal"] and line["graph_equal"]
     return line, (scaled, sums, half)
 
@@ -96,7 +97,7 @@ def gate_up(row: tuple, d: int = 11008, k: int = 4096) -> tuple[dict, tuple]:
         want = run(lambda: w4a16_silu_mul(scaled, w, config, row_scale=RowScale(sums, EPS)))
         got = run(lambda act_half=act_half: w4a16_silu_mul(scaled, w, config, row_scale=RowScale(sums, EPS),
                                                            x_half=half, half_out=act_half))
-        line[f"{form}_equal"] = torch.equal(want, got) and torch.equal(act_half, want.half())
+        line[f"{form}_equal"] = torch.equal(want, got) and torch.equal(act_half, paired_half(want))
     line["ok"] = line["eager_equal"] and line["graph_equal"]
     return line, (want, act_half)
 

@@ -7,10 +7,11 @@ multiplies its products by ``1 / rms(r)`` at the end. The same products as norm-
 normalized row is not rounded to the model dtype before the weight multiplies it, and ``1 / rms`` multiplies the
 float32 sums instead of each input.
 
-A bfloat16 row can travel with its float16 copy (``half``): the W4A16 h2 kernel multiplies float16 pairs, so a
-reader given the copy skips converting each value, and the producer's epilogue writes it beside the row for a few
-bytes. Every bfloat16 value in float16's range is exact there, and the kernel's own conversion gives the same
-float16 values, so the results are the same bits (``INFERNEO_W4A16_HALF_COPIES``).
+A bfloat16 row can travel with its float16 copy (``half``, in the pair order of ``triton_int4.paired_half``): the
+W4A16 h2 kernel multiplies float16 pairs, so a reader given the copy loads its pairs as they are instead of
+converting and pairing each value, and the producer's epilogue writes it beside the row for a few bytes. Every
+bfloat16 value in float16's range is exact there, and the kernel's own conversion gives the same float16 values,
+so the results are the same bits (``INFERNEO_W4A16_HALF_COPIES``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 class ScaledRow(NamedTuple):
     """One normalized row, held as ``scaled`` (``[1, hidden]``, the model dtype: the norm's input times its weight,
     rounded), ``square_sums`` (float32 partial sums of the squared norm input, summed in order by the reader),
-    the norm's ``eps`` and, for a bfloat16 row, maybe ``half``: ``scaled``'s values as float16."""
+    the norm's ``eps`` and, for a bfloat16 row, maybe ``half``: ``scaled``'s paired float16 copy."""
 
     scaled: torch.Tensor
     square_sums: torch.Tensor

@@ -465,17 +465,21 @@ def _h2_x_interpreted(four, i: tl.constexpr, F16: tl.constexpr):
 
 
 @triton.jit
-def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr, F16: tl.constexpr):
+def _h2_x_pairs(x8_ptr, widx, mask, EVEN: tl.constexpr, F16: tl.constexpr, PAIRED: tl.constexpr = False):
     """The activations of int32 weight words ``widx`` (eight columns each; bfloat16, or float16 with ``F16``) as
     four float16 pairs, (x0, x4), (x1, x5) in the low and high half of the first int64 and (x2, x6), (x3, x7) in
-    the second's (the first of a pair in the low half of its 32 bits)."""
+    the second's (the first of a pair in the low half of its 32 bits). ``PAIRED``: ``x8`` is a row's float16 copy
+    already in that order (:func:`paired_half`), loaded as it is."""
     if EVEN:
         p = tl.load(x8_ptr + 2 * widx)
         q = tl.load(x8_ptr + 2 * widx + 1)
     else:
         p = tl.load(x8_ptr + 2 * widx, mask=mask, other=0)
         q = tl.load(x8_ptr + 2 * widx + 1, mask=mask, other=0)
-    if _INTERPRETED:
+    if PAIRED:
+        ab = p
+        cd = q
+    elif _INTERPRETED:
         xa = _h2_x_interpreted(p, 0, F16) | (_h2_x_interpreted(q, 0, F16) << 16)
         xb = _h2_x_interpreted(p, 1, F16) | (_h2_x_interpreted(q, 1, F16) << 16)
         xc = _h2_x_interpreted(p, 2, F16) | (_h2_x_interpreted(q, 2, F16) << 16)
@@ -540,17 +544,17 @@ def _high32(v):
 
 @triton.jit
 def _h2_step(acc, qw8_ptr, s_ptr, z_ptr, x8_ptr, k2, rows, nmask, words, GW2: tl.constexpr, KW2: tl.constexpr,
-             k_end, KG: tl.constexpr, EVEN: tl.constexpr, F16: tl.constexpr):
+             k_end, KG: tl.constexpr, EVEN: tl.constexpr, F16: tl.constexpr, PAIRED: tl.constexpr = False):
     """``acc`` [BK2, R] plus ``s * sum((q - z) / 32 * x)`` of the int64 weight columns ``k2`` (two words each,
     ``KW2`` a row; those from ``k_end`` on left out) of output rows ``rows``; ``words``: those columns' weights
-    when already loaded (else None)."""
+    when already loaded (else None); ``PAIRED``: ``x8`` is a paired float16 copy (:func:`paired_half`)."""
     kmask = k2 < k_end
     mask = kmask[:, None] & nmask[None, :]
     if words is None:
         wptr = qw8_ptr + rows[None, :] * KW2 + k2[:, None]
         words = tl.load(wptr) if EVEN else tl.load(wptr, mask=mask, other=0)
-    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN, F16)
-    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN, F16)
+    ab0, cd0 = _h2_x_pairs(x8_ptr, 2 * k2, kmask, EVEN, F16, PAIRED)
+    ab1, cd1 = _h2_x_pairs(x8_ptr, 2 * k2 + 1, kmask, EVEN, F16, PAIRED)
     gptr = rows[None, :] * KG + (k2 // GW2)[:, None]
     if EVEN:
         sc = tl.load(s_ptr + gptr).to(tl.float32)
@@ -619,10 +623,10 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
     # added to the residual (in place: each program reads and writes only its rows), and y takes that sum times
     # the norm weight nw, rounded; the program's sum of the squared sums goes to sq_out[program_id(0)].
     # SILU_PAIRS (with SILU): the tile's rows alternate gate and up rows, so a program reads as the linear launch
-    # of the same tile does and writes BLOCK_N / 2 outputs. The float16 copies (a bfloat16 row; see
-    # w4a16_residual_norm): X_HALF: the products read the row's float16 copy (xh, as int64) in place of converting
-    # x8's bfloat16 values (the same float16 values; x itself is still read by the float32 fallback); Y_HALF
-    # (SPLIT_K 1): each output is also written as float16 (yh), its bfloat16 value converted.
+    # of the same tile does and writes BLOCK_N / 2 outputs. The float16 copies (a bfloat16 row; see paired_half):
+    # X_HALF: the products read the row's paired float16 copy (xh, as int64) as their pairs, in place of
+    # converting x8's bfloat16 values (the same float16 values; x itself is still read by the float32 fallback);
+    # Y_HALF (SPLIT_K 1): each output is also written to its place in the paired float16 copy yh.
     GW2: tl.constexpr = GROUP // 16
     KW: tl.constexpr = K // 8
     KW2: tl.constexpr = K // 16
@@ -650,20 +654,22 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         sq_i = tl.arange(0, SQ_BLOCK)
         squares = tl.load(sq_ptr + sq_i, mask=sq_i < num_sq, other=0.0)
     acc = tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32)
-    F16: tl.constexpr = X_HALF or x_ptr.dtype.element_ty == tl.float16  # the pairs' source holds float16
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     pairs_ptr = xh_ptr if X_HALF else x8_ptr
-    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16)
+    acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, words, GW2, KW2, k_end, KG, EVEN, F16,
+                   X_HALF)
     acc_up = acc
     SEPARATE_UP: tl.constexpr = SILU and not SILU_PAIRS
     if SEPARATE_UP:
         acc_up = _h2_step(tl.zeros((BLOCK_K2, BLOCK_N), dtype=tl.float32), qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2,
-                          n + D, nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16)
+                          n + D, nmask, words_up, GW2, KW2, k_end, KG, EVEN, F16, X_HALF)
     for k0 in range(k_start + BLOCK_K2, k_end, BLOCK_K2):
         k2 = k0 + kl
-        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16)
+        acc = _h2_step(acc, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n, nmask, None, GW2, KW2, k_end, KG, EVEN, F16,
+                       X_HALF)
         if SEPARATE_UP:
             acc_up = _h2_step(acc_up, qw8_ptr, s_ptr, z_ptr, pairs_ptr, k2, n + D, nmask, None, GW2, KW2, k_end, KG,
-                              EVEN, F16)
+                              EVEN, F16, X_HALF)
     g_start = tl.program_id(2) * G_SPLIT
     g_end = tl.minimum(KG, g_start + G_SPLIT)
     y = _h2_finish(acc, x_ptr, qw_ptr, s_ptr, z_ptr, n, nmask, g_start, g_end, KW, KG, GROUP, BLOCK_N)
@@ -690,8 +696,9 @@ def _gemv_h2_kernel(x_ptr, x8_ptr, qw_ptr, qw8_ptr, s_ptr, z_ptr, y_ptr, ws_ptr,
         t = total.to(tl.float32)
         tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.where(nmask, t * t, 0.0), axis=0))
         y = t * tl.load(nw_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    if Y_HALF:  # (SPLIT_K 1) the output's value in the dtype, as float16
-        tl.store(yh_ptr + n, y.to(dtype).to(tl.float16), mask=nmask)
+    if Y_HALF:  # (SPLIT_K 1) the output's value in the dtype, as float16, at its place in pair order
+        j = n % 8
+        tl.store(yh_ptr + n - j + 2 * (j % 4) + j // 4, y.to(dtype).to(tl.float16), mask=nmask)
     _write_out(y, y_ptr + n, nmask, n, ws_ptr, count_ptr, 1, D, SPLIT_K, LAST_SUMS)
 
 
@@ -1122,10 +1129,20 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     return y.to(x.dtype) if split > 1 and not last_sums else y
 
 
+def paired_half(row: torch.Tensor) -> torch.Tensor:
+    """The paired float16 copy of bfloat16 rows ``row`` ``[M, K]`` (``K`` a multiple of 8) that the h2 kernel reads
+    with ``x_half`` and writes with ``half_out``: the values as float16, each run of eight in the order 0, 4, 1, 5,
+    2, 6, 3, 7, so that two int64 loads are the kernel's four activation pairs as they are. (The kernels write it
+    themselves; this is its definition, for tests and for a row no kernel wrote.)"""
+    m, k = row.shape
+    return row.to(torch.float16).view(m, k // 8, 2, 4).transpose(2, 3).reshape(m, k)
+
+
 def _half_copy_of(row: torch.Tensor, half: torch.Tensor, what: str) -> torch.Tensor:
-    """``half``, checked as the float16 copy of the bfloat16 row ``row`` (same shape, contiguous, 16-byte aligned)."""
+    """``half``, checked as a place for the paired float16 copy of the bfloat16 row ``row`` (same shape,
+    contiguous, 16-byte aligned; see :func:`paired_half`)."""
     if (row.dtype != torch.bfloat16 or half.dtype != torch.float16 or half.shape != row.shape
-            or not half.is_contiguous() or half.data_ptr() % 16):
+            or not half.is_contiguous() or half.data_ptr() % 16 or row.shape[-1] % 8):
         raise ValueError(f"{what}: want a contiguous, 16-byte aligned float16 tensor of shape {tuple(row.shape)} "
                          f"beside a bfloat16 row, got {half.dtype} {tuple(half.shape)} beside {row.dtype}")
     return half
@@ -1173,10 +1190,10 @@ def w4a16_residual_norm(x: torch.Tensor, weights: Int4RowWeights, residual: torc
     squared sum, one per output tile. None where :func:`h2_epilogue_config` has no launch (the caller projects,
     then normalizes). ``config`` (an h2 launch, run unsplit) overrides the choice.
 
-    Float16 copies, for a bfloat16 row (``kernels/scaled_row.py``): ``x_half``, ``x``'s values as float16 (from an
-    earlier launch's ``half_out``), which the products read in place of converting ``x`` (the same values: the h2
-    kernel multiplies float16 pairs); ``half_out`` ``[1, N]`` float16, written (when the launch runs) with the
-    returned scaled row's values. The results are the same bits with or without them."""
+    Float16 copies, for a bfloat16 row (``kernels/scaled_row.py``, :func:`paired_half`): ``x_half``, ``x``'s paired
+    copy (from an earlier launch's ``half_out``), which the products read in place of converting ``x`` (the same
+    values: the h2 kernel multiplies float16 pairs); ``half_out`` ``[1, N]`` float16, written (when the launch
+    runs) with the returned scaled row's paired copy. The results are the same bits with or without them."""
     x = _check(x, weights, "w4a16_residual_norm")
     if config is None:
         config = h2_epilogue_config(x, weights, producer=True)

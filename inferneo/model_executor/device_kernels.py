@@ -406,8 +406,9 @@ def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Ten
     gate_up = mlp.gate_up_proj
     apply = _method_hook(gate_up, "scaled_apply")
     if type(mlp) is QuantizedSiluMLP and apply is not None:
-        act_half = (row.scaled.new_empty((1, gate_up.out_features // 2), dtype=torch.float16)
-                    if half and row.scaled.dtype == torch.bfloat16 else None)
+        width = gate_up.out_features // 2
+        act_half = (row.scaled.new_empty((1, width), dtype=torch.float16)
+                    if half and row.scaled.dtype == torch.bfloat16 and width % 8 == 0 else None)
         act = apply(gate_up, row, silu_mul=True, half_out=act_half)
         if act is not None:
             return act, act_half

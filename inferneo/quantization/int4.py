@@ -298,7 +298,7 @@ class Int4LinearMethod(LinearMethod):
         from inferneo.kernels.triton_int4 import w4a16_residual_norm
 
         half_out = (x.new_empty((1, layer.out_features), dtype=torch.float16)
-                    if half and x.dtype == torch.bfloat16 else None)
+                    if half and x.dtype == torch.bfloat16 and layer.out_features % 8 == 0 else None)
         out = w4a16_residual_norm(x, block, residual.view(1, -1), norm_weight, x_half=x_half, half_out=half_out)
         return None if out is None else ScaledRow(out[0], out[1], eps, half_out)
 
