@@ -410,12 +410,14 @@ def w4a16_norm_epilogue() -> bool:
 
 
 def w4a16_half_copies() -> bool:
-    """INFERNEO_W4A16_HALF_COPIES (default off): in a bfloat16 model's one-row decode steps through
+    """INFERNEO_W4A16_HALF_COPIES (default on): in a bfloat16 model's one-row decode steps through
     ``device_kernels.EpilogueNormLayer``, the W4A16 h2 launches that write the rows the next ones read (the output,
-    gate/up + SiLU and down projections) also write each row's float16 copy, and the readers (gate/up, down, q/k/v)
-    multiply from it instead of converting every bfloat16 value (``kernels/scaled_row.py``). The same bits. Read at
+    gate/up + SiLU and down projections) also write each row's float16 copy in the kernel's pair order, and the
+    readers (gate/up, down, q/k/v) load their activation pairs from it instead of converting and pairing every
+    bfloat16 value (``kernels/scaled_row.py``, ``triton_int4.paired_half``). The same bits. On an H200 the
+    Llama-2-7B W4A16 + FP8 KV batch-1 step took 1.90-1.91 ms against 1.97-1.98 off (docs/benchmarks.md). Read at
     each layer call (a CUDA graph keeps what it captured)."""
-    return _flag("INFERNEO_W4A16_HALF_COPIES", False)
+    return _flag("INFERNEO_W4A16_HALF_COPIES", True)
 
 
 def w4a16_silu_pairs() -> bool:

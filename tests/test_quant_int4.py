@@ -524,6 +524,7 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
     os.environ["INFERNEO_W4A16_NORM_EPILOGUE"] = "0"
     assert use_device_kernels(plain, torch.device("cuda"), KernelConfig(cuda_pdl=False))["EpilogueNormLayer"] == 0
     os.environ["INFERNEO_W4A16_NORM_EPILOGUE"] = "1"
+    os.environ["INFERNEO_W4A16_HALF_COPIES"] = "0"  # (on by default) the float16 copies are compared below
     counts = use_device_kernels(fused, torch.device("cuda"), KernelConfig(cuda_pdl=False))
     assert counts["EpilogueNormLayer"] == layers, counts
     links = [layer.next_input_norm for layer in fused.layers]  # each layer's down projection: the next input norm
@@ -570,7 +571,7 @@ _EPILOGUE_LAYER_SCRIPT = textwrap.dedent("""
         with_copies, _ = generate(fused, prompts, steps, forced, cache_dtype=torch.bfloat16)
         triton_int4.w4a16_linear, triton_int4.w4a16_silu_mul = real_linear, real_silu
         triton_int4.w4a16_residual_norm = counted("producer", real_producer)
-        del os.environ["INFERNEO_W4A16_HALF_COPIES"]
+        os.environ["INFERNEO_W4A16_HALF_COPIES"] = "0"
         assert all(torch.equal(c, g) for c, g in zip(with_copies, got))
         if len(prompts) == 1:  # each decode step: every gate/up, down and q/k/v projection but the first q/k/v and
             # the last down reads a copy; every o, gate/up + SiLU and down projection but the last down writes one
