@@ -420,6 +420,15 @@ def w4a16_half_copies() -> bool:
     return _flag("INFERNEO_W4A16_HALF_COPIES", True)
 
 
+def fp8_half_copies() -> bool:
+    """INFERNEO_FP8_HALF_COPIES (default off): in a bfloat16 model's one-row decode steps, dense decoder layers of
+    FP8 linears (``device_kernels.HalfCopyQuantLayer``) have their RMSNorms and gate/up + SiLU GEMV also write each
+    row's scaled float16 copy, from which the q/k/v, gate/up and down GEMVs read their activations instead of
+    converting every bfloat16 value (``triton_fp8_gemv.scaled_half``). The same bits. Read at each layer call (a
+    CUDA graph keeps what it captured)."""
+    return _flag("INFERNEO_FP8_HALF_COPIES", False)
+
+
 def w4a16_silu_pairs() -> bool:
     """INFERNEO_W4A16_SILU_PAIRS (default on): at one row, the W4A16 gate/up projection and its SiLU-and-mul run as
     one h2 launch with the projection's own tuned tile, each program's rows gate/up pairs

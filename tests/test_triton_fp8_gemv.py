@@ -121,6 +121,36 @@ _SCRIPT = textwrap.dedent("""
         g, u = F.linear(x.float(), w2_deq).chunk(2, dim=-1)
         assert rel(fused, F.silu(g) * u) < 2e-2, config
 
+    # Scaled float16 copies (scaled_half): the h2 kernel reading x's copy and writing its output's gives the same
+    # bits, the copy written equal to scaled_half of the output; other kernels fill half_out from their output;
+    # malformed copies refused; the RMSNorm kernel's copy of its normalized rows.
+    from inferneo.kernels.triton_fp8_gemv import scaled_half
+    for config in ((8, 64, 4, "h2"), (4, 128, 2, "h2")):
+        x = torch.randn(1, k8).bfloat16()
+        for run, qq, ss in ((fp8_gemv, q, s), (fp8_gemv_silu_mul, q2, s2)):
+            want = run(x, qq, ss, config=config)
+            half = torch.full(want.shape, float("nan"), dtype=torch.float16)
+            got = run(x, qq, ss, config=config, x_half=scaled_half(x), half_out=half)
+            assert torch.equal(got, want) and torch.equal(half, scaled_half(want)), (run, config)
+    x = torch.randn(3, k8).bfloat16()
+    half = torch.empty(3, n, dtype=torch.float16)
+    got = fp8_gemv(x, q, s, config=(8, 64, 4), half_out=half)
+    assert torch.equal(half, scaled_half(got))
+    for bad in (dict(half_out=torch.empty(1, n, dtype=torch.bfloat16)), dict(x_half=torch.empty(1, k8 - 8).half()),
+                dict(half_out=torch.empty(1, n + 1, dtype=torch.float16))):
+        try:
+            fp8_gemv(torch.randn(1, k8).bfloat16(), q, s, config=(8, 64, 4, "h2"), **bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"a malformed copy was taken: {bad}")
+    for residual in (None, torch.randn(2, k8).bfloat16()):
+        x, nw = torch.randn(2, k8).bfloat16(), (1 + 0.1 * torch.randn(k8)).bfloat16()
+        half = torch.empty(2, k8, dtype=torch.float16)
+        out = rms_norm(x.clone(), None if residual is None else residual.clone(), nw, 1e-6, half_out=half)
+        normed = out if residual is None else out[0]
+        want = rms_norm(x.clone(), None if residual is None else residual.clone(), nw, 1e-6)
+        assert torch.equal(normed, want if residual is None else want[0]) and torch.equal(half, scaled_half(normed))
+
     # The "h2p" option (the h2 products with the weights streamed through a num_stages-deep pipeline; a fourth
     # number: the depth; "pre": 2 * BLOCK_K codes a row read before the PDL wait): against F.linear in exact and
     # partial tiles (K 304: the pipelined loop ends in a masked step; K 512: none), with and without "pre", with
@@ -306,8 +336,51 @@ _SCRIPT = textwrap.dedent("""
             for g, w_ in zip(got, want):  # (the residual sum holds the attention output: it differs too)
                 assert rel(g, w_) < 2e-2 if rows == 1 else torch.equal(g, w_), (rows, with_res, rel(g, w_))
     fg.fp8_norm_gemv = original
+
+    # A decoder layer of FP8 linears handing its one-row GEMVs scaled float16 copies (HalfCopyQuantLayer): the same
+    # bits as the plain layer with the switch on, every q/k/v, gate/up and down GEMV reading a copy at one row;
+    # two rows, or the switch off, take the plain path.
+    import os
+    from inferneo.model_executor.device_kernels import HalfCopyQuantLayer, use_half_copy_quant_layers
+
+    from inferneo.model_executor.models.llama import Attention
+    attn = Attention.__new__(Attention)  # an attention whose attend_qkv is any function of the q/k/v output
+    nn.Module.__init__(attn)
+    attn.qkv_proj = fp8("layers.0.self_attn.qkv_proj", 64, (64, 32, 32))
+    attn.o_proj = fp8("layers.0.self_attn.o_proj", 64, (64,))
+    attn.attend_qkv = lambda positions, qkv, kv_cache, metadata: (
+        qkv[:, :64] * 0.5 + torch.cat([qkv[:, 64:96], qkv[:, 96:]], dim=-1))
+    layer = DecoderLayer.__new__(DecoderLayer)
+    nn.Module.__init__(layer)
+    layer.self_attn, layer.mlp = attn, plain.mlp
+    layer.input_layernorm, layer.post_attention_layernorm = plain.input_layernorm, plain.post_attention_layernorm
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([layer])
+    assert use_half_copy_quant_layers(holder) == 1 and type(holder.layers[0]) is HalfCopyQuantLayer
+    copies = holder.layers[0]
+    reads = []
+    original_copy = Fp8LinearMethod.copy_apply
+    def counted(self, layer, x, x_half, half_out=None, silu_mul=False):
+        reads.append(silu_mul)
+        return original_copy(self, layer, x, x_half, half_out, silu_mul)
+    Fp8LinearMethod.copy_apply = counted
+    for rows in (1, 2):
+        for with_res in (False, True):
+            hidden = torch.randn(rows, 64).bfloat16()
+            residual = torch.randn(rows, 64).bfloat16() if with_res else None
+            clone = lambda t: None if t is None else t.clone()
+            os.environ["INFERNEO_FP8_HALF_COPIES"] = "0"
+            want = copies(None, hidden.clone(), clone(residual), None, None)
+            assert not reads
+            os.environ["INFERNEO_FP8_HALF_COPIES"] = "1"
+            got = copies(None, hidden.clone(), clone(residual), None, None)
+            assert reads == ([False, True, False] if rows == 1 else []), (rows, reads)
+            reads.clear()
+            assert all(torch.equal(g, w_) for g, w_ in zip(got, want)), (rows, with_res)
+    Fp8LinearMethod.copy_apply = original_copy
     print("ok")
 """)
+
 
 
 @needs_triton

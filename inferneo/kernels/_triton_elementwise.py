@@ -14,13 +14,15 @@ from inferneo.kernels.triton_attention import kv_scale_args, to_cache
 
 @triton.jit
 def add_rms_norm_row(x, res_row_ptr, w_ptr, out_row_ptr, cols, mask, n_cols, eps, HAS_RESIDUAL: tl.constexpr):
-    """One row: with a residual, ``residual += x`` (stored back), then ``out = w * rmsnorm(residual or x)``."""
+    """One row: with a residual, ``residual += x`` (stored back), then ``out = w * rmsnorm(residual or x)``;
+    returns ``out``'s values as stored."""
     if HAS_RESIDUAL:
         r = tl.load(res_row_ptr + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)  # rounded like the PyTorch sum
         tl.store(res_row_ptr + cols, x, mask=mask)
-    tl.store(out_row_ptr + cols, weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps).to(out_row_ptr.dtype.element_ty),
-             mask=mask)
+    out = weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps).to(out_row_ptr.dtype.element_ty)
+    tl.store(out_row_ptr + cols, out, mask=mask)
+    return out
 
 
 @triton.jit
@@ -36,21 +38,27 @@ def weighted_rms_norm(x, w_ptr, cols, mask, n_cols, eps):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False,
+                     half_ptr=None, HALF: tl.constexpr = False):
+    # HALF: each row's values also as the FP8 h2 GEMV's float16 activations (times 2^-8; rows of n_cols at half)
     wait_for_previous_kernel(PDL, EARLY=EARLY)  # EARLY: INFERNEO_PDL_EARLY_EXTRA=norm (a GEMV follows)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    add_rms_norm_row(x, res_ptr + row * stride_r, w_ptr, out_ptr + row * stride_o, cols, mask, n_cols, eps,
-                     HAS_RESIDUAL)
+    out = add_rms_norm_row(x, res_ptr + row * stride_r, w_ptr, out_ptr + row * stride_o, cols, mask, n_cols, eps,
+                           HAS_RESIDUAL)
+    if HALF:
+        tl.store(half_ptr + row * n_cols + cols, (out.to(tl.float32) * 0.00390625).to(tl.float16), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-             pdl: bool | None = None):
+             pdl: bool | None = None, half_out: torch.Tensor | None = None):
     """RMSNorm over the last dimension. With ``residual``: ``residual += x`` in place, then normalize the sum;
     returns ``(normalized, residual)``. The normalized rows overwrite ``x`` when a residual is given.
-    ``pdl``: launch with programmatic dependent launch (None: decided from ``x``, see ``_pdl.pdl_for``)."""
+    ``pdl``: launch with programmatic dependent launch (None: decided from ``x``, see ``_pdl.pdl_for``).
+    ``half_out`` (bfloat16 rows; float16, ``[rows, cols]`` contiguous): also written with the normalized rows'
+    scaled float16 copy, what the FP8 one-row GEMV reads (``triton_fp8_gemv.scaled_half``)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -60,6 +68,12 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     warps = min(max(block // 256, 1), 8)
     pdl = pdl_for(x, pdl)
     early = early_extra_options("norm", pdl)
+    if half_out is not None:
+        if x.dtype != torch.bfloat16 or half_out.dtype != torch.float16 or half_out.shape != (n_rows, n_cols) \
+                or not half_out.is_contiguous():
+            raise ValueError(f"rms_norm: half_out must be a contiguous float16 [{n_rows}, {n_cols}] beside bfloat16 "
+                             f"rows; got {half_out.dtype} {tuple(half_out.shape)} beside {x.dtype}")
+        early = dict(early, half_ptr=half_out, HALF=True)
     if residual is None:
         out = torch.empty_like(x2)
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, x2.stride(0), 0, out.stride(0), n_cols, eps,

@@ -277,15 +277,25 @@ def _h2_tile(w8_ptr, rows, nmask, j, K8: tl.constexpr, stride_wn8, EVEN: tl.cons
 
 
 @triton.jit
-def _h2_x(x8_ptr, j, K8: tl.constexpr, EVEN: tl.constexpr):
-    # the activations of int64 weight columns j: eight each, as two int64 of four float16 (times 2^-8)
+def _h2_x(x8_ptr, j, K8: tl.constexpr, EVEN: tl.constexpr, X_HALF: tl.constexpr = False):
+    # the activations of int64 weight columns j: eight each, as two int64 of four float16 (times 2^-8); X_HALF:
+    # x8 is the row's scaled float16 copy (see scaled_half), loaded as it is
     if EVEN:
         xa = tl.load(x8_ptr + 2 * j)
         xb = tl.load(x8_ptr + 2 * j + 1)
     else:
         xa = tl.load(x8_ptr + 2 * j, mask=j < K8, other=0)
         xb = tl.load(x8_ptr + 2 * j + 1, mask=j < K8, other=0)
+    if X_HALF:
+        return xa[None, :], xb[None, :]
     return _bf16x4_to_f16x4(xa)[None, :], _bf16x4_to_f16x4(xb)[None, :]
+
+
+@triton.jit
+def scaled_half_values(y):
+    """Values rounded to bfloat16, as the h2 kernel's float16 activations: times 2^-8, rounded to float16 (the
+    conversion of :func:`_bf16x4_to_f16x4`)."""
+    return (y.to(tl.bfloat16).to(tl.float32) * H2_SHIFT).to(tl.float16)
 
 
 @triton.jit
@@ -321,9 +331,11 @@ def _h2_finish_sum(y, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_
 @triton.jit
 def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_wn, stride_wn8,
                         K: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
+                        yh_ptr=None, Y_HALF: tl.constexpr = False, X_HALF: tl.constexpr = False):
     # One row: out[rows] = W[rows] . x (GATED: silu(W[rows] . x) * W[rows + N] . x); w8/x8: the weight and the row
-    # as int64 (eight codes, four bf16); BLOCK_K counts codes.
+    # as int64 (eight codes, four bf16; X_HALF: x8 is the row's scaled float16 copy, see scaled_half, x still the
+    # row itself for the float32 fallback); BLOCK_K counts codes. Y_HALF: the outputs' scaled float16 copy to yh.
     BK8: tl.constexpr = BLOCK_K // 8
     K8: tl.constexpr = K // 8
     EVEN: tl.constexpr = EVEN_N and K % BLOCK_K == 0
@@ -335,14 +347,14 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     if GATED:
         wu = _h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
-    xa, xb = _h2_x(x8_ptr, j, K8, EVEN)
+    xa, xb = _h2_x(x8_ptr, j, K8, EVEN, X_HALF)
     acc = _h2_dot8(w, xa, xb)
     acc_u = acc
     if GATED:
         acc_u = _h2_dot8(wu, xa, xb)
     for j0 in range(BK8, K8, BK8):
         j = j0 + tl.arange(0, BK8)
-        xa, xb = _h2_x(x8_ptr, j, K8, EVEN)
+        xa, xb = _h2_x(x8_ptr, j, K8, EVEN, X_HALF)
         acc += _h2_dot8(_h2_tile(w8_ptr, rows, nmask, j, K8, stride_wn8, EVEN), xa, xb)
         if GATED:
             acc_u += _h2_dot8(_h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN), xa, xb)
@@ -350,6 +362,8 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     if GATED:
         u = _h2_finish(acc_u, x_ptr, w_ptr, s_ptr, rows + N, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
         y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
+    if Y_HALF:
+        tl.store(yh_ptr + rows[None, :], scaled_half_values(y), mask=nmask[None, :])  # (y: [1, BLOCK_N])
     _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
 
 
@@ -705,7 +719,14 @@ def takes_h2(x: torch.Tensor, weight: torch.Tensor, mode: int, block_k: int) -> 
             and mode != SCALE_BLOCK and block_k % 16 == 0)
 
 
-def _launch(x, weight, scale, block, outputs, config, pdl, gated):
+def scaled_half(x: torch.Tensor) -> torch.Tensor:
+    """The scaled float16 copy of bfloat16 rows ``x`` that the one-row h2 kernel reads with ``x_half`` and writes
+    with ``half_out``: the values times 2^-8 as float16, as the kernel converts its activations itself (see
+    ``H2_SHIFT``). Exact for bfloat16 values above 2^-6 and below 2^24."""
+    return (x.float() * 2.0**-8).to(torch.float16)
+
+
+def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, half_out=None):
     m, k = x.shape
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"fp8 GEMV: weight {tuple(weight.shape)} (rows contiguous) does not fit x {tuple(x.shape)}")
@@ -713,6 +734,11 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
         raise ValueError(f"fp8 GEMV: weight scales must be float32; got {scale.dtype}")
     if x.stride(1) != 1:
         x = x.contiguous()
+    for copy, rows, what in ((x_half, k, "x_half"), (half_out, outputs, "half_out")):
+        if copy is not None and (x.dtype != torch.bfloat16 or copy.dtype != torch.float16 or copy.shape != (m, rows)
+                                 or not copy.is_contiguous() or copy.data_ptr() % 16):
+            raise ValueError(f"fp8 GEMV: {what} must be a contiguous, 16-byte aligned float16 [{m}, {rows}] beside "
+                             f"bfloat16 rows; got {copy.dtype} {tuple(copy.shape)} beside {x.dtype}")
     out = torch.empty((m, outputs), dtype=x.dtype, device=x.device)
     if not m:
         return out
@@ -734,6 +760,8 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
             weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
             STAGES=num_stages, PRE=pre, FB_K=max(16, min(block_k, 512 * num_warps // block_n)),
             EVEN_N=outputs % block_n == 0, PDL=pdl, num_warps=num_warps, **launch_options(pdl))
+        if half_out is not None:
+            half_out.copy_(scaled_half(out))
         return out
     if "h2p" in options:  # h2p does not apply here: the plain CUDA-core kernel with the tiling's first numbers
         numbers, options = numbers[:3], options - {"h2p", "pre"}
@@ -755,43 +783,62 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated):
         _fp8_dot_kernel[(triton.cdiv(outputs, block_n),)](
             *args, GATED=gated, BLOCK_M=max(16, block_rows(m)), BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=num_warps, num_stages=num_stages, BITS=bits, **common)
+        if half_out is not None:
+            half_out.copy_(scaled_half(out))
         return out
     block_n, block_k, num_warps = numbers
     if "h2" in options and takes_h2(x, weight, mode, block_k):
+        copies = {}
+        if x_half is not None:
+            copies.update(X_HALF=True)
+        if half_out is not None:
+            copies.update(yh_ptr=half_out, Y_HALF=True)
         _fp8_gemv_h2_kernel[(triton.cdiv(outputs, block_n),)](
-            x, x.view(torch.int64), weight, weight.view(torch.int64), scale, out, outputs, weight.stride(0),
-            weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-            FB_K=max(16, min(block_k, 512 * num_warps // block_n)), EVEN_N=outputs % block_n == 0,
-            num_warps=num_warps, **launch_options(pdl))
+            x, (x if x_half is None else x_half).view(torch.int64), weight, weight.view(torch.int64), scale, out,
+            outputs, weight.stride(0), weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n,
+            BLOCK_K=block_k, PDL=pdl, FB_K=max(16, min(block_k, 512 * num_warps // block_n)),
+            EVEN_N=outputs % block_n == 0, num_warps=num_warps, **copies, **launch_options(pdl))
         return out
+    if half_out is not None:  # another kernel ran: the copy from its output
+        half_out.copy_(scaled_half(out))
     kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
     kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps, **common)
+    if half_out is not None:
+        half_out.copy_(scaled_half(out))
     return out
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
-             config: Tile | None = None, pdl: bool | None = None) -> torch.Tensor:
+             config: Tile | None = None, pdl: bool | None = None, *, x_half: torch.Tensor | None = None,
+             half_out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T`` for ``x [M, K]`` (bf16/fp16/float32, ``M`` small), e4m3 ``weight [N, K]`` (rows
     contiguous) and float32 ``scale``: one value, one per output row (``[N]`` or ``[N, 1]``), or with ``block =
     (rows, cols)`` a ``[ceil(N / rows), ceil(K / cols)]`` grid. Returns ``[M, N]`` in ``x``'s dtype, rounded once
-    from the float32 sum; ``pdl``: launch with programmatic dependent launch (None: decided from ``x``)."""
-    return _launch(x, weight, scale, block, weight.shape[0], config, pdl, gated=False)
+    from the float32 sum; ``pdl``: launch with programmatic dependent launch (None: decided from ``x``).
+
+    Scaled float16 copies of bfloat16 rows (:func:`scaled_half`): ``x_half``, ``x``'s, which the one-row h2 kernel
+    reads in place of converting ``x`` (other kernels ignore it: the same values); ``half_out`` ``[M, N]``, always
+    written with the output's (by the h2 kernel's epilogue, else from the output). The same bits either way."""
+    return _launch(x, weight, scale, block, weight.shape[0], config, pdl, gated=False, x_half=x_half,
+                   half_out=half_out)
 
 
 def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       block: tuple[int, int] | None = None, config: Tile | None = None,
-                      pdl: bool | None = None) -> torch.Tensor:
+                      pdl: bool | None = None, *, x_half: torch.Tensor | None = None,
+                      half_out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ (weight * scale).T``, in one kernel: the gated MLP's fused gate/up
     projection (``weight [2D, K]``, gate rows first; scales as :func:`fp8_gemv`) and its activation. Returns
-    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds."""
+    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds. ``x_half`` and
+    ``half_out`` as in :func:`fp8_gemv`."""
     n2 = weight.shape[0]
     if n2 % 2:
         raise ValueError("fp8 GEMV: the fused gate/up weight has an even number of rows")
     if block is not None and (n2 // 2) % block[0]:
         raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
     return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
-                   gated=True)
+                   gated=True, x_half=x_half, half_out=half_out)
 
 
 NORM_MAX_COLS = 16384  # the widest row the norm-fused GEMV takes (its K loop holds no whole row)

@@ -500,6 +500,71 @@ def use_norm_fused_quant_layers(model: nn.Module) -> int:
     _swap_children(model, replace)
     return sum(isinstance(m, NormFusedQuantLayer) for m in model.modules()) - before
 
+def _norm_with_copy(norm: TritonRMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
+    """``norm(x, residual)`` that also writes the normalized row's scaled float16 copy: ``(normalized, residual,
+    copy)`` (the residual is ``x`` itself when none came in, as ``DecoderLayer.forward`` keeps it)."""
+    half = x.new_empty(x.shape, dtype=torch.float16)
+    if residual is None:
+        return norm.ops.rms_norm(x, None, norm.weight, norm.eps, pdl=norm.pdl, half_out=half), x, half
+    normed, residual = norm.ops.rms_norm(x, residual, norm.weight, norm.eps, pdl=norm.pdl, half_out=half)
+    return normed, residual, half
+
+
+def _copy_linear(layer: nn.Module, x: torch.Tensor, x_half: torch.Tensor, half_out: torch.Tensor | None = None,
+                 silu_mul: bool = False) -> torch.Tensor | None:
+    """``method.copy_apply`` of a plain quantized layer (checked at each call: not a LoRA wrapper), or None where
+    it has none or it does not take ``x`` (nothing written)."""
+    apply = _method_hook(layer, "copy_apply")
+    return None if apply is None else apply(layer, x, x_half, half_out, silu_mul=silu_mul)
+
+
+class HalfCopyQuantLayer(DecoderLayer):
+    """A dense decoder layer of FP8 linears whose one-row GEMVs read scaled float16 copies of their bfloat16 inputs
+    (``INFERNEO_FP8_HALF_COPIES``, read at each call): the RMSNorms write the copy beside the normalized row
+    (``_triton_elementwise.rms_norm(half_out=...)``) for the q/k/v and gate/up GEMVs, and the gate/up + SiLU GEMV
+    writes one beside the activation for the down projection (``triton_fp8_gemv.scaled_half``). Each GEMV then
+    loads its activations as they are instead of converting each value; the same bits. Other inputs, and any step
+    a layer's method does not take, run as the plain layer does."""
+
+    def forward(self, positions, hidden, residual, kv_cache, metadata):
+        if hidden.dim() != 2 or hidden.shape[0] != 1 or hidden.dtype != torch.bfloat16 or not envs.fp8_half_copies():
+            return super().forward(positions, hidden, residual, kv_cache, metadata)
+        attn, mlp = self.self_attn, self.mlp
+        hidden, residual, half = _norm_with_copy(self.input_layernorm, hidden, residual)
+        qkv = _copy_linear(attn.qkv_proj, hidden, half)
+        heads = attn.attend_qkv(positions, attn.qkv_proj(hidden) if qkv is None else qkv, kv_cache, metadata)
+        hidden, residual, half = _norm_with_copy(self.post_attention_layernorm, attn.o_proj(heads), residual)
+        act_half = hidden.new_empty((1, mlp.gate_up_proj.out_features // 2), dtype=torch.float16)
+        act = _copy_linear(mlp.gate_up_proj, hidden, half, act_half, silu_mul=True)
+        if act is None:
+            return mlp(hidden), residual
+        out = _copy_linear(mlp.down_proj, act, act_half)
+        return (mlp.down_proj(act) if out is None else out), residual
+
+
+def use_half_copy_quant_layers(model: nn.Module) -> int:
+    """Make every plain :class:`DecoderLayer` of ``model`` with Triton RMSNorms, one of this module's attentions and
+    a plain gated MLP (SiLU) whose four linears have a method with ``copy_apply`` a :class:`HalfCopyQuantLayer`;
+    returns how many changed."""
+    def takes(layer) -> bool:
+        return _method_hook(layer, "copy_apply") is not None and layer.bias is None
+
+    def replace(m: nn.Module) -> nn.Module | None:
+        if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
+                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+                or type(m.input_layernorm) is not TritonRMSNorm
+                or type(m.post_attention_layernorm) is not TritonRMSNorm
+                or type(m.mlp.act_fn) not in (SiluAndMul, TritonSiluAndMul)
+                or not all(takes(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
+                                              m.mlp.down_proj))):
+            return None
+        return _adopt(HalfCopyQuantLayer, m)
+
+    before = sum(isinstance(m, HalfCopyQuantLayer) for m in model.modules())
+    _swap_children(model, replace)
+    return sum(isinstance(m, HalfCopyQuantLayer) for m in model.modules()) - before
+
+
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
     many layers changed."""
@@ -685,6 +750,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
     if (device.type == "cuda" and ops is not None and (tp is None or tp.world_size == 1)
             and envs.w4a16_norm_epilogue() and use_epilogue_norm_layers(model)):
         logger.info("decoder layers run their RMSNorms in the epilogues of the W4A16 GEMVs at one row")
+    if device.type == "cuda" and ops is not None and use_half_copy_quant_layers(model):
+        logger.info("FP8 decoder layers hand their one-row GEMVs float16 copies of the rows (when switched on)")
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing
             and use_norm_fused_layers(model, decode_gemv(device, kernels))):
         logger.info("mixture-of-experts layers run their norms inside the q/k/v GEMV and the routing kernel")
@@ -696,5 +763,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul",
              "TritonSiluAndMul", "InplaceRotaryAttention", "QKNormRotaryAttention", "NormFusedMoeLayer",
-             "NormFusedQuantLayer", "EpilogueNormLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP",
+             "NormFusedQuantLayer", "EpilogueNormLayer", "HalfCopyQuantLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP",
              "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}

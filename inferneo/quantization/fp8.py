@@ -325,6 +325,22 @@ class Fp8LinearMethod(LinearMethod):
         y = fp8_gemv_silu_mul(x2, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl)
         return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
+    def copy_apply(self, layer: QuantizedLinear, x: torch.Tensor, x_half: torch.Tensor,
+                   half_out: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor | None:
+        """``layer(x)`` (``silu_mul``: a gated MLP's fused gate/up, its activation as :meth:`silu_mul`) for one
+        bfloat16 row through the FP8 GEMV, which reads ``x``'s scaled float16 copy ``x_half`` and writes the
+        output's to ``half_out`` (``triton_fp8_gemv.scaled_half``; the same bits as without); None where the GEMV
+        does not take ``x`` (nothing written: the caller runs the layer)."""
+        block = self.scheme.block
+        if (x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.bfloat16 or layer.bias is not None
+                or not self.takes_gemv(layer, 1)
+                or (silu_mul and block is not None and (layer.out_features // 2) % block[0])):
+            return None
+        from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul
+
+        run = fp8_gemv_silu_mul if silu_mul else fp8_gemv
+        return run(x, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl, x_half=x_half, half_out=half_out)
+
     def norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor | None,
                    norm_weight: torch.Tensor, eps: float, silu_mul: bool = False):
         """The RMSNorm before ``layer`` and the layer in one GEMV kernel for a one-row ``x`` that takes the GEMV
