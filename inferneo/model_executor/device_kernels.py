@@ -40,6 +40,9 @@ those two attentions          called directly (no module dispatch)
 ``DecoderLayer`` with W4A16   PyTorch                                    :class:`EpilogueNormLayer`
 linears (packed-half GEMV)                                               (``w4a16_norm_epilogue``): at one row
                                                                          the norms in the GEMVs' epilogues
+``DecoderLayer`` with FP8     PyTorch                                    :class:`HalfCopyQuantLayer`
+linears                                                                  (``fp8_half_copies``): at one row the
+                                                                         GEMVs read float16 copies of their rows
 ============================  =========================================  =========================================
 
 With tensor parallelism and peer memory, the norms after row-parallel layers then become
@@ -500,6 +503,7 @@ def use_norm_fused_quant_layers(model: nn.Module) -> int:
     _swap_children(model, replace)
     return sum(isinstance(m, NormFusedQuantLayer) for m in model.modules()) - before
 
+
 def _norm_with_copy(norm: TritonRMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
     """``norm(x, residual)`` that also writes the normalized row's scaled float16 copy: ``(normalized, residual,
     copy)`` (the residual is ``x`` itself when none came in, as ``DecoderLayer.forward`` keeps it)."""
@@ -763,5 +767,5 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
 
 _REPORTED = {"NativeDecoderLayer", "NativeRMSNorm", "NativeGemmaRMSNorm", "TritonRMSNorm", "NativeSiluAndMul",
              "TritonSiluAndMul", "InplaceRotaryAttention", "QKNormRotaryAttention", "NormFusedMoeLayer",
-             "NormFusedQuantLayer", "EpilogueNormLayer", "HalfCopyQuantLayer", "RowPassMLP", "GemvSiluMLP", "QuantizedSiluMLP",
-             "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
+             "NormFusedQuantLayer", "EpilogueNormLayer", "HalfCopyQuantLayer", "RowPassMLP", "GemvSiluMLP",
+             "QuantizedSiluMLP", "PanelLinear", "PackedLinear", "DecodeLinear", "PeerFusedRMSNorm"}
