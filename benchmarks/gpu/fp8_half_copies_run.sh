@@ -11,12 +11,12 @@ timeout ${CHECK_TIMEOUT:-170} python3 benchmarks/gpu/fp8_half_copies_check.py --
 echo "check rc=$?"; grep -E "^\{|HALF COPIES|rror" "$OUT/fp8_half_copies_check.log" | cut -c1-400
 on="INFERNEO_FP8_HALF_COPIES=1"
 ARGS=()
-for round in 1 2 3; do
+for round in $(seq 1 ${ROUNDS:-3}); do
   ARGS+=(--ab "fp8-copies-$round@fp8+fp8kv@$on" --ab "fp8-shipped-$round@fp8+fp8kv")
 done
 timeout ${SUITE_TIMEOUT:-300} python3 benchmarks/gpu/quant_suite.py --deadline ${SUITE_DEADLINE:-285} --workloads "" \
   --decode-batches 1 --ab-batches 1 "${ARGS[@]}" --ab "bf16-again@bf16" \
-  --skip fp8,fp8-w8a8,fp8-nonorm,fp8-kv,w4a16,w4a16-rows,w4a16-tinygemm,gptfast \
+  --skip fp8,fp8-w8a8,fp8-nonorm,fp8-kv,w4a16,w4a16-rows,w4a16-tinygemm,gptfast${SKIP_EXTRA:-} \
   --out "$OUT/quant" > "$OUT/quant/quant_suite.out" 2>&1
 echo "quant_suite rc=$?"; grep -E "decode batch|rror" "$OUT/quant/quant_suite.out" | grep -vE "^ {4,}" | cut -c1-160
 rm -rf "$OUT/quant/models"
