@@ -799,12 +799,10 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
             BLOCK_K=block_k, PDL=pdl, FB_K=max(16, min(block_k, 512 * num_warps // block_n)),
             EVEN_N=outputs % block_n == 0, num_warps=num_warps, **copies, **launch_options(pdl))
         return out
-    if half_out is not None:  # another kernel ran: the copy from its output
-        half_out.copy_(scaled_half(out))
     kernel = _fp8_gemv_silu_mul_kernel if gated else _fp8_gemv_kernel
     kernel[(triton.cdiv(outputs, block_n),)](*args, BLOCK_M=block_rows(m), BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps, **common)
-    if half_out is not None:
+    if half_out is not None:  # (a kernel without the h2 epilogue ran) the copy from its output
         half_out.copy_(scaled_half(out))
     return out
 
