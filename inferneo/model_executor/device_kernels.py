@@ -452,6 +452,17 @@ class EpilogueNormLayer(DecoderLayer):
         return mlp.down_proj(act), residual
 
 
+def _dense_silu_layer_whose_linears(m: nn.Module, takes) -> bool:
+    """Whether ``m`` is a plain :class:`DecoderLayer` with Triton RMSNorms, one of this module's attentions and a
+    plain gated MLP (SiLU), whose four linears (q/k/v, output, gate/up, down) all satisfy ``takes``."""
+    return (type(m) is DecoderLayer and type(m.mlp) in (MLP, QuantizedSiluMLP)
+            and type(m.self_attn) in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+            and type(m.input_layernorm) is TritonRMSNorm and type(m.post_attention_layernorm) is TritonRMSNorm
+            and type(m.mlp.act_fn) in (SiluAndMul, TritonSiluAndMul)
+            and all(takes(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
+                                       m.mlp.down_proj)))
+
+
 def use_epilogue_norm_layers(model: nn.Module) -> int:
     """Make every plain :class:`DecoderLayer` of ``model.layers`` with Triton RMSNorms, one of this module's
     attentions and a plain gated MLP (SiLU) whose linears are quantized with a method that fuses the norms into
@@ -466,13 +477,7 @@ def use_epilogue_norm_layers(model: nn.Module) -> int:
         return 0
     changed = 0
     for i, m in enumerate(layers):
-        if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
-                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
-                or type(m.input_layernorm) is not TritonRMSNorm
-                or type(m.post_attention_layernorm) is not TritonRMSNorm
-                or type(m.mlp.act_fn) not in (SiluAndMul, TritonSiluAndMul)
-                or not all(fuses(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
-                                              m.mlp.down_proj))):
+        if not _dense_silu_layer_whose_linears(m, fuses):
             continue
         layers[i] = _adopt(EpilogueNormLayer, m)
         changed += 1
@@ -554,15 +559,7 @@ def use_half_copy_quant_layers(model: nn.Module) -> int:
         return _method_hook(layer, "copy_apply") is not None and layer.bias is None
 
     def replace(m: nn.Module) -> nn.Module | None:
-        if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
-                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
-                or type(m.input_layernorm) is not TritonRMSNorm
-                or type(m.post_attention_layernorm) is not TritonRMSNorm
-                or type(m.mlp.act_fn) not in (SiluAndMul, TritonSiluAndMul)
-                or not all(takes(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
-                                              m.mlp.down_proj))):
-            return None
-        return _adopt(HalfCopyQuantLayer, m)
+        return _adopt(HalfCopyQuantLayer, m) if _dense_silu_layer_whose_linears(m, takes) else None
 
     before = sum(isinstance(m, HalfCopyQuantLayer) for m in model.modules())
     _swap_children(model, replace)
