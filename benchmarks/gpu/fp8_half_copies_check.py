@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,10 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from w4a16_h2_e2e import GREEDY, PROMPTS  # noqa: E402
+from w4a16_half_copies_check import switch_ab  # noqa: E402
 from w4a16_norm_epilogue_check import graphed  # noqa: E402
 
-from inferneo import LLM  # noqa: E402
 from inferneo.kernels._triton_elementwise import rms_norm  # noqa: E402
 from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul, scaled_half  # noqa: E402
 from inferneo.quantization.fp8 import Fp8LinearMethod  # noqa: E402
@@ -53,6 +51,14 @@ def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def forms(fn) -> dict[str, object]:
     """``fn()`` eager and from a CUDA graph."""
     return {"eager": fn(), "graph": graphed(fn)}
+
+
+def reader(name: str, n: int, x: torch.Tensor, x_half: torch.Tensor) -> dict:
+    """An ``n``-row FP8 GEMV of ``x`` with and without reading its copy ``x_half``, eager and from a graph."""
+    q, s = fp8_weight(n, x.shape[1])
+    want = forms(lambda: fp8_gemv(x, q, s))
+    got = forms(lambda: fp8_gemv(x, q, s, x_half=x_half))
+    return {"kernel": name, "n": n, "k": x.shape[1], **{f"{f}_equal": torch.equal(want[f], got[f]) for f in want}}
 
 
 def kernels() -> list[dict]:
@@ -82,11 +88,7 @@ def kernels() -> list[dict]:
                                  and torch.equal(half, scaled_half(got)))
     normed, normed_half = got, half
     lines.append(line)
-    q, s = fp8_weight(12288, 4096)
-    out = forms(lambda: fp8_gemv(normed, q, s))
-    got = forms(lambda: fp8_gemv(normed, q, s, x_half=normed_half))
-    lines.append({"kernel": "qkv_proj", "n": 12288, "k": 4096, **{f"{f}_equal": torch.equal(out[f], got[f])
-                                                                    for f in out}})
+    lines.append(reader("qkv_proj", 12288, normed, normed_half))
     q, s = fp8_weight(22016, 4096)
     line = {"kernel": "gate_up_silu", "n": 22016, "k": 4096}
     for form in ("eager", "graph"):
@@ -96,11 +98,7 @@ def kernels() -> list[dict]:
         act = run(lambda act_half=act_half: fp8_gemv_silu_mul(normed, q, s, x_half=normed_half, half_out=act_half))
         line[f"{form}_equal"] = torch.equal(want, act) and torch.equal(act_half, scaled_half(act))
     lines.append(line)
-    q, s = fp8_weight(4096, 11008)
-    out = forms(lambda: fp8_gemv(act, q, s))
-    got = forms(lambda: fp8_gemv(act, q, s, x_half=act_half))
-    lines.append({"kernel": "down_proj", "n": 4096, "k": 11008, **{f"{f}_equal": torch.equal(out[f], got[f])
-                                                                     for f in out}})
+    lines.append(reader("down_proj", 4096, act, act_half))
     for line in lines:
         line["ok"] = line["eager_equal"] and line["graph_equal"]
     return lines
@@ -109,29 +107,9 @@ def kernels() -> list[dict]:
 def engine(tmp: str) -> dict:
     source = make_tiny_checkpoint(Path(tmp) / "llama-src", "llama", hidden_size=256, num_heads=4, num_kv_heads=2,
                                   num_layers=3)
-    runs, asked = {}, {"0": 0, "1": 0}
-    original = Fp8LinearMethod.copy_apply
-    for value in ("0", "1"):
-        def counted(self, *args, value=value, **kwargs):
-            asked[value] += 1
-            return original(self, *args, **kwargs)
-
-        os.environ[SWITCH] = value
-        Fp8LinearMethod.copy_apply = counted
-        try:
-            llm = LLM(str(source), dtype="bfloat16", quantization="fp8", max_model_len=256, kv_cache_memory="64MiB")
-            outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-            llm.shutdown()
-        finally:
-            os.environ.pop(SWITCH, None)
-            Fp8LinearMethod.copy_apply = original
-        runs[value] = ([list(o.token_ids) for o in outs],
-                       [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
-    line = {"engine": "llama-fp8", "tokens_equal": runs["0"][0] == runs["1"][0],
-            "logprobs_equal": runs["0"][1] == runs["1"][1], "copies_asked_off": asked["0"],
-            "copies_asked_on": asked["1"]}
-    line["ok"] = line["tokens_equal"] and line["logprobs_equal"] and asked["0"] == 0 and asked["1"] > 0
-    return line
+    # asked: the GEMVs given copies (every call of copy_apply)
+    return {"engine": "llama-fp8", **switch_ab(source, SWITCH, Fp8LinearMethod, "copy_apply",
+                                               lambda args, kwargs: True, quantization="fp8")}
 
 
 def main() -> int:

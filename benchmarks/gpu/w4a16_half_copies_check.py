@@ -116,34 +116,42 @@ def qkv(row: tuple, n: int = 12288, k: int = 4096) -> dict:
     return line
 
 
+def switch_ab(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> dict:
+    """A tiny engine from ``path`` (bfloat16, CUDA graphs, each prompt alone) with ``switch`` at 0 and at 1:
+    whether its greedy tokens and their logprobs are equal, and how many calls of ``owner.<name>`` (patched while
+    it runs) ``asks(args, kwargs)`` counted with each (calls from Python: captures and eager steps). The line is
+    ok when both are equal and the calls came with the switch on only."""
+    runs, asked = {}, {"0": 0, "1": 0}
+    original = getattr(owner, name)
+    for value in ("0", "1"):
+        def counted(*args, value=value, **kwargs):
+            asked[value] += bool(asks(args, kwargs))
+            return original(*args, **kwargs)
+
+        os.environ[switch] = value
+        setattr(owner, name, counted)
+        try:
+            llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", **llm_kw)
+            outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
+            llm.shutdown()
+        finally:
+            os.environ.pop(switch, None)
+            setattr(owner, name, original)
+        runs[value] = ([list(o.token_ids) for o in outs],
+                       [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
+    line = {"tokens_equal": runs["0"][0] == runs["1"][0], "logprobs_equal": runs["0"][1] == runs["1"][1],
+            "asked_off": asked["0"], "asked_on": asked["1"]}
+    line["ok"] = line["tokens_equal"] and line["logprobs_equal"] and asked["0"] == 0 and asked["1"] > 0
+    return line
+
+
 def engine(tmp: str) -> dict:
     source = make_tiny_checkpoint(Path(tmp) / "llama-src", "llama", hidden_size=256, num_heads=4, num_kv_heads=2,
                                   num_layers=3)
     quant, _ = write_int4_checkpoint(source, Path(tmp) / "awq", Path(tmp) / "awq-ref", "awq", 128)
-    runs = {}
-    copies = {"0": 0, "1": 0}
-    original = triton_int4.w4a16_residual_norm
-    for value in ("0", "1"):
-        def counted(*args, value=value, **kwargs):
-            copies[value] += kwargs.get("half_out") is not None
-            return original(*args, **kwargs)
-
-        os.environ[SWITCH] = value
-        triton_int4.w4a16_residual_norm = counted
-        try:
-            llm = LLM(str(quant), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB")
-            outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-            llm.shutdown()
-        finally:
-            os.environ.pop(SWITCH, None)
-            triton_int4.w4a16_residual_norm = original
-        runs[value] = ([list(o.token_ids) for o in outs],
-                       [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
-    line = {"engine": "llama-awq-128", "tokens_equal": runs["0"][0] == runs["1"][0],
-            "logprobs_equal": runs["0"][1] == runs["1"][1], "producer_copies_off": copies["0"],
-            "producer_copies_on": copies["1"]}  # calls from Python (captures and eager steps)
-    line["ok"] = (line["tokens_equal"] and line["logprobs_equal"] and copies["0"] == 0 and copies["1"] > 0)
-    return line
+    # asked: the producers' calls with a copy to write
+    return {"engine": "llama-awq-128", **switch_ab(quant, SWITCH, triton_int4, "w4a16_residual_norm",
+                                                   lambda args, kwargs: kwargs.get("half_out") is not None)}
 
 
 def main() -> int:
