@@ -398,6 +398,12 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                 assert torch.equal(half, paired_half(scaled))
                 order = paired_half(torch.arange(16.0).bfloat16().view(1, 16))[0].tolist()
                 assert order == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15], order
+                try:
+                    paired_half(torch.zeros(1, 12).bfloat16())
+                except ValueError as exc:
+                    assert "multiple of 8" in str(exc)
+                else:
+                    raise AssertionError("paired_half took a width that is not a multiple of 8")
             # the consumer: 1 / rms applied to the products, against the norm then F.linear (and the plain kernel
             # on the normalized row), whole, split with the last program's sums, split with atomic sums
             t = held.float()

@@ -1134,6 +1134,8 @@ def paired_half(row: torch.Tensor) -> torch.Tensor:
     with ``x_half`` and writes with ``half_out``: the values as float16, each run of eight in the order 0, 4, 1, 5,
     2, 6, 3, 7, so that two int64 loads are the kernel's four activation pairs as they are. (The kernels write it
     themselves; this is its definition, for tests and for a row no kernel wrote.)"""
+    if row.dim() != 2 or row.shape[1] % 8:
+        raise ValueError(f"paired_half: want rows [M, K] with K a multiple of 8, got shape {tuple(row.shape)}")
     m, k = row.shape
     return row.to(torch.float16).view(m, k // 8, 2, 4).transpose(2, 3).reshape(m, k)
 
