@@ -409,6 +409,15 @@ def w4a16_norm_epilogue() -> bool:
     return _flag("INFERNEO_W4A16_NORM_EPILOGUE", True)
 
 
+def fp8_norm_epilogue() -> bool:
+    """INFERNEO_FP8_NORM_EPILOGUE (default off until measured on a GPU): at one-row decode steps, a dense decoder
+    layer whose four linears are FP8 on the Triton h2 GEMV runs its RMSNorms in the GEMVs' epilogues
+    (``device_kernels.EpilogueNormLayer``), as ``INFERNEO_W4A16_NORM_EPILOGUE`` does for W4A16: the output and down
+    projections add to the residual and write it scaled by the next norm's weight with partial sums of squares;
+    the q/k/v and gate/up GEMVs multiply their sums by ``1 / rms``. Read when the model's kernels are chosen."""
+    return _flag("INFERNEO_FP8_NORM_EPILOGUE", False)
+
+
 def w4a16_half_copies() -> bool:
     """INFERNEO_W4A16_HALF_COPIES (default on): in a bfloat16 model's one-row decode steps through
     ``device_kernels.EpilogueNormLayer``, the W4A16 h2 launches that write the rows the next ones read (the output,

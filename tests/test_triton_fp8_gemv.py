@@ -383,6 +383,212 @@ _SCRIPT = textwrap.dedent("""
 
 
 
+# The RMSNorm in the FP8 h2 GEMVs' epilogues (kernels/scaled_row.py), under the interpreter: the producer's residual
+# sum and scaled row against the plain launch followed by the fused add + norm's rounding (within one bfloat16 unit:
+# the interpreter truncates float32 to bfloat16 where the GPU rounds), its per-program sums of squares; the reader's
+# 1 / rms against the norm then F.linear; the scaled float16 copies giving the same bits; then decoder layers
+# (EpilogueNormLayer) of FP8 linears against the plain layers.
+_EPILOGUE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, tempfile, types
+    import torch, torch.nn.functional as F
+    from triton_interpreter_shims import patch_interpreter
+    patch_interpreter()
+    from inferneo.kernels.scaled_row import RowScale, ScaledRow
+    from inferneo.kernels.triton_fp8_gemv import (fp8_gemv, fp8_gemv_silu_mul, fp8_residual_norm, h2_epilogue_tile,
+                                                  scaled_half)
+    from inferneo.quantization.fp8_math import dequantize, quantize_groups, quantize_per_tensor
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def quantized(w, kind):
+        q, s = quantize_per_tensor(w) if kind == "tensor" else quantize_groups(w)
+        return q, (s if kind == "tensor" else s.reshape(-1)), dequantize(q, s)
+
+    torch.manual_seed(0)
+    eps = 1e-5
+    close = lambda a, b: torch.allclose(a.float(), b.float(), rtol=2.0 ** -7, atol=0.0)
+    for kind in ("tensor", "row"):
+        for hidden, config in ((64, (8, 64, 4, "h2")), (72, (16, 128, 2, "h2"))):  # whole / masked output tiles
+            qp, sp, _ = quantized(torch.randn(hidden, 304) * 0.05, kind)
+            qc, sc, wc = quantized(torch.randn(48, hidden) * 0.05, kind)
+            qg, sg, wg = quantized(torch.randn(2 * 24, hidden) * 0.05, kind)
+            x = torch.randn(1, 304).bfloat16()
+            residual = (4 * torch.randn(1, hidden)).bfloat16()
+            nw = (1 + 0.3 * torch.randn(hidden)).bfloat16()
+            total = (fp8_gemv(x, qp, sp, config=config).float() + residual.float()).bfloat16()
+            held = residual.clone()
+            scaled, sums = fp8_residual_norm(x, qp, sp, held, nw, config=config)
+            assert close(held, total), "the residual sum, in place"
+            assert close(scaled, (held.float() * nw.float()).bfloat16())
+            block_n = config[0]
+            assert sums.shape == (-(-hidden // block_n),) and sums.dtype == torch.float32
+            per_tile = F.pad(held.float()[0] ** 2, (0, sums.numel() * block_n - hidden)).view(-1, block_n).sum(1)
+            assert torch.allclose(sums, per_tile, rtol=1e-6), (sums, per_tile)
+            again, half = residual.clone(), torch.full((1, hidden), float("nan"), dtype=torch.float16)
+            scaled2, sums2 = fp8_residual_norm(x, qp, sp, again, nw, config=config, x_half=scaled_half(x),
+                                               half_out=half)
+            assert torch.equal(scaled2, scaled) and torch.equal(sums2, sums) and torch.equal(again, held)
+            assert torch.equal(half, scaled_half(scaled))
+            t = held.float()
+            normed = ((t * torch.rsqrt((t * t).mean(-1, keepdim=True) + eps)).bfloat16().float()
+                      * nw.float()).bfloat16()
+            for cc in ((8, 64, 4, "h2"), (4, 32, 2, "h2")):
+                y = fp8_gemv(scaled, qc, sc, config=cc, row_scale=RowScale(sums, eps))
+                assert y.shape == (1, 48) and y.dtype == torch.bfloat16
+                assert rel(y, F.linear(normed.float(), wc)) < 1.5e-2, (kind, cc)
+                assert rel(y, fp8_gemv(normed, qc, sc, config=cc)) < 1e-2, (kind, cc)
+                assert torch.equal(fp8_gemv(scaled, qc, sc, config=cc, row_scale=RowScale(sums, eps), x_half=half), y)
+                act = fp8_gemv_silu_mul(scaled, qg, sg, config=cc, row_scale=RowScale(sums, eps))
+                g, u = F.linear(normed.float(), wg).chunk(2, dim=-1)
+                assert act.shape == (1, 24) and rel(act, F.silu(g) * u) < 3e-2, (kind, cc, rel(act, F.silu(g) * u))
+                act_half = torch.full((1, 24), float("nan"), dtype=torch.float16)
+                again = fp8_gemv_silu_mul(scaled, qg, sg, config=cc, row_scale=RowScale(sums, eps), x_half=half,
+                                          half_out=act_half)
+                assert torch.equal(again, act) and torch.equal(act_half, scaled_half(act))
+    # where the h2 kernel does not take the epilogue: refused (an explicit tiling) or None (nothing written)
+    qp, sp, _ = quantized(torch.randn(64, 304) * 0.05, "row")
+    residual = torch.randn(1, 64).bfloat16()
+    before = residual.clone()
+    for bad in (lambda: fp8_gemv(torch.randn(1, 304).bfloat16(), qp, sp, config=(8, 64, 4),
+                                 row_scale=RowScale(torch.ones(8), eps)),
+                lambda: fp8_residual_norm(torch.randn(1, 304).half(), qp, sp, residual, torch.ones(64).half(),
+                                          config=(8, 64, 4, "h2")),
+                lambda: fp8_residual_norm(torch.randn(1, 304).bfloat16(), qp, sp, torch.randn(1, 63).bfloat16(),
+                                          torch.ones(64).bfloat16(), config=(8, 64, 4, "h2"))):
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError("an epilogue the h2 kernel cannot run was taken")
+    assert torch.equal(residual, before)
+    assert h2_epilogue_tile(torch.randn(1, 304).bfloat16(), qp, sp, None) is None  # (untuned shape: no h2 tiling)
+    assert fp8_residual_norm(torch.randn(1, 304).bfloat16(), qp, sp, residual, torch.ones(64).bfloat16()) is None
+    assert torch.equal(residual, before)
+
+    # Decoder layers of FP8 linears (EpilogueNormLayer): three chained layers at one row within the GEMVs' tolerance
+    # of the plain layers (RMSNorm kernel, then the GEMVs), every output and down projection but the last layer's
+    # down through the producer; the float16 copies on give the same bits; two rows take the plain path, bit for
+    # bit; with the switch off no layer changes. A tiling file names h2 tilings for the tiny shapes.
+    tilings = {f"{n},{k},1": {"block_n": 8, "block_k": 64, "num_warps": 4, "options": ["h2"]}
+               for n, k in ((128, 64), (64, 64), (192, 64), (64, 96))}
+    path = os.path.join(tempfile.mkdtemp(), "tilings.json")
+    with open(path, "w") as f:
+        json.dump({"max_rows": 16, "shapes": tilings}, f)
+    os.environ["INFERNEO_FP8_GEMV_CONFIGS"] = path
+    from inferneo.kernels import triton_fp8_gemv as fg
+    fg._tuned.cache_clear()  # (the tiling file is read once)
+    import copy
+    from torch import nn
+    from inferneo.kernel_config import KernelConfig
+    from inferneo.kernels._triton_elementwise import rms_norm
+    from inferneo.model_executor.device_kernels import (EpilogueNormLayer, QuantizedSiluMLP, TritonRMSNorm, _adopt,
+                                                        use_epilogue_norm_layers)
+    from inferneo.model_executor.layers.basic import RMSNorm
+    from inferneo.model_executor.models.llama import MLP, Attention, DecoderLayer
+    from inferneo.quantization.base import LinearShape, QuantizedLinear
+    from inferneo.quantization.fp8 import Fp8LinearMethod, Fp8Scheme
+
+    def fp8(name, in_f, shards):
+        m = Fp8LinearMethod(Fp8Scheme("channel", None, "dynamic_token", checkpoint=False))
+        lin = QuantizedLinear(m, LinearShape(name, in_f, shards), False, torch.bfloat16, torch.device("cpu"))
+        lin.weight.data.copy_(torch.randn(sum(shards), in_f) * 0.05)
+        m.finalize(lin, KernelConfig())
+        lin.fp8_kernel, lin.fp8_gemv, lin.fp8_pdl = "scaled_mm", True, False
+        return lin
+
+    ops = types.SimpleNamespace(rms_norm=rms_norm)
+
+    def layer(i):
+        attn = Attention.__new__(Attention)  # an attention whose attend_qkv is any function of the q/k/v output
+        nn.Module.__init__(attn)
+        attn.qkv_proj = fp8(f"layers.{i}.self_attn.qkv_proj", 64, (64, 32, 32))
+        attn.o_proj = fp8(f"layers.{i}.self_attn.o_proj", 64, (64,))
+        attn.attend_qkv = lambda positions, qkv, kv_cache, metadata: (
+            qkv[:, :64] * 0.5 + torch.cat([qkv[:, 64:96], qkv[:, 96:]], dim=-1))
+        mlp = MLP(types.SimpleNamespace(hidden_size=64, intermediate_size=96, mlp_bias=False))
+        mlp.gate_up_proj = fp8(f"layers.{i}.mlp.gate_up_proj", 64, (96, 96))
+        mlp.down_proj = fp8(f"layers.{i}.mlp.down_proj", 96, (64,))
+        m = DecoderLayer.__new__(DecoderLayer)
+        nn.Module.__init__(m)
+        m.self_attn, m.mlp = attn, _adopt(QuantizedSiluMLP, mlp)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = RMSNorm(64, eps)
+            norm.weight.data = (1 + 0.1 * torch.randn(64)).bfloat16()
+            setattr(m, name, TritonRMSNorm(norm, ops, False))
+        return m
+
+    plain = nn.Module()
+    plain.layers = nn.ModuleList([layer(i) for i in range(3)])
+    fused = copy.deepcopy(plain)
+    for m in fused.modules():
+        if isinstance(m, TritonRMSNorm):
+            m.ops = ops  # (one namespace, so that its norm launches are counted below)
+    os.environ["INFERNEO_FP8_NORM_EPILOGUE"] = "0"
+    assert use_epilogue_norm_layers(fused) == 0
+    os.environ["INFERNEO_FP8_NORM_EPILOGUE"] = "1"
+    assert use_epilogue_norm_layers(fused) == 3 and all(type(m) is EpilogueNormLayer for m in fused.layers)
+    assert [l.next_input_norm[0] for l in fused.layers[:-1]] == [l.input_layernorm for l in fused.layers[1:]]
+
+    def run(model, hidden):
+        residual = None
+        for i, m in enumerate(model.layers):
+            hidden, residual = m(None, hidden, residual, None, None)
+        return hidden, residual
+
+    launches = {"producer": 0, "norm": 0}
+    real_producer, real_norm = fg.fp8_residual_norm, ops.rms_norm
+    def counted(kind, real):
+        def call(*args, **kwargs):
+            launches[kind] += 1
+            return real(*args, **kwargs)
+        return call
+    fg.fp8_residual_norm, ops.rms_norm = counted("producer", real_producer), counted("norm", real_norm)
+    for rows in (1, 2):
+        hidden = torch.randn(rows, 64).bfloat16()
+        want = run(plain, hidden.clone())
+        launches.update(producer=0, norm=0)
+        os.environ["INFERNEO_FP8_HALF_COPIES"] = "0"
+        got = run(fused, hidden.clone())
+        if rows == 1:  # the first input norm alone; 5 producers (the last down projection returns a plain row)
+            assert launches == {"producer": 5, "norm": 1}, launches
+            assert not isinstance(got[0], ScaledRow)
+            for g, w in zip(got, want):
+                assert rel(g, w) < 3e-2, rel(g, w)
+        else:
+            assert launches == {"producer": 0, "norm": 6}, launches
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+        os.environ["INFERNEO_FP8_HALF_COPIES"] = "1"
+        copies = {"x": 0, "out": 0}
+        def counting(real):
+            def call(*args, **kwargs):
+                copies["x"] += kwargs.get("x_half") is not None
+                copies["out"] += kwargs.get("half_out") is not None
+                return real(*args, **kwargs)
+            return call
+        reals = fg.fp8_gemv, fg.fp8_gemv_silu_mul, fg.fp8_residual_norm
+        fg.fp8_gemv, fg.fp8_gemv_silu_mul, fg.fp8_residual_norm = (counting(r) for r in reals)
+        with_copies = run(fused, hidden.clone())
+        fg.fp8_gemv, fg.fp8_gemv_silu_mul, fg.fp8_residual_norm = reals
+        assert all(torch.equal(c, g) for c, g in zip(with_copies, got)), rows
+        # one row: every gate/up, down and q/k/v GEMV but the first q/k/v and the last down reads a copy; every
+        # output, gate/up + SiLU and down GEMV but the last down writes one
+        assert copies == ({"x": 7, "out": 8} if rows == 1 else {"x": 0, "out": 0}), (rows, copies)
+    print("ok")
+""")
+
+
+@needs_triton
+def test_fp8_norm_epilogues_under_the_interpreter():
+    """The RMSNorm in the FP8 h2 GEMVs' epilogues (``INFERNEO_FP8_NORM_EPILOGUE``): kernels and decoder layers."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    for name in ("INFERNEO_FP8_NORM_EPILOGUE", "INFERNEO_FP8_HALF_COPIES", "INFERNEO_FP8_GEMV_CONFIGS"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", _EPILOGUE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
 @needs_triton
 def test_fp8_gemv_kernels_and_selection_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",

@@ -19,10 +19,7 @@ Usage: ``python benchmarks/gpu/fp8_half_copies_check.py [--out FILE.jsonl]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from check_report import run_checks  # noqa: E402
 from w4a16_half_copies_check import switch_ab  # noqa: E402
 from w4a16_norm_epilogue_check import graphed  # noqa: E402
 
@@ -112,23 +110,6 @@ def engine(tmp: str) -> dict:
                                                lambda args, kwargs: True, quantization="fp8")}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    lines = kernels()
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        lines.append(engine(tmp))
-        print(json.dumps(lines[-1]), flush=True)
-    ok = all(line["ok"] for line in lines)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(x) + "\n" for x in lines))
-    print("FP8 HALF COPIES ok" if ok else "FP8 HALF COPIES FAILED", flush=True)
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
     torch.manual_seed(0)
-    raise SystemExit(main())
+    raise SystemExit(run_checks("FP8 HALF COPIES", kernels, engine))

@@ -20,11 +20,8 @@ Usage: ``python benchmarks/gpu/w4a16_half_copies_check.py [--out FILE.jsonl]``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from check_report import run_checks  # noqa: E402
 from int4_check import _random_rows  # noqa: E402
 from w4a16_h2_e2e import GREEDY, PROMPTS  # noqa: E402
 from w4a16_norm_epilogue_check import EPS, graphed  # noqa: E402
@@ -154,27 +152,15 @@ def engine(tmp: str) -> dict:
                                                    lambda args, kwargs: kwargs.get("half_out") is not None)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+def kernels() -> list[dict]:
+    """Llama-2-7B's four launches chained as a layer chains them."""
     heads = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     o_line, o_row = producer("o_proj", 4096, 4096, heads, None)
     gu_line, (act, act_half) = gate_up(o_row)
     down_line, down_row = producer("down_proj", 4096, 11008, act, act_half)
-    lines = [o_line, gu_line, down_line, qkv(down_row)]
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        lines.append(engine(tmp))
-        print(json.dumps(lines[-1]), flush=True)
-    ok = all(line["ok"] for line in lines)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(x) + "\n" for x in lines))
-    print("HALF COPIES ok" if ok else "HALF COPIES FAILED", flush=True)
-    return 0 if ok else 1
+    return [o_line, gu_line, down_line, qkv(down_row)]
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    raise SystemExit(main())
+    raise SystemExit(run_checks("HALF COPIES", kernels, engine))

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel
+from inferneo.kernels.scaled_row import ResidualNorm, RowScale, epilogue_arguments
 
 SCALE_TENSOR, SCALE_ROW, SCALE_BLOCK = 0, 1, 2
 # Rows up to which the GEMV runs when the tuned file does not say: on an H200 (2026-12-03) it beat the W8A8 path at
@@ -332,10 +333,18 @@ def _h2_finish_sum(y, x_ptr, w_ptr, s_ptr, rows, nmask, K: tl.constexpr, stride_
 def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_wn, stride_wn8,
                         K: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, FB_K: tl.constexpr, EVEN_N: tl.constexpr, PDL: tl.constexpr,
-                        yh_ptr=None, Y_HALF: tl.constexpr = False, X_HALF: tl.constexpr = False):
+                        yh_ptr=None, Y_HALF: tl.constexpr = False, X_HALF: tl.constexpr = False,
+                        sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
+                        ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1,
+                        RES_NORM: tl.constexpr = False):
     # One row: out[rows] = W[rows] . x (GATED: silu(W[rows] . x) * W[rows + N] . x); w8/x8: the weight and the row
     # as int64 (eight codes, four bf16; X_HALF: x8 is the row's scaled float16 copy, see scaled_half, x still the
     # row itself for the float32 fallback); BLOCK_K counts codes. Y_HALF: the outputs' scaled float16 copy to yh.
+    # The RMSNorm in the epilogues (kernels/scaled_row.py): ROW_SCALE: x is the norm's input times the norm weight,
+    # and the sums (both of GATED's) are multiplied by 1 / rms from the num_sq (<= SQ_BLOCK) partial sums of squares
+    # at sq, summed in order; RES_NORM (not GATED): the output, rounded, is added to the residual (in place: each
+    # program reads and writes only its rows), out takes that sum times the norm weight nw, rounded, and the
+    # program's sum of the squared sums goes to sq_out[program_id(0)].
     BK8: tl.constexpr = BLOCK_K // 8
     K8: tl.constexpr = K // 8
     EVEN: tl.constexpr = EVEN_N and K % BLOCK_K == 0
@@ -347,6 +356,9 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     if GATED:
         wu = _h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    if ROW_SCALE:  # read now, summed at the end
+        sq_i = tl.arange(0, SQ_BLOCK)
+        squares = tl.load(sq_ptr + sq_i, mask=sq_i < num_sq, other=0.0)
     xa, xb = _h2_x(x8_ptr, j, K8, EVEN, X_HALF)
     acc = _h2_dot8(w, xa, xb)
     acc_u = acc
@@ -358,12 +370,25 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
         acc += _h2_dot8(_h2_tile(w8_ptr, rows, nmask, j, K8, stride_wn8, EVEN), xa, xb)
         if GATED:
             acc_u += _h2_dot8(_h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN), xa, xb)
-    y = _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
+    y = _h2_finish(acc, x_ptr, w_ptr, s_ptr, rows, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)  # [1, BLOCK_N]
+    if ROW_SCALE:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)  # the norm's expression (weighted_rms_norm)
+        y = y * inv_rms
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
     if GATED:
         u = _h2_finish(acc_u, x_ptr, w_ptr, s_ptr, rows + N, nmask, K, stride_wn, BLOCK_N, FB_K, SCALE)
-        y = _silu_mul_rounded(y, u, out_ptr.dtype.element_ty)
+        if ROW_SCALE:
+            u = u * inv_rms
+        y = _silu_mul_rounded(y, u, dtype)
+    if RES_NORM:  # rounded as the projection's output, then as the residual sum (the fused add + RMSNorm)
+        res = tl.load(res_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+        total = (y.to(dtype).to(tl.float32) + res).to(dtype)
+        tl.store(res_ptr + rows[None, :], total, mask=nmask[None, :])
+        t = total.to(tl.float32)
+        tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.sum(tl.where(nmask[None, :], t * t, 0.0), axis=1), axis=0))
+        y = t * tl.load(nw_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
     if Y_HALF:
-        tl.store(yh_ptr + rows[None, :], scaled_half_values(y), mask=nmask[None, :])  # (y: [1, BLOCK_N])
+        tl.store(yh_ptr + rows[None, :], scaled_half_values(y), mask=nmask[None, :])
     _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
 
 
@@ -726,7 +751,27 @@ def scaled_half(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * 2.0**-8).to(torch.float16)
 
 
-def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, half_out=None):
+def h2_epilogue_tile(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                     gated: bool = False) -> tuple[int, int, int] | None:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` of the h2 launch that takes an RMSNorm in its epilogue for ``x`` (see
+    :func:`fp8_residual_norm`), or None: one row under a one-row tiling with the ``h2`` option, which the h2
+    kernel takes (:func:`takes_h2`: a contiguous bfloat16 row, per-tensor or per-row scales)."""
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return None
+    numbers, options = split_tile(fp8_gemv_config(weight.shape[0], x.shape[1], 1))
+    if len(numbers) != 3 or "h2" not in options:
+        return None
+    try:
+        mode = _scale_mode(scale, weight.shape[0], block)[0]
+    except ValueError:
+        return None
+    if gated and weight.shape[0] % 2:
+        return None
+    return numbers if takes_h2(x, weight, mode, numbers[1]) else None
+
+
+def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, half_out=None,
+            row_scale: RowScale | None = None, residual_norm: ResidualNorm | None = None):
     m, k = x.shape
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"fp8 GEMV: weight {tuple(weight.shape)} (rows contiguous) does not fit x {tuple(x.shape)}")
@@ -746,6 +791,15 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
     if mode != SCALE_BLOCK:
         scale = scale.contiguous()
     numbers, options = split_tile(config or fp8_gemv_config(weight.shape[0], k, m))
+    if row_scale is not None or residual_norm is not None:
+        if len(numbers) != 3 or "h2" not in options or not takes_h2(x, weight, mode, numbers[1]):
+            raise ValueError("fp8 GEMV: an RMSNorm epilogue needs one bfloat16 row through an h2 tiling "
+                             "(see h2_epilogue_tile)")
+        if residual_norm is not None and (gated or residual_norm.residual.shape != (1, outputs)
+                                          or not residual_norm.residual.is_contiguous()
+                                          or residual_norm.residual.dtype != x.dtype):
+            raise ValueError(f"fp8 GEMV: the residual must be a contiguous {x.dtype} [1, {outputs}] row beside an "
+                             "ungated projection")
     if len(numbers) == 4 and mode == SCALE_BLOCK and bsk % numbers[1]:
         # the tensor-core kernel takes one block scale per K tile: a tile tuned on per-channel weights (e.g.
         # BLOCK_K 256) narrows to a divisor of the blocks' width, or the CUDA-core kernel (per-column scales) runs
@@ -793,6 +847,7 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
             copies.update(X_HALF=True)
         if half_out is not None:
             copies.update(yh_ptr=half_out, Y_HALF=True)
+        copies.update(epilogue_arguments(row_scale, residual_norm))
         _fp8_gemv_h2_kernel[(triton.cdiv(outputs, block_n),)](
             x, (x if x_half is None else x_half).view(torch.int64), weight, weight.view(torch.int64), scale, out,
             outputs, weight.stride(0), weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n,
@@ -809,7 +864,7 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None,
              config: Tile | None = None, pdl: bool | None = None, *, x_half: torch.Tensor | None = None,
-             half_out: torch.Tensor | None = None) -> torch.Tensor:
+             half_out: torch.Tensor | None = None, row_scale: RowScale | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T`` for ``x [M, K]`` (bf16/fp16/float32, ``M`` small), e4m3 ``weight [N, K]`` (rows
     contiguous) and float32 ``scale``: one value, one per output row (``[N]`` or ``[N, 1]``), or with ``block =
     (rows, cols)`` a ``[ceil(N / rows), ceil(K / cols)]`` grid. Returns ``[M, N]`` in ``x``'s dtype, rounded once
@@ -817,26 +872,54 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: 
 
     Scaled float16 copies of bfloat16 rows (:func:`scaled_half`): ``x_half``, ``x``'s, which the one-row h2 kernel
     reads in place of converting ``x`` (other kernels ignore it: the same values); ``half_out`` ``[M, N]``, always
-    written with the output's (by the h2 kernel's epilogue, else from the output). The same bits either way."""
+    written with the output's (by the h2 kernel's epilogue, else from the output). The same bits either way.
+
+    ``row_scale`` (one bfloat16 row under an h2 tiling: :func:`h2_epilogue_tile`; else ValueError): ``x`` is an
+    RMSNorm's input times its weight (a ``ScaledRow``'s ``scaled``, ``kernels/scaled_row.py``), and the products
+    are multiplied by the norm's ``1 / rms`` before the rounding."""
     return _launch(x, weight, scale, block, weight.shape[0], config, pdl, gated=False, x_half=x_half,
-                   half_out=half_out)
+                   half_out=half_out, row_scale=row_scale)
 
 
 def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       block: tuple[int, int] | None = None, config: Tile | None = None,
                       pdl: bool | None = None, *, x_half: torch.Tensor | None = None,
-                      half_out: torch.Tensor | None = None) -> torch.Tensor:
+                      half_out: torch.Tensor | None = None, row_scale: RowScale | None = None) -> torch.Tensor:
     """``silu(g) * u`` where ``[g, u] = x @ (weight * scale).T``, in one kernel: the gated MLP's fused gate/up
     projection (``weight [2D, K]``, gate rows first; scales as :func:`fp8_gemv`) and its activation. Returns
-    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds. ``x_half`` and
-    ``half_out`` as in :func:`fp8_gemv`."""
+    ``[M, D]`` in ``x``'s dtype, rounded as the projection followed by SiLU-and-multiply rounds. ``x_half``,
+    ``half_out`` and ``row_scale`` (both projections' sums) as in :func:`fp8_gemv`."""
     n2 = weight.shape[0]
     if n2 % 2:
         raise ValueError("fp8 GEMV: the fused gate/up weight has an even number of rows")
     if block is not None and (n2 // 2) % block[0]:
         raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
     return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
-                   gated=True, x_half=x_half, half_out=half_out)
+                   gated=True, x_half=x_half, half_out=half_out, row_scale=row_scale)
+
+
+def fp8_residual_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, pdl: bool | None = None, *, x_half: torch.Tensor | None = None,
+                      half_out: torch.Tensor | None = None,
+                      config: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``x @ (weight * scale).T`` of one bfloat16 row added to ``residual`` ``[1, N]`` in place (rounded as the
+    fused add + RMSNorm rounds: the product to bfloat16, then the sum), in one h2 launch whose epilogue also returns
+    what the next layer's GEMV needs to apply the RMSNorm of that sum itself (:func:`fp8_gemv` with ``row_scale``):
+    ``(scaled, square_sums)``, the sum times ``norm_weight`` rounded to bfloat16 ``[1, N]``, and float32 sums of
+    the squared sum, one per program. None where :func:`h2_epilogue_tile` has no launch (nothing written: the
+    caller projects, then normalizes). ``x_half`` and ``half_out`` (the returned row's scaled float16 copy) as in
+    :func:`fp8_gemv`. ``config``: an h2 tiling in place of the tiling file's (tests, A/Bs)."""
+    if config is not None:
+        numbers, options = split_tile(config)
+        tile = numbers if len(numbers) == 3 and "h2" in options else None
+    else:
+        tile = h2_epilogue_tile(x, weight, scale, None)
+    if tile is None:
+        return None
+    square_sums = torch.empty(triton.cdiv(weight.shape[0], tile[0]), dtype=torch.float32, device=x.device)
+    scaled = _launch(x, weight, scale, None, weight.shape[0], tile + ("h2",), pdl, gated=False, x_half=x_half,
+                     half_out=half_out, residual_norm=ResidualNorm(residual, norm_weight, square_sums))
+    return scaled, square_sums
 
 
 NORM_MAX_COLS = 16384  # the widest row the norm-fused GEMV takes (its K loop holds no whole row)

@@ -45,7 +45,6 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import triton
@@ -53,6 +52,7 @@ import triton.language as tl
 
 from inferneo import envs
 from inferneo.kernels._pdl import launch_options, pdl_for, wait_for_previous_kernel, wait_without_trigger
+from inferneo.kernels.scaled_row import ResidualNorm, RowScale, epilogue_arguments
 from inferneo.kernels.triton_attention import device_sm_count
 from inferneo.quantization.int4_layouts import Int4RowWeights
 
@@ -1107,14 +1107,7 @@ def _gemv_h2(x: torch.Tensor, weights: Int4RowWeights, d: int, silu: bool, confi
     even = (d % outputs_per_program == 0 and per_split * (weights.group_size // 16) % block_k2 == 0
             and per_split * split == groups)
     pdl = pdl_for(x)
-    epilogue = {}
-    if row_scale is not None:
-        num_sq = row_scale.square_sums.numel()
-        epilogue.update(sq_ptr=row_scale.square_sums, num_sq=num_sq, eps=row_scale.eps, ROW_SCALE=True,
-                        SQ_BLOCK=triton.next_power_of_2(num_sq))
-    if residual_norm is not None:
-        epilogue.update(res_ptr=residual_norm.residual, nw_ptr=residual_norm.norm_weight,
-                        sq_out_ptr=residual_norm.square_sums, RES_NORM=True)
+    epilogue = epilogue_arguments(row_scale, residual_norm)
     if x_half is not None:
         epilogue.update(xh_ptr=_half_copy_of(x, x_half, "x_half").view(torch.int64), X_HALF=True)
     if half_out is not None:
@@ -1148,24 +1141,6 @@ def _half_copy_of(row: torch.Tensor, half: torch.Tensor, what: str) -> torch.Ten
         raise ValueError(f"{what}: want a contiguous, 16-byte aligned float16 tensor of shape {tuple(row.shape)} "
                          f"beside a bfloat16 row, got {half.dtype} {tuple(half.shape)} beside {row.dtype}")
     return half
-
-
-class RowScale(NamedTuple):
-    """An h2 launch's input is an RMSNorm's input times the norm weight: its outputs are multiplied by
-    ``1 / sqrt(sum(square_sums) / K + eps)`` (``square_sums``: float32 partial sums of the squared norm input)."""
-
-    square_sums: torch.Tensor
-    eps: float
-
-
-class ResidualNorm(NamedTuple):
-    """An h2 launch that adds its rounded output to ``residual`` (in place, as the fused add + RMSNorm does) and
-    writes, in place of the output, that sum times ``norm_weight`` (the next RMSNorm's input, scaled), with the
-    programs' sums of the squared sum in ``square_sums`` (float32, one per output tile)."""
-
-    residual: torch.Tensor
-    norm_weight: torch.Tensor
-    square_sums: torch.Tensor
 
 
 def h2_epilogue_config(x: torch.Tensor, weights: Int4RowWeights, producer: bool) -> W4A16Config | None:

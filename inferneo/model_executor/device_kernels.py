@@ -38,10 +38,11 @@ those two attentions          called directly (no module dispatch)
                                                                          one row the input norm inside the
                                                                          q/k/v GEMV
 ``DecoderLayer`` with W4A16   PyTorch                                    :class:`EpilogueNormLayer`
-linears (packed-half GEMV)                                               (``w4a16_norm_epilogue``): at one row
+or FP8 linears (packed-half                                              (``w4a16_norm_epilogue``,
+GEMVs)                                                                   ``fp8_norm_epilogue``): at one row
                                                                          the norms in the GEMVs' epilogues
 ``DecoderLayer`` with FP8     PyTorch                                    :class:`HalfCopyQuantLayer`
-linears                                                                  (``fp8_half_copies``): at one row the
+linears, no epilogue norms                                               (``fp8_half_copies``): at one row the
                                                                          GEMVs read float16 copies of their rows
 ============================  =========================================  =========================================
 
@@ -419,8 +420,8 @@ def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Ten
 
 
 class EpilogueNormLayer(DecoderLayer):
-    """A dense decoder layer whose RMSNorms, at one row, run in the epilogues of the W4A16 GEMVs around them (see
-    ``kernels/scaled_row.py``): the output projection adds to the residual and hands the post-attention norm to
+    """A dense decoder layer whose RMSNorms, at one row, run in the epilogues of the quantized GEMVs around them
+    (W4A16 or FP8 h2 kernels; see ``kernels/scaled_row.py``): the output projection adds to the residual and hands the post-attention norm to
     the gate/up projection; the down projection does the same with the next layer's input norm
     (``next_input_norm``, set by :func:`use_epilogue_norm_layers` when that layer is one of these too), which then
     receives a :class:`ScaledRow` as its hidden state. Where a kernel cannot take its part (more rows, another
@@ -440,7 +441,8 @@ class EpilogueNormLayer(DecoderLayer):
                 hidden, residual = self.input_layernorm(hidden, residual)
             qkv = attn.qkv_proj(hidden)
         heads = attn.attend_qkv(positions, qkv, kv_cache, metadata)
-        half = envs.w4a16_half_copies()  # float16 copies of the bfloat16 rows between the GEMVs
+        half_copies = _method_hook(attn.o_proj, "half_copies")  # float16 copies of the rows between the GEMVs
+        half = half_copies is not None and half_copies()
         row = _residual_norm_linear(attn.o_proj, heads, residual, self.post_attention_layernorm, half=half)
         if row is None:
             return self.feed_forward(attn.o_proj(heads), residual)
@@ -463,26 +465,39 @@ def _dense_silu_layer_whose_linears(m: nn.Module, takes) -> bool:
                                        m.mlp.down_proj)))
 
 
+def _epilogue_method(layer: EpilogueNormLayer) -> type:
+    """The quantization method class of an :class:`EpilogueNormLayer`'s linears (one for all four)."""
+    return type(layer.self_attn.qkv_proj.method)
+
+
 def use_epilogue_norm_layers(model: nn.Module) -> int:
     """Make every plain :class:`DecoderLayer` of ``model.layers`` with Triton RMSNorms, one of this module's
-    attentions and a plain gated MLP (SiLU) whose linears are quantized with a method that fuses the norms into
-    its epilogues (``residual_norm_apply`` and ``scaled_apply``) an :class:`EpilogueNormLayer`, and tell each
-    the next one's input norm; returns how many changed."""
+    attentions and a plain gated MLP (SiLU) whose four linears are quantized with one method that fuses the norms
+    into its epilogues (``residual_norm_apply`` and ``scaled_apply``) and has that switched on
+    (``norm_epilogue()``) an :class:`EpilogueNormLayer`, and tell each the next one's input norm where the next is
+    one too, of the same method (a row's float16 copy has its method's form); returns how many changed."""
     def fuses(layer) -> bool:
+        switch = _method_hook(layer, "norm_epilogue")
         return (_method_hook(layer, "residual_norm_apply") is not None
-                and _method_hook(layer, "scaled_apply") is not None and layer.bias is None)
+                and _method_hook(layer, "scaled_apply") is not None and layer.bias is None
+                and switch is not None and switch())
+
+    def one_method(m: nn.Module) -> bool:
+        linears = (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj, m.mlp.down_proj)
+        return len({type(x.method) for x in linears}) == 1
 
     layers = getattr(model, "layers", None)
     if layers is None:
         return 0
     changed = 0
     for i, m in enumerate(layers):
-        if not _dense_silu_layer_whose_linears(m, fuses):
+        if not _dense_silu_layer_whose_linears(m, fuses) or not one_method(m):
             continue
         layers[i] = _adopt(EpilogueNormLayer, m)
         changed += 1
     for layer, following in zip(list(layers)[:-1], list(layers)[1:], strict=True):
-        if type(layer) is EpilogueNormLayer and type(following) is EpilogueNormLayer:
+        if (type(layer) is EpilogueNormLayer and type(following) is EpilogueNormLayer
+                and _epilogue_method(layer) is _epilogue_method(following)):
             layer.next_input_norm = (following.input_layernorm,)  # a tuple: not a child module
     return changed
 
@@ -749,8 +764,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
         logger.info("decoder layers run their RMSNorms inside the quantized q/k/v and gate/up GEMVs at one row")
     # (one rank only: a sharded output or down projection holds a partial sum, not yet the residual's addend)
     if (device.type == "cuda" and ops is not None and (tp is None or tp.world_size == 1)
-            and envs.w4a16_norm_epilogue() and use_epilogue_norm_layers(model)):
-        logger.info("decoder layers run their RMSNorms in the epilogues of the W4A16 GEMVs at one row")
+            and use_epilogue_norm_layers(model)):
+        logger.info("decoder layers run their RMSNorms in the epilogues of the quantized GEMVs at one row")
     if device.type == "cuda" and ops is not None and use_half_copy_quant_layers(model):
         logger.info("FP8 decoder layers hand their one-row GEMVs float16 copies of the rows (when switched on)")
     if (device.type == "cuda" and ops is not None and kernels.cuda_fused_routing

@@ -44,6 +44,7 @@ from torch import nn
 
 from inferneo import envs
 from inferneo.kernel_config import KernelConfig
+from inferneo.kernels.scaled_row import ScaledRow
 from inferneo.quantization.base import (
     LinearMethod,
     LinearShape,
@@ -340,6 +341,61 @@ class Fp8LinearMethod(LinearMethod):
 
         run = fp8_gemv_silu_mul if silu_mul else fp8_gemv
         return run(x, layer.weight, *self._gemv_scale(layer), pdl=layer.fp8_pdl, x_half=x_half, half_out=half_out)
+
+    def norm_epilogue(self) -> bool:
+        """Whether dense decoder layers of these linears take their RMSNorms in the one-row GEMVs' epilogues
+        (``device_kernels.EpilogueNormLayer``; ``INFERNEO_FP8_NORM_EPILOGUE``)."""
+        return envs.fp8_norm_epilogue()
+
+    def half_copies(self) -> bool:
+        """Whether the epilogues also write the rows' scaled float16 copies for the readers
+        (``INFERNEO_FP8_HALF_COPIES``, read at each call)."""
+        return envs.fp8_half_copies()
+
+    def _epilogue_tile(self, layer: QuantizedLinear, x: torch.Tensor, gated: bool = False):
+        """The h2 tiling that runs ``layer`` for the one-row ``x`` with an RMSNorm in its epilogue, or None (not
+        the GEMV, a bias, block scales, another kernel; see ``triton_fp8_gemv.h2_epilogue_tile``)."""
+        if layer.bias is not None or self.scheme.block is not None or not self.takes_gemv(layer, 1):
+            return None
+        from inferneo.kernels.triton_fp8_gemv import h2_epilogue_tile
+
+        return h2_epilogue_tile(x, layer.weight, self._gemv_scale(layer)[0], None, gated)
+
+    def residual_norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor,
+                            norm_weight: torch.Tensor, eps: float, *, x_half: torch.Tensor | None = None,
+                            half: bool = False) -> ScaledRow | None:
+        """``residual += layer(x)`` in place for one bfloat16 row, with the RMSNorm after it left to the next FP8
+        layer (``triton_fp8_gemv.fp8_residual_norm``): returns the :class:`ScaledRow` that :meth:`scaled_apply`
+        reads, or None where the h2 kernel cannot take it (nothing is written; the caller projects, then
+        normalizes). ``x_half``: ``x``'s scaled float16 copy (``triton_fp8_gemv.scaled_half``); ``half``: the
+        returned row carries its own (``ScaledRow.half``)."""
+        if self._epilogue_tile(layer, x) is None or residual.shape != (1, layer.out_features) \
+                or not residual.is_contiguous() or residual.dtype != x.dtype:
+            return None
+        from inferneo.kernels.triton_fp8_gemv import fp8_residual_norm
+
+        half_out = x.new_empty((1, layer.out_features), dtype=torch.float16) if half else None
+        out = fp8_residual_norm(x, layer.weight, self._gemv_scale(layer)[0], residual, norm_weight,
+                                pdl=layer.fp8_pdl, x_half=x_half, half_out=half_out)
+        return None if out is None else ScaledRow(out[0], out[1], eps, half_out)
+
+    def scaled_apply(self, layer: QuantizedLinear, row: ScaledRow, silu_mul: bool = False,
+                     half_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``layer(rmsnorm(r))`` from a :class:`ScaledRow` of ``r``, the norm's ``1 / rms`` applied to the
+        products in the h2 kernel's epilogue, or None where the kernel cannot take it (the caller normalizes the
+        residual, then projects). ``silu_mul``: ``layer`` is a gated MLP's fused gate/up, the activation returned
+        (:meth:`silu_mul`'s). The products read ``row.half`` when there is one; ``half_out`` (with ``silu_mul``):
+        written with the activation's scaled float16 copy."""
+        if self._epilogue_tile(layer, row.scaled, silu_mul) is None:
+            return None
+        if half_out is not None and not silu_mul:
+            raise ValueError("scaled_apply: half_out goes with silu_mul")
+        from inferneo.kernels.scaled_row import RowScale
+        from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul
+
+        run = fp8_gemv_silu_mul if silu_mul else fp8_gemv
+        return run(row.scaled, layer.weight, self._gemv_scale(layer)[0], pdl=layer.fp8_pdl, x_half=row.half,
+                   half_out=half_out, row_scale=RowScale(row.square_sums, row.eps))
 
     def norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor | None,
                    norm_weight: torch.Tensor, eps: float, silu_mul: bool = False):

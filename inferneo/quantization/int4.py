@@ -284,6 +284,16 @@ class Int4LinearMethod(LinearMethod):
             return None
         return blocks[0]
 
+    def norm_epilogue(self) -> bool:
+        """Whether dense decoder layers of these linears take their RMSNorms in the one-row GEMVs' epilogues
+        (``device_kernels.EpilogueNormLayer``; ``INFERNEO_W4A16_NORM_EPILOGUE``)."""
+        return envs.w4a16_norm_epilogue()
+
+    def half_copies(self) -> bool:
+        """Whether the epilogues also write the rows' paired float16 copies for the readers
+        (``INFERNEO_W4A16_HALF_COPIES``, read at each call)."""
+        return envs.w4a16_half_copies()
+
     def residual_norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor,
                             norm_weight: torch.Tensor, eps: float, *, x_half: torch.Tensor | None = None,
                             half: bool = False) -> ScaledRow | None:
