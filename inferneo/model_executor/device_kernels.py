@@ -421,11 +421,11 @@ def _scaled_gated_activation(mlp: nn.Module, row: ScaledRow, residual: torch.Ten
 
 class EpilogueNormLayer(DecoderLayer):
     """A dense decoder layer whose RMSNorms, at one row, run in the epilogues of the quantized GEMVs around them
-    (W4A16 or FP8 h2 kernels; see ``kernels/scaled_row.py``): the output projection adds to the residual and hands the post-attention norm to
-    the gate/up projection; the down projection does the same with the next layer's input norm
-    (``next_input_norm``, set by :func:`use_epilogue_norm_layers` when that layer is one of these too), which then
-    receives a :class:`ScaledRow` as its hidden state. Where a kernel cannot take its part (more rows, another
-    launch), that step runs as the plain layer does."""
+    (W4A16 or FP8 h2 kernels; see ``kernels/scaled_row.py``): the output projection adds to the residual and hands
+    the post-attention norm to the gate/up projection; the down projection does the same with the next layer's
+    input norm (``next_input_norm``, set by :func:`use_epilogue_norm_layers` when that layer is one of these too),
+    which then receives a :class:`ScaledRow` as its hidden state. Where a kernel cannot take its part (more rows,
+    another launch), that step runs as the plain layer does."""
 
     next_input_norm = None  # set by ``use_epilogue_norm_layers``: a tuple holding the next layer's input norm
 
