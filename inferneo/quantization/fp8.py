@@ -44,7 +44,7 @@ from torch import nn
 
 from inferneo import envs
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.scaled_row import ScaledRow
+from inferneo.kernels.scaled_row import RowScale, ScaledRow
 from inferneo.quantization.base import (
     LinearMethod,
     LinearShape,
@@ -369,15 +369,17 @@ class Fp8LinearMethod(LinearMethod):
         reads, or None where the h2 kernel cannot take it (nothing is written; the caller projects, then
         normalizes). ``x_half``: ``x``'s scaled float16 copy (``triton_fp8_gemv.scaled_half``); ``half``: the
         returned row carries its own (``ScaledRow.half``)."""
-        if self._epilogue_tile(layer, x) is None or residual.shape != (1, layer.out_features) \
-                or not residual.is_contiguous() or residual.dtype != x.dtype:
+        tile = self._epilogue_tile(layer, x)
+        if tile is None or residual.shape != (1, layer.out_features) or not residual.is_contiguous() \
+                or residual.dtype != x.dtype:
             return None
         from inferneo.kernels.triton_fp8_gemv import fp8_residual_norm
 
         half_out = x.new_empty((1, layer.out_features), dtype=torch.float16) if half else None
-        out = fp8_residual_norm(x, layer.weight, self._gemv_scale(layer)[0], residual, norm_weight,
-                                pdl=layer.fp8_pdl, x_half=x_half, half_out=half_out)
-        return None if out is None else ScaledRow(out[0], out[1], eps, half_out)
+        scaled, square_sums = fp8_residual_norm(x, layer.weight, self._gemv_scale(layer)[0], residual, norm_weight,
+                                                pdl=layer.fp8_pdl, x_half=x_half, half_out=half_out,
+                                                config=(*tile, "h2"))
+        return ScaledRow(scaled, square_sums, eps, half_out)
 
     def scaled_apply(self, layer: QuantizedLinear, row: ScaledRow, silu_mul: bool = False,
                      half_out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -386,16 +388,16 @@ class Fp8LinearMethod(LinearMethod):
         residual, then projects). ``silu_mul``: ``layer`` is a gated MLP's fused gate/up, the activation returned
         (:meth:`silu_mul`'s). The products read ``row.half`` when there is one; ``half_out`` (with ``silu_mul``):
         written with the activation's scaled float16 copy."""
-        if self._epilogue_tile(layer, row.scaled, silu_mul) is None:
+        tile = self._epilogue_tile(layer, row.scaled, silu_mul)
+        if tile is None:
             return None
         if half_out is not None and not silu_mul:
             raise ValueError("scaled_apply: half_out goes with silu_mul")
-        from inferneo.kernels.scaled_row import RowScale
         from inferneo.kernels.triton_fp8_gemv import fp8_gemv, fp8_gemv_silu_mul
 
         run = fp8_gemv_silu_mul if silu_mul else fp8_gemv
-        return run(row.scaled, layer.weight, self._gemv_scale(layer)[0], pdl=layer.fp8_pdl, x_half=row.half,
-                   half_out=half_out, row_scale=RowScale(row.square_sums, row.eps))
+        return run(row.scaled, layer.weight, self._gemv_scale(layer)[0], config=(*tile, "h2"), pdl=layer.fp8_pdl,
+                   x_half=row.half, half_out=half_out, row_scale=RowScale(row.square_sums, row.eps))
 
     def norm_apply(self, layer: QuantizedLinear, x: torch.Tensor, residual: torch.Tensor | None,
                    norm_weight: torch.Tensor, eps: float, silu_mul: bool = False):
