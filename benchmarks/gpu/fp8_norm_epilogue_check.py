@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_report import run_checks  # noqa: E402
 from fp8_half_copies_check import fp8_weight  # noqa: E402
-from w4a16_h2_e2e import GREEDY, PROMPTS  # noqa: E402
+from w4a16_half_copies_check import switch_runs  # noqa: E402
 from w4a16_norm_epilogue_check import EPS, graphed  # noqa: E402
 
-from inferneo import LLM  # noqa: E402
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
 from inferneo.kernels.scaled_row import RowScale  # noqa: E402
 from inferneo.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
@@ -144,27 +143,12 @@ def engine(tmp: str) -> dict:
     tilings.write_text(json.dumps({"max_rows": 16, "shapes": shapes}))
     os.environ["INFERNEO_FP8_GEMV_CONFIGS"] = str(tilings)
     fg._tuned.cache_clear()
-    runs, asked = {}, {"0": 0, "1": 0}
-    original = fg.fp8_residual_norm
-    for value in ("0", "1"):
-        def counted(*args, value=value, **kwargs):
-            asked[value] += 1
-            return original(*args, **kwargs)
-
-        os.environ[SWITCH] = value
-        fg.fp8_residual_norm = counted
-        try:
-            llm = LLM(str(source), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", quantization="fp8")
-            outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-            llm.shutdown()
-        finally:
-            os.environ.pop(SWITCH, None)
-            fg.fp8_residual_norm = original
-        runs[value] = [(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)])
-                       for o in outs]
+    # asked: every producer launch (fp8_residual_norm)
+    runs, asked = switch_runs(source, SWITCH, fg, "fp8_residual_norm", lambda args, kwargs: True,
+                              quantization="fp8")
     same = total = 0
     worst = 0.0
-    for (t0, l0), (t1, l1) in zip(runs["0"], runs["1"], strict=True):
+    for t0, l0, t1, l1 in zip(*runs["0"], *runs["1"], strict=True):
         total += len(t0)
         for a, b, la, lb in zip(t0, t1, l0, l1, strict=False):
             if a != b:

@@ -114,11 +114,11 @@ def qkv(row: tuple, n: int = 12288, k: int = 4096) -> dict:
     return line
 
 
-def switch_ab(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> dict:
+def switch_runs(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> tuple[dict, dict]:
     """A tiny engine from ``path`` (bfloat16, CUDA graphs, each prompt alone) with ``switch`` at 0 and at 1:
-    whether its greedy tokens and their logprobs are equal, and how many calls of ``owner.<name>`` (patched while
-    it runs) ``asks(args, kwargs)`` counted with each (calls from Python: captures and eager steps). The line is
-    ok when both are equal and the calls came with the switch on only."""
+    ``(runs, asked)``, by switch value the greedy tokens and their logprobs (one list per prompt each), and how many
+    calls of ``owner.<name>`` (patched while it runs) ``asks(args, kwargs)`` counted (calls from Python: captures
+    and eager steps)."""
     runs, asked = {}, {"0": 0, "1": 0}
     original = getattr(owner, name)
     for value in ("0", "1"):
@@ -137,6 +137,13 @@ def switch_ab(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> dict
             setattr(owner, name, original)
         runs[value] = ([list(o.token_ids) for o in outs],
                        [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
+    return runs, asked
+
+
+def switch_ab(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> dict:
+    """:func:`switch_runs`, as a line that is ok when the tokens and their logprobs are equal with the switch off
+    and on and the counted calls came with the switch on only."""
+    runs, asked = switch_runs(path, switch, owner, name, asks, **llm_kw)
     line = {"tokens_equal": runs["0"][0] == runs["1"][0], "logprobs_equal": runs["0"][1] == runs["1"][1],
             "asked_off": asked["0"], "asked_on": asked["1"]}
     line["ok"] = line["tokens_equal"] and line["logprobs_equal"] and asked["0"] == 0 and asked["1"] > 0
