@@ -455,7 +455,9 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                 lambda: fp8_residual_norm(torch.randn(1, 304).half(), qp, sp, residual, torch.ones(64).half(),
                                           config=(8, 64, 4, "h2")),
                 lambda: fp8_residual_norm(torch.randn(1, 304).bfloat16(), qp, sp, torch.randn(1, 63).bfloat16(),
-                                          torch.ones(64).bfloat16(), config=(8, 64, 4, "h2"))):
+                                          torch.ones(64).bfloat16(), config=(8, 64, 4, "h2")),
+                lambda: fp8_residual_norm(torch.randn(1, 304).bfloat16(), qp, sp, residual, torch.ones(64).bfloat16(),
+                                          config=(8, 64, 4))):
         try:
             bad()
         except ValueError:

@@ -908,10 +908,13 @@ def fp8_residual_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     ``(scaled, square_sums)``, the sum times ``norm_weight`` rounded to bfloat16 ``[1, N]``, and float32 sums of
     the squared sum, one per program. None where :func:`h2_epilogue_tile` has no launch (nothing written: the
     caller projects, then normalizes). ``x_half`` and ``half_out`` (the returned row's scaled float16 copy) as in
-    :func:`fp8_gemv`. ``config``: an h2 tiling in place of the tiling file's (tests, A/Bs)."""
+    :func:`fp8_gemv`. ``config``: an h2 tiling in place of the tiling file's (tests, A/Bs; another tiling is refused).
+    """
     if config is not None:
         numbers, options = split_tile(config)
-        tile = numbers if len(numbers) == 3 and "h2" in options else None
+        if len(numbers) != 3 or "h2" not in options:
+            raise ValueError(f"fp8 residual norm: config must be a CUDA-core tiling with the h2 option; got {config}")
+        tile = numbers
     else:
         tile = h2_epilogue_tile(x, weight, scale, None)
     if tile is None:
