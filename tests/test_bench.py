@@ -48,6 +48,11 @@ def test_bench_serve_writes_every_figure(server, tmp_path, capsys):
                                                              + result["output_throughput"])
     for metric in ("ttft", "tpot", "itl", "e2el"):
         mean, median, p99 = (result[f"{s}_{metric}_ms"] for s in ("mean", "median", "p99"))
+        if metric == "itl" and mean is None:
+            # every stream came as one chunk: on a loaded host the server sends a slow reader's pending tokens
+            # together, and a single chunk has no gap to time (the figure is absent, not zero)
+            assert median is None and p99 is None and "inter-token latency" in printed
+            continue
         assert mean > 0 and 0 < median <= p99
     assert result["p99_ttft_ms"] <= result["p99_e2el_ms"]
     assert result["environment"]["cpu_count"] >= 1
