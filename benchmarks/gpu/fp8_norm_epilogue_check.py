@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_report import run_checks  # noqa: E402
 from fp8_half_copies_check import fp8_weight  # noqa: E402
-from w4a16_h2_e2e import GREEDY, PROMPTS, distance, equal_share  # noqa: E402
-from w4a16_half_copies_check import switch_runs  # noqa: E402
+from w4a16_h2_e2e import distance, equal_share  # noqa: E402
+from w4a16_half_copies_check import greedy_run, switch_runs  # noqa: E402
 from w4a16_norm_epilogue_check import EPS, graphed  # noqa: E402
 
-from inferneo import LLM  # noqa: E402
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
 from inferneo.kernels.scaled_row import RowScale  # noqa: E402
 from inferneo.quantization.fp8_math import quantize_groups  # noqa: E402
@@ -183,11 +182,7 @@ def reference_runs(source: Path, dest: Path) -> tuple[list[list[int]], list[list
                 tensor = q.float() * scales
             tensors[name] = tensor.contiguous()
         save_file(tensors, dest / shard.name)
-    llm = LLM(str(dest), dtype="float32", max_model_len=256, kv_cache_memory="64MiB")
-    outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-    llm.shutdown()
-    return ([list(o.token_ids) for o in outs],
-            [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
+    return greedy_run(dest, dtype="float32")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,16 @@ def qkv(row: tuple, n: int = 12288, k: int = 4096) -> dict:
     return line
 
 
+def greedy_run(path: Path, **llm_kw) -> tuple[list[list[int]], list[list[float]]]:
+    """A tiny engine from ``path`` (CUDA graphs unless ``llm_kw`` says otherwise, each prompt alone): the greedy
+    tokens of every prompt and their logprobs."""
+    llm = LLM(str(path), max_model_len=256, kv_cache_memory="64MiB", **llm_kw)
+    outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
+    llm.shutdown()
+    return ([list(o.token_ids) for o in outs],
+            [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
+
+
 def switch_runs(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> tuple[dict, dict]:
     """A tiny engine from ``path`` (bfloat16, CUDA graphs, each prompt alone) with ``switch`` at 0 and at 1:
     ``(runs, asked)``, by switch value the greedy tokens and their logprobs (one list per prompt each), and how many
@@ -129,14 +139,10 @@ def switch_runs(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> tu
         os.environ[switch] = value
         setattr(owner, name, counted)
         try:
-            llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", **llm_kw)
-            outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-            llm.shutdown()
+            runs[value] = greedy_run(path, dtype="bfloat16", **llm_kw)
         finally:
             os.environ.pop(switch, None)
             setattr(owner, name, original)
-        runs[value] = ([list(o.token_ids) for o in outs],
-                       [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
     return runs, asked
 
 
