@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_report import run_checks  # noqa: E402
 from fp8_half_copies_check import fp8_weight  # noqa: E402
-from w4a16_h2_e2e import distance, equal_share  # noqa: E402
-from w4a16_half_copies_check import greedy_run, switch_runs  # noqa: E402
+from w4a16_h2_e2e import distance, equal_share, greedy_run  # noqa: E402
+from w4a16_half_copies_check import switch_runs  # noqa: E402
 from w4a16_norm_epilogue_check import EPS, graphed  # noqa: E402
 
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402

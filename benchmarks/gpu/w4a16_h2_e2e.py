@@ -42,6 +42,16 @@ CASES = (("llama", "awq", 32, False, "bfloat16"), ("llama", "awq", 128, False, "
          ("qwen3", "gptq", 32, True, "bfloat16"), ("llama", "awq", 128, False, "float16"))
 
 
+def greedy_run(path: Path, **llm_kw) -> tuple[list[list[int]], list[list[float]]]:
+    """A tiny engine from ``path`` (CUDA graphs unless ``llm_kw`` says otherwise, each prompt alone): the greedy
+    tokens of every prompt and their logprobs."""
+    llm = LLM(str(path), max_model_len=256, kv_cache_memory="64MiB", **llm_kw)
+    outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
+    llm.shutdown()
+    return ([list(o.token_ids) for o in outs],
+            [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
+
+
 def run(path: Path, mode: str, dtype: str, eager: bool = False) -> tuple[list[list[int]], list[float], int]:
     """Greedy tokens, the chosen tokens' logprobs and h2 launches from Python (with CUDA graphs, only those made
     while capturing); ``mode``: "h2", "older" or "reference". Each prompt runs alone, so that every decode step
@@ -60,15 +70,10 @@ def run(path: Path, mode: str, dtype: str, eager: bool = False) -> tuple[list[li
     if mode == "older":
         triton_int4._h2_takes = lambda *args: False
     try:
-        llm = LLM(str(path), dtype=dtype, max_model_len=256, kv_cache_memory="64MiB", enforce_eager=eager)
-        outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0] for prompt in PROMPTS]
-        llm.shutdown()
+        tokens, chosen = greedy_run(path, dtype=dtype, enforce_eager=eager)
     finally:
         triton_int4._gemv_h2 = original_h2
         int4.select_int4_kernel, triton_int4._h2_takes = original_select, original_takes
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    chosen = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
-              for o in outs]
     return tokens, chosen, calls["h2"]
 
 

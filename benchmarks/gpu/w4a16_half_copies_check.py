@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_report import run_checks  # noqa: E402
 from int4_check import _random_rows  # noqa: E402
-from w4a16_h2_e2e import GREEDY, PROMPTS  # noqa: E402
+from w4a16_h2_e2e import greedy_run  # noqa: E402
 from w4a16_norm_epilogue_check import EPS, graphed  # noqa: E402
 
-from inferneo import LLM  # noqa: E402
 from inferneo.kernels import triton_int4  # noqa: E402
 from inferneo.kernels.triton_int4 import (  # noqa: E402
     RowScale,
@@ -112,16 +111,6 @@ def qkv(row: tuple, n: int = 12288, k: int = 4096) -> dict:
         line[f"{form}_equal"] = torch.equal(want, got)
     line["ok"] = line["eager_equal"] and line["graph_equal"]
     return line
-
-
-def greedy_run(path: Path, **llm_kw) -> tuple[list[list[int]], list[list[float]]]:
-    """A tiny engine from ``path`` (CUDA graphs unless ``llm_kw`` says otherwise, each prompt alone): the greedy
-    tokens of every prompt and their logprobs."""
-    llm = LLM(str(path), max_model_len=256, kv_cache_memory="64MiB", **llm_kw)
-    outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0] for prompt in PROMPTS]
-    llm.shutdown()
-    return ([list(o.token_ids) for o in outs],
-            [[step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outs])
 
 
 def switch_runs(path: Path, switch: str, owner, name: str, asks, **llm_kw) -> tuple[dict, dict]:

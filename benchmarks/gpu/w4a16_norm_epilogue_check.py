@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_check import TOLERANCE, _random_rows, rel_err  # noqa: E402
-from w4a16_h2_e2e import GREEDY, PROMPTS, distance, equal_share  # noqa: E402
+from w4a16_h2_e2e import GREEDY, PROMPTS, distance, equal_share, greedy_run  # noqa: E402
 
-from inferneo import LLM  # noqa: E402
 from inferneo.kernels import triton_int4  # noqa: E402
 from inferneo.kernels._triton_elementwise import rms_norm, silu_and_mul  # noqa: E402
 from inferneo.kernels.triton_int4 import (  # noqa: E402
@@ -160,17 +159,12 @@ def run(path: Path, mode: str, eager: bool = False) -> tuple[list[list[int]], li
     if mode == "reference":
         int4.select_int4_kernel = lambda *args: int4.reference_int4_linear
     try:
-        llm = LLM(str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory="64MiB", enforce_eager=eager)
-        outs = [llm.generate([prompt], GREEDY, use_tqdm=False)[0] for prompt in PROMPTS]
-        llm.shutdown()
+        tokens, chosen = greedy_run(path, dtype="bfloat16", enforce_eager=eager)
     finally:
         triton_int4.w4a16_residual_norm = original
         int4.select_int4_kernel = original_select
         os.environ.pop(SWITCH, None)
         os.environ.pop("INFERNEO_W4A16_SILU_PAIRS", None)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    chosen = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
-              for o in outs]
     return tokens, chosen, calls["producer"]
 
 
