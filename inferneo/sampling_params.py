@@ -8,7 +8,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferneo.json_text import TooDeep, loads_bounded
+
 _SAMPLING_EPS = 1e-5
+_FLOAT_BOUND = 1e30  # temperature at most this, repetition_penalty within [1 / this, this]
 MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit); checked by the engine
 
 
@@ -50,7 +53,9 @@ class StructuredOutputsParams:
         if kind in ("json", "structural_tag"):
             if isinstance(value, str):
                 try:
-                    parsed = json.loads(value)
+                    parsed = loads_bounded(value)
+                except TooDeep as e:
+                    raise ValueError(f"structured_outputs.{kind} is {e}") from None
                 except ValueError as e:
                     raise ValueError(f"structured_outputs.{kind} is not valid JSON: {e}") from None
             else:
@@ -154,7 +159,10 @@ class SamplingParams:
                 raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
 
         check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
-        check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        # the bounds keep the sampler's float32 arithmetic finite (a temperature or penalty past them overflows or
+        # rounds to zero there, and the division gives inf or NaN logits)
+        check(_is_num(self.temperature) and 0 <= self.temperature <= _FLOAT_BOUND, "temperature",
+              f"must be in [0, {_FLOAT_BOUND:g}]")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be 0 or -1 (disabled) or a positive integer")
         check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
@@ -162,7 +170,8 @@ class SamplingParams:
               "must be in [-2, 2]")
         check(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
-        check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        check(_is_num(self.repetition_penalty) and 1 / _FLOAT_BOUND <= self.repetition_penalty <= _FLOAT_BOUND,
+              "repetition_penalty", f"must be in [{1 / _FLOAT_BOUND:g}, {_FLOAT_BOUND:g}]")
         check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
               "must be a 64-bit integer or None")
         # max_tokens=0 only scores the prompt (with prompt_logprobs; vLLM's server allows it with echo).

@@ -73,6 +73,11 @@ CASES = [
     Case("lone-surrogate", CMPL, raw=b'{"prompt": "a \\ud800 b", "max_tokens": 2}', says="surrogate"),
     Case("lone-surrogate-chat", CHAT, raw=b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
          says="surrogate"),
+    Case("temperature-past-float32", CMPL, body=cmpl(temperature=1e39), says="temperature must be in [0, 1e+30]"),
+    Case("repetition-penalty-underflow", CMPL, body=cmpl(repetition_penalty=1e-300), says="repetition_penalty"),
+    Case("chat-repetition-penalty-zero", CHAT, body=chat(repetition_penalty=0), says="repetition_penalty"),
+    Case("continue-without-assistant", CHAT, body=chat(continue_final_message=True, add_generation_prompt=False),
+         says="continue_final_message needs the last message"),
     Case("nan-temperature", CMPL, raw=b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', says="temperature"),
     Case("infinite-top-p", CMPL, raw=b'{"prompt": "hi", "max_tokens": 2, "top_p": Infinity}', says="top_p"),
     Case("infinite-temperature", CHAT,
@@ -82,6 +87,16 @@ CASES = [
     Case("deep-nesting-100", CMPL, body=cmpl(prompt=nested(100)), says="nested too deeply"),
     Case("deep-nesting-dict", CHAT, body=chat(chat_template_kwargs=nested_dict(100)), says="nested too deeply"),
     Case("deep-nesting-metadata", CHAT, body=chat(metadata=nested_dict(40)), says="nested too deeply"),
+    # JSON sent as a string inside a field: json.loads recurses, and a deep schema is slow to compile
+    Case("deep-json-string-guided", CMPL, body=cmpl(guided_json="[" * 3000), says="nested too deeply"),
+    Case("deep-json-string-schema", CHAT, body=chat(structured_outputs={"json": json.dumps(nested_dict(40))}),
+         says="structured_outputs.json is nested too deeply"),
+    Case("deep-json-string-tag", CMPL, body=cmpl(structured_outputs={"structural_tag": '{"a": ' * 3000}),
+         says="nested too deeply"),
+    Case("form-content-type", CMPL, body=cmpl(), status=415, headers={"Content-Type": "application/x-www-form-urlencoded"},
+         says="Content-Type is application/x-www-form-urlencoded"),
+    Case("text-content-type", CHAT, body=chat(), status=415, headers={"Content-Type": "text/plain; charset=utf-8"},
+         says="Content-Type: application/json"),
     Case("body-10mb", CMPL, body=cmpl(prompt="a" * 10_000_000), status=413, says="too large"),
     # ---- completions: prompt ---------------------------------------------------------------------------------
     Case("prompt-missing", CMPL, body={"max_tokens": 2}, says="prompt"),
@@ -270,12 +285,15 @@ def test_bad_request_gets_a_4xx_that_names_the_problem(http, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and isinstance(error["type"], str)
     assert case.says in error["message"], error
+    assert not error["message"].startswith("Value error"), error  # pydantic's prefix is not the client's business
     assert len(error["message"]) < 1000  # a hostile body is not echoed back whole
 
 
 def test_server_stays_healthy_and_answers_a_valid_request(http):
     """Runs after the table: nothing it sent hurt the server."""
     assert http.get("/health").status_code == 200
+    head = http.head("/health")
+    assert head.status_code == 200 and head.content == b"", head
     # ignore_eos: sampled at the default temperature, the tiny random model may otherwise end on EOS early
     r = http.post(CMPL, json={"prompt": "hello", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200, r.text
@@ -308,3 +326,21 @@ def test_a_body_sent_in_chunks_is_limited_too(http):
     assert r.status_code == 413, r.text[:300]
     assert "too large" in r.json()["error"]["message"]
     assert http.get("/health").status_code == 200
+
+
+def test_json_text_inside_fields(http):
+    """A tool call's ``arguments`` nested too deeply for ``json.loads`` reach the chat template as text (200, the
+    connection kept), and values at the edge of the sampler's bounds still sample inside a constraint."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 3000}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, *USER]
+    r = http.post(TOK, json={"messages": messages})
+    assert r.status_code == 200, r.text[:300]  # was a 500 (RecursionError) that also dropped the connection
+    r = http.post(CHAT, json={"messages": messages[:2] + [{"role": "tool", "tool_call_id": "c1", "content": "1"}],
+                              "max_tokens": 2})
+    assert r.status_code == 200, r.text[:300]
+    for extreme in ({"temperature": 1e30}, {"temperature": 0, "repetition_penalty": 1e-30},
+                    {"temperature": 1, "repetition_penalty": 1e30}):
+        r = http.post(CMPL, json={"prompt": "yes or no?", "max_tokens": 4, "seed": 1, **extreme,
+                                  "structured_outputs": {"choice": ["yes", "no"]}})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["choices"][0]["text"] in ("yes", "no"), (extreme, r.json())

@@ -62,7 +62,7 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     install_error_handlers(app)
     install_guards(app, ctx, guards)  # API keys, limits, CORS, request logging: see guards.py
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if ctx.engine.is_healthy:
             replicas = replica_client(ctx.engine)  # data-parallel: the capacity left

@@ -138,8 +138,8 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {error.get('msg')}", None
     if kind == "missing" and param is None:
         return "the request body is missing; send a JSON object", None
-    if param is None:
-        return str(error.get("msg", "invalid request")), None
+    if param is None:  # a whole-request check (a model validator)
+        return str(error.get("msg", "invalid request")).removeprefix("Value error, "), None
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{param}: {message}", param
 

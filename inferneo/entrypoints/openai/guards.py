@@ -12,7 +12,8 @@
    server says ``100 Continue`` only when the body is first read, so such a client never sends the body;
 3. for the JSON endpoints, the body itself: valid UTF-8 and JSON, nested no deeper than ``max_json_depth``, at
    most ``max_prompts`` prompts (or conversations), ``n`` up to ``max_n``, prompts × ``n`` up to ``max_seqs``
-   and ``max_tokens`` no larger than the context length;
+   and ``max_tokens`` no larger than the context length; then its ``Content-Type``: ``application/json`` (or
+   ``+json``, or none), else 415;
 4. a deadline (``request_timeout``): past it the request is cancelled (its engine work aborted) and the client
    gets 503 with ``Retry-After`` (or, mid-stream, a last error event).
 
@@ -33,6 +34,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from inferneo import json_text
+from inferneo.json_text import depth as json_depth
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ class ServerGuards:
     max_prompts: int = 256
     max_n: int = 128
     max_seqs: int = 1024
-    max_json_depth: int = 32
+    max_json_depth: int = json_text.MAX_DEPTH
     request_timeout: float | None = 600.0
     metrics_public: bool = False
     allowed_origins: list[str] = field(default_factory=list)
@@ -175,6 +179,7 @@ class GuardMiddleware:
                 return  # the client left while sending
             if path in JSON_PATHS and scope["method"] == "POST":
                 self._check_json(path, body)
+                _check_content_type(scope)
             if self.guards.log_requests:
                 logger.info("request %s %s: %s", scope["method"], path, _shorten(body.decode("utf-8", "replace")))
             receive = _replay(body, receive)
@@ -237,7 +242,7 @@ class GuardMiddleware:
             raise _too_deep(self.guards.max_json_depth) from None
         except ValueError as exc:
             raise Refusal(400, f"the request body is not valid JSON: {exc}") from None
-        if _depth(data, self.guards.max_json_depth) > self.guards.max_json_depth:
+        if json_depth(data, self.guards.max_json_depth) > self.guards.max_json_depth:
             raise _too_deep(self.guards.max_json_depth)
         if _SURROGATE_ESCAPE.search(body):
             try:  # JSON may escape half of a surrogate pair alone; such a string is no Unicode text
@@ -366,25 +371,22 @@ def _too_large(size: int, limit: int, at_least: bool = False, unread: int | None
                         "(--max-request-body-bytes)", code="request_too_large", unread=unread)
 
 
+def _check_content_type(scope: dict) -> None:
+    """415 for a JSON body sent under another media type (``curl -d`` without a header sends a form's): the route
+    would read it as bytes, not JSON. No ``Content-Type`` at all is read as JSON."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+                shown = media.decode("latin-1") or "an empty value"
+                raise Refusal(415, f"the request body is JSON but its Content-Type is {shown}; send it as "
+                                   "'Content-Type: application/json' (with curl: -H 'Content-Type: application/json')",
+                              code="unsupported_media_type")
+            return
+
+
 def _too_deep(limit: int) -> Refusal:
     return Refusal(400, f"the request body is nested too deeply: JSON may nest at most {limit} levels")
-
-
-def _depth(value: Any, limit: int) -> int:
-    """How deep ``value`` nests (stopping a little past ``limit``), without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if level > deepest:
-            deepest = level
-            if deepest > limit:
-                break
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item if isinstance(v, (dict, list)))
-    return deepest
 
 
 def _num_prompts(value: Any, field_name: str) -> int:

@@ -15,7 +15,6 @@ the hot streaming path serializes them directly.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -32,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from inferneo.json_text import loads_bounded
 from inferneo.sampling_params import MAX_LOGPROBS
 
 Conversation = list[dict[str, Any]]
@@ -687,8 +687,8 @@ def _tool_calls(calls: list[Any], at: str) -> list[dict[str, Any]]:
         _cap(len(function["name"]), MAX_FUNCTION_NAME_CHARS, "characters in the function name", f"{where}: ")
         _check_text(function["arguments"], f"{where}: 'arguments'")
         arguments: Any = function["arguments"]
-        try:
-            decoded = json.loads(arguments)
+        try:  # arguments that are not a JSON object (or nest too deeply) reach the chat template as text
+            decoded = loads_bounded(arguments)
         except ValueError:
             decoded = None
         if isinstance(decoded, dict):

@@ -8,9 +8,12 @@ piece (``parse_all``), so streamed and non-streamed answers are split the same w
 from __future__ import annotations
 
 import json
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+from inferneo.json_text import loads_bounded
 
 
 @dataclass(slots=True)
@@ -72,8 +75,8 @@ def arguments_json(arguments: Any) -> str:
 def call_of(text: str, arguments_keys: tuple[str, ...]) -> tuple[str, Any] | None:
     """``(name, arguments)`` when ``text`` is a JSON object ``{"name": str, <key>: object}`` for one of
     ``arguments_keys`` (a missing arguments key means no arguments), else None."""
-    try:
-        value = json.loads(text)
+    try:  # the model's text: any depth it wrote within max_tokens, but never a RecursionError
+        value = loads_bounded(text, max_depth=sys.getrecursionlimit())
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
