@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from inferneo.batch import BatchJob, OutputFileError, Sender, ServerUnreachableError
-from inferneo.batch.sender import parse_retry_after
+from inferneo.batch.sender import ServerBusyError, parse_retry_after
 from inferneo.cli.main import main
 from inferneo.testing.server import RemoteServer
 
@@ -202,6 +202,19 @@ def test_unreachable_server_stops_the_run_and_the_rerun_finishes(server, tmp_pat
     check_mixed_output(read_records(out))
 
 
+def test_url_with_v1_or_without_scheme_is_the_same_server(server, tmp_path, capsys):
+    """As InferneoClient takes it: the lines name /v1/... paths, so a --url ending in /v1 must not double it."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(request_line(f"r{i}", i) + "\n" for i in range(3)))
+    host = server.base_url.removeprefix("http://")
+    for i, url in enumerate((server.base_url + "/v1", server.base_url + "/v1/", host)):
+        out = tmp_path / f"out{i}.jsonl"
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--url", url, "--no-progress"]) == 0, url
+        records = read_records(out)
+        assert len(records) == 3 and all(r["error"] is None for r in records), records[0]
+        assert all(r["response"]["status_code"] == 200 for r in records)
+
+
 def test_url_and_model_together_are_refused(tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(request_line("a", 1) + "\n")
@@ -265,6 +278,23 @@ def test_sender_connection_errors_then_unreachable():
         client, _ = scripted([httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow")])
         reply = await Sender(client, max_retries=1, backoff=0.01).post("/x", {})
         assert reply.status_code == 408 and reply.body["error"]["code"] == "timeout"
+
+    asyncio.run(go())
+
+
+def test_sender_stops_on_a_server_still_busy_after_its_retries():
+    """429 / 503 after every retry: the batch stops (the line stays undone for the rerun) rather than writing a
+    record that only says the server was busy; 500 and timeouts stay that request's answer."""
+    async def go():
+        busy = httpx.Response(429, headers={"Retry-After": "0"},
+                              json={"error": {"message": "the queue is full", "code": "queue_full"}})
+        client, seen = scripted([busy] * 3)
+        with pytest.raises(ServerBusyError, match="429 \\(the queue is full\\) after 3 attempts"):
+            await Sender(client, max_retries=2, backoff=0.01).post("/v1/completions", {})
+        assert len(seen) == 3
+        client, _ = scripted([httpx.Response(503, text="down")] * 2)
+        with pytest.raises(ServerUnreachableError, match="503"):  # ServerBusyError is one
+            await Sender(client, max_retries=1, backoff=0.01).post("/v1/completions", {})
 
     asyncio.run(go())
 

@@ -39,7 +39,8 @@ class CallLog:
         original = client.completions.create
 
         def create(**kwargs):
-            self.calls.append(list(kwargs["prompt"]))
+            prompt = kwargs["prompt"]  # a call of one prompt sends it on its own
+            self.calls.append(prompt if isinstance(prompt, list) else [prompt])
             return original(**kwargs)
 
         monkeypatch.setattr(client.completions, "create", create)

@@ -97,6 +97,7 @@ class FakeCompletions:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.calls: list[tuple[list, dict]] = []
+        self.sent: list = []  # each call's "prompt" as sent: a list, or one prompt on its own
         self.lock = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -105,6 +106,7 @@ class FakeCompletions:
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         with self.lock:
             self.calls.append((prompts, {k: v for k, v in body.items() if k not in ("prompt", "model")}))
+            self.sent.append(body["prompt"])
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -288,3 +290,33 @@ def test_stream_batches_checks_its_arguments_at_once():
         stream_batches(fake.client(), "m", [], batch_size=0)
     with pytest.raises(ValueError):
         astream_batches(fake.async_client(), "m", [], max_in_flight=0)
+
+
+def test_one_string_or_one_message_is_refused_with_what_to_pass():
+    """One string is not an iterable of prompts (it would be read a character a prompt), and a message dict is not
+    a conversation (a list of messages): TypeErrors that say what to pass, before anything is sent."""
+    fake = FakeCompletions()
+    client = fake.client()
+    with pytest.raises(TypeError, match=r"one string; pass an iterable of prompts, e\.g\. \[prompt\]"):
+        stream_batches(client, "m", "hello", max_tokens=2)
+    with pytest.raises(TypeError, match="one message dict"):
+        astream_batches(fake.async_client(), "m", {"role": "user", "content": "hi"})
+    with pytest.raises(TypeError, match="one string"):
+        next(AdaptiveBatcher(client, "m").process("hello"))
+    with pytest.raises(TypeError, match="put the conversation in a list"):
+        list(stream_batches(client, "m", [{"role": "user", "content": "hi"}]))
+    with DynamicBatcher(client, "m", max_batch_size=4, max_wait_time=0.01) as batcher:
+        with pytest.raises(TypeError, match="put the conversation in a list"):
+            batcher.submit({"role": "user", "content": "hi"})
+        with pytest.raises(TypeError, match="got int"):
+            batcher.submit(5)
+    assert fake.calls == []
+
+
+def test_a_prompt_refused_after_a_bisection_is_sent_alone():
+    """The bisection's last call carries one prompt on its own, not a list of one, so the server's message names
+    no position in a list the caller never made."""
+    fake = FakeCompletions()
+    results = list(stream_batches(fake.client(), "m", ["a", "BAD", "b", "c"], batch_size=4))
+    assert [r.error is not None for r in results] == [False, True, False, False]
+    assert fake.sent[0] == ["a", "BAD", "b", "c"] and "BAD" in fake.sent and ["BAD"] not in fake.sent

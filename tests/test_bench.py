@@ -97,6 +97,22 @@ def test_bench_batch_sizes_table_plot_and_json(server, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_bench_batch_sizes_says_why_every_call_failed(server, capsys):
+    """A size past the server's prompts-per-request limit fails every call: the report gives the server's message,
+    not only a count, and the exit status is 1."""
+    assert main(["bench", "batch-sizes", "--url", server.base_url, "--model", "tiny", "--batch-sizes", "300",
+                 "--num-prompts", "300", "--max-tokens", "1"]) == 1
+    printed = capsys.readouterr().out
+    assert "Optimal batch size: None" in printed and "no batch size had a call that succeeded" in printed
+    assert "batch size 300: HTTP 400: prompt: 300 prompts in one request" in printed, printed
+
+
+def test_bench_throughput_names_the_lengths_that_ask_for_too_much_context(tiny_llama_dir, capsys):
+    assert main(["bench", "throughput", "--model", str(tiny_llama_dir), *ENGINE, "--num-prompts", "1",
+                 "--input-len", "100000", "--output-len", "2"]) != 0
+    assert "--input-len (up to 100000) plus --output-len (up to 2)" in capsys.readouterr().err
+
+
 def test_bench_throughput_in_process(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     assert main(["bench", "throughput", "--model", str(tiny_llama_dir), *ENGINE, "--num-prompts", "5",

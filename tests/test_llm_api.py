@@ -155,6 +155,11 @@ def test_chat_one_conversation_and_a_list(llm):
     assert one[0].prompt_token_ids == tok(rendered, add_special_tokens=False).input_ids
     assert one[0].prompt == rendered  # the conversation as rendered, as vLLM reports it
     assert two[1].prompt == tok.apply_chat_template(brief, tokenize=False, add_generation_prompt=True)
+    # OpenAI text content parts are joined by newlines, as the server joins them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    (joined,) = llm.chat(parts, greedy(), use_tqdm=False)
+    assert joined.prompt == tok.apply_chat_template([{"role": "user", "content": "h\ni"}], tokenize=False,
+                                                    add_generation_prompt=True)
 
 
 def test_chat_continues_the_final_message(llm):
@@ -187,6 +192,11 @@ def test_chat_refuses_what_is_not_a_conversation(llm):
         llm.chat([conv, ["hi"]], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="chat template cannot render this conversation: TemplateSyntaxError"):
         llm.chat(conv, greedy(), chat_template="{% for %}", use_tqdm=False)
+    with pytest.raises(ValueError, match="chat template cannot render this conversation: TypeError"):
+        llm.chat(conv, greedy(), chat_template="{{ messages[0]['content'] + 1 }}", use_tqdm=False)
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    with pytest.raises(ValueError, match="message 0: only text content parts are supported"):
+        llm.chat([{"role": "user", "content": [image]}], greedy(), use_tqdm=False)
     assert_clean(llm)
 
 

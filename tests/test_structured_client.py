@@ -70,7 +70,9 @@ class FakeServer:
                 message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
                 choices.append({"index": i, "message": message, "finish_reason": finish})
             return httpx.Response(200, json={**head, "object": "chat.completion", "choices": choices})
-        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        prompts = body["prompt"]  # one prompt (a string or token ids) or a list of them, as the server reads it
+        if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
         choices = []
         for i, prompt in enumerate(prompts):
             content, finish, _ = answer_for(prompt)
@@ -269,4 +271,4 @@ def test_dynamic_batcher_formats_for_all_and_per_submit():
     # conversation and the plain prompt each had their own.
     sizes = sorted(len(b.get("prompt") or b.get("messages")) for b in fake.bodies)
     assert sizes == [1, 1, 2, 4]
-    assert "response_format" not in next(b for b in fake.bodies if b.get("prompt") == ["s"])
+    assert "response_format" not in next(b for b in fake.bodies if b.get("prompt") == "s")

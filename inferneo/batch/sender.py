@@ -2,8 +2,10 @@
 
 Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and jitter, waiting at least
 what a ``Retry-After`` header asks for; other answers are final. A request that still cannot reach the server
-after its retries raises :class:`ServerUnreachableError`, which stops the batch (its line stays undone for the
-rerun) instead of writing a record that only says the server was down.
+after its retries raises :class:`ServerUnreachableError`, and one the server still turns away as overloaded
+(429, 503) raises :class:`ServerBusyError`: either stops the batch (the line stays undone for the rerun) instead
+of writing a record that only says the server was down or busy. A timeout or another 5xx after the retries is
+that request's answer (a failed record).
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from typing import Any
 
 import httpx
 
+from inferneo.client._base import normalize_base_url
+
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+BUSY_STATUSES = frozenset({429, 503})  # overloaded or unavailable: the same request may succeed later
 MAX_RETRY_AFTER = 120.0
 
 
 class ServerUnreachableError(RuntimeError):
     """No answer from the server after every retry."""
+
+
+class ServerBusyError(ServerUnreachableError):
+    """The server still answered 429 (queue full) or 503 (unavailable) after every retry."""
 
 
 @dataclass(slots=True)
@@ -65,7 +74,11 @@ class Sender:
                         f"{exc!r}") from exc
                 wait = self._delay(attempt, None)
             else:
-                if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+                status = response.status_code
+                if status in BUSY_STATUSES and attempt >= self.max_retries:
+                    raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
+                                          f"({_message(response)}) after {attempt + 1} attempts")
+                if status not in RETRY_STATUSES or attempt >= self.max_retries:
                     return _reply(response)
                 wait = self._delay(attempt, response.headers.get("retry-after"))
             attempt += 1
@@ -103,10 +116,25 @@ def _reply(response: httpx.Response) -> Reply:
     return Reply(response.status_code, request_id, body)
 
 
+def _message(response: httpx.Response) -> str:
+    """The error message of an OpenAI-shaped error body, or the start of the body."""
+    try:
+        return str(response.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300] or response.reason_phrase
+
+
+def server_root(url: str) -> str:
+    """The server's root URL (the batch lines name ``/v1/...`` paths) from what a user may give, as
+    ``InferneoClient`` takes it: ``host:8000``, ``http://host:8000/`` or ``http://host:8000/v1``."""
+    return normalize_base_url(url).removesuffix("/v1")
+
+
 def remote_client(base_url: str, api_key: str | None = None, timeout: float = 600.0,
                   max_connections: int = 64) -> httpx.AsyncClient:
-    """An HTTP client for a running server: pooled connections for ``max_connections`` requests in flight."""
+    """An HTTP client for a running server (``base_url`` with or without ``/v1``): pooled connections for
+    ``max_connections`` requests in flight."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, limits=limits,
+    return httpx.AsyncClient(base_url=server_root(base_url), headers=headers, limits=limits,
                              timeout=httpx.Timeout(timeout, connect=30.0))

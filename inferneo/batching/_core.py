@@ -108,10 +108,28 @@ def prepare_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], OutputFor
 
 
 def prompt_kind(prompt: Prompt) -> str:
-    """``"text"``, ``"tokens"`` or ``"chat"``: prompts of one kind may share a call."""
+    """``"text"``, ``"tokens"`` or ``"chat"``: prompts of one kind may share a call. A ``TypeError`` for anything
+    that is none of them (a bare message dict among them: a conversation is a list of messages)."""
     if isinstance(prompt, str):
         return "text"
+    if isinstance(prompt, dict):
+        raise TypeError("a prompt is a string, a list of token ids or a conversation (a list of messages); got "
+                        "one message dict: put the conversation in a list, [{'role': 'user', 'content': ...}]")
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError("a prompt is a string, a list of token ids or a conversation (a list of messages); got "
+                        f"{type(prompt).__name__}")
     return "chat" if prompt and isinstance(prompt[0], dict) else "tokens"
+
+
+def prompt_source(prompts: Any) -> Any:
+    """``prompts`` if it is an iterable of prompts; a ``TypeError`` for one string (which would otherwise be read
+    as one prompt per character) or one message dict."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts is one string; pass an iterable of prompts, e.g. [prompt]")
+    if isinstance(prompts, dict):
+        raise TypeError("prompts is one message dict; pass an iterable of prompts, e.g. "
+                        "[[{'role': 'user', 'content': ...}]] for one conversation")
+    return prompts
 
 
 def split_choices(out: Completion | ChatCompletion, count: int, n: int, request: Any = None) -> list[Outcome]:
@@ -152,14 +170,21 @@ def complete_batch(client: InferneoClient, model: str | None, prompts: Sequence[
                                  for kind, positions in kinds.items()])
 
 
+def _one_or_all(prompts: list[Prompt]) -> Any:
+    """What a call sends: one prompt on its own (so a refusal's message names no position in a list the caller
+    never made, e.g. after a bisection), else the list."""
+    return prompts[0] if len(prompts) == 1 else prompts
+
+
 def _complete_same_kind(client: InferneoClient, model: str | None, prompts: list[Prompt], chat: bool,
                         params: Mapping[str, Any]) -> list[Outcome]:
     try:
         if chat:
-            out: Completion | ChatCompletion = client.chat.completions.create(model=model, messages=prompts,
+            out: Completion | ChatCompletion = client.chat.completions.create(model=model,
+                                                                              messages=_one_or_all(prompts),
                                                                               **params)
         else:
-            out = client.completions.create(model=model, prompt=prompts, **params)
+            out = client.completions.create(model=model, prompt=_one_or_all(prompts), **params)
     except InferneoError as exc:
         if len(prompts) > 1 and is_prompt_error(exc):
             mid = len(prompts) // 2
@@ -183,10 +208,10 @@ async def _acomplete_same_kind(client: AsyncInferneoClient, model: str | None, p
                                params: Mapping[str, Any]) -> list[Outcome]:
     try:
         if chat:
-            out: Completion | ChatCompletion = await client.chat.completions.create(model=model, messages=prompts,
-                                                                                    **params)
+            out: Completion | ChatCompletion = await client.chat.completions.create(
+                model=model, messages=_one_or_all(prompts), **params)
         else:
-            out = await client.completions.create(model=model, prompt=prompts, **params)
+            out = await client.completions.create(model=model, prompt=_one_or_all(prompts), **params)
     except InferneoError as exc:
         if len(prompts) > 1 and is_prompt_error(exc):
             mid = len(prompts) // 2

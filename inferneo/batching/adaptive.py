@@ -14,6 +14,7 @@ from inferneo.batching._core import (
     complete_batch,
     is_capacity_error,
     prepare_params,
+    prompt_source,
     to_result,
 )
 from inferneo.client import InferneoClient
@@ -129,7 +130,7 @@ class AdaptiveBatcher:
 
     def process(self, prompts: Iterable[Prompt]) -> Iterator[BatchResult]:
         """Yield one result per prompt, in order, sending one batch at a time."""
-        source = iter(prompts)
+        source = iter(prompt_source(prompts))
         index = 0
         while True:
             size = self.sizer.size

@@ -16,6 +16,7 @@ from inferneo.batching._core import (
     acomplete_batch,
     complete_batch,
     prepare_params,
+    prompt_source,
     to_result,
 )
 from inferneo.client import AsyncInferneoClient, InferneoClient
@@ -43,7 +44,7 @@ def stream_batches(client: InferneoClient, model: str | None, prompts: Iterable[
     """
     _check(batch_size, max_in_flight)
     wire, fmt = prepare_params(params)
-    return _stream(client, model, iter(prompts), batch_size, max_in_flight, wire, fmt)
+    return _stream(client, model, iter(prompt_source(prompts)), batch_size, max_in_flight, wire, fmt)
 
 
 def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt], batch_size: int,
@@ -80,7 +81,7 @@ def astream_batches(client: AsyncInferneoClient, model: str | None,
     ``prompts`` may be a plain or an async iterable."""
     _check(batch_size, max_in_flight)
     wire, fmt = prepare_params(params)
-    return _astream(client, model, prompts, batch_size, max_in_flight, wire, fmt)
+    return _astream(client, model, prompt_source(prompts), batch_size, max_in_flight, wire, fmt)
 
 
 async def _astream(client: AsyncInferneoClient, model: str | None, prompts: Iterable[Prompt] | AsyncIterable[Prompt],

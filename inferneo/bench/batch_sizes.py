@@ -33,7 +33,7 @@ def run_batch_sizes(base_url: str, model: str, prompts: list[str | list[int]], b
             response = http.post("/v1/completions", json=body)
             elapsed = time.perf_counter() - start
             if response.status_code != 200:
-                return elapsed, 0, f"HTTP {response.status_code}: {response.text[:200]}"
+                return elapsed, 0, f"HTTP {response.status_code}: {_error_message(response)}"
             return elapsed, response.json()["usage"]["completion_tokens"], None
 
         _, _, error = call(prompts[:1])
@@ -72,7 +72,21 @@ def format_report(result: dict[str, Any]) -> str:
              r["mean_latency_s"]] for r in result["results"]]
     table = format_table(["batch size", "requests", "failed", "requests/s", "output tok/s", "mean latency (s)"],
                          rows)
-    return f"{table}\n\nOptimal batch size: {result['optimal_batch_size']}"
+    report = f"{table}\n\nOptimal batch size: {result['optimal_batch_size']}"
+    failures = [f"  batch size {r['batch_size']}: {error}" for r in result["results"] for error in r["errors"]]
+    if failures:
+        report += "\n\nFailed calls (the first distinct errors of each size):\n" + "\n".join(failures)
+    if result["optimal_batch_size"] is None:
+        report += "\n(no batch size had a call that succeeded: see the errors above)"
+    return report
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The message of an OpenAI-shaped error body, or the start of the body."""
+    try:
+        return str(response.json()["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
                        help="requests per second, arrivals drawn from a Poisson process (default inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     serve.add_argument("--ignore-eos", action="store_true", help="generate exactly the output lengths")
-    serve.add_argument("--temperature", type=float, default=0.0)
+    serve.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     serve.add_argument("--num-warmups", type=int, default=1, help="untimed requests first (default 1)")
     serve.add_argument("--result-json", default=None, help="write every figure and the configuration here")
     serve.set_defaults(func=_guarded(_cmd_serve))
@@ -44,11 +44,11 @@ def add_parser(subparsers) -> None:
     _add_server_args(sizes)
     sizes.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64],
                        help="comma-separated (default 1,2,4,8,16,32,64)")
-    sizes.add_argument("--num-prompts", type=int, default=100)
+    sizes.add_argument("--num-prompts", type=int, default=100, help="prompts sent at each batch size (default 100)")
     sizes.add_argument("--prompt", default="Test prompt", help="the prompt repeated (default 'Test prompt')")
     sizes.add_argument("--dataset", default=None, help="prompts from a JSON-lines file instead ({\"prompt\": ...})")
-    sizes.add_argument("--max-tokens", type=int, default=100)
-    sizes.add_argument("--temperature", type=float, default=0.7)
+    sizes.add_argument("--max-tokens", type=int, default=100, help="tokens to generate a prompt (default 100)")
+    sizes.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     sizes.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens every time")
     sizes.add_argument("--output-png", default=None, help="plot throughput and latency against batch size here")
     sizes.add_argument("--output-json", default=None, help="write the results here")
@@ -61,7 +61,7 @@ def add_parser(subparsers) -> None:
     _add_workload_args(offline, parse_range, seed=False)
     offline.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                          help="stop at EOS instead of generating exactly the output lengths")
-    offline.add_argument("--temperature", type=float, default=0.0)
+    offline.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     offline.add_argument("--output-json", default=None, help="write the results here")
     add_engine_args(offline)
     offline.set_defaults(func=_cmd_throughput)
@@ -92,7 +92,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_workload_args(parser: argparse.ArgumentParser, parse_range, seed: bool) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=64)
+    g.add_argument("--num-prompts", type=int, default=64, help="requests in the workload (default 64)")
     g.add_argument("--input-len", type=parse_range, default=(16, 128), metavar="N|LO:HI",
                    help="random prompt lengths in tokens (default 16:128)")
     g.add_argument("--output-len", type=parse_range, default=(16, 128), metavar="N|LO:HI",
@@ -214,10 +214,18 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
     _check_positive(num_prompts=args.num_prompts)
     kwargs = engine_config_kwargs(args)
-    if kwargs["max_model_len"] is None and not args.dataset:
+    derived = kwargs["max_model_len"] is None and not args.dataset
+    if derived:
         # As benchmarks/offline_throughput.py does: room for the longest prompt and output, to a multiple of 64.
         kwargs["max_model_len"] = -(-(args.input_len[1] + args.output_len[1]) // 64) * 64
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except ValueError as exc:
+        if derived and "max_model_len" in str(exc):  # a context the user never asked for by name
+            raise ValueError(f"--input-len (up to {args.input_len[1]}) plus --output-len (up to "
+                             f"{args.output_len[1]}) tokens need a context of {kwargs['max_model_len']} (to a "
+                             f"multiple of 64), more than the model has: {exc}") from None
+        raise
     engine = {k: v for k, v in kwargs.items() if v is not None and k != "model"}
     vocab_size = args.vocab_size or llm.engine.vocab_size
     workload = _workload(args, vocab_size)

@@ -143,6 +143,7 @@ class LLM:
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
+        conversation = [_text_parts_joined(m, f"{where}message {i}") for i, m in enumerate(conversation)]
         if continue_final_message and conversation[-1].get("role") != "assistant":
             raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's")
         extra = {"continue_final_message": True} if continue_final_message else {}
@@ -150,7 +151,8 @@ class LLM:
             return tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt,
                                                  chat_template=chat_template, **extra)
-        except TemplateError as exc:  # a template that does not parse, or one that refuses these messages
+        except (TemplateError, TypeError) as exc:  # a template that does not parse, refuses these messages, or
+            # meets a value it cannot handle (a TypeError raised inside the template)
             raise ValueError(f"{where}the chat template cannot render this conversation: "
                              f"{type(exc).__name__}: {exc}") from None
 
@@ -242,3 +244,17 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         if not isinstance(p, (str, list)):
             raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
     return prompts
+
+
+def _text_parts_joined(message: dict, at: str) -> dict:
+    """``message`` with OpenAI text content parts (``[{"type": "text", "text": ...}, ...]``) joined by newlines, as
+    the server joins them: chat templates expect a string. Other parts (images, audio) raise ``ValueError``."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"{at}: only text content parts are supported, got {part!r:.80}")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}

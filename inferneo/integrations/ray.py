@@ -238,7 +238,7 @@ class EndpointSender(_RowMapper):
         self._turn = itertools.count()
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
-        from inferneo.batch.sender import Sender, ServerUnreachableError, remote_client
+        from inferneo.batch.sender import Sender, ServerBusyError, ServerUnreachableError, remote_client
 
         if not self._senders:
             cfg = self.config
@@ -246,9 +246,9 @@ class EndpointSender(_RowMapper):
         sender = self._senders[next(self._turn) % len(self._senders)]
         try:
             reply = await sender.post(url, body)
-        except ServerUnreachableError as exc:
-            return 503, None, {"error": {"message": str(exc), "type": "server_unreachable", "param": None,
-                                         "code": "server_unreachable"}}
+        except ServerUnreachableError as exc:  # ServerBusyError too: still 429 / 503 after the retries
+            kind = "server_busy" if isinstance(exc, ServerBusyError) else "server_unreachable"
+            return 503, None, {"error": {"message": str(exc), "type": kind, "param": None, "code": kind}}
         return reply.status_code, reply.request_id, reply.body
 
 
