@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from inferneo.kernels.cpu import cpu_build_tag
+from inferneo.kernels.cpu import cpu_build_tag, load_cpu_kernels
 from inferneo.kernels.native_build import exclusive_build, extension_build_dir
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the build lock is flock(2)")
@@ -66,16 +67,20 @@ def test_a_live_build_is_waited_for_and_its_lock_kept(tmp_path, caplog):
 
 
 def test_loading_the_kernels_after_a_killed_build_does_not_hang(tmp_path):
-    """The real loader, in a fresh process, with a stale lock in the real extension's build folder (as a start
-    killed while compiling leaves it): it clears the lock and loads (or reports the build failing), never waits."""
-    build_dir = extension_build_dir(f"inferneo_cpu_kernels_{cpu_build_tag()}")
-    (build_dir / "lock").touch()
+    """The real loader, in a fresh process, with a stale lock in the extension's build folder (as a start killed
+    while compiling leaves it): it clears the lock and loads (or reports the build failing), never waits.
+
+    The folder is a private copy of the real one (``TORCH_EXTENSIONS_DIR``): another test process loading the
+    kernels at the same moment would otherwise clear the lock first (a test of ``-n 2`` once failed so)."""
+    name = f"inferneo_cpu_kernels_{cpu_build_tag()}"
+    load_cpu_kernels()  # built once on this machine (in the real folder) if it is not yet
+    root = tmp_path / "torch_extensions"
+    shutil.copytree(extension_build_dir(name), root / name, ignore=shutil.ignore_patterns("lock"))
+    (root / name / "lock").touch()
     code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
             "from inferneo.kernels.cpu import load_cpu_kernels\nprint('loaded', load_cpu_kernels() is not None)")
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    finally:
-        (build_dir / "lock").unlink(missing_ok=True)  # never leave the real build folder locked
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TORCH_EXTENSIONS_DIR": str(root)})
+    assert not (root / name / "lock").exists()
     assert done.returncode == 0, done.stderr
     assert "loaded" in done.stdout and "removing the stale build lock" in done.stderr

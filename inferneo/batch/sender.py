@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from inferneo.client._base import normalize_base_url
+from inferneo.client._base import error_message, normalize_base_url
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})  # overloaded or unavailable: the same request may succeed later
@@ -77,7 +77,7 @@ class Sender:
                 status = response.status_code
                 if status in BUSY_STATUSES and attempt >= self.max_retries:
                     raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
-                                          f"({_message(response)}) after {attempt + 1} attempts")
+                                          f"({error_message(response.text) or response.reason_phrase}) after {attempt + 1} attempts")
                 if status not in RETRY_STATUSES or attempt >= self.max_retries:
                     return _reply(response)
                 wait = self._delay(attempt, response.headers.get("retry-after"))
@@ -114,14 +114,6 @@ def _reply(response: httpx.Response) -> Reply:
     if request_id is None and isinstance(body, dict) and isinstance(body.get("id"), str):
         request_id = body["id"]
     return Reply(response.status_code, request_id, body)
-
-
-def _message(response: httpx.Response) -> str:
-    """The error message of an OpenAI-shaped error body, or the start of the body."""
-    try:
-        return str(response.json()["error"]["message"])[:300]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300] or response.reason_phrase
 
 
 def server_root(url: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from inferneo.bench.stats import format_table
+from inferneo.client._base import error_message
 
 
 def run_batch_sizes(base_url: str, model: str, prompts: list[str | list[int]], batch_sizes: list[int],
@@ -33,7 +34,7 @@ def run_batch_sizes(base_url: str, model: str, prompts: list[str | list[int]], b
             response = http.post("/v1/completions", json=body)
             elapsed = time.perf_counter() - start
             if response.status_code != 200:
-                return elapsed, 0, f"HTTP {response.status_code}: {_error_message(response)}"
+                return elapsed, 0, f"HTTP {response.status_code}: {error_message(response.text, 200)}"
             return elapsed, response.json()["usage"]["completion_tokens"], None
 
         _, _, error = call(prompts[:1])
@@ -80,13 +81,6 @@ def format_report(result: dict[str, Any]) -> str:
         report += "\n(no batch size had a call that succeeded: see the errors above)"
     return report
 
-
-def _error_message(response: httpx.Response) -> str:
-    """The message of an OpenAI-shaped error body, or the start of the body."""
-    try:
-        return str(response.json()["error"]["message"])[:200]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

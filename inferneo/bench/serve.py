@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - exercised by client-only installs
 
 from inferneo.bench.stats import format_table, summarize
 from inferneo.bench.workload import Workload
+from inferneo.client._base import error_message
 
 
 @dataclass(slots=True)
@@ -82,14 +83,14 @@ async def stream_completion(http: httpx.AsyncClient | Any, config: ServeConfig, 
         async with _post_stream(http, "/v1/completions", body) as (status, lines, read_body):
             if status != 200:
                 text = await read_body()
-                result.error = f"HTTP {status}: {_error_message(text)}"
+                result.error = f"HTTP {status}: {error_message(text)}"
                 return result
             async for line in lines:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    result.error = _error_message(line[6:])
+                    result.error = error_message(line[6:])
                     continue
                 now = time.perf_counter()
                 if any(c.get("text") for c in chunk.get("choices") or []):
@@ -134,13 +135,6 @@ async def _post_stream(http, path: str, body: dict[str, Any]):
 
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, asyncio.TimeoutError) + (
     (aiohttp.ClientError,) if aiohttp is not None else ())
-
-
-def _error_message(text: str) -> str:
-    try:
-        return str(json.loads(text)["error"]["message"])[:300]
-    except (ValueError, KeyError, TypeError):
-        return text[:300]
 
 
 def make_client(base_url: str, api_key: str | None, timeout: float, max_connections: int) -> httpx.AsyncClient:

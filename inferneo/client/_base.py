@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import time
@@ -33,6 +34,15 @@ MAX_RETRY_AFTER = 60.0
 RETRY_STATUSES = frozenset({408, 409, 429})
 
 Timeout = float | httpx.Timeout | None
+
+
+def error_message(text: str, limit: int = 300) -> str:
+    """The ``error.message`` of an OpenAI-shaped error body given as text, else the start of the text (at most
+    ``limit`` characters either way)."""
+    try:
+        return str(json.loads(text)["error"]["message"])[:limit]
+    except (ValueError, KeyError, TypeError):
+        return text[:limit]
 
 
 def normalize_base_url(url: str) -> str:
