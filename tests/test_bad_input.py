@@ -8,6 +8,8 @@ context (256 tokens), so that the table also shows what the defaults refuse.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,3 +346,16 @@ def test_json_text_inside_fields(http):
                                   "structured_outputs": {"choice": ["yes", "no"]}})
         assert r.status_code == 200, r.text[:300]
         assert r.json()["choices"][0]["text"] in ("yes", "no"), (extreme, r.json())
+
+
+def test_an_idle_connection_outlives_the_clients_keepalive(server):
+    """The server keeps an idle connection open past the 5 s after which httpx (the openai package, InferneoClient)
+    stops reusing one, so a client never sends on a connection the server is closing at that moment."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")  # b"" had the server closed it

@@ -39,6 +39,12 @@ from inferneo.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
+# How long an idle keep-alive connection stays open. Longer than the 5 s after which httpx (so the openai package
+# and InferneoClient) stops reusing an idle connection: with both at 5 s (uvicorn's default), a client could
+# send a request on a connection at the moment the server closed it, and get a connection error (seen under a
+# flood of 429s, whose Retry-After waits leave connections idle).
+KEEP_ALIVE_S = 15
+
 
 def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
@@ -209,7 +215,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
-                                           lifespan="on"), drain, grace=shutdown_timeout,
+                                           timeout_keep_alive=KEEP_ALIVE_S, lifespan="on"), drain, grace=shutdown_timeout,
                             engine=engine, engine_death_exit_s=engine_death_exit_s)
     # SIGTERM/SIGINT first drain (new requests get 503, in-flight ones finish; see ``draining``), then uvicorn
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
