@@ -531,3 +531,24 @@ def test_tiny_model_greedy_outputs_depend_on_prompt(tiny_llama_dir: Path) -> Non
         assert len(set(generated)) > 1, prompt
         continuations.add(generated)
     assert len(continuations) == 3
+
+
+def test_start_up_refuses_a_load_format_or_tokenizer_it_cannot_honour(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``load_format`` naming the other format, a preset without ``dummy``, a tokenizer_config.json without its
+    tokenizer.json and a ``tokenizer`` path that is not there: clear errors at start-up, each naming what to do."""
+    from inferneo import LLM
+
+    gguf_path = make_tiny_gguf(tiny_llama_dir, tmp_path / "tiny.gguf")
+    with pytest.raises(ValueError, match=r"load_format 'gguf', but .* is a safetensors checkpoint"):
+        LLM(str(tiny_llama_dir), load_format="gguf")
+    with pytest.raises(ValueError, match=r"load_format 'safetensors', but .* is a gguf checkpoint"):
+        LLM(str(gguf_path), load_format="safetensors")
+    with pytest.raises(ValueError, match="architecture preset: it has no weights, so it needs load_format='dummy'"):
+        LLM("preset:llama-2-7b")
+    broken = tmp_path / "no-tokenizer-json"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"the tokenizer in .* cannot be loaded .*needs tokenizer\.json"):
+        load_tokenizer(resolve_model(broken))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer '.*nowhere' \(--tokenizer\) was not found"):
+        load_tokenizer(resolve_model(tiny_llama_dir), str(tmp_path / "nowhere"))

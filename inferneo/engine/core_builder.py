@@ -41,6 +41,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     source = resolve_model(config.model)
+    _check_load_format(config.load_format, config.model, source)
     hf_config = load_hf_config(source)
     generates = not lacks_output_head(source, hf_config)
     if not generates:  # an embedding checkpoint saved without lm_head: load it, refuse generation requests
@@ -204,3 +205,22 @@ def _install_test_fault(core: EngineCore) -> None:
         return launch(step, previous)
 
     runner.launch = faulty_launch  # ``execute`` (synchronous scheduling) goes through ``launch`` as well
+
+
+def _check_load_format(load_format: str, model: object, source) -> None:
+    """A ``load_format`` that names the other format than the checkpoint's is refused (it would otherwise be read
+    in its own format without a word), as is an architecture preset without ``dummy`` (it has no weights)."""
+    from inferneo.model_executor.arch_presets import preset_name
+
+    if isinstance(model, str) and preset_name(model) is not None and load_format != "dummy":
+        raise ValueError(f"{model} is an architecture preset: it has no weights, so it needs load_format='dummy' "
+                         "(--load-format dummy: random weights of the real shapes)")
+    if load_format not in ("safetensors", "gguf"):
+        return
+    if source.kind == "gguf":
+        found = "gguf"
+    else:
+        found = "safetensors" if any(source.path.glob("*.safetensors")) else "PyTorch .bin"
+    if load_format != found:
+        raise ValueError(f"load_format {load_format!r}, but {source.name} is a {found} checkpoint ({source.path}); "
+                         f"use load_format='auto', or point the model at a {load_format} checkpoint")

@@ -25,8 +25,14 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrai
     """
     if tokenizer is not None and _has_tokenizer_files(Path(tokenizer).expanduser()):
         tok_source = ModelSource("hf_dir", Path(tokenizer).expanduser(), str(tokenizer))  # tokenizer files alone
+    elif tokenizer is not None:
+        try:
+            tok_source = resolve_model(tokenizer)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"tokenizer {tokenizer!r} (--tokenizer) was not found: no tokenizer files there, "
+                                    f"and as a model: {exc}") from None
     else:
-        tok_source = resolve_model(tokenizer) if tokenizer is not None else source
+        tok_source = source
     path = tok_source.path
     if tok_source.kind == "hf_dir" and is_preset_folder(path) and not _has_tokenizer_files(path):
         config = hf_config(path)
@@ -49,7 +55,13 @@ def _load_hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if not _has_tokenizer_files(folder):
         raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
                                 "pass --tokenizer with a folder that has them")
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, OSError) as exc:  # e.g. tokenizer_config.json without the tokenizer.json it needs
+        present = sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+        raise ValueError(f"the tokenizer in {folder} cannot be loaded (its files: {', '.join(present) or 'none'}; "
+                         "a fast tokenizer needs tokenizer.json): pass --tokenizer with a folder that has a "
+                         f"complete tokenizer. transformers said: {str(exc).splitlines()[0][:300]}") from None
     if tok.chat_template is None:
         template_file = folder / CHAT_TEMPLATE_FILE
         config_file = folder / "tokenizer_config.json"

@@ -68,6 +68,8 @@ def resolve_quant_config(hf_config: dict[str, Any], asked: str | None) -> QuantC
         raise ValueError(f"unknown quantization {asked!r}; supported: {_supported()}")
     cls = _format_class(asked)
     if not hasattr(cls, "online"):
-        raise ValueError(f"--quantization {asked} needs a checkpoint quantized with {asked} (its config.json has "
-                         f"no quantization_config); only fp8 quantizes a full-precision model at load")
+        raise ValueError(f"--quantization {asked} needs a checkpoint quantized with {asked}, and this one holds "
+                         "full-precision weights (no quantization_config in its config.json, or, for a GGUF file, "
+                         "only F32/F16/BF16 tensors); only fp8 quantizes a full-precision model at load: leave "
+                         "--quantization out to load it as it is")
     return cls.online()
