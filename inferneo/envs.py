@@ -412,8 +412,7 @@ def w4a16_norm_epilogue() -> bool:
 def fp8_norm_epilogue() -> bool:
     """INFERNEO_FP8_NORM_EPILOGUE (default off: on Llama-2-7B's batch-1 step 1.4% faster on an H100, 3.8% slower on an
     H200, where the GEMVs grow by more than the norm launches they remove; docs/benchmarks.md): at one-row decode
-    steps, a dense decoder
-    layer whose four linears are FP8 on the Triton h2 GEMV runs its RMSNorms in the GEMVs' epilogues
+    steps, a dense decoder layer whose four linears are FP8 on the Triton h2 GEMV runs its RMSNorms in the GEMVs' epilogues
     (``device_kernels.EpilogueNormLayer``), as ``INFERNEO_W4A16_NORM_EPILOGUE`` does for W4A16: the output and down
     projections add to the residual and write it scaled by the next norm's weight with partial sums of squares;
     the q/k/v and gate/up GEMVs multiply their sums by ``1 / rms``. Read when the model's kernels are chosen."""

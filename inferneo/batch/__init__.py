@@ -24,6 +24,6 @@ from inferneo.batch.structured import ParsedRecord, read_results, request_line
 
 __all__ = [
     "SUPPORTED_URLS", "BatchJob", "BatchRequest", "BatchSummary", "InvalidLine", "OutputFile", "OutputFileError",
-    "ParsedRecord", "Reply", "Sender", "ServerBusyError", "ServerUnreachableError", "parse_line", "read_results", "remote_client",
-    "request_line", "scan_input",
+    "ParsedRecord", "Reply", "Sender", "ServerBusyError", "ServerUnreachableError", "parse_line", "read_results",
+    "remote_client", "request_line", "scan_input",
 ]

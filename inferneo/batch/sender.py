@@ -76,8 +76,9 @@ class Sender:
             else:
                 status = response.status_code
                 if status in BUSY_STATUSES and attempt >= self.max_retries:
+                    reason = error_message(response.text) or response.reason_phrase
                     raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
-                                          f"({error_message(response.text) or response.reason_phrase}) after {attempt + 1} attempts")
+                                          f"({reason}) after {attempt + 1} attempts")
                 if status not in RETRY_STATUSES or attempt >= self.max_retries:
                     return _reply(response)
                 wait = self._delay(attempt, response.headers.get("retry-after"))

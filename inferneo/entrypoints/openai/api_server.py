@@ -215,8 +215,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
-                                           timeout_keep_alive=KEEP_ALIVE_S, lifespan="on"), drain, grace=shutdown_timeout,
-                            engine=engine, engine_death_exit_s=engine_death_exit_s)
+                                           timeout_keep_alive=KEEP_ALIVE_S, lifespan="on"),
+                            drain, grace=shutdown_timeout, engine=engine, engine_death_exit_s=engine_death_exit_s)
     # SIGTERM/SIGINT first drain (new requests get 503, in-flight ones finish; see ``draining``), then uvicorn
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it
     # started: make those harmless, so a requested shut-down ends with exit status 0.

@@ -138,9 +138,9 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {error.get('msg')}", None
     if kind == "missing" and param is None:
         return "the request body is missing; send a JSON object", None
+    message = str(error.get("msg", "invalid request" if param is None else "invalid value")).removeprefix("Value error, ")
     if param is None:  # a whole-request check (a model validator)
-        return str(error.get("msg", "invalid request")).removeprefix("Value error, "), None
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        return message, None
     return f"{param}: {message}", param
 
 

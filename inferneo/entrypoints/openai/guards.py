@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferneo import json_text
-from inferneo.json_text import depth as json_depth
+from inferneo.json_text import TooDeep, loads_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -237,13 +237,11 @@ class GuardMiddleware:
         except UnicodeDecodeError as exc:
             raise Refusal(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
         try:
-            data = json.loads(text)
-        except RecursionError:
+            data = loads_bounded(text, self.guards.max_json_depth)
+        except TooDeep:
             raise _too_deep(self.guards.max_json_depth) from None
         except ValueError as exc:
             raise Refusal(400, f"the request body is not valid JSON: {exc}") from None
-        if json_depth(data, self.guards.max_json_depth) > self.guards.max_json_depth:
-            raise _too_deep(self.guards.max_json_depth)
         if _SURROGATE_ESCAPE.search(body):
             try:  # JSON may escape half of a surrogate pair alone; such a string is no Unicode text
                 json.dumps(data, ensure_ascii=False).encode("utf-8")

@@ -8,12 +8,9 @@ piece (``parse_all``), so streamed and non-streamed answers are split the same w
 from __future__ import annotations
 
 import json
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
-
-from inferneo.json_text import loads_bounded
 
 
 @dataclass(slots=True)
@@ -75,9 +72,9 @@ def arguments_json(arguments: Any) -> str:
 def call_of(text: str, arguments_keys: tuple[str, ...]) -> tuple[str, Any] | None:
     """``(name, arguments)`` when ``text`` is a JSON object ``{"name": str, <key>: object}`` for one of
     ``arguments_keys`` (a missing arguments key means no arguments), else None."""
-    try:  # the model's text: any depth it wrote within max_tokens, but never a RecursionError
-        value = loads_bounded(text, max_depth=sys.getrecursionlimit())
-    except ValueError:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # the model's text: not JSON, or nested past Python's recursion limit
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
