@@ -430,6 +430,16 @@ _EPILOGUE_SCRIPT = textwrap.dedent("""
                                                half_out=half)
             assert torch.equal(scaled2, scaled) and torch.equal(sums2, sums) and torch.equal(again, held)
             assert torch.equal(half, scaled_half(scaled))
+            # the residual and norm weight read at the start (EARLY_RES, a benchmark's variant): the same bits
+            import inferneo.kernels.triton_fp8_gemv as fg
+            plain_arguments = fg.epilogue_arguments
+            fg.epilogue_arguments = lambda r, n: dict(plain_arguments(r, n), EARLY_RES=True)
+            try:
+                early = residual.clone()
+                scaled3, sums3 = fp8_residual_norm(x, qp, sp, early, nw, config=config)
+            finally:
+                fg.epilogue_arguments = plain_arguments
+            assert torch.equal(scaled3, scaled) and torch.equal(sums3, sums) and torch.equal(early, held)
             t = held.float()
             normed = ((t * torch.rsqrt((t * t).mean(-1, keepdim=True) + eps)).bfloat16().float()
                       * nw.float()).bfloat16()
@@ -653,7 +663,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
 
     from inferneo.kernels import triton_fp8_gemv as fg
 
-    limit, shapes, _ = fg._tuned()
+    limit, shapes, _, caps = fg._tuned()
+    assert all(24 <= cap <= 255 for cap in caps.values())  # ptxas's range of maxnreg
     assert limit >= 1 and shapes
     for (n, k, block_m), tile in shapes.items():
         numbers, _ = fg.split_tile(tile)
@@ -666,7 +677,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         "64,128,2": {"block_n": 8, "block_k": 64, "num_warps": 2},
         "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
         "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]},
-        "32,128,1": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 5, "options": ["h2p", "pre"]}},
+        "32,128,1": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 5, "options": ["h2p", "pre"]},
+        "96,128,1": {"block_n": 2, "block_k": 128, "num_warps": 4, "options": ["h2"], "max_registers": 64}},
         "norm_shapes": {"64,128": {"block_n": 16, "block_k": 32, "num_warps": 2}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
@@ -680,6 +692,10 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         assert fg.fp8_gemv_config(32, 128, 1) == (16, 256, 4, 5, "h2p", "pre")  # the pipelined one-row kernel
         assert fg.tile_to_json((16, 256, 4, 5, "h2p", "pre"))["options"] == ["h2p", "pre"]
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
+        # a register cap applies to launches of its entry's tiling only (an epilogue's tiling, not a sweep's)
+        assert fg.fp8_gemv_config(96, 128, 1) == (2, 128, 4, "h2")
+        assert fg.register_cap(96, 128, 1, (2, 128, 4)) == 64
+        assert fg.register_cap(96, 128, 1, (4, 128, 4)) == 0 and fg.register_cap(64, 128, 2, (8, 64, 2)) == 0
         assert fg.fp8_norm_gemv_config(64, 128) == (16, 32, 2)  # the norm-fused kernel's own entry
         assert fg.fp8_norm_gemv_config(64, 256) == fg.default_config(1)  # else the GEMV's one-row tiling
         with pytest.raises(ValueError, match="unknown tiling options"):

@@ -107,6 +107,10 @@ _SCRIPT = textwrap.dedent("""
                                     up_reduce_each=1, down_unroll=1, evict=1)
     unrolled_plain = triton_moe.PairTiles(up_block_n=8, up_block_k=16, down_block_n=4, down_block_k=32, up_unroll=1,
                                           down_unroll=1, evict=2)
+    down_chunks = triton_moe.PairTiles(up_block_n=4, up_block_k=32, down_block_n=4, down_block_k=16,
+                                       down_reduce_each=1, up_max_registers=128, down_max_registers=96)
+    down_chunks_unrolled = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=2, down_block_k=16,
+                                                down_reduce_each=1, down_unroll=1)
     for top_k in (1, 2, 3, 8):  # with the activation and bias picked below: each of their four combinations once
         for tokens in (1, 3):
             activation = ("silu", "swigluoai")[top_k % 2]
@@ -118,7 +122,8 @@ _SCRIPT = textwrap.dedent("""
             b2 = torch.randn(num_experts, hidden) if bias else None
             routed = softmax_topk_renormalized(torch.randn(tokens, num_experts), top_k)
             want = reference_experts(x, w13, w2, routed.weights, routed.ids, activation, b13, b2)
-            for tiles in (tiny_tiles, one_feature, unrolled, unrolled_plain, triton_moe.PairTiles(), None):
+            for tiles in (tiny_tiles, one_feature, unrolled, unrolled_plain, down_chunks, down_chunks_unrolled,
+                          triton_moe.PairTiles(), None):
                 got = triton_moe.triton_fused_experts(x, w13, w2, routed.weights, routed.ids, activation=activation,
                                                       w13_bias=b13, w2_bias=b2, pair_tiles=tiles)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str((top_k, tokens, tiles)))
@@ -194,7 +199,8 @@ def test_shipped_tile_configs_parse():
                 tiles = PairTiles.from_json(entry)
                 sizes = [v for k, v in tiles.to_json().items() if k.endswith(("block_n", "block_k", "num_warps"))]
                 assert len(sizes) == 6 and min(sizes) >= 1, path.name
-                assert {tiles.up_unroll, tiles.up_reduce_each, tiles.down_unroll} <= {0, 1}, path.name
+                assert {tiles.up_unroll, tiles.up_reduce_each, tiles.down_unroll, tiles.down_reduce_each} <= {0, 1}, path.name
+                assert tiles.up_max_registers in (0, *range(24, 256)) and tiles.down_max_registers in (0, *range(24, 256))
                 assert tiles.evict in (0, 1, 2), path.name
                 continue
             config = MoeTileConfig.from_json(entry)

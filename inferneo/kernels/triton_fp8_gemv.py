@@ -39,7 +39,8 @@ e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat1
 
 Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
 power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel; plus
-``"options"``) and says up to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py``
+``"options"``; plus ``"max_registers"``: a cap on the registers a thread of its h2 launches, :func:`register_cap`)
+and says up to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py``
 writes it from timings on the GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows; ``--options``: the
 options at 1 row and the tensor-core tilings at 16-64 rows). Shapes without an entry take :func:`default_config`.
 """
@@ -336,7 +337,7 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
                         yh_ptr=None, Y_HALF: tl.constexpr = False, X_HALF: tl.constexpr = False,
                         sq_ptr=None, num_sq=0, eps=0.0, res_ptr=None, nw_ptr=None, sq_out_ptr=None,
                         ROW_SCALE: tl.constexpr = False, SQ_BLOCK: tl.constexpr = 1,
-                        RES_NORM: tl.constexpr = False):
+                        RES_NORM: tl.constexpr = False, EARLY_RES: tl.constexpr = False):
     # One row: out[rows] = W[rows] . x (GATED: silu(W[rows] . x) * W[rows + N] . x); w8/x8: the weight and the row
     # as int64 (eight codes, four bf16; X_HALF: x8 is the row's scaled float16 copy, see scaled_half, x still the
     # row itself for the float32 fallback); BLOCK_K counts codes. Y_HALF: the outputs' scaled float16 copy to yh.
@@ -344,7 +345,9 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     # and the sums (both of GATED's) are multiplied by 1 / rms from the num_sq (<= SQ_BLOCK) partial sums of squares
     # at sq, summed in order; RES_NORM (not GATED): the output, rounded, is added to the residual (in place: each
     # program reads and writes only its rows), out takes that sum times the norm weight nw, rounded, and the
-    # program's sum of the squared sums goes to sq_out[program_id(0)].
+    # program's sum of the squared sums goes to sq_out[program_id(0)]. EARLY_RES: the norm weight is read before the
+    # wait and the residual right after it, so neither load waits at the program's end (the W4A16 kernel's
+    # measured slower so; off unless a benchmark asks).
     BK8: tl.constexpr = BLOCK_K // 8
     K8: tl.constexpr = K // 8
     EVEN: tl.constexpr = EVEN_N and K % BLOCK_K == 0
@@ -355,7 +358,11 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
     wu = w
     if GATED:
         wu = _h2_tile(w8_ptr, rows + N, nmask, j, K8, stride_wn8, EVEN)
+    if RES_NORM and EARLY_RES:  # a constant, like the weights
+        norm_w = tl.load(nw_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
     wait_for_previous_kernel(PDL, EARLY=True)  # what follows reads only weights before its own wait
+    if RES_NORM and EARLY_RES:
+        res = tl.load(res_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
     if ROW_SCALE:  # read now, summed at the end
         sq_i = tl.arange(0, SQ_BLOCK)
         squares = tl.load(sq_ptr + sq_i, mask=sq_i < num_sq, other=0.0)
@@ -381,12 +388,15 @@ def _fp8_gemv_h2_kernel(x_ptr, x8_ptr, w_ptr, w8_ptr, s_ptr, out_ptr, N, stride_
             u = u * inv_rms
         y = _silu_mul_rounded(y, u, dtype)
     if RES_NORM:  # rounded as the projection's output, then as the residual sum (the fused add + RMSNorm)
-        res = tl.load(res_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+        if not EARLY_RES:
+            res = tl.load(res_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
         total = (y.to(dtype).to(tl.float32) + res).to(dtype)
         tl.store(res_ptr + rows[None, :], total, mask=nmask[None, :])
         t = total.to(tl.float32)
         tl.store(sq_out_ptr + tl.program_id(0), tl.sum(tl.sum(tl.where(nmask[None, :], t * t, 0.0), axis=1), axis=0))
-        y = t * tl.load(nw_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+        if not EARLY_RES:
+            norm_w = tl.load(nw_ptr + rows[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+        y = t * norm_w
     if Y_HALF:
         tl.store(yh_ptr + rows[None, :], scaled_half_values(y), mask=nmask[None, :])
     _store_rows(out_ptr, y, rows, nmask, 1, 0, 1)
@@ -670,15 +680,28 @@ def config_file() -> Path:
 
 
 @functools.cache
-def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile]]:
-    # (max_rows, GEMV tilings by "N,K,BLOCK_M", the norm-fused kernel's tilings by "N,K": "norm_shapes")
+def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile],
+                      dict[tuple[int, int, int], int]]:
+    # (max_rows, GEMV tilings by "N,K,BLOCK_M", the norm-fused kernel's tilings by "N,K": "norm_shapes", the
+    # register caps of GEMV entries that name one: "max_registers")
     path = config_file()
     if not path.is_file():
-        return DEFAULT_MAX_ROWS, {}, {}
+        return DEFAULT_MAX_ROWS, {}, {}, {}
     table = json.loads(path.read_text())
-    shapes = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("shapes", {}).items()}
+    entries = {tuple(int(d) for d in key.split(",")): e for key, e in table.get("shapes", {}).items()}
+    shapes = {key: tile_from_json(e) for key, e in entries.items()}
+    caps = {key: int(e["max_registers"]) for key, e in entries.items() if e.get("max_registers")}
     norm = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("norm_shapes", {}).items()}
-    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes, norm
+    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes, norm, caps
+
+
+def register_cap(n: int, k: int, m: int, numbers: tuple[int, ...]) -> int:
+    """The registers a thread that the tiling file's entry for ``[n, k]`` at ``m`` rows caps its h2 launches at
+    (``"max_registers"``: so that an epilogue's extra values do not cost a program a multiprocessor), when the
+    launch runs that entry's tiling ``numbers``; 0 for none."""
+    key = (n, k, block_rows(m))
+    tuned = _tuned()[1].get(key)
+    return _tuned()[3].get(key, 0) if tuned is not None and split_tile(tuned)[0] == numbers else 0
 
 
 def max_rows() -> int:
@@ -848,6 +871,8 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
         if half_out is not None:
             copies.update(yh_ptr=half_out, Y_HALF=True)
         copies.update(epilogue_arguments(row_scale, residual_norm))
+        if x.is_cuda and (cap := register_cap(weight.shape[0], k, m, numbers)):
+            copies.update(maxnreg=cap)
         _fp8_gemv_h2_kernel[(triton.cdiv(outputs, block_n),)](
             x, (x if x_half is None else x_half).view(torch.int64), weight, weight.view(torch.int64), scale, out,
             outputs, weight.stride(0), weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n,

@@ -285,9 +285,11 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ids_ptr, top_k, N, str
 def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids_ptr, top_k, N, stride_hp,
                           stride_we, stride_wn, stride_be, stride_ot, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           TOPK_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          UNROLL: tl.constexpr, EVICT: tl.constexpr):
+                          UNROLL: tl.constexpr, EVICT: tl.constexpr, REDUCE_EACH: tl.constexpr = False):
     # One program: one token, BLOCK_N output features, all its top_k experts at once as a [TOPK_POW2, BLOCK_N,
     # BLOCK_K] tile (so a 1-token step has N / BLOCK_N programs each streaming k experts' rows together).
+    # REDUCE_EACH: each K chunk is summed at once into [TOPK_POW2, BLOCK_N] float32 sums (fewer registers than the
+    # [TOPK_POW2, BLOCK_N, BLOCK_K] accumulator summed at the end; another summation order).
     token = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, TOPK_POW2)
     slot_ok = slots < top_k
@@ -306,13 +308,22 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     wait_for_previous_kernel(PDL, EARLY=True)  # the next layer's q/k/v GEMV may launch and stream its weights
     h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * h[:, None, :]
-    if UNROLL:
-        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
-            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
+    if REDUCE_EACH:
+        y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
+        if UNROLL:
+            for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+                y += tl.sum(_down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT), axis=2)
+        else:
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                y += tl.sum(_down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT), axis=2)
     else:
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
-    y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
+        if UNROLL:
+            for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+                acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
+        else:
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
+        y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + experts[:, None] * stride_be + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :],
                      other=0.0).to(tl.float32)
@@ -333,6 +344,12 @@ def _evict(code: int) -> str:
     return ("", "evict_first", "evict_last")[code]
 
 
+def _register_cap(registers: int, x: torch.Tensor) -> dict:
+    """``maxnreg`` for a launch whose tiles cap its registers a thread (0: no cap; none under the interpreter,
+    which compiles nothing)."""
+    return {"maxnreg": registers} if registers and x.is_cuda else {}
+
+
 def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activation: str,
                  w13_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool) -> torch.Tensor:
     """The few-token gate/up projection and activation: ``[T * k, I]`` rows, one per (token, slot) pair, for
@@ -346,7 +363,7 @@ def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activati
         K=x.shape[1], HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
         BLOCK_N=tiles.up_block_n, BLOCK_K=tiles.up_block_k, PDL=pdl, UNROLL=bool(tiles.up_unroll),
         REDUCE_EACH=bool(tiles.up_reduce_each), EVICT=_evict(tiles.evict), num_warps=tiles.up_num_warps,
-        **launch_options(pdl))
+        **_register_cap(tiles.up_max_registers, x), **launch_options(pdl))
     return hidden_act
 
 
@@ -363,7 +380,8 @@ def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Ten
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
         out.stride(0), K=inter, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
         BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, UNROLL=bool(tiles.down_unroll),
-        EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps, **launch_options(pdl))
+        REDUCE_EACH=bool(tiles.down_reduce_each), EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps,
+        **_register_cap(tiles.down_max_registers, hidden_act), **launch_options(pdl))
     return out
 
 
