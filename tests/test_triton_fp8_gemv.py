@@ -663,8 +663,9 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
 
     from inferneo.kernels import triton_fp8_gemv as fg
 
-    limit, shapes, _, caps = fg._tuned()
-    assert all(24 <= cap <= 255 for cap in caps.values())  # ptxas's range of maxnreg
+    limit, shapes, _, epilogue = fg._tuned()
+    for (n, k), tile in epilogue.items():  # one-row h2 tilings of shapes the GEMV table has
+        assert (n, k, 1) in shapes and len(fg.split_tile(tile)[0]) == 3 and "h2" in tile
     assert limit >= 1 and shapes
     for (n, k, block_m), tile in shapes.items():
         numbers, _ = fg.split_tile(tile)
@@ -678,7 +679,8 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         "64,128,16": {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3},
         "64,128,32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "options": ["bits"]},
         "32,128,1": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 5, "options": ["h2p", "pre"]},
-        "96,128,1": {"block_n": 2, "block_k": 128, "num_warps": 4, "options": ["h2"], "max_registers": 64}},
+        "96,128,1": {"block_n": 2, "block_k": 128, "num_warps": 4, "options": ["h2"]}},
+        "epilogue_shapes": {"96,128": {"block_n": 4, "block_k": 128, "num_warps": 8, "options": ["h2"]}},
         "norm_shapes": {"64,128": {"block_n": 16, "block_k": 32, "num_warps": 2}}}))
     monkeypatch.setattr(fg, "CONFIG_FILE", path)
     fg._tuned.cache_clear()
@@ -692,10 +694,13 @@ def test_tiling_file_lookup(tmp_path, monkeypatch):
         assert fg.fp8_gemv_config(32, 128, 1) == (16, 256, 4, 5, "h2p", "pre")  # the pipelined one-row kernel
         assert fg.tile_to_json((16, 256, 4, 5, "h2p", "pre"))["options"] == ["h2p", "pre"]
         assert fg.fp8_gemv_config(64, 128, 1) == fg.default_config(1)  # another row block: the default
-        # a register cap applies to launches of its entry's tiling only (an epilogue's tiling, not a sweep's)
+        # launches with an RMSNorm epilogue take their own one-row tiling where the file names one
         assert fg.fp8_gemv_config(96, 128, 1) == (2, 128, 4, "h2")
-        assert fg.register_cap(96, 128, 1, (2, 128, 4)) == 64
-        assert fg.register_cap(96, 128, 1, (4, 128, 4)) == 0 and fg.register_cap(64, 128, 2, (8, 64, 2)) == 0
+        assert fg.fp8_epilogue_config(96, 128) == (4, 128, 8, "h2")
+        assert fg.fp8_epilogue_config(64, 128) == fg.fp8_gemv_config(64, 128, 1)  # else the GEMV's
+        row = torch.randn(1, 128).bfloat16()
+        q = torch.randn(96, 128).to(torch.float8_e4m3fn)
+        assert fg.h2_epilogue_tile(row, q, torch.ones(96), None, gated=True) == (4, 128, 8)
         assert fg.fp8_norm_gemv_config(64, 128) == (16, 32, 2)  # the norm-fused kernel's own entry
         assert fg.fp8_norm_gemv_config(64, 256) == fg.default_config(1)  # else the GEMV's one-row tiling
         with pytest.raises(ValueError, match="unknown tiling options"):

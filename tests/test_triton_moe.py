@@ -102,13 +102,13 @@ _SCRIPT = textwrap.dedent("""
     tiny_tiles = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=8, down_block_k=16)
     one_feature = triton_moe.PairTiles(up_block_n=2, up_block_k=64, up_num_warps=2, down_block_n=1, down_block_k=32,
                                        down_num_warps=2)
-    # the K loops unrolled (K is a constant), the gate/up chunks summed one by one, the eviction hints
+    # the K loops unrolled (K is a constant), the gate/up or down chunks summed one by one, the eviction hints
     unrolled = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=2, down_block_k=16, up_unroll=1,
                                     up_reduce_each=1, down_unroll=1, evict=1)
     unrolled_plain = triton_moe.PairTiles(up_block_n=8, up_block_k=16, down_block_n=4, down_block_k=32, up_unroll=1,
                                           down_unroll=1, evict=2)
     down_chunks = triton_moe.PairTiles(up_block_n=4, up_block_k=32, down_block_n=4, down_block_k=16,
-                                       down_reduce_each=1, up_max_registers=128, down_max_registers=96)
+                                       down_reduce_each=1)
     down_chunks_unrolled = triton_moe.PairTiles(up_block_n=4, up_block_k=16, down_block_n=2, down_block_k=16,
                                                 down_reduce_each=1, down_unroll=1)
     for top_k in (1, 2, 3, 8):  # with the activation and bias picked below: each of their four combinations once
@@ -200,7 +200,6 @@ def test_shipped_tile_configs_parse():
                 sizes = [v for k, v in tiles.to_json().items() if k.endswith(("block_n", "block_k", "num_warps"))]
                 assert len(sizes) == 6 and min(sizes) >= 1, path.name
                 assert {tiles.up_unroll, tiles.up_reduce_each, tiles.down_unroll, tiles.down_reduce_each} <= {0, 1}, path.name
-                assert tiles.up_max_registers in (0, *range(24, 256)) and tiles.down_max_registers in (0, *range(24, 256))
                 assert tiles.evict in (0, 1, 2), path.name
                 continue
             config = MoeTileConfig.from_json(entry)

@@ -2,13 +2,14 @@
 # One device call (2026-12-07): register caps and epilogue variants on the batch-1 decode path.
 #   1. fp8_epilogue_chain.py: Llama-2-7B's FP8 one-row GEMVs chained over 32 layers, the RMSNorms as launches or in
 #      the epilogues, with variants (producers' early loads, register caps, tilings);
-#   2. moe_decode_sweep.py --experts-only with SWEEP_PAIR_CAPS=1: Qwen3-30B-A3B's few-token expert kernels as
-#      shipped beside register caps and the down kernel's chunk-by-chunk sums;
+#   2. moe_decode_sweep.py --experts-only with SWEEP_PAIR_CHUNKS=1: Qwen3-30B-A3B's few-token expert kernels as
+#      shipped beside the down kernel's chunk-by-chunk sums (commit f35df1c's grid also had register caps);
 #   3. moe_suite.py --decode-only: the shipped pair tiles A/B'd in the engine against the sweep's best;
-#   4. quant_suite.py: FP8 + FP8 KV at batch 1 in alternating rounds, bf16 beside: as shipped, the epilogues, and
-#      the epilogues under two tiling files (INFERNEO_FP8_GEMV_CONFIGS): A, the o producer in 16-row tiles and the
-#      gate/up reader capped at 64 registers ("max_registers"); B, the gate/up reader in 4-row tiles of 8 warps;
-#      C, in 4-row tiles of 16 warps (FILES names those run, ROUNDS the rounds).
+#   4. quant_suite.py: FP8 + FP8 KV at batch 1 in ROUNDS alternating rounds, bf16 beside: as shipped, the
+#      epilogues (INFERNEO_FP8_NORM_EPILOGUE=1: their own tilings, "epilogue_shapes"), and the epilogues in the
+#      GEMV's tilings (a tiling file without "epilogue_shapes"). Commit f35df1c's calls A/B'd tiling files A-C here
+#      (the o producer in 16-row tiles with the gate/up reader capped at 64 registers; the gate/up reader in 4-row
+#      tiles of 8 or 16 warps).
 # Usage (carry scratch/quant/whl): OUT=... [PARTS=chain,moe,quant] bash benchmarks/gpu/caps_run.sh
 source benchmarks/gpu/device_env.sh
 mkdir -p "$OUT/chain" "$OUT/moe_sweep" "$OUT/moe" "$OUT/quant"
@@ -18,7 +19,7 @@ timeout ${CHAIN_TIMEOUT:-170} python3 benchmarks/gpu/fp8_epilogue_chain.py --out
 echo "chain rc=$?"; grep -E "best |failed|rror|diff|added" "$OUT/chain/out.log" | cut -c1-200
 fi
 if part moe; then
-SWEEP_PAIR_CAPS=1 timeout ${SWEEP_TIMEOUT:-110} python3 benchmarks/gpu/moe_decode_sweep.py --experts-only \
+SWEEP_PAIR_CHUNKS=1 timeout ${SWEEP_TIMEOUT:-110} python3 benchmarks/gpu/moe_decode_sweep.py --experts-only \
   --out "$OUT/moe_sweep" > "$OUT/moe_sweep/out.log" 2>&1
 echo "sweep rc=$?"; grep -E "gate/up|down  |best|call T=1|rror" "$OUT/moe_sweep/out.log" | cut -c1-260
 AB=$(python3 - "$OUT/moe_sweep/moe_decode_sweep.json" <<'PY'
@@ -52,26 +53,14 @@ python3 - "$OUT/quant" <<'PY'
 import json, sys
 from inferneo.kernels import triton_fp8_gemv as fg
 table = json.loads(fg.CONFIG_FILE.read_text())
-# A: the o producer in 16-row tiles (256 partial sums for the gate/up reader), the gate/up reader at 64 registers
-a = json.loads(json.dumps(table))
-a["shapes"]["4096,4096,1"] = {"block_n": 16, "block_k": 2048, "num_warps": 16, "options": ["h2"]}
-a["shapes"]["22016,4096,1"]["max_registers"] = 64
-open(sys.argv[1] + "/fp8_epi_a.json", "w").write(json.dumps(a, indent=1))
-# B: the gate/up reader in 4-row tiles of 8 warps (half the programs, each loading the partial sums)
-b = json.loads(json.dumps(table))
-b["shapes"]["22016,4096,1"] = {"block_n": 4, "block_k": 4096, "num_warps": 8, "options": ["h2"]}
-open(sys.argv[1] + "/fp8_epi_b.json", "w").write(json.dumps(b, indent=1))
-# C: B with the gate/up reader in 4-row tiles of 16 warps
-c = json.loads(json.dumps(table))
-c["shapes"]["22016,4096,1"] = {"block_n": 4, "block_k": 4096, "num_warps": 16, "options": ["h2"]}
-open(sys.argv[1] + "/fp8_epi_c.json", "w").write(json.dumps(c, indent=1))
+table.pop("epilogue_shapes", None)  # the epilogue launches in the GEMV's one-row tilings (before 2026-12-07 08:30)
+open(sys.argv[1] + "/fp8_gemv_tiles.json", "w").write(json.dumps(table, indent=1))
 PY
 ARGS=()
-for round in $(seq 1 ${ROUNDS:-2}); do
-  for v in ${FILES:-a b}; do
-    ARGS+=(--ab "epi-$v-$round@fp8+fp8kv@INFERNEO_FP8_NORM_EPILOGUE=1@INFERNEO_FP8_GEMV_CONFIGS=$OUT/quant/fp8_epi_$v.json")
-  done
-  ARGS+=(--ab "epi-$round@fp8+fp8kv@INFERNEO_FP8_NORM_EPILOGUE=1" --ab "shipped-$round@fp8+fp8kv")
+for round in $(seq 1 ${ROUNDS:-3}); do
+  ARGS+=(--ab "epi-$round@fp8+fp8kv@INFERNEO_FP8_NORM_EPILOGUE=1"
+         --ab "epi-gemv-tiles-$round@fp8+fp8kv@INFERNEO_FP8_NORM_EPILOGUE=1@INFERNEO_FP8_GEMV_CONFIGS=$OUT/quant/fp8_gemv_tiles.json"
+         --ab "shipped-$round@fp8+fp8kv")
 done
 timeout ${SUITE_TIMEOUT:-400} python3 benchmarks/gpu/quant_suite.py --deadline ${SUITE_DEADLINE:-390} --workloads "" --decode-batches 1 \
   --ab-batches 1 "${ARGS[@]}" --skip fp8,fp8-w8a8,fp8-nonorm,fp8-kv,w4a16,w4a16+fp8kv,w4a16-rows,w4a16-tinygemm,gptfast \

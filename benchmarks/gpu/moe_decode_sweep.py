@@ -13,9 +13,9 @@ bytes read over the copy bandwidth (read + write, as ``moe_suite.py``'s step flo
 2. **gemv**: the q/k/v (5120 x 2048), output (2048 x 4096), router (128 x 2048) and LM head (151936 x 2048)
    shapes in every tiling, beside cuBLAS.
 
-``SWEEP_PAIR_CAPS=1`` sweeps the shipped few-token tiles beside register caps (``up_max_registers`` /
-``down_max_registers``) and the down kernel's chunk-by-chunk sums (``down_reduce_each``); ``--experts-only`` skips
-the dense GEMVs. ``--write-configs`` writes the winners where the engine reads them (the ``"pair"`` entry of
+``SWEEP_PAIR_CHUNKS=1`` sweeps the shipped few-token tiles beside the down kernel's chunk-by-chunk sums
+(``down_reduce_each``; the register caps measured with them on 2026-12-07 were dropped: no gain in the engine);
+``--experts-only`` skips the dense GEMVs. ``--write-configs`` writes the winners where the engine reads them (the ``"pair"`` entry of
 ``inferneo/kernels/moe_configs/E=128,N=768,K=2048,dtype=bfloat16.json`` and ``inferneo/kernels/gemv_configs.json``)
 and copies both files to ``--out``, beside ``moe_decode_sweep.json`` / ``.log``. ``--smoke`` runs it all on CPU
 under Triton's interpreter with tiny shapes and wall-clock timing (the numbers mean nothing; it checks the script).
@@ -55,20 +55,15 @@ UP_TILES = [(4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 4, {"up_unroll":
 DOWN_TILES = [(2, 512, 4), (8, 256, 8), (16, 256, 8), (2, 256, 2), (8, 256, 8, {"down_unroll": 1}),
               (16, 256, 8, {"down_unroll": 1}), (4, 256, 4, {"down_unroll": 1}), (8, 256, 4, {"down_unroll": 1}),
               (16, 128, 8, {"down_unroll": 1}), (4, 256, 8, {"down_unroll": 1}), (8, 256, 8, {"evict": 1})]
-if os.environ.get("SWEEP_PAIR_CAPS"):  # 2026-12-07: the shipped tiles beside register caps and chunk-by-chunk sums
+if os.environ.get("SWEEP_PAIR_CHUNKS"):  # 2026-12-07: the shipped tiles beside the down kernel's chunk sums
     _SHIP_UP = {"up_unroll": 1, "evict": 1}
-    UP_TILES = [(4, 2048, 4, _SHIP_UP), (4, 2048, 4, dict(_SHIP_UP, up_max_registers=128)),
-                (4, 2048, 4, dict(_SHIP_UP, up_reduce_each=1)), (4, 2048, 4, dict(_SHIP_UP, up_reduce_each=1,
-                                                                                  up_max_registers=128)),
-                (4, 2048, 8, _SHIP_UP), (2, 2048, 4, _SHIP_UP), (8, 2048, 8, dict(_SHIP_UP, up_reduce_each=1)),
-                (4, 1024, 4, dict(_SHIP_UP, up_max_registers=128))]
+    UP_TILES = [(4, 2048, 4, _SHIP_UP), (4, 2048, 4, dict(_SHIP_UP, up_reduce_each=1)), (4, 2048, 8, _SHIP_UP),
+                (2, 2048, 4, _SHIP_UP), (8, 2048, 8, dict(_SHIP_UP, up_reduce_each=1))]
     _SHIP_DOWN = {"down_unroll": 1, "evict": 1}
     _RD = dict(_SHIP_DOWN, down_reduce_each=1)
-    DOWN_TILES = [(8, 256, 4, _SHIP_DOWN), (8, 256, 4, dict(_SHIP_DOWN, down_max_registers=168)),
-                  (8, 256, 4, _RD), (8, 256, 4, dict(_RD, down_max_registers=128)), (4, 256, 4, _RD),
-                  (4, 256, 4, dict(_RD, down_max_registers=128)), (2, 256, 4, _RD), (2, 512, 4, _RD),
-                  (2, 256, 4, _SHIP_DOWN), (2, 256, 2, _RD), (16, 256, 8, _RD), (4, 256, 8, _RD),
-                  (8, 256, 8, _RD), (8, 128, 4, _RD)]
+    DOWN_TILES = [(8, 256, 4, _SHIP_DOWN), (8, 256, 4, _RD), (4, 256, 4, _RD), (2, 256, 4, _RD), (2, 512, 4, _RD),
+                  (2, 256, 4, _SHIP_DOWN), (2, 256, 2, _RD), (16, 256, 8, _RD), (4, 256, 8, _RD), (8, 256, 8, _RD),
+                  (8, 128, 4, _RD)]
 GEMV_SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
 GEMV_TILES = [triton_gemv.DEFAULT_CONFIG, (1, 2048, 4), (1, 2048, 8), (2, 1024, 4), (2, 2048, 4), (4, 1024, 4),
               (4, 2048, 8), (8, 1024, 8), (8, 2048, 8), (2, 512, 2)]
@@ -126,8 +121,8 @@ def sweep_experts(layer, bw: float, log) -> dict:
             best_down = (us, tiles)
     d = best_down[1]
     best = replace(best_up[1], down_block_n=d.down_block_n, down_block_k=d.down_block_k,
-                   down_num_warps=d.down_num_warps, down_unroll=d.down_unroll, down_reduce_each=d.down_reduce_each,
-                   down_max_registers=d.down_max_registers)  # the evict hint: gate/up's
+                   down_num_warps=d.down_num_warps, down_unroll=d.down_unroll,
+                   down_reduce_each=d.down_reduce_each)  # the evict hint: gate/up's
     out["best"] = best.to_json()
     log(f"best pair tiles {best}")
     # The whole call at 1, 2, 4 tokens: errors, repeatability, time with and without PDL, against the floor.

@@ -14,9 +14,8 @@ pairs are padded to it) and the other block sizes are powers of two of at least 
 The same file may hold the tiles of the few-token path under the key ``"pair"`` (a :class:`PairTiles` record;
 :func:`pair_tiles`), e.g. ``"pair": {"up_block_n": 8, "up_block_k": 1024, "up_num_warps": 4, "down_block_n": 8,
 "down_block_k": 256, "down_num_warps": 8}``, with optional switches of those kernels: ``up_unroll`` /
-``down_unroll`` (the K loop unrolled), ``up_reduce_each`` / ``down_reduce_each`` (each K chunk summed at once),
-``evict`` (the expert weights' L2 eviction hint) and ``up_max_registers`` / ``down_max_registers`` (a cap on the
-kernel's registers a thread, so more programs fit on a multiprocessor; 0: none), 0 when absent.
+``down_unroll`` (the K loop unrolled), ``up_reduce_each`` / ``down_reduce_each`` (each K chunk summed at once) and
+``evict`` (the expert weights' L2 eviction hint), 0 when absent.
 """
 
 from __future__ import annotations
@@ -79,8 +78,6 @@ class PairTiles:
     down_unroll: int = 0  # 1: the down kernel's K loop unrolled
     evict: int = 0  # the expert weights' L2 eviction hint in both kernels: 0 normal, 1 evict_first, 2 evict_last
     down_reduce_each: int = 0  # 1: the down kernel sums each K chunk at once ([top_k, BLOCK_N] accumulators)
-    up_max_registers: int = 0  # a cap on the gate/up kernel's registers a thread (ptxas maxnreg; 0: none)
-    down_max_registers: int = 0  # the same for the down kernel
 
     @classmethod
     def from_json(cls, entry: dict) -> PairTiles:

@@ -39,8 +39,8 @@ e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat1
 
 Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
 power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel; plus
-``"options"``; plus ``"max_registers"``: a cap on the registers a thread of its h2 launches, :func:`register_cap`)
-and says up to how many rows the GEMV runs (``"max_rows"``); ``benchmarks/gpu/fp8_gemv_sweep.py``
+``"options"``) and says up to how many rows the GEMV runs (``"max_rows"``); ``"epilogue_shapes"`` maps ``"N,K"`` to
+the one-row tiling of launches with an RMSNorm epilogue (:func:`fp8_epilogue_config`); ``benchmarks/gpu/fp8_gemv_sweep.py``
 writes it from timings on the GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows; ``--options``: the
 options at 1 row and the tensor-core tilings at 16-64 rows). Shapes without an entry take :func:`default_config`.
 """
@@ -680,28 +680,18 @@ def config_file() -> Path:
 
 
 @functools.cache
-def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile],
-                      dict[tuple[int, int, int], int]]:
+def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile], dict[tuple[int, int], Tile]]:
     # (max_rows, GEMV tilings by "N,K,BLOCK_M", the norm-fused kernel's tilings by "N,K": "norm_shapes", the
-    # register caps of GEMV entries that name one: "max_registers")
+    # one-row tilings of launches with an RMSNorm epilogue by "N,K": "epilogue_shapes")
     path = config_file()
     if not path.is_file():
         return DEFAULT_MAX_ROWS, {}, {}, {}
     table = json.loads(path.read_text())
-    entries = {tuple(int(d) for d in key.split(",")): e for key, e in table.get("shapes", {}).items()}
-    shapes = {key: tile_from_json(e) for key, e in entries.items()}
-    caps = {key: int(e["max_registers"]) for key, e in entries.items() if e.get("max_registers")}
-    norm = {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get("norm_shapes", {}).items()}
-    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), shapes, norm, caps
 
+    def tiles(section: str) -> dict:
+        return {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get(section, {}).items()}
 
-def register_cap(n: int, k: int, m: int, numbers: tuple[int, ...]) -> int:
-    """The registers a thread that the tiling file's entry for ``[n, k]`` at ``m`` rows caps its h2 launches at
-    (``"max_registers"``: so that an epilogue's extra values do not cost a program a multiprocessor), when the
-    launch runs that entry's tiling ``numbers``; 0 for none."""
-    key = (n, k, block_rows(m))
-    tuned = _tuned()[1].get(key)
-    return _tuned()[3].get(key, 0) if tuned is not None and split_tile(tuned)[0] == numbers else 0
+    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), tiles("shapes"), tiles("norm_shapes"), tiles("epilogue_shapes")
 
 
 def max_rows() -> int:
@@ -735,6 +725,14 @@ def fp8_gemv_config(n: int, k: int, m: int) -> Tile:
     block_m = block_rows(m)
     return _tuned()[1].get((n, k, block_m), default_config(block_m))
 
+
+
+def fp8_epilogue_config(n: int, k: int) -> Tile:
+    """The one-row tiling of an ``[n, k]`` e4m3 weight's launches with an RMSNorm epilogue (:func:`fp8_gemv`'s
+    ``row_scale``, :func:`fp8_residual_norm`): the tiling file's ``epilogue_shapes`` entry ``"N,K"``, else the
+    GEMV's one-row tiling. A reader's programs each load the producer's partial sums of squares, so fewer, wider
+    programs can pay where the plain launch loses (the gate/up + SiLU reader, docs/benchmarks.md)."""
+    return _tuned()[3].get((n, k)) or fp8_gemv_config(n, k, 1)
 
 
 def fp8_norm_gemv_config(n: int, k: int) -> Tile:
@@ -781,7 +779,7 @@ def h2_epilogue_tile(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     kernel takes (:func:`takes_h2`: a contiguous bfloat16 row, per-tensor or per-row scales)."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         return None
-    numbers, options = split_tile(fp8_gemv_config(weight.shape[0], x.shape[1], 1))
+    numbers, options = split_tile(fp8_epilogue_config(weight.shape[0], x.shape[1]))
     if len(numbers) != 3 or "h2" not in options:
         return None
     try:
@@ -813,8 +811,10 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
     mode, bsn, bsk, stride_sn = _scale_mode(scale, weight.shape[0], block)
     if mode != SCALE_BLOCK:
         scale = scale.contiguous()
-    numbers, options = split_tile(config or fp8_gemv_config(weight.shape[0], k, m))
-    if row_scale is not None or residual_norm is not None:
+    epilogue = row_scale is not None or residual_norm is not None
+    numbers, options = split_tile(config or (fp8_epilogue_config(weight.shape[0], k) if epilogue and m == 1
+                                             else fp8_gemv_config(weight.shape[0], k, m)))
+    if epilogue:
         if len(numbers) != 3 or "h2" not in options or not takes_h2(x, weight, mode, numbers[1]):
             raise ValueError("fp8 GEMV: an RMSNorm epilogue needs one bfloat16 row through an h2 tiling "
                              "(see h2_epilogue_tile)")
@@ -871,8 +871,6 @@ def _launch(x, weight, scale, block, outputs, config, pdl, gated, x_half=None, h
         if half_out is not None:
             copies.update(yh_ptr=half_out, Y_HALF=True)
         copies.update(epilogue_arguments(row_scale, residual_norm))
-        if x.is_cuda and (cap := register_cap(weight.shape[0], k, m, numbers)):
-            copies.update(maxnreg=cap)
         _fp8_gemv_h2_kernel[(triton.cdiv(outputs, block_n),)](
             x, (x if x_half is None else x_half).view(torch.int64), weight, weight.view(torch.int64), scale, out,
             outputs, weight.stride(0), weight.stride(0) // 8, K=k, SCALE=mode, GATED=gated, BLOCK_N=block_n,
@@ -919,7 +917,7 @@ def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         raise ValueError("fp8 GEMV: the fused gate/up weight has an even number of rows")
     if block is not None and (n2 // 2) % block[0]:
         raise ValueError(f"fp8 GEMV: gate rows ({n2 // 2}) must fill whole {block[0]}-row scale blocks")
-    return _launch(x, weight, scale, block, n2 // 2, config or fp8_gemv_config(n2, x.shape[1], x.shape[0]), pdl,
+    return _launch(x, weight, scale, block, n2 // 2, config, pdl,
                    gated=True, x_half=x_half, half_out=half_out, row_scale=row_scale)
 
 

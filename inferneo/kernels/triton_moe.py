@@ -344,12 +344,6 @@ def _evict(code: int) -> str:
     return ("", "evict_first", "evict_last")[code]
 
 
-def _register_cap(registers: int, x: torch.Tensor) -> dict:
-    """``maxnreg`` for a launch whose tiles cap its registers a thread (0: no cap; none under the interpreter,
-    which compiles nothing)."""
-    return {"maxnreg": registers} if registers and x.is_cuda else {}
-
-
 def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activation: str,
                  w13_bias: torch.Tensor | None, tiles: PairTiles, pdl: bool) -> torch.Tensor:
     """The few-token gate/up projection and activation: ``[T * k, I]`` rows, one per (token, slot) pair, for
@@ -363,7 +357,7 @@ def pair_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, activati
         K=x.shape[1], HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
         BLOCK_N=tiles.up_block_n, BLOCK_K=tiles.up_block_k, PDL=pdl, UNROLL=bool(tiles.up_unroll),
         REDUCE_EACH=bool(tiles.up_reduce_each), EVICT=_evict(tiles.evict), num_warps=tiles.up_num_warps,
-        **_register_cap(tiles.up_max_registers, x), **launch_options(pdl))
+        **launch_options(pdl))
     return hidden_act
 
 
@@ -381,7 +375,7 @@ def pair_down_sum(hidden_act: torch.Tensor, w2: torch.Tensor, weights: torch.Ten
         out.stride(0), K=inter, HAS_BIAS=w2_bias is not None, TOPK_POW2=triton.next_power_of_2(top_k),
         BLOCK_N=tiles.down_block_n, BLOCK_K=tiles.down_block_k, PDL=pdl, UNROLL=bool(tiles.down_unroll),
         REDUCE_EACH=bool(tiles.down_reduce_each), EVICT=_evict(tiles.evict), num_warps=tiles.down_num_warps,
-        **_register_cap(tiles.down_max_registers, hidden_act), **launch_options(pdl))
+        **launch_options(pdl))
     return out
 
 
