@@ -410,8 +410,9 @@ def w4a16_norm_epilogue() -> bool:
 
 
 def fp8_norm_epilogue() -> bool:
-    """INFERNEO_FP8_NORM_EPILOGUE (default off: on Llama-2-7B's batch-1 step 1.4% faster on an H100, 3.8% slower on an
-    H200, where the GEMVs grow by more than the norm launches they remove; docs/benchmarks.md): at one-row decode
+    """INFERNEO_FP8_NORM_EPILOGUE (default off: with the epilogue launches' own tilings, ``"epilogue_shapes"``,
+    Llama-2-7B's batch-1 step is 2.5% faster on an H100; on an H200 it was 3.8% slower before those tilings, not yet
+    measured with them; docs/benchmarks.md): at one-row decode
     steps, a dense decoder layer whose four linears are FP8 on the Triton h2 GEMV runs its RMSNorms in the GEMVs' epilogues
     (``device_kernels.EpilogueNormLayer``), as ``INFERNEO_W4A16_NORM_EPILOGUE`` does for W4A16: the output and down
     projections add to the residual and write it scaled by the next norm's weight with partial sums of squares;
