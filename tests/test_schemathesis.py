@@ -26,6 +26,9 @@ importlib.import_module("schemathesis.specs.openapi.schemas")
 
 MAX_EXAMPLES = 60  # per operation and generation mode
 SENT: list[int] = []  # status of every request made, for the summary test
+# The summary test reads SENT, which only the generated tests of the same process fill: under pytest-xdist every test
+# of this module runs on one worker (``--dist loadgroup``, in pyproject.toml's addopts).
+pytestmark = pytest.mark.xdist_group("schemathesis")
 
 
 @pytest.fixture(scope="module")
