@@ -199,7 +199,8 @@ def test_shipped_tile_configs_parse():
                 tiles = PairTiles.from_json(entry)
                 sizes = [v for k, v in tiles.to_json().items() if k.endswith(("block_n", "block_k", "num_warps"))]
                 assert len(sizes) == 6 and min(sizes) >= 1, path.name
-                assert {tiles.up_unroll, tiles.up_reduce_each, tiles.down_unroll, tiles.down_reduce_each} <= {0, 1}, path.name
+                switches = {tiles.up_unroll, tiles.up_reduce_each, tiles.down_unroll, tiles.down_reduce_each}
+                assert switches <= {0, 1}, path.name
                 assert tiles.evict in (0, 1, 2), path.name
                 continue
             config = MoeTileConfig.from_json(entry)

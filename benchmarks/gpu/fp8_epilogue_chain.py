@@ -169,7 +169,8 @@ def slots(graph: torch.cuda.CUDAGraph, per_layer: int) -> list[dict]:
     # the chain's own kernels (not the copies and reductions that set up the first layer's row)
     events = [e for e in critical_path(kernel_events(prof)) if "fp8_gemv" in e["name"] or "rms_norm" in e["name"]]
     per_replay = len(events) // 3
-    middle = [e for r in range(3) for e in events[r * per_replay:(r + 1) * per_replay][per_layer:][:per_layer * (LAYERS - 2)]]
+    replays = [events[r * per_replay:(r + 1) * per_replay] for r in range(3)]
+    middle = [e for replay in replays for e in replay[per_layer:][:per_layer * (LAYERS - 2)]]  # layers 2-31
     return [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
             for row in by_slot(middle, per_layer)]
 

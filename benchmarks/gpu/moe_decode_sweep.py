@@ -15,7 +15,8 @@ bytes read over the copy bandwidth (read + write, as ``moe_suite.py``'s step flo
 
 ``SWEEP_PAIR_CHUNKS=1`` sweeps the shipped few-token tiles beside the down kernel's chunk-by-chunk sums
 (``down_reduce_each``; the register caps measured with them on 2026-12-07 were dropped: no gain in the engine);
-``--experts-only`` skips the dense GEMVs. ``--write-configs`` writes the winners where the engine reads them (the ``"pair"`` entry of
+``--experts-only`` skips the dense GEMVs. ``--write-configs`` writes the winners where the engine reads them (the
+``"pair"`` entry of
 ``inferneo/kernels/moe_configs/E=128,N=768,K=2048,dtype=bfloat16.json`` and ``inferneo/kernels/gemv_configs.json``)
 and copies both files to ``--out``, beside ``moe_decode_sweep.json`` / ``.log``. ``--smoke`` runs it all on CPU
 under Triton's interpreter with tiny shapes and wall-clock timing (the numbers mean nothing; it checks the script).
@@ -201,7 +202,7 @@ def _smoke() -> None:
     global DEVICE, SHAPE, UP_TILES, DOWN_TILES, GEMV_SHAPES, GEMV_TILES, L2_BYTES
     DEVICE, L2_BYTES = "cpu", 1
     SHAPE = dict(SHAPE, experts=16, hidden=64, inter=48)
-    UP_TILES, DOWN_TILES = [UP_TILES[0], UP_TILES[5]], [DOWN_TILES[1], DOWN_TILES[4]]
+    UP_TILES, DOWN_TILES = [UP_TILES[0], UP_TILES[min(5, len(UP_TILES) - 1)]], [DOWN_TILES[1], DOWN_TILES[4]]
     GEMV_SHAPES = {"qkv": (80, 64), "o": (64, 128)}
     GEMV_TILES = GEMV_TILES[:2]
 

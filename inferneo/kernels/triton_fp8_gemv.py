@@ -40,9 +40,10 @@ e4m3 -> float16 -> float32 -> bfloat16 and so spends one slow float32 -> bfloat1
 Tiles: ``fp8_gemv_configs.json`` beside this file maps ``"N,K,BLOCK_M"`` (``BLOCK_M`` the row count rounded up to a
 power of two) to ``{"block_n", "block_k", "num_warps"}`` (plus ``"num_stages"``: the tensor-core kernel; plus
 ``"options"``) and says up to how many rows the GEMV runs (``"max_rows"``); ``"epilogue_shapes"`` maps ``"N,K"`` to
-the one-row tiling of launches with an RMSNorm epilogue (:func:`fp8_epilogue_config`); ``benchmarks/gpu/fp8_gemv_sweep.py``
-writes it from timings on the GPU (``--dot``: the tensor-core tilings at 1, 4 and 16 rows; ``--options``: the
-options at 1 row and the tensor-core tilings at 16-64 rows). Shapes without an entry take :func:`default_config`.
+the one-row tiling of launches with an RMSNorm epilogue (:func:`fp8_epilogue_config`).
+``benchmarks/gpu/fp8_gemv_sweep.py`` writes it from timings on the GPU (``--dot``: the tensor-core tilings at 1, 4
+and 16 rows; ``--options``: the options at 1 row and the tensor-core tilings at 16-64 rows). Shapes without an entry
+take :func:`default_config`.
 """
 
 from __future__ import annotations
@@ -680,7 +681,8 @@ def config_file() -> Path:
 
 
 @functools.cache
-def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile], dict[tuple[int, int], Tile]]:
+def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int], Tile],
+                      dict[tuple[int, int], Tile]]:
     # (max_rows, GEMV tilings by "N,K,BLOCK_M", the norm-fused kernel's tilings by "N,K": "norm_shapes", the
     # one-row tilings of launches with an RMSNorm epilogue by "N,K": "epilogue_shapes")
     path = config_file()
@@ -691,7 +693,8 @@ def _tuned() -> tuple[int, dict[tuple[int, int, int], Tile], dict[tuple[int, int
     def tiles(section: str) -> dict:
         return {tuple(int(d) for d in key.split(",")): tile_from_json(e) for key, e in table.get(section, {}).items()}
 
-    return int(table.get("max_rows", DEFAULT_MAX_ROWS)), tiles("shapes"), tiles("norm_shapes"), tiles("epilogue_shapes")
+    limit = int(table.get("max_rows", DEFAULT_MAX_ROWS))
+    return limit, tiles("shapes"), tiles("norm_shapes"), tiles("epilogue_shapes")
 
 
 def max_rows() -> int:
