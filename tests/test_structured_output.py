@@ -340,6 +340,9 @@ UNENFORCEABLE = [
       "then": {"required": ["a"]}}, "'/'"),
     ({"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string", "pattern": "a",
                                                                 "minLength": 1}}]}, "'/anyOf/1/items'"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "anyOf": [{"required": ["a"]}]}, "'/'"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}, "'/'"),
+    ({"type": "array", "items": {"type": "number", "multipleOf": 3}}, "'/items'"),
 ]
 
 

@@ -355,6 +355,68 @@ def test_a_bad_constraint_or_tool_is_a_400_naming_the_field(server, case, path, 
     assert error["message"]
 
 
+# Schemas xgrammar 0.2 compiles while dropping a constraint (before the refusal each of these came back as a 200 whose
+# seeded answers broke the schema: 27e23 for a typeless bound, 80 under "a multiple of 3", a number for an object
+# whose anyOf said which properties it needs, {"a": 7} without the required "zz", ...).
+LOOSENED = [
+    ("anyOf-beside-properties", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                 "anyOf": [{"required": ["a"]}, {"required": ["b"]}], "additionalProperties": False},
+     "'/'"),
+    ("ref-beside-maximum", {"$defs": {"n": {"type": "integer", "minimum": 0}}, "$ref": "#/$defs/n", "maximum": 5},
+     "'/'"),
+    ("ref-outside", {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
+     "'/properties/a'"),
+    ("ref-to-anchor", {"$defs": {"n": {"$anchor": "n", "type": "integer"}}, "$ref": "#n"}, "'/'"),
+    ("required-not-listed", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"]},
+     "'/'"),
+    ("dependent-required", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                            "dependentRequired": {"a": ["b"]}}, "'/'"),
+    ("multiple-of-a-number", {"type": "number", "multipleOf": 3, "minimum": 0, "maximum": 100}, "'/'"),
+    ("multiple-of-a-fraction", {"type": "integer", "multipleOf": 2.5}, "'/'"),
+    ("bounds-without-a-type", {"type": "array", "items": {"minimum": 0, "maximum": 100}, "maxItems": 2},
+     "'/items'"),
+]
+
+
+@pytest.mark.parametrize(("case", "schema", "where"), LOOSENED, ids=[c[0] for c in LOOSENED])
+def test_schemas_whose_constraints_the_grammar_would_drop_are_refused(client, case, schema, where):
+    """Refused with a 400 naming the field and the place, as a response format and as a tool's parameters, rather
+    than answered with output that need not match."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    error = raised.value.body
+    assert error["param"] == "response_format.json_schema.schema" and where in error["message"], error
+    if schema.get("type") == "object":
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, tools=[tool],
+                                           tool_choice="required")
+        assert raised.value.body["param"] == "tools[0].function.parameters", raised.value.body
+
+
+def test_the_enforceable_forms_of_those_schemas_hold(client):
+    """The same intents written so the grammar keeps them: answers that finish all validate."""
+    schemas = [
+        {"anyOf": [{"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                    "required": ["a"], "additionalProperties": False},
+                   {"type": "object", "properties": {"b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                    "required": ["b"], "additionalProperties": False}]},
+        {"$defs": {"n": {"type": "integer", "minimum": 0, "maximum": 5}}, "$ref": "#/$defs/n",
+         "description": "annotations beside a $ref are fine"},
+        {"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 100},
+        {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 100}, "maxItems": 2},
+    ]
+    for schema in schemas:
+        answer = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=60, temperature=1.0, seed=3, n=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        finished = [c.message.content for c in answer.choices if c.finish_reason == "stop"]
+        assert finished, schema
+        for text in finished:
+            jsonschema.validate(json.loads(text), schema)
+
+
 def test_the_server_keeps_serving_after_bad_constraints(server, client):
     import concurrent.futures
 

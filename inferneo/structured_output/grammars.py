@@ -127,20 +127,28 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
                   "additionalItems")
+# A schema with one of these is all xgrammar reads of it: every other constraint beside it is dropped.
+_COMBINATORS = ("$ref", "anyOf", "oneOf", "allOf")
+# The keywords that constrain a value (annotations such as title, description, default, examples are left out).
+_CONSTRAINING = frozenset((
+    "type", "enum", "const", "multipleOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "additionalItems", "minItems", "maxItems",
+    "uniqueItems", "contains", "minContains", "maxContains", "unevaluatedItems", "properties", "patternProperties",
+    "additionalProperties", "propertyNames", "required", "minProperties", "maxProperties", "dependentRequired",
+    "dependentSchemas", "dependencies", "unevaluatedProperties", "not", "if", "then", "else", "$dynamicRef",
+    "$recursiveRef", *_COMBINATORS))
+# Without one of these, xgrammar reads a schema as "any JSON value" and drops its type-specific constraints.
+_TYPED_BY = ("type", "enum", "const", "properties", "additionalProperties", "items", "prefixItems", *_COMBINATORS)
+_TYPE_SPECIFIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+                  "pattern", "format", "minItems", "maxItems", "required", "minProperties", "maxProperties",
+                  "patternProperties", "propertyNames")
 
 
 def _check_enforceable(schema: Any, where: str = "") -> None:
     """Raise ``ValueError`` naming the place of the first keyword in ``schema`` that the grammar cannot enforce."""
     if not isinstance(schema, dict):
         return
-    if schema.get("uniqueItems") is True:
-        problem = "uniqueItems"
-    elif isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
-        problem = "allOf with more than one schema"
-    elif "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
-        problem = "pattern together with minLength / maxLength (put the length in the pattern)"
-    else:
-        problem = next((k for k in ("not", "if", "contains") if k in schema), None)
+    problem = _unenforceable(schema)
     if problem is not None:
         raise ValueError(f"the schema uses {problem} at '{where or '/'}', which constrained decoding cannot enforce")
     for key in _SCHEMA_MAPS:
@@ -152,7 +160,49 @@ def _check_enforceable(schema: Any, where: str = "") -> None:
             for i, sub in enumerate(schema[key]):
                 _check_enforceable(sub, f"{where}/{key}/{i}")
     for key in _SCHEMA_VALUES:
-        _check_enforceable(schema.get(key), f"{where}/{key}")
+        sub = schema.get(key)
+        if key == "propertyNames" and isinstance(sub, dict):
+            sub = {"type": "string", **sub}  # it describes the names, which are strings
+        _check_enforceable(sub, f"{where}/{key}")
+
+
+def _unenforceable(schema: dict[str, Any]) -> str | None:
+    """What in the one schema object ``schema`` (not its subschemas) xgrammar would drop, or None."""
+    if schema.get("uniqueItems") is True:
+        return "uniqueItems"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return "allOf with more than one schema"
+    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        return "pattern together with minLength / maxLength (put the length in the pattern)"
+    dropped = next((k for k in ("not", "if", "contains", "dependentRequired", "dependentSchemas", "dependencies",
+                                "$dynamicRef", "$recursiveRef") if k in schema), None)
+    if dropped is not None:
+        return dropped
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
+        return f"$ref {ref!r} (only references into the schema itself, '#' or '#/...', can be followed)"
+    combinator = next((k for k in _COMBINATORS if k in schema), None)
+    if combinator is not None:
+        beside = sorted(k for k in schema if k in _CONSTRAINING and k != combinator)
+        if beside:
+            return (f"{', '.join(beside)} beside {combinator} (the grammar follows only {combinator}: move them into "
+                    "the schemas it names)")
+    if not any(k in schema for k in _TYPED_BY):
+        untyped = next((k for k in _TYPE_SPECIFIC if k in schema), None)
+        if untyped is not None:
+            return f"{untyped} without a type (give the schema a 'type')"
+    if "multipleOf" in schema:
+        types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+        value = schema["multipleOf"]
+        if "number" in types or not isinstance(value, int) or isinstance(value, bool):
+            return "multipleOf other than a whole number on an integer"
+    required = schema.get("required")
+    if isinstance(required, list):
+        listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        missing = next((name for name in required if name not in listed), None)
+        if missing is not None:
+            return f"required {missing!r}, which is not among its properties (list it in properties)"
+    return None
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
