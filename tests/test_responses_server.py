@@ -157,6 +157,28 @@ def test_streamed_function_calls_equal_the_whole_ones(hermes_client):
         [(o.type, o.name, o.arguments) for o in whole.output]
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_a_call_cut_by_max_output_tokens_is_incomplete(hermes_client, tool_choice):
+    """A forced call whose arguments ``max_output_tokens`` cut short is an ``incomplete`` item, not a completed one
+    that a client would run with half its arguments; whole and streamed alike."""
+    kwargs = dict(model="tiny", input=QUESTION, tools=FLAT_TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
+                  temperature=0)
+    full = hermes_client.responses.create(**kwargs, max_output_tokens=200)
+    assert full.status == "completed" and full.output[0].status == "completed"
+    kwargs["max_output_tokens"] = full.usage.output_tokens - 5  # the answer's last tokens close the arguments
+    whole = hermes_client.responses.create(**kwargs)
+    assert whole.status == "incomplete"
+    (call,) = whole.output
+    assert call.type == "function_call" and call.status == "incomplete", call
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.arguments)
+    events = list(hermes_client.responses.create(**kwargs, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(item.arguments, item.status) for item in done] == [(call.arguments, "incomplete")]
+    assert events[-1].type == "response.incomplete"
+    assert [(o.arguments, o.status) for o in events[-1].response.output] == [(call.arguments, "incomplete")]
+
+
 def test_auto_splits_the_models_text_and_its_call_into_two_items(hermes_client):
     """With ``tool_choice`` auto the server's Hermes parser reads the model's own format (a grammar makes the
     random model write it): a message item with the text before the call, then the call, whole and streamed."""

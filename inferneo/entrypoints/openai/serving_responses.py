@@ -38,6 +38,7 @@ from inferneo.entrypoints.openai.serving_common import (
     text_tokens,
 )
 from inferneo.entrypoints.openai.tool_parsers import ParsedPiece, ToolCallParser, parse_all
+from inferneo.json_text import loads_bounded
 
 
 def _item_id(prefix: str) -> str:
@@ -120,14 +121,16 @@ class _Response:
         choice = final.outputs[0]
         parser = self.new_parser()
         content, calls = parse_all(parser, choice.text) if parser is not None else (choice.text, [])
-        calls = calls[:self.max_calls]
         cut = choice.finish_reason == "length"
+        last = len(calls) - 1  # the call the answer ended in: the one a cut may have cut short
+        calls = calls[:self.max_calls]
         output = []
         if content or not (calls or self.forced_calls):
             output.append(_message_item(_item_id("msg"), content, self.logprobs(choice) if self.top_k is not None
                                         else None, "incomplete" if cut else "completed"))
-        output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments, "completed")
-                   for call in calls]
+        output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments,
+                              _call_status(call.arguments, cut and i == last))
+                   for i, call in enumerate(calls)]
         usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens)
         return JSONResponse(self.body("incomplete" if cut else "completed", output, usage, cut))
 
@@ -173,6 +176,7 @@ class _EventWriter:
         self.output: list[dict[str, Any]] = []  # every item opened so far, as it stands
         self.message: dict[str, Any] | None = None  # the open message item, if any
         self.calls: dict[int, dict[str, Any]] = {}  # parser call index -> its function_call item
+        self.last_call = -1  # the parser's index of the last call the answer began (kept or not)
         self.pending_logprobs: list[dict[str, Any]] = []  # of tokens not yet sent with a text delta
 
     def event(self, kind: str, **fields: Any) -> bytes:
@@ -196,6 +200,7 @@ class _EventWriter:
                                      output_index=self._index(self.message), content_index=0,
                                      delta=parsed.content, logprobs=sent))
         for call in parsed.calls:
+            self.last_call = max(self.last_call, call.index)
             if call.index >= self.job.max_calls:
                 continue
             item = self.calls.get(call.index)
@@ -218,8 +223,8 @@ class _EventWriter:
         if not self.output and not self.job.forced_calls:
             events += self._open_message()
         events += self._close_message(cut)
-        for item in self.calls.values():
-            item["status"] = "completed"
+        for call_index, item in self.calls.items():
+            item["status"] = _call_status(item["arguments"], cut and call_index == self.last_call)
             index = self._index(item)
             events.append(self.event("response.function_call_arguments.done", item_id=item["id"],
                                      output_index=index, name=item["name"], arguments=item["arguments"]))
@@ -264,6 +269,18 @@ def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]] | None
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+
+
+def _call_status(arguments: str, cut: bool) -> str:
+    """A function_call item's final status: ``incomplete`` when ``max_output_tokens`` cut the answer while it wrote
+    this call (``cut``) before its ``arguments`` were a whole JSON value (a client must not run it), else
+    ``completed``."""
+    if cut:
+        try:
+            loads_bounded(arguments)
+        except ValueError:
+            return "incomplete"
+    return "completed"
 
 
 def _usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
