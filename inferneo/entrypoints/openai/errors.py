@@ -127,7 +127,8 @@ def _json_kind(value: Any) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
-def _validation_message(error: dict) -> tuple[str, str | None]:
+def validation_message(error: dict) -> tuple[str, str | None]:
+    """The client-facing message and ``param`` of one pydantic validation error (an entry of ``errors()``)."""
     param = _param_from_loc(tuple(error.get("loc", ())))
     kind = error.get("type", "")
     if kind in _EXPECTED and param is not None:
@@ -154,7 +155,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return JSONResponse(error_body(400, message, param), status_code=400)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from inferneo.entrypoints.openai.errors import APIError, bad_request
+from inferneo.entrypoints.openai.errors import APIError, bad_request, validation_message
 from inferneo.entrypoints.openai.protocol import (
     INT64_MAX,
     MAX_CONTENT_PARTS,
@@ -241,9 +241,7 @@ class ResponsesRequest(_Body):
         try:
             return ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            param = responses_param(".".join(str(p) for p in error["loc"]))
-            raise bad_request(f"{param}: {error['msg']}", param) from None
+            raise in_responses_terms(APIError(400, *validation_message(exc.errors()[0]))) from None
 
     def messages(self) -> list[dict[str, Any]]:
         """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined),
