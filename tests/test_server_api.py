@@ -421,10 +421,16 @@ def test_64_concurrent_requests_share_engine_steps(server):
     steps = after["inferneo:engine_steps_total"] - before["inferneo:engine_steps_total"]
     tokens = after["inferneo:generation_tokens_total"] - before["inferneo:generation_tokens_total"]
     assert tokens == 64 * 16
-    assert steps < tokens / 4  # on average well over 4 sequences per step
-    assert after["inferneo:max_batch_size"] > 1
-    single = after['inferneo:iteration_batch_size_bucket{le="1.0"}']
-    assert after["inferneo:iteration_batch_size_count"] - single > 0
+    # Batched, whatever the machine's load: fewer steps than tokens, and steps of more than 8 sequences in this
+    # window (how many depends on how fast the 64 requests arrive: 64 steps unloaded, 375 once on a busy 2-core host).
+    assert steps < tokens
+    assert after["inferneo:max_batch_size"] > 8
+
+    def wide_steps(snapshot: dict) -> float:
+        return (snapshot["inferneo:iteration_batch_size_count"]
+                - snapshot['inferneo:iteration_batch_size_bucket{le="8.0"}'])
+
+    assert wide_steps(after) - wide_steps(before) > 0
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server):
