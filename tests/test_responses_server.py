@@ -315,3 +315,31 @@ def test_an_unknown_model_is_a_404_and_the_server_keeps_serving(hermes_server, h
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert hermes_client.responses.create(model="tiny", input="Hi", max_output_tokens=2).status in ("completed",
                                                                                               "incomplete")
+
+
+def test_input_tokens_count_what_a_response_would_read(hermes_client, hermes_server):
+    """``client.responses.input_tokens.count`` (``POST /v1/responses/input_tokens``): the prompt tokens that a response
+    to the same input reports as its ``input_tokens``, tools and instructions included; bad input is a 400 naming
+    the field, in the Responses API's terms, and an unknown model a 404."""
+    asks = [dict(input=QUESTION), dict(instructions="Be brief.", input=QUESTION),
+            dict(input=QUESTION, tools=FLAT_TOOLS, tool_choice="auto"),
+            dict(input=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi"}])]
+    counts = []
+    for ask in asks:
+        counted = hermes_client.responses.input_tokens.count(model="tiny", **ask)
+        response = hermes_client.responses.create(model="tiny", max_output_tokens=1, **ask)
+        assert counted.object == "response.input_tokens"
+        assert counted.input_tokens == response.usage.input_tokens, ask
+        counts.append(counted.input_tokens)
+    assert counts[1] > counts[0] and counts[2] > counts[0]  # the instructions and the tools take tokens
+    bad = [({"model": "tiny", "input": QUESTION, "tools": [{"type": "web_search"}]}, "tools"),
+           ({"model": "tiny", "input": QUESTION, "previous_response_id": "resp_1"}, "previous_response_id"),
+           ({"model": "tiny", "input": [{"role": "user", "content": QUESTION, "name": 3}]}, "input"),
+           ({"model": "tiny"}, "input"),
+           ({"model": "tiny", "input": QUESTION, "stream": True}, "stream")]
+    for body, param in bad:
+        r = httpx.post(hermes_server.url("/v1/responses/input_tokens"), json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] is not None and r.json()["error"]["param"].startswith(param), r.text
+    r = httpx.post(hermes_server.url("/v1/responses/input_tokens"), json={"model": "nope", "input": "x"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

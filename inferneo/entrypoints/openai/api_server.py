@@ -26,14 +26,14 @@ from inferneo.entrypoints.openai.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
-from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest
+from inferneo.entrypoints.openai.protocol_responses import InputTokensRequest, ResponsesRequest
 from inferneo.entrypoints.openai.replicas import health_body, replica_client
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
-from inferneo.entrypoints.openai.serving_responses import create_response
+from inferneo.entrypoints.openai.serving_responses import count_input_tokens, create_response
 from inferneo.lora.registry import LoraModule, LoRARegistry
 from inferneo.startup_heap import freeze_startup_heap
 
@@ -109,6 +109,10 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, raw: Request) -> Response:
         return await create_response(ctx, body, raw)
+
+    @app.post("/v1/responses/input_tokens")
+    async def responses_input_tokens(body: InputTokensRequest) -> dict[str, Any]:
+        return await count_input_tokens(ctx, body)
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     @app.post("/v1/responses/{response_id}/cancel")

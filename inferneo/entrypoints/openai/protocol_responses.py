@@ -285,6 +285,31 @@ _CHAT_FIELDS = (  # a chat request's field path (its start) -> the Responses req
 )
 
 
+class InputTokensRequest(_Body):
+    """``POST /v1/responses/input_tokens``: the input side of a Responses request (the fields OpenAI's count takes),
+    whose prompt the server renders as :class:`ResponsesRequest` would and counts, generating nothing."""
+
+    # The values are checked as ResponsesRequest checks them (as_response_request): the same messages.
+    model: Any = None
+    input: Any = None
+    instructions: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    text: Any = None
+    reasoning: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    truncation: Any = None
+
+    def as_response_request(self) -> ResponsesRequest:
+        """The Responses request with this input, validated as one (a 400 naming the field when it is not)."""
+        try:
+            return ResponsesRequest.model_validate(self.model_dump(exclude_unset=True))
+        except ValidationError as exc:
+            raise APIError(400, *validation_message(exc.errors()[0])) from None
+
+
 def responses_param(chat_param: str | None) -> str | None:
     """The field of a Responses request that a chat request's field path ``chat_param`` (of :meth:`to_chat`'s
     request) came from: ``messages...`` is ``input``, ``response_format.json_schema.schema`` is

@@ -94,6 +94,17 @@ class StartedChat:
     params: SamplingParams
 
 
+async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
+    """The prompt token ids of each of ``req``'s conversations, as the model's chat template renders them with the
+    request's tools and template options (off the event loop when long)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    conversations = req.conversations()
+    return await ctx.tokenize_off_loop(
+        sum(map(conversation_chars, conversations)),
+        lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), req.template_kwargs(), tools=tools,
+                             continue_final_message=req.continue_final_message) for c in conversations])
+
+
 async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str, param: str) -> StartedChat:
     """Check ``req``, render its conversations and submit them to the engine as requests ``{request_id}-{i}``. An
     ``APIError`` (4xx) for what cannot run; ``param`` names the field holding the conversation in engine refusals
@@ -102,12 +113,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     check_common(req)
     constraint = structured_outputs_of(req)
     engine = ctx.engine
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    conversations = req.conversations()
-    prompt_ids = await ctx.tokenize_off_loop(
-        sum(map(conversation_chars, conversations)),
-        lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), req.template_kwargs(), tools=tools,
-                             continue_final_message=req.continue_final_message) for c in conversations])
+    prompt_ids = await render_conversations(ctx, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     prompt_ids = truncate_prompts(prompt_ids, req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -21,10 +21,15 @@ from fastapi.responses import JSONResponse, Response
 
 from inferneo.entrypoints.openai.errors import APIError
 from inferneo.entrypoints.openai.protocol import MAX_TOOLS, ChatCompletionRequest, now
-from inferneo.entrypoints.openai.protocol_responses import ResponsesRequest, in_responses_terms
+from inferneo.entrypoints.openai.protocol_responses import (
+    InputTokensRequest,
+    ResponsesRequest,
+    in_responses_terms,
+)
 from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     chat_logprobs,
+    render_conversations,
     start_chat,
     tool_call_id,
     tool_parser_for,
@@ -57,6 +62,20 @@ async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Reques
     if req.stream:
         return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.whole())
+
+
+async def count_input_tokens(ctx: ServerContext, body: InputTokensRequest) -> dict[str, Any]:
+    """``POST /v1/responses/input_tokens``: the prompt tokens the request's input, instructions and tools take, as
+    :func:`create_response` would render them for the model (nothing is generated)."""
+    req = body.as_response_request()
+    req.check_supported()
+    chat = req.to_chat()
+    try:
+        ctx.model_name(chat.model)
+        (prompt_ids,) = await render_conversations(ctx, chat)
+    except APIError as exc:
+        raise in_responses_terms(exc) from None
+    return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
 
 
 class _Response:
