@@ -23,7 +23,7 @@ from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig
 from inferneo.spec_decode.ngram import NgramProposer
 from inferneo.spec_decode.state import SpeculationState
-from inferneo.structured_output.compiler import GrammarCompiler, SequenceGrammar
+from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
 from inferneo.worker.runner_api import Runner
@@ -168,7 +168,7 @@ class EngineCore:
                 kind = FailureKind.INVALID if isinstance(error, ValueError) else FailureKind.FAILED
                 self._failures.append(RequestFailure([request_id], kind, str(error)))
                 continue
-            request.grammar = SequenceGrammar(future.result(), request.eos_token_ids)
+            request.grammar = future.result().matcher(request.eos_token_ids)
             self.scheduler.add_request(request)
 
     def _propose_drafts(self, request: Request, max_drafts: int) -> list[int]:

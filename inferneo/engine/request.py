@@ -13,7 +13,7 @@ from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 from inferneo.spec_decode.state import SpeculationState
-from inferneo.structured_output.compiler import SequenceGrammar
+from inferneo.structured_output.compiler import SequenceMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -69,7 +69,7 @@ class Request:
     # device, whose token is not on the host yet (-1: none). The next step reads that token on the device.
     pending_sample: int = -1
     # Structured output: the matcher that limits this sequence's next token (set once its grammar is compiled).
-    grammar: SequenceGrammar | None = None
+    grammar: SequenceMatcher | None = None
     # An embedding request: what it asked for, how the model pools (set by the core) and its pooled state so far.
     pooling: PoolingRequest | None = None
     pooling_method: str | None = None

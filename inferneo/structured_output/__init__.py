@@ -1,7 +1,9 @@
 """Structured output: decoding constrained to a JSON schema, regex, choice list or grammar.
 
-The field's library does the work: xgrammar parses and compiles each constraint against the model's tokenizer
-and fills one token bitmask per constrained sequence per step. This package wraps it for the engine:
+The field's libraries do the work: xgrammar parses and compiles each constraint against the model's tokenizer
+and fills one token bitmask per constrained sequence per step; a JSON schema with a constraint xgrammar would drop
+goes to llguidance instead, when it takes the schema cleanly (as vLLM's "auto" backend does). This package wraps
+them for the engine:
 
 - :mod:`.grammars`: a ``StructuredOutputsParams`` as an xgrammar grammar, and the check the front end runs on
   every request (no tokenizer needed), so an unusable schema is refused before it reaches the core;
@@ -9,7 +11,7 @@ and fills one token bitmask per constrained sequence per step. This package wrap
   per-sequence matcher that follows the sequence's tokens and fills its bitmask row.
 
 The sampler only ever sees a bitmask tensor (``inferneo.sampling.ops.apply_token_bitmask``); nothing outside this
-package imports xgrammar, so it stays an optional dependency (the ``structured`` extra).
+package imports xgrammar or llguidance, so they stay optional dependencies (the ``structured`` extra).
 """
 
 from inferneo.structured_output.grammars import StructuredOutputError, check_structured_outputs

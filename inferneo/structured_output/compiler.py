@@ -3,8 +3,12 @@
 :class:`GrammarCompiler` compiles each constraint against the model's vocabulary on a worker thread and keeps
 the result by constraint (``StructuredOutputsParams.key``), so a batch that shares one schema compiles it once.
 The tokenizer is loaded on that thread the first time a constrained request arrives; a core that never sees one
-never loads it. :class:`SequenceGrammar` follows one sequence: it accepts the sequence's tokens as they are
-sampled and fills that sequence's row of the step's token bitmask.
+never loads it. Each result is a :class:`CompiledConstraint` naming its backend: xgrammar for every constraint
+it enforces, llguidance for a JSON schema only llguidance enforces (``grammars.GuidanceGrammar``).
+:meth:`CompiledConstraint.matcher` gives the per-sequence matcher, :class:`SequenceGrammar` (xgrammar) or
+:class:`GuidanceSequenceGrammar` (llguidance), both with one interface: each accepts the sequence's tokens as
+they are sampled and fills that sequence's row of the step's token bitmask. :class:`MatcherBatch` does a step's
+rows of both kinds.
 """
 
 from __future__ import annotations
@@ -15,11 +19,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Union
 
 import torch
 
 from inferneo.sampling_params import StructuredOutputsParams
-from inferneo.structured_output.grammars import StructuredOutputError, build_grammar, xgrammar
+from inferneo.structured_output.grammars import (
+    GuidanceGrammar,
+    StructuredOutputError,
+    build_grammar,
+    llguidance,
+    xgrammar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,8 @@ class GrammarCompiler:
         self._matcher_batch: MatcherBatch | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-grammar")
         self._compiler = None
+        self._tokenizer = None
+        self._guidance_tokenizer = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -59,21 +73,49 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
             return future
 
-    def _compile(self, params: StructuredOutputsParams):
+    def _compile(self, params: StructuredOutputsParams) -> CompiledConstraint:
         if self._compiler is None:
             xgr = xgrammar()
+            tokenizer = self._hf_tokenizer()
+            info = _tokenizer_info(xgr, tokenizer, self.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
+        grammar = build_grammar(params)
+        field = f"structured_outputs.{params.kind}"
+        if isinstance(grammar, GuidanceGrammar):
+            return self._compile_guidance(grammar, field)
+        try:
+            return CompiledConstraint("xgrammar", self._compiler.compile_grammar(grammar))
+        except (RuntimeError, ValueError) as e:
+            raise StructuredOutputError(f"{field} cannot be compiled: {e}", field) from None
+
+    def _hf_tokenizer(self):
+        if self._tokenizer is None:
             tokenizer = self._load_tokenizer()
             if not callable(getattr(tokenizer, "get_vocab", None)):  # an architecture preset's stand-in
                 raise StructuredOutputError("structured output needs the model's vocabulary, and this model has no "
                                             "tokenizer: give one (the tokenizer option)", "structured_outputs")
-            info = _tokenizer_info(xgr, tokenizer, self.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=self._max_threads)
-        grammar = build_grammar(params)
-        try:
-            return self._compiler.compile_grammar(grammar)
-        except (RuntimeError, ValueError) as e:
-            field = f"structured_outputs.{params.kind}"
-            raise StructuredOutputError(f"{field} cannot be compiled: {e}", field) from None
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def _compile_guidance(self, grammar: GuidanceGrammar, field: str) -> CompiledConstraint:
+        """llguidance's matcher of ``grammar`` at its start (each sequence gets a copy)."""
+        llg = llguidance()
+        if self._guidance_tokenizer is None:
+            from llguidance.hf import from_tokenizer
+
+            try:  # its EOS ids are not used: each sequence's stop ids are applied by GuidanceSequenceGrammar
+                self._guidance_tokenizer = from_tokenizer(self._hf_tokenizer(), n_vocab=self.vocab_size)
+            except ValueError as e:  # a slow (Python) tokenizer
+                raise StructuredOutputError(f"{field} needs llguidance, which cannot read this model's tokenizer: "
+                                            f"{e}", field) from None
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar.text, self._guidance_tokenizer)
+        if is_error or messages:
+            raise StructuredOutputError(f"{field} cannot be compiled: {'; '.join(messages)}", field)
+        matcher = llg.LLMatcher(self._guidance_tokenizer, grammar.text, log_level=0)
+        if matcher.is_error():
+            raise StructuredOutputError(f"{field} cannot be compiled: {matcher.get_error()}", field)
+        eos = frozenset(self._guidance_tokenizer.eos_tokens)
+        return CompiledConstraint("llguidance", matcher, eos)
 
     @property
     def matcher_batch(self) -> MatcherBatch:
@@ -106,6 +148,23 @@ def _tokenizer_info(xgr, tokenizer, vocab_size: int):
         if token_id < vocab_size and token_id not in special:
             vocab[token_id] = text
     return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledConstraint:
+    """A constraint compiled against the vocabulary, by one of the two backends: ``grammar`` is xgrammar's
+    ``CompiledGrammar``, or llguidance's ``LLMatcher`` at the start of the grammar (copied for each sequence,
+    never advanced itself), whose tokenizer's EOS ids are ``guidance_eos``."""
+
+    backend: Literal["xgrammar", "llguidance"]
+    grammar: object
+    guidance_eos: frozenset[int] = frozenset()
+
+    def matcher(self, stop_token_ids: frozenset[int]) -> SequenceMatcher:
+        """A new sequence's matcher; ``stop_token_ids`` end the sequence once the constraint is complete."""
+        if self.backend == "llguidance":
+            return GuidanceSequenceGrammar(self, stop_token_ids)
+        return SequenceGrammar(self.grammar, stop_token_ids)
 
 
 class SequenceGrammar:
@@ -145,31 +204,113 @@ class SequenceGrammar:
         self.broken = True
 
 
+class GuidanceSequenceGrammar:
+    """One sequence's llguidance matcher, with :class:`SequenceGrammar`'s interface and semantics.
+
+    llguidance's own EOS ids (its tokenizer's) are taken out of every row: the sequence's ``stop_token_ids``
+    are allowed instead, only where the constraint is complete, and taking one ends the constraint (the matcher
+    itself never sees it). llguidance never allows special tokens (it reads them as non-text), nor ids past the
+    tokenizer's vocabulary.
+    """
+
+    def __init__(self, compiled: CompiledConstraint, stop_token_ids: frozenset[int]) -> None:
+        self.matcher = compiled.grammar.deep_copy()
+        self.stop_token_ids = frozenset(stop_token_ids) or compiled.guidance_eos
+        self._eos = sorted(compiled.guidance_eos)
+        self.num_accepted = 0  # output tokens the matcher has taken
+        self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
+        self.ended = False  # a stop token was taken where the constraint is complete
+        self._words: tuple[torch.Tensor, torch.Tensor] | None = None  # (all but llguidance's EOS, the stop ids)
+
+    def accept_token(self, token_id: int) -> None:
+        """Take the sequence's next output token."""
+        self.num_accepted += 1
+        if self.constrains:
+            self.take(token_id)
+
+    def take(self, token_id: int) -> None:
+        """Take a token (not counted: :meth:`accept_token` and the batch count)."""
+        if token_id in self.stop_token_ids and self.matcher.is_accepting():
+            self.ended = True
+        elif token_id in self._eos or not self.matcher.consume_token(token_id):
+            self.refused(token_id)
+
+    @property
+    def constrains(self) -> bool:
+        """Whether the next token is constrained (False once the sequence ended its grammar or broke it)."""
+        return not (self.broken or self.ended)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 words, bit ``t`` for token ``t``)."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, bitmask, row)
+        width = bitmask.shape[1]
+        if self._words is None or self._words[0].shape[0] != width:
+            self._words = (~token_words(self._eos, width), token_words(self.stop_token_ids, width))
+        keep, stop = self._words
+        words = bitmask[row]
+        words &= keep
+        if self.matcher.is_accepting():
+            words |= stop
+
+    def refused(self, token_id: int) -> None:
+        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
+        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
+                       "for the rest of it", token_id)
+        self.broken = True
+
+
+def token_words(token_ids, width: int) -> torch.Tensor:
+    """A bitmask row of ``width`` int32 words with the bits of ``token_ids`` set (ids past the row left out)."""
+    bits = torch.zeros(width * 32, dtype=torch.int64)
+    bits[[t for t in token_ids if t < width * 32]] = 1
+    words = (bits.view(width, 32) << torch.arange(32)).sum(-1)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+
+
+SequenceMatcher = Union[SequenceGrammar, GuidanceSequenceGrammar]  # noqa: UP007 - a runtime alias on Python 3.10
+
+
 class MatcherBatch:
     """Takes tokens and fills bitmask rows for many sequences at once, through xgrammar's batch matcher on
     ``num_threads`` threads. Each batch call is one call into xgrammar's C++ that lets go of the GIL, so a step's
-    mask work can run on :attr:`worker` while the core's thread does other host work."""
+    mask work can run on :attr:`worker` while the core's thread does other host work. llguidance's sequences
+    (:class:`GuidanceSequenceGrammar`) in the same step take their tokens and fill their rows one by one."""
 
     def __init__(self, num_threads: int) -> None:
         self.num_threads = num_threads
         self._batch = xgrammar().BatchGrammarMatcher(num_threads)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-bitmask")
 
-    def accept(self, grammars: list[SequenceGrammar], tokens: list[int]) -> None:
+    def accept(self, grammars: list[SequenceMatcher], tokens: list[int]) -> None:
         """Each grammar takes its one next token."""
         live = [(g, t) for g, t in zip(grammars, tokens, strict=True) if g.constrains]
         for g in grammars:
             g.num_accepted += 1
-        if not live:
+        xgrammar_live = [(g, t) for g, t in live if isinstance(g, SequenceGrammar)]
+        for g, t in live:
+            if not isinstance(g, SequenceGrammar):
+                g.take(t)
+        if not xgrammar_live:
             return
-        accepted = self._batch.batch_accept_token([g.matcher for g, _ in live], [t for _, t in live])
-        for (g, t), ok in zip(live, accepted, strict=True):
+        accepted = self._batch.batch_accept_token([g.matcher for g, _ in xgrammar_live],
+                                                  [t for _, t in xgrammar_live])
+        for (g, t), ok in zip(xgrammar_live, accepted, strict=True):
             if not ok:
                 g.refused(t)
 
-    def fill(self, grammars: list[SequenceGrammar], bitmask: torch.Tensor) -> None:
+    def fill(self, grammars: list[SequenceMatcher], bitmask: torch.Tensor) -> None:
         """Row ``i`` of ``bitmask`` gets the allowed next tokens of ``grammars[i]``."""
-        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+        rows = [i for i, g in enumerate(grammars) if isinstance(g, SequenceGrammar)]
+        if len(rows) == len(grammars):
+            self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+            return
+        if rows:
+            self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], bitmask, indices=rows)
+        for i, g in enumerate(grammars):
+            if not isinstance(g, SequenceGrammar):
+                g.fill(bitmask, i)
 
     def shutdown(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)

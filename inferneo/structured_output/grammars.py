@@ -1,10 +1,16 @@
-"""A request's ``StructuredOutputsParams`` as an xgrammar ``Grammar``, and the up-front check of it."""
+"""A request's ``StructuredOutputsParams`` as a grammar, and the up-front check of it.
+
+xgrammar takes every constraint it enforces. A JSON schema with a constraint xgrammar would drop
+(``_check_enforceable``) goes to llguidance instead, when llguidance is installed and takes the schema without an
+error or a warning (:class:`GuidanceGrammar`); otherwise it is refused, naming the field and the place.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from inferneo.sampling_params import MAX_WHITESPACE_RUN, StructuredOutputsParams
@@ -29,14 +35,39 @@ def xgrammar():
     return xgr
 
 
+def llguidance():
+    """The llguidance module, or None when it is not installed (schemas only it enforces are then refused)."""
+    try:
+        import llguidance as llg
+    except ImportError:  # pragma: no cover - the structured extra installs it
+        return None
+    return llg
+
+
+@dataclass(frozen=True, slots=True)
+class GuidanceGrammar:
+    """A JSON schema xgrammar would loosen, as llguidance's grammar (``LLMatcher.grammar_from_json_schema``),
+    already checked by llguidance to have no error and no warning."""
+
+    text: str
+
+
 def build_grammar(params: StructuredOutputsParams):
-    """The xgrammar ``Grammar`` of ``params``; raises ``StructuredOutputError`` naming the field when it is bad."""
+    """The xgrammar ``Grammar`` of ``params``, or a :class:`GuidanceGrammar` for a JSON schema only llguidance
+    enforces; raises ``StructuredOutputError`` naming the field when neither can use it."""
     xgr = xgrammar()
     kind = params.kind
     field = f"structured_outputs.{kind}"
     try:
         if kind == "json":
-            _check_enforceable(params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json))
+            schema = params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json)
+            try:
+                _check_enforceable(schema)
+            except ValueError:
+                guidance = guidance_grammar(schema, params)
+                if guidance is None:
+                    raise
+                return guidance
             return _strict_json_strings(xgr.Grammar.from_json_schema(params.spec, **_json_options(params)))
         if kind == "json_object":
             return _strict_json_strings(xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params)))
@@ -206,9 +237,40 @@ def _unenforceable(schema: dict[str, Any]) -> str | None:
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
+    """xgrammar's JSON layout: compact (exactly ", " and ": " between items, nothing else) or runs of at most
+    ``MAX_WHITESPACE_RUN`` whitespace characters around every separator and bracket (never before or after the
+    value)."""
     if params.disable_any_whitespace:
         return {"any_whitespace": False}
     return {"any_whitespace": True, "max_whitespace_cnt": MAX_WHITESPACE_RUN}
+
+
+def _guidance_json_options(params: StructuredOutputsParams) -> dict[str, Any]:
+    """llguidance's JSON options for the layout of ``_json_options`` (given as overrides, so a schema's own
+    "x-guidance" cannot change them); never ``lenient`` (which drops unknown keywords) nor ``coerce_one_of``
+    (which reads oneOf as anyOf)."""
+    strict = {"lenient": False, "coerce_one_of": False}
+    if params.disable_any_whitespace:
+        return {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", **strict}
+    return {"whitespace_flexible": True, "whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE_RUN}}}",
+            **strict}
+
+
+def guidance_grammar(schema: Any, params: StructuredOutputsParams) -> GuidanceGrammar | None:
+    """llguidance's grammar of ``schema``, or None when llguidance is missing or reports any error or warning
+    for it (a warning is a keyword it would not enforce). No tokenizer is needed: the core checks the grammar
+    again against the vocabulary when it compiles it."""
+    llg = llguidance()
+    if llg is None or not isinstance(schema, dict):
+        return None
+    try:
+        text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_guidance_json_options(params))
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    if is_error or messages:
+        return None
+    return GuidanceGrammar(text)
 
 
 def _xgrammar_message(error: Exception) -> str:

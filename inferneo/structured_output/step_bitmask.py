@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from inferneo.sampling.metadata import TokenBitmask
-from inferneo.structured_output.compiler import MatcherBatch, SequenceGrammar
+from inferneo.structured_output.compiler import MatcherBatch, SequenceMatcher
 
 
 @dataclass(slots=True)
@@ -17,7 +17,7 @@ class ConstrainedRow:
     """A constrained sequence sampled by a step."""
 
     row: int  # its row among the step's sampled sequences
-    grammar: SequenceGrammar
+    grammar: SequenceMatcher
     output_token_ids: list[int]  # its output tokens on the host (the core's list, shared)
     pending_sample: int  # with asynchronous scheduling: its token's row in the step still in flight, else -1
 
@@ -52,9 +52,9 @@ class StepBitmask:
 
     def __call__(self) -> TokenBitmask | None:
         previous: list[int] | None = None
-        single: list[SequenceGrammar] = []
+        single: list[SequenceMatcher] = []
         single_tokens: list[int] = []
-        behind: list[tuple[SequenceGrammar, list[int]]] = []
+        behind: list[tuple[SequenceMatcher, list[int]]] = []
         for entry in self.rows:  # what each matcher has to take, read before ``meanwhile`` appends tokens
             grammar = entry.grammar
             backlog = entry.output_token_ids[grammar.num_accepted:]
@@ -74,8 +74,8 @@ class StepBitmask:
             self.meanwhile()
         return job.result()
 
-    def _take_and_fill(self, single: list[SequenceGrammar], single_tokens: list[int],
-                       behind: list[tuple[SequenceGrammar, list[int]]]) -> TokenBitmask | None:
+    def _take_and_fill(self, single: list[SequenceMatcher], single_tokens: list[int],
+                       behind: list[tuple[SequenceMatcher, list[int]]]) -> TokenBitmask | None:
         start = time.perf_counter()
         for grammar, tokens in behind:
             for token in tokens:
