@@ -326,23 +326,30 @@ def test_bad_constraints_are_refused_naming_the_field(llm, field, spec):
     assert_clean(llm)
 
 
-# Keywords xgrammar 0.2 parses but does not enforce: the engine refuses them instead of letting outputs break
-# the schema. (Before the refusal, seeded runs of each broke it: [1, 1] under uniqueItems, 3 under not const 3,
-# 90-letter strings under pattern + maxLength 4, ...)
+# Keywords xgrammar 0.2 parses but does not enforce, and llguidance does not either (it reports them): the engine
+# refuses them instead of letting outputs break the schema. (Before the refusal, seeded runs of each broke it: [1, 1]
+# under uniqueItems, 3 under not const 3, ...)
 UNENFORCEABLE = [
     ({"type": "array", "items": {"type": "integer"}, "maxItems": 3, "uniqueItems": True}, "'/'"),
-    ({"type": "object", "properties": {"w": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4}}},
-     "'/properties/w'"),
     ({"type": "integer", "not": {"const": 3}}, "'/'"),
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "'/'"),
-    ({"$defs": {"x": {"allOf": [{"type": "integer"}, {"minimum": 5}]}}, "$ref": "#/$defs/x"}, "'/$defs/x'"),
     ({"type": "object", "properties": {"a": {"type": "boolean"}}, "if": {"properties": {"a": {"const": True}}},
       "then": {"required": ["a"]}}, "'/'"),
-    ({"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string", "pattern": "a",
-                                                                "minLength": 1}}]}, "'/anyOf/1/items'"),
-    ({"type": "object", "properties": {"a": {"type": "integer"}}, "anyOf": [{"required": ["a"]}]}, "'/'"),
-    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}, "'/'"),
-    ({"type": "array", "items": {"type": "number", "multipleOf": 3}}, "'/items'"),
+]
+# Those xgrammar would loosen but llguidance enforces: they go to llguidance. (Before the refusal xgrammar let
+# 90-letter strings through under pattern + maxLength 4, ...) Bounded, so that the tiny model finishes them.
+GUIDANCE_ONLY = [
+    ({"type": "object", "properties": {"w": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4}},
+      "required": ["w"], "additionalProperties": False}, "'/properties/w'"),
+    ({"$defs": {"x": {"allOf": [{"type": "integer"}, {"minimum": 5}, {"maximum": 60}]}}, "$ref": "#/$defs/x"},
+     "'/$defs/x'"),
+    ({"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string", "pattern": "^a[a-c]*$",
+                                                                "minLength": 2, "maxLength": 3}, "maxItems": 2}]},
+     "'/anyOf/1/items'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+      "anyOf": [{"required": ["a"]}], "additionalProperties": False}, "'/'"),
+    ({"type": "array", "items": {"type": "number", "multipleOf": 3, "minimum": -30, "maximum": 30}, "maxItems": 3},
+     "'/items'"),
 ]
 
 
@@ -355,6 +362,28 @@ def test_schemas_the_grammar_cannot_enforce_are_refused(llm, schema, where):
     named = {"type": "object", "properties": {"not": {"type": "boolean"}, "if": {"type": "null"}},
              "required": ["not", "if"], "additionalProperties": False}
     validate(strict_json(llm.generate("x", constrained(json=named), use_tqdm=False)[0].outputs[0].text), named)
+
+
+@pytest.mark.parametrize(("schema", "where"), GUIDANCE_ONLY, ids=[str(i) for i in range(len(GUIDANCE_ONLY))])
+def test_schemas_only_llguidance_enforces_hold(llm, schema, where):
+    """Seeded samples at temperature 1, each a valid answer that ended with the schema."""
+    outs = llm.generate([prompt(i) for i in range(3)], constrained(temperature=1.0, seed=5, max_tokens=120,
+                                                                    json=schema), use_tqdm=False)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        validate(strict_json(out.outputs[0].text), schema)
+    assert_clean(llm)
+
+
+@pytest.mark.parametrize(("schema", "where"), GUIDANCE_ONLY[:2], ids=["0", "1"])
+def test_without_llguidance_those_schemas_are_refused(monkeypatch, schema, where):
+    from inferneo.structured_output import grammars
+
+    monkeypatch.setattr(grammars, "llguidance", lambda: None)
+    monkeypatch.setattr(grammars, "_checked", type(grammars._checked)())
+    with pytest.raises(grammars.StructuredOutputError, match=re.escape(where) + ".*cannot enforce") as raised:
+        grammars.check_structured_outputs(StructuredOutputsParams(json=schema))
+    assert raised.value.param == "structured_outputs.json"
 
 
 # ---- compiling off the step loop ------------------------------------------------------------------------------

@@ -357,28 +357,39 @@ def test_a_bad_constraint_or_tool_is_a_400_naming_the_field(server, case, path, 
 
 # Schemas xgrammar 0.2 compiles while dropping a constraint (before the refusal each of these came back as a 200 whose
 # seeded answers broke the schema: 27e23 for a typeless bound, 80 under "a multiple of 3", a number for an object
-# whose anyOf said which properties it needs, {"a": 7} without the required "zz", ...).
+# whose anyOf said which properties it needs, {"a": 7} without the required "zz", ...). llguidance enforces these, so
+# they go to it:
 LOOSENED = [
-    ("anyOf-beside-properties", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    ("anyOf-beside-properties", {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99},
+                                                                  "b": {"type": "integer", "minimum": -99}},
                                  "anyOf": [{"required": ["a"]}, {"required": ["b"]}], "additionalProperties": False},
      "'/'"),
     ("ref-beside-maximum", {"$defs": {"n": {"type": "integer", "minimum": 0}}, "$ref": "#/$defs/n", "maximum": 5},
      "'/'"),
-    ("ref-outside", {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
-     "'/properties/a'"),
     ("ref-to-anchor", {"$defs": {"n": {"$anchor": "n", "type": "integer"}}, "$ref": "#n"}, "'/'"),
-    ("required-not-listed", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"]},
-     "'/'"),
-    ("dependent-required", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                            "dependentRequired": {"a": ["b"]}}, "'/'"),
+    ("required-not-listed", {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                             "required": ["a", "zz"], "maxProperties": 2,
+                             "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}}, "'/'"),
     ("multiple-of-a-number", {"type": "number", "multipleOf": 3, "minimum": 0, "maximum": 100}, "'/'"),
     ("multiple-of-a-fraction", {"type": "integer", "multipleOf": 2.5}, "'/'"),
     ("bounds-without-a-type", {"type": "array", "items": {"minimum": 0, "maximum": 100}, "maxItems": 2},
      "'/items'"),
+    ("pattern-and-length", {"type": "object", "properties": {"w": {"type": "string", "pattern": "^[a-z]+$",
+                                                                   "maxLength": 4}},
+                            "required": ["w"], "additionalProperties": False}, "'/properties/w'"),
+]
+# ... and these neither enforces (llguidance reports them), so they stay refused.
+UNENFORCED = [
+    ("ref-outside", {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
+     "'/properties/a'"),
+    ("dependent-required", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                            "dependentRequired": {"a": ["b"]}}, "'/'"),
+    ("unique-items", {"type": "array", "items": {"type": "integer"}, "maxItems": 3, "uniqueItems": True}, "'/'"),
+    ("not", {"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 3}}}}, "'/properties/a'"),
 ]
 
 
-@pytest.mark.parametrize(("case", "schema", "where"), LOOSENED, ids=[c[0] for c in LOOSENED])
+@pytest.mark.parametrize(("case", "schema", "where"), UNENFORCED, ids=[c[0] for c in UNENFORCED])
 def test_schemas_whose_constraints_the_grammar_would_drop_are_refused(client, case, schema, where):
     """Refused with a 400 naming the field and the place, as a response format and as a tool's parameters, rather
     than answered with output that need not match."""
@@ -387,12 +398,48 @@ def test_schemas_whose_constraints_the_grammar_would_drop_are_refused(client, ca
             "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
     error = raised.value.body
     assert error["param"] == "response_format.json_schema.schema" and where in error["message"], error
+    assert "constrained decoding cannot enforce" in error["message"], error
     if schema.get("type") == "object":
         tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
         with pytest.raises(openai.BadRequestError) as raised:
             client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, tools=[tool],
                                            tool_choice="required")
         assert raised.value.body["param"] == "tools[0].function.parameters", raised.value.body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("case", "schema", "where"), LOOSENED, ids=[c[0] for c in LOOSENED])
+def test_schemas_only_llguidance_enforces_are_served_and_hold(client, case, schema, where, stream):
+    """Served through llguidance: several seeded samples each, streamed and not, and every answer validates."""
+    for seed in (0, 1):
+        body = dict(model="tiny", messages=USER, max_tokens=150, temperature=1.0, seed=seed, n=3,
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        if stream:
+            texts, finishes = {}, {}
+            for chunk in client.chat.completions.create(**body, stream=True):
+                for c in chunk.choices:
+                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+                    finishes[c.index] = c.finish_reason or finishes.get(c.index)
+            answers = [(texts[i], finishes[i]) for i in sorted(texts)]
+        else:
+            answers = [(c.message.content, c.finish_reason) for c in client.chat.completions.create(**body).choices]
+        assert len(answers) == 3
+        for text, finish in answers:
+            assert finish == "stop", (case, text)
+            jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize(("case", "schema", "where"), [c for c in LOOSENED if c[1].get("type") == "object"],
+                         ids=[c[0] for c in LOOSENED if c[1].get("type") == "object"])
+def test_tools_whose_parameters_only_llguidance_enforces_are_called(client, case, schema, where):
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for seed in (0, 1):
+        answer = client.chat.completions.create(model="tiny", messages=USER, max_tokens=150, temperature=1.0,
+                                                seed=seed, tools=[tool], tool_choice="required",
+                                                parallel_tool_calls=False)
+        calls = answer.choices[0].message.tool_calls
+        assert answer.choices[0].finish_reason == "tool_calls" and len(calls) == 1, answer
+        check_call(calls[0], [tool])
 
 
 def test_the_enforceable_forms_of_those_schemas_hold(client):
