@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from inferneo import LLM, LoRARequest, SamplingParams
@@ -168,6 +169,20 @@ def test_bad_adapters_and_names_are_refused(server, loras, tmp_path):
     r = post(server, "/v1/completions", {"model": "doomed", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
     assert complete(server, "tiny", PROMPTS[0])
+    # streamed through the Responses API, the same failure comes after response.created: OpenAI's error event,
+    # then response.failed with the error (no chat-style error line, no [DONE]); the openai package reads it
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key=KEY, max_retries=0, timeout=60)
+    events = list(client.responses.create(model="doomed", input="hi", max_output_tokens=2, stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "error", "response.failed"]
+    assert "does not exist" in events[2].message and events[2].code
+    assert [e.sequence_number for e in events] == [0, 1, 2, 3]
+    failed = events[3].response
+    assert failed.status == "failed" and failed.error.code == events[2].code and failed.error.message
+    with httpx.stream("POST", server.url("/v1/responses"), headers=AUTH, timeout=60,
+                      json={"model": "doomed", "input": "hi", "max_output_tokens": 2, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1].startswith("data: ") and json.loads(lines[-1][6:])["type"] == "response.failed", lines[-3:]
+    assert not any("[DONE]" in line for line in lines)
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "doomed"}).status_code == 200
     assert httpx.get(server.url("/health"), timeout=10).status_code == 200
 

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from inferneo.entrypoints.openai.errors import APIError
+from inferneo.entrypoints.openai.errors import APIError, to_api_error
 from inferneo.entrypoints.openai.protocol import MAX_TOOLS, ChatCompletionRequest, now
 from inferneo.entrypoints.openai.protocol_responses import (
     InputTokensRequest,
@@ -110,8 +110,8 @@ class _Response:
 
     def body(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
              cut: bool = False) -> dict[str, Any]:
-        """The response object: ``status`` ``in_progress``, ``completed`` or ``incomplete`` (``cut``: by
-        ``max_output_tokens``), the request's settings as they took effect."""
+        """The response object: ``status`` ``in_progress``, ``completed``, ``incomplete`` (``cut``: by
+        ``max_output_tokens``) or ``failed``, the request's settings as they took effect."""
         req = self.req
         fmt = req.text.format if req.text is not None and req.text.format is not None else None
         text = {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}}
@@ -154,9 +154,23 @@ class _Response:
         return JSONResponse(self.body("incomplete" if cut else "completed", output, usage, cut))
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The stream's events; an error after the first is OpenAI's ``error`` event, then ``response.failed``
+        with the response as it stood (no chat-style error line, no ``[DONE]``)."""
         stream = _EventWriter(self)
         yield stream.event("response.created", response=self.body("in_progress", [], None))
         yield stream.event("response.in_progress", response=self.body("in_progress", [], None))
+        try:
+            async for event in self._answer_events(stream):
+                yield event
+        except Exception as exc:  # the engine failed the request mid-answer: the client gets it in this API's form
+            error = to_api_error(exc)
+            code = error.code or ("server_error" if error.status >= 500 else "invalid_request_error")
+            yield stream.event("error", code=code, message=error.message, param=error.param)
+            failed = self.body("failed", stream.output, None)
+            failed["error"] = {"code": code, "message": error.message}
+            yield stream.event("response.failed", response=failed)
+
+    async def _answer_events(self, stream: _EventWriter) -> AsyncIterator[bytes]:
         parser = self.new_parser()
         num_prompt = num_cached = num_output = 0
         finish_reason = None
