@@ -343,3 +343,26 @@ def test_input_tokens_count_what_a_response_would_read(hermes_client, hermes_ser
         assert r.json()["error"]["param"] is not None and r.json()["error"]["param"].startswith(param), r.text
     r = httpx.post(hermes_server.url("/v1/responses/input_tokens"), json={"model": "nope", "input": "x"}, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_logprobs_of_a_text_and_a_call_are_the_texts_whole_and_streamed(hermes_client):
+    """With a call split out of the text, the message's ``output_text.logprobs`` are the tokens the text takes
+    (each token that starts within its bytes), not the call's: the same list whole and streamed, and the stream's
+    deltas carry exactly that list."""
+    grammar = ('root ::= "I will check.\\n<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": '
+               '{\\"city\\": \\"" ("Paris" | "Rome") "\\", \\"days\\": " [1-7] "}}\\n</tool_call>"')
+    kwargs = dict(model="tiny", input=QUESTION, tools=FLAT_TOOLS, temperature=1.0, max_output_tokens=200,
+                  top_logprobs=2, include=["message.output_text.logprobs"],
+                  extra_body={"seed": 3, "structured_outputs": {"grammar": grammar}})
+    whole = hermes_client.responses.create(**kwargs)
+    assert [o.type for o in whole.output] == ["message", "function_call"]
+    text = whole.output[0].content[0].text.encode()
+    tokens = whole.output[0].content[0].logprobs
+    covered = b"".join(bytes(t.bytes) for t in tokens)
+    assert covered.startswith(text) and len(covered) - len(tokens[-1].bytes) < len(text)  # exactly the text's
+    assert len(tokens) < whole.usage.output_tokens  # the call's tokens are not among them
+    events = list(hermes_client.responses.create(**kwargs, stream=True))
+    streamed = events[-1].response.output[0].content[0].logprobs
+    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
+    assert [(t.token, t.logprob) for t in deltas] == [(t.token, t.logprob) for t in tokens]

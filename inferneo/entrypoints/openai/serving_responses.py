@@ -145,8 +145,12 @@ class _Response:
         calls = calls[:self.max_calls]
         output = []
         if content or not (calls or self.forced_calls):
-            output.append(_message_item(_item_id("msg"), content, self.logprobs(choice) if self.top_k is not None
-                                        else None, "incomplete" if cut else "completed"))
+            logprobs = None
+            if self.top_k is not None:  # with calls: the tokens the text takes, not those of the calls
+                logprobs = self.logprobs(choice)
+                if last >= 0:
+                    logprobs = logprobs[:_tokens_covering(logprobs, len(content.encode()))]
+            output.append(_message_item(_item_id("msg"), content, logprobs, "incomplete" if cut else "completed"))
         output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments,
                               _call_status(call.arguments, cut and i == last))
                    for i, call in enumerate(calls)]
@@ -211,6 +215,8 @@ class _EventWriter:
         self.calls: dict[int, dict[str, Any]] = {}  # parser call index -> its function_call item
         self.last_call = -1  # the parser's index of the last call the answer began (kept or not)
         self.pending_logprobs: list[dict[str, Any]] = []  # of tokens not yet sent with a text delta
+        self.text_bytes = 0  # UTF-8 bytes of the message text sent so far
+        self.sent_token_bytes = 0  # bytes of the tokens whose log-probabilities went with it
 
     def event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -226,7 +232,11 @@ class _EventWriter:
                 events += self._open_message()
             part = self.message["content"][0]
             part["text"] += parsed.content
-            sent, self.pending_logprobs = self.pending_logprobs, []
+            # the tokens that this text takes (as the whole response counts them: _tokens_covering)
+            self.text_bytes += len(parsed.content.encode())
+            taken = _tokens_covering(self.pending_logprobs, self.text_bytes - self.sent_token_bytes)
+            sent, self.pending_logprobs = self.pending_logprobs[:taken], self.pending_logprobs[taken:]
+            self.sent_token_bytes += sum(len(entry["bytes"] or ()) for entry in sent)
             if self.job.top_k is not None:
                 part["logprobs"] += sent
             events.append(self.event("response.output_text.delta", item_id=self.message["id"],
@@ -255,6 +265,9 @@ class _EventWriter:
         events: list[bytes] = []
         if not self.output and not self.job.forced_calls:
             events += self._open_message()
+        if self.message is not None and self.last_call < 0 and self.job.top_k is not None:
+            self.message["content"][0]["logprobs"] += self.pending_logprobs  # no call: every token is the text's
+            self.pending_logprobs = []
         events += self._close_message(cut)
         for call_index, item in self.calls.items():
             item["status"] = _call_status(item["arguments"], cut and call_index == self.last_call)
@@ -302,6 +315,20 @@ def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]] | None
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+
+
+def _tokens_covering(logprobs: list[dict[str, Any]], text_bytes: int) -> int:
+    """How many of the leading tokens (chat-shape log-probability entries, with their own ``bytes``) the first
+    ``text_bytes`` bytes of the answer take: each token that starts within them. A message's ``output_text``
+    carries these tokens' log-probabilities, whole and streamed alike; the tokens of tool calls split out of the
+    text after it do not count."""
+    taken = covered = 0
+    for entry in logprobs:
+        if covered >= text_bytes:
+            break
+        covered += len(entry["bytes"] or ())
+        taken += 1
+    return taken
 
 
 def _call_status(arguments: str, cut: bool) -> str:
