@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
+from fp8_check import capture  # noqa: E402
 from kernel_timeline import by_slot, critical_path, kernel_events  # noqa: E402
+from moe_kernel_sweep import timestamped_log  # noqa: E402
 
 from inferneo.kernels import _triton_elementwise as elementwise  # noqa: E402
 from inferneo.kernels import triton_fp8_gemv as fg  # noqa: E402
@@ -139,17 +140,6 @@ def chain(layers: list[Layer], variant: tuple, launches: Launches, start: torch.
     return run
 
 
-def graph_of(fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph, out
-
-
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
@@ -183,14 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = (out / "fp8_epilogue_chain.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
+    log = timestamped_log(out / "fp8_epilogue_chain.log")
     torch.manual_seed(0)
     names = [n for n in VARIANTS if not args.variants or n in args.variants.split(",")]
     log(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; variants {names}")
@@ -201,7 +184,7 @@ def main() -> None:
     reference = None
     for name in names:
         try:
-            graph, residual = graph_of(chain(layers, VARIANTS[name], launches, start))
+            graph, residual = capture(chain(layers, VARIANTS[name], launches, start))
         except Exception as error:  # a variant that does not compile or launch is reported, not fatal
             log(f"{name}: failed: {type(error).__name__}: {error}")
             results["variants"][name] = {"error": f"{type(error).__name__}: {error}"}
