@@ -309,21 +309,14 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
     h = tl.load(h_rows, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * h[:, None, :]
     if REDUCE_EACH:
-        y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
-        if UNROLL:
-            for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
-                y += tl.sum(_down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT), axis=2)
-        else:
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                y += tl.sum(_down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT), axis=2)
+        acc = tl.sum(acc, axis=2)
+    if UNROLL:
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT, REDUCE_EACH)
     else:
-        if UNROLL:
-            for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
-                acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
-        else:
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT)
-        y = tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc += _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K, EVICT, REDUCE_EACH)
+    y = acc if REDUCE_EACH else tl.sum(acc, axis=2)  # [TOPK_POW2, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + experts[:, None] * stride_be + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :],
                      other=0.0).to(tl.float32)
@@ -333,11 +326,16 @@ def _pair_down_sum_kernel(h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, ids
 
 
 @triton.jit
-def _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K: tl.constexpr, EVICT: tl.constexpr):
+def _down_chunk(h_rows, rows, ks, k0, slot_ok, row_ok, K: tl.constexpr, EVICT: tl.constexpr,
+                REDUCE: tl.constexpr = False):
+    # one K chunk's products, [TOPK_POW2, BLOCK_N, BLOCK_K], or (REDUCE) their sums over the chunk
     k_ok = ks < K - k0
     h = tl.load(h_rows + k0, mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     w = tl.load(rows + k0, mask=row_ok & k_ok[None, None, :], other=0.0, eviction_policy=EVICT)
-    return w.to(tl.float32) * h[:, None, :]
+    products = w.to(tl.float32) * h[:, None, :]
+    if REDUCE:
+        return tl.sum(products, axis=2)
+    return products
 
 
 def _evict(code: int) -> str:
