@@ -167,11 +167,11 @@ class _Response:
             async for event in self._answer_events(stream):
                 yield event
         except Exception as exc:  # the engine failed the request mid-answer: the client gets it in this API's form
-            error = to_api_error(exc)
-            code = error.code or ("server_error" if error.status >= 500 else "invalid_request_error")
-            yield stream.event("error", code=code, message=error.message, param=error.param)
+            error = to_api_error(exc).body()["error"]  # the error body every endpoint sends (its type by status)
+            code = error["code"] or error["type"]
+            yield stream.event("error", code=code, message=error["message"], param=error["param"])
             failed = self.body("failed", stream.output, None)
-            failed["error"] = {"code": code, "message": error.message}
+            failed["error"] = {"code": code, "message": error["message"]}
             yield stream.event("response.failed", response=failed)
 
     async def _answer_events(self, stream: _EventWriter) -> AsyncIterator[bytes]:
