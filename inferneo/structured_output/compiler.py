@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -167,7 +167,22 @@ class CompiledConstraint:
         return SequenceGrammar(self.grammar, stop_token_ids)
 
 
-class SequenceGrammar:
+class SequenceMatcher:
+    """What both backends' per-sequence matchers share: ``accept_token``, ``constrains`` and ``fill`` (theirs),
+    the count of output tokens taken and what a refused token does."""
+
+    def __init__(self) -> None:
+        self.num_accepted = 0  # output tokens the matcher has taken
+        self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
+
+    def refused(self, token_id: int) -> None:
+        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
+        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
+                       "for the rest of it", token_id)
+        self.broken = True
+
+
+class SequenceGrammar(SequenceMatcher):
     """One sequence's matcher: which tokens may come next, given the tokens it has generated.
 
     ``stop_token_ids`` are the ids that end the sequence (its EOS ids): once the constraint is complete, only
@@ -175,10 +190,9 @@ class SequenceGrammar:
     """
 
     def __init__(self, compiled, stop_token_ids: frozenset[int]) -> None:
+        super().__init__()
         xgr = xgrammar()
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids) or None)
-        self.num_accepted = 0  # output tokens the matcher has taken
-        self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
 
     def accept_token(self, token_id: int) -> None:
         """Take the sequence's next output token."""
@@ -197,14 +211,8 @@ class SequenceGrammar:
         """Write the allowed next tokens into ``bitmask[row]`` (int32 words, bit ``t`` for token ``t``)."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
-    def refused(self, token_id: int) -> None:
-        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
-        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
-                       "for the rest of it", token_id)
-        self.broken = True
 
-
-class GuidanceSequenceGrammar:
+class GuidanceSequenceGrammar(SequenceMatcher):
     """One sequence's llguidance matcher, with :class:`SequenceGrammar`'s interface and semantics.
 
     llguidance's own EOS ids (its tokenizer's) are taken out of every row: the sequence's ``stop_token_ids``
@@ -214,11 +222,10 @@ class GuidanceSequenceGrammar:
     """
 
     def __init__(self, compiled: CompiledConstraint, stop_token_ids: frozenset[int]) -> None:
+        super().__init__()
         self.matcher = compiled.grammar.deep_copy()
         self.stop_token_ids = frozenset(stop_token_ids) or compiled.guidance_eos
         self._eos = sorted(compiled.guidance_eos)
-        self.num_accepted = 0  # output tokens the matcher has taken
-        self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
         self.ended = False  # a stop token was taken where the constraint is complete
         self._words: tuple[torch.Tensor, torch.Tensor] | None = None  # (all but llguidance's EOS, the stop ids)
 
@@ -254,12 +261,6 @@ class GuidanceSequenceGrammar:
         if self.matcher.is_accepting():
             words |= stop
 
-    def refused(self, token_id: int) -> None:
-        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
-        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
-                       "for the rest of it", token_id)
-        self.broken = True
-
 
 def token_words(token_ids, width: int) -> torch.Tensor:
     """A bitmask row of ``width`` int32 words with the bits of ``token_ids`` set (ids past the row left out)."""
@@ -267,9 +268,6 @@ def token_words(token_ids, width: int) -> torch.Tensor:
     bits[[t for t in token_ids if t < width * 32]] = 1
     words = (bits.view(width, 32) << torch.arange(32)).sum(-1)
     return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
-
-
-SequenceMatcher = Union[SequenceGrammar, GuidanceSequenceGrammar]  # noqa: UP007 - a runtime alias on Python 3.10
 
 
 class MatcherBatch:
