@@ -18,6 +18,9 @@ from inferneo.testing.server import docs_server
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 8000
+# Every module that serves on port 8000 (the docs' examples talk to it) runs on one xdist worker, so none of them
+# finds the port taken by another and skips (--dist loadgroup, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("port-8000")
 
 
 def python_blocks(path: Path) -> list[str]:

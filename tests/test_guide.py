@@ -22,6 +22,9 @@ from inferneo.testing.server import docs_server
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO.parent / "shared" / "spec" / "batching-guide.md"
 PORT = 8000
+# Every module that serves on port 8000 (the docs' examples talk to it) runs on one xdist worker, so none of them
+# finds the port taken by another and skips (--dist loadgroup, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("port-8000")
 DATASET_LINES = 40
 
 

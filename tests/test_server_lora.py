@@ -27,6 +27,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["hello world", "the quick brown fox", "Once upon a time"]
 MAX_TOKENS = 12
 DOCS_PORT = 8000  # docs/adapters.md's examples talk to it
+# Every module that serves on port 8000 (the docs' examples talk to it) runs on one xdist worker, so none of them
+# finds the port taken by another and skips (--dist loadgroup, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("port-8000")
 
 
 @pytest.fixture(scope="module")
