@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from inferneo.kernels.cpu import cpu_build_tag, load_cpu_kernels
+from inferneo.kernels.cpu import cpu_extension_name, load_cpu_kernels
 from inferneo.kernels.native_build import exclusive_build, extension_build_dir
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the build lock is flock(2)")
@@ -72,7 +72,7 @@ def test_loading_the_kernels_after_a_killed_build_does_not_hang(tmp_path):
 
     The folder is a private copy of the real one (``TORCH_EXTENSIONS_DIR``): another test process loading the
     kernels at the same moment would otherwise clear the lock first (a test of ``-n 2`` once failed so)."""
-    name = f"inferneo_cpu_kernels_{cpu_build_tag()}"
+    name = cpu_extension_name()
     load_cpu_kernels()  # built once on this machine (in the real folder) if it is not yet
     root = tmp_path / "torch_extensions"
     shutil.copytree(extension_build_dir(name), root / name, ignore=shutil.ignore_patterns("lock"))

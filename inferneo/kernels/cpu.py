@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.native_build import load_extension, sources_digest
+from inferneo.kernels.native_build import extension_name, load_extension, sources_digest
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_cpu_kernels():
     try:
         logger.info("loading native CPU kernels (the first run on a machine compiles them: about half a minute)")
         return load_extension(
-            f"inferneo_cpu_kernels_{cpu_build_tag()}",
+            cpu_extension_name(),
             [str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
                           "-fassociative-math", "-fno-signed-zeros"],
@@ -70,6 +70,11 @@ def argmax_rows_for(device, kernels: KernelConfig | None = None):
         return x.argmax(dim=-1)
 
     return argmax_rows
+
+
+def cpu_extension_name() -> str:
+    """The native kernels' extension name: this CPU's build tag (``-march=native``) and where the source lies."""
+    return extension_name(f"inferneo_cpu_kernels_{cpu_build_tag()}", [str(_SOURCE)])
 
 
 @functools.cache

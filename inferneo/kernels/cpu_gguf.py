@@ -12,7 +12,7 @@ import functools
 import logging
 from pathlib import Path
 
-from inferneo.kernels.native_build import load_extension, sources_digest
+from inferneo.kernels.native_build import extension_name, load_extension, sources_digest
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ def load_gguf_kernels():
     here (built once per process)."""
     try:
         logger.info("loading native GGUF kernels (the first run on a machine compiles them)")
+        sources = [str(path) for path in _SOURCES]
         return load_extension(
-            "inferneo_gguf_kernels",
-            [str(path) for path in _SOURCES],
+            extension_name("inferneo_gguf_kernels", sources),
+            sources,
             # no -march: the AVX2 functions carry their own target attribute and are picked at run time;
             # -ffp-contract=off keeps de-quantization to the reference's separate multiply and add; -fopenmp
             # makes at::parallel_for (a header template, compiled here) run on PyTorch's threads: without it

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from inferneo.kernel_config import KernelConfig
-from inferneo.kernels.native_build import load_extension
+from inferneo.kernels.native_build import extension_name, load_extension
 from inferneo.quantization.int4_layouts import Int4Weights
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def load_int4_cpu_kernels():
     try:
         logger.info("loading the native int4 CPU kernel (the first run on a machine compiles it)")
         return load_extension(
-            "inferneo_int4_kernels",
+            extension_name("inferneo_int4_kernels", [str(_SOURCE)]),
             [str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

@@ -37,6 +37,14 @@ def extension_build_dir(name: str) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
 
 
+def extension_name(name: str, sources: list[str]) -> str:
+    """``name`` tagged with where ``sources`` lie. PyTorch rebuilds an extension whenever its sources' paths change,
+    so two installs (checkouts, virtual environments) of the package on one machine would otherwise rebuild one
+    build folder in turn, each start waiting for the other's compile; with the tag each has its own."""
+    where = hashlib.sha256("\0".join(str(Path(source).resolve()) for source in sources).encode())
+    return f"{name}_{where.hexdigest()[:8]}"
+
+
 def headers_digest(sources: list[str]) -> str:
     """A digest of the ``.h`` files beside ``sources``. PyTorch rebuilds an extension when its sources or build
     flags change, not when a header they include does; :func:`load_extension` passes this digest as a define, so an
