@@ -15,6 +15,28 @@ _FLOAT_BOUND = 1e30  # temperature at most this, repetition_penalty within [1 / 
 MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit); checked by the engine
 
 
+@dataclass(frozen=True, slots=True)
+class ReasoningSpan:
+    """Where a reasoning model's thinking lies in its output, for a constraint that applies to the answer after it
+    (a server's ``--reasoning-parser`` sets it; see ``structured_output.reasoning_gate``).
+
+    ``end_token_id`` closes the thinking (``</think>``). With ``open_at_start`` the prompt left a thinking block
+    open, so the output begins inside it; otherwise the output may open one with ``start_token_id`` as its first
+    token (or begins with the answer). Nothing is constrained until the thinking is closed.
+    """
+
+    end_token_id: int
+    start_token_id: int | None = None
+    open_at_start: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value in (("end_token_id", self.end_token_id), ("start_token_id", self.start_token_id)):
+            if (value is not None or name == "end_token_id") and not (_is_int(value) and value >= 0):
+                raise ValueError(f"structured_outputs.reasoning.{name} must be a token id, got {value!r}")
+        if not isinstance(self.open_at_start, bool):
+            raise ValueError("structured_outputs.reasoning.open_at_start must be a boolean")
+
+
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """A shape the output must take, enforced token by token while decoding (vLLM's ``structured_outputs``).
@@ -23,7 +45,8 @@ class StructuredOutputsParams:
     of these strings), ``grammar`` (EBNF / GBNF), ``json_object`` (any JSON object) or ``structural_tag``
     (xgrammar's structural tag, as a dict or a JSON string) must be set. ``disable_any_whitespace`` keeps JSON
     compact (no whitespace beyond the separators); by default whitespace is allowed between JSON tokens, in runs
-    of at most ``MAX_WHITESPACE_RUN`` characters so that a model cannot stall in whitespace.
+    of at most ``MAX_WHITESPACE_RUN`` characters so that a model cannot stall in whitespace. ``reasoning`` (a
+    :class:`ReasoningSpan`) lets a reasoning model think freely first: the constraint applies after its thinking.
 
     Values are checked for shape here (a ``ValueError`` names the field); whether a schema, regex or grammar
     compiles is checked by the engine, which refuses a request it cannot compile (a 400 on the server).
@@ -36,6 +59,7 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     structural_tag: str | dict[str, Any] | None = None
     disable_any_whitespace: bool = False
+    reasoning: ReasoningSpan | None = None
 
     KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
@@ -73,6 +97,11 @@ class StructuredOutputsParams:
             raise ValueError("structured_outputs.json_object must be true")
         if not isinstance(self.disable_any_whitespace, bool):
             raise ValueError("structured_outputs.disable_any_whitespace must be a boolean")
+        if isinstance(self.reasoning, dict):
+            self.reasoning = ReasoningSpan(**self.reasoning)
+        elif self.reasoning is not None and not isinstance(self.reasoning, ReasoningSpan):
+            raise ValueError("structured_outputs.reasoning must be a ReasoningSpan or a dict, "
+                             f"got {type(self.reasoning).__name__}")
 
     @property
     def kind(self) -> str:

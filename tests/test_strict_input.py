@@ -100,7 +100,7 @@ FIELDS = {
            "store": "bool", "service_tier": "str", "add_generation_prompt": "bool", "chat_template_kwargs": "dict",
            "reasoning_effort": "str", "verbosity": "str", "prompt_cache_key": "str", "prompt_cache_retention": "str",
            "safety_identifier": "str", "prediction": "object", "modalities": "list", "audio": "object",
-           "web_search_options": "object", "continue_final_message": "bool"},
+           "web_search_options": "object", "continue_final_message": "bool", "include_reasoning": "bool"},
     TOK: {"model": "str", "prompt": "str", "messages": "messages", "add_special_tokens": "bool",
           "add_generation_prompt": "bool", "return_token_strs": "bool", "continue_final_message": "bool"},
     DETOK: {"model": "str", "tokens": "list"},

@@ -6,6 +6,7 @@ import argparse
 
 from inferneo.config import EngineConfig, add_engine_args
 from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
+from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
@@ -30,6 +31,10 @@ def add_parser(subparsers) -> None:
                    help="how tool calls are read from answers to tool_choice 'auto': hermes (<tool_call> blocks: "
                    "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), none (they stay in content); default: "
                    "chosen from the model's chat template")
+    g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                   help="split a reasoning model's thinking (<think> ... </think>) from its answers: returned as "
+                   "'reasoning' (and 'reasoning_content'), with tool calls and structured output applied to the "
+                   "answer after it (qwen3, deepseek_r1, deepseek_v3; default: not split)")
     g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=not args.disable_access_log, shutdown_timeout=args.shutdown_timeout,
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

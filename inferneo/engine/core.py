@@ -24,6 +24,7 @@ from inferneo.spec_decode.config import SpeculativeConfig
 from inferneo.spec_decode.ngram import NgramProposer
 from inferneo.spec_decode.state import SpeculationState
 from inferneo.structured_output.compiler import GrammarCompiler
+from inferneo.structured_output.reasoning_gate import ReasoningGate
 from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats, StepBitmask
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
 from inferneo.worker.runner_api import Runner
@@ -169,6 +170,9 @@ class EngineCore:
                 self._failures.append(RequestFailure([request_id], kind, str(error)))
                 continue
             request.grammar = future.result().matcher(request.eos_token_ids)
+            span = request.sampling_params.structured_outputs.reasoning
+            if span is not None:
+                request.grammar = ReasoningGate(request.grammar, span)
             self.scheduler.add_request(request)
 
     def _propose_drafts(self, request: Request, max_drafts: int) -> list[int]:
@@ -448,7 +452,7 @@ def _constraint_ended(request: Request) -> bool:
     EOS is allowed only where the grammar is complete, so the answer ends there whatever ``ignore_eos`` and
     ``min_tokens`` say (what follows would be unconstrained)."""
     grammar = request.grammar
-    return grammar is not None and not grammar.broken
+    return grammar is not None and grammar.in_force
 
 
 def _needs_previous_tokens(request: Request) -> bool:

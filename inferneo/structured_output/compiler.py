@@ -181,6 +181,11 @@ class SequenceMatcher:
                        "for the rest of it", token_id)
         self.broken = True
 
+    @property
+    def in_force(self) -> bool:
+        """Whether the constraint decides the sequence's tokens now (an EOS taken then ends the answer)."""
+        return not self.broken
+
 
 class SequenceGrammar(SequenceMatcher):
     """One sequence's matcher: which tokens may come next, given the tokens it has generated.

@@ -166,7 +166,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           max_queued_requests: int | None = None, log_level: str = "info", access_log: bool = True,
           shutdown_timeout: float = 30.0, engine_in_process: bool = False,
           guards: ServerGuards | None = None, tool_call_parser: str | None = None,
-          lora_modules: list[LoraModule] | None = None) -> int:
+          lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -183,7 +183,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
 
     ``tool_call_parser`` names the format of tool calls in answers to ``tool_choice: "auto"`` (see
     ``ServerContext``); None lets the chat template decide. ``lora_modules`` (with ``config.enable_lora``) are
-    the LoRA adapters served from the start, by name.
+    the LoRA adapters served from the start, by name. ``reasoning_parser`` (``reasoning.REASONING_PARSERS``)
+    splits a reasoning model's thinking from its answers.
     """
     import uvicorn
 
@@ -198,7 +199,12 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     names = served_model_names or [config.model or facts["name"]]
     if loras is not None:
         loras.reserved.update(names)
-    ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser, loras=loras)
+    try:
+        ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser, loras=loras,
+                            reasoning_parser=reasoning_parser)
+    except ValueError:
+        engine.shutdown()
+        raise
     app = build_app(ctx, guards=guards)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
@@ -215,6 +221,9 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
                 facts["num_blocks"], facts["block_size"], engine.kv_capacity_tokens)
     logger.info("tool calls of tool_choice 'auto' answers: %s", ctx.tool_parser.__name__ if ctx.tool_parser
                 else "not parsed (left in content)")
+    if ctx.reasoning is not None:
+        logger.info("reasoning: %s (%s ... %s) returned apart as 'reasoning'", ctx.reasoning.name,
+                    ctx.reasoning.format.start, ctx.reasoning.format.end)
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),

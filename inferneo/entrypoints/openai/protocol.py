@@ -39,9 +39,10 @@ Conversation = list[dict[str, Any]]
 # Roles a chat message may have: OpenAI's, plus "ipython" (the tool role of Llama 3.1 templates).
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 # Keys a chat message may carry: OpenAI's (what its client sends back when a previous answer is appended to the
-# conversation), plus ``reasoning_content``, which reasoning-model servers return. Others are refused.
+# conversation), plus ``reasoning`` and ``reasoning_content``, which reasoning-model servers return (an assistant
+# message's thinking goes to the chat template as ``reasoning_content``). Others are refused.
 MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal",
-                          "annotations", "audio", "reasoning_content"})
+                          "annotations", "audio", "reasoning", "reasoning_content"})
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1
@@ -352,6 +353,8 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     web_search_options: dict[str, Any] | None = None
     # Inferneo extensions (and add_generation_prompt, continue_final_message: _ChatTemplateTurn).
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: with a reasoning parser, false leaves the thinking out of the answer (it is still generated).
+    include_reasoning: bool = True
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -647,6 +650,7 @@ def _conversation(messages: Any, where: str) -> Conversation:
         _optional(message, "tool_call_id", str, MAX_ID_CHARS, at)
         _optional(message, "refusal", str, MAX_TEXT_CHARS, at)
         _optional(message, "reasoning_content", str, MAX_TEXT_CHARS, at)
+        _optional(message, "reasoning", str, MAX_TEXT_CHARS, at)
         _optional(message, "annotations", list, None, at)
         _optional(message, "audio", dict, None, at)
         tool_calls = message.get("tool_calls") or None  # an empty list means none
@@ -662,6 +666,9 @@ def _conversation(messages: Any, where: str) -> Conversation:
             entry["tool_calls"] = _tool_calls(tool_calls, at)
         if role == "tool":
             entry["tool_call_id"] = message["tool_call_id"]
+        thinking = message.get("reasoning_content") or message.get("reasoning")
+        if role == "assistant" and thinking:
+            entry["reasoning_content"] = thinking
         result.append(entry)
     return result
 
@@ -706,10 +713,15 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's ``usage``; ``completion_tokens_details.reasoning_tokens`` when a reasoning parser counted them."""
+    body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return body

@@ -246,18 +246,23 @@ class ResponsesRequest(_Body):
     def messages(self) -> list[dict[str, Any]]:
         """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined),
         ``function_call`` items as an assistant message's tool calls, ``function_call_output`` items as tool
-        messages."""
+        messages, a ``reasoning`` item (a previous answer's thinking) as the ``reasoning_content`` of the assistant
+        message after it (which chat templates such as Qwen3's render within a tool-calling turn)."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
             return messages
+        thinking: str | None = None  # a reasoning item's text, for the assistant message that follows it
         for i, item in enumerate(self.input):
             where = f"input[{i}]"
             if not isinstance(item, dict):
                 raise bad_request(f"{where}: must be an object (a message or a function call item)", "input")
             kind = item.get("type", "message")
+            if kind == "reasoning":
+                thinking = _reasoning_text(item, where)
+                continue
             if kind == "message":
                 messages.append(_message(item, where))
             elif kind == "function_call":
@@ -271,7 +276,10 @@ class ResponsesRequest(_Body):
                 messages.append(_function_output(item, where))
             else:
                 raise bad_request(f"{where}: items of type {str(kind)[:80]!r} are not supported here (message, "
-                                  "function_call and function_call_output are)", "input")
+                                  "function_call, function_call_output and reasoning are)", "input")
+            if thinking is not None and messages[-1]["role"] == "assistant":
+                messages[-1]["reasoning_content"] = thinking
+                thinking = None
         return messages
 
 
@@ -373,6 +381,21 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     if role not in _MESSAGE_ROLES:
         raise bad_request(f"{where}.role: must be one of {', '.join(_MESSAGE_ROLES)}", "input")
     return {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
+
+
+def _reasoning_text(item: dict[str, Any], where: str) -> str:
+    """A reasoning item's thinking: its ``reasoning_text`` parts joined (else its summary's text)."""
+    _allowed_keys(item, {"type", "id", "summary", "content", "encrypted_content", "status"}, where)
+    parts = item.get("content") or item.get("summary") or []
+    if not isinstance(parts, list) or len(parts) > MAX_CONTENT_PARTS:
+        raise bad_request(f"{where}.content: must be a list of at most {MAX_CONTENT_PARTS} reasoning_text parts",
+                          "input")
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") not in ("reasoning_text", "summary_text"):
+            raise bad_request(f"{where}.content[{j}]: must be a reasoning_text part", "input")
+        texts.append(_string(part, "text", f"{where}.content[{j}]"))
+    return "".join(texts)
 
 
 def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:

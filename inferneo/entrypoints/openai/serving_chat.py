@@ -7,6 +7,7 @@ piece), with ``finish_reason`` ``"tool_calls"`` when the model stopped after cal
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from inferneo.entrypoints.openai.completion_scoring import finite
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
+from inferneo.entrypoints.openai.reasoning import ReasoningMarkers, ReasoningSplitter, ThinkingTokenCounter
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
@@ -75,8 +77,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     _check_unsupported(req)
     request_id = random_id("chatcmpl")
     started = await start_chat(ctx, req, request_id, "messages")
-    job = _Chat(request_id, started.model, req, started.group, started.num_conversations,
-                lambda: tool_parser_for(ctx, req), ctx.token_bytes)
+    job = _Chat(request_id, req, started, lambda: tool_parser_for(ctx, req), ctx.token_bytes, ctx.reasoning)
     if req.stream:
         return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -92,6 +93,8 @@ class StartedChat:
     group: RequestGroup
     num_conversations: int
     params: SamplingParams
+    thinking_open: tuple[bool, ...] | None = None  # with a reasoning parser: each conversation's answer starts
+    # inside an open thinking block (``ReasoningMarkers.opens``)
 
 
 async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
@@ -119,46 +122,63 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).
     room = min(engine.max_model_len, engine.kv_capacity_tokens)
+    reasoning = ctx.reasoning
+    thinking_open = tuple(reasoning.opens(ctx.tokenizer, ids) for ids in prompt_ids) if reasoning else None
     requests = []
     for i, ids in enumerate(prompt_ids):
         limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
-        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint)
+        constraint_i = constraint
+        if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
+            constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
+        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i)
         requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
     try:
         group = engine.submit(requests, param=param)
     except Exception as exc:
         raise to_api_error(exc) from None
-    return StartedChat(model, group, len(requests), params)
+    return StartedChat(model, group, len(requests), params, thinking_open)
 
 
 class _Chat:
     """One chat call in flight."""
 
-    def __init__(self, request_id: str, model: str, req: ChatCompletionRequest, group: RequestGroup,
-                 num_conversations: int, new_parser: Callable[[], ToolCallParser | None],
-                 token_bytes: Callable[[int, str], list[int]]) -> None:
+    def __init__(self, request_id: str, req: ChatCompletionRequest, started: StartedChat,
+                 new_parser: Callable[[], ToolCallParser | None], token_bytes: Callable[[int, str], list[int]],
+                 reasoning: ReasoningMarkers | None) -> None:
         self.new_parser = new_parser
+        self.reasoning = reasoning
+        self.thinking_open = started.thinking_open or ()
         self.token_bytes = token_bytes
         self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
         # a grammar forces the answer to be calls (tool_choice required or named): its message has no content
         self.forced_calls = req.tool_mode() in ("required", "named")
         self.request_id = request_id
-        self.model = model
+        self.model = started.model
         self.req = req
-        self.group = group
-        self.num_conversations = num_conversations
+        self.group = started.group
+        self.num_conversations = started.num_conversations
         self.created = now()
         self.top_k = (req.top_logprobs or 0) if req.logprobs else None
 
     async def response(self) -> Response:
         finals = await collect_finals(self.group)
         choices = []
+        reasoning_tokens = 0
         for i in sorted(finals):
             for choice in finals[i].outputs:
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": self._logprobs(choice)}
-                message, finish_reason = self._message(choice.text, choice.finish_reason)
+                text, reasoning = choice.text, None
+                if self.reasoning is not None:
+                    counter = self.reasoning.token_counter(self.thinking_open[i])
+                    counter.add(choice.token_ids)
+                    reasoning_tokens += counter.count
+                    split = self.reasoning.splitter(self.thinking_open[i]).split_all(text)
+                    text, reasoning = split.content, split.reasoning
+                message, finish_reason = self._message(text, choice.finish_reason)
+                if self.reasoning is not None and self.req.include_reasoning:
+                    message.update(_reasoning_fields(reasoning or None))
                 choices.append({
                     "index": i * self.req.n + choice.index,
                     "message": message,
@@ -168,7 +188,8 @@ class _Chat:
                 })
         return JSONResponse({
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": choices, "usage": usage_of(finals.values()), "system_fingerprint": None,
+            "choices": choices, "system_fingerprint": None,
+            "usage": usage_of(finals.values(), reasoning_tokens if self.reasoning is not None else None),
         })
 
     def _logprobs(self, choice) -> list[dict[str, Any]]:
@@ -206,14 +227,22 @@ class _Chat:
             return sse(payload)
 
         streams = {}
+        counters: dict[int, ThinkingTokenCounter] = {}
         for key in range(self.num_conversations * n):
-            streams[key] = _ToolCallStream(self.new_parser(), self.single_call)
+            splitter = None
+            if self.reasoning is not None:
+                splitter = self.reasoning.splitter(self.thinking_open[key // n])
+                counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
+            streams[key] = _ToolCallStream(self.new_parser(), self.single_call, splitter,
+                                           self.req.include_reasoning)
             yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
         num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
             for choice in delta.outputs:
                 key = i * n + choice.index
                 num_completion_tokens += len(choice.token_ids)
+                if key in counters:
+                    counters[key].add(choice.token_ids)
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
                 if self.top_k is not None and (content := self._logprobs(choice)):
@@ -226,28 +255,42 @@ class _Chat:
                 num_prompt_tokens += len(delta.prompt_token_ids)
                 num_cached_tokens += delta.num_cached_tokens
         if include_usage:
+            reasoning_tokens = sum(c.count for c in counters.values()) if self.reasoning is not None else None
             yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
-                                                             num_cached_tokens)})
+                                                             num_cached_tokens, reasoning_tokens)})
         yield SSE_DONE
 
 
 class _ToolCallStream:
-    """One streamed choice's text as OpenAI deltas: ``content``, and ``tool_calls`` pieces whose first piece
-    carries the call's id, type and name."""
+    """One streamed choice's text as OpenAI deltas: ``reasoning`` (with a reasoning ``splitter``; also sent as
+    ``reasoning_content`` unless ``include_reasoning`` is off), ``content``, and ``tool_calls`` pieces whose first
+    piece carries the call's id, type and name."""
 
-    def __init__(self, parser: ToolCallParser | None, single_call: bool) -> None:
+    def __init__(self, parser: ToolCallParser | None, single_call: bool, splitter: ReasoningSplitter | None = None,
+                 include_reasoning: bool = True) -> None:
         self.parser = parser
         self.single_call = single_call
+        self.splitter = splitter
+        self.include_reasoning = include_reasoning
         self.ids: list[str] = []  # one per call started
 
     def delta(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The delta for the next piece of text (the last piece when ``finish_reason`` is set)."""
+        message: dict[str, Any] = {}
+        if self.splitter is not None:
+            split = self.splitter.feed(text)
+            if finish_reason is not None:
+                split.add(self.splitter.finish())
+            if split.reasoning and self.include_reasoning:
+                message.update(_reasoning_fields(split.reasoning))
+            text = split.content
         if self.parser is None:
-            return ({"content": text} if text else {}), finish_reason
+            if text:
+                message["content"] = text
+            return message, finish_reason
         parsed = self.parser.feed(text) if text else ParsedPiece()
         if finish_reason is not None:
             parsed.add(self.parser.finish())
-        message: dict[str, Any] = {}
         if parsed.content:
             message["content"] = parsed.content
         pieces = []
@@ -267,6 +310,12 @@ class _ToolCallStream:
         if self.ids and finish_reason is not None:
             finish_reason = _calls_finish_reason(finish_reason)
         return message, finish_reason
+
+
+def _reasoning_fields(reasoning: str | None) -> dict[str, str | None]:
+    """A message's (or delta's) thinking: ``reasoning`` (vLLM's field) and ``reasoning_content`` (its earlier name,
+    which DeepSeek's API and many clients read)."""
+    return {"reasoning": reasoning, "reasoning_content": reasoning}
 
 
 def _calls_finish_reason(finish_reason: str | None) -> str | None:

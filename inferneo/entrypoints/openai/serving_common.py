@@ -19,6 +19,7 @@ from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
+from inferneo.entrypoints.openai.reasoning import ReasoningMarkers
 from inferneo.entrypoints.openai.token_bytes import token_bytes_reader
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
 from inferneo.lora.registry import LoRARegistry
@@ -42,7 +43,9 @@ class ServerContext:
 
     ``tool_call_parser`` is the ``--tool-call-parser`` flag: a name in ``TOOL_CALL_PARSERS``, ``"none"`` (tool
     calls of ``tool_choice: "auto"`` answers stay in ``content``), or None: the chat template decides
-    (``default_parser_name``). ``tool_parser`` is the parser class that results, or None."""
+    (``default_parser_name``). ``tool_parser`` is the parser class that results, or None. ``reasoning_parser``
+    is the ``--reasoning-parser`` flag (a name in ``reasoning.REASONING_PARSERS``, or None: answers are not split);
+    ``reasoning`` its markers in the model's vocabulary."""
 
     engine: AsyncEngine
     served_model_names: list[str]
@@ -50,9 +53,11 @@ class ServerContext:
     api_keys: list[str] = field(default_factory=list)
     tool_call_parser: str | None = None
     loras: LoRARegistry | None = None  # the LoRA adapters served by name (None: --enable-lora is off)
+    reasoning_parser: str | None = None
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
+    reasoning: ReasoningMarkers | None = field(init=False)
     # One thread: the tokenizer is used from one thread at a time (a fast tokenizer's state is not shared safely).
     tokenizer_thread: ThreadPoolExecutor = field(init=False)
     token_bytes: Callable[[int, str], list[int]] = field(init=False)  # a token's bytes, for chat logprobs
@@ -69,6 +74,8 @@ class ServerContext:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or 'none'; "
                              f"got {name!r}")
         self.tool_parser = TOOL_CALL_PARSERS.get(name) if name else None
+        self.reasoning = (ReasoningMarkers.for_tokenizer(self.reasoning_parser, self.tokenizer)
+                          if self.reasoning_parser is not None else None)
 
     @property
     def tokenizer(self):
@@ -223,12 +230,13 @@ async def collect_finals(group) -> dict[int, RequestOutput]:
     return finals
 
 
-def usage_of(outputs: Iterable[RequestOutput]) -> dict[str, Any]:
-    """Token usage of finished requests (a prompt counts once however many choices it has)."""
+def usage_of(outputs: Iterable[RequestOutput], reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """Token usage of finished requests (a prompt counts once however many choices it has); ``reasoning_tokens``
+    when a reasoning parser counted the thinking."""
     outputs = list(outputs)
     return usage(sum(len(o.prompt_token_ids) for o in outputs),
                  sum(len(c.token_ids) for o in outputs for c in o.outputs),
-                 sum(o.num_cached_tokens for o in outputs))
+                 sum(o.num_cached_tokens for o in outputs), reasoning_tokens)
 
 
 def sse(payload: dict[str, Any]) -> bytes:

@@ -1,11 +1,13 @@
 """``POST /v1/responses``: OpenAI's Responses API over the chat path, whole or as a stream of typed events.
 
 The request becomes a chat request (``protocol_responses.ResponsesRequest.to_chat``) and runs as one; its answer
-leaves as a response object whose ``output`` holds a ``message`` item (the text, as one ``output_text`` part) and
-a ``function_call`` item for each tool call the server's tool-call parser (or a forced ``tool_choice``) found.
-Streamed, the events are OpenAI's: ``response.created``, ``response.in_progress``, then for each item
-``response.output_item.added``, its deltas (``response.output_text.delta`` after ``response.content_part.added``;
-``response.function_call_arguments.delta``) and its ``...done`` events, and last ``response.completed`` (or
+leaves as a response object whose ``output`` holds a ``reasoning`` item (a reasoning model's thinking, as one
+``reasoning_text`` part, with the server's ``--reasoning-parser``), a ``message`` item (the text, as one
+``output_text`` part) and a ``function_call`` item for each tool call the server's tool-call parser (or a forced
+``tool_choice``) found. Streamed, the events are OpenAI's: ``response.created``, ``response.in_progress``, then
+for each item ``response.output_item.added``, its deltas (``response.reasoning_text.delta`` or
+``response.output_text.delta`` after ``response.content_part.added``; ``response.function_call_arguments.delta``)
+and its ``...done`` events, and last ``response.completed`` (or
 ``response.incomplete`` when ``max_output_tokens`` cut the answer) carrying the whole response. Each event is a
 server-sent event named by its type, with a ``sequence_number`` counting from 0; no ``[DONE]`` line follows.
 """
@@ -26,6 +28,7 @@ from inferneo.entrypoints.openai.protocol_responses import (
     ResponsesRequest,
     in_responses_terms,
 )
+from inferneo.entrypoints.openai.reasoning import ReasoningSplitter, ThinkingTokenCounter
 from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     chat_logprobs,
@@ -96,9 +99,18 @@ class _Response:
         self.max_calls = 1 if req.parallel_tool_calls is False else (req.max_tool_calls or MAX_TOOLS)
         self.temperature = started.params.temperature  # as sampled: the request's, else the model's default
         self.top_p = started.params.top_p
+        self.reasoning = ctx.reasoning
+        self.thinking_open = bool(started.thinking_open and started.thinking_open[0])
 
     def new_parser(self) -> ToolCallParser | None:
         return tool_parser_for(self.ctx, self.chat)
+
+    def new_splitter(self) -> tuple[ReasoningSplitter, ThinkingTokenCounter] | None:
+        """With a reasoning parser: the answer's splitter into thinking and text, and its thinking-token count."""
+        if self.reasoning is None:
+            return None
+        return (self.reasoning.splitter(self.thinking_open),
+                self.reasoning.token_counter(self.thinking_open))
 
     def logprobs(self, choice) -> list[dict[str, Any]]:
         """The log-probabilities of a choice's (or delta's) tokens that are part of its text, in the chat shape
@@ -138,23 +150,33 @@ class _Response:
         finals = await collect_finals(self.group)
         final = finals[0]
         choice = final.outputs[0]
-        parser = self.new_parser()
-        content, calls = parse_all(parser, choice.text) if parser is not None else (choice.text, [])
+        text, thinking, num_thinking = choice.text, "", 0
         cut = choice.finish_reason == "length"
+        output = []
+        if (split := self.new_splitter()) is not None:
+            splitter, counter = split
+            counter.add(choice.token_ids)
+            num_thinking = counter.count
+            piece = splitter.split_all(text)
+            text, thinking = piece.content, piece.reasoning
+            if thinking and self.chat.include_reasoning:
+                output.append(_reasoning_item(_item_id("rs"), thinking, "incomplete" if cut and not text
+                                              else "completed"))
+        parser = self.new_parser()
+        content, calls = parse_all(parser, text) if parser is not None else (text, [])
         last = len(calls) - 1  # the call the answer ended in: the one a cut may have cut short
         calls = calls[:self.max_calls]
-        output = []
         if content or not (calls or self.forced_calls):
             logprobs = None
             if self.top_k is not None:  # with calls: the tokens the text takes, not those of the calls
-                logprobs = self.logprobs(choice)
+                logprobs = self.logprobs(choice)[num_thinking:]  # nor those of the thinking
                 if last >= 0:
                     logprobs = logprobs[:_tokens_covering(logprobs, len(content.encode()))]
             output.append(_message_item(_item_id("msg"), content, logprobs, "incomplete" if cut else "completed"))
         output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments,
                               _call_status(call.arguments, cut and i == last))
                    for i, call in enumerate(calls)]
-        usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens)
+        usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens, num_thinking)
         return JSONResponse(self.body("incomplete" if cut else "completed", output, usage, cut))
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -176,6 +198,7 @@ class _Response:
 
     async def _answer_events(self, stream: _EventWriter) -> AsyncIterator[bytes]:
         parser = self.new_parser()
+        split = self.new_splitter()
         num_prompt = num_cached = num_output = 0
         finish_reason = None
         async for _, delta in self.group:
@@ -187,18 +210,28 @@ class _Response:
             num_output += len(choice.token_ids)
             if choice.finish_reason is not None:
                 finish_reason = choice.finish_reason
+            text, thinking, logprobs = choice.text, "", self.logprobs(choice)
+            if split is not None:
+                splitter, counter = split
+                before = counter.count
+                counter.add(choice.token_ids)
+                logprobs = logprobs[counter.count - before:]  # the thinking's tokens are not the text's
+                piece = splitter.feed(text)
+                if choice.finish_reason is not None:
+                    piece.add(splitter.finish())
+                text, thinking = piece.content, piece.reasoning if self.chat.include_reasoning else ""
             if parser is None:
-                parsed = ParsedPiece(content=choice.text)
+                parsed = ParsedPiece(content=text)
             else:
-                parsed = parser.feed(choice.text) if choice.text else ParsedPiece()
+                parsed = parser.feed(text) if text else ParsedPiece()
                 if choice.finish_reason is not None:
                     parsed.add(parser.finish())
-            for event in stream.piece(parsed, self.logprobs(choice)):
+            for event in stream.piece(parsed, logprobs, thinking):
                 yield event
         cut = finish_reason == "length"
         for event in stream.close_all(cut):
             yield event
-        usage = _usage(num_prompt, num_output, num_cached)
+        usage = _usage(num_prompt, num_output, num_cached, split[1].count if split is not None else 0)
         status = "incomplete" if cut else "completed"
         yield stream.event(f"response.{status}", response=self.body(status, stream.output, usage, cut))
 
@@ -212,6 +245,7 @@ class _EventWriter:
         self.sequence = 0
         self.output: list[dict[str, Any]] = []  # every item opened so far, as it stands
         self.message: dict[str, Any] | None = None  # the open message item, if any
+        self.thinking: dict[str, Any] | None = None  # the open reasoning item, if any
         self.calls: dict[int, dict[str, Any]] = {}  # parser call index -> its function_call item
         self.last_call = -1  # the parser's index of the last call the answer began (kept or not)
         self.pending_logprobs: list[dict[str, Any]] = []  # of tokens not yet sent with a text delta
@@ -223,10 +257,19 @@ class _EventWriter:
         self.sequence += 1
         return b"event: " + kind.encode() + b"\n" + sse(payload)
 
-    def piece(self, parsed: ParsedPiece, logprobs: list[dict[str, Any]]) -> list[bytes]:
-        """The events for one parsed piece of the answer (and the log-probabilities of its tokens)."""
+    def piece(self, parsed: ParsedPiece, logprobs: list[dict[str, Any]], thinking: str = "") -> list[bytes]:
+        """The events for one parsed piece of the answer (and the log-probabilities of its tokens), after the
+        piece of ``thinking`` that came before it, if any."""
         events: list[bytes] = []
         self.pending_logprobs += logprobs
+        if thinking:
+            if self.thinking is None:
+                events += self._open_thinking()
+            self.thinking["content"][0]["text"] += thinking
+            events.append(self.event("response.reasoning_text.delta", item_id=self.thinking["id"],
+                                     output_index=self._index(self.thinking), content_index=0, delta=thinking))
+        if parsed.content or parsed.calls:
+            events += self._close_thinking(False)
         if parsed.content:
             if self.message is None:
                 events += self._open_message()
@@ -262,8 +305,8 @@ class _EventWriter:
 
     def close_all(self, cut: bool) -> list[bytes]:
         """The ``...done`` events of every item still open (an empty message when the answer had no item)."""
-        events: list[bytes] = []
-        if not self.output and not self.job.forced_calls:
+        events: list[bytes] = self._close_thinking(cut)
+        if not any(item["type"] != "reasoning" for item in self.output) and not self.job.forced_calls:
             events += self._open_message()
         if self.message is not None and self.last_call < 0 and self.job.top_k is not None:
             self.message["content"][0]["logprobs"] += self.pending_logprobs  # no call: every token is the text's
@@ -283,26 +326,45 @@ class _EventWriter:
     def _open_message(self) -> list[bytes]:
         logprobs = [] if self.job.top_k is not None else None
         self.message = _message_item(_item_id("msg"), "", logprobs, "in_progress")
-        self.output.append(self.message)
-        index = self._index(self.message)
-        added = {**self.message, "content": []}
-        part = {**self.message["content"][0], "text": ""}
-        return [self.event("response.output_item.added", output_index=index, item=added),
-                self.event("response.content_part.added", item_id=self.message["id"], output_index=index,
-                           content_index=0, part=part)]
+        return self._open_text_item(self.message)
+
+    def _open_thinking(self) -> list[bytes]:
+        self.thinking = _reasoning_item(_item_id("rs"), "", "in_progress")
+        return self._open_text_item(self.thinking)
 
     def _close_message(self, cut: bool) -> list[bytes]:
         message, self.message = self.message, None
         if message is None:
             return []
-        message["status"] = "incomplete" if cut else "completed"
-        part = message["content"][0]
-        index = self._index(message)
-        return [self.event("response.output_text.done", item_id=message["id"], output_index=index,
-                           content_index=0, text=part["text"], logprobs=part.get("logprobs") or []),
-                self.event("response.content_part.done", item_id=message["id"], output_index=index,
-                           content_index=0, part=part),
-                self.event("response.output_item.done", output_index=index, item=message)]
+        return self._close_text_item(message, cut, "response.output_text.done",
+                                     logprobs=message["content"][0].get("logprobs") or [])
+
+    def _close_thinking(self, cut: bool) -> list[bytes]:
+        item, self.thinking = self.thinking, None
+        if item is None:
+            return []
+        return self._close_text_item(item, cut, "response.reasoning_text.done")
+
+    def _open_text_item(self, item: dict[str, Any]) -> list[bytes]:
+        """Add an item of one text part (a message or reasoning item): its ``added`` events, the part empty."""
+        self.output.append(item)
+        index = self._index(item)
+        part = {**item["content"][0], "text": ""}
+        return [self.event("response.output_item.added", output_index=index, item={**item, "content": []}),
+                self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                           part=part)]
+
+    def _close_text_item(self, item: dict[str, Any], cut: bool, text_done: str, **done_fields: Any) -> list[bytes]:
+        """The ``done`` events of an item of one text part: ``text_done`` (with ``done_fields``) for its text, then
+        the part's and the item's."""
+        item["status"] = "incomplete" if cut else "completed"
+        part = item["content"][0]
+        index = self._index(item)
+        return [self.event(text_done, item_id=item["id"], output_index=index, content_index=0, text=part["text"],
+                           **done_fields),
+                self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                           part=part),
+                self.event("response.output_item.done", output_index=index, item=item)]
 
 
 def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]] | None, status: str) -> dict[str, Any]:
@@ -310,6 +372,12 @@ def _message_item(item_id: str, text: str, logprobs: list[dict[str, Any]] | None
     if logprobs is not None:
         part["logprobs"] = logprobs
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+
+
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning item: the model's thinking as one ``reasoning_text`` part (no summary is written)."""
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "status": status}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -343,7 +411,7 @@ def _call_status(arguments: str, cut: bool) -> str:
     return "completed"
 
 
-def _usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def _usage(input_tokens: int, output_tokens: int, cached_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
     return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}

@@ -15,6 +15,7 @@ newline a model writes before a block is not content); a call goes out whole whe
 
 from __future__ import annotations
 
+from inferneo.entrypoints.openai.streamed_text import undecided_tail
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of
 from inferneo.entrypoints.openai.tool_parsers.json_scan import JsonStrings
 
@@ -56,7 +57,7 @@ class HermesToolParser(ToolCallParser):
                 continue
             start = self._held.find(OPEN)
             if start < 0:
-                keep = _undecided_tail(self._held)
+                keep = undecided_tail(self._held, OPEN)
                 out.content += self._held[:len(self._held) - keep]
                 self._held = self._held[len(self._held) - keep:]
                 return out
@@ -107,14 +108,3 @@ def _split_trailing_blank(text: str) -> tuple[str, str]:
     kept = text.rstrip()
     return kept, text[len(kept):]
 
-
-def _undecided_tail(text: str) -> int:
-    """How many characters at the end of ``text`` cannot go out yet: a possible start of ``<tool_call>`` and the
-    whitespace before it."""
-    keep = 0
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-size:]):
-            keep = size
-            break
-    rest = text[:len(text) - keep]
-    return keep + len(rest) - len(rest.rstrip())

@@ -1,0 +1,182 @@
+"""A reasoning model's thinking, split from its answer (``--reasoning-parser``).
+
+Qwen3, DeepSeek-R1 and DeepSeek-V3.1 think in a ``<think> ... </think>`` block before they answer. With a
+reasoning parser the server returns that text apart, as vLLM does: the chat message's (and stream delta's)
+``reasoning`` field, also sent as ``reasoning_content`` (its earlier name, which DeepSeek's API and many clients
+read), and a ``reasoning`` item in the Responses API. Tool calls and structured output apply to the answer alone.
+
+Whether an answer starts inside the block is read from the prompt: a chat template that opens it in the generation
+prompt (DeepSeek-R1's ``<think>\\n``, Qwen3 thinking models) leaves the output inside it; otherwise the output may
+open it with its first token (Qwen3's hybrid models) or answer at once (``enable_thinking: false`` renders a closed,
+empty block into the prompt). An unclosed block at the end is all thinking. Whitespace around the thinking, and
+between it and the answer, is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.sampling_params import ReasoningSpan
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingFormat:
+    """The markers around a model's thinking."""
+
+    start: str
+    end: str
+
+
+_THINK_TAGS = ThinkingFormat("<think>", "</think>")
+REASONING_PARSERS: dict[str, ThinkingFormat] = {
+    "qwen3": _THINK_TAGS,
+    "deepseek_r1": _THINK_TAGS,
+    "deepseek_v3": _THINK_TAGS,
+}
+"""The names ``--reasoning-parser`` takes (vLLM's), and the format each reads."""
+
+_PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens read for an open block (the start marker and whitespace after it)
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningMarkers:
+    """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids."""
+
+    name: str
+    format: ThinkingFormat
+    start_id: int
+    end_id: int
+
+    @classmethod
+    def for_tokenizer(cls, name: str, tokenizer) -> ReasoningMarkers:
+        """The markers of parser ``name`` in ``tokenizer``; ``ValueError`` when the name is unknown or a marker is
+        not one token of the vocabulary (a constraint after the thinking waits for that token)."""
+        if name not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; got {name!r}")
+        fmt = REASONING_PARSERS[name]
+        vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+        missing = [marker for marker in (fmt.start, fmt.end) if marker not in vocab]
+        if missing:
+            raise ValueError(f"reasoning parser {name!r} needs {' and '.join(repr(m) for m in missing)} as one token "
+                             "of the model's vocabulary, and this tokenizer has no such token")
+        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end])
+
+    def opens(self, tokenizer, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends inside an open block (the template opened it for the answer)."""
+        tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+        return tail.rstrip().endswith(self.format.start)
+
+    def span(self, open_at_start: bool) -> ReasoningSpan:
+        """Where the thinking lies, for a constraint that applies after it."""
+        return ReasoningSpan(self.end_id, self.start_id, open_at_start)
+
+    def splitter(self, open_at_start: bool) -> ReasoningSplitter:
+        """A fresh splitter of one answer's text."""
+        return ReasoningSplitter(self.format, open_at_start)
+
+    def token_counter(self, open_at_start: bool) -> ThinkingTokenCounter:
+        """A fresh count of one answer's thinking tokens."""
+        return ThinkingTokenCounter(self, open_at_start)
+
+
+class ThinkingTokenCounter:
+    """How many of an answer's tokens, fed as they come, are its thinking, markers included (OpenAI's
+    ``reasoning_tokens``)."""
+
+    def __init__(self, markers: ReasoningMarkers, open_at_start: bool) -> None:
+        self.markers = markers
+        self.thinking: bool | None = True if open_at_start else None  # None: the first token decides
+        self.count = 0
+
+    def add(self, token_ids: list[int]) -> None:
+        """Count the answer's next tokens."""
+        for token_id in token_ids:
+            if self.thinking is None:
+                self.thinking = token_id == self.markers.start_id
+            if not self.thinking:
+                return
+            self.count += 1
+            if token_id == self.markers.end_id:
+                self.thinking = False
+
+
+@dataclass(slots=True)
+class ReasoningPiece:
+    """What a piece of an answer's text turned into: thinking, and answer text."""
+
+    reasoning: str = ""
+    content: str = ""
+
+    def add(self, other: ReasoningPiece) -> None:
+        self.reasoning += other.reasoning
+        self.content += other.content
+
+
+class _State(enum.Enum):
+    START = "start"  # the answer's first characters: maybe the start marker
+    THINKING_LEAD = "thinking_lead"  # inside the block, before its first non-blank character
+    THINKING = "thinking"
+    ANSWER_LEAD = "answer_lead"  # after the block, before the answer's first non-blank character
+    ANSWER = "answer"
+
+
+class ReasoningSplitter:
+    """Splits one answer's text, piece by piece, into thinking and answer text. Feeding a whole answer at once
+    gives what feeding it in any pieces gives (text that may be part of a marker, and trailing whitespace of the
+    thinking, are held back until decided)."""
+
+    def __init__(self, fmt: ThinkingFormat, open_at_start: bool) -> None:
+        self.format = fmt
+        self.state = _State.THINKING_LEAD if open_at_start else _State.START
+        self.held = ""
+
+    def feed(self, text: str) -> ReasoningPiece:
+        """The thinking and answer text that ``text`` (the next piece) completes."""
+        self.held += text
+        out = ReasoningPiece()
+        start, end = self.format.start, self.format.end
+        while self.held:
+            if self.state is _State.START:
+                stripped = self.held.lstrip()
+                if stripped.startswith(start):
+                    self.held, self.state = stripped[len(start):], _State.THINKING_LEAD
+                elif not stripped or start.startswith(stripped):
+                    return out  # blank so far, or maybe the marker
+                else:
+                    self.state = _State.ANSWER
+            elif self.state in (_State.THINKING_LEAD, _State.ANSWER_LEAD):
+                self.held = self.held.lstrip()
+                if self.held:
+                    self.state = _State.THINKING if self.state is _State.THINKING_LEAD else _State.ANSWER
+            elif self.state is _State.THINKING:
+                at = self.held.find(end)
+                if at >= 0:
+                    out.reasoning += self.held[:at].rstrip()
+                    self.held, self.state = self.held[at + len(end):], _State.ANSWER_LEAD
+                    continue
+                keep = undecided_tail(self.held, end)
+                out.reasoning += self.held[:len(self.held) - keep]
+                self.held = self.held[len(self.held) - keep:]
+                return out
+            else:
+                out.content += self.held
+                self.held = ""
+        return out
+
+    def finish(self) -> ReasoningPiece:
+        """Whatever is still held once the answer has ended: a block left open is thinking to its end."""
+        held, self.held = self.held, ""
+        if self.state is _State.START:
+            return ReasoningPiece(content=held)
+        if self.state in (_State.THINKING, _State.THINKING_LEAD):
+            return ReasoningPiece(reasoning=held.rstrip())
+        return ReasoningPiece(content=held)
+
+    def split_all(self, text: str) -> ReasoningPiece:
+        """A whole answer split at once."""
+        out = self.feed(text)
+        out.add(self.finish())
+        return out
+
