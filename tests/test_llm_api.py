@@ -211,6 +211,16 @@ def test_priority_runs_urgent_requests_first(tiny_checkpoint_factory):
     assert order == ["r1", "r2", "r0"]
 
 
+def test_a_priority_is_refused_unless_the_engine_schedules_by_priority(llm):
+    # vLLM's rule: under FCFS a priority would be ignored without a word, so a non-zero one is refused.
+    with pytest.raises(InvalidRequestError, match="priority scheduling is not enabled") as refused:
+        llm.generate(["a", "b"], greedy(), priority=[0, 3], use_tqdm=False)
+    assert refused.value.param == "priority"
+    assert_clean(llm)
+    (out,) = llm.generate("a", greedy(2), priority=[0], use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

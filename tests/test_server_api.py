@@ -284,7 +284,7 @@ def test_extensions_and_echo(server, llm):
     stop_id = tokenizer("the", add_special_tokens=False).input_ids[0]
     body = post(server, "/v1/completions", {"prompt": "hello", "max_tokens": 7, "min_tokens": 7,
                                             "ignore_eos": True, "temperature": 0, "top_k": 5, "min_p": 0.01,
-                                            "repetition_penalty": 1.1, "priority": 3, "echo": True}).json()
+                                            "repetition_penalty": 1.1, "priority": 0, "echo": True}).json()
     assert body["choices"][0]["text"].startswith("hello") and body["usage"]["completion_tokens"] == 7
     body = post(server, "/v1/completions", {"prompt": "the cat the cat the", "max_tokens": 30, "temperature": 0,
                                             "stop_token_ids": [stop_id], "ignore_eos": True}).json()
@@ -495,6 +495,18 @@ def test_bad_chat_params_give_400(server):
     r = httpx.post(server.url("/v1/chat/completions"), content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
     assert_error(r, 400)
+
+
+def test_a_priority_needs_a_server_that_schedules_by_priority(server):
+    # As vLLM answers: this server runs FCFS, where a priority would be silently ignored.
+    message = [{"role": "user", "content": "x"}]
+    for path, body in [("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": message, "max_tokens": 1}),
+                       ("/v1/responses", {"input": "x", "max_output_tokens": 1}),
+                       ("/v1/embeddings", {"input": "x", "model": "tiny"})]:
+        error = assert_error(post(server, path, {**body, "priority": -1}), 400, "priority")
+        assert "--scheduling-policy priority" in error["message"]
+        assert post(server, path, {**body, "priority": 0}).status_code == 200
 
 
 def test_unknown_model_and_route_give_404(server):

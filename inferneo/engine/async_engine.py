@@ -166,8 +166,9 @@ class AsyncEngine(FrontEndFacts):
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one submission must differ")
-        budgets = [self.input.check(r.prompt_token_ids, r.params, param) if r.pooling is None
-                   else self.input.check_embedding(r.prompt_token_ids, r.pooling, param) for r in requests]
+        budgets = [self.input.check(r.prompt_token_ids, r.params, param, r.priority) if r.pooling is None
+                   else self.input.check_embedding(r.prompt_token_ids, r.pooling, param, r.priority)
+                   for r in requests]
         group = RequestGroup(self.abort, self._late_aborts.append, ids)
         num_seqs = sum(r.params.n if r.pooling is None else 1 for r in requests)
         arrival = time.monotonic()

@@ -119,7 +119,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     vocab_size=runner.model_config.vocab_size, num_blocks=num_blocks, block_size=config.block_size,
                     kv_bytes_per_block=runner.kv_bytes_per_block, dtype=str(dtype).removeprefix("torch."),
                     device=str(device), pid=os.getpid(), pooling=pooling, generates=generates,
-                    scores_prompts=config.pipeline_parallel_size == 1)
+                    scores_prompts=config.pipeline_parallel_size == 1,
+                    schedules_by_priority=config.scheduling_policy == "priority")
     logger.info("model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
                 source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
                 num_blocks * runner.kv_bytes_per_block / 2**30)

@@ -9,7 +9,9 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
 - ``logprobs`` and ``prompt_logprobs`` are at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
 - a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
-  against the vocabulary later).
+  against the vocabulary later);
+- a non-zero ``priority`` needs a core that schedules by priority: under FCFS it would be silently ignored, so it is
+  refused, as vLLM refuses it ("Priority scheduling is not enabled").
 
 Embedding requests (:meth:`InputProcessor.check_embedding`) follow their own rules: at least one token, every id
 in the vocabulary, at most the context length and the KV cache (nothing is generated, so the whole context may
@@ -77,13 +79,15 @@ class InputProcessor:
         ``check``'s to refuse, without transformers' warning about indexing errors first."""
         return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> int:
+    def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt",
+              priority: int = 0) -> int:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
         if not limits.generates:
             raise InvalidRequestError("this model was saved without its language-model head (lm_head): it serves "
                                       "embeddings only", "model")
+        self.check_priority(priority)
         n = len(prompt_token_ids)
         vocab = limits.vocab_size
         _check_token_ids(prompt_token_ids, vocab, "prompt", param)
@@ -125,13 +129,23 @@ class InputProcessor:
                 raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
 
+    def check_priority(self, priority: int) -> None:
+        """Raise ``InvalidRequestError`` for a non-zero ``priority`` when the core does not schedule by priority
+        (it would be ignored without a word)."""
+        if priority != 0 and not self.limits.schedules_by_priority:
+            raise InvalidRequestError(
+                f"priority {priority} was given but priority scheduling is not enabled: this engine serves requests "
+                "first come, first served (start it with --scheduling-policy priority, or "
+                "LLM(scheduling_policy='priority')); leave priority out or 0", "priority")
 
-    def check_embedding(self, prompt_token_ids: list[int], pooling: PoolingRequest, param: str = "input") -> None:
+    def check_embedding(self, prompt_token_ids: list[int], pooling: PoolingRequest, param: str = "input",
+                        priority: int = 0) -> None:
         """Raise ``InvalidRequestError`` (naming the field) unless the embedding request may run."""
         limits = self.limits
         n = len(prompt_token_ids)
         if limits.pooling.unsupported is not None:
             raise InvalidRequestError(f"this model does not serve embeddings: {limits.pooling.unsupported}", "model")
+        self.check_priority(priority)
         _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
         limit = min(limits.max_model_len, limits.kv_capacity_tokens)
         if n > limit:

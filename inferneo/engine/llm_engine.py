@@ -87,7 +87,7 @@ class LLMEngine(FrontEndFacts):
             text, prompt_ids = prompt, self.input.tokenize(prompt)
         else:
             text, prompt_ids = prompt_text, list(prompt)
-        max_tokens = self.input.check(prompt_ids, params)
+        max_tokens = self.input.check(prompt_ids, params, priority=priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
                                                self.input.eos_token_ids, priority, arrival, OutputKind.FINAL,
@@ -105,7 +105,7 @@ class LLMEngine(FrontEndFacts):
         if request_id in self.processor.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.input.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.input.check_embedding(prompt_ids, pooling, "prompt")
+        self.input.check_embedding(prompt_ids, pooling, "prompt", priority)
         parent, specs = self.processor.prepare_embedding(request_id, prompt_ids, pooling, priority,
                                                          time.monotonic())
         self.core_client.send(AddRequests(specs))

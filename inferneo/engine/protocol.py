@@ -166,6 +166,9 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
     generates: bool = True  # False: a checkpoint without its language-model head (it serves embeddings only)
     scores_prompts: bool = True  # False: prompt log-probabilities are refused (pipeline parallelism)
+    # True: the scheduler orders waiting requests by their priority (``scheduling_policy="priority"``); under FCFS a
+    # request's priority would be ignored, so a non-zero one is refused
+    schedules_by_priority: bool = False
 
     @property
     def kv_capacity_tokens(self) -> int:

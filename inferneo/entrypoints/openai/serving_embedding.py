@@ -35,7 +35,7 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
     pooling = PoolingRequest(req.dimensions)
     for i, ids in enumerate(prompt_ids):
         try:
-            engine.input.check_embedding(ids, pooling, "input")
+            engine.input.check_embedding(ids, pooling, "input", req.priority)
         except InvalidRequestError as exc:
             where = f"input {i}: " if len(prompt_ids) > 1 and exc.param == "input" else ""
             raise bad_request(where + str(exc), exc.param) from None
