@@ -482,6 +482,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None) -> di
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
     ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, "min_tokens"),
     ({"prompt": "x", "stop": ["", "a"]}, "stop"),
+    ({"prompt": "x", "stop": ""}, "stop"),  # as vLLM: the string alone is refused as it is in a list
 ])
 def test_bad_completion_params_give_400_naming_the_field(server, body, param):
     assert_error(post(server, "/v1/completions", body), 400, param)

@@ -127,7 +127,7 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
             n=req.n, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
             min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or [],
+            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
