@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,3 +312,34 @@ def test_sdpa_prompt_path_matches_hf(tiny_checkpoint_factory, monkeypatch):
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32)
     assert run_engine(llm, prompts) == expected
     assert calls
+
+
+# Architectures whose feed-forward blocks are SiLU-gated whatever the checkpoint says: a config asking for another
+# activation is refused, rather than served as SiLU (Hugging Face computes the one ``hidden_act`` names).
+SILU_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2",
+              "deepseek_v3")
+
+
+@pytest.mark.parametrize("arch", SILU_ARCHS)
+def test_a_hidden_act_other_than_silu_is_refused_at_load(tiny_checkpoint_factory, tmp_path, arch):
+    path = tmp_path / arch
+    shutil.copytree(tiny_checkpoint_factory(arch), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match=r"hidden_act 'gelu' is not supported; supported: silu, swish"):
+        LLM(str(path), dtype="float32")
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))  # transformers' other SiLU name
+    prompt = mixed_prompts(1, 300, seed=1)[0]
+    assert run_engine(LLM(str(path), dtype="float32"), [prompt]) == [hf_greedy(path, prompt)]
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])
+def test_models_with_their_own_activation_ignore_hidden_act(tiny_checkpoint_factory, tmp_path, arch):
+    """Gemma reads ``hidden_activation`` and gpt-oss computes its clamped SwiGLU: both ignore ``hidden_act``, as
+    Hugging Face does."""
+    path = tmp_path / arch
+    shutil.copytree(tiny_checkpoint_factory(arch), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    prompt = mixed_prompts(1, 300, seed=1)[0]
+    assert run_engine(LLM(str(path), dtype="float32"), [prompt]) == [hf_greedy(path, prompt)]

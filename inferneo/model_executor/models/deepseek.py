@@ -122,8 +122,6 @@ def _check_supported(cfg: dict) -> None:
     if cfg.get("num_key_value_heads") not in (None, cfg["num_attention_heads"]):
         raise ValueError("DeepSeek latent attention needs num_key_value_heads == num_attention_heads; got "
                          f"{cfg['num_key_value_heads']} and {cfg['num_attention_heads']}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"DeepSeek hidden_act {cfg['hidden_act']!r} is not supported; supported: silu")
 
 
 def deepseek_config_from_hf(cfg: dict, version: int) -> DeepseekConfig:

@@ -160,7 +160,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         values = _common_values(cfg, "Gemma 2", pattern=2, max_position=8192)
         values.update(attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping", 50.0)),
                       final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping", 30.0)))
-        return GemmaConfig.from_hf(cfg, **values)
+        return GemmaConfig.from_hf(cfg, silu_mlp=False, **values)
 
     def __init__(self, config: GemmaConfig, backend: AttentionBackend, max_position: int | None = None) -> None:
         super().__init__(config, backend, max_position)
@@ -197,7 +197,7 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
                                 max_position=131_072)
         values.update(qk_norm=True, attn_logit_softcap=None,
                       final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")), **_gemma3_rope(cfg))
-        return GemmaConfig.from_hf(cfg, **values)
+        return GemmaConfig.from_hf(cfg, silu_mlp=False, **values)
 
 
 # Checkpoint name prefixes of a multimodal Gemma 3's language model (transformers 4 and 5 layouts) -> the text-only

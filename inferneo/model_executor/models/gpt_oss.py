@@ -80,7 +80,8 @@ class GptOssForCausalLM(MoeForCausalLM):
         if cfg.get("rope_theta") is None and (cfg.get("rope_parameters") or {}).get("rope_theta") is None:
             overrides["rope_theta"] = _DEFAULT_ROPE_THETA
         bias = bool(cfg.get("attention_bias", True))
-        return DecoderConfig.from_hf(cfg, qkv_bias=bias, o_bias=bias, mlp_bias=False, moe=moe,
+        # gpt-oss's experts compute its clamped SwiGLU; Hugging Face ignores hidden_act, and so does this model
+        return DecoderConfig.from_hf(cfg, silu_mlp=False, qkv_bias=bias, o_bias=bias, mlp_bias=False, moe=moe,
                                      sliding_window=cfg.get("sliding_window", _DEFAULT_SLIDING_WINDOW),
                                      layer_types=_layer_types(cfg), **overrides)
 

@@ -26,6 +26,9 @@ from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
 from inferneo.model_executor.layers.rotary import RotaryEmbedding, rope_scaling_from_hf
 
+# transformers' ``ACT2FN`` names for SiLU, the one activation the gated MLP and the experts compute
+SILU_ACTIVATIONS = ("silu", "swish")
+
 
 @dataclass(slots=True)
 class DecoderConfig:
@@ -74,7 +77,15 @@ class DecoderConfig:
         return None
 
     @classmethod
-    def from_hf(cls, cfg: dict, **overrides) -> DecoderConfig:
+    def from_hf(cls, cfg: dict, *, silu_mlp: bool = True, **overrides) -> DecoderConfig:
+        """The config of a Hugging Face ``config.json`` (``cfg``), with ``overrides`` in place of the values read.
+
+        ``silu_mlp``: the model's feed-forward blocks are SiLU-gated, whatever the checkpoint says, so a
+        ``hidden_act`` that is not SiLU is refused (ValueError naming it) rather than computed as SiLU; models with
+        their own activation (Gemma's GELU, gpt-oss's clamped SwiGLU) pass False and check theirs.
+        """
+        if silu_mlp:
+            check_silu_activation(cfg)
         num_heads = cfg["num_attention_heads"]
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
@@ -100,6 +111,15 @@ class DecoderConfig:
         )
         values.update(overrides)
         return cls(**values)
+
+
+def check_silu_activation(cfg: dict) -> None:
+    """ValueError unless ``cfg``'s ``hidden_act`` (SiLU when absent) is SiLU."""
+    activation = cfg.get("hidden_act") or "silu"
+    if activation not in SILU_ACTIVATIONS:
+        architecture = ", ".join(cfg.get("architectures") or ()) or cfg.get("model_type", "this model")
+        raise ValueError(f"{architecture} with hidden_act {activation!r} is not supported; supported: "
+                         f"{', '.join(SILU_ACTIVATIONS)}")
 
 
 class Attention(nn.Module):
