@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_hf_parity import TP_ENGINE, hf_greedy, mixed_prompts, run_engine, two_rank_engine
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
+from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
 from inferneo import LLM
 from inferneo.attention import AttentionMetadata, PrefillSpan, TorchReferenceBackend
@@ -193,6 +193,22 @@ def test_rotate_half_rope_when_v3_does_not_interleave(tiny_checkpoint_factory, t
     assert not torch.allclose(interleaved, expected, atol=1e-2)
 
 
+@pytest.mark.parametrize("arch", MLA_ARCHITECTURES)
+def test_no_shared_experts_matches_hf(arch, tiny_checkpoint_factory, tmp_path):
+    """``n_shared_experts: 0``: transformers saves the shared MLP 0 features wide; those empty tensors are skipped at
+    load (they were refused as not belonging to the model) and the tokens equal HF's."""
+    folder = tmp_path / f"{arch}-no-shared-experts"
+    shutil.copytree(tiny_checkpoint_factory(arch), folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.n_shared_experts = 0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    empty = [n for n, t in iter_hf_weights(folder) if ".shared_experts." in n and t.numel() == 0]
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in empty
+    prompts = mixed_prompts(4, 300, seed=15)
+    assert run_engine(LLM(str(folder), dtype="float32"), prompts) == [hf_greedy(folder, p) for p in prompts]
+
+
 # ---- the latent attention backend ----------------------------------------------------------------------------
 
 
@@ -348,6 +364,14 @@ def test_yarn_softmax_scale_matches_hf():
 def test_unsupported_configs_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         DeepseekV3ForCausalLM.config_from_hf(_tiny_cfg(3, **overrides))
+
+
+def test_v2_without_shared_experts_but_with_mlp_biases_is_refused():
+    """transformers keeps the 0-wide shared MLP's down-projection bias, added to every token: not supported."""
+    with pytest.raises(ValueError, match="n_shared_experts 0 and mlp_bias true"):
+        DeepseekV2ForCausalLM.config_from_hf(_tiny_cfg(2, n_shared_experts=0, mlp_bias=True))
+    assert DeepseekV2ForCausalLM.config_from_hf(_tiny_cfg(2, n_shared_experts=0)).deepseek_moe.num_shared_experts == 0
+    assert not DeepseekV3ForCausalLM.config_from_hf(_tiny_cfg(3, mlp_bias=True)).mlp_bias  # V3 ignores it, as HF
 
 
 def test_v2_unknown_topk_method_is_refused():

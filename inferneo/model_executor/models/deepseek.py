@@ -128,7 +128,9 @@ def deepseek_config_from_hf(cfg: dict, version: int) -> DeepseekConfig:
     """The config of a DeepSeek-V2 (``version`` 2) or V3 (3) checkpoint; ValueError for what is not supported."""
     _check_supported(cfg)
     # The generic head fields describe the cache: one shared head of latent + rope key.
-    base = DeepseekConfig.from_hf(cfg, num_kv_heads=1, head_dim=cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+    # V3's MLPs have no biases whatever mlp_bias says (transformers reads it for V2 only).
+    base = DeepseekConfig.from_hf(cfg, num_kv_heads=1, head_dim=cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"],
+                                  **({} if version == 2 else {"mlp_bias": False}))
     mla = MlaConfig(
         q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
         qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
@@ -159,6 +161,9 @@ def deepseek_config_from_hf(cfg: dict, version: int) -> DeepseekConfig:
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ValueError(f"num_experts_per_tok must be between 1 and n_routed_experts ({moe.num_experts}); "
                          f"got {moe.top_k}")
+    if not moe.num_shared_experts and base.mlp_bias:
+        # transformers still builds the 0-wide shared MLP, whose down_proj bias it adds to every token
+        raise ValueError("DeepSeek with n_shared_experts 0 and mlp_bias true is not supported")
     base.mla, base.deepseek_moe = mla, moe
     return base
 
@@ -343,9 +348,13 @@ class DeepseekV2ForCausalLM(MoeForCausalLM):
         """As the Llama loader, skipping layers past ``num_hidden_layers`` (V3's multi-token-prediction layer);
         ``mlp.shared_experts`` load into ``mlp.shared_expert``."""
         return super().load_weights((name.replace(".mlp.shared_experts.", ".mlp.shared_expert."), tensor)
-                                    for name, tensor in weights if self._in_model(name))
+                                    for name, tensor in weights if self._in_model(name, tensor))
 
-    def _in_model(self, name: str) -> bool:
+    def _in_model(self, name: str, tensor: torch.Tensor) -> bool:
+        """False for a layer past ``num_hidden_layers`` and for the empty shared-expert tensors transformers saves
+        for ``n_shared_experts: 0`` (an MLP 0 features wide, which adds nothing)."""
+        if ".mlp.shared_experts." in name and tensor.numel() == 0:
+            return False
         match = _LAYER_INDEX.match(name.removeprefix("model."))
         return match is None or int(match.group(1)) < self.config.num_layers
 
