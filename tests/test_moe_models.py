@@ -4,12 +4,14 @@ refusals. Their Hugging Face parity runs in test_hf_parity.py with every other a
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from moe_reference import reference_experts
-from test_hf_parity import TP_ENGINE, mixed_prompts, run_engine, two_rank_engine
+from test_hf_parity import TP_ENGINE, hf_greedy, mixed_prompts, run_engine, two_rank_engine
 
 from inferneo import LLM
 from inferneo.model_executor.layers.moe import FusedMoE, fused_experts
@@ -224,3 +226,19 @@ def test_missing_expert_weight_is_reported(tiny_checkpoint_factory):
     assert "layers.0.mlp.experts.gate_up_proj#3.1" in model.load_weights(weights)
     with pytest.raises(ValueError, match="missing weights"):
         model.load_weights([(n, t) for n, t in weights if "experts.3.w3" not in n])
+
+
+def test_qwen2_moe_without_qkv_bias_matches_hf(tiny_checkpoint_factory, tmp_path):
+    """transformers 5's ``qkv_bias: false`` leaves the q/k/v biases out; the engine reads it (it used to expect the
+    biases always and refused the checkpoint as missing weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "qwen2-moe-no-qkv-bias"
+    shutil.copytree(tiny_checkpoint_factory("qwen2_moe"), folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.qkv_bias = False
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    assert not Qwen2MoeForCausalLM.config_from_hf(json.loads((folder / "config.json").read_text())).qkv_bias
+    prompts = mixed_prompts(4, 300, seed=6)
+    assert run_engine(LLM(str(folder), dtype="float32"), prompts) == [hf_greedy(folder, p) for p in prompts]

@@ -126,7 +126,9 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
     @classmethod
     def config_from_hf(cls, cfg: dict) -> DecoderConfig:
         moe = _qwen_moe(cfg, cfg.get("shared_expert_intermediate_size") or 0)
-        return DecoderConfig.from_hf(cfg, qkv_bias=True, o_bias=False, moe=moe, **qwen_window(cfg, _moe_window_layers(cfg)))
+        # q/k/v biases unless the config says otherwise (transformers 5 reads qkv_bias, default true)
+        return DecoderConfig.from_hf(cfg, qkv_bias=bool(cfg.get("qkv_bias", True)), o_bias=False, moe=moe,
+                                     **qwen_window(cfg, _moe_window_layers(cfg)))
 
 
 class Qwen3MoeForCausalLM(MoeForCausalLM):
