@@ -96,6 +96,10 @@ def test_markers_need_single_tokens_and_read_the_prompt():
     assert not markers.opens(tokenizer, tokenizer.encode("<think>\n\n</think>\n\n"))  # enable_thinking false
     with pytest.raises(ValueError, match="'<think>' and '</think>' as one token"):
         ReasoningMarkers.for_tokenizer("deepseek_r1", make_tiny_tokenizer(384))
+    special = make_tiny_tokenizer(384)
+    special.add_tokens(["<think>", "</think>"], special_tokens=True)
+    with pytest.raises(ValueError, match="marks them special tokens"):
+        ReasoningMarkers.for_tokenizer("qwen3", special)
     with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3"):
         ReasoningMarkers.for_tokenizer("nope", tokenizer)
     counter = markers.token_counter(False)

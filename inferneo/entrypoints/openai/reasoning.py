@@ -51,8 +51,9 @@ class ReasoningMarkers:
 
     @classmethod
     def for_tokenizer(cls, name: str, tokenizer) -> ReasoningMarkers:
-        """The markers of parser ``name`` in ``tokenizer``; ``ValueError`` when the name is unknown or a marker is
-        not one token of the vocabulary (a constraint after the thinking waits for that token)."""
+        """The markers of parser ``name`` in ``tokenizer``; ``ValueError`` when the name is unknown, a marker is
+        not one token of the vocabulary (a constraint after the thinking waits for that token), or a special token
+        (decoded text leaves it out)."""
         if name not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; got {name!r}")
         fmt = REASONING_PARSERS[name]
@@ -61,6 +62,11 @@ class ReasoningMarkers:
         if missing:
             raise ValueError(f"reasoning parser {name!r} needs {' and '.join(repr(m) for m in missing)} as one token "
                              "of the model's vocabulary, and this tokenizer has no such token")
+        skipped = [marker for marker in (fmt.start, fmt.end)
+                   if not tokenizer.decode([vocab[marker]], skip_special_tokens=True).strip()]
+        if skipped:
+            raise ValueError(f"reasoning parser {name!r} reads {' and '.join(repr(m) for m in skipped)} in the "
+                             "answer's text, and this tokenizer marks them special tokens, which the text leaves out")
         return cls(name, fmt, vocab[fmt.start], vocab[fmt.end])
 
     def opens(self, tokenizer, prompt_ids: list[int]) -> bool:
