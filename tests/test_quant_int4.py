@@ -889,3 +889,17 @@ def test_dummy_weights_fill_every_layer(tiny_checkpoint_factory, tmp_path):
         assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["gptq", "compressed-tensors"])
+def test_a_quantized_lm_head_loads_and_runs_4_bit(layout, tiny_checkpoint_factory, tmp_path):
+    # GPTQModel's ``lm_head: true`` and a compressed-tensors ``ignore`` without lm_head store the head as
+    # ``lm_head.qweight`` / ``lm_head.weight_packed``: no ``lm_head.weight``, which is not an embedding model's
+    # missing head.
+    source = tiny_checkpoint_factory("llama")
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", layout, 32, lm_head=True)
+    got, layers = _greedy(quant)
+    expected, _ = _greedy(ref)
+    assert [layer.shape.prefix for layer in layers][-1] == "lm_head"
+    assert len(layers) == 2 * 4 + 1
+    assert got == expected

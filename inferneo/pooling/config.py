@@ -105,7 +105,8 @@ def _from_modules(model_dir: Path, modules: list[dict], common: dict) -> Pooling
 
 def lacks_output_head(source: ModelSource, hf_config: dict) -> bool:
     """Whether ``source`` is a checkpoint saved without its language-model head (as embedding models saved from
-    the base model are, e.g. ``Qwen3-Embedding-4B``): untied embeddings and no ``lm_head`` tensor. Such a model
+    the base model are, e.g. ``Qwen3-Embedding-4B``): untied embeddings and no ``lm_head`` tensor (of any kind: a
+    quantized head is ``lm_head.qweight`` or ``lm_head.weight_packed``). Such a model
     loads with its input embeddings standing in for the head, and serves embeddings only."""
     if source.kind != "hf_dir" or not source.path.is_dir() or hf_config.get("tie_word_embeddings"):
         return False
@@ -115,4 +116,5 @@ def lacks_output_head(source: ModelSource, hf_config: dict) -> bool:
         names = weight_names(source.path)
     except (OSError, ValueError):
         return False
-    return names is not None and not any(name.endswith("lm_head.weight") for name in names)
+    # A quantized head stores other tensors than ``weight`` (``lm_head.qweight``, ``lm_head.weight_packed``).
+    return names is not None and not any(name.startswith("lm_head.") or ".lm_head." in name for name in names)

@@ -456,14 +456,16 @@ def select_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int
 
 
 class _Int4Config(QuantConfig):
-    """A 4-bit checkpoint format: every linear of the decoder layers except those listed as not converted."""
+    """A 4-bit checkpoint format: every linear of the decoder layers except those listed as not converted, and
+    the LM head where the checkpoint quantized it (GPTQ's ``lm_head: true``)."""
 
-    def __init__(self, scheme: Int4Scheme, skip: tuple[str, ...] = ()) -> None:
+    def __init__(self, scheme: Int4Scheme, skip: tuple[str, ...] = (), lm_head: bool = False) -> None:
         self.scheme = scheme
         self.skip = skip
+        self.lm_head = lm_head
 
     def method_for(self, shape: LinearShape) -> LinearMethod | None:
-        if shape.prefix.startswith("lm_head"):
+        if shape.prefix.startswith("lm_head") and not self.lm_head:
             return None
         name = self.checkpoint_name(shape.prefix)
         if any(s and (s in name or s in shape.prefix) for s in self.skip):
@@ -507,7 +509,8 @@ class AwqConfig(_Int4Config):
 
 
 class GptqConfig(_Int4Config):
-    """GPTQ checkpoints (``quant_method: gptq``, 4 bits, ``checkpoint_format: gptq``: v1 zero points)."""
+    """GPTQ checkpoints (``quant_method: gptq``, 4 bits, ``checkpoint_format: gptq``: v1 zero points; ``lm_head:
+    true``: the LM head quantized too)."""
 
     name = "gptq"
 
@@ -520,4 +523,4 @@ class GptqConfig(_Int4Config):
             raise ValueError(f"gptq checkpoint_format {fmt!r} is not supported; supported: gptq")
         scheme = Int4Scheme("gptq", int(cfg.get("group_size", 128)), zero_point=True,
                             desc_act=bool(cfg.get("desc_act", False)))
-        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()))
+        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()), lm_head=bool(cfg.get("lm_head", False)))

@@ -107,35 +107,42 @@ def compressed_tensors(q: Int4Quantized, zero_point: bool) -> dict[str, torch.Te
     return out
 
 
-def quantization_config(layout: Layout, group_size: int, symmetric: bool, desc_act: bool) -> dict:
-    """The ``quantization_config`` each format's tools write into ``config.json``."""
+def quantization_config(layout: Layout, group_size: int, symmetric: bool, desc_act: bool,
+                        lm_head: bool = False) -> dict:
+    """The ``quantization_config`` each format's tools write into ``config.json`` (``lm_head``: the LM head is
+    quantized too, GPTQModel's ``lm_head: true`` or no ``lm_head`` in compressed-tensors' ``ignore``)."""
     if layout == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": not symmetric,
                 "version": "gemm", "modules_to_not_convert": None}
     if layout == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
-                "sym": symmetric, "checkpoint_format": "gptq", "static_groups": False, "true_sequential": True}
+                "sym": symmetric, "checkpoint_format": "gptq", "static_groups": False, "true_sequential": True,
+                "lm_head": lm_head}
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
                "group_size": group_size, "dynamic": False, "observer": "minmax",
                "actorder": "group" if desc_act else None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
-            "ignore": ["lm_head"]}
+            "ignore": [] if lm_head else ["lm_head"]}
 
 
 def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layout: Layout, group_size: int = 32,
-                          symmetric: bool = False, desc_act: bool = False, seed: int = 0) -> tuple[Path, Path]:
+                          symmetric: bool = False, desc_act: bool = False, seed: int = 0,
+                          lm_head: bool = False) -> tuple[Path, Path]:
     """Quantize ``source``'s (a one-file safetensors HF checkpoint) decoder linears and write the ``layout``
     checkpoint to ``quantized`` and the de-quantized float32 one to ``dequantized``; returns both paths.
 
     ``group_size`` -1 is one group per row (GPTQ); ``desc_act`` (GPTQ; compressed-tensors ``actorder: group``
     with ``weight_g_idx``) scatters each group's columns with a random
-    ``g_idx`` as act-order does. ``symmetric``: zero point 8 (AWQ: ``zero_point: false``, no ``qzeros``)."""
+    ``g_idx`` as act-order does. ``symmetric``: zero point 8 (AWQ: ``zero_point: false``, no ``qzeros``).
+    ``lm_head`` (GPTQ, compressed-tensors): quantize the (untied) LM head as well."""
     from safetensors.torch import load_file, save_file
 
     if desc_act and layout == "awq":
         raise ValueError("desc_act (act-order) is a GPTQ / compressed-tensors option")
+    if lm_head and layout == "awq":
+        raise ValueError("a quantized lm_head is a GPTQ / compressed-tensors option")
     source, quantized, dequantized = Path(source), Path(quantized), Path(dequantized)
     files = sorted(source.glob("*.safetensors"))
     if len(files) != 1:
@@ -145,7 +152,7 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
     quant: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     for name, tensor in load_file(files[0]).items():
-        if not _LINEAR.match(name):
+        if not (_LINEAR.match(name) or (lm_head and name == "lm_head.weight")):
             quant[name] = ref[name] = tensor
             continue
         in_features = tensor.shape[1]
@@ -166,8 +173,8 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
             if desc_act:
                 parts["weight_g_idx"] = q.g_idx
         quant.update({f"{prefix}.{k}": v.contiguous() for k, v in parts.items()})
-    for target, tensors, qcfg in ((quantized, quant, quantization_config(layout, group_size, symmetric, desc_act)),
-                                  (dequantized, ref, None)):
+    qcfg_written = quantization_config(layout, group_size, symmetric, desc_act, lm_head)
+    for target, tensors, qcfg in ((quantized, quant, qcfg_written), (dequantized, ref, None)):
         target.mkdir(parents=True, exist_ok=True)
         for extra in source.iterdir():
             if extra.suffix != ".safetensors" and extra.name != "config.json" and extra.is_file():
