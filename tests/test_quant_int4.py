@@ -903,3 +903,28 @@ def test_a_quantized_lm_head_loads_and_runs_4_bit(layout, tiny_checkpoint_factor
     assert [layer.shape.prefix for layer in layers][-1] == "lm_head"
     assert len(layers) == 2 * 4 + 1
     assert got == expected
+
+
+@pytest.mark.parametrize(("not_converted", "quantized"), [
+    (["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"], 7),
+    (["mlp.down_proj"], 6),
+])
+def test_awq_modules_to_not_convert_names_checkpoint_modules(not_converted, quantized, tiny_checkpoint_factory,
+                                                             tmp_path):
+    # AutoAWQ matches the list against each checkpoint module's name (a substring): the engine's fused qkv_proj is
+    # left full precision when q_proj, k_proj and v_proj all are.
+    source = tiny_checkpoint_factory("llama")
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "awq", 32,
+                                       not_converted=not_converted)
+    got, layers = _greedy(quant)
+    expected, _ = _greedy(ref)
+    assert len(layers) == quantized
+    assert got == expected
+
+
+def test_awq_modules_to_not_convert_naming_part_of_a_fused_layer_is_refused(tiny_checkpoint_factory, tmp_path):
+    source = tiny_checkpoint_factory("llama")
+    quant, _ = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "awq", 32, not_converted=["v_proj"])
+    with pytest.raises(ValueError, match=r"modules_to_not_convert names model.layers.0.self_attn.v_proj but not the "
+                                         r"other parts of the fused layer layers.0.self_attn.qkv_proj"):
+        LLM(str(quant), **ENGINE)

@@ -42,6 +42,7 @@ from inferneo.quantization.int4_layouts import (
     unpack_compressed,
     unpack_gptq,
 )
+from inferneo.quantization.layer_names import contains_pattern, layer_listed
 
 logger = logging.getLogger(__name__)
 
@@ -467,8 +468,8 @@ class _Int4Config(QuantConfig):
     def method_for(self, shape: LinearShape) -> LinearMethod | None:
         if shape.prefix.startswith("lm_head") and not self.lm_head:
             return None
-        name = self.checkpoint_name(shape.prefix)
-        if any(s and (s in name or s in shape.prefix) for s in self.skip):
+        # Each checkpoint module of a fused layer (q/k/v_proj of qkv_proj) is looked up on its own.
+        if layer_listed(self, shape, self.skip, "modules_to_not_convert", match=contains_pattern):
             return None
         return Int4LinearMethod(self.scheme)
 

@@ -9,7 +9,7 @@ parts does; a list naming only some parts of one fused layer is refused (the par
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from inferneo.quantization.base import LinearShape, QuantConfig
 
@@ -39,11 +39,19 @@ def name_matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or name.endswith("." + pattern)
 
 
-def layer_listed(config: QuantConfig, shape: LinearShape, patterns: Sequence[str], what: str) -> bool:
+def contains_pattern(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` occurs in module ``name``: how AutoAWQ and transformers read ``modules_to_not_convert``
+    (``"gate"`` names ``model.layers.0.mlp.gate``, ``"visual"`` every module under ``visual``)."""
+    return bool(pattern) and pattern in name
+
+
+def layer_listed(config: QuantConfig, shape: LinearShape, patterns: Sequence[str], what: str,
+                 match: Callable[[str, str], bool] = name_matches) -> bool:
     """Whether every checkpoint module of layer ``shape`` is named in ``patterns`` (False when none is); raises
-    ValueError when only some parts of a fused layer are (``what`` names the list in the message)."""
+    ValueError when only some parts of a fused layer are (``what`` names the list in the message). ``match(name,
+    pattern)`` says whether a pattern names a module (default :func:`name_matches`)."""
     names = checkpoint_module_names(config, shape)
-    hits = [any(name_matches(name, p) for p in patterns) for name in names]
+    hits = [any(match(name, p) for p in patterns) for name in names]
     if all(hits):
         return True
     if any(hits):

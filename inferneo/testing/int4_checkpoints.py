@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -129,14 +130,16 @@ def quantization_config(layout: Layout, group_size: int, symmetric: bool, desc_a
 
 def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layout: Layout, group_size: int = 32,
                           symmetric: bool = False, desc_act: bool = False, seed: int = 0,
-                          lm_head: bool = False) -> tuple[Path, Path]:
+                          lm_head: bool = False, not_converted: Sequence[str] = ()) -> tuple[Path, Path]:
     """Quantize ``source``'s (a one-file safetensors HF checkpoint) decoder linears and write the ``layout``
     checkpoint to ``quantized`` and the de-quantized float32 one to ``dequantized``; returns both paths.
 
     ``group_size`` -1 is one group per row (GPTQ); ``desc_act`` (GPTQ; compressed-tensors ``actorder: group``
     with ``weight_g_idx``) scatters each group's columns with a random
     ``g_idx`` as act-order does. ``symmetric``: zero point 8 (AWQ: ``zero_point: false``, no ``qzeros``).
-    ``lm_head`` (GPTQ, compressed-tensors): quantize the (untied) LM head as well."""
+    ``lm_head`` (GPTQ, compressed-tensors): quantize the (untied) LM head as well. ``not_converted``: modules
+    whose HF name contains one of these strings stay full precision (AWQ / GPTQ ``modules_to_not_convert``; for
+    compressed-tensors, add them to ``ignore`` yourself)."""
     from safetensors.torch import load_file, save_file
 
     if desc_act and layout == "awq":
@@ -152,7 +155,8 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
     quant: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     for name, tensor in load_file(files[0]).items():
-        if not (_LINEAR.match(name) or (lm_head and name == "lm_head.weight")):
+        if (not (_LINEAR.match(name) or (lm_head and name == "lm_head.weight"))
+                or any(skip in name for skip in not_converted)):
             quant[name] = ref[name] = tensor
             continue
         in_features = tensor.shape[1]
@@ -174,6 +178,8 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
                 parts["weight_g_idx"] = q.g_idx
         quant.update({f"{prefix}.{k}": v.contiguous() for k, v in parts.items()})
     qcfg_written = quantization_config(layout, group_size, symmetric, desc_act, lm_head)
+    if not_converted and layout != "compressed-tensors":
+        qcfg_written["modules_to_not_convert"] = list(not_converted)
     for target, tensors, qcfg in ((quantized, quant, qcfg_written), (dequantized, ref, None)):
         target.mkdir(parents=True, exist_ok=True)
         for extra in source.iterdir():
