@@ -928,3 +928,27 @@ def test_awq_modules_to_not_convert_naming_part_of_a_fused_layer_is_refused(tiny
     with pytest.raises(ValueError, match=r"modules_to_not_convert names model.layers.0.self_attn.v_proj but not the "
                                          r"other parts of the fused layer layers.0.self_attn.qkv_proj"):
         LLM(str(quant), **ENGINE)
+
+
+@pytest.mark.parametrize(("arch", "layout", "desc_act"), [
+    ("qwen3_moe", "awq", False), ("mixtral", "gptq", True), ("qwen2_moe", "compressed-tensors", False)])
+def test_4_bit_mixture_of_experts_experts_load_dequantized(arch, layout, desc_act, tiny_checkpoint_factory,
+                                                           tmp_path):
+    # AutoAWQ, GPTQModel and llm-compressor quantize every expert (experts.N.gate_proj.qweight, Mixtral's
+    # experts.N.w1.qweight); the engine's experts are stacked tensors, not linear layers: they load de-quantized.
+    source = tiny_checkpoint_factory(arch)
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", layout, 16, desc_act=desc_act)
+    assert any(".experts.0." in key and key.endswith(("qweight", "weight_packed"))
+               for key in load_safetensors_keys(quant))
+    got, layers = _greedy(quant)
+    expected, _ = _greedy(ref)
+    assert layers and all(".experts" not in layer.shape.prefix for layer in layers)
+    assert got == expected
+
+
+def load_safetensors_keys(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+

@@ -25,7 +25,7 @@ import torch
 
 from inferneo.quantization.base import LinearMethod, LinearShape, QuantConfig
 from inferneo.quantization.fp8 import Fp8LinearMethod, Fp8Scheme, dequantize_fp8_weights, fp8_dequantized_on
-from inferneo.quantization.layer_names import checkpoint_module_names, layer_listed
+from inferneo.quantization.layer_names import checkpoint_module_names, layer_listed, name_matches
 
 SUPPORTED = ("float-quantized: FP8 (e4m3) weights per tensor, channel or block with FP8 activations dynamic per "
              "token or tensor or static per tensor (W8A8); pack-quantized: 4-bit integer weights per group or channel "
@@ -177,9 +177,23 @@ class CompressedTensorsConfig(QuantConfig):
         if any(group.is_fp8 for group in self.groups):
             self.dequantize_fp8_at_load = fp8_dequantized_on(device, f"{self.name} ({self.format})", online=False)
 
+    def _int4_scheme_of(self, module: str):
+        """The 4-bit scheme of checkpoint module ``module`` (by the groups' targets and ``ignore``), or None."""
+        if any(name_matches(module, pattern) for pattern in self.ignore):
+            return None
+        for group in self.groups:
+            if "Linear" in group.targets or any(name_matches(module, t) for t in group.targets if t != "Linear"):
+                return None if group.is_fp8 else group.method.scheme
+        return None
+
     def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """FP8 weights of modules that are not quantized layers become float32 (see :func:`dequantize_fp8_weights`);
-        the tensors of quantized layers pass unchanged."""
+        """FP8 and 4-bit weights of modules that are not quantized layers (MoE experts; every FP8 weight when
+        de-quantizing at load) become float32 (see :func:`dequantize_fp8_weights` and
+        ``int4.dequantize_int4_weights``); the tensors of quantized layers pass unchanged."""
+        if not all(group.is_fp8 for group in self.groups):
+            from inferneo.quantization.int4 import dequantize_int4_weights
+
+            weights = dequantize_int4_weights(weights, self._int4_scheme_of, self.quantized_modules)
         if not any(group.is_fp8 for group in self.groups):
             yield from weights
             return

@@ -12,6 +12,7 @@ or, where none applies, de-quantization followed by ``F.linear`` (the reference)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,17 +33,19 @@ from inferneo.quantization.base import (
     row_shard_loader,
 )
 from inferneo.quantization.int4_layouts import (
+    CHECKPOINT_TENSORS,
     Int4Codes,
     Int4RowWeights,
     Int4Weights,
     dequantize,
+    dequantize_checkpoint_tensors,
     dequantize_rows,
     pack_canonical,
     unpack_awq,
     unpack_compressed,
     unpack_gptq,
 )
-from inferneo.quantization.layer_names import contains_pattern, layer_listed
+from inferneo.quantization.layer_names import checkpoint_module_names, contains_pattern, layer_listed
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,16 @@ class Int4Scheme:
                              f"positive multiple of 8")
         if self.desc_act and self.layout == "awq":
             raise ValueError("awq: desc_act (act-order) is not an AWQ option; supported: gptq, compressed-tensors")
+
+    def expected_tensors(self) -> frozenset[str]:
+        """The checkpoint tensors (leaf names) every weight of this scheme stores."""
+        if self.layout == "awq":
+            return frozenset({"qweight", "scales", *(("qzeros",) if self.zero_point else ())})
+        if self.layout == "gptq":
+            return frozenset({"qweight", "qzeros", "scales", "g_idx"})
+        return frozenset({"weight_packed", "weight_scale", "weight_shape",
+                          *(("weight_zero_point",) if self.zero_point else ()),
+                          *(("weight_g_idx",) if self.desc_act else ())})
 
     def group_for(self, in_features: int, prefix: str) -> int:
         """The group size of a layer with ``in_features`` inputs (ValueError when it does not divide them)."""
@@ -453,6 +466,51 @@ def select_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int
     return reference_int4_linear
 
 
+# ---- de-quantizing weights that are not linear layers (MoE experts) ---------------------------------------------
+
+
+def dequantize_int4_weights(weights: Iterable[tuple[str, torch.Tensor]],
+                            scheme_of: Callable[[str], Int4Scheme | None],
+                            keep: Container[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with the 4-bit tensors of each module outside ``keep`` (checkpoint module names of
+    the quantized linear layers) replaced by its float32 ``<module>.weight``; ``scheme_of(module)`` is the module's
+    scheme, or None for a module the format does not cover (its tensors pass unchanged).
+
+    The engine's mixture-of-experts blocks hold their experts stacked for the fused-experts kernels, not as linear
+    layers, so a 4-bit checkpoint's experts (``experts.0.gate_proj.qweight``, Mixtral's ``experts.0.w1.qweight``)
+    load de-quantized, as FP8 experts do. A module's tensors wait for each other (checkpoints order them by name).
+    Logs how many weights it de-quantized."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    layouts: dict[str, Int4Scheme] = {}
+    count = 0
+
+    def dequantized(module: str) -> tuple[str, torch.Tensor]:
+        nonlocal count
+        scheme, tensors = layouts.pop(module), waiting.pop(module)
+        missing = scheme.expected_tensors() - set(tensors) - {"weight_shape", "g_idx", "weight_g_idx"}
+        if missing:
+            raise ValueError(f"{scheme.layout} checkpoint: {module} has {', '.join(sorted(tensors))} but not "
+                             f"{', '.join(sorted(missing))}")
+        count += 1
+        return f"{module}.weight", dequantize_checkpoint_tensors(scheme.layout, tensors)
+
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        scheme = None if module in keep else scheme_of(module)
+        if scheme is None or leaf not in CHECKPOINT_TENSORS[scheme.layout]:
+            yield name, tensor
+            continue
+        waiting.setdefault(module, {})[leaf] = tensor
+        layouts[module] = scheme
+        if scheme.expected_tensors() <= set(waiting[module]):
+            yield dequantized(module)
+    for module in list(waiting):
+        yield dequantized(module)
+    if count:
+        logger.info("int4: de-quantized %d 4-bit weights at load into the model dtype (mixture-of-experts experts, "
+                    "which run in the fused-experts kernels)", count)
+
+
 # ---- the formats ---------------------------------------------------------------------------------------------
 
 
@@ -464,6 +522,9 @@ class _Int4Config(QuantConfig):
         self.scheme = scheme
         self.skip = skip
         self.lm_head = lm_head
+        # Checkpoint modules that load into 4-bit layers (method_for records them); the checkpoint's other 4-bit
+        # weights (mixture-of-experts experts) are de-quantized while loading.
+        self.quantized_modules: set[str] = set()
 
     def method_for(self, shape: LinearShape) -> LinearMethod | None:
         if shape.prefix.startswith("lm_head") and not self.lm_head:
@@ -471,7 +532,13 @@ class _Int4Config(QuantConfig):
         # Each checkpoint module of a fused layer (q/k/v_proj of qkv_proj) is looked up on its own.
         if layer_listed(self, shape, self.skip, "modules_to_not_convert", match=contains_pattern):
             return None
+        self.quantized_modules.update(checkpoint_module_names(self, shape))
         return Int4LinearMethod(self.scheme)
+
+    def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """4-bit weights of modules that are not 4-bit layers (MoE experts) become float32 (see
+        :func:`dequantize_int4_weights`); the tensors of 4-bit layers pass unchanged."""
+        yield from dequantize_int4_weights(weights, lambda module: self.scheme, self.quantized_modules)
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         allowed = _SUPPORTED_DTYPES.get(device.type)

@@ -244,3 +244,28 @@ def dequantize_rows(weights: Int4RowWeights) -> torch.Tensor:
     w = torch.empty_like(sorted_w)
     w[:, weights.perm] = sorted_w
     return w
+
+
+#: The checkpoint tensors (leaf names) of one weight in each layout.
+CHECKPOINT_TENSORS = {
+    "awq": ("qweight", "qzeros", "scales"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+}
+
+
+def dequantize_checkpoint_tensors(layout: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``W`` float32 ``[out, in]`` of one weight from its checkpoint tensors in ``layout`` (leaf name -> tensor, as
+    :data:`CHECKPOINT_TENSORS` names them; the group size follows from the shapes, a missing zero point is 8)."""
+    if layout == "awq":
+        qweight, scales = tensors["qweight"], tensors["scales"]
+        codes = unpack_awq(qweight, tensors.get("qzeros"), scales, qweight.shape[0] // scales.shape[0])
+    elif layout == "gptq":
+        qweight, scales = tensors["qweight"], tensors["scales"]
+        codes = unpack_gptq(qweight, tensors["qzeros"], scales, qweight.shape[0] * 8 // scales.shape[0],
+                            tensors.get("g_idx"))
+    else:
+        packed, scale = tensors["weight_packed"], tensors["weight_scale"]
+        codes = unpack_compressed(packed, scale, tensors.get("weight_zero_point"), packed.shape[1] * 8 // scale.shape[1],
+                                  tensors.get("weight_g_idx"))
+    return dequantize_codes(codes)

@@ -22,8 +22,11 @@ import torch
 from inferneo.quantization.int4_layouts import AWQ_PACK_ORDER
 
 Layout = Literal["awq", "gptq", "compressed-tensors"]
-# The decoder linears quantized (HF names); embeddings, norms and lm_head stay full precision.
-_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# The decoder linears quantized (HF names): attention, dense MLPs, shared experts and each mixture-of-experts expert
+# (Qwen-MoE's experts.N.gate_proj, Mixtral's block_sparse_moe.experts.N.w1), as AutoAWQ, GPTQModel and llm-compressor
+# quantize them; embeddings, norms, routers and lm_head stay full precision.
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(experts\.\d+\.|shared_expert\.)?"
+                     r"(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
 
 
 @dataclass(frozen=True, slots=True)
