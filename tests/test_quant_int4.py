@@ -952,3 +952,36 @@ def load_safetensors_keys(folder):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return list(f.keys())
 
+
+def test_gptq_dynamic_overrides_and_exclusions(tiny_checkpoint_factory, tmp_path):
+    # GPTQModel's ``dynamic``: the MLPs quantized in groups of 64, layer 1's attention left in full precision.
+    source = tiny_checkpoint_factory("llama")
+    quant, ref = write_int4_checkpoint(source, tmp_path / "q", tmp_path / "r", "gptq", 32,
+                                       not_converted=["model.layers.1.self_attn."],
+                                       group_sizes={r"model\.layers\.\d+\.mlp\.": 64})
+    config = json.loads((quant / "config.json").read_text())
+    config["quantization_config"].pop("modules_to_not_convert")
+    config["quantization_config"]["dynamic"] = {r"-:model\.layers\.1\.self_attn\..*": {},
+                                                r"+:.*\.mlp\..*": {"group_size": 64}}
+    (quant / "config.json").write_text(json.dumps(config))
+    got, layers = _greedy(quant)
+    expected, _ = _greedy(ref)
+    groups = {layer.shape.prefix: layer.int4_group_size for layer in layers}
+    assert groups == {"layers.0.self_attn.qkv_proj": 32, "layers.0.self_attn.o_proj": 32,
+                      "layers.0.mlp.gate_up_proj": 64, "layers.0.mlp.down_proj": 64,
+                      "layers.1.mlp.gate_up_proj": 64, "layers.1.mlp.down_proj": 64}
+    assert got == expected
+
+
+@pytest.mark.parametrize(("dynamic", "message"), [
+    ({r"+:.*\.mlp\..*": {"bits": 8}}, "down_proj, dynamic .* with 8-bit weights is not supported"),
+    ({r"-:.*\.v_proj": {}}, "dynamic settings differ between the parts of the fused layer"),
+])
+def test_gptq_dynamic_settings_it_cannot_run_are_refused(dynamic, message):
+    config = resolve_quant_config({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                           "dynamic": dynamic}}, None)
+    from inferneo.quantization.base import LinearShape
+
+    with pytest.raises(ValueError, match=message):
+        for prefix, sizes in (("layers.0.self_attn.qkv_proj", (64, 32, 32)), ("layers.0.mlp.down_proj", (64,))):
+            config.method_for(LinearShape(prefix, 64, sizes))

@@ -12,8 +12,9 @@ or, where none applies, de-quantization followed by ``F.linear`` (the reference)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -532,8 +533,15 @@ class _Int4Config(QuantConfig):
         # Each checkpoint module of a fused layer (q/k/v_proj of qkv_proj) is looked up on its own.
         if layer_listed(self, shape, self.skip, "modules_to_not_convert", match=contains_pattern):
             return None
+        scheme = self.layer_scheme(shape)
+        if scheme is None:
+            return None
         self.quantized_modules.update(checkpoint_module_names(self, shape))
-        return Int4LinearMethod(self.scheme)
+        return Int4LinearMethod(scheme)
+
+    def layer_scheme(self, shape: LinearShape) -> Int4Scheme | None:
+        """The scheme of layer ``shape``, or None to leave it full precision (default: the checkpoint's one)."""
+        return self.scheme
 
     def prepare_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """4-bit weights of modules that are not 4-bit layers (MoE experts) become float32 (see
@@ -578,9 +586,20 @@ class AwqConfig(_Int4Config):
 
 class GptqConfig(_Int4Config):
     """GPTQ checkpoints (``quant_method: gptq``, 4 bits, ``checkpoint_format: gptq``: v1 zero points; ``lm_head:
-    true``: the LM head quantized too)."""
+    true``: the LM head quantized too).
+
+    GPTQModel's ``dynamic`` maps regular expressions over module names (matched from the start, as GPTQModel and
+    vLLM do; here against each checkpoint module of a fused layer) to per-module settings: ``-:pattern`` leaves the
+    modules full precision, ``+:pattern`` (or a bare pattern) overrides ``group_size`` / ``desc_act`` / ``sym`` /
+    ``bits`` (4 only); the first matching pattern wins.
+    """
 
     name = "gptq"
+
+    def __init__(self, scheme: Int4Scheme, skip: tuple[str, ...] = (), lm_head: bool = False,
+                 dynamic: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(scheme, skip, lm_head)
+        self.dynamic = dict(dynamic or {})
 
     @classmethod
     def from_hf(cls, quantization_config: dict[str, Any]) -> GptqConfig:
@@ -591,4 +610,36 @@ class GptqConfig(_Int4Config):
             raise ValueError(f"gptq checkpoint_format {fmt!r} is not supported; supported: gptq")
         scheme = Int4Scheme("gptq", int(cfg.get("group_size", 128)), zero_point=True,
                             desc_act=bool(cfg.get("desc_act", False)))
-        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()), lm_head=bool(cfg.get("lm_head", False)))
+        dynamic = cfg.get("dynamic") or {}
+        if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
+            raise ValueError(f"gptq dynamic must map module-name patterns to settings; got {dynamic!r}")
+        return cls(scheme, tuple(cfg.get("modules_to_not_convert") or ()), lm_head=bool(cfg.get("lm_head", False)),
+                   dynamic=dynamic)
+
+    def _dynamic_rule(self, module: str) -> tuple[str, dict[str, Any]] | None:
+        """The first ``dynamic`` pattern matching checkpoint module ``module`` and its settings, or None."""
+        for pattern, settings in self.dynamic.items():
+            if re.match(pattern.removeprefix("-:").removeprefix("+:"), module):
+                return pattern, settings
+        return None
+
+    def layer_scheme(self, shape: LinearShape) -> Int4Scheme | None:
+        if not self.dynamic:
+            return self.scheme
+        names = checkpoint_module_names(self, shape)
+        rules = [self._dynamic_rule(name) for name in names]
+        if any(rule != rules[0] for rule in rules[1:]):
+            raise ValueError(f"gptq: the checkpoint's dynamic settings differ between the parts of the fused layer "
+                             f"{shape.prefix} ({', '.join(names)}); Inferneo runs a fused layer in one format")
+        if rules[0] is None:
+            return self.scheme
+        pattern, settings = rules[0]
+        if pattern.startswith("-:"):
+            return None
+        unknown = set(settings) - {"bits", "group_size", "desc_act", "sym"}
+        if unknown:
+            raise ValueError(f"gptq: dynamic {pattern!r} overrides {', '.join(sorted(unknown))} for {shape.prefix}; "
+                             f"supported: bits (4), group_size, desc_act, sym")
+        _bits({"bits": settings.get("bits", 4)}, f"gptq ({shape.prefix}, dynamic {pattern!r})")
+        return replace(self.scheme, group_size=int(settings.get("group_size", self.scheme.group_size)),
+                       desc_act=bool(settings.get("desc_act", self.scheme.desc_act)))

@@ -133,7 +133,8 @@ def quantization_config(layout: Layout, group_size: int, symmetric: bool, desc_a
 
 def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layout: Layout, group_size: int = 32,
                           symmetric: bool = False, desc_act: bool = False, seed: int = 0,
-                          lm_head: bool = False, not_converted: Sequence[str] = ()) -> tuple[Path, Path]:
+                          lm_head: bool = False, not_converted: Sequence[str] = (),
+                          group_sizes: dict[str, int] | None = None) -> tuple[Path, Path]:
     """Quantize ``source``'s (a one-file safetensors HF checkpoint) decoder linears and write the ``layout``
     checkpoint to ``quantized`` and the de-quantized float32 one to ``dequantized``; returns both paths.
 
@@ -142,7 +143,9 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
     ``g_idx`` as act-order does. ``symmetric``: zero point 8 (AWQ: ``zero_point: false``, no ``qzeros``).
     ``lm_head`` (GPTQ, compressed-tensors): quantize the (untied) LM head as well. ``not_converted``: modules
     whose HF name contains one of these strings stay full precision (AWQ / GPTQ ``modules_to_not_convert``; for
-    compressed-tensors, add them to ``ignore`` yourself)."""
+    compressed-tensors, add them to ``ignore`` yourself). ``group_sizes``: regular expression (matched from the
+    start of the HF module name) -> that module's group size, the first match winning (as GPTQModel's ``dynamic``
+    writes them; the config's ``dynamic`` is left to the caller)."""
     from safetensors.torch import load_file, save_file
 
     if desc_act and layout == "awq":
@@ -163,7 +166,8 @@ def write_int4_checkpoint(source: Path, quantized: Path, dequantized: Path, layo
             quant[name] = ref[name] = tensor
             continue
         in_features = tensor.shape[1]
-        group = in_features if group_size == -1 else group_size
+        module_group = next((g for pattern, g in (group_sizes or {}).items() if re.match(pattern, name)), group_size)
+        group = in_features if module_group == -1 else module_group
         g_idx = torch.arange(in_features) // group
         if desc_act:
             g_idx = g_idx[torch.randperm(in_features, generator=gen)]
