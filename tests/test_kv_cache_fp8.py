@@ -254,6 +254,8 @@ def test_checkpoint_kv_scale_names():
         ("model.layers.1.self_attn.v_proj.v_scale", torch.tensor(4.0)),
         ("model.layers.2.self_attn.k_proj.output_scale", torch.tensor(5.0)),
         ("model.layers.2.self_attn.v_proj.output_scale", torch.tensor(6.0)),
+        ("model.layers.4.self_attn.qkv_proj.k_scale", torch.tensor(10.0)),  # fused q/k/v (Phi-3)
+        ("model.layers.4.self_attn.qkv_proj.v_scale", torch.tensor(11.0)),
         ("model.layers.0.self_attn.k_proj.weight_scale", torch.tensor(7.0)),
         ("model.layers.0.self_attn.k_proj.weight", torch.zeros(2, 2)),
     ]
@@ -262,7 +264,8 @@ def test_checkpoint_kv_scale_names():
     assert kept == ["model.layers.0.self_attn.k_proj.weight_scale", "model.layers.0.self_attn.k_proj.weight"]
     assert {layer: {k: float(v) for k, v in found.layer_scales(layer).items()} for layer in found.scales} == {
         "layers.0.self_attn": {"k": 1.0, "v": 2.0}, "layers.1.self_attn": {"k": 3.0, "v": 4.0},
-        "layers.2.self_attn": {"k": 5.0, "v": 6.0}, "layers.3.self_attn": {"k": 8.0, "v": 8.0}}
+        "layers.2.self_attn": {"k": 5.0, "v": 6.0}, "layers.3.self_attn": {"k": 8.0, "v": 8.0},
+        "layers.4.self_attn": {"k": 10.0, "v": 11.0}}
     scales = KVCacheScales.ones(2, torch.device("cpu"))
     with pytest.raises(ValueError, match="1 or 2"):
         scales.set("k", torch.ones(3))

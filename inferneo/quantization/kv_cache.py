@@ -9,7 +9,8 @@ one value; per head: one value per KV head):
 
 * ``<layer>.self_attn.k_scale`` and ``<layer>.self_attn.v_scale``;
 * ``<layer>.self_attn.kv_scale`` (older checkpoints: one scale for both);
-* ``<layer>.self_attn.k_proj.k_scale`` / ``<layer>.self_attn.v_proj.v_scale`` (NVIDIA ModelOpt);
+* ``<layer>.self_attn.k_proj.k_scale`` / ``<layer>.self_attn.v_proj.v_scale`` (NVIDIA ModelOpt), and
+  ``<layer>.self_attn.qkv_proj.k_scale`` / ``.v_scale`` for models that store q/k/v fused (Phi-3; vLLM reads them);
 * ``<layer>.self_attn.k_proj.output_scale`` / ``<layer>.self_attn.v_proj.output_scale`` (older
   compressed-tensors).
 
@@ -39,8 +40,8 @@ FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 # checkpoint name -> (attention module name, which scales it sets: "k", "v" or "kv")
 _SCALE_NAME = re.compile(r"^(?:model\.)?(?P<module>.+\.self_attn)\.(?:"
-                         r"(?P<k>k_scale|k_proj\.k_scale|k_proj\.output_scale)|"
-                         r"(?P<v>v_scale|v_proj\.v_scale|v_proj\.output_scale)|"
+                         r"(?P<k>k_scale|k_proj\.k_scale|qkv_proj\.k_scale|k_proj\.output_scale)|"
+                         r"(?P<v>v_scale|v_proj\.v_scale|qkv_proj\.v_scale|v_proj\.output_scale)|"
                          r"(?P<kv>kv_scale))$")
 
 
