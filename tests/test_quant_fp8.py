@@ -471,6 +471,22 @@ def test_unsupported_compressed_tensors_schemes_are_refused(qcfg, message):
     assert "supported: float-quantized" in str(info.value) and "pack-quantized" in str(info.value)
 
 
+@pytest.mark.parametrize("qcfg, message", [
+    (_ct(FP8_W, FP8_TOKEN) | {"sparsity_config": {
+        "format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"],
+        "global_sparsity": 0.5}}, r"sparse weights \(sparsity_config format 'sparse-24-bitmask'\)"),
+    (_ct(FP8_W, FP8_TOKEN) | {"transform_config": {"config_groups": {"R1": {"type": "hadamard", "apply": []}}}},
+     r"transform_config \(rotations applied at run time"),
+])
+def test_compressed_tensors_sparsity_and_transforms_are_refused(qcfg, message):
+    # Ignoring them loads 2:4 bitmask tensors as dense ones (or fails on their names) and runs rotated weights
+    # without their activation rotations: wrong output.
+    with pytest.raises(ValueError, match=message):
+        CompressedTensorsConfig.from_hf(qcfg)
+    dense = dict(qcfg, sparsity_config={"format": "dense"}, transform_config={})
+    assert CompressedTensorsConfig.from_hf(dense).groups
+
+
 def test_compressed_tensors_targets_and_ignore_patterns():
     qcfg = _ct(FP8_W, FP8_TOKEN)
     qcfg["config_groups"]["group_0"]["targets"] = ["re:.*self_attn\\..*_proj$"]

@@ -123,6 +123,22 @@ def _group_method(group: str, spec: dict[str, Any], default_format: str | None) 
     raise _unsupported(group, f"format {fmt!r} with {kind}{bits} weights")
 
 
+def _refuse_weight_transforms(quantization_config: dict[str, Any]) -> None:
+    """Raise ValueError for what changes the weights beyond the quantization groups: a sparse storage format
+    (``sparsity_config`` other than ``dense``: 2:4 bitmask or packed tensors) and ``transform_config`` rotations
+    (QuIP, SpinQuant: Hadamard matrices applied to the activations at run time)."""
+    sparsity = quantization_config.get("sparsity_config") or {}
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") not in ("dense", None):
+        raise ValueError(f"compressed-tensors checkpoint: sparse weights (sparsity_config format "
+                         f"{sparsity.get('format')!r}) are not supported; supported: dense weights with "
+                         f"{SUPPORTED}")
+    transform = quantization_config.get("transform_config") or {}
+    if isinstance(transform, dict) and transform.get("config_groups"):
+        raise ValueError(f"compressed-tensors checkpoint: transform_config (rotations applied at run time, as QuIP "
+                         f"and SpinQuant write them: groups {', '.join(transform['config_groups'])}) is not supported; "
+                         f"supported: {SUPPORTED}")
+
+
 class CompressedTensorsConfig(QuantConfig):
     """A compressed-tensors checkpoint's quantization: its groups (:class:`QuantGroup`) and ``ignore`` list."""
 
@@ -143,6 +159,7 @@ class CompressedTensorsConfig(QuantConfig):
         """Parse ``config_groups`` (``targets``, ``weights``, ``input_activations``, optional per-group
         ``format``), ``ignore`` and ``format``; raises ValueError naming what is supported for other schemes."""
         fmt = quantization_config.get("format")
+        _refuse_weight_transforms(quantization_config)
         groups_spec = quantization_config.get("config_groups")
         if not isinstance(groups_spec, dict) or not groups_spec:
             raise ValueError("compressed-tensors checkpoint: quantization_config has no config_groups")
