@@ -330,3 +330,17 @@ def test_without_the_parser_the_tags_stay_in_the_content(scripted_dir):
     message = r["choices"][0]["message"]
     assert message["content"] == "<think> they are there</think> The capital and" and "reasoning" not in message
     assert "completion_tokens_details" not in r["usage"]
+
+
+def test_inferneo_client_reads_the_thinking(server):
+    """Inferneo's own client types the fields: message and delta ``reasoning``, ``reasoning_tokens``."""
+    from inferneo import InferneoClient
+
+    with InferneoClient(server.url(""), max_retries=0) as inferneo_client:
+        r = inferneo_client.chat.completions.create(model="think", messages=USER, max_tokens=40, temperature=0)
+        assert r.choices[0].message.reasoning == r.choices[0].message.reasoning_content == THINKING
+        assert r.choices[0].message.content == ANSWER and r.usage.completion_tokens_details.reasoning_tokens == 5
+        pieces = [(c.choices[0].delta.reasoning or "", c.choices[0].delta.content or "")
+                  for c in inferneo_client.chat.completions.create(model="think", messages=USER, max_tokens=40,
+                                                                   temperature=0, stream=True) if c.choices]
+    assert "".join(p[0] for p in pieces) == THINKING and "".join(p[1] for p in pieces) == ANSWER

@@ -51,6 +51,13 @@ class PromptTokensDetails(_Model):
     cached_tokens: int | None = None
 
 
+class CompletionTokensDetails(_Model):
+    """``reasoning_tokens``: how many completion tokens a reasoning model spent thinking (with a server's
+    ``--reasoning-parser``)."""
+
+    reasoning_tokens: int | None = None
+
+
 class CompletionUsage(_Model):
     """Token counts of one call (all its choices together)."""
 
@@ -58,6 +65,7 @@ class CompletionUsage(_Model):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 # ---- completions -------------------------------------------------------------------------------------------------
@@ -132,12 +140,15 @@ class ChatCompletionMessageToolCall(_Model):
 class ChatCompletionMessage(_Model):
     """The assistant's answer: its ``content``, or the ``tool_calls`` it makes (then ``finish_reason`` is
     ``"tool_calls"`` and ``content`` is usually ``None``). ``refusal`` is OpenAI's field for a declined
-    structured answer; Inferneo never sets it."""
+    structured answer; Inferneo never sets it. ``reasoning`` (also sent as ``reasoning_content``) is a reasoning
+    model's thinking, returned apart by a server started with ``--reasoning-parser``."""
 
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ChatCompletionMessageToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionChoice(_Model):
@@ -180,13 +191,15 @@ class ChoiceDeltaToolCall(_Model):
 
 
 class ChoiceDelta(_Model):
-    """What one chunk adds to a streamed answer: the role first, then pieces of ``content`` or of
-    ``tool_calls``."""
+    """What one chunk adds to a streamed answer: the role first, then pieces of ``reasoning`` (a reasoning model's
+    thinking, also sent as ``reasoning_content``), ``content`` or ``tool_calls``."""
 
     role: str | None = None
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ChoiceDeltaToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionChunkChoice(_Model):
