@@ -44,3 +44,18 @@ def test_engine_options_are_checked():
         EngineConfig(quantization="int3")
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(kv_cache_dtype="int8")
+
+
+def test_a_shard_off_the_format_groups_is_named_by_what_is_off():
+    """Qwen3-like q/k/v of 192 + 64 + 64 rows in 128-row FP8 blocks: q ends (and k starts) at row 192, mid-block."""
+    import torch
+    from torch import nn
+
+    from inferneo.quantization.base import LinearShape, row_shard_loader
+
+    load = row_shard_loader(LinearShape("layers.0.self_attn.qkv_proj", 256, (192, 64, 64)), 0, (1, 128))
+    param = nn.Parameter(torch.zeros(3, 2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"shard 0\): its size \(192 output rows\) is not a whole number"):
+        load(param, torch.ones(2, 2), 0)
+    with pytest.raises(ValueError, match=r"shard 1\): its offset in the fused layer \(192 output rows\)"):
+        load(param, torch.ones(1, 2), 1)

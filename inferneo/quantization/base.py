@@ -141,9 +141,10 @@ def row_shard_loader(shape: LinearShape, dim: int, per_row: Sequence[int] = (1, 
     """
     num, den = per_row
 
-    def scaled(rows: int, what: str) -> int:
+    def scaled(rows: int, what: str, kind: str) -> int:
         if (rows * num) % den:
-            raise ValueError(f"{what}: {rows} output rows do not divide into the format's groups of {den}")
+            raise ValueError(f"{what}: its {kind} ({rows} output rows) is not a whole number of the format's groups "
+                             f"of {den} rows (a fused layer's shards must start and end on a group)")
         return rows * num // den
 
     def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
@@ -151,8 +152,8 @@ def row_shard_loader(shape: LinearShape, dim: int, per_row: Sequence[int] = (1, 
         if shard is None:
             _check_and_copy(param.data, tensor, what)
             return
-        start = scaled(shape.shard_offset(shard), what)
-        size = scaled(shape.output_sizes[shard], what)
+        start = scaled(shape.shard_offset(shard), what, "offset in the fused layer")
+        size = scaled(shape.output_sizes[shard], what, "size")
         _check_and_copy(param.data.narrow(dim, start, size), tensor, what)
 
     return load
