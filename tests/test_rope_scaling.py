@@ -200,3 +200,20 @@ def test_phi3_longrope_long_factors_match_hf(tiny_checkpoint_factory):
     # short prompts too, where Hugging Face would use the short ones.
     cut = [p[:40] for p in prompts]
     assert run_engine(llm, cut) != [hf_greedy(path, p) for p in cut]
+
+
+@pytest.mark.parametrize("where", ["top", "rope_scaling", "rope_parameters", "per_layer_type"])
+def test_partial_rotary_embeddings_are_refused_for_every_family(where):
+    """No model here rotates part of a head: a config asking for it is refused wherever it says so, never served
+    with whole-head rotary; a factor of 1 is whole heads."""
+    from inferneo.model_executor.models.llama import LlamaForCausalLM
+
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 512, "architectures": ["LlamaForCausalLM"]}
+    partial = {"partial_rotary_factor": 0.5}
+    placed = {"top": partial, "rope_scaling": {"rope_scaling": {"rope_type": "default", **partial}},
+              "rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, **partial}},
+              "per_layer_type": {"rope_parameters": {"full_attention": {"rope_type": "default", **partial}}}}[where]
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM with partial_rotary_factor 0.5 is not supported"):
+        LlamaForCausalLM.config_from_hf({**base, **placed})
+    assert LlamaForCausalLM.config_from_hf({**base, "partial_rotary_factor": 1.0}).num_heads == 4

@@ -86,6 +86,7 @@ class DecoderConfig:
         """
         if silu_mlp:
             check_silu_activation(cfg)
+        check_full_rotary(cfg)
         num_heads = cfg["num_attention_heads"]
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
@@ -120,6 +121,19 @@ def check_silu_activation(cfg: dict) -> None:
         architecture = ", ".join(cfg.get("architectures") or ()) or cfg.get("model_type", "this model")
         raise ValueError(f"{architecture} with hidden_act {activation!r} is not supported; supported: "
                          f"{', '.join(SILU_ACTIVATIONS)}")
+
+
+def check_full_rotary(cfg: dict) -> None:
+    """ValueError for a ``partial_rotary_factor`` other than 1 (rotary embeddings over part of each head), at the
+    top level or in ``rope_scaling`` / ``rope_parameters`` (per layer type too): every model here rotates whole
+    heads, and Hugging Face's Llama-style models either fail on such a config or rotate whole heads too."""
+    params = cfg.get("rope_parameters")
+    nested = [v for v in params.values() if isinstance(v, dict)] if isinstance(params, dict) else []
+    for source in (cfg, cfg.get("rope_scaling"), params, *nested):
+        if isinstance(source, dict) and float(source.get("partial_rotary_factor") or 1.0) != 1.0:
+            architecture = ", ".join(cfg.get("architectures") or ()) or cfg.get("model_type", "this model")
+            raise ValueError(f"{architecture} with partial_rotary_factor {source['partial_rotary_factor']} is not "
+                             "supported (rotary embeddings over whole heads only)")
 
 
 class Attention(nn.Module):

@@ -22,11 +22,9 @@ _PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's original_max_position_embeddings w
 
 def _phi3_rope_scaling(cfg: dict) -> dict | None:
     """Phi-3's rope scaling as transformers' Phi3Config reads it: ``su`` and ``yarn`` mean LongRoPE, and its
-    top-level ``original_max_position_embeddings`` (4096 when absent) wins. Partial rotary embeddings are refused."""
+    top-level ``original_max_position_embeddings`` (4096 when absent) wins. Partial rotary embeddings are refused
+    (``DecoderConfig.from_hf``)."""
     params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
-    for source in (cfg, cfg.get("rope_scaling") or {}, params):
-        if float(source.get("partial_rotary_factor") or 1.0) != 1.0:
-            raise ValueError("Phi-3 with partial_rotary_factor != 1.0 is not supported")
     scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
     if rope_type_of(scaling) in _LONGROPE_NAMES:
         scaling = {**scaling, "rope_type": "longrope"}
