@@ -472,6 +472,23 @@ def test_random_sampling_keeps_its_distribution(engines, monkeypatch):
     assert max(b - r for b, r in zip(broken, reference, strict=True)) > 0.2, (broken, reference)
 
 
+def test_seeded_sampling_draws_as_plain_decoding_does(engines):
+    """A seeded request's rows past a rejected draft drew noise from its generator too; the generator is rewound
+    to the kept rows, so its ``k``-th token always uses the ``k``-th draw: seeded outputs equal plain decoding's,
+    whatever drafts the request (or, through ``disable_by_batch_size`` and the step's budget, its batch) got."""
+    plain, spec = engines
+    prompts = pattern_prompts(6, seed=31)
+    params = [SamplingParams(temperature=2.0, top_k=40, max_tokens=30, seed=5 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    stats = spec.engine.core.stats
+    drafts, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+    want = generate_ids(plain, prompts, params)
+    assert generate_ids(spec, prompts[:1], params[:1]) == want[:1]  # alone
+    assert generate_ids(spec, prompts, params) == want  # in a batch
+    drafts, accepted = stats.num_draft_tokens - drafts, stats.num_accepted_tokens - accepted
+    assert accepted > 20 and drafts - accepted > 20, (drafts, accepted)  # drafts kept, and drafts rejected
+
+
 # ---- the server ------------------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
+import torch
+
 from inferneo.engine.prompt_logprobs import PromptLogprobsCollector, collect_step_scores
 from inferneo.engine.protocol import CoreOutput, EngineSnapshot, FailureKind, RequestFailure
 from inferneo.engine.request import Request, RequestStatus
@@ -19,6 +21,7 @@ from inferneo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutp
 from inferneo.pooling.config import PoolingConfig
 from inferneo.pooling.pooler import finish_embedding, fold_partial
 from inferneo.sampling.metadata import min_tokens_banned
+from inferneo.sampling.ops import rewind_seeded_generator
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig
 from inferneo.spec_decode.ngram import NgramProposer
@@ -105,6 +108,8 @@ class EngineCore:
         if speculative is not None:
             if async_scheduling or pipeline_depth > 1:
                 raise ValueError("speculative decoding needs synchronous scheduling and no pipeline parallelism")
+            if self.vocab_size <= 0:  # a seeded request's generator is rewound by whole rows of vocab_size draws
+                raise ValueError("speculative decoding needs the model's vocab_size")
             self.proposer = NgramProposer(speculative)
             scheduler.propose_drafts = self._propose_drafts
 
@@ -308,7 +313,7 @@ class EngineCore:
         if len(result.sampled_token_ids) != num_rows:
             raise RuntimeError(f"the runner sampled {len(result.sampled_token_ids)} tokens for {num_rows} rows")
         row = 0
-        for request, drafts in zip(sampled, plan.drafts, strict=True):
+        for index, (request, drafts) in enumerate(zip(sampled, plan.drafts, strict=True)):
             first, row = row, row + 1 + len(drafts)
             if request.is_finished:  # finished (or aborted) on an earlier token while this step ran
                 continue
@@ -319,6 +324,9 @@ class EngineCore:
             if drafts:
                 kept = accepted_prefix(drafts, kept)
                 request.speculation.record(len(drafts), len(kept) - 1)
+                state = plan.generator_states.get(index)
+                if state is not None and len(kept) <= len(drafts):  # rows past a rejected draft drew noise too
+                    rewind_seeded_generator(request.generator, state, self.vocab_size, len(kept))
                 stats.num_draft_tokens += len(drafts)
                 stats.num_accepted_tokens += len(kept) - 1
             status = stop_reason = None
@@ -406,6 +414,7 @@ class EngineCore:
         pooled: list[_PooledChunk] = []
         scored: list[tuple[PromptLogprobsCollector, int]] = []
         drafts: list[list[int]] = []
+        generator_states: dict[int, torch.Tensor] = {}
         num_rows = 0  # sampled rows so far (a request with drafts has one per position it verifies)
         for item in sorted(sched.scheduled, key=_runner_order):
             request, num_new = item.request, item.num_new_tokens
@@ -428,6 +437,8 @@ class EngineCore:
                 if request.grammar is not None:  # never drafted: one row each
                     constrained.append(ConstrainedRow(num_rows, request.grammar, request.output_token_ids,
                                                       request.pending_sample))
+                if item.draft_token_ids and request.generator is not None and not request.sampling_params.greedy:
+                    generator_states[len(sampled)] = request.generator.get_state()
                 sampled.append(request)
                 drafts.append(item.draft_token_ids)
                 num_rows += 1 + len(item.draft_token_ids)
@@ -436,7 +447,7 @@ class EngineCore:
             previous_tokens = (lambda: previous.resolve().sampled_token_ids) if previous is not None else None
             record.bitmask = StepBitmask(constrained, self.vocab_size, previous_tokens, self.stats.grammar,
                                          self.grammars.matcher_batch, meanwhile)
-        return _StepPlan(record, sampled, drafts, pooled, scored)
+        return _StepPlan(record, sampled, drafts, pooled, scored, generator_states)
 
 
 def _runner_order(item: ScheduledRequest) -> int:
@@ -488,6 +499,9 @@ class _StepPlan:
     drafts: list[list[int]]  # each sampled request's draft tokens ([] for most): it has 1 + len(drafts) rows
     pooled: list[_PooledChunk] = field(default_factory=list)
     scored: list[tuple[PromptLogprobsCollector, int]] = field(default_factory=list)
+    # Seeded random requests with drafts, by index in ``sampled``: their generator's state before the step, to
+    # rewind it past the rows of rejected drafts (``rewind_seeded_generator``).
+    generator_states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

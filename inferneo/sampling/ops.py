@@ -145,6 +145,28 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, _NEG_INF)
 
 
+def draw_seeded_uniforms(generator: torch.Generator, vocab_size: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """A seeded row's noise for one :func:`exponential_race`: ``vocab_size`` float32 uniforms (on CPU) from the
+    row's own generator. It is the only draw a sampled row makes from its generator, so a request's generator
+    that has sampled ``k`` rows is exactly ``k`` of these draws past its seed."""
+    return torch.rand(vocab_size, generator=generator, out=out)
+
+
+def rewind_seeded_generator(generator: torch.Generator, state: torch.Tensor, vocab_size: int,
+                            num_rows: int) -> None:
+    """Put ``generator`` where sampling ``num_rows`` seeded rows would have left it, starting from ``state``
+    (its ``get_state()`` from before).
+
+    Speculative decoding samples a row per draft, but a request keeps only the tokens up to the first rejected
+    draft: rewinding to the kept rows makes the ``k``-th output token always use the ``k``-th draw, so a seeded
+    request samples what it would without speculation, whatever drafts it (or the batch it ran in) was given.
+    """
+    generator.set_state(state)
+    for _ in range(num_rows):
+        draw_seeded_uniforms(generator, vocab_size)
+
+
 def exponential_race(probs: torch.Tensor, seeded_rows: list[int], generators: list[torch.Generator],
                      draw_unseeded: bool = True,
                      argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -167,7 +189,7 @@ def exponential_race(probs: torch.Tensor, seeded_rows: list[int], generators: li
         on_cuda = probs.device.type == "cuda"
         u = torch.empty(len(seeded_rows), vocab_size, dtype=torch.float32, pin_memory=on_cuda)
         for i, g in enumerate(generators):
-            torch.rand(vocab_size, generator=g, out=u[i])
+            draw_seeded_uniforms(g, vocab_size, out=u[i])
         rows = torch.tensor(seeded_rows, dtype=torch.int64, pin_memory=on_cuda)
         u = u.to(probs.device, non_blocking=True)
         q[rows.to(probs.device, non_blocking=True)] = u.log_().neg_().to(q.dtype)
