@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="split a reasoning model's thinking (<think> ... </think>) from its answers: returned as "
                    "'reasoning' (and 'reasoning_content'), with tool calls and structured output applied to the "
-                   "answer after it (qwen3, deepseek_r1, deepseek_v3; default: not split)")
+                   "answer after it (qwen3, deepseek_r1, deepseek_v3); openai_gptoss reads gpt-oss's harmony channels "
+                   "(analysis: reasoning; final: content; to=functions.NAME: tool calls) (default: not split)")
     g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")

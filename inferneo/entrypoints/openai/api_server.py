@@ -222,8 +222,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     logger.info("tool calls of tool_choice 'auto' answers: %s", ctx.tool_parser.__name__ if ctx.tool_parser
                 else "not parsed (left in content)")
     if ctx.reasoning is not None:
-        logger.info("reasoning: %s (%s ... %s) returned apart as 'reasoning'", ctx.reasoning.name,
-                    ctx.reasoning.format.start, ctx.reasoning.format.end)
+        logger.info("reasoning: %s (%s) returned apart as 'reasoning'", ctx.reasoning.name,
+                    ctx.reasoning.describe())
     logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
                 " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),

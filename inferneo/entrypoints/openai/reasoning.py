@@ -10,14 +10,20 @@ prompt (DeepSeek-R1's ``<think>\\n``, Qwen3 thinking models) leaves the output i
 open it with its first token (Qwen3's hybrid models) or answer at once (``enable_thinking: false`` renders a closed,
 empty block into the prompt). An unclosed block at the end is all thinking. Whitespace around the thinking, and
 between it and the answer, is dropped.
+
+gpt-oss (``openai_gptoss``) writes OpenAI's harmony format instead: channels of messages between special tokens,
+its tool calls among them (:mod:`.harmony`). :func:`reasoning_for_tokenizer` gives either kind of parser; both have
+the :class:`ReasoningParser` interface the chat and Responses paths use.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.entrypoints.openai.tool_parsers.base import ToolCallPiece
 from inferneo.sampling_params import ReasoningSpan
 
 
@@ -29,13 +35,72 @@ class ThinkingFormat:
     end: str
 
 
+@dataclass(frozen=True, slots=True)
+class HarmonyFormat:
+    """OpenAI's harmony format (gpt-oss): the special tokens its messages are made of."""
+
+    markers: tuple[str, ...] = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
+                                "<|return|>", "<|call|>")
+
+
 _THINK_TAGS = ThinkingFormat("<think>", "</think>")
-REASONING_PARSERS: dict[str, ThinkingFormat] = {
+REASONING_PARSERS: dict[str, ThinkingFormat | HarmonyFormat] = {
     "qwen3": _THINK_TAGS,
     "deepseek_r1": _THINK_TAGS,
     "deepseek_v3": _THINK_TAGS,
+    "openai_gptoss": HarmonyFormat(),
 }
 """The names ``--reasoning-parser`` takes (vLLM's), and the format each reads."""
+
+
+
+class AnswerSplitter(Protocol):
+    """Splits one answer's text, piece by piece, into thinking, content (and, for harmony, tool calls)."""
+
+    def feed(self, text: str) -> ReasoningPiece: ...
+
+    def finish(self) -> ReasoningPiece: ...
+
+    def split_all(self, text: str) -> ReasoningPiece: ...
+
+
+class TokenCounter(Protocol):
+    """Counts an answer's thinking tokens as they come."""
+
+    count: int
+
+    def add(self, token_ids: list[int]) -> None: ...
+
+
+class ReasoningParser(Protocol):
+    """What ``--reasoning-parser`` gives the serving paths: ``ReasoningMarkers`` (think tags) or
+    ``harmony.HarmonyMarkers`` (gpt-oss)."""
+
+    name: str
+    keeps_special_tokens: bool  # the answers' text must keep special tokens (the format's markers are ones)
+    carries_calls: bool  # the splitter hands out the tool calls (no tool-call parser reads them)
+
+    def describe(self) -> str: ...
+
+    def opens(self, tokenizer, prompt_ids: list[int]) -> bool: ...
+
+    def span(self, open_at_start: bool) -> ReasoningSpan | None: ...
+
+    def splitter(self, open_at_start: bool) -> AnswerSplitter: ...
+
+    def token_counter(self, open_at_start: bool) -> TokenCounter: ...
+
+
+def reasoning_for_tokenizer(name: str, tokenizer) -> ReasoningParser:
+    """The parser ``--reasoning-parser name`` names, in ``tokenizer``'s vocabulary; ``ValueError`` when the name is
+    unknown or the vocabulary lacks the format's markers."""
+    fmt = REASONING_PARSERS.get(name)
+    if isinstance(fmt, HarmonyFormat):
+        from inferneo.entrypoints.openai.harmony import HarmonyMarkers
+
+        return HarmonyMarkers.for_tokenizer(name, fmt, tokenizer)
+    return ReasoningMarkers.for_tokenizer(name, tokenizer)
+
 
 _PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens read for an open block (the start marker and whitespace after it)
 
@@ -48,6 +113,8 @@ class ReasoningMarkers:
     format: ThinkingFormat
     start_id: int
     end_id: int
+    keeps_special_tokens = False
+    carries_calls = False
 
     @classmethod
     def for_tokenizer(cls, name: str, tokenizer) -> ReasoningMarkers:
@@ -57,6 +124,8 @@ class ReasoningMarkers:
         if name not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; got {name!r}")
         fmt = REASONING_PARSERS[name]
+        if not isinstance(fmt, ThinkingFormat):
+            raise ValueError(f"reasoning parser {name!r} does not read think tags (see reasoning_for_tokenizer)")
         vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
         missing = [marker for marker in (fmt.start, fmt.end) if marker not in vocab]
         if missing:
@@ -68,6 +137,10 @@ class ReasoningMarkers:
             raise ValueError(f"reasoning parser {name!r} reads {' and '.join(repr(m) for m in skipped)} in the "
                              "answer's text, and this tokenizer marks them special tokens, which the text leaves out")
         return cls(name, fmt, vocab[fmt.start], vocab[fmt.end])
+
+    def describe(self) -> str:
+        """The format, for the server's start-up log."""
+        return f"{self.format.start} ... {self.format.end}"
 
     def opens(self, tokenizer, prompt_ids: list[int]) -> bool:
         """Whether the prompt ends inside an open block (the template opened it for the answer)."""
@@ -110,14 +183,16 @@ class ThinkingTokenCounter:
 
 @dataclass(slots=True)
 class ReasoningPiece:
-    """What a piece of an answer's text turned into: thinking, and answer text."""
+    """What a piece of an answer's text turned into: thinking, answer text, and (harmony) pieces of tool calls."""
 
     reasoning: str = ""
     content: str = ""
+    calls: list[ToolCallPiece] = field(default_factory=list)
 
     def add(self, other: ReasoningPiece) -> None:
         self.reasoning += other.reasoning
         self.content += other.content
+        self.calls.extend(other.calls)
 
 
 class _State(enum.Enum):

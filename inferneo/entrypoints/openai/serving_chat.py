@@ -21,7 +21,7 @@ from inferneo.entrypoints.openai.completion_scoring import finite
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
-from inferneo.entrypoints.openai.reasoning import ReasoningMarkers, ReasoningSplitter, ThinkingTokenCounter
+from inferneo.entrypoints.openai.reasoning import AnswerSplitter, ReasoningParser, TokenCounter
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
@@ -42,6 +42,8 @@ from inferneo.entrypoints.openai.tool_parsers import (
     ParsedPiece,
     RequiredCallsParser,
     ToolCallParser,
+    ToolCallPiece,
+    calls_of,
     parse_all,
 )
 from inferneo.outputs import Logprob
@@ -57,12 +59,15 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
 
 
 def tool_parser_for(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallParser | None:
-    """A fresh parser for one choice's answer, or None when its text is all content."""
+    """A fresh parser for one choice's answer, or None when its text is all content (or, with a reasoning parser
+    that hands out the calls itself, harmony's, when there is nothing else to read)."""
     mode = req.tool_mode()
     if mode == "named":
         return NamedFunctionParser(req.named_tool())
     if mode == "required":
         return RequiredCallsParser()
+    if ctx.reasoning is not None and ctx.reasoning.carries_calls:
+        return None
     if mode == "auto" and ctx.tool_parser is not None:
         return ctx.tool_parser()
     return None
@@ -131,6 +136,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
             constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
         params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i)
+        if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads them
+            params.skip_special_tokens = params.spaces_between_special_tokens = False
         requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
     try:
         group = engine.submit(requests, param=param)
@@ -144,7 +151,7 @@ class _Chat:
 
     def __init__(self, request_id: str, req: ChatCompletionRequest, started: StartedChat,
                  new_parser: Callable[[], ToolCallParser | None], token_bytes: Callable[[int, str], list[int]],
-                 reasoning: ReasoningMarkers | None) -> None:
+                 reasoning: ReasoningParser | None) -> None:
         self.new_parser = new_parser
         self.reasoning = reasoning
         self.thinking_open = started.thinking_open or ()
@@ -169,14 +176,14 @@ class _Chat:
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": self._logprobs(choice)}
-                text, reasoning = choice.text, None
+                text, reasoning, split_calls = choice.text, None, []
                 if self.reasoning is not None:
                     counter = self.reasoning.token_counter(self.thinking_open[i])
                     counter.add(choice.token_ids)
                     reasoning_tokens += counter.count
                     split = self.reasoning.splitter(self.thinking_open[i]).split_all(text)
-                    text, reasoning = split.content, split.reasoning
-                message, finish_reason = self._message(text, choice.finish_reason)
+                    text, reasoning, split_calls = split.content, split.reasoning, split.calls
+                message, finish_reason = self._message(text, choice.finish_reason, split_calls)
                 if self.reasoning is not None and self.req.include_reasoning:
                     message.update(_reasoning_fields(reasoning or None))
                 choices.append({
@@ -197,12 +204,15 @@ class _Chat:
         token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output)
         return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes)
 
-    def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """A whole answer as an assistant message (its tool calls split out), and its finish reason."""
+    def _message(self, text: str, finish_reason: str | None,
+                 split_calls: list[ToolCallPiece] | None = None) -> tuple[dict[str, Any], str | None]:
+        """A whole answer as an assistant message (its tool calls split out: by the tool parser, or already by the
+        reasoning parser, ``split_calls``), and its finish reason."""
         parser = self.new_parser()
-        if parser is None:
+        if parser is None and not split_calls:
             return {"role": "assistant", "content": text}, finish_reason
-        content, calls = parse_all(parser, text)
+        content, calls = parse_all(parser, text) if parser is not None else (text, [])
+        calls += calls_of(split_calls or [])
         if self.single_call:
             calls = calls[:1]
         if not calls:
@@ -227,7 +237,7 @@ class _Chat:
             return sse(payload)
 
         streams = {}
-        counters: dict[int, ThinkingTokenCounter] = {}
+        counters: dict[int, TokenCounter] = {}
         for key in range(self.num_conversations * n):
             splitter = None
             if self.reasoning is not None:
@@ -266,7 +276,7 @@ class _ToolCallStream:
     ``reasoning_content`` unless ``include_reasoning`` is off), ``content``, and ``tool_calls`` pieces whose first
     piece carries the call's id, type and name."""
 
-    def __init__(self, parser: ToolCallParser | None, single_call: bool, splitter: ReasoningSplitter | None = None,
+    def __init__(self, parser: ToolCallParser | None, single_call: bool, splitter: AnswerSplitter | None = None,
                  include_reasoning: bool = True) -> None:
         self.parser = parser
         self.single_call = single_call
@@ -277,20 +287,21 @@ class _ToolCallStream:
     def delta(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The delta for the next piece of text (the last piece when ``finish_reason`` is set)."""
         message: dict[str, Any] = {}
+        split_calls: list[ToolCallPiece] = []
         if self.splitter is not None:
             split = self.splitter.feed(text)
             if finish_reason is not None:
                 split.add(self.splitter.finish())
             if split.reasoning and self.include_reasoning:
                 message.update(_reasoning_fields(split.reasoning))
-            text = split.content
+            text, split_calls = split.content, split.calls
         if self.parser is None:
-            if text:
-                message["content"] = text
-            return message, finish_reason
-        parsed = self.parser.feed(text) if text else ParsedPiece()
-        if finish_reason is not None:
-            parsed.add(self.parser.finish())
+            parsed = ParsedPiece(text)
+        else:
+            parsed = self.parser.feed(text) if text else ParsedPiece()
+            if finish_reason is not None:
+                parsed.add(self.parser.finish())
+        parsed.calls.extend(split_calls)
         if parsed.content:
             message["content"] = parsed.content
         pieces = []

@@ -19,7 +19,7 @@ from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
-from inferneo.entrypoints.openai.reasoning import ReasoningMarkers
+from inferneo.entrypoints.openai.reasoning import ReasoningParser, reasoning_for_tokenizer
 from inferneo.entrypoints.openai.token_bytes import token_bytes_reader
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
 from inferneo.lora.registry import LoRARegistry
@@ -45,7 +45,9 @@ class ServerContext:
     calls of ``tool_choice: "auto"`` answers stay in ``content``), or None: the chat template decides
     (``default_parser_name``). ``tool_parser`` is the parser class that results, or None. ``reasoning_parser``
     is the ``--reasoning-parser`` flag (a name in ``reasoning.REASONING_PARSERS``, or None: answers are not split);
-    ``reasoning`` its markers in the model's vocabulary."""
+    ``reasoning`` that parser in the model's vocabulary (``reasoning.reasoning_for_tokenizer``). The ``openai``
+    tool-call parser goes only with the ``openai_gptoss`` reasoning parser (chosen by default for a harmony template
+    only then)."""
 
     engine: AsyncEngine
     served_model_names: list[str]
@@ -57,7 +59,7 @@ class ServerContext:
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
-    reasoning: ReasoningMarkers | None = field(init=False)
+    reasoning: ReasoningParser | None = field(init=False)
     # One thread: the tokenizer is used from one thread at a time (a fast tokenizer's state is not shared safely).
     tokenizer_thread: ThreadPoolExecutor = field(init=False)
     token_bytes: Callable[[int, str], list[int]] = field(init=False)  # a token's bytes, for chat logprobs
@@ -66,16 +68,22 @@ class ServerContext:
         self.defaults = self.engine.default_sampling_params()
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferneo-tokenizer")
         self.token_bytes = token_bytes_reader(self.tokenizer)
+        self.reasoning = (reasoning_for_tokenizer(self.reasoning_parser, self.tokenizer)
+                          if self.reasoning_parser is not None else None)
+        harmony = self.reasoning is not None and self.reasoning.carries_calls
         name = self.tool_call_parser
         if name is None:
             template = getattr(self.tokenizer, "chat_template", None)
             name = default_parser_name(template if isinstance(template, str) else str(template or ""))
+            if name == "openai" and not harmony:
+                name = None
         if name not in (None, "none", *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or 'none'; "
                              f"got {name!r}")
+        if name == "openai" and not harmony:
+            raise ValueError("tool_call_parser 'openai' reads gpt-oss's harmony calls, which the reasoning parser "
+                             "'openai_gptoss' splits out: give both")
         self.tool_parser = TOOL_CALL_PARSERS.get(name) if name else None
-        self.reasoning = (ReasoningMarkers.for_tokenizer(self.reasoning_parser, self.tokenizer)
-                          if self.reasoning_parser is not None else None)
 
     @property
     def tokenizer(self):

@@ -28,7 +28,7 @@ from inferneo.entrypoints.openai.protocol_responses import (
     ResponsesRequest,
     in_responses_terms,
 )
-from inferneo.entrypoints.openai.reasoning import ReasoningSplitter, ThinkingTokenCounter
+from inferneo.entrypoints.openai.reasoning import AnswerSplitter, TokenCounter
 from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     chat_logprobs,
@@ -45,7 +45,13 @@ from inferneo.entrypoints.openai.serving_common import (
     sse,
     text_tokens,
 )
-from inferneo.entrypoints.openai.tool_parsers import ParsedPiece, ToolCallParser, parse_all
+from inferneo.entrypoints.openai.tool_parsers import (
+    ParsedPiece,
+    ToolCallParser,
+    ToolCallPiece,
+    calls_of,
+    parse_all,
+)
 from inferneo.json_text import loads_bounded
 
 
@@ -105,7 +111,7 @@ class _Response:
     def new_parser(self) -> ToolCallParser | None:
         return tool_parser_for(self.ctx, self.chat)
 
-    def new_splitter(self) -> tuple[ReasoningSplitter, ThinkingTokenCounter] | None:
+    def new_splitter(self) -> tuple[AnswerSplitter, TokenCounter] | None:
         """With a reasoning parser: the answer's splitter into thinking and text, and its thinking-token count."""
         if self.reasoning is None:
             return None
@@ -151,6 +157,7 @@ class _Response:
         final = finals[0]
         choice = final.outputs[0]
         text, thinking, num_thinking = choice.text, "", 0
+        split_calls: list[ToolCallPiece] = []
         cut = choice.finish_reason == "length"
         output = []
         if (split := self.new_splitter()) is not None:
@@ -158,12 +165,13 @@ class _Response:
             counter.add(choice.token_ids)
             num_thinking = counter.count
             piece = splitter.split_all(text)
-            text, thinking = piece.content, piece.reasoning
+            text, thinking, split_calls = piece.content, piece.reasoning, piece.calls
             if thinking and self.chat.include_reasoning:
                 output.append(_reasoning_item(_item_id("rs"), thinking, "incomplete" if cut and not text
                                               else "completed"))
         parser = self.new_parser()
         content, calls = parse_all(parser, text) if parser is not None else (text, [])
+        calls += calls_of(split_calls)  # harmony's, read by the reasoning parser
         last = len(calls) - 1  # the call the answer ended in: the one a cut may have cut short
         calls = calls[:self.max_calls]
         if content or not (calls or self.forced_calls):
@@ -211,6 +219,7 @@ class _Response:
             if choice.finish_reason is not None:
                 finish_reason = choice.finish_reason
             text, thinking, logprobs = choice.text, "", self.logprobs(choice)
+            split_calls: list[ToolCallPiece] = []
             if split is not None:
                 splitter, counter = split
                 before = counter.count
@@ -220,12 +229,14 @@ class _Response:
                 if choice.finish_reason is not None:
                     piece.add(splitter.finish())
                 text, thinking = piece.content, piece.reasoning if self.chat.include_reasoning else ""
+                split_calls = piece.calls
             if parser is None:
                 parsed = ParsedPiece(content=text)
             else:
                 parsed = parser.feed(text) if text else ParsedPiece()
                 if choice.finish_reason is not None:
                     parsed.add(parser.finish())
+            parsed.calls.extend(split_calls)
             for event in stream.piece(parsed, logprobs, thinking):
                 yield event
         cut = finish_reason == "length"

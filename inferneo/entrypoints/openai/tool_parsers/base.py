@@ -88,10 +88,15 @@ def parse_all(parser: ToolCallParser, text: str) -> tuple[str, list[ParsedCall]]
     """A whole answer split into its content and its tool calls."""
     result = parser.feed(text)
     result.add(parser.finish())
+    return result.content, calls_of(result.calls)
+
+
+def calls_of(pieces: list[ToolCallPiece]) -> list[ParsedCall]:
+    """Whole calls from their pieces (numbered from 0, each call's first piece first)."""
     calls: list[ParsedCall] = []
-    for piece in result.calls:
+    for piece in pieces:
         if piece.index == len(calls):
             calls.append(ParsedCall(piece.name or "", piece.arguments))
         else:
             calls[piece.index].arguments += piece.arguments
-    return result.content, calls
+    return calls
