@@ -17,7 +17,7 @@ import pytest
 
 from inferneo.entrypoints.openai.harmony import HarmonyMarkers, HarmonySplitter, marker_tail, route_of
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS, reasoning_for_tokenizer
-from inferneo.entrypoints.openai.tool_parsers import calls_of
+from inferneo.entrypoints.openai.tool_parsers import calls_of, default_parser_name
 from inferneo.testing.scripted_models import ScriptedAnswer, make_context_scripted_checkpoint
 from inferneo.testing.server import RemoteServer
 from inferneo.testing.tiny_models import make_tiny_tokenizer
@@ -35,7 +35,8 @@ CALL_ANSWER = ScriptedAnswer(("weather?", *TAIL), (
 TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
 
 # ---- the splitter, alone -------------------------------------------------------------------------------------------
 
@@ -213,3 +214,49 @@ def test_responses_api_items(client):
                                           stream=True))
     final = events[-1].response
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Paris."
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_structured_output_applies_from_the_first_token(client, stream):
+    """A constraint makes the answer the constrained text, with no channels: all content."""
+    body = {"model": "oss", "messages": _ask("capital?"), "max_tokens": 40, "temperature": 0,
+            "extra_body": {"structured_outputs": {"regex": "(yes|no)"}}}
+    if not stream:
+        message = client.chat.completions.create(**body).choices[0].message
+        assert message.content in ("yes", "no") and message.reasoning is None
+        return
+    content = "".join(choice.delta.content or "" for chunk in client.chat.completions.create(**body, stream=True)
+                      for choice in chunk.choices)
+    assert content in ("yes", "no")
+
+
+def test_forced_tool_choice_is_read_from_the_plain_answer(client):
+    choice = client.chat.completions.create(model="oss", messages=_ask("capital?"), tools=[WEATHER],
+                                            tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                                            temperature=0).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Oslo", "Rome")
+
+
+def test_fixture_refuses_a_script_its_context_cannot_decide(tmp_path):
+    same_tail = ScriptedAnswer(("capital?", *TAIL), ("<|channel|>", "final", "<|return|>"))
+    other = ScriptedAnswer(("weather?", "capital?", *TAIL), ("<|channel|>", "analysis", "<|return|>"))
+    with pytest.raises(ValueError, match="not decided by the 5 tokens"):
+        make_context_scripted_checkpoint(tmp_path, [same_tail, other], added_tokens=WORDS, special_tokens=SPECIAL)
+    assert default_parser_name("<|start|>assistant<|channel|>final<|message|>") == "openai"
+
+
+def test_openai_tool_parser_needs_the_harmony_reasoning_parser():
+    from types import SimpleNamespace
+
+    from inferneo.entrypoints.openai.serving_common import ServerContext
+    from inferneo.sampling_params import SamplingParams
+
+    tokenizer = _harmony_tokenizer()
+    tokenizer.chat_template = "<|start|>assistant<|channel|>final<|message|>"
+    engine = SimpleNamespace(tokenizer=tokenizer, default_sampling_params=SamplingParams)
+    with pytest.raises(ValueError, match="reasoning parser 'openai_gptoss'"):
+        ServerContext(engine, ["m"], "m", tool_call_parser="openai")
+    assert ServerContext(engine, ["m"], "m").tool_parser is None  # the template's default needs it too
+    paired = ServerContext(engine, ["m"], "m", reasoning_parser="openai_gptoss")
+    assert paired.tool_parser is not None and paired.reasoning.carries_calls
