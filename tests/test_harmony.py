@@ -154,10 +154,11 @@ def test_the_fixture_repeats_tokens_exactly(harmony_dir):
     llm = LLM(str(harmony_dir), kv_cache_memory="16MiB", num_threads=1)
     params = SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False,
                             spaces_between_special_tokens=False)
-    outputs = llm.chat([_ask("capital?"), [{"role": "user", "content": "x y weather?"}]], params, use_tqdm=False)
+    long_prompt = [{"role": "user", "content": "ab <|channel|> cd analysis " * 150 + "weather?"}]
+    outputs = llm.chat([_ask("capital?"), long_prompt], params, use_tqdm=False)
     assert outputs[0].outputs[0].text == "".join(THINK_ANSWER.answer[:-1])
     assert outputs[1].outputs[0].text == "".join(CALL_ANSWER.answer[:-1])
-    assert [o.outputs[0].finish_reason for o in outputs] == ["stop", "stop"]
+    assert [o.outputs[0].finish_reason for o in outputs] == ["stop", "stop"] and len(outputs[1].prompt_token_ids) > 900
 
 
 def test_chat_splits_reasoning_and_content(client):

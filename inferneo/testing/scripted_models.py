@@ -5,6 +5,10 @@ writes it. A random model does not; this one does, whatever the prompt: its one 
 residual stream (zero output projections), so the hidden state is the last token's embedding, and its LM head maps
 each script token's embedding to the next script token. Every script token must be one token of the vocabulary
 and appear once, so that its successor is well defined.
+
+:func:`make_context_scripted_checkpoint` lifts that limit: its successors are read from the last few tokens (up to
+5), so a script may repeat tokens (harmony's ``<|start|>assistant<|channel|>`` between messages, say), and one
+checkpoint may hold several answers, each chosen by the prompt's last tokens.
 """
 
 from __future__ import annotations

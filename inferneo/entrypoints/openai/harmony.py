@@ -39,7 +39,9 @@ _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([^\s<]+)")
 _SEPARATOR = "\n"  # between two messages of one kind
 
 
-class _Kind(enum.Enum):
+class MessageKind(enum.Enum):
+    """Where a message's body goes."""
+
     REASONING = "reasoning"
     CONTENT = "content"
     CALL = "call"
@@ -56,7 +58,7 @@ class _State(enum.Enum):
 class MessageRoute:
     """Where a message's body goes: its kind, and for a call the function's name."""
 
-    kind: _Kind
+    kind: MessageKind
     name: str | None = None
 
 
@@ -66,11 +68,11 @@ def route_of(header: str) -> MessageRoute:
     recipient = _RECIPIENT.search(header)
     if recipient:
         name = recipient.group(1)
-        return MessageRoute(_Kind.CALL, name.removeprefix("functions."))
+        return MessageRoute(MessageKind.CALL, name.removeprefix("functions."))
     channel = _CHANNEL_NAME.search(header)
     if channel and channel.group(1) == "analysis":
-        return MessageRoute(_Kind.REASONING)
-    return MessageRoute(_Kind.CONTENT)
+        return MessageRoute(MessageKind.REASONING)
+    return MessageRoute(MessageKind.CONTENT)
 
 
 def marker_tail(text: str, markers: tuple[str, ...] = MARKERS) -> int:
@@ -91,10 +93,10 @@ class HarmonySplitter:
     def __init__(self) -> None:
         self.state = _State.START
         self.held = ""
-        self.route = MessageRoute(_Kind.CONTENT)
+        self.route = MessageRoute(MessageKind.CONTENT)
         self.num_calls = 0
         self._started = False  # the current message's body has given text
-        self._given: set[_Kind] = set()  # kinds that have text already (a later message is joined by a newline)
+        self._given: set[MessageKind] = set()  # kinds that have text already (a later message is joined by a newline)
 
     def feed(self, text: str) -> ReasoningPiece:
         """The thinking, content and call pieces that ``text`` (the next piece) completes."""
@@ -154,7 +156,7 @@ class HarmonySplitter:
         self.route = route_of(header)
         self.state = _State.BODY
         self._started = False
-        if self.route.kind is _Kind.CALL:
+        if self.route.kind is MessageKind.CALL:
             out.calls.append(ToolCallPiece(self.num_calls, self.route.name))
             self.num_calls += 1
 
@@ -163,14 +165,14 @@ class HarmonySplitter:
         if not text:
             return
         kind = self.route.kind
-        if kind is _Kind.CALL:
+        if kind is MessageKind.CALL:
             out.calls.append(ToolCallPiece(self.num_calls - 1, arguments=text))
             return
         if not self._started and kind in self._given:
             text = _SEPARATOR + text
         self._started = True
         self._given.add(kind)
-        if kind is _Kind.REASONING:
+        if kind is MessageKind.REASONING:
             out.reasoning += text
         else:
             out.content += text
@@ -178,7 +180,8 @@ class HarmonySplitter:
 
 class HarmonyTokenCounter:
     """How many of an answer's tokens, fed as they come, are its thinking: the tokens of its ``analysis``
-    messages, header and end marker included (OpenAI's ``reasoning_tokens``)."""
+    messages, header (from ``<|start|>``, or the answer's start) and end marker included (OpenAI's
+    ``reasoning_tokens``)."""
 
     def __init__(self, markers: HarmonyMarkers) -> None:
         self.markers = markers
@@ -200,7 +203,7 @@ class HarmonyTokenCounter:
                 self._header.append(token_id)
                 if token_id == ids[MESSAGE]:
                     header = self.markers.decode(self._header)
-                    self._thinking = route_of(header).kind is _Kind.REASONING
+                    self._thinking = route_of(header).kind is MessageKind.REASONING
                     self.count += len(self._header) if self._thinking else 0
                     self._header, self._in_body = [], True
                 continue
