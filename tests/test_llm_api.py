@@ -41,6 +41,24 @@ def test_accepts_a_string_a_list_of_strings_and_token_ids(llm):
     assert_clean(llm)
 
 
+def test_accepts_vllm_prompt_dicts(llm):
+    plain = llm.generate(["hello world", "the cat"], greedy(), use_tqdm=False)
+    ids = plain[0].prompt_token_ids
+    one = llm.generate({"prompt": "hello world"}, greedy(), use_tqdm=False)
+    assert len(one) == 1 and one[0].prompt == "hello world"
+    assert one[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    mixed = llm.generate([{"prompt_token_ids": ids}, {"prompt": "the cat"}, "the cat"], greedy(), use_tqdm=False)
+    assert mixed[0].prompt is None and mixed[0].prompt_token_ids == ids
+    assert [o.outputs[0].token_ids for o in mixed] == [p.outputs[0].token_ids for p in (plain[0], plain[1], plain[1])]
+    assert llm.embed({"prompt_token_ids": ids}, use_tqdm=False)[0].prompt_token_ids == ids
+    for bad, match in [({"prompt": "a", "prompt_token_ids": ids}, "exactly one of"), ({}, "exactly one of"),
+                       ({"prompt": "a", "multi_modal_data": {}}, "unsupported prompt dict key.*multi_modal_data"),
+                       ({"prompt_token_ids": "a b"}, "'prompt_token_ids' must be a list of token ids")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(["ok", bad], greedy(), use_tqdm=False)
+    assert_clean(llm)
+
+
 def test_outputs_come_back_in_input_order_with_per_prompt_params(llm):
     prompts = ["a b c d e f g h i j k l m n o p", "x", "the quick brown fox", "y z"]
     params = [greedy(max_tokens=m, ignore_eos=True) for m in (3, 9, 1, 5)]

@@ -18,6 +18,9 @@ from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+# vLLM's ``TextPrompt`` ({"prompt": text}) and ``TokensPrompt`` ({"prompt_token_ids": ids}) dicts
+PromptDict = dict[str, Any]
+PromptInput = Prompt | PromptDict
 Conversation = list[dict[str, Any]]
 
 
@@ -49,7 +52,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         use_tqdm: bool = True,
@@ -57,7 +60,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for one prompt or many; returns one ``RequestOutput`` per prompt, in input order.
 
-        A prompt is a string or a list of token ids. ``sampling_params`` is one for all prompts or one each;
+        A prompt is a string, a list of token ids, or vLLM's prompt dicts: ``{"prompt": text}`` (``TextPrompt``) or
+        ``{"prompt_token_ids": ids}`` (``TokensPrompt``). ``sampling_params`` is one for all prompts or one each;
         ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt. ``lora_request``
         (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or None) each.
         """
@@ -66,11 +70,11 @@ class LLM:
 
     def embed(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         dimensions: int | None = None,
         use_tqdm: bool = True,
     ) -> list[EmbeddingRequestOutput]:
-        """Embed one prompt or many (strings or token-id lists); returns one ``EmbeddingRequestOutput`` per
+        """Embed one prompt or many (strings, token-id lists or prompt dicts, as ``generate``); returns one ``EmbeddingRequestOutput`` per
         prompt, in input order, with the vector in ``.outputs.embedding``.
 
         The model pools as its sentence-transformers files say, else by its last token, normalised (see
@@ -231,19 +235,43 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and (not value or isinstance(value[0], dict))
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
+    """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids."""
+    if isinstance(prompts, (str, dict)):
+        return [_as_prompt(prompts, 0)]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
-        raise TypeError("prompts must be a string, a list of token ids, or a list of those, got "
+        raise TypeError("prompts must be a string, a list of token ids, a prompt dict, or a list of those, got "
                         f"{type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
-    for i, p in enumerate(prompts):
-        if not isinstance(p, (str, list)):
-            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
-    return prompts
+    return [_as_prompt(p, i) for i, p in enumerate(prompts)]
+
+
+_PROMPT_KEYS = {"prompt": str, "prompt_token_ids": list}
+
+
+def _as_prompt(prompt: PromptInput, index: int) -> Prompt:
+    """One prompt as a string or a list of token ids: a ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``
+    dict is unwrapped; anything else but a string or a list raises (``index``: its place, for the message)."""
+    if isinstance(prompt, (str, list)):
+        return prompt
+    if not isinstance(prompt, dict):
+        raise ValueError(f"prompt {index} must be a string, a list of token ids or a prompt dict, got "
+                         f"{type(prompt).__name__}")
+    given = [k for k in _PROMPT_KEYS if k in prompt]
+    others = sorted(str(k) for k in prompt if k not in _PROMPT_KEYS)
+    if others:
+        raise ValueError(f"prompt {index}: unsupported prompt dict key(s) {', '.join(others)} (Inferneo takes text "
+                         "prompts only: {'prompt': text} or {'prompt_token_ids': ids})")
+    if len(given) != 1:
+        raise ValueError(f"prompt {index}: a prompt dict needs exactly one of 'prompt' (text) or "
+                         f"'prompt_token_ids', got {given or 'neither'}")
+    value = prompt[given[0]]
+    if not isinstance(value, _PROMPT_KEYS[given[0]]):
+        expected = "a string" if given[0] == "prompt" else "a list of token ids"
+        raise ValueError(f"prompt {index}: '{given[0]}' must be {expected}, got {type(value).__name__}")
+    return value
 
 
 def _text_parts_joined(message: dict, at: str) -> dict:
