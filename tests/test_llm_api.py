@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from inferneo import LLM, RequestOutput, SamplingParams
+from inferneo import LLM, LoRARequest, RequestOutput, SamplingParams
 from inferneo.engine.protocol import InvalidRequestError
 
 
@@ -178,6 +178,25 @@ def test_chat_one_conversation_and_a_list(llm):
     (joined,) = llm.chat(parts, greedy(), use_tqdm=False)
     assert joined.prompt == tok.apply_chat_template([{"role": "user", "content": "h\ni"}], tokenize=False,
                                                     add_generation_prompt=True)
+
+
+def test_chat_passes_tools_and_template_kwargs_to_the_template(llm):
+    template = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                "{% if enable_thinking is defined %}think={{ enable_thinking }};{% endif %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conv = [{"role": "user", "content": "hi"}]
+    (out,) = llm.chat(conv, greedy(), use_tqdm=False, chat_template=template, tools=tools,
+                      chat_template_kwargs={"enable_thinking": False})
+    assert out.prompt == "[get_weather]think=False;hi"
+    assert llm.chat(conv, greedy(), use_tqdm=False, chat_template=template)[0].prompt == "hi"
+    with pytest.raises(ValueError, match="chat_template_kwargs cannot set add_generation_prompt"):
+        llm.chat(conv, greedy(), use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})
+    with pytest.raises(TypeError, match="tools must be a list"):
+        llm.chat(conv, greedy(), use_tqdm=False, tools={"name": "f"})
+    with pytest.raises(InvalidRequestError, match="without LoRA adapters"):  # lora_request reaches the engine
+        llm.chat(conv, greedy(), use_tqdm=False, lora_request=LoRARequest("a", 1, "/nowhere"))
+    assert_clean(llm)
 
 
 def test_chat_continues_the_final_message(llm):

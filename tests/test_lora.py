@@ -99,6 +99,17 @@ def test_three_adapters_and_the_base_model_in_one_batch_equal_peft(llm, base, ad
     assert llm.engine.core.stats.max_batch_size == 8
 
 
+def test_chat_runs_each_conversation_with_its_adapter(llm, adapters):
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "the cat"}]]
+    loras = [adapters[sorted(adapters)[0]], None]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    chats = llm.chat(convs, params, use_tqdm=False, lora_request=loras)
+    direct = llm.generate([c.prompt_token_ids for c in chats], params, use_tqdm=False, lora_request=loras)
+    assert [c.outputs[0].token_ids for c in chats] == [d.outputs[0].token_ids for d in direct]
+    base_only = llm.chat(convs[0], params, use_tqdm=False)
+    assert base_only[0].outputs[0].token_ids != chats[0].outputs[0].token_ids
+
+
 def test_speculative_drafts_with_adapters_equal_peft(base, adapters):
     """Steps that verify draft tokens (drafts from an oracle, wrong at moving places) for requests of three
     adapters and the base model: each request's tokens are PEFT's."""

@@ -104,12 +104,17 @@ class LLM:
         chat_template: str | None = None,
         priority: Sequence[int] | None = None,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation or a list of them with the model's chat template. Each output's ``prompt`` is
         its conversation as the template rendered it. ``add_generation_prompt`` (default: true unless
         ``continue_final_message``) ends the prompt with a new assistant turn; ``continue_final_message`` instead
         ends it at the end of each conversation's last message, an assistant's prefix, which the answer
-        continues."""
+        continues. ``tools`` (OpenAI function definitions) and ``chat_template_kwargs`` (extra template variables,
+        e.g. ``{"enable_thinking": False}``) go to the template for every conversation; ``lora_request`` is as
+        ``generate``'s."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise TypeError("messages must be a conversation (a list of {'role': ..., 'content': ...} dicts) or a "
                             f"list of conversations, got {type(messages).__name__}")
@@ -120,10 +125,11 @@ class LLM:
             raise ValueError("continue_final_message continues the last message, so add_generation_prompt cannot "
                              "also be true")
         generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
-        texts = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message)
+        template_kwargs = _template_kwargs(tools, chat_template_kwargs)
+        texts = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message, template_kwargs)
                  for i, c in enumerate(conversations)]
         prompt_ids = [self.engine.tokenize(text, add_special_tokens=False) for text in texts]
-        return self._run(prompt_ids, sampling_params, priority, use_tqdm, prompt_texts=texts)
+        return self._run(prompt_ids, sampling_params, priority, use_tqdm, lora_request, prompt_texts=texts)
 
     def apply_chat_template(
         self, conversation: Conversation, add_generation_prompt: bool = True, chat_template: str | None = None
@@ -133,9 +139,11 @@ class LLM:
         return self.engine.tokenize(text, add_special_tokens=False)
 
     def _render_chat(self, conversation: Conversation, add_generation_prompt: bool, chat_template: str | None,
-                     index: int | None = None, continue_final_message: bool = False) -> str:
+                     index: int | None = None, continue_final_message: bool = False,
+                     template_kwargs: dict[str, Any] | None = None) -> str:
         """A conversation as the chat template renders it; ``ValueError`` for a conversation or template that
-        cannot be rendered (``index``: the conversation's place in a list, for the message)."""
+        cannot be rendered (``index``: the conversation's place in a list, for the message; ``template_kwargs``:
+        further variables for the template, as ``_template_kwargs`` makes them)."""
         where = "" if index is None else f"conversation {index}: "
         tokenizer = self.engine.tokenizer
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -150,7 +158,9 @@ class LLM:
         conversation = [_text_parts_joined(m, f"{where}message {i}") for i, m in enumerate(conversation)]
         if continue_final_message and conversation[-1].get("role") != "assistant":
             raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's")
-        extra = {"continue_final_message": True} if continue_final_message else {}
+        extra = dict(template_kwargs or {})
+        if continue_final_message:
+            extra["continue_final_message"] = True
         try:
             return tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt,
@@ -229,6 +239,27 @@ def _lora_refs(lora_request, n: int) -> list[LoraRef | None]:
         if item is not None and not isinstance(item, LoRARequest):
             raise TypeError(f"lora_request[{i}] must be a LoRARequest or None, got {type(item).__name__}")
     return [None if item is None else item.to_ref() for item in lora_request]
+
+
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "tokenize", "add_generation_prompt",
+                                       "continue_final_message", "chat_template"})
+
+
+def _template_kwargs(tools: list[dict[str, Any]] | None,
+                     chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The extra keyword arguments ``chat`` passes to ``apply_chat_template``: ``tools`` and the user's template
+    variables. A variable that ``chat`` sets through its own argument is refused, naming that argument."""
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise TypeError(f"tools must be a list of tool definitions (dicts), got {type(tools).__name__}")
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: pass chat()'s own argument")
+    if tools is not None:
+        kwargs["tools"] = tools
+    return kwargs
 
 
 def _is_conversation(value: Any) -> bool:
