@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
+from tqdm.auto import tqdm
 
 from inferneo import LLM, LoRARequest, RequestOutput, SamplingParams
 from inferneo.engine.protocol import InvalidRequestError
@@ -57,6 +59,30 @@ def test_accepts_vllm_prompt_dicts(llm):
         with pytest.raises(ValueError, match=match):
             llm.generate(["ok", bad], greedy(), use_tqdm=False)
     assert_clean(llm)
+
+
+def test_use_tqdm_takes_a_progress_bar_factory_and_llm_engine_is_the_engine(llm):
+    bars = []
+
+    class CountingBar(tqdm):
+        """A silent bar that still counts (a disabled tqdm does not)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, file=io.StringIO(), **kwargs)
+            self.updates = 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+            return super().update(n)
+
+    factory = CountingBar
+
+    outs = llm.generate(["a", "b", "c"], greedy(), use_tqdm=factory)
+    assert len(outs) == 3 and len(bars) == 1 and bars[0].total == 3 and bars[0].updates == 3
+    llm.embed(["a", "b"], use_tqdm=factory)
+    assert len(bars) == 2 and bars[1].updates == 2
+    assert llm.llm_engine is llm.engine and llm.llm_engine.tokenizer is llm.get_tokenizer()
 
 
 def test_outputs_come_back_in_input_order_with_per_prompt_params(llm):

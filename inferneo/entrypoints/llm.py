@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -22,6 +22,8 @@ Prompt = str | list[int]
 PromptDict = dict[str, Any]
 PromptInput = Prompt | PromptDict
 Conversation = list[dict[str, Any]]
+# ``use_tqdm``: show a progress bar or not, or (as vLLM) a factory called like ``tqdm(total=..., desc=...)``
+ProgressBar = bool | Callable[..., tqdm]
 
 
 class LLM:
@@ -40,7 +42,13 @@ class LLM:
                             "EngineConfig's fields)")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine (vLLM's name for it; also ``engine``)."""
+        return self.engine
+
     def get_tokenizer(self):
+        """The model's Hugging Face tokenizer."""
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
@@ -55,7 +63,7 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: ProgressBar = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or many; returns one ``RequestOutput`` per prompt, in input order.
@@ -72,7 +80,7 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         dimensions: int | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: ProgressBar = True,
     ) -> list[EmbeddingRequestOutput]:
         """Embed one prompt or many (strings, token-id lists or prompt dicts, as ``generate``); returns one ``EmbeddingRequestOutput`` per
         prompt, in input order, with the vector in ``.outputs.embedding``.
@@ -99,7 +107,7 @@ class LLM:
         self,
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: ProgressBar = True,
         add_generation_prompt: bool | None = None,
         chat_template: str | None = None,
         priority: Sequence[int] | None = None,
@@ -202,11 +210,15 @@ class LLM:
             raise
         return self._collect(ids, use_tqdm, "Processed prompts")
 
-    def _collect(self, ids: list[str], use_tqdm: bool, desc: str) -> list:
-        """Step the engine until the requests ``ids`` finish; their outputs in ``ids``' order."""
+    def _collect(self, ids: list[str], use_tqdm: ProgressBar, desc: str) -> list:
+        """Step the engine until the requests ``ids`` finish; their outputs in ``ids``' order. ``use_tqdm``: whether
+        to show a progress bar, or the factory that makes it."""
         engine = self.engine
         results: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
-        bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
+        if callable(use_tqdm):
+            bar = use_tqdm(total=len(ids), desc=desc, dynamic_ncols=True)
+        else:
+            bar = tqdm(total=len(ids), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
         start = time.perf_counter()
         out_tokens = 0
         try:
