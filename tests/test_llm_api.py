@@ -225,6 +225,23 @@ def test_chat_passes_tools_and_template_kwargs_to_the_template(llm):
     assert_clean(llm)
 
 
+def test_chat_renders_tool_calls_as_the_server_does(llm):
+    """An assistant turn that only calls a tool (null content) and the tool's reply render as the server renders
+    them: content "" and the call's JSON arguments decoded into an object for the template."""
+    conv = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}"
+                "<{{ c.function.name }} {{ c.function.arguments.city }}>{% endfor %};{% endfor %}")
+    (out,) = llm.chat(conv, greedy(), use_tqdm=False, chat_template=template)
+    assert out.prompt == "user:weather?;assistant:<get_weather Paris>;tool:sunny;"
+    (default,) = llm.chat(conv, greedy(), use_tqdm=False)  # the model's own template renders it too
+    assert "weather?" in default.prompt and "sunny" in default.prompt
+    assert conv[1]["content"] is None  # the caller's messages are left as they were
+    assert_clean(llm)
+
+
 def test_chat_continues_the_final_message(llm):
     """``continue_final_message``: the prompt ends with the assistant's prefix (no end-of-turn, no new turn), and
     the answer is what ``generate`` gives for that rendered text."""

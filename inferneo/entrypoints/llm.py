@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
+from inferneo.json_text import loads_bounded
 from inferneo.lora.request import LoRARequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
@@ -163,7 +164,7 @@ class LLM:
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
-        conversation = [_text_parts_joined(m, f"{where}message {i}") for i, m in enumerate(conversation)]
+        conversation = [_message_for_template(m, f"{where}message {i}") for i, m in enumerate(conversation)]
         if continue_final_message and conversation[-1].get("role") != "assistant":
             raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's")
         extra = dict(template_kwargs or {})
@@ -317,15 +318,38 @@ def _as_prompt(prompt: PromptInput, index: int) -> Prompt:
     return value
 
 
-def _text_parts_joined(message: dict, at: str) -> dict:
-    """``message`` with OpenAI text content parts (``[{"type": "text", "text": ...}, ...]``) joined by newlines, as
-    the server joins them: chat templates expect a string. Other parts (images, audio) raise ``ValueError``."""
+def _message_for_template(message: dict, at: str) -> dict:
+    """``message`` as the server hands it to the chat template (vLLM does the same, offline and served): OpenAI
+    text content parts (``[{"type": "text", "text": ...}, ...]``) joined by newlines, since templates expect a
+    string; an assistant message's null content beside its ``tool_calls`` as the empty string; and each tool call's
+    ``arguments``, when a JSON string of an object, decoded into that object, which is what templates read. Other
+    content parts (images, audio) raise ``ValueError``."""
     content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"{at}: only text content parts are supported, got {part!r:.80}")
-        texts.append(part["text"])
-    return {**message, "content": "\n".join(texts)}
+    if content is None and message.get("tool_calls"):
+        message = {**message, "content": ""}
+    elif isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"{at}: only text content parts are supported, got {part!r:.80}")
+            texts.append(part["text"])
+        message = {**message, "content": "\n".join(texts)}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        message = {**message, "tool_calls": [_arguments_decoded(call) for call in calls]}
+    return message
+
+
+def _arguments_decoded(call: Any) -> Any:
+    """A tool call with its ``function.arguments`` decoded when they are a JSON string of an object; anything else
+    (already an object, not JSON, not a call of that shape) unchanged."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        decoded = loads_bounded(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(decoded, dict):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
