@@ -153,6 +153,8 @@ class SamplingParams:
     # 0 returns the prompt tokens' own log-probabilities only. None: not computed.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # False: no text (``text`` stays "", logprobs' ``decoded_token`` None), only token ids; no stop strings then.
+    detokenize: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias): -100 bans a token in practice,
@@ -211,6 +213,9 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(isinstance(self.detokenize, bool), "detokenize", "must be a boolean")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (the text they are found in); use stop_token_ids")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "must be non-negative integers")
         check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",

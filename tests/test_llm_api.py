@@ -187,6 +187,30 @@ def test_logprobs_are_returned_and_consistent(llm):
     assert out.cumulative_logprob == pytest.approx(total)
 
 
+def test_detokenize_false_returns_token_ids_without_text(llm):
+    prompts = ["the cat sat", "hello world"]
+    texted = llm.generate(prompts, greedy(max_tokens=6, logprobs=2, prompt_logprobs=1), use_tqdm=False)
+    bare = llm.generate(prompts, greedy(max_tokens=6, logprobs=2, prompt_logprobs=1, detokenize=False),
+                        use_tqdm=False)
+    for with_text, without in zip(texted, bare, strict=True):
+        a, b = with_text.outputs[0], without.outputs[0]
+        assert a.text and b.text == ""
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert [{t: lp.logprob for t, lp in e.items()} for e in b.logprobs] == \
+            [{t: lp.logprob for t, lp in e.items()} for e in a.logprobs]
+        assert all(lp.decoded_token is None for e in b.logprobs for lp in e.values())
+        assert all(lp.decoded_token is None for e in without.prompt_logprobs[1:] for lp in e.values())
+    stop_id = texted[0].outputs[0].token_ids[2]
+    (stopped,) = llm.generate(prompts[0], greedy(max_tokens=6, stop_token_ids=[stop_id], detokenize=False),
+                              use_tqdm=False)
+    assert stopped.outputs[0].token_ids[-1] == stop_id and stopped.outputs[0].stop_reason == stop_id
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize must be a boolean"):
+        SamplingParams(detokenize="no")
+    assert_clean(llm)
+
+
 def test_chat_one_conversation_and_a_list(llm):
     conv = [{"role": "user", "content": "hi"}]
     brief = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]

@@ -270,3 +270,33 @@ class IncrementalDetokenizer:
         except Exception:  # a tokenizer without a usable encoder: decode tokens alone
             ids = []
         return ids, decode(ids) if ids else "", decode
+
+
+class NoTextDetokenizer(IncrementalDetokenizer):
+    """The detokenizer of a request with ``SamplingParams.detokenize=False`` (vLLM's option): no text at all, so
+    ``output_text`` stays ``""`` and logprobs' ``decoded_token`` is None; the token ids are the answer. Such a
+    request has no stop strings (``SamplingParams`` refuses them), so ``update`` never finds one."""
+
+    def __init__(self) -> None:  # nothing of the parent's decoding state is needed
+        pass
+
+    @property
+    def output_text(self) -> str:
+        return ""
+
+    @property
+    def has_stop_strings(self) -> bool:
+        return False
+
+    def get_delta(self) -> str:
+        return ""
+
+    def update(self, new_token_ids: Iterable[int]) -> str | None:
+        return None
+
+    def finish(self) -> None:
+        pass
+
+    def decode_token(self, token_id: int) -> str | None:  # type: ignore[override]
+        return None
+

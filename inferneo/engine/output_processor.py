@@ -20,7 +20,7 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from inferneo.engine.detokenizer import IncrementalDetokenizer
+from inferneo.engine.detokenizer import IncrementalDetokenizer, NoTextDetokenizer
 from inferneo.engine.protocol import CoreOutput, CoreRequest, LoraRef, PoolingRequest
 from inferneo.engine.protocol import PromptLogprobs as CorePromptLogprobs
 from inferneo.outputs import (
@@ -113,8 +113,9 @@ class OutputProcessor:
                 if j and params.max_tokens != 0:  # the prompt is scored once, by the first sequence (all of them
                     child_params.prompt_logprobs = None  # when none generates: scoring is all they do)
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
-                                                 stream=not final)
+            detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
+                                                  stream=not final)
+                           if params.detokenize else NoTextDetokenizer())
             seq = _Sequence(j, core_id, detokenizer, [] if final else None)
             if params.logprobs is not None:
                 seq.cumulative_logprob = 0.0
