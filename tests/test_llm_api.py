@@ -387,6 +387,20 @@ def test_bad_prompts_raise_clear_errors_and_leave_nothing_behind(llm):
     assert_clean(llm)
 
 
+def test_arguments_in_vllms_positional_order_are_refused_by_name(llm):
+    """vLLM's ``generate`` takes ``use_tqdm`` third, here ``priority`` (which failed in ``len()``); vLLM's ``chat``
+    takes ``lora_request`` fourth, here ``add_generation_prompt`` (which silently ran without the adapter)."""
+    for third in (False, greedy()):
+        with pytest.raises(TypeError, match="priority must be a list of integers.*pass use_tqdm and lora_request by"):
+            llm.generate(["a"], greedy(), third)
+    conv = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match="add_generation_prompt must be a bool.*pass lora_request by keyword"):
+        llm.chat(conv, greedy(), False, LoRARequest("a", 1, "/nowhere"))  # vLLM's chat takes lora_request fourth
+    with pytest.raises(ValueError, match="got 2 priorities for 1 prompts"):
+        llm.generate(["a"], greedy(), [0, 0], use_tqdm=False)
+    assert_clean(llm)
+
+
 def test_engine_config_errors(tiny_checkpoint_factory, tmp_path):
     path = str(tiny_checkpoint_factory("llama"))
     with pytest.raises(ValueError, match="dtype"):

@@ -130,6 +130,9 @@ class LLM:
         if not messages:
             raise ValueError("messages is empty: give a conversation or a list of conversations")
         conversations = [messages] if _is_conversation(messages) else list(messages)
+        if not isinstance(add_generation_prompt, (bool, type(None))):
+            raise TypeError(f"add_generation_prompt must be a bool, got {type(add_generation_prompt).__name__} (the "
+                            "fourth positional argument is add_generation_prompt here; pass lora_request by keyword)")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the last message, so add_generation_prompt cannot "
                              "also be true")
@@ -196,8 +199,7 @@ class LLM:
                 where = "sampling_params" if len(params_list) == 1 else f"sampling_params[{i}]"
                 raise TypeError(f"{where} must be a SamplingParams (one for all prompts, or a list with one per "
                                 f"prompt), got {type(params).__name__}")
-        if priority is not None and len(priority) != n:
-            raise ValueError(f"got {len(priority)} priorities for {n} prompts")
+        _check_priority(priority, n)
         engine = self.engine
         base = f"llm-{time.monotonic_ns()}-"
         ids = []
@@ -238,6 +240,18 @@ class LLM:
         finally:
             bar.close()
         return [results[request_id] for request_id in ids]
+
+
+def _check_priority(priority: Any, n: int) -> None:
+    """``priority`` must be None or one integer per prompt. Passed positionally as vLLM orders ``generate``'s
+    arguments (``use_tqdm`` third), a bool or a ``SamplingParams`` lands here: the message says so."""
+    if priority is None:
+        return
+    if not isinstance(priority, Sequence) or isinstance(priority, (str, bytes)):
+        raise TypeError(f"priority must be a list of integers, one per prompt, got {type(priority).__name__} (the "
+                        "third positional argument is priority here; pass use_tqdm and lora_request by keyword)")
+    if len(priority) != n:
+        raise ValueError(f"got {len(priority)} priorities for {n} prompts")
 
 
 def _lora_refs(lora_request, n: int) -> list[LoraRef | None]:
