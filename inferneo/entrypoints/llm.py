@@ -83,8 +83,8 @@ class LLM:
         dimensions: int | None = None,
         use_tqdm: ProgressBar = True,
     ) -> list[EmbeddingRequestOutput]:
-        """Embed one prompt or many (strings, token-id lists or prompt dicts, as ``generate``); returns one ``EmbeddingRequestOutput`` per
-        prompt, in input order, with the vector in ``.outputs.embedding``.
+        """Embed one prompt or many (strings, token-id lists or prompt dicts, as ``generate``); returns one
+        ``EmbeddingRequestOutput`` per prompt, in input order, with the vector in ``.outputs.embedding``.
 
         The model pools as its sentence-transformers files say, else by its last token, normalised (see
         ``docs/embeddings.md``); ``dimensions`` shortens the vectors of a Matryoshka model. Embedding requests run

@@ -53,7 +53,8 @@ def default_parser_name(chat_template: str | None) -> str | None:
 
 
 __all__ = [
-    "TOOL_CALL_PARSERS", "HermesToolParser", "Llama3JsonToolParser", "NamedFunctionParser", "OpenAIToolParser", "ParsedCall",
-    "ParsedPiece", "RequiredCallsParser", "ToolCallParser", "ToolCallPiece", "calls_of", "default_parser_name",
+    "TOOL_CALL_PARSERS", "HermesToolParser", "Llama3JsonToolParser", "NamedFunctionParser", "OpenAIToolParser",
+    "ParsedCall", "ParsedPiece", "RequiredCallsParser", "ToolCallParser", "ToolCallPiece", "calls_of",
+    "default_parser_name",
     "function_parameters", "parse_all", "required_calls_schema",
 ]
