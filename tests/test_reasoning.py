@@ -344,3 +344,32 @@ def test_inferneo_client_reads_the_thinking(server):
                   for c in inferneo_client.chat.completions.create(model="think", messages=USER, max_tokens=40,
                                                                    temperature=0, stream=True) if c.choices]
     assert "".join(p[0] for p in pieces) == THINKING and "".join(p[1] for p in pieces) == ANSWER
+
+
+def _reasoning_item(text: str) -> dict:
+    return {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def test_responses_input_reasoning_items_in_odd_places(server, client):
+    """Reasoning items in a row are one turn's thinking; one that another role's message follows belongs to no turn
+    (it does not ride on to a later assistant message); the count is that of the chat rendering of the same turns."""
+    user = [{"role": "user", "content": c} for c in ("hi", "q", "more")]
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
+
+    def chat_count(messages: list[dict]) -> int:
+        r = httpx.post(server.url("/tokenize"), json={"model": "think", "messages": messages}, timeout=60)
+        assert r.status_code == 200, r.text
+        return len(r.json()["tokens"])
+
+    def responses_count(items: list[dict]) -> int:
+        return client.responses.input_tokens.count(model="think", input=items).input_tokens
+
+    chat_answer = {"role": "assistant", "content": "ok"}
+    stray = [user[0], _reasoning_item("a b c d e f g h"), user[1], answer, user[2]]
+    assert responses_count(stray) == chat_count([user[0], user[1], chat_answer, user[2]])
+    first = [_reasoning_item("a b c d"), user[0], answer, user[1]]
+    assert responses_count(first) == chat_count([user[0], chat_answer, user[1]])
+    two = [user[0], _reasoning_item("alpha"), _reasoning_item("beta"), answer, user[1]]
+    assert responses_count(two) == chat_count([user[0], {**chat_answer, "reasoning_content": "alpha\nbeta"}, user[1]])
+    assert client.responses.create(model="think", input=stray, max_output_tokens=40, temperature=0).output_text \
+        == ANSWER

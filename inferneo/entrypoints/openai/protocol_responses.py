@@ -247,7 +247,9 @@ class ResponsesRequest(_Body):
         """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined),
         ``function_call`` items as an assistant message's tool calls, ``function_call_output`` items as tool
         messages, a ``reasoning`` item (a previous answer's thinking) as the ``reasoning_content`` of the assistant
-        message after it (which chat templates such as Qwen3's render within a tool-calling turn)."""
+        message right after it (which chat templates such as Qwen3's render within a tool-calling turn). Reasoning
+        items in a row are one turn's thinking, joined with a newline; thinking that no assistant message follows
+        (another role's message comes next, or the input ends) belongs to no turn and is left out."""
         messages: list[dict[str, Any]] = []
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
@@ -261,7 +263,8 @@ class ResponsesRequest(_Body):
                 raise bad_request(f"{where}: must be an object (a message or a function call item)", "input")
             kind = item.get("type", "message")
             if kind == "reasoning":
-                thinking = _reasoning_text(item, where)
+                text = _reasoning_text(item, where)
+                thinking = text if thinking is None else f"{thinking}\n{text}"
                 continue
             if kind == "message":
                 messages.append(_message(item, where))
@@ -277,9 +280,10 @@ class ResponsesRequest(_Body):
             else:
                 raise bad_request(f"{where}: items of type {str(kind)[:80]!r} are not supported here (message, "
                                   "function_call, function_call_output and reasoning are)", "input")
-            if thinking is not None and messages[-1]["role"] == "assistant":
-                messages[-1]["reasoning_content"] = thinking
-                thinking = None
+            if thinking is not None and messages[-1]["role"] == "assistant":  # (a turn's later calls: joined)
+                earlier = messages[-1].get("reasoning_content")
+                messages[-1]["reasoning_content"] = thinking if earlier is None else f"{earlier}\n{thinking}"
+            thinking = None  # the next item took it, or another role's turn came between it and any answer
         return messages
 
 
