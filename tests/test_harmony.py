@@ -217,6 +217,19 @@ def test_responses_api_items(client):
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Paris."
 
 
+def test_responses_logprobs_cover_only_the_answer_text(client):
+    """``output_text.logprobs`` are those of the final message's body: not the analysis message's tokens, nor the
+    final message's header markers; each streamed delta carries its own text's tokens, and streamed equals whole."""
+    ask = {"model": "oss", "input": _ask("capital?"), "max_output_tokens": 40, "temperature": 0, "top_logprobs": 1,
+           "include": ["message.output_text.logprobs"]}
+    whole = client.responses.create(**ask)
+    assert [lp.token for lp in whole.output[1].content[0].logprobs] == ["Paris."]
+    events = list(client.responses.create(**ask, stream=True))
+    deltas = [(e.delta, [lp.token for lp in e.logprobs]) for e in events if e.type == "response.output_text.delta"]
+    assert deltas == [("Paris.", ["Paris."])]
+    assert [lp.token for lp in events[-1].response.output[1].content[0].logprobs] == ["Paris."]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_structured_output_applies_from_the_first_token(client, stream):
     """A constraint makes the answer the constrained text, with no channels: all content."""

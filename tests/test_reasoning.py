@@ -103,8 +103,8 @@ def test_markers_need_single_tokens_and_read_the_prompt():
     with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3"):
         ReasoningMarkers.for_tokenizer("nope", tokenizer)
     counter = markers.token_counter(False)
-    counter.add([384, 5, 6])
-    counter.add([385, 7, 384])
+    assert counter.add([384, 5, 6]) == [False, False, False]  # the thinking's tokens are not the answer's
+    assert counter.add([385, 7, 384]) == [False, True, True]
     assert counter.count == 4  # <think> 5 6 </think>
     no_block = markers.token_counter(False)
     no_block.add([5, 385, 6])

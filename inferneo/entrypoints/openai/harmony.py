@@ -191,29 +191,39 @@ class HarmonyTokenCounter:
         self._in_body = False
         self._thinking = False
 
-    def add(self, token_ids: list[int]) -> None:
-        """Count the answer's next tokens."""
+    def add(self, token_ids: list[int]) -> list[bool]:
+        """Count the answer's next tokens; for each, whether it is the answer's: a body token of a message that is
+        not thinking (content, or a call's arguments), or any token of a plain answer; never a header or marker."""
         ids = self.markers.ids
+        answer = []
         for token_id in token_ids:
             if self._plain is None:
                 self._plain = token_id not in ids.values()
-            if self._plain:
-                return
-            if not self._in_body:
-                self._header.append(token_id)
-                if token_id == ids[MESSAGE]:
-                    header = self.markers.decode(self._header)
-                    self._thinking = route_of(header).kind is MessageKind.REASONING
-                    self.count += len(self._header) if self._thinking else 0
-                    self._header, self._in_body = [], True
-                continue
-            if token_id in (ids[START], ids[CHANNEL]):  # a new message without an end marker
-                self._header, self._in_body = [token_id], False
-                continue
-            if self._thinking:
-                self.count += 1
-            if token_id in (ids[END], ids[RETURN], ids[CALL]):
-                self._in_body = False
+            answer.append(self._take(token_id))
+        return answer
+
+    def _take(self, token_id: int) -> bool:
+        """Count one token; whether it is the answer's."""
+        ids = self.markers.ids
+        if self._plain:
+            return True
+        if not self._in_body:
+            self._header.append(token_id)
+            if token_id == ids[MESSAGE]:
+                header = self.markers.decode(self._header)
+                self._thinking = route_of(header).kind is MessageKind.REASONING
+                self.count += len(self._header) if self._thinking else 0
+                self._header, self._in_body = [], True
+            return False
+        if token_id in (ids[START], ids[CHANNEL]):  # a new message without an end marker
+            self._header, self._in_body = [token_id], False
+            return False
+        if self._thinking:
+            self.count += 1
+        if token_id in (ids[END], ids[RETURN], ids[CALL]):
+            self._in_body = False
+            return False
+        return not self._thinking
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,11 +65,12 @@ class AnswerSplitter(Protocol):
 
 
 class TokenCounter(Protocol):
-    """Counts an answer's thinking tokens as they come."""
+    """Counts an answer's thinking tokens as they come, and tells which of them are the answer's own: text that the
+    splitter hands out as content or a tool call's arguments (not thinking, not a marker or a message header)."""
 
     count: int
 
-    def add(self, token_ids: list[int]) -> None: ...
+    def add(self, token_ids: list[int]) -> list[bool]: ...
 
 
 class ReasoningParser(Protocol):
@@ -169,16 +170,19 @@ class ThinkingTokenCounter:
         self.thinking: bool | None = True if open_at_start else None  # None: the first token decides
         self.count = 0
 
-    def add(self, token_ids: list[int]) -> None:
-        """Count the answer's next tokens."""
+    def add(self, token_ids: list[int]) -> list[bool]:
+        """Count the answer's next tokens; for each, whether it is the answer's (after the thinking and its end
+        marker)."""
+        answer = []
         for token_id in token_ids:
             if self.thinking is None:
                 self.thinking = token_id == self.markers.start_id
-            if not self.thinking:
-                return
-            self.count += 1
-            if token_id == self.markers.end_id:
-                self.thinking = False
+            answer.append(not self.thinking)
+            if self.thinking:
+                self.count += 1
+                if token_id == self.markers.end_id:
+                    self.thinking = False
+        return answer
 
 
 @dataclass(slots=True)

@@ -118,12 +118,17 @@ class _Response:
         return (self.reasoning.splitter(self.thinking_open),
                 self.reasoning.token_counter(self.thinking_open))
 
-    def logprobs(self, choice) -> list[dict[str, Any]]:
+    def logprobs(self, choice, answer: list[bool] | None = None) -> list[dict[str, Any]]:
         """The log-probabilities of a choice's (or delta's) tokens that are part of its text, in the chat shape
-        (which the Responses API's ``output_text.logprobs`` shares)."""
+        (which the Responses API's ``output_text.logprobs`` shares); with a reasoning parser, only those of the
+        tokens that ``answer`` (``TokenCounter.add``'s, one per token) marks the answer's, not the thinking's
+        nor a marker's."""
         if self.top_k is None:
             return []
         token_ids, logprobs = text_tokens(choice, False)
+        if answer is not None:
+            kept = [(t, lp) for t, lp, own in zip(token_ids, logprobs, answer, strict=False) if own]
+            token_ids, logprobs = [t for t, _ in kept], [lp for _, lp in kept]
         return chat_logprobs(token_ids, logprobs, self.top_k, self.ctx.token_bytes)
 
     def body(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
@@ -157,12 +162,13 @@ class _Response:
         final = finals[0]
         choice = final.outputs[0]
         text, thinking, num_thinking = choice.text, "", 0
+        answer: list[bool] | None = None  # with a reasoning parser: which tokens are the answer's
         split_calls: list[ToolCallPiece] = []
         cut = choice.finish_reason == "length"
         output = []
         if (split := self.new_splitter()) is not None:
             splitter, counter = split
-            counter.add(choice.token_ids)
+            answer = counter.add(choice.token_ids)
             num_thinking = counter.count
             piece = splitter.split_all(text)
             text, thinking, split_calls = piece.content, piece.reasoning, piece.calls
@@ -177,7 +183,7 @@ class _Response:
         if content or not (calls or self.forced_calls):
             logprobs = None
             if self.top_k is not None:  # with calls: the tokens the text takes, not those of the calls
-                logprobs = self.logprobs(choice)[num_thinking:]  # nor those of the thinking
+                logprobs = self.logprobs(choice, answer)  # nor those of the thinking and markers
                 if last >= 0:
                     logprobs = logprobs[:_tokens_covering(logprobs, len(content.encode()))]
             output.append(_message_item(_item_id("msg"), content, logprobs, "incomplete" if cut else "completed"))
@@ -218,13 +224,13 @@ class _Response:
             num_output += len(choice.token_ids)
             if choice.finish_reason is not None:
                 finish_reason = choice.finish_reason
-            text, thinking, logprobs = choice.text, "", self.logprobs(choice)
+            text, thinking = choice.text, ""
             split_calls: list[ToolCallPiece] = []
-            if split is not None:
+            if split is None:
+                logprobs = self.logprobs(choice)
+            else:
                 splitter, counter = split
-                before = counter.count
-                counter.add(choice.token_ids)
-                logprobs = logprobs[counter.count - before:]  # the thinking's tokens are not the text's
+                logprobs = self.logprobs(choice, counter.add(choice.token_ids))  # the thinking's are not the text's
                 piece = splitter.feed(text)
                 if choice.finish_reason is not None:
                     piece.add(splitter.finish())
