@@ -217,6 +217,17 @@ def test_responses_api_items(client):
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Paris."
 
 
+@pytest.mark.parametrize(("max_output_tokens", "status"), [(5, "incomplete"), (10, "completed")],
+                         ids=["cut-in-the-analysis", "cut-in-the-final-header"])
+def test_responses_reasoning_item_is_incomplete_only_when_cut_inside_it(client, max_output_tokens, status):
+    ask = {"model": "oss", "input": _ask("capital?"), "max_output_tokens": max_output_tokens, "temperature": 0}
+    whole = client.responses.create(**ask)
+    streamed = list(client.responses.create(**ask, stream=True))[-1].response
+    for r in (whole, streamed):
+        assert r.status == "incomplete" and r.output[0].type == "reasoning"
+        assert r.output[0].status == status
+
+
 def test_responses_logprobs_cover_only_the_answer_text(client):
     """``output_text.logprobs`` are those of the final message's body: not the analysis message's tokens, nor the
     final message's header markers; each streamed delta carries its own text's tokens, and streamed equals whole."""

@@ -373,3 +373,17 @@ def test_responses_input_reasoning_items_in_odd_places(server, client):
     assert responses_count(two) == chat_count([user[0], {**chat_answer, "reasoning_content": "alpha\nbeta"}, user[1]])
     assert client.responses.create(model="think", input=stray, max_output_tokens=40, temperature=0).output_text \
         == ANSWER
+
+
+@pytest.mark.parametrize(("max_output_tokens", "status"), [(3, "incomplete"), (5, "completed")],
+                         ids=["cut-in-the-thinking", "cut-after-it"])
+def test_responses_reasoning_item_is_incomplete_only_when_cut_inside_it(client, max_output_tokens, status):
+    """A cut that comes after ``</think>`` (before any answer text) leaves the thinking whole: its item is
+    completed, whole and streamed; the response is incomplete either way."""
+    ask = {"model": "think", "input": "What is the capital?", "max_output_tokens": max_output_tokens,
+           "temperature": 0}
+    whole = client.responses.create(**ask)
+    streamed = list(client.responses.create(**ask, stream=True))[-1].response
+    for r in (whole, streamed):
+        assert r.status == "incomplete" and r.output[0].type == "reasoning"
+        assert r.output[0].status == status

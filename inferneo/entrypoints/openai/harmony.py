@@ -134,6 +134,11 @@ class HarmonySplitter:
                 return out
         return out
 
+    @property
+    def thinking(self) -> bool:
+        """Whether the text so far ends inside an ``analysis`` message's body (a cut here leaves it unfinished)."""
+        return self.state is _State.BODY and self.route.kind is MessageKind.REASONING
+
     def finish(self) -> ReasoningPiece:
         """Whatever is still held once the answer has ended: plain text, or the rest of a body cut short (a header
         cut short is dropped)."""

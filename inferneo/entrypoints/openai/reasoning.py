@@ -55,13 +55,17 @@ REASONING_PARSERS: dict[str, ThinkingFormat | HarmonyFormat] = {
 
 
 class AnswerSplitter(Protocol):
-    """Splits one answer's text, piece by piece, into thinking, content (and, for harmony, tool calls)."""
+    """Splits one answer's text, piece by piece, into thinking, content (and, for harmony, tool calls); ``thinking``
+    tells whether the text so far ends inside the thinking."""
 
     def feed(self, text: str) -> ReasoningPiece: ...
 
     def finish(self) -> ReasoningPiece: ...
 
     def split_all(self, text: str) -> ReasoningPiece: ...
+
+    @property
+    def thinking(self) -> bool: ...
 
 
 class TokenCounter(Protocol):
@@ -249,6 +253,11 @@ class ReasoningSplitter:
                 out.content += self.held
                 self.held = ""
         return out
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the text so far ends inside the thinking (a cut here leaves the thinking unfinished)."""
+        return self.state in (_State.THINKING_LEAD, _State.THINKING)
 
     def finish(self) -> ReasoningPiece:
         """Whatever is still held once the answer has ended: a block left open is thinking to its end."""

@@ -173,7 +173,7 @@ class _Response:
             piece = splitter.split_all(text)
             text, thinking, split_calls = piece.content, piece.reasoning, piece.calls
             if thinking and self.chat.include_reasoning:
-                output.append(_reasoning_item(_item_id("rs"), thinking, "incomplete" if cut and not text
+                output.append(_reasoning_item(_item_id("rs"), thinking, "incomplete" if cut and splitter.thinking
                                               else "completed"))
         parser = self.new_parser()
         content, calls = parse_all(parser, text) if parser is not None else (text, [])
@@ -246,7 +246,7 @@ class _Response:
             for event in stream.piece(parsed, logprobs, thinking):
                 yield event
         cut = finish_reason == "length"
-        for event in stream.close_all(cut):
+        for event in stream.close_all(cut, cut and split is not None and split[0].thinking):
             yield event
         usage = _usage(num_prompt, num_output, num_cached, split[1].count if split is not None else 0)
         status = "incomplete" if cut else "completed"
@@ -320,9 +320,10 @@ class _EventWriter:
                                          output_index=self._index(item), delta=call.arguments))
         return events
 
-    def close_all(self, cut: bool) -> list[bytes]:
-        """The ``...done`` events of every item still open (an empty message when the answer had no item)."""
-        events: list[bytes] = self._close_thinking(cut)
+    def close_all(self, cut: bool, thinking_cut: bool = False) -> list[bytes]:
+        """The ``...done`` events of every item still open (an empty message when the answer had no item); the
+        reasoning item is incomplete only when the cut came inside the thinking (``thinking_cut``)."""
+        events: list[bytes] = self._close_thinking(thinking_cut)
         if not any(item["type"] != "reasoning" for item in self.output) and not self.job.forced_calls:
             events += self._open_message()
         if self.message is not None and self.last_call < 0 and self.job.top_k is not None:
