@@ -387,3 +387,18 @@ def test_responses_reasoning_item_is_incomplete_only_when_cut_inside_it(client, 
     for r in (whole, streamed):
         assert r.status == "incomplete" and r.output[0].type == "reasoning"
         assert r.output[0].status == status
+
+
+@pytest.mark.parametrize("opened", [False, True], ids=["model-opens", "prompt-opens"])
+def test_include_reasoning_false_hides_the_thinking_from_logprobs(client, opened):
+    """With ``include_reasoning: false`` the logprobs are the answer's tokens only (no ``<think>`` or thinking token
+    text leaks through them), whole and streamed alike; by default they are every token's, as vLLM sends."""
+    extra = {**(OPEN if opened else {}), "include_reasoning": False}
+    whole = _chat(client, logprobs=True, top_logprobs=1, extra_body=extra).choices[0]
+    streamed = [lp.token for chunk in _chat(client, logprobs=True, top_logprobs=1, stream=True, extra_body=extra)
+                for choice in chunk.choices if choice.logprobs for lp in choice.logprobs.content or []]
+    answer = [" The", " capital", " and"]
+    assert [lp.token for lp in whole.logprobs.content] == streamed == answer
+    assert whole.message.content == ANSWER
+    default = _chat(client, logprobs=True, extra_body=OPEN if opened else {}).choices[0]
+    assert [lp.token for lp in default.logprobs.content][-3:] == answer and len(default.logprobs.content) > 3

@@ -173,17 +173,18 @@ class _Chat:
         reasoning_tokens = 0
         for i in sorted(finals):
             for choice in finals[i].outputs:
-                logprobs = None
-                if self.top_k is not None:
-                    logprobs = {"content": self._logprobs(choice)}
                 text, reasoning, split_calls = choice.text, None, []
+                answer = None
                 if self.reasoning is not None:
                     counter = self.reasoning.token_counter(self.thinking_open[i])
-                    counter.add(choice.token_ids)
+                    answer = counter.add(choice.token_ids)
                     reasoning_tokens += counter.count
                     split = self.reasoning.splitter(self.thinking_open[i]).split_all(text)
                     text, reasoning, split_calls = split.content, split.reasoning, split.calls
                 message, finish_reason = self._message(text, choice.finish_reason, split_calls)
+                logprobs = None
+                if self.top_k is not None:
+                    logprobs = {"content": self._logprobs(choice, answer)}
                 if self.reasoning is not None and self.req.include_reasoning:
                     message.update(_reasoning_fields(reasoning or None))
                 choices.append({
@@ -199,9 +200,13 @@ class _Chat:
             "usage": usage_of(finals.values(), reasoning_tokens if self.reasoning is not None else None),
         })
 
-    def _logprobs(self, choice) -> list[dict[str, Any]]:
-        """The chat logprobs of a choice's (or delta's) tokens that are part of its text."""
-        token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output)
+    def _logprobs(self, choice, answer: list[bool] | None = None) -> list[dict[str, Any]]:
+        """The chat logprobs of a choice's (or delta's) tokens that are part of its text: all of them (the
+        thinking's too, as vLLM sends), except that ``include_reasoning: false`` leaves out those that ``answer``
+        (the reasoning parser's flags, one per token) does not mark the answer's, so the thinking stays hidden."""
+        if self.req.include_reasoning:
+            answer = None
+        token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output, answer)
         return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes)
 
     def _message(self, text: str, finish_reason: str | None,
@@ -251,11 +256,10 @@ class _Chat:
             for choice in delta.outputs:
                 key = i * n + choice.index
                 num_completion_tokens += len(choice.token_ids)
-                if key in counters:
-                    counters[key].add(choice.token_ids)
+                answer = counters[key].add(choice.token_ids) if key in counters else None
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
-                if self.top_k is not None and (content := self._logprobs(choice)):
+                if self.top_k is not None and (content := self._logprobs(choice, answer)):
                     logprobs = {"content": content}
                 if not message and logprobs is None and finish_reason is None:
                     continue

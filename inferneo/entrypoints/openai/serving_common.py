@@ -197,15 +197,20 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
 
-def text_tokens(choice, include_stop: bool) -> tuple[list[int], list]:
+def text_tokens(choice, include_stop: bool, answer: list[bool] | None = None) -> tuple[list[int], list]:
     """A choice's (or a streamed delta's) token ids and log-probabilities that are part of its text: all but the
     stop token (EOS or a ``stop_token_ids`` entry) that ended it, unless ``include_stop``
-    (``include_stop_str_in_output``). Their log-probabilities are the ones an answer reports, as OpenAI's match the
-    content's tokens."""
+    (``include_stop_str_in_output``); with ``answer`` (a reasoning parser's ``TokenCounter.add``, one flag per
+    token), only the answer's own tokens, not the thinking's nor a marker's. Their log-probabilities are the ones an
+    answer reports, as OpenAI's match the content's tokens."""
     count = len(choice.token_ids)
     if count and not include_stop and choice.finish_reason == "stop" and not isinstance(choice.stop_reason, str):
         count -= 1
-    return choice.token_ids[:count], (choice.logprobs or [])[:count]
+    token_ids, logprobs = choice.token_ids[:count], (choice.logprobs or [])[:count]
+    if answer is None:
+        return token_ids, logprobs
+    kept = [i for i, own in enumerate(answer[:len(token_ids)]) if own]
+    return [token_ids[i] for i in kept], [logprobs[i] for i in kept if i < len(logprobs)]
 
 
 def conversation_chars(conversation: Conversation) -> int:

@@ -125,10 +125,7 @@ class _Response:
         nor a marker's."""
         if self.top_k is None:
             return []
-        token_ids, logprobs = text_tokens(choice, False)
-        if answer is not None:
-            kept = [(t, lp) for t, lp, own in zip(token_ids, logprobs, answer, strict=False) if own]
-            token_ids, logprobs = [t for t, _ in kept], [lp for _, lp in kept]
+        token_ids, logprobs = text_tokens(choice, False, answer)
         return chat_logprobs(token_ids, logprobs, self.top_k, self.ctx.token_bytes)
 
     def body(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
