@@ -106,6 +106,10 @@ def test_markers_need_single_tokens_and_read_the_prompt():
     assert counter.add([384, 5, 6]) == [False, False, False]  # the thinking's tokens are not the answer's
     assert counter.add([385, 7, 384]) == [False, True, True]
     assert counter.count == 4  # <think> 5 6 </think>
+    blank_first = markers.token_counter(False)
+    space = tokenizer.encode(" ", add_special_tokens=False)
+    assert len(space) == 1 and blank_first.add([*space, 384, 5, 385, 7]) == [True, False, False, False, True]
+    assert blank_first.count == 3  # blank before <think>: still the thinking's block, as the splitter reads it
     no_block = markers.token_counter(False)
     no_block.add([5, 385, 6])
     assert no_block.count == 0
@@ -402,3 +406,17 @@ def test_include_reasoning_false_hides_the_thinking_from_logprobs(client, opened
     assert whole.message.content == ANSWER
     default = _chat(client, logprobs=True, extra_body=OPEN if opened else {}).choices[0]
     assert [lp.token for lp in default.logprobs.content][-3:] == answer and len(default.logprobs.content) > 3
+
+
+def test_blank_before_the_block_is_counted_as_the_splitter_reads_it(tmp_path):
+    """A model that writes a blank token before ``<think>``: the block is still its thinking (split out), and
+    ``reasoning_tokens`` counts it."""
+    script = ["\n", " ", "<think>", " they", "</think>", " The", " capital"]
+    model = make_scripted_checkpoint(tmp_path, script, added_tokens=("<think>", "</think>"), chat_template=TEMPLATE)
+    with RemoteServer(model, "--served-model-name", "think", "--reasoning-parser", "qwen3", "--kv-cache-memory",
+                      "16MiB", "--num-threads", "1", "--disable-access-log") as srv:
+        r = httpx.post(srv.url("/v1/chat/completions"), json={"model": "think", "messages": USER, "max_tokens": 20,
+                                                              "temperature": 0}, timeout=60).json()
+    message = r["choices"][0]["message"]
+    assert (message["reasoning"], message["content"]) == ("they", "The capital")
+    assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3  # <think> they </think>

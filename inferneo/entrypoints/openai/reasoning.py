@@ -19,6 +19,7 @@ the :class:`ReasoningParser` interface the chat and Responses paths use.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,12 +113,14 @@ _PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens read for an open block (the 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningMarkers:
-    """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids."""
+    """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids, and the
+    tokenizer's decoding (the counter reads whether a token before the start marker is blank)."""
 
     name: str
     format: ThinkingFormat
     start_id: int
     end_id: int
+    decode: Callable[[list[int]], str] = field(compare=False, repr=False)
     keeps_special_tokens = False
     carries_calls = False
 
@@ -141,7 +144,10 @@ class ReasoningMarkers:
         if skipped:
             raise ValueError(f"reasoning parser {name!r} reads {' and '.join(repr(m) for m in skipped)} in the "
                              "answer's text, and this tokenizer marks them special tokens, which the text leaves out")
-        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end])
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+
+        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end], decode)
 
     def describe(self) -> str:
         """The format, for the server's start-up log."""
@@ -176,10 +182,14 @@ class ThinkingTokenCounter:
 
     def add(self, token_ids: list[int]) -> list[bool]:
         """Count the answer's next tokens; for each, whether it is the answer's (after the thinking and its end
-        marker)."""
+        marker). Blank tokens before the start marker leave it undecided, as the splitter does (they are no
+        thinking, and text of the answer's if no block follows)."""
         answer = []
         for token_id in token_ids:
             if self.thinking is None:
+                if token_id != self.markers.start_id and not self.markers.decode([token_id]).strip():
+                    answer.append(True)
+                    continue
                 self.thinking = token_id == self.markers.start_id
             answer.append(not self.thinking)
             if self.thinking:
