@@ -191,6 +191,8 @@ def test_streamed_equals_whole(client, question):
             reasoning += (delta.model_extra or {}).get("reasoning") or ""
             content += delta.content or ""
             assert "<|" not in (delta.content or "") and "<|" not in ((delta.model_extra or {}).get("reasoning") or "")
+            indexes = [call.index for call in delta.tool_calls or ()]
+            assert len(indexes) == len(set(indexes))  # one entry per call in a chunk, as OpenAI sends
             for call in delta.tool_calls or ():
                 entry = calls.setdefault(call.index, {"name": None, "arguments": ""})
                 entry["name"] = entry["name"] or call.function.name

@@ -308,9 +308,12 @@ class _ToolCallStream:
         parsed.calls.extend(split_calls)
         if parsed.content:
             message["content"] = parsed.content
-        pieces = []
+        pieces: list[dict[str, Any]] = []
         for piece in parsed.calls:
             if self.single_call and piece.index > 0:
+                continue
+            if pieces and pieces[-1]["index"] == piece.index:  # one entry per call in a chunk, as OpenAI sends
+                pieces[-1]["function"]["arguments"] += piece.arguments
                 continue
             entry: dict[str, Any] = {"index": piece.index}
             if piece.index == len(self.ids):
