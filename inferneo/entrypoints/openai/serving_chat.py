@@ -99,7 +99,7 @@ class StartedChat:
     num_conversations: int
     params: SamplingParams
     thinking_open: tuple[bool, ...] | None = None  # with a reasoning parser: each conversation's answer starts
-    # inside an open thinking block (``ReasoningMarkers.opens``)
+    # inside an open thinking block (``ReasoningParser.opens``)
 
 
 async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
