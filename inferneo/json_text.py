@@ -49,3 +49,13 @@ def loads_bounded(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     if depth(value, max_depth) > max_depth:
         raise TooDeep(f"nested too deeply: JSON may nest at most {max_depth} levels")
     return value
+
+
+def object_or_text(text: str) -> Any:
+    """The JSON object ``text`` holds (a tool call's ``arguments``, decoded for a chat template, which reads them as
+    an object), else ``text`` itself: a string that is not a JSON object, or nests too deeply, stays as written."""
+    try:
+        decoded = loads_bounded(text)
+    except ValueError:
+        return text
+    return decoded if isinstance(decoded, dict) else text

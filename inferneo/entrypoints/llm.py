@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
-from inferneo.json_text import loads_bounded
+from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
@@ -360,10 +360,4 @@ def _arguments_decoded(call: Any) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         return call
-    try:
-        decoded = loads_bounded(function["arguments"])
-    except ValueError:
-        return call
-    if not isinstance(decoded, dict):
-        return call
-    return {**call, "function": {**function, "arguments": decoded}}
+    return {**call, "function": {**function, "arguments": object_or_text(function["arguments"])}}

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from inferneo.json_text import loads_bounded
+from inferneo.json_text import object_or_text
 from inferneo.sampling_params import MAX_LOGPROBS
 
 Conversation = list[dict[str, Any]]
@@ -693,15 +693,8 @@ def _tool_calls(calls: list[Any], at: str) -> list[dict[str, Any]]:
         _cap(len(call["id"]), MAX_ID_CHARS, "characters in 'id'", f"{where}: ")
         _cap(len(function["name"]), MAX_FUNCTION_NAME_CHARS, "characters in the function name", f"{where}: ")
         _check_text(function["arguments"], f"{where}: 'arguments'")
-        arguments: Any = function["arguments"]
-        try:  # arguments that are not a JSON object (or nest too deeply) reach the chat template as text
-            decoded = loads_bounded(arguments)
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict):
-            arguments = decoded
         result.append({"id": call["id"], "type": "function",
-                       "function": {"name": function["name"], "arguments": arguments}})
+                       "function": {"name": function["name"], "arguments": object_or_text(function["arguments"])}})
     return result
 
 
