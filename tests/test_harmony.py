@@ -15,8 +15,9 @@ import json
 import openai
 import pytest
 
-from inferneo.entrypoints.openai.harmony import HarmonyMarkers, HarmonySplitter, marker_tail, route_of
+from inferneo.entrypoints.openai.harmony import MARKERS, HarmonyMarkers, HarmonySplitter, route_of
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS, reasoning_for_tokenizer
+from inferneo.entrypoints.openai.streamed_text import marker_tail
 from inferneo.entrypoints.openai.tool_parsers import calls_of, default_parser_name
 from inferneo.testing.scripted_models import ScriptedAnswer, make_context_scripted_checkpoint
 from inferneo.testing.server import RemoteServer
@@ -90,7 +91,8 @@ def test_streaming_holds_back_only_what_is_undecided():
     assert splitter.feed("nd|>").content == ""
     call = HarmonySplitter().feed("<|channel|>commentary to=functions.f<|message|>{")
     assert [(c.index, c.name, c.arguments) for c in call.calls] == [(0, "f", ""), (0, None, "{")]
-    assert marker_tail("abc<|ca") == 4 and marker_tail("abc<") == 1 and marker_tail("abc") == 0
+    assert marker_tail("abc<|ca", MARKERS) == 4 and marker_tail("abc<", MARKERS) == 1
+    assert marker_tail("abc", MARKERS) == 0
     assert route_of("<|start|>assistant to=functions.x<|channel|>commentary json").name == "x"
 
 

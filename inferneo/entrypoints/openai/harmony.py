@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inferneo.entrypoints.openai.reasoning import HarmonyFormat, ReasoningPiece
+from inferneo.entrypoints.openai.streamed_text import marker_tail
 from inferneo.entrypoints.openai.tool_parsers.base import ToolCallPiece
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
@@ -75,15 +76,6 @@ def route_of(header: str) -> MessageRoute:
     return MessageRoute(MessageKind.CONTENT)
 
 
-def marker_tail(text: str, markers: tuple[str, ...] = MARKERS) -> int:
-    """How many characters at the end of ``text`` may be the start of one of ``markers`` (held back)."""
-    for size in range(min(max(map(len, markers)) - 1, len(text)), 0, -1):
-        tail = text[-size:]
-        if any(marker.startswith(tail) for marker in markers):
-            return size
-    return 0
-
-
 class HarmonySplitter:
     """Splits one harmony answer's text, piece by piece, into thinking, content and tool calls (the splitter a
     reasoning parser hands out: ``feed``, ``finish``, ``split_all``). Feeding a whole answer at once gives what
@@ -128,7 +120,7 @@ class HarmonySplitter:
                     self.held = self.held[at if keep else at + len(marker):]
                     self.state = _State.HEADER
                     continue
-                keep = marker_tail(self.held)
+                keep = marker_tail(self.held, MARKERS)
                 self._body(self.held[:len(self.held) - keep], out)
                 self.held = self.held[len(self.held) - keep:]
                 return out
