@@ -108,7 +108,7 @@ def test_parser_needs_the_markers_and_counts_the_analysis_tokens():
     tokenizer = _harmony_tokenizer()
     markers = reasoning_for_tokenizer("openai_gptoss", tokenizer)
     assert isinstance(markers, HarmonyMarkers) and markers.keeps_special_tokens and markers.carries_calls
-    assert markers.span(False) is None and not markers.opens(tokenizer, [1, 2])
+    assert markers.span(False) is None and not markers.opens([1, 2])
     with pytest.raises(ValueError, match="harmony"):
         reasoning_for_tokenizer("openai_gptoss", make_tiny_tokenizer(384))
     ids = tokenizer.encode("<|channel|>analysis<|message|>ab<|end|><|start|>assistant<|channel|>final<|message|>cd",

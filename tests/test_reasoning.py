@@ -91,9 +91,9 @@ def test_markers_need_single_tokens_and_read_the_prompt():
     tokenizer = _think_tokenizer()
     markers = ReasoningMarkers.for_tokenizer("qwen3", tokenizer)
     assert (markers.start_id, markers.end_id) == (384, 385)
-    assert markers.opens(tokenizer, tokenizer.encode("<|im_start|>assistant\n<think>\n"))
-    assert not markers.opens(tokenizer, tokenizer.encode("<|im_start|>assistant\n"))
-    assert not markers.opens(tokenizer, tokenizer.encode("<think>\n\n</think>\n\n"))  # enable_thinking false
+    assert markers.opens(tokenizer.encode("<|im_start|>assistant\n<think>\n"))
+    assert not markers.opens(tokenizer.encode("<|im_start|>assistant\n"))
+    assert not markers.opens(tokenizer.encode("<think>\n\n</think>\n\n"))  # enable_thinking false
     with pytest.raises(ValueError, match="'<think>' and '</think>' as one token"):
         ReasoningMarkers.for_tokenizer("deepseek_r1", make_tiny_tokenizer(384))
     special = make_tiny_tokenizer(384)

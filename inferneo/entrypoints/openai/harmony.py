@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from inferneo.entrypoints.openai.reasoning import HarmonyFormat, ReasoningPiece
+from inferneo.entrypoints.openai.reasoning import HarmonyFormat, ReasoningPiece, special_kept_decoder
 from inferneo.entrypoints.openai.streamed_text import marker_tail
 from inferneo.entrypoints.openai.tool_parsers.base import ToolCallPiece
 
@@ -244,16 +244,13 @@ class HarmonyMarkers:
             raise ValueError(f"reasoning parser {name!r} (harmony) needs {', '.join(missing)} as one token each of "
                              "the model's vocabulary, and this tokenizer has no such token")
 
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False)
-
-        return cls(name, fmt, {marker: vocab[marker] for marker in fmt.markers}, decode)
+        return cls(name, fmt, {marker: vocab[marker] for marker in fmt.markers}, special_kept_decoder(tokenizer))
 
     def describe(self) -> str:
         """The format, for the server's start-up log."""
         return "harmony channels (analysis: reasoning; final, commentary: content; to=functions.*: tool calls)"
 
-    def opens(self, tokenizer, prompt_ids: list[int]) -> bool:
+    def opens(self, prompt_ids: list[int]) -> bool:
         """Harmony answers start with a message header after ``<|start|>assistant``: never inside a body."""
         return False
 

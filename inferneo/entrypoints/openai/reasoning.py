@@ -19,6 +19,7 @@ the :class:`ReasoningParser` interface the chat and Responses paths use.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,7 +55,6 @@ REASONING_PARSERS: dict[str, ThinkingFormat | HarmonyFormat] = {
 """The names ``--reasoning-parser`` takes (vLLM's), and the format each reads."""
 
 
-
 class AnswerSplitter(Protocol):
     """Splits one answer's text, piece by piece, into thinking, content (and, for harmony, tool calls); ``thinking``
     tells whether the text so far ends inside the thinking."""
@@ -88,7 +88,7 @@ class ReasoningParser(Protocol):
 
     def describe(self) -> str: ...
 
-    def opens(self, tokenizer, prompt_ids: list[int]) -> bool: ...
+    def opens(self, prompt_ids: list[int]) -> bool: ...
 
     def span(self, open_at_start: bool) -> ReasoningSpan | None: ...
 
@@ -108,13 +108,19 @@ def reasoning_for_tokenizer(name: str, tokenizer) -> ReasoningParser:
     return ReasoningMarkers.for_tokenizer(name, tokenizer)
 
 
+def special_kept_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``tokenizer``'s decoding of token ids with special tokens kept (a format's markers, where they are ones)."""
+    return functools.partial(tokenizer.decode, skip_special_tokens=False)
+
+
 _PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens read for an open block (the start marker and whitespace after it)
 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningMarkers:
     """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids, and the
-    tokenizer's decoding (the counter reads whether a token before the start marker is blank)."""
+    tokenizer's decoding with special tokens kept (the prompt's tail; whether a token before the start marker is
+    blank)."""
 
     name: str
     format: ThinkingFormat
@@ -144,18 +150,15 @@ class ReasoningMarkers:
         if skipped:
             raise ValueError(f"reasoning parser {name!r} reads {' and '.join(repr(m) for m in skipped)} in the "
                              "answer's text, and this tokenizer marks them special tokens, which the text leaves out")
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False)
-
-        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end], decode)
+        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end], special_kept_decoder(tokenizer))
 
     def describe(self) -> str:
         """The format, for the server's start-up log."""
         return f"{self.format.start} ... {self.format.end}"
 
-    def opens(self, tokenizer, prompt_ids: list[int]) -> bool:
+    def opens(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt ends inside an open block (the template opened it for the answer)."""
-        tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+        tail = self.decode(prompt_ids[-_PROMPT_TAIL_TOKENS:])
         return tail.rstrip().endswith(self.format.start)
 
     def span(self, open_at_start: bool) -> ReasoningSpan:

@@ -128,7 +128,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     # Without max_tokens, a chat answer may use the rest of the context (as far as the KV cache allows).
     room = min(engine.max_model_len, engine.kv_capacity_tokens)
     reasoning = ctx.reasoning
-    thinking_open = tuple(reasoning.opens(ctx.tokenizer, ids) for ids in prompt_ids) if reasoning else None
+    thinking_open = tuple(reasoning.opens(ids) for ids in prompt_ids) if reasoning else None
     requests = []
     for i, ids in enumerate(prompt_ids):
         limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
