@@ -17,6 +17,7 @@ import pytest
 
 from inferneo.entrypoints.openai.harmony import MARKERS, HarmonyMarkers, HarmonySplitter, route_of
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS, reasoning_for_tokenizer
+from inferneo.entrypoints.openai.serving_chat import AnswerReader
 from inferneo.entrypoints.openai.streamed_text import marker_tail
 from inferneo.entrypoints.openai.tool_parsers import calls_of, default_parser_name
 from inferneo.testing.scripted_models import ScriptedAnswer, make_context_scripted_checkpoint
@@ -70,7 +71,7 @@ CASES = [
 @pytest.mark.parametrize(("text", "reasoning", "content", "calls"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_splitter_whole_and_in_any_pieces(text, reasoning, content, calls):
-    whole = HarmonySplitter().split_all(text)
+    whole = AnswerReader(HarmonySplitter(), None).read(text, last=True)
     assert (whole.reasoning, whole.content) == (reasoning, content)
     assert [(c.name, c.arguments) for c in calls_of(whole.calls)] == calls
     for cut in range(len(text) + 1):  # every split into three pieces gives the same result

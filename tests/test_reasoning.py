@@ -23,6 +23,7 @@ from inferneo.entrypoints.openai.reasoning import (
     ReasoningSplitter,
     ThinkingFormat,
 )
+from inferneo.entrypoints.openai.serving_chat import AnswerReader
 from inferneo.sampling_params import ReasoningSpan, StructuredOutputsParams
 from inferneo.structured_output.compiler import SequenceMatcher
 from inferneo.structured_output.reasoning_gate import ReasoningGate
@@ -69,7 +70,7 @@ SPLITS = [
 @pytest.mark.parametrize(("text", "open_at_start", "reasoning", "content"), [c[1:] for c in SPLITS],
                          ids=[c[0] for c in SPLITS])
 def test_splitter_whole_and_in_any_pieces(text, open_at_start, reasoning, content):
-    whole = ReasoningSplitter(THINK, open_at_start).split_all(text)
+    whole = AnswerReader(ReasoningSplitter(THINK, open_at_start), None).read(text, last=True)
     assert (whole.reasoning, whole.content) == (reasoning, content)
     for cut in range(len(text) + 1):  # every split into three pieces gives the same result
         for cut2 in range(cut, len(text) + 1):

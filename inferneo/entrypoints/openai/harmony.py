@@ -78,7 +78,7 @@ def route_of(header: str) -> MessageRoute:
 
 class HarmonySplitter:
     """Splits one harmony answer's text, piece by piece, into thinking, content and tool calls (the splitter a
-    reasoning parser hands out: ``feed``, ``finish``, ``split_all``). Feeding a whole answer at once gives what
+    reasoning parser hands out: ``feed``, ``finish``, ``thinking``). Feeding a whole answer at once gives what
     feeding it in any pieces gives: a header is held until its ``<|message|>``, and text that may start a marker
     until it is decided."""
 
@@ -140,12 +140,6 @@ class HarmonySplitter:
             out.content = held
         elif self.state is _State.BODY:
             self._body(held, out)
-        return out
-
-    def split_all(self, text: str) -> ReasoningPiece:
-        """A whole answer split at once."""
-        out = self.feed(text)
-        out.add(self.finish())
         return out
 
     def _open(self, header: str, out: ReasoningPiece) -> None:

@@ -63,8 +63,6 @@ class AnswerSplitter(Protocol):
 
     def finish(self) -> ReasoningPiece: ...
 
-    def split_all(self, text: str) -> ReasoningPiece: ...
-
     @property
     def thinking(self) -> bool: ...
 
@@ -280,10 +278,4 @@ class ReasoningSplitter:
         if self.state in (_State.THINKING, _State.THINKING_LEAD):
             return ReasoningPiece(reasoning=held.rstrip())
         return ReasoningPiece(content=held)
-
-    def split_all(self, text: str) -> ReasoningPiece:
-        """A whole answer split at once."""
-        out = self.feed(text)
-        out.add(self.finish())
-        return out
 

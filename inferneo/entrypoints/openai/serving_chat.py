@@ -21,7 +21,7 @@ from inferneo.entrypoints.openai.completion_scoring import finite
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
-from inferneo.entrypoints.openai.reasoning import AnswerSplitter, ReasoningParser, TokenCounter
+from inferneo.entrypoints.openai.reasoning import AnswerSplitter, ReasoningPiece, TokenCounter
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
@@ -39,12 +39,11 @@ from inferneo.entrypoints.openai.serving_common import (
 )
 from inferneo.entrypoints.openai.tool_parsers import (
     NamedFunctionParser,
+    ParsedCall,
     ParsedPiece,
     RequiredCallsParser,
     ToolCallParser,
-    ToolCallPiece,
     calls_of,
-    parse_all,
 )
 from inferneo.outputs import Logprob
 from inferneo.sampling_params import SamplingParams
@@ -73,6 +72,43 @@ def tool_parser_for(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallP
     return None
 
 
+class AnswerReader:
+    """One choice's answer read as it comes: the reasoning parser's split first (the thinking, and harmony's tool
+    calls), then the tool-call parser over the rest. Read whole (one piece, ``last``) or piece by piece, an answer
+    gives the same thinking, content and calls."""
+
+    def __init__(self, splitter: AnswerSplitter | None, parser: ToolCallParser | None) -> None:
+        self.splitter = splitter
+        self.parser = parser
+
+    def read(self, text: str, last: bool) -> ReasoningPiece:
+        """The thinking, content and tool-call pieces that ``text`` (the next piece; the answer's end when
+        ``last``) completes."""
+        out = ReasoningPiece(content=text)
+        if self.splitter is not None:
+            out = self.splitter.feed(text)
+            if last:
+                out.add(self.splitter.finish())
+        if self.parser is not None:
+            parsed = self.parser.feed(out.content) if out.content else ParsedPiece()
+            if last:
+                parsed.add(self.parser.finish())
+            out.content, out.calls = parsed.content, parsed.calls + out.calls
+        return out
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the answer so far ends inside its thinking (a cut there leaves the thinking unfinished)."""
+        return self.splitter is not None and self.splitter.thinking
+
+
+def answer_reader(ctx: ServerContext, req: ChatCompletionRequest, thinking_open: bool) -> AnswerReader:
+    """A fresh reader of one choice's answer: the server's reasoning parser (its answer starting inside the
+    thinking when ``thinking_open``) and the request's tool-call parser (``tool_parser_for``)."""
+    splitter = ctx.reasoning.splitter(thinking_open) if ctx.reasoning is not None else None
+    return AnswerReader(splitter, tool_parser_for(ctx, req))
+
+
 def tool_call_id() -> str:
     """A fresh id for a tool call, in OpenAI's shape: ``call_`` and 24 random characters."""
     return f"call_{uuid.uuid4().hex[:24]}"
@@ -82,7 +118,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     _check_unsupported(req)
     request_id = random_id("chatcmpl")
     started = await start_chat(ctx, req, request_id, "messages")
-    job = _Chat(request_id, req, started, lambda: tool_parser_for(ctx, req), ctx.token_bytes, ctx.reasoning)
+    job = _Chat(ctx, request_id, req, started)
     if req.stream:
         return event_stream(job.events(), started.group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -149,13 +185,11 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
 class _Chat:
     """One chat call in flight."""
 
-    def __init__(self, request_id: str, req: ChatCompletionRequest, started: StartedChat,
-                 new_parser: Callable[[], ToolCallParser | None], token_bytes: Callable[[int, str], list[int]],
-                 reasoning: ReasoningParser | None) -> None:
-        self.new_parser = new_parser
-        self.reasoning = reasoning
+    def __init__(self, ctx: ServerContext, request_id: str, req: ChatCompletionRequest, started: StartedChat) -> None:
+        self.ctx = ctx
+        self.reasoning = ctx.reasoning
         self.thinking_open = started.thinking_open or ()
-        self.token_bytes = token_bytes
+        self.token_bytes = ctx.token_bytes
         self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
         # a grammar forces the answer to be calls (tool_choice required or named): its message has no content
         self.forced_calls = req.tool_mode() in ("required", "named")
@@ -173,20 +207,18 @@ class _Chat:
         reasoning_tokens = 0
         for i in sorted(finals):
             for choice in finals[i].outputs:
-                text, reasoning, split_calls = choice.text, None, []
                 answer = None
                 if self.reasoning is not None:
                     counter = self.reasoning.token_counter(self.thinking_open[i])
                     answer = counter.add(choice.token_ids)
                     reasoning_tokens += counter.count
-                    split = self.reasoning.splitter(self.thinking_open[i]).split_all(text)
-                    text, reasoning, split_calls = split.content, split.reasoning, split.calls
-                message, finish_reason = self._message(text, choice.finish_reason, split_calls)
+                piece = self._reader(i).read(choice.text, last=True)
+                message, finish_reason = self._message(piece.content, calls_of(piece.calls), choice.finish_reason)
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": self._logprobs(choice, answer)}
                 if self.reasoning is not None and self.req.include_reasoning:
-                    message.update(_reasoning_fields(reasoning or None))
+                    message.update(_reasoning_fields(piece.reasoning or None))
                 choices.append({
                     "index": i * self.req.n + choice.index,
                     "message": message,
@@ -209,15 +241,14 @@ class _Chat:
         token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output, answer)
         return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes)
 
-    def _message(self, text: str, finish_reason: str | None,
-                 split_calls: list[ToolCallPiece] | None = None) -> tuple[dict[str, Any], str | None]:
-        """A whole answer as an assistant message (its tool calls split out: by the tool parser, or already by the
-        reasoning parser, ``split_calls``), and its finish reason."""
-        parser = self.new_parser()
-        if parser is None and not split_calls:
-            return {"role": "assistant", "content": text}, finish_reason
-        content, calls = parse_all(parser, text) if parser is not None else (text, [])
-        calls += calls_of(split_calls or [])
+    def _reader(self, conversation: int) -> AnswerReader:
+        """A fresh reader of one of conversation ``conversation``'s answers."""
+        return answer_reader(self.ctx, self.req, bool(self.thinking_open and self.thinking_open[conversation]))
+
+    def _message(self, content: str, calls: list[ParsedCall],
+                 finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A whole answer (its content and the tool calls read from it) as an assistant message, and its finish
+        reason."""
         if self.single_call:
             calls = calls[:1]
         if not calls:
@@ -244,12 +275,9 @@ class _Chat:
         streams = {}
         counters: dict[int, TokenCounter] = {}
         for key in range(self.num_conversations * n):
-            splitter = None
             if self.reasoning is not None:
-                splitter = self.reasoning.splitter(self.thinking_open[key // n])
                 counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
-            streams[key] = _ToolCallStream(self.new_parser(), self.single_call, splitter,
-                                           self.req.include_reasoning)
+            streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning)
             yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
         num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
@@ -276,36 +304,22 @@ class _Chat:
 
 
 class _ToolCallStream:
-    """One streamed choice's text as OpenAI deltas: ``reasoning`` (with a reasoning ``splitter``; also sent as
-    ``reasoning_content`` unless ``include_reasoning`` is off), ``content``, and ``tool_calls`` pieces whose first
-    piece carries the call's id, type and name."""
+    """One streamed choice's text, read by ``reader``, as OpenAI deltas: ``reasoning`` (with a reasoning parser;
+    also sent as ``reasoning_content`` unless ``include_reasoning`` is off), ``content``, and ``tool_calls`` pieces
+    whose first piece carries the call's id, type and name."""
 
-    def __init__(self, parser: ToolCallParser | None, single_call: bool, splitter: AnswerSplitter | None = None,
-                 include_reasoning: bool = True) -> None:
-        self.parser = parser
+    def __init__(self, reader: AnswerReader, single_call: bool, include_reasoning: bool = True) -> None:
+        self.reader = reader
         self.single_call = single_call
-        self.splitter = splitter
         self.include_reasoning = include_reasoning
         self.ids: list[str] = []  # one per call started
 
     def delta(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The delta for the next piece of text (the last piece when ``finish_reason`` is set)."""
         message: dict[str, Any] = {}
-        split_calls: list[ToolCallPiece] = []
-        if self.splitter is not None:
-            split = self.splitter.feed(text)
-            if finish_reason is not None:
-                split.add(self.splitter.finish())
-            if split.reasoning and self.include_reasoning:
-                message.update(_reasoning_fields(split.reasoning))
-            text, split_calls = split.content, split.calls
-        if self.parser is None:
-            parsed = ParsedPiece(text)
-        else:
-            parsed = self.parser.feed(text) if text else ParsedPiece()
-            if finish_reason is not None:
-                parsed.add(self.parser.finish())
-        parsed.calls.extend(split_calls)
+        parsed = self.reader.read(text, finish_reason is not None)
+        if parsed.reasoning and self.include_reasoning:
+            message.update(_reasoning_fields(parsed.reasoning))
         if parsed.content:
             message["content"] = parsed.content
         pieces: list[dict[str, Any]] = []

@@ -28,14 +28,15 @@ from inferneo.entrypoints.openai.protocol_responses import (
     ResponsesRequest,
     in_responses_terms,
 )
-from inferneo.entrypoints.openai.reasoning import AnswerSplitter, TokenCounter
+from inferneo.entrypoints.openai.reasoning import TokenCounter
 from inferneo.entrypoints.openai.serving_chat import (
+    AnswerReader,
     StartedChat,
+    answer_reader,
     chat_logprobs,
     render_conversations,
     start_chat,
     tool_call_id,
-    tool_parser_for,
 )
 from inferneo.entrypoints.openai.serving_common import (
     ServerContext,
@@ -47,10 +48,7 @@ from inferneo.entrypoints.openai.serving_common import (
 )
 from inferneo.entrypoints.openai.tool_parsers import (
     ParsedPiece,
-    ToolCallParser,
-    ToolCallPiece,
     calls_of,
-    parse_all,
 )
 from inferneo.json_text import loads_bounded
 
@@ -108,15 +106,13 @@ class _Response:
         self.reasoning = ctx.reasoning
         self.thinking_open = bool(started.thinking_open and started.thinking_open[0])
 
-    def new_parser(self) -> ToolCallParser | None:
-        return tool_parser_for(self.ctx, self.chat)
+    def new_reader(self) -> AnswerReader:
+        """A fresh reader of the answer: its thinking, text and tool calls."""
+        return answer_reader(self.ctx, self.chat, self.thinking_open)
 
-    def new_splitter(self) -> tuple[AnswerSplitter, TokenCounter] | None:
-        """With a reasoning parser: the answer's splitter into thinking and text, and its thinking-token count."""
-        if self.reasoning is None:
-            return None
-        return (self.reasoning.splitter(self.thinking_open),
-                self.reasoning.token_counter(self.thinking_open))
+    def new_counter(self) -> TokenCounter | None:
+        """With a reasoning parser: a fresh count of the answer's thinking tokens."""
+        return self.reasoning.token_counter(self.thinking_open) if self.reasoning is not None else None
 
     def logprobs(self, choice, answer: list[bool] | None = None) -> list[dict[str, Any]]:
         """The log-probabilities of a choice's (or delta's) tokens that are part of its text, in the chat shape
@@ -158,23 +154,16 @@ class _Response:
         finals = await collect_finals(self.group)
         final = finals[0]
         choice = final.outputs[0]
-        text, thinking, num_thinking = choice.text, "", 0
-        answer: list[bool] | None = None  # with a reasoning parser: which tokens are the answer's
-        split_calls: list[ToolCallPiece] = []
         cut = choice.finish_reason == "length"
+        counter = self.new_counter()
+        answer = counter.add(choice.token_ids) if counter is not None else None  # which tokens are the answer's
+        reader = self.new_reader()
+        piece = reader.read(choice.text, last=True)
         output = []
-        if (split := self.new_splitter()) is not None:
-            splitter, counter = split
-            answer = counter.add(choice.token_ids)
-            num_thinking = counter.count
-            piece = splitter.split_all(text)
-            text, thinking, split_calls = piece.content, piece.reasoning, piece.calls
-            if thinking and self.chat.include_reasoning:
-                output.append(_reasoning_item(_item_id("rs"), thinking, "incomplete" if cut and splitter.thinking
-                                              else "completed"))
-        parser = self.new_parser()
-        content, calls = parse_all(parser, text) if parser is not None else (text, [])
-        calls += calls_of(split_calls)  # harmony's, read by the reasoning parser
+        if piece.reasoning and self.chat.include_reasoning:
+            output.append(_reasoning_item(_item_id("rs"), piece.reasoning,
+                                          "incomplete" if cut and reader.thinking else "completed"))
+        content, calls = piece.content, calls_of(piece.calls)
         last = len(calls) - 1  # the call the answer ended in: the one a cut may have cut short
         calls = calls[:self.max_calls]
         if content or not (calls or self.forced_calls):
@@ -187,7 +176,8 @@ class _Response:
         output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments,
                               _call_status(call.arguments, cut and i == last))
                    for i, call in enumerate(calls)]
-        usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens, num_thinking)
+        usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens,
+                       counter.count if counter is not None else 0)
         return JSONResponse(self.body("incomplete" if cut else "completed", output, usage, cut))
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -208,8 +198,8 @@ class _Response:
             yield stream.event("response.failed", response=failed)
 
     async def _answer_events(self, stream: _EventWriter) -> AsyncIterator[bytes]:
-        parser = self.new_parser()
-        split = self.new_splitter()
+        reader = self.new_reader()
+        counter = self.new_counter()
         num_prompt = num_cached = num_output = 0
         finish_reason = None
         async for _, delta in self.group:
@@ -221,31 +211,16 @@ class _Response:
             num_output += len(choice.token_ids)
             if choice.finish_reason is not None:
                 finish_reason = choice.finish_reason
-            text, thinking = choice.text, ""
-            split_calls: list[ToolCallPiece] = []
-            if split is None:
-                logprobs = self.logprobs(choice)
-            else:
-                splitter, counter = split
-                logprobs = self.logprobs(choice, counter.add(choice.token_ids))  # the thinking's are not the text's
-                piece = splitter.feed(text)
-                if choice.finish_reason is not None:
-                    piece.add(splitter.finish())
-                text, thinking = piece.content, piece.reasoning if self.chat.include_reasoning else ""
-                split_calls = piece.calls
-            if parser is None:
-                parsed = ParsedPiece(content=text)
-            else:
-                parsed = parser.feed(text) if text else ParsedPiece()
-                if choice.finish_reason is not None:
-                    parsed.add(parser.finish())
-            parsed.calls.extend(split_calls)
-            for event in stream.piece(parsed, logprobs, thinking):
+            # with a reasoning parser, the thinking's tokens are not the text's
+            logprobs = self.logprobs(choice, counter.add(choice.token_ids) if counter is not None else None)
+            piece = reader.read(choice.text, choice.finish_reason is not None)
+            thinking = piece.reasoning if self.chat.include_reasoning else ""
+            for event in stream.piece(ParsedPiece(piece.content, piece.calls), logprobs, thinking):
                 yield event
         cut = finish_reason == "length"
-        for event in stream.close_all(cut, cut and split is not None and split[0].thinking):
+        for event in stream.close_all(cut, cut and reader.thinking):
             yield event
-        usage = _usage(num_prompt, num_output, num_cached, split[1].count if split is not None else 0)
+        usage = _usage(num_prompt, num_output, num_cached, counter.count if counter is not None else 0)
         status = "incomplete" if cut else "completed"
         yield stream.event(f"response.{status}", response=self.body(status, stream.output, usage, cut))
 
