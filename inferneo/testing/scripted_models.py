@@ -45,17 +45,8 @@ def make_scripted_checkpoint(path: Path, script: list[str], *, added_tokens: tup
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tiny_tokenizer(_VOCAB)
-    if added_tokens:
-        tokenizer.add_tokens(list(added_tokens))
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    ids = []
-    for text in [*script, SPECIAL_TOKENS[IM_END_ID]]:
-        encoded = tokenizer.encode(text, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(f"script token {text!r} is {len(encoded)} tokens of the vocabulary, not one")
-        ids.append(encoded[0])
+    tokenizer = _scripted_tokenizer(added_tokens, (), chat_template)
+    ids = [_one_token(tokenizer, text) for text in [*script, SPECIAL_TOKENS[IM_END_ID]]]
     if len(set(ids)) != len(ids):
         raise ValueError("each script token may appear once (its successor must be one token)")
     vocab_size = (len(tokenizer) + 7) // 8 * 8
@@ -78,13 +69,7 @@ def make_scripted_checkpoint(path: Path, script: list[str], *, added_tokens: tup
         for token, successor in zip(ids, ids[1:], strict=False):
             head[successor] = _LOGIT_SCALE * model.model.embed_tokens.weight[token]
         model.lm_head.weight.copy_(head)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.save_pretrained(path)
-    return path
+    return _save(path, model, tokenizer, [])
 
 
 _CONTEXT_HEADS = 4  # attention heads, head h reading the token h places back: a successor sees 5 tokens at most
@@ -148,13 +133,7 @@ def make_context_scripted_checkpoint(path: Path, answers: list[ScriptedAnswer], 
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tiny_tokenizer(_VOCAB)
-    if added_tokens:
-        tokenizer.add_tokens(list(added_tokens))
-    if special_tokens:
-        tokenizer.add_tokens(list(special_tokens), special_tokens=True)
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
+    tokenizer = _scripted_tokenizer(added_tokens, special_tokens, chat_template)
     scripts = [[_one_token(tokenizer, text) for text in (*a.prompt_tail, *a.answer)] for a in answers]
     starts = [len(a.prompt_tail) - 1 for a in answers]
     if min(starts, default=0) < 0:
@@ -211,11 +190,29 @@ def make_context_scripted_checkpoint(path: Path, answers: list[ScriptedAnswer], 
             mlp.down_proj.weight[out + slot[successor], n] = 1.0
         for token, i in slot.items():
             model.lm_head.weight[token, out + i] = _LOGIT_SCALE
+    return _save(path, model, tokenizer, [_one_token(tokenizer, text) for text in eos_tokens])
+
+
+def _scripted_tokenizer(added_tokens: tuple[str, ...], special_tokens: tuple[str, ...], chat_template: str | None):
+    """The tiny tokenizer with ``added_tokens`` (plain) and ``special_tokens`` added, and ``chat_template`` (when
+    given) in place of its own."""
+    tokenizer = make_tiny_tokenizer(_VOCAB)
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
+    if special_tokens:
+        tokenizer.add_tokens(list(special_tokens), special_tokens=True)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _save(path: Path, model, tokenizer, extra_eos: list[int]) -> Path:
+    """Write ``model`` and ``tokenizer`` into ``path`` with a generation config whose EOS ids are ``</s>``,
+    ``<|im_end|>`` and ``extra_eos``; returns ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    eos = [EOS_ID, IM_END_ID, *(_one_token(tokenizer, text) for text in eos_tokens)]
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": eos, "pad_token_id": PAD_ID}
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID, *extra_eos], "pad_token_id": PAD_ID}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer.save_pretrained(path)
     return path
