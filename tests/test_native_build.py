@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from inferneo.kernels.cpu import cpu_extension_name, load_cpu_kernels
-from inferneo.kernels.native_build import exclusive_build, extension_build_dir
+from inferneo.kernels.native_build import exclusive_build, extension_build_dir, extension_name
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the build lock is flock(2)")
 
@@ -84,3 +84,16 @@ def test_loading_the_kernels_after_a_killed_build_does_not_hang(tmp_path):
     assert not (root / name / "lock").exists()
     assert done.returncode == 0, done.stderr
     assert "loaded" in done.stdout and "removing the stale build lock" in done.stderr
+
+
+def test_each_install_builds_in_a_folder_of_its_own(tmp_path):
+    """Two checkouts' sources get two extension names (PyTorch would rebuild one folder in turn for them); the same
+    sources, named by any path to them, get one."""
+    first, second = tmp_path / "a" / "k.cpp", tmp_path / "b" / "k.cpp"
+    for source in (first, second):
+        source.parent.mkdir()
+        source.write_text("int x;")
+    assert extension_name("ext", [str(first)]) != extension_name("ext", [str(second)])
+    again = tmp_path / "a" / ".." / "a" / "k.cpp"
+    assert extension_name("ext", [str(again)]) == extension_name("ext", [str(first)])
+    assert extension_name("ext", [str(first)]).startswith("ext_")
