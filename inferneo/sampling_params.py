@@ -160,6 +160,14 @@ class SamplingParams:
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias): -100 bans a token in practice,
     # +100 all but forces it. Keys are token ids; values in [-100, 100].
     logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled (vLLM's field: classification over a fixed set of labels); every other
+    # token's logit is -inf. None: every token. Not empty.
+    allowed_token_ids: list[int] | None = None
+    # Words the answer must not contain (vLLM's field): the last token of each word's tokenization (with and without
+    # a leading space) is banned wherever the output so far ends with the tokens before it. The front end fills
+    # ``bad_words_token_ids`` from these with the model's tokenizer; the core reads only the token ids.
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     # Constrain the output to a JSON schema, regex, choice or grammar (see ``StructuredOutputsParams``); a dict
     # with the same keys is accepted.
     structured_outputs: StructuredOutputsParams | None = None
@@ -176,6 +184,15 @@ class SamplingParams:
             if not isinstance(self.logit_bias, Mapping):
                 raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
             self.logit_bias = dict(self.logit_bias) or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids", "a list of token ids")
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else _as_list(
+                self.bad_words, "bad_words", "a string or a list of strings")
+        if self.bad_words_token_ids is not None:
+            self.bad_words_token_ids = [_as_list(w, "bad_words_token_ids", "a list of token-id lists")
+                                        for w in _as_list(self.bad_words_token_ids, "bad_words_token_ids",
+                                                          "a list of token-id lists")]
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
@@ -225,12 +242,23 @@ class SamplingParams:
         check(self.logit_bias is None or all(_is_int(t) and t >= 0 and _is_num(b) and -100 <= b <= 100
                                              for t, b in self.logit_bias.items()), "logit_bias",
               "must map non-negative token ids to biases in [-100, 100]")
+        check(self.allowed_token_ids is None or (self.allowed_token_ids and all(
+            _is_int(t) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+              "must be a non-empty list of non-negative token ids (or None: every token)")
+        check(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+              "must be non-blank strings")
+        check(self.bad_words_token_ids is None or all(w and all(_is_int(t) and t >= 0 for t in w)
+                                                      for w in self.bad_words_token_ids), "bad_words_token_ids",
+              "must be non-empty lists of non-negative token ids")
 
-    def logit_bias_error(self, vocab_size: int) -> str | None:
-        """Why ``logit_bias`` cannot apply to a model of ``vocab_size`` tokens (an id past the vocabulary), or None."""
-        bad = sorted(t for t in self.logit_bias or () if t >= vocab_size)
-        if bad:
-            return f"logit_bias token ids must be below the vocabulary size {vocab_size}; got {bad[:5]}"
+    def token_id_error(self, vocab_size: int) -> tuple[str, str] | None:
+        """Why a field of token ids (``logit_bias``, ``allowed_token_ids``, ``bad_words_token_ids``) cannot apply to a
+        model of ``vocab_size`` tokens, as (message, field), or None."""
+        fields = (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ()),
+                  ("bad_words", [t for w in self.bad_words_token_ids or () for t in w]))
+        for name, ids in fields:
+            if bad := sorted({t for t in ids if t >= vocab_size}):
+                return f"{name} token ids must be below the vocabulary size {vocab_size}; got {bad[:5]}", name
         return None
 
     @property

@@ -3,8 +3,8 @@
 The next step is scheduled and launched before the current step's tokens reach the host, so decoding requests
 run with their input token still on the device; these tests compare every output field with the synchronous
 path (itself checked against Hugging Face in test_hf_parity) across chunked prefill, prefix-cache hits,
-preemption, stops on EOS / stop ids / max_tokens / the context limit, seeded sampling, logprobs, penalties (which
-make a step wait for the one in flight) and aborts, and check that no KV block leaks.
+preemption, stops on EOS / stop ids / max_tokens / the context limit, seeded sampling, logprobs, penalties and bad words (which
+make a step wait for the one in flight), allowed_token_ids and aborts, and check that no KV block leaks.
 """
 
 from __future__ import annotations
@@ -83,6 +83,26 @@ def test_seeded_sampling_logprobs_and_penalties(tiny_llama_dir):
                              presence_penalty=0.5 if i % 2 else 0.0) for i in range(10)]
     expected, got, _ = both(tiny_llama_dir, items, params)
     assert got == expected
+
+
+def test_bad_words_of_several_tokens_and_allowed_token_ids(tiny_llama_dir):
+    """A bad word's last token is banned only after the tokens before it, so those steps wait for the token in
+    flight (as penalties do); allowed_token_ids does not depend on earlier tokens."""
+    items = prompts(8, seed=5)
+    sync = LLM(str(tiny_llama_dir), **ENGINE)
+    free_run = outputs(sync, items, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    words = [tokens[5:7] for tokens, *_rest in free_run]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, bad_words_token_ids=[word])
+              if i % 2 else SamplingParams(temperature=0.9, seed=i, max_tokens=20, ignore_eos=True,
+                                           allowed_token_ids=sorted(set(free_run[i][0]))[:4])
+              for i, word in enumerate(words)]
+    expected, got, _ = both(tiny_llama_dir, items, params)
+    assert got == expected
+    for i, (tokens, *_rest) in enumerate(got):
+        if i % 2:
+            assert tokens[:6] == free_run[i][0][:6] and not any(tokens[j:j + 2] == words[i] for j in range(19))
+        else:
+            assert set(tokens) <= set(params[i].allowed_token_ids)
 
 
 def test_aborts_mid_generation_free_everything(tiny_llama_dir):

@@ -368,3 +368,54 @@ def test_min_tokens_ban_gives_way_only_where_a_constraint_allows_nothing_else():
     apply_min_tokens_ban(masked, rows, ids, constrained=True)
     assert masked[0, 3] == ninf and masked[1, 3] == 0.5 and masked[2, 3] == ninf
     assert torch.equal(masked[:, :3], logits[:, :3])
+
+
+def test_allowed_token_ids_limit_greedy_and_random_rows_and_their_logprobs() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.5]] * 3)
+    requests = [make_request(temperature=0.0, allowed_token_ids=[0, 3]),  # 2 is out: 3 is the best left
+                make_request(temperature=1.0, allowed_token_ids=[1, 4, 9], logprobs=1),  # 9: past the vocabulary
+                make_request(temperature=0.0)]  # unrestricted: 2
+    md = SamplingMetadata.build(rows(requests), 5, CPU)
+    assert md.allowed_rows.tolist() == [0, 1] and md.allowed_mask.tolist() == [
+        [True, False, False, True, False], [False, True, False, False, True]]
+    seen = set()
+    for _ in range(40):
+        out = sample(logits, requests)
+        assert out.sampled_token_ids[0].item() == 3 and out.sampled_token_ids[2].item() == 2
+        seen.add(out.sampled_token_ids[1].item())
+        # the log-probabilities are those of the allowed tokens only: their top alternative is token 1
+        assert out.logprob_token_ids[1, 1].item() == 1
+        assert torch.logsumexp(out.logprobs[1, 1:], 0).item() <= 1e-6
+    assert seen == {1, 4}
+    assert torch.equal(logits, torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.5]] * 3))
+    # a greedy batch with allowed tokens leaves the argmax fast path
+    md = SamplingMetadata.build(rows(requests[:1]), 5, CPU)
+    assert md.all_greedy and Sampler()(logits[:1], md).sampled_token_ids.tolist() == [3]
+
+
+def test_bad_words_ban_the_last_token_after_the_rest_of_the_word() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 0.5]] * 4)
+    words = [[2, 3], [4]]  # a two-token word (2 then 3) and a one-token word (4)
+    requests = [make_request(temperature=0.0, bad_words_token_ids=words),  # no output: only 4 banned, 2 stays
+                make_request(temperature=0.0, output=[7, 2], bad_words_token_ids=words),  # 2 3 would complete it
+                make_request(temperature=0.0, output=[2, 7], bad_words_token_ids=[[2, 7, 2]]),  # 2 7 2 would
+                make_request(temperature=0.0, output=[3], bad_words_token_ids=[[3, 2]])]
+    md = SamplingMetadata.build(rows(requests), 5, CPU)
+    assert list(zip(md.bad_words_rows.tolist(), md.bad_words_ids.tolist(), strict=True)) == [
+        (0, 4), (1, 3), (1, 4), (2, 2), (3, 2)]
+    assert sample(logits, requests).sampled_token_ids.tolist() == [2, 2, 3, 3]
+    # the prompt does not count: a word's first tokens there ban nothing
+    prompt_only = make_request(temperature=0.0, prompt=[1, 2], bad_words_token_ids=[[2, 2]])
+    assert sample(logits[:1], [prompt_only]).sampled_token_ids.tolist() == [2]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+    ({"allowed_token_ids": 3}, "allowed_token_ids"), ({"allowed_token_ids": ["3"]}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words"), ({"bad_words": [" "]}, "bad_words"), ({"bad_words": [3]}, "bad_words"),
+    ({"bad_words_token_ids": [[]]}, "bad_words_token_ids"), ({"bad_words_token_ids": [3]}, "bad_words_token_ids"),
+])
+def test_allowed_and_bad_words_values_are_checked(kwargs, field) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+    assert SamplingParams(bad_words="word").bad_words == ["word"]

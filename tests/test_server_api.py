@@ -313,6 +313,65 @@ def test_logit_bias_forces_and_bans_tokens(server, llm, client):
     assert chat.choices[0].message.content == tok.decode([forced] * 3)
 
 
+def test_allowed_token_ids_limit_every_sampled_token(server, llm, client):
+    """vLLM's allowed_token_ids over HTTP (completions and chat, sampled and greedy) and offline."""
+    tok = llm.get_tokenizer()
+    labels = [tok(w, add_special_tokens=False).input_ids[-1] for w in ("x", " y")]
+    names = {tok.decode([t]) for t in labels}
+    sampled = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=6, temperature=1.5, n=4,
+                                        seed=3, extra_body={"allowed_token_ids": labels})
+    offline = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=6, temperature=1.5, n=4, seed=3,
+                                                        allowed_token_ids=labels), use_tqdm=False)
+    assert all(set(o.token_ids) <= set(labels) for o in offline[0].outputs)
+    assert len({t for o in offline[0].outputs for t in o.token_ids}) == 2  # sampled, not one forced token
+    assert [c.text for c in sampled.choices] == [o.text for o in offline[0].outputs]  # same seeds, same tokens
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=3,
+                                          extra_body={"allowed_token_ids": labels})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(t.token in names for t in content)
+    # the alternatives past the allowed ones have no probability left
+    assert all({alt.token for alt in t.top_logprobs[:2]} == names and t.top_logprobs[2].logprob <= -9999
+               for t in content)
+    for bad, message in (([], "must not be empty"), ([-1], "token ids must be in"), (["1"], "integer"),
+                         ([10**6], "allowed_token_ids token ids must be below the vocabulary size")):
+        r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1, "allowed_token_ids": bad})
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]["message"]
+        assert r.json()["error"]["param"].startswith("allowed_token_ids")
+
+
+def test_bad_words_never_appear_in_the_answer(server, llm, client):
+    """vLLM's bad_words: a word of the greedy answer, banned, is spelled neither at its first token nor later, and
+    the answer up to the word's last token is unchanged; a word of several tokens is banned at its last token."""
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = llm.generate([PROMPTS[3]], params, use_tqdm=False)[0].outputs[0]
+    ids = plain.token_ids
+    # a word of one token that the answer says after a space
+    word = next(tok.decode([t]).strip() for t in ids if tok.decode([t]).startswith(" ") and tok.decode([t]).strip())
+    banned = llm.engine.input.bad_words_token_ids([word])
+    assert any(len(w) == 1 and w[0] in ids for w in banned)
+    answer = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=24, temperature=0,
+                                       extra_body={"bad_words": [word], "ignore_eos": True}).choices[0].text
+    answer_ids = tok(answer, add_special_tokens=False).input_ids
+    assert answer != plain.text
+    assert not any(answer_ids[i:i + len(w)] == w for w in banned for i in range(len(answer_ids)))
+    # two tokens of the answer as one word: its first token stays, the second never follows it
+    first = next(i for i in range(len(ids) - 1) if ids[i] != ids[i + 1])
+    pair = [ids[first], ids[first + 1]]
+    out = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                    bad_words_token_ids=[pair]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:first + 1] == ids[:first + 1] and out.token_ids[first + 1] != pair[1]
+    assert not any(out.token_ids[i:i + 2] == pair for i in range(len(out.token_ids)))
+    # the user's SamplingParams are left as given (the front end tokenizes a copy)
+    mine = SamplingParams(max_tokens=2, temperature=0, bad_words=[word])
+    llm.generate([PROMPTS[3]], mine, use_tqdm=False)
+    assert mine.bad_words_token_ids is None
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": [" "]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+
+
 def test_stop_string_is_cut_and_never_streamed(server, llm):
     text = llm.generate("once upon", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].text

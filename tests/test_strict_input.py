@@ -26,6 +26,7 @@ import uvicorn
 from inferneo.entrypoints.openai import protocol
 from inferneo.entrypoints.openai.guards import DISCARD_MAX_BYTES, GuardMiddleware, ServerGuards
 from inferneo.entrypoints.openai.protocol import (
+    MAX_ALLOWED_TOKEN_IDS,
     MAX_CONTENT_PARTS,
     MAX_ID_CHARS,
     MAX_LOGIT_BIAS,
@@ -87,7 +88,8 @@ SAMPLING = {
     "model": "str", "max_tokens": "int", "temperature": "float", "top_p": "float", "n": "int", "stop": "str|list",
     "seed": "int", "presence_penalty": "float", "frequency_penalty": "float", "logit_bias": "dict", "stream": "bool",
     "stream_options": "object", "user": "str", "top_k": "int", "min_p": "float", "repetition_penalty": "float",
-    "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "list", "skip_special_tokens": "bool",
+    "min_tokens": "int", "ignore_eos": "bool", "stop_token_ids": "list", "allowed_token_ids": "list",
+    "bad_words": "list", "skip_special_tokens": "bool",
     "spaces_between_special_tokens": "bool", "include_stop_str_in_output": "bool", "priority": "int",
     "response_format": "object", "structured_outputs": "object", "guided_json": "str|dict", "guided_regex": "str",
     "guided_choice": "list", "guided_grammar": "str", "truncate_prompt_tokens": "int",
@@ -269,6 +271,10 @@ CAPS = [
      cmpl(stop=["z" * MAX_STOP_CHARS]), {200}),
     ("stop-token-ids", CMPL, cmpl(stop_token_ids=[5] * (MAX_STOP_TOKEN_IDS + 1)), "stop_token_ids", "at most 1024",
      cmpl(stop_token_ids=[5] * MAX_STOP_TOKEN_IDS), {200}),
+    ("allowed-token-ids", CMPL, cmpl(allowed_token_ids=[5] * (MAX_ALLOWED_TOKEN_IDS + 1)), "allowed_token_ids",
+     "at most 262144", cmpl(allowed_token_ids=[5] * 1024), {200}),
+    ("bad-words", CMPL, cmpl(bad_words=["w"] * (MAX_STOP_STRINGS + 1)), "bad_words", "at most 64",
+     cmpl(bad_words=["w"] * MAX_STOP_STRINGS), {200}),
     ("stop-token-id-huge", CMPL, cmpl(stop_token_ids=[2**31]), "stop_token_ids", "token ids must be in",
      cmpl(stop_token_ids=[2**31 - 1]), {400}),  # within the cap, past the vocabulary
     ("logit-bias-entries", CHAT, chat(logit_bias={str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}), "logit_bias",

@@ -166,9 +166,10 @@ class AsyncEngine(FrontEndFacts):
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one submission must differ")
-        budgets = [self.input.check(r.prompt_token_ids, r.params, param, r.priority) if r.pooling is None
+        resolved = [self.input.resolve(r.params) if r.pooling is None else None for r in requests]
+        budgets = [self.input.check(r.prompt_token_ids, params, param, r.priority) if r.pooling is None
                    else self.input.check_embedding(r.prompt_token_ids, r.pooling, param, r.priority)
-                   for r in requests]
+                   for r, params in zip(requests, resolved, strict=True)]
         group = RequestGroup(self.abort, self._late_aborts.append, ids)
         num_seqs = sum(r.params.n if r.pooling is None else 1 for r in requests)
         arrival = time.monotonic()
@@ -182,7 +183,7 @@ class AsyncEngine(FrontEndFacts):
                         f"the server is busy: {queued} requests are waiting (the limit is "
                         f"{self.max_queued_requests}); retry later")
             planned = []
-            for request, max_tokens in zip(requests, budgets, strict=True):
+            for request, params, max_tokens in zip(requests, resolved, budgets, strict=True):
                 try:
                     if request.pooling is not None:
                         planned.append(self._processor.prepare_embedding(
@@ -190,7 +191,7 @@ class AsyncEngine(FrontEndFacts):
                             arrival))
                         continue
                     planned.append(self._processor.prepare(
-                        request.request_id, None, request.prompt_token_ids, request.params, max_tokens,
+                        request.request_id, None, request.prompt_token_ids, params, max_tokens,
                         self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora))
                 except ValueError as exc:
                     raise InvalidRequestError(str(exc)) from None

@@ -20,7 +20,7 @@ from inferneo.engine.request import Request, RequestStatus
 from inferneo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from inferneo.pooling.config import PoolingConfig
 from inferneo.pooling.pooler import finish_embedding, fold_partial
-from inferneo.sampling.metadata import min_tokens_banned
+from inferneo.sampling.metadata import min_tokens_banned, needs_output_tokens
 from inferneo.sampling.ops import rewind_seeded_generator
 from inferneo.spec_decode.acceptance import accepted_prefix
 from inferneo.spec_decode.config import SpeculativeConfig
@@ -467,10 +467,11 @@ def _constraint_ended(request: Request) -> bool:
 
 
 def _needs_previous_tokens(request: Request) -> bool:
-    """Whether sampling ``request``'s next token reads its generated tokens (penalties, min_tokens bans)."""
+    """Whether sampling ``request``'s next token reads its generated tokens (penalties, min_tokens bans, bad words
+    longer than one token)."""
     params = request.sampling_params
     return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-            or bool(min_tokens_banned(request.sampling_row)))
+            or bool(min_tokens_banned(request.sampling_row)) or needs_output_tokens(params))
 
 
 @dataclass(slots=True)

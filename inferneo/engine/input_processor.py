@@ -7,7 +7,8 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
   short (as OpenAI and vLLM's server do); ``max_tokens=None`` means "up to the context length";
 - prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
-- ``logprobs`` and ``prompt_logprobs`` are at most :data:`MAX_LOGPROBS`; ``logit_bias`` ids are in the vocabulary;
+- ``logprobs`` and ``prompt_logprobs`` are at most :data:`MAX_LOGPROBS`; the ids of ``logit_bias``,
+  ``allowed_token_ids`` and ``bad_words`` (tokenized by :meth:`InputProcessor.resolve`) are in the vocabulary;
 - a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
   against the vocabulary later);
 - a non-zero ``priority`` needs a core that schedules by priority: under FCFS it would be silently ignored, so it is
@@ -109,8 +110,10 @@ class InputProcessor:
                 f"the request needs up to {n + max_tokens} tokens of KV cache ({n} in the prompt, {max_tokens} to "
                 f"generate) but the cache holds {limits.kv_capacity_tokens}: lower max_tokens or give the cache "
                 "more memory", "max_tokens")
-        if (error := params.logit_bias_error(vocab)) is not None:
-            raise InvalidRequestError(error, "logit_bias")
+        if params.bad_words and params.bad_words_token_ids is None:
+            raise InvalidRequestError("bad_words must be tokenized first (InputProcessor.resolve)", "bad_words")
+        if (error := params.token_id_error(vocab)) is not None:
+            raise InvalidRequestError(*error)
         if outside := sorted({t for t in params.stop_token_ids if t >= vocab}):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab} (such a token is "
                                       f"never generated); got {outside[:5]}", "stop_token_ids")
@@ -128,6 +131,26 @@ class InputProcessor:
             except StructuredOutputError as e:
                 raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """``params`` as the core takes them: with ``bad_words`` tokenized into ``bad_words_token_ids`` (a copy;
+        the caller's object is left as it was), or ``params`` itself when there is nothing to tokenize."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        resolved = params.clone()
+        resolved.bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
+        return resolved
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokenizations, as the answer may spell it: at the start of a text and after a space (the form
+        a word takes mid-sentence for most tokenizers), each distinct one once."""
+        sequences: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenize(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def check_priority(self, priority: int) -> None:
         """Raise ``InvalidRequestError`` for a non-zero ``priority`` when the core does not schedule by priority

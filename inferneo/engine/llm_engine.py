@@ -87,6 +87,7 @@ class LLMEngine(FrontEndFacts):
             text, prompt_ids = prompt, self.input.tokenize(prompt)
         else:
             text, prompt_ids = prompt_text, list(prompt)
+        params = self.input.resolve(params)
         max_tokens = self.input.check(prompt_ids, params, priority=priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,

@@ -76,6 +76,12 @@ class SamplingMetadata:
     # (row, token) pairs banned by min_tokens this step: two [N] int64 tensors, or None.
     min_tokens_rows: torch.Tensor | None
     min_tokens_ids: torch.Tensor | None
+    # (row, token) pairs banned by bad_words this step: two [N] int64 tensors, or None.
+    bad_words_rows: torch.Tensor | None
+    bad_words_ids: torch.Tensor | None
+    # allowed_token_ids: the rows that set it ([R] int64) and the tokens each may sample ([R, V] bool), or None.
+    allowed_rows: torch.Tensor | None
+    allowed_mask: torch.Tensor | None
     # Number of random (non-greedy) rows.
     num_random: int
     # Random rows that carry their own generator: row indices and generators, in the same order.
@@ -115,6 +121,10 @@ class SamplingMetadata:
         bias_rows: list[int] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
+        bad_rows: list[int] = []
+        bad_ids: list[int] = []
+        allowed_rows: list[int] = []
+        allowed_ids: list[list[int]] = []
         max_num_logprobs: int | None = None
         for i, row in enumerate(rows):
             p = row.params
@@ -141,6 +151,13 @@ class SamplingMetadata:
                 if t < vocab_size:
                     banned_rows.append(i)
                     banned_ids.append(t)
+            for t in bad_words_banned(row):
+                if t < vocab_size:
+                    bad_rows.append(i)
+                    bad_ids.append(t)
+            if p.allowed_token_ids is not None:
+                allowed_rows.append(i)
+                allowed_ids.append(p.allowed_token_ids)  # ids past the vocabulary are dropped
             if p.logprobs is not None:
                 max_num_logprobs = max(p.logprobs, max_num_logprobs or 0)
         if max_num_logprobs is not None:
@@ -185,6 +202,15 @@ class SamplingMetadata:
             min_tokens_rows = _tensor(banned_rows, torch.int64, device)
             min_tokens_ids = _tensor(banned_ids, torch.int64, device)
 
+        bad_words_rows = bad_words_ids = None
+        if bad_ids:
+            bad_words_rows = _tensor(bad_rows, torch.int64, device)
+            bad_words_ids = _tensor(bad_ids, torch.int64, device)
+
+        allowed_mask = None
+        if allowed_rows:
+            allowed_mask = _scatter_rows(allowed_ids, len(allowed_rows), vocab_size, device, torch.bool)
+
         return cls(
             batch_size=batch_size,
             vocab_size=vocab_size,
@@ -206,6 +232,10 @@ class SamplingMetadata:
             bias_values=bias[2],
             min_tokens_rows=min_tokens_rows,
             min_tokens_ids=min_tokens_ids,
+            bad_words_rows=bad_words_rows,
+            bad_words_ids=bad_words_ids,
+            allowed_rows=_tensor(allowed_rows, torch.int64, device) if allowed_rows else None,
+            allowed_mask=allowed_mask,
             num_random=batch_size - sum(greedy),
             seeded_rows=seeded_rows,
             generators=generators,
@@ -227,6 +257,27 @@ def min_tokens_banned(row: SamplingRow) -> list[int]:
     if not params.ignore_eos:
         banned |= row.eos_token_ids
     return sorted(banned)
+
+
+def bad_words_banned(row: SamplingRow) -> list[int]:
+    """Token ids that would complete one of the request's bad words now: each word's last token, where the output so
+    far ends with the tokens before it (a one-token word is banned everywhere). As in vLLM, only the output counts,
+    not the prompt."""
+    words = row.params.bad_words_token_ids
+    if not words:
+        return []
+    output = row.output_token_ids
+    banned = set()
+    for word in words:
+        prefix = len(word) - 1
+        if prefix == 0 or (len(output) >= prefix and output[len(output) - prefix:] == word[:-1]):
+            banned.add(word[-1])
+    return sorted(banned)
+
+
+def needs_output_tokens(params: SamplingParams) -> bool:
+    """Whether a request's bans depend on the tokens it has generated (a bad word longer than one token)."""
+    return any(len(word) > 1 for word in params.bad_words_token_ids or ())
 
 
 def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -38,12 +38,13 @@ class SamplerOutput:
 class Sampler:
     """Sample the next token for every row of a ``[B, V]`` logits tensor, on the logits' device.
 
-    Pipeline, per row: structured output's bitmask (disallowed tokens to -inf) → logit_bias added → min_tokens mask (EOS / stop ids to -inf) → repetition, frequency,
-    presence penalties →
+    Pipeline, per row: structured output's bitmask (disallowed tokens to -inf) → tokens outside
+    ``allowed_token_ids`` to -inf → logit_bias added → min_tokens mask (EOS / stop ids to -inf) → tokens that would
+    complete a bad word to -inf → repetition, frequency, presence penalties →
     [log-probabilities taken here] → greedy rows: argmax; random rows: ÷ temperature → top-k → top-p → min-p →
     softmax → exponential race (seeded rows draw from their own generator).
 
-    Log-probabilities are the log-softmax of the logits after logit_bias, min_tokens masking and penalties but
+    Log-probabilities are the log-softmax of the logits after logit_bias, the token bans and penalties but
     before temperature and the top-k / top-p / min-p filters, so they describe the model's (biased, penalized)
     distribution whatever the sampling settings. The caller's logits tensor is never modified.
 
@@ -60,12 +61,13 @@ class Sampler:
         md = metadata
         assert logits.dim() == 2 and tuple(logits.shape) == (md.batch_size, md.vocab_size), (
             f"logits {tuple(logits.shape)} do not match metadata ({md.batch_size}, {md.vocab_size})")
+        bans = md.allowed_rows is not None or md.bad_words_rows is not None
         edits = (md.bias_rows is not None or md.min_tokens_rows is not None or md.has_penalties
-                 or md.bitmask_rows is not None)
+                 or md.bitmask_rows is not None or bans)
         if md.all_greedy and not edits and md.max_num_logprobs is None:
             return SamplerOutput(self._argmax(logits), None, None, None)  # no float32 copy needed
         if (md.all_greedy and md.max_num_logprobs is None and md.bitmask_rows is not None
-                and md.bias_rows is None and md.min_tokens_rows is None and not md.has_penalties):
+                and md.bias_rows is None and md.min_tokens_rows is None and not md.has_penalties and not bans):
             return SamplerOutput(greedy_under_bitmask(logits, md.bitmask_rows, md.bitmask_words, argmax=self._argmax),
                                  None, None, None)
         x = logits.float()
@@ -76,10 +78,14 @@ class Sampler:
                 x, owned = x.clone(), True
             if md.bitmask_rows is not None:
                 apply_token_bitmask(x, md.bitmask_rows, md.bitmask_words)
+            if md.allowed_rows is not None:
+                x[md.allowed_rows] = x[md.allowed_rows].masked_fill_(~md.allowed_mask, float("-inf"))
             if md.bias_rows is not None:
                 x.index_put_((md.bias_rows, md.bias_ids), md.bias_values, accumulate=True)
             if md.min_tokens_rows is not None:
                 apply_min_tokens_ban(x, md.min_tokens_rows, md.min_tokens_ids, md.bitmask_rows is not None)
+            if md.bad_words_rows is not None:
+                x[md.bad_words_rows, md.bad_words_ids] = float("-inf")
             if md.has_penalties:
                 apply_penalties(x, md.output_counts, md.prompt_mask, md.repetition_penalty,
                                 md.frequency_penalty, md.presence_penalty)

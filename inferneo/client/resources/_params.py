@@ -34,6 +34,8 @@ class SamplingArgs(TypedDict, total=False):
     min_tokens: int
     ignore_eos: bool
     stop_token_ids: list[int] | None
+    allowed_token_ids: list[int] | None
+    bad_words: list[str] | None
     skip_special_tokens: bool
     spaces_between_special_tokens: bool
     include_stop_str_in_output: bool

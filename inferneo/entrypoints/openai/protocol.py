@@ -65,6 +65,8 @@ MAX_STOP_TOKEN_IDS = 1024
 """Ids in ``stop_token_ids``."""
 MAX_LOGIT_BIAS = 1024
 """Entries in ``logit_bias``."""
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
+"""Entries in ``allowed_token_ids`` (more than any vocabulary served)."""
 MAX_MODEL_CHARS = 4096
 """Characters in ``model`` (a served name may be a local path: PATH_MAX is 4096)."""
 MAX_ID_CHARS = 256
@@ -195,6 +197,8 @@ class _SamplingBody(_Body):
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -240,6 +244,27 @@ class _SamplingBody(_Body):
             _cap(len(value), MAX_STOP_TOKEN_IDS, "stop token ids")
             if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
                 raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
+        return value
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _check_allowed_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must not be empty (leave it out to allow every token)")
+            _cap(len(value), MAX_ALLOWED_TOKEN_IDS, "allowed token ids")
+            if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
+                raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _check_bad_words(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            _cap(len(value), MAX_STOP_STRINGS, "bad words")
+            _cap(max((len(w) for w in value), default=0), MAX_STOP_CHARS, "characters in a bad word")
+            if any(not w.strip() for w in value):
+                raise ValueError("bad words must not be blank")
         return value
 
     @field_validator("logit_bias")
