@@ -240,22 +240,14 @@ class _SamplingBody(_Body):
     @field_validator("stop_token_ids")
     @classmethod
     def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            _cap(len(value), MAX_STOP_TOKEN_IDS, "stop token ids")
-            if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
-                raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
-        return value
+        return _token_id_list(value, MAX_STOP_TOKEN_IDS, "stop token ids")
 
     @field_validator("allowed_token_ids")
     @classmethod
     def _check_allowed_token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("must not be empty (leave it out to allow every token)")
-            _cap(len(value), MAX_ALLOWED_TOKEN_IDS, "allowed token ids")
-            if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
-                raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
-        return value
+        if value is not None and not value:
+            raise ValueError("must not be empty (leave it out to allow every token)")
+        return _token_id_list(value, MAX_ALLOWED_TOKEN_IDS, "allowed token ids")
 
     @field_validator("bad_words")
     @classmethod
@@ -567,6 +559,15 @@ def _prompt_list(value: str | list) -> list[str | list[int]]:
 
 def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_id_list(value: list[int] | None, cap: int, what: str) -> list[int] | None:
+    """``value`` unless it holds more than ``cap`` ids or an id outside ``[0, TOKEN_ID_MAX]``."""
+    if value is not None:
+        _cap(len(value), cap, what)
+        if any(not 0 <= t <= TOKEN_ID_MAX for t in value):
+            raise ValueError(f"token ids must be in [0, {TOKEN_ID_MAX}]")
+    return value
 
 
 def _cap(count: int, limit: int, what: str, where: str = "") -> None:
