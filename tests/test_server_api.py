@@ -163,6 +163,29 @@ def test_greedy_chat_equals_llm_chat(server, llm):
     assert body["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in expected)
 
 
+def test_chat_template_kwargs_follow_one_rule_offline_and_served(server, llm):
+    """A template variable reaches the template on both sides; a key that would set the conversation, the tools or
+    where the prompt ends, or change what the template call returns, is refused on both (a 400 naming
+    chat_template_kwargs on the server), never dropped without a word."""
+    conversation = [{"role": "user", "content": "hello"}]
+    extra = {"unused_variable": 1}
+    expected = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False,
+                        chat_template_kwargs=extra)
+    body = post(server, "/v1/chat/completions", {"messages": conversation, "max_tokens": 6, "temperature": 0,
+                                                 "chat_template_kwargs": extra}).json()
+    assert body["choices"][0]["message"]["content"] == expected[0].outputs[0].text
+    for key, field in (("add_generation_prompt", "add_generation_prompt"), ("tools", "tools"),
+                       ("conversation", "messages"), ("tokenize", None), ("return_dict", None)):
+        r = post(server, "/v1/chat/completions", {"messages": conversation, "max_tokens": 2,
+                                                  "chat_template_kwargs": {key: True}})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "chat_template_kwargs" and f"cannot set {key}" in error["message"]
+        with pytest.raises(ValueError, match=f"chat_template_kwargs cannot set {key}") as offline:
+            llm.chat(conversation, SamplingParams(max_tokens=2), use_tqdm=False, chat_template_kwargs={key: True})
+        assert field is None or field in str(offline.value)
+
+
 # ---- the guide's two basic examples, as raw HTTP and through the openai client ----------------------------------
 
 def test_guide_prompt_batch_over_raw_http(server):

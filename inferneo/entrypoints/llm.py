@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
+from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
@@ -268,10 +269,6 @@ def _lora_refs(lora_request, n: int) -> list[LoraRef | None]:
     return [None if item is None else item.to_ref() for item in lora_request]
 
 
-_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "tokenize", "add_generation_prompt",
-                                       "continue_final_message", "chat_template"})
-
-
 def _template_kwargs(tools: list[dict[str, Any]] | None,
                      chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The extra keyword arguments ``chat`` passes to ``apply_chat_template``: ``tools`` and the user's template
@@ -281,9 +278,8 @@ def _template_kwargs(tools: list[dict[str, Any]] | None,
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
     kwargs = dict(chat_template_kwargs or {})
-    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
-    if reserved:
-        raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: pass chat()'s own argument")
+    if (error := template_kwargs_error(kwargs)) is not None:
+        raise ValueError(error)
     if tools is not None:
         kwargs["tools"] = tools
     return kwargs

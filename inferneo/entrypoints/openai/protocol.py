@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.json_text import object_or_text
 from inferneo.sampling_params import MAX_LOGPROBS
 
@@ -439,6 +440,8 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
         if value is not None:
             _cap(len(value), MAX_TEMPLATE_KWARGS, "entries")
             _cap(max((len(k) for k in value), default=0), MAX_ID_CHARS, "characters in a key")
+            if (error := template_kwargs_error(value)) is not None:
+                raise ValueError(error)
         return value
 
     @field_validator("modalities")

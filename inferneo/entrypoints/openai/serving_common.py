@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
+from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
 from inferneo.entrypoints.openai.reasoning import ReasoningParser, reasoning_for_tokenizer
@@ -30,12 +31,6 @@ from inferneo.sampling_params import SamplingParams, StructuredOutputsParams
 # on the server's tokenizer thread instead of the event loop: a few milliseconds of tokenizing, below which the
 # thread hop would cost more than the loop's pause.
 OFF_LOOP_TEXT_CHARS = 16_384
-
-# Keys of chat_template_kwargs that would change what apply_chat_template returns rather than the template.
-_RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict",
-                             "return_tensors", "padding", "truncation", "max_length", "tools", "documents",
-                             "continue_final_message"}
-
 
 @dataclass(slots=True)
 class ServerContext:
@@ -187,7 +182,9 @@ def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bo
     it."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
-    extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    if (error := template_kwargs_error(template_kwargs)) is not None:
+        raise bad_request(error, "chat_template_kwargs")
+    extra = dict(template_kwargs or {})
     if continue_final_message:
         extra["continue_final_message"] = True
     try:
