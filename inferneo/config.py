@@ -142,6 +142,16 @@ class EngineConfig:
         None, str, "HF folder, hub id in the local HF cache, or .gguf file "
         "(default: the bundled SmolLM2-135M-Instruct)")
     tokenizer: str | None = option(None, str, "tokenizer folder, if not the model's")
+    trust_remote_code: bool = option(
+        False, bool, "accepted so that vLLM command lines and LLM(...) calls run unchanged: Inferneo runs only its "
+        "own model code, never Python files from a checkpoint")
+    chat_template: str | None = option(
+        None, str, "the chat template instead of the model's: a Jinja file, or the template itself in one line",
+        metavar="FILE_OR_TEMPLATE")
+    generation_config: str = option(
+        "auto", str, "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty) for requests that "
+        "leave them out: auto takes the model's generation_config.json; vllm takes none (the OpenAI defaults); a "
+        "folder takes its generation_config.json. EOS ids always come from the model's", metavar="auto|vllm|FOLDER")
     dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (on CPU: bf16 for a 16-bit "
                         "checkpoint where the CPU has AMX or AVX512_BF16, else fp32)",
                         choices=("auto", "float32", "bfloat16", "float16"))

@@ -457,6 +457,38 @@ def test_generation_config_sampling_defaults_are_honoured(tiny_checkpoint_factor
     assert LLM(str(dst)).get_default_sampling_params().temperature == 0.0
 
 
+    # --generation-config vllm: the OpenAI defaults, the model's EOS ids kept; a folder: its defaults
+    plain = LLM(str(dst), generation_config="vllm")
+    defaults = plain.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (1.0, 1.0, 0, 1.0)
+    assert {2, 7} <= plain.engine.eos_token_ids
+    other = tmp_path / "other-defaults"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5, "eos_token_id": 9}))
+    chosen = LLM(str(dst), generation_config=str(other))
+    defaults = chosen.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.3, 5, 1.0)
+    assert {2, 7} <= chosen.engine.eos_token_ids and 9 not in chosen.engine.eos_token_ids
+    with pytest.raises(FileNotFoundError, match="generation-config"):
+        LLM(str(dst), generation_config=str(tmp_path / "nowhere"))
+
+
+def test_chat_template_flag_replaces_the_models(tiny_llama_dir, tmp_path):
+    """``chat_template`` (``--chat-template``): a Jinja file or the template itself, checked at start-up."""
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    inline = "{% for m in messages %}<{{ m.role }}:{{ m.content }}>{% endfor %}"
+    llm = LLM(str(tiny_llama_dir), chat_template=inline, dtype="float32", num_threads=1)
+    assert llm.chat(conversation, greedy(max_tokens=1), use_tqdm=False)[0].prompt == "<user:hi><assistant:yo>"
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    llm = LLM(str(tiny_llama_dir), chat_template=str(template), dtype="float32", num_threads=1)
+    assert llm.chat(conversation, greedy(max_tokens=1), use_tqdm=False)[0].prompt == "[hi][yo]"
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        LLM(str(tiny_llama_dir), chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="does not parse"):
+        LLM(str(tiny_llama_dir), chat_template="{% for m in messages %}{{ m.content }}")
+
+
 def test_a_prompt_past_the_tokenizer_limit_is_refused_without_a_transformers_warning(llm):
     """transformers warns that a text longer than the tokenizer's ``model_max_length`` "will result in indexing
     errors"; the engine checks the length itself (against the model's context), so that warning is noise."""

@@ -186,6 +186,21 @@ def test_chat_template_kwargs_follow_one_rule_offline_and_served(server, llm):
         assert field is None or field in str(offline.value)
 
 
+def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tmp_path, llm):
+    """vLLM's serve flags as its users write them: --chat-template (a file), --generation-config vllm,
+    --enable-auto-tool-choice and --trust-remote-code."""
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    with RemoteServer(tiny_llama_dir, "--chat-template", str(template), "--generation-config", "vllm",
+                      "--enable-auto-tool-choice", "--trust-remote-code", "--kv-cache-memory", "16MiB",
+                      "--num-threads", "1", "--engine-in-process", "--disable-access-log") as srv:
+        messages = [{"role": "user", "content": "hi"}]
+        tokens = post(srv, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+        assert tokens == llm.get_tokenizer()("[hi]", add_special_tokens=False).input_ids
+        chat = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "temperature": 0}).json()
+        assert chat["usage"]["prompt_tokens"] == len(tokens)
+
+
 # ---- the guide's two basic examples, as raw HTTP and through the openai client ----------------------------------
 
 def test_guide_prompt_batch_over_raw_http(server):

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
                    help="how tool calls are read from answers to tool_choice 'auto': hermes (<tool_call> blocks: "
                    "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), none (they stay in content); default: "
                    "chosen from the model's chat template")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted so that vLLM command lines run unchanged: tool_choice 'auto' is always served, "
+                   "read by --tool-call-parser or the parser the chat template implies")
     g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="split a reasoning model's thinking (<think> ... </think>) from its answers: returned as "
                    "'reasoning' (and 'reasoning_content'), with tool calls and structured output applied to the "

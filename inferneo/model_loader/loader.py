@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,29 @@ def load_generation_config(source: ModelSource) -> dict[str, Any]:
     if source.kind == "gguf":
         return gguf_generation_config(source.path)
     return hf_generation_config(source.path)
+
+
+# generation_config.json keys that are sampling defaults (what --generation-config vllm leaves out)
+SAMPLING_DEFAULT_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config_for(source: ModelSource, choice: str = "auto") -> dict[str, Any]:
+    """The generation config requests are served with (``--generation-config``): ``auto``, the model's; ``vllm``,
+    the model's without its sampling defaults (vLLM's name for "use the OpenAI defaults"); a folder, its
+    ``generation_config.json`` with the model's EOS ids (which end the model's answers whatever the defaults)."""
+    model = load_generation_config(source)
+    if choice == "auto":
+        return model
+    if choice == "vllm":
+        return {k: v for k, v in model.items() if k not in SAMPLING_DEFAULT_KEYS}
+    folder = Path(choice).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        raise FileNotFoundError(f"generation config {choice!r} (--generation-config): expected auto, vllm or a "
+                                "folder with a generation_config.json")
+    config = hf_generation_config(folder)
+    if "eos_token_id" in model:
+        config["eos_token_id"] = model["eos_token_id"]
+    return config
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:

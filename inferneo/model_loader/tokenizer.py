@@ -16,13 +16,46 @@ if TYPE_CHECKING:  # transformers takes seconds to import; only the tokenizer ne
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None,
+                   chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, or the one at ``tokenizer`` (a folder, .gguf file or hub id) when given.
 
     When the tokenizer files name no EOS token, it is taken from the model's generation_config.json or
     config.json. The checkpoint's ``chat_template`` (tokenizer_config.json, chat_template.jinja or GGUF
-    metadata) is set when there is one.
+    metadata) is set when there is one; ``chat_template`` (``--chat-template``: a file or the template itself)
+    replaces it.
     """
+    tok = _load_tokenizer(source, tokenizer)
+    if chat_template is not None:
+        tok.chat_template = chat_template_text(chat_template)
+    return tok
+
+
+def chat_template_text(value: str) -> str:
+    """``--chat-template``'s template: the file's text when ``value`` names a file, else ``value`` itself when it is
+    Jinja (it has ``{{`` or ``{%``). ``ValueError`` for anything else (a path that is not there) and for a template
+    Jinja cannot parse, so a typo fails at start-up instead of at the first chat request."""
+    import jinja2
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"chat template {value!r} (--chat-template) is neither a file nor a Jinja template (no "
+                         "'{{' or '{%' in it)")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        where = f"{path}" if path.is_file() else "the template given"
+        raise ValueError(f"chat template (--chat-template) does not parse: {where}, line {exc.lineno}: "
+                         f"{exc.message}") from None
+    return text
+
+
+def _load_tokenizer(source: ModelSource, tokenizer: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer ``load_tokenizer`` describes, with the checkpoint's own chat template."""
     if tokenizer is not None and _has_tokenizer_files(Path(tokenizer).expanduser()):
         tok_source = ModelSource("hf_dir", Path(tokenizer).expanduser(), str(tokenizer))  # tokenizer files alone
     elif tokenizer is not None:
