@@ -103,6 +103,27 @@ def test_vllm_prompt_logprobs_field(client, tiny_llama_dir):
     assert out.choices[0].logprobs is None  # logprobs was not asked for
 
 
+def test_vllm_prompt_logprobs_on_chat(client, server, tiny_llama_dir):
+    """Chat's ``prompt_logprobs``: the rendered conversation's tokens scored as HF scores them, in the response
+    (vLLM's place) and in each choice (one per conversation with a list of them); a 400 with stream."""
+    messages = [{"role": "user", "content": "The cat sat"}]
+    ids = httpx.post(server.url("/tokenize"), json={"messages": messages}, timeout=60).json()["tokens"]
+    ref = hf_prompt_logprobs(str(tiny_llama_dir), tuple(ids))
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0,
+                                         extra_body={"prompt_logprobs": 1})
+    rows = out.model_extra["prompt_logprobs"]
+    assert rows == out.choices[0].model_extra["prompt_logprobs"]
+    assert rows[0] is None and len(rows) == len(ids) == out.usage.prompt_tokens
+    for i in range(1, len(ids)):
+        assert abs(rows[i][str(ids[i])]["logprob"] - ref[i - 1, ids[i]].item()) < 1e-4
+    two = httpx.post(server.url("/v1/chat/completions"), timeout=60, json={
+        "messages": [messages, [{"role": "user", "content": "hi"}]], "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert "prompt_logprobs" not in two and [len(c["prompt_logprobs"]) for c in two["choices"]][0] == len(ids)
+    streamed = httpx.post(server.url("/v1/chat/completions"), timeout=60, json={
+        "messages": messages, "max_tokens": 1, "prompt_logprobs": 1, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_stream_with_echo_sends_the_prompt_first(client):
     kwargs = dict(model=MODEL, prompt="Once upon a time there was", echo=True, logprobs=1, max_tokens=4,
                   temperature=0, extra_body={"ignore_eos": True})

@@ -373,6 +373,9 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: with a reasoning parser, false leaves the thinking out of the answer (it is still generated).
     include_reasoning: bool = True
+    # vLLM's: every prompt token's log-probability with this many alternatives (the rendered conversation's tokens),
+    # in the response's ``prompt_logprobs`` (and each choice's); not with stream.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.request_group import EngineRequest, RequestGroup
-from inferneo.entrypoints.openai.completion_scoring import finite
+from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
@@ -155,6 +155,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     (a prompt too long)."""
     model = ctx.model_name(req.model)
     check_common(req)
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available with stream", "prompt_logprobs")
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     prompt_ids = await render_conversations(ctx, req)
@@ -171,7 +173,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         constraint_i = constraint
         if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
             constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
-        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i)
+        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
         if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads them
             params.skip_special_tokens = params.spaces_between_special_tokens = False
         requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
@@ -219,18 +221,24 @@ class _Chat:
                     logprobs = {"content": self._logprobs(choice, answer)}
                 if self.reasoning is not None and self.req.include_reasoning:
                     message.update(_reasoning_fields(piece.reasoning or None))
-                choices.append({
+                body = {
                     "index": i * self.req.n + choice.index,
                     "message": message,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
                     "stop_reason": choice.stop_reason,
-                })
-        return JSONResponse({
+                }
+                if self.req.prompt_logprobs is not None:
+                    body["prompt_logprobs"] = prompt_logprobs_json(finals[i].prompt_logprobs)
+                choices.append(body)
+        response = {
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": choices, "system_fingerprint": None,
             "usage": usage_of(finals.values(), reasoning_tokens if self.reasoning is not None else None),
-        })
+        }
+        if self.req.prompt_logprobs is not None and len(finals) == 1:  # vLLM's place, for one conversation
+            response["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
+        return JSONResponse(response)
 
     def _logprobs(self, choice, answer: list[bool] | None = None) -> list[dict[str, Any]]:
         """The chat logprobs of a choice's (or delta's) tokens that are part of its text: all of them (the
