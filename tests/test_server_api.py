@@ -181,6 +181,8 @@ def test_chat_template_kwargs_follow_one_rule_offline_and_served(server, llm):
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "chat_template_kwargs" and f"cannot set {key}" in error["message"]
+        tokenized = post(server, "/tokenize", {"messages": conversation, "chat_template_kwargs": {key: True}})
+        assert tokenized.status_code == 400 and f"cannot set {key}" in tokenized.json()["error"]["message"]
         with pytest.raises(ValueError, match=f"chat_template_kwargs cannot set {key}") as offline:
             llm.chat(conversation, SamplingParams(max_tokens=2), use_tqdm=False, chat_template_kwargs={key: True})
         assert field is None or field in str(offline.value)
@@ -190,7 +192,8 @@ def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tm
     """vLLM's serve flags as its users write them: --chat-template (a file), --generation-config vllm,
     --enable-auto-tool-choice and --trust-remote-code."""
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    template.write_text("{% if tools %}T{{ tools | length }}:{% endif %}{% for m in messages %}[{{ m.content }}]"
+                        "{% endfor %}{{ mark | default('') }}")
     with RemoteServer(tiny_llama_dir, "--chat-template", str(template), "--generation-config", "vllm",
                       "--enable-auto-tool-choice", "--trust-remote-code", "--kv-cache-memory", "16MiB",
                       "--num-threads", "1", "--engine-in-process", "--disable-access-log") as srv:
@@ -198,6 +201,13 @@ def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tm
         tokens = post(srv, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
         assert tokens == llm.get_tokenizer()("[hi]", add_special_tokens=False).input_ids
         chat = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "temperature": 0}).json()
+        assert chat["usage"]["prompt_tokens"] == len(tokens)
+        # /tokenize renders tools and template variables as chat does
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        extra = {"tools": [tool], "chat_template_kwargs": {"mark": "!"}}
+        tokens = post(srv, "/tokenize", {"messages": messages, **extra}).json()["tokens"]
+        assert tokens == llm.get_tokenizer()("T1:[hi]!", add_special_tokens=False).input_ids
+        chat = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 1, **extra}).json()
         assert chat["usage"]["prompt_tokens"] == len(tokens)
 
 

@@ -133,8 +133,10 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
             raise bad_request("give exactly one of prompt and messages", "prompt")
         tokenizer = ctx.tokenizer
         if body.messages is not None:
-            ids = render_chat(tokenizer, body.messages, body.generation_prompt(), None,
-                              bool(body.add_special_tokens), continue_final_message=body.continue_final_message)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            ids = render_chat(tokenizer, body.messages, body.generation_prompt(), body.chat_template_kwargs,
+                              bool(body.add_special_tokens), tools=tools,
+                              continue_final_message=body.continue_final_message)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = tokenizer(body.prompt, add_special_tokens=add_special).input_ids

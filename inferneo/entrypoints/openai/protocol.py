@@ -312,13 +312,25 @@ class PredictionContent(_Body):
 
 
 class _ChatTemplateTurn(_Body):
-    """How a conversation's rendered prompt ends: with a new assistant turn (``add_generation_prompt``), or inside
-    the last message, which the answer continues (``continue_final_message``, vLLM's extension: an assistant
-    prefix). The two cannot both be asked for, and continuing needs a conversation whose last message is the
-    assistant's. Shared by the chat and tokenize bodies (``messages`` is theirs)."""
+    """How a conversation is rendered: the template's extra variables (``chat_template_kwargs``), and how the prompt
+    ends: with a new assistant turn (``add_generation_prompt``), or inside the last message, which the answer
+    continues (``continue_final_message``, vLLM's extension: an assistant prefix). The two cannot both be asked
+    for, and continuing needs a conversation whose last message is the assistant's. Shared by the chat and
+    tokenize bodies (``messages`` is theirs)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _cap(len(value), MAX_TEMPLATE_KWARGS, "entries")
+            _cap(max((len(k) for k in value), default=0), MAX_ID_CHARS, "characters in a key")
+            if (error := template_kwargs_error(value)) is not None:
+                raise ValueError(error)
+        return value
 
     @model_validator(mode="after")
     def _continue_or_answer(self) -> _ChatTemplateTurn:
@@ -369,8 +381,7 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     modalities: list[Literal["text", "audio"]] | None = Field(None, max_length=2)
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
-    # Inferneo extensions (and add_generation_prompt, continue_final_message: _ChatTemplateTurn).
-    chat_template_kwargs: dict[str, Any] | None = None
+    # Inferneo extensions (and add_generation_prompt, continue_final_message, chat_template_kwargs: _ChatTemplateTurn).
     # vLLM's: with a reasoning parser, false leaves the thinking out of the answer (it is still generated).
     include_reasoning: bool = True
     # vLLM's: every prompt token's log-probability with this many alternatives (the rendered conversation's tokens),
@@ -437,16 +448,6 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_metadata(value)
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _check_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            _cap(len(value), MAX_TEMPLATE_KWARGS, "entries")
-            _cap(max((len(k) for k in value), default=0), MAX_ID_CHARS, "characters in a key")
-            if (error := template_kwargs_error(value)) is not None:
-                raise ValueError(error)
-        return value
-
     @field_validator("modalities")
     @classmethod
     def _text_only(cls, value: list[str] | None) -> list[str] | None:
@@ -504,6 +505,7 @@ class TokenizeRequest(_ChatTemplateTurn):
     messages: list[Any] | None = None
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)  # rendered as chat renders them
 
     @field_validator("messages", mode="before")
     @classmethod
