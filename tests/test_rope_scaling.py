@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from test_hf_parity import hf_greedy, mixed_prompts, run_engine
+from test_hf_parity import hf_greedy, kv_bytes_per_block, mixed_prompts, run_engine
 from transformers import LlamaConfig, Phi3Config, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from inferneo import LLM
-from inferneo.model_executor.layers.rotary import RotaryEmbedding, rope_frequencies, rope_scaling_from_hf
+from inferneo.model_executor.layers.rotary import (
+    LongRopeSwitch,
+    RotaryEmbedding,
+    rope_frequencies,
+    rope_scaling_from_hf,
+)
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.registry import get_model_class
 
@@ -107,12 +113,22 @@ def test_cos_sin_tables_equal_transformers_rotary(name):
 
 
 def test_longrope_long_context_tables_equal_transformers_past_the_original_length():
+    """With a context past the original length the table has a row per position (short below it, long from it)
+    and then the long rows of the positions below it; each equals transformers' rotary at that rotation."""
     config = _hf_config("longrope")
-    length = 3 * config.original_max_position_embeddings
+    original = config.original_max_position_embeddings
+    length = 3 * original
     ours = RotaryEmbedding(HEAD_DIM, length, 10000.0, _engine_scaling(config))
-    cos, sin = _hf_rotary(config)(torch.zeros(1), torch.arange(length)[None])  # longer than the original: long
-    torch.testing.assert_close(ours.cos_cache, cos[0, :, :HEAD_DIM // 2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.sin_cache, sin[0, :, :HEAD_DIM // 2], rtol=1e-5, atol=1e-5)
+    assert ours.switch == LongRopeSwitch(original, length) and ours.cos_cache.shape[0] == length + original
+    half = HEAD_DIM // 2
+    long_cos, long_sin = _hf_rotary(config)(torch.zeros(1), torch.arange(length)[None])  # longer than the original
+    short_cos, short_sin = _hf_rotary(config)(torch.zeros(1), torch.arange(original)[None])
+    for rows, cos, sin in ((slice(0, original), short_cos[0], short_sin[0]),
+                           (slice(original, length), long_cos[0, original:], long_sin[0, original:]),
+                           (slice(length, length + original), long_cos[0, :original], long_sin[0, :original])):
+        torch.testing.assert_close(ours.cos_cache[rows], cos[:, :half], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.sin_cache[rows], sin[:, :half], rtol=1e-5, atol=1e-5)
+    assert RotaryEmbedding(HEAD_DIM, original, 10000.0, _engine_scaling(config)).switch is None
 
 
 def test_phi3_reads_older_longrope_names_and_top_level_original_length():
@@ -189,17 +205,49 @@ def test_phi3_longrope_short_factors_match_hf(tiny_checkpoint_factory):
 
 
 def test_phi3_longrope_long_factors_match_hf(tiny_checkpoint_factory):
-    """The full context (longer than the original 64): the long factors, which Hugging Face uses for prompts
-    longer than the original context."""
+    """The full context (longer than the original 64): prompts longer than the original context take the long
+    factors at every position, as Hugging Face rotates them."""
     path = tiny_checkpoint_factory("phi3", **_PHI3_LONGROPE)
     prompts = mixed_prompts(10, 300, seed=13, shared_prefix=65)
     expected = [hf_greedy(path, p) for p in prompts]
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=48)
     assert run_engine(llm, prompts) == expected
-    # The documented difference: with a context past the original length the engine keeps the long factors for
-    # short prompts too, where Hugging Face would use the short ones.
-    cut = [p[:40] for p in prompts]
-    assert run_engine(llm, cut) != [hf_greedy(path, p) for p in cut]
+
+
+_SWITCH_ENGINES = {
+    "chunked": dict(max_num_batched_tokens=16),
+    "preempted": dict(kv_cache_blocks=12, max_num_seqs=9),
+    "async": dict(async_scheduling=True, max_num_batched_tokens=16),
+    "speculative": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}),
+}
+
+
+@pytest.mark.parametrize("engine", list(_SWITCH_ENGINES))
+def test_phi3_longrope_switches_per_sequence_as_hf(tiny_checkpoint_factory, engine):
+    """In a context past the original 64 positions, each sequence rotates as Hugging Face's generation does: a
+    short prompt with the short factors, its tokens from position 64 on with the long ones (some prompts here cross
+    it while decoding), a long prompt with the long factors everywhere. Short and long prompts share a 48-token
+    prefix in one batch, so the prefix cache must keep their blocks apart; prompts are chunked, or preempted."""
+    path = tiny_checkpoint_factory("phi3", **_PHI3_LONGROPE)
+    rng = np.random.default_rng(14)
+    prefix = rng.integers(5, 300, 48).tolist()
+    lengths = [8, 12, 14, 20, 30, 40, 4, 15, 60]  # prompt lengths 52..108: short, crossing 64, long
+    prompts = [prefix + rng.integers(5, 300, n).tolist() for n in lengths]
+    assert any(len(p) <= 64 < len(p) + 12 for p in prompts) and any(len(p) > 64 for p in prompts)
+    expected = [hf_greedy(path, p) for p in prompts]
+    options = dict(_SWITCH_ENGINES[engine])
+    if "kv_cache_blocks" in options:
+        options["kv_cache_memory"] = options.pop("kv_cache_blocks") * kv_bytes_per_block(str(path))
+    llm = LLM(str(path), dtype="float32", **options)
+    assert llm.engine.runner.rope_switch is not None
+    assert run_engine(llm, prompts) == expected
+    assert run_engine(llm, prompts[::-1]) == expected[::-1]  # again, from cached blocks in the other order
+    assert llm.engine.kv_cache.prefix_cache_hits > 0
+    assert llm.engine.core.scheduler.num_rope_recomputes >= 2  # the prompts that grew past 64, each run
+    if engine == "preempted":
+        assert llm.engine.core.stats.num_preemptions > 0
+    if engine == "speculative":
+        assert llm.engine.core.stats.num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("where", ["top", "rope_scaling", "rope_parameters", "per_layer_type"])

@@ -432,7 +432,8 @@ class EngineCore:
             sequences.append(ScheduledSequence(token_ids, computed, num_new, request.block_ids,
                                                request.pending_sample, samples, request.sampling_row,
                                                prompt_logprobs=span, pooling_method=request.pooling_method,
-                                               lora=request.lora, num_draft_tokens=len(item.draft_token_ids)))
+                                               lora=request.lora, num_draft_tokens=len(item.draft_token_ids),
+                                               long_rope=request.long_rope))
             if samples:
                 if request.grammar is not None:  # never drafted: one row each
                     constrained.append(ConstrainedRow(num_rows, request.grammar, request.output_token_ids,

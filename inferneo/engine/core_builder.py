@@ -85,7 +85,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     except BaseException:
         runner.shutdown()
         raise
-    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, runner.rope_switch)
     scheduler = Scheduler(kv_cache, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
                           policy=config.scheduling_policy, enable_chunked_prefill=config.enable_chunked_prefill)
     async_scheduling = config.async_scheduling

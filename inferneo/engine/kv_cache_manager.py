@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from inferneo.engine.request import Request
+from inferneo.model_executor.layers.rotary import LongRopeSwitch
 
 
 @dataclass(slots=True)
@@ -25,12 +26,15 @@ class KVBlock:
 class KVCacheManager:
     """Allocates KV blocks to requests; never raises for lack of room (returns False instead)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 rope_switch: LongRopeSwitch | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # LongRoPE past its original context: where a sequence switches to the long rotation (the scheduler's rule)
+        self.rope_switch = rope_switch
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Free blocks in eviction order (least recently freed first). Cached ones keep their hash while here.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -59,11 +63,19 @@ class KVCacheManager:
         hashes = request.block_hashes
         tokens = request.all_token_ids
         bs = self.block_size
-        # The chain starts from the request's adapter: blocks computed with one adapter never serve another's.
-        parent = hashes[-1] if hashes else (None if request.lora is None else ("lora", request.lora.lora_id))
+        parent = hashes[-1] if hashes else self._chain_start(request)
         for start in range(len(hashes) * bs, len(tokens) - bs + 1, bs):
             parent = hash((parent, tuple(tokens[start : start + bs])))
             hashes.append(parent)
+
+    def _chain_start(self, request: Request) -> tuple | None:
+        """What a request's hash chain starts from: its adapter (blocks computed with one adapter never serve
+        another's) and whether it rotates by LongRoPE's long factors (``Request.long_rope``: its keys are rotated
+        otherwise than a short sequence's)."""
+        start = None if request.lora is None else ("lora", request.lora.lora_id)
+        if request.long_rope:
+            start = ("long rope", start)
+        return start
 
     def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:
         """Blocks already holding a prefix of the request's tokens, and how many tokens they cover.

@@ -81,6 +81,10 @@ class Request:
     # Speculative decoding: the request's tokens as the proposer reads them and its drafts' keep rate (made at the
     # first proposal).
     speculation: SpeculationState | None = None
+    # LongRoPE past its original context (``LongRopeSwitch``): every token of this sequence rotates by the long
+    # factors, because its prompt was longer than the original context or the sequence has grown past it (and was
+    # computed again, as Hugging Face's generation does then).
+    long_rope: bool = False
     # What the sampler reads of this sequence (shares the token lists above; built once).
     sampling_row: SamplingRow = field(init=False, repr=False)
 

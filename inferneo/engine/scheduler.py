@@ -97,6 +97,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_rope_recomputes = 0  # sequences computed again on growing past LongRoPE's original context
         self.max_model_len: int | None = None  # set by the engine core; used with asynchronous scheduling
         self.max_loras = 0  # LoRA: distinct adapters the running batch may hold (0: LoRA is off)
         # Speculative decoding (set by the engine core): a decoding request's draft tokens for this step, at most
@@ -108,6 +109,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        switch = self.kv_cache.rope_switch
+        request.long_rope = switch is not None and switch.long_prompt(request.num_prompt_tokens)
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
@@ -146,6 +149,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._grows_past_rope_switch(request):
+                if request.pending_sample >= 0:  # its last token is not on the host yet: switch once it lands
+                    index += 1
+                    continue
+                self._switch_to_long_rope(request)
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             if num_new <= 0 or id(request) in busy_ids or self._ends_with_pending_token(request):
                 index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
@@ -179,6 +187,10 @@ class Scheduler:
                 if request.lora is not None and request.lora.lora_id not in loras and len(loras) >= self.max_loras:
                     skipped.append(self.waiting.pop())
                     continue
+                if self._grows_past_rope_switch(request):  # preempted at the switch: computed again, long
+                    if request.pending_sample >= 0:
+                        break  # its last token is not on the host yet
+                    self._switch_to_long_rope(request)
                 cached_blocks: list[int] = []
                 if request.num_computed_tokens == 0 and not request.block_ids and request.reads_prefix_cache:
                     cached_blocks, num_cached = self.kv_cache.find_cached_prefix(request)
@@ -211,10 +223,31 @@ class Scheduler:
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
         """Draft tokens for a request decoding its next token (speculation on), within the step's budget; the
-        caller runs them only if the KV cache has room for them too (else the request decodes one token)."""
+        caller runs them only if the KV cache has room for them too (else the request decodes one token). A
+        sequence on LongRoPE's short rotation drafts no further than the original context (past it, it switches)."""
         if self.propose_drafts is None or num_new != 1 or budget < 2 or request.pending_sample >= 0:
             return []
-        return self.propose_drafts(request, budget - 1)
+        room = budget - 1
+        switch = self.kv_cache.rope_switch
+        if switch is not None and not request.long_rope:
+            room = min(room, switch.original - request.num_tokens)
+        return self.propose_drafts(request, room) if room > 0 else []
+
+    def _grows_past_rope_switch(self, request: Request) -> bool:
+        """Whether ``request``, on LongRoPE's short rotation, has a token at the original context's length or past it
+        to compute (its sequence is longer than the original context now)."""
+        switch = self.kv_cache.rope_switch
+        return switch is not None and not request.long_rope and request.num_scheduled_tokens > switch.original
+
+    def _switch_to_long_rope(self, request: Request) -> None:
+        """Move ``request`` to LongRoPE's long rotation: its KV blocks are freed (the prefix cache keeps them for
+        short sequences) and every token is computed again, rotated by the long factors, as Hugging Face's generation
+        recomputes a sequence that grows past the original context."""
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.block_hashes.clear()  # its hash chain starts otherwise now (``KVCacheManager._chain_start``)
+        request.long_rope = True
+        self.num_rope_recomputes += 1
 
     def _running_loras(self) -> set[int]:
         return {r.lora.lora_id for r in self.running if r.lora is not None}

@@ -30,7 +30,7 @@ from inferneo.engine.protocol import PromptLogprobs
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import argmax_rows_for
 from inferneo.model_executor.device_kernels import use_device_kernels
-from inferneo.model_executor.layers.rotary import share_rotary_tables
+from inferneo.model_executor.layers.rotary import model_rope_switch, share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.pipeline import (
@@ -294,6 +294,7 @@ class ModelRunner(Runner):
         else:
             with torch.device(device), _default_dtype(dtype):
                 self.model: CausalLM = model_cls(self.model_config, self.backend, max_position=max_model_len)
+        self.rope_switch = model_rope_switch(self.model)
         if self.fp8_kv_cache:  # unit scales until the checkpoint's load (the layers then ask for FP8_KV_CACHE)
             install_kv_scales(self.model, device)
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
@@ -446,7 +447,7 @@ class ModelRunner(Runner):
         graphs = self.graphs if bucket is not None and self.use_cuda_graphs else None
         layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
         host, host_tensor = self._inputs.host(layout.size)
-        packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block)
+        packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block, self.rope_switch)
         num_samples = packed.num_samples
         if self.lora is not None:
             decode_items = items[: packed.num_decode_sequences]

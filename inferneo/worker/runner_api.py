@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from inferneo.attention import AttentionBackend
+    from inferneo.model_executor.layers.rotary import LongRopeSwitch
     from inferneo.model_executor.models.llama import DecoderConfig
     from inferneo.worker.model_runner import InFlightStep, RunnerOutput
     from inferneo.worker.step_inputs import StepRecord
@@ -55,6 +56,9 @@ class Runner(abc.ABC):
     model_config: DecoderConfig  # the model's shape; the engine reads ``vocab_size``
     backend: AttentionBackend  # the attention backend in use (logged and reported by tools)
     decode_buckets: list[int]  # batch sizes decode steps are padded to (CUDA graphs); empty when none
+    # LongRoPE past the original context: which tokens rotate by the long factors (the KV cache keeps the blocks of
+    # long prompts apart); None for every other model
+    rope_switch: LongRopeSwitch | None
 
     @property
     @abc.abstractmethod

@@ -29,6 +29,7 @@ import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
 from inferneo.engine.protocol import LoraRef
+from inferneo.model_executor.layers.rotary import LongRopeSwitch
 from inferneo.pooling.pooler import PoolingRow
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 from inferneo.worker.prompt_logprobs import PromptLogprobSpan
@@ -56,6 +57,7 @@ class ScheduledSequence:
     # Speculative decoding: the last ``num_draft_tokens`` of this step's tokens are drafts (``token_ids`` ends
     # with them), and the step samples at each of the last ``num_draft_tokens + 1`` positions.
     num_draft_tokens: int = 0
+    long_rope: bool = False  # every token rotates by LongRoPE's long factors (``Request.long_rope``)
 
     @property
     def decode_rows(self) -> int:
@@ -202,11 +204,14 @@ def step_layout(items: list[ScheduledSequence], block_size: int, pad_rows: int |
 
 
 def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], block_size: int,
-              pad_rows: int | None, spare_block: int) -> PackedStep:
+              pad_rows: int | None, spare_block: int, rope_switch: LongRopeSwitch | None = None) -> PackedStep:
     """Fill ``buf`` (at least ``layout.size`` int64) with the step's inputs; ``items`` must list the sequences
     that run as decode rows (``ScheduledSequence.decode_rows``) first.
 
-    ``pad_rows`` pads the decode rows up to that many (only for decode-only steps).
+    ``pad_rows`` pads the decode rows up to that many (only for decode-only steps). ``rope_switch`` (a LongRoPE
+    model's context past its original length): the positions section holds each token's rotary table row, which
+    for the tokens of a long-rotation sequence below the original length is not its position. Decode rows never
+    need it: a long-rotation sequence decodes past the original length, a short one below it.
     """
     num_seqs, num_decode = decode_extent(items)
     reqs = items[:num_seqs]
@@ -281,6 +286,9 @@ def pack_step(buf: np.ndarray, layout: Layout, items: list[ScheduledSequence], b
         blocks = np.asarray(req.block_ids[:num_blocks], dtype=np.int64)
         buf[lo.ids + offset : lo.ids + offset + n] = req.token_ids[start : start + n]
         buf[lo.positions + offset : lo.positions + offset + n] = positions
+        if rope_switch is not None and req.long_rope and start < rope_switch.original:
+            below = min(n, rope_switch.original - start)
+            buf[lo.positions + offset : lo.positions + offset + below] += rope_switch.long_rows
         buf[lo.slots + offset : lo.slots + offset + n] = blocks[positions // block_size] * block_size + (
             positions % block_size)
         buf[table_offset : table_offset + num_blocks] = blocks

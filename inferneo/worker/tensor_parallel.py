@@ -292,6 +292,12 @@ class TensorParallelRunner(Runner):
 
     @property
     @driver_only
+    def rope_switch(self):
+        """LongRoPE's switch (the same on every rank)."""
+        return self.driver.rope_switch
+
+    @property
+    @driver_only
     def decode_buckets(self) -> list[int]:
         """The decode batch sizes the driver pads to; the workers follow the bucket the driver sends."""
         return self.driver.decode_buckets

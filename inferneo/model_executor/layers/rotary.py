@@ -11,13 +11,15 @@ frequencies and cos/sin attention factor as transformers' rope init functions (`
   ``0.1 * m * ln(factor) + 1`` for the two (DeepSeek).
 - ``longrope`` (``su``): frequencies divided per dimension by ``short_factor`` or ``long_factor``; cos and sin are
   multiplied by ``attention_factor``, by default ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))``
-  with ``factor`` defaulting to ``max_position_embeddings / original_max_position_embeddings``. Hugging Face uses
-  the short factors while a sequence is at most ``original_max_position_embeddings`` long and recomputes the whole
-  sequence with the long factors once it is longer. A paged KV cache cannot re-rotate what it holds, so the engine
-  picks one set when it is built: the short factors when its context (``max_model_len``) fits in
-  ``original_max_position_embeddings`` (then every sequence matches Hugging Face exactly), otherwise the long
-  factors (then sequences longer than the original context match Hugging Face, shorter ones do not: set
-  ``max_model_len`` to the original context to get the short factors).
+  with ``factor`` defaulting to ``max_position_embeddings / original_max_position_embeddings`` (L). Hugging Face's
+  generation rotates a prompt of at most L tokens with the short factors, and a longer one with the long factors;
+  when a sequence grows past L it computes the whole sequence again with the long factors (Phi-3's
+  ``prepare_inputs_for_generation`` drops the cache there). The engine does the same: with a context longer than
+  L, a sequence whose prompt is longer than L rotates by the long factors, and one that grows past L is computed
+  again (``Request.long_rope``, set by the scheduler; the prefix cache keeps long sequences' blocks apart). The
+  cos/sin table holds a row per position (short below L, long from L) followed by L long rows for the positions
+  below L, which the runner gives the tokens of long sequences (:class:`LongRopeSwitch`). With a context of at most
+  L every token takes the short factors.
 - ``dynamic`` (NTK): Hugging Face keeps the plain frequencies up to ``max_position_embeddings`` and recomputes a
   larger base for the whole batch beyond it. The engine's context never exceeds ``max_position_embeddings``
   (``resolve_max_model_len``), so it uses the plain frequencies, which is exactly Hugging Face within that length; a
@@ -38,6 +40,30 @@ _ALIASES = {"su": "longrope"}  # the name early Phi-3 configs used
 # Types whose ``original_max_position_embeddings`` a config may also give at its top level (Phi-3 does); as in
 # transformers, the top-level value wins.
 _ORIGINAL_LENGTH_TYPES = ("llama3", "yarn", "longrope")
+
+
+@dataclass(frozen=True, slots=True)
+class LongRopeSwitch:
+    """Where LongRoPE's two rotations meet in a context longer than ``original`` (L) positions (see the module
+    docstring): the table row of a token at position ``p`` is ``p``, except for a sequence on the long rotation at
+    ``p < L``, where it is ``long_rows + p``."""
+
+    original: int
+    long_rows: int
+
+    def long_prompt(self, num_prompt_tokens: int) -> bool:
+        """Whether a sequence with a prompt of this length rotates every token with the long factors from the
+        start."""
+        return num_prompt_tokens > self.original
+
+
+def longrope_switch(scaling: dict | None, max_position: int) -> LongRopeSwitch | None:
+    """The switch of a LongRoPE ``scaling`` in a context of ``max_position`` positions; None for other scalings and
+    for a context within the original length (every token short)."""
+    if rope_type_of(scaling) != "longrope":
+        return None
+    original = int(scaling["original_max_position_embeddings"])
+    return LongRopeSwitch(original, max_position) if max_position > original else None
 
 
 @dataclass(frozen=True)
@@ -195,16 +221,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.max_position, self.theta, self.scaling = max_position, theta, scaling
+        self.switch = longrope_switch(scaling, max_position)
         self.build_cache(None)
 
     def build_cache(self, device: torch.device | None) -> None:
-        """(Re)compute the float32 cos/sin tables, on ``device`` or the default device."""
+        """(Re)compute the float32 cos/sin tables, on ``device`` or the default device (with a LongRoPE switch, the
+        rows of :class:`LongRopeSwitch`)."""
         rope = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_position)
-        t = torch.arange(self.max_position, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, rope.inv_freq.to(t.device))
-        cos, sin = freqs.cos(), freqs.sin()
-        if rope.attention_factor != 1.0:
-            cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+        cos, sin = _table(torch.arange(self.max_position, dtype=torch.float32, device=device), rope)
+        if self.switch is not None:
+            original = self.switch.original
+            short = rope_frequencies(self.head_dim, self.theta, self.scaling, original)
+            below = torch.arange(original, dtype=torch.float32, device=device)
+            short_cos, short_sin = _table(below, short)
+            cos = torch.cat((short_cos, cos[original:], cos[:original]))
+            sin = torch.cat((short_sin, sin[original:], sin[:original]))
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
 
@@ -214,11 +245,29 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def _table(positions: torch.Tensor, rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[len(positions), head_dim // 2]`` of ``rope`` at ``positions``, times its attention factor."""
+    freqs = torch.outer(positions, rope.inv_freq.to(positions.device))
+    cos, sin = freqs.cos(), freqs.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos, sin
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     xf = x.float()
     x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def model_rope_switch(model: nn.Module) -> LongRopeSwitch | None:
+    """The LongRoPE switch of ``model``'s rotary layers (they all share one), or None when none has one."""
+    switches = {module.switch for module in model.modules() if isinstance(module, RotaryEmbedding)}
+    switches.discard(None)
+    if len(switches) > 1:
+        raise ValueError(f"rotary layers with different LongRoPE switches: {sorted(switches, key=str)}")
+    return next(iter(switches), None)
 
 
 def share_rotary_tables(model: nn.Module) -> int:
