@@ -4,6 +4,12 @@ Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, 
 are rebuilt here directly with the ``tokenizers`` library, in well under a second. Anything else (SentencePiece
 vocabularies, unknown pre-tokenizers such as DeepSeek-V2's ``deepseek-llm``) goes through transformers' own GGUF
 conversion, which is slower but knows more kinds.
+
+SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama, ...) come from
+transformers' conversion with the spacing llama.cpp gives them: with ``tokenizer.ggml.add_space_prefix`` (true unless
+the file says otherwise) every run of text between special tokens gets a leading space, so ``<s>[INST] hi`` is
+``<s>``, ``▁[``, ... as in llama.cpp and the Llama 2 / Mistral tokenizer.json files; transformers' own conversion
+adds it to the start of the text only. Gemma and Phi-3 keep the layouts transformers builds for them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# architectures whose SentencePiece layout transformers' GGUF conversion builds for the model (not the generic one)
+_OWN_SPM_LAYOUTS = ("gemma", "gemma2", "gemma3", "phi3")
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -75,7 +83,10 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     pre_tokenizer = _pre_tokenizer(pre)
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
-        return _transformers_gguf_tokenizer(path)
+        tok = _transformers_gguf_tokenizer(path)
+        if meta.get("tokenizer.ggml.model") == "llama" and meta.get("general.architecture") not in _OWN_SPM_LAYOUTS:
+            _llama_cpp_spacing(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+        return tok
     backend = _byte_level_bpe(meta, pre, pre_tokenizer)
     tokens = meta["tokenizer.ggml.tokens"]
 
@@ -123,6 +134,17 @@ def _byte_level_bpe(meta: Any, pre: str, pre_tokenizer: pre_tokenizers.PreTokeni
     backend.add_special_tokens(control)
     backend.add_tokens(user)
     return backend
+
+
+def _llama_cpp_spacing(backend: Tokenizer, add_space_prefix: bool) -> None:
+    """Spaces of a SentencePiece vocabulary as llama.cpp writes them: each space becomes ``▁`` and, with
+    ``add_space_prefix``, each run of text between special tokens starts with one more (a normalizer, which runs on
+    each such run); decoding turns ``▁`` back into spaces and drops the one prefixed to the text."""
+    steps = [normalizers.Replace(" ", "\u2581")]
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *steps] if add_space_prefix else steps)
+    backend.pre_tokenizer = None
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)] if add_space_prefix else pieces)
 
 
 def _transformers_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
