@@ -439,6 +439,34 @@ def test_gguf_pre_tokenizers_of_gpt_oss_and_deepseek_v3(pre: str, pieces: list[s
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
 
 
+@pytest.mark.parametrize("pre,flag,bos", [
+    ("llama-bpe", None, True),  # an older Llama 3 file without the flag: llama.cpp adds BOS
+    ("llama-bpe", False, False),
+    ("qwen2", None, False),
+    ("qwen2", True, True),
+])
+def test_gguf_byte_level_bos_follows_the_flag_or_llama_cpp_default(pre: str, flag: bool | None, bos: bool,
+                                                                    tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from inferneo.model_loader import gguf_tokenizer
+
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
+    path = tmp_path / f"{pre}-{flag}.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    if flag is not None:
+        writer.add_add_bos_token(flag)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ids = gguf_tokenizer.load_gguf_tokenizer(path)("Hello world").input_ids
+    assert (ids[0] == BOS_ID) == bos and BOS_ID not in ids[1:]
+
+
 def test_chat_template_jinja_is_honoured(tiny_llama_dir: Path, tmp_path: Path) -> None:
     folder = shutil.copytree(tiny_llama_dir, tmp_path / "jinja")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# Byte-level vocabularies to which llama.cpp adds a BOS when the file has no add_bos_token (Llama 3 files converted
+# before the flag was read from tokenizer.json lack it): its Llama 3 pre-tokenizers
+_BOS_BY_DEFAULT = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 # architectures whose SentencePiece layout transformers' GGUF conversion builds for the model (not the generic one)
 _OWN_SPM_LAYOUTS = ("gemma", "gemma2", "gemma3", "phi3")
 
@@ -95,7 +98,7 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
     bos = special("bos")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if meta.get("tokenizer.ggml.add_bos_token", pre in _BOS_BY_DEFAULT) and bos is not None:
         bos_id = int(meta["tokenizer.ggml.bos_token_id"])
         backend.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
