@@ -1,7 +1,8 @@
 """GGUF files with a SentencePiece vocabulary (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama)
 are tokenized with llama.cpp's spacing: with ``add_space_prefix`` each run of text between special tokens starts
 with ``▁`` (so a chat prompt's ``<s>[INST] hi`` is ``<s> ▁[ ...``, as llama.cpp and the Llama 2 / Mistral
-tokenizer.json files give it), runs of leading spaces keep every space, and text decodes back as it was."""
+tokenizer.json files give it), runs of leading spaces keep every space, and text decodes back as it was. Phi-3's
+chat tokens swallow the whitespace after them, as its tokenizer.json (``rstrip``) and llama.cpp have it."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ import pytest
 from inferneo.model_loader.gguf_tokenizer import load_gguf_tokenizer
 
 _SPECIALS = ["<unk>", "<s>", "</s>"]
+_CHAT_TOKENS = ["<|endoftext|>", "<|user|>", "<|end|>"]
 # pieces in merge order (a SentencePiece BPE model scores piece i as -i)
 _PIECES = ["▁", "[", "]", "I", "N", "S", "T", "h", "i", "▁[", "IN", "INS", "INST", "▁h", "▁hi", "hi"]
 
 
-def _spm_file(path: Path, add_space_prefix: bool | None) -> Path:
-    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_PIECES]
-    scores = [0.0] * (len(_SPECIALS) + 256) + [-float(i) for i in range(len(_PIECES))]
+def _spm_file(path: Path, add_space_prefix: bool | None, arch: str = "llama") -> Path:
+    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_PIECES, *_CHAT_TOKENS]
+    scores = [0.0] * (len(_SPECIALS) + 256) + [-float(i) for i in range(len(_PIECES))] + [0.0] * len(_CHAT_TOKENS)
     types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL),
-             *[int(gguf.TokenType.BYTE)] * 256, *[int(gguf.TokenType.NORMAL)] * len(_PIECES)]
-    writer = gguf.GGUFWriter(path, "llama")
+             *[int(gguf.TokenType.BYTE)] * 256, *[int(gguf.TokenType.NORMAL)] * len(_PIECES),
+             *[int(gguf.TokenType.CONTROL)] * len(_CHAT_TOKENS)]
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -60,3 +63,10 @@ def test_no_space_prefix_when_the_file_says_so(tmp_path):
     assert _pieces(tok, "hi hi") == ["hi", "▁hi"]
     assert _pieces(tok, "<s>[INST]") == ["<s>", "[", "INST", "]"]
     assert tok.decode(tok(" hi hi").input_ids, skip_special_tokens=True) == " hi hi"
+
+
+def test_phi3_chat_tokens_swallow_the_whitespace_after_them(tmp_path):
+    tok = load_gguf_tokenizer(_spm_file(tmp_path / "phi3.gguf", True, arch="phi3"))
+    assert _pieces(tok, "<|user|>\nhi<|end|>\nhi</s> hi") == ["<|user|>", "▁hi", "<|end|>", "▁hi", "</s>", "▁hi"]
+    assert _pieces(tok, "<s>\nhi<|endoftext|>\nhi") == ["<s>", "▁", "<0x0A>", "hi", "<|endoftext|>", "▁", "<0x0A>",
+                                                         "hi"]

@@ -9,7 +9,8 @@ SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistra
 transformers' conversion with the spacing llama.cpp gives them: with ``tokenizer.ggml.add_space_prefix`` (true unless
 the file says otherwise) every run of text between special tokens gets a leading space, so ``<s>[INST] hi`` is
 ``<s>``, ``▁[``, ... as in llama.cpp and the Llama 2 / Mistral tokenizer.json files; transformers' own conversion
-adds it to the start of the text only. Gemma and Phi-3 keep the layouts transformers builds for them.
+adds it to the start of the text only. Gemma and Phi-3 keep the layouts transformers builds for them, Phi-3 with its
+chat tokens swallowing the whitespace after them (``rstrip`` in its tokenizer.json; llama.cpp does the same).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 _BOS_BY_DEFAULT = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 # architectures whose SentencePiece layout transformers' GGUF conversion builds for the model (not the generic one)
 _OWN_SPM_LAYOUTS = ("gemma", "gemma2", "gemma3", "phi3")
+_PHI3_KEEP_WHITESPACE = ("<unk>", "<s>", "<|endoftext|>")
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -87,8 +89,12 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     pre_tokenizer = _pre_tokenizer(pre)
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
         tok = _transformers_gguf_tokenizer(path)
-        if meta.get("tokenizer.ggml.model") == "llama" and meta.get("general.architecture") not in _OWN_SPM_LAYOUTS:
-            _llama_cpp_spacing(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+        if meta.get("tokenizer.ggml.model") == "llama":
+            arch = meta.get("general.architecture")
+            if arch not in _OWN_SPM_LAYOUTS:
+                _llama_cpp_spacing(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+            elif arch == "phi3":
+                _phi3_strip_after_special(tok.backend_tokenizer, meta)
         return tok
     backend = _byte_level_bpe(meta, pre, pre_tokenizer)
     tokens = meta["tokenizer.ggml.tokens"]
@@ -148,6 +154,17 @@ def _llama_cpp_spacing(backend: Tokenizer, add_space_prefix: bool) -> None:
     backend.pre_tokenizer = None
     pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)] if add_space_prefix else pieces)
+
+
+def _phi3_strip_after_special(backend: Tokenizer, meta: Any) -> None:
+    """Phi-3's control tokens (``<|user|>``, ``<|end|>``, ``<|assistant|>``, ``</s>``, ...) swallow the whitespace
+    after them, as its tokenizer.json says (``rstrip``) and llama.cpp does: its chat template's ``<|user|>\\n`` is
+    the one token. ``<unk>``, ``<s>`` and ``<|endoftext|>`` keep what follows them."""
+    types = meta.get("tokenizer.ggml.token_type") or ()
+    backend.add_special_tokens([
+        AddedToken(tok, special=True, normalized=False, rstrip=True)
+        for tok, kind in zip(meta["tokenizer.ggml.tokens"], types, strict=False)
+        if kind == _CONTROL and tok not in _PHI3_KEEP_WHITESPACE])
 
 
 def _transformers_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
