@@ -209,7 +209,8 @@ def test_gguf_f32_round_trip_is_exact(arch: str, tiny_checkpoint_factory, tmp_pa
         assert from_gguf[key] == expected_value, key
     assert from_gguf["rms_norm_eps"] == pytest.approx(hf["rms_norm_eps"])
     assert from_gguf["attention_bias"] == (arch == "qwen2")
-    assert load_generation_config(source) == {"eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
+    # the file names </s> only; <|im_end|> ends generation as llama.cpp takes it, as in the HF checkpoint's list
+    assert load_generation_config(source) == {"eos_token_id": [EOS_ID, IM_END_ID], "bos_token_id": BOS_ID}
 
 
 def test_gguf_f16_close_and_tied_embeddings(tiny_checkpoint_factory, tmp_path: Path) -> None:
@@ -467,6 +468,33 @@ def test_gguf_byte_level_bos_follows_the_flag_or_llama_cpp_default(pre: str, fla
     assert (ids[0] == BOS_ID) == bos and BOS_ID not in ids[1:]
 
 
+def test_gguf_end_of_turn_tokens_end_generation_though_the_file_names_another_eos(tmp_path: Path) -> None:
+    """A Gemma file names <eos> as its EOS and nothing else; its turns end at <end_of_turn>, as llama.cpp stops."""
+    path = tmp_path / "gemma-vocab.gguf"
+    writer = gguf.GGUFWriter(path, "gemma2")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "a", "b"])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert load_generation_config(resolve_model(path)) == {"eos_token_id": [1, 5], "bos_token_id": 2}
+
+
+def test_gguf_harmony_vocabulary_does_not_stop_at_the_end_of_a_message(tmp_path: Path) -> None:
+    """gpt-oss: <|end|> closes each message (the reasoning too); the answer ends at <|return|> or <|call|>."""
+    path = tmp_path / "harmony-vocab.gguf"
+    writer = gguf.GGUFWriter(path, "gpt-oss")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|return|>", "<|call|>"])
+    writer.add_eos_token_id(5)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert load_generation_config(resolve_model(path)) == {"eos_token_id": [5, 1, 6]}
+
+
 def test_chat_template_jinja_is_honoured(tiny_llama_dir: Path, tmp_path: Path) -> None:
     folder = shutil.copytree(tiny_llama_dir, tmp_path / "jinja")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -505,7 +533,7 @@ def test_default_model_config(default_source: ModelSource) -> None:
             config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49152)
     assert config["tie_word_embeddings"] is True and config["head_dim"] == 64
     assert config["rope_theta"] == 100000.0 and config["rope_scaling"] is None
-    assert load_generation_config(default_source)["eos_token_id"] == 2
+    assert load_generation_config(default_source)["eos_token_id"] == [2, 0]  # <|im_end|>, then <|endoftext|>
 
 
 def test_default_model_tokenizer(default_source: ModelSource) -> None:

@@ -58,6 +58,18 @@ _SKIPPED_TENSORS = {"rope_freqs.weight", *_LONGROPE_TENSORS}
 # default for each architecture (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not).
 _DEFAULT_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
+# Tokens that end generation wherever the vocabulary has them, as llama.cpp takes them whatever the file's eos/eot
+# ids say: GGUF files carry no generation_config.json, and its list of stop ids is often wider than the one EOS the
+# converter writes (Gemma's <end_of_turn>; Qwen's <|endoftext|> beside <|im_end|>; Phi-3's <|end|>).
+_END_OF_GENERATION_TOKENS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+})
+# gpt-oss's vocabulary (harmony) ends the answer at <|return|> or <|call|>; its <|end|> ends each message, the
+# reasoning too, so there it is no stop (llama.cpp drops it from its list in the same case)
+_HARMONY_ENDS = frozenset({"<|return|>", "<|call|>"})
+_HARMONY_MESSAGE_END = "<|end|>"
+
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -330,13 +342,19 @@ def _f32_tensor(header: GGUFHeader, name: str) -> np.ndarray | None:
 
 
 def gguf_generation_config(path: Path) -> dict[str, Any]:
-    """``{"eos_token_id": ...}`` from the metadata: the EOS id, plus end-of-turn ids when the file has them."""
+    """``{"eos_token_id": ...}`` from the metadata: the EOS id, the end-of-turn ids when the file has them, then the
+    vocabulary's tokens of llama.cpp's end-of-generation list (:data:`_END_OF_GENERATION_TOKENS`)."""
     meta = read_gguf_header(path).metadata
     ids: list[int] = []
     for key in ("eos", "eot", "eom"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and int(token_id) not in ids:
             ids.append(int(token_id))
+    tokens = meta.get("tokenizer.ggml.tokens") or ()
+    stops = _END_OF_GENERATION_TOKENS
+    if _HARMONY_ENDS.issubset(tokens):  # gpt-oss: <|end|> closes a message, not the answer
+        stops = stops - {_HARMONY_MESSAGE_END}
+    ids.extend(i for i, token in enumerate(tokens) if token in stops and i not in ids)
     config: dict[str, Any] = {}
     if ids:
         config["eos_token_id"] = ids[0] if len(ids) == 1 else ids
