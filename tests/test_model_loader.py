@@ -223,6 +223,18 @@ def test_gguf_f16_close_and_tied_embeddings(tiny_checkpoint_factory, tmp_path: P
         torch.testing.assert_close(loaded[name], tensor, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("gguf_dtype,torch_dtype", [("F16", torch.float16), ("BF16", torch.bfloat16)])
+def test_gguf_of_16_bit_weights_states_their_dtype_as_the_checkpoint_does(gguf_dtype: str, torch_dtype: torch.dtype,
+                                                                          tiny_checkpoint_factory,
+                                                                          tmp_path: Path) -> None:
+    """An F16 / BF16 file runs under ``--dtype auto`` as the 16-bit safetensors checkpoint does (bfloat16 or
+    float32 on a CPU, by what it multiplies natively; on a GPU its own dtype), not always in float32."""
+    hf_dir = tiny_checkpoint_factory("llama", torch_dtype=torch_dtype)
+    source = resolve_model(make_tiny_gguf(hf_dir, tmp_path / f"{gguf_dtype}.gguf", gguf_dtype))
+    assert load_hf_config(source)["torch_dtype"] == load_hf_config(resolve_model(hf_dir))["torch_dtype"]
+    assert load_hf_config(source)["torch_dtype"] == str(torch_dtype).removeprefix("torch.")
+
+
 QUANT_TOLERANCE = {"BF16": 0.01, "Q8_0": 0.01, "Q5_0": 0.05, "Q5_1": 0.04, "Q4_0": 0.1, "Q4_1": 0.08}
 
 

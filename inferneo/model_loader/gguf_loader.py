@@ -225,7 +225,7 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "tie_word_embeddings": header.tensor("output.weight") is None,
         "attention_bias": header.tensor("blk.0.attn_q.bias") is not None,
         "mlp_bias": header.tensor("blk.0.ffn_down.bias") is not None,  # (Llama's mlp_bias: llama.cpp reads them)
-        "torch_dtype": "float32",
+        "torch_dtype": _weights_dtype(header),
     }
     if arch in FAMILY_ARCHITECTURES:
         config.update(family_config(header, arch, config))
@@ -249,6 +249,18 @@ def gguf_config(path: Path) -> dict[str, Any]:
         if token_id is not None:
             config[f"{key.replace('padding', 'pad')}_token_id"] = int(token_id)
     return config
+
+
+def _weights_dtype(header: GGUFHeader) -> str:
+    """The dtype a file of full-width weights states, as a safetensors checkpoint's ``torch_dtype`` does (so that
+    ``--dtype auto`` treats the two alike): ``bfloat16`` where its weights are BF16 (F16 or F32 beside), ``float16``
+    where F16 (F32 beside), else ``float32`` (F32 files, and weights in block types, de-quantized to float32)."""
+    kinds = {t.type_name for t in header.tensors if len(t.shape) >= 2}
+    if "BF16" in kinds and kinds <= {"BF16", "F16", "F32"}:
+        return "bfloat16"
+    if "F16" in kinds and kinds <= {"F16", "F32"}:
+        return "float16"
+    return "float32"
 
 
 def _moe_config(header: GGUFHeader, arch: str, model_type: str) -> dict[str, Any]:
