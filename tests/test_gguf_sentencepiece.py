@@ -1,8 +1,9 @@
 """GGUF files with a SentencePiece vocabulary (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama)
-are tokenized with llama.cpp's spacing: with ``add_space_prefix`` each run of text between special tokens starts
-with ``▁`` (so a chat prompt's ``<s>[INST] hi`` is ``<s> ▁[ ...``, as llama.cpp and the Llama 2 / Mistral
-tokenizer.json files give it), runs of leading spaces keep every space, and text decodes back as it was. Phi-3's
-chat tokens swallow the whitespace after them, as its tokenizer.json (``rstrip``) and llama.cpp have it."""
+are tokenized with the space prefix (``add_space_prefix``) on each run of text between special tokens that does not
+start with a space: a chat prompt's ``<s>[INST] hi`` is ``<s> ▁[ ...`` as llama.cpp and the Llama 2 / Mistral v0.1
+tokenizer.json files give it, and a special ``[INST]`` followed by `` hi`` (Mistral v0.3) is ``[INST] ▁hi`` as its
+tokenizer.json gives it; text decodes back as it was. Phi-3's chat tokens swallow the whitespace after them, as its
+tokenizer.json (``rstrip``) and llama.cpp have it."""
 
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def test_each_run_of_text_between_special_tokens_gets_the_space_prefix(flag, tmp
     tok = load_gguf_tokenizer(_spm_file(tmp_path / "spm.gguf", flag))
     assert _pieces(tok, "<s>[INST] hi") == ["<s>", "▁[", "INST", "]", "▁hi"]
     assert _pieces(tok, "hi</s>hi") == ["▁hi", "</s>", "▁hi"]
-    assert _pieces(tok, "  hi") == ["▁", "▁", "▁hi"]  # llama.cpp: " " + "  hi", every space kept
+    assert _pieces(tok, "<|user|> hi") == ["<|user|>", "▁hi"]  # a run starting with a space: no second one
+    assert _pieces(tok, "<|user|>hi") == ["<|user|>", "▁hi"]
     assert tok("hi").input_ids[0] == 1  # add_bos_token
-    for text in ["  hi [INST]", "hi  hi ", "[INST] hi"]:
+    for text in ["hi  [INST]", "hi  hi ", "[INST] hi"]:
         assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
 

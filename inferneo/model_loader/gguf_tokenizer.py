@@ -6,11 +6,13 @@ vocabularies, unknown pre-tokenizers such as DeepSeek-V2's ``deepseek-llm``) goe
 conversion, which is slower but knows more kinds.
 
 SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama, ...) come from
-transformers' conversion with the spacing llama.cpp gives them: with ``tokenizer.ggml.add_space_prefix`` (true unless
-the file says otherwise) every run of text between special tokens gets a leading space, so ``<s>[INST] hi`` is
-``<s>``, ``▁[``, ... as in llama.cpp and the Llama 2 / Mistral tokenizer.json files; transformers' own conversion
-adds it to the start of the text only. Gemma and Phi-3 keep the layouts transformers builds for them, Phi-3 with its
-chat tokens swallowing the whitespace after them (``rstrip`` in its tokenizer.json; llama.cpp does the same).
+transformers' conversion with the space prefix of ``tokenizer.ggml.add_space_prefix`` (true unless the file says
+otherwise) given to every run of text between special tokens that does not start with a space, so the chat prompt
+``<s>[INST] hi`` is ``<s>``, ``▁[``, ... as llama.cpp and the Llama 2 / Mistral v0.1-v0.2 tokenizer.json files
+have it, and ``[INST] hi`` with a special ``[INST]`` (Mistral v0.3) is ``[INST]``, ``▁hi`` as in its tokenizer.json
+(llama.cpp adds a second ``▁`` there). transformers' own conversion prefixes the start of the text only. Gemma and
+Phi-3 keep the layouts transformers builds for them, Phi-3 with its chat tokens swallowing the whitespace after them
+(``rstrip`` in its tokenizer.json; llama.cpp does the same).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         if meta.get("tokenizer.ggml.model") == "llama":
             arch = meta.get("general.architecture")
             if arch not in _OWN_SPM_LAYOUTS:
-                _llama_cpp_spacing(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+                _space_prefix_per_run(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
             elif arch == "phi3":
                 _phi3_strip_after_special(tok.backend_tokenizer, meta)
         return tok
@@ -145,13 +147,13 @@ def _byte_level_bpe(meta: Any, pre: str, pre_tokenizer: pre_tokenizers.PreTokeni
     return backend
 
 
-def _llama_cpp_spacing(backend: Tokenizer, add_space_prefix: bool) -> None:
-    """Spaces of a SentencePiece vocabulary as llama.cpp writes them: each space becomes ``▁`` and, with
-    ``add_space_prefix``, each run of text between special tokens starts with one more (a normalizer, which runs on
-    each such run); decoding turns ``▁`` back into spaces and drops the one prefixed to the text."""
-    steps = [normalizers.Replace(" ", "\u2581")]
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *steps] if add_space_prefix else steps)
-    backend.pre_tokenizer = None
+def _space_prefix_per_run(backend: Tokenizer, add_space_prefix: bool) -> None:
+    """Spaces of a SentencePiece vocabulary: each becomes ``▁``, and with ``add_space_prefix`` each run of text
+    between special tokens that does not start with a space gets one in front (the pre-tokenizer runs on each run);
+    decoding turns ``▁`` back into spaces and drops the one prefixed to the text."""
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                     prepend_scheme="always" if add_space_prefix else "never")
     pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)] if add_space_prefix else pieces)
 
