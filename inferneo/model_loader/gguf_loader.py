@@ -115,6 +115,9 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _ARCH_BLOCK_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# One expert's projection as files written before llama.cpp stacked the experts (its first Mixtral files, such as
+# the widely shared Mixtral-8x7B ones of December 2023): ``blk.N.ffn_gate.E.weight`` rather than ``ffn_gate_exps``
+_PER_EXPERT_RE = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
 
 
 def gguf_hf_name(name: str, moe_block: str = "mlp", arch: str = "llama") -> str:
@@ -122,11 +125,16 @@ def gguf_hf_name(name: str, moe_block: str = "mlp", arch: str = "llama") -> str:
     in a file of architecture ``arch`` (Gemma names its four norms per layer its own way, Phi-3 keeps fused
     ``attn_qkv`` and ``ffn_up`` tensors).
 
-    ``moe_block`` is where the model keeps its router (``ffn_gate_inp``): ``mlp`` (Qwen-MoE) or
-    ``block_sparse_moe`` (Mixtral). Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
+    ``moe_block`` is where the model keeps its router (``ffn_gate_inp``) and experts: ``mlp`` (Qwen-MoE) or
+    ``block_sparse_moe`` (Mixtral); one expert's tensor of an older file (``blk.0.ffn_gate.3.weight``) is named
+    there. Stacked expert tensors have no single name: see :func:`gguf_hf_tensors`."""
     block_names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     if arch in FAMILY_ARCHITECTURES and _BLOCK_RE.fullmatch(name):
         return family_hf_name(arch, name)
+    if per_expert := _PER_EXPERT_RE.fullmatch(name):
+        layer, part, expert = per_expert.groups()
+        projection = _EXPERT_NAMING["mixtral" if moe_block == "block_sparse_moe" else "qwen"][1][f"{part}_exps"]
+        return f"model.layers.{layer}.{moe_block}.experts.{expert}.{projection}.weight"
     if match := _BLOCK_RE.fullmatch(name):
         layer, part, kind = match.groups()
         if part == _ROUTER:
