@@ -422,11 +422,18 @@ def test_gguf_tokenizer_fallback_through_transformers(tiny_llama_dir: Path, tmp_
     ("gpt-4o", ["Hello", "World", " ", "123", "45", " they're", " CAPS", "!abc", " 日本語テスト", "\n\n", "ok"]),
     # DeepSeek-V3: digits in threes, CJK runs apart from their space, punctuation joined to the word it leads
     ("deepseek-v3", ["HelloWorld", " ", "123", "45", " they", "'re", " CAPS", "!abc", " ", "日本語テスト", "\n\n", "ok"]),
+    # DeepSeek LLM / V2: words of cased letters and punctuation runs apart, each line break alone, digits in one run
+    ("deepseek-llm", ["HelloWorld", " ", "12345", " they", "'", "re", " CAPS", "!", "abc", " ", "日本語テスト", "\n",
+                      "\n", "ok"]),
+    # DeepSeek Coder: as deepseek-llm, every digit apart
+    ("deepseek-coder", ["HelloWorld", " ", "1", "2", "3", "4", "5", " they", "'", "re", " CAPS", "!", "abc", " ",
+                        "日本語テスト", "\n", "\n", "ok"]),
 ])
-def test_gguf_pre_tokenizers_of_gpt_oss_and_deepseek_v3(pre: str, pieces: list[str], tiny_llama_dir: Path,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """llama.cpp's ``gpt-4o`` and ``deepseek-v3`` pre-tokenizers split text as their tokenizer.json regexes do, and
-    a file naming one is rebuilt here rather than through transformers' generic conversion."""
+def test_gguf_pre_tokenizers_rebuilt_here(pre: str, pieces: list[str], tiny_llama_dir: Path,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's ``gpt-4o``, ``deepseek-v3``, ``deepseek-llm`` and ``deepseek-coder`` pre-tokenizers split text as
+    their tokenizer.json regexes do, and a file naming one is rebuilt here rather than through transformers' generic
+    conversion (which has no DeepSeek-V2 files at all: it refuses their architecture, deepseek2)."""
     from tokenizers import decoders
 
     from inferneo.model_loader import gguf_tokenizer
@@ -505,6 +512,22 @@ def test_gguf_harmony_vocabulary_does_not_stop_at_the_end_of_a_message(tmp_path:
     writer.write_kv_data_to_file()
     writer.close()
     assert load_generation_config(resolve_model(path)) == {"eos_token_id": [5, 1, 6]}
+
+
+def test_gguf_tokenizer_neither_rebuilt_nor_built_by_transformers_is_refused_clearly(tiny_llama_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
+    path = tmp_path / "unknown.gguf"
+    writer = gguf.GGUFWriter(path, "deepseek2")  # an architecture transformers' GGUF support lacks
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("some-new-pre")
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="pre-tokenizer 'some-new-pre'.*pass --tokenizer"):
+        load_tokenizer(resolve_model(path))
 
 
 def test_chat_template_jinja_is_honoured(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """A fast tokenizer rebuilt from the vocabulary a GGUF file carries in its metadata.
 
-Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, DeepSeek-V3, ...)
-are rebuilt here directly with the ``tokenizers`` library, in well under a second. Anything else (SentencePiece
-vocabularies, unknown pre-tokenizers such as DeepSeek-V2's ``deepseek-llm``) goes through transformers' own GGUF
-conversion, which is slower but knows more kinds.
+Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, DeepSeek LLM / V2 /
+V3, DeepSeek Coder, ...) are rebuilt here directly with the ``tokenizers`` library, in well under a second. Anything
+else (SentencePiece vocabularies, pre-tokenizers not known here such as Mistral Nemo's ``tekken``) goes through
+transformers' own GGUF conversion, which is slower but knows more kinds; where that fails too (it refuses
+architectures it has no model for, such as ``deepseek2``) the error says to pass ``--tokenizer``.
 
 SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama, ...) come from
 transformers' conversion with the space prefix of ``tokenizer.ggml.add_space_prefix`` (true unless the file says
@@ -52,6 +53,21 @@ _DEEPSEEK_V3_SPLITS = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 
+# DeepSeek LLM / DeepSeek-V2 ("deepseek-llm") and DeepSeek Coder ("deepseek-coder"): line breaks alone; words of cased
+# letters (deepseek-llm; any letters for deepseek-coder) or runs of ASCII, fullwidth and CJK punctuation, each with
+# one leading space; trailing whitespace (deepseek-llm); runs of CJK (and U+0800-U+4E00) characters; digits (every
+# digit apart for deepseek-coder)
+_CJK_RUNS = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM_SPLITS = (
+    r"[\r\n]",
+    r"\s?[\p{Lu}\p{Ll}\p{Lt}]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+$",
+    _CJK_RUNS,
+    r"\p{N}+",
+)
+_DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUNS, r"\p{N}")
+
 
 def _split_then_bytes(*patterns: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
@@ -77,6 +93,10 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer | None:
         return _split_then_bytes(_O200K_SPLIT)
     if pre == "deepseek-v3":
         return _split_then_bytes(*_DEEPSEEK_V3_SPLITS)
+    if pre == "deepseek-llm":
+        return _split_then_bytes(*_DEEPSEEK_LLM_SPLITS)
+    if pre == "deepseek-coder":
+        return _split_then_bytes(*_DEEPSEEK_CODER_SPLITS)
     return None
 
 
@@ -90,7 +110,13 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     pre_tokenizer = _pre_tokenizer(pre)
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
-        tok = _transformers_gguf_tokenizer(path)
+        try:
+            tok = _transformers_gguf_tokenizer(path)
+        except ValueError as exc:
+            raise ValueError(
+                f"{path}: its tokenizer ({meta.get('tokenizer.ggml.model')!r} vocabulary, pre-tokenizer {pre!r}) is "
+                f"not one Inferneo rebuilds, and transformers could not build it: {str(exc).splitlines()[0][:300]}; "
+                "pass --tokenizer with the model's Hugging Face tokenizer folder") from None
         if meta.get("tokenizer.ggml.model") == "llama":
             arch = meta.get("general.architecture")
             if arch not in _OWN_SPM_LAYOUTS:
