@@ -16,16 +16,19 @@ from inferneo.model_loader.gguf_tokenizer import load_gguf_tokenizer
 
 _SPECIALS = ["<unk>", "<s>", "</s>"]
 _CHAT_TOKENS = ["<|endoftext|>", "<|user|>", "<|end|>"]
+_USER_DEFINED = ["<|assistant|>"]
 # pieces in merge order (a SentencePiece BPE model scores piece i as -i)
 _PIECES = ["▁", "[", "]", "I", "N", "S", "T", "h", "i", "▁[", "IN", "INS", "INST", "▁h", "▁hi", "hi"]
 
 
 def _spm_file(path: Path, add_space_prefix: bool | None, arch: str = "llama") -> Path:
-    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_PIECES, *_CHAT_TOKENS]
-    scores = [0.0] * (len(_SPECIALS) + 256) + [-float(i) for i in range(len(_PIECES))] + [0.0] * len(_CHAT_TOKENS)
+    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_PIECES, *_CHAT_TOKENS, *_USER_DEFINED]
+    scores = ([0.0] * (len(_SPECIALS) + 256) + [-float(i) for i in range(len(_PIECES))]
+              + [0.0] * (len(_CHAT_TOKENS) + len(_USER_DEFINED)))
     types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL),
              *[int(gguf.TokenType.BYTE)] * 256, *[int(gguf.TokenType.NORMAL)] * len(_PIECES),
-             *[int(gguf.TokenType.CONTROL)] * len(_CHAT_TOKENS)]
+             *[int(gguf.TokenType.CONTROL)] * len(_CHAT_TOKENS),
+             *[int(gguf.TokenType.USER_DEFINED)] * len(_USER_DEFINED)]
     writer = gguf.GGUFWriter(path, arch)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -70,5 +73,6 @@ def test_no_space_prefix_when_the_file_says_so(tmp_path):
 def test_phi3_chat_tokens_swallow_the_whitespace_after_them(tmp_path):
     tok = load_gguf_tokenizer(_spm_file(tmp_path / "phi3.gguf", True, arch="phi3"))
     assert _pieces(tok, "<|user|>\nhi<|end|>\nhi</s> hi") == ["<|user|>", "▁hi", "<|end|>", "▁hi", "</s>", "▁hi"]
+    assert _pieces(tok, "<|assistant|>\nhi") == ["<|assistant|>", "▁hi"]  # a user-defined one too, as llama.cpp
     assert _pieces(tok, "<s>\nhi<|endoftext|>\nhi") == ["<s>", "▁", "<0x0A>", "hi", "<|endoftext|>", "▁", "<0x0A>",
                                                          "hi"]

@@ -185,14 +185,13 @@ def _space_prefix_per_run(backend: Tokenizer, add_space_prefix: bool) -> None:
 
 
 def _phi3_strip_after_special(backend: Tokenizer, meta: Any) -> None:
-    """Phi-3's control tokens (``<|user|>``, ``<|end|>``, ``<|assistant|>``, ``</s>``, ...) swallow the whitespace
-    after them, as its tokenizer.json says (``rstrip``) and llama.cpp does: its chat template's ``<|user|>\\n`` is
-    the one token. ``<unk>``, ``<s>`` and ``<|endoftext|>`` keep what follows them."""
-    types = meta.get("tokenizer.ggml.token_type") or ()
-    backend.add_special_tokens([
-        AddedToken(tok, special=True, normalized=False, rstrip=True)
-        for tok, kind in zip(meta["tokenizer.ggml.tokens"], types, strict=False)
-        if kind == _CONTROL and tok not in _PHI3_KEEP_WHITESPACE])
+    """Phi-3's chat tokens (``<|user|>``, ``<|end|>``, ``<|assistant|>``, ``</s>``, ...: its control and user-defined
+    ones) swallow the whitespace after them, as its tokenizer.json says (``rstrip``) and llama.cpp does: its chat
+    template's ``<|user|>\\n`` is the one token. ``<unk>``, ``<s>`` and ``<|endoftext|>`` keep what follows them."""
+    pairs = list(zip(meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or (), strict=False))
+    for kind, add in ((_CONTROL, backend.add_special_tokens), (_USER_DEFINED, backend.add_tokens)):
+        add([AddedToken(tok, special=kind == _CONTROL, normalized=False, rstrip=True)
+             for tok, token_kind in pairs if token_kind == kind and tok not in _PHI3_KEEP_WHITESPACE])
 
 
 def _transformers_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
