@@ -422,6 +422,9 @@ def test_gguf_tokenizer_fallback_through_transformers(tiny_llama_dir: Path, tmp_
     ("gpt-4o", ["Hello", "World", " ", "123", "45", " they're", " CAPS", "!abc", " 日本語テスト", "\n\n", "ok"]),
     # DeepSeek-V3: digits in threes, CJK runs apart from their space, punctuation joined to the word it leads
     ("deepseek-v3", ["HelloWorld", " ", "123", "45", " they", "'re", " CAPS", "!abc", " ", "日本語テスト", "\n\n", "ok"]),
+    # Tekken (Mistral Nemo): as o200k without contractions, every digit apart
+    ("tekken", ["Hello", "World", " ", "1", "2", "3", "4", "5", " they", "'re", " CAPS", "!abc", " 日本語テスト", "\n\n",
+                "ok"]),
     # DeepSeek LLM / V2: words of cased letters and punctuation runs apart, each line break alone, digits in one run
     ("deepseek-llm", ["HelloWorld", " ", "12345", " they", "'", "re", " CAPS", "!", "abc", " ", "日本語テスト", "\n",
                       "\n", "ok"]),
@@ -431,9 +434,9 @@ def test_gguf_tokenizer_fallback_through_transformers(tiny_llama_dir: Path, tmp_
 ])
 def test_gguf_pre_tokenizers_rebuilt_here(pre: str, pieces: list[str], tiny_llama_dir: Path,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """llama.cpp's ``gpt-4o``, ``deepseek-v3``, ``deepseek-llm`` and ``deepseek-coder`` pre-tokenizers split text as
-    their tokenizer.json regexes do, and a file naming one is rebuilt here rather than through transformers' generic
-    conversion (which has no DeepSeek-V2 files at all: it refuses their architecture, deepseek2)."""
+    """llama.cpp's ``gpt-4o``, ``tekken``, ``deepseek-v3``, ``deepseek-llm`` and ``deepseek-coder`` pre-tokenizers split
+    text as their tokenizer.json regexes do, and a file naming one is rebuilt here rather than through transformers'
+    generic conversion (which has no DeepSeek-V2 files at all: it refuses their architecture, deepseek2)."""
     from tokenizers import decoders
 
     from inferneo.model_loader import gguf_tokenizer
@@ -464,6 +467,7 @@ def test_gguf_pre_tokenizers_rebuilt_here(pre: str, pieces: list[str], tiny_llam
     ("llama-bpe", False, False),
     ("qwen2", None, False),
     ("qwen2", True, True),
+    ("tekken", None, True),  # Mistral Nemo: llama.cpp adds BOS too
 ])
 def test_gguf_byte_level_bos_follows_the_flag_or_llama_cpp_default(pre: str, flag: bool | None, bos: bool,
                                                                     tiny_llama_dir: Path, tmp_path: Path) -> None:

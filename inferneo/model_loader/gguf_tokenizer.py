@@ -1,9 +1,9 @@
 """A fast tokenizer rebuilt from the vocabulary a GGUF file carries in its metadata.
 
-Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, DeepSeek LLM / V2 /
-V3, DeepSeek Coder, ...) are rebuilt here directly with the ``tokenizers`` library, in well under a second. Anything
-else (SentencePiece vocabularies, pre-tokenizers not known here such as Mistral Nemo's ``tekken``) goes through
-transformers' own GGUF conversion, which is slower but knows more kinds; where that fails too (it refuses
+Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, Mistral Nemo,
+DeepSeek LLM / V2 / V3, DeepSeek Coder, ...) are rebuilt here directly with the ``tokenizers`` library, in well under
+a second. Anything else (SentencePiece vocabularies, pre-tokenizers not known here such as Command R's
+``command-r``) goes through transformers' own GGUF conversion, which is slower but knows more kinds; where that fails too (it refuses
 architectures it has no model for, such as ``deepseek2``) the error says to pass ``--tokenizer``.
 
 SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama, ...) come from
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 # Byte-level vocabularies to which llama.cpp adds a BOS when the file has no add_bos_token (Llama 3 files converted
-# before the flag was read from tokenizer.json lack it): its Llama 3 pre-tokenizers
-_BOS_BY_DEFAULT = ("llama-bpe", "llama3", "llama-v3", "falcon3")
+# before the flag was read from tokenizer.json lack it): its Llama 3 pre-tokenizers, and Tekken
+_BOS_BY_DEFAULT = ("llama-bpe", "llama3", "llama-v3", "falcon3", "tekken")
 # architectures whose SentencePiece layout transformers' GGUF conversion builds for the model (not the generic one)
 _OWN_SPM_LAYOUTS = ("gemma", "gemma2", "gemma3", "phi3")
 _PHI3_KEEP_WHITESPACE = ("<unk>", "<s>", "<|endoftext|>")
@@ -45,6 +45,10 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Tekken (Mistral Nemo, Mistral Small 3): o200k's words without their contractions, every digit apart
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # DeepSeek-V3 ("deepseek-v3"): three splits in turn: digit runs of up to 3, CJK runs, then words and punctuation
 _DEEPSEEK_V3_SPLITS = (
     r"\p{N}{1,3}",
@@ -91,6 +95,8 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer | None:
         return _split_then_bytes(_QWEN2_SPLIT)
     if pre == "gpt-4o":
         return _split_then_bytes(_O200K_SPLIT)
+    if pre == "tekken":
+        return _split_then_bytes(_TEKKEN_SPLIT)
     if pre == "deepseek-v3":
         return _split_then_bytes(*_DEEPSEEK_V3_SPLITS)
     if pre == "deepseek-llm":
@@ -155,9 +161,10 @@ def _byte_level_bpe(meta: Any, pre: str, pre_tokenizer: pre_tokenizers.PreTokeni
     tokens: tuple[str, ...] = meta["tokenizer.ggml.tokens"]
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", ())]
-    llama3 = pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+    # Llama 3's and Tekken's (tiktoken) vocabularies: a word that is in the vocabulary is that one token
+    ignore_merges = pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "tekken")
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                                   ignore_merges=llama3))
+                                   ignore_merges=ignore_merges))
     if pre in ("qwen2", "deepseek-r1-qwen"):
         backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizer
