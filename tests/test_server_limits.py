@@ -76,6 +76,29 @@ def test_full_queue_gives_429_with_retry_after(server):
                       headers=AUTH).status_code == 200
 
 
+def test_a_fresh_prompt_with_n_choices_reports_no_cached_tokens(server):
+    """With one sequence running at a time, the n choices of a request run one after another, and each after the
+    first finds the prompt's blocks that the first computed. The prompt counts once in the usage, and so do its
+    cached tokens: none of a fresh prompt (the siblings' hits are not a cache the client could have had), the
+    prompt's full blocks when it is sent again."""
+
+    def cached(body: dict) -> int:
+        body = {"max_tokens": 2, "ignore_eos": True, **body}
+        r = httpx.post(server.url("/v1/completions"), json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        if not body.get("stream"):
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+        return events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    for stream in (False, True):
+        prompt = [10 + stream + 2 * i for i in range(64)]  # 4 blocks of 16, not sent before
+        extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        assert cached({"prompt": prompt, "n": 3, **extra}) == 0
+        again = cached({"prompt": prompt, "n": 3, **extra})
+        assert 0 < again < 64 and again % 16 == 0, again
+
+
 def test_sigterm_finishes_the_stream_in_flight_refuses_new_requests_and_exits_0(server):
     """Last in this module: it stops the server."""
     with httpx.Client(timeout=60, headers=AUTH) as http, http.stream(

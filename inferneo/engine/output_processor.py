@@ -58,6 +58,7 @@ class _Sequence:
     new_logprobs: list[dict[int, Logprob]] | None = None
     final_delta_sent: bool = False
     embedding: list[float] | None = None  # an embedding request's result
+    num_cached_tokens: int | None = None  # prefix-cache hits of its prompt, once the core has said
 
 
 @dataclass(slots=True)
@@ -70,6 +71,8 @@ class ParentRequest:
     params: SamplingParams
     kind: OutputKind
     sequences: list[_Sequence]
+    # The prompt's prefix-cache hits: the fewest of any sequence's (the first scheduled; its siblings may then hit
+    # the blocks it computed, but the prompt counts once, so its cached tokens do too).
     num_cached_tokens: int = 0
     pooling: PoolingRequest | None = None  # set: an embedding request (one sequence, no text)
     prompt_logprobs: PromptLogprobs | None = None  # once the core sent them
@@ -205,7 +208,10 @@ class OutputProcessor:
                 if seq.finish_reason is not None:
                     return not out.finished
             return False
-        parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = out.num_cached_tokens
+            parent.num_cached_tokens = min(s.num_cached_tokens for s in parent.sequences
+                                           if s.num_cached_tokens is not None)
         if seq.detokenizer is None:  # an embedding request: one output, with the vector, when it finishes
             seq.embedding = out.embedding
             seq.finish_reason = out.finish_reason
