@@ -446,6 +446,36 @@ def test_stop_string_is_cut_and_never_streamed(server, llm):
     assert events[-1]["choices"][0]["stop_reason"] == token_stop
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server, path):
+    """vLLM's ``stream_options.continuous_usage_stats``: each chunk's ``usage`` is the request's so far (its
+    prompts counted from the start, the tokens generated up to then), growing to the totals of the last chunk;
+    without ``include_usage`` it is a 400 naming stream_options."""
+    body = ({"prompt": ["usage so far", "and another"]} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "usage so far"}]})
+    body |= {"n": 2, "max_tokens": 5, "ignore_eos": True, "stream": True}
+    whole = post(server, path, {**body, "stream": False}).json()["usage"]
+    events = sse_events(post(server, path, {**body, "stream_options": {"include_usage": True,
+                                                                       "continuous_usage_stats": True}}).text)
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == whole["completion_tokens"]
+    assert last["usage"]["prompt_tokens"] == whole["prompt_tokens"]
+    seen = [e["usage"]["completion_tokens"] for e in chunks]
+    assert seen == sorted(seen) and seen[-1] == whole["completion_tokens"]
+    for e in chunks:
+        u = e["usage"]
+        assert u["prompt_tokens"] == whole["prompt_tokens"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    if path == "/v1/chat/completions":
+        assert seen[0] == 0  # the role chunks come before any token
+    error = post(server, path, {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert error.status_code == 400 and error.json()["error"]["param"] == "stream_options"
+    assert "include_usage" in error.json()["error"]["message"]
+    plain = sse_events(post(server, path, {**body, "stream_options": {"include_usage": True}}).text)
+    assert all(e["usage"] is None for e in plain[:-1])
+    assert plain[-1]["usage"]["total_tokens"] == last["usage"]["total_tokens"]
+
+
 def test_tokenize_detokenize_health_version(server, llm):
     tok = post(server, "/tokenize", {"prompt": "hello world"}).json()
     assert tok["tokens"] == llm.engine.tokenize("hello world") and tok["count"] == len(tok["tokens"])

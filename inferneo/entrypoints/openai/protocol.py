@@ -101,8 +101,20 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
+    """``stream_options``: ``include_usage`` adds a last chunk with the totals (every other chunk has ``usage:
+    null``); ``continuous_usage_stats`` (vLLM's extension, with ``include_usage``) gives every chunk the usage so
+    far instead of null."""
+
     include_usage: bool | None = False
     include_obfuscation: bool | None = None  # OpenAI pads its chunks against side channels; nothing to do here
+    continuous_usage_stats: bool | None = False
+
+    @model_validator(mode="after")
+    def _continuous_needs_usage(self) -> StreamOptions:
+        if self.continuous_usage_stats and not self.include_usage:
+            raise ValueError("continuous_usage_stats puts the usage so far in every chunk, which needs "
+                             "include_usage: true as well")
+        return self
 
 
 FunctionName = Annotated[str, Field(min_length=1, max_length=MAX_FUNCTION_NAME_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")]

@@ -20,11 +20,12 @@ from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id, usage
+from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id
 from inferneo.entrypoints.openai.reasoning import AnswerSplitter, ReasoningPiece, TokenCounter
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
+    StreamUsage,
     cancel_on_disconnect,
     check_common,
     collect_finals,
@@ -136,6 +137,7 @@ class StartedChat:
     params: SamplingParams
     thinking_open: tuple[bool, ...] | None = None  # with a reasoning parser: each conversation's answer starts
     # inside an open thinking block (``ReasoningParser.opens``)
+    num_prompt_tokens: int = 0  # of all the conversations
 
 
 async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
@@ -181,7 +183,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         group = engine.submit(requests, param=param)
     except Exception as exc:
         raise to_api_error(exc) from None
-    return StartedChat(model, group, len(requests), params, thinking_open)
+    return StartedChat(model, group, len(requests), params, thinking_open, sum(map(len, prompt_ids)))
 
 
 class _Chat:
@@ -200,6 +202,7 @@ class _Chat:
         self.req = req
         self.group = started.group
         self.num_conversations = started.num_conversations
+        self.num_prompt_tokens = started.num_prompt_tokens
         self.created = now()
         self.top_k = (req.top_logprobs or 0) if req.logprobs else None
 
@@ -268,7 +271,7 @@ class _Chat:
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
         base: dict[str, Any] = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "system_fingerprint": None}
 
@@ -276,22 +279,23 @@ class _Chat:
                   stop_reason: int | str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": key, "delta": delta, "logprobs": logprobs,
                                             "finish_reason": finish_reason, "stop_reason": stop_reason}]}
-            if include_usage:
-                payload["usage"] = None
-            return sse(payload)
+            return sse(counts.put(payload, reasoning_tokens()))
 
         streams = {}
         counters: dict[int, TokenCounter] = {}
+
+        def reasoning_tokens() -> int | None:
+            return sum(c.count for c in counters.values()) if self.reasoning is not None else None
+
         for key in range(self.num_conversations * n):
             if self.reasoning is not None:
                 counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
             streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning)
             yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
-        num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
+            counts.add(i, delta)
             for choice in delta.outputs:
                 key = i * n + choice.index
-                num_completion_tokens += len(choice.token_ids)
                 answer = counters[key].add(choice.token_ids) if key in counters else None
                 message, finish_reason = streams[key].delta(choice.text, choice.finish_reason)
                 logprobs = None
@@ -301,13 +305,8 @@ class _Chat:
                     continue
                 yield chunk(key, message, logprobs, finish_reason,
                             choice.stop_reason if finish_reason is not None else None)
-            if delta.finished:
-                num_prompt_tokens += len(delta.prompt_token_ids)
-                num_cached_tokens += delta.num_cached_tokens
-        if include_usage:
-            reasoning_tokens = sum(c.count for c in counters.values()) if self.reasoning is not None else None
-            yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
-                                                             num_cached_tokens, reasoning_tokens)})
+        if counts.include:
+            yield sse({**base, "choices": [], "usage": counts.totals(reasoning_tokens())})
         yield SSE_DONE
 
 

@@ -19,7 +19,7 @@ from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import Conversation, _SamplingBody, now, usage
+from inferneo.entrypoints.openai.protocol import Conversation, StreamOptions, _SamplingBody, now, usage
 from inferneo.entrypoints.openai.reasoning import ReasoningParser, reasoning_for_tokenizer
 from inferneo.entrypoints.openai.token_bytes import token_bytes_reader
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
@@ -248,6 +248,37 @@ def usage_of(outputs: Iterable[RequestOutput], reasoning_tokens: int | None = No
     return usage(sum(len(o.prompt_token_ids) for o in outputs),
                  sum(len(c.token_ids) for o in outputs for c in o.outputs),
                  sum(o.num_cached_tokens for o in outputs), reasoning_tokens)
+
+
+class StreamUsage:
+    """The token counts of a streamed answer as its chunks go out, and what ``stream_options`` asks the chunks to
+    carry: with ``include_usage``, ``usage`` in every chunk (null, or with ``continuous_usage_stats`` the counts so
+    far) and the totals in a last chunk. The prompt tokens (all the request's prompts, each once however many
+    choices it has) count from the first chunk; the completion tokens as the choices' tokens arrive; the cached
+    tokens as each prompt's first output tells them."""
+
+    def __init__(self, options: StreamOptions | None, num_prompt_tokens: int) -> None:
+        self.include = bool(options and options.include_usage)
+        self.continuous = bool(self.include and options.continuous_usage_stats)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_completion_tokens = 0
+        self._cached: dict[int, int] = {}  # by prompt index
+
+    def add(self, index: int, delta: RequestOutput) -> None:
+        """Count a delta of prompt ``index``: its choices' new tokens and the prompt's cached tokens."""
+        self._cached[index] = delta.num_cached_tokens
+        self.num_completion_tokens += sum(len(choice.token_ids) for choice in delta.outputs)
+
+    def totals(self, reasoning_tokens: int | None = None) -> dict[str, Any]:
+        """OpenAI's ``usage`` of what has been generated so far (the whole answer's, once it has ended)."""
+        return usage(self.num_prompt_tokens, self.num_completion_tokens, sum(self._cached.values()),
+                     reasoning_tokens)
+
+    def put(self, payload: dict[str, Any], reasoning_tokens: int | None = None) -> dict[str, Any]:
+        """``payload`` (a chunk) with the ``usage`` it carries, if it carries one."""
+        if self.include:
+            payload["usage"] = self.totals(reasoning_tokens) if self.continuous else None
+        return payload
 
 
 def sse(payload: dict[str, Any]) -> bytes:

@@ -17,10 +17,11 @@ from inferneo.entrypoints.openai.completion_scoring import (
 )
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id, usage
+from inferneo.entrypoints.openai.protocol import CompletionRequest, now, random_id
 from inferneo.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServerContext,
+    StreamUsage,
     cancel_on_disconnect,
     check_common,
     collect_finals,
@@ -66,7 +67,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.echo:
         echo_texts = [p if isinstance(p, str) and not was_cut else ctx.tokenizer.decode(ids)
                       for p, ids, was_cut in zip(prompts, prompt_ids, cut, strict=True)]
-    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer)
+    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer, sum(map(len, prompt_ids)))
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -76,8 +77,9 @@ class _Completion:
     """One completion call in flight."""
 
     def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup,
-                 echo_texts: list[str] | None, tokenizer) -> None:
+                 echo_texts: list[str] | None, tokenizer, num_prompt_tokens: int) -> None:
         self.tokenizer = tokenizer
+        self.num_prompt_tokens = num_prompt_tokens
         self.request_id = request_id
         self.model = model
         self.req = req
@@ -108,13 +110,13 @@ class _Completion:
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
                                 "model": self.model}
         started: set[int] = set()
         offsets: dict[int, int] = {}  # text_offset of each choice's next token
-        num_prompt_tokens = num_cached_tokens = num_completion_tokens = 0
         async for i, delta in self.group:
+            counts.add(i, delta)
             for choice in delta.outputs:
                 key = i * n + choice.index
                 text = choice.text
@@ -124,7 +126,6 @@ class _Completion:
                     if self.echo_texts:
                         text = self.echo_texts[i] + text
                         echo = True
-                num_completion_tokens += len(choice.token_ids)
                 logprobs = None
                 token_ids, token_logprobs = text_tokens(choice, req.include_stop_str_in_output)
                 if req.logprobs is not None and (token_ids or echo):
@@ -135,15 +136,9 @@ class _Completion:
                 chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
                                               "finish_reason": choice.finish_reason,
                                               "stop_reason": choice.stop_reason if choice.finish_reason else None}]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-            if delta.finished:
-                num_prompt_tokens += len(delta.prompt_token_ids)
-                num_cached_tokens += delta.num_cached_tokens
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(num_prompt_tokens, num_completion_tokens,
-                                                             num_cached_tokens)})
+                yield sse(counts.put(chunk))
+        if counts.include:
+            yield sse({**base, "choices": [], "usage": counts.totals()})
         yield SSE_DONE
 
     def _logprobs(self, output: RequestOutput, token_ids: list[int], logprobs: list, echo: bool,
