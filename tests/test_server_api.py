@@ -683,3 +683,19 @@ def test_too_long_prompt_gives_400_with_both_lengths(server, llm):
                          400, "messages")
     assert str(limit) in error["message"]
     assert httpx.get(server.url("/health")).status_code == 200  # and the server goes on
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/completions", "max_tokens"), ("/v1/chat/completions", "max_tokens"),
+                                             ("/v1/chat/completions", "max_completion_tokens"),
+                                             ("/v1/responses", "max_output_tokens")])
+def test_a_prompt_and_answer_past_the_context_give_400_naming_the_field_sent(server, llm, path, field):
+    """The prompt fits, the answer asked for does not: the 400 names the lengths and the field the client sent
+    (the engine checks the sampling parameter max_tokens, whatever the endpoint calls it)."""
+    limit = llm.engine.max_model_len
+    body = {"/v1/completions": {"prompt": "hello there"}, "/v1/responses": {"input": "hello there"},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello there"}]}}[path]
+    error = assert_error(post(server, path, {**body, field: limit}), 400, field)
+    assert str(limit) in error["message"] and f"{limit} in {field}" in error["message"]
+    assert f"lower {field} " in error["message"]
+    others = {"max_tokens", "max_completion_tokens", "max_output_tokens"} - {field}
+    assert not any(name in error["message"] for name in others), error["message"]

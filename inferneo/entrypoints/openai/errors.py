@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,6 +58,16 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
+
+
+def renamed(error: APIError, old: str, new: str) -> APIError:
+    """``error`` about field ``old`` as one about ``new``, the name the client gave the same setting: its ``param``
+    and every whole-word mention of ``old`` in its message (the engine's checks name the sampling parameter, e.g.
+    ``max_tokens``, which a chat request may have sent as ``max_completion_tokens``)."""
+    if error.param != old:
+        return error
+    message = re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", new, error.message)
+    return APIError(error.status, message, new, error.code, error.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from inferneo.entrypoints.openai.errors import APIError, bad_request, validation_message
+from inferneo.entrypoints.openai.errors import APIError, bad_request, renamed, validation_message
 from inferneo.entrypoints.openai.protocol import (
     INT64_MAX,
     MAX_CONTENT_PARTS,
@@ -335,12 +335,15 @@ def responses_param(chat_param: str | None) -> str | None:
 
 def in_responses_terms(error: APIError) -> APIError:
     """A chat endpoint's error about :meth:`ResponsesRequest.to_chat`'s request, naming the Responses request's
-    field instead (in ``param`` and where the message starts with it)."""
+    field instead (in ``param`` and where the message starts with it; a field named like ``max_tokens``, no
+    English word, wherever the message names it)."""
     param = responses_param(error.param)
     if param == error.param:
         return error
+    if "_" in error.param:
+        return renamed(error, error.param, param)
     message = error.message
-    if error.param and message.startswith(error.param):
+    if message.startswith(error.param):
         message = param + message[len(error.param):]
     return APIError(error.status, message, param, error.code, error.headers)
 

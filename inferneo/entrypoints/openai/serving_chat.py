@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
-from inferneo.entrypoints.openai.errors import bad_request, to_api_error
+from inferneo.entrypoints.openai.errors import bad_request, renamed, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id
 from inferneo.entrypoints.openai.reasoning import AnswerSplitter, ReasoningPiece, TokenCounter
 from inferneo.entrypoints.openai.serving_common import (
@@ -182,7 +182,10 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     try:
         group = engine.submit(requests, param=param)
     except Exception as exc:
-        raise to_api_error(exc) from None
+        error = to_api_error(exc)
+        if req.max_completion_tokens is not None:  # the engine names the limit max_tokens
+            error = renamed(error, "max_tokens", "max_completion_tokens")
+        raise error from None
     return StartedChat(model, group, len(requests), params, thinking_open, sum(map(len, prompt_ids)))
 
 
