@@ -222,11 +222,14 @@ def test_chat_returns_the_thinking_apart(client, opened):
 @pytest.mark.parametrize("opened", [False, True], ids=["model-opens", "prompt-opens"])
 def test_streamed_thinking_equals_the_whole(client, opened):
     extra = {**(OPEN if opened else {}), "n": 2}
-    stream = _chat(client, stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    # continuous_usage_stats: every chunk has the usage so far, its reasoning tokens too
+    stream = _chat(client, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+                   extra_body=extra)
     reasoning, content, usage = {0: "", 1: ""}, {0: "", 1: ""}, None
+    thinking_so_far = []
     for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
+        usage = chunk.usage
+        thinking_so_far.append(usage.completion_tokens_details.reasoning_tokens)
         for choice in chunk.choices:
             delta = choice.delta
             assert (delta.model_extra or {}).get("reasoning") == (delta.model_extra or {}).get("reasoning_content")
@@ -235,6 +238,7 @@ def test_streamed_thinking_equals_the_whole(client, opened):
             assert "<think>" not in (delta.content or "") and "</think>" not in (delta.content or "")
     assert reasoning == {0: THINKING, 1: THINKING} and content == {0: ANSWER, 1: ANSWER}
     assert usage.completion_tokens_details.reasoning_tokens == 2 * (5 if not opened else 4)
+    assert thinking_so_far == sorted(thinking_so_far) and thinking_so_far[0] == 0
 
 
 def test_include_reasoning_false_leaves_it_out(server, client):

@@ -282,7 +282,7 @@ class _Chat:
                   stop_reason: int | str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": key, "delta": delta, "logprobs": logprobs,
                                             "finish_reason": finish_reason, "stop_reason": stop_reason}]}
-            return sse(counts.put(payload, reasoning_tokens()))
+            return sse(counts.put(payload, reasoning_tokens() if counts.continuous else None))
 
         streams = {}
         counters: dict[int, TokenCounter] = {}
