@@ -699,3 +699,6 @@ def test_a_prompt_and_answer_past_the_context_give_400_naming_the_field_sent(ser
     assert f"lower {field} " in error["message"]
     others = {"max_tokens", "max_completion_tokens", "max_output_tokens"} - {field}
     assert not any(name in error["message"] for name in others), error["message"]
+    if path != "/v1/responses":  # min_tokens (an extension) past the limit: the limit goes by its name too
+        error = assert_error(post(server, path, {**body, field: 5, "min_tokens": 10}), 400, "min_tokens")
+        assert field in error["message"] and not any(name in error["message"] for name in others), error["message"]

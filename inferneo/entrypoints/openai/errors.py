@@ -61,13 +61,13 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def renamed(error: APIError, old: str, new: str) -> APIError:
-    """``error`` about field ``old`` as one about ``new``, the name the client gave the same setting: its ``param``
-    and every whole-word mention of ``old`` in its message (the engine's checks name the sampling parameter, e.g.
-    ``max_tokens``, which a chat request may have sent as ``max_completion_tokens``)."""
-    if error.param != old:
-        return error
+    """``error`` naming field ``old`` as ``new``, the name the client gave the same setting: in its ``param`` (when
+    that is ``old``) and wherever its message names ``old`` as a whole word (the engine's checks name the sampling
+    parameter, e.g. ``max_tokens``, which a chat request may have sent as ``max_completion_tokens``)."""
     message = re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", new, error.message)
-    return APIError(error.status, message, new, error.code, error.headers)
+    if message == error.message and error.param != old:
+        return error
+    return APIError(error.status, message, new if error.param == old else error.param, error.code, error.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:

@@ -170,20 +170,21 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     reasoning = ctx.reasoning
     thinking_open = tuple(reasoning.opens(ids) for ids in prompt_ids) if reasoning else None
     requests = []
-    for i, ids in enumerate(prompt_ids):
-        limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
-        constraint_i = constraint
-        if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
-            constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
-        params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
-        if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads them
-            params.skip_special_tokens = params.spaces_between_special_tokens = False
-        requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=ctx.lora_for(model)))
     try:
+        for i, ids in enumerate(prompt_ids):
+            limit = max_tokens if max_tokens is not None else max(room - len(ids), 1)
+            constraint_i = constraint
+            if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
+                constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
+            params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
+            if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads
+                params.skip_special_tokens = params.spaces_between_special_tokens = False
+            requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority,
+                                          lora=ctx.lora_for(model)))
         group = engine.submit(requests, param=param)
     except Exception as exc:
         error = to_api_error(exc)
-        if req.max_completion_tokens is not None:  # the engine names the limit max_tokens
+        if req.max_completion_tokens is not None:  # the sampling parameters and the engine call it max_tokens
             error = renamed(error, "max_tokens", "max_completion_tokens")
         raise error from None
     return StartedChat(model, group, len(requests), params, thinking_open, sum(map(len, prompt_ids)))
