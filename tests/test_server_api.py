@@ -685,6 +685,27 @@ def test_too_long_prompt_gives_400_with_both_lengths(server, llm):
     assert httpx.get(server.url("/health")).status_code == 200  # and the server goes on
 
 
+def test_a_batch_refusal_names_the_prompt_that_cannot_run(server, llm):
+    """Of several prompts (or conversations), the one too long, with token ids outside the vocabulary, or without
+    room for max_tokens is named by its position; a setting all of them share is refused without one."""
+    limit = llm.engine.max_model_len
+    long = "hello " * (limit + 10)
+    error = assert_error(post(server, "/v1/completions", {"prompt": ["fine", "also fine", long]}), 400, "prompt")
+    assert error["message"].startswith("prompt 2: the prompt has ")
+    error = assert_error(post(server, "/v1/completions", {"prompt": [[5, 6], [10**6]]}), 400, "prompt")
+    assert error["message"].startswith("prompt 1: ")
+    room = limit - len(llm.engine.tokenize("fine"))
+    error = assert_error(post(server, "/v1/completions", {"prompt": ["fine", "hello " * 20], "max_tokens": room}),
+                         400, "max_tokens")
+    assert error["message"].startswith("prompt 1: the model's context length")
+    conversations = [[{"role": "user", "content": "fine"}], [{"role": "user", "content": long}]]
+    error = assert_error(post(server, "/v1/chat/completions", {"messages": conversations}), 400, "messages")
+    assert error["message"].startswith("messages: conversation 1: the prompt has ")
+    error = assert_error(post(server, "/v1/completions", {"prompt": ["a", "b"], "logit_bias": {str(10**6): 1}}),
+                         400, "logit_bias")
+    assert not error["message"].startswith("prompt")
+
+
 @pytest.mark.parametrize(("path", "field"), [("/v1/completions", "max_tokens"), ("/v1/chat/completions", "max_tokens"),
                                              ("/v1/chat/completions", "max_completion_tokens"),
                                              ("/v1/responses", "max_output_tokens")])

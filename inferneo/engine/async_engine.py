@@ -68,6 +68,10 @@ class _Tracked:
     last_token_at: float | None = None
 
 
+# What one entry of a submission is called in its refusal, by the request field that holds the entries.
+_ENTRY_NAMES = {"messages": "conversation"}
+
+
 class AsyncEngine(FrontEndFacts):
     """Serves many concurrent asyncio callers from one engine core (see the module docstring).
 
@@ -167,9 +171,18 @@ class AsyncEngine(FrontEndFacts):
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one submission must differ")
         resolved = [self.input.resolve(r.params) if r.pooling is None else None for r in requests]
-        budgets = [self.input.check(r.prompt_token_ids, params, param, r.priority) if r.pooling is None
-                   else self.input.check_embedding(r.prompt_token_ids, r.pooling, param, r.priority)
-                   for r, params in zip(requests, resolved, strict=True)]
+        budgets = []
+        for i, (r, params) in enumerate(zip(requests, resolved, strict=True)):
+            try:
+                budgets.append(self.input.check(r.prompt_token_ids, params, param, r.priority) if r.pooling is None
+                               else self.input.check_embedding(r.prompt_token_ids, r.pooling, param, r.priority))
+            except InvalidRequestError as exc:
+                if len(requests) == 1 or exc.param not in (param, "max_tokens"):
+                    raise  # (the other checks are of settings all the prompts share)
+                # several prompts, one too long (or with token ids outside the vocabulary, or no room for the
+                # answer): say which ("prompt 3: the prompt has 5000 tokens ...")
+                where = _ENTRY_NAMES.get(param, param)
+                raise InvalidRequestError(f"{where} {i}: {exc}", exc.param) from None
         group = RequestGroup(self.abort, self._late_aborts.append, ids)
         num_seqs = sum(r.params.n if r.pooling is None else 1 for r in requests)
         arrival = time.monotonic()
