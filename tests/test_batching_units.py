@@ -20,6 +20,7 @@ from inferneo.batching import (
     astream_batches,
     stream_batches,
 )
+from inferneo.batching._core import is_prompt_error
 from inferneo.client import AsyncInferneoClient, BadRequestError, InferneoClient, InternalServerError
 
 
@@ -142,6 +143,19 @@ class FakeCompletions:
 
 def _error(status: int, message: str, param: str | None) -> httpx.Response:
     return httpx.Response(status, json={"error": {"message": message, "type": "x", "param": param, "code": None}})
+
+
+@pytest.mark.parametrize(("param", "one_prompts"), [("prompt", True), ("messages", True), ("max_tokens", True),
+                                                    ("max_completion_tokens", True), (None, True),
+                                                    ("temperature", False)])
+def test_a_400_about_one_prompt_is_bisected_one_about_a_setting_is_not(param, one_prompts):
+    """The server names the answer's limit as the request gave it (a chat request's max_completion_tokens): a
+    prompt too long for it is that prompt's fault, as for max_tokens."""
+    transport = httpx.MockTransport(lambda request: _error(400, "prompt 1: too long for the answer", param))
+    client = InferneoClient("http://fake", http_client=httpx.Client(transport=transport), max_retries=0)
+    with pytest.raises(BadRequestError) as caught:
+        client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+    assert is_prompt_error(caught.value) is one_prompts
 
 
 class CountingPrompts:

@@ -24,9 +24,10 @@ Prompt = str | list[int] | Conversation
 Choice = CompletionChoice | ChatCompletionChoice
 Outcome = list[Choice] | InferneoError
 
-# A 400 that names one of these (or nothing) may come from a single prompt of the batch: bisect to find it.
+# A 400 that names one of these (or nothing) may come from a single prompt of the batch: bisect to find it (the
+# answer's limit is named as the request gave it: a prompt too long for it is a prompt's fault too).
 # A 400 naming another field (temperature, an unknown field, ...) is the whole call's fault: no bisecting.
-_PROMPT_PARAMS = frozenset({None, "prompt", "messages", "max_tokens"})
+_PROMPT_PARAMS = frozenset({None, "prompt", "messages", "max_tokens", "max_completion_tokens"})
 
 
 @dataclass(slots=True)
