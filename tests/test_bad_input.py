@@ -7,6 +7,7 @@ context (256 tokens), so that the table also shows what the defaults refuse.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -100,6 +101,11 @@ CASES = [
     Case("text-content-type", CHAT, body=chat(), status=415, headers={"Content-Type": "text/plain; charset=utf-8"},
          says="Content-Type: application/json"),
     Case("body-10mb", CMPL, body=cmpl(prompt="a" * 10_000_000), status=413, says="too large"),
+    # a compressed body is refused for what it is, not as invalid UTF-8 or JSON
+    Case("gzip-body", CMPL, raw=gzip.compress(json.dumps(cmpl()).encode()), status=415,
+         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}, says="encoded (gzip)"),
+    Case("deflate-header-plain-body", CHAT, body=chat(), status=415, headers={"Content-Encoding": "deflate"},
+         says="without Content-Encoding"),
     # ---- completions: prompt ---------------------------------------------------------------------------------
     Case("prompt-missing", CMPL, body={"max_tokens": 2}, says="prompt"),
     Case("prompt-number", CMPL, body=cmpl(prompt=123), says="prompt"),

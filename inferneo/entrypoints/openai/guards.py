@@ -10,7 +10,8 @@
    away (up to ``DISCARD_MAX_BYTES`` more, within ``DISCARD_MAX_SECONDS``) before the connection is closed. A
    request with ``Expect: 100-continue`` whose ``Content-Length`` is over the limit is answered at once: the
    server says ``100 Continue`` only when the body is first read, so such a client never sends the body;
-3. for the JSON endpoints, the body itself: valid UTF-8 and JSON, nested no deeper than ``max_json_depth``, at
+3. for the JSON endpoints, the body itself: not compressed (a ``Content-Encoding`` other than ``identity`` gets
+   415), valid UTF-8 and JSON, nested no deeper than ``max_json_depth``, at
    most ``max_prompts`` prompts (or conversations), ``n`` up to ``max_n``, prompts × ``n`` up to ``max_seqs``
    and ``max_tokens`` no larger than the context length; then its ``Content-Type``: ``application/json`` (or
    ``+json``, or none), else 415;
@@ -178,6 +179,7 @@ class GuardMiddleware:
             if body is None:
                 return  # the client left while sending
             if path in JSON_PATHS and scope["method"] == "POST":
+                _check_content_encoding(scope)
                 self._check_json(path, body)
                 _check_content_type(scope)
             if self.guards.log_requests:
@@ -381,6 +383,19 @@ def _check_content_type(scope: dict) -> None:
                                    "'Content-Type: application/json' (with curl: -H 'Content-Type: application/json')",
                               code="unsupported_media_type")
             return
+
+
+def _check_content_encoding(scope: dict) -> None:
+    """415 for a compressed body (``Content-Encoding: gzip``, ...): the server reads bodies as sent, so a compressed
+    one would be refused as invalid UTF-8 or JSON, which hides the reason."""
+    for name, value in scope["headers"]:
+        if name == b"content-encoding":
+            codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
+            if any(c != b"identity" for c in codings):
+                shown = value.decode("latin-1").strip()[:40]
+                raise Refusal(415, f"the request body is encoded ({shown}); this server takes uncompressed JSON: "
+                                   "send it without Content-Encoding", code="unsupported_media_type",
+                              headers={"Accept-Encoding": "identity"})
 
 
 def _too_deep(limit: int) -> Refusal:
