@@ -179,7 +179,7 @@ CASES = [
     Case("prompt-logprobs-negative", CMPL, body=cmpl(prompt_logprobs=-1), says="prompt_logprobs"),
     Case("stream-echo-logprobs-n2", CMPL, body=cmpl(echo=True, logprobs=1, stream=True, n=2), says="n"),
     Case("echo-on-chat", CHAT, body=chat(echo=True), says="echo"),
-    Case("prompt-logprobs-on-chat", CHAT, body=chat(prompt_logprobs=1), says="prompt_logprobs"),
+    Case("prompt-logprobs-streamed-chat", CHAT, body=chat(prompt_logprobs=1, stream=True), says="prompt_logprobs"),
     Case("stream-options-without-stream", CMPL, body=cmpl(stream_options={"include_usage": True}),
          says="stream_options"),
     Case("get-completions", CMPL, method="GET", status=405, says="method GET"),
