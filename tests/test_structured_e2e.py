@@ -123,8 +123,10 @@ def test_tool_calls_required_named_streamed_and_round_trip(client):
                                            tool_choice={"type": "function", "function": {"name": "get_time"}},
                                            max_tokens=100, stream=True)
     calls: dict[int, dict] = {}
+    finish_reasons = []
     with named as stream:
         for chunk in stream:
+            finish_reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
             for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
                 call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
                 call["id"] = call["id"] or delta.id
@@ -133,6 +135,7 @@ def test_tool_calls_required_named_streamed_and_round_trip(client):
                     call["arguments"] += delta.function.arguments or ""
     (call,) = calls.values()
     assert call["id"] and call["name"] == "get_time" and json.loads(call["arguments"])["zone"] in ("UTC", "CET")
+    assert finish_reasons == ["stop"]  # OpenAI's for a named function (required: "tool_calls")
 
     parsed = client.chat.completions.parse(model=MODEL, messages=ask("Look up"), tools=[Lookup],
                                            tool_choice="required", parallel_tool_calls=False, max_tokens=100)

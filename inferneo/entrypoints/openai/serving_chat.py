@@ -3,7 +3,8 @@
 With ``tools``, an answer may hold tool calls: read from the model's own format by the server's tool-call parser
 for ``tool_choice: "auto"``, or forced by a grammar for ``"required"`` and a named function (``constraints``).
 They leave as OpenAI's ``message.tool_calls`` (streamed: ``delta.tool_calls`` pieces, the name in a call's first
-piece), with ``finish_reason`` ``"tool_calls"`` when the model stopped after calling."""
+piece), with ``finish_reason`` ``"tool_calls"`` when the model stopped after calling (``"stop"`` when ``tool_choice``
+named the function, as OpenAI answers)."""
 
 from __future__ import annotations
 
@@ -201,6 +202,9 @@ class _Chat:
         self.single_call = req.parallel_tool_calls is False  # keep only the first call of an auto answer
         # a grammar forces the answer to be calls (tool_choice required or named): its message has no content
         self.forced_calls = req.tool_mode() in ("required", "named")
+        # OpenAI's finish reason for an answer that called tools: "tool_calls", but "stop" when tool_choice named the
+        # function (the answer could be nothing else), as vLLM answers too
+        self.calls_finish = _calls_finish_reason if req.tool_mode() != "named" else _same_finish_reason
         self.request_id = request_id
         self.model = started.model
         self.req = req
@@ -271,7 +275,7 @@ class _Chat:
         tool_calls = [{"id": tool_call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return ({"role": "assistant", "content": content or None, "tool_calls": tool_calls},
-                _calls_finish_reason(finish_reason))
+                self.calls_finish(finish_reason))
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
@@ -294,7 +298,8 @@ class _Chat:
         for key in range(self.num_conversations * n):
             if self.reasoning is not None:
                 counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
-            streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning)
+            streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning,
+                                           self.calls_finish)
             yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
         async for i, delta in self.group:
             counts.add(i, delta)
@@ -317,12 +322,15 @@ class _Chat:
 class _ToolCallStream:
     """One streamed choice's text, read by ``reader``, as OpenAI deltas: ``reasoning`` (with a reasoning parser;
     also sent as ``reasoning_content`` unless ``include_reasoning`` is off), ``content``, and ``tool_calls`` pieces
-    whose first piece carries the call's id, type and name."""
+    whose first piece carries the call's id, type and name; ``calls_finish``: the finish reason of an answer that
+    called tools (``_Chat.calls_finish``)."""
 
-    def __init__(self, reader: AnswerReader, single_call: bool, include_reasoning: bool = True) -> None:
+    def __init__(self, reader: AnswerReader, single_call: bool, include_reasoning: bool = True,
+                 calls_finish: Callable[[str | None], str | None] | None = None) -> None:
         self.reader = reader
         self.single_call = single_call
         self.include_reasoning = include_reasoning
+        self.calls_finish = calls_finish or _calls_finish_reason  # the finish reason of an answer with calls
         self.ids: list[str] = []  # one per call started
 
     def delta(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
@@ -351,7 +359,7 @@ class _ToolCallStream:
         if pieces:
             message["tool_calls"] = pieces
         if self.ids and finish_reason is not None:
-            finish_reason = _calls_finish_reason(finish_reason)
+            finish_reason = self.calls_finish(finish_reason)
         return message, finish_reason
 
 
@@ -364,6 +372,11 @@ def _reasoning_fields(reasoning: str | None) -> dict[str, str | None]:
 def _calls_finish_reason(finish_reason: str | None) -> str | None:
     """An answer that called tools and then stopped finished with ``tool_calls``; one cut short keeps ``length``."""
     return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def _same_finish_reason(finish_reason: str | None) -> str | None:
+    """A call to the function ``tool_choice`` named keeps its finish reason (``stop``, or ``length``)."""
+    return finish_reason
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_k: int,
