@@ -436,7 +436,7 @@ def test_gguf_pre_tokenizers_rebuilt_here(pre: str, pieces: list[str], tiny_llam
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp's ``gpt-4o``, ``tekken``, ``deepseek-v3``, ``deepseek-llm`` and ``deepseek-coder`` pre-tokenizers split
     text as their tokenizer.json regexes do, and a file naming one is rebuilt here rather than through transformers'
-    generic conversion (which has no DeepSeek-V2 files at all: it refuses their architecture, deepseek2)."""
+    generic conversion (which splits text of those it does not know as GPT-2 does)."""
     from tokenizers import decoders
 
     from inferneo.model_loader import gguf_tokenizer
@@ -518,19 +518,33 @@ def test_gguf_harmony_vocabulary_does_not_stop_at_the_end_of_a_message(tmp_path:
     assert load_generation_config(resolve_model(path)) == {"eos_token_id": [5, 1, 6]}
 
 
-def test_gguf_tokenizer_neither_rebuilt_nor_built_by_transformers_is_refused_clearly(tiny_llama_dir: Path,
-                                                                                      tmp_path: Path) -> None:
-    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
-    path = tmp_path / "unknown.gguf"
-    writer = gguf.GGUFWriter(path, "deepseek2")  # an architecture transformers' GGUF support lacks
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("some-new-pre")
+def _vocab_only_file(path: Path, arch: str, model: str, pre: str, meta: dict) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(meta["tokenizer.ggml.tokens"])
     writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(EOS_ID)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="pre-tokenizer 'some-new-pre'.*pass --tokenizer"):
+    return path
+
+
+def test_gguf_tokenizer_of_an_unknown_pre_tokenizer_loads_whatever_the_architecture(tiny_llama_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """transformers builds the tokenizer alone: an architecture it has no model for (deepseek2) is no obstacle."""
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
+    path = _vocab_only_file(tmp_path / "unknown-pre.gguf", "deepseek2", "gpt2", "some-new-pre", meta)
+    tok = load_tokenizer(resolve_model(path))
+    assert tok.decode(tok("Hello world, 42").input_ids) == "Hello world, 42" and tok.eos_token_id == EOS_ID
+
+
+def test_gguf_tokenizer_neither_rebuilt_nor_built_by_transformers_is_refused_clearly(tiny_llama_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
+    path = _vocab_only_file(tmp_path / "rwkv-vocab.gguf", "llama", "rwkv", "default", meta)
+    with pytest.raises(ValueError, match="'rwkv' vocabulary.*pass --tokenizer"):
         load_tokenizer(resolve_model(path))
 
 

@@ -3,8 +3,10 @@
 Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen, SmolLM, gpt-oss, Mistral Nemo,
 DeepSeek LLM / V2 / V3, DeepSeek Coder, ...) are rebuilt here directly with the ``tokenizers`` library, in well under
 a second. Anything else (SentencePiece vocabularies, pre-tokenizers not known here such as Command R's
-``command-r``) goes through transformers' own GGUF conversion, which is slower but knows more kinds; where that fails too (it refuses
-architectures it has no model for, such as ``deepseek2``) the error says to pass ``--tokenizer``.
+``command-r``, with a logged warning) goes through transformers' own GGUF conversion, which knows more kinds; it is
+called on the tokenizer alone (seconds for a 256k vocabulary; ``AutoTokenizer`` would first read the whole file's
+metadata again through ``gguf.GGUFReader``, over a minute there, and refuse architectures transformers has no model
+for). A vocabulary neither can build is refused with a message that says to pass ``--tokenizer``.
 
 SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: Llama 2, Mistral 7B, TinyLlama, ...) come from
 transformers' conversion with the space prefix of ``tokenizer.ggml.add_space_prefix`` (true unless the file says
@@ -18,6 +20,7 @@ Phi-3 keep the layouts transformers builds for them, Phi-3 with its chat tokens 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,8 @@ from inferneo.model_loader.gguf_file import read_gguf_header
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 # Byte-level vocabularies to which llama.cpp adds a BOS when the file has no add_bos_token (Llama 3 files converted
@@ -116,6 +121,10 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     pre_tokenizer = _pre_tokenizer(pre)
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
+        if meta.get("tokenizer.ggml.model") == "gpt2":
+            logger.warning("%s: pre-tokenizer %r is not rebuilt here; transformers' GGUF conversion builds the "
+                           "tokenizer (where it does not know the name either, text is split as GPT-2 splits it)",
+                           path.name, pre)
         try:
             tok = _transformers_gguf_tokenizer(path)
         except ValueError as exc:
@@ -202,6 +211,7 @@ def _phi3_strip_after_special(backend: Tokenizer, meta: Any) -> None:
 
 
 def _transformers_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
+    """transformers' conversion of the file's tokenizer metadata (the tokenizer alone: no model config is read)."""
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return PreTrainedTokenizerFast(gguf_file=path.name, name_or_path=str(path.parent), local_files_only=True)
