@@ -379,6 +379,26 @@ def test_gguf_errors(tmp_path: Path) -> None:
         load_hf_config(resolve_model(tmp_path / "gpt2.gguf"))
 
 
+def test_gguf_of_a_removed_arm_repacked_type_is_refused_by_name(tmp_path: Path) -> None:
+    """Q4_0_4_4 and its kind (ggml types 31-33, 36-38), which llama.cpp wrote for ARM and has removed."""
+    path = tmp_path / "q4_0_4_4.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    blocks = gguf.quants.quantize(np.zeros((4, 32), np.float32), gguf.GGMLQuantizationType.Q4_0)
+    writer.add_tensor("token_embd.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    raw = bytearray(path.read_bytes())
+    name = b"token_embd.weight"
+    at = raw.index(name) + len(name) + 4 + 2 * 8  # past the name, n_dims and the two dims: the ggml type
+    assert raw[at:at + 4] == (2).to_bytes(4, "little")
+    raw[at:at + 4] = (31).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is Q4_0_4_4 .*removed.*plain Q4_0"):
+        load_hf_config(resolve_model(path))
+
+
 # --- tokenizers --------------------------------------------------------------------------------------------
 
 

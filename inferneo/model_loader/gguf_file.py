@@ -28,6 +28,9 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
                  12: "<f8"}
 _STRING, _ARRAY = 8, 9
+# ggml types llama.cpp wrote for a while and has removed since (ARM repackings of Q4_0 / IQ4_NL, done at load now):
+# files that still hold them are refused by name
+_REMOVED_TYPES = {31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,6 +126,10 @@ class _Parser:
         try:
             block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
+            if ggml_type in _REMOVED_TYPES:
+                raise ValueError(f"{self.path}: tensor {name!r} is {_REMOVED_TYPES[ggml_type]} (ggml type {ggml_type}), "
+                                 "an ARM repacking llama.cpp has removed; use the model's plain Q4_0 / IQ4_NL file "
+                                 "(llama.cpp repacks it at load now)") from None
             raise ValueError(f"{self.path}: tensor {name!r} has ggml type {ggml_type}, unknown to the installed "
                              "gguf package (try upgrading it)") from None
         n_elements = prod(dims)
