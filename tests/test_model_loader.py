@@ -568,6 +568,31 @@ def test_gguf_tokenizer_neither_rebuilt_nor_built_by_transformers_is_refused_cle
         load_tokenizer(resolve_model(path))
 
 
+@pytest.mark.parametrize("model", ["gpt2", "llama"], ids=["rebuilt-here", "through-transformers"])
+def test_gguf_named_chat_templates_render_tool_requests_with_tool_use(model: str, tiny_llama_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """A file with several templates (Hermes 3: ``default`` and ``tool_use``) renders a request that carries tools
+    with ``tool_use``, as its Hugging Face tokenizer does."""
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
+    path = tmp_path / "templates.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_chat_template([{"name": "default", "template": "plain:{{ messages[0]['content'] }}"},
+                              {"name": "tool_use", "template": "tools:{{ tools | length }}"}])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tok = load_tokenizer(resolve_model(path))
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == "plain:hi"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert tok.apply_chat_template(messages, tools=tools, tokenize=False) == "tools:1"
+
+
 def test_chat_template_jinja_is_honoured(tiny_llama_dir: Path, tmp_path: Path) -> None:
     folder = shutil.copytree(tiny_llama_dir, tmp_path / "jinja")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -138,6 +138,8 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
                 _space_prefix_per_run(tok.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
             elif arch == "phi3":
                 _phi3_strip_after_special(tok.backend_tokenizer, meta)
+        if isinstance(template := _chat_template(meta), dict):
+            tok.chat_template = template  # transformers' conversion keeps the default one only
         return tok
     backend = _byte_level_bpe(meta, pre, pre_tokenizer)
     tokens = meta["tokenizer.ggml.tokens"]
@@ -161,9 +163,22 @@ def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     arch = meta.get("general.architecture")
     if (context := meta.get(f"{arch}.context_length")) is not None:
         kwargs["model_max_length"] = int(context)
-    if (template := meta.get("tokenizer.chat_template")) is not None:
+    if (template := _chat_template(meta)) is not None:
         kwargs["chat_template"] = template
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _chat_template(meta: Any) -> str | dict[str, str] | None:
+    """The file's chat template: ``tokenizer.chat_template``, or where named ones stand beside it
+    (``tokenizer.chat_templates`` lists their names, e.g. ``tool_use``, as llama.cpp's converter writes a
+    tokenizer's several templates) a dict of them, the default one under ``default``: how transformers keeps several
+    templates, rendering a request that carries tools with ``tool_use``."""
+    default = meta.get("tokenizer.chat_template")
+    named = {name: meta[f"tokenizer.chat_template.{name}"] for name in meta.get("tokenizer.chat_templates") or ()
+             if f"tokenizer.chat_template.{name}" in meta}
+    if not named:
+        return default
+    return {**({"default": default} if default is not None else {}), **named}
 
 
 def _byte_level_bpe(meta: Any, pre: str, pre_tokenizer: pre_tokenizers.PreTokenizer) -> Tokenizer:
