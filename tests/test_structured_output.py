@@ -335,6 +335,10 @@ UNENFORCEABLE = [
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "'/'"),
     ({"type": "object", "properties": {"a": {"type": "boolean"}}, "if": {"properties": {"a": {"const": True}}},
       "then": {"required": ["a"]}}, "'/'"),
+    # oneOf needs exactly one schema to match; xgrammar writes a value of either (6 came out, which both match).
+    ({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"}, {"type": "number"}]}},
+      "required": ["v"], "additionalProperties": False}, "'/properties/v'"),
+    ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, "'/'"),
 ]
 # Those xgrammar would loosen but llguidance enforces: they go to llguidance. (Before the refusal xgrammar let
 # 90-letter strings through under pattern + maxLength 4, ...) Bounded, so that the tiny model finishes them.
@@ -373,6 +377,39 @@ def test_schemas_only_llguidance_enforces_hold(llm, schema, where):
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         validate(strict_json(out.outputs[0].text), schema)
     assert_clean(llm)
+
+
+# oneOfs whose schemas are exclusive stay with xgrammar: no value matches two of them.
+EXCLUSIVE_ONE_OF = [
+    {"oneOf": [{"type": "null"}, {"type": "integer"}]},
+    {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}]},
+    {"oneOf": [{"enum": ["a", "b"]}, {"enum": ["c", 1]}]},
+    # a pydantic discriminated union: the discriminator's const differs in each
+    {"$defs": {"Cat": {"type": "object", "properties": {"kind": {"const": "cat", "type": "string"},
+                                                        "lives": {"type": "integer", "minimum": 1, "maximum": 9}},
+                       "required": ["kind", "lives"]},
+               "Dog": {"type": "object", "properties": {"kind": {"const": "dog", "type": "string"},
+                                                        "good": {"type": "boolean"}},
+                       "required": ["kind", "good"]}},
+     "type": "object", "required": ["pet"],
+     "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                            "discriminator": {"propertyName": "kind"}}}},
+    # xgrammar writes only the listed properties, so an object of either lacks what the other requires
+    {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+               {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+]
+
+
+@pytest.mark.parametrize("schema", EXCLUSIVE_ONE_OF, ids=[str(i) for i in range(len(EXCLUSIVE_ONE_OF))])
+def test_exclusive_one_of_stays_with_xgrammar_and_holds(llm, schema):
+    from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar
+
+    assert not isinstance(build_grammar(StructuredOutputsParams(json=schema)), GuidanceGrammar)
+    outs = llm.generate([prompt(i) for i in range(3)], constrained(temperature=1.0, seed=5, max_tokens=120,
+                                                                    json=schema), use_tqdm=False)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        validate(strict_json(out.outputs[0].text), schema)
 
 
 @pytest.mark.parametrize(("schema", "where"), GUIDANCE_ONLY[:2], ids=["0", "1"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferneo.sampling_params import MAX_WHITESPACE_RUN, StructuredOutputsParams
+from inferneo.structured_output.disjoint import one_of_overlap
 
 
 class StructuredOutputError(ValueError):
@@ -175,30 +176,33 @@ _TYPE_SPECIFIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", 
                   "patternProperties", "propertyNames")
 
 
-def _check_enforceable(schema: Any, where: str = "") -> None:
-    """Raise ``ValueError`` naming the place of the first keyword in ``schema`` that the grammar cannot enforce."""
+def _check_enforceable(schema: Any, where: str = "", root: Any = None) -> None:
+    """Raise ``ValueError`` naming the place of the first keyword in ``schema`` that the grammar cannot enforce
+    (``root``: the whole schema, which ``$ref`` points into; ``schema`` itself when None)."""
     if not isinstance(schema, dict):
         return
-    problem = _unenforceable(schema)
+    root = schema if root is None else root
+    problem = _unenforceable(schema, root)
     if problem is not None:
         raise ValueError(f"the schema uses {problem} at '{where or '/'}', which constrained decoding cannot enforce")
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
-                _check_enforceable(sub, f"{where}/{key}/{name}")
+                _check_enforceable(sub, f"{where}/{key}/{name}", root)
     for key in _SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
             for i, sub in enumerate(schema[key]):
-                _check_enforceable(sub, f"{where}/{key}/{i}")
+                _check_enforceable(sub, f"{where}/{key}/{i}", root)
     for key in _SCHEMA_VALUES:
         sub = schema.get(key)
         if key == "propertyNames" and isinstance(sub, dict):
             sub = {"type": "string", **sub}  # it describes the names, which are strings
-        _check_enforceable(sub, f"{where}/{key}")
+        _check_enforceable(sub, f"{where}/{key}", root)
 
 
-def _unenforceable(schema: dict[str, Any]) -> str | None:
-    """What in the one schema object ``schema`` (not its subschemas) xgrammar would drop, or None."""
+def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
+    """What in the one schema object ``schema`` (not its subschemas) xgrammar would drop, or None (``root``: the
+    whole schema, for ``$ref``)."""
     if schema.get("uniqueItems") is True:
         return "uniqueItems"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
@@ -212,6 +216,12 @@ def _unenforceable(schema: dict[str, Any]) -> str | None:
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
         return f"$ref {ref!r} (only references into the schema itself, '#' or '#/...', can be followed)"
+    branches = schema.get("oneOf")
+    overlap = one_of_overlap(branches, root) if isinstance(branches, list) else None
+    if overlap is not None:
+        return (f"oneOf whose schemas {overlap[0]} and {overlap[1]} may both match one value (oneOf needs exactly "
+                "one; xgrammar would write either: use anyOf, or make them exclusive, e.g. by a property with "
+                "a different const in each)")
     combinator = next((k for k in _COMBINATORS if k in schema), None)
     if combinator is not None:
         beside = sorted(k for k in schema if k in _CONSTRAINING and k != combinator)
