@@ -339,6 +339,13 @@ UNENFORCEABLE = [
     ({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"}, {"type": "number"}]}},
       "required": ["v"], "additionalProperties": False}, "'/properties/v'"),
     ({"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}, "'/'"),
+    # A name matching both patterns must match both schemas; xgrammar wrote a value of either one's.
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"type": "string", "maxLength": 2}},
+      "additionalProperties": False, "maxProperties": 2}, "'/'"),
+    # The pattern's only name is listed: llguidance allowed a comma after "a" and then no token at all.
+    (DEAD_END_PATTERN := {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                          "patternProperties": {"^a$": {"type": "integer", "minimum": 0}},
+                          "additionalProperties": False, "required": ["a"]}, "'/'"),
 ]
 # Those xgrammar would loosen but llguidance enforces: they go to llguidance. (Before the refusal xgrammar let
 # 90-letter strings through under pattern + maxLength 4, ...) Bounded, so that the tiny model finishes them.
@@ -354,6 +361,14 @@ GUIDANCE_ONLY = [
       "anyOf": [{"required": ["a"]}], "additionalProperties": False}, "'/'"),
     ({"type": "array", "items": {"type": "number", "multipleOf": 3, "minimum": -30, "maximum": 30}, "maxItems": 3},
      "'/items'"),
+    # A listed name that a pattern matches takes both schemas (xgrammar wrote "id" twice, the second value under
+    # the pattern's schema alone: "id": 1, "id": -6).
+    ({"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 5}},
+      "patternProperties": {"^i[a-z]?$": {"type": "integer", "minimum": 3, "maximum": 9}},
+      "required": ["id"], "additionalProperties": False}, "'/'"),
+    ({"type": "object", "patternProperties": {"^a[0-9]$": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "^b[0-9]$": {"type": "boolean"}},
+      "additionalProperties": False, "maxProperties": 2}, "'/'"),
 ]
 
 
@@ -377,6 +392,15 @@ def test_schemas_only_llguidance_enforces_hold(llm, schema, where):
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         validate(strict_json(out.outputs[0].text), schema)
     assert_clean(llm)
+
+
+def test_llguidance_is_not_given_a_pattern_whose_names_are_all_listed():
+    from inferneo.structured_output.grammars import guidance_grammar
+
+    params = StructuredOutputsParams(json=DEAD_END_PATTERN)
+    assert guidance_grammar(DEAD_END_PATTERN, params) is None
+    room = {**DEAD_END_PATTERN, "patternProperties": {"^a": {"type": "integer", "minimum": 0}}}  # "ab" is free
+    assert guidance_grammar(room, StructuredOutputsParams(json=room)) is not None
 
 
 # oneOfs whose schemas are exclusive stay with xgrammar: no value matches two of them.

@@ -8,6 +8,7 @@ error or a warning (:class:`GuidanceGrammar`); otherwise it is refused, naming t
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -176,28 +177,30 @@ _TYPE_SPECIFIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", 
                   "patternProperties", "propertyNames")
 
 
-def _check_enforceable(schema: Any, where: str = "", root: Any = None) -> None:
+def _check_enforceable(schema: Any, where: str = "", root: Any = None, rule=None) -> None:
     """Raise ``ValueError`` naming the place of the first keyword in ``schema`` that the grammar cannot enforce
-    (``root``: the whole schema, which ``$ref`` points into; ``schema`` itself when None)."""
+    (``root``: the whole schema, which ``$ref`` points into; ``schema`` itself when None). ``rule(subschema, root)``
+    says what the backend cannot enforce in one schema object: xgrammar's (``_unenforceable``) unless given."""
     if not isinstance(schema, dict):
         return
     root = schema if root is None else root
-    problem = _unenforceable(schema, root)
+    rule = rule or _unenforceable
+    problem = rule(schema, root)
     if problem is not None:
         raise ValueError(f"the schema uses {problem} at '{where or '/'}', which constrained decoding cannot enforce")
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
-                _check_enforceable(sub, f"{where}/{key}/{name}", root)
+                _check_enforceable(sub, f"{where}/{key}/{name}", root, rule)
     for key in _SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
             for i, sub in enumerate(schema[key]):
-                _check_enforceable(sub, f"{where}/{key}/{i}", root)
+                _check_enforceable(sub, f"{where}/{key}/{i}", root, rule)
     for key in _SCHEMA_VALUES:
         sub = schema.get(key)
         if key == "propertyNames" and isinstance(sub, dict):
             sub = {"type": "string", **sub}  # it describes the names, which are strings
-        _check_enforceable(sub, f"{where}/{key}", root)
+        _check_enforceable(sub, f"{where}/{key}", root, rule)
 
 
 def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
@@ -216,6 +219,9 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
         return f"$ref {ref!r} (only references into the schema itself, '#' or '#/...', can be followed)"
+    clash = _pattern_clash(schema)
+    if clash is not None:
+        return clash
     branches = schema.get("oneOf")
     overlap = one_of_overlap(branches, root) if isinstance(branches, list) else None
     if overlap is not None:
@@ -246,6 +252,60 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
     return None
 
 
+def _pattern_clash(schema: dict[str, Any]) -> str | None:
+    """What xgrammar would get wrong in the ``patternProperties`` of ``schema``, or None. xgrammar writes the value
+    of a name matching a pattern under that pattern's schema alone, and does not keep the names of ``properties``
+    out of the patterns: where a listed name matches a pattern it wrote the name twice, its second value breaking
+    the listed schema (``"id": 1, "id": -6`` under ``minimum: 0``); where a name matches two patterns it wrote a
+    value of either one's schema (JSON Schema wants both)."""
+    patterns = schema.get("patternProperties")
+    if not isinstance(patterns, dict) or not patterns:
+        return None
+    if len(patterns) > 1:
+        return "patternProperties with more than one pattern (a name may match several)"
+    pattern = next(iter(patterns))
+    listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    try:
+        matched = next((name for name in listed if re.search(pattern, name)), None)
+    except re.error:
+        return f"patternProperties {pattern!r} (a pattern this check cannot read)"
+    if matched is not None:
+        return f"patternProperties {pattern!r}, which the listed property {matched!r} matches too"
+    return None
+
+
+def _guidance_dead_end(schema: dict[str, Any], root: Any) -> str | None:
+    """What llguidance would write itself into a corner with in ``schema`` (not its subschemas), or None.
+
+    llguidance keeps the names of ``properties`` out of a pattern's names, but still allows another member where
+    that leaves none: under ``additionalProperties: false`` with ``"a"`` listed and the pattern ``^a$``, it let a
+    comma through after ``"a": 4`` and then allowed no token at all (the constraint came off, and free text
+    followed). A pattern that one of the listed names matches must be shown to match a name that is not listed."""
+    patterns = schema.get("patternProperties")
+    if schema.get("additionalProperties", True) is not False or not isinstance(patterns, dict):
+        return None
+    listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    for pattern in patterns:
+        try:
+            found = [name for name in listed if re.search(pattern, name)]
+            if found and not any(re.search(pattern, c) for c in _other_names(found) if c not in listed):
+                return (f"patternProperties {pattern!r}, whose names may all be listed properties ({found[0]!r}) "
+                        "under additionalProperties false (list them in properties instead)")
+        except re.error:
+            continue
+    return None
+
+
+def _other_names(names: list[str]) -> list[str]:
+    """Names to try a pattern on: each of ``names`` with a character added at either end or changed at the end,
+    and a few short ones."""
+    out = ["a", "x", "0", "_", "aa", "ab", "key", "x_a", "a1"]
+    for name in names:
+        for c in "a0_xZ-":
+            out += [name + c, c + name, name[:-1] + c]
+    return out
+
+
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
     """xgrammar's JSON layout: compact (exactly ", " and ": " between items, nothing else) or runs of at most
     ``MAX_WHITESPACE_RUN`` whitespace characters around every separator and bracket (never before or after the
@@ -272,6 +332,10 @@ def guidance_grammar(schema: Any, params: StructuredOutputsParams) -> GuidanceGr
     again against the vocabulary when it compiles it."""
     llg = llguidance()
     if llg is None or not isinstance(schema, dict):
+        return None
+    try:
+        _check_enforceable(schema, rule=_guidance_dead_end)
+    except ValueError:
         return None
     try:
         text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_guidance_json_options(params))
