@@ -343,6 +343,9 @@ UNENFORCEABLE = [
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"type": "string", "maxLength": 2}},
       "additionalProperties": False, "maxProperties": 2}, "'/'"),
     # The pattern's only name is listed: llguidance allowed a comma after "a" and then no token at all.
+    # xgrammar passed over the lookahead ("uvy" came out); llguidance refuses lookarounds.
+    ({"type": "object", "properties": {"v": {"type": "string", "pattern": "^(?=.*[0-9])[a-z0-9]{3}$"}},
+      "required": ["v"], "additionalProperties": False}, "'/properties/v'"),
     (DEAD_END_PATTERN := {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
                           "patternProperties": {"^a$": {"type": "integer", "minimum": 0}},
                           "additionalProperties": False, "required": ["a"]}, "'/'"),
@@ -366,6 +369,14 @@ GUIDANCE_ONLY = [
     ({"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 5}},
       "patternProperties": {"^i[a-z]?$": {"type": "integer", "minimum": 3, "maximum": 9}},
       "required": ["id"], "additionalProperties": False}, "'/'"),
+    # xgrammar wrote the quote and the backslash of these patterns unescaped: "a"b" is not JSON, "a\b" a backspace.
+    ({"type": "object", "properties": {"q": {"type": "string", "pattern": '^a"[bc]$'},
+                                       "p": {"type": "string", "pattern": r"^[a-c]\\[0-9]$"}},
+      "required": ["q", "p"], "additionalProperties": False}, "'/properties/q'"),
+    # enum / const values the type does not take: xgrammar wrote 2.5 under "integer", 1 under "string"
+    ({"type": "object", "properties": {"i": {"type": "integer", "enum": [1, 2.5, 3]},
+                                       "s": {"type": "string", "enum": ["a", 1]}},
+      "required": ["i", "s"], "additionalProperties": False}, "'/properties/i'"),
     ({"type": "object", "patternProperties": {"^a[0-9]$": {"type": "integer", "minimum": 0, "maximum": 9},
                                               "^b[0-9]$": {"type": "boolean"}},
       "additionalProperties": False, "maxProperties": 2}, "'/'"),

@@ -78,7 +78,7 @@ def _excludes(written: Any, other: Any, root: Any, depth: int) -> bool:
     values = _values(written)
     if values is not None:
         return all(_rejects(other, v, root, depth + 1) for v in values)
-    shared = _types(written) & _types(other)
+    shared = schema_types(written) & schema_types(other)
     if not shared:
         return True
     return shared == {"object"} and _objects_exclude(written, other, root, depth)
@@ -111,7 +111,7 @@ def _values(schema: dict[str, Any]) -> list[Any] | None:
     return None
 
 
-def _types(schema: dict[str, Any]) -> frozenset[str]:
+def schema_types(schema: dict[str, Any]) -> frozenset[str]:
     """The JSON types a value of ``schema`` may have ("number" includes the whole numbers, "integer")."""
     named = schema.get("type")
     if isinstance(named, str):
@@ -124,7 +124,8 @@ def _types(schema: dict[str, Any]) -> frozenset[str]:
     return frozenset(types)
 
 
-def _type_of(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON Schema type of a JSON value (a whole float is an "integer", as JSON Schema reads it)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -140,10 +141,10 @@ def _type_of(value: Any) -> str:
 
 def _same(a: Any, b: Any) -> bool:
     """JSON equality (``1 == 1.0``, ``true != 1``)."""
-    kind = _type_of(a)
-    if kind in ("integer", "number") and _type_of(b) in ("integer", "number"):
+    kind = json_type(a)
+    if kind in ("integer", "number") and json_type(b) in ("integer", "number"):
         return a == b
-    if kind != _type_of(b):
+    if kind != json_type(b):
         return False
     if isinstance(a, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
@@ -165,4 +166,4 @@ def _rejects(schema: Any, value: Any, root: Any, depth: int) -> bool:
     allowed = _values(schema)
     if allowed is not None and not any(_same(value, a) for a in allowed):
         return True
-    return _type_of(value) not in _types(schema)
+    return json_type(value) not in schema_types(schema)

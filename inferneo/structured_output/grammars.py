@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferneo.sampling_params import MAX_WHITESPACE_RUN, StructuredOutputsParams
-from inferneo.structured_output.disjoint import one_of_overlap
+from inferneo.structured_output.disjoint import json_type, one_of_overlap, schema_types
 
 
 class StructuredOutputError(ValueError):
@@ -212,6 +212,16 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
         return "allOf with more than one schema"
     if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
         return "pattern together with minLength / maxLength (put the length in the pattern)"
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and any(k in pattern for k in _LOOKAROUND):
+        return f"pattern {pattern!r} with a lookahead or lookbehind (xgrammar skips it)"
+    if isinstance(pattern, str) and _QUOTE_OR_BACKSLASH.search(pattern):
+        return f"pattern {pattern!r}, which matches a quote or a backslash (xgrammar writes it unescaped)"
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if "type" in schema and isinstance(values, list):
+        stray = next((v for v in values if json_type(v) not in schema_types(schema)), _UNKNOWN)
+        if stray is not _UNKNOWN:
+            return f"{'const' if 'const' in schema else 'enum'} value {stray!r}, which its type does not take"
     dropped = next((k for k in ("not", "if", "contains", "dependentRequired", "dependentSchemas", "dependencies",
                                 "$dynamicRef", "$recursiveRef") if k in schema), None)
     if dropped is not None:
@@ -250,6 +260,13 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
         if missing is not None:
             return f"required {missing!r}, which is not among its properties (list it in properties)"
     return None
+
+
+# Lookarounds, which xgrammar's regex reader passes over (``^(?=.*[0-9])[a-z]{3}$`` gave "uvy").
+_LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
+# A pattern that can match '"' or '\': xgrammar writes them into the JSON string as they are (``^a"b$`` gave
+# ``"a"b"``, not JSON; ``^a\\b$`` gave ``"a\b"``, a backspace).
+_QUOTE_OR_BACKSLASH = re.compile(r'"|\\\\|\\[xX](?:22|5[cC])|\\u00(?:22|5[cC])')
 
 
 def _pattern_clash(schema: dict[str, Any]) -> str | None:
