@@ -6,7 +6,8 @@ goes to llguidance instead, when it takes the schema cleanly (as vLLM's "auto" b
 them for the engine:
 
 - :mod:`.grammars`: a ``StructuredOutputsParams`` as an xgrammar grammar, and the check the front end runs on
-  every request (no tokenizer needed), so an unusable schema is refused before it reaches the core;
+  every request (no tokenizer needed), so an unusable schema is refused before it reaches the core (and the
+  lighter check of a schema no grammar is built from, ``check_schema_reads``);
 - :mod:`.compiler`: the core's compile pool (grammars compile on worker threads, cached by constraint) and the
   per-sequence matcher that follows the sequence's tokens and fills its bitmask row.
 
@@ -14,6 +15,10 @@ The sampler only ever sees a bitmask tensor (``inferneo.sampling.ops.apply_token
 package imports xgrammar or llguidance, so they stay optional dependencies (the ``structured`` extra).
 """
 
-from inferneo.structured_output.grammars import StructuredOutputError, check_structured_outputs
+from inferneo.structured_output.grammars import (
+    StructuredOutputError,
+    check_schema_reads,
+    check_structured_outputs,
+)
 
-__all__ = ["StructuredOutputError", "check_structured_outputs"]
+__all__ = ["StructuredOutputError", "check_schema_reads", "check_structured_outputs"]

@@ -91,16 +91,34 @@ def check_structured_outputs(params: StructuredOutputsParams | None) -> None:
     later. The verdict is kept by constraint (the last ``MAX_CHECKED`` of them), so a batch of requests sharing
     one schema parses it once: on an H200, 128 requests with one ten-field schema spent 9% of a run parsing it.
     """
-    if params is None:
-        return
-    key = params.key
+    if params is not None:
+        _check_cached(params.key, lambda: build_grammar(params))
+
+
+def check_schema_reads(params: StructuredOutputsParams) -> None:
+    """Raise ``StructuredOutputError`` (naming the field) unless xgrammar reads the JSON schema of ``params``,
+    whether or not it could enforce all of it: the check of a schema no grammar is built from (a tool's parameters
+    when ``tool_choice`` is ``auto`` or ``none``: the model writes its calls freely, so a keyword no grammar
+    enforces, such as the ``uniqueItems`` of a pydantic ``set``, is no reason to refuse the request)."""
+    def read() -> None:
+        try:
+            xgrammar().Grammar.from_json_schema(params.spec, **_json_options(params))
+        except (RuntimeError, ValueError, TypeError) as e:
+            field = f"structured_outputs.{params.kind}"
+            raise StructuredOutputError(f"{field} cannot be used: {_xgrammar_message(e)}", field) from None
+
+    _check_cached(("reads", *params.key), read)
+
+
+def _check_cached(key: tuple, check) -> None:
+    """Run ``check`` (raising ``StructuredOutputError``) once per ``key`` while its verdict is kept."""
     with _checked_lock:
         known = _checked.get(key, _UNKNOWN)
         if known is not _UNKNOWN:
             _checked.move_to_end(key)
     if known is _UNKNOWN:
         try:
-            build_grammar(params)
+            check()
             known = None
         except StructuredOutputError as e:
             known = (str(e), e.param)

@@ -17,7 +17,7 @@ from inferneo.entrypoints.openai.errors import APIError, bad_request
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, _SamplingBody
 from inferneo.entrypoints.openai.tool_parsers import function_parameters, required_calls_schema
 from inferneo.sampling_params import StructuredOutputsParams
-from inferneo.structured_output import StructuredOutputError, check_structured_outputs
+from inferneo.structured_output import StructuredOutputError, check_schema_reads, check_structured_outputs
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -68,7 +68,8 @@ def _asked(req: _SamplingBody) -> list[_Asked]:
 
 def _check_tools(req: ChatCompletionRequest) -> None:
     """400 for a ``tool_choice`` that does not fit ``tools``, and for a function whose ``parameters`` the engine
-    could not turn into a grammar (checked for every tool: ``auto`` answers may be constrained later)."""
+    could not use: a grammar must enforce those of the functions ``tool_choice`` forces (``required``: all, or the
+    named one); the others (every function under ``auto`` and ``none``) need only be a schema xgrammar reads."""
     names = [tool.function.name for tool in req.tools or ()]
     mode = req.tool_mode()
     if mode != "none" and not names:
@@ -83,7 +84,9 @@ def _check_tools(req: ChatCompletionRequest) -> None:
             if tool.function.parameters.get("type", "object") != "object":
                 raise bad_request("a function's parameters must be a JSON schema of an object "
                                   "({'type': 'object', ...})", f"tools[{i}].function.parameters")
-            _checked(_Asked("tools", {"json": tool.function.parameters}, f"tools[{i}].function.parameters"))
+            forced = mode == "required" or tool.function.name == named
+            _checked(_Asked("tools", {"json": tool.function.parameters}, f"tools[{i}].function.parameters"),
+                     enforced=forced)
 
 
 def _tool_constraint(req: ChatCompletionRequest) -> _Asked | None:
@@ -107,10 +110,12 @@ def _tool_constraint(req: ChatCompletionRequest) -> _Asked | None:
     return None
 
 
-def _checked(asked: _Asked) -> StructuredOutputsParams:
+def _checked(asked: _Asked, enforced: bool = True) -> StructuredOutputsParams:
+    """The constraint ``asked`` names, checked: a grammar must enforce it, or (not ``enforced``) xgrammar must
+    read it."""
     try:
         params = StructuredOutputsParams(**asked.values)
-        check_structured_outputs(params)
+        (check_structured_outputs if enforced else check_schema_reads)(params)
     except StructuredOutputError as exc:
         raise _renamed(exc, exc.param, asked) from None
     except ValueError as exc:  # the shape checks of StructuredOutputsParams: "structured_outputs.json is not ..."
