@@ -435,6 +435,23 @@ EXCLUSIVE_ONE_OF = [
 ]
 
 
+@pytest.mark.parametrize(("branches", "overlap"), [
+    ([{"const": 1}, {"const": 1.0}], (0, 1)),  # the same JSON number
+    ([{"const": True}, {"const": 1}], None),  # true is no number
+    ([{"type": "boolean"}, {"enum": [1]}, {"type": "number"}], (1, 2)),
+    ([{"anyOf": [{"type": "string"}, {"type": "null"}]}, {"type": "integer"}], None),
+    ([{"type": "object", "properties": {"a": {"type": "integer"}}},  # {} matches both
+      {"type": "object", "properties": {"b": {"type": "integer"}}}], (0, 1)),
+    ([{"type": "object", "properties": {"k": {"const": "x"}}, "required": ["k"], "additionalProperties": True},
+      {"type": "object", "properties": {"k": {"enum": ["y", "z"]}}, "required": ["k"]}], None),
+    ([{"$ref": "#/$defs/missing"}, {"type": "null"}], (0, 1)),  # not proven: left to llguidance
+])
+def test_one_of_overlap_reads_values_as_json_schema_does(branches, overlap):
+    from inferneo.structured_output.disjoint import one_of_overlap
+
+    assert one_of_overlap(branches, {"oneOf": branches}) == overlap
+
+
 @pytest.mark.parametrize("schema", EXCLUSIVE_ONE_OF, ids=[str(i) for i in range(len(EXCLUSIVE_ONE_OF))])
 def test_exclusive_one_of_stays_with_xgrammar_and_holds(llm, schema):
     from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar

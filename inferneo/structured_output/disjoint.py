@@ -112,15 +112,17 @@ def _values(schema: dict[str, Any]) -> list[Any] | None:
 
 
 def schema_types(schema: dict[str, Any]) -> frozenset[str]:
-    """The JSON types a value of ``schema`` may have ("number" includes the whole numbers, "integer")."""
+    """The JSON types a value of ``schema`` may have, by its ``type`` ("number" includes the whole numbers,
+    "integer") and its ``const`` / ``enum`` values."""
     named = schema.get("type")
     if isinstance(named, str):
         named = [named]
-    if not isinstance(named, list):
-        return _ALL_TYPES
-    types = {t for t in named if t in _ALL_TYPES}
+    types = set(_ALL_TYPES) if not isinstance(named, list) else {t for t in named if t in _ALL_TYPES}
     if "number" in types:
         types.add("integer")
+    values = _values(schema)
+    if values is not None:
+        types &= {json_type(v) for v in values}
     return frozenset(types)
 
 
