@@ -377,6 +377,9 @@ GUIDANCE_ONLY = [
     ({"type": "object", "properties": {"i": {"type": "integer", "enum": [1, 2.5, 3]},
                                        "s": {"type": "string", "enum": ["a", 1]}},
       "required": ["i", "s"], "additionalProperties": False}, "'/properties/i'"),
+    # a range below a millionth: xgrammar let an empty value through ({"v": })
+    ({"type": "object", "properties": {"v": {"type": "number", "minimum": 1e-7, "maximum": 2e-7}}, "required": ["v"],
+      "additionalProperties": False}, "'/properties/v'"),
     ({"type": "object", "patternProperties": {"^a[0-9]$": {"type": "integer", "minimum": 0, "maximum": 9},
                                               "^b[0-9]$": {"type": "boolean"}},
       "additionalProperties": False, "maxProperties": 2}, "'/'"),

@@ -235,6 +235,9 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
         return f"pattern {pattern!r} with a lookahead or lookbehind (xgrammar skips it)"
     if isinstance(pattern, str) and _QUOTE_OR_BACKSLASH.search(pattern):
         return f"pattern {pattern!r}, which matches a quote or a backslash (xgrammar writes it unescaped)"
+    tiny = next((k for k in _BOUNDS if _is_number(schema.get(k)) and 0 < abs(schema[k]) < 1e-6), None)
+    if tiny is not None:  # xgrammar's range for [1e-7, 2e-7] let an empty value through: {"v": }
+        return f"{tiny} {schema[tiny]!r} (xgrammar's number ranges stop at millionths)"
     values = [schema["const"]] if "const" in schema else schema.get("enum")
     if "type" in schema and isinstance(values, list):
         stray = next((v for v in values if json_type(v) not in schema_types(schema)), _UNKNOWN)
@@ -277,6 +280,13 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
         if missing is not None:
             return f"required {missing!r}, which is not among its properties (list it in properties)"
     return None
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # Lookarounds, which xgrammar's regex reader passes over (``^(?=.*[0-9])[a-z]{3}$`` gave "uvy").
