@@ -377,6 +377,13 @@ GUIDANCE_ONLY = [
     ({"type": "object", "properties": {"i": {"type": "integer", "enum": [1, 2.5, 3]},
                                        "s": {"type": "string", "enum": ["a", 1]}},
       "required": ["i", "s"], "additionalProperties": False}, "'/properties/i'"),
+    # formats llguidance does not know (OpenAPI's "password", "byte"): annotations, as xgrammar reads them; they
+    # made the whole schema a 400 once something in it needed llguidance. A const that holds one stays whole.
+    ({"type": "object", "properties": {"pw": {"type": "string", "format": "password", "pattern": "^[a-z]+$",
+                                              "maxLength": 4},
+                                       "raw": {"type": "string", "format": "byte", "maxLength": 4},
+                                       "kind": {"const": {"format": "password"}}},
+      "required": ["pw", "raw", "kind"], "additionalProperties": False}, "'/properties/pw'"),
     # a range below a millionth: xgrammar let an empty value through ({"v": })
     ({"type": "object", "properties": {"v": {"type": "number", "minimum": 1e-7, "maximum": 2e-7}}, "required": ["v"],
       "additionalProperties": False}, "'/properties/v'"),

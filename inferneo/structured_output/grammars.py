@@ -381,14 +381,43 @@ def guidance_grammar(schema: Any, params: StructuredOutputsParams) -> GuidanceGr
         _check_enforceable(schema, rule=_guidance_dead_end)
     except ValueError:
         return None
-    try:
-        text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_guidance_json_options(params))
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
-    except (ValueError, TypeError, RuntimeError):
-        return None
-    if is_error or messages:
-        return None
-    return GuidanceGrammar(text)
+    for _ in range(_MAX_FORMATS_DROPPED + 1):  # llguidance names one unknown format at a time
+        try:
+            text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=_guidance_json_options(params))
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
+        except (ValueError, TypeError, RuntimeError):
+            return None
+        if not (is_error or messages):
+            return GuidanceGrammar(text)
+        unknown = {m[len(_UNKNOWN_FORMAT):] for m in messages if m.startswith(_UNKNOWN_FORMAT)}
+        if not unknown or len(unknown) < len(messages):
+            return None
+        schema = _without_formats(schema, unknown)
+    return None
+
+
+# llguidance refuses a format it does not know ("password", "byte", "binary", ... of OpenAPI's), where xgrammar
+# reads it as the annotation JSON Schema makes it (any string): such formats are dropped for llguidance too.
+_UNKNOWN_FORMAT = "Unknown format: "
+_MAX_FORMATS_DROPPED = 8
+
+
+def _without_formats(schema: Any, names: set[str]) -> Any:
+    """A copy of ``schema`` without its ``format`` keywords naming one of ``names`` (subschemas followed; values
+    such as ``const``, ``enum`` and ``default`` kept as they are)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if not (k == "format" and v in names)}
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _without_formats(sub, names) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_without_formats(sub, names) for sub in out[key]]
+    for key in _SCHEMA_VALUES:
+        if key in out:
+            out[key] = _without_formats(out[key], names)
+    return out
 
 
 def _xgrammar_message(error: Exception) -> str:
