@@ -462,6 +462,24 @@ def test_one_of_overlap_reads_values_as_json_schema_does(branches, overlap):
     assert one_of_overlap(branches, {"oneOf": branches}) == overlap
 
 
+def test_one_of_overlap_of_a_schema_that_refers_to_itself_is_quick():
+    """Three required properties that are each the schema again: each level of the proof tried all three, 3^24
+    comparisons (the check ran for minutes per request). Now a bounded number per pair, and not proven exclusive."""
+    import time
+
+    from inferneo.structured_output.disjoint import one_of_overlap
+
+    node = {"type": "object", "required": ["a", "b", "c"],
+            "properties": {name: {"$ref": "#/$defs/N"} for name in "abc"}}
+    schema = {"$defs": {"N": node}, "oneOf": [{"$ref": "#/$defs/N"}, {"$ref": "#/$defs/N"}]}
+    start = time.monotonic()
+    assert one_of_overlap(schema["oneOf"], schema) == (0, 1)
+    assert time.monotonic() - start < 1.0
+    union = {"oneOf": [{"type": "object", "properties": {"k": {"const": str(i)}}, "required": ["k"]}
+                       for i in range(60)]}  # many pairs, each proven in a few steps
+    assert one_of_overlap(union["oneOf"], union) is None
+
+
 @pytest.mark.parametrize("schema", EXCLUSIVE_ONE_OF, ids=[str(i) for i in range(len(EXCLUSIVE_ONE_OF))])
 def test_exclusive_one_of_stays_with_xgrammar_and_holds(llm, schema):
     from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 _MAX_DEPTH = 24  # $ref hops and nesting followed before a pair counts as not proven exclusive
+_MAX_STEPS = 256  # comparisons made for one way of one pair before it counts as not proven exclusive
 _ALL_TYPES = frozenset(("null", "boolean", "object", "array", "string", "integer", "number"))
 
 
@@ -25,18 +26,33 @@ def one_of_overlap(branches: list[Any], root: Any) -> tuple[int, int] | None:
     for i, first in enumerate(branches):
         for j in range(i + 1, len(branches)):
             second = branches[j]
-            if not (_excludes(first, second, root, 0) and _excludes(second, first, root, 0)):
+            if not (_excludes(first, second, _Walk(root), 0) and _excludes(second, first, _Walk(root), 0)):
                 return i, j
     return None
 
 
-def _resolve(schema: Any, root: Any, depth: int) -> Any:
+class _Walk:
+    """The whole schema (for ``$ref``) and the steps left to one way of one pair's proof: a schema that refers to
+    itself could otherwise take exponentially many (three required properties, each the schema again, took
+    minutes)."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.steps = _MAX_STEPS
+
+    def step(self) -> bool:
+        """Spend one step; False once none are left (the pair then counts as not proven exclusive)."""
+        self.steps -= 1
+        return self.steps >= 0
+
+
+def _resolve(schema: Any, walk: _Walk, depth: int) -> Any:
     """``schema`` with a document-local ``$ref`` followed (None when it cannot be followed)."""
     while isinstance(schema, dict) and isinstance(schema.get("$ref"), str):
         ref = schema["$ref"]
         if depth > _MAX_DEPTH or not (ref == "#" or ref.startswith("#/")):
             return None
-        target = root
+        target = walk.root
         for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
             if isinstance(target, dict) and part in target:
@@ -60,31 +76,31 @@ def _alternatives(schema: dict[str, Any]) -> list[Any] | None:
     return None
 
 
-def _excludes(written: Any, other: Any, root: Any, depth: int) -> bool:
+def _excludes(written: Any, other: Any, walk: _Walk, depth: int) -> bool:
     """Whether no value xgrammar writes for ``written`` validates against ``other`` (False: not proven)."""
-    if depth > _MAX_DEPTH:
+    if depth > _MAX_DEPTH or not walk.step():
         return False
-    written, other = _resolve(written, root, depth), _resolve(other, root, depth)
+    written, other = _resolve(written, walk, depth), _resolve(other, walk, depth)
     if written is False or other is False:
         return True
     if not isinstance(written, dict) or not isinstance(other, dict):
         return False
     inner = _alternatives(written)
     if inner is not None:
-        return all(_excludes(w, other, root, depth + 1) for w in inner)
+        return all(_excludes(w, other, walk, depth + 1) for w in inner)
     inner = _alternatives(other)
     if inner is not None:
-        return all(_excludes(written, o, root, depth + 1) for o in inner)
+        return all(_excludes(written, o, walk, depth + 1) for o in inner)
     values = _values(written)
     if values is not None:
-        return all(_rejects(other, v, root, depth + 1) for v in values)
+        return all(_rejects(other, v, walk, depth + 1) for v in values)
     shared = schema_types(written) & schema_types(other)
     if not shared:
         return True
-    return shared == {"object"} and _objects_exclude(written, other, root, depth)
+    return shared == {"object"} and _objects_exclude(written, other, walk, depth)
 
 
-def _objects_exclude(written: dict[str, Any], other: dict[str, Any], root: Any, depth: int) -> bool:
+def _objects_exclude(written: dict[str, Any], other: dict[str, Any], walk: _Walk, depth: int) -> bool:
     """Whether no object xgrammar writes for ``written`` validates against ``other``."""
     listed = written.get("properties") if isinstance(written.get("properties"), dict) else {}
     other_listed = other.get("properties") if isinstance(other.get("properties"), dict) else {}
@@ -95,7 +111,7 @@ def _objects_exclude(written: dict[str, Any], other: dict[str, Any], root: Any, 
         return True  # other needs a property that written's objects never hold
     for name in written.get("required") if isinstance(written.get("required"), list) else ():
         if name in other_listed:
-            if name in listed and _excludes(listed[name], other_listed[name], root, depth + 1):
+            if name in listed and _excludes(listed[name], other_listed[name], walk, depth + 1):
                 return True
         elif other_closed:
             return True  # written's objects always hold a property that other's cannot
@@ -155,16 +171,18 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _rejects(schema: Any, value: Any, root: Any, depth: int) -> bool:
+def _rejects(schema: Any, value: Any, walk: _Walk, depth: int) -> bool:
     """Whether ``value`` fails ``schema`` (False: not proven)."""
-    schema = _resolve(schema, root, depth)
+    if not walk.step():
+        return False
+    schema = _resolve(schema, walk, depth)
     if isinstance(schema, bool):
         return not schema
     if not isinstance(schema, dict) or depth > _MAX_DEPTH:
         return False
     inner = _alternatives(schema)
     if inner is not None:
-        return all(_rejects(s, value, root, depth + 1) for s in inner)
+        return all(_rejects(s, value, walk, depth + 1) for s in inner)
     allowed = _values(schema)
     if allowed is not None and not any(_same(value, a) for a in allowed):
         return True
