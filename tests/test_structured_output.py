@@ -424,6 +424,22 @@ def test_llguidance_is_not_given_a_pattern_whose_names_are_all_listed():
     assert guidance_grammar(room, StructuredOutputsParams(json=room)) is not None
 
 
+def test_a_backtracking_pattern_does_not_stall_the_check():
+    """``^(a|aa)+$`` backtracks exponentially on "aaa...b": matched against the listed names, it held the check (on
+    the server's event loop) for minutes. The search has a time budget; what it cannot tell counts as a match."""
+    import time
+
+    from inferneo.structured_output import grammars
+
+    schema = {"type": "object", "properties": {"a" * 40 + "b": {"type": "integer"}},
+              "patternProperties": {"^(a|aa)+$": {"type": "integer"}}, "additionalProperties": False}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="may match too"):
+        grammars._check_enforceable(schema)
+    assert grammars.guidance_grammar(schema, StructuredOutputsParams(json=schema)) is None
+    assert time.monotonic() - start < 2.0
+
+
 # oneOfs whose schemas are exclusive stay with xgrammar: no value matches two of them.
 EXCLUSIVE_ONE_OF = [
     {"oneOf": [{"type": "null"}, {"type": "integer"}]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -309,12 +310,10 @@ def _pattern_clash(schema: dict[str, Any]) -> str | None:
         return "patternProperties with more than one pattern (a name may match several)"
     pattern = next(iter(patterns))
     listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-    try:
-        matched = next((name for name in listed if re.search(pattern, name)), None)
-    except re.error:
-        return f"patternProperties {pattern!r} (a pattern this check cannot read)"
+    search = _PatternSearch()
+    matched = next((name for name in listed if search(pattern, name) is not False), None)
     if matched is not None:
-        return f"patternProperties {pattern!r}, which the listed property {matched!r} matches too"
+        return f"patternProperties {pattern!r}, which the listed property {matched!r} may match too"
     return None
 
 
@@ -329,15 +328,36 @@ def _guidance_dead_end(schema: dict[str, Any], root: Any) -> str | None:
     if schema.get("additionalProperties", True) is not False or not isinstance(patterns, dict):
         return None
     listed = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    search = _PatternSearch()
     for pattern in patterns:
-        try:
-            found = [name for name in listed if re.search(pattern, name)]
-            if found and not any(re.search(pattern, c) for c in _other_names(found) if c not in listed):
-                return (f"patternProperties {pattern!r}, whose names may all be listed properties ({found[0]!r}) "
-                        "under additionalProperties false (list them in properties instead)")
-        except re.error:
-            continue
+        found = [name for name in listed if search(pattern, name) is not False]
+        if found and not any(search(pattern, c) for c in _other_names(found) if c not in listed):
+            return (f"patternProperties {pattern!r}, whose names may all be listed properties ({found[0]!r}) "
+                    "under additionalProperties false (list them in properties instead)")
     return None
+
+
+class _PatternSearch:
+    """``regex.search`` of a schema's pattern in a name, within a time budget shared by the calls of one check (a
+    pattern such as ``^(a|aa)+$`` takes exponential time on some names, and the check runs on the server's event
+    loop): True, False, or None when it could not tell (out of time, a pattern ``regex`` cannot read, or no
+    ``regex`` module, which transformers installs)."""
+
+    def __init__(self, budget_s: float = 0.1) -> None:
+        self.deadline = time.monotonic() + budget_s
+
+    def __call__(self, pattern: str, name: str) -> bool | None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            import regex
+        except ImportError:  # pragma: no cover - a dependency of transformers
+            return None
+        try:
+            return regex.search(pattern, name, timeout=left) is not None
+        except (regex.error, TimeoutError, ValueError, TypeError):
+            return None
 
 
 def _other_names(names: list[str]) -> list[str]:
