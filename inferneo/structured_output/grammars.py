@@ -258,7 +258,7 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
     overlap = one_of_overlap(branches, root) if isinstance(branches, list) else None
     if overlap is not None:
         return (f"oneOf whose schemas {overlap[0]} and {overlap[1]} may both match one value (use anyOf, or make "
-                "them exclusive, e.g. by a property with a different const in each)")
+                "them exclusive, e.g. by a required property with a different const in each)")
     combinator = next((k for k in _COMBINATORS if k in schema), None)
     if combinator is not None:
         beside = sorted(k for k in schema if k in _CONSTRAINING and k != combinator)
