@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -34,6 +35,9 @@ MAX_RETRY_AFTER = 60.0
 RETRY_STATUSES = frozenset({408, 409, 429})
 
 Timeout = float | httpx.Timeout | None
+
+# The connection pools the sync clients made for themselves (not given by the caller).
+_PLAIN_POOLS: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
 
 
 def error_message(text: str, limit: int = 300) -> str:
@@ -159,6 +163,14 @@ class SyncAPIClient(_BaseClient):
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(limits=httpx.Limits(max_connections=1000,
                                                                      max_keepalive_connections=100))
+        if http_client is None:
+            _PLAIN_POOLS.add(self._http)
+
+    @property
+    def _plain_pool(self) -> bool:
+        """Whether this client sends through a connection pool a client made (its own, or shared by
+        ``with_options``) rather than an ``http_client`` the caller gave (a transport of theirs)."""
+        return self._http in _PLAIN_POOLS
 
     def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
                 query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,

@@ -1,0 +1,83 @@
+"""Leaving ``stream_batches`` early (a ``break``, Ctrl-C) against a real ``inferneo serve`` on a tiny model: the
+batches still in flight are cancelled on the server too, instead of running on to their end with nobody to read
+them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from inferneo.batching import stream_batches
+from inferneo.client import InferneoClient
+from inferneo.testing.server import RemoteServer
+
+MODEL = "tiny"
+# Two sequences at a time and long answers: the batches in flight take many seconds to finish on their own.
+LONG = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, "--served-model-name", MODEL, "--max-num-seqs", "2", "--kv-cache-memory",
+                      "32MiB", "--num-threads", "1", "--disable-access-log") as srv:
+        yield srv
+
+
+def requests_on_server(server) -> float:
+    """Requests the server is running or has queued."""
+    text = httpx.get(server.url("/metrics"), timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(("inferneo:num_requests_running", "inferneo:num_requests_waiting")))
+
+
+def wait_for(server, condition, timeout: float) -> float:
+    """Seconds until ``condition(requests_on_server)`` held; fails after ``timeout``."""
+    start = time.monotonic()
+    while not condition(requests_on_server(server)):
+        assert time.monotonic() - start < timeout, f"server still has {requests_on_server(server)} requests"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_break_cancels_the_batches_in_flight(server):
+    wait_for(server, lambda n: n == 0, 60)
+    with InferneoClient(server.base_url, max_retries=0) as client:
+        # 32 prompts in flight, two at a time on the server: the first batch is answered while 24 still wait.
+        results = stream_batches(client, MODEL, [f"p{i}" for i in range(100)], batch_size=8, max_in_flight=4, **LONG)
+        for result in results:
+            assert result.ok and result.index == 0
+            break
+        assert requests_on_server(server) >= 20
+        results.close()
+    wait_for(server, lambda n: n == 0, 5)  # on their own, 24 answers of 2000 tokens two at a time take far longer
+
+
+def test_ctrl_c_cancels_the_batches_in_flight(server):
+    wait_for(server, lambda n: n == 0, 60)
+    script = textwrap.dedent(f"""
+        from inferneo.batching import stream_batches
+        from inferneo.client import InferneoClient
+        client = InferneoClient({server.base_url!r}, max_retries=0)
+        try:
+            for result in stream_batches(client, {MODEL!r}, [f"p{{i}}" for i in range(40)], batch_size=4,
+                                         max_in_flight=4, **{LONG!r}):
+                print(result.index, flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(server, lambda n: n >= 16, 60)  # four batches of four sent: two running, 14 waiting
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert out.split() == ["interrupted"]
+    assert proc.returncode == 0
+    wait_for(server, lambda n: n == 0, 5)  # on their own, 16 answers of 2000 tokens two at a time take far longer
