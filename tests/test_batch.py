@@ -102,6 +102,33 @@ def test_batch_against_a_server(server, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_a_line_that_cannot_be_sent_gets_its_error_record_and_the_job_goes_on(server, tmp_path, capsys):
+    # Each of these once stopped the whole job (a traceback, no record for any line, the same on every rerun):
+    # JSON that reads into a body the request cannot carry, and JSON nested too deeply to read.
+    lines = [
+        request_line("good-0", 0),
+        request_line("surrogate", 1).replace('"hello number 1"', '"bad \\ud800 half"'),
+        request_line("nan", 2).replace('"temperature": 0', '"temperature": NaN'),
+        request_line("huge-float", 3).replace('"temperature": 0', '"temperature": 1e999'),
+        '{"custom_id": "deep", "url": "/v1/completions", "body": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+        request_line("good-1", 5, chat=True),
+    ]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    assert "6 lines, 6 records" in capsys.readouterr().err
+    by_line = {int(r["id"].rsplit("_", 1)[1]): r for r in read_records(out)}
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6]
+    assert by_line[1]["error"] is None and by_line[6]["error"] is None
+    for line, custom_id in ((2, "surrogate"), (3, "nan"), (4, "huge-float"), (5, None)):
+        record = by_line[line]
+        assert record["custom_id"] == custom_id and record["response"] is None
+        assert record["error"]["code"] == ("invalid_json" if custom_id is None else "invalid_body")
+        assert f"line {line}" in record["error"]["message"]
+    assert "surrogate" in by_line[2]["error"]["message"] and "NaN" in by_line[3]["error"]["message"]
+
+
 def test_batch_in_process_answers_as_the_server_does(server, tiny_llama_dir, tmp_path):
     requests = mixed_input(tmp_path / "requests.jsonl")
     remote, local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"

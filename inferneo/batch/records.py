@@ -52,6 +52,8 @@ def parse_line(line: int, raw: bytes, seen_ids: set[str]) -> BatchRequest | Inva
         return InvalidLine(line, None, "invalid_json", f"line {line} is not valid UTF-8")
     except json.JSONDecodeError as exc:
         return InvalidLine(line, None, "invalid_json", f"line {line} is not valid JSON: {exc}")
+    except RecursionError:
+        return InvalidLine(line, None, "invalid_json", f"line {line} nests arrays or objects too deeply to read")
     if not isinstance(item, dict):
         return InvalidLine(line, None, "invalid_request", f"line {line} must be a JSON object")
     custom_id = item.get("custom_id")
@@ -75,6 +77,16 @@ def parse_line(line: int, raw: bytes, seen_ids: set[str]) -> BatchRequest | Inva
     body = item.get("body")
     if not isinstance(body, dict):
         return InvalidLine(line, custom_id, "invalid_body", f"line {line}: 'body' must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False, allow_nan=False).encode()  # what the request will carry
+    except UnicodeEncodeError:
+        return InvalidLine(line, custom_id, "invalid_body",
+                           f"line {line}: 'body' holds a lone surrogate escape (\\ud800 to \\udfff without its "
+                           "pair), which is not valid Unicode and cannot be sent")
+    except ValueError:
+        return InvalidLine(line, custom_id, "invalid_body",
+                           f"line {line}: 'body' holds NaN or Infinity (or a number too large for a float), "
+                           "which JSON does not allow")
     if body.get("stream"):
         return InvalidLine(line, custom_id, "invalid_body",
                            f"line {line}: stream is not supported in a batch (each response is written whole)")
