@@ -112,14 +112,15 @@ def test_a_line_that_cannot_be_sent_gets_its_error_record_and_the_job_goes_on(se
         request_line("huge-float", 3).replace('"temperature": 0', '"temperature": 1e999'),
         '{"custom_id": "deep", "url": "/v1/completions", "body": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}",
         request_line("good-1", 5, chat=True),
+        '{"custom_id": "cut", "url": "/v1/completions", "body": {"prompt": "x"',
     ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
     out = tmp_path / "results.jsonl"
     assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
-    assert "6 lines, 6 records" in capsys.readouterr().err
+    assert "7 lines, 7 records" in capsys.readouterr().err
     by_line = {int(r["id"].rsplit("_", 1)[1]): r for r in read_records(out)}
-    assert sorted(by_line) == [1, 2, 3, 4, 5, 6]
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6, 7]
     assert by_line[1]["error"] is None and by_line[6]["error"] is None
     for line, custom_id in ((2, "surrogate"), (3, "nan"), (4, "huge-float"), (5, None)):
         record = by_line[line]
@@ -127,6 +128,9 @@ def test_a_line_that_cannot_be_sent_gets_its_error_record_and_the_job_goes_on(se
         assert record["error"]["code"] == ("invalid_json" if custom_id is None else "invalid_body")
         assert f"line {line}" in record["error"]["message"]
     assert "surrogate" in by_line[2]["error"]["message"] and "NaN" in by_line[3]["error"]["message"]
+    # A line cut short: where it breaks off is told within that line (not as "line 2" of a one-line text).
+    assert by_line[7]["error"] == {"code": "invalid_json", "message": "line 7 is not valid JSON: Expecting ',' "
+                                   "delimiter (column 70)"}  # just past its end
 
 
 def test_batch_in_process_answers_as_the_server_does(server, tiny_llama_dir, tmp_path):

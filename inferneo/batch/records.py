@@ -46,12 +46,14 @@ def parse_line(line: int, raw: bytes, seen_ids: set[str]) -> BatchRequest | Inva
     first line with a custom_id owns it, later ones are refused as duplicates."""
     if line == 1:
         raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors put first
+    raw = raw.rstrip(b"\r\n")  # so that an error's position is within this line, not on "line 2" after it
     try:
         item = json.loads(raw)
     except UnicodeDecodeError:
         return InvalidLine(line, None, "invalid_json", f"line {line} is not valid UTF-8")
     except json.JSONDecodeError as exc:
-        return InvalidLine(line, None, "invalid_json", f"line {line} is not valid JSON: {exc}")
+        return InvalidLine(line, None, "invalid_json",
+                           f"line {line} is not valid JSON: {exc.msg} (column {exc.colno})")
     except RecursionError:
         return InvalidLine(line, None, "invalid_json", f"line {line} nests arrays or objects too deeply to read")
     if not isinstance(item, dict):
