@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from inferneo.batching import DynamicBatcher, stream_batches
-from inferneo.client import AsyncInferneoClient, BadRequestError, InferneoClient
+from inferneo.batching import DynamicBatcher, astream_batches, stream_batches
+from inferneo.client import AsyncInferneoClient, BadRequestError, InferneoClient, UnsendableRequestError
 from inferneo.testing.server import RemoteServer
 
 MODEL = "tiny"
@@ -133,6 +133,35 @@ def test_stream_batches_against_the_server(client):
     results = list(stream_batches(client, MODEL, prompts, batch_size=16, max_in_flight=3, max_tokens=2, echo=True))
     assert [r.index for r in results] == list(range(100))
     assert all(r.ok and r.text.startswith(f"line {r.index}:") for r in results)
+
+
+def test_a_prompt_json_cannot_carry_fails_alone(server, client):
+    # A lone surrogate (text read with errors="surrogateescape", or a "\\ud800" escape in a JSON dataset) once made
+    # the whole stream raise UnicodeEncodeError, and every batch-mate of the DynamicBatcher fail with it.
+    bad = "broken \udcff text"
+    prompts = ["line 0:", bad, "line 2:", [{"role": "user", "content": bad}], [{"role": "user", "content": "hi"}]]
+    results = list(stream_batches(client, MODEL, prompts, batch_size=5, max_tokens=2))
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    assert [r.ok for r in results] == [True, False, True, False, True]
+    for result, param in ((results[1], "prompt"), (results[3], "messages")):
+        assert isinstance(result.error, UnsendableRequestError) and result.error.param == param
+        assert "surrogate" in result.error.message
+        with pytest.raises(UnsendableRequestError):
+            _ = result.text
+
+    async def main():
+        async with AsyncInferneoClient(server.base_url, max_retries=0) as aclient:
+            return [r async for r in astream_batches(aclient, MODEL, prompts, batch_size=5, max_tokens=2)]
+
+    assert [r.ok for r in asyncio.run(main())] == [True, False, True, False, True]
+    with DynamicBatcher(client, MODEL, max_batch_size=3, max_wait_time=10, max_tokens=2) as batcher:
+        futures = [batcher.submit(p) for p in ("a", bad, "c")]
+        assert futures[0].result().ok and futures[2].result().ok
+        with pytest.raises(UnsendableRequestError):
+            futures[1].result()
+    with pytest.raises(UnsendableRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=float("nan"))
+    assert info.value.param == "temperature" and isinstance(info.value, ValueError)
 
 
 # ---- priority ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferneo.client import AsyncInferneoClient, InferneoClient
-from inferneo.client.errors import APIError, APIStatusError, InferneoError, StructuredOutputError
+from inferneo.client.errors import (
+    APIError,
+    APIStatusError,
+    InferneoError,
+    StructuredOutputError,
+    UnsendableRequestError,
+)
 from inferneo.client.structured import OutputFormat, parse_choice
 from inferneo.client.types import ChatCompletion, ChatCompletionChoice, Completion, CompletionChoice
 
@@ -79,6 +85,8 @@ class BatchResult:
 
 def is_prompt_error(exc: BaseException) -> bool:
     """Whether a failed batch call may be the fault of some of its prompts only (so bisecting can isolate them)."""
+    if isinstance(exc, UnsendableRequestError):  # found before sending: a prompt's value JSON cannot carry
+        return exc.param in _PROMPT_PARAMS
     return (isinstance(exc, APIStatusError) and exc.status_code in (400, 422)
             and exc.param in _PROMPT_PARAMS)
 

@@ -31,6 +31,7 @@ from inferneo.client.errors import (
     RateLimitError,
     StructuredOutputError,
     UnprocessableEntityError,
+    UnsendableRequestError,
 )
 from inferneo.client.streaming import AsyncStream, Stream
 from inferneo.client.structured import OutputFormat, function_tool
@@ -76,5 +77,6 @@ __all__ = [
     "Stream",
     "StructuredOutputError",
     "UnprocessableEntityError",
+    "UnsendableRequestError",
     "function_tool",
 ]

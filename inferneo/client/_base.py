@@ -20,7 +20,13 @@ import httpx
 from pydantic import BaseModel
 
 from inferneo import __version__
-from inferneo.client.errors import APIConnectionError, APIError, APITimeoutError, status_error
+from inferneo.client.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    UnsendableRequestError,
+    status_error,
+)
 from inferneo.client.streaming import AsyncStream, Stream
 
 T = TypeVar("T", bound=BaseModel)
@@ -81,6 +87,34 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """A request body as JSON (UTF-8, compact, as httpx writes ``json=``). Raises UnsendableRequestError, naming
+    the field, for a value JSON cannot carry: a lone surrogate, NaN or an infinity."""
+    try:
+        return _dumps(body)
+    except UnicodeEncodeError:
+        pass
+    except ValueError as exc:
+        if "float" not in str(exc):  # a circular reference: the caller's bug, not a value to name
+            raise
+    param, why = None, "a value JSON cannot carry"
+    for key, value in body.items():
+        try:
+            _dumps(value)
+        except UnicodeEncodeError:
+            param, why = str(key), "a string with a lone surrogate (half of a UTF-16 pair, e.g. '\\ud800')"
+            break
+        except ValueError:
+            param, why = str(key), "NaN or an infinite number, which JSON does not allow"
+            break
+    where = f"{param}: " if param else ""
+    raise UnsendableRequestError(f"{where}the request holds {why}; it was not sent", param)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 def backoff_seconds(retries_done: int) -> float:
     """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s, each shortened by up to 25 %."""
     delay = min(INITIAL_RETRY_DELAY * 2.0**retries_done, MAX_RETRY_DELAY)
@@ -124,7 +158,11 @@ class _BaseClient:
         hdrs = {**self._headers, **(headers or {})}
         if stream:
             hdrs["Accept"] = "text/event-stream"
-        return http.build_request(method, self.base_url + path, json=body, params=query, headers=hdrs,
+        content = None
+        if body is not None:
+            content = encode_body(body)
+            hdrs["Content-Type"] = "application/json"
+        return http.build_request(method, self.base_url + path, content=content, params=query, headers=hdrs,
                                   timeout=_to_timeout(self.timeout if timeout is None else timeout))
 
     @staticmethod

@@ -15,6 +15,7 @@
             ├── UnprocessableEntityError  422
             ├── RateLimitError            429
             └── InternalServerError       >= 500
+    └── UnsendableRequestError        a request JSON cannot carry (a lone surrogate, NaN); never sent
     └── StructuredOutputError         an answer that does not parse or validate as the format asked for
         └── LengthFinishReasonError   ... because it was cut off at max_tokens
 """
@@ -41,6 +42,7 @@ __all__ = [
     "RateLimitError",
     "StructuredOutputError",
     "UnprocessableEntityError",
+    "UnsendableRequestError",
 ]
 
 
@@ -61,6 +63,17 @@ class APIError(InferneoError):
         self.type: str | None = error.get("type")
         self.param: str | None = error.get("param")
         self.code: str | None = error.get("code")
+
+
+class UnsendableRequestError(InferneoError, ValueError):
+    """A request the client cannot send, because JSON cannot carry a value of it: a string with a lone surrogate
+    (half of a UTF-16 pair, e.g. ``"\\ud800"``), or a float that is NaN or infinite. Nothing was sent; ``param``
+    names the field that holds the value (``prompt``, ``messages``, ``temperature``, ...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class APIConnectionError(APIError):
