@@ -233,6 +233,23 @@ def test_unreachable_server_stops_the_run_and_the_rerun_finishes(server, tmp_pat
     check_mixed_output(read_records(out))
 
 
+def test_more_in_flight_than_the_server_queues_still_finishes(tiny_llama_dir, tmp_path, capsys):
+    # The server queues 2 requests and runs 2; the job sends 16 at a time. The ones turned away with 429 once ran
+    # out of retries while the server was busy answering the others, and stopped the whole job.
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", *ENGINE, "--disable-access-log",
+                      "--max-num-seqs", "2", "--max-queued-requests", "2") as busy_server:
+        requests = tmp_path / "requests.jsonl"
+        requests.write_text("".join(request_line(f"r{i}", i, max_tokens=32, ignore_eos=True) + "\n"
+                                    for i in range(60)))
+        out = tmp_path / "results.jsonl"
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--url", busy_server.base_url, "--no-progress",
+                     "--concurrency", "16", "--max-retries", "1"]) == 0
+    records = read_records(out)
+    assert sorted(r["custom_id"] for r in records) == sorted(f"r{i}" for i in range(60))
+    assert all(r["error"] is None and r["response"]["body"]["usage"]["completion_tokens"] == 32 for r in records)
+    assert "60 lines, 60 records" in capsys.readouterr().err
+
+
 def test_url_with_v1_or_without_scheme_is_the_same_server(server, tmp_path, capsys):
     """As InferneoClient takes it: the lines name /v1/... paths, so a --url ending in /v1 must not double it."""
     requests = tmp_path / "requests.jsonl"

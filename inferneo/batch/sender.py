@@ -3,8 +3,9 @@
 Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and jitter, waiting at least
 what a ``Retry-After`` header asks for; other answers are final. A request that still cannot reach the server
 after its retries raises :class:`ServerUnreachableError`, and one the server still turns away as overloaded
-(429, 503) raises :class:`ServerBusyError`: either stops the batch (the line stays undone for the rerun) instead
-of writing a record that only says the server was down or busy. A timeout or another 5xx after the retries is
+(429, 503) while none of the other requests got an answer either raises :class:`ServerBusyError`: either stops
+the batch (the line stays undone for the rerun) instead of writing a record that only says the server was down or
+busy. A request turned away while others are answered keeps waiting for a slot: the server is busy, not stuck. A timeout or another 5xx after the retries is
 that request's answer (a failed record).
 """
 
@@ -54,10 +55,12 @@ class Sender:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.num_retries = 0
+        self.num_answered = 0  # final answers other than 429/503: the server is making progress
 
     async def post(self, url: str, body: dict[str, Any]) -> Reply:
         """The final reply to ``POST url``; raises ServerUnreachableError, or returns a 408 reply for a timeout."""
         attempt = 0
+        answered_before = self.num_answered
         while True:
             try:
                 response = await self.client.post(url, json=body)
@@ -76,10 +79,20 @@ class Sender:
             else:
                 status = response.status_code
                 if status in BUSY_STATUSES and attempt >= self.max_retries:
-                    reason = error_message(response.text) or response.reason_phrase
-                    raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
-                                          f"({reason}) after {attempt + 1} attempts")
+                    if self.num_answered == answered_before:
+                        reason = error_message(response.text) or response.reason_phrase
+                        raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
+                                              f"({reason}) after {attempt + 1} attempts")
+                    # Turned away while other requests were answered: the server is busy with them (more
+                    # requests in flight than it queues), not stuck. Keep waiting (at the longest backoff) for a
+                    # slot, and give up only after a round of retries in which no request got an answer.
+                    answered_before = self.num_answered
+                    self.num_retries += 1
+                    await asyncio.sleep(self._delay(attempt, response.headers.get("retry-after")))
+                    continue
                 if status not in RETRY_STATUSES or attempt >= self.max_retries:
+                    if status not in BUSY_STATUSES:
+                        self.num_answered += 1
                     return _reply(response)
                 wait = self._delay(attempt, response.headers.get("retry-after"))
             attempt += 1
