@@ -465,21 +465,31 @@ def test_gguf_pre_tokenizers_rebuilt_here(pre: str, pieces: list[str], tiny_llam
     byte_level = decoders.ByteLevel()
     split = [byte_level.decode([word]) for word, _ in gguf_tokenizer._pre_tokenizer(pre).pre_tokenize_str(text)]
     assert split == pieces
-    source = make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")
-    meta = dict(read_gguf_header(source).metadata)
-    path = tmp_path / f"{pre}.gguf"
+    path = _byte_level_tokenizer_file(tiny_llama_dir, tmp_path, tmp_path / f"{pre}.gguf", pre)
+    monkeypatch.setattr(gguf_tokenizer, "_transformers_gguf_tokenizer", None)  # the fast path or a TypeError
+    tok = gguf_tokenizer.load_gguf_tokenizer(path)
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
+def _byte_level_tokenizer_file(tiny_llama_dir: Path, tmp_path: Path, path: Path, pre: str, *,
+                               bos_id: int | None = None, add_bos: bool | None = None) -> Path:
+    """A GGUF file at ``path`` holding only the tiny checkpoint's byte-level vocabulary and merges, with llama.cpp's
+    pre-tokenizer name ``pre``, EOS, and (when given) the BOS id and the ``add_bos_token`` flag."""
+    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(meta["tokenizer.ggml.tokens"])
     writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    if bos_id is not None:
+        writer.add_bos_token_id(bos_id)
     writer.add_eos_token_id(EOS_ID)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    monkeypatch.setattr(gguf_tokenizer, "_transformers_gguf_tokenizer", None)  # the fast path or a TypeError
-    tok = gguf_tokenizer.load_gguf_tokenizer(path)
-    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    return path
 
 
 @pytest.mark.parametrize("pre,flag,bos", [
@@ -493,20 +503,8 @@ def test_gguf_byte_level_bos_follows_the_flag_or_llama_cpp_default(pre: str, fla
                                                                     tiny_llama_dir: Path, tmp_path: Path) -> None:
     from inferneo.model_loader import gguf_tokenizer
 
-    meta = dict(read_gguf_header(make_tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf")).metadata)
-    path = tmp_path / f"{pre}-{flag}.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(meta["tokenizer.ggml.tokens"])
-    writer.add_token_merges(meta["tokenizer.ggml.merges"])
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    if flag is not None:
-        writer.add_add_bos_token(flag)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    path = _byte_level_tokenizer_file(tiny_llama_dir, tmp_path, tmp_path / f"{pre}-{flag}.gguf", pre,
+                                      bos_id=BOS_ID, add_bos=flag)
     ids = gguf_tokenizer.load_gguf_tokenizer(path)("Hello world").input_ids
     assert (ids[0] == BOS_ID) == bos and BOS_ID not in ids[1:]
 
