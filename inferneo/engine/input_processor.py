@@ -27,12 +27,14 @@ import logging
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
 from inferneo.model_loader import generation_config_for, load_tokenizer, resolve_model
+from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS
 from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
 logger = logging.getLogger(__name__)
 
-_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# the SamplingParams fields a generation config sets (its do_sample only says whether temperature applies)
+_SAMPLING_DEFAULT_KEYS = tuple(k for k in SAMPLING_DEFAULT_KEYS if k != "do_sample")
 
 
 def _tokenizer_size(tokenizer) -> int | None:
