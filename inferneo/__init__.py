@@ -5,6 +5,7 @@
 ``import inferneo`` stays light.
 """
 
+from inferneo.beam_search import BeamSearchOutput, BeamSearchParams
 from inferneo.outputs import CompletionOutput, Logprob, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -17,7 +18,8 @@ _CLIENT_NAMES = frozenset({
     "LengthFinishReasonError",
 })
 
-__all__ = ["LLM", "KernelConfig", "LoRARequest", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__",
+__all__ = ["LLM", "KernelConfig", "LoRARequest", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
+           "BeamSearchParams", "BeamSearchOutput", "__version__",
            *sorted(_CLIENT_NAMES)]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
+from inferneo.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, step_sampling_params
 from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
@@ -104,6 +105,78 @@ class LLM:
             for request_id in ids:
                 engine.abort_request(request_id)
             raise
+
+    def beam_search(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: ProgressBar = False,
+        priority: Sequence[int] | None = None,
+    ) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's): for each prompt, the ``params.beam_width`` most likely continuations of at most
+        ``params.max_tokens`` tokens, best first, as one ``BeamSearchOutput`` per prompt, in input order.
+
+        Prompts are as ``generate``'s; ``lora_request`` and ``priority`` too. Each sequence's ``tokens`` are the
+        prompt's and the generated ids and its ``text`` their decoding (vLLM's shape); ``output_text`` and
+        ``output_token_ids`` hold the generated part. How beams are ranked: ``inferneo.beam_search``. The prompts'
+        beams are scored together, one engine request per beam and step, the prefix cache serving what earlier steps
+        computed (keep ``enable_prefix_caching`` on). ``use_tqdm`` shows the steps.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompt_list = _as_prompt_list(prompts)
+        n = len(prompt_list)
+        loras = _lora_refs(lora_request, n)
+        _check_priority(priority, n)
+        engine = self.engine
+        token_lists = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompt_list]
+        whole = SamplingParams(max_tokens=params.max_tokens, temperature=0.0)
+        for i, ids in enumerate(token_lists):
+            try:
+                engine.input.check(ids, whole, priority=priority[i] if priority else 0)
+            except ValueError as exc:
+                raise type(exc)(f"prompt {i}: {exc}" if n > 1 else str(exc)) from None
+        searches = [BeamSearch(ids, params, engine.input.eos_token_ids) for ids in token_lists]
+        step_params = step_sampling_params(params)
+        base = f"beam-{time.monotonic_ns()}-"
+        bar = (use_tqdm(total=params.max_tokens, desc="Beam search", dynamic_ncols=True) if callable(use_tqdm)
+               else tqdm(total=params.max_tokens, desc="Beam search", dynamic_ncols=True, disable=not use_tqdm))
+        try:
+            for step in range(params.max_tokens):
+                pending = [search.pending() for search in searches]
+                if not any(pending):
+                    break
+                ids = []
+                try:
+                    for i, beams in enumerate(pending):
+                        for b, tokens in enumerate(beams):
+                            ids.append(engine.add_request(f"{base}{step}-{i}-{b}", tokens, step_params,
+                                                          priority[i] if priority else 0, lora=loras[i]))
+                except BaseException:
+                    for request_id in ids:
+                        engine.abort_request(request_id)
+                    raise
+                scored = iter(self._collect(ids, False, "Beam search"))
+                for search, beams in zip(searches, pending, strict=True):
+                    if beams:
+                        search.advance([next(scored).outputs[0].logprobs[0] for _ in beams])
+                bar.update(1)
+        finally:
+            bar.close()
+        tokenizer = engine.tokenizer
+        results = []
+        for search in searches:
+            sequences = search.best()
+            for sequence in sequences:
+                sequence.text = tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+                sequence.output_text = tokenizer.decode(sequence.text_token_ids(), skip_special_tokens=True)
+                for position in sequence.logprobs:
+                    for token_id, logprob in position.items():
+                        if logprob.decoded_token is None:
+                            logprob.decoded_token = tokenizer.decode([token_id])
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def chat(
         self,
