@@ -50,12 +50,18 @@ def test_readme_offline_example_runs_on_the_default_model():
     assert len(ns["answers"]) == 2 and all(a.outputs[0].text for a in ns["answers"])
 
 
-def test_offline_inference_page_example_runs():
-    (block,) = python_blocks(REPO / "docs" / "offline-inference.md")
+def test_offline_inference_page_examples_run():
+    generate_block, beam_block = python_blocks(REPO / "docs" / "offline-inference.md")
     ns: dict = {}
-    out = run_block(block, ns)
+    out = run_block(generate_block, ns)
     assert out.strip(), "the example prints the second completion"
     assert len(ns["outputs"]) == 2
+    ns = {}
+    out = run_block(beam_block, ns)
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.endswith(("stop", "length")) for line in lines), out
+    scores = [s.cum_logprob / len(s.tokens) for s in ns["outputs"][0].sequences if s.finish_reason == "length"]
+    assert scores == sorted(scores, reverse=True), "the beams come best first"
 
 
 def test_readme_client_example(docs_example_server):

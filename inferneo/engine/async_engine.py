@@ -69,7 +69,7 @@ class _Tracked:
 
 
 # What one entry of a submission is called in its refusal, by the request field that holds the entries.
-_ENTRY_NAMES = {"messages": "conversation"}
+ENTRY_NAMES = {"messages": "conversation"}
 
 
 class AsyncEngine(FrontEndFacts):
@@ -181,7 +181,7 @@ class AsyncEngine(FrontEndFacts):
                     raise  # (the other checks are of settings all the prompts share)
                 # several prompts, one too long (or with token ids outside the vocabulary, or no room for the
                 # answer): say which ("prompt 3: the prompt has 5000 tokens ...")
-                where = _ENTRY_NAMES.get(param, param)
+                where = ENTRY_NAMES.get(param, param)
                 raise InvalidRequestError(f"{where} {i}: {exc}", exc.param) from None
         group = RequestGroup(self.abort, self._late_aborts.append, ids)
         num_seqs = sum(r.params.n if r.pooling is None else 1 for r in requests)

@@ -218,6 +218,9 @@ class _SamplingBody(_Body):
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     # keep only the prompt's last this many tokens (-1: as many as leave room for the answer)
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+    # vLLM's beam search: n is the beam width, length_penalty its ranking's exponent (inferneo.beam_search)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

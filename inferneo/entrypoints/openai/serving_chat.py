@@ -17,7 +17,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from inferneo.engine.beam_search_group import BeamSearchGroup
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.beam_requests import beam_search_of, submit_beam_search
 from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, renamed, to_api_error
@@ -133,7 +135,7 @@ class StartedChat:
     with the model's defaults filled in; the conversations' differ only in ``max_tokens``)."""
 
     model: str
-    group: RequestGroup
+    group: RequestGroup | BeamSearchGroup
     num_conversations: int
     params: SamplingParams
     thinking_open: tuple[bool, ...] | None = None  # with a reasoning parser: each conversation's answer starts
@@ -160,6 +162,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     check_common(req)
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("prompt_logprobs is not available with stream", "prompt_logprobs")
+    beam = beam_search_of(req)
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     prompt_ids = await render_conversations(ctx, req)
@@ -182,7 +185,12 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
                 params.skip_special_tokens = params.spaces_between_special_tokens = False
             requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority,
                                           lora=ctx.lora_for(model)))
-        group = engine.submit(requests, param=param)
+        if beam is not None:
+            group = submit_beam_search(engine, request_id, prompt_ids, beam,
+                                       [r.params.max_tokens for r in requests], req.priority, ctx.lora_for(model),
+                                       ctx.tokenizer, params.skip_special_tokens, param)
+        else:
+            group = engine.submit(requests, param=param)
     except Exception as exc:
         error = to_api_error(exc)
         if req.max_completion_tokens is not None:  # the sampling parameters and the engine call it max_tokens

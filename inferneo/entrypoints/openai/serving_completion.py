@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from inferneo.engine.beam_search_group import BeamSearchGroup
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.entrypoints.openai.beam_requests import beam_search_of, submit_beam_search
 from inferneo.entrypoints.openai.completion_scoring import (
     completion_logprobs,
     echo_logprobs,
@@ -45,6 +47,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request(f"best_of must equal n ({req.n}) or be left out: ranking candidates is not supported",
                           "best_of")
+    beam = beam_search_of(req)
     depth = scoring_depth(req)
     engine = ctx.engine
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
@@ -59,8 +62,12 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     request_id = random_id("cmpl")
     try:
         lora = ctx.lora_for(model)
-        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora)
-                               for i, ids in enumerate(prompt_ids)])
+        if beam is not None:
+            group = submit_beam_search(engine, request_id, prompt_ids, beam, [max_tokens] * len(prompt_ids),
+                                       req.priority, lora, ctx.tokenizer, req.skip_special_tokens)
+        else:
+            group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora)
+                                   for i, ids in enumerate(prompt_ids)])
     except Exception as exc:
         raise to_api_error(exc) from None
     echo_texts: list[str] | None = None
@@ -76,7 +83,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
 class _Completion:
     """One completion call in flight."""
 
-    def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup,
+    def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup | BeamSearchGroup,
                  echo_texts: list[str] | None, tokenizer, num_prompt_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.num_prompt_tokens = num_prompt_tokens
