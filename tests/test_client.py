@@ -281,3 +281,16 @@ def test_engine_commands_explain_a_missing_engine_extra(tmp_path):
         assert proc.returncode == 1, proc.stderr
         assert f"'{argv[0]}' runs a model" in proc.stderr and 'pip install "inferneo[engine]"' in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_the_typed_arguments_are_fields_the_server_takes():
+    """Every keyword ``create`` types (the ``TypedDict``s of ``_params``) is a field of the server's request body:
+    one the server does not define would be a 400 at the first call."""
+    from inferneo.client.resources._params import ChatCompletionArgs, CompletionArgs
+    from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    for args, body in [(CompletionArgs, CompletionRequest), (ChatCompletionArgs, ChatCompletionRequest)]:
+        typed = {name for cls in args.__mro__ for name in getattr(cls, "__annotations__", {})}
+        fields = {f.alias or name for name, f in body.model_fields.items()}
+        assert typed and typed <= fields, sorted(typed - fields)
+        assert {"use_beam_search", "length_penalty", "prompt_logprobs"} <= typed

@@ -40,6 +40,11 @@ class SamplingArgs(TypedDict, total=False):
     spaces_between_special_tokens: bool
     include_stop_str_in_output: bool
     priority: int
+    truncate_prompt_tokens: int | None
+    prompt_logprobs: int | None  # vLLM's: each prompt token's log-probability and this many alternatives
+    # vLLM's beam search: n is the beam width, length_penalty the ranking's exponent (docs/online-serving.md)
+    use_beam_search: bool
+    length_penalty: float
 
 
 class CompletionParseArgs(SamplingArgs, total=False):
@@ -71,9 +76,12 @@ class ChatParseArgs(SamplingArgs, total=False):
     metadata: dict[str, Any] | None
     store: bool | None
     service_tier: str | None
+    reasoning_effort: str | None
     # Inferneo extensions
     add_generation_prompt: bool
+    continue_final_message: bool
     chat_template_kwargs: dict[str, Any] | None
+    include_reasoning: bool
 
 
 class ChatCompletionArgs(ChatParseArgs, total=False):
