@@ -124,6 +124,19 @@ def engine_death_exit_s() -> float:
         raise ValueError(f"INFERNEO_ENGINE_DEATH_EXIT_S must be a number of seconds; got {value!r}") from None
 
 
+def log_stats_interval_s() -> float:
+    """INFERNEO_LOG_STATS_INTERVAL_S (default 10): seconds between the server's engine-statistics log lines
+    (``--disable-log-stats`` turns them off)."""
+    value = os.environ.get("INFERNEO_LOG_STATS_INTERVAL_S", "").strip()
+    try:
+        seconds = float(value) if value else 10.0
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"INFERNEO_LOG_STATS_INTERVAL_S must be a positive number of seconds; got {value!r}")
+    return seconds
+
+
 def test_fault() -> str:
     """INFERNEO_TEST_FAULT (tests only; unset in use): make the engine core's model steps raise, to test fault
     handling in the engine process. ``prompt:7,7,7,7`` fails every step that holds a request whose prompt starts

@@ -6,6 +6,7 @@ import argparse
 
 from inferneo.config import EngineConfig, add_engine_args
 from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
+from inferneo.entrypoints.openai.http_options import add_http_args, http_options_from_args
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
@@ -42,10 +43,14 @@ def add_parser(subparsers) -> None:
     g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="do not log the engine's throughput, queue and cache statistics every 10 s "
+                   "(INFERNEO_LOG_STATS_INTERVAL_S) while it has work")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
                    help="LoRA adapters (PEFT folders) to serve, each as name=path; a request picks one by its name "
                    "in 'model' (needs --enable-lora)")
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
+    add_http_args(g)  # TLS, --root-path, --uvicorn-log-level
     g.add_argument("--engine-in-process", action="store_true",
                    help="run the engine core in a thread of the server process instead of a child process "
                    "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         access_log=not args.disable_access_log, shutdown_timeout=args.shutdown_timeout,
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
-        reasoning_parser=args.reasoning_parser,
+        reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
+        log_stats=not args.disable_log_stats,
     )
 
 

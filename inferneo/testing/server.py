@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,12 +38,16 @@ class RemoteServer:
     """Starts ``python -m inferneo.cli serve --model MODEL --port P ARGS...`` and waits for ``/health``.
 
     Use as a context manager, or call ``close()``; ``stop()`` stops it and keeps ``log()``, what it printed.
+    ``tls``: an ``ssl.SSLContext`` that trusts the server's certificate (given in ``args``): the server is then
+    reached over HTTPS.
     """
 
     def __init__(self, model: str | Path, *args: str, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None, port: int | None = None, own_session: bool = False) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None, own_session: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="inferneo-serve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(self.port),
                *args]
@@ -65,7 +70,7 @@ class RemoteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                if httpx.get(self.url("/health"), timeout=2, verify=self.tls or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

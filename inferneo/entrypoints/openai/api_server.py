@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -18,6 +19,7 @@ from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
+from inferneo.entrypoints.openai.http_options import HttpOptions
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -34,6 +36,7 @@ from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
 from inferneo.entrypoints.openai.serving_responses import count_input_tokens, create_response
+from inferneo.entrypoints.openai.stats_logger import log_stats_forever
 from inferneo.lora.registry import LoraModule, LoRARegistry
 from inferneo.startup_heap import freeze_startup_heap
 
@@ -46,10 +49,13 @@ logger = logging.getLogger(__name__)
 KEEP_ALIVE_S = 15
 
 
-def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None) -> FastAPI:
+def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None,
+              log_stats_interval: float | None = None) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
 
-    ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``."""
+    ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``. With
+    ``log_stats_interval`` (seconds), the engine's statistics are logged that often while it has work
+    (``stats_logger``)."""
     metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0])
     if ctx.engine.observer is None:
         ctx.engine.observer = metrics
@@ -57,9 +63,13 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ctx.engine.start()
+        stats = None if log_stats_interval is None else asyncio.create_task(
+            log_stats_forever(ctx.engine, log_stats_interval))
         try:
             yield
         finally:
+            if stats is not None:
+                stats.cancel()
             ctx.engine.shutdown()
 
     app = FastAPI(title="Inferneo", version=inferneo.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -168,7 +178,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           max_queued_requests: int | None = None, log_level: str = "info", access_log: bool = True,
           shutdown_timeout: float = 30.0, engine_in_process: bool = False,
           guards: ServerGuards | None = None, tool_call_parser: str | None = None,
-          lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None) -> int:
+          lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None,
+          http: HttpOptions | None = None, log_stats: bool = True) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -186,9 +197,13 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     ``tool_call_parser`` names the format of tool calls in answers to ``tool_choice: "auto"`` (see
     ``ServerContext``); None lets the chat template decide. ``lora_modules`` (with ``config.enable_lora``) are
     the LoRA adapters served from the start, by name. ``reasoning_parser`` (``reasoning.REASONING_PARSERS``)
-    splits a reasoning model's thinking from its answers.
+    splits a reasoning model's thinking from its answers. ``http`` holds the HTTP layer's options (TLS, the
+    root path, uvicorn's log level); ``log_stats`` logs the engine's statistics periodically (``stats_logger``).
     """
     import uvicorn
+
+    http = http or HttpOptions()
+    stats_interval = envs.log_stats_interval_s() if log_stats else None  # a bad value fails before loading
 
     if max_queued_requests is not None and (not isinstance(max_queued_requests, int) or max_queued_requests < 1):
         raise ValueError(f"max_queued_requests must be a positive integer or None; got {max_queued_requests!r}")
@@ -207,7 +222,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     except ValueError:
         engine.shutdown()
         raise
-    app = build_app(ctx, guards=guards)
+    app = build_app(ctx, guards=guards, log_stats_interval=stats_interval)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host
@@ -226,11 +241,12 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     if ctx.reasoning is not None:
         logger.info("reasoning: %s (%s) returned apart as 'reasoning'", ctx.reasoning.name,
                     ctx.reasoning.describe())
-    logger.info("serving the OpenAI API at http://%s:%d/v1%s", shown_host, port,
-                " (API key required)" if api_keys else "")
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+    logger.info("serving the OpenAI API at %s://%s:%d%s/v1%s", "https" if http.ssl_certfile else "http", shown_host,
+                port, http.root_path, " (API key required)" if api_keys else "")
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port,
+                                           log_level=(http.uvicorn_log_level or log_level).lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
-                                           timeout_keep_alive=KEEP_ALIVE_S, lifespan="on"),
+                                           timeout_keep_alive=KEEP_ALIVE_S, lifespan="on", **http.uvicorn_kwargs()),
                             drain, grace=shutdown_timeout, engine=engine, engine_death_exit_s=engine_death_exit_s)
     # SIGTERM/SIGINT first drain (new requests get 503, in-flight ones finish; see ``draining``), then uvicorn
     # stops accepting and runs the lifespan shut-down, and re-raises the signal into the handlers found before it

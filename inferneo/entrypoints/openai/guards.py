@@ -98,12 +98,17 @@ def add_guard_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     group.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                        help="allow cross-origin (CORS) requests from these origins ('*' for any); default: none")
-    group.add_argument("--log-requests", action="store_true",
+    group.add_argument("--log-requests", "--enable-log-requests", action="store_true", dest="log_requests",
                        help="log request and response bodies (prompts and outputs); off by default")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted so that vLLM command lines run unchanged: bodies are logged only with "
+                       "--log-requests")
 
 
 def guards_from_args(args: argparse.Namespace) -> ServerGuards:
     """``ServerGuards`` from the flags ``add_guard_args`` added."""
+    if args.log_requests and args.disable_log_requests:
+        raise ValueError("--log-requests (or --enable-log-requests) and --disable-log-requests contradict each other")
     return ServerGuards(
         max_body_bytes=args.max_request_body_bytes, max_prompts=args.max_prompts_per_request, max_n=args.max_n,
         max_seqs=args.max_seqs_per_request, request_timeout=args.request_timeout or None,
@@ -128,6 +133,13 @@ def install_guards(app: Any, ctx: Any, guards: ServerGuards | None = None) -> No
 
         app.add_middleware(CORSMiddleware, allow_origins=guards.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path a request's route is matched on: the request's path without the ``root_path`` a reverse proxy
+    stripped (``--root-path``), which the ASGI server keeps in front of ``path``."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class Refusal(Exception):
@@ -170,7 +182,7 @@ class GuardMiddleware:
             state.log_response(scope)
 
     async def _handle(self, scope: dict, receive: Any, state: _Exchange) -> None:
-        path = scope["path"]
+        path = route_path(scope)
         if self.keys and not self._is_public(path):
             self._check_key(scope)
         body = None
