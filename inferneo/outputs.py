@@ -30,7 +30,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    # "stop", "length", "abort", "error" (its structured-output constraint allowed no next token) or None while
+    # running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
 
     @property

@@ -46,6 +46,8 @@ def answer_for(text: str) -> tuple[str | None, str, list | None]:
         return '{"name": "Par', "length", None
     if "BAD" in text:
         return '{"name": "Paris", "country": "US"}', "stop", None
+    if "DEAD" in text:  # a constraint's dead end: whatever the text, it is not a finished answer
+        return PARIS, "error", None
     if "TOOL" in text:
         call = {"id": "call_1", "type": "function", "function": {"name": "GetWeather", "arguments": '{"city": "Oslo"}'}}
         return None, "tool_calls", [call]
@@ -188,6 +190,9 @@ def test_parse_errors_name_the_choice_and_keep_the_content():
         client.chat.completions.parse(messages=[{"role": "user", "content": "BAD"}], response_format=City)
     assert not isinstance(bad.value, LengthFinishReasonError) and "country" in str(bad.value)
     assert bad.value.content == '{"name": "Paris", "country": "US"}' and bad.value.__cause__ is not None
+    with pytest.raises(StructuredOutputError, match="dead end") as dead:
+        client.chat.completions.parse(messages=[{"role": "user", "content": "DEAD"}], response_format=City)
+    assert not isinstance(dead.value, LengthFinishReasonError) and dead.value.finish_reason == "error"
     schema = {"type": "object", "properties": {"country": {"enum": ["FR"]}}}
     with pytest.raises(StructuredOutputError, match="country"):  # checked with jsonschema
         client.chat.completions.parse(messages=[{"role": "user", "content": "BAD"}], response_format=schema)

@@ -117,3 +117,29 @@ def test_a_stop_string_inside_the_constrained_text_ends_the_answer_there(llm):
     assert whole.text == "ab,cd,ef" and whole.finish_reason == "stop" and whole.stop_reason is None
     assert cut.text == "ab" and cut.finish_reason == "stop" and cut.stop_reason == ","
     assert kept.text == "ab," and kept.finish_reason == "stop" and kept.stop_reason == ","
+
+
+# A grammar with a dead end: after "a" it wants a character outside every class (no token can give one).
+DEAD_END = r'root ::= "a" [^\x00-\U0010FFFF]'
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_constraint_that_allows_no_next_token_ends_its_answer_with_error(tiny_llama_dir, llm, async_scheduling):
+    """Where the mask leaves no token to sample (the grammar allows none, or none that allowed_token_ids /
+    bad_words leave) and the constraint is not complete, the answer ends there with finish_reason "error" and its
+    valid prefix: no token the grammar refuses, and no unconstrained text after it. Other requests of the batch
+    are unaffected."""
+    engine = llm if not async_scheduling else LLM(str(tiny_llama_dir), dtype="float32", async_scheduling=True)
+    x = engine.get_tokenizer().convert_tokens_to_ids("x")
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, structured_outputs={"grammar": DEAD_END}),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, structured_outputs={"grammar": DEAD_END}),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, allowed_token_ids=[x],
+                       structured_outputs={"choice": ["yes", "no"]}),
+        SamplingParams(temperature=0, max_tokens=20, bad_words=["y", "n"], structured_outputs={"choice": ["yes", "no"]}),
+        SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": ["yes", "no"]}),
+    ]
+    outs = [o.outputs[0] for o in engine.generate([PROMPTS[0]] * len(params), params, use_tqdm=False)]
+    for out, text in zip(outs[:4], ["a", "a", "", ""], strict=True):
+        assert (out.text, out.finish_reason) == (text, "error"), out
+    assert outs[4].finish_reason == "stop" and outs[4].text in ("yes", "no")

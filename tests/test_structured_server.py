@@ -10,8 +10,10 @@ from typing import Literal
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 from pydantic import BaseModel, Field
+from transformers import AutoTokenizer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -137,6 +139,35 @@ def answers(r, chat_path: bool, stream: bool) -> list[tuple[str, str]]:
                 finishes[c["index"]] = c["finish_reason"]
     return [(texts[i], finishes[i]) for i in sorted(texts)]
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dead_end_ends_the_answer_with_error_over_http(client, hermes_model_dir, stream):
+    """A constraint that allows no next token (here the grammar: after "a" it wants a character no token gives)
+    ends its answer with finish_reason "error" and the valid prefix, on both endpoints, streamed or not; the
+    openai client's parse raises instead of returning an object (no unconstrained text follows)."""
+    dead_end = {"structured_outputs": {"grammar": r'root ::= "a" [^\x00-\U0010FFFF]'}}
+    common = {"model": "tiny", "max_tokens": 20, "temperature": 1.0, "seed": 3, "n": 2, "extra_body": dead_end}
+    done = client.completions.create(prompt="The city is", stream=stream, **common)
+    pieces = list(done) if stream else [done]
+    texts = {c.index: "" for p in pieces for c in p.choices}
+    finishes = {}
+    for piece in pieces:
+        for c in piece.choices:
+            texts[c.index] += c.text or ""
+            finishes[c.index] = c.finish_reason or finishes.get(c.index)
+    assert texts == {0: "a", 1: "a"} and finishes == {0: "error", 1: "error"}
+    chat = client.chat.completions.create(messages=USER, stream=stream, **common)
+    pieces = list(chat) if stream else [chat]
+    if stream:
+        assert "".join(c.delta.content or "" for p in pieces for c in p.choices if c.index == 0) == "a"
+        assert [c.finish_reason for p in pieces for c in p.choices if c.finish_reason] == ["error", "error"]
+    else:
+        assert [(c.message.content, c.finish_reason) for c in chat.choices] == [("a", "error")] * 2
+    brace = AutoTokenizer.from_pretrained(hermes_model_dir).convert_tokens_to_ids("{")
+    with pytest.raises(pydantic.ValidationError):  # only "{" may be sampled: the object cannot go on after it
+        client.chat.completions.parse(model="tiny", messages=USER, max_tokens=20, response_format=City,
+                                      extra_body={"allowed_token_ids": [brace]})
 
 # ---- tools ------------------------------------------------------------------------------------------------------
 

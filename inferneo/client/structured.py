@@ -147,12 +147,18 @@ class OutputFormat:
 
     def parse(self, content: str | None, finish_reason: str | None = None, index: int = 0) -> Any:
         """The answer ``content`` as this format's type. Raises :class:`LengthFinishReasonError` when
-        ``finish_reason`` is ``"length"``, and :class:`StructuredOutputError` when there is no content (the model
-        called a tool instead) or it does not parse or validate."""
+        ``finish_reason`` is ``"length"``, and :class:`StructuredOutputError` when it is ``"error"`` (the
+        constraint reached a dead end: the content is only its start), when there is no content (the model called a
+        tool instead) or when it does not parse or validate."""
         if finish_reason == "length":
             raise LengthFinishReasonError(
                 f"choice {index} was cut off by max_tokens before its answer was complete; raise max_tokens or "
                 "bound the schema's strings and arrays", content=content, finish_reason=finish_reason, index=index)
+        if finish_reason == "error":
+            raise StructuredOutputError(
+                f"choice {index} ended at a dead end of its constraint (no token could follow {content!r}: the "
+                "grammar, or the request's allowed_token_ids / bad_words, left none)", content=content,
+                finish_reason=finish_reason, index=index)
         if content is None:
             raise StructuredOutputError(f"choice {index} has no content to parse (finish_reason "
                                         f"{finish_reason!r})", content=None, finish_reason=finish_reason,

@@ -6,6 +6,7 @@ out, failures isolated); ``inferneo.engine.core_builder.build_engine_core`` make
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from inferneo.structured_output.step_bitmask import ConstrainedRow, GrammarStats
 from inferneo.worker.model_runner import InFlightStep, RunnerOutput
 from inferneo.worker.runner_api import Runner
 from inferneo.worker.step_inputs import ScheduledSequence, StepRecord
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -330,6 +333,8 @@ class EngineCore:
                 stats.num_draft_tokens += len(drafts)
                 stats.num_accepted_tokens += len(kept) - 1
             status = stop_reason = None
+            if request.grammar is not None and not self._grammar_allowed(plan, request, first, kept[0]):
+                kept, status = [], RequestStatus.FINISHED_ERROR  # its answer so far is a valid prefix: it stays
             for count, token_id in enumerate(kept, 1):
                 request.append_output_token(token_id)
                 stats.num_generation_tokens += 1
@@ -375,6 +380,21 @@ class EngineCore:
             outputs.append(CoreOutput(request.request_id, [], finish_reason="stop", embedding=embedding,
                                       num_cached_tokens=max(request.num_cached_tokens, 0)))
         return outputs
+
+    def _grammar_allowed(self, plan: _StepPlan, request: Request, row: int, token_id: int) -> bool:
+        """Whether constrained ``request``, sampled in row ``row``, took a token its mask allowed. A token outside
+        it means the mask left nothing to sample (a dead end: the grammar allows no token, or none that the
+        request's ``allowed_token_ids`` / ``bad_words`` leave, and it is not complete), so the sampler fell back on
+        a banned one; the request then ends there, without that token, with finish reason "error", rather than
+        go on unconstrained (vLLM ends such a request with "error" too)."""
+        bitmask = plan.record.bitmask
+        if bitmask is None or bitmask.allowed(row, token_id):
+            return True
+        logger.warning("request %s: its structured-output constraint allows no next token after %d tokens "
+                       "(a dead end: the grammar, or the request's allowed_token_ids / bad_words, leave none to "
+                       "sample); it ends there with finish reason 'error'", request.request_id,
+                       request.num_output_tokens)
+        return False
 
     def _finish_scoring(self, request: Request) -> CoreOutput:
         """End a request that asked for no output tokens (``max_tokens=0``, prompt scoring): its prompt

@@ -93,7 +93,7 @@ class CoreOutput(msgspec.Struct, array_like=True, gc=False):
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort"; None while it runs
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"; None while it runs
     stop_reason: int | str | None = None  # the stop token id that ended it
     # For each new token: the sampled id first, then the top-k ids, with their log-probabilities, and the
     # sampled token's rank. None unless the request asked for log-probabilities.

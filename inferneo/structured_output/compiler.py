@@ -176,9 +176,10 @@ class SequenceMatcher:
         self.broken = False  # a token was refused (the sampler was not masked): the constraint is off
 
     def refused(self, token_id: int) -> None:
-        """The matcher refused ``token_id`` (already counted): the constraint is off for the rest."""
-        logger.warning("a constrained sequence produced token %d that its grammar refuses; the constraint is off "
-                       "for the rest of it", token_id)
+        """The matcher refused ``token_id`` (already counted): the sequence hit a dead end (its mask allowed no
+        token, so the sampler took a banned one), and the engine core ends it there without that token (finish
+        reason "error"); the matcher stops following it."""
+        logger.debug("a constrained sequence sampled token %d, which its grammar refuses (a dead end)", token_id)
         self.broken = True
 
     @property

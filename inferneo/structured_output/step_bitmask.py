@@ -49,6 +49,22 @@ class StepBitmask:
         self.stats = stats
         self.batch = batch
         self.meanwhile = meanwhile
+        self.mask: TokenBitmask | None = None  # what the call computed (the rows the sampler was held to)
+        self._row_index: dict[int, int] | None = None
+
+    def allowed(self, row: int, token_id: int) -> bool:
+        """Whether the mask this step computed let row ``row`` (of the step's sampled rows) take ``token_id``:
+        False when the row was constrained and its bit is clear, which happens only where no allowed token was
+        left to sample (a dead end: the grammar allowed none, or none the request's other bans left)."""
+        mask = self.mask
+        if mask is None:
+            return True
+        if self._row_index is None:
+            self._row_index = {r: i for i, r in enumerate(mask.rows)}
+        index = self._row_index.get(row)
+        if index is None or not 0 <= token_id < mask.words.shape[1] * 32:
+            return index is None
+        return bool((int(mask.words[index, token_id // 32]) >> (token_id % 32)) & 1)
 
     def __call__(self) -> TokenBitmask | None:
         previous: list[int] | None = None
@@ -90,4 +106,5 @@ class StepBitmask:
         self.stats.rows += len(active)
         if not active:
             return None
-        return TokenBitmask([entry.row for entry in active], words)
+        self.mask = TokenBitmask([entry.row for entry in active], words)
+        return self.mask
