@@ -96,6 +96,7 @@ def test_every_example_of_the_structured_output_page_runs(server, tmp_path, monk
     assert re.fullmatch(r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]", line("regex:"))
     assert line("choice:") in ("positive", "negative", "mixed")
     assert re.fullmatch(r"[1-9][0-9]?( [-+*] [1-9][0-9]?)?", line("grammar:"))
+    assert re.fullmatch(r"[1-9][0-9]?( [-+*] [1-9][0-9]?)?", line("lark:"))
     assert line("json_object:") in ("dict", "cut off by max_tokens")
     assert line("tool call:") == "stop get_weather ['city', 'unit']"  # a named function: OpenAI's "stop"
     assert line("after the tool:") in ("stop", "length", "tool_calls")

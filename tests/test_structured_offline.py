@@ -119,8 +119,10 @@ def test_a_stop_string_inside_the_constrained_text_ends_the_answer_there(llm):
     assert kept.text == "ab," and kept.finish_reason == "stop" and kept.stop_reason == ","
 
 
-# A grammar with a dead end: after "a" it wants a character outside every class (no token can give one).
+# A grammar with a dead end: after "a" it wants a character outside every class (no token can give one); in GBNF
+# (xgrammar's) and in Lark (llguidance's).
 DEAD_END = r'root ::= "a" [^\x00-\U0010FFFF]'
+LARK_DEAD_END = r'start: "a" /[^\x00-\U0010FFFF]/'
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -137,9 +139,10 @@ def test_a_constraint_that_allows_no_next_token_ends_its_answer_with_error(tiny_
         SamplingParams(temperature=1.0, seed=2, max_tokens=20, allowed_token_ids=[x],
                        structured_outputs={"choice": ["yes", "no"]}),
         SamplingParams(temperature=0, max_tokens=20, bad_words=["y", "n"], structured_outputs={"choice": ["yes", "no"]}),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, structured_outputs={"grammar": LARK_DEAD_END}),
         SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": ["yes", "no"]}),
     ]
     outs = [o.outputs[0] for o in engine.generate([PROMPTS[0]] * len(params), params, use_tqdm=False)]
-    for out, text in zip(outs[:4], ["a", "a", "", ""], strict=True):
+    for out, text in zip(outs[:5], ["a", "a", "", "", "a"], strict=True):
         assert (out.text, out.finish_reason) == (text, "error"), out
-    assert outs[4].finish_reason == "stop" and outs[4].text in ("yes", "no")
+    assert outs[5].finish_reason == "stop" and outs[5].text in ("yes", "no")

@@ -597,3 +597,30 @@ def test_apply_token_bitmask_matches_the_bits(vocab):
                     expected[row, t] = float("-inf")
         got = apply_token_bitmask(logits.clone(), torch.tensor(rows), words[:len(rows)].contiguous())
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("grammar", "lark"), [
+    ('root ::= "a" | "b"', False),
+    ('# a comment: with a colon\nroot ::= item+\nitem ::= [a-z]', False),
+    ('  my-rule.x ::= "a"\nroot ::= my-rule.x', False),
+    ('start: "a" | "b"', True),
+    ('%llguidance {}\nstart: item+\nitem: /[a-z]/', True),
+    ('start: "a ::= b"', True),  # '::=' inside a Lark string is no GBNF rule
+    ('// arithmetic\nstart: NUMBER\n%import common.NUMBER', True),
+], ids=["gbnf", "gbnf-comment", "gbnf-dashed-name", "lark", "lark-llguidance", "lark-string", "lark-comment"])
+def test_lark_and_gbnf_grammars_are_told_apart(grammar, lark):
+    from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar, is_lark
+
+    assert is_lark(grammar) is lark
+    if "%import" not in grammar:
+        built = build_grammar(StructuredOutputsParams(grammar=grammar))
+        assert isinstance(built, GuidanceGrammar) is lark
+
+
+def test_without_llguidance_a_lark_grammar_is_refused_naming_the_extra(monkeypatch):
+    from inferneo.structured_output import grammars
+
+    monkeypatch.setattr(grammars, "llguidance", lambda: None)
+    with pytest.raises(grammars.StructuredOutputError, match=r"inferneo\[structured\]") as raised:
+        grammars.build_grammar(StructuredOutputsParams(grammar='start: "a"'))
+    assert raised.value.param == "structured_outputs.grammar"

@@ -169,6 +169,64 @@ def test_a_dead_end_ends_the_answer_with_error_over_http(client, hermes_model_di
         client.chat.completions.parse(model="tiny", messages=USER, max_tokens=20, response_format=City,
                                       extra_body={"allowed_token_ids": [brace]})
 
+
+LARK_SUM = """
+// a sum, in Lark (llguidance's dialect)
+start: number (" " OP " " number)?
+OP: "+" | "-" | "*"
+number: /[1-9][0-9]?/
+"""
+GBNF_SUM = """
+# the same sum, in GBNF
+root ::= number (" " operator " " number)?
+operator ::= "+" | "-" | "*"
+number ::= [1-9] [0-9]?
+"""
+
+
+def grammar_accepts(tokenizer, grammar: str, text: str) -> bool:
+    """Whether the backend library that reads ``grammar`` takes ``text`` as a complete sentence of it: llguidance
+    for Lark, xgrammar for GBNF."""
+    import llguidance
+    import llguidance.hf
+    import xgrammar
+
+    if "::=" not in grammar:
+        ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
+        return matcher.consume_tokens(ll_tokenizer.tokenize_str(text)) and matcher.is_accepting()
+    compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(tokenizer))
+    matcher = xgrammar.GrammarMatcher(compiler.compile_grammar(xgrammar.Grammar.from_ebnf(grammar)))
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+@pytest.mark.parametrize("field", ["structured_outputs", "guided_grammar"])
+@pytest.mark.parametrize("grammar", [LARK_SUM, GBNF_SUM], ids=["lark", "gbnf"])
+def test_lark_and_gbnf_grammars_hold_on_both_endpoints(client, hermes_model_dir, field, grammar):
+    """A grammar is read as GBNF when it defines its rules with '::=' (xgrammar), and as Lark otherwise
+    (llguidance), as vLLM tells them apart; each answer is a complete sentence of it, by that library's reading."""
+    tokenizer = AutoTokenizer.from_pretrained(hermes_model_dir)
+    extra = {"structured_outputs": {"grammar": grammar}} if field == "structured_outputs" else {field: grammar}
+    common = {"model": "tiny", "max_tokens": 30, "temperature": 1.0, "seed": 5, "n": 3, "extra_body": extra}
+    texts = [(c.text, c.finish_reason) for c in client.completions.create(prompt="1 + 2 =", **common).choices]
+    texts += [(c.message.content, c.finish_reason)
+              for c in client.chat.completions.create(messages=USER, **common).choices]
+    for text, finish in texts:
+        assert finish == "stop", text
+        assert grammar_accepts(tokenizer, grammar, text), text
+        assert not grammar_accepts(tokenizer, grammar, text + "+"), text
+
+
+@pytest.mark.parametrize(("field", "body"), [
+    ("structured_outputs.grammar", {"structured_outputs": {"grammar": "start: undefined_rule"}}),
+    ("guided_grammar", {"guided_grammar": 'start: "a" (  '}),
+], ids=["undefined-rule", "unclosed"])
+def test_a_bad_lark_grammar_is_a_400_naming_the_field(client, field, body):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body=body)
+    error = raised.value.body
+    assert error["param"] == field and "Lark" in error["message"], error
+
 # ---- tools ------------------------------------------------------------------------------------------------------
 
 

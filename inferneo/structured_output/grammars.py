@@ -2,7 +2,8 @@
 
 xgrammar takes every constraint it enforces. A JSON schema with a constraint xgrammar would drop
 (``_check_enforceable``) goes to llguidance instead, when llguidance is installed and takes the schema without an
-error or a warning (:class:`GuidanceGrammar`); otherwise it is refused, naming the field and the place.
+error or a warning (:class:`GuidanceGrammar`); otherwise it is refused, naming the field and the place. A grammar
+is GBNF / EBNF for xgrammar, or Lark for llguidance (:func:`is_lark` tells them apart, as vLLM does).
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ def llguidance():
 
 @dataclass(frozen=True, slots=True)
 class GuidanceGrammar:
-    """A JSON schema xgrammar would loosen, as llguidance's grammar (``LLMatcher.grammar_from_json_schema``),
-    already checked by llguidance to have no error and no warning."""
+    """A constraint for llguidance (a JSON schema xgrammar would loosen, ``LLMatcher.grammar_from_json_schema``,
+    or a Lark grammar), already checked by llguidance to have no error and no warning."""
 
     text: str
 
 
 def build_grammar(params: StructuredOutputsParams):
     """The xgrammar ``Grammar`` of ``params``, or a :class:`GuidanceGrammar` for a JSON schema only llguidance
-    enforces; raises ``StructuredOutputError`` naming the field when neither can use it."""
+    enforces and for a Lark grammar (:func:`is_lark`); raises ``StructuredOutputError`` naming the field when neither can use it."""
     xgr = xgrammar()
     kind = params.kind
     field = f"structured_outputs.{kind}"
@@ -79,10 +80,44 @@ def build_grammar(params: StructuredOutputsParams):
         if kind == "choice":
             return xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
         if kind == "grammar":
+            if is_lark(params.grammar):
+                return lark_grammar(params.grammar, field)
             return xgr.Grammar.from_ebnf(params.grammar)
         return xgr.Grammar.from_structural_tag(params.spec)
+    except StructuredOutputError:
+        raise
     except (RuntimeError, ValueError, TypeError) as e:
         raise StructuredOutputError(f"{field} cannot be used: {_xgrammar_message(e)}", field) from None
+
+
+# A GBNF / EBNF rule definition (``name ::= ...``) at the start of a line: a grammar without one is Lark.
+_EBNF_RULE = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_.-]*\s*::=", re.MULTILINE)
+
+
+def is_lark(grammar: str) -> bool:
+    """Whether ``grammar`` is a Lark grammar (llguidance's dialect: ``start: ...`` rules, ``%llguidance``,
+    ``%json``) rather than GBNF / EBNF (``root ::= ...``), told apart as vLLM does: GBNF defines its rules with
+    ``::=``, which Lark never uses."""
+    return _EBNF_RULE.search(grammar) is None
+
+
+def lark_grammar(grammar: str, field: str) -> GuidanceGrammar:
+    """A Lark grammar as llguidance's, checked by llguidance (an error or a warning refuses it, naming ``field``);
+    without llguidance it is refused with the extra that installs it."""
+    llg = llguidance()
+    if llg is None:
+        raise StructuredOutputError(f"{field} is a Lark grammar (it has no 'name ::= ...' rule, so it is not GBNF), "
+                                    "which needs the llguidance package: pip install 'inferneo[structured]'", field)
+    try:
+        text = llg.LLMatcher.grammar_from_lark(grammar)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
+    except (ValueError, TypeError, RuntimeError) as e:
+        is_error, messages = True, [str(e)]
+    if is_error or messages:
+        detail = "; ".join(m.strip().splitlines()[0] for m in messages if m.strip()) or "llguidance refused it"
+        raise StructuredOutputError(f"{field} cannot be used: read as a Lark grammar (it has no 'name ::= ...' rule, "
+                                    f"so it is not GBNF): {detail}", field)
+    return GuidanceGrammar(text)
 
 
 def check_structured_outputs(params: StructuredOutputsParams | None) -> None:
