@@ -42,11 +42,17 @@ class StructuredOutputsParams:
     """A shape the output must take, enforced token by token while decoding (vLLM's ``structured_outputs``).
 
     Exactly one of ``json`` (a JSON schema, as a dict or a JSON string), ``regex``, ``choice`` (the output is one
-    of these strings), ``grammar`` (EBNF / GBNF), ``json_object`` (any JSON object) or ``structural_tag``
+    of these strings), ``grammar`` (GBNF / EBNF, or Lark), ``json_object`` (any JSON object) or ``structural_tag``
     (xgrammar's structural tag, as a dict or a JSON string) must be set. ``disable_any_whitespace`` keeps JSON
     compact (no whitespace beyond the separators); by default whitespace is allowed between JSON tokens, in runs
     of at most ``MAX_WHITESPACE_RUN`` characters so that a model cannot stall in whitespace. ``reasoning`` (a
     :class:`ReasoningSpan`) lets a reasoning model think freely first: the constraint applies after its thinking.
+
+    vLLM's other options: ``whitespace_pattern`` (a regex every run of JSON whitespace matches; llguidance
+    enforces it), ``disable_additional_properties`` (objects whose schema does not say otherwise take no property
+    beyond those listed), ``disable_fallback`` (accepted; Inferneo never falls back to a looser constraint) and
+    ``backend`` (``auto``: xgrammar for what it enforces, llguidance for the rest; ``xgrammar`` or ``guidance``
+    (``llguidance``) to use that one alone, refusing what it cannot enforce).
 
     Values are checked for shape here (a ``ValueError`` names the field); whether a schema, regex or grammar
     compiles is checked by the engine, which refuses a request it cannot compile (a 400 on the server).
@@ -60,8 +66,13 @@ class StructuredOutputsParams:
     structural_tag: str | dict[str, Any] | None = None
     disable_any_whitespace: bool = False
     reasoning: ReasoningSpan | None = None
+    whitespace_pattern: str | None = None
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+    backend: str = "auto"
 
     KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+    BACKENDS = ("auto", "xgrammar", "guidance")
 
     def __post_init__(self) -> None:
         if self.json_object is False:
@@ -95,8 +106,23 @@ class StructuredOutputsParams:
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
         elif value is not True:
             raise ValueError("structured_outputs.json_object must be true")
-        if not isinstance(self.disable_any_whitespace, bool):
-            raise ValueError("structured_outputs.disable_any_whitespace must be a boolean")
+        for flag in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"structured_outputs.{flag} must be a boolean")
+        if self.whitespace_pattern is not None:
+            if not isinstance(self.whitespace_pattern, str):
+                raise ValueError("structured_outputs.whitespace_pattern must be a string (a regular expression)")
+            if kind not in ("json", "json_object"):
+                raise ValueError("structured_outputs.whitespace_pattern is the whitespace of a JSON answer: it goes "
+                                 f"with json or json_object, not {kind}")
+            if self.disable_any_whitespace:
+                raise ValueError("structured_outputs.whitespace_pattern and disable_any_whitespace both set the "
+                                 "JSON whitespace: give one")
+        if self.backend == "llguidance":
+            self.backend = "guidance"
+        if self.backend not in self.BACKENDS:
+            raise ValueError(f"structured_outputs.backend must be one of {', '.join(self.BACKENDS)} (or llguidance), "
+                             f"got {self.backend!r}")
         if isinstance(self.reasoning, dict):
             self.reasoning = ReasoningSpan(**self.reasoning)
         elif self.reasoning is not None and not isinstance(self.reasoning, ReasoningSpan):
@@ -118,9 +144,11 @@ class StructuredOutputsParams:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
     @property
-    def key(self) -> tuple[str, str, bool]:
-        """What identifies the compiled grammar (kind, spec, whitespace rule): the compile cache's key."""
-        return (self.kind, self.spec, self.disable_any_whitespace)
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (kind, spec, whitespace rule, and the options that change it): the
+        compile cache's key."""
+        return (self.kind, self.spec, self.disable_any_whitespace, self.whitespace_pattern,
+                self.disable_additional_properties, self.backend)
 
 
 MAX_WHITESPACE_RUN = 16  # the longest run of whitespace a JSON constraint allows between tokens (by default)

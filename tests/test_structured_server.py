@@ -5,6 +5,7 @@ template is Hermes-style (so ``tool_choice: "auto"`` reads ``<tool_call>`` block
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import httpx
@@ -226,6 +227,78 @@ def test_a_bad_lark_grammar_is_a_400_naming_the_field(client, field, body):
         client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body=body)
     error = raised.value.body
     assert error["param"] == field and "Lark" in error["message"], error
+
+
+SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "w": {"type": "string", "pattern": "^[a-z]{1,6}$"}},
+         "required": ["n", "w"], "additionalProperties": False}
+
+
+def whitespace_runs(text: str) -> list[str]:
+    """The runs of whitespace of a JSON text outside its strings (the strings here hold no whitespace)."""
+    return re.findall(r"[ \t\n\r]+", text)
+
+
+@pytest.mark.parametrize("form", ["guided", "structured_outputs"])
+def test_a_json_whitespace_pattern_is_enforced(client, form):
+    """vLLM's guided_whitespace_pattern / structured_outputs.whitespace_pattern: every run of whitespace in the JSON
+    matches it (llguidance enforces it)."""
+    pattern = "[ ]?"
+    extra = ({"guided_json": SMALL, "guided_whitespace_pattern": pattern} if form == "guided"
+             else {"structured_outputs": {"json": SMALL, "whitespace_pattern": pattern}})
+    answer = client.chat.completions.create(model="tiny", messages=USER, max_tokens=80, temperature=1.0, seed=4, n=4,
+                                            extra_body=extra)
+    for choice in answer.choices:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), SMALL)
+        assert all(run == " " for run in whitespace_runs(choice.message.content)), choice.message.content
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance", "llguidance:disable-any-whitespace", "auto:no-fallback"])
+def test_guided_decoding_backend_picks_the_backend(server, client, backend):
+    """vLLM's guided_decoding_backend names the backend that enforces the constraint (each holds it); vLLM's options
+    after a colon apply (disable-any-whitespace: compact JSON)."""
+    cases = [({"guided_json": SMALL}, lambda t: jsonschema.validate(json.loads(t), SMALL)),
+             ({"guided_regex": "[a-z]{2}-[0-9]{2}"}, lambda t: re.fullmatch("[a-z]{2}-[0-9]{2}", t) or 1 / 0),
+             ({"guided_choice": ["left", "right"]}, lambda t: t in ("left", "right") or 1 / 0),
+             ({"guided_grammar": GBNF_SUM}, lambda t: re.fullmatch(r"[1-9][0-9]?( [-+*] [1-9][0-9]?)?", t) or 1 / 0)]
+    for fields, valid in cases:
+        answer = client.completions.create(model="tiny", prompt="x", max_tokens=60, temperature=1.0, seed=1, n=2,
+                                            extra_body={**fields, "guided_decoding_backend": backend})
+        for choice in answer.choices:
+            assert choice.finish_reason == "stop", (fields, choice)
+            valid(choice.text)
+            if "disable-any-whitespace" in backend and "guided_json" in fields:
+                assert all(run == " " for run in whitespace_runs(choice.text)), choice.text
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"guided_json": SMALL, "guided_decoding_backend": "outlines"}, "guided_decoding_backend", "llguidance"),
+    ({"guided_json": SMALL, "guided_decoding_backend": "xgrammar:fast"}, "guided_decoding_backend", "no-fallback"),
+    ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "asks for none"),
+    ({"guided_regex": "[a-z]", "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern", "JSON"),
+    # xgrammar would drop the not: auto gives the schema to llguidance, xgrammar alone must refuse it
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 3}}}},
+      "guided_decoding_backend": "xgrammar"}, "guided_json", "not"),
+    ({"structured_outputs": {"grammar": 'start: "a"'}, "guided_decoding_backend": "xgrammar"},
+     "structured_outputs.grammar", "Lark"),
+    ({"structured_outputs": {"json": SMALL, "whitespace_pattern": "("}}, "structured_outputs.json", "whitespace"),
+], ids=["outlines", "unknown-option", "no-constraint", "whitespace-on-regex", "xgrammar-would-drop",
+        "lark-on-xgrammar", "bad-whitespace-pattern"])
+def test_vllm_options_it_cannot_honour_are_a_400_that_says_why(client, body, param, words):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body=body)
+    error = raised.value.body
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_the_structural_tag_field_of_vllm_0_8_is_structured_outputs_structural_tag(client):
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<n>", "end": "</n>",
+                                                "content": {"type": "regex", "pattern": "[0-9]{1,3}"}}}
+    answer = client.completions.create(model="tiny", prompt="x", max_tokens=60, temperature=1.0, seed=2, n=3,
+                                       extra_body={"structural_tag": tag})
+    for choice in answer.choices:
+        assert choice.finish_reason == "stop" and re.fullmatch("<n>[0-9]{1,3}</n>", choice.text), choice
 
 # ---- tools ------------------------------------------------------------------------------------------------------
 

@@ -58,29 +58,47 @@ class GuidanceGrammar:
 
 def build_grammar(params: StructuredOutputsParams):
     """The xgrammar ``Grammar`` of ``params``, or a :class:`GuidanceGrammar` for a JSON schema only llguidance
-    enforces and for a Lark grammar (:func:`is_lark`); raises ``StructuredOutputError`` naming the field when neither can use it."""
+    enforces, for a Lark grammar (:func:`is_lark`), for a JSON ``whitespace_pattern`` and for any constraint under
+    ``backend="guidance"``; raises ``StructuredOutputError`` naming the field when the backend cannot use it."""
     xgr = xgrammar()
     kind = params.kind
     field = f"structured_outputs.{kind}"
+    backend = params.backend
     try:
-        if kind == "json":
-            schema = params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json)
+        if kind in ("json", "json_object"):
+            if kind == "json_object":
+                schema: Any = {"type": "object"}
+            else:
+                schema = params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json)
+                if params.disable_additional_properties:
+                    schema = closed_objects(schema)
+            if backend == "guidance" or params.whitespace_pattern is not None:
+                if backend == "xgrammar":
+                    raise StructuredOutputError("structured_outputs.whitespace_pattern needs llguidance; xgrammar "
+                                                "has no whitespace pattern (use disable_any_whitespace, or the "
+                                                "backend auto or guidance)", "structured_outputs.whitespace_pattern")
+                return _guidance_only(schema, params, field)
             try:
                 _check_enforceable(schema)
             except ValueError:
-                guidance = guidance_grammar(schema, params)
+                guidance = guidance_grammar(schema, params) if backend == "auto" else None
                 if guidance is None:
                     raise
                 return guidance
-            return _strict_json_strings(xgr.Grammar.from_json_schema(params.spec, **_json_options(params)))
-        if kind == "json_object":
-            return _strict_json_strings(xgr.Grammar.from_json_schema('{"type": "object"}', **_json_options(params)))
+            spec = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+            return _strict_json_strings(xgr.Grammar.from_json_schema(spec, **_json_options(params)))
+        if backend == "guidance":
+            return _guidance_constraint(params, field)
         if kind == "regex":
             return xgr.Grammar.from_regex(params.regex)
         if kind == "choice":
             return xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
         if kind == "grammar":
             if is_lark(params.grammar):
+                if backend == "xgrammar":
+                    raise StructuredOutputError(f"{field} is a Lark grammar (it has no 'name ::= ...' rule, so it is "
+                                                "not GBNF), which xgrammar cannot read: use the backend auto or "
+                                                "guidance, or write it in GBNF", field)
                 return lark_grammar(params.grammar, field)
             return xgr.Grammar.from_ebnf(params.grammar)
         return xgr.Grammar.from_structural_tag(params.spec)
@@ -88,6 +106,69 @@ def build_grammar(params: StructuredOutputsParams):
         raise
     except (RuntimeError, ValueError, TypeError) as e:
         raise StructuredOutputError(f"{field} cannot be used: {_xgrammar_message(e)}", field) from None
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` in which every object schema that does not say what its other properties may be says
+    ``additionalProperties: false`` (vLLM's ``disable_additional_properties``); subschemas followed."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    for key in _SCHEMA_VALUES:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"]) or (
+        "type" not in out and "properties" in out)
+    if is_object and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _needs_llguidance(field: str, what: str) -> StructuredOutputError:
+    return StructuredOutputError(f"{field}: {what} needs the llguidance package: pip install 'inferneo[structured]'",
+                                 field)
+
+
+def _guidance_only(schema: Any, params: StructuredOutputsParams, field: str) -> GuidanceGrammar:
+    """llguidance's grammar of a JSON schema that must go to llguidance (``backend="guidance"`` or a
+    ``whitespace_pattern``), or a ``StructuredOutputError`` saying why it cannot."""
+    if llguidance() is None:
+        raise _needs_llguidance(field, "the backend guidance" if params.backend == "guidance" else
+                                "a whitespace_pattern")
+    grammar = guidance_grammar(schema, params)
+    if grammar is None:
+        raise StructuredOutputError(f"{field} cannot be used: llguidance does not enforce all of the schema (it "
+                                    "reports an error, a keyword it would drop, or a whitespace_pattern it cannot "
+                                    "read)", field)
+    return grammar
+
+
+def _guidance_constraint(params: StructuredOutputsParams, field: str) -> GuidanceGrammar:
+    """A regex, a choice or a grammar (GBNF or Lark) as llguidance's grammar (``backend="guidance"``)."""
+    llg = llguidance()
+    if llg is None:
+        raise _needs_llguidance(field, "the backend guidance")
+    kind = params.kind
+    if kind == "structural_tag":
+        raise StructuredOutputError(f"{field} is xgrammar's: use the backend auto or xgrammar for it", field)
+    if kind == "grammar" and is_lark(params.grammar):
+        return lark_grammar(params.grammar, field)
+    value = json.dumps(params.choice) if kind == "choice" else getattr(params, kind)
+    try:
+        text = llg.grammar_from(kind, value)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
+    except (ValueError, TypeError, RuntimeError) as e:
+        is_error, messages = True, [str(e)]
+    if is_error or messages:
+        detail = "; ".join(m.strip().splitlines()[0] for m in messages if m.strip()) or "llguidance refused it"
+        raise StructuredOutputError(f"{field} cannot be used: {detail}", field)
+    return GuidanceGrammar(text)
 
 
 # A GBNF / EBNF rule definition (``name ::= ...``) at the start of a line: a grammar without one is Lark.
@@ -419,6 +500,8 @@ def _guidance_json_options(params: StructuredOutputsParams) -> dict[str, Any]:
     "x-guidance" cannot change them); never ``lenient`` (which drops unknown keywords) nor ``coerce_one_of``
     (which reads oneOf as anyOf)."""
     strict = {"lenient": False, "coerce_one_of": False}
+    if params.whitespace_pattern is not None:
+        return {"whitespace_flexible": True, "whitespace_pattern": params.whitespace_pattern, **strict}
     if params.disable_any_whitespace:
         return {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", **strict}
     return {"whitespace_flexible": True, "whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE_RUN}}}",

@@ -1,9 +1,10 @@
 """The shape a request asks its answer to take, as the engine's ``StructuredOutputsParams``.
 
 Four request fields can ask for one: OpenAI's ``response_format`` (``json_schema`` or ``json_object``), vLLM's
-``structured_outputs``, vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``,
-and, on chat, ``tool_choice`` ``required`` or a named function (the grammar of a call). A request may use one
-of them: two are refused with 400. Every constraint is checked up front (xgrammar parses it, in milliseconds, with
+``structured_outputs``, vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` /
+``structural_tag`` (with their options ``guided_whitespace_pattern`` and ``guided_decoding_backend``, which apply to
+whichever of these the request uses), and, on chat, ``tool_choice`` ``required`` or a named function (the grammar
+of a call). A request may use one of them: two are refused with 400. Every constraint is checked up front (xgrammar parses it, in milliseconds, with
 no tokenizer), so a schema, regex or grammar the engine cannot use is a 400 naming the field the client sent
 (``response_format.json_schema.schema``, ``tools[2].function.parameters``, ``structured_outputs.regex``, ...).
 """
@@ -19,7 +20,13 @@ from inferneo.entrypoints.openai.tool_parsers import function_parameters, requir
 from inferneo.sampling_params import StructuredOutputsParams
 from inferneo.structured_output import StructuredOutputError, check_schema_reads, check_structured_outputs
 
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+           "structural_tag": "structural_tag"}
+# vLLM's guided_decoding_backend: its backends, and the options it took after a colon ("xgrammar:no-fallback").
+_BACKENDS = {"auto": "auto", "xgrammar": "xgrammar", "guidance": "guidance", "llguidance": "guidance"}
+_BACKEND_OPTIONS = {"disable-any-whitespace": "disable_any_whitespace",
+                    "disable-additional-properties": "disable_additional_properties",
+                    "no-additional-properties": "disable_additional_properties", "no-fallback": "disable_fallback"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +58,45 @@ def structured_outputs_of(req: _SamplingBody) -> StructuredOutputsParams | None:
 
 
 def _asked(req: _SamplingBody) -> list[_Asked]:
+    asked = _constraint_fields(req)
+    options = _backend_options(req.guided_decoding_backend)
+    if req.guided_whitespace_pattern is not None:
+        options["whitespace_pattern"] = req.guided_whitespace_pattern
+    if options and not asked:
+        field = "guided_whitespace_pattern" if req.guided_whitespace_pattern is not None else "guided_decoding_backend"
+        raise bad_request(f"{field} is an option of a constraint, and the request asks for none (response_format, "
+                          "structured_outputs or guided_*)", field)
+    if req.guided_whitespace_pattern is not None and any(
+            not ({"json", "json_object"} & set(item.values)) for item in asked):
+        raise bad_request("guided_whitespace_pattern is the whitespace of a JSON answer: it goes with a JSON schema "
+                          "or json_object, not a regex, choice, grammar or structural tag", "guided_whitespace_pattern")
+    for item in asked:
+        item.values.update(options)
+    return asked
+
+
+def _backend_options(value: str | None) -> dict[str, Any]:
+    """The ``StructuredOutputsParams`` options vLLM's ``guided_decoding_backend`` names: ``auto``, ``xgrammar`` or
+    ``guidance`` (``llguidance``), with vLLM's options after a colon; a 400 naming the field for anything else."""
+    if value is None:
+        return {}
+    name, _, rest = value.strip().partition(":")
+    backend = _BACKENDS.get(name.strip().lower())
+    if backend is None:
+        raise bad_request(f"guided_decoding_backend {value!r} is not one of Inferneo's: it has xgrammar and "
+                          "llguidance ('xgrammar', 'guidance' or 'llguidance' to use one alone; 'auto', the default, "
+                          "picks per constraint: xgrammar for what it enforces, llguidance for the rest). "
+                          "outlines and lm-format-enforcer are not available", "guided_decoding_backend")
+    options: dict[str, Any] = {"backend": backend}
+    for option in filter(None, (o.strip() for o in rest.split(","))):
+        if option not in _BACKEND_OPTIONS:
+            raise bad_request(f"guided_decoding_backend option {option!r} is not one of "
+                              f"{', '.join(sorted(_BACKEND_OPTIONS))}", "guided_decoding_backend")
+        options[_BACKEND_OPTIONS[option]] = True
+    return options
+
+
+def _constraint_fields(req: _SamplingBody) -> list[_Asked]:
     asked = []
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_schema":

@@ -154,7 +154,8 @@ class ResponseFormat(_Body):
 
 class StructuredOutputsBody(_Body):
     """vLLM's ``structured_outputs`` request field: exactly one of ``json`` (a schema, as an object or a JSON
-    string), ``regex``, ``choice``, ``grammar`` (EBNF / GBNF), ``json_object`` or ``structural_tag``."""
+    string), ``regex``, ``choice``, ``grammar`` (GBNF / EBNF, or Lark), ``json_object`` or ``structural_tag``, with
+    vLLM's options (``StructuredOutputsParams`` says what each does)."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -165,6 +166,9 @@ class StructuredOutputsBody(_Body):
     json_object: bool | None = None
     structural_tag: SchemaValue = None
     disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
 
     def fields(self) -> dict[str, Any]:
         """The constraint as ``StructuredOutputsParams`` keyword arguments (only those given)."""
@@ -228,6 +232,11 @@ class _SamplingBody(_Body):
     guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     guided_choice: Choices = None
     guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    structural_tag: SchemaValue = None  # vLLM 0.8's spelling of structured_outputs.structural_tag
+    # vLLM's older options of the constraint: the JSON whitespace, and the backend ("auto", "xgrammar",
+    # "guidance"; vLLM's ":disable-any-whitespace" / ":disable-additional-properties" / ":no-fallback" after it)
+    guided_whitespace_pattern: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    guided_decoding_backend: str | None = Field(None, max_length=200)
 
     @field_validator("n", mode="before")
     @classmethod
