@@ -624,3 +624,66 @@ def test_without_llguidance_a_lark_grammar_is_refused_naming_the_extra(monkeypat
     with pytest.raises(grammars.StructuredOutputError, match=r"inferneo\[structured\]") as raised:
         grammars.build_grammar(StructuredOutputsParams(grammar='start: "a"'))
     assert raised.value.param == "structured_outputs.grammar"
+
+
+DATES = {"type": "object", "properties": {"d": {"type": "string", "format": "date"},
+                                          "t": {"type": "string", "format": "date-time"}},
+         "required": ["d", "t"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("backend", ["auto", "guidance"])
+@pytest.mark.parametrize(("d", "t", "valid"), [
+    ("2024-02-29", "2023-12-31T23:59:59Z", True),
+    ("2000-02-29", "2023-06-30T00:00:00.123+05:30", True),
+    ("2023-02-30", "2023-01-01T00:00:00Z", False),
+    ("2023-02-29", "2023-01-01T00:00:00Z", False),  # not a leap year (llguidance took it)
+    ("1900-02-29", "2023-01-01T00:00:00Z", False),  # by 100, not by 400
+    ("2023-04-31", "2023-01-01T00:00:00Z", False),
+    ("2023-01-01", "2023-02-30T10:00:00Z", False),
+    ("2023-01-01", "2023-01-01T24:00:00Z", False),
+    ("0000-01-01", "2023-01-01T00:00:00Z", False),
+    ("2023-01-01", "2023-01-01T00:00:00123Z", False),  # decimals without their dot
+])
+def test_date_formats_know_the_calendar(backend, d, t, valid):
+    """format: date / date-time take only calendar dates, on both backends (xgrammar took 2023-02-30, llguidance
+    2023-02-29): checked with each backend's own matcher, against datetime's reading of the same dates."""
+    import datetime
+
+    import llguidance
+    import llguidance.hf
+    import xgrammar
+
+    from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar
+    from inferneo.testing import make_tiny_tokenizer
+
+    try:
+        datetime.date.fromisoformat(d)
+        datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+        assert valid
+    except ValueError:
+        assert not valid
+    text = json.dumps({"d": d, "t": t})
+    grammar = build_grammar(StructuredOutputsParams(json=DATES, backend=backend, disable_any_whitespace=True))
+    tokenizer = make_tiny_tokenizer()
+    if backend == "guidance":
+        assert isinstance(grammar, GuidanceGrammar)
+        ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+        matcher = llguidance.LLMatcher(ll_tokenizer, grammar.text)
+        took = matcher.consume_tokens(ll_tokenizer.tokenize_str(text)) and matcher.is_accepting()
+    else:
+        compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(tokenizer))
+        matcher = xgrammar.GrammarMatcher(compiler.compile_grammar(grammar))
+        took = matcher.accept_string(text) and matcher.is_completed()
+    assert took is valid, text
+
+
+def test_generated_dates_are_calendar_dates(llm):
+    import datetime
+
+    params = SamplingParams(temperature=1.0, seed=5, n=8, max_tokens=120, structured_outputs={"json": DATES})
+    for out in llm.generate(["A date:"], params, use_tqdm=False)[0].outputs:
+        assert out.finish_reason == "stop", out.text
+        value = json.loads(out.text)
+        jsonschema.validate(value, DATES)
+        datetime.date.fromisoformat(value["d"])
+        datetime.datetime.fromisoformat(value["t"].replace("Z", "+00:00"))

@@ -72,6 +72,7 @@ def build_grammar(params: StructuredOutputsParams):
                 schema = params.json if isinstance(params.json, (dict, bool)) else json.loads(params.json)
                 if params.disable_additional_properties:
                     schema = closed_objects(schema)
+                schema = calendar_dates(schema)
             if backend == "guidance" or params.whitespace_pattern is not None:
                 if backend == "xgrammar":
                     raise StructuredOutputError("structured_outputs.whitespace_pattern needs llguidance; xgrammar "
@@ -106,6 +107,46 @@ def build_grammar(params: StructuredOutputsParams):
         raise
     except (RuntimeError, ValueError, TypeError) as e:
         raise StructuredOutputError(f"{field} cannot be used: {_xgrammar_message(e)}", field) from None
+
+
+# RFC 3339 dates as regular expressions that know the calendar: each month's length, and February 29 only in leap
+# years (by 4, not by 100 unless by 400), years 0001 to 9999. xgrammar's own format: date took 2023-02-30 and
+# llguidance's took 2023-02-29; checked against datetime.date.fromisoformat for every day of 3,500 years.
+_YEAR = r"([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         rf"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
+_HOUR = r"([01][0-9]|2[0-3])"
+_DATE_PATTERNS = {
+    "date": rf"^{_DATE}$",
+    # a time of day without leap seconds, at most nine decimals, "Z" or an offset (the decimals as an alternative
+    # with nothing, not an optional group: xgrammar 0.2 dropped the dot of "(\.[0-9]{1,9})?")
+    "date-time": rf"^{_DATE}T{_HOUR}:[0-5][0-9]:[0-5][0-9](\.[0-9]{{1,9}}|)(Z|[+-]{_HOUR}:[0-5][0-9])$",
+}
+
+
+def calendar_dates(schema: Any) -> Any:
+    """A copy of ``schema`` in which every string schema with ``format`` ``date`` or ``date-time`` (and no
+    ``pattern`` or length of its own) has the pattern of valid calendar dates instead (subschemas followed), so
+    that neither backend writes 2023-02-30: a narrowing of the format, as every answer is still a valid date."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: calendar_dates(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [calendar_dates(sub) for sub in out[key]]
+    for key in _SCHEMA_VALUES:
+        if isinstance(out.get(key), dict):
+            out[key] = calendar_dates(out[key])
+    pattern = _DATE_PATTERNS.get(out.get("format")) if isinstance(out.get("format"), str) else None
+    if (pattern is not None and out.get("type") == "string"
+            and not any(k in out for k in ("pattern", "minLength", "maxLength"))):
+        del out["format"]
+        out["pattern"] = pattern
+    return out
 
 
 def closed_objects(schema: Any) -> Any:
