@@ -687,3 +687,27 @@ def test_generated_dates_are_calendar_dates(llm):
         jsonschema.validate(value, DATES)
         datetime.date.fromisoformat(value["d"])
         datetime.datetime.fromisoformat(value["t"].replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(("pattern", "took", "refused"), [
+    ("^a(bx+)?d$", ["ad", "abxd", "abxxd"], ["axd", "abd"]),
+    ("^v(\\.[0-9]{1,3})?$", ["v", "v.1", "v.123"], ["v1", "v.", "v.1234"]),
+    ("^a(x+b)?d$", ["ad", "axbd"], ["axd", "abd"]),
+])
+def test_an_optional_group_holding_a_repetition_is_enforced_whole(pattern, took, refused):
+    """xgrammar (0.2) read such a pattern wrongly in a JSON schema ('^a(bx+)?d$' took 'axd'): the schema goes to
+    llguidance, whose matcher takes exactly what the pattern matches."""
+    import llguidance
+    import llguidance.hf
+
+    from inferneo.structured_output.grammars import GuidanceGrammar, build_grammar
+    from inferneo.testing import make_tiny_tokenizer
+
+    schema = {"type": "string", "pattern": pattern}
+    grammar = build_grammar(StructuredOutputsParams(json=schema))
+    assert isinstance(grammar, GuidanceGrammar)
+    ll_tokenizer = llguidance.hf.from_tokenizer(make_tiny_tokenizer())
+    for text in took + refused:
+        matcher = llguidance.LLMatcher(ll_tokenizer, grammar.text)
+        accepted = matcher.consume_tokens(ll_tokenizer.tokenize_str(json.dumps(text))) and matcher.is_accepting()
+        assert accepted is (text in took) is bool(re.fullmatch(pattern, text)), text

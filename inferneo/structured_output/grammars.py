@@ -391,6 +391,9 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and any(k in pattern for k in _LOOKAROUND):
         return f"pattern {pattern!r} with a lookahead or lookbehind (xgrammar skips it)"
+    if isinstance(pattern, str) and _optional_group_with_repeat(pattern):
+        return (f"pattern {pattern!r} with an optional group holding a repetition (xgrammar dropped part of it: "
+                "'^a(bx+)?d$' took 'axd')")
     if isinstance(pattern, str) and _QUOTE_OR_BACKSLASH.search(pattern):
         return f"pattern {pattern!r}, which matches a quote or a backslash (xgrammar writes it unescaped)"
     tiny = next((k for k in _BOUNDS if _is_number(schema.get(k)) and 0 < abs(schema[k]) < 1e-6), None)
@@ -452,6 +455,38 @@ _LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
 # A pattern that can match '"' or '\': xgrammar writes them into the JSON string as they are (``^a"b$`` gave
 # ``"a"b"``, not JSON; ``^a\\b$`` gave ``"a\b"``, a backspace).
 _QUOTE_OR_BACKSLASH = re.compile(r'"|\\\\|\\[xX](?:22|5[cC])|\\u00(?:22|5[cC])')
+
+
+def _optional_group_with_repeat(pattern: str) -> bool:
+    """Whether ``pattern`` has an optional part (``?`` or ``{0,1}``) that holds a repetition of a varying count
+    (``+``, ``*``, ``{1,3}``), which xgrammar (0.2) reads wrongly in a JSON schema's pattern: ``^a(bx+)?d$`` took
+    ``axd`` and ``^a(b[0-9]*)?d$`` took ``a1d`` (its regex constraint reads them right). False when Python's
+    ``re`` cannot read the pattern (xgrammar then says what is wrong with it)."""
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return False
+    repeats = (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT)
+
+    def items(node):
+        for op, av in node:
+            yield op, av
+            if op in repeats:
+                yield from items(av[2])
+            elif op is sre_parse.SUBPATTERN:
+                yield from items(av[-1])
+            elif op is sre_parse.BRANCH:
+                for branch in av[1]:
+                    yield from items(branch)
+
+    def varies(node) -> bool:
+        return any(op in repeats and av[0] != av[1] for op, av in items(node))
+
+    return any(op in repeats and av[0] == 0 and av[1] == 1 and varies(av[2]) for op, av in items(parsed))
 
 
 def _pattern_clash(schema: dict[str, Any]) -> str | None:
