@@ -28,7 +28,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "min_tokens": (0,), "stop": (None, [], ""), "stop_token_ids": (None, []), "logit_bias": (None, {}),
     "allowed_token_ids": (None,), "bad_words": (None, []), "response_format": (None,), "structured_outputs": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "prompt_logprobs": (None,),
+    "structural_tag": (None,), "prompt_logprobs": (None,),
 }
 
 
