@@ -225,7 +225,7 @@ def test_unreachable_server_stops_the_run_and_the_rerun_finishes(server, tmp_pat
     out = tmp_path / "results.jsonl"
     dead = "http://127.0.0.1:9"  # the discard port: nothing listens there
     assert main(["batch", "-i", str(requests), "-o", str(out), "--url", dead, "--max-retries", "1",
-                 "--no-progress"]) == 1
+                 "--retry-window", "0.5", "--no-progress"]) == 1
     assert "run the same command again" in capsys.readouterr().err
     partial = read_records(out)
     assert all(r["response"] is None for r in partial)  # only the invalid lines: nothing was answered
@@ -321,7 +321,7 @@ def test_sender_connection_errors_then_unreachable():
         assert (await Sender(client, max_retries=2, backoff=0.01).post("/x", {})).status_code == 200
         client, seen = scripted([refused, refused, refused])
         with pytest.raises(ServerUnreachableError):
-            await Sender(client, max_retries=2, backoff=0.01).post("/x", {})
+            await Sender(client, max_retries=2, backoff=0.01, retry_window=0).post("/x", {})
         assert len(seen) == 3
         client, _ = scripted([httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow")])
         reply = await Sender(client, max_retries=1, backoff=0.01).post("/x", {})
@@ -338,13 +338,49 @@ def test_sender_stops_on_a_server_still_busy_after_its_retries():
                               json={"error": {"message": "the queue is full", "code": "queue_full"}})
         client, seen = scripted([busy] * 3)
         with pytest.raises(ServerBusyError, match="429 \\(the queue is full\\) after 3 attempts"):
-            await Sender(client, max_retries=2, backoff=0.01).post("/v1/completions", {})
+            await Sender(client, max_retries=2, backoff=0.01, retry_window=0).post("/v1/completions", {})
         assert len(seen) == 3
         client, _ = scripted([httpx.Response(503, text="down")] * 2)
         with pytest.raises(ServerUnreachableError, match="503"):  # ServerBusyError is one
-            await Sender(client, max_retries=1, backoff=0.01).post("/v1/completions", {})
+            await Sender(client, max_retries=1, backoff=0.01, retry_window=0).post("/v1/completions", {})
 
     asyncio.run(go())
+
+
+def test_sender_waits_out_a_server_that_is_away_for_its_retry_window():
+    """Refused connections, 502 and 503 past --max-retries (a server restarting behind its port or a proxy) are
+    retried until the server has been silent for the whole window; a 500 is still that request's answer."""
+    async def go():
+        refused = httpx.ConnectError("refused")
+        away = [refused] * 4 + [httpx.Response(502, text="bad gateway"),
+                                httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {}}), refused]
+        client, seen = scripted([*away, httpx.Response(200, json={"id": "cmpl-1"})])
+        sender = Sender(client, max_retries=1, backoff=0.01, max_backoff=0.05, retry_window=30)
+        reply = await sender.post("/v1/completions", {"prompt": "x"})
+        assert reply.status_code == 200 and len(seen) == 8 and sender.num_retries == 7
+        client, seen = scripted([refused] * 100)
+        sender = Sender(client, max_retries=1, backoff=0.01, max_backoff=0.05, retry_window=0.3)
+        with pytest.raises(ServerUnreachableError, match="attempts in 0 s"):
+            await sender.post("/v1/completions", {})
+        assert 0.3 <= seen[-1] - seen[0] < 1.0 and len(seen) > 4
+        client, seen = scripted([httpx.Response(500, text="oops")] * 2)
+        reply = await Sender(client, max_retries=1, backoff=0.01, retry_window=30).post("/v1/completions", {})
+        assert reply.status_code == 500 and len(seen) == 2
+
+    asyncio.run(go())
+
+
+def test_retry_window_flag(tmp_path, capsys):
+    from inferneo.batch.sender import DEFAULT_RETRY_WINDOW
+    from inferneo.cli.batch import DEFAULT_RETRY_WINDOW as CLI_DEFAULT
+
+    assert CLI_DEFAULT == DEFAULT_RETRY_WINDOW >= 120  # rides through a rolling restart
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(request_line("a", 1) + "\n")
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            main(["batch", "-i", str(requests), "-o", str(tmp_path / "o.jsonl"), "--retry-window", bad])
+        assert "--retry-window" in capsys.readouterr().err
 
 
 def test_parse_retry_after():

@@ -143,6 +143,37 @@ def test_connection_errors_are_retried_with_backoff():
     assert 1.1 <= time.monotonic() - start < 3  # 0.5 s + 1 s of backoff, less jitter
 
 
+def test_retry_window_waits_out_a_server_that_is_away():
+    """Past max_retries, what says the server is away (429, 502, 503, a refused connection) is retried until
+    retry_window seconds after the first failure, as inferneo batch's --retry-window; a 500 is not."""
+    away = [error(503, "starting", **{"Retry-After": "0"}), error(502), error(429, **{"Retry-After": "0"})] * 2
+    with ScriptedServer(*away, ok()) as srv:
+        client = InferneoClient(srv.url, max_retries=1, retry_window=30)
+        assert client.completions.create(prompt="x").choices[0].text == "ok" and len(srv.arrivals) == 7
+        assert client.with_options(timeout=5).retry_window == 30
+    with ScriptedServer(*away, ok()) as srv, pytest.raises(InternalServerError):
+        InferneoClient(srv.url, max_retries=1).completions.create(prompt="x")  # no window: as before
+    assert len(srv.arrivals) == 2
+    with ScriptedServer(error(500), error(500), ok()) as srv, pytest.raises(InternalServerError):
+        InferneoClient(srv.url, max_retries=1, retry_window=30).completions.create(prompt="x")
+    assert len(srv.arrivals) == 2
+    start = time.monotonic()
+    with pytest.raises(APIConnectionError):
+        InferneoClient(f"http://127.0.0.1:{free_port()}", max_retries=0, retry_window=1.2).models.list()
+    assert 1.2 <= time.monotonic() - start < 4
+    with pytest.raises(ValueError, match="retry_window"):
+        InferneoClient(retry_window=-1)
+
+
+def test_async_client_retry_window():
+    async def main(url):
+        async with AsyncInferneoClient(url, max_retries=0, retry_window=30) as client:
+            return await client.completions.create(prompt="x")
+
+    with ScriptedServer(error(503, **{"Retry-After": "0"}), error(503, **{"Retry-After": "0"}), ok()) as srv:
+        assert asyncio.run(main(srv.url)).choices[0].text == "ok"
+
+
 def test_error_event_in_a_stream_raises():
     chunk = dict(COMPLETION, choices=[{"index": 0, "text": "par", "finish_reason": None}])
     events = (f"data: {json.dumps(chunk)}\n\n"

@@ -1,12 +1,15 @@
 """Sending batch requests over HTTP (to a server, or to the server app in this process) with retries.
 
-Connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and jitter, waiting at least
-what a ``Retry-After`` header asks for; other answers are final. A request that still cannot reach the server
-after its retries raises :class:`ServerUnreachableError`, and one the server still turns away as overloaded
-(429, 503) while none of the other requests got an answer either raises :class:`ServerBusyError`: either stops
-the batch (the line stays undone for the rerun) instead of writing a record that only says the server was down or
-busy. A request turned away while others are answered keeps waiting for a slot: the server is busy, not stuck. A timeout or another 5xx after the retries is
-that request's answer (a failed record).
+What may succeed if sent again is retried with capped exponential backoff and jitter, waiting at least what a
+``Retry-After`` header asks for: connection errors, timeouts, 408, 409, 429 and 5xx, as ``InferneoClient`` retries
+them. A failure that says the server is away rather than that this request failed (refused, reset, closed before
+answering, 429, 502, 503: a server restarting, draining, or with its queue full) is retried for as long as the server
+has given no answer to any of the job's requests for less than ``retry_window`` seconds (and at least
+``max_retries`` times), so a job rides through a rolling restart of its server, and a request turned away while the
+server answers the job's others keeps waiting for a slot. Past that, :class:`ServerUnreachableError` (or
+:class:`ServerBusyError` for a 429 / 503) stops the batch: the line stays undone for the rerun instead of getting a
+record that only says the server was down or busy. A timeout or another 5xx after ``max_retries`` retries is that
+request's answer (a failed record).
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from typing import Any
 
 import httpx
 
-from inferneo.client._base import error_message, normalize_base_url
+from inferneo.client._base import (
+    OUTAGE_STATUSES,
+    error_message,
+    is_outage_error,
+    is_retryable_status,
+    normalize_base_url,
+)
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BUSY_STATUSES = frozenset({429, 503})  # overloaded or unavailable: the same request may succeed later
 MAX_RETRY_AFTER = 120.0
+DEFAULT_RETRY_WINDOW = 300.0  # a rolling restart of a server takes 30-120 s
 
 
 class ServerUnreachableError(RuntimeError):
@@ -46,61 +55,73 @@ class Reply:
 
 
 class Sender:
-    """POSTs JSON bodies through ``client`` (its ``base_url`` set), retrying what is worth retrying."""
+    """POSTs JSON bodies through ``client`` (its ``base_url`` set), retrying what is worth retrying.
+
+    ``max_retries`` bounds the retries of a request that failed on its own (a timeout, a 500); a server that is
+    away (connection errors, 429, 502, 503) is waited for until it has answered none of this sender's requests for
+    ``retry_window`` seconds (0: give up after ``max_retries`` retries, as for the rest). Waits double from
+    ``backoff`` up to ``max_backoff`` seconds, with jitter.
+    """
 
     def __init__(self, client: httpx.AsyncClient, max_retries: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 30.0) -> None:
+                 max_backoff: float = 10.0, retry_window: float = DEFAULT_RETRY_WINDOW) -> None:
+        if not retry_window >= 0:
+            raise ValueError(f"retry_window must be >= 0 seconds, got {retry_window}")
         self.client = client
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.retry_window = retry_window
         self.num_retries = 0
-        self.num_answered = 0  # final answers other than 429/503: the server is making progress
+        self.num_answered = 0  # final answers other than outages: the server is making progress
+        self._last_answer = time.monotonic()  # when the server last gave a request of this sender its answer
 
     async def post(self, url: str, body: dict[str, Any]) -> Reply:
         """The final reply to ``POST url``; raises ServerUnreachableError, or returns a 408 reply for a timeout."""
         attempt = 0
-        answered_before = self.num_answered
+        failing_since = 0.0  # when this request's first attempt failed
         while True:
+            retry_after = None
             try:
                 response = await self.client.post(url, json=body)
-            except httpx.TimeoutException as exc:
-                if attempt >= self.max_retries:
-                    return Reply(408, None, {"error": {"message": f"no answer in time after {attempt + 1} "
-                                                                  f"attempts: {exc!r}", "type": "timeout",
-                                                       "param": None, "code": "timeout"}})
-                wait = self._delay(attempt, None)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
+                failing_since = failing_since or time.monotonic()
+                if not is_outage_error(exc):  # a read or write timeout: this request is slow, the server is there
+                    if attempt >= self.max_retries:
+                        return Reply(408, None, {"error": {"message": f"no answer in time after {attempt + 1} "
+                                                                      f"attempts: {exc!r}", "type": "timeout",
+                                                           "param": None, "code": "timeout"}})
+                elif self._give_up(attempt, failing_since):
                     raise ServerUnreachableError(
-                        f"cannot reach the server at {self.client.base_url} after {attempt + 1} attempts: "
-                        f"{exc!r}") from exc
-                wait = self._delay(attempt, None)
+                        f"cannot reach the server at {self.client.base_url} after {attempt + 1} attempts in "
+                        f"{time.monotonic() - failing_since:.0f} s: {exc!r}") from exc
             else:
                 status = response.status_code
-                if status in BUSY_STATUSES and attempt >= self.max_retries:
-                    if self.num_answered == answered_before:
+                failing_since = failing_since or time.monotonic()
+                if status in OUTAGE_STATUSES:
+                    if self._give_up(attempt, failing_since):
                         reason = error_message(response.text) or response.reason_phrase
-                        raise ServerBusyError(f"the server at {self.client.base_url} still answered {status} "
-                                              f"({reason}) after {attempt + 1} attempts")
-                    # Turned away while other requests were answered: the server is busy with them (more
-                    # requests in flight than it queues), not stuck. Keep waiting (at the longest backoff) for a
-                    # slot, and give up only after a round of retries in which no request got an answer.
-                    answered_before = self.num_answered
-                    self.num_retries += 1
-                    await asyncio.sleep(self._delay(attempt, response.headers.get("retry-after")))
-                    continue
-                if status not in RETRY_STATUSES or attempt >= self.max_retries:
-                    if status not in BUSY_STATUSES:
-                        self.num_answered += 1
+                        error = ServerBusyError if status in BUSY_STATUSES else ServerUnreachableError
+                        raise error(f"the server at {self.client.base_url} still answered {status} ({reason}) "
+                                    f"after {attempt + 1} attempts in {time.monotonic() - failing_since:.0f} s")
+                elif not is_retryable_status(status) or attempt >= self.max_retries:
+                    self.num_answered += 1
+                    self._last_answer = time.monotonic()
                     return _reply(response)
-                wait = self._delay(attempt, response.headers.get("retry-after"))
+                retry_after = response.headers.get("retry-after")
             attempt += 1
             self.num_retries += 1
-            await asyncio.sleep(wait)
+            await asyncio.sleep(self._delay(attempt - 1, retry_after))
+
+    def _give_up(self, attempt: int, failing_since: float) -> bool:
+        """Whether a request whose ``attempt``-th retry (0-based) found the server away stops waiting: once its
+        retries are used up and the server has answered none of this sender's requests for ``retry_window``."""
+        if attempt < self.max_retries:
+            return False
+        return time.monotonic() - max(failing_since, self._last_answer) >= self.retry_window
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        delay = min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 32)) * random.uniform(0.5, 1.0)
         asked = parse_retry_after(retry_after)
         return max(delay, asked) if asked is not None else delay
 

@@ -10,6 +10,14 @@ import sys
 from inferneo.config import add_engine_args, engine_config_kwargs
 
 DEFAULT_CONCURRENCY = 64
+DEFAULT_RETRY_WINDOW = 300.0  # as inferneo.batch.sender's, which this module does not import at start-up
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +39,13 @@ def add_parser(subparsers) -> None:
                         help=f"requests in flight (default {DEFAULT_CONCURRENCY} for --url, the engine's "
                         "--max-num-seqs in-process)")
     parser.add_argument("--max-retries", type=int, default=5,
-                        help="retries of a request on connection errors, timeouts, 408, 429 and 5xx (default 5)")
+                        help="retries of a request on timeouts, 408, 409 and 5xx (default 5); a 500 or a timeout "
+                        "after them is that line's failed record")
+    parser.add_argument("--retry-window", type=_seconds, default=DEFAULT_RETRY_WINDOW, metavar="SECONDS",
+                        help="how long to wait for a server that is away (connection refused or reset, 429, 502, "
+                        "503: restarting, draining, queue full) before stopping the job, counted from its last "
+                        f"answer (default {DEFAULT_RETRY_WINDOW:.0f}; 0: give up after --max-retries). A stopped job "
+                        "resumes when run again")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer (default 600)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard what the output file holds instead of resuming into it")
@@ -139,7 +153,8 @@ async def _run(job, args: argparse.Namespace, server):
         concurrency = args.concurrency or server.max_num_seqs
         client = server.client(args.timeout)
     async with client as http:
-        return await job.run(Sender(http, args.max_retries), concurrency, args.progress)
+        sender = Sender(http, args.max_retries, retry_window=args.retry_window)
+        return await job.run(sender, concurrency, args.progress)
 
 
 def _run_on_ray(job, args: argparse.Namespace) -> int:

@@ -39,6 +39,10 @@ INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 MAX_RETRY_AFTER = 60.0
 RETRY_STATUSES = frozenset({408, 409, 429})
+# Answers that say the server is not taking requests right now (queue full, a proxy with no server behind it, starting
+# or shutting down), not that this request failed: a client with a ``retry_window`` keeps retrying these, as it does
+# connection errors, for that long. A rolling restart of a server takes 30-120 s.
+OUTAGE_STATUSES = frozenset({429, 502, 503})
 
 Timeout = float | httpx.Timeout | None
 
@@ -115,9 +119,20 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
+def is_retryable_status(status: int) -> bool:
+    """Whether an answer with this status may succeed if sent again: 408, 409, 429 and every 5xx."""
+    return status in RETRY_STATUSES or status >= 500
+
+
+def is_outage_error(exc: httpx.TransportError) -> bool:
+    """Whether a failed attempt says the server is not there right now (refused, reset, closed before answering, no
+    connection in time), as opposed to a request it is taking too long to answer (a read or write timeout)."""
+    return not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout))
+
+
 def backoff_seconds(retries_done: int) -> float:
     """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s, each shortened by up to 25 %."""
-    delay = min(INITIAL_RETRY_DELAY * 2.0**retries_done, MAX_RETRY_DELAY)
+    delay = min(INITIAL_RETRY_DELAY * 2.0 ** min(retries_done, 32), MAX_RETRY_DELAY)
     return delay * (1 - 0.25 * random.random())
 
 
@@ -131,9 +146,12 @@ def _to_timeout(timeout: Timeout) -> httpx.Timeout:
 
 class _BaseClient:
     def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
-                 default_headers: Mapping[str, str] | None) -> None:
+                 default_headers: Mapping[str, str] | None, retry_window: float = 0.0) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0; got {max_retries}")
+        if not retry_window >= 0:
+            raise ValueError(f"retry_window must be >= 0 seconds; got {retry_window}")
+        self.retry_window = float(retry_window)
         self.base_url = normalize_base_url(base_url or os.environ.get("INFERNEO_BASE_URL") or DEFAULT_BASE_URL)
         self.api_key = api_key if api_key is not None else os.environ.get("INFERNEO_API_KEY")
         self.timeout = timeout
@@ -142,7 +160,8 @@ class _BaseClient:
 
     def _options(self) -> dict[str, Any]:
         return {"base_url": self.base_url, "api_key": self.api_key, "timeout": self.timeout,
-                "max_retries": self.max_retries, "default_headers": self._default_headers}
+                "max_retries": self.max_retries, "default_headers": self._default_headers,
+                "retry_window": self.retry_window}
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -165,9 +184,12 @@ class _BaseClient:
         return http.build_request(method, self.base_url + path, content=content, params=query, headers=hdrs,
                                   timeout=_to_timeout(self.timeout if timeout is None else timeout))
 
-    @staticmethod
-    def _retryable_status(status: int) -> bool:
-        return status in RETRY_STATUSES or status >= 500
+    def _may_retry(self, retries_done: int, failing_since: float, outage: bool) -> bool:
+        """Whether to send again after ``retries_done`` retries: while retries are left, and after that, for a
+        failure that says the server is away (``outage``), until ``retry_window`` seconds after the first failure."""
+        if retries_done < self.max_retries:
+            return True
+        return outage and time.monotonic() - failing_since < self.retry_window
 
     @staticmethod
     def _wait_before_retry(retries_done: int, response: httpx.Response | None) -> float:
@@ -196,8 +218,9 @@ class SyncAPIClient(_BaseClient):
     """Sends requests with retries over one ``httpx.Client`` (a connection pool; safe to share between threads)."""
 
     def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
-                 default_headers: Mapping[str, str] | None, http_client: httpx.Client | None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, default_headers)
+                 default_headers: Mapping[str, str] | None, http_client: httpx.Client | None,
+                 retry_window: float = 0.0) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers, retry_window)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(limits=httpx.Limits(max_connections=1000,
                                                                      max_keepalive_connections=100))
@@ -213,15 +236,18 @@ class SyncAPIClient(_BaseClient):
     def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
                 query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
                 timeout: Timeout | None = None, stream: bool = False) -> T | Stream[T]:
-        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx; parse the answer as ``cast_to``."""
+        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx (connection errors, 429, 502 and 503 for
+        up to ``retry_window`` seconds once the retries are used up); parse the answer as ``cast_to``."""
         request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
                                       timeout=timeout, stream=stream)
         retries_done = 0
+        failing_since = 0.0  # when the first attempt failed
         while True:
             try:
                 response = self._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                if retries_done >= self.max_retries:
+                failing_since = failing_since or time.monotonic()
+                if not self._may_retry(retries_done, failing_since, is_outage_error(exc)):
                     raise self._transport_error(exc, request) from exc
                 time.sleep(self._wait_before_retry(retries_done, None))
                 retries_done += 1
@@ -242,7 +268,10 @@ class SyncAPIClient(_BaseClient):
                 pass
             finally:
                 response.close()
-            if retries_done < self.max_retries and self._retryable_status(response.status_code):
+            failing_since = failing_since or time.monotonic()
+            status = response.status_code
+            if is_retryable_status(status) and self._may_retry(retries_done, failing_since,
+                                                               status in OUTAGE_STATUSES):
                 time.sleep(self._wait_before_retry(retries_done, response))
                 retries_done += 1
                 continue
@@ -258,8 +287,9 @@ class AsyncAPIClient(_BaseClient):
     """The async twin of :class:`SyncAPIClient`, over one ``httpx.AsyncClient``."""
 
     def __init__(self, base_url: str | None, api_key: str | None, timeout: Timeout, max_retries: int,
-                 default_headers: Mapping[str, str] | None, http_client: httpx.AsyncClient | None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, default_headers)
+                 default_headers: Mapping[str, str] | None, http_client: httpx.AsyncClient | None,
+                 retry_window: float = 0.0) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers, retry_window)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(limits=httpx.Limits(max_connections=1000,
                                                                           max_keepalive_connections=100))
@@ -267,15 +297,18 @@ class AsyncAPIClient(_BaseClient):
     async def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
                       query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
                       timeout: Timeout | None = None, stream: bool = False) -> T | AsyncStream[T]:
-        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx; parse the answer as ``cast_to``."""
+        """Send, retrying connection errors, timeouts, 408/409/429 and 5xx (connection errors, 429, 502 and 503 for
+        up to ``retry_window`` seconds once the retries are used up); parse the answer as ``cast_to``."""
         request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
                                       timeout=timeout, stream=stream)
         retries_done = 0
+        failing_since = 0.0  # when the first attempt failed
         while True:
             try:
                 response = await self._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                if retries_done >= self.max_retries:
+                failing_since = failing_since or time.monotonic()
+                if not self._may_retry(retries_done, failing_since, is_outage_error(exc)):
                     raise self._transport_error(exc, request) from exc
                 await asyncio.sleep(self._wait_before_retry(retries_done, None))
                 retries_done += 1
@@ -296,7 +329,10 @@ class AsyncAPIClient(_BaseClient):
                 pass
             finally:
                 await response.aclose()
-            if retries_done < self.max_retries and self._retryable_status(response.status_code):
+            failing_since = failing_since or time.monotonic()
+            status = response.status_code
+            if is_retryable_status(status) and self._may_retry(retries_done, failing_since,
+                                                               status in OUTAGE_STATUSES):
                 await asyncio.sleep(self._wait_before_retry(retries_done, response))
                 retries_done += 1
                 continue

@@ -25,7 +25,10 @@ class InferneoClient(SyncAPIClient):
     ``$INFERNEO_BASE_URL``, then ``http://localhost:8000``. ``api_key`` defaults to ``$INFERNEO_API_KEY``.
     ``timeout`` (seconds, or an ``httpx.Timeout``) bounds each attempt; ``max_retries`` is how many times a
     connection error, timeout, 408, 409, 429 or 5xx is retried, with exponential backoff and jitter, or after the
-    ``Retry-After`` the server sent. The client is thread-safe; close it (or use ``with``) to free its connections.
+    ``Retry-After`` the server sent. ``retry_window`` (seconds, default 0) keeps retrying, once those retries are
+    used up, what says the server is away rather than that the request failed (connection errors, 429, 502, 503)
+    until that long after the first failure: ``retry_window=300`` rides through a server's restart. The client is
+    thread-safe; close it (or use ``with``) to free its connections.
     """
 
     completions: Completions
@@ -34,8 +37,8 @@ class InferneoClient(SyncAPIClient):
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: Timeout = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, *, default_headers: Mapping[str, str] | None = None,
-                 http_client: httpx.Client | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, default_headers, http_client)
+                 http_client: httpx.Client | None = None, retry_window: float = 0.0) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers, http_client, retry_window)
         self.completions = Completions(self)
         self.chat = Chat(self)
         self.models = Models(self)
@@ -66,8 +69,8 @@ class AsyncInferneoClient(AsyncAPIClient):
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: Timeout = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, *, default_headers: Mapping[str, str] | None = None,
-                 http_client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, default_headers, http_client)
+                 http_client: httpx.AsyncClient | None = None, retry_window: float = 0.0) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, default_headers, http_client, retry_window)
         self.completions = AsyncCompletions(self)
         self.chat = AsyncChat(self)
         self.models = AsyncModels(self)
