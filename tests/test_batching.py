@@ -13,6 +13,7 @@ import pytest
 
 from inferneo.batching import DynamicBatcher, astream_batches, stream_batches
 from inferneo.client import AsyncInferneoClient, BadRequestError, InferneoClient, UnsendableRequestError
+from inferneo.client.resources.completions import AsyncCompletions, Completions
 from inferneo.testing.server import RemoteServer
 
 MODEL = "tiny"
@@ -32,18 +33,26 @@ def client(server):
 
 
 class CallLog:
-    """Wraps ``client.completions.create`` to record the prompts of every call."""
+    """Records the prompts of every completions call, through ``client`` or the async twin of it that a batcher
+    sends through (so that a batch in flight can be cancelled)."""
 
     def __init__(self, client: InferneoClient, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[list] = []
-        original = client.completions.create
+        sync_create, async_create = Completions.create, AsyncCompletions.create
 
-        def create(**kwargs):
-            prompt = kwargs["prompt"]  # a call of one prompt sends it on its own
+        def record(prompt) -> None:  # a call of one prompt sends it on its own
             self.calls.append(prompt if isinstance(prompt, list) else [prompt])
-            return original(**kwargs)
 
-        monkeypatch.setattr(client.completions, "create", create)
+        def create(resource, **kwargs):
+            record(kwargs["prompt"])
+            return sync_create(resource, **kwargs)
+
+        async def acreate(resource, **kwargs):
+            record(kwargs["prompt"])
+            return await async_create(resource, **kwargs)
+
+        monkeypatch.setattr(Completions, "create", create)
+        monkeypatch.setattr(AsyncCompletions, "create", acreate)
 
 
 def test_200_concurrent_submitters_each_get_their_own_answer(client, monkeypatch):

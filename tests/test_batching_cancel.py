@@ -1,6 +1,6 @@
-"""Leaving ``stream_batches`` early (a ``break``, Ctrl-C) against a real ``inferneo serve`` on a tiny model: the
-batches still in flight are cancelled on the server too, instead of running on to their end with nobody to read
-them."""
+"""Leaving ``stream_batches`` early (a ``break``, Ctrl-C), or a ``DynamicBatcher`` block by an exception (Ctrl-C),
+against a real ``inferneo serve`` on a tiny model: the batches still in flight are cancelled on the server too, instead
+of running on to their end with nobody to read them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from inferneo.batching import stream_batches
+from inferneo.batching import DynamicBatcher, stream_batches
 from inferneo.client import InferneoClient
 from inferneo.testing.server import RemoteServer
 
@@ -84,3 +84,57 @@ def test_ctrl_c_cancels_the_batches_in_flight(server):
     assert out.split() == ["interrupted"]
     assert proc.returncode == 0
     wait_for(server, lambda n: n == 0, 5)  # on their own, 16 answers of 2000 tokens two at a time take far longer
+
+
+def test_ctrl_c_in_a_dynamic_batcher_block_cancels_what_is_not_answered(server):
+    """Ctrl-C inside ``with DynamicBatcher(...)`` once waited for every prompt submitted (minutes here) before the
+    interrupt got out of the block; now it stops at once: the futures not answered are cancelled, the prompts still
+    waiting are not sent, and the batches in flight are cancelled on the server."""
+    wait_for(server, lambda n: n == 0, 60)
+    script = textwrap.dedent(f"""
+        import time
+        from inferneo.batching import DynamicBatcher
+        from inferneo.client import InferneoClient
+        client = InferneoClient({server.base_url!r}, max_retries=0)
+        futures = []
+        try:
+            with DynamicBatcher(client, {MODEL!r}, max_batch_size=4, max_wait_time=0.01, max_concurrency=4,
+                                **{LONG!r}) as batcher:
+                futures = [batcher.submit(f"p{{i}}") for i in range(40)]
+                print("submitted", flush=True)
+                for future in futures:
+                    future.result()
+        except KeyboardInterrupt:
+            print("interrupted", sum(f.cancelled() for f in futures), batcher.pending, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(server, lambda n: n >= 16, 60)  # four batches of four sent: two running, 14 waiting
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=60)  # before: the 40 answers of 2000 tokens, two at a time
+        stopped_in = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert out.split() == ["submitted", "interrupted", "40", "0"], out
+    assert proc.returncode == 0 and stopped_in < 30
+    wait_for(server, lambda n: n == 0, 5)  # the 16 sent were cancelled on the server
+
+
+def test_an_exception_in_a_dynamic_batcher_block_cancels_and_a_normal_exit_still_answers_everything(server):
+    wait_for(server, lambda n: n == 0, 60)
+    with InferneoClient(server.base_url, max_retries=0) as client:
+        with DynamicBatcher(client, MODEL, max_batch_size=2, max_wait_time=0.01, max_tokens=3,
+                            ignore_eos=True) as batcher:
+            short = [batcher.submit(f"q{i}") for i in range(5)]
+        assert all(f.result().finish_reason == "length" for f in short)  # the normal exit waited for every answer
+        with pytest.raises(RuntimeError, match="boom"), DynamicBatcher(client, MODEL, max_batch_size=4,
+                                                                        max_wait_time=0.01, **LONG) as batcher:
+            futures = [batcher.submit(f"p{i}") for i in range(12)]
+            wait_for(server, lambda n: n >= 4, 60)
+            raise RuntimeError("boom")
+        assert all(f.cancelled() for f in futures) and batcher.pending == 0
+        with pytest.raises(RuntimeError, match="closed"):
+            batcher.submit("late")
+    wait_for(server, lambda n: n == 0, 5)

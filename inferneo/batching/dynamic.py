@@ -8,16 +8,17 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from inferneo.batching._calls import block_signals, calls_for
 from inferneo.batching._core import (
     BatchResult,
+    Outcome,
     Prompt,
-    complete_batch,
     prepare_params,
     prompt_kind,
     to_result,
@@ -51,8 +52,11 @@ class DynamicBatcher:
     with different parameters go in different calls. Up to ``max_concurrency`` calls are in flight at once (the
     server batches them together again). Each submitted prompt gets a future that resolves to its own
     :class:`BatchResult`, or fails with the error its call (or, for a prompt the server refused, that prompt
-    alone) got. ``flush()`` sends everything now and waits; ``close()`` (or leaving a ``with`` block) does that
-    and stops the thread: nothing submitted is lost.
+    alone) got. ``flush()`` sends everything now and waits; ``close()`` (or leaving a ``with`` block normally) does
+    that and stops the thread: nothing submitted is lost. ``cancel()`` (or leaving a ``with`` block by an exception,
+    Ctrl-C included) stops at once instead: every prompt not yet answered has its future cancelled, and the calls in
+    flight are cancelled on the server too (with a client made on an ``http_client`` of yours, a call already sent
+    runs to its end, its answers dropped).
 
     ``default_params`` (``max_tokens=64``, ``temperature=0``, ``priority=...``) apply to every prompt; those
     given to ``submit`` override them. A prompt is a string, a list of token ids or a conversation (a list of
@@ -83,7 +87,8 @@ class DynamicBatcher:
         self._counter = itertools.count()
         self._flush_requested = False
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="inferneo-batch")
+        self._in_flight: set[Future[list[Outcome]]] = set()
+        self._calls = calls_for(client, max_concurrency)
         self._thread = threading.Thread(target=self._run, name="inferneo-batcher", daemon=True)
         self._thread.start()
 
@@ -91,7 +96,8 @@ class DynamicBatcher:
 
     def submit(self, prompt: Prompt, **params: Any) -> Future[BatchResult]:
         """Queue one prompt (a string, a list of token ids or a conversation); the future resolves to its
-        :class:`BatchResult`. Cancelling the future before its batch is sent leaves the prompt out."""
+        :class:`BatchResult`. Cancelling the future before its batch is sent leaves the prompt out; after, its answer
+        is dropped."""
         merged, fmt = self._prepare({**self.default_params, **params})
         key = json.dumps([prompt_kind(prompt), merged, id(fmt)], sort_keys=True, default=repr)
         future: Future[BatchResult] = Future()
@@ -149,14 +155,32 @@ class DynamicBatcher:
             self._cond.notify()
         self._thread.join(timeout)
         wait_futures(waiting, timeout)
-        self._pool.shutdown(wait=timeout is None)
+        self._calls.close([], wait=timeout is None)
+
+    def cancel(self) -> None:
+        """Refuse new prompts and stop now: cancel the future of every prompt not yet answered (those waiting for a
+        batch are not sent), cancel the calls in flight so that the server stops generating for them, and stop the
+        threads. Leaving a ``with`` block by an exception (Ctrl-C included) calls this instead of :meth:`close`."""
+        with self._cond:
+            self._closed = True
+            self._groups.clear()
+            unresolved = list(self._unresolved)
+            in_flight = list(self._in_flight)
+            self._cond.notify()
+        for future in unresolved:
+            future.cancel()
+        self._thread.join()
+        self._calls.close(in_flight)
 
     def __enter__(self) -> DynamicBatcher:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()
 
     @property
     def pending(self) -> int:
@@ -167,6 +191,7 @@ class DynamicBatcher:
     # ---- the background thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        block_signals()
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -191,21 +216,40 @@ class DynamicBatcher:
                 self._cond.wait(None if next_deadline is None else max(next_deadline - time.monotonic(), 0))
 
     def _send(self, group: _Group, items: Sequence[_Item]) -> None:
-        live = [item for item in items if item.future.set_running_or_notify_cancel()]
-        if live:
-            self._pool.submit(self._call, group.params, group.fmt, live)
+        # The futures stay pending while their call is in flight, so that cancel() can still cancel them.
+        live = [item for item in items if not item.future.cancelled()]
+        if not live:
+            return
+        call = self._calls.submit(self.model, [item.prompt for item in live], group.params)
+        self._in_flight.add(call)
+        call.add_done_callback(lambda done: self._resolve(done, group.fmt, live))
 
-    def _call(self, params: dict[str, Any], fmt: OutputFormat | None, items: Sequence[_Item]) -> None:
-        try:
-            outcomes = complete_batch(self.client, self.model, [item.prompt for item in items], params)
-            for item, outcome in zip(items, outcomes, strict=True):
-                result = to_result(item.index, item.prompt, outcome, fmt)
-                if result.error is None:
-                    item.future.set_result(result)
-                else:
-                    item.future.set_exception(result.error)
-        except BaseException as exc:  # a bug must not leave a future pending forever
+    def _resolve(self, call: Future[list[Outcome]], fmt: OutputFormat | None, items: Sequence[_Item]) -> None:
+        with self._cond:
+            self._in_flight.discard(call)
+        if call.cancelled():
             for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            raise
+                item.future.cancel()
+            return
+        failure = call.exception()  # a bug: it must not leave a future pending forever
+        for k, item in enumerate(items):
+            if failure is not None:
+                _settle(item.future, error=failure)
+                continue
+            try:
+                result = to_result(item.index, item.prompt, call.result()[k], fmt)
+            except BaseException as exc:
+                _settle(item.future, error=exc)
+                continue
+            _settle(item.future, result) if result.error is None else _settle(item.future, error=result.error)
+
+
+def _settle(future: Future[BatchResult], result: BatchResult | None = None, error: BaseException | None = None) -> None:
+    """Resolve ``future`` unless it was cancelled (its prompt's answer is then dropped)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled by its owner, or by DynamicBatcher.cancel()
+        pass

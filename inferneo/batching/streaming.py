@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from itertools import islice
 from typing import Any
 
+from inferneo.batching._calls import calls_for
 from inferneo.batching._core import (
     BatchResult,
     Outcome,
     Prompt,
     acomplete_batch,
-    complete_batch,
     prepare_params,
     prompt_source,
     to_result,
@@ -54,7 +52,7 @@ def stream_batches(client: InferneoClient, model: str | None, prompts: Iterable[
 def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt], batch_size: int,
             max_in_flight: int, params: dict[str, Any], fmt: OutputFormat | None) -> Iterator[BatchResult]:
     window: deque[tuple[int, list[Prompt], Future[list[Outcome]]]] = deque()
-    calls = _LoopCalls(client) if getattr(client, "_plain_pool", False) else _ThreadCalls(client, max_in_flight)
+    calls = calls_for(client, max_in_flight)
     next_index = 0
     exhausted = False
     try:
@@ -75,66 +73,6 @@ def _stream(client: InferneoClient, model: str | None, source: Iterator[Prompt],
                 yield to_result(start + k, prompt, outcome, fmt)
     finally:
         calls.close([future for *_, future in window])
-
-
-class _LoopCalls:
-    """Batch calls on an event loop of their own thread, through an async twin of the client (same address, key,
-    timeout, retries and headers). Closing cancels the calls still in flight, which closes their connections, so
-    the server stops generating for them: leaving the loop early (a ``break``, an exception, Ctrl-C) leaves no
-    request of the stream running on the server."""
-
-    def __init__(self, client: InferneoClient) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="inferneo-stream", daemon=True)
-        self.thread.start()
-        self.client = AsyncInferneoClient(**client._options())
-
-    def _run(self) -> None:
-        # Ctrl-C goes to the caller's thread: a signal the kernel handed to this one would only be seen once the
-        # caller's thread woke up for another reason.
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self.loop.run_forever()
-
-    def submit(self, model: str | None, batch: list[Prompt], params: dict[str, Any]) -> Future[list[Outcome]]:
-        return asyncio.run_coroutine_threadsafe(acomplete_batch(self.client, model, batch, params), self.loop)
-
-    def close(self, pending: list[Future[list[Outcome]]]) -> None:
-        for future in pending:
-            future.cancel()  # cancels its task on the loop
-        try:
-            asyncio.run_coroutine_threadsafe(self._drain(), self.loop).result(_CLOSE_TIMEOUT)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(_CLOSE_TIMEOUT)
-            if not self.thread.is_alive():
-                self.loop.close()
-
-    async def _drain(self) -> None:
-        """Wait until the cancelled calls have closed their connections, then close the client."""
-        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        await asyncio.gather(*others, return_exceptions=True)
-        await self.client.close()
-
-
-class _ThreadCalls:
-    """Batch calls on worker threads, for a client that sends through an ``http_client`` of the caller's: closing
-    drops the calls not yet started; one already sent runs to its end."""
-
-    def __init__(self, client: InferneoClient, max_in_flight: int) -> None:
-        self.client = client
-        self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="inferneo-stream")
-
-    def submit(self, model: str | None, batch: list[Prompt], params: dict[str, Any]) -> Future[list[Outcome]]:
-        return self.pool.submit(complete_batch, self.client, model, batch, params)
-
-    def close(self, pending: list[Future[list[Outcome]]]) -> None:
-        for future in pending:
-            future.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-_CLOSE_TIMEOUT = 30.0
 
 
 def astream_batches(client: AsyncInferneoClient, model: str | None,
