@@ -408,3 +408,56 @@ def test_parse_line_edge_cases():
     for raw, code in cases.items():
         result = parse_line(3, raw, set())
         assert isinstance(result, InvalidLine) and result.code == code and "line 3" in result.message, raw
+
+
+def test_a_full_disk_mid_job_leaves_an_output_the_rerun_resumes(tmp_path):
+    """A disk that fills up mid-job takes part of a record and refuses the rest (here a file size limit does it:
+    EFBIG where a full disk says ENOSPC). The part once stayed, the next record continued its line, and no later run
+    would resume the file ("line N is not a batch record"). Now the job stops with the error, the part is cut off,
+    and the rerun finishes with every line once."""
+    import errno
+    import resource
+    import signal
+
+    from inferneo.batch.records import error_record
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(request_line(f"r{i}", i) + "\n" for i in range(40)))
+    out = tmp_path / "results.jsonl"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(200, json={"id": "cmpl-" + body["prompt"][-2:].strip(), "object": "text_completion",
+                                         "choices": [{"index": 0, "text": "x" * 150}]})
+
+    async def run_job() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://test") as http:
+            with BatchJob(requests, out) as job:
+                await job.run(Sender(http), concurrency=8, progress=False)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal past the limit
+    try:
+        # Space that comes back after a failed write (another process freed some): the next record starts a line.
+        with BatchJob(requests, out) as job:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+            with pytest.raises(OSError):
+                job.output.append(error_record(job.digest, 1, "r0", "x", "y" * 200))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            job.output.append(error_record(job.digest, 2, "r1", "x", "y"))
+        with BatchJob(requests, out, overwrite=False) as job:
+            assert job.num_done == 1
+        out.unlink()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))  # room for about a dozen records
+        with pytest.raises(OSError) as info:
+            asyncio.run(run_job())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert info.value.errno == errno.EFBIG
+    written = read_records(out)  # whole lines only: the part of the record that did not fit was cut off
+    assert 5 < len(written) < 40 and out.stat().st_size <= 4000
+    asyncio.run(run_job())
+    records = read_records(out)
+    assert sorted(r["custom_id"] for r in records) == sorted(f"r{i}" for i in range(40))
+    assert all(r["error"] is None for r in records)

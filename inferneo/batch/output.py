@@ -34,6 +34,7 @@ class OutputFile:
         self.fsync_interval = fsync_interval
         self.done: dict[int, str | None] = {}
         self.repaired_bytes = 0
+        self._torn = False  # a record was cut short and could not be cut off
         self._last_sync = time.monotonic()
         self._dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +98,23 @@ class OutputFile:
         """Write one record as one line, in one write."""
         # ASCII only: no U+2028 or NEL inside a record that a line splitter could take for a line break.
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        if self._torn:
+            raise OutputFileError(f"{self.path} ends with a record that could not be written whole; run again to "
+                                  "resume (the next run cuts it off)")
+        end = os.fstat(self._fd).st_size  # this run holds the lock: nobody else appends
         view = memoryview(data)
-        while view:  # a regular file takes it whole; the loop only guards against a short write
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:  # a regular file takes it whole; the loop only guards against a short write
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            # A full disk (or a file size limit) can take part of the record and refuse the rest. Cut the part off,
+            # so that a record written after this one does not continue its line (a damaged file that no run
+            # resumes); if even that fails, write nothing more: a torn last line is what the next run repairs.
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError:
+                self._torn = True
+            raise
         self._dirty = True
         parsed = parse_record_id(record["id"])
         if parsed is not None:
