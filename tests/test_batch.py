@@ -363,6 +363,13 @@ def test_sender_waits_out_a_server_that_is_away_for_its_retry_window():
         with pytest.raises(ServerUnreachableError, match="attempts in 0 s"):
             await sender.post("/v1/completions", {})
         assert 0.3 <= seen[-1] - seen[0] < 1.0 and len(seen) > 4
+        # A 503 for a request that ran past the server's --request-timeout is that request's failure, not the
+        # server's absence: it once kept the job retrying (minutes an attempt) and stopped it with no record.
+        timed_out = httpx.Response(503, headers={"Retry-After": "0"},
+                                   json={"error": {"message": "too slow", "code": "request_timeout"}})
+        client, seen = scripted([timed_out] * 2)
+        reply = await Sender(client, max_retries=1, backoff=0.01, retry_window=30).post("/v1/completions", {})
+        assert reply.status_code == 503 and reply.body["error"]["code"] == "request_timeout" and len(seen) == 2
         client, seen = scripted([httpx.Response(500, text="oops")] * 2)
         reply = await Sender(client, max_retries=1, backoff=0.01, retry_window=30).post("/v1/completions", {})
         assert reply.status_code == 500 and len(seen) == 2

@@ -154,6 +154,10 @@ def test_retry_window_waits_out_a_server_that_is_away():
     with ScriptedServer(*away, ok()) as srv, pytest.raises(InternalServerError):
         InferneoClient(srv.url, max_retries=1).completions.create(prompt="x")  # no window: as before
     assert len(srv.arrivals) == 2
+    timed_out = 503, {"Retry-After": "0"}, json.dumps({"error": {"message": "slow", "code": "request_timeout"}}).encode()
+    with ScriptedServer(timed_out, timed_out, ok()) as srv, pytest.raises(InternalServerError):
+        InferneoClient(srv.url, max_retries=1, retry_window=30).completions.create(prompt="x")  # this request's own
+    assert len(srv.arrivals) == 2
     with ScriptedServer(error(500), error(500), ok()) as srv, pytest.raises(InternalServerError):
         InferneoClient(srv.url, max_retries=1, retry_window=30).completions.create(prompt="x")
     assert len(srv.arrivals) == 2

@@ -3,7 +3,8 @@
 What may succeed if sent again is retried with capped exponential backoff and jitter, waiting at least what a
 ``Retry-After`` header asks for: connection errors, timeouts, 408, 409, 429 and 5xx, as ``InferneoClient`` retries
 them. A failure that says the server is away rather than that this request failed (refused, reset, closed before
-answering, 429, 502, 503: a server restarting, draining, or with its queue full) is retried for as long as the server
+answering, 429, 502, 503: a server restarting, draining, or with its queue full; not a 503 for a request that ran past
+the server's ``--request-timeout``) is retried for as long as the server
 has given no answer to any of the job's requests for less than ``retry_window`` seconds (and at least
 ``max_retries`` times), so a job rides through a rolling restart of its server, and a request turned away while the
 server answers the job's others keeps waiting for a slot. Past that, :class:`ServerUnreachableError` (or
@@ -25,8 +26,8 @@ from typing import Any
 import httpx
 
 from inferneo.client._base import (
-    OUTAGE_STATUSES,
     error_message,
+    is_outage_answer,
     is_outage_error,
     is_retryable_status,
     normalize_base_url,
@@ -98,7 +99,7 @@ class Sender:
             else:
                 status = response.status_code
                 failing_since = failing_since or time.monotonic()
-                if status in OUTAGE_STATUSES:
+                if is_outage_answer(response):
                     if self._give_up(attempt, failing_since):
                         reason = error_message(response.text) or response.reason_phrase
                         error = ServerBusyError if status in BUSY_STATUSES else ServerUnreachableError

@@ -124,6 +124,18 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRY_STATUSES or status >= 500
 
 
+def is_outage_answer(response: httpx.Response) -> bool:
+    """Whether a (read) answer says the server is away rather than that this request failed: 429, 502 or 503, except
+    a 503 for a request that ran past the server's ``--request-timeout`` (``code: request_timeout``), which is this
+    request's own failure, as a timeout is: sending it again for minutes would only time out again."""
+    if response.status_code not in OUTAGE_STATUSES:
+        return False
+    try:
+        return response.json()["error"]["code"] != "request_timeout"
+    except (ValueError, KeyError, TypeError, httpx.StreamError):  # not an error object, or a body that was lost
+        return True
+
+
 def is_outage_error(exc: httpx.TransportError) -> bool:
     """Whether a failed attempt says the server is not there right now (refused, reset, closed before answering, no
     connection in time), as opposed to a request it is taking too long to answer (a read or write timeout)."""
@@ -271,7 +283,7 @@ class SyncAPIClient(_BaseClient):
             failing_since = failing_since or time.monotonic()
             status = response.status_code
             if is_retryable_status(status) and self._may_retry(retries_done, failing_since,
-                                                               status in OUTAGE_STATUSES):
+                                                               is_outage_answer(response)):
                 time.sleep(self._wait_before_retry(retries_done, response))
                 retries_done += 1
                 continue
@@ -332,7 +344,7 @@ class AsyncAPIClient(_BaseClient):
             failing_since = failing_since or time.monotonic()
             status = response.status_code
             if is_retryable_status(status) and self._may_retry(retries_done, failing_since,
-                                                               status in OUTAGE_STATUSES):
+                                                               is_outage_answer(response)):
                 await asyncio.sleep(self._wait_before_retry(retries_done, response))
                 retries_done += 1
                 continue
