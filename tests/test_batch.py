@@ -355,9 +355,13 @@ def test_sender_waits_out_a_server_that_is_away_for_its_retry_window():
         away = [refused] * 4 + [httpx.Response(502, text="bad gateway"),
                                 httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {}}), refused]
         client, seen = scripted([*away, httpx.Response(200, json={"id": "cmpl-1"})])
-        sender = Sender(client, max_retries=1, backoff=0.01, max_backoff=0.05, retry_window=30)
+        notes: list[str] = []
+        sender = Sender(client, max_retries=1, backoff=0.01, max_backoff=0.05, retry_window=30, notify=notes.append)
         reply = await sender.post("/v1/completions", {"prompt": "x"})
         assert reply.status_code == 200 and len(seen) == 8 and sender.num_retries == 7
+        assert len(notes) == 2  # once when it goes away, once when it is back
+        assert "does not answer (ConnectError); waiting for it up to 30 s (--retry-window)" in notes[0]
+        assert "answers again" in notes[1]
         client, seen = scripted([refused] * 100)
         sender = Sender(client, max_retries=1, backoff=0.01, max_backoff=0.05, retry_window=0.3)
         with pytest.raises(ServerUnreachableError, match="attempts in 0 s"):

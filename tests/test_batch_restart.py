@@ -77,4 +77,5 @@ def test_batch_and_client_ride_through_a_server_restart(tiny_llama_dir, tmp_path
     assert all(r["error"] is None and r["response"]["body"]["usage"]["completion_tokens"] == 48 for r in final)
     assert len(final) > done_before  # the rest were answered by the second server
     assert f"{NUM_LINES} lines, {NUM_LINES} records" in log.read_text()
+    assert "does not answer" in log.read_text() and "answers again" in log.read_text()  # what the user sees
     assert len(answers) == 1 and answers[0].usage.completion_tokens == 3

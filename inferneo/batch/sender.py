@@ -20,6 +20,7 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,13 @@ class Sender:
     ``max_retries`` bounds the retries of a request that failed on its own (a timeout, a 500); a server that is
     away (connection errors, 429, 502, 503) is waited for until it has answered none of this sender's requests for
     ``retry_window`` seconds (0: give up after ``max_retries`` retries, as for the rest). Waits double from
-    ``backoff`` up to ``max_backoff`` seconds, with jitter.
+    ``backoff`` up to ``max_backoff`` seconds, with jitter. ``notify``, if given, is called with a line of text when
+    the server stops answering (a connection error, 502 or 503 past the first retries) and when it answers again.
     """
 
     def __init__(self, client: httpx.AsyncClient, max_retries: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 10.0, retry_window: float = DEFAULT_RETRY_WINDOW) -> None:
+                 max_backoff: float = 10.0, retry_window: float = DEFAULT_RETRY_WINDOW,
+                 notify: Callable[[str], None] | None = None) -> None:
         if not retry_window >= 0:
             raise ValueError(f"retry_window must be >= 0 seconds, got {retry_window}")
         self.client = client
@@ -76,6 +79,8 @@ class Sender:
         self.num_retries = 0
         self.num_answered = 0  # final answers other than outages: the server is making progress
         self._last_answer = time.monotonic()  # when the server last gave a request of this sender its answer
+        self.notify = notify
+        self._away_since: float | None = None  # when notify was told the server stopped answering
 
     async def post(self, url: str, body: dict[str, Any]) -> Reply:
         """The final reply to ``POST url``; raises ServerUnreachableError, or returns a 408 reply for a timeout."""
@@ -92,15 +97,22 @@ class Sender:
                         return Reply(408, None, {"error": {"message": f"no answer in time after {attempt + 1} "
                                                                       f"attempts: {exc!r}", "type": "timeout",
                                                            "param": None, "code": "timeout"}})
-                elif self._give_up(attempt, failing_since):
-                    raise ServerUnreachableError(
-                        f"cannot reach the server at {self.client.base_url} after {attempt + 1} attempts in "
-                        f"{time.monotonic() - failing_since:.0f} s: {exc!r}") from exc
+                else:
+                    if attempt >= 1:
+                        self._tell_away(type(exc).__name__)
+                    if self._give_up(attempt, failing_since):
+                        self._away_since = None  # the job stops and says why
+                        raise ServerUnreachableError(
+                            f"cannot reach the server at {self.client.base_url} after {attempt + 1} attempts in "
+                            f"{time.monotonic() - failing_since:.0f} s: {exc!r}") from exc
             else:
                 status = response.status_code
                 failing_since = failing_since or time.monotonic()
                 if is_outage_answer(response):
+                    if status != 429 and attempt >= 1:  # 429 is a busy server, not one that is away
+                        self._tell_away(f"{status} {error_message(response.text, 120) or response.reason_phrase}")
                     if self._give_up(attempt, failing_since):
+                        self._away_since = None
                         reason = error_message(response.text) or response.reason_phrase
                         error = ServerBusyError if status in BUSY_STATUSES else ServerUnreachableError
                         raise error(f"the server at {self.client.base_url} still answered {status} ({reason}) "
@@ -108,11 +120,25 @@ class Sender:
                 elif not is_retryable_status(status) or attempt >= self.max_retries:
                     self.num_answered += 1
                     self._last_answer = time.monotonic()
+                    if self._away_since is not None:
+                        self._tell(f"the server at {self.client.base_url} answers again, after "
+                                   f"{self._last_answer - self._away_since:.0f} s away")
+                        self._away_since = None
                     return _reply(response)
                 retry_after = response.headers.get("retry-after")
             attempt += 1
             self.num_retries += 1
             await asyncio.sleep(self._delay(attempt - 1, retry_after))
+
+    def _tell_away(self, reason: str) -> None:
+        if self._away_since is None:
+            self._away_since = time.monotonic()
+            self._tell(f"the server at {self.client.base_url} does not answer ({reason}); waiting for it up to "
+                       f"{self.retry_window:.0f} s (--retry-window) before stopping")
+
+    def _tell(self, message: str) -> None:
+        if self.notify is not None:
+            self.notify(message)
 
     def _give_up(self, attempt: int, failing_since: float) -> bool:
         """Whether a request whose ``attempt``-th retry (0-based) found the server away stops waiting: once its

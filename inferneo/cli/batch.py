@@ -153,8 +153,14 @@ async def _run(job, args: argparse.Namespace, server):
         concurrency = args.concurrency or server.max_num_seqs
         client = server.client(args.timeout)
     async with client as http:
-        sender = Sender(http, args.max_retries, retry_window=args.retry_window)
+        sender = Sender(http, args.max_retries, retry_window=args.retry_window, notify=_notice)
         return await job.run(sender, concurrency, args.progress)
+
+
+def _notice(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"inferneo batch: {message}", file=sys.stderr)  # above the progress bar, if there is one
 
 
 def _run_on_ray(job, args: argparse.Namespace) -> int:
