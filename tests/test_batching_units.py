@@ -21,7 +21,13 @@ from inferneo.batching import (
     stream_batches,
 )
 from inferneo.batching._core import is_prompt_error
-from inferneo.client import AsyncInferneoClient, BadRequestError, InferneoClient, InternalServerError
+from inferneo.client import (
+    AsyncInferneoClient,
+    BadRequestError,
+    InferneoClient,
+    InternalServerError,
+    RateLimitError,
+)
 
 
 def peak_at(peak: float):
@@ -95,8 +101,9 @@ class FakeCompletions:
     """A ``/v1/completions`` that answers each prompt with its upper-cased text, refuses prompts containing
     ``BAD`` (400 about the prompt, like a too-long prompt) and fails calls containing ``BOOM`` (500)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, queue: int | None = None) -> None:
         self.delay = delay
+        self.queue = queue  # calls with more prompts than this are turned away with 429 (the queue is full)
         self.calls: list[tuple[list, dict]] = []
         self.sent: list = []  # each call's "prompt" as sent: a list, or one prompt on its own
         self.lock = threading.Lock()
@@ -113,6 +120,8 @@ class FakeCompletions:
         try:
             if self.delay:
                 time.sleep(self.delay)
+            if self.queue is not None and len(prompts) > self.queue:
+                return _error(429, "the queue is full", None)
             if any("BOOM" in p for p in prompts):
                 return _error(500, "engine failed", None)
             if any("BAD" in p for p in prompts):
@@ -257,6 +266,23 @@ def test_adaptive_batcher_shrinks_after_a_server_failure():
     assert [failed for *_, failed in sizer.history] == [False, True] and sizer.size == 16
     assert all(r.ok == (not 16 <= r.index < 48) for r in results)  # the failed call's prompts carry its error
     assert all(isinstance(r.error, InternalServerError) for r in results[16:48])
+
+
+def test_adaptive_batcher_sends_a_batch_turned_away_with_429_again_smaller():
+    """A server whose queue is full answers 429 without working on the call: its prompts once failed with the 429
+    while the sizer stepped down; now they go again in the smaller batches, and fail only at the smallest size."""
+    fake = FakeCompletions(queue=4)
+    sizer = AdaptiveBatchSizer(min_size=2, max_size=64, initial=16)
+    results = AdaptiveBatcher(fake.client(), "m", sizer).run([f"q{i}" for i in range(40)])
+    assert [r.index for r in results] == list(range(40)) and all(r.text == f"Q{r.index}" for r in results)
+    assert [len(p) for p, _ in fake.calls[:3]] == [16, 8, 4]
+    assert sum(len(p) > 4 for p, _ in fake.calls) <= 4  # the sizer tries 8 again only after its cooldown
+    fake = FakeCompletions(queue=1)
+    results = AdaptiveBatcher(fake.client(), "m", AdaptiveBatchSizer(min_size=2, max_size=8, initial=4)).run(
+        [f"q{i}" for i in range(6)])
+    assert [r.index for r in results] == list(range(6))
+    assert all(isinstance(r.error, RateLimitError) for r in results)  # nothing smaller to try: the 429 is the answer
+    assert [len(p) for p, _ in fake.calls] == [4, 2, 2, 2]
 
 
 # ---- DynamicBatcher (fast paths; the real-server tests are in test_batching.py) ------------------------------------

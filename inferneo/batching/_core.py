@@ -16,8 +16,10 @@ from typing import Any
 
 from inferneo.client import AsyncInferneoClient, InferneoClient
 from inferneo.client.errors import (
+    APIConnectionError,
     APIError,
     APIStatusError,
+    APITimeoutError,
     InferneoError,
     StructuredOutputError,
     UnsendableRequestError,
@@ -97,6 +99,14 @@ def is_capacity_error(exc: BaseException) -> bool:
     if isinstance(exc, APIStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500
     return isinstance(exc, APIError)
+
+
+def is_turned_away(exc: BaseException) -> bool:
+    """Whether a failure says the server did no work on the call (its queue was full, it was unavailable, or it
+    could not be reached), so that sending the same prompts again, in smaller batches, may succeed."""
+    if isinstance(exc, APIStatusError):
+        return exc.status_code == 429 or (exc.status_code == 503 and exc.code != "request_timeout")
+    return isinstance(exc, APIConnectionError) and not isinstance(exc, APITimeoutError)
 
 
 def choice_text(choice: Choice) -> str | None:

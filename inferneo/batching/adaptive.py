@@ -13,6 +13,7 @@ from inferneo.batching._core import (
     Prompt,
     complete_batch,
     is_capacity_error,
+    is_turned_away,
     prepare_params,
     prompt_source,
     to_result,
@@ -129,12 +130,16 @@ class AdaptiveBatcher:
         self.params, self.output_format = prepare_params(params)
 
     def process(self, prompts: Iterable[Prompt]) -> Iterator[BatchResult]:
-        """Yield one result per prompt, in order, sending one batch at a time."""
+        """Yield one result per prompt, in order, sending one batch at a time. A batch the server turned away whole
+        without working on it (429, 503, no connection) is sent again in the smaller batches the sizer steps down
+        to; its prompts fail with that error only once the sizer cannot step down below it."""
         source = iter(prompt_source(prompts))
         index = 0
+        turned_away: list[Prompt] = []  # the prompts of a batch to send again, smaller
         while True:
             size = self.sizer.size
-            batch = list(islice(source, size))
+            batch = turned_away[:size]
+            batch += islice(source, size - len(batch))
             if not batch:
                 return
             start = time.perf_counter()
@@ -145,6 +150,10 @@ class AdaptiveBatcher:
             # A short last batch says little about its size, and prompts refused on their merits say nothing.
             if overload is not None or (len(batch) == size and len(errors) < len(batch)):
                 self.sizer.record(len(batch), elapsed, len(batch) - len(errors), overload)
+            if len(errors) == len(batch) and all(map(is_turned_away, errors)) and self.sizer.size < size:
+                turned_away = batch + turned_away[len(batch):]
+                continue
+            turned_away = turned_away[len(batch):]
             for k, (prompt, outcome) in enumerate(zip(batch, outcomes, strict=True)):
                 yield to_result(index + k, prompt, outcome, self.output_format)
             index += len(batch)
