@@ -110,6 +110,48 @@ def test_chat_runs_each_conversation_with_its_adapter(llm, adapters):
     assert base_only[0].outputs[0].token_ids != chats[0].outputs[0].token_ids
 
 
+@pytest.mark.parametrize(("arch", "targets"), [
+    ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),  # Phi-3's fused modules: one lora_A per module
+    ("gemma3_multimodal", ["q_proj", "v_proj", "down_proj"]),  # layers under language_model, and a vision tower
+    ("qwen3", "all-linear"),
+])
+def test_adapters_of_other_families_equal_peft(tiny_checkpoint_factory, tmp_path, arch, targets):
+    """Adapters PEFT writes for Phi-3 (``qkv_proj`` / ``gate_up_proj``: ``lora_B``'s rows are the q, k, v or gate, up
+    shards'), Gemma 3 served from its multimodal checkpoint (PEFT's q_proj / v_proj catch its vision tower's too,
+    which Inferneo, serving the language model alone, skips) and Qwen3 with ``all-linear``: PEFT's greedy tokens."""
+    from safetensors import safe_open
+
+    base = tiny_checkpoint_factory(arch)
+    path = make_peft_adapter(base, tmp_path / arch, r=8, target_modules=targets, seed=5)
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert (arch == "gemma3_multimodal") == any("vision_tower" in key for key in keys)
+    lora = LoRARequest(arch, 1, str(path))
+    prompts = [[5, 17, 33, 61, 99], list(range(40, 63))]
+    assert any(peft_greedy(base, lora, p) != peft_greedy(base, None, p) for p in prompts)
+    llm = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=8, dtype="float32", kv_cache_memory="16MiB",
+              num_threads=1)
+    try:
+        check_against_peft(llm, base, prompts * 2, [lora, lora, None, None])
+    finally:
+        llm.shutdown()
+
+
+def test_a_fused_module_and_its_shard_both_changed_are_refused(tiny_checkpoint_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_checkpoint_factory("phi3")
+    path = make_peft_adapter(base, tmp_path / "phi3", r=4, target_modules=["qkv_proj"])
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.1.self_attn."
+    tensors[prefix + "k_proj.lora_A.weight"] = tensors[prefix + "qkv_proj.lora_A.weight"].clone()
+    tensors[prefix + "k_proj.lora_B.weight"] = tensors[prefix + "qkv_proj.lora_B.weight"][:32].clone()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    targets, layers = _targets(base)
+    with pytest.raises(LoRAAdapterError, match="changes k_proj of layer 1 twice"):
+        load_adapter("phi3", 1, str(path), targets, layers, max_lora_rank=16)
+
+
 def test_speculative_drafts_with_adapters_equal_peft(base, adapters):
     """Steps that verify draft tokens (drafts from an oracle, wrong at moving places) for requests of three
     adapters and the base model: each request's tokens are PEFT's."""

@@ -3,8 +3,9 @@ model they are to run on.
 
 PEFT's ``base_model_name_or_path`` is advisory (a folder moves, a hub id names a copy), so it is not compared:
 an adapter fits a model when each of its tensors names a projection the model has (q/k/v/o/gate/up/down of a
-layer that exists) with the widths the model's config gives, and its rank is at most ``max_lora_rank``. The
-scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``) is folded into ``lora_B`` at load.
+layer that exists, or Phi-3's fused qkv/gate_up) with the widths the model's config gives, and its rank is at most
+``max_lora_rank``. Tensors of a multimodal checkpoint's vision tower and projector are skipped (the language model
+alone is served). The scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``) is folded into ``lora_B`` at load.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_LORA_RANK_LIMIT = 64
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
-                  r"(?:\.default)?\.weight$")
+# A decoder layer's projection; a multimodal checkpoint (Gemma 3) nests the layers under ``language_model`` (today's
+# ``model.language_model.``, older Transformers' ``language_model.model.``).
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\."
+                  r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# The vision tower and projector of a multimodal checkpoint: Inferneo serves its language model alone, so deltas to
+# them never run (PEFT's target_modules=["q_proj", ...] catches the tower's q_proj too) and are skipped.
+_VISION = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|vision_model|multi_modal_projector)\.")
 
 
 class LoRAAdapterError(InvalidRequestError):
@@ -68,9 +74,29 @@ def lora_targets(config) -> dict[str, LoRATarget]:
     return {t.module: t for t in targets}
 
 
-def _peft_names(targets: dict[str, LoRATarget]) -> dict[str, tuple[LoRATarget, int]]:
-    """PEFT module name (``q_proj``) -> (the target holding it, its shard index)."""
-    return {name: (t, i) for t in targets.values() for i, (name, _) in enumerate(t.shards)}
+def _peft_names(targets: dict[str, LoRATarget]) -> dict[str, tuple[LoRATarget, int | None]]:
+    """PEFT module name (``q_proj``) -> (the target holding it, its shard index). A fused target's own name
+    (``qkv_proj``, ``gate_up_proj``: Phi-3's modules) maps to None: one ``lora_A`` for all its shards, ``lora_B``'s
+    rows theirs side by side."""
+    names: dict[str, tuple[LoRATarget, int | None]] = {}
+    for t in targets.values():
+        names.update({name: (t, i) for i, (name, _) in enumerate(t.shards)})
+        if len(t.shards) > 1:
+            names[t.module.rpartition(".")[2]] = (t, None)
+    return names
+
+
+def _describe(peft_names: dict[str, tuple[LoRATarget, int | None]]) -> str:
+    """The PEFT module names an adapter may change, for messages: ``q_proj, k_proj, v_proj (or the fused
+    qkv_proj), ...``."""
+    fused = {t.module: name for name, (t, shard) in peft_names.items() if shard is None}
+    parts = []
+    for name, (t, shard) in peft_names.items():
+        if shard is None:
+            continue
+        last = shard == len(t.shards) - 1
+        parts.append(f"{name} (or the fused {fused[t.module]})" if last and t.module in fused else name)
+    return ", ".join(parts)
 
 
 @dataclass(slots=True)
@@ -145,9 +171,12 @@ def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarg
     halves: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
-        if match is None or match.group(3) not in peft_names:
+        if match is None and _VISION.match(key):
+            continue
+        if match is None or match.group(3) not in peft_names or \
+                not peft_names[match.group(3)][0].module.startswith(match.group(2) + "."):
             raise LoRAAdapterError(f"the adapter at {path!r} changes {key!r}, which is not a projection this model's "
-                                   f"LoRA supports ({', '.join(peft_names)} of the decoder layers)")
+                                   f"LoRA supports ({_describe(peft_names)} of the decoder layers)")
         layer = int(match.group(1))
         if layer >= num_layers:
             raise LoRAAdapterError(f"the adapter at {path!r} changes layer {layer}; the model has {num_layers} "
@@ -160,14 +189,23 @@ def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarg
             raise LoRAAdapterError(f"the adapter at {path!r} has only lora_{''.join(pair)} of {prefix!r}: both "
                                    "lora_A and lora_B are needed")
         a, b = pair["A"], pair["B"]
-        want_a, want_b = (rank, target.in_features), (target.shards[shard][1], rank)
+        out = target.out_features if shard is None else target.shards[shard][1]
+        want_a, want_b = (rank, target.in_features), (out, rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise LoRAAdapterError(
                 f"the adapter at {path!r} does not fit this model: {prefix} has lora_A {tuple(a.shape)} and lora_B "
                 f"{tuple(b.shape)}, the model's {peft_name} needs {want_a} and {want_b} (rank {rank}): an adapter "
                 "of another base model?")
         pairs = adapter.weights.setdefault((layer, target.module), [None] * len(target.shards))
-        pairs[shard] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
+        a = a.to(dtype).contiguous()
+        b = b.float() * scaling
+        # a fused module's lora_B splits into its shards' rows, each shard with the same lora_A
+        for index in range(len(target.shards)) if shard is None else (shard,):
+            if pairs[index] is not None:
+                raise LoRAAdapterError(f"the adapter at {path!r} changes {target.shards[index][0]} of layer {layer} "
+                                       f"twice (as {peft_name} and as part of another module)")
+            rows = b if shard is not None else b[target.shard_offset(index) : target.shard_offset(index + 1)]
+            pairs[index] = (a, rows.to(dtype).contiguous())
     if not adapter.weights:
         raise LoRAAdapterError(f"the adapter at {path!r} holds no LoRA weights")
     return adapter
