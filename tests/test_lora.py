@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -198,6 +199,36 @@ def test_more_adapters_than_slots_page_in_and_out(base, adapters):
         slots = engine.engine.core.lora_slots
         assert slots.num_loads >= 3 and len(slots.slot_of) == 1
         assert engine.engine.core.stats.num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+def test_queued_requests_keep_their_adapter_read_when_they_arrived(base, adapters, tmp_path):
+    """One slot and one host copy (max_cpu_loras = max_loras = 1): requests of two adapters arrive together, and the
+    first adapter's folder is deleted before they run. Its requests still run with the weights read when they
+    arrived (the host copy stays while requests need it; the step never reads the folder again), and so do the
+    base-model request sharing their steps and the other adapter's: every output is PEFT's."""
+    doomed = tmp_path / "doomed"
+    shutil.copytree(adapters["qv8"].lora_path, doomed)
+    gone = LoRARequest("doomed", 1, str(doomed))
+    engine = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=16, dtype="float32", kv_cache_memory="16MiB",
+                 num_threads=1)
+    try:
+        core = engine.engine
+        prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16]]
+        loras = [gone, None, gone, adapters["all16"]]
+        for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+            core.add_request(f"r{i}", prompt, GREEDY, lora=lora and lora.to_ref())
+        shutil.rmtree(doomed)
+        outputs = {}
+        while core.has_unfinished_requests():
+            outputs.update((out.request_id, out) for out in core.step() if out.finished)
+        for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+            reference = adapters["qv8"] if lora is gone else lora
+            assert outputs[f"r{i}"].outputs[0].token_ids == peft_greedy(base, reference, prompt), i
+        # the next adapter read brings the host copies back to max_cpu_loras
+        check_against_peft(engine, base, [[5, 6, 7]], [adapters["mlp4"]])
+        assert list(engine.engine.core.lora_slots.host) == [adapters["mlp4"].lora_int_id]
     finally:
         engine.shutdown()
 

@@ -144,6 +144,12 @@ class EngineCore:
             return False
         return True
 
+    def live_lora_ids(self) -> set[int]:
+        """The LoRA adapter ids of the unfinished requests (queued, running, or waiting for a grammar): the adapters
+        whose host copies the LoRA slots keep."""
+        requests = [*self.scheduler.requests.values(), *(request for request, _ in self._compiling.values())]
+        return {request.lora.lora_id for request in requests if request.lora is not None}
+
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             if self._compiling.pop(request_id, None) is not None:

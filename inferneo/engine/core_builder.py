@@ -112,6 +112,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     else f", none while more than {spec.disable_by_batch_size} requests run")
     if lora_slots is not None:
         core.lora_slots = lora_slots
+        lora_slots.live_ids = core.live_lora_ids
         scheduler.max_loras = config.max_loras
     _install_test_fault(core)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,13 +61,18 @@ class LoRASlots:
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_id -> adapter, least recent first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # adapters copied into a slot (for tests and logs)
+        # the ids of adapters that unfinished requests run with (the engine core sets it): their host copies stay,
+        # so a request runs with the weights checked when it arrived, and a step never reads a folder (which may be
+        # gone or rewritten by then)
+        self.live_ids: Callable[[], set[int]] = set
         self._paths: dict[int, str] = {}  # every adapter id read so far -> its folder (an id names one adapter)
 
     # ---- adapters ----------------------------------------------------------------------------------------
 
     def check(self, ref: LoraRef) -> LoRAAdapter:
         """The adapter ``ref`` names, read from its folder unless cached; raises LoRAAdapterError if it does not
-        fit the model. An id already cached must name the same folder."""
+        fit the model. An id already cached must name the same folder. The least recently used copies beyond
+        ``max_cpu_loras`` give way, those of ``live_ids`` (adapters of unfinished requests) excepted."""
         known = self._paths.get(ref.lora_id)
         if known is not None and known != ref.path:
             raise LoRAAdapterError(f"lora_int_id {ref.lora_id} is the adapter at {known}; {ref.name!r} ({ref.path}) "
@@ -79,8 +85,10 @@ class LoRASlots:
                                self.dtype)
         self.host[ref.lora_id] = adapter
         self._paths[ref.lora_id] = ref.path
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
+        if len(self.host) > self.max_cpu_loras:
+            keep = self.live_ids() | {ref.lora_id}
+            for lora_id in [lid for lid in self.host if lid not in keep][: len(self.host) - self.max_cpu_loras]:
+                del self.host[lora_id]
         return adapter
 
     def remove(self, lora_id: int) -> None:
