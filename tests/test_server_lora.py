@@ -55,7 +55,9 @@ def server(tiny_llama_dir, loras):
     with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", "--kv-cache-memory", "32MiB",
                       "--num-threads", "1", "--disable-access-log", "--dtype", "float32", "--api-key", KEY,
                       "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
-                      "--lora-modules", f"sql={loras['sql']}", port=DOCS_PORT) as srv:
+                      "--lora-modules", f"sql={loras['sql']}",
+                      json.dumps({"name": "sql-json", "path": str(loras["sql"]), "base_model_name": "tiny-base"}),
+                      port=DOCS_PORT) as srv:
         yield srv
 
 
@@ -102,6 +104,45 @@ def test_a_request_picks_its_adapter_by_model_name(server, expected):
     r = post(server, "/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": "hi"}],
                                               "max_tokens": 4})
     assert r.status_code == 200 and r.json()["model"] == "sql"
+
+
+def test_lora_modules_take_vllms_json_form(server, loras, expected):
+    """``--lora-modules '{"name": ..., "path": ..., "base_model_name": ...}'`` (vLLM's JSON form) serves the adapter
+    under its name, with ``base_model_name`` as its parent in /v1/models."""
+    card = httpx.get(server.url("/v1/models/sql-json"), headers=AUTH, timeout=10).json()
+    assert card["parent"] == "tiny-base" and card["root"] == str(loras["sql"])
+    assert [complete(server, "sql-json", p) for p in PROMPTS] == expected["sql"]
+
+
+def test_lora_module_arguments_are_checked():
+    from inferneo.lora.registry import LoraModule
+
+    assert LoraModule.parse("a=/x=y") == LoraModule("a", "/x=y")
+    assert LoraModule.parse('{"name": "a", "path": "/x"}') == LoraModule("a", "/x")
+    for bad, why in [('{"name": "a"', "not valid JSON"), ('{"name": "a", "path": "/x", "rank": 8}', "'rank' too"),
+                     ('{"name": "a", "path": 5}', "'path' must be a non-empty string"), ("a", "name=path")]:
+        with pytest.raises(ValueError, match=why):
+            LoraModule.parse(bad)
+
+
+def test_load_inplace_swaps_the_adapter_behind_a_name(server, loras, expected):
+    """vLLM's ``load_inplace``: loading a name in use again serves the new folder (a new adapter to the engine, so
+    neither its slots nor its prefix-cache entries hold the old weights); without it the name in use is a 400."""
+    body = {"lora_name": "swap", "lora_path": str(loras["sql"])}
+    assert post(server, "/v1/load_lora_adapter", body).status_code == 200
+    assert [complete(server, "swap", p) for p in PROMPTS] == expected["sql"]
+    again = post(server, "/v1/load_lora_adapter", {"lora_name": "swap", "lora_path": str(loras["mlp16"])})
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+    swapped = post(server, "/v1/load_lora_adapter", {"lora_name": "swap", "lora_path": str(loras["mlp16"]),
+                                                     "load_inplace": True})
+    assert swapped.status_code == 200, swapped.text
+    assert [complete(server, "swap", p) for p in PROMPTS] == expected["mlp16"]
+    card = httpx.get(server.url("/v1/models/swap"), headers=AUTH, timeout=10).json()
+    assert card["root"] == str(loras["mlp16"]) and card["parent"] == "tiny"
+    base = post(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(loras["sql"]),
+                                                  "load_inplace": True})
+    assert base.status_code == 400 and base.json()["error"]["param"] == "lora_name"
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "swap"}).status_code == 200
 
 
 def test_load_and_unload_while_requests_run_lose_none(server, loras, expected):

@@ -47,8 +47,9 @@ def add_parser(subparsers) -> None:
                    help="do not log the engine's throughput, queue and cache statistics every 10 s "
                    "(INFERNEO_LOG_STATS_INTERVAL_S) while it has work")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
-                   help="LoRA adapters (PEFT folders) to serve, each as name=path; a request picks one by its name "
-                   "in 'model' (needs --enable-lora)")
+                   help="LoRA adapters (PEFT folders) to serve, each as name=path or as vLLM's JSON "
+                   "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' (the adapter's parent in /v1/models); "
+                   "a request picks one by its name in 'model' (needs --enable-lora)")
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
     add_http_args(g)  # TLS, --root-path, --uvicorn-log-level
     g.add_argument("--engine-in-process", action="store_true",

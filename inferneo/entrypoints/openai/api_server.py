@@ -293,7 +293,7 @@ def lora_registry(config: EngineConfig, served_names: list[str], modules: list[L
     registry = LoRARegistry(get_model_class(hf_config).config_from_hf(hf_config), config.max_lora_rank,
                             served_names)
     for module in modules:
-        registry.add(module.name, module.path)
+        registry.add(module.name, module.path, module.base_model_name)
     return registry
 
 

@@ -1,7 +1,8 @@
 """``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's bodies), and the adapters' model
 cards in ``/v1/models``.
 
-Loading checks the adapter against the model before it is served (400 naming the field that is wrong);
+Loading checks the adapter against the model before it is served (400 naming the field that is wrong; with
+``load_inplace`` a name already in use takes the new adapter, under a new id, as vLLM does);
 unloading stops new requests from using the name (404 for an unknown one), while requests already running with
 it finish. The engine reads an adapter when the first request naming it arrives and pages it out by itself.
 """
@@ -25,6 +26,8 @@ from inferneo.lora.registry import LoRANotFoundError
 class LoadLoRAAdapterRequest(_Body):
     lora_name: str = Field(max_length=MAX_MODEL_CHARS)
     lora_path: str = Field(max_length=MAX_MODEL_CHARS)
+    # vLLM's: a name already loaded now serves the adapter at lora_path (a new version of it), instead of a 400
+    load_inplace: bool = False
 
 
 class UnloadLoRAAdapterRequest(_Body):
@@ -44,7 +47,7 @@ def install_lora_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         loras = registry()
         try:  # reading the adapter's weights to check them takes a moment: off the event loop
-            await asyncio.to_thread(loras.add, body.lora_name, body.lora_path)
+            await asyncio.to_thread(loras.add, body.lora_name, body.lora_path, replace=body.load_inplace)
         except LoRAAdapterError as exc:
             raise bad_request(str(exc), exc.param) from None
         except ValueError as exc:
@@ -67,8 +70,9 @@ def install_lora_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 def lora_model_cards(ctx: ServerContext, card) -> list[dict[str, Any]]:
     """``/v1/models`` entries of the loaded adapters: ``card(name)`` with the adapter's folder as ``root`` and the
-    base model as ``parent``."""
+    base model (or the ``base_model_name`` its ``--lora-modules`` entry gave) as ``parent``."""
     if ctx.loras is None:
         return []
-    return [card(ctx, name) | {"root": ref.path, "parent": ctx.served_model_names[0]}
+    parents = ctx.loras.base_model_names
+    return [card(ctx, name) | {"root": ref.path, "parent": parents.get(name, ctx.served_model_names[0])}
             for name, ref in ctx.loras.adapters.items()]
