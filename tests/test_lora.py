@@ -290,8 +290,14 @@ def test_unknown_modules_and_bad_folders_are_refused(base, tmp_path):
     dora = make_peft_adapter(base, tmp_path / "dora", r=4, target_modules=["q_proj"])
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(LoRAAdapterError, match="use_dora"):
-        load_adapter("dora", 1, str(dora), targets, layers, max_lora_rank=16)
+    # PEFT options whose adapters compute something else: refused by name (lora_bias, layer_replication and
+    # alora_invocation_tokens were read as plain LoRA, their weights fitting the model)
+    for option, value in [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 2]]),
+                          ("alora_invocation_tokens", [5, 6]), ("trainable_token_indices", [3]),
+                          ("target_parameters", ["mlp.experts.gate_up_proj"]), ("use_qalora", True)]:
+        (dora / "adapter_config.json").write_text(json.dumps({**cfg, option: value}))
+        with pytest.raises(LoRAAdapterError, match=f"does not support: {option}="):
+            load_adapter("dora", 1, str(dora), targets, layers, max_lora_rank=16)
 
 
 def test_the_engine_refuses_bad_requests(llm, base, adapters, tmp_path):

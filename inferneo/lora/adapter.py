@@ -33,6 +33,16 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?(?
 _VISION = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|vision_model|multi_modal_projector)\.")
 
 
+# PEFT LoraConfig options that change what an adapter computes beyond x @ A.T @ B.T on the seven projections (set:
+# refused, naming the option): variants of the product (DoRA, QALoRA, KaSA, BD-LoRA, MonteCLoRA, Arrow routing,
+# aLoRA's activation after invocation tokens), per-module ranks and scales, weights on other modules (an embedding's
+# trainable tokens, modules_to_save, target_parameters: parameters such as MoE experts), a bias on lora_B, layers
+# replicated into a deeper model, and weights stored transposed.
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+                "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
+                "alora_invocation_tokens", "arrow_config", "kasa_config", "use_bdlora", "monteclora_config")
+
+
 class LoRAAdapterError(InvalidRequestError):
     """An adapter that cannot run on this model (a 400 naming ``lora_path`` on the server)."""
 
@@ -140,9 +150,7 @@ def read_adapter_config(path: str, max_lora_rank: int) -> tuple[int, float, dict
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: lora_alpha must be a number, got {alpha!r}")
-    unsupported = [(key, cfg.get(key)) for key in ("use_dora", "fan_in_fan_out") if cfg.get(key)]
-    unsupported += [(key, cfg[key]) for key in ("rank_pattern", "alpha_pattern", "modules_to_save")
-                    if cfg.get(key)]
+    unsupported = [(key, cfg[key]) for key in _UNSUPPORTED if cfg.get(key)]
     if cfg.get("bias", "none") != "none":
         unsupported.append(("bias", cfg["bias"]))
     if unsupported:
