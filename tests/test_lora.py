@@ -327,6 +327,13 @@ def test_lora_requests_need_enable_lora(base, adapters):
         LLM(str(base), enable_lora=True, max_lora_rank=128)
 
 
+def test_a_model_without_the_projections_is_refused_by_name(tiny_checkpoint_factory):
+    """DeepSeek's multi-head latent attention has no q/k/v projections: enable_lora says so at start-up."""
+    with pytest.raises(ValueError, match="enable_lora does not support DeepseekV2ForCausalLM: .* no self_attn.qkv_proj"):
+        LLM(str(tiny_checkpoint_factory("deepseek_v2")), enable_lora=True, dtype="float32", kv_cache_memory="8MiB",
+            num_threads=1)
+
+
 def test_the_adapters_page_offline_example_runs(base, tmp_path, monkeypatch):
     import contextlib
     import io

@@ -158,7 +158,9 @@ def wrap_lora_layers(model: nn.Module, targets: dict[str, LoRATarget], num_slots
             parent = layer.get_submodule(parent_name)
             base = getattr(parent, attr, None)
             if base is None:
-                raise ValueError(f"LoRA: layer {index} has no {module}")
+                raise ValueError(f"enable_lora does not support {type(model).__name__}: its layer {index} has no "
+                                 f"{module} (LoRA adapts the q/k/v/o and gate/up/down projections of Llama-like "
+                                 "decoder layers; multi-head latent attention has none)")
             lora = LoRALinear(base, target, num_slots, max_rank, state, dtype, device)
             setattr(parent, attr, lora)
             wrapped[(index, module)] = lora
