@@ -153,6 +153,38 @@ def test_a_fused_module_and_its_shard_both_changed_are_refused(tiny_checkpoint_f
         load_adapter("phi3", 1, str(path), targets, layers, max_lora_rank=16)
 
 
+def test_rank_and_alpha_patterns_equal_peft(llm, base, tmp_path):
+    """PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` (a pattern matches the end of the module's name at a
+    dot): each module has its rank and its scale (``alpha / r`` of its own), and the tokens are PEFT's."""
+    from safetensors.torch import load_file
+
+    path = make_peft_adapter(base, tmp_path / "patterns", r=4, lora_alpha=8, target_modules="all-linear", seed=9,
+                             rank_pattern={"v_proj": 12, "layers.1.mlp.down_proj": 2},
+                             alpha_pattern={"o_proj": 32, r"model\.layers\.0\.self_attn\.q_proj": 1})
+    targets, layers = _targets(base)
+    adapter = load_adapter("patterns", 12, str(path), targets, layers, max_lora_rank=16)
+    raw = load_file(str(path / "adapter_model.safetensors"))
+
+    def check(layer, module, shard, name, rank, scale):
+        a, b = adapter.weights[(layer, module)][shard]
+        key = f"base_model.model.model.layers.{layer}.{module.split('.')[0]}.{name}.lora_"
+        assert a.shape[0] == rank and torch.equal(a, raw[key + "A.weight"]), (layer, name)
+        assert torch.allclose(b, raw[key + "B.weight"] * scale, rtol=1e-6, atol=0), (layer, name)
+
+    check(0, "self_attn.qkv_proj", 0, "q_proj", 4, 1 / 4)
+    check(1, "self_attn.qkv_proj", 0, "q_proj", 4, 8 / 4)
+    check(0, "self_attn.qkv_proj", 2, "v_proj", 12, 8 / 12)
+    check(0, "self_attn.o_proj", 0, "o_proj", 4, 32 / 4)
+    check(1, "mlp.down_proj", 0, "down_proj", 2, 8 / 2)
+    check(0, "mlp.down_proj", 0, "down_proj", 4, 8 / 4)
+    prompts, lora = [[5, 17, 33, 61, 99], list(range(40, 63))], LoRARequest("patterns", 12, str(path))
+    check_against_peft(llm, base, prompts, [lora, lora])
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"v_proj": 32}}))
+    with pytest.raises(LoRAAdapterError, match="rank_pattern rank 32, above max_lora_rank 16"):
+        load_adapter("patterns", 12, str(path), targets, layers, max_lora_rank=16)
+
+
 def test_speculative_drafts_with_adapters_equal_peft(base, adapters):
     """Steps that verify draft tokens (drafts from an oracle, wrong at moving places) for requests of three
     adapters and the base model: each request's tokens are PEFT's."""

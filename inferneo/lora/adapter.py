@@ -3,9 +3,11 @@ model they are to run on.
 
 PEFT's ``base_model_name_or_path`` is advisory (a folder moves, a hub id names a copy), so it is not compared:
 an adapter fits a model when each of its tensors names a projection the model has (q/k/v/o/gate/up/down of a
-layer that exists, or Phi-3's fused qkv/gate_up) with the widths the model's config gives, and its rank is at most
-``max_lora_rank``. Tensors of a multimodal checkpoint's vision tower and projector are skipped (the language model
-alone is served). The scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``) is folded into ``lora_B`` at load.
+layer that exists, or Phi-3's fused qkv/gate_up) with the widths the model's config gives, and its rank (each
+module's: ``rank_pattern`` may give some their own) is at most ``max_lora_rank``. Tensors of a multimodal
+checkpoint's vision tower and projector are skipped (the language model alone is served). The scale
+(``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``; per module where ``rank_pattern`` /
+``alpha_pattern`` say so) is folded into ``lora_B`` at load.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ _VISION = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|visi
 
 # PEFT LoraConfig options that change what an adapter computes beyond x @ A.T @ B.T on the seven projections (set:
 # refused, naming the option): variants of the product (DoRA, QALoRA, KaSA, BD-LoRA, MonteCLoRA, Arrow routing,
-# aLoRA's activation after invocation tokens), per-module ranks and scales, weights on other modules (an embedding's
+# aLoRA's activation after invocation tokens), weights on other modules (an embedding's
 # trainable tokens, modules_to_save, target_parameters: parameters such as MoE experts), a bias on lora_B, layers
 # replicated into a deeper model, and weights stored transposed.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias",
                 "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
                 "alora_invocation_tokens", "arrow_config", "kasa_config", "use_bdlora", "monteclora_config")
 
@@ -144,12 +146,28 @@ def read_adapter_config(path: str, max_lora_rank: int) -> tuple[int, float, dict
     rank = cfg.get("r")
     if type(rank) is not int or rank < 1:
         raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: r must be a positive integer, got {rank!r}")
-    if rank > max_lora_rank:
-        raise LoRAAdapterError(f"the adapter at {path!r} has rank r={rank}, above max_lora_rank "
-                               f"{max_lora_rank} (raise --max-lora-rank, at most {MAX_LORA_RANK_LIMIT})")
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: lora_alpha must be a number, got {alpha!r}")
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key) or {}
+        bad = not isinstance(pattern, dict) or any(
+            not isinstance(value, (int, float)) or isinstance(value, bool) or (positive_int and (
+                type(value) is not int or value < 1)) for value in pattern.values())
+        if bad:
+            raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: {key} must map module patterns to "
+                                   f"{'positive integers' if positive_int else 'numbers'}, got {pattern!r}")
+        for module_pattern in pattern:
+            try:
+                re.compile(module_pattern)
+            except re.error as exc:
+                raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r}: {key} has {module_pattern!r}, not a regular "
+                                       f"expression ({exc})") from None
+    largest = max([rank, *(cfg.get("rank_pattern") or {}).values()])
+    if largest > max_lora_rank:
+        where = f"r={rank}" if largest == rank else f"rank_pattern rank {largest}"
+        raise LoRAAdapterError(f"the adapter at {path!r} has {where}, above max_lora_rank "
+                               f"{max_lora_rank} (raise --max-lora-rank, at most {MAX_LORA_RANK_LIMIT})")
     unsupported = [(key, cfg[key]) for key in _UNSUPPORTED if cfg.get(key)]
     if cfg.get("bias", "none") != "none":
         unsupported.append(("bias", cfg["bias"]))
@@ -157,7 +175,24 @@ def read_adapter_config(path: str, max_lora_rank: int) -> tuple[int, float, dict
         what = ", ".join(f"{key}={value!r}" for key, value in unsupported)
         raise LoRAAdapterError(f"{CONFIG_FILE} of {path!r} asks for what Inferneo's LoRA does not support: {what}")
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    return rank, float(scaling), cfg
+    return largest, float(scaling), cfg
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's per-module setting: the value of the first pattern of ``rank_pattern`` / ``alpha_pattern`` that
+    matches the end of ``module``'s name (``model.layers.0.self_attn.q_proj``) at a dot, else ``default``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _module_rank_and_scale(cfg: dict, module: str) -> tuple[int, float]:
+    """The rank and scale of the adapted ``module`` (its name in the model), ``rank_pattern`` and ``alpha_pattern``
+    applied as PEFT applies them."""
+    rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+    return rank, float(alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank)
 
 
 def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarget], num_layers: int,
@@ -167,7 +202,7 @@ def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarg
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    rank, scaling, _ = read_adapter_config(path, max_lora_rank)
+    rank, scaling, cfg = read_adapter_config(path, max_lora_rank)
     weights_path = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights_path):
         raise LoRAAdapterError(f"{path!r} has no {WEIGHTS_FILE} (only PEFT's safetensors format is read)")
@@ -197,16 +232,17 @@ def load_adapter(name: str, lora_id: int, path: str, targets: dict[str, LoRATarg
             raise LoRAAdapterError(f"the adapter at {path!r} has only lora_{''.join(pair)} of {prefix!r}: both "
                                    "lora_A and lora_B are needed")
         a, b = pair["A"], pair["B"]
+        module_rank, module_scaling = _module_rank_and_scale(cfg, prefix.removeprefix("base_model.model."))
         out = target.out_features if shard is None else target.shards[shard][1]
-        want_a, want_b = (rank, target.in_features), (out, rank)
+        want_a, want_b = (module_rank, target.in_features), (out, module_rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise LoRAAdapterError(
                 f"the adapter at {path!r} does not fit this model: {prefix} has lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)}, the model's {peft_name} needs {want_a} and {want_b} (rank {rank}): an adapter "
-                "of another base model?")
+                f"{tuple(b.shape)}, the model's {peft_name} needs {want_a} and {want_b} (rank {module_rank}): an "
+                "adapter of another base model?")
         pairs = adapter.weights.setdefault((layer, target.module), [None] * len(target.shards))
         a = a.to(dtype).contiguous()
-        b = b.float() * scaling
+        b = b.float() * module_scaling
         # a fused module's lora_B splits into its shards' rows, each shard with the same lora_A
         for index in range(len(target.shards)) if shard is None else (shard,):
             if pairs[index] is not None:

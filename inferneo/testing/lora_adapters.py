@@ -18,16 +18,18 @@ from inferneo.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, lora_targets
 
 
 def make_peft_adapter(base_dir: str | Path, out_dir: str | Path, *, r: int, target_modules: str | Sequence[str],
-                      lora_alpha: float = 16, use_rslora: bool = False, seed: int = 0, std: float = 0.1) -> Path:
+                      lora_alpha: float = 16, use_rslora: bool = False, seed: int = 0, std: float = 0.1,
+                      **options) -> Path:
     """A PEFT LoRA adapter of the float32 HF model in ``base_dir`` with random non-zero A and B; returns its
-    folder. ``target_modules`` is PEFT's: module names, or one string (``"all-linear"``, a regular expression)."""
+    folder. ``target_modules`` is PEFT's: module names, or one string (``"all-linear"``, a regular expression);
+    ``options`` are further ``LoraConfig`` fields (``rank_pattern``, ``layers_to_transform``, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, use_rslora=use_rslora,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
+                        lora_dropout=0.0, task_type="CAUSAL_LM", **options)
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
