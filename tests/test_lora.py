@@ -357,6 +357,12 @@ def test_lora_requests_need_enable_lora(base, adapters):
         engine.shutdown()
     with pytest.raises(ValueError, match="max_lora_rank must be between 1 and 64"):
         LLM(str(base), enable_lora=True, max_lora_rank=128)
+    # refused before any worker starts, naming what is not supported
+    from inferneo.config import EngineConfig
+
+    for parallel in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+        with pytest.raises(ValueError, match="enable_lora with tensor_parallel_size or pipeline_parallel_size > 1"):
+            EngineConfig(model=str(base), enable_lora=True, **parallel)
 
 
 def test_a_model_without_the_projections_is_refused_by_name(tiny_checkpoint_factory):

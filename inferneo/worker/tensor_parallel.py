@@ -382,7 +382,7 @@ class TensorParallelRunner(Runner):
     @driver_only
     def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
         """Not supported yet: LoRA runs on one rank only."""
-        raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet")
+        raise ValueError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported yet")
 
     @driver_only
     def check_workers(self, timeout: float = 0.0) -> None:
