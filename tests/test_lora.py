@@ -319,6 +319,8 @@ def test_unknown_modules_and_bad_folders_are_refused(base, tmp_path):
         load_adapter("head", 1, str(head), targets, layers, max_lora_rank=16)
     with pytest.raises(LoRAAdapterError, match="does not exist"):
         load_adapter("gone", 1, str(tmp_path / "missing"), targets, layers, max_lora_rank=16)
+    with pytest.raises(LoRAAdapterError, match="is a file: a LoRA adapter is named by its folder"):
+        load_adapter("file", 1, str(head / "adapter_model.safetensors"), targets, layers, max_lora_rank=16)
     dora = make_peft_adapter(base, tmp_path / "dora", r=4, target_modules=["q_proj"])
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))

@@ -129,6 +129,9 @@ def read_adapter_config(path: str, max_lora_rank: int) -> tuple[int, float, dict
     """The rank and scale of the adapter in folder ``path`` (and its config); raises LoRAAdapterError for a
     folder that is not a PEFT LoRA adapter Inferneo can run."""
     config_path = os.path.join(path, CONFIG_FILE)
+    if os.path.isfile(path):
+        raise LoRAAdapterError(f"{path!r} is a file: a LoRA adapter is named by its folder (the one holding "
+                               f"{CONFIG_FILE} and {WEIGHTS_FILE})")
     if not os.path.isdir(path):
         raise LoRAAdapterError(f"LoRA adapter folder {path!r} does not exist")
     try:
