@@ -125,6 +125,30 @@ def test_lora_module_arguments_are_checked():
             LoraModule.parse(bad)
 
 
+def test_model_cards_survive_a_load_finishing_meanwhile(tiny_llama_dir, loras):
+    """/v1/load_lora_adapter checks and adds an adapter in a worker thread, which may run while /v1/models builds
+    its cards on the event loop: here a load finishes between two cards (the card function adds it), and the
+    listing still answers (it iterated the registry itself: 'dictionary changed size during iteration')."""
+    from types import SimpleNamespace
+
+    from inferneo.entrypoints.openai.serving_lora import lora_model_cards
+    from inferneo.lora.registry import LoRARegistry
+    from inferneo.model_executor.models.llama import DecoderConfig
+
+    registry = LoRARegistry(DecoderConfig.from_hf(json.loads((tiny_llama_dir / "config.json").read_text())), 16,
+                            ["tiny"])
+    registry.add("sql", str(loras["sql"]))
+    ctx = SimpleNamespace(loras=registry, served_model_names=["tiny"])
+
+    def card(ctx, name):
+        if "chat" not in registry.adapters:
+            registry.add("chat", str(loras["chat"]))  # what the worker thread does when the GIL passes to it here
+        return {"id": name}
+
+    assert [c["id"] for c in lora_model_cards(ctx, card)] == ["sql"]
+    assert [c["id"] for c in lora_model_cards(ctx, card)] == ["sql", "chat"]
+
+
 def test_load_inplace_swaps_the_adapter_behind_a_name(server, loras, expected):
     """vLLM's ``load_inplace``: loading a name in use again serves the new folder (a new adapter to the engine, so
     neither its slots nor its prefix-cache entries hold the old weights); without it the name in use is a 400."""

@@ -73,6 +73,7 @@ def lora_model_cards(ctx: ServerContext, card) -> list[dict[str, Any]]:
     base model (or the ``base_model_name`` its ``--lora-modules`` entry gave) as ``parent``."""
     if ctx.loras is None:
         return []
-    parents = ctx.loras.base_model_names
+    # a snapshot first: /v1/load_lora_adapter adds adapters from a worker thread, which may run between two cards
+    adapters, parents = list(ctx.loras.adapters.items()), dict(ctx.loras.base_model_names)
     return [card(ctx, name) | {"root": ref.path, "parent": parents.get(name, ctx.served_model_names[0])}
-            for name, ref in ctx.loras.adapters.items()]
+            for name, ref in adapters]
