@@ -7,9 +7,11 @@ drives it (in this thread, a background thread, or a child process).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import msgspec
 import psutil
@@ -21,6 +23,7 @@ from inferneo.engine.core import EngineCore
 from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
+from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
 from inferneo.pooling import lacks_output_head, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
@@ -43,17 +46,29 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     source = resolve_model(config.model)
     _check_load_format(config.load_format, config.model, source)
     hf_config = load_hf_config(source)
-    generates = not lacks_output_head(source, hf_config)
-    if not generates:  # an embedding checkpoint saved without lm_head: load it, refuse generation requests
+    encoder = is_encoder(hf_config)
+    if encoder:  # a BERT-family encoder: embeddings only, each input run whole in one step, no KV cache
+        _check_encoder_options(config)
+        generates = False
+    else:
+        generates = not lacks_output_head(source, hf_config)
+    if not generates and not encoder:  # an embedding checkpoint saved without lm_head: load it, refuse generation
         logger.info("%s has no lm_head: it serves embeddings only", source.name)
         hf_config = {**hf_config, "tie_word_embeddings": True}
     device = config.torch_device
     dtype = config.torch_dtype(_checkpoint_dtype(hf_config))
-    max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
-    max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
+    if encoder:
+        max_model_len = resolve_max_model_len(hf_config, config.max_model_len,
+                                              encoder_max_len(hf_config, source.path if source.kind == "hf_dir"
+                                                              else None))
+        # every input runs whole in one step: a step must hold the longest
+        max_batched = max(config.max_num_batched_tokens or 2048, max_model_len)
+    else:
+        max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
+        max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
 
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
-                         block_size=config.block_size, enforce_eager=config.enforce_eager,
+                         block_size=config.block_size, enforce_eager=config.enforce_eager or encoder,
                          max_num_seqs=config.max_num_seqs, kernels=config.kernels,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
                          max_decode_rows=_max_decode_rows(config, max_batched))
@@ -73,11 +88,14 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
             runner.load_weights(iter_weights(source))
         runner.finalize_weights()
 
-        if not config.enable_chunked_prefill and max_batched < max_model_len:
+        if not config.enable_chunked_prefill and max_batched < max_model_len and not encoder:
             raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= max_model_len ({max_model_len}) "
                              "when chunked prefill is off")
         lora_slots = _enable_lora(config, runner, max_batched)
-        num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
+        if encoder:  # no KV at all: the blocks only count the tokens of the inputs in a step
+            num_blocks = math.ceil(max_model_len / config.block_size) * config.max_num_seqs
+        else:
+            num_blocks = _num_kv_blocks(config, runner, device, max_model_len, max_batched)
         runner.allocate_kv_cache(num_blocks)
         if device.type == "cpu" and isinstance(runner, ModelRunner):
             seconds = warm_up(runner, max_batched, config.max_num_seqs)
@@ -85,9 +103,13 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     except BaseException:
         runner.shutdown()
         raise
-    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, runner.rope_switch)
+    # An encoder's input is never split over steps (its attention sees the whole input at once) and has no KV to
+    # cache.
+    kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching and not encoder,
+                              runner.rope_switch)
     scheduler = Scheduler(kv_cache, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
-                          policy=config.scheduling_policy, enable_chunked_prefill=config.enable_chunked_prefill)
+                          policy=config.scheduling_policy,
+                          enable_chunked_prefill=config.enable_chunked_prefill and not encoder)
     async_scheduling = config.async_scheduling
     if async_scheduling is None:  # measured faster on H100s at TP 1 and 2 (docs/benchmarks.md); no gain on CPU
         # Speculation drafts from the tokens of the step before, so it schedules synchronously.
@@ -95,7 +117,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
     pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
-                                  runner.model_config.hidden_size)
+                                  runner.model_config.hidden_size, default_method="cls" if encoder else "last")
     if config.pipeline_parallel_size > 1:
         async_scheduling = False  # the pipeline keeps its own steps in flight, one per stage
         # Pooling reads the last stage's hidden states, which stay on that stage: not served at PP > 1 yet.
@@ -135,19 +157,52 @@ def shutdown_core(core: EngineCore) -> None:
     core.runner.shutdown()
 
 
-def resolve_max_model_len(hf_config: dict, asked: int | None) -> int:
-    """The context length: the one asked for, checked against the model's, else the model's.
+def resolve_max_model_len(hf_config: dict, asked: int | None, limit: int | None = None) -> int:
+    """The context length: the one asked for, checked against the model's (``limit``, else its
+    ``max_position_embeddings``), else the model's.
 
     A sliding window does not shorten it: the attention layers enforce their windows (each query sees only its
     last ``sliding_window`` keys), while the KV cache still keeps every token of a request, so a windowed model
     costs as much cache memory per token as a full-attention one (freeing blocks behind the window is not done).
     """
-    limit = hf_config.get("max_position_embeddings") or 2048
+    limit = limit or hf_config.get("max_position_embeddings") or 2048
     if asked is None:
         return limit
     if asked > limit:
         raise ValueError(f"max_model_len ({asked}) is larger than the model's context length ({limit})")
     return asked
+
+
+def is_encoder(hf_config: dict) -> bool:
+    """Whether ``hf_config``'s architecture is a BERT-family encoder (``models/bert.py``): embeddings only."""
+    return bool(getattr(get_model_class(hf_config), "is_encoder", False))
+
+
+def encoder_max_len(hf_config: dict, model_dir: Path | None) -> int:
+    """The longest input an encoder takes: what its position embeddings cover (RoBERTa's start past the padding
+    index: 514 positions hold 512 tokens), and at most the ``max_seq_length`` of its sentence-transformers
+    ``sentence_bert_config.json`` (as vLLM reads it; sentence-transformers cuts inputs there)."""
+    limit = get_model_class(hf_config).config_from_hf(hf_config).max_input_tokens
+    st_file = model_dir / "sentence_bert_config.json" if model_dir is not None else None
+    if st_file is not None and st_file.is_file():
+        try:
+            st_max = json.loads(st_file.read_text()).get("max_seq_length")
+        except (OSError, ValueError, AttributeError):
+            st_max = None
+        if isinstance(st_max, int) and not isinstance(st_max, bool) and st_max > 0:
+            limit = min(limit, st_max)
+    return limit
+
+
+def _check_encoder_options(config: EngineConfig) -> None:
+    """ValueError for an engine option an encoder does not take (it runs on one rank, in full precision)."""
+    refused = {"tensor_parallel_size > 1": config.tensor_parallel_size > 1,
+               "pipeline_parallel_size > 1": config.pipeline_parallel_size > 1,
+               "enable_lora": config.enable_lora, "speculative_config": config.speculative_config is not None,
+               "quantization": config.quantization is not None, "kv_cache_dtype": config.kv_cache_dtype != "auto"}
+    if asked := [name for name, on in refused.items() if on]:
+        raise ValueError(f"{', '.join(asked)}: not supported for BERT-family encoder models (embeddings only, run "
+                         "on one rank in full precision)")
 
 
 def _max_decode_rows(config: EngineConfig, max_batched: int) -> int:

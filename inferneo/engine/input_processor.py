@@ -89,8 +89,8 @@ class InputProcessor:
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
         if not limits.generates:
-            raise InvalidRequestError("this model was saved without its language-model head (lm_head): it serves "
-                                      "embeddings only", "model")
+            raise InvalidRequestError("this model serves embeddings only (an encoder such as BERT, or a checkpoint "
+                                      "saved without its language-model head, lm_head): it cannot generate", "model")
         self.check_priority(priority)
         n = len(prompt_token_ids)
         vocab = limits.vocab_size

@@ -4,7 +4,7 @@ A folder with sentence-transformers files (``modules.json`` listing a ``Pooling`
 ``config.json`` sets one of ``pooling_mode_mean_tokens``, ``pooling_mode_cls_token`` or
 ``pooling_mode_lasttoken``, and optionally a ``Normalize`` module, as ``Qwen3-Embedding`` ships) pools as those
 files say. Any other decoder pools its last token and normalises the vector (as llama.cpp's and Ollama's
-servers do). Modules we do not run (``Dense`` projections, max or weighted-mean pooling, ...) make the model
+servers do); any other BERT-family encoder pools its first (CLS) token, normalised (vLLM's default for them). Modules we do not run (``Dense`` projections, max or weighted-mean pooling, ...) make the model
 refuse embedding requests with a message saying why (generation is unaffected).
 
 ``dimensions`` (Matryoshka truncation) follows vLLM's rule: only a model whose ``config.json`` declares
@@ -65,8 +65,11 @@ class PoolingConfig(msgspec.Struct, array_like=True, frozen=True):
         return None
 
 
-def load_pooling_config(model_dir: Path | None, hf_config: dict, hidden_size: int) -> PoolingConfig:
-    """The pooling of the model in ``model_dir`` (None, e.g. a GGUF file: the default last-token pooling)."""
+def load_pooling_config(model_dir: Path | None, hf_config: dict, hidden_size: int,
+                        default_method: PoolingMethod = "last") -> PoolingConfig:
+    """The pooling of the model in ``model_dir`` (None, e.g. a GGUF file: the default pooling). Without
+    sentence-transformers files the model pools by ``default_method``, normalised: the last token for a decoder,
+    the first (CLS) for a BERT-family encoder, as vLLM's defaults are."""
     matryoshka_dims = hf_config.get("matryoshka_dimensions")
     if not (isinstance(matryoshka_dims, list) and all(isinstance(d, int) for d in matryoshka_dims)):
         matryoshka_dims = None
@@ -74,7 +77,7 @@ def load_pooling_config(model_dir: Path | None, hf_config: dict, hidden_size: in
     common = dict(hidden_size=hidden_size, matryoshka=matryoshka, matryoshka_dimensions=matryoshka_dims)
     modules_file = model_dir / "modules.json" if model_dir is not None and model_dir.is_dir() else None
     if modules_file is None or not modules_file.is_file():
-        return PoolingConfig(**common)
+        return PoolingConfig(method=default_method, **common)
     try:
         modules = json.loads(modules_file.read_text())
         return _from_modules(model_dir, modules, common)

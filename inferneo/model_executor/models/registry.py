@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from torch import nn
+
+from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
@@ -10,7 +13,7 @@ from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCa
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -25,10 +28,17 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
+    # encoders, embeddings only (``bert.py``); a masked-LM checkpoint loads without its head
+    "BertModel": BertEmbeddingModel,
+    "BertForMaskedLM": BertEmbeddingModel,
+    "RobertaModel": RobertaEmbeddingModel,
+    "RobertaForMaskedLM": RobertaEmbeddingModel,
+    "XLMRobertaModel": RobertaEmbeddingModel,
+    "XLMRobertaForMaskedLM": RobertaEmbeddingModel,
 }
 
 
-def get_model_class(hf_config: dict) -> type[LlamaForCausalLM]:
+def get_model_class(hf_config: dict) -> type[nn.Module]:
     """The model class for a config's ``architectures``; ValueError naming the supported ones otherwise."""
     names = hf_config.get("architectures") or []
     for name in names:
