@@ -88,9 +88,7 @@ class InputProcessor:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
         tokens it may generate (``params.max_tokens``, or the rest of the context when that is None)."""
         limits = self.limits
-        if not limits.generates:
-            raise InvalidRequestError("this model serves embeddings only (an encoder such as BERT, or a checkpoint "
-                                      "saved without its language-model head, lm_head): it cannot generate", "model")
+        self.check_generates()
         self.check_priority(priority)
         n = len(prompt_token_ids)
         vocab = limits.vocab_size
@@ -134,6 +132,12 @@ class InputProcessor:
             except StructuredOutputError as e:
                 raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
+
+    def check_generates(self) -> None:
+        """Raise ``InvalidRequestError`` (naming ``model``) when the model serves embeddings only."""
+        if not self.limits.generates:
+            raise InvalidRequestError("this model serves embeddings only (an encoder such as BERT, or a checkpoint "
+                                      "saved without its language-model head, lm_head): it cannot generate", "model")
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """``params`` as the core takes them: with ``bad_words`` tokenized into ``bad_words_token_ids`` (a copy;

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.beam_search_group import BeamSearchGroup
+from inferneo.engine.protocol import InvalidRequestError
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.beam_requests import beam_search_of, submit_beam_search
 from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
@@ -159,6 +160,10 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     ``APIError`` (4xx) for what cannot run; ``param`` names the field holding the conversation in engine refusals
     (a prompt too long)."""
     model = ctx.model_name(req.model)
+    try:
+        ctx.engine.input.check_generates()  # before the chat template, which such a model may lack
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
     check_common(req)
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("prompt_logprobs is not available with stream", "prompt_logprobs")
