@@ -75,6 +75,7 @@ def test_openai_client_equals_sentence_transformers(server, reference, model_dir
     [
         ("/v1/completions", {"prompt": "hello", "max_tokens": 3}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}),
+        ("/v1/responses", {"input": "hello", "max_output_tokens": 16}),
     ],
 )
 def test_generation_is_a_400(server, path, body):
