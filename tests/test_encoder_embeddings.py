@@ -151,3 +151,17 @@ def test_options_an_encoder_does_not_take(tmp_path):
     path = make_tiny_encoder(tmp_path / "bert", "bert", "mean")
     with pytest.raises(ValueError, match="enable_lora: not supported for BERT-family encoder models"):
         LLM(str(path), dtype="float32", enable_lora=True)
+
+
+def test_asynchronous_scheduling_gives_the_same_vectors(encoder):
+    """With asynchronous scheduling (the CUDA default) the next step is scheduled while one runs: an input is still
+    run once, whole, and finishes with the same vector."""
+    _, path, llm = encoder
+    other = LLM(str(path), dtype="float32", max_num_seqs=3, async_scheduling=True)
+    assert (
+        cosine(vectors(other.embed(MANY, use_tqdm=False)), vectors(llm.embed(MANY, use_tqdm=False))).min()
+        > 1 - 1e-6
+    )
+    assert other.engine.core.stats.max_batch_size > 1
+    other.engine.kv_cache.check_integrity([])
+    assert other.engine.kv_cache.num_free_blocks == other.engine.kv_cache.num_blocks
