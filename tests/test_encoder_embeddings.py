@@ -165,3 +165,41 @@ def test_asynchronous_scheduling_gives_the_same_vectors(encoder):
     assert other.engine.core.stats.max_batch_size > 1
     other.engine.kv_cache.check_integrity([])
     assert other.engine.kv_cache.num_free_blocks == other.engine.kv_cache.num_blocks
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 600])
+def test_padded_attention_groups_equal_hugging_face(encoder, budget, monkeypatch):
+    """The model alone on a flat batch of one-token and longer inputs: inputs are attended in padded groups (one
+    group, or with a small budget one per input or two), and every row equals Hugging Face's model on that input
+    alone."""
+    from transformers import AutoModel
+
+    from inferneo.attention import AttentionMetadata, PrefillSpan
+    from inferneo.model_executor.models import bert
+    from inferneo.model_executor.models.registry import get_model_class
+    from inferneo.model_loader import iter_weights, load_hf_config, resolve_model
+
+    _, path, _ = encoder
+    monkeypatch.setattr(bert, "GROUP_SCORES", budget)
+    source = resolve_model(str(path))
+    hf = load_hf_config(source)
+    cls = get_model_class(hf)
+    model = cls(cls.config_from_hf(hf)).eval()
+    model.load_weights(iter_weights(source))
+    inputs = [[9], [4], list(range(5, 30)), list(range(40, 43)), list(range(3, 20)), list(range(7, 15))]
+    starts = [sum(map(len, inputs[:i])) for i in range(len(inputs))]
+    spans = [
+        PrefillSpan(s, len(ids), 0, torch.zeros(1)) for s, ids in zip(starts[2:], inputs[2:], strict=True)
+    ]
+    metadata = AttentionMetadata(16, 2, torch.zeros(1), None, None, prefills=spans)
+    ids = torch.tensor([t for ids in inputs for t in ids])
+    positions = torch.tensor([p for ids in inputs for p in range(len(ids))])
+    assert len(bert.padded_groups([(s.start, s.num_tokens) for s in spans], ids.device)) == (
+        1 if budget > 600 else 3
+    )
+    reference = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(ids, positions, [], metadata)
+        for start, one in zip(starts, inputs, strict=True):
+            expected = reference(torch.tensor([one])).last_hidden_state[0]
+            torch.testing.assert_close(got[start : start + len(one)], expected, atol=1e-5, rtol=1e-4)

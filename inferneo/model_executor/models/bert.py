@@ -15,7 +15,6 @@ Face's ``create_position_ids_from_input_ids`` does. Checkpoints saved from a mas
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,21 +160,58 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.act = _ACTIVATIONS[config.hidden_act]
 
-    def forward(self, hidden: torch.Tensor, spans: list[tuple[int, int]], num_single: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, groups: list[PaddedGroup], num_single: int) -> torch.Tensor:
         q, k, v = self.qkv(hidden).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         attn = torch.empty_like(q)
         attn[:num_single] = v[:num_single]  # a one-token input attends to itself alone
-        for start, length in spans:
-            end = start + length
-            # [heads, tokens, head_dim]: every token of the input sees every other (no causal mask)
-            attn[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),
-                k[start:end].transpose(0, 1),
-                v[start:end].transpose(0, 1),
-                scale=1.0 / math.sqrt(self.head_dim),
-            ).transpose(0, 1)
+        for group in groups:
+            # [inputs, heads, longest, head_dim]: every token of an input sees every other (no causal mask)
+            q_g, k_g, v_g = (x[group.index].transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(
+                q_g, k_g, v_g, attn_mask=group.mask, scale=self.head_dim**-0.5
+            )
+            attn[group.rows] = out.transpose(1, 2)[group.valid]
         hidden = self.attn_norm(hidden + self.attn_out(attn.reshape(hidden.shape)))
         return self.mlp_norm(hidden + self.down(self.act(self.up(hidden))))
+
+
+# A padded batch of inputs holds at most this many attention scores per head (inputs x longest x longest).
+GROUP_SCORES = 1 << 20
+
+
+@dataclass(slots=True)
+class PaddedGroup:
+    """Inputs of similar lengths attended in one call, padded to the longest: ``index`` ``[inputs, longest]`` holds
+    each position's row in the flat batch (padding repeats the input's first row), ``valid`` marks the real
+    positions, ``rows`` is ``index[valid]`` and ``mask`` (``[inputs, 1, 1, longest]``; None when no input is padded)
+    hides the padding keys."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def padded_groups(spans: list[tuple[int, int]], device: torch.device) -> list[PaddedGroup]:
+    """The multi-token inputs ``(start, length)`` of a step in padded groups: sorted by length, and cut where a
+    group would hold more than ``GROUP_SCORES`` scores per head (an input alone may hold more)."""
+    groups: list[list[tuple[int, int]]] = []
+    for span in sorted(spans, key=lambda s: s[1]):
+        if groups and (len(groups[-1]) + 1) * span[1] ** 2 <= GROUP_SCORES:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    built = []
+    for group in groups:
+        starts = torch.tensor([start for start, _ in group], device=device)
+        lengths = torch.tensor([length for _, length in group], device=device)
+        longest = group[-1][1]
+        offsets = torch.arange(longest, device=device)
+        valid = offsets < lengths[:, None]
+        index = torch.where(valid, starts[:, None] + offsets, starts[:, None])
+        padded = group[0][1] != longest
+        built.append(PaddedGroup(index, valid, index[valid], valid[:, None, None, :] if padded else None))
+    return built
 
 
 # Hugging Face's names (after the model prefix) -> ours; ``{i}`` is the layer index
@@ -240,9 +276,10 @@ class BertEmbeddingModel(nn.Module):
             raise ValueError(
                 "an encoder input must run whole in one step (it was split or read from a cache)"
             )
+        groups = padded_groups(spans, input_ids.device)
         hidden = self.embeddings(input_ids, positions)
         for layer in self.layers:
-            hidden = layer(hidden, spans, metadata.num_decode_tokens)
+            hidden = layer(hidden, groups, metadata.num_decode_tokens)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
