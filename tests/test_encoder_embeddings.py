@@ -38,7 +38,9 @@ def vectors(outputs) -> torch.Tensor:
 
 
 @pytest.fixture(
-    scope="module", params=[("bert", "mean"), ("xlm_roberta", "cls")], ids=lambda p: f"{p[0]}-{p[1]}"
+    scope="module",
+    params=[("bert", "mean"), ("xlm_roberta", "cls"), ("roberta", "mean")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
 )
 def encoder(request, tmp_path_factory):
     arch, pooling = request.param
@@ -106,7 +108,7 @@ def test_too_long_input_is_refused(encoder):
     """The longest input is what the position table holds (RoBERTa's starts past its padding index) and at most
     the sentence-transformers ``max_seq_length``; a longer one is refused, not cut."""
     arch, _, llm = encoder
-    limit = ST_MAX if arch == "xlm_roberta" else 96
+    limit = {"bert": 96, "roberta": 94, "xlm_roberta": ST_MAX}[arch]  # RoBERTa's 96 positions hold 94 tokens
     assert llm.engine.max_model_len == limit
     llm.embed([[5] * limit], use_tqdm=False)  # the longest fits
     with pytest.raises(InvalidRequestError, match=f"{limit + 1} tokens") as info:
@@ -120,15 +122,16 @@ def test_roberta_positions_skip_padding_tokens(encoder):
     from transformers import AutoModel
 
     arch, path, llm = encoder
-    if arch != "xlm_roberta":
+    if arch == "bert":
         pytest.skip("RoBERTa's positions only")
     pad = llm.get_tokenizer().pad_token_id
     ids = [0, 17, pad, 23, pad, 40, 2]
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        cls = model(torch.tensor([ids])).last_hidden_state[0, 0]
+        hidden = model(torch.tensor([ids])).last_hidden_state[0]  # every token attended (no padding mask)
+    pooled = hidden[0] if llm.engine.core.pooling.method == "cls" else hidden.mean(0)
     got = llm.embed([ids, [0, 17, 2]], use_tqdm=False)[0].outputs.embedding
-    assert cosine(got, torch.nn.functional.normalize(cls, dim=0)) > 1 - 1e-5
+    assert cosine(got, torch.nn.functional.normalize(pooled, dim=0)) > 1 - 1e-5
 
 
 def test_bare_masked_lm_checkpoint_pools_cls_normalised(tmp_path):
