@@ -73,3 +73,21 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
     prompt_token_ids: list[int]
     finished: bool = True
+
+
+@dataclass(slots=True)
+class ScoringOutput:
+    """A cross-encoder's score of one (query, document) pair."""
+
+    score: float
+
+
+@dataclass(slots=True)
+class ScoringRequestOutput:
+    """What ``LLM.score`` returns for one pair (vLLM's shape: the score is ``outputs.score``); ``prompt_token_ids``
+    are the pair's tokens, read as one input."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -25,7 +25,7 @@ from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
-from inferneo.pooling import lacks_output_head, load_pooling_config
+from inferneo.pooling import lacks_output_head, load_classifier_config, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.worker.memory import warm_up
 from inferneo.worker.model_runner import ModelRunner
@@ -116,8 +116,11 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         async_scheduling = device.type == "cuda" and config.speculative_config is None
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
-    pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
-                                  runner.model_config.hidden_size, default_method="cls" if encoder else "last")
+    if hasattr(get_model_class(hf_config), "classify"):  # a cross-encoder: it scores pairs
+        pooling = load_classifier_config(hf_config, runner.model_config.num_labels)
+    else:
+        pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
+                                      runner.model_config.hidden_size, default_method="cls" if encoder else "last")
     if config.pipeline_parallel_size > 1:
         async_scheduling = False  # the pipeline keeps its own steps in flight, one per stage
         # Pooling reads the last stage's hidden states, which stay on that stage: not served at PP > 1 yet.

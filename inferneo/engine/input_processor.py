@@ -83,6 +83,11 @@ class InputProcessor:
         ``check``'s to refuse, without transformers' warning about indexing errors first."""
         return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
+    def tokenize_pair(self, first: str, second: str) -> list[int]:
+        """Token ids of two texts read as one input, joined as the tokenizer joins a pair (a cross-encoder's
+        ``<s> query </s></s> document </s>``), with its special tokens."""
+        return self.tokenizer(first, second, verbose=False).input_ids
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt",
               priority: int = 0) -> int:
         """Raise ``InvalidRequestError`` (naming the field) unless the request may run; returns the number of
@@ -173,8 +178,15 @@ class InputProcessor:
         """Raise ``InvalidRequestError`` (naming the field) unless the embedding request may run."""
         limits = self.limits
         n = len(prompt_token_ids)
+        if pooling.task != limits.pooling.task:
+            raise InvalidRequestError(
+                "this model is a cross-encoder: it scores (query, document) pairs (LLM.score, /v1/score, "
+                "/v1/rerank) and does not embed" if pooling.task == "embed" else
+                "this model does not score pairs: scoring needs a cross-encoder (a RobertaForSequenceClassification "
+                "or XLMRobertaForSequenceClassification checkpoint)", "model")
         if limits.pooling.unsupported is not None:
-            raise InvalidRequestError(f"this model does not serve embeddings: {limits.pooling.unsupported}", "model")
+            what = "embeddings" if pooling.task == "embed" else "scores"
+            raise InvalidRequestError(f"this model does not serve {what}: {limits.pooling.unsupported}", "model")
         self.check_priority(priority)
         _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
         limit = min(limits.max_model_len, limits.kv_capacity_tokens)

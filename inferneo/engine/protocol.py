@@ -39,6 +39,8 @@ class PoolingRequest(msgspec.Struct, array_like=True, frozen=True):
     before it is normalised; None keeps the model's width."""
 
     dimensions: int | None = None
+    # "embed": the pooled vector; "score": a cross-encoder's logits for a (query, document) pair read as one input
+    task: str = "embed"
 
 
 class CoreRequest(msgspec.Struct, array_like=True, frozen=True):

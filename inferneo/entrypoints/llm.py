@@ -17,7 +17,7 @@ from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
-from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
+from inferneo.outputs import EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput
 from inferneo.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -177,6 +177,37 @@ class LLM:
                             logprob.decoded_token = tokenizer.decode([token_id])
             results.append(BeamSearchOutput(sequences))
         return results
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        use_tqdm: ProgressBar = True,
+    ) -> list[ScoringRequestOutput]:
+        """Score (query, document) pairs with a cross-encoder (a reranker such as bge-reranker-v2-m3); returns one
+        ``ScoringRequestOutput`` per pair, in order, with the score in ``.outputs.score``.
+
+        As vLLM's: ``data_1`` is one text scored against each text of ``data_2`` (one or a list), or a list as
+        long as ``data_2``, scored pairwise. Each pair is tokenized as the tokenizer joins two texts
+        (``<s> query </s></s> document </s>``) and read as one input; the score is sentence-transformers'
+        ``CrossEncoder.predict`` (see ``docs/embeddings.md``).
+        """
+        pairs = score_pairs(data_1, data_2)
+        pooling = PoolingRequest(task="score")
+        engine = self.engine
+        base = f"score-{time.monotonic_ns()}-"
+        ids = []
+        try:
+            for i, (first, second) in enumerate(pairs):
+                ids.append(engine.add_embedding_request(base + str(i), engine.input.tokenize_pair(first, second),
+                                                        pooling))
+            outputs = self._collect(ids, use_tqdm, "Scored pairs")
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        model = engine.info.pooling
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(model.score(o.outputs.embedding)), o.prompt_token_ids)
+                for o in outputs]
 
     def chat(
         self,
@@ -314,6 +345,23 @@ class LLM:
         finally:
             bar.close()
         return [results[request_id] for request_id in ids]
+
+
+def score_pairs(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> list[tuple[str, str]]:
+    """The (query, document) pairs of ``LLM.score``'s arguments: one text against each of the others (1 to N), or
+    two lists of one length pairwise. ValueError for lists of different lengths, TypeError for what is not text."""
+    firsts = [data_1] if isinstance(data_1, str) else list(data_1)
+    seconds = [data_2] if isinstance(data_2, str) else list(data_2)
+    if not all(isinstance(t, str) for t in firsts + seconds):
+        raise TypeError("data_1 and data_2 must be strings or lists of strings")
+    if not firsts or not seconds:
+        raise ValueError("data_1 and data_2 must each hold at least one text")
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)
+    if len(firsts) != len(seconds):
+        raise ValueError(f"data_1 has {len(firsts)} texts and data_2 {len(seconds)}: give one text to score against "
+                         "every text of data_2, or lists of one length")
+    return list(zip(firsts, seconds, strict=True))
 
 
 def _check_priority(priority: Any, n: int) -> None:

@@ -4,6 +4,11 @@
 ``pooler`` does the arithmetic, chunk by chunk, for the runner and the core.
 """
 
-from inferneo.pooling.config import PoolingConfig, lacks_output_head, load_pooling_config
+from inferneo.pooling.config import (
+    PoolingConfig,
+    lacks_output_head,
+    load_classifier_config,
+    load_pooling_config,
+)
 
-__all__ = ["PoolingConfig", "lacks_output_head", "load_pooling_config"]
+__all__ = ["PoolingConfig", "lacks_output_head", "load_classifier_config", "load_pooling_config"]

@@ -16,6 +16,7 @@ model normalises).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -50,6 +51,15 @@ class PoolingConfig(msgspec.Struct, array_like=True, frozen=True):
     matryoshka_dimensions: list[int] | None = None
     source: str = "default"
     unsupported: str | None = None
+    # "embed": the pooled vector is the answer; "score": a cross-encoder's logits, which ``score`` turns into a
+    # score through ``activation`` ("sigmoid" or "identity")
+    task: Literal["embed", "score"] = "embed"
+    activation: str = "identity"
+
+    def score(self, logits: list[float]) -> float:
+        """A cross-encoder's score of one pair from its logits (one label): the activation of the logit."""
+        logit = logits[0]
+        return 1.0 / (1.0 + math.exp(-logit)) if self.activation == "sigmoid" else logit
 
     def dimensions_error(self, dimensions: int | None) -> str | None:
         """Why ``dimensions`` cannot be served (None when it can; None itself always can)."""
@@ -104,6 +114,26 @@ def _from_modules(model_dir: Path, modules: list[dict], common: dict) -> Pooling
     if settings.get("include_prompt", True) is False:
         return PoolingConfig(unsupported="pooling with include_prompt false is not supported", **st)
     return PoolingConfig(method=chosen[0], normalize=_NORMALIZE_TYPE in types, **st)
+
+
+# sentence-transformers' CrossEncoder activations (config.json's ``sentence_transformers.activation_fn``)
+_ACTIVATIONS = {"torch.nn.modules.activation.Sigmoid": "sigmoid", "torch.nn.modules.linear.Identity": "identity"}
+
+
+def load_classifier_config(hf_config: dict, num_labels: int) -> PoolingConfig:
+    """The pooling of a cross-encoder (a sequence classifier): its first token through its head, one logit, made a
+    score by sentence-transformers' ``CrossEncoder`` activation: the ``activation_fn`` its ``config.json`` names,
+    else sigmoid (CrossEncoder's and vLLM's default for one label). More labels are not scored."""
+    common = dict(method="cls", normalize=False, hidden_size=num_labels, source="classifier", task="score")
+    settings = hf_config.get("sentence_transformers")
+    name = settings.get("activation_fn") if isinstance(settings, dict) else None
+    if num_labels != 1:
+        return PoolingConfig(unsupported=f"scoring needs a classifier of one label; this one has {num_labels}",
+                             **common)
+    if name is not None and name not in _ACTIVATIONS:
+        return PoolingConfig(unsupported=f"the cross-encoder activation {name!r} is not supported; supported: "
+                             f"{', '.join(_ACTIVATIONS)}", **common)
+    return PoolingConfig(activation=_ACTIVATIONS.get(name, "sigmoid"), **common)
 
 
 def lacks_output_head(source: ModelSource, hf_config: dict) -> bool:

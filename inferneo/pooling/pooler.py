@@ -43,6 +43,16 @@ def pool_step(hidden: torch.Tensor, rows: list[PoolingRow]) -> list[torch.Tensor
     return partials
 
 
+def apply_head(head, partials: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``partials`` with each present one put through ``head`` (a cross-encoder's classifier, rows ``[n, hidden]``
+    to float32 logits ``[n, labels]``), in one call."""
+    present = [p for p in partials if p is not None]
+    if not present:
+        return partials
+    rows = iter(head(torch.stack(present)))
+    return [None if p is None else next(rows) for p in partials]
+
+
 def fold_partial(method: PoolingMethod, state: torch.Tensor | None, partial: torch.Tensor | None,
                  chunk_start: int) -> torch.Tensor | None:
     """The request's pooled state after one more chunk. A chunk starting at position 0 starts afresh (a request

@@ -81,7 +81,8 @@ def make_tiny_encoder(
     ``pooling`` ("mean", "cls", "last"; None: a bare folder) writes the sentence-transformers files
     (``max_seq_length``: their ``sentence_bert_config.json`` value, default the positions the model has).
     ``head="masked_lm"`` saves ``BertForMaskedLM`` / ``RobertaForMaskedLM`` (prefixed weights and a head the
-    embedding model skips). Every weight is perturbed away from transformers' initialisation (LayerNorms at 1
+    embedding model skips); ``head="classifier"`` a one-label ``...ForSequenceClassification``, a cross-encoder as
+    sentence-transformers' ``CrossEncoder`` loads it. Every weight is perturbed away from transformers' initialisation (LayerNorms at 1
     and 0, token types alike) so that a wrong mapping shows in the vectors."""
     import transformers
 
@@ -89,7 +90,8 @@ def make_tiny_encoder(
     tokenizer = make_encoder_tokenizer(family)
     names = {"bert": "Bert", "roberta": "Roberta", "xlm_roberta": "XLMRoberta"}
     config_cls = getattr(transformers, f"{names[arch]}Config")
-    model_cls = getattr(transformers, f"{names[arch]}{'ForMaskedLM' if head == 'masked_lm' else 'Model'}")
+    heads = {None: "Model", "masked_lm": "ForMaskedLM", "classifier": "ForSequenceClassification"}
+    model_cls = getattr(transformers, f"{names[arch]}{heads[head]}")
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -102,6 +104,7 @@ def make_tiny_encoder(
         type_vocab_size=2 if arch == "bert" else 1,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        num_labels=1 if head == "classifier" else 2,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()

@@ -41,7 +41,7 @@ from inferneo.model_executor.pipeline import (
     stage_weights,
 )
 from inferneo.model_executor.tensor_parallel import materialize, shard_model
-from inferneo.pooling.pooler import pool_step
+from inferneo.pooling.pooler import apply_head, pool_step
 from inferneo.quantization import (
     finalize_quantized_linears,
     quantize_linears,
@@ -469,6 +469,8 @@ class ModelRunner(Runner):
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
+        if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
+            pooled = apply_head(head, pooled)  # a cross-encoder: the pooled first tokens become logits
         prompt_scores = None
         if prompt_rows is not None:
             if self.pp.num_stages > 1:  # the hidden states here are the first stage's, not the model's output

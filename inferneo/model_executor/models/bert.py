@@ -52,9 +52,9 @@ class EncoderConfig:
     max_position_embeddings: int
     type_vocab_size: int
     hidden_act: str
-    padding_idx: int | None = (
-        None  # RoBERTa's pad_token_id: positions count from it (None: BERT's 0, 1, 2, ...)
-    )
+    # RoBERTa's pad_token_id: positions count from it (None: BERT's 0, 1, 2, ...)
+    padding_idx: int | None = None
+    num_labels: int = 2  # a sequence classifier's outputs (``id2label``); unused by the embedding models
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +111,7 @@ class EncoderConfig:
             type_vocab_size=cfg.get("type_vocab_size", 2) or 1,
             hidden_act=activation,
             padding_idx=padding_idx,
+            num_labels=len(cfg.get("id2label") or {}) or int(cfg.get("num_labels") or 2),
         )
 
 
@@ -286,6 +287,11 @@ class BertEmbeddingModel(nn.Module):
         """None: an encoder has no language-model head (the engine never samples from it)."""
         return None
 
+    def head_weight(self, name: str) -> str | None:
+        """The parameter a head's checkpoint tensor ``name`` (prefix removed) loads into; None: not a head tensor
+        (an embedding model has no head: the checkpoint's heads are skipped)."""
+        return None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names, with or without the ``bert.`` / ``roberta.`` prefix) into
         the parameters; returns the names loaded. ValueError for a missing weight, an unknown one or a wrong shape."""
@@ -299,6 +305,10 @@ class BertEmbeddingModel(nn.Module):
             name = re.sub(
                 r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
             )
+            if (target := self.head_weight(name)) is not None:
+                _copy(_lookup(params, target, original).data, tensor, original)
+                loaded.add(target)
+                continue
             if _SKIPPED.match(name):
                 continue
             if (match := _QKV.fullmatch(name)) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
+from inferneo.model_executor.models.cross_encoder import RobertaCrossEncoder
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
@@ -35,6 +36,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "RobertaForMaskedLM": RobertaEmbeddingModel,
     "XLMRobertaModel": RobertaEmbeddingModel,
     "XLMRobertaForMaskedLM": RobertaEmbeddingModel,
+    # cross-encoders (rerankers), scoring only (``cross_encoder.py``)
+    "RobertaForSequenceClassification": RobertaCrossEncoder,
+    "XLMRobertaForSequenceClassification": RobertaCrossEncoder,
 }
 
 

@@ -1,0 +1,78 @@
+"""Cross-encoders offline (``LLM.score``): tiny random ``XLMRobertaForSequenceClassification`` and
+``RobertaForSequenceClassification`` rerankers score (query, document) pairs as sentence-transformers'
+``CrossEncoder.predict`` does (sigmoid of the one logit, or the logit itself when the config says Identity), and
+the rules: a cross-encoder does not embed or generate, an embedding model does not score."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from inferneo import LLM, SamplingParams
+from inferneo.engine.protocol import InvalidRequestError
+from inferneo.testing.encoder_models import make_tiny_encoder
+from inferneo.testing.tiny_models import _CORPUS
+
+QUERY = "what is the capital of france?"
+WORDS = _CORPUS.split()
+DOCS = ["Paris is the capital of France.", "bananas are yellow", "a"] + [
+    " ".join(WORDS[i : i + n]) for i, n in enumerate([30, 6, 45, 12])
+]
+
+
+@pytest.fixture(scope="module", params=["xlm_roberta", "roberta"])
+def reranker(request, tmp_path_factory):
+    path = make_tiny_encoder(tmp_path_factory.mktemp(request.param), request.param, None, head="classifier")
+    return path, LLM(str(path), dtype="float32", max_num_seqs=4)
+
+
+def test_scores_equal_cross_encoder(reranker):
+    from sentence_transformers import CrossEncoder
+
+    path, llm = reranker
+    expected = torch.tensor(CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in DOCS]))
+    outputs = llm.score(QUERY, DOCS, use_tqdm=False)  # one query against every document
+    got = torch.tensor([o.outputs.score for o in outputs], dtype=torch.float64)
+    torch.testing.assert_close(got, expected.double(), atol=1e-5, rtol=0)
+    assert bool(((got > 0) & (got < 1)).all())  # the sigmoid of the logit
+    tokenizer = llm.get_tokenizer()
+    assert [o.prompt_token_ids for o in outputs] == [tokenizer(QUERY, d).input_ids for d in DOCS]
+    pairwise = llm.score([QUERY, DOCS[0]], [DOCS[1], DOCS[2]], use_tqdm=False)  # two lists, pair by pair
+    torch.testing.assert_close(pairwise[0].outputs.score, outputs[1].outputs.score, atol=1e-6, rtol=0)
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def test_a_cross_encoder_neither_embeds_nor_generates(reranker):
+    _, llm = reranker
+    with pytest.raises(InvalidRequestError, match="cross-encoder") as info:
+        llm.embed("hello", use_tqdm=False)
+    assert info.value.param == "model"
+    with pytest.raises(InvalidRequestError, match="embeddings only"):
+        llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="lists of one length"):
+        llm.score([QUERY, QUERY], DOCS, use_tqdm=False)
+
+
+def test_identity_activation_gives_the_logit(tmp_path):
+    """A cross-encoder whose ``config.json`` names sentence-transformers' Identity activation scores by the raw
+    logit, as ``CrossEncoder.predict`` does."""
+    from sentence_transformers import CrossEncoder
+
+    path = make_tiny_encoder(tmp_path / "identity", "xlm_roberta", None, head="classifier", seed=3)
+    config = json.loads((path / "config.json").read_text())
+    config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    (path / "config.json").write_text(json.dumps(config))
+    expected = CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in DOCS[:3]])
+    got = [o.outputs.score for o in LLM(str(path), dtype="float32").score(QUERY, DOCS[:3], use_tqdm=False)]
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(expected).double(), atol=1e-5, rtol=0
+    )
+
+
+def test_an_embedding_model_does_not_score(tmp_path):
+    path = make_tiny_encoder(tmp_path / "bert", "bert", "mean")
+    with pytest.raises(InvalidRequestError, match="does not score pairs") as info:
+        LLM(str(path), dtype="float32").score(QUERY, DOCS[:2], use_tqdm=False)
+    assert info.value.param == "model"
