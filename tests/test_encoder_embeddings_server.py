@@ -103,3 +103,14 @@ def test_the_longest_input_is_served(server):
     r = httpx.post(server.url("/v1/embeddings"), json={"model": NAME, "input": [5] * MAX_SEQ}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == MAX_SEQ
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/score", {"text_1": "a", "text_2": "b"}), ("/v1/rerank", {"query": "a", "documents": ["b"]})],
+)
+def test_an_embedding_model_does_not_score(server, path, body):
+    r = httpx.post(server.url(path), json={"model": NAME, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "model" and "does not score pairs" in error["message"], error

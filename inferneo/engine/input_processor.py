@@ -178,6 +178,20 @@ class InputProcessor:
         """Raise ``InvalidRequestError`` (naming the field) unless the embedding request may run."""
         limits = self.limits
         n = len(prompt_token_ids)
+        self.check_pooling(pooling)
+        self.check_priority(priority)
+        _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
+        limit = min(limits.max_model_len, limits.kv_capacity_tokens)
+        if n > limit:
+            raise InvalidRequestError(f"the input has {n} tokens but at most {limit} fit (the model's context length "
+                                      "and KV cache): shorten it", param)
+        if (error := limits.pooling.dimensions_error(pooling.dimensions)) is not None:
+            raise InvalidRequestError(error, "dimensions")
+
+    def check_pooling(self, pooling: PoolingRequest) -> None:
+        """Raise ``InvalidRequestError`` (naming ``model``) unless the model serves ``pooling``'s task: embeddings
+        from an embedding model, scores from a cross-encoder."""
+        limits = self.limits
         if pooling.task != limits.pooling.task:
             raise InvalidRequestError(
                 "this model is a cross-encoder: it scores (query, document) pairs (LLM.score, /v1/score, "
@@ -187,14 +201,6 @@ class InputProcessor:
         if limits.pooling.unsupported is not None:
             what = "embeddings" if pooling.task == "embed" else "scores"
             raise InvalidRequestError(f"this model does not serve {what}: {limits.pooling.unsupported}", "model")
-        self.check_priority(priority)
-        _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
-        limit = min(limits.max_model_len, limits.kv_capacity_tokens)
-        if n > limit:
-            raise InvalidRequestError(f"the input has {n} tokens but at most {limit} fit (the model's context length "
-                                      "and KV cache): shorten it", param)
-        if (error := limits.pooling.dimensions_error(pooling.dimensions)) is not None:
-            raise InvalidRequestError(error, "dimensions")
 
 
 class FrontEndFacts:

@@ -15,6 +15,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
+from inferneo.entrypoints.score_pairs import score_pairs
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput
@@ -177,6 +178,7 @@ class LLM:
                             logprob.decoded_token = tokenizer.decode([token_id])
             results.append(BeamSearchOutput(sequences))
         return results
+
     def score(
         self,
         data_1: str | Sequence[str],
@@ -345,23 +347,6 @@ class LLM:
         finally:
             bar.close()
         return [results[request_id] for request_id in ids]
-
-
-def score_pairs(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> list[tuple[str, str]]:
-    """The (query, document) pairs of ``LLM.score``'s arguments: one text against each of the others (1 to N), or
-    two lists of one length pairwise. ValueError for lists of different lengths, TypeError for what is not text."""
-    firsts = [data_1] if isinstance(data_1, str) else list(data_1)
-    seconds = [data_2] if isinstance(data_2, str) else list(data_2)
-    if not all(isinstance(t, str) for t in firsts + seconds):
-        raise TypeError("data_1 and data_2 must be strings or lists of strings")
-    if not firsts or not seconds:
-        raise ValueError("data_1 and data_2 must each hold at least one text")
-    if len(firsts) == 1:
-        firsts = firsts * len(seconds)
-    if len(firsts) != len(seconds):
-        raise ValueError(f"data_1 has {len(firsts)} texts and data_2 {len(seconds)}: give one text to score against "
-                         "every text of data_2, or lists of one length")
-    return list(zip(firsts, seconds, strict=True))
 
 
 def _check_priority(priority: Any, n: int) -> None:

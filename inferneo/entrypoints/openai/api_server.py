@@ -26,6 +26,8 @@ from inferneo.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 from inferneo.entrypoints.openai.protocol_responses import InputTokensRequest, ResponsesRequest
@@ -36,6 +38,7 @@ from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
 from inferneo.entrypoints.openai.serving_responses import count_input_tokens, create_response
+from inferneo.entrypoints.openai.serving_score import create_rerank, create_score
 from inferneo.entrypoints.openai.stats_logger import log_stats_forever
 from inferneo.lora.registry import LoraModule, LoRARegistry
 from inferneo.startup_heap import freeze_startup_heap
@@ -134,6 +137,15 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
         return await create_embedding(ctx, body, raw)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, raw: Request) -> Response:
+        return await create_score(ctx, body, raw)
+
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(body: RerankRequest, raw: Request) -> Response:
+        return await create_rerank(ctx, body, raw)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

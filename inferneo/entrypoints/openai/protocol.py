@@ -521,6 +521,55 @@ class EmbeddingRequest(_Body):
         return _prompt_list(self.input)
 
 
+class ScoreRequest(_Body):
+    """``POST /v1/score`` (vLLM's): ``text_1`` (a string, or a list) scored against ``text_2`` (a string or a
+    list) by a cross-encoder: one text against each text of the other, or two lists of one length pairwise."""
+
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    text_1: Any
+    text_2: Any
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # Inferneo extension, as in the other endpoints
+
+    @field_validator("text_1", "text_2", mode="before")
+    @classmethod
+    def _check_texts(cls, value: str | list[str], info) -> str | list[str]:
+        return _check_texts(value, info.field_name)
+
+
+class RerankRequest(_Body):
+    """``POST /v1/rerank`` (and ``/v2/rerank``), Jina's and Cohere's shape as vLLM serves it: the ``documents``
+    ranked by a cross-encoder's score against ``query``, best first, the first ``top_n`` of them (all by default)."""
+
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=1, le=INT64_MAX)
+    return_documents: bool = True
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+
+    @field_validator("query", "documents")
+    @classmethod
+    def _check_texts(cls, value: str | list[str], info) -> str | list[str]:
+        return _check_texts(value, info.field_name)
+
+
+def _check_texts(value: str | list[str], what: str) -> str | list[str]:
+    """A string or a non-empty list of strings, none of them empty or longer than ``MAX_TEXT_CHARS``."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("must be a string or a list of strings")
+    if not texts:
+        raise ValueError("must hold at least one text")
+    for i, text in enumerate(texts):
+        where = what if isinstance(value, str) else f"{what} {i}"
+        if not text:
+            raise ValueError(f"{where} is an empty string")
+        _check_text(text, where)
+    return value
+
+
 class TokenizeRequest(_ChatTemplateTurn):
     """``POST /tokenize``: a ``prompt`` or a conversation in ``messages``."""
 

@@ -1,0 +1,106 @@
+"""``/v1/score`` and ``/v1/rerank`` (and ``/v2/rerank``) of a cross-encoder on a real ``inferneo serve`` over HTTP,
+against sentence-transformers' ``CrossEncoder.predict`` on the same tiny ``XLMRobertaForSequenceClassification``;
+the refusals: bad bodies, over-long pairs, embedding and generation requests to a cross-encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from inferneo.testing.encoder_models import make_tiny_encoder
+from inferneo.testing.server import RemoteServer
+from inferneo.testing.tiny_models import _CORPUS
+
+NAME = "BAAI/bge-reranker-v2-m3"
+MAX_LEN = 94  # the tiny model's 96 positions, past RoBERTa's padding index
+QUERY = "what is the capital of france?"
+WORDS = _CORPUS.split()
+DOCS = ["Paris is the capital of France.", "bananas are yellow", "a"] + [
+    " ".join(WORDS[i : i + n]) for i, n in enumerate([30, 6, 12])
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_encoder(
+        tmp_path_factory.mktemp("reranker"), "xlm_roberta", None, head="classifier", seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with RemoteServer(
+        model_dir, "--served-model-name", NAME, "--max-num-seqs", "4", "--disable-access-log"
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir) -> np.ndarray:
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(model_dir), device="cpu").predict([(QUERY, d) for d in DOCS])
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url(path), json={"model": NAME, **body}, timeout=60)
+
+
+def test_score_equals_cross_encoder(server, expected):
+    r = post(server, "/v1/score", {"text_1": QUERY, "text_2": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == NAME
+    assert [d["index"] for d in body["data"]] == list(range(len(DOCS)))
+    assert {d["object"] for d in body["data"]} == {"score"}
+    np.testing.assert_allclose([d["score"] for d in body["data"]], expected, atol=1e-5, rtol=0)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    pairwise = post(server, "/v1/score", {"text_1": [QUERY, QUERY], "text_2": DOCS[:2]}).json()
+    np.testing.assert_allclose([d["score"] for d in pairwise["data"]], expected[:2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_rerank_sorts_by_cross_encoder_score(server, expected, path):
+    r = post(server, path, {"query": QUERY, "documents": DOCS, "top_n": 4})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    order = list(np.argsort(-expected))[:4]
+    assert [x["index"] for x in results] == order
+    np.testing.assert_allclose([x["relevance_score"] for x in results], expected[order], atol=1e-5, rtol=0)
+    assert [x["document"]["text"] for x in results] == [DOCS[i] for i in order]
+    bare = post(server, path, {"query": QUERY, "documents": DOCS[:2], "return_documents": False}).json()[
+        "results"
+    ]
+    assert len(bare) == 2 and "document" not in bare[0]
+    assert r.json()["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "words"),
+    [
+        ("/v1/score", {"text_1": [QUERY, QUERY], "text_2": DOCS[:3]}, "text_1", "lists of one length"),
+        ("/v1/score", {"text_1": "", "text_2": "x"}, "text_1", "empty string"),
+        ("/v1/score", {"text_1": "q", "text_2": []}, "text_2", "at least one text"),
+        ("/v1/score", {"text_1": "q", "text_2": 5}, "text_2", "a string or a list of strings"),
+        ("/v1/score", {"text_1": "q", "text_2": " ".join(WORDS[:120])}, "text_2", "the pair has"),
+        ("/v1/rerank", {"query": "q", "documents": ["ok", " ".join(WORDS[:120])]}, "documents", "pair 1"),
+        (
+            "/v1/rerank",
+            {"query": "q", "documents": ["ok", ""]},
+            "documents",
+            "documents 1 is an empty string",
+        ),
+        ("/v1/rerank", {"query": "q", "documents": ["ok"], "top_n": 0}, "top_n", ""),
+        ("/v1/rerank", {"query": "q", "documents": ["ok"], "rank_fields": ["x"]}, "rank_fields", ""),
+        ("/v1/embeddings", {"input": "hello"}, "model", "cross-encoder"),
+        ("/v1/completions", {"prompt": "hello", "max_tokens": 2}, "model", "embeddings only"),
+    ],
+)
+def test_bad_requests_are_400s_naming_the_field(server, path, body, param, words):
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
