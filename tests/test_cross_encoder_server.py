@@ -104,3 +104,24 @@ def test_bad_requests_are_400s_naming_the_field(server, path, body, param, words
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+def test_the_docs_rerank_example_gets_an_answer(server):
+    """The ``curl`` example of ``docs/embeddings.md``'s cross-encoder section, run as written against this
+    server."""
+    import json
+    import re
+    import subprocess
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "embeddings.md").read_text()
+    (command,) = re.findall(
+        r"^(curl -s localhost:8000/v1/rerank .*?)\n```", page, flags=re.DOTALL | re.MULTILINE
+    )
+    command = command.replace("localhost:8000", server.base_url.removeprefix("http://"))
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    texts = sorted(r["document"]["text"] for r in reply["results"])
+    assert texts == ["Bananas are yellow.", "Paris is the capital of France."], reply
+    scores = [r["relevance_score"] for r in reply["results"]]
+    assert scores == sorted(scores, reverse=True)
