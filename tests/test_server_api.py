@@ -723,3 +723,44 @@ def test_a_prompt_and_answer_past_the_context_give_400_naming_the_field_sent(ser
     if path != "/v1/responses":  # min_tokens (an extension) past the limit: the limit goes by its name too
         error = assert_error(post(server, path, {**body, field: 5, "min_tokens": 10}), 400, "min_tokens")
         assert field in error["message"] and not any(name in error["message"] for name in others), error["message"]
+
+
+def test_return_token_ids_gives_the_prompt_and_answer_ids_whole_and_streamed(client, llm):
+    """vLLM's ``return_token_ids``: each choice's generated ids (the ids the offline engine generates) and its
+    prompt's; streamed, the prompt's ids come in a choice's first chunk and the chunks' ids add up to the answer's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["hello world", "the quick brown fox"]
+    offline = llm.generate(prompts, params, use_tqdm=False)
+    body = {"return_token_ids": True, "ignore_eos": True}
+    whole = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0,
+                                      extra_body=body)
+    for choice, expected in zip(whole.choices, offline, strict=True):
+        assert choice.model_extra["token_ids"] == expected.outputs[0].token_ids
+        assert choice.model_extra["prompt_token_ids"] == expected.prompt_token_ids
+    stream = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0, stream=True,
+                                       extra_body=body)
+    ids: dict[int, list[int]] = {}
+    prompt_ids: dict[int, list[int]] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            first = choice.index not in ids
+            ids.setdefault(choice.index, []).extend(choice.model_extra["token_ids"])
+            if "prompt_token_ids" in choice.model_extra:  # in a choice's first chunk only
+                assert first
+                prompt_ids[choice.index] = choice.model_extra["prompt_token_ids"]
+    assert [ids[i] for i in range(2)] == [o.outputs[0].token_ids for o in offline]
+    assert [prompt_ids[i] for i in range(2)] == [o.prompt_token_ids for o in offline]
+
+    messages = [{"role": "user", "content": "hello"}]
+    chat_offline = llm.chat(messages, params, use_tqdm=False)[0]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                          extra_body=body)
+    assert chat.choices[0].model_extra["token_ids"] == chat_offline.outputs[0].token_ids
+    assert chat.model_extra["prompt_token_ids"] == chat_offline.prompt_token_ids
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, extra_body=body))
+    assert chunks[0].model_extra["prompt_token_ids"] == chat_offline.prompt_token_ids
+    streamed = [t for c in chunks for ch in c.choices for t in ch.model_extra["token_ids"]]
+    assert streamed == chat_offline.outputs[0].token_ids
+    plain = client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert "token_ids" not in (plain.choices[0].model_extra or {})

@@ -42,6 +42,7 @@ class SamplingArgs(TypedDict, total=False):
     priority: int
     truncate_prompt_tokens: int | None
     prompt_logprobs: int | None  # vLLM's: each prompt token's log-probability and this many alternatives
+    return_token_ids: bool | None  # vLLM's: each choice's token_ids and prompt_token_ids
     # vLLM's beam search: n is the beam width, length_penalty the ranking's exponent (docs/online-serving.md)
     use_beam_search: bool
     length_penalty: float

@@ -225,6 +225,8 @@ class _SamplingBody(_Body):
     # vLLM's beam search: n is the beam width, length_penalty its ranking's exponent (inferneo.beam_search)
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # vLLM's: each choice also carries its generated token ids (token_ids) and its prompt's (prompt_token_ids)
+    return_token_ids: bool | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

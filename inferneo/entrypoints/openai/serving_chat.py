@@ -142,6 +142,7 @@ class StartedChat:
     thinking_open: tuple[bool, ...] | None = None  # with a reasoning parser: each conversation's answer starts
     # inside an open thinking block (``ReasoningParser.opens``)
     num_prompt_tokens: int = 0  # of all the conversations
+    prompt_token_ids: tuple[list[int], ...] = ()  # each conversation's, as rendered
 
 
 async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
@@ -201,7 +202,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
         if req.max_completion_tokens is not None:  # the sampling parameters and the engine call it max_tokens
             error = renamed(error, "max_tokens", "max_completion_tokens")
         raise error from None
-    return StartedChat(model, group, len(requests), params, thinking_open, sum(map(len, prompt_ids)))
+    return StartedChat(model, group, len(requests), params, thinking_open, sum(map(len, prompt_ids)),
+                       tuple(prompt_ids))
 
 
 class _Chat:
@@ -224,6 +226,7 @@ class _Chat:
         self.group = started.group
         self.num_conversations = started.num_conversations
         self.num_prompt_tokens = started.num_prompt_tokens
+        self.prompt_token_ids = started.prompt_token_ids
         self.created = now()
         self.top_k = (req.top_logprobs or 0) if req.logprobs else None
 
@@ -254,6 +257,9 @@ class _Chat:
                 }
                 if self.req.prompt_logprobs is not None:
                     body["prompt_logprobs"] = prompt_logprobs_json(finals[i].prompt_logprobs)
+                if self.req.return_token_ids:
+                    body["prompt_token_ids"] = finals[i].prompt_token_ids
+                    body["token_ids"] = choice.token_ids
                 choices.append(body)
         response = {
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -262,6 +268,8 @@ class _Chat:
         }
         if self.req.prompt_logprobs is not None and len(finals) == 1:  # vLLM's place, for one conversation
             response["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
+        if self.req.return_token_ids and len(finals) == 1:  # vLLM's place, for one conversation
+            response["prompt_token_ids"] = finals[0].prompt_token_ids
         return JSONResponse(response)
 
     def _logprobs(self, choice, answer: list[bool] | None = None) -> list[dict[str, Any]]:
@@ -297,13 +305,21 @@ class _Chat:
                                 "model": self.model, "system_fingerprint": None}
 
         def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None,
-                  stop_reason: int | str | None = None) -> bytes:
-            payload = {**base, "choices": [{"index": key, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish_reason, "stop_reason": stop_reason}]}
+                  stop_reason: int | str | None = None, token_ids: list[int] | None = None) -> bytes:
+            body = {"index": key, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                    "stop_reason": stop_reason}
+            payload = {**base, "choices": [body]}
+            if token_ids is not None:  # return_token_ids (vLLM's): the prompt's ids first, then each chunk's new ids
+                body["token_ids"] = token_ids
+                if delta.get("role"):  # a choice's first chunk; at the top too for one conversation (vLLM's place)
+                    body["prompt_token_ids"] = self.prompt_token_ids[key // n]
+                    if self.num_conversations == 1:
+                        payload["prompt_token_ids"] = body["prompt_token_ids"]
             return sse(counts.put(payload, reasoning_tokens() if counts.continuous else None))
 
         streams = {}
         counters: dict[int, TokenCounter] = {}
+        ids = bool(req.return_token_ids)
 
         def reasoning_tokens() -> int | None:
             return sum(c.count for c in counters.values()) if self.reasoning is not None else None
@@ -313,7 +329,8 @@ class _Chat:
                 counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
             streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning,
                                            self.calls_finish)
-            yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""})
+            yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""},
+                        token_ids=[] if ids else None)
         async for i, delta in self.group:
             counts.add(i, delta)
             for choice in delta.outputs:
@@ -323,10 +340,11 @@ class _Chat:
                 logprobs = None
                 if self.top_k is not None and (content := self._logprobs(choice, answer)):
                     logprobs = {"content": content}
-                if not message and logprobs is None and finish_reason is None:
+                if not message and logprobs is None and finish_reason is None and not (ids and choice.token_ids):
                     continue
                 yield chunk(key, message, logprobs, finish_reason,
-                            choice.stop_reason if finish_reason is not None else None)
+                            choice.stop_reason if finish_reason is not None else None,
+                            choice.token_ids if ids else None)
         if counts.include:
             yield sse({**base, "choices": [], "usage": counts.totals(reasoning_tokens())})
         yield SSE_DONE

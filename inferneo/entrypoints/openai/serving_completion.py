@@ -107,6 +107,9 @@ class _Completion:
                     logprobs = self._logprobs(finals[i], token_ids, token_logprobs, echo=bool(prefix))
                 body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+                if self.req.return_token_ids:
+                    body["prompt_token_ids"] = finals[i].prompt_token_ids
+                    body["token_ids"] = choice.token_ids
                 if self.req.prompt_logprobs is not None:
                     body["prompt_logprobs"] = prompt_logprobs_json(finals[i].prompt_logprobs)
                 choices.append(body)
@@ -121,6 +124,7 @@ class _Completion:
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
                                 "model": self.model}
         started: set[int] = set()
+        ids_started: set[int] = set()  # the choices whose prompt_token_ids were sent (return_token_ids)
         offsets: dict[int, int] = {}  # text_offset of each choice's next token
         async for i, delta in self.group:
             counts.add(i, delta)
@@ -138,11 +142,18 @@ class _Completion:
                 if req.logprobs is not None and (token_ids or echo):
                     logprobs = self._logprobs(delta, token_ids, token_logprobs, echo, offsets.get(key, 0))
                     offsets[key] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                if not text and logprobs is None and choice.finish_reason is None:
+                ids = req.return_token_ids
+                if not text and logprobs is None and choice.finish_reason is None and not (ids and (
+                        choice.token_ids or echo)):
                     continue
-                chunk = {**base, "choices": [{"index": key, "text": text, "logprobs": logprobs,
-                                              "finish_reason": choice.finish_reason,
-                                              "stop_reason": choice.stop_reason if choice.finish_reason else None}]}
+                body = {"index": key, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason,
+                        "stop_reason": choice.stop_reason if choice.finish_reason else None}
+                if ids:  # vLLM's: the prompt's ids in a choice's first chunk, each chunk's new ids
+                    if key not in ids_started:
+                        ids_started.add(key)
+                        body["prompt_token_ids"] = delta.prompt_token_ids
+                    body["token_ids"] = choice.token_ids
+                chunk = {**base, "choices": [body]}
                 yield sse(counts.put(chunk))
         if counts.include:
             yield sse({**base, "choices": [], "usage": counts.totals()})
