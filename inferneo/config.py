@@ -119,6 +119,19 @@ def _speculative_config_arg(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _generation_override(value: Any) -> dict[str, Any] | None:
+    from inferneo.model_loader.loader import check_generation_override
+
+    return check_generation_override(value)
+
+
+def _generation_override_arg(text: str) -> dict[str, Any] | None:
+    try:
+        return _generation_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _memory_size_arg(text: str) -> int:
     try:
         return parse_memory_size(text)
@@ -152,6 +165,10 @@ class EngineConfig:
         "auto", str, "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty) for requests that "
         "leave them out: auto takes the model's generation_config.json; vllm takes none (the OpenAI defaults); a "
         "folder takes its generation_config.json. EOS ids always come from the model's", metavar="auto|vllm|FOLDER")
+    override_generation_config: dict[str, Any] | None = option(
+        None, _generation_override_arg, "sampling defaults set over --generation-config's, as JSON (vLLM's flag), "
+        'e.g. \'{"temperature": 0.6, "top_p": 0.95}\'; keys: temperature, top_p, top_k, min_p, '
+        "repetition_penalty", metavar="JSON", convert=_generation_override)
     dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (on CPU: bf16 for a 16-bit "
                         "checkpoint where the CPU has AMX or AVX512_BF16, else fp32)",
                         choices=("auto", "float32", "bfloat16", "float16"))

@@ -472,6 +472,19 @@ def test_generation_config_sampling_defaults_are_honoured(tiny_checkpoint_factor
     with pytest.raises(FileNotFoundError, match="generation-config"):
         LLM(str(dst), generation_config=str(tmp_path / "nowhere"))
 
+    # --override-generation-config: set over the chosen defaults (the model's, or none with vllm); checked keys
+    over = LLM(str(dst), override_generation_config={"temperature": 0.2, "min_p": 0.05}).get_default_sampling_params()
+    assert (over.temperature, over.min_p, over.top_p, over.top_k) == (0.2, 0.05, 0.9, 20)
+    # (the model's do_sample=False, in its file since above, made its own temperature 0; an override's is kept)
+    over = LLM(str(dst), override_generation_config='{"temperature": 0.7}').get_default_sampling_params()
+    assert over.temperature == 0.7
+    only = LLM(str(dst), generation_config="vllm", override_generation_config={"top_k": 3})
+    assert (only.get_default_sampling_params().top_k, only.get_default_sampling_params().temperature) == (3, 1.0)
+    for bad, match in [({"max_new_tokens": 5}, "'max_new_tokens' not supported"),
+                       ({"temperature": -1}, "temperature must be"), ("[1]", "must be a JSON object")]:
+        with pytest.raises(ValueError, match=match):
+            LLM(str(dst), override_generation_config=bad)
+
 
 def test_chat_template_flag_replaces_the_models(tiny_llama_dir, tmp_path):
     """``chat_template`` (``--chat-template``): a Jinja file or the template itself, checked at start-up."""

@@ -189,13 +189,16 @@ def test_chat_template_kwargs_follow_one_rule_offline_and_served(server, llm):
 
 
 def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tmp_path, llm):
-    """vLLM's serve flags as its users write them: --chat-template (a file), --generation-config vllm,
-    --enable-auto-tool-choice and --trust-remote-code."""
+    """vLLM's serve flags as its users write them: --chat-template (a file), --generation-config vllm with
+    --override-generation-config, --enable-auto-tool-choice, --trust-remote-code, --disable-log-requests and
+    --disable-log-stats."""
     template = tmp_path / "template.jinja"
     template.write_text("{% if tools %}T{{ tools | length }}:{% endif %}{% for m in messages %}[{{ m.content }}]"
                         "{% endfor %}{{ mark | default('') }}")
     with RemoteServer(tiny_llama_dir, "--chat-template", str(template), "--generation-config", "vllm",
-                      "--enable-auto-tool-choice", "--trust-remote-code", "--kv-cache-memory", "16MiB",
+                      "--override-generation-config", '{"temperature": 0}', "--disable-log-requests",
+                      "--disable-log-stats", "--enable-auto-tool-choice", "--trust-remote-code", "--kv-cache-memory",
+                      "16MiB",
                       "--num-threads", "1", "--engine-in-process", "--disable-access-log") as srv:
         messages = [{"role": "user", "content": "hi"}]
         tokens = post(srv, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
@@ -209,6 +212,11 @@ def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tm
         assert tokens == llm.get_tokenizer()("T1:[hi]!", add_special_tokens=False).input_ids
         chat = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 1, **extra}).json()
         assert chat["usage"]["prompt_tokens"] == len(tokens)
+        # the override's temperature 0 is the default: a request without one is greedy
+        answer = post(srv, "/v1/completions", {"prompt": "hello world", "max_tokens": 8, "ignore_eos": True}).json()
+        greedy = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                              use_tqdm=False)[0]
+        assert answer["choices"][0]["text"] == greedy.outputs[0].text
 
 
 # ---- the guide's two basic examples, as raw HTTP and through the openai client ----------------------------------

@@ -65,7 +65,8 @@ class InputProcessor:
         """The tokenizer and generation config of ``config``'s model (the front end's half of loading it)."""
         source = resolve_model(config.model)
         return (load_tokenizer(source, config.tokenizer, config.chat_template),
-                generation_config_for(source, config.generation_config))
+                generation_config_for(source, config.generation_config,
+                                      config.override_generation_config))
 
     def default_sampling_params(self) -> SamplingParams:
         """The model's sampling defaults (a fresh copy each call)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,50 @@ def load_generation_config(source: ModelSource) -> dict[str, Any]:
 SAMPLING_DEFAULT_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def generation_config_for(source: ModelSource, choice: str = "auto") -> dict[str, Any]:
+def generation_config_for(source: ModelSource, choice: str = "auto",
+                          override: dict[str, Any] | None = None) -> dict[str, Any]:
     """The generation config requests are served with (``--generation-config``): ``auto``, the model's; ``vllm``,
     the model's without its sampling defaults (vLLM's name for "use the OpenAI defaults"); a folder, its
-    ``generation_config.json`` with the model's EOS ids (which end the model's answers whatever the defaults)."""
+    ``generation_config.json`` with the model's EOS ids (which end the model's answers whatever the defaults).
+    ``override`` (``--override-generation-config``, checked by :func:`check_generation_override`) sets sampling
+    defaults over the chosen ones."""
+    chosen = _chosen_generation_config(source, choice)
+    if override:
+        chosen = {**chosen, **override}
+        if "temperature" in override:  # an explicit temperature samples (or not) as it says
+            chosen.pop("do_sample", None)
+    return chosen
+
+
+GENERATION_OVERRIDE_KEYS = tuple(k for k in SAMPLING_DEFAULT_KEYS if k != "do_sample")
+
+
+def check_generation_override(value: Any) -> dict[str, Any] | None:
+    """``--override-generation-config``'s value (a JSON object, as text or a dict) as a dict of sampling defaults;
+    ``ValueError`` naming a key outside :data:`GENERATION_OVERRIDE_KEYS` or a value that is no valid default."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"override_generation_config must be a JSON object; {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"override_generation_config must be a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(GENERATION_OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"override_generation_config: {', '.join(map(repr, unknown))} not supported; the keys are "
+                         f"{', '.join(GENERATION_OVERRIDE_KEYS)}")
+    from inferneo.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**value)  # each value as a request's would be checked
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"override_generation_config: {exc}") from None
+    return dict(value)
+
+
+def _chosen_generation_config(source: ModelSource, choice: str) -> dict[str, Any]:
     model = load_generation_config(source)
     if choice == "auto":
         return model
