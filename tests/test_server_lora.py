@@ -149,6 +149,39 @@ def test_model_cards_survive_a_load_finishing_meanwhile(tiny_llama_dir, loras):
     assert [c["id"] for c in lora_model_cards(ctx, card)] == ["sql", "chat"]
 
 
+def test_a_request_keeps_its_adapter_when_unloaded_while_its_prompt_is_tokenized(server, loras):
+    """A long prompt is tokenized off the event loop; an unload of its adapter meanwhile must not turn the request
+    into a base-model one answered under the adapter's name: it runs with the adapter it named on arrival."""
+    long = "the quick brown fox " * 1000  # 20,000 characters: tokenized on the tokenizer thread
+
+    def body(model):
+        return {"model": model, "prompt": long, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                "truncate_prompt_tokens": 40}
+
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "racy", "lora_path": str(loras["sql"])}).status_code \
+        == 200
+    with_adapter = post(server, "/v1/completions", body("racy")).json()["choices"][0]["text"]
+    assert with_adapter != post(server, "/v1/completions", body("tiny")).json()["choices"][0]["text"]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
+            # a prompt of 400,000 characters holds the tokenizer thread for a while
+            blocker = asyncio.create_task(client.post("/v1/completions", json={
+                "model": "tiny", "prompt": "the quick brown fox " * 20_000, "max_tokens": 1,
+                "truncate_prompt_tokens": 8}))
+            await asyncio.sleep(0.3)
+            racy = asyncio.create_task(client.post("/v1/completions", json=body("racy")))
+            await asyncio.sleep(0.3)  # named its adapter, waits for the tokenizer thread
+            assert not blocker.done()
+            unload = await client.post("/v1/unload_lora_adapter", json={"lora_name": "racy"})
+            return unload, await racy, await blocker
+
+    unload, racy, blocker = asyncio.run(scenario())
+    assert unload.status_code == 200 and blocker.status_code == 200, (unload.text, blocker.text)
+    assert racy.status_code == 200 and racy.json()["model"] == "racy", racy.text
+    assert racy.json()["choices"][0]["text"] == with_adapter
+
+
 def test_load_inplace_swaps_the_adapter_behind_a_name(server, loras, expected):
     """vLLM's ``load_inplace``: loading a name in use again serves the new folder (a new adapter to the engine, so
     neither its slots nor its prefix-cache entries hold the old weights); without it the name in use is a 400."""

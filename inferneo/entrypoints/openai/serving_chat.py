@@ -161,6 +161,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     ``APIError`` (4xx) for what cannot run; ``param`` names the field holding the conversation in engine refusals
     (a prompt too long)."""
     model = ctx.model_name(req.model)
+    lora = ctx.lora_for(model)  # now: an unload while the conversation renders off the loop must not drop it
     try:
         ctx.engine.input.check_generates()  # before the chat template, which such a model may lack
     except InvalidRequestError as exc:
@@ -189,11 +190,10 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
             params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
             if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads
                 params.skip_special_tokens = params.spaces_between_special_tokens = False
-            requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority,
-                                          lora=ctx.lora_for(model)))
+            requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora))
         if beam is not None:
             group = submit_beam_search(engine, request_id, prompt_ids, beam,
-                                       [r.params.max_tokens for r in requests], req.priority, ctx.lora_for(model),
+                                       [r.params.max_tokens for r in requests], req.priority, lora,
                                        ctx.tokenizer, params.skip_special_tokens, param)
         else:
             group = engine.submit(requests, param=param)

@@ -105,7 +105,9 @@ class ServerContext:
         return requested
 
     def lora_for(self, model: str) -> LoraRef | None:
-        """The adapter a request addressed by its ``model`` (a served name returned by ``model_name``)."""
+        """The adapter a request addressed by its ``model`` (a served name returned by ``model_name``). Look it up
+        together with ``model_name``, before any ``await``: an adapter unloaded meanwhile is no longer found, and
+        the request would run with the base model under the adapter's name."""
         return self.loras.get(model) if self.loras is not None else None
 
 

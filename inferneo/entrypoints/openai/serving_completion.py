@@ -41,6 +41,7 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
     model = ctx.model_name(req.model)
+    lora = ctx.lora_for(model)  # now: an unload while the prompt is tokenized off the loop must not drop it
     check_common(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
@@ -61,7 +62,6 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prompt_ids = truncated
     request_id = random_id("cmpl")
     try:
-        lora = ctx.lora_for(model)
         if beam is not None:
             group = submit_beam_search(engine, request_id, prompt_ids, beam, [max_tokens] * len(prompt_ids),
                                        req.priority, lora, ctx.tokenizer, req.skip_special_tokens)
