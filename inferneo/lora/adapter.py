@@ -37,12 +37,12 @@ _VISION = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|visi
 
 # PEFT LoraConfig options that change what an adapter computes beyond x @ A.T @ B.T on the seven projections (set:
 # refused, naming the option): variants of the product (DoRA, QALoRA, KaSA, BD-LoRA, MonteCLoRA, Arrow routing,
-# aLoRA's activation after invocation tokens), weights on other modules (an embedding's
-# trainable tokens, modules_to_save, target_parameters: parameters such as MoE experts), a bias on lora_B, layers
-# replicated into a deeper model, and weights stored transposed.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias",
-                "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
-                "alora_invocation_tokens", "arrow_config", "kasa_config", "use_bdlora", "monteclora_config")
+# aLoRA's activation after invocation tokens), weights on other modules (an embedding's trainable tokens,
+# modules_to_save, target_parameters: parameters such as MoE experts), a bias on lora_B, layers replicated into a
+# deeper model, and weights stored transposed.
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias", "layer_replication",
+                "trainable_token_indices", "target_parameters", "use_qalora", "alora_invocation_tokens",
+                "arrow_config", "kasa_config", "use_bdlora", "monteclora_config")
 
 
 class LoRAAdapterError(InvalidRequestError):
