@@ -138,6 +138,29 @@ def test_adapters_of_other_families_equal_peft(tiny_checkpoint_factory, tmp_path
         llm.shutdown()
 
 
+def test_gemma3_adapters_of_older_transformers_name_language_model_first(tiny_checkpoint_factory, tmp_path):
+    """Transformers before 4.52 saved Gemma 3's multimodal model as ``language_model.model.layers``: an adapter
+    trained then reads as today's ``model.language_model.layers`` one (and its vision tower is skipped alike)."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_checkpoint_factory("gemma3_multimodal")
+    today = make_peft_adapter(base, tmp_path / "today", r=4, target_modules=["q_proj", "down_proj"])
+    older = tmp_path / "older"
+    shutil.copytree(today, older)
+    tensors = load_file(str(today / "adapter_model.safetensors"))
+    renamed = {key.replace("model.model.language_model.", "model.language_model.model."): t.clone()
+               for key, t in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(older / "adapter_model.safetensors"))
+    config = DecoderConfig.from_hf(json.loads((base / "config.json").read_text())["text_config"])
+    targets = lora_targets(config)
+    read = [load_adapter(p.name, 1, str(p), targets, config.num_layers, max_lora_rank=8) for p in (today, older)]
+    assert read[0].weights.keys() == read[1].weights.keys() and read[0].weights
+    for key, pairs in read[0].weights.items():
+        for pair, other in zip(pairs, read[1].weights[key], strict=True):
+            assert (pair is None and other is None) or all(map(torch.equal, pair, other))
+
+
 def test_a_fused_module_and_its_shard_both_changed_are_refused(tiny_checkpoint_factory, tmp_path):
     from safetensors.torch import load_file, save_file
 
