@@ -288,6 +288,37 @@ def test_queued_requests_keep_their_adapter_read_when_they_arrived(base, adapter
         engine.shutdown()
 
 
+def test_a_busy_adapter_does_not_keep_another_waiting_for_ever(base, adapters):
+    """One slot; a request of adapter B waits behind adapter A's, and A's requests keep arriving (one every other
+    step). B's request waited for ever (every step a later A request started: A kept the slot); after
+    ``lora_max_wait_steps`` steps it holds back the adapter requests behind it, A's running ones finish, and it
+    runs: with PEFT's tokens, as do A's."""
+    engine = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=16, dtype="float32", kv_cache_memory="16MiB",
+                 num_threads=1)
+    try:
+        core = engine.engine
+        scheduler = core.core.scheduler
+        assert scheduler.lora_max_wait_steps == 64
+        scheduler.lora_max_wait_steps = 8  # the same rule, in fewer steps
+        a, b, prompt = adapters["qv8"], adapters["mlp4"], [5, 6, 7]
+        core.add_request("a-0", prompt, GREEDY, lora=a.to_ref())
+        core.add_request("b", prompt, GREEDY, lora=b.to_ref())
+        outputs, step = {}, 0
+        while "b" not in outputs and step < 100:
+            if step % 2 == 0:
+                core.add_request(f"a-{step + 1}", prompt, GREEDY, lora=a.to_ref())
+            outputs.update((out.request_id, out) for out in core.step() if out.finished)
+            step += 1
+        assert "b" in outputs, f"b still waits after {step} steps"
+        while core.has_unfinished_requests():
+            outputs.update((out.request_id, out) for out in core.step() if out.finished)
+        assert outputs["b"].outputs[0].token_ids == peft_greedy(base, b, prompt)
+        want = peft_greedy(base, a, prompt)
+        assert all(out.outputs[0].token_ids == want for rid, out in outputs.items() if rid.startswith("a-"))
+    finally:
+        engine.shutdown()
+
+
 def llm_block_bytes(base) -> int:
     """Bytes of one KV block of the tiny model (float32, 16 tokens): layers x K and V x kv heads x head_dim."""
     config = DecoderConfig.from_hf(json.loads((base / "config.json").read_text()))

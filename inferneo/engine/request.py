@@ -78,6 +78,9 @@ class Request:
     pooled: torch.Tensor | None = None
     # The LoRA adapter the request runs with (None: the base model); keys its prefix-cache blocks too.
     lora: LoraRef | None = None
+    # Scheduling steps in a row this waiting request was passed over for want of an adapter slot (the scheduler's
+    # ``lora_max_wait_steps`` bounds them).
+    lora_slot_waits: int = 0
     # Prompt log-probabilities collected over the prompt's chunks (None unless the request asked for them).
     prompt_logprobs: PromptLogprobsCollector | None = None
     # Speculative decoding: the request's tokens as the proposer reads them and its drafts' keep rate (made at the

@@ -100,6 +100,10 @@ class Scheduler:
         self.num_rope_recomputes = 0  # sequences computed again on growing past LongRoPE's original context
         self.max_model_len: int | None = None  # set by the engine core; used with asynchronous scheduling
         self.max_loras = 0  # LoRA: distinct adapters the running batch may hold (0: LoRA is off)
+        # LoRA: after this many steps passed over for want of a slot, a waiting request stops every adapter request
+        # behind it from starting, so the running adapters finish and free a slot (a busy adapter whose requests
+        # keep coming would otherwise hold the slots, and the request would wait for ever)
+        self.lora_max_wait_steps = 64
         # Speculative decoding (set by the engine core): a decoding request's draft tokens for this step, at most
         # the given number ([] when it takes none); None: speculation is off.
         self.propose_drafts: Callable[[Request, int], list[int]] | None = None
@@ -181,10 +185,14 @@ class Scheduler:
         # 2. Waiting requests, unless this step had to preempt (no point admitting more).
         skipped: list[Request] = []  # waiting requests whose adapter finds no free slot this step
         loras = self._running_loras() if self.max_loras else set()
+        held = False  # a request has waited lora_max_wait_steps for a slot: no adapter request behind it starts
         if not out.preempted:
             while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
-                if request.lora is not None and request.lora.lora_id not in loras and len(loras) >= self.max_loras:
+                if request.lora is not None and (held or (request.lora.lora_id not in loras
+                                                          and len(loras) >= self.max_loras)):
+                    request.lora_slot_waits += 1
+                    held = held or request.lora_slot_waits > self.lora_max_wait_steps
                     skipped.append(self.waiting.pop())
                     continue
                 if self._grows_past_rope_switch(request):  # preempted at the switch: computed again, long
@@ -215,6 +223,7 @@ class Scheduler:
                 budget -= num_new
                 if request.lora is not None:
                     loras.add(request.lora.lora_id)
+                    request.lora_slot_waits = 0
         for request in reversed(skipped):
             self.waiting.add(request, front=True)
 
