@@ -138,3 +138,32 @@ def test_an_exception_in_a_dynamic_batcher_block_cancels_and_a_normal_exit_still
         with pytest.raises(RuntimeError, match="closed"):
             batcher.submit("late")
     wait_for(server, lambda n: n == 0, 5)
+
+
+def test_ctrl_c_while_the_block_end_waits_for_the_answers_cancels_them(server):
+    """The usual shape: the block only submits, and leaving it normally waits (close()) for the answers. Ctrl-C
+    during that wait once left the batches in flight running on the server; now it cancels them as cancel() does."""
+    wait_for(server, lambda n: n == 0, 60)
+    script = textwrap.dedent(f"""
+        from inferneo.batching import DynamicBatcher
+        from inferneo.client import InferneoClient
+        client = InferneoClient({server.base_url!r}, max_retries=0)
+        futures = []
+        try:
+            with DynamicBatcher(client, {MODEL!r}, max_batch_size=4, max_wait_time=0.01, max_concurrency=4,
+                                **{LONG!r}) as batcher:
+                futures = [batcher.submit(f"p{{i}}") for i in range(40)]
+                print("submitted", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", sum(f.cancelled() for f in futures), flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(server, lambda n: n >= 16, 60)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert out.split() == ["submitted", "interrupted", "40"], out
+    wait_for(server, lambda n: n == 0, 5)

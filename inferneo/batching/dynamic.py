@@ -89,6 +89,7 @@ class DynamicBatcher:
         self._closed = False
         self._in_flight: set[Future[list[Outcome]]] = set()
         self._calls = calls_for(client, max_concurrency)
+        self._calls_closed = False
         self._thread = threading.Thread(target=self._run, name="inferneo-batcher", daemon=True)
         self._thread.start()
 
@@ -148,19 +149,25 @@ class DynamicBatcher:
         wait_futures(waiting, timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new prompts, send the pending ones, wait for every answer and stop the threads (idempotent)."""
+        """Refuse new prompts, send the pending ones, wait for every answer and stop the threads (idempotent). An
+        exception while it waits (Ctrl-C) cancels what is not answered yet, as :meth:`cancel` does."""
         with self._cond:
             self._closed = True
             waiting = list(self._unresolved)
             self._cond.notify()
-        self._thread.join(timeout)
-        wait_futures(waiting, timeout)
-        self._calls.close([], wait=timeout is None)
+        try:
+            self._thread.join(timeout)
+            wait_futures(waiting, timeout)
+        except BaseException:
+            self.cancel()
+            raise
+        self._close_calls([], wait=timeout is None)
 
     def cancel(self) -> None:
         """Refuse new prompts and stop now: cancel the future of every prompt not yet answered (those waiting for a
         batch are not sent), cancel the calls in flight so that the server stops generating for them, and stop the
-        threads. Leaving a ``with`` block by an exception (Ctrl-C included) calls this instead of :meth:`close`."""
+        threads (idempotent). Leaving a ``with`` block by an exception (Ctrl-C included) calls this instead of
+        :meth:`close`."""
         with self._cond:
             self._closed = True
             self._groups.clear()
@@ -170,7 +177,14 @@ class DynamicBatcher:
         for future in unresolved:
             future.cancel()
         self._thread.join()
-        self._calls.close(in_flight)
+        self._close_calls(in_flight)
+
+    def _close_calls(self, cancel: list[Future[list[Outcome]]], wait: bool = True) -> None:
+        with self._cond:
+            if self._calls_closed:
+                return
+            self._calls_closed = True
+        self._calls.close(cancel, wait)
 
     def __enter__(self) -> DynamicBatcher:
         return self
