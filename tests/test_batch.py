@@ -263,6 +263,18 @@ def test_url_with_v1_or_without_scheme_is_the_same_server(server, tmp_path, caps
         assert all(r["response"]["status_code"] == 200 for r in records)
 
 
+def test_an_output_that_cannot_be_created_is_an_error_not_a_traceback(tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(request_line("a", 1) + "\n")
+    for out in (requests / "out.jsonl", tmp_path):  # under a file (as a read-only place refuses), a folder
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--url", "http://127.0.0.1:9",
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"inferneo batch: error: cannot write the results to {out}: "), err
+    assert main(["batch", "-i", str(tmp_path), "-o", str(tmp_path / "o.jsonl"), "--url", "http://x"]) == 2
+    assert "no input file" in capsys.readouterr().err
+
+
 def test_url_and_model_together_are_refused(tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(request_line("a", 1) + "\n")

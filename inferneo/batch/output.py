@@ -37,8 +37,12 @@ class OutputFile:
         self._torn = False  # a record was cut short and could not be cut off
         self._last_sync = time.monotonic()
         self._dirty = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:  # read-only, not a folder, no space, ...
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(self.path) else ""
+            raise OutputFileError(f"cannot write the results to {self.path}: {exc.strerror or exc}{where}") from exc
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

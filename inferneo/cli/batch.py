@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     except OutputFileError as exc:
         print(f"inferneo batch: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an input that cannot be read (the output's are OutputFileErrors)
+        print(f"inferneo batch: error: cannot read the input {args.input}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     with job:
         if job.repaired_bytes:
             print(f"inferneo batch: cut {job.repaired_bytes} bytes of an unfinished last line off {args.output}",
