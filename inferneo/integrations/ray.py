@@ -90,7 +90,10 @@ class EndpointProcessorConfig:
     """Answer rows with running ``inferneo serve`` endpoints (``urls``, e.g. ``http://10.0.0.5:8000``).
 
     ``model`` is a served model name; ``actors`` client actors (each ``num_cpus``) post rows round-robin over
-    the endpoints, retrying connection errors, timeouts, 408, 429 and 5xx up to ``max_retries`` times."""
+    the endpoints, retrying timeouts, 408, 409 and 5xx up to ``max_retries`` times, and an endpoint that is away
+    (connection errors, 429, 502, 503: restarting, draining, queue full) until it has answered none of the actor's
+    rows for ``retry_window`` seconds, as ``inferneo batch --retry-window`` does; a row that still got no answer
+    gets a ``server_unreachable`` or ``server_busy`` error."""
 
     urls: tuple[str, ...]
     model: str
@@ -102,6 +105,7 @@ class EndpointProcessorConfig:
     batches_per_actor: int = 4
     num_cpus: float = 0.25
     max_retries: int = 5
+    retry_window: float = 300.0
     timeout: float = 600.0
     max_restarts: int = 3
     max_task_retries: int = 3
@@ -242,7 +246,8 @@ class EndpointSender(_RowMapper):
 
         if not self._senders:
             cfg = self.config
-            self._senders = [Sender(remote_client(u, cfg.api_key, cfg.timeout), cfg.max_retries) for u in cfg.urls]
+            self._senders = [Sender(remote_client(u, cfg.api_key, cfg.timeout), cfg.max_retries,
+                                    retry_window=cfg.retry_window) for u in cfg.urls]
         sender = self._senders[next(self._turn) % len(self._senders)]
         try:
             reply = await sender.post(url, body)
