@@ -250,6 +250,24 @@ def test_more_in_flight_than_the_server_queues_still_finishes(tiny_llama_dir, tm
     assert "60 lines, 60 records" in capsys.readouterr().err
 
 
+def test_a_wrong_api_key_stops_the_job_instead_of_recording_a_401_for_every_line(tiny_llama_dir, tmp_path, capsys):
+    """A 401 is the job's key, not a line's fault: it once gave every line a failed record, and the rerun with the
+    right key then had nothing to do (every line "done")."""
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", *ENGINE, "--disable-access-log",
+                      "--api-key", "right-key") as keyed:
+        requests = mixed_input(tmp_path / "requests.jsonl")
+        out = tmp_path / "results.jsonl"
+        for key in ([], ["--api-key", "wrong-key"]):
+            assert main(["batch", "-i", str(requests), "-o", str(out), "--url", keyed.base_url, "--no-progress",
+                         *key]) == 1
+            err = capsys.readouterr().err
+            assert "refused the API key (401" in err and "--api-key" in err and "run the same command again" in err
+            assert all(r["response"] is None for r in read_records(out))  # only the lines that cannot be sent
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--url", keyed.base_url, "--no-progress",
+                     "--api-key", "right-key"]) == 0
+    check_mixed_output(read_records(out))
+
+
 def test_url_with_v1_or_without_scheme_is_the_same_server(server, tmp_path, capsys):
     """As InferneoClient takes it: the lines name /v1/... paths, so a --url ending in /v1 must not double it."""
     requests = tmp_path / "requests.jsonl"

@@ -19,11 +19,18 @@ answers back as instances of it.
 from inferneo.batch.job import BatchJob, BatchSummary, scan_input
 from inferneo.batch.output import OutputFile, OutputFileError
 from inferneo.batch.records import SUPPORTED_URLS, BatchRequest, InvalidLine, parse_line
-from inferneo.batch.sender import Reply, Sender, ServerBusyError, ServerUnreachableError, remote_client
+from inferneo.batch.sender import (
+    Reply,
+    Sender,
+    ServerAuthError,
+    ServerBusyError,
+    ServerUnreachableError,
+    remote_client,
+)
 from inferneo.batch.structured import ParsedRecord, read_results, request_line
 
 __all__ = [
     "SUPPORTED_URLS", "BatchJob", "BatchRequest", "BatchSummary", "InvalidLine", "OutputFile", "OutputFileError",
-    "ParsedRecord", "Reply", "Sender", "ServerBusyError", "ServerUnreachableError", "parse_line", "read_results",
-    "remote_client", "request_line", "scan_input",
+    "ParsedRecord", "Reply", "Sender", "ServerAuthError", "ServerBusyError", "ServerUnreachableError", "parse_line",
+    "read_results", "remote_client", "request_line", "scan_input",
 ]

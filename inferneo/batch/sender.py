@@ -10,7 +10,8 @@ has given no answer to any of the job's requests for less than ``retry_window`` 
 server answers the job's others keeps waiting for a slot. Past that, :class:`ServerUnreachableError` (or
 :class:`ServerBusyError` for a 429 / 503) stops the batch: the line stays undone for the rerun instead of getting a
 record that only says the server was down or busy. A timeout or another 5xx after ``max_retries`` retries is that
-request's answer (a failed record).
+request's answer (a failed record). A 401 stops the batch at once (:class:`ServerAuthError`): the key is wrong
+for every line, not this one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class ServerUnreachableError(RuntimeError):
 
 class ServerBusyError(ServerUnreachableError):
     """The server still answered 429 (queue full) or 503 (unavailable) after every retry."""
+
+
+class ServerAuthError(ServerUnreachableError):
+    """The server refused the job's API key (401): no request of the job can succeed, so none gets a record."""
 
 
 @dataclass(slots=True)
@@ -117,6 +122,10 @@ class Sender:
                         error = ServerBusyError if status in BUSY_STATUSES else ServerUnreachableError
                         raise error(f"the server at {self.client.base_url} still answered {status} ({reason}) "
                                     f"after {attempt + 1} attempts in {time.monotonic() - failing_since:.0f} s")
+                elif status == 401:  # the job's key, not this line: stop before every line records the 401
+                    reason = error_message(response.text) or response.reason_phrase
+                    raise ServerAuthError(f"the server at {self.client.base_url} refused the API key (401: {reason}); "
+                                          "give the right one with --api-key or $INFERNEO_API_KEY")
                 elif not is_retryable_status(status) or attempt >= self.max_retries:
                     self.num_answered += 1
                     self._last_answer = time.monotonic()

@@ -242,7 +242,13 @@ class EndpointSender(_RowMapper):
         self._turn = itertools.count()
 
     async def post(self, url: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
-        from inferneo.batch.sender import Sender, ServerBusyError, ServerUnreachableError, remote_client
+        from inferneo.batch.sender import (
+            Sender,
+            ServerAuthError,
+            ServerBusyError,
+            ServerUnreachableError,
+            remote_client,
+        )
 
         if not self._senders:
             cfg = self.config
@@ -251,6 +257,9 @@ class EndpointSender(_RowMapper):
         sender = self._senders[next(self._turn) % len(self._senders)]
         try:
             reply = await sender.post(url, body)
+        except ServerAuthError as exc:  # the key is wrong: the row gets the server's 401
+            return 401, None, {"error": {"message": str(exc), "type": "authentication_error", "param": None,
+                                         "code": "invalid_api_key"}}
         except ServerUnreachableError as exc:  # ServerBusyError too: still 429 / 503 after the retries
             kind = "server_busy" if isinstance(exc, ServerBusyError) else "server_unreachable"
             return 503, None, {"error": {"message": str(exc), "type": kind, "param": None, "code": kind}}
