@@ -173,6 +173,35 @@ def test_resume_after_partial_output_and_torn_last_line(server, tmp_path, capsys
     assert [r["id"] for r in records[:9]] == [json.loads(x)["id"] for x in lines[:9]]
 
 
+def test_retry_failed_sends_the_lines_the_server_answered_with_an_error_again(server, tiny_llama_dir, tmp_path,
+                                                                                capsys):
+    """A line answered with an error (here a model the first server did not serve) once kept its failed record for
+    good: a rerun had nothing to do. --retry-failed sends such lines again, and only them; lines that could not be
+    sent keep their records, and every line still has exactly one."""
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    with open(requests, "a") as f:
+        f.write(request_line("other-model", 5, model="tiny2") + "\n")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    first = {r["custom_id"]: r for r in read_records(out) if r["custom_id"]}
+    assert first["other-model"]["response"]["status_code"] == 404
+    capsys.readouterr()
+    # The same file again, answered by a server that serves tiny2 as well (here in this process).
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--model", str(tiny_llama_dir), "--served-model-name",
+                 "tiny", "tiny2", *ENGINE, "--no-progress", "--retry-failed"]) == 0
+    assert "sending 3 lines the server answered with an error again" in capsys.readouterr().err
+    records = read_records(out)
+    assert len(records) == len({r["id"] for r in records}) == 17  # every non-blank line once
+    again = {r["custom_id"]: r for r in records if r["custom_id"]}
+    assert again["other-model"]["error"] is None and again["other-model"]["response"]["status_code"] == 200
+    assert again["bad-param"]["response"]["status_code"] == 400  # sent again, refused again
+    for custom_id in ("cmpl-0", "chat-1", "embed", "get"):  # answered, or never sendable: untouched
+        assert again[custom_id] == first[custom_id]
+    assert not list(tmp_path.glob(".results.jsonl.*"))  # no temporary file left
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
 def test_output_of_another_input_is_refused(server, tmp_path, capsys):
     first = tmp_path / "first.jsonl"
     first.write_text(request_line("a", 1) + "\n")

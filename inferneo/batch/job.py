@@ -113,10 +113,12 @@ class BatchJob:
 
     Opening repairs a torn last line and reads the records already written. It raises OutputFileError if the
     output holds another input's results (``overwrite=True`` discards them) or another run is writing it.
+    ``retry_failed=True`` sends again the lines the server answered with an error (their records are replaced).
     """
 
     def __init__(self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
-                 overwrite: bool = False, fsync_interval: float = 1.0, shard: Shard | None = None) -> None:
+                 overwrite: bool = False, fsync_interval: float = 1.0, shard: Shard | None = None,
+                 retry_failed: bool = False) -> None:
         self.input_path = Path(input_path)
         self.output_path = Path(output_path)
         self.shard = shard
@@ -125,7 +127,8 @@ class BatchJob:
         if self.output_path.exists() and self.output_path.samefile(self.input_path):
             raise OutputFileError("the output file must not be the input file")
         self.digest, self.total = scan_input(self.input_path, shard)
-        self.output = OutputFile(self.output_path, self.digest, overwrite=overwrite, fsync_interval=fsync_interval)
+        self.output = OutputFile(self.output_path, self.digest, overwrite=overwrite, fsync_interval=fsync_interval,
+                                 retry_failed=retry_failed)
         if shard is not None:
             stray = next((line for line in self.output.done if not shard.owns(line)), None)
             if stray is not None:

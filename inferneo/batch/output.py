@@ -25,15 +25,21 @@ class OutputFileError(RuntimeError):
 
 
 class OutputFile:
-    """The results of one input file; ``done`` maps each input line already answered to its custom_id."""
+    """The results of one input file; ``done`` maps each input line already answered to its custom_id.
+
+    ``retry_failed`` takes the records of requests the server answered with an error (a non-2xx status) out of the
+    file, so that their lines are sent again (``retried`` counts them); records of lines that could not be sent stay.
+    """
 
     def __init__(self, path: str | os.PathLike[str], digest: str, *, overwrite: bool = False,
-                 fsync_interval: float = 1.0) -> None:
+                 fsync_interval: float = 1.0, retry_failed: bool = False) -> None:
         self.path = Path(path)
         self.digest = digest[:DIGEST_CHARS]
         self.fsync_interval = fsync_interval
         self.done: dict[int, str | None] = {}
         self.repaired_bytes = 0
+        self.retried = 0
+        self._answered_failures: dict[int, int] = {}  # file line -> input line, of records with a non-2xx answer
         self._torn = False  # a record was cut short and could not be cut off
         self._last_sync = time.monotonic()
         self._dirty = False
@@ -52,6 +58,8 @@ class OutputFile:
                 os.ftruncate(self._fd, 0)
             else:
                 self._load()
+                if retry_failed and self._answered_failures:
+                    self._drop_answered_failures()
         except BaseException:
             os.close(self._fd)
             raise
@@ -97,6 +105,39 @@ class OutputFile:
             raise OutputFileError(f"{self.path} holds input line {line} twice (line {number}); it is damaged")
         custom_id = record.get("custom_id")
         self.done[line] = custom_id if isinstance(custom_id, str) else None
+        if record.get("error") is not None and record.get("response") is not None:
+            self._answered_failures[number] = line
+
+    def _drop_answered_failures(self) -> None:
+        """Rewrite the file without the records of answered failures: a new file, locked before anyone can know it,
+        then renamed over this one (a crash leaves either file whole)."""
+        tmp = self.path.with_name(f".{self.path.name}.retry-failed")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open(self._fd, "rb", closefd=False) as f:
+                f.seek(0)
+                for number, raw in enumerate(f, start=1):
+                    if number not in self._answered_failures:
+                        view = memoryview(raw)
+                        while view:
+                            view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
+        for line in self._answered_failures.values():
+            self.done.pop(line, None)
+        self.retried = len(self._answered_failures)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line, in one write."""

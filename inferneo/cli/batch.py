@@ -49,6 +49,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer (default 600)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard what the output file holds instead of resuming into it")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="send again the lines the server answered with an error (a 4xx or 5xx: a model it did "
+                        "not serve then, an engine failure); their records are replaced. Lines that could not be "
+                        "sent keep theirs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="in-process: the model name(s) request bodies may use (default: the --model value)")
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         shard = None if args.shard is None else Shard.parse(args.shard)
-        job = BatchJob(args.input, args.output, overwrite=args.overwrite, shard=shard)
+        job = BatchJob(args.input, args.output, overwrite=args.overwrite, shard=shard,
+                       retry_failed=args.retry_failed)
     except ValueError as exc:
         print(f"inferneo batch: error: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         if job.repaired_bytes:
             print(f"inferneo batch: cut {job.repaired_bytes} bytes of an unfinished last line off {args.output}",
                   file=sys.stderr)
+        if job.output.retried:
+            print(f"inferneo batch: sending {job.output.retried} lines the server answered with an error again "
+                  "(--retry-failed)", file=sys.stderr)
         if job.num_done:
             print(f"inferneo batch: resuming: {job.num_done} of {job.total} lines already done", file=sys.stderr)
         if job.num_done == job.total:
