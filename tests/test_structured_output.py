@@ -390,6 +390,9 @@ GUIDANCE_ONLY = [
     ({"type": "object", "patternProperties": {"^a[0-9]$": {"type": "integer", "minimum": 0, "maximum": 9},
                                               "^b[0-9]$": {"type": "boolean"}},
       "additionalProperties": False, "maxProperties": 2}, "'/'"),
+    # a format with a length: xgrammar dropped the length (an email ran past its maxLength of 20)
+    ({"type": "object", "properties": {"e": {"type": "string", "format": "email", "maxLength": 12}},
+      "required": ["e"], "additionalProperties": False}, "'/properties/e'"),
 ]
 
 

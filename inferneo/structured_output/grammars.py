@@ -388,6 +388,8 @@ def _unenforceable(schema: dict[str, Any], root: Any) -> str | None:
         return "allOf with more than one schema"
     if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
         return "pattern together with minLength / maxLength (put the length in the pattern)"
+    if "format" in schema and ("minLength" in schema or "maxLength" in schema):  # xgrammar drops the length
+        return "format together with minLength / maxLength"
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and any(k in pattern for k in _LOOKAROUND):
         return f"pattern {pattern!r} with a lookahead or lookbehind (xgrammar skips it)"
