@@ -92,7 +92,8 @@ SAMPLING = {
     "bad_words": "list", "skip_special_tokens": "bool",
     "spaces_between_special_tokens": "bool", "include_stop_str_in_output": "bool", "priority": "int",
     "response_format": "object", "structured_outputs": "object", "guided_json": "str|dict", "guided_regex": "str",
-    "guided_choice": "list", "guided_grammar": "str", "truncate_prompt_tokens": "int",
+    "guided_choice": "list", "guided_grammar": "str", "structural_tag": "str|dict",
+    "guided_whitespace_pattern": "str", "guided_decoding_backend": "str", "truncate_prompt_tokens": "int",
 }
 FIELDS = {
     CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},
