@@ -282,9 +282,14 @@ def test_guided_decoding_backend_picks_the_backend(server, client, backend):
       "guided_decoding_backend": "xgrammar"}, "guided_json", "not"),
     ({"structured_outputs": {"grammar": 'start: "a"'}, "guided_decoding_backend": "xgrammar"},
      "structured_outputs.grammar", "Lark"),
-    ({"structured_outputs": {"json": SMALL, "whitespace_pattern": "("}}, "structured_outputs.json", "whitespace"),
+    ({"structured_outputs": {"json": SMALL, "whitespace_pattern": "("}}, "structured_outputs.whitespace_pattern",
+     "JSON whitespace"),
+    # a pattern that matches more than whitespace would make the answer something other than JSON
+    ({"guided_json": SMALL, "guided_whitespace_pattern": "[a-z ]*"}, "guided_whitespace_pattern", "JSON whitespace"),
+    ({"structured_outputs": {"json": SMALL, "whitespace_pattern": "\\s*"}}, "structured_outputs.whitespace_pattern",
+     "JSON whitespace"),
 ], ids=["outlines", "unknown-option", "no-constraint", "whitespace-on-regex", "xgrammar-would-drop",
-        "lark-on-xgrammar", "bad-whitespace-pattern"])
+        "lark-on-xgrammar", "bad-whitespace-pattern", "letters-as-whitespace", "backslash-s"])
 def test_vllm_options_it_cannot_honour_are_a_400_that_says_why(client, body, param, words):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body=body)

@@ -74,6 +74,11 @@ def build_grammar(params: StructuredOutputsParams):
                     schema = closed_objects(schema)
                 schema = calendar_dates(schema)
             if backend == "guidance" or params.whitespace_pattern is not None:
+                if params.whitespace_pattern is not None and not _only_json_whitespace(params.whitespace_pattern):
+                    raise StructuredOutputError(
+                        f"structured_outputs.whitespace_pattern {params.whitespace_pattern[:80]!r} must match only "
+                        "JSON whitespace (space, tab, newline, carriage return: e.g. '[ \\t\\n]{0,4}'; \\s and "
+                        "'.' take more), or the answer would not be JSON", "structured_outputs.whitespace_pattern")
                 if backend == "xgrammar":
                     raise StructuredOutputError("structured_outputs.whitespace_pattern needs llguidance; xgrammar "
                                                 "has no whitespace pattern (use disable_any_whitespace, or the "
@@ -457,6 +462,50 @@ _LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
 # A pattern that can match '"' or '\': xgrammar writes them into the JSON string as they are (``^a"b$`` gave
 # ``"a"b"``, not JSON; ``^a\\b$`` gave ``"a\b"``, a backspace).
 _QUOTE_OR_BACKSLASH = re.compile(r'"|\\\\|\\[xX](?:22|5[cC])|\\u00(?:22|5[cC])')
+
+
+_JSON_WHITESPACE = frozenset(map(ord, " \t\n\r"))
+
+
+def _only_json_whitespace(pattern: str) -> bool:
+    """Whether every string ``pattern`` matches is JSON whitespace: it is built of those four characters only
+    (literals, classes and ranges of them, not negated), with groups, alternatives, repetitions and anchors; no
+    ``.``, ``\\s`` (which takes more, such as a form feed) or backreference."""
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return False
+
+    def ok(node) -> bool:
+        for op, av in node:
+            if op is sre_parse.LITERAL:
+                if av not in _JSON_WHITESPACE:
+                    return False
+            elif op is sre_parse.IN:
+                for item_op, item in av:
+                    if item_op is sre_parse.LITERAL and item in _JSON_WHITESPACE:
+                        continue
+                    if item_op is sre_parse.RANGE and all(c in _JSON_WHITESPACE for c in range(item[0], item[1] + 1)):
+                        continue
+                    return False
+            elif op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):
+                if not ok(av[2]):
+                    return False
+            elif op is sre_parse.SUBPATTERN:
+                if not ok(av[-1]):
+                    return False
+            elif op is sre_parse.BRANCH:
+                if not all(ok(branch) for branch in av[1]):
+                    return False
+            elif op is not sre_parse.AT:
+                return False
+        return True
+
+    return ok(parsed)
 
 
 def _optional_group_with_repeat(pattern: str) -> bool:

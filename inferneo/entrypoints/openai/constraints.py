@@ -175,7 +175,10 @@ def _renamed(exc: ValueError, engine_param: str, asked: _Asked) -> APIError:
     """The error with the field named as the client sent it (``structured_outputs.*`` kept as it is)."""
     param = asked.param or engine_param
     message = str(exc)
-    if asked.param:
+    if engine_param == "structured_outputs.whitespace_pattern" and asked.field != "structured_outputs":
+        param = "guided_whitespace_pattern"  # the only other field that gives one
+        message = message.replace(engine_param, param, 1)
+    elif asked.param:
         message = message.replace(engine_param, param, 1)
     if param not in message:
         message = f"{param}: {message}"
