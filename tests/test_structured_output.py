@@ -714,3 +714,27 @@ def test_an_optional_group_holding_a_repetition_is_enforced_whole(pattern, took,
         matcher = llguidance.LLMatcher(ll_tokenizer, grammar.text)
         accepted = matcher.consume_tokens(ll_tokenizer.tokenize_str(json.dumps(text))) and matcher.is_accepting()
         assert accepted is (text in took) is bool(re.fullmatch(pattern, text)), text
+
+
+def test_disable_additional_properties_closes_every_object_that_says_nothing():
+    """vLLM's disable_additional_properties: an object schema that does not say what other properties it takes
+    takes none (llguidance, which follows JSON Schema, otherwise takes any); one that says keeps its word."""
+    import llguidance
+    import llguidance.hf
+
+    from inferneo.structured_output.grammars import build_grammar, closed_objects
+    from inferneo.testing import make_tiny_tokenizer
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "o": {"type": "object", "properties": {"b": {"type": "boolean"}}},
+                                               "m": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["o"]["additionalProperties"] is False
+    assert closed["properties"]["m"]["additionalProperties"] == {"type": "integer"}
+    ll_tokenizer = llguidance.hf.from_tokenizer(make_tiny_tokenizer())
+    for disable, text, took in [(True, '{"a": 1, "z": 2}', False), (True, '{"o": {"b": true, "c": 1}}', False),
+                                (True, '{"a": 1, "m": {"k": 2}}', True), (False, '{"a": 1, "z": 2}', True)]:
+        params = StructuredOutputsParams(json=schema, backend="guidance", disable_additional_properties=disable)
+        grammar = build_grammar(params)
+        matcher = llguidance.LLMatcher(ll_tokenizer, grammar.text)
+        assert (matcher.consume_tokens(ll_tokenizer.tokenize_str(text)) and matcher.is_accepting()) is took, text
