@@ -127,7 +127,7 @@ def test_adapters_of_other_families_equal_peft(tiny_checkpoint_factory, tmp_path
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert (arch == "gemma3_multimodal") == any("vision_tower" in key for key in keys)
-    lora = LoRARequest(arch, 1, str(path))
+    lora = LoRARequest(arch, 1, str(path), base_model_name="tiny-base")  # vLLM's field, informational
     prompts = [[5, 17, 33, 61, 99], list(range(40, 63))]
     assert any(peft_greedy(base, lora, p) != peft_greedy(base, None, p) for p in prompts)
     llm = LLM(str(base), enable_lora=True, max_loras=1, max_lora_rank=8, dtype="float32", kv_cache_memory="16MiB",

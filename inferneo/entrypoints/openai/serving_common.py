@@ -99,8 +99,13 @@ class ServerContext:
         if self.loras is not None and requested in self.loras.adapters:
             return requested
         if requested not in self.served_model_names:
-            raise APIError(404, f"The model '{requested}' does not exist; this server serves "
-                                f"{', '.join(repr(n) for n in self.served_model_names)}",
+            adapters = list(self.loras.adapters) if self.loras is not None else []
+            served = ", ".join(repr(n) for n in self.served_model_names)
+            if adapters:
+                shown = ", ".join(repr(n) for n in adapters[:MAX_NAMES_SHOWN])
+                more = f" and {len(adapters) - MAX_NAMES_SHOWN} more" if len(adapters) > MAX_NAMES_SHOWN else ""
+                served += f", and the LoRA adapters {shown}{more}"
+            raise APIError(404, f"The model '{requested}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         return requested
 
@@ -109,6 +114,9 @@ class ServerContext:
         together with ``model_name``, before any ``await``: an adapter unloaded meanwhile is no longer found, and
         the request would run with the base model under the adapter's name."""
         return self.loras.get(model) if self.loras is not None else None
+
+
+MAX_NAMES_SHOWN = 20  # adapters a 404 for an unknown model lists (GET /v1/models lists them all)
 
 
 def check_common(req: _SamplingBody) -> None:
