@@ -22,7 +22,7 @@ DOCS = ["Paris is the capital of France.", "bananas are yellow", "a"] + [
 ]
 
 
-@pytest.fixture(scope="module", params=["xlm_roberta", "roberta"])
+@pytest.fixture(scope="module", params=["xlm_roberta", "roberta", "bert"])
 def reranker(request, tmp_path_factory):
     path = make_tiny_encoder(tmp_path_factory.mktemp(request.param), request.param, None, head="classifier")
     return path, LLM(str(path), dtype="float32", max_num_seqs=4)
@@ -42,6 +42,25 @@ def test_scores_equal_cross_encoder(reranker):
     pairwise = llm.score([QUERY, DOCS[0]], [DOCS[1], DOCS[2]], use_tqdm=False)  # two lists, pair by pair
     torch.testing.assert_close(pairwise[0].outputs.score, outputs[1].outputs.score, atol=1e-6, rtol=0)
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def test_bert_reads_the_document_as_token_type_1(reranker):
+    """BERT's pairs: the document's tokens are of type 1 (its tokenizer says so, and the request carries where they
+    start); scoring them all as type 0 would give other scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    path, llm = reranker
+    if llm.engine.info.architectures != ["BertForSequenceClassification"]:
+        pytest.skip("BERT's token types only")
+    types = llm.get_tokenizer()(QUERY, DOCS[0]).token_type_ids
+    assert 0 in types and 1 in types
+    typed = llm.score(QUERY, DOCS[0], use_tqdm=False)[0]
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([typed.prompt_token_ids])
+    with torch.no_grad():
+        as_type_0 = torch.sigmoid(model(ids).logits[0, 0]).item()
+        as_pair = torch.sigmoid(model(ids, token_type_ids=torch.tensor([types])).logits[0, 0]).item()
+    assert abs(typed.outputs.score - as_pair) < 1e-5 and abs(as_pair - as_type_0) > 1e-4
 
 
 def test_a_cross_encoder_neither_embeds_nor_generates(reranker):

@@ -1,6 +1,6 @@
 """``/v1/score`` and ``/v1/rerank`` (and ``/v2/rerank``) of a cross-encoder on a real ``inferneo serve`` over HTTP,
 against sentence-transformers' ``CrossEncoder.predict`` on the same tiny ``XLMRobertaForSequenceClassification``;
-the refusals: bad bodies, over-long pairs, embedding and generation requests to a cross-encoder."""
+a BERT reranker (token types) too; the refusals: bad bodies, over-long pairs, embedding and generation requests to a cross-encoder."""
 
 from __future__ import annotations
 
@@ -125,3 +125,17 @@ def test_the_docs_rerank_example_gets_an_answer(server):
     assert texts == ["Bananas are yellow.", "Paris is the capital of France."], reply
     scores = [r["relevance_score"] for r in reply["results"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_a_bert_reranker_over_http(tmp_path):
+    """A ``BertForSequenceClassification`` reranker (its documents are token type 1) through ``/v1/rerank``."""
+    from sentence_transformers import CrossEncoder
+
+    path = make_tiny_encoder(tmp_path / "bert-reranker", "bert", None, head="classifier", seed=2)
+    expected = CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in DOCS])
+    with RemoteServer(path, "--served-model-name", NAME, "--disable-access-log") as srv:
+        results = post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS}).json()["results"]
+    assert [x["index"] for x in results] == list(np.argsort(-expected))
+    np.testing.assert_allclose(
+        [x["relevance_score"] for x in results], np.sort(expected)[::-1], atol=1e-5, rtol=0
+    )

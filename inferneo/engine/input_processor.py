@@ -84,10 +84,12 @@ class InputProcessor:
         ``check``'s to refuse, without transformers' warning about indexing errors first."""
         return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
 
-    def tokenize_pair(self, first: str, second: str) -> list[int]:
+    def tokenize_pair(self, first: str, second: str) -> tuple[list[int], int | None]:
         """Token ids of two texts read as one input, joined as the tokenizer joins a pair (a cross-encoder's
-        ``<s> query </s></s> document </s>``), with its special tokens."""
-        return self.tokenizer(first, second, verbose=False).input_ids
+        ``<s> query </s></s> document </s>``), with its special tokens, and the first position of token type 1
+        (BERT's second segment; None when the tokenizer gives every token type 0, as RoBERTa's does)."""
+        encoded = self.tokenizer(first, second, verbose=False)
+        return encoded.input_ids, pair_type_start(encoded.get("token_type_ids"))
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt",
               priority: int = 0) -> int:
@@ -238,6 +240,17 @@ class FrontEndFacts:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.input.tokenize(text, add_special_tokens)
+
+
+def pair_type_start(token_type_ids: list[int] | None) -> int | None:
+    """The first position of token type 1 in a tokenized pair, None when there is none; ValueError unless the
+    types are one run of 0 and one of 1 (the two segments)."""
+    if not token_type_ids or 1 not in token_type_ids:
+        return None
+    start = token_type_ids.index(1)
+    if set(token_type_ids[:start]) != {0} or set(token_type_ids[start:]) != {1}:
+        raise ValueError(f"the tokenizer's token types of a pair are not two segments: {token_type_ids[:64]}")
+    return start
 
 
 def _check_token_ids(token_ids: list[int], vocab: int, what: str, param: str) -> None:

@@ -41,6 +41,8 @@ class PoolingRequest(msgspec.Struct, array_like=True, frozen=True):
     dimensions: int | None = None
     # "embed": the pooled vector; "score": a cross-encoder's logits for a (query, document) pair read as one input
     task: str = "embed"
+    # A pair's tokens from this position on are of token type 1 (BERT's second segment); None: all type 0.
+    token_type_start: int | None = None
 
 
 class CoreRequest(msgspec.Struct, array_like=True, frozen=True):

@@ -194,14 +194,14 @@ class LLM:
         ``CrossEncoder.predict`` (see ``docs/embeddings.md``).
         """
         pairs = score_pairs(data_1, data_2)
-        pooling = PoolingRequest(task="score")
         engine = self.engine
         base = f"score-{time.monotonic_ns()}-"
         ids = []
         try:
             for i, (first, second) in enumerate(pairs):
-                ids.append(engine.add_embedding_request(base + str(i), engine.input.tokenize_pair(first, second),
-                                                        pooling))
+                token_ids, type_start = engine.input.tokenize_pair(first, second)
+                pooling = PoolingRequest(task="score", token_type_start=type_start)
+                ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
             outputs = self._collect(ids, use_tqdm, "Scored pairs")
         except BaseException:
             for request_id in ids:

@@ -57,6 +57,10 @@ def make_encoder_tokenizer(family: str = "bert") -> PreTrainedTokenizerFast:
         mask_token=mask,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
+        # BERT's tokenizers give a pair's second segment token type 1; RoBERTa's give no types
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"]
+        if family == "bert"
+        else ["input_ids", "attention_mask"],
     )
 
 

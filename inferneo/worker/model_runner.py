@@ -466,7 +466,8 @@ class ModelRunner(Runner):
             incoming = torch.empty(num_samples, self.model_config.vocab_size, dtype=torch.float32,
                                    device=self.device)
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
-        hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None)
+        hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
+                                    self._token_types(items, packed))
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
@@ -520,9 +521,22 @@ class ModelRunner(Runner):
             return None
         return None  # the driver receives the logits itself (``launch``); other ranks of earlier stages: none
 
+    def _token_types(self, items: list[ScheduledSequence], packed: PackedStep) -> torch.Tensor | None:
+        """The step's token type ids (1 from each encoder input's ``token_type_start`` on, else 0) on the device;
+        None when no input has a second segment (the model is then called as ever)."""
+        if not any(it.token_type_start is not None for it in items):
+            return None
+        types = torch.zeros(packed.num_tokens, dtype=torch.int64)
+        for index, it in enumerate(items):
+            if it.token_type_start is not None:
+                row = packed.first_row(index)
+                skip = max(it.token_type_start - it.num_computed_tokens, 0)
+                types[row + skip : row + it.num_new_tokens] = 1
+        return types.to(self.device, non_blocking=True)
+
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 token_types: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
@@ -533,6 +547,8 @@ class ModelRunner(Runner):
             self._fill_pending_ids(packed, dev, previous_samples)
         input_ids, positions, metadata = step_views(dev, packed, self.block_size)
         self.backend.prepare(metadata)
+        if token_types is not None:  # an encoder's inputs with a second segment (a BERT cross-encoder's pairs)
+            return self.model(input_ids, positions, self.kv_caches, metadata, token_type_ids=token_types), dev
         if self.pp.num_stages == 1:
             return self.model(input_ids, positions, self.kv_caches, metadata), dev
         return self._stage_forward(input_ids, positions, metadata), dev

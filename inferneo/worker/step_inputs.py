@@ -58,6 +58,7 @@ class ScheduledSequence:
     # with them), and the step samples at each of the last ``num_draft_tokens + 1`` positions.
     num_draft_tokens: int = 0
     long_rope: bool = False  # every token rotates by LongRoPE's long factors (``Request.long_rope``)
+    token_type_start: int | None = None  # an encoder input's first position of token type 1 (None: all type 0)
 
     @property
     def decode_rows(self) -> int:

@@ -15,6 +15,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response
 
+from inferneo.engine.input_processor import pair_type_start
 from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
 from inferneo.engine.request_group import EngineRequest
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
@@ -84,9 +85,12 @@ async def _scores(
         engine.input.check_pooling(pooling)  # before tokenizing: a model that does not score refuses at once
     except InvalidRequestError as exc:
         raise to_api_error(exc) from None
-    prompt_ids = await ctx.tokenize_off_loop(
-        sum(len(a) + len(b) for a, b in pairs), lambda: _tokenize_pairs(ctx.tokenizer, pairs)
-    )
+    try:
+        prompt_ids, type_starts = await ctx.tokenize_off_loop(
+            sum(len(a) + len(b) for a, b in pairs), lambda: _tokenize_pairs(ctx.tokenizer, pairs)
+        )
+    except ValueError as exc:  # a tokenizer whose pair types are not two segments
+        raise bad_request(str(exc), "model") from None
     for i, ids in enumerate(prompt_ids):
         try:
             engine.input.check_embedding(ids, pooling, param, priority)
@@ -96,8 +100,14 @@ async def _scores(
     try:
         group = engine.submit(
             [
-                EngineRequest(f"{request_id}-{i}", ids, None, priority, pooling=pooling)
-                for i, ids in enumerate(prompt_ids)
+                EngineRequest(
+                    f"{request_id}-{i}",
+                    ids,
+                    None,
+                    priority,
+                    pooling=PoolingRequest(task="score", token_type_start=start),
+                )
+                for i, (ids, start) in enumerate(zip(prompt_ids, type_starts, strict=True))
             ],
             param=param,
         )
@@ -115,6 +125,9 @@ async def _scores(
     return [score(logits[i]) for i in range(len(pairs))], sum(map(len, prompt_ids))
 
 
-def _tokenize_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:
-    """Token ids of every pair, joined as the tokenizer joins two texts, in one batch call."""
-    return tokenizer([a for a, _ in pairs], [b for _, b in pairs], verbose=False).input_ids
+def _tokenize_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[int | None]]:
+    """Token ids of every pair, joined as the tokenizer joins two texts, in one batch call, and each pair's first
+    position of token type 1 (``InputProcessor.tokenize_pair``)."""
+    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], verbose=False)
+    types = encoded.get("token_type_ids") or [None] * len(pairs)
+    return encoded.input_ids, [pair_type_start(t) for t in types]

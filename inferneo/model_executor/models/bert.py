@@ -116,7 +116,7 @@ class EncoderConfig:
 
 
 class EncoderEmbeddings(nn.Module):
-    """Word + position + token type 0 embeddings, then LayerNorm."""
+    """Word + position + token type embeddings (type 0 unless ``token_type_ids`` say otherwise), then LayerNorm."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -126,12 +126,18 @@ class EncoderEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         padding_idx = self.config.padding_idx
         if padding_idx is not None:
             positions = _roberta_positions(input_ids, positions, padding_idx)
         hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        return self.norm(hidden + self.token_type_embeddings.weight[0])
+        if (
+            token_type_ids is None or self.config.type_vocab_size == 1
+        ):  # RoBERTa's one type: nothing to choose
+            return self.norm(hidden + self.token_type_embeddings.weight[0])
+        return self.norm(hidden + self.token_type_embeddings(token_type_ids))
 
 
 def _roberta_positions(input_ids: torch.Tensor, positions: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -270,15 +276,17 @@ class BertEmbeddingModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last hidden states ``[num_tokens, hidden]`` of a flat batch of whole inputs."""
+        """Last hidden states ``[num_tokens, hidden]`` of a flat batch of whole inputs (``token_type_ids``: each
+        token's type, None: all type 0)."""
         spans = [(span.start, span.num_tokens) for span in metadata.prefills]
         if any(span.context_len for span in metadata.prefills):
             raise ValueError(
                 "an encoder input must run whole in one step (it was split or read from a cache)"
             )
         groups = padded_groups(spans, input_ids.device)
-        hidden = self.embeddings(input_ids, positions)
+        hidden = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.layers:
             hidden = layer(hidden, groups, metadata.num_decode_tokens)
         return hidden

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
-from inferneo.model_executor.models.cross_encoder import RobertaCrossEncoder
+from inferneo.model_executor.models.cross_encoder import BertCrossEncoder, RobertaCrossEncoder
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
@@ -37,6 +37,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "XLMRobertaModel": RobertaEmbeddingModel,
     "XLMRobertaForMaskedLM": RobertaEmbeddingModel,
     # cross-encoders (rerankers), scoring only (``cross_encoder.py``)
+    "BertForSequenceClassification": BertCrossEncoder,
     "RobertaForSequenceClassification": RobertaCrossEncoder,
     "XLMRobertaForSequenceClassification": RobertaCrossEncoder,
 }
