@@ -68,7 +68,7 @@ def test_a_cross_encoder_neither_embeds_nor_generates(reranker):
     with pytest.raises(InvalidRequestError, match="cross-encoder") as info:
         llm.embed("hello", use_tqdm=False)
     assert info.value.param == "model"
-    with pytest.raises(InvalidRequestError, match="embeddings only"):
+    with pytest.raises(InvalidRequestError, match="cannot generate"):
         llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
     with pytest.raises(ValueError, match="lists of one length"):
         llm.score([QUERY, QUERY], DOCS, use_tqdm=False)

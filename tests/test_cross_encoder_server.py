@@ -96,7 +96,7 @@ def test_rerank_sorts_by_cross_encoder_score(server, expected, path):
         ("/v1/rerank", {"query": "q", "documents": ["ok"], "top_n": 0}, "top_n", ""),
         ("/v1/rerank", {"query": "q", "documents": ["ok"], "rank_fields": ["x"]}, "rank_fields", ""),
         ("/v1/embeddings", {"input": "hello"}, "model", "cross-encoder"),
-        ("/v1/completions", {"prompt": "hello", "max_tokens": 2}, "model", "embeddings only"),
+        ("/v1/completions", {"prompt": "hello", "max_tokens": 2}, "model", "cannot generate"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_field(server, path, body, param, words):

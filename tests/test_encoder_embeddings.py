@@ -99,7 +99,7 @@ def test_token_ids_and_a_one_token_input(encoder):
 
 def test_generation_is_refused(encoder):
     _, _, llm = encoder
-    with pytest.raises(InvalidRequestError, match="embeddings only") as info:
+    with pytest.raises(InvalidRequestError, match="cannot generate") as info:
         llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
     assert info.value.param == "model"
 

@@ -81,7 +81,7 @@ def test_openai_client_equals_sentence_transformers(server, reference, model_dir
 def test_generation_is_a_400(server, path, body):
     r = httpx.post(server.url(path), json={"model": NAME, **body}, timeout=30)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "model" and "embeddings only" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "model" and "cannot generate" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     _check_load_format(config.load_format, config.model, source)
     hf_config = load_hf_config(source)
     encoder = is_encoder(hf_config)
-    if encoder:  # a BERT-family encoder: embeddings only, each input run whole in one step, no KV cache
+    if encoder:  # a BERT-family encoder: embeddings (or scores) only, each input whole in one step, no KV cache
         _check_encoder_options(config)
         generates = False
     else:
@@ -177,7 +177,8 @@ def resolve_max_model_len(hf_config: dict, asked: int | None, limit: int | None 
 
 
 def is_encoder(hf_config: dict) -> bool:
-    """Whether ``hf_config``'s architecture is a BERT-family encoder (``models/bert.py``): embeddings only."""
+    """Whether ``hf_config``'s architecture is a BERT-family encoder (``models/bert.py``, and the cross-encoders of
+    ``models/cross_encoder.py``): it embeds or scores, and never generates."""
     return bool(getattr(get_model_class(hf_config), "is_encoder", False))
 
 

@@ -142,10 +142,11 @@ class InputProcessor:
         return max_tokens
 
     def check_generates(self) -> None:
-        """Raise ``InvalidRequestError`` (naming ``model``) when the model serves embeddings only."""
+        """Raise ``InvalidRequestError`` (naming ``model``) when the model does not generate (it embeds or scores)."""
         if not self.limits.generates:
-            raise InvalidRequestError("this model serves embeddings only (an encoder such as BERT, or a checkpoint "
-                                      "saved without its language-model head, lm_head): it cannot generate", "model")
+            raise InvalidRequestError("this model serves embeddings or scores only (an encoder such as BERT, or a "
+                                      "checkpoint saved without its language-model head, lm_head): it cannot "
+                                      "generate", "model")
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """``params`` as the core takes them: with ``bad_words`` tokenized into ``bad_words_token_ids`` (a copy;
@@ -199,8 +200,8 @@ class InputProcessor:
             raise InvalidRequestError(
                 "this model is a cross-encoder: it scores (query, document) pairs (LLM.score, /v1/score, "
                 "/v1/rerank) and does not embed" if pooling.task == "embed" else
-                "this model does not score pairs: scoring needs a cross-encoder (a RobertaForSequenceClassification "
-                "or XLMRobertaForSequenceClassification checkpoint)", "model")
+                "this model does not score pairs: scoring needs a cross-encoder (a BertForSequenceClassification, "
+                "RobertaForSequenceClassification or XLMRobertaForSequenceClassification checkpoint)", "model")
         if limits.pooling.unsupported is not None:
             what = "embeddings" if pooling.task == "embed" else "scores"
             raise InvalidRequestError(f"this model does not serve {what}: {limits.pooling.unsupported}", "model")
