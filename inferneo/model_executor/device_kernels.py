@@ -30,6 +30,9 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
                                                                          plain softmax top-k routers as one
                                                                          kernel (``cuda_fused_routing``,
                                                                          ``triton_routing``)
+``FusedMoE`` with GGUF        ``fused_experts`` with the native block    ``fused_experts`` with the Triton GGUF
+experts in ggml blocks        matmul per expert (``gguf_experts.py``)    GEMM per expert (kept: the layer's
+                                                                         ``expert_kernel_fixed``)
 ``DecoderLayer`` with one of  :class:`NativeDecoderLayer`: the kernels   PyTorch
 those two attentions          called directly (no module dispatch)
 ``DecoderLayer`` with such a  PyTorch                                    :class:`NormFusedMoeLayer`: at a few
@@ -583,8 +586,9 @@ def use_half_copy_quant_layers(model: nn.Module) -> int:
 
 def use_expert_kernel(model: nn.Module, kernel: ExpertKernel) -> int:
     """Route every :class:`FusedMoE` of ``model`` through ``kernel`` (the layer and its parameters stay); returns how
-    many layers changed."""
-    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    many layers changed. Layers whose experts a weight format holds in its own layout (``expert_kernel_fixed``: GGUF
+    blocks) keep their kernel."""
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE) and not m.expert_kernel_fixed]
     for layer in layers:
         layer.expert_kernel = kernel
     return len(layers)

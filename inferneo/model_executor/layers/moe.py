@@ -4,7 +4,9 @@ The experts of a layer live in two stacked tensors, ``w13`` ``[E, 2*I, H]`` (gat
 gate/up projection per expert) and ``w2`` ``[E, H, I]`` (the down projections), with optional biases ``[E, 2*I]`` and
 ``[E, H]``. A router (``moe_routing.py``) picks ``top_k`` experts and their weights for every token;
 :func:`fused_experts` computes ``sum_k weight[t, k] * expert_{ids[t, k]}(x[t])``. Device kernels replace the expert
-computation of a :class:`FusedMoE` through its ``expert_kernel`` attribute (``device_kernels.py``), never the layer.
+computation of a :class:`FusedMoE` through its ``expert_kernel`` attribute (``device_kernels.py``), never the layer,
+unless a weight format holds the experts in its own layout and set a kernel that reads it (``expert_kernel_fixed``:
+GGUF's ggml blocks, ``quantization/gguf_experts.py``, whose kernel is :func:`fused_experts` with block projections).
 """
 
 from __future__ import annotations
@@ -74,14 +76,34 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     raise AssertionError(activation)
 
 
+Projection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+"""``project(x, weight, bias, out)``: one expert's projection ``out = x @ W.T (+ bias)`` written into ``out``
+``[rows, out_features]`` (``x``'s dtype), where ``weight`` is the expert's slice of a stacked expert tensor
+(``w13[e]`` or ``w2[e]``) and ``W`` the matrix it holds (itself, or what a format's blocks encode)."""
+
+
+def dense_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """The :data:`Projection` of a full-width weight: ``out = x @ weight.T (+ bias)``."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                   *, activation: str = "silu", w13_bias: torch.Tensor | None = None,
-                  w2_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  w2_bias: torch.Tensor | None = None, project_w13: Projection = dense_projection,
+                  project_w2: Projection = dense_projection) -> torch.Tensor:
     """``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` for every token, in batched PyTorch.
 
     ``x`` is ``[T, H]``, ``w13`` ``[E, 2*I, H]``, ``w2`` ``[E, H, I]``, ``weights`` and ``ids`` ``[T, k]``;
     ``w13_bias`` ``[E, 2*I]`` and ``w2_bias`` ``[E, H]`` are optional (the down bias is scaled by the routing weight
     like the rest of the expert's output). Returns ``[T, H]`` in ``x``'s dtype.
+
+    ``project_w13`` and ``project_w2`` run one expert's projection (:data:`Projection`); by default a matrix
+    product with its full-width weight. A format that holds the experts otherwise passes its own (GGUF: ``w13``
+    ``[E, 2*I, row_bytes]`` and ``w2`` ``[E, H, row_bytes]`` of ggml blocks and a block matmul): only the first two
+    dimensions of ``w13`` and ``w2`` are read here.
 
     The (token, slot) pairs are sorted by expert and their rows of ``x`` gathered once; each expert that received
     pairs then runs one matrix product per projection, written in place into shared buffers, and the activation,
@@ -92,7 +114,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     if num_tokens == 0:
         return torch.zeros_like(x)
     if num_tokens == 1:
-        return _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias)
+        return _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, project_w13, project_w2)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     token_of = order // top_k
@@ -105,36 +127,31 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     rows = x[token_of]
     gate_up = x.new_empty(rows.shape[0], w13.shape[1])
     for expert, first, end in spans:
-        _project(rows[first:end], w13[expert], None if w13_bias is None else w13_bias[expert], gate_up[first:end])
+        project_w13(rows[first:end], w13[expert], None if w13_bias is None else w13_bias[expert],
+                    gate_up[first:end])
     hidden = gated_activation(gate_up, activation)
     per_pair = x.new_empty(rows.shape[0], w2.shape[1])
     for expert, first, end in spans:
-        _project(hidden[first:end], w2[expert], None if w2_bias is None else w2_bias[expert], per_pair[first:end])
+        project_w2(hidden[first:end], w2[expert], None if w2_bias is None else w2_bias[expert],
+                   per_pair[first:end])
     per_pair.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
     return torch.zeros_like(x).index_add_(0, token_of, per_pair)
 
 
-def _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias) -> torch.Tensor:
+def _one_token_experts(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, project_w13,
+                       project_w2) -> torch.Tensor:
     """:func:`fused_experts` for one token (a batch-1 decode step): its ``k`` experts one after the other, no
     grouping."""
     gate_up = x.new_empty(ids.shape[1], w13.shape[1])
     experts = ids[0].tolist()
     for slot, expert in enumerate(experts):
-        _project(x, w13[expert], None if w13_bias is None else w13_bias[expert], gate_up[slot : slot + 1])
+        project_w13(x, w13[expert], None if w13_bias is None else w13_bias[expert], gate_up[slot : slot + 1])
     hidden = gated_activation(gate_up, activation)
     per_slot = x.new_empty(ids.shape[1], w2.shape[1])
     for slot, expert in enumerate(experts):
-        _project(hidden[slot : slot + 1], w2[expert], None if w2_bias is None else w2_bias[expert],
-                 per_slot[slot : slot + 1])
+        project_w2(hidden[slot : slot + 1], w2[expert], None if w2_bias is None else w2_bias[expert],
+                   per_slot[slot : slot + 1])
     return torch.mm(weights.to(x.dtype), per_slot)
-
-
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = x @ weight.T (+ bias)``, written into ``out``."""
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)
 
 
 ExpertKernel = Callable[..., torch.Tensor]
@@ -150,9 +167,14 @@ class FusedMoE(nn.Module):
     logit) add Qwen2-MoE's shared expert: its output, scaled by the sigmoid of the gate, is added to the routed
     experts' sum. ``expert_kernel`` computes the routed experts (:func:`fused_experts` unless a device kernel
     replaced it). ``all_reduce``, set by tensor parallelism, sums the ranks' partial outputs of the whole block.
+
+    A weight format may replace ``experts`` with a module holding ``gate_up_proj`` / ``down_proj`` in its own
+    layout (GGUF's ggml blocks: ``quantization/gguf_experts.py``) and set ``expert_kernel`` to a kernel that reads
+    them; it then sets ``expert_kernel_fixed``, and device kernels leave that layer's ``expert_kernel`` alone.
     """
 
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    expert_kernel_fixed: bool = False
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, router: Router, *,
                  activation: str = "silu", bias: bool = False, router_bias: bool = False,
