@@ -391,7 +391,8 @@ def iter_gguf_weights(path: Path, keep_blocks: frozenset[str] = frozenset()) -> 
 
     The GGUF tensors named in ``keep_blocks`` (linear weights a GGUF-quantized model holds as ggml blocks) come as
     their raw blocks instead, uint8 ``[rows, row_bytes]`` under ``<module>.qweight`` (the q/k permutation undone by
-    moving whole rows of blocks)."""
+    moving whole rows of blocks); a kept stacked expert tensor comes as one such tensor per expert
+    (``...experts.{e}.gate_proj.qweight``)."""
     header, arch = _header(path)
     meta = header.metadata
     heads = int(meta[f"{arch}.attention.head_count"])

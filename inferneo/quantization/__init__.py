@@ -9,9 +9,11 @@ from inferneo.quantization.base import (
     LinearMethod,
     LinearShape,
     QuantConfig,
+    QuantizedExperts,
     QuantizedLinear,
     finalize_quantized_linears,
     quantize_linears,
+    quantized_experts,
     quantized_linears,
 )
 from inferneo.quantization.registry import QUANTIZATION_METHODS, resolve_quant_config
@@ -21,9 +23,11 @@ __all__ = [
     "LinearMethod",
     "LinearShape",
     "QuantConfig",
+    "QuantizedExperts",
     "QuantizedLinear",
     "finalize_quantized_linears",
     "quantize_linears",
+    "quantized_experts",
     "quantized_linears",
     "resolve_quant_config",
 ]

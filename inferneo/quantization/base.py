@@ -9,6 +9,11 @@ places one logical shard (``q``/``k``/``v`` of a fused ``qkv_proj``, ``gate``/``
 ``shard=None``, the whole fused tensor. Once every weight is in, :func:`finalize_quantized_linears` lets each
 method repack its tensors into the layout its kernel reads (and free the checkpoint layout).
 
+A format may also keep a mixture-of-experts layer's stacked experts in its own layout: it replaces the layer's
+``experts`` container with a :class:`QuantizedExperts` (same parameter names, the format's dtype and shapes) and
+the layer's expert kernel with one that reads it (:meth:`QuantConfig.quantize_experts`; GGUF does, in
+``gguf_experts.py``).
+
 A format is a :class:`QuantConfig` (parsed from ``quantization_config`` in ``config.json``, from a GGUF file, or
 asked for with ``--quantization``) that hands a :class:`LinearMethod` to each layer it quantizes.
 """
@@ -214,6 +219,12 @@ class QuantConfig(abc.ABC):
         changed (default: none)."""
         return 0
 
+    def quantize_experts(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+        """Replace the stacked experts of the mixture-of-experts layers the format stores in its own layout with
+        :class:`QuantizedExperts`; called by :func:`quantize_linears` after the embeddings. Returns how many layers
+        changed (default: none: experts load de-quantized into the model dtype)."""
+        return 0
+
     def checkpoint_name(self, prefix: str) -> str:
         """Checkpoint module name of engine layer ``prefix`` (HF's ``model.`` prefix), for ``ignore`` lists."""
         return prefix if prefix.startswith("lm_head") else f"model.{prefix}"
@@ -221,6 +232,24 @@ class QuantConfig(abc.ABC):
     def describe(self) -> str:
         """One line for the start-up log."""
         return self.name
+
+
+class QuantizedExperts(nn.Module):
+    """The stacked experts of a ``FusedMoE`` held in a format's layout, in place of its ``experts`` container:
+    parameters ``gate_up_proj`` (gate rows, then up rows, per expert) and ``down_proj``, each ``[E, rows, ...]`` in
+    the format's dtype, which the layer's expert kernel (set by the format) reads."""
+
+    def finalize(self, kernels: KernelConfig) -> None:  # noqa: B027 - optional hook
+        """Pick the kernels (and repack, if need be) once the weights are in; called by
+        :func:`finalize_quantized_linears`."""
+
+    @abc.abstractmethod
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts as full-width float32 ``(gate_up [E, 2*I, H], down [E, H, I])`` (for tests and references)."""
+
+    @abc.abstractmethod
+    def init_dummy(self, generator: torch.Generator) -> None:
+        """Random weights in the format (``--load-format dummy``)."""
 
 
 # ---- the transform -------------------------------------------------------------------------------------------
@@ -244,8 +273,10 @@ def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, 
     weights are loaded; after ``model.cast``), after the format's embeddings
     (:meth:`QuantConfig.quantize_embeddings`); returns how many modules changed. Tied linears (an ``lm_head``
     sharing the embedding) and linears marked ``quantizable = False`` (a router's gate, weights another module
-    reads directly) stay plain."""
+    reads directly) stay plain. Mixture-of-experts layers whose experts the format stores go in too
+    (:meth:`QuantConfig.quantize_experts`; counted with the linears)."""
     swapped = config.quantize_embeddings(model, dtype, device)
+    swapped += config.quantize_experts(model, dtype, device)
     tied = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -266,12 +297,19 @@ def quantized_linears(model: nn.Module) -> list[QuantizedLinear]:
     return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
 
 
+def quantized_experts(model: nn.Module) -> list[QuantizedExperts]:
+    """The model's experts held in a format's layout."""
+    return [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+
+
 def finalize_quantized_linears(model: nn.Module, kernels: KernelConfig) -> int:
-    """Let each quantized layer repack its loaded tensors for its kernel (call once, after loading and before the
-    device kernels go in); returns how many layers."""
+    """Let each quantized layer (and each :class:`QuantizedExperts`) repack its loaded tensors for its kernel (call
+    once, after loading and before the device kernels go in); returns how many linear layers."""
     layers = quantized_linears(model)
     for layer in layers:
         layer.method.finalize(layer, kernels)
+    for experts in quantized_experts(model):
+        experts.finalize(kernels)
     return len(layers)
 
 

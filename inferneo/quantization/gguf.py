@@ -7,10 +7,11 @@ full-width path, the reference the quantized one is tested against).
 
 Which tensors stay in blocks: each linear layer whose GGUF tensors (one per logical shard: ``attn_q``/``attn_k``/
 ``attn_v`` of ``qkv_proj``) are all of a kept type (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K; see ``gguf_blocks``), the
-token embedding in a kept type, and an LM head tied to it. Everything else (norms, routers, stacked experts, F16 /
-F32 / other block types) is de-quantized at load as before. A fused layer whose shards differ in type (Q4_K_M
-stores some ``attn_v`` in Q6_K beside Q4_K ``attn_q``/``attn_k``) keeps one buffer per run of equal-typed shards
-and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put back by moving whole rows of
+token embedding in a kept type, an LM head tied to it, and the stacked experts of a mixture-of-experts layer whose
+three expert tensors are of kept types with gate and up of one type (``gguf_experts.py``). Everything else (norms,
+routers, other experts, F16 / F32 / other block types) is de-quantized at load as before. A fused layer whose
+shards differ in type (Q4_K_M stores some ``attn_v`` in Q6_K beside Q4_K ``attn_q``/``attn_k``) keeps one buffer
+per run of equal-typed shards and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put back by moving whole rows of
 blocks (``gguf_loader.iter_gguf_weights``).
 
 Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers, or (Q4_0 / Q4_1 / Q8_0 on
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferneo.kernel_config import KernelConfig
+from inferneo.model_executor.layers.moe import FusedMoE
 from inferneo.model_loader.gguf_file import GGUFTensorInfo, read_gguf_header
 from inferneo.model_loader.gguf_loader import gguf_hf_name, iter_gguf_weights
 from inferneo.quantization.base import (
@@ -46,8 +48,15 @@ from inferneo.quantization.base import (
     QuantizedLinear,
     new_parameter,
 )
-from inferneo.quantization.gguf_blocks import KEPT_FORMATS, BlockFormat, block_format, dequantize_blocks
+from inferneo.quantization.gguf_blocks import (  # random_blocks: re-exported (it lived here)
+    KEPT_FORMATS,
+    BlockFormat,
+    block_format,
+    dequantize_blocks,
+    random_blocks,
+)
 from inferneo.quantization.gguf_dense import dense_from_rows
+from inferneo.quantization.gguf_experts import ExpertPlan, hold_experts_in_blocks, plan_gguf_experts
 from inferneo.quantization.gguf_wide import pack_wide16, unpack_wide16, wide16_rows, wide16_supported
 from inferneo.worker.cpu_tuning import release_freed_memory
 
@@ -414,19 +423,6 @@ def _note_dequantize(device: torch.device) -> None:
                    "dtype at load (memory as the full-width model)", device.type)
 
 
-# scale fields (byte offset of each f16) of each kept format, for random weights
-_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-def random_blocks(blocks: torch.Tensor, fmt: BlockFormat, generator: torch.Generator) -> None:
-    """Fill ``blocks`` (uint8 ``[rows, row_bytes]``) with random quants and small positive f16 scales."""
-    blocks.copy_(torch.randint(0, 256, blocks.shape, generator=generator, device=blocks.device, dtype=torch.uint8))
-    view = blocks.view(blocks.shape[0], -1, fmt.type_size)
-    scale = torch.tensor([2e-3 if fmt.block_size == 32 else 2e-4], dtype=torch.float16).view(torch.uint8)
-    for offset in _SCALE_OFFSETS[fmt.name]:
-        view[..., offset:offset + 2] = scale.to(blocks.device)
-
-
 # ---- the embedding and a tied LM head -----------------------------------------------------------------------
 
 
@@ -641,6 +637,30 @@ class GGUFQuantConfig(QuantConfig):
                     logger.debug("%s reads the GGUF blocks of %s", head, prefix)
                     tied += 1
         return tied
+
+    def quantize_experts(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+        """Hold the stacked experts of each mixture-of-experts layer whose expert tensors allow it as ggml blocks
+        (``gguf_experts.py``); the others stay de-quantized, logged once per reason with their layers."""
+        plans = plan_gguf_experts(read_gguf_header(self.path))
+        kept, fallback = 0, {}
+        for name, module in model.named_modules():
+            if not isinstance(module, FusedMoE):
+                continue
+            plan = plans.get(name, ExpertPlan(None, "the file has no stacked expert tensors for it"))
+            reason = plan.reason
+            if plan.tensors is not None:
+                reason = hold_experts_in_blocks(module, plan.tensors, device, block_matmul_for)
+            if reason is not None:
+                fallback.setdefault(reason, []).append(name)
+                continue
+            self.kept.update(plan.tensors.names)
+            kept += 1
+        for reason, layers in fallback.items():
+            logger.info("GGUF: the experts of %d mixture-of-experts layers (%s) are de-quantized at load: %s",
+                        len(layers), ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else ""), reason)
+        if kept:
+            logger.info("GGUF: the experts of %d mixture-of-experts layers stay in ggml blocks", kept)
+        return kept
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         if device.type == "cpu" and dtype in _CPU_DTYPES or device.type == "cuda":

@@ -145,3 +145,16 @@ def dequantize_blocks(data: torch.Tensor, qtype: int) -> torch.Tensor:
     blocks = data.reshape(-1, fmt.type_size)
     values = _DECODERS[fmt.name](blocks) if blocks.shape[0] else blocks.new_empty((0, fmt.block_size), dtype=torch.float)
     return values.reshape(*rows, data.shape[-1] // fmt.type_size * fmt.block_size)
+
+
+# scale fields (byte offset of each f16) of each kept format, for random weights
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(blocks: torch.Tensor, fmt: BlockFormat, generator: torch.Generator) -> None:
+    """Fill ``blocks`` (uint8 ``[rows, row_bytes]``) with random quants and small positive f16 scales."""
+    blocks.copy_(torch.randint(0, 256, blocks.shape, generator=generator, device=blocks.device, dtype=torch.uint8))
+    view = blocks.view(blocks.shape[0], -1, fmt.type_size)
+    scale = torch.tensor([2e-3 if fmt.block_size == 32 else 2e-4], dtype=torch.float16).view(torch.uint8)
+    for offset in _SCALE_OFFSETS[fmt.name]:
+        view[..., offset:offset + 2] = scale.to(blocks.device)

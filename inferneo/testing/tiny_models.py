@@ -364,7 +364,8 @@ _Q4_K_M_SIX_BIT = re.compile(r"blk\.\d+\.attn_v\.weight|blk\.0\.ffn_down\.weight
 _Q4_K_M_SIX_BIT_TYPE = gguf.GGMLQuantizationType.Q6_K
 
 
-def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_mla: bool = False) -> Path:
+def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_mla: bool = False,
+                   tensor_types: dict[str, str] | None = None) -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
     into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
     tensors kept as ``attn_qkv``/``ffn_up`` with LongRoPE as ``rope_factors_long``/``rope_factors_short``, gpt-oss
@@ -378,9 +379,13 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
     stay F32, and a tensor whose rows do not split into the type's blocks falls back to F16, as in llama.cpp's
     converter. An MXFP4 gpt-oss checkpoint's experts are repacked as ggml MXFP4 whatever ``dtype`` is.
     ``legacy_mla`` writes DeepSeek's ``kv_b_proj`` as one ``attn_kv_b`` tensor, as llama.cpp's converter did
-    before it split it. Returns ``out_file``.
+    before it split it. ``tensor_types`` (``{regular expression: type}``) writes the tensors whose llama.cpp name
+    matches an expression in that type instead (the first match; F32 tensors and the F16 fallback as above), e.g.
+    ``{"blk[.]0[.]ffn_down_exps[.]weight": "Q6_K"}``. Returns ``out_file``.
     """
     mixed = dtype.upper() == "Q4_K_M"
+    overrides = [(re.compile(pattern), gguf.GGMLQuantizationType[kind.upper()])
+                 for pattern, kind in (tensor_types or {}).items()]
     try:
         qtype = gguf.GGMLQuantizationType["Q4_K" if mixed else dtype.upper()]
     except KeyError:
@@ -409,7 +414,10 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
     tensors = (family_gguf_tensors(hf_dir, config, arch, legacy_mla) if family
                else _gguf_tensors(hf_dir, config, arch))
     for name, array in tensors:
-        _add_tensor(writer, name, array, _Q4_K_M_SIX_BIT_TYPE if mixed and _Q4_K_M_SIX_BIT.fullmatch(name) else qtype)
+        kind = next((k for pattern, k in overrides if pattern.fullmatch(name)), None)
+        if kind is None:
+            kind = _Q4_K_M_SIX_BIT_TYPE if mixed and _Q4_K_M_SIX_BIT.fullmatch(name) else qtype
+        _add_tensor(writer, name, array, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -45,6 +45,7 @@ from inferneo.pooling.pooler import apply_head, pool_step
 from inferneo.quantization import (
     finalize_quantized_linears,
     quantize_linears,
+    quantized_experts,
     quantized_linears,
     resolve_quant_config,
 )
@@ -304,6 +305,11 @@ class ModelRunner(Runner):
         if self.quant_config is not None:
             count = quantize_linears(self.model, self.quant_config, dtype, device)
             logger.info("quantization %s: %d linear layers", self.quant_config.describe(), count)
+            if device.type == "cuda" and not self.enforce_eager and quantized_experts(self.model):
+                # their kernel loops over the routed experts, reading the routing on the host: not capturable
+                logger.warning("mixture-of-experts experts kept quantized (%s) run one block matmul per expert; "
+                               "CUDA graphs are off (decode runs eagerly)", self.quant_config.name)
+                self.enforce_eager = True
         # Key/value heads this rank holds (all of them without tensor parallelism).
         self.num_kv_heads = self.model.num_kv_heads
         # What each layer keeps in the KV cache (layers may differ: latent attention keeps a compressed latent).
@@ -348,6 +354,8 @@ class ModelRunner(Runner):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for layer in quantized_linears(self.model):
             layer.method.init_dummy(layer, gen)
+        for experts in quantized_experts(self.model):
+            experts.init_dummy(gen)
         for name, param in self.model.named_parameters():
             if is_quantized_parameter(param):
                 continue

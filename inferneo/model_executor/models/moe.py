@@ -4,7 +4,8 @@ Each is the Llama decoder (attention as in ``llama.py`` / ``qwen.py``) whose fee
 :class:`~inferneo.model_executor.layers.moe.FusedMoE` in its sparse layers. Checkpoints name every expert's
 projections apart (``block_sparse_moe.experts.{e}.w1/w2/w3`` in Mixtral, ``mlp.experts.{e}.gate_proj/up_proj/
 down_proj`` in Qwen-MoE); they load into the stacked ``experts.gate_up_proj`` ``[E, 2*I, H]`` and
-``experts.down_proj`` ``[E, H, I]``. Checkpoints that already hold the stacked tensors load as they are. Under tensor
+``experts.down_proj`` ``[E, H, I]`` (or, for experts a GGUF file keeps in ggml blocks, their uint8 rows of blocks from
+``experts.{e}.<projection>.qweight``). Checkpoints that already hold the stacked tensors load as they are. Under tensor
 parallelism the stacked parameters carry an ``expert_loader`` that takes this rank's slice
 (``tensor_parallel.shard_experts``).
 """
@@ -21,8 +22,9 @@ from inferneo.model_executor.layers.moe_routing import make_router
 from inferneo.model_executor.models.llama import MLP, DecoderConfig, LlamaForCausalLM, _copy, _lookup
 from inferneo.model_executor.models.qwen import qwen_window
 
-# layers.{l}.mlp.experts.{e}.{projection}.weight, after ``block_sparse_moe.`` became ``mlp.``
-_EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+# layers.{l}.mlp.experts.{e}.{projection}.weight, after ``block_sparse_moe.`` became ``mlp.``; ``.qweight``: the
+# expert's rows of ggml blocks, for experts a GGUF file keeps in blocks (``quantization/gguf_experts.py``)
+_EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.(weight|qweight)$")
 # projection -> (stacked parameter, row block: 0 gate / 1 up of gate_up_proj, None for down_proj)
 _EXPERT_SLOTS = {
     "w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
@@ -72,12 +74,15 @@ class MoeForCausalLM(LlamaForCausalLM):
                 _copy(params[name].data, tensor, name)
                 return {name}
             return set()
-        prefix, expert, projection = match.group(1), int(match.group(2)), match.group(3)
+        prefix, expert, projection, leaf = match.group(1), int(match.group(2)), match.group(3), match.group(4)
         if projection not in _EXPERT_SLOTS:
             raise ValueError(f"checkpoint weight {name!r} does not belong to this model")
         stacked, block = _EXPERT_SLOTS[projection]
         target = f"{prefix}.{stacked}"
         param = _lookup(params, target, name)
+        if (leaf == "qweight") != (param.dtype == torch.uint8):
+            held = "ggml blocks" if param.dtype == torch.uint8 else f"{param.dtype}"
+            raise ValueError(f"checkpoint weight {name!r} is {tensor.dtype}; the model holds these experts as {held}")
         if not 0 <= expert < param.shape[0]:
             raise ValueError(f"checkpoint weight {name!r} names expert {expert}; the config has {param.shape[0]}")
         loader = getattr(param, "expert_loader", None)
