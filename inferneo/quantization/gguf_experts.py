@@ -2,8 +2,9 @@
 Qwen3-MoE).
 
 llama.cpp stores each sparse layer's experts as three stacked tensors: ``blk.N.ffn_gate_exps`` and
-``blk.N.ffn_up_exps`` ``[E, I, H]`` and ``blk.N.ffn_down_exps`` ``[E, H, I]`` (almost all of a MoE file's bytes).
-When all three are of a kept type (``gguf_blocks.KEPT_FORMATS``) and gate and up share one type, the layer's
+``blk.N.ffn_up_exps`` ``[E, I, H]`` and ``blk.N.ffn_down_exps`` ``[E, H, I]`` (almost all of a MoE file's bytes);
+its first Mixtral files (December 2023) hold one tensor per expert instead (``blk.N.ffn_gate.E.weight``), taken
+alike. When all three are of a kept type (``gguf_blocks.KEPT_FORMATS``) and gate and up share one type, the layer's
 ``FusedMoE.experts`` becomes a :class:`GGUFExperts`: ``gate_up_proj`` uint8 ``[E, 2*I, row_bytes(H)]`` (each
 expert's gate rows, then its up rows, as the file's blocks) and ``down_proj`` uint8 ``[E, H, row_bytes(I)]`` (its
 own type: Q4_K_M files hold some in Q6_K). The loader hands them over as one ``[rows, row_bytes]`` tensor per
@@ -14,7 +15,7 @@ the Triton GEMM on CUDA, else a PyTorch reference that de-quantizes the expert a
 
 Other layers keep the de-quantized path (experts in the model dtype, the batched kernels of ``layers/moe.py`` or
 Triton's fused MoE on CUDA), and :func:`plan_gguf_experts` says why: an expert tensor of a type that is not kept
-(F16, Q5_0, ...), gate and up of different types, llama.cpp's first Mixtral files (one tensor per expert), expert
+(F16, Q5_0, ...), gate and up of different types (or one projection's per-expert tensors of several), expert
 biases, or shapes that do not match the model. Tensor and pipeline parallelism de-quantize the whole file
 (``model_runner``).
 """
@@ -42,25 +43,30 @@ MatmulFor = Callable[[torch.device, KernelConfig], "BlockMatmul | None"]
 # the architectures whose experts llama.cpp stacks under these names (Mixtral is "llama" with experts)
 _ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
 _STACKED = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
-_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.\d+\.weight")
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 
 
 @dataclass(frozen=True, slots=True)
 class ExpertTensors:
-    """The three stacked expert tensors of one layer in the file."""
+    """One layer's expert tensors in the file, per projection: one stacked tensor ``[E, rows, cols]``, or (llama.cpp's
+    first Mixtral files) one ``[rows, cols]`` tensor per expert, in expert order."""
 
-    gate: GGUFTensorInfo
-    up: GGUFTensorInfo
-    down: GGUFTensorInfo
+    gate: tuple[GGUFTensorInfo, ...]
+    up: tuple[GGUFTensorInfo, ...]
+    down: tuple[GGUFTensorInfo, ...]
 
     @property
-    def names(self) -> tuple[str, str, str]:
-        return self.gate.name, self.up.name, self.down.name
+    def names(self) -> tuple[str, ...]:
+        return tuple(info.name for part in (self.gate, self.up, self.down) for info in part)
 
     @property
     def nbytes(self) -> int:
-        """The bytes of the three tensors' blocks in the file."""
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        """The bytes of the tensors' blocks in the file."""
+        return sum(info.nbytes for part in (self.gate, self.up, self.down) for info in part)
+
+    @property
+    def per_expert(self) -> bool:
+        return len(self.gate[0].shape) == 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,35 +83,47 @@ def plan_gguf_experts(header: GGUFHeader) -> dict[str, ExpertPlan]:
     Empty for architectures other than Mixtral / Qwen2-MoE / Qwen3-MoE."""
     if header.architecture not in _ARCHITECTURES:
         return {}
-    stacked: dict[str, dict[str, GGUFTensorInfo]] = {}
-    plans: dict[str, ExpertPlan] = {}
+    found: dict[str, dict[str, dict[int, GGUFTensorInfo]]] = {}  # layer -> projection -> expert (-1: stacked)
     for info in header.tensors:
         if match := _STACKED.fullmatch(info.name):
-            stacked.setdefault(f"layers.{match.group(1)}.mlp", {})[match.group(2)] = info
+            found.setdefault(f"layers.{match.group(1)}.mlp", {}).setdefault(match.group(2), {})[-1] = info
         elif match := _PER_EXPERT.fullmatch(info.name):
-            plans[f"layers.{match.group(1)}.mlp"] = ExpertPlan(
-                None, "one tensor per expert (llama.cpp's first Mixtral files): de-quantized at load"
-            )
-    for layer, parts in stacked.items():
-        if set(parts) != {"gate", "up", "down"}:
-            plans[layer] = ExpertPlan(None, f"the file has only {', '.join(sorted(parts))} experts")
-            continue
-        tensors = ExpertTensors(parts["gate"], parts["up"], parts["down"])
-        unkept = [t for t in (tensors.gate, tensors.up, tensors.down) if t.ggml_type not in KEPT_FORMATS]
-        if unkept:
-            plans[layer] = ExpertPlan(
-                None,
-                " and ".join(f"{t.name.split('.')[2]} in {t.type_name}" for t in unkept)
-                + " (not a type kept in blocks)",
-            )
-        elif tensors.gate.ggml_type != tensors.up.ggml_type:
-            plans[layer] = ExpertPlan(
-                None,
-                f"gate ({tensors.gate.type_name}) and up ({tensors.up.type_name}) experts differ in type",
-            )
-        else:
-            plans[layer] = ExpertPlan(tensors)
-    return plans
+            layer, part, expert = match.groups()
+            found.setdefault(f"layers.{layer}.mlp", {}).setdefault(part, {})[int(expert)] = info
+    return {layer: _plan(parts) for layer, parts in found.items()}
+
+
+def _plan(parts: dict[str, dict[int, GGUFTensorInfo]]) -> ExpertPlan:
+    if set(parts) != {"gate", "up", "down"}:
+        return ExpertPlan(None, f"the file has only {', '.join(sorted(parts))} experts")
+    by_part = {}
+    for part, tensors in parts.items():
+        if len(tensors) > 1 and -1 in tensors:
+            return ExpertPlan(None, f"{part} experts are both stacked and one tensor per expert")
+        if -1 not in tensors and set(tensors) != set(range(len(tensors))):
+            return ExpertPlan(None, f"{part} experts are missing some experts' tensors")
+        by_part[part] = tuple(tensors[e] for e in sorted(tensors))
+    tensors = ExpertTensors(by_part["gate"], by_part["up"], by_part["down"])
+    unkept = sorted(
+        {
+            f"{t.name.split('.')[2]} in {t.type_name}"
+            for p in ("gate", "up", "down")
+            for t in by_part[p]
+            if t.ggml_type not in KEPT_FORMATS
+        }
+    )
+    if unkept:
+        return ExpertPlan(None, " and ".join(unkept) + " (not a type kept in blocks)")
+    types = {p: {t.ggml_type for t in by_part[p]} for p in by_part}
+    names = {p: "/".join(sorted({t.type_name for t in by_part[p]})) for p in by_part}
+    if len(types["down"]) > 1 or len(types["gate"] | types["up"]) > 1:
+        return ExpertPlan(
+            None,
+            f"gate ({names['gate']}) and up ({names['up']}) experts differ in type"
+            if len(types["gate"] | types["up"]) > 1
+            else f"down experts differ in type ({names['down']})",
+        )
+    return ExpertPlan(tensors)
 
 
 def _reference_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
@@ -221,15 +239,21 @@ def hold_experts_in_blocks(
         return "the experts are sharded over tensor-parallel ranks"
     if hasattr(experts, "gate_up_proj_bias"):
         return "the experts have biases"
+    stacked = (num_experts,) if not tensors.per_expert else ()
+    count = 1 if not tensors.per_expert else num_experts
     expected = {
-        tensors.gate.name: (num_experts, intermediate, hidden),
-        tensors.up.name: (num_experts, intermediate, hidden),
-        tensors.down.name: (num_experts, hidden, intermediate),
+        "gate": (*stacked, intermediate, hidden),
+        "up": (*stacked, intermediate, hidden),
+        "down": (*stacked, hidden, intermediate),
     }
-    for info in (tensors.gate, tensors.up, tensors.down):
-        if tuple(info.shape) != expected[info.name]:
-            return f"{info.name} is {tuple(info.shape)}, the model expects {expected[info.name]}"
-    gate_up, down = KEPT_FORMATS[tensors.gate.ggml_type], KEPT_FORMATS[tensors.down.ggml_type]
+    for part in ("gate", "up", "down"):
+        infos = getattr(tensors, part)
+        if len(infos) != count:
+            return f"the file has {len(infos)} {part} expert tensors, the model {num_experts} experts"
+        for info in infos:
+            if tuple(info.shape) != expected[part]:
+                return f"{info.name} is {tuple(info.shape)}, the model expects {expected[part]}"
+    gate_up, down = KEPT_FORMATS[tensors.gate[0].ggml_type], KEPT_FORMATS[tensors.down[0].ggml_type]
     if hidden % gate_up.block_size or intermediate % down.block_size:
         return "rows do not fill whole blocks"
     blocks = GGUFExperts(num_experts, hidden, intermediate, gate_up, down, device, matmul_for)
