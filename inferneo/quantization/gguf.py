@@ -646,7 +646,7 @@ class GGUFQuantConfig(QuantConfig):
         for name, module in model.named_modules():
             if not isinstance(module, FusedMoE):
                 continue
-            plan = plans.get(name, ExpertPlan(None, "the file has no stacked expert tensors for it"))
+            plan = plans.get(name, ExpertPlan(None, "the file has no expert tensors for it"))
             reason = plan.reason
             if plan.tensors is not None:
                 reason = hold_experts_in_blocks(module, plan.tensors, device, block_matmul_for)
