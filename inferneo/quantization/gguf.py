@@ -11,8 +11,8 @@ token embedding in a kept type, an LM head tied to it, and the stacked experts o
 three expert tensors are of kept types with gate and up of one type (``gguf_experts.py``). Everything else (norms,
 routers, other experts, F16 / F32 / other block types) is de-quantized at load as before. A fused layer whose
 shards differ in type (Q4_K_M stores some ``attn_v`` in Q6_K beside Q4_K ``attn_q``/``attn_k``) keeps one buffer
-per run of equal-typed shards and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put back by moving whole rows of
-blocks (``gguf_loader.iter_gguf_weights``).
+per run of equal-typed shards and one matmul each. Llama's q/k rows, which llama.cpp's converter permutes, are put
+back by moving whole rows of blocks (``gguf_loader.iter_gguf_weights``).
 
 Matmuls: the native CPU kernels (``kernels/cpu_gguf.py``) de-quantize blocks in registers, or (Q4_0 / Q4_1 / Q8_0 on
 AVX2 at the row counts of ``_INT8_DOT_ROWS``, and Q4_0 / Q4_1 in the wide16 layout with AVX512_VNNI, with
@@ -48,7 +48,7 @@ from inferneo.quantization.base import (
     QuantizedLinear,
     new_parameter,
 )
-from inferneo.quantization.gguf_blocks import (  # random_blocks: re-exported (it lived here)
+from inferneo.quantization.gguf_blocks import (
     KEPT_FORMATS,
     BlockFormat,
     block_format,
