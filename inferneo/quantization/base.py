@@ -222,7 +222,7 @@ class QuantConfig(abc.ABC):
     def quantize_experts(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
         """Replace the stacked experts of the mixture-of-experts layers the format stores in its own layout with
         :class:`QuantizedExperts`; called by :func:`quantize_linears` after the embeddings. Returns how many layers
-        changed (default: none: experts load de-quantized into the model dtype)."""
+        changed, and logs them (default: none: experts load de-quantized into the model dtype)."""
         return 0
 
     def checkpoint_name(self, prefix: str) -> str:
@@ -274,9 +274,9 @@ def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, 
     (:meth:`QuantConfig.quantize_embeddings`); returns how many modules changed. Tied linears (an ``lm_head``
     sharing the embedding) and linears marked ``quantizable = False`` (a router's gate, weights another module
     reads directly) stay plain. Mixture-of-experts layers whose experts the format stores go in too
-    (:meth:`QuantConfig.quantize_experts`; counted with the linears)."""
+    (:meth:`QuantConfig.quantize_experts`, which logs them; not counted here)."""
     swapped = config.quantize_embeddings(model, dtype, device)
-    swapped += config.quantize_experts(model, dtype, device)
+    config.quantize_experts(model, dtype, device)
     tied = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
