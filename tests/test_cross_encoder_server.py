@@ -58,11 +58,12 @@ def test_score_equals_cross_encoder(server, expected):
     assert {d["object"] for d in body["data"]} == {"score"}
     np.testing.assert_allclose([d["score"] for d in body["data"]], expected, atol=1e-5, rtol=0)
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    assert post(server, "/score", {"text_1": QUERY, "text_2": DOCS}).json()["data"] == body["data"]  # vLLM's alias
     pairwise = post(server, "/v1/score", {"text_1": [QUERY, QUERY], "text_2": DOCS[:2]}).json()
     np.testing.assert_allclose([d["score"] for d in pairwise["data"]], expected[:2], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank"])
 def test_rerank_sorts_by_cross_encoder_score(server, expected, path):
     r = post(server, path, {"query": QUERY, "documents": DOCS, "top_n": 4})
     assert r.status_code == 200, r.text

@@ -139,11 +139,13 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         return await create_embedding(ctx, body, raw)
 
     @app.post("/v1/score")
+    @app.post("/score")  # vLLM serves both
     async def score(body: ScoreRequest, raw: Request) -> Response:
         return await create_score(ctx, body, raw)
 
     @app.post("/v1/rerank")
     @app.post("/v2/rerank")
+    @app.post("/rerank")
     async def rerank(body: RerankRequest, raw: Request) -> Response:
         return await create_rerank(ctx, body, raw)
 

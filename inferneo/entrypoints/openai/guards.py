@@ -44,10 +44,11 @@ logger = logging.getLogger(__name__)
 MiB = 2**20
 PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
-                        "/detokenize", "/v1/score", "/v1/rerank", "/v2/rerank"})
+                        "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
 _PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": None,  # None: one
-                  "/v1/score": "text_2", "/v1/rerank": "documents", "/v2/rerank": "documents"}
+                  "/score": "text_2", "/v1/score": "text_2", "/rerank": "documents", "/v1/rerank": "documents",
+                  "/v2/rerank": "documents"}
 _LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
 
