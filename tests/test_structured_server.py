@@ -338,6 +338,18 @@ def test_a_tool_call_round_trip(client, tool_choice):
     assert final.choices[0].message.role == "assistant"
 
 
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar:disable-any-whitespace"])
+def test_vllm_constraint_options_apply_to_a_forced_tool_call(client, backend):
+    """``guided_decoding_backend`` with no constraint but the grammar of a named tool call applies to that grammar
+    (it was a 400 saying the request asks for no constraint)."""
+    answer = client.chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200, temperature=0, extra_body={"guided_decoding_backend": backend})
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    check_call(call)  # (the arguments come back re-serialized, so their whitespace says nothing of the option)
+
+
 def test_required_with_parallel_tool_calls_off_makes_one_call(client):
     for seed in range(3):
         answer = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, tool_choice="required",

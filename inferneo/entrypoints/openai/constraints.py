@@ -41,12 +41,13 @@ class _Asked:
 def structured_outputs_of(req: _SamplingBody) -> StructuredOutputsParams | None:
     """The constraint ``req`` asks for (None: none), checked; an ``APIError`` (400 naming the field) when two
     fields ask for one, or when the engine could not use it."""
-    asked = _asked(req)
+    asked = _constraint_fields(req)
     if isinstance(req, ChatCompletionRequest):
         _check_tools(req)
         tool = _tool_constraint(req)
         if tool is not None:
             asked.append(tool)
+    _apply_options(req, asked)
     if not asked:
         return None
     if len(asked) > 1:
@@ -57,22 +58,22 @@ def structured_outputs_of(req: _SamplingBody) -> StructuredOutputsParams | None:
     return _checked(asked[0])
 
 
-def _asked(req: _SamplingBody) -> list[_Asked]:
-    asked = _constraint_fields(req)
+def _apply_options(req: _SamplingBody, asked: list[_Asked]) -> None:
+    """Add vLLM's constraint options (``guided_decoding_backend``, ``guided_whitespace_pattern``) to the constraints
+    ``asked`` (a tool call's grammar included); a 400 naming the option when there is none to apply it to."""
     options = _backend_options(req.guided_decoding_backend)
     if req.guided_whitespace_pattern is not None:
         options["whitespace_pattern"] = req.guided_whitespace_pattern
     if options and not asked:
         field = "guided_whitespace_pattern" if req.guided_whitespace_pattern is not None else "guided_decoding_backend"
         raise bad_request(f"{field} is an option of a constraint, and the request asks for none (response_format, "
-                          "structured_outputs or guided_*)", field)
+                          "structured_outputs, guided_*, or tool_choice 'required' or a named function)", field)
     if req.guided_whitespace_pattern is not None and any(
             not ({"json", "json_object"} & set(item.values)) for item in asked):
         raise bad_request("guided_whitespace_pattern is the whitespace of a JSON answer: it goes with a JSON schema "
                           "or json_object, not a regex, choice, grammar or structural tag", "guided_whitespace_pattern")
     for item in asked:
         item.values.update(options)
-    return asked
 
 
 def _backend_options(value: str | None) -> dict[str, Any]:
