@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,16 +137,7 @@ def calendar_dates(schema: Any) -> Any:
     that neither backend writes 2023-02-30: a narrowing of the format, as every answer is still a valid date."""
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: calendar_dates(sub) for name, sub in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [calendar_dates(sub) for sub in out[key]]
-    for key in _SCHEMA_VALUES:
-        if isinstance(out.get(key), dict):
-            out[key] = calendar_dates(out[key])
+    out = _with_subschemas(schema, calendar_dates)
     pattern = _DATE_PATTERNS.get(out.get("format")) if isinstance(out.get("format"), str) else None
     if (pattern is not None and out.get("type") == "string"
             and not any(k in out for k in ("pattern", "minLength", "maxLength"))):
@@ -159,16 +151,7 @@ def closed_objects(schema: Any) -> Any:
     ``additionalProperties: false`` (vLLM's ``disable_additional_properties``); subschemas followed."""
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed_objects(sub) for sub in out[key]]
-    for key in _SCHEMA_VALUES:
-        if isinstance(out.get(key), dict):
-            out[key] = closed_objects(out[key])
+    out = _with_subschemas(schema, closed_objects)
     is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"]) or (
         "type" not in out and "properties" in out)
     if is_object and "additionalProperties" not in out and "unevaluatedProperties" not in out:
@@ -356,6 +339,23 @@ _TYPED_BY = ("type", "enum", "const", "properties", "additionalProperties", "ite
 _TYPE_SPECIFIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
                   "pattern", "format", "minItems", "maxItems", "required", "minProperties", "maxProperties",
                   "patternProperties", "propertyNames")
+
+
+def _with_subschemas(schema: dict[str, Any], change: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of ``schema`` with ``change`` applied to each of its direct subschemas (the schemas under
+    ``_SCHEMA_MAPS``, ``_SCHEMA_LISTS`` and ``_SCHEMA_VALUES``): the one walk of the schema rewrites
+    (``calendar_dates``, ``closed_objects``, ``_without_formats``), which follow subschemas by calling it again."""
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: change(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [change(sub) for sub in out[key]]
+    for key in _SCHEMA_VALUES:
+        if isinstance(out.get(key), dict):
+            out[key] = change(out[key])
+    return out
 
 
 def _check_enforceable(schema: Any, where: str = "", root: Any = None, rule=None) -> None:
@@ -672,17 +672,8 @@ def _without_formats(schema: Any, names: set[str]) -> Any:
     such as ``const``, ``enum`` and ``default`` kept as they are)."""
     if not isinstance(schema, dict):
         return schema
-    out = {k: v for k, v in schema.items() if not (k == "format" and v in names)}
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: _without_formats(sub, names) for name, sub in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [_without_formats(sub, names) for sub in out[key]]
-    for key in _SCHEMA_VALUES:
-        if key in out:
-            out[key] = _without_formats(out[key], names)
-    return out
+    kept = {k: v for k, v in schema.items() if not (k == "format" and v in names)}
+    return _with_subschemas(kept, lambda sub: _without_formats(sub, names))
 
 
 def _xgrammar_message(error: Exception) -> str:
