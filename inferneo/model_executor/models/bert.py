@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.attention.kv_spec import KVCacheSpec
+from inferneo.model_executor.models.llama import _copy, _lookup
 
 # transformers' ``ACT2FN`` names of the activations computed here
 _ACTIVATIONS = {
@@ -351,18 +352,3 @@ class RobertaEmbeddingModel(BertEmbeddingModel):
 
     roberta_positions = True
     checkpoint_prefixes = ("roberta.",)
-
-
-def _lookup(params: dict[str, nn.Parameter], name: str, original: str) -> nn.Parameter:
-    try:
-        return params[name]
-    except KeyError:
-        raise ValueError(f"checkpoint weight {original!r} does not belong to this model") from None
-
-
-def _copy(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if tuple(dest.shape) != tuple(src.shape):
-        raise ValueError(
-            f"weight {name!r} has shape {tuple(src.shape)}, the config expects {tuple(dest.shape)}"
-        )
-    dest.copy_(src)
