@@ -58,6 +58,27 @@ def test_break_cancels_the_batches_in_flight(server):
     wait_for(server, lambda n: n == 0, 5)  # on their own, 24 answers of 2000 tokens two at a time take far longer
 
 
+def interrupted(server, script: str) -> tuple[str, int, float]:
+    """Run ``script`` in a child, send it SIGINT once 16 of its requests are on the server (four batches of four:
+    two running, 14 waiting), and return what it printed, its exit status and the seconds it took to stop after the
+    signal (at once when quiet; a loaded machine can take seconds).
+
+    SIGINT is back to its default in the child, as a user's terminal has it: a suite started in the background
+    (nohup ... &) ignores SIGINT, the child would inherit that, and Python then installs no KeyboardInterrupt
+    handler."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(server, lambda n: n >= 16, 60)
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        stopped_in = time.monotonic() - start
+    finally:
+        proc.kill()
+    return out, proc.returncode, stopped_in
+
+
 def test_ctrl_c_cancels_the_batches_in_flight(server):
     wait_for(server, lambda n: n == 0, 60)
     script = textwrap.dedent(f"""
@@ -71,18 +92,9 @@ def test_ctrl_c_cancels_the_batches_in_flight(server):
         except KeyboardInterrupt:
             print("interrupted", flush=True)
     """)
-    # SIGINT back to its default in the child, as a user's terminal has it: a suite started in the background
-    # (nohup ... &) ignores SIGINT, the child would inherit that, and Python then installs no KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_for(server, lambda n: n >= 16, 60)  # four batches of four sent: two running, 14 waiting
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)  # at once when quiet; a loaded machine can take seconds
-    finally:
-        proc.kill()
+    out, returncode, _ = interrupted(server, script)
     assert out.split() == ["interrupted"]
-    assert proc.returncode == 0
+    assert returncode == 0
     wait_for(server, lambda n: n == 0, 5)  # on their own, 16 answers of 2000 tokens two at a time take far longer
 
 
@@ -107,18 +119,9 @@ def test_ctrl_c_in_a_dynamic_batcher_block_cancels_what_is_not_answered(server):
         except KeyboardInterrupt:
             print("interrupted", sum(f.cancelled() for f in futures), batcher.pending, flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_for(server, lambda n: n >= 16, 60)  # four batches of four sent: two running, 14 waiting
-        proc.send_signal(signal.SIGINT)
-        start = time.monotonic()
-        out, _ = proc.communicate(timeout=60)  # before: the 40 answers of 2000 tokens, two at a time
-        stopped_in = time.monotonic() - start
-    finally:
-        proc.kill()
+    out, returncode, stopped_in = interrupted(server, script)  # before: 40 answers of 2000 tokens, two at a time
     assert out.split() == ["submitted", "interrupted", "40", "0"], out
-    assert proc.returncode == 0 and stopped_in < 30
+    assert returncode == 0 and stopped_in < 30
     wait_for(server, lambda n: n == 0, 5)  # the 16 sent were cancelled on the server
 
 
@@ -157,13 +160,6 @@ def test_ctrl_c_while_the_block_end_waits_for_the_answers_cancels_them(server):
         except KeyboardInterrupt:
             print("interrupted", sum(f.cancelled() for f in futures), flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_for(server, lambda n: n >= 16, 60)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    out, _, _ = interrupted(server, script)
     assert out.split() == ["submitted", "interrupted", "40"], out
     wait_for(server, lambda n: n == 0, 5)
