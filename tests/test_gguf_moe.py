@@ -126,27 +126,12 @@ def test_q8_0_gguf_matches_hf_on_its_dequantized_weights(moe_dir, tmp_path):
     assert run_engine(llm, prompts) == [hf_greedy(reference, p) for p in prompts]
 
 
-def test_mixtral_file_with_one_tensor_per_expert_loads_as_the_stacked_one(tiny_checkpoint_factory, tmp_path,
-                                                                          monkeypatch):
+def test_mixtral_file_with_one_tensor_per_expert_loads_as_the_stacked_one(tiny_checkpoint_factory, tmp_path):
     """llama.cpp's first Mixtral files (December 2023, still widely shared) hold each expert's projection as its
     own tensor, ``blk.N.ffn_gate.E.weight``; they give the weights and tokens of today's stacked ``ffn_gate_exps``."""
-    from inferneo.testing import tiny_models
-
     hf_dir = tiny_checkpoint_factory("mixtral")
     stacked = _gguf(hf_dir, tmp_path, "Q8_0")
-    write_stacked = tiny_models._gguf_tensors
-
-    def one_per_expert(*args):
-        for name, array in write_stacked(*args):
-            parts = name.split(".")
-            if parts[-2].endswith("_exps"):
-                for expert in range(array.shape[0]):
-                    yield f"blk.{parts[1]}.{parts[2].removesuffix('_exps')}.{expert}.weight", array[expert]
-            else:
-                yield name, array
-
-    monkeypatch.setattr(tiny_models, "_gguf_tensors", one_per_expert)
-    old = make_tiny_gguf(hf_dir, tmp_path / "per-expert.gguf", "Q8_0")
+    old = make_tiny_gguf(hf_dir, tmp_path / "per-expert.gguf", "Q8_0", per_expert_tensors=True)
     assert read_gguf_header(old).tensor("blk.0.ffn_gate.3.weight") is not None
     expected = {name: t for name, t in iter_weights(resolve_model(stacked))}
     loaded = {name: t for name, t in iter_weights(resolve_model(old))}

@@ -249,29 +249,12 @@ def test_dummy_blocks_dequantize_to_finite_weights():
     assert torch.isfinite(gate_up).all() and torch.isfinite(down).all() and gate_up.abs().sum() > 0
 
 
-def test_one_tensor_per_expert_files_hold_their_experts_in_blocks_too(
-    tiny_checkpoint_factory, tmp_path, monkeypatch
-):
+def test_one_tensor_per_expert_files_hold_their_experts_in_blocks_too(tiny_checkpoint_factory, tmp_path):
     """llama.cpp's first Mixtral files (``blk.N.ffn_gate.E.weight``, one tensor per expert) load into the same
     blocks as the stacked file: the same bytes, the same experts, the same greedy tokens."""
-    from inferneo.testing import tiny_models
-
     hf_dir = tiny_checkpoint_factory("mixtral")
     stacked = make_tiny_gguf(hf_dir, tmp_path / "stacked.gguf", "Q8_0")
-    write_stacked = tiny_models._gguf_tensors
-
-    def one_per_expert(*args):
-        for name, array in write_stacked(*args):
-            parts = name.split(".")
-            if parts[-2].endswith("_exps"):
-                for expert in range(array.shape[0]):
-                    yield f"blk.{parts[1]}.{parts[2].removesuffix('_exps')}.{expert}.weight", array[expert]
-            else:
-                yield name, array
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tiny_models, "_gguf_tensors", one_per_expert)
-        old = make_tiny_gguf(hf_dir, tmp_path / "per-expert.gguf", "Q8_0")
+    old = make_tiny_gguf(hf_dir, tmp_path / "per-expert.gguf", "Q8_0", per_expert_tensors=True)
     plans = plan_gguf_experts(read_gguf_header(old))
     assert all(plan.tensors is not None and plan.tensors.per_expert for plan in plans.values())
     llm, reference = LLM(str(old), **EXACT), LLM(str(stacked), **EXACT)

@@ -365,7 +365,7 @@ _Q4_K_M_SIX_BIT_TYPE = gguf.GGMLQuantizationType.Q6_K
 
 
 def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_mla: bool = False,
-                   tensor_types: dict[str, str] | None = None) -> Path:
+                   tensor_types: dict[str, str] | None = None, per_expert_tensors: bool = False) -> Path:
     """Convert a tiny checkpoint to GGUF the way llama.cpp does (llama q/k permuted, each layer's experts stacked
     into ``ffn_{gate,up,down}_exps``, Gemma norm weights shifted by 1 and its LM head left out, Phi-3's fused
     tensors kept as ``attn_qkv``/``ffn_up`` with LongRoPE as ``rope_factors_long``/``rope_factors_short``, gpt-oss
@@ -381,7 +381,9 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
     ``legacy_mla`` writes DeepSeek's ``kv_b_proj`` as one ``attn_kv_b`` tensor, as llama.cpp's converter did
     before it split it. ``tensor_types`` (``{regular expression: type}``) writes the tensors whose llama.cpp name
     matches an expression in that type instead (the first match; F32 tensors and the F16 fallback as above), e.g.
-    ``{"blk[.]0[.]ffn_down_exps[.]weight": "Q6_K"}``. Returns ``out_file``.
+    ``{"blk[.]0[.]ffn_down_exps[.]weight": "Q6_K"}``. ``per_expert_tensors`` writes each expert's projection as its
+    own tensor (``blk.N.ffn_gate.E.weight``), as llama.cpp's first Mixtral files (December 2023) did. Returns
+    ``out_file``.
     """
     mixed = dtype.upper() == "Q4_K_M"
     overrides = [(re.compile(pattern), gguf.GGMLQuantizationType[kind.upper()])
@@ -413,6 +415,8 @@ def make_tiny_gguf(hf_dir: Path, out_file: Path, dtype: str = "F32", *, legacy_m
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(scaling, head_dim, config["rope_theta"]))
     tensors = (family_gguf_tensors(hf_dir, config, arch, legacy_mla) if family
                else _gguf_tensors(hf_dir, config, arch))
+    if per_expert_tensors:
+        tensors = _one_tensor_per_expert(tensors)
     for name, array in tensors:
         kind = next((k for pattern, k in overrides if pattern.fullmatch(name)), None)
         if kind is None:
@@ -443,6 +447,17 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray | RawGGUFT
         writer.add_tensor(name, array.astype(np.float16))
     else:
         writer.add_tensor(name, quantize_blocks(array, kind), raw_dtype=kind)
+
+
+def _one_tensor_per_expert(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Each stacked ``blk.N.ffn_X_exps.weight`` split into ``blk.N.ffn_X.E.weight``, one per expert."""
+    for name, array in tensors:
+        parts = name.split(".")
+        if len(parts) != 4 or not parts[2].endswith("_exps"):
+            yield name, array
+            continue
+        for expert in range(array.shape[0]):
+            yield f"blk.{parts[1]}.{parts[2].removesuffix('_exps')}.{expert}.weight", array[expert]
 
 
 def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
