@@ -12,6 +12,7 @@ import logging
 import sys
 
 from inferneo.cli import batch, bench, generate, serve
+from inferneo.cli.config_file import parse_args_with_config_file
 from inferneo.extras import ENGINE_HINT, ENGINE_MODULES
 
 COMMANDS = ("generate", "chat", "serve", "batch", "bench")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_config_file(build_parser(), sys.argv[1:] if argv is None else list(argv))
     if args.log_level is None:
         args.log_level = "info" if args.command == "serve" else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

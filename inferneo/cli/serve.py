@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from inferneo.cli.config_file import add_config_arg
 from inferneo.config import EngineConfig, add_engine_args
 from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
 from inferneo.entrypoints.openai.http_options import add_http_args, http_options_from_args
@@ -16,7 +17,9 @@ DEFAULT_MAX_QUEUED_REQUESTS = 1024
 def add_parser(subparsers) -> None:
     """Register ``inferneo serve``: server flags, the guards' flags, then the engine flags."""
     parser = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    parser.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
+    parser.add_argument("model_tag", nargs="?", default=None,
+                        help="the model (as --model; given both, this one is served)")
+    add_config_arg(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "0.0.0.0 serves other hosts)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--api-key got an empty key (which would switch authentication off); give a non-empty key, "
                          "or leave the flag out to serve without one")
 
-    config = EngineConfig.from_cli_args(args, model=args.model or args.model_tag)
+    config = EngineConfig.from_cli_args(args, model=args.model_tag or args.model)
     return serve(
         config, args.served_model_name, args.host, args.port, api_keys_from_env(args.api_key),
         max_queued_requests=args.max_queued_requests or None, log_level=args.log_level,
