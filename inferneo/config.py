@@ -132,6 +132,19 @@ def _generation_override_arg(text: str) -> dict[str, Any] | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _hf_overrides(value: Any) -> dict[str, Any] | None:
+    from inferneo.model_loader.loader import check_hf_overrides
+
+    return check_hf_overrides(value)
+
+
+def _hf_overrides_arg(text: str) -> dict[str, Any] | None:
+    try:
+        return _hf_overrides(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _memory_size_arg(text: str) -> int:
     try:
         return parse_memory_size(text)
@@ -169,6 +182,10 @@ class EngineConfig:
         None, _generation_override_arg, "sampling defaults set over --generation-config's, as JSON (vLLM's flag), "
         'e.g. \'{"temperature": 0.6, "top_p": 0.95}\'; keys: temperature, top_p, top_k, min_p, '
         "repetition_penalty", metavar="JSON", convert=_generation_override)
+    hf_overrides: dict[str, Any] | None = option(
+        None, _hf_overrides_arg, "config.json values set over the model's, as JSON (vLLM's flag), e.g. "
+        '\'{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}\'; '
+        "each value replaces the config's whole value", metavar="JSON", convert=_hf_overrides)
     dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (on CPU: bf16 for a 16-bit "
                         "checkpoint where the CPU has AMX or AVX512_BF16, else fp32)",
                         choices=("auto", "float32", "bfloat16", "float16"))

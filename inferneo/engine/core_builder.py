@@ -45,7 +45,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         torch.set_num_threads(config.num_threads)
     source = resolve_model(config.model)
     _check_load_format(config.load_format, config.model, source)
-    hf_config = load_hf_config(source)
+    hf_config = load_hf_config(source, config.hf_overrides)
     encoder = is_encoder(hf_config)
     if encoder:  # a BERT-family encoder: embeddings (or scores) only, each input whole in one step, no KV cache
         _check_encoder_options(config)

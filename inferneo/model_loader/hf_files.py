@@ -61,6 +61,12 @@ def hf_config(folder: Path) -> dict[str, Any]:
     config = read_json(path)
     if any(name in LANGUAGE_MODEL_OF for name in config.get("architectures") or ()):
         config = language_model_config(config)
+    return with_both_spellings(config)
+
+
+def with_both_spellings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``rope_theta``, ``rope_scaling`` and ``torch_dtype`` filled in from transformers 5's
+    ``rope_parameters`` and ``dtype`` where it lacks them (in place; returned)."""
     params = config.get("rope_parameters")
     if isinstance(params, dict):
         if "rope_theta" not in config and "rope_theta" in params:

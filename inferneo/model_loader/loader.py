@@ -10,19 +10,55 @@ from typing import Any
 import torch
 
 from inferneo.model_loader.gguf_loader import gguf_config, gguf_generation_config, iter_gguf_weights
-from inferneo.model_loader.hf_files import hf_config, hf_generation_config, iter_hf_weights
+from inferneo.model_loader.hf_files import (
+    hf_config,
+    hf_generation_config,
+    iter_hf_weights,
+    with_both_spellings,
+)
 from inferneo.model_loader.source import ModelSource
 
 
-def load_hf_config(source: ModelSource) -> dict[str, Any]:
-    """The model's ``config.json`` as a dict (for GGUF, built from the metadata under the same HF keys).
+def load_hf_config(source: ModelSource, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict (for GGUF, built from the metadata under the same HF keys), with
+    ``overrides`` (``--hf-overrides``, see :func:`apply_hf_overrides`) set over it.
 
     ``rope_theta``, ``rope_scaling`` (None when plain) and ``torch_dtype`` are always present, whichever
     transformers version wrote the file.
     """
-    if source.kind == "gguf":
-        return gguf_config(source.path)
-    return hf_config(source.path)
+    config = gguf_config(source.path) if source.kind == "gguf" else hf_config(source.path)
+    return apply_hf_overrides(config, overrides) if overrides else config
+
+
+def apply_hf_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each key of ``overrides`` set to its value (vLLM's ``hf_overrides``): a value replaces the
+    config's whole value (a ``rope_scaling`` mapping is given whole). An override of transformers 5's
+    ``rope_parameters`` also sets the ``rope_theta`` and ``rope_scaling`` the engine reads, unless those are
+    overridden themselves."""
+    merged = {**config, **overrides}
+    if "rope_parameters" in overrides:
+        for key in ("rope_theta", "rope_scaling"):
+            if key not in overrides:
+                merged.pop(key, None)
+        with_both_spellings(merged)
+        merged.setdefault("rope_scaling", None)
+    return merged
+
+
+def check_hf_overrides(value: Any) -> dict[str, Any] | None:
+    """``--hf-overrides``' value (a JSON object, as text or a dict) as a dict; ``ValueError`` when it is not an
+    object with string keys."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"hf_overrides must be a JSON object; {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"hf_overrides must be a JSON object (config.json keys and values), got "
+                         f"{type(value).__name__}")
+    return dict(value)
 
 
 def load_generation_config(source: ModelSource) -> dict[str, Any]:

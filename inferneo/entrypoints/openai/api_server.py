@@ -303,7 +303,7 @@ def lora_registry(config: EngineConfig, served_names: list[str], modules: list[L
     from inferneo.model_executor.models.registry import get_model_class
     from inferneo.model_loader import load_hf_config, resolve_model
 
-    hf_config = load_hf_config(resolve_model(config.model))
+    hf_config = load_hf_config(resolve_model(config.model), config.hf_overrides)
     registry = LoRARegistry(get_model_class(hf_config).config_from_hf(hf_config), config.max_lora_rank,
                             served_names)
     for module in modules:
