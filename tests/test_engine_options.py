@@ -222,7 +222,9 @@ def test_building_the_parser_imports_no_engine():
 
 
 @pytest.mark.parametrize("flags", [["--port", "99999"], ["--port", "0"], ["--port", "http"],
-                                   ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "soon"]])
+                                   ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "soon"],
+                                   ["--default-chat-template-kwargs", "[1]"],
+                                   ["--default-chat-template-kwargs", "{not json"]])
 def test_bad_server_flag_values_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["serve", *flags])
@@ -234,6 +236,8 @@ def test_bad_server_flag_values_are_refused_by_the_parser(flags, capsys):
     (["--served-model-name", "a", "b", "a"], "--served-model-name lists a name twice"),
     (["--api-key", ""], "--api-key got an empty key"),
     (["--num-threads", "0"], "num_threads must be a positive integer"),
+    (["--default-chat-template-kwargs", '{"tools": []}'],
+     "default_chat_template_kwargs: chat_template_kwargs cannot set tools"),
 ])
 def test_server_settings_that_cannot_work_are_refused_before_any_model_loads(flags, says, capsys):
     assert cli_main.main(["serve", "--model", "no-such-model", *flags]) == 2

@@ -190,22 +190,24 @@ def test_chat_template_kwargs_follow_one_rule_offline_and_served(server, llm):
 
 def test_a_vllm_command_line_with_a_chat_template_file_serves(tiny_llama_dir, tmp_path, llm):
     """vLLM's serve flags as its users write them: --chat-template (a file), --generation-config vllm with
-    --override-generation-config, --enable-auto-tool-choice, --trust-remote-code, --disable-log-requests and
-    --disable-log-stats."""
+    --override-generation-config, --default-chat-template-kwargs, --enable-auto-tool-choice, --trust-remote-code,
+    --disable-log-requests and --disable-log-stats, some of them from a --config YAML file."""
     template = tmp_path / "template.jinja"
     template.write_text("{% if tools %}T{{ tools | length }}:{% endif %}{% for m in messages %}[{{ m.content }}]"
                         "{% endfor %}{{ mark | default('') }}")
-    with RemoteServer(tiny_llama_dir, "--chat-template", str(template), "--generation-config", "vllm",
-                      "--override-generation-config", '{"temperature": 0}', "--disable-log-requests",
-                      "--disable-log-stats", "--enable-auto-tool-choice", "--trust-remote-code", "--kv-cache-memory",
-                      "16MiB",
-                      "--num-threads", "1", "--engine-in-process", "--disable-access-log") as srv:
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"chat-template: {template}\ngeneration-config: vllm\n"
+                      "override-generation-config: {temperature: 0}\nkv-cache-memory: 16MiB\n"
+                      "enable-auto-tool-choice: true\ntrust_remote_code: true\nnum-threads: 1\n")
+    with RemoteServer(tiny_llama_dir, "--config", str(config), "--disable-log-requests",
+                      "--default-chat-template-kwargs", '{"mark": "?"}', "--disable-log-stats",
+                      "--engine-in-process", "--disable-access-log") as srv:
         messages = [{"role": "user", "content": "hi"}]
         tokens = post(srv, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
-        assert tokens == llm.get_tokenizer()("[hi]", add_special_tokens=False).input_ids
+        assert tokens == llm.get_tokenizer()("[hi]?", add_special_tokens=False).input_ids  # the server's default
         chat = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "temperature": 0}).json()
         assert chat["usage"]["prompt_tokens"] == len(tokens)
-        # /tokenize renders tools and template variables as chat does
+        # /tokenize renders tools and template variables as chat does; the request's variables win
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
         extra = {"tools": [tool], "chat_template_kwargs": {"mark": "!"}}
         tokens = post(srv, "/tokenize", {"messages": messages, **extra}).json()["tokens"]

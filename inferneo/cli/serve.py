@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from inferneo.cli.config_file import add_config_arg
 from inferneo.config import EngineConfig, add_engine_args
@@ -43,6 +44,9 @@ def add_parser(subparsers) -> None:
                    "'reasoning' (and 'reasoning_content'), with tool calls and structured output applied to the "
                    "answer after it (qwen3, deepseek_r1, deepseek_v3); openai_gptoss reads gpt-oss's harmony channels "
                    "(analysis: reasoning; final: content; to=functions.NAME: tool calls) (default: not split)")
+    g.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="the chat template's variables for requests that do not set them in chat_template_kwargs, "
+                   'as JSON, e.g. \'{"enable_thinking": false}\' (a request\'s own keys win)')
     g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
         reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
-        log_stats=not args.disable_log_stats,
+        log_stats=not args.disable_log_stats, default_chat_template_kwargs=args.default_chat_template_kwargs,
     )
 
 
@@ -102,6 +106,16 @@ def _non_negative_seconds(text: str) -> float:
     if not seconds >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text}")
     return seconds
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _lora_module(text: str):

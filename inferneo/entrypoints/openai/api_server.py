@@ -16,6 +16,7 @@ import inferneo
 from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
@@ -158,7 +159,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         tokenizer = ctx.tokenizer
         if body.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            ids = render_chat(tokenizer, body.messages, body.generation_prompt(), body.chat_template_kwargs,
+            ids = render_chat(tokenizer, body.messages, body.generation_prompt(),
+                              ctx.template_kwargs(body.chat_template_kwargs),
                               bool(body.add_special_tokens), tools=tools,
                               continue_final_message=body.continue_final_message)
         else:
@@ -193,7 +195,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           shutdown_timeout: float = 30.0, engine_in_process: bool = False,
           guards: ServerGuards | None = None, tool_call_parser: str | None = None,
           lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None,
-          http: HttpOptions | None = None, log_stats: bool = True) -> int:
+          http: HttpOptions | None = None, log_stats: bool = True,
+          default_chat_template_kwargs: dict[str, Any] | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -213,6 +216,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     the LoRA adapters served from the start, by name. ``reasoning_parser`` (``reasoning.REASONING_PARSERS``)
     splits a reasoning model's thinking from its answers. ``http`` holds the HTTP layer's options (TLS, the
     root path, uvicorn's log level); ``log_stats`` logs the engine's statistics periodically (``stats_logger``).
+    ``default_chat_template_kwargs`` are the chat template's variables for requests that do not set them (a
+    request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``.
     """
     import uvicorn
 
@@ -224,6 +229,12 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     engine_death_exit_s = envs.engine_death_exit_s()  # bad values fail here, before the model loads
     if lora_modules and not config.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
+    if default_chat_template_kwargs is not None:
+        if not isinstance(default_chat_template_kwargs, dict):
+            raise ValueError("default_chat_template_kwargs must be a JSON object, got "
+                             f"{type(default_chat_template_kwargs).__name__}")
+        if (error := template_kwargs_error(default_chat_template_kwargs)) is not None:
+            raise ValueError(f"default_chat_template_kwargs: {error}")
     loras = lora_registry(config, served_model_names or [], lora_modules or [])  # bad adapters fail before loading
     envs.engine_omp_spin_count()
     engine, facts = _load_engine(config, max_queued_requests, engine_in_process)
@@ -232,7 +243,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
         loras.reserved.update(names)
     try:
         ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser, loras=loras,
-                            reasoning_parser=reasoning_parser)
+                            reasoning_parser=reasoning_parser,
+                            default_chat_template_kwargs=default_chat_template_kwargs)
     except ValueError:
         engine.shutdown()
         raise

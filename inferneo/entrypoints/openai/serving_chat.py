@@ -152,7 +152,8 @@ async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -
     conversations = req.conversations()
     return await ctx.tokenize_off_loop(
         sum(map(conversation_chars, conversations)),
-        lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), req.template_kwargs(), tools=tools,
+        lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), ctx.template_kwargs(req.template_kwargs()),
+                             tools=tools,
                              continue_final_message=req.continue_final_message) for c in conversations])
 
 

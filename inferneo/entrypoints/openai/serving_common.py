@@ -51,6 +51,7 @@ class ServerContext:
     tool_call_parser: str | None = None
     loras: LoRARegistry | None = None  # the LoRA adapters served by name (None: --enable-lora is off)
     reasoning_parser: str | None = None
+    default_chat_template_kwargs: dict[str, Any] | None = None  # --default-chat-template-kwargs
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
@@ -83,6 +84,12 @@ class ServerContext:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def template_kwargs(self, requested: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A request's ``chat_template_kwargs`` over the server's defaults (``--default-chat-template-kwargs``)."""
+        if not self.default_chat_template_kwargs:
+            return requested
+        return {**self.default_chat_template_kwargs, **(requested or {})}
 
     async def tokenize_off_loop(self, text_chars: int, tokenize: Callable[[], list[list[int]]]) -> list[list[int]]:
         """``tokenize()`` (a request's prompts to token ids): on the tokenizer thread when the request carries at
