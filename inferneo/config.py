@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from inferneo.kernel_config import KernelConfig
+    from inferneo.model_loader.source import ModelRef
     from inferneo.spec_decode.config import SpeculativeConfig
 
 # Spellings ``dtype`` accepts, and the torch dtype each names.
@@ -165,8 +166,13 @@ class EngineConfig:
     """
 
     model: str | None = option(
-        None, str, "HF folder, hub id in the local HF cache, or .gguf file "
+        None, str, "HF folder, hub id (org/name: from the HF cache, else downloaded), or .gguf file "
         "(default: the bundled SmolLM2-135M-Instruct)")
+    revision: str | None = option(
+        None, str, "the hub model's branch, tag or commit (as model@REVISION; default main)")
+    download_dir: str | None = option(
+        None, str, "the Hugging Face cache to find hub models in and download them into (default: HF_HUB_CACHE, "
+        "else HF_HOME/hub, else ~/.cache/huggingface/hub)", metavar="DIR")
     tokenizer: str | None = option(None, str, "tokenizer folder, if not the model's")
     trust_remote_code: bool = option(
         False, bool, "accepted so that vLLM command lines and LLM(...) calls run unchanged: Inferneo runs only its "
@@ -308,6 +314,12 @@ class EngineConfig:
     def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
         """The config the flags of ``add_engine_args`` gave, with ``overrides`` (field values) on top."""
         return cls(**{**engine_config_kwargs(args), **overrides})
+
+    def model_ref(self) -> ModelRef:
+        """The model as named here (``model``, ``revision``, ``download_dir``), for ``resolve()`` where it loads."""
+        from inferneo.model_loader.source import ModelRef
+
+        return ModelRef(self.model, self.revision, self.download_dir)
 
     @property
     def torch_device(self) -> torch.device:

@@ -23,6 +23,9 @@ os.environ.setdefault("INFERNEO_CPU_LINEAR_TUNE", "0")
 # de-quantized references token for token, and the int8 dot path (not bit-exact) is asked for by name where it is
 # tested (``KernelConfig(gguf_int8_dot=True)`` in tests/test_gguf_quantized.py).
 os.environ["INFERNEO_GGUF_INT8_DOT"] = "0"
+# No test reaches the Hugging Face Hub: a hub id missing from the cache fails at once instead of being downloaded.
+# tests/test_hub_download.py serves a fake Hub and turns downloads on in the processes it starts.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

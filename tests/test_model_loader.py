@@ -111,7 +111,8 @@ def test_missing_model_error_names_every_place(empty_hf_cache: Path) -> None:
     assert "'some-org/missing-model'" in message
     assert str(Path("some-org/missing-model").absolute()) in message
     assert str(empty_hf_cache / "models--some-org--missing-model") in message
-    assert "huggingface-cli download some-org/missing-model" in message
+    assert "hf download some-org/missing-model" in message
+    assert "the Hugging Face Hub: downloads are off (HF_HUB_OFFLINE)" in message  # the tests' conftest
     assert ".gguf" in message and "local folder" in message
 
 

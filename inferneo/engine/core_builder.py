@@ -24,7 +24,7 @@ from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_executor.models.registry import get_model_class
-from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer
 from inferneo.pooling import lacks_output_head, load_classifier_config, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.worker.memory import warm_up
@@ -43,7 +43,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                          "`inferneo serve --data-parallel-size N`; one engine here runs one replica")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    source = resolve_model(config.model)
+    source = config.model_ref().resolve()
     _check_load_format(config.load_format, config.model, source)
     hf_config = load_hf_config(source, config.hf_overrides)
     encoder = is_encoder(hf_config)
@@ -76,7 +76,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
         from inferneo.worker.tensor_parallel import TensorParallelRunner
 
-        runner = TensorParallelRunner(config.tensor_parallel_size, config.model, num_threads=config.num_threads,
+        runner = TensorParallelRunner(config.tensor_parallel_size, config.model_ref(), num_threads=config.num_threads,
                                       pipeline_parallel_size=config.pipeline_parallel_size,
                                       executor_backend=config.distributed_executor_backend, **runner_kwargs)
     else:

@@ -26,7 +26,7 @@ import logging
 
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
-from inferneo.model_loader import generation_config_for, load_tokenizer, resolve_model
+from inferneo.model_loader import generation_config_for, load_tokenizer
 from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS
 from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
@@ -63,7 +63,7 @@ class InputProcessor:
     @classmethod
     def load_tokenizer(cls, config: EngineConfig) -> tuple[object, dict]:
         """The tokenizer and generation config of ``config``'s model (the front end's half of loading it)."""
-        source = resolve_model(config.model)
+        source = config.model_ref().resolve()
         return (load_tokenizer(source, config.tokenizer, config.chat_template),
                 generation_config_for(source, config.generation_config,
                                       config.override_generation_config))

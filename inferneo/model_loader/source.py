@@ -26,12 +26,29 @@ class ModelSource:
     name: str
 
 
-def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
+@dataclass(slots=True, frozen=True)
+class ModelRef:
+    """The model as the user named it (``EngineConfig``'s ``model``, ``revision`` and ``download_dir``), to be
+    resolved where it is loaded (a tensor-parallel worker resolves it on its own machine)."""
+
+    model: str | None
+    revision: str | None = None
+    download_dir: str | None = None
+
+    def resolve(self) -> ModelSource:
+        """:func:`resolve_model` of this reference."""
+        return resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
+
+
+def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None = None,
+                  download_dir: str | os.PathLike[str] | None = None) -> ModelSource:
     """Find the model the user asked for.
 
     ``None`` is the bundled default (SmolLM2-135M-Instruct, Q4_1 GGUF). ``preset:NAME`` is an architecture
     preset (``arch_presets``; use with ``load_format="dummy"``). A string or path is tried as a local
-    folder or ``.gguf`` file first, then as a hub id ``org/name[@revision]`` in the Hugging Face cache.
+    folder or ``.gguf`` file first, then as a hub id ``org/name[@revision]`` (or ``revision``) in the Hugging Face
+    cache (``download_dir``, else :func:`hf_cache_dir`), then downloaded from the Hub into that cache
+    (:mod:`~inferneo.model_loader.hub_download`; not with ``HF_HUB_OFFLINE=1``).
     Raises FileNotFoundError naming every place looked at when nothing is found.
     """
     if model is None:
@@ -48,16 +65,27 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
         return _local_source(path, name)
     looked: list[str] = [f"local path {path.absolute()} (does not exist)"]
     match = _HUB_ID.fullmatch(name)
+    cache = Path(download_dir).expanduser() if download_dir is not None else hf_cache_dir()
     if match and not name.endswith(".gguf"):
-        repo, revision = match["repo"], match["revision"]
-        snapshot = _find_in_cache(repo, revision, looked)
+        repo, named_revision = match["repo"], match["revision"]
+        if named_revision and revision and named_revision != revision:
+            raise ValueError(f"model {name!r} names revision {named_revision!r} but revision is {revision!r}")
+        revision = revision or named_revision
+        snapshot = _find_in_cache(cache, repo, revision, looked)
         if snapshot is not None:
             return _local_source(snapshot, name)
         if repo == DEFAULT_MODEL_NAME and revision is None:
             bundled = _bundled_gguf(looked)
             if bundled is not None:
                 return ModelSource("gguf", bundled, name)
-    raise FileNotFoundError(_not_found_message(name, match["repo"] if match else None, looked))
+        if "/" in repo:
+            from inferneo.model_loader.hub_download import HubUnavailable, download_model
+
+            try:
+                return _local_source(download_model(repo, revision, cache), name)
+            except HubUnavailable as exc:
+                looked.append(f"the Hugging Face Hub: {exc}")
+    raise FileNotFoundError(_not_found_message(name, match["repo"] if match else None, looked, cache))
 
 
 def default_gguf_path() -> Path:
@@ -113,8 +141,7 @@ def _local_source(path: Path, name: str) -> ModelSource:
                             "file")
 
 
-def _find_in_cache(repo: str, revision: str | None, looked: list[str]) -> Path | None:
-    cache = hf_cache_dir()
+def _find_in_cache(cache: Path, repo: str, revision: str | None, looked: list[str]) -> Path | None:
     repo_dir = cache / f"models--{repo.replace('/', '--')}"
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
@@ -139,14 +166,15 @@ def _find_in_cache(repo: str, revision: str | None, looked: list[str]) -> Path |
     return None
 
 
-def _not_found_message(name: str, repo: str | None, looked: list[str]) -> str:
+def _not_found_message(name: str, repo: str | None, looked: list[str], cache: Path) -> str:
     places = "\n".join(f"  - {place}" for place in looked)
     repo_hint = repo or "ORG/NAME"
     return (
         f"model {name!r} was not found. Looked at:\n{places}\n"
-        "This machine cannot download models. To provide one:\n"
-        f"  - on a machine with hub access run `huggingface-cli download {repo_hint}` and copy its "
-        f"models--{repo_hint.replace('/', '--')} folder into {hf_cache_dir()} here (or set HF_HUB_CACHE), or\n"
+        "To provide it:\n"
+        f"  - where the Hub is reachable, pass its id (org/name) with downloads on, or run `hf download {repo_hint}` "
+        f"on a machine with hub access and copy its models--{repo_hint.replace('/', '--')} folder into {cache} "
+        "here (or set HF_HUB_CACHE, or pass --download-dir), or\n"
         "  - pass a local folder holding config.json, tokenizer files and *.safetensors, or\n"
         "  - pass the path of a .gguf file"
     )

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from inferneo import envs
 from inferneo.distributed import destroy_tensor_parallel, init_parallel
 from inferneo.kernel_config import KernelConfig
+from inferneo.model_loader.source import ModelRef
 from inferneo.startup_heap import freeze_startup_heap
 from inferneo.worker.model_runner import InFlightStep, ModelRunner, RemoteStep, RunnerOutput
 from inferneo.worker.runner_api import Runner, driver_only, every_rank
@@ -178,9 +179,9 @@ class _StepTiming:
 def _set_up(runner: ModelRunner, kind: str, arg):
     """One set-up message of the driver, run on this worker's runner; returns what the driver gathers."""
     if kind == "load":
-        from inferneo.model_loader import iter_weights, resolve_model
+        from inferneo.model_loader import iter_weights
 
-        runner.load_weights(iter_weights(resolve_model(arg)))
+        runner.load_weights(iter_weights(arg.resolve()))  # a ModelRef: resolved (or downloaded) on this machine
     elif kind == "dummy":
         runner.init_dummy_weights(arg)
     elif kind == "finalize":
@@ -204,7 +205,8 @@ class TensorParallelRunner(Runner):
     answers; the ranks agree on it).
     """
 
-    def __init__(self, world_size: int, model: str, num_threads: int | None = None, pipeline_parallel_size: int = 1,
+    def __init__(self, world_size: int, model: ModelRef, num_threads: int | None = None,
+                 pipeline_parallel_size: int = 1,
                  executor_backend: str = "mp", **runner_kwargs) -> None:
         tp_size = world_size
         world_size = tp_size * pipeline_parallel_size

@@ -313,9 +313,9 @@ def lora_registry(config: EngineConfig, served_names: list[str], modules: list[L
     if not config.enable_lora:
         return None
     from inferneo.model_executor.models.registry import get_model_class
-    from inferneo.model_loader import load_hf_config, resolve_model
+    from inferneo.model_loader import load_hf_config
 
-    hf_config = load_hf_config(resolve_model(config.model), config.hf_overrides)
+    hf_config = load_hf_config(config.model_ref().resolve(), config.hf_overrides)
     registry = LoRARegistry(get_model_class(hf_config).config_from_hf(hf_config), config.max_lora_rank,
                             served_names)
     for module in modules:

@@ -1,0 +1,103 @@
+"""A hub id that is not in the Hugging Face cache is downloaded, as ``vllm serve org/name`` does: only the files
+the engine reads (configs, tokenizer, one set of weights), into the cache or ``download_dir``, and the model then
+generates what the same folder loaded from disk generates. With ``HF_HUB_OFFLINE=1`` the cached copy serves
+without a request to the Hub; a missing repository or revision, a GGUF-only repository and downloads turned off
+fail with a message that says so. The Hub is :class:`fake_hub.FakeHub` on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+from test_hf_parity import mixed_prompts, run_engine
+
+from inferneo import LLM
+
+ENGINE = dict(dtype="float32", kv_cache_memory="16MiB", num_threads=1)
+PROMPTS = mixed_prompts(3, 200, seed=8)
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from inferneo import LLM, SamplingParams
+    from inferneo.model_loader import resolve_model
+
+    def failure(**kwargs):
+        try:
+            resolve_model(**kwargs)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    report = {}
+    if sys.argv[1] == "download":
+        report["missing"] = failure(model="acme/missing")
+        report["gguf_only"] = failure(model="acme/gguf-only")
+        report["bad_revision"] = failure(model="acme/tiny", revision="v9")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        report["offline"] = failure(model="acme/tiny")
+        del os.environ["HF_HUB_OFFLINE"]
+        report["other_dir"] = str(resolve_model("acme/tiny", download_dir=sys.argv[2]).path)
+    report["snapshot"] = str(resolve_model("acme/tiny").path)
+    llm = LLM("acme/tiny", dtype="float32", kv_cache_memory="16MiB", num_threads=1)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    report["tokens"] = [o.outputs[0].token_ids for o in llm.generate(json.loads(sys.argv[3]), greedy, use_tqdm=False)]
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    tiny = root / "tiny"
+    shutil.copytree(tiny_llama_dir, tiny)
+    for extra in ("pytorch_model.bin", "original/consolidated.00.pth", "onnx/model.onnx", "model-q8.gguf"):
+        (tiny / extra).parent.mkdir(parents=True, exist_ok=True)
+        (tiny / extra).write_bytes(b"not for the engine")
+    gguf_only = root / "gguf-only"
+    gguf_only.mkdir()
+    for name in ("tiny.Q4_K_M.gguf", "tiny.Q8_0.gguf", "README.md"):
+        (gguf_only / name).write_bytes(b"x")
+    server = FakeHub({"acme/tiny": tiny, "acme/gguf-only": gguf_only})
+    yield server
+    server.close()
+
+
+def _run(hub: FakeHub, cache: Path, mode: str, other_dir: Path, offline: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1")
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(other_dir), json.dumps(PROMPTS)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+def test_a_hub_id_is_downloaded_then_served_from_the_cache(hub, tiny_llama_dir, tmp_path):
+    expected = run_engine(LLM(str(tiny_llama_dir), **ENGINE), PROMPTS)
+    cache, other = tmp_path / "cache", tmp_path / "elsewhere"
+    report = _run(hub, cache, "download", other, offline=False)
+    assert report["tokens"] == expected
+    snapshot = Path(report["snapshot"])
+    assert snapshot.is_relative_to(cache) and snapshot.parent.name == "snapshots"
+    fetched = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    assert fetched == sorted(f for f in hub.files("acme/tiny")
+                             if f.endswith((".json", ".safetensors", ".jinja")) or f.startswith("tokenizer"))
+    assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched
+    assert Path(report["other_dir"]).is_relative_to(other)
+    assert "no repository acme/missing" in report["missing"]
+    assert "holds GGUF files (tiny.Q4_K_M.gguf, tiny.Q8_0.gguf)" in report["gguf_only"]
+    assert "has no revision 'v9'" in report["bad_revision"]
+    assert "the Hugging Face Hub: downloads are off (HF_HUB_OFFLINE)" in report["offline"]  # not cached yet
+    # offline, the cache alone serves it: no request reaches the Hub
+    before = len(hub.requests)
+    assert _run(hub, cache, "cached", other, offline=True)["tokens"] == expected
+    assert len(hub.requests) == before
+
