@@ -1,8 +1,9 @@
 """A hub id that is not in the Hugging Face cache is downloaded, as ``vllm serve org/name`` does: only the files
 the engine reads (configs, tokenizer, one set of weights), into the cache or ``download_dir``, and the model then
-generates what the same folder loaded from disk generates. With ``HF_HUB_OFFLINE=1`` the cached copy serves
-without a request to the Hub; a missing repository or revision, a GGUF-only repository and downloads turned off
-fail with a message that says so. The Hub is :class:`fake_hub.FakeHub` on this machine."""
+generates what the same folder loaded from disk generates; from a repository of GGUF files, ``org/name:QUANT``
+fetches the one file of that type. With ``HF_HUB_OFFLINE=1`` the cached copies serve without a request to the
+Hub; a missing repository, revision or quantization type, a GGUF repository named without a type and downloads
+turned off fail with a message that says so. The Hub is :class:`fake_hub.FakeHub` on this machine."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fake_hub import FakeHub
 from test_hf_parity import mixed_prompts, run_engine
 
 from inferneo import LLM
+from inferneo.testing import make_tiny_gguf
 
 ENGINE = dict(dtype="float32", kv_cache_memory="16MiB", num_threads=1)
 PROMPTS = mixed_prompts(3, 200, seed=8)
@@ -37,7 +39,8 @@ SCRIPT = textwrap.dedent("""
     report = {}
     if sys.argv[1] == "download":
         report["missing"] = failure(model="acme/missing")
-        report["gguf_only"] = failure(model="acme/gguf-only")
+        report["gguf_only"] = failure(model="acme/tiny-GGUF")
+        report["gguf_missing_type"] = failure(model="acme/tiny-GGUF:Q2_K")
         report["bad_revision"] = failure(model="acme/tiny", revision="v9")
         os.environ["HF_HUB_OFFLINE"] = "1"
         report["offline"] = failure(model="acme/tiny")
@@ -46,7 +49,11 @@ SCRIPT = textwrap.dedent("""
     report["snapshot"] = str(resolve_model("acme/tiny").path)
     llm = LLM("acme/tiny", dtype="float32", kv_cache_memory="16MiB", num_threads=1)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    report["tokens"] = [o.outputs[0].token_ids for o in llm.generate(json.loads(sys.argv[3]), greedy, use_tqdm=False)]
+    prompts = json.loads(sys.argv[3])
+    report["tokens"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    report["gguf_file"] = str(resolve_model("acme/tiny-GGUF:q8_0").path)
+    llm = LLM("acme/tiny-GGUF:Q8_0", dtype="float32", kv_cache_memory="16MiB", num_threads=1)
+    report["gguf_tokens"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     print("REPORT " + json.dumps(report))
 """)
 
@@ -59,11 +66,12 @@ def hub(tiny_llama_dir, tmp_path_factory):
     for extra in ("pytorch_model.bin", "original/consolidated.00.pth", "onnx/model.onnx", "model-q8.gguf"):
         (tiny / extra).parent.mkdir(parents=True, exist_ok=True)
         (tiny / extra).write_bytes(b"not for the engine")
-    gguf_only = root / "gguf-only"
-    gguf_only.mkdir()
-    for name in ("tiny.Q4_K_M.gguf", "tiny.Q8_0.gguf", "README.md"):
-        (gguf_only / name).write_bytes(b"x")
-    server = FakeHub({"acme/tiny": tiny, "acme/gguf-only": gguf_only})
+    ggufs = root / "tiny-GGUF"
+    ggufs.mkdir()
+    for kind in ("Q8_0", "F32"):
+        make_tiny_gguf(tiny_llama_dir, ggufs / f"tiny-{kind}.gguf", kind)
+    (ggufs / "README.md").write_text("two files")
+    server = FakeHub({"acme/tiny": tiny, "acme/tiny-GGUF": ggufs})
     yield server
     server.close()
 
@@ -93,11 +101,19 @@ def test_a_hub_id_is_downloaded_then_served_from_the_cache(hub, tiny_llama_dir, 
     assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched
     assert Path(report["other_dir"]).is_relative_to(other)
     assert "no repository acme/missing" in report["missing"]
-    assert "holds GGUF files (tiny.Q4_K_M.gguf, tiny.Q8_0.gguf)" in report["gguf_only"]
+    assert "holds GGUF files (tiny-F32.gguf, tiny-Q8_0.gguf)" in report["gguf_only"]
+    assert "name one by its quantization type (acme/tiny-GGUF:Q4_K_M)" in report["gguf_only"]
+    assert "no Q2_K file; its GGUF files are of the types F32, Q8_0" in report["gguf_missing_type"]
+    gguf = Path(report["gguf_file"])
+    assert gguf.name == "tiny-Q8_0.gguf" and gguf.is_relative_to(cache)
+    assert sorted(p.name for p in gguf.parent.iterdir()) == ["tiny-Q8_0.gguf"]  # that file alone
+    local_gguf = run_engine(LLM(str(hub.repos["acme/tiny-GGUF"] / "tiny-Q8_0.gguf"), **ENGINE), PROMPTS)
+    assert report["gguf_tokens"] == local_gguf
     assert "has no revision 'v9'" in report["bad_revision"]
     assert "the Hugging Face Hub: downloads are off (HF_HUB_OFFLINE)" in report["offline"]  # not cached yet
     # offline, the cache alone serves it: no request reaches the Hub
     before = len(hub.requests)
-    assert _run(hub, cache, "cached", other, offline=True)["tokens"] == expected
+    cached = _run(hub, cache, "cached", other, offline=True)
+    assert cached["tokens"] == expected and cached["gguf_tokens"] == local_gguf
     assert len(hub.requests) == before
 

