@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent("""
 
     report = {}
     if sys.argv[1] == "download":
+        tokenizer = resolve_model("acme/tiny", tokenizer_only=True).path
+        report["tokenizer_files"] = sorted(p.name for p in tokenizer.iterdir())
         report["missing"] = failure(model="acme/missing")
         report["gguf_only"] = failure(model="acme/tiny-GGUF")
         report["gguf_missing_type"] = failure(model="acme/tiny-GGUF:Q2_K")
@@ -100,6 +102,9 @@ def test_a_hub_id_is_downloaded_then_served_from_the_cache(hub, tiny_llama_dir, 
                              if f.endswith((".json", ".safetensors", ".jinja")) or f.startswith("tokenizer"))
     assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched
     assert Path(report["other_dir"]).is_relative_to(other)
+    # a tokenizer's download (--tokenizer org/name) leaves the weights; the model's download then adds them
+    assert "config.json" in report["tokenizer_files"] and "tokenizer.json" in report["tokenizer_files"]
+    assert not any(name.endswith(".safetensors") for name in report["tokenizer_files"])
     assert "no repository acme/missing" in report["missing"]
     assert "holds GGUF files (tiny-F32.gguf, tiny-Q8_0.gguf)" in report["gguf_only"]
     assert "name one by its quantization type (acme/tiny-GGUF:Q4_K_M)" in report["gguf_only"]

@@ -35,16 +35,17 @@ def downloads_disabled() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def download_model(repo: str, revision: str | None, cache_dir: Path) -> Path:
+def download_model(repo: str, revision: str | None, cache_dir: Path, *, weights: bool = True) -> Path:
     """The snapshot folder of ``repo`` at ``revision`` (default ``main``) in ``cache_dir``, downloading the files
-    the engine reads; ``HubUnavailable`` when it cannot."""
+    the engine reads (without the weights when ``weights`` is false: for a tokenizer); ``HubUnavailable`` when it
+    cannot."""
     if downloads_disabled():
         raise HubUnavailable("downloads are off (HF_HUB_OFFLINE)")
     from huggingface_hub import HfApi, snapshot_download
 
     with _hub_errors(repo, revision):
         files = HfApi().list_repo_files(repo, revision=revision)
-        allow = [*_ALWAYS, *_weight_patterns(repo, files)]
+        allow = [*_ALWAYS, *(_weight_patterns(repo, files) if weights else [])]
         logger.info("downloading %s%s from the Hugging Face Hub into %s", repo,
                     f"@{revision}" if revision else "", cache_dir)
         folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow,

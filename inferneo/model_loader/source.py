@@ -42,14 +42,15 @@ class ModelRef:
 
 
 def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None = None,
-                  download_dir: str | os.PathLike[str] | None = None) -> ModelSource:
+                  download_dir: str | os.PathLike[str] | None = None, tokenizer_only: bool = False) -> ModelSource:
     """Find the model the user asked for.
 
     ``None`` is the bundled default (SmolLM2-135M-Instruct, Q4_1 GGUF). ``preset:NAME`` is an architecture
     preset (``arch_presets``; use with ``load_format="dummy"``). A string or path is tried as a local
     folder or ``.gguf`` file first, then as a hub id ``org/name[@revision]`` (or ``revision``) in the Hugging Face
     cache (``download_dir``, else :func:`hf_cache_dir`), then downloaded from the Hub into that cache
-    (:mod:`~inferneo.model_loader.hub_download`; not with ``HF_HUB_OFFLINE=1``).
+    (:mod:`~inferneo.model_loader.hub_download`; not with ``HF_HUB_OFFLINE=1``). ``tokenizer_only``: a hub model
+    for its tokenizer, downloaded without its weights.
     Raises FileNotFoundError naming every place looked at when nothing is found.
     """
     if model is None:
@@ -73,6 +74,9 @@ def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None 
             raise ValueError(f"model {name!r} names revision {named_revision!r} but revision is {revision!r}")
         revision, quant = revision or named_revision, match["quant"]
         snapshot = _find_in_cache(cache, repo, revision, looked)
+        if snapshot is not None and quant is None and not tokenizer_only and not _has_weights(snapshot):
+            looked.append(f"{snapshot} (no weights: a tokenizer's download)")
+            snapshot = None
         if snapshot is not None:
             if quant is None:
                 return _local_source(snapshot, name)
@@ -92,7 +96,7 @@ def resolve_model(model: str | os.PathLike[str] | None, *, revision: str | None 
             try:
                 if quant is not None:
                     return ModelSource("gguf", download_gguf(repo, quant, revision, cache), name)
-                return _local_source(download_model(repo, revision, cache), name)
+                return _local_source(download_model(repo, revision, cache, weights=not tokenizer_only), name)
             except HubUnavailable as exc:
                 looked.append(f"the Hugging Face Hub: {exc}")
     raise FileNotFoundError(_not_found_message(name, match["repo"] if match else None, looked, cache))
@@ -149,6 +153,11 @@ def _local_source(path: Path, name: str) -> ModelSource:
         raise ValueError(f"{path} holds several GGUF files ({listing}); pass the path of the one to load")
     raise FileNotFoundError(f"{path} is neither a Hugging Face model folder (no config.json) nor holds a .gguf "
                             "file")
+
+
+def _has_weights(folder: Path) -> bool:
+    return (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+            or not (folder / "config.json").is_file())  # a GGUF folder: _local_source decides
 
 
 def _files_under(folder: Path) -> list[str]:

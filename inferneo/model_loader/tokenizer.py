@@ -60,7 +60,7 @@ def _load_tokenizer(source: ModelSource, tokenizer: str | None) -> PreTrainedTok
         tok_source = ModelSource("hf_dir", Path(tokenizer).expanduser(), str(tokenizer))  # tokenizer files alone
     elif tokenizer is not None:
         try:
-            tok_source = resolve_model(tokenizer)
+            tok_source = resolve_model(tokenizer, tokenizer_only=True)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"tokenizer {tokenizer!r} (--tokenizer) was not found: no tokenizer files there, "
                                     f"and as a model: {exc}") from None
