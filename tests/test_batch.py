@@ -218,6 +218,32 @@ def test_output_of_another_input_is_refused(server, tmp_path, capsys):
     assert [r["custom_id"] for r in read_records(out)] == ["b"]
 
 
+def test_resuming_with_another_model_is_refused(server, tiny_llama_dir, tmp_path, capsys):
+    """Every answer carries the server's system_fingerprint (the checkpoint, dtype, quantization, KV cache type, chat
+    template, adapter). A job resumed against the same name served from other weights or settings would mix two
+    models' answers in one file: it stops before writing one, and the same settings as the first run finish it."""
+    requests = mixed_input(tmp_path / "requests.jsonl")
+    out = tmp_path / "results.jsonl"
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--url", server.base_url, "--no-progress"]) == 0
+    fingerprints = {r["response"]["body"]["system_fingerprint"] for r in read_records(out) if r["error"] is None}
+    assert len(fingerprints) == 1 and next(iter(fingerprints)).startswith("inferneo-")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(line for line in lines if '"cmpl-' in line or '"chat-0"' in line))  # 5 answers kept
+    before = out.read_bytes()
+    capsys.readouterr()
+    for other in (["--dtype", "bfloat16"], ["--hf-overrides", '{"rms_norm_eps": 0.01}']):
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--model", str(tiny_llama_dir),
+                     "--served-model-name", "tiny", *ENGINE, *other, "--no-progress", "--concurrency", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "holds answers of model 'tiny' with system_fingerprint inferneo-" in err, err
+        assert out.read_bytes() == before  # nothing of the other model's written
+    assert main(["batch", "-i", str(requests), "-o", str(out), "--model", str(tiny_llama_dir),
+                 "--served-model-name", "tiny", *ENGINE, "--no-progress"]) == 0
+    records = read_records(out)
+    check_mixed_output(records)
+    assert {r["response"]["body"]["system_fingerprint"] for r in records if r["error"] is None} == fingerprints
+
+
 def test_foreign_or_damaged_output_is_refused_and_left_alone(tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(request_line("a", 1) + "\n")

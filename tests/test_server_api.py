@@ -107,6 +107,20 @@ def test_sync_chat_and_stream_agree(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_answers_carry_the_models_system_fingerprint(client):
+    """OpenAI's system_fingerprint names the backend configuration: the same on completions and chat, whole and
+    streamed (every chunk), and a digest of what decides the outputs (see engine/fingerprint.py)."""
+    completion = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    fingerprint = completion.system_fingerprint
+    assert fingerprint.startswith("inferneo-") and len(fingerprint) == len("inferneo-") + 16
+    assert chat.system_fingerprint == fingerprint
+    for stream in (client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True),
+                   client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2, stream=True)):
+        assert {chunk.system_fingerprint for chunk in stream} == {fingerprint}
+
+
 def test_async_client_completion_and_chat_streams(server):
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)

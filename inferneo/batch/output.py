@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from inferneo.batch.records import DIGEST_CHARS, parse_record_id
+from inferneo.engine.fingerprint import FINGERPRINT_PREFIX
 
 
 class OutputFileError(RuntimeError):
@@ -37,6 +38,7 @@ class OutputFile:
         self.digest = digest[:DIGEST_CHARS]
         self.fsync_interval = fsync_interval
         self.done: dict[int, str | None] = {}
+        self.fingerprints: dict[str, str] = {}  # served model -> the system_fingerprint its answers here carry
         self.repaired_bytes = 0
         self.retried = 0
         self._answered_failures: dict[int, int] = {}  # file line -> input line, of records with a non-2xx answer
@@ -105,6 +107,8 @@ class OutputFile:
             raise OutputFileError(f"{self.path} holds input line {line} twice (line {number}); it is damaged")
         custom_id = record.get("custom_id")
         self.done[line] = custom_id if isinstance(custom_id, str) else None
+        if (answer := _fingerprint(record)) is not None:
+            self.fingerprints.setdefault(*answer)
         if record.get("error") is not None and record.get("response") is not None:
             self._answered_failures[number] = line
 
@@ -140,7 +144,17 @@ class OutputFile:
         self.retried = len(self._answered_failures)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write one record as one line, in one write."""
+        """Write one record as one line, in one write. ``OutputFileError``, and nothing written, when its answer
+        comes from another model than the file's answers of the same name (see :func:`_fingerprint`)."""
+        if (answer := _fingerprint(record)) is not None:
+            model, fingerprint = answer
+            known = self.fingerprints.setdefault(model, fingerprint)
+            if known != fingerprint:
+                raise OutputFileError(
+                    f"{self.path} holds answers of model {model!r} with system_fingerprint {known}, but the server "
+                    f"now answers with {fingerprint}: another checkpoint, dtype, quantization, KV cache type, chat "
+                    "template or adapter. Resume with the model and settings of the first run, or use another "
+                    "output file, or --overwrite to discard those results")
         # ASCII only: no U+2028 or NEL inside a record that a line splitter could take for a line break.
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         if self._torn:
@@ -191,6 +205,20 @@ class OutputFile:
 
 
 _RECORD_START = b'{"id":"batch_req_'
+
+
+def _fingerprint(record: dict[str, Any]) -> tuple[str, str] | None:
+    """``(model, system_fingerprint)`` of a record's successful answer from an Inferneo server; None for any other
+    record (an error, another server's answer: OpenAI's fingerprints change on their own, so they are not held
+    to)."""
+    response = record.get("response")
+    body = response.get("body") if isinstance(response, dict) else None
+    if not isinstance(body, dict) or record.get("error") is not None:
+        return None
+    model, fingerprint = body.get("model"), body.get("system_fingerprint")
+    if isinstance(model, str) and isinstance(fingerprint, str) and fingerprint.startswith(FINGERPRINT_PREFIX):
+        return model, fingerprint
+    return None
 
 
 def _is_torn_record(raw: bytes) -> bool:

@@ -20,6 +20,7 @@ import torch
 from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.core import EngineCore
+from inferneo.engine.fingerprint import core_fingerprint
 from inferneo.engine.kv_cache_manager import KVCacheManager
 from inferneo.engine.protocol import CoreInfo
 from inferneo.engine.scheduler import Scheduler
@@ -146,7 +147,12 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     kv_bytes_per_block=runner.kv_bytes_per_block, dtype=str(dtype).removeprefix("torch."),
                     device=str(device), pid=os.getpid(), pooling=pooling, generates=generates,
                     scores_prompts=config.pipeline_parallel_size == 1,
-                    schedules_by_priority=config.scheduling_policy == "priority")
+                    schedules_by_priority=config.scheduling_policy == "priority",
+                    fingerprint=core_fingerprint(source.kind, source.path, {
+                        "dtype": str(dtype), "quantization": config.quantization,
+                        "kv_cache_dtype": config.kv_cache_dtype, "hf_overrides": config.hf_overrides,
+                        "load_format": config.load_format, "seed": config.seed if config.load_format == "dummy"
+                        else None}))
     logger.info("model %s: %s, dtype %s on %s, max_model_len %d, KV cache %d blocks of %d tokens (%.2f GiB)",
                 source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
                 num_blocks * runner.kv_bytes_per_block / 2**30)

@@ -173,6 +173,7 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     # True: the scheduler orders waiting requests by their priority (``scheduling_policy="priority"``); under FCFS a
     # request's priority would be ignored, so a non-zero one is refused
     schedules_by_priority: bool = False
+    fingerprint: str = ""  # the loaded model's digest (``engine.fingerprint.core_fingerprint``)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -264,7 +264,7 @@ class _Chat:
                 choices.append(body)
         response = {
             "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": choices, "system_fingerprint": None,
+            "choices": choices, "system_fingerprint": self.ctx.fingerprint(self.model),
             "usage": usage_of(finals.values(), reasoning_tokens if self.reasoning is not None else None),
         }
         if self.req.prompt_logprobs is not None and len(finals) == 1:  # vLLM's place, for one conversation
@@ -303,7 +303,7 @@ class _Chat:
         req, n = self.req, self.req.n
         counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
         base: dict[str, Any] = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                                "model": self.model, "system_fingerprint": None}
+                                "model": self.model, "system_fingerprint": self.ctx.fingerprint(self.model)}
 
         def chunk(key: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None,
                   stop_reason: int | str | None = None, token_ids: list[int] | None = None) -> bytes:

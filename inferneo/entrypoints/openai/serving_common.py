@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.engine.fingerprint import system_fingerprint
 from inferneo.engine.protocol import LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
@@ -59,6 +60,7 @@ class ServerContext:
     # One thread: the tokenizer is used from one thread at a time (a fast tokenizer's state is not shared safely).
     tokenizer_thread: ThreadPoolExecutor = field(init=False)
     token_bytes: Callable[[int, str], list[int]] = field(init=False)  # a token's bytes, for chat logprobs
+    _fingerprint: str | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.defaults = self.engine.default_sampling_params()
@@ -80,6 +82,14 @@ class ServerContext:
             raise ValueError("tool_call_parser 'openai' reads gpt-oss's harmony calls, which the reasoning parser "
                              "'openai_gptoss' splits out: give both")
         self.tool_parser = TOOL_CALL_PARSERS.get(name) if name else None
+        core = getattr(self.engine.info, "fingerprint", "")
+        self._fingerprint = system_fingerprint(core, getattr(self.tokenizer, "chat_template", None)) if core else None
+
+    def fingerprint(self, model: str) -> str | None:
+        """``system_fingerprint`` of the answers of served name (or adapter) ``model`` (``engine.fingerprint``)."""
+        if self._fingerprint is None or self.loras is None or model not in self.loras.adapters:
+            return self._fingerprint
+        return system_fingerprint(self._fingerprint, None, self.loras.adapters[model].path)
 
     @property
     def tokenizer(self):

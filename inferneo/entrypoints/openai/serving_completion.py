@@ -74,7 +74,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.echo:
         echo_texts = [p if isinstance(p, str) and not was_cut else ctx.tokenizer.decode(ids)
                       for p, ids, was_cut in zip(prompts, prompt_ids, cut, strict=True)]
-    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer, sum(map(len, prompt_ids)))
+    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer, sum(map(len, prompt_ids)),
+                      ctx.fingerprint(model))
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -84,8 +85,9 @@ class _Completion:
     """One completion call in flight."""
 
     def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup | BeamSearchGroup,
-                 echo_texts: list[str] | None, tokenizer, num_prompt_tokens: int) -> None:
+                 echo_texts: list[str] | None, tokenizer, num_prompt_tokens: int, fingerprint: str | None) -> None:
         self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
         self.num_prompt_tokens = num_prompt_tokens
         self.request_id = request_id
         self.model = model
@@ -115,14 +117,14 @@ class _Completion:
                 choices.append(body)
         return JSONResponse({
             "id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": choices, "usage": usage_of(finals.values()),
+            "choices": choices, "usage": usage_of(finals.values()), "system_fingerprint": self.fingerprint,
         })
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
         counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
-                                "model": self.model}
+                                "model": self.model, "system_fingerprint": self.fingerprint}
         started: set[int] = set()
         ids_started: set[int] = set()  # the choices whose prompt_token_ids were sent (return_token_ids)
         offsets: dict[int, int] = {}  # text_offset of each choice's next token
