@@ -63,6 +63,38 @@ def test_bert_reads_the_document_as_token_type_1(reranker):
     assert abs(typed.outputs.score - as_pair) < 1e-5 and abs(as_pair - as_type_0) > 1e-4
 
 
+def test_truncate_prompt_tokens_cuts_the_longer_text_first(reranker):
+    """vLLM's ``truncate_prompt_tokens``: each pair is cut by the tokenizer to that many tokens, the longer text
+    first, so the score is ``CrossEncoder.predict``'s with that ``max_length``; -1 cuts to the model's length; a
+    value below the pair's special tokens or above the model's length is a ValueError naming it."""
+    from sentence_transformers import CrossEncoder
+
+    path, llm = reranker
+    limit = llm.engine.max_model_len
+    tokenizer = llm.get_tokenizer()
+    long_doc = " ".join(WORDS[:150])
+    pairs = [(QUERY, long_doc), (long_doc, DOCS[0]), (QUERY, DOCS[0])]
+    assert len(tokenizer(QUERY, long_doc).input_ids) > limit
+    reference = CrossEncoder(str(path), device="cpu")
+    for keep, cut in ((24, 24), (-1, limit)):
+        reference.max_seq_length = cut
+        expected = torch.tensor(reference.predict(pairs)).double()
+        outputs = llm.score(
+            [a for a, _ in pairs], [b for _, b in pairs], truncate_prompt_tokens=keep, use_tqdm=False
+        )
+        assert [o.prompt_token_ids for o in outputs] == [
+            tokenizer(a, b, truncation=True, max_length=cut).input_ids for a, b in pairs
+        ]
+        assert len(outputs[0].prompt_token_ids) == cut and len(outputs[2].prompt_token_ids) < 24
+        got = torch.tensor([o.outputs.score for o in outputs], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    for bad, says in ((0, "at least 1"), (special - 1, "special tokens"), (limit + 1, "more than")):
+        with pytest.raises(InvalidRequestError, match=says) as info:
+            llm.score(QUERY, long_doc, truncate_prompt_tokens=bad, use_tqdm=False)
+        assert info.value.param == "truncate_prompt_tokens"
+
+
 def test_a_cross_encoder_neither_embeds_nor_generates(reranker):
     _, llm = reranker
     with pytest.raises(InvalidRequestError, match="cross-encoder") as info:

@@ -58,7 +58,8 @@ def test_score_equals_cross_encoder(server, expected):
     assert {d["object"] for d in body["data"]} == {"score"}
     np.testing.assert_allclose([d["score"] for d in body["data"]], expected, atol=1e-5, rtol=0)
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
-    assert post(server, "/score", {"text_1": QUERY, "text_2": DOCS}).json()["data"] == body["data"]  # vLLM's alias
+    alias = post(server, "/score", {"text_1": QUERY, "text_2": DOCS})  # vLLM's unversioned path
+    assert alias.json()["data"] == body["data"]
     pairwise = post(server, "/v1/score", {"text_1": [QUERY, QUERY], "text_2": DOCS[:2]}).json()
     np.testing.assert_allclose([d["score"] for d in pairwise["data"]], expected[:2], atol=1e-5, rtol=0)
 
@@ -140,3 +141,39 @@ def test_a_bert_reranker_over_http(tmp_path):
     np.testing.assert_allclose(
         [x["relevance_score"] for x in results], np.sort(expected)[::-1], atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/score", "/v1/rerank", "/v2/rerank", "/rerank"])
+def test_truncate_prompt_tokens_over_http(server, model_dir, path):
+    """vLLM's ``truncate_prompt_tokens`` on every scoring path: each over-long pair is cut by the tokenizer, the
+    longer text first, so its score is ``CrossEncoder.predict``'s at that ``max_length`` (-1: the model's length);
+    without it the pair is a 400; bad values are 400s naming the field."""
+    from sentence_transformers import CrossEncoder
+
+    long_doc = " ".join(WORDS[:140])
+    docs = [long_doc, DOCS[0]]
+    reference = CrossEncoder(str(model_dir), device="cpu")
+
+    def scores(extra: dict) -> httpx.Response:
+        body = {"text_1": QUERY, "text_2": docs} if "score" in path else {"query": QUERY, "documents": docs}
+        return post(server, path, {**body, **extra})
+
+    assert scores({}).status_code == 400
+    for keep, cut in ((24, 24), (-1, MAX_LEN)):
+        reference.max_seq_length = cut
+        expected = reference.predict([(QUERY, d) for d in docs])
+        r = scores({"truncate_prompt_tokens": keep})
+        assert r.status_code == 200, r.text
+        if "score" in path:
+            got = [d["score"] for d in r.json()["data"]]
+            assert r.json()["usage"]["prompt_tokens"] == cut + len(
+                reference.tokenizer(QUERY, DOCS[0]).input_ids
+            )
+        else:
+            got = [x["relevance_score"] for x in sorted(r.json()["results"], key=lambda x: x["index"])]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    for bad, words in ((0, "at least 1"), (3, "4 special tokens"), (MAX_LEN + 1, "more than"), (True, "")):
+        r = scores({"truncate_prompt_tokens": bad})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "truncate_prompt_tokens" and words in error["message"], error

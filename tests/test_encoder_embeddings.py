@@ -116,6 +116,39 @@ def test_too_long_input_is_refused(encoder):
     assert info.value.param == "prompt"
 
 
+def test_truncate_prompt_tokens_cuts_as_sentence_transformers(encoder, reference):
+    """vLLM's ``truncate_prompt_tokens``: a text is cut by the tokenizer (its end goes, the special tokens stay),
+    so its vector is sentence-transformers' with that ``max_seq_length``; -1 cuts it to the model's length;
+    token ids keep their last tokens; a value no input can meet is a ValueError naming it."""
+    arch, _, llm = encoder
+    limit = llm.engine.max_model_len
+    text = " ".join(WORDS[:120])
+    assert len(reference.tokenizer(text).input_ids) > limit
+    saved = reference.max_seq_length
+    try:
+        for keep, cut in ((9, 9), (-1, limit)):
+            reference.max_seq_length = cut
+            expected = reference.encode([text], convert_to_tensor=True)[0]
+            (got,) = llm.embed(text, truncate_prompt_tokens=keep, use_tqdm=False)
+            assert (
+                got.prompt_token_ids == reference.tokenizer(text, truncation=True, max_length=cut).input_ids
+            )
+            assert len(got.prompt_token_ids) == cut and cosine(got.outputs.embedding, expected) > 1 - 1e-5
+    finally:
+        reference.max_seq_length = saved
+    ids = reference.tokenizer(text).input_ids
+    (tail,) = llm.embed([ids], truncate_prompt_tokens=7, use_tqdm=False)
+    assert tail.prompt_token_ids == ids[-7:]
+    assert torch.equal(vectors([tail]), vectors(llm.embed([ids[-7:]], use_tqdm=False)))
+    assert len(llm.embed([ids], truncate_prompt_tokens=1, use_tqdm=False)[0].prompt_token_ids) == 1
+    short = llm.embed(TEXTS[0], truncate_prompt_tokens=50, use_tqdm=False)[0]  # shorter: unchanged
+    assert short.prompt_token_ids == reference.tokenizer(TEXTS[0]).input_ids
+    for bad, says in ((0, "at least 1"), (-2, "at least 1"), (limit + 1, "more than"), (1, "special tokens")):
+        with pytest.raises(InvalidRequestError, match=says) as info:
+            llm.embed(text, truncate_prompt_tokens=bad, use_tqdm=False)
+        assert info.value.param == "truncate_prompt_tokens"
+
+
 def test_roberta_positions_skip_padding_tokens(encoder):
     """A RoBERTa input holding its padding id: Hugging Face gives that token the padding position and counts the
     others on, so the positions after it shift; the vectors agree."""

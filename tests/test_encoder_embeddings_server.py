@@ -114,3 +114,52 @@ def test_an_embedding_model_does_not_score(server, path, body):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "model" and "does not score pairs" in error["message"], error
+
+
+def test_truncate_prompt_tokens_over_http(server, model_dir):
+    """vLLM's ``truncate_prompt_tokens`` through the ``openai`` client: an over-long text is cut by the tokenizer
+    (sentence-transformers' vector at that ``max_seq_length``), -1 cuts it to the model's length (what
+    sentence-transformers does by default), token ids keep their last tokens."""
+    from openai import OpenAI
+    from sentence_transformers import SentenceTransformer
+
+    client = OpenAI(base_url=server.url("/v1"), api_key="EMPTY")
+    reference = SentenceTransformer(str(model_dir), device="cpu")
+    text = " ".join(WORDS[:100])
+    ids = reference.tokenizer(text).input_ids
+    assert len(ids) > MAX_SEQ
+    for keep, cut in ((12, 12), (-1, MAX_SEQ)):
+        reference.max_seq_length = cut
+        expected = reference.encode([text, TEXTS[0]])
+        got = client.embeddings.create(
+            model=NAME, input=[text, TEXTS[0]], extra_body={"truncate_prompt_tokens": keep}
+        )
+        assert got.usage.prompt_tokens == cut + len(reference.tokenizer(TEXTS[0]).input_ids)
+        assert min_cosine([d.embedding for d in got.data], expected) > 1 - 1e-5
+    tail = client.embeddings.create(model=NAME, input=[ids], extra_body={"truncate_prompt_tokens": 9})
+    exact = client.embeddings.create(model=NAME, input=[ids[-9:]])
+    assert tail.usage.prompt_tokens == 9 and tail.data[0].embedding == exact.data[0].embedding
+    one = httpx.post(
+        server.url("/v1/embeddings"), json={"model": NAME, "input": ids, "truncate_prompt_tokens": 1}
+    )
+    assert one.status_code == 200 and one.json()["usage"]["prompt_tokens"] == 1, one.text
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"input": "hello", "truncate_prompt_tokens": 0}, "at least 1"),
+        ({"input": "hello", "truncate_prompt_tokens": -2}, "greater than or equal to -1"),
+        ({"input": "hello", "truncate_prompt_tokens": "5"}, ""),
+        (
+            {"input": "hello", "truncate_prompt_tokens": MAX_SEQ + 1},
+            f"more than an input may have ({MAX_SEQ}",
+        ),
+        ({"input": ["hello", "world"], "truncate_prompt_tokens": 1}, "2 special tokens"),
+    ],
+)
+def test_bad_truncate_prompt_tokens_is_a_400(server, body, words):
+    r = httpx.post(server.url("/v1/embeddings"), json={"model": NAME, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "truncate_prompt_tokens" and words in error["message"], error

@@ -16,7 +16,9 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 
 Embedding requests (:meth:`InputProcessor.check_embedding`) follow their own rules: at least one token, every id
 in the vocabulary, at most the context length and the KV cache (nothing is generated, so the whole context may
-be prompt), a model whose pooling is served, and ``dimensions`` as the model's ``PoolingConfig`` allows.
+be prompt), a model whose pooling is served, and ``dimensions`` as the model's ``PoolingConfig`` allows. Their
+``truncate_prompt_tokens`` (:meth:`InputProcessor.truncation_length`) cuts an over-long input as vLLM does: a text
+by the tokenizer (its special tokens kept, a pair's longer text cut first), token ids to their last tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
 logger = logging.getLogger(__name__)
+
+TRUNCATE_PARAM = "truncate_prompt_tokens"
 
 # the SamplingParams fields a generation config sets (its do_sample only says whether temperature applies)
 _SAMPLING_DEFAULT_KEYS = tuple(k for k in SAMPLING_DEFAULT_KEYS if k != "do_sample")
@@ -79,17 +83,63 @@ class InputProcessor:
         except Exception:
             return self.tokenizer
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, add_special_tokens: bool = True, max_length: int | None = None
+    ) -> list[int]:
         """Token ids of ``text``. Not ``verbose``: a prompt longer than the tokenizer's ``model_max_length`` is
-        ``check``'s to refuse, without transformers' warning about indexing errors first."""
-        return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False).input_ids
+        ``check``'s to refuse, without transformers' warning about indexing errors first. ``max_length`` (from
+        :meth:`truncation_length`) cuts the text as the tokenizer truncates (see :func:`truncation_kwargs`)."""
+        return self.tokenizer(
+            text, add_special_tokens=add_special_tokens, verbose=False, **truncation_kwargs(max_length)
+        ).input_ids
 
-    def tokenize_pair(self, first: str, second: str) -> tuple[list[int], int | None]:
+    def tokenize_pair(
+        self, first: str, second: str, max_length: int | None = None
+    ) -> tuple[list[int], int | None]:
         """Token ids of two texts read as one input, joined as the tokenizer joins a pair (a cross-encoder's
         ``<s> query </s></s> document </s>``), with its special tokens, and the first position of token type 1
-        (BERT's second segment; None when the tokenizer gives every token type 0, as RoBERTa's does)."""
-        encoded = self.tokenizer(first, second, verbose=False)
+        (BERT's second segment; None when the tokenizer gives every token type 0, as RoBERTa's does).
+        ``max_length`` (from :meth:`truncation_length`) cuts the pair to that many tokens, longest text first."""
+        encoded = self.tokenizer(first, second, verbose=False, **truncation_kwargs(max_length))
         return encoded.input_ids, pair_type_start(encoded.get("token_type_ids"))
+
+    def truncation_length(self, keep: int | None, pair: bool = False, text: bool = True) -> int | None:
+        """vLLM's ``truncate_prompt_tokens`` of an embedding or scoring request, as the number of tokens to keep
+        (None: no truncation). ``-1`` is the most an input may have (the context length, within the KV cache).
+        Raises ``InvalidRequestError`` naming ``truncate_prompt_tokens`` for 0 or below -1, for more than the
+        context length, and (when a ``text`` is to be tokenized) for fewer tokens than the tokenizer's special
+        tokens of one input (``pair``: of a pair), which no truncation of a text can meet."""
+        if keep is None:
+            return None
+        limit = self.embedding_limit
+        if keep == -1:
+            return limit
+        if keep < 1:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens must be at least 1 (the tokens to keep) or -1 (as many as the model "
+                f"takes), got {keep}",
+                TRUNCATE_PARAM,
+            )
+        if keep > limit:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens: {keep} is more than an input may have ({limit} tokens: the model's "
+                "context length and KV cache)",
+                TRUNCATE_PARAM,
+            )
+        special = _special_tokens(self.tokenizer, pair) if text else 0
+        if keep < special:
+            what = "a pair" if pair else "an input"
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens: {keep} is fewer than the {special} special tokens the tokenizer adds "
+                f"to {what}",
+                TRUNCATE_PARAM,
+            )
+        return keep
+
+    @property
+    def embedding_limit(self) -> int:
+        """The most tokens an embedding or scoring input may have: the context length, within the KV cache."""
+        return min(self.limits.max_model_len, self.limits.kv_capacity_tokens)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt",
               priority: int = 0) -> int:
@@ -185,7 +235,7 @@ class InputProcessor:
         self.check_pooling(pooling)
         self.check_priority(priority)
         _check_token_ids(prompt_token_ids, limits.vocab_size, "input", param)
-        limit = min(limits.max_model_len, limits.kv_capacity_tokens)
+        limit = self.embedding_limit
         if n > limit:
             raise InvalidRequestError(f"the input has {n} tokens but at most {limit} fit (the model's context length "
                                       "and KV cache): shorten it", param)
@@ -241,6 +291,28 @@ class FrontEndFacts:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.input.tokenize(text, add_special_tokens)
+
+
+def truncation_kwargs(max_length: int | None) -> dict:
+    """The tokenizer's keyword arguments that cut its output to ``max_length`` tokens (none when None), as vLLM
+    truncates a text: the tokenizer's own way, so on its ``truncation_side`` (the end of the text unless the
+    tokenizer says ``left``), its special tokens kept; a pair is cut longest text first."""
+    if max_length is None:
+        return {}
+    return {"truncation": "longest_first", "max_length": max_length}
+
+
+def truncate_token_ids(token_ids: list[int], max_length: int | None) -> list[int]:
+    """Token ids given as such, cut to their last ``max_length`` (vLLM keeps a token-id input's end)."""
+    return token_ids if max_length is None else token_ids[-max_length:]
+
+
+def _special_tokens(tokenizer, pair: bool) -> int:
+    """How many special tokens the tokenizer adds to one text (``pair``: to two), 0 when it does not say."""
+    try:
+        return int(tokenizer.num_special_tokens_to_add(pair=pair))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 0
 
 
 def pair_type_start(token_type_ids: list[int] | None) -> int | None:

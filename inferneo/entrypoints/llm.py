@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from inferneo.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, step_sampling_params
 from inferneo.config import EngineConfig
+from inferneo.engine.input_processor import truncate_token_ids
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
@@ -85,6 +86,7 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         dimensions: int | None = None,
         use_tqdm: ProgressBar = True,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """Embed one prompt or many (strings, token-id lists or prompt dicts, as ``generate``); returns one
         ``EmbeddingRequestOutput`` per prompt, in input order, with the vector in ``.outputs.embedding``.
@@ -92,15 +94,26 @@ class LLM:
         The model pools as its sentence-transformers files say, else by its last token, normalised (see
         ``docs/embeddings.md``); ``dimensions`` shortens the vectors of a Matryoshka model. Embedding requests run
         through the same scheduler as generation: prefill only, no KV kept afterwards.
+        ``truncate_prompt_tokens`` (vLLM's) cuts each prompt to that many tokens instead of refusing a longer one
+        (-1: to the most the model takes): a text as the tokenizer truncates it (its end goes, the special tokens
+        stay), token ids to their last ones.
         """
         prompt_list = _as_prompt_list(prompts)
         pooling = PoolingRequest(dimensions)
         engine = self.engine
+        max_length = engine.input.truncation_length(
+            truncate_prompt_tokens, text=any(isinstance(p, str) for p in prompt_list)
+        )
         base = f"embed-{time.monotonic_ns()}-"
         ids = []
         try:
             for i, prompt in enumerate(prompt_list):
-                ids.append(engine.add_embedding_request(base + str(i), prompt, pooling))
+                token_ids = (
+                    engine.input.tokenize(prompt, max_length=max_length)
+                    if isinstance(prompt, str)
+                    else truncate_token_ids(prompt, max_length)
+                )
+                ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
             return self._collect(ids, use_tqdm, "Embedded prompts")
         except BaseException:
             for request_id in ids:
@@ -184,6 +197,7 @@ class LLM:
         data_1: str | Sequence[str],
         data_2: str | Sequence[str],
         use_tqdm: ProgressBar = True,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[ScoringRequestOutput]:
         """Score (query, document) pairs with a cross-encoder (a reranker such as bge-reranker-v2-m3); returns one
         ``ScoringRequestOutput`` per pair, in order, with the score in ``.outputs.score``.
@@ -191,15 +205,19 @@ class LLM:
         As vLLM's: ``data_1`` is one text scored against each text of ``data_2`` (one or a list), or a list as
         long as ``data_2``, scored pairwise. Each pair is tokenized as the tokenizer joins two texts
         (``<s> query </s></s> document </s>``) and read as one input; the score is sentence-transformers'
-        ``CrossEncoder.predict`` (see ``docs/embeddings.md``).
+        ``CrossEncoder.predict`` (see ``docs/embeddings.md``). ``truncate_prompt_tokens`` (vLLM's) cuts each pair
+        to that many tokens instead of refusing a longer one (-1: to the most the model takes), as the tokenizer
+        truncates a pair: tokens go from the end of the longer text first, the special tokens stay.
         """
         pairs = score_pairs(data_1, data_2)
         engine = self.engine
+        engine.input.check_pooling(PoolingRequest(task="score"))
+        max_length = engine.input.truncation_length(truncate_prompt_tokens, pair=True)
         base = f"score-{time.monotonic_ns()}-"
         ids = []
         try:
             for i, (first, second) in enumerate(pairs):
-                token_ids, type_start = engine.input.tokenize_pair(first, second)
+                token_ids, type_start = engine.input.tokenize_pair(first, second, max_length)
                 pooling = PoolingRequest(task="score", token_type_start=type_start)
                 ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
             outputs = self._collect(ids, use_tqdm, "Scored pairs")

@@ -191,6 +191,13 @@ class ChatTool(_Body):
     function: FunctionDefinition
 
 
+def _check_truncation(value: int | None, minus_one: str) -> int | None:
+    """``truncate_prompt_tokens``: None, -1 (``minus_one`` says what it keeps) or at least 1."""
+    if value == 0:
+        raise ValueError(f"must be at least 1 (the tokens to keep), or -1 ({minus_one})")
+    return value
+
+
 class _SamplingBody(_Body):
     """Fields shared by completions and chat completions."""
 
@@ -260,9 +267,7 @@ class _SamplingBody(_Body):
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _check_truncation(cls, value: int | None) -> int | None:
-        if value == 0:
-            raise ValueError("must be at least 1 (the tokens to keep), or -1 (as many as the context leaves room for)")
-        return value
+        return _check_truncation(value, "as many as the context leaves room for")
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -501,7 +506,19 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
         return [self.messages]
 
 
-class EmbeddingRequest(_Body):
+class _TruncatingBody(_Body):
+    """A pooling request's ``truncate_prompt_tokens`` (vLLM's): cut each over-long input to this many tokens
+    instead of refusing it (-1: to the most the model takes); ``InputProcessor.truncation_length`` says how."""
+
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncation(cls, value: int | None) -> int | None:
+        return _check_truncation(value, "as many as the model takes")
+
+
+class EmbeddingRequest(_TruncatingBody):
     """``POST /v1/embeddings``: ``input`` is a string, a list of strings, a list of token ids or a list of lists
     of token ids (OpenAI's four forms); none may be empty."""
 
@@ -523,7 +540,7 @@ class EmbeddingRequest(_Body):
         return _prompt_list(self.input)
 
 
-class ScoreRequest(_Body):
+class ScoreRequest(_TruncatingBody):
     """``POST /v1/score`` (vLLM's): ``text_1`` (a string, or a list) scored against ``text_2`` (a string or a
     list) by a cross-encoder: one text against each text of the other, or two lists of one length pairwise."""
 
@@ -539,7 +556,7 @@ class ScoreRequest(_Body):
         return _check_texts(value, info.field_name)
 
 
-class RerankRequest(_Body):
+class RerankRequest(_TruncatingBody):
     """``POST /v1/rerank`` (and ``/v2/rerank``), Jina's and Cohere's shape as vLLM serves it: the ``documents``
     ranked by a cross-encoder's score against ``query``, best first, the first ``top_n`` of them (all by default)."""
 

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
+from inferneo.engine.input_processor import truncate_token_ids, truncation_kwargs
 from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
@@ -30,8 +31,14 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
         raise bad_request(f"{model!r} is a LoRA adapter: embeddings are served by the base model only", "model")
     engine = ctx.engine
     inputs = req.input_list()
-    prompt_ids = await ctx.tokenize_off_loop(sum(len(x) for x in inputs if isinstance(x, str)),
-                                             lambda: _tokenize(ctx.tokenizer, inputs))
+    try:
+        max_length = engine.input.truncation_length(
+            req.truncate_prompt_tokens, text=any(isinstance(x, str) for x in inputs)
+        )
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
+    text_chars = sum(len(x) for x in inputs if isinstance(x, str))
+    prompt_ids = await ctx.tokenize_off_loop(text_chars, lambda: _tokenize(ctx.tokenizer, inputs, max_length))
     pooling = PoolingRequest(req.dimensions)
     for i, ids in enumerate(prompt_ids):
         try:
@@ -48,12 +55,14 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
     return await cancel_on_disconnect(raw, _respond(group, model, req.encoding_format))
 
 
-def _tokenize(tokenizer, inputs: list[str | list[int]]) -> list[list[int]]:
-    """Token ids of every input (the strings tokenized in one batch call, with the model's special tokens)."""
+def _tokenize(tokenizer, inputs: list[str | list[int]], max_length: int | None) -> list[list[int]]:
+    """Token ids of every input (the strings tokenized in one batch call, with the model's special tokens), each
+    cut to ``max_length`` tokens when that is set (``truncate_prompt_tokens``: a text as the tokenizer truncates,
+    token ids to their last ones)."""
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
-    ids: list[Any] = list(inputs)
+    ids: list[Any] = [x if isinstance(x, str) else truncate_token_ids(x, max_length) for x in inputs]
     if texts:
-        encoded = tokenizer([x for _, x in texts], verbose=False).input_ids
+        encoded = tokenizer([x for _, x in texts], verbose=False, **truncation_kwargs(max_length)).input_ids
         for (i, _), tokens in zip(texts, encoded, strict=True):
             ids[i] = tokens
     return ids

@@ -15,7 +15,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response
 
-from inferneo.engine.input_processor import pair_type_start
+from inferneo.engine.input_processor import pair_type_start, truncation_kwargs
 from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
 from inferneo.engine.request_group import EngineRequest
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
@@ -36,7 +36,7 @@ async def create_score(ctx: ServerContext, req: ScoreRequest, raw: Request) -> R
     request_id = random_id("score")
 
     async def respond() -> Response:
-        scores, tokens = await _scores(ctx, model, pairs, req.priority, "text_2", request_id)
+        scores, tokens = await _scores(ctx, model, pairs, req, "text_2", request_id)
         body = {
             "id": request_id,
             "object": "list",
@@ -58,7 +58,7 @@ async def create_rerank(ctx: ServerContext, req: RerankRequest, raw: Request) ->
 
     async def respond() -> Response:
         pairs = [(req.query, document) for document in req.documents]
-        scores, tokens = await _scores(ctx, model, pairs, req.priority, "documents", request_id)
+        scores, tokens = await _scores(ctx, model, pairs, req, "documents", request_id)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
         results: list[dict[str, Any]] = []
         for index in ranked:
@@ -73,21 +73,28 @@ async def create_rerank(ctx: ServerContext, req: RerankRequest, raw: Request) ->
 
 
 async def _scores(
-    ctx: ServerContext, model: str, pairs: list[tuple[str, str]], priority: int, param: str, request_id: str
+    ctx: ServerContext,
+    model: str,
+    pairs: list[tuple[str, str]],
+    req: ScoreRequest | RerankRequest,
+    param: str,
+    request_id: str,
 ) -> tuple[list[float], int]:
     """The score of every pair, in order, and the tokens they took; ``param`` names the field an over-long pair
-    is blamed on."""
+    is blamed on (unless the request's ``truncate_prompt_tokens`` cuts it)."""
     if ctx.lora_for(model) is not None:
         raise bad_request(f"{model!r} is a LoRA adapter: scores are served by the base model only", "model")
     engine = ctx.engine
+    priority = req.priority
     pooling = PoolingRequest(task="score")
     try:
         engine.input.check_pooling(pooling)  # before tokenizing: a model that does not score refuses at once
+        max_length = engine.input.truncation_length(req.truncate_prompt_tokens, pair=True)
     except InvalidRequestError as exc:
         raise to_api_error(exc) from None
     try:
         prompt_ids, type_starts = await ctx.tokenize_off_loop(
-            sum(len(a) + len(b) for a, b in pairs), lambda: _tokenize_pairs(ctx.tokenizer, pairs)
+            sum(len(a) + len(b) for a, b in pairs), lambda: _tokenize_pairs(ctx.tokenizer, pairs, max_length)
         )
     except ValueError as exc:  # a tokenizer whose pair types are not two segments
         raise bad_request(str(exc), "model") from None
@@ -125,9 +132,14 @@ async def _scores(
     return [score(logits[i]) for i in range(len(pairs))], sum(map(len, prompt_ids))
 
 
-def _tokenize_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[int | None]]:
+def _tokenize_pairs(
+    tokenizer, pairs: list[tuple[str, str]], max_length: int | None
+) -> tuple[list[list[int]], list[int | None]]:
     """Token ids of every pair, joined as the tokenizer joins two texts, in one batch call, and each pair's first
-    position of token type 1 (``InputProcessor.tokenize_pair``)."""
-    encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], verbose=False)
+    position of token type 1 (``InputProcessor.tokenize_pair``); each pair cut to ``max_length`` tokens, longest
+    text first, when that is set."""
+    encoded = tokenizer(
+        [a for a, _ in pairs], [b for _, b in pairs], verbose=False, **truncation_kwargs(max_length)
+    )
     types = encoded.get("token_type_ids") or [None] * len(pairs)
     return encoded.input_ids, [pair_type_start(t) for t in types]
