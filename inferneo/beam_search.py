@@ -27,7 +27,8 @@ from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
 """The widest search: each step asks the engine for ``2 * beam_width`` candidates per beam, and the engine returns at
-most ``MAX_LOGPROBS`` log-probabilities (vLLM's default limit gives the same width)."""
+most ``max_logprobs`` log-probabilities (20 by default, vLLM's default limit, which gives the same width); an engine
+with a lower ``max_logprobs`` allows half of it (``InputProcessor.check_beam_width``)."""
 
 
 @dataclass(slots=True)

@@ -192,6 +192,9 @@ class EngineConfig:
         None, _hf_overrides_arg, "config.json values set over the model's, as JSON (vLLM's flag), e.g. "
         '\'{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}\'; '
         "each value replaces the config's whole value", metavar="JSON", convert=_hf_overrides)
+    max_logprobs: int = option(
+        20, int, "the most log-probabilities a request may ask for per token (logprobs, top_logprobs, "
+        "prompt_logprobs; vLLM's flag); -1: up to the vocabulary size", metavar="N")
     dtype: str = option("auto", str, "compute dtype; auto keeps the checkpoint's (on CPU: bf16 for a 16-bit "
                         "checkpoint where the CPU has AMX or AVX512_BF16, else fp32)",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -287,6 +290,11 @@ class EngineConfig:
         _one_of("data_parallel_backend", self.data_parallel_backend, DATA_PARALLEL_BACKENDS)
         _one_of("data_parallel_routing", self.data_parallel_routing, DATA_PARALLEL_ROUTINGS)
         _positive("max_num_seqs", self.max_num_seqs)
+        if type(self.max_logprobs) is not int or self.max_logprobs < -1:
+            raise ValueError(
+                f"max_logprobs must be an integer, 0 or more, or -1 (up to the vocabulary size); got "
+                f"{self.max_logprobs!r}"
+            )
         _positive("max_loras", self.max_loras)
         if not 1 <= self.max_lora_rank <= 64:
             raise ValueError(f"max_lora_rank must be between 1 and 64; got {self.max_lora_rank}")

@@ -12,7 +12,9 @@ from inferneo.json_text import TooDeep, loads_bounded
 
 _SAMPLING_EPS = 1e-5
 _FLOAT_BOUND = 1e30  # temperature at most this, repetition_penalty within [1 / this, this]
-MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit); checked by the engine
+# the most top log-probabilities a request may ask for by default (OpenAI's limit, vLLM's default); the engine checks
+# its own, EngineConfig.max_logprobs (--max-logprobs), which defaults to this
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,6 +148,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     device=str(device), pid=os.getpid(), pooling=pooling, generates=generates,
                     scores_prompts=config.pipeline_parallel_size == 1,
                     schedules_by_priority=config.scheduling_policy == "priority",
+                    max_logprobs=config.max_logprobs,
                     fingerprint=core_fingerprint(source.kind, source.path, {
                         "dtype": str(dtype), "quantization": config.quantization,
                         "kv_cache_dtype": config.kv_cache_dtype, "hf_overrides": config.hf_overrides,

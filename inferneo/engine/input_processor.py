@@ -7,7 +7,8 @@ trusts what it is sent. The rules, with the limits of the loaded core (its ``Cor
 - prompt + ``max_tokens`` fits in the context length: a request asking for more is refused, never silently cut
   short (as OpenAI and vLLM's server do); ``max_tokens=None`` means "up to the context length";
 - prompt + ``max_tokens`` fits in the KV cache (otherwise it could never be scheduled);
-- ``logprobs`` and ``prompt_logprobs`` are at most :data:`MAX_LOGPROBS`; the ids of ``logit_bias``,
+- ``logprobs`` and ``prompt_logprobs`` are at most :attr:`InputProcessor.max_logprobs` (``--max-logprobs``, 20
+  by default; -1: the vocabulary size); the ids of ``logit_bias``,
   ``allowed_token_ids`` and ``bad_words`` (tokenized by :meth:`InputProcessor.resolve`) are in the vocabulary;
 - a ``structured_outputs`` constraint parses (xgrammar reads the schema, regex or grammar; the core compiles it
   against the vocabulary later);
@@ -30,7 +31,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
 from inferneo.model_loader import generation_config_for, load_tokenizer
 from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS
-from inferneo.sampling_params import MAX_LOGPROBS, SamplingParams
+from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
 logger = logging.getLogger(__name__)
@@ -176,11 +177,8 @@ class InputProcessor:
         if outside := sorted({t for t in params.stop_token_ids if t >= vocab}):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab} (such a token is "
                                       f"never generated); got {outside[:5]}", "stop_token_ids")
-        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise InvalidRequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}", "logprobs")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
-            raise InvalidRequestError(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {params.prompt_logprobs}",
-                                      "prompt_logprobs")
+        self.check_logprobs(params.logprobs, "logprobs")
+        self.check_logprobs(params.prompt_logprobs, "prompt_logprobs")
         if params.prompt_logprobs is not None and not limits.scores_prompts:
             raise InvalidRequestError("prompt_logprobs are not supported with pipeline parallelism "
                                       "(--pipeline-parallel-size > 1)", "prompt_logprobs")
@@ -190,6 +188,34 @@ class InputProcessor:
             except StructuredOutputError as e:
                 raise InvalidRequestError(str(e), e.param) from None
         return max_tokens
+
+    @property
+    def max_logprobs(self) -> int:
+        """The most log-probabilities a request may ask for per token: ``EngineConfig.max_logprobs`` (vLLM's
+        ``--max-logprobs``, 20 by default), at most the vocabulary size (-1: the vocabulary size)."""
+        limit = self.limits.max_logprobs
+        vocab = self.limits.vocab_size
+        return vocab if limit == -1 else min(limit, vocab)
+
+    def check_logprobs(self, value: int | None, param: str) -> None:
+        """Raise ``InvalidRequestError`` naming ``param`` (``logprobs``, ``top_logprobs``, ``prompt_logprobs``)
+        when ``value`` asks for more log-probabilities than :attr:`max_logprobs`."""
+        if value is not None and value > (limit := self.max_logprobs):
+            raise InvalidRequestError(
+                f"{param} must be at most {limit}, got {value} (the server's limit: --max-logprobs, "
+                "LLM(max_logprobs=...); -1 allows up to the vocabulary size)",
+                param,
+            )
+
+    def check_beam_width(self, width: int, param: str) -> None:
+        """Raise ``InvalidRequestError`` naming ``param`` when a beam search of ``width`` beams would ask each step
+        for more candidates (``2 * width``) than :attr:`max_logprobs` allows."""
+        if 2 * width > (limit := self.max_logprobs):
+            raise InvalidRequestError(
+                f"a beam search of width {width} asks each step for {2 * width} log-probabilities, but this engine "
+                f"returns at most {limit} (--max-logprobs): use a width of at most {limit // 2}",
+                param,
+            )
 
     def check_generates(self) -> None:
         """Raise ``InvalidRequestError`` (naming ``model``) when the model does not generate (it embeds or scores)."""

@@ -174,6 +174,8 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     # request's priority would be ignored, so a non-zero one is refused
     schedules_by_priority: bool = False
     fingerprint: str = ""  # the loaded model's digest (``engine.fingerprint.core_fingerprint``)
+    # the most log-probabilities a request may ask for per token (``EngineConfig.max_logprobs``; -1: the vocabulary)
+    max_logprobs: int = 20
 
     @property
     def kv_capacity_tokens(self) -> int:

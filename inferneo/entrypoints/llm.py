@@ -144,6 +144,7 @@ class LLM:
         loras = _lora_refs(lora_request, n)
         _check_priority(priority, n)
         engine = self.engine
+        engine.input.check_beam_width(params.beam_width, "beam_width")
         token_lists = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompt_list]
         whole = SamplingParams(max_tokens=params.max_tokens, temperature=0.0)
         for i, ids in enumerate(token_lists):

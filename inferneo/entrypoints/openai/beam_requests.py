@@ -73,6 +73,10 @@ def submit_beam_search(engine, request_id: str, prompt_ids: list[list[int]], par
                        skip_special_tokens: bool = True, param: str = "prompt") -> BeamSearchGroup:
     """Start the searches of ``prompt_ids`` (``max_tokens``: each prompt's) on ``engine``; an ``APIError`` (400
     naming ``param`` and the prompt's place) for a prompt that cannot run, checked before any starts."""
+    try:
+        engine.input.check_beam_width(params.beam_width, "n")
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
     prompts = []
     for i, (ids, limit) in enumerate(zip(prompt_ids, max_tokens, strict=True)):
         try:

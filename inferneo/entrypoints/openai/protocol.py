@@ -33,7 +33,6 @@ from pydantic import (
 
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.json_text import object_or_text
-from inferneo.sampling_params import MAX_LOGPROBS
 
 Conversation = list[dict[str, Any]]
 
@@ -309,10 +308,10 @@ class CompletionRequest(_SamplingBody):
     # 0 only with echo (or prompt_logprobs): the prompt is scored, nothing is generated (OpenAI's legacy use).
     max_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     # vLLM's extension: every prompt token's log-probability with this many alternatives, in ``prompt_logprobs``
     # of each choice (not with stream).
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
@@ -391,7 +390,7 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -417,7 +416,7 @@ class ChatCompletionRequest(_SamplingBody, _ChatTemplateTurn):
     include_reasoning: bool = True
     # vLLM's: every prompt token's log-probability with this many alternatives (the rendered conversation's tokens),
     # in the response's ``prompt_logprobs`` (and each choice's); not with stream.
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
 
     @field_validator("messages", mode="before")
     @classmethod

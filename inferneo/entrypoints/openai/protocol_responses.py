@@ -35,7 +35,6 @@ from inferneo.entrypoints.openai.protocol import (
     _Body,
     check_metadata,
 )
-from inferneo.sampling_params import MAX_LOGPROBS
 
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
 """The one ``include`` value this server answers: the output text's token log-probabilities."""
@@ -106,7 +105,7 @@ class ResponsesRequest(_Body):
     max_output_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     include: list[str] | None = Field(None, max_length=16)
     tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None

@@ -32,6 +32,7 @@ from inferneo.entrypoints.openai.serving_common import (
     StreamUsage,
     cancel_on_disconnect,
     check_common,
+    check_logprobs,
     collect_finals,
     conversation_chars,
     event_stream,
@@ -173,6 +174,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     beam = beam_search_of(req)
     constraint = structured_outputs_of(req)
     engine = ctx.engine
+    check_logprobs(engine, {"top_logprobs": req.top_logprobs, "prompt_logprobs": req.prompt_logprobs})
     prompt_ids = await render_conversations(ctx, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     prompt_ids = truncate_prompts(prompt_ids, req.truncate_prompt_tokens, engine.max_model_len, max_tokens)

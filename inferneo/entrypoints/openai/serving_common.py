@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.fingerprint import system_fingerprint
-from inferneo.engine.protocol import LoraRef
+from inferneo.engine.protocol import InvalidRequestError, LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
@@ -140,6 +140,16 @@ def check_common(req: _SamplingBody) -> None:
     """400 for OpenAI fields this server cannot honour."""
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def check_logprobs(engine: AsyncEngine, counts: dict[str, int | None]) -> None:
+    """400 naming the field for a count of log-probabilities per token (``{"top_logprobs": 5}``) past the
+    engine's ``--max-logprobs`` (``InputProcessor.max_logprobs``)."""
+    try:
+        for param, count in counts.items():
+            engine.input.check_logprobs(count, param)
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
 
 
 def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: int | None,

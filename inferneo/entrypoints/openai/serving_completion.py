@@ -26,6 +26,7 @@ from inferneo.entrypoints.openai.serving_common import (
     StreamUsage,
     cancel_on_disconnect,
     check_common,
+    check_logprobs,
     collect_finals,
     event_stream,
     sampling_params,
@@ -51,6 +52,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     beam = beam_search_of(req)
     depth = scoring_depth(req)
     engine = ctx.engine
+    check_logprobs(engine, {"logprobs": req.logprobs, "prompt_logprobs": req.prompt_logprobs})
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
     params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req), depth)
     prompts = req.prompt_list()
