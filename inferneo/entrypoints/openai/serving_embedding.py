@@ -3,7 +3,8 @@
 Each input (a string, or token ids) becomes one embedding request: scheduled with the generation requests, run
 through the model once (prefill only), pooled as the model's pooling says (``inferneo.pooling``). Vectors are
 sent as JSON floats, or with ``encoding_format: "base64"`` as the base64 of their little-endian float32 bytes
-(what OpenAI sends, and what the ``openai`` package asks for by default and decodes).
+(what OpenAI sends, and what the ``openai`` package asks for by default and decodes). vLLM's
+``truncate_prompt_tokens`` cuts each input instead of refusing a longer one (``InputProcessor.truncation_length``).
 """
 
 from __future__ import annotations

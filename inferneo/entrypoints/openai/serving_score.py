@@ -4,7 +4,8 @@ Each (query, document) pair is tokenized as the tokenizer joins two texts and be
 pooling request of task ``score`` (``inferneo.engine.protocol.PoolingRequest``), scheduled with the other
 requests and run as one encoder input; its logit comes back and the model's ``PoolingConfig.score`` makes it
 the score sentence-transformers' ``CrossEncoder.predict`` gives. ``/v1/score`` answers every pair in order;
-``/v1/rerank`` (Jina's and Cohere's request, vLLM's answer) sorts the documents by score, best first.
+``/v1/rerank`` (Jina's and Cohere's request, vLLM's answer) sorts the documents by score, best first. Both take
+vLLM's ``truncate_prompt_tokens``: each pair is cut to that many tokens, the longer text first.
 """
 
 from __future__ import annotations
