@@ -25,7 +25,7 @@ from typing import Protocol
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
-from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, check_cache_salt
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import (
     AbortRequests,
@@ -170,6 +170,8 @@ class AsyncEngine(FrontEndFacts):
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one submission must differ")
+        for r in requests:
+            check_cache_salt(r.cache_salt)
         resolved = [self.input.resolve(r.params) if r.pooling is None else None for r in requests]
         budgets = []
         for i, (r, params) in enumerate(zip(requests, resolved, strict=True)):
@@ -205,7 +207,8 @@ class AsyncEngine(FrontEndFacts):
                         continue
                     planned.append(self._processor.prepare(
                         request.request_id, None, request.prompt_token_ids, params, max_tokens,
-                        self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora))
+                        self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora,
+                        request.cache_salt))
                 except ValueError as exc:
                     raise InvalidRequestError(str(exc)) from None
             specs = []

@@ -38,8 +38,9 @@ class BeamSearchGroup:
     """
 
     def __init__(self, engine, request_id: str, prompts: list[BeamSearchPrompt], priority: int,
-                 lora: LoraRef | None, decode: Callable[[list[int]], str]) -> None:
+                 lora: LoraRef | None, decode: Callable[[list[int]], str], cache_salt: str | None = None) -> None:
         self._engine = engine
+        self._cache_salt = cache_salt
         self._request_id = request_id
         self._prompts = prompts
         self._priority = priority
@@ -103,7 +104,8 @@ class BeamSearchGroup:
             if not any(pending):
                 return
             requests = [EngineRequest(f"{self._request_id}-{step}-{i}-{b}", tokens,
-                                      step_sampling_params(self._prompts[i].params), self._priority, lora=self._lora)
+                                      step_sampling_params(self._prompts[i].params), self._priority, lora=self._lora,
+                                      cache_salt=self._cache_salt)
                         for i, beams in enumerate(pending) for b, tokens in enumerate(beams)]
             scored = await self._score(requests)
             for search, beams in zip(searches, pending, strict=True):

@@ -319,6 +319,14 @@ class FrontEndFacts:
         return self.input.tokenize(text, add_special_tokens)
 
 
+def check_cache_salt(salt: object) -> str | None:
+    """``salt`` as a request's ``cache_salt`` (None: unsalted); ``InvalidRequestError`` naming ``cache_salt`` unless
+    it is a non-empty string."""
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r:.40}", "cache_salt")
+    return salt
+
+
 def truncation_kwargs(max_length: int | None) -> dict:
     """The tokenizer's keyword arguments that cut its output to ``max_length`` tokens (none when None), as vLLM
     truncates a text: the tokenizer's own way, so on its ``truncation_side`` (the end of the text unless the

@@ -70,11 +70,14 @@ class KVCacheManager:
 
     def _chain_start(self, request: Request) -> tuple | None:
         """What a request's hash chain starts from: its adapter (blocks computed with one adapter never serve
-        another's) and whether it rotates by LongRoPE's long factors (``Request.long_rope``: its keys are rotated
-        otherwise than a short sequence's)."""
+        another's), whether it rotates by LongRoPE's long factors (``Request.long_rope``: its keys are rotated
+        otherwise than a short sequence's), and its ``cache_salt`` (vLLM's: a tenant's blocks serve only requests
+        with the same salt, so no one learns from a cache hit's speed what another tenant's prompts hold)."""
         start = None if request.lora is None else ("lora", request.lora.lora_id)
         if request.long_rope:
             start = ("long rope", start)
+        if request.cache_salt is not None:
+            start = ("salt", request.cache_salt, start)
         return start
 
     def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:

@@ -13,7 +13,7 @@ import time
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
-from inferneo.engine.input_processor import FrontEndFacts, InputProcessor
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, check_cache_salt
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, LoraRef, PoolingRequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
@@ -75,10 +75,12 @@ class LLMEngine(FrontEndFacts):
         arrival_time: float | None = None,
         lora: LoraRef | None = None,
         prompt_text: str | None = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``InvalidRequestError`` (a ``ValueError``) for a request the
         model cannot take (``InputProcessor``'s rules, the same as the server's). ``prompt_text``: the text that
-        token-id ``prompt`` was made from (a rendered chat), reported as the output's ``prompt``."""
+        token-id ``prompt`` was made from (a rendered chat), reported as the output's ``prompt``. ``cache_salt``:
+        the request's prefix-cache blocks serve only requests with the same salt (vLLM's)."""
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:
@@ -92,7 +94,7 @@ class LLMEngine(FrontEndFacts):
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
                                                self.input.eos_token_ids, priority, arrival, OutputKind.FINAL,
-                                               lora)
+                                               lora, check_cache_salt(cache_salt))
         self.core_client.send(AddRequests(specs))
         self.processor.register(parent)
         return request_id

@@ -57,6 +57,7 @@ class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
     arrival_time: float = 0.0
     lora: LoraRef | None = None  # run with this adapter (its KV never serves another adapter's prefix)
     pooling: PoolingRequest | None = None  # set: an embedding request (CoreOutput.embedding), not generation
+    cache_salt: str | None = None  # its prefix-cache blocks serve only requests with the same salt
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, frozen=True):

@@ -78,6 +78,8 @@ class Request:
     pooled: torch.Tensor | None = None
     # The LoRA adapter the request runs with (None: the base model); keys its prefix-cache blocks too.
     lora: LoraRef | None = None
+    # vLLM's cache_salt: its prefix-cache blocks serve (and are served by) only requests with the same salt.
+    cache_salt: str | None = None
     # Scheduling steps in a row this waiting request was passed over for want of an adapter slot (the scheduler's
     # ``lora_max_wait_steps`` bounds them).
     lora_slot_waits: int = 0
@@ -97,7 +99,8 @@ class Request:
     def from_core_request(cls, spec: CoreRequest) -> Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
-                   spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling, lora=spec.lora)
+                   spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling, lora=spec.lora,
+                   cache_salt=spec.cache_salt)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

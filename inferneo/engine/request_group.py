@@ -28,6 +28,7 @@ class EngineRequest:
     _: KW_ONLY  # what a request is for is always named, never a position
     pooling: PoolingRequest | None = None
     lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
 
 
 class RequestGroup:

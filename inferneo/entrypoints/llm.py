@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from inferneo.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, step_sampling_params
 from inferneo.config import EngineConfig
-from inferneo.engine.input_processor import truncate_token_ids
+from inferneo.engine.input_processor import check_cache_salt, truncate_token_ids
 from inferneo.engine.llm_engine import LLMEngine
 from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
@@ -74,12 +74,15 @@ class LLM:
         """Generate for one prompt or many; returns one ``RequestOutput`` per prompt, in input order.
 
         A prompt is a string, a list of token ids, or vLLM's prompt dicts: ``{"prompt": text}`` (``TextPrompt``) or
-        ``{"prompt_token_ids": ids}`` (``TokensPrompt``). ``sampling_params`` is one for all prompts or one each;
-        ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt. ``lora_request``
-        (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or None) each.
+        ``{"prompt_token_ids": ids}`` (``TokensPrompt``), either with vLLM's ``"cache_salt"`` (the prompt's
+        prefix-cache blocks then serve only prompts with the same salt). ``sampling_params`` is one for all prompts
+        or one each; ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt.
+        ``lora_request`` (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or
+        None) each.
         """
-        prompt_list = _as_prompt_list(prompts)
-        return self._run(prompt_list, sampling_params, priority, use_tqdm, lora_request)
+        prompt_list = _as_prompt_list(prompts, salted=True)
+        return self._run(prompt_list, sampling_params, priority, use_tqdm, lora_request,
+                         cache_salts=_cache_salts(prompts))
 
     def embed(
         self,
@@ -139,7 +142,8 @@ class LLM:
         """
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = _as_prompt_list(prompts, salted=True)
+        salts = _cache_salts(prompts)
         n = len(prompt_list)
         loras = _lora_refs(lora_request, n)
         _check_priority(priority, n)
@@ -167,7 +171,8 @@ class LLM:
                     for i, beams in enumerate(pending):
                         for b, tokens in enumerate(beams):
                             ids.append(engine.add_request(f"{base}{step}-{i}-{b}", tokens, step_params,
-                                                          priority[i] if priority else 0, lora=loras[i]))
+                                                          priority[i] if priority else 0, lora=loras[i],
+                                                          cache_salt=salts[i]))
                 except BaseException:
                     for request_id in ids:
                         engine.abort_request(request_id)
@@ -311,7 +316,7 @@ class LLM:
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None,
-             prompt_texts: list[str] | None = None) -> list[RequestOutput]:
+             prompt_texts: list[str] | None = None, cache_salts: list[str | None] | None = None) -> list[RequestOutput]:
         n = len(prompts)
         loras = _lora_refs(lora_request, n)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, bytes)):
@@ -332,7 +337,8 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0,
-                                              lora=loras[i], prompt_text=prompt_texts[i] if prompt_texts else None))
+                                              lora=loras[i], prompt_text=prompt_texts[i] if prompt_texts else None,
+                                              cache_salt=cache_salts[i] if cache_salts else None))
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -414,32 +420,43 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and (not value or isinstance(value[0], dict))
 
 
-def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
-    """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids."""
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt]:
+    """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids
+    (``salted``: a prompt dict may carry a ``cache_salt``, which :func:`_cache_salts` reads)."""
     if isinstance(prompts, (str, dict)):
-        return [_as_prompt(prompts, 0)]
+        return [_as_prompt(prompts, 0, salted)]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
         raise TypeError("prompts must be a string, a list of token ids, a prompt dict, or a list of those, got "
                         f"{type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
-    return [_as_prompt(p, i) for i, p in enumerate(prompts)]
+    return [_as_prompt(p, i, salted) for i, p in enumerate(prompts)]
+
+
+def _cache_salts(prompts: PromptInput | Sequence[PromptInput]) -> list[str | None]:
+    """Each prompt's ``cache_salt`` (None but in a prompt dict that has one), as ``_as_prompt_list`` lists them;
+    ``ValueError`` for a salt that is not a non-empty string."""
+    one = isinstance(prompts, (str, dict)) or (
+        bool(prompts) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
+    items = [prompts] if one else list(prompts)
+    return [check_cache_salt(p.get("cache_salt")) if isinstance(p, dict) else None for p in items]
 
 
 _PROMPT_KEYS = {"prompt": str, "prompt_token_ids": list}
 
 
-def _as_prompt(prompt: PromptInput, index: int) -> Prompt:
+def _as_prompt(prompt: PromptInput, index: int, salted: bool = False) -> Prompt:
     """One prompt as a string or a list of token ids: a ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``
-    dict is unwrapped; anything else but a string or a list raises (``index``: its place, for the message)."""
+    dict is unwrapped; anything else but a string or a list raises (``index``: its place, for the message;
+    ``salted``: the dict may also hold a ``cache_salt``)."""
     if isinstance(prompt, (str, list)):
         return prompt
     if not isinstance(prompt, dict):
         raise ValueError(f"prompt {index} must be a string, a list of token ids or a prompt dict, got "
                          f"{type(prompt).__name__}")
     given = [k for k in _PROMPT_KEYS if k in prompt]
-    others = sorted(str(k) for k in prompt if k not in _PROMPT_KEYS)
+    others = sorted(str(k) for k in prompt if k not in _PROMPT_KEYS and not (salted and k == "cache_salt"))
     if others:
         raise ValueError(f"prompt {index}: unsupported prompt dict key(s) {', '.join(others)} (Inferneo takes text "
                          "prompts only: {'prompt': text} or {'prompt_token_ids': ids})")

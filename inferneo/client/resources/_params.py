@@ -40,6 +40,7 @@ class SamplingArgs(TypedDict, total=False):
     spaces_between_special_tokens: bool
     include_stop_str_in_output: bool
     priority: int
+    cache_salt: str | None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
     truncate_prompt_tokens: int | None
     prompt_logprobs: int | None  # vLLM's: each prompt token's log-probability and this many alternatives
     return_token_ids: bool | None  # vLLM's: each choice's token_ids and prompt_token_ids

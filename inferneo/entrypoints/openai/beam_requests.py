@@ -70,7 +70,8 @@ def beam_search_of(req: _SamplingBody) -> BeamSearchParams | None:
 
 def submit_beam_search(engine, request_id: str, prompt_ids: list[list[int]], params: BeamSearchParams,
                        max_tokens: list[int], priority: int, lora: LoraRef | None, tokenizer,
-                       skip_special_tokens: bool = True, param: str = "prompt") -> BeamSearchGroup:
+                       skip_special_tokens: bool = True, param: str = "prompt",
+                       cache_salt: str | None = None) -> BeamSearchGroup:
     """Start the searches of ``prompt_ids`` (``max_tokens``: each prompt's) on ``engine``; an ``APIError`` (400
     naming ``param`` and the prompt's place) for a prompt that cannot run, checked before any starts."""
     try:
@@ -90,4 +91,4 @@ def submit_beam_search(engine, request_id: str, prompt_ids: list[list[int]], par
     def decode(token_ids: list[int]) -> str:
         return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    return BeamSearchGroup(engine, request_id, prompts, priority, lora, decode)
+    return BeamSearchGroup(engine, request_id, prompts, priority, lora, decode, cache_salt)

@@ -226,6 +226,9 @@ class _SamplingBody(_Body):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+    # vLLM's: the request's prefix-cache blocks serve only requests with the same salt (one tenant's prompts cannot
+    # be probed through another's cache hits)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     # keep only the prompt's last this many tokens (-1: as many as leave room for the answer)
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     # vLLM's beam search: n is the beam width, length_penalty its ranking's exponent (inferneo.beam_search)

@@ -132,6 +132,7 @@ class ResponsesRequest(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     priority: int = 0
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)  # vLLM's, as on chat completions
     structured_outputs: StructuredOutputsBody | None = None
 
     @field_validator("tools", mode="before")
@@ -218,6 +219,7 @@ class ResponsesRequest(_Body):
             "max_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls, "seed": self.seed, "top_k": self.top_k,
             "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "priority": self.priority,
+            "cache_salt": self.cache_salt,
         }
         if self.wants_logprobs():
             body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)

@@ -193,11 +193,12 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
             params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
             if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads
                 params.skip_special_tokens = params.spaces_between_special_tokens = False
-            requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora))
+            requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
+                                          cache_salt=req.cache_salt))
         if beam is not None:
             group = submit_beam_search(engine, request_id, prompt_ids, beam,
                                        [r.params.max_tokens for r in requests], req.priority, lora,
-                                       ctx.tokenizer, params.skip_special_tokens, param)
+                                       ctx.tokenizer, params.skip_special_tokens, param, req.cache_salt)
         else:
             group = engine.submit(requests, param=param)
     except Exception as exc:

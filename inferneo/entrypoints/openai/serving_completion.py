@@ -66,9 +66,11 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     try:
         if beam is not None:
             group = submit_beam_search(engine, request_id, prompt_ids, beam, [max_tokens] * len(prompt_ids),
-                                       req.priority, lora, ctx.tokenizer, req.skip_special_tokens)
+                                       req.priority, lora, ctx.tokenizer, req.skip_special_tokens,
+                                       cache_salt=req.cache_salt)
         else:
-            group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora)
+            group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
+                                                 cache_salt=req.cache_salt)
                                    for i, ids in enumerate(prompt_ids)])
     except Exception as exc:
         raise to_api_error(exc) from None
