@@ -21,6 +21,7 @@ from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware
 from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
 from inferneo.entrypoints.openai.http_options import HttpOptions
+from inferneo.entrypoints.openai.invocations import install_sagemaker_routes
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -91,6 +92,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         if ctx.engine.dead_error is not None:
             message += f": {ctx.engine.dead_error!r}"
         return JSONResponse(error_body(503, message, code="engine_unavailable"), status_code=503)
+
+    install_sagemaker_routes(app, ctx, health)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

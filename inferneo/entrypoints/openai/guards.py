@@ -42,13 +42,18 @@ from inferneo.json_text import TooDeep, loads_bounded
 logger = logging.getLogger(__name__)
 
 MiB = 2**20
-PUBLIC_PATHS = frozenset({"/health", "/version", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/openapi.json"})
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
-                        "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"})
+                        "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/invocations"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
 _PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": None,  # None: one
                   "/score": "text_2", "/v1/score": "text_2", "/rerank": "documents", "/v1/rerank": "documents",
                   "/v2/rerank": "documents"}
+# ``POST /invocations`` (SageMaker's one endpoint, ``invocations.py``): the fields that say what a body is, in the
+# order they are tried, with the field that holds its prompts
+INVOCATION_KINDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("messages",), "messages"), (("prompt",), "prompt"), (("query", "documents"), "documents"),
+    (("text_1", "text_2"), "text_2"), (("input",), "input"))
 _LOGGED_CHARS = 2000  # with log_requests, how much of a body one log line shows
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only valid as a pair
 
@@ -135,6 +140,11 @@ def install_guards(app: Any, ctx: Any, guards: ServerGuards | None = None) -> No
 
         app.add_middleware(CORSMiddleware, allow_origins=guards.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+
+def invocation_kind(body: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    """The entry of :data:`INVOCATION_KINDS` an ``/invocations`` body is (the first whose fields it has)."""
+    return next((kind for kind in INVOCATION_KINDS if all(name in body for name in kind[0])), None)
 
 
 def route_path(scope: dict[str, Any]) -> str:
@@ -264,7 +274,10 @@ class GuardMiddleware:
             except UnicodeEncodeError:
                 raise Refusal(400, "the request body has a string with an unpaired surrogate escape "
                                    "(\\ud800-\\udfff), which is not valid Unicode text") from None
-        if isinstance(data, dict) and (path.startswith("/v1/") or path in _PROMPT_FIELDS):
+        if isinstance(data, dict) and path == "/invocations":
+            kind = invocation_kind(data)
+            self._check_sizes(data, "messages" if kind is None else kind[1])
+        elif isinstance(data, dict) and (path.startswith("/v1/") or path in _PROMPT_FIELDS):
             self._check_sizes(data, _PROMPT_FIELDS.get(path, "messages"))
 
     def _check_sizes(self, data: dict, field_name: str) -> None:
