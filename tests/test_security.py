@@ -36,7 +36,7 @@ PROTECTED = [
     ("GET", "/metrics", None),
     ("GET", "/v1/unknown", None),
 ]
-PUBLIC = ["/health", "/version", "/openapi.json"]
+PUBLIC = ["/health", "/version", "/openapi.json", "/docs", "/redoc"]  # the docs pages are on by default
 
 
 def call(base: str, method: str, path: str, body=None, headers=None) -> httpx.Response:

@@ -80,6 +80,8 @@ def test_disable_log_stats_and_disable_log_requests(tiny_llama_dir):
     (["--ssl-keyfile", "missing-key.pem"], "--ssl-keyfile and --ssl-certfile go together"),
     (["--root-path", "api/"], "--root-path must start with '/'"),
     (["--log-requests", "--disable-log-requests"], "contradict"),
+    (["--allowed-origins", "http://a.example", "--allowed-methods", '["GET", 1]'], "not a JSON list of strings"),
+    (["--uds", "no-such-folder/inferneo.sock"], "--uds: no folder for the socket"),
 ])
 def test_bad_http_flags_fail_before_the_model_loads(tiny_llama_dir, args, message):
     started = time.monotonic()

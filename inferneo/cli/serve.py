@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     add_config_arg(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 serves other hosts)")
+                   "0.0.0.0 serves other hosts; ignored with --uds)")
     g.add_argument("--port", type=_port, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is the main one (default: the model argument)")
@@ -49,7 +49,9 @@ def add_parser(subparsers) -> None:
                    'as JSON, e.g. \'{"enable_thinking": false}\' (a request\'s own keys win)')
     g.add_argument("--shutdown-timeout", type=_non_negative_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
-    g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    g.add_argument("--disable-access-log", "--disable-uvicorn-access-log", action="store_true",
+                   dest="disable_access_log", help="do not log each HTTP request (uvicorn's access log; "
+                   "--disable-uvicorn-access-log is vLLM's name)")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="do not log the engine's throughput, queue and cache statistics every 10 s "
                    "(INFERNEO_LOG_STATS_INTERVAL_S) while it has work")
@@ -58,7 +60,7 @@ def add_parser(subparsers) -> None:
                    "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' (the adapter's parent in /v1/models); "
                    "a request picks one by its name in 'model' (needs --enable-lora)")
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
-    add_http_args(g)  # TLS, --root-path, --uvicorn-log-level
+    add_http_args(g)  # TLS, --root-path, --uvicorn-log-level, --uds, docs, X-Request-Id, /load
     g.add_argument("--engine-in-process", action="store_true",
                    help="run the engine core in a thread of the server process instead of a child process "
                    "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")

@@ -39,18 +39,21 @@ class RemoteServer:
 
     Use as a context manager, or call ``close()``; ``stop()`` stops it and keeps ``log()``, what it printed.
     ``tls``: an ``ssl.SSLContext`` that trusts the server's certificate (given in ``args``): the server is then
-    reached over HTTPS.
+    reached over HTTPS. ``uds``: the server listens on this Unix domain socket (``--uds``) instead of the port;
+    ``base_url`` is then ``http://localhost`` and clients connect through ``transport()``.
     """
 
     def __init__(self, model: str | Path, *args: str, startup_timeout: float = 120.0,
                  env: dict[str, str] | None = None, port: int | None = None, own_session: bool = False,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, uds: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.tls = tls
-        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.uds = None if uds is None else str(uds)
+        host = "localhost" if uds is not None else f"127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if tls else 'http'}://{host}"
         self._log = tempfile.NamedTemporaryFile(prefix="inferneo-serve-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "-m", "inferneo.cli", "serve", "--model", str(model), "--port", str(self.port),
-               *args]
+               *(["--uds", self.uds] if self.uds else []), *args]
         child_env = {k: v for k, v in os.environ.items() if k != "INFERNEO_API_KEY"} if port else dict(os.environ)
         # own_session: the server leads a process group of its own, which a test may signal whole (as systemd,
         # `timeout` and `kill -- -PGID` do)
@@ -61,20 +64,25 @@ class RemoteServer:
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def transport(self) -> httpx.HTTPTransport | None:
+        """The httpx transport that reaches the server (over its Unix socket with ``uds``; else None: TCP)."""
+        return httpx.HTTPTransport(uds=self.uds, verify=self.tls or True) if self.uds else None
+
     def log(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url("/health"), timeout=2, verify=self.tls or True).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        with httpx.Client(transport=self.transport(), verify=self.tls or True, timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if client.get(self.url("/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
         self.stop(signal.SIGKILL)
         raise TimeoutError(f"the server did not become healthy in {timeout} s:\n{self.log()}")
 

@@ -19,7 +19,8 @@ from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
-from inferneo.entrypoints.openai.guards import ServerGuards, install_guards
+from inferneo.entrypoints.openai.guards import ServerGuards, install_guards, route_path
+from inferneo.entrypoints.openai.http_middleware import LoadMiddleware, RequestIdMiddleware, ServerLoad
 from inferneo.entrypoints.openai.http_options import HttpOptions
 from inferneo.entrypoints.openai.invocations import install_sagemaker_routes
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -55,12 +56,14 @@ KEEP_ALIVE_S = 15
 
 
 def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None,
-              log_stats_interval: float | None = None) -> FastAPI:
+              log_stats_interval: float | None = None, http: HttpOptions | None = None) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
 
     ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``. With
     ``log_stats_interval`` (seconds), the engine's statistics are logged that often while it has work
-    (``stats_logger``)."""
+    (``stats_logger``). ``http`` (default ``HttpOptions()``) says whether the API docs pages are served, responses
+    carry ``X-Request-Id`` and ``/load`` counts the requests in flight; its other options are uvicorn's."""
+    http = http or HttpOptions()
     metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0])
     if ctx.engine.observer is None:
         ctx.engine.observer = metrics
@@ -77,11 +80,18 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
                 stats.cancel()
             ctx.engine.shutdown()
 
-    app = FastAPI(title="Inferneo", version=inferneo.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    docs = not http.disable_fastapi_docs
+    app = FastAPI(title="Inferneo", version=inferneo.__version__, lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    load = app.state.load = ServerLoad(http.enable_server_load_tracking)
     install_error_handlers(app)
+    app.add_middleware(LoadMiddleware, load=load, route_path=route_path)  # innermost: admitted requests only
     install_guards(app, ctx, guards)  # API keys, limits, CORS, request logging: see guards.py
+    if http.enable_request_id_headers:
+        app.add_middleware(RequestIdMiddleware)  # outside the guards: their refusals carry the id too
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
@@ -98,6 +108,11 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": inferneo.__version__}
+
+    @app.get("/load")
+    async def server_load() -> dict[str, int]:
+        """vLLM's ``/load``: the requests in flight on the model's routes (0 without load tracking)."""
+        return {"server_load": load.in_flight}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -251,7 +266,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     except ValueError:
         engine.shutdown()
         raise
-    app = build_app(ctx, guards=guards, log_stats_interval=stats_interval)
+    app = build_app(ctx, guards=guards, log_stats_interval=stats_interval, http=http)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host
@@ -270,8 +285,10 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     if ctx.reasoning is not None:
         logger.info("reasoning: %s (%s) returned apart as 'reasoning'", ctx.reasoning.name,
                     ctx.reasoning.describe())
-    logger.info("serving the OpenAI API at %s://%s:%d%s/v1%s", "https" if http.ssl_certfile else "http", shown_host,
-                port, http.root_path, " (API key required)" if api_keys else "")
+    scheme = "https" if http.ssl_certfile else "http"
+    where = f"{scheme}+unix:{http.uds} ({scheme}://localhost" if http.uds else f"{scheme}://{shown_host}:{port}"
+    logger.info("serving the OpenAI API at %s%s/v1%s%s", where, http.root_path, ")" if http.uds else "",
+                " (API key required)" if api_keys else "")
     server = DrainingServer(uvicorn.Config(app, host=host, port=port,
                                            log_level=(http.uvicorn_log_level or log_level).lower(),
                                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout,
@@ -289,7 +306,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
             signal.signal(sig, handler)
         engine.shutdown()
     if not server.started:
-        logger.error("the server did not start (is port %d free?)", port)
+        logger.error("the server did not start (%s)", f"can the socket {http.uds} be made?" if http.uds
+                     else f"is port {port} free?")
         return 1
     return server.exit_code  # 1 when the engine died
 

@@ -2,8 +2,8 @@
 
 ``install_guards(app, ctx, guards)`` puts them in front of the routes. Each request is checked, in this order:
 
-1. the API key (``ctx.api_keys``): every path but ``/health``, ``/version``, ``/openapi.json`` (and ``/metrics``
-   with ``metrics_public``) needs ``Authorization: Bearer <key>``; keys are compared in constant time;
+1. the API key (``ctx.api_keys``): every path but ``/health``, ``/version``, the API docs (``/openapi.json``,
+   ``/docs``, ``/redoc``) (and ``/metrics`` with ``metrics_public``) needs ``Authorization: Bearer <key>``; keys are compared in constant time;
 2. the body size (``Content-Length`` first, then the bytes that actually arrive): 413 over ``max_body_bytes``.
    So that a client that sends its whole body before it reads the answer (most HTTP clients) reads the 413
    rather than a connection reset, the answer is sent first and the rest of the body is then read and thrown
@@ -42,7 +42,9 @@ from inferneo.json_text import TooDeep, loads_bounded
 logger = logging.getLogger(__name__)
 
 MiB = 2**20
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+CORS_METHODS = ["GET", "POST"]  # what a cross-origin request may use unless --allowed-methods says otherwise
+CORS_HEADERS = ["Authorization", "Content-Type"]  # the request headers it may send, unless --allowed-headers
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
                         "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/invocations"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
@@ -78,6 +80,9 @@ class ServerGuards:
     request_timeout: float | None = 600.0
     metrics_public: bool = False
     allowed_origins: list[str] = field(default_factory=list)
+    allowed_methods: list[str] = field(default_factory=lambda: list(CORS_METHODS))
+    allowed_headers: list[str] = field(default_factory=lambda: list(CORS_HEADERS))
+    allow_credentials: bool = False
     log_requests: bool = False
 
     def __post_init__(self) -> None:
@@ -104,7 +109,17 @@ def add_guard_args(group: argparse._ArgumentGroup) -> None:
                        " 0 for none)")
     group.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     group.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
-                       help="allow cross-origin (CORS) requests from these origins ('*' for any); default: none")
+                       help="allow cross-origin (CORS) requests from these origins ('*' for any), given one by one "
+                       "or as vLLM's JSON list ('[\"https://a.example\"]'); default: none (CORS off)")
+    group.add_argument("--allowed-methods", nargs="+", default=None, metavar="METHOD",
+                       help="with --allowed-origins: the HTTP methods cross-origin requests may use ('*' for any; "
+                       f"a JSON list too); default: {' '.join(CORS_METHODS)}")
+    group.add_argument("--allowed-headers", nargs="+", default=None, metavar="HEADER",
+                       help="with --allowed-origins: the request headers cross-origin requests may send ('*' for "
+                       f"any; a JSON list too); default: {' '.join(CORS_HEADERS)}")
+    group.add_argument("--allow-credentials", action="store_true",
+                       help="with --allowed-origins: let browsers send cross-origin requests with credentials "
+                       "(cookies, HTTP authentication): answers carry Access-Control-Allow-Credentials: true")
     group.add_argument("--log-requests", "--enable-log-requests", action="store_true", dest="log_requests",
                        help="log request and response bodies (prompts and outputs); off by default")
     group.add_argument("--disable-log-requests", action="store_true",
@@ -116,12 +131,35 @@ def guards_from_args(args: argparse.Namespace) -> ServerGuards:
     """``ServerGuards`` from the flags ``add_guard_args`` added."""
     if args.log_requests and args.disable_log_requests:
         raise ValueError("--log-requests (or --enable-log-requests) and --disable-log-requests contradict each other")
+    origins = _cli_list(args.allowed_origins, "--allowed-origins") or []
+    methods = _cli_list(args.allowed_methods, "--allowed-methods")
+    headers = _cli_list(args.allowed_headers, "--allowed-headers")
+    if not origins and (methods is not None or headers is not None or args.allow_credentials):
+        logger.warning("--allowed-methods, --allowed-headers and --allow-credentials take effect with "
+                       "--allowed-origins, which is not given: CORS stays off (vLLM allows every origin by default; "
+                       "this server none)")
     return ServerGuards(
         max_body_bytes=args.max_request_body_bytes, max_prompts=args.max_prompts_per_request, max_n=args.max_n,
         max_seqs=args.max_seqs_per_request, request_timeout=args.request_timeout or None,
-        metrics_public=args.metrics_public, allowed_origins=list(args.allowed_origins or []),
-        log_requests=args.log_requests,
+        metrics_public=args.metrics_public, allowed_origins=origins,
+        allowed_methods=CORS_METHODS if methods is None else methods,
+        allowed_headers=CORS_HEADERS if headers is None else headers,
+        allow_credentials=args.allow_credentials, log_requests=args.log_requests,
     )
+
+
+def _cli_list(values: list[str] | None, flag: str) -> list[str] | None:
+    """A list flag's values: given one by one, or (vLLM's form) as one JSON list of strings."""
+    if values is None or len(values) != 1 or not values[0].lstrip().startswith("["):
+        return values
+    try:
+        parsed = json.loads(values[0])
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise ValueError(f"{flag}: {values[0]!r} is not a JSON list of strings (give the values one by one, or "
+                         "as '[\"a\", \"b\"]')")
+    return parsed
 
 
 def api_keys_from_env(keys: list[str] | None) -> list[str]:
@@ -138,8 +176,9 @@ def install_guards(app: Any, ctx: Any, guards: ServerGuards | None = None) -> No
     if guards.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=guards.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app.add_middleware(CORSMiddleware, allow_origins=guards.allowed_origins, allow_methods=guards.allowed_methods,
+                           allow_headers=guards.allowed_headers, allow_credentials=guards.allow_credentials,
+                           max_age=600)
 
 
 def invocation_kind(body: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
