@@ -95,6 +95,7 @@ SAMPLING = {
     "guided_choice": "list", "guided_grammar": "str", "structural_tag": "str|dict",
     "guided_whitespace_pattern": "str", "guided_decoding_backend": "str", "truncate_prompt_tokens": "int",
     "use_beam_search": "bool", "length_penalty": "float", "return_token_ids": "bool",
+    "return_tokens_as_token_ids": "bool",
 }
 FIELDS = {
     CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},

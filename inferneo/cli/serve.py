@@ -10,6 +10,7 @@ from inferneo.config import EngineConfig, add_engine_args
 from inferneo.entrypoints.openai.guards import add_guard_args, api_keys_from_env, guards_from_args
 from inferneo.entrypoints.openai.http_options import add_http_args, http_options_from_args
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS
+from inferneo.entrypoints.openai.response_options import add_response_args, response_options_from_args
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
@@ -61,6 +62,7 @@ def add_parser(subparsers) -> None:
                    "a request picks one by its name in 'model' (needs --enable-lora)")
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
     add_http_args(g)  # TLS, --root-path, --uvicorn-log-level, --uds, docs, X-Request-Id, /load
+    add_response_args(g)  # --response-role, --return-tokens-as-token-ids, --enable-force-include-usage
     g.add_argument("--engine-in-process", action="store_true",
                    help="run the engine core in a thread of the server process instead of a child process "
                    "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         engine_in_process=args.engine_in_process, guards=guards_from_args(args),
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
         reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
-        log_stats=not args.disable_log_stats, default_chat_template_kwargs=args.default_chat_template_kwargs,
+        log_stats=not args.disable_log_stats, response_options=response_options_from_args(args),
+        default_chat_template_kwargs=args.default_chat_template_kwargs,
     )
 
 

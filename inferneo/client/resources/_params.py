@@ -44,6 +44,7 @@ class SamplingArgs(TypedDict, total=False):
     truncate_prompt_tokens: int | None
     prompt_logprobs: int | None  # vLLM's: each prompt token's log-probability and this many alternatives
     return_token_ids: bool | None  # vLLM's: each choice's token_ids and prompt_token_ids
+    return_tokens_as_token_ids: bool | None  # vLLM's: logprobs name tokens "token_id:N"
     # vLLM's beam search: n is the beam width, length_penalty the ranking's exponent (docs/online-serving.md)
     use_beam_search: bool
     length_penalty: float

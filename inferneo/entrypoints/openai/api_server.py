@@ -35,6 +35,7 @@ from inferneo.entrypoints.openai.protocol import (
 )
 from inferneo.entrypoints.openai.protocol_responses import InputTokensRequest, ResponsesRequest
 from inferneo.entrypoints.openai.replicas import health_body, replica_client
+from inferneo.entrypoints.openai.response_options import ResponseOptions
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
@@ -214,6 +215,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           guards: ServerGuards | None = None, tool_call_parser: str | None = None,
           lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None,
           http: HttpOptions | None = None, log_stats: bool = True,
+          response_options: ResponseOptions | None = None,
           default_chat_template_kwargs: dict[str, Any] | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
@@ -234,6 +236,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     the LoRA adapters served from the start, by name. ``reasoning_parser`` (``reasoning.REASONING_PARSERS``)
     splits a reasoning model's thinking from its answers. ``http`` holds the HTTP layer's options (TLS, the
     root path, uvicorn's log level); ``log_stats`` logs the engine's statistics periodically (``stats_logger``).
+    ``response_options``: the server-wide options of answers (``--response-role`` and the like).
     ``default_chat_template_kwargs`` are the chat template's variables for requests that do not set them (a
     request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``.
     """
@@ -261,7 +264,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
         loras.reserved.update(names)
     try:
         ctx = ServerContext(engine, names, facts["path"], api_keys, tool_call_parser, loras=loras,
-                            reasoning_parser=reasoning_parser,
+                            reasoning_parser=reasoning_parser, options=response_options or ResponseOptions(),
                             default_chat_template_kwargs=default_chat_template_kwargs)
     except ValueError:
         engine.shutdown()

@@ -42,25 +42,30 @@ def scoring_depth(req: CompletionRequest) -> int | None:
     return 0 if req.max_tokens == 0 else None
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], offset: int) -> dict[str, Any]:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs (sampled + top-k), text_offset."""
-    out = _LegacyLogprobs(offset)
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], offset: int,
+                        as_ids: bool = False) -> tuple[dict[str, Any], int]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (sampled + top-k), text_offset; and the
+    offset in the text after the last token. ``as_ids``: tokens are named ``token_id:N`` (the offsets still count
+    the text's characters)."""
+    out = _LegacyLogprobs(offset, as_ids)
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         out.add(token_id, entry, None)
-    return out.body
+    return out.body, out.offset
 
 
 def echo_logprobs(prompt_ids: list[int], prompt_logprobs: PromptLogprobs, first_token: str, top_n: int,
-                  token_ids: list[int], logprobs: list[dict[int, Logprob]]) -> dict[str, Any]:
+                  token_ids: list[int], logprobs: list[dict[int, Logprob]],
+                  as_ids: bool = False) -> tuple[dict[str, Any], int]:
     """The legacy shape for an echoed prompt followed by generated tokens, offsets from 0: the first prompt token
-    (``first_token``, its text) has null log-probabilities; the others keep their top ``top_n`` alternatives."""
-    out = _LegacyLogprobs(0)
-    out.add_first(first_token)
+    (``first_token``, its text) has null log-probabilities; the others keep their top ``top_n`` alternatives. Also
+    the offset after the last token; ``as_ids`` as for ``completion_logprobs``."""
+    out = _LegacyLogprobs(0, as_ids)
+    out.add_first(prompt_ids[0], first_token)
     for token_id, entry in zip(prompt_ids[1:], prompt_logprobs[1:], strict=True):
         out.add(token_id, entry, top_n)
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         out.add(token_id, entry, None)
-    return out.body
+    return out.body, out.offset
 
 
 def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list[dict[str, dict[str, Any]] | None] | None:
@@ -72,28 +77,35 @@ def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list[dict[st
         for tid, lp in entry.items()} for entry in prompt_logprobs]
 
 
-class _LegacyLogprobs:
-    """Builds the four parallel lists of the legacy ``logprobs`` object."""
+def token_name(token_id: int, text: str | None, as_ids: bool) -> str:
+    """How log-probabilities name a token: its text, or ``token_id:N`` with ``as_ids``
+    (``--return-tokens-as-token-ids``, vLLM's form for tokens that are no whole characters)."""
+    return f"token_id:{token_id}" if as_ids else text or ""
 
-    def __init__(self, offset: int) -> None:
+
+class _LegacyLogprobs:
+    """Builds the four parallel lists of the legacy ``logprobs`` object; ``as_ids``: tokens named by id."""
+
+    def __init__(self, offset: int, as_ids: bool = False) -> None:
         self.offset = offset
+        self.as_ids = as_ids
         self.body: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def _token(self, text: str) -> None:
-        self.body["tokens"].append(text)
+    def _token(self, token_id: int, text: str) -> None:
+        self.body["tokens"].append(token_name(token_id, text, self.as_ids))
         self.body["text_offset"].append(self.offset)
         self.offset += len(text)
 
-    def add_first(self, text: str) -> None:
-        self._token(text)
+    def add_first(self, token_id: int, text: str) -> None:
+        self._token(token_id, text)
         self.body["token_logprobs"].append(None)
         self.body["top_logprobs"].append(None)
 
     def add(self, token_id: int, entry: dict[int, Logprob], top_n: int | None) -> None:
         """One scored token; ``top_n`` keeps only alternatives of rank <= top_n (None: all of the entry)."""
         own = entry.get(token_id)
-        self._token((own.decoded_token if own else None) or "")
+        self._token(token_id, (own.decoded_token if own else None) or "")
         self.body["token_logprobs"].append(finite(own.logprob) if own else -9999.0)
         self.body["top_logprobs"].append({
-            (lp.decoded_token or ""): finite(lp.logprob) for tid, lp in entry.items()
+            token_name(tid, lp.decoded_token, self.as_ids): finite(lp.logprob) for tid, lp in entry.items()
             if top_n is None or tid == token_id or (lp.rank is not None and lp.rank <= top_n)})

@@ -236,6 +236,8 @@ class _SamplingBody(_Body):
     length_penalty: float = 1.0
     # vLLM's: each choice also carries its generated token ids (token_ids) and its prompt's (prompt_token_ids)
     return_token_ids: bool | None = None
+    # vLLM's: log-probabilities name their tokens "token_id:N" (None: the server's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: bool | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None

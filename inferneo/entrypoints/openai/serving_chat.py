@@ -21,7 +21,7 @@ from inferneo.engine.beam_search_group import BeamSearchGroup
 from inferneo.engine.protocol import InvalidRequestError
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.beam_requests import beam_search_of, submit_beam_search
-from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json
+from inferneo.entrypoints.openai.completion_scoring import finite, prompt_logprobs_json, token_name
 from inferneo.entrypoints.openai.constraints import structured_outputs_of
 from inferneo.entrypoints.openai.errors import bad_request, renamed, to_api_error
 from inferneo.entrypoints.openai.protocol import ChatCompletionRequest, now, random_id
@@ -233,6 +233,11 @@ class _Chat:
         self.prompt_token_ids = started.prompt_token_ids
         self.created = now()
         self.top_k = (req.top_logprobs or 0) if req.logprobs else None
+        as_ids = req.return_tokens_as_token_ids
+        self.as_ids = ctx.options.return_tokens_as_token_ids if as_ids is None else as_ids
+        # the answers' role: --response-role after a new assistant turn, else the continued last message's (vLLM's)
+        self.roles = [ctx.options.response_role if req.generation_prompt() else _last_role(c)
+                      for c in req.conversations()]
 
     async def response(self) -> Response:
         finals = await collect_finals(self.group)
@@ -246,7 +251,8 @@ class _Chat:
                     answer = counter.add(choice.token_ids)
                     reasoning_tokens += counter.count
                 piece = self._reader(i).read(choice.text, last=True)
-                message, finish_reason = self._message(piece.content, calls_of(piece.calls), choice.finish_reason)
+                message, finish_reason = self._message(piece.content, calls_of(piece.calls), choice.finish_reason,
+                                                       self.roles[i])
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": self._logprobs(choice, answer)}
@@ -283,28 +289,28 @@ class _Chat:
         if self.req.include_reasoning:
             answer = None
         token_ids, logprobs = text_tokens(choice, self.req.include_stop_str_in_output, answer)
-        return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes)
+        return chat_logprobs(token_ids, logprobs, self.top_k, self.token_bytes, self.as_ids)
 
     def _reader(self, conversation: int) -> AnswerReader:
         """A fresh reader of one of conversation ``conversation``'s answers."""
         return answer_reader(self.ctx, self.req, bool(self.thinking_open and self.thinking_open[conversation]))
 
-    def _message(self, content: str, calls: list[ParsedCall],
-                 finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """A whole answer (its content and the tool calls read from it) as an assistant message, and its finish
+    def _message(self, content: str, calls: list[ParsedCall], finish_reason: str | None,
+                 role: str = "assistant") -> tuple[dict[str, Any], str | None]:
+        """A whole answer (its content and the tool calls read from it) as a message of ``role``, and its finish
         reason."""
         if self.single_call:
             calls = calls[:1]
         if not calls:
-            return {"role": "assistant", "content": content or (None if self.forced_calls else "")}, finish_reason
+            return {"role": role, "content": content or (None if self.forced_calls else "")}, finish_reason
         tool_calls = [{"id": tool_call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
-        return ({"role": "assistant", "content": content or None, "tool_calls": tool_calls},
+        return ({"role": role, "content": content or None, "tool_calls": tool_calls},
                 self.calls_finish(finish_reason))
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
-        counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
+        counts = StreamUsage(req.stream_options, self.num_prompt_tokens, self.ctx.options.force_include_usage)
         base: dict[str, Any] = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "system_fingerprint": self.ctx.fingerprint(self.model)}
 
@@ -333,7 +339,7 @@ class _Chat:
                 counters[key] = self.reasoning.token_counter(self.thinking_open[key // n])
             streams[key] = _ToolCallStream(self._reader(key // n), self.single_call, self.req.include_reasoning,
                                            self.calls_finish)
-            yield chunk(key, {"role": "assistant", "content": None if self.forced_calls else ""},
+            yield chunk(key, {"role": self.roles[key // n], "content": None if self.forced_calls else ""},
                         token_ids=[] if ids else None)
         async for i, delta in self.group:
             counts.add(i, delta)
@@ -414,10 +420,18 @@ def _same_finish_reason(finish_reason: str | None) -> str | None:
     return finish_reason
 
 
+def _last_role(conversation) -> str:
+    """The role of a conversation's last message (that an answer without a new assistant turn continues)."""
+    last = conversation[-1] if conversation else {}
+    role = last.get("role") if isinstance(last, dict) else getattr(last, "role", None)
+    return role or "assistant"
+
+
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_k: int,
-                  token_bytes: Callable[[int, str], list[int]]) -> list[dict[str, Any]]:
+                  token_bytes: Callable[[int, str], list[int]], as_ids: bool = False) -> list[dict[str, Any]]:
     """The chat shape: per token its text, log-probability, bytes (``token_bytes(id, text)``: the token's own, so
-    that a character split over tokens can be rebuilt) and the ``top_k`` most likely."""
+    that a character split over tokens can be rebuilt) and the ``top_k`` most likely. ``as_ids``
+    (``--return-tokens-as-token-ids``): ``token`` reads ``token_id:N``; ``bytes`` stay the token's own."""
     content = []
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         sampled = entry.get(token_id)
@@ -425,10 +439,10 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_
         ranked = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top_k),
                         key=lambda item: item[1].rank)[:top_k]
         content.append({
-            "token": text,
+            "token": token_name(token_id, text, as_ids),
             "logprob": finite(sampled.logprob) if sampled else -9999.0,
             "bytes": token_bytes(token_id, text),
-            "top_logprobs": [{"token": lp.decoded_token or "", "logprob": finite(lp.logprob),
+            "top_logprobs": [{"token": token_name(tid, lp.decoded_token, as_ids), "logprob": finite(lp.logprob),
                               "bytes": token_bytes(tid, lp.decoded_token or "")} for tid, lp in ranked],
         })
     return content

@@ -22,6 +22,7 @@ from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.errors import APIError, bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import Conversation, StreamOptions, _SamplingBody, now, usage
 from inferneo.entrypoints.openai.reasoning import ReasoningParser, reasoning_for_tokenizer
+from inferneo.entrypoints.openai.response_options import ResponseOptions
 from inferneo.entrypoints.openai.token_bytes import token_bytes_reader
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser, default_parser_name
 from inferneo.lora.registry import LoRARegistry
@@ -43,7 +44,7 @@ class ServerContext:
     is the ``--reasoning-parser`` flag (a name in ``reasoning.REASONING_PARSERS``, or None: answers are not split);
     ``reasoning`` that parser in the model's vocabulary (``reasoning.reasoning_for_tokenizer``). The ``openai``
     tool-call parser goes only with the ``openai_gptoss`` reasoning parser (chosen by default for a harmony template
-    only then)."""
+    only then). ``options``: the server-wide options of answers (``--response-role`` and the like)."""
 
     engine: AsyncEngine
     served_model_names: list[str]
@@ -53,6 +54,7 @@ class ServerContext:
     loras: LoRARegistry | None = None  # the LoRA adapters served by name (None: --enable-lora is off)
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] | None = None  # --default-chat-template-kwargs
+    options: ResponseOptions = field(default_factory=ResponseOptions)
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)
@@ -290,13 +292,14 @@ def usage_of(outputs: Iterable[RequestOutput], reasoning_tokens: int | None = No
 class StreamUsage:
     """The token counts of a streamed answer as its chunks go out, and what ``stream_options`` asks the chunks to
     carry: with ``include_usage``, ``usage`` in every chunk (null, or with ``continuous_usage_stats`` the counts so
-    far) and the totals in a last chunk. The prompt tokens (all the request's prompts, each once however many
-    choices it has) count from the first chunk; the completion tokens as the choices' tokens arrive; the cached
-    tokens as each prompt's first output tells them."""
+    far) and the totals in a last chunk; ``force`` as if both were asked. The prompt tokens (all the request's
+    prompts, each once however many choices it has) count from the first chunk; the completion tokens as the
+    choices' tokens arrive; the cached tokens as each prompt's first output tells them."""
 
-    def __init__(self, options: StreamOptions | None, num_prompt_tokens: int) -> None:
-        self.include = bool(options and options.include_usage)
-        self.continuous = bool(self.include and options.continuous_usage_stats)
+    def __init__(self, options: StreamOptions | None, num_prompt_tokens: int, force: bool = False) -> None:
+        # force (--enable-force-include-usage): both, whatever the request asked (vLLM's should_include_usage)
+        self.include = force or bool(options and options.include_usage)
+        self.continuous = force or bool(self.include and options.continuous_usage_stats)
         self.num_prompt_tokens = num_prompt_tokens
         self.num_completion_tokens = 0
         self._cached: dict[int, int] = {}  # by prompt index

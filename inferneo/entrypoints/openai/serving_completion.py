@@ -78,8 +78,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     if req.echo:
         echo_texts = [p if isinstance(p, str) and not was_cut else ctx.tokenizer.decode(ids)
                       for p, ids, was_cut in zip(prompts, prompt_ids, cut, strict=True)]
-    job = _Completion(request_id, model, req, group, echo_texts, ctx.tokenizer, sum(map(len, prompt_ids)),
-                      ctx.fingerprint(model))
+    job = _Completion(request_id, model, req, group, echo_texts, ctx, sum(map(len, prompt_ids)))
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
@@ -89,9 +88,12 @@ class _Completion:
     """One completion call in flight."""
 
     def __init__(self, request_id: str, model: str, req: CompletionRequest, group: RequestGroup | BeamSearchGroup,
-                 echo_texts: list[str] | None, tokenizer, num_prompt_tokens: int, fingerprint: str | None) -> None:
-        self.tokenizer = tokenizer
-        self.fingerprint = fingerprint
+                 echo_texts: list[str] | None, ctx: ServerContext, num_prompt_tokens: int) -> None:
+        self.tokenizer = ctx.tokenizer
+        self.force_usage = ctx.options.force_include_usage
+        as_ids = req.return_tokens_as_token_ids
+        self.as_ids = ctx.options.return_tokens_as_token_ids if as_ids is None else as_ids
+        self.fingerprint = ctx.fingerprint(model)
         self.num_prompt_tokens = num_prompt_tokens
         self.request_id = request_id
         self.model = model
@@ -110,7 +112,7 @@ class _Completion:
                 logprobs = None
                 if self.req.logprobs is not None:
                     token_ids, token_logprobs = text_tokens(choice, self.req.include_stop_str_in_output)
-                    logprobs = self._logprobs(finals[i], token_ids, token_logprobs, echo=bool(prefix))
+                    logprobs, _ = self._logprobs(finals[i], token_ids, token_logprobs, echo=bool(prefix))
                 body = {"index": i * n + choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
                 if self.req.return_token_ids:
@@ -126,7 +128,7 @@ class _Completion:
 
     async def events(self) -> AsyncIterator[bytes]:
         req, n = self.req, self.req.n
-        counts = StreamUsage(req.stream_options, self.num_prompt_tokens)
+        counts = StreamUsage(req.stream_options, self.num_prompt_tokens, self.force_usage)
         base: dict[str, Any] = {"id": self.request_id, "object": "text_completion", "created": self.created,
                                 "model": self.model, "system_fingerprint": self.fingerprint}
         started: set[int] = set()
@@ -146,8 +148,8 @@ class _Completion:
                 logprobs = None
                 token_ids, token_logprobs = text_tokens(choice, req.include_stop_str_in_output)
                 if req.logprobs is not None and (token_ids or echo):
-                    logprobs = self._logprobs(delta, token_ids, token_logprobs, echo, offsets.get(key, 0))
-                    offsets[key] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                    logprobs, offsets[key] = self._logprobs(delta, token_ids, token_logprobs, echo,
+                                                            offsets.get(key, 0))
                 ids = req.return_token_ids
                 if not text and logprobs is None and choice.finish_reason is None and not (ids and (
                         choice.token_ids or echo)):
@@ -166,13 +168,13 @@ class _Completion:
         yield SSE_DONE
 
     def _logprobs(self, output: RequestOutput, token_ids: list[int], logprobs: list, echo: bool,
-                  offset: int = 0) -> dict[str, Any]:
+                  offset: int = 0) -> tuple[dict[str, Any], int]:
         """The legacy ``logprobs`` object of a choice (or of a stream chunk): the echoed prompt's tokens first
-        when ``echo``."""
+        when ``echo``; and the text offset after its last token."""
         if not echo:
-            return completion_logprobs(token_ids, logprobs, offset)
+            return completion_logprobs(token_ids, logprobs, offset, self.as_ids)
         prompt_ids = output.prompt_token_ids
         first = self.tokenizer.decode(prompt_ids[:1])
         return echo_logprobs(prompt_ids, output.prompt_logprobs or [None], first, self.req.logprobs, token_ids,
-                             logprobs)
+                             logprobs, self.as_ids)
 
