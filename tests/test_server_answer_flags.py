@@ -1,9 +1,11 @@
 """vLLM's serve flags that shape answers, on one real server: ``--response-role``, ``--return-tokens-as-token-ids``
-(and the requests' ``return_tokens_as_token_ids`` field) and ``--enable-force-include-usage``."""
+(and the requests' ``return_tokens_as_token_ids`` field), ``--enable-force-include-usage``, and ``--max-log-len``
+(with ``--enable-log-requests``)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -26,6 +28,9 @@ def server(tiny_llama_dir):
         "bot",
         "--return-tokens-as-token-ids",
         "--enable-force-include-usage",
+        "--enable-log-requests",
+        "--max-log-len",
+        "12",
     ) as srv:
         yield srv
 
@@ -159,3 +164,30 @@ def test_force_include_usage_without_stream_options(server, path, body):
     create = client.completions.create if path == "/v1/completions" else client.chat.completions.create
     stream = create(model="tiny", stream=True, extra_body={"ignore_eos": True}, **fields)
     assert [c.usage for c in stream][-1].total_tokens == whole["total_tokens"]
+
+
+def test_max_log_len_cuts_the_logged_prompts(server):
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    post(server, "/v1/completions", {"prompt": letters, "max_tokens": 1})
+    post(server, "/v1/completions", {"prompt": list(range(100, 130)), "max_tokens": 1})
+    post(
+        server,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": letters.lower()}], "max_tokens": 1},
+    )
+    post(
+        server,
+        "/v1/chat/completions",
+        {
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "0123456789" * 3}]}],
+        },
+    )
+    time.sleep(0.3)
+    requests = [line for line in server.log().splitlines() if "request POST" in line]
+    logged = "\n".join(requests)
+    assert '"prompt": "ABCDEFGHIJKL"' in logged and "ABCDEFGHIJKLM" not in logged
+    assert f'"prompt": {list(range(100, 112))}' in logged and "112" not in logged
+    assert '"content": "abcdefghijkl"' in logged and "abcdefghijklm" not in logged
+    assert '"text": "012345678901"' in logged and "0123456789012" not in logged
+    assert '"max_tokens": 1' in logged  # the rest of the body is logged as sent

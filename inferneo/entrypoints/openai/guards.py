@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferneo import json_text
+from inferneo.entrypoints.openai.request_log import shorten_prompts
 from inferneo.json_text import TooDeep, loads_bounded
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class ServerGuards:
     allowed_headers: list[str] = field(default_factory=lambda: list(CORS_HEADERS))
     allow_credentials: bool = False
     log_requests: bool = False
+    max_log_len: int | None = None  # with log_requests: prompts cut to this many characters (or token ids)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompts", "max_n", "max_seqs", "max_json_depth"):
@@ -91,6 +93,8 @@ class ServerGuards:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"--max-log-len must be at least 0, got {self.max_log_len}")
 
 
 def add_guard_args(group: argparse._ArgumentGroup) -> None:
@@ -122,6 +126,10 @@ def add_guard_args(group: argparse._ArgumentGroup) -> None:
                        "(cookies, HTTP authentication): answers carry Access-Control-Allow-Credentials: true")
     group.add_argument("--log-requests", "--enable-log-requests", action="store_true", dest="log_requests",
                        help="log request and response bodies (prompts and outputs); off by default")
+    group.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                       help="with --log-requests: cut each prompt in the logged request bodies to N characters (a "
+                       "token-id prompt to N ids); default: prompts whole (a logged body is still cut at "
+                       f"{_LOGGED_CHARS} characters)")
     group.add_argument("--disable-log-requests", action="store_true",
                        help="accepted so that vLLM command lines run unchanged: bodies are logged only with "
                        "--log-requests")
@@ -144,7 +152,7 @@ def guards_from_args(args: argparse.Namespace) -> ServerGuards:
         metrics_public=args.metrics_public, allowed_origins=origins,
         allowed_methods=CORS_METHODS if methods is None else methods,
         allowed_headers=CORS_HEADERS if headers is None else headers,
-        allow_credentials=args.allow_credentials, log_requests=args.log_requests,
+        allow_credentials=args.allow_credentials, log_requests=args.log_requests, max_log_len=args.max_log_len,
     )
 
 
@@ -246,7 +254,10 @@ class GuardMiddleware:
                 self._check_json(path, body)
                 _check_content_type(scope)
             if self.guards.log_requests:
-                logger.info("request %s %s: %s", scope["method"], path, _shorten(body.decode("utf-8", "replace")))
+                text = body.decode("utf-8", "replace")
+                if self.guards.max_log_len is not None and path in JSON_PATHS:
+                    text = shorten_prompts(text, self.guards.max_log_len)
+                logger.info("request %s %s: %s", scope["method"], path, _shorten(text))
             receive = _replay(body, receive)
         await self.app(scope, receive, state.send)
 
