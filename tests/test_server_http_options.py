@@ -82,6 +82,7 @@ def test_disable_log_stats_and_disable_log_requests(tiny_llama_dir):
     (["--log-requests", "--disable-log-requests"], "contradict"),
     (["--allowed-origins", "http://a.example", "--allowed-methods", '["GET", 1]'], "not a JSON list of strings"),
     (["--uds", "no-such-folder/inferneo.sock"], "--uds: no folder for the socket"),
+    (["--uds", "/tmp/" + "s" * 110], "a Unix socket's path may have at most 107"),
 ])
 def test_bad_http_flags_fail_before_the_model_loads(tiny_llama_dir, args, message):
     started = time.monotonic()

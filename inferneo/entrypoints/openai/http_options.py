@@ -5,12 +5,14 @@ and ``/load``'s server-load tracking."""
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+MAX_UDS_PATH_BYTES = 107  # sockaddr_un's sun_path holds 108 bytes, the terminating zero included (Linux)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,9 @@ class HttpOptions:
             folder = Path(self.uds).parent
             if not self.uds or not folder.is_dir():
                 raise ValueError(f"--uds: no folder for the socket {self.uds!r} (the folder must exist)")
+            if len(os.fsencode(self.uds)) > MAX_UDS_PATH_BYTES:
+                raise ValueError(f"--uds: the path is {len(os.fsencode(self.uds))} bytes long; a Unix socket's path "
+                                 f"may have at most {MAX_UDS_PATH_BYTES} (give a shorter one)")
             if Path(self.uds).exists() and not Path(self.uds).is_socket():
                 raise ValueError(f"--uds: {self.uds} exists and is not a socket; give a new path")
 
