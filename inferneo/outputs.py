@@ -91,3 +91,25 @@ class ScoringRequestOutput:
     outputs: ScoringOutput
     prompt_token_ids: list[int]
     finished: bool = True
+
+
+@dataclass(slots=True)
+class ClassificationOutput:
+    """A sequence classifier's class probabilities for one input (vLLM's ``ClassificationOutput``): the softmax of
+    its logits over the labels (the sigmoid of the logit for a one-label classifier), in ``id2label`` order."""
+
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass(slots=True)
+class ClassificationRequestOutput:
+    """What ``LLM.classify`` returns for one input (vLLM's shape: the probabilities are ``outputs.probs``)."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

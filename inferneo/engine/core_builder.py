@@ -48,12 +48,13 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     _check_load_format(config.load_format, config.model, source)
     hf_config = load_hf_config(source, config.hf_overrides)
     encoder = is_encoder(hf_config)
+    classifier = is_classifier(hf_config)
     if encoder:  # a BERT-family encoder: embeddings (or scores) only, each input whole in one step, no KV cache
         _check_encoder_options(config)
         generates = False
-    else:
-        generates = not lacks_output_head(source, hf_config)
-    if not generates and not encoder:  # an embedding checkpoint saved without lm_head: load it, refuse generation
+    else:  # a decoder sequence classifier has no lm_head (its class ties one it never reads): it does not generate
+        generates = not classifier and not lacks_output_head(source, hf_config)
+    if not (generates or encoder or classifier):  # an embedding checkpoint saved without lm_head: load, no generating
         logger.info("%s has no lm_head: it serves embeddings only", source.name)
         hf_config = {**hf_config, "tie_word_embeddings": True}
     device = config.torch_device
@@ -117,8 +118,9 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         async_scheduling = device.type == "cuda" and config.speculative_config is None
     vocab_size = runner.model_config.vocab_size
     grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
-    if hasattr(get_model_class(hf_config), "classify"):  # a cross-encoder: it scores pairs
-        pooling = load_classifier_config(hf_config, runner.model_config.num_labels)
+    if classifier:  # a sequence classifier: it classifies, and with one label scores pairs
+        pooling = load_classifier_config(hf_config, runner.model_config.num_labels,
+                                         method="cls" if encoder else "last")
     else:
         pooling = load_pooling_config(source.path if source.kind == "hf_dir" else None, hf_config,
                                       runner.model_config.hidden_size, default_method="cls" if encoder else "last")
@@ -187,6 +189,12 @@ def is_encoder(hf_config: dict) -> bool:
     """Whether ``hf_config``'s architecture is a BERT-family encoder (``models/bert.py``, and the cross-encoders of
     ``models/cross_encoder.py``): it embeds or scores, and never generates."""
     return bool(getattr(get_model_class(hf_config), "is_encoder", False))
+
+
+def is_classifier(hf_config: dict) -> bool:
+    """Whether ``hf_config``'s architecture is a sequence classifier (a cross-encoder of ``models/cross_encoder.py``
+    or a decoder of ``models/decoder_classifier.py``): its pooled rows go through its head to logits."""
+    return hasattr(get_model_class(hf_config), "classify")
 
 
 def encoder_max_len(hf_config: dict, model_dir: Path | None) -> int:

@@ -218,11 +218,12 @@ class InputProcessor:
             )
 
     def check_generates(self) -> None:
-        """Raise ``InvalidRequestError`` (naming ``model``) when the model does not generate (it embeds or scores)."""
+        """Raise ``InvalidRequestError`` (naming ``model``) when the model does not generate (it embeds, classifies
+        or scores)."""
         if not self.limits.generates:
-            raise InvalidRequestError("this model serves embeddings or scores only (an encoder such as BERT, or a "
-                                      "checkpoint saved without its language-model head, lm_head): it cannot "
-                                      "generate", "model")
+            raise InvalidRequestError("this model serves embeddings, classes or scores only (an encoder such as BERT, "
+                                      "a ...ForSequenceClassification checkpoint, or one saved without its "
+                                      "language-model head, lm_head): it cannot generate", "model")
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """``params`` as the core takes them: with ``bad_words`` tokenized into ``bad_words_token_ids`` (a copy;
@@ -270,17 +271,29 @@ class InputProcessor:
 
     def check_pooling(self, pooling: PoolingRequest) -> None:
         """Raise ``InvalidRequestError`` (naming ``model``) unless the model serves ``pooling``'s task: embeddings
-        from an embedding model, scores from a cross-encoder."""
-        limits = self.limits
-        if pooling.task != limits.pooling.task:
+        from an embedding model; classes from a sequence classifier, and scores from one of one label."""
+        model = self.limits.pooling
+        if pooling.task == "embed" and model.task != "embed":
             raise InvalidRequestError(
-                "this model is a cross-encoder: it scores (query, document) pairs (LLM.score, /v1/score, "
-                "/v1/rerank) and does not embed" if pooling.task == "embed" else
+                "this model is a sequence classifier (a cross-encoder): it classifies (LLM.classify, /classify) and, "
+                "with one label, scores (query, document) pairs (LLM.score, /v1/score, /v1/rerank); it does not "
+                "embed", "model")
+        if pooling.task == "score" and model.task != "classify":
+            raise InvalidRequestError(
                 "this model does not score pairs: scoring needs a cross-encoder (a BertForSequenceClassification, "
-                "RobertaForSequenceClassification or XLMRobertaForSequenceClassification checkpoint)", "model")
-        if limits.pooling.unsupported is not None:
-            what = "embeddings" if pooling.task == "embed" else "scores"
-            raise InvalidRequestError(f"this model does not serve {what}: {limits.pooling.unsupported}", "model")
+                "RobertaForSequenceClassification or XLMRobertaForSequenceClassification checkpoint, or a decoder "
+                "...ForSequenceClassification of one label)", "model")
+        if pooling.task == "classify" and model.task != "classify":
+            raise InvalidRequestError(
+                "this model does not classify: classification needs a sequence classifier (a "
+                "...ForSequenceClassification checkpoint, e.g. Qwen2ForSequenceClassification or "
+                "RobertaForSequenceClassification); this one "
+                + ("generates text and embeds" if self.limits.generates else "serves embeddings"), "model")
+        if model.unsupported is not None:
+            what = {"embed": "embeddings", "score": "scores", "classify": "classifications"}[pooling.task]
+            raise InvalidRequestError(f"this model does not serve {what}: {model.unsupported}", "model")
+        if pooling.task == "score" and model.score_unsupported is not None:
+            raise InvalidRequestError(f"this model does not score pairs: {model.score_unsupported}", "model")
 
 
 class FrontEndFacts:

@@ -39,7 +39,8 @@ class PoolingRequest(msgspec.Struct, array_like=True, frozen=True):
     before it is normalised; None keeps the model's width."""
 
     dimensions: int | None = None
-    # "embed": the pooled vector; "score": a cross-encoder's logits for a (query, document) pair read as one input
+    # "embed": the pooled vector; "score": a cross-encoder's logits for a (query, document) pair read as one input;
+    # "classify": a sequence classifier's logits for one input
     task: str = "embed"
     # A pair's tokens from this position on are of token type 1 (BERT's second segment); None: all type 0.
     token_type_start: int | None = None
@@ -169,7 +170,8 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     device: str
     pid: int
     pooling: PoolingConfig = msgspec.field(default_factory=PoolingConfig)  # how embedding requests are pooled
-    generates: bool = True  # False: a checkpoint without its language-model head (it serves embeddings only)
+    # False: a checkpoint without its language-model head (it serves embeddings, or classes and scores only)
+    generates: bool = True
     scores_prompts: bool = True  # False: prompt log-probabilities are refused (pipeline parallelism)
     # True: the scheduler orders waiting requests by their priority (``scheduling_policy="priority"``); under FCFS a
     # request's priority would be ignored, so a non-zero one is refused

@@ -19,7 +19,14 @@ from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.score_pairs import score_pairs
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
-from inferneo.outputs import EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput
+from inferneo.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from inferneo.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -122,6 +129,37 @@ class LLM:
             for request_id in ids:
                 engine.abort_request(request_id)
             raise
+
+    def classify(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        use_tqdm: ProgressBar = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Classify one prompt or many (strings, token-id lists or prompt dicts, as ``generate``) with a sequence
+        classifier (a ``...ForSequenceClassification`` checkpoint); returns one ``ClassificationRequestOutput`` per
+        prompt, in input order, with the class probabilities in ``.outputs.probs`` (``id2label`` order).
+
+        As vLLM's ``classify``: the probabilities are the softmax of the classifier's logits, or the sigmoid of the
+        logit when it has one label. A decoder classifier reads the prompt's last token, a BERT-family one its
+        first (see ``docs/embeddings.md``). Classification requests run through the same scheduler as generation:
+        prefill only, no KV kept afterwards.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        pooling = PoolingRequest(task="classify")
+        engine = self.engine
+        base = f"classify-{time.monotonic_ns()}-"
+        ids = []
+        try:
+            for i, prompt in enumerate(prompt_list):
+                ids.append(engine.add_embedding_request(base + str(i), prompt, pooling))
+            outputs = self._collect(ids, use_tqdm, "Classified prompts")
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        model = engine.info.pooling
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(model.probabilities(o.outputs.embedding)),
+                                            o.prompt_token_ids) for o in outputs]
 
     def beam_search(
         self,

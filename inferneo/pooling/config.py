@@ -51,15 +51,29 @@ class PoolingConfig(msgspec.Struct, array_like=True, frozen=True):
     matryoshka_dimensions: list[int] | None = None
     source: str = "default"
     unsupported: str | None = None
-    # "embed": the pooled vector is the answer; "score": a cross-encoder's logits, which ``score`` turns into a
-    # score through ``activation`` ("sigmoid" or "identity")
-    task: Literal["embed", "score"] = "embed"
+    # "embed": the pooled vector is the answer; "classify": a sequence classifier's logits (a cross-encoder, a
+    # decoder ``...ForSequenceClassification``), which ``probabilities`` turns into class probabilities and, with
+    # one label, ``score`` into a pair's score through ``activation`` ("sigmoid" or "identity")
+    task: Literal["embed", "classify"] = "embed"
     activation: str = "identity"
+    # why a classifier does not score pairs (more than one label, an activation not computed here); None: it does
+    score_unsupported: str | None = None
 
     def score(self, logits: list[float]) -> float:
         """A cross-encoder's score of one pair from its logits (one label): the activation of the logit."""
         logit = logits[0]
-        return 1.0 / (1.0 + math.exp(-logit)) if self.activation == "sigmoid" else logit
+        return _sigmoid(logit) if self.activation == "sigmoid" else logit
+
+    @staticmethod
+    def probabilities(logits: list[float]) -> list[float]:
+        """A classifier's class probabilities from its logits, as vLLM's ``classify`` gives them: the softmax over
+        the labels, or the sigmoid of the logit when there is one label."""
+        if len(logits) == 1:
+            return [_sigmoid(logits[0])]
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        total = sum(exps)
+        return [e / total for e in exps]
 
     def dimensions_error(self, dimensions: int | None) -> str | None:
         """Why ``dimensions`` cannot be served (None when it can; None itself always can)."""
@@ -73,6 +87,14 @@ class PoolingConfig(msgspec.Struct, array_like=True, frozen=True):
         if self.matryoshka_dimensions and dimensions not in self.matryoshka_dimensions:
             return f"this model serves dimensions {self.matryoshka_dimensions} only; got {dimensions}"
         return None
+
+
+def _sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large negative ``x``."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def load_pooling_config(model_dir: Path | None, hf_config: dict, hidden_size: int,
@@ -120,18 +142,19 @@ def _from_modules(model_dir: Path, modules: list[dict], common: dict) -> Pooling
 _ACTIVATIONS = {"torch.nn.modules.activation.Sigmoid": "sigmoid", "torch.nn.modules.linear.Identity": "identity"}
 
 
-def load_classifier_config(hf_config: dict, num_labels: int) -> PoolingConfig:
-    """The pooling of a cross-encoder (a sequence classifier): its first token through its head, one logit, made a
-    score by sentence-transformers' ``CrossEncoder`` activation: the ``activation_fn`` its ``config.json`` names,
-    else sigmoid (CrossEncoder's and vLLM's default for one label). More labels are not scored."""
-    common = dict(method="cls", normalize=False, hidden_size=num_labels, source="classifier", task="score")
+def load_classifier_config(hf_config: dict, num_labels: int, method: PoolingMethod = "cls") -> PoolingConfig:
+    """The pooling of a sequence classifier: its first token (``method`` "cls": a BERT-family cross-encoder) or
+    its last ("last": a decoder) through its head, ``num_labels`` logits. It classifies with any number of labels;
+    it scores pairs with one, the logit made a score by sentence-transformers' ``CrossEncoder`` activation: the
+    ``activation_fn`` its ``config.json`` names, else sigmoid (CrossEncoder's and vLLM's default for one label)."""
+    common = dict(method=method, normalize=False, hidden_size=num_labels, source="classifier", task="classify")
     settings = hf_config.get("sentence_transformers")
     name = settings.get("activation_fn") if isinstance(settings, dict) else None
     if num_labels != 1:
-        return PoolingConfig(unsupported=f"scoring needs a classifier of one label; this one has {num_labels}",
+        return PoolingConfig(score_unsupported=f"scoring needs a classifier of one label; this one has {num_labels}",
                              **common)
     if name is not None and name not in _ACTIVATIONS:
-        return PoolingConfig(unsupported=f"the cross-encoder activation {name!r} is not supported; supported: "
+        return PoolingConfig(score_unsupported=f"the cross-encoder activation {name!r} is not supported; supported: "
                              f"{', '.join(_ACTIVATIONS)}", **common)
     return PoolingConfig(activation=_ACTIVATIONS.get(name, "sigmoid"), **common)
 

@@ -10,7 +10,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
                          torch_dtype: torch.dtype = torch.float32,
                          rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 2048,
                          num_experts: int = 8, top_k: int = 2, sliding_window: int | None = None,
-                         max_window_layers: int | None = None, mxfp4: bool = False, biases: bool = False) -> Path:
+                         max_window_layers: int | None = None, mxfp4: bool = False, biases: bool = False,
+                         labels: Sequence[str] | None = None) -> Path:
     """Write a random-weight HF checkpoint of ``arch`` (one of :data:`ARCHITECTURES`) into ``path``.
 
     ``num_experts`` and ``top_k`` apply to the mixture-of-experts architectures (mixtral, qwen2_moe with a shared
@@ -264,9 +265,11 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
     (:data:`GPT_OSS_SLIDING_WINDOW` tokens unless given) on its even layers, plus attention sinks and biased
     experts; with ``mxfp4`` its expert weights are rounded to MXFP4 values and saved as MXFP4 blocks and scales
     with ``quantization_config: {"quant_method": "mxfp4"}`` (see :func:`write_mxfp4_experts`). ``biases`` (llama
-    only): biases on the attention and MLP projections (``attention_bias``, ``mlp_bias``). Returns ``path``.
+    only): biases on the attention and MLP projections (``attention_bias``, ``mlp_bias``). ``labels`` saves a
+    ``...ForSequenceClassification`` of those labels (``id2label``) instead of the causal LM: the same body and a
+    ``score`` head. Returns ``path``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}; got {arch!r}")
@@ -287,8 +290,12 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 3
         rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         pad_token_id=PAD_ID, **({"attention_bias": True, "mlp_bias": True} if biases else {}),
     )
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification).from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):  # Gemma stores its norm weights as offsets from 1

@@ -55,6 +55,8 @@ class DecoderConfig:
     # every layer.
     layer_types: tuple[str, ...] | None = None
     moe: MoeConfig | None = None  # mixture-of-experts models only (``models/moe.py``)
+    # the labels of a sequence classifier's ``score`` head (``models/decoder_classifier.py``); 0 for a causal LM
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
         if self.layer_types is not None:

@@ -6,6 +6,13 @@ from torch import nn
 
 from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
 from inferneo.model_executor.models.cross_encoder import BertCrossEncoder, RobertaCrossEncoder
+from inferneo.model_executor.models.decoder_classifier import (
+    Gemma2ForSequenceClassification,
+    LlamaForSequenceClassification,
+    Phi3ForSequenceClassification,
+    Qwen2ForSequenceClassification,
+    Qwen3ForSequenceClassification,
+)
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
@@ -40,6 +47,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BertForSequenceClassification": BertCrossEncoder,
     "RobertaForSequenceClassification": RobertaCrossEncoder,
     "XLMRobertaForSequenceClassification": RobertaCrossEncoder,
+    # decoder sequence classifiers (``decoder_classifier.py``): classification, and scoring with one label
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "MistralForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
+    "Gemma2ForSequenceClassification": Gemma2ForSequenceClassification,
+    "Phi3ForSequenceClassification": Phi3ForSequenceClassification,
 }
 
 
