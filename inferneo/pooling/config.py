@@ -58,6 +58,15 @@ class PoolingConfig(msgspec.Struct, array_like=True, frozen=True):
     activation: str = "identity"
     # why a classifier does not score pairs (more than one label, an activation not computed here); None: it does
     score_unsupported: str | None = None
+    # a classifier's label names (``id2label``) in logit order; None where the config names none
+    labels: list[str | None] | None = None
+
+    def label(self, probs: list[float]) -> str | None:
+        """The name of the likeliest class (vLLM's ``label`` of ``/classify``); None when the config names none."""
+        if not self.labels or not probs:
+            return None
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return self.labels[best] if best < len(self.labels) else None
 
     def score(self, logits: list[float]) -> float:
         """A cross-encoder's score of one pair from its logits (one label): the activation of the logit."""
@@ -147,7 +156,11 @@ def load_classifier_config(hf_config: dict, num_labels: int, method: PoolingMeth
     its last ("last": a decoder) through its head, ``num_labels`` logits. It classifies with any number of labels;
     it scores pairs with one, the logit made a score by sentence-transformers' ``CrossEncoder`` activation: the
     ``activation_fn`` its ``config.json`` names, else sigmoid (CrossEncoder's and vLLM's default for one label)."""
-    common = dict(method=method, normalize=False, hidden_size=num_labels, source="classifier", task="classify")
+    id2label = hf_config.get("id2label")
+    names = {str(k): v for k, v in id2label.items()} if isinstance(id2label, dict) else {}
+    labels = [names[str(i)] if isinstance(names.get(str(i)), str) else None for i in range(num_labels)]
+    common = dict(method=method, normalize=False, hidden_size=num_labels, source="classifier", task="classify",
+                  labels=labels)
     settings = hf_config.get("sentence_transformers")
     name = settings.get("activation_fn") if isinstance(settings, dict) else None
     if num_labels != 1:

@@ -26,6 +26,7 @@ from inferneo.entrypoints.openai.invocations import install_sagemaker_routes
 from inferneo.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -37,6 +38,7 @@ from inferneo.entrypoints.openai.protocol_responses import InputTokensRequest, R
 from inferneo.entrypoints.openai.replicas import health_body, replica_client
 from inferneo.entrypoints.openai.response_options import ResponseOptions
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
+from inferneo.entrypoints.openai.serving_classification import create_classification
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
@@ -157,6 +159,11 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
         return await create_embedding(ctx, body, raw)
+
+    @app.post("/classify")  # vLLM's path
+    @app.post("/v1/classify")
+    async def classify(body: ClassificationRequest, raw: Request) -> Response:
+        return await create_classification(ctx, body, raw)
 
     @app.post("/v1/score")
     @app.post("/score")  # vLLM serves both

@@ -47,11 +47,12 @@ PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/openapi.json", "/doc
 CORS_METHODS = ["GET", "POST"]  # what a cross-origin request may use unless --allowed-methods says otherwise
 CORS_HEADERS = ["Authorization", "Content-Type"]  # the request headers it may send, unless --allowed-headers
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
-                        "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/invocations"})
+                        "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/classify",
+                        "/v1/classify", "/invocations"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
 _PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": None,  # None: one
                   "/score": "text_2", "/v1/score": "text_2", "/rerank": "documents", "/v1/rerank": "documents",
-                  "/v2/rerank": "documents"}
+                  "/v2/rerank": "documents", "/classify": "input", "/v1/classify": "input"}
 # ``POST /invocations`` (SageMaker's one endpoint, ``invocations.py``): the fields that say what a body is, in the
 # order they are tried, with the field that holds its prompts
 INVOCATION_KINDS: tuple[tuple[tuple[str, ...], str], ...] = (

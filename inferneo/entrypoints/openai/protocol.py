@@ -544,6 +544,25 @@ class EmbeddingRequest(_TruncatingBody):
         return _prompt_list(self.input)
 
 
+class ClassificationRequest(_Body):
+    """``POST /classify`` (vLLM's; also ``/v1/classify``): ``input`` is a string, a list of strings, a list of
+    token ids or a list of lists of token ids, as ``/v1/embeddings`` takes it; none may be empty."""
+
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    input: Any
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # Inferneo extension, as in the other endpoints
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        return _check_prompts(value, "input")
+
+    def input_list(self) -> list[str | list[int]]:
+        """The inputs, one entry each: a string or a list of token ids."""
+        return _prompt_list(self.input)
+
+
 class ScoreRequest(_TruncatingBody):
     """``POST /v1/score`` (vLLM's): ``text_1`` (a string, or a list) scored against ``text_2`` (a string or a
     list) by a cross-encoder: one text against each text of the other, or two lists of one length pairwise."""

@@ -39,7 +39,7 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
     except InvalidRequestError as exc:
         raise to_api_error(exc) from None
     text_chars = sum(len(x) for x in inputs if isinstance(x, str))
-    prompt_ids = await ctx.tokenize_off_loop(text_chars, lambda: _tokenize(ctx.tokenizer, inputs, max_length))
+    prompt_ids = await ctx.tokenize_off_loop(text_chars, lambda: tokenize_inputs(ctx.tokenizer, inputs, max_length))
     pooling = PoolingRequest(req.dimensions)
     for i, ids in enumerate(prompt_ids):
         try:
@@ -56,7 +56,7 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
     return await cancel_on_disconnect(raw, _respond(group, model, req.encoding_format))
 
 
-def _tokenize(tokenizer, inputs: list[str | list[int]], max_length: int | None) -> list[list[int]]:
+def tokenize_inputs(tokenizer, inputs: list[str | list[int]], max_length: int | None = None) -> list[list[int]]:
     """Token ids of every input (the strings tokenized in one batch call, with the model's special tokens), each
     cut to ``max_length`` tokens when that is set (``truncate_prompt_tokens``: a text as the tokenizer truncates,
     token ids to their last ones)."""
