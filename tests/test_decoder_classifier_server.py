@@ -127,6 +127,25 @@ def test_a_classifier_refuses_other_tasks(server, path, body, words):
     assert error["param"] == "model" and words in error["message"], error
 
 
+def test_the_docs_classify_example_gets_an_answer(server):
+    """The ``curl`` example of ``docs/embeddings.md``'s sequence-classifier section, run as written against this
+    server."""
+    import json
+    import re
+    import subprocess
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "embeddings.md").read_text()
+    (command,) = re.findall(
+        r"^(curl -s localhost:8000/classify .*?)\n```", page, flags=re.DOTALL | re.MULTILINE
+    )
+    command = command.replace("localhost:8000", server.base_url.removeprefix("http://"))
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert [d["index"] for d in reply["data"]] == [0, 1], reply
+    assert all(d["label"] in LABELS and abs(sum(d["probs"]) - 1) < 1e-5 for d in reply["data"]), reply
+
+
 def test_a_generative_model_does_not_classify(hermes_server):
     r = post(hermes_server, "/classify", {"input": "hello"}, model="tiny")
     assert r.status_code == 400, r.text
