@@ -95,6 +95,25 @@ def test_truncate_prompt_tokens_cuts_the_longer_text_first(reranker):
         assert info.value.param == "truncate_prompt_tokens"
 
 
+def test_a_cross_encoder_classifies_one_input(reranker):
+    """``LLM.classify`` on a cross-encoder (vLLM serves it): one text read alone through the head, the sigmoid of
+    its one logit, as transformers' sequence classifier gives it."""
+    from transformers import AutoModelForSequenceClassification
+
+    path, llm = reranker
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    with torch.no_grad():
+        expected = [
+            torch.sigmoid(model(tokenizer(d, return_tensors="pt").input_ids).logits[0]).tolist() for d in DOCS
+        ]
+    outputs = llm.classify(DOCS, use_tqdm=False)
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in outputs]), torch.tensor(expected), atol=1e-5, rtol=0
+    )
+    assert [o.prompt_token_ids for o in outputs] == [tokenizer(d).input_ids for d in DOCS]
+
+
 def test_a_cross_encoder_neither_embeds_nor_generates(reranker):
     _, llm = reranker
     with pytest.raises(InvalidRequestError, match="cross-encoder") as info:

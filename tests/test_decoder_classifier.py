@@ -125,3 +125,24 @@ def test_what_a_classifier_refuses(qwen3_classifier, tiny_llama_dir):
         generator.classify("hello", use_tqdm=False)
     assert info.value.param == "model"
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def test_tensor_parallel_classifies_as_one_rank(tmp_path):
+    """At tensor-parallel size 2 the body is sharded as the causal LM's and ``score`` is replicated: the driver's
+    pooled last tokens (the full hidden state) give the same probabilities as transformers."""
+    path = make_tiny_checkpoint(tmp_path, "qwen3", labels=LABELS, seed=5)
+    expected = torch.softmax(hf_logits(path, PROMPTS), dim=-1)
+    llm = LLM(
+        str(path),
+        tensor_parallel_size=2,
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        kv_cache_memory="32MiB",
+        num_threads=1,
+    )
+    try:
+        got = torch.tensor([o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)])
+    finally:
+        llm.shutdown()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
