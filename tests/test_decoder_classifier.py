@@ -146,3 +146,13 @@ def test_tensor_parallel_classifies_as_one_rank(tmp_path):
     finally:
         llm.shutdown()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_body_float32_head(qwen3_classifier):
+    """In bfloat16 the body runs in bfloat16 and ``score`` in float32 (vLLM's head dtype): the probabilities stay
+    within bfloat16's rounding of the float32 reference."""
+    path, _ = qwen3_classifier
+    expected = torch.softmax(hf_logits(path, PROMPTS), dim=-1)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=128)
+    got = torch.tensor([o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)])
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=0)

@@ -7,7 +7,8 @@ The checkpoint holds the decoder (``model.*``) and ``score``, a linear layer wit
 ``num_labels``, applied to the last token's final hidden state. The body is the causal LM's class, unchanged; the
 engine pools the last token as it does for decoder embeddings (so the prefix cache and chunked prefill apply) and
 the runner puts the pooled rows through :meth:`classify` (``inferneo.pooling.pooler.apply_head``), as it does for
-the BERT cross-encoders. Such a model has no language-model head: it classifies, and with one label scores pairs,
+the BERT cross-encoders. The head is computed in float32 whatever the model dtype, as vLLM computes it, and is
+never quantized. Such a model has no language-model head: it classifies, and with one label scores pairs,
 but never generates (the tied input embeddings stand in for ``lm_head``, which nothing reads).
 
 Hugging Face pools the rightmost token that is not ``pad_token_id``; the engine runs each input unpadded and pools
@@ -52,17 +53,17 @@ class SequenceClassifierMixin:
     ) -> None:
         super().__init__(config, backend, max_position)  # type: ignore[call-arg]
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        # the parameters' dtype (set by ``cast``), read here since device kernels may replace ``score``
-        self.compute_dtype = torch.float32
+        # kept in float32 whatever the model dtype (as vLLM keeps its classifier heads), and never quantized
+        self.score.quantizable = False
 
     def cast(self, dtype: torch.dtype) -> None:
-        """As the causal LM's ``cast``; ``classify`` feeds ``score`` rows of ``dtype`` from then on."""
+        """As the causal LM's ``cast``, but ``score`` stays in float32."""
         super().cast(dtype)  # type: ignore[misc]
-        self.compute_dtype = dtype
+        self.score.float()
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[n, num_labels]`` of pooled last-token rows ``[n, hidden]`` (float32)."""
-        return self.score(pooled.to(self.compute_dtype)).float()
+        """Float32 logits ``[n, num_labels]`` of pooled last-token rows ``[n, hidden]``, computed in float32."""
+        return self.score(pooled.float()).float()
 
     def checkpoint_name(self, key: str) -> str:
         """``score.weight`` is top-level in the checkpoint; the rest as the causal LM names it."""
