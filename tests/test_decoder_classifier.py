@@ -108,7 +108,7 @@ def test_one_label_scores_pairs_by_sigmoid(one_label):
 
 
 def test_what_a_classifier_refuses(qwen3_classifier, tiny_llama_dir):
-    _, llm = qwen3_classifier
+    path, llm = qwen3_classifier
     with pytest.raises(InvalidRequestError, match="cannot generate") as info:
         llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)
     assert info.value.param == "model"
@@ -120,6 +120,8 @@ def test_what_a_classifier_refuses(qwen3_classifier, tiny_llama_dir):
     assert info.value.param == "model"
     with pytest.raises(InvalidRequestError, match="longer|at most"):
         llm.classify(" ".join(WORDS[:200]), use_tqdm=False)
+    with pytest.raises(ValueError, match="not served with pipeline parallelism"):
+        LLM(str(path), pipeline_parallel_size=2)
     generator = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=64)
     with pytest.raises(InvalidRequestError, match="does not classify") as info:
         generator.classify("hello", use_tqdm=False)

@@ -49,6 +49,10 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     hf_config = load_hf_config(source, config.hf_overrides)
     encoder = is_encoder(hf_config)
     classifier = is_classifier(hf_config)
+    if classifier and config.pipeline_parallel_size > 1:  # it would serve nothing: pooling is not served at PP > 1
+        raise ValueError(f"pipeline_parallel_size {config.pipeline_parallel_size}: a sequence classifier is not "
+                         "served with pipeline parallelism (its pooled last tokens stay on the last stage); use "
+                         "tensor parallelism")
     if encoder:  # a BERT-family encoder: embeddings (or scores) only, each input whole in one step, no KV cache
         _check_encoder_options(config)
         generates = False
@@ -127,8 +131,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     if config.pipeline_parallel_size > 1:
         async_scheduling = False  # the pipeline keeps its own steps in flight, one per stage
         # Pooling reads the last stage's hidden states, which stay on that stage: not served at PP > 1 yet.
-        pooling = msgspec.structs.replace(pooling, unsupported="embeddings are not served with pipeline "
-                                          "parallelism (--pipeline-parallel-size > 1)")
+        pooling = msgspec.structs.replace(pooling, unsupported="embeddings, classes and scores are not served with "
+                                          "pipeline parallelism (--pipeline-parallel-size > 1)")
     core = EngineCore(runner, scheduler, max_model_len, async_scheduling=async_scheduling, grammars=grammars,
                       vocab_size=vocab_size, pooling=pooling, pipeline_depth=config.pipeline_parallel_size,
                       speculative=config.speculative_config)
