@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inferneo import LLM, SamplingParams
-from inferneo.engine.protocol import InvalidRequestError
+from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
 from inferneo.testing.tiny_models import _CORPUS, make_tiny_checkpoint
 
 LABELS = ["negative", "neutral", "positive"]
@@ -100,6 +100,12 @@ def test_one_label_scores_pairs_by_sigmoid(one_label):
     expected = torch.sigmoid(hf_logits(path, [("what is it?", d) for d in docs])[:, 0])
     scores = llm.score("what is it?", docs, use_tqdm=False)
     torch.testing.assert_close(torch.tensor([s.outputs.score for s in scores]), expected, atol=1e-4, rtol=0)
+    # a tokenizer that marks the second text as token type 1 (Llama 3's does) changes nothing: decoders have none
+    engine = llm.engine
+    pair = engine.input.tokenize_pair("what is it?", docs[0])[0]
+    engine.add_embedding_request("typed", pair, PoolingRequest(task="score", token_type_start=4))
+    typed = llm._collect(["typed"], False, "")[0]
+    assert abs(engine.info.pooling.score(typed.outputs.embedding) - scores[0].outputs.score) < 1e-6
     classified = llm.classify(PROMPTS[:2], use_tqdm=False)
     expected = torch.sigmoid(hf_logits(path, PROMPTS[:2]))
     torch.testing.assert_close(

@@ -531,8 +531,10 @@ class ModelRunner(Runner):
 
     def _token_types(self, items: list[ScheduledSequence], packed: PackedStep) -> torch.Tensor | None:
         """The step's token type ids (1 from each encoder input's ``token_type_start`` on, else 0) on the device;
-        None when no input has a second segment (the model is then called as ever)."""
-        if not any(it.token_type_start is not None for it in items):
+        None when no input has a second segment (the model is then called as ever), and always for a decoder: it
+        has no token types (a decoder classifier scoring a pair whose tokenizer marks the second text, as Llama
+        3's does, reads it as Hugging Face's decoder classifiers do, without them)."""
+        if not getattr(self.model, "is_encoder", False) or not any(it.token_type_start is not None for it in items):
             return None
         types = torch.zeros(packed.num_tokens, dtype=torch.int64)
         for index, it in enumerate(items):
