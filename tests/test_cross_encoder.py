@@ -114,6 +114,27 @@ def test_a_cross_encoder_classifies_one_input(reranker):
     assert [o.prompt_token_ids for o in outputs] == [tokenizer(d).input_ids for d in DOCS]
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_an_encoder_classifier_of_several_labels(arch, tmp_path):
+    """A BERT-family classifier of three labels (a sentiment or NLI model) classifies: the softmax of the logits of
+    its first token through its head, as transformers gives it; it does not score pairs (one label needed)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = make_tiny_encoder(tmp_path / arch, arch, None, head="classifier", num_labels=3, seed=4)
+    llm = LLM(str(path), dtype="float32")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    with torch.no_grad():
+        expected = [
+            torch.softmax(model(tokenizer(d, return_tensors="pt").input_ids).logits[0], -1) for d in DOCS
+        ]
+    got = torch.tensor([o.outputs.probs for o in llm.classify(DOCS, use_tqdm=False)])
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
+    with pytest.raises(InvalidRequestError, match="one label; this one has 3") as info:
+        llm.score(QUERY, DOCS[0], use_tqdm=False)
+    assert info.value.param == "model"
+
+
 def test_a_cross_encoder_neither_embeds_nor_generates(reranker):
     _, llm = reranker
     with pytest.raises(InvalidRequestError, match="cross-encoder") as info:

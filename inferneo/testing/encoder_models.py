@@ -78,6 +78,7 @@ def make_tiny_encoder(
     num_heads: int = 4,
     hidden_act: str = "gelu",
     seed: int = 0,
+    num_labels: int = 1,
 ) -> Path:
     """A tiny random ``arch`` ("bert", "roberta" or "xlm_roberta") encoder saved in ``path`` with its tokenizer;
     returns ``path``.
@@ -85,8 +86,8 @@ def make_tiny_encoder(
     ``pooling`` ("mean", "cls", "last"; None: a bare folder) writes the sentence-transformers files
     (``max_seq_length``: their ``sentence_bert_config.json`` value, default the positions the model has).
     ``head="masked_lm"`` saves ``BertForMaskedLM`` / ``RobertaForMaskedLM`` (prefixed weights and a head the
-    embedding model skips); ``head="classifier"`` a one-label ``...ForSequenceClassification``, a cross-encoder as
-    sentence-transformers' ``CrossEncoder`` loads it. Every weight is perturbed away from transformers' initialisation (LayerNorms at 1
+    embedding model skips); ``head="classifier"`` a ``...ForSequenceClassification`` of ``num_labels`` labels (one:
+    a cross-encoder as sentence-transformers' ``CrossEncoder`` loads it). Every weight is perturbed away from transformers' initialisation (LayerNorms at 1
     and 0, token types alike) so that a wrong mapping shows in the vectors."""
     import transformers
 
@@ -108,7 +109,7 @@ def make_tiny_encoder(
         type_vocab_size=2 if arch == "bert" else 1,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=1 if head == "classifier" else 2,
+        num_labels=num_labels if head == "classifier" else 2,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
