@@ -65,7 +65,7 @@ def post(server, path: str, body: dict, model: str = NAME) -> httpx.Response:
     return httpx.post(server.url(path), json={"model": model, **body}, timeout=60)
 
 
-@pytest.mark.parametrize("path", ["/classify", "/v1/classify"])
+@pytest.mark.parametrize("path", ["/classify", "/v1/classify", "/invocations"])  # SageMaker's: input -> classify
 def test_classify_equals_transformers(server, model_dir, path):
     expected = torch.softmax(hf_logits(model_dir, TEXTS), dim=-1).numpy()
     r = post(server, path, {"input": TEXTS})

@@ -20,6 +20,9 @@ LOAD_PATHS = frozenset(
         "/rerank",
         "/v1/rerank",
         "/v2/rerank",
+        "/classify",
+        "/v1/classify",
+        "/invocations",
     }
 )
 

@@ -1,8 +1,8 @@
 """Amazon SageMaker's two routes, as vLLM serves them: ``/ping`` (the container's health check: ``/health``'s
 answer, no API key) and ``POST /invocations`` (one endpoint for every kind of request, told apart by the body's
 fields, ``guards.INVOCATION_KINDS``: ``messages`` a chat completion, ``prompt`` a completion, ``query`` with
-``documents`` a rerank, ``text_1`` with ``text_2`` a score, ``input`` an embedding). A body matching none is a 400
-naming what is taken."""
+``documents`` a rerank, ``text_1`` with ``text_2`` a score, ``input`` an embedding, or for a sequence classifier
+its classes). A body matching none is a 400 naming what is taken."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from inferneo.entrypoints.openai.errors import APIError, bad_request, validation
 from inferneo.entrypoints.openai.guards import INVOCATION_KINDS, invocation_kind
 from inferneo.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     EmbeddingRequest,
     RerankRequest,
     ScoreRequest,
 )
 from inferneo.entrypoints.openai.serving_chat import create_chat_completion
+from inferneo.entrypoints.openai.serving_classification import create_classification
 from inferneo.entrypoints.openai.serving_common import ServerContext
 from inferneo.entrypoints.openai.serving_completion import create_completion
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
@@ -56,6 +58,8 @@ def install_sagemaker_routes(app: FastAPI, ctx: ServerContext, health: Callable[
                               for fields, _ in INVOCATION_KINDS)
             raise bad_request(f"/invocations could not tell what this request is; give {kinds}")
         model, handler = _SERVED[kind[0]]
+        if kind[0] == ("input",) and ctx.engine.info.pooling.task == "classify":  # a classifier's input: /classify
+            model, handler = ClassificationRequest, create_classification
         try:
             request = model.model_validate(body)
         except ValidationError as exc:
