@@ -95,7 +95,7 @@ SAMPLING = {
     "guided_choice": "list", "guided_grammar": "str", "structural_tag": "str|dict",
     "guided_whitespace_pattern": "str", "guided_decoding_backend": "str", "truncate_prompt_tokens": "int",
     "use_beam_search": "bool", "length_penalty": "float", "return_token_ids": "bool",
-    "return_tokens_as_token_ids": "bool",
+    "return_tokens_as_token_ids": "bool", "cache_salt": "str",
 }
 FIELDS = {
     CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},
@@ -118,7 +118,7 @@ FIELDS = {
            "previous_response_id": "str", "conversation": "str|dict", "truncation": "str", "metadata": "dict",
            "user": "str", "service_tier": "str", "safety_identifier": "str", "prompt_cache_key": "str",
            "prompt_cache_retention": "str", "seed": "int", "top_k": "int", "min_p": "float",
-           "repetition_penalty": "float", "priority": "int", "structured_outputs": "object"},
+           "repetition_penalty": "float", "priority": "int", "cache_salt": "str", "structured_outputs": "object"},
 }
 MODELS = {CMPL: protocol.CompletionRequest, CHAT: protocol.ChatCompletionRequest, TOK: protocol.TokenizeRequest,
           DETOK: protocol.DetokenizeRequest, RESP: ResponsesRequest}

@@ -84,7 +84,7 @@ class ServerContext:
             raise ValueError("tool_call_parser 'openai' reads gpt-oss's harmony calls, which the reasoning parser "
                              "'openai_gptoss' splits out: give both")
         self.tool_parser = TOOL_CALL_PARSERS.get(name) if name else None
-        core = getattr(self.engine.info, "fingerprint", "")
+        core = getattr(getattr(self.engine, "info", None), "fingerprint", "")
         self._fingerprint = system_fingerprint(core, getattr(self.tokenizer, "chat_template", None)) if core else None
 
     def fingerprint(self, model: str) -> str | None:
