@@ -91,6 +91,24 @@ def test_token_ids_and_prompt_dicts(qwen3_classifier):
     torch.testing.assert_close(by_ids.outputs.probs, by_text.outputs.probs, atol=1e-6, rtol=0)
 
 
+def test_truncate_prompt_tokens_classifies_the_cut_prompt(qwen3_classifier):
+    """``LLM.classify(truncate_prompt_tokens=k)``: a text cut as the tokenizer truncates it, token ids to their last
+    k, each classified as its cut tokens are."""
+    path, llm = qwen3_classifier
+    tokenizer = llm.get_tokenizer()
+    text = PROMPTS[4]
+    ids = tokenizer(text).input_ids
+    (by_text,) = llm.classify(text, truncate_prompt_tokens=9, use_tqdm=False)
+    assert by_text.prompt_token_ids == tokenizer(text, truncation=True, max_length=9).input_ids
+    (by_ids,) = llm.classify([ids], truncate_prompt_tokens=9, use_tqdm=False)
+    assert by_ids.prompt_token_ids == ids[-9:]
+    for output in (by_text, by_ids):
+        (expected,) = llm.classify([output.prompt_token_ids], use_tqdm=False)
+        torch.testing.assert_close(output.outputs.probs, expected.outputs.probs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.classify(text, truncate_prompt_tokens=0, use_tqdm=False)
+
+
 def test_one_label_scores_pairs_by_sigmoid(one_label):
     """num_labels 1: ``classify`` gives the sigmoid of the logit (vLLM's rule), and ``score`` reads a pair as the
     tokenizer joins two texts and gives the sigmoid too (sentence-transformers' CrossEncoder default, and this

@@ -168,3 +168,25 @@ def test_a_one_label_decoder_reranks(tmp_path):
     assert [x["index"] for x in ranked] == list(np.argsort(-expected))
     np.testing.assert_allclose([c["probs"][0] for c in classified], alone, atol=1e-4, rtol=0)
     assert {c["label"] for c in classified} == {"relevant"} and {c["num_classes"] for c in classified} == {1}
+
+
+def test_truncate_prompt_tokens_cuts_an_over_long_input(server, model_dir):
+    """vLLM's ``truncate_prompt_tokens`` on ``/classify``: an input past the context length is cut as the tokenizer
+    truncates (its end goes) instead of refused, and classified as transformers classifies the cut tokens."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    text = " ".join(WORDS[:200])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tokenizer(text).input_ids) > MAX_LEN
+    assert post(server, "/classify", {"input": text}).status_code == 400
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for keep, cut in ((20, 20), (-1, MAX_LEN)):
+        ids = tokenizer(text, truncation=True, max_length=cut).input_ids
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.tensor([ids])).logits[0], dim=-1).numpy()
+        r = post(server, "/classify", {"input": [text], "truncate_prompt_tokens": keep})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == cut
+        np.testing.assert_allclose(r.json()["data"][0]["probs"], expected, atol=1e-4, rtol=0)
+    bad = post(server, "/classify", {"input": text, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -134,6 +134,7 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         use_tqdm: ProgressBar = True,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[ClassificationRequestOutput]:
         """Classify one prompt or many (strings, token-id lists or prompt dicts, as ``generate``) with a sequence
         classifier (a ``...ForSequenceClassification`` checkpoint); returns one ``ClassificationRequestOutput`` per
@@ -142,16 +143,21 @@ class LLM:
         As vLLM's ``classify``: the probabilities are the softmax of the classifier's logits, or the sigmoid of the
         logit when it has one label. A decoder classifier reads the prompt's last token, a BERT-family one its
         first (see ``docs/embeddings.md``). Classification requests run through the same scheduler as generation:
-        prefill only, no KV kept afterwards.
+        prefill only, no KV kept afterwards. ``truncate_prompt_tokens`` cuts each prompt as ``embed``'s does.
         """
         prompt_list = _as_prompt_list(prompts)
         pooling = PoolingRequest(task="classify")
         engine = self.engine
+        max_length = engine.input.truncation_length(
+            truncate_prompt_tokens, text=any(isinstance(p, str) for p in prompt_list)
+        )
         base = f"classify-{time.monotonic_ns()}-"
         ids = []
         try:
             for i, prompt in enumerate(prompt_list):
-                ids.append(engine.add_embedding_request(base + str(i), prompt, pooling))
+                token_ids = (engine.input.tokenize(prompt, max_length=max_length) if isinstance(prompt, str)
+                             else truncate_token_ids(prompt, max_length))
+                ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
             outputs = self._collect(ids, use_tqdm, "Classified prompts")
         except BaseException:
             for request_id in ids:

@@ -544,7 +544,7 @@ class EmbeddingRequest(_TruncatingBody):
         return _prompt_list(self.input)
 
 
-class ClassificationRequest(_Body):
+class ClassificationRequest(_TruncatingBody):
     """``POST /classify`` (vLLM's; also ``/v1/classify``): ``input`` is a string, a list of strings, a list of
     token ids or a list of lists of token ids, as ``/v1/embeddings`` takes it; none may be empty."""
 

@@ -40,8 +40,14 @@ async def create_classification(ctx: ServerContext, req: ClassificationRequest, 
     except InvalidRequestError as exc:
         raise to_api_error(exc) from None
     inputs = req.input_list()
+    try:
+        max_length = engine.input.truncation_length(
+            req.truncate_prompt_tokens, text=any(isinstance(x, str) for x in inputs)
+        )
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
     prompt_ids = await ctx.tokenize_off_loop(
-        sum(len(x) for x in inputs if isinstance(x, str)), lambda: tokenize_inputs(ctx.tokenizer, inputs)
+        sum(len(x) for x in inputs if isinstance(x, str)), lambda: tokenize_inputs(ctx.tokenizer, inputs, max_length)
     )
     for i, ids in enumerate(prompt_ids):
         try:
