@@ -201,6 +201,9 @@ class SamplingParams:
     # Constrain the output to a JSON schema, regex, choice or grammar (see ``StructuredOutputsParams``); a dict
     # with the same keys is accepted.
     structured_outputs: StructuredOutputsParams | None = None
+    # Keep only the prompt's last this many tokens (vLLM's field; -1: as many as leave room for max_tokens), instead
+    # of refusing a prompt longer than the context. None: the prompt as given.
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -257,6 +260,9 @@ class SamplingParams:
         check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= least), "max_tokens",
               "must be an integer >= 1 (or 0 with prompt_logprobs, to score the prompt only) or None")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and (
+            self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1)), "truncate_prompt_tokens",
+              "must be -1 (as many as leave room for max_tokens), an integer >= 1 or None")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")

@@ -332,6 +332,21 @@ class FrontEndFacts:
         return self.input.tokenize(text, add_special_tokens)
 
 
+def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int,
+                    max_tokens: int | None) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens`` of a generation request: the prompt's last ``keep`` tokens (``-1``: as many
+    as leave room in the context for ``max_tokens``, or for one token when that is unset); the prompt itself when
+    ``keep`` is None. A ``keep`` past the context length is an ``InvalidRequestError`` naming the field."""
+    if keep is None:
+        return prompt_ids
+    if keep == -1:
+        keep = max(max_model_len - (max_tokens or 1), 1)
+    elif keep > max_model_len:
+        raise InvalidRequestError(f"truncate_prompt_tokens: {keep} is more than the model's context length "
+                                  f"({max_model_len} tokens)", "truncate_prompt_tokens")
+    return prompt_ids[-keep:]
+
+
 def check_cache_salt(salt: object) -> str | None:
     """``salt`` as a request's ``cache_salt`` (None: unsalted); ``InvalidRequestError`` naming ``cache_salt`` unless
     it is a non-empty string."""

@@ -13,7 +13,7 @@ import time
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
-from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, check_cache_salt
+from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, check_cache_salt, truncate_prompt
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, LoraRef, PoolingRequest
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
@@ -90,6 +90,8 @@ class LLMEngine(FrontEndFacts):
         else:
             text, prompt_ids = prompt_text, list(prompt)
         params = self.input.resolve(params)
+        prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.input.limits.max_model_len,
+                                     params.max_tokens)
         max_tokens = self.input.check(prompt_ids, params, priority=priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,

@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.fingerprint import system_fingerprint
+from inferneo.engine.input_processor import truncate_prompt
 from inferneo.engine.protocol import InvalidRequestError, LoraRef
 from inferneo.engine.request_group import DeltaAccumulator
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
@@ -184,17 +185,12 @@ def sampling_params(req: _SamplingBody, defaults: SamplingParams, max_tokens: in
 
 def truncate_prompts(prompt_ids: list[list[int]], keep: int | None, max_model_len: int,
                      max_tokens: int | None) -> list[list[int]]:
-    """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (``-1``: as many as leave room in the
-    context for ``max_tokens``, or for one token when that is unset). Unchanged when ``keep`` is None. A ``keep``
-    past the context length is a 400."""
-    if keep is None:
-        return prompt_ids
-    if keep == -1:
-        keep = max(max_model_len - (max_tokens or 1), 1)
-    elif keep > max_model_len:
-        raise bad_request(f"truncate_prompt_tokens: {keep} is more than the model's context length "
-                          f"({max_model_len} tokens)", "truncate_prompt_tokens")
-    return [ids[-keep:] for ids in prompt_ids]
+    """vLLM's ``truncate_prompt_tokens`` of each prompt (``input_processor.truncate_prompt``); a ``keep`` past the
+    context length is a 400."""
+    try:
+        return [truncate_prompt(ids, keep, max_model_len, max_tokens) for ids in prompt_ids]
+    except InvalidRequestError as exc:
+        raise to_api_error(exc) from None
 
 
 def token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
