@@ -53,6 +53,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--disable-access-log", "--disable-uvicorn-access-log", action="store_true",
                    dest="disable_access_log", help="do not log each HTTP request (uvicorn's access log; "
                    "--disable-uvicorn-access-log is vLLM's name)")
+    g.add_argument("--vllm-metric-names", action="store_true",
+                   help="/metrics also gives every metric under the name vLLM gives it (vllm:num_requests_running, "
+                   "vllm:time_to_first_token_seconds, ...), so that dashboards, alerts and autoscalers written for "
+                   "vLLM read them unchanged")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="do not log the engine's throughput, queue and cache statistics every 10 s "
                    "(INFERNEO_LOG_STATS_INTERVAL_S) while it has work")
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser, lora_modules=args.lora_modules,
         reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
         log_stats=not args.disable_log_stats, response_options=response_options_from_args(args),
-        default_chat_template_kwargs=args.default_chat_template_kwargs,
+        default_chat_template_kwargs=args.default_chat_template_kwargs, vllm_metric_names=args.vllm_metric_names,
     )
 
 

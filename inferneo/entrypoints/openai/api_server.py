@@ -59,7 +59,8 @@ KEEP_ALIVE_S = 15
 
 
 def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None,
-              log_stats_interval: float | None = None, http: HttpOptions | None = None) -> FastAPI:
+              log_stats_interval: float | None = None, http: HttpOptions | None = None,
+              vllm_metric_names: bool = False) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
 
     ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``. With
@@ -67,7 +68,7 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     (``stats_logger``). ``http`` (default ``HttpOptions()``) says whether the API docs pages are served, responses
     carry ``X-Request-Id`` and ``/load`` counts the requests in flight; its other options are uvicorn's."""
     http = http or HttpOptions()
-    metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0])
+    metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0], vllm_names=vllm_metric_names)
     if ctx.engine.observer is None:
         ctx.engine.observer = metrics
 
@@ -223,7 +224,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None,
           http: HttpOptions | None = None, log_stats: bool = True,
           response_options: ResponseOptions | None = None,
-          default_chat_template_kwargs: dict[str, Any] | None = None) -> int:
+          default_chat_template_kwargs: dict[str, Any] | None = None, vllm_metric_names: bool = False) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -245,7 +246,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     root path, uvicorn's log level); ``log_stats`` logs the engine's statistics periodically (``stats_logger``).
     ``response_options``: the server-wide options of answers (``--response-role`` and the like).
     ``default_chat_template_kwargs`` are the chat template's variables for requests that do not set them (a
-    request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``.
+    request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``. ``vllm_metric_names``:
+    ``/metrics`` also gives every metric under vLLM's name (``vllm:...``).
     """
     import uvicorn
 
@@ -276,7 +278,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     except ValueError:
         engine.shutdown()
         raise
-    app = build_app(ctx, guards=guards, log_stats_interval=stats_interval, http=http)
+    app = build_app(ctx, guards=guards, log_stats_interval=stats_interval, http=http,
+                    vllm_metric_names=vllm_metric_names)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host

@@ -1,4 +1,6 @@
-"""Prometheus metrics at ``/metrics``, all named ``inferneo:...``.
+"""Prometheus metrics at ``/metrics``, all named ``inferneo:...`` (and, with ``--vllm-metric-names``, each also as
+``vllm:...``, the name vLLM gives the same measure, so that dashboards, alerts and autoscalers written for vLLM read
+them unchanged).
 
 Engine counters (requests running and waiting, KV usage, prefix cache, preemptions, tokens, batch sizes) are read
 from the snapshot the engine publishes after each step; request latencies (time to first token, inter-token,
@@ -8,7 +10,7 @@ end-to-end) are observed by the front end as each step's outputs come out. Each 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.openai.replicas import replica_client, replica_metric_families
@@ -27,7 +29,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class ServerMetrics:
     """The registry of one server and the request observer the engine reports to."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, vllm_names: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         self.ttft = Histogram("inferneo:time_to_first_token_seconds", "Time from arrival to the first token.",
@@ -40,6 +42,10 @@ class ServerMetrics:
                                  ["model_name", "finished_reason"], registry=self.registry)
         self._model_name = model_name
         self.registry.register(_EngineCollector(engine, model_name))
+        self._exposed = self.registry
+        if vllm_names:  # every family twice: as it is, and renamed vllm:...
+            self._exposed = CollectorRegistry(auto_describe=False)
+            self._exposed.register(_Renamed(self.registry, OWN_PREFIX, VLLM_PREFIX))
 
     # RequestObserver, called from the engine's thread (prometheus_client metrics are thread-safe).
     def on_first_token(self, seconds: float) -> None:
@@ -53,7 +59,30 @@ class ServerMetrics:
         self._finished.labels(self._model_name, finish_reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
+
+
+OWN_PREFIX = "inferneo:"
+VLLM_PREFIX = "vllm:"
+
+
+class _Renamed:
+    """Yields every family of ``registry`` as it is and once more with the name prefix ``old`` replaced by ``new``
+    (the samples' names too: ``_total``, ``_bucket``, ... keep their suffixes)."""
+
+    def __init__(self, registry: CollectorRegistry, old: str, new: str) -> None:
+        self.registry, self.old, self.new = registry, old, new
+
+    def collect(self):
+        for family in self.registry.collect():
+            yield family
+            if not family.name.startswith(self.old):
+                continue
+            copy = Metric(self.new + family.name.removeprefix(self.old), family.documentation, family.type,
+                          family.unit)
+            copy.samples = [sample._replace(name=self.new + sample.name.removeprefix(self.old))
+                            for sample in family.samples]
+            yield copy
 
 
 class _EngineCollector:
