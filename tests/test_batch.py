@@ -43,7 +43,7 @@ def mixed_input(path: Path) -> Path:
         request_line("bad-model", 0, model="no-such-model"),               # the server answers 404
         '{"custom_id": "broken", "method": "POST", ',                     # not JSON
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),  # no custom_id
-        json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}),
+        json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}}),
         json.dumps({"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}),
         request_line("cmpl-0", 9),                                         # duplicate custom_id
         json.dumps({"custom_id": "streamed", "method": "POST", "url": "/v1/completions",
@@ -242,6 +242,48 @@ def test_resuming_with_another_model_is_refused(server, tiny_llama_dir, tmp_path
     records = read_records(out)
     check_mixed_output(records)
     assert {r["response"]["body"]["system_fingerprint"] for r in records if r["error"] is None} == fingerprints
+
+
+def test_every_kind_of_endpoint_in_one_batch(tiny_llama_dir, tmp_path):
+    """A batch may mix OpenAI's batch endpoints (completions, chat, Responses, embeddings) and vLLM's (scores,
+    reranks, classes: here refused by this generative model with the endpoint's own 400); each record's body is what
+    the endpoint itself answers for the same body."""
+    from inferneo.testing.server import RemoteServer
+
+    lines = {
+        "cmpl": ("/v1/completions", {"prompt": "hello", "max_tokens": 3, "temperature": 0}),
+        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                          "temperature": 0}),
+        "resp": ("/v1/responses", {"input": "hi", "max_output_tokens": 3, "temperature": 0}),
+        "embed": ("/v1/embeddings", {"input": ["one", "two"]}),
+        "score": ("/v1/score", {"text_1": "a", "text_2": ["b", "c"]}),
+        "rerank": ("/v1/rerank", {"query": "a", "documents": ["b", "c"]}),
+        "classify": ("/classify", {"input": "a"}),
+    }
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": k, "method": "POST", "url": url,
+                                            "body": {"model": "tiny", **body}}) + "\n"
+                                for k, (url, body) in lines.items()))
+    out = tmp_path / "results.jsonl"
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", *ENGINE, "--disable-access-log") as srv:
+        assert main(["batch", "-i", str(requests), "-o", str(out), "--url", srv.base_url, "--no-progress",
+                     "--concurrency", "1"]) == 0  # every line has its record (three of them refusals)
+        records = {r["custom_id"]: r for r in read_records(out)}
+        for custom_id, (url, body) in lines.items():
+            direct = httpx.post(srv.base_url + url, json={"model": "tiny", **body}, timeout=60)
+            record = records[custom_id]["response"]
+            assert record["status_code"] == direct.status_code, custom_id
+            if direct.status_code != 200:
+                assert record["body"]["error"] == direct.json()["error"]
+                continue
+            mine, theirs = record["body"], direct.json()
+            for volatile in ("id", "created", "created_at", "usage"):
+                mine.pop(volatile, None), theirs.pop(volatile, None)
+            if custom_id == "resp":  # item ids are random
+                for item in mine["output"] + theirs["output"]:
+                    item.pop("id", None)
+            assert mine == theirs, custom_id
+    assert {k for k, r in records.items() if r["error"] is None} == {"cmpl", "chat", "resp", "embed"}
 
 
 def test_foreign_or_damaged_output_is_refused_and_left_alone(tmp_path):

@@ -1,7 +1,8 @@
 """The OpenAI batch file format: reading input lines and building output records.
 
-An input line is ``{"custom_id": str, "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
-"body": {...}}``. An output record is ``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+An input line is ``{"custom_id": str, "method": "POST", "url": URL, "body": {...}}`` with ``URL`` one of
+:data:`SUPPORTED_URLS`: OpenAI's batch endpoints (completions, chat completions, Responses, embeddings) and vLLM's
+(scores, reranks, classes), each body as that endpoint takes it. An output record is ``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}``; ``error`` is ``{"code", "message"}`` for a line that failed (an invalid line, or a request the
 server refused) and ``null`` otherwise.
 
@@ -16,7 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions")
+SUPPORTED_URLS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/score",
+                  "/v1/rerank", "/v2/rerank", "/classify")
 DIGEST_CHARS = 16
 _RECORD_ID = re.compile(r"^batch_req_([0-9a-f]{16})_([1-9][0-9]*)$")
 

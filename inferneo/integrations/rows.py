@@ -73,11 +73,17 @@ def request_of(row: Mapping[str, Any], sampling: Mapping[str, Any], request_fiel
 def answer_of(status_code: int, request_id: str | None, reply: Any) -> dict[str, Any]:
     """The output columns for a reply (``reply`` is the parsed JSON body, or text)."""
     text = finish = error = None
-    if 200 <= status_code < 300 and isinstance(reply, dict) and reply.get("choices"):
-        choice = reply["choices"][0]
-        message = choice.get("message")
-        text = message.get("content") if isinstance(message, dict) else choice.get("text")
-        finish = choice.get("finish_reason")
+    if 200 <= status_code < 300:  # embeddings, scores, ranks and classes have no text: they are in "response"
+        if isinstance(reply, dict) and reply.get("choices"):
+            choice = reply["choices"][0]
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            finish = choice.get("finish_reason")
+        elif isinstance(reply, dict) and reply.get("object") == "response":
+            text = "".join(part.get("text") or "" for item in reply.get("output") or ()
+                           if item.get("type") == "message" for part in item.get("content") or ()
+                           if part.get("type") == "output_text")
+            finish = reply.get("status")
     else:
         detail = reply.get("error") if isinstance(reply, dict) else None
         if isinstance(detail, dict):
