@@ -284,6 +284,20 @@ def test_every_kind_of_endpoint_in_one_batch(tiny_llama_dir, tmp_path):
                     item.pop("id", None)
             assert mine == theirs, custom_id
     assert {k for k, r in records.items() if r["error"] is None} == {"cmpl", "chat", "resp", "embed"}
+    # the Ray processor's answer columns read each kind of answer: text where there is one, never a 2xx as an error
+    from inferneo.integrations.rows import answer_of
+
+    columns = {k: answer_of(r["response"]["status_code"], r["response"]["request_id"], r["response"]["body"])
+               for k, r in records.items()}
+    assert columns["cmpl"]["generated_text"] == records["cmpl"]["response"]["body"]["choices"][0]["text"]
+    assert columns["chat"]["generated_text"] == records["chat"]["response"]["body"]["choices"][0]["message"]["content"]
+    resp_text = records["resp"]["response"]["body"]["output"][-1]["content"][0]["text"]
+    assert columns["resp"]["generated_text"] == resp_text
+    assert columns["resp"]["finish_reason"] == records["resp"]["response"]["body"]["status"]
+    assert columns["embed"]["error"] is None and columns["embed"]["generated_text"] is None
+    assert json.loads(columns["embed"]["response"])["data"][1]["embedding"]
+    refusal = records["score"]["response"]["body"]["error"]
+    assert columns["score"]["error"] == f"{refusal['code'] or refusal['type']}: {refusal['message']}"
 
 
 def test_foreign_or_damaged_output_is_refused_and_left_alone(tmp_path):
