@@ -49,6 +49,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 DATA_PARALLEL_BACKENDS = ("mp", "ray")
 DATA_PARALLEL_ROUTINGS = ("prefix", "round_robin", "least_loaded")
+TOKENIZER_MODES = ("auto", "hf")  # vLLM's modes that mean the checkpoint's Hugging Face tokenizer
 
 
 def parse_memory_size(value: str | int | None) -> int | None:
@@ -177,6 +178,12 @@ class EngineConfig:
     trust_remote_code: bool = option(
         False, bool, "accepted so that vLLM command lines and LLM(...) calls run unchanged: Inferneo runs only its "
         "own model code, never Python files from a checkpoint")
+    code_revision: str | None = option(
+        None, str, "accepted so that vLLM command lines run unchanged: no checkpoint code ever runs (see "
+        "--trust-remote-code)")
+    tokenizer_mode: str = option(
+        "auto", str, "vLLM's: auto (or hf) loads the checkpoint's fast tokenizer, the only mode Inferneo has",
+        choices=TOKENIZER_MODES)
     chat_template: str | None = option(
         None, str, "the chat template instead of the model's: a Jinja file, or the template itself in one line",
         metavar="FILE_OR_TEMPLATE")
@@ -225,6 +232,16 @@ class EngineConfig:
         "fcfs", str, "fcfs, or priority: lower priority values run first", choices=SCHEDULING_POLICIES)
     seed: int = option(0, int, "the engine's random seed")
     enforce_eager: bool = option(False, bool, "never use CUDA graphs (decode runs eagerly)")
+    max_seq_len_to_capture: int | None = option(
+        None, int, "accepted so that vLLM command lines and LLM(...) calls run unchanged: CUDA graphs here capture "
+        "decode steps by batch size, whatever the sequences' length")
+    swap_space: float | None = option(
+        None, float, "accepted so that vLLM command lines and LLM(...) calls run unchanged: a preempted request's KV "
+        "blocks are freed and computed again when it resumes (as vLLM's V1 engine does), never swapped to CPU "
+        "memory", metavar="GiB")
+    disable_custom_all_reduce: bool = option(
+        False, bool, "accepted so that vLLM command lines and LLM(...) calls run unchanged: tensor parallelism "
+        "all-reduces through torch.distributed (NCCL on GPUs) either way")
     num_threads: int | None = option(None, int, "CPU threads for torch (default: torch's)")
     tensor_parallel_size: int = option(
         1, int, "shard the model over this many ranks (one process each; GPUs, or CPU over gloo)",
@@ -282,6 +299,10 @@ class EngineConfig:
             _one_of("quantization", self.quantization, QUANTIZATIONS)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _one_of("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        if self.tokenizer_mode not in TOKENIZER_MODES:
+            raise ValueError(f"tokenizer_mode {self.tokenizer_mode!r} is not supported: Inferneo loads the "
+                             "checkpoint's Hugging Face tokenizer (tokenizer_mode auto or hf); for a Mistral "
+                             "tokenizer, use the checkpoint's tokenizer.json")
         _positive("block_size", self.block_size)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("pipeline_parallel_size", self.pipeline_parallel_size)

@@ -242,3 +242,29 @@ def test_bad_server_flag_values_are_refused_by_the_parser(flags, capsys):
 def test_server_settings_that_cannot_work_are_refused_before_any_model_loads(flags, says, capsys):
     assert cli_main.main(["serve", "--model", "no-such-model", *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_vllm_arguments_without_an_effect_here_are_accepted(monkeypatch, capsys):
+    """vLLM scripts pass swap_space, disable_custom_all_reduce, max_seq_len_to_capture, tokenizer_mode and friends;
+    they run unchanged (each is documented as having no effect here), and a tokenizer mode Inferneo lacks is
+    refused by name."""
+    import inferneo.entrypoints.llm as llm_module
+    import inferneo.entrypoints.openai.api_server as api_server
+
+    built = []
+    monkeypatch.setattr(llm_module, "LLMEngine", lambda config: built.append(config) or config)
+    llm_module.LLM("m", swap_space=4, disable_custom_all_reduce=True, max_seq_len_to_capture=8192,
+                   tokenizer_mode="auto", code_revision="main")
+    assert built[-1].swap_space == 4 and built[-1].tokenizer_mode == "auto"
+    with pytest.raises(ValueError, match="tokenizer_mode 'mistral' is not supported"):
+        EngineConfig(tokenizer_mode="mistral")
+    calls = []
+    monkeypatch.setattr(api_server, "serve", lambda *a, **kw: calls.append((a, kw)) or 0)
+    assert cli_main.main(["serve", "m", "--swap-space", "16", "--disable-custom-all-reduce", "--tokenizer-mode", "hf",
+                          "--max-seq-len-to-capture", "8192", "--enable-prompt-tokens-details",
+                          "--disable-frontend-multiprocessing"]) == 0
+    (config, *_), kw = calls[-1]
+    assert kw["engine_in_process"] is True and config.disable_custom_all_reduce is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--tokenizer-mode", "mistral"])
+    assert "--tokenizer-mode" in capsys.readouterr().err

@@ -67,7 +67,11 @@ def add_parser(subparsers) -> None:
     add_guard_args(g)  # limits, --metrics-public, --allowed-origins, --log-requests
     add_http_args(g)  # TLS, --root-path, --uvicorn-log-level, --uds, docs, X-Request-Id, /load
     add_response_args(g)  # --response-role, --return-tokens-as-token-ids, --enable-force-include-usage
-    g.add_argument("--engine-in-process", action="store_true",
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="accepted so that vLLM command lines run unchanged: usage.prompt_tokens_details.cached_tokens "
+                   "(the prompt tokens the prefix cache served) is always reported")
+    g.add_argument("--engine-in-process", "--disable-frontend-multiprocessing", action="store_true",
+                   dest="engine_in_process",
                    help="run the engine core in a thread of the server process instead of a child process "
                    "(less memory and start-up time; slower under load, as HTTP and the model share one GIL)")
     add_engine_args(parser)
