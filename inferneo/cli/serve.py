@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--disable-access-log", "--disable-uvicorn-access-log", action="store_true",
                    dest="disable_access_log", help="do not log each HTTP request (uvicorn's access log; "
                    "--disable-uvicorn-access-log is vLLM's name)")
+    g.add_argument("--files-dir", default=None, metavar="DIR",
+                   help="where OpenAI's Files and Batch APIs (/v1/files, /v1/batches) keep uploaded batch inputs and "
+                   "their results (default: a temporary folder, removed at shut-down)")
     g.add_argument("--vllm-metric-names", action="store_true",
                    help="/metrics also gives every metric under the name vLLM gives it (vllm:num_requests_running, "
                    "vllm:time_to_first_token_seconds, ...), so that dashboards, alerts and autoscalers written for "
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
         log_stats=not args.disable_log_stats, response_options=response_options_from_args(args),
         default_chat_template_kwargs=args.default_chat_template_kwargs, vllm_metric_names=args.vllm_metric_names,
+        files_dir=args.files_dir,
     )
 
 

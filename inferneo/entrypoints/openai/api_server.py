@@ -17,6 +17,7 @@ from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
+from inferneo.entrypoints.openai.batch_api import batch_service, install_batch_routes
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
 from inferneo.entrypoints.openai.errors import APIError, bad_request, error_body, install_error_handlers
 from inferneo.entrypoints.openai.guards import ServerGuards, install_guards, route_path
@@ -60,13 +61,14 @@ KEEP_ALIVE_S = 15
 
 def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None,
               log_stats_interval: float | None = None, http: HttpOptions | None = None,
-              vllm_metric_names: bool = False) -> FastAPI:
+              vllm_metric_names: bool = False, files_dir: str | None = None) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
 
     ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``. With
     ``log_stats_interval`` (seconds), the engine's statistics are logged that often while it has work
     (``stats_logger``). ``http`` (default ``HttpOptions()``) says whether the API docs pages are served, responses
-    carry ``X-Request-Id`` and ``/load`` counts the requests in flight; its other options are uvicorn's."""
+    carry ``X-Request-Id`` and ``/load`` counts the requests in flight; its other options are uvicorn's.
+    ``files_dir`` holds the files of OpenAI's Files and Batch APIs (``batch_api``; None: a temporary folder)."""
     http = http or HttpOptions()
     metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0], vllm_names=vllm_metric_names)
     if ctx.engine.observer is None:
@@ -82,6 +84,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         finally:
             if stats is not None:
                 stats.cancel()
+            await batches.close()
+            remove_files()
             ctx.engine.shutdown()
 
     docs = not http.disable_fastapi_docs
@@ -92,6 +96,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     app.state.metrics = metrics
     load = app.state.load = ServerLoad(http.enable_server_load_tracking)
     install_error_handlers(app)
+    batches, remove_files = batch_service(app, ctx.api_keys[0] if ctx.api_keys else None, files_dir)
+    install_batch_routes(app, batches)
     app.add_middleware(LoadMiddleware, load=load, route_path=route_path)  # innermost: admitted requests only
     install_guards(app, ctx, guards)  # API keys, limits, CORS, request logging: see guards.py
     if http.enable_request_id_headers:
@@ -224,7 +230,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           lora_modules: list[LoraModule] | None = None, reasoning_parser: str | None = None,
           http: HttpOptions | None = None, log_stats: bool = True,
           response_options: ResponseOptions | None = None,
-          default_chat_template_kwargs: dict[str, Any] | None = None, vllm_metric_names: bool = False) -> int:
+          default_chat_template_kwargs: dict[str, Any] | None = None, vllm_metric_names: bool = False,
+          files_dir: str | None = None) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -247,7 +254,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     ``response_options``: the server-wide options of answers (``--response-role`` and the like).
     ``default_chat_template_kwargs`` are the chat template's variables for requests that do not set them (a
     request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``. ``vllm_metric_names``:
-    ``/metrics`` also gives every metric under vLLM's name (``vllm:...``).
+    ``/metrics`` also gives every metric under vLLM's name (``vllm:...``). ``files_dir``: where OpenAI's Files and
+    Batch APIs keep their files (None: a temporary folder, removed at shut-down).
     """
     import uvicorn
 
@@ -279,7 +287,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
         engine.shutdown()
         raise
     app = build_app(ctx, guards=guards, log_stats_interval=stats_interval, http=http,
-                    vllm_metric_names=vllm_metric_names)
+                    vllm_metric_names=vllm_metric_names, files_dir=files_dir)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host

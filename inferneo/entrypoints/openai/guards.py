@@ -75,6 +75,7 @@ class ServerGuards:
     """Limits and security settings of the HTTP server; the defaults suit a small server on one machine."""
 
     max_body_bytes: int = 4 * MiB
+    max_upload_bytes: int = 512 * MiB  # a file uploaded to /v1/files (a batch's input) instead of max_body_bytes
     max_prompts: int = 256
     max_n: int = 128
     max_seqs: int = 1024
@@ -89,7 +90,7 @@ class ServerGuards:
     max_log_len: int | None = None  # with log_requests: prompts cut to this many characters (or token ids)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompts", "max_n", "max_seqs", "max_json_depth"):
+        for name in ("max_body_bytes", "max_upload_bytes", "max_prompts", "max_n", "max_seqs", "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout is not None and self.request_timeout <= 0:
@@ -247,7 +248,8 @@ class GuardMiddleware:
             self._check_key(scope)
         body = None
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive, self.guards.max_upload_bytes if path == "/v1/files"
+                                         else self.guards.max_body_bytes)
             if body is None:
                 return  # the client left while sending
             if path in JSON_PATHS and scope["method"] == "POST":
@@ -280,8 +282,7 @@ class GuardMiddleware:
             raise Refusal(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
-        limit = self.guards.max_body_bytes
+    async def _read_body(self, scope: dict, receive: Any, limit: int) -> bytes | None:
         declared, expects_continue = None, False
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():

@@ -1,0 +1,295 @@
+"""OpenAI's Files and Batch APIs on the server: ``client.files.create(purpose="batch")``, then
+``client.batches.create(input_file_id=..., endpoint=..., completion_window="24h")``, polled with
+``client.batches.retrieve`` until ``completed``, whose ``output_file_id`` (and ``error_file_id``) hold the records.
+
+A batch runs in the server's own event loop as ``inferneo batch`` runs a file (``inferneo.batch.job.BatchJob``):
+each line goes through the server's own routes (an in-process httpx transport over this app, so the same
+validation, limits and answers as over HTTP), at most ``BATCH_CONCURRENCY`` at a time, beside the server's other
+requests. Every line gets one record: the successes go to the output file and the failures (a line that is not a
+request, a request the server refused, a line for another endpoint than the batch's) to the error file, in
+OpenAI's record format. ``cancel`` stops the lines in flight; what was answered is kept in the files.
+
+Files live in ``files_dir`` (``--files-dir``; default a temporary folder removed at shut-down). Batches are
+held in memory: a server restart forgets them (their files stay in ``--files-dir``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, File, Form, UploadFile
+from pydantic import Field
+
+from inferneo.batch.job import BatchJob
+from inferneo.batch.records import SUPPORTED_URLS
+from inferneo.batch.sender import Reply, Sender
+from inferneo.entrypoints.openai.errors import APIError, bad_request
+from inferneo.entrypoints.openai.protocol import _Body
+
+logger = logging.getLogger(__name__)
+
+BATCH_CONCURRENCY = 64  # lines of one batch in flight at once
+COMPLETION_WINDOW_S = 24 * 3600
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CreateBatchRequest(_Body):
+    """``POST /v1/batches``."""
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = Field(max_length=16)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class StoredFiles:
+    """The uploaded and written files, each ``<root>/<id>`` with its OpenAI file object in ``<root>/<id>.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def add(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{secrets.token_hex(12)}"
+        (self.root / file_id).write_bytes(data)
+        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
+                  "expires_at": None}
+        (self.root / f"{file_id}.json").write_text(json.dumps(record))
+        return record
+
+    def get(self, file_id: str) -> dict[str, Any]:
+        meta = self.root / f"{file_id}.json"
+        if not _ID.match(file_id) or not meta.is_file():
+            raise APIError(404, f"no file {file_id[:80]!r}", "file_id", code="file_not_found")
+        return json.loads(meta.read_text())
+
+    def path(self, file_id: str) -> Path:
+        self.get(file_id)
+        return self.root / file_id
+
+    def delete(self, file_id: str) -> dict[str, Any]:
+        self.get(file_id)
+        (self.root / file_id).unlink(missing_ok=True)
+        (self.root / f"{file_id}.json").unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        records = [json.loads(p.read_text()) for p in self.root.glob("file-*.json")]
+        return sorted((r for r in records if purpose is None or r["purpose"] == purpose),
+                      key=lambda r: r["created_at"], reverse=True)
+
+
+class _EndpointSender:
+    """A ``Sender`` that answers a line for another endpoint than the batch's with an error, as OpenAI does."""
+
+    def __init__(self, sender: Sender, endpoint: str) -> None:
+        self.sender = sender
+        self.endpoint = endpoint
+
+    @property
+    def num_retries(self) -> int:
+        return self.sender.num_retries
+
+    async def post(self, url: str, body: dict[str, Any]) -> Reply:
+        if url != self.endpoint:
+            return Reply(400, None, {"error": {"message": f"the line's url {url} is not the batch's endpoint "
+                                               f"{self.endpoint}", "type": "invalid_request_error",
+                                               "param": "url", "code": "invalid_url"}})
+        return await self.sender.post(url, body)
+
+
+class Batches:
+    """The server's batches: create, run in the background, retrieve, list, cancel."""
+
+    def __init__(self, files: StoredFiles, client: Callable[[], httpx.AsyncClient]) -> None:
+        self.files = files
+        self._client = client
+        self._batches: dict[str, dict[str, Any]] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._jobs: dict[str, BatchJob] = {}
+
+    def create(self, req: CreateBatchRequest) -> dict[str, Any]:
+        if req.endpoint not in SUPPORTED_URLS:
+            raise bad_request(f"endpoint must be one of {', '.join(SUPPORTED_URLS)}, got {req.endpoint!r}",
+                              "endpoint")
+        if req.completion_window != "24h":
+            raise bad_request(f"completion_window must be '24h', got {req.completion_window!r}", "completion_window")
+        source = self.files.get(req.input_file_id)
+        if source["purpose"] != "batch":
+            raise bad_request(f"file {req.input_file_id} was uploaded with purpose {source['purpose']!r}, not "
+                              "'batch'", "input_file_id")
+        now = int(time.time())
+        batch = {"id": f"batch_{secrets.token_hex(12)}", "object": "batch", "endpoint": req.endpoint, "errors": None,
+                 "input_file_id": req.input_file_id, "completion_window": req.completion_window,
+                 "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+                 "in_progress_at": None, "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None,
+                 "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+                 "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                 "metadata": req.metadata}
+        self._batches[batch["id"]] = batch
+        self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
+        return self.view(batch["id"])
+
+    def view(self, batch_id: str) -> dict[str, Any]:
+        """The batch object as OpenAI returns it (the counts as of now while it runs)."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise APIError(404, f"no batch {batch_id[:80]!r}", "batch_id", code="batch_not_found")
+        job = self._jobs.get(batch_id)
+        if job is not None and batch["status"] in ("in_progress", "cancelling"):
+            written = job.num_done
+            batch["request_counts"] = {"total": job.total, "completed": written, "failed": 0}
+        return dict(batch)
+
+    def list(self, limit: int, after: str | None) -> dict[str, Any]:
+        ids = sorted(self._batches, key=lambda i: self._batches[i]["created_at"], reverse=True)
+        if after is not None and after in ids:
+            ids = ids[ids.index(after) + 1:]
+        page = [self.view(i) for i in ids[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        batch = self._batches.get(batch_id) or self.view(batch_id)
+        if batch["status"] in ("validating", "in_progress"):
+            batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
+            self._tasks[batch_id].cancel()
+        return self.view(batch_id)
+
+    async def close(self) -> None:
+        """Cancel the batches still running (at server shut-down)."""
+        for task in self._tasks.values():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _run(self, batch: dict[str, Any]) -> None:
+        work = self.files.root / f"{batch['id']}.records.jsonl"
+        cancelled = False
+        try:
+            job = await asyncio.to_thread(BatchJob, self.files.path(batch["input_file_id"]), work)
+            self._jobs[batch["id"]] = job
+            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
+            async with self._client() as client:
+                sender = _EndpointSender(Sender(client, retry_window=60.0), batch["endpoint"])
+                with job:
+                    try:
+                        await job.run(sender, concurrency=BATCH_CONCURRENCY, progress=False)
+                    except asyncio.CancelledError:
+                        cancelled = True
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception as exc:
+            logger.warning("batch %s failed: %r", batch["id"], exc)
+            batch["errors"] = {"object": "list", "data": [{"code": "batch_failed", "message": str(exc)[:1000],
+                                                           "param": None, "line": None}]}
+            batch["status"], batch["failed_at"] = "failed", int(time.time())
+            return
+        finally:
+            self._jobs.pop(batch["id"], None)
+        batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
+        await asyncio.to_thread(self._finalize, batch, work)
+        if cancelled:
+            batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
+        else:
+            batch["status"], batch["completed_at"] = "completed", int(time.time())
+
+    def _finalize(self, batch: dict[str, Any], work: Path) -> None:
+        """Split the records into the output file (successes) and the error file (the rest)."""
+        good, bad = [], []
+        if work.is_file():
+            for line in work.read_bytes().splitlines(keepends=True):
+                if line.strip():
+                    (good if json.loads(line).get("error") is None else bad).append(line)
+            work.unlink()
+        total = len(good) + len(bad)
+        batch["request_counts"] = {"total": max(total, batch["request_counts"]["total"]), "completed": len(good),
+                                   "failed": len(bad)}
+        if good:
+            batch["output_file_id"] = self.files.add(b"".join(good), f"{batch['id']}_output.jsonl",
+                                                     "batch_output")["id"]
+        if bad:
+            batch["error_file_id"] = self.files.add(b"".join(bad), f"{batch['id']}_error.jsonl",
+                                                    "batch_output")["id"]
+
+
+def install_batch_routes(app: FastAPI, batches: Batches) -> None:
+    """OpenAI's ``/v1/files`` and ``/v1/batches`` routes on ``app``."""
+    files = batches.files
+
+    @app.post("/v1/files")
+    async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:  # noqa: B008
+        if purpose != "batch":
+            raise bad_request(f"this server stores files for batches only (purpose 'batch'), got {purpose!r}",
+                              "purpose")
+        data = await file.read()
+        if not data.strip():
+            raise bad_request("the file is empty", "file")
+        return await asyncio.to_thread(files.add, data, file.filename or "upload.jsonl", purpose)
+
+    @app.get("/v1/files")
+    async def list_files(purpose: str | None = None) -> dict[str, Any]:
+        return {"object": "list", "data": files.list(purpose), "has_more": False}
+
+    @app.get("/v1/files/{file_id}")
+    async def file_object(file_id: str) -> dict[str, Any]:
+        return files.get(file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str):
+        from fastapi.responses import FileResponse
+
+        return FileResponse(files.path(file_id), media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str) -> dict[str, Any]:
+        return files.delete(file_id)
+
+    @app.post("/v1/batches")
+    async def create_batch(body: CreateBatchRequest) -> dict[str, Any]:
+        return batches.create(body)
+
+    @app.get("/v1/batches")
+    async def list_batches(limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise bad_request(f"limit must be between 1 and 100, got {limit}", "limit")
+        return batches.list(limit, after)
+
+    @app.get("/v1/batches/{batch_id}")
+    async def batch_object(batch_id: str) -> dict[str, Any]:
+        return batches.view(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str) -> dict[str, Any]:
+        return batches.cancel(batch_id)
+
+
+def batch_service(app: FastAPI, api_key: str | None, files_dir: str | None) -> tuple[Batches, Callable[[], None]]:
+    """The batches of ``app`` (their lines posted to ``app`` itself, with ``api_key`` when it needs one), with
+    files in ``files_dir`` (None: a temporary folder), and what removes that temporary folder."""
+    root = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="inferneo-files-"))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def client() -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        return httpx.AsyncClient(transport=transport, base_url="http://inferneo.batches", headers=headers,
+                                 timeout=None)
+
+    def cleanup() -> None:
+        if not files_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    return Batches(StoredFiles(root), client), cleanup

@@ -1,0 +1,113 @@
+"""OpenAI's Files and Batch APIs on ``inferneo serve``, with the openai client as its users call it: upload a batch
+file, create the batch, poll it to ``completed``, read the output and error files. Each answer is what the endpoint
+gives for the same body; bad lines, refused requests and lines for another endpoint land in the error file; a
+cancelled batch stops and keeps what was answered; bad calls are 4xx in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+
+from inferneo.testing.server import RemoteServer
+
+KEY = "batch-key"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir, tmp_path_factory):
+    files = tmp_path_factory.mktemp("files")
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--num-threads",
+                      "1", "--no-enable-prefix-caching", "--api-key", KEY, "--files-dir", str(files),
+                      "--disable-access-log") as server:
+        yield openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
+
+
+def _chat(i: int) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": f"count to {i}"}], "max_tokens": 4,
+            "temperature": 0}
+
+
+def _line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def _wait(client, batch_id: str, until: tuple[str, ...], timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until or time.monotonic() > deadline:
+            return batch
+        time.sleep(0.2)
+
+
+def _records(client, file_id: str) -> dict[str, dict]:
+    return {r["custom_id"]: r for r in map(json.loads, client.files.content(file_id).text.splitlines())}
+
+
+def test_a_batch_runs_to_completion_and_answers_as_the_endpoint_does(client):
+    lines = [_line(f"q{i}", _chat(i)) for i in range(5)]
+    lines += [_line("too-long", {**_chat(9), "max_tokens": -1}),
+              _line("other-endpoint", {"model": "tiny", "prompt": "x"}, url="/v1/completions"),
+              '{"custom_id": "not json"']
+    upload = client.files.create(file=("requests.jsonl", "\n".join(lines).encode()), purpose="batch")
+    assert upload.purpose == "batch" and upload.bytes > 0 and upload.object == "file"
+    assert client.files.retrieve(upload.id).filename == "requests.jsonl"
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"job": "test"})
+    assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "test"}
+    batch = _wait(client, batch.id, ("completed", "failed"))
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == 8 and batch.request_counts.completed == 5
+    assert batch.request_counts.failed == 3 and batch.completed_at >= batch.created_at
+    output, errors = _records(client, batch.output_file_id), _records(client, batch.error_file_id)
+    assert sorted(output) == [f"q{i}" for i in range(5)]
+    for i in range(5):
+        direct = client.chat.completions.create(**_chat(i))
+        record = output[f"q{i}"]
+        assert record["id"].startswith("batch_req_") and record["error"] is None
+        assert record["response"]["status_code"] == 200
+        assert record["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert errors["too-long"]["response"]["status_code"] == 400
+    assert errors["other-endpoint"]["error"]["code"] == "invalid_url"
+    assert sum(1 for r in errors.values() if r["custom_id"] is None) == 1  # the line that is not JSON
+    assert {b.id for b in client.batches.list()} >= {batch.id}
+    assert client.files.delete(batch.output_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(batch.output_file_id)
+
+
+def test_a_cancelled_batch_stops_and_keeps_what_was_answered(client):
+    lines = [_line(f"c{i}", {**_chat(i), "max_tokens": 40, "ignore_eos": True}) for i in range(200)]
+    upload = client.files.create(file=("many.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait(client, batch.id, ("in_progress",))
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = _wait(client, batch.id, ("cancelled",))
+    assert batch.status == "cancelled" and batch.cancelled_at is not None
+    assert batch.request_counts.completed < 200
+    if batch.output_file_id:
+        assert len(_records(client, batch.output_file_id)) == batch.request_counts.completed
+
+
+def test_bad_calls_are_4xx(client):
+    upload = client.files.create(file=("r.jsonl", _line("a", _chat(1)).encode()), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/audio/speech", completion_window="24h")
+    assert exc.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="1h")
+    assert exc.value.body["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("r.jsonl", b"x"), purpose="fine-tune")
+    assert exc.value.body["param"] == "purpose"
+    unkeyed = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        unkeyed.files.list()
