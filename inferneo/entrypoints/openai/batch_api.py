@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import FileResponse
 from pydantic import Field
 
 from inferneo.batch.job import BatchJob
@@ -249,9 +250,7 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
         return files.get(file_id)
 
     @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str):
-        from fastapi.responses import FileResponse
-
+    async def file_content(file_id: str) -> FileResponse:
         return FileResponse(files.path(file_id), media_type="application/jsonl")
 
     @app.delete("/v1/files/{file_id}")
