@@ -6,6 +6,7 @@ cancelled batch stops and keeps what was answered; bad calls are 4xx in OpenAI's
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import openai
@@ -111,3 +112,32 @@ def test_bad_calls_are_4xx(client):
     unkeyed = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         unkeyed.files.list()
+
+
+def test_a_batch_survives_a_server_restart_on_the_same_files_dir(tiny_llama_dir, tmp_path):
+    """Killed while a batch runs, the server leaves it in_progress in --files-dir with part of its records;
+    started again there, it resumes it where it stopped and every line ends with exactly one record."""
+    flags = ["--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--num-threads", "1", "--engine-in-process",
+             "--files-dir", str(tmp_path), "--disable-access-log"]
+    lines = [_line(f"r{i}", {**_chat(i), "max_tokens": 24, "ignore_eos": True}) for i in range(120)]
+    with RemoteServer(tiny_llama_dir, *flags) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        upload = client.files.create(file=("many.jsonl", "\n".join(lines).encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.batches.retrieve(batch.id).status == "in_progress"
+        server.stop(signal.SIGKILL)
+    # what the killed server left: the batch in progress, part of its records written
+    assert json.loads((tmp_path / f"{batch.id}.json").read_text())["status"] == "in_progress"
+    written = len((tmp_path / f"{batch.id}.records.jsonl").read_text().splitlines())
+    assert 5 <= written < 120
+    with RemoteServer(tiny_llama_dir, *flags) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        done = _wait(client, batch.id, ("completed", "failed", "cancelled"))
+        assert done.status == "completed", done
+        assert done.request_counts.total == done.request_counts.completed == 120
+        records = client.files.content(done.output_file_id).text.splitlines()
+        assert sorted(json.loads(r)["custom_id"] for r in records) == sorted(f"r{i}" for i in range(120))

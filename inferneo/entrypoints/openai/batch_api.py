@@ -9,8 +9,10 @@ requests. Every line gets one record: the successes go to the output file and th
 request, a request the server refused, a line for another endpoint than the batch's) to the error file, in
 OpenAI's record format. ``cancel`` stops the lines in flight; what was answered is kept in the files.
 
-Files live in ``files_dir`` (``--files-dir``; default a temporary folder removed at shut-down). Batches are
-held in memory: a server restart forgets them (their files stay in ``--files-dir``).
+Files live in ``files_dir`` (``--files-dir``; default a temporary folder removed at shut-down), each batch's object
+and records beside them. A server stopped while batches run leaves them ``in_progress``; started again on the same
+``--files-dir``, it resumes them where they stopped (``BatchJob`` skips the lines already answered), so every line
+still gets exactly one record.
 """
 
 from __future__ import annotations
@@ -118,9 +120,30 @@ class Batches:
     def __init__(self, files: StoredFiles, client: Callable[[], httpx.AsyncClient]) -> None:
         self.files = files
         self._client = client
-        self._batches: dict[str, dict[str, Any]] = {}
+        self._batches: dict[str, dict[str, Any]] = {
+            batch["id"]: batch for batch in map(_read_json, files.root.glob("batch_*.json"))}
         self._tasks: dict[str, asyncio.Task] = {}
         self._jobs: dict[str, BatchJob] = {}
+        self._closing = False
+
+    def resume(self) -> None:
+        """Start again the batches a stopped server left unfinished (call from the event loop, at start-up)."""
+        for batch in self._batches.values():
+            if batch["status"] in ("validating", "in_progress", "finalizing", "cancelling"):
+                logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
+                self._start(batch)
+
+    def _start(self, batch: dict[str, Any]) -> None:
+        self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
+
+    def _set(self, batch: dict[str, Any], status: str, at: str | None = None) -> None:
+        """Move ``batch`` to ``status`` (stamping ``at``) and write it down, so a restarted server finds it."""
+        batch["status"] = status
+        if at is not None:
+            batch[at] = int(time.time())
+        path = self.files.root / f"{batch['id']}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(batch))
+        path.with_suffix(".tmp").replace(path)
 
     def create(self, req: CreateBatchRequest) -> dict[str, Any]:
         if req.endpoint not in SUPPORTED_URLS:
@@ -141,7 +164,8 @@ class Batches:
                  "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
                  "metadata": req.metadata}
         self._batches[batch["id"]] = batch
-        self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
+        self._set(batch, "validating")
+        self._start(batch)
         return self.view(batch["id"])
 
     def view(self, batch_id: str) -> dict[str, Any]:
@@ -166,12 +190,13 @@ class Batches:
     def cancel(self, batch_id: str) -> dict[str, Any]:
         batch = self._batches.get(batch_id) or self.view(batch_id)
         if batch["status"] in ("validating", "in_progress"):
-            batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
+            self._set(batch, "cancelling", "cancelling_at")
             self._tasks[batch_id].cancel()
         return self.view(batch_id)
 
     async def close(self) -> None:
-        """Cancel the batches still running (at server shut-down)."""
+        """Stop the batches still running (at server shut-down), leaving them to resume at the next start."""
+        self._closing = True
         for task in self._tasks.values():
             task.cancel()
         with contextlib.suppress(BaseException):
@@ -179,52 +204,58 @@ class Batches:
 
     async def _run(self, batch: dict[str, Any]) -> None:
         work = self.files.root / f"{batch['id']}.records.jsonl"
-        cancelled = False
+        cancelled = batch["status"] == "cancelling"
         try:
-            job = await asyncio.to_thread(BatchJob, self.files.path(batch["input_file_id"]), work)
-            self._jobs[batch["id"]] = job
-            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
-            async with self._client() as client:
-                sender = _EndpointSender(Sender(client, retry_window=60.0), batch["endpoint"])
-                with job:
-                    try:
+            if batch["status"] in ("validating", "in_progress"):
+                job = await asyncio.to_thread(BatchJob, self.files.path(batch["input_file_id"]), work)
+                self._jobs[batch["id"]] = job
+                batch["request_counts"]["total"] = job.total
+                self._set(batch, "in_progress", "in_progress_at" if batch["in_progress_at"] is None else None)
+                async with self._client() as client:
+                    sender = _EndpointSender(Sender(client, retry_window=60.0), batch["endpoint"])
+                    with job:
                         await job.run(sender, concurrency=BATCH_CONCURRENCY, progress=False)
-                    except asyncio.CancelledError:
-                        cancelled = True
         except asyncio.CancelledError:
+            if self._closing:  # the server stops: the batch resumes at its next start
+                return
             cancelled = True
         except Exception as exc:
             logger.warning("batch %s failed: %r", batch["id"], exc)
             batch["errors"] = {"object": "list", "data": [{"code": "batch_failed", "message": str(exc)[:1000],
                                                            "param": None, "line": None}]}
-            batch["status"], batch["failed_at"] = "failed", int(time.time())
+            self._set(batch, "failed", "failed_at")
             return
         finally:
             self._jobs.pop(batch["id"], None)
-        batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
+        self._set(batch, "finalizing", "finalizing_at")
         await asyncio.to_thread(self._finalize, batch, work)
         if cancelled:
-            batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
+            self._set(batch, "cancelled", "cancelled_at")
         else:
-            batch["status"], batch["completed_at"] = "completed", int(time.time())
+            self._set(batch, "completed", "completed_at")
 
     def _finalize(self, batch: dict[str, Any], work: Path) -> None:
-        """Split the records into the output file (successes) and the error file (the rest)."""
+        """Split the records into the output file (successes) and the error file (the rest); a second call (a
+        server stopped while finalizing) finds the records gone and leaves the files as the first made them."""
         good, bad = [], []
-        if work.is_file():
-            for line in work.read_bytes().splitlines(keepends=True):
-                if line.strip():
-                    (good if json.loads(line).get("error") is None else bad).append(line)
-            work.unlink()
-        total = len(good) + len(bad)
-        batch["request_counts"] = {"total": max(total, batch["request_counts"]["total"]), "completed": len(good),
-                                   "failed": len(bad)}
+        if not work.is_file():
+            return
+        for line in work.read_bytes().splitlines(keepends=True):
+            if line.strip():
+                (good if json.loads(line).get("error") is None else bad).append(line)
+        batch["request_counts"] = {"total": max(len(good) + len(bad), batch["request_counts"]["total"]),
+                                   "completed": len(good), "failed": len(bad)}
         if good:
             batch["output_file_id"] = self.files.add(b"".join(good), f"{batch['id']}_output.jsonl",
                                                      "batch_output")["id"]
         if bad:
             batch["error_file_id"] = self.files.add(b"".join(bad), f"{batch['id']}_error.jsonl",
                                                     "batch_output")["id"]
+        work.unlink()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def install_batch_routes(app: FastAPI, batches: Batches) -> None:
