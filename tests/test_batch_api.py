@@ -75,6 +75,10 @@ def test_a_batch_runs_to_completion_and_answers_as_the_endpoint_does(client):
     assert errors["other-endpoint"]["error"]["code"] == "invalid_url"
     assert sum(1 for r in errors.values() if r["custom_id"] is None) == 1  # the line that is not JSON
     assert {b.id for b in client.batches.list()} >= {batch.id}
+    # files page as OpenAI's do (the openai client follows the cursor)
+    first = client.files.list(limit=1)
+    assert len(first.data) == 1 and first.has_more
+    assert {f.id for f in client.files.list(limit=1)} >= {upload.id, batch.output_file_id, batch.error_file_id}
     assert client.files.delete(batch.output_file_id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(batch.output_file_id)

@@ -273,8 +273,19 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
         return await asyncio.to_thread(files.add, data, file.filename or "upload.jsonl", purpose)
 
     @app.get("/v1/files")
-    async def list_files(purpose: str | None = None) -> dict[str, Any]:
-        return {"object": "list", "data": files.list(purpose), "has_more": False}
+    async def list_files(purpose: str | None = None, limit: int = 10000, after: str | None = None,
+                         order: str = "desc") -> dict[str, Any]:
+        if not 1 <= limit <= 10000 or order not in ("asc", "desc"):
+            raise bad_request("limit must be between 1 and 10000 and order asc or desc", "limit")
+        listed = files.list(purpose)
+        if order == "asc":
+            listed.reverse()
+        ids = [f["id"] for f in listed]
+        if after is not None and after in ids:
+            listed = listed[ids.index(after) + 1:]
+        page = listed[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(listed) > limit}
 
     @app.get("/v1/files/{file_id}")
     async def file_object(file_id: str) -> dict[str, Any]:
