@@ -58,13 +58,14 @@ class CreateBatchRequest(_Body):
 
 
 class StoredFiles:
-    """The uploaded and written files, each ``<root>/<id>`` with its OpenAI file object in ``<root>/<id>.json``."""
+    """The uploaded and written files, each ``<root>/<id>`` with its OpenAI file object in ``<root>/<id>.json``
+    (``root`` is made with the first file: a server that stores none leaves nothing behind)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
 
     def add(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        self.root.mkdir(parents=True, exist_ok=True)
         file_id = f"file-{secrets.token_hex(12)}"
         (self.root / file_id).write_bytes(data)
         record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
@@ -321,7 +322,7 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
 def batch_service(app: FastAPI, api_key: str | None, files_dir: str | None) -> tuple[Batches, Callable[[], None]]:
     """The batches of ``app`` (their lines posted to ``app`` itself, with ``api_key`` when it needs one), with
     files in ``files_dir`` (None: a temporary folder), and what removes that temporary folder."""
-    root = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="inferneo-files-"))
+    root = Path(files_dir) if files_dir else Path(tempfile.gettempdir()) / f"inferneo-files-{secrets.token_hex(8)}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def client() -> httpx.AsyncClient:
