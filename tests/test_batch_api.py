@@ -145,3 +145,29 @@ def test_a_batch_survives_a_server_restart_on_the_same_files_dir(tiny_llama_dir,
         assert done.request_counts.total == done.request_counts.completed == 120
         records = client.files.content(done.output_file_id).text.splitlines()
         assert sorted(json.loads(r)["custom_id"] for r in records) == sorted(f"r{i}" for i in range(120))
+
+
+def test_a_batch_cancelled_before_it_starts_ends_cancelled(tmp_path):
+    """Cancelled in the same turn of the event loop that created it (its task never ran), a batch still ends
+    ``cancelled`` with no records, not ``cancelling`` for ever."""
+    import asyncio
+
+    import httpx
+
+    from inferneo.entrypoints.openai.batch_api import Batches, CreateBatchRequest, StoredFiles
+
+    async def scenario() -> dict:
+        files = StoredFiles(tmp_path)
+        upload = files.add(_line("a", _chat(1)).encode(), "r.jsonl", "batch")
+        batches = Batches(files, lambda: httpx.AsyncClient(base_url="http://unused"))
+        batch = batches.create(CreateBatchRequest(input_file_id=upload["id"], endpoint="/v1/chat/completions",
+                                                  completion_window="24h"))
+        assert batches.cancel(batch["id"])["status"] == "cancelling"
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return batches.view(batch["id"])
+
+    batch = asyncio.run(scenario())
+    assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None
+    assert batch["request_counts"]["completed"] == 0 and batch["output_file_id"] is None
+    assert json.loads((tmp_path / f"{batch['id']}.json").read_text())["status"] == "cancelled"

@@ -135,7 +135,13 @@ class Batches:
                 self._start(batch)
 
     def _start(self, batch: dict[str, Any]) -> None:
-        self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
+        task = self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
+        task.add_done_callback(lambda _: self._settle(batch))
+
+    def _settle(self, batch: dict[str, Any]) -> None:
+        """A batch cancelled before its task began (so ``_run`` never ran) ends cancelled, not cancelling."""
+        if batch["status"] == "cancelling" and not self._closing:
+            self._set(batch, "cancelled", "cancelled_at")
 
     def _set(self, batch: dict[str, Any], status: str, at: str | None = None) -> None:
         """Move ``batch`` to ``status`` (stamping ``at``) and write it down, so a restarted server finds it."""
