@@ -108,27 +108,8 @@ class LLM:
         (-1: to the most the model takes): a text as the tokenizer truncates it (its end goes, the special tokens
         stay), token ids to their last ones.
         """
-        prompt_list = _as_prompt_list(prompts)
-        pooling = PoolingRequest(dimensions)
-        engine = self.engine
-        max_length = engine.input.truncation_length(
-            truncate_prompt_tokens, text=any(isinstance(p, str) for p in prompt_list)
-        )
-        base = f"embed-{time.monotonic_ns()}-"
-        ids = []
-        try:
-            for i, prompt in enumerate(prompt_list):
-                token_ids = (
-                    engine.input.tokenize(prompt, max_length=max_length)
-                    if isinstance(prompt, str)
-                    else truncate_token_ids(prompt, max_length)
-                )
-                ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
-            return self._collect(ids, use_tqdm, "Embedded prompts")
-        except BaseException:
-            for request_id in ids:
-                engine.abort_request(request_id)
-            raise
+        return self._pool(prompts, PoolingRequest(dimensions), truncate_prompt_tokens, use_tqdm, "embed",
+                          "Embedded prompts")
 
     def classify(
         self,
@@ -145,27 +126,34 @@ class LLM:
         first (see ``docs/embeddings.md``). Classification requests run through the same scheduler as generation:
         prefill only, no KV kept afterwards. ``truncate_prompt_tokens`` cuts each prompt as ``embed``'s does.
         """
+        outputs = self._pool(prompts, PoolingRequest(task="classify"), truncate_prompt_tokens, use_tqdm, "classify",
+                             "Classified prompts")
+        model = self.engine.info.pooling
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(model.probabilities(o.outputs.embedding)),
+                                            o.prompt_token_ids) for o in outputs]
+
+    def _pool(self, prompts: PromptInput | Sequence[PromptInput], pooling: PoolingRequest,
+              truncate_prompt_tokens: int | None, use_tqdm: ProgressBar, kind: str,
+              desc: str) -> list[EmbeddingRequestOutput]:
+        """Run ``prompts`` as pooling requests (``embed``'s and ``classify``'s shared work), each cut by
+        ``truncate_prompt_tokens``; their outputs in order (all aborted if one cannot be added)."""
         prompt_list = _as_prompt_list(prompts)
-        pooling = PoolingRequest(task="classify")
         engine = self.engine
         max_length = engine.input.truncation_length(
             truncate_prompt_tokens, text=any(isinstance(p, str) for p in prompt_list)
         )
-        base = f"classify-{time.monotonic_ns()}-"
+        base = f"{kind}-{time.monotonic_ns()}-"
         ids = []
         try:
             for i, prompt in enumerate(prompt_list):
                 token_ids = (engine.input.tokenize(prompt, max_length=max_length) if isinstance(prompt, str)
                              else truncate_token_ids(prompt, max_length))
                 ids.append(engine.add_embedding_request(base + str(i), token_ids, pooling))
-            outputs = self._collect(ids, use_tqdm, "Classified prompts")
+            return self._collect(ids, use_tqdm, desc)
         except BaseException:
             for request_id in ids:
                 engine.abort_request(request_id)
             raise
-        model = engine.info.pooling
-        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(model.probabilities(o.outputs.embedding)),
-                                            o.prompt_token_ids) for o in outputs]
 
     def beam_search(
         self,
@@ -464,27 +452,29 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and (not value or isinstance(value[0], dict))
 
 
-def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt]:
-    """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids
-    (``salted``: a prompt dict may carry a ``cache_salt``, which :func:`_cache_salts` reads)."""
+def _prompt_items(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    """``prompts`` (one prompt, or a list of them) as a list of prompts as given."""
     if isinstance(prompts, (str, dict)):
-        return [_as_prompt(prompts, 0, salted)]
+        return [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
         raise TypeError("prompts must be a string, a list of token ids, a prompt dict, or a list of those, got "
                         f"{type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
-    return [_as_prompt(p, i, salted) for i, p in enumerate(prompts)]
+    return prompts
+
+
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt]:
+    """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids
+    (``salted``: a prompt dict may carry a ``cache_salt``, which :func:`_cache_salts` reads)."""
+    return [_as_prompt(p, i, salted) for i, p in enumerate(_prompt_items(prompts))]
 
 
 def _cache_salts(prompts: PromptInput | Sequence[PromptInput]) -> list[str | None]:
     """Each prompt's ``cache_salt`` (None but in a prompt dict that has one), as ``_as_prompt_list`` lists them;
     ``ValueError`` for a salt that is not a non-empty string."""
-    one = isinstance(prompts, (str, dict)) or (
-        bool(prompts) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts))
-    items = [prompts] if one else list(prompts)
-    return [check_cache_salt(p.get("cache_salt")) if isinstance(p, dict) else None for p in items]
+    return [check_cache_salt(p.get("cache_salt")) if isinstance(p, dict) else None for p in _prompt_items(prompts)]
 
 
 _PROMPT_KEYS = {"prompt": str, "prompt_token_ids": list}
