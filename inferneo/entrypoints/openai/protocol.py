@@ -522,31 +522,9 @@ class _TruncatingBody(_Body):
         return _check_truncation(value, "as many as the model takes")
 
 
-class EmbeddingRequest(_TruncatingBody):
-    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, a list of token ids or a list of lists
-    of token ids (OpenAI's four forms); none may be empty."""
-
-    model: str = Field(max_length=MAX_MODEL_CHARS)
-    input: Any
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=INT64_MAX)
-    user: str | None = Field(None, max_length=MAX_ID_CHARS)
-    # Inferneo extension, as in the other endpoints.
-    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _check_input(cls, value: Any) -> Any:
-        return _check_prompts(value, "input")
-
-    def input_list(self) -> list[str | list[int]]:
-        """The inputs, one entry each: a string or a list of token ids."""
-        return _prompt_list(self.input)
-
-
-class ClassificationRequest(_TruncatingBody):
-    """``POST /classify`` (vLLM's; also ``/v1/classify``): ``input`` is a string, a list of strings, a list of
-    token ids or a list of lists of token ids, as ``/v1/embeddings`` takes it; none may be empty."""
+class _InputsBody(_TruncatingBody):
+    """A pooling request over ``input``: a string, a list of strings, a list of token ids or a list of lists of
+    token ids (OpenAI's four forms of ``/v1/embeddings``); none may be empty."""
 
     model: str = Field(max_length=MAX_MODEL_CHARS)
     input: Any
@@ -561,6 +539,17 @@ class ClassificationRequest(_TruncatingBody):
     def input_list(self) -> list[str | list[int]]:
         """The inputs, one entry each: a string or a list of token ids."""
         return _prompt_list(self.input)
+
+
+class EmbeddingRequest(_InputsBody):
+    """``POST /v1/embeddings``."""
+
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT64_MAX)
+
+
+class ClassificationRequest(_InputsBody):
+    """``POST /classify`` (vLLM's; also ``/v1/classify``), ``input`` as ``/v1/embeddings`` takes it."""
 
 
 class ScoreRequest(_TruncatingBody):

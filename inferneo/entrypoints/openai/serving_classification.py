@@ -15,11 +15,11 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
-from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.engine.request_group import RequestGroup
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
 from inferneo.entrypoints.openai.protocol import ClassificationRequest, now, random_id
 from inferneo.entrypoints.openai.serving_common import ServerContext, cancel_on_disconnect
-from inferneo.entrypoints.openai.serving_embedding import tokenize_inputs
+from inferneo.entrypoints.openai.serving_embedding import submit_inputs
 from inferneo.pooling import PoolingConfig
 
 _json_encode = msgspec.json.Encoder().encode
@@ -33,39 +33,12 @@ async def create_classification(ctx: ServerContext, req: ClassificationRequest, 
         raise bad_request(f"{model!r} is a LoRA adapter: classes are served by the base model only", "model")
     engine = ctx.engine
     pooling = PoolingRequest(task="classify")
-    try:
-        engine.input.check_pooling(
-            pooling
-        )  # before tokenizing: a model that does not classify refuses at once
+    try:  # before tokenizing: a model that does not classify refuses at once
+        engine.input.check_pooling(pooling)
     except InvalidRequestError as exc:
         raise to_api_error(exc) from None
-    inputs = req.input_list()
-    try:
-        max_length = engine.input.truncation_length(
-            req.truncate_prompt_tokens, text=any(isinstance(x, str) for x in inputs)
-        )
-    except InvalidRequestError as exc:
-        raise to_api_error(exc) from None
-    prompt_ids = await ctx.tokenize_off_loop(
-        sum(len(x) for x in inputs if isinstance(x, str)), lambda: tokenize_inputs(ctx.tokenizer, inputs, max_length)
-    )
-    for i, ids in enumerate(prompt_ids):
-        try:
-            engine.input.check_embedding(ids, pooling, "input", req.priority)
-        except InvalidRequestError as exc:
-            where = f"input {i}: " if len(prompt_ids) > 1 and exc.param == "input" else ""
-            raise bad_request(where + str(exc), exc.param) from None
     request_id = random_id("classify")
-    try:
-        group = engine.submit(
-            [
-                EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling=pooling)
-                for i, ids in enumerate(prompt_ids)
-            ],
-            param="input",
-        )
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    group = await submit_inputs(ctx, req, pooling, request_id)
     return await cancel_on_disconnect(raw, _respond(group, engine.info.pooling, request_id, model))
 
 

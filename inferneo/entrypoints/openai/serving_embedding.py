@@ -21,7 +21,7 @@ from inferneo.engine.input_processor import truncate_token_ids, truncation_kwarg
 from inferneo.engine.protocol import InvalidRequestError, PoolingRequest
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.errors import bad_request, to_api_error
-from inferneo.entrypoints.openai.protocol import EmbeddingRequest, random_id
+from inferneo.entrypoints.openai.protocol import ClassificationRequest, EmbeddingRequest, random_id
 from inferneo.entrypoints.openai.serving_common import ServerContext, cancel_on_disconnect
 from inferneo.outputs import EmbeddingRequestOutput
 
@@ -30,6 +30,15 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
     model = ctx.model_name(req.model)
     if ctx.lora_for(model) is not None:
         raise bad_request(f"{model!r} is a LoRA adapter: embeddings are served by the base model only", "model")
+    group = await submit_inputs(ctx, req, PoolingRequest(req.dimensions), random_id("embd"))
+    return await cancel_on_disconnect(raw, _respond(group, model, req.encoding_format))
+
+
+async def submit_inputs(ctx: ServerContext, req: EmbeddingRequest | ClassificationRequest, pooling: PoolingRequest,
+                        request_id: str) -> RequestGroup:
+    """Cut (``truncate_prompt_tokens``), tokenize (off the event loop when long), check and submit every input of
+    a pooling request as ``pooling`` asks; a 400 naming the field (and the input, when there are several) for an
+    input the model cannot take."""
     engine = ctx.engine
     inputs = req.input_list()
     try:
@@ -40,20 +49,17 @@ async def create_embedding(ctx: ServerContext, req: EmbeddingRequest, raw: Reque
         raise to_api_error(exc) from None
     text_chars = sum(len(x) for x in inputs if isinstance(x, str))
     prompt_ids = await ctx.tokenize_off_loop(text_chars, lambda: tokenize_inputs(ctx.tokenizer, inputs, max_length))
-    pooling = PoolingRequest(req.dimensions)
     for i, ids in enumerate(prompt_ids):
         try:
             engine.input.check_embedding(ids, pooling, "input", req.priority)
         except InvalidRequestError as exc:
             where = f"input {i}: " if len(prompt_ids) > 1 and exc.param == "input" else ""
             raise bad_request(where + str(exc), exc.param) from None
-    request_id = random_id("embd")
     try:
-        group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling=pooling)
-                               for i, ids in enumerate(prompt_ids)], param="input")
+        return engine.submit([EngineRequest(f"{request_id}-{i}", ids, None, req.priority, pooling=pooling)
+                              for i, ids in enumerate(prompt_ids)], param="input")
     except Exception as exc:
         raise to_api_error(exc) from None
-    return await cancel_on_disconnect(raw, _respond(group, model, req.encoding_format))
 
 
 def tokenize_inputs(tokenizer, inputs: list[str | list[int]], max_length: int | None = None) -> list[list[int]]:
