@@ -188,11 +188,7 @@ class Batches:
 
     def list(self, limit: int, after: str | None) -> dict[str, Any]:
         ids = sorted(self._batches, key=lambda i: self._batches[i]["created_at"], reverse=True)
-        if after is not None and after in ids:
-            ids = ids[ids.index(after) + 1:]
-        page = [self.view(i) for i in ids[:limit]]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+        return cursor_page([self.view(i) for i in ids], limit, after)
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         batch = self._batches.get(batch_id) or self.view(batch_id)
@@ -261,6 +257,17 @@ class Batches:
         work.unlink()
 
 
+def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's list page: the ``limit`` items after the one whose id is ``after`` (from the first when it is None
+    or unknown), with ``first_id``, ``last_id`` and ``has_more`` for the next page's cursor."""
+    ids = [item["id"] for item in items]
+    if after is not None and after in ids:
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -285,14 +292,7 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
         if not 1 <= limit <= 10000 or order not in ("asc", "desc"):
             raise bad_request("limit must be between 1 and 10000 and order asc or desc", "limit")
         listed = files.list(purpose)
-        if order == "asc":
-            listed.reverse()
-        ids = [f["id"] for f in listed]
-        if after is not None and after in ids:
-            listed = listed[ids.index(after) + 1:]
-        page = listed[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(listed) > limit}
+        return cursor_page(listed[::-1] if order == "asc" else listed, limit, after)
 
     @app.get("/v1/files/{file_id}")
     async def file_object(file_id: str) -> dict[str, Any]:
