@@ -59,3 +59,18 @@ def object_or_text(text: str) -> Any:
     except ValueError:
         return text
     return decoded if isinstance(decoded, dict) else text
+
+
+def json_object_option(value: Any, name: str, what: str = "") -> dict[str, Any] | None:
+    """An option given as a JSON object (text, or already a dict) as a dict; None stays None. ``ValueError`` naming
+    ``name`` (``what`` says what the object holds) for text that is not JSON or JSON that is not an object."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{name} must be a JSON object{what}; {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object{what}, got {type(value).__name__}")
+    return dict(value)

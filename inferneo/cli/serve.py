@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from inferneo.cli.config_file import add_config_arg
 from inferneo.config import EngineConfig, add_engine_args
@@ -12,6 +11,7 @@ from inferneo.entrypoints.openai.http_options import add_http_args, http_options
 from inferneo.entrypoints.openai.reasoning import REASONING_PARSERS
 from inferneo.entrypoints.openai.response_options import add_response_args, response_options_from_args
 from inferneo.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from inferneo.json_text import json_object_option
 
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 
@@ -127,12 +127,9 @@ def _non_negative_seconds(text: str) -> float:
 
 def _json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
+        return json_object_option(text, "default_chat_template_kwargs")
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _lora_module(text: str):

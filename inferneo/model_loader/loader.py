@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from inferneo.json_text import json_object_option
 from inferneo.model_loader.gguf_loader import gguf_config, gguf_generation_config, iter_gguf_weights
 from inferneo.model_loader.hf_files import (
     hf_config,
@@ -48,17 +48,7 @@ def apply_hf_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dic
 def check_hf_overrides(value: Any) -> dict[str, Any] | None:
     """``--hf-overrides``' value (a JSON object, as text or a dict) as a dict; ``ValueError`` when it is not an
     object with string keys."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"hf_overrides must be a JSON object; {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"hf_overrides must be a JSON object (config.json keys and values), got "
-                         f"{type(value).__name__}")
-    return dict(value)
+    return json_object_option(value, "hf_overrides", " (config.json keys and values)")
 
 
 def load_generation_config(source: ModelSource) -> dict[str, Any]:
@@ -93,15 +83,9 @@ GENERATION_OVERRIDE_KEYS = tuple(k for k in SAMPLING_DEFAULT_KEYS if k != "do_sa
 def check_generation_override(value: Any) -> dict[str, Any] | None:
     """``--override-generation-config``'s value (a JSON object, as text or a dict) as a dict of sampling defaults;
     ``ValueError`` naming a key outside :data:`GENERATION_OVERRIDE_KEYS` or a value that is no valid default."""
+    value = json_object_option(value, "override_generation_config")
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"override_generation_config must be a JSON object; {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"override_generation_config must be a JSON object, got {type(value).__name__}")
     unknown = sorted(set(value) - set(GENERATION_OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"override_generation_config: {', '.join(map(repr, unknown))} not supported; the keys are "
