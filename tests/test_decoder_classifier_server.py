@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from test_decoder_classifier import hf_logits
 
 from inferneo.testing.server import RemoteServer
 from inferneo.testing.tiny_models import _CORPUS, make_tiny_checkpoint
@@ -21,20 +22,6 @@ LABELS = ["Default", "Spoiled", "Hateful"]
 WORDS = _CORPUS.split()
 TEXTS = ["hello there", " ".join(WORDS[:20]), "a", " ".join(WORDS[5:12])]
 MAX_LEN = 64
-
-
-def hf_logits(path: Path, texts) -> torch.Tensor:
-    """transformers' logits of each text (or pair), one at a time, unpadded."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = []
-    for text in texts:
-        ids = tokenizer(*text if isinstance(text, tuple) else (text,), return_tensors="pt").input_ids
-        with torch.no_grad():
-            rows.append(model(ids).logits[0])
-    return torch.stack(rows)
 
 
 @pytest.fixture(scope="module")
