@@ -147,8 +147,8 @@ def test_experts_are_held_as_the_files_blocks(case, gguf_file, engine):
         assert sum(p.numel() for p in params.values()) == tensors.nbytes
         gate_up, down = _file_experts(path, index)
         ours = experts.dequantized()
-        assert torch.equal(ours[0], torch.from_numpy(gate_up)) and torch.equal(
-            ours[1], torch.from_numpy(down)
+        assert torch.equal(ours[0].cpu(), torch.from_numpy(gate_up)) and torch.equal(
+            ours[1].cpu(), torch.from_numpy(down)
         )
 
 
@@ -175,10 +175,12 @@ def test_layer_output_equals_the_dequantized_experts(case, routing, dtype, engin
         hidden = moe.experts.hidden_size
         routed = _routing(ROUTINGS[routing], seed=index)
         x = torch.randn(routed.ids.shape[0], hidden, generator=torch.Generator().manual_seed(7 + index))
-        w13, w2 = moe.experts.dequantized()
+        w13, w2 = (w.cpu() for w in moe.experts.dequantized())
         expected = fused_experts(x, w13, w2, routed.weights, routed.ids, activation=moe.activation)
+        device = moe.experts.down_proj.device  # the engine's: CUDA where a GPU is present
+        on_device = RouterOutput(routed.weights.to(device), routed.ids.to(device))
         with torch.no_grad():
-            got = moe.routed_experts(x.to(dtype), routed)
+            got = moe.routed_experts(x.to(device, dtype), on_device).cpu()
         assert got.dtype == dtype
         scale = expected.abs().max().item()
         if dtype == torch.float32:
