@@ -459,7 +459,7 @@ class EngineCore:
                                                request.pending_sample, samples, request.sampling_row,
                                                prompt_logprobs=span, pooling_method=request.pooling_method,
                                                lora=request.lora, num_draft_tokens=len(item.draft_token_ids),
-                                               long_rope=request.long_rope,
+                                               long_rope=request.long_rope, images=request.images,
                                                token_type_start=(request.pooling.token_type_start
                                                                  if request.pooling is not None else None)))
             if samples:

@@ -30,7 +30,10 @@ import logging
 from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
 from inferneo.model_loader import generation_config_for, load_tokenizer
-from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS
+from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS, load_hf_config
+from inferneo.multimodal.config import vision_language_of
+from inferneo.multimodal.inputs import ImageInput
+from inferneo.multimodal.prompts import ImagePromptError, ImagePrompts
 from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
 
@@ -53,8 +56,10 @@ def _tokenizer_size(tokenizer) -> int | None:
 class InputProcessor:
     """Tokenizes prompts and checks requests against one set of rules (see the module docstring)."""
 
-    def __init__(self, tokenizer, generation_config: dict, limits: CoreInfo) -> None:
+    def __init__(self, tokenizer, generation_config: dict, limits: CoreInfo,
+                 images: ImagePrompts | None = None) -> None:
         self.tokenizer = tokenizer
+        self.images = images  # a vision-language model's image side (None: the model takes text only)
         self.generation_config = generation_config
         self.limits = limits
         self.generation_defaults = default_sampling_params(generation_config)
@@ -72,6 +77,32 @@ class InputProcessor:
         return (load_tokenizer(source, config.tokenizer, config.chat_template),
                 generation_config_for(source, config.generation_config,
                                       config.override_generation_config))
+
+    @classmethod
+    def load_image_prompts(cls, config: EngineConfig, tokenizer) -> ImagePrompts | None:
+        """The image side of ``config``'s model when it is a vision-language model (None otherwise)."""
+        source = config.model_ref().resolve()
+        if source.kind != "hf_dir":
+            return None
+        vision_language = vision_language_of(load_hf_config(source, config.hf_overrides))
+        return None if vision_language is None else ImagePrompts(source.path, vision_language, tokenizer)
+
+    def prepare_images(self, prompt_ids: list[int], images: list | None,
+                       truncate_prompt_tokens: int | None = None) -> tuple[list[int], list[ImageInput] | None]:
+        """The prompt with its image placeholders expanded and its images preprocessed
+        (``ImagePrompts.prepare``); a text model's prompt as it is, and ``InvalidRequestError`` if it came with
+        images. Raises ``InvalidRequestError`` naming ``multi_modal_data`` when the images do not fit the prompt."""
+        if self.images is None:
+            if images:
+                raise InvalidRequestError("this model takes text only: it cannot read images", "multi_modal_data")
+            return prompt_ids, None
+        if images and truncate_prompt_tokens is not None:
+            raise InvalidRequestError("truncate_prompt_tokens cannot be combined with images",
+                                      TRUNCATE_PARAM)
+        try:
+            return self.images.prepare(prompt_ids, images)
+        except ImagePromptError as exc:
+            raise InvalidRequestError(str(exc), "multi_modal_data") from None
 
     def default_sampling_params(self) -> SamplingParams:
         """The model's sampling defaults (a fresh copy each call)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from inferneo.engine.request import Request
 from inferneo.model_executor.layers.rotary import LongRopeSwitch
+from inferneo.multimodal.inputs import images_in
 
 
 @dataclass(slots=True)
@@ -65,7 +66,10 @@ class KVCacheManager:
         bs = self.block_size
         parent = hashes[-1] if hashes else self._chain_start(request)
         for start in range(len(hashes) * bs, len(tokens) - bs + 1, bs):
-            parent = hash((parent, tuple(tokens[start : start + bs])))
+            block = tuple(tokens[start : start + bs])
+            # a block holding image tokens is keyed by the images too: their tokens are the same for every image
+            images = images_in(request.images, start, start + bs)
+            parent = hash((parent, block, images) if images else (parent, block))
             hashes.append(parent)
 
     def _chain_start(self, request: Request) -> tuple | None:

@@ -28,7 +28,8 @@ class LLMEngine(FrontEndFacts):
         self.core_client = InlineCoreClient.from_config(config)
         self.info = self.core_client.info
         tokenizer, generation_config = InputProcessor.load_tokenizer(config)
-        self.input = InputProcessor(tokenizer, generation_config, self.info)
+        self.input = InputProcessor(tokenizer, generation_config, self.info,
+                                    InputProcessor.load_image_prompts(config, tokenizer))
         self.processor = OutputProcessor(tokenizer)
         self._counter = itertools.count()
 
@@ -76,11 +77,14 @@ class LLMEngine(FrontEndFacts):
         lora: LoraRef | None = None,
         prompt_text: str | None = None,
         cache_salt: str | None = None,
+        images: list | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``InvalidRequestError`` (a ``ValueError``) for a request the
         model cannot take (``InputProcessor``'s rules, the same as the server's). ``prompt_text``: the text that
         token-id ``prompt`` was made from (a rendered chat), reported as the output's ``prompt``. ``cache_salt``:
-        the request's prefix-cache blocks serve only requests with the same salt (vLLM's)."""
+        the request's prefix-cache blocks serve only requests with the same salt (vLLM's). ``images``: a
+        vision-language model's images (PIL images or image URLs), one for each image placeholder of the prompt
+        (``ImagePrompts.prepare``)."""
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:
@@ -90,13 +94,14 @@ class LLMEngine(FrontEndFacts):
         else:
             text, prompt_ids = prompt_text, list(prompt)
         params = self.input.resolve(params)
+        prompt_ids, image_inputs = self.input.prepare_images(prompt_ids, images, params.truncate_prompt_tokens)
         prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.input.limits.max_model_len,
                                      params.max_tokens)
         max_tokens = self.input.check(prompt_ids, params, priority=priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
                                                self.input.eos_token_ids, priority, arrival, OutputKind.FINAL,
-                                               lora, check_cache_salt(cache_salt))
+                                               lora, check_cache_salt(cache_salt), image_inputs)
         self.core_client.send(AddRequests(specs))
         self.processor.register(parent)
         return request_id

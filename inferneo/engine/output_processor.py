@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from inferneo.engine.detokenizer import IncrementalDetokenizer, NoTextDetokenizer
 from inferneo.engine.protocol import CoreOutput, CoreRequest, LoraRef, PoolingRequest
 from inferneo.engine.protocol import PromptLogprobs as CorePromptLogprobs
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -99,8 +100,8 @@ class OutputProcessor:
 
     def prepare(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                 max_tokens: int, eos_token_ids: frozenset[int], priority: int, arrival: float,
-                kind: OutputKind, lora: LoraRef | None = None,
-                cache_salt: str | None = None) -> tuple[ParentRequest, list[CoreRequest]]:
+                kind: OutputKind, lora: LoraRef | None = None, cache_salt: str | None = None,
+                images: list[ImageInput] | None = None) -> tuple[ParentRequest, list[CoreRequest]]:
         """Plan a request (``n`` sibling sequences, seeds ``seed + j``; all with adapter ``lora`` and prefix-cache
         salt ``cache_salt``, if given) without registering it yet."""
         if request_id in self.parents:
@@ -128,7 +129,7 @@ class OutputProcessor:
             sequences.append(seq)
             # every sequence carries the EOS ids, ignore_eos too: the core applies it (a constraint still ends at EOS)
             specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos_token_ids, priority, arrival,
-                                     lora=lora, cache_salt=cache_salt))
+                                     lora=lora, cache_salt=cache_salt, images=images))
         return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
 
     def prepare_embedding(self, request_id: str, prompt_ids: list[int], pooling: PoolingRequest, priority: int,

@@ -18,6 +18,7 @@ import enum
 
 import msgspec
 
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.pooling.config import PoolingConfig
 from inferneo.sampling_params import SamplingParams
 
@@ -59,6 +60,8 @@ class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
     lora: LoraRef | None = None  # run with this adapter (its KV never serves another adapter's prefix)
     pooling: PoolingRequest | None = None  # set: an embedding request (CoreOutput.embedding), not generation
     cache_salt: str | None = None  # its prefix-cache blocks serve only requests with the same salt
+    # A vision-language model's images: each one's pixels and the prompt positions of its image tokens.
+    images: list[ImageInput] | None = None
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, frozen=True):

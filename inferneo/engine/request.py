@@ -10,6 +10,7 @@ import torch
 
 from inferneo.engine.prompt_logprobs import PromptLogprobsCollector
 from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.sampling.metadata import SamplingRow
 from inferneo.sampling_params import SamplingParams
 from inferneo.spec_decode.state import SpeculationState
@@ -80,6 +81,8 @@ class Request:
     lora: LoraRef | None = None
     # vLLM's cache_salt: its prefix-cache blocks serve (and are served by) only requests with the same salt.
     cache_salt: str | None = None
+    # A vision-language model's images (their tokens are in the prompt; their digests key the blocks holding them).
+    images: list[ImageInput] | None = None
     # Scheduling steps in a row this waiting request was passed over for want of an adapter slot (the scheduler's
     # ``lora_max_wait_steps`` bounds them).
     lora_slot_waits: int = 0
@@ -100,7 +103,7 @@ class Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
                    spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling, lora=spec.lora,
-                   cache_salt=spec.cache_salt)
+                   cache_salt=spec.cache_salt, images=spec.images)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -82,14 +82,16 @@ class LLM:
 
         A prompt is a string, a list of token ids, or vLLM's prompt dicts: ``{"prompt": text}`` (``TextPrompt``) or
         ``{"prompt_token_ids": ids}`` (``TokensPrompt``), either with vLLM's ``"cache_salt"`` (the prompt's
-        prefix-cache blocks then serve only prompts with the same salt). ``sampling_params`` is one for all prompts
+        prefix-cache blocks then serve only prompts with the same salt) and, for a vision-language model, vLLM's
+        ``"multi_modal_data": {"image": image or [images]}`` (PIL images or image URLs, one for each image
+        placeholder of the prompt, such as LLaVA's ``<image>``). ``sampling_params`` is one for all prompts
         or one each; ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt.
         ``lora_request`` (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or
         None) each.
         """
         prompt_list = _as_prompt_list(prompts, salted=True)
         return self._run(prompt_list, sampling_params, priority, use_tqdm, lora_request,
-                         cache_salts=_cache_salts(prompts))
+                         cache_salts=_cache_salts(prompts), images=_prompt_images(prompts))
 
     def embed(
         self,
@@ -176,6 +178,8 @@ class LLM:
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         prompt_list = _as_prompt_list(prompts, salted=True)
         salts = _cache_salts(prompts)
+        if any(_prompt_images(prompts)):
+            raise ValueError("beam_search takes text prompts only: multi_modal_data is not supported here")
         n = len(prompt_list)
         loras = _lora_refs(lora_request, n)
         _check_priority(priority, n)
@@ -348,7 +352,8 @@ class LLM:
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None,
-             prompt_texts: list[str] | None = None, cache_salts: list[str | None] | None = None) -> list[RequestOutput]:
+             prompt_texts: list[str] | None = None, cache_salts: list[str | None] | None = None,
+             images: list[list | None] | None = None) -> list[RequestOutput]:
         n = len(prompts)
         loras = _lora_refs(lora_request, n)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, bytes)):
@@ -370,7 +375,8 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0,
                                               lora=loras[i], prompt_text=prompt_texts[i] if prompt_texts else None,
-                                              cache_salt=cache_salts[i] if cache_salts else None))
+                                              cache_salt=cache_salts[i] if cache_salts else None,
+                                              images=images[i] if images else None))
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -467,7 +473,8 @@ def _prompt_items(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptIn
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt]:
     """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids
-    (``salted``: a prompt dict may carry a ``cache_salt``, which :func:`_cache_salts` reads)."""
+    (``salted``: a prompt dict may carry a ``cache_salt`` and ``multi_modal_data``, which :func:`_cache_salts` and
+    :func:`_prompt_images` read)."""
     return [_as_prompt(p, i, salted) for i, p in enumerate(_prompt_items(prompts))]
 
 
@@ -475,6 +482,24 @@ def _cache_salts(prompts: PromptInput | Sequence[PromptInput]) -> list[str | Non
     """Each prompt's ``cache_salt`` (None but in a prompt dict that has one), as ``_as_prompt_list`` lists them;
     ``ValueError`` for a salt that is not a non-empty string."""
     return [check_cache_salt(p.get("cache_salt")) if isinstance(p, dict) else None for p in _prompt_items(prompts)]
+
+
+def _prompt_images(prompts: PromptInput | Sequence[PromptInput]) -> list[list | None]:
+    """Each prompt's images (vLLM's ``multi_modal_data``: ``{"image": image or [images]}``; None where a prompt
+    has none), as ``_as_prompt_list`` lists the prompts; ``ValueError`` for another modality or shape."""
+    found: list[list | None] = []
+    for index, prompt in enumerate(_prompt_items(prompts)):
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if data is None:
+            found.append(None)
+            continue
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            others = sorted(set(data) - {"image"}) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"prompt {index}: multi_modal_data takes images only ({{'image': image or [images]}}), "
+                             f"got {others}")
+        images = data.get("image")
+        found.append(list(images) if isinstance(images, (list, tuple)) else [images] if images is not None else None)
+    return found
 
 
 _PROMPT_KEYS = {"prompt": str, "prompt_token_ids": list}
@@ -490,7 +515,8 @@ def _as_prompt(prompt: PromptInput, index: int, salted: bool = False) -> Prompt:
         raise ValueError(f"prompt {index} must be a string, a list of token ids or a prompt dict, got "
                          f"{type(prompt).__name__}")
     given = [k for k in _PROMPT_KEYS if k in prompt]
-    others = sorted(str(k) for k in prompt if k not in _PROMPT_KEYS and not (salted and k == "cache_salt"))
+    others = sorted(str(k) for k in prompt
+                    if k not in _PROMPT_KEYS and not (salted and k in ("cache_salt", "multi_modal_data")))
     if others:
         raise ValueError(f"prompt {index}: unsupported prompt dict key(s) {', '.join(others)} (Inferneo takes text "
                          "prompts only: {'prompt': text} or {'prompt_token_ids': ids})")

@@ -10,6 +10,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from inferneo.multimodal.config import (
+    VISION_LANGUAGE_ARCHITECTURES,
+    VISION_LANGUAGE_KEY,
+    VisionLanguageConfig,
+)
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -61,7 +67,29 @@ def hf_config(folder: Path) -> dict[str, Any]:
     config = read_json(path)
     if any(name in LANGUAGE_MODEL_OF for name in config.get("architectures") or ()):
         config = language_model_config(config)
+    elif any(name in VISION_LANGUAGE_ARCHITECTURES for name in config.get("architectures") or ()):
+        config = vision_language_model_config(config)
     return with_both_spellings(config)
+
+
+def vision_language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The served config of a LLaVA-style checkpoint: its language model's ``text_config`` completed with the
+    transformers defaults of its ``model_type``, under that model's causal-LM architecture name, with the image
+    settings (``VisionLanguageConfig``) beside it under ``VISION_LANGUAGE_KEY``."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    declared = dict(config.get("text_config") or {})
+    model_type = declared.pop("model_type", "llama")
+    if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{config['architectures'][0]}: unknown language model type {model_type!r}")
+    text = CONFIG_MAPPING[model_type](**declared).to_dict()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
+        if declared.get(key) is None and config.get(key) is not None:
+            text[key] = config[key]
+    text["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
+    return text
 
 
 def with_both_spellings(config: dict[str, Any]) -> dict[str, Any]:

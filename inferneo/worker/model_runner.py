@@ -74,6 +74,9 @@ from inferneo.worker.step_inputs import (
     step_views,
 )
 
+# Images whose features the runner keeps (most recently used), so that a prompt's chunks encode each image once.
+IMAGE_FEATURE_CACHE = 32
+
 logger = logging.getLogger(__name__)
 
 
@@ -300,6 +303,9 @@ class ModelRunner(Runner):
             install_kv_scales(self.model, device)
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
+        if getattr(self.model, "accepts_images", False) and (self.tp.world_size > 1 or self.pp.num_stages > 1):
+            raise ValueError(f"{model_cls.__name__}: vision-language models run on one device for now "
+                             "(tensor_parallel_size and pipeline_parallel_size 1)")
         self.model.cast(dtype)
         share_rotary_tables(self.model)  # one cos/sin table pair, not one per layer
         if self.quant_config is not None:
@@ -323,6 +329,8 @@ class ModelRunner(Runner):
         self.spare_block = 0
         self._inputs = InputStager(device)
         self._pending_inputs = InputStager(device, initial=1024)  # row/sample indices of pending input tokens
+        # A vision-language model's recently encoded images: digest -> features (``_image_rows``).
+        self._image_features: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         # Decode batches are padded to these sizes (set on CUDA when graphs are captured; tests set it on CPU).
         self.decode_buckets: list[int] = []
         self.graphs: DecodeGraphs | None = None
@@ -475,7 +483,7 @@ class ModelRunner(Runner):
                                    device=self.device)
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
-                                    self._token_types(items, packed))
+                                    self._token_types(items, packed), self._image_rows(items, packed))
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
@@ -544,9 +552,32 @@ class ModelRunner(Runner):
                 types[row + skip : row + it.num_new_tokens] = 1
         return types.to(self.device, non_blocking=True)
 
+    def _image_rows(self, items: list[ScheduledSequence], packed: PackedStep) -> list[tuple[int, torch.Tensor]]:
+        """The step's image features: ``(first row, features)`` for each image with tokens among the step's (the
+        features of those tokens only, when a prompt chunk holds part of an image). Each image is encoded once
+        while its features are among the last :data:`IMAGE_FEATURE_CACHE` images' (keyed by digest)."""
+        rows: list[tuple[int, torch.Tensor]] = []
+        for index, it in enumerate(items):
+            if not it.images:
+                continue
+            start, stop = it.num_computed_tokens, it.num_computed_tokens + it.num_new_tokens
+            for image in it.images:
+                lo, hi = max(image.offset, start), min(image.end, stop)
+                if lo >= hi:
+                    continue
+                features = self._image_features.pop(image.digest, None)
+                if features is None:
+                    features = self.model.encode_image(image.tensor())
+                self._image_features[image.digest] = features  # now the most recently used
+                while len(self._image_features) > IMAGE_FEATURE_CACHE:
+                    self._image_features.popitem(last=False)
+                rows.append((packed.first_row(index) + lo - start, features[lo - image.offset : hi - image.offset]))
+        return rows
+
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
-                 token_types: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 token_types: torch.Tensor | None = None,
+                 image_rows: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
@@ -559,6 +590,11 @@ class ModelRunner(Runner):
         self.backend.prepare(metadata)
         if token_types is not None:  # an encoder's inputs with a second segment (a BERT cross-encoder's pairs)
             return self.model(input_ids, positions, self.kv_caches, metadata, token_type_ids=token_types), dev
+        if image_rows:  # a vision-language model's image tokens: the images' features in place of embeddings
+            embeds = self.model.embed(input_ids)
+            for row, features in image_rows:
+                embeds[row : row + features.shape[0]] = features
+            return self.model(input_ids, positions, self.kv_caches, metadata, input_embeds=embeds), dev
         if self.pp.num_stages == 1:
             return self.model(input_ids, positions, self.kv_caches, metadata), dev
         return self._stage_forward(input_ids, positions, metadata), dev

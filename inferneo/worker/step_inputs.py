@@ -30,6 +30,7 @@ import torch
 from inferneo.attention import AttentionMetadata, PrefillSpan
 from inferneo.engine.protocol import LoraRef
 from inferneo.model_executor.layers.rotary import LongRopeSwitch
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.pooling.pooler import PoolingRow
 from inferneo.sampling.metadata import SamplingRow, TokenBitmask
 from inferneo.worker.prompt_logprobs import PromptLogprobSpan
@@ -59,6 +60,7 @@ class ScheduledSequence:
     num_draft_tokens: int = 0
     long_rope: bool = False  # every token rotates by LongRoPE's long factors (``Request.long_rope``)
     token_type_start: int | None = None  # an encoder input's first position of token type 1 (None: all type 0)
+    images: list[ImageInput] | None = None  # a vision-language prompt's images (``ImageInput``)
 
     @property
     def decode_rows(self) -> int:

@@ -310,9 +310,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.float()
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata):
-        """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V."""
-        hidden = self.embed(input_ids)
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata,
+                input_embeds: torch.Tensor | None = None):
+        """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V. ``input_embeds``
+        (a vision-language model's step with image tokens): the embeddings to start from instead of
+        ``embed(input_ids)``."""
+        hidden = self.embed(input_ids) if input_embeds is None else input_embeds
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)

@@ -17,9 +17,11 @@ from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, Deeps
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
+from inferneo.model_executor.models.llava import vision_language_class
 from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from inferneo.multimodal.config import vision_language_of
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -60,8 +62,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 def get_model_class(hf_config: dict) -> type[nn.Module]:
     """The model class for a config's ``architectures``; ValueError naming the supported ones otherwise."""
     names = hf_config.get("architectures") or []
+    vision_language = vision_language_of(hf_config)
     for name in names:
         if name in MODEL_REGISTRY:
-            return MODEL_REGISTRY[name]
+            if vision_language is None:
+                return MODEL_REGISTRY[name]
+            if not issubclass(MODEL_REGISTRY[name], LlamaForCausalLM):
+                raise ValueError(f"{vision_language.architecture} with a {name} language model is not supported")
+            return vision_language_class(MODEL_REGISTRY[name], vision_language)
     asked = ", ".join(names) if names else f"(none listed; model_type {hf_config.get('model_type')!r})"
     raise ValueError(f"unsupported architecture {asked}; supported: {', '.join(MODEL_REGISTRY)}")

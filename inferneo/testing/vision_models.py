@@ -1,0 +1,70 @@
+"""Tiny random-weight LLaVA checkpoints for tests: transformers' own ``LlavaForConditionalGeneration`` over the
+tiny Llama (or Qwen2) of :mod:`~inferneo.testing.tiny_models`, a CLIP or SigLIP vision tower of 32-pixel images in
+8-pixel patches, the tiny tokenizer with ``<image>`` added as its last token, and the image processor's config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from inferneo.testing.tiny_models import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, make_tiny_tokenizer
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+
+def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "default", text_arch: str = "llama",
+                    vocab_size: int = 384, hidden_size: int = 64, feature_layer: int | list[int] = -2,
+                    seed: int = 0) -> Path:
+    """Write a random-weight LLaVA checkpoint into ``path`` and return it: ``vision`` "clip" or "siglip",
+    ``strategy`` LLaVA's ``vision_feature_select_strategy`` ("default" drops the tower's first position, "full"
+    keeps it), the language model a tiny ``text_arch`` ("llama" or "qwen2") whose last token id is ``<image>``.
+    Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs depend on the image."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    vision_config = CLIPVisionConfig(projection_dim=32, **tower) if vision == "clip" else SiglipVisionConfig(**tower)
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                pad_token_id=PAD_ID, tie_word_embeddings=False)
+    text_config = LlamaConfig(**text) if text_arch == "llama" else Qwen2Config(**text)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=vocab_size - 1,
+                         vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+                         initializer_range=0.2)
+    config.text_config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "language_model" in name and name.endswith("norm.weight"):
+                param.normal_(1.0, 0.1)
+            elif "language_model" in name or "projector" in name:
+                param.normal_(0.0, 0.2)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = make_tiny_tokenizer(vocab_size - 1, add_bos=text_arch == "llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab_size - 1
+    tokenizer.save_pretrained(path)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = (CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size) if vision == "clip"
+                 else SiglipImageProcessor(size=size))
+    processor.save_pretrained(path)
+    return path
