@@ -205,7 +205,7 @@ CASES = [
     Case("role-empty", CHAT, body=chat(messages=[{"role": "", "content": "hi"}]), says="role"),
     Case("content-number", CHAT, body=chat(messages=[{"role": "user", "content": 3}]), says="content"),
     Case("content-image", CHAT, body=chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), says="only text"),
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), says="takes text only"),
     Case("second-conversation-bad", CHAT, body=chat(messages=[USER, [{"role": "user"}, 5]]), says="conversation 1"),
     Case("conversation-empty", CHAT, body=chat(messages=[USER, []]), says="conversation 1"),
     Case("conversations-300", CHAT, body=chat(messages=[USER] * 300), says="300 conversations"),

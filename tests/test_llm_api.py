@@ -54,7 +54,8 @@ def test_accepts_vllm_prompt_dicts(llm):
     assert [o.outputs[0].token_ids for o in mixed] == [p.outputs[0].token_ids for p in (plain[0], plain[1], plain[1])]
     assert llm.embed({"prompt_token_ids": ids}, use_tqdm=False)[0].prompt_token_ids == ids
     for bad, match in [({"prompt": "a", "prompt_token_ids": ids}, "exactly one of"), ({}, "exactly one of"),
-                       ({"prompt": "a", "multi_modal_data": {}}, "unsupported prompt dict key.*multi_modal_data"),
+                       ({"prompt": "a", "multi_modal_data": {"image": "data:image/png;base64,"}}, "takes text only"),
+                       ({"prompt": "a", "multi_modal_data": {"video": []}}, "takes images only"),
                        ({"prompt_token_ids": "a b"}, "'prompt_token_ids' must be a list of token ids")]:
         with pytest.raises(ValueError, match=match):
             llm.generate(["ok", bad], greedy(), use_tqdm=False)
@@ -299,8 +300,11 @@ def test_chat_refuses_what_is_not_a_conversation(llm):
     with pytest.raises(ValueError, match="chat template cannot render this conversation: TypeError"):
         llm.chat(conv, greedy(), chat_template="{{ messages[0]['content'] + 1 }}", use_tqdm=False)
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
-    with pytest.raises(ValueError, match="message 0: only text content parts are supported"):
+    with pytest.raises(ValueError, match="takes text only: it cannot read images"):
         llm.chat([{"role": "user", "content": [image]}], greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="message 0: only text and image content parts are supported"):
+        llm.chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], greedy(),
+                 use_tqdm=False)
     assert_clean(llm)
 
 

@@ -148,3 +148,32 @@ def test_a_text_model_refuses_images(tiny_checkpoint_factory):
     llm = LLM(str(tiny_checkpoint_factory("llama")), dtype="float32")
     with pytest.raises(InvalidRequestError, match="text only"):
         llm.generate({"prompt": "hello", "multi_modal_data": {"image": images(1)[0]}}, GREEDY)
+
+
+def data_url(picture: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_with_image(picture, url: bool = True) -> list[dict]:
+    part = ({"type": "image_url", "image_url": {"url": data_url(picture)}} if url
+            else {"type": "image_pil", "image_pil": picture})
+    return [{"role": "user", "content": [{"type": "text", "text": "look:"}, part,
+                                         {"type": "text", "text": "what is it?"}]}]
+
+
+def test_chat_with_image_parts_equals_generate_on_the_rendered_prompt(tmp_path):
+    llm = LLM(str(make_tiny_llava(tmp_path)), dtype="float32", max_model_len=512)
+    first, second = images(2, seed=3)
+    chats = llm.chat([chat_with_image(first), chat_with_image(second, url=False)], GREEDY, use_tqdm=False)
+    for output, picture in zip(chats, (first, second), strict=True):
+        assert "look:\n<image>\nwhat is it?" in output.prompt
+        direct = llm.generate({"prompt_token_ids": llm.get_tokenizer()(output.prompt, add_special_tokens=False)
+                               .input_ids, "multi_modal_data": {"image": picture}}, GREEDY, use_tqdm=False)[0]
+        assert direct.prompt_token_ids == output.prompt_token_ids
+        assert direct.outputs[0].token_ids == output.outputs[0].token_ids
+    assert chats[0].outputs[0].token_ids != chats[1].outputs[0].token_ids

@@ -40,6 +40,7 @@ from inferneo.engine.protocol import (
     StepOutputs,
 )
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.multimodal.prompts import ImagePrompts
 from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -80,10 +81,10 @@ class AsyncEngine(FrontEndFacts):
 
     def __init__(self, client: CoreClient, tokenizer, generation_config: dict,
                  max_queued_requests: int | None = None, observer: RequestObserver | None = None,
-                 max_consecutive_step_failures: int = 3) -> None:
+                 max_consecutive_step_failures: int = 3, image_prompts: ImagePrompts | None = None) -> None:
         self.client = client
         self.info = client.info
-        self.input = InputProcessor(tokenizer, generation_config, client.info)
+        self.input = InputProcessor(tokenizer, generation_config, client.info, image_prompts)
         self.max_queued_requests = max_queued_requests
         self.observer = observer
         self.max_consecutive_step_failures = max_consecutive_step_failures
@@ -106,7 +107,7 @@ class AsyncEngine(FrontEndFacts):
         client = ThreadCoreClient.from_config(config, max_consecutive_step_failures)
         tokenizer, generation_config = InputProcessor.load_tokenizer(config)
         return cls(client, tokenizer, generation_config, max_queued_requests, observer,
-                   max_consecutive_step_failures)
+                   max_consecutive_step_failures, InputProcessor.load_image_prompts(config, tokenizer))
 
     @classmethod
     def in_child_process(cls, config: EngineConfig, max_queued_requests: int | None = None,
@@ -121,7 +122,7 @@ class AsyncEngine(FrontEndFacts):
             client.close()
             raise
         return cls(client, tokenizer, generation_config, max_queued_requests, observer,
-                   max_consecutive_step_failures)
+                   max_consecutive_step_failures, InputProcessor.load_image_prompts(config, tokenizer))
 
     @classmethod
     def data_parallel(cls, config: EngineConfig, max_queued_requests: int | None = None,
@@ -138,7 +139,7 @@ class AsyncEngine(FrontEndFacts):
             client.close()
             raise
         return cls(client, tokenizer, generation_config, max_queued_requests, observer,
-                   max_consecutive_step_failures)
+                   max_consecutive_step_failures, InputProcessor.load_image_prompts(config, tokenizer))
 
     # ---- facts -------------------------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class AsyncEngine(FrontEndFacts):
                     planned.append(self._processor.prepare(
                         request.request_id, None, request.prompt_token_ids, params, max_tokens,
                         self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora,
-                        request.cache_salt))
+                        request.cache_salt, request.images))
                 except ValueError as exc:
                     raise InvalidRequestError(str(exc)) from None
             specs = []

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 
 from inferneo.engine.protocol import LoraRef, PoolingRequest
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import CompletionOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -29,6 +30,7 @@ class EngineRequest:
     pooling: PoolingRequest | None = None
     lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
+    images: list[ImageInput] | None = None  # a vision-language prompt's images (its placeholders expanded)
 
 
 class RequestGroup:

@@ -14,11 +14,12 @@ from inferneo.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams,
 from inferneo.config import EngineConfig
 from inferneo.engine.input_processor import check_cache_salt, truncate_token_ids
 from inferneo.engine.llm_engine import LLMEngine
-from inferneo.engine.protocol import LoraRef, PoolingRequest
+from inferneo.engine.protocol import InvalidRequestError, LoraRef, PoolingRequest
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.score_pairs import score_pairs
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
+from inferneo.multimodal.chat import IMAGE_MARK, IMAGES_KEY, image_part_url, is_image_part, take_images
 from inferneo.outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -305,10 +306,12 @@ class LLM:
                              "also be true")
         generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         template_kwargs = _template_kwargs(tools, chat_template_kwargs)
-        texts = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message, template_kwargs)
-                 for i, c in enumerate(conversations)]
+        rendered = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message,
+                                      template_kwargs, with_images=True) for i, c in enumerate(conversations)]
+        texts = [text for text, _ in rendered]
         prompt_ids = [self.engine.tokenize(text, add_special_tokens=False) for text in texts]
-        return self._run(prompt_ids, sampling_params, priority, use_tqdm, lora_request, prompt_texts=texts)
+        return self._run(prompt_ids, sampling_params, priority, use_tqdm, lora_request, prompt_texts=texts,
+                         images=[images or None for _, images in rendered])
 
     def apply_chat_template(
         self, conversation: Conversation, add_generation_prompt: bool = True, chat_template: str | None = None
@@ -319,10 +322,12 @@ class LLM:
 
     def _render_chat(self, conversation: Conversation, add_generation_prompt: bool, chat_template: str | None,
                      index: int | None = None, continue_final_message: bool = False,
-                     template_kwargs: dict[str, Any] | None = None) -> str:
+                     template_kwargs: dict[str, Any] | None = None, with_images: bool = False) -> Any:
         """A conversation as the chat template renders it; ``ValueError`` for a conversation or template that
         cannot be rendered (``index``: the conversation's place in a list, for the message; ``template_kwargs``:
-        further variables for the template, as ``_template_kwargs`` makes them)."""
+        further variables for the template, as ``_template_kwargs`` makes them). ``with_images``: returns the text
+        and the conversation's images (``image_url`` / ``image_pil`` parts, in order; the text holds the model's
+        image placeholder for each)."""
         where = "" if index is None else f"conversation {index}: "
         tokenizer = self.engine.tokenizer
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -335,15 +340,21 @@ class LLM:
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
         conversation = [_message_for_template(m, f"{where}message {i}") for i, m in enumerate(conversation)]
+        image_side = self.engine.input.images
+        try:
+            conversation, images = take_images(conversation, image_side.placeholder if image_side else None)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{where}{exc}", "messages") from None
         if continue_final_message and conversation[-1].get("role") != "assistant":
             raise ValueError(f"{where}continue_final_message needs the last message to be the assistant's")
         extra = dict(template_kwargs or {})
         if continue_final_message:
             extra["continue_final_message"] = True
         try:
-            return tokenizer.apply_chat_template(conversation, tokenize=False,
+            text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt,
                                                  chat_template=chat_template, **extra)
+            return (text, images) if with_images else text
         except (TemplateError, TypeError) as exc:  # a template that does not parse, refuses these messages, or
             # meets a value it cannot handle (a TypeError raised inside the template)
             raise ValueError(f"{where}the chat template cannot render this conversation: "
@@ -534,18 +545,25 @@ def _message_for_template(message: dict, at: str) -> dict:
     """``message`` as the server hands it to the chat template (vLLM does the same, offline and served): OpenAI
     text content parts (``[{"type": "text", "text": ...}, ...]``) joined by newlines, since templates expect a
     string; an assistant message's null content beside its ``tool_calls`` as the empty string; and each tool call's
-    ``arguments``, when a JSON string of an object, decoded into that object, which is what templates read. Other
-    content parts (images, audio) raise ``ValueError``."""
+    ``arguments``, when a JSON string of an object, decoded into that object, which is what templates read. Image
+    parts (``image_url``, or vLLM's ``image_pil``) leave ``IMAGE_MARK`` in the text and their images in the
+    message's ``images`` (``multimodal.chat.take_images`` reads them); other parts (audio) raise ``ValueError``."""
     content = message.get("content")
     if content is None and message.get("tool_calls"):
         message = {**message, "content": ""}
     elif isinstance(content, list):
-        texts = []
+        texts, images = [], []
         for part in content:
+            if is_image_part(part):
+                images.append(image_part_url(part, at))
+                texts.append(IMAGE_MARK)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"{at}: only text content parts are supported, got {part!r:.80}")
+                raise ValueError(f"{at}: only text and image content parts are supported, got {part!r:.80}")
             texts.append(part["text"])
         message = {**message, "content": "\n".join(texts)}
+        if images:
+            message[IMAGES_KEY] = images
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls:
         message = {**message, "tool_calls": [_arguments_decoded(call) for call in calls]}

@@ -38,7 +38,7 @@ from inferneo.entrypoints.openai.protocol import (
 from inferneo.entrypoints.openai.protocol_responses import InputTokensRequest, ResponsesRequest
 from inferneo.entrypoints.openai.replicas import health_body, replica_client
 from inferneo.entrypoints.openai.response_options import ResponseOptions
-from inferneo.entrypoints.openai.serving_chat import create_chat_completion
+from inferneo.entrypoints.openai.serving_chat import create_chat_completion, prepare_images
 from inferneo.entrypoints.openai.serving_classification import create_classification
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
@@ -48,6 +48,7 @@ from inferneo.entrypoints.openai.serving_responses import count_input_tokens, cr
 from inferneo.entrypoints.openai.serving_score import create_rerank, create_score
 from inferneo.entrypoints.openai.stats_logger import log_stats_forever
 from inferneo.lora.registry import LoraModule, LoRARegistry
+from inferneo.multimodal.chat import take_images
 from inferneo.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
@@ -193,10 +194,16 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         tokenizer = ctx.tokenizer
         if body.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            ids = render_chat(tokenizer, body.messages, body.generation_prompt(),
+            image_side = ctx.engine.input.images
+            try:
+                messages, images = take_images(body.messages, image_side.placeholder if image_side else None)
+            except ValueError as exc:
+                raise bad_request(str(exc), "messages") from None
+            ids = render_chat(tokenizer, messages, body.generation_prompt(),
                               ctx.template_kwargs(body.chat_template_kwargs),
                               bool(body.add_special_tokens), tools=tools,
                               continue_final_message=body.continue_final_message)
+            (ids,), _ = await prepare_images(ctx, [ids], [images], None)  # as many image tokens as generation has
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = tokenizer(body.prompt, add_special_tokens=add_special).input_ids

@@ -33,6 +33,7 @@ from pydantic import (
 
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.json_text import object_or_text
+from inferneo.multimodal.chat import IMAGE_MARK, IMAGES_KEY, image_part_url
 
 Conversation = list[dict[str, Any]]
 
@@ -734,9 +735,11 @@ def _optional(message: dict, key: str, kind: type, limit: int | None, at: str) -
         _cap(len(value), limit, f"characters in '{key}'", f"{at}: ")
 
 
-def _content(content: Any, role: str, at: str, has_tool_calls: bool = False) -> str:
+def _content(content: Any, role: str, at: str, has_tool_calls: bool = False,
+             images: list[str] | None = None) -> str:
     """A message's content as text: a string, or text parts joined by newlines; an assistant message that carries
-    tool calls may have none (null), which becomes the empty string, as vLLM renders it."""
+    tool calls may have none (null), which becomes the empty string, as vLLM renders it. A user message's
+    ``image_url`` parts leave ``IMAGE_MARK`` in the text and their URLs in ``images``."""
     if content is None:
         if has_tool_calls:
             return ""
@@ -748,8 +751,13 @@ def _content(content: Any, role: str, at: str, has_tool_calls: bool = False) -> 
         _cap(len(content), MAX_CONTENT_PARTS, "content parts", f"{at}: ")
         texts = []
         for part in content:
+            if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                images.append(image_part_url(part, at))
+                texts.append(IMAGE_MARK)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"{at}: only text content parts are supported")
+                raise ValueError(f"{at}: only text{' and image_url' if images is not None else ''} content parts "
+                                 "are supported")
             if len(part) != 2:
                 extra = sorted(set(part) - {"type", "text"})[0]
                 raise ValueError(f"{at}: unrecognized key {extra[:40]!r} in a text part")
@@ -796,8 +804,12 @@ def _conversation(messages: Any, where: str) -> Conversation:
             raise ValueError(f"{at}: only an 'assistant' message may carry 'tool_calls'")
         if role == "tool" and not message.get("tool_call_id"):
             raise ValueError(f"{at}: a 'tool' message needs 'tool_call_id', the id of the call it answers")
+        images: list[str] | None = [] if role == "user" else None
         entry: dict[str, Any] = {"role": role,
-                                 "content": _content(message.get("content"), role, at, tool_calls is not None)}
+                                 "content": _content(message.get("content"), role, at, tool_calls is not None,
+                                                     images)}
+        if images:
+            entry[IMAGES_KEY] = images
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
         if tool_calls is not None:

@@ -8,6 +8,7 @@ named the function, as OpenAI answers)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -51,6 +52,8 @@ from inferneo.entrypoints.openai.tool_parsers import (
     ToolCallParser,
     calls_of,
 )
+from inferneo.multimodal.chat import take_images
+from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import Logprob
 from inferneo.sampling_params import SamplingParams
 
@@ -146,16 +149,40 @@ class StartedChat:
     prompt_token_ids: tuple[list[int], ...] = ()  # each conversation's, as rendered
 
 
-async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> list[list[int]]:
+async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[list[list[int]], list[list]]:
     """The prompt token ids of each of ``req``'s conversations, as the model's chat template renders them with the
-    request's tools and template options (off the event loop when long)."""
+    request's tools and template options (off the event loop when long), and each conversation's images (their
+    URLs, in order; the prompt holds the model's image placeholder for each)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    conversations = req.conversations()
-    return await ctx.tokenize_off_loop(
+    image_side = ctx.engine.input.images
+    try:
+        split = [take_images(c, image_side.placeholder if image_side is not None else None)
+                 for c in req.conversations()]
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    conversations = [conversation for conversation, _ in split]
+    ids = await ctx.tokenize_off_loop(
         sum(map(conversation_chars, conversations)),
         lambda: [render_chat(ctx.tokenizer, c, req.generation_prompt(), ctx.template_kwargs(req.template_kwargs()),
                              tools=tools,
                              continue_final_message=req.continue_final_message) for c in conversations])
+    return ids, [images for _, images in split]
+
+
+async def prepare_images(ctx: ServerContext, prompt_ids: list[list[int]], images: list[list],
+                         truncate_prompt_tokens: int | None) -> tuple[list[list[int]], list[list[ImageInput] | None]]:
+    """A vision-language model's prompts with their image placeholders expanded, and their images read and
+    preprocessed (off the event loop: images may be fetched); a text model's prompts as they are."""
+    input_side = ctx.engine.input
+    if input_side.images is None:
+        return prompt_ids, [None] * len(prompt_ids)
+    try:
+        prepared = await asyncio.to_thread(
+            lambda: [input_side.prepare_images(ids, found, truncate_prompt_tokens)
+                     for ids, found in zip(prompt_ids, images, strict=True)])
+    except InvalidRequestError as exc:  # the images came in the messages
+        raise renamed(to_api_error(exc), "multi_modal_data", "messages") from None
+    return [ids for ids, _ in prepared], [inputs for _, inputs in prepared]
 
 
 async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id: str, param: str) -> StartedChat:
@@ -175,7 +202,10 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     constraint = structured_outputs_of(req)
     engine = ctx.engine
     check_logprobs(engine, {"top_logprobs": req.top_logprobs, "prompt_logprobs": req.prompt_logprobs})
-    prompt_ids = await render_conversations(ctx, req)
+    prompt_ids, images = await render_conversations(ctx, req)
+    if beam is not None and any(images):
+        raise bad_request("beam search takes text only: a conversation with images cannot use it", "messages")
+    prompt_ids, image_inputs = await prepare_images(ctx, prompt_ids, images, req.truncate_prompt_tokens)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     prompt_ids = truncate_prompts(prompt_ids, req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -194,7 +224,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
             if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads
                 params.skip_special_tokens = params.spaces_between_special_tokens = False
             requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
-                                          cache_salt=req.cache_salt))
+                                          cache_salt=req.cache_salt, images=image_inputs[i]))
         if beam is not None:
             group = submit_beam_search(engine, request_id, prompt_ids, beam,
                                        [r.params.max_tokens for r in requests], req.priority, lora,

@@ -79,7 +79,7 @@ async def count_input_tokens(ctx: ServerContext, body: InputTokensRequest) -> di
     chat = req.to_chat()
     try:
         ctx.model_name(chat.model)
-        (prompt_ids,) = await render_conversations(ctx, chat)
+        (prompt_ids,), _ = await render_conversations(ctx, chat)
     except APIError as exc:
         raise in_responses_terms(exc) from None
     return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
