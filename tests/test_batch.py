@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from inferneo.batch import BatchJob, OutputFileError, Sender, ServerUnreachableError
+from inferneo.batch.records import error_record, response_record
 from inferneo.batch.sender import ServerBusyError, parse_retry_after
 from inferneo.cli.main import main
 from inferneo.testing.server import RemoteServer
@@ -329,6 +330,24 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     requests.write_text(request_line("a", 1) + "\n")
     with BatchJob(requests, tmp_path / "out.jsonl"), pytest.raises(OutputFileError, match="in use"):
         BatchJob(requests, tmp_path / "out.jsonl")
+
+
+def test_the_output_counts_its_failed_lines_apart(tmp_path):
+    """``OutputFile.failed`` (what the Batch API's ``request_counts.failed`` reads) holds the lines whose record is
+    an error, as read back and as appended; --retry-failed takes out those it sends again."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(request_line(c, i) + "\n" for i, c in enumerate("abcd")))
+    out = tmp_path / "out.jsonl"
+    with BatchJob(requests, out) as job:
+        digest = job.digest
+        job.output.append(response_record(digest, 1, "a", 200, None, {"ok": True}))
+        job.output.append(response_record(digest, 2, "b", 404, None, {"error": {"message": "no", "code": "x"}}))
+        job.output.append(error_record(digest, 3, "c", "invalid_body", "bad"))
+        assert (job.num_done, job.num_failed) == (3, 2) and job.output.failed == {2, 3}
+    with BatchJob(requests, out) as job:
+        assert (job.num_done, job.num_failed) == (3, 2) and job.output.failed == {2, 3}
+    with BatchJob(requests, out, retry_failed=True) as job:  # line 2 is sent again; line 3 could not be sent
+        assert (job.num_done, job.num_failed) == (2, 1) and job.output.failed == {3}
 
 
 def test_unreachable_server_stops_the_run_and_the_rerun_finishes(server, tmp_path, capsys):

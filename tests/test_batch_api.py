@@ -18,10 +18,14 @@ KEY = "batch-key"
 
 
 @pytest.fixture(scope="module")
-def client(tiny_llama_dir, tmp_path_factory):
-    files = tmp_path_factory.mktemp("files")
+def files_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("files")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir, files_dir):
     with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--num-threads",
-                      "1", "--no-enable-prefix-caching", "--api-key", KEY, "--files-dir", str(files),
+                      "1", "--no-enable-prefix-caching", "--api-key", KEY, "--files-dir", str(files_dir),
                       "--disable-access-log") as server:
         yield openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
 
@@ -46,6 +50,35 @@ def _wait(client, batch_id: str, until: tuple[str, ...], timeout: float = 120.0)
 
 def _records(client, file_id: str) -> dict[str, dict]:
     return {r["custom_id"]: r for r in map(json.loads, client.files.content(file_id).text.splitlines())}
+
+
+def _written(path) -> tuple[int, int] | None:
+    """(successes, failures) among the whole records in a running batch's records file; None once it is gone."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    records = [json.loads(line) for line in data.splitlines(keepends=True) if line.endswith(b"\n")]
+    failed = sum(1 for r in records if r["error"] is not None)
+    return len(records) - failed, failed
+
+
+def _file_lines(client, file_id: str | None) -> int:
+    return 0 if file_id is None else len(client.files.content(file_id).text.splitlines())
+
+
+def _mixed_lines(n: int, prefix: str, max_tokens: int) -> tuple[list[str], int]:
+    """``n`` chat lines, every 8th of them bad (a line that is not JSON, or a request the server refuses), and how
+    many are bad."""
+    lines = []
+    for i in range(n):
+        if i % 16 == 0:
+            lines.append('{"custom_id": ')
+        elif i % 8 == 0:
+            lines.append(_line(f"{prefix}{i}", {**_chat(i), "max_tokens": -1}))
+        else:
+            lines.append(_line(f"{prefix}{i}", {**_chat(i), "max_tokens": max_tokens, "ignore_eos": True}))
+    return lines, len(range(0, n, 8))
 
 
 def test_a_batch_runs_to_completion_and_answers_as_the_endpoint_does(client):
@@ -84,6 +117,38 @@ def test_a_batch_runs_to_completion_and_answers_as_the_endpoint_does(client):
         client.files.retrieve(batch.output_file_id)
 
 
+def test_request_counts_while_in_progress_are_the_records_written(client, files_dir):
+    """While a batch runs, ``completed`` counts the lines answered with a 2xx and ``failed`` the others, each as its
+    records are written: every poll lies between two reads of the batch's records file, one before it and one
+    after. At the end the counts are the output and error files' lines."""
+    lines, num_bad = _mixed_lines(160, "m", 64)
+    upload = client.files.create(file=("mixed.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    records = files_dir / f"{batch.id}.records.jsonl"
+    samples = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        before = _written(records) or (0, 0)
+        polled = client.batches.retrieve(batch.id)
+        after = _written(records)
+        if polled.status != "in_progress":
+            if polled.status in ("completed", "failed", "cancelled"):
+                break
+            continue
+        counts = polled.request_counts
+        assert counts.total == 160
+        if after is not None:
+            assert before[0] <= counts.completed <= after[0], (before, counts, after)
+            assert before[1] <= counts.failed <= after[1], (before, counts, after)
+            samples.append((counts.completed, counts.failed))
+        time.sleep(0.01)
+    assert polled.status == "completed", polled
+    # polls caught it midway, with failures already counted apart from the successes
+    assert any(failed > 0 and completed + failed < 160 for completed, failed in samples), samples
+    assert polled.request_counts.completed == _file_lines(client, polled.output_file_id) == 160 - num_bad
+    assert polled.request_counts.failed == _file_lines(client, polled.error_file_id) == num_bad
+
+
 def test_a_cancelled_batch_stops_and_keeps_what_was_answered(client):
     lines = [_line(f"c{i}", {**_chat(i), "max_tokens": 40, "ignore_eos": True}) for i in range(200)]
     upload = client.files.create(file=("many.jsonl", "\n".join(lines).encode()), purpose="batch")
@@ -94,8 +159,8 @@ def test_a_cancelled_batch_stops_and_keeps_what_was_answered(client):
     batch = _wait(client, batch.id, ("cancelled",))
     assert batch.status == "cancelled" and batch.cancelled_at is not None
     assert batch.request_counts.completed < 200
-    if batch.output_file_id:
-        assert len(_records(client, batch.output_file_id)) == batch.request_counts.completed
+    assert batch.request_counts.completed == _file_lines(client, batch.output_file_id)
+    assert batch.request_counts.failed == _file_lines(client, batch.error_file_id) == 0
 
 
 def test_bad_calls_are_4xx(client):
@@ -120,10 +185,11 @@ def test_bad_calls_are_4xx(client):
 
 def test_a_batch_survives_a_server_restart_on_the_same_files_dir(tiny_llama_dir, tmp_path):
     """Killed while a batch runs, the server leaves it in_progress in --files-dir with part of its records;
-    started again there, it resumes it where it stopped and every line ends with exactly one record."""
+    started again there, it resumes it where it stopped and every line ends with exactly one record. Its counts
+    agree with the records all along: before the kill, from the first poll after the restart, and at the end."""
     flags = ["--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--num-threads", "1", "--engine-in-process",
              "--files-dir", str(tmp_path), "--disable-access-log"]
-    lines = [_line(f"r{i}", {**_chat(i), "max_tokens": 24, "ignore_eos": True}) for i in range(120)]
+    lines, num_bad = _mixed_lines(120, "r", 24)
     with RemoteServer(tiny_llama_dir, *flags) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
         upload = client.files.create(file=("many.jsonl", "\n".join(lines).encode()), purpose="batch")
@@ -132,19 +198,28 @@ def test_a_batch_survives_a_server_restart_on_the_same_files_dir(tiny_llama_dir,
         deadline = time.monotonic() + 60
         while client.batches.retrieve(batch.id).request_counts.completed < 5 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert client.batches.retrieve(batch.id).status == "in_progress"
+        polled = client.batches.retrieve(batch.id)
+        assert polled.status == "in_progress"
         server.stop(signal.SIGKILL)
-    # what the killed server left: the batch in progress, part of its records written
+    # what the killed server left: the batch in progress, part of its records written (at least those it counted)
     assert json.loads((tmp_path / f"{batch.id}.json").read_text())["status"] == "in_progress"
-    written = len((tmp_path / f"{batch.id}.records.jsonl").read_text().splitlines())
-    assert 5 <= written < 120
+    good, bad = _written(tmp_path / f"{batch.id}.records.jsonl")
+    assert 5 <= good + bad < 120
+    assert good >= polled.request_counts.completed >= 5 and bad >= polled.request_counts.failed >= 1
     with RemoteServer(tiny_llama_dir, *flags) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        resumed = client.batches.retrieve(batch.id)
+        # the records written before the kill are counted from the first poll on, each as what it is
+        assert resumed.request_counts.total == 120
+        assert resumed.request_counts.completed >= good and resumed.request_counts.failed >= bad
         done = _wait(client, batch.id, ("completed", "failed", "cancelled"))
         assert done.status == "completed", done
-        assert done.request_counts.total == done.request_counts.completed == 120
-        records = client.files.content(done.output_file_id).text.splitlines()
-        assert sorted(json.loads(r)["custom_id"] for r in records) == sorted(f"r{i}" for i in range(120))
+        assert done.request_counts.total == 120
+        assert done.request_counts.completed == _file_lines(client, done.output_file_id) == 120 - num_bad
+        assert done.request_counts.failed == _file_lines(client, done.error_file_id) == num_bad
+        ids = [json.loads(r)["custom_id"] for r in client.files.content(done.output_file_id).text.splitlines()]
+        ids += [json.loads(r)["custom_id"] for r in client.files.content(done.error_file_id).text.splitlines()]
+        assert sorted(i for i in ids if i is not None) == sorted(f"r{i}" for i in range(120) if i % 16)
 
 
 def test_a_batch_cancelled_before_it_starts_ends_cancelled(tmp_path):

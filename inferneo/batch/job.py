@@ -142,6 +142,12 @@ class BatchJob:
         return len(self.output.done)
 
     @property
+    def num_failed(self) -> int:
+        """Of those, the lines whose record is an error (invalid, refused, or not sent); the others were answered
+        with a 2xx."""
+        return len(self.output.failed)
+
+    @property
     def repaired_bytes(self) -> int:
         """Bytes of a torn last line cut off the output at start-up (0 if there was none)."""
         return self.output.repaired_bytes

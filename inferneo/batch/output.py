@@ -26,7 +26,8 @@ class OutputFileError(RuntimeError):
 
 
 class OutputFile:
-    """The results of one input file; ``done`` maps each input line already answered to its custom_id.
+    """The results of one input file; ``done`` maps each input line already answered to its custom_id, and
+    ``failed`` holds those of its lines whose record is an error (the rest were answered with a 2xx).
 
     ``retry_failed`` takes the records of requests the server answered with an error (a non-2xx status) out of the
     file, so that their lines are sent again (``retried`` counts them); records of lines that could not be sent stay.
@@ -38,6 +39,7 @@ class OutputFile:
         self.digest = digest[:DIGEST_CHARS]
         self.fsync_interval = fsync_interval
         self.done: dict[int, str | None] = {}
+        self.failed: set[int] = set()
         self.fingerprints: dict[str, str] = {}  # served model -> the system_fingerprint its answers here carry
         self.repaired_bytes = 0
         self.retried = 0
@@ -107,6 +109,8 @@ class OutputFile:
             raise OutputFileError(f"{self.path} holds input line {line} twice (line {number}); it is damaged")
         custom_id = record.get("custom_id")
         self.done[line] = custom_id if isinstance(custom_id, str) else None
+        if record.get("error") is not None:
+            self.failed.add(line)
         if (answer := _fingerprint(record)) is not None:
             self.fingerprints.setdefault(*answer)
         if record.get("error") is not None and record.get("response") is not None:
@@ -141,6 +145,7 @@ class OutputFile:
             os.close(folder)
         for line in self._answered_failures.values():
             self.done.pop(line, None)
+            self.failed.discard(line)
         self.retried = len(self._answered_failures)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -178,6 +183,8 @@ class OutputFile:
         parsed = parse_record_id(record["id"])
         if parsed is not None:
             self.done[parsed[1]] = record.get("custom_id")
+            if record.get("error") is not None:
+                self.failed.add(parsed[1])
         if time.monotonic() - self._last_sync >= self.fsync_interval:
             self.sync()
 

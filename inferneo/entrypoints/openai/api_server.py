@@ -78,7 +78,7 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ctx.engine.start()
-        batches.resume()
+        await batches.resume()
         stats = None if log_stats_interval is None else asyncio.create_task(
             log_stats_forever(ctx.engine, log_stats_interval))
         try:

@@ -127,19 +127,35 @@ class Batches:
         self._jobs: dict[str, BatchJob] = {}
         self._closing = False
 
-    def resume(self) -> None:
-        """Start again the batches a stopped server left unfinished (call from the event loop, at start-up)."""
+    async def resume(self) -> None:
+        """Start again the batches a stopped server left unfinished (at start-up, before requests are taken). Their
+        jobs are opened first (the records already written read back), so that their ``request_counts`` agree with
+        those records from the first poll on."""
         for batch in self._batches.values():
             if batch["status"] in ("validating", "in_progress", "finalizing", "cancelling"):
                 logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
+                if batch["status"] in ("validating", "in_progress"):
+                    with contextlib.suppress(Exception):  # _run opens it again and fails the batch with why
+                        self._jobs[batch["id"]] = await asyncio.to_thread(self._open, batch)
                 self._start(batch)
+
+    def _open(self, batch: dict[str, Any]) -> BatchJob:
+        return BatchJob(self.files.path(batch["input_file_id"]), self._work(batch))
+
+    def _work(self, batch: dict[str, Any]) -> Path:
+        """The batch's records while it runs (in input-line order of their answers), split at finalization."""
+        return self.files.root / f"{batch['id']}.records.jsonl"
 
     def _start(self, batch: dict[str, Any]) -> None:
         task = self._tasks[batch["id"]] = asyncio.get_running_loop().create_task(self._run(batch))
         task.add_done_callback(lambda _: self._settle(batch))
 
     def _settle(self, batch: dict[str, Any]) -> None:
-        """A batch cancelled before its task began (so ``_run`` never ran) ends cancelled, not cancelling."""
+        """A batch cancelled before its task began (so ``_run`` never ran) ends cancelled, not cancelling; a job
+        opened for it (at resumption) is closed, its records kept for the next start."""
+        job = self._jobs.pop(batch["id"], None)
+        if job is not None:
+            job.close()
         if batch["status"] == "cancelling" and not self._closing:
             self._set(batch, "cancelled", "cancelled_at")
 
@@ -176,15 +192,14 @@ class Batches:
         return self.view(batch["id"])
 
     def view(self, batch_id: str) -> dict[str, Any]:
-        """The batch object as OpenAI returns it (the counts as of now while it runs)."""
+        """The batch object as OpenAI returns it; while it runs, ``request_counts`` are those of the records written
+        so far (``completed``: answered with a 2xx, bound for the output file; ``failed``: bound for the error
+        file)."""
         batch = self._batches.get(batch_id)
         if batch is None:
             raise APIError(404, f"no batch {batch_id[:80]!r}", "batch_id", code="batch_not_found")
         job = self._jobs.get(batch_id)
-        if job is not None and batch["status"] in ("in_progress", "cancelling"):
-            written = job.num_done
-            batch["request_counts"] = {"total": job.total, "completed": written, "failed": 0}
-        return dict(batch)
+        return dict(batch) if job is None else {**batch, "request_counts": _counts(job)}
 
     def list(self, limit: int, after: str | None) -> dict[str, Any]:
         ids = sorted(self._batches, key=lambda i: self._batches[i]["created_at"], reverse=True)
@@ -206,13 +221,13 @@ class Batches:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _run(self, batch: dict[str, Any]) -> None:
-        work = self.files.root / f"{batch['id']}.records.jsonl"
+        work = self._work(batch)
         cancelled = batch["status"] == "cancelling"
         try:
             if batch["status"] in ("validating", "in_progress"):
-                job = await asyncio.to_thread(BatchJob, self.files.path(batch["input_file_id"]), work)
+                job = self._jobs.get(batch["id"]) or await asyncio.to_thread(self._open, batch)
                 self._jobs[batch["id"]] = job
-                batch["request_counts"]["total"] = job.total
+                batch["request_counts"] = _counts(job)
                 self._set(batch, "in_progress", "in_progress_at" if batch["in_progress_at"] is None else None)
                 async with self._client() as client:
                     sender = _EndpointSender(Sender(client, retry_window=60.0), batch["endpoint"])
@@ -229,7 +244,10 @@ class Batches:
             self._set(batch, "failed", "failed_at")
             return
         finally:
-            self._jobs.pop(batch["id"], None)
+            job = self._jobs.pop(batch["id"], None)
+            if job is not None:
+                job.close()  # (idempotent) a job opened at resumption and never run
+                batch["request_counts"] = _counts(job)  # the counts as they stand, until finalization's
         self._set(batch, "finalizing", "finalizing_at")
         await asyncio.to_thread(self._finalize, batch, work)
         if cancelled:
@@ -254,6 +272,7 @@ class Batches:
         if bad:
             batch["error_file_id"] = self.files.add(b"".join(bad), f"{batch['id']}_error.jsonl",
                                                     "batch_output")["id"]
+        self._set(batch, "finalizing")  # the files and their counts written down before the records go
         work.unlink()
 
 
@@ -266,6 +285,11 @@ def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> d
     page = items[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
+def _counts(job: BatchJob) -> dict[str, int]:
+    """``request_counts`` of a running batch: its lines and the records written so far, by file they go to."""
+    return {"total": job.total, "completed": job.num_done - job.num_failed, "failed": job.num_failed}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
