@@ -246,3 +246,127 @@ def test_a_batch_cancelled_before_it_starts_ends_cancelled(tmp_path):
     assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None
     assert batch["request_counts"]["completed"] == 0 and batch["output_file_id"] is None
     assert json.loads((tmp_path / f"{batch['id']}.json").read_text())["status"] == "cancelled"
+
+
+# ---- InferneoClient's files and batches, over the same server ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def iclient(client):
+    from inferneo.client import InferneoClient
+
+    with InferneoClient(str(client.base_url), api_key=KEY, max_retries=0) as inferneo_client:
+        yield inferneo_client
+
+
+def _iwait(iclient, batch_id: str, until: tuple[str, ...], timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = iclient.batches.retrieve(batch_id)
+        if batch.status in until or time.monotonic() > deadline:
+            return batch
+        time.sleep(0.05)
+
+
+def test_inferneo_client_files_and_batches(iclient, client, tmp_path):
+    """``InferneoClient.files`` and ``.batches`` as the openai client's: upload (a path, bytes, a file object, a
+    tuple), retrieve, list through every page, read and delete files; create, poll, list and cancel batches; each
+    answer typed, and what they say is what the openai client reads from the same server."""
+    from inferneo.client import Batch, BatchRequestCounts, FileContent, FileObject, NotFoundError
+    from inferneo.client.errors import BadRequestError
+
+    lines, num_bad = _mixed_lines(24, "i", 4)
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines))
+    upload = iclient.files.create(file=path, purpose="batch")
+    assert isinstance(upload, FileObject) and upload.filename == "requests.jsonl"
+    assert upload.bytes == path.stat().st_size and upload.purpose == "batch"
+    assert iclient.files.retrieve(upload.id) == upload
+    openai_file = client.files.retrieve(upload.id)
+    assert openai_file.model_dump(exclude_none=True) == upload.model_dump(exclude_none=True)
+    with open(path, "rb") as f:
+        assert iclient.files.create(file=f).filename == "requests.jsonl"
+    assert iclient.files.create(file=("named.jsonl", path.read_bytes())).filename == "named.jsonl"
+    assert iclient.files.content(iclient.files.create(file=path.read_bytes()).id).content == path.read_bytes()
+
+    batch = iclient.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h", metadata={"by": "inferneo"})
+    assert isinstance(batch, Batch) and batch.metadata == {"by": "inferneo"}
+    assert batch.status in ("validating", "in_progress")
+    done = _iwait(iclient, batch.id, ("completed", "failed", "cancelled"))
+    assert done.status == "completed" and done.completed_at is not None, done
+    assert done.request_counts == BatchRequestCounts(total=24, completed=24 - num_bad, failed=num_bad)
+    openai_view = client.batches.retrieve(batch.id)
+    assert openai_view.model_dump(exclude_none=True) == done.model_dump(exclude_none=True)
+    output = iclient.files.content(done.output_file_id)
+    assert isinstance(output, FileContent) and output.text == client.files.content(done.output_file_id).text
+    assert len(output.text.splitlines()) == 24 - num_bad
+    assert len(iclient.files.content(done.error_file_id).text.splitlines()) == num_bad
+    output.write_to_file(tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_bytes() == output.content
+
+    # lists page by cursor; iterating a page goes through every page
+    first = iclient.files.list(limit=1)
+    assert len(first) == 1 and first.has_more and first.last_id == first.data[0].id
+    every = [f.id for f in iclient.files.list(limit=1)]
+    assert every == [f.id for f in iclient.files.list()] and len(every) == len(set(every))
+    assert {upload.id, done.output_file_id, done.error_file_id} <= set(every)
+    assert [f.id for f in iclient.files.list(order="asc")] == every[::-1]
+    assert {f.purpose for f in iclient.files.list(purpose="batch_output")} == {"batch_output"}
+    batches = [b.id for b in iclient.batches.list(limit=1)]
+    assert batch.id in batches and batches == [b.id for b in client.batches.list(limit=100)]
+
+    # cancel: a long batch stops; one that ended stays as it is
+    long = [_line(f"l{i}", {**_chat(i), "max_tokens": 40, "ignore_eos": True}) for i in range(200)]
+    running = iclient.batches.create(input_file_id=iclient.files.create(file="\n".join(long).encode()).id,
+                                     endpoint="/v1/chat/completions")
+    _iwait(iclient, running.id, ("in_progress",))
+    assert iclient.batches.cancel(running.id).status in ("cancelling", "cancelled")
+    cancelled = _iwait(iclient, running.id, ("cancelled",))
+    assert cancelled.status == "cancelled" and cancelled.request_counts.completed < 200
+    assert iclient.batches.cancel(batch.id).status == "completed"
+
+    assert iclient.files.delete(done.output_file_id).deleted
+    with pytest.raises(NotFoundError):
+        iclient.files.retrieve(done.output_file_id)
+    with pytest.raises(NotFoundError):
+        iclient.batches.retrieve("batch_nope")
+    with pytest.raises(BadRequestError) as exc:
+        iclient.files.create(file=b"x", purpose="fine-tune")
+    assert exc.value.param == "purpose"
+    with pytest.raises(BadRequestError) as exc:
+        iclient.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="1h")
+    assert exc.value.param == "completion_window"
+
+
+def test_async_inferneo_client_files_and_batches(client):
+    """``AsyncInferneoClient`` has the same files and batches; its pages are iterated with ``async for``."""
+    import asyncio
+
+    from inferneo.client import AsyncInferneoClient
+
+    lines, num_bad = _mixed_lines(9, "a", 4)
+
+    async def scenario() -> None:
+        async with AsyncInferneoClient(str(client.base_url), api_key=KEY, max_retries=0) as aclient:
+            upload = await aclient.files.create(file=("async.jsonl", "\n".join(lines).encode()), purpose="batch")
+            assert (await aclient.files.retrieve(upload.id)).filename == "async.jsonl"
+            batch = await aclient.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions")
+            deadline = time.monotonic() + 120
+            while batch.status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                batch = await aclient.batches.retrieve(batch.id)
+            assert batch.status == "completed", batch
+            assert (batch.request_counts.completed, batch.request_counts.failed) == (9 - num_bad, num_bad)
+            errors = (await aclient.files.content(batch.error_file_id)).text.splitlines()
+            assert len(errors) == num_bad
+            assert batch.id in [b.id async for b in await aclient.batches.list(limit=1)]
+            files = [f.id async for f in await aclient.files.list(limit=2)]
+            assert upload.id in files and files == [f.id for f in client.files.list(limit=100)]
+            page = await aclient.files.list(limit=1)
+            with pytest.raises(TypeError, match="async for"):
+                list(page)
+            assert (await aclient.batches.cancel(batch.id)).status == "completed"
+            assert (await aclient.files.delete(upload.id)).deleted
+
+    asyncio.run(scenario())

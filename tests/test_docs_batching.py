@@ -46,6 +46,7 @@ def test_every_example_of_the_batching_page_runs(server, tmp_path, monkeypatch):
 
     assert re.search(r"^0 (stop|length) ", text, flags=re.MULTILINE)
     assert "64 answers" in text
+    assert "batch: completed 2 of 2" in text  # InferneoClient's files and batches
     assert "answered: 200 of 200" in text and re.search(r"^settled on: \d+$", text, flags=re.MULTILINE)
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["index"] for a in answers] == list(range(50)) and all("text" in a for a in answers)

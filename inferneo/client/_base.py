@@ -28,6 +28,7 @@ from inferneo.client.errors import (
     status_error,
 )
 from inferneo.client.streaming import AsyncStream, Stream
+from inferneo.client.types import FileContent
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -185,7 +186,10 @@ class _BaseClient:
     def _build_request(self, http: httpx.Client | httpx.AsyncClient, method: str, path: str, *,
                        body: Mapping[str, Any] | None = None, query: Mapping[str, Any] | None = None,
                        headers: Mapping[str, str] | None = None, timeout: Timeout | None = None,
-                       stream: bool = False) -> httpx.Request:
+                       stream: bool = False, files: Mapping[str, Any] | None = None,
+                       data: Mapping[str, str] | None = None) -> httpx.Request:
+        """``body`` goes as JSON; ``files`` and ``data`` (httpx's) as a multipart form instead, whose file objects
+        httpx reads again from their start when the request is sent again."""
         hdrs = {**self._headers, **(headers or {})}
         if stream:
             hdrs["Accept"] = "text/event-stream"
@@ -193,7 +197,9 @@ class _BaseClient:
         if body is not None:
             content = encode_body(body)
             hdrs["Content-Type"] = "application/json"
-        return http.build_request(method, self.base_url + path, content=content, params=query, headers=hdrs,
+        params = None if query is None else {k: v for k, v in query.items() if v is not None}
+        return http.build_request(method, self.base_url + path, content=content, files=files, data=data,
+                                  params=params, headers=hdrs,
                                   timeout=_to_timeout(self.timeout if timeout is None else timeout))
 
     def _may_retry(self, retries_done: int, failing_since: float, outage: bool) -> bool:
@@ -219,6 +225,8 @@ class _BaseClient:
 
     @staticmethod
     def _parse(cast_to: type[T], response: httpx.Response) -> T:
+        if issubclass(cast_to, FileContent):  # a file's bytes as they are, not JSON
+            return cast_to(content=response.content)
         try:
             return cast_to.model_validate(response.json())
         except ValueError as exc:
@@ -247,11 +255,12 @@ class SyncAPIClient(_BaseClient):
 
     def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
                 query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
-                timeout: Timeout | None = None, stream: bool = False) -> T | Stream[T]:
+                timeout: Timeout | None = None, stream: bool = False, files: Mapping[str, Any] | None = None,
+                data: Mapping[str, str] | None = None) -> T | Stream[T]:
         """Send, retrying connection errors, timeouts, 408/409/429 and 5xx (connection errors, 429, 502 and 503 for
         up to ``retry_window`` seconds once the retries are used up); parse the answer as ``cast_to``."""
         request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
-                                      timeout=timeout, stream=stream)
+                                      timeout=timeout, stream=stream, files=files, data=data)
         retries_done = 0
         failing_since = 0.0  # when the first attempt failed
         while True:
@@ -308,11 +317,12 @@ class AsyncAPIClient(_BaseClient):
 
     async def request(self, method: str, path: str, cast_to: type[T], *, body: Mapping[str, Any] | None = None,
                       query: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
-                      timeout: Timeout | None = None, stream: bool = False) -> T | AsyncStream[T]:
+                      timeout: Timeout | None = None, stream: bool = False, files: Mapping[str, Any] | None = None,
+                      data: Mapping[str, str] | None = None) -> T | AsyncStream[T]:
         """Send, retrying connection errors, timeouts, 408/409/429 and 5xx (connection errors, 429, 502 and 503 for
         up to ``retry_window`` seconds once the retries are used up); parse the answer as ``cast_to``."""
         request = self._build_request(self._http, method, path, body=body, query=query, headers=headers,
-                                      timeout=timeout, stream=stream)
+                                      timeout=timeout, stream=stream, files=files, data=data)
         retries_done = 0
         failing_since = 0.0  # when the first attempt failed
         while True:

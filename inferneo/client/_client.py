@@ -15,7 +15,18 @@ from inferneo.client._base import (
     SyncAPIClient,
     Timeout,
 )
-from inferneo.client.resources import AsyncChat, AsyncCompletions, AsyncModels, Chat, Completions, Models
+from inferneo.client.resources import (
+    AsyncBatches,
+    AsyncChat,
+    AsyncCompletions,
+    AsyncFiles,
+    AsyncModels,
+    Batches,
+    Chat,
+    Completions,
+    Files,
+    Models,
+)
 
 
 class InferneoClient(SyncAPIClient):
@@ -34,6 +45,8 @@ class InferneoClient(SyncAPIClient):
     completions: Completions
     chat: Chat
     models: Models
+    files: Files
+    batches: Batches
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: Timeout = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, *, default_headers: Mapping[str, str] | None = None,
@@ -42,6 +55,8 @@ class InferneoClient(SyncAPIClient):
         self.completions = Completions(self)
         self.chat = Chat(self)
         self.models = Models(self)
+        self.files = Files(self)
+        self.batches = Batches(self)
 
     def with_options(self, **options: Any) -> InferneoClient:
         """A client like this one with some options changed (``timeout``, ``max_retries``, ``api_key``, ...),
@@ -66,6 +81,8 @@ class AsyncInferneoClient(AsyncAPIClient):
     completions: AsyncCompletions
     chat: AsyncChat
     models: AsyncModels
+    files: AsyncFiles
+    batches: AsyncBatches
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: Timeout = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, *, default_headers: Mapping[str, str] | None = None,
@@ -74,6 +91,8 @@ class AsyncInferneoClient(AsyncAPIClient):
         self.completions = AsyncCompletions(self)
         self.chat = AsyncChat(self)
         self.models = AsyncModels(self)
+        self.files = AsyncFiles(self)
+        self.batches = AsyncBatches(self)
 
     def with_options(self, **options: Any) -> AsyncInferneoClient:
         """A client like this one with some options changed, sharing its connection pool."""

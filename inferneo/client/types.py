@@ -6,12 +6,19 @@ client; declared fields are typed and documented.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 __all__ = [
+    "Batch",
+    "BatchError",
+    "BatchErrors",
+    "BatchList",
+    "BatchRequestCounts",
     "ChatCompletion",
     "ChatCompletionChoice",
     "ChatCompletionChunk",
@@ -27,6 +34,11 @@ __all__ = [
     "CompletionChoice",
     "CompletionLogprobs",
     "CompletionUsage",
+    "CursorPage",
+    "FileContent",
+    "FileDeleted",
+    "FileList",
+    "FileObject",
     "Function",
     "Model",
     "ModelList",
@@ -297,3 +309,158 @@ class ModelList(_Model):
     def __getitem__(self, index: int) -> Model:
         return self.data[index]
 
+
+
+# ---- files and batches -------------------------------------------------------------------------------------------
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class CursorPage(_Model, Generic[ItemT]):
+    """One page of a list paged by cursor (``GET /v1/files``, ``GET /v1/batches``): ``data`` holds its items, and
+    ``has_more`` says whether more follow it (``after=last_id`` asks for them). Iterating the page, as the openai
+    client's pages do, yields its items and those of every later page, each fetched when it is reached: ``for`` on a
+    page from :class:`~inferneo.client.InferneoClient`, ``async for`` on one from the async client."""
+
+    object: str = "list"
+    data: list[ItemT]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+    _fetch: Callable[[str], CursorPage[ItemT]] | None = PrivateAttr(None)
+    _afetch: Callable[[str], Awaitable[CursorPage[ItemT]]] | None = PrivateAttr(None)
+
+    def _cursor(self) -> str | None:
+        """The ``after`` of the next page, or None on the last one."""
+        return self.last_id if self.has_more and self.data else None
+
+    def __iter__(self) -> Iterator[ItemT]:  # type: ignore[override]
+        if self._afetch is not None:
+            raise TypeError("a page from the async client is iterated with 'async for'")
+        page: CursorPage[ItemT] = self
+        while True:
+            yield from page.data
+            after = page._cursor()
+            if after is None or page._fetch is None:
+                return
+            page = page._fetch(after)
+
+    async def __aiter__(self) -> AsyncIterator[ItemT]:
+        if self._fetch is not None:
+            raise TypeError("a page from the sync client is iterated with 'for'")
+        page: CursorPage[ItemT] = self
+        while True:
+            for item in page.data:
+                yield item
+            after = page._cursor()
+            if after is None or page._afetch is None:
+                return
+            page = await page._afetch(after)
+
+    def __len__(self) -> int:
+        """The items on this page."""
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> ItemT:
+        return self.data[index]
+
+
+class FileObject(_Model):
+    """A stored file (``client.files``): an uploaded batch input (``purpose`` ``batch``) or a batch's output or
+    error file (``batch_output``)."""
+
+    id: str
+    object: str = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str | None = None
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(CursorPage[FileObject]):
+    """``GET /v1/files``: the stored files, newest first (unless ``order="asc"``)."""
+
+
+class FileDeleted(_Model):
+    """``DELETE /v1/files/{id}``."""
+
+    id: str
+    object: str = "file"
+    deleted: bool
+
+
+class FileContent(_Model):
+    """A stored file's bytes (``client.files.content``), as the openai client gives them: ``content``, ``text``
+    (UTF-8), ``read()`` and ``write_to_file(path)``."""
+
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        """The content as UTF-8 text (a batch file is JSON lines)."""
+        return self.content.decode()
+
+    def read(self) -> bytes:
+        """The content."""
+        return self.content
+
+    def write_to_file(self, file: str | os.PathLike[str]) -> None:
+        """Write the content to ``file``."""
+        Path(file).write_bytes(self.content)
+
+
+class BatchRequestCounts(_Model):
+    """A batch's lines (``total``) and those with a record so far: ``completed`` (answered with a 2xx: the output
+    file's lines) and ``failed`` (the error file's)."""
+
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchError(_Model):
+    """Why a batch failed as a whole (not one line: those are records in the error file)."""
+
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(_Model):
+    object: str = "list"
+    data: list[BatchError] = []
+
+
+class Batch(_Model):
+    """A batch (``client.batches``): its input file, ``status`` (``validating``, ``in_progress``, ``finalizing``,
+    ``completed``, ``failed``, ``cancelling``, ``cancelled``, ``expired``), its ``request_counts``, the output and
+    error files once it ends, and when each step happened (Unix seconds)."""
+
+    id: str
+    object: str = "batch"
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    errors: BatchErrors | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts | None = None
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(CursorPage[Batch]):
+    """``GET /v1/batches``: the batches, newest first."""
