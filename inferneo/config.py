@@ -175,6 +175,9 @@ class EngineConfig:
         None, str, "the Hugging Face cache to find hub models in and download them into (default: HF_HUB_CACHE, "
         "else HF_HOME/hub, else ~/.cache/huggingface/hub)", metavar="DIR")
     tokenizer: str | None = option(None, str, "tokenizer folder, if not the model's")
+    tokenizer_revision: str | None = option(
+        None, str, "the tokenizer's branch, tag or commit on the hub (vLLM's flag), when it comes from a hub id: "
+        "--tokenizer's (also written org/name@REVISION), else the model's (default main)")
     trust_remote_code: bool = option(
         False, bool, "accepted so that vLLM command lines and LLM(...) calls run unchanged: Inferneo runs only its "
         "own model code, never Python files from a checkpoint")
@@ -349,6 +352,17 @@ class EngineConfig:
         from inferneo.model_loader.source import ModelRef
 
         return ModelRef(self.model, self.revision, self.download_dir)
+
+    def tokenizer_ref(self) -> ModelRef | None:
+        """Where the tokenizer comes from when not from the model as loaded: ``tokenizer`` (at
+        ``tokenizer_revision``), or with only ``tokenizer_revision`` set the model's hub id at that revision, as
+        vLLM reads it; None for the model's own tokenizer."""
+        from inferneo.model_loader.source import ModelRef
+
+        if self.tokenizer is None and (self.tokenizer_revision is None or self.model is None):
+            return None
+        return ModelRef(self.tokenizer if self.tokenizer is not None else self.model, self.tokenizer_revision,
+                        self.download_dir)
 
     @property
     def torch_device(self) -> torch.device:

@@ -60,6 +60,35 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+V2_TEMPLATE = "{# v2 #}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+TOKENIZER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from inferneo import LLM
+    from inferneo.cli.main import build_parser
+    from inferneo.config import EngineConfig
+    from inferneo.model_loader.tokenizer import load_tokenizer
+
+    def template(**kwargs):
+        config = EngineConfig(**kwargs)
+        try:
+            return load_tokenizer(config.model_ref().resolve(), config.tokenizer_ref()).chat_template
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    local, other = sys.argv[1], sys.argv[2]
+    args = build_parser().parse_args(["serve", local, "--tokenizer", "acme/tiny", "--tokenizer-revision", "v2"])
+    report = {"flag": template(**{"model": local, **{k: getattr(args, k) for k in ("tokenizer", "tokenizer_revision")}}),
+              "main": template(model=local, tokenizer="acme/tiny"),
+              "at_sign": template(model=local, tokenizer="acme/tiny@v2"),
+              "bad": template(model=local, tokenizer="acme/tiny", tokenizer_revision="v9"),
+              "elsewhere": template(model=local, tokenizer="acme/tiny", tokenizer_revision="v2", download_dir=other)}
+    llm = LLM("acme/tiny", tokenizer_revision="v2", dtype="float32", kv_cache_memory="16MiB", num_threads=1)
+    report["engine"] = llm.get_tokenizer().chat_template
+    print("REPORT " + json.dumps(report))
+""")
+
+
 @pytest.fixture(scope="module")
 def hub(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
@@ -73,17 +102,20 @@ def hub(tiny_llama_dir, tmp_path_factory):
     for kind in ("Q8_0", "F32"):
         make_tiny_gguf(tiny_llama_dir, ggufs / f"tiny-{kind}.gguf", kind)
     (ggufs / "README.md").write_text("two files")
-    server = FakeHub({"acme/tiny": tiny, "acme/tiny-GGUF": ggufs})
+    v2 = root / "tiny-v2"  # branch v2 of acme/tiny: another chat template
+    shutil.copytree(tiny_llama_dir, v2)
+    (v2 / "chat_template.jinja").write_text(V2_TEMPLATE)
+    server = FakeHub({"acme/tiny": tiny, "acme/tiny-GGUF": ggufs}, branches={"acme/tiny": {"v2": v2}})
     yield server
     server.close()
 
 
-def _run(hub: FakeHub, cache: Path, mode: str, other_dir: Path, offline: bool) -> dict:
+def _run(hub: FakeHub, cache: Path, mode: str, other_dir: Path, offline: bool, script: str = SCRIPT) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1")
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(other_dir), json.dumps(PROMPTS)], env=env,
+    result = subprocess.run([sys.executable, "-c", script, mode, str(other_dir), json.dumps(PROMPTS)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
@@ -122,3 +154,18 @@ def test_a_hub_id_is_downloaded_then_served_from_the_cache(hub, tiny_llama_dir, 
     assert cached["tokens"] == expected and cached["gguf_tokens"] == local_gguf
     assert len(hub.requests) == before
 
+
+
+def test_tokenizer_revision_picks_the_tokenizers_revision_on_the_hub(hub, tiny_llama_dir, tmp_path):
+    """``--tokenizer-revision`` (``tokenizer_revision``) is the revision of a tokenizer named by hub id (also
+    written ``org/name@REVISION``), fetched into ``--download-dir`` when given; with no ``--tokenizer`` it is the
+    model's tokenizer at that revision, as vLLM reads it. A revision the Hub lacks fails, naming it."""
+    cache, other = tmp_path / "cache", tmp_path / "elsewhere"
+    report = _run(hub, cache, str(tiny_llama_dir), other, offline=False, script=TOKENIZER_SCRIPT)
+    assert report["flag"] == report["at_sign"] == report["elsewhere"] == report["engine"] == V2_TEMPLATE
+    assert report["main"] == (tiny_llama_dir / "chat_template.jinja").read_text() != V2_TEMPLATE
+    assert "has no revision 'v9'" in report["bad"] and "tokenizer 'acme/tiny'" in report["bad"]
+    v2_commit = hub.revisions["acme/tiny", "v2"][1]
+    for where in (cache, other):  # the tokenizer's snapshot of v2 in each cache, under its branch name
+        assert (where / "models--acme--tiny" / "refs" / "v2").read_text() == v2_commit
+    assert not (other / "models--acme--tiny" / "refs" / "main").exists()  # only the tokenizer went there

@@ -79,7 +79,8 @@ def _fake_cache_repo(cache: Path, repo: str, source_dir: Path, commits: list[str
     return repo_dir
 
 
-def test_resolve_hub_id_from_cache(tiny_llama_dir: Path, empty_hf_cache: Path) -> None:
+def test_resolve_hub_id_from_cache(tiny_llama_dir: Path, empty_hf_cache: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     main, newer = "a" * 40, "b" * 40
     repo_dir = _fake_cache_repo(empty_hf_cache, "tiny-org/tiny-llama", tiny_llama_dir, [main, newer])
     (repo_dir / "refs" / "main").write_text(main)
@@ -90,9 +91,13 @@ def test_resolve_hub_id_from_cache(tiny_llama_dir: Path, empty_hf_cache: Path) -
     assert resolve_model(f"tiny-org/tiny-llama@{newer}").path == repo_dir / "snapshots" / newer
     with pytest.raises(FileNotFoundError, match="refs/nope"):
         resolve_model("tiny-org/tiny-llama@nope")
-    (repo_dir / "refs" / "main").unlink()  # no ref: the only/newest snapshot
-    assert resolve_model("tiny-org/tiny-llama").path.parent == repo_dir / "snapshots"
+    (repo_dir / "refs" / "main").unlink()  # no ref: the newest snapshot that no other ref names (not v1's)
+    assert resolve_model("tiny-org/tiny-llama").path == repo_dir / "snapshots" / main
     assert load_hf_config(source)["hidden_size"] == 64
+    shutil.rmtree(repo_dir / "snapshots" / main)  # only v1's is left: it is not taken for main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="only other revisions' snapshots: v1"):
+        resolve_model("tiny-org/tiny-llama")
 
 
 def test_hf_home_is_used_without_hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

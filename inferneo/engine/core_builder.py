@@ -121,7 +121,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         # Speculation drafts from the tokens of the step before, so it schedules synchronously.
         async_scheduling = device.type == "cuda" and config.speculative_config is None
     vocab_size = runner.model_config.vocab_size
-    grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer), vocab_size)
+    grammars = GrammarCompiler(lambda: load_tokenizer(source, config.tokenizer_ref()), vocab_size)
     if classifier:  # a sequence classifier: it classifies, and with one label scores pairs
         pooling = load_classifier_config(hf_config, runner.model_config.num_labels,
                                          method="cls" if encoder else "last")

@@ -74,7 +74,7 @@ class InputProcessor:
     def load_tokenizer(cls, config: EngineConfig) -> tuple[object, dict]:
         """The tokenizer and generation config of ``config``'s model (the front end's half of loading it)."""
         source = config.model_ref().resolve()
-        return (load_tokenizer(source, config.tokenizer, config.chat_template),
+        return (load_tokenizer(source, config.tokenizer_ref(), config.chat_template),
                 generation_config_for(source, config.generation_config,
                                       config.override_generation_config))
 

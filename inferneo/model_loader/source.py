@@ -181,11 +181,15 @@ def _find_in_cache(cache: Path, repo: str, revision: str | None, looked: list[st
         return snapshots / revision
     else:
         looked.append(f"{ref_file} (no such ref)")
-    if revision is None:
-        candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+    if revision is None:  # a cache copied without its refs: its newest snapshot, unless another ref names it
+        refs = repo_dir / "refs"
+        named = {f.relative_to(refs).as_posix(): f.read_text(encoding="utf-8").strip()
+                 for f in (refs.rglob("*") if refs.is_dir() else ()) if f.is_file()}
+        candidates = [p for p in snapshots.iterdir() if p.is_dir() and p.name not in named.values()]
         if candidates:
             return max(candidates, key=lambda p: p.stat().st_mtime)
-        looked.append(f"{snapshots} (no snapshots)")
+        others = f"only other revisions' snapshots: {', '.join(sorted(named))}" if named else "no snapshots"
+        looked.append(f"{snapshots} ({others})")
     return None
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from inferneo.model_executor.arch_presets import TokenIdTokenizer, is_preset_folder
 from inferneo.model_loader.gguf_tokenizer import load_gguf_tokenizer
 from inferneo.model_loader.hf_files import hf_config, hf_generation_config, read_json
-from inferneo.model_loader.source import ModelSource, resolve_model
+from inferneo.model_loader.source import ModelRef, ModelSource, resolve_model
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only the tokenizer needs it
     from transformers import PreTrainedTokenizerBase
@@ -16,9 +16,10 @@ if TYPE_CHECKING:  # transformers takes seconds to import; only the tokenizer ne
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None,
+def load_tokenizer(source: ModelSource, tokenizer: str | ModelRef | None = None,
                    chat_template: str | None = None) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, or the one at ``tokenizer`` (a folder, .gguf file or hub id) when given.
+    """The model's tokenizer, or the one at ``tokenizer`` (a folder, .gguf file or hub id, or a ``ModelRef``: a
+    hub id at its revision, from its cache: ``EngineConfig.tokenizer_ref()``) when given.
 
     When the tokenizer files name no EOS token, it is taken from the model's generation_config.json or
     config.json. The checkpoint's ``chat_template`` (tokenizer_config.json, chat_template.jinja or GGUF
@@ -54,15 +55,17 @@ def chat_template_text(value: str) -> str:
     return text
 
 
-def _load_tokenizer(source: ModelSource, tokenizer: str | None) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: ModelSource, tokenizer: str | ModelRef | None) -> PreTrainedTokenizerBase:
     """The tokenizer ``load_tokenizer`` describes, with the checkpoint's own chat template."""
-    if tokenizer is not None and _has_tokenizer_files(Path(tokenizer).expanduser()):
-        tok_source = ModelSource("hf_dir", Path(tokenizer).expanduser(), str(tokenizer))  # tokenizer files alone
-    elif tokenizer is not None:
+    ref = ModelRef(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    if ref is not None and ref.model is not None and _has_tokenizer_files(Path(ref.model).expanduser()):
+        tok_source = ModelSource("hf_dir", Path(ref.model).expanduser(), ref.model)  # tokenizer files alone
+    elif ref is not None:
         try:
-            tok_source = resolve_model(tokenizer, tokenizer_only=True)
+            tok_source = resolve_model(ref.model, revision=ref.revision, download_dir=ref.download_dir,
+                                       tokenizer_only=True)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"tokenizer {tokenizer!r} (--tokenizer) was not found: no tokenizer files there, "
+            raise FileNotFoundError(f"tokenizer {ref.model!r} (--tokenizer) was not found: no tokenizer files there, "
                                     f"and as a model: {exc}") from None
     else:
         tok_source = source
