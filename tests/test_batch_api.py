@@ -121,7 +121,7 @@ def test_request_counts_while_in_progress_are_the_records_written(client, files_
     """While a batch runs, ``completed`` counts the lines answered with a 2xx and ``failed`` the others, each as its
     records are written: every poll lies between two reads of the batch's records file, one before it and one
     after. At the end the counts are the output and error files' lines."""
-    lines, num_bad = _mixed_lines(160, "m", 64)
+    lines, num_bad = _mixed_lines(160, "m", 128)
     upload = client.files.create(file=("mixed.jsonl", "\n".join(lines).encode()), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     records = files_dir / f"{batch.id}.records.jsonl"
