@@ -248,6 +248,35 @@ def test_a_batch_cancelled_before_it_starts_ends_cancelled(tmp_path):
     assert json.loads((tmp_path / f"{batch['id']}.json").read_text())["status"] == "cancelled"
 
 
+
+def test_a_batch_whose_input_is_gone_fails_and_says_why(tmp_path):
+    """A batch that cannot open its input (deleted before the batch began) ends ``failed`` with the reason in
+    ``errors``, written down, its counts zero."""
+    import asyncio
+
+    import httpx
+
+    from inferneo.entrypoints.openai.batch_api import Batches, CreateBatchRequest, StoredFiles
+
+    async def scenario() -> dict:
+        files = StoredFiles(tmp_path)
+        upload = files.add(_line("a", _chat(1)).encode(), "r.jsonl", "batch")
+        batches = Batches(files, lambda: httpx.AsyncClient(base_url="http://unused"))
+        batch = batches.create(CreateBatchRequest(input_file_id=upload["id"], endpoint="/v1/chat/completions",
+                                                  completion_window="24h"))
+        files.delete(upload["id"])
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if batches.view(batch["id"])["status"] == "failed":
+                break
+        return batches.view(batch["id"])
+
+    batch = asyncio.run(scenario())
+    assert batch["status"] == "failed" and batch["failed_at"] is not None, batch
+    assert batch["errors"]["data"][0]["code"] == "batch_failed" and "no file" in batch["errors"]["data"][0]["message"]
+    assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert json.loads((tmp_path / f"{batch['id']}.json").read_text())["status"] == "failed"
+
 # ---- InferneoClient's files and batches, over the same server ---------------------------------------------------
 
 

@@ -223,6 +223,7 @@ class Batches:
     async def _run(self, batch: dict[str, Any]) -> None:
         work = self._work(batch)
         cancelled = batch["status"] == "cancelling"
+        failure: Exception | None = None
         try:
             if batch["status"] in ("validating", "in_progress"):
                 job = self._jobs.get(batch["id"]) or await asyncio.to_thread(self._open, batch)
@@ -238,16 +239,18 @@ class Batches:
                 return
             cancelled = True
         except Exception as exc:
-            logger.warning("batch %s failed: %r", batch["id"], exc)
-            batch["errors"] = {"object": "list", "data": [{"code": "batch_failed", "message": str(exc)[:1000],
-                                                           "param": None, "line": None}]}
-            self._set(batch, "failed", "failed_at")
-            return
+            failure = exc
         finally:
             job = self._jobs.pop(batch["id"], None)
             if job is not None:
                 job.close()  # (idempotent) a job opened at resumption and never run
                 batch["request_counts"] = _counts(job)  # the counts as they stand, until finalization's
+        if failure is not None:
+            logger.warning("batch %s failed: %r", batch["id"], failure)
+            batch["errors"] = {"object": "list", "data": [{"code": "batch_failed", "message": str(failure)[:1000],
+                                                           "param": None, "line": None}]}
+            self._set(batch, "failed", "failed_at")
+            return
         self._set(batch, "finalizing", "finalizing_at")
         await asyncio.to_thread(self._finalize, batch, work)
         if cancelled:
