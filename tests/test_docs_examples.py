@@ -50,8 +50,8 @@ def test_readme_offline_example_runs_on_the_default_model():
     assert len(ns["answers"]) == 2 and all(a.outputs[0].text for a in ns["answers"])
 
 
-def test_offline_inference_page_examples_run():
-    generate_block, beam_block = python_blocks(REPO / "docs" / "offline-inference.md")
+def test_offline_inference_page_examples_run(tmp_path, monkeypatch):
+    generate_block, vision_block, beam_block = python_blocks(REPO / "docs" / "offline-inference.md")
     ns: dict = {}
     out = run_block(generate_block, ns)
     assert out.strip(), "the example prints the second completion"
@@ -62,6 +62,18 @@ def test_offline_inference_page_examples_run():
     assert len(lines) == 3 and all(line.endswith(("stop", "length")) for line in lines), out
     scores = [s.cum_logprob / len(s.tokens) for s in ns["outputs"][0].sequences if s.finish_reason == "length"]
     assert scores == sorted(scores, reverse=True), "the beams come best first"
+    # the images example, on a tiny LLaVA in place of LLaVA 1.5 and a picture of noise in place of the cat
+    from inferneo.testing.vision_models import make_tiny_llava
+    from tests.test_vision_language import images
+
+    monkeypatch.chdir(tmp_path)
+    images(1)[0].save("cat.png")
+    tiny = make_tiny_llava(tmp_path / "llava")
+    ns = {}
+    out = run_block(vision_block.replace('"llava-hf/llava-1.5-7b-hf"', repr(str(tiny))), ns)
+    assert len(out.splitlines()) >= 2 and ns["out"][0].outputs[0].token_ids and ns["answer"][0].outputs[0].token_ids
+    model = ns["llm"].engine.runner.model
+    assert ns["out"][0].prompt_token_ids.count(model.image_token_id) == model.num_image_tokens == 16
 
 
 def test_readme_client_example(docs_example_server):
