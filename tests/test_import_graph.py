@@ -34,7 +34,7 @@ LAYERS = {
     "front_end": ("inferneo.engine.llm_engine", "inferneo.engine.async_engine", "inferneo.engine.input_processor",
                   "inferneo.engine.output_processor", "inferneo.engine.detokenizer",
                   "inferneo.engine.request_group", "inferneo.entrypoints.llm"),
-    "server": ("inferneo.entrypoints.openai",),
+    "server": ("inferneo.entrypoints.openai", "inferneo.entrypoints.anthropic"),
     "worker": ("inferneo.worker",),
     "sampling": ("inferneo.sampling",),
     "models": ("inferneo.model_executor",),

@@ -21,6 +21,7 @@ import time
 import uvicorn
 
 from inferneo.entrypoints.openai.errors import error_body
+from inferneo.entrypoints.openai.guards import route_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class DrainMiddleware:
             return
         if self.state.draining:
             body = json.dumps(error_body(503, "the server is shutting down; retry on another replica or later",
-                                         code="shutting_down")).encode()
+                                         code="shutting_down", path=route_path(scope))).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"retry-after", _RETRY_AFTER.encode()),
                 (b"content-length", str(len(body)).encode())]})

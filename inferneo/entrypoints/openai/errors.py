@@ -1,4 +1,7 @@
-"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``, and the handlers that send them."""
+"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``, and the handlers that send them.
+
+The routes of Anthropic's Messages API answer in Anthropic's shape instead (``anthropic.errors``): every writer of
+an error body passes the request's route path to :func:`error_body`, which picks the shape."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from inferneo.engine.async_engine import (
     QueueFullError,
     RequestFailedError,
 )
+from inferneo.entrypoints.anthropic.errors import anthropic_error_body, is_messages_path
 from inferneo.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,14 +48,20 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param, self.code)
+    def body(self, path: str | None = None) -> dict[str, Any]:
+        """The error's body, in the shape of the route ``path`` (None: OpenAI's)."""
+        return error_body(self.status, self.message, self.param, self.code, path)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str | None = None) -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               path: str | None = None) -> dict[str, Any]:
+    """An error's body: OpenAI's shape, or Anthropic's for a route of the Messages API (``path``, the route's path
+    without ``--root-path``; None: OpenAI's)."""
+    if is_messages_path(path):
+        return anthropic_error_body(status, message)
     error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -160,16 +170,16 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the server in the OpenAI shape (validation errors as 400, not FastAPI's 422)."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(_route_of(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         message, param = validation_message(errors[0]) if errors else ("invalid request", None)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return JSONResponse(error_body(400, message, param), status_code=400)
+        return JSONResponse(error_body(400, message, param, path=_route_of(request)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -183,5 +193,10 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return to_api_error(exc).response()
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response(_route_of(request))
+
+
+def _route_of(request: Request) -> str | None:
+    """The path of the route a request matched (None when it matched none), which decides its errors' shape."""
+    return getattr(request.scope.get("route"), "path", None)

@@ -3,7 +3,8 @@
 ``install_guards(app, ctx, guards)`` puts them in front of the routes. Each request is checked, in this order:
 
 1. the API key (``ctx.api_keys``): every path but ``/health``, ``/version``, the API docs (``/openapi.json``,
-   ``/docs``, ``/redoc``) (and ``/metrics`` with ``metrics_public``) needs ``Authorization: Bearer <key>``; keys are compared in constant time;
+   ``/docs``, ``/redoc``) (and ``/metrics`` with ``metrics_public``) needs ``Authorization: Bearer <key>`` (or,
+   without that header, Anthropic's ``x-api-key: <key>``); keys are compared in constant time;
 2. the body size (``Content-Length`` first, then the bytes that actually arrive): 413 over ``max_body_bytes``.
    So that a client that sends its whole body before it reads the answer (most HTTP clients) reads the 413
    rather than a connection reset, the answer is sent first and the rest of the body is then read and thrown
@@ -18,7 +19,7 @@
 4. a deadline (``request_timeout``): past it the request is cancelled (its engine work aborted) and the client
    gets 503 with ``Retry-After`` (or, mid-stream, a last error event).
 
-Everything refused gets the OpenAI error shape. The checks of step 3 look only at the fields they limit; the
+Everything refused gets the OpenAI error shape (Anthropic's on the Messages API's routes: ``errors.error_body``). The checks of step 3 look only at the fields they limit; the
 request models in ``protocol.py`` validate the rest. This module imports no web framework at import time, so the
 command line can add its flags cheaply.
 """
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferneo import json_text
+from inferneo.entrypoints.anthropic.errors import is_messages_path
 from inferneo.entrypoints.openai.request_log import shorten_prompts
 from inferneo.json_text import TooDeep, loads_bounded
 
@@ -48,7 +50,7 @@ CORS_METHODS = ["GET", "POST"]  # what a cross-origin request may use unless --a
 CORS_HEADERS = ["Authorization", "Content-Type"]  # the request headers it may send, unless --allowed-headers
 JSON_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
                         "/detokenize", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/classify",
-                        "/v1/classify", "/invocations"})
+                        "/v1/classify", "/invocations", "/v1/messages", "/v1/messages/count_tokens"})
 # The field holding a request's prompts, by path (a list of them counts against max_prompts); others: messages.
 _PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input", "/v1/responses": None,  # None: one
                   "/score": "text_2", "/v1/score": "text_2", "/rerank": "documents", "/v1/rerank": "documents",
@@ -228,7 +230,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = _Exchange(send, self.guards.log_requests)
+        state = _Exchange(send, self.guards.log_requests, route_path(scope))
         work = self._handle(scope, receive, state)
         try:
             if self.guards.request_timeout is None:
@@ -268,19 +270,21 @@ class GuardMiddleware:
         return path in PUBLIC_PATHS or (path == "/metrics" and self.guards.metrics_public)
 
     def _check_key(self, scope: dict) -> None:
-        given = b""
+        bearer = x_api_key = b""
         for name, value in scope["headers"]:
-            if name == b"authorization":
+            if name == b"authorization" and not bearer:
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":
-                    given = token.strip()
-                break
+                    bearer = token.strip()
+            elif name == b"x-api-key" and not x_api_key:  # Anthropic's header (its SDK and Claude Code send it)
+                x_api_key = value.strip()
+        given = bearer or x_api_key  # the bearer token, else Anthropic's header
         ok = False
         for key in self.keys:  # every key is compared, each in constant time
             ok |= hmac.compare_digest(given, key)
         if not ok:
-            raise Refusal(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
-                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise Refusal(401, "Missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: "
+                               "<key>')", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_body(self, scope: dict, receive: Any, limit: int) -> bytes | None:
         declared, expects_continue = None, False
@@ -357,8 +361,9 @@ class GuardMiddleware:
 class _Exchange:
     """The response side of one request: what has been sent, so a refusal or a timeout can still answer well."""
 
-    def __init__(self, send: Any, keep_body: bool) -> None:
+    def __init__(self, send: Any, keep_body: bool, path: str | None = None) -> None:
         self._send = send
+        self.path = path  # the route path, which decides the shape of the error bodies (errors.error_body)
         self.started = False
         self.finished = False
         self.stream = False
@@ -386,7 +391,8 @@ class _Exchange:
             return
         from inferneo.entrypoints.openai.errors import error_body
 
-        payload = json.dumps(error_body(refusal.status, refusal.message, refusal.param, refusal.code)).encode()
+        payload = json.dumps(error_body(refusal.status, refusal.message, refusal.param, refusal.code,
+                                        self.path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in (refusal.headers or {}).items()]
         if refusal.status == 413:
@@ -412,8 +418,11 @@ class _Exchange:
             if self.stream:
                 from inferneo.entrypoints.openai.errors import error_body
 
-                event = json.dumps(error_body(503, message, code="request_timeout"))
-                tail = f"data: {event}\n\ndata: [DONE]\n\n".encode()
+                event = json.dumps(error_body(503, message, code="request_timeout", path=self.path))
+                if is_messages_path(self.path):  # Anthropic's stream: a named error event, no [DONE]
+                    tail = f"event: error\ndata: {event}\n\n".encode()
+                else:
+                    tail = f"data: {event}\n\ndata: [DONE]\n\n".encode()
             await self.send({"type": "http.response.body", "body": tail, "more_body": False})
 
     def log_response(self, scope: dict) -> None:
