@@ -88,7 +88,9 @@ def test_online_serving_page_examples(docs_example_server):
     blocks = python_blocks(REPO / "docs" / "online-serving.md")
     batch_block = next(b for b in blocks if "client.batches.create" in b)
     ns: dict = {}
-    openai_block, conversations_block, in_process_block = [b for b in blocks if b is not batch_block]
+    anthropic_block = next(b for b in blocks if "anthropic.Anthropic" in b)
+    openai_block, conversations_block, in_process_block = [b for b in blocks if b not in (batch_block,
+                                                                                          anthropic_block)]
     out = run_block(openai_block, ns)
     assert out.startswith("0 ") and "\n1 " in out
     out = run_block(conversations_block, ns)
@@ -98,6 +100,8 @@ def test_online_serving_page_examples(docs_example_server):
     assert "Paris" in out
     out = run_block(batch_block, {})  # OpenAI's Batch API: both questions answered, in the output file
     assert sorted(line.split(" ")[0] for line in out.splitlines() if line.startswith("q")) == ["q0", "q1"]
+    out = run_block(anthropic_block, {})  # Anthropic's Messages API, through the anthropic package
+    assert out.split(" ")[0] in ("end_turn", "max_tokens") and 1 <= int(out.split(" ")[1]) <= 20
 
 
 def shell_commands(path: Path, program: str) -> list[str]:

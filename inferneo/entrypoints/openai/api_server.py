@@ -16,6 +16,8 @@ import inferneo
 from inferneo import envs
 from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
+from inferneo.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
+from inferneo.entrypoints.anthropic.serving import count_message_tokens, create_message
 from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.openai.batch_api import batch_service, install_batch_routes
 from inferneo.entrypoints.openai.draining import DrainingServer, DrainMiddleware, DrainState
@@ -164,6 +166,14 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     async def stored_response(response_id: str) -> Response:
         raise APIError(404, f"no response {response_id[:80]!r}: this server stores no responses (each answer is "
                             "returned whole or streamed, and then forgotten)", code="response_not_found")
+
+    @app.post("/v1/messages")  # Anthropic's Messages API (inferneo.entrypoints.anthropic), its errors in its shape
+    async def messages(body: MessagesRequest, raw: Request) -> Response:
+        return await create_message(ctx, body, raw)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        return await count_message_tokens(ctx, body)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:

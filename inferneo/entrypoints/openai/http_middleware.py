@@ -8,12 +8,13 @@ import uuid
 from typing import Any
 
 # The routes whose requests count as server load: those that run the model (vLLM's list, less the audio and pooling
-# routes this server does not have, plus /v1/responses).
+# routes this server does not have, plus /v1/responses and Anthropic's /v1/messages).
 LOAD_PATHS = frozenset(
     {
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/responses",
+        "/v1/messages",
         "/v1/embeddings",
         "/score",
         "/v1/score",
