@@ -5,7 +5,9 @@ must be equal)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
 
 import anthropic
 import httpx
@@ -14,6 +16,7 @@ import openai
 import pytest
 from test_structured_server import WEATHER
 
+from inferneo.entrypoints.openai.guards import GuardMiddleware, ServerGuards
 from inferneo.testing.server import RemoteServer
 
 KEY = "sk-anthropic-test"
@@ -219,3 +222,36 @@ def test_errors_of_the_sdk_and_the_key(client, server):
     response = httpx.post(server.url("/v1/chat/completions"), json={"model": "nope", "messages": []},
                           headers={"x-api-key": KEY}, timeout=60)
     assert response.status_code == 400 and set(response.json()) == {"error"}
+
+
+def test_the_guards_refuse_in_anthropics_shape_on_its_routes(server):
+    """The guards' refusals (here a body sent as another media type) and a stream cut by --request-timeout: in
+    Anthropic's shape on the Messages routes (the timeout a last ``error`` event, no ``[DONE]``), OpenAI's
+    elsewhere."""
+    response = httpx.post(server.url("/v1/messages/count_tokens"), content=b'{"model": "tiny"}',
+                          headers={"x-api-key": KEY, "content-type": "text/plain"}, timeout=60)
+    assert "Content-Type" in anthropic_error(response, 415, "invalid_request_error")
+
+    async def slow_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"event: ping\ndata: {}\n\n", "more_body": True})
+        await asyncio.sleep(10)
+
+    guard = GuardMiddleware(slow_stream, SimpleNamespace(api_keys=[]), ServerGuards(request_timeout=0.2))
+
+    def streamed(path: str) -> bytes:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(guard({"type": "http", "method": "GET", "path": path, "headers": []}, receive, send))
+        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    name, data = streamed("/v1/messages").decode().split("\n\n")[1].split("\n")
+    assert name == "event: error" and json.loads(data[6:])["error"]["type"] == "overloaded_error"
+    assert b"[DONE]" not in streamed("/v1/messages") and streamed("/v1/chat/completions").endswith(b"data: [DONE]\n\n")
