@@ -59,8 +59,8 @@ def prompt_tokens(usage) -> int:
 
 
 def test_a_message_is_the_chat_answer_to_the_same_conversation(client, chat_client):
-    """The system prompt is the chat's system message (given as a string or as text blocks); the text, the token
-    counts and the stop are the chat endpoint's."""
+    """The system prompt is the chat's system message (given as a string, as text blocks or as a system message);
+    the text, the token counts and the stop are the chat endpoint's."""
     message = client.messages.create(model="tiny", max_tokens=12, extra_body=GREEDY, system="Be brief.",
                                      messages=[{"role": "user", "content": QUESTION}])
     chat = chat_answer(chat_client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
@@ -72,10 +72,16 @@ def test_a_message_is_the_chat_answer_to_the_same_conversation(client, chat_clie
     assert message.usage.output_tokens == chat.usage.completion_tokens
     assert message.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat.choices[0].finish_reason]
     assert message.stop_sequence is None
+    # (Claude Code's billing block, which changes with every request, is left out of the prompt)
     blocks = client.messages.create(model="tiny", max_tokens=12, extra_body=GREEDY,
-                                    system=[{"type": "text", "text": "Be brief."}],
+                                    system=[{"type": "text", "text": "x-anthropic-billing-header: cch=12ab;"},
+                                            {"type": "text", "text": "Be brief."}],
                                     messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}])
-    assert text_of(blocks) == text_of(message)
+    assert text_of(blocks) == text_of(message) and prompt_tokens(blocks.usage) == prompt_tokens(message.usage)
+    in_messages = client.messages.create(model="tiny", max_tokens=12, extra_body=GREEDY,  # a system message
+                                         messages=[{"role": "user", "content": QUESTION},
+                                                   {"role": "system", "content": "Be brief."}])
+    assert text_of(in_messages) == text_of(message)
     unprompted = client.messages.create(model="tiny", max_tokens=1, messages=[{"role": "user", "content": QUESTION}])
     assert prompt_tokens(unprompted.usage) < prompt_tokens(message.usage)  # the system prompt is in the prompt
 

@@ -109,13 +109,18 @@ class RedactedThinkingBlock(_Body):
 
 ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
                          Field(discriminator="type")]
-_ROLE_BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}
+_ROLE_BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
+                "system": ("text",)}
+# Claude Code starts its system prompt with a text block of billing metadata for Anthropic's service, which changes
+# with every request: left out, so that the prompt's prefix stays the same and the prefix cache serves it.
+_BILLING_HEADER = "x-anthropic-billing-header"
 
 
 class InputMessage(_Body):
-    """One turn of ``messages``: the user's or the assistant's, its content a string or a list of blocks."""
+    """One turn of ``messages``: the user's or the assistant's, its content a string or a list of blocks; or a
+    ``system`` message (text), which the SDK's types allow and recent Claude Code sends."""
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: Annotated[list[ContentBlock], BeforeValidator(_blocks), Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -266,12 +271,20 @@ class _Conversation(_Body):
         """``system`` and ``messages`` as chat messages: text blocks joined as the chat endpoint joins text parts
         (a newline between them), an assistant's ``tool_use`` blocks its ``tool_calls`` and its ``thinking`` its
         ``reasoning_content``, each ``tool_result`` block a ``tool`` message (in the order of the user's blocks:
-        text around the results becomes user messages between them)."""
-        messages: list[dict[str, Any]] = []
-        if self.system is not None:
-            system = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
-            messages.append({"role": "system", "content": system})
+        text around the results becomes user messages between them). ``system`` and the text of ``system``
+        messages (in their order) are the one system message first (chat templates take no other)."""
+        system: list[str] = []
+        if isinstance(self.system, str):
+            system.append(self.system)
+        elif self.system is not None:
+            system += [block.text for block in self.system if not block.text.startswith(_BILLING_HEADER)]
         for message in self.messages:
+            if message.role == "system":
+                system += [block.text for block in message.content if not block.text.startswith(_BILLING_HEADER)]
+        messages: list[dict[str, Any]] = [{"role": "system", "content": "\n".join(system)}] if system else []
+        for message in self.messages:
+            if message.role == "system":
+                continue
             if message.role == "assistant":
                 messages.append(_assistant_message(message.content))
                 continue
