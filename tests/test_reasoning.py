@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -297,6 +298,31 @@ def test_earlier_thinking_goes_back_to_the_template(server):
     assert r.status_code == 200, r.text
     text = httpx.post(server.url("/detokenize"), json={"tokens": r.json()["tokens"]}, timeout=60).json()["prompt"]
     assert "assistant\n<think>first</think>x<|im_end|>" in text and "<think>2nd</think>z" in text
+
+
+def test_anthropic_messages_give_the_thinking_as_a_thinking_block(server, client):
+    """``/v1/messages`` (through the anthropic package): the thinking is a ``thinking`` block before the text, whole
+    and streamed (``thinking_delta`` then ``text_delta``); a thinking block sent back in an assistant turn reaches the
+    template as that message's ``reasoning_content``, as the chat endpoint renders it."""
+    messages_client = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    kwargs = dict(model="think", max_tokens=40, messages=USER, extra_body={"temperature": 0})
+    message = messages_client.messages.create(**kwargs)
+    thinking, text = message.content
+    assert (thinking.type, thinking.thinking, text.type, text.text) == ("thinking", THINKING, "text", ANSWER)
+    assert message.stop_reason == "end_turn"
+    with messages_client.messages.stream(**kwargs) as stream:
+        deltas = [event.delta.type for event in stream if event.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert [block.model_dump(exclude={"parsed_output"}) for block in final.content] == [
+        block.model_dump() for block in message.content]
+    assert deltas[0] == "thinking_delta" and deltas[-1] == "text_delta"
+    earlier = [*USER, {"role": "assistant", "content": [{"type": "thinking", "thinking": "2nd", "signature": ""},
+                                                        {"type": "text", "text": "z"}]},
+               {"role": "user", "content": "y"}]
+    counted = messages_client.messages.count_tokens(model="think", messages=earlier).input_tokens
+    chat = _chat(client, max_tokens=1, messages=[*USER, {"role": "assistant", "content": "z", "reasoning_content": "2nd"},
+                                                 {"role": "user", "content": "y"}])
+    assert counted == chat.usage.prompt_tokens
 
 
 def test_responses_api_reasoning_item(client):
