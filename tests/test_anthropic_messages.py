@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_structured_server import WEATHER
+from test_structured_server import TIME, WEATHER
 
 from inferneo.entrypoints.openai.guards import GuardMiddleware, ServerGuards
 from inferneo.testing.server import RemoteServer
@@ -26,6 +26,7 @@ QUESTION = "What is the weather in Paris?"
 GREEDY = {"temperature": 0}
 WEATHER_TOOL = {"name": WEATHER["function"]["name"], "description": WEATHER["function"]["description"],
                 "input_schema": WEATHER["function"]["parameters"]}
+TIME_TOOL = {"name": TIME["function"]["name"], "input_schema": TIME["function"]["parameters"]}
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,34 @@ def test_a_forced_tool_is_a_tool_use_block_whose_input_fits_the_schema(client):
     assert streamed.type == "tool_use" and streamed.input == block.input and final.stop_reason == "tool_use"
     any_tool = client.messages.create(**{**kwargs, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
     assert [b.type for b in any_tool.content] == ["tool_use"] and any_tool.stop_reason == "tool_use"
+
+
+def test_calls_in_the_answer_are_tool_use_blocks_after_its_text(client, chat_client):
+    """With tool_choice auto, the server's tool-call parser (Hermes, from the template) reads the answer: its text
+    is a text block, each call a tool_use block, whole and streamed, as the chat endpoint reads them. (A grammar
+    makes the random model write the calls.)"""
+    answer = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n'
+              '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    grammar = {"grammar": f"root ::= {json.dumps(answer)}"}
+    kwargs = dict(model="tiny", max_tokens=400, messages=[{"role": "user", "content": QUESTION}],
+                  tools=[WEATHER_TOOL, TIME_TOOL], extra_body={**GREEDY, "structured_outputs": grammar})
+    message = client.messages.create(**kwargs)
+    assert [block.type for block in message.content] == ["text", "tool_use", "tool_use"]
+    assert message.content[0].text == "Let me look." and message.stop_reason == "tool_use"
+    calls = [(block.name, block.input) for block in message.content[1:]]
+    assert calls == [("get_weather", {"city": "Oslo", "days": 2}), ("get_time", {"zone": "CET"})]
+    chat = chat_answer(chat_client, [{"role": "user", "content": QUESTION}], max_tokens=400, tools=[WEATHER, TIME],
+                       extra_body={"structured_outputs": grammar}).choices[0]
+    assert chat.message.content == "Let me look."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in chat.message.tool_calls] == calls
+    with client.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "text", None), getattr(b, "name", None), getattr(b, "input", None))
+            for b in final.content] == [("text", "Let me look.", None, None), ("tool_use", None, *calls[0]),
+                                        ("tool_use", None, *calls[1])]
+    assert final.stop_reason == "tool_use"
+    one = client.messages.create(**kwargs, tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert [(block.name, block.input) for block in one.content[1:]] == calls[:1]
 
 
 def test_tool_results_are_the_chat_tool_messages(client, chat_client):

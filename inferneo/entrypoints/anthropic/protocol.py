@@ -33,6 +33,7 @@ from inferneo.entrypoints.openai.protocol import (
     MAX_TOOLS,
     ChatCompletionRequest,
     FunctionName,
+    StructuredOutputsBody,
     _Body,
 )
 
@@ -220,6 +221,8 @@ class _Conversation(_Body):
     thinking: ThinkingConfig | None = None
     output_config: OutputConfig | None = None
     cache_control: CacheControl = None
+    # Inferneo's extension, as on the chat endpoint (vLLM's name): the chat template's variables
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("system", mode="after")
     @classmethod
@@ -250,7 +253,8 @@ class _Conversation(_Body):
     def chat_fields(self) -> dict[str, Any]:
         """The chat request's fields for the conversation, tools and output format (no sampling settings)."""
         messages = self.chat_messages()
-        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                "chat_template_kwargs": self.chat_template_kwargs}
         if messages[-1]["role"] == "assistant":  # prefill: the answer continues the assistant's last turn
             body.update(add_generation_prompt=False, continue_final_message=True)
         if self.tools:
@@ -335,6 +339,13 @@ class MessagesRequest(_Conversation):
     stream: bool | None = False
     metadata: Metadata | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
+    # Inferneo extensions, as on the chat endpoint (vLLM's names; checked there)
+    seed: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    priority: int | None = None
+    cache_salt: str | None = None
+    structured_outputs: StructuredOutputsBody | None = None
 
     @field_validator("stop_sequences")
     @classmethod
@@ -348,9 +359,13 @@ class MessagesRequest(_Conversation):
 
     def to_chat(self) -> ChatCompletionRequest:
         """The chat completion request this one asks for (an ``APIError`` 400 when a setting cannot be one)."""
-        return self._to_chat({"max_tokens": self.max_tokens, "stop": self.stop_sequences,
-                              "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                              "stream": bool(self.stream)})
+        fields = {"max_tokens": self.max_tokens, "stop": self.stop_sequences, "temperature": self.temperature,
+                  "top_p": self.top_p, "top_k": self.top_k, "stream": bool(self.stream), "seed": self.seed,
+                  "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "priority": self.priority,
+                  "cache_salt": self.cache_salt}
+        if self.structured_outputs is not None:
+            fields["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        return self._to_chat(fields)
 
 
 class CountTokensRequest(_Conversation):
