@@ -17,6 +17,7 @@ import pytest
 from test_structured_server import TIME, WEATHER
 
 from inferneo.entrypoints.openai.guards import GuardMiddleware, ServerGuards
+from inferneo.entrypoints.openai.request_log import shorten_prompts
 from inferneo.testing.server import RemoteServer
 
 KEY = "sk-anthropic-test"
@@ -290,3 +291,11 @@ def test_the_guards_refuse_in_anthropics_shape_on_its_routes(server):
     name, data = streamed("/v1/messages").decode().split("\n\n")[1].split("\n")
     assert name == "event: error" and json.loads(data[6:])["error"]["type"] == "overloaded_error"
     assert b"[DONE]" not in streamed("/v1/messages") and streamed("/v1/chat/completions").endswith(b"data: [DONE]\n\n")
+
+
+def test_logged_bodies_cut_the_system_prompt_too():
+    """``--log-requests --max-log-len N`` cuts a Messages body's prompts: ``system`` and the messages' text."""
+    body = {"model": "tiny", "max_tokens": 5, "system": "a long system prompt",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a long question"}]}]}
+    cut = json.loads(shorten_prompts(json.dumps(body), 6))
+    assert cut["system"] == "a long" and cut["messages"][0]["content"][0]["text"] == "a long"

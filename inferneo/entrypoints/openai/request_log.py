@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The fields that carry prompts, by endpoint (the chat ones: messages, whose "content" and "text" values are cut).
-PROMPT_FIELDS = ("prompt", "input", "text_1", "text_2", "query", "documents", "instructions")
+# The fields that carry prompts, by endpoint (the chat ones: messages, whose "content" and "text" values are cut;
+# Anthropic's: system and messages).
+PROMPT_FIELDS = ("prompt", "input", "text_1", "text_2", "query", "documents", "instructions", "system")
 _MESSAGE_TEXT_KEYS = ("content", "text")
 
 
