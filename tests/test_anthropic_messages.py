@@ -254,6 +254,8 @@ def test_errors_of_the_sdk_and_the_key(client, server):
     anthropic_error(response, 400, "invalid_request_error")
     response = httpx.post(server.url("/v1/messages"), content=b"{not json", headers={"x-api-key": KEY}, timeout=60)
     anthropic_error(response, 400, "invalid_request_error")
+    response = httpx.get(server.url("/v1/messages"), headers={"x-api-key": KEY}, timeout=60)
+    assert "GET" in anthropic_error(response, 405, "invalid_request_error")
     # the OpenAI routes keep OpenAI's shape (and take Anthropic's header too)
     response = httpx.post(server.url("/v1/chat/completions"), json={"model": "nope", "messages": []},
                           headers={"x-api-key": KEY}, timeout=60)

@@ -189,8 +189,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(exc.status_code, message, path=_route_of(request)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -198,5 +198,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _route_of(request: Request) -> str | None:
-    """The path of the route a request matched (None when it matched none), which decides its errors' shape."""
+    """The path of the route a request matched, fully or by its path alone (a 405; None when it matched none),
+    which decides its errors' shape."""
     return getattr(request.scope.get("route"), "path", None)
