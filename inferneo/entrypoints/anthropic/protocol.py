@@ -4,12 +4,16 @@ their translation to a chat completion request.
 The bodies are checked as strictly as the OpenAI endpoints' (``openai/protocol.py``): unknown fields and wrong types
 are refused with 400 naming the field. Content is text: a message's ``content`` is a string or a list of ``text``,
 ``tool_use`` (an assistant's), ``tool_result`` (a user's), ``thinking`` and ``redacted_thinking`` (an assistant's)
-blocks; images, documents and server tools are refused. Fields of Anthropic's service that change nothing here
-(``metadata``, ``service_tier``, ``thinking``, ``cache_control`` on the request, its blocks and tools) are checked
-and ignored. :meth:`MessagesRequest.to_chat` turns a valid body into the equivalent
-:class:`~inferneo.entrypoints.openai.protocol.ChatCompletionRequest`: ``system`` is the system message, a
-``tool_use`` block an assistant tool call, a ``tool_result`` block a ``tool`` message, and a conversation that ends
-with the assistant's turn is continued (Anthropic's prefill; the chat request's ``continue_final_message``).
+blocks (a ``system`` message, which the SDK's types allow, holds text); images, documents and server tools are
+refused. Fields of Anthropic's service that change nothing here (``metadata``, ``service_tier``, ``thinking``,
+``cache_control`` on the request, its blocks and tools) are checked and ignored; the chat endpoint's extensions
+(``seed``, ``structured_outputs``, ``chat_template_kwargs``, ...) are taken.
+
+:meth:`MessagesRequest.to_chat` turns a valid body into the equivalent
+:class:`~inferneo.entrypoints.openai.protocol.ChatCompletionRequest`: ``system`` (and the ``system`` messages'
+text) is the system message, a ``tool_use`` block an assistant tool call, a ``tool_result`` block a ``tool``
+message, and a conversation that ends with the assistant's turn is continued (Anthropic's prefill; the chat
+request's ``continue_final_message``).
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def _blocks(value: Any) -> Any:
             raise ValueError(f"at most {MAX_CONTENT_PARTS} content blocks, got {len(value)}")
         for j, block in enumerate(value):
             kind = block.get("type") if isinstance(block, dict) else None
-            if isinstance(kind, str) and kind not in _BLOCK_TYPES:
+            if not isinstance(kind, str):
+                raise ValueError(f"block {j}: must be an object with a 'type' ({', '.join(_BLOCK_TYPES)})")
+            if kind not in _BLOCK_TYPES:
                 raise ValueError(f"block {j}: {kind[:80]!r} blocks are not supported by this server (it takes "
                                  f"{', '.join(_BLOCK_TYPES)})")
     return value
@@ -205,7 +211,9 @@ class OutputConfig(_Body):
 
 def _system(value: Any) -> Any:
     """``system``: a string, or text blocks (kept as a list, to be joined as the chat endpoint joins parts)."""
-    if isinstance(value, list) and any(isinstance(b, dict) and b.get("type") != "text" for b in value):
+    blocks = value if isinstance(value, list) else []
+    if not isinstance(value, str | list | None) or any(not isinstance(b, dict) or b.get("type") != "text"
+                                                        for b in blocks):
         raise ValueError("must be a string or a list of text blocks")
     return value
 
