@@ -67,7 +67,7 @@ async def count_message_tokens(ctx: ServerContext, req: CountTokensRequest) -> d
     chat = req.to_chat()
     try:
         ctx.model_name(chat.model)
-        (prompt_ids,) = await render_conversations(ctx, chat)
+        (prompt_ids,), _ = await render_conversations(ctx, chat)
     except APIError as exc:
         raise in_messages_terms(exc) from None
     return {"input_tokens": len(prompt_ids)}
