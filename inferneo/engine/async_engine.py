@@ -14,14 +14,18 @@ A step that fails fails only the requests in its batch (``RequestFailedError``);
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import CoreClient, ProcessCoreClient, ThreadCoreClient
@@ -30,22 +34,32 @@ from inferneo.engine.output_processor import OutputKind, OutputProcessor
 from inferneo.engine.protocol import (
     AbortRequests,
     AddRequests,
+    ControlCommand,
+    ControlReply,
     CoreDead,
+    EngineBusyError,
     EngineDeadError,
+    EngineSleepingError,
     EngineSnapshot,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
     RequestFailure,
+    ResetPrefixCache,
+    Sleep,
     StepOutputs,
+    UpdateWeights,
+    WakeUp,
 )
 from inferneo.engine.request_group import EngineRequest, RequestGroup
+from inferneo.engine.weight_transfer import to_wire_all
 from inferneo.multimodal.prompts import ImagePrompts
 from inferneo.outputs import RequestOutput
 from inferneo.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineRequest", "EngineSnapshot", "InvalidRequestError",
-           "QueueFullError", "RequestFailedError", "RequestGroup", "RequestObserver"]
+__all__ = ["AsyncEngine", "EngineBusyError", "EngineDeadError", "EngineRequest", "EngineSleepingError",
+           "EngineSnapshot", "InvalidRequestError", "QueueFullError", "RequestFailedError", "RequestGroup",
+           "RequestObserver"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +113,10 @@ class AsyncEngine(FrontEndFacts):
         self._stopping = False
         self._dead: BaseException | None = None
         self.snapshot = EngineSnapshot()
+        # Control commands on their way to the core, by call id; and sleep mode as the core last said.
+        self._calls: dict[int, concurrent.futures.Future[ControlReply]] = {}
+        self._call_ids = itertools.count(1)
+        self._sleeping = False
 
     @classmethod
     def in_thread(cls, config: EngineConfig, max_queued_requests: int | None = None,
@@ -192,6 +210,8 @@ class AsyncEngine(FrontEndFacts):
         with self._lock:
             if self._dead is not None or self._stopping:
                 raise EngineDeadError(self._dead_message())
+            if self._sleeping:
+                raise EngineSleepingError()
             if self.max_queued_requests is not None:
                 queued = self._pending + self.snapshot.num_waiting
                 if queued >= self.max_queued_requests:
@@ -255,6 +275,50 @@ class AsyncEngine(FrontEndFacts):
                 self._untrack(request_id)
         return core_ids
 
+    # ---- weights, prefix cache and sleep mode (``engine.engine_control`` has the rules) --------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether the engine sleeps (as of the last control command's answer)."""
+        return self._sleeping
+
+    async def _control(self, command: ControlCommand) -> ControlReply:
+        """Send a control command and wait for the core's answer (between two of its steps)."""
+        future: concurrent.futures.Future[ControlReply] = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                raise EngineDeadError(self._dead_message())
+            self._calls[command.call_id] = future
+        try:
+            self.client.send(command)
+        except BaseException:
+            with self._lock:
+                self._calls.pop(command.call_id, None)
+            raise
+        reply = await asyncio.wrap_future(future)
+        self._sleeping = reply.sleeping
+        reply.raise_if_refused()
+        return reply
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every prefix-cache block no running request holds; True when none is left cached."""
+        return (await self._control(ResetPrefixCache(next(self._call_ids)))).value
+
+    async def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load ``(name, tensor)`` pairs into the model, all or none, then reset the prefix cache (ValueError for
+        a bad name or shape; ``EngineBusyError`` while requests are unfinished or the engine sleeps)."""
+        records = await asyncio.to_thread(to_wire_all, weights)
+        await self._control(UpdateWeights(next(self._call_ids), records))
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1) or the weights too (level 2); new requests are refused until ``wake_up``
+        (``EngineSleepingError``). ``EngineBusyError`` while requests are unfinished."""
+        await self._control(Sleep(next(self._call_ids), level))
+
+    async def wake_up(self) -> None:
+        """End sleep mode."""
+        await self._control(WakeUp(next(self._call_ids)))
+
     # ---- messages from the core (a client thread) --------------------------------------------------------
 
     def _on_message(self, message: StepOutputs | CoreDead | None) -> None:
@@ -281,6 +345,12 @@ class AsyncEngine(FrontEndFacts):
         if to_abort:
             self.client.send(AbortRequests(to_abort))
         self._flush()
+        for reply in message.replies:
+            with self._lock:
+                future = self._calls.pop(reply.call_id, None)
+            if future is not None:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # its caller gave up
+                    future.set_result(reply)
 
     def _apply_failures(self, failures: list[RequestFailure]) -> list[str]:
         """Fail the requests the core refused or lost in a failed step; returns sibling core ids to abort."""
@@ -305,7 +375,11 @@ class AsyncEngine(FrontEndFacts):
                 self._outbox.append((tracked.group, EngineDeadError(message)))
             self._tracked.clear()
             self._processor = OutputProcessor(self._decoding_tokenizer)
+            calls, self._calls = self._calls, {}
         self._flush()
+        for future in calls.values():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(EngineDeadError(message))
 
     def _dead_message(self) -> str:
         if self._stopping and self._dead is None:

@@ -105,6 +105,8 @@ class EngineCore:
         self.max_steps_in_flight = 0  # the most pipeline steps in flight at once (read by tests and tools)
         self._compiling: dict[str, tuple[Request, Future]] = {}  # constrained requests waiting for a grammar
         self._failures: list[RequestFailure] = []
+        # Why new requests are refused now (sleep mode: ``engine_control.refusal_of_new_requests``); None: never
+        self.refuse_new_requests: Callable[[], str | None] | None = None
         self.lora_slots = None  # the runner's LoRA slots (``inferneo.lora.slots.LoRASlots``); None: LoRA is off
         self.proposer = None
         self.speculative = speculative
@@ -117,6 +119,9 @@ class EngineCore:
             scheduler.propose_drafts = self._propose_drafts
 
     def add_request(self, request: Request) -> None:
+        if self.refuse_new_requests is not None and (why := self.refuse_new_requests()) is not None:
+            self._failures.append(RequestFailure([request.request_id], FailureKind.SLEEPING, why))
+            return
         if request.pooling is not None:
             request.pooling_method = self.pooling.method
         if request.lora is not None and not self._adapter_ready(request):
@@ -161,6 +166,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
                 or bool(self._compiling) or bool(self._pipeline))
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Requests taken and not finished: queued, running, or waiting for their grammar."""
+        return len(self.scheduler.requests) + len(self._compiling)
 
     def take_failures(self) -> list[RequestFailure]:
         """Requests the core refused after taking them (a grammar that would not compile), since the last call."""

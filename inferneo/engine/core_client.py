@@ -33,6 +33,8 @@ from inferneo.engine.core_loop import CoreLoop
 from inferneo.engine.core_process import run_engine_core
 from inferneo.engine.protocol import (
     MESSAGE_DECODER,
+    ControlCommand,
+    ControlReply,
     CoreCommand,
     CoreDead,
     CoreInfo,
@@ -79,6 +81,11 @@ class InlineCoreClient:
 
     def send(self, command: CoreCommand) -> None:
         self.loop.handle(command)
+
+    def call(self, command: ControlCommand) -> ControlReply:
+        """Apply a control command now (between turns) and return the core's answer."""
+        self.loop.handle(command)
+        return self.loop.take_reply(command.call_id)
 
     def turn(self) -> StepOutputs:
         """One step (counters are not gathered: nobody reads them here)."""

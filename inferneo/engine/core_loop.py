@@ -12,22 +12,29 @@ is gone) and in what they do with each :class:`~inferneo.engine.protocol.StepOut
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from inferneo.engine.core import EngineCore
+from inferneo.engine.engine_control import apply_control, refusal_of_new_requests
 from inferneo.engine.protocol import (
     AbortRequests,
     AddRequests,
+    ControlReply,
     CoreCommand,
     CoreOutput,
     EngineDeadError,
     FailureKind,
     RequestFailure,
+    ResetPrefixCache,
     Shutdown,
+    Sleep,
     StepOutputs,
+    UpdateWeights,
+    WakeUp,
 )
 from inferneo.engine.request import Request
 
@@ -60,12 +67,14 @@ class CoreLoop:
         self._consecutive_failures = 0
         self._num_taken = 0  # sequences taken in so far
         self._failures: list[RequestFailure] = []
+        self._replies: list[ControlReply] = []  # answers to control commands, sent with the next turn
+        core.refuse_new_requests = functools.partial(refusal_of_new_requests, core)
 
     # ---- commands ------------------------------------------------------------------------------------------
 
     def handle(self, command: CoreCommand | RequestFailure) -> None:
-        """Apply one command now; a ``RequestFailure`` (a request group the inbox could not decode) is reported
-        back with the next turn's outputs."""
+        """Apply one command now; a ``RequestFailure`` (a request group the inbox could not decode) and the answer
+        to a control command (``engine_control``) are reported back with the next turn's outputs."""
         if isinstance(command, AddRequests):
             self._add(command)
         elif isinstance(command, RequestFailure):
@@ -76,6 +85,8 @@ class CoreLoop:
             self.core.abort_requests(command.request_ids)
         elif isinstance(command, Shutdown):
             self.stopped = True
+        elif isinstance(command, ResetPrefixCache | UpdateWeights | Sleep | WakeUp):
+            self._replies.append(apply_control(self.core, command))
         else:
             raise TypeError(f"not a core command: {command!r}")
 
@@ -105,8 +116,16 @@ class CoreLoop:
         outputs: list[CoreOutput] = []
         if self.core.has_unfinished_requests():
             outputs = self._step()
+        replies, self._replies = self._replies, []
         return StepOutputs(outputs, self.take_failures(), self._num_taken,
-                           self.core.snapshot() if with_snapshot else None)
+                           self.core.snapshot() if with_snapshot else None, replies)
+
+    def take_reply(self, call_id: int) -> ControlReply:
+        """The answer to the control command ``call_id`` just handled (a caller that runs the loop itself)."""
+        for index, reply in enumerate(self._replies):
+            if reply.call_id == call_id:
+                return self._replies.pop(index)
+        raise KeyError(f"no answer to control command {call_id}")
 
     def take_failures(self) -> list[RequestFailure]:
         """Failures recorded but not yet handed out (those of a turn that ended the loop), the core's own

@@ -39,8 +39,12 @@ from inferneo.engine.protocol import (
     EngineSnapshot,
     FailureKind,
     RequestFailure,
+    ResetPrefixCache,
     Shutdown,
+    Sleep,
     StepOutputs,
+    UpdateWeights,
+    WakeUp,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,6 +131,9 @@ class DataParallelCoreClient:
                 for replica in self.replicas:
                     if replica.live:
                         replica.client.send(command)
+            elif isinstance(command, ResetPrefixCache | UpdateWeights | Sleep | WakeUp):
+                raise ValueError(f"{type(command).__name__} is not supported yet with data parallelism "
+                                 f"(data_parallel_size {len(self.replicas)})")
             else:
                 raise TypeError(f"unknown core command {command!r}")
 

@@ -123,6 +123,19 @@ class KVCacheManager:
             block.token_ids = tuple(request.all_token_ids[i * bs : (i + 1) * bs])
             self._cached.setdefault(block_hash, block.block_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block no request holds (after new weights, their keys and values are stale); the
+        blocks stay free. Returns True when no cached block is left, False when some are held by running requests
+        (they stay cached)."""
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                if self._cached.get(block.block_hash) == block_id:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+                block.token_ids = ()
+        return not self._cached
+
     # ---- allocation --------------------------------------------------------------------------------------
 
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:

@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
+
+import torch
 
 from inferneo.config import EngineConfig
 from inferneo.engine.core_client import InlineCoreClient
 from inferneo.engine.input_processor import FrontEndFacts, InputProcessor, check_cache_salt, truncate_prompt
 from inferneo.engine.output_processor import OutputKind, OutputProcessor
-from inferneo.engine.protocol import AbortRequests, AddRequests, InvalidRequestError, LoraRef, PoolingRequest
+from inferneo.engine.protocol import (
+    AbortRequests,
+    AddRequests,
+    ControlCommand,
+    ControlReply,
+    EngineSleepingError,
+    InvalidRequestError,
+    LoraRef,
+    PoolingRequest,
+    ResetPrefixCache,
+    Sleep,
+    UpdateWeights,
+    WakeUp,
+)
+from inferneo.engine.weight_transfer import to_wire_all
 from inferneo.outputs import EmbeddingRequestOutput, RequestOutput
 from inferneo.sampling_params import SamplingParams
 
@@ -32,6 +49,8 @@ class LLMEngine(FrontEndFacts):
                                     InputProcessor.load_image_prompts(config, tokenizer))
         self.processor = OutputProcessor(tokenizer)
         self._counter = itertools.count()
+        self._call_ids = itertools.count(1)
+        self._sleeping = False
 
     # ---- facts -------------------------------------------------------------------------------------------
 
@@ -65,6 +84,36 @@ class LLMEngine(FrontEndFacts):
         """Stop helper processes (tensor-parallel workers); the engine cannot step afterwards."""
         self.core_client.close()
 
+    # ---- weights, prefix cache and sleep mode (``engine.engine_control`` has the rules) --------------------
+
+    def _control(self, command: ControlCommand) -> ControlReply:
+        reply = self.core_client.call(command)
+        self._sleeping = reply.sleeping
+        reply.raise_if_refused()
+        return reply
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every prefix-cache block no running request holds; True when none is left cached."""
+        return self._control(ResetPrefixCache(next(self._call_ids))).value
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load ``(name, tensor)`` pairs (Hugging Face names) into the model, all or none, then reset the prefix
+        cache. Raises ``ValueError`` for an unknown name, a wrong shape or weights that cannot be updated, and
+        ``EngineBusyError`` while requests are unfinished or the engine sleeps."""
+        self._control(UpdateWeights(next(self._call_ids), to_wire_all(weights)))
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1; on CUDA the weights go to host memory) or drop the weights too (level 2);
+        ``EngineBusyError`` while requests are unfinished."""
+        self._control(Sleep(next(self._call_ids), level))
+
+    def wake_up(self) -> None:
+        """End sleep mode (after level 2 the weights must be loaded again with ``update_weights``)."""
+        self._control(WakeUp(next(self._call_ids)))
+
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
     # ---- requests ----------------------------------------------------------------------------------------
 
     def add_request(
@@ -85,6 +134,8 @@ class LLMEngine(FrontEndFacts):
         the request's prefix-cache blocks serve only requests with the same salt (vLLM's). ``images``: a
         vision-language model's images (PIL images or image URLs), one for each image placeholder of the prompt
         (``ImagePrompts.prepare``)."""
+        if self._sleeping:
+            raise EngineSleepingError()
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:
@@ -110,6 +161,8 @@ class LLMEngine(FrontEndFacts):
                               pooling: PoolingRequest | None = None, priority: int = 0) -> str:
         """Queue an embedding request (its step output is an ``EmbeddingRequestOutput``); returns its id. Raises
         ``InvalidRequestError`` as ``InputProcessor.check_embedding`` says."""
+        if self._sleeping:
+            raise EngineSleepingError()
         pooling = pooling or PoolingRequest()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:

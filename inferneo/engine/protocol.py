@@ -80,7 +80,47 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, frozen=True):
     """Abort everything and stop the core loop."""
 
 
-CoreCommand = AddRequests | AbortRequests | Shutdown
+class WeightTensor(msgspec.Struct, array_like=True, frozen=True):
+    """One checkpoint tensor on its way to the core: its Hugging Face name, element type (``"float32"``,
+    ``"bfloat16"``, ...), shape and raw bytes (C order). In a core of this process the bytes are a view of the
+    sender's tensor (no copy); to a child process they travel once, msgpack-encoded."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    data: memoryview  # decoded from msgpack as a view of the message (no copy)
+
+
+class ResetPrefixCache(msgspec.Struct, tag="reset_prefix_cache", array_like=True, frozen=True):
+    """Drop every prefix-cache entry no running request holds (a ``ControlReply`` says whether none is left)."""
+
+    call_id: int
+
+
+class UpdateWeights(msgspec.Struct, tag="update_weights", array_like=True, frozen=True):
+    """Load these tensors into the running model (all or none), then reset the prefix cache. Refused while a
+    request is unfinished or the engine sleeps (``inferneo.engine.engine_control``)."""
+
+    call_id: int
+    tensors: list[WeightTensor]
+
+
+class Sleep(msgspec.Struct, tag="sleep", array_like=True, frozen=True):
+    """Free the KV cache (level 1; on CUDA the weights move to host memory) or the weights too (level 2)."""
+
+    call_id: int
+    level: int = 1
+
+
+class WakeUp(msgspec.Struct, tag="wake_up", array_like=True, frozen=True):
+    """Undo ``Sleep``: the KV cache back (empty), and the weights (level 1; level 2: zeros until loaded)."""
+
+    call_id: int
+
+
+ControlCommand = ResetPrefixCache | UpdateWeights | Sleep | WakeUp
+
+CoreCommand = AddRequests | AbortRequests | Shutdown | ResetPrefixCache | UpdateWeights | Sleep | WakeUp
 
 # ---- core -> front end ----------------------------------------------------------------------------------------
 
@@ -125,6 +165,7 @@ class FailureKind(enum.Enum):
 
     INVALID = "invalid"  # the request breaks a rule of the engine (the caller's error: HTTP 400)
     FAILED = "failed"  # the engine failed while running it (HTTP 500); the engine goes on
+    SLEEPING = "sleeping"  # the engine sleeps (``Sleep``) and takes no requests until it wakes up (HTTP 503)
 
 
 class RequestFailure(msgspec.Struct, array_like=True, frozen=True):
@@ -137,6 +178,8 @@ class RequestFailure(msgspec.Struct, array_like=True, frozen=True):
     def to_exception(self) -> Exception:
         if self.kind is FailureKind.INVALID:
             return InvalidRequestError(self.message)
+        if self.kind is FailureKind.SLEEPING:
+            return EngineSleepingError(self.message)
         return RequestFailedError(self.message)
 
 
@@ -188,8 +231,30 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
         return self.num_blocks * self.block_size
 
 
+class ControlReply(msgspec.Struct, array_like=True, frozen=True):
+    """The core's answer to a control command (``call_id``): done (``ok``, with ``value``: for
+    ``ResetPrefixCache`` whether the cache is empty now) or refused (``message`` says why; ``busy``: because
+    requests are unfinished or the engine sleeps, which waiting may cure)."""
+
+    call_id: int
+    ok: bool
+    value: bool = False
+    message: str = ""
+    busy: bool = False
+    sleeping: bool = False  # the engine's state after the command
+
+    def raise_if_refused(self) -> None:
+        """Raise the front end's error for a refusal; nothing when it was done."""
+        if self.ok:
+            return
+        if self.busy:
+            raise EngineBusyError(self.message)
+        raise ValueError(self.message)
+
+
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):
-    """One turn of the core loop: the outputs of a step, refused or failed requests, and the counters.
+    """One turn of the core loop: the outputs of a step, refused or failed requests, the counters, and the
+    answers to control commands.
 
     ``num_taken`` counts the sequences the core has taken in since it started, so the front end knows how many
     it sent are still on their way (admission control counts them as waiting).
@@ -199,6 +264,7 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True):
     failures: list[RequestFailure]
     num_taken: int
     snapshot: EngineSnapshot | None = None
+    replies: list[ControlReply] = []  # answers to the control commands taken this turn
 
 
 class CoreStartFailed(msgspec.Struct, tag="start_failed", array_like=True, frozen=True):
@@ -258,6 +324,20 @@ def _request_ids_of_add(item: object) -> list[str]:
 
 class EngineDeadError(RuntimeError):
     """The engine has stopped (a fatal fault or shut-down) and serves no more requests."""
+
+
+class EngineSleepingError(RuntimeError):
+    """The engine sleeps (``sleep``) and takes no requests until ``wake_up``; try again after ``retry_after``
+    seconds."""
+
+    def __init__(self, message: str = "the engine is sleeping (sleep mode): wake it up first", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineBusyError(RuntimeError):
+    """A control command the core refused for now: requests are unfinished (weights change and the engine sleeps
+    only between requests) or the engine sleeps."""
 
 
 class RequestFailedError(RuntimeError):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
+import torch
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
@@ -70,6 +71,34 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
+
+    # ---- reinforcement learning: new weights, prefix cache, sleep mode (docs/offline-inference.md) ----------
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new values into the running model: ``(name, tensor)`` pairs named as in the checkpoint (Hugging
+        Face names), the whole model or any part of it. Checked first (``ValueError`` and nothing changed for a
+        name the model does not have, a wrong shape, or quantized / LoRA / multi-rank weights), then loaded where
+        the model's fast paths read them; the prefix cache is reset. Runs between requests only
+        (``EngineBusyError`` while requests are unfinished or the engine sleeps)."""
+        self.engine.update_weights(weights)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block no running request holds; True when none is left cached."""
+        return self.engine.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free memory between rollouts. Level 1 frees the KV cache (on CUDA the weights also move to pinned host
+        memory; on CPU they stay); level 2 also drops the weights: after ``wake_up`` they are zeros and must be
+        loaded again with ``update_weights`` (vLLM's semantics) before requests are taken. Requests are refused
+        while it sleeps (``EngineSleepingError``)."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        """End sleep mode: the weights back on the device (level 1) and an empty KV cache."""
+        self.engine.wake_up()
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
 
     def generate(
         self,

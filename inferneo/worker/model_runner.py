@@ -73,6 +73,7 @@ from inferneo.worker.step_inputs import (
     step_layout,
     step_views,
 )
+from inferneo.worker.weight_update import ParkedWeights, park_weights, plain_weights
 
 # Images whose features the runner keeps (most recently used), so that a prompt's chunks encode each image once.
 IMAGE_FEATURE_CACHE = 32
@@ -244,6 +245,7 @@ class ModelRunner(Runner):
         self.max_num_seqs = max_num_seqs
         self.max_decode_rows = max_decode_rows or max_num_seqs
         model_cls = get_model_class(hf_config)
+        self._model_cls = model_cls
         self.model_config = model_cls.config_from_hf(hf_config)
         if attention_backend is None:
             self.backend = default_attention_backend(device, self.kernels)
@@ -340,6 +342,12 @@ class ModelRunner(Runner):
         self.step_listener = None
         # LoRA adapter slots (``inferneo.lora.slots``), once ``enable_lora`` has wrapped the projections.
         self.lora = None
+        # Sleep mode: the sleep level (0: awake), the weights set aside, and the load keys of weights that a
+        # level-2 sleep dropped and no update has written since (the engine refuses requests while any are left).
+        self.sleep_level = 0
+        self._parked: ParkedWeights | None = None
+        self.missing_weights: set[str] = set()
+        self._twin: CausalLM | None = None
 
     # ---- weights and cache -------------------------------------------------------------------------------
 
@@ -385,6 +393,79 @@ class ModelRunner(Runner):
         release_freed_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # ---- weight updates and sleep mode ---------------------------------------------------------------------
+
+    def weights_update_refusal(self) -> str | None:
+        """Why this runner's weights cannot take new values in place; None when they can."""
+        if self.quant_config is not None:
+            return (f"the weights are quantized ({self.quant_config.name}) and repacked at load: they cannot take new "
+                    "values in place; serve the model unquantized to update its weights")
+        if self.lora is not None:
+            return "weight updates with LoRA adapters enabled are not supported yet"
+        if self.tp.world_size > 1 or self.pp.num_stages > 1:
+            return "weight updates with tensor or pipeline parallelism are not supported yet"
+        return None
+
+    def _load_twin(self) -> CausalLM:
+        """The model built again on the meta device, unpacked: weights are checked against it (names, shapes)
+        before any is written, so a refused update changes nothing."""
+        if self._twin is None:
+            with torch.device("meta"), _default_dtype(self.dtype):
+                self._twin = self._model_cls(self.model_config, self.backend, max_position=self.max_model_len)
+        return self._twin
+
+    @torch.no_grad()
+    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values (Hugging Face names, any part of the checkpoint) into the loaded model, where its fast
+        paths read them (packed CPU linears are packed again). ValueError, with nothing changed, for a name the
+        model does not have, a wrong shape, or weights that cannot be updated (``weights_update_refusal``)."""
+        refusal = self.weights_update_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self.sleep_level:
+            raise ValueError("the engine is sleeping: wake it up before updating its weights")
+        keys = self._load_twin().load_weights(weights, strict=False)
+        with plain_weights(self.model, {key.partition("#")[0] for key in keys}):
+            self.model.load_weights(weights, strict=False)
+        self.missing_weights -= keys
+        logger.info("updated %d weight tensors", len(weights))
+
+    def sleep(self, level: int) -> None:
+        """Free the KV cache (its contents are lost); on CUDA also move the weights to pinned host memory
+        (level 1), or drop the weights (level 2: ``wake_up`` brings zeros back, to be loaded with
+        ``update_weights``). On CPU, level 1 keeps the weights where they are."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.sleep_level:
+            raise ValueError(f"the engine is already sleeping (level {self.sleep_level})")
+        if level == 2 and (refusal := self.weights_update_refusal()) is not None:
+            raise ValueError(f"sleep level 2 drops the weights, which could not be loaded again: {refusal}")
+        if self.device.type == "cuda":
+            self.release_cuda_graphs()
+        self.kv_caches = []
+        if level == 2:
+            self._parked = park_weights(self.model, keep=False)
+            self.missing_weights = self._load_twin().expected_load_keys()
+        elif self.device.type == "cuda":
+            self._parked = park_weights(self.model, keep=True)
+        self.sleep_level = level
+        release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("sleeping (level %d): KV cache freed%s", level,
+                    "" if self._parked is None else f", {self._parked.nbytes / 2**20:.0f} MiB of weights "
+                    f"{'moved to host memory' if self._parked.kept else 'dropped'}")
+
+    def wake_up(self) -> None:
+        """Undo ``sleep``: the weights back on the device (zeros after level 2) and a new, empty KV cache."""
+        if not self.sleep_level:
+            return
+        if self._parked is not None:
+            self._parked.restore(self.device)
+            self._parked = None
+        self.sleep_level = 0
+        self.allocate_kv_cache(self.num_blocks)
 
     def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
         """Wrap the model's projections with ``max_loras`` LoRA slots (``inferneo.lora``); after

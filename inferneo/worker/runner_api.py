@@ -59,6 +59,9 @@ class Runner(abc.ABC):
     # LongRoPE past the original context: which tokens rotate by the long factors (the KV cache keeps the blocks of
     # long prompts apart); None for every other model
     rope_switch: LongRopeSwitch | None
+    sleep_level: int  # 0 while awake; 1 or 2 after ``sleep``
+    # load keys of weights a level-2 sleep dropped that no ``update_weights`` has written since (none: it can serve)
+    missing_weights: set[str]
 
     @property
     @abc.abstractmethod
@@ -76,6 +79,23 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def finalize_weights(self) -> None:
         """Transforms that need the final weights (packing, kernel choices)."""
+
+    @abc.abstractmethod
+    def weights_update_refusal(self) -> str | None:
+        """Why the loaded weights cannot take new values in place (quantized, LoRA, parallel); None if they can."""
+
+    @abc.abstractmethod
+    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values (Hugging Face names, any part of the checkpoint) into the running model, all or none
+        (ValueError, nothing changed, for an unknown name or a wrong shape)."""
+
+    @abc.abstractmethod
+    def sleep(self, level: int) -> None:
+        """Free the KV cache (level 1; on CUDA the weights go to host memory) or also drop the weights (level 2)."""
+
+    @abc.abstractmethod
+    def wake_up(self) -> None:
+        """Undo ``sleep``: weights back (zeros after level 2) and an empty KV cache."""
 
     @abc.abstractmethod
     def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):

@@ -311,6 +311,36 @@ class TensorParallelRunner(Runner):
         heads; pipeline stages may hold different numbers of layers)."""
         return self._kv_bytes_per_block
 
+    @property
+    @driver_only
+    def sleep_level(self) -> int:
+        """Always 0: sleep mode is refused here (``weights_update_refusal``)."""
+        return 0
+
+    @property
+    @driver_only
+    def missing_weights(self) -> set[str]:
+        """Always empty: weights are never dropped here."""
+        return set()
+
+    @driver_only
+    def weights_update_refusal(self) -> str | None:
+        """Weight updates and sleep mode are not carried to the workers yet."""
+        return (f"weight updates and sleep mode are not supported yet with tensor_parallel_size "
+                f"{self.tp_size} x pipeline_parallel_size {self.pp_size} (one rank only)")
+
+    @driver_only
+    def update_weights(self, weights) -> None:
+        raise ValueError(self.weights_update_refusal())
+
+    @driver_only
+    def sleep(self, level: int) -> None:
+        raise ValueError(self.weights_update_refusal())
+
+    @driver_only
+    def wake_up(self) -> None:
+        """Nothing to do: it never sleeps."""
+
     @every_rank
     def load_weights(self, weights) -> None:
         """Each worker reads its own slices from the checkpoint; the driver loads from ``weights``."""

@@ -68,6 +68,27 @@ class PackedLinear(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64) if prepack else weight
         self.bias = None if linear.bias is None else linear.bias.detach()
 
+    def plain_weight(self) -> torch.Tensor:
+        """``W`` as ``[out_features, in_features]``: the shared tensor itself when not prepacked; else read back
+        through the kernel (identity rows times ``W.T``: every product is by 1 or 0, so the values are exact)."""
+        if not self.prepacked:
+            return self.packed_weight
+        rows = []
+        dtype = self.packed_weight.dtype
+        for start in range(0, self.in_features, 1024):
+            count = min(1024, self.in_features - start)
+            eye = torch.zeros(count, self.in_features, dtype=dtype)
+            eye[:, start:start + count].fill_diagonal_(1)
+            rows.append(torch.ops.mkldnn._linear_pointwise(eye, self.packed_weight, None, "none", [], ""))
+        return torch.cat(rows).t().contiguous()
+
+    def load_plain_weight(self, weight: torch.Tensor) -> None:
+        """Take a new ``W`` (``[out_features, in_features]``): packed again, or copied into the shared tensor."""
+        if self.prepacked:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
+        elif weight.data_ptr() != self.packed_weight.data_ptr():
+            self.packed_weight.copy_(weight)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + b``; with ``out`` (a ``[rows, out_features]`` tensor), the result is also copied there."""
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # the engine's token batches are flat
@@ -126,17 +147,16 @@ class PanelLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self._ops = ops
-        weight = linear.weight.detach()
-        width = panel_width(ops)
-        panels = -(-self.out_features // width)
-        padded = F.pad(weight, (0, 0, 0, panels * width - self.out_features))
-        if weight.dtype == torch.bfloat16:
-            pairs = -(-self.in_features // 2)
-            padded = F.pad(padded, (0, 2 * pairs - self.in_features))
-            self.packed_weight = padded.view(panels, width, pairs, 2).permute(0, 2, 1, 3).contiguous()
-        else:
-            self.packed_weight = padded.view(panels, width, self.in_features).transpose(1, 2).contiguous()
+        self.packed_weight = panel_layout(linear.weight.detach(), panel_width(ops))
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+
+    def plain_weight(self) -> torch.Tensor:
+        """``W`` as ``[out_features, in_features]``, read back from the panels (a copy; exact)."""
+        return panel_rows(self.packed_weight, self.out_features, self.in_features)
+
+    def load_plain_weight(self, weight: torch.Tensor) -> None:
+        """Take a new ``W``: laid out in panels into the same tensor (a tied :class:`PanelEmbedding` reads it)."""
+        self.packed_weight.copy_(panel_layout(weight, self.packed_weight.shape[2]))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + b``; with ``out`` (a contiguous ``[rows, out_features]`` tensor) written there."""
@@ -163,6 +183,29 @@ class PanelLinear(nn.Module):
         return y.contiguous() if out is None else out.copy_(y)
 
 
+def panel_layout(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """``weight`` (``[N, K]``) in :class:`PanelLinear`'s panels of ``width`` output columns (N padded to whole
+    panels; bfloat16 as consecutive pairs along K, K padded to even)."""
+    out_features, in_features = weight.shape
+    panels = -(-out_features // width)
+    padded = F.pad(weight, (0, 0, 0, panels * width - out_features))
+    if weight.dtype == torch.bfloat16:
+        pairs = -(-in_features // 2)
+        padded = F.pad(padded, (0, 2 * pairs - in_features))
+        return padded.view(panels, width, pairs, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(panels, width, in_features).transpose(1, 2).contiguous()
+
+
+def panel_rows(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The inverse of :func:`panel_layout`: the ``[out_features, in_features]`` weight (a copy)."""
+    if packed.dim() == 3:  # [panels, K, P]
+        panels, k, width = packed.shape
+        return packed.transpose(1, 2).reshape(panels * width, k)[:out_features].contiguous()
+    panels, pairs, width, _ = packed.shape  # [panels, K/2, P, 2]
+    rows = packed.permute(0, 2, 1, 3).reshape(panels * width, pairs * 2)
+    return rows[:out_features, :in_features].contiguous()
+
+
 class PanelEmbedding(nn.Module):
     """The lookup of an embedding tied to a :class:`PanelLinear` output head, read from the head's panels: token
     ``t`` is output column ``t``, i.e. ``packed_weight[t // P, :, t % P]`` for panels of ``P`` columns (bfloat16:
@@ -174,6 +217,14 @@ class PanelEmbedding(nn.Module):
         self.embedding_dim = head.in_features
         self.num_embeddings = head.out_features
         self.table = head.packed_weight  # shared with the head, not a copy; not a registered buffer of this module
+
+    def plain_weight(self) -> torch.Tensor:
+        """The ``[num_embeddings, embedding_dim]`` table, read back from the head's panels (a copy; exact)."""
+        return panel_rows(self.table, self.num_embeddings, self.embedding_dim)
+
+    def load_plain_weight(self, weight: torch.Tensor) -> None:
+        """Take a new table: laid out in panels into the tensor the tied head reads too."""
+        self.table.copy_(panel_layout(weight, self.table.shape[2]))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

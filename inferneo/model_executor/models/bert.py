@@ -301,9 +301,14 @@ class BertEmbeddingModel(nn.Module):
         (an embedding model has no head: the checkpoint's heads are skipped)."""
         return None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def expected_load_keys(self) -> set[str]:
+        """Every load key a whole checkpoint writes (a fused q/k/v parameter's three shards as ``name#index``)."""
+        return {f"{n}#{i}" if ".qkv." in n else n for n, _ in self.named_parameters() for i in range(3)}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names, with or without the ``bert.`` / ``roberta.`` prefix) into
-        the parameters; returns the names loaded. ValueError for a missing weight, an unknown one or a wrong shape."""
+        the parameters; returns the names loaded. ValueError for an unknown weight or a wrong shape, and (with
+        ``strict``) for a missing one."""
         params = dict(self.named_parameters())
         hidden = self.config.hidden_size
         loaded: set[str] = set()
@@ -337,8 +342,7 @@ class BertEmbeddingModel(nn.Module):
                     break
             else:
                 raise ValueError(f"checkpoint weight {original!r} does not belong to this model")
-        expected = {f"{n}#{i}" if ".qkv." in n else n for n in params for i in range(3)}
-        missing = sorted(expected - loaded)
+        missing = sorted(self.expected_load_keys() - loaded) if strict else []
         if missing:
             raise ValueError(
                 f"checkpoint is missing weights: {', '.join(missing[:8])}"

@@ -344,11 +344,11 @@ class DeepseekV2ForCausalLM(MoeForCausalLM):
             if isinstance(module, DeepseekGate):
                 module.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """As the Llama loader, skipping layers past ``num_hidden_layers`` (V3's multi-token-prediction layer);
         ``mlp.shared_experts`` load into ``mlp.shared_expert``."""
-        return super().load_weights((name.replace(".mlp.shared_experts.", ".mlp.shared_expert."), tensor)
-                                    for name, tensor in weights if self._in_model(name, tensor))
+        return super().load_weights(((name.replace(".mlp.shared_experts.", ".mlp.shared_expert."), tensor)
+                                     for name, tensor in weights if self._in_model(name, tensor)), strict)
 
     def _in_model(self, name: str, tensor: torch.Tensor) -> bool:
         """False for a layer past ``num_hidden_layers`` and for the empty shared-expert tensors transformers saves

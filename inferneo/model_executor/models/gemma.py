@@ -215,9 +215,9 @@ class Gemma3TextOfMultimodal(Gemma3ForCausalLM):
     published), served as text only: the loader hands over its ``text_config`` (``hf_files.language_model_config``)
     and this class its language-model tensors; the vision tower and projector are not loaded."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """The language model's tensors under their text-only names, loaded as Gemma 3's."""
-        return super().load_weights(_language_model_weights(weights))
+        return super().load_weights(_language_model_weights(weights), strict)
 
 
 def _language_model_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -90,9 +90,9 @@ class GptOssForCausalLM(MoeForCausalLM):
         for layer in self.layers:  # one learned sink logit per query head, loaded from ``self_attn.sinks``
             layer.self_attn.sinks = nn.Parameter(torch.zeros(config.num_heads))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """As the Llama loader, with MXFP4 blocks/scales pairs de-quantized and the experts re-laid out."""
-        return super().load_weights(pair_mxfp4_weights(weights))
+        return super().load_weights(pair_mxfp4_weights(weights), strict)
 
     def load_special_weight(self, params: dict[str, nn.Parameter], name: str,
                             tensor: torch.Tensor | Mxfp4Weight) -> set[str]:

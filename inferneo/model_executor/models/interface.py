@@ -38,5 +38,11 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits of ``hidden``; None on tensor-parallel ranks other than the driver."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the load keys written (a fused
+        parameter's shard as ``name#index``). ``strict``: ValueError unless every weight of the model came (a whole
+        checkpoint); ``strict=False`` loads a part (a weight update). An unknown name or a wrong shape raises either
+        way."""
+
+    def expected_load_keys(self) -> set[str]:
+        """Every load key a whole checkpoint writes (what ``load_weights`` returns for one)."""

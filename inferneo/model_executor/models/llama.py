@@ -351,10 +351,11 @@ class LlamaForCausalLM(nn.Module):
             return [pname]
         return [f"{pname}#{i}" for i in range(len(self._shard_sizes(fused, param)))]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters; returns the names loaded.
 
-        Raises ValueError for a missing parameter or a shape that does not match the config.
+        Raises ValueError for a shape that does not match the config, a name the model does not have, and (with
+        ``strict``) for a weight the tensors left out.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -387,15 +388,19 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     _copy(param.data, tensor, name)
                 loaded.add(name)
-        expected = set()
-        for pname, param in params.items():
-            expected.update(self.expected_weight_keys(pname, param))
-        missing = expected - loaded
+        missing = self.expected_load_keys() - loaded if strict else set()
         if missing:
             names = sorted({self.checkpoint_name(key) for key in missing})
             raise ValueError(f"checkpoint is missing weights: {', '.join(names[:8])}"
                              + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
         return loaded
+
+    def expected_load_keys(self) -> set[str]:
+        """Every load key a whole checkpoint writes (``load_weights`` checks them; a weight update counts them)."""
+        expected: set[str] = set()
+        for pname, param in self.named_parameters():
+            expected.update(self.expected_weight_keys(pname, param))
+        return expected
 
     def checkpoint_name(self, key: str) -> str:
         """The checkpoint's (Hugging Face) name for a load key: a fused shard ``...qkv_proj.weight#1`` is
