@@ -60,6 +60,10 @@ def add_parser(subparsers) -> None:
                    help="/metrics also gives every metric under the name vLLM gives it (vllm:num_requests_running, "
                    "vllm:time_to_first_token_seconds, ...), so that dashboards, alerts and autoscalers written for "
                    "vLLM read them unchanged")
+    g.add_argument("--enable-dev-endpoints", action="store_true",
+                   help="serve POST /sleep?level=N, POST /wake_up, GET /is_sleeping and POST /reset_prefix_cache, "
+                   "which reinforcement-learning trainers call between rollouts (vLLM serves them with "
+                   "VLLM_SERVER_DEV_MODE=1); off by default: anyone who can reach them can stop the server serving")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="do not log the engine's throughput, queue and cache statistics every 10 s "
                    "(INFERNEO_LOG_STATS_INTERVAL_S) while it has work")
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser, http=http_options_from_args(args),
         log_stats=not args.disable_log_stats, response_options=response_options_from_args(args),
         default_chat_template_kwargs=args.default_chat_template_kwargs, vllm_metric_names=args.vllm_metric_names,
-        files_dir=args.files_dir,
+        files_dir=args.files_dir, dev_endpoints=args.enable_dev_endpoints,
     )
 
 

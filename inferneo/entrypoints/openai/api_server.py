@@ -44,6 +44,7 @@ from inferneo.entrypoints.openai.serving_chat import create_chat_completion, pre
 from inferneo.entrypoints.openai.serving_classification import create_classification
 from inferneo.entrypoints.openai.serving_common import ServerContext, render_chat
 from inferneo.entrypoints.openai.serving_completion import create_completion
+from inferneo.entrypoints.openai.serving_dev import install_dev_routes
 from inferneo.entrypoints.openai.serving_embedding import create_embedding
 from inferneo.entrypoints.openai.serving_lora import install_lora_routes, lora_model_cards
 from inferneo.entrypoints.openai.serving_responses import count_input_tokens, create_response
@@ -64,14 +65,16 @@ KEEP_ALIVE_S = 15
 
 def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: ServerGuards | None = None,
               log_stats_interval: float | None = None, http: HttpOptions | None = None,
-              vllm_metric_names: bool = False, files_dir: str | None = None) -> FastAPI:
+              vllm_metric_names: bool = False, files_dir: str | None = None,
+              dev_endpoints: bool = False) -> FastAPI:
     """The HTTP app over a started-or-not engine; its lifespan starts the engine and shuts it down.
 
     ``guards`` (limits, API keys from ``ctx.api_keys``, CORS) default to ``ServerGuards()``. With
     ``log_stats_interval`` (seconds), the engine's statistics are logged that often while it has work
     (``stats_logger``). ``http`` (default ``HttpOptions()``) says whether the API docs pages are served, responses
     carry ``X-Request-Id`` and ``/load`` counts the requests in flight; its other options are uvicorn's.
-    ``files_dir`` holds the files of OpenAI's Files and Batch APIs (``batch_api``; None: a temporary folder)."""
+    ``files_dir`` holds the files of OpenAI's Files and Batch APIs (``batch_api``; None: a temporary folder).
+    ``dev_endpoints`` adds ``/sleep``, ``/wake_up``, ``/is_sleeping`` and ``/reset_prefix_cache`` (``serving_dev``)."""
     http = http or HttpOptions()
     metrics = metrics or ServerMetrics(ctx.engine, ctx.served_model_names[0], vllm_names=vllm_metric_names)
     if ctx.engine.observer is None:
@@ -143,6 +146,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         return next((c for c in lora_model_cards(ctx, _model_card) if c["id"] == name), None) or _model_card(ctx, name)
 
     install_lora_routes(app, ctx)
+    if dev_endpoints:
+        install_dev_routes(app, ctx)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -249,7 +254,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
           http: HttpOptions | None = None, log_stats: bool = True,
           response_options: ResponseOptions | None = None,
           default_chat_template_kwargs: dict[str, Any] | None = None, vllm_metric_names: bool = False,
-          files_dir: str | None = None) -> int:
+          files_dir: str | None = None, dev_endpoints: bool = False) -> int:
     """Load ``config.model``, serve it until SIGTERM or SIGINT, then finish or abort what is in flight; returns the
     exit status: 0 after a requested shut-down.
 
@@ -273,7 +278,8 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
     ``default_chat_template_kwargs`` are the chat template's variables for requests that do not set them (a
     request's ``chat_template_kwargs`` win key by key), e.g. ``{"enable_thinking": False}``. ``vllm_metric_names``:
     ``/metrics`` also gives every metric under vLLM's name (``vllm:...``). ``files_dir``: where OpenAI's Files and
-    Batch APIs keep their files (None: a temporary folder, removed at shut-down).
+    Batch APIs keep their files (None: a temporary folder, removed at shut-down). ``dev_endpoints``: serve the
+    sleep-mode and prefix-cache endpoints reinforcement-learning trainers call (``serving_dev``).
     """
     import uvicorn
 
@@ -305,7 +311,7 @@ def serve(config: EngineConfig, served_model_names: list[str] | None, host: str,
         engine.shutdown()
         raise
     app = build_app(ctx, guards=guards, log_stats_interval=stats_interval, http=http,
-                    vllm_metric_names=vllm_metric_names, files_dir=files_dir)
+                    vllm_metric_names=vllm_metric_names, files_dir=files_dir, dev_endpoints=dev_endpoints)
     drain = DrainState()
     app.add_middleware(DrainMiddleware, state=drain)  # outermost: counts every request, refuses while draining
     shown_host = f"[{host}]" if ":" in host else host

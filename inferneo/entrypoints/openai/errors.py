@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferneo.engine.async_engine import (
+    EngineBusyError,
     EngineDeadError,
+    EngineSleepingError,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
@@ -30,6 +32,7 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "conflict_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -91,6 +94,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, message, exc.param)
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineSleepingError):
+        return APIError(503, str(exc), code="engine_sleeping", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineBusyError):
+        return APIError(409, str(exc), code="engine_busy")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, RequestFailedError):

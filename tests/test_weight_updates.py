@@ -1,0 +1,237 @@
+"""What reinforcement-learning trainers need from the engine: new weights in a running model, a prefix-cache reset,
+and sleep mode (``LLM.update_weights`` / ``reset_prefix_cache`` / ``sleep`` / ``wake_up``; the server's
+``--enable-dev-endpoints``). Two tiny Llama checkpoints A and B of one shape (different seeds): an engine loaded
+with A and given B's tensors must generate what Hugging Face generates with B."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_hf_parity import hf_greedy
+
+from inferneo import LLM, SamplingParams
+from inferneo.config import EngineConfig
+from inferneo.engine.async_engine import AsyncEngine
+from inferneo.engine.protocol import EngineBusyError, EngineSleepingError
+from inferneo.testing.server import RemoteServer
+
+MAX_NEW = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+PROMPT = list(range(5, 61))  # 56 tokens: three full 16-token blocks the prefix cache keeps
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"  # loaded into the fused (and on CPU packed) qkv_proj
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint_factory) -> tuple[Path, Path]:
+    return tiny_checkpoint_factory("llama", seed=0), tiny_checkpoint_factory("llama", seed=1)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoints):
+    engine = LLM(str(checkpoints[0]), dtype="float32", max_model_len=256, block_size=16)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def as_a(llm, checkpoints):
+    """The shared engine, put back to A's weights (and awake) after the test."""
+    yield llm
+    if llm.is_sleeping():
+        llm.wake_up()
+    llm.update_weights(tensors(checkpoints[0]).items())
+
+
+def greedy(llm: LLM, prompt: list[int] = PROMPT) -> tuple[list[int], int]:
+    """The greedy continuation and how many prompt tokens came from the prefix cache."""
+    output = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    return list(output.outputs[0].token_ids), output.num_cached_tokens
+
+
+def test_new_weights_give_the_other_checkpoints_output_and_reset_the_prefix_cache(as_a, checkpoints):
+    llm, (a, b) = as_a, checkpoints
+    assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
+    assert greedy(llm)[1] == 48  # the prompt's full blocks now come from the prefix cache
+    llm.update_weights(tensors(b).items())
+    tokens, cached = greedy(llm)
+    assert tokens == hf_greedy(b, PROMPT, MAX_NEW)
+    assert cached == 0  # A's cached blocks were dropped: none served B's request
+    assert greedy(llm) == (tokens, 48)  # and B's own blocks are cached as usual
+    assert hf_greedy(a, PROMPT, MAX_NEW) != tokens  # (the two checkpoints differ: the test can fail)
+
+
+def test_one_tensor_updates_alone(as_a, checkpoints, tmp_path):
+    llm, (a, b) = as_a, checkpoints
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a, mixed)
+    weights = tensors(a) | {Q_PROJ: tensors(b)[Q_PROJ]}
+    save_file(weights, str(mixed / "model.safetensors"))
+    llm.update_weights([(Q_PROJ, tensors(b)[Q_PROJ])])
+    assert greedy(llm)[0] == hf_greedy(mixed, PROMPT, MAX_NEW) != hf_greedy(a, PROMPT, MAX_NEW)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (("model.layers.0.self_attn.nope.weight", torch.zeros(4, 4)), "does not belong to this model"),
+    (("model.layers.1.mlp.down_proj.weight", torch.zeros(3, 3)), "has shape (3, 3)"),
+])
+def test_an_unknown_name_or_a_wrong_shape_changes_nothing(as_a, checkpoints, bad, message):
+    llm, (a, b) = as_a, checkpoints
+    before = greedy(llm)[0]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        llm.update_weights([(Q_PROJ, tensors(b)[Q_PROJ]), bad])  # the good tensor first: all or none
+    assert greedy(llm)[0] == before == hf_greedy(a, PROMPT, MAX_NEW)
+    with pytest.raises(ValueError, match="pairs"):
+        llm.update_weights([Q_PROJ])
+
+
+def test_weights_change_only_between_requests(as_a, checkpoints):
+    llm, (a, b) = as_a, checkpoints
+    engine = llm.llm_engine
+    engine.add_request("running", PROMPT, GREEDY)
+    engine.step()  # the prompt is computed with A's weights; the request goes on
+    with pytest.raises(EngineBusyError, match="1 request"):
+        llm.update_weights(tensors(b).items())
+    with pytest.raises(EngineBusyError):
+        llm.sleep()
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[0].outputs[0].token_ids == hf_greedy(a, PROMPT, MAX_NEW)  # all of it with A's weights
+
+
+def test_reset_prefix_cache_keeps_blocks_running_requests_hold(as_a):
+    llm = as_a
+    greedy(llm)
+    assert llm.reset_prefix_cache() is True
+    assert greedy(llm)[1] == 0
+    engine = llm.llm_engine
+    engine.add_request("holder", PROMPT, GREEDY)
+    engine.step()  # it holds its cached blocks
+    assert llm.reset_prefix_cache() is False
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert llm.reset_prefix_cache() is True
+
+
+def test_sleep_refuses_requests_and_wake_up_serves_the_same_output(as_a):
+    llm = as_a
+    before = greedy(llm)[0]
+    llm.sleep(level=1)
+    assert llm.is_sleeping()
+    assert llm.llm_engine.runner.kv_caches == []  # the KV memory is freed
+    with pytest.raises(EngineSleepingError, match="sleeping"):
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="already sleeping"):
+        llm.sleep()
+    llm.wake_up()
+    assert not llm.is_sleeping()
+    assert greedy(llm) == (before, 0)  # the same weights; the cache was emptied
+    with pytest.raises(ValueError, match="level must be 1 or 2"):
+        llm.sleep(level=3)
+    assert not llm.is_sleeping()
+
+
+def test_sleep_level_2_drops_the_weights_until_they_are_loaded_again(as_a, checkpoints):
+    llm, b = as_a, checkpoints[1]
+    llm.sleep(level=2)
+    with pytest.raises(EngineBusyError, match="wake it up"):
+        llm.update_weights(tensors(b).items())
+    llm.wake_up()
+    with pytest.raises(EngineSleepingError, match="update_weights"):
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    llm.update_weights([(Q_PROJ, tensors(b)[Q_PROJ])])
+    with pytest.raises(EngineSleepingError, match="update_weights"):  # one of many: still refused
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    llm.update_weights(tensors(b).items())
+    assert greedy(llm)[0] == hf_greedy(b, PROMPT, MAX_NEW)
+
+
+def test_a_tied_embedding_and_head_update_together(tiny_checkpoint_factory):
+    a = tiny_checkpoint_factory("llama", tie_word_embeddings=True, seed=0)
+    b = tiny_checkpoint_factory("llama", tie_word_embeddings=True, seed=1)
+    llm = LLM(str(a), dtype="float32", max_model_len=256)
+    try:
+        llm.update_weights(tensors(b).items())
+        assert greedy(llm)[0] == hf_greedy(b, PROMPT, MAX_NEW)
+        llm.sleep(level=2)
+        llm.wake_up()
+        llm.update_weights(tensors(a).items())
+        assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
+    finally:
+        llm.shutdown()
+
+
+def test_the_commands_cross_to_a_core_in_a_child_process(checkpoints):
+    a, b = checkpoints
+
+    async def scenario(engine: AsyncEngine) -> None:
+        async def run() -> list[int]:
+            tokens: list[int] = []
+            async for output in engine.generate(PROMPT, GREEDY, "r"):
+                tokens += output.outputs[0].token_ids
+            return tokens
+
+        assert await run() == hf_greedy(a, PROMPT, MAX_NEW)
+        await engine.update_weights(tensors(b).items())
+        assert await run() == hf_greedy(b, PROMPT, MAX_NEW)
+        with pytest.raises(ValueError, match="does not belong"):
+            await engine.update_weights([("lm_head.nope", torch.zeros(2))])
+        assert await engine.reset_prefix_cache() is True
+        await engine.sleep(1)
+        assert engine.is_sleeping
+        with pytest.raises(EngineSleepingError):
+            await run()
+        await engine.wake_up()
+        assert await run() == hf_greedy(b, PROMPT, MAX_NEW)
+
+    engine = AsyncEngine.in_child_process(EngineConfig(model=str(a), dtype="float32", max_model_len=256))
+    engine.start()
+    try:
+        asyncio.run(scenario(engine))
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_the_dev_endpoints_over_http(checkpoints):
+    a, _ = checkpoints
+    with RemoteServer(a, "--dtype", "float32", "--max-model-len", "256", "--enable-dev-endpoints") as server:
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def complete() -> list[int]:
+            answer = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_NEW, temperature=0,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True})
+            return answer.choices[0].token_ids
+
+        before = complete()
+        with httpx.Client(base_url=server.base_url) as http:
+            assert http.post("/reset_prefix_cache").json() == {"reset": True}
+            assert http.get("/is_sleeping").json() == {"is_sleeping": False}
+            assert http.post("/sleep", params={"level": 1}).status_code == 200
+            assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+            refused = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+            assert refused.json()["error"]["code"] == "engine_sleeping"
+            bad = http.post("/sleep", params={"level": 1})
+            assert bad.status_code == 400 and "already sleeping" in bad.json()["error"]["message"]
+            assert http.post("/wake_up").status_code == 200
+            assert http.get("/is_sleeping").json() == {"is_sleeping": False}
+            assert http.post("/sleep", params={"level": 7}).status_code == 400
+        assert complete() == before
+    with RemoteServer(a, "--dtype", "float32", "--max-model-len", "256", "--engine-in-process") as server, \
+            httpx.Client(base_url=server.base_url) as http:
+        for method, path in [("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
+                             ("POST", "/reset_prefix_cache")]:
+            assert http.request(method, path).status_code == 404, path
