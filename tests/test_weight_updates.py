@@ -20,6 +20,7 @@ from inferneo import LLM, SamplingParams
 from inferneo.config import EngineConfig
 from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.protocol import EngineBusyError, EngineSleepingError
+from inferneo.testing.int4_checkpoints import write_int4_checkpoint
 from inferneo.testing.server import RemoteServer
 
 MAX_NEW = 8
@@ -168,6 +169,22 @@ def test_a_tied_embedding_and_head_update_together(tiny_checkpoint_factory):
         llm.wake_up()
         llm.update_weights(tensors(a).items())
         assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
+    finally:
+        llm.shutdown()
+
+
+def test_quantized_weights_are_refused_clearly(checkpoints, tmp_path):
+    quantized, _ = write_int4_checkpoint(checkpoints[0], tmp_path / "awq", tmp_path / "deq", "awq")
+    llm = LLM(str(quantized), max_model_len=256)
+    try:
+        before = greedy(llm)[0]
+        with pytest.raises(ValueError, match="quantized .*awq"):
+            llm.update_weights([("model.norm.weight", torch.ones(64))])
+        with pytest.raises(ValueError, match="sleep level 2 drops the weights"):
+            llm.sleep(level=2)
+        llm.sleep(level=1)  # the KV cache alone: fine
+        llm.wake_up()
+        assert greedy(llm)[0] == before
     finally:
         llm.shutdown()
 
