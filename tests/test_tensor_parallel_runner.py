@@ -102,10 +102,11 @@ def test_the_tensor_parallel_runner_defines_every_member_itself_and_says_where_i
         fn = member.fget if isinstance(member, property) else member
         where[name] = getattr(fn, "__runs_on__", None)
         assert where[name] in (EVERY_RANK, DRIVER_ONLY), f"TensorParallelRunner.{name} does not say where it runs"
-    # Every set-up call and every step reaches the workers; what the driver alone answers is read-only.
+    # Every set-up call, every step and every change of the weights or of sleep mode reaches the workers; what the
+    # driver alone answers is read-only.
     assert {n for n, w in where.items() if w == EVERY_RANK} == {
         "load_weights", "init_dummy_weights", "finalize_weights", "profile_kv_memory", "allocate_kv_cache",
-        "execute", "launch", "shutdown"}
+        "execute", "launch", "shutdown", "update_weights", "sleep", "wake_up"}
     for name, w in where.items():
         if isinstance(own[name], property):
             assert w == DRIVER_ONLY and own[name].fset is None, name

@@ -173,6 +173,25 @@ def test_a_tied_embedding_and_head_update_together(tiny_checkpoint_factory):
         llm.shutdown()
 
 
+def test_every_tensor_parallel_rank_takes_its_slices(checkpoints):
+    a, b = checkpoints
+    llm = LLM(str(a), dtype="float32", max_model_len=256, tensor_parallel_size=2)
+    try:
+        assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
+        with pytest.raises(ValueError, match="has shape"):  # refused on the driver: no worker moves
+            llm.update_weights([(Q_PROJ, torch.zeros(3, 3))])
+        llm.update_weights(tensors(b).items())
+        assert greedy(llm) == (hf_greedy(b, PROMPT, MAX_NEW), 0)
+        llm.sleep(level=2)  # every rank drops its shards
+        llm.wake_up()
+        with pytest.raises(EngineSleepingError):
+            llm.generate([PROMPT], GREEDY, use_tqdm=False)
+        llm.update_weights(tensors(a).items())
+        assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
+    finally:
+        llm.shutdown()
+
+
 def test_quantized_weights_are_refused_clearly(checkpoints, tmp_path):
     quantized, _ = write_int4_checkpoint(checkpoints[0], tmp_path / "awq", tmp_path / "deq", "awq")
     llm = LLM(str(quantized), max_model_len=256)

@@ -77,7 +77,7 @@ class LLM:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new values into the running model: ``(name, tensor)`` pairs named as in the checkpoint (Hugging
         Face names), the whole model or any part of it. Checked first (``ValueError`` and nothing changed for a
-        name the model does not have, a wrong shape, or quantized / LoRA / multi-rank weights), then loaded where
+        name the model does not have, a wrong shape, or quantized / LoRA / pipeline-parallel weights), then loaded where
         the model's fast paths read them; the prefix cache is reset. Runs between requests only
         (``EngineBusyError`` while requests are unfinished or the engine sleeps)."""
         self.engine.update_weights(weights)

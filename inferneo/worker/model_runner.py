@@ -403,8 +403,8 @@ class ModelRunner(Runner):
                     "values in place; serve the model unquantized to update its weights")
         if self.lora is not None:
             return "weight updates with LoRA adapters enabled are not supported yet"
-        if self.tp.world_size > 1 or self.pp.num_stages > 1:
-            return "weight updates with tensor or pipeline parallelism are not supported yet"
+        if self.pp.num_stages > 1:
+            return "weight updates with pipeline parallelism are not supported yet"
         return None
 
     def _load_twin(self) -> CausalLM:
@@ -415,17 +415,22 @@ class ModelRunner(Runner):
                 self._twin = self._model_cls(self.model_config, self.backend, max_position=self.max_model_len)
         return self._twin
 
-    @torch.no_grad()
-    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy new values (Hugging Face names, any part of the checkpoint) into the loaded model, where its fast
-        paths read them (packed CPU linears are packed again). ValueError, with nothing changed, for a name the
-        model does not have, a wrong shape, or weights that cannot be updated (``weights_update_refusal``)."""
+    def check_weights(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+        """The load keys ``weights`` would write; ValueError (nothing written) for a name the model does not have,
+        a wrong shape (of the whole checkpoint tensor, on every rank), or weights that cannot be updated."""
         refusal = self.weights_update_refusal()
         if refusal is not None:
             raise ValueError(refusal)
         if self.sleep_level:
             raise ValueError("the engine is sleeping: wake it up before updating its weights")
-        keys = self._load_twin().load_weights(weights, strict=False)
+        return self._load_twin().load_weights(weights, strict=False)
+
+    @torch.no_grad()
+    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values (Hugging Face names, any part of the checkpoint) into the loaded model, where its fast
+        paths read them (packed CPU linears are packed again; a tensor-parallel rank takes its slices). ValueError,
+        with nothing changed, as ``check_weights`` says."""
+        keys = self.check_weights(weights)
         with plain_weights(self.model, {key.partition("#")[0] for key in keys}):
             self.model.load_weights(weights, strict=False)
         self.missing_weights -= keys
@@ -435,12 +440,7 @@ class ModelRunner(Runner):
         """Free the KV cache (its contents are lost); on CUDA also move the weights to pinned host memory
         (level 1), or drop the weights (level 2: ``wake_up`` brings zeros back, to be loaded with
         ``update_weights``). On CPU, level 1 keeps the weights where they are."""
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
-        if self.sleep_level:
-            raise ValueError(f"the engine is already sleeping (level {self.sleep_level})")
-        if level == 2 and (refusal := self.weights_update_refusal()) is not None:
-            raise ValueError(f"sleep level 2 drops the weights, which could not be loaded again: {refusal}")
+        self.check_sleep(level)
         if self.device.type == "cuda":
             self.release_cuda_graphs()
         self.kv_caches = []
@@ -456,6 +456,15 @@ class ModelRunner(Runner):
         logger.info("sleeping (level %d): KV cache freed%s", level,
                     "" if self._parked is None else f", {self._parked.nbytes / 2**20:.0f} MiB of weights "
                     f"{'moved to host memory' if self._parked.kept else 'dropped'}")
+
+    def check_sleep(self, level: int) -> None:
+        """ValueError if the runner cannot go to sleep at ``level`` now (nothing changes)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.sleep_level:
+            raise ValueError(f"the engine is already sleeping (level {self.sleep_level})")
+        if level == 2 and (refusal := self.weights_update_refusal()) is not None:
+            raise ValueError(f"sleep level 2 drops the weights, which could not be loaded again: {refusal}")
 
     def wake_up(self) -> None:
         """Undo ``sleep``: the weights back on the device (zeros after level 2) and a new, empty KV cache."""

@@ -79,6 +79,10 @@ def _rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
+# Messages that may come while the engine serves (weight updates, sleep mode), not only at start-up.
+_RUNTIME_MESSAGES = ("update", "sleep", "wake_up")
+
+
 def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs: dict, conn: Connection,
                  store_host: str = "127.0.0.1", device: torch.device | None = None) -> None:
     """A worker's life: check in at the driver's store (at ``store_host``), join the group, build the shard,
@@ -128,7 +132,8 @@ def _worker_main(rank: int, tp_size: int, pp_size: int, port: int, runner_kwargs
             except Exception:  # reported to the driver, which raises it and then stops every rank in order
                 conn.send(("error", traceback.format_exc()))
                 continue
-            freeze_startup_heap(f"tensor-parallel rank {rank}")  # set-up messages come only before traffic
+            if kind not in _RUNTIME_MESSAGES:  # the other set-up messages come only before traffic
+                freeze_startup_heap(f"tensor-parallel rank {rank}")
     except (EOFError, KeyboardInterrupt):  # the driver is gone: nobody to leave the group with gracefully
         if runner is not None:
             runner.release_cuda_graphs()
@@ -192,6 +197,12 @@ def _set_up(runner: ModelRunner, kind: str, arg):
         runner.allocate_kv_cache(arg)
     elif kind == "kv_bytes":
         return runner.kv_bytes_per_block
+    elif kind == "update":
+        runner.update_weights(arg)
+    elif kind == "sleep":
+        runner.sleep(arg)
+    elif kind == "wake_up":
+        runner.wake_up()
     else:
         raise ValueError(f"unknown message {kind!r}")
     return None
@@ -314,32 +325,50 @@ class TensorParallelRunner(Runner):
     @property
     @driver_only
     def sleep_level(self) -> int:
-        """Always 0: sleep mode is refused here (``weights_update_refusal``)."""
-        return 0
+        """The driver's (every rank sleeps and wakes together)."""
+        return self.driver.sleep_level
 
     @property
     @driver_only
     def missing_weights(self) -> set[str]:
-        """Always empty: weights are never dropped here."""
-        return set()
+        """The driver's (every rank takes the same updates)."""
+        return self.driver.missing_weights
 
     @driver_only
     def weights_update_refusal(self) -> str | None:
-        """Weight updates and sleep mode are not carried to the workers yet."""
-        return (f"weight updates and sleep mode are not supported yet with tensor_parallel_size "
-                f"{self.tp_size} x pipeline_parallel_size {self.pp_size} (one rank only)")
+        """The driver's answer (every rank holds the same kind of shard); pipeline stages are not supported yet."""
+        if self.pp_size > 1:
+            return (f"weight updates and sleep mode are not supported yet with pipeline_parallel_size "
+                    f"{self.pp_size}")
+        return self.driver.weights_update_refusal()
 
-    @driver_only
+    @every_rank
     def update_weights(self, weights) -> None:
-        raise ValueError(self.weights_update_refusal())
+        """Checked on the driver first (a refusal reaches no worker), then every rank takes its slices of the
+        whole tensors (sent to each worker)."""
+        if (refusal := self.weights_update_refusal()) is not None:
+            raise ValueError(refusal)
+        self.driver.check_weights(weights)
+        self._broadcast("update", weights)
+        self.driver.update_weights(weights)
+        self._gather()
 
-    @driver_only
+    @every_rank
     def sleep(self, level: int) -> None:
-        raise ValueError(self.weights_update_refusal())
+        if (refusal := self.weights_update_refusal()) is not None:
+            raise ValueError(refusal)
+        self.driver.check_sleep(level)  # a refusal reaches no worker
+        self._broadcast("sleep", level)
+        self.driver.sleep(level)
+        self._gather()
 
-    @driver_only
+    @every_rank
     def wake_up(self) -> None:
-        """Nothing to do: it never sleeps."""
+        if not self.driver.sleep_level:
+            return
+        self._broadcast("wake_up", None)
+        self.driver.wake_up()
+        self._gather()
 
     @every_rank
     def load_weights(self, weights) -> None:

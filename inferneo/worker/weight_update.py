@@ -41,11 +41,11 @@ def plain_weights(model: nn.Module, names: set[str]) -> Iterator[None]:
         for path, module in model.named_modules():
             if not isinstance(module, PACKED_MODULES) or not ({f"{path}.weight", f"{path}.bias"} & names):
                 continue
-            module.register_parameter("weight", nn.Parameter(module.plain_weight(), requires_grad=False))
+            module.register_parameter("weight", _with_loader(module.plain_weight(), module, "weight_loader"))
             bias = getattr(module, "bias", None)
             if bias is not None:
                 del module.bias
-                module.register_parameter("bias", nn.Parameter(bias, requires_grad=False))
+                module.register_parameter("bias", _with_loader(bias, module, "bias_loader"))
             opened.append((module, bias))
         yield
         for module, _ in opened:
@@ -56,6 +56,14 @@ def plain_weights(model: nn.Module, names: set[str]) -> Iterator[None]:
             if bias is not None:
                 del module.bias
                 module.bias = bias
+
+
+def _with_loader(tensor: torch.Tensor, module: nn.Module, loader: str) -> nn.Parameter:
+    """``tensor`` as a parameter, with the tensor-parallel slice loader the packed module kept (if any)."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    if getattr(module, loader, None) is not None:
+        param.weight_loader = getattr(module, loader)
+    return param
 
 
 @dataclass(slots=True)

@@ -64,6 +64,9 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
+        # a tensor-parallel shard's loaders (``model_executor.tensor_parallel``), for weight updates
+        self.weight_loader = getattr(linear.weight, "weight_loader", None)
+        self.bias_loader = None if linear.bias is None else getattr(linear.bias, "weight_loader", None)
         self.prepacked = prepack
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64) if prepack else weight
         self.bias = None if linear.bias is None else linear.bias.detach()
@@ -148,6 +151,9 @@ class PanelLinear(nn.Module):
         self.out_features = linear.out_features
         self._ops = ops
         self.packed_weight = panel_layout(linear.weight.detach(), panel_width(ops))
+        # a tensor-parallel shard's loaders (``model_executor.tensor_parallel``), for weight updates
+        self.weight_loader = getattr(linear.weight, "weight_loader", None)
+        self.bias_loader = None if linear.bias is None else getattr(linear.bias, "weight_loader", None)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
 
     def plain_weight(self) -> torch.Tensor:
