@@ -208,7 +208,8 @@ def test_quantized_weights_are_refused_clearly(checkpoints, tmp_path):
         llm.shutdown()
 
 
-def test_the_commands_cross_to_a_core_in_a_child_process(checkpoints):
+@pytest.mark.parametrize("host", ["in_child_process", "in_thread"])
+def test_the_commands_reach_a_core_in_a_child_process_or_a_thread(checkpoints, host):
     a, b = checkpoints
 
     async def scenario(engine: AsyncEngine) -> None:
@@ -231,7 +232,7 @@ def test_the_commands_cross_to_a_core_in_a_child_process(checkpoints):
         await engine.wake_up()
         assert await run() == hf_greedy(b, PROMPT, MAX_NEW)
 
-    engine = AsyncEngine.in_child_process(EngineConfig(model=str(a), dtype="float32", max_model_len=256))
+    engine = getattr(AsyncEngine, host)(EngineConfig(model=str(a), dtype="float32", max_model_len=256))
     engine.start()
     try:
         asyncio.run(scenario(engine))
