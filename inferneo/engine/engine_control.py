@@ -47,7 +47,7 @@ def apply_control(core: EngineCore, command: ControlCommand) -> ControlReply:
     except Exception as exc:  # a failure of the machine, not of the command: reported, the engine goes on
         logger.exception("the engine core could not apply %s", type(command).__name__)
         return ControlReply(command.call_id, False, message=f"the engine failed: {exc!r}",
-                            sleeping=is_sleeping(core))
+                            sleeping=is_sleeping(core), failed=True)
     return ControlReply(command.call_id, True, value=value, sleeping=is_sleeping(core))
 
 

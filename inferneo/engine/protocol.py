@@ -233,8 +233,9 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
 
 class ControlReply(msgspec.Struct, array_like=True, frozen=True):
     """The core's answer to a control command (``call_id``): done (``ok``, with ``value``: for
-    ``ResetPrefixCache`` whether the cache is empty now) or refused (``message`` says why; ``busy``: because
-    requests are unfinished or the engine sleeps, which waiting may cure)."""
+    ``ResetPrefixCache`` whether the cache is empty now) or not (``message`` says why; ``busy``: refused because
+    requests are unfinished or the engine sleeps, which waiting may cure; ``failed``: the engine failed while
+    applying it; neither: the command itself was refused, as a bad name, shape or level)."""
 
     call_id: int
     ok: bool
@@ -242,6 +243,7 @@ class ControlReply(msgspec.Struct, array_like=True, frozen=True):
     message: str = ""
     busy: bool = False
     sleeping: bool = False  # the engine's state after the command
+    failed: bool = False
 
     def raise_if_refused(self) -> None:
         """Raise the front end's error for a refusal; nothing when it was done."""
@@ -249,6 +251,8 @@ class ControlReply(msgspec.Struct, array_like=True, frozen=True):
             return
         if self.busy:
             raise EngineBusyError(self.message)
+        if self.failed:
+            raise RuntimeError(self.message)
         raise ValueError(self.message)
 
 
