@@ -22,6 +22,7 @@ from inferneo.engine.async_engine import AsyncEngine
 from inferneo.engine.protocol import EngineBusyError, EngineSleepingError
 from inferneo.testing.int4_checkpoints import write_int4_checkpoint
 from inferneo.testing.server import RemoteServer
+from inferneo.worker.weight_update import _weights_of, park_weights
 
 MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -156,6 +157,27 @@ def test_sleep_level_2_drops_the_weights_until_they_are_loaded_again(as_a, check
         llm.generate([PROMPT], GREEDY, use_tqdm=False)
     llm.update_weights(tensors(b).items())
     assert greedy(llm)[0] == hf_greedy(b, PROMPT, MAX_NEW)
+
+
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's weight tensors (parameters and the CPU kernels' packed tensors), one per storage view."""
+    return [getattr(module, name).data if is_parameter else getattr(module, name)
+            for module, name, is_parameter in (w.slots[0] for w in _weights_of(model))]
+
+
+def test_weights_parked_in_host_memory_come_back_whole(as_a):
+    """Sleep level 1 on CUDA (weights to pinned host memory and back), run on the host: every weight tensor moves
+    to the copy, and the copies are what the model computes with afterwards."""
+    llm = as_a
+    model = llm.llm_engine.runner.model
+    before, old = greedy(llm)[0], weight_tensors(model)  # held: their memory is not reused meanwhile
+    parked = park_weights(model, keep=True)
+    moved = {t.untyped_storage().data_ptr() for t in weight_tensors(model)}
+    assert moved.isdisjoint(t.untyped_storage().data_ptr() for t in old)  # no module reads the old tensors
+    weights = sum(p.numel() * p.element_size() for p in llm.llm_engine.runner._load_twin().parameters())
+    assert weights <= parked.nbytes < 1.5 * weights  # all of them, once each (panels add their padding)
+    parked.restore(torch.device("cpu"))
+    assert greedy(llm)[0] == before
 
 
 def test_a_tied_embedding_and_head_update_together(tiny_checkpoint_factory):
