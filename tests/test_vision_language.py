@@ -178,3 +178,18 @@ def test_chat_with_image_parts_equals_generate_on_the_rendered_prompt(tmp_path):
         assert direct.prompt_token_ids == output.prompt_token_ids
         assert direct.outputs[0].token_ids == output.outputs[0].token_ids
     assert chats[0].outputs[0].token_ids != chats[1].outputs[0].token_ids
+
+
+def test_sleep_keeps_answers_and_weight_updates_are_refused(tmp_path):
+    path = make_tiny_llava(tmp_path)
+    llm = LLM(str(path), dtype="float32", max_model_len=512)
+    batch = requests(images(4, seed=21))
+    _, before = generate(llm, batch)
+    from safetensors.torch import load_file
+
+    name, tensor = next(iter(load_file(str(path / "model.safetensors")).items()))
+    with pytest.raises(ValueError, match="vision-language models are not supported"):
+        llm.update_weights([(name, tensor)])
+    llm.sleep(level=1)
+    llm.wake_up()
+    assert generate(llm, batch)[1] == before

@@ -405,6 +405,8 @@ class ModelRunner(Runner):
             return "weight updates with LoRA adapters enabled are not supported yet"
         if self.pp.num_stages > 1:
             return "weight updates with pipeline parallelism are not supported yet"
+        if getattr(self.model, "accepts_images", False):
+            return "weight updates of vision-language models are not supported yet"
         return None
 
     def _load_twin(self) -> CausalLM:

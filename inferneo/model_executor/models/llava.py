@@ -99,9 +99,9 @@ class VisionLanguageModel:
                              f"{self.num_image_tokens} image tokens (pixels of shape {tuple(pixels.shape)})")
         return features
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The vision tower's and projector's tensors into their modules (every one required), the language
-        model's under its text-only names through its own loader."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
+        """The vision tower's and projector's tensors into their modules (every one required, as ``strict`` asks
+        of the language model's), the language model's under its text-only names through its own loader."""
         vision: dict[str, torch.Tensor] = {}
         tower_prefix = "vision_model." if any(k.startswith("vision_model.") for k in self.vision_tower.state_dict()) else ""
         projector: dict[str, torch.Tensor] = {}
@@ -120,10 +120,10 @@ class VisionLanguageModel:
                             break
                     yield name, tensor
 
-        loaded = super().load_weights(language_weights())
+        loaded = super().load_weights(language_weights(), strict)
         for module, tensors, label in ((self.vision_tower, vision, "vision_tower"),
                                        (self.multi_modal_projector, projector, "multi_modal_projector")):
-            _load_module(module, tensors, label)
+            _load_module(module, tensors, label, strict)
             loaded |= {f"{label}.{name}" for name in tensors}
         return loaded
 
@@ -139,13 +139,13 @@ class VisionLanguageModel:
         self.multi_modal_projector.to(dtype=dtype)
 
 
-def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], label: str) -> None:
-    """Copy ``tensors`` into ``module``'s state; ValueError for a missing, unknown or misshapen tensor (buffers
-    that transformers builds itself, such as position ids, may be absent)."""
+def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], label: str, strict: bool = True) -> None:
+    """Copy ``tensors`` into ``module``'s state; ValueError for an unknown or misshapen tensor, and (``strict``) a
+    missing parameter (buffers that transformers builds itself, such as position ids, may be absent)."""
     state = module.state_dict()
     params = {name for name, _ in module.named_parameters()}
     unknown = sorted(set(tensors) - set(state))
-    missing = sorted(params - set(tensors))
+    missing = sorted(params - set(tensors)) if strict else []
     if unknown or missing:
         what = [f"unknown {', '.join(unknown[:4])}"] if unknown else []
         what += [f"missing {', '.join(missing[:4])}"] if missing else []
