@@ -26,7 +26,10 @@ def hf_logits(path, texts: list[str] | list[tuple[str, str]]) -> torch.Tensor:
     (unpadded, so its last token is the one pooled)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    # eager attention: transformers' SDPA path (its default for Gemma 2 in some releases, 5.17 among them) leaves
+    # out Gemma 2's attention soft-capping, which the engine applies, as the eager path and the checkpoint do
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = []
     for text in texts:

@@ -169,14 +169,19 @@ def test_weights_parked_in_host_memory_come_back_whole(as_a):
     """Sleep level 1 on CUDA (weights to pinned host memory and back), run on the host: every weight tensor moves
     to the copy, and the copies are what the model computes with afterwards."""
     llm = as_a
-    model = llm.llm_engine.runner.model
+    runner = llm.llm_engine.runner
+    model = runner.model
     before, old = greedy(llm)[0], weight_tensors(model)  # held: their memory is not reused meanwhile
+    graphs = runner.use_cuda_graphs
+    runner.release_cuda_graphs()  # (CUDA) captured graphs read the weights where they were, as sleep knows
     parked = park_weights(model, keep=True)
     moved = {t.untyped_storage().data_ptr() for t in weight_tensors(model)}
     assert moved.isdisjoint(t.untyped_storage().data_ptr() for t in old)  # no module reads the old tensors
     weights = sum(p.numel() * p.element_size() for p in llm.llm_engine.runner._load_twin().parameters())
     assert weights <= parked.nbytes < 1.5 * weights  # all of them, once each (panels add their padding)
-    parked.restore(torch.device("cpu"))
+    parked.restore(runner.device)  # (on CUDA: from pinned host memory back to the GPU)
+    if graphs:
+        runner.capture_cuda_graphs()
     assert greedy(llm)[0] == before
 
 
@@ -197,7 +202,7 @@ def test_a_tied_embedding_and_head_update_together(tiny_checkpoint_factory):
 
 def test_every_tensor_parallel_rank_takes_its_slices(checkpoints):
     a, b = checkpoints
-    llm = LLM(str(a), dtype="float32", max_model_len=256, tensor_parallel_size=2)
+    llm = LLM(str(a), dtype="float32", max_model_len=256, tensor_parallel_size=2, device="cpu")  # gloo
     try:
         assert greedy(llm)[0] == hf_greedy(a, PROMPT, MAX_NEW)
         with pytest.raises(ValueError, match="has shape"):  # refused on the driver: no worker moves
