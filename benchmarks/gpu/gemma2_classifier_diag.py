@@ -1,10 +1,18 @@
 """Why the Gemma 2 classifier test failed on the GPU machine: transformers on CPU and CUDA, eager and SDPA, beside the engine on CPU and CUDA (eager, no Triton ops, one chunk), for Gemma 2, Gemma 3 and Llama. Run from the repo root on the device: the answer is in benchmarks/gpu/results/2026-12-07-gemma2-classifier-diag.log."""
-import os, sys, subprocess, json, tempfile
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, "tests")
-from test_decoder_classifier import PROMPTS, LABELS
+from test_decoder_classifier import LABELS, PROMPTS
+
 from inferneo.testing import make_tiny_checkpoint
+
 
 def hf(path, device, attn=None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
