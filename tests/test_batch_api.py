@@ -39,13 +39,15 @@ def _line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 
 
-def _wait(client, batch_id: str, until: tuple[str, ...], timeout: float = 120.0):
+def _wait(client, batch_id: str, until: tuple[str, ...], timeout: float = 120.0, poll: float = 0.2):
+    """The batch once its status is one of ``until`` (or at ``timeout``), polled with either client (openai's
+    or ``InferneoClient``)."""
     deadline = time.monotonic() + timeout
     while True:
         batch = client.batches.retrieve(batch_id)
         if batch.status in until or time.monotonic() > deadline:
             return batch
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _records(client, file_id: str) -> dict[str, dict]:
@@ -288,15 +290,6 @@ def iclient(client):
         yield inferneo_client
 
 
-def _iwait(iclient, batch_id: str, until: tuple[str, ...], timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = iclient.batches.retrieve(batch_id)
-        if batch.status in until or time.monotonic() > deadline:
-            return batch
-        time.sleep(0.05)
-
-
 def test_inferneo_client_files_and_batches(iclient, client, tmp_path):
     """``InferneoClient.files`` and ``.batches`` as the openai client's: upload (a path, bytes, a file object, a
     tuple), retrieve, list through every page, read and delete files; create, poll, list and cancel batches; each
@@ -322,7 +315,7 @@ def test_inferneo_client_files_and_batches(iclient, client, tmp_path):
                                    completion_window="24h", metadata={"by": "inferneo"})
     assert isinstance(batch, Batch) and batch.metadata == {"by": "inferneo"}
     assert batch.status in ("validating", "in_progress")
-    done = _iwait(iclient, batch.id, ("completed", "failed", "cancelled"))
+    done = _wait(iclient, batch.id, ("completed", "failed", "cancelled"), poll=0.05)
     assert done.status == "completed" and done.completed_at is not None, done
     assert done.request_counts == BatchRequestCounts(total=24, completed=24 - num_bad, failed=num_bad)
     openai_view = client.batches.retrieve(batch.id)
@@ -349,9 +342,9 @@ def test_inferneo_client_files_and_batches(iclient, client, tmp_path):
     long = [_line(f"l{i}", {**_chat(i), "max_tokens": 40, "ignore_eos": True}) for i in range(200)]
     running = iclient.batches.create(input_file_id=iclient.files.create(file="\n".join(long).encode()).id,
                                      endpoint="/v1/chat/completions")
-    _iwait(iclient, running.id, ("in_progress",))
+    _wait(iclient, running.id, ("in_progress",), poll=0.05)
     assert iclient.batches.cancel(running.id).status in ("cancelling", "cancelled")
-    cancelled = _iwait(iclient, running.id, ("cancelled",))
+    cancelled = _wait(iclient, running.id, ("cancelled",), poll=0.05)
     assert cancelled.status == "cancelled" and cancelled.request_counts.completed < 200
     assert iclient.batches.cancel(batch.id).status == "completed"
 

@@ -128,12 +128,7 @@ class KVCacheManager:
         blocks stay free. Returns True when no cached block is left, False when some are held by running requests
         (they stay cached)."""
         for block_id in self._free:
-            block = self.blocks[block_id]
-            if block.block_hash is not None:
-                if self._cached.get(block.block_hash) == block_id:
-                    del self._cached[block.block_hash]
-                block.block_hash = None
-                block.token_ids = ()
+            self._forget(self.blocks[block_id])
         return not self._cached
 
     # ---- allocation --------------------------------------------------------------------------------------
@@ -163,13 +158,17 @@ class KVCacheManager:
     def _pop_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        self._forget(block)
+        block.ref_count = 1
+        return block_id
+
+    def _forget(self, block: KVBlock) -> None:
+        """Take a free block out of the prefix cache: its hash no longer finds it, and it holds no tokens."""
         if block.block_hash is not None:
-            if self._cached.get(block.block_hash) == block_id:
+            if self._cached.get(block.block_hash) == block.block_id:
                 del self._cached[block.block_hash]
             block.block_hash = None
             block.token_ids = ()
-        block.ref_count = 1
-        return block_id
 
     def free(self, request: Request) -> None:
         """Release the request's blocks. Tail blocks go first into the free list, so they are evicted first."""
