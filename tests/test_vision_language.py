@@ -193,3 +193,19 @@ def test_sleep_keeps_answers_and_weight_updates_are_refused(tmp_path):
     llm.sleep(level=1)
     llm.wake_up()
     assert generate(llm, batch)[1] == before
+
+
+def test_a_template_of_content_parts_reads_parts(tmp_path):
+    """A LLaVA-1.5-style template (from chat_template.json) loops over each message's parts and writes the image
+    placeholder itself: messages reach it as parts, text-only ones too, and the answer equals generate's."""
+    llm = LLM(str(make_tiny_llava(tmp_path, parts_template=True)), dtype="float32", max_model_len=512)
+    picture = images(1, seed=8)[0]
+    output = llm.chat(chat_with_image(picture), GREEDY, use_tqdm=False)[0]
+    assert output.prompt == "USER: look: <image>\nwhat is it? ASSISTANT:"
+    ids = llm.get_tokenizer()(output.prompt, add_special_tokens=False).input_ids  # as chat tokenizes a rendering
+    direct = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": picture}}, GREEDY,
+                          use_tqdm=False)[0]
+    assert direct.prompt_token_ids == output.prompt_token_ids
+    assert direct.outputs[0].token_ids == output.outputs[0].token_ids
+    text_only = llm.chat([{"role": "user", "content": "hello there"}], GREEDY, use_tqdm=False)[0]
+    assert text_only.prompt == "USER: hello there ASSISTANT:"

@@ -20,7 +20,14 @@ from inferneo.entrypoints.chat_template_kwargs import template_kwargs_error
 from inferneo.entrypoints.score_pairs import score_pairs
 from inferneo.json_text import object_or_text
 from inferneo.lora.request import LoRARequest
-from inferneo.multimodal.chat import IMAGE_MARK, IMAGES_KEY, image_part_url, is_image_part, take_images
+from inferneo.multimodal.chat import (
+    IMAGE_MARK,
+    IMAGES_KEY,
+    image_part_url,
+    is_image_part,
+    take_images,
+    template_reads_parts,
+)
 from inferneo.outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -371,7 +378,8 @@ class LLM:
         conversation = [_message_for_template(m, f"{where}message {i}") for i, m in enumerate(conversation)]
         image_side = self.engine.input.images
         try:
-            conversation, images = take_images(conversation, image_side.placeholder if image_side else None)
+            conversation, images = take_images(conversation, image_side.placeholder if image_side else None,
+                                               parts=template_reads_parts(tokenizer, chat_template))
         except ValueError as exc:
             raise InvalidRequestError(f"{where}{exc}", "messages") from None
         if continue_final_message and conversation[-1].get("role") != "assistant":

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # transformers takes seconds to import; only the tokenizer ne
     from transformers import PreTrainedTokenizerBase
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PROCESSOR_CHAT_TEMPLATE_FILE = "chat_template.json"  # a processor's template ({"chat_template": ...})
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | ModelRef | None = None,
@@ -101,9 +102,11 @@ def _load_hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if tok.chat_template is None:
         template_file = folder / CHAT_TEMPLATE_FILE
         config_file = folder / "tokenizer_config.json"
+        processor_file = folder / PROCESSOR_CHAT_TEMPLATE_FILE  # vision-language repositories keep it here
         if template_file.is_file():
             tok.chat_template = template_file.read_text(encoding="utf-8")
-        elif config_file.is_file() and isinstance(template := read_json(config_file).get("chat_template"), str):
+        elif config_file.is_file() and isinstance(template := read_json(config_file).get("chat_template"), str) or processor_file.is_file() and isinstance(template := read_json(processor_file).get("chat_template"),
+                                                     str):
             tok.chat_template = template
     return tok
 

@@ -12,17 +12,26 @@ import torch
 from inferneo.testing.tiny_models import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, make_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
+# A LLaVA-1.5-style chat template: it reads each message's content as a list of parts and writes the image
+# placeholder itself (as llava-hf's repositories keep it, in chat_template.json).
+PARTS_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
 def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "default", text_arch: str = "llama",
                     vocab_size: int = 384, hidden_size: int = 64, feature_layer: int | list[int] = -2,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, parts_template: bool = False) -> Path:
     """Write a random-weight LLaVA checkpoint into ``path`` and return it: ``vision`` "clip" or "siglip",
     ``strategy`` LLaVA's ``vision_feature_select_strategy`` ("default" drops the tower's first position, "full"
     keeps it), the language model a tiny ``text_arch`` ("llama" or "qwen2") whose last token id is ``<image>``.
-    Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs depend on the image."""
+    Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs depend on the image.
+    ``parts_template``: the tokenizer has no chat template; ``chat_template.json`` holds :data:`PARTS_TEMPLATE`."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -62,6 +71,9 @@ def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "defaul
     tokenizer = make_tiny_tokenizer(vocab_size - 1, add_bos=text_arch == "llama")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab_size - 1
+    if parts_template:
+        tokenizer.chat_template = None
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": PARTS_TEMPLATE}) + "\n")
     tokenizer.save_pretrained(path)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     processor = (CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size) if vision == "clip"

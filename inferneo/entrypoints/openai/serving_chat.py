@@ -52,7 +52,7 @@ from inferneo.entrypoints.openai.tool_parsers import (
     ToolCallParser,
     calls_of,
 )
-from inferneo.multimodal.chat import take_images
+from inferneo.multimodal.chat import take_images, template_reads_parts
 from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import Logprob
 from inferneo.sampling_params import SamplingParams
@@ -156,7 +156,8 @@ async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     image_side = ctx.engine.input.images
     try:
-        split = [take_images(c, image_side.placeholder if image_side is not None else None)
+        parts = template_reads_parts(ctx.tokenizer)
+        split = [take_images(c, image_side.placeholder if image_side is not None else None, parts)
                  for c in req.conversations()]
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
