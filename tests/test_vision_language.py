@@ -209,3 +209,14 @@ def test_a_template_of_content_parts_reads_parts(tmp_path):
     assert direct.outputs[0].token_ids == output.outputs[0].token_ids
     text_only = llm.chat([{"role": "user", "content": "hello there"}], GREEDY, use_tqdm=False)[0]
     assert text_only.prompt == "USER: hello there ASSISTANT:"
+
+
+def test_the_memory_profile_runs_the_vision_tower(tmp_path):
+    """On CUDA the KV budget comes from a profiled step; for a vision-language model it also encodes a blank image,
+    so the tower's activations are counted (here: the call itself, on the CPU)."""
+    from inferneo.worker.memory import dummy_image
+
+    llm = LLM(str(make_tiny_llava(tmp_path)), dtype="float32", max_model_len=512)
+    model = llm.engine.runner.model
+    features = dummy_image(llm.engine.runner)
+    assert features.shape == (model.num_image_tokens, 64)

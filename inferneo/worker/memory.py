@@ -48,12 +48,24 @@ def profile_peak_memory(runner: ModelRunner, max_num_batched_tokens: int, max_nu
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     dummy_prefill(runner, max_num_batched_tokens, max_num_seqs)
+    dummy_image(runner)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     allocated = torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return MemoryProfile(total=total, in_use=total - free, peak_activation=max(peak - allocated, 0))
+
+
+@torch.inference_mode()
+def dummy_image(runner: ModelRunner) -> torch.Tensor | None:
+    """A vision-language model's vision tower over one blank image (a step encodes its images one at a time), so
+    that the profile's peak holds its activations too; None for a text model."""
+    encode = getattr(runner.model, "encode_image", None)
+    if encode is None:
+        return None
+    side = runner.model.vision_language.vision_config.get("image_size", 224)
+    return encode(torch.zeros(3, side, side, device=runner.device))
 
 
 @torch.inference_mode()
