@@ -138,6 +138,9 @@ def test_images_that_do_not_fit_the_prompt_are_refused(tmp_path):
         llm.generate(TEXT, GREEDY)
     with pytest.raises(InvalidRequestError, match="not valid base64"):
         llm.generate({"prompt": TEXT, "multi_modal_data": {"image": "data:image/png;base64,@@@"}}, GREEDY)
+    huge = Image.new("1", (8000, 8000))  # a few kilobytes of PNG declaring 64 million pixels
+    with pytest.raises(InvalidRequestError, match="8000x8000 pixels; at most 40 million"):
+        llm.generate({"prompt": TEXT, "multi_modal_data": {"image": data_url(huge)}}, GREEDY)
     with pytest.raises(ValueError, match="images only"):
         llm.generate({"prompt": TEXT, "multi_modal_data": {"audio": picture}}, GREEDY)
     with pytest.raises(ValueError, match="text prompts only"):

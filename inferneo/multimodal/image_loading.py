@@ -12,6 +12,8 @@ from typing import Any
 # The most bytes an image may have, fetched or inline (OpenAI takes images of up to 20 MB).
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 FETCH_TIMEOUT_S = 10.0
+# The most pixels a decoded image may have (a small compressed file can declare a huge picture).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def load_image(source: Any) -> Any:
@@ -31,7 +33,12 @@ def load_image(source: Any) -> Any:
         raise ValueError(f"image URL {source[:60]!r}: only data: URLs (base64) and http(s) URLs are supported")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header, before any pixel is decoded
+                raise ValueError(f"the image has {image.width}x{image.height} pixels; at most "
+                                 f"{MAX_IMAGE_PIXELS // 10**6} million are read")
             return image.convert("RGB")
+    except ValueError:
+        raise
     except Exception as exc:  # PIL raises several kinds for bytes that are not an image
         raise ValueError(f"the image could not be decoded: {exc}") from None
 

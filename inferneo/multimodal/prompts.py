@@ -58,7 +58,10 @@ class ImagePrompts:
             pictures = [load_image(image) for image in images]
         except ValueError as exc:
             raise ImagePromptError(str(exc)) from None
-        pixels = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        try:
+            pixels = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+        except Exception as exc:  # an image the processor cannot take (too small to crop, a strange mode, ...)
+            raise ImagePromptError(f"the model's image processor could not prepare the image: {exc}") from None
         expanded: list[int] = []
         inputs: list[ImageInput] = []
         previous = 0
