@@ -2,12 +2,13 @@
 their translation to a chat completion request.
 
 The bodies are checked as strictly as the OpenAI endpoints' (``openai/protocol.py``): unknown fields and wrong types
-are refused with 400 naming the field. Content is text: a message's ``content`` is a string or a list of ``text``,
+are refused with 400 naming the field. A message's ``content`` is a string or a list of ``text``, ``image`` (a
+user's, by ``base64`` data or by ``url``, for a vision-language model: the chat request's ``image_url`` parts),
 ``tool_use`` (an assistant's), ``tool_result`` (a user's), ``thinking`` and ``redacted_thinking`` (an assistant's)
-blocks (a ``system`` message, which the SDK's types allow, holds text); images, documents and server tools are
-refused. Fields of Anthropic's service that change nothing here (``metadata``, ``service_tier``, ``thinking``,
-``cache_control`` on the request, its blocks and tools) are checked and ignored; the chat endpoint's extensions
-(``seed``, ``structured_outputs``, ``chat_template_kwargs``, ...) are taken.
+blocks (a ``system`` message, which the SDK's types allow, holds text); documents, images inside a ``tool_result``
+and server tools are refused. Fields of Anthropic's service that change nothing here (``metadata``,
+``service_tier``, ``thinking``, ``cache_control`` on the request, its blocks and tools) are checked and ignored; the
+chat endpoint's extensions (``seed``, ``structured_outputs``, ``chat_template_kwargs``, ...) are taken.
 
 :meth:`MessagesRequest.to_chat` turns a valid body into the equivalent
 :class:`~inferneo.entrypoints.openai.protocol.ChatCompletionRequest`: ``system`` (and the ``system`` messages'
@@ -40,8 +41,9 @@ from inferneo.entrypoints.openai.protocol import (
     StructuredOutputsBody,
     _Body,
 )
+from inferneo.multimodal.image_loading import MAX_IMAGE_BYTES
 
-_BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
+_BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking")
 CacheControl = dict[str, Any] | None
 """A block's (or the request's) ``cache_control``: Anthropic's prompt-cache hint. The prefix cache needs none, so it
 is accepted and ignored."""
@@ -73,6 +75,49 @@ class TextBlock(_Body):
     citations: list[dict[str, Any]] | None = None  # an earlier answer's citations (none are written here): ignored
 
 
+class Base64ImageSource(_Body):
+    """An image's bytes inline: ``{"type": "base64", "media_type": "image/png", "data": ...}``."""
+
+    type: Literal["base64"]
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    data: str = Field(min_length=1, max_length=MAX_IMAGE_BYTES * 4 // 3 + 4)
+
+    def url(self) -> str:
+        """The image as a ``data:`` URL (which the chat request's ``image_url`` part carries)."""
+        return f"data:{self.media_type};base64,{self.data}"
+
+
+class URLImageSource(_Body):
+    """An image the server fetches: ``{"type": "url", "url": "https://..."}``."""
+
+    type: Literal["url"]
+    url: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+
+class ImageBlock(_Body):
+    """A user's image: ``{"type": "image", "source": {...}}`` (base64 data or a URL; Anthropic's ``file`` sources
+    name files of its Files API, which this server does not keep)."""
+
+    type: Literal["image"]
+    source: Annotated[Base64ImageSource | URLImageSource, Field(discriminator="type")]
+    cache_control: CacheControl = None
+
+    def chat_part(self) -> dict[str, Any]:
+        """The chat request's ``image_url`` part for this image (which checks and reads it)."""
+        url = self.source.url() if isinstance(self.source, Base64ImageSource) else self.source.url
+        return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _result_blocks(value: Any) -> Any:
+    """A ``tool_result``'s ``content``: a string or text blocks (images there are refused, by name)."""
+    value = _blocks(value)
+    for j, block in enumerate(value if isinstance(value, list) else ()):
+        if block.get("type") == "image":
+            raise ValueError(f"block {j}: images inside a tool_result are not supported by this server; put the "
+                             "image in the user message's content, beside the tool_result")
+    return value
+
+
 class ToolUseBlock(_Body):
     """An assistant's call of a tool: ``{"type": "tool_use", "id", "name", "input": {...}}``."""
 
@@ -89,7 +134,7 @@ class ToolResultBlock(_Body):
 
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    content: Annotated[list[TextBlock], BeforeValidator(_blocks)] = Field(default_factory=list)
+    content: Annotated[list[TextBlock], BeforeValidator(_result_blocks)] = Field(default_factory=list)
     is_error: bool | None = None
     cache_control: CacheControl = None
 
@@ -114,9 +159,10 @@ class RedactedThinkingBlock(_Body):
     cache_control: CacheControl = None
 
 
-ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+ContentBlock = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
+                         | RedactedThinkingBlock,
                          Field(discriminator="type")]
-_ROLE_BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
+_ROLE_BLOCKS = {"user": ("text", "image", "tool_result"), "assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
                 "system": ("text",)}
 # Claude Code starts its system prompt with a text block of billing metadata for Anthropic's service, which changes
 # with every request: left out, so that the prompt's prefix stays the same and the prefix cache serves it.
@@ -283,7 +329,8 @@ class _Conversation(_Body):
         """``system`` and ``messages`` as chat messages: text blocks joined as the chat endpoint joins text parts
         (a newline between them), an assistant's ``tool_use`` blocks its ``tool_calls`` and its ``thinking`` its
         ``reasoning_content``, each ``tool_result`` block a ``tool`` message (in the order of the user's blocks:
-        text around the results becomes user messages between them). ``system`` and the text of ``system``
+        text around the results becomes user messages between them), a user's ``image`` blocks ``image_url`` parts
+        among its text. ``system`` and the text of ``system``
         messages (in their order) are the one system message first (chat templates take no other)."""
         system: list[str] = []
         if isinstance(self.system, str):
@@ -300,17 +347,19 @@ class _Conversation(_Body):
             if message.role == "assistant":
                 messages.append(_assistant_message(message.content))
                 continue
-            texts: list[str] = []
+            parts: list[dict[str, Any]] = []
             for block in message.content:
                 if isinstance(block, ToolResultBlock):
-                    if texts:
-                        messages.append({"role": "user", "content": "\n".join(texts)})
-                        texts = []
+                    if parts:
+                        messages.append(_user_message(parts))
+                        parts = []
                     messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
+                elif isinstance(block, ImageBlock):
+                    parts.append(block.chat_part())
                 else:
-                    texts.append(block.text)
-            if texts:
-                messages.append({"role": "user", "content": "\n".join(texts)})
+                    parts.append({"type": "text", "text": block.text})
+            if parts:
+                messages.append(_user_message(parts))
         return messages
 
     def _to_chat(self, fields: dict[str, Any]) -> ChatCompletionRequest:
@@ -319,6 +368,14 @@ class _Conversation(_Body):
             return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
         except ValidationError as exc:
             raise in_messages_terms(APIError(400, *validation_message(exc.errors()[0]))) from None
+
+
+def _user_message(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user message of chat parts: its text (joined by newlines) when it holds no image, else the parts (which
+    the chat request joins the same way, each image's mark in its place)."""
+    if all(part["type"] == "text" for part in parts):
+        return {"role": "user", "content": "\n".join(part["text"] for part in parts)}
+    return {"role": "user", "content": parts}
 
 
 def _assistant_message(content: list[Any]) -> dict[str, Any]:
@@ -398,9 +455,12 @@ _CHAT_FIELDS = (  # a chat request's field (the start of an error's message) -> 
 
 def in_messages_terms(error: APIError) -> APIError:
     """A chat endpoint's error about :meth:`MessagesRequest.to_chat`'s request, naming the Messages request's field
-    instead where its message starts with (or its ``param`` is) a chat field that has another name here."""
+    instead where its message starts with (or its ``param`` is) a chat field that has another name here. Anthropic's
+    error shape has no ``param``, so a message that does not name its field starts with it."""
     param = _messages_field(error.param) if error.param else error.param
     message = _messages_field(error.message)
+    if param and param not in message:
+        message = f"{param}: {message}"
     if param == error.param and message == error.message:
         return error
     return APIError(error.status, message, param, error.code, error.headers)

@@ -33,6 +33,7 @@ from inferneo.entrypoints.openai.serving_chat import (
     AnswerReader,
     StartedChat,
     answer_reader,
+    prepare_images,
     render_conversations,
     start_chat,
 )
@@ -63,11 +64,13 @@ async def create_message(ctx: ServerContext, req: MessagesRequest, raw: Request)
 
 async def count_message_tokens(ctx: ServerContext, req: CountTokensRequest) -> dict[str, int]:
     """``POST /v1/messages/count_tokens``: the prompt tokens of the request's system prompt, messages and tools, as
-    :func:`create_message` renders them for the model (nothing is generated)."""
+    :func:`create_message` renders them for the model, each image as many tokens as the model reads it in (nothing
+    is generated)."""
     chat = req.to_chat()
     try:
         ctx.model_name(chat.model)
-        (prompt_ids,), _ = await render_conversations(ctx, chat)
+        prompt_ids, images = await render_conversations(ctx, chat)
+        (prompt_ids,), _ = await prepare_images(ctx, prompt_ids, images, None)
     except APIError as exc:
         raise in_messages_terms(exc) from None
     return {"input_tokens": len(prompt_ids)}

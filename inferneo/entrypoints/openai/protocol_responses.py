@@ -3,7 +3,9 @@
 This server keeps no state between requests: a response is not stored (``store`` is accepted and answered as
 ``false``), so ``previous_response_id`` and ``conversation`` are refused; a client sends the whole conversation in
 ``input`` (earlier answers' ``message`` and ``function_call`` items, and ``function_call_output`` items for the
-tools' results), as OpenAI's own clients do with ``store: false``. Input and output are text; tools are functions.
+tools' results), as OpenAI's own clients do with ``store: false``. Output is text; input is text, and images
+(``input_image`` parts of user messages, by ``image_url``: a ``data:`` URL or an ``http(s)`` URL) for a
+vision-language model, which become the chat request's ``image_url`` parts; tools are functions.
 
 The body is checked as strictly as the other endpoints' (``protocol.py``): unknown fields and wrong types are
 refused with 400 naming the field. :meth:`ResponsesRequest.to_chat` turns a valid body into the equivalent
@@ -40,6 +42,7 @@ INCLUDE_LOGPROBS = "message.output_text.logprobs"
 """The one ``include`` value this server answers: the output text's token log-probabilities."""
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
+_IMAGE_KEYS = {"type", "image_url", "file_id", "detail"}
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -194,7 +197,7 @@ class ResponsesRequest(_Body):
         return INCLUDE_LOGPROBS in (self.include or ()) or self.top_logprobs is not None
 
     def check_supported(self) -> None:
-        """400 for what a stateless, text-only server cannot do."""
+        """400 for what a stateless server cannot do."""
         if self.previous_response_id is not None:
             raise bad_request("this server stores no responses, so previous_response_id cannot be followed; send "
                               "the earlier turns in input (their message and function_call items)",
@@ -245,7 +248,8 @@ class ResponsesRequest(_Body):
             raise in_responses_terms(APIError(400, *validation_message(exc.errors()[0]))) from None
 
     def messages(self) -> list[dict[str, Any]]:
-        """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined),
+        """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined; a user
+        message's ``input_image`` parts the chat request's ``image_url`` parts, between its runs of text),
         ``function_call`` items as an assistant message's tool calls, ``function_call_output`` items as tool
         messages, a ``reasoning`` item (a previous answer's thinking) as the ``reasoning_content`` of the assistant
         message right after it (which chat templates such as Qwen3's render within a tool-calling turn). Reasoning
@@ -367,20 +371,60 @@ def _allowed_keys(item: dict[str, Any], keys: set[str], where: str) -> None:
 def _text_of(content: Any, field: str) -> str:
     """A message item's content or a call output (``field``: where it is, for the error) given as a string or as
     text parts, as one string; 400 for images, files and audio."""
+    parts = _content_parts(content, field, images=False)
+    assert isinstance(parts, str)
+    return parts
+
+
+def _content_parts(content: Any, field: str, images: bool) -> str | list[dict[str, Any]]:
+    """A message item's content as one string (text parts joined), or, where ``images`` are taken (a user
+    message's) and some part is one, as the chat request's parts: each run of text parts one ``text`` part, each
+    ``input_image`` an ``image_url`` part (which the chat request joins with newlines, as it joins its own parts)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise bad_request(f"{field}: must be a string or a list of content parts", "input")
     if len(content) > MAX_CONTENT_PARTS:
         raise bad_request(f"{field}: at most {MAX_CONTENT_PARTS} content parts", "input")
-    texts = []
+    parts: list[dict[str, Any]] = []
+    texts: list[str] = []  # the text parts since the last image
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad_request(f"{field}[{j}]: only text parts ({', '.join(_TEXT_PARTS[:2])}) are supported, "
-                              f"not {str(kind)[:80]!r}", "input")
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if images and kind == "input_image":
+            if texts:
+                parts.append({"type": "text", "text": "".join(texts)})
+                texts = []
+            parts.append(_image_part(part, f"{field}[{j}]"))
+            continue
+        if kind not in _TEXT_PARTS:
+            taken = ", ".join((*_TEXT_PARTS[:2], "input_image") if images else _TEXT_PARTS[:2])
+            where = "" if images or kind != "input_image" else " (images go in user messages)"
+            raise bad_request(f"{field}[{j}]: only text{' and image' if images else ''} parts ({taken}) are "
+                              f"supported{where}, not {str(kind)[:80]!r}", "input")
         texts.append(_string(part, "text", f"{field}[{j}]"))
-    return "".join(texts)
+    if not parts:
+        return "".join(texts)
+    if texts:
+        parts.append({"type": "text", "text": "".join(texts)})
+    return parts
+
+
+def _image_part(part: dict[str, Any], field: str) -> dict[str, Any]:
+    """An ``input_image`` part as the chat request's ``image_url`` part (the chat request checks the URL and
+    ``detail`` and the model reads the image); 400 for an image by ``file_id``."""
+    _allowed_keys(part, _IMAGE_KEYS, field)
+    if part.get("file_id") is not None:
+        raise bad_request(f"{field}.file_id: images by file_id are not supported by this server (its Files API "
+                          "holds batch input files); send the image in image_url, as a data: URL (base64) or an "
+                          "http(s) URL", "input")
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{field}.image_url: must be the image's URL, a data: URL (base64) or an http(s) URL",
+                          "input")
+    detail = part.get("detail")
+    if detail is not None and detail not in ("auto", "low", "high"):
+        raise bad_request(f"{field}.detail: must be 'auto', 'low' or 'high'", "input")
+    return {"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}}
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -388,7 +432,7 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in _MESSAGE_ROLES:
         raise bad_request(f"{where}.role: must be one of {', '.join(_MESSAGE_ROLES)}", "input")
-    return {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
+    return {"role": role, "content": _content_parts(item.get("content"), f"{where}.content", role == "user")}
 
 
 def _reasoning_text(item: dict[str, Any], where: str) -> str:

@@ -34,6 +34,7 @@ from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     answer_reader,
     chat_logprobs,
+    prepare_images,
     render_conversations,
     start_chat,
     tool_call_id,
@@ -73,13 +74,15 @@ async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Reques
 
 async def count_input_tokens(ctx: ServerContext, body: InputTokensRequest) -> dict[str, Any]:
     """``POST /v1/responses/input_tokens``: the prompt tokens the request's input, instructions and tools take, as
-    :func:`create_response` would render them for the model (nothing is generated)."""
+    :func:`create_response` would render them for the model, each image as many tokens as the model reads it in
+    (nothing is generated)."""
     req = body.as_response_request()
     req.check_supported()
     chat = req.to_chat()
     try:
         ctx.model_name(chat.model)
-        (prompt_ids,), _ = await render_conversations(ctx, chat)
+        prompt_ids, images = await render_conversations(ctx, chat)
+        (prompt_ids,), _ = await prepare_images(ctx, prompt_ids, images, None)
     except APIError as exc:
         raise in_responses_terms(exc) from None
     return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
