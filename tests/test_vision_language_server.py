@@ -7,6 +7,7 @@ bad images, placeholder mismatches and images sent to a text model are 400s in e
 from __future__ import annotations
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -189,3 +190,26 @@ def test_a_text_model_answers_images_with_a_400(tiny_llama_dir):
                     claude.messages.create(model="tiny", max_tokens=2, messages=claude_messages(base64_source(url)))
             assert caught.value.body["error"]["type"] == "invalid_request_error"
             assert caught.value.body["error"]["message"].startswith("messages: this model takes text only")
+
+
+def test_streams_several_answers_and_tokenize_carry_the_images(client, claude, server):
+    """Streamed Responses and Messages answers to an image equal the whole chat answer; n=2 sampled answers both
+    read the image (seeded: the same twice); /tokenize counts the image tokens the answer's usage reports."""
+    picture = images(1, seed=31)[0]
+    url = data_url(picture)
+    chat = ask(client, chat_with_image(picture), extra_body={})
+    text = chat.choices[0].message.content
+    events = list(client.responses.create(model="tiny-llava", input=response_input(image_url=url),
+                                          max_output_tokens=MAX_NEW, temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert events[-1].type == "response.incomplete"  # (the answer ran to max_output_tokens)
+    with claude.messages.stream(model="tiny-llava", messages=claude_messages(base64_source(url)), max_tokens=MAX_NEW,
+                                extra_body={"temperature": 0}) as stream:
+        assert "".join(stream.text_stream) == text
+    sampled = ask(client, chat_with_image(picture), n=2, temperature=1.0, seed=7)
+    again = ask(client, chat_with_image(picture), n=2, temperature=1.0, seed=7)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert sampled.usage.prompt_tokens == chat.usage.prompt_tokens
+    counted = httpx.post(f"{server.base_url}/tokenize", json={"model": "tiny-llava", "messages":
+                                                               chat_with_image(picture)}).json()
+    assert counted["count"] == chat.usage.prompt_tokens
