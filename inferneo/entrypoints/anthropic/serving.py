@@ -33,8 +33,7 @@ from inferneo.entrypoints.openai.serving_chat import (
     AnswerReader,
     StartedChat,
     answer_reader,
-    prepare_images,
-    render_conversations,
+    count_prompt_tokens,
     start_chat,
 )
 from inferneo.entrypoints.openai.serving_common import (
@@ -66,14 +65,10 @@ async def count_message_tokens(ctx: ServerContext, req: CountTokensRequest) -> d
     """``POST /v1/messages/count_tokens``: the prompt tokens of the request's system prompt, messages and tools, as
     :func:`create_message` renders them for the model, each image as many tokens as the model reads it in (nothing
     is generated)."""
-    chat = req.to_chat()
     try:
-        ctx.model_name(chat.model)
-        prompt_ids, images = await render_conversations(ctx, chat)
-        (prompt_ids,), _ = await prepare_images(ctx, prompt_ids, images, None)
+        return {"input_tokens": await count_prompt_tokens(ctx, req.to_chat())}
     except APIError as exc:
         raise in_messages_terms(exc) from None
-    return {"input_tokens": len(prompt_ids)}
 
 
 def tool_use_id() -> str:

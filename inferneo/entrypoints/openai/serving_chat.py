@@ -170,6 +170,16 @@ async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -
     return ids, [images for _, images in split]
 
 
+async def count_prompt_tokens(ctx: ServerContext, req: ChatCompletionRequest) -> int:
+    """The prompt tokens of ``req``'s one conversation as generation would read them (its model checked, the chat
+    template rendered, each image counted as the tokens the model reads it in); ``APIError`` as ``start_chat``
+    gives it. The count endpoints of the Responses and Messages APIs answer with it."""
+    ctx.model_name(req.model)
+    prompt_ids, images = await render_conversations(ctx, req)
+    (prompt_ids,), _ = await prepare_images(ctx, prompt_ids, images, None)
+    return len(prompt_ids)
+
+
 async def prepare_images(ctx: ServerContext, prompt_ids: list[list[int]], images: list[list],
                          truncate_prompt_tokens: int | None) -> tuple[list[list[int]], list[list[ImageInput] | None]]:
     """A vision-language model's prompts with their image placeholders expanded, and their images read and

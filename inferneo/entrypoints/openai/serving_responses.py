@@ -34,8 +34,7 @@ from inferneo.entrypoints.openai.serving_chat import (
     StartedChat,
     answer_reader,
     chat_logprobs,
-    prepare_images,
-    render_conversations,
+    count_prompt_tokens,
     start_chat,
     tool_call_id,
 )
@@ -78,14 +77,11 @@ async def count_input_tokens(ctx: ServerContext, body: InputTokensRequest) -> di
     (nothing is generated)."""
     req = body.as_response_request()
     req.check_supported()
-    chat = req.to_chat()
     try:
-        ctx.model_name(chat.model)
-        prompt_ids, images = await render_conversations(ctx, chat)
-        (prompt_ids,), _ = await prepare_images(ctx, prompt_ids, images, None)
+        count = await count_prompt_tokens(ctx, req.to_chat())
     except APIError as exc:
         raise in_responses_terms(exc) from None
-    return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
+    return {"object": "response.input_tokens", "input_tokens": count}
 
 
 class _Response:
