@@ -46,11 +46,18 @@ def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
 
     name = next(n for n in config["architectures"] if n in LANGUAGE_MODEL_OF)
     declared = config.get("text_config") or {}
-    text = getattr(transformers, LANGUAGE_MODEL_OF[name])(**declared).to_dict()
+    text = _with_top_level_values(getattr(transformers, LANGUAGE_MODEL_OF[name])(**declared).to_dict(), declared,
+                                  config)
+    text["architectures"] = [name]
+    return text
+
+
+def _with_top_level_values(text: dict[str, Any], declared: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A completed ``text_config`` (``text``) with the multimodal config's top-level token ids and dtype where the
+    checkpoint's own ``text_config`` (``declared``) gives none (in place; returned)."""
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
         if declared.get(key) is None and config.get(key) is not None:
             text[key] = config[key]
-    text["architectures"] = [name]
     return text
 
 
@@ -83,10 +90,7 @@ def vision_language_model_config(config: dict[str, Any]) -> dict[str, Any]:
     model_type = declared.pop("model_type", "llama")
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{config['architectures'][0]}: unknown language model type {model_type!r}")
-    text = CONFIG_MAPPING[model_type](**declared).to_dict()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
-        if declared.get(key) is None and config.get(key) is not None:
-            text[key] = config[key]
+    text = _with_top_level_values(CONFIG_MAPPING[model_type](**declared).to_dict(), declared, config)
     text["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
     text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
     return text
