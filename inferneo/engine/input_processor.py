@@ -31,6 +31,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.protocol import CoreInfo, InvalidRequestError, PoolingRequest
 from inferneo.model_loader import generation_config_for, load_tokenizer
 from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS, load_hf_config
+from inferneo.multimodal.chat import take_images, template_reads_parts
 from inferneo.multimodal.config import vision_language_of
 from inferneo.multimodal.inputs import ImageInput
 from inferneo.multimodal.prompts import ImagePromptError, ImagePrompts
@@ -86,6 +87,14 @@ class InputProcessor:
             return None
         vision_language = vision_language_of(load_hf_config(source, config.hf_overrides))
         return None if vision_language is None else ImagePrompts(source.path, vision_language, tokenizer)
+
+    def conversation_images(self, conversation: list[dict], chat_template: str | None = None
+                            ) -> tuple[list[dict], list]:
+        """A conversation for the chat template (``chat_template``, else the tokenizer's) and its images in order
+        (``multimodal.chat.take_images`` with this model's image placeholder and the template's content format);
+        ValueError when it has images and the model takes text only."""
+        placeholder = self.images.placeholder if self.images is not None else None
+        return take_images(conversation, placeholder, template_reads_parts(self.tokenizer, chat_template))
 
     def prepare_images(self, prompt_ids: list[int], images: list | None,
                        truncate_prompt_tokens: int | None = None) -> tuple[list[int], list[ImageInput] | None]:

@@ -25,8 +25,6 @@ from inferneo.multimodal.chat import (
     IMAGES_KEY,
     image_part_url,
     is_image_part,
-    take_images,
-    template_reads_parts,
 )
 from inferneo.outputs import (
     ClassificationOutput,
@@ -343,7 +341,7 @@ class LLM:
         generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         template_kwargs = _template_kwargs(tools, chat_template_kwargs)
         rendered = [self._render_chat(c, generation_prompt, chat_template, i, continue_final_message,
-                                      template_kwargs, with_images=True) for i, c in enumerate(conversations)]
+                                      template_kwargs) for i, c in enumerate(conversations)]
         texts = [text for text, _ in rendered]
         prompt_ids = [self.engine.tokenize(text, add_special_tokens=False) for text in texts]
         return self._run(prompt_ids, sampling_params, priority, use_tqdm, lora_request, prompt_texts=texts,
@@ -353,17 +351,16 @@ class LLM:
         self, conversation: Conversation, add_generation_prompt: bool = True, chat_template: str | None = None
     ) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
-        text = self._render_chat(conversation, add_generation_prompt, chat_template)
+        text, _ = self._render_chat(conversation, add_generation_prompt, chat_template)
         return self.engine.tokenize(text, add_special_tokens=False)
 
     def _render_chat(self, conversation: Conversation, add_generation_prompt: bool, chat_template: str | None,
                      index: int | None = None, continue_final_message: bool = False,
-                     template_kwargs: dict[str, Any] | None = None, with_images: bool = False) -> Any:
-        """A conversation as the chat template renders it; ``ValueError`` for a conversation or template that
-        cannot be rendered (``index``: the conversation's place in a list, for the message; ``template_kwargs``:
-        further variables for the template, as ``_template_kwargs`` makes them). ``with_images``: returns the text
-        and the conversation's images (``image_url`` / ``image_pil`` parts, in order; the text holds the model's
-        image placeholder for each)."""
+                     template_kwargs: dict[str, Any] | None = None) -> tuple[str, list]:
+        """A conversation as the chat template renders it, and its images (``image_url`` / ``image_pil`` parts, in
+        order; the text holds the model's image placeholder for each); ``ValueError`` for a conversation or
+        template that cannot be rendered (``index``: the conversation's place in a list, for the message;
+        ``template_kwargs``: further variables for the template, as ``_template_kwargs`` makes them)."""
         where = "" if index is None else f"conversation {index}: "
         tokenizer = self.engine.tokenizer
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -376,10 +373,8 @@ class LLM:
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"{where}message {i} must be a dict with 'role' and 'content', got {message!r}")
         conversation = [_message_for_template(m, f"{where}message {i}") for i, m in enumerate(conversation)]
-        image_side = self.engine.input.images
         try:
-            conversation, images = take_images(conversation, image_side.placeholder if image_side else None,
-                                               parts=template_reads_parts(tokenizer, chat_template))
+            conversation, images = self.engine.input.conversation_images(conversation, chat_template)
         except ValueError as exc:
             raise InvalidRequestError(f"{where}{exc}", "messages") from None
         if continue_final_message and conversation[-1].get("role") != "assistant":
@@ -391,7 +386,7 @@ class LLM:
             text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt,
                                                  chat_template=chat_template, **extra)
-            return (text, images) if with_images else text
+            return text, images
         except (TemplateError, TypeError) as exc:  # a template that does not parse, refuses these messages, or
             # meets a value it cannot handle (a TypeError raised inside the template)
             raise ValueError(f"{where}the chat template cannot render this conversation: "

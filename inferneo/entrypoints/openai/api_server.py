@@ -51,7 +51,6 @@ from inferneo.entrypoints.openai.serving_responses import count_input_tokens, cr
 from inferneo.entrypoints.openai.serving_score import create_rerank, create_score
 from inferneo.entrypoints.openai.stats_logger import log_stats_forever
 from inferneo.lora.registry import LoraModule, LoRARegistry
-from inferneo.multimodal.chat import take_images, template_reads_parts
 from inferneo.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
@@ -209,10 +208,8 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
         tokenizer = ctx.tokenizer
         if body.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            image_side = ctx.engine.input.images
             try:
-                messages, images = take_images(body.messages, image_side.placeholder if image_side else None,
-                                               template_reads_parts(tokenizer))
+                messages, images = ctx.engine.input.conversation_images(body.messages)
             except ValueError as exc:
                 raise bad_request(str(exc), "messages") from None
             ids = render_chat(tokenizer, messages, body.generation_prompt(),

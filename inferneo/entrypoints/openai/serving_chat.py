@@ -52,7 +52,6 @@ from inferneo.entrypoints.openai.tool_parsers import (
     ToolCallParser,
     calls_of,
 )
-from inferneo.multimodal.chat import take_images, template_reads_parts
 from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import Logprob
 from inferneo.sampling_params import SamplingParams
@@ -154,11 +153,8 @@ async def render_conversations(ctx: ServerContext, req: ChatCompletionRequest) -
     request's tools and template options (off the event loop when long), and each conversation's images (their
     URLs, in order; the prompt holds the model's image placeholder for each)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    image_side = ctx.engine.input.images
     try:
-        parts = template_reads_parts(ctx.tokenizer)
-        split = [take_images(c, image_side.placeholder if image_side is not None else None, parts)
-                 for c in req.conversations()]
+        split = [ctx.engine.input.conversation_images(c) for c in req.conversations()]
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     conversations = [conversation for conversation, _ in split]
