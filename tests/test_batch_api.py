@@ -224,21 +224,28 @@ def test_a_batch_survives_a_server_restart_on_the_same_files_dir(tiny_llama_dir,
         assert sorted(i for i in ids if i is not None) == sorted(f"r{i}" for i in range(120) if i % 16)
 
 
+def _one_line_batch(tmp_path):
+    """Files and batches over ``tmp_path`` with no server behind them, and a batch of one chat line just created
+    (call inside an event loop: the batch's task starts on it): ``(files, batches, upload, batch)``."""
+    import httpx
+
+    from inferneo.entrypoints.openai.batch_api import Batches, CreateBatchRequest, StoredFiles
+
+    files = StoredFiles(tmp_path)
+    upload = files.add(_line("a", _chat(1)).encode(), "r.jsonl", "batch")
+    batches = Batches(files, lambda: httpx.AsyncClient(base_url="http://unused"))
+    batch = batches.create(CreateBatchRequest(input_file_id=upload["id"], endpoint="/v1/chat/completions",
+                                              completion_window="24h"))
+    return files, batches, upload, batch
+
+
 def test_a_batch_cancelled_before_it_starts_ends_cancelled(tmp_path):
     """Cancelled in the same turn of the event loop that created it (its task never ran), a batch still ends
     ``cancelled`` with no records, not ``cancelling`` for ever."""
     import asyncio
 
-    import httpx
-
-    from inferneo.entrypoints.openai.batch_api import Batches, CreateBatchRequest, StoredFiles
-
     async def scenario() -> dict:
-        files = StoredFiles(tmp_path)
-        upload = files.add(_line("a", _chat(1)).encode(), "r.jsonl", "batch")
-        batches = Batches(files, lambda: httpx.AsyncClient(base_url="http://unused"))
-        batch = batches.create(CreateBatchRequest(input_file_id=upload["id"], endpoint="/v1/chat/completions",
-                                                  completion_window="24h"))
+        _, batches, _, batch = _one_line_batch(tmp_path)
         assert batches.cancel(batch["id"])["status"] == "cancelling"
         for _ in range(20):
             await asyncio.sleep(0)
@@ -256,16 +263,8 @@ def test_a_batch_whose_input_is_gone_fails_and_says_why(tmp_path):
     ``errors``, written down, its counts zero."""
     import asyncio
 
-    import httpx
-
-    from inferneo.entrypoints.openai.batch_api import Batches, CreateBatchRequest, StoredFiles
-
     async def scenario() -> dict:
-        files = StoredFiles(tmp_path)
-        upload = files.add(_line("a", _chat(1)).encode(), "r.jsonl", "batch")
-        batches = Batches(files, lambda: httpx.AsyncClient(base_url="http://unused"))
-        batch = batches.create(CreateBatchRequest(input_file_id=upload["id"], endpoint="/v1/chat/completions",
-                                                  completion_window="24h"))
+        files, batches, upload, batch = _one_line_batch(tmp_path)
         files.delete(upload["id"])
         for _ in range(200):
             await asyncio.sleep(0.01)
