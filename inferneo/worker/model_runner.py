@@ -305,7 +305,9 @@ class ModelRunner(Runner):
             install_kv_scales(self.model, device)
         # A default backend lacking a feature the layers need (a window, soft-capping, sinks) gives way to PyTorch's.
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
-        if getattr(self.model, "accepts_images", False) and (self.tp.world_size > 1 or self.pp.num_stages > 1):
+        # a vision-language model: steps look for image tokens (``_image_rows``); a text model's never do
+        self.takes_images = bool(getattr(self.model, "accepts_images", False))
+        if self.takes_images and (self.tp.world_size > 1 or self.pp.num_stages > 1):
             raise ValueError(f"{model_cls.__name__}: vision-language models run on one device for now "
                              "(tensor_parallel_size and pipeline_parallel_size 1)")
         self.model.cast(dtype)
@@ -405,7 +407,7 @@ class ModelRunner(Runner):
             return "weight updates with LoRA adapters enabled are not supported yet"
         if self.pp.num_stages > 1:
             return "weight updates with pipeline parallelism are not supported yet"
-        if getattr(self.model, "accepts_images", False):
+        if self.takes_images:
             return "weight updates of vision-language models are not supported yet"
         return None
 
@@ -575,7 +577,8 @@ class ModelRunner(Runner):
                                    device=self.device)
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
-                                    self._token_types(items, packed), self._image_rows(items, packed))
+                                    self._token_types(items, packed),
+                                    self._image_rows(items, packed) if self.takes_images else None)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
