@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferneo import LLM, SamplingParams
-from inferneo.distributed.parallel_state import TensorParallelGroup
 from inferneo.kernel_config import KernelConfig
 from inferneo.model_loader.hf_files import hf_config
 from inferneo.quantization import QuantizedLinear, quantized_linears, resolve_quant_config
@@ -38,7 +37,6 @@ from inferneo.quantization.base import LinearShape
 from inferneo.quantization.compressed_tensors import CompressedTensorsConfig
 from inferneo.quantization.fp8 import Fp8Config, Fp8LinearMethod, Fp8Scheme
 from inferneo.testing.quantized_checkpoints import write_fp8_checkpoint
-from inferneo.worker.model_runner import ModelRunner
 
 E4M3 = torch.float8_e4m3fn
 MAX_NEW = 10
@@ -425,13 +423,6 @@ def test_old_gpu_is_refused_naming_the_device(monkeypatch):
             config.check_supported(torch.device("cuda:0"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     Fp8Config.online().check_supported(torch.device("cuda:0"), torch.bfloat16)  # Ada: accepted
-
-
-def test_fp8_with_tensor_parallelism_is_refused(tiny_checkpoint_factory, tmp_path):
-    quantized = write_fp8_checkpoint(tiny_checkpoint_factory("llama"), tmp_path / "fp8", "tensor-dynamic")
-    with pytest.raises(ValueError, match=r"quantization \(fp8\) with tensor_parallel_size 2 is not supported"):
-        ModelRunner(hf_config=hf_config(quantized), dtype=torch.float32, device=torch.device("cpu"),
-                    max_model_len=64, block_size=16, tp_group=TensorParallelGroup(rank=0, world_size=2))
 
 
 def test_mismatched_quantization_flag_is_refused(tiny_checkpoint_factory, tmp_path):

@@ -38,6 +38,7 @@ from inferneo.model_executor.layers.basic import RMSNorm
 from inferneo.model_executor.layers.gpu_linear import DecodeGemv, linear
 from inferneo.model_executor.layers.moe import FusedMoE
 from inferneo.model_executor.layers.rotary import RotaryEmbedding
+from inferneo.quantization.parallel import ParallelSlice
 
 
 def _attach_loader(param: nn.Parameter, loader) -> None:
@@ -76,6 +77,11 @@ class QKVParallelLinear(nn.Linear):
         self.q_head_start = tp.rank * self.local_heads
         out = (self.local_heads + 2 * self.local_kv_heads) * head_dim
         super().__init__(hidden, out, bias=bias, device=device, dtype=dtype)
+        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``).
+        kv_start = self.kv_head_start * head_dim
+        self.local_output_sizes = (self.local_heads * head_dim, *(2 * (self.local_kv_heads * head_dim,)))
+        self.parallel_slice = ParallelSlice((num_heads * head_dim, *(2 * (num_kv_heads * head_dim,))),
+                                            (self.q_head_start * head_dim, kv_start, kv_start), 0, hidden, False)
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_shard)
@@ -104,6 +110,10 @@ class MergedColumnParallelLinear(nn.Linear):
         self.local_sizes = [size // tp.world_size for size in sizes]
         self.rank = tp.rank
         super().__init__(in_features, sum(self.local_sizes), bias=bias, device=device, dtype=dtype)
+        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``).
+        self.local_output_sizes = tuple(self.local_sizes)
+        self.parallel_slice = ParallelSlice(tuple(sizes), tuple(tp.rank * size for size in self.local_sizes), 0,
+                                            in_features, False)
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_shard)
@@ -134,6 +144,11 @@ class RowParallelLinear(nn.Linear):
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_replicated)
+        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``): this rank's
+        # input columns, its partial sum all-reduced (not by a partial row-parallel layer, whose block does it).
+        self.local_output_sizes = (out_features,)
+        self.parallel_slice = ParallelSlice((out_features,), (0,), tp.rank * self.in_features, in_features,
+                                            reduces=type(self) is RowParallelLinear)
 
     def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
         cols = self.in_features

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from inferneo.kernel_config import KernelConfig
-
-WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
+from inferneo.quantization.parallel import Axis, ParallelSlice, WeightLoader
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +103,7 @@ class QuantizedLinear(nn.Module):
     silu_matmul: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, method: LinearMethod, shape: LinearShape, bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, parallel: ParallelSlice | None = None) -> None:
         super().__init__()
         self.method = method
         self.shape = shape
@@ -112,15 +111,33 @@ class QuantizedLinear(nn.Module):
         self.out_features = shape.out_features
         self.dtype = dtype  # the model's compute dtype (activations, bias)
         self.device = torch.device(device)
+        # With tensor parallelism, the part of the full layer this rank holds: every parameter's loader cuts it
+        # out of the full checkpoint tensors (``parallel_loader``).
+        self.parallel = parallel
         if bias:
             self.bias = nn.Parameter(torch.zeros(shape.out_features, dtype=dtype, device=device), requires_grad=False)
-            self.bias.weight_loader = row_shard_loader(shape, dim=0)
+            self.bias.weight_loader = parallel_loader(self, row_shard_loader(shape, dim=0))
         else:
             self.bias = None
         method.create_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.method.apply(self, x)
+        return y if self.bias is None else y + self.bias
+
+
+class RowParallelQuantizedLinear(QuantizedLinear):
+    """A row-parallel quantized layer (``o_proj``, ``down_proj`` under tensor parallelism): this rank's input
+    columns give a partial sum, which is all-reduced over the ranks before the bias is added once."""
+
+    def __init__(self, method: LinearMethod, shape: LinearShape, bias: bool, dtype: torch.dtype,
+                 device: torch.device, parallel: ParallelSlice, all_reduce: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> None:
+        super().__init__(method, shape, bias, dtype, device, parallel)
+        self.all_reduce = all_reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.all_reduce(self.method.apply(self, x))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -161,6 +178,7 @@ def row_shard_loader(shape: LinearShape, dim: int, per_row: Sequence[int] = (1, 
         size = scaled(shape.output_sizes[shard], what, "size")
         _check_and_copy(param.data.narrow(dim, start, size), tensor, what)
 
+    load.rows_axis = Axis(dim, num, den)  # for ``parallel_loader``: this dim runs over the output rows
     return load
 
 
@@ -179,11 +197,23 @@ def per_shard_loader(shape: LinearShape) -> WeightLoader:
     return load
 
 
+def parallel_loader(layer: QuantizedLinear, loader: WeightLoader, cols: Axis | None = None) -> WeightLoader:
+    """``loader`` as ``layer`` needs it: unchanged on one rank; with tensor parallelism (``layer.parallel``) fed
+    this rank's part of each full checkpoint tensor, along the output rows the loader's ``rows_axis`` names (from
+    :func:`row_shard_loader`) and along ``cols``, the dim of the checkpoint tensor that runs over the input
+    columns (None: it has none, or every rank takes all of it)."""
+    if layer.parallel is None:
+        return loader
+    return layer.parallel.loader(loader, layer.shape.output_sizes, layer.in_features,
+                                 getattr(loader, "rows_axis", None), cols, layer.shape.prefix)
+
+
 def new_parameter(layer: QuantizedLinear, name: str, shape: Sequence[int], dtype: torch.dtype,
-                  loader: WeightLoader, fill: float = 0) -> nn.Parameter:
-    """Register parameter ``name`` of ``shape``/``dtype`` on ``layer`` (filled with ``fill``), with ``loader``."""
+                  loader: WeightLoader, fill: float = 0, *, cols: Axis | None = None) -> nn.Parameter:
+    """Register parameter ``name`` of ``shape``/``dtype`` on ``layer`` (filled with ``fill``), with ``loader``;
+    ``cols``: the checkpoint tensor's dim that runs over the input columns (see :func:`parallel_loader`)."""
     param = nn.Parameter(torch.full(tuple(shape), fill, dtype=dtype, device=layer.device), requires_grad=False)
-    param.weight_loader = loader
+    param.weight_loader = parallel_loader(layer, loader, cols)
     param.quantized = True
     layer.register_parameter(name, param)
     return param
@@ -270,7 +300,8 @@ def linear_shape(model: nn.Module, prefix: str, linear: nn.Linear) -> LinearShap
 
 def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Replace every ``nn.Linear`` of ``model`` that ``config`` covers with a :class:`QuantizedLinear` (before the
-    weights are loaded; after ``model.cast``), after the format's embeddings
+    weights are loaded; after ``model.cast``; a tensor-parallel rank's sharded linear, which carries its
+    ``parallel_slice``, with one holding the same part of the layer), after the format's embeddings
     (:meth:`QuantConfig.quantize_embeddings`); returns how many modules changed. Tied linears (an ``lm_head``
     sharing the embedding) and linears marked ``quantizable = False`` (a router's gate, weights another module
     reads directly) stay plain. Mixture-of-experts layers whose experts the format stores go in too
@@ -280,14 +311,22 @@ def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, 
     tied = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or id(child.weight) in tied or not getattr(child, "quantizable", True):
+            parallel: ParallelSlice | None = getattr(child, "parallel_slice", None)
+            if ((type(child) is not nn.Linear and parallel is None) or id(child.weight) in tied
+                    or not getattr(child, "quantizable", True)):
                 continue
             prefix = f"{parent_name}.{name}" if parent_name else name
-            shape = linear_shape(model, prefix, child)
+            shape = (linear_shape(model, prefix, child) if parallel is None  # a rank's shard: its own rows
+                     else LinearShape(prefix, child.in_features, tuple(child.local_output_sizes)))
             method = config.method_for(shape)
             if method is None:
                 continue
-            setattr(parent, name, QuantizedLinear(method, shape, child.bias is not None, dtype, device))
+            bias = child.bias is not None
+            if parallel is not None and parallel.reduces:
+                layer = RowParallelQuantizedLinear(method, shape, bias, dtype, device, parallel, child.tp.all_reduce)
+            else:
+                layer = QuantizedLinear(method, shape, bias, dtype, device, parallel)
+            setattr(parent, name, layer)
             swapped += 1
     return swapped
 

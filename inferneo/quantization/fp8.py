@@ -63,6 +63,7 @@ from inferneo.quantization.fp8_math import (
     quantize_with_scale,
 )
 from inferneo.quantization.layer_names import checkpoint_module_names, layer_listed
+from inferneo.quantization.parallel import Axis
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +185,10 @@ class Fp8LinearMethod(LinearMethod):
         out_f, in_f = layer.out_features, layer.in_features
         shards = len(shape.output_sizes)
         if not scheme.checkpoint:  # full-precision weights, quantized at finalize
-            new_parameter(layer, "weight", (out_f, in_f), layer.dtype, row_shard_loader(shape, dim=0))
+            new_parameter(layer, "weight", (out_f, in_f), layer.dtype, row_shard_loader(shape, dim=0),
+                          cols=Axis(1))
             return
-        new_parameter(layer, "weight", (out_f, in_f), FP8_DTYPE, row_shard_loader(shape, dim=0))
+        new_parameter(layer, "weight", (out_f, in_f), FP8_DTYPE, row_shard_loader(shape, dim=0), cols=Axis(1))
         if scheme.weight == "tensor":
             new_parameter(layer, self.weight_scale_name, (shards,), torch.float32, per_shard_loader(shape), fill=1)
         elif scheme.weight == "channel":
@@ -196,7 +198,7 @@ class Fp8LinearMethod(LinearMethod):
             rows, cols = scheme.block
             grid = (-(-out_f // rows), -(-in_f // cols))
             new_parameter(layer, self.weight_scale_name, grid, torch.float32,
-                          row_shard_loader(shape, dim=0, per_row=(1, rows)), fill=1)
+                          row_shard_loader(shape, dim=0, per_row=(1, rows)), fill=1, cols=Axis(1, 1, cols))
         if scheme.activation == "static_tensor":
             new_parameter(layer, "input_scale", (shards,), torch.float32, per_shard_loader(shape), fill=1)
 

@@ -47,6 +47,7 @@ from inferneo.quantization.int4_layouts import (
     unpack_gptq,
 )
 from inferneo.quantization.layer_names import checkpoint_module_names, contains_pattern, layer_listed
+from inferneo.quantization.parallel import Axis
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,23 @@ class Int4Scheme:
 # ---- the layer -----------------------------------------------------------------------------------------------
 
 
-def _per_shard_vector_loader(shape: LinearShape) -> WeightLoader:
+def _per_shard_vector_loader(shape: LinearShape, first_group: int = 0, groups: int | None = None) -> WeightLoader:
     """A loader for GPTQ's ``g_idx`` held once per logical shard (``[shards, in]``): shard ``i`` fills row ``i``;
-    a fused checkpoint tensor (``shard=None``) fills every row."""
+    a fused checkpoint tensor (``shard=None``) fills every row. A tensor-parallel rank holding some input columns
+    of a row-parallel layer gets their groups counted from its ``first_group`` of ``groups``; ValueError when a
+    column belongs to another rank's group (act-order scatters a group's columns over the whole row)."""
 
     def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
         if tuple(tensor.shape) != (shape.in_features,):
             raise ValueError(f"{shape.prefix}: g_idx has shape {tuple(tensor.shape)}, the layer expects "
                              f"({shape.in_features},)")
+        if first_group or groups is not None:
+            tensor = tensor - first_group
+            if groups is not None and tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= groups):
+                raise ValueError(f"{shape.prefix}: act-order (desc_act) scatters each quantization group's "
+                                 "input columns over the whole layer, and with tensor parallelism each rank holds "
+                                 "one contiguous part of them; serve this checkpoint with tensor_parallel_size 1, "
+                                 "or one quantized without act-order")
         target = param.data if shard is None else param.data[shard]
         target.copy_(tensor.expand_as(target))
 
@@ -143,36 +153,43 @@ class Int4LinearMethod(LinearMethod):
         n_in, n_out, groups = shape.in_features, shape.out_features, shape.in_features // group
         layer.int4_group_size = group
         out_rows = row_shard_loader(shape, dim=0)
+        # Input columns (tensor parallelism cuts a row-parallel layer's): a group of them shares one scale and zero
+        # point; one group per row (group_size -1) is one scale for every rank's columns.
+        by_group = (lambda dim: None) if self.scheme.group_size == -1 else (lambda dim: Axis(dim, 1, group))
         if self.scheme.layout == "awq":
             packed_cols = row_shard_loader(shape, dim=1, per_row=(1, 8))
-            new_parameter(layer, "qweight", (n_in, n_out // 8), torch.int32, packed_cols)
+            new_parameter(layer, "qweight", (n_in, n_out // 8), torch.int32, packed_cols, cols=Axis(0))
             if self.scheme.zero_point:
-                new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32, packed_cols)
-            new_parameter(layer, "scales", (groups, n_out), torch.float32, row_shard_loader(shape, dim=1))
+                new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32, packed_cols, cols=by_group(0))
+            new_parameter(layer, "scales", (groups, n_out), torch.float32, row_shard_loader(shape, dim=1),
+                          cols=by_group(0))
         elif self.scheme.layout == "gptq":
             cols = row_shard_loader(shape, dim=1)
-            new_parameter(layer, "qweight", (n_in // 8, n_out), torch.int32, cols)
+            new_parameter(layer, "qweight", (n_in // 8, n_out), torch.int32, cols, cols=Axis(0, 1, 8))
             new_parameter(layer, "qzeros", (groups, n_out // 8), torch.int32,
-                          row_shard_loader(shape, dim=1, per_row=(1, 8)))
-            new_parameter(layer, "scales", (groups, n_out), torch.float32, cols)
+                          row_shard_loader(shape, dim=1, per_row=(1, 8)), cols=by_group(0))
+            new_parameter(layer, "scales", (groups, n_out), torch.float32, cols, cols=by_group(0))
             self._create_g_idx(layer, "g_idx", group)
         else:  # compressed-tensors pack-quantized
-            new_parameter(layer, "weight_packed", (n_out, n_in // 8), torch.int32, out_rows)
-            new_parameter(layer, "weight_scale", (n_out, groups), torch.float32, out_rows)
+            new_parameter(layer, "weight_packed", (n_out, n_in // 8), torch.int32, out_rows, cols=Axis(1, 1, 8))
+            new_parameter(layer, "weight_scale", (n_out, groups), torch.float32, out_rows, cols=by_group(1))
             if self.scheme.zero_point:
                 new_parameter(layer, "weight_zero_point", (n_out // 8, groups), torch.int32,
-                              row_shard_loader(shape, dim=0, per_row=(1, 8)))
-            new_parameter(layer, "weight_shape", (2,), torch.int64, _weight_shape_loader(shape))
+                              row_shard_loader(shape, dim=0, per_row=(1, 8)), cols=by_group(1))
+            new_parameter(layer, "weight_shape", (2,), torch.int64, _weight_shape_loader(layer))
             if self.scheme.desc_act:
                 self._create_g_idx(layer, "weight_g_idx", group)
 
-    @staticmethod
-    def _create_g_idx(layer: QuantizedLinear, name: str, group: int) -> None:
+    def _create_g_idx(self, layer: QuantizedLinear, name: str, group: int) -> None:
         """Each column's group, once per logical shard (act-order orders each shard's columns itself); consecutive
         groups until the checkpoint says otherwise."""
         shape = layer.shape
+        first_group = 0
+        if layer.parallel is not None and self.scheme.group_size != -1:
+            first_group = layer.parallel.input_start // group
         g_idx = new_parameter(layer, name, (len(shape.output_sizes), shape.in_features), torch.int32,
-                              _per_shard_vector_loader(shape))
+                              _per_shard_vector_loader(shape, first_group, shape.in_features // group),
+                              cols=Axis(0))
         g_idx.data.copy_(torch.arange(shape.in_features, dtype=torch.int32, device=layer.device) // group)
 
     def _g_idx(self, layer: QuantizedLinear) -> torch.Tensor | None:
@@ -405,14 +422,18 @@ def _shard_of(shape: LinearShape, rows: slice) -> int | None:
     return None
 
 
-def _weight_shape_loader(shape: LinearShape) -> WeightLoader:
-    """compressed-tensors' ``weight_shape`` ``[out, in]`` of one shard: shards add up their output rows."""
+def _weight_shape_loader(layer: QuantizedLinear) -> WeightLoader:
+    """compressed-tensors' ``weight_shape`` ``[out, in]`` of one shard (of the full layer, under tensor
+    parallelism): shards add up their output rows; the parameter keeps this layer's own shape."""
+    shape, parallel = layer.shape, layer.parallel
+    sizes = shape.output_sizes if parallel is None else parallel.full_output_sizes
+    in_features = shape.in_features if parallel is None else parallel.full_in_features
 
     def load(param: nn.Parameter, tensor: torch.Tensor, shard: int | None) -> None:
-        size = shape.out_features if shard is None else shape.output_sizes[shard]
+        size = sum(sizes) if shard is None else sizes[shard]
         got = [int(v) for v in tensor.reshape(-1).tolist()]
-        if got != [size, shape.in_features]:
-            raise ValueError(f"{shape.prefix}: weight_shape {got} does not match [{size}, {shape.in_features}]")
+        if got != [size, in_features]:
+            raise ValueError(f"{shape.prefix}: weight_shape {got} does not match [{size}, {in_features}]")
         param.data.copy_(torch.tensor([shape.out_features, shape.in_features]))
 
     return load

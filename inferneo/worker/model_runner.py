@@ -269,9 +269,6 @@ class ModelRunner(Runner):
             if self.pp.num_stages > 1:
                 raise ValueError(f"quantization ({self.quant_config.name}) with pipeline_parallel_size "
                                  f"{self.pp.num_stages} is not supported yet")
-            if self.tp.world_size > 1:
-                raise ValueError(f"quantization ({self.quant_config.name}) with tensor_parallel_size "
-                                 f"{self.tp.world_size} is not supported yet; run it on one rank")
             self.quant_config.check_supported(device, dtype)
         self.kv_cache_dtype = kv_cache_dtype
         # The KV cache's element type: the model dtype, or float8 e4m3 with per-head scales (quantization.kv_cache).
@@ -467,6 +464,8 @@ class ModelRunner(Runner):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if self.sleep_level:
             raise ValueError(f"the engine is already sleeping (level {self.sleep_level})")
+        if self.pp.num_stages > 1:
+            raise ValueError("sleep mode with pipeline parallelism is not supported yet")
         if level == 2 and (refusal := self.weights_update_refusal()) is not None:
             raise ValueError(f"sleep level 2 drops the weights, which could not be loaded again: {refusal}")
 

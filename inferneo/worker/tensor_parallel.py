@@ -336,27 +336,20 @@ class TensorParallelRunner(Runner):
 
     @driver_only
     def weights_update_refusal(self) -> str | None:
-        """The driver's answer (every rank holds the same kind of shard); pipeline stages are not supported yet."""
-        if self.pp_size > 1:
-            return (f"weight updates and sleep mode are not supported yet with pipeline_parallel_size "
-                    f"{self.pp_size}")
+        """The driver's answer (every rank holds the same kind of shard)."""
         return self.driver.weights_update_refusal()
 
     @every_rank
     def update_weights(self, weights) -> None:
         """Checked on the driver first (a refusal reaches no worker), then every rank takes its slices of the
         whole tensors (sent to each worker)."""
-        if (refusal := self.weights_update_refusal()) is not None:
-            raise ValueError(refusal)
-        self.driver.check_weights(weights)
+        self.driver.check_weights(weights)  # a refusal reaches no worker
         self._broadcast("update", weights)
         self.driver.update_weights(weights)
         self._gather()
 
     @every_rank
     def sleep(self, level: int) -> None:
-        if (refusal := self.weights_update_refusal()) is not None:
-            raise ValueError(refusal)
         self.driver.check_sleep(level)  # a refusal reaches no worker
         self._broadcast("sleep", level)
         self.driver.sleep(level)
