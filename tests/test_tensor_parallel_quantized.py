@@ -44,13 +44,20 @@ def wide(tmp_path_factory) -> Path:
                                 num_kv_heads=4)
 
 
-def _greedy(path: Path, tp: int) -> tuple[list[list[int]], dict[str, int]]:
-    """Greedy ids of PROMPTS, and how many quantized layers of each kind the driver's model holds."""
+def _greedy(path: Path, tp: int, sleep: bool = False) -> tuple[list[list[int]], dict[str, int]]:
+    """Greedy ids of PROMPTS, and how many quantized layers of each kind the driver's model holds. ``sleep``: the
+    engine sleeps at level 1 (the KV cache alone: quantized weights stay) and wakes before generating; level 2,
+    which drops weights a quantized model cannot load again, is refused on every rank's behalf."""
     llm = LLM(str(path), tensor_parallel_size=tp, **ENGINE)
     try:
         model = llm.engine.runner.driver.model if tp > 1 else llm.engine.runner.model
         kinds = {"column": sum(type(m) is QuantizedLinear for m in model.modules()),
                  "row": sum(type(m) is RowParallelQuantizedLinear for m in model.modules())}
+        if sleep:
+            with pytest.raises(ValueError, match="sleep level 2 drops the weights"):
+                llm.sleep(level=2)
+            llm.sleep(level=1)
+            llm.wake_up()
         return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)], kinds
     finally:
         llm.shutdown()
@@ -61,7 +68,7 @@ def test_int4_checkpoints_give_one_ranks_tokens(small, tmp_path, layout):
     quantized, _ = write_int4_checkpoint(small, tmp_path / "q", tmp_path / "deq", layout)
     expected, one_rank = _greedy(quantized, 1)
     assert one_rank == {"column": 8, "row": 0}
-    got, two_ranks = _greedy(quantized, 2)
+    got, two_ranks = _greedy(quantized, 2, sleep=layout == "awq")
     assert two_ranks == {"column": 4, "row": 4}  # q/k/v and gate/up split by rows, o and down by columns
     assert got == expected
 
