@@ -149,3 +149,24 @@ def test_pp_suite_smoke(tmp_path):
     results = json.loads((tmp_path / "pp_suite.json").read_text())
     assert results["sections"]["equality"]["tp1xpp2"]["equal"] is True
     assert results["sections"]["w1_tp1xpp2"]["output_tokens"] > 0
+
+
+def test_pp2_with_a_4bit_checkpoint_equals_pp1(checkpoint, tmp_path, monkeypatch):
+    """Each stage quantizes its layers under their checkpoint numbers: layer 1, full precision in the file
+    (``modules_to_not_convert``), is stage 1's first layer, and stays a plain linear there."""
+    from inferneo.quantization.base import QuantizedLinear
+    from inferneo.testing.int4_checkpoints import write_int4_checkpoint
+
+    quantized, _ = write_int4_checkpoint(checkpoint, tmp_path / "awq", tmp_path / "deq", "awq",
+                                         not_converted=["layers.1.mlp"])
+    prompts = PROMPTS[:6]
+    reference = LLM(str(quantized), **ENGINE)
+    try:
+        expected = _ids(reference, prompts)
+    finally:
+        reference.shutdown()
+    monkeypatch.setenv("INFERNEO_PP_LAYER_PARTITION", "1,2")  # stage 1 holds layers 1 and 2
+    llm = LLM(str(quantized), pipeline_parallel_size=2, **ENGINE)
+    layer = llm.engine.runner.driver.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, QuantizedLinear) and len(llm.engine.runner.driver.model.layers) == 1
+    assert _run_twice(llm, prompts) == expected

@@ -89,22 +89,41 @@ def keep_stage(model: nn.Module, stage: PipelineStage) -> None:
     model.pipeline_stage = stage
 
 
-def stage_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+def _layer_index(name: str) -> tuple[int, str] | None:
+    """``(index, rest)`` of a decoder layer's checkpoint tensor name (``model.layers.3.mlp...``), else None."""
+    short = name.removeprefix("model.")
+    if short.startswith("layers."):
+        index, _, rest = short.removeprefix("layers.").partition(".")
+        if index.isdigit():
+            return int(index), rest
+    return None
+
+
+def stage_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], *, renumber: bool = True,
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint tensors ``model``'s stage loads, decoder layers renumbered from the stage's first layer."""
+    """The checkpoint tensors ``model``'s stage loads, decoder layers renumbered from the stage's first layer
+    (``renumber=False``: under their checkpoint names, for a quantization format that reads them; then
+    :func:`renumber_stage_weights`)."""
     stage: PipelineStage = model.pipeline_stage
     for name, tensor in weights:
-        short = name.removeprefix("model.")
-        if short.startswith("layers."):
-            index, _, rest = short.removeprefix("layers.").partition(".")
-            if index.isdigit():
-                if not stage.start <= int(index) < stage.end:
-                    continue
-                yield f"model.layers.{int(index) - stage.start}.{rest}", tensor
-                continue
-        if isinstance(getattr(model, short.partition(".")[0], None), HeldByAnotherStage):
+        layer = _layer_index(name)
+        if layer is not None:
+            if stage.start <= layer[0] < stage.end:
+                yield (f"model.layers.{layer[0] - stage.start}.{layer[1]}" if renumber else name), tensor
+            continue
+        if isinstance(getattr(model, name.removeprefix("model.").partition(".")[0], None), HeldByAnotherStage):
             continue
         yield name, tensor
+
+
+def renumber_stage_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stage's checkpoint tensors (``stage_weights(renumber=False)``) with decoder layers numbered from the
+    stage's first layer, as its model holds them."""
+    start = model.pipeline_stage.start
+    for name, tensor in weights:
+        layer = _layer_index(name)
+        yield (name if layer is None else f"model.layers.{layer[0] - start}.{layer[1]}"), tensor
 
 
 def stage_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,

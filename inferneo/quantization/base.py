@@ -21,6 +21,7 @@ asked for with ``--quantization``) that hands a :class:`LinearMethod` to each la
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -298,16 +299,21 @@ def linear_shape(model: nn.Module, prefix: str, linear: nn.Linear) -> LinearShap
     return LinearShape(prefix, linear.in_features, tuple(int(s) for s in sizes))
 
 
+_LAYER_PREFIX = re.compile(r"layers\.(\d+)\.")
+
+
 def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Replace every ``nn.Linear`` of ``model`` that ``config`` covers with a :class:`QuantizedLinear` (before the
     weights are loaded; after ``model.cast``; a tensor-parallel rank's sharded linear, which carries its
-    ``parallel_slice``, with one holding the same part of the layer), after the format's embeddings
+    ``parallel_slice``, with one holding the same part of the layer; a pipeline stage's layers under their
+    checkpoint numbers), after the format's embeddings
     (:meth:`QuantConfig.quantize_embeddings`); returns how many modules changed. Tied linears (an ``lm_head``
     sharing the embedding) and linears marked ``quantizable = False`` (a router's gate, weights another module
     reads directly) stay plain. Mixture-of-experts layers whose experts the format stores go in too
     (:meth:`QuantConfig.quantize_experts`, which logs them; not counted here)."""
     swapped = config.quantize_embeddings(model, dtype, device)
     config.quantize_experts(model, dtype, device)
+    first_layer = getattr(getattr(model, "pipeline_stage", None), "start", 0)  # a pipeline stage's first layer
     tied = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -316,6 +322,8 @@ def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, 
                     or not getattr(child, "quantizable", True)):
                 continue
             prefix = f"{parent_name}.{name}" if parent_name else name
+            if first_layer and (match := _LAYER_PREFIX.match(prefix)):  # the checkpoint's layer number
+                prefix = f"layers.{int(match[1]) + first_layer}.{prefix[match.end():]}"
             shape = (linear_shape(model, prefix, child) if parallel is None  # a rank's shard: its own rows
                      else LinearShape(prefix, child.in_features, tuple(child.local_output_sizes)))
             method = config.method_for(shape)

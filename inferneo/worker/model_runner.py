@@ -36,6 +36,7 @@ from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_executor.pipeline import (
     PipelineStage,
     keep_stage,
+    renumber_stage_weights,
     stage_forward,
     stage_layer_ranges,
     stage_weights,
@@ -266,9 +267,6 @@ class ModelRunner(Runner):
                            self.pp.num_stages)
             self.quant_config = None
         if self.quant_config is not None:
-            if self.pp.num_stages > 1:
-                raise ValueError(f"quantization ({self.quant_config.name}) with pipeline_parallel_size "
-                                 f"{self.pp.num_stages} is not supported yet")
             self.quant_config.check_supported(device, dtype)
         self.kv_cache_dtype = kv_cache_dtype
         # The KV cache's element type: the model dtype, or float8 e4m3 with per-head scales (quantization.kv_cache).
@@ -353,12 +351,14 @@ class ModelRunner(Runner):
     def load_weights(self, weights) -> None:
         """Copy checkpoint weights (Hugging Face names) into the model."""
         start = time.perf_counter()
-        if self.pp.num_stages > 1:
-            weights = stage_weights(self.model, weights)  # this stage's layers, renumbered from 0
-        kv_scales = CheckpointKVScales()
-        weights = kv_scales.split(weights)  # KV cache scales go to the attention layers, not to load_weights
+        if self.pp.num_stages > 1:  # this stage's layers (a format reads their checkpoint names)
+            weights = stage_weights(self.model, weights, renumber=self.quant_config is None)
         if self.quant_config is not None:
             weights = self.quant_config.prepare_weights(weights)
+            if self.pp.num_stages > 1:
+                weights = renumber_stage_weights(self.model, weights)  # numbered from 0, as the stage holds them
+        kv_scales = CheckpointKVScales()
+        weights = kv_scales.split(weights)  # KV cache scales go to the attention layers, not to load_weights
         self.model.load_weights(weights)
         kv_scales.apply(self.model, self.fp8_kv_cache)
         logger.info("loaded weights in %.1f s", time.perf_counter() - start)
