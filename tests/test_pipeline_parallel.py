@@ -39,6 +39,15 @@ def _ids(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+def _one_rank_ids(checkpoint, prompts) -> list[list[int]]:
+    """The greedy ids one rank gives (the reference)."""
+    llm = LLM(str(checkpoint), **ENGINE)
+    try:
+        return _ids(llm, prompts)
+    finally:
+        llm.shutdown()
+
+
 def _run_twice(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
     """Generate twice and check both runs agree; the second one reads the first one's prefix blocks."""
     try:
@@ -100,11 +109,7 @@ def test_pp2_greedy_equals_pp1(checkpoint, expected):
 def test_tp2_pp2_greedy_equals_pp1(tiny_checkpoint_factory, monkeypatch):
     checkpoint = tiny_checkpoint_factory("llama", num_layers=3, tie_word_embeddings=True)
     prompts = PROMPTS[:6]
-    reference = LLM(str(checkpoint), **ENGINE)
-    try:
-        expected = _ids(reference, prompts)
-    finally:
-        reference.shutdown()
+    expected = _one_rank_ids(checkpoint, prompts)
     monkeypatch.setenv("INFERNEO_PP_LAYER_PARTITION", "1,2")  # the spawned workers inherit it
     llm = LLM(str(checkpoint), tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
     runner = llm.engine.runner
@@ -160,11 +165,7 @@ def test_pp2_with_a_4bit_checkpoint_equals_pp1(checkpoint, tmp_path, monkeypatch
     quantized, _ = write_int4_checkpoint(checkpoint, tmp_path / "awq", tmp_path / "deq", "awq",
                                          not_converted=["layers.1.mlp"])
     prompts = PROMPTS[:6]
-    reference = LLM(str(quantized), **ENGINE)
-    try:
-        expected = _ids(reference, prompts)
-    finally:
-        reference.shutdown()
+    expected = _one_rank_ids(quantized, prompts)
     monkeypatch.setenv("INFERNEO_PP_LAYER_PARTITION", "1,2")  # stage 1 holds layers 1 and 2
     llm = LLM(str(quantized), pipeline_parallel_size=2, **ENGINE)
     layer = llm.engine.runner.driver.model.layers[0]
