@@ -1,6 +1,7 @@
 """Images over HTTP: the openai client's chat completions with ``image_url`` parts (base64 data URLs) against a
 real server on a tiny LLaVA, whole and streamed, equal the offline engine's answer for the same conversation; the
-Responses API's ``input_image`` parts (openai's ``responses.create``) and the Messages API's ``image`` blocks
+Responses API's ``input_image`` parts (openai's ``responses.create``; inline, or uploaded with ``files.create`` and
+named by ``file_id``) and the Messages API's ``image`` blocks
 (anthropic's ``messages.create``) answer as the chat endpoint does and count the image tokens as generation does;
 bad images, placeholder mismatches and images sent to a text model are 400s in each API's error shape."""
 
@@ -120,7 +121,8 @@ def test_responses_and_messages_read_images_as_chat_does(client, claude):
     ({"image_url": "data:image/png;base64,@@"}, "not valid base64"),
     ({"image_url": "data:image/png;base64,aGk="}, "could not be decoded"),
     ({"image_url": 3}, "image_url: must be the image's URL"),
-    ({"file_id": "file-abc"}, "file_id: images by file_id are not supported"),
+    ({"file_id": "file-abc"}, "file_id: no file 'file-abc' on this server"),
+    ({"file_id": "file-abc", "image_url": "IMAGE"}, "by image_url or by file_id, not both"),
     ({"image_url": "IMAGE", "detail": "huge"}, "detail: must be"),
     ({"image_url": "IMAGE", "size": 3}, "unknown field 'size'"),
 ])
@@ -134,6 +136,30 @@ def test_bad_response_images_are_400s(client, image, message):
                 client.responses.create(model="tiny-llava", input=response_input(**image), max_output_tokens=2)
         assert message in caught.value.body["message"]
         assert caught.value.body["param"] == "input"
+
+
+def test_responses_read_uploaded_images_by_file_id(client):
+    """An image uploaded through the Files API (openai's ``files.create(purpose="vision")``) answers as the same
+    image inline; a batch input file is no image, and the upload's content comes back as the image it is."""
+    import base64
+
+    url = data_url(images(1, seed=8)[0])
+    png = base64.b64decode(url.partition(",")[2])
+    uploaded = client.files.create(file=("picture.png", png, "image/png"), purpose="vision")
+    assert uploaded.purpose == "vision" and uploaded.bytes == len(png)
+    assert client.files.content(uploaded.id).content == png
+    inline, by_id = (client.responses.create(model="tiny-llava", input=response_input(**image), temperature=0,
+                                             max_output_tokens=MAX_NEW)
+                     for image in ({"image_url": url}, {"file_id": uploaded.id}))
+    assert by_id.output_text == inline.output_text and by_id.usage.input_tokens == inline.usage.input_tokens
+    batch_file = client.files.create(file=("in.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="tiny-llava", input=response_input(file_id=batch_file.id), max_output_tokens=2)
+    assert "was uploaded with purpose 'batch'; images are uploaded with purpose 'vision'" in caught.value.message
+    with pytest.raises(openai.BadRequestError, match="stores files of purpose"):
+        client.files.create(file=("a.txt", b"hello"), purpose="assistants")
+    client.files.delete(uploaded.id)
+    client.files.delete(batch_file.id)
 
 
 def test_images_outside_user_messages_are_400s(client, claude):

@@ -104,6 +104,7 @@ def build_app(ctx: ServerContext, metrics: ServerMetrics | None = None, guards: 
     install_error_handlers(app)
     batches, remove_files = batch_service(app, ctx.api_keys[0] if ctx.api_keys else None, files_dir)
     install_batch_routes(app, batches)
+    ctx.image_files = batches.files.image_data_url  # images uploaded with purpose vision, for input_image file_id
     app.add_middleware(LoadMiddleware, load=load, route_path=route_path)  # innermost: admitted requests only
     install_guards(app, ctx, guards)  # API keys, limits, CORS, request logging: see guards.py
     if http.enable_request_id_headers:

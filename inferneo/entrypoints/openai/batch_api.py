@@ -1,6 +1,8 @@
 """OpenAI's Files and Batch APIs on the server: ``client.files.create(purpose="batch")``, then
 ``client.batches.create(input_file_id=..., endpoint=..., completion_window="24h")``, polled with
 ``client.batches.retrieve`` until ``completed``, whose ``output_file_id`` (and ``error_file_id``) hold the records.
+Files uploaded with purpose ``vision`` (or ``user_data``) are images that the Responses API's ``input_image`` parts
+name by ``file_id`` (:meth:`StoredFiles.image_data_url`).
 
 A batch runs in the server's own event loop as ``inferneo batch`` runs a file (``inferneo.batch.job.BatchJob``):
 each line goes through the server's own routes (an in-process httpx transport over this app, so the same
@@ -18,9 +20,11 @@ still gets exactly one record.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import mimetypes
 import re
 import secrets
 import shutil
@@ -40,9 +44,13 @@ from inferneo.batch.records import SUPPORTED_URLS
 from inferneo.batch.sender import Reply, Sender
 from inferneo.entrypoints.openai.errors import APIError, bad_request
 from inferneo.entrypoints.openai.protocol import _Body
+from inferneo.multimodal.image_loading import MAX_IMAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
+# What files are uploaded for: batch input, and images the Responses API's input_image parts name by file_id.
+FILE_PURPOSES = ("batch", "vision", "user_data")
+IMAGE_PURPOSES = ("vision", "user_data")
 BATCH_CONCURRENCY = 64  # lines of one batch in flight at once
 COMPLETION_WINDOW_S = 24 * 3600
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -89,6 +97,24 @@ class StoredFiles:
         (self.root / file_id).unlink(missing_ok=True)
         (self.root / f"{file_id}.json").unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
+
+    def image_data_url(self, file_id: str, field: str) -> str:
+        """Uploaded file ``file_id`` (purpose ``vision`` or ``user_data``) as the ``data:`` URL of an image part;
+        an ``APIError`` 400 naming ``field`` when there is no such file or it is not one an image is uploaded as."""
+        meta = self.root / f"{file_id}.json"
+        if not _ID.match(file_id) or not meta.is_file():
+            raise APIError(400, f"{field}: no file {file_id[:80]!r} on this server (upload the image with "
+                           "purpose 'vision')", "input", code="file_not_found")
+        record = json.loads(meta.read_text())
+        if record["purpose"] not in IMAGE_PURPOSES:
+            raise APIError(400, f"{field}: file {file_id} was uploaded with purpose {record['purpose']!r}; images "
+                           f"are uploaded with purpose {' or '.join(map(repr, IMAGE_PURPOSES))}", "input")
+        if record["bytes"] > MAX_IMAGE_BYTES:
+            raise APIError(400, f"{field}: file {file_id} is larger than an image may be "
+                           f"({MAX_IMAGE_BYTES // 2**20} MiB)", "input")
+        media = mimetypes.guess_type(record["filename"])[0] or ""
+        data = base64.b64encode((self.root / file_id).read_bytes()).decode()
+        return f"data:{media if media.startswith('image/') else 'image/unknown'};base64,{data}"
 
     def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
         records = [json.loads(p.read_text()) for p in self.root.glob("file-*.json")]
@@ -305,13 +331,17 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
 
     @app.post("/v1/files")
     async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:  # noqa: B008
-        if purpose != "batch":
-            raise bad_request(f"this server stores files for batches only (purpose 'batch'), got {purpose!r}",
+        if purpose not in FILE_PURPOSES:
+            raise bad_request(f"this server stores files of purpose {', '.join(map(repr, FILE_PURPOSES))} (batch "
+                              f"input, and images for the Responses API's input_image file_id), got {purpose!r}",
                               "purpose")
         data = await file.read()
         if not data.strip():
             raise bad_request("the file is empty", "file")
-        return await asyncio.to_thread(files.add, data, file.filename or "upload.jsonl", purpose)
+        if purpose == "vision" and len(data) > MAX_IMAGE_BYTES:
+            raise bad_request(f"an image may have at most {MAX_IMAGE_BYTES // 2**20} MiB", "file")
+        default_name = "upload.jsonl" if purpose == "batch" else "upload"
+        return await asyncio.to_thread(files.add, data, file.filename or default_name, purpose)
 
     @app.get("/v1/files")
     async def list_files(purpose: str | None = None, limit: int = 10000, after: str | None = None,
@@ -327,7 +357,10 @@ def install_batch_routes(app: FastAPI, batches: Batches) -> None:
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str) -> FileResponse:
-        return FileResponse(files.path(file_id), media_type="application/jsonl")
+        record = files.get(file_id)
+        media = ("application/jsonl" if record["purpose"] == "batch"
+                 else mimetypes.guess_type(record["filename"])[0] or "application/octet-stream")
+        return FileResponse(files.path(file_id), media_type=media)
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str) -> dict[str, Any]:

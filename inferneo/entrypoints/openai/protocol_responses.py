@@ -16,6 +16,7 @@ and their checks are the chat endpoint's.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -43,6 +44,9 @@ INCLUDE_LOGPROBS = "message.output_text.logprobs"
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 _IMAGE_KEYS = {"type", "image_url", "file_id", "detail"}
+# Reads an uploaded image file: ``(file_id, field) -> data: URL``, an ``APIError`` 400 naming ``field`` when the
+# file is not there or not an image's (``batch_api.StoredFiles.image_data_url``).
+ImageFileReader = Callable[[str, str], str]
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -214,11 +218,11 @@ class ResponsesRequest(_Body):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
-    def to_chat(self) -> ChatCompletionRequest:
+    def to_chat(self, image_file: ImageFileReader | None = None) -> ChatCompletionRequest:
         """The chat completion request this one asks for (an ``APIError`` 400 naming the field when the input or a
-        setting cannot be one)."""
+        setting cannot be one); ``image_file`` reads the images given by ``file_id`` (None: refused)."""
         body: dict[str, Any] = {
-            "model": self.model, "messages": self.messages(), "stream": bool(self.stream),
+            "model": self.model, "messages": self.messages(image_file), "stream": bool(self.stream),
             "max_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls, "seed": self.seed, "top_k": self.top_k,
             "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "priority": self.priority,
@@ -247,7 +251,7 @@ class ResponsesRequest(_Body):
         except ValidationError as exc:
             raise in_responses_terms(APIError(400, *validation_message(exc.errors()[0]))) from None
 
-    def messages(self) -> list[dict[str, Any]]:
+    def messages(self, image_file: ImageFileReader | None = None) -> list[dict[str, Any]]:
         """``instructions`` and ``input`` as chat messages: message items as they are (text parts joined; a user
         message's ``input_image`` parts the chat request's ``image_url`` parts, between its runs of text),
         ``function_call`` items as an assistant message's tool calls, ``function_call_output`` items as tool
@@ -272,7 +276,7 @@ class ResponsesRequest(_Body):
                 thinking = text if thinking is None else f"{thinking}\n{text}"
                 continue
             if kind == "message":
-                messages.append(_message(item, where))
+                messages.append(_message(item, where, image_file))
             elif kind == "function_call":
                 call = _function_call(item, where)
                 last = messages[-1] if messages else None
@@ -376,7 +380,8 @@ def _text_of(content: Any, field: str) -> str:
     return parts
 
 
-def _content_parts(content: Any, field: str, images: bool) -> str | list[dict[str, Any]]:
+def _content_parts(content: Any, field: str, images: bool,
+                   image_file: ImageFileReader | None = None) -> str | list[dict[str, Any]]:
     """A message item's content as one string (text parts joined), or, where ``images`` are taken (a user
     message's) and some part is one, as the chat request's parts: each run of text parts one ``text`` part, each
     ``input_image`` an ``image_url`` part (which the chat request joins with newlines, as it joins its own parts)."""
@@ -394,7 +399,7 @@ def _content_parts(content: Any, field: str, images: bool) -> str | list[dict[st
             if texts:
                 parts.append({"type": "text", "text": "".join(texts)})
                 texts = []
-            parts.append(_image_part(part, f"{field}[{j}]"))
+            parts.append(_image_part(part, f"{field}[{j}]", image_file))
             continue
         if kind not in _TEXT_PARTS:
             taken = ", ".join((*_TEXT_PARTS[:2], "input_image") if images else _TEXT_PARTS[:2])
@@ -409,14 +414,21 @@ def _content_parts(content: Any, field: str, images: bool) -> str | list[dict[st
     return parts
 
 
-def _image_part(part: dict[str, Any], field: str) -> dict[str, Any]:
+def _image_part(part: dict[str, Any], field: str, image_file: ImageFileReader | None) -> dict[str, Any]:
     """An ``input_image`` part as the chat request's ``image_url`` part (the chat request checks the URL and
-    ``detail`` and the model reads the image); 400 for an image by ``file_id``."""
+    ``detail`` and the model reads the image); an image by ``file_id`` is read by ``image_file`` (one of the
+    server's uploaded files, as a data: URL)."""
     _allowed_keys(part, _IMAGE_KEYS, field)
-    if part.get("file_id") is not None:
-        raise bad_request(f"{field}.file_id: images by file_id are not supported by this server (its Files API "
-                          "holds batch input files); send the image in image_url, as a data: URL (base64) or an "
-                          "http(s) URL", "input")
+    file_id = part.get("file_id")
+    if file_id is not None:
+        if part.get("image_url") is not None:
+            raise bad_request(f"{field}: give the image by image_url or by file_id, not both", "input")
+        if not isinstance(file_id, str) or not file_id:
+            raise bad_request(f"{field}.file_id: must be the id of an uploaded file", "input")
+        if image_file is None:
+            raise bad_request(f"{field}.file_id: images by file_id are not supported here; send the image in "
+                              "image_url, as a data: URL (base64) or an http(s) URL", "input")
+        part = {**part, "image_url": image_file(file_id, f"{field}.file_id")}
     url = part.get("image_url")
     if not isinstance(url, str) or not url:
         raise bad_request(f"{field}.image_url: must be the image's URL, a data: URL (base64) or an http(s) URL",
@@ -427,12 +439,13 @@ def _image_part(part: dict[str, Any], field: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}}
 
 
-def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _message(item: dict[str, Any], where: str, image_file: ImageFileReader | None) -> dict[str, Any]:
     _allowed_keys(item, {"type", "role", "content", "id", "status", "phase"}, where)
     role = item.get("role")
     if role not in _MESSAGE_ROLES:
         raise bad_request(f"{where}.role: must be one of {', '.join(_MESSAGE_ROLES)}", "input")
-    return {"role": role, "content": _content_parts(item.get("content"), f"{where}.content", role == "user")}
+    return {"role": role,
+            "content": _content_parts(item.get("content"), f"{where}.content", role == "user", image_file)}
 
 
 def _reasoning_text(item: dict[str, Any], where: str) -> str:

@@ -56,6 +56,9 @@ class ServerContext:
     reasoning_parser: str | None = None
     default_chat_template_kwargs: dict[str, Any] | None = None  # --default-chat-template-kwargs
     options: ResponseOptions = field(default_factory=ResponseOptions)
+    # Reads an uploaded image by file id (the Files API's store, once the app has one): ``(file_id, field)`` -> its
+    # ``data:`` URL, for the Responses API's ``input_image`` parts (``protocol_responses.ImageFileReader``).
+    image_files: Callable[[str, str], str] | None = None
     created: int = field(default_factory=now)
     defaults: SamplingParams = field(init=False)
     tool_parser: type[ToolCallParser] | None = field(init=False)

@@ -59,7 +59,7 @@ def _item_id(prefix: str) -> str:
 
 async def create_response(ctx: ServerContext, req: ResponsesRequest, raw: Request) -> Response:
     req.check_supported()
-    chat = req.to_chat()
+    chat = req.to_chat(ctx.image_files)
     response_id = _item_id("resp")
     try:
         started = await start_chat(ctx, chat, response_id, "input")
@@ -78,7 +78,7 @@ async def count_input_tokens(ctx: ServerContext, body: InputTokensRequest) -> di
     req = body.as_response_request()
     req.check_supported()
     try:
-        count = await count_prompt_tokens(ctx, req.to_chat())
+        count = await count_prompt_tokens(ctx, req.to_chat(ctx.image_files))
     except APIError as exc:
         raise in_responses_terms(exc) from None
     return {"object": "response.input_tokens", "input_tokens": count}
