@@ -77,11 +77,12 @@ class QKVParallelLinear(nn.Linear):
         self.q_head_start = tp.rank * self.local_heads
         out = (self.local_heads + 2 * self.local_kv_heads) * head_dim
         super().__init__(hidden, out, bias=bias, device=device, dtype=dtype)
-        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``).
+        # The part of the full layer this rank holds (for a quantized format's layer in its place, LoRA).
         kv_start = self.kv_head_start * head_dim
-        self.local_output_sizes = (self.local_heads * head_dim, *(2 * (self.local_kv_heads * head_dim,)))
-        self.parallel_slice = ParallelSlice((num_heads * head_dim, *(2 * (num_kv_heads * head_dim,))),
-                                            (self.q_head_start * head_dim, kv_start, kv_start), 0, hidden, False)
+        self.parallel_slice = ParallelSlice.column(
+            (num_heads * head_dim, *(2 * (num_kv_heads * head_dim,))), (self.q_head_start * head_dim, kv_start,
+                                                                        kv_start),
+            (self.local_heads * head_dim, *(2 * (self.local_kv_heads * head_dim,))), hidden)
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_shard)
@@ -110,10 +111,9 @@ class MergedColumnParallelLinear(nn.Linear):
         self.local_sizes = [size // tp.world_size for size in sizes]
         self.rank = tp.rank
         super().__init__(in_features, sum(self.local_sizes), bias=bias, device=device, dtype=dtype)
-        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``).
-        self.local_output_sizes = tuple(self.local_sizes)
-        self.parallel_slice = ParallelSlice(tuple(sizes), tuple(tp.rank * size for size in self.local_sizes), 0,
-                                            in_features, False)
+        # The part of the full layer this rank holds (for a quantized format's layer in its place, LoRA).
+        self.parallel_slice = ParallelSlice.column(tuple(sizes), tuple(tp.rank * size for size in self.local_sizes),
+                                                   tuple(self.local_sizes), in_features)
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_shard)
@@ -144,11 +144,10 @@ class RowParallelLinear(nn.Linear):
         _attach_loader(self.weight, self.load_shard)
         if bias:
             _attach_loader(self.bias, self.load_replicated)
-        # What a quantized format's layer in its place holds (``quantization.base.quantize_linears``): this rank's
-        # input columns, its partial sum all-reduced (not by a partial row-parallel layer, whose block does it).
-        self.local_output_sizes = (out_features,)
-        self.parallel_slice = ParallelSlice((out_features,), (0,), tp.rank * self.in_features, in_features,
-                                            reduces=type(self) is RowParallelLinear)
+        # The part of the full layer this rank holds (for a quantized format's layer in its place, LoRA): its input
+        # columns, its partial sum all-reduced (not by a partial row-parallel layer, whose block does it).
+        self.parallel_slice = ParallelSlice.row(out_features, in_features, tp.rank, tp.world_size,
+                                                reduces=type(self) is RowParallelLinear)
 
     def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int | None = None) -> None:
         cols = self.in_features

@@ -205,8 +205,7 @@ def parallel_loader(layer: QuantizedLinear, loader: WeightLoader, cols: Axis | N
     columns (None: it has none, or every rank takes all of it)."""
     if layer.parallel is None:
         return loader
-    return layer.parallel.loader(loader, layer.shape.output_sizes, layer.in_features,
-                                 getattr(loader, "rows_axis", None), cols, layer.shape.prefix)
+    return layer.parallel.loader(loader, getattr(loader, "rows_axis", None), cols, layer.shape.prefix)
 
 
 def new_parameter(layer: QuantizedLinear, name: str, shape: Sequence[int], dtype: torch.dtype,
@@ -325,7 +324,7 @@ def quantize_linears(model: nn.Module, config: QuantConfig, dtype: torch.dtype, 
             if first_layer and (match := _LAYER_PREFIX.match(prefix)):  # the checkpoint's layer number
                 prefix = f"layers.{int(match[1]) + first_layer}.{prefix[match.end():]}"
             shape = (linear_shape(model, prefix, child) if parallel is None  # a rank's shard: its own rows
-                     else LinearShape(prefix, child.in_features, tuple(child.local_output_sizes)))
+                     else LinearShape(prefix, parallel.local_in_features, parallel.local_output_sizes))
             method = config.method_for(shape)
             if method is None:
                 continue

@@ -42,20 +42,35 @@ class Axis:
 class ParallelSlice:
     """The part of a full linear layer that one rank's layer holds.
 
-    ``full_output_sizes`` are the checkpoint's logical shards' rows (``q``, ``k``, ``v``); ``output_starts`` where
-    this rank's rows of each start within its shard (column parallel; zeros when every rank holds all rows).
-    ``input_start`` is this rank's first input column of ``full_in_features`` (row parallel; 0 otherwise).
-    ``reduces``: the rank's output is a partial sum that the layer all-reduces (row parallel) before its bias.
+    ``full_output_sizes`` are the checkpoint's logical shards' rows (``q``, ``k``, ``v``); the rank holds
+    ``local_output_sizes`` of them, starting at ``output_starts`` within each shard (column parallel; all of them,
+    from 0, otherwise). It holds ``local_in_features`` of the ``full_in_features`` input columns from
+    ``input_start`` (row parallel; all of them otherwise). ``reduces``: the rank's output is a partial sum that the
+    layer all-reduces (row parallel) before its bias.
     """
 
     full_output_sizes: tuple[int, ...]
     output_starts: tuple[int, ...]
-    input_start: int
+    local_output_sizes: tuple[int, ...]
     full_in_features: int
+    input_start: int
+    local_in_features: int
     reduces: bool
 
-    def loader(self, load: WeightLoader, local_output_sizes: tuple[int, ...], local_in_features: int,
-               rows: Axis | None, cols: Axis | None, prefix: str) -> WeightLoader:
+    @classmethod
+    def column(cls, full_sizes: tuple[int, ...], starts: tuple[int, ...], local_sizes: tuple[int, ...],
+               in_features: int) -> ParallelSlice:
+        """A column-parallel layer's part: rows ``starts[i] .. + local_sizes[i]`` of each shard, every input."""
+        return cls(full_sizes, starts, local_sizes, in_features, 0, in_features, False)
+
+    @classmethod
+    def row(cls, out_features: int, in_features: int, rank: int, world_size: int, reduces: bool = True
+            ) -> ParallelSlice:
+        """A row-parallel layer's part: every output row, the rank's ``1 / world_size`` of the input columns."""
+        local = in_features // world_size
+        return cls((out_features,), (0,), (out_features,), in_features, rank * local, local, reduces)
+
+    def loader(self, load: WeightLoader, rows: Axis | None, cols: Axis | None, prefix: str) -> WeightLoader:
         """``load`` fed this rank's part of each full checkpoint tensor: along ``rows`` this rank's rows of the
         shard (a fused tensor, ``shard`` None, is split into its shards first), along ``cols`` its input columns.
         A tensor with neither (a per-tensor scale) goes to ``load`` whole."""
@@ -71,14 +86,14 @@ class ParallelSlice:
                 return
             tensor, index = full, 0 if shard is None else shard
             # (an axis the rank holds whole is left as it is: a block-scale grid may end in a partial block)
-            if rows is not None and local_output_sizes[index] != self.full_output_sizes[index]:
+            if rows is not None and self.local_output_sizes[index] != self.full_output_sizes[index]:
                 what = f"{prefix} (output rows of shard {index})"
                 tensor = tensor.narrow(rows.dim, rows.entries(self.output_starts[index], what),
-                                       rows.entries(local_output_sizes[index], what))
-            if cols is not None and local_in_features != self.full_in_features:
+                                       rows.entries(self.local_output_sizes[index], what))
+            if cols is not None and self.local_in_features != self.full_in_features:
                 what = f"{prefix} (input columns)"
                 tensor = tensor.narrow(cols.dim, cols.entries(self.input_start, what),
-                                       cols.entries(local_in_features, what))
+                                       cols.entries(self.local_in_features, what))
             load(param, tensor, shard)
 
         return sliced
