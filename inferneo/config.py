@@ -327,8 +327,8 @@ class EngineConfig:
         if self.speculative_config is not None and self.async_scheduling:
             raise ValueError("speculative_config runs with synchronous scheduling (a step's drafts come from the "
                              "tokens of the step before): leave async_scheduling unset or off")
-        if self.enable_lora and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
-            raise ValueError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported yet")
+        if self.enable_lora and self.pipeline_parallel_size > 1:
+            raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         if self.max_model_len is not None:

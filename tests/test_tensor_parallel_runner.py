@@ -106,7 +106,7 @@ def test_the_tensor_parallel_runner_defines_every_member_itself_and_says_where_i
     # driver alone answers is read-only.
     assert {n for n, w in where.items() if w == EVERY_RANK} == {
         "load_weights", "init_dummy_weights", "finalize_weights", "profile_kv_memory", "allocate_kv_cache",
-        "execute", "launch", "shutdown", "update_weights", "sleep", "wake_up"}
+        "execute", "launch", "shutdown", "update_weights", "sleep", "wake_up", "enable_lora"}
     for name, w in where.items():
         if isinstance(own[name], property):
             assert w == DRIVER_ONLY and own[name].fset is None, name

@@ -24,6 +24,7 @@ from torch import nn
 
 from inferneo.lora.adapter import LoRATarget
 from inferneo.model_executor.models.llama import MLP
+from inferneo.quantization.parallel import ParallelSlice
 
 
 @dataclass(slots=True)
@@ -70,16 +71,29 @@ class LoRAState:
 
 
 class LoRALinear(nn.Module):
-    """A projection plus the LoRA deltas of the adapter slots (see the module doc)."""
+    """A projection plus the LoRA deltas of the adapter slots (see the module doc).
+
+    Under tensor parallelism ``parallel`` is the part of the full projection the rank's ``base`` holds: a
+    column-parallel one keeps every input column of ``A`` and its own rows of ``B``; a row-parallel one keeps its
+    input columns of ``A`` and all of ``B``, so its deltas are partial sums too, all-reduced with ``all_reduce``
+    and added to the base's (already all-reduced) output."""
 
     def __init__(self, base: nn.Module, target: LoRATarget, num_slots: int, max_rank: int, state: LoRAState,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, parallel: ParallelSlice | None = None,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.base = base
         self.target = target
         self.max_rank = max_rank
         self.state = state
-        self.in_features, self.out_features = target.in_features, target.out_features
+        self.parallel = parallel
+        self.all_reduce = all_reduce if parallel is not None and parallel.reduces else None
+        if parallel is None:
+            self.in_features, self.out_features = target.in_features, target.out_features
+            self._shard_rows = [target.shard_offset(i) for i in range(len(target.shards))]
+        else:
+            self.in_features, self.out_features = parallel.local_in_features, sum(parallel.local_output_sizes)
+            self._shard_rows = [sum(parallel.local_output_sizes[:i]) for i in range(len(target.shards))]
         width = len(target.shards) * max_rank
         self.register_buffer("lora_a", torch.zeros(num_slots, width, self.in_features, dtype=dtype, device=device),
                              persistent=False)
@@ -90,11 +104,16 @@ class LoRALinear(nn.Module):
         batch = self.state.batch
         if batch is None:
             return self.base(x)
-        if self.state.linear_row is not None:
+        if self.state.linear_row is not None and self.parallel is None:
             y = self.state.linear_row(self, x, batch)
             if y is not None:
                 return y
         y = self.base(x)
+        if self.all_reduce is not None:  # this rank's input columns: a partial delta, summed over the ranks
+            delta = torch.zeros_like(y)
+            self.state.apply(delta.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a,
+                             self.lora_b, batch)
+            return y + self.all_reduce(delta)
         self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b,
                          batch)
         return y
@@ -105,11 +124,16 @@ class LoRALinear(nn.Module):
         clears the slot."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        part = self.parallel
         for index, pair in enumerate(pairs or ()):
             if pair is None:
                 continue
             a, b = pair
-            col, row = index * self.max_rank, self.target.shard_offset(index)
+            if part is not None:  # the rank's input columns of A, its output rows of B
+                a = a[:, part.input_start : part.input_start + part.local_in_features]
+                start = part.output_starts[index]
+                b = b[start : start + part.local_output_sizes[index]]
+            col, row = index * self.max_rank, self._shard_rows[index]
             self.lora_a[slot, col : col + a.shape[0]].copy_(a, non_blocking=True)
             self.lora_b[slot, row : row + b.shape[0], col : col + b.shape[1]].copy_(b, non_blocking=True)
 
@@ -137,11 +161,15 @@ class LoRAGatedMLP(MLP):
 
 
 def wrap_lora_layers(model: nn.Module, targets: dict[str, LoRATarget], num_slots: int, max_rank: int,
-                     state: LoRAState, dtype: torch.dtype, device: torch.device) -> dict[tuple[int, str], LoRALinear]:
+                     state: LoRAState, dtype: torch.dtype, device: torch.device,
+                     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> dict[tuple[int, str], LoRALinear]:
     """Wrap each target projection of each decoder layer of ``model`` in a :class:`LoRALinear`; returns them by
     (layer index, module). MLPs that bypass their linears' ``forward`` (fused GEMV + SiLU, row passes) go back to
     the plain MLP first, so that no token skips its adapter; the fused GEMV + SiLU one becomes a
-    :class:`LoRAGatedMLP` where the state has a ``silu_mul_row``."""
+    :class:`LoRAGatedMLP` where the state has a ``silu_mul_row``. Under tensor parallelism each projection takes
+    the part its layer's ``parallel_slices`` names, and ``all_reduce`` (the group's) sums the row-parallel ones'
+    deltas."""
     wrapped: dict[tuple[int, str], LoRALinear] = {}
     for index, layer in enumerate(model.layers):
         mlp = getattr(layer, "mlp", None)
@@ -161,7 +189,11 @@ def wrap_lora_layers(model: nn.Module, targets: dict[str, LoRATarget], num_slots
                 raise ValueError(f"enable_lora does not support {type(model).__name__}: its layer {index} has no "
                                  f"{module} (LoRA adapts the q/k/v/o and gate/up/down projections of Llama-like "
                                  "decoder layers; multi-head latent attention has none)")
-            lora = LoRALinear(base, target, num_slots, max_rank, state, dtype, device)
+            # under tensor parallelism, the part of the projection this rank holds (recorded by ``shard_model``)
+            parallel = getattr(layer, "parallel_slices", {}).get(module)
+            if parallel is not None and parallel.reduces:  # its output is summed here, not in the next norm
+                base.stage_index = None
+            lora = LoRALinear(base, target, num_slots, max_rank, state, dtype, device, parallel, all_reduce)
             setattr(parent, attr, lora)
             wrapped[(index, module)] = lora
     return wrapped

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,12 +29,27 @@ from inferneo.worker.staging import InputStager
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class LoRAStep:
+    """Which adapters a step's sequences run with: ``loras`` (None: the base model), decodes first (``num_decode``
+    one-token rows), then spans of ``span_tokens``; ``num_tokens`` counts padding rows too. ``graphed``: the step
+    replays a captured graph, which reads the static buffers. The driver sends it to every tensor-parallel rank
+    with the step, so that each prepares the same batch."""
+
+    loras: list[LoraRef | None]
+    num_decode: int
+    span_tokens: list[int]
+    num_tokens: int
+    graphed: bool
+
+
 class LoRASlots:
     """``num_slots`` device slots over the LoRA layers of ``model``; ``max_cpu_loras`` adapters kept read on the
     host. ``max_tokens`` bounds a step's tokens (the static grouping buffers on CUDA)."""
 
     def __init__(self, model: nn.Module, model_config, num_slots: int, max_rank: int, max_cpu_loras: int,
-                 dtype: torch.dtype, device: torch.device, max_tokens: int) -> None:
+                 dtype: torch.dtype, device: torch.device, max_tokens: int,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.max_cpu_loras = max(max_cpu_loras, num_slots)
@@ -57,7 +73,8 @@ class LoRASlots:
         else:
             self.state = LoRAState(lora_apply_torch)
             self._static = None
-        self.layers = wrap_lora_layers(model, self.targets, num_slots, max_rank, self.state, dtype, device)
+        self.layers = wrap_lora_layers(model, self.targets, num_slots, max_rank, self.state, dtype, device,
+                                       all_reduce)
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_id -> adapter, least recent first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # adapters copied into a slot (for tests and logs)
@@ -124,11 +141,10 @@ class LoRASlots:
 
     # ---- steps -------------------------------------------------------------------------------------------
 
-    def prepare(self, loras: list[LoraRef | None], num_decode: int, span_tokens: list[int], num_tokens: int,
-                graphed: bool) -> None:
-        """Set the batch of a step whose sequences run with ``loras`` (decodes first: ``num_decode`` one-token rows,
-        then spans of ``span_tokens``; ``num_tokens`` counts padding rows too). ``graphed``: the step replays a
-        captured graph, which reads the static buffers."""
+    def prepare(self, step: LoRAStep) -> None:
+        """Set the batch of ``step`` (see :class:`LoRAStep`)."""
+        loras, num_decode, span_tokens, num_tokens, graphed = (step.loras, step.num_decode, step.span_tokens,
+                                                               step.num_tokens, step.graphed)
         if not any(loras):
             self.state.batch = self._static if graphed else None
             if graphed:

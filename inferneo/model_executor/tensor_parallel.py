@@ -316,10 +316,15 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device,
             _shard_attention(attn, c, tp, **kw)
         if isinstance(layer.mlp, FusedMoE):
             shard_experts(layer.mlp, tp, device, dtype)
-            continue
-        layer.mlp.gate_up_proj = MergedColumnParallelLinear(
-            c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
-        layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
+        else:
+            layer.mlp.gate_up_proj = MergedColumnParallelLinear(
+                c.hidden_size, [c.intermediate_size, c.intermediate_size], c.mlp_bias, tp, **kw)
+            layer.mlp.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp, **kw)
+        # the part of each projection this rank holds, by module (LoRA reads it after the device kernels, which may
+        # have replaced the sharded linears)
+        layer.parallel_slices = {f"{owner}.{name}": module.parallel_slice for owner in ("self_attn", "mlp")
+                                 for name, module in getattr(layer, owner).named_children()
+                                 if isinstance(getattr(module, "parallel_slice", None), ParallelSlice)}
     model.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp, **kw)
     model.lm_head = ParallelLMHead(model.embed_tokens, c.tie_word_embeddings, **kw)
 

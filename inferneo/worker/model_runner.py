@@ -29,6 +29,7 @@ from inferneo.distributed import PipelineGroup, TensorParallelGroup
 from inferneo.engine.protocol import PromptLogprobs
 from inferneo.kernel_config import KernelConfig
 from inferneo.kernels.cpu import argmax_rows_for
+from inferneo.lora.slots import LoRAStep
 from inferneo.model_executor.device_kernels import use_device_kernels
 from inferneo.model_executor.layers.rotary import model_rope_switch, share_rotary_tables
 from inferneo.model_executor.models.interface import CausalLM
@@ -96,6 +97,8 @@ class RemoteStep:
     # Rows of the hidden states whose prompt log-probabilities the driver computes (the LM head is sharded, so
     # every rank runs them through its shard); None when no sequence of the step asked.
     prompt_rows: np.ndarray | None = None
+    # With LoRA enabled: the adapters of the step's sequences (every rank prepares the same batch); None otherwise.
+    lora: LoRAStep | None = None
 
 
 @dataclass(slots=True)
@@ -484,8 +487,11 @@ class ModelRunner(Runner):
         ``finalize_weights``, before the KV cache (and its CUDA graphs). Returns the slots."""
         from inferneo.lora.slots import LoRASlots
 
+        if self.pp.num_stages > 1:
+            raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet")
         self.lora = LoRASlots(self.model, self.model_config, max_loras, max_lora_rank, max_cpu_loras, self.dtype,
-                              self.device, max(max_num_batched_tokens, self.max_decode_rows))
+                              self.device, max(max_num_batched_tokens, self.max_decode_rows),
+                              self.tp.all_reduce if self.tp.world_size > 1 else None)
         logger.info("LoRA: %s", self.lora.describe())
         return self.lora
 
@@ -558,16 +564,18 @@ class ModelRunner(Runner):
         host, host_tensor = self._inputs.host(layout.size)
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block, self.rope_switch)
         num_samples = packed.num_samples
+        lora_step = None
         if self.lora is not None:
             decode_items = items[: packed.num_decode_sequences]
             row_loras = [it.lora for it in decode_items for _ in range(it.decode_rows)]
-            self.lora.prepare(row_loras + [it.lora for it in items[len(decode_items):]], packed.num_real_decode,
-                              [s.num_tokens for s in packed.spans], packed.num_tokens, graphs is not None)
+            lora_step = LoRAStep(row_loras + [it.lora for it in items[len(decode_items):]], packed.num_real_decode,
+                                 [s.num_tokens for s in packed.spans], packed.num_tokens, graphs is not None)
+            self.lora.prepare(lora_step)
         prompt_rows, prompt_targets, num_top = _prompt_rows(items, packed)
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous,
-                                          prompt_rows))
+                                          prompt_rows, lora_step))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
         receive = None
@@ -609,6 +617,8 @@ class ModelRunner(Runner):
         graphs = self.graphs if step.bucket is not None and self.use_cuda_graphs else None
         host, host_tensor = self._inputs.host(step.packed.layout.size)
         host[: step.packed.layout.size] = step.host
+        if step.lora is not None:
+            self.lora.prepare(step.lora)
         previous_samples = None
         if step.num_previous_samples and self.pp.is_first:  # the driver's previous samples, which this step reads
             previous_samples = self.tp.broadcast(

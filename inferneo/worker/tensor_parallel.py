@@ -203,6 +203,8 @@ def _set_up(runner: ModelRunner, kind: str, arg):
         runner.sleep(arg)
     elif kind == "wake_up":
         runner.wake_up()
+    elif kind == "enable_lora":
+        runner.enable_lora(*arg)
     else:
         raise ValueError(f"unknown message {kind!r}")
     return None
@@ -433,10 +435,17 @@ class TensorParallelRunner(Runner):
             self._ray.release()
             self._ray = None
 
-    @driver_only
+    @every_rank
     def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
-        """Not supported yet: LoRA runs on one rank only."""
-        raise ValueError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported yet")
+        """Every rank wraps its shards' projections (each reads the adapters' folders itself when a step first
+        uses one); the driver's slots are returned, and each step tells the workers its adapters
+        (``RemoteStep.lora``). Pipeline stages are refused."""
+        if self.pp_size > 1:
+            raise ValueError("enable_lora with pipeline_parallel_size > 1 is not supported yet")
+        self._broadcast("enable_lora", (max_loras, max_lora_rank, max_cpu_loras, max_num_batched_tokens))
+        slots = self.driver.enable_lora(max_loras, max_lora_rank, max_cpu_loras, max_num_batched_tokens)
+        self._gather()
+        return slots
 
     @driver_only
     def check_workers(self, timeout: float = 0.0) -> None:
