@@ -273,17 +273,39 @@ def test_checkpoint_kv_scale_names():
         scales.set("v", torch.tensor(0.0))
 
 
-def test_fp8_kv_refused_before_ada_and_with_tensor_parallelism(monkeypatch):
-    """The device check (its CUDA queries stubbed: no GPU here) refuses compute capability below 8.9, accepts a
-    Hopper GPU, and refuses tensor parallelism on any device."""
+def test_fp8_kv_refused_before_ada(monkeypatch):
+    """The device check (its CUDA queries stubbed: no GPU here) refuses compute capability below 8.9 and accepts a
+    Hopper GPU."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match=r"compute capability 8.9\+.*NVIDIA A100 has 8.0"):
-        check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM", 1)
+        check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM", 1)
-    with pytest.raises(ValueError, match="tensor_parallel_size 2"):
-        check_fp8_kv_cache_supported(torch.device("cpu"), [], "LlamaForCausalLM", 2)
+    check_fp8_kv_cache_supported(torch.device("cuda"), [], "LlamaForCausalLM")
+
+
+def test_fp8_kv_with_tensor_parallelism_equals_one_rank(tiny_checkpoint_factory):
+    """Two ranks (gloo) each hold one of the two KV heads in FP8, with that head's scale of the checkpoint's
+    per-head k_scale/v_scale: greedy tokens equal one rank's FP8 cache."""
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    _add_kv_scales(path, {"model.layers.0.self_attn.k_scale": torch.tensor([0.02, 0.05]),
+                          "model.layers.0.self_attn.v_scale": torch.tensor([0.04, 0.03]),
+                          "model.layers.1.self_attn.kv_scale": torch.tensor(0.04)})
+    options = dict(dtype="float32", max_model_len=128, kv_cache_dtype="fp8", kv_cache_memory="1MiB", num_threads=1)
+    prompts = [list(range(5, 40)), [7, 8, 9, 10] * 5]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = []
+    for tp in (1, 2):
+        llm = LLM(str(path), tensor_parallel_size=tp, **options)
+        try:
+            runner = llm.engine.runner.driver if tp > 1 else llm.engine.runner
+            scales = runner.model.layers[0].self_attn.kv_scales
+            expected = ([0.02, 0.05], [0.04, 0.03]) if tp == 1 else ([0.02], [0.04])  # rank 0: the first head's
+            torch.testing.assert_close((scales.k, scales.v), tuple(torch.tensor(e) for e in expected))
+            outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        finally:
+            llm.shutdown()
+    assert outputs[0] == outputs[1]
 
 
 def test_fp8_kv_refused_for_latent_attention(tiny_checkpoint_factory):

@@ -27,6 +27,7 @@ and normalizes in one kernel.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -357,10 +358,19 @@ def _shard_attention(attn: nn.Module, c, tp: TensorParallelGroup, **kw) -> None:
     attn.qkv_proj = qkv
     attn.num_heads, attn.num_kv_heads = qkv.local_heads, qkv.local_kv_heads
     attn.q_size, attn.kv_size = qkv.local_heads * c.head_dim, qkv.local_kv_heads * c.head_dim
+    attn.kv_heads_held = KVHeadsHeld(qkv.kv_head_start, c.num_kv_heads)  # (a checkpoint's per-head KV scales)
     attn.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, tp, **kw)
     if getattr(attn, "sinks", None) is not None:  # one sink logit per query head: this rank's heads
         attn.sinks = nn.Parameter(torch.empty(qkv.local_heads, **kw))
         _attach_loader(attn.sinks, functools.partial(_load_rows, start=qkv.q_head_start))
+
+
+@dataclass(frozen=True, slots=True)
+class KVHeadsHeld:
+    """Which of a layer's ``total`` KV heads a rank's attention holds: ``num_kv_heads`` of them from ``start``."""
+
+    start: int
+    total: int
 
 
 class PeerFusedRMSNorm(RMSNorm):

@@ -56,19 +56,15 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
                      f"{', '.join(FP8_KV_CACHE_DTYPES)}")
 
 
-def check_fp8_kv_cache_supported(device: torch.device, specs: list[KVCacheSpec], model_name: str,
-                                 tensor_parallel_size: int) -> None:
+def check_fp8_kv_cache_supported(device: torch.device, specs: list[KVCacheSpec], model_name: str) -> None:
     """Raise ValueError when an FP8 KV cache cannot run here: a CUDA GPU older than Ada/Hopper (no e4m3
-    conversions), tensor parallelism, or a layer whose attention backend does not store FP8 (latent attention)."""
+    conversions), or a layer whose attention backend does not store FP8 (latent attention)."""
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
             raise ValueError(f"kv_cache_dtype fp8 needs a GPU with FP8 support (compute capability 8.9+: Ada, "
                              f"Hopper or newer); {torch.cuda.get_device_name(device)} has "
                              f"{capability[0]}.{capability[1]}; use kv_cache_dtype auto")
-    if tensor_parallel_size > 1:
-        raise ValueError(f"kv_cache_dtype fp8 with tensor_parallel_size {tensor_parallel_size} is not supported "
-                         "yet; run it on one rank or use kv_cache_dtype auto")
     for spec in specs:
         if AttentionFeature.FP8_KV_CACHE not in spec.backend.supported_features:
             raise ValueError(f"kv_cache_dtype fp8 is not supported by the {spec.backend.name!r} attention backend "
@@ -124,8 +120,13 @@ class CheckpointKVScales:
             raise ValueError(f"checkpoint KV cache scales for {', '.join(unknown[:4])} do not belong to an attention "
                              "layer of this model")
         for name in self.scales:
+            layer = layers[name]
             for which, tensor in self.layer_scales(name).items():
-                layers[name].kv_scales.set(which, tensor)
+                # under tensor parallelism the layer holds some of the KV heads: their scales of a per-head tensor
+                heads = getattr(layer, "kv_heads_held", None)
+                if heads is not None and tensor.numel() == heads.total:
+                    tensor = tensor.reshape(-1)[heads.start : heads.start + layer.num_kv_heads]
+                layer.kv_scales.set(which, tensor)
         missing = [name for name in layers if set(self.layer_scales(name)) != {"k", "v"}]
         if missing:
             logger.warning("FP8 KV cache: %d of %d attention layers have no k_scale/v_scale in the checkpoint; they "

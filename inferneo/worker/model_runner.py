@@ -323,7 +323,7 @@ class ModelRunner(Runner):
         # What each layer keeps in the KV cache (layers may differ: latent attention keeps a compressed latent).
         self.kv_cache_specs = self.model.kv_cache_specs()
         if self.fp8_kv_cache:
-            check_fp8_kv_cache_supported(device, self.kv_cache_specs, model_cls.__name__, self.tp.world_size)
+            check_fp8_kv_cache_supported(device, self.kv_cache_specs, model_cls.__name__)
         self.model.eval()
         self.sampler = Sampler(argmax=argmax_rows_for(device, self.kernels))
         self.kv_caches: list[torch.Tensor] = []
