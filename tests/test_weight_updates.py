@@ -267,6 +267,53 @@ def test_the_commands_reach_a_core_in_a_child_process_or_a_thread(checkpoints, h
         engine.shutdown()
 
 
+def test_data_parallel_replicas_all_take_the_commands(checkpoints):
+    """Two replicas (child processes): new weights reach both (prompts routed to each answer with B's tokens), a
+    request running on either refuses new weights and sleep before any replica changes, and sleep, wake-up and
+    the prefix-cache reset answer once for both."""
+    a, b = checkpoints
+    prompts = [PROMPT, list(range(100, 140)), list(range(200, 230)), list(range(300, 350))]
+
+    async def scenario(engine: AsyncEngine) -> None:
+        async def run(prompt: list[int], request_id: str, params: SamplingParams = GREEDY) -> list[int]:
+            tokens: list[int] = []
+            async for output in engine.generate(prompt, params, request_id):
+                tokens += output.outputs[0].token_ids
+            return tokens
+
+        async def run_all(tag: str) -> list[list[int]]:
+            return await asyncio.gather(*(run(p, f"{tag}{i}") for i, p in enumerate(prompts)))
+
+        assert await run_all("a") == [hf_greedy(a, p, MAX_NEW) for p in prompts]
+        served = [sum(r.routed.values()) for r in engine.client.replica_status()]
+        assert all(count > 0 for count in served), served  # both replicas ran some
+        long = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=150, ignore_eos=True), "long")
+        first = await anext(long)  # running on one replica now
+        with pytest.raises(EngineBusyError, match="unfinished"):
+            await engine.update_weights(tensors(b).items())
+        with pytest.raises(EngineBusyError):
+            await engine.sleep(1)
+        assert len(first.outputs[0].token_ids) + sum([len(o.outputs[0].token_ids) async for o in long]) == 150
+        await engine.update_weights(tensors(b).items())
+        assert await run_all("b") == [hf_greedy(b, p, MAX_NEW) for p in prompts]
+        assert await engine.reset_prefix_cache() is True
+        await engine.sleep(1)
+        assert engine.is_sleeping
+        with pytest.raises(EngineSleepingError):
+            await run(PROMPT, "asleep")
+        await engine.wake_up()
+        assert not engine.is_sleeping
+        assert await run(PROMPT, "awake") == hf_greedy(b, PROMPT, MAX_NEW)
+
+    engine = AsyncEngine.data_parallel(EngineConfig(model=str(a), dtype="float32", max_model_len=256,
+                                                    data_parallel_size=2, num_threads=1, kv_cache_memory="8MiB"))
+    engine.start()
+    try:
+        asyncio.run(scenario(engine))
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.slow
 def test_the_dev_endpoints_over_http(checkpoints):
     a, _ = checkpoints

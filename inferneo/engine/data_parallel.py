@@ -7,6 +7,8 @@ AsyncEngine`: commands go in, one stream of ``StepOutputs`` comes out. It
 - routes each new sequence to a replica (``ReplicaRouter``: the replica that holds the prompt's longest cached
   prefix, else the least loaded; or round-robin), keeping the sequences that share a prompt (``n`` > 1) together;
 - sends an abort to the replica that holds the sequence;
+- sends control commands (prefix-cache reset, new weights, sleep, wake-up) to every replica and answers once,
+  refusing new weights and sleep while any replica runs a request, so the replicas never differ;
 - merges the replicas' counters into one ``EngineSnapshot`` (counters summed over every replica that ever ran,
   gauges over the live ones) and keeps each replica's own for per-replica metrics and ``/health``;
 - survives a replica's death: it is taken out of rotation, its sequences that produced no token yet are sent
@@ -32,6 +34,8 @@ from inferneo.engine.dp_router import ReplicaRouter, RoutingDecision
 from inferneo.engine.protocol import (
     AbortRequests,
     AddRequests,
+    ControlCommand,
+    ControlReply,
     CoreCommand,
     CoreDead,
     CoreInfo,
@@ -58,6 +62,30 @@ class _Sequence:
     request: CoreRequest
     started: bool = False
     retried: bool = False
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    """A control command sent to every live replica: those yet to answer, and the replies so far."""
+
+    waiting: set[int]
+    replies: list[ControlReply] = field(default_factory=list)
+
+
+def _merged_reply(replies: list[ControlReply]) -> ControlReply:
+    """The replicas' replies to one command as one: done when every replica did it (a reset's ``value``: every
+    cache is empty now); else the gravest refusal (a failure, then a refused command, then busy), saying how many
+    replicas did apply it, since the replicas then differ until the command is sent again."""
+    call_id, sleeping = replies[0].call_id, all(r.sleeping for r in replies)
+    refused = [r for r in replies if not r.ok]
+    if not refused:
+        return ControlReply(call_id, True, value=all(r.value for r in replies), sleeping=sleeping)
+    worst = next((r for r in refused if r.failed), None) or next((r for r in refused if not r.busy), refused[0])
+    message = worst.message
+    if len(refused) < len(replies):
+        message += (f" ({len(replies) - len(refused)} of {len(replies)} data-parallel replicas applied it: they "
+                    "differ until it is sent again)")
+    return ControlReply(call_id, False, message=message, busy=worst.busy, sleeping=sleeping, failed=worst.failed)
 
 
 @dataclass(slots=True)
@@ -109,6 +137,7 @@ class DataParallelCoreClient:
         self._closing = False
         self._gone = 0  # replicas that stopped for good (dead or shut down)
         self._reported_end = False
+        self._calls: dict[int, _PendingCall] = {}  # control commands some replica has not answered yet
 
     # ---- CoreClient --------------------------------------------------------------------------------------
 
@@ -132,8 +161,7 @@ class DataParallelCoreClient:
                     if replica.live:
                         replica.client.send(command)
             elif isinstance(command, ResetPrefixCache | UpdateWeights | Sleep | WakeUp):
-                raise ValueError(f"{type(command).__name__} is not supported yet with data parallelism "
-                                 f"(data_parallel_size {len(self.replicas)})")
+                self._fan_out(command)
             else:
                 raise TypeError(f"unknown core command {command!r}")
 
@@ -217,7 +245,8 @@ class DataParallelCoreClient:
             if isinstance(message, StepOutputs):
                 self._absorb(replica, message)
                 merged = StepOutputs(message.outputs, message.failures, self._num_taken(),
-                                     self._merged_snapshot() if message.snapshot is not None else None)
+                                     self._merged_snapshot() if message.snapshot is not None else None,
+                                     replies=self._gather_replies(index, message.replies))
                 self._forward(merged)
                 return
             if not replica.live:
@@ -250,10 +279,55 @@ class DataParallelCoreClient:
                     del self._sequences[core_id]
                     replica.in_flight.discard(core_id)
 
+    # ---- control commands: every replica applies them --------------------------------------------------------
+
+    def _fan_out(self, command: ControlCommand) -> None:
+        """Send a control command to every live replica; their replies become one (``_gather_replies``). New
+        weights and sleep are refused here, before any replica sees them, while sequences run anywhere: an idle
+        replica would apply them while a busy one refuses, and the replicas would differ."""
+        if isinstance(command, UpdateWeights | Sleep) and self._sequences:
+            what = "new weights are loaded" if isinstance(command, UpdateWeights) else "the engine sleeps"
+            reply = ControlReply(command.call_id, False, busy=True, sleeping=False,
+                                 message=f"{len(self._sequences)} request(s) are unfinished; {what} only between "
+                                         "requests: let them finish or abort them, then try again")
+            self._forward(StepOutputs([], [], self._num_taken(), None, replies=[reply]))
+            return
+        live = [r for r in self.replicas if r.live]
+        self._calls[command.call_id] = _PendingCall({r.index for r in live})
+        for replica in live:
+            if not isinstance(command, WakeUp):  # their prefix caches are emptied: nothing to route by
+                self.router.forget(replica.index)
+            replica.client.send(command)
+
+    def _gather_replies(self, index: int, replies: list[ControlReply]) -> list[ControlReply]:
+        """Replica ``index``'s replies taken in; the merged reply of each call every replica has now answered."""
+        done = []
+        for reply in replies:
+            call = self._calls.get(reply.call_id)
+            if call is None:
+                continue
+            call.waiting.discard(index)
+            call.replies.append(reply)
+            if not call.waiting:
+                del self._calls[reply.call_id]
+                done.append(_merged_reply(call.replies))
+        return done
+
     def _replica_died(self, replica: ReplicaState, why: str) -> None:
         """Take a dead replica out of rotation; send its unstarted sequences elsewhere, fail the rest."""
         replica.death = why
         self.router.forget(replica.index)
+        answered = []  # the calls it was the last to owe a reply to
+        for call_id, call in list(self._calls.items()):
+            call.waiting.discard(replica.index)
+            if not call.waiting:
+                del self._calls[call_id]
+                if call.replies:
+                    answered.append(_merged_reply(call.replies))
+                else:
+                    answered.append(ControlReply(call_id, False, failed=True,
+                                                 message=f"data-parallel replica {replica.index} died before "
+                                                         f"answering: {why}"))
         live = [r for r in self.replicas if r.live]
         logger.error("data-parallel replica %d has died (%s); %d of %d replicas serve on", replica.index, why,
                      len(live), len(self.replicas))
@@ -278,7 +352,7 @@ class DataParallelCoreClient:
         failures = [RequestFailure(failed, FailureKind.FAILED,
                                    f"data-parallel replica {replica.index} died while running this request: "
                                    f"{why}")] if failed else []
-        self._forward(StepOutputs([], failures, self._num_taken(), self._merged_snapshot()))
+        self._forward(StepOutputs([], failures, self._num_taken(), self._merged_snapshot(), replies=answered))
         if not live:
             self._forward_end(CoreDead(f"every data-parallel replica has died; the last: {why}"))
 

@@ -129,5 +129,5 @@ class ReplicaRouter:
         return tied[next(self._turn) % len(tied)]
 
     def forget(self, replica: int) -> None:
-        """A replica died: nothing it held is worth routing to."""
+        """Nothing replica ``replica`` held is worth routing to (it died, or its prefix cache was emptied)."""
         self.indexes[replica].clear()
