@@ -76,8 +76,16 @@ def tool_parser_for(ctx: ServerContext, req: ChatCompletionRequest) -> ToolCallP
     if ctx.reasoning is not None and ctx.reasoning.carries_calls:
         return None
     if mode == "auto" and ctx.tool_parser is not None:
-        return ctx.tool_parser()
+        return ctx.tool_parser({tool.function.name: tool.function.parameters for tool in req.tools or ()})
     return None
+
+
+def keeps_tool_markers(ctx: ServerContext, req: ChatCompletionRequest) -> bool:
+    """Whether ``req``'s answers are decoded with their special tokens, for a tool-call parser whose format's markers
+    are special tokens (``ToolCallParser.keeps_special_tokens``: Mistral's ``[TOOL_CALLS]``), as vLLM decodes them."""
+    parser = ctx.tool_parser
+    return (req.tool_mode() == "auto" and parser is not None and parser.keeps_special_tokens
+            and not (ctx.reasoning is not None and ctx.reasoning.carries_calls))
 
 
 class AnswerReader:
@@ -103,6 +111,10 @@ class AnswerReader:
                 parsed.add(self.parser.finish())
             out.content, out.calls = parsed.content, parsed.calls + out.calls
         return out
+
+    def call_id(self) -> str:
+        """A fresh id for a call read from this answer (the tool-call parser's shape, else OpenAI's)."""
+        return self.parser.call_id() if self.parser is not None else tool_call_id()
 
     @property
     def thinking(self) -> bool:
@@ -220,6 +232,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
     room = min(engine.max_model_len, engine.kv_capacity_tokens)
     reasoning = ctx.reasoning
     thinking_open = tuple(reasoning.opens(ids) for ids in prompt_ids) if reasoning else None
+    keeps_markers = keeps_tool_markers(ctx, req)
     requests = []
     try:
         for i, ids in enumerate(prompt_ids):
@@ -228,8 +241,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, request_id:
             if constraint is not None and reasoning is not None:  # the constraint applies after the thinking
                 constraint_i = dataclasses.replace(constraint, reasoning=reasoning.span(thinking_open[i]))
             params = sampling_params(req, ctx.defaults, limit, logprobs, constraint_i, req.prompt_logprobs)
-            if reasoning is not None and reasoning.keeps_special_tokens:  # the format's markers: the parser reads
-                params.skip_special_tokens = params.spaces_between_special_tokens = False
+            if (reasoning is not None and reasoning.keeps_special_tokens) or keeps_markers:  # the format's
+                params.skip_special_tokens = params.spaces_between_special_tokens = False  # markers: parsers read them
             requests.append(EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
                                           cache_salt=req.cache_salt, images=image_inputs[i]))
         if beam is not None:
@@ -287,9 +300,10 @@ class _Chat:
                     counter = self.reasoning.token_counter(self.thinking_open[i])
                     answer = counter.add(choice.token_ids)
                     reasoning_tokens += counter.count
-                piece = self._reader(i).read(choice.text, last=True)
+                reader = self._reader(i)
+                piece = reader.read(choice.text, last=True)
                 message, finish_reason = self._message(piece.content, calls_of(piece.calls), choice.finish_reason,
-                                                       self.roles[i])
+                                                       self.roles[i], reader.call_id)
                 logprobs = None
                 if self.top_k is not None:
                     logprobs = {"content": self._logprobs(choice, answer)}
@@ -333,14 +347,14 @@ class _Chat:
         return answer_reader(self.ctx, self.req, bool(self.thinking_open and self.thinking_open[conversation]))
 
     def _message(self, content: str, calls: list[ParsedCall], finish_reason: str | None,
-                 role: str = "assistant") -> tuple[dict[str, Any], str | None]:
+                 role: str = "assistant", call_id: Callable[[], str] = tool_call_id) -> tuple[dict[str, Any], str | None]:
         """A whole answer (its content and the tool calls read from it) as a message of ``role``, and its finish
-        reason."""
+        reason; ``call_id`` makes each call's id."""
         if self.single_call:
             calls = calls[:1]
         if not calls:
             return {"role": role, "content": content or (None if self.forced_calls else "")}, finish_reason
-        tool_calls = [{"id": tool_call_id(), "type": "function",
+        tool_calls = [{"id": call_id(), "type": "function",
                        "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
         return ({"role": role, "content": content or None, "tool_calls": tool_calls},
                 self.calls_finish(finish_reason))
@@ -428,7 +442,7 @@ class _ToolCallStream:
                 continue
             entry: dict[str, Any] = {"index": piece.index}
             if piece.index == len(self.ids):
-                self.ids.append(tool_call_id())
+                self.ids.append(self.reader.call_id())
                 entry.update(id=self.ids[-1], type="function",
                              function={"name": piece.name, "arguments": piece.arguments})
             else:

@@ -15,7 +15,7 @@ server-sent event named by its type, with a ``sequence_number`` counting from 0;
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -172,7 +172,7 @@ class _Response:
                 if last >= 0:
                     logprobs = logprobs[:_tokens_covering(logprobs, len(content.encode()))]
             output.append(_message_item(_item_id("msg"), content, logprobs, "incomplete" if cut else "completed"))
-        output += [_call_item(_item_id("fc"), tool_call_id(), call.name, call.arguments,
+        output += [_call_item(_item_id("fc"), reader.call_id(), call.name, call.arguments,
                               _call_status(call.arguments, cut and i == last))
                    for i, call in enumerate(calls)]
         usage = _usage(len(final.prompt_token_ids), len(choice.token_ids), final.num_cached_tokens,
@@ -198,6 +198,7 @@ class _Response:
 
     async def _answer_events(self, stream: _EventWriter) -> AsyncIterator[bytes]:
         reader = self.new_reader()
+        stream.call_id = reader.call_id
         counter = self.new_counter()
         num_prompt = num_cached = num_output = 0
         finish_reason = None
@@ -238,6 +239,7 @@ class _EventWriter:
         self.last_call = -1  # the parser's index of the last call the answer began (kept or not)
         self.pending_logprobs: list[dict[str, Any]] = []  # of tokens not yet sent with a text delta
         self.text_bytes = 0  # UTF-8 bytes of the message text sent so far
+        self.call_id: Callable[[], str] = tool_call_id  # makes a call's id: the answer's reader's, once it reads
         self.sent_token_bytes = 0  # bytes of the tokens whose log-probabilities went with it
 
     def event(self, kind: str, **fields: Any) -> bytes:
@@ -280,7 +282,7 @@ class _EventWriter:
             item = self.calls.get(call.index)
             if item is None:
                 events += self._close_message(False)
-                item = _call_item(_item_id("fc"), tool_call_id(), call.name or "", "", "in_progress")
+                item = _call_item(_item_id("fc"), self.call_id(), call.name or "", "", "in_progress")
                 self.calls[call.index] = item
                 self.output.append(item)
                 events.append(self.event("response.output_item.added", output_index=self._index(item),

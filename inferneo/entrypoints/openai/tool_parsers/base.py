@@ -8,9 +8,11 @@ piece (``parse_all``), so streamed and non-streamed answers are split the same w
 from __future__ import annotations
 
 import json
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(slots=True)
@@ -44,10 +46,18 @@ class ParsedCall:
 
 
 class ToolCallParser(ABC):
-    """Splits one choice's text into content and tool calls, piece by piece."""
+    """Splits one choice's text into content and tool calls, piece by piece.
 
-    def __init__(self) -> None:
+    ``schemas`` are the request's functions' ``parameters`` schemas by function name: a format whose arguments are
+    written untyped (Qwen3-Coder's XML) reads each value's type there; the others ignore them."""
+
+    keeps_special_tokens: ClassVar[bool] = False
+    """Whether the format's markers are special tokens of the model's tokenizer (Mistral's ``[TOOL_CALLS]``): the
+    answer is then decoded with them, so that the parser sees them."""
+
+    def __init__(self, schemas: Mapping[str, Any] | None = None) -> None:
         self.num_calls = 0  # calls started so far
+        self.schemas: Mapping[str, Any] = schemas or {}
 
     @abstractmethod
     def feed(self, text: str) -> ParsedPiece:
@@ -56,6 +66,11 @@ class ToolCallParser(ABC):
     @abstractmethod
     def finish(self) -> ParsedPiece:
         """Whatever is still held back once the answer has ended."""
+
+    def call_id(self) -> str:
+        """A fresh id for a call this parser read, in OpenAI's shape (``call_`` and 24 random characters) unless the
+        format's chat template needs another."""
+        return f"call_{uuid.uuid4().hex[:24]}"
 
     def whole_call(self, name: str, arguments: Any) -> ToolCallPiece:
         """A call given whole (name and arguments at once), numbered next."""
@@ -76,6 +91,11 @@ def call_of(text: str, arguments_keys: tuple[str, ...]) -> tuple[str, Any] | Non
         value = json.loads(text)
     except (ValueError, RecursionError):  # the model's text: not JSON, or nested past Python's recursion limit
         return None
+    return call_of_value(value, arguments_keys)
+
+
+def call_of_value(value: Any, arguments_keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """``call_of`` for a value already read from JSON."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
     for key in arguments_keys:

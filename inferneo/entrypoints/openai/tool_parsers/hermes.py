@@ -15,6 +15,9 @@ newline a model writes before a block is not content); a call goes out whole whe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from inferneo.entrypoints.openai.streamed_text import undecided_tail
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of
 from inferneo.entrypoints.openai.tool_parsers.json_scan import JsonStrings
@@ -25,8 +28,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 class HermesToolParser(ToolCallParser):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, schemas: Mapping[str, Any] | None = None) -> None:
+        super().__init__(schemas)
         self._held = ""  # text not handed out yet
         self._in_block = False
         self._gap = ""  # the whitespace before the open block: content again if the block is not a call

@@ -10,6 +10,9 @@ taken too), or text after the calls that is not another one, is handed out as co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser
 from inferneo.entrypoints.openai.tool_parsers.json_sequence import JsonObjectSequence
 
@@ -19,8 +22,8 @@ PYTHON_TAG = "<|python_tag|>"
 class Llama3JsonToolParser(ToolCallParser):
     """``{"name": ..., "parameters": {...}}`` objects separated by ``;``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, schemas: Mapping[str, Any] | None = None) -> None:
+        super().__init__(schemas)
         self._start = ""  # the answer until its first non-blank character decides what it is
         self._mode = "undecided"  # then "content" or "calls"
         self._calls = JsonObjectSequence(self, opener=None, separator=";", closer=None,
