@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
                    f"(default {DEFAULT_MAX_QUEUED_REQUESTS}; 0 for no limit)")
     g.add_argument("--tool-call-parser", choices=[*TOOL_CALL_PARSERS, "none"], default=None,
                    help="how tool calls are read from answers to tool_choice 'auto': hermes (<tool_call> blocks: "
-                   "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), none (they stay in content); default: "
+                   "Hermes, Qwen), llama3_json (Llama 3.1's JSON calls), mistral ([TOOL_CALLS]), qwen3_coder "
+                   "(Qwen3-Coder's XML calls), pythonic ([f(x=1)]), deepseek_v3 / deepseek_v31 (DeepSeek-V3 and R1 / "
+                   "V3.1), openai (gpt-oss), none (they stay in content); default: "
                    "chosen from the model's chat template")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted so that vLLM command lines run unchanged: tool_choice 'auto' is always served, "
