@@ -141,11 +141,13 @@ def _json_calls(text: str) -> list[tuple[str, Any]] | None:
         value = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    items = value if isinstance(value, list) else [value]
-    calls = [call_of_value(item, ("arguments",)) for item in items]
-    if not calls or any(call is None for call in calls):
-        return None
-    return calls  # type: ignore[return-value]
+    calls: list[tuple[str, Any]] = []
+    for item in value if isinstance(value, list) else [value]:
+        call = call_of_value(item, ("arguments",))
+        if call is None:
+            return None
+        calls.append(call)
+    return calls or None
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

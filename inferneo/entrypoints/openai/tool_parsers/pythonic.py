@@ -7,7 +7,9 @@ read with Python's ``ast``: literals only (strings, numbers, ``True``/``False``/
 lists), nothing is evaluated. An answer whose first non-blank character is not ``[`` is plain content, passed
 through as it streams. One that starts with ``[`` is held back until its list closes; a list that is not all
 calls (a positional argument, a value that is not a literal, or no list of calls at all: ``[1] is a list``), or an
-answer that ends before the list does, is handed out as content, as written, and so is text after the calls.
+answer that ends before the list does, is handed out as content, as written, and so is text after the calls. The
+list ends at the ``]`` that closes its ``[`` outside string literals (``[link](url)`` is content at once); it is
+parsed then, once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class PythonicToolParser(ToolCallParser):
         super().__init__(schemas)
         self._held = ""  # the answer while it may be a list of calls
         self._mode = "undecided"  # then "calls" (the list is open), "content" or "after" (the calls went out)
-        self._checked = 0  # the held text's characters already tried as the list's end
+        self._scanner = _BracketScanner()
 
     def feed(self, text: str) -> ParsedPiece:
         if self._mode == "content":
@@ -44,25 +46,19 @@ class PythonicToolParser(ToolCallParser):
                 held, self._held = self._held, ""
                 return ParsedPiece(held)
             self._mode = "calls"
-        while (end := self._held.find("]", self._checked)) >= 0:
-            self._checked = end + 1
-            try:
-                with warnings.catch_warnings():  # the model's text: an odd escape in a string is no reason to warn
-                    warnings.simplefilter("ignore")
-                    tree = ast.parse(self._held[:end + 1].strip(), mode="eval")
-            except (SyntaxError, ValueError, MemoryError, RecursionError):  # not the list's end yet
-                continue
-            calls = _calls(tree.body)
-            if calls is None:
-                self._mode = "content"
-                held, self._held = self._held, ""
-                return ParsedPiece(held)
-            self._mode = "after"
-            self._held = self._held[end + 1:]
-            out = self._after()
-            out.calls[:0] = [self.whole_call(*call) for call in calls]
-            return out
-        return ParsedPiece()
+        end = self._scanner.scan(self._held)
+        if end is None:
+            return ParsedPiece()
+        calls = _calls(self._held[:end])
+        if calls is None:
+            self._mode = "content"
+            held, self._held = self._held, ""
+            return ParsedPiece(held)
+        self._mode = "after"
+        self._held = self._held[end:]
+        out = self._after()
+        out.calls[:0] = [self.whole_call(*call) for call in calls]
+        return out
 
     def _after(self) -> ParsedPiece:
         """Text after the calls: content once it is more than blanks (blanks alone are dropped at the end)."""
@@ -77,8 +73,49 @@ class PythonicToolParser(ToolCallParser):
         return ParsedPiece(held if self._mode != "after" else "")
 
 
-def _calls(node: ast.expr) -> list[tuple[str, dict[str, Any]]] | None:
-    """The calls a parsed list writes, or None when it is not a list of calls with literal keyword arguments."""
+class _BracketScanner:
+    """Follows brackets and string literals through Python text that starts with ``[`` (blanks before it allowed);
+    ``scan`` reports the end of that list once it has arrived. Each character is looked at once, however the text
+    is cut into pieces."""
+
+    def __init__(self) -> None:
+        self.pos = 0  # the next character of the text to look at
+        self.depth = 0
+        self.quote = ""  # the quote of the string literal the scan is in, if any
+        self.escaped = False
+
+    def scan(self, text: str) -> int | None:
+        """The index just past the list that ``text`` (everything so far) starts with, or None while it is open."""
+        while self.pos < len(text):
+            ch = text[self.pos]
+            self.pos += 1
+            if self.quote:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == self.quote:
+                    self.quote = ""
+            elif ch in "'\"":
+                self.quote = ch
+            elif ch in "[({":
+                self.depth += 1
+            elif ch in "])}":
+                self.depth -= 1
+                if self.depth <= 0:
+                    return self.pos
+        return None
+
+
+def _calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """The calls that ``text``, a Python list of calls with literal keyword arguments, writes, or None when it is
+    not one."""
+    try:
+        with warnings.catch_warnings():  # the model's text: an odd escape in a string is no reason to warn
+            warnings.simplefilter("ignore")
+            node = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
     if not isinstance(node, ast.List) or not node.elts:
         return None
     calls = []
