@@ -321,6 +321,16 @@ def test_mistral_calls_whole_then_answered_in_the_history(client, server):
     assert bad.status_code == 400 and "length 9" in bad.json()["error"]["message"]
 
 
+def test_mistral_ids_for_a_call_tool_choice_forces(client):
+    """A call that a grammar forces (not read by the mistral parser) also gets an id Mistral's template takes."""
+    done = {"type": "function", "function": {"name": "done", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}
+    r = client.chat.completions.create(model="mistral", messages=USER, tools=[*TOOLS, done], max_tokens=20,
+                                       temperature=0, tool_choice={"type": "function", "function": {"name": "done"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "done" and _is_mistral_id(call.id)
+
+
 def test_mistral_calls_streamed(client):
     stream = client.chat.completions.create(model="mistral", messages=USER, tools=TOOLS, max_tokens=30,
                                             temperature=0, stream=True)

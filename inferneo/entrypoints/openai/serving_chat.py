@@ -93,9 +93,11 @@ class AnswerReader:
     calls), then the tool-call parser over the rest. Read whole (one piece, ``last``) or piece by piece, an answer
     gives the same thinking, content and calls."""
 
-    def __init__(self, splitter: AnswerSplitter | None, parser: ToolCallParser | None) -> None:
+    def __init__(self, splitter: AnswerSplitter | None, parser: ToolCallParser | None,
+                 call_id: Callable[[], str] | None = None) -> None:
         self.splitter = splitter
         self.parser = parser
+        self.call_id: Callable[[], str] = call_id or tool_call_id  # a fresh call id, shaped as the format needs
 
     def read(self, text: str, last: bool) -> ReasoningPiece:
         """The thinking, content and tool-call pieces that ``text`` (the next piece; the answer's end when
@@ -112,10 +114,6 @@ class AnswerReader:
             out.content, out.calls = parsed.content, parsed.calls + out.calls
         return out
 
-    def call_id(self) -> str:
-        """A fresh id for a call read from this answer (the tool-call parser's shape, else OpenAI's)."""
-        return self.parser.call_id() if self.parser is not None else tool_call_id()
-
     @property
     def thinking(self) -> bool:
         """Whether the answer so far ends inside its thinking (a cut there leaves the thinking unfinished)."""
@@ -124,9 +122,11 @@ class AnswerReader:
 
 def answer_reader(ctx: ServerContext, req: ChatCompletionRequest, thinking_open: bool) -> AnswerReader:
     """A fresh reader of one choice's answer: the server's reasoning parser (its answer starting inside the
-    thinking when ``thinking_open``) and the request's tool-call parser (``tool_parser_for``)."""
+    thinking when ``thinking_open``) and the request's tool-call parser (``tool_parser_for``); its calls' ids are
+    shaped as the server's tool-call format needs (Mistral's: 9 letters and digits), whatever parser reads them."""
     splitter = ctx.reasoning.splitter(thinking_open) if ctx.reasoning is not None else None
-    return AnswerReader(splitter, tool_parser_for(ctx, req))
+    ids = ctx.tool_parser.call_id if ctx.tool_parser is not None else tool_call_id
+    return AnswerReader(splitter, tool_parser_for(ctx, req), ids)
 
 
 def tool_call_id() -> str:

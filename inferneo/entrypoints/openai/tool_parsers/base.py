@@ -67,9 +67,11 @@ class ToolCallParser(ABC):
     def finish(self) -> ParsedPiece:
         """Whatever is still held back once the answer has ended."""
 
-    def call_id(self) -> str:
-        """A fresh id for a call this parser read, in OpenAI's shape (``call_`` and 24 random characters) unless the
-        format's chat template needs another."""
+    @classmethod
+    def call_id(cls) -> str:
+        """A fresh id for a tool call of this format's model (whichever parser read the call: one forced by
+        ``tool_choice`` too), in OpenAI's shape (``call_`` and 24 random characters) unless the format's chat
+        template needs another."""
         return f"call_{uuid.uuid4().hex[:24]}"
 
     def whole_call(self, name: str, arguments: Any) -> ToolCallPiece:

@@ -50,7 +50,8 @@ class MistralToolParser(ToolCallParser):
         self._args_at = 0  # where, in the held text, the named form's arguments start
         self._json_at = 0  # where, in the held text, the first form's JSON starts
 
-    def call_id(self) -> str:
+    @classmethod
+    def call_id(cls) -> str:
         """9 random letters and digits, the only ids Mistral's chat templates accept."""
         return "".join(random.choices(_ID_CHARACTERS, k=9))
 
