@@ -19,7 +19,7 @@ empty), ``ping``, then for each block ``content_block_start``, its ``content_blo
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -133,14 +133,16 @@ class _Message:
         finals = await collect_finals(self.group)
         final = finals[0]
         choice = final.outputs[0]
-        piece = self.new_reader().read(choice.text, last=True)
+        reader = self.new_reader()
+        piece = reader.read(choice.text, last=True)
         content: list[dict[str, Any]] = []
         if piece.reasoning and self.chat.include_reasoning:
             content.append(_thinking_block(piece.reasoning))
         if piece.content:
             content.append({"type": "text", "text": piece.content})
         calls = calls_of(piece.calls)[:self.max_calls]
-        content += [_tool_use_block(call.name, tool_input(call.arguments)) for call in calls]
+        content += [_tool_use_block(reader.call_id(tool_use_id), call.name, tool_input(call.arguments))
+                    for call in calls]
         stop_reason, stop_sequence = stop_reason_of(choice.finish_reason, choice.stop_reason, bool(calls))
         usage = usage_of(len(final.prompt_token_ids), final.num_cached_tokens, len(choice.token_ids))
         return JSONResponse(self.body(content, stop_reason, stop_sequence, usage))
@@ -161,6 +163,7 @@ class _Message:
 
     async def _answer_events(self, stream: _BlockStream) -> AsyncIterator[bytes]:
         reader = self.new_reader()
+        stream.call_id = reader.call_id
         num_cached = num_output = 0
         finish_reason, engine_stop = None, None
         async for _, delta in self.group:
@@ -192,6 +195,8 @@ class _BlockStream:
         self.num_blocks = 0  # blocks opened so far (the next one's index)
         self.open_type: str | None = None  # the type of the open block (the last opened), if one is open
         self.calls: dict[int, int] = {}  # the parser's call index -> its tool_use block's index
+        self.call_id: Callable[[Callable[[], str]], str] = lambda api_id: api_id()  # the answer's reader's, once
+        # it reads (AnswerReader.call_id)
 
     @property
     def called(self) -> bool:
@@ -218,7 +223,7 @@ class _BlockStream:
             if call.index >= self.max_calls:
                 continue
             if call.index not in self.calls:
-                events += self._open(_tool_use_block(call.name or "", {}))
+                events += self._open(_tool_use_block(self.call_id(tool_use_id), call.name or "", {}))
                 self.calls[call.index] = self.num_blocks - 1
             if call.arguments:
                 events.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments},
@@ -249,5 +254,5 @@ def _thinking_block(thinking: str) -> dict[str, Any]:
     return {"type": "thinking", "thinking": thinking, "signature": ""}
 
 
-def _tool_use_block(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "tool_use", "id": tool_use_id(), "name": name, "input": arguments}
+def _tool_use_block(block_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": block_id, "name": name, "input": arguments}

@@ -94,10 +94,10 @@ class AnswerReader:
     gives the same thinking, content and calls."""
 
     def __init__(self, splitter: AnswerSplitter | None, parser: ToolCallParser | None,
-                 call_id: Callable[[], str] | None = None) -> None:
+                 format_call_id: Callable[[], str | None] | None = None) -> None:
         self.splitter = splitter
         self.parser = parser
-        self.call_id: Callable[[], str] = call_id or tool_call_id  # a fresh call id, shaped as the format needs
+        self.format_call_id = format_call_id  # the ids the model's format needs (ToolCallParser.call_id), if any
 
     def read(self, text: str, last: bool) -> ReasoningPiece:
         """The thinking, content and tool-call pieces that ``text`` (the next piece; the answer's end when
@@ -114,6 +114,11 @@ class AnswerReader:
             out.content, out.calls = parsed.content, parsed.calls + out.calls
         return out
 
+    def call_id(self, api_id: Callable[[], str] | None = None) -> str:
+        """A fresh id for a call read from this answer: of the shape the model's tool-call format needs, if it needs
+        one, else ``api_id()`` (OpenAI's ``call_...`` unless given)."""
+        return (self.format_call_id and self.format_call_id()) or (api_id or tool_call_id)()
+
     @property
     def thinking(self) -> bool:
         """Whether the answer so far ends inside its thinking (a cut there leaves the thinking unfinished)."""
@@ -125,7 +130,7 @@ def answer_reader(ctx: ServerContext, req: ChatCompletionRequest, thinking_open:
     thinking when ``thinking_open``) and the request's tool-call parser (``tool_parser_for``); its calls' ids are
     shaped as the server's tool-call format needs (Mistral's: 9 letters and digits), whatever parser reads them."""
     splitter = ctx.reasoning.splitter(thinking_open) if ctx.reasoning is not None else None
-    ids = ctx.tool_parser.call_id if ctx.tool_parser is not None else tool_call_id
+    ids = ctx.tool_parser.call_id if ctx.tool_parser is not None else None
     return AnswerReader(splitter, tool_parser_for(ctx, req), ids)
 
 

@@ -8,7 +8,6 @@ piece (``parse_all``), so streamed and non-streamed answers are split the same w
 from __future__ import annotations
 
 import json
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,11 +67,11 @@ class ToolCallParser(ABC):
         """Whatever is still held back once the answer has ended."""
 
     @classmethod
-    def call_id(cls) -> str:
-        """A fresh id for a tool call of this format's model (whichever parser read the call: one forced by
-        ``tool_choice`` too), in OpenAI's shape (``call_`` and 24 random characters) unless the format's chat
-        template needs another."""
-        return f"call_{uuid.uuid4().hex[:24]}"
+    def call_id(cls) -> str | None:
+        """A fresh id for a tool call of this format's model when its chat template needs ids of a shape of its
+        own (Mistral's), whichever parser read the call (one forced by ``tool_choice`` too); None when any id does:
+        each API then makes its own (OpenAI's ``call_...``, Anthropic's ``toolu_...``)."""
+        return None
 
     def whole_call(self, name: str, arguments: Any) -> ToolCallPiece:
         """A call given whole (name and arguments at once), numbered next."""
