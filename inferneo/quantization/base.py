@@ -126,6 +126,9 @@ class QuantizedLinear(nn.Module):
         y = self.method.apply(self, x)
         return y if self.bias is None else y + self.bias
 
+    def extra_repr(self) -> str:
+        return f"{self.method.name}, in_features={self.in_features}, out_features={self.out_features}"
+
 
 class RowParallelQuantizedLinear(QuantizedLinear):
     """A row-parallel quantized layer (``o_proj``, ``down_proj`` under tensor parallelism): this rank's input
@@ -140,9 +143,6 @@ class RowParallelQuantizedLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.all_reduce(self.method.apply(self, x))
         return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"{self.method.name}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 # ---- weight loaders ----------------------------------------------------------------------------------------------
