@@ -231,6 +231,9 @@ class EngineConfig:
     enable_prefix_caching: bool = option(
         True, bool, "reuse the KV blocks of earlier requests that share a prompt prefix")
     enable_chunked_prefill: bool = option(True, bool, "split long prompts across engine steps")
+    enable_prompt_embeds: bool = option(
+        False, bool, "take prompts given as embeddings (vLLM's flag): prompt_embeds in /v1/completions, "
+        "{'prompt_embeds': tensor} prompts in LLM.generate")
     scheduling_policy: str = option(
         "fcfs", str, "fcfs, or priority: lower priority values run first", choices=SCHEDULING_POLICIES)
     seed: int = option(0, int, "the engine's random seed")

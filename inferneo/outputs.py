@@ -52,6 +52,13 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when SamplingParams.prompt_logprobs was (in a stream: on the first output only).
     prompt_logprobs: PromptLogprobs | None = None
+    # A prompt given as embeddings: its number of rows (its ``prompt`` is None and ``prompt_token_ids`` empty).
+    num_prompt_embeds: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The prompt's positions: its tokens, or its embedding rows."""
+        return len(self.prompt_token_ids) + self.num_prompt_embeds
 
 
 @dataclass(slots=True)

@@ -51,7 +51,8 @@ def test_readme_offline_example_runs_on_the_default_model():
 
 
 def test_offline_inference_page_examples_run(tmp_path, monkeypatch):
-    generate_block, vision_block, beam_block, rl_block = python_blocks(REPO / "docs" / "offline-inference.md")
+    generate_block, vision_block, embeds_block, beam_block, rl_block = python_blocks(
+        REPO / "docs" / "offline-inference.md")
     ns: dict = {}
     out = run_block(generate_block, ns)
     assert out.strip(), "the example prints the second completion"
@@ -63,6 +64,12 @@ def test_offline_inference_page_examples_run(tmp_path, monkeypatch):
     scores = [s.cum_logprob / len(s.tokens) for s in ns["outputs"][0].sequences if s.finish_reason == "length"]
     assert scores == sorted(scores, reverse=True), "the beams come best first"
     assert run_block(rl_block, {}).split() == ["True", "True"]  # sleep, wake up, reset the prefix cache
+    # the prompt embeddings example, on the tiny Llama in place of SmolLM2
+    from inferneo.testing.tiny_models import make_tiny_checkpoint
+
+    small = make_tiny_checkpoint(tmp_path / "llama")
+    out = run_block(embeds_block.replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(small))), {})
+    assert out.split() == ["True"]
     # the images example, on a tiny LLaVA in place of LLaVA 1.5 and a picture of noise in place of the cat
     from inferneo.testing.vision_models import make_tiny_llava
     from tests.test_vision_language import images

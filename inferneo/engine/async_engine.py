@@ -229,7 +229,7 @@ class AsyncEngine(FrontEndFacts):
                     planned.append(self._processor.prepare(
                         request.request_id, None, request.prompt_token_ids, params, max_tokens,
                         self.input.eos_token_ids, request.priority, arrival, OutputKind.DELTA, request.lora,
-                        request.cache_salt, request.images))
+                        request.cache_salt, request.images, request.prompt_embeds))
                 except ValueError as exc:
                     raise InvalidRequestError(str(exc)) from None
             specs = []

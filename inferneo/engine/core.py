@@ -470,6 +470,7 @@ class EngineCore:
                                                prompt_logprobs=span, pooling_method=request.pooling_method,
                                                lora=request.lora, num_draft_tokens=len(item.draft_token_ids),
                                                long_rope=request.long_rope, images=request.images,
+                                               prompt_embeds=request.prompt_embeds,
                                                token_type_start=(request.pooling.token_type_start
                                                                  if request.pooling is not None else None)))
             if samples:

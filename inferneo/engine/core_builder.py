@@ -22,7 +22,7 @@ from inferneo.config import EngineConfig
 from inferneo.engine.core import EngineCore
 from inferneo.engine.fingerprint import core_fingerprint
 from inferneo.engine.kv_cache_manager import KVCacheManager
-from inferneo.engine.protocol import CoreInfo
+from inferneo.engine.protocol import PROMPT_EMBEDS_OFF, CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer
@@ -147,6 +147,11 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
         lora_slots.live_ids = core.live_lora_ids
         scheduler.max_loras = config.max_loras
     _install_test_fault(core)
+    prompt_embeds_refusal = _prompt_embeds_refusal(config, runner, generates)
+    if prompt_embeds_refusal is None:
+        runner.embeds_prompts = True
+    elif config.enable_prompt_embeds:
+        logger.warning("enable_prompt_embeds is set, but prompt embeddings will be refused: %s", prompt_embeds_refusal)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
                     architectures=list(hf_config.get("architectures") or []), max_model_len=max_model_len,
                     vocab_size=runner.model_config.vocab_size, num_blocks=num_blocks, block_size=config.block_size,
@@ -154,7 +159,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                     device=str(device), pid=os.getpid(), pooling=pooling, generates=generates,
                     scores_prompts=config.pipeline_parallel_size == 1,
                     schedules_by_priority=config.scheduling_policy == "priority",
-                    max_logprobs=config.max_logprobs,
+                    max_logprobs=config.max_logprobs, hidden_size=runner.model_config.hidden_size,
+                    prompt_embeds_refusal=prompt_embeds_refusal,
                     fingerprint=core_fingerprint(source.kind, source.path, {
                         "dtype": str(dtype), "quantization": config.quantization,
                         "kv_cache_dtype": config.kv_cache_dtype, "hf_overrides": config.hf_overrides,
@@ -164,6 +170,19 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                 source.name, info.architectures, info.dtype, device, max_model_len, num_blocks, config.block_size,
                 num_blocks * runner.kv_bytes_per_block / 2**30)
     return core, info
+
+
+def _prompt_embeds_refusal(config: EngineConfig, runner: Runner, generates: bool) -> str | None:
+    """Why this core refuses prompts given as embeddings (``CoreInfo.prompt_embeds_refusal``); None: it takes them."""
+    if not config.enable_prompt_embeds:
+        return PROMPT_EMBEDS_OFF
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+        return "prompt embeddings run on one device for now (tensor_parallel_size and pipeline_parallel_size 1)"
+    if not generates:
+        return "this model does not generate: it cannot take prompt embeddings"
+    if not getattr(runner, "takes_prompt_embeds", False):
+        return "this model's architecture does not take prompt embeddings"
+    return None
 
 
 def shutdown_core(core: EngineCore) -> None:

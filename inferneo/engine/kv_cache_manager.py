@@ -69,6 +69,9 @@ class KVCacheManager:
             block = tuple(tokens[start : start + bs])
             # a block holding image tokens is keyed by the images too: their tokens are the same for every image
             images = images_in(request.images, start, start + bs)
+            if request.prompt_embeds is not None and start < request.prompt_embeds.length:
+                # a block of a prompt given as embeddings is keyed by its rows: its tokens are placeholders
+                images = (*images, request.prompt_embeds.rows_digest(start, start + bs))
             parent = hash((parent, block, images) if images else (parent, block))
             hashes.append(parent)
 

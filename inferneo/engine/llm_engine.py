@@ -119,7 +119,7 @@ class LLMEngine(FrontEndFacts):
     def add_request(
         self,
         request_id: str | None,
-        prompt: str | list[int],
+        prompt: str | list[int] | None,
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
@@ -127,32 +127,45 @@ class LLMEngine(FrontEndFacts):
         prompt_text: str | None = None,
         cache_salt: str | None = None,
         images: list | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises ``InvalidRequestError`` (a ``ValueError``) for a request the
         model cannot take (``InputProcessor``'s rules, the same as the server's). ``prompt_text``: the text that
         token-id ``prompt`` was made from (a rendered chat), reported as the output's ``prompt``. ``cache_salt``:
         the request's prefix-cache blocks serve only requests with the same salt (vLLM's). ``images``: a
         vision-language model's images (PIL images or image URLs), one for each image placeholder of the prompt
-        (``ImagePrompts.prepare``)."""
+        (``ImagePrompts.prepare``). ``prompt_embeds`` (with ``prompt`` None): the prompt given as embeddings,
+        ``[num_tokens, hidden_size]`` (``InputProcessor.prepare_prompt_embeds``; the engine must be started with
+        ``enable_prompt_embeds``)."""
         if self._sleeping:
             raise EngineSleepingError()
         params = params or self.default_sampling_params()
         request_id = request_id if request_id is not None else str(next(self._counter))
         if request_id in self.processor.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            text, prompt_ids = prompt, self.input.tokenize(prompt)
+        embeds = None
+        if prompt_embeds is not None:
+            if prompt is not None or images:
+                raise InvalidRequestError("a prompt given as embeddings takes no text, token ids or images besides",
+                                          "prompt_embeds")
+            params = self.input.resolve(params)
+            text, image_inputs = None, None
+            prompt_ids, embeds = self.input.prepare_prompt_embeds(prompt_embeds, params, params.truncate_prompt_tokens)
+            max_tokens = self.input.check(prompt_ids, params, "prompt_embeds", priority)
         else:
-            text, prompt_ids = prompt_text, list(prompt)
-        params = self.input.resolve(params)
-        prompt_ids, image_inputs = self.input.prepare_images(prompt_ids, images, params.truncate_prompt_tokens)
-        prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.input.limits.max_model_len,
-                                     params.max_tokens)
-        max_tokens = self.input.check(prompt_ids, params, priority=priority)
+            if isinstance(prompt, str):
+                text, prompt_ids = prompt, self.input.tokenize(prompt)
+            else:
+                text, prompt_ids = prompt_text, list(prompt)
+            params = self.input.resolve(params)
+            prompt_ids, image_inputs = self.input.prepare_images(prompt_ids, images, params.truncate_prompt_tokens)
+            prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.input.limits.max_model_len,
+                                         params.max_tokens)
+            max_tokens = self.input.check(prompt_ids, params, priority=priority)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent, specs = self.processor.prepare(request_id, text, prompt_ids, params, max_tokens,
                                                self.input.eos_token_ids, priority, arrival, OutputKind.FINAL,
-                                               lora, check_cache_salt(cache_salt), image_inputs)
+                                               lora, check_cache_salt(cache_salt), image_inputs, embeds)
         self.core_client.send(AddRequests(specs))
         self.processor.register(parent)
         return request_id

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from inferneo.engine.detokenizer import IncrementalDetokenizer, NoTextDetokenizer
+from inferneo.engine.prompt_embeds import PromptEmbeds
 from inferneo.engine.protocol import CoreOutput, CoreRequest, LoraRef, PoolingRequest
 from inferneo.engine.protocol import PromptLogprobs as CorePromptLogprobs
 from inferneo.multimodal.inputs import ImageInput
@@ -78,6 +79,7 @@ class ParentRequest:
     pooling: PoolingRequest | None = None  # set: an embedding request (one sequence, no text)
     prompt_logprobs: PromptLogprobs | None = None  # once the core sent them
     prompt_logprobs_sent: bool = False  # in a stream, they go out once
+    num_prompt_embeds: int = 0  # a prompt given as embeddings: its rows (``prompt_token_ids`` is then empty)
 
     @property
     def finished(self) -> bool:
@@ -101,12 +103,16 @@ class OutputProcessor:
     def prepare(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                 max_tokens: int, eos_token_ids: frozenset[int], priority: int, arrival: float,
                 kind: OutputKind, lora: LoraRef | None = None, cache_salt: str | None = None,
-                images: list[ImageInput] | None = None) -> tuple[ParentRequest, list[CoreRequest]]:
+                images: list[ImageInput] | None = None,
+                prompt_embeds: PromptEmbeds | None = None) -> tuple[ParentRequest, list[CoreRequest]]:
         """Plan a request (``n`` sibling sequences, seeds ``seed + j``; all with adapter ``lora`` and prefix-cache
-        salt ``cache_salt``, if given) without registering it yet."""
+        salt ``cache_salt``, if given) without registering it yet. With ``prompt_embeds`` the prompt is given as
+        embeddings: ``prompt_ids`` are its placeholders, which go to the core only (the outputs show no prompt
+        tokens, and the detokenizer starts from none)."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         final = kind is OutputKind.FINAL
+        shown_ids = [] if prompt_embeds is not None else prompt_ids
         sequences, specs = [], []
         for j in range(params.n):
             child_params = params
@@ -118,7 +124,7 @@ class OutputProcessor:
                 if j and params.max_tokens != 0:  # the prompt is scored once, by the first sequence (all of them
                     child_params.prompt_logprobs = None  # when none generates: scoring is all they do)
             core_id = request_id if params.n == 1 else f"{request_id}#{j}"
-            detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params, keep_text=final,
+            detokenizer = (IncrementalDetokenizer(self.tokenizer, shown_ids, child_params, keep_text=final,
                                                   stream=not final)
                            if params.detokenize else NoTextDetokenizer())
             seq = _Sequence(j, core_id, detokenizer, [] if final else None)
@@ -129,8 +135,10 @@ class OutputProcessor:
             sequences.append(seq)
             # every sequence carries the EOS ids, ignore_eos too: the core applies it (a constraint still ends at EOS)
             specs.append(CoreRequest(core_id, prompt_ids, child_params, max_tokens, eos_token_ids, priority, arrival,
-                                     lora=lora, cache_salt=cache_salt, images=images))
-        return ParentRequest(request_id, prompt, prompt_ids, params, kind, sequences), specs
+                                     lora=lora, cache_salt=cache_salt, images=images, prompt_embeds=prompt_embeds))
+        parent = ParentRequest(request_id, prompt, shown_ids, params, kind, sequences,
+                               num_prompt_embeds=0 if prompt_embeds is None else prompt_embeds.length)
+        return parent, specs
 
     def prepare_embedding(self, request_id: str, prompt_ids: list[int], pooling: PoolingRequest, priority: int,
                           arrival: float) -> tuple[ParentRequest, list[CoreRequest]]:
@@ -281,7 +289,7 @@ class OutputProcessor:
         if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
             prompt_logprobs, parent.prompt_logprobs_sent = parent.prompt_logprobs, True
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             parent.num_cached_tokens, prompt_logprobs)
+                             parent.num_cached_tokens, prompt_logprobs, parent.num_prompt_embeds)
 
     @staticmethod
     def _final_output(parent: ParentRequest) -> RequestOutput:
@@ -292,7 +300,7 @@ class OutputProcessor:
             for s in parent.sequences
         ]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, True,
-                             parent.num_cached_tokens, parent.prompt_logprobs)
+                             parent.num_cached_tokens, parent.prompt_logprobs, parent.num_prompt_embeds)
 
 
 def prompt_logprob_entries(rows: CorePromptLogprobs, top_n: int, decode: Callable[[int], str]) -> PromptLogprobs:

@@ -18,6 +18,7 @@ import enum
 
 import msgspec
 
+from inferneo.engine.prompt_embeds import PromptEmbeds
 from inferneo.multimodal.inputs import ImageInput
 from inferneo.pooling.config import PoolingConfig
 from inferneo.sampling_params import SamplingParams
@@ -62,6 +63,9 @@ class CoreRequest(msgspec.Struct, array_like=True, frozen=True):
     cache_salt: str | None = None  # its prefix-cache blocks serve only requests with the same salt
     # A vision-language model's images: each one's pixels and the prompt positions of its image tokens.
     images: list[ImageInput] | None = None
+    # A prompt given as embeddings: ``prompt_token_ids`` are then placeholders, one per row, that the runner
+    # replaces by these rows (``inferneo.engine.prompt_embeds``).
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, frozen=True):
@@ -201,6 +205,10 @@ class EngineSnapshot(msgspec.Struct, frozen=True):
     num_accepted_tokens: int = 0  # and those kept
 
 
+PROMPT_EMBEDS_OFF = ("prompt embeddings are not enabled: start the server with --enable-prompt-embeds "
+                     "(offline: LLM(..., enable_prompt_embeds=True))")
+
+
 class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     """What the front end needs to know about a loaded core (sent once, when the model is ready)."""
 
@@ -225,6 +233,10 @@ class CoreInfo(msgspec.Struct, tag="ready", array_like=True, frozen=True):
     fingerprint: str = ""  # the loaded model's digest (``engine.fingerprint.core_fingerprint``)
     # the most log-probabilities a request may ask for per token (``EngineConfig.max_logprobs``; -1: the vocabulary)
     max_logprobs: int = 20
+    hidden_size: int = 0  # the width of the model's embeddings (what a prompt_embeds row must have)
+    # Why prompts given as embeddings are refused (``EngineConfig.enable_prompt_embeds`` off, or a model or layout
+    # that cannot take them); None: they are taken.
+    prompt_embeds_refusal: str | None = PROMPT_EMBEDS_OFF
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferneo.engine.prompt_embeds import PromptEmbeds
 from inferneo.engine.prompt_logprobs import PromptLogprobsCollector
 from inferneo.engine.protocol import CoreRequest, LoraRef, PoolingRequest
 from inferneo.multimodal.inputs import ImageInput
@@ -83,6 +84,8 @@ class Request:
     cache_salt: str | None = None
     # A vision-language model's images (their tokens are in the prompt; their digests key the blocks holding them).
     images: list[ImageInput] | None = None
+    # A prompt given as embeddings (its prompt token ids are placeholders; the digests of its rows key its blocks).
+    prompt_embeds: PromptEmbeds | None = None
     # Scheduling steps in a row this waiting request was passed over for want of an adapter slot (the scheduler's
     # ``lora_max_wait_steps`` bounds them).
     lora_slot_waits: int = 0
@@ -103,7 +106,7 @@ class Request:
         """The scheduler's record of a sequence the front end sent."""
         return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
                    spec.eos_token_ids, spec.priority, spec.arrival_time, pooling=spec.pooling, lora=spec.lora,
-                   cache_salt=spec.cache_salt, images=spec.images)
+                   cache_salt=spec.cache_salt, images=spec.images, prompt_embeds=spec.prompt_embeds)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -113,7 +116,9 @@ class Request:
         if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = PromptLogprobsCollector(len(self.prompt_token_ids),
                                                            self.sampling_params.prompt_logprobs)
-        self.sampling_row = SamplingRow(self.sampling_params, self.prompt_token_ids, self.output_token_ids,
+        # penalties read the prompt's tokens; a prompt given as embeddings has none (only placeholders)
+        prompt = [] if self.prompt_embeds is not None else self.prompt_token_ids
+        self.sampling_row = SamplingRow(self.sampling_params, prompt, self.output_token_ids,
                                         self.eos_token_ids, self.generator)
 
     @property

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 
+from inferneo.engine.prompt_embeds import PromptEmbeds
 from inferneo.engine.protocol import LoraRef, PoolingRequest
 from inferneo.multimodal.inputs import ImageInput
 from inferneo.outputs import CompletionOutput, RequestOutput
@@ -31,6 +32,8 @@ class EngineRequest:
     lora: LoraRef | None = None  # the LoRA adapter to run with (None: the base model)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
     images: list[ImageInput] | None = None  # a vision-language prompt's images (its placeholders expanded)
+    # a prompt given as embeddings (``prompt_token_ids`` are then its placeholders: ``InputProcessor``)
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class RequestGroup:
@@ -130,7 +133,7 @@ class DeltaAccumulator:
         last = self._last
         return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids,
                              [self._choices[i].whole() for i in sorted(self._choices)], last.finished,
-                             last.num_cached_tokens, self._prompt_logprobs)
+                             last.num_cached_tokens, self._prompt_logprobs, last.num_prompt_embeds)
 
 
 class _ChoicePieces:

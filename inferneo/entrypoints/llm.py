@@ -123,10 +123,17 @@ class LLM:
         or one each; ``priority`` (lower runs first under the ``priority`` policy) is one value per prompt.
         ``lora_request`` (with ``enable_lora=True``) runs the prompts with a LoRA adapter: one for all, or one (or
         None) each.
+
+        With ``enable_prompt_embeds=True``, a prompt may also be given as embeddings, vLLM's ``EmbedsPrompt``:
+        ``{"prompt_embeds": tensor}``, a ``[num_tokens, hidden_size]`` float tensor of what the model's input
+        embedding layer produces (Hugging Face's ``model.get_input_embeddings()(ids)``), optionally with a
+        ``"cache_salt"``. Its output has ``prompt`` None and no ``prompt_token_ids`` (``docs/offline-inference.md``,
+        "Prompt embeddings").
         """
         prompt_list = _as_prompt_list(prompts, salted=True)
         return self._run(prompt_list, sampling_params, priority, use_tqdm, lora_request,
-                         cache_salts=_cache_salts(prompts), images=_prompt_images(prompts))
+                         cache_salts=_cache_salts(prompts), images=_prompt_images(prompts),
+                         embeds=_prompt_embeds(prompts))
 
     def embed(
         self,
@@ -215,6 +222,8 @@ class LLM:
         salts = _cache_salts(prompts)
         if any(_prompt_images(prompts)):
             raise ValueError("beam_search takes text prompts only: multi_modal_data is not supported here")
+        if any(e is not None for e in _prompt_embeds(prompts)):
+            raise ValueError("beam_search takes text prompts only: prompt_embeds are not supported here")
         n = len(prompt_list)
         loras = _lora_refs(lora_request, n)
         _check_priority(priority, n)
@@ -396,7 +405,8 @@ class LLM:
 
     def _run(self, prompts, sampling_params, priority, use_tqdm, lora_request=None,
              prompt_texts: list[str] | None = None, cache_salts: list[str | None] | None = None,
-             images: list[list | None] | None = None) -> list[RequestOutput]:
+             images: list[list | None] | None = None,
+             embeds: list[torch.Tensor | None] | None = None) -> list[RequestOutput]:
         n = len(prompts)
         loras = _lora_refs(lora_request, n)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, bytes)):
@@ -419,7 +429,8 @@ class LLM:
                 ids.append(engine.add_request(base + str(i), prompt, params, priority[i] if priority else 0,
                                               lora=loras[i], prompt_text=prompt_texts[i] if prompt_texts else None,
                                               cache_salt=cache_salts[i] if cache_salts else None,
-                                              images=images[i] if images else None))
+                                              images=images[i] if images else None,
+                                              prompt_embeds=embeds[i] if embeds else None))
         except Exception:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -514,7 +525,7 @@ def _prompt_items(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptIn
     return prompts
 
 
-def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt]:
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput], salted: bool = False) -> list[Prompt | None]:
     """``generate``'s and ``embed``'s ``prompts`` as a list of prompts, each a string or a list of token ids
     (``salted``: a prompt dict may carry a ``cache_salt`` and ``multi_modal_data``, which :func:`_cache_salts` and
     :func:`_prompt_images` read)."""
@@ -545,19 +556,32 @@ def _prompt_images(prompts: PromptInput | Sequence[PromptInput]) -> list[list | 
     return found
 
 
+def _prompt_embeds(prompts: PromptInput | Sequence[PromptInput]) -> list[torch.Tensor | None]:
+    """Each prompt's ``prompt_embeds`` (vLLM's ``EmbedsPrompt``; None where a prompt is text or token ids), as
+    ``_as_prompt_list`` lists the prompts (it refuses a dict that has them beside a text or token ids)."""
+    return [p.get("prompt_embeds") if isinstance(p, dict) else None for p in _prompt_items(prompts)]
+
+
 _PROMPT_KEYS = {"prompt": str, "prompt_token_ids": list}
 
 
-def _as_prompt(prompt: PromptInput, index: int, salted: bool = False) -> Prompt:
+def _as_prompt(prompt: PromptInput, index: int, salted: bool = False) -> Prompt | None:
     """One prompt as a string or a list of token ids: a ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``
     dict is unwrapped; anything else but a string or a list raises (``index``: its place, for the message;
-    ``salted``: the dict may also hold a ``cache_salt``)."""
+    ``salted``: the dict may also hold a ``cache_salt`` and ``multi_modal_data``, or be ``{"prompt_embeds":
+    tensor}``, which is None here: :func:`_prompt_embeds` reads it)."""
     if isinstance(prompt, (str, list)):
         return prompt
     if not isinstance(prompt, dict):
         raise ValueError(f"prompt {index} must be a string, a list of token ids or a prompt dict, got "
                          f"{type(prompt).__name__}")
     given = [k for k in _PROMPT_KEYS if k in prompt]
+    if salted and "prompt_embeds" in prompt:
+        extra = sorted(str(k) for k in prompt if k not in ("prompt_embeds", "cache_salt"))
+        if extra:
+            raise ValueError(f"prompt {index}: a prompt given as embeddings ({{'prompt_embeds': tensor}}) takes only "
+                             f"a cache_salt besides, got {', '.join(extra)}")
+        return None
     others = sorted(str(k) for k in prompt
                     if k not in _PROMPT_KEYS and not (salted and k in ("cache_salt", "multi_modal_data")))
     if others:

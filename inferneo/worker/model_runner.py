@@ -305,6 +305,10 @@ class ModelRunner(Runner):
         self.backend = backend_for_model(self.model, self.backend, chosen_by_user=attention_backend is not None)
         # a vision-language model: steps look for image tokens (``_image_rows``); a text model's never do
         self.takes_images = bool(getattr(self.model, "accepts_images", False))
+        # a model whose forward starts from given embeddings (``input_embeds``) can take prompts given as embeddings;
+        # steps look for them once the engine takes them (``embeds_prompts``, set by the core's builder)
+        self.takes_prompt_embeds = bool(getattr(self.model, "accepts_prompt_embeds", False))
+        self.embeds_prompts = False
         if self.takes_images and (self.tp.world_size > 1 or self.pp.num_stages > 1):
             raise ValueError(f"{model_cls.__name__}: vision-language models run on one device for now "
                              "(tensor_parallel_size and pipeline_parallel_size 1)")
@@ -558,7 +562,10 @@ class ModelRunner(Runner):
         ``previous``'s device output (asynchronous scheduling; see ``ScheduledSequence.pending_sample``).
         """
         items = step.sequences  # decodes first
-        bucket = self._decode_bucket(items)
+        # rows given as embeddings (images' features, a prompt's embeddings) need an eager pass: a captured graph
+        # reads token ids only
+        embedded = self.takes_images or (self.embeds_prompts and any(it.prompt_embeds is not None for it in items))
+        bucket = None if embedded and self._has_embedded_rows(items) else self._decode_bucket(items)
         graphs = self.graphs if bucket is not None and self.use_cuda_graphs else None
         layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
         host, host_tensor = self._inputs.host(layout.size)
@@ -585,7 +592,7 @@ class ModelRunner(Runner):
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
                                     self._token_types(items, packed),
-                                    self._image_rows(items, packed) if self.takes_images else None)
+                                    self._embedded_rows(items, packed) if embedded else None)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
@@ -656,6 +663,34 @@ class ModelRunner(Runner):
                 types[row + skip : row + it.num_new_tokens] = 1
         return types.to(self.device, non_blocking=True)
 
+    def _has_embedded_rows(self, items: list[ScheduledSequence]) -> bool:
+        """Whether a sequence of the step runs positions given as embeddings (an image's tokens, a prompt's
+        embeddings) this step."""
+        for it in items:
+            if it.embeds_rows is not None:
+                return True
+            if it.images:
+                start, stop = it.num_computed_tokens, it.num_computed_tokens + it.num_new_tokens
+                if any(image.offset < stop and image.end > start for image in it.images):
+                    return True
+        return False
+
+    def _embedded_rows(self, items: list[ScheduledSequence], packed: PackedStep) -> list[tuple[int, torch.Tensor]]:
+        """``(first row, embeddings)`` for each run of the step's rows whose embeddings are given: a prompt's
+        embeddings (the chunk's slice of them, in the model's hidden space: ``prompt_embeds_to_hidden``) and a
+        vision-language model's image features (``_image_rows``)."""
+        rows: list[tuple[int, torch.Tensor]] = []
+        for index, it in enumerate(items):
+            span = it.embeds_rows
+            if span is None:
+                continue
+            start, stop = span
+            embeds = it.prompt_embeds.rows(start, stop).to(self.device, non_blocking=True)
+            rows.append((packed.first_row(index), self.model.prompt_embeds_to_hidden(embeds.to(self.dtype))))
+        if self.takes_images:
+            rows.extend(self._image_rows(items, packed))
+        return rows
+
     def _image_rows(self, items: list[ScheduledSequence], packed: PackedStep) -> list[tuple[int, torch.Tensor]]:
         """The step's image features: ``(first row, features)`` for each image with tokens among the step's (the
         features of those tokens only, when a prompt chunk holds part of an image). Each image is encoded once
@@ -681,7 +716,7 @@ class ModelRunner(Runner):
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
                  token_types: torch.Tensor | None = None,
-                 image_rows: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 embedded_rows: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
@@ -694,9 +729,9 @@ class ModelRunner(Runner):
         self.backend.prepare(metadata)
         if token_types is not None:  # an encoder's inputs with a second segment (a BERT cross-encoder's pairs)
             return self.model(input_ids, positions, self.kv_caches, metadata, token_type_ids=token_types), dev
-        if image_rows:  # a vision-language model's image tokens: the images' features in place of embeddings
+        if embedded_rows:  # image tokens, prompt embeddings: the given rows in place of the tokens' embeddings
             embeds = self.model.embed(input_ids)
-            for row, features in image_rows:
+            for row, features in embedded_rows:
                 embeds[row : row + features.shape[0]] = features
             return self.model(input_ids, positions, self.kv_caches, metadata, input_embeds=embeds), dev
         if self.pp.num_stages == 1:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from inferneo.attention import AttentionMetadata, PrefillSpan
+from inferneo.engine.prompt_embeds import PromptEmbeds
 from inferneo.engine.protocol import LoraRef
 from inferneo.model_executor.layers.rotary import LongRopeSwitch
 from inferneo.multimodal.inputs import ImageInput
@@ -61,6 +62,14 @@ class ScheduledSequence:
     long_rope: bool = False  # every token rotates by LongRoPE's long factors (``Request.long_rope``)
     token_type_start: int | None = None  # an encoder input's first position of token type 1 (None: all type 0)
     images: list[ImageInput] | None = None  # a vision-language prompt's images (``ImageInput``)
+    prompt_embeds: PromptEmbeds | None = None  # a prompt given as embeddings (rows in place of its tokens)
+
+    @property
+    def embeds_rows(self) -> tuple[int, int] | None:
+        """The prompt positions ``[start, stop)`` of this step that are given as embeddings; None when none is."""
+        if self.prompt_embeds is None or self.num_computed_tokens >= self.prompt_embeds.length:
+            return None
+        return self.num_computed_tokens, min(self.num_computed_tokens + self.num_new_tokens, self.prompt_embeds.length)
 
     @property
     def decode_rows(self) -> int:

@@ -173,8 +173,16 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times ``sqrt(hidden_size)``, the factor rounded to the model dtype first (a Python
         number, so that no host-to-device copy happens while a CUDA graph is captured)."""
-        hidden = self.embed_tokens(input_ids)
+        return self._scale(self.embed_tokens(input_ids))
+
+    def _scale(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype).item()
+
+    def prompt_embeds_to_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's given embeddings are the table's rows before the ``sqrt(hidden_size)`` scaling, as Hugging
+        Face's ``get_input_embeddings()(ids)`` returns them and as vLLM reads ``prompt_embeds`` (it scales them
+        inside the model): scaled here as ``embed`` scales the table's."""
+        return self._scale(embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits, soft-capped (``c * tanh(logits / c)``) when the config sets
@@ -198,6 +206,12 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         values.update(qk_norm=True, attn_logit_softcap=None,
                       final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")), **_gemma3_rope(cfg))
         return GemmaConfig.from_hf(cfg, silu_mlp=False, **values)
+
+    def prompt_embeds_to_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Gemma 3's given embeddings are already scaled: Hugging Face's ``get_input_embeddings()`` is a scaled
+        embedding (``Gemma3TextScaledWordEmbedding``), and vLLM's Gemma 3 scales inside its embedding lookup, not
+        after given embeddings. Taken as they are."""
+        return embeds
 
 
 # Checkpoint name prefixes of a multimodal Gemma 3's language model (transformers 4 and 5 layouts) -> the text-only

@@ -258,6 +258,8 @@ class LlamaForCausalLM(nn.Module):
     # Whether tensor parallelism over peer memory may fuse each row-parallel all-reduce into the residual add and
     # RMSNorm after it (``tensor_parallel.fuse_peer_norms``): true of Llama's layer layout.
     fuses_peer_norms = True
+    # Its forward may start from given embeddings (``input_embeds``): it takes prompts given as embeddings.
+    accepts_prompt_embeds = True
 
     # checkpoint name fragment -> (fused parameter fragment, shard index)
     stacked_params = (
@@ -313,7 +315,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], metadata: AttentionMetadata,
                 input_embeds: torch.Tensor | None = None):
         """Hidden states ``[num_tokens, hidden]`` for the flat batch; writes the new tokens' K/V. ``input_embeds``
-        (a vision-language model's step with image tokens): the embeddings to start from instead of
+        (a step with image tokens or a prompt given as embeddings): the embeddings to start from instead of
         ``embed(input_ids)``."""
         hidden = self.embed(input_ids) if input_embeds is None else input_embeds
         residual = None
@@ -325,6 +327,12 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings of ``input_ids`` (models that scale them override this)."""
         return self.embed_tokens(input_ids)
+
+    def prompt_embeds_to_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A prompt's given embeddings as ``embed``'s output: they are what Hugging Face's
+        ``model.get_input_embeddings()(ids)`` returns (vLLM's ``prompt_embeds``), which for Llama is ``embed``'s
+        output itself; models that scale the table's rows inside the model override this."""
+        return embeds
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than the driver."""
