@@ -97,8 +97,10 @@ def test_online_serving_page_examples(docs_example_server):
     batch_block = next(b for b in blocks if "client.batches.create" in b)
     ns: dict = {}
     anthropic_block = next(b for b in blocks if "anthropic.Anthropic" in b)
+    # (the prompt embeddings example needs a server with --enable-prompt-embeds: tests/test_prompt_embeds.py runs it)
     openai_block, conversations_block, in_process_block = [b for b in blocks if b not in (batch_block,
-                                                                                          anthropic_block)]
+                                                                                          anthropic_block)
+                                                           and "prompt_embeds" not in b]
     out = run_block(openai_block, ns)
     assert out.startswith("0 ") and "\n1 " in out
     out = run_block(conversations_block, ns)

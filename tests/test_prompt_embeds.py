@@ -2,17 +2,27 @@
 input embedding layer for some ids (what Hugging Face's ``model.get_input_embeddings()(ids)`` returns) generate
 exactly what those ids do as a token prompt, in batches mixed with token prompts, over chunked prefill (the engine
 runs at most 32 tokens a step, so the longer prompts are split), with the prefix cache keyed by the rows, and with
-log-probabilities; bad tensors are refused naming ``prompt_embeds``."""
+log-probabilities; bad tensors are refused naming ``prompt_embeds``. Over HTTP: ``/v1/completions`` with the
+``openai`` client's ``extra_body``, and the 400s of bad payloads and of a server without the flag."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import math
+import pickle
+import re
+from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 import transformers
 
 from inferneo import LLM, SamplingParams
+from inferneo.testing.server import RemoteServer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
 SHORT = list(range(3, 10))  # 7 tokens
@@ -141,3 +151,121 @@ def test_other_families_read_vllms_embeddings(tiny_checkpoint_factory, arch):
     rows = layer.weight.detach()[LONG] if arch == "gemma2" else _embeds(layer, LONG)
     out = llm.generate([{"prompt_embeds": rows}, LONG], GREEDY, use_tqdm=False)
     _assert_same(out[0], out[1])
+
+
+# ---- over HTTP --------------------------------------------------------------------------------------------------
+
+
+def _b64(value) -> str:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class _Opaque:
+    """An object no weights-only load may build."""
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--num-threads",
+                      "1", "--max-num-batched-tokens", "32", "--max-model-len", "128", "--enable-prompt-embeds",
+                      "--disable-access-log") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def layer(tiny_llama_dir):
+    return _hf_embeddings(tiny_llama_dir)
+
+
+def test_completions_take_prompt_embeds_with_the_openai_client(server, layer):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x")
+
+    def complete(**kwargs):
+        return client.completions.create(model="tiny", max_tokens=5, temperature=0, logprobs=2, **kwargs)
+
+    by_ids = complete(prompt=LONG)
+    by_rows = complete(prompt="", extra_body={"prompt_embeds": _b64(_embeds(layer, LONG))})  # vLLM's example
+    assert by_rows.choices[0].text == by_ids.choices[0].text
+    assert by_rows.choices[0].logprobs.tokens == by_ids.choices[0].logprobs.tokens
+    assert by_rows.usage.prompt_tokens == len(LONG)
+    # a list of them, and beside text prompts: the embedded prompts' choices come first (vLLM's order)
+    short = complete(prompt=SHORT).choices[0].text
+    mixed = complete(prompt=SHORT, extra_body={"prompt_embeds": [_b64(_embeds(layer, LONG)),
+                                                                  _b64(_embeds(layer, SHORT).half())]})
+    assert [c.index for c in mixed.choices] == [0, 1, 2]
+    assert mixed.choices[0].text == by_ids.choices[0].text and mixed.choices[2].text == short
+    assert mixed.usage.prompt_tokens == len(LONG) + 2 * len(SHORT)
+    # the same rows again: their blocks come from the prefix cache
+    again = complete(prompt="", extra_body={"prompt_embeds": _b64(_embeds(layer, LONG))})
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    assert again.choices[0].text == by_ids.choices[0].text
+    # n choices of one prompt given as embeddings; truncate_prompt_tokens keeps its last rows
+    two = complete(prompt="", n=2, extra_body={"prompt_embeds": _b64(_embeds(layer, LONG))})
+    assert [c.text for c in two.choices] == [by_ids.choices[0].text] * 2
+    cut = complete(prompt="", extra_body={"prompt_embeds": _b64(_embeds(layer, LONG)), "truncate_prompt_tokens": 9})
+    assert cut.choices[0].text == complete(prompt=LONG[-9:]).choices[0].text and cut.usage.prompt_tokens == 9
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="", max_tokens=5, temperature=0, stream=True,
+        extra_body={"prompt_embeds": _b64(_embeds(layer, LONG))}) if c.choices)
+    assert streamed == by_ids.choices[0].text
+
+
+BAD_PAYLOADS = [
+    (_b64(torch.zeros(64)), "must be 2-D"),
+    (_b64(torch.zeros(4, 32)), "hidden size 64"),
+    (_b64(torch.zeros(0, 64)), "empty"),
+    (_b64(torch.zeros(4, 64, dtype=torch.int32)), "must hold floats"),
+    (_b64(torch.zeros(200, 64)), "context length is 128"),
+    (_b64({"x": torch.zeros(4, 64)}), "torch.Tensor"),
+    (_b64(_Opaque()), "not a torch.save'd tensor"),
+    (base64.b64encode(pickle.dumps([1, 2])).decode(), "not a torch.save'd tensor"),
+    (_b64(torch.zeros(4, 64).to_sparse()), "dense"),
+    ("not base64!", "not valid base64"),
+    ("A" * 1_500_000, "characters of base64"),  # longer than the context's rows could be: not decoded
+    ([_b64(torch.zeros(4, 64)), 7], "prompt_embeds"),
+]
+
+
+@pytest.mark.parametrize("embeds, message", BAD_PAYLOADS, ids=[message for _, message in BAD_PAYLOADS])
+def test_bad_prompt_embeds_are_400s(server, embeds, message):
+    reply = httpx.post(server.url("/v1/completions"), json={"model": "tiny", "prompt_embeds": embeds},
+                       timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert message in error["message"] and error["param"].startswith("prompt_embeds")
+    assert error["type"] == "invalid_request_error"
+
+
+def test_prompt_embeds_refuse_echo_and_prompt_logprobs(server):
+    rows = _b64(torch.zeros(4, 64))
+    for extra, param in (({"echo": True}, "echo"), ({"prompt_logprobs": 1}, "prompt_logprobs")):
+        reply = httpx.post(server.url("/v1/completions"),
+                           json={"model": "tiny", "prompt_embeds": rows, **extra}, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+    reply = httpx.post(server.url("/v1/completions"), json={"model": "tiny"}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
+
+
+def test_the_online_serving_pages_example_runs(server, tiny_llama_dir):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "online-serving.md").read_text()
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)
+                if "prompt_embeds" in b]
+    block = block.replace('"meta-llama/Llama-2-7b-chat-hf"', repr(str(tiny_llama_dir)))
+    block = block.replace("http://127.0.0.1:8000/v1", server.base_url + "/v1").replace("model=name", 'model="tiny"')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "<doc example>", "exec"), {})
+    rows = len(transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))("The capital of France is").input_ids)
+    assert out.getvalue().split()[-1] == str(rows)  # usage counts the prompt's rows
+
+
+def test_a_server_without_the_flag_refuses_prompt_embeds(tiny_llama_dir):
+    with RemoteServer(tiny_llama_dir, "--kv-cache-memory", "16MiB", "--num-threads", "1",
+                      "--max-num-batched-tokens", "32", "--disable-access-log") as plain:
+        reply = httpx.post(plain.url("/v1/completions"),
+                           json={"prompt": "", "prompt_embeds": _b64(torch.zeros(4, 64))}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert "--enable-prompt-embeds" in error["message"] and error["param"] == "prompt_embeds"

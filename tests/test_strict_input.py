@@ -98,7 +98,8 @@ SAMPLING = {
     "return_tokens_as_token_ids": "bool", "cache_salt": "str",
 }
 FIELDS = {
-    CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str"},
+    CMPL: {**SAMPLING, "prompt": "prompt", "echo": "bool", "logprobs": "int", "prompt_logprobs": "int", "best_of": "int", "suffix": "str",
+           "prompt_embeds": "str|list"},
     CHAT: {**SAMPLING, "messages": "messages", "max_completion_tokens": "int", "logprobs": "bool",
            "top_logprobs": "int", "tools": "list", "tool_choice": "str|dict",
            "parallel_tool_calls": "bool", "functions": "list", "function_call": "str|dict", "metadata": "dict",

@@ -339,6 +339,9 @@ class GuardMiddleware:
     def _check_sizes(self, data: dict, field_name: str) -> None:
         g = self.guards
         count = _num_prompts(data.get(field_name), field_name)
+        if field_name == "prompt" and (embeds := data.get("prompt_embeds")):  # prompts given as embeddings count too
+            count = (0 if data.get("prompt") in (None, "") else count) + (len(embeds) if isinstance(embeds, list)
+                                                                          else 1)
         what = "conversations" if field_name == "messages" else "prompts"
         if count > g.max_prompts:
             raise Refusal(400, f"{field_name}: {count} {what} in one request; this server takes at most "

@@ -54,6 +54,9 @@ MAX_TEXT_CHARS = 2**24
 prompt: 16,777,216, about four million tokens, past every context length; a 4 MiB body holds less anyway."""
 MAX_TOKEN_IDS = 2**22
 """Token ids in one prompt given as ids, and in ``/detokenize``'s ``tokens``: 4,194,304."""
+MAX_PROMPT_EMBEDS = 256
+"""Prompts given as embeddings (``prompt_embeds``) in one completions request; with the text prompts they also
+count against ``--max-prompts-per-request``."""
 MAX_MESSAGES = 16384
 """Messages in one conversation."""
 MAX_CONTENT_PARTS = 4096
@@ -310,7 +313,11 @@ class _SamplingBody(_Body):
 class CompletionRequest(_SamplingBody):
     """``POST /v1/completions``."""
 
-    prompt: Any
+    # vLLM's extension (with --enable-prompt-embeds): prompts given as embeddings, each a base64 ``torch.save`` of
+    # a [num_tokens, hidden_size] tensor; they run before the text prompts, as vLLM orders them. Declared before
+    # ``prompt``, whose check reads it: with embeddings the prompt may be left out, null or "".
+    prompt_embeds: str | list[str] | None = None
+    prompt: Any = Field(None, validate_default=True)
     # 0 only with echo (or prompt_logprobs): the prompt is scored, nothing is generated (OpenAI's legacy use).
     max_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool | None = False
@@ -321,14 +328,35 @@ class CompletionRequest(_SamplingBody):
     best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     suffix: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
+    @field_validator("prompt_embeds", mode="before")
+    @classmethod
+    def _check_prompt_embeds(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
+            raise ValueError("must be a base64 string (a torch.save'd tensor) or a list of them")
+        _cap(len(value), MAX_PROMPT_EMBEDS, "prompt embeddings")
+        return value
+
     @field_validator("prompt", mode="before")
     @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
+    def _check_prompt(cls, value: Any, info: ValidationInfo) -> Any:
+        if (value is None or value == "") and info.data.get("prompt_embeds"):
+            return None  # only embeddings (the OpenAI client sends prompt="" where it cannot send none)
+        if value is None:
+            raise ValueError("prompt is required (or, with --enable-prompt-embeds, prompt_embeds)")
         return _check_prompts(value, "prompt")
 
     def prompt_list(self) -> list[str | list[int]]:
-        """The prompts, one entry each: a string or a list of token ids."""
-        return _prompt_list(self.prompt)
+        """The text and token-id prompts, one entry each: a string or a list of token ids (none when the request
+        gives embeddings only)."""
+        return [] if self.prompt is None else _prompt_list(self.prompt)
+
+    def prompt_embeds_list(self) -> list[str]:
+        """The prompts given as embeddings (base64 strings), one entry each; none when there are none."""
+        if self.prompt_embeds is None:
+            return []
+        return [self.prompt_embeds] if isinstance(self.prompt_embeds, str) else list(self.prompt_embeds)
 
 
 class PredictionContent(_Body):

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import Request
@@ -33,6 +33,8 @@ from inferneo.sampling_params import SamplingParams, StructuredOutputsParams
 # Prompt text (characters, all of a request's prompts or messages together) from which a request's tokenization runs
 # on the server's tokenizer thread instead of the event loop: a few milliseconds of tokenizing, below which the
 # thread hop would cost more than the loop's pause.
+T = TypeVar("T")
+
 OFF_LOOP_TEXT_CHARS = 16_384
 
 @dataclass(slots=True)
@@ -107,10 +109,10 @@ class ServerContext:
             return requested
         return {**self.default_chat_template_kwargs, **(requested or {})}
 
-    async def tokenize_off_loop(self, text_chars: int, tokenize: Callable[[], list[list[int]]]) -> list[list[int]]:
-        """``tokenize()`` (a request's prompts to token ids): on the tokenizer thread when the request carries at
-        least ``OFF_LOOP_TEXT_CHARS`` characters of text, so that a long prompt does not pause every other request
-        and stream while it is tokenized; inline otherwise."""
+    async def tokenize_off_loop(self, text_chars: int, tokenize: Callable[[], T]) -> T:
+        """``tokenize()`` (a request's prompts to token ids, or its base64 prompt embeddings to tensors): on the
+        tokenizer thread when the request carries at least ``OFF_LOOP_TEXT_CHARS`` characters of text, so that a
+        long prompt does not pause every other request and stream while it is read; inline otherwise."""
         if text_chars < OFF_LOOP_TEXT_CHARS:
             return tokenize()
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, tokenize)
@@ -283,7 +285,7 @@ def usage_of(outputs: Iterable[RequestOutput], reasoning_tokens: int | None = No
     """Token usage of finished requests (a prompt counts once however many choices it has); ``reasoning_tokens``
     when a reasoning parser counted the thinking."""
     outputs = list(outputs)
-    return usage(sum(len(o.prompt_token_ids) for o in outputs),
+    return usage(sum(o.num_prompt_tokens for o in outputs),
                  sum(len(c.token_ids) for o in outputs for c in o.outputs),
                  sum(o.num_cached_tokens for o in outputs), reasoning_tokens)
 

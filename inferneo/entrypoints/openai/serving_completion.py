@@ -9,6 +9,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from inferneo.engine.beam_search_group import BeamSearchGroup
+from inferneo.engine.prompt_embeds import (
+    PromptEmbeds,
+    PromptEmbedsError,
+    decode_prompt_embeds,
+    max_encoded_length,
+)
+from inferneo.engine.protocol import InvalidRequestError
 from inferneo.engine.request_group import EngineRequest, RequestGroup
 from inferneo.entrypoints.openai.beam_requests import beam_search_of, submit_beam_search
 from inferneo.entrypoints.openai.completion_scoring import (
@@ -36,6 +43,7 @@ from inferneo.entrypoints.openai.serving_common import (
     usage_of,
 )
 from inferneo.outputs import RequestOutput
+from inferneo.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
 
@@ -55,6 +63,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     check_logprobs(engine, {"logprobs": req.logprobs, "prompt_logprobs": req.prompt_logprobs})
     max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
     params = sampling_params(req, ctx.defaults, max_tokens, req.logprobs, structured_outputs_of(req), depth)
+    embeds = await _prompt_embeds(ctx, req, params) if req.prompt_embeds_list() else []
     prompts = req.prompt_list()
     prompt_ids = await ctx.tokenize_off_loop(
         sum(len(p) for p in prompts if isinstance(p, str)),
@@ -68,20 +77,62 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             group = submit_beam_search(engine, request_id, prompt_ids, beam, [max_tokens] * len(prompt_ids),
                                        req.priority, lora, ctx.tokenizer, req.skip_special_tokens,
                                        cache_salt=req.cache_salt)
-        else:
-            group = engine.submit([EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
-                                                 cache_salt=req.cache_salt)
-                                   for i, ids in enumerate(prompt_ids)])
+        else:  # the prompts given as embeddings first, then the others (vLLM's order of the choices)
+            requests = [EngineRequest(f"{request_id}-{i}", ids, params, req.priority, lora=lora,
+                                      cache_salt=req.cache_salt, prompt_embeds=rows)
+                        for i, (ids, rows) in enumerate(embeds)]
+            requests += [EngineRequest(f"{request_id}-{len(embeds) + i}", ids, params, req.priority, lora=lora,
+                                       cache_salt=req.cache_salt)
+                         for i, ids in enumerate(prompt_ids)]
+            group = engine.submit(requests)
     except Exception as exc:
         raise to_api_error(exc) from None
     echo_texts: list[str] | None = None
     if req.echo:
         echo_texts = [p if isinstance(p, str) and not was_cut else ctx.tokenizer.decode(ids)
                       for p, ids, was_cut in zip(prompts, prompt_ids, cut, strict=True)]
-    job = _Completion(request_id, model, req, group, echo_texts, ctx, sum(map(len, prompt_ids)))
+    num_prompt_tokens = sum(len(ids) for ids, _ in embeds) + sum(map(len, prompt_ids))
+    job = _Completion(request_id, model, req, group, echo_texts, ctx, num_prompt_tokens)
     if req.stream:
         return event_stream(job.events(), group.abort)
     return await cancel_on_disconnect(raw, job.response())
+
+
+async def _prompt_embeds(ctx: ServerContext, req: CompletionRequest,
+                         params: SamplingParams) -> list[tuple[list[int], PromptEmbeds]]:
+    """The request's prompts given as embeddings (vLLM's ``prompt_embeds``: base64 ``torch.save``s of
+    ``[num_tokens, hidden_size]`` tensors), read (``decode_prompt_embeds``: tensors only, never other pickled objects)
+    and checked as the engine takes them: each one's placeholder ids and rows. 400 (``prompt_embeds``) when the
+    server was not started with ``--enable-prompt-embeds``, for what cannot be read or does not fit the model, and
+    with ``echo`` or beam search (the prompt has no text, nor tokens to extend)."""
+    engine = ctx.engine
+    limits = engine.input.limits
+    if limits.prompt_embeds_refusal is not None:
+        raise bad_request(limits.prompt_embeds_refusal, "prompt_embeds")
+    if req.echo:
+        raise bad_request("echo is not supported with prompt_embeds: a prompt given as embeddings has no text",
+                          "echo")
+    if req.use_beam_search:
+        raise bad_request("beam search is not supported with prompt_embeds", "use_beam_search")
+    texts = req.prompt_embeds_list()
+    max_length = max_encoded_length(limits.max_model_len, limits.hidden_size)
+
+    def read() -> list[tuple[list[int], PromptEmbeds]]:
+        read_in: list[tuple[list[int], PromptEmbeds]] = []
+        for index, text in enumerate(texts):
+            where = f"prompt_embeds {index}: " if len(texts) > 1 else ""
+            try:
+                tensor = decode_prompt_embeds(text, limits.hidden_size, max_length)
+                ids, rows = engine.input.prepare_prompt_embeds(tensor, params, req.truncate_prompt_tokens)
+                engine.input.check(ids, params, "prompt_embeds", req.priority)
+            except PromptEmbedsError as exc:
+                raise bad_request(where + str(exc), "prompt_embeds") from None
+            except InvalidRequestError as exc:
+                raise bad_request(where + str(exc), exc.param) from None
+            read_in.append((ids, rows))
+        return read_in
+
+    return await ctx.tokenize_off_loop(sum(len(t) for t in texts), read)
 
 
 class _Completion:
