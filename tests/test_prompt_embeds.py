@@ -23,6 +23,7 @@ import transformers
 
 from inferneo import LLM, SamplingParams
 from inferneo.testing.server import RemoteServer
+from tests.test_hf_parity import kv_bytes_per_block
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
 SHORT = list(range(3, 10))  # 7 tokens
@@ -75,6 +76,18 @@ def test_embeddings_generate_what_their_tokens_do_mixed_in_a_batch_and_chunked(l
     # other float dtypes are taken (sent as they are, computed in the model's dtype)
     (half,) = llm.generate({"prompt_embeds": _embeds(layer, SHORT).to(torch.bfloat16)}, GREEDY, use_tqdm=False)
     assert len(half.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_a_preempted_embeddings_prompt_is_computed_again_from_its_rows(llama, tiny_llama_dir):
+    llm, layer = llama
+    small = LLM(str(tiny_llama_dir), enable_prompt_embeds=True, **{
+        **ENGINE, "kv_cache_memory": 10 * kv_bytes_per_block(str(tiny_llama_dir)), "max_model_len": 256})
+    longer = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # two of them need 170 of 160 slots
+    got = small.generate([{"prompt_embeds": _embeds(layer, MIDDLE)}, {"prompt_embeds": _embeds(layer, LONG[:45])}],
+                         longer, use_tqdm=False)
+    assert small.engine.core.stats.num_preemptions > 0
+    want = llm.generate([MIDDLE, LONG[:45]], longer, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 def test_the_prefix_cache_keys_embedded_blocks_by_their_rows(llama):
