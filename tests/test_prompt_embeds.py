@@ -101,7 +101,9 @@ def test_the_prefix_cache_keys_embedded_blocks_by_their_rows(llama):
 
     tokens, cached = run({"prompt_embeds": rows})
     assert cached == 0
+    hits = llm.engine.kv_cache.prefix_cache_hits
     assert run({"prompt_embeds": rows.clone()}) == (tokens, 48)  # the same rows: their three whole blocks hit
+    assert llm.engine.kv_cache.prefix_cache_hits == hits + 48  # the engine's counter (the hit-rate metric's)
     other = rows.clone()
     other[0, 0] += 0.5
     assert run({"prompt_embeds": other})[1] == 0  # other rows, the same placeholders: nothing shared
