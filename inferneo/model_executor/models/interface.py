@@ -18,6 +18,10 @@ class CausalLM(Protocol):
 
     ``config`` gives the architecture (layers, head size, hidden size, vocabulary); ``num_kv_heads`` the key/value
     heads each layer's cache holds on this rank; ``kv_cache_specs`` each layer's cache exactly (layers may differ).
+
+    A model whose ``forward`` also takes ``input_embeds`` (the embeddings to start from instead of its lookup of
+    ``input_ids``) sets ``accepts_prompt_embeds`` and turns a prompt's given embeddings into that lookup's output
+    with ``prompt_embeds_to_hidden`` (``LlamaForCausalLM`` and its subclasses do): it takes prompt embeddings.
     """
 
     config: DecoderConfig
