@@ -19,7 +19,9 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from inferneo import LLM
 from inferneo.model_executor.layers.rotary import (
     LongRopeSwitch,
+    MRotaryEmbedding,
     RotaryEmbedding,
+    mrope_section_of,
     rope_frequencies,
     rope_scaling_from_hf,
 )
@@ -147,6 +149,36 @@ def test_phi3_reads_older_longrope_names_and_top_level_original_length():
     assert cfg.rope_scaling["original_max_position_embeddings"] == 4096  # Phi3Config's default
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         Phi3ForCausalLM.config_from_hf({**base, "partial_rotary_factor": 0.75})
+
+
+def test_mrope_equals_transformers_qwen2_vl_rotary():
+    """M-RoPE (Qwen2-VL): [3, T] positions rotate as transformers' rotary module and ``apply_rotary_pos_emb``
+    over its recomposed sections; [T] positions (text) as the plain rotary embedding; the sections are read from
+    transformers 4's ``rope_scaling`` (type "mrope", which is plain rope) and 5's ``rope_parameters``."""
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    sections = (2, 3, 3)
+    config = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               rope_parameters={"rope_type": "default", "mrope_section": list(sections),
+                                                "rope_theta": 10000.0})
+    assert mrope_section_of(config.to_dict()) == sections
+    old = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    assert mrope_section_of(old) == sections and rope_scaling_from_hf(old) is None
+    rotary = MRotaryEmbedding(HEAD_DIM, 64, 10000.0, None, sections)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 64, (3, 9), generator=generator)
+    q, k = torch.randn(9, 4, HEAD_DIM, generator=generator), torch.randn(9, 2, HEAD_DIM, generator=generator)
+    got_q, got_k = rotary(positions, q, k)
+    cos, sin = Qwen2VLRotaryEmbedding(config)(q, positions[:, None, :])
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    torch.testing.assert_close(got_q, want_q[0].transpose(0, 1))
+    torch.testing.assert_close(got_k, want_k[0].transpose(0, 1))
+    plain = RotaryEmbedding(HEAD_DIM, 64, 10000.0)
+    for got, want in zip(rotary(positions[0], q, k), plain(positions[0], q, k), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="three sections adding up to head_dim / 2"):
+        MRotaryEmbedding(HEAD_DIM, 64, 10000.0, None, (4, 4, 4))
 
 
 def test_unsupported_and_incomplete_scalings_are_refused():

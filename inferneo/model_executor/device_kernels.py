@@ -12,6 +12,7 @@ plain module                  CPU (``cpu_native_kernels``)               CUDA (`
 ``GemmaRMSNorm``              :class:`NativeGemmaRMSNorm`                PyTorch
 ``SiluAndMul``                :class:`NativeSiluAndMul`                  :class:`TritonSiluAndMul`
 ``Attention`` (no q/k norm)   :class:`InplaceRotaryAttention`: rotary in place on the fused q/k/v output
+                              (M-RoPE: :class:`MRopeInplaceRotaryAttention`, the same kernel over per-token rows)
 ``Attention`` (q/k norms)     :class:`QKNormRotaryAttention`: per-head   :class:`QKNormRotaryAttention`
                               norms + rotary, one native kernel, in      (``cuda_fused_qk_norm_rope``): per-head
                               place                                      norms + rotary, one kernel, in place;
@@ -80,6 +81,7 @@ from inferneo.model_executor.layers.gpu_linear import (
     use_decode_linears,
 )
 from inferneo.model_executor.layers.moe import ExpertKernel, FusedMoE
+from inferneo.model_executor.layers.rotary import MRotaryEmbedding
 from inferneo.model_executor.models.llama import MLP, Attention, DecoderLayer
 from inferneo.model_executor.tensor_parallel import fuse_peer_norms
 
@@ -194,6 +196,21 @@ class InplaceRotaryAttention(_InPlaceRotaryBase):
         return {}
 
 
+class MRopeInplaceRotaryAttention(InplaceRotaryAttention):
+    """:class:`InplaceRotaryAttention` of a model with M-RoPE (Qwen2-VL). One-row ``positions`` (text tokens and
+    every decode row: the three positions equal) read the tables as any rotary layer does; a step with image
+    tokens passes ``[3, num_tokens]`` positions, which run the same kernel over per-token cos/sin rows
+    (``MRotaryEmbedding.rows``) at positions ``0..T-1``."""
+
+    def rotate_qk(self, positions, qkv, kv_cache, metadata) -> dict:
+        if positions.dim() == 1:
+            return super().rotate_qk(positions, qkv, kv_cache, metadata)
+        cos, sin = self.rotary.rows(positions)
+        rows = torch.arange(positions.shape[1], device=positions.device, dtype=positions.dtype)
+        self.rotary_inplace(qkv, rows, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+        return {}
+
+
 def _kernel_stores_kv(attention: Attention, qkv: torch.Tensor, kv_cache: torch.Tensor | None) -> bool:
     """Whether ``attention``'s rotary kernel writes this step's keys and values to the cache itself: its
     ``stores_kv`` (the Triton kernel with the Triton attention backend), a cache in the model dtype or an FP8 cache
@@ -269,7 +286,7 @@ class NativeDecoderLayer(DecoderLayer):
 
 
 # The attentions whose layers NativeDecoderLayer runs itself.
-_NATIVE_LAYER_ATTENTION = (InplaceRotaryAttention, QKNormRotaryAttention)
+_NATIVE_LAYER_ATTENTION = (InplaceRotaryAttention, MRopeInplaceRotaryAttention, QKNormRotaryAttention)
 
 
 def _fused_qk_norm_attention(module: nn.Module, kernel, cuda: bool = True) -> QKNormRotaryAttention | None:
@@ -461,7 +478,7 @@ def _dense_silu_layer_whose_linears(m: nn.Module, takes) -> bool:
     """Whether ``m`` is a plain :class:`DecoderLayer` with Triton RMSNorms, one of this module's attentions and a
     plain gated MLP (SiLU), whose four linears (q/k/v, output, gate/up, down) all satisfy ``takes``."""
     return (type(m) is DecoderLayer and type(m.mlp) in (MLP, QuantizedSiluMLP)
-            and type(m.self_attn) in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+            and type(m.self_attn) in (Attention, *_NATIVE_LAYER_ATTENTION)
             and type(m.input_layernorm) is TritonRMSNorm and type(m.post_attention_layernorm) is TritonRMSNorm
             and type(m.mlp.act_fn) in (SiluAndMul, TritonSiluAndMul)
             and all(takes(x) for x in (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj,
@@ -514,7 +531,7 @@ def use_norm_fused_quant_layers(model: nn.Module) -> int:
 
     def replace(m: nn.Module) -> nn.Module | None:
         if (type(m) is not DecoderLayer or type(m.mlp) not in (MLP, QuantizedSiluMLP)
-                or type(m.self_attn) not in (Attention, InplaceRotaryAttention, QKNormRotaryAttention)
+                or type(m.self_attn) not in (Attention, *_NATIVE_LAYER_ATTENTION)
                 or type(m.input_layernorm) is not TritonRMSNorm
                 or type(m.post_attention_layernorm) is not TritonRMSNorm
                 or not fuses(m.self_attn.qkv_proj) or not fuses(m.mlp.gate_up_proj)
@@ -725,7 +742,8 @@ def use_device_kernels(model: nn.Module, device: torch.device, kernels: KernelCo
                                                 cuda=False))
     if ops is not None:
         _swap_children(model, lambda m: norm(m) if type(m) is RMSNorm else act() if type(m) is SiluAndMul else None)
-        _swap_children(model, lambda m: _adopt(InplaceRotaryAttention, m, rotary_inplace=rotary,
+        _swap_children(model, lambda m: _adopt(MRopeInplaceRotaryAttention if isinstance(m.rotary, MRotaryEmbedding)
+                                               else InplaceRotaryAttention, m, rotary_inplace=rotary,
                                                stores_kv=device.type == "cuda" and _triton_backend(m))
                        if type(m) is Attention and m.q_norm is None else None)
     if gemma_norm is not None:

@@ -94,7 +94,7 @@ def rope_scaling_from_hf(cfg: dict, *, default_original: int | None = None) -> d
     if not scaling and isinstance(cfg.get("rope_parameters"), dict):
         scaling = {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
     rope_type = rope_type_of(scaling)
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # "mrope": Qwen2-VL's, plain frequencies (sections: mrope_section_of)
         return None
     scaling = {k: v for k, v in scaling.items() if k != "type"}
     scaling["rope_type"] = rope_type
@@ -243,6 +243,51 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal rotary embedding (M-RoPE): the ``head_dim // 2`` frequencies fall into three
+    consecutive ``sections`` (``rope_scaling.mrope_section``), rotated by a token's temporal, height and width
+    position respectively.
+
+    ``positions`` is ``[num_tokens]`` (the three positions equal: a text token, where M-RoPE is the plain rotary
+    embedding, through the same tables) or ``[3, num_tokens]`` (an image's tokens among them: their grid
+    positions); :meth:`rows` gives the per-token cos/sin rows of the latter for the kernels that read tables."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None,
+                 sections: tuple[int, ...]) -> None:
+        if len(sections) != 3 or sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope_section {list(sections)} must be three sections adding up to head_dim / 2 "
+                             f"({head_dim // 2})")
+        super().__init__(head_dim, max_position, theta, scaling)
+        self.sections = tuple(int(n) for n in sections)
+
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[num_tokens, head_dim // 2]`` of 3D ``positions`` ``[3, num_tokens]``: each section's
+        columns from the table row of its own position."""
+        cos, sin = [], []
+        start = 0
+        for axis, width in enumerate(self.sections):
+            cos.append(self.cos_cache.index_select(0, positions[axis])[:, start : start + width])
+            sin.append(self.sin_cache.index_select(0, positions[axis])[:, start : start + width])
+            start += width
+        return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        cos, sin = self.rows(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def mrope_section_of(cfg: dict) -> tuple[int, ...] | None:
+    """The M-RoPE sections of a config (``mrope_section`` in ``rope_scaling`` or transformers 5's
+    ``rope_parameters``), or None for a model without M-RoPE."""
+    for source in (cfg.get("rope_scaling"), cfg.get("rope_parameters")):
+        if isinstance(source, dict) and source.get("mrope_section"):
+            return tuple(int(n) for n in source["mrope_section"])
+    return None
 
 
 def _table(positions: torch.Tensor, rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,12 @@ from inferneo.attention.fp8_kv import KVCacheScales
 from inferneo.attention.kv_spec import KVCacheSpec
 from inferneo.model_executor.layers.basic import RMSNorm, SiluAndMul
 from inferneo.model_executor.layers.moe import MoeConfig
-from inferneo.model_executor.layers.rotary import RotaryEmbedding, rope_scaling_from_hf
+from inferneo.model_executor.layers.rotary import (
+    MRotaryEmbedding,
+    RotaryEmbedding,
+    mrope_section_of,
+    rope_scaling_from_hf,
+)
 
 # transformers' ``ACT2FN`` names for SiLU, the one activation the gated MLP and the experts compute
 SILU_ACTIVATIONS = ("silu", "swish")
@@ -57,6 +62,8 @@ class DecoderConfig:
     moe: MoeConfig | None = None  # mixture-of-experts models only (``models/moe.py``)
     # the labels of a sequence classifier's ``score`` head (``models/decoder_classifier.py``); 0 for a causal LM
     num_labels: int = 0
+    # Qwen2-VL's M-RoPE: the rotary frequencies' three sections (temporal, height, width); None: plain rotary
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.layer_types is not None:
@@ -111,6 +118,7 @@ class DecoderConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=cfg.get("sliding_window"),
             layer_types=cfg.get("layer_types"),
+            mrope_section=mrope_section_of(cfg),
         )
         values.update(overrides)
         return cls(**values)
@@ -162,7 +170,11 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if use_sinks else None
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
-        self.rotary = RotaryEmbedding(self.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        if config.mrope_section is None:
+            self.rotary = RotaryEmbedding(self.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        else:
+            self.rotary = MRotaryEmbedding(self.head_dim, max_position, config.rope_theta, config.rope_scaling,
+                                           config.mrope_section)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
