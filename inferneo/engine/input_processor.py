@@ -99,7 +99,7 @@ class InputProcessor:
         """A conversation for the chat template (``chat_template``, else the tokenizer's) and its images in order
         (``multimodal.chat.take_images`` with this model's image placeholder and the template's content format);
         ValueError when it has images and the model takes text only."""
-        placeholder = self.images.placeholder if self.images is not None else None
+        placeholder = self.images.chat_placeholder if self.images is not None else None
         return take_images(conversation, placeholder, template_reads_parts(self.tokenizer, chat_template))
 
     def prepare_images(self, prompt_ids: list[int], images: list | None,

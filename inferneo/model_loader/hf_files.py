@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from inferneo.multimodal.config import (
+    MROPE_ARCHITECTURES,
     VISION_LANGUAGE_ARCHITECTURES,
     VISION_LANGUAGE_KEY,
     VisionLanguageConfig,
@@ -86,12 +87,37 @@ def vision_language_model_config(config: dict[str, Any]) -> dict[str, Any]:
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if config["architectures"][0] in MROPE_ARCHITECTURES:
+        return _qwen_vl_model_config(config)
     declared = dict(config.get("text_config") or {})
     model_type = declared.pop("model_type", "llama")
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{config['architectures'][0]}: unknown language model type {model_type!r}")
     text = _with_top_level_values(CONFIG_MAPPING[model_type](**declared).to_dict(), declared, config)
     text["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
+    return text
+
+
+# Qwen's vision-language architectures -> the transformers config class of their language model.
+_QWEN_VL_TEXT_CONFIGS = {"Qwen2VLForConditionalGeneration": "Qwen2VLTextConfig",
+                         "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig"}
+
+
+def _qwen_vl_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The served config of a Qwen2-VL or Qwen2.5-VL checkpoint: its language model (transformers 5's
+    ``text_config``, or transformers 4's top-level keys) completed with transformers' defaults, served as
+    ``Qwen2ForCausalLM`` (its ``mrope_section`` makes the engine's rotary layers M-RoPE), with the image settings
+    beside it."""
+    import transformers
+
+    name = config["architectures"][0]
+    declared = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
+    declared.pop("model_type", None)
+    declared.pop("architectures", None)
+    text = getattr(transformers, _QWEN_VL_TEXT_CONFIGS[name])(**declared).to_dict()
+    text = _with_top_level_values(text, declared, config)
+    text["architectures"] = ["Qwen2ForCausalLM"]
     text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
     return text
 

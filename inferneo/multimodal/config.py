@@ -5,6 +5,10 @@ completed with transformers' defaults) with this record beside it, under the key
 vision tower's config, the token that stands for image features in a prompt, how many of them one image becomes,
 and how the tower's hidden states become those features (LLaVA's ``vision_feature_layer`` and
 ``vision_feature_select_strategy``, the projector's activation and bias).
+
+Qwen2-VL and Qwen2.5-VL (:data:`MROPE_ARCHITECTURES`) keep the same record: their vision tower's config, their
+``<|image_pad|>`` token; an image's token count follows its patch grid (:meth:`VisionLanguageConfig.tokens_of`) and
+their language model rotates by M-RoPE (``multimodal/mrope.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ VISION_LANGUAGE_KEY = "inferneo_vision_language"
 
 # The vision-language architectures served with images, and the vision towers they may have (transformers'
 # ``model_type`` of ``vision_config``).
-VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+# Qwen's vision-language models: transformers' own vision transformer, images of any size, M-RoPE.
+MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", *MROPE_ARCHITECTURES)
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
@@ -32,11 +38,16 @@ class VisionLanguageConfig:
     projector_act: str
     projector_bias: bool
     text_hidden_size: int
+    # Qwen2-VL's markers around an image's tokens (None: the model has none)
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
         """The settings of a ``LlavaForConditionalGeneration`` ``config.json`` (transformers' defaults where it
         says nothing); ValueError for a vision tower or feature choice this engine does not serve."""
+        if config["architectures"][0] in MROPE_ARCHITECTURES:
+            return cls._from_qwen(config, text_hidden_size)
         vision = dict(config.get("vision_config") or {})
         tower = vision.get("model_type", "clip_vision_model")
         if tower not in VISION_TOWERS:
@@ -55,6 +66,35 @@ class VisionLanguageConfig:
                    projector_bias=bool(config.get("multimodal_projector_bias", True)),
                    text_hidden_size=text_hidden_size)
 
+    @classmethod
+    def _from_qwen(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
+        """The settings of a Qwen2-VL or Qwen2.5-VL ``config.json`` (the LLaVA-only fields at their defaults)."""
+        token = config.get("image_token_id", (config.get("text_config") or {}).get("image_token_id"))
+        if not isinstance(token, int):
+            raise ValueError("the checkpoint's config.json names no image_token_id")
+        vision = dict(config.get("vision_config") or {})
+        return cls(architecture=config["architectures"][0], vision_config=vision, image_token_id=token,
+                   feature_layer=-1, select_strategy="full", projector_act="gelu", projector_bias=True,
+                   text_hidden_size=text_hidden_size, vision_start_token_id=config.get("vision_start_token_id"),
+                   vision_end_token_id=config.get("vision_end_token_id"))
+
+    @property
+    def mrope(self) -> bool:
+        """Whether the model is Qwen2-VL-like: images of any size through its own vision transformer, M-RoPE."""
+        return self.architecture in MROPE_ARCHITECTURES
+
+    @property
+    def merge_size(self) -> int:
+        """Qwen2-VL's ``spatial_merge_size``: each token of an image stands for ``merge × merge`` patches."""
+        return int(self.vision_config.get("spatial_merge_size", 2))
+
+    def tokens_of(self, grid: tuple[int, ...]) -> int:
+        """Image tokens of one image of patch grid ``grid`` (Qwen2-VL), or of any image (LLaVA: no grid)."""
+        if not self.mrope:
+            return self.num_image_tokens
+        t, h, w = grid
+        return t * h * w // (self.merge_size**2)
+
     @property
     def num_image_tokens(self) -> int:
         """Image tokens per image: the tower's output positions (its patches, and CLIP's CLS position), less the
@@ -70,7 +110,8 @@ class VisionLanguageConfig:
                 "feature_layer": list(self.feature_layer) if isinstance(self.feature_layer, tuple)
                 else self.feature_layer,
                 "select_strategy": self.select_strategy, "projector_act": self.projector_act,
-                "projector_bias": self.projector_bias, "text_hidden_size": self.text_hidden_size}
+                "projector_bias": self.projector_bias, "text_hidden_size": self.text_hidden_size,
+                "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> VisionLanguageConfig:

@@ -12,21 +12,26 @@ import torch
 
 class ImageInput(msgspec.Struct, array_like=True, frozen=True):
     """One image of a prompt: its ``length`` image tokens start at prompt position ``offset``; ``pixels`` are the
-    image processor's output for it (``shape``, float32, C order), what the vision tower reads."""
+    image processor's output for it (``shape``, float32, C order), what the vision tower reads. ``grid``: a
+    Qwen2-VL image's patch grid (temporal, height, width), which its vision tower reads and its tokens' M-RoPE
+    positions follow; empty for a model of fixed-size images (LLaVA)."""
 
     offset: int
     length: int
     pixels: bytes
     shape: tuple[int, ...]
     digest: str  # sha256 of the pixels and their shape: the same picture, preprocessed the same way
+    grid: tuple[int, ...] = ()
 
     @classmethod
-    def from_tensor(cls, offset: int, length: int, pixels: torch.Tensor) -> ImageInput:
-        """The image whose preprocessed pixels are ``pixels`` (any float dtype; sent as float32)."""
+    def from_tensor(cls, offset: int, length: int, pixels: torch.Tensor, grid: tuple[int, ...] = ()) -> ImageInput:
+        """The image whose preprocessed pixels are ``pixels`` (any float dtype; sent as float32), of patch grid
+        ``grid`` (Qwen2-VL's; empty otherwise)."""
         array = np.ascontiguousarray(pixels.detach().to(torch.float32).cpu().numpy())
         data = array.tobytes()
-        digest = hashlib.sha256(repr(array.shape).encode() + data).hexdigest()
-        return cls(offset, length, data, tuple(array.shape), digest)
+        digest = hashlib.sha256(repr(array.shape).encode() + repr(tuple(grid)).encode() * bool(grid)
+                                + data).hexdigest()
+        return cls(offset, length, data, tuple(array.shape), digest, tuple(int(n) for n in grid))
 
     def tensor(self) -> torch.Tensor:
         """The pixels as a float32 tensor of ``shape`` (a copy: the bytes stay read-only)."""

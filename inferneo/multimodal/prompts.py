@@ -1,9 +1,10 @@
 """The front end's side of images in prompts: a prompt's image placeholders become the model's image tokens,
 and its images the preprocessed pixels the core's vision tower reads.
 
-A prompt marks where each image goes with the model's image token (LLaVA's ``<image>``), once per image, as
-vLLM's prompts and the models' chat templates write it; :meth:`ImagePrompts.prepare` repeats each placeholder as
-many times as the model has features per image and runs the checkpoint's own image processor (transformers'
+A prompt marks where each image goes with the model's image token (LLaVA's ``<image>``, Qwen2-VL's
+``<|image_pad|>``), once per image, as vLLM's prompts and the models' chat templates write it;
+:meth:`ImagePrompts.prepare` repeats each placeholder as many times as the model has features for that image (a
+fixed count for LLaVA; for Qwen2-VL, the image's patch grid over the merge size squared) and runs the checkpoint's own image processor (transformers'
 ``AutoImageProcessor``, from its ``preprocessor_config.json``) over the images.
 """
 
@@ -37,8 +38,13 @@ class ImagePrompts:
                              f"could not be loaded: {exc}") from None
         self.config = config
         self.image_token_id = config.image_token_id
-        self.num_image_tokens = config.num_image_tokens
         self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # What a chat message's image becomes in a template that reads strings: the placeholder, which Qwen2-VL
+        # wraps in its vision markers (as its own template writes an image part)
+        self.chat_placeholder = self.placeholder
+        if config.vision_start_token_id is not None and config.vision_end_token_id is not None:
+            start, end = tokenizer.convert_ids_to_tokens([config.vision_start_token_id, config.vision_end_token_id])
+            self.chat_placeholder = f"{start}{self.placeholder}{end}"
 
     def prepare(self, prompt_ids: list[int], images: list[Any] | None) -> tuple[list[int], list[ImageInput] | None]:
         """``prompt_ids`` with each image placeholder repeated for its image's tokens, and the images (PIL images
@@ -59,16 +65,26 @@ class ImagePrompts:
         except ValueError as exc:
             raise ImagePromptError(str(exc)) from None
         try:
-            pixels = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+            processed = self.image_processor(images=pictures, return_tensors="pt")
         except Exception as exc:  # an image the processor cannot take (too small to crop, a strange mode, ...)
             raise ImagePromptError(f"the model's image processor could not prepare the image: {exc}") from None
         expanded: list[int] = []
         inputs: list[ImageInput] = []
         previous = 0
-        for index, place in enumerate(places):
+        for place, (pixels, grid) in zip(places, self._per_image(processed), strict=True):
             expanded.extend(prompt_ids[previous:place])
-            inputs.append(ImageInput.from_tensor(len(expanded), self.num_image_tokens, pixels[index]))
-            expanded.extend([self.image_token_id] * self.num_image_tokens)
+            count = self.config.tokens_of(grid)
+            inputs.append(ImageInput.from_tensor(len(expanded), count, pixels, grid))
+            expanded.extend([self.image_token_id] * count)
             previous = place + 1
         expanded.extend(prompt_ids[previous:])
         return expanded, inputs
+
+    def _per_image(self, processed) -> list[tuple[Any, tuple[int, ...]]]:
+        """Each image's pixels and patch grid from the image processor's output: Qwen2-VL's flattened patches of
+        all the images, split by their ``image_grid_thw``; a LLaVA processor's ``[images, 3, H, W]`` (no grid)."""
+        pixels = processed["pixel_values"]
+        if not self.config.mrope:
+            return [(image, ()) for image in pixels]
+        grids = [tuple(int(n) for n in grid) for grid in processed["image_grid_thw"].tolist()]
+        return list(zip(pixels.split([t * h * w for t, h, w in grids]), grids, strict=True))

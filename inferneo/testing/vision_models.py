@@ -1,6 +1,7 @@
-"""Tiny random-weight LLaVA checkpoints for tests: transformers' own ``LlavaForConditionalGeneration`` over the
-tiny Llama (or Qwen2) of :mod:`~inferneo.testing.tiny_models`, a CLIP or SigLIP vision tower of 32-pixel images in
-8-pixel patches, the tiny tokenizer with ``<image>`` added as its last token, and the image processor's config."""
+"""Tiny random-weight vision-language checkpoints for tests: transformers' own ``LlavaForConditionalGeneration``
+over the tiny Llama (or Qwen2) of :mod:`~inferneo.testing.tiny_models`, a CLIP or SigLIP vision tower of 32-pixel
+images in 8-pixel patches, the tiny tokenizer with ``<image>`` added as its last token, and the image processor's
+config (:func:`make_tiny_llava`); Qwen2-VL and Qwen2.5-VL the same way (:func:`make_tiny_qwen2_vl`)."""
 
 from __future__ import annotations
 
@@ -79,4 +80,73 @@ def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "defaul
     processor = (CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size) if vision == "clip"
                  else SiglipImageProcessor(size=size))
     processor.save_pretrained(path)
+    return path
+
+
+# Qwen2-VL's image tokens, added after the tiny tokenizer's vocabulary (in this order: the last three ids).
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+# ChatML, with Qwen2-VL's image markers for the image parts of a message whose content is a list of parts.
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN_PATCH_SIZE = 14  # Qwen2-VL's own: a 56×56 image is 4×4 patches, 2×2 tokens at merge size 2
+QWEN_MAX_PIXELS = 112 * 112  # images are resized down to at most 8×8 patches (16 tokens)
+
+
+def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384, hidden_size: int = 64,
+                       seed: int = 0) -> Path:
+    """Write a random-weight Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5") checkpoint into ``path`` and return
+    it: transformers' own model of a two-layer language model (M-RoPE sections [2, 3, 3] of 16-wide heads) and a
+    two-block vision transformer of 14-pixel patches, the tiny tokenizer with :data:`QWEN_VISION_TOKENS` as its
+    last three tokens and :data:`QWEN_VL_TEMPLATE`, and the image processor's config (min 56×56, at most
+    :data:`QWEN_MAX_PIXELS` pixels). Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs
+    depend on the image."""
+    import transformers
+
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rms_norm_eps=1e-6, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                tie_word_embeddings=False, initializer_range=0.2)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=hidden_size, mlp_ratio=2,
+                      patch_size=QWEN_PATCH_SIZE, spatial_merge_size=2, temporal_patch_size=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                      patch_size=QWEN_PATCH_SIZE, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=56, fullatt_block_indexes=[1])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5'; got {version!r}")
+    start, pad, end = vocab_size - 3, vocab_size - 2, vocab_size - 1
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=pad, video_token_id=pad,
+                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_q.weight"):
+                param.normal_(1.0, 0.1)
+            else:
+                param.normal_(0.0, 0.2)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = make_tiny_tokenizer(vocab_size - 3, add_bos=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    assert tokenizer.convert_tokens_to_ids(QWEN_VISION_TOKENS[1]) == pad
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(path)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=QWEN_MAX_PIXELS, patch_size=QWEN_PATCH_SIZE,
+                             merge_size=2, temporal_patch_size=2).save_pretrained(path)
     return path

@@ -64,8 +64,7 @@ def dummy_image(runner: ModelRunner) -> torch.Tensor | None:
     encode = getattr(runner.model, "encode_image", None)
     if encode is None:
         return None
-    side = runner.model.vision_language.vision_config.get("image_size", 224)
-    return encode(torch.zeros(3, side, side, device=runner.device))
+    return encode(*runner.model.blank_image(runner.device))
 
 
 @torch.inference_mode()

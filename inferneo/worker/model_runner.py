@@ -62,6 +62,7 @@ from inferneo.sampling import Sampler, SamplingMetadata
 from inferneo.worker.cpu_tuning import keep_freed_memory_mapped, release_freed_memory
 from inferneo.worker.cuda_graphs import DecodeGraphs, decode_buckets, pick_bucket
 from inferneo.worker.memory import kv_cache_budget, profile_peak_memory
+from inferneo.worker.mrope_step import apply_mrope_positions
 from inferneo.worker.prompt_logprobs import PromptScores, gather_prompt_rows, score_prompt_rows
 from inferneo.worker.runner_api import Runner
 from inferneo.worker.staging import InputStager
@@ -309,6 +310,9 @@ class ModelRunner(Runner):
         # steps look for them once the engine takes them (``embeds_prompts``, set by the core's builder)
         self.takes_prompt_embeds = bool(getattr(self.model, "accepts_prompt_embeds", False))
         self.embeds_prompts = False
+        # Qwen2-VL's M-RoPE: the vision tower's merge size, which the positions of its image tokens follow (None: a
+        # model without M-RoPE, whose steps never look at them)
+        self.mrope_merge: int | None = getattr(self.model, "mrope_merge_size", None)
         if self.takes_images and (self.tp.world_size > 1 or self.pp.num_stages > 1):
             raise ValueError(f"{model_cls.__name__}: vision-language models run on one device for now "
                              "(tensor_parallel_size and pipeline_parallel_size 1)")
@@ -570,6 +574,7 @@ class ModelRunner(Runner):
         layout = graphs.layout if graphs is not None else step_layout(items, self.block_size, pad_rows=bucket)
         host, host_tensor = self._inputs.host(layout.size)
         packed = pack_step(host, layout, items, self.block_size, bucket, self.spare_block, self.rope_switch)
+        mrope = apply_mrope_positions(host, packed, items, self.mrope_merge) if self.mrope_merge else None
         num_samples = packed.num_samples
         lora_step = None
         if self.lora is not None:
@@ -592,7 +597,8 @@ class ModelRunner(Runner):
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
                                     self._token_types(items, packed),
-                                    self._embedded_rows(items, packed) if embedded else None)
+                                    self._embedded_rows(items, packed) if embedded else None,
+                                    None if mrope is None else self._upload(mrope))
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
@@ -706,7 +712,7 @@ class ModelRunner(Runner):
                     continue
                 features = self._image_features.pop(image.digest, None)
                 if features is None:
-                    features = self.model.encode_image(image.tensor())
+                    features = self.model.encode_image(image.tensor(), image.grid)
                 self._image_features[image.digest] = features  # now the most recently used
                 while len(self._image_features) > IMAGE_FEATURE_CACHE:
                     self._image_features.popitem(last=False)
@@ -716,7 +722,10 @@ class ModelRunner(Runner):
     def _forward(self, packed: PackedStep, host_tensor: torch.Tensor, bucket: int | None,
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
                  token_types: torch.Tensor | None = None,
-                 embedded_rows: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 embedded_rows: list[tuple[int, torch.Tensor]] | None = None,
+                 mrope_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's hidden states for the packed step, and the step's device tensor. ``mrope_positions``: the
+        ``[3, num_tokens]`` positions of a step with Qwen2-VL image tokens, in place of the packed ones."""
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
@@ -726,6 +735,8 @@ class ModelRunner(Runner):
         if self.pp.is_first:  # later stages read hidden states, not ids
             self._fill_pending_ids(packed, dev, previous_samples)
         input_ids, positions, metadata = step_views(dev, packed, self.block_size)
+        if mrope_positions is not None:
+            positions = mrope_positions
         self.backend.prepare(metadata)
         if token_types is not None:  # an encoder's inputs with a second segment (a BERT cross-encoder's pairs)
             return self.model(input_ids, positions, self.kv_caches, metadata, token_type_ids=token_types), dev

@@ -80,9 +80,15 @@ class VisionLanguageModel:
     def num_image_tokens(self) -> int:
         return self.vision_language.num_image_tokens
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def blank_image(self, device: torch.device | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """A blank image's pixels (and its grid: none), for memory profiling."""
+        side = self.vision_language.vision_config.get("image_size", 224)
+        return torch.zeros(3, side, side, device=device), ()
+
+    def encode_image(self, pixels: torch.Tensor, grid: tuple[int, ...] = ()) -> torch.Tensor:
         """The features ``[num_image_tokens, hidden]`` of one preprocessed image ``pixels`` (``[3, H, W]`` or
-        ``[1, 3, H, W]``), in the model's dtype, as transformers' LLaVA computes them."""
+        ``[1, 3, H, W]``), in the model's dtype, as transformers' LLaVA computes them (``grid``: unused, the
+        images are of one size)."""
         config = self.vision_language
         weight = next(self.vision_tower.parameters())  # the linears may be packed by now: no ``weight``
         pixels = pixels.to(device=weight.device, dtype=weight.dtype)

@@ -21,6 +21,7 @@ from inferneo.model_executor.models.llava import vision_language_class
 from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from inferneo.model_executor.models.qwen2_vl import qwen_vl_class
 from inferneo.multimodal.config import vision_language_of
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -69,6 +70,8 @@ def get_model_class(hf_config: dict) -> type[nn.Module]:
                 return MODEL_REGISTRY[name]
             if not issubclass(MODEL_REGISTRY[name], LlamaForCausalLM):
                 raise ValueError(f"{vision_language.architecture} with a {name} language model is not supported")
+            if vision_language.mrope:
+                return qwen_vl_class(MODEL_REGISTRY[name], vision_language)
             return vision_language_class(MODEL_REGISTRY[name], vision_language)
     asked = ", ".join(names) if names else f"(none listed; model_type {hf_config.get('model_type')!r})"
     raise ValueError(f"unsupported architecture {asked}; supported: {', '.join(MODEL_REGISTRY)}")
