@@ -1,8 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL with images: transformers' own vision transformer in front of the engine's Qwen2 with
 M-RoPE generates Hugging Face's greedy tokens (float32, the same tiny random weights) for batches that mix image
 and text-only prompts, two images of different sizes in one prompt, chunked prefill through an image's tokens,
-prefix-cache hits on a repeated image prompt, both CPU attention paths, and checkpoints of transformers 4's layout;
-the M-RoPE positions equal transformers' ``get_rope_index``."""
+prefix-cache hits on a repeated image prompt, preemption, both CPU attention paths, and checkpoints of transformers
+4's layout; the M-RoPE positions equal transformers' ``get_rope_index``."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _hf_model(path: str):
     return model, transformers.AutoImageProcessor.from_pretrained(path)
 
 
-def hf_greedy(path, prompt_ids: list[int], pictures: list[Image.Image]) -> list[int]:
+def hf_greedy(path, prompt_ids: list[int], pictures: list[Image.Image], max_new: int = MAX_NEW) -> list[int]:
     """transformers' greedy tokens for the expanded prompt ids and the same processor's patches of the images."""
     model, processor = _hf_model(str(path))
     ids = torch.tensor([prompt_ids])
@@ -62,7 +62,7 @@ def hf_greedy(path, prompt_ids: list[int], pictures: list[Image.Image]) -> list[
         inputs.update(processor(images=pictures, return_tensors="pt"))
         inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -114,6 +114,21 @@ def test_a_repeated_image_prompt_hits_the_prefix_cache(qwen_vl):
     from inferneo.worker.memory import dummy_image
 
     assert dummy_image(llm.engine.runner).shape == (64, 64)
+
+
+def test_preemption_keeps_hugging_face_tokens(qwen_vl):
+    """A preempted sequence's recomputation runs its prompt and generated tokens as one span: its image tokens'
+    3D positions and the shifted positions after them come back the same."""
+    from tests.test_hf_parity import kv_bytes_per_block
+
+    llm = LLM(str(qwen_vl), dtype="float32", max_model_len=512, kv_cache_memory=8 * kv_bytes_per_block(str(qwen_vl)))
+    pictures = images([(112, 112), (56, 112), (84, 84)], seed=9)
+    batch = [{"prompt": ONE_IMAGE, "multi_modal_data": {"image": picture}} for picture in pictures]
+    longer = SamplingParams(max_tokens=3 * MAX_NEW, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(batch, longer, use_tqdm=False)
+    assert llm.engine.core.stats.num_preemptions > 0
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [
+        hf_greedy(qwen_vl, list(o.prompt_token_ids), [p], 3 * MAX_NEW) for o, p in zip(outputs, pictures, strict=True)]
 
 
 def test_a_transformers_4_checkpoint_reads_the_same(qwen_vl, tmp_path):

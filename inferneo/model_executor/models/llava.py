@@ -129,12 +129,12 @@ class VisionLanguageModel:
         loaded = super().load_weights(language_weights(), strict)
         for module, tensors, label in ((self.vision_tower, vision, "vision_tower"),
                                        (self.multi_modal_projector, projector, "multi_modal_projector")):
-            _load_module(module, tensors, label, strict)
+            load_module_weights(module, tensors, label, strict)
             loaded |= {f"{label}.{name}" for name in tensors}
         return loaded
 
     def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
-        """The language model's load keys (the vision half's are checked by ``_load_module``)."""
+        """The language model's load keys (the vision half's are checked by ``load_module_weights``)."""
         if pname.startswith(("vision_tower.", "multi_modal_projector.")):
             return []
         return super().expected_weight_keys(pname, param)
@@ -145,7 +145,7 @@ class VisionLanguageModel:
         self.multi_modal_projector.to(dtype=dtype)
 
 
-def _load_module(module: nn.Module, tensors: dict[str, torch.Tensor], label: str, strict: bool = True) -> None:
+def load_module_weights(module: nn.Module, tensors: dict[str, torch.Tensor], label: str, strict: bool = True) -> None:
     """Copy ``tensors`` into ``module``'s state; ValueError for an unknown or misshapen tensor, and (``strict``) a
     missing parameter (buffers that transformers builds itself, such as position ids, may be absent)."""
     state = module.state_dict()

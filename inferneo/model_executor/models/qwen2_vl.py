@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from inferneo.model_executor.models.llava import _load_module
+from inferneo.model_executor.models.llava import load_module_weights
 from inferneo.multimodal.config import VisionLanguageConfig
 
 # Checkpoint name prefixes of the language model (transformers 5 nests it; transformers 4 wrote ``model.*``).
@@ -98,11 +98,11 @@ class QwenVisionLanguageModel:
                 yield name, tensor
 
         loaded = super().load_weights(language_weights(), strict)
-        _load_module(self.visual, vision, "visual", strict)
+        load_module_weights(self.visual, vision, "visual", strict)
         return loaded | {f"visual.{name}" for name in vision}
 
     def expected_weight_keys(self, pname: str, param: torch.Tensor) -> list[str]:
-        """The language model's load keys (the vision transformer's are checked by ``_load_module``)."""
+        """The language model's load keys (the vision transformer's are checked by ``load_module_weights``)."""
         if pname.startswith("visual."):
             return []
         return super().expected_weight_keys(pname, param)
