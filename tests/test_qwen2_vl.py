@@ -131,25 +131,46 @@ def test_preemption_keeps_hugging_face_tokens(qwen_vl):
         hf_greedy(qwen_vl, list(o.prompt_token_ids), [p], 3 * MAX_NEW) for o, p in zip(outputs, pictures, strict=True)]
 
 
-def test_a_transformers_4_checkpoint_reads_the_same(qwen_vl, tmp_path):
-    """transformers 4 saved the language model's weights as ``model.*``, the vision tower's as ``visual.*``, and
-    the text config at the top level with ``rope_scaling`` of type "mrope": the same weights so saved answer the
-    same."""
+def _copy_checkpoint(source, target, rename, flatten_config: bool) -> None:
+    """``source``'s checkpoint into ``target`` with its weights renamed by ``rename`` and (``flatten_config``) its
+    config as transformers 4 wrote it: the text config at the top level, ``rope_scaling`` of type "mrope"."""
+    target.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
-        (tmp_path / name).write_bytes((qwen_vl / name).read_bytes())
-    weights = load_file(str(qwen_vl / "model.safetensors"))
-    renamed = {name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
-               for name, tensor in weights.items()}
-    save_file(renamed, str(tmp_path / "model.safetensors"))
-    config = json.loads((qwen_vl / "config.json").read_text())
-    text = config.pop("text_config")
-    rope = text.pop("rope_parameters")
-    config.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
-    config.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
-    (tmp_path / "config.json").write_text(json.dumps(config))
+        (target / name).write_bytes((source / name).read_bytes())
+    weights = load_file(str(source / "model.safetensors"))
+    save_file({rename(name): tensor for name, tensor in weights.items()}, str(target / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    if flatten_config:
+        text = config.pop("text_config")
+        rope = text.pop("rope_parameters")
+        config.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
+        config.update(rope_theta=rope["rope_theta"],
+                      rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    (target / "config.json").write_text(json.dumps(config))
+
+
+def test_checkpoint_layouts_read_the_same(qwen_vl, tmp_path):
+    """transformers saves ``model.layers.*``, ``visual.*`` and ``lm_head.*`` (as transformers 4 did); its
+    in-memory names, which some checkpoints carry, are ``model.language_model.*`` and ``model.visual.*``; and
+    transformers 4 wrote the text config at the top level. Each answers the same."""
+    assert any(name.startswith("visual.") for name in load_file(str(qwen_vl / "model.safetensors")))
+    nested = tmp_path / "nested"
+    _copy_checkpoint(qwen_vl, nested, lambda name: name.replace("model.", "model.language_model.", 1)
+                     .replace("visual.", "model.visual.", 1) if not name.startswith("lm_head.") else name, False)
+    flat = tmp_path / "flat"
+    _copy_checkpoint(qwen_vl, flat, lambda name: name, True)
     batch = [{"prompt": ONE_IMAGE, "multi_modal_data": {"image": images([(56, 112)], seed=7)[0]}}]
-    got = [generate(LLM(str(path), dtype="float32", max_model_len=512), batch)[1] for path in (qwen_vl, tmp_path)]
-    assert got[0] == got[1]
+    got = [generate(LLM(str(path), dtype="float32", max_model_len=512), batch)[1] for path in (qwen_vl, nested, flat)]
+    assert got[0] == got[1] == got[2]
+
+
+def test_tied_embeddings_equal_hugging_face(tmp_path):
+    """Qwen2-VL 2B ties its output head to the embeddings; transformers 5 says so at the config's top level."""
+    path = make_tiny_qwen2_vl(tmp_path, tie_word_embeddings=True)
+    llm = LLM(str(path), dtype="float32", max_model_len=512)
+    batch = [{"prompt": ONE_IMAGE, "multi_modal_data": {"image": images([(84, 56)], seed=2)[0]}}, TEXT_ONLY]
+    outputs, got = generate(llm, batch)
+    assert got == expected_for(path, outputs, batch)
 
 
 def test_mrope_positions_equal_transformers_rope_index(qwen_vl):

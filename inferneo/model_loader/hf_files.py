@@ -117,6 +117,8 @@ def _qwen_vl_model_config(config: dict[str, Any]) -> dict[str, Any]:
     declared.pop("architectures", None)
     text = getattr(transformers, _QWEN_VL_TEXT_CONFIGS[name])(**declared).to_dict()
     text = _with_top_level_values(text, declared, config)
+    # transformers 5 keeps the tying at the top level only (Qwen2-VL 2B ties its embeddings)
+    text["tie_word_embeddings"] = bool(declared.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     text["architectures"] = ["Qwen2ForCausalLM"]
     text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
     return text

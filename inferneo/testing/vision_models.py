@@ -99,12 +99,12 @@ QWEN_MAX_PIXELS = 112 * 112  # images are resized down to at most 8×8 patches (
 
 
 def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384, hidden_size: int = 64,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, tie_word_embeddings: bool = False) -> Path:
     """Write a random-weight Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5") checkpoint into ``path`` and return
     it: transformers' own model of a two-layer language model (M-RoPE sections [2, 3, 3] of 16-wide heads, rope
     base 1e6 as Qwen2-VL's) and a two-block vision transformer of 14-pixel patches, the tiny tokenizer with
     :data:`QWEN_VISION_TOKENS` as its last three tokens and :data:`QWEN_VL_TEMPLATE`, and the image processor's
-    config (min 56×56, at most :data:`QWEN_MAX_PIXELS` pixels). Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs
+    config (min 56×56, at most :data:`QWEN_MAX_PIXELS` pixels); ``tie_word_embeddings`` as Qwen2-VL 2B's. Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs
     depend on the image."""
     import transformers
 
@@ -112,7 +112,7 @@ def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
-                tie_word_embeddings=False, initializer_range=0.2)
+                initializer_range=0.2)
     if version == "2":
         vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=hidden_size, mlp_ratio=2,
                       patch_size=QWEN_PATCH_SIZE, spatial_merge_size=2, temporal_patch_size=2)
@@ -126,7 +126,8 @@ def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384,
         raise ValueError(f"version must be '2' or '2.5'; got {version!r}")
     start, pad, end = vocab_size - 3, vocab_size - 2, vocab_size - 1
     config = config_cls(text_config=text, vision_config=vision, image_token_id=pad, video_token_id=pad,
-                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=False)
+                        vision_start_token_id=start, vision_end_token_id=end,
+                        tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():
