@@ -97,8 +97,9 @@ class VisionLanguageConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per image: the tower's output positions (its patches, and CLIP's CLS position), less the
-        first one under the "default" strategy (as transformers' LLaVA and its processor count them)."""
+        """LLaVA's image tokens per image: the tower's output positions (its patches, and CLIP's CLS position), less
+        the first one under the "default" strategy (as transformers' LLaVA and its processor count them). Qwen2-VL's
+        vary per image: :meth:`tokens_of`."""
         side = self.vision_config.get("image_size", 224) // self.vision_config.get("patch_size", 32)
         has_cls = self.vision_config["model_type"] == "clip_vision_model"
         return side * side + has_cls - (self.select_strategy == "default")

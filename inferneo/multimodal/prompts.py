@@ -3,9 +3,10 @@ and its images the preprocessed pixels the core's vision tower reads.
 
 A prompt marks where each image goes with the model's image token (LLaVA's ``<image>``, Qwen2-VL's
 ``<|image_pad|>``), once per image, as vLLM's prompts and the models' chat templates write it;
-:meth:`ImagePrompts.prepare` repeats each placeholder as many times as the model has features for that image (a
-fixed count for LLaVA; for Qwen2-VL, the image's patch grid over the merge size squared) and runs the checkpoint's own image processor (transformers'
-``AutoImageProcessor``, from its ``preprocessor_config.json``) over the images.
+:meth:`ImagePrompts.prepare` runs the checkpoint's own image processor (transformers' ``AutoImageProcessor``, from
+its ``preprocessor_config.json``) over the images and repeats each placeholder as many times as the model has
+features for that image (a fixed count for LLaVA; for Qwen2-VL, the image's patch grid over the merge size
+squared).
 """
 
 from __future__ import annotations

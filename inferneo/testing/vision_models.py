@@ -104,8 +104,8 @@ def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384,
     it: transformers' own model of a two-layer language model (M-RoPE sections [2, 3, 3] of 16-wide heads, rope
     base 1e6 as Qwen2-VL's) and a two-block vision transformer of 14-pixel patches, the tiny tokenizer with
     :data:`QWEN_VISION_TOKENS` as its last three tokens and :data:`QWEN_VL_TEMPLATE`, and the image processor's
-    config (min 56×56, at most :data:`QWEN_MAX_PIXELS` pixels); ``tie_word_embeddings`` as Qwen2-VL 2B's. Weights are drawn with std 0.2 (norm weights around 1) so that greedy outputs
-    depend on the image."""
+    config (min 56×56, at most :data:`QWEN_MAX_PIXELS` pixels); ``tie_word_embeddings`` as Qwen2-VL 2B's. Weights
+    are drawn with std 0.2 (norm weights around 1) so that greedy outputs depend on the image."""
     import transformers
 
     text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
