@@ -110,10 +110,10 @@ def test_a_repeated_image_prompt_hits_the_prefix_cache(qwen_vl):
         llm.engine.runner.model.image_token_id)
     assert again[0].num_cached_tokens >= last_image  # both images' tokens, and the text between them, are hits
     assert got_again == got == expected_for(qwen_vl, outputs, [prompt])
-    # the memory profile's blank image (16×16 patches: 64 tokens) goes through the vision transformer too
+    # the memory profile encodes the largest image the processor leaves (112×112: 8×8 patches, 16 tokens) too
     from inferneo.worker.memory import dummy_image
 
-    assert dummy_image(llm.engine.runner).shape == (64, 64)
+    assert dummy_image(llm.engine.runner).shape == (16, 64)
 
 
 def test_preemption_keeps_hugging_face_tokens(qwen_vl):

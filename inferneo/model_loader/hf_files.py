@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,11 +77,11 @@ def hf_config(folder: Path) -> dict[str, Any]:
     if any(name in LANGUAGE_MODEL_OF for name in config.get("architectures") or ()):
         config = language_model_config(config)
     elif any(name in VISION_LANGUAGE_ARCHITECTURES for name in config.get("architectures") or ()):
-        config = vision_language_model_config(config)
+        config = vision_language_model_config(config, folder)
     return with_both_spellings(config)
 
 
-def vision_language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+def vision_language_model_config(config: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     """The served config of a LLaVA-style checkpoint: its language model's ``text_config`` completed with the
     transformers defaults of its ``model_type``, under that model's causal-LM architecture name, with the image
     settings (``VisionLanguageConfig``) beside it under ``VISION_LANGUAGE_KEY``."""
@@ -88,7 +89,7 @@ def vision_language_model_config(config: dict[str, Any]) -> dict[str, Any]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config["architectures"][0] in MROPE_ARCHITECTURES:
-        return _qwen_vl_model_config(config)
+        return _qwen_vl_model_config(config, folder)
     declared = dict(config.get("text_config") or {})
     model_type = declared.pop("model_type", "llama")
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -104,11 +105,12 @@ _QWEN_VL_TEXT_CONFIGS = {"Qwen2VLForConditionalGeneration": "Qwen2VLTextConfig",
                          "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextConfig"}
 
 
-def _qwen_vl_model_config(config: dict[str, Any]) -> dict[str, Any]:
+def _qwen_vl_model_config(config: dict[str, Any], folder: Path | None) -> dict[str, Any]:
     """The served config of a Qwen2-VL or Qwen2.5-VL checkpoint: its language model (transformers 5's
     ``text_config``, or transformers 4's top-level keys) completed with transformers' defaults, served as
     ``Qwen2ForCausalLM`` (its ``mrope_section`` makes the engine's rotary layers M-RoPE), with the image settings
-    beside it."""
+    beside it, among them the most pixels ``folder``'s image processor leaves an image (``max_pixels``, or
+    ``size.longest_edge`` as transformers 5 saves it), which the memory profile encodes."""
     import transformers
 
     name = config["architectures"][0]
@@ -120,7 +122,14 @@ def _qwen_vl_model_config(config: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 keeps the tying at the top level only (Qwen2-VL 2B ties its embeddings)
     text["tie_word_embeddings"] = bool(declared.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     text["architectures"] = ["Qwen2ForCausalLM"]
-    text[VISION_LANGUAGE_KEY] = VisionLanguageConfig.from_hf(config, text["hidden_size"]).to_dict()
+    settings = VisionLanguageConfig.from_hf(config, text["hidden_size"])
+    preprocessor = folder / "preprocessor_config.json" if folder is not None else None
+    if preprocessor is not None and preprocessor.is_file():
+        values = read_json(preprocessor)
+        most = values.get("max_pixels") or (values.get("size") or {}).get("longest_edge")
+        if isinstance(most, int):
+            settings = dataclasses.replace(settings, max_image_pixels=most)
+    text[VISION_LANGUAGE_KEY] = settings.to_dict()
     return text
 
 

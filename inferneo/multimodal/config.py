@@ -41,6 +41,8 @@ class VisionLanguageConfig:
     # Qwen2-VL's markers around an image's tokens (None: the model has none)
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
+    # Qwen2-VL: the most pixels its image processor leaves an image (None: unknown)
+    max_image_pixels: int | None = None
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
@@ -112,7 +114,8 @@ class VisionLanguageConfig:
                 else self.feature_layer,
                 "select_strategy": self.select_strategy, "projector_act": self.projector_act,
                 "projector_bias": self.projector_bias, "text_hidden_size": self.text_hidden_size,
-                "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id}
+                "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+                "max_image_pixels": self.max_image_pixels}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> VisionLanguageConfig:

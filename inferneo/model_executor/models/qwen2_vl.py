@@ -10,6 +10,7 @@ and the image's patch grid) and gives the image tokens their 3D positions (``mul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -59,11 +60,16 @@ class QwenVisionLanguageModel:
         return self.vision_language.merge_size
 
     def blank_image(self, device: torch.device | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """A blank image's flattened patches and grid (eight merged tokens a side), for memory profiling."""
-        vision = self.vision_language.vision_config
-        side = 8 * self.mrope_merge_size
-        width = (vision.get("in_channels", 3) * vision.get("temporal_patch_size", 2)
-                 * vision.get("patch_size", 14) ** 2)
+        """The flattened patches and grid of a blank image as large as the image processor leaves any (the
+        checkpoint's ``max_pixels``, square; eight tokens a side when unknown), for memory profiling."""
+        config = self.vision_language
+        vision, merge = config.vision_config, self.mrope_merge_size
+        patch = vision.get("patch_size", 14)
+        tokens = 8
+        if config.max_image_pixels:
+            tokens = max(1, math.isqrt(config.max_image_pixels) // (patch * merge))
+        side = tokens * merge
+        width = vision.get("in_channels", 3) * vision.get("temporal_patch_size", 2) * patch**2
         return torch.zeros(side * side, width, device=device), (1, side, side)
 
     def encode_image(self, pixels: torch.Tensor, grid: tuple[int, ...] = ()) -> torch.Tensor:
