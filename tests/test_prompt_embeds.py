@@ -147,6 +147,20 @@ def test_what_embeddings_cannot_be_combined_with(llama):
     assert cut.num_prompt_tokens == 5 and cut.outputs[0].token_ids == whole.outputs[0].token_ids
 
 
+def test_tensor_parallel_ranks_take_the_drivers_rows(llama, tiny_llama_dir):
+    """Two ranks (gloo): the driver broadcasts each step's embedding rows to the other rank with the step."""
+    llm, layer = llama
+    two = LLM(str(tiny_llama_dir), enable_prompt_embeds=True, tensor_parallel_size=2, **ENGINE)
+    try:
+        got = two.generate([{"prompt_embeds": _embeds(layer, LONG)}, SHORT, {"prompt_embeds": _embeds(layer, MIDDLE)}],
+                           GREEDY, use_tqdm=False)
+    finally:
+        two.shutdown()
+    want = llm.generate([LONG, SHORT, MIDDLE], GREEDY, use_tqdm=False)
+    for a, b in zip(got, want, strict=True):
+        _assert_same(a, b)
+
+
 def test_an_engine_without_the_flag_refuses_embeddings(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), **ENGINE)
     with pytest.raises(ValueError, match="enable_prompt_embeds=True") as info:

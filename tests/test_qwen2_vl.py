@@ -100,6 +100,21 @@ def test_batch_of_image_and_text_prompts_equals_hugging_face(qwen_vl, backend):
     assert llm.engine.core.stats.num_steps > len(outputs[1].prompt_token_ids) // 8  # chunked prefill
 
 
+def test_tensor_parallel_ranks_take_the_drivers_features_and_3d_positions(qwen_vl):
+    """Two ranks (gloo): the driver's image features and the ``[3, T]`` positions of steps with image tokens reach
+    the other rank with the step."""
+    llm = LLM(str(qwen_vl), dtype="float32", max_num_batched_tokens=8, max_model_len=512, block_size=4,
+              tensor_parallel_size=2, num_threads=1)
+    try:
+        first, small, wide = images([(56, 56), (56, 84), (112, 84)], seed=2)
+        batch = [{"prompt": ONE_IMAGE, "multi_modal_data": {"image": first}},
+                 {"prompt": TWO_IMAGES, "multi_modal_data": {"image": [small, wide]}}, TEXT_ONLY]
+        outputs, got = generate(llm, batch)
+        assert got == expected_for(qwen_vl, outputs, batch)
+    finally:
+        llm.shutdown()
+
+
 def test_a_repeated_image_prompt_hits_the_prefix_cache(qwen_vl):
     llm = LLM(str(qwen_vl), dtype="float32", max_model_len=512, block_size=4)
     picture, other = images([(84, 112), (84, 112)], seed=5)

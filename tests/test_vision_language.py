@@ -102,6 +102,21 @@ def test_batch_of_image_and_text_prompts_equals_hugging_face(llava):
     assert llm.engine.core.stats.num_steps > 2 * len(outputs[1].prompt_token_ids) // 16  # chunked prefill
 
 
+def test_tensor_parallel_ranks_read_the_drivers_image_features(tmp_path):
+    """Two ranks (gloo): the driver encodes the images and broadcasts their features to the other rank, whose
+    shard of the language model reads them in place of the image tokens' embeddings; chunked prefill splits the
+    images."""
+    path = make_tiny_llava(tmp_path)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=16, max_model_len=512, tensor_parallel_size=2,
+              num_threads=1)
+    try:
+        batch = requests(images(4, seed=3))
+        outputs, got = generate(llm, batch)
+        assert got == expected_for(path, outputs, batch)
+    finally:
+        llm.shutdown()
+
+
 def test_prefix_cache_hits_are_keyed_by_the_image(llava):
     block_size = 16 if torch.cuda.is_available() else 4  # the Triton backend pages >= 16 tokens
     llm = LLM(str(llava), dtype="float32", block_size=block_size, max_model_len=512)

@@ -149,7 +149,7 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     _install_test_fault(core)
     prompt_embeds_refusal = _prompt_embeds_refusal(config, runner, generates)
     if prompt_embeds_refusal is None:
-        runner.embeds_prompts = True
+        runner.take_prompt_embeds()
     elif config.enable_prompt_embeds:
         logger.warning("enable_prompt_embeds is set, but prompt embeddings will be refused: %s", prompt_embeds_refusal)
     info = CoreInfo(model_name=source.name, model_path=str(source.path),
@@ -176,11 +176,11 @@ def _prompt_embeds_refusal(config: EngineConfig, runner: Runner, generates: bool
     """Why this core refuses prompts given as embeddings (``CoreInfo.prompt_embeds_refusal``); None: it takes them."""
     if not config.enable_prompt_embeds:
         return PROMPT_EMBEDS_OFF
-    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
-        return "prompt embeddings run on one device for now (tensor_parallel_size and pipeline_parallel_size 1)"
+    if config.pipeline_parallel_size > 1:
+        return "prompt embeddings run without pipeline parallelism for now (pipeline_parallel_size 1)"
     if not generates:
         return "this model does not generate: it cannot take prompt embeddings"
-    if not getattr(runner, "takes_prompt_embeds", False):
+    if not runner.takes_prompt_embeds:
         return "this model's architecture does not take prompt embeddings"
     return None
 

@@ -433,3 +433,5 @@ def materialize(model: nn.Module, device: torch.device) -> None:
             module.build_cache(device)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
+    if callable(rebuild := getattr(model, "materialized", None)):  # parts whose buffers must be computed (a vision
+        rebuild(device)  # tower of transformers' modules: position ids, rotary frequencies)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,6 +100,11 @@ class RemoteStep:
     prompt_rows: np.ndarray | None = None
     # With LoRA enabled: the adapters of the step's sequences (every rank prepares the same batch); None otherwise.
     lora: LoRAStep | None = None
+    # Qwen2-VL's ``[3, num_tokens]`` positions of a step with image tokens (``mrope_step``); None otherwise.
+    mrope: np.ndarray | None = None
+    # Rows whose embeddings are given, ``(first row, count)`` each (image features, prompt embeddings): the driver
+    # broadcasts them, concatenated, after the step; empty when none.
+    embedded: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -307,15 +312,15 @@ class ModelRunner(Runner):
         # a vision-language model: steps look for image tokens (``_image_rows``); a text model's never do
         self.takes_images = bool(getattr(self.model, "accepts_images", False))
         # a model whose forward starts from given embeddings (``input_embeds``) can take prompts given as embeddings;
-        # steps look for them once the engine takes them (``embeds_prompts``, set by the core's builder)
+        # steps look for them once the engine takes them (``embeds_prompts``: ``take_prompt_embeds``)
         self.takes_prompt_embeds = bool(getattr(self.model, "accepts_prompt_embeds", False))
         self.embeds_prompts = False
         # Qwen2-VL's M-RoPE: the vision tower's merge size, which the positions of its image tokens follow (None: a
         # model without M-RoPE, whose steps never look at them)
         self.mrope_merge: int | None = getattr(self.model, "mrope_merge_size", None)
-        if self.takes_images and (self.tp.world_size > 1 or self.pp.num_stages > 1):
-            raise ValueError(f"{model_cls.__name__}: vision-language models run on one device for now "
-                             "(tensor_parallel_size and pipeline_parallel_size 1)")
+        if self.takes_images and self.pp.num_stages > 1:
+            raise ValueError(f"{model_cls.__name__}: vision-language models run without pipeline parallelism for "
+                             "now (pipeline_parallel_size 1)")
         self.model.cast(dtype)
         share_rotary_tables(self.model)  # one cos/sin table pair, not one per layer
         if self.quant_config is not None:
@@ -503,6 +508,11 @@ class ModelRunner(Runner):
         logger.info("LoRA: %s", self.lora.describe())
         return self.lora
 
+    def take_prompt_embeds(self) -> None:
+        if not self.takes_prompt_embeds:
+            raise ValueError(f"{type(self.model).__name__} does not take prompt embeddings")
+        self.embeds_prompts = True
+
     @property
     def kv_bytes_per_block(self) -> int:
         """Bytes of KV cache one block takes over all layers (each layer as its ``KVCacheSpec`` says)."""
@@ -584,20 +594,25 @@ class ModelRunner(Runner):
                                  [s.num_tokens for s in packed.spans], packed.num_tokens, graphs is not None)
             self.lora.prepare(lora_step)
         prompt_rows, prompt_targets, num_top = _prompt_rows(items, packed)
+        # rows whose embeddings are given (image features, prompt embeddings): the driver computes them (its vision
+        # tower encodes the images) and, with tensor parallelism, hands them to every rank
+        embedded_rows = self._embedded_rows(items, packed) if embedded else None
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous,
-                                          prompt_rows, lora_step))
+                                          prompt_rows, lora_step, mrope,
+                                          [(row, len(rows)) for row, rows in embedded_rows or ()]))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
+            if embedded_rows:
+                self.tp.broadcast(torch.cat([rows.to(self.dtype) for _, rows in embedded_rows]).contiguous())
         receive = None
         if num_samples and self.pp.num_stages > 1:  # the last stage's logits, received while later steps launch
             incoming = torch.empty(num_samples, self.model_config.vocab_size, dtype=torch.float32,
                                    device=self.device)
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
-                                    self._token_types(items, packed),
-                                    self._embedded_rows(items, packed) if embedded else None,
+                                    self._token_types(items, packed), embedded_rows,
                                     None if mrope is None else self._upload(mrope))
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
@@ -636,7 +651,16 @@ class ModelRunner(Runner):
         if step.num_previous_samples and self.pp.is_first:  # the driver's previous samples, which this step reads
             previous_samples = self.tp.broadcast(
                 torch.empty(step.num_previous_samples, dtype=torch.int64, device=self.device))
-        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples)
+        embedded_rows = None
+        if step.embedded:  # the driver's image features / prompt embeddings, for the rows it names
+            given = self.tp.broadcast(torch.empty(sum(count for _, count in step.embedded),
+                                                  self.model_config.hidden_size, dtype=self.dtype,
+                                                  device=self.device))
+            embedded_rows = [(row, part) for (row, _), part in
+                             zip(step.embedded, given.split([count for _, count in step.embedded]), strict=True)]
+        hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples,
+                                    embedded_rows=embedded_rows,
+                                    mrope_positions=None if step.mrope is None else self._upload(step.mrope))
         if step.prompt_rows is not None:  # the driver's chunks through this rank's shard of the LM head
             score_prompt_rows(self.model.compute_logits, hidden, self._upload(step.prompt_rows), None, 0)
         if step.num_samples:

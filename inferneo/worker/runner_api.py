@@ -62,6 +62,7 @@ class Runner(abc.ABC):
     sleep_level: int  # 0 while awake; 1 or 2 after ``sleep``
     # load keys of weights a level-2 sleep dropped that no ``update_weights`` has written since (none: it can serve)
     missing_weights: set[str]
+    takes_prompt_embeds: bool  # the model's forward can start from given embeddings (``take_prompt_embeds``)
 
     @property
     @abc.abstractmethod
@@ -101,6 +102,11 @@ class Runner(abc.ABC):
     def enable_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int, max_num_batched_tokens: int):
         """Wrap the model's projections with LoRA adapter slots (after ``finalize_weights``, before the KV cache);
         returns the slots (``inferneo.lora.slots.LoRASlots``). Raises ValueError where LoRA is not supported."""
+
+    @abc.abstractmethod
+    def take_prompt_embeds(self) -> None:
+        """From now on steps may hold prompts given as embeddings (``ScheduledSequence.prompt_embeds``): the runner
+        writes their rows in place of the placeholder tokens' embeddings. Only where ``takes_prompt_embeds``."""
 
     @abc.abstractmethod
     def profile_kv_memory(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:

@@ -336,6 +336,17 @@ class TensorParallelRunner(Runner):
         """The driver's (every rank takes the same updates)."""
         return self.driver.missing_weights
 
+    @property
+    @driver_only
+    def takes_prompt_embeds(self) -> bool:
+        """The driver's: it writes the rows and broadcasts them with each step (``RemoteStep.embedded``)."""
+        return self.driver.takes_prompt_embeds
+
+    @driver_only
+    def take_prompt_embeds(self) -> None:
+        """The driver's steps look for prompt embeddings; the workers read the rows it broadcasts."""
+        self.driver.take_prompt_embeds()
+
     @driver_only
     def weights_update_refusal(self) -> str | None:
         """The driver's answer (every rank holds the same kind of shard)."""

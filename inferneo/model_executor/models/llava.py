@@ -11,6 +11,7 @@ kernels).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -36,6 +37,18 @@ def _vision_tower(config: VisionLanguageConfig) -> nn.Module:
     if config.vision_config["model_type"] == "siglip_vision_model":
         return SiglipVisionModel(SiglipVisionConfig(**values))
     return CLIPVisionModel(CLIPVisionConfig(**values))
+
+
+@contextlib.contextmanager
+def built_on(device: torch.device, dtype: torch.dtype):
+    """Modules built inside are made on ``device`` in ``dtype`` (as the runner builds the whole model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class LlavaProjector(nn.Module):
@@ -64,6 +77,9 @@ class VisionLanguageModel:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._build_vision_half()
+
+    def _build_vision_half(self) -> None:
         self.vision_tower = _vision_tower(self.vision_language)
         self.multi_modal_projector = LlavaProjector(self.vision_language)
         for module in (self.vision_tower, self.multi_modal_projector):
@@ -71,6 +87,12 @@ class VisionLanguageModel:
                 if isinstance(linear, nn.Linear):  # the vision half stays as the checkpoint has it, and as
                     linear.quantizable = False  # transformers' modules read it (SigLIP's attention-pooling head
                     linear.packable = False  # reads its output projection's ``weight``): no packed CPU copy
+
+    def materialized(self, device: torch.device) -> None:
+        """After ``tensor_parallel.materialize``: the vision half built again on ``device``, its buffers (position
+        ids) computed as transformers computes them, not left as the uninitialized storage a meta model gets."""
+        with built_on(device, self.embed_tokens.weight.dtype):
+            self._build_vision_half()
 
     @property
     def image_token_id(self) -> int:

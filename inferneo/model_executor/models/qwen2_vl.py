@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from inferneo.model_executor.models.llava import load_module_weights
+from inferneo.model_executor.models.llava import built_on, load_module_weights
 from inferneo.multimodal.config import VisionLanguageConfig
 
 # Checkpoint name prefixes of the language model (transformers 5 nests it; transformers 4 wrote ``model.*``).
@@ -44,11 +44,20 @@ class QwenVisionLanguageModel:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._build_vision_half()
+
+    def _build_vision_half(self) -> None:
         self.visual = _vision_transformer(self.vision_language)
         for linear in self.visual.modules():
             if isinstance(linear, nn.Linear):  # transformers' modules run as they are: no packed CPU copy
                 linear.quantizable = False
                 linear.packable = False
+
+    def materialized(self, device: torch.device) -> None:
+        """After ``tensor_parallel.materialize``: the vision transformer built again on ``device``, its buffers
+        (rotary frequencies) computed, not left as the uninitialized storage a meta model gets."""
+        with built_on(device, self.embed_tokens.weight.dtype):
+            self._build_vision_half()
 
     @property
     def image_token_id(self) -> int:
