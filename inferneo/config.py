@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from inferneo.multimodal.limits import check_mm_limits
+
 if TYPE_CHECKING:
     import torch
 
@@ -114,11 +116,19 @@ def _speculative_config(value: Any):
     return parse_speculative_config(value)
 
 
-def _speculative_config_arg(text: str):
-    try:
-        return _speculative_config(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _flag_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` as an argparse ``type``: its ValueError becomes argparse's usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+_speculative_config_arg = _flag_type(_speculative_config)
 
 
 def _generation_override(value: Any) -> dict[str, Any] | None:
@@ -127,11 +137,7 @@ def _generation_override(value: Any) -> dict[str, Any] | None:
     return check_generation_override(value)
 
 
-def _generation_override_arg(text: str) -> dict[str, Any] | None:
-    try:
-        return _generation_override(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_generation_override_arg = _flag_type(_generation_override)
 
 
 def _hf_overrides(value: Any) -> dict[str, Any] | None:
@@ -140,18 +146,9 @@ def _hf_overrides(value: Any) -> dict[str, Any] | None:
     return check_hf_overrides(value)
 
 
-def _hf_overrides_arg(text: str) -> dict[str, Any] | None:
-    try:
-        return _hf_overrides(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _memory_size_arg(text: str) -> int:
-    try:
-        return parse_memory_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_hf_overrides_arg = _flag_type(_hf_overrides)
+_memory_size_arg = _flag_type(parse_memory_size)
+_mm_limits_arg = _flag_type(check_mm_limits)
 
 
 # ---- the configuration ---------------------------------------------------------------------------------------
@@ -231,6 +228,13 @@ class EngineConfig:
     enable_prefix_caching: bool = option(
         True, bool, "reuse the KV blocks of earlier requests that share a prompt prefix")
     enable_chunked_prefill: bool = option(True, bool, "split long prompts across engine steps")
+    limit_mm_per_prompt: dict[str, int] | None = option(
+        None, _mm_limits_arg, 'the most images a prompt may hold, as JSON: {"image": 4} (vLLM\'s option; "video" '
+        'and "audio" are accepted, their inputs are not served; default: 16 images)', metavar="JSON",
+        convert=check_mm_limits)
+    allowed_local_media_path: str | None = option(
+        None, str, "read images of file:// URLs in requests from under this folder (a security risk: only where "
+        "every client may read it; default: file:// URLs are refused)", metavar="DIR")
     enable_prompt_embeds: bool = option(
         False, bool, "take prompts given as embeddings (vLLM's flag): prompt_embeds in /v1/completions, "
         "{'prompt_embeds': tensor} prompts in LLM.generate")

@@ -117,6 +117,34 @@ def test_tensor_parallel_ranks_read_the_drivers_image_features(tmp_path):
         llm.shutdown()
 
 
+def test_image_limits_and_local_files(tmp_path):
+    """limit_mm_per_prompt caps a prompt's images; file:// URLs read files under allowed_local_media_path alone
+    (links resolved first) and answer as the same image given as a PIL image does."""
+    path = make_tiny_llava(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    picture = images(1, seed=9)[0]
+    picture.save(media / "cat.png")
+    (tmp_path / "secret.png").write_bytes((media / "cat.png").read_bytes())
+    (media / "link.png").symlink_to(tmp_path / "secret.png")
+    llm = LLM(str(path), dtype="float32", max_model_len=512, limit_mm_per_prompt={"image": 1},
+              allowed_local_media_path=str(media))
+    try:
+        by_file, by_pil = (llm.generate({"prompt": TEXT, "multi_modal_data": {"image": image}}, GREEDY,
+                                        use_tqdm=False)[0] for image in ((media / "cat.png").as_uri(), picture))
+        assert by_file.outputs[0].token_ids == by_pil.outputs[0].token_ids
+        with pytest.raises(ValueError, match=r"at most 1 image here \(limit_mm_per_prompt\), got 2"):
+            llm.generate({"prompt": TWO_IMAGES, "multi_modal_data": {"image": [picture, picture]}}, GREEDY,
+                         use_tqdm=False)
+        for outside in ((media / "link.png").as_uri(), (tmp_path / "secret.png").as_uri(), media.as_uri()):
+            with pytest.raises(ValueError, match="is not a file under the folder"):
+                llm.generate({"prompt": TEXT, "multi_modal_data": {"image": outside}}, GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="limit_mm_per_prompt: unknown modality 'images'"):
+        LLM(str(path), limit_mm_per_prompt={"images": 1})
+
+
 def test_prefix_cache_hits_are_keyed_by_the_image(llava):
     block_size = 16 if torch.cuda.is_available() else 4  # the Triton backend pages >= 16 tokens
     llm = LLM(str(llava), dtype="float32", block_size=block_size, max_model_len=512)

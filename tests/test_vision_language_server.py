@@ -63,7 +63,7 @@ def test_image_chat_equals_the_offline_engine(client, llava_dir):
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}], "not valid base64"),
     ([{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}], "not an image"),
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}], "could not be decoded"),
-    ([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}], "only data: URLs"),
+    ([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}], "need --allowed-local-media-path"),
     ([{"type": "image_url", "image_url": "data:image/png;base64,aGk="}], "an image part is"),
     ([{"type": "image_url", "image_url": {"url": "x", "detail": "huge"}}], "detail must be"),
     ([{"type": "text", "text": "<image> and"}, {"type": "image_url", "image_url": {"url": "IMAGE"}}],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 from inferneo.config import EngineConfig
 from inferneo.engine.prompt_embeds import (
@@ -40,6 +41,7 @@ from inferneo.model_loader.loader import SAMPLING_DEFAULT_KEYS, load_hf_config
 from inferneo.multimodal.chat import take_images, template_reads_parts
 from inferneo.multimodal.config import vision_language_of
 from inferneo.multimodal.inputs import ImageInput
+from inferneo.multimodal.limits import max_images
 from inferneo.multimodal.prompts import ImagePromptError, ImagePrompts
 from inferneo.sampling_params import SamplingParams
 from inferneo.structured_output import StructuredOutputError, check_structured_outputs
@@ -92,7 +94,10 @@ class InputProcessor:
         if source.kind != "hf_dir":
             return None
         vision_language = vision_language_of(load_hf_config(source, config.hf_overrides))
-        return None if vision_language is None else ImagePrompts(source.path, vision_language, tokenizer)
+        if vision_language is None:
+            return None
+        local = Path(config.allowed_local_media_path) if config.allowed_local_media_path else None
+        return ImagePrompts(source.path, vision_language, tokenizer, max_images(config.limit_mm_per_prompt), local)
 
     def conversation_images(self, conversation: list[dict], chat_template: str | None = None
                             ) -> tuple[list[dict], list]:

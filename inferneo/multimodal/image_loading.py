@@ -1,5 +1,6 @@
 """Reading the images users send: PIL images as they are, and OpenAI's ``image_url`` values (``data:`` URLs
-with base64 bytes, or ``http(s)`` URLs fetched with a time and size limit). Every failure is a ``ValueError``
+with base64 bytes, ``http(s)`` URLs fetched with a time and size limit, and ``file://`` URLs of files under the
+folder ``--allowed-local-media-path`` names). Every failure is a ``ValueError``
 whose message says what was wrong with the image, for a 400."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
 # The most bytes an image may have, fetched or inline (OpenAI takes images of up to 20 MB).
@@ -16,9 +19,9 @@ FETCH_TIMEOUT_S = 10.0
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-def load_image(source: Any) -> Any:
-    """``source`` (a ``PIL.Image.Image``, a ``data:image/...;base64,`` URL, or an ``http(s)`` URL) as an RGB PIL
-    image."""
+def load_image(source: Any, local_media: Path | None = None) -> Any:
+    """``source`` (a ``PIL.Image.Image``, a ``data:image/...;base64,`` URL, an ``http(s)`` URL, or a ``file://`` URL
+    of a file under ``local_media``, when given) as an RGB PIL image."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
@@ -29,8 +32,13 @@ def load_image(source: Any) -> Any:
         data = _data_url_bytes(source)
     elif source.startswith(("http://", "https://")):
         data = _fetch(source)
+    elif source.startswith("file://") and local_media is not None:
+        data = _local_file(source, local_media)
     else:
-        raise ValueError(f"image URL {source[:60]!r}: only data: URLs (base64) and http(s) URLs are supported")
+        allowed = ", file:// URLs under the server's allowed folder" if local_media is not None else ""
+        raise ValueError(f"image URL {source[:60]!r}: only data: URLs (base64) and http(s) URLs{allowed} are "
+                         "supported" + ("" if local_media is not None else
+                                        " (file:// URLs need --allowed-local-media-path)"))
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:  # read from the header, before any pixel is decoded
@@ -55,6 +63,19 @@ def _data_url_bytes(url: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("the image data URL is not valid base64") from None
+
+
+def _local_file(url: str, root: Path) -> bytes:
+    """The bytes of a ``file://`` URL's file, which must lie under ``root`` once links are resolved."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"image URL {url[:80]!r}: a file:// URL names a file of this machine (no host)")
+    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise ValueError(f"image URL {url[:80]!r} is not a file under the folder the server reads images from")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"image {url[:80]!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    return path.read_bytes()
 
 
 def _fetch(url: str) -> bytes:

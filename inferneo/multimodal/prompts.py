@@ -17,9 +17,7 @@ from typing import Any
 from inferneo.multimodal.config import VisionLanguageConfig
 from inferneo.multimodal.image_loading import load_image
 from inferneo.multimodal.inputs import ImageInput
-
-# The most images one prompt may hold.
-MAX_IMAGES_PER_PROMPT = 16
+from inferneo.multimodal.limits import DEFAULT_MAX_IMAGES
 
 
 class ImagePromptError(ValueError):
@@ -29,7 +27,10 @@ class ImagePromptError(ValueError):
 class ImagePrompts:
     """Expands a vision-language model's prompts and preprocesses their images (see the module docstring)."""
 
-    def __init__(self, folder: Path, config: VisionLanguageConfig, tokenizer) -> None:
+    def __init__(self, folder: Path, config: VisionLanguageConfig, tokenizer, max_images: int = DEFAULT_MAX_IMAGES,
+                 local_media: Path | None = None) -> None:
+        """``max_images``: the most images one prompt may hold (``limit_mm_per_prompt``); ``local_media``: the
+        folder whose images ``file://`` URLs may name (``allowed_local_media_path``; None: such URLs are refused)."""
         from transformers import AutoImageProcessor
 
         try:
@@ -38,6 +39,8 @@ class ImagePrompts:
             raise ValueError(f"{folder}: the vision-language model's image processor (preprocessor_config.json) "
                              f"could not be loaded: {exc}") from None
         self.config = config
+        self.max_images = max_images
+        self.local_media = local_media
         self.image_token_id = config.image_token_id
         self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id)
         # What a chat message's image becomes in a template that reads strings: the placeholder, which Qwen2-VL
@@ -59,10 +62,11 @@ class ImagePrompts:
                 f"and {len(images)} image{'s' * (len(images) != 1)} were given: one placeholder per image")
         if not images:
             return prompt_ids, None
-        if len(images) > MAX_IMAGES_PER_PROMPT:
-            raise ImagePromptError(f"a prompt may hold at most {MAX_IMAGES_PER_PROMPT} images, got {len(images)}")
+        if len(images) > self.max_images:
+            raise ImagePromptError(f"a prompt may hold at most {self.max_images} image"
+                                   f"{'s' * (self.max_images != 1)} here (limit_mm_per_prompt), got {len(images)}")
         try:
-            pictures = [load_image(image) for image in images]
+            pictures = [load_image(image, self.local_media) for image in images]
         except ValueError as exc:
             raise ImagePromptError(str(exc)) from None
         try:
