@@ -11,6 +11,7 @@ package where it reads the fields.
 from __future__ import annotations
 
 import json
+import random
 
 import anthropic
 import httpx
@@ -21,6 +22,7 @@ import torch
 from inferneo.entrypoints.openai.reasoning import (
     REASONING_PARSERS,
     ReasoningMarkers,
+    ReasoningPiece,
     ReasoningSplitter,
     ThinkingFormat,
 )
@@ -83,6 +85,67 @@ def test_splitter_whole_and_in_any_pieces(text, open_at_start, reasoning, conten
             assert (out.reasoning, out.content) == (reasoning, content), (cut, cut2)
 
 
+NEW_FORMATS = ["glm45", "mimo", "seed_oss", "mistral"]
+
+
+def _format_cases(fmt: ThinkingFormat) -> list[tuple[str, bool, str, str]]:
+    """(text, open_at_start, reasoning, content): thinking then an answer, no thinking, thinking cut short (at
+    max_tokens, inside a marker too), an answer that uses the format's brackets, and a tool call after the thinking
+    (Magistral thinks, then calls tools)."""
+    s, e = fmt.start, fmt.end
+    return [
+        (f"{s}\nLet me see: 2 < 3 [x].\n{e}\n\nParis.", False, "Let me see: 2 < 3 [x].", "Paris."),
+        (f"Let me see.{e}Paris.", True, "Let me see.", "Paris."),
+        ("Paris [is] <big>.", False, "", "Paris [is] <big>."),
+        (f"{s}cut sh", False, "cut sh", ""),
+        (f"{s}almost done {e[:-2]}", False, f"almost done {e[:-2]}", ""),
+        (f"{s}hm{e}[TOOL_CALLS]get_time[ARGS]{{}}", False, "hm", "[TOOL_CALLS]get_time[ARGS]{}"),
+    ]
+
+
+@pytest.mark.parametrize("name", NEW_FORMATS)
+def test_new_formats_split_whole_and_in_random_pieces(name):
+    fmt = REASONING_PARSERS[name]
+    assert isinstance(fmt, ThinkingFormat)
+    rng = random.Random(name)
+    for text, open_at_start, reasoning, content in _format_cases(fmt):
+        whole = AnswerReader(ReasoningSplitter(fmt, open_at_start), None).read(text, last=True)
+        assert (whole.reasoning, whole.content) == (reasoning, content), text
+        for _ in range(30):
+            splitter, out, at = ReasoningSplitter(fmt, open_at_start), ReasoningPiece(), 0
+            while at < len(text):
+                size = rng.randint(1, 6)
+                out.add(splitter.feed(text[at:at + size]))
+                at += size
+            out.add(splitter.finish())
+            assert (out.reasoning, out.content) == (reasoning, content), text
+
+
+def test_the_names_read_their_models_tags():
+    assert REASONING_PARSERS["glm45"] == REASONING_PARSERS["mimo"] == THINK
+    assert REASONING_PARSERS["seed_oss"] == ThinkingFormat("<seed:think>", "</seed:think>")
+    assert REASONING_PARSERS["mistral"] == ThinkingFormat("[THINK]", "[/THINK]")
+
+
+def test_special_markers_keep_special_tokens():
+    """Magistral's ``[THINK]`` and ``[/THINK]`` are special tokens: the answers are decoded keeping them, and the
+    counter, the span and the prompt's open block read their ids."""
+    tokenizer = make_tiny_tokenizer(384)
+    tokenizer.add_tokens(["[THINK]", "[/THINK]"], special_tokens=True)
+    markers = ReasoningMarkers.for_tokenizer("mistral", tokenizer)
+    assert (markers.start_id, markers.end_id, markers.keeps_special_tokens) == (384, 385, True)
+    assert markers.span(False) == ReasoningSpan(385, 384, False) and markers.describe() == "[THINK] ... [/THINK]"
+    assert markers.opens(tokenizer.encode("[INST]hi[/INST][THINK]")) and not markers.opens(tokenizer.encode("hi"))
+    counter = markers.token_counter(False)
+    assert counter.add([384, 5, 385, 6]) == [False, False, False, True] and counter.count == 3
+    plain = _think_tokenizer()
+    plain.add_tokens(["[THINK]", "[/THINK]"])  # as plain tokens (older tokenizers): nothing to keep
+    assert not ReasoningMarkers.for_tokenizer("mistral", plain).keeps_special_tokens
+    assert not ReasoningMarkers.for_tokenizer("glm45", plain).keeps_special_tokens
+    with pytest.raises(ValueError, match="'<seed:think>' and '</seed:think>' as one token"):
+        ReasoningMarkers.for_tokenizer("seed_oss", plain)
+
+
 def _think_tokenizer():
     tokenizer = make_tiny_tokenizer(384)
     tokenizer.add_tokens(["<think>", "</think>"])
@@ -100,8 +163,8 @@ def test_markers_need_single_tokens_and_read_the_prompt():
         ReasoningMarkers.for_tokenizer("deepseek_r1", make_tiny_tokenizer(384))
     special = make_tiny_tokenizer(384)
     special.add_tokens(["<think>", "</think>"], special_tokens=True)
-    with pytest.raises(ValueError, match="marks them special tokens"):
-        ReasoningMarkers.for_tokenizer("qwen3", special)
+    assert ReasoningMarkers.for_tokenizer("qwen3", special).keeps_special_tokens  # decoded keeping them
+    assert not markers.keeps_special_tokens
     with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3"):
         ReasoningMarkers.for_tokenizer("nope", tokenizer)
     counter = markers.token_counter(False)

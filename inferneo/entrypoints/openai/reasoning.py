@@ -1,6 +1,7 @@
 """A reasoning model's thinking, split from its answer (``--reasoning-parser``).
 
-Qwen3, DeepSeek-R1 and DeepSeek-V3.1 think in a ``<think> ... </think>`` block before they answer. With a
+Qwen3, DeepSeek-R1 and DeepSeek-V3.1 think in a ``<think> ... </think>`` block before they answer (GLM-4.5 and
+MiMo too; Seed-OSS in ``<seed:think> ... </seed:think>``, Magistral in ``[THINK] ... [/THINK]``). With a
 reasoning parser the server returns that text apart, as vLLM does: the chat message's (and stream delta's)
 ``reasoning`` field, also sent as ``reasoning_content`` (its earlier name, which DeepSeek's API and many clients
 read), and a ``reasoning`` item in the Responses API. Tool calls and structured output apply to the answer alone.
@@ -9,7 +10,8 @@ Whether an answer starts inside the block is read from the prompt: a chat templa
 prompt (DeepSeek-R1's ``<think>\\n``, Qwen3 thinking models) leaves the output inside it; otherwise the output may
 open it with its first token (Qwen3's hybrid models) or answer at once (``enable_thinking: false`` renders a closed,
 empty block into the prompt). An unclosed block at the end is all thinking. Whitespace around the thinking, and
-between it and the answer, is dropped.
+between it and the answer, is dropped. Where the markers are special tokens (Magistral's, in Mistral's tokenizers
+v13 on) the answers are decoded with special tokens kept, so that the markers are in their text.
 
 gpt-oss (``openai_gptoss``) writes OpenAI's harmony format instead: channels of messages between special tokens,
 its tool calls among them (:mod:`.harmony`). :func:`reasoning_for_tokenizer` gives either kind of parser; both have
@@ -50,6 +52,10 @@ REASONING_PARSERS: dict[str, ThinkingFormat | HarmonyFormat] = {
     "qwen3": _THINK_TAGS,
     "deepseek_r1": _THINK_TAGS,
     "deepseek_v3": _THINK_TAGS,
+    "glm45": _THINK_TAGS,
+    "mimo": _THINK_TAGS,
+    "seed_oss": ThinkingFormat("<seed:think>", "</seed:think>"),
+    "mistral": ThinkingFormat("[THINK]", "[/THINK]"),
     "openai_gptoss": HarmonyFormat(),
 }
 """The names ``--reasoning-parser`` takes (vLLM's), and the format each reads."""
@@ -116,23 +122,23 @@ _PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens read for an open block (the 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningMarkers:
-    """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids, and the
+    """A thinking format in one model's vocabulary: its markers' texts and their (single) token ids, the
     tokenizer's decoding with special tokens kept (the prompt's tail; whether a token before the start marker is
-    blank)."""
+    blank), and whether the answers' text must keep special tokens (a marker is one)."""
 
     name: str
     format: ThinkingFormat
     start_id: int
     end_id: int
     decode: Callable[[list[int]], str] = field(compare=False, repr=False)
-    keeps_special_tokens = False
+    keeps_special_tokens: bool = False
     carries_calls = False
 
     @classmethod
     def for_tokenizer(cls, name: str, tokenizer) -> ReasoningMarkers:
-        """The markers of parser ``name`` in ``tokenizer``; ``ValueError`` when the name is unknown, a marker is
-        not one token of the vocabulary (a constraint after the thinking waits for that token), or a special token
-        (decoded text leaves it out)."""
+        """The markers of parser ``name`` in ``tokenizer``; ``ValueError`` when the name is unknown or a marker is
+        not one token of the vocabulary (a constraint after the thinking waits for that token). A marker that is a
+        special token (decoded text leaves it out) makes the answers decoded with special tokens kept."""
         if name not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; got {name!r}")
         fmt = REASONING_PARSERS[name]
@@ -143,12 +149,9 @@ class ReasoningMarkers:
         if missing:
             raise ValueError(f"reasoning parser {name!r} needs {' and '.join(repr(m) for m in missing)} as one token "
                              "of the model's vocabulary, and this tokenizer has no such token")
-        skipped = [marker for marker in (fmt.start, fmt.end)
-                   if not tokenizer.decode([vocab[marker]], skip_special_tokens=True).strip()]
-        if skipped:
-            raise ValueError(f"reasoning parser {name!r} reads {' and '.join(repr(m) for m in skipped)} in the "
-                             "answer's text, and this tokenizer marks them special tokens, which the text leaves out")
-        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end], special_kept_decoder(tokenizer))
+        special = any(not tokenizer.decode([vocab[marker]], skip_special_tokens=True).strip()
+                      for marker in (fmt.start, fmt.end))
+        return cls(name, fmt, vocab[fmt.start], vocab[fmt.end], special_kept_decoder(tokenizer), special)
 
     def describe(self) -> str:
         """The format, for the server's start-up log."""
