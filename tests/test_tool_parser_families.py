@@ -1,8 +1,9 @@
 """The tool-call parsers of the model families vLLM names: ``mistral``, ``qwen3_coder``, ``pythonic``,
 ``deepseek_v3`` and ``deepseek_v31``. Each on text, whole and streamed in random pieces (the same content and calls
 either way), malformed calls left as content; the chat-template detection; and one real server (``--tool-call-parser
-mistral``) over HTTP with the ``openai`` client, serving a context-scripted model that writes Mistral's special
-tokens, with 9-character call ids that its chat template takes back in the history."""
+mistral --reasoning-parser mistral``) over HTTP with the ``openai`` client, serving a context-scripted model that
+writes Mistral's special tokens, with 9-character call ids that its chat template takes back in the history, and
+Magistral's ``[THINK] ... [/THINK]`` before an answer that calls a tool."""
 
 from __future__ import annotations
 
@@ -259,12 +260,15 @@ def test_the_chat_template_picks_the_family(template, expected):
 
 # ---- a real server: mistral ----------------------------------------------------------------------------------------
 
-SPECIAL = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
-WORDS = ("weather?", "Checking.", "get_weather", "get_time", '{"city": "Oslo"}', "{}", "Done.")
+SPECIAL = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[THINK]", "[/THINK]")
+WORDS = ("weather?", "Checking.", "get_weather", "get_time", '{"city": "Oslo"}', "{}", "Done.", "time?", "Hmm.")
 CALL_ANSWER = ScriptedAnswer(("weather?", "[/INST]"), (
     "Checking.", "[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": "Oslo"}', "[TOOL_CALLS]", "get_time", "[ARGS]",
     "{}", "</s>"))
 AFTER_RESULTS = ScriptedAnswer(("[/TOOL_RESULTS]",), ("Done.", "</s>"))
+# Magistral: thinking between special tokens, then the answer, here a call
+THINK_ANSWER = ScriptedAnswer(("time?", "[/INST]"), (
+    "[THINK]", "Hmm.", "[/THINK]", "Checking.", "[TOOL_CALLS]", "get_time", "[ARGS]", "{}", "</s>"))
 # Mistral's templates (v3 on) in short: calls written back with their ids, which must be 9 characters long
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -286,9 +290,10 @@ EXPECTED = [("get_weather", {"city": "Oslo"}), ("get_time", {})]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = make_context_scripted_checkpoint(tmp_path_factory.mktemp("scripted-mistral"),
-                                              [CALL_ANSWER, AFTER_RESULTS], added_tokens=WORDS,
+                                              [CALL_ANSWER, AFTER_RESULTS, THINK_ANSWER], added_tokens=WORDS,
                                               special_tokens=SPECIAL, chat_template=TEMPLATE)
     with RemoteServer(folder, "--served-model-name", "mistral", "--tool-call-parser", "mistral",
+                      "--reasoning-parser", "mistral",
                       "--kv-cache-memory", "16MiB", "--num-threads", "1", "--disable-access-log") as srv:
         yield srv
 
@@ -372,3 +377,48 @@ def test_mistral_calls_in_the_messages_api(server):
         final = stream.get_final_message()
     uses = [block for block in final.content if block.type == "tool_use"]
     assert [(u.name, u.input) for u in uses] == EXPECTED and all(_is_mistral_id(u.id) for u in uses)
+
+
+def test_magistral_thinks_then_calls(client):
+    """``[THINK] ... [/THINK]`` (special tokens) split out, then the answer's ``[TOOL_CALLS]`` read: both formats'
+    markers kept in the decoded text, none of them in what the client gets; the same streamed."""
+    time_user = [{"role": "user", "content": "time?"}]
+    r = client.chat.completions.create(model="mistral", messages=time_user, tools=TOOLS, max_tokens=30,
+                                       temperature=0)
+    choice = r.choices[0]
+    assert (choice.message.reasoning, choice.message.content) == ("Hmm.", "Checking.")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_time", {})]
+    assert choice.finish_reason == "tool_calls" and _is_mistral_id(choice.message.tool_calls[0].id)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 3  # [THINK] Hmm. [/THINK]
+    stream = client.chat.completions.create(model="mistral", messages=time_user, tools=TOOLS, max_tokens=30,
+                                            temperature=0, stream=True)
+    reasoning, content, names = "", "", []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning", None) or ""
+        content += delta.content or ""
+        names += [piece.function.name for piece in delta.tool_calls or () if piece.function.name]
+    assert (reasoning, content, names) == ("Hmm.", "Checking.", ["get_time"])
+    # without tools, the answer after the thinking is all content, as written
+    plain = client.chat.completions.create(model="mistral", messages=time_user, max_tokens=30, temperature=0)
+    assert plain.choices[0].message.reasoning == "Hmm."
+    assert plain.choices[0].message.content == "Checking.[TOOL_CALLS]get_time[ARGS]{}"
+
+
+def test_magistral_thinking_cut_at_max_tokens(client):
+    r = client.chat.completions.create(model="mistral", messages=[{"role": "user", "content": "time?"}],
+                                       tools=TOOLS, max_tokens=2, temperature=0)
+    choice = r.choices[0]
+    assert (choice.message.reasoning, choice.message.content, choice.finish_reason) == ("Hmm.", "", "length")
+    assert not choice.message.tool_calls and r.usage.completion_tokens_details.reasoning_tokens == 2
+
+
+def test_magistral_structured_output_starts_after_the_thinking(client):
+    """The constraint waits for ``[/THINK]`` (a special token's id): the thinking is the model's own, the answer
+    the regex's."""
+    r = client.chat.completions.create(model="mistral", messages=[{"role": "user", "content": "time?"}],
+                                       max_tokens=10, temperature=0,
+                                       extra_body={"structured_outputs": {"regex": "(yes|no)"}})
+    message = r.choices[0].message
+    assert message.reasoning == "Hmm." and message.content in ("yes", "no")
