@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="split a reasoning model's thinking (<think> ... </think>) from its answers: returned as "
                    "'reasoning' (and 'reasoning_content'), with tool calls and structured output applied to the "
-                   "answer after it (qwen3, deepseek_r1, deepseek_v3); openai_gptoss reads gpt-oss's harmony channels "
+                   "answer after it (qwen3, deepseek_r1, deepseek_v3, glm45, mimo; seed_oss: <seed:think>; "
+                   "mistral: Magistral's [THINK]); openai_gptoss reads gpt-oss's harmony channels "
                    "(analysis: reasoning; final: content; to=functions.NAME: tool calls) (default: not split)")
     g.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="the chat template's variables for requests that do not set them in chat_template_kwargs, "
