@@ -3,7 +3,7 @@
 either way), malformed calls left as content; the chat-template detection; and one real server (``--tool-call-parser
 mistral --reasoning-parser mistral``) over HTTP with the ``openai`` client, serving a context-scripted model that
 writes Mistral's special tokens, with 9-character call ids that its chat template takes back in the history, and
-Magistral's ``[THINK] ... [/THINK]`` before an answer that calls a tool."""
+Magistral's ``[THINK] ... [/THINK]`` before an answer that calls a tool (chat and Responses)."""
 
 from __future__ import annotations
 
@@ -400,6 +400,11 @@ def test_magistral_thinks_then_calls(client):
         content += delta.content or ""
         names += [piece.function.name for piece in delta.tool_calls or () if piece.function.name]
     assert (reasoning, content, names) == ("Hmm.", "Checking.", ["get_time"])
+    response = client.responses.create(model="mistral", input="time?", max_output_tokens=30, temperature=0, tools=[
+        {"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+        for t in TOOLS])
+    assert [item.type for item in response.output] == ["reasoning", "message", "function_call"]
+    assert response.output[0].content[0].text == "Hmm." and response.output[2].name == "get_time"
     # without tools, the answer after the thinking is all content, as written
     plain = client.chat.completions.create(model="mistral", messages=time_user, max_tokens=30, temperature=0)
     assert plain.choices[0].message.reasoning == "Hmm."
