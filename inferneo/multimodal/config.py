@@ -22,7 +22,8 @@ VISION_LANGUAGE_KEY = "inferneo_vision_language"
 # ``model_type`` of ``vision_config``).
 # Qwen's vision-language models: transformers' own vision transformer, images of any size, M-RoPE.
 MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", *MROPE_ARCHITECTURES)
+GEMMA3 = "Gemma3ForConditionalGeneration"
+VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", *MROPE_ARCHITECTURES, GEMMA3)
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
@@ -43,6 +44,11 @@ class VisionLanguageConfig:
     vision_end_token_id: int | None = None
     # Qwen2-VL: the most pixels its image processor leaves an image (None: unknown)
     max_image_pixels: int | None = None
+    # Gemma 3: a fixed count of pooled image tokens, and the begin/end-of-image tokens that frame them (the begin
+    # token is the placeholder a prompt writes); None for LLaVA, whose placeholder is the image token itself.
+    tokens_per_image: int | None = None
+    begin_token_id: int | None = None
+    end_token_id: int | None = None
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
@@ -50,6 +56,8 @@ class VisionLanguageConfig:
         says nothing); ValueError for a vision tower or feature choice this engine does not serve."""
         if config["architectures"][0] in MROPE_ARCHITECTURES:
             return cls._from_qwen(config, text_hidden_size)
+        if config["architectures"][0] == GEMMA3:
+            return cls._from_gemma3(config, text_hidden_size)
         vision = dict(config.get("vision_config") or {})
         tower = vision.get("model_type", "clip_vision_model")
         if tower not in VISION_TOWERS:
@@ -97,11 +105,26 @@ class VisionLanguageConfig:
         t, h, w = grid
         return t * h * w // (self.merge_size**2)
 
+    def _from_gemma3(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
+        """The settings of a ``Gemma3ForConditionalGeneration`` ``config.json``: a SigLIP tower whose last hidden
+        state is pooled to ``mm_tokens_per_image`` features (transformers' defaults where the config says none)."""
+        vision = dict(config.get("vision_config") or {})
+        if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
+            raise ValueError(f"Gemma 3 vision tower {vision['model_type']!r} is not supported (SigLIP only)")
+        return cls(architecture=GEMMA3, vision_config=vision,
+                   image_token_id=int(config.get("image_token_id", config.get("image_token_index", 262_144))),
+                   feature_layer=-1, select_strategy="full", projector_act="none", projector_bias=False,
+                   text_hidden_size=text_hidden_size, tokens_per_image=int(config.get("mm_tokens_per_image", 256)),
+                   begin_token_id=int(config.get("boi_token_id", config.get("boi_token_index", 255_999))),
+                   end_token_id=int(config.get("eoi_token_id", config.get("eoi_token_index", 256_000))))
+
     @property
     def num_image_tokens(self) -> int:
         """LLaVA's image tokens per image: the tower's output positions (its patches, and CLIP's CLS position), less
-        the first one under the "default" strategy (as transformers' LLaVA and its processor count them). Qwen2-VL's
-        vary per image: :meth:`tokens_of`."""
+        the first one under the "default" strategy (as transformers' LLaVA and its processor count them); Gemma 3's
+        ``mm_tokens_per_image``. Qwen2-VL's vary per image: :meth:`tokens_of`."""
+        if self.tokens_per_image is not None:
+            return self.tokens_per_image
         side = self.vision_config.get("image_size", 224) // self.vision_config.get("patch_size", 32)
         has_cls = self.vision_config["model_type"] == "clip_vision_model"
         return side * side + has_cls - (self.select_strategy == "default")
@@ -115,7 +138,8 @@ class VisionLanguageConfig:
                 "select_strategy": self.select_strategy, "projector_act": self.projector_act,
                 "projector_bias": self.projector_bias, "text_hidden_size": self.text_hidden_size,
                 "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
-                "max_image_pixels": self.max_image_pixels}
+                "max_image_pixels": self.max_image_pixels, "tokens_per_image": self.tokens_per_image,
+                "begin_token_id": self.begin_token_id, "end_token_id": self.end_token_id}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> VisionLanguageConfig:

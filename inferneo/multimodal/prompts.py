@@ -42,7 +42,16 @@ class ImagePrompts:
         self.max_images = max_images
         self.local_media = local_media
         self.image_token_id = config.image_token_id
-        self.placeholder: str = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # The token a prompt writes per image, and what it becomes: LLaVA's and Qwen2-VL's image token, repeated;
+        # Gemma 3's begin-of-image token, as its processor expands it: "\n\n", begin, the image tokens, end, "\n\n".
+        self.placeholder_id = self.image_token_id if config.begin_token_id is None else config.begin_token_id
+        self.placeholder: str = tokenizer.convert_ids_to_tokens(self.placeholder_id)
+        self.before: list[int] = []
+        self.after: list[int] = []
+        if config.begin_token_id is not None and config.end_token_id is not None:
+            newlines = list(tokenizer.encode("\n\n", add_special_tokens=False))
+            self.before = newlines + [config.begin_token_id]
+            self.after = [config.end_token_id] + newlines
         # What a chat message's image becomes in a template that reads strings: the placeholder, which Qwen2-VL
         # wraps in its vision markers (as its own template writes an image part)
         self.chat_placeholder = self.placeholder
@@ -55,7 +64,7 @@ class ImagePrompts:
         or image URLs) as :class:`ImageInput` records; ``ImagePromptError`` when the placeholders and the images
         do not pair up one to one, or an image cannot be read."""
         images = images or []
-        places = [i for i, token in enumerate(prompt_ids) if token == self.image_token_id]
+        places = [i for i, token in enumerate(prompt_ids) if token == self.placeholder_id]
         if len(places) != len(images):
             raise ImagePromptError(
                 f"the prompt has {len(places)} image placeholder{'s' * (len(places) != 1)} ({self.placeholder}) "
@@ -78,9 +87,11 @@ class ImagePrompts:
         previous = 0
         for place, (pixels, grid) in zip(places, self._per_image(processed), strict=True):
             expanded.extend(prompt_ids[previous:place])
+            expanded.extend(self.before)
             count = self.config.tokens_of(grid)
             inputs.append(ImageInput.from_tensor(len(expanded), count, pixels, grid))
             expanded.extend([self.image_token_id] * count)
+            expanded.extend(self.after)
             previous = place + 1
         expanded.extend(prompt_ids[previous:])
         return expanded, inputs

@@ -1,7 +1,8 @@
 """Tiny random-weight vision-language checkpoints for tests: transformers' own ``LlavaForConditionalGeneration``
 over the tiny Llama (or Qwen2) of :mod:`~inferneo.testing.tiny_models`, a CLIP or SigLIP vision tower of 32-pixel
 images in 8-pixel patches, the tiny tokenizer with ``<image>`` added as its last token, and the image processor's
-config (:func:`make_tiny_llava`); Qwen2-VL and Qwen2.5-VL the same way (:func:`make_tiny_qwen2_vl`)."""
+config (:func:`make_tiny_llava`); Qwen2-VL and Qwen2.5-VL (:func:`make_tiny_qwen2_vl`) and Gemma 3
+(:func:`make_tiny_gemma3`) the same way."""
 
 from __future__ import annotations
 
@@ -150,4 +151,68 @@ def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384,
 
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=QWEN_MAX_PIXELS, patch_size=QWEN_PATCH_SIZE,
                              merge_size=2, temporal_patch_size=2).save_pretrained(path)
+    return path
+
+
+GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+# Gemma 3's chat template, cut to what the tests need: each message's parts, an image part as the begin-of-image
+# token (the processor expands it), a text part as its text.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GEMMA3_TOKENS_PER_IMAGE = 4
+
+
+def make_tiny_gemma3(path: Path, *, vocab_size: int = 384, hidden_size: int = 64, seed: int = 0,
+                     sliding_window: int = 16) -> Path:
+    """Write a random-weight ``Gemma3ForConditionalGeneration`` checkpoint into ``path`` and return it: a tiny
+    Gemma 3 language model (its last three token ids ``<start_of_image>``, ``<end_of_image>`` and
+    ``<image_soft_token>``), a SigLIP tower of 32-pixel images in 8-pixel patches pooled to
+    :data:`GEMMA3_TOKENS_PER_IMAGE` tokens, the tokenizer (with Gemma 3's image tokens named as its processor reads
+    them), a chat template and Gemma 3's image processor config. Weights are drawn with std 0.2."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False)
+    text = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=hidden_size // 4, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                            sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
+                            query_pre_attn_scalar=32, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                            pad_token_id=PAD_ID, initializer_range=0.2)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
+                          boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
+                          image_token_index=vocab_size - 1, initializer_range=0.2)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision_tower" in name:
+                continue
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)  # Gemma's norms scale by 1 + weight
+            else:
+                param.normal_(0.0, 0.2)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = make_tiny_tokenizer(vocab_size - 3)
+    tokenizer.add_special_tokens({"additional_special_tokens": [GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE]})
+    assert tokenizer.convert_tokens_to_ids(GEMMA3_IMAGE) == vocab_size - 1
+    tokenizer.chat_template = GEMMA3_TEMPLATE
+    tokenizer.save_pretrained(path)
+    Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
     return path

@@ -81,7 +81,7 @@ class VisionLanguageModel:
 
     def _build_vision_half(self) -> None:
         self.vision_tower = _vision_tower(self.vision_language)
-        self.multi_modal_projector = LlavaProjector(self.vision_language)
+        self.multi_modal_projector = self.build_projector()
         for module in (self.vision_tower, self.multi_modal_projector):
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):  # the vision half stays as the checkpoint has it, and as
@@ -93,6 +93,10 @@ class VisionLanguageModel:
         ids) computed as transformers computes them, not left as the uninitialized storage a meta model gets."""
         with built_on(device, self.embed_tokens.weight.dtype):
             self._build_vision_half()
+
+    def build_projector(self) -> nn.Module:
+        """The projector from the tower's features to the language model's width (LLaVA's two linears)."""
+        return LlavaProjector(self.vision_language)
 
     @property
     def image_token_id(self) -> int:
@@ -187,9 +191,12 @@ def load_module_weights(module: nn.Module, tensors: dict[str, torch.Tensor], lab
             target.copy_(tensor)
 
 
-def vision_language_class(language_model: type[nn.Module], config: VisionLanguageConfig) -> type[nn.Module]:
-    """``language_model``'s class made to take images as ``config`` says (see the module docstring)."""
+def vision_language_class(language_model: type[nn.Module], config: VisionLanguageConfig,
+                          mixin: type[VisionLanguageModel] = VisionLanguageModel) -> type[nn.Module]:
+    """``language_model``'s class made to take images as ``config`` says (see the module docstring), its image
+    half ``mixin`` (LLaVA's unless a model family gives its own)."""
     if getattr(language_model, "forward", None) is None or not hasattr(language_model, "embed"):
         raise ValueError(f"{config.architecture}: its language model {language_model.__name__} cannot take images")
-    return type(f"Llava{language_model.__name__}", (VisionLanguageModel, language_model),
+    return type(f"{mixin.__name__.removesuffix('VisionLanguageModel') or 'Llava'}{language_model.__name__}",
+                (mixin, language_model),
                 {"vision_language": config, "__module__": __name__})
