@@ -4,11 +4,14 @@ processor does, with the same pixels."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from inferneo import LLM, SamplingParams
 from inferneo.model_executor.models.gemma import Gemma3ForCausalLM
 from inferneo.model_executor.models.gemma3_vision import Gemma3VisionLanguageModel
 from inferneo.model_executor.models.llava import vision_language_class
@@ -92,3 +95,87 @@ def test_prompt_expansion_matches_processor(gemma3, text):
         assert ids[image.offset:image.end] == [383] * GEMMA3_TOKENS_PER_IMAGE
         assert ids[image.offset - 1] == 381 and ids[image.end] == 382
         torch.testing.assert_close(image.tensor(), pixels)
+
+
+MAX_NEW = 8
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+ONE = "<|im_start|>user\nWhat is in <start_of_image> this picture of the quick brown fox?<|im_end|>\n"
+TWO = "Compare <start_of_image> with <start_of_image>: which one is brighter, and why?"
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps"
+
+
+@functools.cache
+def _hf_model(path: str):
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # as ignore_eos
+    return model
+
+
+def hf_greedy(path, prompt_ids: list[int], pictures: list[Image.Image], *,
+              bidirectional: bool = True) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their log-probabilities for the expanded ids, with Gemma3Processor's pixels
+    and (``bidirectional``) its ``token_type_ids``, which make each image's tokens attend to each other."""
+    model = _hf_model(str(path))
+    ids = torch.tensor([prompt_ids])
+    inputs = {"input_ids": ids}
+    if pictures:
+        inputs["pixel_values"] = hf_processor(path).image_processor(images=pictures,
+                                                                    return_tensors="pt")["pixel_values"]
+        if bidirectional:
+            inputs["token_type_ids"] = (ids == model.config.image_token_id).long()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    return tokens, [torch.log_softmax(logits[0], -1)[t].item() for logits, t in zip(out.logits, tokens, strict=True)]
+
+
+def pictures_of(request) -> list[Image.Image]:
+    if isinstance(request, str):
+        return []
+    image = request["multi_modal_data"]["image"]
+    return image if isinstance(image, list) else [image]
+
+
+def ours(output) -> tuple[list[int], list[float]]:
+    tokens = list(output.outputs[0].token_ids)
+    return tokens, [step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens, strict=True)]
+
+
+def same(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> bool:
+    """The same greedy tokens with log-probabilities within float32 noise."""
+    return a[0] == b[0] and bool(np.allclose(a[1], b[1], rtol=0, atol=1e-4))
+
+
+def check_against_hf(path, llm: LLM, batch, params: SamplingParams = GREEDY) -> list:
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks, "KV blocks leaked"
+    for output, request in zip(outputs, batch, strict=True):
+        expected = hf_greedy(path, list(output.prompt_token_ids), pictures_of(request))
+        assert same(ours(output), expected), (ours(output), expected)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def llm(gemma3):
+    return LLM(str(gemma3), dtype="float32", max_model_len=512)
+
+
+def test_batch_of_image_and_text_prompts_equals_hugging_face(gemma3, llm):
+    pictures = images(4, seed=3)
+    batch = [{"prompt": ONE, "multi_modal_data": {"image": pictures[0]}},
+             TEXT,
+             {"prompt": TWO, "multi_modal_data": {"image": [pictures[1], pictures[2]]}},
+             {"prompt": ONE, "multi_modal_data": {"image": pictures[3]}}]
+    outputs = check_against_hf(gemma3, llm, batch)
+    assert [o.prompt_token_ids.count(383) for o in outputs] == [4, 0, 8, 4]
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert got[0] != got[3], "two images under the same text gave the same tokens: the image is not read"
+    # The bidirectional image block matters: transformers without it (causal only) scores otherwise, so an engine
+    # that ignored it would fail the comparison above.
+    for output, request in zip(outputs, batch, strict=True):
+        if not isinstance(request, str):
+            causal = hf_greedy(gemma3, list(output.prompt_token_ids), pictures_of(request), bidirectional=False)
+            assert not same(ours(output), causal)

@@ -24,6 +24,8 @@ class AttentionFeature(StrEnum):
     LOGIT_SOFTCAP = "logit_softcap"  # scores squashed to ``c * tanh(s / c)`` before the softmax (Gemma 2)
     SINKS = "sinks"  # one learned logit per head in the softmax denominator, with no value (gpt-oss)
     FP8_KV_CACHE = "fp8_kv_cache"  # keys and values stored as float8 e4m3 with per-head scales (``fp8_kv``)
+    # the prompt tokens of one image attend to each other both ways (Gemma 3): ``AttentionMetadata.image_blocks``
+    IMAGE_BLOCKS = "image_blocks"
 
 
 def attention_features(sliding_window: int | None = None, logit_softcap: float | None = None,
@@ -63,6 +65,9 @@ class AttentionMetadata:
     # Some request has several decode rows (it verifies draft tokens): row j of it attends to the keys the rows
     # before it store in this step, so every row's key and value must be stored before any row attends.
     decode_rows_share_requests: bool = False
+    # Rows ``[start, start + length)`` of the flat batch that hold one whole image of a prompt whose model lets an
+    # image's tokens attend to each other both ways (``AttentionFeature.IMAGE_BLOCKS``); each lies in one span.
+    image_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 class AttentionBackend(ABC):

@@ -34,7 +34,7 @@ class CpuNativeBackend(TorchReferenceBackend):
     needs_decode_mask = False
     #: The CPU features the prompt-attention choice reads (None: this machine's).
     sdpa_features = None
-    supported_features = frozenset(AttentionFeature)
+    supported_features = frozenset(AttentionFeature) - {AttentionFeature.IMAGE_BLOCKS}
 
     def __init__(self, kernels: KernelConfig | None = None) -> None:
         """``kernels``: the engine's switches (None: the environment's); RuntimeError when ``cpu_native_kernels``

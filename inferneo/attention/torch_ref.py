@@ -73,6 +73,12 @@ class TorchReferenceBackend(AttentionBackend):
             else:  # the cached prefix and the span's own tokens, as stored (FP8: quantized, like every read)
                 total = span.context_len + span.num_tokens
                 ks, vs = (x.reshape(num_kv_heads, -1, head_dim)[:, :total] for x in reader.gather(span.block_table))
+            blocks = [(a - s, n) for a, n in metadata.image_blocks if s <= a < e]
+            if blocks:  # an image's rows see the whole image (within the window), as transformers' Gemma 3
+                mask = _cached(metadata, ("image_mask", span.start, sliding_window), image_block_mask, span,
+                               sliding_window, blocks)
+                out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
+                continue
             if not variant.is_plain:
                 mask = _cached(metadata, ("span_mask", span.start, sliding_window), span_mask, span, sliding_window)
                 out[s:e] = variant.attend(qs, ks, vs, mask, scale).transpose(0, 1)
@@ -166,6 +172,22 @@ def span_mask(span: PrefillSpan, sliding_window: int | None) -> torch.Tensor:
     q_pos = torch.arange(span.num_tokens, device=device)[:, None] + span.context_len
     k_pos = torch.arange(span.context_len + span.num_tokens, device=device)[None, :]
     mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def image_block_mask(span: PrefillSpan, sliding_window: int | None, blocks: list[tuple[int, int]]) -> torch.Tensor:
+    """:func:`span_mask` with each block ``(first row in the span, length)`` seeing all of itself: causal OR
+    same block, AND within the window (transformers' Gemma 3 masks: a key ``j`` is in the window of the query at
+    ``p`` when ``j > p - W``)."""
+    device = span.block_table.device
+    q_pos = torch.arange(span.num_tokens, device=device)[:, None] + span.context_len
+    k_pos = torch.arange(span.context_len + span.num_tokens, device=device)[None, :]
+    mask = k_pos <= q_pos
+    for first, length in blocks:
+        lo = span.context_len + first
+        mask[first : first + length, lo : lo + length] = True
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask

@@ -32,7 +32,7 @@ class TritonBackend(AttentionBackend):
     """
 
     name = "triton"
-    supported_features = frozenset(AttentionFeature)
+    supported_features = frozenset(AttentionFeature) - {AttentionFeature.IMAGE_BLOCKS}
 
     def __init__(self, prefill_block_m: int | None = None, decode_splits: int | None = None,
                  pdl: bool | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from inferneo.multimodal.config import (
+    GEMMA3,
     MROPE_ARCHITECTURES,
     VISION_LANGUAGE_ARCHITECTURES,
     VISION_LANGUAGE_KEY,
@@ -35,6 +36,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# An image processor's config: a Gemma 3 checkpoint with one is served with images, one without as text only.
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 # Multimodal architectures the engine serves as their language model alone (text in, text out) -> the transformers
 # config class of that language model, whose defaults fill the keys a checkpoint's ``text_config`` leaves out.
 LANGUAGE_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3TextConfig"}
@@ -65,7 +68,8 @@ def _with_top_level_values(text: dict[str, Any], declared: dict[str, Any], confi
 
 def hf_config(folder: Path) -> dict[str, Any]:
     """``config.json``, with the pre-5.0 keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``) filled in; for
-    a multimodal checkpoint the engine serves as text only (:data:`LANGUAGE_MODEL_OF`), its language model's config.
+    a multimodal checkpoint the engine serves as text only (:data:`LANGUAGE_MODEL_OF`: a Gemma 3 without an image
+    processor config), its language model's config.
 
     transformers >= 5 writes ``rope_parameters`` and ``dtype`` instead; both spellings are kept so the engine
     can read one set of keys whichever version saved the checkpoint.
@@ -74,9 +78,11 @@ def hf_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
     config = read_json(path)
-    if any(name in LANGUAGE_MODEL_OF for name in config.get("architectures") or ()):
+    names = config.get("architectures") or ()
+    if any(name in LANGUAGE_MODEL_OF for name in names) and (
+            GEMMA3 not in names or not (folder / IMAGE_PROCESSOR_CONFIG).is_file()):
         config = language_model_config(config)
-    elif any(name in VISION_LANGUAGE_ARCHITECTURES for name in config.get("architectures") or ()):
+    elif any(name in VISION_LANGUAGE_ARCHITECTURES for name in names):
         config = vision_language_model_config(config, folder)
     return with_both_spellings(config)
 
@@ -91,7 +97,7 @@ def vision_language_model_config(config: dict[str, Any], folder: Path | None = N
     if config["architectures"][0] in MROPE_ARCHITECTURES:
         return _qwen_vl_model_config(config, folder)
     declared = dict(config.get("text_config") or {})
-    model_type = declared.pop("model_type", "llama")
+    model_type = declared.pop("model_type", "gemma3_text" if config["architectures"][0] == GEMMA3 else "llama")
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{config['architectures'][0]}: unknown language model type {model_type!r}")
     text = _with_top_level_values(CONFIG_MAPPING[model_type](**declared).to_dict(), declared, config)

@@ -105,6 +105,8 @@ class RemoteStep:
     # Rows whose embeddings are given, ``(first row, count)`` each (image features, prompt embeddings): the driver
     # broadcasts them, concatenated, after the step; empty when none.
     embedded: list[tuple[int, int]] = field(default_factory=list)
+    # Each image's rows among them, ``(first row, count)`` (Gemma 3's bidirectional image blocks).
+    image_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -318,6 +320,8 @@ class ModelRunner(Runner):
         # Qwen2-VL's M-RoPE: the vision tower's merge size, which the positions of its image tokens follow (None: a
         # model without M-RoPE, whose steps never look at them)
         self.mrope_merge: int | None = getattr(self.model, "mrope_merge_size", None)
+        # Gemma 3: each image's tokens attend to each other (the attention metadata lists the step's image blocks)
+        self.image_blocks = bool(getattr(self.model, "bidirectional_images", False))
         if self.takes_images and self.pp.num_stages > 1:
             raise ValueError(f"{model_cls.__name__}: vision-language models run without pipeline parallelism for "
                              "now (pipeline_parallel_size 1)")
@@ -596,12 +600,12 @@ class ModelRunner(Runner):
         prompt_rows, prompt_targets, num_top = _prompt_rows(items, packed)
         # rows whose embeddings are given (image features, prompt embeddings): the driver computes them (its vision
         # tower encodes the images) and, with tensor parallelism, hands them to every rank
-        embedded_rows = self._embedded_rows(items, packed) if embedded else None
+        embedded_rows, image_blocks = self._embedded_rows(items, packed) if embedded else (None, [])
         if self.step_listener is not None:
             num_previous = previous.num_samples if previous is not None and packed.pending_rows else 0
             self.step_listener(RemoteStep(host[: layout.size].copy(), packed, bucket, num_samples, num_previous,
                                           prompt_rows, lora_step, mrope,
-                                          [(row, len(rows)) for row, rows in embedded_rows or ()]))
+                                          [(row, len(rows)) for row, rows in embedded_rows or ()], image_blocks))
             if num_previous:  # the workers read the tokens still in flight too: send them device to device
                 self.tp.broadcast(previous.sampled)
             if embedded_rows:
@@ -613,7 +617,7 @@ class ModelRunner(Runner):
             receive = self.pp.irecv(incoming, self.pp.last_stage_driver)
         hidden, dev = self._forward(packed, host_tensor, bucket, graphs, previous.sampled if previous else None,
                                     self._token_types(items, packed), embedded_rows,
-                                    None if mrope is None else self._upload(mrope))
+                                    None if mrope is None else self._upload(mrope), image_blocks)
         pooling_rows = pooling_rows_of(items, packed)
         pooled = pool_step(hidden, pooling_rows) if pooling_rows else None
         if pooled is not None and (head := getattr(self.model, "classify", None)) is not None:
@@ -660,7 +664,8 @@ class ModelRunner(Runner):
                              zip(step.embedded, given.split([count for _, count in step.embedded]), strict=True)]
         hidden, dev = self._forward(step.packed, host_tensor, step.bucket, graphs, previous_samples,
                                     embedded_rows=embedded_rows,
-                                    mrope_positions=None if step.mrope is None else self._upload(step.mrope))
+                                    mrope_positions=None if step.mrope is None else self._upload(step.mrope),
+                                    image_blocks=step.image_blocks)
         if step.prompt_rows is not None:  # the driver's chunks through this rank's shard of the LM head
             score_prompt_rows(self.model.compute_logits, hidden, self._upload(step.prompt_rows), None, 0)
         if step.num_samples:
@@ -705,10 +710,12 @@ class ModelRunner(Runner):
                     return True
         return False
 
-    def _embedded_rows(self, items: list[ScheduledSequence], packed: PackedStep) -> list[tuple[int, torch.Tensor]]:
+    def _embedded_rows(self, items: list[ScheduledSequence], packed: PackedStep
+                       ) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, int]]]:
         """``(first row, embeddings)`` for each run of the step's rows whose embeddings are given: a prompt's
         embeddings (the chunk's slice of them, in the model's hidden space: ``prompt_embeds_to_hidden``) and a
-        vision-language model's image features (``_image_rows``)."""
+        vision-language model's image features (``_image_rows``); and ``(first row, count)`` of each image's rows
+        (Gemma 3's image blocks)."""
         rows: list[tuple[int, torch.Tensor]] = []
         for index, it in enumerate(items):
             span = it.embeds_rows
@@ -717,9 +724,8 @@ class ModelRunner(Runner):
             start, stop = span
             embeds = it.prompt_embeds.rows(start, stop).to(self.device, non_blocking=True)
             rows.append((packed.first_row(index), self.model.prompt_embeds_to_hidden(embeds.to(self.dtype))))
-        if self.takes_images:
-            rows.extend(self._image_rows(items, packed))
-        return rows
+        images = self._image_rows(items, packed) if self.takes_images else []
+        return rows + images, [(row, len(features)) for row, features in images]
 
     def _image_rows(self, items: list[ScheduledSequence], packed: PackedStep) -> list[tuple[int, torch.Tensor]]:
         """The step's image features: ``(first row, features)`` for each image with tokens among the step's (the
@@ -747,9 +753,11 @@ class ModelRunner(Runner):
                  graphs: DecodeGraphs | None, previous_samples: torch.Tensor | None = None,
                  token_types: torch.Tensor | None = None,
                  embedded_rows: list[tuple[int, torch.Tensor]] | None = None,
-                 mrope_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mrope_positions: torch.Tensor | None = None,
+                 image_blocks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's hidden states for the packed step, and the step's device tensor. ``mrope_positions``: the
-        ``[3, num_tokens]`` positions of a step with Qwen2-VL image tokens, in place of the packed ones."""
+        ``[3, num_tokens]`` positions of a step with Qwen2-VL image tokens, in place of the packed ones;
+        ``image_blocks``: each image's rows, ``(first row, count)``, which a Gemma 3 lets see each other."""
         layout = packed.layout
         if graphs is not None:
             dev = self._inputs.upload(host_tensor, layout.used(packed.num_decode), graphs.inputs)
@@ -768,6 +776,8 @@ class ModelRunner(Runner):
             embeds = self.model.embed(input_ids)
             for row, features in embedded_rows:
                 embeds[row : row + features.shape[0]] = features
+            if self.image_blocks and image_blocks:  # Gemma 3: each image's rows in the step see each other (the
+                metadata.image_blocks = image_blocks  # scheduler never ends a chunk inside an image)
             return self.model(input_ids, positions, self.kv_caches, metadata, input_embeds=embeds), dev
         if self.pp.num_stages == 1:
             return self.model(input_ids, positions, self.kv_caches, metadata), dev

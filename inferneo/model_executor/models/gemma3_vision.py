@@ -11,12 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inferneo.attention.backend import AttentionFeature
 from inferneo.model_executor.models.llava import VisionLanguageModel
 
 
 class Gemma3VisionLanguageModel(VisionLanguageModel):
     """The image half of Gemma 3 (see the module docstring), placed before ``Gemma3ForCausalLM`` by
-    ``vision_language_class``."""
+    ``vision_language_class``. In a prompt's prefill the tokens of one image attend to each other both ways
+    (transformers' Gemma 3 with ``token_type_ids``): the runner marks each image's rows for the attention
+    backend (``AttentionMetadata.image_blocks``), and the scheduler keeps each image whole in one step."""
+
+    bidirectional_images = True
+
+    def attention_features(self) -> frozenset[AttentionFeature]:
+        """The backend must let an image's rows see the whole image (the PyTorch backend does)."""
+        return frozenset({AttentionFeature.IMAGE_BLOCKS})
 
     def build_projector(self) -> nn.Module:
         """transformers' ``Gemma3MultiModalProjector`` of the checkpoint's vision config and token count."""

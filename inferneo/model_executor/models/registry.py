@@ -15,14 +15,15 @@ from inferneo.model_executor.models.decoder_classifier import (
 )
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
+from inferneo.model_executor.models.gemma3_vision import Gemma3VisionLanguageModel
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
-from inferneo.model_executor.models.llava import vision_language_class
+from inferneo.model_executor.models.llava import VisionLanguageModel, vision_language_class
 from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from inferneo.model_executor.models.qwen2_vl import qwen_vl_class
-from inferneo.multimodal.config import vision_language_of
+from inferneo.multimodal.config import GEMMA3, vision_language_of
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -72,6 +73,7 @@ def get_model_class(hf_config: dict) -> type[nn.Module]:
                 raise ValueError(f"{vision_language.architecture} with a {name} language model is not supported")
             if vision_language.mrope:
                 return qwen_vl_class(MODEL_REGISTRY[name], vision_language)
-            return vision_language_class(MODEL_REGISTRY[name], vision_language)
+            mixin = Gemma3VisionLanguageModel if vision_language.architecture == GEMMA3 else VisionLanguageModel
+            return vision_language_class(MODEL_REGISTRY[name], vision_language, mixin)
     asked = ", ".join(names) if names else f"(none listed; model_type {hf_config.get('model_type')!r})"
     raise ValueError(f"unsupported architecture {asked}; supported: {', '.join(MODEL_REGISTRY)}")
