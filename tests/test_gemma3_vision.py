@@ -179,3 +179,28 @@ def test_batch_of_image_and_text_prompts_equals_hugging_face(gemma3, llm):
         if not isinstance(request, str):
             causal = hf_greedy(gemma3, list(output.prompt_token_ids), pictures_of(request), bidirectional=False)
             assert not same(ours(output), causal)
+
+
+def test_chunked_prefill_keeps_each_image_whole(gemma3):
+    """A 6-token budget chunks the text around the images, and never ends a chunk inside one (4 tokens each)."""
+    llm = LLM(str(gemma3), dtype="float32", max_model_len=512, max_num_batched_tokens=6)
+    pictures = images(3, seed=7)
+    batch = [{"prompt": TWO, "multi_modal_data": {"image": pictures[:2]}},
+             {"prompt": ONE, "multi_modal_data": {"image": pictures[2]}}]
+    outputs = check_against_hf(gemma3, llm, batch)
+    assert llm.engine.core.stats.num_steps > len(outputs[0].prompt_token_ids) // 6  # chunked
+
+
+def test_an_image_larger_than_a_step_is_refused_at_start(gemma3):
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(3\) must be >= the 4 tokens of one image"):
+        LLM(str(gemma3), dtype="float32", max_model_len=512, max_num_batched_tokens=3)
+
+
+def test_prefix_cache_hit_on_a_repeated_image(gemma3):
+    llm = LLM(str(gemma3), dtype="float32", block_size=4, max_model_len=512)
+    prompt = {"prompt": ONE, "multi_modal_data": {"image": images(1, seed=11)[0]}}
+    first = check_against_hf(gemma3, llm, [prompt])
+    again = check_against_hf(gemma3, llm, [prompt])
+    image_end = first[0].prompt_token_ids.index(383) + 4
+    assert again[0].num_cached_tokens > image_end
+    assert same(ours(again[0]), ours(first[0]))

@@ -26,6 +26,7 @@ from inferneo.engine.protocol import PROMPT_EMBEDS_OFF, CoreInfo
 from inferneo.engine.scheduler import Scheduler
 from inferneo.model_executor.models.registry import get_model_class
 from inferneo.model_loader import iter_weights, load_hf_config, load_tokenizer
+from inferneo.multimodal.config import vision_language_of
 from inferneo.pooling import lacks_output_head, load_classifier_config, load_pooling_config
 from inferneo.structured_output.compiler import GrammarCompiler
 from inferneo.worker.memory import warm_up
@@ -72,6 +73,11 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
     else:
         max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
         max_batched = config.max_num_batched_tokens or (2048 if config.enable_chunked_prefill else max_model_len)
+    images = vision_language_of(hf_config)
+    whole_images = images is not None and images.bidirectional_images
+    if whole_images and max_batched < images.num_image_tokens:  # one image's tokens are computed in one step
+        raise ValueError(f"max_num_batched_tokens ({max_batched}) must be >= the {images.num_image_tokens} tokens "
+                         f"of one image for {images.architecture}, whose image tokens attend to each other")
 
     runner_kwargs = dict(hf_config=hf_config, dtype=dtype, device=device, max_model_len=max_model_len,
                          block_size=config.block_size, enforce_eager=config.enforce_eager or encoder,
@@ -115,7 +121,8 @@ def build_engine_core(config: EngineConfig) -> tuple[EngineCore, CoreInfo]:
                               runner.rope_switch)
     scheduler = Scheduler(kv_cache, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
                           policy=config.scheduling_policy,
-                          enable_chunked_prefill=config.enable_chunked_prefill and not encoder)
+                          enable_chunked_prefill=config.enable_chunked_prefill and not encoder,
+                          whole_images=whole_images)
     async_scheduling = config.async_scheduling
     if async_scheduling is None:  # measured faster on H100s at TP 1 and 2 (docs/benchmarks.md); no gain on CPU
         # Speculation drafts from the tokens of the step before, so it schedules synchronously.

@@ -87,12 +87,17 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: str = "fcfs",
         enable_chunked_prefill: bool = True,
+        whole_images: bool = False,
     ) -> None:
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.enable_chunked_prefill = enable_chunked_prefill
+        # A model whose image tokens attend to each other both ways (Gemma 3): no prompt chunk ends inside an
+        # image, so each image's last rows are computed in one step with the rest of it (the earlier ones may be
+        # in the cache already); the engine core makes sure one image fits a step.
+        self.whole_images = whole_images
         self.waiting = WaitingQueue(policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -159,6 +164,8 @@ class Scheduler:
                     continue
                 self._switch_to_long_rope(request)
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
+            if self.whole_images:
+                num_new = self._image_boundary(request, request.num_computed_tokens, num_new)
             if num_new <= 0 or id(request) in busy_ids or self._ends_with_pending_token(request):
                 index += 1  # nothing to compute, or the token in flight is its last: it finishes when that lands
                 continue
@@ -209,6 +216,10 @@ class Scheduler:
                     if not self.enable_chunked_prefill:
                         break
                     num_new = budget
+                if self.whole_images:
+                    num_new = self._image_boundary(request, num_cached, num_new)
+                    if num_new <= 0:
+                        break  # the next image does not fit what is left of this step's budget
                 if request.num_computed_tokens == 0 and not request.block_ids:
                     request.num_computed_tokens = num_cached
                 if not self.kv_cache.allocate_slots(request, num_new, cached_blocks):
@@ -229,6 +240,16 @@ class Scheduler:
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    @staticmethod
+    def _image_boundary(request: Request, start: int, num_new: int) -> int:
+        """``num_new`` tokens from ``start``, cut back to the start of the image a chunk would end inside (0 when
+        that image starts at or before ``start``: it waits for a step with room for the rest of it)."""
+        stop = start + num_new
+        for image in request.images or ():
+            if image.offset < stop < image.end:
+                return max(image.offset - start, 0)
+        return num_new
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
         """Draft tokens for a request decoding its next token (speculation on), within the step's budget; the

@@ -119,6 +119,11 @@ class VisionLanguageConfig:
                    end_token_id=int(config.get("eoi_token_id", config.get("eoi_token_index", 256_000))))
 
     @property
+    def bidirectional_images(self) -> bool:
+        """One image's tokens attend to each other both ways in a prompt's prefill (Gemma 3)."""
+        return self.architecture == GEMMA3
+
+    @property
     def num_image_tokens(self) -> int:
         """LLaVA's image tokens per image: the tower's output positions (its patches, and CLIP's CLS position), less
         the first one under the "default" strategy (as transformers' LLaVA and its processor count them); Gemma 3's
