@@ -204,3 +204,11 @@ def test_prefix_cache_hit_on_a_repeated_image(gemma3):
     image_end = first[0].prompt_token_ids.index(383) + 4
     assert again[0].num_cached_tokens > image_end
     assert same(ours(again[0]), ours(first[0]))
+
+
+def test_a_window_shorter_than_an_image_cuts_the_image_block_as_transformers_does(tmp_path):
+    """Sliding layers of 3 tokens, images of 4: an image's rows see the image's keys within the window only."""
+    path = make_tiny_gemma3(tmp_path, sliding_window=3)
+    llm = LLM(str(path), dtype="float32", max_model_len=512)
+    pictures = images(2, seed=13)
+    check_against_hf(path, llm, [{"prompt": TWO, "multi_modal_data": {"image": pictures}}])
