@@ -33,7 +33,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
-    "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,  # text only: the vision tower is not loaded
+    # text only, for a checkpoint without preprocessor_config.json (one with it: Gemma3ForCausalLM with images)
+    "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
