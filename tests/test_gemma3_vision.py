@@ -191,6 +191,18 @@ def test_chunked_prefill_keeps_each_image_whole(gemma3):
     assert llm.engine.core.stats.num_steps > len(outputs[0].prompt_token_ids) // 6  # chunked
 
 
+def test_tensor_parallel_ranks_see_the_image_blocks(gemma3):
+    """Two ranks (gloo): the driver's image features and each image's block of rows reach the other rank."""
+    llm = LLM(str(gemma3), dtype="float32", max_model_len=512, max_num_batched_tokens=6, tensor_parallel_size=2,
+              num_threads=1)
+    try:
+        pictures = images(3, seed=11)
+        check_against_hf(gemma3, llm, [{"prompt": TWO, "multi_modal_data": {"image": pictures[:2]}}, TEXT,
+                                       {"prompt": ONE, "multi_modal_data": {"image": pictures[2]}}])
+    finally:
+        llm.shutdown()
+
+
 def test_an_image_larger_than_a_step_is_refused_at_start(gemma3):
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(3\) must be >= the 4 tokens of one image"):
         LLM(str(gemma3), dtype="float32", max_model_len=512, max_num_batched_tokens=3)

@@ -88,23 +88,7 @@ class VisionLanguageConfig:
                    text_hidden_size=text_hidden_size, vision_start_token_id=config.get("vision_start_token_id"),
                    vision_end_token_id=config.get("vision_end_token_id"))
 
-    @property
-    def mrope(self) -> bool:
-        """Whether the model is Qwen2-VL-like: images of any size through its own vision transformer, M-RoPE."""
-        return self.architecture in MROPE_ARCHITECTURES
-
-    @property
-    def merge_size(self) -> int:
-        """Qwen2-VL's ``spatial_merge_size``: each token of an image stands for ``merge × merge`` patches."""
-        return int(self.vision_config.get("spatial_merge_size", 2))
-
-    def tokens_of(self, grid: tuple[int, ...]) -> int:
-        """Image tokens of one image of patch grid ``grid`` (Qwen2-VL), or of any image (LLaVA: no grid)."""
-        if not self.mrope:
-            return self.num_image_tokens
-        t, h, w = grid
-        return t * h * w // (self.merge_size**2)
-
+    @classmethod
     def _from_gemma3(cls, config: dict[str, Any], text_hidden_size: int) -> VisionLanguageConfig:
         """The settings of a ``Gemma3ForConditionalGeneration`` ``config.json``: a SigLIP tower whose last hidden
         state is pooled to ``mm_tokens_per_image`` features (transformers' defaults where the config says none)."""
@@ -122,6 +106,23 @@ class VisionLanguageConfig:
     def bidirectional_images(self) -> bool:
         """One image's tokens attend to each other both ways in a prompt's prefill (Gemma 3)."""
         return self.architecture == GEMMA3
+
+    @property
+    def mrope(self) -> bool:
+        """Whether the model is Qwen2-VL-like: images of any size through its own vision transformer, M-RoPE."""
+        return self.architecture in MROPE_ARCHITECTURES
+
+    @property
+    def merge_size(self) -> int:
+        """Qwen2-VL's ``spatial_merge_size``: each token of an image stands for ``merge × merge`` patches."""
+        return int(self.vision_config.get("spatial_merge_size", 2))
+
+    def tokens_of(self, grid: tuple[int, ...]) -> int:
+        """Image tokens of one image of patch grid ``grid`` (Qwen2-VL), or of any image (LLaVA: no grid)."""
+        if not self.mrope:
+            return self.num_image_tokens
+        t, h, w = grid
+        return t * h * w // (self.merge_size**2)
 
     @property
     def num_image_tokens(self) -> int:

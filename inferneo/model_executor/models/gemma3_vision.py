@@ -38,9 +38,10 @@ class Gemma3VisionLanguageModel(VisionLanguageModel):
                                                       text_config={"hidden_size": config.text_hidden_size},
                                                       mm_tokens_per_image=config.num_image_tokens))
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, grid: tuple[int, ...] = ()) -> torch.Tensor:
         """The features ``[mm_tokens_per_image, hidden]`` of one preprocessed image ``pixels`` (``[3, H, W]`` or
-        ``[1, 3, H, W]``), in the model's dtype, as transformers' ``Gemma3Model.get_image_features`` computes them."""
+        ``[1, 3, H, W]``), in the model's dtype, as transformers' ``Gemma3Model.get_image_features`` computes them
+        (``grid``: unused, the images are of one size)."""
         weight = next(self.vision_tower.parameters())
         pixels = pixels.to(device=weight.device, dtype=weight.dtype)
         if pixels.dim() == 3:
