@@ -395,27 +395,6 @@ class FrontEndFacts:
     def eos_token_ids(self) -> frozenset[int]:
         return self.input.eos_token_ids
 
-    def prepare_prompt_embeds(self, embeds: object, params: SamplingParams, keep: int | None = None,
-                              param: str = "prompt_embeds") -> tuple[list[int], PromptEmbeds]:
-        """A prompt given as embeddings (``check_prompt_embeds``: ``[num_tokens, hidden_size]`` floats) as the
-        core takes it: one placeholder token id per row, and the rows. Raises ``InvalidRequestError`` naming
-        ``param`` when the engine does not take prompt embeddings (``CoreInfo.prompt_embeds_refusal``) or the
-        tensor is not such a prompt, naming ``prompt_logprobs`` when they are asked for (a prompt without tokens has
-        none to score, as vLLM refuses them). ``keep`` (``truncate_prompt_tokens``) keeps the last rows, as a token
-        prompt's last tokens (vLLM's)."""
-        if self.limits.prompt_embeds_refusal is not None:
-            raise InvalidRequestError(self.limits.prompt_embeds_refusal, param)
-        try:
-            tensor = check_prompt_embeds(embeds, self.limits.hidden_size)
-        except PromptEmbedsError as exc:
-            raise InvalidRequestError(str(exc), param) from None
-        if params.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt_logprobs are not compatible with prompt embeddings: the prompt has no "
-                                      "tokens to score", "prompt_logprobs")
-        kept = len(truncate_prompt([PLACEHOLDER_TOKEN_ID] * tensor.shape[0], keep,
-                                   self.limits.max_model_len, params.max_tokens))
-        return [PLACEHOLDER_TOKEN_ID] * kept, PromptEmbeds.from_tensor(tensor[tensor.shape[0] - kept:])
-
     def default_sampling_params(self) -> SamplingParams:
         """The model's sampling defaults (from its ``generation_config.json``, as vLLM does), else the usual
         ones; a fresh copy each call."""
