@@ -1,6 +1,8 @@
-"""Gemma 2 and Gemma 3 (text): the Llama decoder's modules with Gemma's changes.
+"""Gemma 1, Gemma 2 and Gemma 3 (text): the Llama decoder's modules with Gemma's changes.
 
-What differs from Llama, all read from the Hugging Face ``config.json``:
+Gemma 1 (:class:`GemmaForCausalLM`) is Llama's layer with Gemma's RMSNorm, scaled and tied embeddings and the
+GELU-gated MLP below (``hidden_act`` ``gelu`` means the tanh approximation, as transformers reads it). What Gemma 2
+and 3 change from Llama, all read from the Hugging Face ``config.json``:
 
 - four norms per layer: the attention output and the MLP output are each normalized before they join the
   residual stream (``post_attention_layernorm``, ``post_feedforward_layernorm``), and the MLP input has its own
@@ -30,7 +32,7 @@ from torch import nn
 from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.model_executor.layers.basic import GeluAndMul, GemmaRMSNorm
 from inferneo.model_executor.layers.rotary import rope_scaling_from_hf
-from inferneo.model_executor.models.llama import MLP, Attention, DecoderConfig, LlamaForCausalLM
+from inferneo.model_executor.models.llama import MLP, Attention, DecoderConfig, DecoderLayer, LlamaForCausalLM
 
 # Hugging Face ``hidden_activation`` -> ``torch.nn.functional.gelu``'s ``approximate``
 _GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -147,20 +149,27 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class Gemma2ForCausalLM(LlamaForCausalLM):
-    """Gemma 2: Llama's attention and loading with Gemma's layers, scaled embeddings and soft-capped logits."""
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma 1: Llama's layers with Gemma's RMSNorm (``x * (1 + weight)``) and GELU-gated MLP, embeddings scaled by
+    ``sqrt(hidden_size)`` and tied to the LM head unless the config says otherwise."""
 
-    # The post-attention and post-feedforward norms read the row-parallel outputs before any residual is added,
-    # which the fused all-reduce + residual + norm kernel does not cover.
+    # The peer-fused all-reduce + residual + norm kernel computes Llama's norm, not Gemma's ``1 + weight``.
     fuses_peer_norms = False
 
     @classmethod
     def config_from_hf(cls, cfg: dict) -> GemmaConfig:
-        """Gemma 2's config; ValueError for bidirectional attention or an unsupported activation."""
-        values = _common_values(cfg, "Gemma 2", pattern=2, max_position=8192)
-        values.update(attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping", 50.0)),
-                      final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping", 30.0)))
-        return GemmaConfig.from_hf(cfg, silu_mlp=False, **values)
+        """Gemma 1's config; ValueError for an activation other than GELU (``gelu`` is read as the tanh
+        approximation, as transformers' GemmaConfig does)."""
+        activation = cfg.get("hidden_act") or cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+        if activation == "gelu":
+            activation = "gelu_pytorch_tanh"
+        if activation not in _GELU_APPROXIMATIONS:
+            raise ValueError(f"Gemma hidden_act {activation!r} is not supported; supported: "
+                             f"{', '.join(_GELU_APPROXIMATIONS)}")
+        return GemmaConfig.from_hf(cfg, silu_mlp=False, head_dim=cfg.get("head_dim") or 256,
+                                   max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+                                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                                   gelu_approximate=_GELU_APPROXIMATIONS[activation])
 
     def __init__(self, config: GemmaConfig, backend: AttentionBackend, max_position: int | None = None) -> None:
         super().__init__(config, backend, max_position)
@@ -168,7 +177,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def build_layer(self, config: GemmaConfig, backend: AttentionBackend, max_position: int,
                     layer_index: int) -> nn.Module:
-        return GemmaDecoderLayer(config, backend, max_position, layer_index)
+        layer = DecoderLayer(config, backend, max_position, GemmaMLP(config), layer_index=layer_index)
+        layer.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        layer.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        return layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times ``sqrt(hidden_size)``, the factor rounded to the model dtype first (a Python
@@ -179,10 +191,26 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype).item()
 
     def prompt_embeds_to_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Gemma 2's given embeddings are the table's rows before the ``sqrt(hidden_size)`` scaling, as Hugging
-        Face's ``get_input_embeddings()(ids)`` returns them and as vLLM reads ``prompt_embeds`` (it scales them
-        inside the model): scaled here as ``embed`` scales the table's."""
+        """Gemma's and Gemma 2's given embeddings are the table's rows before the ``sqrt(hidden_size)`` scaling, as
+        vLLM reads ``prompt_embeds`` (it scales them inside the model): scaled here as ``embed`` scales the
+        table's."""
         return self._scale(embeds)
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    """Gemma 2: Gemma 1's embeddings, attention and loading with Gemma 2's layers and soft-capped logits."""
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> GemmaConfig:
+        """Gemma 2's config; ValueError for bidirectional attention or an unsupported activation."""
+        values = _common_values(cfg, "Gemma 2", pattern=2, max_position=8192)
+        values.update(attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping", 50.0)),
+                      final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping", 30.0)))
+        return GemmaConfig.from_hf(cfg, silu_mlp=False, **values)
+
+    def build_layer(self, config: GemmaConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        return GemmaDecoderLayer(config, backend, max_position, layer_index)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits, soft-capped (``c * tanh(logits / c)``) when the config sets

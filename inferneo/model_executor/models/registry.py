@@ -14,7 +14,12 @@ from inferneo.model_executor.models.decoder_classifier import (
     Qwen3ForSequenceClassification,
 )
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from inferneo.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextOfMultimodal
+from inferneo.model_executor.models.gemma import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextOfMultimodal,
+    GemmaForCausalLM,
+)
 from inferneo.model_executor.models.gemma3_vision import Gemma3VisionLanguageModel
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
@@ -31,6 +36,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     # text only, for a checkpoint without preprocessor_config.json (one with it: Gemma3ForCausalLM with images)

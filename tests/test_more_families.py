@@ -1,0 +1,75 @@
+"""Greedy parity with Hugging Face for the smaller dense families (Gemma 1, OLMo 2, Granite, SmolLM3, ...).
+
+Each family's tiny checkpoint (2 layers, hidden 64, float32) is built from transformers' own config class with
+random weights (norm weights and biases perturbed, so that every one of them changes the tokens). One engine per
+family, on the path the engine picks by default on CPU (native kernels where the family's modules allow them), with
+prefix caching on and small prefill chunks: one prompt, then a batch of mixed-length prompts with a shared prefix
+and a repeated prompt, each continuation equal to Hugging Face's ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_hf_parity import hf_greedy, mixed_prompts, run_engine
+from transformers import AutoModelForCausalLM
+
+from inferneo import LLM
+from inferneo.model_executor.models.registry import get_model_class
+from inferneo.model_loader.hf_files import hf_config
+from inferneo.testing.tiny_models import BOS_ID, EOS_ID, PAD_ID, make_tiny_tokenizer
+
+_COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=BOS_ID,
+               eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def _gemma() -> Any:
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**_COMMON, head_dim=32, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6)
+
+
+# family -> (a function building its transformers config, the engine's model class name)
+FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
+    "gemma": (_gemma, "GemmaForCausalLM"),
+}
+
+
+def _make_checkpoint(path: Path, config: Any) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", ".bias")) or "norm" in name:  # set to 0 or 1 at init
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
+    make_tiny_tokenizer(config.vocab_size).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory) -> tuple[str, Path]:
+    build, class_name = FAMILIES[request.param]
+    return class_name, _make_checkpoint(tmp_path_factory.mktemp(request.param), build())
+
+
+def test_greedy_matches_hf(family):
+    class_name, path = family
+    assert get_model_class(hf_config(path)).__name__ == class_name
+    llm = LLM(str(path), dtype="float32", max_model_len=256, enable_prefix_caching=True, max_num_batched_tokens=32,
+              kv_cache_memory="16MiB")
+    try:
+        assert type(llm.engine.runner.model).__name__ == class_name
+        one = mixed_prompts(1, 300, seed=1)[0]
+        assert run_engine(llm, [one]) == [hf_greedy(path, one)]
+        prompts = mixed_prompts(5, 300, seed=3, shared_prefix=20)
+        prompts.append(list(prompts[0]))  # a full prefix-cache hit
+        assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
+        assert llm.engine.kv_cache.prefix_cache_hits > 0
+    finally:
+        llm.shutdown()
