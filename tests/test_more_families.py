@@ -34,9 +34,25 @@ def _gemma() -> Any:
     return GemmaConfig(**_COMMON, head_dim=32, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6)
 
 
+def _granite() -> Any:
+    from transformers import GraniteConfig
+
+    return GraniteConfig(**_COMMON, rms_norm_eps=1e-6, embedding_multiplier=6.0, attention_multiplier=0.05,
+                         residual_multiplier=0.4, logits_scaling=3.0)
+
+
+def _smollm3() -> Any:
+    from transformers import SmolLM3Config
+
+    # NoPE on layer 1 of 2 (the default drops rotary on every 4th layer)
+    return SmolLM3Config(**_COMMON, rms_norm_eps=1e-6, no_rope_layer_interval=2)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
+    "granite": (_granite, "GraniteForCausalLM"),
+    "smollm3": (_smollm3, "SmolLM3ForCausalLM"),
 }
 
 

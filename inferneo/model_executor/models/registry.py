@@ -22,12 +22,14 @@ from inferneo.model_executor.models.gemma import (
 )
 from inferneo.model_executor.models.gemma3_vision import Gemma3VisionLanguageModel
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
+from inferneo.model_executor.models.granite import GraniteForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.llava import VisionLanguageModel, vision_language_class
 from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from inferneo.model_executor.models.qwen2_vl import qwen_vl_class
+from inferneo.model_executor.models.smollm3 import SmolLM3ForCausalLM
 from inferneo.multimodal.config import GEMMA3, vision_language_of
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -41,6 +43,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     # text only, for a checkpoint without preprocessor_config.json (one with it: Gemma3ForCausalLM with images)
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
+    "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,  # text only: the vision tower is not loaded
+    "GraniteForCausalLM": GraniteForCausalLM,
+    "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
