@@ -48,11 +48,25 @@ def _smollm3() -> Any:
     return SmolLM3Config(**_COMMON, rms_norm_eps=1e-6, no_rope_layer_interval=2)
 
 
+def _olmo() -> Any:
+    from transformers import OlmoConfig
+
+    return OlmoConfig(**_COMMON, clip_qkv=0.5)  # small enough that the clamp changes the tokens
+
+
+def _olmo2() -> Any:
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**_COMMON, rms_norm_eps=1e-6)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
     "granite": (_granite, "GraniteForCausalLM"),
     "smollm3": (_smollm3, "SmolLM3ForCausalLM"),
+    "olmo": (_olmo, "OlmoForCausalLM"),
+    "olmo2": (_olmo2, "Olmo2ForCausalLM"),
 }
 
 
@@ -89,3 +103,15 @@ def test_greedy_matches_hf(family):
         assert llm.engine.kv_cache.prefix_cache_hits > 0
     finally:
         llm.shutdown()
+
+
+def test_olmo2_refuses_tensor_parallelism(tmp_path):
+    """OLMo 2's q/k norms span every head, which no rank holding some of them can compute: refused, by name."""
+    from inferneo.model_executor.models.olmo import Olmo2ForCausalLM
+    from inferneo.model_executor.tensor_parallel import shard_model
+
+    config = Olmo2ForCausalLM.config_from_hf(_olmo2().to_dict() | {"architectures": ["Olmo2ForCausalLM"]})
+    with torch.device("meta"):
+        model = Olmo2ForCausalLM(config, backend=None)
+    with pytest.raises(ValueError, match="Olmo2ForCausalLM does not support tensor_parallel_size > 1"):
+        shard_model(model, tp=None, device=torch.device("cpu"), dtype=torch.float32)

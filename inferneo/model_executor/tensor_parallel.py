@@ -306,7 +306,10 @@ def shard_experts(moe: FusedMoE, tp: TensorParallelGroup, device, dtype) -> None
 
 
 def shard_model(model: nn.Module, tp: TensorParallelGroup, device: torch.device, dtype: torch.dtype) -> None:
-    """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place."""
+    """Replace the layers of a Llama-family ``model`` (built on ``meta``) with this rank's shards, in place;
+    ValueError for a model class whose ``supports_tensor_parallel`` is false."""
+    if not getattr(model, "supports_tensor_parallel", True):
+        raise ValueError(f"{type(model).__name__} does not support tensor_parallel_size > 1")
     c = model.config
     kw = dict(device=device, dtype=dtype)
     for layer in model.layers:

@@ -1,5 +1,5 @@
-"""Small building blocks shared by the model files: RMSNorm (and Gemma's offset variant) and the gated MLP
-activations, in plain PyTorch.
+"""Small building blocks shared by the model files: RMSNorm (and Gemma's offset variant), LayerNorm and the gated
+MLP activations, in plain PyTorch.
 
 Faster versions for a device (native CPU kernels, Triton on CUDA, the tensor-parallel fused all-reduce + norm)
 replace these modules once the model is built: ``inferneo.model_executor.device_kernels``.
@@ -50,6 +50,34 @@ class GemmaRMSNorm(RMSNorm):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` over its root mean square times ``1 + weight``, all in float32, back in ``x``'s dtype."""
         return (_over_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Layer norm over the last dimension, computed in float32 (``F.layer_norm``) and cast back, with RMSNorm's
+    residual convention. ``weight`` / ``bias``: whether the model learns a scale / a shift (OLMo 1 learns neither,
+    Command-R only the scale)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, weight: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = self.normalize(x)
+        return out if residual is None else (out, residual)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalized in float32, scaled and shifted where the model has a weight and a bias, back in
+        ``x``'s dtype."""
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.hidden_size,), weight, bias, self.eps).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from inferneo.model_executor.models.granite import GraniteForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
 from inferneo.model_executor.models.llava import VisionLanguageModel, vision_language_class
 from inferneo.model_executor.models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from inferneo.model_executor.models.olmo import Olmo2ForCausalLM, OlmoForCausalLM
 from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from inferneo.model_executor.models.qwen2_vl import qwen_vl_class
@@ -46,6 +47,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,  # text only: the vision tower is not loaded
     "GraniteForCausalLM": GraniteForCausalLM,
     "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
+    "OlmoForCausalLM": OlmoForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
