@@ -60,6 +60,12 @@ def _olmo2() -> Any:
     return Olmo2Config(**_COMMON, rms_norm_eps=1e-6)
 
 
+def _cohere() -> Any:
+    from transformers import CohereConfig
+
+    return CohereConfig(**_COMMON, logit_scale=0.5, layer_norm_eps=1e-5)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -67,6 +73,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "smollm3": (_smollm3, "SmolLM3ForCausalLM"),
     "olmo": (_olmo, "OlmoForCausalLM"),
     "olmo2": (_olmo2, "Olmo2ForCausalLM"),
+    "cohere": (_cohere, "CohereForCausalLM"),
 }
 
 

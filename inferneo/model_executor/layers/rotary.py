@@ -290,6 +290,24 @@ def mrope_section_of(cfg: dict) -> tuple[int, ...] | None:
     return None
 
 
+class InterleavedRotaryEmbedding(RotaryEmbedding):
+    """Rotary embedding over interleaved pairs (GPT-J style: dimensions ``2i`` and ``2i + 1`` rotate together),
+    as Command-R and GLM rotate, where :class:`RotaryEmbedding` pairs dimension ``i`` with ``i + head_dim / 2``.
+    The device's in-place rotary kernels compute the other pairing, so attentions using this one keep their
+    PyTorch path."""
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos_cache.index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin_cache.index_select(0, positions).unsqueeze(1)
+        return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    even, odd = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
 def _table(positions: torch.Tensor, rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[len(positions), head_dim // 2]`` of ``rope`` at ``positions``, times its attention factor."""
     freqs = torch.outer(positions, rope.inv_freq.to(positions.device))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
+from inferneo.model_executor.models.cohere import CohereForCausalLM
 from inferneo.model_executor.models.cross_encoder import BertCrossEncoder, RobertaCrossEncoder
 from inferneo.model_executor.models.decoder_classifier import (
     Gemma2ForSequenceClassification,
@@ -44,11 +45,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     # text only, for a checkpoint without preprocessor_config.json (one with it: Gemma3ForCausalLM with images)
     "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,
-    "Gemma3ForConditionalGeneration": Gemma3TextOfMultimodal,  # text only: the vision tower is not loaded
     "GraniteForCausalLM": GraniteForCausalLM,
     "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
     "OlmoForCausalLM": OlmoForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "CohereForCausalLM": CohereForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
