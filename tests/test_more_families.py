@@ -66,6 +66,14 @@ def _cohere() -> Any:
     return CohereConfig(**_COMMON, logit_scale=0.5, layer_norm_eps=1e-5)
 
 
+def _cohere2() -> Any:
+    from transformers import Cohere2Config
+
+    # layer 0 slides over 16 tokens (the prompts run past it) and rotates, layer 1 attends to all without positions
+    return Cohere2Config(**_COMMON, logit_scale=0.5, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"])
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -74,6 +82,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "olmo": (_olmo, "OlmoForCausalLM"),
     "olmo2": (_olmo2, "Olmo2ForCausalLM"),
     "cohere": (_cohere, "CohereForCausalLM"),
+    "cohere2": (_cohere2, "Cohere2ForCausalLM"),
 }
 
 

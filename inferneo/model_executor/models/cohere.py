@@ -1,4 +1,4 @@
-"""Cohere Command-R (``CohereForCausalLM``): the Llama decoder's modules in a parallel block.
+"""Cohere Command-R (``CohereForCausalLM``, ``Cohere2ForCausalLM``): the Llama decoder's modules in a parallel block.
 
 What differs from Llama, as in Hugging Face's Cohere model:
 
@@ -7,11 +7,14 @@ What differs from Llama, as in Hugging Face's Cohere model:
 - rotary embeddings over interleaved pairs (``InterleavedRotaryEmbedding``);
 - logits multiplied by ``logit_scale``; embeddings tied to the LM head unless the config says otherwise.
 
-Command-R+'s q/k layer norms (``use_qk_norm``) are refused for now.
+Command-R+'s q/k layer norms (``use_qk_norm``) are refused for now. Cohere 2 (Command R7B, Command A) alternates
+sliding-window layers, which rotate, with full-attention layers, which have no positional embedding at all (NoPE):
+``layer_types``, or without it every ``sliding_window_pattern``-th layer (4) full.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,7 @@ from inferneo.attention import AttentionBackend, AttentionMetadata
 from inferneo.model_executor.layers.basic import LayerNorm
 from inferneo.model_executor.layers.rotary import InterleavedRotaryEmbedding
 from inferneo.model_executor.models.llama import MLP, Attention, DecoderConfig, LlamaForCausalLM
+from inferneo.model_executor.models.smollm3 import NoPEAttention
 
 
 @dataclass(slots=True)
@@ -100,3 +104,24 @@ class CohereForCausalLM(LlamaForCausalLM):
         """Float32 logits times ``logit_scale``; None on tensor-parallel ranks other than the driver."""
         logits = super().compute_logits(hidden)
         return None if logits is None else logits.mul_(self.config.logit_scale)
+
+
+class Cohere2ForCausalLM(CohereForCausalLM):
+    """Cohere 2: Command-R's layers, rotary sliding-window layers and NoPE full-attention layers."""
+
+    @classmethod
+    def config_from_hf(cls, cfg: dict) -> CohereConfig:
+        """Cohere 2's config (its layer types as transformers' Cohere2Config derives them); ValueError for q/k
+        norms."""
+        pattern = int(cfg.get("sliding_window_pattern", 4))
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(cfg["num_hidden_layers"])]
+        return dataclasses.replace(super().config_from_hf(cfg), layer_types=tuple(layer_types),
+                                   sliding_window=cfg.get("sliding_window", 4096))
+
+    def build_layer(self, config: CohereConfig, backend: AttentionBackend, max_position: int,
+                    layer_index: int) -> nn.Module:
+        window = config.sliding_window_for(layer_index)
+        attention = (InterleavedRotaryAttention(config, backend, max_position, sliding_window=window)
+                     if window is not None else NoPEAttention(config, backend, max_position))
+        return ParallelBlockLayer(attention, MLP(config), CohereLayerNorm(config.hidden_size, config.rms_norm_eps))

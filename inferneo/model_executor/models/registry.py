@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from inferneo.model_executor.models.bert import BertEmbeddingModel, RobertaEmbeddingModel
-from inferneo.model_executor.models.cohere import CohereForCausalLM
+from inferneo.model_executor.models.cohere import Cohere2ForCausalLM, CohereForCausalLM
 from inferneo.model_executor.models.cross_encoder import BertCrossEncoder, RobertaCrossEncoder
 from inferneo.model_executor.models.decoder_classifier import (
     Gemma2ForSequenceClassification,
@@ -50,6 +50,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "OlmoForCausalLM": OlmoForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "CohereForCausalLM": CohereForCausalLM,
+    "Cohere2ForCausalLM": Cohere2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
