@@ -74,6 +74,18 @@ def _cohere2() -> Any:
                          layer_types=["sliding_attention", "full_attention"])
 
 
+def _glm() -> Any:
+    from transformers import GlmConfig
+
+    return GlmConfig(**_COMMON, head_dim=16, partial_rotary_factor=0.5, rms_norm_eps=1e-6)
+
+
+def _glm4() -> Any:
+    from transformers import Glm4Config
+
+    return Glm4Config(**_COMMON, head_dim=16, partial_rotary_factor=0.5, rms_norm_eps=1e-6)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -83,6 +95,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "olmo2": (_olmo2, "Olmo2ForCausalLM"),
     "cohere": (_cohere, "CohereForCausalLM"),
     "cohere2": (_cohere2, "Cohere2ForCausalLM"),
+    "glm": (_glm, "GlmForCausalLM"),
+    "glm4": (_glm4, "Glm4ForCausalLM"),
 }
 
 

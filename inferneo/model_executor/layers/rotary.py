@@ -293,8 +293,9 @@ def mrope_section_of(cfg: dict) -> tuple[int, ...] | None:
 class InterleavedRotaryEmbedding(RotaryEmbedding):
     """Rotary embedding over interleaved pairs (GPT-J style: dimensions ``2i`` and ``2i + 1`` rotate together),
     as Command-R and GLM rotate, where :class:`RotaryEmbedding` pairs dimension ``i`` with ``i + head_dim / 2``.
-    The device's in-place rotary kernels compute the other pairing, so attentions using this one keep their
-    PyTorch path."""
+    Its ``head_dim`` is the width it rotates: the first ``head_dim`` dimensions of each head (GLM's partial rotary
+    embedding), the rest pass through unchanged. The device's in-place rotary kernels compute the other pairing, so
+    attentions using this one keep their PyTorch path."""
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)  # [T, 1, D/2]
@@ -303,9 +304,13 @@ class InterleavedRotaryEmbedding(RotaryEmbedding):
 
 
 def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    width = 2 * cos.shape[-1]
     xf = x.float()
-    even, odd = xf[..., 0::2], xf[..., 1::2]
-    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
+    even, odd = xf[..., 0:width:2], xf[..., 1:width:2]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    if width < x.shape[-1]:
+        rotated = torch.cat((rotated, xf[..., width:]), dim=-1)
+    return rotated.to(x.dtype)
 
 
 def _table(positions: torch.Tensor, rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:

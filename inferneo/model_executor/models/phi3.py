@@ -45,27 +45,35 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     def load_special_weight(self, params: dict[str, nn.Parameter], name: str,
                             tensor: torch.Tensor) -> set[str]:
         """Split a fused ``qkv_proj``/``gate_up_proj`` tensor into the packed parameter's shards."""
-        fused = next((f for f in _FUSED_IN_CHECKPOINT if f".{f}." in name), None)
-        if fused is None:
-            return set()
-        param = _lookup(params, name, name)
-        if getattr(param, "quantized", False):  # a format's tensor: its loader takes the fused tensor whole
-            param.weight_loader(param, tensor, None)
-            return {f"{name}#{index}" for index in range(len(self._shard_sizes(fused, param)))}
-        # the full (unsharded) sizes: a tensor-parallel parameter holds only this rank's rows
-        sizes = (self._shard_sizes(fused, param) if fused == "qkv_proj"
-                 else [self.config.intermediate_size] * 2)
-        if tensor.shape[0] != sum(sizes):
-            raise ValueError(f"weight {name!r} has {tensor.shape[0]} rows, the config expects {sum(sizes)}")
-        loader = getattr(param, "weight_loader", None)
-        loaded = set()
-        offset = 0
-        for index, size in enumerate(sizes):
-            shard = tensor.narrow(0, offset, size)
-            if loader is not None:
-                loader(param, shard, index)
-            else:
-                _copy(param.data.narrow(0, offset, size), shard, name)
-            loaded.add(f"{name}#{index}")
-            offset += size
-        return loaded
+        return load_fused_checkpoint_weight(self, params, name, tensor, _FUSED_IN_CHECKPOINT)
+
+
+def load_fused_checkpoint_weight(model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: str,
+                                 tensor: torch.Tensor, fused_names: tuple[str, ...]) -> set[str]:
+    """Load checkpoint tensor ``name`` of ``model`` when it is one of ``fused_names`` (``qkv_proj`` rows
+    ``[q; k; v]``, ``gate_up_proj`` rows ``[gate; up]``) stored fused, shard by shard, as ``load_special_weight``
+    does; returns the load keys (none: not such a tensor). ValueError for a row count the config does not give."""
+    fused = next((f for f in fused_names if f".{f}." in name), None)
+    if fused is None:
+        return set()
+    param = _lookup(params, name, name)
+    if getattr(param, "quantized", False):  # a format's tensor: its loader takes the fused tensor whole
+        param.weight_loader(param, tensor, None)
+        return {f"{name}#{index}" for index in range(len(model._shard_sizes(fused, param)))}
+    # the full (unsharded) sizes: a tensor-parallel parameter holds only this rank's rows
+    sizes = (model._shard_sizes(fused, param) if fused == "qkv_proj"
+             else [model.config.intermediate_size] * 2)
+    if tensor.shape[0] != sum(sizes):
+        raise ValueError(f"weight {name!r} has {tensor.shape[0]} rows, the config expects {sum(sizes)}")
+    loader = getattr(param, "weight_loader", None)
+    loaded = set()
+    offset = 0
+    for index, size in enumerate(sizes):
+        shard = tensor.narrow(0, offset, size)
+        if loader is not None:
+            loader(param, shard, index)
+        else:
+            _copy(param.data.narrow(0, offset, size), shard, name)
+        loaded.add(f"{name}#{index}")
+        offset += size
+    return loaded

@@ -22,6 +22,7 @@ from inferneo.model_executor.models.gemma import (
     GemmaForCausalLM,
 )
 from inferneo.model_executor.models.gemma3_vision import Gemma3VisionLanguageModel
+from inferneo.model_executor.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from inferneo.model_executor.models.gpt_oss import GptOssForCausalLM
 from inferneo.model_executor.models.granite import GraniteForCausalLM
 from inferneo.model_executor.models.llama import LlamaForCausalLM
@@ -51,6 +52,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "CohereForCausalLM": CohereForCausalLM,
     "Cohere2ForCausalLM": Cohere2ForCausalLM,
+    "GlmForCausalLM": GlmForCausalLM,
+    "Glm4ForCausalLM": Glm4ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
