@@ -86,6 +86,12 @@ def _glm4() -> Any:
     return Glm4Config(**_COMMON, head_dim=16, partial_rotary_factor=0.5, rms_norm_eps=1e-6)
 
 
+def _starcoder2() -> Any:
+    from transformers import Starcoder2Config
+
+    return Starcoder2Config(**_COMMON, sliding_window=16, norm_epsilon=1e-5)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -97,6 +103,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "cohere2": (_cohere2, "Cohere2ForCausalLM"),
     "glm": (_glm, "GlmForCausalLM"),
     "glm4": (_glm4, "Glm4ForCausalLM"),
+    "starcoder2": (_starcoder2, "Starcoder2ForCausalLM"),
 }
 
 

@@ -33,6 +33,7 @@ from inferneo.model_executor.models.phi3 import Phi3ForCausalLM
 from inferneo.model_executor.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from inferneo.model_executor.models.qwen2_vl import qwen_vl_class
 from inferneo.model_executor.models.smollm3 import SmolLM3ForCausalLM
+from inferneo.model_executor.models.starcoder2 import Starcoder2ForCausalLM
 from inferneo.multimodal.config import GEMMA3, vision_language_of
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -54,6 +55,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Cohere2ForCausalLM": Cohere2ForCausalLM,
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
