@@ -1,10 +1,12 @@
-"""Greedy parity with Hugging Face for the smaller dense families (Gemma 1, OLMo 2, Granite, SmolLM3, ...).
+"""Greedy parity with Hugging Face for more dense families: Gemma 1, Granite, SmolLM3, OLMo, OLMo 2, Command-R,
+Cohere 2, GLM-4, GLM-4-0414 and StarCoder2.
 
 Each family's tiny checkpoint (2 layers, hidden 64, float32) is built from transformers' own config class with
 random weights (norm weights and biases perturbed, so that every one of them changes the tokens). One engine per
 family, on the path the engine picks by default on CPU (native kernels where the family's modules allow them), with
 prefix caching on and small prefill chunks: one prompt, then a batch of mixed-length prompts with a shared prefix
-and a repeated prompt, each continuation equal to Hugging Face's ``generate``.
+and a repeated prompt, each continuation equal to Hugging Face's ``generate``. Also: GLM-4-0414 over two
+tensor-parallel ranks (gloo) gives Hugging Face's tokens; OLMo 2 refuses tensor parallelism by name.
 """
 
 from __future__ import annotations
@@ -152,3 +154,18 @@ def test_olmo2_refuses_tensor_parallelism(tmp_path):
         model = Olmo2ForCausalLM(config, backend=None)
     with pytest.raises(ValueError, match="Olmo2ForCausalLM does not support tensor_parallel_size > 1"):
         shard_model(model, tp=None, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_glm4_tensor_parallel_two_ranks_match_hf(tmp_path):
+    """Two ranks over gloo with Llama's sharding: each loads its slice of both halves of GLM's fused gate_up_proj,
+    its heads (with their partial interleaved rotary) and its q/k/v biases."""
+    from test_hf_parity import two_rank_engine
+
+    path = _make_checkpoint(tmp_path, _glm4())
+    prompts = mixed_prompts(4, 300, seed=31, shared_prefix=20)
+    expected = [hf_greedy(path, p) for p in prompts]
+    with two_rank_engine(path) as llm:
+        model = llm.engine.runner.driver.model
+        assert type(model).__name__ == "Glm4ForCausalLM"
+        assert (model.layers[0].self_attn.num_heads, model.layers[0].self_attn.num_kv_heads) == (2, 1)
+        assert run_engine(llm, prompts) == expected
