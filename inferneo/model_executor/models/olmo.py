@@ -86,8 +86,9 @@ class WholeProjectionQKNormAttention(Attention):
 
     def attend_qkv(self, positions, qkv, kv_cache, metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k).view(-1, self.num_kv_heads, self.head_dim)
+        # contiguous inputs: the device's norm kernels (Triton on CUDA) read rows densely
+        q = self.q_norm(q.contiguous()).view(-1, self.num_heads, self.head_dim)
+        k = self.k_norm(k.contiguous()).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.attend_heads(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache,
                                  metadata).reshape(-1, self.q_size)

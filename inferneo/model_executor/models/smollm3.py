@@ -33,7 +33,8 @@ class NoPEAttention(Attention):
         q, k, v = self.split_heads(qkv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.attend_heads(q, k, v, kv_cache, metadata).reshape(-1, self.q_size)
+        # contiguous, as the rotary embedding leaves them on the other layers (the backends' kernels expect it)
+        return self.attend_heads(q.contiguous(), k.contiguous(), v, kv_cache, metadata).reshape(-1, self.q_size)
 
 
 def _rope_layers(cfg: dict) -> tuple[bool, ...]:
