@@ -169,3 +169,60 @@ def test_glm4_tensor_parallel_two_ranks_match_hf(tmp_path):
         assert type(model).__name__ == "Glm4ForCausalLM"
         assert (model.layers[0].self_attn.num_heads, model.layers[0].self_attn.num_kv_heads) == (2, 1)
         assert run_engine(llm, prompts) == expected
+
+
+# Config values as published (the keys that matter; transformers 4.x spellings) -> what the engine reads from them.
+PUBLISHED = {
+    "gemma-7b": ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu",
+                  "hidden_size": 3072, "intermediate_size": 24576, "num_attention_heads": 16, "num_key_value_heads": 16,
+                  "head_dim": 256, "num_hidden_layers": 28, "vocab_size": 256000, "rms_norm_eps": 1e-6},
+                 {"head_dim": 256, "gelu_approximate": "tanh", "tie_word_embeddings": True}),
+    "granite-3.1-2b": ({"architectures": ["GraniteForCausalLM"], "model_type": "granite", "hidden_size": 2048,
+                        "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "num_hidden_layers": 40, "vocab_size": 49155, "attention_multiplier": 0.015625,
+                        "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+                        "tie_word_embeddings": True},
+                       {"attention_multiplier": 0.015625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                        "logits_scaling": 8.0}),
+    "smollm3-3b": ({"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 2048,
+                    "intermediate_size": 11008, "num_attention_heads": 16, "num_key_value_heads": 4,
+                    "num_hidden_layers": 8, "vocab_size": 128256, "no_rope_layers": [1, 1, 1, 0, 1, 1, 1, 0],
+                    "use_sliding_window": False, "sliding_window": None},
+                   {"rope_layers": (True, True, True, False) * 2, "sliding_window": None, "tie_word_embeddings": True}),
+    "command-r7b": ({"architectures": ["Cohere2ForCausalLM"], "model_type": "cohere2", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_hidden_layers": 8, "vocab_size": 256000, "logit_scale": 0.25, "layer_norm_eps": 1e-5,
+                     "sliding_window": 4096, "sliding_window_pattern": 4},
+                    {"logit_scale": 0.25, "rms_norm_eps": 1e-5, "sliding_window": 4096,
+                     "layer_types": (("sliding_attention",) * 3 + ("full_attention",)) * 2}),
+    "glm-4-9b-chat-hf": ({"architectures": ["GlmForCausalLM"], "model_type": "glm", "hidden_size": 4096,
+                          "intermediate_size": 13696, "num_attention_heads": 32, "num_key_value_heads": 2,
+                          "head_dim": 128, "num_hidden_layers": 40, "vocab_size": 151552, "attention_bias": True,
+                          "partial_rotary_factor": 0.5, "rope_theta": 10000.0},
+                         {"rotary_dim": 64, "qkv_bias": True, "o_bias": False}),
+    "starcoder2-3b": ({"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", "hidden_size": 3072,
+                       "intermediate_size": 12288, "num_attention_heads": 24, "num_key_value_heads": 2,
+                       "num_hidden_layers": 30, "vocab_size": 49152, "hidden_act": "gelu_pytorch_tanh",
+                       "norm_epsilon": 1e-5, "use_bias": True, "sliding_window": 4096},
+                      {"qkv_bias": True, "o_bias": True, "mlp_bias": True, "sliding_window": 4096,
+                       "tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_config_is_read(name):
+    published, expected = PUBLISHED[name]
+    config = get_model_class(published).config_from_hf(published)
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("published, message", [
+    ({"architectures": ["CohereForCausalLM"], "use_qk_norm": True}, "use_qk_norm"),
+    ({"architectures": ["Starcoder2ForCausalLM"], "hidden_act": "relu"}, "hidden_act 'relu'"),
+    ({"architectures": ["GemmaForCausalLM"], "hidden_act": "silu"}, "hidden_act 'silu'"),
+])
+def test_unsupported_variants_are_refused(published, message):
+    cfg = dict(published, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+               vocab_size=384)
+    with pytest.raises(ValueError, match=message):
+        get_model_class(cfg).config_from_hf(cfg)
