@@ -144,6 +144,22 @@ def test_greedy_matches_hf(family):
         llm.shutdown()
 
 
+def test_gemma_gguf_matches_hf(tmp_path):
+    """A Gemma 1 GGUF file as llama.cpp writes one (arch ``gemma``: Llama's tensor names, norm weights with the 1
+    added, no LM head) reads back as the same model: Hugging Face's tokens."""
+    from inferneo.testing.tiny_models import make_tiny_gguf
+
+    path = _make_checkpoint(tmp_path / "hf", _gemma())
+    gguf_file = make_tiny_gguf(path, tmp_path / "gemma.gguf")
+    prompts = mixed_prompts(3, 300, seed=5)
+    llm = LLM(str(gguf_file), dtype="float32", max_model_len=256, kv_cache_memory="16MiB")
+    try:
+        assert type(llm.engine.runner.model).__name__ == "GemmaForCausalLM"
+        assert run_engine(llm, prompts) == [hf_greedy(path, p) for p in prompts]
+    finally:
+        llm.shutdown()
+
+
 def test_olmo2_refuses_tensor_parallelism(tmp_path):
     """OLMo 2's q/k norms span every head, which no rank holding some of them can compute: refused, by name."""
     from inferneo.model_executor.models.olmo import Olmo2ForCausalLM

@@ -42,12 +42,15 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma": ("GemmaForCausalLM", "gemma"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
     **FAMILY_ARCHITECTURES,  # gpt-oss, deepseek2: see gguf_families
 }
 _GEMMA_ARCHITECTURES = {"gemma2", "gemma3"}
+# llama.cpp stores these architectures' norm weights with Gemma's 1 added (Gemma 1 has Llama's block names)
+_NORM_OFFSET_ARCHITECTURES = {"gemma", *_GEMMA_ARCHITECTURES}
 _MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # llama.cpp's converter interleaves the rotary halves of q/k for these architectures
 _PERMUTED_ARCHITECTURES = {"llama"}
@@ -241,6 +244,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
         config.update(_moe_config(header, arch, model_type))
     if arch in _GEMMA_ARCHITECTURES:
         config.update(_gemma_config(meta, arch, config))
+    if arch == "gemma":  # llama.cpp's Gemma 1: GELU (tanh) gated MLP, nothing else in the metadata
+        config["hidden_act"] = "gelu_pytorch_tanh"
     if arch == "phi3":
         config.update(_phi3_config(header, config))
     # gpt-oss and DeepSeek files are de-quantized at load (their model files take no quantized linear layers yet)
@@ -402,7 +407,7 @@ def iter_gguf_weights(path: Path, keep_blocks: frozenset[str] = frozenset()) -> 
                     for info, array in iter_gguf_tensors(header, keep_blocks) if info.name not in _SKIPPED_TENSORS)
     for gguf_name, tensor in join_split_tensors(arch, file_tensors):
         for name, part in gguf_hf_tensors(gguf_name, tensor, expert_naming, arch):
-            if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            if arch in _NORM_OFFSET_ARCHITECTURES and name.endswith("norm.weight"):
                 part = part - 1  # the file holds fl(1 + w): the model's 1 + (that - 1) gives it back exactly
             if arch in _PERMUTED_ARCHITECTURES:
                 if ".q_proj." in name:

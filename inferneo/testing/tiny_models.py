@@ -357,8 +357,8 @@ def write_mxfp4_experts(path: Path) -> None:
 
 # model_type -> llama.cpp's general.architecture
 _GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3_text": "gemma3",
-                       "phi3": "phi3"}
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
+                       "gemma3_text": "gemma3", "phi3": "phi3"}
 # HF expert projection -> llama.cpp's stacked tensor (Mixtral's w1/w3/w2 and Qwen-MoE's names)
 _STACKED_EXPERTS = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps", "up_proj": "ffn_up_exps",
                     "w2": "ffn_down_exps", "down_proj": "ffn_down_exps"}
@@ -471,8 +471,9 @@ def _gguf_tensors(hf_dir: Path, config: dict[str, Any], arch: str) -> Iterator[t
     """(llama.cpp name, float32 array) for every tensor, experts stacked per layer and projection."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    gemma = arch in GEMMA_ARCHITECTURES
-    names = _GEMMA_GGUF_NAMES if gemma else _PHI3_GGUF_NAMES if arch == "phi3" else _GGUF_NAMES
+    gemma = arch in GEMMA_ARCHITECTURES or arch == "gemma"  # Gemma 1: Llama's names, Gemma's norms and tying
+    names = (_GEMMA_GGUF_NAMES if arch in GEMMA_ARCHITECTURES else _PHI3_GGUF_NAMES if arch == "phi3"
+             else _GGUF_NAMES)
     for name, tensor in iter_hf_weights(hf_dir):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             tensor = permute_rotary(tensor, heads if ".q_proj." in name else kv_heads)
