@@ -1,5 +1,5 @@
 """Greedy parity with Hugging Face for more dense families: Gemma 1, Granite, SmolLM3, OLMo, OLMo 2, Command-R,
-Cohere 2, GLM-4, GLM-4-0414 and StarCoder2.
+Cohere 2, GLM-4, GLM-4-0414, StarCoder2 and ERNIE 4.5 (dense).
 
 Each family's tiny checkpoint (2 layers, hidden 64, float32) is built from transformers' own config class with
 random weights (norm weights and biases perturbed, so that every one of them changes the tokens). One engine per
@@ -94,6 +94,12 @@ def _starcoder2() -> Any:
     return Starcoder2Config(**_COMMON, sliding_window=16, norm_epsilon=1e-5)
 
 
+def _ernie4_5() -> Any:
+    from transformers import Ernie4_5Config
+
+    return Ernie4_5Config(**_COMMON, head_dim=16, use_bias=True, rms_norm_eps=1e-6)
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -106,6 +112,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "glm": (_glm, "GlmForCausalLM"),
     "glm4": (_glm4, "Glm4ForCausalLM"),
     "starcoder2": (_starcoder2, "Starcoder2ForCausalLM"),
+    "ernie4_5": (_ernie4_5, "Ernie4_5ForCausalLM"),
 }
 
 
