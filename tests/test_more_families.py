@@ -1,5 +1,5 @@
 """Greedy parity with Hugging Face for more dense families: Gemma 1, Granite, SmolLM3, OLMo, OLMo 2, Command-R,
-Cohere 2, GLM-4, GLM-4-0414, StarCoder2 and ERNIE 4.5 (dense).
+Cohere 2, GLM-4, GLM-4-0414, StarCoder2, ERNIE 4.5 (dense) and EXAONE 4.
 
 Each family's tiny checkpoint (2 layers, hidden 64, float32) is built from transformers' own config class with
 random weights (norm weights and biases perturbed, so that every one of them changes the tokens). One engine per
@@ -100,6 +100,14 @@ def _ernie4_5() -> Any:
     return Ernie4_5Config(**_COMMON, head_dim=16, use_bias=True, rms_norm_eps=1e-6)
 
 
+def _exaone4() -> Any:
+    from transformers import Exaone4Config
+
+    # layer 0 slides over 16 tokens and rotates, layer 1 is global without positions
+    return Exaone4Config(**_COMMON, head_dim=16, rms_norm_eps=1e-6, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"])
+
+
 # family -> (a function building its transformers config, the engine's model class name)
 FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "gemma": (_gemma, "GemmaForCausalLM"),
@@ -113,6 +121,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
     "glm4": (_glm4, "Glm4ForCausalLM"),
     "starcoder2": (_starcoder2, "Starcoder2ForCausalLM"),
     "ernie4_5": (_ernie4_5, "Ernie4_5ForCausalLM"),
+    "exaone4": (_exaone4, "Exaone4ForCausalLM"),
 }
 
 

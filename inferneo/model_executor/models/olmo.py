@@ -94,14 +94,15 @@ class WholeProjectionQKNormAttention(Attention):
                                  metadata).reshape(-1, self.q_size)
 
 
-class Olmo2DecoderLayer(nn.Module):
-    """One OLMo 2 layer: ``h = x + norm(attention(x))``, then ``h + norm(mlp(h))``. Like Llama's layer it hands
-    ``(mlp output, residual)`` on; the next layer (or the final norm) adds them."""
+class PostNormDecoderLayer(nn.Module):
+    """One layer with its norms after the attention and the MLP (OLMo 2, EXAONE 4): ``h = x + norm(attention(x))``,
+    then ``h + norm(mlp(h))``. Like Llama's layer it hands ``(mlp output, residual)`` on; the next layer (or the
+    final norm) adds them."""
 
-    def __init__(self, config: DecoderConfig, backend: AttentionBackend, max_position: int) -> None:
+    def __init__(self, attention: Attention, mlp: nn.Module, config: DecoderConfig) -> None:
         super().__init__()
-        self.self_attn = WholeProjectionQKNormAttention(config, backend, max_position)
-        self.mlp = MLP(config)
+        self.self_attn = attention
+        self.mlp = mlp
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -125,4 +126,4 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
 
     def build_layer(self, config: DecoderConfig, backend: AttentionBackend, max_position: int,
                     layer_index: int) -> nn.Module:
-        return Olmo2DecoderLayer(config, backend, max_position)
+        return PostNormDecoderLayer(WholeProjectionQKNormAttention(config, backend, max_position), MLP(config), config)

@@ -16,6 +16,7 @@ from inferneo.model_executor.models.decoder_classifier import (
 )
 from inferneo.model_executor.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from inferneo.model_executor.models.ernie import Ernie4_5ForCausalLM
+from inferneo.model_executor.models.exaone import Exaone4ForCausalLM
 from inferneo.model_executor.models.gemma import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -58,6 +59,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Glm4ForCausalLM": Glm4ForCausalLM,
     "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
     "Ernie4_5ForCausalLM": Ernie4_5ForCausalLM,
+    "Exaone4ForCausalLM": Exaone4ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
