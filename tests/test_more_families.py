@@ -147,7 +147,7 @@ def test_greedy_matches_hf(family):
     class_name, path = family
     assert get_model_class(hf_config(path)).__name__ == class_name
     llm = LLM(str(path), dtype="float32", max_model_len=256, enable_prefix_caching=True, max_num_batched_tokens=32,
-              kv_cache_memory="16MiB")
+              max_num_seqs=8, kv_cache_memory="16MiB")
     try:
         assert type(llm.engine.runner.model).__name__ == class_name
         one = mixed_prompts(1, 300, seed=1)[0]
