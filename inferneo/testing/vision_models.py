@@ -26,6 +26,16 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
 
+def _save(model, path: Path) -> Path:
+    """``model`` saved into ``path`` (made), with the tiny tokenizer's generation config; returns the path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return path
+
+
 def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "default", text_arch: str = "llama",
                     vocab_size: int = 384, hidden_size: int = 64, feature_layer: int | list[int] = -2,
                     seed: int = 0, parts_template: bool = False) -> Path:
@@ -65,11 +75,7 @@ def make_tiny_llava(path: Path, *, vision: str = "clip", strategy: str = "defaul
                 param.normal_(1.0, 0.1)
             elif "language_model" in name or "projector" in name:
                 param.normal_(0.0, 0.2)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    path = _save(model, path)
     tokenizer = make_tiny_tokenizer(vocab_size - 1, add_bos=text_arch == "llama")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab_size - 1
@@ -137,11 +143,7 @@ def make_tiny_qwen2_vl(path: Path, *, version: str = "2", vocab_size: int = 384,
                 param.normal_(1.0, 0.1)
             else:
                 param.normal_(0.0, 0.2)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    path = _save(model, path)
     tokenizer = make_tiny_tokenizer(vocab_size - 3, add_bos=False)
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
     assert tokenizer.convert_tokens_to_ids(QWEN_VISION_TOKENS[1]) == pad
@@ -205,11 +207,7 @@ def make_tiny_gemma3(path: Path, *, vocab_size: int = 384, hidden_size: int = 64
                 param.normal_(0.0, 0.3)  # Gemma's norms scale by 1 + weight
             else:
                 param.normal_(0.0, 0.05)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    path = _save(model, path)
     tokenizer = make_tiny_tokenizer(vocab_size - 3)
     tokenizer.add_special_tokens({"additional_special_tokens": [GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE]})
     assert tokenizer.convert_tokens_to_ids(GEMMA3_IMAGE) == vocab_size - 1
