@@ -20,3 +20,17 @@ def undecided_tail(text: str, marker: str) -> int:
     keep = marker_tail(text, (marker,))
     rest = text[:len(text) - keep]
     return keep + len(rest) - len(rest.rstrip())
+
+
+def split_at_marker(text: str, marker: str) -> tuple[str, str | None, str]:
+    """``text`` read up to ``marker``: ``(content, gap, rest)``. With the marker in ``text``: the text before it
+    without its trailing whitespace, that whitespace (the blank before the marker, content again if no call
+    follows), and what comes after the marker. Without it: what can go out now, None, and what must wait for the
+    next piece (:func:`undecided_tail`)."""
+    start = text.find(marker)
+    if start < 0:
+        cut = len(text) - undecided_tail(text, marker)
+        return text[:cut], None, text[cut:]
+    before = text[:start]
+    kept = before.rstrip()
+    return kept, before[len(kept):], text[start + len(marker):]

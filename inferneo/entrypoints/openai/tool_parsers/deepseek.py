@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.entrypoints.openai.streamed_text import split_at_marker
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -50,17 +50,11 @@ class DeepSeekV3ToolParser(ToolCallParser):
         out = ParsedPiece()
         while True:
             if self._mode == "content":
-                start = self._held.find(CALLS_BEGIN)
-                if start < 0:
-                    keep = undecided_tail(self._held, CALLS_BEGIN)
-                    out.content += self._held[:len(self._held) - keep]
-                    self._held = self._held[len(self._held) - keep:]
+                content, gap, self._held = split_at_marker(self._held, CALLS_BEGIN)
+                out.content += content
+                if gap is None:
                     return out
-                before = self._held[:start]
-                kept = before.rstrip()
-                out.content += kept
-                self._opening = before[len(kept):] + CALLS_BEGIN
-                self._held, self._mode, self._calls_here = self._held[start + len(CALLS_BEGIN):], "calls", 0
+                self._opening, self._mode, self._calls_here = gap + CALLS_BEGIN, "calls", 0
                 continue
             rest = self._held.lstrip()
             if rest.startswith(CALLS_END):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.entrypoints.openai.streamed_text import split_at_marker
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of
 from inferneo.entrypoints.openai.tool_parsers.json_scan import JsonStrings
 
@@ -58,16 +58,11 @@ class HermesToolParser(ToolCallParser):
                 else:
                     out.calls.append(self.whole_call(*call))
                 continue
-            start = self._held.find(OPEN)
-            if start < 0:
-                keep = undecided_tail(self._held, OPEN)
-                out.content += self._held[:len(self._held) - keep]
-                self._held = self._held[len(self._held) - keep:]
+            content, gap, self._held = split_at_marker(self._held, OPEN)
+            out.content += content
+            if gap is None:
                 return out
-            before, self._gap = _split_trailing_blank(self._held[:start])
-            out.content += before
-            self._held = self._held[start + len(OPEN):]
-            self._in_block = True
+            self._gap, self._in_block = gap, True
 
     def finish(self) -> ParsedPiece:
         held, self._held = self._held, ""

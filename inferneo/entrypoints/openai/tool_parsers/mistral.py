@@ -24,7 +24,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.entrypoints.openai.streamed_text import split_at_marker
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser, call_of_value
 from inferneo.entrypoints.openai.tool_parsers.json_scan import JsonEndScanner
 
@@ -65,17 +65,11 @@ class MistralToolParser(ToolCallParser):
     def _step(self, out: ParsedPiece) -> bool:
         """Reads what the held text decides; False once it needs more text."""
         if self._mode == "content":
-            start = self._held.find(TOOL_CALLS)
-            if start < 0:
-                keep = undecided_tail(self._held, TOOL_CALLS)
-                out.content += self._held[:len(self._held) - keep]
-                self._held = self._held[len(self._held) - keep:]
+            content, gap, self._held = split_at_marker(self._held, TOOL_CALLS)
+            out.content += content
+            if gap is None:
                 return False
-            before = self._held[:start]
-            kept = before.rstrip()
-            out.content += kept
-            self._gap, self._held = before[len(kept):], self._held[start + len(TOOL_CALLS):]
-            self._mode = "head"
+            self._gap, self._mode = gap, "head"
             return True
         if self._mode == "head":
             start = len(self._held) - len(self._held.lstrip())

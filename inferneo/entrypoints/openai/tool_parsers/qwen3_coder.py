@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from inferneo.entrypoints.openai.streamed_text import undecided_tail
+from inferneo.entrypoints.openai.streamed_text import split_at_marker
 from inferneo.entrypoints.openai.tool_parsers.base import ParsedPiece, ToolCallParser
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -67,17 +67,11 @@ class Qwen3CoderToolParser(ToolCallParser):
                 self._close_block(out, self._held[:body], self._held[:close])
                 self._held = self._held[close:]
                 continue
-            start = self._held.find(OPEN)
-            if start < 0:
-                keep = undecided_tail(self._held, OPEN)
-                out.content += self._held[:len(self._held) - keep]
-                self._held = self._held[len(self._held) - keep:]
+            content, gap, self._held = split_at_marker(self._held, OPEN)
+            out.content += content
+            if gap is None:
                 return out
-            before = self._held[:start]
-            kept = before.rstrip()
-            out.content += kept
-            self._gap, self._held = before[len(kept):], self._held[start + len(OPEN):]
-            self._in_block = True
+            self._gap, self._in_block = gap, True
 
     def finish(self) -> ParsedPiece:
         held, self._held = self._held, ""
