@@ -18,13 +18,9 @@ def _over_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 as Hugging Face does."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
+class ResidualNorm(nn.Module):
+    """A norm that may first add the residual stream: ``norm(x)``, or with ``residual`` ``(norm(x + residual),
+    x + residual)``, the decoder layers' convention; subclasses say how to ``normalize``."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
@@ -33,6 +29,18 @@ class RMSNorm(nn.Module):
             residual = x
         out = self.normalize(x)
         return out if residual is None else (out, residual)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RMSNorm(ResidualNorm):
+    """Root-mean-square layer norm, computed in float32 as Hugging Face does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` over its root mean square (in float32), back in ``x``'s dtype, times the weight."""
@@ -52,7 +60,7 @@ class GemmaRMSNorm(RMSNorm):
         return (_over_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(ResidualNorm):
     """Layer norm over the last dimension, computed in float32 (``F.layer_norm``) and cast back, with RMSNorm's
     residual convention. ``weight`` / ``bias``: whether the model learns a scale / a shift (OLMo 1 learns neither,
     Command-R only the scale)."""
@@ -63,14 +71,6 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size)) if weight else None
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalize ``x``; with ``residual``, first add it and return ``(normalized, new_residual)``."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        out = self.normalize(x)
-        return out if residual is None else (out, residual)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` normalized in float32, scaled and shifted where the model has a weight and a bias, back in
